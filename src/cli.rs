@@ -1,0 +1,268 @@
+//! The command line: parses arguments, loads and validates the configuration without side
+//! effects, builds the runtime, runs the chosen command and maps its outcome to an exit code.
+//!
+//! Exit codes: 0 success, 1 a runtime failure, 2 invalid configuration or usage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, ProcessEnv};
+use crate::gpu::Probe;
+use crate::plan::Plan;
+
+/// Exit code for invalid configuration or usage.
+const EXIT_INVALID: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "machine",
+    version,
+    about = "PID 1 of a GPU worker container: installs, supervises and runs job workers"
+)]
+struct Cli {
+    /// Configuration file merged over the built-in defaults.
+    #[arg(long, global = true, env = "MACHINE_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the machine (the default with no arguments, e.g. as a container ENTRYPOINT).
+    Run,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the GPU and host probe.
+    Gpus {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the plan; exits 2 listing every problem.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Config {
+            command: ConfigCommand::Check { json },
+        } => config_check(cli.config.as_deref(), json),
+        Command::Gpus { json } => gpus(cli.config.as_deref(), json),
+        Command::Run => run(cli.config.as_deref()),
+    }
+}
+
+/// Loads the configuration, printing every problem when it is invalid.
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    config::load(path, &ProcessEnv).map_err(|e| {
+        eprintln!("machine: {e}");
+        if let ConfigError::Read { source, .. } = &e {
+            eprintln!("  caused by: {source}");
+        }
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+fn config_check(path: Option<&Path>, json: bool) -> ExitCode {
+    let config = match config::load(path, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            if json {
+                let doc = serde_json::json!({ "valid": false, "error": e.to_string(), "problems": e.problems() });
+                print_json(&doc);
+            } else {
+                eprintln!("machine: {e}");
+            }
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    match Plan::build(&config, &probe) {
+        Ok(plan) => {
+            if json {
+                let doc = serde_json::json!({ "valid": true, "config": config, "probe": probe, "plan": plan });
+                print_json(&doc);
+            } else {
+                print!("{}", render_plan(&config, &probe, &plan, path));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            let e = ConfigError::Invalid(problems);
+            if json {
+                let doc = serde_json::json!({ "valid": false, "error": e.to_string(), "problems": e.problems() });
+                print_json(&doc);
+            } else {
+                eprintln!("machine: {e}");
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+fn gpus(path: Option<&Path>, json: bool) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    if json {
+        print_json(&probe);
+    } else {
+        print!("{}", render_probe(&probe));
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(path: Option<&Path>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(&config.log);
+    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    for note in &probe.notes {
+        tracing::info!(target: "machine::gpu", "{note}");
+    }
+    let plan = match Plan::build(&config, &probe) {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!("machine: {}", ConfigError::Invalid(problems));
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("machine: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(crate::app::run(config, probe, plan))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    let mut out = std::io::stdout().lock();
+    // Serialising our own plain data types cannot fail; a closed stdout is not worth a panic.
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
+}
+
+fn render_probe(probe: &Probe) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let source = match &probe.source {
+        crate::gpu::GpuSource::Nvml {
+            driver_version,
+            cuda_driver_version,
+        } => format!(
+            "NVML (driver {driver_version}, CUDA {})",
+            cuda_driver_version.as_deref().unwrap_or("unknown")
+        ),
+        crate::gpu::GpuSource::Config => "MACHINE_GPU_* overrides".to_owned(),
+        crate::gpu::GpuSource::None => "none".to_owned(),
+    };
+    let _ = writeln!(s, "GPUs: {} (source: {source})", probe.gpus.len());
+    for g in &probe.gpus {
+        let _ = writeln!(
+            s,
+            "  [{}] {:<28} {:>10} total {:>10} free  {}",
+            g.index,
+            g.name,
+            gib(g.memory_total_bytes),
+            gib(g.memory_free_bytes),
+            g.uuid.as_deref().unwrap_or("-")
+        );
+    }
+    let h = &probe.host;
+    let _ = writeln!(
+        s,
+        "Host: {} CPU cores, {} RAM ({} available), workspace disk {} free",
+        h.cpu_cores,
+        gib(h.ram_total_bytes),
+        gib(h.ram_available_bytes),
+        h.disk_free_bytes.map_or_else(|| "unknown".to_owned(), gib)
+    );
+    for n in &probe.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    s
+}
+
+fn render_plan(config: &Config, probe: &Probe, plan: &Plan, path: Option<&Path>) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "configuration OK ({})",
+        path.map_or_else(
+            || "built-in defaults and environment".to_owned(),
+            |p| format!("{} and environment", p.display())
+        )
+    );
+    let _ = writeln!(s, "machine:    {}", config.machine_id);
+    let _ = writeln!(s, "workspace:  {}", config.workspace.display());
+    let _ = writeln!(
+        s,
+        "redis:      {}",
+        config
+            .redis
+            .as_ref()
+            .map_or_else(|| "local mode (private redis-server)".to_owned(), |u| u.masked())
+    );
+    let _ = writeln!(s, "health:     port {}", config.health_port);
+    let _ = writeln!(s, "connectors: {}", config.connectors);
+    s.push_str(&render_probe(probe));
+    let _ = writeln!(s, "workers ({}):", plan.workers.len());
+    for w in &plan.workers {
+        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.name()).collect();
+        let _ = writeln!(
+            s,
+            "  {:<28} {:<8} {:<28} waits for: {}",
+            w.id,
+            w.gpu.map_or_else(|| "-".to_owned(), |g| format!("gpu {g}")),
+            connectors.join(","),
+            if w.services.is_empty() {
+                "-".to_owned()
+            } else {
+                w.services.join(", ")
+            }
+        );
+    }
+    let _ = writeln!(s, "services ({}):", plan.services.len());
+    for svc in &plan.services {
+        let _ = writeln!(
+            s,
+            "  {:<20} {:<6} {}",
+            svc.name,
+            svc.port.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            svc.command.join(" ")
+        );
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+    s
+}

@@ -1,0 +1,154 @@
+//! The TOML document as serde structs, unknown keys refused. What is read is the embedded
+//! `config/default.toml` with the user's file merged over it, so every key the default file sets
+//! is present here; keys that may be unset are `Option`. Nothing here is validated: `super::load`
+//! turns these into a `Config`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::service::RestartPolicy;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub machine: RawMachine,
+    pub redis: RawRedis,
+    pub health: RawHealth,
+    pub gpu: RawGpu,
+    pub install: RawInstall,
+    pub log: RawLog,
+    pub supervisor: RawSupervisor,
+    pub connectors: RawConnectors,
+    #[serde(default)]
+    pub services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMachine {
+    pub id: Option<String>,
+    pub workspace: PathBuf,
+    pub worker_connectors: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedis {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGpu {
+    pub count: Option<u32>,
+    pub memory_gb: Option<f64>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInstall {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub format: String,
+    pub filter: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSupervisor {
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    pub backoff_jitter: f64,
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+    pub crash_loop_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub crash_loop_window: Duration,
+    pub log_max_bytes: u64,
+    pub log_files: u32,
+    pub log_tail_lines: usize,
+    pub log_max_line_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConnectors {
+    pub comfyui: RawComfyui,
+    pub a1111: RawA1111,
+    pub playwright: RawPlaywright,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawComfyui {
+    pub base_port: u16,
+    pub extra_args: Vec<String>,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawA1111 {
+    pub base_port: u16,
+    pub extra_args: Vec<String>,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPlaywright {
+    pub base_port: u16,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawService {
+    pub command: Vec<String>,
+    pub restart: Option<RestartPolicy>,
+    pub ready: Option<RawProbe>,
+    pub liveness: Option<RawProbe>,
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub critical: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProbe {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub initial_delay: Option<Duration>,
+}

@@ -1,0 +1,13 @@
+//! `machine`: the PID 1 of a GPU worker container.
+//!
+//! It reads and validates its configuration, probes the GPUs and the host, derives the plan of
+//! what this machine runs, installs what the connectors need, supervises the services, and runs
+//! the workers that claim jobs from the Redis job broker. Each subsystem lives in its own module
+//! with a small surface; `cli` is the only entry point the binary calls.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod gpu;
+pub mod logging;
+pub mod plan;

@@ -1,0 +1,571 @@
+//! The plan: from the configuration and the probe, one value that says what this machine runs.
+//!
+//! Per GPU one worker (`<machine>-gpu<i>`) serves every GPU-bound connector on that GPU, since a
+//! GPU runs one heavy job at a time; each GPU-bound connector gets a service on that GPU
+//! (`comfyui-gpu<i>` on `base_port + i` with `CUDA_VISIBLE_DEVICES=i`). Without a GPU the
+//! GPU-bound connectors share one `<machine>-cpu0` worker whose services run in CPU mode.
+//! External connectors get `count` workers each (`<machine>-openai-1`, ...). User-defined
+//! services join the plan's, and the whole service graph is checked here: unique names, known
+//! `after` targets, no cycles, no port clashes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{
+    Config, ConnectorKind, ProbeCheck, ProbeSpec, Problem, RestartPolicy, ServiceConnectorConfig, ServiceSpec,
+};
+use crate::gpu::Probe;
+
+/// What this machine runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The machine id.
+    pub machine_id: String,
+    /// Number of GPUs in use (0 means CPU mode for GPU-bound connectors).
+    pub gpu_count: usize,
+    /// Workers, GPU workers first.
+    pub workers: Vec<WorkerPlan>,
+    /// Every supervised service: the connectors' and the user's.
+    pub services: Vec<ServiceSpec>,
+    /// Adjustments made while planning (counts capped, CPU mode), for the log.
+    pub warnings: Vec<String>,
+}
+
+/// One worker: a task that claims and runs jobs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerPlan {
+    /// Worker id in the fleet.
+    pub id: String,
+    /// The GPU the worker owns; `None` for CPU-mode and external workers.
+    pub gpu: Option<u32>,
+    /// What kind of worker this is.
+    pub kind: WorkerKind,
+    /// Connectors the worker runs jobs through.
+    pub connectors: Vec<ConnectorKind>,
+    /// The job `service_required` values the worker accepts (`job_service_required_map`).
+    pub job_services: Vec<String>,
+    /// Services that must be ready before the worker claims.
+    pub services: Vec<String>,
+}
+
+/// The kind of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerKind {
+    /// Owns one GPU.
+    Gpu,
+    /// Runs GPU-bound connectors without a GPU.
+    Cpu,
+    /// Runs an external connector (HTTP API, simulation).
+    External,
+}
+
+impl Plan {
+    /// Derives the plan; problems are configuration problems naming the key to fix.
+    pub fn build(config: &Config, probe: &Probe) -> Result<Plan, Vec<Problem>> {
+        let mut warnings = Vec::new();
+        let mut workers = Vec::new();
+        let mut services: Vec<ServiceSpec> = Vec::new();
+        let id = &config.machine_id;
+
+        let gpu_bound: Vec<(ConnectorKind, usize)> = config
+            .connectors
+            .entries()
+            .iter()
+            .filter(|r| r.kind.gpu_bound())
+            .map(|r| {
+                let slots = probe.gpus.len().max(1);
+                let wanted = r.count.map_or(slots, |n| n.get() as usize);
+                if wanted > slots {
+                    warnings.push(format!(
+                        "{}:{wanted} capped at {slots}: {}",
+                        r.kind,
+                        if probe.gpus.is_empty() {
+                            "without a GPU one CPU-mode worker runs GPU-bound connectors".to_owned()
+                        } else {
+                            format!("this machine has {slots} GPU(s)")
+                        }
+                    ));
+                }
+                (r.kind, wanted.min(slots))
+            })
+            .collect();
+
+        if !gpu_bound.is_empty() {
+            if probe.gpus.is_empty() {
+                warnings.push("no GPU: GPU-bound connectors run in CPU mode on worker cpu0".to_owned());
+                let kinds: Vec<ConnectorKind> = gpu_bound.iter().map(|(k, _)| *k).collect();
+                let names = kinds
+                    .iter()
+                    .map(|&k| {
+                        services.push(connector_service(config, k, None));
+                        service_name(k, None)
+                    })
+                    .collect();
+                workers.push(worker(format!("{id}-cpu0"), None, WorkerKind::Cpu, kinds, names));
+            } else {
+                for (slot, gpu) in probe.gpus.iter().enumerate() {
+                    let kinds: Vec<ConnectorKind> =
+                        gpu_bound.iter().filter(|(_, n)| slot < *n).map(|(k, _)| *k).collect();
+                    if kinds.is_empty() {
+                        continue;
+                    }
+                    let names = kinds
+                        .iter()
+                        .map(|&k| {
+                            services.push(connector_service(config, k, Some(gpu.index)));
+                            service_name(k, Some(gpu.index))
+                        })
+                        .collect();
+                    workers.push(worker(
+                        format!("{id}-gpu{}", gpu.index),
+                        Some(gpu.index),
+                        WorkerKind::Gpu,
+                        kinds,
+                        names,
+                    ));
+                }
+            }
+        }
+
+        for r in config.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
+            let count = r.count.map_or(1, |n| n.get());
+            for n in 1..=count {
+                workers.push(worker(
+                    format!("{id}-{}-{n}", r.kind),
+                    None,
+                    WorkerKind::External,
+                    vec![r.kind],
+                    Vec::new(),
+                ));
+            }
+        }
+
+        let mut problems = Vec::new();
+        for user in &config.services {
+            if services.iter().any(|s| s.name == user.name) {
+                problems.push(Problem {
+                    key: format!("services.{}", user.name),
+                    message: "this name is taken by a service of the plan; choose another".to_owned(),
+                });
+            }
+        }
+        services.extend(config.services.iter().cloned());
+        check_graph(&services, &mut problems);
+        check_ports(config, &services, &mut problems);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Plan {
+            machine_id: id.clone(),
+            gpu_count: probe.gpus.len(),
+            workers,
+            services,
+            warnings,
+        })
+    }
+
+    /// Service names in start order: every service after the ones it waits for (ties by name).
+    pub fn start_order(&self) -> Vec<&ServiceSpec> {
+        let mut done: BTreeSet<&str> = BTreeSet::new();
+        let mut order = Vec::new();
+        // The graph was checked acyclic in `build`, so each round places at least one service.
+        while order.len() < self.services.len() {
+            for s in &self.services {
+                if !done.contains(s.name.as_str()) && s.after.iter().all(|d| done.contains(d.as_str())) {
+                    order.push(s);
+                }
+            }
+            for s in &order {
+                done.insert(s.name.as_str());
+            }
+        }
+        order
+    }
+}
+
+fn worker(
+    id: String,
+    gpu: Option<u32>,
+    kind: WorkerKind,
+    connectors: Vec<ConnectorKind>,
+    services: Vec<String>,
+) -> WorkerPlan {
+    let job_services = connectors
+        .iter()
+        .flat_map(|k| k.job_services().iter().map(|s| (*s).to_owned()))
+        .collect();
+    WorkerPlan {
+        id,
+        gpu,
+        kind,
+        connectors,
+        job_services,
+        services,
+    }
+}
+
+fn service_name(kind: ConnectorKind, gpu: Option<u32>) -> String {
+    match gpu {
+        Some(i) => format!("{kind}-gpu{i}"),
+        None => format!("{kind}-cpu0"),
+    }
+}
+
+fn connector_settings(config: &Config, kind: ConnectorKind) -> &ServiceConnectorConfig {
+    match kind {
+        ConnectorKind::Comfyui => &config.comfyui,
+        ConnectorKind::A1111 => &config.a1111,
+        _ => &config.playwright,
+    }
+}
+
+/// The service a GPU-bound connector needs on one GPU (or in CPU mode when `gpu` is `None`).
+fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> ServiceSpec {
+    let settings = connector_settings(config, kind);
+    let port = settings.base_port.saturating_add(gpu.unwrap_or(0) as u16);
+    let ws = &config.workspace;
+    let (default_command, cwd, health_path) = default_command(kind, ws, port, gpu.is_none());
+    let (command, cwd) = match &settings.command {
+        Some(template) => (
+            template
+                .iter()
+                .map(|a| {
+                    a.replace("{port}", &port.to_string())
+                        .replace("{gpu}", &gpu.map_or_else(|| "cpu".to_owned(), |g| g.to_string()))
+                        .replace("{workspace}", &ws.display().to_string())
+                })
+                .collect(),
+            None,
+        ),
+        None => {
+            let mut c = default_command;
+            c.extend(settings.extra_args.iter().cloned());
+            (c, Some(cwd))
+        }
+    };
+    let mut env = BTreeMap::new();
+    // NVML numbers GPUs in PCI bus order; CUDA must use the same order for index i to mean the
+    // same GPU.
+    env.insert("CUDA_DEVICE_ORDER".to_owned(), "PCI_BUS_ID".to_owned());
+    env.insert(
+        "CUDA_VISIBLE_DEVICES".to_owned(),
+        gpu.map_or_else(String::new, |g| g.to_string()),
+    );
+    let url = format!("http://127.0.0.1:{port}{health_path}");
+    ServiceSpec {
+        name: service_name(kind, gpu),
+        command,
+        env,
+        cwd,
+        restart: RestartPolicy::Always,
+        ready: Some(ProbeSpec {
+            check: ProbeCheck::Http(url.clone()),
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            failure_threshold: 1,
+            initial_delay: Duration::ZERO,
+        }),
+        liveness: Some(ProbeSpec {
+            check: ProbeCheck::Http(url),
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            failure_threshold: 6,
+            initial_delay: Duration::from_secs(30),
+        }),
+        after: Vec::new(),
+        critical: false,
+        grace: config.supervisor.grace,
+        connector: Some(kind),
+        gpu,
+        port: Some(port),
+    }
+}
+
+/// The built-in command, working directory and health path of a connector's service, as the
+/// installers lay the workspace out.
+fn default_command(
+    kind: ConnectorKind,
+    ws: &Path,
+    port: u16,
+    cpu: bool,
+) -> (Vec<String>, std::path::PathBuf, &'static str) {
+    let s = |v: &str| v.to_owned();
+    match kind {
+        ConnectorKind::Comfyui => {
+            let dir = ws.join("ComfyUI");
+            let mut c = vec![
+                dir.join("venv/bin/python").display().to_string(),
+                s("main.py"),
+                s("--listen"),
+                s("127.0.0.1"),
+                s("--port"),
+                port.to_string(),
+            ];
+            if cpu {
+                c.push(s("--cpu"));
+            }
+            (c, dir, "/system_stats")
+        }
+        ConnectorKind::A1111 => {
+            let dir = ws.join("stable-diffusion-webui");
+            let mut c = vec![
+                dir.join("venv/bin/python").display().to_string(),
+                s("launch.py"),
+                s("--api"),
+                s("--nowebui"),
+                s("--skip-prepare-environment"),
+                s("--port"),
+                port.to_string(),
+            ];
+            if cpu {
+                c.extend([s("--use-cpu"), s("all"), s("--skip-torch-cuda-test"), s("--no-half")]);
+            }
+            (c, dir, "/sdapi/v1/progress")
+        }
+        _ => {
+            let dir = ws.join("playwright");
+            let c = vec![
+                s("node"),
+                dir.join("server.mjs").display().to_string(),
+                s("--port"),
+                port.to_string(),
+            ];
+            (c, dir, "/health")
+        }
+    }
+}
+
+fn check_graph(services: &[ServiceSpec], problems: &mut Vec<Problem>) {
+    let names: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let mut graph_ok = true;
+    for s in services {
+        for dep in &s.after {
+            if !names.contains(dep.as_str()) {
+                graph_ok = false;
+                problems.push(Problem {
+                    key: format!("services.{}.after", s.name),
+                    message: format!(
+                        "`{dep}` is not a service of this machine (services: {})",
+                        names.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    if !graph_ok {
+        return;
+    }
+    // Kahn's algorithm: what cannot be placed lies on or behind a cycle.
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    loop {
+        let before = placed.len();
+        for s in services {
+            if s.after.iter().all(|d| placed.contains(d.as_str())) {
+                placed.insert(s.name.as_str());
+            }
+        }
+        if placed.len() == before {
+            break;
+        }
+    }
+    let stuck: Vec<&str> = services
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| !placed.contains(n))
+        .collect();
+    if !stuck.is_empty() {
+        problems.push(Problem {
+            key: format!("services.{}.after", stuck[0]),
+            message: format!("`after` forms a cycle among: {}", stuck.join(", ")),
+        });
+    }
+}
+
+fn check_ports(config: &Config, services: &[ServiceSpec], problems: &mut Vec<Problem>) {
+    let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
+    seen.insert(config.health_port, "the health server");
+    for s in services {
+        if let Some(p) = s.port {
+            if let Some(other) = seen.insert(p, &s.name) {
+                let kind = s.connector.map_or("services", |k| k.name());
+                problems.push(Problem {
+                    key: format!("connectors.{kind}.base_port"),
+                    message: format!("port {p} of `{}` is also used by {other}", s.name),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuInfo, HostInfo};
+
+    fn probe(n: u32) -> Probe {
+        let host = HostInfo {
+            cpu_cores: 8,
+            ram_total_bytes: 32 << 30,
+            ram_available_bytes: 16 << 30,
+            disk_free_bytes: None,
+        };
+        Probe::from_parts(
+            (0..n)
+                .map(|index| GpuInfo {
+                    index,
+                    name: "RTX".into(),
+                    uuid: None,
+                    memory_total_bytes: 24 << 30,
+                    memory_free_bytes: 0,
+                })
+                .collect(),
+            host,
+        )
+    }
+
+    fn plan(n: u32, env: &[(&str, &str)]) -> Plan {
+        let mut all = vec![("MACHINE_ID", "m1")];
+        all.extend_from_slice(env);
+        Plan::build(&Config::for_tests(&all), &probe(n)).unwrap()
+    }
+
+    fn ids(p: &Plan) -> Vec<&str> {
+        p.workers.iter().map(|w| w.id.as_str()).collect()
+    }
+
+    #[test]
+    fn two_gpus_comfyui_and_openai() {
+        let p = plan(2, &[("WORKER_CONNECTORS", "comfyui,openai:2")]);
+        assert_eq!(ids(&p), ["m1-gpu0", "m1-gpu1", "m1-openai-1", "m1-openai-2"]);
+        let c1 = &p.services[1];
+        assert_eq!(c1.name, "comfyui-gpu1");
+        assert_eq!(c1.port, Some(8189));
+        assert_eq!(c1.env["CUDA_VISIBLE_DEVICES"], "1");
+        assert!(c1.command.contains(&"8189".to_owned()));
+        assert_eq!(p.workers[1].services, ["comfyui-gpu1"]);
+        assert_eq!(p.workers[2].job_services.len(), 4);
+    }
+
+    #[test]
+    fn gpu_worker_serves_every_gpu_bound_connector() {
+        let p = plan(2, &[("WORKER_CONNECTORS", "comfyui,a1111:1,playwright:5,simulation:4")]);
+        assert_eq!(
+            p.workers[0].connectors,
+            [ConnectorKind::Comfyui, ConnectorKind::A1111, ConnectorKind::Playwright]
+        );
+        assert_eq!(
+            p.workers[1].connectors,
+            [ConnectorKind::Comfyui, ConnectorKind::Playwright]
+        );
+        assert_eq!(
+            p.workers[0].job_services,
+            ["comfyui", "a1111", "playwright", "p5", "html_render"]
+        );
+        assert!(
+            p.warnings.iter().any(|w| w.contains("playwright:5 capped at 2")),
+            "{:?}",
+            p.warnings
+        );
+        assert_eq!(
+            ids(&p)[2..],
+            [
+                "m1-simulation-1",
+                "m1-simulation-2",
+                "m1-simulation-3",
+                "m1-simulation-4"
+            ]
+        );
+        assert_eq!(
+            p.services.iter().find(|s| s.name == "a1111-gpu0").unwrap().port,
+            Some(7860)
+        );
+    }
+
+    #[test]
+    fn no_gpu_means_cpu_mode() {
+        let p = plan(0, &[("WORKER_CONNECTORS", "comfyui,openai")]);
+        assert_eq!(ids(&p), ["m1-cpu0", "m1-openai-1"]);
+        assert_eq!(p.services[0].name, "comfyui-cpu0");
+        assert!(p.services[0].command.contains(&"--cpu".to_owned()));
+        assert_eq!(p.services[0].env["CUDA_VISIBLE_DEVICES"], "");
+        assert_eq!(p.gpu_count, 0);
+    }
+
+    #[test]
+    fn default_is_one_simulation_worker() {
+        let p = plan(4, &[]);
+        assert_eq!(ids(&p), ["m1-simulation-1"]);
+        assert!(p.services.is_empty());
+    }
+
+    #[test]
+    fn command_template_is_filled_in() {
+        let file = "[connectors.comfyui]\ncommand = [\"fake-comfy\", \"--port={port}\", \"--gpu\", \"{gpu}\", \"{workspace}\"]\n";
+        let c = crate::config::load_str(
+            Some(("f", file)),
+            &BTreeMap::from([("MACHINE_ID", "m"), ("WORKER_CONNECTORS", "comfyui")]),
+        )
+        .unwrap();
+        let p = Plan::build(&c, &probe(2)).unwrap();
+        assert_eq!(
+            p.services[1].command,
+            ["fake-comfy", "--port=8189", "--gpu", "1", "/workspace"]
+        );
+    }
+
+    #[test]
+    fn service_graph_is_checked() {
+        let file = r#"
+[services.a]
+command = ["x"]
+after = ["b"]
+[services.b]
+command = ["x"]
+after = ["a"]
+[services.c]
+command = ["x"]
+after = ["nope"]
+[services.comfyui-gpu0]
+command = ["x"]
+"#;
+        let c =
+            crate::config::load_str(Some(("f", file)), &BTreeMap::from([("WORKER_CONNECTORS", "comfyui")])).unwrap();
+        let problems = Plan::build(&c, &probe(1)).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["services.comfyui-gpu0", "services.c.after"], "{problems:?}");
+        let file =
+            "[services.a]\ncommand = [\"x\"]\nafter = [\"b\"]\n[services.b]\ncommand = [\"x\"]\nafter = [\"a\"]\n";
+        let c = crate::config::load_str(Some(("f", file)), &BTreeMap::<&str, &str>::new()).unwrap();
+        let problems = Plan::build(&c, &probe(1)).unwrap_err();
+        assert!(problems[0].message.contains("cycle among: a, b"), "{problems:?}");
+    }
+
+    #[test]
+    fn start_order_respects_after() {
+        let file =
+            "[services.a]\ncommand = [\"x\"]\nafter = [\"b\", \"comfyui-gpu0\"]\n[services.b]\ncommand = [\"x\"]\n";
+        let c =
+            crate::config::load_str(Some(("f", file)), &BTreeMap::from([("WORKER_CONNECTORS", "comfyui")])).unwrap();
+        let p = Plan::build(&c, &probe(1)).unwrap();
+        let order: Vec<&str> = p.start_order().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["comfyui-gpu0", "b", "a"]);
+    }
+
+    #[test]
+    fn port_clashes_are_reported() {
+        let c = crate::config::load_str(
+            Some(("f", "[connectors.a1111]\nbase_port = 8189\n")),
+            &BTreeMap::from([("WORKER_CONNECTORS", "comfyui,a1111")]),
+        )
+        .unwrap();
+        let problems = Plan::build(&c, &probe(2)).unwrap_err();
+        assert_eq!(
+            problems[0].message,
+            "port 8189 of `comfyui-gpu1` is also used by a1111-gpu0"
+        );
+    }
+}
