@@ -114,3 +114,26 @@ fn raw(port: u16, line: &str) -> Option<String> {
     let n = stream.read(&mut buf).ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_a_private_server_and_cleans_up() {
+        let a = RedisServer::start();
+        let b = RedisServer::start();
+        assert_ne!(a.port(), b.port());
+        assert_ne!(a.port(), 6379, "never the shared server");
+        assert!(a.raw_command("SET k v").starts_with("+OK"));
+        assert!(b.raw_command("GET k").starts_with("$-1"), "servers are isolated");
+        let dir = a.dir().to_owned();
+        let pid = a.pid();
+        drop(a);
+        assert!(!dir.exists(), "temp dir removed");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "server killed and reaped"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests: the real `machine` binary and real subsystems against real processes
+//! (redis-server, child services, a PID namespace). Each test works in its own temp dir.
+
+mod config_check;
+mod gpus;
+mod support;

@@ -1,0 +1,25 @@
+//! Helpers shared by the integration tests.
+
+use std::process::{Command, Output};
+
+/// A `machine` command with a clean environment: only `PATH`, `HOME` and what the test sets,
+/// so variables of the developer's shell never leak into a test.
+pub fn machine() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_machine"));
+    cmd.env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.env("HOSTNAME", "test-host");
+    cmd
+}
+
+/// Runs the command and returns its output, with stdout and stderr as text.
+pub fn run(cmd: &mut Command) -> (Output, String, String) {
+    let out = cmd.output().expect("the machine binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
