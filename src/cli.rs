@@ -46,6 +46,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show this machine's status (from its health server), or the fleet's (from Redis).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Base URL of the machine's health server [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+    #[arg(long)]
+    url: Option<String>,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Refresh every 2 seconds.
+    #[arg(long)]
+    watch: bool,
+    /// Exit 0 when the machine is healthy and 1 when not (for a Docker HEALTHCHECK).
+    #[arg(long, conflicts_with_all = ["json", "watch", "fleet"])]
+    check: bool,
+    /// Read every machine's status from Redis instead (HUB_REDIS_URL or --redis-url).
+    #[arg(long)]
+    fleet: bool,
+    /// Redis URL for --fleet.
+    #[arg(long, env = "HUB_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,7 +91,76 @@ pub fn main() -> ExitCode {
         } => config_check(cli.config.as_deref(), json),
         Command::Gpus { json } => gpus(cli.config.as_deref(), json),
         Command::Run => run(cli.config.as_deref()),
+        Command::Status(args) => status(cli.config.as_deref(), args),
     }
+}
+
+fn status(path: Option<&Path>, args: StatusArgs) -> ExitCode {
+    use crate::health::client;
+    // The status command must work even when the configuration is broken, so it only takes
+    // the port from it when it loads.
+    let base = args.url.clone().unwrap_or_else(|| {
+        let port = config::load(path, &ProcessEnv).map_or(9092, |c| c.health_port);
+        format!("http://127.0.0.1:{port}")
+    });
+    let base = base.trim_end_matches('/').trim_end_matches("/status").to_owned();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("machine: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        if args.check {
+            return match client::check(&base).await {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(line) => {
+                    println!("{line}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        loop {
+            let shown = if args.fleet {
+                let Some(url) = args.redis_url.as_deref() else {
+                    eprintln!("machine: --fleet needs HUB_REDIS_URL or --redis-url");
+                    return ExitCode::from(EXIT_INVALID);
+                };
+                client::fleet(url).await
+            } else {
+                client::fetch(&format!("{base}/status")).await.map(|doc| {
+                    if args.json {
+                        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+                    } else {
+                        client::render(&doc)
+                    }
+                })
+            };
+            match shown {
+                Ok(text) => {
+                    if args.watch {
+                        // Clear the screen and home the cursor before each refresh.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{text}");
+                }
+                Err(e) => {
+                    eprintln!("machine: {e}");
+                    if !args.watch {
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            if !args.watch {
+                return ExitCode::SUCCESS;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    })
 }
 
 /// Loads the configuration, printing every problem when it is invalid.

@@ -58,6 +58,32 @@ pub struct Config {
     pub playwright: ServiceConnectorConfig,
     /// User-defined `[services.NAME]`, sorted by name.
     pub services: Vec<ServiceSpec>,
+    /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
+    /// one those routes are refused.
+    pub control_token: Option<Secret>,
+}
+
+/// A secret taken from the environment: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
 }
 
 /// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`).
@@ -315,6 +341,7 @@ struct EnvOverlay {
     log_format: Option<String>,
     log_filter: Option<String>,
     comfyui_base_port: Option<u16>,
+    control_token: Option<Secret>,
 }
 
 impl EnvOverlay {
@@ -333,6 +360,7 @@ impl EnvOverlay {
             gpu_model: set("MACHINE_GPU_MODEL").map(|v| v.trim().to_owned()),
             log_format: set("LOG_FORMAT"),
             log_filter: set("RUST_LOG"),
+            control_token: set("MACHINE_CONTROL_TOKEN").map(|t| Secret(t.trim().to_owned())),
             ..EnvOverlay::default()
         };
         o.connectors = match (env.var("WORKER_CONNECTORS"), env.var("WORKERS")) {
@@ -594,6 +622,7 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         a1111,
         playwright,
         services,
+        control_token: o.control_token,
     }
 }
 
@@ -737,6 +766,7 @@ ready = { tcp = "127.0.0.1:7000" }
                 ("SERVICE_INSTALL_TIMEOUT", "300"),
                 ("LOG_FORMAT", "JSON"),
                 ("HUB_REDIS_URL", "rediss://user:secret@redis.example:6380/0"),
+                ("MACHINE_CONTROL_TOKEN", "tok3n"),
             ]),
         )
         .unwrap();
@@ -748,6 +778,9 @@ ready = { tcp = "127.0.0.1:7000" }
         let url = c.redis.unwrap();
         assert_eq!(url.masked(), "rediss://user:***@redis.example:6380/0");
         assert!(!format!("{url:?}").contains("secret"));
+        let token = c.control_token.unwrap();
+        assert_eq!(token.expose(), "tok3n");
+        assert!(!format!("{token:?}").contains("tok3n"));
     }
 
     #[test]

@@ -3,4 +3,5 @@
 
 mod config_check;
 mod gpus;
+mod health;
 mod support;

@@ -1,0 +1,162 @@
+//! The health server, `machine status` and the fleet status message, against the real binary
+//! and a real Redis.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{machine, run};
+
+struct Running {
+    child: Child,
+    port: u16,
+    _ws: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
+    let ws = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    let mut cmd = machine();
+    cmd.arg("run")
+        .env("MACHINE_ID", "hm1")
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_WORKSPACE", ws.path())
+        .env("HUB_REDIS_URL", redis.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(t) = token {
+        cmd.env("MACHINE_CONTROL_TOKEN", t);
+    }
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "health server did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Running { child, port, _ws: ws }
+}
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_answer_and_status_command_reads_them() {
+    let redis = testkit::RedisServer::start();
+    let m = start(&redis, None);
+    let (code, body) = get(m.port, "/health").await;
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["machine_id"], "hm1");
+
+    let (code, body) = get(m.port, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["machine"]["id"], "hm1");
+    assert_eq!(status["redis"]["connected"], true);
+    assert_eq!(status["config"]["connectors"], "simulation:1");
+    assert!(status["host"]["cpu_cores"].as_u64().unwrap() >= 1);
+
+    let (code, body) = get(m.port, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("# TYPE machine_match_misses counter"), "{body}");
+
+    let url = format!("http://127.0.0.1:{}", m.port);
+    let (out, stdout, stderr) = run(machine().args(["status", "--url", &url]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("machine hm1"), "{stdout}");
+    assert!(stdout.contains("hm1-simulation-1"), "{stdout}");
+    let (out, stdout, _) = run(machine().args(["status", "--json", "--url", &url]));
+    assert!(out.status.success());
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["machine"]["id"],
+        "hm1"
+    );
+    let (out, stdout, _) = run(machine()
+        .args(["status", "--check"])
+        .env("MACHINE_HEALTH_PORT", m.port.to_string()));
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("healthy"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_routes_need_the_token() {
+    let redis = testkit::RedisServer::start();
+    let mut m = start(&redis, None);
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/shutdown", m.port);
+    assert_eq!(client.post(&url).send().await.unwrap().status().as_u16(), 403);
+    drop(m.child.kill());
+
+    let mut m = start(&redis, Some("s3cret"));
+    let url = format!("http://127.0.0.1:{}/shutdown", m.port);
+    assert_eq!(client.post(&url).send().await.unwrap().status().as_u16(), 401);
+    let wrong = client.post(&url).bearer_auth("s3cre").send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let (_, status) = get(m.port, "/status").await;
+    assert!(!status.contains("s3cret"), "the token is never shown");
+    let ok = client.post(&url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = m.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "machine did not exit after POST /shutdown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_status_is_published_and_readable() {
+    let redis = testkit::RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
+    sink.subscribe("machine:status:hm1").await.unwrap();
+    let m = start(&redis, None);
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(15), stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+    assert_eq!(doc["machine_id"], "hm1");
+    assert!(doc["timestamp"].as_u64().unwrap() > 0);
+    assert_eq!(
+        doc["structure"]["workers"]["hm1-simulation-1"]["worker_type"],
+        "external"
+    );
+    assert!(
+        doc["health_url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}/health", m.port))
+    );
+
+    let (out, stdout, stderr) = run(machine().args(["status", "--fleet", "--redis-url", &redis.url()]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("hm1"), "{stdout}");
+    assert!(stdout.contains("hm1-simulation-1"), "{stdout}");
+
+    let pid = nix::unistd::Pid::from_raw(m.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let last = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        if doc["update_type"] == "shutdown" {
+            break doc;
+        }
+    };
+    assert_eq!(last["status"]["machine"]["phase"], "shutdown");
+}
