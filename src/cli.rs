@@ -188,7 +188,7 @@ fn config_check(path: Option<&Path>, json: bool) -> ExitCode {
         }
     };
     let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
-    match Plan::build(&config, &probe) {
+    match Plan::build(&config, &probe).and_then(checked_programs) {
         Ok(plan) => {
             if json {
                 let doc = serde_json::json!({ "valid": true, "config": config, "probe": probe, "plan": plan });
@@ -235,7 +235,7 @@ fn run(path: Option<&Path>) -> ExitCode {
     for note in &probe.notes {
         tracing::info!(target: "machine::gpu", "{note}");
     }
-    let plan = match Plan::build(&config, &probe) {
+    let plan = match Plan::build(&config, &probe).and_then(checked_programs) {
         Ok(p) => p,
         Err(problems) => {
             eprintln!("machine: {}", ConfigError::Invalid(problems));
@@ -250,6 +250,12 @@ fn run(path: Option<&Path>) -> ExitCode {
         }
     };
     runtime.block_on(crate::app::run(config, probe, plan))
+}
+
+/// Refuses a plan whose programs are not on `PATH`, before anything starts.
+fn checked_programs(plan: Plan) -> Result<Plan, Vec<config::Problem>> {
+    let missing = plan.missing_programs();
+    if missing.is_empty() { Ok(plan) } else { Err(missing) }
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

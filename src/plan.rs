@@ -145,6 +145,9 @@ impl Plan {
         }
 
         let mut problems = Vec::new();
+        if config.redis.is_none() {
+            services.insert(0, local_redis_service(config, &mut problems));
+        }
         for user in &config.services {
             if services.iter().any(|s| s.name == user.name) {
                 problems.push(Problem {
@@ -184,6 +187,93 @@ impl Plan {
             }
         }
         order
+    }
+}
+
+/// Local mode: the private redis-server the machine supervises when no `HUB_REDIS_URL` is set.
+/// It listens only on a Unix socket under the workspace (no port to clash with), keeps its data
+/// in an append-only file there, and is critical: without it no worker can do anything.
+fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceSpec {
+    let socket = config.local_redis_socket();
+    // sun_path holds 108 bytes including the terminating NUL.
+    if socket.as_os_str().len() > 107 {
+        problems.push(Problem {
+            key: "MACHINE_WORKSPACE".to_owned(),
+            message: format!(
+                "local mode puts redis.sock at {}, longer than a Unix socket path may be; use a shorter workspace or set HUB_REDIS_URL",
+                socket.display()
+            ),
+        });
+    }
+    let dir = config.workspace.join("redis");
+    let s = |v: &str| v.to_owned();
+    ServiceSpec {
+        name: LOCAL_REDIS.to_owned(),
+        command: vec![
+            s("redis-server"),
+            s("--port"),
+            s("0"),
+            s("--unixsocket"),
+            socket.display().to_string(),
+            s("--unixsocketperm"),
+            s("700"),
+            s("--dir"),
+            dir.display().to_string(),
+            s("--appendonly"),
+            s("yes"),
+            s("--save"),
+            String::new(),
+        ],
+        env: BTreeMap::new(),
+        cwd: None,
+        restart: RestartPolicy::Always,
+        ready: Some(ProbeSpec {
+            check: ProbeCheck::Command(vec![s("redis-cli"), s("-s"), socket.display().to_string(), s("ping")]),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(2),
+            failure_threshold: 1,
+            initial_delay: Duration::ZERO,
+        }),
+        liveness: None,
+        after: Vec::new(),
+        critical: true,
+        grace: config.supervisor.grace,
+        connector: None,
+        gpu: None,
+        port: None,
+    }
+}
+
+/// The name of the local-mode redis-server service.
+pub const LOCAL_REDIS: &str = "redis";
+
+impl Plan {
+    /// Programs the plan runs that must be on `PATH` (commands given as bare names), each with
+    /// the key to fix when one is missing. Kept apart from `build` so planning stays pure.
+    pub fn missing_programs(&self) -> Vec<Problem> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let on_path = |prog: &str| std::env::split_paths(&path).any(|d| d.join(prog).is_file());
+        self.services
+            .iter()
+            .filter_map(|s| {
+                let prog = s.command.first()?;
+                if prog.contains('/') || on_path(prog) {
+                    return None;
+                }
+                let (key, hint) = match (s.name == LOCAL_REDIS, s.connector) {
+                    (true, None) => (
+                        "HUB_REDIS_URL".to_owned(),
+                        " (local mode runs a private redis-server: apt-get install redis-server, or set HUB_REDIS_URL)",
+                    ),
+                    (_, Some(k)) => (format!("connectors.{k}.command"), ""),
+                    (false, None) => (format!("services.{}.command", s.name), ""),
+                };
+                Some(Problem {
+                    key,
+                    message: format!("`{prog}` is not on PATH{hint}"),
+                })
+            })
+            .collect()
     }
 }
 
@@ -428,7 +518,7 @@ mod tests {
     }
 
     fn plan(n: u32, env: &[(&str, &str)]) -> Plan {
-        let mut all = vec![("MACHINE_ID", "m1")];
+        let mut all = vec![("MACHINE_ID", "m1"), ("HUB_REDIS_URL", "redis://hub:6379")];
         all.extend_from_slice(env);
         Plan::build(&Config::for_tests(&all), &probe(n)).unwrap()
     }
@@ -496,10 +586,26 @@ mod tests {
     }
 
     #[test]
-    fn default_is_one_simulation_worker() {
-        let p = plan(4, &[]);
+    fn default_is_one_simulation_worker_in_local_mode() {
+        let c = Config::for_tests(&[("MACHINE_ID", "m1"), ("MACHINE_WORKSPACE", "/ws")]);
+        let p = Plan::build(&c, &probe(4)).unwrap();
         assert_eq!(ids(&p), ["m1-simulation-1"]);
-        assert!(p.services.is_empty());
+        let redis = &p.services[0];
+        assert_eq!(redis.name, "redis");
+        assert!(redis.critical);
+        assert!(redis.command.contains(&"/ws/run/redis.sock".to_owned()));
+        let with_hub = plan(4, &[("HUB_REDIS_URL", "redis://h:6379")]);
+        assert!(with_hub.services.is_empty());
+    }
+
+    #[test]
+    fn missing_programs_name_the_key() {
+        let file = "[services.x]\ncommand = [\"no-such-program-xyz\"]\n[services.y]\ncommand = [\"/bin/sh\"]\n";
+        let c = crate::config::load_str(Some(("f", file)), &BTreeMap::from([("HUB_REDIS_URL", "redis://h")])).unwrap();
+        let p = Plan::build(&c, &probe(0)).unwrap();
+        let missing = p.missing_programs();
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].key, "services.x.command");
     }
 
     #[test]
@@ -507,7 +613,11 @@ mod tests {
         let file = "[connectors.comfyui]\ncommand = [\"fake-comfy\", \"--port={port}\", \"--gpu\", \"{gpu}\", \"{workspace}\"]\n";
         let c = crate::config::load_str(
             Some(("f", file)),
-            &BTreeMap::from([("MACHINE_ID", "m"), ("WORKER_CONNECTORS", "comfyui")]),
+            &BTreeMap::from([
+                ("MACHINE_ID", "m"),
+                ("WORKER_CONNECTORS", "comfyui"),
+                ("HUB_REDIS_URL", "redis://h"),
+            ]),
         )
         .unwrap();
         let p = Plan::build(&c, &probe(2)).unwrap();
@@ -552,7 +662,7 @@ command = ["x"]
             crate::config::load_str(Some(("f", file)), &BTreeMap::from([("WORKER_CONNECTORS", "comfyui")])).unwrap();
         let p = Plan::build(&c, &probe(1)).unwrap();
         let order: Vec<&str> = p.start_order().iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(order, ["comfyui-gpu0", "b", "a"]);
+        assert_eq!(order, ["redis", "comfyui-gpu0", "b", "a"], "local mode: redis first");
     }
 
     #[test]

@@ -63,6 +63,21 @@ pub struct Config {
     pub control_token: Option<Secret>,
 }
 
+impl Config {
+    /// The Redis the machine talks to: the hub's, or in local mode the private redis-server
+    /// the machine supervises on a Unix socket under the workspace.
+    pub fn broker_url(&self) -> RedisUrl {
+        self.redis
+            .clone()
+            .unwrap_or_else(|| RedisUrl(format!("unix://{}", self.local_redis_socket().display())))
+    }
+
+    /// The Unix socket of the local-mode redis-server.
+    pub fn local_redis_socket(&self) -> PathBuf {
+        self.workspace.join("run/redis.sock")
+    }
+}
+
 /// A secret taken from the environment: usable, never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

@@ -126,11 +126,13 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
 /// not hold; without a configured token every control route is refused.
 fn refuse_unauthorized(s: &HealthState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.control_token else {
-        return Some((
-            StatusCode::FORBIDDEN,
-            axum::Json(json!({ "error": "control routes are disabled: set MACHINE_CONTROL_TOKEN" })),
-        )
-            .into_response());
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({ "error": "control routes are disabled: set MACHINE_CONTROL_TOKEN" })),
+            )
+                .into_response(),
+        );
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -140,11 +142,13 @@ fn refuse_unauthorized(s: &HealthState, headers: &HeaderMap) -> Option<Response>
     if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
         None
     } else {
-        Some((
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({ "error": "missing or wrong bearer token" })),
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({ "error": "missing or wrong bearer token" })),
+            )
+                .into_response(),
         )
-            .into_response())
     }
 }
 

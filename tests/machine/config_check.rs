@@ -11,6 +11,7 @@ fn two_gpus_comfyui_and_openai_plan() {
         .env("WORKER_CONNECTORS", "comfyui,openai:2")
         .env("MACHINE_ID", "m1")
         .env("OPENAI_API_KEY", "sk-test")
+        .env("HUB_REDIS_URL", "redis://127.0.0.1:6390")
         .env("MACHINE_WORKSPACE", ws.path()));
     assert!(out.status.success(), "stderr: {stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -127,4 +128,26 @@ fn shipped_examples_are_valid() {
             .env("OPENAI_API_KEY", "sk-test"));
         assert!(out.status.success(), "{}: {stderr}{stdout}", path.display());
     }
+}
+
+#[test]
+fn local_mode_plans_a_private_redis_and_needs_redis_server() {
+    let ws = tempfile::tempdir().unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .args(["config", "check", "--json"])
+        .env("MACHINE_WORKSPACE", ws.path()));
+    assert!(out.status.success(), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["plan"]["services"][0]["name"], "redis");
+    assert_eq!(doc["plan"]["services"][0]["critical"], true);
+
+    let (out, _, stderr) = run(machine()
+        .args(["config", "check"])
+        .env("PATH", "/nonexistent")
+        .env("MACHINE_WORKSPACE", ws.path()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("HUB_REDIS_URL: `redis-server` is not on PATH"),
+        "{stderr}"
+    );
 }

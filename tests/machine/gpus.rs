@@ -20,6 +20,7 @@ fn plan(envs: &[(&str, &str)]) -> serde_json::Value {
     let mut cmd = machine();
     cmd.args(["config", "check", "--json"])
         .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("HUB_REDIS_URL", "redis://127.0.0.1:6390")
         .env("MACHINE_ID", "m1");
     for (k, v) in envs {
         cmd.env(k, v);
