@@ -1,19 +1,40 @@
 //! The top level of `machine run`: logs the plan, starts the subsystems, waits for a shutdown
-//! signal and stops them in order.
+//! signal (or a failed critical service) and stops them in order.
+//!
+//! Order of shutdown: the supervisor stops the services (reverse dependency order, each within
+//! its grace), then the leftovers sweep stops and reaps whatever else is still alive (as PID 1:
+//! everything in the namespace), and the reaper runs one last round.
+//!
+//! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
+//! subsystem could not start, 3 when a `critical` service failed, 4 when a second signal forced
+//! the shutdown.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gpu::Probe;
 use crate::plan::Plan;
+use crate::supervisor::{self, Signals, Supervisor};
 
-/// Runs the machine until SIGTERM or SIGINT.
+/// Exit code when a `critical` service failed and took the machine down.
+pub const EXIT_CRITICAL: u8 = 3;
+/// Exit code when a second SIGTERM/SIGINT stopped everything at once.
+pub const EXIT_FORCED: u8 = 4;
+
+/// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
+const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the machine until SIGTERM or SIGINT (or a critical service failure).
 pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
         workers = plan.workers.len(),
         services = plan.services.len(),
+        pid1 = std::process::id() == 1,
         "machine planned"
     );
     for w in &plan.warnings {
@@ -22,16 +43,67 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     for worker in &plan.workers {
         tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
     }
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+
+    let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("failed to install the SIGTERM handler: {e}");
+            tracing::error!("{e}: {}", source_text(&e));
             return ExitCode::FAILURE;
         }
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    let finished = CancellationToken::new();
+    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone()));
+    let reaper_stop = CancellationToken::new();
+    let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
+
+    let services = plan.start_order().into_iter().cloned().collect();
+    let code = match Supervisor::new(services, &config.supervisor, &config.workspace) {
+        Ok(sup) => {
+            let handle = sup.handle();
+            let sup_task = tokio::spawn(sup.run(shutdown.clone(), force.clone()));
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                _ = handle.critical_failure() => shutdown.cancel(),
+            }
+            match sup_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("the supervisor failed: {e}"),
+                Err(e) => tracing::error!("the supervisor task failed: {e}"),
+            }
+            if handle.critical_failed().is_some() {
+                ExitCode::from(EXIT_CRITICAL)
+            } else if force.is_cancelled() {
+                ExitCode::from(EXIT_FORCED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            tracing::error!("{e}: {}", source_text(&e));
+            ExitCode::FAILURE
+        }
+    };
+
+    supervisor::sweep(if force.is_cancelled() {
+        Duration::ZERO
+    } else {
+        SWEEP_GRACE
+    })
+    .await;
+    reaper_stop.cancel();
+    match reaper.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{e}: {}", source_text(&e)),
+        Err(e) => tracing::error!("the reaper task failed: {e}"),
     }
-    ExitCode::SUCCESS
+    finished.cancel();
+    let _ = signal_task.await;
+    tracing::info!("machine stopped");
+    code
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map_or_else(String::new, ToString::to_string)
 }

@@ -11,3 +11,4 @@ pub mod config;
 pub mod gpu;
 pub mod logging;
 pub mod plan;
+pub mod supervisor;
