@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,8 +49,9 @@ enum RunEnd {
     Exited(std::io::Result<ExitStatus>),
     /// The liveness probe failed and the process was stopped.
     Unhealthy(std::io::Result<ExitStatus>),
-    /// A stop or restart request, or the shutdown, stopped it.
-    Stopped(std::io::Result<ExitStatus>, Next),
+    /// A stop or restart request, or the shutdown, stopped it; the requester is answered once
+    /// the status says so.
+    Stopped(std::io::Result<ExitStatus>, Next, Option<oneshot::Sender<()>>),
 }
 
 /// The actor owning one service.
@@ -219,16 +220,16 @@ impl Actor {
         }
 
         let uptime = started.elapsed();
-        let (status, ending, next) = match end {
+        let (status, ending, next, reply) = match end {
             RunEnd::Exited(status) => {
                 let ending = match &status {
                     Ok(s) if s.success() => Ending::Success,
                     _ => Ending::Failure,
                 };
-                (status, ending, None)
+                (status, ending, None, None)
             }
-            RunEnd::Unhealthy(status) => (status, Ending::Failure, None),
-            RunEnd::Stopped(status, next) => (status, Ending::Success, Some(next)),
+            RunEnd::Unhealthy(status) => (status, Ending::Failure, None, None),
+            RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
         tracing::info!(
@@ -243,7 +244,13 @@ impl Actor {
             s.ready = false;
             s.live = true;
             s.last_exit = Some(exit);
+            if let Some(Next::Idle(state)) = &next {
+                s.state = *state;
+            }
         });
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
         match next {
             Some(next) => next,
             None => self.decide(ending, uptime),
@@ -299,19 +306,17 @@ impl Actor {
                     Command::Stop(reply) => {
                         tracing::info!(service = %self.spec.name, "stopping the service on request");
                         let status = self.stop_child(child, pid, force).await;
-                        let _ = reply.send(());
-                        return RunEnd::Stopped(status, Next::Idle(ServiceState::Stopped));
+                        return RunEnd::Stopped(status, Next::Idle(ServiceState::Stopped), Some(reply));
                     }
                     Command::Restart(reply) => {
                         tracing::info!(service = %self.spec.name, "restarting the service on request");
                         let status = self.stop_child(child, pid, force).await;
-                        let _ = reply.send(());
-                        return RunEnd::Stopped(status, Next::Start);
+                        return RunEnd::Stopped(status, Next::Start, Some(reply));
                     }
                 },
                 () = shutdown.cancelled() => {
                     self.wait_for_dependants(force).await;
-                    return RunEnd::Stopped(self.stop_child(child, pid, force).await, Next::Shutdown);
+                    return RunEnd::Stopped(self.stop_child(child, pid, force).await, Next::Shutdown, None);
                 }
             }
         }
