@@ -201,8 +201,9 @@ impl SupervisorHandle {
         rx.await.map_err(|_| gone())
     }
 
-    /// Starts a stopped, exited or failed service (waiting for its `after` services first);
-    /// returns once it was spawned or, if it is waiting, once it was told to start.
+    /// Starts a stopped, exited or failed service (or cuts a backoff short), with a fresh
+    /// restart history; returns once the service's actor took the request (the service may
+    /// still wait for its `after` services). A running service is left alone.
     pub async fn start(&self, name: &str) -> Result<(), SupervisorError> {
         self.send(name, Command::Start).await
     }
