@@ -60,8 +60,16 @@ fi
 
 # --- measuring ---------------------------------------------------------------------------------
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-# utime + stime in clock ticks: fields 14 and 15, counted after the parenthesised command name.
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+# CPU time in nanoseconds: the sum over the process's threads of /proc/.../schedstat (time on
+# CPU, ns precision); without schedstat, utime + stime (fields 14 and 15, in clock ticks).
+cpu_ns() {
+    if [ -r "/proc/$1/schedstat" ]; then
+        cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{t += $1} END {printf "%d", t}'
+    else
+        sed 's/.*) //' "/proc/$1/stat" | awk -v tck="$CLK_TCK" '{printf "%d", ($12 + $13) * 1e9 / tck}'
+    fi
+}
 children_named() { pgrep -P "$1" -x "$2" | wc -l; }
 
 wait_for() { # seconds, description, command...
@@ -81,10 +89,10 @@ measure() {
     wait_for 60 "$name to start $SERVICES services" has_sleepers "$pid"
     sleep 1
     local c0 c1
-    c0=$(cpu_ticks "$pid")
+    c0=$(cpu_ns "$pid")
     sleep "$DURATION"
-    c1=$(cpu_ticks "$pid")
-    echo "$name $(rss_kib "$pid") $((c1 - c0))" >>"$WORK/results"
+    c1=$(cpu_ns "$pid")
+    echo "$name $(rss_kib "$pid") $(hwm_kib "$pid") $((c1 - c0))" >>"$WORK/results"
     log "$name: done"
 }
 
@@ -146,13 +154,12 @@ MACHINE_CONFIG="$WORK/crash.toml" MACHINE_WORKSPACE="$WORK/ws2" RUST_LOG=warn \
     "$MACHINE" run >"$WORK/crash.out" 2>&1 &
 CPID=$!
 PIDS+=("$CPID")
-crashes_done() { [ "$(wc -l <"$WORK/starts" 2>/dev/null || echo 0)" -gt "$CRASHES" ]; }
+crashes_done() { [ -f "$WORK/starts" ] && [ "$(wc -l <"$WORK/starts")" -gt "$CRASHES" ]; }
 wait_for 60 "$CRASHES crashes" crashes_done
 kill -TERM "$CPID"
 wait "$CPID" || true
 # The first restart of each backoff cycle is what an operator sees after a crash; the backoff
-# doubles after that, so only restart #1 counts. The service is restarted from scratch for
-# each sample by counting from each crash to the next start and keeping the first.
+# doubles after that, so restart #1 is the headline; the later ones show the backoff.
 FIRST_MS=$(paste <(head -n 1 "$WORK/exits") <(sed -n 2p "$WORK/starts") | awk '{printf "%.1f", ($2 - $1) / 1e6}')
 ALL_MS=$(paste <(head -n "$CRASHES" "$WORK/exits") <(sed -n "2,$((CRASHES + 1))p" "$WORK/starts") |
     awk '{printf "%s%.0f", sep, ($2 - $1) / 1e6; sep=", "}')
@@ -160,13 +167,13 @@ ALL_MS=$(paste <(head -n "$CRASHES" "$WORK/exits") <(sed -n "2,$((CRASHES + 1))p
 # --- table -------------------------------------------------------------------------------------
 echo
 echo "Supervisor footprint, $SERVICES idle sleep services, ${DURATION}s ($(nproc) CPUs, $(uname -r))"
-awk -v tck="$CLK_TCK" '
-    { name[NR] = $1; rss[NR] = $2 / 1024; cpu[NR] = $3 / tck }
+awk '
+    { name[NR] = $1; rss[NR] = $2 / 1024; hwm[NR] = $3 / 1024; cpu[NR] = $4 / 1e9 }
     END {
-        printf "%-12s %10s %12s %10s %10s\n", "supervisor", "RSS MiB", "CPU s", "RSS x", "CPU x"
+        printf "%-12s %9s %9s %10s %8s %8s\n", "supervisor", "RSS MiB", "peak MiB", "CPU s", "RSS x", "CPU x"
         for (i = 1; i <= NR; i++) {
-            cx = cpu[1] > 0 ? sprintf("%.1f", cpu[i] / cpu[1]) : (cpu[i] > 0 ? "inf" : "1.0")
-            printf "%-12s %10.1f %12.2f %10.1f %10s\n", name[i], rss[i], cpu[i], rss[i] / rss[1], cx
+            cx = cpu[1] > 0 ? sprintf("%.1f", cpu[i] / cpu[1]) : "-"
+            printf "%-12s %9.1f %9.1f %10.4f %8.1f %8s\n", name[i], rss[i], hwm[i], cpu[i], rss[i] / rss[1], cx
         }
     }' "$WORK/results"
 echo

@@ -131,9 +131,6 @@ pub async fn output(cmd: &mut tokio::process::Command) -> io::Result<Output> {
 /// Why the reaper could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ReaperError {
-    /// PR_SET_CHILD_SUBREAPER was refused.
-    #[error("failed to become a child subreaper")]
-    Subreaper(#[source] Errno),
     /// The SIGCHLD handler could not be installed.
     #[error("failed to listen for SIGCHLD")]
     Signal(#[source] io::Error),
@@ -141,7 +138,10 @@ pub enum ReaperError {
 
 /// Reaps orphans on SIGCHLD and every second until `shutdown`, then once more.
 pub async fn run(shutdown: CancellationToken) -> Result<(), ReaperError> {
-    super::sys::become_subreaper().map_err(ReaperError::Subreaper)?;
+    if let Err(e) = super::sys::become_subreaper() {
+        // Still reap what does come to us; the orphans of services will be re-parented past us.
+        tracing::warn!("failed to become a child subreaper, orphans will not be reaped here: {e}");
+    }
     let mut sigchld = signal(SignalKind::child()).map_err(ReaperError::Signal)?;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,19 +209,18 @@ fn reap_by_scan(reg: &BTreeSet<u32>) -> usize {
 }
 
 /// The last step of a PID 1: asks everything still alive in the namespace to stop, kills it after
-/// `grace`, and reaps it all. Outside PID 1 it does the same to this process's own children that
-/// the registry does not know (orphans re-parented to it). Runs after every subsystem stopped.
+/// `grace`, and reaps it all. Outside PID 1 it does the same to this process's own children
+/// (orphans re-parented to it). Runs after every subsystem stopped.
 pub async fn sweep(grace: Duration) {
-    let leftovers = |registry_too: bool| {
-        let reg = registry().clone();
+    // Every subsystem has stopped by now, so even a registered child is a leftover.
+    let leftovers = || {
         let me = std::process::id();
         super::sys::proc_stats()
             .filter(|s| s.pid != me && s.state != 'Z' && (super::sys::is_pid1() || s.ppid == me))
-            .filter(|s| registry_too || !reg.contains(&s.pid))
             .map(|s| s.pid)
             .collect::<Vec<u32>>()
     };
-    let pids = leftovers(true);
+    let pids = leftovers();
     if pids.is_empty() {
         reap_all();
         return;
@@ -231,12 +230,12 @@ pub async fn sweep(grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < deadline {
         reap_all();
-        if leftovers(true).is_empty() {
+        if leftovers().is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pids = leftovers(true);
+    let pids = leftovers();
     tracing::warn!(
         processes = pids.len(),
         "killing the processes left over after the grace period"
@@ -244,7 +243,7 @@ pub async fn sweep(grace: Duration) {
     signal_leftovers(&pids, nix::sys::signal::Signal::SIGKILL);
     for _ in 0..100 {
         reap_all();
-        if leftovers(true).is_empty() {
+        if leftovers().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
