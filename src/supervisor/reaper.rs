@@ -283,7 +283,9 @@ mod tests {
     #[test]
     fn managed_children_keep_their_status_while_orphans_are_reaped() {
         let exe = std::env::current_exe().expect("the test binary knows its path");
-        let out = std::process::Command::new(exe)
+        let dir = tempfile::tempdir().unwrap();
+        let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+        let mut child = std::process::Command::new(exe)
             .args([
                 "--exact",
                 "supervisor::reaper::tests::orphans_body",
@@ -292,8 +294,27 @@ mod tests {
                 "--test-threads=1",
             ])
             .env(CHILD_ENV, "1")
-            .output()
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
             .expect("the test binary runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the reaper test body did not finish within 60s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = std::process::Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap(),
+            stderr: std::fs::read(&err_path).unwrap(),
+        };
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
