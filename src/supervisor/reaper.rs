@@ -310,7 +310,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let out = std::process::Output {
+        let out = Output {
             status,
             stdout: std::fs::read(&out_path).unwrap(),
             stderr: std::fs::read(&err_path).unwrap(),
