@@ -1,52 +1,84 @@
-//! The top level of `machine run`: starts the subsystems as named tasks, waits for a shutdown
-//! signal (SIGTERM, SIGINT or `POST /shutdown`), then stops them in order and joins them with a
-//! time limit.
+//! The top level of `machine run`: logs the plan, starts the subsystems, waits for a shutdown
+//! signal (or a failed critical service) and stops them in order.
+//!
+//! Order of shutdown: the supervisor stops the services (reverse dependency order, each within
+//! its grace), then the leftovers sweep stops and reaps whatever else is still alive (as PID 1:
+//! everything in the namespace), and the reaper runs one last round.
+//!
+//! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
+//! subsystem could not start, 3 when a `critical` service failed, 4 when a second signal forced
+//! the shutdown.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::gpu::Probe;
 use crate::health::{self, HealthState};
 use crate::plan::Plan;
+use crate::supervisor::{self, Signals, Supervisor};
 
-/// How long a subsystem may take to stop once asked.
-const JOIN_LIMIT: Duration = Duration::from_secs(10);
+/// Exit code when a `critical` service failed and took the machine down.
+pub const EXIT_CRITICAL: u8 = 3;
+/// Exit code when a second SIGTERM/SIGINT stopped everything at once.
+pub const EXIT_FORCED: u8 = 4;
 
-/// Runs the machine until it is asked to stop.
+/// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
+const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the machine until SIGTERM or SIGINT (or a critical service failure).
 pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
         workers = plan.workers.len(),
         services = plan.services.len(),
-        redis = %config.redis.as_ref().map_or_else(|| "local mode".to_owned(), |u| u.masked()),
-        "machine starting"
+        pid1 = std::process::id() == 1,
+        "machine planned"
     );
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
+    for worker in &plan.workers {
+        tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
+    }
+
+    if let Err(e) = prepare_workspace(&config) {
+        tracing::error!("failed to prepare the workspace {}: {e}", config.workspace.display());
+        return ExitCode::FAILURE;
+    }
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}: {}", source_text(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
-    let probe = Arc::new(probe);
-    let state = HealthState::new(&config, &plan, probe, shutdown.clone());
+    let force = CancellationToken::new();
+    let finished = CancellationToken::new();
+    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone()));
+    let reaper_stop = CancellationToken::new();
+    let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
+    let state = HealthState::new(&config, &plan, Arc::new(probe), shutdown.clone());
     let server_stop = CancellationToken::new();
-    let server = spawn_named(
-        "health",
-        health::run(state.clone(), config.health_port, server_stop.clone(), None),
-    );
-
+    let server = tokio::spawn(health::run(
+        state.clone(),
+        config.health_port,
+        server_stop.clone(),
+        None,
+    ));
     let fleet_stop = CancellationToken::new();
     let fleet = match &config.redis {
         Some(url) => match connect(url.expose()).await {
             Ok(conn) => {
                 state.set_redis(|r| r.connected = true);
-                let host = hostname();
-                let health_url = format!("http://{host}:{}/health", config.health_port);
+                let health_url = format!("http://{}:{}/health", hostname(), config.health_port);
                 let unknown = Arc::new(|_: &str| health::fleet::ServiceCondition::UNKNOWN);
                 Some(tokio::spawn(health::fleet::run(
                     state.clone(),
@@ -65,30 +97,73 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         None => None,
     };
 
-    let code = wait_for_shutdown(&shutdown).await;
-    shutdown.cancel();
+    let services = plan.start_order().into_iter().cloned().collect();
+    let code = match Supervisor::new(services, &config.supervisor, &config.workspace) {
+        Ok(sup) => {
+            let handle = sup.handle();
+            let sup_task = tokio::spawn(sup.run(shutdown.clone(), force.clone()));
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                _ = handle.critical_failure() => shutdown.cancel(),
+            }
+            match sup_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("the supervisor failed: {e}"),
+                Err(e) => tracing::error!("the supervisor task failed: {e}"),
+            }
+            if handle.critical_failed().is_some() {
+                ExitCode::from(EXIT_CRITICAL)
+            } else if force.is_cancelled() {
+                ExitCode::from(EXIT_FORCED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            tracing::error!("{e}: {}", source_text(&e));
+            ExitCode::FAILURE
+        }
+    };
+
+    supervisor::sweep(if force.is_cancelled() {
+        Duration::ZERO
+    } else {
+        SWEEP_GRACE
+    })
+    .await;
+    reaper_stop.cancel();
+    match reaper.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{e}: {}", source_text(&e)),
+        Err(e) => tracing::error!("the reaper task failed: {e}"),
+    }
     fleet_stop.cancel();
-    if let Some(task) = fleet {
-        join("fleet-status", task).await;
+    if let Some(fleet) = fleet {
+        let _ = fleet.await;
     }
     server_stop.cancel();
-    join("health", server).await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{e}: {}", source_text(&e)),
+        Err(e) => tracing::error!("the health server task failed: {e}"),
+    }
+    finished.cancel();
+    let _ = signal_task.await;
     tracing::info!("machine stopped");
     code
 }
 
-async fn wait_for_shutdown(shutdown: &CancellationToken) -> ExitCode {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("failed to install the signal handlers");
-        return ExitCode::FAILURE;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
-        _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
+/// Creates the workspace and, in local mode, the private redis-server's socket and data
+/// directories (redis-server refuses to start without them).
+fn prepare_workspace(config: &Config) -> std::io::Result<()> {
+    std::fs::create_dir_all(&config.workspace)?;
+    if config.redis.is_none() {
+        if let Some(dir) = config.local_redis_socket().parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(config.local_redis_dir())?;
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 async fn connect(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
@@ -106,34 +181,6 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// Spawns a subsystem as a named task that logs its error.
-fn spawn_named<E: std::error::Error + Send + 'static>(
-    name: &'static str,
-    fut: impl Future<Output = Result<(), E>> + Send + 'static,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            tracing::error!(task = name, "{}", error_chain(&e));
-        }
-    })
-}
-
-/// An error and its sources as one line: "failed to bind ...: Address in use".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
-async fn join(name: &str, task: JoinHandle<()>) {
-    match tokio::time::timeout(JOIN_LIMIT, task).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(task = name, "task panicked: {e}"),
-        Err(_) => tracing::error!(task = name, "task did not stop within {JOIN_LIMIT:?}"),
-    }
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map_or_else(String::new, ToString::to_string)
 }

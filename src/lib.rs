@@ -12,3 +12,4 @@ pub mod gpu;
 pub mod health;
 pub mod logging;
 pub mod plan;
+pub mod supervisor;

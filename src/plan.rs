@@ -205,7 +205,7 @@ fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceS
             ),
         });
     }
-    let dir = config.workspace.join("redis");
+    let dir = config.local_redis_dir();
     let s = |v: &str| v.to_owned();
     ServiceSpec {
         name: LOCAL_REDIS.to_owned(),

@@ -76,6 +76,11 @@ impl Config {
     pub fn local_redis_socket(&self) -> PathBuf {
         self.workspace.join("run/redis.sock")
     }
+
+    /// The data directory of the local-mode redis-server.
+    pub fn local_redis_dir(&self) -> PathBuf {
+        self.workspace.join("redis")
+    }
 }
 
 /// A secret taken from the environment: usable, never printed.

@@ -1,7 +1,9 @@
 //! Integration tests: the real `machine` binary and real subsystems against real processes
-//! (redis-server, child services, a PID namespace). Each test works in its own temp dir.
+//! (redis-server, child services, a PID namespace), one module per topic. Each test works in its
+//! own temp dir.
 
 mod config_check;
 mod gpus;
 mod health;
+mod supervisor;
 mod support;

@@ -1,0 +1,306 @@
+//! What other subsystems see of the supervisor: a cloneable [`SupervisorHandle`] that starts,
+//! stops and restarts services by name, reads their [`ServiceStatus`] and log tail, watches a
+//! set of services for health ([`ServicesWatch`]), and tells when a `critical` service failed.
+//!
+//! The handle never blocks on a service: statuses are `tokio::sync::watch` values each actor
+//! publishes, and commands are messages the actor answers when it has acted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::logs::Tail;
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Waiting for the services in its `after` list to be ready.
+    Waiting,
+    /// Started, its readiness probe has not passed yet.
+    Starting,
+    /// Running and ready.
+    Running,
+    /// Exited; waiting out the backoff delay before it is started again.
+    Backoff,
+    /// Being stopped (SIGTERM sent, grace running).
+    Stopping,
+    /// Stopped on request or at shutdown.
+    Stopped,
+    /// Exited and, by its restart policy, not started again.
+    Exited,
+    /// Failed and not started again (restart policy, or it could not be spawned).
+    Failed,
+}
+
+impl ServiceState {
+    /// Whether no process of the service runs and none will start on its own.
+    pub fn is_down(self) -> bool {
+        matches!(
+            self,
+            ServiceState::Stopped | ServiceState::Exited | ServiceState::Failed
+        )
+    }
+}
+
+/// How a run of a service ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExitInfo {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// When it ended.
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+}
+
+/// A service as the status API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceStatus {
+    /// The service name.
+    pub name: String,
+    /// Where it is in its life.
+    pub state: ServiceState,
+    /// The pid of the running process (also its process group id).
+    pub pid: Option<u32>,
+    /// How many times it was started again after the first start.
+    pub restarts: u32,
+    /// How its last run ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Whether it is ready (readiness probe passing, or running without one).
+    pub ready: bool,
+    /// Whether its liveness probe passes (true without one).
+    pub live: bool,
+    /// Whether it failed too often within the crash-loop window.
+    pub crash_loop: bool,
+    /// When the current (or last) run started.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub started_at: Option<SystemTime>,
+    /// The GPU the service is pinned to.
+    pub gpu: Option<u32>,
+    /// Whether its failure shuts the machine down.
+    pub critical: bool,
+    /// Why it is not healthy, in words, when it is not.
+    pub reason: Option<String>,
+}
+
+impl ServiceStatus {
+    pub(crate) fn new(name: &str, gpu: Option<u32>, critical: bool) -> ServiceStatus {
+        ServiceStatus {
+            name: name.to_owned(),
+            state: ServiceState::Waiting,
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            ready: false,
+            live: true,
+            crash_loop: false,
+            started_at: None,
+            gpu,
+            critical,
+            reason: None,
+        }
+    }
+
+    /// Whether work may be sent to the service: running, ready, live and not crash-looping.
+    pub fn healthy(&self) -> bool {
+        self.state == ServiceState::Running && self.ready && self.live && !self.crash_loop
+    }
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// Why a request to the supervisor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// No service has that name.
+    #[error("failed to find service `{0}`")]
+    UnknownService(String),
+    /// The supervisor has shut down.
+    #[error("failed to reach service `{0}`: the supervisor has stopped")]
+    Gone(String),
+    /// The log directory could not be created.
+    #[error("failed to create the log directory {path}")]
+    LogDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request to one service's actor; the reply says it was carried out.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Start(oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>),
+    Restart(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub commands: mpsc::Sender<Command>,
+    pub status: watch::Receiver<ServiceStatus>,
+    pub tail: Arc<Tail>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Services in start order.
+    order: Vec<String>,
+    services: BTreeMap<String, Entry>,
+    critical: watch::Receiver<Option<String>>,
+}
+
+/// The supervisor as every other subsystem sees it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    inner: Arc<Inner>,
+}
+
+impl SupervisorHandle {
+    pub(crate) fn new(
+        order: Vec<String>,
+        services: BTreeMap<String, Entry>,
+        critical: watch::Receiver<Option<String>>,
+    ) -> Self {
+        SupervisorHandle {
+            inner: Arc::new(Inner {
+                order,
+                services,
+                critical,
+            }),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, SupervisorError> {
+        self.inner
+            .services
+            .get(name)
+            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
+    }
+
+    async fn send(&self, name: &str, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> Result<(), SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || SupervisorError::Gone(name.to_owned());
+        self.entry(name)?.commands.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Starts a stopped, exited or failed service (or cuts a backoff short), with a fresh
+    /// restart history; returns once the service's actor took the request (the service may
+    /// still wait for its `after` services). A running service is left alone.
+    pub async fn start(&self, name: &str) -> Result<(), SupervisorError> {
+        self.send(name, Command::Start).await
+    }
+
+    /// Stops a service (SIGTERM to its group, SIGKILL after its grace); it stays stopped until
+    /// started again. Returns once it has stopped.
+    pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
+        self.send(name, Command::Stop).await
+    }
+
+    /// Stops a service and starts it again at once; returns once it was stopped and the new run
+    /// was begun.
+    pub async fn restart(&self, name: &str) -> Result<(), SupervisorError> {
+        self.send(name, Command::Restart).await
+    }
+
+    /// The status of every service, in start order.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        self.inner
+            .order
+            .iter()
+            .filter_map(|n| self.inner.services.get(n))
+            .map(|e| e.status.borrow().clone())
+            .collect()
+    }
+
+    /// The status of one service.
+    pub fn service(&self, name: &str) -> Result<ServiceStatus, SupervisorError> {
+        Ok(self.entry(name)?.status.borrow().clone())
+    }
+
+    /// The last `n` lines of a service's output, oldest first.
+    pub fn logs(&self, name: &str, n: usize) -> Result<Vec<String>, SupervisorError> {
+        Ok(self.entry(name)?.tail.last(n))
+    }
+
+    /// A watch over the health of `names` (e.g. a GPU worker's services).
+    pub fn watch(&self, names: &[String]) -> Result<ServicesWatch, SupervisorError> {
+        let receivers = names
+            .iter()
+            .map(|n| self.entry(n).map(|e| e.status.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ServicesWatch { receivers })
+    }
+
+    /// Waits until a `critical` service has failed for good (crash loop, or exited and not
+    /// restarted) and returns its name. Never returns if none does.
+    pub async fn critical_failure(&self) -> String {
+        let mut rx = self.inner.critical.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(name) => name.clone().unwrap_or_default(),
+            // The supervisor is gone without a critical failure.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// The critical service that failed, if one did.
+    pub fn critical_failed(&self) -> Option<String> {
+        self.inner.critical.borrow().clone()
+    }
+}
+
+/// The health of a set of services, for a worker that must only claim jobs while they are
+/// healthy: wait with [`ServicesWatch::wait_healthy`] before claiming, and check
+/// [`ServicesWatch::healthy`] (or await [`ServicesWatch::changed`]) between jobs.
+#[derive(Debug, Clone)]
+pub struct ServicesWatch {
+    receivers: Vec<watch::Receiver<ServiceStatus>>,
+}
+
+impl ServicesWatch {
+    /// Whether every watched service is healthy (an empty set always is).
+    pub fn healthy(&self) -> bool {
+        self.receivers.iter().all(|r| r.borrow().healthy())
+    }
+
+    /// The watched services' statuses.
+    pub fn statuses(&self) -> Vec<ServiceStatus> {
+        self.receivers.iter().map(|r| r.borrow().clone()).collect()
+    }
+
+    /// Waits until every watched service is healthy.
+    pub async fn wait_healthy(&mut self) -> Result<(), SupervisorError> {
+        while !self.healthy() {
+            self.changed().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until any watched service's status changes.
+    pub async fn changed(&mut self) -> Result<(), SupervisorError> {
+        if self.receivers.is_empty() {
+            return std::future::pending().await;
+        }
+        let futures = self.receivers.iter_mut().map(|r| Box::pin(r.changed()));
+        let (result, i, rest) = futures_util::future::select_all(futures).await;
+        drop(rest);
+        result.map_err(|_| SupervisorError::Gone(self.receivers[i].borrow().name.clone()))
+    }
+}

@@ -1,0 +1,29 @@
+//! The PID-1 supervisor: reaping, signals, supervised services as actors, probes, logs, and the
+//! ordered shutdown. See docs/supervisor.md for the design.
+//!
+//! Other subsystems use [`SupervisorHandle`] (start/stop/restart, status, log tail, health
+//! watches, critical failures) and must start every child process through [`spawn`] or
+//! [`output`], so that the orphan reaper never takes the exit status of a child the crate is
+//! waiting for.
+
+mod handle;
+mod logs;
+mod policy;
+mod probe;
+mod reaper;
+mod service;
+mod signals;
+mod sys;
+mod tree;
+
+pub use handle::{ExitInfo, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
+pub use logs::{LineSplitter, RotatingFile};
+pub use policy::{Decision, Ending, History, Policy};
+pub use reaper::{ManagedChild, ReaperError, output, spawn};
+pub use signals::{SignalError, Signals};
+pub use tree::Supervisor;
+
+/// Reaps orphaned children until the token is cancelled; see [`reaper`].
+pub use reaper::run as run_reaper;
+/// Stops and reaps whatever is left at the very end of `machine run`.
+pub use reaper::sweep;

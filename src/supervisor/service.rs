@@ -1,0 +1,498 @@
+//! One supervised service as an actor: a task that owns the service's child process and is the
+//! only thing that starts, signals or waits for it. Everything else talks to it through
+//! [`super::SupervisorHandle`] messages and reads the status it publishes on a watch channel.
+//!
+//! A run: wait until the `after` services are ready, spawn the argv (no shell) in a new session
+//! with its env and cwd, copy its output to the log, run its probes, and wait. When it exits on
+//! its own, what is left of its process group is killed and the restart policy decides what
+//! follows. A failed liveness probe stops it (SIGTERM, grace, SIGKILL to the group) and counts
+//! as a failure. At shutdown the actor first waits until every service that starts after it
+//! has stopped, so services stop in reverse dependency order.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::handle::{Command, ExitInfo, ServiceState, ServiceStatus};
+use super::logs::{ServiceLog, Stream};
+use super::policy::{self, Decision, Ending, History, Policy};
+use super::probe::{self, ProbeKind, Verdict};
+use super::reaper::{self, ManagedChild};
+use super::sys;
+use crate::config::ServiceSpec;
+
+/// How long the output readers may take to drain after a run ended; a grandchild that escaped
+/// the process group may hold the pipe open forever.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// How often a stopping service's process group is checked for members.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// What the actor does next.
+#[derive(Debug)]
+enum Next {
+    Start,
+    Backoff(Duration),
+    Idle(ServiceState),
+    Shutdown,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+enum RunEnd {
+    /// The process exited on its own.
+    Exited(std::io::Result<ExitStatus>),
+    /// The liveness probe failed and the process was stopped.
+    Unhealthy(std::io::Result<ExitStatus>),
+    /// A stop or restart request, or the shutdown, stopped it; the requester is answered once
+    /// the status says so.
+    Stopped(std::io::Result<ExitStatus>, Next, Option<oneshot::Sender<()>>),
+}
+
+/// The actor owning one service.
+#[derive(Debug)]
+pub(crate) struct Actor {
+    pub(crate) spec: ServiceSpec,
+    pub(crate) policy: Policy,
+    pub(crate) history: History,
+    pub(crate) status: watch::Sender<ServiceStatus>,
+    /// Statuses of the services this one starts after.
+    pub(crate) deps: Vec<watch::Receiver<ServiceStatus>>,
+    /// Statuses of the services that start after this one, which stop before it.
+    pub(crate) dependants: Vec<watch::Receiver<ServiceStatus>>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) log: Arc<ServiceLog>,
+    /// Set to the name of the first critical service that failed for good.
+    pub(crate) critical: Arc<watch::Sender<Option<String>>>,
+    /// The supervisor's start, the origin of the policy's clock.
+    pub(crate) epoch: Instant,
+    pub(crate) runs: u32,
+}
+
+impl Actor {
+    /// Supervises the service until `shutdown`; `force` turns every pending stop into SIGKILL.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken, force: CancellationToken) {
+        let mut next = Next::Start;
+        loop {
+            next = match next {
+                Next::Start => self.supervise(&shutdown, &force).await,
+                Next::Backoff(delay) => self.backoff(delay, &shutdown).await,
+                Next::Idle(state) => self.idle(state, &shutdown).await,
+                Next::Shutdown => break,
+            };
+        }
+        self.status.send_modify(|s| {
+            if !s.state.is_down() {
+                s.state = ServiceState::Stopped;
+            }
+            s.pid = None;
+            s.ready = false;
+        });
+    }
+
+    fn set(&self, f: impl FnOnce(&mut ServiceStatus)) {
+        self.status.send_modify(f);
+    }
+
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn deps_ready(&self) -> bool {
+        self.deps.iter().all(|d| {
+            let s = d.borrow();
+            s.ready && s.state == ServiceState::Running
+        })
+    }
+
+    async fn supervise(&mut self, shutdown: &CancellationToken, force: &CancellationToken) -> Next {
+        if !self.deps_ready() {
+            self.set(|s| {
+                s.state = ServiceState::Waiting;
+                s.reason = Some("waiting for the services it starts after".to_owned());
+            });
+            tracing::info!(service = %self.spec.name, after = ?self.spec.after, "waiting for dependencies to be ready");
+        }
+        while !self.deps_ready() {
+            tokio::select! {
+                () = shutdown.cancelled() => return Next::Shutdown,
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Stop(reply) => {
+                        let _ = reply.send(());
+                        return Next::Idle(ServiceState::Stopped);
+                    }
+                    Command::Start(reply) | Command::Restart(reply) => {
+                        let _ = reply.send(());
+                    }
+                },
+                () = any_changed(&mut self.deps) => {}
+            }
+        }
+
+        let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
+        cmd.args(&self.spec.command[1..])
+            .envs(&self.spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cwd) = &self.spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        sys::new_session(&mut cmd);
+        if self.runs > 0 {
+            self.set(|s| s.restarts += 1);
+        }
+        self.runs += 1;
+        let started = Instant::now();
+        let mut child = match reaper::spawn(&mut cmd) {
+            Ok(child) => child,
+            Err(e) => {
+                let reason = format!("failed to start `{}`: {e}", self.spec.command[0]);
+                tracing::error!(service = %self.spec.name, "{reason}");
+                self.set(|s| {
+                    s.reason = Some(reason);
+                    s.started_at = Some(SystemTime::now());
+                });
+                return self.decide(Ending::Failure, Duration::ZERO);
+            }
+        };
+        let pid = child.id().expect("a child that was never waited for has a pid");
+        tracing::info!(service = %self.spec.name, pid, "service started");
+        let has_ready_probe = self.spec.ready.is_some();
+        self.set(|s| {
+            s.pid = Some(pid);
+            s.started_at = Some(SystemTime::now());
+            s.ready = !has_ready_probe;
+            s.live = true;
+            s.reason = None;
+            s.state = if has_ready_probe {
+                ServiceState::Starting
+            } else {
+                ServiceState::Running
+            };
+        });
+
+        let mut readers: Vec<JoinHandle<()>> = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            let log = Arc::clone(&self.log);
+            readers.push(tokio::spawn(async move { log.copy(Stream::Stdout, out).await }));
+        }
+        if let Some(err) = child.stderr.take() {
+            let log = Arc::clone(&self.log);
+            readers.push(tokio::spawn(async move { log.copy(Stream::Stderr, err).await }));
+        }
+        let probe_stop = CancellationToken::new();
+        let (verdicts, mut verdict_rx) = mpsc::channel(4);
+        let mut probes = Vec::new();
+        for (kind, spec) in [
+            (ProbeKind::Ready, &self.spec.ready),
+            (ProbeKind::Live, &self.spec.liveness),
+        ] {
+            if let Some(spec) = spec {
+                probes.push(tokio::spawn(probe::run(
+                    kind,
+                    spec.clone(),
+                    verdicts.clone(),
+                    probe_stop.clone(),
+                )));
+            }
+        }
+        drop(verdicts);
+
+        let end = self.watch_run(&mut child, pid, &mut verdict_rx, shutdown, force).await;
+
+        probe_stop.cancel();
+        for p in probes {
+            let _ = p.await;
+        }
+        // The leader is gone; whatever is left of its group belongs to a dead service.
+        sys::signal_group(pid, Signal::SIGKILL);
+        for mut r in readers {
+            if tokio::time::timeout(DRAIN, &mut r).await.is_err() {
+                r.abort();
+                let _ = r.await;
+            }
+        }
+
+        let uptime = started.elapsed();
+        let (status, ending, next, reply) = match end {
+            RunEnd::Exited(status) => {
+                let ending = match &status {
+                    Ok(s) if s.success() => Ending::Success,
+                    _ => Ending::Failure,
+                };
+                (status, ending, None, None)
+            }
+            RunEnd::Unhealthy(status) => (status, Ending::Failure, None, None),
+            RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
+        };
+        let exit = exit_info(&status);
+        tracing::info!(
+            service = %self.spec.name,
+            code = exit.code,
+            signal = exit.signal,
+            uptime_ms = uptime.as_millis() as u64,
+            "service exited"
+        );
+        self.set(|s| {
+            s.pid = None;
+            s.ready = false;
+            s.live = true;
+            s.last_exit = Some(exit);
+            if let Some(Next::Idle(state)) = &next {
+                s.state = *state;
+            }
+        });
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+        match next {
+            Some(next) => next,
+            None => self.decide(ending, uptime),
+        }
+    }
+
+    async fn watch_run(
+        &mut self,
+        child: &mut ManagedChild,
+        pid: u32,
+        verdicts: &mut mpsc::Receiver<Verdict>,
+        shutdown: &CancellationToken,
+        force: &CancellationToken,
+    ) -> RunEnd {
+        let stable = tokio::time::sleep(self.policy.stable_after);
+        tokio::pin!(stable);
+        let mut stable_done = false;
+        loop {
+            tokio::select! {
+                status = child.wait() => return RunEnd::Exited(status),
+                Some(v) = verdicts.recv() => match v.kind {
+                    ProbeKind::Ready => {
+                        if v.passing {
+                            tracing::info!(service = %self.spec.name, "service is ready");
+                        } else {
+                            tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "readiness probe failing");
+                        }
+                        self.set(|s| {
+                            s.ready = v.passing;
+                            s.state = if v.passing { ServiceState::Running } else { ServiceState::Starting };
+                            s.reason = v.reason;
+                        });
+                    }
+                    ProbeKind::Live if v.passing => self.set(|s| s.live = true),
+                    ProbeKind::Live => {
+                        tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "liveness probe failed, restarting the service");
+                        self.set(|s| {
+                            s.live = false;
+                            s.reason = v.reason.map(|r| format!("liveness probe failed: {r}"));
+                        });
+                        return RunEnd::Unhealthy(self.stop_child(child, pid, force).await);
+                    }
+                },
+                () = &mut stable, if !stable_done => {
+                    stable_done = true;
+                    self.history.mark_stable();
+                    self.set(|s| s.crash_loop = false);
+                }
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Start(reply) => {
+                        let _ = reply.send(());
+                    }
+                    Command::Stop(reply) => {
+                        tracing::info!(service = %self.spec.name, "stopping the service on request");
+                        let status = self.stop_child(child, pid, force).await;
+                        return RunEnd::Stopped(status, Next::Idle(ServiceState::Stopped), Some(reply));
+                    }
+                    Command::Restart(reply) => {
+                        tracing::info!(service = %self.spec.name, "restarting the service on request");
+                        let status = self.stop_child(child, pid, force).await;
+                        return RunEnd::Stopped(status, Next::Start, Some(reply));
+                    }
+                },
+                () = shutdown.cancelled() => {
+                    self.wait_for_dependants(force).await;
+                    return RunEnd::Stopped(self.stop_child(child, pid, force).await, Next::Shutdown, None);
+                }
+            }
+        }
+    }
+
+    /// Waits until every service that starts after this one is down (or `force`).
+    async fn wait_for_dependants(&mut self, force: &CancellationToken) {
+        let down = |d: &watch::Receiver<ServiceStatus>| d.has_changed().is_err() || d.borrow().state.is_down();
+        while !force.is_cancelled() && !self.dependants.iter().all(down) {
+            tokio::select! {
+                () = force.cancelled() => {}
+                () = any_changed(&mut self.dependants) => {}
+            }
+        }
+    }
+
+    /// Stops the running child: SIGTERM to its group, then SIGKILL once the grace is over (or at
+    /// once on `force`). Returns when the leader was collected and the group is empty or killed.
+    async fn stop_child(
+        &mut self,
+        child: &mut ManagedChild,
+        pid: u32,
+        force: &CancellationToken,
+    ) -> std::io::Result<ExitStatus> {
+        self.set(|s| s.state = ServiceState::Stopping);
+        sys::signal_group(pid, Signal::SIGTERM);
+        let grace = tokio::time::sleep(self.spec.grace);
+        tokio::pin!(grace);
+        let mut status = None;
+        loop {
+            tokio::select! {
+                s = child.wait(), if status.is_none() => {
+                    status = Some(s);
+                    if !sys::group_alive(pid) {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(GROUP_POLL), if status.is_some() => {
+                    if !sys::group_alive(pid) {
+                        break;
+                    }
+                }
+                () = &mut grace => {
+                    tracing::warn!(service = %self.spec.name, grace = %humantime::format_duration(self.spec.grace), "service did not stop within its grace period, killing it");
+                    sys::signal_group(pid, Signal::SIGKILL);
+                    break;
+                }
+                () = force.cancelled() => {
+                    sys::signal_group(pid, Signal::SIGKILL);
+                    break;
+                }
+            }
+        }
+        match status {
+            Some(s) => s,
+            None => child.wait().await,
+        }
+    }
+
+    /// Applies the restart policy to a run that ended on its own.
+    fn decide(&mut self, ending: Ending, uptime: Duration) -> Next {
+        let was_looping = self.history.crash_loop;
+        let sample = rand::random::<f64>() * 2.0 - 1.0;
+        let decision = policy::on_exit(
+            &self.policy,
+            &mut self.history,
+            ending,
+            uptime,
+            self.epoch.elapsed(),
+            sample,
+        );
+        let looping = self.history.crash_loop;
+        self.set(|s| s.crash_loop = looping);
+        if looping && !was_looping {
+            tracing::error!(
+                service = %self.spec.name,
+                failures = self.history.recent_failures(),
+                window = %humantime::format_duration(self.policy.crash_loop_window),
+                "service is in crash loop"
+            );
+            self.critical_failed();
+        }
+        match decision {
+            Decision::Restart { delay } => {
+                tracing::info!(service = %self.spec.name, restart_in_ms = delay.as_millis() as u64, "restarting after backoff");
+                Next::Backoff(delay)
+            }
+            Decision::Done { failed } => {
+                if failed {
+                    self.critical_failed();
+                    Next::Idle(ServiceState::Failed)
+                } else {
+                    Next::Idle(ServiceState::Exited)
+                }
+            }
+        }
+    }
+
+    fn critical_failed(&self) {
+        if self.spec.critical {
+            let name = self.name().to_owned();
+            self.critical.send_if_modified(|c| {
+                if c.is_none() {
+                    tracing::error!(service = %name, "a critical service failed, shutting the machine down");
+                    *c = Some(name);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    async fn backoff(&mut self, delay: Duration, shutdown: &CancellationToken) -> Next {
+        self.set(|s| s.state = ServiceState::Backoff);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Next::Start,
+            Some(cmd) = self.commands.recv() => match cmd {
+                Command::Stop(reply) => {
+                    let _ = reply.send(());
+                    Next::Idle(ServiceState::Stopped)
+                }
+                Command::Start(reply) | Command::Restart(reply) => {
+                    let _ = reply.send(());
+                    Next::Start
+                }
+            },
+            () = shutdown.cancelled() => Next::Shutdown,
+        }
+    }
+
+    async fn idle(&mut self, state: ServiceState, shutdown: &CancellationToken) -> Next {
+        self.set(|s| s.state = state);
+        loop {
+            tokio::select! {
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Stop(reply) => {
+                        let _ = reply.send(());
+                    }
+                    Command::Start(reply) | Command::Restart(reply) => {
+                        // An operator starting it again gets a fresh policy history.
+                        self.history = History::default();
+                        self.set(|s| s.crash_loop = false);
+                        let _ = reply.send(());
+                        return Next::Start;
+                    }
+                },
+                () = shutdown.cancelled() => return Next::Shutdown,
+            }
+        }
+    }
+}
+
+/// Waits until any of `rxs` changes. A closed channel never changes again, so it is not waited
+/// for (when all are closed this never returns).
+async fn any_changed(rxs: &mut [watch::Receiver<ServiceStatus>]) {
+    let open: Vec<_> = rxs
+        .iter_mut()
+        .filter(|r| r.has_changed().is_ok())
+        .map(|r| Box::pin(r.changed()))
+        .collect();
+    if open.is_empty() {
+        return std::future::pending().await;
+    }
+    let _ = futures_util::future::select_all(open).await;
+}
+
+fn exit_info(status: &std::io::Result<ExitStatus>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    let (code, signal) = match status {
+        Ok(s) => (s.code(), s.signal()),
+        Err(_) => (None, None),
+    };
+    ExitInfo {
+        code,
+        signal,
+        at: SystemTime::now(),
+    }
+}
