@@ -10,4 +10,5 @@ pub mod cli;
 pub mod config;
 pub mod gpu;
 pub mod logging;
+pub mod matcher;
 pub mod plan;
