@@ -442,7 +442,7 @@ local function group_top(p, gid, worker, holdoffs, now, skip_limit)
   local offset, skipped = 0, 0
   while true do
     local top = redis.call('ZREVRANGE', gkey, offset, offset, 'WITHSCORES')
-    if #top == 0 then return nil end
+    if #top == 0 then return nil, nil, nil, offset == 0 end
     local id, gscore = top[1], top[2]
     local score = redis.call('ZSCORE', p .. 'jobs:pending', id)
     if not score then
@@ -496,14 +496,19 @@ local function claim(p, caps, worker, max_examine, lease_ms)
   -- and choose again. The bound only guards against a corrupted index.
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
-    local best_id, best_score, best_raw
+    local best_id, best_score, best_raw, best_gid
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         if group_matches(p, gid, caps, wf_pin, decoded) then
-          local id, score, raw = group_top(p, gid, worker, holdoffs, now, max_examine)
+          local id, score, raw, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
+          if empty then
+            -- Claims leave empty groups behind; the first claimer to meet one removes it.
+            redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid)
+            redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
+          end
           if id and (best_score == nil or score > best_score or (score == best_score and id > best_id)) then
-            best_id, best_score, best_raw = id, score, raw
+            best_id, best_score, best_raw, best_gid = id, score, raw, gid
           end
         end
       end
@@ -513,12 +518,20 @@ local function claim(p, caps, worker, max_examine, lease_ms)
     local job, exists = hgetall(jkey)
     if exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
       redis.call('ZREM', p .. 'jobs:pending', best_id)
-      unindex(p, best_id)
-      redis.call('HDEL', p .. 'jobs:holdoff', best_id)
+      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_id)
+      if redis.call('ZCARD', p .. 'jobs:idx:g:' .. best_gid) == 0 then
+        local gservice = redis.call('HGET', p .. 'jobs:idx:meta:' .. best_gid, 'service')
+        if gservice then redis.call('SREM', p .. 'jobs:idx:svc:' .. gservice, best_gid) end
+        redis.call('DEL', p .. 'jobs:idx:meta:' .. best_gid)
+      end
+      redis.call('ZREM', p .. 'jobs:idx:all', best_id)
+      redis.call('HDEL', p .. 'jobs:idx:job', best_id)
+      if holdoffs then redis.call('HDEL', p .. 'jobs:holdoff', best_id) end
       local at = iso(now)
       redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
       job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
-      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, cjson.encode(job))
+      local snapshot = cjson.encode(job)
+      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
       redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
       redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
@@ -537,7 +550,7 @@ local function claim(p, caps, worker, max_examine, lease_ms)
         'progress', '0', 'status', 'assigned', 'message', 'claimed', 'timestamp', tostring(now))
       redis.call('EXPIRE', stream, PROGRESS_TTL_S)
       dbg('claimed ' .. best_id .. ' for ' .. worker)
-      return cjson.encode({ jobId = best_id, job = job })
+      return '{"jobId":' .. cjson.encode(best_id) .. ',"job":' .. snapshot .. '}'
     end
     redis.call('ZREM', p .. 'jobs:pending', best_id)
     unindex(p, best_id)
