@@ -268,7 +268,6 @@ async fn scenario(bench: &mut Bench, unrunnable: usize, runnable: usize, which: 
 }
 
 async fn submit_to_claim(server: &RedisServer, url: &RedisUrl) -> (f64, f64, usize) {
-    let _ = server;
     let broker = Broker::connect(url, BrokerOptions::default()).await.expect("connect");
     broker.ensure_functions().await.expect("install");
     let shutdown = CancellationToken::new();
@@ -277,7 +276,23 @@ async fn submit_to_claim(server: &RedisServer, url: &RedisUrl) -> (f64, f64, usi
         let s = shutdown.clone();
         async move { b.run_events(s).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    loop {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("job_submitted")
+            .query_async(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let mut waiters = Vec::new();
     for w in 0..8 {
