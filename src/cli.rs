@@ -46,6 +46,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the jobMatching Redis Functions library.
+    Functions {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::FunctionsCommand,
+    },
+    /// Submit, inspect and cancel jobs on the broker.
+    Jobs {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::JobsCommand,
+    },
     /// Show this machine's status (from its health server), or the fleet's (from Redis).
     Status(StatusArgs),
 }
@@ -92,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Gpus { json } => gpus(cli.config.as_deref(), json),
         Command::Run => run(cli.config.as_deref()),
         Command::Status(args) => status(cli.config.as_deref(), args),
+        Command::Functions { redis, command } => crate::matcher::cli::functions(&redis, &command),
+        Command::Jobs { redis, command } => crate::matcher::cli::jobs(&redis, &command),
     }
 }
 

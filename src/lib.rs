@@ -11,5 +11,6 @@ pub mod config;
 pub mod gpu;
 pub mod health;
 pub mod logging;
+pub mod matcher;
 pub mod plan;
 pub mod supervisor;

@@ -1,9 +1,10 @@
 //! Integration tests: the real `machine` binary and real subsystems against real processes
 //! (redis-server, child services, a PID namespace), one module per topic. Each test works in its
-//! own temp dir.
+//! own temp dir with a hard timeout.
 
 mod config_check;
 mod gpus;
 mod health;
+mod matcher;
 mod supervisor;
 mod support;
