@@ -9,6 +9,7 @@ mod connectors;
 mod env;
 mod raw;
 mod service;
+mod worker;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use serde::Serialize;
 pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
 pub use env::{Env, ProcessEnv};
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
+pub use worker::{CustomerAccess, OpenaiConfig, SimulationConfig, WorkerConfig};
 
 use raw::RawConfig;
 
@@ -58,6 +60,12 @@ pub struct Config {
     pub playwright: ServiceConnectorConfig,
     /// User-defined `[services.NAME]`, sorted by name.
     pub services: Vec<ServiceSpec>,
+    /// How workers claim, hold and report jobs.
+    pub worker: WorkerConfig,
+    /// The OpenAI-compatible API of the `openai` connector.
+    pub openai: OpenaiConfig,
+    /// The simulation connector's defaults.
+    pub simulation: SimulationConfig,
 }
 
 /// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`).
@@ -578,6 +586,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     for (key, message) in raw_problems {
         bad(&key, message);
     }
+    let worker = worker::validate_worker(raw.worker, &workspace, problems);
+    let openai = worker::validate_openai(c.openai, problems);
+    let simulation = worker::validate_simulation(c.simulation, problems);
 
     Config {
         machine_id,
@@ -594,6 +605,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         a1111,
         playwright,
         services,
+        worker,
+        openai,
+        simulation,
     }
 }
 
