@@ -8,6 +8,10 @@
 //! store artifacts themselves: the worker stores artifacts through [`store::OutputStore`] so that
 //! only URLs reach Redis.
 
+pub mod a1111;
+pub mod comfyui;
+mod http;
+pub mod openai;
 pub mod simulation;
 pub mod store;
 
