@@ -46,6 +46,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the jobMatching Redis Functions library.
+    Functions {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::FunctionsCommand,
+    },
+    /// Submit, inspect and cancel jobs on the broker.
+    Jobs {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::JobsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +81,8 @@ pub fn main() -> ExitCode {
         } => config_check(cli.config.as_deref(), json),
         Command::Gpus { json } => gpus(cli.config.as_deref(), json),
         Command::Run => run(cli.config.as_deref()),
+        Command::Functions { redis, command } => crate::matcher::cli::functions(&redis, &command),
+        Command::Jobs { redis, command } => crate::matcher::cli::jobs(&redis, &command),
     }
 }
 

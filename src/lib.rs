@@ -11,4 +11,5 @@ pub mod config;
 pub mod connectors;
 pub mod gpu;
 pub mod logging;
+pub mod matcher;
 pub mod plan;
