@@ -13,3 +13,4 @@ pub mod gpu;
 pub mod logging;
 pub mod matcher;
 pub mod plan;
+pub mod worker;

@@ -263,7 +263,11 @@ impl Broker {
     pub async fn ensure_functions(&self) -> Result<InstallReport, BrokerError> {
         let mut conn = self.connection();
         let report = installer::install(&mut conn, &self.inner.lib).await?;
-        *self.inner.mode.write().expect("the mode lock is never poisoned: no panics while held") = report.mode.clone();
+        *self
+            .inner
+            .mode
+            .write()
+            .expect("the mode lock is never poisoned: no panics while held") = report.mode.clone();
         Ok(report)
     }
 
@@ -271,7 +275,11 @@ impl Broker {
     pub async fn use_eval_mode(&self) -> Result<(), BrokerError> {
         let mut conn = self.connection();
         let sha = installer::load_script(&mut conn, &self.inner.lib).await?;
-        *self.inner.mode.write().expect("the mode lock is never poisoned: no panics while held") = Mode::Eval { sha };
+        *self
+            .inner
+            .mode
+            .write()
+            .expect("the mode lock is never poisoned: no panics while held") = Mode::Eval { sha };
         Ok(())
     }
 
@@ -324,7 +332,11 @@ impl Broker {
             ErrorKind::Server(ServerErrorKind::NoScript) => true,
             ErrorKind::Server(ServerErrorKind::ResponseError) => {
                 let functions = matches!(
-                    *self.inner.mode.read().expect("the mode lock is never poisoned: no panics while held"),
+                    *self
+                        .inner
+                        .mode
+                        .read()
+                        .expect("the mode lock is never poisoned: no panics while held"),
                     Mode::Functions
                 );
                 let mut conn = self.connection();
@@ -347,7 +359,10 @@ impl Broker {
         let lease = self.inner.opts.lease.as_millis().to_string();
         loop {
             let reply: Option<String> = self
-                .call("findMatchingJob", &[caps_json, &max, &lease, &self.inner.opts.key_prefix])
+                .call(
+                    "findMatchingJob",
+                    &[caps_json, &max, &lease, &self.inner.opts.key_prefix],
+                )
                 .await?;
             let Some(reply) = reply else { return Ok(None) };
             let job = parse_claim(&reply)?;
@@ -363,12 +378,22 @@ impl Broker {
     }
 
     fn receiver(&self, service: &str) -> watch::Receiver<u64> {
-        let mut map = self.inner.wake.lock().expect("the wake lock is never poisoned: no panics while held");
-        map.entry(service.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+        let mut map = self
+            .inner
+            .wake
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
+        map.entry(service.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     fn wake(&self, service: Option<&str>) {
-        let map = self.inner.wake.lock().expect("the wake lock is never poisoned: no panics while held");
+        let map = self
+            .inner
+            .wake
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
         match service.and_then(|s| map.get(s)) {
             Some(tx) => tx.send_modify(|v| *v = v.wrapping_add(1)),
             None if service.is_none() => {
@@ -504,7 +529,11 @@ impl Broker {
     }
 
     async fn lifecycle(&self, function: &'static str, job: &ClaimedJob, args: &[&str]) -> Result<String, BrokerError> {
-        let mut all = vec![self.inner.opts.key_prefix.as_str(), job.id.as_str(), job.worker_id.as_str()];
+        let mut all = vec![
+            self.inner.opts.key_prefix.as_str(),
+            job.id.as_str(),
+            job.worker_id.as_str(),
+        ];
         all.extend_from_slice(args);
         let status: String = self.call(function, &all).await?;
         match status.as_str() {
@@ -546,7 +575,9 @@ impl Broker {
     /// Completes the job with its result (any JSON).
     pub async fn complete(&self, job: &ClaimedJob, result: &Value) -> Result<(), BrokerError> {
         let result = result.to_string();
-        self.lifecycle("completeJob", job, &[&result, "completed"]).await.map(drop)
+        self.lifecycle("completeJob", job, &[&result, "completed"])
+            .await
+            .map(drop)
     }
 
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
@@ -601,7 +632,11 @@ impl Broker {
             }
             match self.reap_expired_leases().await {
                 Ok(r) if r.requeued + r.failed > 0 => {
-                    tracing::info!(requeued = r.requeued, failed = r.failed, "returned jobs whose lease expired");
+                    tracing::info!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        "returned jobs whose lease expired"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "failed to reap expired leases"),
@@ -758,7 +793,8 @@ impl Broker {
         for k in &keys {
             pipe.hgetall(k);
         }
-        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await.map_err(redis_err("list jobs"))?;
+        let hashes: Vec<BTreeMap<String, String>> =
+            pipe.query_async(&mut conn).await.map_err(redis_err("list jobs"))?;
         let mut jobs: Vec<BTreeMap<String, String>> = hashes
             .into_iter()
             .filter(|h| !h.is_empty())
@@ -775,7 +811,14 @@ fn new_job_id() -> String {
     // A version-4 UUID, as the API generates.
     let b = (b & !(0xF000u128 << 64) | (0x4000u128 << 64)) & !(0xC000u128 << 48) | (0x8000u128 << 48);
     let h = format!("{b:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 struct ParsedClaim {
@@ -861,8 +904,10 @@ mod tests {
 
     #[test]
     fn claim_replies_parse() {
-        let r = parse_claim(r#"{"jobId":"j1","job":{"id":"j1","service_required":"comfyui","payload":"{\"a\":1}","worker_id":"w"}}"#)
-            .expect("a well-formed reply parses");
+        let r = parse_claim(
+            r#"{"jobId":"j1","job":{"id":"j1","service_required":"comfyui","payload":"{\"a\":1}","worker_id":"w"}}"#,
+        )
+        .expect("a well-formed reply parses");
         assert_eq!(r.job.payload["a"], 1);
         assert_eq!(r.job.service, "comfyui");
         assert!(r.payload_error.is_none());

@@ -206,7 +206,8 @@ mod tests {
         assert_eq!(Requirements::parse("").unwrap(), Requirements::none());
         assert_eq!(Requirements::parse(" null ").unwrap(), Requirements::none());
         assert_eq!(Requirements::parse("{}").unwrap(), Requirements::none());
-        let split = Requirements::parse(r#"{"positive_requirements":{"a":1},"negative_requirements":{"b":2}}"#).unwrap();
+        let split =
+            Requirements::parse(r#"{"positive_requirements":{"a":1},"negative_requirements":{"b":2}}"#).unwrap();
         assert_eq!(split.positive.get("a"), Some(&Value::from(1)));
         assert!(split.negative.is_some());
         assert_eq!(Requirements::parse("[1]"), Err(MalformedRequirements));

@@ -159,10 +159,18 @@ pub fn functions(args: &RedisArgs, command: &FunctionsCommand) -> ExitCode {
                 match loaded {
                     None => println!("jobMatching: not loaded (this binary has {})", Library::new().version()),
                     Some(v) => {
-                        let same = if v == Library::new().version() { "current" } else { "differs from this binary" };
+                        let same = if v == Library::new().version() {
+                            "current"
+                        } else {
+                            "differs from this binary"
+                        };
                         println!("jobMatching {v} ({same})");
                         for f in functions {
-                            let flags = if f.flags.is_empty() { String::new() } else { format!(" [{}]", f.flags.join(",")) };
+                            let flags = if f.flags.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" [{}]", f.flags.join(","))
+                            };
                             println!("  {}{flags}", f.name);
                         }
                     }
@@ -257,7 +265,10 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
         let got = broker.claim(&caps).await?;
         checks += 1;
         if got.as_ref().map(|j| &j.id) != want.as_ref() {
-            return Ok(Err(format!("claimed {:?}, the reference matcher picks {want:?}", got.map(|j| j.id))));
+            return Ok(Err(format!(
+                "claimed {:?}, the reference matcher picks {want:?}",
+                got.map(|j| j.id)
+            )));
         }
         let Some(job) = got else { break };
         pending.retain(|p| p.id != job.id);
@@ -265,7 +276,10 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
         broker.progress(&job, 50.0, "half way", None).await?;
         broker.complete(&job, &serde_json::json!({"ok": true})).await?;
         checks += 1;
-        if !matches!(broker.complete(&job, &Value::Null).await, Err(BrokerError::LeaseLost { .. })) {
+        if !matches!(
+            broker.complete(&job, &Value::Null).await,
+            Err(BrokerError::LeaseLost { .. })
+        ) {
             return Ok(Err("a second completion was not fenced off".to_owned()));
         }
         checks += 1;
@@ -299,7 +313,15 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
             customer,
             workflow,
             max_retries,
-        } => match build_job(service, payload, requirements.as_deref(), *priority, customer, workflow, *max_retries) {
+        } => match build_job(
+            service,
+            payload,
+            requirements.as_deref(),
+            *priority,
+            customer,
+            workflow,
+            *max_retries,
+        ) {
             Ok(j) => Some(j),
             Err(problem) => {
                 eprintln!("machine: {problem}");
@@ -347,8 +369,12 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
                 if *json {
                     println!("{}", serde_json::to_string_pretty(&jobs).unwrap_or_default());
                 } else {
-                    let get = |j: &std::collections::BTreeMap<String, String>, k: &str| j.get(k).cloned().unwrap_or_default();
-                    println!("{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  WORKER", "ID", "STATUS", "SERVICE", "PRIORITY", "CREATED");
+                    let get =
+                        |j: &std::collections::BTreeMap<String, String>, k: &str| j.get(k).cloned().unwrap_or_default();
+                    println!(
+                        "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  WORKER",
+                        "ID", "STATUS", "SERVICE", "PRIORITY", "CREATED"
+                    );
                     for j in &jobs {
                         println!(
                             "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  {}",

@@ -60,7 +60,9 @@ impl Library {
         let body = self
             .code
             .split_once('\n')
-            .map_or(self.code.as_str(), |(first, rest)| if first.starts_with("#!") { rest } else { &self.code })
+            .map_or(self.code.as_str(), |(first, rest)| {
+                if first.starts_with("#!") { rest } else { &self.code }
+            })
             .replace("redis.register_function", "__register");
         format!(
             "local __fns = {{}}\n\
@@ -117,7 +119,10 @@ pub async fn server_version(conn: &mut ConnectionManager) -> Result<((u32, u32, 
         .arg("server")
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis { op: "INFO server", source })?;
+        .map_err(|source| BrokerError::Redis {
+            op: "INFO server",
+            source,
+        })?;
     let raw = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -148,7 +153,10 @@ pub async fn list(conn: &mut ConnectionManager) -> Result<Vec<FunctionInfo>, Bro
         .arg(LIBRARY_NAME)
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis { op: "FUNCTION LIST", source })?;
+        .map_err(|source| BrokerError::Redis {
+            op: "FUNCTION LIST",
+            source,
+        })?;
     let mut out = Vec::new();
     for lib in as_seq(&reply) {
         let fields = as_pairs(lib);
@@ -185,7 +193,11 @@ pub async fn loaded_version(conn: &mut ConnectionManager) -> Result<Option<Strin
     let functions = list(conn).await?;
     if !functions.iter().any(|f| f.name == "jobMatchingVersion") {
         // Not loaded, or loaded by an older installer without a version: either way not ours.
-        return Ok(if functions.is_empty() { None } else { Some(String::new()) });
+        return Ok(if functions.is_empty() {
+            None
+        } else {
+            Some(String::new())
+        });
     }
     let v: String = cmd("FCALL")
         .arg("jobMatchingVersion")
@@ -272,7 +284,10 @@ pub async fn load_script(conn: &mut ConnectionManager, lib: &Library) -> Result<
         .arg(lib.eval_script())
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis { op: "SCRIPT LOAD", source })
+        .map_err(|source| BrokerError::Redis {
+            op: "SCRIPT LOAD",
+            source,
+        })
 }
 
 /// Deletes the library; returns whether it was loaded.
@@ -302,10 +317,7 @@ fn as_seq(v: &Value) -> &[Value] {
 /// A RESP2 flat key/value array or a RESP3 map as pairs with string keys.
 fn as_pairs(v: &Value) -> Vec<(String, &Value)> {
     match v {
-        Value::Map(pairs) => pairs
-            .iter()
-            .filter_map(|(k, v)| as_string(k).map(|k| (k, v)))
-            .collect(),
+        Value::Map(pairs) => pairs.iter().filter_map(|(k, v)| as_string(k).map(|k| (k, v))).collect(),
         Value::Array(items) => items
             .chunks(2)
             .filter_map(|c| match c {

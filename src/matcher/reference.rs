@@ -8,7 +8,13 @@ use serde_json::{Map, Value};
 use super::capabilities::{Capabilities, Requirements};
 
 /// Requirement keys that describe a job and are not capabilities.
-pub const DESCRIPTIVE_KEYS: [&str; 5] = ["service_type", "component", "workflow", "timeout_minutes", "quality_level"];
+pub const DESCRIPTIVE_KEYS: [&str; 5] = [
+    "service_type",
+    "component",
+    "workflow",
+    "timeout_minutes",
+    "quality_level",
+];
 
 /// One pending job as matching sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +53,11 @@ pub fn pick<'a>(caps: &Capabilities, jobs: &'a [PendingJob]) -> Option<&'a Pendi
     jobs.iter()
         .filter(|j| j.held_off_worker.as_deref() != Some(caps.worker_id.as_str()))
         .filter(|j| job_matches(&doc, j))
-        .max_by(|a, b| a.score.total_cmp(&b.score).then_with(|| a.id.as_bytes().cmp(b.id.as_bytes())))
+        .max_by(|a, b| {
+            a.score
+                .total_cmp(&b.score)
+                .then_with(|| a.id.as_bytes().cmp(b.id.as_bytes()))
+        })
 }
 
 /// Whether a worker (capabilities as JSON) can run the job.
@@ -206,43 +216,47 @@ fn strict_worker(caps: &Value) -> bool {
 }
 
 fn positive_ok(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool {
-    reqs.iter().filter(|(k, _)| !DESCRIPTIVE_KEYS.contains(&k.as_str())).all(|(k, v)| match k.as_str() {
-        "hardware" => match kind(Some(v)) {
-            Kind::Empty => true,
-            Kind::Str("all") => true,
-            Kind::Object(o) => o
-                .iter()
-                .all(|(hk, hv)| hv.as_str() == Some("all") || satisfies(hv, hw_value(caps, hk))),
-            _ => satisfies(v, caps.get("hardware")),
-        },
-        "models" => match model_list(v, service) {
-            Ok(None) => true,
-            Err(()) => false,
-            Ok(Some(list)) => match kind(worker_models(caps, service)) {
-                Kind::List(have) => list.iter().all(|m| list_has(have, m)),
-                _ => false,
+    reqs.iter()
+        .filter(|(k, _)| !DESCRIPTIVE_KEYS.contains(&k.as_str()))
+        .all(|(k, v)| match k.as_str() {
+            "hardware" => match kind(Some(v)) {
+                Kind::Empty => true,
+                Kind::Str("all") => true,
+                Kind::Object(o) => o
+                    .iter()
+                    .all(|(hk, hv)| hv.as_str() == Some("all") || satisfies(hv, hw_value(caps, hk))),
+                _ => satisfies(v, caps.get("hardware")),
             },
-        },
-        "customer_isolation" => v.as_str() != Some("strict") || strict_worker(caps),
-        _ => satisfies(v, lookup(caps, k)),
-    })
+            "models" => match model_list(v, service) {
+                Ok(None) => true,
+                Err(()) => false,
+                Ok(Some(list)) => match kind(worker_models(caps, service)) {
+                    Kind::List(have) => list.iter().all(|m| list_has(have, m)),
+                    _ => false,
+                },
+            },
+            "customer_isolation" => v.as_str() != Some("strict") || strict_worker(caps),
+            _ => satisfies(v, lookup(caps, k)),
+        })
 }
 
 fn negative_hit(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool {
-    reqs.iter().filter(|(k, _)| !DESCRIPTIVE_KEYS.contains(&k.as_str())).any(|(k, v)| match k.as_str() {
-        "hardware" => match kind(Some(v)) {
-            Kind::Object(o) => o
-                .iter()
-                .any(|(hk, hv)| hv.as_str() != Some("all") && any_item(hv, hw_value(caps, hk))),
-            _ => false,
-        },
-        "models" => match (model_list(v, service), kind(worker_models(caps, service))) {
-            (Ok(Some(list)), Kind::List(have)) => list.iter().any(|m| list_has(have, m)),
-            _ => false,
-        },
-        "customer_isolation" => v.as_str() == Some("strict") && strict_worker(caps),
-        _ => any_item(v, lookup(caps, k)),
-    })
+    reqs.iter()
+        .filter(|(k, _)| !DESCRIPTIVE_KEYS.contains(&k.as_str()))
+        .any(|(k, v)| match k.as_str() {
+            "hardware" => match kind(Some(v)) {
+                Kind::Object(o) => o
+                    .iter()
+                    .any(|(hk, hv)| hv.as_str() != Some("all") && any_item(hv, hw_value(caps, hk))),
+                _ => false,
+            },
+            "models" => match (model_list(v, service), kind(worker_models(caps, service))) {
+                (Ok(Some(list)), Kind::List(have)) => list.iter().any(|m| list_has(have, m)),
+                _ => false,
+            },
+            "customer_isolation" => v.as_str() == Some("strict") && strict_worker(caps),
+            _ => any_item(v, lookup(caps, k)),
+        })
 }
 
 fn customer_ok(customer: &str, caps: &Value) -> bool {
@@ -315,31 +329,106 @@ mod tests {
     pub(crate) const TABLE: &[(&str, &str, &str, bool)] = &[
         ("service in map", "comfyui", "", true),
         ("service not in map", "openai_text", "", false),
-        ("gpu memory enough", "comfyui", r#"{"hardware":{"gpu_memory_gb":16}}"#, true),
-        ("gpu memory too little", "comfyui", r#"{"hardware":{"gpu_memory_gb":48}}"#, false),
-        ("hardware all", "comfyui", r#"{"hardware":{"gpu_memory_gb":"all","cpu_cores":8}}"#, true),
+        (
+            "gpu memory enough",
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":16}}"#,
+            true,
+        ),
+        (
+            "gpu memory too little",
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":48}}"#,
+            false,
+        ),
+        (
+            "hardware all",
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":"all","cpu_cores":8}}"#,
+            true,
+        ),
         ("models present", "comfyui", r#"{"models":["sdxl"]}"#, true),
         ("model missing", "comfyui", r#"{"models":["flux"]}"#, false),
         ("models of another service", "a1111", r#"{"models":["sdxl"]}"#, false),
         ("models all", "comfyui", r#"{"models":"all"}"#, true),
-        ("strict isolation needs strict worker", "comfyui", r#"{"customer_isolation":"strict"}"#, false),
+        (
+            "strict isolation needs strict worker",
+            "comfyui",
+            r#"{"customer_isolation":"strict"}"#,
+            false,
+        ),
         ("loose isolation", "comfyui", r#"{"customer_isolation":"loose"}"#, true),
-        ("descriptive keys ignored", "comfyui", r#"{"service_type":"x","component":"y","workflow":"z","timeout_minutes":5,"quality_level":"high"}"#, true),
+        (
+            "descriptive keys ignored",
+            "comfyui",
+            r#"{"service_type":"x","component":"y","workflow":"z","timeout_minutes":5,"quality_level":"high"}"#,
+            true,
+        ),
         ("custom bool", "comfyui", r#"{"supports_controlnet":true}"#, true),
-        ("custom bool mismatch", "comfyui", r#"{"supports_controlnet":false}"#, false),
-        ("custom number worker >= required", "comfyui", r#"{"max_batch_size":2}"#, true),
+        (
+            "custom bool mismatch",
+            "comfyui",
+            r#"{"supports_controlnet":false}"#,
+            false,
+        ),
+        (
+            "custom number worker >= required",
+            "comfyui",
+            r#"{"max_batch_size":2}"#,
+            true,
+        ),
         ("custom number too big", "comfyui", r#"{"max_batch_size":8}"#, false),
-        ("custom list all present", "comfyui", r#"{"features":["upscale"]}"#, true),
-        ("custom list missing item", "comfyui", r#"{"features":["upscale","video"]}"#, false),
-        ("worker list contains scalar", "comfyui", r#"{"features":"inpaint"}"#, true),
+        (
+            "custom list all present",
+            "comfyui",
+            r#"{"features":["upscale"]}"#,
+            true,
+        ),
+        (
+            "custom list missing item",
+            "comfyui",
+            r#"{"features":["upscale","video"]}"#,
+            false,
+        ),
+        (
+            "worker list contains scalar",
+            "comfyui",
+            r#"{"features":"inpaint"}"#,
+            true,
+        ),
         ("dotted path", "comfyui", r#"{"region.zone":"eu"}"#, true),
-        ("object key by key", "comfyui", r#"{"region":{"zone":"eu","tier":1}}"#, true),
+        (
+            "object key by key",
+            "comfyui",
+            r#"{"region":{"zone":"eu","tier":1}}"#,
+            true,
+        ),
         ("object key mismatch", "comfyui", r#"{"region":{"zone":"us"}}"#, false),
         ("missing worker value", "comfyui", r#"{"has_tpu":true}"#, false),
-        ("negative on a key the worker lacks", "comfyui", r#"{"negative_requirements":{"gpu_model":"NVIDIA GeForce RTX 4090"}}"#, true),
-        ("negative miss", "comfyui", r#"{"positive_requirements":{"hardware":{"gpu_memory_gb":16}},"negative_requirements":{"hardware.gpu_model":"RTX 3090"}}"#, true),
-        ("negative hit dotted", "comfyui", r#"{"negative_requirements":{"hardware.gpu_model":"NVIDIA GeForce RTX 4090"}}"#, false),
-        ("negative model", "comfyui", r#"{"negative_requirements":{"models":["sd15"]}}"#, false),
+        (
+            "negative on a key the worker lacks",
+            "comfyui",
+            r#"{"negative_requirements":{"gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
+            true,
+        ),
+        (
+            "negative miss",
+            "comfyui",
+            r#"{"positive_requirements":{"hardware":{"gpu_memory_gb":16}},"negative_requirements":{"hardware.gpu_model":"RTX 3090"}}"#,
+            true,
+        ),
+        (
+            "negative hit dotted",
+            "comfyui",
+            r#"{"negative_requirements":{"hardware.gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
+            false,
+        ),
+        (
+            "negative model",
+            "comfyui",
+            r#"{"negative_requirements":{"models":["sd15"]}}"#,
+            false,
+        ),
         ("malformed", "comfyui", r#"{"hardware":"#, false),
     ];
 
