@@ -468,6 +468,10 @@ impl Broker {
             match self.subscribe(&channels).await {
                 Ok(mut pubsub) => {
                     backoff = Duration::from_millis(100);
+                    // Jobs submitted while we were not listening are indexed before waking.
+                    if let Err(e) = self.catch_up_index().await {
+                        tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
+                    }
                     self.wake(None);
                     let mut messages = pubsub.on_message();
                     loop {
@@ -519,7 +523,29 @@ impl Broker {
         } else if channel == channels[1] {
             self.wake(service);
         } else if channel == channels[2] && !job_id.is_empty() {
+            // The API may have taken a pending job out of jobs:pending; drop it from the index.
+            if let Err(e) = self.index_job(job_id).await {
+                tracing::debug!(job_id, error = %e, "failed to re-check a cancelled job's index entry");
+            }
             let _ = self.inner.cancels.send(job_id.to_owned());
+        }
+    }
+
+    /// Indexes the jobs the API added while no machine listened, in bounded steps, until the
+    /// index and `jobs:pending` agree or one full pass over `jobs:pending` is done.
+    pub async fn catch_up_index(&self) -> Result<(), BrokerError> {
+        let mut wrapped = 0;
+        loop {
+            let r: Vec<u64> = self.call("sweepIndex", &[&self.inner.opts.key_prefix, "5000"]).await?;
+            if r.first() == r.get(1) {
+                return Ok(());
+            }
+            if r.get(2) == Some(&0) {
+                wrapped += 1;
+                if wrapped >= 2 {
+                    return Ok(());
+                }
+            }
         }
     }
 

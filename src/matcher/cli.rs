@@ -23,7 +23,13 @@ const EXIT_INVALID: u8 = 2;
 #[derive(Debug, Args)]
 pub struct RedisArgs {
     /// The broker's Redis URL (`redis://` or `rediss://`, with credentials if needed).
-    #[arg(long, env = "HUB_REDIS_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "HUB_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     redis_url: Option<String>,
 }
 
@@ -92,6 +98,22 @@ pub enum JobsCommand {
     Cancel {
         /// The job id.
         id: String,
+    },
+    /// Claim one job as a worker and hold it (renewing its lease) until SIGINT/SIGTERM, then
+    /// return it to the queue; prints the job id. For debugging matching and leases.
+    Claim {
+        /// Services the worker accepts (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        service: Vec<String>,
+        /// The worker id.
+        #[arg(long, default_value = "operator")]
+        worker: String,
+        /// Full capabilities JSON instead of --service/--worker.
+        #[arg(long)]
+        capabilities: Option<String>,
+        /// Lease length in seconds.
+        #[arg(long, default_value_t = 60)]
+        lease_secs: u64,
     },
 }
 
@@ -334,6 +356,31 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    if let JobsCommand::Claim {
+        service,
+        worker,
+        capabilities,
+        lease_secs,
+    } = command
+    {
+        let caps = match capabilities {
+            Some(doc) => match serde_json::from_str::<Capabilities>(doc) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("machine: --capabilities: {e}");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            },
+            None => {
+                let services: Vec<&str> = service.iter().map(String::as_str).collect();
+                Capabilities::new(worker.as_str(), "operator", &services)
+            }
+        };
+        let lease = std::time::Duration::from_secs((*lease_secs).max(1));
+        return rt
+            .block_on(claim_and_hold(&url, caps, lease))
+            .unwrap_or_else(|e| report(&e));
+    }
     let result = rt.block_on(async {
         let broker = Broker::connect(&url, BrokerOptions::default()).await?;
         match command {
@@ -389,6 +436,7 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            JobsCommand::Claim { .. } => unreachable!("claim is handled before connecting"),
             JobsCommand::Cancel { id } => match broker.cancel(id).await? {
                 CancelOutcome::Cancelled => {
                     println!("cancelled {id}");
@@ -406,6 +454,62 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
         }
     });
     result.unwrap_or_else(|e: BrokerError| report(&e))
+}
+
+async fn claim_and_hold(
+    url: &RedisUrl,
+    caps: Capabilities,
+    lease: std::time::Duration,
+) -> Result<ExitCode, BrokerError> {
+    use std::io::Write as _;
+    let opts = BrokerOptions {
+        lease,
+        safety_poll: std::time::Duration::from_millis(500),
+        ..BrokerOptions::default()
+    };
+    let broker = Broker::connect(url, opts).await?;
+    broker.ensure_functions().await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+            }
+            shutdown.cancel();
+        }
+    };
+    let work = async {
+        let Some(job) = broker.claim_next(&caps, &shutdown).await? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        println!("{}", job.id);
+        let _ = std::io::stdout().flush();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    broker.return_job(&job).await?;
+                    eprintln!("returned {}", job.id);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                () = tokio::time::sleep(lease / 3) => match broker.renew_lease(&job).await? {
+                    LeaseStatus::Held => {}
+                    other => {
+                        eprintln!("machine: job {} is no longer held: {other:?}", job.id);
+                        return Ok(ExitCode::FAILURE);
+                    }
+                },
+            }
+        }
+    };
+    // The signal listener only cancels; the claim loop still returns the job it holds.
+    let listener = tokio::spawn(signals);
+    let result = work.await;
+    listener.abort();
+    let _ = listener.await;
+    result
 }
 
 fn build_job(

@@ -827,6 +827,13 @@ redis.register_function('reapExpiredLeases', function(_, args)
   return reap(args[1], num_arg(args[2], 100), num_arg(args[3], 0))
 end)
 
+redis.register_function('sweepIndex', function(_, args)
+  local p = args[1]
+  sweep(p, math.max(num_arg(args[2], 1000), 1), now_ms())
+  return { redis.call('ZCARD', p .. 'jobs:pending'), redis.call('ZCARD', p .. 'jobs:idx:all'),
+    tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0 }
+end)
+
 redis.register_function('cancelJob', function(_, args)
   return cancel(args[1], args[2], args[3] or CANCEL_ERROR)
 end)

@@ -291,6 +291,130 @@ fn worker_services(caps: &Value) -> Vec<&str> {
     }
 }
 
+/// The matching semantics table of docs/matching.md: (case, job service, job requirements,
+/// whether a worker with [`example_capabilities`] matches). The unit test checks it here, the
+/// integration test through the Lua function.
+pub const EXAMPLES: &[(&str, &str, &str, bool)] = &[
+    ("service in map", "comfyui", "", true),
+    ("service not in map", "openai_text", "", false),
+    (
+        "gpu memory enough",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":16}}"#,
+        true,
+    ),
+    (
+        "gpu memory too little",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":48}}"#,
+        false,
+    ),
+    (
+        "hardware all",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":"all","cpu_cores":8}}"#,
+        true,
+    ),
+    ("models present", "comfyui", r#"{"models":["sdxl"]}"#, true),
+    ("model missing", "comfyui", r#"{"models":["flux"]}"#, false),
+    ("models of another service", "a1111", r#"{"models":["sdxl"]}"#, false),
+    ("models all", "comfyui", r#"{"models":"all"}"#, true),
+    (
+        "strict isolation needs strict worker",
+        "comfyui",
+        r#"{"customer_isolation":"strict"}"#,
+        false,
+    ),
+    ("loose isolation", "comfyui", r#"{"customer_isolation":"loose"}"#, true),
+    (
+        "descriptive keys ignored",
+        "comfyui",
+        r#"{"service_type":"x","component":"y","workflow":"z","timeout_minutes":5,"quality_level":"high"}"#,
+        true,
+    ),
+    ("custom bool", "comfyui", r#"{"supports_controlnet":true}"#, true),
+    (
+        "custom bool mismatch",
+        "comfyui",
+        r#"{"supports_controlnet":false}"#,
+        false,
+    ),
+    (
+        "custom number worker >= required",
+        "comfyui",
+        r#"{"max_batch_size":2}"#,
+        true,
+    ),
+    ("custom number too big", "comfyui", r#"{"max_batch_size":8}"#, false),
+    (
+        "custom list all present",
+        "comfyui",
+        r#"{"features":["upscale"]}"#,
+        true,
+    ),
+    (
+        "custom list missing item",
+        "comfyui",
+        r#"{"features":["upscale","video"]}"#,
+        false,
+    ),
+    (
+        "worker list contains scalar",
+        "comfyui",
+        r#"{"features":"inpaint"}"#,
+        true,
+    ),
+    ("dotted path", "comfyui", r#"{"region.zone":"eu"}"#, true),
+    (
+        "object key by key",
+        "comfyui",
+        r#"{"region":{"zone":"eu","tier":1}}"#,
+        true,
+    ),
+    ("object key mismatch", "comfyui", r#"{"region":{"zone":"us"}}"#, false),
+    ("missing worker value", "comfyui", r#"{"has_tpu":true}"#, false),
+    (
+        "negative on a key the worker lacks",
+        "comfyui",
+        r#"{"negative_requirements":{"gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
+        true,
+    ),
+    (
+        "negative miss",
+        "comfyui",
+        r#"{"positive_requirements":{"hardware":{"gpu_memory_gb":16}},"negative_requirements":{"hardware.gpu_model":"RTX 3090"}}"#,
+        true,
+    ),
+    (
+        "negative hit dotted",
+        "comfyui",
+        r#"{"negative_requirements":{"hardware.gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
+        false,
+    ),
+    (
+        "negative model",
+        "comfyui",
+        r#"{"negative_requirements":{"models":["sd15"]}}"#,
+        false,
+    ),
+    ("malformed", "comfyui", r#"{"hardware":"#, false),
+];
+
+/// The worker of [`EXAMPLES`]: the contract's example plus a few custom capabilities.
+pub fn example_capabilities() -> Value {
+    serde_json::json!({
+      "worker_id": "m1-gpu0", "machine_id": "m1",
+      "services": ["comfyui", "a1111"],
+      "job_service_required_map": ["comfyui", "a1111"],
+      "hardware": {"gpu_count": 1, "gpu_memory_gb": 24, "gpu_model": "NVIDIA GeForce RTX 4090", "ram_gb": 64, "cpu_cores": 16},
+      "models": {"comfyui": ["sdxl", "sd15"], "a1111": ["anything-v3"]},
+      "customer_access": {"isolation": "loose", "allowed_customers": [], "denied_customers": ["evil"]},
+      "workflow_id": "",
+      "supports_controlnet": true, "max_batch_size": 4, "features": ["upscale", "inpaint"],
+      "region": {"zone": "eu", "tier": 2}
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -310,139 +434,17 @@ mod tests {
         }
     }
 
-    fn caps() -> Value {
-        json!({
-          "worker_id": "m1-gpu0", "machine_id": "m1",
-          "services": ["comfyui", "a1111"],
-          "job_service_required_map": ["comfyui", "a1111"],
-          "hardware": {"gpu_count": 1, "gpu_memory_gb": 24, "gpu_model": "NVIDIA GeForce RTX 4090", "ram_gb": 64, "cpu_cores": 16},
-          "models": {"comfyui": ["sdxl", "sd15"], "a1111": ["anything-v3"]},
-          "customer_access": {"isolation": "loose", "allowed_customers": [], "denied_customers": ["evil"]},
-          "workflow_id": "",
-          "supports_controlnet": true, "max_batch_size": 4, "features": ["upscale", "inpaint"],
-          "region": {"zone": "eu", "tier": 2}
-        })
-    }
-
-    /// The matching semantics table of docs/matching.md; the integration test runs the same
-    /// table through the Lua function.
-    pub(crate) const TABLE: &[(&str, &str, &str, bool)] = &[
-        ("service in map", "comfyui", "", true),
-        ("service not in map", "openai_text", "", false),
-        (
-            "gpu memory enough",
-            "comfyui",
-            r#"{"hardware":{"gpu_memory_gb":16}}"#,
-            true,
-        ),
-        (
-            "gpu memory too little",
-            "comfyui",
-            r#"{"hardware":{"gpu_memory_gb":48}}"#,
-            false,
-        ),
-        (
-            "hardware all",
-            "comfyui",
-            r#"{"hardware":{"gpu_memory_gb":"all","cpu_cores":8}}"#,
-            true,
-        ),
-        ("models present", "comfyui", r#"{"models":["sdxl"]}"#, true),
-        ("model missing", "comfyui", r#"{"models":["flux"]}"#, false),
-        ("models of another service", "a1111", r#"{"models":["sdxl"]}"#, false),
-        ("models all", "comfyui", r#"{"models":"all"}"#, true),
-        (
-            "strict isolation needs strict worker",
-            "comfyui",
-            r#"{"customer_isolation":"strict"}"#,
-            false,
-        ),
-        ("loose isolation", "comfyui", r#"{"customer_isolation":"loose"}"#, true),
-        (
-            "descriptive keys ignored",
-            "comfyui",
-            r#"{"service_type":"x","component":"y","workflow":"z","timeout_minutes":5,"quality_level":"high"}"#,
-            true,
-        ),
-        ("custom bool", "comfyui", r#"{"supports_controlnet":true}"#, true),
-        (
-            "custom bool mismatch",
-            "comfyui",
-            r#"{"supports_controlnet":false}"#,
-            false,
-        ),
-        (
-            "custom number worker >= required",
-            "comfyui",
-            r#"{"max_batch_size":2}"#,
-            true,
-        ),
-        ("custom number too big", "comfyui", r#"{"max_batch_size":8}"#, false),
-        (
-            "custom list all present",
-            "comfyui",
-            r#"{"features":["upscale"]}"#,
-            true,
-        ),
-        (
-            "custom list missing item",
-            "comfyui",
-            r#"{"features":["upscale","video"]}"#,
-            false,
-        ),
-        (
-            "worker list contains scalar",
-            "comfyui",
-            r#"{"features":"inpaint"}"#,
-            true,
-        ),
-        ("dotted path", "comfyui", r#"{"region.zone":"eu"}"#, true),
-        (
-            "object key by key",
-            "comfyui",
-            r#"{"region":{"zone":"eu","tier":1}}"#,
-            true,
-        ),
-        ("object key mismatch", "comfyui", r#"{"region":{"zone":"us"}}"#, false),
-        ("missing worker value", "comfyui", r#"{"has_tpu":true}"#, false),
-        (
-            "negative on a key the worker lacks",
-            "comfyui",
-            r#"{"negative_requirements":{"gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
-            true,
-        ),
-        (
-            "negative miss",
-            "comfyui",
-            r#"{"positive_requirements":{"hardware":{"gpu_memory_gb":16}},"negative_requirements":{"hardware.gpu_model":"RTX 3090"}}"#,
-            true,
-        ),
-        (
-            "negative hit dotted",
-            "comfyui",
-            r#"{"negative_requirements":{"hardware.gpu_model":"NVIDIA GeForce RTX 4090"}}"#,
-            false,
-        ),
-        (
-            "negative model",
-            "comfyui",
-            r#"{"negative_requirements":{"models":["sd15"]}}"#,
-            false,
-        ),
-        ("malformed", "comfyui", r#"{"hardware":"#, false),
-    ];
-
     #[test]
     fn semantics_table() {
-        let c = caps();
-        for (name, service, reqs, want) in TABLE {
+        let c = example_capabilities();
+        for (name, service, reqs, want) in EXAMPLES {
             assert_eq!(job_matches(&c, &job(service, reqs)), *want, "{name}");
         }
     }
 
     #[test]
     fn customers_and_workflow_pinning() {
-        let mut c = caps();
+        let mut c = example_capabilities();
         let mut j = job("comfyui", "");
         j.customer_id = "evil".to_owned();
         assert!(!job_matches(&c, &j), "denied customer");

@@ -1,4 +1,6 @@
-//! The integration tests of `machine`: one binary, one module per topic, each test against real
-//! things (redis-server, the protocol fakes of `testkit`) in its own temp dir with a hard timeout.
+//! The one integration-test binary of `machine`: real subsystems and the real binary against
+//! real processes (a private `redis-server` per test, the protocol fakes of `testkit`), each
+//! test in its own temp dir with a hard timeout.
 
 mod connectors;
+mod matcher;
