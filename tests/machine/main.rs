@@ -4,3 +4,4 @@
 
 mod connectors;
 mod matcher;
+mod workers;
