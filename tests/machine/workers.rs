@@ -479,7 +479,7 @@ async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
             .unwrap();
         let job = rig.wait_status(id, &["failed", "unworkable"]).await;
         assert!(
-            !job.get("error").map_or(true, String::is_empty),
+            !job.get("error").is_none_or(String::is_empty),
             "a reason is given: {job:?}"
         );
         // Valid JSON the connector cannot use fails without retry, with the reason.
