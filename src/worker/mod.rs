@@ -157,7 +157,7 @@ pub async fn run_all(
     config: &Config,
     probe: &Probe,
     plan: &Plan,
-    env: &dyn Env,
+    env: &(dyn Env + Sync),
     broker: Broker,
     readiness: &Readiness,
     shutdown: CancellationToken,
@@ -165,6 +165,73 @@ pub async fn run_all(
     Workers::build(config, probe, plan, env)?
         .run(broker, readiness, shutdown)
         .await
+}
+
+/// Everything job-related of `machine run`: connects the broker (retrying while Redis is
+/// unreachable), loads the function library, runs the machine's one event subscription and the
+/// lease reaper beside the plan's workers, and returns once the workers have stopped after
+/// `shutdown` (each having finished or returned its job). Call it before the supervisor stops
+/// the services, so jobs drain while their services still run.
+pub async fn serve(
+    config: &Config,
+    probe: &Probe,
+    plan: &Plan,
+    env: &(dyn Env + Sync),
+    readiness: &Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let workers = Workers::build(config, probe, plan, env)?;
+    let Some(url) = &config.redis else {
+        return Err(WorkerError::Setup {
+            worker: "*".to_owned(),
+            message: "no Redis URL (HUB_REDIS_URL) is configured".to_owned(),
+        });
+    };
+    let opts = crate::matcher::BrokerOptions {
+        lease: config.worker.lease,
+        ..crate::matcher::BrokerOptions::default()
+    };
+    let mut delay = std::time::Duration::from_millis(200);
+    let broker = loop {
+        let attempt = async {
+            let broker = Broker::connect(url, opts.clone()).await?;
+            broker.ensure_functions().await?;
+            Ok::<_, crate::matcher::BrokerError>(broker)
+        };
+        match attempt.await {
+            Ok(b) => break b,
+            Err(e) => {
+                tracing::warn!(redis = %url.masked(), error = %e, ?delay, "failed to set up the broker; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    };
+    let helpers_stop = CancellationToken::new();
+    let mut helpers = tokio::task::JoinSet::new();
+    helpers.spawn({
+        let (b, s) = (broker.clone(), helpers_stop.clone());
+        async move { b.run_events(s).await }
+    });
+    helpers.spawn({
+        let (b, s) = (broker.clone(), helpers_stop.clone());
+        // Half the lease: a dead machine's jobs go back to the queue within 1.5 leases.
+        let every = config.worker.lease / 2;
+        async move { b.run_reaper(every, s).await }
+    });
+    let result = workers.run(broker, readiness, shutdown).await;
+    helpers_stop.cancel();
+    while let Some(joined) = helpers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => tracing::error!(error = %source, "a broker task failed"),
+            Err(e) => tracing::error!(error = %e, "a broker task panicked"),
+        }
+    }
+    result
 }
 
 /// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of

@@ -671,3 +671,58 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_broker_and_the_plans_workers_until_shutdown() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let workspace = rig.dir.path().join("ws");
+        let env: BTreeMap<String, String> = [
+            ("MACHINE_ID", "m2".to_owned()),
+            ("MACHINE_WORKSPACE", workspace.display().to_string()),
+            ("WORKER_CONNECTORS", "simulation:2".to_owned()),
+            ("HUB_REDIS_URL", rig.url()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = config::load_str(None, &env).expect("valid config");
+        let probe = Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 2,
+                ram_total_bytes: 4 << 30,
+                ram_available_bytes: 2 << 30,
+                disk_free_bytes: None,
+            },
+        );
+        let plan = Plan::build(&config, &probe).expect("valid plan");
+        let shutdown = CancellationToken::new();
+        let serve = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                machine::worker::serve(&config, &probe, &plan, &env, &Readiness::new(), shutdown)
+                    .await
+                    .unwrap()
+            }
+        });
+        let id = rig
+            .submit("simulation", json!({"duration_ms": 5, "artifact": "x"}))
+            .await;
+        let job = rig.wait_status(&id, &["completed"]).await;
+        assert!(job["worker_id"].starts_with("m2-simulation-"), "{job:?}");
+        let rec = completed_record(&rig, &id).await;
+        let url = rec["data"]["artifacts"][0]["url"].as_str().unwrap().to_owned();
+        assert!(
+            file_of(&url).starts_with(workspace.join("outputs").canonicalize().unwrap()),
+            "{url}"
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), serve)
+            .await
+            .unwrap()
+            .unwrap();
+        rig.stop(vec![]).await;
+    })
+    .await;
+}
