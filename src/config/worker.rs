@@ -235,3 +235,67 @@ pub(super) fn validate_simulation(raw: RawSimulation, problems: &mut Vec<Problem
         failure_rate: raw.failure_rate,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Problem, load_str};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn problems(file: &str) -> Vec<Problem> {
+        load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new())
+            .expect_err("invalid")
+            .problems()
+            .to_vec()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let file = r#"
+[worker]
+lease = "30s"
+heartbeat = "5s"
+workflow_id = " wf-1 "
+[worker.customer_access]
+isolation = "STRICT"
+allowed_customers = ["c1"]
+[worker.capabilities]
+supports_controlnet = true
+max_batch_size = 4
+[connectors.openai]
+base_url = "http://localhost:8000/v1/"
+[connectors.simulation]
+failure_rate = 0.25
+"#;
+        let c = load_str(Some(("f.toml", file)), &BTreeMap::from([("MACHINE_WORKSPACE", "/ws")])).unwrap();
+        assert_eq!(c.worker.lease, Duration::from_secs(30));
+        assert_eq!(c.worker.drain, Duration::from_secs(30));
+        assert_eq!(c.worker.output_dir, std::path::PathBuf::from("/ws/outputs"));
+        assert_eq!(c.worker.workflow_id, "wf-1");
+        assert_eq!(c.worker.customer_access.isolation, "strict");
+        assert_eq!(c.worker.capabilities["max_batch_size"], 4);
+        assert_eq!(c.openai.base_url, "http://localhost:8000/v1");
+        assert_eq!(c.openai.api_key_env, "OPENAI_API_KEY");
+        assert_eq!(c.simulation.failure_rate, 0.25);
+    }
+
+    #[test]
+    fn problems_name_their_keys() {
+        let ps = problems(
+            "[worker]\nheartbeat = \"30s\"\n[worker.customer_access]\nisolation = \"sometimes\"\n[worker.capabilities]\nmodels = 1\n[connectors.simulation]\nfailure_rate = 2.0\n[connectors.openai]\nbase_url = \"ftp://x\"\nmax_attempts = 0\n",
+        );
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "worker.heartbeat",
+                "worker.customer_access.isolation",
+                "worker.capabilities.models",
+                "connectors.openai.base_url",
+                "connectors.openai.max_attempts",
+                "connectors.simulation.failure_rate"
+            ],
+            "{ps:#?}"
+        );
+    }
+}
