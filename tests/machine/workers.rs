@@ -205,8 +205,6 @@ async fn each_connector_end_to_end_through_redis() {
             ("openai_image", oa),
             ("simulation", simulation()),
         ];
-        let (w, status) = rig.spawn(rig.worker("m1-gpu0", &connectors, settings()));
-
         let workflow = json!({
             "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"cached": true}},
             "3": {"class_type": "KSampler", "inputs": {"steps": 10, "step_ms": 5}},
@@ -233,6 +231,8 @@ async fn each_connector_end_to_end_through_redis() {
             rig.submit("openai_image", json!({"prompt": "a dog"})).await,
             rig.submit("simulation", json!({"steps": 3, "artifact": "sim"})).await,
         ];
+        // Started after the jobs are written, so the worker sees the ctx set above.
+        let (w, status) = rig.spawn(rig.worker("m1-gpu0", &connectors, settings()));
         for id in &ids {
             let job = rig.wait_status(id, &["completed", "failed"]).await;
             assert_eq!(job["status"], "completed", "{job:?}");
@@ -382,6 +382,7 @@ async fn a_long_job_keeps_its_lease() {
         });
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 3500, "steps": 7})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
         let job = rig.wait_status(&id, &["completed", "failed", "pending"]).await;
         assert_eq!(job["status"], "completed", "{job:?}");
         assert_eq!(job["retry_count"], "0", "the reaper never took it back");
