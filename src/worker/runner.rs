@@ -272,6 +272,13 @@ impl Worker {
                 }
             }
         }
+        // Heartbeats go on whatever the worker does (idle, waiting, busy), so the fleet sees it
+        // alive; stopped (and awaited) when the worker stops.
+        let heartbeats = AbortOnDrop(tokio::spawn(heartbeat(
+            broker.clone(),
+            self.caps.worker_id.clone(),
+            self.settings.heartbeat,
+        )));
         while !shutdown.is_cancelled() {
             if !self.all_ready() {
                 self.set_state(WorkerState::WaitingForServices);
@@ -297,6 +304,9 @@ impl Worker {
                 }
             }
         }
+        let mut heartbeats = heartbeats;
+        heartbeats.0.abort();
+        let _ = (&mut heartbeats.0).await;
         self.set_state(WorkerState::Stopped);
         Ok(())
     }
@@ -601,17 +611,28 @@ impl Worker {
     }
 }
 
-/// Heartbeats and renews the lease every `every`, beside the job; tells the job to stop when the
-/// broker says it was cancelled or is no longer ours. Redis errors are logged and retried at the
-/// next tick (the lease is at least three ticks long).
+/// The contract's worker heartbeat every `every` (at most 30 s apart, well inside the key's
+/// 60 s TTL); Redis errors are logged and retried at the next tick.
+async fn heartbeat(broker: Broker, worker_id: String, every: Duration) {
+    let every = every.min(Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = broker.heartbeat(&worker_id).await {
+            tracing::warn!(worker = %worker_id, error = %error_chain(&e), "heartbeat failed");
+        }
+    }
+}
+
+/// Renews the lease every `every`, beside the job; tells the job to stop when the broker says
+/// it was cancelled or is no longer ours. Redis errors are logged and retried at the next tick
+/// (the lease is at least three ticks long).
 async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc::Sender<Stop>) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = broker.heartbeat(&job.worker_id).await {
-            tracing::warn!(worker = %job.worker_id, error = %error_chain(&e), "heartbeat failed");
-        }
         match broker.renew_lease(&job).await {
             Ok(LeaseStatus::Held) => {}
             Ok(LeaseStatus::Cancelled) => {

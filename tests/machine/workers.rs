@@ -727,3 +727,25 @@ async fn serve_runs_the_broker_and_the_plans_workers_until_shutdown() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_keeps_its_heartbeat() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (w, mut status) = rig.spawn(rig.worker("w-idle", &[("simulation", simulation())], settings()));
+        status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
+        let mut conn = rig.raw().await;
+        let first: String = conn.hget("worker:w-idle", "last_heartbeat").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let later: String = conn.hget("worker:w-idle", "last_heartbeat").await.unwrap();
+        assert!(
+            later.parse::<u64>().unwrap() > first.parse::<u64>().unwrap(),
+            "{first} then {later}"
+        );
+        let ttl: i64 = conn.ttl("worker:w-idle:heartbeat").await.unwrap();
+        assert!((1..=60).contains(&ttl), "the heartbeat key expires: {ttl}");
+        assert_eq!(status.borrow().state, WorkerState::Idle);
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
