@@ -670,6 +670,13 @@ impl Broker {
         }
     }
 
+    /// The machine's background broker work until `shutdown`: the event subscription
+    /// ([`Broker::run_events`]) and the reaper every `reap_every` ([`Broker::run_reaper`]).
+    pub async fn run(&self, reap_every: Duration, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        let (events, reaper) = tokio::join!(self.run_events(shutdown.clone()), self.run_reaper(reap_every, shutdown));
+        events.and(reaper)
+    }
+
     /// Registers a worker in `worker:<id>` (idle) with its capabilities.
     pub async fn register_worker(&self, caps: &Capabilities) -> Result<(), BrokerError> {
         let now = now_ms();

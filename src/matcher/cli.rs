@@ -227,18 +227,30 @@ async fn self_test(url: &RedisUrl) -> Result<ExitCode, BrokerError> {
     let broker = Broker::connect(url, opts).await?;
     broker.ensure_functions().await?;
     let outcome = self_test_on(&broker).await;
+    // SCAN rather than KEYS: the self-check may run against a busy production Redis.
     let mut conn = broker.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await
-        .map_err(|source| BrokerError::Redis { op: "KEYS", source })?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
             .query_async(&mut conn)
             .await
-            .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+            .map_err(|source| BrokerError::Redis { op: "SCAN", source })?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
     }
     match outcome? {
         Ok(checks) => {

@@ -442,27 +442,22 @@ local function group_top(p, gid, worker, holdoffs, now, skip_limit)
   local offset, skipped = 0, 0
   while true do
     local top = redis.call('ZREVRANGE', gkey, offset, offset, 'WITHSCORES')
-    if #top == 0 then return nil end
-    local id, gscore = top[1], top[2]
-    local score = redis.call('ZSCORE', p .. 'jobs:pending', id)
-    if not score then
-      unindex(p, id)
-    elseif score ~= gscore then
-      index_job(p, id, now)
-    else
-      local held = false
-      if holdoffs then
-        local h = redis.call('HGET', p .. 'jobs:holdoff', id)
-        if h then
-          local w, untl = string.match(h, '^(.*)|(%d+)$')
-          held = w == worker and tonumber(untl) > now
-        end
+    if #top == 0 then return nil, nil, nil, offset == 0 end
+    -- Whether the job is still in jobs:pending is checked when it is claimed (ZREM's reply),
+    -- which keeps this path to one command per group.
+    local id, score = top[1], top[2]
+    local held = false
+    if holdoffs then
+      local h = redis.call('HGET', p .. 'jobs:holdoff', id)
+      if h then
+        local w, untl = string.match(h, '^(.*)|(%d+)$')
+        held = w == worker and tonumber(untl) > now
       end
-      if not held then return id, tonumber(score), score end
-      skipped = skipped + 1
-      if skipped >= skip_limit then return nil end
-      offset = offset + 1
     end
+    if not held then return id, tonumber(score), score end
+    skipped = skipped + 1
+    if skipped >= skip_limit then return nil end
+    offset = offset + 1
   end
 end
 
@@ -496,14 +491,19 @@ local function claim(p, caps, worker, max_examine, lease_ms)
   -- and choose again. The bound only guards against a corrupted index.
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
-    local best_id, best_score, best_raw
+    local best_id, best_score, best_raw, best_gid
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         if group_matches(p, gid, caps, wf_pin, decoded) then
-          local id, score, raw = group_top(p, gid, worker, holdoffs, now, max_examine)
+          local id, score, raw, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
+          if empty then
+            -- Claims leave empty groups behind; the first claimer to meet one removes it.
+            redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid)
+            redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
+          end
           if id and (best_score == nil or score > best_score or (score == best_score and id > best_id)) then
-            best_id, best_score, best_raw = id, score, raw
+            best_id, best_score, best_raw, best_gid = id, score, raw, gid
           end
         end
       end
@@ -511,14 +511,22 @@ local function claim(p, caps, worker, max_examine, lease_ms)
     if not best_id then return nil end
     local jkey = p .. 'job:' .. best_id
     local job, exists = hgetall(jkey)
-    if exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
-      redis.call('ZREM', p .. 'jobs:pending', best_id)
-      unindex(p, best_id)
-      redis.call('HDEL', p .. 'jobs:holdoff', best_id)
+    local was_pending = redis.call('ZREM', p .. 'jobs:pending', best_id) == 1
+    if was_pending and exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
+      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_id)
+      if redis.call('ZCARD', p .. 'jobs:idx:g:' .. best_gid) == 0 then
+        local gservice = redis.call('HGET', p .. 'jobs:idx:meta:' .. best_gid, 'service')
+        if gservice then redis.call('SREM', p .. 'jobs:idx:svc:' .. gservice, best_gid) end
+        redis.call('DEL', p .. 'jobs:idx:meta:' .. best_gid)
+      end
+      redis.call('ZREM', p .. 'jobs:idx:all', best_id)
+      redis.call('HDEL', p .. 'jobs:idx:job', best_id)
+      if holdoffs then redis.call('HDEL', p .. 'jobs:holdoff', best_id) end
       local at = iso(now)
       redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
       job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
-      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, cjson.encode(job))
+      local snapshot = cjson.encode(job)
+      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
       redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
       redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
@@ -537,9 +545,10 @@ local function claim(p, caps, worker, max_examine, lease_ms)
         'progress', '0', 'status', 'assigned', 'message', 'claimed', 'timestamp', tostring(now))
       redis.call('EXPIRE', stream, PROGRESS_TTL_S)
       dbg('claimed ' .. best_id .. ' for ' .. worker)
-      return cjson.encode({ jobId = best_id, job = job })
+      return '{"jobId":' .. cjson.encode(best_id) .. ',"job":' .. snapshot .. '}'
     end
-    redis.call('ZREM', p .. 'jobs:pending', best_id)
+    -- Gone from jobs:pending behind our back, or debris whose hash says it already ended:
+    -- drop it from the index and choose again.
     unindex(p, best_id)
   end
   return nil
@@ -565,7 +574,8 @@ end
 -- Fencing: 'ok' and the claim record when `worker` still holds the job, else 'cancelled'
 -- or 'lost'. A cancelled job's leftovers are cleaned here.
 local function fence(p, id, worker, now)
-  local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'error')
+  local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'error', 'workflow_id', 'current_step',
+    'total_steps', 'retry_count', 'max_retries')
   local raw = redis.call('HGET', p .. 'jobs:claims', id)
   local claim_rec = raw and cjson.decode(raw) or nil
   if st[1] and st[2] == worker and (st[1] == 'cancelled' or (st[1] == 'failed' and st[3] == CANCEL_ERROR)) then
@@ -578,7 +588,7 @@ local function fence(p, id, worker, now)
   if not st[1] or st[2] ~= worker or not LIVE[st[1]] or not claim_rec or claim_rec.w ~= worker then
     return 'lost'
   end
-  return 'ok', claim_rec
+  return 'ok', claim_rec, st
 end
 
 local function requeue(p, id, worker, claim_rec, fields, reason, now)
@@ -648,7 +658,7 @@ end
 
 local function complete(p, id, worker, result_raw, message)
   local now = now_ms()
-  local r, claim_rec = fence(p, id, worker, now)
+  local r, claim_rec, st = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local ok, result = pcall(cjson.decode, result_raw)
   if not ok then result = result_raw end
@@ -661,10 +671,9 @@ local function complete(p, id, worker, result_raw, message)
   redis.call('HSET', p .. 'jobs:completed', id, cjson.encode({ success = true, data = result, completed_at = at }))
   redis.call('ZADD', p .. 'jobs:completed:at', now, id)
   trim_records(p, 'jobs:completed', now)
-  local j = redis.call('HMGET', jkey, 'workflow_id', 'current_step', 'total_steps')
   publish(p, 'complete_job', { job_id = id, worker_id = worker, progress = 100, status = 'completed',
-    message = message, result = result, timestamp = now, workflow_id = j[1] or '', current_step = j[2] or '',
-    total_steps = j[3] or '' })
+    message = message, result = result, timestamp = now, workflow_id = st[4] or '', current_step = st[5] or '',
+    total_steps = st[6] or '' })
   local pkey = p .. 'job:' .. id .. ':progress'
   redis.call('HSET', pkey, 'progress', '100', 'status', 'completed', 'message', message, 'updated_at', at)
   redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
@@ -675,11 +684,10 @@ end
 
 local function fail(p, id, worker, err, retryable, holdoff_ms)
   local now = now_ms()
-  local r, claim_rec = fence(p, id, worker, now)
+  local r, claim_rec, st = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
-  local f = redis.call('HMGET', p .. 'job:' .. id, 'retry_count', 'max_retries')
-  local retry_count = (tonumber(f[1]) or 0) + 1
-  local max_retries = tonumber(f[2]) or 3
+  local retry_count = (tonumber(st[7]) or 0) + 1
+  local max_retries = tonumber(st[8]) or 3
   if retryable and retry_count < max_retries then
     local at = iso(now)
     requeue(p, id, worker, claim_rec, { 'retry_count', tostring(retry_count), 'last_failed_worker', worker,

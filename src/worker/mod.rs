@@ -210,26 +210,18 @@ pub async fn serve(
             }
         }
     };
-    let helpers_stop = CancellationToken::new();
-    let mut helpers = tokio::task::JoinSet::new();
-    helpers.spawn({
-        let (b, s) = (broker.clone(), helpers_stop.clone());
-        async move { b.run_events(s).await }
-    });
-    helpers.spawn({
-        let (b, s) = (broker.clone(), helpers_stop.clone());
-        // Half the lease: a dead machine's jobs go back to the queue within 1.5 leases.
-        let every = config.worker.lease / 2;
-        async move { b.run_reaper(every, s).await }
+    let background_stop = CancellationToken::new();
+    // Half the lease: a dead machine's jobs go back to the queue within 1.5 leases.
+    let background = tokio::spawn({
+        let (b, stop, every) = (broker.clone(), background_stop.clone(), config.worker.lease / 2);
+        async move { b.run(every, stop).await }
     });
     let result = workers.run(broker, readiness, shutdown).await;
-    helpers_stop.cancel();
-    while let Some(joined) = helpers.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => tracing::error!(error = %source, "a broker task failed"),
-            Err(e) => tracing::error!(error = %e, "a broker task panicked"),
-        }
+    background_stop.cancel();
+    match background.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
+        Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
     }
     result
 }

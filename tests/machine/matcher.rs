@@ -671,7 +671,7 @@ async fn a_sigkilled_claimer_loses_no_job() {
                 "--worker",
                 "doomed",
                 "--lease-secs",
-                "1",
+                "2",
             ])
             .arg("--redis-url")
             .arg(server.url())
@@ -697,7 +697,7 @@ async fn a_sigkilled_claimer_loses_no_job() {
         let _ = child.wait();
         // Before the lease runs out the job is still held.
         assert_eq!(b.reap_expired_leases().await.unwrap().requeued, 0);
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(2300)).await;
         assert_eq!(b.reap_expired_leases().await.unwrap().requeued, 1);
         let h = hgetall(&mut conn, &format!("job:{id}")).await;
         assert_eq!(h["status"], "pending");
@@ -817,6 +817,26 @@ async fn malformed_requirements_or_payload_make_the_job_unworkable() {
     .await;
 }
 
+/// Waits until the machine's event connection listens on `job_submitted`.
+async fn wait_for_subscriber(server: &RedisServer) {
+    let mut conn = raw(server).await;
+    for _ in 0..500 {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("job_submitted")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if n > 0 {
+            // The catch-up pass runs right after subscribing; give it a moment to finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the event connection never subscribed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_waiters_wake_on_submission_and_requeue() {
     within(async {
@@ -828,7 +848,7 @@ async fn idle_waiters_wake_on_submission_and_requeue() {
             let s = shutdown.clone();
             async move { b.run_events(s).await }
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_for_subscriber(&server).await;
         let waiter = tokio::spawn({
             let b = b.clone();
             let s = shutdown.clone();

@@ -1,0 +1,444 @@
+//! `cargo bench --bench matcher`: our `findMatchingJob` against the seed plan's baseline (scan
+//! the top 100 of `jobs:pending`, HGETALL and JSON-decode each, claim the first match), side by
+//! side on the same private redis-server with the same data, plus submit→claim latency with
+//! idle waiting workers.
+//!
+//! Server time per call comes from `INFO commandstats` (`cmdstat_fcall`), reset before each run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use machine::config::RedisUrl;
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+use testkit::RedisServer;
+use tokio_util::sync::CancellationToken;
+
+const BASELINE: &str = include_str!("baseline.lua");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Impl {
+    Ours,
+    Baseline,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Run {
+    claims_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    claimed: usize,
+    server_us_per_call: f64,
+    runnable: usize,
+}
+
+struct Bench {
+    conn: MultiplexedConnection,
+    broker: Broker,
+}
+
+fn worker_caps(id: &str) -> Capabilities {
+    let mut c = Capabilities::new(id, "bench", &["comfyui"]);
+    c.hardware.gpu_memory_gb = 24.0;
+    c
+}
+
+impl Bench {
+    async fn reset(&mut self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut self.conn)
+            .await
+            .expect("FLUSHALL");
+    }
+
+    /// `n` jobs as the API writes them, scored below `top` in submission order.
+    async fn load(&mut self, prefix: &str, n: usize, reqs: &str, priority: i64) {
+        let script = r"
+            for i = 1, tonumber(ARGV[2]) do
+              local id = ARGV[1] .. i
+              redis.call('HSET', 'job:' .. id, 'id', id, 'service_required', 'comfyui', 'requirements', ARGV[3],
+                'priority', ARGV[4], 'payload', '{}', 'status', 'pending', 'customer_id', '', 'retry_count', '0',
+                'max_retries', '3', 'created_at', '2025-01-01T00:00:00.000Z', 'workflow_id', '')
+              redis.call('ZADD', 'jobs:pending', tonumber(ARGV[4]) * 1e15 - i, id)
+            end
+            return 1";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(prefix)
+            .arg(n)
+            .arg(reqs)
+            .arg(priority)
+            .query_async(&mut self.conn)
+            .await
+            .expect("bulk load");
+    }
+
+    async fn reset_stats(&mut self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut self.conn)
+            .await
+            .expect("RESETSTAT");
+    }
+
+    async fn fcall_usec_per_call(&mut self) -> f64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn)
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_fcall:"))
+            .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("usec_per_call=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn claim(&self, which: Impl, caps: &Capabilities, caps_json: &str) -> Option<(String, String)> {
+        match which {
+            Impl::Ours => self
+                .broker
+                .claim(caps)
+                .await
+                .expect("claim")
+                .map(|j| (j.id, j.worker_id)),
+            Impl::Baseline => {
+                let mut conn = self.conn.clone();
+                let reply: Option<String> = redis::cmd("FCALL")
+                    .arg("findMatchingJobBaseline")
+                    .arg(0)
+                    .arg(caps_json)
+                    .arg(100)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("baseline claim");
+                reply.map(|r| {
+                    let v: Value = serde_json::from_str(&r).expect("baseline reply");
+                    (
+                        v["jobId"].as_str().unwrap_or_default().to_owned(),
+                        caps.worker_id.clone(),
+                    )
+                })
+            }
+        }
+    }
+
+    /// One worker claims until nothing is left (or `max` claims).
+    async fn sequential(&mut self, which: Impl, runnable: usize) -> Run {
+        self.reset_stats().await;
+        let caps = worker_caps("bench-w0");
+        let json = caps.to_json();
+        let mut lat = Vec::new();
+        let started = Instant::now();
+        let mut claimed = 0;
+        loop {
+            let t = Instant::now();
+            let got = self.claim(which, &caps, &json).await;
+            lat.push(t.elapsed());
+            match got {
+                Some(_) => claimed += 1,
+                None => break,
+            }
+        }
+        let elapsed = started.elapsed();
+        let server = self.fcall_usec_per_call().await;
+        summarise(lat, claimed, elapsed, server, runnable)
+    }
+
+    /// `workers` tasks claim and complete over the shared connection until the queue is empty.
+    async fn concurrent(&mut self, which: Impl, workers: usize, runnable: usize) -> Run {
+        self.reset_stats().await;
+        let claimed = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let broker = self.broker.clone();
+            let conn = self.conn.clone();
+            let claimed = claimed.clone();
+            tasks.push(tokio::spawn(async move {
+                let bench = Bench { conn, broker };
+                let caps = worker_caps(&format!("bench-w{w}"));
+                let json = caps.to_json();
+                let mut lat = Vec::new();
+                loop {
+                    let t = Instant::now();
+                    match which {
+                        Impl::Ours => {
+                            let Some(job) = bench.broker.claim(&caps).await.expect("claim") else {
+                                break;
+                            };
+                            bench
+                                .broker
+                                .complete(&job, &json!({"ok": true}))
+                                .await
+                                .expect("complete");
+                        }
+                        Impl::Baseline => {
+                            let Some((id, worker)) = bench.claim(which, &caps, &json).await else {
+                                break;
+                            };
+                            let mut conn = bench.conn.clone();
+                            let _: String = redis::cmd("FCALL")
+                                .arg("completeJobBaseline")
+                                .arg(0)
+                                .arg(&id)
+                                .arg(&worker)
+                                .arg(r#"{"success":true}"#)
+                                .query_async(&mut conn)
+                                .await
+                                .expect("baseline complete");
+                        }
+                    }
+                    lat.push(t.elapsed());
+                    claimed.fetch_add(1, Ordering::Relaxed);
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.expect("a worker task"));
+        }
+        let elapsed = started.elapsed();
+        let server = self.fcall_usec_per_call().await;
+        summarise(lat, claimed.load(Ordering::Relaxed) as usize, elapsed, server, runnable)
+    }
+}
+
+fn summarise(mut lat: Vec<Duration>, claimed: usize, elapsed: Duration, server: f64, runnable: usize) -> Run {
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1e6
+    };
+    Run {
+        claims_per_s: claimed as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        claimed,
+        server_us_per_call: server,
+        runnable,
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        "-".to_owned()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
+fn print_table(title: &str, ours: &Run, base: &Run) {
+    println!("\n## {title}");
+    println!("| impl     | claims/s | p50 µs | p99 µs | jobs claimed | server µs/call |");
+    println!("|----------|---------:|-------:|-------:|-------------:|---------------:|");
+    for (name, r) in [("ours", ours), ("baseline", base)] {
+        println!(
+            "| {name:<8} | {:>8.0} | {:>6.0} | {:>6.0} | {:>6} / {:<5} | {:>14.1} |",
+            r.claims_per_s, r.p50_us, r.p99_us, r.claimed, r.runnable, r.server_us_per_call
+        );
+    }
+    println!(
+        "| ours/baseline | {} | {} | {} | | {} |",
+        ratio(ours.claims_per_s, base.claims_per_s),
+        ratio(ours.p50_us, base.p50_us),
+        ratio(ours.p99_us, base.p99_us),
+        ratio(ours.server_us_per_call, base.server_us_per_call)
+    );
+}
+
+async fn scenario(bench: &mut Bench, unrunnable: usize, runnable: usize, which: Impl) -> Run {
+    bench.reset().await;
+    if unrunnable > 0 {
+        bench
+            .load("blocked-", unrunnable, r#"{"hardware":{"gpu_memory_gb":80}}"#, 90)
+            .await;
+    }
+    bench.load("ok-", runnable, "", 50).await;
+    // The machines index jobs on job_submitted; for a bulk load the catch-up does it.
+    bench.broker.catch_up_index().await.expect("index");
+    bench.sequential(which, runnable).await
+}
+
+async fn submit_to_claim(server: &RedisServer, url: &RedisUrl) -> (f64, f64, usize) {
+    let broker = Broker::connect(url, BrokerOptions::default()).await.expect("connect");
+    broker.ensure_functions().await.expect("install");
+    let shutdown = CancellationToken::new();
+    let events = tokio::spawn({
+        let b = broker.clone();
+        let s = shutdown.clone();
+        async move { b.run_events(s).await }
+    });
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    loop {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("job_submitted")
+            .query_async(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let mut waiters = Vec::new();
+    for w in 0..8 {
+        let b = broker.clone();
+        let s = shutdown.clone();
+        let tx = tx.clone();
+        waiters.push(tokio::spawn(async move {
+            let caps = worker_caps(&format!("idle-w{w}"));
+            while let Some(job) = b.claim_next(&caps, &s).await.expect("claim_next") {
+                let _ = tx.send((job.id.clone(), Instant::now()));
+                b.complete(&job, &Value::Null).await.expect("complete");
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        let id = broker.submit(&NewJob::new("comfyui", json!({}))).await.expect("submit");
+        let (got, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("claimed within 10 s")
+            .expect("a claim");
+        assert_eq!(got, id);
+        lat.push(at - t);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    shutdown.cancel();
+    for w in waiters {
+        w.await.expect("waiter");
+    }
+    events.await.expect("events").expect("events ran");
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1].as_secs_f64() * 1e3;
+    (p(0.5), p(0.99), lat.len())
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = RedisServer::start();
+    let url = RedisUrl::parse(&server.url()).expect("url");
+    let total = Instant::now();
+    rt.block_on(async {
+        let broker = Broker::connect(&url, BrokerOptions::default()).await.expect("connect");
+        broker.ensure_functions().await.expect("install");
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut conn = redis::Client::open(server.url())
+            .expect("client")
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("connect");
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(BASELINE)
+            .query_async(&mut conn)
+            .await
+            .expect("load the baseline");
+        let mut bench = Bench { conn, broker };
+        println!(
+            "# matcher benchmark (redis-server {}, one multiplexed connection)",
+            server.url()
+        );
+
+        let mut server_us = Vec::new();
+        for (title, unrunnable, runnable) in [
+            ("head job matches (2,000 runnable)", 0, 2000),
+            ("100 unrunnable ahead of 1,000 runnable", 100, 1000),
+            ("1,000 unrunnable ahead of 1,000 runnable", 1000, 1000),
+            ("100,000 unrunnable ahead of 1,000 runnable", 100_000, 1000),
+        ] {
+            let ours = scenario(&mut bench, unrunnable, runnable, Impl::Ours).await;
+            let base = scenario(&mut bench, unrunnable, runnable, Impl::Baseline).await;
+            print_table(title, &ours, &base);
+            server_us.push((unrunnable, ours.clone()));
+        }
+
+        bench.reset().await;
+        bench.load("c-", 20_000, "", 50).await;
+        bench.broker.catch_up_index().await.expect("index");
+        let ours = bench.concurrent(Impl::Ours, 1000, 20_000).await;
+        bench.reset().await;
+        bench.load("c-", 20_000, "", 50).await;
+        let base = bench.concurrent(Impl::Baseline, 1000, 20_000).await;
+        print_table(
+            "1,000 concurrent workers claim+complete (20,000 jobs; p50/p99 per claim+complete)",
+            &ours,
+            &base,
+        );
+
+        bench.reset().await;
+        let (p50, p99, n) = submit_to_claim(&server, &url).await;
+        println!("\n## submit → claim with 8 idle waiting workers (ours; {n} jobs one at a time)");
+        println!("p50 {p50:.2} ms, p99 {p99:.2} ms");
+
+        let head = server_us
+            .iter()
+            .find(|(u, _)| *u == 0)
+            .map(|(_, r)| r.server_us_per_call)
+            .unwrap_or(0.0);
+        let k1 = server_us
+            .iter()
+            .find(|(u, _)| *u == 1000)
+            .map(|(_, r)| r.server_us_per_call)
+            .unwrap_or(0.0);
+        let k100 = server_us
+            .iter()
+            .find(|(u, _)| *u == 100_000)
+            .map(|(_, r)| r.server_us_per_call)
+            .unwrap_or(0.0);
+        let all_claimed = server_us.iter().all(|(_, r)| r.claimed == r.runnable);
+        println!("\n## goals");
+        println!(
+            "all runnable jobs claimed (ours, every scenario): {}",
+            if all_claimed && ours.claimed == 20_000 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!(
+            "server µs/claim at 100,000 vs 1,000 backlog: {k100:.1} vs {k1:.1} = {} (goal ≤ 1.50x): {}",
+            ratio(k100, k1),
+            if k1 > 0.0 && k100 <= 1.5 * k1 { "met" } else { "NOT met" }
+        );
+        println!(
+            "server µs/claim when the head matches: {head:.1} (goal ≤ 30): {}",
+            if head <= 30.0 { "met" } else { "NOT met" }
+        );
+        println!(
+            "claim+complete/s with 1,000 workers: {:.0} (goal ≥ 20,000): {}",
+            ours.claims_per_s,
+            if ours.claims_per_s >= 20_000.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!(
+            "submit→claim p50: {p50:.2} ms (goal ≤ 5 ms): {}",
+            if p50 <= 5.0 { "met" } else { "NOT met" }
+        );
+    });
+    println!("\n(total {:.1} s)", total.elapsed().as_secs_f64());
+}
