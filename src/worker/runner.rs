@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::store::OutputStore;
-use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressSink};
+use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink};
 use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 
 /// The state of a worker, for the status page.
@@ -163,7 +163,7 @@ pub struct Worker {
     settings: WorkerSettings,
     store: Arc<OutputStore>,
     ready: Vec<watch::Receiver<bool>>,
-    status: watch::Sender<WorkerStatus>,
+    status: Arc<watch::Sender<WorkerStatus>>,
     reports: Option<broadcast::Sender<JobReport>>,
 }
 
@@ -198,7 +198,7 @@ impl Worker {
             settings,
             store,
             ready: Vec::new(),
-            status,
+            status: Arc::new(status),
             reports: None,
         }
     }
@@ -414,7 +414,7 @@ impl Worker {
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
     ) -> (JobOutcome, Duration) {
-        let (sink, mut progress) = ProgressSink::new();
+        let (sink, progress) = ProgressSink::new();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
         let mut task = AbortOnDrop(tokio::spawn({
@@ -425,11 +425,20 @@ impl Worker {
                 (r, started.elapsed())
             }
         }));
-        let (stop_tx, mut stop_rx) = mpsc::channel(1);
+        let (stop_tx, mut stop_rx) = mpsc::channel(2);
         let keeper = AbortOnDrop(tokio::spawn(keep_lease(
             broker.clone(),
             claimed.clone(),
             self.settings.heartbeat,
+            stop_tx.clone(),
+        )));
+        // Progress goes to Redis from its own task, so a slow or absent Redis never delays
+        // noticing that the job ended, was cancelled or ran out of time.
+        let forwarder = AbortOnDrop(tokio::spawn(forward_progress(
+            broker.clone(),
+            claimed.clone(),
+            progress,
+            self.status.clone(),
             stop_tx,
         )));
         let timeout = input.timeout.unwrap_or(self.settings.job_timeout);
@@ -437,7 +446,6 @@ impl Worker {
         tokio::pin!(deadline);
         let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut stop: Option<Stop> = None;
-        let mut progress_open = true;
         let mut cancels_open = true;
         let (result, run) = loop {
             tokio::select! {
@@ -473,33 +481,10 @@ impl Worker {
                     stop = Some(Stop::Shutdown);
                     job_cancel.cancel();
                 }
-                changed = progress.changed(), if progress_open => {
-                    if changed.is_err() {
-                        progress_open = false;
-                        continue;
-                    }
-                    let p = progress.borrow_and_update().1.clone();
-                    self.status.send_modify(|s| if let Some(j) = &mut s.current_job {
-                        j.progress = p.percent;
-                        j.message.clone_from(&p.message);
-                    });
-                    let steps = p.current_step.zip(p.total_steps);
-                    match broker.progress(claimed, p.percent, &p.message, steps).await {
-                        Ok(()) => {}
-                        Err(BrokerError::Cancelled { .. }) if stop.is_none() => {
-                            stop = Some(Stop::Cancelled);
-                            job_cancel.cancel();
-                        }
-                        Err(BrokerError::LeaseLost { .. }) if stop.is_none() => {
-                            stop = Some(Stop::Lost);
-                            job_cancel.cancel();
-                        }
-                        Err(e) => tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "progress not written"),
-                    }
-                }
             }
         };
         drop(keeper);
+        drop(forwarder);
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
@@ -607,6 +592,39 @@ impl Worker {
                     tokio::time::sleep(backoff.next()).await;
                 }
             }
+        }
+    }
+}
+
+/// Writes each progress report (the latest, when several came while a write was in flight) and
+/// shows it in the worker's status; a write the broker fences tells the job to stop.
+async fn forward_progress(
+    broker: Broker,
+    job: ClaimedJob,
+    mut progress: ProgressReceiver,
+    status: Arc<watch::Sender<WorkerStatus>>,
+    stop: mpsc::Sender<Stop>,
+) {
+    while progress.changed().await.is_ok() {
+        let p = progress.borrow_and_update().1.clone();
+        status.send_modify(|s| {
+            if let Some(j) = &mut s.current_job {
+                j.progress = p.percent;
+                j.message.clone_from(&p.message);
+            }
+        });
+        let steps = p.current_step.zip(p.total_steps);
+        match broker.progress(&job, p.percent, &p.message, steps).await {
+            Ok(()) => {}
+            Err(BrokerError::Cancelled { .. }) => {
+                let _ = stop.send(Stop::Cancelled).await;
+                return;
+            }
+            Err(BrokerError::LeaseLost { .. }) => {
+                let _ = stop.send(Stop::Lost).await;
+                return;
+            }
+            Err(e) => tracing::debug!(job_id = %job.id, error = %error_chain(&e), "progress not written"),
         }
     }
 }

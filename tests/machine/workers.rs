@@ -29,7 +29,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// A Redis with the library loaded, a broker with its event loop, and a temp dir for outputs.
 struct Rig {
-    _server: RedisServer,
+    server: RedisServer,
     broker: Broker,
     shutdown: CancellationToken,
     events: Option<JoinHandle<()>>,
@@ -51,7 +51,7 @@ impl Rig {
             }
         });
         Rig {
-            _server: server,
+            server,
             broker,
             shutdown,
             events: Some(events),
@@ -60,7 +60,7 @@ impl Rig {
     }
 
     fn url(&self) -> String {
-        self._server.url()
+        self.server.url()
     }
 
     fn store(&self) -> Arc<OutputStore> {
@@ -745,6 +745,43 @@ async fn an_idle_worker_keeps_its_heartbeat() {
         let ttl: i64 = conn.ttl("worker:w-idle:heartbeat").await.unwrap();
         assert!((1..=60).contains(&ttl), "the heartbeat key expires: {ttl}");
         assert_eq!(status.borrow().state, WorkerState::Idle);
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
+    within(async {
+        let mut rig = Rig::start(quick_opts()).await;
+        let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let id = rig.submit("simulation", json!({"duration_ms": 800, "steps": 4})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        rig.server.stop_keeping_data();
+        // The job finishes while Redis is down; its completion cannot be written yet.
+        let mut st = status.clone();
+        tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| s.last_error.is_some()))
+            .await
+            .expect("the failed write is reported in the status")
+            .unwrap();
+        {
+            let s = status.borrow();
+            assert_eq!(s.counts.completed, 0, "nothing could be written: {s:?}");
+            assert_eq!(
+                s.current_job.as_ref().map(|j| j.job_id.as_str()),
+                Some(id.as_str()),
+                "still held"
+            );
+            assert!(s.last_error.is_some(), "the outage is visible: {s:?}");
+        }
+        rig.server.start_again();
+        let job = rig.wait_status(&id, &["completed", "failed", "pending"]).await;
+        assert_eq!(job["status"], "completed", "{job:?}");
+        st.wait_for(|s| s.counts.completed == 1).await.unwrap();
+        assert_eq!(status.borrow().counts.claimed, 1);
+        // The worker claims again after the outage.
+        let next = rig.submit("simulation", json!({"duration_ms": 1})).await;
+        rig.wait_status(&next, &["completed"]).await;
         rig.stop(vec![w]).await;
     })
     .await;
