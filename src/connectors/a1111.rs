@@ -60,6 +60,9 @@ impl A1111Connector {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut url = self.url("/sdapi/v1/progress");
         url.set_query(Some("skip_current_image=true"));
+        // The WebUI reports 0 again between jobs (and just before the answer arrives); keep
+        // progress monotonic.
+        let mut best = 0.0;
         loop {
             tick.tick().await;
             let Ok(resp) = self
@@ -72,7 +75,8 @@ impl A1111Connector {
                 continue;
             };
             let Ok(v) = resp.json::<Value>().await else { continue };
-            if let Some(p) = progress_of(&v) {
+            if let Some(p) = progress_of(&v).filter(|p| p.percent >= best) {
+                best = p.percent;
                 progress.report(p);
             }
         }
@@ -220,6 +224,10 @@ fn request_of(payload: &Value) -> Result<(&'static str, Value), ConnectorError> 
 fn progress_of(v: &Value) -> Option<Progress> {
     let fraction = v.get("progress").and_then(Value::as_f64)?;
     let state = v.get("state");
+    let idle = state.and_then(|s| s.get("job_count")).and_then(Value::as_u64) == Some(0);
+    if idle && fraction == 0.0 {
+        return None;
+    }
     let step = state.and_then(|s| s.get("sampling_step")).and_then(Value::as_u64);
     let steps = state.and_then(|s| s.get("sampling_steps")).and_then(Value::as_u64);
     let eta = v.get("eta_relative").and_then(Value::as_f64).unwrap_or(0.0);
@@ -294,6 +302,7 @@ mod tests {
         assert_eq!(p.percent, 50.0);
         assert_eq!((p.current_step, p.total_steps), (Some(10), Some(20)));
         assert!(progress_of(&json!({})).is_none());
+        assert!(progress_of(&json!({"progress": 0.0, "state": {"job_count": 0}})).is_none());
     }
 
     #[test]
