@@ -8,9 +8,11 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod connectors;
 pub mod gpu;
 pub mod health;
 pub mod logging;
 pub mod matcher;
 pub mod plan;
 pub mod supervisor;
+pub mod worker;

@@ -9,6 +9,7 @@ mod connectors;
 mod env;
 mod raw;
 mod service;
+mod worker;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use serde::Serialize;
 pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
 pub use env::{Env, ProcessEnv};
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
+pub use worker::{CustomerAccess, OpenaiConfig, SimulationConfig, WorkerConfig};
 
 use raw::RawConfig;
 
@@ -61,6 +63,12 @@ pub struct Config {
     /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
     /// one those routes are refused.
     pub control_token: Option<Secret>,
+    /// How workers claim, hold and report jobs.
+    pub worker: WorkerConfig,
+    /// The OpenAI-compatible API of the `openai` connector.
+    pub openai: OpenaiConfig,
+    /// The simulation connector's defaults.
+    pub simulation: SimulationConfig,
 }
 
 impl Config {
@@ -631,6 +639,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     for (key, message) in raw_problems {
         bad(&key, message);
     }
+    let worker = worker::validate_worker(raw.worker, &workspace, problems);
+    let openai = worker::validate_openai(c.openai, problems);
+    let simulation = worker::validate_simulation(c.simulation, problems);
 
     Config {
         machine_id,
@@ -648,6 +659,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         playwright,
         services,
         control_token: o.control_token,
+        worker,
+        openai,
+        simulation,
     }
 }
 

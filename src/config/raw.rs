@@ -22,6 +22,7 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     pub supervisor: RawSupervisor,
     pub connectors: RawConnectors,
+    pub worker: super::worker::RawWorker,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
 }
@@ -95,6 +96,8 @@ pub(crate) struct RawConnectors {
     pub comfyui: RawComfyui,
     pub a1111: RawA1111,
     pub playwright: RawPlaywright,
+    pub openai: super::worker::RawOpenai,
+    pub simulation: super::worker::RawSimulation,
 }
 
 #[derive(Debug, Deserialize)]

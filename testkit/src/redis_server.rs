@@ -28,23 +28,7 @@ impl RedisServer {
         // A port can be taken between probing and binding; retry a few times on a fresh one.
         for _ in 0..5 {
             let port = crate::free_port();
-            let log = dir.path().join("redis.log");
-            let mut child = Command::new(&bin)
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--logfile")
-                .arg(&log)
-                .args(["--enable-debug-command", "yes"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start {bin}: {e}; run scripts/test.sh, which installs redis-server")
-                });
+            let mut child = spawn(&bin, port, dir.path());
             if wait_for_ping(port, Duration::from_secs(10)) {
                 return Self { child, port, dir };
             }
@@ -86,6 +70,48 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+impl RedisServer {
+    /// Simulates an outage: saves the data (`SAVE`, functions included), kills the server and
+    /// leaves the port closed until [`RedisServer::start_again`].
+    pub fn stop_keeping_data(&mut self) {
+        let saved = self.raw_command("SAVE");
+        assert!(saved.starts_with("+OK"), "SAVE failed: {saved:?}");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the data saved by
+    /// [`RedisServer::stop_keeping_data`].
+    pub fn start_again(&mut self) {
+        let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
+        self.child = spawn(&bin, self.port, self.dir.path());
+        assert!(
+            wait_for_ping(self.port, Duration::from_secs(10)),
+            "redis-server did not come back on port {}; see {}",
+            self.port,
+            self.log_path().display()
+        );
+    }
+}
+
+/// Starts `redis-server` on `port` with its files in `dir` (loading `dir/dump.rdb` if present).
+fn spawn(bin: &str, port: u16, dir: &Path) -> Child {
+    Command::new(bin)
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .args(["--enable-debug-command", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}; run scripts/test.sh, which installs redis-server"))
 }
 
 impl Drop for RedisServer {

@@ -1,0 +1,788 @@
+//! Workers against a real redis-server (the jobMatching library loaded) and the protocol
+//! fakes: every connector end to end, progress in order, each failure class, cancellation,
+//! leases renewed past their period, shutdown returning a job, malformed payloads, readiness
+//! gating, dropped Redis connections, and many jobs across several workers each run once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machine::config::{self, OpenaiConfig, RedisUrl, SimulationConfig};
+use machine::connectors::Connector;
+use machine::connectors::a1111::A1111Connector;
+use machine::connectors::comfyui::ComfyuiConnector;
+use machine::connectors::openai::OpenaiConnector;
+use machine::connectors::simulation::SimulationConnector;
+use machine::connectors::store::OutputStore;
+use machine::gpu::{HostInfo, Probe};
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::plan::Plan;
+use machine::worker::{Readiness, Worker, WorkerSettings, WorkerState, WorkerStatus, Workers};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use testkit::{FakeA1111, FakeComfyui, FakeOpenai, RedisServer, TINY_PNG};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A Redis with the library loaded, a broker with its event loop, and a temp dir for outputs.
+struct Rig {
+    server: RedisServer,
+    broker: Broker,
+    shutdown: CancellationToken,
+    events: Option<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(opts: BrokerOptions) -> Rig {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
+        let broker = Broker::connect(&url, opts).await.expect("connect");
+        broker.ensure_functions().await.expect("install the library");
+        let shutdown = CancellationToken::new();
+        let events = tokio::spawn({
+            let b = broker.clone();
+            let s = shutdown.clone();
+            async move {
+                b.run_events(s).await.expect("the event loop ends cleanly");
+            }
+        });
+        Rig {
+            server,
+            broker,
+            shutdown,
+            events: Some(events),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn url(&self) -> String {
+        self.server.url()
+    }
+
+    fn store(&self) -> Arc<OutputStore> {
+        Arc::new(OutputStore::new(self.dir.path().join("outputs")))
+    }
+
+    /// A worker serving `services` through the given connectors.
+    fn worker(&self, id: &str, connectors: &[(&str, Arc<dyn Connector>)], settings: WorkerSettings) -> Worker {
+        let services: Vec<&str> = connectors.iter().map(|(s, _)| *s).collect();
+        let caps = Capabilities::new(id, "m1", &services);
+        let map: HashMap<String, Arc<dyn Connector>> =
+            connectors.iter().map(|(s, c)| ((*s).to_owned(), c.clone())).collect();
+        Worker::new(caps, map, settings, self.store())
+    }
+
+    fn spawn(&self, worker: Worker) -> (JoinHandle<()>, watch::Receiver<WorkerStatus>) {
+        let status = worker.status();
+        let broker = self.broker.clone();
+        let shutdown = self.shutdown.clone();
+        let task = tokio::spawn(async move {
+            worker.run(broker, shutdown).await.expect("a worker ends cleanly");
+        });
+        (task, status)
+    }
+
+    async fn submit(&self, service: &str, payload: Value) -> String {
+        self.submit_job(NewJob::new(service, payload)).await
+    }
+
+    async fn submit_job(&self, job: NewJob) -> String {
+        self.broker.submit(&job).await.expect("submit")
+    }
+
+    async fn job(&self, id: &str) -> BTreeMap<String, String> {
+        self.broker.show(id).await.expect("show").expect("the job exists").job
+    }
+
+    /// Waits until the job's status is one of `statuses`; returns the job hash.
+    async fn wait_status(&self, id: &str, statuses: &[&str]) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let job = self.job(id).await;
+            if statuses.contains(&job.get("status").map(String::as_str).unwrap_or_default()) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached {statuses:?}: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect")
+    }
+
+    async fn stop(mut self, workers: Vec<JoinHandle<()>>) {
+        self.shutdown.cancel();
+        for w in workers {
+            tokio::time::timeout(LIMIT, w)
+                .await
+                .expect("workers stop after shutdown")
+                .expect("worker tasks do not panic");
+        }
+        if let Some(e) = self.events.take() {
+            e.await.expect("the event loop does not panic");
+        }
+    }
+}
+
+fn settings() -> WorkerSettings {
+    WorkerSettings {
+        heartbeat: Duration::from_millis(200),
+        drain: Duration::from_secs(5),
+        job_timeout: Duration::from_secs(30),
+    }
+}
+
+fn simulation() -> Arc<dyn Connector> {
+    Arc::new(SimulationConnector::new(SimulationConfig {
+        duration: Duration::from_millis(20),
+        steps: 4,
+        failure_rate: 0.0,
+    }))
+}
+
+fn quick_opts() -> BrokerOptions {
+    BrokerOptions {
+        failed_holdoff: Duration::from_millis(50),
+        safety_poll: Duration::from_millis(500),
+        ..BrokerOptions::default()
+    }
+}
+
+async fn completed_record(rig: &Rig, id: &str) -> Value {
+    let mut conn = rig.raw().await;
+    let raw: String = conn.hget("jobs:completed", id).await.expect("a completion record");
+    serde_json::from_str(&raw).expect("the record is JSON")
+}
+
+async fn within<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("the test finishes within its hard limit");
+}
+
+fn file_of(url: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connector_end_to_end_through_redis() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let a1111 = FakeA1111::start();
+        let openai = FakeOpenai::start(Some("sk-test"));
+        let oa: Arc<dyn Connector> = Arc::new(OpenaiConnector::new(
+            OpenaiConfig {
+                base_url: openai.base_url(),
+                api_key_env: "OPENAI_API_KEY".into(),
+                text_model: "gpt-test".into(),
+                image_model: "img-test".into(),
+                max_attempts: 3,
+                backoff_initial: Duration::from_millis(10),
+                backoff_max: Duration::from_secs(2),
+            },
+            Some("sk-test".into()),
+        ));
+        let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
+            ("comfyui", Arc::new(ComfyuiConnector::new(comfy.url().parse().unwrap()))),
+            (
+                "a1111",
+                Arc::new(A1111Connector::new(a1111.url().parse().unwrap()).with_poll_period(Duration::from_millis(10))),
+            ),
+            ("openai_text", oa.clone()),
+            ("openai_image", oa),
+            ("simulation", simulation()),
+        ];
+        let workflow = json!({
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"cached": true}},
+            "3": {"class_type": "KSampler", "inputs": {"steps": 10, "step_ms": 5}},
+            "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "../../escape"}}
+        });
+        let mut comfy_job = NewJob::new("comfyui", json!({"workflow": workflow}));
+        comfy_job.customer_id = "c1".into();
+        let comfy_id = rig.submit_job(comfy_job).await;
+        rig.broker
+            .connection()
+            .hset::<_, _, _, ()>(
+                format!("job:{comfy_id}"),
+                "ctx",
+                json!({"storage": {"provider": "local"}, "prefix": "users/c1/../../x", "filename": "final"})
+                    .to_string(),
+            )
+            .await
+            .unwrap();
+        let ids = [
+            comfy_id.clone(),
+            rig.submit("a1111", json!({"prompt": "a cat", "steps": 5, "step_ms": 10}))
+                .await,
+            rig.submit("openai_text", json!({"prompt": "hello world"})).await,
+            rig.submit("openai_image", json!({"prompt": "a dog"})).await,
+            rig.submit("simulation", json!({"steps": 3, "artifact": "sim"})).await,
+        ];
+        // Started after the jobs are written, so the worker sees the ctx set above.
+        let (w, status) = rig.spawn(rig.worker("m1-gpu0", &connectors, settings()));
+        for id in &ids {
+            let job = rig.wait_status(id, &["completed", "failed"]).await;
+            assert_eq!(job["status"], "completed", "{job:?}");
+            assert_eq!(job["worker_id"], "m1-gpu0");
+        }
+
+        // ComfyUI's output went where ctx said, under a sanitised name, and only its URL is in
+        // Redis.
+        let rec = completed_record(&rig, &comfy_id).await;
+        assert_eq!(rec["success"], true);
+        let artifacts = rec["data"]["artifacts"].as_array().expect("artifacts listed").clone();
+        assert_eq!(artifacts.len(), 1);
+        assert_eq!(artifacts[0]["name"], "final.png");
+        let url = artifacts[0]["url"].as_str().unwrap();
+        assert!(url.ends_with("/users/c1/x/final.png"), "{url}");
+        assert_eq!(std::fs::read(file_of(url)).unwrap(), TINY_PNG);
+        let mut conn = rig.raw().await;
+        let raw: String = conn.hget("jobs:completed", &comfy_id).await.unwrap();
+        assert!(raw.len() < 4096, "no binary in Redis: {} bytes", raw.len());
+
+        // Progress arrived in order.
+        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(format!("progress:{comfy_id}"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let values: Vec<f64> = entries
+            .iter()
+            .map(|(_, f)| f["progress"].parse::<f64>().unwrap())
+            .collect();
+        assert!(values.len() >= 3, "several progress reports: {values:?}");
+        assert!(values.windows(2).all(|w| w[0] <= w[1]), "in order: {values:?}");
+
+        let rec = completed_record(&rig, &ids[1]).await;
+        assert_eq!(rec["data"]["artifacts"][0]["content_type"], "image/png");
+        let rec = completed_record(&rig, &ids[2]).await;
+        assert_eq!(rec["data"]["text"], "echo: hello world");
+        let rec = completed_record(&rig, &ids[3]).await;
+        assert!(file_of(rec["data"]["artifacts"][0]["url"].as_str().unwrap()).exists());
+        let rec = completed_record(&rig, &ids[4]).await;
+        let sim = file_of(rec["data"]["artifacts"][0]["url"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(sim).unwrap(), "sim");
+
+        assert_eq!(status.borrow().counts.completed, 5);
+        rig.stop(vec![w]).await;
+        assert_eq!(status.borrow().state, WorkerState::Stopped);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_class_is_reported() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
+            ("comfyui", Arc::new(ComfyuiConnector::new(comfy.url().parse().unwrap()))),
+            ("simulation", simulation()),
+        ];
+        let (w, status) = rig.spawn(rig.worker("w1", &connectors, settings()));
+
+        // Not retryable: the workflow is invalid.
+        let invalid = rig
+            .submit(
+                "comfyui",
+                json!({"1": {"class_type": "FakeInvalid", "inputs": {}}, "9": {"class_type": "SaveImage", "inputs": {}}}),
+            )
+            .await;
+        let job = rig.wait_status(&invalid, &["failed"]).await;
+        assert!(job["error"].contains("Required input is missing"), "{job:?}");
+        assert_eq!(job["retry_count"], "1", "failed once, for good");
+
+        // Retryable: re-queued until max_retries, then failed.
+        let mut flaky = NewJob::new("simulation", json!({"fail": "retryable", "duration_ms": 0}));
+        flaky.max_retries = 2;
+        let flaky = rig.submit_job(flaky).await;
+        let job = rig.wait_status(&flaky, &["failed"]).await;
+        assert_eq!(job["retry_count"], "2", "{job:?}");
+        assert!(job["error"].contains("simulated failure"));
+
+        // Timeout: the job's own limit stops it; retryable, so with no retries left it fails.
+        let mut slow = NewJob::new("simulation", json!({"duration_ms": 60_000, "timeout_seconds": 0.3}));
+        slow.max_retries = 0;
+        let slow = rig.submit_job(slow).await;
+        let job = rig.wait_status(&slow, &["failed"]).await;
+        assert!(job["error"].contains("timed out"), "{job:?}");
+
+        assert_eq!(status.borrow().counts.failed, 4);
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_interrupts_comfyui_and_discards_the_result() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
+            ("comfyui", Arc::new(ComfyuiConnector::new(comfy.url().parse().unwrap()))),
+            ("simulation", simulation()),
+        ];
+        let (w, status) = rig.spawn(rig.worker("w1", &connectors, settings()));
+        let id = rig
+            .submit(
+                "comfyui",
+                json!({"3": {"class_type": "KSampler", "inputs": {"steps": 2000, "step_ms": 5}},
+                       "9": {"class_type": "SaveImage", "inputs": {}}}),
+            )
+            .await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rig.broker.cancel(&id).await.expect("cancel");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while comfy.interrupts() == 0 || comfy.busy() {
+            assert!(Instant::now() < deadline, "ComfyUI was interrupted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut st = status.clone();
+        st.wait_for(|s| s.counts.cancelled == 1).await.unwrap();
+        let job = rig.job(&id).await;
+        assert_eq!(job["status"], "failed");
+        assert_eq!(job["error"], "Job cancelled by user");
+        // The worker goes on.
+        let next = rig.submit("simulation", json!({})).await;
+        rig.wait_status(&next, &["completed"]).await;
+        assert_eq!(rig.job(&id).await["status"], "failed", "never overwritten as completed");
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_job_keeps_its_lease() {
+    within(async {
+        let rig = Rig::start(BrokerOptions {
+            lease: Duration::from_secs(1),
+            ..quick_opts()
+        })
+        .await;
+        let reaper = tokio::spawn({
+            let b = rig.broker.clone();
+            let s = rig.shutdown.clone();
+            async move { b.run_reaper(Duration::from_millis(100), s).await.unwrap() }
+        });
+        let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let id = rig.submit("simulation", json!({"duration_ms": 3500, "steps": 7})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        let job = rig.wait_status(&id, &["completed", "failed", "pending"]).await;
+        assert_eq!(job["status"], "completed", "{job:?}");
+        assert_eq!(job["retry_count"], "0", "the reaper never took it back");
+        rig.stop(vec![w, reaper]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_the_in_flight_job_after_the_drain() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let drain = WorkerSettings {
+            drain: Duration::from_millis(300),
+            ..settings()
+        };
+        let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], drain));
+        let id = rig.submit("simulation", json!({"duration_ms": 60_000})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        let started = Instant::now();
+        let shutdown = rig.shutdown.clone();
+        let broker = rig.broker.clone();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "it waited for the drain"
+        );
+        assert_eq!(status.borrow().counts.returned, 1);
+        let job = broker.show(&id).await.unwrap().unwrap().job;
+        assert_eq!(job["status"], "pending", "{job:?}");
+        assert_eq!(job["retry_count"], "0", "returned without penalty");
+        let mut conn = rig.raw().await;
+        let score: Option<f64> = conn.zscore("jobs:pending", &id).await.unwrap();
+        assert!(score.is_some(), "back in the queue");
+        rig.stop(vec![]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_short_job_finish() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let id = rig.submit("simulation", json!({"duration_ms": 500})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        rig.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap();
+        assert_eq!(rig.job(&id).await["status"], "completed");
+        rig.stop(vec![]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        // Written as the API writes jobs, with a payload that is not JSON.
+        let mut conn = rig.raw().await;
+        let id = "bad-payload-1";
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let _: () = redis::pipe()
+            .hset_multiple(
+                format!("job:{id}"),
+                &[
+                    ("id", id),
+                    ("service_required", "simulation"),
+                    ("priority", "50"),
+                    ("payload", "{not json"),
+                    ("requirements", ""),
+                    ("customer_id", ""),
+                    ("created_at", "2026-01-01T00:00:00.000Z"),
+                    ("status", "pending"),
+                    ("retry_count", "0"),
+                    ("max_retries", "3"),
+                ],
+            )
+            .zadd(
+                "jobs:pending",
+                id,
+                machine::matcher::pending_score(50, None, now_ms, None),
+            )
+            .publish(
+                "job_submitted",
+                json!({"job_id": id, "service_required": "simulation", "priority": 50}).to_string(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let job = rig.wait_status(id, &["failed", "unworkable"]).await;
+        assert!(
+            !job.get("error").is_none_or(String::is_empty),
+            "a reason is given: {job:?}"
+        );
+        // Valid JSON the connector cannot use fails without retry, with the reason.
+        let wrong = rig.submit("simulation", json!({"steps": "many"})).await;
+        let job = rig.wait_status(&wrong, &["failed"]).await;
+        assert!(job["error"].contains("invalid job payload: `steps`"), "{job:?}");
+        assert_eq!(job["retry_count"], "1");
+        let good = rig.submit("simulation", json!({})).await;
+        rig.wait_status(&good, &["completed"]).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_claims_only_while_its_services_are_ready() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let mut worker = rig.worker("w1", &[("simulation", simulation())], settings());
+        worker.wait_for(vec![ready_rx]);
+        let (w, mut status) = rig.spawn(worker);
+        status
+            .wait_for(|s| s.state == WorkerState::WaitingForServices)
+            .await
+            .unwrap();
+        let id = rig.submit("simulation", json!({})).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(rig.job(&id).await["status"], "pending", "no claim while not ready");
+        ready_tx.send(true).unwrap();
+        rig.wait_status(&id, &["completed"]).await;
+        // A service that stops being ready (crash loop) stops claiming again.
+        status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
+        ready_tx.send(false).unwrap();
+        status
+            .wait_for(|s| s.state == WorkerState::WaitingForServices)
+            .await
+            .unwrap();
+        let id = rig.submit("simulation", json!({})).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(rig.job(&id).await["status"], "pending");
+        ready_tx.send(true).unwrap();
+        rig.wait_status(&id, &["completed"]).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_redis_connections_do_not_lose_the_job() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let id = rig
+            .submit("simulation", json!({"duration_ms": 1500, "steps": 15}))
+            .await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        let mut conn = rig.raw().await;
+        for _ in 0..5 {
+            // Kills every client connection but this one's (SKIPME yes is the default).
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "normal"])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "pubsub"])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let job = rig.wait_status(&id, &["completed", "failed"]).await;
+        assert_eq!(job["status"], "completed", "{job:?}");
+        assert_eq!(status.borrow().counts.completed, 1);
+        assert_eq!(status.borrow().counts.claimed, 1);
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_jobs_across_four_workers_each_complete_once() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let mut tasks = Vec::new();
+        let mut statuses = Vec::new();
+        for i in 0..4 {
+            let (t, s) = rig.spawn(rig.worker(&format!("w{i}"), &[("simulation", simulation())], settings()));
+            tasks.push(t);
+            statuses.push(s);
+        }
+        let mut ids = Vec::new();
+        for i in 0..100 {
+            ids.push(
+                rig.submit("simulation", json!({"duration_ms": i % 7, "steps": 1}))
+                    .await,
+            );
+        }
+        for id in &ids {
+            assert_eq!(
+                rig.wait_status(id, &["completed", "failed"]).await["status"],
+                "completed"
+            );
+        }
+        let mut conn = rig.raw().await;
+        let completed: usize = conn.hlen("jobs:completed").await.unwrap();
+        assert_eq!(completed, 100);
+        let claimed: u64 = statuses.iter().map(|s| s.borrow().counts.claimed).sum();
+        let done: u64 = statuses.iter().map(|s| s.borrow().counts.completed).sum();
+        assert_eq!(
+            (claimed, done),
+            (100, 100),
+            "each job claimed and completed exactly once"
+        );
+        assert!(
+            statuses.iter().filter(|s| s.borrow().counts.completed > 0).count() >= 2,
+            "the work was shared"
+        );
+        rig.stop(tasks).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let workspace = rig.dir.path().join("ws");
+        let checkpoints = workspace.join("ComfyUI/models/checkpoints");
+        std::fs::create_dir_all(&checkpoints).unwrap();
+        std::fs::write(checkpoints.join("sd15.safetensors"), b"weights").unwrap();
+        let env = BTreeMap::from([
+            ("MACHINE_ID", "m1".to_owned()),
+            ("MACHINE_WORKSPACE", workspace.display().to_string()),
+            ("WORKER_CONNECTORS", "comfyui,simulation:2".to_owned()),
+            ("COMFYUI_BASE_PORT", comfy.addr().port().to_string()),
+        ]);
+        let env: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let config = config::load_str(None, &env).expect("valid config");
+        let probe = Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 4,
+                ram_total_bytes: 8 << 30,
+                ram_available_bytes: 4 << 30,
+                disk_free_bytes: None,
+            },
+        );
+        let plan = Plan::build(&config, &probe).expect("valid plan");
+        let workers = Workers::build(&config, &probe, &plan, &env).expect("workers build");
+        let ids: Vec<String> = workers.workers().iter().map(|w| w.id().to_owned()).collect();
+        assert_eq!(ids, ["m1-cpu0", "m1-simulation-1", "m1-simulation-2"]);
+        let caps = workers.workers()[0].capabilities().clone();
+        assert_eq!(caps.models["comfyui"], ["sd15", "sd15.safetensors"]);
+        assert_eq!(caps.hardware.gpu_count, 0);
+        assert_eq!(caps.hardware.cpu_cores, 4);
+        let statuses = workers.statuses();
+        let mut reports = workers.reports();
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let readiness: Readiness = BTreeMap::from([("comfyui-cpu0".to_owned(), ready_rx)]);
+        let run = tokio::spawn({
+            let broker = rig.broker.clone();
+            let shutdown = rig.shutdown.clone();
+            async move { workers.run(broker, &readiness, shutdown).await.unwrap() }
+        });
+        let mut needs_model = NewJob::new(
+            "comfyui",
+            json!({"3": {"class_type": "KSampler", "inputs": {}}, "9": {"class_type": "SaveImage", "inputs": {}}}),
+        );
+        needs_model.requirements = json!({"models": ["sd15"]}).to_string();
+        let a = rig.submit_job(needs_model).await;
+        let mut missing = NewJob::new("comfyui", json!({"9": {"class_type": "SaveImage", "inputs": {}}}));
+        missing.requirements = json!({"models": ["sdxl"]}).to_string();
+        let b = rig.submit_job(missing).await;
+        let sim = rig.submit("simulation", json!({"duration_ms": 1})).await;
+        rig.wait_status(&a, &["completed"]).await;
+        rig.wait_status(&sim, &["completed"]).await;
+        let report = reports.recv().await.unwrap();
+        assert!(report.total >= report.run);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rig.job(&b).await["status"], "pending", "no worker has sdxl");
+        drop(ready_tx);
+        rig.shutdown.cancel();
+        run.await.unwrap();
+        assert!(statuses.iter().all(|(_, s)| s.borrow().state == WorkerState::Stopped));
+        rig.stop(vec![]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_broker_and_the_plans_workers_until_shutdown() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let workspace = rig.dir.path().join("ws");
+        let env: BTreeMap<String, String> = [
+            ("MACHINE_ID", "m2".to_owned()),
+            ("MACHINE_WORKSPACE", workspace.display().to_string()),
+            ("WORKER_CONNECTORS", "simulation:2".to_owned()),
+            ("HUB_REDIS_URL", rig.url()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = config::load_str(None, &env).expect("valid config");
+        let probe = Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 2,
+                ram_total_bytes: 4 << 30,
+                ram_available_bytes: 2 << 30,
+                disk_free_bytes: None,
+            },
+        );
+        let plan = Plan::build(&config, &probe).expect("valid plan");
+        let shutdown = CancellationToken::new();
+        let serve = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                machine::worker::serve(&config, &probe, &plan, &env, &Readiness::new(), shutdown)
+                    .await
+                    .unwrap()
+            }
+        });
+        let id = rig
+            .submit("simulation", json!({"duration_ms": 5, "artifact": "x"}))
+            .await;
+        let job = rig.wait_status(&id, &["completed"]).await;
+        assert!(job["worker_id"].starts_with("m2-simulation-"), "{job:?}");
+        let rec = completed_record(&rig, &id).await;
+        let url = rec["data"]["artifacts"][0]["url"].as_str().unwrap().to_owned();
+        assert!(
+            file_of(&url).starts_with(workspace.join("outputs").canonicalize().unwrap()),
+            "{url}"
+        );
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), serve)
+            .await
+            .unwrap()
+            .unwrap();
+        rig.stop(vec![]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_keeps_its_heartbeat() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let (w, mut status) = rig.spawn(rig.worker("w-idle", &[("simulation", simulation())], settings()));
+        status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
+        let mut conn = rig.raw().await;
+        let first: String = conn.hget("worker:w-idle", "last_heartbeat").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let later: String = conn.hget("worker:w-idle", "last_heartbeat").await.unwrap();
+        assert!(
+            later.parse::<u64>().unwrap() > first.parse::<u64>().unwrap(),
+            "{first} then {later}"
+        );
+        let ttl: i64 = conn.ttl("worker:w-idle:heartbeat").await.unwrap();
+        assert!((1..=60).contains(&ttl), "the heartbeat key expires: {ttl}");
+        assert_eq!(status.borrow().state, WorkerState::Idle);
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
+    within(async {
+        let mut rig = Rig::start(quick_opts()).await;
+        let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let id = rig.submit("simulation", json!({"duration_ms": 800, "steps": 4})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        rig.server.stop_keeping_data();
+        // The job finishes while Redis is down; its completion cannot be written yet.
+        let mut st = status.clone();
+        tokio::time::timeout(Duration::from_secs(20), st.wait_for(|s| s.last_error.is_some()))
+            .await
+            .expect("the failed write is reported in the status")
+            .unwrap();
+        {
+            let s = status.borrow();
+            assert_eq!(s.counts.completed, 0, "nothing could be written: {s:?}");
+            assert_eq!(
+                s.current_job.as_ref().map(|j| j.job_id.as_str()),
+                Some(id.as_str()),
+                "still held"
+            );
+            assert!(s.last_error.is_some(), "the outage is visible: {s:?}");
+        }
+        rig.server.start_again();
+        let job = rig.wait_status(&id, &["completed", "failed", "pending"]).await;
+        assert_eq!(job["status"], "completed", "{job:?}");
+        st.wait_for(|s| s.counts.completed == 1).await.unwrap();
+        assert_eq!(status.borrow().counts.claimed, 1);
+        // The worker claims again after the outage.
+        let next = rig.submit("simulation", json!({"duration_ms": 1})).await;
+        rig.wait_status(&next, &["completed"]).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
