@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::Config;
 use crate::gpu::Probe;
 use crate::plan::Plan;
@@ -29,6 +31,24 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Installers run before any service they feed; the tracker will feed the status page.
+    let install_tracker = crate::installers::Tracker::new();
+    let install = crate::installers::before_services(&config, &install_tracker, CancellationToken::new());
+    tokio::select! {
+        r = install => if let Err(e) = r {
+            tracing::error!("{}", crate::installers::error_report(&e));
+            return ExitCode::FAILURE;
+        },
+        // Dropping the install kills the commands it runs.
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received while installing, shutting down");
+            return ExitCode::SUCCESS;
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT received while installing, shutting down");
+            return ExitCode::SUCCESS;
+        }
+    }
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),

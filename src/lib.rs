@@ -9,5 +9,6 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod gpu;
+pub mod installers;
 pub mod logging;
 pub mod plan;
