@@ -8,6 +8,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod connectors;
 pub mod gpu;
 pub mod installers;
 pub mod logging;

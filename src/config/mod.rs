@@ -9,6 +9,7 @@ mod connectors;
 mod env;
 mod raw;
 mod service;
+mod worker;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use serde::Serialize;
 pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
 pub use env::{Env, ProcessEnv};
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
+pub use worker::{CustomerAccess, OpenaiConfig, SimulationConfig, WorkerConfig};
 
 use raw::RawConfig;
 
@@ -48,8 +50,6 @@ pub struct Config {
     pub install_timeout: Duration,
     /// What the installers install and how.
     pub install: InstallConfig,
-    /// Settings of the OpenAI-compatible connector checked at load time.
-    pub openai: OpenaiConfig,
     /// Logging output.
     pub log: LogConfig,
     /// Supervisor knobs.
@@ -62,6 +62,12 @@ pub struct Config {
     pub playwright: ServiceConnectorConfig,
     /// User-defined `[services.NAME]`, sorted by name.
     pub services: Vec<ServiceSpec>,
+    /// How workers claim, hold and report jobs.
+    pub worker: WorkerConfig,
+    /// The OpenAI-compatible API of the `openai` connector.
+    pub openai: OpenaiConfig,
+    /// The simulation connector's defaults.
+    pub simulation: SimulationConfig,
 }
 
 /// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`).
@@ -234,13 +240,6 @@ pub struct PlaywrightInstallConfig {
     pub playwright_core: String,
     /// npm version of `p5`.
     pub p5: String,
-}
-
-/// The OpenAI-compatible connector's settings known to configuration.
-#[derive(Debug, Clone, Serialize)]
-pub struct OpenaiConfig {
-    /// The environment variable holding the API key.
-    pub api_key_env: String,
 }
 
 /// One configuration problem: the key or variable, and what is wrong with it.
@@ -622,21 +621,21 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         bad("supervisor.log_max_line_bytes", "must be at least 80".to_owned());
     }
 
-    let c = &raw.connectors;
+    let c = raw.connectors;
     let comfyui = ServiceConnectorConfig {
         base_port: o.comfyui_base_port.unwrap_or(c.comfyui.base_port),
-        extra_args: c.comfyui.extra_args.clone(),
-        command: c.comfyui.command.clone(),
+        extra_args: c.comfyui.extra_args,
+        command: c.comfyui.command,
     };
     let a1111 = ServiceConnectorConfig {
         base_port: c.a1111.base_port,
-        extra_args: c.a1111.extra_args.clone(),
-        command: c.a1111.command.clone(),
+        extra_args: c.a1111.extra_args,
+        command: c.a1111.command,
     };
     let playwright = ServiceConnectorConfig {
         base_port: c.playwright.base_port,
         extra_args: Vec::new(),
-        command: c.playwright.command.clone(),
+        command: c.playwright.command,
     };
     for (name, cc) in [("comfyui", &comfyui), ("a1111", &a1111), ("playwright", &playwright)] {
         if cc.base_port == 0 {
@@ -711,20 +710,6 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         }
     }
 
-    // External connectors need their credentials; a missing key is found now, not at the first
-    // job, and the problem names the variable to set.
-    let openai = OpenaiConfig {
-        api_key_env: raw.connectors.openai.api_key_env,
-    };
-    if connectors.get(ConnectorKind::Openai).is_some()
-        && env.var(&openai.api_key_env).is_none_or(|v| v.trim().is_empty())
-    {
-        bad(
-            &openai.api_key_env,
-            "the openai connector is listed in WORKER_CONNECTORS but its API key variable is not set".to_owned(),
-        );
-    }
-
     let mut raw_problems = Vec::new();
     let services = raw
         .services
@@ -734,6 +719,21 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     for (key, message) in raw_problems {
         bad(&key, message);
     }
+    let worker = worker::validate_worker(raw.worker, &workspace, problems);
+    let openai = worker::validate_openai(c.openai, problems);
+    // External connectors need their credentials; a missing key is found now, not at the first
+    // job, and the problem names the variable to set.
+    if connectors.get(ConnectorKind::Openai).is_some()
+        && !openai.api_key_env.is_empty()
+        && env.var(&openai.api_key_env).is_none_or(|v| v.trim().is_empty())
+    {
+        problems.push(Problem {
+            key: openai.api_key_env.clone(),
+            message: "the openai connector is listed in WORKER_CONNECTORS but its API key variable is not set"
+                .to_owned(),
+        });
+    }
+    let simulation = worker::validate_simulation(c.simulation, problems);
 
     Config {
         machine_id,
@@ -745,13 +745,15 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         visible_devices: o.visible_devices.unwrap_or(VisibleDevices::All),
         install_timeout: o.install_timeout.unwrap_or(i.timeout),
         install,
-        openai,
         log: LogConfig { format, filter },
         supervisor,
         comfyui,
         a1111,
         playwright,
         services,
+        worker,
+        openai,
+        simulation,
     }
 }
 

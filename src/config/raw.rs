@@ -22,6 +22,7 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     pub supervisor: RawSupervisor,
     pub connectors: RawConnectors,
+    pub worker: super::worker::RawWorker,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
 }
@@ -120,13 +121,8 @@ pub(crate) struct RawConnectors {
     pub comfyui: RawComfyui,
     pub a1111: RawA1111,
     pub playwright: RawPlaywright,
-    pub openai: RawOpenai,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawOpenai {
-    pub api_key_env: String,
+    pub openai: super::worker::RawOpenai,
+    pub simulation: super::worker::RawSimulation,
 }
 
 #[derive(Debug, Deserialize)]

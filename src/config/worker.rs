@@ -1,0 +1,237 @@
+//! Configuration of the workers and of the connectors that need no supervised service:
+//! `[worker]` (lease, heartbeat, drain, job timeout, customer access, workflow pinning, custom
+//! capabilities, where outputs go by default), `[connectors.openai]` and
+//! `[connectors.simulation]`. Raw serde structs here are validated into the typed values below.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Problem;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWorker {
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    pub output_dir: PathBuf,
+    pub workflow_id: String,
+    pub customer_access: RawCustomerAccess,
+    #[serde(default)]
+    pub capabilities: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCustomerAccess {
+    pub isolation: String,
+    pub allowed_customers: Vec<String>,
+    pub denied_customers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOpenai {
+    pub base_url: String,
+    pub api_key_env: String,
+    pub text_model: String,
+    pub image_model: String,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSimulation {
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub steps: u32,
+    pub failure_rate: f64,
+}
+
+/// How workers claim, hold and report jobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerConfig {
+    /// How long a claimed job is held without renewal before the broker may take it back.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Time between heartbeats and lease renewals (at most a third of the lease).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// On shutdown, how long a running job may continue before it is returned to the queue.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+    /// Time limit of a job that does not carry its own.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    /// Default output directory for artifacts when a job's `ctx` names no storage (absolute).
+    pub output_dir: PathBuf,
+    /// When non-empty, workers only take jobs of this workflow.
+    pub workflow_id: String,
+    /// Which customers' jobs the workers take.
+    pub customer_access: CustomerAccess,
+    /// Custom capabilities merged into every worker's capabilities JSON.
+    pub capabilities: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The `customer_access` capability.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CustomerAccess {
+    /// `loose` or `strict` (strict workers alone take `customer_isolation = "strict"` jobs).
+    pub isolation: String,
+    /// When non-empty, only these customers' jobs are taken.
+    pub allowed_customers: Vec<String>,
+    /// These customers' jobs are never taken.
+    pub denied_customers: Vec<String>,
+}
+
+/// The OpenAI-compatible API the `openai` connector calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenaiConfig {
+    /// Base URL ending before `/chat/completions`, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (the key itself is never in config).
+    pub api_key_env: String,
+    /// Model used when a text job names none.
+    pub text_model: String,
+    /// Model used when an image job names none.
+    pub image_model: String,
+    /// Attempts per request when the API answers 429 or 5xx (1 = no retry).
+    pub max_attempts: u32,
+    /// First retry delay (doubling), unless the API sends `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest retry delay, `Retry-After` included.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// The simulation connector's defaults (a job's payload may override each).
+#[derive(Debug, Clone, Serialize)]
+pub struct SimulationConfig {
+    /// How long a simulated job takes.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Progress steps reported.
+    pub steps: u32,
+    /// Probability (0..=1) that a job fails (retryably).
+    pub failure_rate: f64,
+}
+
+pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut Vec<Problem>) -> WorkerConfig {
+    let mut bad = |key: &str, message: &str| {
+        problems.push(Problem {
+            key: key.to_owned(),
+            message: message.to_owned(),
+        })
+    };
+    if raw.lease < Duration::from_secs(1) {
+        bad("worker.lease", "must be at least 1s");
+    }
+    if raw.heartbeat.is_zero() || raw.heartbeat.saturating_mul(3) > raw.lease {
+        bad(
+            "worker.heartbeat",
+            "must be more than 0 and at most a third of worker.lease, so one lost renewal never loses the job",
+        );
+    }
+    if raw.job_timeout.is_zero() {
+        bad("worker.job_timeout", "must be more than 0");
+    }
+    let isolation = raw.customer_access.isolation.trim().to_ascii_lowercase();
+    if !matches!(isolation.as_str(), "loose" | "strict") {
+        bad("worker.customer_access.isolation", "must be `loose` or `strict`");
+    }
+    let capabilities = match serde_json::to_value(&raw.capabilities) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => {
+            bad("worker.capabilities", "must be a table of JSON-compatible values");
+            serde_json::Map::new()
+        }
+    };
+    const RESERVED: [&str; 7] = [
+        "worker_id",
+        "machine_id",
+        "services",
+        "job_service_required_map",
+        "hardware",
+        "models",
+        "customer_access",
+    ];
+    for key in capabilities.keys() {
+        if RESERVED.contains(&key.as_str()) || key == "workflow_id" {
+            bad(
+                &format!("worker.capabilities.{key}"),
+                "is computed by the machine and cannot be set here",
+            );
+        }
+    }
+    WorkerConfig {
+        lease: raw.lease,
+        heartbeat: raw.heartbeat,
+        drain: raw.drain,
+        job_timeout: raw.job_timeout,
+        output_dir: workspace.join(raw.output_dir),
+        workflow_id: raw.workflow_id.trim().to_owned(),
+        customer_access: CustomerAccess {
+            isolation,
+            allowed_customers: raw.customer_access.allowed_customers,
+            denied_customers: raw.customer_access.denied_customers,
+        },
+        capabilities,
+    }
+}
+
+pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> OpenaiConfig {
+    match url::Url::parse(raw.base_url.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        _ => problems.push(Problem {
+            key: "connectors.openai.base_url".to_owned(),
+            message: format!("`{}` is not an http(s) URL", raw.base_url),
+        }),
+    }
+    if raw.api_key_env.trim().is_empty() {
+        problems.push(Problem {
+            key: "connectors.openai.api_key_env".to_owned(),
+            message: "must name an environment variable".to_owned(),
+        });
+    }
+    if raw.max_attempts == 0 {
+        problems.push(Problem {
+            key: "connectors.openai.max_attempts".to_owned(),
+            message: "must be at least 1".to_owned(),
+        });
+    }
+    OpenaiConfig {
+        base_url: raw.base_url.trim().trim_end_matches('/').to_owned(),
+        api_key_env: raw.api_key_env.trim().to_owned(),
+        text_model: raw.text_model,
+        image_model: raw.image_model,
+        max_attempts: raw.max_attempts,
+        backoff_initial: raw.backoff_initial,
+        backoff_max: raw.backoff_max,
+    }
+}
+
+pub(super) fn validate_simulation(raw: RawSimulation, problems: &mut Vec<Problem>) -> SimulationConfig {
+    if !(0.0..=1.0).contains(&raw.failure_rate) {
+        problems.push(Problem {
+            key: "connectors.simulation.failure_rate".to_owned(),
+            message: "must be between 0 and 1".to_owned(),
+        });
+    }
+    SimulationConfig {
+        duration: raw.duration,
+        steps: raw.steps.max(1),
+        failure_rate: raw.failure_rate,
+    }
+}

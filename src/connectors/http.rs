@@ -1,0 +1,149 @@
+//! HTTP plumbing shared by the connectors: one client configuration, how a status code is
+//! classified, `Retry-After`, and the retry backoff as a pure function.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+
+use super::ConnectorError;
+
+/// The HTTP client connectors use: short connect timeout (a dead local service is noticed at
+/// once), no overall timeout (jobs may legitimately run for many minutes; the worker's job
+/// timeout and cancellation bound them).
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .expect("a client with only timeouts set always builds")
+}
+
+/// The error for a failed request that never got an answer.
+pub(crate) fn send_error(what: &str, e: reqwest::Error) -> ConnectorError {
+    ConnectorError::unavailable(format!("failed to {what}"), e)
+}
+
+/// The error for a non-success answer: 4xx (other than 408 and 429) means the request is wrong
+/// and fails without retry; everything else may succeed later.
+pub(crate) fn status_error(what: &str, status: StatusCode, body: &str) -> ConnectorError {
+    let body = snippet(body);
+    if status.is_client_error() && !retryable_status(status) {
+        ConnectorError::Rejected {
+            message: format!("{what}: HTTP {status}: {body}"),
+        }
+    } else {
+        ConnectorError::Unavailable {
+            message: format!("{what}: HTTP {status}: {body}"),
+            source: None,
+        }
+    }
+}
+
+/// Whether a status is worth retrying: 408, 429 and 5xx.
+pub(crate) fn retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// The first 500 characters of a response body, for error messages.
+pub(crate) fn snippet(body: &str) -> String {
+    let trimmed = body.trim();
+    match trimmed.char_indices().nth(500) {
+        Some((i, _)) => format!("{}…", &trimmed[..i]),
+        None => trimmed.to_owned(),
+    }
+}
+
+/// The delay a server asked for: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds.
+/// (The HTTP-date form is not used by the APIs we call and falls back to our own backoff.)
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
+        }
+    }
+    get("retry-after")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+}
+
+/// Exponential retry backoff as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backoff {
+    /// The delay before the first retry.
+    pub initial: Duration,
+    /// No delay is longer than this, a server's `Retry-After` included.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before retry number `retry` (0-based): the server's request when it made one,
+    /// else `initial * 2^retry`; never more than `max`.
+    pub(crate) fn delay(&self, retry: u32, server_asked: Option<Duration>) -> Duration {
+        let own = self
+            .initial
+            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX));
+        server_asked.unwrap_or(own).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        h.clear();
+        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        use crate::connectors::ErrorClass;
+        assert_eq!(
+            status_error("x", StatusCode::BAD_REQUEST, "").class(),
+            ErrorClass::Fatal
+        );
+        assert_eq!(
+            status_error("x", StatusCode::TOO_MANY_REQUESTS, "").class(),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            status_error("x", StatusCode::BAD_GATEWAY, "").class(),
+            ErrorClass::Retryable
+        );
+        assert!(snippet(&"a".repeat(600)).ends_with('…'));
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_grows_and_is_capped(
+            initial_ms in 1u64..5_000,
+            max_ms in 1u64..120_000,
+            retry in 0u32..100,
+            asked_ms in proptest::option::of(0u64..1_000_000),
+        ) {
+            let b = Backoff { initial: Duration::from_millis(initial_ms), max: Duration::from_millis(max_ms) };
+            let asked = asked_ms.map(Duration::from_millis);
+            let d = b.delay(retry, asked);
+            prop_assert!(d <= b.max);
+            if let Some(a) = asked {
+                prop_assert_eq!(d, a.min(b.max));
+            } else {
+                prop_assert!(b.delay(retry + 1, None) >= d);
+                if retry == 0 { prop_assert_eq!(d, b.initial.min(b.max)); }
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Connectors: the seam between a worker and the thing that really runs a job (a ComfyUI or
+//! A1111 server on this GPU, an OpenAI-compatible HTTP API, a simulation).
+//!
+//! Every connector implements [`Connector`]: it runs one [`Job`] while reporting [`Progress`]
+//! through a [`ProgressSink`] that never blocks, stops promptly when its cancellation token fires
+//! (interrupting the service it drives), and returns a [`JobOutput`] (JSON `data` plus
+//! [`Artifact`]s) or a classified [`ConnectorError`]. Connectors never write to Redis and never
+//! store artifacts themselves: the worker stores artifacts through [`store::OutputStore`] so that
+//! only URLs reach Redis.
+
+pub mod a1111;
+pub mod comfyui;
+mod http;
+pub mod openai;
+pub mod simulation;
+pub mod store;
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConnectorKind;
+
+/// One job as a connector sees it: what to run and where its outputs go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The broker's job id.
+    pub id: String,
+    /// The job's `service_required` (e.g. `comfyui`, `openai_text`).
+    pub service_required: String,
+    /// The job's `payload`, parsed.
+    pub payload: serde_json::Value,
+    /// The job's `ctx` (storage destination, prefix, file name), parsed; `Null` when absent.
+    pub ctx: serde_json::Value,
+    /// The time the job may take, when the job or the configuration says.
+    pub timeout: Option<Duration>,
+}
+
+/// One progress report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Progress {
+    /// Overall progress, 0 to 100.
+    pub percent: f64,
+    /// What is happening, for people.
+    pub message: String,
+    /// The current step, when the connector knows steps.
+    pub current_step: Option<u32>,
+    /// The number of steps, when the connector knows steps.
+    pub total_steps: Option<u32>,
+}
+
+/// Where a connector reports progress. Reporting never blocks and never fails: the latest
+/// report replaces any the worker has not yet forwarded, so a slow Redis costs intermediate
+/// reports, never connector time. Reports are forwarded in the order they were made.
+#[derive(Debug, Clone)]
+pub struct ProgressSink {
+    tx: watch::Sender<(u64, Progress)>,
+}
+
+/// The worker's end of a [`ProgressSink`]: the latest report and its sequence number (starting
+/// at 1; 0 means nothing reported yet).
+pub type ProgressReceiver = watch::Receiver<(u64, Progress)>;
+
+impl ProgressSink {
+    /// A sink and the receiver the worker forwards from.
+    pub fn new() -> (ProgressSink, ProgressReceiver) {
+        let (tx, rx) = watch::channel((0, Progress::default()));
+        (ProgressSink { tx }, rx)
+    }
+
+    /// Reports progress; the percentage is clamped to 0..=100 (NaN counts as 0).
+    pub fn report(&self, mut progress: Progress) {
+        progress.percent = if progress.percent.is_nan() {
+            0.0
+        } else {
+            progress.percent.clamp(0.0, 100.0)
+        };
+        // `send_modify` stores the value even when no receiver is left, so it cannot fail.
+        self.tx.send_modify(|(seq, p)| {
+            *seq += 1;
+            *p = progress;
+        });
+    }
+
+    /// Shorthand for a report with a percentage and a message.
+    pub fn percent(&self, percent: f64, message: impl Into<String>) {
+        self.report(Progress {
+            percent,
+            message: message.into(),
+            ..Progress::default()
+        });
+    }
+}
+
+/// What a job produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobOutput {
+    /// The JSON result the broker records (`data` of the completion record).
+    pub data: serde_json::Value,
+    /// Files the job produced; the worker stores them and adds their URLs to the result.
+    pub artifacts: Vec<Artifact>,
+}
+
+/// One file a job produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifact {
+    /// The name the service gave it (sanitised before it becomes a storage key).
+    pub name: String,
+    /// Its MIME type.
+    pub content_type: String,
+    /// The bytes, or where they already are.
+    pub body: ArtifactBody,
+}
+
+/// The content of an [`Artifact`].
+#[derive(Clone, PartialEq)]
+pub enum ArtifactBody {
+    /// The bytes, to be stored by the worker.
+    Bytes(Bytes),
+    /// Already stored elsewhere (e.g. an image URL returned by an API); recorded as is.
+    Url(String),
+}
+
+impl fmt::Debug for ArtifactBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArtifactBody::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            ArtifactBody::Url(u) => write!(f, "Url({u})"),
+        }
+    }
+}
+
+/// How a failed job should be treated by the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Another attempt (maybe on another worker) may succeed: service down, 5xx, rate limited.
+    Retryable,
+    /// The job itself is wrong or was refused: another attempt would fail the same way.
+    Fatal,
+    /// The job was cancelled; its result is discarded.
+    Cancelled,
+    /// The job ran past its time limit.
+    Timeout,
+}
+
+/// Why a connector could not complete a job.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// The payload is not what the connector needs.
+    #[error("invalid job payload: {0}")]
+    BadPayload(String),
+    /// The service refused the job as invalid (e.g. ComfyUI `node_errors`, an HTTP 4xx).
+    #[error("the service rejected the job: {message}")]
+    Rejected {
+        /// What the service said.
+        message: String,
+    },
+    /// The service could not be reached or answered with a server error.
+    #[error("failed to reach the service: {message}")]
+    Unavailable {
+        /// What went wrong.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The service ran the job and reported a failure.
+    #[error("the job failed in the service: {message}")]
+    Failed {
+        /// What the service said.
+        message: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+    /// The cancellation token fired.
+    #[error("the job was cancelled")]
+    Cancelled,
+    /// The job ran longer than allowed.
+    #[error("the job timed out after {0:?}")]
+    Timeout(Duration),
+    /// An output could not be stored.
+    #[error("failed to store output `{name}`")]
+    Storage {
+        /// The artifact's name.
+        name: String,
+        /// The store's error.
+        #[source]
+        source: store::StoreError,
+    },
+}
+
+impl ConnectorError {
+    /// How the broker should treat this failure.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
+            ConnectorError::Unavailable { .. } | ConnectorError::Storage { .. } => ErrorClass::Retryable,
+            ConnectorError::Failed { retryable, .. } => {
+                if *retryable {
+                    ErrorClass::Retryable
+                } else {
+                    ErrorClass::Fatal
+                }
+            }
+            ConnectorError::Cancelled => ErrorClass::Cancelled,
+            ConnectorError::Timeout(_) => ErrorClass::Timeout,
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.class(), ErrorClass::Retryable | ErrorClass::Timeout)
+    }
+
+    /// An `Unavailable` error from any error type.
+    pub(crate) fn unavailable(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        ConnectorError::Unavailable {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The error and its sources as one line, for the job's `error` field.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(e) = cur {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cur = e.source();
+        }
+        out
+    }
+}
+
+/// Runs jobs of one kind. Object-safe: workers hold `Box<dyn Connector>`.
+///
+/// `run` must return promptly (within a second or two) once `cancel` fires, after asking the
+/// service to stop (ComfyUI `POST /interrupt`, A1111 `/sdapi/v1/interrupt`, dropping an HTTP
+/// request), with [`ConnectorError::Cancelled`].
+pub trait Connector: Send + Sync + fmt::Debug {
+    /// Which connector this is.
+    fn kind(&self) -> ConnectorKind;
+
+    /// Runs one job.
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        progress: &'a ProgressSink,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>>;
+}
+
+/// Runs `fut` unless `cancel` fires first, in which case the future is dropped (aborting an
+/// HTTP request in flight) and `Cancelled` is returned.
+pub(crate) async fn or_cancelled<T>(
+    cancel: &CancellationToken,
+    fut: impl Future<Output = Result<T, ConnectorError>>,
+) -> Result<T, ConnectorError> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(ConnectorError::Cancelled),
+        r = fut => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_coalesces_and_clamps() {
+        let (sink, rx) = ProgressSink::new();
+        assert_eq!(rx.borrow().0, 0);
+        sink.percent(10.0, "a");
+        sink.percent(250.0, "b");
+        let (seq, p) = rx.borrow().clone();
+        assert_eq!(seq, 2);
+        assert_eq!(p.percent, 100.0);
+        assert_eq!(p.message, "b");
+        sink.percent(f64::NAN, "c");
+        assert_eq!(rx.borrow().1.percent, 0.0);
+        drop(rx);
+        sink.percent(1.0, "nobody listens, nothing fails");
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert_eq!(ConnectorError::BadPayload("x".into()).class(), ErrorClass::Fatal);
+        assert_eq!(
+            ConnectorError::Failed {
+                message: "oom".into(),
+                retryable: true
+            }
+            .class(),
+            ErrorClass::Retryable
+        );
+        assert_eq!(ConnectorError::Cancelled.class(), ErrorClass::Cancelled);
+        assert!(ConnectorError::Timeout(Duration::from_secs(1)).is_retryable());
+        let e = ConnectorError::unavailable("connect", std::io::Error::other("refused"));
+        assert_eq!(e.chain(), "failed to reach the service: connect: refused");
+    }
+}
