@@ -6,8 +6,10 @@
 //! in this crate is linked into the product.
 
 pub mod fake_nvml;
+mod file_server;
 mod redis_server;
 
+pub use file_server::{FileServer, SeenRequest};
 pub use redis_server::RedisServer;
 
 use std::net::TcpListener;
