@@ -8,7 +8,6 @@
 //! through; the service checks them and its 4xx answers fail the job without retry.
 //! Cancellation drops the request, which closes the page's context in the service.
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
@@ -36,27 +35,23 @@ impl PlaywrightConnector {
 }
 
 /// The render request for a job, or why the payload does not make one.
-pub(crate) fn render_request(service: &str, payload: &Value) -> Result<Value, ConnectorError> {
+pub(crate) fn render_request(service: &str, payload: &Value) -> Result<Value, String> {
     let p = payload
         .as_object()
-        .ok_or_else(|| ConnectorError::BadPayload("the payload must be a JSON object".to_owned()))?;
+        .ok_or_else(|| "the payload must be a JSON object".to_owned())?;
     let kind = match service {
         "p5" => "p5",
         "html_render" => "html",
         _ => match p.get("kind").and_then(Value::as_str) {
             Some(k @ ("p5" | "html" | "url")) => k,
             Some(other) => {
-                return Err(ConnectorError::BadPayload(format!(
-                    "kind `{other}` is not p5, html or url"
-                )));
+                return Err(format!("kind `{other}` is not p5, html or url"));
             }
             None if p.contains_key("url") => "url",
             None if p.contains_key("html") => "html",
             None if p.contains_key("code") || p.contains_key("sketch") => "p5",
             None => {
-                return Err(ConnectorError::BadPayload(
-                    "a playwright job needs `kind` or one of `code`, `html`, `url`".to_owned(),
-                ));
+                return Err("a playwright job needs `kind` or one of `code`, `html`, `url`".to_owned());
             }
         },
     };
@@ -66,9 +61,7 @@ pub(crate) fn render_request(service: &str, payload: &Value) -> Result<Value, Co
         _ => ("url", p.get("url")),
     };
     let Some(Value::String(source)) = value else {
-        return Err(ConnectorError::BadPayload(format!(
-            "a {kind} render needs `{field}` as a string"
-        )));
+        return Err(format!("a {kind} render needs `{field}` as a string"));
     };
     let mut req = Map::new();
     req.insert("kind".to_owned(), json!(kind));
@@ -94,7 +87,7 @@ pub(crate) fn png_size(png: &[u8]) -> Option<(u32, u32)> {
 
 impl PlaywrightConnector {
     async fn render(&self, job: &Job, progress: &ProgressSink) -> Result<JobOutput, ConnectorError> {
-        let req = render_request(&job.service_required, &job.payload)?;
+        let req = render_request(&job.service_required, &job.payload).map_err(ConnectorError::BadPayload)?;
         let kind = req["kind"].as_str().unwrap_or_default().to_owned();
         progress.percent(5.0, format!("rendering {kind}"));
         let mut url = self.base.clone();
@@ -126,7 +119,7 @@ impl PlaywrightConnector {
             artifacts: vec![Artifact {
                 name: "render.png".to_owned(),
                 content_type: "image/png".to_owned(),
-                body: ArtifactBody::Bytes(Bytes::from(body)),
+                body: ArtifactBody::Bytes(body),
             }],
         })
     }
@@ -167,8 +160,7 @@ mod tests {
             json!({"kind": "pdf"}),
             json!({"kind": "html", "html": 3}),
         ] {
-            let e = render_request("playwright", &bad).unwrap_err();
-            assert_eq!(e.class(), super::super::ErrorClass::Fatal, "{bad}");
+            assert!(render_request("playwright", &bad).is_err(), "{bad}");
         }
     }
 

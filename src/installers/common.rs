@@ -609,7 +609,7 @@ mod tests {
         // The grandchild is gone once killed and reaped by init (or left a zombie until then).
         while Instant::now() < deadline {
             let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"));
+                .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"));
             if !alive {
                 return;
             }

@@ -220,7 +220,9 @@ pub(crate) fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The installers `config` needs, or just `only`.
+/// The installers `config` needs, or just `only`. A connector whose service command is
+/// overridden (`connectors.<name>.command`) runs something the operator provides, so nothing is
+/// installed for it unless asked for by name.
 pub fn selected(config: &Config, only: Option<&str>) -> Result<Vec<&'static str>, InstallError> {
     if let Some(name) = only {
         return NAMES
@@ -230,10 +232,10 @@ pub fn selected(config: &Config, only: Option<&str>) -> Result<Vec<&'static str>
             .ok_or_else(|| InstallError::UnknownInstaller(name.to_owned()));
     }
     let mut names = Vec::new();
-    if config.connectors.get(ConnectorKind::Comfyui).is_some() {
+    if config.connectors.get(ConnectorKind::Comfyui).is_some() && config.comfyui.command.is_none() {
         names.extend(&NAMES[..3]);
     }
-    if config.connectors.get(ConnectorKind::Playwright).is_some() {
+    if config.connectors.get(ConnectorKind::Playwright).is_some() && config.playwright.command.is_none() {
         names.push("playwright");
     }
     Ok(names)
@@ -503,5 +505,13 @@ mod tests {
         assert_eq!(selected(&c, Some("comfyui-models")).unwrap(), ["comfyui-models"]);
         assert!(selected(&c, Some("nope")).is_err());
         assert!(selected(&Config::for_tests(&[]), None).unwrap().is_empty());
+        let file = "[connectors.comfyui]\ncommand = [\"fake-comfy\", \"{port}\"]\n";
+        let env = std::collections::BTreeMap::from([("WORKER_CONNECTORS", "comfyui")]);
+        let c = crate::config::load_str(Some(("f", file)), &env).unwrap();
+        assert!(
+            selected(&c, None).unwrap().is_empty(),
+            "an overridden command installs nothing"
+        );
+        assert_eq!(selected(&c, Some("comfyui")).unwrap(), ["comfyui"]);
     }
 }

@@ -358,7 +358,7 @@ mod tests {
         assert_eq!(m[0].id(), "checkpoints/a.safetensors");
         for bad in [
             format!("[[model]]\nurl = \"https://h/a\"\nsha256 = \"{SHA}\"\ndest = \"../etc\"\n"),
-            format!("[[model]]\nurl = \"https://h/a\"\nsha256 = \"abc\"\ndest = \"x\"\n"),
+            "[[model]]\nurl = \"https://h/a\"\nsha256 = \"abc\"\ndest = \"x\"\n".to_owned(),
             format!("[[model]]\nurl = \"file:///etc/passwd\"\nsha256 = \"{SHA}\"\ndest = \"x\"\n"),
             format!("[[model]]\nurl = \"https://h/\"\nsha256 = \"{SHA}\"\ndest = \"x\"\n"),
             format!("[[model]]\nurl = \"https://h/a\"\nsha256 = \"{SHA}\"\ndest = \"x\"\nname = \"..\"\n"),
