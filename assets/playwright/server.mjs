@@ -133,9 +133,12 @@ function release() {
   else active--;
 }
 
+// Playwright decorates its messages with terminal colours; JSON errors should be plain text.
+const plain = (m) => String(m).replace(/\x1b\[[0-9;]*m/g, '');
+
 class HttpError extends Error {
   constructor(status, error, message) {
-    super(message);
+    super(plain(message));
     this.status = status;
     this.error = error;
   }
@@ -213,14 +216,19 @@ async function render(job) {
       });
       await Promise.race([page.goto(`${ORIGIN}/`, { waitUntil: 'load' }), failed]);
       // Global-mode p5 starts on load; the picture is there once setup ran and, with a draw
-      // function, the first frame was drawn.
+      // function, the first frame was drawn. An instance-mode sketch (`new p5(...)`) is given
+      // two animation frames after its canvas appears.
       await Promise.race([
         page.waitForFunction(
-          () =>
-            window.p5 &&
-            window.p5.instance &&
-            window.p5.instance._setupDone &&
-            (typeof window.draw !== 'function' || window.p5.instance.frameCount >= 1),
+          () => {
+            const inst = window.p5 && window.p5.instance;
+            if (inst) return inst._setupDone && (typeof window.draw !== 'function' || inst.frameCount >= 1);
+            if (!document.querySelector('canvas')) return false;
+            window.__renderFrames = (window.__renderFrames || 0) + 1;
+            return window.__renderFrames > 2;
+          },
+          null,
+          { polling: 'raf' },
         ),
         failed,
       ]);
@@ -249,8 +257,8 @@ function send(res, status, body, type = 'application/json') {
 
 function sendError(res, e) {
   if (e instanceof HttpError) return send(res, e.status, { error: e.error, message: e.message });
-  if (e && e.name === 'TimeoutError') return send(res, 504, { error: 'timeout', message: e.message });
-  return send(res, 500, { error: 'internal', message: String(e && e.message ? e.message : e) });
+  if (e && e.name === 'TimeoutError') return send(res, 504, { error: 'timeout', message: plain(e.message) });
+  return send(res, 500, { error: 'internal', message: plain(e && e.message ? e.message : e) });
 }
 
 function readBody(req) {

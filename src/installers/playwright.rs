@@ -2,8 +2,10 @@
 //! `<workspace>/playwright`, the Node server shipped in this repository (`assets/playwright/
 //! server.mjs`, embedded in the binary) beside them, and the Chromium it drives.
 //!
-//! Chromium is the configured one (`PLAYWRIGHT_CHROMIUM_PATH`) or the first of the usual system
-//! locations; the choice is written to `browser.json`, which the server reads at start. The
+//! Chromium is the configured one (`PLAYWRIGHT_CHROMIUM_PATH`), else the first of the usual
+//! system locations, else Playwright's own build downloaded with `playwright-core install
+//! chromium` into `<workspace>/playwright/browsers` (which needs access to Playwright's CDN).
+//! The choice is written to `browser.json`, which the server reads at start. The
 //! service runs `node server.mjs --port P` (plus `--gpu` on a GPU), one per GPU or one on a CPU
 //! machine.
 
@@ -81,7 +83,12 @@ pub(crate) async fn install(
     cfg: &PlaywrightInstallConfig,
     progress: &Progress,
 ) -> Result<bool, InstallError> {
-    let chromium = find_chromium(cfg.chromium.as_deref())?;
+    // A configured browser must exist; without one, a missing system browser means Playwright's.
+    let system = match find_chromium(cfg.chromium.as_deref()) {
+        Ok(p) => Some(p),
+        Err(e) if cfg.chromium.is_some() => return Err(e),
+        Err(_) => None,
+    };
     let dir = dir(&ctx.workspace);
     let stamp = Stamp::new(
         &ctx.stamps,
@@ -90,12 +97,15 @@ pub(crate) async fn install(
             cfg.playwright_core.as_str(),
             cfg.p5.as_str(),
             SERVER_JS,
-            &chromium.display().to_string(),
+            &system
+                .as_ref()
+                .map_or_else(|| "playwright-download".to_owned(), |p| p.display().to_string()),
         ]),
     );
     let installed = dir.join("node_modules/playwright-core/package.json").exists()
         && dir.join("node_modules/p5/lib/p5.min.js").exists()
-        && dir.join("server.mjs").exists();
+        && dir.join("server.mjs").exists()
+        && recorded_browser(&dir).is_some_and(|b| is_executable(&b));
     if stamp.is_current() && installed {
         return Ok(false);
     }
@@ -124,11 +134,56 @@ pub(crate) async fn install(
         .run(&log, &ctx.cancel)
         .await?;
     write(&dir.join("server.mjs"), SERVER_JS)?;
+    let chromium = match system {
+        Some(p) => p,
+        None => {
+            progress.step("no system Chromium; downloading Playwright's");
+            download_chromium(ctx, &dir, &log).await?
+        }
+    };
     let browser = serde_json::json!({ "executable": chromium });
     write(&dir.join("browser.json"), &format!("{browser:#}\n"))?;
     progress.step(&format!("render server ready, browser {}", chromium.display()));
     stamp.write()?;
     Ok(true)
+}
+
+/// The browser `browser.json` names.
+fn recorded_browser(dir: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(dir.join("browser.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("executable")?.as_str().map(PathBuf::from)
+}
+
+/// Downloads Playwright's Chromium into `<dir>/browsers` and returns its executable.
+async fn download_chromium(ctx: &Ctx, dir: &Path, log: &Path) -> Result<PathBuf, InstallError> {
+    let browsers = dir.join("browsers");
+    let cli = dir.join("node_modules/playwright-core/cli.js");
+    Cmd::new("node")
+        .arg(&cli)
+        .args(["install", "chromium"])
+        .cwd(dir)
+        .env("PLAYWRIGHT_BROWSERS_PATH", &browsers)
+        .run(log, &ctx.cancel)
+        .await?;
+    let path = Cmd::new("node")
+        .args([
+            "--input-type=module",
+            "-e",
+            "import { chromium } from 'playwright-core'; console.log(chromium.executablePath());",
+        ])
+        .cwd(dir)
+        .env("PLAYWRIGHT_BROWSERS_PATH", &browsers)
+        .output(log, &ctx.cancel)
+        .await?;
+    let path = PathBuf::from(path.trim());
+    if is_executable(&path) {
+        Ok(path)
+    } else {
+        Err(InstallError::NoChromium {
+            looked: format!("the system locations and Playwright's download at {}", path.display()),
+        })
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<(), InstallError> {

@@ -147,6 +147,13 @@ fn renders_p5_html_and_urls_through_the_connector() {
             assert!(near(rgb(&img, 50, 50), [255, 0, 0]), "{:?}", rgb(&img, 50, 50));
             assert!(near(rgb(&img, 150, 50), [0, 0, 255]), "{:?}", rgb(&img, 150, 50));
 
+            let instance = "new p5((p) => { p.setup = () => { p.createCanvas(80, 40); p.background(0, 255, 0); p.noLoop(); }; });";
+            let img = render(&c, "playwright", json!({"kind": "p5", "code": instance, "width": 80, "height": 40}))
+                .await
+                .unwrap();
+            assert_eq!((img.0, img.1), (80, 40));
+            assert!(near(rgb(&img, 40, 20), [0, 255, 0]), "{:?}", rgb(&img, 40, 20));
+
             let html = "<html><body style='margin:0;background:#00ff00'>\
                         <div style='position:absolute;left:0;top:0;width:60px;height:80px;background:#0000ff'></div></body></html>";
             let payload = json!({"html": html, "width": 120, "height": 80, "device_scale": 2});
