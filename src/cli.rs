@@ -53,6 +53,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the jobMatching Redis Functions library.
+    Functions {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::FunctionsCommand,
+    },
+    /// Submit, inspect and cancel jobs on the broker.
+    Jobs {
+        #[command(flatten)]
+        redis: crate::matcher::cli::RedisArgs,
+        #[command(subcommand)]
+        command: crate::matcher::cli::JobsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +89,8 @@ pub fn main() -> ExitCode {
         Command::Gpus { json } => gpus(cli.config.as_deref(), json),
         Command::Run => run(cli.config.as_deref()),
         Command::Install { only } => install(cli.config.as_deref(), only.as_deref()),
+        Command::Functions { redis, command } => crate::matcher::cli::functions(&redis, &command),
+        Command::Jobs { redis, command } => crate::matcher::cli::jobs(&redis, &command),
     }
 }
 

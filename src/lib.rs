@@ -12,4 +12,6 @@ pub mod connectors;
 pub mod gpu;
 pub mod installers;
 pub mod logging;
+pub mod matcher;
 pub mod plan;
+pub mod worker;

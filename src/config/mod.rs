@@ -75,6 +75,11 @@ pub struct Config {
 pub struct RedisUrl(String);
 
 impl RedisUrl {
+    /// Validates a URL given outside the configuration (e.g. `--redis-url`).
+    pub fn parse(u: &str) -> Result<RedisUrl, String> {
+        validate_redis_url(u)
+    }
+
     /// The URL with its credentials, for connecting.
     pub fn expose(&self) -> &str {
         &self.0

@@ -225,7 +225,7 @@ impl ComfyuiConnector {
             }
             tokio::select! {
                 () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
-                () = tokio::time::sleep(Duration::from_millis(u64::from(5 + attempt * 10).min(250))) => {}
+                () = tokio::time::sleep(Duration::from_millis(u64::from(2 + attempt * 10).min(250))) => {}
             }
         }
         let entry = entry.ok_or_else(|| ConnectorError::Unavailable {
@@ -349,6 +349,21 @@ impl ComfyuiConnector {
                 Err(e) => tracing::warn!(error = %e.chain(), "failed to read the ComfyUI history"),
             }
         };
+        if outcome == Outcome::Success && !tracker.finished {
+            // Upstream announces success before writing the history and sends `executing` with
+            // no node after it; waiting briefly for that saves polling the history.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Some(Ok(msg)) = socket.next().await {
+                    if let Message::Text(text) = msg {
+                        tracker.handle(text.as_str(), progress);
+                        if tracker.finished {
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
         match outcome {
             Outcome::Success => {}
             Outcome::Error { message, retryable } => return Err(ConnectorError::Failed { message, retryable }),
@@ -551,6 +566,8 @@ struct Tracker {
     current: Option<String>,
     class_of: std::collections::HashMap<String, String>,
     node_fraction: f64,
+    /// `executing` with no node arrived: the server is done with the prompt, history written.
+    finished: bool,
 }
 
 impl Tracker {
@@ -568,6 +585,7 @@ impl Tracker {
                 })
                 .collect(),
             node_fraction: 0.0,
+            finished: false,
         }
     }
 
@@ -621,7 +639,10 @@ impl Tracker {
                     self.report(progress, format!("executing node {}", self.node_label(node)));
                 }
                 // `executing` with a null node is how older servers say the prompt finished.
-                None => return Some(Outcome::Success),
+                None => {
+                    self.finished = true;
+                    return Some(Outcome::Success);
+                }
             },
             "progress" => {
                 let value = data.get("value").and_then(Value::as_f64).unwrap_or(0.0);

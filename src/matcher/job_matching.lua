@@ -1,0 +1,839 @@
+#!lua name=jobMatching
+-- The `jobMatching` library: claiming (findMatchingJob), the job lifecycle, leases and the
+-- pending-queue index. Every function is atomic (Redis runs one at a time), so concurrent
+-- claimers and reapers on many machines never see half a change. docs/redis-protocol.md
+-- describes every key and argument; docs/matching.md the matching rules.
+--
+-- Every function except findMatchingJob takes a key prefix as its first argument ('' in
+-- production) so that `machine functions test` can run a self-check on scratch keys.
+
+local VERSION = '__MATCHER_VERSION__'
+
+-- Requirement keys that describe a job but are not capabilities (defect 3).
+local DESCRIPTIVE = { service_type = true, component = true, workflow = true, timeout_minutes = true,
+  quality_level = true }
+-- Statuses in which a job belongs to the worker it is assigned to.
+local LIVE = { assigned = true, accepted = true, in_progress = true }
+-- Statuses a job in jobs:pending may have; anything else there is debris.
+local QUEUED = { pending = true, queued = true }
+local TERMINAL_TTL_S = 7 * 86400      -- job hash after completion/failure
+local PROGRESS_TTL_S = 86400          -- job:<id>:progress and progress:<id>
+local PROGRESS_MAXLEN = 1000          -- entries kept per progress stream (approximate)
+local RECORD_TTL_MS = 7 * 86400 * 1000 -- jobs:completed / jobs:failed entries
+local RECORD_TRIM = 100               -- records trimmed per completion at most
+local DEFAULT_LEASE_MS = 60000
+local DEFAULT_HOLDOFF_MS = 30000
+local CLAIM_RECONCILE = 256           -- index repair budget of one claim when counts differ
+local CANCEL_ERROR = 'Job cancelled by user'
+
+local function dbg(msg)
+  redis.log(redis.LOG_DEBUG, 'jobMatching: ' .. msg)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- ISO-8601 UTC with milliseconds from epoch milliseconds (Lua in Redis has no os.date).
+local function iso(ms)
+  local secs = math.floor(ms / 1000)
+  local milli = ms - secs * 1000
+  local days = math.floor(secs / 86400)
+  local rem = secs - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d, math.floor(rem / 3600),
+    math.floor((rem % 3600) / 60), rem % 60, milli)
+end
+
+local function hgetall(key)
+  local flat = redis.call('HGETALL', key)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t, #flat > 0
+end
+
+local function publish(p, channel, doc)
+  redis.call('PUBLISH', p .. channel, cjson.encode(doc))
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Matching (mirrored exactly by src/matcher/reference.rs)
+-- ---------------------------------------------------------------------------------------------
+
+local function kind(v)
+  if v == nil or v == cjson.null then return 'nil' end
+  local t = type(v)
+  if t == 'table' then
+    if next(v) == nil then return 'empty' end
+    if v[1] ~= nil then return 'list' end
+    return 'object'
+  end
+  if t == 'string' or t == 'number' or t == 'boolean' then return t end
+  return 'nil'
+end
+
+local function scalar_eq(a, b)
+  local ta = type(a)
+  if ta ~= type(b) then return false end
+  if ta == 'string' or ta == 'number' or ta == 'boolean' then return a == b end
+  return false
+end
+
+local function list_has(list, x)
+  for _, v in ipairs(list) do
+    if scalar_eq(v, x) then return true end
+  end
+  return false
+end
+
+-- Does the worker's value `have` satisfy the requirement `req`?
+local function satisfies(req, have)
+  local kh = kind(have)
+  local kr = kind(req)
+  if kh == 'nil' or kr == 'nil' then return false end
+  if kr == 'empty' then return kh == 'list' or kh == 'object' or kh == 'empty' end
+  if kr == 'object' then
+    if kh ~= 'object' then return false end
+    for k, v in pairs(req) do
+      if not satisfies(v, have[k]) then return false end
+    end
+    return true
+  end
+  if kr == 'list' then
+    if kh ~= 'list' then return false end
+    for _, v in ipairs(req) do
+      if not list_has(have, v) then return false end
+    end
+    return true
+  end
+  if kh == 'list' then return list_has(have, req) end
+  if kr == 'number' and kh == 'number' then return have >= req end
+  return scalar_eq(req, have)
+end
+
+-- Would any single item of `req` match `have`? (negative requirements)
+local function any_item(req, have)
+  local kr = kind(req)
+  if kr == 'list' then
+    for _, x in ipairs(req) do
+      if any_item(x, have) then return true end
+    end
+    return false
+  end
+  if kr == 'object' then
+    if kind(have) ~= 'object' then return false end
+    for k, x in pairs(req) do
+      if any_item(x, have[k]) then return true end
+    end
+    return false
+  end
+  if kr == 'empty' then return false end
+  return satisfies(req, have)
+end
+
+local function lookup(caps, path)
+  local v = caps[path]
+  if v ~= nil then return v end
+  if not string.find(path, '.', 1, true) then return nil end
+  v = caps
+  for part in string.gmatch(path, '[^%.]+') do
+    if type(v) ~= 'table' then return nil end
+    v = v[part]
+    if v == nil then return nil end
+  end
+  return v
+end
+
+local function hw_value(caps, key)
+  local hw = caps.hardware
+  if type(hw) ~= 'table' then return nil end
+  return hw[key]
+end
+
+local function worker_models(caps, service)
+  local m = caps.models
+  if type(m) ~= 'table' then return nil end
+  return m[service]
+end
+
+-- The models a requirement lists, as a list (nil = no constraint).
+local function model_list(req, service)
+  if req == 'all' then return nil end
+  local k = kind(req)
+  if k == 'object' then
+    req = req[service]
+    if req == nil or req == cjson.null or req == 'all' then return nil end
+    k = kind(req)
+  end
+  if k == 'string' then return { req } end
+  if k == 'empty' or k == 'nil' then return nil end
+  if k == 'list' then return req end
+  return false
+end
+
+local function strict_worker(caps)
+  local ca = caps.customer_access
+  return type(ca) == 'table' and ca.isolation == 'strict'
+end
+
+local function positive_ok(reqs, caps, service)
+  for k, v in pairs(reqs) do
+    if not DESCRIPTIVE[k] then
+      local ok
+      if k == 'hardware' then
+        local kv = kind(v)
+        if v == 'all' or kv == 'empty' then
+          ok = true
+        elseif kv == 'object' then
+          ok = true
+          for hk, hv in pairs(v) do
+            if hv ~= 'all' and not satisfies(hv, hw_value(caps, hk)) then
+              ok = false
+              break
+            end
+          end
+        else
+          ok = satisfies(v, caps.hardware)
+        end
+      elseif k == 'models' then
+        local list = model_list(v, service)
+        if list == nil then
+          ok = true
+        elseif list == false then
+          ok = false
+        else
+          local have = worker_models(caps, service)
+          ok = kind(have) == 'list'
+          if ok then
+            for _, m in ipairs(list) do
+              if not list_has(have, m) then
+                ok = false
+                break
+              end
+            end
+          end
+        end
+      elseif k == 'customer_isolation' then
+        ok = v ~= 'strict' or strict_worker(caps)
+      else
+        ok = satisfies(v, lookup(caps, k))
+      end
+      if not ok then return false end
+    end
+  end
+  return true
+end
+
+local function negative_hit(reqs, caps, service)
+  for k, v in pairs(reqs) do
+    if not DESCRIPTIVE[k] then
+      if k == 'hardware' then
+        if kind(v) == 'object' then
+          for hk, hv in pairs(v) do
+            if hv ~= 'all' and any_item(hv, hw_value(caps, hk)) then return true end
+          end
+        end
+      elseif k == 'models' then
+        local list = model_list(v, service)
+        local have = worker_models(caps, service)
+        if list and kind(have) == 'list' then
+          for _, m in ipairs(list) do
+            if list_has(have, m) then return true end
+          end
+        end
+      elseif k == 'customer_isolation' then
+        if v == 'strict' and strict_worker(caps) then return true end
+      else
+        if any_item(v, lookup(caps, k)) then return true end
+      end
+    end
+  end
+  return false
+end
+
+-- Parses a requirements string: nil for "no requirements", false for malformed, else the
+-- positive and negative tables.
+local function parse_requirements(raw)
+  if raw == nil then return {}, nil end
+  local s = string.match(raw, '^%s*(.-)%s*$')
+  if s == '' or s == 'null' then return {}, nil end
+  if string.sub(s, 1, 1) ~= '{' then return false end
+  local ok, doc = pcall(cjson.decode, s)
+  if not ok or type(doc) ~= 'table' then return false end
+  local pos, neg = doc.positive_requirements, doc.negative_requirements
+  if pos == nil and neg == nil then return doc, nil end
+  if pos == cjson.null then pos = nil end
+  if neg == cjson.null then neg = nil end
+  if pos ~= nil and (type(pos) ~= 'table' or kind(pos) == 'list') then return false end
+  if neg ~= nil and (type(neg) ~= 'table' or kind(neg) == 'list') then return false end
+  return pos or {}, neg
+end
+
+local function customer_ok(customer, caps)
+  if customer == nil or customer == '' then return true end
+  local ca = caps.customer_access
+  if type(ca) ~= 'table' then return true end
+  if kind(ca.denied_customers) == 'list' and list_has(ca.denied_customers, customer) then return false end
+  if kind(ca.allowed_customers) == 'list' and not list_has(ca.allowed_customers, customer) then return false end
+  return true
+end
+
+local function worker_services(caps)
+  local map = caps.job_service_required_map
+  local k = kind(map)
+  if k == 'nil' then
+    map = caps.services
+    k = kind(map)
+  end
+  if k ~= 'list' then return {} end
+  local out, seen = {}, {}
+  for _, s in ipairs(map) do
+    if type(s) == 'string' and not seen[s] then
+      seen[s] = true
+      out[#out + 1] = s
+    end
+  end
+  return out
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- The pending index: jobs:pending grouped by (service, requirements, customer, workflow)
+-- ---------------------------------------------------------------------------------------------
+
+local function unindex(p, id)
+  local gid = redis.call('HGET', p .. 'jobs:idx:job', id)
+  redis.call('ZREM', p .. 'jobs:idx:all', id)
+  redis.call('HDEL', p .. 'jobs:idx:job', id)
+  if gid and gid ~= '' then
+    local gkey = p .. 'jobs:idx:g:' .. gid
+    redis.call('ZREM', gkey, id)
+    if redis.call('ZCARD', gkey) == 0 then
+      local service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service')
+      if service then redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid) end
+      redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
+    end
+  end
+end
+
+local function set_terminal_ttl(p, id)
+  redis.call('EXPIRE', p .. 'job:' .. id, TERMINAL_TTL_S)
+end
+
+local function mark_unworkable(p, id, reason, now)
+  dbg('job ' .. id .. ' unworkable: ' .. reason)
+  local at = iso(now)
+  redis.call('HSET', p .. 'job:' .. id, 'status', 'unworkable', 'error', reason, 'failed_at', at)
+  redis.call('ZREM', p .. 'jobs:pending', id)
+  unindex(p, id)
+  set_terminal_ttl(p, id)
+  local rc = redis.call('HGET', p .. 'job:' .. id, 'retry_count') or '0'
+  publish(p, 'job_failed', { job_id = id, worker_id = '', status = 'unworkable', error = reason, failed_at = at,
+    retry_count = tonumber(rc) or 0, can_retry = false, timestamp = now })
+end
+
+-- Puts one job of jobs:pending into its group. Returns 'indexed', 'orphan' (no hash yet),
+-- 'dropped' (debris removed), 'unworkable' or 'not_pending'.
+local function index_job(p, id, now)
+  local score = redis.call('ZSCORE', p .. 'jobs:pending', id)
+  if not score then
+    unindex(p, id)
+    return 'not_pending'
+  end
+  local prev = redis.call('HGET', p .. 'jobs:idx:job', id)
+  if prev and prev ~= '' then
+    local gscore = redis.call('ZSCORE', p .. 'jobs:idx:g:' .. prev, id)
+    if gscore == score then return 'indexed' end
+    unindex(p, id)
+  end
+  local f = redis.call('HMGET', p .. 'job:' .. id, 'service_required', 'job_type', 'requirements', 'customer_id',
+    'workflow_id', 'payload', 'status')
+  if not f[1] and not f[2] and not f[7] then
+    -- The API writes the ZADD before the HSET; the job_submitted index call or a sweep
+    -- indexes it once the hash exists.
+    redis.call('ZADD', p .. 'jobs:idx:all', score, id)
+    redis.call('HSET', p .. 'jobs:idx:job', id, '')
+    return 'orphan'
+  end
+  local status = f[7]
+  if status and status ~= '' and not QUEUED[status] then
+    redis.call('ZREM', p .. 'jobs:pending', id)
+    unindex(p, id)
+    return 'dropped'
+  end
+  local service = f[1]
+  if not service or service == '' then service = f[2] end
+  if not service or service == '' then
+    mark_unworkable(p, id, 'job has no service_required', now)
+    return 'unworkable'
+  end
+  local reqs = f[3] or ''
+  if parse_requirements(reqs) == false then
+    mark_unworkable(p, id, 'malformed requirements JSON', now)
+    return 'unworkable'
+  end
+  local payload = f[6]
+  if payload and string.match(payload, '%S') then
+    local ok = pcall(cjson.decode, payload)
+    if not ok then
+      mark_unworkable(p, id, 'malformed payload JSON', now)
+      return 'unworkable'
+    end
+  end
+  local canon = string.match(reqs, '^%s*(.-)%s*$')
+  if canon == 'null' or canon == '{}' then canon = '' end
+  local customer, workflow = f[4] or '', f[5] or ''
+  local gid = redis.sha1hex(service .. '\n' .. canon .. '\n' .. customer .. '\n' .. workflow)
+  local gkey = p .. 'jobs:idx:g:' .. gid
+  if redis.call('EXISTS', p .. 'jobs:idx:meta:' .. gid) == 0 then
+    redis.call('HSET', p .. 'jobs:idx:meta:' .. gid, 'service', service, 'requirements', canon,
+      'customer_id', customer, 'workflow_id', workflow)
+  end
+  redis.call('SADD', p .. 'jobs:idx:svc:' .. service, gid)
+  redis.call('ZADD', gkey, score, id)
+  redis.call('ZADD', p .. 'jobs:idx:all', score, id)
+  redis.call('HSET', p .. 'jobs:idx:job', id, gid)
+  return 'indexed'
+end
+
+-- One bounded step of repairing the index against jobs:pending: indexes jobs the API added
+-- without us and drops entries for jobs that left jobs:pending behind our back.
+local function sweep(p, budget, now)
+  local cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0
+  local ids = redis.call('ZRANGE', p .. 'jobs:pending', cur, cur + budget - 1)
+  for _, id in ipairs(ids) do
+    local gid = redis.call('HGET', p .. 'jobs:idx:job', id)
+    if not gid or gid == '' then index_job(p, id, now) end
+  end
+  if #ids < budget then cur = 0 else cur = cur + budget end
+  redis.call('SET', p .. 'jobs:idx:cursor:pending', cur)
+  cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:index')) or 0
+  ids = redis.call('ZRANGE', p .. 'jobs:idx:all', cur, cur + budget - 1)
+  for _, id in ipairs(ids) do
+    if not redis.call('ZSCORE', p .. 'jobs:pending', id) then unindex(p, id) end
+  end
+  if #ids < budget then cur = 0 else cur = cur + budget end
+  redis.call('SET', p .. 'jobs:idx:cursor:index', cur)
+end
+
+local function reconcile(p, now)
+  if redis.call('ZCARD', p .. 'jobs:pending') ~= redis.call('ZCARD', p .. 'jobs:idx:all') then
+    sweep(p, CLAIM_RECONCILE, now)
+  end
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Claiming
+-- ---------------------------------------------------------------------------------------------
+
+-- The best claimable job of one group for this worker: (id, score) or nil. Repairs stale
+-- entries it meets on the way.
+local function group_top(p, gid, worker, holdoffs, now, skip_limit)
+  local gkey = p .. 'jobs:idx:g:' .. gid
+  local offset, skipped = 0, 0
+  while true do
+    local top = redis.call('ZREVRANGE', gkey, offset, offset, 'WITHSCORES')
+    if #top == 0 then return nil end
+    local id, gscore = top[1], top[2]
+    local score = redis.call('ZSCORE', p .. 'jobs:pending', id)
+    if not score then
+      unindex(p, id)
+    elseif score ~= gscore then
+      index_job(p, id, now)
+    else
+      local held = false
+      if holdoffs then
+        local h = redis.call('HGET', p .. 'jobs:holdoff', id)
+        if h then
+          local w, untl = string.match(h, '^(.*)|(%d+)$')
+          held = w == worker and tonumber(untl) > now
+        end
+      end
+      if not held then return id, tonumber(score), score end
+      skipped = skipped + 1
+      if skipped >= skip_limit then return nil end
+      offset = offset + 1
+    end
+  end
+end
+
+local function group_matches(p, gid, caps, wf_pin, decoded)
+  local meta = redis.call('HMGET', p .. 'jobs:idx:meta:' .. gid, 'service', 'requirements', 'customer_id',
+    'workflow_id')
+  if not meta[1] then return false end
+  if wf_pin and meta[4] ~= wf_pin then return false end
+  if not customer_ok(meta[3], caps) then return false end
+  local raw = meta[2] or ''
+  local entry = decoded[raw]
+  if entry == nil then
+    local pos, neg = parse_requirements(raw)
+    entry = { pos = pos, neg = neg }
+    decoded[raw] = entry
+  end
+  if entry.pos == false then return false end
+  if not positive_ok(entry.pos, caps, meta[1]) then return false end
+  if entry.neg and negative_hit(entry.neg, caps, meta[1]) then return false end
+  return true
+end
+
+local function claim(p, caps, worker, max_examine, lease_ms)
+  local now = now_ms()
+  reconcile(p, now)
+  local wf_pin = caps.workflow_id
+  if type(wf_pin) ~= 'string' or wf_pin == '' then wf_pin = nil end
+  local services = worker_services(caps)
+  local decoded = {}
+  -- A chosen job can turn out to be debris (its hash changed status behind our back); drop it
+  -- and choose again. The bound only guards against a corrupted index.
+  for _ = 1, 64 do
+    local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
+    local best_id, best_score, best_raw
+    for _, service in ipairs(services) do
+      local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
+      for _, gid in ipairs(gids) do
+        if group_matches(p, gid, caps, wf_pin, decoded) then
+          local id, score, raw = group_top(p, gid, worker, holdoffs, now, max_examine)
+          if id and (best_score == nil or score > best_score or (score == best_score and id > best_id)) then
+            best_id, best_score, best_raw = id, score, raw
+          end
+        end
+      end
+    end
+    if not best_id then return nil end
+    local jkey = p .. 'job:' .. best_id
+    local job, exists = hgetall(jkey)
+    if exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
+      redis.call('ZREM', p .. 'jobs:pending', best_id)
+      unindex(p, best_id)
+      redis.call('HDEL', p .. 'jobs:holdoff', best_id)
+      local at = iso(now)
+      redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
+      job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
+      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, cjson.encode(job))
+      redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
+        'last_status_change', at)
+      redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
+      local machine = caps.machine_id
+      if type(machine) ~= 'string' then machine = '' end
+      redis.call('HSET', p .. 'jobs:claims', best_id, cjson.encode({ w = worker, s = best_raw, m = machine, t = now }))
+      local service = job.service_required or job.job_type or ''
+      publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed', claimed_at = at,
+        timestamp = now, service_required = service, customer_id = job.customer_id or '',
+        workflow_id = job.workflow_id or '' })
+      publish(p, 'update_job_progress', { job_id = best_id, worker_id = worker, progress = 0,
+        status = 'assigned', message = 'claimed', current_step = job.current_step or '',
+        total_steps = job.total_steps or '', timestamp = now })
+      local stream = p .. 'progress:' .. best_id
+      redis.call('XADD', stream, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', best_id, 'worker_id', worker,
+        'progress', '0', 'status', 'assigned', 'message', 'claimed', 'timestamp', tostring(now))
+      redis.call('EXPIRE', stream, PROGRESS_TTL_S)
+      dbg('claimed ' .. best_id .. ' for ' .. worker)
+      return cjson.encode({ jobId = best_id, job = job })
+    end
+    redis.call('ZREM', p .. 'jobs:pending', best_id)
+    unindex(p, best_id)
+  end
+  return nil
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Lifecycle
+-- ---------------------------------------------------------------------------------------------
+
+local function drop_claim(p, id)
+  redis.call('ZREM', p .. 'jobs:leases', id)
+  redis.call('HDEL', p .. 'jobs:claims', id)
+end
+
+local function worker_idle(p, worker, id, now)
+  local w = redis.call('HMGET', p .. 'worker:' .. worker, 'status', 'current_job_id')
+  if w[2] ~= id then return end
+  redis.call('HSET', p .. 'worker:' .. worker, 'status', 'idle', 'current_job_id', '', 'last_status_change', iso(now))
+  publish(p, 'worker_status', { worker_id = worker, old_status = w[1] or '', new_status = 'idle',
+    current_job_id = '', timestamp = now })
+end
+
+-- Fencing: 'ok' and the claim record when `worker` still holds the job, else 'cancelled'
+-- or 'lost'. A cancelled job's leftovers are cleaned here.
+local function fence(p, id, worker, now)
+  local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'error')
+  local raw = redis.call('HGET', p .. 'jobs:claims', id)
+  local claim_rec = raw and cjson.decode(raw) or nil
+  if st[1] and st[2] == worker and (st[1] == 'cancelled' or (st[1] == 'failed' and st[3] == CANCEL_ERROR)) then
+    if claim_rec and claim_rec.w == worker then drop_claim(p, id) end
+    redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+    worker_idle(p, worker, id, now)
+    set_terminal_ttl(p, id)
+    return 'cancelled'
+  end
+  if not st[1] or st[2] ~= worker or not LIVE[st[1]] or not claim_rec or claim_rec.w ~= worker then
+    return 'lost'
+  end
+  return 'ok', claim_rec
+end
+
+local function requeue(p, id, worker, claim_rec, fields, reason, now)
+  local jkey = p .. 'job:' .. id
+  redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
+  redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
+  drop_claim(p, id)
+  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  worker_idle(p, worker, id, now)
+  index_job(p, id, now)
+  local service = redis.call('HGET', jkey, 'service_required') or ''
+  publish(p, 'job_requeued', { job_id = id, service_required = service, reason = reason, timestamp = now })
+end
+
+local function trim_records(p, hash, now)
+  local at = p .. hash .. ':at'
+  local old = redis.call('ZRANGEBYSCORE', at, '-inf', now - RECORD_TTL_MS, 'LIMIT', 0, RECORD_TRIM)
+  if #old > 0 then
+    redis.call('HDEL', p .. hash, unpack(old))
+    redis.call('ZREM', at, unpack(old))
+  end
+end
+
+local function final_fail(p, id, worker, err, retry_count, now)
+  local at = iso(now)
+  local jkey = p .. 'job:' .. id
+  redis.call('HSET', jkey, 'status', 'failed', 'error', err, 'failed_at', at, 'retry_count', retry_count)
+  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  drop_claim(p, id)
+  redis.call('HSET', p .. 'jobs:failed', id, cjson.encode({ error = err, failed_at = at, retry_count = retry_count }))
+  redis.call('ZADD', p .. 'jobs:failed:at', now, id)
+  trim_records(p, 'jobs:failed', now)
+  publish(p, 'job_failed', { job_id = id, worker_id = worker, status = 'failed', error = err, failed_at = at,
+    retry_count = retry_count, can_retry = false, timestamp = now })
+  worker_idle(p, worker, id, now)
+  set_terminal_ttl(p, id)
+  redis.call('EXPIRE', p .. 'job:' .. id .. ':progress', PROGRESS_TTL_S)
+end
+
+local function start_job(p, id, worker)
+  local now = now_ms()
+  local r, claim_rec = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now))
+  claim_rec.st = now
+  redis.call('HSET', p .. 'jobs:claims', id, cjson.encode(claim_rec))
+  return 'ok'
+end
+
+local function progress(p, id, worker, pct, message, current_step, total_steps)
+  local now = now_ms()
+  local r = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  local pkey = p .. 'job:' .. id .. ':progress'
+  redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at', iso(now))
+  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+  local stream = p .. 'progress:' .. id
+  redis.call('XADD', stream, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
+    'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
+    'timestamp', tostring(now))
+  redis.call('EXPIRE', stream, PROGRESS_TTL_S)
+  publish(p, 'update_job_progress', { job_id = id, worker_id = worker, progress = tonumber(pct) or 0,
+    status = 'in_progress', message = message, current_step = current_step, total_steps = total_steps,
+    timestamp = now })
+  return 'ok'
+end
+
+local function complete(p, id, worker, result_raw, message)
+  local now = now_ms()
+  local r, claim_rec = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  local ok, result = pcall(cjson.decode, result_raw)
+  if not ok then result = result_raw end
+  local at = iso(now)
+  local jkey = p .. 'job:' .. id
+  local started = claim_rec.st or claim_rec.t or now
+  redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', tostring(now - started))
+  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  drop_claim(p, id)
+  redis.call('HSET', p .. 'jobs:completed', id, cjson.encode({ success = true, data = result, completed_at = at }))
+  redis.call('ZADD', p .. 'jobs:completed:at', now, id)
+  trim_records(p, 'jobs:completed', now)
+  local j = redis.call('HMGET', jkey, 'workflow_id', 'current_step', 'total_steps')
+  publish(p, 'complete_job', { job_id = id, worker_id = worker, progress = 100, status = 'completed',
+    message = message, result = result, timestamp = now, workflow_id = j[1] or '', current_step = j[2] or '',
+    total_steps = j[3] or '' })
+  local pkey = p .. 'job:' .. id .. ':progress'
+  redis.call('HSET', pkey, 'progress', '100', 'status', 'completed', 'message', message, 'updated_at', at)
+  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+  worker_idle(p, worker, id, now)
+  set_terminal_ttl(p, id)
+  return 'ok'
+end
+
+local function fail(p, id, worker, err, retryable, holdoff_ms)
+  local now = now_ms()
+  local r, claim_rec = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  local f = redis.call('HMGET', p .. 'job:' .. id, 'retry_count', 'max_retries')
+  local retry_count = (tonumber(f[1]) or 0) + 1
+  local max_retries = tonumber(f[2]) or 3
+  if retryable and retry_count < max_retries then
+    local at = iso(now)
+    requeue(p, id, worker, claim_rec, { 'retry_count', tostring(retry_count), 'last_failed_worker', worker,
+      'failed_at', at, 'error', err }, 'retry', now)
+    if holdoff_ms > 0 then
+      redis.call('HSET', p .. 'jobs:holdoff', id, worker .. '|' .. tostring(now + holdoff_ms))
+    end
+    return 'retried'
+  end
+  final_fail(p, id, worker, err, retry_count, now)
+  return 'failed'
+end
+
+local function return_job(p, id, worker, reason)
+  local now = now_ms()
+  local r, claim_rec = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  requeue(p, id, worker, claim_rec, {}, reason, now)
+  return 'ok'
+end
+
+local function renew(p, id, worker, lease_ms)
+  local now = now_ms()
+  local r = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, id)
+  return 'held'
+end
+
+-- Returns jobs whose lease expired: {requeued, failed, cleaned}.
+local function reap(p, limit, sweep_budget)
+  local now = now_ms()
+  local requeued, failed, cleaned = 0, 0, 0
+  local ids = redis.call('ZRANGEBYSCORE', p .. 'jobs:leases', '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', p .. 'jobs:claims', id)
+    local claim_rec = raw and cjson.decode(raw) or nil
+    local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'retry_count', 'max_retries')
+    if not claim_rec or not st[1] or not LIVE[st[1]] or st[2] ~= claim_rec.w then
+      drop_claim(p, id)
+      cleaned = cleaned + 1
+    else
+      local worker = claim_rec.w
+      local retry_count = (tonumber(st[3]) or 0) + 1
+      local max_retries = tonumber(st[4]) or 3
+      dbg('lease of ' .. id .. ' held by ' .. worker .. ' expired')
+      if retry_count < max_retries then
+        requeue(p, id, worker, claim_rec, { 'retry_count', tostring(retry_count), 'last_failed_worker', worker,
+          'failed_at', iso(now), 'error', 'lease expired' }, 'lease_expired', now)
+        requeued = requeued + 1
+      else
+        final_fail(p, id, worker, 'lease expired (worker ' .. worker .. ' stopped renewing) after ' ..
+          tostring(retry_count) .. ' attempts', retry_count, now)
+        failed = failed + 1
+      end
+    end
+  end
+  -- Hold-offs that expired no longer matter; drop a bounded number of them.
+  local h = redis.call('HSCAN', p .. 'jobs:holdoff', 0, 'COUNT', 100)
+  local flat = h[2]
+  for i = 1, #flat, 2 do
+    local untl = tonumber(string.match(flat[i + 1], '|(%d+)$')) or 0
+    if untl <= now then redis.call('HDEL', p .. 'jobs:holdoff', flat[i]) end
+  end
+  if sweep_budget > 0 then sweep(p, sweep_budget, now) end
+  return { requeued, failed, cleaned }
+end
+
+local function cancel(p, id, reason)
+  local now = now_ms()
+  local jkey = p .. 'job:' .. id
+  local st = redis.call('HMGET', jkey, 'status', 'worker_id')
+  if not st[1] then return 'not_found' end
+  if st[1] == 'completed' or st[1] == 'failed' or st[1] == 'cancelled' or st[1] == 'unworkable' then
+    return 'already_' .. st[1]
+  end
+  local at = iso(now)
+  redis.call('HSET', jkey, 'status', 'failed', 'error', CANCEL_ERROR, 'failed_at', at, 'cancelled_at', at)
+  local worker = st[2] or ''
+  if worker ~= '' then redis.call('HDEL', p .. 'jobs:active:' .. worker, id) end
+  redis.call('ZREM', p .. 'jobs:pending', id)
+  unindex(p, id)
+  publish(p, 'cancel_job', { job_id = id, worker_id = worker, reason = reason, timestamp = now })
+  return 'cancelled'
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Registration
+-- ---------------------------------------------------------------------------------------------
+
+local function num_arg(v, default)
+  local n = tonumber(v)
+  if n == nil or n < 0 then return default end
+  return math.floor(n)
+end
+
+redis.register_function('findMatchingJob', function(_, args)
+  local ok, caps = pcall(cjson.decode, args[1] or '')
+  if not ok or type(caps) ~= 'table' then return redis.error_reply('ERR invalid capabilities JSON') end
+  local worker = caps.worker_id
+  if type(worker) ~= 'string' or worker == '' then
+    return redis.error_reply('ERR capabilities need a worker_id')
+  end
+  local max_examine = num_arg(args[2], 100)
+  if max_examine < 1 then max_examine = 1 end
+  local lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
+  if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
+  return claim(args[4] or '', caps, worker, max_examine, lease_ms)
+end)
+
+redis.register_function{ function_name = 'jobMatchingVersion', flags = { 'no-writes' },
+  callback = function() return VERSION end }
+
+redis.register_function('indexJob', function(_, args)
+  return index_job(args[1], args[2], now_ms())
+end)
+
+redis.register_function('startJob', function(_, args)
+  return start_job(args[1], args[2], args[3])
+end)
+
+redis.register_function('updateJobProgress', function(_, args)
+  return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '')
+end)
+
+redis.register_function('completeJob', function(_, args)
+  return complete(args[1], args[2], args[3], args[4] or 'null', args[5] or '')
+end)
+
+redis.register_function('failJob', function(_, args)
+  return fail(args[1], args[2], args[3], args[4] or '', args[5] == '1', num_arg(args[6], DEFAULT_HOLDOFF_MS))
+end)
+
+redis.register_function('returnJob', function(_, args)
+  return return_job(args[1], args[2], args[3], args[4] or 'returned')
+end)
+
+redis.register_function('renewLease', function(_, args)
+  local lease_ms = num_arg(args[4], DEFAULT_LEASE_MS)
+  if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
+  return renew(args[1], args[2], args[3], lease_ms)
+end)
+
+redis.register_function('reapExpiredLeases', function(_, args)
+  return reap(args[1], num_arg(args[2], 100), num_arg(args[3], 0))
+end)
+
+redis.register_function('sweepIndex', function(_, args)
+  local p = args[1]
+  sweep(p, math.max(num_arg(args[2], 1000), 1), now_ms())
+  return { redis.call('ZCARD', p .. 'jobs:pending'), redis.call('ZCARD', p .. 'jobs:idx:all'),
+    tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0 }
+end)
+
+redis.register_function('cancelJob', function(_, args)
+  return cancel(args[1], args[2], args[3] or CANCEL_ERROR)
+end)

@@ -1,0 +1,203 @@
+//! A worker's capabilities, built from facts: the GPU it owns (model and memory from the
+//! probe), the host's RAM and CPU cores, the models really present on disk for each of its
+//! services, and what the configuration says about customers, workflow pinning and custom
+//! capabilities. Nothing here is a default that pretends to be a fact: a worker without a GPU
+//! reports `gpu_count = 0`, and a service without a models folder reports no models.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::config::{ConnectorKind, WorkerConfig};
+use crate::gpu::Probe;
+use crate::matcher::{Capabilities, CustomerAccess, Hardware};
+use crate::plan::WorkerPlan;
+
+/// File extensions of model weights.
+const MODEL_EXTENSIONS: [&str; 10] = [
+    "safetensors",
+    "ckpt",
+    "pt",
+    "pth",
+    "bin",
+    "gguf",
+    "onnx",
+    "sft",
+    "engine",
+    "pkl",
+];
+
+/// How deep model folders are searched (subfolders of `checkpoints/`, ...).
+const MAX_DEPTH: usize = 4;
+
+/// The folder holding a connector's models, as the installers lay out the workspace.
+pub(crate) fn models_dir(workspace: &Path, kind: ConnectorKind) -> Option<std::path::PathBuf> {
+    match kind {
+        ConnectorKind::Comfyui => Some(workspace.join("ComfyUI").join("models")),
+        ConnectorKind::A1111 => Some(workspace.join("stable-diffusion-webui").join("models")),
+        _ => None,
+    }
+}
+
+/// The capabilities of one planned worker.
+pub fn build(
+    plan: &WorkerPlan,
+    machine_id: &str,
+    probe: &Probe,
+    workspace: &Path,
+    config: &WorkerConfig,
+) -> Capabilities {
+    let gpu = plan.gpu.and_then(|i| probe.gpus.iter().find(|g| g.index == i));
+    let hardware = Hardware {
+        gpu_count: u32::from(gpu.is_some()),
+        gpu_memory_gb: gpu.map_or(0.0, |g| g.memory_gb() as f64),
+        gpu_model: gpu.map_or_else(String::new, |g| g.name.clone()),
+        ram_gb: probe.host.ram_gb() as f64,
+        cpu_cores: probe.host.cpu_cores,
+        extra: serde_json::Map::new(),
+    };
+    let mut models = BTreeMap::new();
+    for &kind in &plan.connectors {
+        if let Some(dir) = models_dir(workspace, kind) {
+            let found = scan_models(&dir);
+            for service in kind.job_services() {
+                models.insert((*service).to_owned(), found.clone());
+            }
+        }
+    }
+    let mut caps = Capabilities::new(plan.id.clone(), machine_id.to_owned(), &[]);
+    caps.services = plan.connectors.iter().map(|k| k.name().to_owned()).collect();
+    caps.job_service_required_map = plan.job_services.clone();
+    caps.hardware = hardware;
+    caps.models = models;
+    caps.customer_access = CustomerAccess {
+        isolation: config.customer_access.isolation.clone(),
+        allowed_customers: config.customer_access.allowed_customers.clone(),
+        denied_customers: config.customer_access.denied_customers.clone(),
+    };
+    caps.workflow_id = config.workflow_id.clone();
+    caps.custom = config.capabilities.clone();
+    caps
+}
+
+/// The models under `dir`: for each weights file, its path relative to its model-type folder
+/// (`sdxl/base.safetensors`, as ComfyUI names it), its file name, and its stem (`base`), so a
+/// job may name a model either way. Sorted, without duplicates; empty when `dir` is missing.
+pub fn scan_models(dir: &Path) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    let Ok(types) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    for entry in types.flatten() {
+        let path = entry.path();
+        // `metadata` follows symlinks: installers link a shared models directory in.
+        if path.metadata().is_ok_and(|m| m.is_dir()) {
+            walk(&path, &path, 0, &mut names);
+        } else {
+            add(&path, dir, &mut names);
+        }
+    }
+    names.into_iter().collect()
+}
+
+fn walk(root: &Path, dir: &Path, depth: usize, names: &mut BTreeSet<String>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match path.metadata() {
+            Ok(m) if m.is_dir() => walk(root, &path, depth + 1, names),
+            Ok(m) if m.is_file() => add(&path, root, names),
+            _ => {}
+        }
+    }
+}
+
+fn add(path: &Path, root: &Path, names: &mut BTreeSet<String>) {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    if !MODEL_EXTENSIONS.iter().any(|m| ext.eq_ignore_ascii_case(m)) {
+        return;
+    }
+    if let Ok(rel) = path.strip_prefix(root) {
+        names.insert(rel.to_string_lossy().replace('\\', "/"));
+    }
+    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+        names.insert(name.to_owned());
+    }
+    if let Some(stem) = path.file_stem().and_then(|n| n.to_str()) {
+        names.insert(stem.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuInfo, HostInfo};
+    use crate::plan::WorkerKind;
+
+    #[test]
+    fn models_come_from_files_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("ComfyUI/models");
+        std::fs::create_dir_all(models.join("checkpoints/sdxl")).unwrap();
+        std::fs::create_dir_all(models.join("loras")).unwrap();
+        std::fs::write(models.join("checkpoints/sd15.safetensors"), b"x").unwrap();
+        std::fs::write(models.join("checkpoints/sdxl/base.ckpt"), b"x").unwrap();
+        std::fs::write(models.join("checkpoints/put_checkpoints_here"), b"").unwrap();
+        std::fs::write(models.join("loras/detail.pt"), b"x").unwrap();
+        let found = scan_models(&models);
+        assert_eq!(
+            found,
+            [
+                "base",
+                "base.ckpt",
+                "detail",
+                "detail.pt",
+                "sd15",
+                "sd15.safetensors",
+                "sdxl/base.ckpt"
+            ]
+        );
+        assert!(scan_models(&dir.path().join("missing")).is_empty());
+
+        let probe = Probe::from_parts(
+            vec![GpuInfo {
+                index: 1,
+                name: "NVIDIA GeForce RTX 4090".into(),
+                uuid: None,
+                memory_total_bytes: 24 << 30,
+                memory_free_bytes: 0,
+            }],
+            HostInfo {
+                cpu_cores: 16,
+                ram_total_bytes: 64 << 30,
+                ram_available_bytes: 0,
+                disk_free_bytes: None,
+            },
+        );
+        let plan = WorkerPlan {
+            id: "m1-gpu1".into(),
+            gpu: Some(1),
+            kind: WorkerKind::Gpu,
+            connectors: vec![ConnectorKind::Comfyui],
+            job_services: vec!["comfyui".into()],
+            services: vec!["comfyui-gpu1".into()],
+        };
+        let config = crate::config::Config::for_tests(&[]).worker;
+        let caps = build(&plan, "m1", &probe, dir.path(), &config);
+        assert_eq!(caps.hardware.gpu_count, 1);
+        assert_eq!(caps.hardware.gpu_memory_gb, 24.0);
+        assert_eq!(caps.hardware.gpu_model, "NVIDIA GeForce RTX 4090");
+        assert_eq!(caps.hardware.ram_gb, 64.0);
+        assert_eq!(caps.hardware.cpu_cores, 16);
+        assert_eq!(caps.models["comfyui"], found);
+        assert_eq!(caps.job_service_required_map, ["comfyui"]);
+        assert_eq!(caps.customer_access.isolation, "loose");
+        let external = WorkerPlan { gpu: None, ..plan };
+        assert_eq!(
+            build(&external, "m1", &probe, dir.path(), &config).hardware.gpu_count,
+            0
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Workers: one task per planned worker (one per GPU serving every GPU-bound connector of that
+//! GPU, plus the external connectors' workers) that claims jobs from the broker and runs them
+//! through its connectors.
+//!
+//! [`Workers::build`] turns the plan into workers: capabilities from facts
+//! ([`capabilities::build`]), one connector per connector kind wired to the plan's service port
+//! on that GPU, and the output store. [`Workers::run`] runs them all until shutdown and returns
+//! when every worker has finished or returned its job. The loop of one worker, and the promise
+//! that each job ends in exactly one outcome, live in [`runner`].
+
+pub mod capabilities;
+mod runner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConnectorKind, Env};
+use crate::connectors::Connector;
+use crate::connectors::a1111::A1111Connector;
+use crate::connectors::comfyui::ComfyuiConnector;
+use crate::connectors::openai::OpenaiConnector;
+use crate::connectors::playwright::PlaywrightConnector;
+use crate::connectors::simulation::SimulationConnector;
+use crate::connectors::store::OutputStore;
+use crate::gpu::Probe;
+use crate::matcher::Broker;
+use crate::plan::{Plan, WorkerPlan};
+
+pub use runner::{CurrentJob, JobCounts, JobOutcome, JobReport, Worker, WorkerSettings, WorkerState, WorkerStatus};
+
+/// Why the workers could not be set up or run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A planned worker cannot be built.
+    #[error("failed to set up worker {worker}: {message}")]
+    Setup {
+        /// The worker id.
+        worker: String,
+        /// What is missing.
+        message: String,
+    },
+    /// A worker task panicked.
+    #[error("worker task {worker} failed")]
+    Task {
+        /// The worker id.
+        worker: String,
+        /// The join error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Readiness of the supervised services, by service name (`true` = ready). The supervisor
+/// publishes these; a worker claims only while all of its plan's services are ready.
+pub type Readiness = BTreeMap<String, watch::Receiver<bool>>;
+
+/// The machine's workers, built from the plan.
+#[derive(Debug)]
+pub struct Workers {
+    workers: Vec<Worker>,
+    /// The plan's services each worker waits for, by position.
+    services: Vec<Vec<String>>,
+    reports: broadcast::Sender<JobReport>,
+}
+
+impl Workers {
+    /// Builds one worker per planned worker. `env` supplies the API keys named in the
+    /// configuration.
+    pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
+        let store = Arc::new(OutputStore::new(config.worker.output_dir.clone()));
+        let settings = WorkerSettings {
+            heartbeat: config.worker.heartbeat,
+            drain: config.worker.drain,
+            job_timeout: config.worker.job_timeout,
+        };
+        let (reports, _) = broadcast::channel(1024);
+        let mut workers = Vec::with_capacity(plan.workers.len());
+        let mut services = Vec::with_capacity(plan.workers.len());
+        for wp in &plan.workers {
+            let caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
+            let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
+            for &kind in &wp.connectors {
+                let connector = connector_for(kind, wp, plan, config, env)?;
+                for service in kind.job_services() {
+                    connectors.insert((*service).to_owned(), connector.clone());
+                }
+            }
+            let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
+            worker.report_to(reports.clone());
+            workers.push(worker);
+            services.push(wp.services.clone());
+        }
+        Ok(Workers {
+            workers,
+            services,
+            reports,
+        })
+    }
+
+    /// The workers, e.g. to read their capabilities.
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    /// Each worker's id and status channel, for the status page.
+    pub fn statuses(&self) -> Vec<(String, watch::Receiver<WorkerStatus>)> {
+        self.workers.iter().map(|w| (w.id().to_owned(), w.status())).collect()
+    }
+
+    /// Finished-job reports of every worker (for metrics); slow readers miss reports, never
+    /// slow the workers.
+    pub fn reports(&self) -> broadcast::Receiver<JobReport> {
+        self.reports.subscribe()
+    }
+
+    /// Runs every worker until `shutdown`, each gated on the readiness of its plan's services
+    /// (a service missing from `readiness` is one this machine does not supervise, e.g. in
+    /// tests, and does not gate). Returns when all have stopped.
+    pub async fn run(
+        self,
+        broker: Broker,
+        readiness: &Readiness,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (mut worker, services) in self.workers.into_iter().zip(self.services) {
+            worker.wait_for(services.iter().filter_map(|s| readiness.get(s).cloned()).collect());
+            let id = worker.id().to_owned();
+            let broker = broker.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { (id, worker.run(broker, shutdown).await) });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(e))) => {
+                    tracing::error!(worker = %id, error = %e, "worker stopped with an error");
+                    first_error.get_or_insert(e);
+                }
+                Err(source) => {
+                    first_error.get_or_insert(WorkerError::Task {
+                        worker: "?".to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Builds, sets up and runs the plan's workers: the entry point `app` calls.
+pub async fn run_all(
+    config: &Config,
+    probe: &Probe,
+    plan: &Plan,
+    env: &dyn Env,
+    broker: Broker,
+    readiness: &Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    Workers::build(config, probe, plan, env)?
+        .run(broker, readiness, shutdown)
+        .await
+}
+
+/// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of
+/// that kind on the worker's GPU.
+fn connector_for(
+    kind: ConnectorKind,
+    wp: &WorkerPlan,
+    plan: &Plan,
+    config: &Config,
+    env: &dyn Env,
+) -> Result<Arc<dyn Connector>, WorkerError> {
+    let service_url = || {
+        plan.services
+            .iter()
+            .find(|s| s.connector == Some(kind) && wp.services.contains(&s.name))
+            .and_then(|s| s.port)
+            .map(|port| {
+                url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("a loopback URL with a port parses")
+            })
+            .ok_or_else(|| WorkerError::Setup {
+                worker: wp.id.clone(),
+                message: format!("the plan has no {kind} service with a port for this worker"),
+            })
+    };
+    Ok(match kind {
+        ConnectorKind::Comfyui => Arc::new(ComfyuiConnector::new(service_url()?)),
+        ConnectorKind::A1111 => Arc::new(A1111Connector::new(service_url()?)),
+        ConnectorKind::Openai => Arc::new(OpenaiConnector::new(
+            config.openai.clone(),
+            env.var(&config.openai.api_key_env),
+        )),
+        ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
+        ConnectorKind::Playwright => Arc::new(PlaywrightConnector::new(service_url()?)),
+    })
+}

@@ -1,0 +1,739 @@
+//! One worker: the loop that waits for its services, claims a job, runs it through the right
+//! connector with heartbeats, lease renewal, progress, cancellation and a time limit beside it,
+//! and reports exactly one outcome.
+//!
+//! A claimed job ends in exactly one of: completed, failed (retryable or not; the broker decides
+//! whether a retryable failure is re-queued), returned (shutdown), cancelled (the API said so;
+//! the result is discarded) or lost (the lease went to someone else; nothing is written).
+//! Redis errors never end the worker: claims back off and retry, and an outcome is reported
+//! again and again until Redis answers (its fencing then decides whether it still counts).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::connectors::store::OutputStore;
+use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressSink};
+use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
+
+/// The state of a worker, for the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Registering with the broker.
+    Starting,
+    /// Its services are not ready (starting, or crash-looping); it does not claim.
+    WaitingForServices,
+    /// Waiting for a job.
+    Idle,
+    /// Running a job.
+    Busy,
+    /// Shutting down; its job may finish within the drain period.
+    Draining,
+    /// Stopped.
+    Stopped,
+}
+
+/// The job a worker runs now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CurrentJob {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// Last reported progress, 0-100.
+    pub progress: f64,
+    /// Last progress message.
+    pub message: String,
+}
+
+/// How many jobs ended which way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JobCounts {
+    /// Jobs claimed.
+    pub claimed: u64,
+    /// Jobs completed.
+    pub completed: u64,
+    /// Jobs failed (whether or not the broker re-queued them).
+    pub failed: u64,
+    /// Jobs returned to the queue at shutdown.
+    pub returned: u64,
+    /// Jobs cancelled by the API while running here.
+    pub cancelled: u64,
+    /// Jobs whose lease this worker lost.
+    pub lost: u64,
+}
+
+/// What a worker is doing, published on a watch channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerStatus {
+    /// The worker id.
+    pub worker_id: String,
+    /// Its state.
+    pub state: WorkerState,
+    /// The job it runs, when busy.
+    pub current_job: Option<CurrentJob>,
+    /// Outcomes so far.
+    pub counts: JobCounts,
+    /// The last error it met (a Redis outage, a failed job), for operators.
+    pub last_error: Option<String>,
+}
+
+/// How a job ended here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum JobOutcome {
+    /// Completed; the result was written.
+    Completed,
+    /// Failed; `requeued` when the broker put it back for another attempt.
+    Failed {
+        /// Whether the failure was retryable.
+        retryable: bool,
+        /// Whether the broker re-queued it.
+        requeued: bool,
+        /// The reason written to the job.
+        error: String,
+    },
+    /// Returned to the queue at shutdown.
+    Returned,
+    /// Cancelled by the API; the result was discarded.
+    Cancelled,
+    /// The lease was lost (or the outcome could not be reported before shutdown).
+    Lost,
+}
+
+/// One finished job, for metrics and the benchmark.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobReport {
+    /// The worker.
+    pub worker_id: String,
+    /// The job.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// How it ended.
+    pub outcome: JobOutcome,
+    /// Time spent in the connector.
+    #[serde(with = "humantime_serde")]
+    pub run: Duration,
+    /// Time from the claim to the outcome written in Redis.
+    #[serde(with = "humantime_serde")]
+    pub total: Duration,
+}
+
+/// Timing knobs of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Heartbeat and lease renewal period.
+    pub heartbeat: Duration,
+    /// How long a running job may go on after shutdown before it is returned.
+    pub drain: Duration,
+    /// Time limit of a job that does not set its own.
+    pub job_timeout: Duration,
+}
+
+/// Why a running job was stopped before its connector returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    Lost,
+    Timeout,
+    Shutdown,
+}
+
+/// A lifecycle write that the broker refused, or that could not be made before shutdown.
+#[derive(Debug)]
+enum NotWritten {
+    Cancelled,
+    Lost,
+    GaveUp(BrokerError),
+}
+
+/// One worker, ready to run.
+#[derive(Debug)]
+pub struct Worker {
+    caps: Capabilities,
+    connectors: HashMap<String, Arc<dyn Connector>>,
+    settings: WorkerSettings,
+    store: Arc<OutputStore>,
+    ready: Vec<watch::Receiver<bool>>,
+    status: watch::Sender<WorkerStatus>,
+    reports: Option<broadcast::Sender<JobReport>>,
+}
+
+/// Aborts a spawned task when dropped, so no task outlives the job it belongs to.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Worker {
+    /// A worker with these capabilities; `connectors` must serve every service in
+    /// `caps.job_service_required_map` (checked by [`super::Workers::build`]).
+    pub fn new(
+        caps: Capabilities,
+        connectors: HashMap<String, Arc<dyn Connector>>,
+        settings: WorkerSettings,
+        store: Arc<OutputStore>,
+    ) -> Worker {
+        let (status, _) = watch::channel(WorkerStatus {
+            worker_id: caps.worker_id.clone(),
+            state: WorkerState::Starting,
+            current_job: None,
+            counts: JobCounts::default(),
+            last_error: None,
+        });
+        Worker {
+            caps,
+            connectors,
+            settings,
+            store,
+            ready: Vec::new(),
+            status,
+            reports: None,
+        }
+    }
+
+    /// The worker id.
+    pub fn id(&self) -> &str {
+        &self.caps.worker_id
+    }
+
+    /// Its capabilities.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Gates claiming on these readiness signals (one per service, `true` = ready): the worker
+    /// claims only while all are `true`.
+    pub fn wait_for(&mut self, ready: Vec<watch::Receiver<bool>>) {
+        self.ready = ready;
+    }
+
+    /// Publishes a [`JobReport`] for each finished job on `reports`.
+    pub fn report_to(&mut self, reports: broadcast::Sender<JobReport>) {
+        self.reports = Some(reports);
+    }
+
+    /// Follows the worker's status.
+    pub fn status(&self) -> watch::Receiver<WorkerStatus> {
+        self.status.subscribe()
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state;
+            s.state = state;
+            changed
+        });
+    }
+
+    fn note_error(&self, e: &dyn std::fmt::Display) {
+        let text = e.to_string();
+        self.status.send_modify(|s| s.last_error = Some(text));
+    }
+
+    fn all_ready(&self) -> bool {
+        self.ready.iter().all(|r| *r.borrow())
+    }
+
+    /// Resolves once every readiness signal is `true` (at once when there are none).
+    async fn until_ready(&mut self) {
+        for rx in &mut self.ready {
+            // A closed channel means its service is gone for good: never ready again.
+            if rx.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs until `shutdown`: claims and runs jobs one at a time. Returns after its last job
+    /// has been completed, failed or returned.
+    pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
+        let mut backoff = RedisBackoff::default();
+        while !shutdown.is_cancelled() {
+            match broker.register_worker(&self.caps).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
+                    self.note_error(&error_chain(&e));
+                    if !backoff.sleep(&shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        while !shutdown.is_cancelled() {
+            if !self.all_ready() {
+                self.set_state(WorkerState::WaitingForServices);
+                tracing::info!(worker = %self.id(), "waiting for its services to be ready");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.until_ready() => {}
+                }
+                continue;
+            }
+            self.set_state(WorkerState::Idle);
+            let claimed = self.claim(&broker, &shutdown).await;
+            match claimed {
+                Ok(Some(job)) => {
+                    backoff.reset();
+                    self.run_job(&broker, job, &shutdown).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
+                    self.note_error(&error_chain(&e));
+                    backoff.sleep(&shutdown).await;
+                }
+            }
+        }
+        self.set_state(WorkerState::Stopped);
+        Ok(())
+    }
+
+    /// Claims the next job, giving up (with `Ok(None)`) when a service stops being ready or at
+    /// shutdown. The claim is stopped through its token rather than dropped, so a claim that
+    /// Redis already made is never lost.
+    async fn claim(
+        &mut self,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ClaimedJob>, BrokerError> {
+        let stop = shutdown.child_token();
+        let claim = broker.claim_next(&self.caps, &stop);
+        tokio::pin!(claim);
+        let mut unready = Box::pin(services_lost(&mut self.ready));
+        loop {
+            tokio::select! {
+                r = &mut claim => return r,
+                () = &mut unready, if !stop.is_cancelled() => {
+                    tracing::warn!(worker = %self.caps.worker_id, "a service stopped being ready; not claiming");
+                    stop.cancel();
+                }
+            }
+        }
+    }
+
+    fn job_input(&self, claimed: &ClaimedJob) -> Job {
+        Job {
+            id: claimed.id.clone(),
+            service_required: claimed.service.clone(),
+            payload: claimed.payload.clone(),
+            ctx: claimed.ctx().unwrap_or(Value::Null),
+            timeout: job_timeout(claimed),
+        }
+    }
+
+    async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) {
+        let claimed_at = Instant::now();
+        let mut cancels = broker.cancellations();
+        self.status.send_modify(|s| {
+            s.state = WorkerState::Busy;
+            s.counts.claimed += 1;
+            s.current_job = Some(CurrentJob {
+                job_id: claimed.id.clone(),
+                service: claimed.service.clone(),
+                progress: 0.0,
+                message: String::new(),
+            });
+        });
+        tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
+        let input = self.job_input(&claimed);
+        let (outcome, run) = match self.connectors.get(&claimed.service).cloned() {
+            None => {
+                let e = ConnectorError::BadPayload(format!(
+                    "worker {} has no connector for `{}`",
+                    self.id(),
+                    claimed.service
+                ));
+                (self.write_failure(broker, &claimed, &e, shutdown).await, Duration::ZERO)
+            }
+            Some(connector) => match self.write(shutdown, || broker.start(&claimed)).await {
+                Err(not) => (self.not_written(not), Duration::ZERO),
+                Ok(()) => {
+                    self.supervise(broker, &claimed, &input, connector, &mut cancels, shutdown)
+                        .await
+                }
+            },
+        };
+        let total = claimed_at.elapsed();
+        tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
+        self.status.send_modify(|s| {
+            s.current_job = None;
+            match &outcome {
+                JobOutcome::Completed => s.counts.completed += 1,
+                JobOutcome::Failed { error, .. } => {
+                    s.counts.failed += 1;
+                    s.last_error = Some(error.clone());
+                }
+                JobOutcome::Returned => s.counts.returned += 1,
+                JobOutcome::Cancelled => s.counts.cancelled += 1,
+                JobOutcome::Lost => s.counts.lost += 1,
+            }
+        });
+        if let Some(tx) = &self.reports {
+            let _ = tx.send(JobReport {
+                worker_id: self.caps.worker_id.clone(),
+                job_id: claimed.id.clone(),
+                service: claimed.service.clone(),
+                outcome,
+                run,
+                total,
+            });
+        }
+    }
+
+    /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
+    /// around it, then writes the outcome. Returns the outcome and the connector's run time.
+    async fn supervise(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        input: &Job,
+        connector: Arc<dyn Connector>,
+        cancels: &mut broadcast::Receiver<String>,
+        shutdown: &CancellationToken,
+    ) -> (JobOutcome, Duration) {
+        let (sink, mut progress) = ProgressSink::new();
+        let job_cancel = CancellationToken::new();
+        let started = Instant::now();
+        let mut task = AbortOnDrop(tokio::spawn({
+            let input = input.clone();
+            let cancel = job_cancel.clone();
+            async move {
+                let r = connector.run(&input, &sink, &cancel).await;
+                (r, started.elapsed())
+            }
+        }));
+        let (stop_tx, mut stop_rx) = mpsc::channel(1);
+        let keeper = AbortOnDrop(tokio::spawn(keep_lease(
+            broker.clone(),
+            claimed.clone(),
+            self.settings.heartbeat,
+            stop_tx,
+        )));
+        let timeout = input.timeout.unwrap_or(self.settings.job_timeout);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut stop: Option<Stop> = None;
+        let mut progress_open = true;
+        let mut cancels_open = true;
+        let (result, run) = loop {
+            tokio::select! {
+                biased;
+                joined = &mut task.0 => break match joined {
+                    Ok(r) => r,
+                    Err(e) => (Err(ConnectorError::Failed { message: format!("the connector task failed: {e}"), retryable: true }), started.elapsed()),
+                },
+                Some(s) = stop_rx.recv(), if stop.is_none() => {
+                    stop = Some(s);
+                    job_cancel.cancel();
+                }
+                msg = cancels.recv(), if stop.is_none() && cancels_open => match msg {
+                    Ok(id) if id == claimed.id => {
+                        tracing::info!(job_id = %claimed.id, "the job was cancelled; interrupting it");
+                        stop = Some(Stop::Cancelled);
+                        job_cancel.cancel();
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => cancels_open = false,
+                },
+                () = &mut deadline, if stop.is_none() => {
+                    tracing::warn!(job_id = %claimed.id, ?timeout, "the job ran past its time limit; stopping it");
+                    stop = Some(Stop::Timeout);
+                    job_cancel.cancel();
+                }
+                () = shutdown.cancelled(), if drain.is_none() && stop.is_none() => {
+                    tracing::info!(job_id = %claimed.id, drain = ?self.settings.drain, "shutdown: letting the job finish within the drain period");
+                    self.set_state(WorkerState::Draining);
+                    drain = Some(Box::pin(tokio::time::sleep(self.settings.drain)));
+                }
+                () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() && stop.is_none() => {
+                    stop = Some(Stop::Shutdown);
+                    job_cancel.cancel();
+                }
+                changed = progress.changed(), if progress_open => {
+                    if changed.is_err() {
+                        progress_open = false;
+                        continue;
+                    }
+                    let p = progress.borrow_and_update().1.clone();
+                    self.status.send_modify(|s| if let Some(j) = &mut s.current_job {
+                        j.progress = p.percent;
+                        j.message.clone_from(&p.message);
+                    });
+                    let steps = p.current_step.zip(p.total_steps);
+                    match broker.progress(claimed, p.percent, &p.message, steps).await {
+                        Ok(()) => {}
+                        Err(BrokerError::Cancelled { .. }) if stop.is_none() => {
+                            stop = Some(Stop::Cancelled);
+                            job_cancel.cancel();
+                        }
+                        Err(BrokerError::LeaseLost { .. }) if stop.is_none() => {
+                            stop = Some(Stop::Lost);
+                            job_cancel.cancel();
+                        }
+                        Err(e) => tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "progress not written"),
+                    }
+                }
+            }
+        };
+        drop(keeper);
+        let outcome = match (stop, result) {
+            (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
+            (Some(Stop::Lost), _) => JobOutcome::Lost,
+            (_, Ok(output)) => self.write_success(broker, claimed, input, output, shutdown).await,
+            (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
+                Ok(()) => JobOutcome::Returned,
+                Err(not) => self.not_written(not),
+            },
+            (Some(Stop::Timeout), Err(_)) => {
+                let e = ConnectorError::Timeout(timeout);
+                self.write_failure(broker, claimed, &e, shutdown).await
+            }
+            (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
+        };
+        (outcome, run)
+    }
+
+    async fn write_success(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        input: &Job,
+        output: JobOutput,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let stored = match self.store.store(input, output.artifacts).await {
+            Ok(s) => s,
+            Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
+        };
+        let mut result = output.data;
+        if !stored.is_empty() {
+            let artifacts = serde_json::to_value(&stored).expect("stored artifacts are plain data");
+            match &mut result {
+                Value::Object(map) => {
+                    map.insert("artifacts".to_owned(), artifacts);
+                }
+                other => {
+                    result = json!({"data": other.take(), "artifacts": artifacts});
+                }
+            }
+        }
+        match self.write(shutdown, || broker.complete(claimed, &result)).await {
+            Ok(()) => JobOutcome::Completed,
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    async fn write_failure(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let error = e.chain();
+        // A connector that reports cancellation without being asked has lost its service.
+        let retryable = e.is_retryable() || e.class() == ErrorClass::Cancelled;
+        tracing::warn!(job_id = %claimed.id, retryable, error = %error, "the job failed");
+        match self.write(shutdown, || broker.fail(claimed, &error, retryable)).await {
+            Ok(o) => JobOutcome::Failed {
+                retryable,
+                requeued: o == FailOutcome::Retried,
+                error,
+            },
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    fn not_written(&self, not: NotWritten) -> JobOutcome {
+        match not {
+            NotWritten::Cancelled => JobOutcome::Cancelled,
+            NotWritten::Lost => JobOutcome::Lost,
+            NotWritten::GaveUp(e) => {
+                // The lease expires and the reaper gives the job to another worker.
+                tracing::error!(worker = %self.id(), error = %error_chain(&e), "gave up reporting a job at shutdown");
+                JobOutcome::Lost
+            }
+        }
+    }
+
+    /// Makes a lifecycle write, retrying through Redis outages until it is written or fenced.
+    /// After shutdown it tries for one more drain period, then gives up (the lease then returns
+    /// the job).
+    async fn write<T, F, Fut>(&self, shutdown: &CancellationToken, mut op: F) -> Result<T, NotWritten>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let mut backoff = RedisBackoff::default();
+        let mut shutdown_seen: Option<Instant> = None;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(BrokerError::Cancelled { .. }) => return Err(NotWritten::Cancelled),
+                Err(BrokerError::LeaseLost { .. }) => return Err(NotWritten::Lost),
+                Err(e) => {
+                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to write to redis; retrying");
+                    self.note_error(&error_chain(&e));
+                    if shutdown.is_cancelled() {
+                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.settings.drain {
+                            return Err(NotWritten::GaveUp(e));
+                        }
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Heartbeats and renews the lease every `every`, beside the job; tells the job to stop when the
+/// broker says it was cancelled or is no longer ours. Redis errors are logged and retried at the
+/// next tick (the lease is at least three ticks long).
+async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc::Sender<Stop>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = broker.heartbeat(&job.worker_id).await {
+            tracing::warn!(worker = %job.worker_id, error = %error_chain(&e), "heartbeat failed");
+        }
+        match broker.renew_lease(&job).await {
+            Ok(LeaseStatus::Held) => {}
+            Ok(LeaseStatus::Cancelled) => {
+                let _ = stop.send(Stop::Cancelled).await;
+                return;
+            }
+            Ok(LeaseStatus::Lost) => {
+                tracing::warn!(job_id = %job.id, "the lease was lost; abandoning the job");
+                let _ = stop.send(Stop::Lost).await;
+                return;
+            }
+            Err(e) => tracing::warn!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Resolves when any readiness signal turns `false` (never when there are none).
+async fn services_lost(ready: &mut [watch::Receiver<bool>]) {
+    if ready.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = ready.iter_mut().map(|rx| {
+        Box::pin(async move {
+            if rx.wait_for(|r| !*r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    futures_util::future::select_all(waits).await;
+}
+
+/// A job's own time limit: `payload.timeout_seconds`, else `requirements.timeout_minutes`.
+fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
+    let secs = claimed
+        .payload
+        .get("timeout_seconds")
+        .and_then(Value::as_f64)
+        .or_else(|| {
+            let req: Value = serde_json::from_str(claimed.field("requirements")?).ok()?;
+            req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
+        })?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))
+}
+
+/// The error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Backoff between attempts against an unavailable Redis: 100 ms doubling to 10 s.
+#[derive(Debug, Default)]
+struct RedisBackoff {
+    attempt: u32,
+}
+
+impl RedisBackoff {
+    fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(100)
+            .saturating_mul(1 << self.attempt.min(7))
+            .min(Duration::from_secs(10));
+        self.attempt += 1;
+        d
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// Sleeps the next delay; `false` when shutdown came first.
+    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+        let d = self.next();
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn claimed(payload: Value, requirements: &str) -> ClaimedJob {
+        ClaimedJob {
+            id: "j".into(),
+            worker_id: "w".into(),
+            service: "simulation".into(),
+            payload,
+            fields: BTreeMap::from([("requirements".to_owned(), requirements.to_owned())]),
+        }
+    }
+
+    #[test]
+    fn job_timeouts_come_from_the_job() {
+        assert_eq!(
+            job_timeout(&claimed(json!({"timeout_seconds": 2.5}), "")),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            job_timeout(&claimed(json!({}), r#"{"timeout_minutes": 2}"#)),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(job_timeout(&claimed(json!({"timeout_seconds": -1}), "")), None);
+        assert_eq!(job_timeout(&claimed(json!({}), "not json")), None);
+    }
+
+    #[test]
+    fn redis_backoff_doubles_to_a_cap() {
+        let mut b = RedisBackoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| b.next()).collect();
+        assert_eq!(delays[0], Duration::from_millis(100));
+        assert_eq!(delays[1], Duration::from_millis(200));
+        assert_eq!(delays[9], Duration::from_secs(10));
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(100));
+    }
+}

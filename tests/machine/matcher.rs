@@ -1,0 +1,1215 @@
+//! The job broker against a real redis-server: contract shapes, matching semantics (and the
+//! differential property test against the reference matcher), starvation, fencing, leases and
+//! the reaper (with a SIGKILLed claimer), concurrency, malformed jobs, wake-ups, the installer
+//! and the operator commands.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use machine::config::RedisUrl;
+use machine::matcher::reference::{self, PendingJob};
+use machine::matcher::{
+    Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, installer,
+};
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+use testkit::RedisServer;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn url(server: &RedisServer) -> RedisUrl {
+    RedisUrl::parse(&server.url()).expect("testkit URLs are valid")
+}
+
+async fn broker_with(server: &RedisServer, opts: BrokerOptions) -> Broker {
+    let b = Broker::connect(&url(server), opts).await.expect("connect");
+    b.ensure_functions().await.expect("install the library");
+    b
+}
+
+async fn broker(server: &RedisServer) -> Broker {
+    broker_with(server, BrokerOptions::default()).await
+}
+
+async fn raw(server: &RedisServer) -> MultiplexedConnection {
+    // Bulk loads run for seconds: no response timeout.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect")
+}
+
+async fn hgetall(conn: &mut MultiplexedConnection, key: &str) -> BTreeMap<String, String> {
+    redis::cmd("HGETALL").arg(key).query_async(conn).await.expect("HGETALL")
+}
+
+/// Writes a job the way the existing API does (ZADD, HSET), without indexing it.
+async fn api_add(conn: &mut MultiplexedConnection, id: &str, score: f64, fields: &[(&str, &str)]) {
+    let mut all: Vec<(&str, &str)> = vec![
+        ("id", id),
+        ("status", "pending"),
+        ("retry_count", "0"),
+        ("max_retries", "3"),
+    ];
+    all.extend_from_slice(fields);
+    let _: () = redis::pipe()
+        .zadd("jobs:pending", id, score)
+        .hset_multiple(format!("job:{id}"), &all)
+        .query_async(conn)
+        .await
+        .expect("API-style write");
+}
+
+fn caps(worker: &str, services: &[&str]) -> Capabilities {
+    Capabilities::new(worker, "m1", services)
+}
+
+async fn within<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("the test finished within its limit");
+}
+
+/// Collects messages of `channels` until `n` arrived or 5 s passed.
+async fn collect(pubsub: &mut redis::aio::PubSub, n: usize) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut stream = pubsub.on_message();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(msg)) => {
+                let payload: String = msg.get_payload().expect("string payload");
+                out.push((
+                    msg.get_channel_name().to_owned(),
+                    serde_json::from_str(&payload).expect("JSON message"),
+                ));
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+fn message<'a>(msgs: &'a [(String, Value)], channel: &str) -> &'a Value {
+    &msgs
+        .iter()
+        .find(|(c, _)| c == channel)
+        .unwrap_or_else(|| panic!("no {channel} message in {msgs:?}"))
+        .1
+}
+
+fn has_keys(v: &Value, keys: &[&str]) {
+    for k in keys {
+        assert!(v.get(*k).is_some(), "missing {k} in {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_and_message_has_the_contract_shape() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub
+            .subscribe(&[
+                "job_submitted",
+                "job_claimed",
+                "update_job_progress",
+                "complete_job",
+                "worker_status",
+                "job_failed",
+                "cancel_job",
+            ])
+            .await
+            .unwrap();
+
+        // Submission, as the API writes it.
+        let mut job = NewJob::new("comfyui", json!({"workflow": {"1": {}}}));
+        job.requirements = r#"{"hardware":{"gpu_memory_gb":16}}"#.to_owned();
+        job.priority = 70;
+        job.customer_id = "cust".to_owned();
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let id = b.submit(&job).await.unwrap();
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        for k in [
+            "id",
+            "service_required",
+            "priority",
+            "payload",
+            "requirements",
+            "customer_id",
+            "created_at",
+            "status",
+            "retry_count",
+            "max_retries",
+            "workflow_id",
+        ] {
+            assert!(h.contains_key(k), "job hash lacks {k}: {h:?}");
+        }
+        assert_eq!(h["status"], "pending");
+        assert_eq!(h["priority"], "70");
+        assert_eq!(h["max_retries"], "3");
+        assert!(
+            h["created_at"].ends_with('Z') && h["created_at"].contains('T'),
+            "ISO time: {}",
+            h["created_at"]
+        );
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let expect = 70.0 * 1e15 - (before as f64 / 1000.0).floor();
+        assert!((score - expect).abs() <= 32.0, "score {score} vs {expect}");
+        let msgs = collect(&mut pubsub, 1).await;
+        has_keys(
+            message(&msgs, "job_submitted"),
+            &[
+                "job_id",
+                "service_required",
+                "priority",
+                "requirements",
+                "customer_id",
+                "workflow_id",
+                "timestamp",
+            ],
+        );
+
+        // Claim.
+        let mut c = caps("m1-gpu0", &["comfyui"]);
+        c.hardware.gpu_memory_gb = 24.0;
+        let claimed = b.claim(&c).await.unwrap().expect("the job matches");
+        assert_eq!(claimed.id, id);
+        assert_eq!(claimed.payload["workflow"], json!({"1": {}}));
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["status"], "assigned");
+        assert_eq!(h["worker_id"], "m1-gpu0");
+        assert!(h.contains_key("assigned_at"));
+        let active = hgetall(&mut conn, "jobs:active:m1-gpu0").await;
+        let snap: Value = serde_json::from_str(&active[&id]).expect("active snapshot is JSON");
+        assert_eq!(snap["id"], id.as_str());
+        assert_eq!(snap["status"], "assigned");
+        let w = hgetall(&mut conn, "worker:m1-gpu0").await;
+        assert_eq!(w["status"], "busy");
+        assert_eq!(w["current_job_id"], id);
+        assert!(w.contains_key("last_status_change"));
+        let msgs = collect(&mut pubsub, 2).await;
+        let claimed_msg = message(&msgs, "job_claimed");
+        has_keys(
+            claimed_msg,
+            &[
+                "job_id",
+                "worker_id",
+                "status",
+                "claimed_at",
+                "timestamp",
+                "service_required",
+                "customer_id",
+                "workflow_id",
+            ],
+        );
+        assert_eq!(claimed_msg["status"], "claimed");
+        assert_eq!(claimed_msg["customer_id"], "cust");
+        let p0 = message(&msgs, "update_job_progress");
+        assert_eq!(p0["progress"], 0);
+        let stream: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(format!("progress:{id}"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stream.len(), 1);
+
+        // Start and progress.
+        b.start(&claimed).await.unwrap();
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["status"], "in_progress");
+        assert!(h.contains_key("started_at"));
+        b.progress(&claimed, 40.0, "sampling", Some((2, 5))).await.unwrap();
+        let p = hgetall(&mut conn, &format!("job:{id}:progress")).await;
+        assert_eq!(p["progress"], "40");
+        assert_eq!(p["status"], "in_progress");
+        assert_eq!(p["message"], "sampling");
+        assert!(p.contains_key("updated_at"));
+        let msgs = collect(&mut pubsub, 1).await;
+        let pm = message(&msgs, "update_job_progress");
+        has_keys(
+            pm,
+            &[
+                "job_id",
+                "worker_id",
+                "progress",
+                "status",
+                "message",
+                "current_step",
+                "total_steps",
+                "timestamp",
+            ],
+        );
+        assert_eq!(pm["progress"], 40);
+        assert_eq!(pm["current_step"], "2");
+        assert!(pm["timestamp"].as_i64().unwrap() > 1_600_000_000_000, "timestamp in ms");
+        // Bounded growth: the stream is capped and expires.
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(format!("progress:{id}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 86400, "progress stream TTL {ttl}");
+
+        // Complete.
+        b.complete(&claimed, &json!({"images": ["a.png"]})).await.unwrap();
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["status"], "completed");
+        assert!(h.contains_key("completed_at"));
+        assert!(h.contains_key("processing_time"));
+        assert!(!hgetall(&mut conn, "jobs:active:m1-gpu0").await.contains_key(&id));
+        let done: String = redis::cmd("HGET")
+            .arg("jobs:completed")
+            .arg(&id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let done: Value = serde_json::from_str(&done).unwrap();
+        assert_eq!(done["success"], true);
+        assert_eq!(done["data"]["images"][0], "a.png");
+        assert!(done.get("completed_at").is_some());
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(format!("job:{id}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "a finished job hash expires");
+        let w = hgetall(&mut conn, "worker:m1-gpu0").await;
+        assert_eq!(w["status"], "idle");
+        assert_eq!(w["current_job_id"], "");
+        let msgs = collect(&mut pubsub, 2).await;
+        let cm = message(&msgs, "complete_job");
+        has_keys(
+            cm,
+            &[
+                "job_id",
+                "worker_id",
+                "progress",
+                "status",
+                "message",
+                "result",
+                "timestamp",
+                "workflow_id",
+                "current_step",
+                "total_steps",
+            ],
+        );
+        assert_eq!(cm["progress"], 100);
+        assert_eq!(cm["status"], "completed");
+        let ws = message(&msgs, "worker_status");
+        has_keys(
+            ws,
+            &["worker_id", "old_status", "new_status", "current_job_id", "timestamp"],
+        );
+        assert_eq!(ws["old_status"], "busy");
+        assert_eq!(ws["new_status"], "idle");
+
+        // Final failure.
+        let mut job = NewJob::new("comfyui", json!({}));
+        job.max_retries = 0;
+        let id2 = b.submit(&job).await.unwrap();
+        let _ = collect(&mut pubsub, 1).await;
+        let claimed = b.claim(&c).await.unwrap().expect("claimable");
+        assert_eq!(claimed.id, id2);
+        let _ = collect(&mut pubsub, 2).await;
+        assert_eq!(b.fail(&claimed, "boom", true).await.unwrap(), FailOutcome::Failed);
+        let h = hgetall(&mut conn, &format!("job:{id2}")).await;
+        assert_eq!(h["status"], "failed");
+        assert_eq!(h["error"], "boom");
+        assert!(h.contains_key("failed_at"));
+        let rec: String = redis::cmd("HGET")
+            .arg("jobs:failed")
+            .arg(&id2)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        has_keys(
+            &serde_json::from_str(&rec).unwrap(),
+            &["error", "failed_at", "retry_count"],
+        );
+        let msgs = collect(&mut pubsub, 2).await;
+        let fm = message(&msgs, "job_failed");
+        has_keys(
+            fm,
+            &[
+                "job_id",
+                "worker_id",
+                "status",
+                "error",
+                "failed_at",
+                "retry_count",
+                "can_retry",
+                "timestamp",
+            ],
+        );
+        assert_eq!(fm["status"], "failed");
+        assert_eq!(fm["can_retry"], false);
+
+        // Cancel, as the API does it.
+        let id3 = b.submit(&NewJob::new("comfyui", json!({}))).await.unwrap();
+        let _ = collect(&mut pubsub, 1).await;
+        let claimed = b.claim(&c).await.unwrap().expect("claimable");
+        assert_eq!(claimed.id, id3);
+        let _ = collect(&mut pubsub, 2).await;
+        assert_eq!(b.cancel(&id3).await.unwrap(), CancelOutcome::Cancelled);
+        let h = hgetall(&mut conn, &format!("job:{id3}")).await;
+        assert_eq!(h["status"], "failed");
+        assert_eq!(h["error"], "Job cancelled by user");
+        assert!(!hgetall(&mut conn, "jobs:active:m1-gpu0").await.contains_key(&id3));
+        let msgs = collect(&mut pubsub, 1).await;
+        let xm = message(&msgs, "cancel_job");
+        has_keys(xm, &["job_id", "worker_id", "reason", "timestamp"]);
+        assert_eq!(xm["worker_id"], "m1-gpu0");
+
+        // Heartbeat.
+        b.heartbeat("m1-gpu0").await.unwrap();
+        assert!(
+            hgetall(&mut conn, "worker:m1-gpu0")
+                .await
+                .contains_key("last_heartbeat")
+        );
+        let ttl: i64 = redis::cmd("TTL")
+            .arg("worker:m1-gpu0:heartbeat")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 60, "heartbeat TTL {ttl}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_semantics_table_holds_in_lua() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let worker: Capabilities = serde_json::from_value(reference::example_capabilities()).unwrap();
+        for (i, (name, service, reqs, want)) in reference::EXAMPLES.iter().enumerate() {
+            let id = format!("case-{i}");
+            api_add(
+                &mut conn,
+                &id,
+                100.0,
+                &[("service_required", service), ("requirements", reqs), ("payload", "{}")],
+            )
+            .await;
+            let got = b.claim(&worker).await.unwrap();
+            assert_eq!(
+                got.as_ref().map(|j| j.id.as_str()),
+                want.then_some(id.as_str()),
+                "case {name}"
+            );
+            if let Some(job) = got {
+                b.complete(&job, &Value::Null).await.unwrap();
+            } else {
+                // Removed as the API's cancel does; its cancel_job notice makes the machine
+                // drop the job from the index (index_job), as here.
+                let _: () = redis::pipe()
+                    .zrem("jobs:pending", &id)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                b.index_job(&id).await.unwrap();
+            }
+        }
+    })
+    .await;
+}
+
+/// A Lua bulk loader: `n` jobs as the API writes them, in one round trip.
+async fn bulk_load(conn: &mut MultiplexedConnection, prefix: &str, n: usize, service: &str, reqs: &str, priority: i64) {
+    let script = r"
+        for i = 1, tonumber(ARGV[2]) do
+          local id = ARGV[1] .. i
+          redis.call('HSET', 'job:' .. id, 'id', id, 'service_required', ARGV[3], 'requirements', ARGV[4],
+            'priority', ARGV[5], 'payload', '{}', 'status', 'pending', 'customer_id', '', 'retry_count', '0',
+            'max_retries', '3')
+          redis.call('ZADD', 'jobs:pending', tonumber(ARGV[5]) * 1e15 - i, id)
+        end
+        return 1";
+    let _: i64 = redis::cmd("EVAL")
+        .arg(script)
+        .arg(0)
+        .arg(prefix)
+        .arg(n)
+        .arg(service)
+        .arg(reqs)
+        .arg(priority)
+        .query_async(conn)
+        .await
+        .expect("bulk load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_runnable_job_behind_100000_unrunnable_is_claimed() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        bulk_load(
+            &mut conn,
+            "big-",
+            100_000,
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":80}}"#,
+            90,
+        )
+        .await;
+        bulk_load(&mut conn, "other-", 1000, "a1111", "", 95).await;
+        api_add(
+            &mut conn,
+            "runnable",
+            10.0,
+            &[("service_required", "comfyui"), ("payload", "{}")],
+        )
+        .await;
+        // What the machines' job_submitted handling does for jobs added while nobody listened.
+        b.catch_up_index().await.unwrap();
+        let mut c = caps("w", &["comfyui"]);
+        c.hardware.gpu_memory_gb = 24.0;
+        let started = Instant::now();
+        let got = b.claim(&c).await.unwrap().expect("the runnable job is found");
+        assert_eq!(got.id, "runnable");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "claim took {:?}",
+            started.elapsed()
+        );
+        assert!(b.claim(&c).await.unwrap().is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        api_add(&mut conn, "api-1", 5.0, &[("service_required", "simulation")]).await;
+        api_add(
+            &mut conn,
+            "api-2",
+            7.0,
+            &[("job_type", "simulation"), ("payload", "{}")],
+        )
+        .await;
+        let c = caps("w", &["simulation"]);
+        assert_eq!(
+            b.claim(&c).await.unwrap().unwrap().id,
+            "api-2",
+            "legacy job_type, higher score"
+        );
+        assert_eq!(b.claim(&c).await.unwrap().unwrap().id, "api-1");
+        // The API removing a job behind our back leaves no ghost claim.
+        api_add(&mut conn, "api-3", 9.0, &[("service_required", "simulation")]).await;
+        b.index_job("api-3").await.unwrap();
+        let _: () = redis::pipe()
+            .zrem("jobs:pending", "api-3")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(b.claim(&c).await.unwrap().is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
+    within(async {
+        let server = RedisServer::start();
+        let opts = BrokerOptions {
+            lease: Duration::from_millis(300),
+            ..BrokerOptions::default()
+        };
+        let b = broker_with(&server, opts).await;
+        let mut conn = raw(&server).await;
+        let c = caps("w1", &["simulation"]);
+
+        // Cancelled while running: complete is rejected, the job stays cancelled.
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&c).await.unwrap().expect("claimable");
+        assert_eq!(job.id, id);
+        b.start(&job).await.unwrap();
+        b.cancel(&id).await.unwrap();
+        assert!(matches!(
+            b.complete(&job, &json!(1)).await,
+            Err(BrokerError::Cancelled { .. })
+        ));
+        assert!(matches!(
+            b.progress(&job, 5.0, "x", None).await,
+            Err(BrokerError::Cancelled { .. })
+        ));
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["status"], "failed");
+        assert_eq!(h["error"], "Job cancelled by user");
+
+        // Lease expired and re-queued: the late complete is rejected, the new holder's is not.
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&c).await.unwrap().expect("claimable");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = b.reap_expired_leases().await.unwrap();
+        assert_eq!(r.requeued, 1);
+        assert!(matches!(
+            b.complete(&job, &json!(1)).await,
+            Err(BrokerError::LeaseLost { .. })
+        ));
+        assert_eq!(b.renew_lease(&job).await.unwrap(), LeaseStatus::Lost);
+        let other = b.claim(&caps("w2", &["simulation"])).await.unwrap().expect("re-queued");
+        assert_eq!(other.id, id);
+        assert_eq!(other.retry_count(), 1);
+        assert_eq!(b.renew_lease(&other).await.unwrap(), LeaseStatus::Held);
+        b.complete(&other, &json!(2)).await.unwrap();
+        assert!(matches!(
+            b.complete(&job, &json!(1)).await,
+            Err(BrokerError::LeaseLost { .. })
+        ));
+        assert_eq!(hgetall(&mut conn, &format!("job:{id}")).await["worker_id"], "w2");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_and_returned_jobs_keep_their_place_and_skip_the_failed_worker() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        // Scores near 5e16 are spaced 8 apart (the contract's formula in doubles), so "older"
+        // must be seconds older: a workflow that started a minute ago.
+        let mut first = NewJob::new("simulation", json!({}));
+        first.workflow_id = "wf".to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        first.workflow_datetime = Some(now - 60_000);
+        let old = b.submit(&first).await.unwrap();
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&old)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let newer = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let w1 = caps("w1", &["simulation"]);
+        let w2 = caps("w2", &["simulation"]);
+        let job = b.claim(&w1).await.unwrap().unwrap();
+        assert_eq!(job.id, old, "the older job first");
+        assert_eq!(b.fail(&job, "flaky", true).await.unwrap(), FailOutcome::Retried);
+        let again: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&old)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(again, score, "a retried job keeps its score");
+        let h = hgetall(&mut conn, &format!("job:{old}")).await;
+        assert_eq!((h["status"].as_str(), h["worker_id"].as_str()), ("pending", ""));
+        assert_eq!(h["last_failed_worker"], "w1");
+        assert_eq!(h["retry_count"], "1");
+        // w1 just failed it: it gets the newer job, w2 gets the retried one first in line.
+        assert_eq!(b.claim(&w1).await.unwrap().unwrap().id, newer);
+        let retried = b.claim(&w2).await.unwrap().unwrap();
+        assert_eq!(retried.id, old);
+        // A graceful return keeps score and retry count.
+        b.return_job(&retried).await.unwrap();
+        let back: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&old)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(back, score);
+        assert_eq!(hgetall(&mut conn, &format!("job:{old}")).await["retry_count"], "1");
+        assert_eq!(b.claim(&w2).await.unwrap().unwrap().id, old);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_claimer_loses_no_job() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_machine"))
+            .args([
+                "jobs",
+                "claim",
+                "--service",
+                "simulation",
+                "--worker",
+                "doomed",
+                "--lease-secs",
+                "1",
+            ])
+            .arg("--redis-url")
+            .arg(server.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn machine");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(line.trim(), id, "the child claimed the job");
+        assert_eq!(hgetall(&mut conn, &format!("job:{id}")).await["worker_id"], "doomed");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = child.wait();
+        // Before the lease runs out the job is still held.
+        assert_eq!(b.reap_expired_leases().await.unwrap().requeued, 0);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(b.reap_expired_leases().await.unwrap().requeued, 1);
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["status"], "pending");
+        assert_eq!(h["retry_count"], "1");
+        let back: f64 = redis::cmd("ZSCORE")
+            .arg("jobs:pending")
+            .arg(&id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(back, score);
+        assert_eq!(hgetall(&mut conn, "worker:doomed").await["status"], "idle");
+        assert_eq!(b.claim(&caps("w", &["simulation"])).await.unwrap().unwrap().id, id);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_share_a_job() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        bulk_load(&mut conn, "c-", 3000, "simulation", "", 50).await;
+        b.catch_up_index().await.unwrap();
+        let mut tasks = Vec::new();
+        for w in 0..64 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = caps(&format!("w{w}"), &["simulation"]);
+                let mut got = Vec::new();
+                while let Some(job) = b.claim(&c).await.unwrap() {
+                    b.complete(&job, &Value::Null).await.unwrap();
+                    got.push(job.id);
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let unique: HashSet<&String> = all.iter().collect();
+        assert_eq!(all.len(), 3000, "every job claimed");
+        assert_eq!(unique.len(), 3000, "no job claimed twice");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requirements_or_payload_make_the_job_unworkable() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        api_add(
+            &mut conn,
+            "bad-reqs",
+            30.0,
+            &[("service_required", "simulation"), ("requirements", "{\"hardware\":")],
+        )
+        .await;
+        api_add(
+            &mut conn,
+            "bad-list",
+            25.0,
+            &[("service_required", "simulation"), ("requirements", "[\"gpu\"]")],
+        )
+        .await;
+        api_add(
+            &mut conn,
+            "bad-payload",
+            20.0,
+            &[("service_required", "simulation"), ("payload", "{not json")],
+        )
+        .await;
+        api_add(
+            &mut conn,
+            "good",
+            10.0,
+            &[("service_required", "simulation"), ("payload", "{}")],
+        )
+        .await;
+        let got = b
+            .claim(&caps("w", &["simulation"]))
+            .await
+            .unwrap()
+            .expect("the good job");
+        assert_eq!(got.id, "good");
+        for (id, reason) in [
+            ("bad-reqs", "malformed requirements JSON"),
+            ("bad-list", "malformed requirements JSON"),
+            ("bad-payload", "malformed payload JSON"),
+        ] {
+            let h = hgetall(&mut conn, &format!("job:{id}")).await;
+            assert_eq!(h["status"], "unworkable", "{id}");
+            assert_eq!(h["error"], reason, "{id}");
+            let s: Option<f64> = redis::cmd("ZSCORE")
+                .arg("jobs:pending")
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(s.is_none(), "{id} left jobs:pending");
+        }
+        // Malformed capabilities are the caller's bug: a typed error, and the server lives on.
+        let r: redis::RedisResult<Option<String>> = redis::cmd("FCALL")
+            .arg("findMatchingJob")
+            .arg(0)
+            .arg("{nope")
+            .arg(10)
+            .query_async(&mut conn)
+            .await;
+        assert!(r.is_err());
+        assert!(b.claim(&caps("w", &["simulation"])).await.unwrap().is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_waiters_wake_on_submission_and_requeue() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let shutdown = CancellationToken::new();
+        let events = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.run_events(s).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.claim_next(&caps("w", &["simulation"]), &s).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The API's way: jobs:pending and the hash, then job_submitted; no index call.
+        let submitted = Instant::now();
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = waiter.await.unwrap().unwrap().expect("woken with the job");
+        let latency = submitted.elapsed();
+        assert_eq!(job.id, id);
+        assert!(
+            latency < Duration::from_secs(1),
+            "woken after {latency:?}, not by the 5 s poll"
+        );
+        // A return wakes a waiter too.
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.claim_next(&caps("w2", &["simulation"]), &s).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let returned = Instant::now();
+        b.return_job(&job).await.unwrap();
+        let again = waiter.await.unwrap().unwrap().expect("woken by the requeue");
+        assert_eq!(again.id, id);
+        assert!(returned.elapsed() < Duration::from_secs(1));
+        // Cancellation notices reach subscribers.
+        let mut cancels = b.cancellations();
+        b.cancel(&id).await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), cancels.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, id);
+        // Shutdown ends a waiting claim with None.
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.claim_next(&caps("w3", &["simulation"]), &s).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        assert!(waiter.await.unwrap().unwrap().is_none());
+        events.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installer_loads_once_recovers_and_runs_through_evalsha() {
+    within(async {
+        let server = RedisServer::start();
+        let u = url(&server);
+        // Many machines starting at once.
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let u = u.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = Broker::connect(&u, BrokerOptions::default()).await.unwrap();
+                b.ensure_functions().await.unwrap()
+            }));
+        }
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!(r.version, installer::Library::new().version());
+        }
+        let b = broker(&server).await;
+        let again = b.ensure_functions().await.unwrap();
+        assert!(!again.loaded, "an equal version is not loaded again");
+        assert_eq!(again.previous.as_deref(), Some(installer::Library::new().version()));
+        let mut conn = b.connection();
+        let names: Vec<String> = installer::list(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert!(names.contains(&"findMatchingJob".to_owned()));
+
+        // A flushed library is loaded again by the next call instead of idling silently.
+        let mut raw_conn = raw(&server).await;
+        let _: () = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query_async(&mut raw_conn)
+            .await
+            .unwrap();
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        assert_eq!(b.claim(&caps("w", &["simulation"])).await.unwrap().unwrap().id, id);
+
+        // The script path used on Redis < 7 runs the same Lua.
+        b.use_eval_mode().await.unwrap();
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&caps("w", &["simulation"])).await.unwrap().unwrap();
+        assert_eq!(job.id, id);
+        b.complete(&job, &json!({"ok": true})).await.unwrap();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut raw_conn)
+            .await
+            .unwrap();
+        assert!(
+            b.claim(&caps("w", &["simulation"])).await.unwrap().is_none(),
+            "NOSCRIPT reloads the script"
+        );
+    })
+    .await;
+}
+
+fn machine(server: &RedisServer, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_machine"))
+        .args(args)
+        .env("HUB_REDIS_URL", server.url())
+        .output()
+        .expect("run machine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands() {
+    within(async {
+        let server = RedisServer::start();
+        let out = machine(&server, &["functions", "install"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = machine(&server, &["functions", "list"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("findMatchingJob") && text.contains("(current)"), "{text}");
+        let out = machine(&server, &["functions", "test"]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut conn = raw(&server).await;
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("machine-selftest:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "self-test left {left:?}");
+
+        let out = machine(
+            &server,
+            &[
+                "jobs",
+                "submit",
+                "--service",
+                "simulation",
+                "--payload",
+                r#"{"steps":3}"#,
+                "--priority",
+                "60",
+                "--customer",
+                "c1",
+                "--requirements",
+                r#"{"hardware":{"gpu_memory_gb":8}}"#,
+            ],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let h = hgetall(&mut conn, &format!("job:{id}")).await;
+        assert_eq!(h["priority"], "60");
+        assert_eq!(h["customer_id"], "c1");
+        assert_eq!(h["payload"], r#"{"steps":3}"#);
+        let out = machine(&server, &["jobs", "show", &id]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("simulation"));
+        let out = machine(&server, &["jobs", "list", "--status", "pending"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+        let out = machine(&server, &["jobs", "list", "--status", "completed"]);
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&id));
+        let out = machine(&server, &["jobs", "cancel", &id]);
+        assert!(out.status.success());
+        assert_eq!(
+            hgetall(&mut conn, &format!("job:{id}")).await["error"],
+            "Job cancelled by user"
+        );
+        let out = machine(&server, &["jobs", "cancel", &id]);
+        assert!(!out.status.success(), "a finished job cannot be cancelled again");
+        let out = machine(
+            &server,
+            &["jobs", "submit", "--service", "simulation", "--requirements", "{oops"],
+        );
+        assert_eq!(out.status.code(), Some(2));
+        let out = machine(&server, &["functions", "delete"]);
+        assert!(out.status.success());
+        let out = machine(&server, &["functions", "list"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("not loaded"));
+    })
+    .await;
+}
+
+mod differential {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    use super::*;
+
+    const SERVICES: [&str; 3] = ["comfyui", "a1111", "simulation"];
+    const REQS: [&str; 16] = [
+        "",
+        "{}",
+        r#"{"hardware":{"gpu_memory_gb":16}}"#,
+        r#"{"hardware":{"gpu_memory_gb":32,"cpu_cores":"all"}}"#,
+        r#"{"models":["sdxl"]}"#,
+        r#"{"models":["sdxl","flux"]}"#,
+        r#"{"models":"all"}"#,
+        r#"{"customer_isolation":"strict"}"#,
+        r#"{"supports_controlnet":true}"#,
+        r#"{"max_batch_size":4}"#,
+        r#"{"features":["upscale"]}"#,
+        r#"{"region.zone":"eu","quality_level":"high"}"#,
+        r#"{"positive_requirements":{"hardware":{"gpu_memory_gb":8}},"negative_requirements":{"hardware.gpu_model":"RTX 3090"}}"#,
+        r#"{"negative_requirements":{"models":["sd15"]}}"#,
+        r#"{"hardware":"#,
+        r#"{"component":"x","timeout_minutes":3}"#,
+    ];
+
+    #[derive(Debug, Clone)]
+    struct GenJob {
+        service: usize,
+        reqs: usize,
+        priority: i64,
+        customer: usize,
+        workflow: usize,
+        bad_payload: bool,
+        indexed: bool,
+    }
+
+    fn job() -> impl Strategy<Value = GenJob> {
+        (
+            0..3usize,
+            0..REQS.len(),
+            0..5i64,
+            0..4usize,
+            0..3usize,
+            prop::bool::weighted(0.05),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(service, reqs, priority, customer, workflow, bad_payload, indexed)| GenJob {
+                    service,
+                    reqs,
+                    priority,
+                    customer,
+                    workflow,
+                    bad_payload,
+                    indexed,
+                },
+            )
+    }
+
+    fn worker(i: usize) -> impl Strategy<Value = Capabilities> {
+        (
+            prop::sample::subsequence(SERVICES.to_vec(), 1..=3),
+            prop::sample::select(vec![8.0, 16.0, 24.0, 48.0]),
+            prop::sample::subsequence(vec!["sdxl", "sd15", "flux"], 0..=3),
+            any::<bool>(),
+            (0..4usize, 0..4usize, 0..3usize),
+            (
+                any::<bool>(),
+                1..8i64,
+                prop::sample::subsequence(vec!["upscale", "inpaint"], 0..=2),
+                any::<bool>(),
+            ),
+        )
+            .prop_map(
+                move |(services, gpu, models, strict, (deny, allow, pin), (cn, batch, features, eu))| {
+                    let mut c = Capabilities::new(format!("w{i}"), "m", &services);
+                    c.hardware.gpu_memory_gb = gpu;
+                    c.hardware.gpu_model = "NVIDIA GeForce RTX 4090".to_owned();
+                    for s in &services {
+                        c.models
+                            .insert((*s).to_owned(), models.iter().map(|m| (*m).to_owned()).collect());
+                    }
+                    if strict {
+                        c.customer_access.isolation = "strict".to_owned();
+                    }
+                    if deny > 0 {
+                        c.customer_access.denied_customers = vec![format!("cust{deny}")];
+                    }
+                    if allow > 0 {
+                        c.customer_access.allowed_customers = vec![format!("cust{allow}"), "cust1".to_owned()];
+                    }
+                    if pin == 1 {
+                        c.workflow_id = "wf1".to_owned();
+                    }
+                    c.custom.insert("supports_controlnet".to_owned(), json!(cn));
+                    c.custom.insert("max_batch_size".to_owned(), json!(batch));
+                    c.custom.insert("features".to_owned(), json!(features));
+                    c.custom
+                        .insert("region".to_owned(), json!({"zone": if eu { "eu" } else { "us" }}));
+                    c
+                },
+            )
+    }
+
+    #[test]
+    fn lua_claims_equal_the_reference_matcher() {
+        let server = RedisServer::start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let b = rt.block_on(broker(&server));
+        let conn = rt.block_on(raw(&server));
+        let strategy = (
+            prop::collection::vec(job(), 1..25),
+            (worker(0), worker(1), worker(2)),
+            prop::collection::vec(0..3usize, 1..30),
+        );
+        let mut runner = TestRunner::new(Config::with_cases(64));
+        let started = Instant::now();
+        runner
+            .run(&strategy, |(jobs, (w0, w1, w2), order)| {
+                let mut conn = conn.clone();
+                rt.block_on(async {
+                    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+                    let mut pending = Vec::new();
+                    for (i, j) in jobs.iter().enumerate() {
+                        let id = format!("job-{i:02}");
+                        // Distinct scores keep the order independent of tie-breaking.
+                        let score = (j.priority * 1000 - i as i64) as f64;
+                        let customer = if j.customer == 0 {
+                            String::new()
+                        } else {
+                            format!("cust{}", j.customer)
+                        };
+                        let workflow = if j.workflow == 0 {
+                            String::new()
+                        } else {
+                            format!("wf{}", j.workflow)
+                        };
+                        let payload = if j.bad_payload { "{bad" } else { "{}" };
+                        api_add(
+                            &mut conn,
+                            &id,
+                            score,
+                            &[
+                                ("service_required", SERVICES[j.service]),
+                                ("requirements", REQS[j.reqs]),
+                                ("customer_id", &customer),
+                                ("workflow_id", &workflow),
+                                ("payload", payload),
+                            ],
+                        )
+                        .await;
+                        if j.indexed {
+                            b.index_job(&id).await.unwrap();
+                        }
+                        pending.push(PendingJob {
+                            id,
+                            score,
+                            service: SERVICES[j.service].to_owned(),
+                            requirements: REQS[j.reqs].to_owned(),
+                            customer_id: customer,
+                            workflow_id: workflow,
+                            payload: payload.to_owned(),
+                            held_off_worker: None,
+                        });
+                    }
+                    let workers = [&w0, &w1, &w2];
+                    for w in order {
+                        let want = reference::pick(workers[w], &pending).map(|j| j.id.clone());
+                        let got = b.claim(workers[w]).await.unwrap();
+                        let got_id = got.as_ref().map(|j| j.id.clone());
+                        prop_assert_eq!(&got_id, &want, "worker {:?}", workers[w]);
+                        if let Some(job) = got {
+                            pending.retain(|p| p.id != job.id);
+                            b.complete(&job, &Value::Null).await.unwrap();
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            started.elapsed() < LIMIT,
+            "the property test took {:?}",
+            started.elapsed()
+        );
+    }
+}
