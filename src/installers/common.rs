@@ -561,6 +561,33 @@ mod tests {
     }
 
     #[test]
+    fn states_are_published_to_subscribers() {
+        let tracker = Tracker::new();
+        let mut rx = tracker.subscribe();
+        tracker.set("comfyui", InstallState::Pending);
+        let p = tracker.progress("comfyui");
+        p.items("custom nodes", 2, 5);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update()["comfyui"],
+            InstallState::Running {
+                step: "custom nodes".into(),
+                done: 2,
+                total: Some(5),
+                unit: "items"
+            }
+        );
+        p.failed(&InstallError::Cancelled);
+        let json = serde_json::to_value(&*rx.borrow()).unwrap();
+        assert_eq!(json["comfyui"]["state"], "failed");
+        assert_eq!(json["comfyui"]["reason"], "failed to finish: cancelled");
+        p.done(false, vec!["a: broken".into()]);
+        assert!(
+            matches!(&tracker.snapshot()["comfyui"], InstallState::Done { skipped: false, failed_items, .. } if failed_items.len() == 1)
+        );
+    }
+
+    #[test]
     fn bytes_read_well() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
