@@ -183,7 +183,7 @@ const P5_PAGE = `<!doctype html><html><head><meta charset="utf-8">
 <script src="${ORIGIN}/p5.min.js"></script><script src="${ORIGIN}/sketch.js"></script>
 </head><body></body></html>`;
 
-async function render(job) {
+async function render(job, aborted) {
   const b = await getBrowser().catch((e) => {
     throw new HttpError(503, 'browser_unavailable', `failed to launch the browser: ${e.message}`);
   });
@@ -191,6 +191,11 @@ async function render(job) {
     viewport: { width: job.width, height: job.height },
     deviceScaleFactor: job.scale,
   });
+  // A client that hung up (a cancelled job) gets its page closed at once, which ends whatever
+  // the page was waiting for and frees the slot.
+  const onAbort = () => context.close().catch(() => {});
+  if (aborted.aborted) onAbort();
+  aborted.addEventListener('abort', onAbort);
   try {
     const page = await context.newPage();
     page.setDefaultTimeout(opts.timeoutMs);
@@ -245,7 +250,25 @@ async function render(job) {
     if (pageError && job.kind !== 'url') await failed;
     return await page.screenshot({ type: 'png' });
   } finally {
+    aborted.removeEventListener('abort', onAbort);
     await context.close().catch(() => {});
+  }
+}
+
+// A job that meets a browser dying under it (crashed, killed, or not yet noticed as gone) is
+// retried once on a fresh browser; failures of the page itself are not.
+async function renderOnce(job, aborted) {
+  try {
+    return await render(job, aborted);
+  } catch (e) {
+    if (e instanceof HttpError || aborted.aborted || (e && e.name === 'TimeoutError')) throw e;
+    const dead = !browser || !browser.isConnected() || /closed|crash|disconnect/i.test(String(e && e.message));
+    if (!dead) throw e;
+    log(`the browser failed under a job (${plain(e && e.message)}); relaunching and retrying once`);
+    const old = browser;
+    browser = null;
+    if (old) await old.close().catch(() => {});
+    return await render(job, aborted);
   }
 }
 
@@ -298,10 +321,15 @@ const server = http.createServer(async (req, res) => {
         throw new HttpError(400, 'bad_request', `the body is not JSON: ${e.message}`);
       }
       job = validate(job);
+      const hangup = new AbortController();
+      res.on('close', () => {
+        if (!res.writableFinished) hangup.abort();
+      });
       await acquire();
       const started = Date.now();
       try {
-        const png = await render(job);
+        if (hangup.signal.aborted) throw new HttpError(499, 'client_closed', 'the client went away');
+        const png = await renderOnce(job, hangup.signal);
         log(`${job.kind} ${job.width}x${job.height}@${job.scale} rendered in ${Date.now() - started} ms`);
         return send(res, 200, png, 'image/png');
       } finally {
@@ -310,6 +338,7 @@ const server = http.createServer(async (req, res) => {
     }
     throw new HttpError(404, 'not_found', `no route ${url.pathname}`);
   } catch (e) {
+    if (res.destroyed) return log(`${url.pathname}: the client went away; job abandoned`);
     if (!(e instanceof HttpError) || e.status >= 500) log(`error: ${e && e.message}`);
     if (!res.headersSent) sendError(res, e);
   }

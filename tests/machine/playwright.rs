@@ -175,6 +175,29 @@ fn renders_p5_html_and_urls_through_the_connector() {
             let e = render(&c, "html_render", json!({"html": "<p>x</p>", "width": 0})).await.unwrap_err();
             assert_eq!(e.class(), ErrorClass::Fatal, "{}", e.chain());
 
+            // Cancellation returns at once (the request is dropped; the service closes the page).
+            let cancel = CancellationToken::new();
+            let slow = job("html_render", json!({"html": "<p>slow</p>", "wait_ms": 20000}));
+            let (sink, _rx) = ProgressSink::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                stop.cancel();
+            });
+            let started = Instant::now();
+            let r = c.run(&slow, &sink, &cancel).await;
+            assert!(matches!(r, Err(ConnectorError::Cancelled)), "{r:?}");
+            assert!(started.elapsed() < Duration::from_secs(3));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let health: Value = client.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+                if health["active"] == 0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cancelled render still holds its slot: {health}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
             // The browser dies; the next job relaunches it.
             let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", server.0.id())).unwrap();
             let browsers: Vec<i32> = children.split_whitespace().filter_map(|p| p.parse().ok()).collect();
@@ -182,7 +205,6 @@ fn renders_p5_html_and_urls_through_the_connector() {
             for pid in browsers {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let img = render(&c, "p5", json!({"code": sketch, "width": 200, "height": 100})).await.unwrap();
             assert!(near(rgb(&img, 150, 50), [0, 0, 255]));
         })
