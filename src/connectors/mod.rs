@@ -190,9 +190,9 @@ pub enum ConnectorError {
     Storage {
         /// The artifact's name.
         name: String,
-        /// The store's error.
+        /// The store's error (boxed: it is large, and every connector returns this error type).
         #[source]
-        source: store::StoreError,
+        source: Box<store::StoreError>,
     },
 }
 

@@ -123,7 +123,7 @@ impl OutputStore {
         }
         let to_err = |name: &str, source| ConnectorError::Storage {
             name: name.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let first_name = artifacts[0].name.clone();
         let dest = self.destination(&job.ctx).map_err(|e| to_err(&first_name, e))?;
