@@ -408,3 +408,26 @@ fn unknown_installer_names_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("comfyui-models"), "{}", text(&out));
 }
+
+#[test]
+fn machine_run_installs_first_and_stops_when_that_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = vec![
+        ("MACHINE_WORKSPACE", tmp.path().join("ws").display().to_string()),
+        ("WORKER_CONNECTORS", "comfyui".to_owned()),
+        (
+            "COMFYUI_REPO_URL",
+            tmp.path().join("no-such-repo").display().to_string(),
+        ),
+        ("MACHINE_GPU_COUNT", "0".to_owned()),
+    ];
+    let out = machine(&["run"], &env, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report = text(&out);
+    assert!(
+        report.contains("failed to install comfyui") && report.contains("git"),
+        "{report}"
+    );
+    let log = std::fs::read_to_string(tmp.path().join("ws/logs/install-comfyui.log")).unwrap();
+    assert!(log.contains("no-such-repo"), "{log}");
+}
