@@ -4,8 +4,8 @@
 //! `<workspace>/models`) so that several ComfyUI installs or image rebuilds share them, and each
 //! is linked into `ComfyUI/models/<folder>/`. A download goes to `<file>.part` and resumes with an
 //! HTTP `Range` request after an interruption (a server that ignores the range makes it start
-//! over); a few attempts are made per run. The file is hashed while it streams and only renamed
-//! into place when size and SHA-256 match; a mismatch deletes the partial file.
+//! over); a few attempts are made per run. The complete file is hashed and only renamed into
+//! place when size and SHA-256 match; a mismatch deletes the partial file.
 
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};

@@ -185,8 +185,39 @@ impl Fixture {
             ],
         );
         sh(&good, &["git", "tag", "v1"]);
+        let sub = root.join("src/sub");
+        repo(&sub, &[("weights.txt", "from a submodule\n")]);
         let two = root.join("src/node-two");
         repo(&two, &[("__init__.py", "")]);
+        // Local submodules need file transport, which git refuses by default since 2.38; the
+        // machine passes its environment on, so the test allows it through GIT_CONFIG_*.
+        sh(
+            &two,
+            &[
+                "git",
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "--quiet",
+                sub.to_str().unwrap(),
+                "vendor/sub",
+            ],
+        );
+        sh(
+            &two,
+            &[
+                "git",
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "--quiet",
+                "-m",
+                "sub",
+            ],
+        );
 
         let server = testkit::FileServer::start();
         let good_blob = blob(300_000, 1);
@@ -220,6 +251,7 @@ install = ["python", "install.py"]
 name = "node-two"
 url = "{two}"
 ref = "main"
+submodules = true
 requirements = false
 "#,
             good = self.root.join("src/node-good").display(),
@@ -268,6 +300,9 @@ requirements = false
             ("COMFYUI_NODES_FILE", self.nodes_file(broken).display().to_string()),
             ("COMFYUI_MODELS_MANIFEST", self.manifest(broken).display().to_string()),
             ("TEST_NODE_KEY", "secret value #1".to_owned()),
+            ("GIT_CONFIG_COUNT", "1".to_owned()),
+            ("GIT_CONFIG_KEY_0", "protocol.file.allow".to_owned()),
+            ("GIT_CONFIG_VALUE_0", "always".to_owned()),
         ]
     }
 }
@@ -305,7 +340,10 @@ fn comfyui_nodes_and_models_install_once() {
         by.starts_with(comfy.join("venv").to_str().unwrap()),
         "install script ran with {by}"
     );
-    assert!(comfy.join("custom_nodes/node-two/__init__.py").exists());
+    assert_eq!(
+        std::fs::read_to_string(comfy.join("custom_nodes/node-two/vendor/sub/weights.txt")).unwrap(),
+        "from a submodule\n"
+    );
     assert!(!comfy.join("custom_nodes/node-broken/__init__.py").exists());
 
     let linked = comfy.join("models/checkpoints/good.safetensors");
