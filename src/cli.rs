@@ -40,6 +40,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Install what WORKER_CONNECTORS needs (ComfyUI, custom nodes, models, Playwright) without
+    /// starting anything, e.g. in a Docker build stage.
+    Install {
+        /// Run only this installer: comfyui, comfyui-nodes, comfyui-models or playwright.
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
+    },
     /// Print the GPU and host probe.
     Gpus {
         /// Print JSON instead of text.
@@ -106,6 +113,7 @@ pub fn main() -> ExitCode {
         Command::Gpus { json } => gpus(cli.config.as_deref(), json),
         Command::Run => run(cli.config.as_deref()),
         Command::Status(args) => status(cli.config.as_deref(), args),
+        Command::Install { only } => install(cli.config.as_deref(), only.as_deref()),
         Command::Functions { redis, command } => crate::matcher::cli::functions(&redis, &command),
         Command::Jobs { redis, command } => crate::matcher::cli::jobs(&redis, &command),
     }
@@ -239,6 +247,15 @@ fn gpus(path: Option<&Path>, json: bool) -> ExitCode {
         print!("{}", render_probe(&probe));
     }
     ExitCode::SUCCESS
+}
+
+fn install(path: Option<&Path>, only: Option<&str>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(&config.log);
+    crate::installers::command(&config, only)
 }
 
 fn run(path: Option<&Path>) -> ExitCode {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod connectors;
 pub mod gpu;
 pub mod health;
+pub mod installers;
 pub mod logging;
 pub mod matcher;
 pub mod plan;

@@ -9,7 +9,6 @@
 //! `after` targets, no cycles, no port clashes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -318,7 +317,8 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
     let settings = connector_settings(config, kind);
     let port = settings.base_port.saturating_add(gpu.unwrap_or(0) as u16);
     let ws = &config.workspace;
-    let (default_command, cwd, health_path) = default_command(kind, ws, port, gpu.is_none());
+    let launch = crate::installers::launch(kind, ws, port, gpu);
+    let health_path = launch.health_path;
     let (command, cwd) = match &settings.command {
         Some(template) => (
             template
@@ -332,9 +332,9 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
             None,
         ),
         None => {
-            let mut c = default_command;
+            let mut c = launch.command;
             c.extend(settings.extra_args.iter().cloned());
-            (c, Some(cwd))
+            (c, Some(launch.cwd))
         }
     };
     let mut env = BTreeMap::new();
@@ -372,60 +372,6 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         connector: Some(kind),
         gpu,
         port: Some(port),
-    }
-}
-
-/// The built-in command, working directory and health path of a connector's service, as the
-/// installers lay the workspace out.
-fn default_command(
-    kind: ConnectorKind,
-    ws: &Path,
-    port: u16,
-    cpu: bool,
-) -> (Vec<String>, std::path::PathBuf, &'static str) {
-    let s = |v: &str| v.to_owned();
-    match kind {
-        ConnectorKind::Comfyui => {
-            let dir = ws.join("ComfyUI");
-            let mut c = vec![
-                dir.join("venv/bin/python").display().to_string(),
-                s("main.py"),
-                s("--listen"),
-                s("127.0.0.1"),
-                s("--port"),
-                port.to_string(),
-            ];
-            if cpu {
-                c.push(s("--cpu"));
-            }
-            (c, dir, "/system_stats")
-        }
-        ConnectorKind::A1111 => {
-            let dir = ws.join("stable-diffusion-webui");
-            let mut c = vec![
-                dir.join("venv/bin/python").display().to_string(),
-                s("launch.py"),
-                s("--api"),
-                s("--nowebui"),
-                s("--skip-prepare-environment"),
-                s("--port"),
-                port.to_string(),
-            ];
-            if cpu {
-                c.extend([s("--use-cpu"), s("all"), s("--skip-torch-cuda-test"), s("--no-half")]);
-            }
-            (c, dir, "/sdapi/v1/progress")
-        }
-        _ => {
-            let dir = ws.join("playwright");
-            let c = vec![
-                s("node"),
-                dir.join("server.mjs").display().to_string(),
-                s("--port"),
-                port.to_string(),
-            ];
-            (c, dir, "/health")
-        }
     }
 }
 
@@ -529,7 +475,10 @@ mod tests {
 
     #[test]
     fn two_gpus_comfyui_and_openai() {
-        let p = plan(2, &[("WORKER_CONNECTORS", "comfyui,openai:2")]);
+        let p = plan(
+            2,
+            &[("WORKER_CONNECTORS", "comfyui,openai:2"), ("OPENAI_API_KEY", "sk-test")],
+        );
         assert_eq!(ids(&p), ["m1-gpu0", "m1-gpu1", "m1-openai-1", "m1-openai-2"]);
         let c1 = &p.services[1];
         assert_eq!(c1.name, "comfyui-gpu1");
@@ -577,7 +526,10 @@ mod tests {
 
     #[test]
     fn no_gpu_means_cpu_mode() {
-        let p = plan(0, &[("WORKER_CONNECTORS", "comfyui,openai")]);
+        let p = plan(
+            0,
+            &[("WORKER_CONNECTORS", "comfyui,openai"), ("OPENAI_API_KEY", "sk-test")],
+        );
         assert_eq!(ids(&p), ["m1-cpu0", "m1-openai-1"]);
         assert_eq!(p.services[0].name, "comfyui-cpu0");
         assert!(p.services[0].command.contains(&"--cpu".to_owned()));

@@ -48,6 +48,8 @@ pub struct Config {
     /// Limit for each installer.
     #[serde(with = "humantime_serde")]
     pub install_timeout: Duration,
+    /// What the installers install and how.
+    pub install: InstallConfig,
     /// Logging output.
     pub log: LogConfig,
     /// Supervisor knobs.
@@ -248,6 +250,49 @@ pub struct ServiceConnectorConfig {
     pub command: Option<Vec<String>>,
 }
 
+/// What the installers install and how (`[install]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallConfig {
+    /// Custom nodes and model downloads run at once (at least 1).
+    pub concurrency: usize,
+    /// Whether a failed custom node or model fails the whole install.
+    pub strict: bool,
+    /// The ComfyUI source and its extras.
+    pub comfyui: ComfyuiInstallConfig,
+    /// The Playwright render service.
+    pub playwright: PlaywrightInstallConfig,
+}
+
+/// Where ComfyUI, its custom nodes and its models come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComfyuiInstallConfig {
+    /// Git URL (or local path) of the ComfyUI repository.
+    pub repo_url: String,
+    /// Tag, commit or branch to check out.
+    pub git_ref: String,
+    /// The interpreter that creates the venv.
+    pub python: String,
+    /// `pip --extra-index-url` for torch wheels.
+    pub torch_index_url: Option<String>,
+    /// The custom-node catalogue; `None` means the built-in one.
+    pub nodes_file: Option<PathBuf>,
+    /// The model manifest; `None` means no models.
+    pub models_manifest: Option<PathBuf>,
+    /// The shared models directory linked into ComfyUI.
+    pub models_dir: PathBuf,
+}
+
+/// The Playwright render service's install.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaywrightInstallConfig {
+    /// The browser executable; `None` means auto-detect.
+    pub chromium: Option<PathBuf>,
+    /// npm version of `playwright-core`.
+    pub playwright_core: String,
+    /// npm version of `p5`.
+    pub p5: String,
+}
+
 /// One configuration problem: the key or variable, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
@@ -375,6 +420,16 @@ struct EnvOverlay {
     log_filter: Option<String>,
     comfyui_base_port: Option<u16>,
     control_token: Option<Secret>,
+    install_concurrency: Option<usize>,
+    install_strict: Option<bool>,
+    comfyui_repo_url: Option<String>,
+    comfyui_ref: Option<String>,
+    comfyui_python: Option<String>,
+    comfyui_torch_index_url: Option<String>,
+    comfyui_nodes_file: Option<PathBuf>,
+    comfyui_models_manifest: Option<PathBuf>,
+    comfyui_models_dir: Option<PathBuf>,
+    playwright_chromium: Option<PathBuf>,
 }
 
 impl EnvOverlay {
@@ -394,8 +449,29 @@ impl EnvOverlay {
             log_format: set("LOG_FORMAT"),
             log_filter: set("RUST_LOG"),
             control_token: set("MACHINE_CONTROL_TOKEN").map(|t| Secret(t.trim().to_owned())),
+            comfyui_repo_url: set("COMFYUI_REPO_URL").map(|v| v.trim().to_owned()),
+            comfyui_ref: set("COMFYUI_REF").map(|v| v.trim().to_owned()),
+            comfyui_python: set("COMFYUI_PYTHON").map(|v| v.trim().to_owned()),
+            comfyui_torch_index_url: set("COMFYUI_TORCH_INDEX_URL").map(|v| v.trim().to_owned()),
+            comfyui_nodes_file: set("COMFYUI_NODES_FILE").map(PathBuf::from),
+            comfyui_models_manifest: set("COMFYUI_MODELS_MANIFEST").map(PathBuf::from),
+            comfyui_models_dir: set("COMFYUI_MODELS_DIR").map(PathBuf::from),
+            playwright_chromium: set("PLAYWRIGHT_CHROMIUM_PATH").map(PathBuf::from),
             ..EnvOverlay::default()
         };
+        if let Some(v) = set("INSTALL_CONCURRENCY") {
+            match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => o.install_concurrency = Some(n),
+                _ => bad("INSTALL_CONCURRENCY", format!("`{v}` is not a positive whole number")),
+            }
+        }
+        if let Some(v) = set("INSTALL_STRICT") {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => o.install_strict = Some(true),
+                "0" | "false" | "no" | "off" => o.install_strict = Some(false),
+                _ => bad("INSTALL_STRICT", format!("`{v}` is not true or false")),
+            }
+        }
         o.connectors = match (env.var("WORKER_CONNECTORS"), env.var("WORKERS")) {
             (Some(a), Some(b)) if a.trim() != b.trim() => {
                 bad(
@@ -630,6 +706,63 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         }
     }
 
+    let i = raw.install;
+    let install = InstallConfig {
+        concurrency: o.install_concurrency.unwrap_or(i.concurrency),
+        strict: o.install_strict.unwrap_or(i.strict),
+        comfyui: ComfyuiInstallConfig {
+            repo_url: o.comfyui_repo_url.unwrap_or(i.comfyui.repo_url),
+            git_ref: o.comfyui_ref.unwrap_or(i.comfyui.git_ref),
+            python: o.comfyui_python.unwrap_or(i.comfyui.python),
+            torch_index_url: o
+                .comfyui_torch_index_url
+                .or(i.comfyui.torch_index_url)
+                .filter(|u| !u.trim().is_empty()),
+            nodes_file: o.comfyui_nodes_file.or(i.comfyui.nodes),
+            models_manifest: o.comfyui_models_manifest.or(i.comfyui.models),
+            models_dir: o
+                .comfyui_models_dir
+                .or(i.comfyui.models_dir)
+                .unwrap_or_else(|| workspace.join("models")),
+        },
+        playwright: PlaywrightInstallConfig {
+            chromium: o.playwright_chromium.or(i.playwright.chromium),
+            playwright_core: i.playwright.playwright_core,
+            p5: i.playwright.p5,
+        },
+    };
+    if install.concurrency == 0 {
+        bad("install.concurrency", "must be at least 1".to_owned());
+    }
+    if install.comfyui.repo_url.trim().is_empty() {
+        bad("COMFYUI_REPO_URL", "is empty".to_owned());
+    }
+    // A ref starting with `-` would be read by git as an option.
+    if install.comfyui.git_ref.trim().is_empty() || install.comfyui.git_ref.starts_with('-') {
+        bad("COMFYUI_REF", format!("`{}` is not a git ref", install.comfyui.git_ref));
+    }
+    if !install.comfyui.models_dir.is_absolute() {
+        bad(
+            "COMFYUI_MODELS_DIR",
+            format!("`{}` is not an absolute path", install.comfyui.models_dir.display()),
+        );
+    }
+    for (key, v) in [
+        (
+            "install.playwright.playwright_core",
+            &install.playwright.playwright_core,
+        ),
+        ("install.playwright.p5", &install.playwright.p5),
+    ] {
+        if v.is_empty()
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
+        {
+            bad(key, format!("`{v}` is not an npm version"));
+        }
+    }
+
     let mut raw_problems = Vec::new();
     let services = raw
         .services
@@ -641,6 +774,18 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     }
     let worker = worker::validate_worker(raw.worker, &workspace, problems);
     let openai = worker::validate_openai(c.openai, problems);
+    // External connectors need their credentials; a missing key is found now, not at the first
+    // job, and the problem names the variable to set.
+    if connectors.get(ConnectorKind::Openai).is_some()
+        && !openai.api_key_env.is_empty()
+        && env.var(&openai.api_key_env).is_none_or(|v| v.trim().is_empty())
+    {
+        problems.push(Problem {
+            key: openai.api_key_env.clone(),
+            message: "the openai connector is listed in WORKER_CONNECTORS but its API key variable is not set"
+                .to_owned(),
+        });
+    }
     let simulation = worker::validate_simulation(c.simulation, problems);
 
     Config {
@@ -651,7 +796,8 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         connectors,
         gpu,
         visible_devices: o.visible_devices.unwrap_or(VisibleDevices::All),
-        install_timeout: o.install_timeout.unwrap_or(raw.install.timeout),
+        install_timeout: o.install_timeout.unwrap_or(i.timeout),
+        install,
         log: LogConfig { format, filter },
         supervisor,
         comfyui,
@@ -801,6 +947,7 @@ ready = { tcp = "127.0.0.1:7000" }
             &env(&[
                 ("MACHINE_ID", "from-env"),
                 ("WORKERS", "openai:2"),
+                ("OPENAI_API_KEY", "sk-test"),
                 ("MACHINE_HEALTH_PORT", "9999"),
                 ("SERVICE_INSTALL_TIMEOUT", "300"),
                 ("LOG_FORMAT", "JSON"),
@@ -920,6 +1067,48 @@ env = { "A=B" = "1" }
             VisibleDevices::List(vec![DeviceSelector::Uuid("GPU-abc".into())])
         );
         assert!(parse_visible_devices("zero").is_err());
+    }
+
+    #[test]
+    fn external_connectors_need_their_keys() {
+        let ps = problems(None, &[("WORKER_CONNECTORS", "comfyui,openai")]);
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert_eq!(ps[0].key, "OPENAI_API_KEY");
+        let file = "[connectors.openai]\napi_key_env = \"MY_KEY\"\n";
+        let ps = problems(Some(file), &[("WORKER_CONNECTORS", "openai"), ("OPENAI_API_KEY", "x")]);
+        assert_eq!(ps[0].key, "MY_KEY");
+        assert!(
+            load_str(
+                Some(("f", file)),
+                &env(&[("WORKER_CONNECTORS", "openai"), ("MY_KEY", "x")])
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn install_settings_come_from_file_and_environment() {
+        let c = load_str(
+            None,
+            &env(&[
+                ("MACHINE_WORKSPACE", "/ws"),
+                ("COMFYUI_REPO_URL", "/srv/comfy.git"),
+                ("COMFYUI_REF", "abc123"),
+                ("INSTALL_STRICT", "true"),
+                ("INSTALL_CONCURRENCY", "2"),
+                ("PLAYWRIGHT_CHROMIUM_PATH", "/opt/chrome"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.install.comfyui.repo_url, "/srv/comfy.git");
+        assert_eq!(c.install.comfyui.git_ref, "abc123");
+        assert_eq!(c.install.comfyui.models_dir, PathBuf::from("/ws/models"));
+        assert!(c.install.strict);
+        assert_eq!(c.install.concurrency, 2);
+        assert_eq!(c.install.playwright.chromium, Some(PathBuf::from("/opt/chrome")));
+        let ps = problems(None, &[("COMFYUI_REF", "--upload-pack=x"), ("INSTALL_STRICT", "maybe")]);
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["INSTALL_STRICT", "COMFYUI_REF"]);
     }
 
     #[test]

@@ -60,6 +60,31 @@ pub(crate) struct RawGpu {
 pub(crate) struct RawInstall {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    pub concurrency: usize,
+    pub strict: bool,
+    pub comfyui: RawInstallComfyui,
+    pub playwright: RawInstallPlaywright,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInstallComfyui {
+    pub repo_url: String,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    pub python: String,
+    pub torch_index_url: Option<String>,
+    pub nodes: Option<PathBuf>,
+    pub models: Option<PathBuf>,
+    pub models_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInstallPlaywright {
+    pub chromium: Option<PathBuf>,
+    pub playwright_core: String,
+    pub p5: String,
 }
 
 #[derive(Debug, Deserialize)]

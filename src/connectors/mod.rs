@@ -12,6 +12,7 @@ pub mod a1111;
 pub mod comfyui;
 mod http;
 pub mod openai;
+pub mod playwright;
 pub mod simulation;
 pub mod store;
 

@@ -22,6 +22,7 @@ use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
 use crate::connectors::openai::OpenaiConnector;
+use crate::connectors::playwright::PlaywrightConnector;
 use crate::connectors::simulation::SimulationConnector;
 use crate::connectors::store::OutputStore;
 use crate::gpu::Probe;
@@ -256,12 +257,6 @@ fn connector_for(
             env.var(&config.openai.api_key_env),
         )),
         ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
-        ConnectorKind::Playwright => {
-            return Err(WorkerError::Setup {
-                worker: wp.id.clone(),
-                message: "the playwright connector is not part of this build (it comes with the installers work)"
-                    .to_owned(),
-            });
-        }
+        ConnectorKind::Playwright => Arc::new(PlaywrightConnector::new(service_url()?)),
     })
 }

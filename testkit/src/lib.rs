@@ -10,12 +10,14 @@ mod fake_a1111;
 mod fake_comfyui;
 pub mod fake_nvml;
 mod fake_openai;
+mod file_server;
 mod redis_server;
 mod serve;
 
 pub use fake_a1111::FakeA1111;
 pub use fake_comfyui::FakeComfyui;
 pub use fake_openai::FakeOpenai;
+pub use file_server::{FileServer, SeenRequest};
 pub use redis_server::RedisServer;
 pub use serve::TINY_PNG;
 

@@ -1,12 +1,14 @@
 //! Integration tests: the real `machine` binary and real subsystems against real processes
-//! (redis-server, child services, a PID namespace, the protocol fakes of `testkit`), one module
-//! per topic. Each test works in its own temp dir with a hard timeout.
+//! (redis-server, child services, a PID namespace, the protocol fakes of `testkit`, git, pip,
+//! npm, Chromium), one module per topic. Each test works in its own temp dir with a hard timeout.
 
 mod config_check;
 mod connectors;
 mod gpus;
 mod health;
+mod installers;
 mod matcher;
+mod playwright;
 mod supervisor;
 mod support;
 mod workers;

@@ -1,0 +1,51 @@
+#!/bin/sh
+# Installs what the installer and Playwright tests need, and only what is missing:
+#   git                      the ComfyUI and custom-node checkouts
+#   python3 + venv + pip     ComfyUI's venv and `pip install -r requirements.txt`
+#   node + npm               `npm install playwright-core p5` and the render server
+#   chromium                 the browser the render server drives (Debian's package)
+# Idempotent: with everything present it changes nothing and needs no network.
+set -eu
+
+missing=""
+command -v git >/dev/null 2>&1 || missing="$missing git"
+if ! command -v python3 >/dev/null 2>&1; then
+    missing="$missing python3 python3-venv python3-pip"
+elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing="$missing python3-venv python3-pip"
+fi
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
+chromium_found=""
+for c in /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome /usr/bin/google-chrome-stable; do
+    [ -x "$c" ] && chromium_found="$c" && break
+done
+[ -n "$chromium_found" ] || missing="$missing chromium"
+
+check_node() {
+    # playwright-core 1.65 needs Node 20 or newer (Debian bookworm's own nodejs is 18).
+    major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+    if [ "$major" -lt 20 ]; then
+        echo "test-deps: node $(node --version 2>/dev/null) is too old; the render service needs Node >= 20 (e.g. from NodeSource)" >&2
+        exit 1
+    fi
+}
+
+if [ -z "$missing" ]; then
+    check_node
+    echo "test-deps: git, python3 (venv), node, npm and chromium ($chromium_found) are present"
+    exit 0
+fi
+
+echo "test-deps: installing:$missing"
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+export DEBIAN_FRONTEND=noninteractive
+# shellcheck disable=SC2086 # the package list is meant to split
+$SUDO apt-get update -q
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q --no-install-recommends $missing
+check_node

@@ -1,0 +1,124 @@
+//! ComfyUI itself: the repository at the configured ref, its venv and its requirements, and the
+//! command that runs it on one GPU.
+//!
+//! Layout: `<workspace>/ComfyUI` is a git checkout (detached at the pinned ref) with its venv in
+//! `ComfyUI/venv`; custom nodes go to `ComfyUI/custom_nodes` (see `nodes`), models to the shared
+//! models directory linked into `ComfyUI/models` (see `models`).
+
+use std::path::{Path, PathBuf};
+
+use super::common::{Cmd, Progress, Stamp, digest, git_checkout};
+use super::{Ctx, InstallError};
+use crate::config::ComfyuiInstallConfig;
+
+/// The ComfyUI checkout under the workspace.
+pub(crate) fn dir(workspace: &Path) -> PathBuf {
+    workspace.join("ComfyUI")
+}
+
+/// The venv's interpreter.
+pub(crate) fn python(workspace: &Path) -> PathBuf {
+    dir(workspace).join("venv/bin/python")
+}
+
+/// The command, working directory and health path of ComfyUI on `port`; `--cpu` without a GPU.
+pub(crate) fn launch(workspace: &Path, port: u16, gpu: Option<u32>) -> super::Launch {
+    let mut command = vec![
+        python(workspace).display().to_string(),
+        "main.py".to_owned(),
+        "--listen".to_owned(),
+        "127.0.0.1".to_owned(),
+        "--port".to_owned(),
+        port.to_string(),
+    ];
+    if gpu.is_none() {
+        command.push("--cpu".to_owned());
+    }
+    super::Launch {
+        command,
+        cwd: dir(workspace),
+        health_path: "/system_stats",
+    }
+}
+
+/// The stamp of the ComfyUI install; node stamps include its digest, so a rebuilt venv
+/// reinstalls every node's requirements.
+pub(crate) fn stamp(ctx: &Ctx, cfg: &ComfyuiInstallConfig) -> Stamp {
+    Stamp::new(
+        &ctx.stamps,
+        "comfyui",
+        digest(&[
+            cfg.repo_url.as_str(),
+            cfg.git_ref.as_str(),
+            cfg.python.as_str(),
+            cfg.torch_index_url.as_deref().unwrap_or(""),
+        ]),
+    )
+}
+
+/// Installs ComfyUI unless its stamp is current. Returns whether anything was done.
+pub(crate) async fn install(ctx: &Ctx, cfg: &ComfyuiInstallConfig, progress: &Progress) -> Result<bool, InstallError> {
+    let stamp = stamp(ctx, cfg);
+    let dir = dir(&ctx.workspace);
+    if stamp.is_current() && python(&ctx.workspace).exists() && dir.join("main.py").exists() {
+        return Ok(false);
+    }
+    stamp.clear();
+    let log = ctx.log("comfyui");
+    progress.step(&format!("fetching {} at {}", cfg.repo_url, cfg.git_ref));
+    let sha = git_checkout(&cfg.repo_url, Some(&cfg.git_ref), &dir, false, &log, &ctx.cancel).await?;
+    progress.step(&format!("checked out {sha}"));
+    let venv = dir.join("venv");
+    if !python(&ctx.workspace).exists() {
+        progress.step("creating the venv");
+        Cmd::new(&cfg.python)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .run(&log, &ctx.cancel)
+            .await?;
+    }
+    let requirements = dir.join("requirements.txt");
+    if requirements.exists() {
+        progress.step("pip install -r requirements.txt");
+        let mut pip = Cmd::new(python(&ctx.workspace))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "-r",
+            ])
+            .arg(&requirements)
+            .cwd(&dir);
+        if let Some(index) = &cfg.torch_index_url {
+            pip = pip.args(["--extra-index-url", index]);
+        }
+        pip.run(&log, &ctx.cancel).await?;
+    }
+    stamp.write()?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_matches_the_layout() {
+        let l = launch(Path::new("/ws"), 8189, Some(1));
+        assert_eq!(
+            l.command,
+            [
+                "/ws/ComfyUI/venv/bin/python",
+                "main.py",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                "8189"
+            ]
+        );
+        assert_eq!(l.cwd, Path::new("/ws/ComfyUI"));
+        assert_eq!(launch(Path::new("/ws"), 8188, None).command.last().unwrap(), "--cpu");
+    }
+}

@@ -1,0 +1,517 @@
+//! Installers: put in place what the connectors' services run, before they start.
+//!
+//! For the connectors in `WORKER_CONNECTORS`: ComfyUI (`comfyui`), its custom nodes
+//! (`comfyui-nodes`) and models (`comfyui-models`), and the Playwright render service
+//! (`playwright`). ComfyUI goes first; its nodes and models then install side by side, and the
+//! render service alongside all of them. Each installer is bounded by `SERVICE_INSTALL_TIMEOUT`
+//! and skipped when its stamp says nothing that went into it changed. State is published
+//! through a [`Tracker`] for the status page; output of every external command goes to
+//! `<workspace>/logs/install-<name>.log`.
+//!
+//! This module also owns the install layout, so the plan takes each connector service's
+//! command from [`launch`] instead of knowing where things were installed.
+
+mod comfyui;
+mod common;
+mod models;
+mod nodes;
+mod playwright;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use common::{InstallState, InstallStates, Tracker};
+
+use crate::config::{Config, ConnectorKind, Env, ProcessEnv};
+use common::{Progress, error_chain};
+
+/// Every installer, in the order they are reported.
+pub const NAMES: [&str; 4] = ["comfyui", "comfyui-nodes", "comfyui-models", "playwright"];
+
+/// Why an install (or one step of it) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// A command could not be started.
+    #[error("failed to run `{command}`")]
+    Spawn {
+        /// The argv, joined for display.
+        command: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command exited unsuccessfully.
+    #[error("failed to run `{command}` ({status}; log {log}):\n{tail}")]
+    Exit {
+        /// The argv, joined for display.
+        command: String,
+        /// How it exited.
+        status: String,
+        /// The install log.
+        log: PathBuf,
+        /// The log's last lines.
+        tail: String,
+    },
+    /// A file operation failed.
+    #[error("failed to {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// To which path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node catalogue or model manifest is invalid.
+    #[error("failed to read {file}: {message}")]
+    Manifest {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A node's `.env` names a variable that is not set.
+    #[error("failed to write the .env of node `{node}`: environment variable {var} is not set")]
+    MissingEnv {
+        /// The variable.
+        var: String,
+        /// The node.
+        node: String,
+    },
+    /// A download failed.
+    #[error("failed to download {url}: {reason}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// Why, with its causes.
+        reason: String,
+    },
+    /// A downloaded file has the wrong size.
+    #[error("failed to verify {file}: {actual} bytes, the manifest says {expected}")]
+    Size {
+        /// The file.
+        file: PathBuf,
+        /// The manifest's size.
+        expected: u64,
+        /// The downloaded size.
+        actual: u64,
+    },
+    /// A downloaded file has the wrong checksum.
+    #[error("failed to verify {file}: sha256 is {actual}, the manifest says {expected}")]
+    Checksum {
+        /// The file.
+        file: PathBuf,
+        /// The manifest's hash.
+        expected: String,
+        /// The downloaded file's hash.
+        actual: String,
+    },
+    /// No browser for the render service.
+    #[error(
+        "failed to find Chromium (looked at {looked}); install Debian's `chromium` or set PLAYWRIGHT_CHROMIUM_PATH"
+    )]
+    NoChromium {
+        /// Where it looked.
+        looked: String,
+    },
+    /// An installer this one builds on failed.
+    #[error("failed to start: {0} failed first")]
+    Prerequisite(&'static str),
+    /// ComfyUI is not installed, so its nodes and models cannot be.
+    #[error("failed to find ComfyUI at {0}; run `machine install --only comfyui` first")]
+    NotInstalled(PathBuf),
+    /// `--only` named no installer.
+    #[error("failed to select installer `{0}`: valid names are comfyui, comfyui-nodes, comfyui-models, playwright")]
+    UnknownInstaller(String),
+    /// An installer ran past `SERVICE_INSTALL_TIMEOUT`.
+    #[error("failed to finish within {0:?} (SERVICE_INSTALL_TIMEOUT)")]
+    Timeout(Duration),
+    /// The install was cancelled (shutdown).
+    #[error("failed to finish: cancelled")]
+    Cancelled,
+    /// Some items failed (strict mode) or an installer failed.
+    #[error("failed to install {}", .0.join("; "))]
+    Failed(Vec<String>),
+}
+
+impl InstallError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        InstallError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// How a connector's service is started, as the installers lay the workspace out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The argv.
+    pub command: Vec<String>,
+    /// Its working directory.
+    pub cwd: PathBuf,
+    /// The HTTP path that answers 200 once the service is up.
+    pub health_path: &'static str,
+}
+
+/// The service command of a GPU-bound connector on `port`, on `gpu` (`None`: CPU mode).
+pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>) -> Launch {
+    match kind {
+        ConnectorKind::Comfyui => comfyui::launch(workspace, port, gpu),
+        ConnectorKind::Playwright => playwright::launch(workspace, port, gpu),
+        // A1111 has no installer: the image is expected to hold a prepared
+        // stable-diffusion-webui with its venv.
+        _ => {
+            let dir = workspace.join("stable-diffusion-webui");
+            let mut command: Vec<String> = [
+                dir.join("venv/bin/python").display().to_string().as_str(),
+                "launch.py",
+                "--api",
+                "--nowebui",
+                "--skip-prepare-environment",
+                "--port",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            command.push(port.to_string());
+            if gpu.is_none() {
+                command.extend(["--use-cpu", "all", "--skip-torch-cuda-test", "--no-half"].map(str::to_owned));
+            }
+            Launch {
+                command,
+                cwd: dir,
+                health_path: "/sdapi/v1/progress",
+            }
+        }
+    }
+}
+
+/// What every installer of one run shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    workspace: PathBuf,
+    stamps: PathBuf,
+    concurrency: usize,
+    cancel: CancellationToken,
+}
+
+impl Ctx {
+    /// The install log of `name`.
+    fn log(&self, name: &str) -> PathBuf {
+        self.workspace.join("logs").join(format!("install-{name}.log"))
+    }
+}
+
+/// Whether `s` is usable as one path component: letters, digits, `.`, `_`, `-`, and not `.`
+/// or `..`.
+pub(crate) fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The installers `config` needs, or just `only`. A connector whose service command is
+/// overridden (`connectors.<name>.command`) runs something the operator provides, so nothing is
+/// installed for it unless asked for by name.
+pub fn selected(config: &Config, only: Option<&str>) -> Result<Vec<&'static str>, InstallError> {
+    if let Some(name) = only {
+        return NAMES
+            .iter()
+            .find(|n| **n == name)
+            .map(|n| vec![*n])
+            .ok_or_else(|| InstallError::UnknownInstaller(name.to_owned()));
+    }
+    let mut names = Vec::new();
+    if config.connectors.get(ConnectorKind::Comfyui).is_some() && config.comfyui.command.is_none() {
+        names.extend(&NAMES[..3]);
+    }
+    if config.connectors.get(ConnectorKind::Playwright).is_some() && config.playwright.command.is_none() {
+        names.push("playwright");
+    }
+    Ok(names)
+}
+
+/// Runs the installers the configuration needs (or only `only`), publishing progress through
+/// `tracker`. Fails when an installer failed, or when an item failed in strict mode; in
+/// non-strict mode failed nodes and models are listed in their installer's `Done` state.
+pub async fn install(
+    config: &Config,
+    env: &(dyn Env + Sync),
+    only: Option<&str>,
+    tracker: &Tracker,
+    cancel: CancellationToken,
+) -> Result<InstallStates, InstallError> {
+    let names = selected(config, only)?;
+    for n in &names {
+        tracker.set(n, InstallState::Pending);
+    }
+    let ctx = Ctx {
+        workspace: config.workspace.clone(),
+        stamps: config.workspace.join(".machine/install"),
+        concurrency: config.install.concurrency,
+        cancel,
+    };
+    let has = |n: &str| names.contains(&n);
+    let limit = config.install_timeout;
+    let cc = &config.install.comfyui;
+
+    let comfy_chain = async {
+        if has("comfyui") {
+            let p = tracker.progress("comfyui");
+            let r = bounded_by(limit, &ctx, comfyui::install(&ctx, cc, &p)).await;
+            if !finish(&p, r) {
+                for n in ["comfyui-nodes", "comfyui-models"].into_iter().filter(|n| has(n)) {
+                    tracker.progress(n).failed(&InstallError::Prerequisite("comfyui"));
+                }
+                return;
+            }
+        }
+        let ready = comfyui::python(&ctx.workspace).exists();
+        let not_ready = || InstallError::NotInstalled(comfyui::dir(&ctx.workspace));
+        let nodes = async {
+            if !has("comfyui-nodes") {
+                return;
+            }
+            let p = tracker.progress("comfyui-nodes");
+            if !ready {
+                p.failed(&not_ready());
+                return;
+            }
+            let work = async {
+                let specs = nodes::load(cc.nodes_file.as_deref())?;
+                let resolved = nodes::resolve(specs, env);
+                let names: Vec<String> = resolved
+                    .iter()
+                    .map(|r| match r {
+                        Ok(n) => n.name().to_owned(),
+                        Err((n, _)) => n.clone(),
+                    })
+                    .collect();
+                p.step(&format!("{} custom nodes: {}", names.len(), names.join(", ")));
+                let digest = comfyui::stamp(&ctx, cc).digest().to_owned();
+                let (installed, failed) = nodes::install(&ctx, &digest, resolved, &p).await;
+                Ok((installed == 0 && failed.is_empty(), failed))
+            };
+            finish_items(
+                &p,
+                bounded_by(limit, &ctx, work).await,
+                config.install.strict,
+                "custom nodes",
+            );
+        };
+        let models = async {
+            if !has("comfyui-models") {
+                return;
+            }
+            let p = tracker.progress("comfyui-models");
+            if !ready {
+                p.failed(&not_ready());
+                return;
+            }
+            let work = async {
+                let specs = match &cc.models_manifest {
+                    Some(path) => models::load(path)?,
+                    None => Vec::new(),
+                };
+                p.step(&format!("{} models into {}", specs.len(), cc.models_dir.display()));
+                let (downloaded, failed) = models::install(&ctx, &cc.models_dir, specs, &p).await;
+                Ok((downloaded == 0 && failed.is_empty(), failed))
+            };
+            finish_items(&p, bounded_by(limit, &ctx, work).await, config.install.strict, "models");
+        };
+        tokio::join!(nodes, models);
+    };
+    let render = async {
+        if has("playwright") {
+            let p = tracker.progress("playwright");
+            let r = bounded_by(limit, &ctx, playwright::install(&ctx, &config.install.playwright, &p)).await;
+            finish(&p, r);
+        }
+    };
+    tokio::join!(comfy_chain, render);
+
+    let states = tracker.snapshot();
+    let failed: Vec<String> = names
+        .iter()
+        .filter_map(|n| match states.get(*n) {
+            Some(InstallState::Failed { reason }) => Some(format!("{n}: {reason}")),
+            _ => None,
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(states)
+    } else {
+        Err(InstallError::Failed(failed))
+    }
+}
+
+/// Runs `fut` within the install timeout; a timeout drops it, which kills its commands.
+async fn bounded_by<T>(
+    limit: Duration,
+    ctx: &Ctx,
+    fut: impl Future<Output = Result<T, InstallError>>,
+) -> Result<T, InstallError> {
+    if ctx.cancel.is_cancelled() {
+        return Err(InstallError::Cancelled);
+    }
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(InstallError::Timeout(limit)))
+}
+
+/// Records an installer's end; returns whether it succeeded.
+fn finish(p: &Progress, r: Result<bool, InstallError>) -> bool {
+    match r {
+        Ok(did) => {
+            p.done(!did, Vec::new());
+            true
+        }
+        Err(e) => {
+            p.failed(&e);
+            false
+        }
+    }
+}
+
+/// Records the end of an installer of many items: failed items fail it only in strict mode.
+fn finish_items(p: &Progress, r: Result<(bool, Vec<(String, InstallError)>), InstallError>, strict: bool, what: &str) {
+    match r {
+        Ok((skipped, failed)) if failed.is_empty() => p.done(skipped, Vec::new()),
+        Ok((_, failed)) => {
+            let items: Vec<String> = failed.iter().map(|(n, e)| format!("{n}: {}", error_chain(e))).collect();
+            if strict {
+                let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+                p.failed(&InstallError::Failed(vec![format!(
+                    "{} {what} (strict mode): {}",
+                    names.len(),
+                    items.join("; ")
+                )]));
+            } else {
+                p.done(false, items);
+            }
+        }
+        Err(e) => p.failed(&e),
+    }
+}
+
+/// An install error with its causes, on one line.
+pub fn error_report(e: &InstallError) -> String {
+    error_chain(e)
+}
+
+/// The installers `machine run` needs before it starts services, with the real environment.
+pub async fn before_services(
+    config: &Config,
+    tracker: &Tracker,
+    cancel: CancellationToken,
+) -> Result<InstallStates, InstallError> {
+    install(config, &ProcessEnv, None, tracker, cancel).await
+}
+
+/// `machine install [--only NAME]`: runs the installers, starts nothing, prints one line per
+/// installer. Exit 0 when everything needed is installed, 1 otherwise, 2 for an unknown name.
+pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
+    let names = match selected(config, only) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("machine: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if names.is_empty() {
+        println!(
+            "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
+            config.connectors
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("machine: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tracker = Tracker::new();
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let stop = cancel.clone();
+        let interrupt = async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::warn!("interrupted; stopping the installers");
+                stop.cancel();
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            r = install(config, &ProcessEnv, only, &tracker, cancel.clone()) => r,
+            () = interrupt => unreachable!("the interrupt future never completes"),
+        }
+    });
+    let states = tracker.snapshot();
+    let mut out = std::io::stdout().lock();
+    for name in &names {
+        let line = match states.get(*name) {
+            Some(InstallState::Done { skipped: true, .. }) => "up to date".to_owned(),
+            Some(InstallState::Done {
+                seconds, failed_items, ..
+            }) if failed_items.is_empty() => format!("installed in {seconds:.1}s"),
+            Some(InstallState::Done {
+                seconds, failed_items, ..
+            }) => format!(
+                "installed in {seconds:.1}s; {} failed:\n    {}",
+                failed_items.len(),
+                failed_items.join("\n    ")
+            ),
+            Some(InstallState::Failed { reason }) => format!("FAILED: {reason}"),
+            other => format!("{other:?}"),
+        };
+        let _ = writeln!(out, "{name:<16} {line}");
+    }
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_safe_path_components() {
+        assert!(safe_name("ComfyUI-Impact_Pack.v2"));
+        for bad in ["", ".", "..", "a/b", "-x", "a b"] {
+            assert!(!safe_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn installers_follow_the_connectors() {
+        let c = Config::for_tests(&[("WORKER_CONNECTORS", "comfyui,playwright,simulation")]);
+        assert_eq!(selected(&c, None).unwrap(), NAMES);
+        let c = Config::for_tests(&[("WORKER_CONNECTORS", "playwright")]);
+        assert_eq!(selected(&c, None).unwrap(), ["playwright"]);
+        assert_eq!(selected(&c, Some("comfyui-models")).unwrap(), ["comfyui-models"]);
+        assert!(selected(&c, Some("nope")).is_err());
+        assert!(selected(&Config::for_tests(&[]), None).unwrap().is_empty());
+        let file = "[connectors.comfyui]\ncommand = [\"fake-comfy\", \"{port}\"]\n";
+        let env = std::collections::BTreeMap::from([("WORKER_CONNECTORS", "comfyui")]);
+        let c = crate::config::load_str(Some(("f", file)), &env).unwrap();
+        assert!(
+            selected(&c, None).unwrap().is_empty(),
+            "an overridden command installs nothing"
+        );
+        assert_eq!(selected(&c, Some("comfyui")).unwrap(), ["comfyui"]);
+    }
+}
