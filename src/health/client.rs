@@ -158,7 +158,11 @@ pub fn render(doc: &Value) -> String {
                 s(&v["pid"]),
                 s(&v["restarts"]),
                 s(&v["ready"]),
-                s(&v["last_exit"])
+                match (&v["last_exit"]["code"], &v["last_exit"]["signal"]) {
+                    (Value::Number(c), _) => format!("code {c}"),
+                    (_, Value::Number(sig)) => format!("signal {sig}"),
+                    _ => "-".to_owned(),
+                }
             );
         }
     }
@@ -172,16 +176,18 @@ pub fn render(doc: &Value) -> String {
             Some(reason) => format!("{} ({reason})", s(&w["state"])),
             None => s(&w["state"]),
         };
+        let job = &w["current_job"];
+        let counts = &w["counts"];
         let _ = writeln!(
             out,
             "{:<30} {:<12} {:<25} {:<9} {:<5} {:<7} {:<9} {}",
-            s(&w["id"]),
+            s(&w["worker_id"]),
             state,
-            s(&w["current_job_id"]),
-            w["progress"].as_u64().map_or("-".to_owned(), |p| format!("{p}%")),
-            s(&w["completed"]),
-            s(&w["failed"]),
-            s(&w["returned"]),
+            s(&job["job_id"]),
+            job["progress"].as_f64().map_or("-".to_owned(), |p| format!("{p:.0}%")),
+            s(&counts["completed"]),
+            s(&counts["failed"]),
+            s(&counts["returned"]),
             ago(now, &w["last_activity_ms"])
         );
     }
@@ -277,7 +283,7 @@ mod tests {
             "redis": {"url": "redis://***@h", "connected": true, "function_version": "abc", "last_error": null},
             "gpus": [{"index": 0, "name": "RTX", "utilization_percent": 50, "memory_used_bytes": 1073741824u64, "memory_total_bytes": 25769803776u64, "temperature_c": 60}],
             "services": [{"name": "comfyui-gpu0", "state": "running", "pid": 42, "restarts": 1, "ready": true, "last_exit": null}],
-            "workers": [{"id": "m1-gpu0", "state": "busy", "current_job_id": "j1", "progress": 40, "completed": 3, "failed": 0, "returned": 0, "last_activity_ms": 0}],
+            "workers": [{"worker_id": "m1-gpu0", "state": "busy", "current_job": {"job_id": "j1", "progress": 40.0}, "counts": {"completed": 3, "failed": 0, "returned": 0}, "last_activity_ms": 0, "reason": null}],
         });
         let text = render(&doc);
         assert!(text.contains("machine m1  phase ready  up 5s"), "{text}");

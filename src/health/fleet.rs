@@ -14,8 +14,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{HealthState, Phase, WorkerState, now_ms};
+use super::{HealthState, Phase, now_ms};
 use crate::plan::WorkerKind;
+use crate::supervisor::{ServiceState, ServiceStatus};
+use crate::worker::{WorkerState, WorkerStatus};
 
 /// How often the status is published when nothing changes.
 pub const PERIOD: Duration = Duration::from_secs(10);
@@ -40,19 +42,11 @@ pub enum UpdateType {
 
 /// A supervised service's condition as the fleet message names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceCondition {
+struct ServiceCondition {
     /// `active`, `inactive` or `unknown`.
     pub status: &'static str,
     /// `healthy`, `unhealthy` or `unknown`.
     pub health: &'static str,
-}
-
-impl ServiceCondition {
-    /// Nothing is known about the service.
-    pub const UNKNOWN: ServiceCondition = ServiceCondition {
-        status: "unknown",
-        health: "unknown",
-    };
 }
 
 /// The channel a machine publishes on.
@@ -65,21 +59,35 @@ pub fn stored_key(machine_id: &str) -> String {
     format!("machine:{machine_id}:status")
 }
 
-/// Builds the contract's status message. `service` gives the condition of a plan service by
-/// name; external connectors have no service and count as active while their worker runs.
-pub fn message(
-    state: &HealthState,
-    update_type: UpdateType,
-    redis_connected: bool,
-    service: &dyn Fn(&str) -> ServiceCondition,
-    health_url: &str,
-) -> Value {
+/// The condition the fleet message gives a supervised service.
+fn condition(status: &ServiceStatus) -> ServiceCondition {
+    let active = matches!(
+        status.state,
+        ServiceState::Starting | ServiceState::Running | ServiceState::Stopping
+    );
+    ServiceCondition {
+        status: if active { "active" } else { "inactive" },
+        health: if status.crash_loop || status.state == ServiceState::Failed {
+            "unhealthy"
+        } else if status.state == ServiceState::Running && status.ready && status.live {
+            "healthy"
+        } else if active {
+            "unhealthy"
+        } else {
+            "unknown"
+        },
+    }
+}
+
+/// Builds the contract's status message from the plan, the workers and the services.
+/// External connectors have no service and count as active while their worker runs.
+pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bool, health_url: &str) -> Value {
     let plan = state.plan();
-    let board: BTreeMap<String, _> = state
-        .board()
-        .snapshot()
+    let services = state.services().status();
+    let workers: BTreeMap<String, WorkerStatus> = state
+        .worker_statuses()
         .into_iter()
-        .map(|w| (w.id.clone(), w))
+        .map(|w| (w.worker_id.clone(), w))
         .collect();
     let mut s_workers = serde_json::Map::new();
     let mut s_services = serde_json::Map::new();
@@ -103,27 +111,27 @@ pub fn message(
                 "connectors": connectors,
             }),
         );
-        let row = board.get(&w.id);
-        let running = row.is_some_and(|r| !matches!(r.state, WorkerState::Stopped | WorkerState::Starting));
+        let status = workers.get(&w.id);
+        let running = status.is_some_and(|s| !matches!(s.state, WorkerState::Stopped | WorkerState::Starting));
         st_workers.insert(
             w.id.clone(),
             json!({
                 "is_connected": redis_connected && running,
-                "status": match row.map(|r| &r.state) { Some(WorkerState::Busy) => "busy", _ => "idle" },
-                "current_job_id": row.and_then(|r| r.current_job_id.clone()).unwrap_or_default(),
-                "last_activity": row.map_or(0, |r| r.last_activity_ms),
+                "status": if status.is_some_and(|s| s.state == WorkerState::Busy) { "busy" } else { "idle" },
+                "current_job_id": status.and_then(|s| s.current_job.as_ref()).map_or("", |j| j.job_id.as_str()),
+                "last_activity": status.map_or(0, |s| s.last_activity_ms),
             }),
         );
         for connector in &w.connectors {
             let key = format!("{}.{}", w.id, connector.name());
-            // The service backing this connector on this worker, if it has one.
-            let backing = w.services.iter().find(|s| {
-                plan.services
-                    .iter()
-                    .any(|p| &p.name == *s && p.connector == Some(*connector))
-            });
+            // The supervised service backing this connector on this worker, if it has one.
+            let backing = plan
+                .services
+                .iter()
+                .find(|p| p.connector == Some(*connector) && w.services.contains(&p.name))
+                .and_then(|p| services.iter().find(|s| s.name == p.name));
             let cond = match backing {
-                Some(name) => service(name),
+                Some(service) => condition(service),
                 None if running => ServiceCondition {
                     status: "active",
                     health: "healthy",
@@ -169,23 +177,46 @@ pub fn message(
 pub async fn run(
     state: Arc<HealthState>,
     mut conn: redis::aio::ConnectionManager,
-    service: Arc<dyn Fn(&str) -> ServiceCondition + Send + Sync>,
     health_url: String,
     stop: CancellationToken,
 ) {
-    let mut changes = state.board().subscribe();
+    let mut workers = state.worker_receivers();
+    let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
+    let mut services = state.services().watch(&names).ok();
     let mut was_ready = false;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
+        let changed = async {
+            type Change<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+            let mut any: Vec<Change<'_>> = workers
+                .iter_mut()
+                .map(|rx| -> Change<'_> {
+                    Box::pin(async move {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    })
+                })
+                .collect();
+            if let Some(s) = services.as_mut() {
+                any.push(Box::pin(async move {
+                    if s.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }));
+            }
+            // Never empty, so select_all has something to wait on.
+            any.push(Box::pin(std::future::pending::<()>()));
+            futures_util::future::select_all(any).await;
+        };
         let update = tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => UpdateType::Periodic,
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    break;
-                }
+            () = changed => {
                 tokio::time::sleep(DEBOUNCE).await;
-                changes.mark_unchanged();
+                for rx in &mut workers {
+                    rx.mark_unchanged();
+                }
                 UpdateType::EventDriven
             }
         };
@@ -196,19 +227,13 @@ pub async fn run(
             update
         };
         was_ready = ready;
-        publish(&state, &mut conn, update, service.as_ref(), &health_url).await;
+        publish(&state, &mut conn, update, &health_url).await;
     }
-    publish(&state, &mut conn, UpdateType::Shutdown, service.as_ref(), &health_url).await;
+    publish(&state, &mut conn, UpdateType::Shutdown, &health_url).await;
 }
 
-async fn publish(
-    state: &HealthState,
-    conn: &mut redis::aio::ConnectionManager,
-    update: UpdateType,
-    service: &(dyn Fn(&str) -> ServiceCondition + Send + Sync),
-    health_url: &str,
-) {
-    let msg = message(state, update, true, service, health_url).to_string();
+async fn publish(state: &HealthState, conn: &mut redis::aio::ConnectionManager, update: UpdateType, health_url: &str) {
+    let msg = message(state, update, true, health_url).to_string();
     let id = state.machine_id();
     let result: redis::RedisResult<()> = redis::pipe()
         .publish(channel(id), &msg)
@@ -217,20 +242,56 @@ async fn publish(
         .ignore()
         .query_async(conn)
         .await;
-    if let Err(e) = result {
-        tracing::warn!("failed to publish the machine status: {e}");
+    match result {
+        Ok(()) => state.set_redis(|r| {
+            r.connected = true;
+            r.last_error = None;
+        }),
+        Err(e) => {
+            tracing::warn!("failed to publish the machine status: {e}");
+            state.set_redis(|r| {
+                r.connected = false;
+                r.last_error = Some(e.to_string());
+            });
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::gpu::{GpuInfo, HostInfo, Probe};
     use crate::plan::Plan;
+    use crate::supervisor::Supervisor;
+    use crate::worker::{CurrentJob, JobCounts};
 
-    fn state(connectors: &str) -> Arc<HealthState> {
-        let config = Config::for_tests(&[("MACHINE_ID", "m1"), ("WORKER_CONNECTORS", connectors)]);
+    fn status(id: &str, state: WorkerState, job: Option<&str>) -> WorkerStatus {
+        WorkerStatus {
+            worker_id: id.to_owned(),
+            state,
+            current_job: job.map(|j| CurrentJob {
+                job_id: j.to_owned(),
+                service: "simulation".to_owned(),
+                progress: 10.0,
+                message: String::new(),
+            }),
+            counts: JobCounts::default(),
+            last_error: None,
+            last_activity_ms: 1_750_000_000_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn message_has_the_contract_shape_and_follows_the_services() {
+        let ws = tempfile::tempdir().unwrap();
+        let file = "[connectors.comfyui]\ncommand = [\"sleep\", \"30\"]\n";
+        let env = BTreeMap::from([
+            ("MACHINE_ID", "m1"),
+            ("WORKER_CONNECTORS", "comfyui,simulation"),
+            ("HUB_REDIS_URL", "redis://127.0.0.1:1"),
+            ("MACHINE_WORKSPACE", ws.path().to_str().unwrap()),
+        ]);
+        let config = crate::config::load_str(Some(("f", file)), &env).unwrap();
         let host = HostInfo {
             cpu_cores: 4,
             ram_total_bytes: 8 << 30,
@@ -246,22 +307,25 @@ mod tests {
         };
         let probe = Arc::new(Probe::from_parts(vec![gpu], host));
         let plan = Plan::build(&config, &probe).unwrap();
-        HealthState::new(&config, &plan, probe, CancellationToken::new())
-    }
+        let sup = Supervisor::new(plan.services.clone(), &config.supervisor, &config.workspace).unwrap();
+        let handle = sup.handle();
+        let (_gpu_tx, gpu_rx) = tokio::sync::watch::channel(status("m1-gpu0", WorkerState::Idle, None));
+        let (_sim_tx, sim_rx) = tokio::sync::watch::channel(status("m1-simulation-1", WorkerState::Busy, Some("j9")));
+        let installs = tokio::sync::watch::channel(Default::default()).1;
+        let stop = CancellationToken::new();
+        let s = HealthState::new(
+            &config,
+            &plan,
+            probe,
+            super::super::Sources {
+                services: handle.clone(),
+                workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
+                installs,
+            },
+            stop.clone(),
+        );
 
-    #[test]
-    fn message_has_the_contract_shape() {
-        let s = state("comfyui,simulation");
-        s.board().set_state("m1-gpu0", WorkerState::Idle);
-        s.board().job_started("m1-simulation-1", "j9", "simulation");
-        let healthy = |name: &str| {
-            assert_eq!(name, "comfyui-gpu0");
-            ServiceCondition {
-                status: "active",
-                health: "healthy",
-            }
-        };
-        let m = message(&s, UpdateType::EventDriven, true, &healthy, "http://h:9092/health");
+        let m = message(&s, UpdateType::EventDriven, true, "http://h:9092/health");
         assert_eq!(m["machine_id"], "m1");
         assert_eq!(m["update_type"], "event_driven");
         assert_eq!(m["structure"]["gpu_count"], 1);
@@ -274,17 +338,38 @@ mod tests {
         assert_eq!(w["connectors"], json!(["comfyui"]));
         let svc = &m["structure"]["services"]["m1-gpu0.comfyui"];
         assert_eq!(svc["service_type"], "comfyui");
-        assert_eq!(svc["status"], "active");
+        assert_eq!(svc["status"], "inactive", "not started yet: {svc}");
         assert_eq!(m["status"]["machine"]["phase"], "ready");
         let busy = &m["status"]["workers"]["m1-simulation-1"];
         assert_eq!(busy["status"], "busy");
         assert_eq!(busy["current_job_id"], "j9");
         assert_eq!(busy["is_connected"], true);
+        assert_eq!(busy["last_activity"], 1_750_000_000_000u64);
         assert_eq!(
             m["status"]["services"]["m1-simulation-1.simulation"]["health"],
             "healthy"
         );
         assert_eq!(m["health_url"], "http://h:9092/health");
         assert!(m["timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+
+        // Started, its readiness probe (HTTP on 8188) failing: active but unhealthy.
+        let force = CancellationToken::new();
+        let run = tokio::spawn(sup.run(stop.clone(), force));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = message(&s, UpdateType::Periodic, true, "u");
+            if m["status"]["services"]["m1-gpu0.comfyui"]["status"] == "active" {
+                assert_eq!(m["status"]["services"]["m1-gpu0.comfyui"]["health"], "unhealthy");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the service never became active");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        run.await.unwrap().unwrap();
+        assert_eq!(
+            message(&s, UpdateType::Shutdown, true, "u")["status"]["machine"]["phase"],
+            "shutdown"
+        );
     }
 }

@@ -6,7 +6,6 @@
 //! it answers even when every worker is busy, and it keeps answering (with 503 on `/health`)
 //! while the machine shuts down.
 
-mod board;
 pub mod client;
 pub mod fleet;
 mod metrics;
@@ -18,13 +17,17 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-pub use board::{JobEnd, WorkerBoard, WorkerState, WorkerStatus, now_ms};
 pub use metrics::Metrics;
 pub use server::{HealthError, run};
 
+use tokio::sync::watch;
+
 use crate::config::{Config, Secret};
 use crate::gpu::Probe;
+use crate::installers::InstallStates;
 use crate::plan::Plan;
+use crate::supervisor::{ServiceStatus, SupervisorHandle};
+use crate::worker::{WorkerState, WorkerStatus};
 
 /// The machine's phase, as the fleet status message names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -51,7 +54,8 @@ pub struct RedisStatus {
     pub last_error: Option<String>,
 }
 
-/// Everything the health server and the fleet publisher read. Shared behind an `Arc`.
+/// Everything the health server and the fleet publisher read. Shared behind an `Arc`; every
+/// field is either fixed at start or a channel its owner writes, so reading never blocks them.
 #[derive(Debug)]
 pub struct HealthState {
     machine_id: String,
@@ -60,19 +64,36 @@ pub struct HealthState {
     config: serde_json::Value,
     plan: Plan,
     probe: Arc<Probe>,
-    board: WorkerBoard,
+    services: SupervisorHandle,
+    workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
+    installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
     shutdown: CancellationToken,
-    critical_failure: Mutex<Option<String>>,
     redis: Mutex<RedisStatus>,
+}
+
+/// What the health state reads from the other subsystems.
+#[derive(Debug)]
+pub struct Sources {
+    /// The supervisor's handle (services, logs, restarts).
+    pub services: SupervisorHandle,
+    /// Each worker's status channel.
+    pub workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
+    /// The installers' progress.
+    pub installs: watch::Receiver<InstallStates>,
 }
 
 impl HealthState {
     /// The state of a machine about to start; `shutdown` is the machine's shutdown trigger
     /// (`POST /shutdown` cancels it, and once cancelled the phase is `shutdown`).
-    pub fn new(config: &Config, plan: &Plan, probe: Arc<Probe>, shutdown: CancellationToken) -> Arc<HealthState> {
-        let board = WorkerBoard::new(plan.workers.iter().map(|w| w.id.as_str()));
+    pub fn new(
+        config: &Config,
+        plan: &Plan,
+        probe: Arc<Probe>,
+        sources: Sources,
+        shutdown: CancellationToken,
+    ) -> Arc<HealthState> {
         Arc::new(HealthState {
             machine_id: config.machine_id.clone(),
             started: Instant::now(),
@@ -81,21 +102,17 @@ impl HealthState {
             config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
             plan: plan.clone(),
             probe,
-            board,
+            services: sources.services,
+            workers: sources.workers,
+            installs: sources.installs,
             metrics: Metrics::new(),
             control_token: config.control_token.clone(),
             shutdown,
-            critical_failure: Mutex::new(None),
             redis: Mutex::new(RedisStatus {
-                url: config.redis.as_ref().map(|u| u.masked()),
+                url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()
             }),
         })
-    }
-
-    /// The worker board the workers write to.
-    pub fn board(&self) -> &WorkerBoard {
-        &self.board
     }
 
     /// The metrics the workers record into.
@@ -113,29 +130,75 @@ impl HealthState {
         &self.plan
     }
 
+    /// The supervisor's handle.
+    pub fn services(&self) -> &SupervisorHandle {
+        &self.services
+    }
+
     /// Milliseconds since start.
     pub fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The current phase, derived from the shutdown trigger and the board.
+    /// Every worker's current status, in plan order.
+    pub fn worker_statuses(&self) -> Vec<WorkerStatus> {
+        self.workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
+    }
+
+    /// Receivers that change whenever a worker changes (for the fleet publisher).
+    pub(crate) fn worker_receivers(&self) -> Vec<watch::Receiver<WorkerStatus>> {
+        self.workers.iter().map(|(_, rx)| rx.clone()).collect()
+    }
+
+    /// Why a worker is not claiming, when it has a reason to report: one of its services is in
+    /// crash loop or failed. A worker still waiting for a starting service has none.
+    fn blocked_reason(&self, status: &WorkerStatus, services: &[ServiceStatus]) -> Option<String> {
+        if status.state != WorkerState::WaitingForServices {
+            return None;
+        }
+        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.services;
+        services
+            .iter()
+            .filter(|s| wanted.contains(&s.name))
+            .find(|s| s.crash_loop || s.state == crate::supervisor::ServiceState::Failed)
+            .map(|s| {
+                format!(
+                    "{} is {}",
+                    s.name,
+                    if s.crash_loop { "in crash loop" } else { "failed" }
+                )
+            })
+    }
+
+    /// Whether every worker is claiming, busy, or has reported why it cannot, and no installer
+    /// is still running.
+    fn all_settled(&self) -> bool {
+        let services = self.services.status();
+        let installing = self.installs.borrow().values().any(|s| {
+            !matches!(
+                s,
+                crate::installers::InstallState::Done { .. } | crate::installers::InstallState::Failed { .. }
+            )
+        });
+        !installing
+            && self.worker_statuses().iter().all(|w| {
+                matches!(w.state, WorkerState::Idle | WorkerState::Busy) || self.blocked_reason(w, &services).is_some()
+            })
+    }
+
+    /// The current phase, derived from the shutdown trigger, the installers and the workers.
     pub fn phase(&self) -> Phase {
         if self.shutdown.is_cancelled() {
             Phase::Shutdown
-        } else if self.board.all_settled() {
+        } else if self.all_settled() {
             Phase::Ready
         } else {
             Phase::Starting
         }
     }
 
-    /// Records that a `critical` service failed: `/health` answers 503 from now on.
-    pub fn set_critical_failure(&self, reason: String) {
-        *self.critical_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-    }
-
     fn critical_failure(&self) -> Option<String> {
-        self.critical_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.services.critical_failed()
     }
 
     /// Updates the broker connection status.
@@ -145,6 +208,21 @@ impl HealthState {
 
     fn redis(&self) -> RedisStatus {
         self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The workers as `/status` and `/ready` show them: their status plus the reason a
+    /// waiting worker gives.
+    fn workers_document(&self) -> Vec<serde_json::Value> {
+        let services = self.services.status();
+        self.worker_statuses()
+            .into_iter()
+            .map(|w| {
+                let reason = self.blocked_reason(&w, &services);
+                let mut v = serde_json::to_value(&w).unwrap_or_default();
+                v["reason"] = serde_json::json!(reason);
+                v
+            })
+            .collect()
     }
 
     /// The full status document served on `/status`.
@@ -178,9 +256,18 @@ impl HealthState {
             },
             "gpus": gpus,
             "host": self.probe.host,
-            "workers": self.board.snapshot(),
+            "installs": *self.installs.borrow(),
+            "services": self.services.status(),
+            "workers": self.workers_document(),
             "redis": self.redis(),
             "config": self.config,
         })
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -58,6 +58,8 @@ fn router(state: Arc<HealthState>) -> Router {
         .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/logs/{service}", get(logs))
+        .route("/services/{name}/restart", post(restart))
         .route("/shutdown", post(shutdown))
         .with_state(state)
 }
@@ -82,14 +84,9 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 }
 
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
-    let workers = s.board.snapshot();
-    let waiting: Vec<_> = workers
-        .iter()
-        .filter(|w| !w.state.is_settled())
-        .map(|w| json!({ "worker_id": w.id, "state": w.state }))
-        .collect();
-    let ready = waiting.is_empty() && s.phase() == Phase::Ready;
-    let body = json!({ "ready": ready, "phase": s.phase(), "waiting": waiting });
+    let phase = s.phase();
+    let ready = phase == Phase::Ready;
+    let body = json!({ "ready": ready, "phase": phase, "workers": s.workers_document() });
     let code = if ready {
         StatusCode::OK
     } else {
@@ -106,11 +103,48 @@ async fn metrics(State(s): State<Arc<HealthState>>) -> Response {
     for gpu in s.probe.live() {
         s.metrics.set_gpu(&gpu);
     }
+    for service in s.services.status() {
+        s.metrics
+            .set_service_restarts(&service.name, u64::from(service.restarts));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         s.metrics.encode(),
     )
         .into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogsQuery {
+    lines: Option<usize>,
+}
+
+/// The most lines `/logs` returns at once (the supervisor keeps at most its tail anyway).
+const MAX_LOG_LINES: usize = 10_000;
+
+async fn logs(State(s): State<Arc<HealthState>>, Path(service): Path<String>, Query(q): Query<LogsQuery>) -> Response {
+    let n = q.lines.unwrap_or(100).min(MAX_LOG_LINES);
+    match s.services.logs(&service, n) {
+        Ok(lines) => {
+            let mut body = lines.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        }
+        Err(e) => (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
+async fn restart(State(s): State<Arc<HealthState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_unauthorized(&s, &headers) {
+        return refusal;
+    }
+    tracing::info!(service = %name, "restart requested over HTTP");
+    match s.services.restart(&name).await {
+        Ok(()) => (StatusCode::ACCEPTED, axum::Json(json!({ "restarting": name }))).into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response(),
+    }
 }
 
 async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {

@@ -408,7 +408,8 @@ impl Cmd {
         for (k, v) in &self.env {
             c.env(k, v);
         }
-        let child = c.spawn().map_err(|source| InstallError::Spawn {
+        // Through the supervisor's registry, so the orphan reaper never takes its exit status.
+        let child = crate::supervisor::spawn(&mut c).map_err(|source| InstallError::Spawn {
             command: command.clone(),
             source,
         })?;

@@ -195,7 +195,12 @@ struct Inner {
     opts: BrokerOptions,
     wake: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: broadcast::Sender<String>,
+    observer: std::sync::OnceLock<ClaimObserver>,
 }
+
+/// Told the round-trip time of every `findMatchingJob` call and whether it claimed a job (for
+/// the machine's metrics).
+pub type ClaimObserver = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -245,6 +250,7 @@ impl Broker {
                 opts,
                 wake: Mutex::new(HashMap::new()),
                 cancels,
+                observer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -252,6 +258,11 @@ impl Broker {
     /// The options this broker runs with.
     pub fn options(&self) -> &BrokerOptions {
         &self.inner.opts
+    }
+
+    /// Sets the observer of claim calls; only the first one set is kept.
+    pub fn observe_claims(&self, observer: ClaimObserver) {
+        let _ = self.inner.observer.set(observer);
     }
 
     /// A clone of the shared command connection (for operator commands and tests).
@@ -358,12 +369,16 @@ impl Broker {
         let max = self.inner.opts.max_examine.to_string();
         let lease = self.inner.opts.lease.as_millis().to_string();
         loop {
+            let started = std::time::Instant::now();
             let reply: Option<String> = self
                 .call(
                     "findMatchingJob",
                     &[caps_json, &max, &lease, &self.inner.opts.key_prefix],
                 )
                 .await?;
+            if let Some(observe) = self.inner.observer.get() {
+                observe(started.elapsed(), reply.is_some());
+            }
             let Some(reply) = reply else { return Ok(None) };
             let job = parse_claim(&reply)?;
             match job.payload_error {

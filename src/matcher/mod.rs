@@ -15,8 +15,8 @@ pub mod installer;
 pub mod reference;
 
 pub use broker::{
-    Broker, BrokerOptions, CancelOutcome, ClaimedJob, FailOutcome, JobView, LeaseStatus, NewJob, ReapReport,
-    pending_score,
+    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, FailOutcome, JobView, LeaseStatus, NewJob,
+    ReapReport, pending_score,
 };
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 

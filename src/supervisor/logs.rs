@@ -340,7 +340,9 @@ mod tests {
                     .split(|b| *b == b'\n')
                     .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
                     .collect();
-                if expected.last().is_some_and(|l| l.is_empty()) {
+                // Only a trailing newline leaves an empty piece that is not a line; a final "\r"
+                // is a (partial) line of its own, empty once its "\r" is stripped.
+                if data.is_empty() || data.last() == Some(&b'\n') {
                     expected.pop();
                 }
                 prop_assert_eq!(whole, expected);

@@ -153,21 +153,6 @@ impl Workers {
     }
 }
 
-/// Builds, sets up and runs the plan's workers: the entry point `app` calls.
-pub async fn run_all(
-    config: &Config,
-    probe: &Probe,
-    plan: &Plan,
-    env: &(dyn Env + Sync),
-    broker: Broker,
-    readiness: &Readiness,
-    shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
-    Workers::build(config, probe, plan, env)?
-        .run(broker, readiness, shutdown)
-        .await
-}
-
 /// Everything job-related of `machine run`: connects the broker (retrying while Redis is
 /// unreachable), loads the function library, runs the machine's one event subscription and the
 /// lease reaper beside the plan's workers, and returns once the workers have stopped after
@@ -182,49 +167,73 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let workers = Workers::build(config, probe, plan, env)?;
-    let Some(url) = &config.redis else {
-        return Err(WorkerError::Setup {
-            worker: "*".to_owned(),
-            message: "no Redis URL (HUB_REDIS_URL) is configured".to_owned(),
-        });
+    let Some(broker) = connect_broker(config, &shutdown).await else {
+        return Ok(());
     };
-    let opts = crate::matcher::BrokerOptions {
+    workers
+        .serve(broker, config.worker.lease / 2, readiness, shutdown)
+        .await
+}
+
+/// The broker options the configuration asks for.
+pub fn broker_options(config: &Config) -> crate::matcher::BrokerOptions {
+    crate::matcher::BrokerOptions {
         lease: config.worker.lease,
         ..crate::matcher::BrokerOptions::default()
-    };
-    let mut delay = std::time::Duration::from_millis(200);
-    let broker = loop {
+    }
+}
+
+/// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
+/// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
+/// when `shutdown` comes first.
+pub async fn connect_broker(config: &Config, shutdown: &CancellationToken) -> Option<Broker> {
+    let url = config.broker_url();
+    let opts = broker_options(config);
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
         let attempt = async {
-            let broker = Broker::connect(url, opts.clone()).await?;
+            let broker = Broker::connect(&url, opts.clone()).await?;
             broker.ensure_functions().await?;
             Ok::<_, crate::matcher::BrokerError>(broker)
         };
         match attempt.await {
-            Ok(b) => break b,
+            Ok(b) => return Some(b),
             Err(e) => {
                 tracing::warn!(redis = %url.masked(), error = %e, ?delay, "failed to set up the broker; retrying");
                 tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
+                    () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(std::time::Duration::from_secs(10));
             }
         }
-    };
-    let background_stop = CancellationToken::new();
-    // Half the lease: a dead machine's jobs go back to the queue within 1.5 leases.
-    let background = tokio::spawn({
-        let (b, stop, every) = (broker.clone(), background_stop.clone(), config.worker.lease / 2);
-        async move { b.run(every, stop).await }
-    });
-    let result = workers.run(broker, readiness, shutdown).await;
-    background_stop.cancel();
-    match background.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
-        Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
     }
-    result
+}
+
+impl Workers {
+    /// Runs the broker's background work (event subscription, index catch-up, the lease reaper
+    /// every `reap_every`) beside the workers, until the workers have stopped after `shutdown`.
+    pub async fn serve(
+        self,
+        broker: Broker,
+        reap_every: std::time::Duration,
+        readiness: &Readiness,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let background_stop = CancellationToken::new();
+        let background = tokio::spawn({
+            let (b, stop) = (broker.clone(), background_stop.clone());
+            async move { b.run(reap_every, stop).await }
+        });
+        let result = self.run(broker, readiness, shutdown).await;
+        background_stop.cancel();
+        match background.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
+            Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
+        }
+        result
+    }
 }
 
 /// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of

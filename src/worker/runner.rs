@@ -83,6 +83,8 @@ pub struct WorkerStatus {
     pub counts: JobCounts,
     /// The last error it met (a Redis outage, a failed job), for operators.
     pub last_error: Option<String>,
+    /// When its state or job last changed, epoch milliseconds.
+    pub last_activity_ms: u64,
 }
 
 /// How a job ended here.
@@ -191,6 +193,7 @@ impl Worker {
             current_job: None,
             counts: JobCounts::default(),
             last_error: None,
+            last_activity_ms: crate::health::now_ms(),
         });
         Worker {
             caps,
@@ -232,6 +235,9 @@ impl Worker {
     fn set_state(&self, state: WorkerState) {
         self.status.send_if_modified(|s| {
             let changed = s.state != state;
+            if changed {
+                s.last_activity_ms = crate::health::now_ms();
+            }
             s.state = state;
             changed
         });
@@ -349,6 +355,7 @@ impl Worker {
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
             s.state = WorkerState::Busy;
+            s.last_activity_ms = crate::health::now_ms();
             s.counts.claimed += 1;
             s.current_job = Some(CurrentJob {
                 job_id: claimed.id.clone(),
@@ -380,6 +387,7 @@ impl Worker {
         tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
         self.status.send_modify(|s| {
             s.current_job = None;
+            s.last_activity_ms = crate::health::now_ms();
             match &outcome {
                 JobOutcome::Completed => s.counts.completed += 1,
                 JobOutcome::Failed { error, .. } => {

@@ -3,7 +3,7 @@
 //! `POST /interrupt`, `POST /queue`, `GET /system_stats`, `GET /object_info`.
 //!
 //! Prompts run one at a time in submission order, as in ComfyUI. What a prompt does is decided
-//! by its nodes, so a test (or a job sent to the standalone `fake-comfyui` binary) scripts it:
+//! by its nodes, so a test (or a job sent to the standalone `fake_comfyui` example of the machine package) scripts it:
 //! - any node: `inputs.steps` progress events, `inputs.step_ms` apart; `inputs.cached = true`
 //!   reports it in `execution_cached` instead of running it;
 //! - `SaveImage`: writes a PNG named from `inputs.filename_prefix` (type `output`);

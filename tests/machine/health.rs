@@ -22,8 +22,15 @@ impl Drop for Running {
 fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
     let ws = tempfile::tempdir().unwrap();
     let port = testkit::free_port();
+    let config = ws.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        "[services.echo]\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from echo; exec sleep 60\"]\ngrace = \"1s\"\n",
+    )
+    .unwrap();
     let mut cmd = machine();
     cmd.arg("run")
+        .env("MACHINE_CONFIG", &config)
         .env("MACHINE_ID", "hm1")
         .env("MACHINE_HEALTH_PORT", port.to_string())
         .env("MACHINE_WORKSPACE", ws.path())
@@ -64,9 +71,40 @@ async fn routes_answer_and_status_command_reads_them() {
     assert_eq!(status["config"]["connectors"], "simulation:1");
     assert!(status["host"]["cpu_cores"].as_u64().unwrap() >= 1);
 
+    // The simulation worker claims against the hub's Redis, so the machine becomes ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = get(m.port, "/ready").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = get(m.port, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["machine"]["phase"], "ready");
+    assert_eq!(status["workers"][0]["worker_id"], "hm1-simulation-1");
+    assert_eq!(status["services"][0]["name"], "echo");
+    assert!(status["redis"]["function_version"].is_string(), "{status}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = get(m.port, "/logs/echo?lines=10").await;
+        assert_eq!(code, 200);
+        if body.contains("hello from echo") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no log line: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(m.port, "/logs/nope").await.0, 404);
+
     let (code, body) = get(m.port, "/metrics").await;
     assert_eq!(code, 200);
     assert!(body.contains("# TYPE machine_match_misses counter"), "{body}");
+    assert!(body.contains("machine_service_restarts{service=\"echo\"} 0"), "{body}");
+    assert!(body.contains("machine_claim_duration_seconds_count"), "{body}");
 
     let url = format!("http://127.0.0.1:{}", m.port);
     let (out, stdout, stderr) = run(machine().args(["status", "--url", &url]));
@@ -96,6 +134,25 @@ async fn control_routes_need_the_token() {
     drop(m.child.kill());
 
     let mut m = start(&redis, Some("s3cret"));
+    let restart = format!("http://127.0.0.1:{}/services/echo/restart", m.port);
+    assert_eq!(client.post(&restart).send().await.unwrap().status().as_u16(), 401);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(m.port, "/status").await.1.contains("\"state\":\"running\"") {
+        assert!(Instant::now() < deadline, "echo never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = client.post(&restart).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get(m.port, "/status").await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if doc["services"][0]["restarts"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "echo was not restarted: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let url = format!("http://127.0.0.1:{}/shutdown", m.port);
     assert_eq!(client.post(&url).send().await.unwrap().status().as_u16(), 401);
     let wrong = client.post(&url).bearer_auth("s3cre").send().await.unwrap();

@@ -4,6 +4,7 @@
 
 mod config_check;
 mod connectors;
+mod e2e;
 mod gpus;
 mod health;
 mod installers;

@@ -78,7 +78,7 @@ impl Machine {
             ns,
             _redis: redis,
         };
-        m.wait_for_output("machine planned", Duration::from_secs(10));
+        m.wait_for_output("machine starting", Duration::from_secs(10));
         m
     }
 

@@ -1,0 +1,354 @@
+//! The whole product: the release-shaped binary as PID 1 of a fresh PID namespace, a real
+//! Redis, the fake NVML library reporting 2 GPUs, `WORKER_CONNECTORS=comfyui,simulation:2` with
+//! the ComfyUI service command pointed at the fake ComfyUI server (built as an example of this
+//! package). Jobs go in through `machine jobs submit` and as the existing API writes them; they
+//! all complete; status, metrics and the fleet messages show it; SIGTERM while jobs run returns
+//! them to the queue, stops every service, leaves no process and exits 0.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+use crate::support::{machine, run};
+
+fn fake_comfyui() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_machine"));
+    let path = bin
+        .parent()
+        .expect("the binary is in a directory")
+        .join("examples/fake_comfyui");
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test` builds the examples (run scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
+/// The processes whose PID namespace is `ns` (as `readlink /proc/<pid>/ns/pid` shows it).
+fn processes_in(ns: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|l| l.to_string_lossy() == ns) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+fn submit(redis_url: &str, args: &[&str]) -> String {
+    let (out, stdout, stderr) = run(machine().args(["jobs", "submit", "--redis-url", redis_url]).args(args));
+    assert!(out.status.success(), "submit failed: {stderr}");
+    stdout.trim().to_owned()
+}
+
+/// Writes a job exactly as the existing API does: the hash, the score, the message.
+async fn api_submit(conn: &mut redis::aio::MultiplexedConnection, id: &str, service: &str, payload: Value) {
+    let created = 1_750_000_000_000i64;
+    let fields: Vec<(&str, String)> = vec![
+        ("id", id.to_owned()),
+        ("service_required", service.to_owned()),
+        ("priority", "50".to_owned()),
+        ("payload", payload.to_string()),
+        ("requirements", String::new()),
+        ("customer_id", String::new()),
+        ("created_at", "2025-06-15T15:06:40.000Z".to_owned()),
+        ("status", "pending".to_owned()),
+        ("retry_count", "0".to_owned()),
+        ("max_retries", "3".to_owned()),
+    ];
+    let score = 50.0 * 1e15 - (created / 1000) as f64;
+    let _: () = redis::pipe()
+        .hset_multiple(format!("job:{id}"), &fields)
+        .ignore()
+        .zadd("jobs:pending", id, score)
+        .ignore()
+        .publish(
+            "job_submitted",
+            json!({"job_id": id, "service_required": service, "priority": 50, "requirements": "",
+                   "customer_id": "", "workflow_id": "", "timestamp": created})
+            .to_string(),
+        )
+        .ignore()
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+async fn job(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> BTreeMap<String, String> {
+    conn.hgetall(format!("job:{id}")).await.unwrap()
+}
+
+struct Pid1 {
+    unshare: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Pid1 {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_machine_runs_jobs_and_stops_cleanly() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (mut sink, mut fleet) = client.get_async_pubsub().await.unwrap().split();
+    sink.subscribe("machine:status:e2e").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    let config = dir.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[connectors.comfyui]
+command = ["{fake}", "--port", "{{port}}"]
+
+[connectors.simulation]
+duration = "200ms"
+steps = 4
+
+[worker]
+drain = "1s"
+"#,
+            fake = fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let log = std::fs::File::create(dir.path().join("machine.log")).unwrap();
+    let unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_machine"), "run"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "e2e")
+        .env("MACHINE_WORKSPACE", &ws)
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("HUB_REDIS_URL", &url)
+        .env("WORKER_CONNECTORS", "comfyui,simulation:2")
+        .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("FAKE_NVML_GPUS", "2")
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("unshare (util-linux) runs as root");
+    let upid = unshare.id();
+    let mut pid1 = Pid1 { unshare, _dir: dir };
+    // The machine is the only child of unshare, and PID 1 of the new namespace.
+    let machine_pid = wait_until(Duration::from_secs(10), "the machine to start", || {
+        std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+    });
+    let ns = std::fs::read_link(format!("/proc/{machine_pid}/ns/pid"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let status_line = std::fs::read_to_string(format!("/proc/{machine_pid}/status")).unwrap();
+    let nspid = status_line.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "the machine is PID 1 of its namespace: {nspid}"
+    );
+
+    // Ready: both fake ComfyUI services up and every worker claiming.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(port, "/ready").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Jobs through the operator command and as the API writes them.
+    let workflow = json!({"workflow": {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+        "3": {"class_type": "KSampler", "inputs": {"steps": 5, "step_ms": 5}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "e2e"}}
+    }});
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submit(
+            &url,
+            &["--service", "comfyui", "--payload", &workflow.to_string()],
+        ));
+        ids.push(submit(&url, &["--service", "simulation", "--payload", "{}"]));
+    }
+    for i in 0..4 {
+        let id = format!("api-{i}");
+        let (service, payload) = if i % 2 == 0 {
+            ("comfyui", workflow.clone())
+        } else {
+            ("simulation", json!({}))
+        };
+        api_submit(&mut conn, &id, service, payload).await;
+        ids.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        loop {
+            let j = job(&mut conn, id).await;
+            if j.get("status").map(String::as_str) == Some("completed") {
+                assert!(j["worker_id"].starts_with("e2e-"), "{j:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not complete: {j:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let comfy_workers: std::collections::BTreeSet<String> = {
+        let mut set = std::collections::BTreeSet::new();
+        for id in &ids {
+            let j = job(&mut conn, id).await;
+            if j["service_required"] == "comfyui" {
+                set.insert(j["worker_id"].clone());
+            }
+        }
+        set
+    };
+    assert!(
+        comfy_workers.iter().all(|w| w == "e2e-gpu0" || w == "e2e-gpu1"),
+        "ComfyUI jobs ran on the GPU workers: {comfy_workers:?}"
+    );
+
+    // What operators see.
+    let (_, body) = http_get(port, "/status").await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["machine"]["phase"], "ready");
+    assert_eq!(status["gpus"].as_array().unwrap().len(), 2);
+    let completed: u64 = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["counts"]["completed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(completed, ids.len() as u64);
+    let services: Vec<&str> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["comfyui-gpu0", "comfyui-gpu1"]);
+    let (_, metrics) = http_get(port, "/metrics").await;
+    assert!(
+        metrics.contains("machine_jobs_total{service=\"comfyui\",outcome=\"completed\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("machine_jobs_total{service=\"simulation\",outcome=\"completed\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("machine_gpu_utilization_percent{gpu=\"1\"}"),
+        "{metrics}"
+    );
+    let (out, text, stderr) = run(machine().args(["status", "--url", &format!("http://127.0.0.1:{port}")]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(text.contains("machine e2e  phase ready"), "{text}");
+    assert!(
+        text.contains("comfyui-gpu1") && text.contains("e2e-simulation-2"),
+        "{text}"
+    );
+
+    // The fleet monitor hears the machine.
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.is_empty() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(remaining, fleet.next())
+            .await
+            .expect("a fleet message")
+            .unwrap();
+        let doc: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        assert_eq!(doc["machine_id"], "e2e");
+        assert_eq!(doc["structure"]["gpu_count"], 2);
+        seen.insert(doc["update_type"].as_str().unwrap().to_owned(), doc);
+    }
+
+    // SIGTERM while jobs run: they go back to the queue, and nothing is left behind.
+    let long = [
+        submit(
+            &url,
+            &["--service", "simulation", "--payload", r#"{"duration_ms": 60000}"#],
+        ),
+        submit(
+            &url,
+            &["--service", "simulation", "--payload", r#"{"duration_ms": 60000}"#],
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in &long {
+        while job(&mut conn, id).await.get("status").map(String::as_str) != Some("in_progress") {
+            assert!(Instant::now() < deadline, "long job {id} never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(machine_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = wait_until(Duration::from_secs(30), "the machine to exit", || {
+        pid1.unshare.try_wait().unwrap()
+    });
+    assert!(exit.success(), "exit status {exit:?}");
+    for id in &long {
+        let j = job(&mut conn, id).await;
+        assert_eq!(j["status"], "pending", "returned to the queue: {j:?}");
+        let score: Option<f64> = conn.zscore("jobs:pending", id).await.unwrap();
+        assert!(score.is_some(), "{id} is back in jobs:pending");
+    }
+    assert!(processes_in(&ns).is_empty(), "no process is left in the namespace");
+    let last = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), fleet.next())
+            .await
+            .expect("the shutdown message")
+            .unwrap();
+        let doc: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        if doc["update_type"] == "shutdown" {
+            break doc;
+        }
+    };
+    assert_eq!(last["status"]["machine"]["phase"], "shutdown");
+}
