@@ -114,8 +114,12 @@ pub fn main() -> ExitCode {
         Command::Run => run(cli.config.as_deref()),
         Command::Status(args) => status(cli.config.as_deref(), args),
         Command::Install { only } => install(cli.config.as_deref(), only.as_deref()),
-        Command::Functions { redis, command } => crate::matcher::cli::functions(&redis, &command),
-        Command::Jobs { redis, command } => crate::matcher::cli::jobs(&redis, &command),
+        Command::Functions { redis, command } => {
+            crate::matcher::cli::functions(&redis, &command, machine_redis(cli.config.as_deref()))
+        }
+        Command::Jobs { redis, command } => {
+            crate::matcher::cli::jobs(&redis, &command, machine_redis(cli.config.as_deref()))
+        }
     }
 }
 
@@ -185,6 +189,12 @@ fn status(path: Option<&Path>, args: StatusArgs) -> ExitCode {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
     })
+}
+
+/// This machine's Redis when the configuration loads (in local mode, the private redis-server's
+/// socket), for operator commands given no `--redis-url`.
+fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
+    config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
 }
 
 /// Loads the configuration, printing every problem when it is invalid.

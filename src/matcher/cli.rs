@@ -1,6 +1,7 @@
 //! `machine functions ...` and `machine jobs ...`: operator commands against the broker's Redis.
 //!
-//! They need `HUB_REDIS_URL` (or `--redis-url`); they write exactly what the API writes (jobs
+//! They talk to `HUB_REDIS_URL` (or `--redis-url`), else to this machine's own Redis (local
+//! mode's private redis-server); they write exactly what the API writes (jobs
 //! submitted here are indistinguishable from the API's), and exit 0 on success, 1 on a runtime
 //! failure, 2 on bad usage.
 
@@ -127,10 +128,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn redis_url(args: &RedisArgs) -> Result<RedisUrl, ExitCode> {
+/// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,
+/// the private redis-server's socket under the workspace).
+fn redis_url(args: &RedisArgs, machine: Option<RedisUrl>) -> Result<RedisUrl, ExitCode> {
     let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-        eprintln!("machine: no Redis: set HUB_REDIS_URL or pass --redis-url");
-        return Err(ExitCode::from(EXIT_INVALID));
+        return machine.ok_or_else(|| {
+            eprintln!("machine: no Redis: set HUB_REDIS_URL or pass --redis-url");
+            ExitCode::from(EXIT_INVALID)
+        });
     };
     RedisUrl::parse(raw).map_err(|e| {
         eprintln!("machine: {e}");
@@ -149,8 +154,8 @@ fn report(e: &BrokerError) -> ExitCode {
 }
 
 /// Runs `machine functions <command>`.
-pub fn functions(args: &RedisArgs, command: &FunctionsCommand) -> ExitCode {
-    let url = match redis_url(args) {
+pub fn functions(args: &RedisArgs, command: &FunctionsCommand, machine: Option<RedisUrl>) -> ExitCode {
+    let url = match redis_url(args, machine) {
         Ok(u) => u,
         Err(code) => return code,
     };
@@ -333,8 +338,8 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
 }
 
 /// Runs `machine jobs <command>`.
-pub fn jobs(args: &RedisArgs, command: &JobsCommand) -> ExitCode {
-    let url = match redis_url(args) {
+pub fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<RedisUrl>) -> ExitCode {
+    let url = match redis_url(args, machine) {
         Ok(u) => u,
         Err(code) => return code,
     };

@@ -217,3 +217,68 @@ async fn fleet_status_is_published_and_readable() {
     };
     assert_eq!(last["status"]["machine"]["phase"], "shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_mode_runs_jobs_in_two_commands() {
+    // No HUB_REDIS_URL: the machine supervises its own redis-server, and `machine jobs` finds it
+    // through the same workspace.
+    let ws = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    let mut child = machine()
+        .arg("run")
+        .env("MACHINE_ID", "local1")
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_WORKSPACE", ws.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if reqwest::get(format!("http://127.0.0.1:{port}/ready"))
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "local mode never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (out, id, stderr) = run(machine()
+        .args([
+            "jobs",
+            "submit",
+            "--service",
+            "simulation",
+            "--payload",
+            r#"{"duration_ms": 20}"#,
+        ])
+        .env("MACHINE_WORKSPACE", ws.path()));
+    assert!(out.status.success(), "{stderr}");
+    let id = id.trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (out, shown, _) = run(machine()
+            .args(["jobs", "show", &id, "--json"])
+            .env("MACHINE_WORKSPACE", ws.path()));
+        assert!(out.status.success());
+        if shown.contains("\"completed\"") {
+            assert!(shown.contains("local1-simulation-1"), "{shown}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never completed: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the machine did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(ws.path().join("redis/appendonly.aof").exists() || ws.path().join("redis/appendonlydir").exists());
+}
