@@ -16,6 +16,22 @@ pub(crate) fn dir(workspace: &Path) -> PathBuf {
     workspace.join("ComfyUI")
 }
 
+/// `pip install -r <requirements>` in ComfyUI's venv, run from `cwd` (ComfyUI's own
+/// requirements and every custom node's go through here).
+pub(super) fn pip_install_requirements(workspace: &Path, requirements: &Path, cwd: &Path) -> Cmd {
+    Cmd::new(python(workspace))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-r",
+        ])
+        .arg(requirements)
+        .cwd(cwd)
+}
+
 /// The venv's interpreter.
 pub(crate) fn python(workspace: &Path) -> PathBuf {
     dir(workspace).join("venv/bin/python")
@@ -80,17 +96,7 @@ pub(crate) async fn install(ctx: &Ctx, cfg: &ComfyuiInstallConfig, progress: &Pr
     let requirements = dir.join("requirements.txt");
     if requirements.exists() {
         progress.step("pip install -r requirements.txt");
-        let mut pip = Cmd::new(python(&ctx.workspace))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "-r",
-            ])
-            .arg(&requirements)
-            .cwd(&dir);
+        let mut pip = pip_install_requirements(&ctx.workspace, &requirements, &dir);
         if let Some(index) = &cfg.torch_index_url {
             pip = pip.args(["--extra-index-url", index]);
         }

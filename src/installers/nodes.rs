@@ -222,21 +222,10 @@ async fn install_one(ctx: &Ctx, node: &Node, dir: &Path, pip_lock: &Mutex<()>) -
     let s = &node.spec;
     let log = ctx.log(&format!("node-{}", s.name));
     git_checkout(&s.url, s.git_ref.as_deref(), dir, s.submodules, &log, &ctx.cancel).await?;
-    let python = super::comfyui::python(&ctx.workspace);
     let requirements = dir.join("requirements.txt");
     if s.requirements && requirements.exists() {
         let _one_pip_at_a_time = pip_lock.lock().await;
-        Cmd::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "-r",
-            ])
-            .arg(&requirements)
-            .cwd(dir)
+        super::comfyui::pip_install_requirements(&ctx.workspace, &requirements, dir)
             .run(&log, &ctx.cancel)
             .await?;
     }
@@ -251,6 +240,7 @@ async fn install_one(ctx: &Ctx, node: &Node, dir: &Path, pip_lock: &Mutex<()>) -
     }
     if let Some((program, args)) = s.install.split_first() {
         // The venv's bin first on PATH, so `python` and `pip` in the script mean the venv's.
+        let python = super::comfyui::python(&ctx.workspace);
         let venv_bin = python.parent().map(Path::to_path_buf).unwrap_or_default();
         let path = match std::env::var_os("PATH") {
             Some(p) => {
