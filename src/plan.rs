@@ -228,7 +228,9 @@ fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceS
         restart: RestartPolicy::Always,
         ready: Some(ProbeSpec {
             check: ProbeCheck::Command(vec![s("redis-cli"), s("-s"), socket.display().to_string(), s("ping")]),
-            interval: Duration::from_millis(100),
+            // Probed every 100 ms until it first answers (see the supervisor's probes), then
+            // rarely: each check spawns redis-cli.
+            interval: Duration::from_secs(10),
             timeout: Duration::from_secs(2),
             failure_threshold: 1,
             initial_delay: Duration::ZERO,

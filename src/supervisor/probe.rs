@@ -135,6 +135,11 @@ impl Tracker {
     }
 }
 
+/// Until a probe first passes, it checks at most this far apart (or its own interval, if
+/// shorter): a service that becomes ready is noticed within this, while a ready service is
+/// checked only at its configured interval.
+const STARTUP_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Runs `spec` until `stop` is cancelled, sending a [`Verdict`] whenever it changes. A liveness
 /// probe also reports each time it reaches the threshold, so the actor can act on it.
 pub async fn run(kind: ProbeKind, spec: ProbeSpec, out: mpsc::Sender<Verdict>, stop: CancellationToken) {
@@ -142,8 +147,10 @@ pub async fn run(kind: ProbeKind, spec: ProbeSpec, out: mpsc::Sender<Verdict>, s
         .run_until_cancelled(async {
             tokio::time::sleep(spec.initial_delay).await;
             let mut tracker = Tracker::new(spec.failure_threshold);
+            let mut passed_once = false;
             loop {
                 let result = check(&spec.check, spec.timeout).await;
+                passed_once |= result.is_ok();
                 if let Some(passing) = tracker.record(result.is_ok()) {
                     let verdict = Verdict {
                         kind,
@@ -154,7 +161,12 @@ pub async fn run(kind: ProbeKind, spec: ProbeSpec, out: mpsc::Sender<Verdict>, s
                         return;
                     }
                 }
-                tokio::time::sleep(spec.interval).await;
+                let wait = if passed_once || kind != ProbeKind::Ready {
+                    spec.interval
+                } else {
+                    spec.interval.min(STARTUP_INTERVAL)
+                };
+                tokio::time::sleep(wait).await;
             }
         })
         .await;
