@@ -21,6 +21,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MACHINE_WORKSPACE=/workspace \
     LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
+# redis-server is local mode's private Redis; Ubuntu 22.04 ships 6.0, where the broker runs the
+# same Lua through EVALSHA (with a warning). In production point HUB_REDIS_URL at Redis 7+.
 RUN apt-get update && apt-get install -y --no-install-recommends \
         ca-certificates curl git python3 python3-venv python3-pip redis-server \
         libnss3 libatk1.0-0 libatk-bridge2.0-0 libcups2 libdrm2 libgbm1 libxkbcommon0 \
@@ -32,7 +34,6 @@ COPY --from=node /usr/local/lib/node_modules /usr/local/lib/node_modules
 RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
 COPY --from=build /usr/local/bin/machine /usr/local/bin/machine
-COPY config/ /etc/machine/
 VOLUME ["/workspace"]
 EXPOSE 9092
 STOPSIGNAL SIGTERM
