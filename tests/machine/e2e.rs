@@ -352,3 +352,111 @@ drain = "1s"
     };
     assert_eq!(last["status"]["machine"]["phase"], "shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_looping_service_idles_only_its_gpu() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("machine.toml");
+    // GPU 0's ComfyUI dies at once, GPU 1's is the fake ComfyUI (a test may use a shell; the
+    // product never does).
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[connectors.comfyui]
+command = ["/bin/sh", "-c", "if [ {{gpu}} = 0 ]; then echo boom; exit 1; fi; exec {fake} --port {{port}}"]
+[supervisor]
+crash_loop_failures = 3
+crash_loop_window = "1m"
+backoff_max = "2s"
+"#,
+            fake = fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let mut child = machine()
+        .arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "cl")
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("HUB_REDIS_URL", &url)
+        .env("WORKER_CONNECTORS", "comfyui,simulation")
+        .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("FAKE_NVML_GPUS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Ready, with the blocked worker reporting why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status: Value = loop {
+        let (code, _) = http_get(port, "/ready").await;
+        let (_, body) = http_get(port, "/status").await;
+        if code == 200 {
+            break serde_json::from_str(&body).unwrap();
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let gpu0 = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker_id"] == "cl-gpu0")
+        .unwrap();
+    assert_eq!(gpu0["state"], "waiting_for_services", "{gpu0}");
+    assert_eq!(gpu0["reason"], "comfyui-gpu0 is in crash loop", "{gpu0}");
+    let svc0 = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "comfyui-gpu0")
+        .unwrap();
+    assert_eq!(svc0["crash_loop"], true, "{svc0}");
+    assert_eq!(status["machine"]["critical_failure"], Value::Null);
+
+    // ComfyUI jobs all go to GPU 1; the other connectors keep working.
+    let workflow = json!({"workflow": {"3": {"class_type": "KSampler", "inputs": {"steps": 2, "step_ms": 5}},
+                                       "9": {"class_type": "SaveImage", "inputs": {}}}});
+    let ids: Vec<String> = (0..4)
+        .map(|_| submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]))
+        .chain(std::iter::once(submit(
+            &url,
+            &["--service", "simulation", "--payload", r#"{"duration_ms": 10}"#],
+        )))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let j = job(&mut conn, id).await;
+            if j.get("status").map(String::as_str) == Some("completed") {
+                assert_ne!(
+                    j["worker_id"], "cl-gpu0",
+                    "the crash-looping GPU's worker claims nothing"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not complete: {j:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (code, _) = http_get(port, "/health").await;
+    assert_eq!(code, 200, "a non-critical crash loop leaves the machine healthy");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = wait_until(Duration::from_secs(30), "the machine to exit", || {
+        child.try_wait().unwrap()
+    });
+    assert!(exit.success(), "{exit:?}");
+}
