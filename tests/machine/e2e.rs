@@ -30,6 +30,17 @@ fn fake_comfyui() -> PathBuf {
     path
 }
 
+/// A base port with the next one free too, for the two GPUs' ComfyUI services (tests run in
+/// parallel, so the default 8188 would clash).
+fn two_free_ports() -> u16 {
+    loop {
+        let base = testkit::free_port();
+        if base < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", base + 1)).is_ok() {
+            return base;
+        }
+    }
+}
+
 /// The processes whose PID namespace is `ns` (as `readlink /proc/<pid>/ns/pid` shows it).
 fn processes_in(ns: &str) -> Vec<u32> {
     let mut out = Vec::new();
@@ -108,6 +119,22 @@ async fn job(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> BTreeMap
     conn.hgetall(format!("job:{id}")).await.unwrap()
 }
 
+/// Waits until job `id` is completed and returns its hash.
+async fn completed(
+    conn: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+    deadline: Instant,
+) -> BTreeMap<String, String> {
+    loop {
+        let j = job(conn, id).await;
+        if j.get("status").map(String::as_str) == Some("completed") {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not complete: {j:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 struct Pid1 {
     unshare: Child,
     _dir: tempfile::TempDir,
@@ -162,6 +189,7 @@ drain = "1s"
         .env("MACHINE_HEALTH_PORT", port.to_string())
         .env("HUB_REDIS_URL", &url)
         .env("WORKER_CONNECTORS", "comfyui,simulation:2")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
         .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
         .env("FAKE_NVML_GPUS", "2")
         .env("LOG_FORMAT", "json")
@@ -226,15 +254,8 @@ drain = "1s"
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in &ids {
-        loop {
-            let j = job(&mut conn, id).await;
-            if j.get("status").map(String::as_str) == Some("completed") {
-                assert!(j["worker_id"].starts_with("e2e-"), "{j:?}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "job {id} did not complete: {j:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let j = completed(&mut conn, id, deadline).await;
+        assert!(j["worker_id"].starts_with("e2e-"), "{j:?}");
     }
     let comfy_workers: std::collections::BTreeSet<String> = {
         let mut set = std::collections::BTreeSet::new();
@@ -387,6 +408,7 @@ backoff_max = "2s"
         .env("MACHINE_HEALTH_PORT", port.to_string())
         .env("HUB_REDIS_URL", &url)
         .env("WORKER_CONNECTORS", "comfyui,simulation")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
         .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
         .env("FAKE_NVML_GPUS", "2")
         .stdout(Stdio::null())
@@ -434,18 +456,11 @@ backoff_max = "2s"
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     for id in &ids {
-        loop {
-            let j = job(&mut conn, id).await;
-            if j.get("status").map(String::as_str) == Some("completed") {
-                assert_ne!(
-                    j["worker_id"], "cl-gpu0",
-                    "the crash-looping GPU's worker claims nothing"
-                );
-                break;
-            }
-            assert!(Instant::now() < deadline, "job {id} did not complete: {j:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let j = completed(&mut conn, id, deadline).await;
+        assert_ne!(
+            j["worker_id"], "cl-gpu0",
+            "the crash-looping GPU's worker claims nothing"
+        );
     }
     let (code, _) = http_get(port, "/health").await;
     assert_eq!(code, 200, "a non-critical crash loop leaves the machine healthy");
