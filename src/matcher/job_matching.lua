@@ -313,12 +313,15 @@ local function worker_services(caps)
 end
 
 -- Memo tables that live across calls in the library's Lua state (never replicated, rebuilt after
--- FUNCTION LOAD): capabilities by their JSON text and parsed requirements by theirs. Workers
--- send the same text on every claim and groups share requirement texts, so each is decoded
--- once, not on every call. Each is dropped whole when it reaches MEMO_MAX entries, so
--- distinct texts cannot grow the Lua heap without bound. Nothing mutates a memoised table.
+-- FUNCTION LOAD): capabilities by their JSON text (with each worker's group verdicts, see
+-- group_matches) and parsed requirements by their text. Workers send the same text on every
+-- claim and groups share requirement texts, so each is decoded once, not on every call. Each
+-- memo is dropped whole when it is full (MEMO_MAX texts; the workers' memo also when their group
+-- verdicts reach VERDICTS_MAX), so distinct texts and many groups cannot grow the Lua heap
+-- without bound (a few MB at most). Nothing mutates a memoised table.
 local MEMO_MAX = 4096
-local caps_memo, caps_memo_n = {}, 0
+local VERDICTS_MAX = 32768
+local caps_memo, caps_memo_n, verdicts_n = {}, 0, 0
 local reqs_memo, reqs_memo_n = {}, 0
 
 -- The worker's parsed capabilities and what claiming derives from them, or nil when the text
@@ -332,8 +335,8 @@ local function worker_of(raw)
   if type(wf_pin) ~= 'string' or wf_pin == '' then wf_pin = nil end
   local machine = caps.machine_id
   if type(machine) ~= 'string' then machine = '' end
-  w = { caps = caps, services = worker_services(caps), wf_pin = wf_pin, machine = machine, groups = {}, groups_n = 0 }
-  if caps_memo_n >= MEMO_MAX then caps_memo, caps_memo_n = {}, 0 end
+  w = { caps = caps, services = worker_services(caps), wf_pin = wf_pin, machine = machine, groups = {} }
+  if caps_memo_n >= MEMO_MAX then caps_memo, caps_memo_n, verdicts_n = {}, 0, 0 end
   caps_memo[raw] = w
   caps_memo_n = caps_memo_n + 1
   return w
@@ -531,9 +534,12 @@ local function group_matches(p, gid, w)
   if known ~= nil then return known end
   local ok = group_matches_meta(p, gid, w.caps, w.wf_pin)
   if ok == nil then return false end
-  if w.groups_n >= MEMO_MAX then w.groups, w.groups_n = {}, 0 end
+  if verdicts_n >= VERDICTS_MAX then
+    -- Drop every worker's entry; this one stays usable for the rest of this call.
+    caps_memo, caps_memo_n, verdicts_n = {}, 0, 0
+  end
   w.groups[gid] = ok
-  w.groups_n = w.groups_n + 1
+  verdicts_n = verdicts_n + 1
   return ok
 end
 
