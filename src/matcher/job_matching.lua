@@ -35,10 +35,14 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- ISO-8601 UTC with milliseconds from epoch milliseconds (Lua in Redis has no os.date).
+-- ISO-8601 UTC with milliseconds from epoch milliseconds (Lua in Redis has no os.date). The
+-- date part is computed once per second: claims and completions at thousands per second
+-- share it, and only the milliseconds are formatted per call.
+local iso_secs, iso_prefix = nil, nil
 local function iso(ms)
   local secs = math.floor(ms / 1000)
   local milli = ms - secs * 1000
+  if secs == iso_secs then return iso_prefix .. string.format('%03d', milli) .. 'Z' end
   local days = math.floor(secs / 86400)
   local rem = secs - days * 86400
   local z = days + 719468
@@ -51,8 +55,10 @@ local function iso(ms)
   local d = doy - math.floor((153 * mp + 2) / 5) + 1
   local m = mp < 10 and mp + 3 or mp - 9
   if m <= 2 then y = y + 1 end
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d, math.floor(rem / 3600),
-    math.floor((rem % 3600) / 60), rem % 60, milli)
+  iso_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d.', y, m, d, math.floor(rem / 3600),
+    math.floor((rem % 3600) / 60), rem % 60)
+  iso_secs = secs
+  return iso_prefix .. string.format('%03d', milli) .. 'Z'
 end
 
 local function hgetall(key)
@@ -306,6 +312,48 @@ local function worker_services(caps)
   return out
 end
 
+-- Memo tables that live across calls in the library's Lua state (never replicated, rebuilt after
+-- FUNCTION LOAD): capabilities by their JSON text (with each worker's group verdicts, see
+-- group_matches) and parsed requirements by their text. Workers send the same text on every
+-- claim and groups share requirement texts, so each is decoded once, not on every call. Each
+-- memo is dropped whole when it is full (MEMO_MAX texts; the workers' memo also when their group
+-- verdicts reach VERDICTS_MAX), so distinct texts and many groups cannot grow the Lua heap
+-- without bound (a few MB at most). Nothing mutates a memoised table.
+local MEMO_MAX = 4096
+local VERDICTS_MAX = 32768
+local caps_memo, caps_memo_n, verdicts_n = {}, 0, 0
+local reqs_memo, reqs_memo_n = {}, 0
+
+-- The worker's parsed capabilities and what claiming derives from them, or nil when the text
+-- is not a JSON object.
+local function worker_of(raw)
+  local w = caps_memo[raw]
+  if w then return w end
+  local ok, caps = pcall(cjson.decode, raw)
+  if not ok or type(caps) ~= 'table' then return nil end
+  local wf_pin = caps.workflow_id
+  if type(wf_pin) ~= 'string' or wf_pin == '' then wf_pin = nil end
+  local machine = caps.machine_id
+  if type(machine) ~= 'string' then machine = '' end
+  w = { caps = caps, services = worker_services(caps), wf_pin = wf_pin, machine = machine, groups = {} }
+  if caps_memo_n >= MEMO_MAX then caps_memo, caps_memo_n, verdicts_n = {}, 0, 0 end
+  caps_memo[raw] = w
+  caps_memo_n = caps_memo_n + 1
+  return w
+end
+
+-- parse_requirements memoised: { pos = ..., neg = ... } (pos false when malformed).
+local function requirements_of(raw)
+  local entry = reqs_memo[raw]
+  if entry then return entry end
+  local pos, neg = parse_requirements(raw)
+  entry = { pos = pos, neg = neg }
+  if reqs_memo_n >= MEMO_MAX then reqs_memo, reqs_memo_n = {}, 0 end
+  reqs_memo[raw] = entry
+  reqs_memo_n = reqs_memo_n + 1
+  return entry
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- The pending index: jobs:pending grouped by (service, requirements, customer, workflow)
 -- ---------------------------------------------------------------------------------------------
@@ -435,13 +483,15 @@ end
 -- Claiming
 -- ---------------------------------------------------------------------------------------------
 
--- The best claimable job of one group for this worker: (id, score) or nil. Repairs stale
--- entries it meets on the way.
+-- The best claimable job of one group for this worker: (id, score, raw score, nil, last) or
+-- nil; `last` says it is the group's only job, so that claiming it empties the group (the
+-- peek at the next entry costs less than a ZCARD after the claim). Repairs stale entries it
+-- meets on the way.
 local function group_top(p, gid, worker, holdoffs, now, skip_limit)
   local gkey = p .. 'jobs:idx:g:' .. gid
   local offset, skipped = 0, 0
   while true do
-    local top = redis.call('ZREVRANGE', gkey, offset, offset, 'WITHSCORES')
+    local top = redis.call('ZREVRANGE', gkey, offset, offset + 1, 'WITHSCORES')
     if #top == 0 then return nil, nil, nil, offset == 0 end
     -- Whether the job is still in jobs:pending is checked when it is claimed (ZREM's reply),
     -- which keeps this path to one command per group.
@@ -454,56 +504,66 @@ local function group_top(p, gid, worker, holdoffs, now, skip_limit)
         held = w == worker and tonumber(untl) > now
       end
     end
-    if not held then return id, tonumber(score), score end
+    if not held then return id, tonumber(score), score, false, offset == 0 and #top <= 2 end
     skipped = skipped + 1
     if skipped >= skip_limit then return nil end
     offset = offset + 1
   end
 end
 
-local function group_matches(p, gid, caps, wf_pin, decoded)
+local function group_matches_meta(p, gid, caps, wf_pin)
   local meta = redis.call('HMGET', p .. 'jobs:idx:meta:' .. gid, 'service', 'requirements', 'customer_id',
     'workflow_id')
-  if not meta[1] then return false end
+  if not meta[1] then return nil end
   if wf_pin and meta[4] ~= wf_pin then return false end
   if not customer_ok(meta[3], caps) then return false end
-  local raw = meta[2] or ''
-  local entry = decoded[raw]
-  if entry == nil then
-    local pos, neg = parse_requirements(raw)
-    entry = { pos = pos, neg = neg }
-    decoded[raw] = entry
-  end
+  local entry = requirements_of(meta[2] or '')
   if entry.pos == false then return false end
   if not positive_ok(entry.pos, caps, meta[1]) then return false end
   if entry.neg and negative_hit(entry.neg, caps, meta[1]) then return false end
   return true
 end
 
-local function claim(p, caps, worker, max_examine, lease_ms)
+-- Whether this worker can run the jobs of group `gid`. A group id is the SHA-1 of the group's
+-- meta (service, requirements, customer, workflow), so the answer for one capabilities text
+-- never changes and is memoised in the worker's entry; a group whose meta is missing is not
+-- memoised (its id may be indexed again later). The index keeps a group in jobs:idx:svc:*
+-- exactly while its meta exists (both change together), so a memoised group is still real.
+local function group_matches(p, gid, w)
+  local known = w.groups[gid]
+  if known ~= nil then return known end
+  local ok = group_matches_meta(p, gid, w.caps, w.wf_pin)
+  if ok == nil then return false end
+  if verdicts_n >= VERDICTS_MAX then
+    -- Drop every worker's entry; this one stays usable for the rest of this call.
+    caps_memo, caps_memo_n, verdicts_n = {}, 0, 0
+  end
+  w.groups[gid] = ok
+  verdicts_n = verdicts_n + 1
+  return ok
+end
+
+local function claim(p, w, worker, max_examine, lease_ms)
   local now = now_ms()
   reconcile(p, now)
-  local wf_pin = caps.workflow_id
-  if type(wf_pin) ~= 'string' or wf_pin == '' then wf_pin = nil end
-  local services = worker_services(caps)
-  local decoded = {}
+  local services = w.services
   -- A chosen job can turn out to be debris (its hash changed status behind our back); drop it
   -- and choose again. The bound only guards against a corrupted index.
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
-    local best_id, best_score, best_raw, best_gid
+    local best_id, best_score, best_raw, best_gid, best_last
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
-        if group_matches(p, gid, caps, wf_pin, decoded) then
-          local id, score, raw, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
+        if group_matches(p, gid, w) then
+          local id, score, raw, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
           if empty then
             -- Claims leave empty groups behind; the first claimer to meet one removes it.
             redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid)
             redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
           end
           if id and (best_score == nil or score > best_score or (score == best_score and id > best_id)) then
-            best_id, best_score, best_raw, best_gid = id, score, raw, gid
+            best_id, best_score, best_raw, best_gid, best_last = id, score, raw, gid, last
           end
         end
       end
@@ -514,7 +574,7 @@ local function claim(p, caps, worker, max_examine, lease_ms)
     local was_pending = redis.call('ZREM', p .. 'jobs:pending', best_id) == 1
     if was_pending and exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
       redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_id)
-      if redis.call('ZCARD', p .. 'jobs:idx:g:' .. best_gid) == 0 then
+      if best_last then
         local gservice = redis.call('HGET', p .. 'jobs:idx:meta:' .. best_gid, 'service')
         if gservice then redis.call('SREM', p .. 'jobs:idx:svc:' .. gservice, best_gid) end
         redis.call('DEL', p .. 'jobs:idx:meta:' .. best_gid)
@@ -530,9 +590,8 @@ local function claim(p, caps, worker, max_examine, lease_ms)
       redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
       redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
-      local machine = caps.machine_id
-      if type(machine) ~= 'string' then machine = '' end
-      redis.call('HSET', p .. 'jobs:claims', best_id, cjson.encode({ w = worker, s = best_raw, m = machine, t = now }))
+      redis.call('HSET', p .. 'jobs:claims', best_id,
+        cjson.encode({ w = worker, s = best_raw, m = w.machine, t = now }))
       local service = job.service_required or job.job_type or ''
       publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed', claimed_at = at,
         timestamp = now, service_required = service, customer_id = job.customer_id or '',
@@ -785,9 +844,9 @@ local function num_arg(v, default)
 end
 
 redis.register_function('findMatchingJob', function(_, args)
-  local ok, caps = pcall(cjson.decode, args[1] or '')
-  if not ok or type(caps) ~= 'table' then return redis.error_reply('ERR invalid capabilities JSON') end
-  local worker = caps.worker_id
+  local w = worker_of(args[1] or '')
+  if not w then return redis.error_reply('ERR invalid capabilities JSON') end
+  local worker = w.caps.worker_id
   if type(worker) ~= 'string' or worker == '' then
     return redis.error_reply('ERR capabilities need a worker_id')
   end
@@ -795,7 +854,7 @@ redis.register_function('findMatchingJob', function(_, args)
   if max_examine < 1 then max_examine = 1 end
   local lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
   if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
-  return claim(args[4] or '', caps, worker, max_examine, lease_ms)
+  return claim(args[4] or '', w, worker, max_examine, lease_ms)
 end)
 
 redis.register_function{ function_name = 'jobMatchingVersion', flags = { 'no-writes' },

@@ -536,6 +536,55 @@ async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
     .await;
 }
 
+/// The library memoises decoded capabilities and group verdicts across calls (docs/redis-protocol.md):
+/// a verdict must stay right when its group empties and is built again, and claims must stay
+/// right after the memo fills up and is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memoised_capabilities_and_group_verdicts_stay_right() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let big = [
+            ("service_required", "comfyui"),
+            ("requirements", r#"{"hardware":{"gpu_memory_gb":80}}"#),
+        ];
+        let plain = [("service_required", "comfyui")];
+        let mut small = caps("small", &["comfyui"]);
+        small.hardware.gpu_memory_gb = 24.0;
+        let mut large = caps("large", &["comfyui"]);
+        large.hardware.gpu_memory_gb = 80.0;
+        let claim_id = |c: Capabilities| {
+            let b = b.clone();
+            async move { b.claim(&c).await.expect("claim").map(|j| j.id) }
+        };
+
+        api_add(&mut conn, "big-1", 9e15, &big).await;
+        api_add(&mut conn, "ok-1", 5e15, &plain).await;
+        assert_eq!(claim_id(small.clone()).await.as_deref(), Some("ok-1"));
+        assert_eq!(
+            claim_id(small.clone()).await,
+            None,
+            "the memoised 'no' for big-1's group"
+        );
+        // ok-1's group emptied and was removed; the same group built again is still a 'yes'.
+        api_add(&mut conn, "ok-2", 5e15, &plain).await;
+        assert_eq!(claim_id(small.clone()).await.as_deref(), Some("ok-2"));
+        assert_eq!(claim_id(large.clone()).await.as_deref(), Some("big-1"));
+
+        // More distinct capability texts than the memo holds: it is dropped and rebuilt.
+        for i in 0..4200 {
+            assert_eq!(claim_id(caps(&format!("other-{i}"), &["a1111"])).await, None);
+        }
+        api_add(&mut conn, "big-2", 9e15, &big).await;
+        api_add(&mut conn, "ok-3", 5e15, &plain).await;
+        assert_eq!(claim_id(small.clone()).await.as_deref(), Some("ok-3"));
+        assert_eq!(claim_id(small).await, None);
+        assert_eq!(claim_id(large).await.as_deref(), Some("big-2"));
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
     within(async {
