@@ -26,10 +26,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ProcessEnv};
+use crate::config::{Config, Env, ProcessEnv};
 use crate::gpu::Probe;
 use crate::health::{self, HealthState, Sources};
 use crate::installers::{self, Tracker};
+use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
 use crate::worker::{self, JobOutcome, Readiness, Workers};
@@ -201,7 +202,11 @@ async fn run_services_and_workers(
                     metrics.match_miss();
                 }
             }));
-            let health_url = format!("http://{}:{}/health", hostname(), config.health_port);
+            let health_url = format!(
+                "http://{}:{}/health",
+                ProcessEnv.hostname().unwrap_or_else(|| "localhost".to_owned()),
+                config.health_port
+            );
             let fleet = tokio::spawn(health::fleet::run(
                 state.clone(),
                 broker.connection(),
@@ -340,13 +345,6 @@ fn prepare_workspace(config: &Config) -> std::io::Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
 /// Spawns a subsystem as a task that logs its error.
 fn spawn_named<E: std::error::Error + Send + 'static>(
     name: &'static str,
@@ -365,16 +363,4 @@ async fn join(name: &str, task: JoinHandle<()>) {
         Ok(Err(e)) => tracing::error!(task = name, "task panicked: {e}"),
         Err(_) => tracing::error!(task = name, "task did not stop within 10 s"),
     }
-}
-
-/// An error and its sources as one line: "failed to bind ...: Address in use".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -16,3 +16,16 @@ pub fn init(log: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
 }
+
+/// An error and its sources as one line ("failed to bind ...: Address in use"), for logs and
+/// status fields that have room for one line only.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::InstallError;
+use crate::logging::error_chain;
 
 /// Bumped when an installer changes what it does, so old stamps stop matching.
 pub(crate) const INSTALLER_VERSION: &str = "1";
@@ -241,18 +242,6 @@ impl Progress {
         }
         self.tracker.set(&self.name, InstallState::Failed { reason });
     }
-}
-
-/// An error and its sources on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub(crate) fn human_bytes(n: u64) -> String {

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub use common::{InstallState, InstallStates, Tracker};
 
 use crate::config::{Config, ConnectorKind, Env, ProcessEnv};
-use common::{Progress, error_chain};
+use crate::logging::error_chain;
+use common::Progress;
 
 /// Every installer, in the order they are reported.
 pub const NAMES: [&str; 4] = ["comfyui", "comfyui-nodes", "comfyui-models", "playwright"];

@@ -172,7 +172,7 @@ pub(crate) async fn install(
             Ok(true) => downloaded += 1,
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(target: "machine::install", model = %id, "model failed: {}", super::common::error_chain(&e));
+                tracing::warn!(target: "machine::install", model = %id, "model failed: {}", crate::logging::error_chain(&e));
                 failed.push((id, e));
             }
         }
@@ -228,7 +228,7 @@ async fn fetch(
                     target: "machine::install",
                     model = %spec.id(),
                     "download attempt {attempt}/{ATTEMPTS} failed: {}",
-                    super::common::error_chain(&e)
+                    crate::logging::error_chain(&e)
                 );
                 last = Some(e);
                 if attempt < ATTEMPTS {
@@ -270,7 +270,7 @@ async fn download(
 ) -> Result<(), InstallError> {
     let dl = |e: reqwest::Error| InstallError::Download {
         url: spec.url.clone(),
-        reason: super::common::error_chain(&e),
+        reason: crate::logging::error_chain(&e),
     };
     let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
     if spec.size.is_some_and(|s| have >= s) {

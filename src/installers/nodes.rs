@@ -206,7 +206,7 @@ pub(crate) async fn install(
             Ok(true) => installed += 1,
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(target: "machine::install", node = %name, "custom node failed: {}", super::common::error_chain(&e));
+                tracing::warn!(target: "machine::install", node = %name, "custom node failed: {}", crate::logging::error_chain(&e));
                 failed.push((name, e));
             }
         }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink};
+use crate::logging::error_chain;
 use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 
 /// The state of a worker, for the status page.
@@ -701,18 +702,6 @@ fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
             req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
         })?;
     (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))
-}
-
-/// The error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// Backoff between attempts against an unavailable Redis: 100 ms doubling to 10 s.
