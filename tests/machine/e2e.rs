@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 
-use crate::support::{machine, run};
+use crate::support::{machine, run, wait_until};
 
 fn fake_comfyui() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_machine"));
@@ -53,20 +53,6 @@ fn processes_in(ns: &str) -> Vec<u32> {
         }
     }
     out
-}
-
-fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {

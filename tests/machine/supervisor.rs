@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use machine::supervisor::{ServiceState, Supervisor};
 
+use crate::support::wait_until;
+
 /// One process as /proc shows it.
 #[derive(Debug, Clone)]
 struct Proc {
@@ -179,20 +181,6 @@ fn procs() -> Vec<(Proc, u32, u32)> {
         out.push((Proc { pid, state }, ppid, pgrp));
     }
     out
-}
-
-fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 fn strip_ansi(s: &str) -> String {

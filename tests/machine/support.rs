@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// A `machine` command with a clean environment: only `PATH`, `HOME` and what the test sets,
 /// so variables of the developer's shell never leak into a test.
@@ -22,4 +23,19 @@ pub fn run(cmd: &mut Command) -> (Output, String, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out, stdout, stderr)
+}
+
+/// Polls `f` every 25 ms until it returns a value, failing the test after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
