@@ -2,7 +2,8 @@
 //! shutdown signal (SIGTERM/SIGINT, `POST /shutdown`) or a failed critical service, and stops
 //! them in the reverse order.
 //!
-//! Start: workspace → signals and the orphan reaper → health server (it answers from the first
+//! Start: open-files limit → workspace and its lock (one machine per workspace) → the health
+//! port is bound → signals and the orphan reaper → health server (it answers from the first
 //! moment, `starting`) → installers → supervisor (services in dependency order; in local mode
 //! the private redis-server first) → broker (retried until Redis answers) → workers and the
 //! fleet status publisher.
@@ -13,11 +14,15 @@
 //! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
 //! health server stops.
 //!
+//! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
+//! leftovers are SIGKILLed, and the machine exits within a second.
+//!
 //! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
-//! subsystem could not start, 3 when a `critical` service failed, 4 when a second signal forced
-//! the shutdown.
+//! subsystem could not start (before any job is claimed, with the reason), 3 when a `critical`
+//! service failed, 4 when a second signal forced the shutdown.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +50,43 @@ const SWEEP_GRACE: Duration = Duration::from_secs(2);
 /// Slack beyond the workers' drain period before the machine stops waiting for them.
 const DRAIN_SLACK: Duration = Duration::from_secs(10);
 
+/// How long forced workers get to return their jobs before the machine stops waiting.
+const FORCED_RETURN: Duration = Duration::from_millis(500);
+
+/// Why `machine run` could not start; each is exit 1, logged before any job is claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The workspace directories could not be created.
+    #[error("failed to prepare the workspace {path}")]
+    Workspace {
+        /// The workspace.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another machine runs on this workspace.
+    #[error("the workspace {path} is in use by another machine (pid {pid}); one workspace runs one machine")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The holder's pid as it wrote it, or `unknown`.
+        pid: String,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("failed to lock the workspace through {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The health server's port could not be bound.
+    #[error("failed to start the health server")]
+    Health(#[source] health::HealthError),
+}
+
 /// Runs the machine until it is asked to stop.
 pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     tracing::info!(
@@ -63,10 +105,23 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     for worker in &plan.workers {
         tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
     }
-    if let Err(e) = prepare_workspace(&config) {
-        tracing::error!("failed to prepare the workspace {}: {e}", config.workspace.display());
-        return ExitCode::FAILURE;
-    }
+    supervisor::raise_open_files_limit();
+    let started = async {
+        prepare_workspace(&config).map_err(|source| StartError::Workspace {
+            path: config.workspace.clone(),
+            source,
+        })?;
+        let lock = lock_workspace(&config)?;
+        let listener = health::bind(config.health_port).await.map_err(StartError::Health)?;
+        Ok::<_, StartError>((lock, listener))
+    };
+    let (_lock, listener) = match started.await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
 
     let signals = match Signals::install() {
         Ok(s) => s,
@@ -82,7 +137,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     let reaper_stop = CancellationToken::new();
     let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let code = run_subsystems(&config, probe, &plan, &shutdown, &force).await;
+    let code = run_subsystems(&config, probe, &plan, listener, &shutdown, &force).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -107,6 +162,7 @@ async fn run_subsystems(
     config: &Config,
     probe: Probe,
     plan: &Plan,
+    listener: tokio::net::TcpListener,
     shutdown: &CancellationToken,
     force: &CancellationToken,
 ) -> ExitCode {
@@ -121,7 +177,10 @@ async fn run_subsystems(
     };
     let handle = supervisor.handle();
     let workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
-        Ok(w) => w,
+        Ok(mut w) => {
+            w.force_on(force);
+            w
+        }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
             return ExitCode::FAILURE;
@@ -140,10 +199,7 @@ async fn run_subsystems(
         shutdown.clone(),
     );
     let server_stop = CancellationToken::new();
-    let server = spawn_named(
-        "health",
-        health::run(state.clone(), config.health_port, server_stop.clone(), None),
-    );
+    let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
     let installed = tokio::select! {
@@ -188,10 +244,19 @@ async fn run_services_and_workers(
         let (config, state, workers_stop, fleet_stop) =
             (config.clone(), state.clone(), workers_stop.clone(), fleet_stop.clone());
         tokio::spawn(async move {
-            let Some(broker) = worker::connect_broker(&config, &workers_stop).await else {
+            let failed = |error: &str| {
+                state.set_redis(|r| {
+                    r.connected = false;
+                    r.last_error = Some(error.to_owned());
+                });
+            };
+            let Some(broker) = worker::connect_broker(&config, &workers_stop, &failed).await else {
                 return (Ok(()), None);
             };
-            state.set_redis(|r| r.connected = true);
+            state.set_redis(|r| {
+                r.connected = true;
+                r.last_error = None;
+            });
             if let Ok(report) = broker.ensure_functions().await {
                 state.set_redis(|r| r.function_version = Some(report.version.clone()));
             }
@@ -229,14 +294,29 @@ async fn run_services_and_workers(
     }
 
     workers_stop.cancel();
-    let fleet = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, jobs).await {
-        Ok(Ok((result, fleet))) => {
+    // A second signal cuts the drain short: the workers return their jobs at once (see
+    // `Workers::force_on`), and the machine waits for that only briefly.
+    let drained = async {
+        tokio::select! {
+            r = jobs => Ok(r),
+            () = async {
+                force.cancelled().await;
+                tokio::time::sleep(FORCED_RETURN).await;
+            } => Err(()),
+        }
+    };
+    let fleet = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
+        Ok(Err(())) => {
+            tracing::warn!("the workers did not return their jobs in time; their leases will");
+            None
+        }
+        Ok(Ok(Ok((result, fleet)))) => {
             if let Err(e) = result {
                 tracing::error!("{}", error_chain(&e));
             }
             fleet
         }
-        Ok(Err(e)) => {
+        Ok(Ok(Err(e))) => {
             tracing::error!("the workers' task failed: {e}");
             None
         }
@@ -343,6 +423,45 @@ fn prepare_workspace(config: &Config) -> std::io::Result<()> {
         std::fs::create_dir_all(config.local_redis_dir())?;
     }
     Ok(())
+}
+
+/// Takes the exclusive lock of the workspace for as long as the returned file is open, and
+/// writes this process's pid into it for the next one to name. The lock is `flock(2)`, so the
+/// kernel releases it however this process ends; the file is close-on-exec, so no service
+/// inherits it.
+fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
+    use fs4::fs_std::FileExt;
+    use std::io::{Read, Seek, Write};
+    let path = config.workspace.join("machine.lock");
+    let failed = |source| StartError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(failed)?;
+    if !file.try_lock_exclusive().map_err(failed)? {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let pid = holder.trim();
+        return Err(StartError::Locked {
+            path,
+            pid: if pid.is_empty() {
+                "unknown".to_owned()
+            } else {
+                pid.to_owned()
+            },
+        });
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(failed)?;
+    Ok(file)
 }
 
 /// Spawns a subsystem as a task that logs its error.

@@ -201,6 +201,7 @@ fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     config::load(path, &ProcessEnv).map_err(|e| {
         eprintln!("machine: {e}");
+        print_warnings();
         if let ConfigError::Read { source, .. } = &e {
             eprintln!("  caused by: {source}");
         }
@@ -218,9 +219,11 @@ fn config_check(path: Option<&Path>, json: bool) -> ExitCode {
             } else {
                 eprintln!("machine: {e}");
             }
+            print_warnings();
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    print_warnings();
     let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
     match Plan::build(&config, &probe).and_then(checked_programs) {
         Ok(plan) => {
@@ -274,6 +277,9 @@ fn run(path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     crate::logging::init(&config.log);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
     for note in &probe.notes {
         tracing::info!(target: "machine::gpu", "{note}");
@@ -293,6 +299,14 @@ fn run(path: Option<&Path>) -> ExitCode {
         }
     };
     runtime.block_on(crate::app::run(config, probe, plan))
+}
+
+/// Prints the configuration's warnings (unknown variables) to stderr, where a configuration
+/// that failed to load is reported too.
+fn print_warnings() {
+    for w in config::warnings(&ProcessEnv) {
+        eprintln!("machine: warning: {w}");
+    }
 }
 
 /// Refuses a plan whose programs are not on `PATH`, before anything starts.

@@ -224,6 +224,7 @@ fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceS
             String::new(),
         ],
         env: BTreeMap::new(),
+        pass_env: Vec::new(),
         cwd: None,
         restart: RestartPolicy::Always,
         ready: Some(ProbeSpec {
@@ -352,6 +353,7 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         name: service_name(kind, gpu),
         command,
         env,
+        pass_env: Vec::new(),
         cwd,
         restart: RestartPolicy::Always,
         ready: Some(ProbeSpec {

@@ -1,13 +1,18 @@
 //! The connector catalogue and the `WORKER_CONNECTORS` syntax.
 //!
 //! `WORKER_CONNECTORS` is a comma-separated list of `name[:count]`, where count is a positive
-//! integer or `auto`. The parser reports every problem of the list at once, never panics, and
+//! integer up to [`MAX_COUNT`] or `auto`. The parser reports every problem of the list at once, never panics, and
 //! [`ConnectorList`]'s `Display` prints a list that parses back to the same value.
 
 use std::fmt;
 use std::num::NonZeroU32;
 
 use serde::Serialize;
+
+/// The largest count one entry may ask for. Each count is that many workers, each with its
+/// own Redis worker hash, heartbeat and connections; far more than a machine can use is a
+/// typo, not a plan.
+pub const MAX_COUNT: u32 = 256;
 
 /// A kind of connector the machine can run jobs through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -129,6 +134,10 @@ impl ConnectorList {
                 None => Ok(None),
                 Some(c) if c.eq_ignore_ascii_case("auto") => Ok(None),
                 Some(c) => match c.parse::<u32>() {
+                    Ok(n) if n > MAX_COUNT => Err(format!(
+                        "`{}`: count {n} is more than the most a machine runs ({MAX_COUNT})",
+                        entry.escape_debug()
+                    )),
                     Ok(n) => NonZeroU32::new(n)
                         .map(Some)
                         .ok_or_else(|| format!("`{}`: count must be at least 1", entry.escape_debug())),
@@ -227,6 +236,9 @@ mod tests {
 
     #[test]
     fn reports_every_problem_with_valid_names() {
+        let too_many = ConnectorList::parse("simulation:100000").unwrap_err();
+        assert!(too_many[0].contains("256"), "{too_many:?}");
+        assert!(ConnectorList::parse(&format!("simulation:{MAX_COUNT}")).is_ok());
         let problems = ConnectorList::parse("comfyui:x,bogus,openai:0,openai").unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("comfyui:x") && problems[0].contains("`x`"));
@@ -252,7 +264,7 @@ mod tests {
                 let n = kinds.len();
                 (
                     Just(kinds),
-                    proptest::collection::vec(proptest::option::of(1u32..1000), n),
+                    proptest::collection::vec(proptest::option::of(1u32..=MAX_COUNT), n),
                 )
             })
             .prop_map(|(kinds, counts)| ConnectorList(kinds.into_iter().zip(counts).map(|(k, c)| req(k, c)).collect()))

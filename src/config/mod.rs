@@ -24,6 +24,9 @@ pub use worker::{CustomerAccess, OpenaiConfig, SimulationConfig, WorkerConfig};
 
 use raw::RawConfig;
 
+/// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
+pub const MAX_GPUS: u32 = 64;
+
 /// The built-in configuration, also the reference for every key.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -65,12 +68,18 @@ pub struct Config {
     /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
     /// one those routes are refused.
     pub control_token: Option<Secret>,
+    /// Who may read the health server's `/logs`, `/status` and `/metrics`.
+    pub health_access: HealthAccess,
     /// How workers claim, hold and report jobs.
     pub worker: WorkerConfig,
     /// The OpenAI-compatible API of the `openai` connector.
     pub openai: OpenaiConfig,
     /// The simulation connector's defaults.
     pub simulation: SimulationConfig,
+    /// Things that are not wrong enough to refuse, such as unknown `MACHINE_*` variables; the
+    /// caller logs them once logging is set up.
+    #[serde(skip)]
+    pub warnings: Vec<Problem>,
 }
 
 impl Config {
@@ -186,6 +195,20 @@ pub enum DeviceSelector {
     Index(u32),
     /// A GPU UUID (`GPU-...`) or UUID prefix.
     Uuid(String),
+}
+
+/// Who may read what on the health server (`[health]`). `/health` and `/ready` are always open.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthAccess {
+    /// `MACHINE_READ_TOKEN`: a bearer token that reads the guarded routes but controls nothing
+    /// (the control token reads them too).
+    pub read_token: Option<Secret>,
+    /// Whether `/logs` is open to anyone (it can show prompts and customer data).
+    pub open_logs: bool,
+    /// Whether `/status` needs a token.
+    pub guard_status: bool,
+    /// Whether `/metrics` needs a token.
+    pub guard_metrics: bool,
 }
 
 /// Logging output.
@@ -350,22 +373,26 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     load_str(user.as_ref().map(|(p, s)| (p.as_str(), s.as_str())), env)
 }
 
+/// What is not wrong enough to refuse the configuration: `MACHINE_*`, `WORKER_*`, `COMFYUI_*`
+/// and `HUB_*` variables the machine does not read, each naming the closest one it does. Also
+/// in [`Config::warnings`]; this is for callers that have no `Config` because it was invalid.
+pub fn warnings(env: &dyn Env) -> Vec<Problem> {
+    env::unknown_variables(env)
+        .into_iter()
+        .map(|(key, message)| Problem { key, message })
+        .collect()
+}
+
 /// Like [`load`] with the file's name and contents already in hand.
 pub fn load_str(file: Option<(&str, &str)>, env: &dyn Env) -> Result<Config, ConfigError> {
-    let mut problems = Vec::new();
-    let raw = match parse_merged(file) {
-        Ok(raw) => Some(raw),
-        Err(p) => {
-            problems.push(p);
-            None
-        }
-    };
+    let (raw, mut problems) = parse_merged(file);
     // Environment problems are reported even when the file is broken, so one run shows both.
     let overlay = EnvOverlay::read(env, &mut problems);
     let Some(raw) = raw else {
         return Err(ConfigError::Invalid(problems));
     };
-    let config = validate(raw, overlay, env, &mut problems);
+    let mut config = validate(raw, overlay, env, &mut problems);
+    config.warnings = warnings(env);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -373,22 +400,119 @@ pub fn load_str(file: Option<(&str, &str)>, env: &dyn Env) -> Result<Config, Con
     }
 }
 
-fn parse_merged(file: Option<(&str, &str)>) -> Result<RawConfig, Problem> {
-    let mut merged: toml::Table = DEFAULT_TOML
+/// The most problems one file reports; past it the file is not worth reading further.
+const MAX_FILE_PROBLEMS: usize = 50;
+
+/// The merged document, and every problem of the file. The document is `None` when the file
+/// is not TOML or could not be set right; otherwise it has the default in place of each bad
+/// value, so that validation can go on to find the problems beyond the file's.
+fn parse_merged(file: Option<(&str, &str)>) -> (Option<RawConfig>, Vec<Problem>) {
+    let defaults: toml::Table = DEFAULT_TOML
         .parse()
         .expect("the embedded default configuration is valid TOML (a unit test checks it)");
+    let mut merged = defaults.clone();
     if let Some((name, text)) = file {
-        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| Problem {
-            key: name.to_owned(),
-            message: format!("not valid TOML: {}", e.to_string().trim_end()),
-        })?;
-        merge(&mut merged, user);
+        match text.parse::<toml::Table>() {
+            Ok(user) => merge(&mut merged, user),
+            Err(e) => {
+                let problem = Problem {
+                    key: name.to_owned(),
+                    message: format!("not valid TOML: {}", e.to_string().trim_end()),
+                };
+                return (None, vec![problem]);
+            }
+        }
     }
-    let de = toml::Value::Table(merged);
-    serde_path_to_error::deserialize(de).map_err(|e| Problem {
-        key: e.path().to_string(),
-        message: e.inner().to_string().trim_end().to_owned(),
-    })
+    // Deserialisation stops at the first problem. To list them all, each one found is set
+    // right (the default put back, or the key removed) and the document is read again.
+    let mut problems = Vec::new();
+    loop {
+        match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(merged.clone())) {
+            Ok(raw) => return (Some(raw), problems),
+            Err(e) => {
+                let segments: Vec<String> = e
+                    .path()
+                    .iter()
+                    .map(|s| match s {
+                        serde_path_to_error::Segment::Map { key } => key.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                // toml repeats the path on a line of its own; the problem's key already says it.
+                let message = e
+                    .inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end()
+                    .to_owned();
+                let repaired = repair(&mut merged, &defaults, &segments, &message);
+                problems.push(Problem {
+                    key: e.path().to_string(),
+                    message,
+                });
+                if !repaired || problems.len() >= MAX_FILE_PROBLEMS {
+                    return (None, problems);
+                }
+            }
+        }
+    }
+}
+
+/// Sets right the key at `path` that failed with `message`: an unknown key is removed; a bad
+/// value gets the default's value back, or is removed when the defaults have none. Returns
+/// whether anything changed (if not, reading again would fail the same way).
+fn repair(doc: &mut toml::Table, defaults: &toml::Table, path: &[String], message: &str) -> bool {
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split_once('`'))
+        .map(|(name, _)| name.to_owned());
+    let mut full = path.to_vec();
+    if let Some(name) = unknown {
+        if full.last() != Some(&name) {
+            full.push(name);
+        }
+        return remove_at(doc, &full);
+    }
+    let Some((last, parents)) = full.split_last() else {
+        return false;
+    };
+    let default = lookup(defaults, &full).cloned();
+    let Some(table) = table_at(doc, parents) else {
+        return false;
+    };
+    match default {
+        Some(d) if table.get(last) != Some(&d) => {
+            table.insert(last.clone(), d);
+            true
+        }
+        _ => table.remove(last).is_some(),
+    }
+}
+
+fn table_at<'a>(doc: &'a mut toml::Table, path: &[String]) -> Option<&'a mut toml::Table> {
+    let mut t = doc;
+    for k in path {
+        t = t.get_mut(k)?.as_table_mut()?;
+    }
+    Some(t)
+}
+
+fn lookup<'a>(doc: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut t = doc;
+    for k in parents {
+        t = t.get(k)?.as_table()?;
+    }
+    t.get(last)
+}
+
+fn remove_at(doc: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    table_at(doc, parents).is_some_and(|t| t.remove(last).is_some())
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -420,6 +544,7 @@ struct EnvOverlay {
     log_filter: Option<String>,
     comfyui_base_port: Option<u16>,
     control_token: Option<Secret>,
+    read_token: Option<Secret>,
     install_concurrency: Option<usize>,
     install_strict: Option<bool>,
     comfyui_repo_url: Option<String>,
@@ -449,6 +574,7 @@ impl EnvOverlay {
             log_format: set("LOG_FORMAT"),
             log_filter: set("RUST_LOG"),
             control_token: set("MACHINE_CONTROL_TOKEN").map(|t| Secret(t.trim().to_owned())),
+            read_token: set("MACHINE_READ_TOKEN").map(|t| Secret(t.trim().to_owned())),
             comfyui_repo_url: set("COMFYUI_REPO_URL").map(|v| v.trim().to_owned()),
             comfyui_ref: set("COMFYUI_REF").map(|v| v.trim().to_owned()),
             comfyui_python: set("COMFYUI_PYTHON").map(|v| v.trim().to_owned()),
@@ -623,6 +749,12 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         memory_gb: o.gpu_memory_gb.or(raw.gpu.memory_gb),
         model: o.gpu_model.or(raw.gpu.model),
     };
+    if gpu.count.is_some_and(|n| n > MAX_GPUS) {
+        bad(
+            "MACHINE_GPU_COUNT",
+            format!("is more than the most GPUs a machine has ({MAX_GPUS})"),
+        );
+    }
     if gpu.memory_gb.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
         bad("gpu.memory_gb", "must be a positive number".to_owned());
     }
@@ -805,9 +937,16 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         playwright,
         services,
         control_token: o.control_token,
+        health_access: HealthAccess {
+            read_token: o.read_token,
+            open_logs: raw.health.open_logs,
+            guard_status: raw.health.guard_status,
+            guard_metrics: raw.health.guard_metrics,
+        },
         worker,
         openai,
         simulation,
+        warnings: Vec::new(),
     }
 }
 
@@ -1000,8 +1139,11 @@ ready = { tcp = "127.0.0.1:7000" }
 
     #[test]
     fn unknown_keys_and_bad_types_name_the_path() {
-        let ps = problems(Some("[services.x]\ncommand = [\"a\"]\nrestrat = \"always\"\n"), &[]);
-        assert_eq!(ps.len(), 1);
+        let ps = problems(
+            Some("[services.x]\ncommand = [\"a\"]\nrestrat = \"always\"\nrestrt = 1\n"),
+            &[],
+        );
+        assert_eq!(ps.len(), 2, "{ps:?}");
         assert!(ps[0].key.starts_with("services.x"), "{ps:?}");
         assert!(ps[0].message.contains("restrat"), "{ps:?}");
         let ps = problems(Some("[health]\nport = \"high\"\n"), &[("MACHINE_GPU_COUNT", "x")]);
@@ -1013,6 +1155,69 @@ ready = { tcp = "127.0.0.1:7000" }
         assert_eq!(ps[0].key, "health.port");
         let ps = problems(Some("[machine\n"), &[]);
         assert!(ps[0].message.contains("not valid TOML"));
+    }
+
+    #[test]
+    fn every_problem_of_the_file_is_listed() {
+        let file = r#"
+[machine]
+workspace = 7
+bogus = 1
+[health]
+port = "high"
+[supervisor]
+grace = 5
+extra = true
+[services.x]
+command = ["a"]
+restrat = "always"
+"#;
+        let ps = problems(Some(file), &[("MACHINE_GPU_COUNT", "x")]);
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(ps.len(), 7, "{ps:#?}");
+        for key in ["machine", "health.port", "supervisor.grace", "MACHINE_GPU_COUNT"] {
+            assert!(
+                keys.contains(&key) || keys.iter().any(|k| k.starts_with(key)),
+                "{key} in {ps:#?}"
+            );
+        }
+        for word in ["bogus", "extra", "restrat"] {
+            assert!(
+                ps.iter().any(|p| p.message.contains(word) || p.key.contains(word)),
+                "{word} in {ps:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_machine_variables_warn_with_the_closest_name() {
+        let c = load_str(
+            None,
+            &env(&[
+                ("WORKER_CONNECTOR", "simulation"),
+                ("HUB_REDIS_ULR", "x"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("HUB_REDIS_ULR") && w[0].contains("`HUB_REDIS_URL`"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("WORKER_CONNECTOR:") && w[1].contains("`WORKER_CONNECTORS`"),
+            "{w:?}"
+        );
+        let ps = problems(
+            None,
+            &[
+                ("WORKER_CONNECTORS", "simulation:100000"),
+                ("MACHINE_GPU_COUNT", "1000"),
+            ],
+        );
+        assert_eq!(ps.len(), 2, "{ps:#?}");
     }
 
     #[test]

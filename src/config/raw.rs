@@ -45,6 +45,9 @@ pub(crate) struct RawRedis {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
     pub port: u16,
+    pub open_logs: bool,
+    pub guard_status: bool,
+    pub guard_metrics: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +166,8 @@ pub(crate) struct RawService {
     pub grace: Option<Duration>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pass_env: Vec<String>,
     pub cwd: Option<PathBuf>,
 }
 

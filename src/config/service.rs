@@ -60,8 +60,11 @@ pub struct ServiceSpec {
     pub name: String,
     /// The argv vector; never passed through a shell.
     pub command: Vec<String>,
-    /// Extra environment for the child, on top of the machine's.
+    /// The child's own variables, on top of the few it gets from the machine (see
+    /// `supervisor::env`: a service never inherits the machine's whole environment).
     pub env: BTreeMap<String, String>,
+    /// Variables of the machine's environment passed to the child by name (`pass_env`).
+    pub pass_env: Vec<String>,
     /// Working directory, or the machine's when `None`.
     pub cwd: Option<PathBuf>,
     /// When to restart after an exit.
@@ -183,6 +186,14 @@ pub(crate) fn validate_service(
             problems.push((format!("{key}.env"), format!("`{var}` is not a valid variable name")));
         }
     }
+    for var in &raw.pass_env {
+        if var.is_empty() || var.contains('=') || var.contains('\0') {
+            problems.push((
+                format!("{key}.pass_env"),
+                format!("`{var}` is not a valid variable name"),
+            ));
+        }
+    }
     for dep in &raw.after {
         if dep == name {
             problems.push((format!("{key}.after"), "a service cannot wait for itself".to_owned()));
@@ -203,6 +214,7 @@ pub(crate) fn validate_service(
         name: name.to_owned(),
         command: raw.command.clone(),
         env: raw.env.clone(),
+        pass_env: raw.pass_env.clone(),
         cwd: raw.cwd.clone(),
         restart: raw.restart.unwrap_or(RestartPolicy::Always),
         ready,
@@ -214,4 +226,27 @@ pub(crate) fn validate_service(
         gpu: None,
         port: None,
     })
+}
+
+#[cfg(test)]
+impl ServiceSpec {
+    /// A service running `command` with every default, for tests.
+    pub(crate) fn for_tests(name: &str, command: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_owned(),
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            env: BTreeMap::new(),
+            pass_env: Vec::new(),
+            cwd: None,
+            restart: RestartPolicy::Never,
+            ready: None,
+            liveness: None,
+            after: Vec::new(),
+            critical: false,
+            grace: Duration::from_secs(1),
+            connector: None,
+            gpu: None,
+            port: None,
+        }
+    }
 }

@@ -248,10 +248,11 @@ async fn publish(state: &HealthState, conn: &mut redis::aio::ConnectionManager, 
             r.last_error = None;
         }),
         Err(e) => {
-            tracing::warn!("failed to publish the machine status: {e}");
+            let error = crate::logging::error_chain(&e);
+            tracing::warn!("failed to publish the machine status: {error}");
             state.set_redis(|r| {
                 r.connected = false;
-                r.last_error = Some(e.to_string());
+                r.last_error = Some(error);
             });
         }
     }

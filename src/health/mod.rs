@@ -18,11 +18,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use server::{HealthError, run};
+pub use server::{HEADER_READ_TIMEOUT, HealthError, IDLE_TIMEOUT, MAX_CONNECTIONS, bind, run};
 
 use tokio::sync::watch;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, HealthAccess, Secret};
 use crate::gpu::Probe;
 use crate::installers::InstallStates;
 use crate::plan::Plan;
@@ -69,6 +69,7 @@ pub struct HealthState {
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
+    access: HealthAccess,
     shutdown: CancellationToken,
     redis: Mutex<RedisStatus>,
 }
@@ -107,6 +108,7 @@ impl HealthState {
             installs: sources.installs,
             metrics: Metrics::new(),
             control_token: config.control_token.clone(),
+            access: config.health_access.clone(),
             shutdown,
             redis: Mutex::new(RedisStatus {
                 url: Some(config.broker_url().masked()),

@@ -1,17 +1,48 @@
-//! The HTTP routes of the health server (axum).
+//! The HTTP routes of the health server (axum), and the connection handling that keeps it
+//! answering under abuse.
+//!
+//! The server binds `0.0.0.0`, so anyone who can reach the port can open connections. Each
+//! connection must send its request headers within [`HEADER_READ_TIMEOUT`] (this also closes a
+//! keep-alive connection that waits that long for its next request), and one with no request in
+//! flight for [`IDLE_TIMEOUT`] (a client that stopped reading its response) is closed. At most
+//! [`MAX_CONNECTIONS`] are open at once: at the cap the oldest connection with no request in
+//! flight is closed to make room, so a flood of idle or half-sent connections cannot shut out
+//! `/health`, and when every one is busy the new one is refused. Nothing waits in a queue.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::service::Service as _;
 use serde_json::json;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{HealthState, Phase};
+
+/// How long a connection may take to send a request's headers (and, on a keep-alive
+/// connection, to start its next request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection may go without a request in flight before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most connections open at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long open connections get to finish their response when the server stops.
+const STOP_GRACE: Duration = Duration::from_millis(250);
+
+/// How long the accept loop pauses after an accept error (e.g. out of file descriptors), so
+/// that it does not spin while the condition lasts.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Why the health server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -25,31 +56,181 @@ pub enum HealthError {
         #[source]
         source: std::io::Error,
     },
-    /// Serving failed.
-    #[error("health server failed")]
-    Serve(#[source] std::io::Error),
 }
 
-/// Serves the health routes on `0.0.0.0:port` until `stop` is cancelled. `bound` receives the
-/// bound address (useful with port 0).
-pub async fn run(
-    state: Arc<HealthState>,
-    port: u16,
-    stop: CancellationToken,
-    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-) -> Result<(), HealthError> {
+/// Binds the health server's port on `0.0.0.0`, so that `machine run` fails before anything
+/// starts when the port is taken.
+pub async fn bind(port: u16) -> Result<TcpListener, HealthError> {
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    let listener = tokio::net::TcpListener::bind(addr)
+    TcpListener::bind(addr)
         .await
-        .map_err(|source| HealthError::Bind { addr, source })?;
-    if let Some(tx) = bound {
-        let _ = tx.send(listener.local_addr().map_err(HealthError::Serve)?);
-    }
+        .map_err(|source| HealthError::Bind { addr, source })
+}
+
+/// Serves the health routes on `listener` until `stop` is cancelled.
+pub async fn run(state: Arc<HealthState>, listener: TcpListener, stop: CancellationToken) -> Result<(), HealthError> {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     tracing::info!(port, "health server listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(HealthError::Serve)
+    let app = router(state);
+    let open = Arc::new(Connections::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut last_accept_error: Option<Instant> = None;
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Logged at most once a minute: a flood would otherwise flood the log too.
+                    if last_accept_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        tracing::warn!("the health server failed to accept a connection: {e}");
+                        last_accept_error = Some(Instant::now());
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        while tasks.try_join_next().is_some() {}
+        let Some(conn) = open.admit() else {
+            // Every connection has a request in flight: refuse rather than queue.
+            drop(stream);
+            continue;
+        };
+        tasks.spawn(serve_connection(stream, app.clone(), conn, stop.clone()));
+    }
+    // Each connection saw `stop` and finishes its response within STOP_GRACE.
+    let _ = tokio::time::timeout(STOP_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// The open connections, oldest first (ids only grow).
+#[derive(Debug, Default)]
+struct Connections {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Conn>>>,
+}
+
+/// One open connection as the server tracks it.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    /// Requests in flight.
+    busy: AtomicUsize,
+    /// Milliseconds after `opened` of the last request's start or end.
+    last_active_ms: AtomicU64,
+    opened: Instant,
+    /// Cancelled to close the connection to make room for a new one.
+    evict: CancellationToken,
+    registry: std::sync::Weak<Connections>,
+}
+
+impl Connections {
+    /// Registers a new connection, closing the oldest idle one at the cap; `None` when every
+    /// open connection is busy.
+    fn admit(self: &Arc<Self>) -> Option<Arc<Conn>> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.len() >= MAX_CONNECTIONS {
+            let idle = open
+                .iter()
+                .find(|(_, c)| c.busy.load(Ordering::Acquire) == 0 && !c.evict.is_cancelled())
+                .map(|(id, _)| *id)?;
+            if let Some(c) = open.remove(&idle) {
+                c.evict.cancel();
+            }
+        }
+        let conn = Arc::new(Conn {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            busy: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            evict: CancellationToken::new(),
+            registry: Arc::downgrade(self),
+        });
+        open.insert(conn.id, Arc::clone(&conn));
+        Some(conn)
+    }
+}
+
+impl Conn {
+    fn touch(&self) {
+        self.last_active_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// How long until the connection counts as idle, or `None` when it already does.
+    fn idle_in(&self) -> Option<Duration> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return Some(IDLE_TIMEOUT);
+        }
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Acquire));
+        (last + IDLE_TIMEOUT).checked_sub(self.opened.elapsed())
+    }
+
+    fn close(&self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
+}
+
+/// Marks a request in flight on its connection while it lives.
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn new(conn: &Arc<Conn>) -> InFlight {
+        conn.busy.fetch_add(1, Ordering::AcqRel);
+        conn.touch();
+        InFlight(Arc::clone(conn))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, app: Router, conn: Arc<Conn>, stop: CancellationToken) {
+    let tower = hyper_util::service::TowerToHyperService::new(app);
+    let service = {
+        let conn = Arc::clone(&conn);
+        hyper::service::service_fn(move |req| {
+            let in_flight = InFlight::new(&conn);
+            let response = tower.call(req);
+            async move {
+                let r = response.await;
+                drop(in_flight);
+                r
+            }
+        })
+    };
+    let http = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(http);
+    let idle = async {
+        while let Some(left) = conn.idle_in() {
+            tokio::time::sleep(left.max(Duration::from_millis(100))).await;
+        }
+    };
+    tokio::select! {
+        _ = http.as_mut() => {}
+        () = conn.evict.cancelled() => {}
+        () = idle => {}
+        () = stop.cancelled() => {
+            http.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(STOP_GRACE, http.as_mut()).await;
+        }
+    }
+    conn.close();
 }
 
 fn router(state: Arc<HealthState>) -> Router {
@@ -95,11 +276,21 @@ async fn ready(State(s): State<Arc<HealthState>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-async fn status(State(s): State<Arc<HealthState>>) -> Response {
+async fn status(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if s.access.guard_status {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
     axum::Json(s.status_document()).into_response()
 }
 
-async fn metrics(State(s): State<Arc<HealthState>>) -> Response {
+async fn metrics(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if s.access.guard_metrics {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
     for gpu in s.probe.live() {
         s.metrics.set_gpu(&gpu);
     }
@@ -122,7 +313,17 @@ struct LogsQuery {
 /// The most lines `/logs` returns at once (the supervisor keeps at most its tail anyway).
 const MAX_LOG_LINES: usize = 10_000;
 
-async fn logs(State(s): State<Arc<HealthState>>, Path(service): Path<String>, Query(q): Query<LogsQuery>) -> Response {
+async fn logs(
+    State(s): State<Arc<HealthState>>,
+    Path(service): Path<String>,
+    Query(q): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.access.open_logs {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
     let n = q.lines.unwrap_or(100).min(MAX_LOG_LINES);
     match s.services.logs(&service, n) {
         Ok(lines) => {
@@ -137,7 +338,7 @@ async fn logs(State(s): State<Arc<HealthState>>, Path(service): Path<String>, Qu
 }
 
 async fn restart(State(s): State<Arc<HealthState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse_unauthorized(&s, &headers) {
+    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
         return refusal;
     }
     tracing::info!(service = %name, "restart requested over HTTP");
@@ -148,7 +349,7 @@ async fn restart(State(s): State<Arc<HealthState>>, Path(name): Path<String>, he
 }
 
 async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse_unauthorized(&s, &headers) {
+    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
         return refusal;
     }
     tracing::info!("shutdown requested over HTTP");
@@ -156,24 +357,46 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
     (StatusCode::ACCEPTED, axum::Json(json!({ "shutting_down": true }))).into_response()
 }
 
-/// Checks `Authorization: Bearer <MACHINE_CONTROL_TOKEN>` and returns the refusal when it does
-/// not hold; without a configured token every control route is refused.
-fn refuse_unauthorized(s: &HealthState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &s.control_token else {
-        return Some(
-            (
-                StatusCode::FORBIDDEN,
-                axum::Json(json!({ "error": "control routes are disabled: set MACHINE_CONTROL_TOKEN" })),
-            )
-                .into_response(),
-        );
+/// What a guarded route lets the caller do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read logs, status or metrics: the read token or the control token.
+    Read,
+    /// Restart services or shut down: the control token only.
+    Control,
+}
+
+/// Checks `Authorization: Bearer <token>` against the tokens that grant `access` and returns
+/// the refusal when it does not hold; with no such token configured the route is refused.
+fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Response> {
+    let tokens: Vec<&str> = match access {
+        Access::Control => s.control_token.iter().map(|t| t.expose()).collect(),
+        Access::Read => s
+            .control_token
+            .iter()
+            .chain(&s.access.read_token)
+            .map(|t| t.expose())
+            .collect(),
     };
+    if tokens.is_empty() {
+        let error = match access {
+            Access::Control => "control routes are disabled: set MACHINE_CONTROL_TOKEN",
+            Access::Read => {
+                "this route needs a token: set MACHINE_READ_TOKEN or MACHINE_CONTROL_TOKEN (or open it in [health])"
+            }
+        };
+        return Some((StatusCode::FORBIDDEN, axum::Json(json!({ "error": error }))).into_response());
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+    // Every token is compared, so the timing does not say which one came close.
+    let matched = tokens
+        .iter()
+        .fold(false, |ok, t| constant_time_eq(given.as_bytes(), t.as_bytes()) | ok);
+    if matched {
         None
     } else {
         Some(

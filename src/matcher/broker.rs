@@ -24,6 +24,10 @@ use super::installer::{self, InstallReport, Library, Mode};
 use super::{BrokerError, CANCEL_ERROR};
 use crate::config::RedisUrl;
 
+/// How long a worker hash outlives its last heartbeat: a machine that is gone (killed, its
+/// container removed) must not leave its workers in Redis forever.
+const WORKER_TTL_SECS: i64 = 300;
+
 /// Tunables of the broker; the defaults are the contract's.
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -714,6 +718,8 @@ impl Broker {
                 ],
             )
             .ignore()
+            .expire(&key, WORKER_TTL_SECS)
+            .ignore()
             .set_ex(format!("{key}:heartbeat"), now.to_string(), 60)
             .ignore()
             .query_async::<()>(&mut conn)
@@ -722,7 +728,7 @@ impl Broker {
     }
 
     /// The contract's heartbeat: `worker:<id>` `last_heartbeat` and `worker:<id>:heartbeat`
-    /// (60 s TTL). Call every 30 s or sooner.
+    /// (60 s TTL), and the hash's own expiry pushed back. Call every 30 s or sooner.
     pub async fn heartbeat(&self, worker_id: &str) -> Result<(), BrokerError> {
         let now = now_ms().to_string();
         let key = self.key(&format!("worker:{worker_id}"));
@@ -730,6 +736,8 @@ impl Broker {
         redis::pipe()
             .atomic()
             .hset(&key, "last_heartbeat", &now)
+            .ignore()
+            .expire(&key, WORKER_TTL_SECS)
             .ignore()
             .set_ex(format!("{key}:heartbeat"), &now, 60)
             .ignore()

@@ -6,8 +6,10 @@
 //! [`output`], so that the orphan reaper never takes the exit status of a child the crate is
 //! waiting for.
 
+mod env;
 mod handle;
 mod logs;
+mod pidfile;
 mod policy;
 mod probe;
 mod reaper;
@@ -22,6 +24,8 @@ pub use policy::{Decision, Ending, History, Policy};
 pub use reaper::{ManagedChild, ReaperError, output, spawn};
 pub use signals::{SignalError, Signals};
 pub use tree::Supervisor;
+
+pub use sys::raise_open_files_limit;
 
 /// Reaps orphaned children until the token is cancelled; see [`reaper`].
 pub use reaper::run as run_reaper;

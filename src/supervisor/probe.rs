@@ -71,7 +71,11 @@ async fn run_check(check: &ProbeCheck, http: &reqwest::Client) -> Result<(), Str
             .map_err(|e| format!("connect to {addr} failed: {e}")),
         ProbeCheck::Command(argv) => {
             let mut cmd = tokio::process::Command::new(&argv[0]);
+            // A probe is configured code like its service, and gets no more of the machine's
+            // environment than a service does.
             cmd.args(&argv[1..])
+                .env_clear()
+                .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(super::env::allowed)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());

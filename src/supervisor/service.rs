@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handle::{Command, ExitInfo, ServiceState, ServiceStatus};
 use super::logs::{ServiceLog, Stream};
+use super::pidfile::PidFile;
 use super::policy::{self, Decision, Ending, History, Policy};
 use super::probe::{self, ProbeKind, Verdict};
 use super::reaper::{self, ManagedChild};
@@ -29,6 +30,9 @@ use crate::config::ServiceSpec;
 /// How long the output readers may take to drain after a run ended; a grandchild that escaped
 /// the process group may hold the pipe open forever.
 const DRAIN: Duration = Duration::from_secs(1);
+
+/// Lines of a crashed service's output repeated in the machine's warning.
+const CRASH_LINES: usize = 10;
 
 /// How often a stopping service's process group is checked for members.
 const GROUP_POLL: Duration = Duration::from_millis(20);
@@ -67,6 +71,8 @@ pub(crate) struct Actor {
     pub(crate) dependants: Vec<watch::Receiver<ServiceStatus>>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) log: Arc<ServiceLog>,
+    /// Where running services are recorded for the next run.
+    pub(crate) pids: Arc<PidFile>,
     /// Set to the name of the first critical service that failed for good.
     pub(crate) critical: Arc<watch::Sender<Option<String>>>,
     /// The supervisor's start, the origin of the policy's clock.
@@ -136,7 +142,8 @@ impl Actor {
 
         let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
         cmd.args(&self.spec.command[1..])
-            .envs(&self.spec.env)
+            .env_clear()
+            .envs(super::env::service_env(&self.spec, std::env::vars_os()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -163,6 +170,7 @@ impl Actor {
         };
         let pid = child.id().expect("a child that was never waited for has a pid");
         tracing::info!(service = %self.spec.name, pid, "service started");
+        self.pids.started(&self.spec.name, pid);
         let has_ready_probe = self.spec.ready.is_some();
         self.set(|s| {
             s.pid = Some(pid);
@@ -212,6 +220,7 @@ impl Actor {
         }
         // The leader is gone; whatever is left of its group belongs to a dead service.
         sys::signal_group(pid, Signal::SIGKILL);
+        self.pids.stopped(&self.spec.name);
         for mut r in readers {
             if tokio::time::timeout(DRAIN, &mut r).await.is_err() {
                 r.abort();
@@ -232,13 +241,27 @@ impl Actor {
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
-        tracing::info!(
-            service = %self.spec.name,
-            code = exit.code,
-            signal = exit.signal,
-            uptime_ms = uptime.as_millis() as u64,
-            "service exited"
-        );
+        let uptime_ms = uptime.as_millis() as u64;
+        if next.is_none() && ending == Ending::Failure {
+            // A crash is what an operator looks for; its last words say why.
+            let last = self.log.tail().last(CRASH_LINES);
+            tracing::warn!(
+                service = %self.spec.name,
+                code = exit.code,
+                signal = exit.signal,
+                uptime_ms,
+                "service crashed; its last output:\n{}",
+                if last.is_empty() { "(no output)".to_owned() } else { last.join("\n") }
+            );
+        } else {
+            tracing::info!(
+                service = %self.spec.name,
+                code = exit.code,
+                signal = exit.signal,
+                uptime_ms,
+                "service exited"
+            );
+        }
         self.set(|s| {
             s.pid = None;
             s.ready = false;

@@ -1,5 +1,6 @@
 //! The PID-1 system calls, and the only `unsafe` in the crate: making a child the leader of its
-//! own session (and so of its own process group) between `fork` and `exec`.
+//! own session (and so of its own process group), and tying its life to the machine's, between
+//! `fork` and `exec`.
 //!
 //! Everything else here is a safe wrapper over `nix` that names what the supervisor needs:
 //! becoming a child subreaper, signalling a process group, and asking whether a group still
@@ -25,13 +26,46 @@ pub(crate) fn become_subreaper() -> nix::Result<()> {
 }
 
 /// Makes the child spawned from `cmd` the leader of a new session and process group, so that
-/// the whole tree of a service can be signalled at once and a terminal's signals do not reach it.
+/// the whole tree of a service can be signalled at once and a terminal's signals do not reach it,
+/// and asks the kernel to SIGKILL it when the machine dies (`PR_SET_PDEATHSIG`), so that outside
+/// a PID namespace a SIGKILLed machine does not leave its services running. What such a leader
+/// leaves behind in its group is killed by the next run through the pid file.
+///
+/// The death signal fires when the *thread* that forked the child exits; children are spawned
+/// from the runtime's worker threads, which live as long as the machine.
 pub(crate) fn new_session(cmd: &mut tokio::process::Command) {
+    let parent = nix::unistd::getpid();
     #[expect(unsafe_code, reason = "pre_exec is the only way to run setsid between fork and exec")]
-    // SAFETY: the closure runs in the forked child before exec. It calls only setsid(2), which is
-    // async-signal-safe, allocates nothing and touches no lock the parent may have held.
+    // SAFETY: the closure runs in the forked child before exec. It calls only setsid(2), prctl(2)
+    // and getppid(2), which are async-signal-safe, allocates nothing and touches no lock the
+    // parent may have held.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The machine died between fork and prctl: the signal will never come, so do not
+            // start a service nobody supervises.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the machine exited while starting the service"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit, as systemd does for its services: the
+/// default soft limit (often 1,024) is a relic of `select(2)`, which nothing here uses, and a
+/// machine serving many connections and jobs at once runs out of it. Children inherit the raised
+/// limit.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, "failed to raise the open-files limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("failed to read the open-files limit: {e}"),
     }
 }
 
@@ -76,6 +110,9 @@ pub(crate) struct ProcStat {
     pub state: char,
     pub ppid: u32,
     pub pgrp: u32,
+    /// Clock ticks after boot at which the process started; with the pid it names one process
+    /// even when pids are reused.
+    pub starttime: u64,
 }
 
 /// Parses one /proc/<pid>/stat line. The command name is in parentheses and may itself contain
@@ -87,7 +124,15 @@ pub(crate) fn parse_stat(line: &str) -> Option<ProcStat> {
     let state = f.next()?.chars().next()?;
     let ppid = f.next()?.parse().ok()?;
     let pgrp = f.next()?.parse().ok()?;
-    Some(ProcStat { pid, state, ppid, pgrp })
+    // Fields 6 to 21 of stat(5) lie between the process group and the start time.
+    let starttime = f.nth(16)?.parse().ok()?;
+    Some(ProcStat {
+        pid,
+        state,
+        ppid,
+        pgrp,
+        starttime,
+    })
 }
 
 /// Every process visible in /proc (those that vanish while being read are skipped).
@@ -111,14 +156,16 @@ mod tests {
 
     #[test]
     fn stat_lines_with_odd_names_parse() {
-        let s = parse_stat("42 (a b) c)) Z 1 42 42 0 -1 4194560 0").unwrap();
+        let line = "42 (a b) c)) Z 1 42 42 0 -1 4194560 0 0 0 0 1 2 0 0 20 0 1 0 777 0 0";
+        let s = parse_stat(line).unwrap();
         assert_eq!(
             s,
             ProcStat {
                 pid: 42,
                 state: 'Z',
                 ppid: 1,
-                pgrp: 42
+                pgrp: 42,
+                starttime: 777,
             }
         );
         assert!(parse_stat("garbage").is_none());

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::handle::{Entry, ServiceStatus, SupervisorError, SupervisorHandle};
 use super::logs::ServiceLog;
+use super::pidfile::PidFile;
 use super::policy::{History, Policy};
 use super::service::Actor;
 use crate::config::{ServiceSpec, SupervisorConfig};
@@ -28,8 +29,10 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Prepares the services (in start order, as [`crate::plan::Plan::start_order`] gives them)
-    /// and creates `<workspace>/logs/`. Nothing is started until [`Supervisor::run`].
+    /// Prepares the services (in start order, as [`crate::plan::Plan::start_order`] gives them),
+    /// creates `<workspace>/logs/`, and kills what a previous run on this workspace left running
+    /// (see [`super::pidfile`]; the caller holds the workspace lock). Nothing is started until
+    /// [`Supervisor::run`].
     pub fn new(
         services: Vec<ServiceSpec>,
         cfg: &SupervisorConfig,
@@ -40,6 +43,8 @@ impl Supervisor {
             path: log_dir.clone(),
             source,
         })?;
+        let pids = Arc::new(PidFile::new(workspace));
+        pids.kill_leftovers();
         let epoch = Instant::now();
         let (critical_tx, critical_rx) = watch::channel(None);
         let critical = Arc::new(critical_tx);
@@ -83,6 +88,7 @@ impl Supervisor {
                 dependants: Vec::new(),
                 commands: cmd_rx,
                 log,
+                pids: Arc::clone(&pids),
                 critical: Arc::clone(&critical),
                 epoch,
                 runs: 0,

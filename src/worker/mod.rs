@@ -100,6 +100,14 @@ impl Workers {
         })
     }
 
+    /// Makes every worker return its job at once when `force` is cancelled (a second signal),
+    /// instead of letting it run out the drain period.
+    pub fn force_on(&mut self, force: &CancellationToken) {
+        for w in &mut self.workers {
+            w.force_on(force.clone());
+        }
+    }
+
     /// The workers, e.g. to read their capabilities.
     pub fn workers(&self) -> &[Worker] {
         &self.workers
@@ -167,7 +175,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let workers = Workers::build(config, probe, plan, env)?;
-    let Some(broker) = connect_broker(config, &shutdown).await else {
+    let Some(broker) = connect_broker(config, &shutdown, &|_| {}).await else {
         return Ok(());
     };
     workers
@@ -185,8 +193,13 @@ pub fn broker_options(config: &Config) -> crate::matcher::BrokerOptions {
 
 /// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
 /// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
-/// when `shutdown` comes first.
-pub async fn connect_broker(config: &Config, shutdown: &CancellationToken) -> Option<Broker> {
+/// when `shutdown` comes first. Each failure is logged with its whole cause chain and passed to
+/// `failed` (for the status page).
+pub async fn connect_broker(
+    config: &Config,
+    shutdown: &CancellationToken,
+    failed: &(dyn Fn(&str) + Sync),
+) -> Option<Broker> {
     let url = config.broker_url();
     let opts = broker_options(config);
     let mut delay = std::time::Duration::from_millis(50);
@@ -199,7 +212,9 @@ pub async fn connect_broker(config: &Config, shutdown: &CancellationToken) -> Op
         match attempt.await {
             Ok(b) => return Some(b),
             Err(e) => {
-                tracing::warn!(redis = %url.masked(), error = %e, ?delay, "failed to set up the broker; retrying");
+                let error = crate::logging::error_chain(&e);
+                tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                failed(&error);
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}

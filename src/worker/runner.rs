@@ -168,6 +168,8 @@ pub struct Worker {
     ready: Vec<watch::Receiver<bool>>,
     status: Arc<watch::Sender<WorkerStatus>>,
     reports: Option<broadcast::Sender<JobReport>>,
+    /// Cancelled by a second signal: a running job is returned at once, without the drain.
+    force: CancellationToken,
 }
 
 /// Aborts a spawned task when dropped, so no task outlives the job it belongs to.
@@ -204,6 +206,7 @@ impl Worker {
             ready: Vec::new(),
             status: Arc::new(status),
             reports: None,
+            force: CancellationToken::new(),
         }
     }
 
@@ -221,6 +224,11 @@ impl Worker {
     /// claims only while all are `true`.
     pub fn wait_for(&mut self, ready: Vec<watch::Receiver<bool>>) {
         self.ready = ready;
+    }
+
+    /// Returns a running job at once when `force` is cancelled (after `shutdown`).
+    pub fn force_on(&mut self, force: CancellationToken) {
+        self.force = force;
     }
 
     /// Publishes a [`JobReport`] for each finished job on `reports`.
@@ -487,6 +495,11 @@ impl Worker {
                     drain = Some(Box::pin(tokio::time::sleep(self.settings.drain)));
                 }
                 () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() && stop.is_none() => {
+                    stop = Some(Stop::Shutdown);
+                    job_cancel.cancel();
+                }
+                () = self.force.cancelled(), if stop.is_none() => {
+                    tracing::info!(job_id = %claimed.id, "forced shutdown: returning the job now");
                     stop = Some(Stop::Shutdown);
                     job_cancel.cancel();
                 }

@@ -6,6 +6,7 @@ mod config_check;
 mod connectors;
 mod e2e;
 mod gpus;
+mod hardening;
 mod health;
 mod installers;
 mod matcher;
