@@ -200,11 +200,13 @@ fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
 /// Loads the configuration, printing every problem when it is invalid.
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     config::load(path, &ProcessEnv).map_err(|e| {
-        eprintln!("machine: {e}");
-        print_warnings();
-        if let ConfigError::Read { source, .. } = &e {
-            eprintln!("  caused by: {source}");
+        // A read error has its cause; invalid configuration lists its problems on lines of
+        // their own.
+        match &e {
+            ConfigError::Read { .. } => eprintln!("machine: {}", crate::logging::error_chain(&e)),
+            ConfigError::Invalid(_) => eprintln!("machine: {e}"),
         }
+        print_warnings();
         ExitCode::from(EXIT_INVALID)
     })
 }

@@ -232,14 +232,7 @@ impl ConnectorError {
 
     /// The error and its sources as one line, for the job's `error` field.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut cur = std::error::Error::source(self);
-        while let Some(e) = cur {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            cur = e.source();
-        }
-        out
+        crate::logging::error_chain(self)
     }
 }
 

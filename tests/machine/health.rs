@@ -35,6 +35,7 @@ fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
         .env("MACHINE_HEALTH_PORT", port.to_string())
         .env("MACHINE_WORKSPACE", ws.path())
         .env("HUB_REDIS_URL", redis.url())
+        .env("MACHINE_READ_TOKEN", READ_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if let Some(t) = token {
@@ -49,8 +50,16 @@ fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
     Running { child, port, _ws: ws }
 }
 
+/// The read token every machine of these tests has; `/logs` needs it.
+const READ_TOKEN: &str = "read-token";
+
 async fn get(port: u16, path: &str) -> (u16, String) {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth(READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
