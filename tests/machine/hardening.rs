@@ -341,6 +341,42 @@ async fn a_wrong_redis_password_shows_its_cause_on_status() {
     assert!(names_the_cause(&stdout), "{stdout}");
 }
 
+/// Polls `/status` until `redis.last_error` is set and returns it.
+async fn last_redis_error(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/status")).await {
+            let doc: serde_json::Value = r.json().await.unwrap_or_default();
+            if let Some(e) = doc["redis"]["last_error"].as_str() {
+                return e.to_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "no redis.last_error on /status");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_connection_and_a_missing_database_say_so_on_status() {
+    let redis = testkit::RedisServer::start();
+    let closed = testkit::free_port();
+    for (url, cause) in [
+        (format!("redis://127.0.0.1:{closed}"), "connection refused"),
+        (
+            format!("{}/99", redis.url().trim_end_matches('/')),
+            "db index is out of range",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = start(dir.path(), "", &[("HUB_REDIS_URL", &url)], &[]);
+        m.wait_for_port();
+        let error = last_redis_error(m.port).await;
+        assert!(error.to_lowercase().contains(cause), "{url}: {error}");
+        let (code, _) = get(m.port, "/health", None).await;
+        assert_eq!(code, 200, "the machine runs on and retries");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_returns_the_job_and_exits_within_a_second() {
     let redis = testkit::RedisServer::start();
