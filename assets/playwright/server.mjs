@@ -183,6 +183,15 @@ const P5_PAGE = `<!doctype html><html><head><meta charset="utf-8">
 <script src="${ORIGIN}/p5.min.js"></script><script src="${ORIGIN}/sketch.js"></script>
 </head><body></body></html>`;
 
+// Rejects once the client has hung up.
+function clientGone(aborted) {
+  return new Promise((_, reject) => {
+    const gone = () => reject(new HttpError(499, 'client_closed', 'the client went away'));
+    if (aborted.aborted) gone();
+    else aborted.addEventListener('abort', gone, { once: true });
+  });
+}
+
 async function render(job, aborted) {
   const b = await getBrowser().catch((e) => {
     throw new HttpError(503, 'browser_unavailable', `failed to launch the browser: ${e.message}`);
@@ -329,7 +338,12 @@ const server = http.createServer(async (req, res) => {
       const started = Date.now();
       try {
         if (hangup.signal.aborted) throw new HttpError(499, 'client_closed', 'the client went away');
-        const png = await renderOnce(job, hangup.signal);
+        // Closing the context on a hang-up does not end every Playwright call it interrupts (a
+        // `setContent` or a `waitForTimeout` can run on to its own end), so the slot is freed as
+        // soon as the client is gone rather than when the abandoned render settles.
+        const rendering = renderOnce(job, hangup.signal);
+        rendering.catch(() => {});
+        const png = await Promise.race([rendering, clientGone(hangup.signal)]);
         log(`${job.kind} ${job.width}x${job.height}@${job.scale} rendered in ${Date.now() - started} ms`);
         return send(res, 200, png, 'image/png');
       } finally {
