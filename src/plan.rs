@@ -133,13 +133,20 @@ impl Plan {
         for r in config.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
             let count = r.count.map_or(1, |n| n.get());
             for n in 1..=count {
-                workers.push(worker(
+                let mut w = worker(
                     format!("{id}-{}-{n}", r.kind),
                     None,
                     WorkerKind::External,
                     vec![r.kind],
                     Vec::new(),
-                ));
+                );
+                // Replicate model-family aliases are services of their own: a job of
+                // `replicate:<alias>` runs the model the alias names.
+                if r.kind == ConnectorKind::Replicate {
+                    w.job_services
+                        .extend(config.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
+                }
+                workers.push(w);
             }
         }
 
