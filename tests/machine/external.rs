@@ -361,13 +361,20 @@ async fn external_runpod_jobs_run_sync_and_async_and_cancel() {
 }
 
 fn limited_openai(fake: &FakeOpenai, limits: &str, broker: &Broker) -> Arc<dyn Connector> {
+    limited_openai_with(fake, limits, broker).0
+}
+
+fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc<dyn Connector>, Arc<Limiter>) {
     let c = config(&format!(
         "[connectors.openai]\nbase_url = \"{}\"\nbackoff_initial = \"20ms\"\n[connectors.openai.limits]\n{limits}\n[connectors.openai.prices]\nper_1k_input_tokens = 1.0\nper_1k_output_tokens = 2.0\n",
         fake.base_url()
     ));
     let limiter = Arc::new(Limiter::new("openai", c.openai.limits.clone()));
     limiter.attach(broker.clone());
-    Arc::new(OpenaiConnector::new(c.openai, None).with_limiter(limiter))
+    (
+        Arc::new(OpenaiConnector::new(c.openai, None).with_limiter(limiter.clone())),
+        limiter,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,7 +432,7 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
     within(async {
         let fake = FakeOpenai::start(None);
         let mut rig = Rig::start(1).await;
-        let c = limited_openai(
+        let (c, limiter) = limited_openai_with(
             &fake,
             "daily_requests = 2\nzone = \"Europe/Paris\"\n[connectors.openai.limits.customer]\ndaily_requests = 1",
             rig.broker(),
@@ -489,6 +496,15 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
             "no request beyond the daily quota reached the API"
         );
         assert_eq!(rig.job(&waiting).await["status"], "pending");
+        // What /status, /metrics and the fleet status show, read from Redis.
+        let usage = limiter.usage().await.expect("usage");
+        assert_eq!(
+            (usage.requests, usage.tokens, usage.daily_requests),
+            (2, (3 + 4) + (2 + 3), Some(2)),
+            "{usage:?}"
+        );
+        let stats = limiter.stats();
+        assert_eq!((stats.admitted, stats.quota_refusals), (2, 2), "{stats:?}");
 
         // The reason is what `machine jobs show` prints.
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_machine"))
