@@ -787,6 +787,77 @@ mod tests {
         assert!(ConnectorKind::Comfyui.gpu_bound() && !ConnectorKind::Openai.gpu_bound());
     }
 
+    fn load(file: &str, env: &[(&str, &str)]) -> Result<super::super::Config, Vec<String>> {
+        let env: BTreeMap<&str, &str> = env.iter().copied().collect();
+        super::super::load_str(Some(("f.toml", file)), &env)
+            .map_err(|e| e.problems().iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn limits_and_prices_are_validated_with_their_keys() {
+        let c = load(
+            "[connectors.openai.limits]\nrequests_per_minute = 300\nburst = 3\ndaily_tokens = 1000\nreset_hour = 6\nzone = \"Asia/Tokyo\"\n[connectors.openai.limits.customer]\nrequests_per_second = 1\n[connectors.runpod.prices]\nper_second = 0.0004\n",
+            &[],
+        )
+        .unwrap();
+        let l = &c.openai.limits;
+        assert_eq!(
+            l.api.rate,
+            Some(Rate {
+                per_second: 5.0,
+                burst: 3
+            })
+        );
+        assert_eq!(
+            (l.api.daily_tokens, l.reset_hour, l.zone.as_str()),
+            (Some(1000), 6, "Asia/Tokyo")
+        );
+        assert_eq!(l.customer.as_ref().and_then(|c| c.rate).map(|r| r.burst), Some(1));
+        assert!(c.replicate.limits.is_unlimited() && !l.is_unlimited());
+        assert_eq!(c.runpod.prices.per_second, 0.0004);
+        let problems = load(
+            "[connectors.openai.limits]\nrequests_per_second = 1\nrequests_per_minute = 60\ndaily_requests = 0\nreset_hour = 24\nzone = \"Mars/Olympus\"\n[connectors.replicate.limits.customer]\nrequests_per_second = -1\n[connectors.replicate.aliases]\nflux = \"not a model\"\n[connectors.runpod]\nendpoint_id = \"a/b\"\n[connectors.runpod.prices]\nper_request = -1\n",
+            &[],
+        )
+        .unwrap_err();
+        let want = [
+            "connectors.openai.limits.requests_per_minute",
+            "connectors.openai.limits.daily_requests",
+            "connectors.openai.limits.reset_hour",
+            "connectors.openai.limits.zone",
+            "connectors.replicate.aliases.flux",
+            "connectors.replicate.limits.customer.requests_per_second",
+            "connectors.runpod.endpoint_id",
+            "connectors.runpod.prices.per_request",
+        ];
+        for key in want {
+            assert!(
+                problems.iter().any(|p| p.starts_with(&format!("{key}:"))),
+                "{key} not in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), want.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn external_connectors_need_their_keys() {
+        let problems = load("", &[("WORKER_CONNECTORS", "replicate,runpod")]).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].starts_with("REPLICATE_API_TOKEN: the replicate connector"));
+        assert!(problems[1].starts_with("RUNPOD_API_KEY: the runpod connector"));
+        let c = load(
+            "",
+            &[
+                ("WORKER_CONNECTORS", "replicate:2,runpod"),
+                ("REPLICATE_API_TOKEN", "r8_x"),
+                ("RUNPOD_API_KEY", "rp_x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.connectors.to_string(), "replicate:2,runpod");
+        assert!(ConnectorKind::Replicate.external_api() && !ConnectorKind::Replicate.gpu_bound());
+    }
+
     fn arb_list() -> impl Strategy<Value = ConnectorList> {
         proptest::sample::subsequence(ConnectorKind::ALL.to_vec(), 1..=7)
             .prop_flat_map(|kinds| {
