@@ -483,6 +483,29 @@ mod tests {
     }
 
     #[test]
+    fn replicate_aliases_are_services_of_its_workers() {
+        let env: BTreeMap<&str, &str> = [
+            ("MACHINE_ID", "m1"),
+            ("HUB_REDIS_URL", "redis://hub:6379"),
+            ("WORKER_CONNECTORS", "replicate:2,runpod"),
+            ("REPLICATE_API_TOKEN", "r8"),
+            ("RUNPOD_API_KEY", "rp"),
+        ]
+        .into_iter()
+        .collect();
+        let file = "[connectors.replicate.aliases]\nflux = \"bfl/flux-schnell\"\nsdxl = \"stability/sdxl:abc\"\n";
+        let config = crate::config::load_str(Some(("f.toml", file)), &env).unwrap();
+        let p = Plan::build(&config, &probe(1)).unwrap();
+        assert_eq!(ids(&p), ["m1-replicate-1", "m1-replicate-2", "m1-runpod-1"]);
+        assert_eq!(
+            p.workers[1].job_services,
+            ["replicate", "replicate:flux", "replicate:sdxl"]
+        );
+        assert_eq!(p.workers[2].job_services, ["runpod"]);
+        assert!(p.workers.iter().all(|w| w.kind == WorkerKind::External));
+    }
+
+    #[test]
     fn two_gpus_comfyui_and_openai() {
         let p = plan(
             2,

@@ -137,6 +137,23 @@ impl Rig {
         record["data"].clone()
     }
 
+    /// The `progress` values reported with `message`, from the job's progress stream.
+    async fn progress(&self, id: &str, message: &str) -> Vec<f64> {
+        let mut conn = redis::Client::open(self.server.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let entries: redis::streams::StreamRangeReply =
+            conn.xrange_all(format!("progress:{id}")).await.expect("XRANGE");
+        entries
+            .ids
+            .iter()
+            .filter(|e| e.get::<String>("message").as_deref() == Some(message))
+            .filter_map(|e| e.get::<String>("progress")?.parse().ok())
+            .collect()
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         for w in self.workers {
@@ -213,6 +230,11 @@ async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
         assert!((billing.predict_seconds - 0.4).abs() < 1e-6, "{billing:?}");
         assert!((billing.cost - 0.2).abs() < 1e-6, "0.4 s at 0.5 USD/s: {billing:?}");
         assert_eq!(fake.streams(), 1, "the prediction was followed through urls.stream");
+        let reported = rig.progress(&id, "running on Replicate").await;
+        assert!(
+            reported.iter().any(|p| *p >= 10.0 && *p < 100.0),
+            "progress from the logs' percentages reached Redis: {reported:?}"
+        );
         let polls_after_stream = fake.polls();
         assert!(
             polls_after_stream <= 2,
