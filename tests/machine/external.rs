@@ -546,3 +546,36 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
+    within(async {
+        let fake = FakeRunpod::start(Some("rp-right"));
+        let c = config(&format!(
+            "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
+            fake.base_url()
+        ));
+        let connector = RunpodConnector::new(c.runpod, Some("rp-wrong".into()));
+        let job = machine::connectors::Job {
+            id: "j1".into(),
+            service_required: "runpod".into(),
+            payload: json!({"input": {"prompt": "x"}}),
+            customer_id: String::new(),
+            ctx: Value::Null,
+            timeout: None,
+        };
+        let (sink, _rx) = machine::connectors::ProgressSink::new();
+        let err = connector
+            .run(&job, &sink, &CancellationToken::new())
+            .await
+            .expect_err("a wrong key is refused");
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(
+            err.chain().contains("HTTP 401") && err.chain().contains("Unauthorized"),
+            "{}",
+            err.chain()
+        );
+        assert_eq!(fake.runs().len(), 1, "a 4xx is not retried");
+    })
+    .await;
+}
