@@ -57,6 +57,7 @@ async fn main() {
             id: format!("baseline-{i}"),
             service_required: "comfyui".into(),
             payload: workflow(),
+            customer_id: String::new(),
             ctx: serde_json::Value::Null,
             timeout: None,
         };

@@ -237,6 +237,7 @@ async fn run_services_and_workers(
     let mut feeds = Vec::new();
     let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
     feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
+    feeds.push(spawn_limits_feed(state, workers.limiters(), feeds_stop.clone()));
 
     let workers_stop = CancellationToken::new();
     let fleet_stop = CancellationToken::new();
@@ -378,6 +379,36 @@ fn readiness(
     readiness
 }
 
+/// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
+/// the metrics, `/status` and the fleet status.
+fn spawn_limits_feed(
+    state: &Arc<HealthState>,
+    limiters: Vec<Arc<crate::connectors::limits::Limiter>>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        if limiters.is_empty() {
+            return;
+        }
+        loop {
+            for limiter in &limiters {
+                let usage = limiter.usage().await.ok();
+                let stats = limiter.stats();
+                state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);
+                state.set_external_api(
+                    limiter.api(),
+                    serde_json::json!({ "today": usage, "this_machine": stats }),
+                );
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
 /// Records every finished job in the metrics.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
@@ -408,6 +439,9 @@ fn spawn_metrics_feed(
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());
+            if let Some(billing) = &report.billing {
+                metrics.billing(billing);
+            }
         }
     })
 }

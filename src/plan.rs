@@ -133,13 +133,20 @@ impl Plan {
         for r in config.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
             let count = r.count.map_or(1, |n| n.get());
             for n in 1..=count {
-                workers.push(worker(
+                let mut w = worker(
                     format!("{id}-{}-{n}", r.kind),
                     None,
                     WorkerKind::External,
                     vec![r.kind],
                     Vec::new(),
-                ));
+                );
+                // Replicate model-family aliases are services of their own: a job of
+                // `replicate:<alias>` runs the model the alias names.
+                if r.kind == ConnectorKind::Replicate {
+                    w.job_services
+                        .extend(config.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
+                }
+                workers.push(w);
             }
         }
 
@@ -475,6 +482,29 @@ mod tests {
 
     fn ids(p: &Plan) -> Vec<&str> {
         p.workers.iter().map(|w| w.id.as_str()).collect()
+    }
+
+    #[test]
+    fn replicate_aliases_are_services_of_its_workers() {
+        let env: BTreeMap<&str, &str> = [
+            ("MACHINE_ID", "m1"),
+            ("HUB_REDIS_URL", "redis://hub:6379"),
+            ("WORKER_CONNECTORS", "replicate:2,runpod"),
+            ("REPLICATE_API_TOKEN", "r8"),
+            ("RUNPOD_API_KEY", "rp"),
+        ]
+        .into_iter()
+        .collect();
+        let file = "[connectors.replicate.aliases]\nflux = \"bfl/flux-schnell\"\nsdxl = \"stability/sdxl:abc\"\n";
+        let config = crate::config::load_str(Some(("f.toml", file)), &env).unwrap();
+        let p = Plan::build(&config, &probe(1)).unwrap();
+        assert_eq!(ids(&p), ["m1-replicate-1", "m1-replicate-2", "m1-runpod-1"]);
+        assert_eq!(
+            p.workers[1].job_services,
+            ["replicate", "replicate:flux", "replicate:sdxl"]
+        );
+        assert_eq!(p.workers[2].job_services, ["runpod"]);
+        assert!(p.workers.iter().all(|w| w.kind == WorkerKind::External));
     }
 
     #[test]

@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
+pub use connectors::{
+    Budget, ConnectorKind, ConnectorList, ConnectorRequest, Limits, Prices, Rate, ReplicateConfig, RunpodConfig,
+    parse_model_ref, valid_endpoint_id,
+};
 pub use env::{Env, ProcessEnv};
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
 pub use worker::{CustomerAccess, OpenaiConfig, SimulationConfig, WorkerConfig};
@@ -74,6 +77,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The OpenAI-compatible API of the `openai` connector.
     pub openai: OpenaiConfig,
+    /// Replicate, for the `replicate` connector.
+    pub replicate: ReplicateConfig,
+    /// RunPod serverless endpoints, for the `runpod` connector.
+    pub runpod: RunpodConfig,
     /// The simulation connector's defaults.
     pub simulation: SimulationConfig,
     /// Things that are not wrong enough to refuse, such as unknown `MACHINE_*` variables; the
@@ -906,17 +913,24 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     }
     let worker = worker::validate_worker(raw.worker, &workspace, problems);
     let openai = worker::validate_openai(c.openai, problems);
+    let replicate = connectors::validate_replicate(c.replicate, problems);
+    let runpod = connectors::validate_runpod(c.runpod, problems);
     // External connectors need their credentials; a missing key is found now, not at the first
     // job, and the problem names the variable to set.
-    if connectors.get(ConnectorKind::Openai).is_some()
-        && !openai.api_key_env.is_empty()
-        && env.var(&openai.api_key_env).is_none_or(|v| v.trim().is_empty())
-    {
-        problems.push(Problem {
-            key: openai.api_key_env.clone(),
-            message: "the openai connector is listed in WORKER_CONNECTORS but its API key variable is not set"
-                .to_owned(),
-        });
+    for (kind, key_env) in [
+        (ConnectorKind::Openai, &openai.api_key_env),
+        (ConnectorKind::Replicate, &replicate.api_key_env),
+        (ConnectorKind::Runpod, &runpod.api_key_env),
+    ] {
+        if connectors.get(kind).is_some() && !key_env.is_empty() && env.var(key_env).is_none_or(|v| v.trim().is_empty())
+        {
+            problems.push(Problem {
+                key: key_env.clone(),
+                message: format!(
+                    "the {kind} connector is listed in WORKER_CONNECTORS but its API key variable is not set"
+                ),
+            });
+        }
     }
     let simulation = worker::validate_simulation(c.simulation, problems);
 
@@ -945,6 +959,8 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         },
         worker,
         openai,
+        replicate,
+        runpod,
         simulation,
         warnings: Vec::new(),
     }

@@ -125,6 +125,8 @@ pub(crate) struct RawConnectors {
     pub a1111: RawA1111,
     pub playwright: RawPlaywright,
     pub openai: super::worker::RawOpenai,
+    pub replicate: super::connectors::RawReplicate,
+    pub runpod: super::connectors::RawRunpod,
     pub simulation: super::worker::RawSimulation,
 }
 

@@ -48,6 +48,10 @@ pub(crate) struct RawOpenai {
     pub backoff_initial: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    #[serde(default)]
+    pub limits: super::connectors::RawLimits,
+    #[serde(default)]
+    pub prices: super::connectors::RawPrices,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +118,10 @@ pub struct OpenaiConfig {
     /// Longest retry delay, `Retry-After` included.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Fleet-wide limits (`[connectors.openai.limits]`).
+    pub limits: super::Limits,
+    /// Prices (`[connectors.openai.prices]`).
+    pub prices: super::Prices,
 }
 
 /// The simulation connector's defaults (a job's payload may override each).
@@ -192,33 +200,18 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
 }
 
 pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> OpenaiConfig {
-    match url::Url::parse(raw.base_url.trim()) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-        _ => problems.push(Problem {
-            key: "connectors.openai.base_url".to_owned(),
-            message: format!("`{}` is not an http(s) URL", raw.base_url),
-        }),
-    }
-    if raw.api_key_env.trim().is_empty() {
-        problems.push(Problem {
-            key: "connectors.openai.api_key_env".to_owned(),
-            message: "must name an environment variable".to_owned(),
-        });
-    }
-    if raw.max_attempts == 0 {
-        problems.push(Problem {
-            key: "connectors.openai.max_attempts".to_owned(),
-            message: "must be at least 1".to_owned(),
-        });
-    }
+    let base_url =
+        super::connectors::validate_api("openai", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
     OpenaiConfig {
-        base_url: raw.base_url.trim().trim_end_matches('/').to_owned(),
+        base_url,
         api_key_env: raw.api_key_env.trim().to_owned(),
         text_model: raw.text_model,
         image_model: raw.image_model,
         max_attempts: raw.max_attempts,
         backoff_initial: raw.backoff_initial,
         backoff_max: raw.backoff_max,
+        limits: super::connectors::validate_limits("openai", raw.limits, problems),
+        prices: super::connectors::validate_prices("openai", raw.prices, problems),
     }
 }
 

@@ -1,12 +1,15 @@
 //! HTTP plumbing shared by the connectors: one client configuration, how a status code is
-//! classified, `Retry-After`, and the retry backoff as a pure function.
+//! classified, `Retry-After`, the retry backoff as a pure function, and [`send_retrying`], the
+//! request loop of the external API connectors (limiter, retries, `Retry-After`, timeouts).
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
+use tokio_util::sync::CancellationToken;
 
-use super::ConnectorError;
+use super::limits::Limiter;
+use super::{ConnectorError, or_cancelled};
 
 /// The HTTP client connectors use: short connect timeout (a dead local service is noticed at
 /// once), no overall timeout (jobs may legitimately run for many minutes; the worker's job
@@ -54,19 +57,96 @@ pub(crate) fn snippet(body: &str) -> String {
     }
 }
 
-/// The delay a server asked for: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds.
-/// (The HTTP-date form is not used by the APIs we call and falls back to our own backoff.)
+/// The delay a server asked for: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds or
+/// as an HTTP date (a date in the past means now).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    retry_after_at(headers, jiff::Timestamp::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: jiff::Timestamp) -> Option<Duration> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
         }
     }
-    get("retry-after")
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+    let value = get("retry-after")?;
+    if let Ok(s) = value.parse::<f64>() {
+        return (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)));
+    }
+    // The HTTP-date form (RFC 9110 IMF-fixdate) is an RFC 2822 date with the `GMT` zone.
+    let at = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(value).ok()?;
+    let wait = now.duration_until(at);
+    Some(
+        Duration::try_from(wait)
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(86_400)),
+    )
+}
+
+/// How [`send_retrying`] sends one logical request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retrying<'a> {
+    /// What the request does, for errors (`create a prediction`).
+    pub what: &'a str,
+    /// Attempts on 408/429/5xx and connection failures (at least 1).
+    pub attempts: u32,
+    /// Delays between attempts (a server's `Retry-After` wins, capped by `max`).
+    pub backoff: Backoff,
+    /// The limit of one attempt.
+    pub timeout: Option<Duration>,
+    /// The fleet-wide limiter each attempt passes first, with the job's customer.
+    pub limiter: Option<(&'a Limiter, &'a str)>,
+}
+
+/// Sends the request `build` makes until it succeeds, retrying what may succeed later (408,
+/// 429, 5xx, no answer) with the backoff and the server's `Retry-After`, each attempt admitted
+/// by the limiter first. A 4xx input error fails at once, as `Rejected` with the API's message
+/// (`message` extracts it from the body). Counts the attempts sent in `sent`.
+pub(crate) async fn send_retrying(
+    build: impl Fn() -> reqwest::RequestBuilder,
+    how: Retrying<'_>,
+    message: fn(&str) -> String,
+    sent: &mut u64,
+    cancel: &CancellationToken,
+) -> Result<reqwest::Response, ConnectorError> {
+    let mut retry = 0;
+    loop {
+        if let Some((limiter, customer)) = how.limiter {
+            limiter.acquire(customer, cancel).await?;
+        }
+        *sent += 1;
+        let mut req = build();
+        if let Some(t) = how.timeout {
+            req = req.timeout(t);
+        }
+        let answer = or_cancelled(cancel, async { req.send().await.map_err(|e| send_error(how.what, e)) }).await;
+        let (err, asked) = match answer {
+            Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
+            Err(e) => (e, None),
+            Ok(resp) if resp.status().is_success() => return Ok(resp),
+            Ok(resp) => {
+                let status = resp.status();
+                let asked = retry_after(resp.headers());
+                let text = or_cancelled(cancel, async { Ok(resp.text().await.unwrap_or_default()) }).await?;
+                let err = status_error(how.what, status, &message(&text));
+                if !retryable_status(status) {
+                    return Err(err);
+                }
+                (err, asked)
+            }
+        };
+        if retry + 1 >= how.attempts.max(1) {
+            return Err(err);
+        }
+        let delay = how.backoff.delay(retry, asked);
+        tracing::info!(error = %err.chain(), ?delay, "API request will be retried");
+        tokio::select! {
+            () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
+            () = tokio::time::sleep(delay) => {}
+        }
+        retry += 1;
+    }
 }
 
 /// Exponential retry backoff as data.
@@ -105,6 +185,10 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
         h.clear();
         h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        let now: jiff::Timestamp = "2015-10-21T07:27:57.5Z".parse().unwrap();
+        assert_eq!(retry_after_at(&h, now), Some(Duration::from_millis(2500)));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
+        h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }
 

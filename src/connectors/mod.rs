@@ -7,12 +7,19 @@
 //! [`Artifact`]s) or a classified [`ConnectorError`]. Connectors never write to Redis and never
 //! store artifacts themselves: the worker stores artifacts through [`store::OutputStore`] so that
 //! only URLs reach Redis.
+//!
+//! The external API connectors (OpenAI, Replicate, RunPod) also go through the fleet-wide
+//! [`limits::Limiter`] before each request, and put a [`Billing`] (usage and cost from the
+//! configured price table) in their result under `billing`.
 
 pub mod a1111;
 pub mod comfyui;
 mod http;
+pub mod limits;
 pub mod openai;
 pub mod playwright;
+pub mod replicate;
+pub mod runpod;
 pub mod simulation;
 pub mod store;
 
@@ -21,11 +28,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConnectorKind;
+use crate::config::{ConnectorKind, Prices};
 
 /// One job as a connector sees it: what to run and where its outputs go.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +43,8 @@ pub struct Job {
     pub service_required: String,
     /// The job's `payload`, parsed.
     pub payload: serde_json::Value,
+    /// The job's `customer_id` (empty: none); external APIs limit and bill per customer.
+    pub customer_id: String,
     /// The job's `ctx` (storage destination, prefix, file name), parsed; `Null` when absent.
     pub ctx: serde_json::Value,
     /// The time the job may take, when the job or the configuration says.
@@ -185,6 +194,19 @@ pub enum ConnectorError {
     /// The job ran longer than allowed.
     #[error("the job timed out after {0:?}")]
     Timeout(Duration),
+    /// A daily quota of an external API (or of the job's customer on it) is used up. The
+    /// worker returns the job to the queue with `reason` instead of failing it.
+    #[error("{reason}")]
+    QuotaReached {
+        /// The API.
+        api: String,
+        /// The customer whose own quota is used up; `None` when the API's quota is.
+        customer: Option<String>,
+        /// Why, for people (shown in `machine jobs show`).
+        reason: String,
+        /// Time until the quota day ends.
+        resets_in: Duration,
+    },
     /// An output could not be stored.
     #[error("failed to store output `{name}`")]
     Storage {
@@ -201,7 +223,9 @@ impl ConnectorError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
-            ConnectorError::Unavailable { .. } | ConnectorError::Storage { .. } => ErrorClass::Retryable,
+            ConnectorError::Unavailable { .. }
+            | ConnectorError::Storage { .. }
+            | ConnectorError::QuotaReached { .. } => ErrorClass::Retryable,
             ConnectorError::Failed { retryable, .. } => {
                 if *retryable {
                     ErrorClass::Retryable
@@ -233,6 +257,55 @@ impl ConnectorError {
     /// The error and its sources as one line, for the job's `error` field.
     pub fn chain(&self) -> String {
         crate::logging::error_chain(self)
+    }
+}
+
+/// What one external job used and cost, recorded in its result under `billing` and counted in
+/// the machine's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Billing {
+    /// The connector (`openai`, `replicate`, `runpod`).
+    pub connector: String,
+    /// The job's customer (empty: none).
+    pub customer: String,
+    /// Requests that created work at the API (retries included).
+    pub requests: u64,
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// Predict / execution time the API reported, in seconds.
+    pub predict_seconds: f64,
+    /// The cost from the price table.
+    pub cost: f64,
+    /// The price table's currency.
+    pub currency: String,
+}
+
+impl Billing {
+    /// Fills in `cost` and `currency` from `prices`.
+    pub fn priced(mut self, prices: &Prices) -> Billing {
+        self.cost = prices.per_request * self.requests as f64
+            + prices.per_1k_input_tokens * self.input_tokens as f64 / 1000.0
+            + prices.per_1k_output_tokens * self.output_tokens as f64 / 1000.0
+            + prices.per_second * self.predict_seconds;
+        self.currency.clone_from(&prices.currency);
+        self
+    }
+
+    /// The billing recorded in a job's result (`billing`), if any.
+    pub fn from_result(result: &serde_json::Value) -> Option<Billing> {
+        serde_json::from_value(result.get("billing")?.clone()).ok()
+    }
+
+    /// Adds this billing to a result object under `billing`.
+    pub fn attach(&self, data: &mut serde_json::Value) {
+        if let serde_json::Value::Object(map) = data {
+            map.insert(
+                "billing".to_owned(),
+                serde_json::to_value(self).expect("billing is plain data"),
+            );
+        }
     }
 }
 
@@ -302,5 +375,31 @@ mod tests {
         assert!(ConnectorError::Timeout(Duration::from_secs(1)).is_retryable());
         let e = ConnectorError::unavailable("connect", std::io::Error::other("refused"));
         assert_eq!(e.chain(), "failed to reach the service: connect: refused");
+    }
+
+    #[test]
+    fn billing_is_priced_and_round_trips_through_a_result() {
+        let prices = Prices {
+            per_request: 0.01,
+            per_1k_input_tokens: 0.5,
+            per_1k_output_tokens: 1.5,
+            per_second: 0.002,
+            currency: "EUR".into(),
+        };
+        let b = Billing {
+            connector: "openai".into(),
+            requests: 2,
+            input_tokens: 1000,
+            output_tokens: 2000,
+            predict_seconds: 10.0,
+            ..Billing::default()
+        }
+        .priced(&prices);
+        assert!((b.cost - (0.02 + 0.5 + 3.0 + 0.02)).abs() < 1e-9, "{}", b.cost);
+        assert_eq!(b.currency, "EUR");
+        let mut data = serde_json::json!({"text": "hi"});
+        b.attach(&mut data);
+        assert_eq!(Billing::from_result(&data), Some(b));
+        assert_eq!(Billing::from_result(&serde_json::json!({})), None);
     }
 }

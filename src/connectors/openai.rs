@@ -14,7 +14,13 @@
 //! 429, 408, 5xx and connection failures are retried with exponential backoff, honouring
 //! `Retry-After` (capped); other 4xx fail without retry with the API's error message.
 //! Cancellation drops the request in flight.
+//!
+//! Every attempt first passes the fleet-wide [`Limiter`] when limits are configured. The
+//! result carries a `billing` record: the attempts, the tokens the API reported (streamed chats
+//! ask for `stream_options.include_usage`) and the cost from `[connectors.openai.prices]`; the
+//! tokens also count against a `daily_tokens` quota.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -25,8 +31,11 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff};
+use super::limits::Limiter;
 use super::simulation::json_kind;
-use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
+use super::{
+    Artifact, ArtifactBody, Billing, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled,
+};
 use crate::config::{ConnectorKind, OpenaiConfig};
 
 /// Runs jobs against an OpenAI-compatible API.
@@ -35,6 +44,7 @@ pub struct OpenaiConnector {
     config: OpenaiConfig,
     api_key: Option<String>,
     client: reqwest::Client,
+    limiter: Option<Arc<Limiter>>,
 }
 
 impl std::fmt::Debug for OpenaiConnector {
@@ -54,7 +64,14 @@ impl OpenaiConnector {
             config,
             api_key: api_key.filter(|k| !k.trim().is_empty()),
             client: http::client(),
+            limiter: None,
         }
+    }
+
+    /// Sends every request through `limiter` first (the fleet-wide limits of this API).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     fn backoff(&self) -> Backoff {
@@ -64,16 +81,22 @@ impl OpenaiConnector {
         }
     }
 
-    /// POSTs `body` to `path`, retrying what may succeed later; returns the successful answer.
+    /// POSTs `body` to `path`, retrying what may succeed later, each attempt admitted by the
+    /// limiter; returns the successful answer and counts the attempts in `billing`.
     async fn post(
         &self,
         path: &str,
         body: &Value,
+        billing: &mut Billing,
         cancel: &CancellationToken,
     ) -> Result<reqwest::Response, ConnectorError> {
         let url = format!("{}{path}", self.config.base_url);
         let mut retry = 0;
         loop {
+            if let Some(limiter) = &self.limiter {
+                limiter.acquire(&billing.customer, cancel).await?;
+            }
+            billing.requests += 1;
             let mut req = self.client.post(&url).json(body);
             if let Some(key) = &self.api_key {
                 req = req.bearer_auth(key);
@@ -116,6 +139,7 @@ impl OpenaiConnector {
     async fn text(
         &self,
         payload: &Value,
+        billing: &mut Billing,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
@@ -124,7 +148,7 @@ impl OpenaiConnector {
             .get("max_completion_tokens")
             .or_else(|| body.get("max_tokens"))
             .and_then(Value::as_u64);
-        let resp = self.post("/chat/completions", &body, cancel).await?;
+        let resp = self.post("/chat/completions", &body, billing, cancel).await?;
         progress.percent(1.0, "streaming");
         let mut stream = resp.bytes_stream();
         let mut sse = SseReader::default();
@@ -165,6 +189,7 @@ impl OpenaiConnector {
                 source: None,
             });
         }
+        add_usage(billing, chat.usage.as_ref());
         Ok(JobOutput {
             data: json!({
                 "text": chat.text,
@@ -180,6 +205,7 @@ impl OpenaiConnector {
         &self,
         path: &str,
         payload: &Value,
+        billing: &mut Billing,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
@@ -197,7 +223,7 @@ impl OpenaiConnector {
             .or_insert_with(|| Value::String(self.config.image_model.clone()));
         let body = Value::Object(body);
         progress.percent(0.0, "image requested");
-        let resp = self.post(path, &body, cancel).await?;
+        let resp = self.post(path, &body, billing, cancel).await?;
         let answer: Value = or_cancelled(cancel, async {
             resp.json()
                 .await
@@ -271,6 +297,7 @@ impl OpenaiConnector {
                 retryable: true,
             });
         }
+        add_usage(billing, answer.get("usage"));
         Ok(JobOutput {
             data: json!({
                 "created": answer.get("created").cloned().unwrap_or(Value::Null),
@@ -281,7 +308,12 @@ impl OpenaiConnector {
         })
     }
 
-    async fn responses(&self, payload: &Value, cancel: &CancellationToken) -> Result<JobOutput, ConnectorError> {
+    async fn responses(
+        &self,
+        payload: &Value,
+        billing: &mut Billing,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
         let Value::Object(obj) = payload else {
             return Err(ConnectorError::BadPayload(format!(
                 "a responses payload is a JSON object, not {}",
@@ -292,13 +324,14 @@ impl OpenaiConnector {
         body.entry("model")
             .or_insert_with(|| Value::String(self.config.text_model.clone()));
         body.insert("stream".to_owned(), Value::Bool(false));
-        let resp = self.post("/responses", &Value::Object(body), cancel).await?;
+        let resp = self.post("/responses", &Value::Object(body), billing, cancel).await?;
         let answer: Value = or_cancelled(cancel, async {
             resp.json()
                 .await
                 .map_err(|e| http::send_error("read the responses answer", e))
         })
         .await?;
+        add_usage(billing, answer.get("usage"));
         Ok(JobOutput {
             data: answer,
             artifacts: Vec::new(),
@@ -311,20 +344,32 @@ impl OpenaiConnector {
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
-        let out = match job.service_required.as_str() {
-            "openai_text" => self.text(&job.payload, progress, cancel).await?,
+        let mut billing = Billing {
+            connector: "openai".to_owned(),
+            customer: job.customer_id.clone(),
+            ..Billing::default()
+        };
+        let b = &mut billing;
+        let mut out = match job.service_required.as_str() {
+            "openai_text" => self.text(&job.payload, b, progress, cancel).await?,
             "openai_image" => {
-                self.image("/images/generations", &job.payload, progress, cancel)
+                self.image("/images/generations", &job.payload, b, progress, cancel)
                     .await?
             }
-            "openai_img2img" => self.image("/images/edits", &job.payload, progress, cancel).await?,
-            "openai_responses" => self.responses(&job.payload, cancel).await?,
+            "openai_img2img" => self.image("/images/edits", &job.payload, b, progress, cancel).await?,
+            "openai_responses" => self.responses(&job.payload, b, cancel).await?,
             other => {
                 return Err(ConnectorError::BadPayload(format!(
                     "the openai connector does not run `{other}` jobs"
                 )));
             }
         };
+        if let Some(limiter) = &self.limiter {
+            limiter
+                .record_tokens(&job.customer_id, billing.input_tokens + billing.output_tokens)
+                .await;
+        }
+        billing.priced(&self.config.prices).attach(&mut out.data);
         Ok(out)
     }
 }
@@ -377,7 +422,19 @@ fn chat_request(payload: &Value, default_model: &str) -> Result<Value, Connector
     body.entry("model")
         .or_insert_with(|| Value::String(default_model.to_owned()));
     body.insert("stream".to_owned(), Value::Bool(true));
+    // Without this a streamed completion reports no usage, and the job could not be billed.
+    body.entry("stream_options")
+        .or_insert_with(|| json!({"include_usage": true}));
     Ok(Value::Object(body))
+}
+
+/// Adds the tokens of an OpenAI `usage` object (chat: `prompt_tokens`/`completion_tokens`;
+/// images and responses: `input_tokens`/`output_tokens`) to `billing`.
+fn add_usage(billing: &mut Billing, usage: Option<&Value>) {
+    let Some(u) = usage else { return };
+    let n = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(Value::as_u64).unwrap_or(0);
+    billing.input_tokens += n("prompt_tokens", "input_tokens");
+    billing.output_tokens += n("completion_tokens", "output_tokens");
 }
 
 /// The `error.message` of an OpenAI error body, or the body.
@@ -388,15 +445,22 @@ fn api_error_message(text: &str) -> String {
         .unwrap_or_else(|| text.to_owned())
 }
 
-/// Splits a server-sent event stream into the `data` of each event, across chunk boundaries.
+/// Splits a server-sent event stream into its events, across chunk boundaries.
 #[derive(Debug, Default)]
-struct SseReader {
+pub(super) struct SseReader {
     buf: Vec<u8>,
+    event: Option<String>,
     data: Vec<String>,
 }
 
 impl SseReader {
-    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+    /// The `data` of each event completed by `chunk`.
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.push_events(chunk).into_iter().map(|(_, data)| data).collect()
+    }
+
+    /// Each event completed by `chunk`: its `event` name (`message` when unnamed) and `data`.
+    pub(super) fn push_events(&mut self, chunk: &[u8]) -> Vec<(String, String)> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
         while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
@@ -404,12 +468,15 @@ impl SseReader {
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\n', '\r']);
             if line.is_empty() {
+                let event = self.event.take().unwrap_or_else(|| "message".to_owned());
                 if !self.data.is_empty() {
-                    events.push(self.data.join("\n"));
+                    events.push((event, self.data.join("\n")));
                     self.data.clear();
                 }
             } else if let Some(rest) = line.strip_prefix("data:") {
                 self.data.push(rest.strip_prefix(' ').unwrap_or(rest).to_owned());
+            } else if let Some(rest) = line.strip_prefix("event:") {
+                self.event = Some(rest.trim().to_owned());
             }
         }
         events

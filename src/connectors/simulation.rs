@@ -192,6 +192,7 @@ mod tests {
             id: "j".into(),
             service_required: "simulation".into(),
             payload,
+            customer_id: String::new(),
             ctx: serde_json::Value::Null,
             timeout: None,
         }

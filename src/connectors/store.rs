@@ -396,6 +396,7 @@ mod tests {
             id: "job-1".into(),
             service_required: "comfyui".into(),
             payload: serde_json::Value::Null,
+            customer_id: String::new(),
             ctx,
             timeout: None,
         }

@@ -167,6 +167,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
             "machine": { "phase": state.phase(), "uptime_ms": state.uptime_ms() },
             "workers": st_workers,
             "services": st_services,
+            "external_apis": state.external_apis(),
         },
         "health_url": health_url,
     })

@@ -1,9 +1,12 @@
 //! Prometheus metrics (`GET /metrics`), through `prometheus-client`.
 //!
 //! Job counters and histograms are recorded by the workers as things happen; service restarts
-//! and GPU readings are set from live state at scrape time, so they are never stale.
+//! and GPU readings are set from live state at scrape time, so they are never stale. External
+//! jobs add their usage and cost (per connector and customer) as they complete, and the
+//! fleet-wide limiters' daily usage is set by a feed that reads it from Redis.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +34,34 @@ struct GpuLabel {
     gpu: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    connector: String,
+    customer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CostLabels {
+    connector: String,
+    customer: String,
+    currency: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    connector: String,
+    customer: String,
+    direction: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    api: String,
+}
+
+type FloatCounter = Counter<f64, AtomicU64>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
 /// The machine's metrics. Cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -48,6 +79,15 @@ struct Inner {
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
+    external_requests: Family<UsageLabels, Counter>,
+    external_tokens: Family<TokenLabels, Counter>,
+    external_predict_seconds: Family<UsageLabels, FloatCounter>,
+    external_cost: Family<CostLabels, FloatCounter>,
+    limit_requests_today: Family<ApiLabel, Gauge>,
+    limit_tokens_today: Family<ApiLabel, Gauge>,
+    limit_waits: Family<ApiLabel, Gauge>,
+    limit_wait_seconds: Family<ApiLabel, FloatGauge>,
+    limit_quota_refusals: Family<ApiLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -96,6 +136,60 @@ impl Metrics {
             "GPU core temperature",
             gpu_temperature.clone(),
         );
+        let external_requests = Family::<UsageLabels, Counter>::default();
+        registry.register(
+            "external_requests",
+            "Requests completed external jobs made to their API, by connector and customer",
+            external_requests.clone(),
+        );
+        let external_tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "external_tokens",
+            "Tokens used by completed external jobs, by connector, customer and direction (input/output)",
+            external_tokens.clone(),
+        );
+        let external_predict_seconds = Family::<UsageLabels, FloatCounter>::default();
+        registry.register(
+            "external_predict_seconds",
+            "Predict / execution time external APIs reported for completed jobs",
+            external_predict_seconds.clone(),
+        );
+        let external_cost = Family::<CostLabels, FloatCounter>::default();
+        registry.register(
+            "external_cost",
+            "Cost of completed external jobs from the configured price tables",
+            external_cost.clone(),
+        );
+        let limit_requests_today = Family::<ApiLabel, Gauge>::default();
+        registry.register(
+            "limit_requests_today",
+            "Requests admitted today by the fleet-wide limiter, fleet-wide",
+            limit_requests_today.clone(),
+        );
+        let limit_tokens_today = Family::<ApiLabel, Gauge>::default();
+        registry.register(
+            "limit_tokens_today",
+            "Tokens recorded today against the fleet-wide quota, fleet-wide",
+            limit_tokens_today.clone(),
+        );
+        let limit_waits = Family::<ApiLabel, Gauge>::default();
+        registry.register(
+            "limit_waits",
+            "Times this machine's requests waited for a fleet-wide rate limit",
+            limit_waits.clone(),
+        );
+        let limit_wait_seconds = Family::<ApiLabel, FloatGauge>::default();
+        registry.register(
+            "limit_wait_seconds",
+            "Time this machine's requests spent waiting for a fleet-wide rate limit",
+            limit_wait_seconds.clone(),
+        );
+        let limit_quota_refusals = Family::<ApiLabel, Gauge>::default();
+        registry.register(
+            "limit_quota_refusals",
+            "Jobs this machine returned to the queue because a daily quota was used up",
+            limit_quota_refusals.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -107,8 +201,79 @@ impl Metrics {
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
+                external_requests,
+                external_tokens,
+                external_predict_seconds,
+                external_cost,
+                limit_requests_today,
+                limit_tokens_today,
+                limit_waits,
+                limit_wait_seconds,
+                limit_quota_refusals,
             }),
         }
+    }
+
+    /// Counts what a completed external job used and cost.
+    pub fn billing(&self, b: &crate::connectors::Billing) {
+        let usage = UsageLabels {
+            connector: b.connector.clone(),
+            customer: b.customer.clone(),
+        };
+        let i = &self.inner;
+        i.external_requests.get_or_create(&usage).inc_by(b.requests);
+        for (direction, n) in [("input", b.input_tokens), ("output", b.output_tokens)] {
+            i.external_tokens
+                .get_or_create(&TokenLabels {
+                    connector: b.connector.clone(),
+                    customer: b.customer.clone(),
+                    direction: direction.to_owned(),
+                })
+                .inc_by(n);
+        }
+        if b.predict_seconds.is_finite() && b.predict_seconds > 0.0 {
+            i.external_predict_seconds
+                .get_or_create(&usage)
+                .inc_by(b.predict_seconds);
+        }
+        if b.cost.is_finite() && b.cost > 0.0 {
+            i.external_cost
+                .get_or_create(&CostLabels {
+                    connector: b.connector.clone(),
+                    customer: b.customer.clone(),
+                    currency: b.currency.clone(),
+                })
+                .inc_by(b.cost);
+        }
+    }
+
+    /// Sets a limiter's figures: today's fleet-wide usage (when Redis answered) and this
+    /// machine's waits and refusals.
+    pub fn set_limiter(
+        &self,
+        api: &str,
+        usage: Option<&crate::connectors::limits::DailyUsage>,
+        stats: crate::connectors::limits::LimiterStats,
+    ) {
+        let label = ApiLabel { api: api.to_owned() };
+        let i = &self.inner;
+        if let Some(u) = usage {
+            i.limit_requests_today
+                .get_or_create(&label)
+                .set(i64::try_from(u.requests).unwrap_or(i64::MAX));
+            i.limit_tokens_today
+                .get_or_create(&label)
+                .set(i64::try_from(u.tokens).unwrap_or(i64::MAX));
+        }
+        i.limit_waits
+            .get_or_create(&label)
+            .set(i64::try_from(stats.waits).unwrap_or(i64::MAX));
+        i.limit_wait_seconds
+            .get_or_create(&label)
+            .set(stats.waited_ms as f64 / 1000.0);
+        i.limit_quota_refusals
+            .get_or_create(&label)
+            .set(i64::try_from(stats.quota_refusals).unwrap_or(i64::MAX));
     }
 
     /// Counts a job event.
@@ -214,5 +379,47 @@ mod tests {
         );
         assert!(text.contains("machine_gpu_utilization_percent{gpu=\"1\"} 87"), "{text}");
         assert!(text.contains("machine_gpu_temperature_celsius{gpu=\"1\"} 61"), "{text}");
+    }
+
+    #[test]
+    fn exposes_external_usage_and_cost() {
+        let m = Metrics::new();
+        let b = crate::connectors::Billing {
+            connector: "openai".into(),
+            customer: "c1".into(),
+            requests: 2,
+            input_tokens: 10,
+            output_tokens: 20,
+            predict_seconds: 0.0,
+            cost: 0.25,
+            currency: "USD".into(),
+        };
+        m.billing(&b);
+        m.billing(&b);
+        m.set_limiter(
+            "openai",
+            Some(&crate::connectors::limits::DailyUsage {
+                requests: 7,
+                tokens: 60,
+                ..Default::default()
+            }),
+            crate::connectors::limits::LimiterStats {
+                admitted: 7,
+                waits: 3,
+                waited_ms: 1500,
+                quota_refusals: 1,
+            },
+        );
+        let text = m.encode();
+        for line in [
+            "machine_external_requests_total{connector=\"openai\",customer=\"c1\"} 4",
+            "machine_external_tokens_total{connector=\"openai\",customer=\"c1\",direction=\"output\"} 40",
+            "machine_external_cost_total{connector=\"openai\",customer=\"c1\",currency=\"USD\"} 0.5",
+            "machine_limit_requests_today{api=\"openai\"} 7",
+            "machine_limit_wait_seconds{api=\"openai\"} 1.5",
+            "machine_limit_quota_refusals{api=\"openai\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -72,6 +72,7 @@ pub struct HealthState {
     access: HealthAccess,
     shutdown: CancellationToken,
     redis: Mutex<RedisStatus>,
+    external_apis: Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// What the health state reads from the other subsystems.
@@ -114,6 +115,7 @@ impl HealthState {
                 url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()
             }),
+            external_apis: Mutex::new(serde_json::Map::new()),
         })
     }
 
@@ -212,6 +214,20 @@ impl HealthState {
         self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Sets what `/status` and the fleet status show of one external API's fleet-wide usage
+    /// and limits.
+    pub fn set_external_api(&self, api: &str, doc: serde_json::Value) {
+        self.external_apis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(api.to_owned(), doc);
+    }
+
+    /// The external APIs' usage, by API.
+    pub fn external_apis(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
     /// The workers as `/status` and `/ready` show them: their status plus the reason a
     /// waiting worker gives.
     fn workers_document(&self) -> Vec<serde_json::Value> {
@@ -262,6 +278,7 @@ impl HealthState {
             "services": self.services.status(),
             "workers": self.workers_document(),
             "redis": self.redis(),
+            "external_apis": self.external_apis(),
             "config": self.config,
         })
     }

@@ -862,6 +862,33 @@ impl Broker {
     }
 }
 
+/// The external-API limits section of the library (`acquireLimit`, `recordLimitUsage`,
+/// `deferJob`, `clearLimitReason`), used by `connectors::limits` and the workers.
+impl Broker {
+    /// Calls a limits function with the key prefix as its first argument.
+    pub(crate) async fn call_limits<T: FromRedisValue>(
+        &self,
+        function: &'static str,
+        args: &[&str],
+    ) -> Result<T, BrokerError> {
+        let mut all = vec![self.inner.opts.key_prefix.as_str()];
+        all.extend_from_slice(args);
+        self.call(function, &all).await
+    }
+
+    /// The key prefix of every key this broker touches (`""` in production).
+    pub(crate) fn key_prefix(&self) -> &str {
+        &self.inner.opts.key_prefix
+    }
+
+    /// Returns the job to the queue in its place because a daily quota stops it, recording
+    /// `reason` and `until_ms` (epoch ms) in the job for `machine jobs show`.
+    pub async fn defer(&self, job: &ClaimedJob, reason: &str, until_ms: i64) -> Result<(), BrokerError> {
+        let until = until_ms.to_string();
+        self.lifecycle("deferJob", job, &[reason, &until]).await.map(drop)
+    }
+}
+
 fn new_job_id() -> String {
     let b: u128 = rand::random();
     // A version-4 UUID, as the API generates.

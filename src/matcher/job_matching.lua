@@ -904,3 +904,121 @@ end)
 redis.register_function('cancelJob', function(_, args)
   return cancel(args[1], args[2], args[3] or CANCEL_ERROR)
 end)
+
+-- ---------------------------------------------------------------------------------------------
+-- External API limits (connectors/limits.rs): fleet-wide rate limits and daily quotas
+-- ---------------------------------------------------------------------------------------------
+-- Every machine's external-connector workers call acquireLimit before each request to a paid
+-- API, so the rate and the quotas hold for the fleet, not per machine. Keys, under the prefix:
+--   limits:<api>:gcra, limits:<api>:gcra:c:<customer>   STRING: the GCRA theoretical arrival
+--     time (epoch ms, Redis clock), expiring once it no longer matters;
+--   limits:<api>:usage:<period>                          HASH: requests, tokens,
+--     c:<customer>:requests, c:<customer>:tokens of one quota day (<period> is the day's
+--     local date; the key expires a day after the period ends).
+-- The caller computes the period and its end from the configured reset hour and zone (Lua in
+-- Redis has no time zones); the rate uses Redis' own clock, shared by every machine.
+
+-- GCRA: (wait_ms, nil) when the request must wait, else (0, new_tat) to store on admission.
+local function limit_gcra(key, now, interval, tolerance)
+  if interval <= 0 then return 0, nil end
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local allow_at = tat - tolerance
+  if now < allow_at then return math.ceil(allow_at - now), nil end
+  return 0, tat + interval
+end
+
+local function limit_store(key, tat, now, interval)
+  if tat then
+    redis.call('SET', key, string.format('%.3f', tat), 'PX', math.max(1, math.ceil(tat - now + interval)))
+  end
+end
+
+-- One request: {'ok', 0, '', ''}, {'wait', ms, '', ''} or {'quota', ms_until_reset, scope,
+-- reason} with scope 'api' or 'customer'. A refused request consumes nothing.
+local function acquire_limit(p, api, customer, period, period_end, g, c)
+  local now = now_ms()
+  local ukey = p .. 'limits:' .. api .. ':usage:' .. period
+  local cfield = 'c:' .. customer .. ':'
+  local u = redis.call('HMGET', ukey, 'requests', 'tokens', cfield .. 'requests', cfield .. 'tokens')
+  local until_reset = math.max(0, period_end - now)
+  local checks = { { g, tonumber(u[1]) or 0, tonumber(u[2]) or 0, 'api', 'the ' .. api .. ' API' } }
+  if customer ~= '' then
+    checks[2] = { c, tonumber(u[3]) or 0, tonumber(u[4]) or 0, 'customer', 'customer ' .. customer .. ' on the ' ..
+      api .. ' API' }
+  end
+  for _, k in ipairs(checks) do
+    local lim, reqs, toks, scope, who = k[1], k[2], k[3], k[4], k[5]
+    if lim.daily_requests > 0 and reqs >= lim.daily_requests then
+      return { 'quota', until_reset, scope, 'daily quota of ' .. lim.daily_requests .. ' requests for ' .. who ..
+        ' reached (' .. reqs .. ' used); it resets at the start of the next quota day' }
+    end
+    if lim.daily_tokens > 0 and toks >= lim.daily_tokens then
+      return { 'quota', until_reset, scope, 'daily quota of ' .. lim.daily_tokens .. ' tokens for ' .. who ..
+        ' reached (' .. toks .. ' used); it resets at the start of the next quota day' }
+    end
+  end
+  local gkey = p .. 'limits:' .. api .. ':gcra'
+  local ckey = p .. 'limits:' .. api .. ':gcra:c:' .. customer
+  local gwait, gtat = limit_gcra(gkey, now, g.interval, g.tolerance)
+  local cwait, ctat = 0, nil
+  if customer ~= '' then cwait, ctat = limit_gcra(ckey, now, c.interval, c.tolerance) end
+  local wait = math.max(gwait, cwait)
+  if wait > 0 then return { 'wait', wait, '', '' } end
+  limit_store(gkey, gtat, now, g.interval)
+  if customer ~= '' then limit_store(ckey, ctat, now, c.interval) end
+  redis.call('HINCRBY', ukey, 'requests', 1)
+  if customer ~= '' then redis.call('HINCRBY', ukey, cfield .. 'requests', 1) end
+  redis.call('PEXPIREAT', ukey, period_end + 86400000)
+  return { 'ok', 0, '', '' }
+end
+
+local function limit_budget(args, i)
+  return { interval = tonumber(args[i]) or 0, tolerance = tonumber(args[i + 1]) or 0,
+    daily_requests = tonumber(args[i + 2]) or 0, daily_tokens = tonumber(args[i + 3]) or 0 }
+end
+
+-- acquireLimit <prefix> <api> <customer> <period> <period end ms>
+--   <api: interval ms> <api: tolerance ms> <api: daily requests> <api: daily tokens>
+--   <customer: the same four>                                  (0 = no limit)
+redis.register_function('acquireLimit', function(_, args)
+  local period_end = tonumber(args[5])
+  if not args[2] or args[2] == '' or not args[4] or not period_end then
+    return redis.error_reply('ERR acquireLimit needs prefix, api, customer, period and period end')
+  end
+  return acquire_limit(args[1], args[2], args[3] or '', args[4], period_end, limit_budget(args, 6),
+    limit_budget(args, 10))
+end)
+
+-- recordLimitUsage <prefix> <api> <customer> <period> <period end ms> <tokens>: adds the tokens a
+-- finished request used to the day's usage (they count against daily_tokens from then on).
+redis.register_function('recordLimitUsage', function(_, args)
+  local period_end, tokens = tonumber(args[5]), tonumber(args[6])
+  if not args[2] or args[2] == '' or not args[4] or not period_end or not tokens then
+    return redis.error_reply('ERR recordLimitUsage needs prefix, api, customer, period, period end and tokens')
+  end
+  local ukey = args[1] .. 'limits:' .. args[2] .. ':usage:' .. args[4]
+  tokens = math.max(0, math.floor(tokens))
+  redis.call('HINCRBY', ukey, 'tokens', tokens)
+  local customer = args[3] or ''
+  if customer ~= '' then redis.call('HINCRBY', ukey, 'c:' .. customer .. ':tokens', tokens) end
+  redis.call('PEXPIREAT', ukey, period_end + 86400000)
+  return tokens
+end)
+
+-- deferJob <prefix> <job id> <worker id> <reason> <until ms>: returns a claimed job to the queue
+-- in its place (like returnJob) because a daily quota stops it, and records why and until when
+-- in the job (`limit_reason`, `limit_until`) for `machine jobs show`. The fields are dropped
+-- when a worker is next admitted for the job (clearLimitReason).
+redis.register_function('deferJob', function(_, args)
+  local r = return_job(args[1], args[2], args[3], 'quota')
+  if r ~= 'ok' then return r end
+  local untl = tonumber(args[5]) or now_ms()
+  redis.call('HSET', args[1] .. 'job:' .. args[2], 'limit_reason', args[4] or '', 'limit_until', iso(untl))
+  return 'ok'
+end)
+
+-- clearLimitReason <prefix> <job id>: the job got past the limits; forget why it waited.
+redis.register_function('clearLimitReason', function(_, args)
+  return redis.call('HDEL', args[1] .. 'job:' .. args[2], 'limit_reason', 'limit_until')
+end)

@@ -21,8 +21,11 @@ use crate::config::{Config, ConnectorKind, Env};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
+use crate::connectors::limits::Limiter;
 use crate::connectors::openai::OpenaiConnector;
 use crate::connectors::playwright::PlaywrightConnector;
+use crate::connectors::replicate::ReplicateConnector;
+use crate::connectors::runpod::RunpodConnector;
 use crate::connectors::simulation::SimulationConnector;
 use crate::connectors::store::OutputStore;
 use crate::gpu::Probe;
@@ -64,6 +67,7 @@ pub struct Workers {
     /// The plan's services each worker waits for, by position.
     services: Vec<Vec<String>>,
     reports: broadcast::Sender<JobReport>,
+    limiters: Vec<Arc<Limiter>>,
 }
 
 impl Workers {
@@ -79,13 +83,28 @@ impl Workers {
         let (reports, _) = broadcast::channel(1024);
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut services = Vec::with_capacity(plan.workers.len());
+        // One limiter per limited external API, shared by all of its workers on this machine
+        // (the limits themselves are fleet-wide, in Redis).
+        let limiters: BTreeMap<ConnectorKind, Arc<Limiter>> = [
+            (ConnectorKind::Openai, &config.openai.limits),
+            (ConnectorKind::Replicate, &config.replicate.limits),
+            (ConnectorKind::Runpod, &config.runpod.limits),
+        ]
+        .into_iter()
+        .filter(|(kind, limits)| config.connectors.get(*kind).is_some() && !limits.is_unlimited())
+        .map(|(kind, limits)| (kind, Arc::new(Limiter::new(kind.name(), limits.clone()))))
+        .collect();
         for wp in &plan.workers {
             let caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
             let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
             for &kind in &wp.connectors {
-                let connector = connector_for(kind, wp, plan, config, env)?;
+                let connector = connector_for(kind, wp, plan, config, env, limiters.get(&kind).cloned())?;
                 for service in kind.job_services() {
                     connectors.insert((*service).to_owned(), connector.clone());
+                }
+                // Model-family aliases are services of their own (`replicate:<alias>`).
+                for service in wp.job_services.iter().filter(|s| s.starts_with(&format!("{kind}:"))) {
+                    connectors.insert(service.clone(), connector.clone());
                 }
             }
             let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
@@ -97,6 +116,7 @@ impl Workers {
             workers,
             services,
             reports,
+            limiters: limiters.into_values().collect(),
         })
     }
 
@@ -106,6 +126,11 @@ impl Workers {
         for w in &mut self.workers {
             w.force_on(force.clone());
         }
+    }
+
+    /// The fleet-wide limiters of this machine's external APIs (for status and metrics).
+    pub fn limiters(&self) -> Vec<Arc<Limiter>> {
+        self.limiters.clone()
     }
 
     /// The workers, e.g. to read their capabilities.
@@ -235,6 +260,9 @@ impl Workers {
         readiness: &Readiness,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
+        for limiter in &self.limiters {
+            limiter.attach(broker.clone());
+        }
         let background_stop = CancellationToken::new();
         let background = tokio::spawn({
             let (b, stop) = (broker.clone(), background_stop.clone());
@@ -259,6 +287,7 @@ fn connector_for(
     plan: &Plan,
     config: &Config,
     env: &dyn Env,
+    limiter: Option<Arc<Limiter>>,
 ) -> Result<Arc<dyn Connector>, WorkerError> {
     let service_url = || {
         plan.services
@@ -276,10 +305,27 @@ fn connector_for(
     Ok(match kind {
         ConnectorKind::Comfyui => Arc::new(ComfyuiConnector::new(service_url()?)),
         ConnectorKind::A1111 => Arc::new(A1111Connector::new(service_url()?)),
-        ConnectorKind::Openai => Arc::new(OpenaiConnector::new(
-            config.openai.clone(),
-            env.var(&config.openai.api_key_env),
-        )),
+        ConnectorKind::Openai => {
+            let c = OpenaiConnector::new(config.openai.clone(), env.var(&config.openai.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
+        ConnectorKind::Replicate => {
+            let c = ReplicateConnector::new(config.replicate.clone(), env.var(&config.replicate.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
+        ConnectorKind::Runpod => {
+            let c = RunpodConnector::new(config.runpod.clone(), env.var(&config.runpod.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
         ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
         ConnectorKind::Playwright => Arc::new(PlaywrightConnector::new(service_url()?)),
     })

@@ -7,6 +7,11 @@
 //! the result is discarded) or lost (the lease went to someone else; nothing is written).
 //! Redis errors never end the worker: claims back off and retry, and an outcome is reported
 //! again and again until Redis answers (its fencing then decides whether it still counts).
+//!
+//! A job stopped by an external API's daily quota is returned to the queue in its place with
+//! the reason (`limit_reason`, `limit_until`), and until the quota day ends the worker claims
+//! without the services of that API (or, for a customer's own quota, without that customer's
+//! jobs), so it takes other work meanwhile.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -19,7 +24,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::store::OutputStore;
-use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink};
+use crate::connectors::{
+    Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
+};
 use crate::logging::error_chain;
 use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 
@@ -63,7 +70,7 @@ pub struct JobCounts {
     pub completed: u64,
     /// Jobs failed (whether or not the broker re-queued them).
     pub failed: u64,
-    /// Jobs returned to the queue at shutdown.
+    /// Jobs returned to the queue at shutdown, or because a daily quota stopped them.
     pub returned: u64,
     /// Jobs cancelled by the API while running here.
     pub cancelled: u64,
@@ -103,7 +110,7 @@ pub enum JobOutcome {
         /// The reason written to the job.
         error: String,
     },
-    /// Returned to the queue at shutdown.
+    /// Returned to the queue at shutdown, or because a daily quota stopped it.
     Returned,
     /// Cancelled by the API; the result was discarded.
     Cancelled,
@@ -128,6 +135,8 @@ pub struct JobReport {
     /// Time from the claim to the outcome written in Redis.
     #[serde(with = "humantime_serde")]
     pub total: Duration,
+    /// What an external job used and cost (from its result's `billing`), when it completed.
+    pub billing: Option<Billing>,
 }
 
 /// Timing knobs of a worker.
@@ -170,6 +179,17 @@ pub struct Worker {
     reports: Option<broadcast::Sender<JobReport>>,
     /// Cancelled by a second signal: a running job is returned at once, without the drain.
     force: CancellationToken,
+    deferrals: Vec<Deferral>,
+}
+
+/// Work this worker leaves alone until a daily quota resets.
+#[derive(Debug, Clone)]
+struct Deferral {
+    /// Services not claimed (an API's quota), or none.
+    services: Vec<String>,
+    /// A customer whose jobs are not claimed (the customer's own quota on an API).
+    customer: Option<String>,
+    until: Instant,
 }
 
 /// Aborts a spawned task when dropped, so no task outlives the job it belongs to.
@@ -207,6 +227,7 @@ impl Worker {
             status: Arc::new(status),
             reports: None,
             force: CancellationToken::new(),
+            deferrals: Vec::new(),
         }
     }
 
@@ -305,7 +326,21 @@ impl Worker {
                 continue;
             }
             self.set_state(WorkerState::Idle);
-            let claimed = self.claim(&broker, &shutdown).await;
+            let Some(caps) = self.claim_capabilities() else {
+                // Every service this worker has waits for a quota: nothing to claim until then.
+                let until = self
+                    .deferrals
+                    .iter()
+                    .map(|d| d.until)
+                    .min()
+                    .unwrap_or_else(Instant::now);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(until.into()) => {}
+                }
+                continue;
+            };
+            let claimed = self.claim(&broker, &caps, &shutdown).await;
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
@@ -332,12 +367,21 @@ impl Worker {
     async fn claim(
         &mut self,
         broker: &Broker,
+        caps: &Capabilities,
         shutdown: &CancellationToken,
     ) -> Result<Option<ClaimedJob>, BrokerError> {
         let stop = shutdown.child_token();
-        let claim = broker.claim_next(&self.caps, &stop);
+        let claim = broker.claim_next(caps, &stop);
         tokio::pin!(claim);
         let mut unready = Box::pin(services_lost(&mut self.ready));
+        // When a deferral ends, the claim starts again with the work it left out.
+        let deferral_ends = self.deferrals.iter().map(|d| d.until).min();
+        let mut resume = Box::pin(async move {
+            match deferral_ends {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             tokio::select! {
                 r = &mut claim => return r,
@@ -345,7 +389,74 @@ impl Worker {
                     tracing::warn!(worker = %self.caps.worker_id, "a service stopped being ready; not claiming");
                     stop.cancel();
                 }
+                () = &mut resume, if !stop.is_cancelled() => stop.cancel(),
             }
+        }
+    }
+
+    /// The capabilities to claim with: this worker's, without the work a daily quota holds
+    /// back; `None` when that is all of its services.
+    fn claim_capabilities(&mut self) -> Option<Capabilities> {
+        let now = Instant::now();
+        self.deferrals.retain(|d| d.until > now);
+        if self.deferrals.is_empty() {
+            return Some(self.caps.clone());
+        }
+        let mut caps = self.caps.clone();
+        for d in &self.deferrals {
+            caps.job_service_required_map.retain(|s| !d.services.contains(s));
+            caps.services.retain(|s| !d.services.contains(s));
+            if let Some(c) = &d.customer {
+                if !caps.customer_access.denied_customers.contains(c) {
+                    caps.customer_access.denied_customers.push(c.clone());
+                }
+            }
+        }
+        (!caps.job_service_required_map.is_empty()).then_some(caps)
+    }
+
+    /// Returns a job a daily quota stopped to the queue with the reason, and holds the API's
+    /// services (or the customer) back from this worker's claims until the quota resets.
+    async fn defer(
+        &mut self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let ConnectorError::QuotaReached {
+            api,
+            customer,
+            reason,
+            resets_in,
+        } = e
+        else {
+            return self.write_failure(broker, claimed, e, shutdown).await;
+        };
+        let until_ms = i64::try_from(crate::health::now_ms()).unwrap_or(i64::MAX)
+            + i64::try_from(resets_in.as_millis()).unwrap_or(i64::MAX / 2);
+        tracing::info!(job_id = %claimed.id, %reason, ?resets_in, "a daily quota stops the job; returning it to the queue");
+        let services = match customer {
+            Some(_) => Vec::new(),
+            None => {
+                let mut s: Vec<String> = self
+                    .connectors
+                    .iter()
+                    .filter(|(_, c)| c.kind().name() == api)
+                    .map(|(service, _)| service.clone())
+                    .collect();
+                s.sort();
+                s
+            }
+        };
+        self.deferrals.push(Deferral {
+            services,
+            customer: customer.clone(),
+            until: Instant::now() + *resets_in,
+        });
+        match self.write(shutdown, || broker.defer(claimed, reason, until_ms)).await {
+            Ok(()) => JobOutcome::Returned,
+            Err(not) => self.not_written(not),
         }
     }
 
@@ -354,6 +465,7 @@ impl Worker {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
+            customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
             ctx: claimed.ctx().unwrap_or(Value::Null),
             timeout: job_timeout(claimed),
         }
@@ -375,18 +487,29 @@ impl Worker {
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
         let input = self.job_input(&claimed);
-        let (outcome, run) = match self.connectors.get(&claimed.service).cloned() {
+        let (outcome, run, billing) = match self.connectors.get(&claimed.service).cloned() {
             None => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
                     claimed.service
                 ));
-                (self.write_failure(broker, &claimed, &e, shutdown).await, Duration::ZERO)
+                (
+                    self.write_failure(broker, &claimed, &e, shutdown).await,
+                    Duration::ZERO,
+                    None,
+                )
             }
             Some(connector) => match self.write(shutdown, || broker.start(&claimed)).await {
-                Err(not) => (self.not_written(not), Duration::ZERO),
+                Err(not) => (self.not_written(not), Duration::ZERO, None),
                 Ok(()) => {
+                    if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
+                        // It waited for a quota before; if it still must, deferJob says so again.
+                        let cleared: Result<i64, _> = broker.call_limits("clearLimitReason", &[&claimed.id]).await;
+                        if let Err(e) = cleared {
+                            tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
+                        }
+                    }
                     self.supervise(broker, &claimed, &input, connector, &mut cancels, shutdown)
                         .await
                 }
@@ -416,21 +539,23 @@ impl Worker {
                 outcome,
                 run,
                 total,
+                billing,
             });
         }
     }
 
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
-    /// around it, then writes the outcome. Returns the outcome and the connector's run time.
+    /// around it, then writes the outcome. Returns the outcome, the connector's run time and,
+    /// for a completed external job, its billing.
     async fn supervise(
-        &self,
+        &mut self,
         broker: &Broker,
         claimed: &ClaimedJob,
         input: &Job,
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
-    ) -> (JobOutcome, Duration) {
+    ) -> (JobOutcome, Duration, Option<Billing>) {
         let (sink, progress) = ProgressSink::new();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
@@ -507,10 +632,14 @@ impl Worker {
         };
         drop(keeper);
         drop(forwarder);
+        let mut billing = None;
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
-            (_, Ok(output)) => self.write_success(broker, claimed, input, output, shutdown).await,
+            (_, Ok(output)) => {
+                billing = Billing::from_result(&output.data);
+                self.write_success(broker, claimed, input, output, shutdown).await
+            }
             (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
                 Ok(()) => JobOutcome::Returned,
                 Err(not) => self.not_written(not),
@@ -519,9 +648,13 @@ impl Worker {
                 let e = ConnectorError::Timeout(timeout);
                 self.write_failure(broker, claimed, &e, shutdown).await
             }
+            (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
         };
-        (outcome, run)
+        if outcome != JobOutcome::Completed {
+            billing = None;
+        }
+        (outcome, run, billing)
     }
 
     async fn write_success(

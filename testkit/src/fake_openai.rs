@@ -4,7 +4,8 @@
 //!
 //! Tests script it: [`FakeOpenai::fail_next`] queues error answers (429 with `Retry-After`, 5xx,
 //! 4xx) returned before any real one; a `fake_chunk_ms` field in a chat request spaces the
-//! streamed chunks; the model `missing-model` answers 404. The reply text is `echo: <last user
+//! streamed chunks; the model `missing-model` answers 404; `stream_options.include_usage`
+//! adds the final usage chunk (words counted as tokens). The reply text is `echo: <last user
 //! message>`, streamed word by word.
 
 use std::collections::VecDeque;
@@ -218,6 +219,21 @@ async fn chat(State(s): State<Arc<Api>>, headers: HeaderMap, Json(body): Json<Va
         events.push_back(chunk(json!({"content": p}), Value::Null));
     }
     events.push_back(chunk(json!({}), json!("stop")));
+    // With `stream_options.include_usage`, OpenAI sends one more chunk, with no choices and the
+    // usage of the whole request. The fake counts words as tokens.
+    if body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true) {
+        let prompt: usize = messages
+            .iter()
+            .filter_map(|m| m.get("content").and_then(Value::as_str))
+            .map(|c| c.split_whitespace().count())
+            .sum();
+        let completion = reply.split_whitespace().count();
+        let v = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created(),
+                       "model": model, "choices": [],
+                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}});
+        events.push_back(format!("data: {v}\n\n"));
+    }
     events.push_back("data: [DONE]\n\n".to_owned());
     let guard = StreamGuard {
         api: s.clone(),

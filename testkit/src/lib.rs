@@ -3,13 +3,15 @@
 //! Everything here talks a real protocol: [`RedisServer`] is a real `redis-server` process on a
 //! free loopback port in its own temp dir (never the shared one on 6379), and [`fake_nvml`] builds
 //! a real shared library exporting NVML's C symbols from the C source kept in this crate. Nothing
-//! in this crate is linked into the product. [`FakeComfyui`], [`FakeA1111`] and [`FakeOpenai`] are
-//! HTTP (and WebSocket) servers speaking those services' real wire formats, scriptable by tests.
+//! in this crate is linked into the product. [`FakeComfyui`], [`FakeA1111`], [`FakeOpenai`],
+//! [`FakeReplicate`] and [`FakeRunpod`] are HTTP (and WebSocket) servers speaking those services' real wire formats, scriptable by tests.
 
 mod fake_a1111;
 mod fake_comfyui;
 pub mod fake_nvml;
 mod fake_openai;
+mod fake_replicate;
+mod fake_runpod;
 mod file_server;
 mod redis_server;
 mod serve;
@@ -17,6 +19,8 @@ mod serve;
 pub use fake_a1111::FakeA1111;
 pub use fake_comfyui::FakeComfyui;
 pub use fake_openai::FakeOpenai;
+pub use fake_replicate::FakeReplicate;
+pub use fake_runpod::FakeRunpod;
 pub use file_server::{FileServer, SeenRequest};
 pub use redis_server::RedisServer;
 pub use serve::TINY_PNG;

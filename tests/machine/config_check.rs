@@ -42,7 +42,7 @@ fn bad_connectors_exit_2_naming_both_problems() {
     assert!(stderr.contains("count `x` is not a positive integer"), "{stderr}");
     assert!(stderr.contains("unknown connector `bogus`"), "{stderr}");
     assert!(
-        stderr.contains("comfyui, a1111, playwright, openai, simulation"),
+        stderr.contains("comfyui, a1111, playwright, openai, replicate, runpod, simulation"),
         "{stderr}"
     );
 }

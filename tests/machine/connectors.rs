@@ -22,6 +22,7 @@ fn job(service: &str, payload: Value) -> Job {
         id: "job-1".into(),
         service_required: service.into(),
         payload,
+        customer_id: String::new(),
         ctx: Value::Null,
         timeout: None,
     }
@@ -277,6 +278,8 @@ fn openai(fake: &FakeOpenai, key: Option<&str>) -> OpenaiConnector {
             max_attempts: 3,
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_secs(5),
+            limits: Default::default(),
+            prices: Default::default(),
         },
         key.map(str::to_owned),
     )

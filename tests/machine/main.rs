@@ -5,6 +5,7 @@
 mod config_check;
 mod connectors;
 mod e2e;
+mod external;
 mod gpus;
 mod hardening;
 mod health;

@@ -34,6 +34,7 @@ fn job(service: &str, payload: Value) -> Job {
         id: "job-1".to_owned(),
         service_required: service.to_owned(),
         payload,
+        customer_id: String::new(),
         ctx: Value::Null,
         timeout: None,
     }

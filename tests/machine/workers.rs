@@ -192,6 +192,8 @@ async fn each_connector_end_to_end_through_redis() {
                 max_attempts: 3,
                 backoff_initial: Duration::from_millis(10),
                 backoff_max: Duration::from_secs(2),
+                limits: Default::default(),
+                prices: Default::default(),
             },
             Some("sk-test".into()),
         ));

@@ -1,0 +1,465 @@
+//! The RunPod connector: a job is one job of a RunPod serverless (queue-based) endpoint.
+//!
+//! The payload is `{"endpoint_id": "...", "input": {..}}`; the endpoint defaults to
+//! `[connectors.runpod] endpoint_id`, and without `input` the rest of the payload is the input
+//! (`policy`, `webhook` and `s3Config` are passed through beside it). The job is submitted with
+//! `POST /<endpoint>/run` and followed with `GET /<endpoint>/status/<id>` until it is
+//! `COMPLETED`, `FAILED`, `CANCELLED` or `TIMED_OUT`; a payload with `"sync": true` uses
+//! `POST /<endpoint>/runsync?wait=<ms>` instead, and is followed like the others when it is
+//! not done within the wait. On cancellation `POST /<endpoint>/cancel/<id>` is sent before
+//! returning. Output URLs are downloaded into artifacts, which the worker stores through the
+//! job's `ctx`; the output itself stays in the result with a `billing` record whose predict
+//! time is RunPod's `executionTime`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::http::{self, Backoff, Retrying};
+use super::limits::Limiter;
+use super::simulation::json_kind;
+use super::{Artifact, ArtifactBody, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
+use crate::config::{ConnectorKind, RunpodConfig, valid_endpoint_id};
+
+/// Runs jobs on RunPod serverless endpoints.
+#[derive(Clone)]
+pub struct RunpodConnector {
+    config: RunpodConfig,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    limiter: Option<Arc<Limiter>>,
+}
+
+impl std::fmt::Debug for RunpodConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunpodConnector")
+            .field("base_url", &self.config.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Keys of a payload sent beside `input` rather than in it.
+const BESIDE_INPUT: [&str; 3] = ["policy", "webhook", "s3Config"];
+
+impl RunpodConnector {
+    /// A connector for `config.base_url` with the key from `config.api_key_env`.
+    pub fn new(config: RunpodConfig, api_key: Option<String>) -> Self {
+        RunpodConnector {
+            config,
+            api_key: api_key.filter(|k| !k.trim().is_empty()),
+            client: http::client(),
+            limiter: None,
+        }
+    }
+
+    /// Sends every endpoint run through `limiter` first (the fleet-wide limits of this API).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.client.request(method, url);
+        match &self.api_key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
+        }
+    }
+
+    fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, limited: bool, timeout: Duration) -> Retrying<'a> {
+        Retrying {
+            what,
+            attempts: self.config.max_attempts,
+            backoff: Backoff {
+                initial: self.config.backoff_initial,
+                max: self.config.backoff_max,
+            },
+            timeout: Some(timeout),
+            limiter: if limited {
+                self.limiter.as_deref().map(|l| (l, customer))
+            } else {
+                None
+            },
+        }
+    }
+
+    async fn json(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Value, ConnectorError> {
+        or_cancelled(cancel, async {
+            resp.json::<Value>().await.map_err(|e| http::send_error(what, e))
+        })
+        .await
+    }
+
+    async fn cancel_job(&self, endpoint: &str, id: &str) {
+        let url = format!("{}/{endpoint}/cancel/{id}", self.config.base_url);
+        let sent = self
+            .request(reqwest::Method::POST, &url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => tracing::info!(%url, "cancelled the RunPod job"),
+            Ok(r) => tracing::warn!(%url, status = %r.status(), "RunPod refused to cancel the job"),
+            Err(e) => tracing::warn!(%url, error = %e, "failed to cancel the RunPod job"),
+        }
+    }
+
+    async fn follow(
+        &self,
+        endpoint: &str,
+        mut status: Value,
+        customer: &str,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<Value, ConnectorError> {
+        let id = job_id(&status)?;
+        let url = format!("{}/{endpoint}/status/{id}", self.config.base_url);
+        loop {
+            match status.get("status").and_then(Value::as_str).unwrap_or_default() {
+                "COMPLETED" | "FAILED" | "CANCELLED" | "TIMED_OUT" => return Ok(status),
+                "IN_QUEUE" => progress.percent(1.0, "queued at the RunPod endpoint"),
+                _ => {
+                    let p = status.get("output").and_then(progress_of).unwrap_or(5.0);
+                    progress.percent(p.min(99.0), "running on RunPod");
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+            let mut polls = 0;
+            let resp = http::send_retrying(
+                || self.request(reqwest::Method::GET, &url),
+                self.retrying("read a RunPod job status", customer, false, self.config.request_timeout),
+                api_error_message,
+                &mut polls,
+                cancel,
+            )
+            .await?;
+            status = self.json(resp, "read a RunPod job status", cancel).await?;
+        }
+    }
+
+    async fn artifacts(&self, output: &Value, cancel: &CancellationToken) -> Result<Vec<Artifact>, ConnectorError> {
+        let mut urls = Vec::new();
+        collect_urls(output, &mut urls, 0);
+        let mut out = Vec::new();
+        for (i, url) in urls.into_iter().enumerate() {
+            let name = url::Url::parse(&url)
+                .ok()
+                .and_then(|u| u.path_segments().and_then(|mut s| s.next_back().map(str::to_owned)))
+                .filter(|s| !s.is_empty())
+                .map_or_else(|| format!("output_{i}"), |s| format!("{i}_{s}"));
+            let content_type = super::comfyui::guess_content_type(&name).to_owned();
+            let fetched = or_cancelled(cancel, async {
+                let r = self
+                    .client
+                    .get(&url)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await
+                    .map_err(|e| http::send_error("download a job output", e))?;
+                if !r.status().is_success() {
+                    return Err(http::status_error("download a job output", r.status(), ""));
+                }
+                r.bytes()
+                    .await
+                    .map_err(|e| http::send_error("download a job output", e))
+            })
+            .await;
+            let body = match fetched {
+                Ok(bytes) => ArtifactBody::Bytes(bytes),
+                Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
+                Err(e) => {
+                    tracing::warn!(error = %e.chain(), "keeping the output URL");
+                    ArtifactBody::Url(url.clone())
+                }
+            };
+            out.push(Artifact {
+                name,
+                content_type,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn run_job(
+        &self,
+        job: &Job,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
+        let (endpoint, body, sync) = run_request(&self.config, &job.payload)?;
+        let mut billing = Billing {
+            connector: "runpod".to_owned(),
+            customer: job.customer_id.clone(),
+            ..Billing::default()
+        };
+        let (url, timeout) = if sync {
+            let wait = self.config.sync_wait;
+            (
+                format!("{}/{endpoint}/runsync?wait={}", self.config.base_url, wait.as_millis()),
+                wait + Duration::from_secs(10),
+            )
+        } else {
+            (
+                format!("{}/{endpoint}/run", self.config.base_url),
+                self.config.request_timeout,
+            )
+        };
+        progress.percent(0.0, "submitting to the RunPod endpoint");
+        let resp = http::send_retrying(
+            || self.request(reqwest::Method::POST, &url).json(&body),
+            self.retrying("submit a RunPod job", &job.customer_id, true, timeout),
+            api_error_message,
+            &mut billing.requests,
+            cancel,
+        )
+        .await?;
+        let submitted = self.json(resp, "read the submitted RunPod job", cancel).await?;
+        let id = job_id(&submitted)?;
+        let status = match self
+            .follow(&endpoint, submitted, &job.customer_id, progress, cancel)
+            .await
+        {
+            Ok(s) => s,
+            Err(ConnectorError::Cancelled) => {
+                self.cancel_job(&endpoint, &id).await;
+                return Err(ConnectorError::Cancelled);
+            }
+            Err(e) => return Err(e),
+        };
+        billing.predict_seconds = status.get("executionTime").and_then(Value::as_f64).unwrap_or(0.0) / 1000.0;
+        let state = status.get("status").and_then(Value::as_str).unwrap_or_default();
+        let error = || {
+            status.get("error").map_or_else(String::new, |e| match e {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+        };
+        match state {
+            "COMPLETED" => {}
+            "FAILED" => {
+                return Err(ConnectorError::Failed {
+                    message: format!("the RunPod job failed: {}", http::snippet(&error())),
+                    retryable: false,
+                });
+            }
+            other => {
+                return Err(ConnectorError::Failed {
+                    message: format!("the RunPod job ended as {other}: {}", http::snippet(&error())),
+                    retryable: true,
+                });
+            }
+        }
+        let output = status.get("output").cloned().unwrap_or(Value::Null);
+        let artifacts = self.artifacts(&output, cancel).await?;
+        let mut data = json!({
+            "runpod_id": id,
+            "endpoint_id": endpoint,
+            "status": state,
+            "output": output,
+            "delay_time_ms": status.get("delayTime").cloned().unwrap_or(Value::Null),
+            "execution_time_ms": status.get("executionTime").cloned().unwrap_or(Value::Null),
+        });
+        billing.priced(&self.config.prices).attach(&mut data);
+        Ok(JobOutput { data, artifacts })
+    }
+}
+
+impl Connector for RunpodConnector {
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Runpod
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        progress: &'a ProgressSink,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
+        Box::pin(self.run_job(job, progress, cancel))
+    }
+}
+
+/// The endpoint, the `/run` body and whether to use `/runsync`, from a payload.
+fn run_request(config: &RunpodConfig, payload: &Value) -> Result<(String, Value, bool), ConnectorError> {
+    let Value::Object(obj) = payload else {
+        return Err(ConnectorError::BadPayload(format!(
+            "a runpod payload is a JSON object, not {}",
+            json_kind(payload)
+        )));
+    };
+    let mut obj = obj.clone();
+    let endpoint = match obj.remove("endpoint_id") {
+        Some(Value::String(e)) => e.trim().to_owned(),
+        Some(other) => {
+            return Err(ConnectorError::BadPayload(format!(
+                "`endpoint_id` must be a string, not {}",
+                json_kind(&other)
+            )));
+        }
+        None => config.endpoint_id.clone().ok_or_else(|| {
+            ConnectorError::BadPayload(
+                "the payload names no `endpoint_id` and [connectors.runpod] endpoint_id is not set".to_owned(),
+            )
+        })?,
+    };
+    if !valid_endpoint_id(&endpoint) {
+        return Err(ConnectorError::BadPayload(format!(
+            "`{endpoint}` is not a RunPod endpoint id"
+        )));
+    }
+    let sync = match obj.remove("sync") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err(ConnectorError::BadPayload(format!(
+                "`sync` must be true or false, not {other}"
+            )));
+        }
+    };
+    let mut body = Map::new();
+    for key in BESIDE_INPUT {
+        if let Some(v) = obj.remove(key) {
+            body.insert(key.to_owned(), v);
+        }
+    }
+    let input = match obj.remove("input") {
+        Some(Value::Object(i)) => Value::Object(i),
+        Some(other) => {
+            return Err(ConnectorError::BadPayload(format!(
+                "`input` must be a JSON object, not {}",
+                json_kind(&other)
+            )));
+        }
+        None => Value::Object(obj),
+    };
+    body.insert("input".to_owned(), input);
+    Ok((endpoint, Value::Object(body), sync))
+}
+
+fn job_id(status: &Value) -> Result<String, ConnectorError> {
+    status
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| {
+            !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        })
+        .map(str::to_owned)
+        .ok_or_else(|| ConnectorError::Failed {
+            message: format!(
+                "RunPod answered without a job id: {}",
+                http::snippet(&status.to_string())
+            ),
+            retryable: true,
+        })
+}
+
+/// A percentage from a progress update (`runpod.serverless.progress_update`): a number, or a
+/// text holding `NN%`.
+fn progress_of(output: &Value) -> Option<f64> {
+    match output {
+        Value::Number(n) => n.as_f64().filter(|p| (0.0..=100.0).contains(p)),
+        Value::String(s) => {
+            let i = s.find('%')?;
+            let start = s[..i]
+                .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .map_or(0, |j| j + 1);
+            s[start..i].parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p))
+        }
+        _ => None,
+    }
+}
+
+/// Every http(s) URL in an output, a few levels deep.
+fn collect_urls(v: &Value, out: &mut Vec<String>, depth: usize) {
+    if depth > 4 {
+        return;
+    }
+    match v {
+        Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|i| collect_urls(i, out, depth + 1)),
+        Value::Object(map) => map.values().for_each(|i| collect_urls(i, out, depth + 1)),
+        _ => {}
+    }
+}
+
+/// RunPod's error body (`{"error": "..."}`), or the body.
+fn api_error_message(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use std::collections::BTreeMap;
+
+    fn config(endpoint: Option<&str>) -> RunpodConfig {
+        let file = match endpoint {
+            Some(e) => format!("[connectors.runpod]\nendpoint_id = \"{e}\"\n"),
+            None => String::new(),
+        };
+        load_str(Some(("f.toml", &file)), &BTreeMap::<&str, &str>::new())
+            .expect("valid")
+            .runpod
+    }
+
+    #[test]
+    fn run_requests_from_payloads() {
+        let (e, body, sync) =
+            run_request(&config(Some("ep1")), &json!({"prompt": "x", "webhook": "http://h"})).unwrap();
+        assert_eq!(e, "ep1");
+        assert_eq!(body, json!({"input": {"prompt": "x"}, "webhook": "http://h"}));
+        assert!(!sync);
+        let (e, body, sync) = run_request(
+            &config(None),
+            &json!({"endpoint_id": "ep2", "input": {"a": 1}, "sync": true}),
+        )
+        .unwrap();
+        assert_eq!((e.as_str(), body, sync), ("ep2", json!({"input": {"a": 1}}), true));
+        for bad in [
+            json!({"input": {}}),
+            json!({"endpoint_id": "../x"}),
+            json!({"endpoint_id": "e", "input": []}),
+            json!({"endpoint_id": "e", "sync": "yes"}),
+        ] {
+            assert!(
+                matches!(run_request(&config(None), &bad), Err(ConnectorError::BadPayload(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn progress_and_urls() {
+        assert_eq!(progress_of(&json!(40)), Some(40.0));
+        assert_eq!(progress_of(&json!("step 3: 62.5% done")), Some(62.5));
+        assert_eq!(progress_of(&json!("working")), None);
+        let mut urls = Vec::new();
+        collect_urls(
+            &json!({"images": ["https://a/1.png", {"u": "http://b/2.png"}], "n": 3}),
+            &mut urls,
+            0,
+        );
+        assert_eq!(urls, ["https://a/1.png", "http://b/2.png"]);
+        assert_eq!(api_error_message(r#"{"error":"bad input"}"#), "bad input");
+    }
+}

@@ -1,0 +1,581 @@
+//! The external API connectors (Replicate, RunPod, OpenAI) run by real workers against a real
+//! redis-server and the protocol fakes: jobs complete with stored outputs and their billing,
+//! cancellation reaches the API, input errors fail without retry, `Retry-After` is honoured,
+//! a fleet-wide rate limit holds across two machines, and a used-up daily quota leaves jobs
+//! pending with the reason while the worker takes other work.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machine::config::{Config, RedisUrl, SimulationConfig, load_str};
+use machine::connectors::limits::Limiter;
+use machine::connectors::openai::OpenaiConnector;
+use machine::connectors::replicate::ReplicateConnector;
+use machine::connectors::runpod::RunpodConnector;
+use machine::connectors::simulation::SimulationConnector;
+use machine::connectors::store::OutputStore;
+use machine::connectors::{Billing, Connector};
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::worker::{Worker, WorkerSettings};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use testkit::{FakeOpenai, FakeReplicate, FakeRunpod, RedisServer};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn config(toml: &str) -> Config {
+    load_str(Some(("test.toml", toml)), &BTreeMap::<&str, &str>::new()).expect("a valid test configuration")
+}
+
+/// One machine's broker (its own connection and event loop) on a shared Redis.
+struct Machine {
+    broker: Broker,
+    events: JoinHandle<()>,
+}
+
+async fn machine(url: &str, shutdown: &CancellationToken) -> Machine {
+    let url = RedisUrl::parse(url).expect("testkit URLs are valid");
+    let opts = BrokerOptions {
+        failed_holdoff: Duration::from_millis(50),
+        safety_poll: Duration::from_millis(300),
+        ..BrokerOptions::default()
+    };
+    let broker = Broker::connect(&url, opts).await.expect("connect");
+    broker.ensure_functions().await.expect("install the library");
+    let events = tokio::spawn({
+        let (b, s) = (broker.clone(), shutdown.clone());
+        async move { b.run_events(s).await.expect("the event loop ends cleanly") }
+    });
+    Machine { broker, events }
+}
+
+struct Rig {
+    server: RedisServer,
+    shutdown: CancellationToken,
+    machines: Vec<Machine>,
+    workers: Vec<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(machines: usize) -> Rig {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let mut ms = Vec::new();
+        for _ in 0..machines {
+            ms.push(machine(&server.url(), &shutdown).await);
+        }
+        Rig {
+            server,
+            shutdown,
+            machines: ms,
+            workers: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn broker(&self) -> &Broker {
+        &self.machines[0].broker
+    }
+
+    /// Starts a worker on machine `m` serving each service through its connector.
+    fn spawn(&mut self, m: usize, id: &str, connectors: &[(&str, Arc<dyn Connector>)]) {
+        let services: Vec<&str> = connectors.iter().map(|(s, _)| *s).collect();
+        let caps = Capabilities::new(id, format!("m{m}"), &services);
+        let map: HashMap<String, Arc<dyn Connector>> =
+            connectors.iter().map(|(s, c)| ((*s).to_owned(), c.clone())).collect();
+        let settings = WorkerSettings {
+            heartbeat: Duration::from_millis(200),
+            drain: Duration::from_secs(2),
+            job_timeout: Duration::from_secs(30),
+        };
+        let store = Arc::new(OutputStore::new(self.dir.path().join("outputs")));
+        let worker = Worker::new(caps, map, settings, store);
+        let broker = self.machines[m].broker.clone();
+        let shutdown = self.shutdown.clone();
+        self.workers.push(tokio::spawn(async move {
+            worker.run(broker, shutdown).await.expect("a worker ends cleanly");
+        }));
+    }
+
+    async fn submit(&self, service: &str, payload: Value, customer: &str) -> String {
+        let mut job = NewJob::new(service, payload);
+        job.customer_id = customer.to_owned();
+        self.broker().submit(&job).await.expect("submit")
+    }
+
+    async fn job(&self, id: &str) -> BTreeMap<String, String> {
+        self.broker().show(id).await.expect("show").expect("the job exists").job
+    }
+
+    async fn wait_status(&self, id: &str, statuses: &[&str]) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let job = self.job(id).await;
+            if statuses.contains(&job.get("status").map(String::as_str).unwrap_or_default()) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached {statuses:?}: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn result(&self, id: &str) -> Value {
+        let mut conn = redis::Client::open(self.server.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let raw: String = conn.hget("jobs:completed", id).await.expect("a completion record");
+        let record: Value = serde_json::from_str(&raw).expect("the record is JSON");
+        record["data"].clone()
+    }
+
+    /// The `progress` values reported with `message`, from the job's progress stream.
+    async fn progress(&self, id: &str, message: &str) -> Vec<f64> {
+        let mut conn = redis::Client::open(self.server.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let entries: redis::streams::StreamRangeReply =
+            conn.xrange_all(format!("progress:{id}")).await.expect("XRANGE");
+        entries
+            .ids
+            .iter()
+            .filter(|e| e.get::<String>("message").as_deref() == Some(message))
+            .filter_map(|e| e.get::<String>("progress")?.parse().ok())
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for w in self.workers {
+            tokio::time::timeout(LIMIT, w)
+                .await
+                .expect("workers stop after shutdown")
+                .expect("worker tasks do not panic");
+        }
+        for m in self.machines {
+            m.events.await.expect("the event loop does not panic");
+        }
+    }
+}
+
+async fn within<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("the test finishes within its hard limit");
+}
+
+fn stored_file(artifact: &Value) -> std::path::PathBuf {
+    let url = artifact["url"].as_str().expect("a stored artifact has a url");
+    std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
+}
+
+fn replicate(fake: &FakeReplicate, extra: &str) -> ReplicateConnector {
+    let c = config(&format!(
+        "[connectors.replicate]\nbase_url = \"{}\"\npoll_interval = \"50ms\"\nbackoff_initial = \"20ms\"\n{extra}\n[connectors.replicate.prices]\nper_second = 0.5\ncurrency = \"USD\"\n",
+        fake.base_url()
+    ));
+    ReplicateConnector::new(c.replicate, Some("r8-test".into()))
+}
+
+fn runpod(fake: &FakeRunpod) -> RunpodConnector {
+    let c = config(&format!(
+        "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep-default\"\npoll_interval = \"50ms\"\nsync_wait = \"5s\"\n[connectors.runpod.prices]\nper_second = 2.0\nper_request = 0.01\n",
+        fake.base_url()
+    ));
+    RunpodConnector::new(c.runpod, Some("rp-test".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
+    within(async {
+        let fake = FakeReplicate::start(Some("r8-test"));
+        let mut rig = Rig::start(1).await;
+        let streamed: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
+        let polled: Arc<dyn Connector> = Arc::new(replicate(
+            &fake,
+            "stream = false\n[connectors.replicate.aliases]\nflux = \"bfl/flux-schnell\"",
+        ));
+        rig.spawn(0, "w-stream", &[("replicate", streamed)]);
+        let id = rig
+            .submit(
+                "replicate",
+                json!({"model": "acme/painter", "input": {"prompt": "a cat", "fake_ms": 400}}),
+                "c1",
+            )
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let data = rig.result(&id).await;
+        assert_eq!(data["status"], "succeeded");
+        assert_eq!(data["model"], "acme/painter");
+        let artifact = &data["artifacts"][0];
+        assert_eq!(
+            std::fs::read(stored_file(artifact)).expect("the output is stored"),
+            testkit::TINY_PNG
+        );
+        let billing = Billing::from_result(&data).expect("the result carries its billing");
+        assert_eq!(
+            (billing.connector.as_str(), billing.customer.as_str(), billing.requests),
+            ("replicate", "c1", 1)
+        );
+        assert!((billing.predict_seconds - 0.4).abs() < 1e-6, "{billing:?}");
+        assert!((billing.cost - 0.2).abs() < 1e-6, "0.4 s at 0.5 USD/s: {billing:?}");
+        assert_eq!(fake.streams(), 1, "the prediction was followed through urls.stream");
+        let reported = rig.progress(&id, "running on Replicate").await;
+        assert!(
+            reported.iter().any(|p| *p >= 10.0 && *p < 100.0),
+            "progress from the logs' percentages reached Redis: {reported:?}"
+        );
+        let polls_after_stream = fake.polls();
+        assert!(
+            polls_after_stream <= 2,
+            "the stream needs one read of the result, not polling: {polls_after_stream}"
+        );
+
+        // An alias service, followed by polling.
+        rig.spawn(0, "w-poll", &[("replicate:flux", polled)]);
+        let id = rig
+            .submit("replicate:flux", json!({"prompt": "a dog", "fake_ms": 300}), "")
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let data = rig.result(&id).await;
+        assert!(data["artifacts"][0]["url"].is_string(), "{data}");
+        assert_eq!(fake.creates().last().expect("a create").0, "bfl/flux-schnell");
+        assert!(fake.polls() > polls_after_stream + 2, "polling mode polls urls.get");
+        assert_eq!(fake.streams(), 1);
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry() {
+    within(async {
+        let fake = FakeReplicate::start(None);
+        let mut rig = Rig::start(1).await;
+        let c: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
+        rig.spawn(0, "w1", &[("replicate", c)]);
+
+        let id = rig
+            .submit(
+                "replicate",
+                json!({"model": "acme/slow", "input": {"fake_ms": 20000}}),
+                "",
+            )
+            .await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cancelled_at = Instant::now();
+        rig.broker().cancel(&id).await.expect("cancel");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.cancels().is_empty() {
+            assert!(Instant::now() < deadline, "the cancel never reached Replicate");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("cancel reached the API after {:?}", cancelled_at.elapsed());
+        assert_eq!(fake.cancels().len(), 1);
+
+        let id = rig
+            .submit("replicate", json!({"version": "bad-version", "input": {}}), "")
+            .await;
+        let job = rig.wait_status(&id, &["failed"]).await;
+        let error = &job["error"];
+        assert!(
+            error.contains("Invalid version or not permitted") && error.contains("HTTP 422"),
+            "{error}"
+        );
+        assert_eq!(job["retry_count"], "1", "an input error is not retried: {job:?}");
+
+        // A 429 with Retry-After: 1 is honoured, then the prediction is created.
+        fake.fail_next(429, Some("1"));
+        let before = fake.creates().len();
+        let id = rig
+            .submit("replicate", json!({"model": "acme/x", "input": {"fake_ms": 100}}), "")
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let creates = fake.creates();
+        let gap = creates[before + 1].1 - creates[before].1;
+        assert!(gap >= Duration::from_millis(950), "Retry-After: 1 waited only {gap:?}");
+        let billing = Billing::from_result(&rig.result(&id).await).expect("billing");
+        assert_eq!(billing.requests, 2, "the refused attempt counts as a request");
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_runpod_jobs_run_sync_and_async_and_cancel() {
+    within(async {
+        let fake = FakeRunpod::start(Some("rp-test"));
+        let mut rig = Rig::start(1).await;
+        let c: Arc<dyn Connector> = Arc::new(runpod(&fake));
+        rig.spawn(0, "w1", &[("runpod", c)]);
+
+        let id = rig
+            .submit("runpod", json!({"input": {"prompt": "p1", "fake_ms": 500}}), "c9")
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let data = rig.result(&id).await;
+        assert_eq!(
+            (data["status"].as_str(), data["endpoint_id"].as_str()),
+            (Some("COMPLETED"), Some("ep-default"))
+        );
+        assert_eq!(data["output"]["prompt"], "p1");
+        assert_eq!(
+            std::fs::read(stored_file(&data["artifacts"][0])).expect("stored"),
+            testkit::TINY_PNG
+        );
+        let b = Billing::from_result(&data).expect("billing");
+        assert!(
+            (b.predict_seconds - 0.4).abs() < 1e-6 && (b.cost - (0.01 + 0.8)).abs() < 1e-6,
+            "{b:?}"
+        );
+        assert!(fake.statuses() >= 2, "the job was followed through /status");
+
+        let statuses = fake.statuses();
+        let id = rig
+            .submit(
+                "runpod",
+                json!({"endpoint_id": "ep-other", "sync": true, "input": {"prompt": "p2", "fake_ms": 200}}),
+                "",
+            )
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        assert_eq!(fake.runsyncs(), 1);
+        assert_eq!(
+            fake.statuses(),
+            statuses,
+            "a /runsync answered in time needs no /status"
+        );
+        assert_eq!(fake.runs().last().expect("a run").0, "ep-other");
+
+        let id = rig.submit("runpod", json!({"input": {"fake_ms": 20000}}), "").await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rig.broker().cancel(&id).await.expect("cancel");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.cancels().is_empty() {
+            assert!(Instant::now() < deadline, "the cancel never reached RunPod");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let id = rig
+            .submit(
+                "runpod",
+                json!({"endpoint_id": "ep1", "input": {"fake_fail": "CUDA out of memory"}}),
+                "",
+            )
+            .await;
+        let job = rig.wait_status(&id, &["failed"]).await;
+        assert!(job["error"].contains("CUDA out of memory"), "{job:?}");
+        rig.stop().await;
+    })
+    .await;
+}
+
+fn limited_openai(fake: &FakeOpenai, limits: &str, broker: &Broker) -> Arc<dyn Connector> {
+    limited_openai_with(fake, limits, broker).0
+}
+
+fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc<dyn Connector>, Arc<Limiter>) {
+    let c = config(&format!(
+        "[connectors.openai]\nbase_url = \"{}\"\nbackoff_initial = \"20ms\"\n[connectors.openai.limits]\n{limits}\n[connectors.openai.prices]\nper_1k_input_tokens = 1.0\nper_1k_output_tokens = 2.0\n",
+        fake.base_url()
+    ));
+    let limiter = Arc::new(Limiter::new("openai", c.openai.limits.clone()));
+    limiter.attach(broker.clone());
+    (
+        Arc::new(OpenaiConnector::new(c.openai, None).with_limiter(limiter.clone())),
+        limiter,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_fleet_rate_limit_holds_across_two_machines() {
+    within(async {
+        let fake = FakeOpenai::start(None);
+        let mut rig = Rig::start(2).await;
+        for m in 0..2 {
+            // Each machine has its own limiter and broker; only Redis is shared.
+            let c = limited_openai(&fake, "requests_per_second = 5", &rig.machines[m].broker);
+            for w in 0..3 {
+                rig.spawn(m, &format!("m{m}-openai-{w}"), &[("openai_text", c.clone())]);
+            }
+        }
+        let started = Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            ids.push(
+                rig.submit("openai_text", json!({"prompt": format!("job {i}")}), "")
+                    .await,
+            );
+        }
+        for id in &ids {
+            rig.wait_status(id, &["completed"]).await;
+        }
+        let took = started.elapsed();
+        let arrivals: Vec<Instant> = fake.requests().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(arrivals.len(), 30);
+        // The most requests in any one-second window, checked from each arrival.
+        let max_in_window = arrivals
+            .iter()
+            .map(|a| {
+                arrivals
+                    .iter()
+                    .filter(|b| **b >= *a && **b < *a + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        println!("30 requests through a 5/s fleet limit took {took:?}; busiest 1 s window: {max_in_window}");
+        // Tolerance of one: requests are admitted by Redis' clock and counted on arrival at the
+        // fake, so network jitter can move one arrival across a window's edge.
+        assert!(max_in_window <= 6, "a one-second window saw {max_in_window} requests");
+        assert!(
+            took >= Duration::from_millis(5500),
+            "30 requests at 5/s cannot finish in {took:?}"
+        );
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
+    within(async {
+        let fake = FakeOpenai::start(None);
+        let mut rig = Rig::start(1).await;
+        let (c, limiter) = limited_openai_with(
+            &fake,
+            "daily_requests = 2\nzone = \"Europe/Paris\"\n[connectors.openai.limits.customer]\ndaily_requests = 1",
+            rig.broker(),
+        );
+        let sim: Arc<dyn Connector> = Arc::new(SimulationConnector::new(SimulationConfig {
+            duration: Duration::from_millis(20),
+            steps: 2,
+            failure_rate: 0.0,
+        }));
+        rig.spawn(0, "w1", &[("openai_text", c), ("simulation", sim)]);
+
+        // Customer c1 may make one request a day: its second job waits, c2's job runs.
+        let a = rig
+            .submit("openai_text", json!({"prompt": "one two three"}), "c1")
+            .await;
+        rig.wait_status(&a, &["completed"]).await;
+        let data = rig.result(&a).await;
+        let b = Billing::from_result(&data).expect("billing");
+        assert_eq!((b.input_tokens, b.output_tokens), (3, 4), "{data}");
+        assert!((b.cost - (0.003 + 0.008)).abs() < 1e-9, "{b:?}");
+        let waiting = rig.submit("openai_text", json!({"prompt": "again"}), "c1").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut job = rig.job(&waiting).await;
+        while !job.contains_key("limit_reason") {
+            assert!(Instant::now() < deadline, "no reason recorded: {job:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            job = rig.job(&waiting).await;
+        }
+        assert_eq!(job["status"], "pending", "{job:?}");
+        assert!(
+            job["limit_reason"].contains("customer c1") && job["limit_reason"].contains("1 requests"),
+            "{job:?}"
+        );
+        let other = rig
+            .submit("openai_text", json!({"prompt": "other customer"}), "c2")
+            .await;
+        rig.wait_status(&other, &["completed"]).await;
+        assert!(job.contains_key("limit_until"), "{job:?}");
+
+        // Now the API's own quota (2) is used up: every openai job waits; other work goes on.
+        let third = rig.submit("openai_text", json!({"prompt": "c3"}), "c3").await;
+        let sim_job = rig.submit("simulation", json!({}), "").await;
+        rig.wait_status(&sim_job, &["completed"]).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let job = rig.job(&third).await;
+            if job.get("limit_reason").is_some_and(|r| r.contains("the openai API")) {
+                assert_eq!(job["status"], "pending");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API quota never stopped the job: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            fake.requests().len(),
+            2,
+            "no request beyond the daily quota reached the API"
+        );
+        assert_eq!(rig.job(&waiting).await["status"], "pending");
+        // What /status, /metrics and the fleet status show, read from Redis.
+        let usage = limiter.usage().await.expect("usage");
+        assert_eq!(
+            (usage.requests, usage.tokens, usage.daily_requests),
+            (2, (3 + 4) + (2 + 3), Some(2)),
+            "{usage:?}"
+        );
+        let stats = limiter.stats();
+        assert_eq!((stats.admitted, stats.quota_refusals), (2, 2), "{stats:?}");
+
+        // The reason is what `machine jobs show` prints.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_machine"))
+            .args(["jobs", "show", &third])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HUB_REDIS_URL", rig.server.url())
+            .output()
+            .expect("the machine binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("limit_reason") && stdout.contains("daily quota"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
+    within(async {
+        let fake = FakeRunpod::start(Some("rp-right"));
+        let c = config(&format!(
+            "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
+            fake.base_url()
+        ));
+        let connector = RunpodConnector::new(c.runpod, Some("rp-wrong".into()));
+        let job = machine::connectors::Job {
+            id: "j1".into(),
+            service_required: "runpod".into(),
+            payload: json!({"input": {"prompt": "x"}}),
+            customer_id: String::new(),
+            ctx: Value::Null,
+            timeout: None,
+        };
+        let (sink, _rx) = machine::connectors::ProgressSink::new();
+        let err = connector
+            .run(&job, &sink, &CancellationToken::new())
+            .await
+            .expect_err("a wrong key is refused");
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(
+            err.chain().contains("HTTP 401") && err.chain().contains("Unauthorized"),
+            "{}",
+            err.chain()
+        );
+        assert_eq!(fake.runs().len(), 1, "a 4xx is not retried");
+    })
+    .await;
+}
