@@ -245,6 +245,20 @@ struct Inner {
     observer: std::sync::OnceLock<ClaimObserver>,
     /// The workers this broker registered, to register again when Redis comes back empty.
     registered: Mutex<HashMap<String, Capabilities>>,
+    /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
+    /// [`Broker::claim_next`]).
+    catch_up: watch::Sender<CatchUp>,
+}
+
+/// Whether jobs queued while no machine listened are in the index yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// [`Broker::run_events`] is not running: claims repair the index themselves.
+    NotRunning,
+    /// The first catch-up after subscribing is running.
+    Running,
+    /// Done (or failed; claims then repair the index in steps).
+    Done,
 }
 
 /// Told the round-trip time of every `findMatchingJob` call and whether it claimed a job (for
@@ -301,6 +315,7 @@ impl Broker {
                 cancels,
                 observer: std::sync::OnceLock::new(),
                 registered: Mutex::new(HashMap::new()),
+                catch_up: watch::channel(CatchUp::NotRunning).0,
             }),
         })
     }
@@ -503,6 +518,17 @@ impl Broker {
             &caps.job_service_required_map
         };
         let mut rxs: Vec<watch::Receiver<u64>> = services.iter().map(|s| self.receiver(s)).collect();
+        // A backlog queued while no machine listened is claimed in order only once it is in
+        // the index: wait for run_events' catch-up (it indexes 100,000 jobs in seconds), but
+        // not longer than a safety poll at a time, so a slow catch-up never stalls a worker.
+        let mut catch_up = self.inner.catch_up.subscribe();
+        while *catch_up.borrow_and_update() == CatchUp::Running {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                _ = catch_up.changed() => {}
+                () = tokio::time::sleep(self.inner.opts.safety_poll) => break,
+            }
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(None);
@@ -541,6 +567,14 @@ impl Broker {
             self.key("job_requeued"),
             self.key("cancel_job"),
         ];
+        // Claimers wait for the first catch-up from now on (until Done).
+        self.inner.catch_up.send_if_modified(|c| {
+            let first = *c == CatchUp::NotRunning;
+            if first {
+                *c = CatchUp::Running;
+            }
+            first
+        });
         let mut backoff = Duration::from_millis(100);
         loop {
             if shutdown.is_cancelled() {
@@ -553,6 +587,7 @@ impl Broker {
                     if let Err(e) = self.catch_up_index().await {
                         tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
                     }
+                    self.inner.catch_up.send_replace(CatchUp::Done);
                     self.wake(None);
                     let mut messages = pubsub.on_message();
                     loop {

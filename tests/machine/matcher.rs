@@ -1606,6 +1606,46 @@ async fn workers_register_again_when_redis_comes_back_empty() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_starting_on_a_backlog_claims_it_in_order() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        // Queued while no machine listened: 20,000 jobs this worker cannot run ahead, then the
+        // runnable ones one second apart.
+        bulk_load(
+            &mut conn,
+            "blocked-",
+            20_000,
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":80}}"#,
+            90,
+        )
+        .await;
+        let t = now_ms() - 100_000;
+        for i in 0..40 {
+            api_submit(&mut conn, &format!("r-{i:02}"), t + i * 1000, &[], false).await;
+        }
+        let shutdown = CancellationToken::new();
+        let events = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.run_events(s).await }
+        });
+        wait_for_subscriber(&server).await;
+        let w = caps("w", &["comfyui"]);
+        let first = b.claim_next(&w, &shutdown).await.unwrap().expect("a job");
+        assert_eq!(first.id, "r-00", "the very first claim takes the oldest runnable job");
+        b.complete(&first, &Value::Null).await.unwrap();
+        let want: Vec<String> = (1..40).map(|i| format!("r-{i:02}")).collect();
+        assert_eq!(drain(&b, &w).await, want);
+        shutdown.cancel();
+        events.await.unwrap().unwrap();
+    })
+    .await;
+}
+
 mod differential {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
