@@ -24,8 +24,20 @@ pub(crate) struct RawWorker {
     pub output_dir: PathBuf,
     pub workflow_id: String,
     pub customer_access: RawCustomerAccess,
+    pub retry_delay: RawRetryDelay,
     #[serde(default)]
     pub capabilities: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetryDelay {
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    pub factor: f64,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    pub jitter: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +96,8 @@ pub struct WorkerConfig {
     pub workflow_id: String,
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
+    /// How long a retryable failure waits before its job can be claimed again.
+    pub retry_delay: crate::matcher::RetryDelay,
     /// Custom capabilities merged into every worker's capabilities JSON.
     pub capabilities: serde_json::Map<String, serde_json::Value>,
 }
@@ -155,6 +169,16 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
     if raw.job_timeout.is_zero() {
         bad("worker.job_timeout", "must be more than 0");
     }
+    let rd = &raw.retry_delay;
+    if !(rd.factor.is_finite() && rd.factor >= 1.0) {
+        bad("worker.retry_delay.factor", "must be a number of at least 1");
+    }
+    if !(0.0..=1.0).contains(&rd.jitter) {
+        bad("worker.retry_delay.jitter", "must be between 0 and 1");
+    }
+    if rd.max < rd.initial {
+        bad("worker.retry_delay.max", "must be at least worker.retry_delay.initial");
+    }
     let isolation = raw.customer_access.isolation.trim().to_ascii_lowercase();
     if !matches!(isolation.as_str(), "loose" | "strict") {
         bad("worker.customer_access.isolation", "must be `loose` or `strict`");
@@ -194,6 +218,12 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
             isolation,
             allowed_customers: raw.customer_access.allowed_customers,
             denied_customers: raw.customer_access.denied_customers,
+        },
+        retry_delay: crate::matcher::RetryDelay {
+            initial: raw.retry_delay.initial,
+            factor: raw.retry_delay.factor,
+            max: raw.retry_delay.max,
+            jitter: raw.retry_delay.jitter,
         },
         capabilities,
     }

@@ -35,8 +35,11 @@ pub struct BrokerOptions {
     pub lease: Duration,
     /// How often an idle claimer retries without a wake-up (default 5 s).
     pub safety_poll: Duration,
-    /// How long a worker that failed a job is held off it (default 30 s).
+    /// How long a worker that failed a job is held off it once its retry delay is over, so that
+    /// another capable worker takes it first (default 30 s).
     pub failed_holdoff: Duration,
+    /// How long a retryable failure waits before the job can be claimed again.
+    pub retry_delay: RetryDelay,
     /// `findMatchingJob`'s second argument: how many held-off jobs of one group it skips.
     pub max_examine: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
@@ -49,9 +52,50 @@ impl Default for BrokerOptions {
             lease: Duration::from_secs(60),
             safety_poll: Duration::from_secs(5),
             failed_holdoff: Duration::from_secs(30),
+            retry_delay: RetryDelay::default(),
             max_examine: 100,
             key_prefix: String::new(),
         }
+    }
+}
+
+/// How long a retryable failure waits before its job can be claimed again: `initial` before the
+/// first retry, `factor` times more before each further one, never more than `max`, and each
+/// shortened by a random part of up to `jitter` (0 to 1) so that jobs that failed together (an
+/// outage of a storage bucket) do not all return at once.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RetryDelay {
+    /// The delay before the first retry (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Growth per further retry (default 2).
+    pub factor: f64,
+    /// The longest delay (default 5 min).
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// The largest fraction taken off at random (default 0.2).
+    pub jitter: f64,
+}
+
+impl Default for RetryDelay {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(5),
+            factor: 2.0,
+            max: Duration::from_secs(300),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryDelay {
+    /// The delay before retry number `retry` (0 for the first), with `random` (0 to 1) choosing
+    /// the jitter.
+    pub fn delay(&self, retry: u32, random: f64) -> Duration {
+        let grown = self.initial.as_secs_f64() * self.factor.max(1.0).powi(retry.min(1024) as i32);
+        let capped = grown.min(self.max.as_secs_f64());
+        let cut = self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0);
+        Duration::try_from_secs_f64(capped * (1.0 - cut)).unwrap_or(self.max)
     }
 }
 
@@ -183,6 +227,9 @@ pub struct JobView {
     pub job: BTreeMap<String, String>,
     /// `job:<id>:progress`.
     pub progress: BTreeMap<String, String>,
+    /// For a job still waiting: why no registered worker took it, or how many could.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// The broker handle; cheap to clone, shared by all workers of a machine.
@@ -200,6 +247,22 @@ struct Inner {
     wake: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: broadcast::Sender<String>,
     observer: std::sync::OnceLock<ClaimObserver>,
+    /// The workers this broker registered, to register again when Redis comes back empty.
+    registered: Mutex<HashMap<String, Capabilities>>,
+    /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
+    /// [`Broker::claim_next`]).
+    catch_up: watch::Sender<CatchUp>,
+}
+
+/// Whether jobs queued while no machine listened are in the index yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// [`Broker::run_events`] is not running: claims repair the index themselves.
+    NotRunning,
+    /// The first catch-up after subscribing is running.
+    Running,
+    /// Done (or failed; claims then repair the index in steps).
+    Done,
 }
 
 /// Told the round-trip time of every `findMatchingJob` call and whether it claimed a job (for
@@ -255,6 +318,8 @@ impl Broker {
                 wake: Mutex::new(HashMap::new()),
                 cancels,
                 observer: std::sync::OnceLock::new(),
+                registered: Mutex::new(HashMap::new()),
+                catch_up: watch::channel(CatchUp::NotRunning).0,
             }),
         })
     }
@@ -333,6 +398,8 @@ impl Broker {
             Err(e) if self.library_missing(&e).await => {
                 tracing::warn!(function, "the jobMatching library is missing; loading it again");
                 self.ensure_functions().await?;
+                // A Redis that lost the library (restarted empty) lost the workers too.
+                self.register_again().await;
                 self.command(function, args)
                     .query_async::<T>(&mut conn)
                     .await
@@ -374,7 +441,8 @@ impl Broker {
         let lease = self.inner.opts.lease.as_millis().to_string();
         loop {
             let started = std::time::Instant::now();
-            let reply: Option<String> = self
+            // Bytes, not a string: a job field with invalid UTF-8 must fail that job, not the call.
+            let reply: Option<Vec<u8>> = self
                 .call(
                     "findMatchingJob",
                     &[caps_json, &max, &lease, &self.inner.opts.key_prefix],
@@ -384,13 +452,26 @@ impl Broker {
                 observe(started.elapsed(), reply.is_some());
             }
             let Some(reply) = reply else { return Ok(None) };
-            let job = parse_claim(&reply)?;
+            let job = match String::from_utf8(reply) {
+                Ok(text) => parse_claim(&text)?,
+                Err(e) => {
+                    let field = invalid_utf8_field(e.as_bytes());
+                    let mut job = parse_claim(&String::from_utf8_lossy(e.as_bytes()))?;
+                    job.payload_error = Some(format!("invalid UTF-8 in job field `{field}`"));
+                    job
+                }
+            };
             match job.payload_error {
                 None => return Ok(Some(job.job)),
                 Some(reason) => {
-                    // The payload changed after indexing; the job cannot run anywhere.
-                    tracing::warn!(job_id = %job.job.id, "claimed a job with a malformed payload; failing it");
-                    let _ = self.fail(&job.job, &reason, false).await?;
+                    // The job cannot run anywhere; fail it at once with the reason.
+                    tracing::warn!(job_id = %job.job.id, %reason, "claimed a job that cannot run; failing it");
+                    match self.fail(&job.job, &reason, false).await {
+                        Ok(_) => {}
+                        // An id that is not UTF-8 itself cannot be named back; its lease runs out.
+                        Err(BrokerError::LeaseLost { .. } | BrokerError::Cancelled { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -441,6 +522,17 @@ impl Broker {
             &caps.job_service_required_map
         };
         let mut rxs: Vec<watch::Receiver<u64>> = services.iter().map(|s| self.receiver(s)).collect();
+        // A backlog queued while no machine listened is claimed in order only once it is in
+        // the index: wait for run_events' catch-up (it indexes 100,000 jobs in seconds), but
+        // not longer than a safety poll at a time, so a slow catch-up never stalls a worker.
+        let mut catch_up = self.inner.catch_up.subscribe();
+        while *catch_up.borrow_and_update() == CatchUp::Running {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                _ = catch_up.changed() => {}
+                () = tokio::time::sleep(self.inner.opts.safety_poll) => break,
+            }
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(None);
@@ -479,6 +571,14 @@ impl Broker {
             self.key("job_requeued"),
             self.key("cancel_job"),
         ];
+        // Claimers wait for the first catch-up from now on (until Done).
+        self.inner.catch_up.send_if_modified(|c| {
+            let first = *c == CatchUp::NotRunning;
+            if first {
+                *c = CatchUp::Running;
+            }
+            first
+        });
         let mut backoff = Duration::from_millis(100);
         loop {
             if shutdown.is_cancelled() {
@@ -491,6 +591,7 @@ impl Broker {
                     if let Err(e) = self.catch_up_index().await {
                         tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
                     }
+                    self.inner.catch_up.send_replace(CatchUp::Done);
                     self.wake(None);
                     let mut messages = pubsub.on_message();
                     loop {
@@ -629,8 +730,19 @@ impl Broker {
     /// this worker held off it) until `max_retries`.
     pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<FailOutcome, BrokerError> {
         let holdoff = self.inner.opts.failed_holdoff.as_millis().to_string();
+        let delay = self
+            .inner
+            .opts
+            .retry_delay
+            .delay(job.retry_count(), rand::random::<f64>())
+            .as_millis()
+            .to_string();
         let r = self
-            .lifecycle("failJob", job, &[error, if retryable { "1" } else { "0" }, &holdoff])
+            .lifecycle(
+                "failJob",
+                job,
+                &[error, if retryable { "1" } else { "0" }, &holdoff, &delay],
+            )
             .await?;
         Ok(if r == "retried" {
             FailOutcome::Retried
@@ -696,8 +808,38 @@ impl Broker {
         events.and(reaper)
     }
 
-    /// Registers a worker in `worker:<id>` (idle) with its capabilities.
+    /// Registers a worker in `worker:<id>` (idle) with its capabilities; it is registered again
+    /// by itself whenever Redis is found empty.
     pub async fn register_worker(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        self.inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .insert(caps.worker_id.clone(), caps.clone());
+        self.write_registration(caps).await
+    }
+
+    /// Registers every worker of this broker again (Redis came back without them).
+    async fn register_again(&self) {
+        let all: Vec<Capabilities> = self
+            .inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .values()
+            .cloned()
+            .collect();
+        for caps in all {
+            match self.write_registration(&caps).await {
+                Ok(()) => tracing::info!(worker_id = %caps.worker_id, "registered the worker again in an empty redis"),
+                Err(e) => {
+                    tracing::warn!(worker_id = %caps.worker_id, error = %e, "failed to register the worker again")
+                }
+            }
+        }
+    }
+
+    async fn write_registration(&self, caps: &Capabilities) -> Result<(), BrokerError> {
         let now = now_ms();
         let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let key = self.key(&format!("worker:{}", caps.worker_id));
@@ -728,22 +870,38 @@ impl Broker {
     }
 
     /// The contract's heartbeat: `worker:<id>` `last_heartbeat` and `worker:<id>:heartbeat`
-    /// (60 s TTL), and the hash's own expiry pushed back. Call every 30 s or sooner.
+    /// (60 s TTL), and the hash's own expiry pushed back. Call every 30 s or sooner. A worker
+    /// whose registration is gone (Redis came back empty) is registered again.
     pub async fn heartbeat(&self, worker_id: &str) -> Result<(), BrokerError> {
         let now = now_ms().to_string();
         let key = self.key(&format!("worker:{worker_id}"));
         let mut conn = self.connection();
-        redis::pipe()
+        let (registered,): (bool,) = redis::pipe()
             .atomic()
+            .hexists(&key, "worker_id")
             .hset(&key, "last_heartbeat", &now)
             .ignore()
             .expire(&key, WORKER_TTL_SECS)
             .ignore()
             .set_ex(format!("{key}:heartbeat"), &now, 60)
             .ignore()
-            .query_async::<()>(&mut conn)
+            .query_async(&mut conn)
             .await
-            .map_err(redis_err("heartbeat"))
+            .map_err(redis_err("heartbeat"))?;
+        if !registered {
+            let caps = self
+                .inner
+                .registered
+                .lock()
+                .expect("the registry lock is never poisoned: no panics while held")
+                .get(worker_id)
+                .cloned();
+            if let Some(caps) = caps {
+                tracing::info!(worker_id, "the worker's registration is gone; registering it again");
+                self.write_registration(&caps).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Submits a job exactly as the API does: the job hash, `jobs:pending` with the contract's
@@ -820,7 +978,100 @@ impl Broker {
             .query_async(&mut conn)
             .await
             .map_err(redis_err("show job"))?;
-        Ok((!job.is_empty()).then_some(JobView { job, progress }))
+        if job.is_empty() {
+            return Ok(None);
+        }
+        let waiting = match job.get("status").map(String::as_str) {
+            None | Some("" | "pending" | "queued") => Some(
+                self.why_waiting(job_id, &job)
+                    .await
+                    .unwrap_or_else(|e| format!("cannot tell which workers could run it: {e}")),
+            ),
+            Some(_) => None,
+        };
+        Ok(Some(JobView { job, progress, waiting }))
+    }
+
+    /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
+    async fn why_waiting(&self, job_id: &str, job: &BTreeMap<String, String>) -> Result<String, BrokerError> {
+        let mut conn = self.connection();
+        let pattern = self.key("worker:*");
+        let prefix_len = pattern.len() - 1;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("SCAN"))?;
+            // `worker:<id>` only, not the `worker:<id>:...` keys beside it.
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':'))),
+            );
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hget(k, "capabilities");
+        }
+        let caps: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_err("show job"))?;
+        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
+        let service = Some(field("service_required"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| field("job_type"));
+        let pending = super::reference::PendingJob {
+            id: job_id.to_owned(),
+            score: 0.0,
+            created_ms: 0,
+            seq: 0,
+            service: service.clone(),
+            requirements: field("requirements"),
+            customer_id: field("customer_id"),
+            workflow_id: field("workflow_id"),
+            payload: field("payload"),
+            held_off_worker: None,
+        };
+        let workers: Vec<Value> = caps
+            .into_iter()
+            .flatten()
+            .filter_map(|c| serde_json::from_str(&c).ok())
+            .collect();
+        let accepting = workers
+            .iter()
+            .filter(|w| {
+                ["job_service_required_map", "services"].iter().any(|k| {
+                    w.get(*k)
+                        .and_then(Value::as_array)
+                        .is_some_and(|l| l.iter().any(|s| s.as_str() == Some(service.as_str())))
+                })
+            })
+            .count();
+        let able = workers
+            .iter()
+            .filter(|w| super::reference::job_matches(w, &pending))
+            .count();
+        Ok(if accepting == 0 {
+            format!(
+                "no registered worker accepts service `{service}` ({} workers registered)",
+                workers.len()
+            )
+        } else if able == 0 {
+            format!(
+                "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
+            )
+        } else {
+            format!("{able} registered workers can run it; it waits for one of them to be free")
+        })
     }
 
     /// Jobs (id and hash), optionally only those with `status`, newest first, at most `limit`.
@@ -904,6 +1155,43 @@ fn new_job_id() -> String {
     )
 }
 
+/// The job field whose value (or name) is not UTF-8 in a raw claim reply, `?` when the reply
+/// cannot be read that far. The reply is `{"jobId":..,"job":{..}}` and, a job being a Redis
+/// hash, every field of `job` is a string.
+fn invalid_utf8_field(reply: &[u8]) -> String {
+    const JOB: &[u8] = b"\"job\":{";
+    let Some(start) = reply.windows(JOB.len()).position(|w| w == JOB) else {
+        return "?".to_owned();
+    };
+    let mut at = start + JOB.len();
+    while let Some((key, after_key)) = json_string(reply, at) {
+        let Some((value, after_value)) = json_string(reply, after_key + 1) else {
+            break;
+        };
+        if std::str::from_utf8(key).is_err() || std::str::from_utf8(value).is_err() {
+            return String::from_utf8_lossy(key).into_owned();
+        }
+        at = after_value + 1;
+    }
+    "?".to_owned()
+}
+
+/// The raw bytes inside the JSON string that starts at `at`, and the index after it.
+fn json_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut j = at + 1;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            b'"' => return Some((&b[at + 1..j], j + 1)),
+            _ => j += 1,
+        }
+    }
+    None
+}
+
 struct ParsedClaim {
     job: ClaimedJob,
     payload_error: Option<String>,
@@ -983,6 +1271,42 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+
+    #[test]
+    fn invalid_utf8_names_its_field() {
+        let mut reply = br#"{"jobId":"j1","job":{"id":"j1","payload":"{\"a\":\"x"#.to_vec();
+        reply.extend_from_slice(&[0xff, 0xfe]);
+        reply.extend_from_slice(br#"\"}","status":"assigned"}}"#);
+        assert_eq!(invalid_utf8_field(&reply), "payload");
+        assert_eq!(invalid_utf8_field(b"nonsense"), "?");
+    }
+
+    #[test]
+    fn retry_delays_grow_are_capped_and_jittered() {
+        let d = RetryDelay::default();
+        assert_eq!(d.delay(0, 0.0), Duration::from_secs(5));
+        assert_eq!(d.delay(1, 0.0), Duration::from_secs(10));
+        assert_eq!(d.delay(30, 0.0), Duration::from_secs(300));
+        assert_eq!(d.delay(0, 1.0), Duration::from_secs(4));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn retry_delays_stay_within_their_bounds(
+            initial_ms in 0u64..60_000, factor in 1.0f64..5.0, max_ms in 0u64..600_000,
+            jitter in 0.0f64..1.0, retry in 0u32..200, random in 0.0f64..1.0,
+        ) {
+            let p = RetryDelay {
+                initial: Duration::from_millis(initial_ms),
+                factor,
+                max: Duration::from_millis(max_ms),
+                jitter,
+            };
+            let d = p.delay(retry, random);
+            proptest::prop_assert!(d <= p.max);
+            proptest::prop_assert!(p.delay(retry + 1, random) >= d);
+        }
     }
 
     #[test]

@@ -127,45 +127,159 @@ pub struct Requirements {
     pub negative: Option<Map<String, Value>>,
 }
 
-/// The job's `requirements` is not a JSON object.
+/// The job's `requirements` can never match: not a JSON object, or a requirement that can
+/// never be compared. The reason is what the job's `error` says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed requirements JSON")]
-pub struct MalformedRequirements;
+#[error("{reason}")]
+pub struct MalformedRequirements {
+    /// Why, e.g. `malformed requirements JSON` or `requirements.hardware is null`.
+    pub reason: String,
+}
+
+impl MalformedRequirements {
+    fn new(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into() }
+    }
+
+    fn json() -> Self {
+        Self::new("malformed requirements JSON")
+    }
+}
+
+/// Hardware keys that need a number (or `"all"`).
+const HW_NUMBERS: [&str; 4] = ["gpu_memory_gb", "cpu_cores", "ram_gb", "gpu_count"];
+
+/// A number, or a number written as a string (`"16"`, `"-2.5"`), as the Lua library reads it.
+pub(crate) fn as_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            let (int, frac) = match digits.split_once('.') {
+                Some((i, f)) => (i, Some(f)),
+                None => (digits, None),
+            };
+            let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+            (all_digits(int) && frac.is_none_or(all_digits))
+                .then(|| s.parse().ok())
+                .flatten()
+        }
+        _ => None,
+    }
+}
+
+fn is_name_list(v: &Value) -> bool {
+    matches!(v, Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_string))
+}
+
+fn is_empty(v: &Value) -> bool {
+    matches!(v, Value::Array(a) if a.is_empty()) || matches!(v, Value::Object(o) if o.is_empty())
+}
+
+/// Why a requirement can never be compared (a null anywhere), or `None`. Numbers beyond the
+/// float range do not get here: they do not parse.
+fn uncomparable(v: &Value, path: &str) -> Option<String> {
+    match v {
+        Value::Null => Some(format!("{path} is null")),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| uncomparable(x, &format!("{path}[{i}]"))),
+        Value::Object(o) => o.iter().find_map(|(k, x)| uncomparable(x, &format!("{path}.{k}"))),
+        _ => None,
+    }
+}
+
+/// Why the positive requirements can never match a worker: a named key of the wrong kind.
+fn wrong_kind(pos: &Map<String, Value>) -> Option<String> {
+    if let Some(hw) = pos.get("hardware")
+        && hw.as_str() != Some("all")
+        && !is_empty(hw)
+    {
+        let Value::Object(hw) = hw else {
+            return Some(r#"hardware must be an object or "all""#.to_owned());
+        };
+        for (k, v) in hw {
+            if v.as_str() == Some("all") {
+                continue;
+            }
+            if HW_NUMBERS.contains(&k.as_str()) && as_number(v).is_none() {
+                return Some(format!(r#"hardware.{k} must be a number or "all""#));
+            }
+            if k == "gpu_model" && !v.is_string() && !is_name_list(v) {
+                return Some("hardware.gpu_model must be a name or a list of names".to_owned());
+            }
+        }
+    }
+    if let Some(models) = pos.get("models")
+        && !models.is_string()
+        && !is_empty(models)
+        && !is_name_list(models)
+    {
+        let Value::Object(by_service) = models else {
+            return Some(r#"models must be a list of names, a name, "all" or an object by service"#.to_owned());
+        };
+        for (service, list) in by_service {
+            if !list.is_string() && !is_empty(list) && !is_name_list(list) {
+                return Some(format!(r#"models.{service} must be a list of names, a name or "all""#));
+            }
+        }
+    }
+    None
+}
 
 impl Requirements {
-    /// Parses a `requirements` field the way the Lua library does.
+    /// Parses a `requirements` field the way the Lua library does: empty, `null`, `{}` and
+    /// `[]` (what the API stores for an empty list) are no requirements; anything else must be
+    /// an object whose requirements can be compared.
     pub fn parse(raw: &str) -> Result<Self, MalformedRequirements> {
         let s = raw.trim_matches(|c: char| c.is_ascii_whitespace());
-        if s.is_empty() || s == "null" {
+        if s.is_empty() || s == "null" || s == "[]" {
             return Ok(Self::none());
         }
         if !s.starts_with('{') {
-            return Err(MalformedRequirements);
+            return Err(MalformedRequirements::json());
         }
         let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(s) else {
-            return Err(MalformedRequirements);
+            return Err(MalformedRequirements::json());
         };
         let pos = doc.get("positive_requirements");
         let neg = doc.get("negative_requirements");
-        if pos.is_none() && neg.is_none() {
-            return Ok(Self {
+        let parsed = if pos.is_none() && neg.is_none() {
+            Self {
                 positive: doc,
                 negative: None,
-            });
-        }
-        let part = |v: Option<&Value>| -> Result<Option<Map<String, Value>>, MalformedRequirements> {
-            match v {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Object(m)) => Ok(Some(m.clone())),
-                // Lua cannot tell `[]` from `{}`; both mean "nothing".
-                Some(Value::Array(a)) if a.is_empty() => Ok(Some(Map::new())),
-                Some(_) => Err(MalformedRequirements),
+            }
+        } else {
+            let part = |v: Option<&Value>| -> Result<Option<Map<String, Value>>, MalformedRequirements> {
+                match v {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::Object(m)) => Ok(Some(m.clone())),
+                    // Lua cannot tell `[]` from `{}`; both mean "nothing".
+                    Some(Value::Array(a)) if a.is_empty() => Ok(Some(Map::new())),
+                    Some(_) => Err(MalformedRequirements::json()),
+                }
+            };
+            Self {
+                positive: part(pos)?.unwrap_or_default(),
+                negative: part(neg)?,
             }
         };
-        Ok(Self {
-            positive: part(pos)?.unwrap_or_default(),
-            negative: part(neg)?,
-        })
+        let why = parsed
+            .positive
+            .iter()
+            .find_map(|(k, v)| uncomparable(v, &format!("requirements.{k}")))
+            .or_else(|| {
+                parsed.negative.as_ref().and_then(|n| {
+                    n.iter()
+                        .find_map(|(k, v)| uncomparable(v, &format!("negative_requirements.{k}")))
+                })
+            })
+            .or_else(|| wrong_kind(&parsed.positive));
+        match why {
+            Some(reason) => Err(MalformedRequirements::new(reason)),
+            None => Ok(parsed),
+        }
     }
 
     /// No requirements at all.
@@ -210,12 +324,30 @@ mod tests {
             Requirements::parse(r#"{"positive_requirements":{"a":1},"negative_requirements":{"b":2}}"#).unwrap();
         assert_eq!(split.positive.get("a"), Some(&Value::from(1)));
         assert!(split.negative.is_some());
-        assert_eq!(Requirements::parse("[1]"), Err(MalformedRequirements));
-        assert_eq!(Requirements::parse("{oops"), Err(MalformedRequirements));
-        assert_eq!(Requirements::parse("42"), Err(MalformedRequirements));
+        assert_eq!(Requirements::parse("[]").unwrap(), Requirements::none());
+        let json = Err(MalformedRequirements::json());
+        assert_eq!(Requirements::parse("[1]"), json);
+        assert_eq!(Requirements::parse("{oops"), json);
+        assert_eq!(Requirements::parse("42"), json);
+        assert_eq!(Requirements::parse(r#"{"positive_requirements":[1]}"#), json);
+        assert_eq!(Requirements::parse(r#"{"hardware":1e999}"#), json);
+        let why = |r: &str| Requirements::parse(r).unwrap_err().reason;
+        assert_eq!(why(r#"{"hardware":null}"#), "requirements.hardware is null");
         assert_eq!(
-            Requirements::parse(r#"{"positive_requirements":[1]}"#),
-            Err(MalformedRequirements)
+            why(r#"{"hardware":{"gpu_memory_gb":[16]}}"#),
+            r#"hardware.gpu_memory_gb must be a number or "all""#
         );
+        assert_eq!(
+            why(r#"{"models":5}"#),
+            r#"models must be a list of names, a name, "all" or an object by service"#
+        );
+        assert!(Requirements::parse(r#"{"hardware":{"gpu_memory_gb":"16","gpu_model":"A100"}}"#).is_ok());
+        assert!(Requirements::parse(r#"{"positive_requirements":{"models":"sdxl"}}"#).is_ok());
+        assert!(Requirements::parse(r#"{"models":{"comfyui":["sdxl"]}}"#).is_ok());
+        assert_eq!(as_number(&Value::from("16")), Some(16.0));
+        assert_eq!(as_number(&Value::from("-2.5")), Some(-2.5));
+        for s in ["1e3", "inf", " 16", "0x10", "", "-", "1."] {
+            assert_eq!(as_number(&Value::from(s)), None, "{s}");
+        }
     }
 }

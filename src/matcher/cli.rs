@@ -293,6 +293,8 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
             workflow_id: String::new(),
             payload: "{}".to_owned(),
             held_off_worker: None,
+            created_ms: 0,
+            seq: 0,
         });
     }
     let mut caps = Capabilities::new("selftest-w1", "selftest", &["comfyui"]);
@@ -315,11 +317,15 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
         broker.progress(&job, 50.0, "half way", None).await?;
         broker.complete(&job, &serde_json::json!({"ok": true})).await?;
         checks += 1;
+        // A completion repeated by its worker is recognised as done; anyone else's is fenced.
+        broker.complete(&job, &Value::Null).await?;
+        let mut intruder = job.clone();
+        intruder.worker_id = "selftest-intruder".to_owned();
         if !matches!(
-            broker.complete(&job, &Value::Null).await,
+            broker.complete(&intruder, &Value::Null).await,
             Err(BrokerError::LeaseLost { .. })
         ) {
-            return Ok(Err("a second completion was not fenced off".to_owned()));
+            return Ok(Err("a completion by another worker was not fenced off".to_owned()));
         }
         checks += 1;
     }
@@ -417,6 +423,9 @@ pub fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<RedisUrl>) 
                     } else {
                         for (k, v) in &view.job {
                             println!("{k:<20} {v}");
+                        }
+                        if let Some(why) = &view.waiting {
+                            println!("{:<20} {why}", "waiting");
                         }
                         if !view.progress.is_empty() {
                             println!("progress:");

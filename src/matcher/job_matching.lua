@@ -23,7 +23,8 @@ local RECORD_TTL_MS = 7 * 86400 * 1000 -- jobs:completed / jobs:failed entries
 local RECORD_TRIM = 100               -- records trimmed per completion at most
 local DEFAULT_LEASE_MS = 60000
 local DEFAULT_HOLDOFF_MS = 30000
-local CLAIM_RECONCILE = 256           -- index repair budget of one claim when counts differ
+local CLAIM_RECONCILE = 32            -- index repair budget of one claim when counts differ
+local DUE_BATCH = 16                  -- retry-delayed jobs released into the index per claim
 local CANCEL_ERROR = 'Job cancelled by user'
 
 local function dbg(msg)
@@ -102,6 +103,30 @@ local function list_has(list, x)
   return false
 end
 
+-- A number, or a number written as a string ("16", "-2.5") as the API's and monitor's forms
+-- send them; nil otherwise. reference.rs accepts exactly the same strings.
+local function as_number(v)
+  if type(v) == 'number' then return v end
+  if type(v) == 'string' and (string.match(v, '^%-?%d+$') or string.match(v, '^%-?%d+%.%d+$')) then
+    return tonumber(v)
+  end
+  return nil
+end
+
+-- `hardware.gpu_model`: a name matches the worker's model case-insensitively as a substring
+-- ("A100" matches "NVIDIA A100-SXM4-80GB"); a list matches when any of its names does (a
+-- worker has one model).
+local function gpu_model_ok(req, have)
+  if type(have) ~= 'string' then return false end
+  have = string.lower(have)
+  if type(req) == 'string' then return string.find(have, string.lower(req), 1, true) ~= nil end
+  if kind(req) ~= 'list' then return false end
+  for _, name in ipairs(req) do
+    if type(name) == 'string' and string.find(have, string.lower(name), 1, true) then return true end
+  end
+  return false
+end
+
 -- Does the worker's value `have` satisfy the requirement `req`?
 local function satisfies(req, have)
   local kh = kind(have)
@@ -123,7 +148,10 @@ local function satisfies(req, have)
     return true
   end
   if kh == 'list' then return list_has(have, req) end
-  if kr == 'number' and kh == 'number' then return have >= req end
+  if kr == 'number' or kh == 'number' then
+    local nr, nh = as_number(req), as_number(have)
+    if nr and nh then return nh >= nr end
+  end
   return scalar_eq(req, have)
 end
 
@@ -203,7 +231,15 @@ local function positive_ok(reqs, caps, service)
         elseif kv == 'object' then
           ok = true
           for hk, hv in pairs(v) do
-            if hv ~= 'all' and not satisfies(hv, hw_value(caps, hk)) then
+            local fits
+            if hv == 'all' then
+              fits = true
+            elseif hk == 'gpu_model' then
+              fits = gpu_model_ok(hv, hw_value(caps, hk))
+            else
+              fits = satisfies(hv, hw_value(caps, hk))
+            end
+            if not fits then
               ok = false
               break
             end
@@ -231,6 +267,8 @@ local function positive_ok(reqs, caps, service)
         end
       elseif k == 'customer_isolation' then
         ok = v ~= 'strict' or strict_worker(caps)
+      elseif k == 'hardware.gpu_model' then
+        ok = gpu_model_ok(v, hw_value(caps, 'gpu_model'))
       else
         ok = satisfies(v, lookup(caps, k))
       end
@@ -246,7 +284,11 @@ local function negative_hit(reqs, caps, service)
       if k == 'hardware' then
         if kind(v) == 'object' then
           for hk, hv in pairs(v) do
-            if hv ~= 'all' and any_item(hv, hw_value(caps, hk)) then return true end
+            if hk == 'gpu_model' then
+              if hv ~= 'all' and gpu_model_ok(hv, hw_value(caps, hk)) then return true end
+            elseif hv ~= 'all' and any_item(hv, hw_value(caps, hk)) then
+              return true
+            end
           end
         end
       elseif k == 'models' then
@@ -259,6 +301,8 @@ local function negative_hit(reqs, caps, service)
         end
       elseif k == 'customer_isolation' then
         if v == 'strict' and strict_worker(caps) then return true end
+      elseif k == 'hardware.gpu_model' then
+        if gpu_model_ok(v, hw_value(caps, 'gpu_model')) then return true end
       else
         if any_item(v, lookup(caps, k)) then return true end
       end
@@ -267,22 +311,87 @@ local function negative_hit(reqs, caps, service)
   return false
 end
 
--- Parses a requirements string: nil for "no requirements", false for malformed, else the
--- positive and negative tables.
+-- Hardware keys that need a number (or "all").
+local HW_NUMBERS = { gpu_memory_gb = true, cpu_cores = true, ram_gb = true, gpu_count = true }
+
+-- Why a decoded requirement can never be compared (a null, a number beyond the float range),
+-- or nil. `path` names the value in the reason.
+local function uncomparable(v, path)
+  if v == cjson.null then return path .. ' is null' end
+  if type(v) == 'number' and (v ~= v or v == math.huge or v == -math.huge) then
+    return path .. ' is not a finite number'
+  end
+  if type(v) == 'table' then
+    for k, x in pairs(v) do
+      local r = uncomparable(x, type(k) == 'number' and (path .. '[' .. (k - 1) .. ']') or (path .. '.' .. k))
+      if r then return r end
+    end
+  end
+  return nil
+end
+
+local function is_name_list(v)
+  if kind(v) ~= 'list' then return false end
+  for _, x in ipairs(v) do
+    if type(x) ~= 'string' then return false end
+  end
+  return true
+end
+
+-- Why the positive requirements can never match any worker, or nil: the named keys with a
+-- value of the wrong kind.
+local function wrong_kind(pos)
+  local hw = pos.hardware
+  if hw ~= nil and hw ~= 'all' and kind(hw) ~= 'empty' then
+    if kind(hw) ~= 'object' then return 'hardware must be an object or "all"' end
+    for hk, hv in pairs(hw) do
+      if hv ~= 'all' then
+        if HW_NUMBERS[hk] and not as_number(hv) then
+          return 'hardware.' .. hk .. ' must be a number or "all"'
+        end
+        if hk == 'gpu_model' and type(hv) ~= 'string' and not is_name_list(hv) then
+          return 'hardware.gpu_model must be a name or a list of names'
+        end
+      end
+    end
+  end
+  local models = pos.models
+  if models ~= nil and models ~= 'all' and type(models) ~= 'string' and kind(models) ~= 'empty'
+    and not is_name_list(models) then
+    if kind(models) ~= 'object' then return 'models must be a list of names, a name, "all" or an object by service' end
+    for service, list in pairs(models) do
+      if list ~= 'all' and type(list) ~= 'string' and kind(list) ~= 'empty' and not is_name_list(list) then
+        return 'models.' .. service .. ' must be a list of names, a name or "all"'
+      end
+    end
+  end
+  return nil
+end
+
+-- Parses a requirements string: the positive and negative tables, or false and the reason
+-- when it is malformed or can never be compared. `[]` (what the API stores for an empty list)
+-- is no requirements, like an empty string, `null` and `{}`.
 local function parse_requirements(raw)
   if raw == nil then return {}, nil end
   local s = string.match(raw, '^%s*(.-)%s*$')
-  if s == '' or s == 'null' then return {}, nil end
-  if string.sub(s, 1, 1) ~= '{' then return false end
+  if s == '' or s == 'null' or s == '[]' then return {}, nil end
+  if string.sub(s, 1, 1) ~= '{' then return false, 'malformed requirements JSON' end
   local ok, doc = pcall(cjson.decode, s)
-  if not ok or type(doc) ~= 'table' then return false end
+  if not ok or type(doc) ~= 'table' then return false, 'malformed requirements JSON' end
   local pos, neg = doc.positive_requirements, doc.negative_requirements
-  if pos == nil and neg == nil then return doc, nil end
-  if pos == cjson.null then pos = nil end
-  if neg == cjson.null then neg = nil end
-  if pos ~= nil and (type(pos) ~= 'table' or kind(pos) == 'list') then return false end
-  if neg ~= nil and (type(neg) ~= 'table' or kind(neg) == 'list') then return false end
-  return pos or {}, neg
+  if pos == nil and neg == nil then
+    pos = doc
+  else
+    if pos == cjson.null then pos = nil end
+    if neg == cjson.null then neg = nil end
+    if pos ~= nil and (type(pos) ~= 'table' or kind(pos) == 'list') then return false, 'malformed requirements JSON' end
+    if neg ~= nil and (type(neg) ~= 'table' or kind(neg) == 'list') then return false, 'malformed requirements JSON' end
+    pos = pos or {}
+  end
+  local why = uncomparable(pos, 'requirements') or (neg and uncomparable(neg, 'negative_requirements'))
+    or wrong_kind(pos)
+  if why then return false, why end
+  return pos, neg
 end
 
 local function customer_ok(customer, caps)
@@ -342,7 +451,8 @@ local function worker_of(raw)
   return w
 end
 
--- parse_requirements memoised: { pos = ..., neg = ... } (pos false when malformed).
+-- parse_requirements memoised: { pos = ..., neg = ... } (pos false and neg the reason when the
+-- job can never match).
 local function requirements_of(raw)
   local entry = reqs_memo[raw]
   if entry then return entry end
@@ -357,20 +467,83 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- The pending index: jobs:pending grouped by (service, requirements, customer, workflow)
 -- ---------------------------------------------------------------------------------------------
+--
+-- A group's sorted set holds its jobs scored by the contract's score computed from the job hash
+-- (jobs:pending's own score when the hash lacks the fields), and equal scores are ordered by
+-- the member: an order prefix of ORDER_W characters (the effective time in milliseconds, then
+-- the index's submission sequence, both inverted so that the older sorts higher) before the job
+-- id. So the claim takes the higher priority first, within it the older job to the millisecond,
+-- then the one submitted first, although the score alone cannot tell apart jobs seconds apart.
+-- jobs:idx:job maps a job id to its group id (40 hex characters) and order prefix; '' while the
+-- hash is missing, 'D' and the order prefix while a retry delay holds the job in jobs:idx:delayed.
+
+local ORDER_MS_MAX = 99999999999999 -- 14 digits of milliseconds
+local ORDER_SEQ_MAX = 999999999999  -- 12 digits of sequence
+local ORDER_W = 26
+
+local function order_prefix(ms, seq)
+  if ms < 0 then ms = 0 elseif ms > ORDER_MS_MAX then ms = ORDER_MS_MAX end
+  return string.format('%014d%012d', ORDER_MS_MAX - ms, ORDER_SEQ_MAX - (seq % ORDER_SEQ_MAX))
+end
+
+local function prefix_seq(prefix)
+  return ORDER_SEQ_MAX - (tonumber(string.sub(prefix, 15, ORDER_W)) or ORDER_SEQ_MAX)
+end
+
+-- Epoch milliseconds of an ISO-8601 time ('2025-01-01T00:00:00.000Z', an offset, or none) or
+-- of a string of digits (already milliseconds); nil otherwise.
+local function time_ms(s)
+  if type(s) ~= 'string' then return nil end
+  if string.match(s, '^%d+$') then return tonumber(s) end
+  local y, mo, d, h, mi, sec, frac, tz = string.match(s,
+    '^(%d%d%d%d)%-(%d%d)%-(%d%d)[T ](%d%d):(%d%d):(%d%d)%.?(%d*)(.*)$')
+  if not y then return nil end
+  local off = 0
+  if tz ~= '' and tz ~= 'Z' and tz ~= 'z' then
+    local sign, oh, om = string.match(tz, '^([%+%-])(%d%d):?(%d%d)$')
+    if not sign then return nil end
+    off = (tonumber(oh) * 60 + tonumber(om)) * 60000
+    if sign == '-' then off = -off end
+  end
+  y, mo = tonumber(y), tonumber(mo)
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + tonumber(d) - 1
+  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+  local ms = (((days * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60 + tonumber(sec)) * 1000
+  if frac ~= '' then ms = ms + tonumber(string.sub(frac .. '00', 1, 3)) end
+  return ms - off
+end
+
+-- The group id of a job's matching fields (nil without a service) and its canonical
+-- requirements text.
+local function group_of(service, reqs, customer, workflow)
+  if not service or service == '' then return nil end
+  local canon = string.match(reqs or '', '^%s*(.-)%s*$')
+  if canon == 'null' or canon == '{}' or canon == '[]' then canon = '' end
+  return redis.sha1hex(service .. '\n' .. canon .. '\n' .. (customer or '') .. '\n' .. (workflow or '')), canon
+end
+
+local function drop_group(p, gid, service)
+  if not service then service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service') end
+  if service then redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid) end
+  redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
+end
 
 local function unindex(p, id)
-  local gid = redis.call('HGET', p .. 'jobs:idx:job', id)
+  local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
   redis.call('ZREM', p .. 'jobs:idx:all', id)
   redis.call('HDEL', p .. 'jobs:idx:job', id)
-  if gid and gid ~= '' then
-    local gkey = p .. 'jobs:idx:g:' .. gid
-    redis.call('ZREM', gkey, id)
-    if redis.call('ZCARD', gkey) == 0 then
-      local service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service')
-      if service then redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid) end
-      redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
-    end
+  if not entry or entry == '' then return end
+  if string.sub(entry, 1, 1) == 'D' then
+    redis.call('ZREM', p .. 'jobs:idx:delayed', id)
+    return
   end
+  local gid = string.sub(entry, 1, 40)
+  local gkey = p .. 'jobs:idx:g:' .. gid
+  redis.call('ZREM', gkey, string.sub(entry, 41) .. id)
+  if redis.call('ZCARD', gkey) == 0 then drop_group(p, gid) end
 end
 
 local function set_terminal_ttl(p, id)
@@ -389,27 +562,31 @@ local function mark_unworkable(p, id, reason, now)
     retry_count = tonumber(rc) or 0, can_retry = false, timestamp = now })
 end
 
--- Puts one job of jobs:pending into its group. Returns 'indexed', 'orphan' (no hash yet),
--- 'dropped' (debris removed), 'unworkable' or 'not_pending'.
-local function index_job(p, id, now)
-  local score = redis.call('ZSCORE', p .. 'jobs:pending', id)
-  if not score then
+-- The earliest end of a retry delay this Lua state knows of: math.huge when none, nil when
+-- unknown (a fresh state after FUNCTION LOAD or a restart, or a replica promoted). Only this
+-- library writes jobs:idx:delayed, so a claim reads it only once a delay may be over.
+local next_due = nil
+
+-- Puts one job of jobs:pending into its group, as its hash says now (a job re-submitted under
+-- the same id moves to its new group). `seq` keeps a returned job's place among equal times;
+-- `delay_until` holds it in jobs:idx:delayed until then. Returns 'indexed', 'delayed', 'orphan'
+-- (no hash yet), 'dropped' (debris removed), 'unworkable' or 'not_pending'.
+local function index_job(p, id, now, seq, delay_until)
+  local pscore = redis.call('ZSCORE', p .. 'jobs:pending', id)
+  if not pscore then
     unindex(p, id)
     return 'not_pending'
   end
-  local prev = redis.call('HGET', p .. 'jobs:idx:job', id)
-  if prev and prev ~= '' then
-    local gscore = redis.call('ZSCORE', p .. 'jobs:idx:g:' .. prev, id)
-    if gscore == score then return 'indexed' end
-    unindex(p, id)
-  end
   local f = redis.call('HMGET', p .. 'job:' .. id, 'service_required', 'job_type', 'requirements', 'customer_id',
-    'workflow_id', 'payload', 'status')
+    'workflow_id', 'payload', 'status', 'priority', 'workflow_priority', 'created_at', 'workflow_datetime')
+  local prev = redis.call('HGET', p .. 'jobs:idx:job', id)
   if not f[1] and not f[2] and not f[7] then
     -- The API writes the ZADD before the HSET; the job_submitted index call or a sweep
     -- indexes it once the hash exists.
-    redis.call('ZADD', p .. 'jobs:idx:all', score, id)
-    redis.call('HSET', p .. 'jobs:idx:job', id, '')
+    if not prev then
+      redis.call('ZADD', p .. 'jobs:idx:all', pscore, id)
+      redis.call('HSET', p .. 'jobs:idx:job', id, '')
+    end
     return 'orphan'
   end
   local status = f[7]
@@ -420,13 +597,14 @@ local function index_job(p, id, now)
   end
   local service = f[1]
   if not service or service == '' then service = f[2] end
-  if not service or service == '' then
+  local gid, canon = group_of(service, f[3], f[4], f[5])
+  if not gid then
     mark_unworkable(p, id, 'job has no service_required', now)
     return 'unworkable'
   end
-  local reqs = f[3] or ''
-  if parse_requirements(reqs) == false then
-    mark_unworkable(p, id, 'malformed requirements JSON', now)
+  local ok_reqs, why = parse_requirements(f[3] or '')
+  if ok_reqs == false then
+    mark_unworkable(p, id, why, now)
     return 'unworkable'
   end
   local payload = f[6]
@@ -437,30 +615,68 @@ local function index_job(p, id, now)
       return 'unworkable'
     end
   end
-  local canon = string.match(reqs, '^%s*(.-)%s*$')
-  if canon == 'null' or canon == '{}' then canon = '' end
-  local customer, workflow = f[4] or '', f[5] or ''
-  local gid = redis.sha1hex(service .. '\n' .. canon .. '\n' .. customer .. '\n' .. workflow)
-  local gkey = p .. 'jobs:idx:g:' .. gid
+  local ms = tonumber(f[11]) or time_ms(f[10])
+  local prio = tonumber(f[9]) or tonumber(f[8])
+  local score = tonumber(pscore)
+  if prio and ms then score = prio * 1e15 - math.floor(ms / 1000) end
+  if prev and prev ~= '' then
+    local kept = string.sub(prev, -ORDER_W)
+    if not seq then seq = prefix_seq(kept) end
+    if string.sub(prev, 1, 1) == 'D' then
+      local untl = tonumber(redis.call('ZSCORE', p .. 'jobs:idx:delayed', id))
+      if untl and untl > now and not delay_until then return 'delayed' end
+    elseif string.sub(prev, 1, 40) == gid and not delay_until then
+      local member = kept .. id
+      if tonumber(redis.call('ZSCORE', p .. 'jobs:idx:g:' .. gid, member)) == score
+        and kept == order_prefix(ms or 0, seq) then
+        return 'indexed'
+      end
+    end
+    unindex(p, id)
+  end
+  if not seq then seq = redis.call('INCR', p .. 'jobs:idx:seq') end
+  local prefix = order_prefix(ms or 0, seq)
+  redis.call('ZADD', p .. 'jobs:idx:all', score, id)
+  if delay_until and delay_until > now then
+    redis.call('ZADD', p .. 'jobs:idx:delayed', delay_until, id)
+    redis.call('HSET', p .. 'jobs:idx:job', id, 'D' .. prefix)
+    if next_due and delay_until < next_due then next_due = delay_until end
+    return 'delayed'
+  end
   if redis.call('EXISTS', p .. 'jobs:idx:meta:' .. gid) == 0 then
     redis.call('HSET', p .. 'jobs:idx:meta:' .. gid, 'service', service, 'requirements', canon,
-      'customer_id', customer, 'workflow_id', workflow)
+      'customer_id', f[4] or '', 'workflow_id', f[5] or '')
   end
   redis.call('SADD', p .. 'jobs:idx:svc:' .. service, gid)
-  redis.call('ZADD', gkey, score, id)
-  redis.call('ZADD', p .. 'jobs:idx:all', score, id)
-  redis.call('HSET', p .. 'jobs:idx:job', id, gid)
+  redis.call('ZADD', p .. 'jobs:idx:g:' .. gid, score, prefix .. id)
+  redis.call('HSET', p .. 'jobs:idx:job', id, gid .. prefix)
   return 'indexed'
 end
 
+-- Moves jobs whose retry delay is over from jobs:idx:delayed into their groups.
+local function release_due(p, now)
+  if next_due and next_due > now then return end
+  local dkey = p .. 'jobs:idx:delayed'
+  local due = redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, DUE_BATCH)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', dkey, id)
+    index_job(p, id, now)
+  end
+  local first = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
+  next_due = tonumber(first[2]) or math.huge
+  -- With more due than one batch, the next claim goes on (the stored bound is already past).
+  if #due == DUE_BATCH then next_due = nil end
+end
+
 -- One bounded step of repairing the index against jobs:pending: indexes jobs the API added
--- without us and drops entries for jobs that left jobs:pending behind our back.
+-- without us (from the top of jobs:pending, so the jobs to run first come first) and drops
+-- entries for jobs that left jobs:pending behind our back.
 local function sweep(p, budget, now)
   local cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0
-  local ids = redis.call('ZRANGE', p .. 'jobs:pending', cur, cur + budget - 1)
+  local ids = redis.call('ZREVRANGE', p .. 'jobs:pending', cur, cur + budget - 1)
   for _, id in ipairs(ids) do
-    local gid = redis.call('HGET', p .. 'jobs:idx:job', id)
-    if not gid or gid == '' then index_job(p, id, now) end
+    local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
+    if not entry or entry == '' then index_job(p, id, now) end
   end
   if #ids < budget then cur = 0 else cur = cur + budget end
   redis.call('SET', p .. 'jobs:idx:cursor:pending', cur)
@@ -473,8 +689,19 @@ local function sweep(p, budget, now)
   redis.call('SET', p .. 'jobs:idx:cursor:index', cur)
 end
 
+-- Before a claim chooses, while jobs:pending holds jobs the index lacks (the API re-queued them
+-- without a message, or queued them while no machine listened): index the top of jobs:pending,
+-- where the jobs to run next are, then one bounded sweep step for the rest. The cost stays
+-- bounded whatever the backlog.
 local function reconcile(p, now)
   if redis.call('ZCARD', p .. 'jobs:pending') ~= redis.call('ZCARD', p .. 'jobs:idx:all') then
+    local top = redis.call('ZREVRANGE', p .. 'jobs:pending', 0, CLAIM_RECONCILE - 1)
+    if #top > 0 then
+      local entries = redis.call('HMGET', p .. 'jobs:idx:job', unpack(top))
+      for i, id in ipairs(top) do
+        if not entries[i] or entries[i] == '' then index_job(p, id, now) end
+      end
+    end
     sweep(p, CLAIM_RECONCILE, now)
   end
 end
@@ -483,28 +710,28 @@ end
 -- Claiming
 -- ---------------------------------------------------------------------------------------------
 
--- The best claimable job of one group for this worker: (id, score, raw score, nil, last) or
--- nil; `last` says it is the group's only job, so that claiming it empties the group (the
--- peek at the next entry costs less than a ZCARD after the claim). Repairs stale entries it
--- meets on the way.
+-- The best claimable job of one group for this worker: (member, score, nil, last) or nil;
+-- `last` says it is the group's only job, so that claiming it empties the group (the peek at
+-- the next entry costs less than a ZCARD after the claim). The third value is true when the
+-- group is empty.
 local function group_top(p, gid, worker, holdoffs, now, skip_limit)
   local gkey = p .. 'jobs:idx:g:' .. gid
   local offset, skipped = 0, 0
   while true do
     local top = redis.call('ZREVRANGE', gkey, offset, offset + 1, 'WITHSCORES')
-    if #top == 0 then return nil, nil, nil, offset == 0 end
+    if #top == 0 then return nil, nil, offset == 0 end
     -- Whether the job is still in jobs:pending is checked when it is claimed (ZREM's reply),
     -- which keeps this path to one command per group.
-    local id, score = top[1], top[2]
+    local member, score = top[1], top[2]
     local held = false
     if holdoffs then
-      local h = redis.call('HGET', p .. 'jobs:holdoff', id)
+      local h = redis.call('HGET', p .. 'jobs:holdoff', string.sub(member, ORDER_W + 1))
       if h then
         local w, untl = string.match(h, '^(.*)|(%d+)$')
         held = w == worker and tonumber(untl) > now
       end
     end
-    if not held then return id, tonumber(score), score, false, offset == 0 and #top <= 2 end
+    if not held then return member, tonumber(score), false, offset == 0 and #top <= 2 end
     skipped = skipped + 1
     if skipped >= skip_limit then return nil end
     offset = offset + 1
@@ -543,42 +770,48 @@ local function group_matches(p, gid, w)
   return ok
 end
 
+-- Claims the best job for worker `w`. `lease_ms` nil is an original worker's two-argument call
+-- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
+-- claim record, so nothing of ours reaps, requeues or fails the job it runs.
 local function claim(p, w, worker, max_examine, lease_ms)
   local now = now_ms()
   reconcile(p, now)
+  release_due(p, now)
   local services = w.services
-  -- A chosen job can turn out to be debris (its hash changed status behind our back); drop it
-  -- and choose again. The bound only guards against a corrupted index.
+  -- A chosen job can turn out to be debris (its hash changed status behind our back) or to be
+  -- re-submitted into another group; fix the index and choose again. The bound only guards
+  -- against a corrupted index.
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
-    local best_id, best_score, best_raw, best_gid, best_last
+    local best_member, best_score, best_gid, best_last
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         if group_matches(p, gid, w) then
-          local id, score, raw, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
+          local member, score, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
           if empty then
             -- Claims leave empty groups behind; the first claimer to meet one removes it.
-            redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid)
-            redis.call('DEL', p .. 'jobs:idx:meta:' .. gid)
+            drop_group(p, gid, service)
           end
-          if id and (best_score == nil or score > best_score or (score == best_score and id > best_id)) then
-            best_id, best_score, best_raw, best_gid, best_last = id, score, raw, gid, last
+          if member and (best_score == nil or score > best_score or (score == best_score and member > best_member)) then
+            best_member, best_score, best_gid, best_last = member, score, gid, last
           end
         end
       end
     end
-    if not best_id then return nil end
+    if not best_member then return nil end
+    local best_id = string.sub(best_member, ORDER_W + 1)
     local jkey = p .. 'job:' .. best_id
     local job, exists = hgetall(jkey)
-    local was_pending = redis.call('ZREM', p .. 'jobs:pending', best_id) == 1
-    if was_pending and exists and (job.status == nil or job.status == '' or QUEUED[job.status]) then
-      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_id)
-      if best_last then
-        local gservice = redis.call('HGET', p .. 'jobs:idx:meta:' .. best_gid, 'service')
-        if gservice then redis.call('SREM', p .. 'jobs:idx:svc:' .. gservice, best_gid) end
-        redis.call('DEL', p .. 'jobs:idx:meta:' .. best_gid)
-      end
+    local queued = exists and (job.status == nil or job.status == '' or QUEUED[job.status])
+    local service = job.service_required
+    if not service or service == '' then service = job.job_type end
+    if queued and group_of(service, job.requirements, job.customer_id, job.workflow_id) ~= best_gid then
+      -- Re-submitted under the same id with other matching fields: match it on what it says now.
+      index_job(p, best_id, now)
+    elseif queued and redis.call('ZREM', p .. 'jobs:pending', best_id) == 1 then
+      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_member)
+      if best_last then drop_group(p, best_gid) end
       redis.call('ZREM', p .. 'jobs:idx:all', best_id)
       redis.call('HDEL', p .. 'jobs:idx:job', best_id)
       if holdoffs then redis.call('HDEL', p .. 'jobs:holdoff', best_id) end
@@ -589,26 +822,26 @@ local function claim(p, w, worker, max_examine, lease_ms)
       redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
       redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
-      redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
-      redis.call('HSET', p .. 'jobs:claims', best_id,
-        cjson.encode({ w = worker, s = best_raw, m = w.machine, t = now }))
-      local service = job.service_required or job.job_type or ''
-      publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed', claimed_at = at,
-        timestamp = now, service_required = service, customer_id = job.customer_id or '',
-        workflow_id = job.workflow_id or '' })
-      publish(p, 'update_job_progress', { job_id = best_id, worker_id = worker, progress = 0,
-        status = 'assigned', message = 'claimed', current_step = job.current_step or '',
-        total_steps = job.total_steps or '', timestamp = now })
-      local stream = p .. 'progress:' .. best_id
-      redis.call('XADD', stream, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', best_id, 'worker_id', worker,
-        'progress', '0', 'status', 'assigned', 'message', 'claimed', 'timestamp', tostring(now))
-      redis.call('EXPIRE', stream, PROGRESS_TTL_S)
-      dbg('claimed ' .. best_id .. ' for ' .. worker)
+      if lease_ms then
+        redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
+        -- The score as text: cjson keeps 14 digits, and requeue restores it to jobs:pending.
+        redis.call('HSET', p .. 'jobs:claims', best_id, cjson.encode({ w = worker,
+          s = string.format('%.17g', best_score), m = w.machine,
+          t = now, q = prefix_seq(best_member) }))
+      end
+      -- The original's two messages, field for field (update_job_progress has no status: the
+      -- API would turn one into an extra client event on every claim).
+      publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed',
+        message = 'Job claimed by worker', claimed_at = at, timestamp = now,
+        service_required = service or '', customer_id = job.customer_id or '',
+        workflow_id = job.workflow_id or '', step_number = job.step_number or '', total_steps = job.total_steps or '' })
+      publish(p, 'update_job_progress', { job_id = best_id, worker_id = worker, progress = 0, timestamp = now })
       return '{"jobId":' .. cjson.encode(best_id) .. ',"job":' .. snapshot .. '}'
+    else
+      -- Gone from jobs:pending behind our back, or debris whose hash says it already ended:
+      -- drop it from the index and choose again.
+      unindex(p, best_id)
     end
-    -- Gone from jobs:pending behind our back, or debris whose hash says it already ended:
-    -- drop it from the index and choose again.
-    unindex(p, best_id)
   end
   return nil
 end
@@ -650,16 +883,19 @@ local function fence(p, id, worker, now)
   return 'ok', claim_rec, st
 end
 
-local function requeue(p, id, worker, claim_rec, fields, reason, now)
+-- Puts a claimed job back in line at its old place (its old score and sequence); with
+-- `ready_at` it is claimable again only from then on.
+local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   local jkey = p .. 'job:' .. id
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
   drop_claim(p, id)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
   worker_idle(p, worker, id, now)
-  index_job(p, id, now)
+  index_job(p, id, now, tonumber(claim_rec.q), ready_at)
   local service = redis.call('HGET', jkey, 'service_required') or ''
-  publish(p, 'job_requeued', { job_id = id, service_required = service, reason = reason, timestamp = now })
+  publish(p, 'job_requeued', { job_id = id, service_required = service, reason = reason, timestamp = now,
+    ready_at = ready_at or now })
 end
 
 local function trim_records(p, hash, now)
@@ -718,6 +954,11 @@ end
 local function complete(p, id, worker, result_raw, message)
   local now = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now)
+  if r == 'lost' then
+    -- A completion repeated because its reply was lost (a Redis restart) finds its own work done.
+    local done = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id')
+    if done[1] == 'completed' and done[2] == worker then return 'already_completed' end
+  end
   if r ~= 'ok' then return r end
   local ok, result = pcall(cjson.decode, result_raw)
   if not ok then result = result_raw end
@@ -741,7 +982,10 @@ local function complete(p, id, worker, result_raw, message)
   return 'ok'
 end
 
-local function fail(p, id, worker, err, retryable, holdoff_ms)
+-- A retryable failure waits out `delay_ms` (nobody claims it meanwhile), then keeps its place
+-- in line; the failing worker is held off it for `holdoff_ms` more, so that another capable
+-- worker takes it when one exists.
+local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms)
   local now = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
@@ -749,10 +993,11 @@ local function fail(p, id, worker, err, retryable, holdoff_ms)
   local max_retries = tonumber(st[8]) or 3
   if retryable and retry_count < max_retries then
     local at = iso(now)
+    local ready_at = now + delay_ms
     requeue(p, id, worker, claim_rec, { 'retry_count', tostring(retry_count), 'last_failed_worker', worker,
-      'failed_at', at, 'error', err }, 'retry', now)
+      'failed_at', at, 'error', err }, 'retry', now, ready_at)
     if holdoff_ms > 0 then
-      redis.call('HSET', p .. 'jobs:holdoff', id, worker .. '|' .. tostring(now + holdoff_ms))
+      redis.call('HSET', p .. 'jobs:holdoff', id, worker .. '|' .. tostring(ready_at + holdoff_ms))
     end
     return 'retried'
   end
@@ -852,8 +1097,12 @@ redis.register_function('findMatchingJob', function(_, args)
   end
   local max_examine = num_arg(args[2], 100)
   if max_examine < 1 then max_examine = 1 end
-  local lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
-  if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
+  -- Two arguments: an original worker (no lease, see claim).
+  local lease_ms = nil
+  if args[3] ~= nil then
+    lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
+    if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
+  end
   return claim(args[4] or '', w, worker, max_examine, lease_ms)
 end)
 
@@ -877,7 +1126,8 @@ redis.register_function('completeJob', function(_, args)
 end)
 
 redis.register_function('failJob', function(_, args)
-  return fail(args[1], args[2], args[3], args[4] or '', args[5] == '1', num_arg(args[6], DEFAULT_HOLDOFF_MS))
+  return fail(args[1], args[2], args[3], args[4] or '', args[5] == '1', num_arg(args[6], DEFAULT_HOLDOFF_MS),
+    num_arg(args[7], 0))
 end)
 
 redis.register_function('returnJob', function(_, args)

@@ -16,7 +16,7 @@ pub mod reference;
 
 pub use broker::{
     Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, FailOutcome, JobView, LeaseStatus, NewJob,
-    ReapReport, pending_score,
+    ReapReport, RetryDelay, pending_score,
 };
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 

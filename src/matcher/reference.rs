@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::capabilities::{Capabilities, Requirements};
+use super::capabilities::{Capabilities, Requirements, as_number};
 
 /// Requirement keys that describe a job and are not capabilities.
 pub const DESCRIPTIVE_KEYS: [&str; 5] = [
@@ -21,8 +21,14 @@ pub const DESCRIPTIVE_KEYS: [&str; 5] = [
 pub struct PendingJob {
     /// The job id.
     pub id: String,
-    /// Its score in `jobs:pending` (higher is claimed first).
+    /// Its score (higher is claimed first): the contract's score computed from the job hash, or
+    /// its score in `jobs:pending` when the hash lacks priority or time.
     pub score: f64,
+    /// Effective time in epoch milliseconds (0 when unknown); among equal scores the older job
+    /// is claimed first.
+    pub created_ms: i64,
+    /// Order of indexing; among equal scores and times the earlier one is claimed first.
+    pub seq: u64,
     /// `service_required` (or the legacy `job_type`).
     pub service: String,
     /// The raw `requirements` field.
@@ -46,8 +52,8 @@ impl PendingJob {
     }
 }
 
-/// The job the worker claims next: the matching job with the highest score (ties: the greater
-/// id, as a Redis sorted set orders them), skipping jobs the worker is held off.
+/// The job the worker claims next: the matching job with the highest score, then the oldest
+/// time, then the first indexed, skipping jobs the worker is held off.
 pub fn pick<'a>(caps: &Capabilities, jobs: &'a [PendingJob]) -> Option<&'a PendingJob> {
     let doc = serde_json::to_value(caps).expect("capabilities serialise to JSON");
     jobs.iter()
@@ -56,7 +62,8 @@ pub fn pick<'a>(caps: &Capabilities, jobs: &'a [PendingJob]) -> Option<&'a Pendi
         .max_by(|a, b| {
             a.score
                 .total_cmp(&b.score)
-                .then_with(|| a.id.as_bytes().cmp(b.id.as_bytes()))
+                .then_with(|| b.created_ms.cmp(&a.created_ms))
+                .then_with(|| b.seq.cmp(&a.seq))
         })
 }
 
@@ -141,12 +148,31 @@ fn satisfies(req: &Value, have: Option<&Value>) -> bool {
         },
         _ => match kh {
             Kind::List(h) => list_has(h, req),
-            Kind::Number(h) => match kr {
-                Kind::Number(r) => h >= r,
-                _ => false,
-            },
-            _ => have.is_some_and(|h| scalar_eq(req, h)),
+            _ => {
+                let have = have.expect("a non-nil kind has a value");
+                if (matches!(kr, Kind::Number(_)) || matches!(kh, Kind::Number(_)))
+                    && let (Some(r), Some(h)) = (as_number(req), as_number(have))
+                {
+                    return h >= r;
+                }
+                scalar_eq(req, have)
+            }
         },
+    }
+}
+
+/// `hardware.gpu_model`: a name matches the worker's model case-insensitively as a substring;
+/// a list matches when any of its names does.
+fn gpu_model_ok(req: &Value, have: Option<&Value>) -> bool {
+    let Some(Value::String(have)) = have else {
+        return false;
+    };
+    let have = have.to_ascii_lowercase();
+    let fits = |name: &Value| name.as_str().is_some_and(|n| have.contains(&n.to_ascii_lowercase()));
+    match kind(Some(req)) {
+        Kind::Str(_) => fits(req),
+        Kind::List(names) => names.iter().any(fits),
+        _ => false,
     }
 }
 
@@ -222,9 +248,14 @@ fn positive_ok(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool {
             "hardware" => match kind(Some(v)) {
                 Kind::Empty => true,
                 Kind::Str("all") => true,
-                Kind::Object(o) => o
-                    .iter()
-                    .all(|(hk, hv)| hv.as_str() == Some("all") || satisfies(hv, hw_value(caps, hk))),
+                Kind::Object(o) => o.iter().all(|(hk, hv)| {
+                    hv.as_str() == Some("all")
+                        || if hk == "gpu_model" {
+                            gpu_model_ok(hv, hw_value(caps, hk))
+                        } else {
+                            satisfies(hv, hw_value(caps, hk))
+                        }
+                }),
                 _ => satisfies(v, caps.get("hardware")),
             },
             "models" => match model_list(v, service) {
@@ -236,6 +267,7 @@ fn positive_ok(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool {
                 },
             },
             "customer_isolation" => v.as_str() != Some("strict") || strict_worker(caps),
+            "hardware.gpu_model" => gpu_model_ok(v, hw_value(caps, "gpu_model")),
             _ => satisfies(v, lookup(caps, k)),
         })
 }
@@ -245,9 +277,14 @@ fn negative_hit(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool 
         .filter(|(k, _)| !DESCRIPTIVE_KEYS.contains(&k.as_str()))
         .any(|(k, v)| match k.as_str() {
             "hardware" => match kind(Some(v)) {
-                Kind::Object(o) => o
-                    .iter()
-                    .any(|(hk, hv)| hv.as_str() != Some("all") && any_item(hv, hw_value(caps, hk))),
+                Kind::Object(o) => o.iter().any(|(hk, hv)| {
+                    hv.as_str() != Some("all")
+                        && if hk == "gpu_model" {
+                            gpu_model_ok(hv, hw_value(caps, hk))
+                        } else {
+                            any_item(hv, hw_value(caps, hk))
+                        }
+                }),
                 _ => false,
             },
             "models" => match (model_list(v, service), kind(worker_models(caps, service))) {
@@ -255,6 +292,7 @@ fn negative_hit(reqs: &Map<String, Value>, caps: &Value, service: &str) -> bool 
                 _ => false,
             },
             "customer_isolation" => v.as_str() == Some("strict") && strict_worker(caps),
+            "hardware.gpu_model" => gpu_model_ok(v, hw_value(caps, "gpu_model")),
             _ => any_item(v, lookup(caps, k)),
         })
 }
@@ -398,6 +436,74 @@ pub const EXAMPLES: &[(&str, &str, &str, bool)] = &[
         false,
     ),
     ("malformed", "comfyui", r#"{"hardware":"#, false),
+    ("empty list is no requirements", "comfyui", "[]", true),
+    (
+        "one model as a string",
+        "comfyui",
+        r#"{"positive_requirements":{"models":"sdxl"}}"#,
+        true,
+    ),
+    (
+        "models by service",
+        "comfyui",
+        r#"{"models":{"comfyui":["sdxl"],"a1111":["x"]}}"#,
+        true,
+    ),
+    (
+        "models by service missing",
+        "comfyui",
+        r#"{"models":{"comfyui":["flux"]}}"#,
+        false,
+    ),
+    (
+        "gpu model substring",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":"4090"}}"#,
+        true,
+    ),
+    (
+        "gpu model any case",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":"geforce rtx"}}"#,
+        true,
+    ),
+    (
+        "gpu model other",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":"A100"}}"#,
+        false,
+    ),
+    (
+        "gpu model one of",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":["A100","4090"]}}"#,
+        true,
+    ),
+    (
+        "number as a string",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":"16"}}"#,
+        true,
+    ),
+    (
+        "number as a string too big",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":"48"}}"#,
+        false,
+    ),
+    ("hardware null", "comfyui", r#"{"hardware":null}"#, false),
+    (
+        "list where a number is needed",
+        "comfyui",
+        r#"{"hardware":{"gpu_memory_gb":[16]}}"#,
+        false,
+    ),
+    (
+        "negative gpu model substring",
+        "comfyui",
+        r#"{"negative_requirements":{"hardware":{"gpu_model":"rtx 4090"}}}"#,
+        false,
+    ),
 ];
 
 /// The worker of [`EXAMPLES`]: the contract's example plus a few custom capabilities.
@@ -431,6 +537,8 @@ mod tests {
             workflow_id: String::new(),
             payload: "{}".to_owned(),
             held_off_worker: None,
+            created_ms: 0,
+            seq: 0,
         }
     }
 

@@ -212,6 +212,7 @@ pub async fn serve(
 pub fn broker_options(config: &Config) -> crate::matcher::BrokerOptions {
     crate::matcher::BrokerOptions {
         lease: config.worker.lease,
+        retry_delay: config.worker.retry_delay,
         ..crate::matcher::BrokerOptions::default()
     }
 }

@@ -11,7 +11,8 @@ use futures_util::StreamExt;
 use machine::config::RedisUrl;
 use machine::matcher::reference::{self, PendingJob};
 use machine::matcher::{
-    Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, installer,
+    Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, RetryDelay,
+    installer,
 };
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -63,6 +64,17 @@ async fn api_add(conn: &mut MultiplexedConnection, id: &str, score: f64, fields:
         .query_async(conn)
         .await
         .expect("API-style write");
+}
+
+/// Options whose retries are claimable at once (the delay has its own test).
+fn no_retry_delay() -> BrokerOptions {
+    BrokerOptions {
+        retry_delay: RetryDelay {
+            initial: Duration::ZERO,
+            ..RetryDelay::default()
+        },
+        ..BrokerOptions::default()
+    }
 }
 
 fn caps(worker: &str, services: &[&str]) -> Capabilities {
@@ -220,20 +232,27 @@ async fn every_write_and_message_has_the_contract_shape() {
                 "service_required",
                 "customer_id",
                 "workflow_id",
+                "message",
+                "step_number",
+                "total_steps",
             ],
         );
         assert_eq!(claimed_msg["status"], "claimed");
         assert_eq!(claimed_msg["customer_id"], "cust");
+        // The original's claim-time progress message: no status (the API would turn one into
+        // an extra `job_assigned` client event on every claim).
         let p0 = message(&msgs, "update_job_progress");
+        let mut keys: Vec<&str> = p0.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["job_id", "progress", "timestamp", "worker_id"], "{p0}");
         assert_eq!(p0["progress"], 0);
-        let stream: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        // Nothing reads progress:<id> at claim time; the claim does not create it.
+        let exists: bool = redis::cmd("EXISTS")
             .arg(format!("progress:{id}"))
-            .arg("-")
-            .arg("+")
             .query_async(&mut conn)
             .await
             .unwrap();
-        assert_eq!(stream.len(), 1);
+        assert!(!exists, "the claim created progress:{id}");
 
         // Start and progress.
         b.start(&claimed).await.unwrap();
@@ -644,7 +663,7 @@ async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
 async fn retried_and_returned_jobs_keep_their_place_and_skip_the_failed_worker() {
     within(async {
         let server = RedisServer::start();
-        let b = broker(&server).await;
+        let b = broker_with(&server, no_retry_delay()).await;
         let mut conn = raw(&server).await;
         // Scores near 5e16 are spaced 8 apart (the contract's formula in doubles), so "older"
         // must be seconds older: a workflow that started a minute ago.
@@ -1090,6 +1109,543 @@ async fn operator_commands() {
     .await;
 }
 
+// ---------------------------------------------------------------------------------------------
+// What the real API and monitor write, a mixed fleet, retries, exact order (issue 10)
+// ---------------------------------------------------------------------------------------------
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Writes a job exactly as the API does: the hash with `priority` and `created_at` (ISO, ms),
+/// `jobs:pending` with the contract's score, and `job_submitted` when `publish`. Later fields
+/// override the defaults.
+async fn api_submit(
+    conn: &mut MultiplexedConnection,
+    id: &str,
+    created_ms: i64,
+    fields: &[(&str, &str)],
+    publish: bool,
+) {
+    let created_at =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(created_ms as u64)).to_string();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("id", id),
+        ("status", "pending"),
+        ("retry_count", "0"),
+        ("max_retries", "3"),
+        ("priority", "50"),
+        ("payload", "{}"),
+        ("customer_id", ""),
+        ("workflow_id", ""),
+        ("requirements", ""),
+        ("service_required", "comfyui"),
+        ("created_at", &created_at),
+    ];
+    all.extend_from_slice(fields);
+    let get = |k: &str| {
+        all.iter()
+            .rev()
+            .find(|(f, _)| *f == k)
+            .map(|(_, v)| *v)
+            .unwrap_or_default()
+    };
+    let priority: i64 = get("priority").parse().unwrap();
+    let score = machine::matcher::pending_score(priority, None, created_ms, None);
+    let message = json!({
+        "job_id": id, "service_required": get("service_required"), "priority": priority,
+        "requirements": get("requirements"), "customer_id": "", "workflow_id": "", "timestamp": created_ms,
+    });
+    let mut pipe = redis::pipe();
+    pipe.zadd("jobs:pending", id, score)
+        .ignore()
+        .hset_multiple(format!("job:{id}"), &all)
+        .ignore();
+    if publish {
+        pipe.publish("job_submitted", message.to_string()).ignore();
+    }
+    let _: () = pipe.query_async(conn).await.expect("API-style submission");
+}
+
+/// Claims with `w` until nothing is left, completing each job; the ids in claim order.
+async fn drain(b: &Broker, w: &Capabilities) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(job) = b.claim(w).await.unwrap() {
+        b.complete(&job, &Value::Null).await.unwrap();
+        out.push(job.id);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requirement_shapes_of_the_api_and_monitor_match() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        let jobs = [
+            ("empty-list", "[]"),
+            ("one-model-string", r#"{"positive_requirements":{"models":"sdxl"}}"#),
+            (
+                "models-by-service",
+                r#"{"models":{"comfyui":["sdxl"],"a1111":["other"]}}"#,
+            ),
+            ("gpu-substring", r#"{"hardware":{"gpu_model":"A100"}}"#),
+            (
+                "number-as-string",
+                r#"{"hardware":{"gpu_memory_gb":"16","ram_gb":"32.5"}}"#,
+            ),
+            ("needs-flux", r#"{"models":{"comfyui":["flux"]}}"#),
+            ("needs-4090", r#"{"hardware":{"gpu_model":"4090"}}"#),
+        ];
+        for (i, (id, reqs)) in jobs.iter().enumerate() {
+            api_submit(
+                &mut conn,
+                id,
+                t + i as i64 * 1000,
+                &[("requirements", reqs)],
+                i % 2 == 0,
+            )
+            .await;
+        }
+        let mut a100 = caps("a100", &["comfyui"]);
+        a100.hardware.gpu_model = "NVIDIA A100-SXM4-80GB".to_owned();
+        a100.hardware.gpu_memory_gb = 80.0;
+        a100.hardware.ram_gb = 64.0;
+        a100.models.insert("comfyui".to_owned(), vec!["sdxl".to_owned()]);
+        assert_eq!(
+            drain(&b, &a100).await,
+            [
+                "empty-list",
+                "one-model-string",
+                "models-by-service",
+                "gpu-substring",
+                "number-as-string"
+            ]
+        );
+        let mut rtx = caps("rtx", &["comfyui"]);
+        rtx.hardware.gpu_model = "NVIDIA GeForce RTX 4090".to_owned();
+        assert_eq!(drain(&b, &rtx).await, ["needs-4090"]);
+        let h = hgetall(&mut conn, "job:needs-flux").await;
+        assert_eq!(h["status"], "pending", "a worker with flux may come");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_why_a_job_waits() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        let bad = [
+            ("hw-null", r#"{"hardware":null}"#, "requirements.hardware is null"),
+            (
+                "list-for-number",
+                r#"{"hardware":{"gpu_memory_gb":[16]}}"#,
+                r#"hardware.gpu_memory_gb must be a number or "all""#,
+            ),
+            (
+                "models-number",
+                r#"{"models":5}"#,
+                r#"models must be a list of names, a name, "all" or an object by service"#,
+            ),
+            (
+                "neg-null",
+                r#"{"negative_requirements":{"region":null}}"#,
+                "negative_requirements.region is null",
+            ),
+        ];
+        for (i, (id, reqs, _)) in bad.iter().enumerate() {
+            api_submit(&mut conn, id, t + i as i64, &[("requirements", reqs)], false).await;
+        }
+        api_submit(
+            &mut conn,
+            "huge",
+            t + 10,
+            &[("requirements", r#"{"hardware":{"gpu_memory_gb":1e999}}"#)],
+            false,
+        )
+        .await;
+        api_submit(
+            &mut conn,
+            "nobody",
+            t + 11,
+            &[("service_required", "nobody_has_it")],
+            false,
+        )
+        .await;
+        let w = caps("w", &["comfyui"]);
+        b.register_worker(&w).await.unwrap();
+        assert!(b.claim(&w).await.unwrap().is_none());
+        for (id, _, reason) in bad {
+            let h = hgetall(&mut conn, &format!("job:{id}")).await;
+            assert_eq!(h["status"], "unworkable", "{id}");
+            assert_eq!(h["error"], reason, "{id}");
+        }
+        let h = hgetall(&mut conn, "job:huge").await;
+        assert_eq!(h["status"], "unworkable");
+        assert!(!h["error"].is_empty());
+        // A service no machine registered: the job waits, and `jobs show` says why.
+        let view = b.show("nobody").await.unwrap().unwrap();
+        assert_eq!(view.job["status"], "pending");
+        let why = view.waiting.expect("a waiting job says why");
+        assert!(
+            why.contains("no registered worker accepts service `nobody_has_it`"),
+            "{why}"
+        );
+        let out = machine(&server, &["jobs", "show", "nobody"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no registered worker accepts"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resubmitted_under_the_same_id_is_matched_on_its_hash_now() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 5_000;
+        api_submit(&mut conn, "msg-1", t, &[("service_required", "comfyui")], true).await;
+        b.index_job("msg-1").await.unwrap();
+        // The client sends the same message id again with another service; the API rewrites
+        // the hash and the score.
+        api_submit(&mut conn, "msg-1", t, &[("service_required", "a1111")], true).await;
+        assert!(b.claim(&caps("comfy", &["comfyui"])).await.unwrap().is_none());
+        let got = b
+            .claim(&caps("a1111", &["a1111"]))
+            .await
+            .unwrap()
+            .expect("the a1111 worker");
+        assert_eq!(got.id, "msg-1");
+        assert_eq!(got.service, "a1111");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_jobs_one_second_apart_are_claimed_oldest_first_to_the_millisecond() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let shutdown = CancellationToken::new();
+        let events = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.run_events(s).await }
+        });
+        wait_for_subscriber(&server).await;
+        let t = now_ms() - 60_000;
+        let mut want = Vec::new();
+        for i in 0..20 {
+            let id = format!("fifo-{i:02}");
+            api_submit(&mut conn, &id, t + i * 1000, &[], true).await;
+            want.push(id);
+        }
+        // Two more in the last second, 1 ms apart, and two in the same millisecond (submission
+        // order decides).
+        for (id, ms) in [
+            ("ms-a", 19_001),
+            ("ms-b", 19_002),
+            ("same-1", 19_003),
+            ("same-2", 19_003),
+        ] {
+            api_submit(&mut conn, id, t + ms, &[], true).await;
+            want.push(id.to_owned());
+        }
+        // The machine indexes on job_submitted; wait until it has seen every message.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: usize = redis::cmd("HLEN")
+                .arg("jobs:idx:job")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if n == want.len() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, want);
+        shutdown.cancel();
+        events.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 600_000;
+        // 300 jobs 1 s and a few ms apart, written in a scrambled order; a third were indexed
+        // (job_submitted seen), the rest the API re-queued or queued while no machine listened.
+        let mut order: Vec<i64> = (0..300).collect();
+        order.sort_by_key(|i| (i * 7919) % 300);
+        for i in &order {
+            let id = format!("q-{i:03}");
+            api_submit(&mut conn, &id, t + i * 1000 + i % 7, &[], false).await;
+            if i % 3 == 0 {
+                b.index_job(&id).await.unwrap();
+            }
+        }
+        let want: Vec<String> = (0..300).map(|i| format!("q-{i:03}")).collect();
+        assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, want);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_job_field_fails_the_job_at_once_naming_the_field() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 10_000;
+        api_submit(&mut conn, "bad-bytes", t, &[], false).await;
+        api_submit(&mut conn, "good", t + 1000, &[], false).await;
+        let mut payload = br#"{"prompt":"caf"#.to_vec();
+        payload.extend_from_slice(&[0xe9, 0xff]);
+        payload.extend_from_slice(br#""}"#);
+        let _: () = redis::cmd("HSET")
+            .arg("job:bad-bytes")
+            .arg("payload")
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let got = b.claim(&caps("w", &["comfyui"])).await.unwrap().expect("the good job");
+        assert_eq!(got.id, "good", "the worker went on to the next job");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The hash keeps its bytes (nothing is lost); read the two fields that say what happened.
+        let (status, error): (String, String) = redis::cmd("HMGET")
+            .arg("job:bad-bytes")
+            .arg("status")
+            .arg("error")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(status, "failed");
+        assert_eq!(error, "invalid UTF-8 in job field `payload`");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_workers_job_is_never_reaped_or_run_twice() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker_with(
+            &server,
+            BrokerOptions {
+                lease: Duration::from_millis(300),
+                ..BrokerOptions::default()
+            },
+        )
+        .await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 10_000;
+        api_submit(&mut conn, "old-worker-job", t, &[], true).await;
+        api_submit(&mut conn, "our-job", t + 1000, &[], true).await;
+        // An original worker passes the contract's two arguments only.
+        let old_caps = caps("old-worker", &["comfyui"]).to_json();
+        let reply: Option<String> = redis::cmd("FCALL")
+            .arg("findMatchingJob")
+            .arg(0)
+            .arg(&old_caps)
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let reply: Value = serde_json::from_str(&reply.expect("the old worker claims")).unwrap();
+        assert_eq!(reply["jobId"], "old-worker-job");
+        let ours = b.claim(&caps("ours", &["comfyui"])).await.unwrap().unwrap();
+        assert_eq!(ours.id, "our-job");
+        // Both hold their job past the lease; our reaper runs.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = b.reap_expired_leases().await.unwrap();
+        assert_eq!(r.requeued, 1, "only our worker's job had a lease");
+        let h = hgetall(&mut conn, "job:old-worker-job").await;
+        assert_eq!(
+            (h["status"].as_str(), h["worker_id"].as_str()),
+            ("assigned", "old-worker")
+        );
+        let again = b.claim(&caps("ours-2", &["comfyui"])).await.unwrap().unwrap();
+        assert_eq!(again.id, "our-job", "the old worker's job is never handed out again");
+        assert!(b.claim(&caps("ours-3", &["comfyui"])).await.unwrap().is_none());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        b.reap_expired_leases().await.unwrap();
+        let h = hgetall(&mut conn, "job:old-worker-job").await;
+        assert_eq!((h["status"].as_str(), h["retry_count"].as_str()), ("assigned", "0"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_its_delay_goes_to_another_worker_and_keeps_its_place() {
+    within(async {
+        let server = RedisServer::start();
+        let delay = Duration::from_millis(1500);
+        let b = broker_with(
+            &server,
+            BrokerOptions {
+                retry_delay: RetryDelay {
+                    initial: delay,
+                    factor: 2.0,
+                    max: Duration::from_secs(60),
+                    jitter: 0.0,
+                },
+                failed_holdoff: Duration::from_secs(30),
+                ..BrokerOptions::default()
+            },
+        )
+        .await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        api_submit(&mut conn, "flaky", t, &[("max_retries", "5")], true).await;
+        let (w1, w2) = (caps("w1", &["comfyui"]), caps("w2", &["comfyui"]));
+        let job = b.claim(&w1).await.unwrap().unwrap();
+        let failed_at = Instant::now();
+        assert_eq!(
+            b.fail(&job, "bucket unavailable", true).await.unwrap(),
+            FailOutcome::Retried
+        );
+        // Pending for the API, but nobody claims it during the delay.
+        let h = hgetall(&mut conn, "job:flaky").await;
+        assert_eq!(h["status"], "pending");
+        api_submit(&mut conn, "newer", t + 30_000, &[], true).await;
+        assert_eq!(b.claim(&w2).await.unwrap().unwrap().id, "newer");
+        assert!(b.claim(&w2).await.unwrap().is_none(), "still in its delay");
+        assert!(
+            failed_at.elapsed() < delay,
+            "the machine was too slow to test the delay"
+        );
+        tokio::time::sleep(delay.saturating_sub(failed_at.elapsed()) + Duration::from_millis(200)).await;
+        // Over: the failing worker is held off while another capable worker exists.
+        assert!(b.claim(&w1).await.unwrap().is_none(), "w1 just failed it");
+        let again = b.claim(&w2).await.unwrap().expect("another worker takes it");
+        assert_eq!(again.id, "flaky");
+        // The second retry waits twice as long.
+        let second = Instant::now();
+        assert_eq!(
+            b.fail(&again, "bucket unavailable", true).await.unwrap(),
+            FailOutcome::Retried
+        );
+        tokio::time::sleep(delay + Duration::from_millis(200)).await;
+        if second.elapsed() < delay * 2 {
+            assert!(
+                b.claim(&caps("w3", &["comfyui"])).await.unwrap().is_none(),
+                "the second delay is longer"
+            );
+        }
+        tokio::time::sleep((delay * 2).saturating_sub(second.elapsed()) + Duration::from_millis(200)).await;
+        assert_eq!(b.claim(&caps("w3", &["comfyui"])).await.unwrap().unwrap().id, "flaky");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_completion_is_recognised_as_done() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&caps("w", &["simulation"])).await.unwrap().unwrap();
+        b.complete(&job, &json!({"ok": 1})).await.unwrap();
+        // The reply was lost (a Redis restart); the worker sends the completion again.
+        b.complete(&job, &json!({"ok": 1}))
+            .await
+            .expect("already done, not lost");
+        // Another worker's completion of a job it does not hold is still refused.
+        let mut other = job.clone();
+        other.worker_id = "intruder".to_owned();
+        assert!(matches!(
+            b.complete(&other, &Value::Null).await,
+            Err(BrokerError::LeaseLost { .. })
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_again_when_redis_comes_back_empty() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let w = caps("w-reg", &["comfyui"]);
+        b.register_worker(&w).await.unwrap();
+        // Redis restarted without its data: no keys, no functions.
+        let _: () = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+        assert!(b.claim(&w).await.unwrap().is_none());
+        let h = hgetall(&mut conn, "worker:w-reg").await;
+        assert_eq!(h.get("machine_id").map(String::as_str), Some("m1"), "{h:?}");
+        assert!(h["capabilities"].contains("comfyui"));
+        // Emptied with the library kept: the next heartbeat registers the worker again.
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+        b.heartbeat("w-reg").await.unwrap();
+        let h = hgetall(&mut conn, "worker:w-reg").await;
+        assert_eq!(h.get("status").map(String::as_str), Some("idle"), "{h:?}");
+        assert!(h["capabilities"].contains("comfyui"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_starting_on_a_backlog_claims_it_in_order() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        // Queued while no machine listened: 20,000 jobs this worker cannot run ahead, then the
+        // runnable ones one second apart.
+        bulk_load(
+            &mut conn,
+            "blocked-",
+            20_000,
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":80}}"#,
+            90,
+        )
+        .await;
+        let t = now_ms() - 100_000;
+        for i in 0..40 {
+            api_submit(&mut conn, &format!("r-{i:02}"), t + i * 1000, &[], false).await;
+        }
+        let shutdown = CancellationToken::new();
+        let events = tokio::spawn({
+            let b = b.clone();
+            let s = shutdown.clone();
+            async move { b.run_events(s).await }
+        });
+        wait_for_subscriber(&server).await;
+        let w = caps("w", &["comfyui"]);
+        let first = b.claim_next(&w, &shutdown).await.unwrap().expect("a job");
+        assert_eq!(first.id, "r-00", "the very first claim takes the oldest runnable job");
+        b.complete(&first, &Value::Null).await.unwrap();
+        let want: Vec<String> = (1..40).map(|i| format!("r-{i:02}")).collect();
+        assert_eq!(drain(&b, &w).await, want);
+        shutdown.cancel();
+        events.await.unwrap().unwrap();
+    })
+    .await;
+}
+
 mod differential {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
@@ -1097,7 +1653,7 @@ mod differential {
     use super::*;
 
     const SERVICES: [&str; 3] = ["comfyui", "a1111", "simulation"];
-    const REQS: [&str; 16] = [
+    const REQS: [&str; 25] = [
         "",
         "{}",
         r#"{"hardware":{"gpu_memory_gb":16}}"#,
@@ -1114,6 +1670,15 @@ mod differential {
         r#"{"negative_requirements":{"models":["sd15"]}}"#,
         r#"{"hardware":"#,
         r#"{"component":"x","timeout_minutes":3}"#,
+        "[]",
+        r#"{"positive_requirements":{"models":"sdxl"}}"#,
+        r#"{"models":{"comfyui":["sdxl"],"a1111":"flux"}}"#,
+        r#"{"hardware":{"gpu_model":"a100"}}"#,
+        r#"{"hardware":{"gpu_model":["4090","H100"],"gpu_memory_gb":"16"}}"#,
+        r#"{"negative_requirements":{"hardware":{"gpu_model":"RTX"}}}"#,
+        r#"{"hardware":null}"#,
+        r#"{"hardware":{"ram_gb":[8]}}"#,
+        r#"{"max_batch_size":"3"}"#,
     ];
 
     #[derive(Debug, Clone)]
@@ -1168,7 +1733,12 @@ mod differential {
                 move |(services, gpu, models, strict, (deny, allow, pin), (cn, batch, features, eu))| {
                     let mut c = Capabilities::new(format!("w{i}"), "m", &services);
                     c.hardware.gpu_memory_gb = gpu;
-                    c.hardware.gpu_model = "NVIDIA GeForce RTX 4090".to_owned();
+                    c.hardware.gpu_model = if gpu >= 48.0 {
+                        "NVIDIA A100-SXM4-80GB"
+                    } else {
+                        "NVIDIA GeForce RTX 4090"
+                    }
+                    .to_owned();
                     for s in &services {
                         c.models
                             .insert((*s).to_owned(), models.iter().map(|m| (*m).to_owned()).collect());
@@ -1258,6 +1828,8 @@ mod differential {
                             workflow_id: workflow,
                             payload: payload.to_owned(),
                             held_off_worker: None,
+                            created_ms: 0,
+                            seq: i as u64,
                         });
                     }
                     let workers = [&w0, &w1, &w2];
