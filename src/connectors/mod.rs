@@ -185,6 +185,9 @@ pub enum ConnectorError {
     /// The job ran longer than allowed.
     #[error("the job timed out after {0:?}")]
     Timeout(Duration),
+    /// The job's output destination (`ctx`) is unusable; found before the job runs.
+    #[error("the job's output destination was refused")]
+    Destination(#[source] Box<store::StoreError>),
     /// An output could not be stored.
     #[error("failed to store output `{name}`")]
     Storage {
@@ -201,7 +204,14 @@ impl ConnectorError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
-            ConnectorError::Unavailable { .. } | ConnectorError::Storage { .. } => ErrorClass::Retryable,
+            ConnectorError::Unavailable { .. } => ErrorClass::Retryable,
+            ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
+                if source.is_retryable() {
+                    ErrorClass::Retryable
+                } else {
+                    ErrorClass::Fatal
+                }
+            }
             ConnectorError::Failed { retryable, .. } => {
                 if *retryable {
                     ErrorClass::Retryable

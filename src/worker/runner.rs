@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::store::OutputStore;
+use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink};
 use crate::logging::error_chain;
 use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
@@ -148,6 +148,13 @@ enum Stop {
     Lost,
     Timeout,
     Shutdown,
+}
+
+/// A claimed job ready to run: its input and its checked output destination.
+#[derive(Debug)]
+struct Prepared {
+    input: Job,
+    target: OutputTarget,
 }
 
 /// A lifecycle write that the broker refused, or that could not be made before shutdown.
@@ -341,14 +348,19 @@ impl Worker {
         }
     }
 
-    fn job_input(&self, claimed: &ClaimedJob) -> Job {
-        Job {
+    /// The job as its connector sees it, and where its outputs go: a `ctx` that is not JSON or
+    /// names no usable destination is refused here, before anything runs.
+    fn job_input(&self, claimed: &ClaimedJob) -> Result<Prepared, ConnectorError> {
+        let refused = |e| ConnectorError::Destination(Box::new(e));
+        let job = Job {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
-            ctx: claimed.ctx().unwrap_or(Value::Null),
+            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
             timeout: job_timeout(claimed),
-        }
+        };
+        let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
+        Ok(Prepared { input: job, target })
     }
 
     async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) {
@@ -366,9 +378,8 @@ impl Worker {
             });
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
-        let input = self.job_input(&claimed);
-        let (outcome, run) = match self.connectors.get(&claimed.service).cloned() {
-            None => {
+        let (outcome, run) = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+            (None, _) => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
@@ -376,10 +387,11 @@ impl Worker {
                 ));
                 (self.write_failure(broker, &claimed, &e, shutdown).await, Duration::ZERO)
             }
-            Some(connector) => match self.write(shutdown, || broker.start(&claimed)).await {
+            (Some(_), Err(e)) => (self.write_failure(broker, &claimed, &e, shutdown).await, Duration::ZERO),
+            (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
                 Err(not) => (self.not_written(not), Duration::ZERO),
                 Ok(()) => {
-                    self.supervise(broker, &claimed, &input, connector, &mut cancels, shutdown)
+                    self.supervise(broker, &claimed, &prepared, connector, &mut cancels, shutdown)
                         .await
                 }
             },
@@ -418,11 +430,12 @@ impl Worker {
         &self,
         broker: &Broker,
         claimed: &ClaimedJob,
-        input: &Job,
+        prepared: &Prepared,
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
     ) -> (JobOutcome, Duration) {
+        let Prepared { input, target } = prepared;
         let (sink, progress) = ProgressSink::new();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
@@ -497,7 +510,7 @@ impl Worker {
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
-            (_, Ok(output)) => self.write_success(broker, claimed, input, output, shutdown).await,
+            (_, Ok(output)) => self.write_success(broker, claimed, target, output, shutdown).await,
             (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
                 Ok(()) => JobOutcome::Returned,
                 Err(not) => self.not_written(not),
@@ -515,26 +528,16 @@ impl Worker {
         &self,
         broker: &Broker,
         claimed: &ClaimedJob,
-        input: &Job,
+        target: &OutputTarget,
         output: JobOutput,
         shutdown: &CancellationToken,
     ) -> JobOutcome {
-        let stored = match self.store.store(input, output.artifacts).await {
+        let stored = match target.store(output.artifacts).await {
             Ok(s) => s,
             Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
         };
         let mut result = output.data;
-        if !stored.is_empty() {
-            let artifacts = serde_json::to_value(&stored).expect("stored artifacts are plain data");
-            match &mut result {
-                Value::Object(map) => {
-                    map.insert("artifacts".to_owned(), artifacts);
-                }
-                other => {
-                    result = json!({"data": other.take(), "artifacts": artifacts});
-                }
-            }
-        }
+        store::add_to_result(&mut result, &stored);
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
             Err(not) => self.not_written(not),
@@ -736,6 +739,7 @@ impl RedisBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::collections::BTreeMap;
 
     fn claimed(payload: Value, requirements: &str) -> ClaimedJob {
