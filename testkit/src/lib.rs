@@ -5,12 +5,14 @@
 //! a real shared library exporting NVML's C symbols from the C source kept in this crate. Nothing
 //! in this crate is linked into the product. [`FakeComfyui`], [`FakeA1111`] and [`FakeOpenai`] are
 //! HTTP (and WebSocket) servers speaking those services' real wire formats, scriptable by tests.
+//! [`ObjectServer`] runs a real object-store server (Azurite, moto's S3, a GCS emulator).
 
 mod fake_a1111;
 mod fake_comfyui;
 pub mod fake_nvml;
 mod fake_openai;
 mod file_server;
+mod object_server;
 mod redis_server;
 mod serve;
 
@@ -18,6 +20,7 @@ pub use fake_a1111::FakeA1111;
 pub use fake_comfyui::FakeComfyui;
 pub use fake_openai::FakeOpenai;
 pub use file_server::{FileServer, SeenRequest};
+pub use object_server::{AZURITE_ACCOUNT, AZURITE_KEY, ListedObject, ObjectServer, StoreKind};
 pub use redis_server::RedisServer;
 pub use serve::TINY_PNG;
 

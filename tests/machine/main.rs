@@ -10,6 +10,7 @@ mod health;
 mod installers;
 mod matcher;
 mod playwright;
+mod stores;
 mod supervisor;
 mod support;
 mod workers;
