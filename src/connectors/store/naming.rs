@@ -116,10 +116,7 @@ impl Namer<'_> {
                     let stem = split_ext(f).0;
                     if i == 0 { stem.to_owned() } else { format!("{stem}_{i}") }
                 }
-                None => {
-                    let hash = hex::encode(&Sha256::digest(bytes)[..4]);
-                    format!("{job}_{time}_{hash}")
-                }
+                None => format!("{job}_{time}_{}", content_tag(bytes)),
             };
             let base = format!("{stem}{retry}");
             let mut name = format!("{base}.{ext}");
@@ -132,6 +129,16 @@ impl Namer<'_> {
         }
         names
     }
+}
+
+/// 8 hex digits naming the content: a SHA-256 of its length and its first 64 KiB. Names also
+/// carry the job id and the time, so this only has to tell apart outputs of one job; hashing
+/// whole multi-megabyte outputs cost more than their upload to a local store.
+fn content_tag(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(&bytes[..bytes.len().min(64 * 1024)]);
+    hex::encode(&h.finalize()[..4])
 }
 
 pub(super) fn split_ext(name: &str) -> (&str, Option<&str>) {
@@ -238,7 +245,7 @@ mod tests {
             now,
         };
         let names = namer.names(&[(PNG, "png"), (PNG, "png"), (b"other", "txt")]);
-        let hash = hex::encode(&Sha256::digest(PNG)[..4]);
+        let hash = content_tag(PNG);
         assert_eq!(names[0], format!("job_1_2023-11-14T22-13-20-123Z_{hash}.png"));
         assert_eq!(names[1], format!("job_1_2023-11-14T22-13-20-123Z_{hash}_1.png"));
         assert!(names[2].ends_with(".txt"));
