@@ -4,6 +4,9 @@
 #   python3 + venv + pip     ComfyUI's venv and `pip install -r requirements.txt`
 #   node + npm               `npm install playwright-core p5` and the render server
 #   chromium                 the browser the render server drives (Debian's package)
+#   object-store servers     Azurite (npm `azurite`), moto's S3 server (PyPI `moto[server]`) and
+#                            `gcp-storage-emulator` (PyPI), with the providers' Python SDKs
+#                            (`azure-storage-blob`, `boto3`) the tests read the objects back with
 # Idempotent: with everything present it changes nothing and needs no network.
 set -eu
 
@@ -47,8 +50,24 @@ else
     SUDO=
 fi
 
+# The object-store servers and clients of tests/machine/stores.rs and benches/outputs.rs; run
+# after the apt step below has made sure node, npm and pip exist.
+install_object_stores() {
+    if ! command -v azurite-blob >/dev/null 2>&1; then
+        echo "test-deps: installing azurite from the npm registry" >&2
+        $SUDO npm install --global azurite >/dev/null
+    fi
+    if ! python3 -c 'import moto.server, gcp_storage_emulator, azure.storage.blob, boto3' >/dev/null 2>&1; then
+        echo "test-deps: installing moto[server], gcp-storage-emulator, azure-storage-blob and boto3 from PyPI" >&2
+        pkgs="moto[server] gcp-storage-emulator azure-storage-blob boto3"
+        # shellcheck disable=SC2086 # the package list is meant to split
+        python3 -m pip install -q $pkgs || python3 -m pip install -q --break-system-packages $pkgs
+    fi
+}
+
 if [ -z "$missing" ]; then
     check_node
+    install_object_stores
     echo "test-deps: git, python3 (venv), node, npm and chromium ($chromium_found) are present"
     exit 0
 fi
@@ -60,3 +79,4 @@ $SUDO apt-get update -q
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -q --no-install-recommends $missing
 check_node
+install_object_stores

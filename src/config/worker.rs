@@ -22,6 +22,8 @@ pub(crate) struct RawWorker {
     #[serde(with = "humantime_serde")]
     pub job_timeout: Duration,
     pub output_dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub cdn_wait: Duration,
     pub workflow_id: String,
     pub customer_access: RawCustomerAccess,
     pub retry_delay: RawRetryDelay,
@@ -92,6 +94,10 @@ pub struct WorkerConfig {
     pub job_timeout: Duration,
     /// Default output directory for artifacts when a job's `ctx` names no storage (absolute).
     pub output_dir: PathBuf,
+    /// How long to wait, after each upload to a `ctx` with a `cdnUrl`, for the CDN to serve it
+    /// before completing the job (zero: do not wait; at most 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub cdn_wait: Duration,
     /// When non-empty, workers only take jobs of this workflow.
     pub workflow_id: String,
     /// Which customers' jobs the workers take.
@@ -199,6 +205,12 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         "models",
         "customer_access",
     ];
+    if raw.cdn_wait > Duration::from_secs(300) {
+        bad(
+            "worker.cdn_wait",
+            "must be at most 5m (a job waits this long per output)",
+        );
+    }
     for key in capabilities.keys() {
         if RESERVED.contains(&key.as_str()) || key == "workflow_id" {
             bad(
@@ -213,6 +225,7 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         drain: raw.drain,
         job_timeout: raw.job_timeout,
         output_dir: workspace.join(raw.output_dir),
+        cdn_wait: raw.cdn_wait,
         workflow_id: raw.workflow_id.trim().to_owned(),
         customer_access: CustomerAccess {
             isolation,

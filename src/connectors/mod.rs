@@ -207,6 +207,9 @@ pub enum ConnectorError {
         /// Time until the quota day ends.
         resets_in: Duration,
     },
+    /// The job's output destination (`ctx`) is unusable; found before the job runs.
+    #[error("the job's output destination was refused")]
+    Destination(#[source] Box<store::StoreError>),
     /// An output could not be stored.
     #[error("failed to store output `{name}`")]
     Storage {
@@ -223,9 +226,14 @@ impl ConnectorError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
-            ConnectorError::Unavailable { .. }
-            | ConnectorError::Storage { .. }
-            | ConnectorError::QuotaReached { .. } => ErrorClass::Retryable,
+            ConnectorError::Unavailable { .. } | ConnectorError::QuotaReached { .. } => ErrorClass::Retryable,
+            ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
+                if source.is_retryable() {
+                    ErrorClass::Retryable
+                } else {
+                    ErrorClass::Fatal
+                }
+            }
             ConnectorError::Failed { retryable, .. } => {
                 if *retryable {
                     ErrorClass::Retryable

@@ -27,7 +27,7 @@ use crate::connectors::playwright::PlaywrightConnector;
 use crate::connectors::replicate::ReplicateConnector;
 use crate::connectors::runpod::RunpodConnector;
 use crate::connectors::simulation::SimulationConnector;
-use crate::connectors::store::OutputStore;
+use crate::connectors::store::{OutputStore, StoreOptions};
 use crate::gpu::Probe;
 use crate::matcher::Broker;
 use crate::plan::{Plan, WorkerPlan};
@@ -74,7 +74,12 @@ impl Workers {
     /// Builds one worker per planned worker. `env` supplies the API keys named in the
     /// configuration.
     pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
-        let store = Arc::new(OutputStore::new(config.worker.output_dir.clone()));
+        let options = StoreOptions {
+            cdn_wait: config.worker.cdn_wait,
+            ..StoreOptions::default()
+        };
+        let vars = std::env::vars();
+        let store = Arc::new(OutputStore::with_env(config.worker.output_dir.clone(), vars, options));
         let settings = WorkerSettings {
             heartbeat: config.worker.heartbeat,
             drain: config.worker.drain,

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::store::OutputStore;
+use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
@@ -157,6 +157,13 @@ enum Stop {
     Lost,
     Timeout,
     Shutdown,
+}
+
+/// A claimed job ready to run: its input and its checked output destination.
+#[derive(Debug)]
+struct Prepared {
+    input: Job,
+    target: OutputTarget,
 }
 
 /// A lifecycle write that the broker refused, or that could not be made before shutdown.
@@ -460,15 +467,20 @@ impl Worker {
         }
     }
 
-    fn job_input(&self, claimed: &ClaimedJob) -> Job {
-        Job {
+    /// The job as its connector sees it, and where its outputs go: a `ctx` that is not JSON or
+    /// names no usable destination is refused here, before anything runs.
+    fn job_input(&self, claimed: &ClaimedJob) -> Result<Prepared, ConnectorError> {
+        let refused = |e| ConnectorError::Destination(Box::new(e));
+        let job = Job {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
             customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
-            ctx: claimed.ctx().unwrap_or(Value::Null),
+            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
             timeout: job_timeout(claimed),
-        }
+        };
+        let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
+        Ok(Prepared { input: job, target })
     }
 
     async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) {
@@ -486,9 +498,8 @@ impl Worker {
             });
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
-        let input = self.job_input(&claimed);
-        let (outcome, run, billing) = match self.connectors.get(&claimed.service).cloned() {
-            None => {
+        let (outcome, run, billing) = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+            (None, _) => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
@@ -500,7 +511,12 @@ impl Worker {
                     None,
                 )
             }
-            Some(connector) => match self.write(shutdown, || broker.start(&claimed)).await {
+            (Some(_), Err(e)) => (
+                self.write_failure(broker, &claimed, &e, shutdown).await,
+                Duration::ZERO,
+                None,
+            ),
+            (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
                 Err(not) => (self.not_written(not), Duration::ZERO, None),
                 Ok(()) => {
                     if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
@@ -510,7 +526,7 @@ impl Worker {
                             tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
                         }
                     }
-                    self.supervise(broker, &claimed, &input, connector, &mut cancels, shutdown)
+                    self.supervise(broker, &claimed, &prepared, connector, &mut cancels, shutdown)
                         .await
                 }
             },
@@ -551,11 +567,12 @@ impl Worker {
         &mut self,
         broker: &Broker,
         claimed: &ClaimedJob,
-        input: &Job,
+        prepared: &Prepared,
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
     ) -> (JobOutcome, Duration, Option<Billing>) {
+        let Prepared { input, target } = prepared;
         let (sink, progress) = ProgressSink::new();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
@@ -638,7 +655,7 @@ impl Worker {
             (Some(Stop::Lost), _) => JobOutcome::Lost,
             (_, Ok(output)) => {
                 billing = Billing::from_result(&output.data);
-                self.write_success(broker, claimed, input, output, shutdown).await
+                self.write_success(broker, claimed, target, output, shutdown).await
             }
             (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
                 Ok(()) => JobOutcome::Returned,
@@ -661,26 +678,16 @@ impl Worker {
         &self,
         broker: &Broker,
         claimed: &ClaimedJob,
-        input: &Job,
+        target: &OutputTarget,
         output: JobOutput,
         shutdown: &CancellationToken,
     ) -> JobOutcome {
-        let stored = match self.store.store(input, output.artifacts).await {
+        let stored = match target.store(output.artifacts).await {
             Ok(s) => s,
             Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
         };
         let mut result = output.data;
-        if !stored.is_empty() {
-            let artifacts = serde_json::to_value(&stored).expect("stored artifacts are plain data");
-            match &mut result {
-                Value::Object(map) => {
-                    map.insert("artifacts".to_owned(), artifacts);
-                }
-                other => {
-                    result = json!({"data": other.take(), "artifacts": artifacts});
-                }
-            }
-        }
+        store::add_to_result(&mut result, &stored);
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
             Err(not) => self.not_written(not),
@@ -882,6 +889,7 @@ impl RedisBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::collections::BTreeMap;
 
     fn claimed(payload: Value, requirements: &str) -> ClaimedJob {

@@ -4,7 +4,9 @@
 //! free loopback port in its own temp dir (never the shared one on 6379), and [`fake_nvml`] builds
 //! a real shared library exporting NVML's C symbols from the C source kept in this crate. Nothing
 //! in this crate is linked into the product. [`FakeComfyui`], [`FakeA1111`], [`FakeOpenai`],
-//! [`FakeReplicate`] and [`FakeRunpod`] are HTTP (and WebSocket) servers speaking those services' real wire formats, scriptable by tests.
+//! [`FakeReplicate`] and [`FakeRunpod`] are HTTP (and WebSocket) servers speaking those services'
+//! real wire formats, scriptable by tests. [`ObjectServer`] runs a real object-store server
+//! (Azurite, moto's S3, a GCS emulator).
 
 mod fake_a1111;
 mod fake_comfyui;
@@ -13,6 +15,7 @@ mod fake_openai;
 mod fake_replicate;
 mod fake_runpod;
 mod file_server;
+mod object_server;
 mod redis_server;
 mod serve;
 
@@ -22,6 +25,7 @@ pub use fake_openai::FakeOpenai;
 pub use fake_replicate::FakeReplicate;
 pub use fake_runpod::FakeRunpod;
 pub use file_server::{FileServer, SeenRequest};
+pub use object_server::{AZURITE_ACCOUNT, AZURITE_KEY, ListedObject, ObjectServer, StoreKind};
 pub use redis_server::RedisServer;
 pub use serve::TINY_PNG;
 

@@ -12,6 +12,7 @@ mod health;
 mod installers;
 mod matcher;
 mod playwright;
+mod stores;
 mod supervisor;
 mod support;
 mod workers;

@@ -1,0 +1,265 @@
+//! Reading a job's `ctx`: where its outputs go, under which prefix and name.
+//!
+//! The existing fleet's API writes two shapes and both occur: the destination under
+//! `ctx.storage` (`{"storage": {"provider", "bucket", "cdnUrl"}, "prefix", "filename"}`) and the
+//! same fields flat on `ctx` itself. `provider`, `bucket` and `cdnUrl` are read from
+//! `ctx.storage` first, `prefix` from `ctx` first, as the existing workers read them. A `ctx`
+//! that names no destination at all (absent, `null`, or neither a provider nor a bucket) means
+//! the machine's local output directory; one that names a cloud destination must name all of
+//! provider, bucket and prefix. Everything here is checked before a job runs, so a bad `ctx`
+//! fails the job at once instead of after the work is done.
+
+use serde_json::Value;
+
+use super::StoreError;
+
+/// A cloud provider named by `provider`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Provider {
+    S3,
+    Azure,
+    Gcs,
+}
+
+impl Provider {
+    fn parse(name: &str) -> Option<Provider> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "s3" | "aws" | "amazon" | "r2" | "minio" => Some(Provider::S3),
+            "azure" | "azblob" | "azure_blob" | "blob" => Some(Provider::Azure),
+            "gcs" | "gcp" | "google" => Some(Provider::Gcs),
+            _ => None,
+        }
+    }
+}
+
+/// Where one job's outputs go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Place {
+    /// The machine's local output directory.
+    Local,
+    /// A bucket (an Azure container) of a cloud provider.
+    Cloud {
+        provider: Provider,
+        bucket: String,
+        /// `cdnUrl` without its scheme and trailing `/`, when given.
+        cdn: Option<String>,
+    },
+}
+
+/// A job's validated output destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Spec {
+    pub place: Place,
+    /// Sanitised key prefix segments (may be empty only for local outputs).
+    pub prefix: Vec<String>,
+    /// The sanitised `filename`, when given.
+    pub filename: Option<String>,
+    /// The attempt number `ctx` itself carries (`retry_count`, `retryCount` or
+    /// `workflow_context.retry_attempt`), which the existing API sets on workflow retries.
+    pub retry_hint: u32,
+}
+
+/// Decodes the job hash's `ctx` field: absent or empty is `null`; anything else must be JSON.
+pub fn parse_ctx(raw: Option<&str>) -> Result<Value, StoreError> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(Value::Null),
+        Some(text) => serde_json::from_str(text).map_err(|e| StoreError::BadCtx(format!("ctx is not JSON ({e})"))),
+    }
+}
+
+/// Reads and checks the destination a `ctx` names.
+pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
+    let bad = StoreError::BadCtx;
+    let ctx = match ctx {
+        Value::Null => {
+            return Ok(Spec {
+                place: Place::Local,
+                prefix: Vec::new(),
+                filename: None,
+                retry_hint: 0,
+            });
+        }
+        Value::Object(map) => map,
+        other => return Err(bad(format!("ctx must be a JSON object, not {}", kind(other)))),
+    };
+    let storage = match ctx.get("storage") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(s)) => Some(s),
+        Some(other) => return Err(bad(format!("ctx.storage must be an object, not {}", kind(other)))),
+    };
+    // A field from `ctx.storage` first, then from `ctx` (or the other way round).
+    let pick = |name: &str, storage_first: bool| -> Result<Option<String>, StoreError> {
+        let in_storage = storage.and_then(|s| s.get(name)).filter(|v| !v.is_null());
+        let in_ctx = ctx.get(name).filter(|v| !v.is_null());
+        let (first, second) = if storage_first {
+            (in_storage, in_ctx)
+        } else {
+            (in_ctx, in_storage)
+        };
+        match first.or(second) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+            Some(other) => Err(bad(format!("`{name}` must be a string, not {}", kind(other)))),
+        }
+    };
+    let provider = pick("provider", true)?;
+    let bucket = match pick("bucket", true)? {
+        Some(b) => Some(b),
+        None => pick("container", true)?,
+    };
+    let cdn = pick("cdnUrl", true)?.or(pick("cdn_url", true)?);
+    let prefix_raw = pick("prefix", false)?;
+    let filename = pick("filename", false)?.map(|f| super::naming::sanitise_file_name(&f));
+    let prefix: Vec<String> = prefix_raw
+        .as_deref()
+        .map(|p| {
+            p.split(['/', '\\'])
+                .filter_map(super::naming::sanitise_segment)
+                .collect()
+        })
+        .unwrap_or_default();
+    let retry_hint = retry_hint(ctx);
+
+    let place = match (provider.as_deref(), &bucket) {
+        (None, None) => Place::Local,
+        (Some(p), _) if p.eq_ignore_ascii_case("local") => Place::Local,
+        (None, Some(_)) => {
+            return Err(bad(
+                "`provider` is missing (ctx.storage.provider or ctx.provider)".to_owned()
+            ));
+        }
+        (Some(p), bucket) => {
+            let provider = Provider::parse(p)
+                .ok_or_else(|| bad(format!("unknown provider `{p}` (known: azure, s3, gcs, local)")))?;
+            let bucket = bucket
+                .clone()
+                .ok_or_else(|| bad("`bucket` is missing (ctx.storage.bucket or ctx.bucket)".to_owned()))?;
+            if prefix.is_empty() {
+                let why = if prefix_raw.is_some() {
+                    "empty once sanitised"
+                } else {
+                    "missing"
+                };
+                return Err(bad(format!("`prefix` is {why} (ctx.prefix or ctx.storage.prefix)")));
+            }
+            let cdn = cdn
+                .map(|c| strip_scheme(&c).trim_end_matches('/').to_owned())
+                .filter(|c| !c.is_empty());
+            Place::Cloud { provider, bucket, cdn }
+        }
+    };
+    Ok(Spec {
+        place,
+        prefix,
+        filename,
+        retry_hint,
+    })
+}
+
+fn retry_hint(ctx: &serde_json::Map<String, Value>) -> u32 {
+    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+    let hint = n(ctx.get("retry_count"))
+        .max(n(ctx.get("retryCount")))
+        .max(n(ctx.get("workflow_context").and_then(|w| w.get("retry_attempt"))));
+    u32::try_from(hint).unwrap_or(u32::MAX)
+}
+
+fn strip_scheme(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(ctx: Value) -> String {
+        spec(&ctx).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn both_shapes_are_read() {
+        let nested = spec(
+            &json!({"storage": {"provider": "azure", "bucket": "b", "cdnUrl": "https://cdn.x/"},
+                                   "prefix": "/a//b/", "filename": "x.jpg"}),
+        )
+        .unwrap();
+        let flat = spec(
+            &json!({"provider": "azure", "bucket": "b", "cdnUrl": "cdn.x", "prefix": "a/b",
+                                 "filename": "x.jpg"}),
+        )
+        .unwrap();
+        assert_eq!(nested, flat);
+        assert_eq!(
+            nested.place,
+            Place::Cloud {
+                provider: Provider::Azure,
+                bucket: "b".into(),
+                cdn: Some("cdn.x".into())
+            }
+        );
+        assert_eq!(nested.prefix, ["a", "b"]);
+        assert_eq!(nested.filename.as_deref(), Some("x.jpg"));
+    }
+
+    #[test]
+    fn no_destination_means_local() {
+        assert_eq!(spec(&Value::Null).unwrap().place, Place::Local);
+        assert_eq!(spec(&json!({"prefix": "p"})).unwrap().place, Place::Local);
+        assert_eq!(spec(&json!({"storage": null})).unwrap().place, Place::Local);
+        assert_eq!(
+            spec(&json!({"storage": {"provider": "local"}, "prefix": "p"}))
+                .unwrap()
+                .place,
+            Place::Local
+        );
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        assert!(
+            err(json!({"storage": {"provider": "ftp", "bucket": "b"}, "prefix": "p"}))
+                .contains("unknown provider `ftp`")
+        );
+        assert!(err(json!({"storage": {"provider": "s3"}, "prefix": "p"})).contains("`bucket` is missing"));
+        assert!(err(json!({"storage": {"provider": "s3", "bucket": "b"}})).contains("`prefix` is missing"));
+        assert!(
+            err(json!({"storage": {"provider": "s3", "bucket": "b"}, "prefix": "../.."})).contains("`prefix` is empty")
+        );
+        assert!(err(json!({"bucket": "b", "prefix": "p"})).contains("`provider` is missing"));
+        assert!(err(json!({"provider": 3})).contains("`provider` must be a string"));
+        assert!(err(json!("x")).contains("ctx must be a JSON object"));
+        assert!(err(json!({"storage": "azure"})).contains("ctx.storage must be an object"));
+    }
+
+    #[test]
+    fn ctx_must_be_json() {
+        assert_eq!(parse_ctx(None).unwrap(), Value::Null);
+        assert_eq!(parse_ctx(Some("  ")).unwrap(), Value::Null);
+        let e = parse_ctx(Some("{not json")).unwrap_err().to_string();
+        assert!(e.starts_with("invalid ctx: ctx is not JSON"), "{e}");
+    }
+
+    #[test]
+    fn retry_hints_come_from_any_known_field() {
+        assert_eq!(
+            spec(&json!({"workflow_context": {"retry_attempt": 2}}))
+                .unwrap()
+                .retry_hint,
+            2
+        );
+        assert_eq!(spec(&json!({"retryCount": 1})).unwrap().retry_hint, 1);
+    }
+}

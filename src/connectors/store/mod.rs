@@ -1,0 +1,787 @@
+//! Where outputs go: the job's `ctx` names an Azure container, an S3 bucket or a GCS bucket (or,
+//! when it names none, the machine's local output directory), and the worker writes each output
+//! there through `object_store` before it completes the job. Only URLs enter the job's result,
+//! so no output's bytes ever reach Redis.
+//!
+//! The destination is checked when the job is claimed ([`OutputStore::target`]), before its
+//! connector runs: a `ctx` that is not JSON or names no usable destination fails the job at once,
+//! without retry. Each upload is verified (a HEAD of the object, its size compared) and, when
+//! the operator asks, waited for on the CDN for a bounded time. Whole-object PUTs are atomic on
+//! every provider, so an interrupted upload leaves no partial object; it fails the attempt
+//! retryably and the broker's retry writes under a new `_r<N>` name.
+//!
+//! Credentials come only from the standard environment variables (`AWS_*`, `AZURE_*`, `GOOGLE_*`;
+//! see docs/connectors.md), read once when the store is made; never from `ctx`, which lives in
+//! Redis. Error messages keep the store's own words with every configured secret value removed.
+
+mod destination;
+mod naming;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
+use serde::Serialize;
+use serde_json::Value;
+
+pub use destination::parse_ctx;
+use destination::{Place, Provider};
+pub use naming::sanitise_file_name;
+
+use super::{Artifact, ArtifactBody, ConnectorError, Job};
+
+/// Why outputs could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The job's `ctx` names no usable destination.
+    #[error("invalid ctx: {0}")]
+    BadCtx(String),
+    /// The store could not be built from the environment (credentials, endpoint).
+    #[error("failed to configure {provider} storage")]
+    Configure {
+        /// The provider.
+        provider: &'static str,
+        /// The builder's error, secrets removed.
+        #[source]
+        source: Redacted,
+    },
+    /// The upload failed.
+    #[error("failed to upload {key}")]
+    Put {
+        /// The object key.
+        key: String,
+        /// Whether another attempt may succeed (the store was unreachable or failing, rather
+        /// than refusing: a missing bucket or a wrong key is not retryable).
+        retryable: bool,
+        /// The store's error, secrets removed.
+        #[source]
+        source: Redacted,
+    },
+    /// The upload could not be confirmed by reading the object back.
+    #[error("failed to verify the upload of {key}: {detail}")]
+    Verify {
+        /// The object key.
+        key: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The CDN did not serve the object in time.
+    #[error("the CDN did not serve {url} within {waited:?}")]
+    Cdn {
+        /// The public URL.
+        url: String,
+        /// How long the machine waited.
+        waited: Duration,
+    },
+    /// The local directory could not be created.
+    #[error("failed to create {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::BadCtx(_) | StoreError::Configure { .. } => false,
+            StoreError::Put { retryable, .. } => *retryable,
+            StoreError::Verify { .. } | StoreError::Cdn { .. } | StoreError::CreateDir { .. } => true,
+        }
+    }
+}
+
+/// A store's error message with every configured secret value cut out.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Redacted(String);
+
+/// One stored output as it appears in the job's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredArtifact {
+    /// The stored file name.
+    pub name: String,
+    /// Its MIME type (from its bytes, when the machine stored it).
+    pub content_type: String,
+    /// Where it can be fetched: the CDN URL when `ctx` names one.
+    pub url: String,
+    /// Its object key (prefix and name), when the machine stored it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its size in bytes, when the machine stored it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+}
+
+/// Operator settings of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long to wait for the CDN to serve each output before completing the job (the
+    /// existing workers always waited up to a minute); zero does not wait.
+    pub cdn_wait: Duration,
+    /// How many outputs of one job are uploaded at once.
+    pub parallel_uploads: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cdn_wait: Duration::ZERO,
+            parallel_uploads: 4,
+        }
+    }
+}
+
+/// One cloud bucket's client and the URL under which its keys are published.
+#[derive(Debug, Clone)]
+struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    url_base: String,
+}
+
+/// Stores outputs; shared by every worker of the machine.
+#[derive(Debug)]
+pub struct OutputStore {
+    local_root: PathBuf,
+    vars: BTreeMap<String, String>,
+    secrets: Arc<[String]>,
+    options: StoreOptions,
+    http: reqwest::Client,
+    local: Mutex<Option<Arc<dyn ObjectStore>>>,
+    cloud: Mutex<HashMap<(Provider, String), Bucket>>,
+}
+
+/// Whether an environment variable configures a cloud store.
+fn is_storage_var(name: &str) -> bool {
+    ["AWS_", "AZURE_", "AZURITE_", "GOOGLE_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+impl OutputStore {
+    /// A store whose default destination is the local directory `root` (created on first use),
+    /// with cloud credentials from the process environment and default options.
+    pub fn new(root: impl Into<PathBuf>) -> OutputStore {
+        let vars = std::env::vars().filter(|(k, _)| is_storage_var(k));
+        OutputStore::with_env(root, vars, StoreOptions::default())
+    }
+
+    /// A store configured from these variables (the storage ones among them are kept).
+    pub fn with_env(
+        root: impl Into<PathBuf>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        options: StoreOptions,
+    ) -> OutputStore {
+        let vars: BTreeMap<String, String> = vars.into_iter().filter(|(k, _)| is_storage_var(k)).collect();
+        let secrets: Vec<String> = vars
+            .iter()
+            .filter(|(k, v)| {
+                v.len() >= 4
+                    && ["KEY", "SECRET", "TOKEN", "SAS", "PASSWORD"]
+                        .iter()
+                        .any(|s| k.contains(s))
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        OutputStore {
+            local_root: root.into(),
+            vars,
+            secrets: secrets.into(),
+            options,
+            http: reqwest::Client::new(),
+            local: Mutex::new(None),
+            cloud: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The local default directory.
+    pub fn local_root(&self) -> &FsPath {
+        &self.local_root
+    }
+
+    /// Checks where `job`'s outputs go and prepares the client; `retry_count` is the job's
+    /// `retry_count` at claim time (0 on the first attempt). Called before the job runs.
+    pub fn target(&self, job: &Job, retry_count: u32) -> Result<OutputTarget, StoreError> {
+        let spec = destination::spec(&job.ctx)?;
+        let (bucket, cdn) = match &spec.place {
+            Place::Local => (self.local_bucket()?, None),
+            Place::Cloud { provider, bucket, cdn } => (self.cloud_bucket(*provider, bucket)?, cdn.clone()),
+        };
+        let prefix = if spec.prefix.is_empty() {
+            vec![naming::sanitise_segment(&job.id).unwrap_or_else(|| "job".to_owned())]
+        } else {
+            spec.prefix
+        };
+        Ok(OutputTarget {
+            bucket,
+            local: spec.place == Place::Local,
+            cdn,
+            prefix: prefix.join("/"),
+            filename: spec.filename,
+            job_id: job.id.clone(),
+            attempt: retry_count.max(spec.retry_hint),
+            options: self.options.clone(),
+            secrets: self.secrets.clone(),
+            http: self.http.clone(),
+        })
+    }
+
+    /// Stores `artifacts` where the job's `ctx` says (first attempt); see [`OutputTarget::store`].
+    pub async fn store(&self, job: &Job, artifacts: Vec<Artifact>) -> Result<Vec<StoredArtifact>, ConnectorError> {
+        let target = self.target(job, 0).map_err(|e| storage_error("outputs", e))?;
+        target.store(artifacts).await
+    }
+
+    fn local_bucket(&self) -> Result<Bucket, StoreError> {
+        let mut local = self
+            .local
+            .lock()
+            .expect("the store cache lock is never held across a panic");
+        let root = self.local_root.clone();
+        let mkdir_err = |source| StoreError::CreateDir {
+            path: root.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.local_root).map_err(mkdir_err)?;
+        let root = self.local_root.canonicalize().map_err(mkdir_err)?;
+        let url_base = format!("file://{}", root.display()).trim_end_matches('/').to_owned();
+        if let Some(store) = &*local {
+            return Ok(Bucket {
+                store: store.clone(),
+                url_base,
+            });
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Configure {
+                provider: "local",
+                source: self.redact(&e),
+            })?,
+        );
+        *local = Some(store.clone());
+        Ok(Bucket { store, url_base })
+    }
+
+    fn cloud_bucket(&self, provider: Provider, bucket: &str) -> Result<Bucket, StoreError> {
+        let mut cache = self
+            .cloud
+            .lock()
+            .expect("the store cache lock is never held across a panic");
+        if let Some(b) = cache.get(&(provider, bucket.to_owned())) {
+            return Ok(b.clone());
+        }
+        let b = self.build(provider, bucket)?;
+        cache.insert((provider, bucket.to_owned()), b.clone());
+        Ok(b)
+    }
+
+    /// The variables with `prefix`, lower-cased as `object_store`'s config keys spell them.
+    fn config_vars(&self, prefix: &str) -> impl Iterator<Item = (String, &str)> {
+        self.vars
+            .iter()
+            .filter(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+    }
+
+    fn build(&self, provider: Provider, bucket: &str) -> Result<Bucket, StoreError> {
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+        use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+
+        let configure = |provider: &'static str| {
+            move |e: object_store::Error| StoreError::Configure {
+                provider,
+                source: self.redact(&e),
+            }
+        };
+        Ok(match provider {
+            Provider::S3 => {
+                let mut b = AmazonS3Builder::new();
+                for (k, v) in self.config_vars("AWS_") {
+                    if let Ok(key) = k.parse::<AmazonS3ConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b.with_bucket_name(bucket).with_retry(retry_config());
+                let region = b
+                    .get_config_value(&AmazonS3ConfigKey::Region)
+                    .unwrap_or_else(|| "us-east-1".to_owned());
+                let url_base = match b.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+                    Some(e) => format!("{}/{bucket}", e.trim_end_matches('/')),
+                    None => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+                };
+                Bucket {
+                    store: Arc::new(b.build().map_err(configure("s3"))?),
+                    url_base,
+                }
+            }
+            Provider::Azure => {
+                let mut b = MicrosoftAzureBuilder::new();
+                // The existing workers read AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY;
+                // `object_store` spells them with `_NAME` and `_ACCOUNT_KEY`.
+                let aliases = [
+                    ("AZURE_STORAGE_ACCOUNT", AzureConfigKey::AccountName),
+                    ("AZURE_STORAGE_KEY", AzureConfigKey::AccessKey),
+                ];
+                for (var, key) in aliases {
+                    if let Some(v) = self.vars.get(var) {
+                        b = b.with_config(key, v);
+                    }
+                }
+                for (k, v) in self.config_vars("AZURE_") {
+                    if let Ok(key) = k.parse::<AzureConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b.with_container_name(bucket).with_retry(retry_config());
+                let account = b.get_config_value(&AzureConfigKey::AccountName).unwrap_or_default();
+                let emulator = b
+                    .get_config_value(&AzureConfigKey::UseEmulator)
+                    .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                let url_base = match b.get_config_value(&AzureConfigKey::Endpoint) {
+                    Some(e) if !emulator => format!("{}/{bucket}", e.trim_end_matches('/')),
+                    _ if emulator => {
+                        let base = self
+                            .vars
+                            .get("AZURITE_BLOB_STORAGE_URL")
+                            .map_or("http://127.0.0.1:10000", String::as_str);
+                        let account = if account.is_empty() {
+                            "devstoreaccount1"
+                        } else {
+                            &account
+                        };
+                        format!("{}/{account}/{bucket}", base.trim_end_matches('/'))
+                    }
+                    _ => format!("https://{account}.blob.core.windows.net/{bucket}"),
+                };
+                Bucket {
+                    store: Arc::new(b.build().map_err(configure("azure"))?),
+                    url_base,
+                }
+            }
+            Provider::Gcs => {
+                let mut b = GoogleCloudStorageBuilder::new();
+                for (k, v) in self.config_vars("GOOGLE_") {
+                    if let Ok(key) = k.parse::<GoogleConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let base = self
+                    .gcs_base_url()
+                    .unwrap_or_else(|| "https://storage.googleapis.com".to_owned());
+                let b = b.with_bucket_name(bucket).with_retry(retry_config());
+                Bucket {
+                    store: Arc::new(b.build().map_err(configure("gcs"))?),
+                    url_base: format!("{}/{bucket}", base.trim_end_matches('/')),
+                }
+            }
+        })
+    }
+
+    /// The `gcs_base_url` of the service account key, when it names one (emulators, proxies).
+    fn gcs_base_url(&self) -> Option<String> {
+        let key = match self.vars.get("GOOGLE_SERVICE_ACCOUNT_KEY") {
+            Some(k) => k.clone(),
+            None => {
+                let path = [
+                    "GOOGLE_SERVICE_ACCOUNT",
+                    "GOOGLE_SERVICE_ACCOUNT_PATH",
+                    "GOOGLE_APPLICATION_CREDENTIALS",
+                ]
+                .iter()
+                .find_map(|v| self.vars.get(*v))?;
+                std::fs::read_to_string(path).ok()?
+            }
+        };
+        let v: Value = serde_json::from_str(&key).ok()?;
+        v.get("gcs_base_url").and_then(Value::as_str).map(str::to_owned)
+    }
+
+    fn redact(&self, e: &dyn std::error::Error) -> Redacted {
+        redact(&self.secrets, e)
+    }
+}
+
+fn redact(secrets: &[String], e: &dyn std::error::Error) -> Redacted {
+    let mut text = crate::logging::error_chain(e);
+    for s in secrets {
+        text = text.replace(s.as_str(), "[redacted]");
+    }
+    Redacted(text)
+}
+
+/// Bounded retries inside one upload: a store that is down fails the attempt within seconds
+/// (the broker then retries the job) instead of holding the worker for `object_store`'s default
+/// three minutes.
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(30),
+    }
+}
+
+/// Whether an `object_store` error may go away on another attempt: refusals (missing bucket or
+/// object, wrong credentials, bad path) do not.
+fn retryable(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::UnknownConfigurationKey { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+    )
+}
+
+fn storage_error(name: &str, e: StoreError) -> ConnectorError {
+    ConnectorError::Storage {
+        name: name.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+/// One job's checked destination, ready to take its outputs.
+#[derive(Debug)]
+pub struct OutputTarget {
+    bucket: Bucket,
+    local: bool,
+    cdn: Option<String>,
+    prefix: String,
+    filename: Option<String>,
+    job_id: String,
+    attempt: u32,
+    options: StoreOptions,
+    secrets: Arc<[String]>,
+    http: reqwest::Client,
+}
+
+impl OutputTarget {
+    /// Stores every byte artifact (several at once) and returns the result entries in the same
+    /// order; URL artifacts are passed through. Fails on the first output that cannot be stored.
+    pub async fn store(&self, artifacts: Vec<Artifact>) -> Result<Vec<StoredArtifact>, ConnectorError> {
+        let formats: Vec<Option<naming::Format>> = artifacts
+            .iter()
+            .map(|a| match &a.body {
+                ArtifactBody::Bytes(b) => Some(naming::format_of(b, &a.content_type, &a.name)),
+                ArtifactBody::Url(_) => None,
+            })
+            .collect();
+        let byte_outputs: Vec<(&[u8], &str)> = artifacts
+            .iter()
+            .zip(&formats)
+            .filter_map(|(a, f)| match (&a.body, f) {
+                (ArtifactBody::Bytes(b), Some(f)) => Some((b.as_ref(), f.ext.as_str())),
+                _ => None,
+            })
+            .collect();
+        let namer = naming::Namer {
+            job_id: &self.job_id,
+            attempt: self.attempt,
+            filename: self.filename.as_deref(),
+            now: SystemTime::now(),
+        };
+        let mut names = namer.names(&byte_outputs).into_iter();
+        let mut jobs = Vec::with_capacity(artifacts.len());
+        for (artifact, format) in artifacts.into_iter().zip(formats) {
+            jobs.push(match (artifact.body, format) {
+                (ArtifactBody::Bytes(bytes), Some(format)) => {
+                    let name = names.next().expect("one name per byte output");
+                    Upload::Bytes { name, bytes, format }
+                }
+                (body, _) => Upload::Passed {
+                    name: sanitise_file_name(&artifact.name),
+                    content_type: artifact.content_type,
+                    body,
+                },
+            });
+        }
+        futures_util::stream::iter(jobs)
+            .map(|job| self.upload(job))
+            .buffered(self.options.parallel_uploads.max(1))
+            .try_collect()
+            .await
+    }
+
+    async fn upload(&self, job: Upload) -> Result<StoredArtifact, ConnectorError> {
+        let (name, bytes, format) = match job {
+            Upload::Passed {
+                name,
+                content_type,
+                body,
+            } => {
+                let url = match body {
+                    ArtifactBody::Url(u) => u,
+                    ArtifactBody::Bytes(_) => unreachable!("byte outputs are uploaded"),
+                };
+                return Ok(StoredArtifact {
+                    name,
+                    content_type,
+                    url,
+                    key: None,
+                    size: None,
+                });
+            }
+            Upload::Bytes { name, bytes, format } => (name, bytes, format),
+        };
+        let key = format!("{}/{name}", self.prefix);
+        let size = bytes.len();
+        self.put(&key, bytes, &format.content_type)
+            .await
+            .map_err(|e| storage_error(&name, e))?;
+        let url = match &self.cdn {
+            Some(cdn) => format!("https://{cdn}/{key}"),
+            None => format!("{}/{key}", self.bucket.url_base),
+        };
+        if self.cdn.is_some() && !self.options.cdn_wait.is_zero() {
+            self.wait_for_cdn(&url).await.map_err(|e| storage_error(&name, e))?;
+        }
+        Ok(StoredArtifact {
+            name,
+            content_type: format.content_type,
+            url,
+            key: Some(key),
+            size: Some(size),
+        })
+    }
+
+    /// Writes one object in a single PUT (atomic: readers see all of it or nothing) and reads
+    /// its size back.
+    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
+        let path = Path::from(key);
+        let size = bytes.len() as u64;
+        // The local filesystem keeps no attributes (and refuses them).
+        let attributes = if self.local {
+            Attributes::new()
+        } else {
+            Attributes::from_iter([(Attribute::ContentType, content_type.to_owned())])
+        };
+        let opts = PutOptions {
+            attributes,
+            ..PutOptions::default()
+        };
+        let put_err = |e: object_store::Error| StoreError::Put {
+            key: key.to_owned(),
+            retryable: retryable(&e),
+            source: redact(&self.secrets, &e),
+        };
+        self.bucket
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+            .map_err(put_err)?;
+        let meta = self.bucket.store.head(&path).await.map_err(|e| StoreError::Verify {
+            key: key.to_owned(),
+            detail: redact(&self.secrets, &e).0,
+        })?;
+        if meta.size != size {
+            return Err(StoreError::Verify {
+                key: key.to_owned(),
+                detail: format!("the store holds {} bytes, {size} were written", meta.size),
+            });
+        }
+        Ok(())
+    }
+
+    /// Polls the public URL with HEAD until it answers 200, for at most `cdn_wait`.
+    async fn wait_for_cdn(&self, url: &str) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let wait = self.options.cdn_wait;
+        loop {
+            let left = wait.saturating_sub(started.elapsed());
+            let probe = self
+                .http
+                .head(url)
+                .timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)));
+            if let Ok(r) = probe.send().await
+                && r.status() == reqwest::StatusCode::OK
+            {
+                return Ok(());
+            }
+            if started.elapsed() + Duration::from_millis(500) >= wait {
+                return Err(StoreError::Cdn {
+                    url: url.to_owned(),
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// One output on its way to the store.
+enum Upload {
+    Bytes {
+        name: String,
+        bytes: Bytes,
+        format: naming::Format,
+    },
+    Passed {
+        name: String,
+        content_type: String,
+        body: ArtifactBody,
+    },
+}
+
+/// Adds the stored outputs to a job's result under the names the existing API and monitor read:
+/// `image_url` and `images` (image URLs), `video_url` and `videos`, and `artifacts` (every
+/// output with its name, content type, URL, key and size). A result that is not an object is
+/// kept under `data`.
+pub fn add_to_result(result: &mut Value, stored: &[StoredArtifact]) {
+    if stored.is_empty() {
+        return;
+    }
+    if !result.is_object() {
+        *result = serde_json::json!({"data": result.take()});
+    }
+    let map = result.as_object_mut().expect("made an object above");
+    let urls = |kind: &str| -> Vec<Value> {
+        stored
+            .iter()
+            .filter(|s| s.content_type.starts_with(kind))
+            .map(|s| Value::String(s.url.clone()))
+            .collect()
+    };
+    for (kind, one, many) in [("image/", "image_url", "images"), ("video/", "video_url", "videos")] {
+        let list = urls(kind);
+        if let Some(first) = list.first() {
+            map.insert(one.to_owned(), first.clone());
+            map.insert(many.to_owned(), Value::Array(list));
+        }
+    }
+    map.insert(
+        "artifacts".to_owned(),
+        serde_json::to_value(stored).expect("stored artifacts are plain data"),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(name: &str, bytes: &'static [u8]) -> Artifact {
+        Artifact {
+            name: name.to_owned(),
+            content_type: "image/png".to_owned(),
+            body: ArtifactBody::Bytes(Bytes::from_static(bytes)),
+        }
+    }
+
+    fn job(ctx: Value) -> Job {
+        Job {
+            id: "job-1".into(),
+            service_required: "comfyui".into(),
+            payload: Value::Null,
+            customer_id: String::new(),
+            ctx,
+            timeout: None,
+        }
+    }
+
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+
+    #[tokio::test]
+    async fn stores_locally_under_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutputStore::with_env(dir.path().join("outputs"), [], StoreOptions::default());
+        let j = job(serde_json::json!({"prefix": "../../users/7/", "filename": "../evil.jpg", "storage": null}));
+        let stored = store.store(&j, vec![artifact("../../x.jpg", PNG)]).await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].name, "evil.png");
+        assert_eq!(stored[0].content_type, "image/png");
+        let root = dir.path().join("outputs").canonicalize().unwrap();
+        assert_eq!(stored[0].url, format!("file://{}/users/7/evil.png", root.display()));
+        assert_eq!(std::fs::read(root.join("users/7/evil.png")).unwrap(), PNG);
+        let stored = store
+            .store(&job(Value::Null), vec![artifact("a.png", PNG)])
+            .await
+            .unwrap();
+        assert!(stored[0].url.contains("/job-1/job-1_"), "{stored:?}");
+    }
+
+    #[test]
+    fn bad_destinations_fail_before_anything_runs_and_are_not_retryable() {
+        let store = OutputStore::with_env("/nonexistent", [], StoreOptions::default());
+        let e = store
+            .target(
+                &job(serde_json::json!({"storage": {"provider": "ftp", "bucket": "b"}, "prefix": "p"})),
+                0,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown provider `ftp`"), "{e}");
+        assert!(!e.is_retryable());
+        let e = storage_error("x", e);
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn cdn_and_provider_urls() {
+        let store = OutputStore::with_env(
+            "/nonexistent",
+            [
+                ("AZURE_STORAGE_ACCOUNT".to_owned(), "acct".to_owned()),
+                ("AZURE_STORAGE_KEY".to_owned(), "a2V5".to_owned()),
+            ],
+            StoreOptions::default(),
+        );
+        let t = store
+            .target(
+                &job(serde_json::json!({"storage": {"provider": "azure", "bucket": "c"}, "prefix": "p"})),
+                0,
+            )
+            .unwrap();
+        assert_eq!(t.bucket.url_base, "https://acct.blob.core.windows.net/c");
+        let t = store
+            .target(&job(serde_json::json!({"provider": "azure", "bucket": "c", "prefix": "p", "cdnUrl": "http://cdn.example/"})), 0)
+            .unwrap();
+        assert_eq!(t.cdn.as_deref(), Some("cdn.example"));
+    }
+
+    #[test]
+    fn secrets_are_cut_from_messages() {
+        let secrets: Vec<String> = vec!["s3cr3t-value".into()];
+        let e = std::io::Error::other("denied for key s3cr3t-value");
+        assert_eq!(redact(&secrets, &e).to_string(), "denied for key [redacted]");
+    }
+
+    #[test]
+    fn results_name_urls_as_the_monitor_reads_them() {
+        let s = |url: &str, ct: &str| StoredArtifact {
+            name: "n".into(),
+            content_type: ct.into(),
+            url: url.into(),
+            key: None,
+            size: None,
+        };
+        let mut r = serde_json::json!({"prompt_id": "p"});
+        add_to_result(
+            &mut r,
+            &[s("u1", "image/png"), s("u2", "image/png"), s("t", "text/plain")],
+        );
+        assert_eq!(r["image_url"], "u1");
+        assert_eq!(r["images"], serde_json::json!(["u1", "u2"]));
+        assert!(r.get("video_url").is_none());
+        assert_eq!(r["artifacts"].as_array().unwrap().len(), 3);
+        let mut r = serde_json::json!("text");
+        add_to_result(&mut r, &[s("v", "video/mp4")]);
+        assert_eq!(r["data"], "text");
+        assert_eq!(r["videos"], serde_json::json!(["v"]));
+    }
+}
