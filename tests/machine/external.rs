@@ -579,3 +579,122 @@ async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
     })
     .await;
 }
+
+/// The whole machine with an OpenAI worker: a job's usage and cost reach `/status`, `/metrics`
+/// and the fleet status message, as the operator and the fleet monitor read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
+    let server = RedisServer::start();
+    let fake = FakeOpenai::start(Some("sk-e2e"));
+    let ws = tempfile::tempdir().expect("temp dir");
+    let port = testkit::free_port();
+    let config = ws.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[connectors.openai]\nbase_url = \"{}\"\n[connectors.openai.limits]\ndaily_requests = 100\n\
+             [connectors.openai.prices]\nper_request = 0.25\n",
+            fake.base_url()
+        ),
+    )
+    .expect("write the config");
+    /// Kills the machine when the test ends, passed or not.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _machine = Kill(
+        crate::support::machine()
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", "xm1")
+            .env("MACHINE_HEALTH_PORT", port.to_string())
+            .env("MACHINE_WORKSPACE", ws.path())
+            .env("HUB_REDIS_URL", server.url())
+            .env("WORKER_CONNECTORS", "openai:1")
+            .env("OPENAI_API_KEY", "sk-e2e")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the machine starts"),
+    );
+
+    let shutdown = CancellationToken::new();
+    let m = machine(&server.url(), &shutdown).await;
+    let mut job = NewJob::new("openai_text", json!({"prompt": "one two three"}));
+    job.customer_id = "c9".to_owned();
+    let id = m.broker.submit(&job).await.expect("submit");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let view = m.broker.show(&id).await.expect("show").expect("the job exists");
+        if view.job.get("status").map(String::as_str) == Some("completed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never completed: {:?}", view.job);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // /metrics: the job's cost and requests, per connector and customer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = match http.get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let has = |line: &str| metrics.lines().any(|l| l.starts_with(line));
+        if has("machine_external_cost_total{connector=\"openai\",customer=\"c9\",currency=\"USD\"} 0.25")
+            && has("machine_external_requests_total{connector=\"openai\",customer=\"c9\"} 1")
+            && has("machine_limit_requests_today{api=\"openai\"} 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage and cost never reached /metrics:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // /status and the fleet status message: today's fleet-wide usage of the API.
+    let status: Value = http
+        .get(format!("{base}/status"))
+        .send()
+        .await
+        .expect("/status answers")
+        .json()
+        .await
+        .expect("/status is JSON");
+    let api = &status["external_apis"]["openai"];
+    assert_eq!(api["today"]["requests"], 1, "{status}");
+    assert_eq!(api["today"]["daily_requests"], 100, "{status}");
+    assert_eq!(api["this_machine"]["admitted"], 1, "{status}");
+
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored: Option<String> = conn.get("machine:xm1:status").await.expect("read the stored status");
+        let msg: Value = stored
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null);
+        if msg["status"]["external_apis"]["openai"]["today"]["requests"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet status never carried the usage: {msg}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    let _ = m.events.await;
+}
