@@ -721,6 +721,20 @@ impl Broker {
             .map_err(redis_err("register worker"))
     }
 
+    /// Rewrites the `capabilities` of a registered worker, e.g. when the models on its disk
+    /// changed; the next claim matches against them.
+    pub async fn update_capabilities(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        let key = self.key(&format!("worker:{}", caps.worker_id));
+        let mut conn = self.connection();
+        cmd("HSET")
+            .arg(&key)
+            .arg("capabilities")
+            .arg(caps.to_json())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("update worker capabilities"))
+    }
+
     /// The contract's heartbeat: `worker:<id>` `last_heartbeat` and `worker:<id>:heartbeat`
     /// (60 s TTL). Call every 30 s or sooner.
     pub async fn heartbeat(&self, worker_id: &str) -> Result<(), BrokerError> {

@@ -89,6 +89,7 @@ impl Workers {
                 }
             }
             let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
+            worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
             worker.report_to(reports.clone());
             workers.push(worker);
             services.push(wp.services.clone());

@@ -9,6 +9,7 @@ mod gpus;
 mod health;
 mod installers;
 mod matcher;
+mod models;
 mod playwright;
 mod supervisor;
 mod support;
