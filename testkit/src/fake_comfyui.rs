@@ -1,6 +1,6 @@
 //! A fake ComfyUI server speaking ComfyUI's HTTP and WebSocket API with upstream's message
 //! shapes: `POST /prompt`, `GET /ws?clientId=`, `GET /history/<id>`, `GET /view`,
-//! `POST /interrupt`, `POST /queue`, `GET /system_stats`, `GET /object_info`.
+//! `POST /interrupt`, `GET /queue`, `POST /queue`, `GET /system_stats`, `GET /object_info`.
 //!
 //! Prompts run one at a time in submission order, as in ComfyUI. What a prompt does is decided
 //! by its nodes, so a test (or a job sent to the standalone `fake_comfyui` example of the machine package) scripts it:
@@ -156,7 +156,7 @@ fn router(state: Arc<Comfy>) -> Router {
         .route("/history/{id}", get(history))
         .route("/view", get(view))
         .route("/interrupt", post(interrupt))
-        .route("/queue", post(queue_edit))
+        .route("/queue", post(queue_edit).get(queue_list))
         .route("/system_stats", get(system_stats))
         .route("/object_info", get(object_info))
         .with_state(state)
@@ -326,6 +326,21 @@ async fn queue_edit(State(s): State<Arc<Comfy>>, Json(body): Json<Value>) -> Sta
         s.queue.lock().expect("fake lock").clear();
     }
     StatusCode::OK
+}
+
+/// Upstream's `GET /queue`: `[number, prompt_id, prompt, extra_data, outputs_to_execute]` per
+/// running and pending prompt.
+async fn queue_list(State(s): State<Arc<Comfy>>) -> Json<Value> {
+    let item = |p: &QueuedPrompt| json!([p.number, p.id, p.prompt, {"client_id": p.client_id}, []]);
+    let pending: Vec<Value> = s.queue.lock().expect("fake lock").iter().map(item).collect();
+    let running: Vec<Value> = s
+        .running
+        .lock()
+        .expect("fake lock")
+        .iter()
+        .map(|id| json!([0, id, {}, {}, []]))
+        .collect();
+    Json(json!({"queue_running": running, "queue_pending": pending}))
 }
 
 async fn system_stats() -> Json<Value> {
