@@ -592,7 +592,8 @@ impl Broker {
         self.lifecycle("startJob", job, &[]).await.map(drop)
     }
 
-    /// Reports progress (0-100); `step` is (current_step, total_steps), else the job's own.
+    /// Reports progress (0-100, rounded to a whole percentage); `step` is (current_step,
+    /// total_steps), else the job's own.
     pub async fn progress(
         &self,
         job: &ClaimedJob,
@@ -600,7 +601,9 @@ impl Broker {
         message: &str,
         step: Option<(u32, u32)>,
     ) -> Result<(), BrokerError> {
-        let pct = format!("{}", pct.clamp(0.0, 100.0));
+        // Whole percentages: the API and monitor show them as they are, and 33.333333333333336
+        // helps nobody.
+        let pct = format!("{}", pct.clamp(0.0, 100.0).round());
         let (current, total) = match step {
             Some((c, t)) => (c.to_string(), t.to_string()),
             None => (

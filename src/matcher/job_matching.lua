@@ -650,8 +650,18 @@ local function fence(p, id, worker, now)
   return 'ok', claim_rec, st
 end
 
+-- job:<id>:progress follows the job: once it fails, is cancelled or goes back to the queue, the
+-- hash says so instead of the last "in_progress" report. Only an existing hash is rewritten.
+local function progress_follows(p, id, status, message, now)
+  local pkey = p .. 'job:' .. id .. ':progress'
+  if redis.call('EXISTS', pkey) == 0 then return end
+  redis.call('HSET', pkey, 'status', status, 'message', message, 'updated_at', iso(now))
+  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+end
+
 local function requeue(p, id, worker, claim_rec, fields, reason, now)
   local jkey = p .. 'job:' .. id
+  progress_follows(p, id, 'pending', 'returned to the queue: ' .. reason, now)
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
   drop_claim(p, id)
@@ -684,7 +694,7 @@ local function final_fail(p, id, worker, err, retry_count, now)
     retry_count = retry_count, can_retry = false, timestamp = now })
   worker_idle(p, worker, id, now)
   set_terminal_ttl(p, id)
-  redis.call('EXPIRE', p .. 'job:' .. id .. ':progress', PROGRESS_TTL_S)
+  progress_follows(p, id, 'failed', err, now)
 end
 
 local function start_job(p, id, worker)
@@ -830,6 +840,7 @@ local function cancel(p, id, reason)
   redis.call('ZREM', p .. 'jobs:pending', id)
   unindex(p, id)
   publish(p, 'cancel_job', { job_id = id, worker_id = worker, reason = reason, timestamp = now })
+  progress_follows(p, id, 'cancelled', CANCEL_ERROR, now)
   return 'cancelled'
 end
 

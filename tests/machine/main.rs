@@ -8,6 +8,7 @@ mod e2e;
 mod gpus;
 mod health;
 mod installers;
+mod lifecycle;
 mod matcher;
 mod models;
 mod playwright;
