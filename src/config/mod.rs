@@ -280,6 +280,14 @@ pub struct ComfyuiInstallConfig {
     pub models_manifest: Option<PathBuf>,
     /// The shared models directory linked into ComfyUI.
     pub models_dir: PathBuf,
+    /// Packages pip installs into the venv beside `requirements.txt`: what the pinned ref
+    /// imports without listing it (upstream imports `requests` unlisted).
+    pub extra_packages: Vec<String>,
+    /// A pip constraints file (`pip -c`) for every pip install in ComfyUI's venv.
+    pub constraints: Option<PathBuf>,
+    /// Arguments to the venv's python, run in the checkout after every install; a failure fails
+    /// the install with its traceback. Empty: no smoke test.
+    pub smoke_test: Vec<String>,
 }
 
 /// The Playwright render service's install.
@@ -429,6 +437,8 @@ struct EnvOverlay {
     comfyui_nodes_file: Option<PathBuf>,
     comfyui_models_manifest: Option<PathBuf>,
     comfyui_models_dir: Option<PathBuf>,
+    comfyui_extra_packages: Option<Vec<String>>,
+    comfyui_constraints: Option<PathBuf>,
     playwright_chromium: Option<PathBuf>,
 }
 
@@ -456,6 +466,15 @@ impl EnvOverlay {
             comfyui_nodes_file: set("COMFYUI_NODES_FILE").map(PathBuf::from),
             comfyui_models_manifest: set("COMFYUI_MODELS_MANIFEST").map(PathBuf::from),
             comfyui_models_dir: set("COMFYUI_MODELS_DIR").map(PathBuf::from),
+            // Comma- or space-separated pip requirement specifiers; `none` installs none.
+            comfyui_extra_packages: set("COMFYUI_EXTRA_PACKAGES").map(|v| {
+                v.split([',', ' ', '\n'])
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty() && *p != "none")
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            comfyui_constraints: set("COMFYUI_CONSTRAINTS").map(PathBuf::from),
             playwright_chromium: set("PLAYWRIGHT_CHROMIUM_PATH").map(PathBuf::from),
             ..EnvOverlay::default()
         };
@@ -724,6 +743,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
                 .comfyui_models_dir
                 .or(i.comfyui.models_dir)
                 .unwrap_or_else(|| workspace.join("models")),
+            extra_packages: o.comfyui_extra_packages.unwrap_or(i.comfyui.extra_packages),
+            constraints: o.comfyui_constraints.or(i.comfyui.constraints),
+            smoke_test: i.comfyui.smoke_test,
         },
         playwright: PlaywrightInstallConfig {
             chromium: o.playwright_chromium.or(i.playwright.chromium),
@@ -740,6 +762,13 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     // A ref starting with `-` would be read by git as an option.
     if install.comfyui.git_ref.trim().is_empty() || install.comfyui.git_ref.starts_with('-') {
         bad("COMFYUI_REF", format!("`{}` is not a git ref", install.comfyui.git_ref));
+    }
+    // A specifier starting with `-` would be read by pip as an option.
+    for p in install.comfyui.extra_packages.iter().filter(|p| p.starts_with('-')) {
+        bad(
+            "COMFYUI_EXTRA_PACKAGES",
+            format!("`{p}` is not a package (pip options are not allowed here)"),
+        );
     }
     if !install.comfyui.models_dir.is_absolute() {
         bad(

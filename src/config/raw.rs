@@ -77,6 +77,9 @@ pub(crate) struct RawInstallComfyui {
     pub nodes: Option<PathBuf>,
     pub models: Option<PathBuf>,
     pub models_dir: Option<PathBuf>,
+    pub extra_packages: Vec<String>,
+    pub constraints: Option<PathBuf>,
+    pub smoke_test: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

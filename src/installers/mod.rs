@@ -57,6 +57,15 @@ pub enum InstallError {
         /// The log's last lines.
         tail: String,
     },
+    /// ComfyUI does not start in its venv after the install.
+    #[error("failed the smoke test `{command}`: ComfyUI does not start in its venv")]
+    SmokeTest {
+        /// The smoke test, for display.
+        command: String,
+        /// How it failed, with the end of its output (the traceback); boxed, as it is large.
+        #[source]
+        source: Box<InstallError>,
+    },
     /// A file operation failed.
     #[error("failed to {action} {path}")]
     Io {
@@ -201,6 +210,8 @@ pub(crate) struct Ctx {
     stamps: PathBuf,
     concurrency: usize,
     cancel: CancellationToken,
+    /// `pip -c` for every pip install in ComfyUI's venv (its own and its nodes' requirements).
+    pip_constraints: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -261,6 +272,7 @@ pub async fn install(
         stamps: config.workspace.join(".machine/install"),
         concurrency: config.install.concurrency,
         cancel,
+        pip_constraints: config.install.comfyui.constraints.clone(),
     };
     let has = |n: &str| names.contains(&n);
     let limit = config.install_timeout;
