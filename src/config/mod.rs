@@ -71,6 +71,23 @@ pub struct Config {
     pub openai: OpenaiConfig,
     /// The simulation connector's defaults.
     pub simulation: SimulationConfig,
+    /// Models on demand (`[models]`).
+    pub models: ModelsConfig,
+}
+
+/// Models fetched on demand for ComfyUI jobs (`[models]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelsConfig {
+    /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
+    pub catalogue: Option<PathBuf>,
+    /// Budget of the shared models directory in bytes; `None`: no limit.
+    pub cache_max_bytes: Option<u64>,
+    /// How long a job requiring models waits for a worker that has them before one that must
+    /// download them may take it.
+    #[serde(with = "humantime_serde")]
+    pub affinity_wait: Duration,
+    /// Workflow inputs that name model files.
+    pub loader_inputs: Vec<String>,
 }
 
 impl Config {
@@ -439,6 +456,7 @@ struct EnvOverlay {
     comfyui_models_dir: Option<PathBuf>,
     comfyui_extra_packages: Option<Vec<String>>,
     comfyui_constraints: Option<PathBuf>,
+    models_catalogue: Option<PathBuf>,
     playwright_chromium: Option<PathBuf>,
 }
 
@@ -475,6 +493,7 @@ impl EnvOverlay {
                     .collect()
             }),
             comfyui_constraints: set("COMFYUI_CONSTRAINTS").map(PathBuf::from),
+            models_catalogue: set("COMFYUI_MODELS_CATALOGUE").map(PathBuf::from),
             playwright_chromium: set("PLAYWRIGHT_CHROMIUM_PATH").map(PathBuf::from),
             ..EnvOverlay::default()
         };
@@ -817,6 +836,25 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     }
     let simulation = worker::validate_simulation(c.simulation, problems);
 
+    let m = raw.models;
+    if !(m.cache_max_gb.is_finite() && m.cache_max_gb >= 0.0) {
+        problems.push(Problem {
+            key: "models.cache_max_gb".to_owned(),
+            message: format!("`{}` is not a size in GB (0 = no limit)", m.cache_max_gb),
+        });
+    }
+    if m.loader_inputs.iter().any(|i| i.trim().is_empty()) {
+        problems.push(Problem {
+            key: "models.loader_inputs".to_owned(),
+            message: "an input name is empty".to_owned(),
+        });
+    }
+    let models = ModelsConfig {
+        catalogue: o.models_catalogue.or(m.catalogue),
+        cache_max_bytes: (m.cache_max_gb > 0.0).then_some((m.cache_max_gb * 1e9) as u64),
+        affinity_wait: m.affinity_wait,
+        loader_inputs: m.loader_inputs,
+    };
     Config {
         machine_id,
         workspace,
@@ -837,6 +875,7 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         worker,
         openai,
         simulation,
+        models,
     }
 }
 

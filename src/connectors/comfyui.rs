@@ -35,6 +35,7 @@ use super::http::{self, Backoff};
 use super::simulation::json_kind;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
 use crate::config::ConnectorKind;
+use crate::models::{ModelError, ModelStore, ModelsInUse};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -58,6 +59,7 @@ enum Whereabouts {
 pub struct ComfyuiConnector {
     base: Url,
     client: reqwest::Client,
+    models: Option<ModelStore>,
 }
 
 /// How a prompt ended, as ComfyUI reported it.
@@ -74,7 +76,55 @@ impl ComfyuiConnector {
         ComfyuiConnector {
             base,
             client: http::client(),
+            models: None,
         }
+    }
+
+    /// The same connector fetching the models a workflow names from `store` before submitting
+    /// it (the machine's one store, shared by every GPU's connector).
+    pub fn with_models(mut self, store: ModelStore) -> Self {
+        self.models = Some(store);
+        self
+    }
+
+    /// Makes the models `workflow` names present, reporting downloads as the job's progress;
+    /// they stay in use (not evictable) while the guard lives.
+    async fn models_for(
+        &self,
+        workflow: &Map<String, Value>,
+        progress: &ProgressSink,
+    ) -> Result<Option<ModelsInUse>, ConnectorError> {
+        let Some(store) = &self.models else {
+            return Ok(None);
+        };
+        let names = crate::models::references(workflow, store.loader_inputs());
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let report = |name: &str, done: u64, size: u64| {
+            let percent = if size == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / size as f64
+            };
+            progress.report(Progress {
+                percent: percent.min(99.0),
+                message: format!(
+                    "downloading model {name}: {} of {} MB",
+                    done / 1_000_000,
+                    size / 1_000_000
+                ),
+                ..Progress::default()
+            });
+        };
+        store.ensure(&names, &report).await.map(Some).map_err(|e| match e {
+            ModelError::Unknown(_) => ConnectorError::Rejected { message: e.to_string() },
+            e if e.is_retryable() => ConnectorError::unavailable("failed to fetch the workflow's models", e),
+            e => ConnectorError::Failed {
+                message: e.to_string(),
+                retryable: false,
+            },
+        })
     }
 
     fn url(&self, path: &str) -> Url {
@@ -343,6 +393,7 @@ impl ComfyuiConnector {
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
         let workflow = workflow_of(&job.payload)?;
+        let _models_in_use = or_cancelled(cancel, self.models_for(workflow, progress)).await?;
         let client_id = format!("machine-{}", hex::encode(rand::random::<[u8; 8]>()));
         let mut socket = or_cancelled(cancel, self.connect(&client_id)).await?;
         let prompt_id = or_cancelled(cancel, self.submit(workflow, &client_id)).await?;

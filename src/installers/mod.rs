@@ -417,6 +417,11 @@ fn finish_items(p: &Progress, r: Result<(bool, Vec<(String, InstallError)>), Ins
     }
 }
 
+/// The models of the manifest at `path` as `folder/file` under the shared models directory.
+pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, InstallError> {
+    Ok(models::load(path)?.iter().map(models::ModelSpec::id).collect())
+}
+
 /// An install error with its causes, on one line.
 pub fn error_report(e: &InstallError) -> String {
     error_chain(e)

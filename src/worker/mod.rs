@@ -27,6 +27,7 @@ use crate::connectors::simulation::SimulationConnector;
 use crate::connectors::store::OutputStore;
 use crate::gpu::Probe;
 use crate::matcher::Broker;
+use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{Plan, WorkerPlan};
 
 pub use runner::{CurrentJob, JobCounts, JobOutcome, JobReport, Worker, WorkerSettings, WorkerState, WorkerStatus};
@@ -77,13 +78,14 @@ impl Workers {
             job_timeout: config.worker.job_timeout,
         };
         let (reports, _) = broadcast::channel(1024);
+        let models = model_store(config, plan, env)?;
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut services = Vec::with_capacity(plan.workers.len());
         for wp in &plan.workers {
             let caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
             let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
             for &kind in &wp.connectors {
-                let connector = connector_for(kind, wp, plan, config, env)?;
+                let connector = connector_for(kind, wp, plan, config, env, models.as_ref())?;
                 for service in kind.job_services() {
                     connectors.insert((*service).to_owned(), connector.clone());
                 }
@@ -237,6 +239,37 @@ impl Workers {
     }
 }
 
+/// The machine's one models store, when a ComfyUI connector runs here.
+fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+    if !plan
+        .workers
+        .iter()
+        .any(|w| w.connectors.contains(&ConnectorKind::Comfyui))
+    {
+        return Ok(None);
+    }
+    let cc = &config.install.comfyui;
+    // The manifest's models are installed at start and always present: never evicted.
+    let pinned = match &cc.models_manifest {
+        Some(path) => crate::installers::manifest_ids(path).unwrap_or_default(),
+        None => Default::default(),
+    };
+    let settings = StoreSettings {
+        catalogue: config.models.catalogue.clone(),
+        shared_dir: cc.models_dir.clone(),
+        link_dir: config.workspace.join("ComfyUI").join("models"),
+        budget: config.models.cache_max_bytes,
+        pinned,
+        loader_inputs: config.models.loader_inputs.clone(),
+    };
+    ModelStore::new(settings, env)
+        .map(Some)
+        .map_err(|e| WorkerError::Setup {
+            worker: "models".to_owned(),
+            message: e.to_string(),
+        })
+}
+
 /// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of
 /// that kind on the worker's GPU.
 fn connector_for(
@@ -245,6 +278,7 @@ fn connector_for(
     plan: &Plan,
     config: &Config,
     env: &dyn Env,
+    models: Option<&ModelStore>,
 ) -> Result<Arc<dyn Connector>, WorkerError> {
     let service_url = || {
         plan.services
@@ -260,7 +294,13 @@ fn connector_for(
             })
     };
     Ok(match kind {
-        ConnectorKind::Comfyui => Arc::new(ComfyuiConnector::new(service_url()?)),
+        ConnectorKind::Comfyui => {
+            let c = ComfyuiConnector::new(service_url()?);
+            Arc::new(match models {
+                Some(store) => c.with_models(store.clone()),
+                None => c,
+            })
+        }
         ConnectorKind::A1111 => Arc::new(A1111Connector::new(service_url()?)),
         ConnectorKind::Openai => Arc::new(OpenaiConnector::new(
             config.openai.clone(),

@@ -11,7 +11,10 @@
 //! - `FakeError`: `execution_error` with `inputs.exception_type` / `inputs.message`;
 //! - `FakeInvalid`: `/prompt` answers 400 with `node_errors`, as for a missing input;
 //! - `FakeDropSocket`: the server drops the client's WebSocket at that node (without a close
-//!   frame) and goes on running.
+//!   frame) and goes on running;
+//! - with a models folder ([`FakeComfyui::start_with_models`]), a loader input (`ckpt_name`,
+//!   `lora_name`, `vae_name`, ...) naming a file absent from its folder is refused by `/prompt`
+//!   with upstream's `value_not_in_list` node error.
 //!
 //! The history entry is written a few milliseconds after `execution_success`, as upstream does.
 
@@ -52,9 +55,21 @@ impl FakeComfyui {
         Self::start_on(0)
     }
 
+    /// Starts on a free port, validating loader inputs against `models` (ComfyUI's `models/`).
+    pub fn start_with_models(models: &std::path::Path) -> FakeComfyui {
+        let state = Arc::new(Comfy {
+            models: Some(models.to_owned()),
+            ..Comfy::default()
+        });
+        Self::serve(0, state)
+    }
+
     /// Starts on `127.0.0.1:port` (0 = any free port).
     pub fn start_on(port: u16) -> FakeComfyui {
-        let state = Arc::new(Comfy::default());
+        Self::serve(port, Arc::new(Comfy::default()))
+    }
+
+    fn serve(port: u16, state: Arc<Comfy>) -> FakeComfyui {
         let s = state.clone();
         let served = serve(port, move || {
             tokio::spawn(executor(s.clone()));
@@ -120,7 +135,19 @@ struct Comfy {
     interrupts: AtomicUsize,
     ws_connections: AtomicUsize,
     counter: AtomicUsize,
+    models: Option<std::path::PathBuf>,
 }
+
+/// Loader inputs and the models folder each names a file in, as upstream's loaders declare.
+const LOADERS: &[(&str, &str)] = &[
+    ("ckpt_name", "checkpoints"),
+    ("lora_name", "loras"),
+    ("vae_name", "vae"),
+    ("unet_name", "unet"),
+    ("clip_name", "clip"),
+    ("control_net_name", "controlnet"),
+    ("model_name", "upscale_models"),
+];
 
 #[derive(Debug)]
 enum Outgoing {
@@ -194,7 +221,23 @@ async fn submit(State(s): State<Arc<Comfy>>, Json(body): Json<Value>) -> Respons
                            "dependent_outputs": [], "class_type": "FakeInvalid"}),
                 );
             }
-            Some(_) => {}
+            Some(class) => {
+                let Some(models) = &s.models else { continue };
+                for (input, folder) in LOADERS {
+                    let Some(file) = node.pointer(&format!("/inputs/{input}")).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !models.join(folder).join(file).is_file() {
+                        node_errors.insert(
+                            id.clone(),
+                            json!({"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                               "details": format!("{input}: '{file}' not in []"),
+                                               "extra_info": {"input_name": input}}],
+                                   "dependent_outputs": [], "class_type": class}),
+                        );
+                    }
+                }
+            }
         }
     }
     if !node_errors.is_empty() {
