@@ -543,6 +543,41 @@ local function group_matches(p, gid, w)
   return ok
 end
 
+-- Affinity without starvation: a worker that fetches models on demand advertises how long a
+-- job must have waited before it takes one whose required models it lacks
+-- (capabilities.models_on_demand_after_ms, from models.affinity_wait). It may then take the
+-- group's jobs as if `models` were met ('cold'), but a job only once the wait has passed since
+-- a cold worker first saw it (jobs:cold:<id>, expiring), so warm workers win and a cold fleet
+-- still makes progress. Returns 'cold' for a group only a fetch makes workable; the caller
+-- checks `ready` with the job it chose.
+local function cold_group(p, gid, w, id, now)
+  local wait = tonumber(w.caps.models_on_demand_after_ms)
+  if not wait or wait < 0 then return false end
+  if id then
+    local key = p .. 'jobs:cold:' .. id
+    redis.call('SET', key, now, 'NX', 'PX', math.max(wait * 6, 60000))
+    return now - (tonumber(redis.call('GET', key)) or now) >= wait
+  end
+  w.cold = w.cold or {}
+  local known = w.cold[gid]
+  if known ~= nil then return known end
+  local meta = redis.call('HMGET', p .. 'jobs:idx:meta:' .. gid, 'service', 'requirements', 'customer_id',
+    'workflow_id')
+  if not meta[1] then return false end
+  local entry = requirements_of(meta[2] or '')
+  local ok = entry.pos ~= false and entry.pos.models ~= nil and not (w.wf_pin and meta[4] ~= w.wf_pin)
+    and customer_ok(meta[3], w.caps)
+  if ok then
+    local pos = {}
+    for k, v in pairs(entry.pos) do
+      if k ~= 'models' then pos[k] = v end
+    end
+    ok = positive_ok(pos, w.caps, meta[1]) and not (entry.neg and negative_hit(entry.neg, w.caps, meta[1]))
+  end
+  w.cold[gid] = ok and 'cold' or false
+  return w.cold[gid]
+end
+
 local function claim(p, w, worker, max_examine, lease_ms)
   local now = now_ms()
   reconcile(p, now)
@@ -555,8 +590,10 @@ local function claim(p, w, worker, max_examine, lease_ms)
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
-        if group_matches(p, gid, w) then
+        local how = group_matches(p, gid, w) or cold_group(p, gid, w)
+        if how then
           local id, score, raw, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
+          if id and how == 'cold' and not cold_group(p, gid, w, id, now) then id = nil end
           if empty then
             -- Claims leave empty groups behind; the first claimer to meet one removes it.
             redis.call('SREM', p .. 'jobs:idx:svc:' .. service, gid)

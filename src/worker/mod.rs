@@ -82,7 +82,15 @@ impl Workers {
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut services = Vec::with_capacity(plan.workers.len());
         for wp in &plan.workers {
-            let caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
+            let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
+            if models.is_some() && config.models.catalogue.is_some() && wp.connectors.contains(&ConnectorKind::Comfyui)
+            {
+                // This worker can fetch a job's missing models: the broker gives it such a job
+                // once the job has waited models.affinity_wait for a worker that has them.
+                let wait = u64::try_from(config.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
+                caps.custom
+                    .insert("models_on_demand_after_ms".to_owned(), serde_json::json!(wait));
+            }
             let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
             for &kind in &wp.connectors {
                 let connector = connector_for(kind, wp, plan, config, env, models.as_ref())?;

@@ -347,3 +347,40 @@ async fn eviction_under_a_small_budget_keeps_models_in_use_and_pinned() {
     assert_eq!(store.evictions(), 1);
     long.await.unwrap().expect("A completes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let broker = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
+        broker.ensure_functions().await.unwrap();
+        let mut warm = machine::matcher::Capabilities::new("warm", "m1", &["comfyui"]);
+        warm.models
+            .insert("comfyui".to_owned(), vec!["detail.safetensors".to_owned()]);
+        let mut cold = machine::matcher::Capabilities::new("cold", "m2", &["comfyui"]);
+        cold.custom.insert("models_on_demand_after_ms".to_owned(), json!(400));
+        let plain = machine::matcher::Capabilities::new("plain", "m3", &["comfyui"]);
+        let needs = || {
+            let mut j = NewJob::new("comfyui", json!({}));
+            j.requirements = json!({"models": ["detail.safetensors"]}).to_string();
+            j
+        };
+
+        // Warm machines win: the cold worker passes the fresh job by, the warm one takes it.
+        let first = broker.submit(&needs()).await.unwrap();
+        assert!(broker.claim(&cold).await.unwrap().is_none());
+        assert_eq!(broker.claim(&warm).await.unwrap().unwrap().id, first);
+
+        // A cold fleet still makes progress: after the wait the cold worker takes it; a worker
+        // that cannot fetch models never does.
+        let second = broker.submit(&needs()).await.unwrap();
+        assert!(broker.claim(&cold).await.unwrap().is_none());
+        assert!(broker.claim(&plain).await.unwrap().is_none());
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(broker.claim(&plain).await.unwrap().is_none());
+        assert_eq!(broker.claim(&cold).await.unwrap().unwrap().id, second);
+    })
+    .await
+    .expect("the test finishes within its limit");
+}
