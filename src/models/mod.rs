@@ -292,10 +292,22 @@ impl ModelStore {
         let store = self.clone();
         let name = entry.name.clone();
         let entry = entry.clone();
-        let fut = async move {
+        // The download is its own task: a job that is cancelled while waiting stops waiting, not
+        // the download the other jobs (or its retry) need.
+        let task = tokio::spawn(async move {
             let r = store.download(&entry, &tx).await;
             store.lock().inflight.remove(&entry.name);
             r
+        });
+        let failed_name = name.clone();
+        let fut = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(ModelError::Download {
+                    name: failed_name,
+                    source_url: "(none)".to_owned(),
+                    reason: format!("the download task failed: {e}"),
+                })
+            })
         }
         .boxed()
         .shared();
