@@ -37,7 +37,7 @@ use crate::health::{self, HealthState, Sources};
 use crate::installers::{self, Tracker};
 use crate::logging::error_chain;
 use crate::plan::Plan;
-use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
+use crate::supervisor::{self, ServiceState, ServicesWatch, Signals, Supervisor, SupervisorHandle};
 use crate::worker::{self, JobOutcome, Readiness, Workers};
 
 /// Exit code when a `critical` service failed and took the machine down.
@@ -350,7 +350,10 @@ async fn run_services_and_workers(
 }
 
 /// One readiness channel per service a worker waits for, fed from the supervisor: `true` while
-/// the service is running, ready, live and not crash-looping.
+/// the service is running, its readiness probe passes and it is live. A service recovering from
+/// a crash loop counts as ready as soon as its probe passes again: the crash-loop flag, which
+/// stays up until the run has lasted `stable_after`, is for operators and restart backoff, not
+/// a reason to keep a working service idle for a minute.
 fn readiness(
     handle: &SupervisorHandle,
     plan: &Plan,
@@ -363,11 +366,11 @@ fn readiness(
         let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
             continue;
         };
-        let (tx, rx) = watch::channel(watch.healthy());
+        let (tx, rx) = watch::channel(serving(&watch));
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let _ = tx.send(watch.healthy());
+                let _ = tx.send(serving(&watch));
                 tokio::select! {
                     () = stop.cancelled() => break,
                     changed = watch.changed() => if changed.is_err() { break },
@@ -407,6 +410,14 @@ fn spawn_limits_feed(
             }
         }
     })
+}
+
+/// Whether every watched service runs with its readiness and liveness probes passing.
+fn serving(watch: &ServicesWatch) -> bool {
+    watch
+        .statuses()
+        .iter()
+        .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
 /// Records every finished job in the metrics.

@@ -14,6 +14,7 @@ pub mod health;
 pub mod installers;
 pub mod logging;
 pub mod matcher;
+pub mod models;
 pub mod plan;
 pub mod supervisor;
 pub mod worker;

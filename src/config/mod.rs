@@ -87,6 +87,23 @@ pub struct Config {
     /// caller logs them once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<Problem>,
+    /// Models on demand (`[models]`).
+    pub models: ModelsConfig,
+}
+
+/// Models fetched on demand for ComfyUI jobs (`[models]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelsConfig {
+    /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
+    pub catalogue: Option<PathBuf>,
+    /// Budget of the shared models directory in bytes; `None`: no limit.
+    pub cache_max_bytes: Option<u64>,
+    /// How long a job requiring models waits for a worker that has them before one that must
+    /// download them may take it.
+    #[serde(with = "humantime_serde")]
+    pub affinity_wait: Duration,
+    /// Workflow inputs that name model files.
+    pub loader_inputs: Vec<String>,
 }
 
 impl Config {
@@ -310,6 +327,14 @@ pub struct ComfyuiInstallConfig {
     pub models_manifest: Option<PathBuf>,
     /// The shared models directory linked into ComfyUI.
     pub models_dir: PathBuf,
+    /// Packages pip installs into the venv beside `requirements.txt`: what the pinned ref
+    /// imports without listing it (upstream imports `requests` unlisted).
+    pub extra_packages: Vec<String>,
+    /// A pip constraints file (`pip -c`) for every pip install in ComfyUI's venv.
+    pub constraints: Option<PathBuf>,
+    /// Arguments to the venv's python, run in the checkout after every install; a failure fails
+    /// the install with its traceback. Empty: no smoke test.
+    pub smoke_test: Vec<String>,
 }
 
 /// The Playwright render service's install.
@@ -561,6 +586,9 @@ struct EnvOverlay {
     comfyui_nodes_file: Option<PathBuf>,
     comfyui_models_manifest: Option<PathBuf>,
     comfyui_models_dir: Option<PathBuf>,
+    comfyui_extra_packages: Option<Vec<String>>,
+    comfyui_constraints: Option<PathBuf>,
+    models_catalogue: Option<PathBuf>,
     playwright_chromium: Option<PathBuf>,
 }
 
@@ -589,6 +617,16 @@ impl EnvOverlay {
             comfyui_nodes_file: set("COMFYUI_NODES_FILE").map(PathBuf::from),
             comfyui_models_manifest: set("COMFYUI_MODELS_MANIFEST").map(PathBuf::from),
             comfyui_models_dir: set("COMFYUI_MODELS_DIR").map(PathBuf::from),
+            // Comma- or space-separated pip requirement specifiers; `none` installs none.
+            comfyui_extra_packages: set("COMFYUI_EXTRA_PACKAGES").map(|v| {
+                v.split([',', ' ', '\n'])
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty() && *p != "none")
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            comfyui_constraints: set("COMFYUI_CONSTRAINTS").map(PathBuf::from),
+            models_catalogue: set("COMFYUI_MODELS_CATALOGUE").map(PathBuf::from),
             playwright_chromium: set("PLAYWRIGHT_CHROMIUM_PATH").map(PathBuf::from),
             ..EnvOverlay::default()
         };
@@ -863,6 +901,9 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
                 .comfyui_models_dir
                 .or(i.comfyui.models_dir)
                 .unwrap_or_else(|| workspace.join("models")),
+            extra_packages: o.comfyui_extra_packages.unwrap_or(i.comfyui.extra_packages),
+            constraints: o.comfyui_constraints.or(i.comfyui.constraints),
+            smoke_test: i.comfyui.smoke_test,
         },
         playwright: PlaywrightInstallConfig {
             chromium: o.playwright_chromium.or(i.playwright.chromium),
@@ -879,6 +920,13 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     // A ref starting with `-` would be read by git as an option.
     if install.comfyui.git_ref.trim().is_empty() || install.comfyui.git_ref.starts_with('-') {
         bad("COMFYUI_REF", format!("`{}` is not a git ref", install.comfyui.git_ref));
+    }
+    // A specifier starting with `-` would be read by pip as an option.
+    for p in install.comfyui.extra_packages.iter().filter(|p| p.starts_with('-')) {
+        bad(
+            "COMFYUI_EXTRA_PACKAGES",
+            format!("`{p}` is not a package (pip options are not allowed here)"),
+        );
     }
     if !install.comfyui.models_dir.is_absolute() {
         bad(
@@ -934,6 +982,25 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
     }
     let simulation = worker::validate_simulation(c.simulation, problems);
 
+    let m = raw.models;
+    if !(m.cache_max_gb.is_finite() && m.cache_max_gb >= 0.0) {
+        problems.push(Problem {
+            key: "models.cache_max_gb".to_owned(),
+            message: format!("`{}` is not a size in GB (0 = no limit)", m.cache_max_gb),
+        });
+    }
+    if m.loader_inputs.iter().any(|i| i.trim().is_empty()) {
+        problems.push(Problem {
+            key: "models.loader_inputs".to_owned(),
+            message: "an input name is empty".to_owned(),
+        });
+    }
+    let models = ModelsConfig {
+        catalogue: o.models_catalogue.or(m.catalogue),
+        cache_max_bytes: (m.cache_max_gb > 0.0).then_some((m.cache_max_gb * 1e9) as u64),
+        affinity_wait: m.affinity_wait,
+        loader_inputs: m.loader_inputs,
+    };
     Config {
         machine_id,
         workspace,
@@ -963,6 +1030,7 @@ fn validate(raw: RawConfig, o: EnvOverlay, env: &dyn Env, problems: &mut Vec<Pro
         runpod,
         simulation,
         warnings: Vec::new(),
+        models,
     }
 }
 

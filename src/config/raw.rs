@@ -23,8 +23,19 @@ pub(crate) struct RawConfig {
     pub supervisor: RawSupervisor,
     pub connectors: RawConnectors,
     pub worker: super::worker::RawWorker,
+    pub models: RawModels,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModels {
+    pub catalogue: Option<PathBuf>,
+    pub cache_max_gb: f64,
+    #[serde(with = "humantime_serde")]
+    pub affinity_wait: Duration,
+    pub loader_inputs: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +91,9 @@ pub(crate) struct RawInstallComfyui {
     pub nodes: Option<PathBuf>,
     pub models: Option<PathBuf>,
     pub models_dir: Option<PathBuf>,
+    pub extra_packages: Vec<String>,
+    pub constraints: Option<PathBuf>,
+    pub smoke_test: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,7 +13,8 @@
 //! execution error fails without retry unless it is an out-of-memory error; a server that cannot
 //! be reached fails retryably. A dropped WebSocket is reopened with backoff and the outcome is
 //! recovered from `/history`, which is also consulted whenever the socket stays silent for a
-//! while. Cancellation sends `POST /interrupt` (and removes the prompt from the queue if it had
+//! while; a server that knows the prompt neither in `/history` nor in `/queue` (it restarted)
+//! fails the job retryably at once. Cancellation sends `POST /interrupt` (and removes the prompt from the queue if it had
 //! not started).
 
 use std::collections::HashSet;
@@ -34,6 +35,7 @@ use super::http::{self, Backoff};
 use super::simulation::json_kind;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
 use crate::config::ConnectorKind;
+use crate::models::{ModelError, ModelStore, ModelsInUse};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -42,11 +44,22 @@ const SILENCE_CHECK: Duration = Duration::from_secs(10);
 /// How long a lost ComfyUI may stay unreachable before the job fails (retryably).
 const RECONNECT_LIMIT: Duration = Duration::from_secs(30);
 
+/// What the server knows of a submitted prompt.
+#[derive(Debug, Clone, PartialEq)]
+enum Whereabouts {
+    Finished(Outcome),
+    /// Queued, running, or finished without its outcome written yet.
+    Known,
+    /// Neither in the history nor in the queue.
+    Unknown,
+}
+
 /// Runs ComfyUI workflows on one ComfyUI server.
 #[derive(Debug, Clone)]
 pub struct ComfyuiConnector {
     base: Url,
     client: reqwest::Client,
+    models: Option<ModelStore>,
 }
 
 /// How a prompt ended, as ComfyUI reported it.
@@ -63,7 +76,55 @@ impl ComfyuiConnector {
         ComfyuiConnector {
             base,
             client: http::client(),
+            models: None,
         }
+    }
+
+    /// The same connector fetching the models a workflow names from `store` before submitting
+    /// it (the machine's one store, shared by every GPU's connector).
+    pub fn with_models(mut self, store: ModelStore) -> Self {
+        self.models = Some(store);
+        self
+    }
+
+    /// Makes the models `workflow` names present, reporting downloads as the job's progress;
+    /// they stay in use (not evictable) while the guard lives.
+    async fn models_for(
+        &self,
+        workflow: &Map<String, Value>,
+        progress: &ProgressSink,
+    ) -> Result<Option<ModelsInUse>, ConnectorError> {
+        let Some(store) = &self.models else {
+            return Ok(None);
+        };
+        let names = crate::models::references(workflow, store.loader_inputs());
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let report = |name: &str, done: u64, size: u64| {
+            let percent = if size == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / size as f64
+            };
+            progress.report(Progress {
+                percent: percent.min(99.0),
+                message: format!(
+                    "downloading model {name}: {} of {} MB",
+                    done / 1_000_000,
+                    size / 1_000_000
+                ),
+                ..Progress::default()
+            });
+        };
+        store.ensure(&names, &report).await.map(Some).map_err(|e| match e {
+            ModelError::Unknown(_) => ConnectorError::Rejected { message: e.to_string() },
+            e if e.is_retryable() => ConnectorError::unavailable("failed to fetch the workflow's models", e),
+            e => ConnectorError::Failed {
+                message: e.to_string(),
+                retryable: false,
+            },
+        })
     }
 
     fn url(&self, path: &str) -> Url {
@@ -155,9 +216,41 @@ impl ComfyuiConnector {
         Ok(v.get(prompt_id).cloned())
     }
 
-    /// The outcome recorded in the history, when the prompt has finished.
-    async fn outcome_from_history(&self, prompt_id: &str) -> Result<Option<Outcome>, ConnectorError> {
-        Ok(self.history(prompt_id).await?.and_then(|h| history_outcome(&h)))
+    /// Whether `/queue` lists the prompt as running or pending.
+    async fn queued(&self, prompt_id: &str) -> Result<bool, ConnectorError> {
+        let resp = self
+            .client
+            .get(self.url("/queue"))
+            .send()
+            .await
+            .map_err(|e| http::send_error("read the ComfyUI queue", e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(http::status_error("ComfyUI /queue", status, &text));
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| http::send_error("parse the ComfyUI queue", e))?;
+        Ok(queue_lists(&v, prompt_id))
+    }
+
+    /// What the server knows of the prompt: its outcome when it has finished, whether it is
+    /// still queued or running, or nothing (the server restarted and lost it).
+    async fn whereabouts(&self, prompt_id: &str) -> Result<Whereabouts, ConnectorError> {
+        if let Some(entry) = self.history(prompt_id).await? {
+            return Ok(history_outcome(&entry).map_or(Whereabouts::Known, Whereabouts::Finished));
+        }
+        if self.queued(prompt_id).await? {
+            return Ok(Whereabouts::Known);
+        }
+        // The prompt may have finished between the two reads: upstream leaves the queue and
+        // writes the history under one lock, so a second look at the history settles it.
+        Ok(match self.history(prompt_id).await? {
+            Some(entry) => history_outcome(&entry).map_or(Whereabouts::Known, Whereabouts::Finished),
+            None => Whereabouts::Unknown,
+        })
     }
 
     /// Reopens the WebSocket with backoff; gives up after [`RECONNECT_LIMIT`].
@@ -300,6 +393,7 @@ impl ComfyuiConnector {
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
         let workflow = workflow_of(&job.payload)?;
+        let _models_in_use = or_cancelled(cancel, self.models_for(workflow, progress)).await?;
         let client_id = format!("machine-{}", hex::encode(rand::random::<[u8; 8]>()));
         let mut socket = or_cancelled(cancel, self.connect(&client_id)).await?;
         let prompt_id = or_cancelled(cancel, self.submit(workflow, &client_id)).await?;
@@ -338,10 +432,19 @@ impl ComfyuiConnector {
                 })?;
             }
             // After a reconnect or a long silence the outcome may have been missed: ask the
-            // history, which ComfyUI keeps for finished prompts.
-            match or_cancelled(cancel, self.outcome_from_history(&prompt_id)).await {
-                Ok(Some(outcome)) => break outcome,
-                Ok(None) => {}
+            // history, which ComfyUI keeps for finished prompts, and the queue. A server that
+            // knows the prompt in neither restarted and lost it: nothing will ever finish it.
+            match or_cancelled(cancel, self.whereabouts(&prompt_id)).await {
+                Ok(Whereabouts::Finished(outcome)) => break outcome,
+                Ok(Whereabouts::Known) => {}
+                Ok(Whereabouts::Unknown) => {
+                    return Err(ConnectorError::Failed {
+                        message: format!(
+                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted and lost the job"
+                        ),
+                        retryable: true,
+                    });
+                }
                 Err(ConnectorError::Cancelled) => {
                     self.interrupt(&prompt_id).await;
                     return Err(ConnectorError::Cancelled);
@@ -473,6 +576,18 @@ fn execution_error(data: &Value) -> Outcome {
     let lower = format!("{} {}", s("exception_type"), s("exception_message")).to_ascii_lowercase();
     let retryable = lower.contains("outofmemory") || lower.contains("out of memory");
     Outcome::Error { message, retryable }
+}
+
+/// Whether a `GET /queue` answer lists `prompt_id` as running or pending (items are
+/// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`).
+fn queue_lists(queue: &Value, prompt_id: &str) -> bool {
+    ["queue_running", "queue_pending"].iter().any(|k| {
+        queue.get(*k).and_then(Value::as_array).is_some_and(|items| {
+            items
+                .iter()
+                .any(|i| i.get(1).and_then(Value::as_str) == Some(prompt_id))
+        })
+    })
 }
 
 /// The outcome a finished history entry records; `None` while the prompt is not finished.
@@ -769,6 +884,15 @@ mod tests {
             ),
             Some(Outcome::Success)
         );
+    }
+
+    #[test]
+    fn the_queue_lists_running_and_pending_prompts() {
+        let q = json!({"queue_running": [[0, "a", {}, {}, []]], "queue_pending": [[1, "b", {}, {}, []]]});
+        assert!(queue_lists(&q, "a"));
+        assert!(queue_lists(&q, "b"));
+        assert!(!queue_lists(&q, "c"));
+        assert!(!queue_lists(&json!({}), "a"));
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! Layout: `<workspace>/ComfyUI` is a git checkout (detached at the pinned ref) with its venv in
 //! `ComfyUI/venv`; custom nodes go to `ComfyUI/custom_nodes` (see `nodes`), models to the shared
 //! models directory linked into `ComfyUI/models` (see `models`).
+//!
+//! An install is only done when ComfyUI starts in its venv: after `requirements.txt` and the
+//! configured extra packages (what the ref imports without listing it), a smoke test
+//! (`main.py --quick-test-for-ci --cpu` by default) runs with the venv's python, and its
+//! failure fails the install with the traceback, before any service starts.
 
 use std::path::{Path, PathBuf};
 
@@ -17,19 +22,19 @@ pub(crate) fn dir(workspace: &Path) -> PathBuf {
 }
 
 /// `pip install -r <requirements>` in ComfyUI's venv, run from `cwd` (ComfyUI's own
-/// requirements and every custom node's go through here).
-pub(super) fn pip_install_requirements(workspace: &Path, requirements: &Path, cwd: &Path) -> Cmd {
-    Cmd::new(python(workspace))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-r",
-        ])
-        .arg(requirements)
-        .cwd(cwd)
+/// requirements and every custom node's go through here), within the configured constraints.
+pub(super) fn pip_install_requirements(ctx: &Ctx, requirements: &Path, cwd: &Path) -> Cmd {
+    pip_install(ctx).arg("-r").arg(requirements).cwd(cwd)
+}
+
+/// `pip install` in ComfyUI's venv with the configured constraints file.
+fn pip_install(ctx: &Ctx) -> Cmd {
+    let pip =
+        Cmd::new(python(&ctx.workspace)).args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]);
+    match &ctx.pip_constraints {
+        Some(c) => pip.arg("-c").arg(c),
+        None => pip,
+    }
 }
 
 /// The venv's interpreter.
@@ -60,6 +65,12 @@ pub(crate) fn launch(workspace: &Path, port: u16, gpu: Option<u32>) -> super::La
 /// The stamp of the ComfyUI install; node stamps include its digest, so a rebuilt venv
 /// reinstalls every node's requirements.
 pub(crate) fn stamp(ctx: &Ctx, cfg: &ComfyuiInstallConfig) -> Stamp {
+    // The constraints' content counts, not only their path: editing the file reinstalls.
+    let constraints = cfg
+        .constraints
+        .as_ref()
+        .map(|c| format!("{}\n{}", c.display(), std::fs::read_to_string(c).unwrap_or_default()))
+        .unwrap_or_default();
     Stamp::new(
         &ctx.stamps,
         "comfyui",
@@ -68,6 +79,9 @@ pub(crate) fn stamp(ctx: &Ctx, cfg: &ComfyuiInstallConfig) -> Stamp {
             cfg.git_ref.as_str(),
             cfg.python.as_str(),
             cfg.torch_index_url.as_deref().unwrap_or(""),
+            &cfg.extra_packages.join("\n"),
+            &constraints,
+            &cfg.smoke_test.join("\n"),
         ]),
     )
 }
@@ -96,14 +110,51 @@ pub(crate) async fn install(ctx: &Ctx, cfg: &ComfyuiInstallConfig, progress: &Pr
     let requirements = dir.join("requirements.txt");
     if requirements.exists() {
         progress.step("pip install -r requirements.txt");
-        let mut pip = pip_install_requirements(&ctx.workspace, &requirements, &dir);
+        let mut pip = pip_install_requirements(ctx, &requirements, &dir);
         if let Some(index) = &cfg.torch_index_url {
             pip = pip.args(["--extra-index-url", index]);
         }
         pip.run(&log, &ctx.cancel).await?;
     }
+    if !cfg.extra_packages.is_empty() {
+        progress.step(&format!("pip install {}", cfg.extra_packages.join(" ")));
+        pip_install(ctx)
+            .args(&cfg.extra_packages)
+            .cwd(&dir)
+            .run(&log, &ctx.cancel)
+            .await?;
+    }
+    smoke_test(ctx, cfg, &dir, &log, progress).await?;
     stamp.write()?;
     Ok(true)
+}
+
+/// Runs the configured smoke test with the venv's python in the checkout; its failure carries
+/// the end of its output (the traceback of a missing module, say).
+async fn smoke_test(
+    ctx: &Ctx,
+    cfg: &ComfyuiInstallConfig,
+    dir: &Path,
+    log: &Path,
+    progress: &Progress,
+) -> Result<(), InstallError> {
+    if cfg.smoke_test.is_empty() {
+        return Ok(());
+    }
+    let command = format!("python {}", cfg.smoke_test.join(" "));
+    progress.step(&format!("smoke test: {command}"));
+    Cmd::new(python(&ctx.workspace))
+        .args(&cfg.smoke_test)
+        .cwd(dir)
+        .run(log, &ctx.cancel)
+        .await
+        .map_err(|e| match e {
+            InstallError::Exit { .. } => InstallError::SmokeTest {
+                command,
+                source: Box::new(e),
+            },
+            other => other,
+        })
 }
 
 #[cfg(test)]

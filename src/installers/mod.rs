@@ -57,6 +57,15 @@ pub enum InstallError {
         /// The log's last lines.
         tail: String,
     },
+    /// ComfyUI does not start in its venv after the install.
+    #[error("failed the smoke test `{command}`: ComfyUI does not start in its venv")]
+    SmokeTest {
+        /// The smoke test, for display.
+        command: String,
+        /// How it failed, with the end of its output (the traceback); boxed, as it is large.
+        #[source]
+        source: Box<InstallError>,
+    },
     /// A file operation failed.
     #[error("failed to {action} {path}")]
     Io {
@@ -201,6 +210,8 @@ pub(crate) struct Ctx {
     stamps: PathBuf,
     concurrency: usize,
     cancel: CancellationToken,
+    /// `pip -c` for every pip install in ComfyUI's venv (its own and its nodes' requirements).
+    pip_constraints: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -261,6 +272,7 @@ pub async fn install(
         stamps: config.workspace.join(".machine/install"),
         concurrency: config.install.concurrency,
         cancel,
+        pip_constraints: config.install.comfyui.constraints.clone(),
     };
     let has = |n: &str| names.contains(&n);
     let limit = config.install_timeout;
@@ -403,6 +415,11 @@ fn finish_items(p: &Progress, r: Result<(bool, Vec<(String, InstallError)>), Ins
         }
         Err(e) => p.failed(&e),
     }
+}
+
+/// The models of the manifest at `path` as `folder/file` under the shared models directory.
+pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, InstallError> {
+    Ok(models::load(path)?.iter().map(models::ModelSpec::id).collect())
 }
 
 /// An install error with its causes, on one line.

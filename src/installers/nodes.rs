@@ -225,7 +225,7 @@ async fn install_one(ctx: &Ctx, node: &Node, dir: &Path, pip_lock: &Mutex<()>) -
     let requirements = dir.join("requirements.txt");
     if s.requirements && requirements.exists() {
         let _one_pip_at_a_time = pip_lock.lock().await;
-        super::comfyui::pip_install_requirements(&ctx.workspace, &requirements, dir)
+        super::comfyui::pip_install_requirements(ctx, &requirements, dir)
             .run(&log, &ctx.cancel)
             .await?;
     }

@@ -697,7 +697,8 @@ impl Broker {
         self.lifecycle("startJob", job, &[]).await.map(drop)
     }
 
-    /// Reports progress (0-100); `step` is (current_step, total_steps), else the job's own.
+    /// Reports progress (0-100, rounded to a whole percentage); `step` is (current_step,
+    /// total_steps), else the job's own.
     pub async fn progress(
         &self,
         job: &ClaimedJob,
@@ -705,7 +706,9 @@ impl Broker {
         message: &str,
         step: Option<(u32, u32)>,
     ) -> Result<(), BrokerError> {
-        let pct = format!("{}", pct.clamp(0.0, 100.0));
+        // Whole percentages: the API and monitor show them as they are, and 33.333333333333336
+        // helps nobody.
+        let pct = format!("{}", pct.clamp(0.0, 100.0).round());
         let (current, total) = match step {
             Some((c, t)) => (c.to_string(), t.to_string()),
             None => (
@@ -867,6 +870,20 @@ impl Broker {
             .query_async::<()>(&mut conn)
             .await
             .map_err(redis_err("register worker"))
+    }
+
+    /// Rewrites the `capabilities` of a registered worker, e.g. when the models on its disk
+    /// changed; the next claim matches against them.
+    pub async fn update_capabilities(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        let key = self.key(&format!("worker:{}", caps.worker_id));
+        let mut conn = self.connection();
+        cmd("HSET")
+            .arg(&key)
+            .arg("capabilities")
+            .arg(caps.to_json())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("update worker capabilities"))
     }
 
     /// The contract's heartbeat: `worker:<id>` `last_heartbeat` and `worker:<id>:heartbeat`

@@ -770,6 +770,41 @@ local function group_matches(p, gid, w)
   return ok
 end
 
+-- Affinity without starvation: a worker that fetches models on demand advertises how long a
+-- job must have waited before it takes one whose required models it lacks
+-- (capabilities.models_on_demand_after_ms, from models.affinity_wait). It may then take the
+-- group's jobs as if `models` were met ('cold'), but a job only once the wait has passed since
+-- a cold worker first saw it (jobs:cold:<id>, expiring), so warm workers win and a cold fleet
+-- still makes progress. Returns 'cold' for a group only a fetch makes workable; the caller
+-- checks `ready` with the job it chose.
+local function cold_group(p, gid, w, id, now)
+  local wait = tonumber(w.caps.models_on_demand_after_ms)
+  if not wait or wait < 0 then return false end
+  if id then
+    local key = p .. 'jobs:cold:' .. id
+    redis.call('SET', key, now, 'NX', 'PX', math.max(wait * 6, 60000))
+    return now - (tonumber(redis.call('GET', key)) or now) >= wait
+  end
+  w.cold = w.cold or {}
+  local known = w.cold[gid]
+  if known ~= nil then return known end
+  local meta = redis.call('HMGET', p .. 'jobs:idx:meta:' .. gid, 'service', 'requirements', 'customer_id',
+    'workflow_id')
+  if not meta[1] then return false end
+  local entry = requirements_of(meta[2] or '')
+  local ok = entry.pos ~= false and entry.pos.models ~= nil and not (w.wf_pin and meta[4] ~= w.wf_pin)
+    and customer_ok(meta[3], w.caps)
+  if ok then
+    local pos = {}
+    for k, v in pairs(entry.pos) do
+      if k ~= 'models' then pos[k] = v end
+    end
+    ok = positive_ok(pos, w.caps, meta[1]) and not (entry.neg and negative_hit(entry.neg, w.caps, meta[1]))
+  end
+  w.cold[gid] = ok and 'cold' or false
+  return w.cold[gid]
+end
+
 -- Claims the best job for worker `w`. `lease_ms` nil is an original worker's two-argument call
 -- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
 -- claim record, so nothing of ours reaps, requeues or fails the job it runs.
@@ -787,8 +822,12 @@ local function claim(p, w, worker, max_examine, lease_ms)
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
-        if group_matches(p, gid, w) then
+        local how = group_matches(p, gid, w) or cold_group(p, gid, w)
+        if how then
           local member, score, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
+          if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
+            member = nil
+          end
           if empty then
             -- Claims leave empty groups behind; the first claimer to meet one removes it.
             drop_group(p, gid, service)
@@ -883,10 +922,20 @@ local function fence(p, id, worker, now)
   return 'ok', claim_rec, st
 end
 
+-- job:<id>:progress follows the job: once it fails, is cancelled or goes back to the queue, the
+-- hash says so instead of the last "in_progress" report. Only an existing hash is rewritten.
+local function progress_follows(p, id, status, message, now)
+  local pkey = p .. 'job:' .. id .. ':progress'
+  if redis.call('EXISTS', pkey) == 0 then return end
+  redis.call('HSET', pkey, 'status', status, 'message', message, 'updated_at', iso(now))
+  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+end
+
 -- Puts a claimed job back in line at its old place (its old score and sequence); with
 -- `ready_at` it is claimable again only from then on.
 local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   local jkey = p .. 'job:' .. id
+  progress_follows(p, id, 'pending', 'returned to the queue: ' .. reason, now)
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
   drop_claim(p, id)
@@ -920,7 +969,7 @@ local function final_fail(p, id, worker, err, retry_count, now)
     retry_count = retry_count, can_retry = false, timestamp = now })
   worker_idle(p, worker, id, now)
   set_terminal_ttl(p, id)
-  redis.call('EXPIRE', p .. 'job:' .. id .. ':progress', PROGRESS_TTL_S)
+  progress_follows(p, id, 'failed', err, now)
 end
 
 local function start_job(p, id, worker)
@@ -1075,6 +1124,7 @@ local function cancel(p, id, reason)
   redis.call('ZREM', p .. 'jobs:pending', id)
   unindex(p, id)
   publish(p, 'cancel_job', { job_id = id, worker_id = worker, reason = reason, timestamp = now })
+  progress_follows(p, id, 'cancelled', CANCEL_ERROR, now)
   return 'cancelled'
 end
 

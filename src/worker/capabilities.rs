@@ -3,9 +3,14 @@
 //! services, and what the configuration says about customers, workflow pinning and custom
 //! capabilities. Nothing here is a default that pretends to be a fact: a worker without a GPU
 //! reports `gpu_count = 0`, and a service without a models folder reports no models.
+//!
+//! The models are the one fact that changes while the machine runs (the installers download
+//! the manifest's models after the workers are built, jobs fetch models on demand, the cache
+//! evicts them), so they are not frozen into the capabilities: [`ModelDirs`] names the folders
+//! and the worker scans them when it starts and again whenever it looks for a job.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{ConnectorKind, WorkerConfig};
 use crate::gpu::Probe;
@@ -30,7 +35,7 @@ const MODEL_EXTENSIONS: [&str; 10] = [
 const MAX_DEPTH: usize = 4;
 
 /// The folder holding a connector's models, as the installers lay out the workspace.
-pub(crate) fn models_dir(workspace: &Path, kind: ConnectorKind) -> Option<std::path::PathBuf> {
+pub(crate) fn models_dir(workspace: &Path, kind: ConnectorKind) -> Option<PathBuf> {
     match kind {
         ConnectorKind::Comfyui => Some(workspace.join("ComfyUI").join("models")),
         ConnectorKind::A1111 => Some(workspace.join("stable-diffusion-webui").join("models")),
@@ -38,7 +43,40 @@ pub(crate) fn models_dir(workspace: &Path, kind: ConnectorKind) -> Option<std::p
     }
 }
 
-/// The capabilities of one planned worker.
+/// The models folders of one worker's services: what its advertised `models` are scanned from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelDirs {
+    /// (job service, folder), one entry per job service of a connector that has models.
+    dirs: Vec<(String, PathBuf)>,
+}
+
+impl ModelDirs {
+    /// The folders of `plan`'s connectors under `workspace`.
+    pub fn of(plan: &WorkerPlan, workspace: &Path) -> ModelDirs {
+        let mut dirs = Vec::new();
+        for &kind in &plan.connectors {
+            if let Some(dir) = models_dir(workspace, kind) {
+                for service in kind.job_services() {
+                    dirs.push(((*service).to_owned(), dir.clone()));
+                }
+            }
+        }
+        ModelDirs { dirs }
+    }
+
+    /// The models on disk now, by job service (the `models` of the capabilities).
+    pub fn scan(&self) -> BTreeMap<String, Vec<String>> {
+        let mut found: BTreeMap<&Path, Vec<String>> = BTreeMap::new();
+        let mut models = BTreeMap::new();
+        for (service, dir) in &self.dirs {
+            let names = found.entry(dir).or_insert_with(|| scan_models(dir));
+            models.insert(service.clone(), names.clone());
+        }
+        models
+    }
+}
+
+/// The capabilities of one planned worker, with the models on disk now.
 pub fn build(
     plan: &WorkerPlan,
     machine_id: &str,
@@ -55,15 +93,7 @@ pub fn build(
         cpu_cores: probe.host.cpu_cores,
         extra: serde_json::Map::new(),
     };
-    let mut models = BTreeMap::new();
-    for &kind in &plan.connectors {
-        if let Some(dir) = models_dir(workspace, kind) {
-            let found = scan_models(&dir);
-            for service in kind.job_services() {
-                models.insert((*service).to_owned(), found.clone());
-            }
-        }
-    }
+    let models = ModelDirs::of(plan, workspace).scan();
     let mut caps = Capabilities::new(plan.id.clone(), machine_id.to_owned(), &[]);
     caps.services = plan.connectors.iter().map(|k| k.name().to_owned()).collect();
     caps.job_service_required_map = plan.job_services.clone();

@@ -30,6 +30,7 @@ use crate::connectors::simulation::SimulationConnector;
 use crate::connectors::store::{OutputStore, StoreOptions};
 use crate::gpu::Probe;
 use crate::matcher::Broker;
+use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{Plan, WorkerPlan};
 
 pub use runner::{CurrentJob, JobCounts, JobOutcome, JobReport, Worker, WorkerSettings, WorkerState, WorkerStatus};
@@ -86,6 +87,7 @@ impl Workers {
             job_timeout: config.worker.job_timeout,
         };
         let (reports, _) = broadcast::channel(1024);
+        let models = model_store(config, plan, env)?;
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut services = Vec::with_capacity(plan.workers.len());
         // One limiter per limited external API, shared by all of its workers on this machine
@@ -100,10 +102,26 @@ impl Workers {
         .map(|(kind, limits)| (kind, Arc::new(Limiter::new(kind.name(), limits.clone()))))
         .collect();
         for wp in &plan.workers {
-            let caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
+            let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
+            if models.is_some() && config.models.catalogue.is_some() && wp.connectors.contains(&ConnectorKind::Comfyui)
+            {
+                // This worker can fetch a job's missing models: the broker gives it such a job
+                // once the job has waited models.affinity_wait for a worker that has them.
+                let wait = u64::try_from(config.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
+                caps.custom
+                    .insert("models_on_demand_after_ms".to_owned(), serde_json::json!(wait));
+            }
             let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
             for &kind in &wp.connectors {
-                let connector = connector_for(kind, wp, plan, config, env, limiters.get(&kind).cloned())?;
+                let connector = connector_for(
+                    kind,
+                    wp,
+                    plan,
+                    config,
+                    env,
+                    limiters.get(&kind).cloned(),
+                    models.as_ref(),
+                )?;
                 for service in kind.job_services() {
                     connectors.insert((*service).to_owned(), connector.clone());
                 }
@@ -113,6 +131,7 @@ impl Workers {
                 }
             }
             let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
+            worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
             worker.report_to(reports.clone());
             workers.push(worker);
             services.push(wp.services.clone());
@@ -285,6 +304,37 @@ impl Workers {
     }
 }
 
+/// The machine's one models store, when a ComfyUI connector runs here.
+fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+    if !plan
+        .workers
+        .iter()
+        .any(|w| w.connectors.contains(&ConnectorKind::Comfyui))
+    {
+        return Ok(None);
+    }
+    let cc = &config.install.comfyui;
+    // The manifest's models are installed at start and always present: never evicted.
+    let pinned = match &cc.models_manifest {
+        Some(path) => crate::installers::manifest_ids(path).unwrap_or_default(),
+        None => Default::default(),
+    };
+    let settings = StoreSettings {
+        catalogue: config.models.catalogue.clone(),
+        shared_dir: cc.models_dir.clone(),
+        link_dir: config.workspace.join("ComfyUI").join("models"),
+        budget: config.models.cache_max_bytes,
+        pinned,
+        loader_inputs: config.models.loader_inputs.clone(),
+    };
+    ModelStore::new(settings, env)
+        .map(Some)
+        .map_err(|e| WorkerError::Setup {
+            worker: "models".to_owned(),
+            message: e.to_string(),
+        })
+}
+
 /// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of
 /// that kind on the worker's GPU.
 fn connector_for(
@@ -294,6 +344,7 @@ fn connector_for(
     config: &Config,
     env: &dyn Env,
     limiter: Option<Arc<Limiter>>,
+    models: Option<&ModelStore>,
 ) -> Result<Arc<dyn Connector>, WorkerError> {
     let service_url = || {
         plan.services
@@ -309,7 +360,13 @@ fn connector_for(
             })
     };
     Ok(match kind {
-        ConnectorKind::Comfyui => Arc::new(ComfyuiConnector::new(service_url()?)),
+        ConnectorKind::Comfyui => {
+            let c = ComfyuiConnector::new(service_url()?);
+            Arc::new(match models {
+                Some(store) => c.with_models(store.clone()),
+                None => c,
+            })
+        }
         ConnectorKind::A1111 => Arc::new(A1111Connector::new(service_url()?)),
         ConnectorKind::Openai => {
             let c = OpenaiConnector::new(config.openai.clone(), env.var(&config.openai.api_key_env));

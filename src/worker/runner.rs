@@ -23,12 +23,17 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::capabilities::ModelDirs;
 use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
 use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
+
+/// How often an idle worker rescans its models folders, so that models arriving or leaving
+/// (a download, an eviction, an operator) reach its advertised capabilities.
+const MODELS_RESCAN: Duration = Duration::from_secs(2);
 
 /// The state of a worker, for the status page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -187,6 +192,8 @@ pub struct Worker {
     /// Cancelled by a second signal: a running job is returned at once, without the drain.
     force: CancellationToken,
     deferrals: Vec<Deferral>,
+    /// Where its models live; `None` keeps `caps.models` as given.
+    models: Option<ModelDirs>,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -235,6 +242,42 @@ impl Worker {
             reports: None,
             force: CancellationToken::new(),
             deferrals: Vec::new(),
+            models: None,
+        }
+    }
+
+    /// Advertises the models found in `dirs`: scanned when the worker starts (after the
+    /// installers) and rescanned while it waits for a job, so its capabilities follow the disk.
+    pub fn follow_models(&mut self, dirs: ModelDirs) {
+        self.models = Some(dirs);
+    }
+
+    /// Rescans the models folders; `true` when the advertised models changed.
+    async fn rescan_models(&mut self) -> bool {
+        let Some(dirs) = self.models.clone() else {
+            return false;
+        };
+        // Walking a large models tree is blocking file-system work.
+        let Ok(models) = tokio::task::spawn_blocking(move || dirs.scan()).await else {
+            return false;
+        };
+        if models == self.caps.models {
+            return false;
+        }
+        tracing::info!(worker = %self.id(), models = ?models, "the models on disk changed");
+        self.caps.models = models;
+        true
+    }
+
+    /// Writes changed capabilities to the broker, retrying through Redis outages until
+    /// `shutdown`.
+    async fn publish_capabilities(&self, broker: &Broker, shutdown: &CancellationToken) {
+        let mut backoff = RedisBackoff::default();
+        while let Err(e) = broker.update_capabilities(&self.caps).await {
+            tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
+            if !backoff.sleep(shutdown).await {
+                return;
+            }
         }
     }
 
@@ -303,6 +346,8 @@ impl Worker {
     /// has been completed, failed or returned.
     pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
         let mut backoff = RedisBackoff::default();
+        // The models are scanned now, not when the worker was built: the installers ran since.
+        self.rescan_models().await;
         while !shutdown.is_cancelled() {
             match broker.register_worker(&self.caps).await {
                 Ok(()) => break,
@@ -333,6 +378,9 @@ impl Worker {
                 continue;
             }
             self.set_state(WorkerState::Idle);
+            if self.rescan_models().await {
+                self.publish_capabilities(&broker, &shutdown).await;
+            }
             let Some(caps) = self.claim_capabilities() else {
                 // Every service this worker has waits for a quota: nothing to claim until then.
                 let until = self
@@ -368,9 +416,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Claims the next job, giving up (with `Ok(None)`) when a service stops being ready or at
-    /// shutdown. The claim is stopped through its token rather than dropped, so a claim that
-    /// Redis already made is never lost.
+    /// Claims the next job, giving up (with `Ok(None)`) when a service stops being ready, when
+    /// it is time to rescan the models, or at shutdown. The claim is stopped through its token
+    /// rather than dropped, so a claim that Redis already made is never lost.
     async fn claim(
         &mut self,
         broker: &Broker,
@@ -389,6 +437,9 @@ impl Worker {
                 None => std::future::pending().await,
             }
         });
+        let follows_models = self.models.is_some();
+        let rescan = tokio::time::sleep(MODELS_RESCAN);
+        tokio::pin!(rescan);
         loop {
             tokio::select! {
                 r = &mut claim => return r,
@@ -397,6 +448,7 @@ impl Worker {
                     stop.cancel();
                 }
                 () = &mut resume, if !stop.is_cancelled() => stop.cancel(),
+                () = &mut rescan, if follows_models && !stop.is_cancelled() => stop.cancel(),
             }
         }
     }

@@ -42,9 +42,15 @@ struct A1111 {
 impl FakeA1111 {
     /// Starts on a free loopback port.
     pub fn start() -> FakeA1111 {
+        Self::start_on(0)
+    }
+
+    /// Starts on `127.0.0.1:port` (0 = any free port); a test restarts the WebUI by dropping
+    /// one fake and starting another on the same port.
+    pub fn start_on(port: u16) -> FakeA1111 {
         let state = Arc::new(A1111::default());
         let s = state.clone();
-        let served = serve(0, move || {
+        let served = serve(port, move || {
             Router::new()
                 .route("/sdapi/v1/txt2img", post(txt2img))
                 .route("/sdapi/v1/img2img", post(img2img))
@@ -73,6 +79,11 @@ impl FakeA1111 {
     /// How many times progress was polled.
     pub fn progress_polls(&self) -> usize {
         self.state.progress_polls.load(Ordering::SeqCst)
+    }
+
+    /// Whether a generation runs now.
+    pub fn busy(&self) -> bool {
+        self.state.current.lock().expect("fake lock").is_some()
     }
 
     /// How many generations finished.

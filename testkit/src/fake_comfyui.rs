@@ -1,6 +1,6 @@
 //! A fake ComfyUI server speaking ComfyUI's HTTP and WebSocket API with upstream's message
 //! shapes: `POST /prompt`, `GET /ws?clientId=`, `GET /history/<id>`, `GET /view`,
-//! `POST /interrupt`, `POST /queue`, `GET /system_stats`, `GET /object_info`.
+//! `POST /interrupt`, `GET /queue`, `POST /queue`, `GET /system_stats`, `GET /object_info`.
 //!
 //! Prompts run one at a time in submission order, as in ComfyUI. What a prompt does is decided
 //! by its nodes, so a test (or a job sent to the standalone `fake_comfyui` example of the machine package) scripts it:
@@ -11,7 +11,10 @@
 //! - `FakeError`: `execution_error` with `inputs.exception_type` / `inputs.message`;
 //! - `FakeInvalid`: `/prompt` answers 400 with `node_errors`, as for a missing input;
 //! - `FakeDropSocket`: the server drops the client's WebSocket at that node (without a close
-//!   frame) and goes on running.
+//!   frame) and goes on running;
+//! - with a models folder ([`FakeComfyui::start_with_models`]), a loader input (`ckpt_name`,
+//!   `lora_name`, `vae_name`, ...) naming a file absent from its folder is refused by `/prompt`
+//!   with upstream's `value_not_in_list` node error.
 //!
 //! The history entry is written a few milliseconds after `execution_success`, as upstream does.
 
@@ -52,9 +55,21 @@ impl FakeComfyui {
         Self::start_on(0)
     }
 
+    /// Starts on a free port, validating loader inputs against `models` (ComfyUI's `models/`).
+    pub fn start_with_models(models: &std::path::Path) -> FakeComfyui {
+        let state = Arc::new(Comfy {
+            models: Some(models.to_owned()),
+            ..Comfy::default()
+        });
+        Self::serve(0, state)
+    }
+
     /// Starts on `127.0.0.1:port` (0 = any free port).
     pub fn start_on(port: u16) -> FakeComfyui {
-        let state = Arc::new(Comfy::default());
+        Self::serve(port, Arc::new(Comfy::default()))
+    }
+
+    fn serve(port: u16, state: Arc<Comfy>) -> FakeComfyui {
         let s = state.clone();
         let served = serve(port, move || {
             tokio::spawn(executor(s.clone()));
@@ -120,7 +135,19 @@ struct Comfy {
     interrupts: AtomicUsize,
     ws_connections: AtomicUsize,
     counter: AtomicUsize,
+    models: Option<std::path::PathBuf>,
 }
+
+/// Loader inputs and the models folder each names a file in, as upstream's loaders declare.
+const LOADERS: &[(&str, &str)] = &[
+    ("ckpt_name", "checkpoints"),
+    ("lora_name", "loras"),
+    ("vae_name", "vae"),
+    ("unet_name", "unet"),
+    ("clip_name", "clip"),
+    ("control_net_name", "controlnet"),
+    ("model_name", "upscale_models"),
+];
 
 #[derive(Debug)]
 enum Outgoing {
@@ -156,7 +183,7 @@ fn router(state: Arc<Comfy>) -> Router {
         .route("/history/{id}", get(history))
         .route("/view", get(view))
         .route("/interrupt", post(interrupt))
-        .route("/queue", post(queue_edit))
+        .route("/queue", post(queue_edit).get(queue_list))
         .route("/system_stats", get(system_stats))
         .route("/object_info", get(object_info))
         .with_state(state)
@@ -194,7 +221,23 @@ async fn submit(State(s): State<Arc<Comfy>>, Json(body): Json<Value>) -> Respons
                            "dependent_outputs": [], "class_type": "FakeInvalid"}),
                 );
             }
-            Some(_) => {}
+            Some(class) => {
+                let Some(models) = &s.models else { continue };
+                for (input, folder) in LOADERS {
+                    let Some(file) = node.pointer(&format!("/inputs/{input}")).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !models.join(folder).join(file).is_file() {
+                        node_errors.insert(
+                            id.clone(),
+                            json!({"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                               "details": format!("{input}: '{file}' not in []"),
+                                               "extra_info": {"input_name": input}}],
+                                   "dependent_outputs": [], "class_type": class}),
+                        );
+                    }
+                }
+            }
         }
     }
     if !node_errors.is_empty() {
@@ -326,6 +369,21 @@ async fn queue_edit(State(s): State<Arc<Comfy>>, Json(body): Json<Value>) -> Sta
         s.queue.lock().expect("fake lock").clear();
     }
     StatusCode::OK
+}
+
+/// Upstream's `GET /queue`: `[number, prompt_id, prompt, extra_data, outputs_to_execute]` per
+/// running and pending prompt.
+async fn queue_list(State(s): State<Arc<Comfy>>) -> Json<Value> {
+    let item = |p: &QueuedPrompt| json!([p.number, p.id, p.prompt, {"client_id": p.client_id}, []]);
+    let pending: Vec<Value> = s.queue.lock().expect("fake lock").iter().map(item).collect();
+    let running: Vec<Value> = s
+        .running
+        .lock()
+        .expect("fake lock")
+        .iter()
+        .map(|id| json!([0, id, {}, {}, []]))
+        .collect();
+    Json(json!({"queue_running": running, "queue_pending": pending}))
 }
 
 async fn system_stats() -> Json<Value> {

@@ -21,7 +21,8 @@ pub struct SeenRequest {
 
 #[derive(Debug, Default)]
 struct State {
-    files: BTreeMap<String, (Vec<u8>, String)>,
+    // Shared, so serving a large file (the models benchmark's 1 GB) copies nothing.
+    files: BTreeMap<String, (Arc<Vec<u8>>, String)>,
     cut_first: BTreeMap<String, usize>,
     seen: Vec<SeenRequest>,
 }
@@ -66,7 +67,7 @@ impl FileServer {
     pub fn add(&self, path: &str, body: Vec<u8>, content_type: &str) {
         self.lock()
             .files
-            .insert(path.to_owned(), (body, content_type.to_owned()));
+            .insert(path.to_owned(), (Arc::new(body), content_type.to_owned()));
     }
 
     /// Cuts the first full (non-range) response of `path` after `bytes` bytes.

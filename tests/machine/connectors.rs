@@ -186,6 +186,63 @@ async fn comfyui_cancellation_interrupts_the_prompt() {
     }
 }
 
+/// Polls `busy` until it says a job runs on the fake.
+async fn until_busy(busy: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !busy() {
+        assert!(std::time::Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfyui_restarted_mid_job_fails_the_job_retryably_at_once() {
+    let port = testkit::free_port();
+    let fake = FakeComfyui::start_on(port);
+    let c = comfy(&fake.url());
+    let w = workflow(json!({"3": {"class_type": "KSampler", "inputs": {"steps": 400, "step_ms": 50}}}));
+    let running = tokio::spawn(async move {
+        let (r, _) = run(&c, &job("comfyui", w), &CancellationToken::new()).await;
+        r
+    });
+    until_busy(|| fake.busy()).await;
+    // The supervisor restarts a killed ComfyUI on the same port; the new one knows no prompt.
+    drop(fake);
+    let restarted_at = std::time::Instant::now();
+    let _fresh = FakeComfyui::start_on(port);
+    let e = running.await.unwrap().unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{}", e.chain());
+    assert!(e.to_string().contains("no longer knows prompt"), "{}", e.chain());
+    assert!(
+        restarted_at.elapsed() < Duration::from_secs(5),
+        "failed {:?} after the restart",
+        restarted_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_restarted_mid_job_fails_the_job_retryably_at_once() {
+    let port = testkit::free_port();
+    let fake = FakeA1111::start_on(port);
+    let c = a1111(&fake);
+    let running = tokio::spawn(async move {
+        let payload = json!({"prompt": "cat", "steps": 400, "step_ms": 50});
+        let (r, _) = run(&c, &job("a1111", payload), &CancellationToken::new()).await;
+        r
+    });
+    until_busy(|| fake.busy()).await;
+    drop(fake);
+    let restarted_at = std::time::Instant::now();
+    let _fresh = FakeA1111::start_on(port);
+    let e = running.await.unwrap().unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{}", e.chain());
+    assert!(
+        restarted_at.elapsed() < Duration::from_secs(5),
+        "failed {:?} after the restart",
+        restarted_at.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn comfyui_unreachable_is_retryable() {
     let c = comfy(&format!("http://127.0.0.1:{}", testkit::free_port()));

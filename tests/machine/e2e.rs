@@ -461,3 +461,79 @@ backoff_max = "2s"
     });
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_claims_as_soon_as_its_service_recovers_from_a_crash_loop() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed");
+    let config = dir.path().join("machine.toml");
+    // ComfyUI dies at once until the file `fixed` exists; `stable_after` stays at its default
+    // (60 s), far longer than the test may wait.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[connectors.comfyui]
+command = ["/bin/sh", "-c", "if [ ! -e {fixed} ]; then echo boom; exit 1; fi; exec {fake} --port {{port}}"]
+[supervisor]
+crash_loop_failures = 2
+crash_loop_window = "1m"
+backoff_max = "1s"
+"#,
+            fixed = fixed.display(),
+            fake = fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let mut child = machine()
+        .arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "rc")
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("HUB_REDIS_URL", &url)
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
+        .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("FAKE_NVML_GPUS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_get(port, "/status").await;
+        if body.contains("\"crash_loop\":true") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never in crash loop: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let workflow = json!({"workflow": {"9": {"class_type": "SaveImage", "inputs": {}}}});
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    std::fs::write(&fixed, "").unwrap();
+    let fixed_at = Instant::now();
+    let j = completed(&mut conn, &id, fixed_at + Duration::from_secs(20)).await;
+    assert_eq!(j["worker_id"], "rc-gpu0");
+    assert!(
+        fixed_at.elapsed() < Duration::from_secs(20),
+        "the job waited {:?} for a service that was ready",
+        fixed_at.elapsed()
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = wait_until(Duration::from_secs(30), "the machine to exit", || {
+        child.try_wait().unwrap()
+    });
+    assert!(exit.success(), "{exit:?}");
+}

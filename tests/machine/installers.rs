@@ -84,18 +84,24 @@ fn repo(dir: &Path, files: &[(&str, &str)]) -> String {
     sh(dir, &["git", "rev-parse", "HEAD"])
 }
 
-/// A pure-Python package with an in-tree PEP 517 backend, so pip builds it with no download.
+/// A pure-Python package `tinypkg` with an in-tree PEP 517 backend, so pip builds it with no
+/// download.
 fn tiny_package(dir: &Path) {
-    write(&dir.join("tinypkg/__init__.py"), "VALUE = 42\n");
+    named_package(dir, "tinypkg");
+}
+
+/// A pure-Python package called `name`, built by pip with no download.
+fn named_package(dir: &Path, name: &str) {
+    write(&dir.join(name).join("__init__.py"), "VALUE = 42\n");
     write(
         &dir.join("pyproject.toml"),
         "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\".\"]\n",
     );
     write(
         &dir.join("backend.py"),
-        r#"import base64, hashlib, os, zipfile
+        &r#"import base64, hashlib, os, zipfile
 
-NAME, VERSION = "tinypkg", "0.1.0"
+NAME, VERSION = "__NAME__", "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -122,7 +128,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         record.append(f"{info}/RECORD,,")
         z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
     return name
-"#,
+"#
+        .replace("__NAME__", name),
     );
 }
 
@@ -299,6 +306,8 @@ requirements = false
             ("COMFYUI_REF", self.comfy_commit.clone()),
             ("COMFYUI_NODES_FILE", self.nodes_file(broken).display().to_string()),
             ("COMFYUI_MODELS_MANIFEST", self.manifest(broken).display().to_string()),
+            // The default extra package (`requests`) would come from the package registry.
+            ("COMFYUI_EXTRA_PACKAGES", "none".to_owned()),
             ("TEST_NODE_KEY", "secret value #1".to_owned()),
             ("GIT_CONFIG_COUNT", "1".to_owned()),
             ("GIT_CONFIG_KEY_0", "protocol.file.allow".to_owned()),
@@ -468,4 +477,75 @@ fn machine_run_installs_first_and_stops_when_that_fails() {
     );
     let log = std::fs::read_to_string(tmp.path().join("ws/logs/install-comfyui.log")).unwrap();
     assert!(log.contains("no-such-repo"), "{log}");
+}
+
+#[test]
+fn a_comfyui_that_does_not_start_fails_its_install_with_the_traceback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    tiny_package(&root.join("tinypkg"));
+    named_package(&root.join("extrapkg"), "extrapkg");
+    // Like upstream with `requests`: the entry point imports a package its requirements omit.
+    let src = root.join("src/comfy");
+    let commit = repo(
+        &src,
+        &[
+            (
+                "main.py",
+                "import sys\nimport tinypkg\nimport extrapkg\nassert '--quick-test-for-ci' in sys.argv\n",
+            ),
+            (
+                "requirements.txt",
+                &format!("tinypkg @ file://{}\n", root.join("tinypkg").display()),
+            ),
+        ],
+    );
+    sh(
+        root,
+        &["git", "clone", "--quiet", "--bare", src.to_str().unwrap(), "comfy.git"],
+    );
+    let ws = root.join("ws");
+    let env = |extra: &str, constraints: Option<&Path>| {
+        let mut env = vec![
+            ("MACHINE_WORKSPACE", ws.display().to_string()),
+            ("WORKER_CONNECTORS", "comfyui".to_owned()),
+            ("COMFYUI_REPO_URL", root.join("comfy.git").display().to_string()),
+            ("COMFYUI_REF", commit.clone()),
+            ("COMFYUI_EXTRA_PACKAGES", extra.to_owned()),
+        ];
+        if let Some(c) = constraints {
+            env.push(("COMFYUI_CONSTRAINTS", c.display().to_string()));
+        }
+        env
+    };
+    let limit = Duration::from_secs(240);
+
+    let out = machine(&["install", "--only", "comfyui"], &env("none", None), limit);
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("failed the smoke test"), "{report}");
+    assert!(
+        report.contains("ModuleNotFoundError: No module named 'extrapkg'"),
+        "the traceback is in the error: {report}"
+    );
+
+    // With the missing package as an extra package, ComfyUI starts and the install is done.
+    let extra = root.join("extrapkg").display().to_string();
+    let out = machine(&["install", "--only", "comfyui"], &env(&extra, None), limit);
+    assert!(out.status.success(), "{}", text(&out));
+    let python = ws.join("ComfyUI/venv/bin/python");
+    sh(root, &[python.to_str().unwrap(), "-c", "import extrapkg"]);
+
+    // Every pip install runs within the constraints file: one that excludes the extra
+    // package's only version fails the (re)install.
+    let constraints = root.join("constraints.txt");
+    write(&constraints, "extrapkg==9.9\n");
+    let out = machine(
+        &["install", "--only", "comfyui"],
+        &env(&extra, Some(&constraints)),
+        limit,
+    );
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("-c") && report.contains("constraints.txt"), "{report}");
 }

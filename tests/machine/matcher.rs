@@ -1728,9 +1728,10 @@ mod differential {
                 prop::sample::subsequence(vec!["upscale", "inpaint"], 0..=2),
                 any::<bool>(),
             ),
+            0..3usize,
         )
             .prop_map(
-                move |(services, gpu, models, strict, (deny, allow, pin), (cn, batch, features, eu))| {
+                move |(services, gpu, models, strict, (deny, allow, pin), (cn, batch, features, eu), on_demand)| {
                     let mut c = Capabilities::new(format!("w{i}"), "m", &services);
                     c.hardware.gpu_memory_gb = gpu;
                     c.hardware.gpu_model = if gpu >= 48.0 {
@@ -1760,6 +1761,16 @@ mod differential {
                     c.custom.insert("features".to_owned(), json!(features));
                     c.custom
                         .insert("region".to_owned(), json!({"zone": if eu { "eu" } else { "us" }}));
+                    // Affinity without starvation: a cold worker that takes jobs needing models
+                    // at once, one that would wait an hour, and one that cannot fetch.
+                    match on_demand {
+                        1 => drop(c.custom.insert("models_on_demand_after_ms".to_owned(), json!(0))),
+                        2 => drop(
+                            c.custom
+                                .insert("models_on_demand_after_ms".to_owned(), json!(3_600_000)),
+                        ),
+                        _ => {}
+                    }
                     c
                 },
             )
