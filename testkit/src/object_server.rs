@@ -262,10 +262,17 @@ impl ObjectServer {
         assert!(ok, "kill {sig} {pid} failed");
     }
 
-    /// Kills the server (an outage); its port stays closed until [`ObjectServer::start_again`].
-    /// Azurite and the GCS emulator keep their data on disk; moto's S3 server loses it.
+    /// Stops the server (an outage); its port stays closed until [`ObjectServer::start_again`].
+    /// Azurite and the GCS emulator keep their data on disk; moto's S3 server loses it. SIGTERM
+    /// first: Azurite writes its container metadata to disk only every few seconds and on a
+    /// clean stop, so a SIGKILL soon after `create_bucket` would lose the container itself.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use machine::config::RedisUrl;
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use serde_json::json;
 use testkit::RedisServer;
 
@@ -15,6 +15,13 @@ async fn job_progress_follows_the_job() {
         let url = RedisUrl::parse(&server.url()).unwrap();
         let opts = BrokerOptions {
             failed_holdoff: Duration::ZERO,
+            // The retry is claimed again at once: this test follows the progress hash, not the delay.
+            retry_delay: RetryDelay {
+                initial: Duration::ZERO,
+                factor: 1.0,
+                max: Duration::ZERO,
+                jitter: 0.0,
+            },
             ..BrokerOptions::default()
         };
         let broker = Broker::connect(&url, opts).await.unwrap();

@@ -17,7 +17,7 @@ use machine::connectors::comfyui::ComfyuiConnector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::{OutputStore, StoreOptions};
 use machine::connectors::{Connector, ConnectorError, Job, JobOutput, ProgressSink};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use machine::worker::{Worker, WorkerSettings};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -44,6 +44,13 @@ impl Rig {
         let opts = BrokerOptions {
             failed_holdoff,
             safety_poll: Duration::from_millis(300),
+            // Retries come soon: these tests are about what a retry writes, not when it runs.
+            retry_delay: RetryDelay {
+                initial: Duration::from_millis(200),
+                factor: 1.0,
+                max: Duration::from_millis(200),
+                jitter: 0.0,
+            },
             ..BrokerOptions::default()
         };
         let broker = Broker::connect(&url, opts).await.expect("connect");
