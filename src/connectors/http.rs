@@ -9,7 +9,7 @@ use reqwest::header::HeaderMap;
 use tokio_util::sync::CancellationToken;
 
 use super::limits::Limiter;
-use super::{ConnectorError, or_cancelled};
+use super::{ArtifactBody, ConnectorError, or_cancelled};
 
 /// The HTTP client connectors use: short connect timeout (a dead local service is noticed at
 /// once), no overall timeout (jobs may legitimately run for many minutes; the worker's job
@@ -166,6 +166,39 @@ impl Backoff {
             .initial
             .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX));
         server_asked.unwrap_or(own).min(self.max)
+    }
+}
+
+/// Downloads an output an API handed out as a URL (`what` names it in errors). A failed
+/// download keeps the URL, where the output stays reachable for a while, rather than failing
+/// a job the API finished; a cancel ends the download at once.
+pub(crate) async fn fetch_output(
+    client: &reqwest::Client,
+    url: &str,
+    what: &str,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<ArtifactBody, ConnectorError> {
+    let fetched = or_cancelled(cancel, async {
+        let r = client
+            .get(url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| send_error(what, e))?;
+        if !r.status().is_success() {
+            return Err(status_error(what, r.status(), ""));
+        }
+        r.bytes().await.map_err(|e| send_error(what, e))
+    })
+    .await;
+    match fetched {
+        Ok(bytes) => Ok(ArtifactBody::Bytes(bytes)),
+        Err(ConnectorError::Cancelled) => Err(ConnectorError::Cancelled),
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), url, "failed to {what}; keeping its URL");
+            Ok(ArtifactBody::Url(url.to_owned()))
+        }
     }
 }
 

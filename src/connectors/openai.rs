@@ -260,30 +260,14 @@ impl OpenaiConnector {
                 });
             } else if let Some(url) = image.get("url").and_then(Value::as_str) {
                 // API image URLs expire; keep a copy when it can be fetched.
-                let fetched = or_cancelled(cancel, async {
-                    let r = self
-                        .client
-                        .get(url)
-                        .timeout(Duration::from_secs(60))
-                        .send()
-                        .await
-                        .map_err(|e| http::send_error("download a generated image", e))?;
-                    if !r.status().is_success() {
-                        return Err(http::status_error("download a generated image", r.status(), ""));
-                    }
-                    r.bytes()
-                        .await
-                        .map_err(|e| http::send_error("download a generated image", e))
-                })
-                .await;
-                let body = match fetched {
-                    Ok(bytes) => ArtifactBody::Bytes(bytes),
-                    Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
-                    Err(e) => {
-                        tracing::warn!(error = %e.chain(), "keeping the image URL");
-                        ArtifactBody::Url(url.to_owned())
-                    }
-                };
+                let body = http::fetch_output(
+                    &self.client,
+                    url,
+                    "download a generated image",
+                    Duration::from_secs(60),
+                    cancel,
+                )
+                .await?;
                 artifacts.push(Artifact {
                     name,
                     content_type,

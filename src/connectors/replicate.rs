@@ -28,7 +28,7 @@ use super::http::{self, Backoff, Retrying};
 use super::limits::Limiter;
 use super::openai::SseReader;
 use super::simulation::json_kind;
-use super::{Artifact, ArtifactBody, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
+use super::{Artifact, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
 use crate::config::{ConnectorKind, ReplicateConfig, parse_model_ref};
 
 /// Runs jobs as Replicate predictions.
@@ -261,30 +261,14 @@ impl ReplicateConnector {
             }
             let name = file_name(url, i);
             let content_type = super::comfyui::guess_content_type(&name).to_owned();
-            let fetched = or_cancelled(cancel, async {
-                let r = self
-                    .client
-                    .get(url)
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .await
-                    .map_err(|e| http::send_error("download a prediction output", e))?;
-                if !r.status().is_success() {
-                    return Err(http::status_error("download a prediction output", r.status(), ""));
-                }
-                r.bytes()
-                    .await
-                    .map_err(|e| http::send_error("download a prediction output", e))
-            })
-            .await;
-            let body = match fetched {
-                Ok(bytes) => ArtifactBody::Bytes(bytes),
-                Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
-                Err(e) => {
-                    tracing::warn!(error = %e.chain(), "keeping the output URL");
-                    ArtifactBody::Url(url.to_owned())
-                }
-            };
+            let body = http::fetch_output(
+                &self.client,
+                url,
+                "download a prediction output",
+                Duration::from_secs(120),
+                cancel,
+            )
+            .await?;
             out.push(Artifact {
                 name,
                 content_type,

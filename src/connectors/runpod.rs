@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::{self, Backoff, Retrying};
 use super::limits::Limiter;
 use super::simulation::json_kind;
-use super::{Artifact, ArtifactBody, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
+use super::{Artifact, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
 use crate::config::{ConnectorKind, RunpodConfig, valid_endpoint_id};
 
 /// Runs jobs on RunPod serverless endpoints.
@@ -160,30 +160,14 @@ impl RunpodConnector {
                 .filter(|s| !s.is_empty())
                 .map_or_else(|| format!("output_{i}"), |s| format!("{i}_{s}"));
             let content_type = super::comfyui::guess_content_type(&name).to_owned();
-            let fetched = or_cancelled(cancel, async {
-                let r = self
-                    .client
-                    .get(&url)
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .await
-                    .map_err(|e| http::send_error("download a job output", e))?;
-                if !r.status().is_success() {
-                    return Err(http::status_error("download a job output", r.status(), ""));
-                }
-                r.bytes()
-                    .await
-                    .map_err(|e| http::send_error("download a job output", e))
-            })
-            .await;
-            let body = match fetched {
-                Ok(bytes) => ArtifactBody::Bytes(bytes),
-                Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
-                Err(e) => {
-                    tracing::warn!(error = %e.chain(), "keeping the output URL");
-                    ArtifactBody::Url(url.clone())
-                }
-            };
+            let body = http::fetch_output(
+                &self.client,
+                &url,
+                "download a job output",
+                Duration::from_secs(120),
+                cancel,
+            )
+            .await?;
             out.push(Artifact {
                 name,
                 content_type,
