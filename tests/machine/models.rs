@@ -547,3 +547,56 @@ async fn the_fake_comfyui_example_refuses_a_loader_naming_an_absent_file() {
     let (code, body) = post().await.unwrap();
     assert_eq!(code, 200, "{body}");
 }
+
+/// The catalogue may be a URL: fetched when the store is built, with the bearer token of
+/// `COMFYUI_MODELS_CATALOGUE_TOKEN`; one that cannot be fetched fails the start naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
+    let mut shelf = Shelf::new();
+    let lora = blob(100_000, 5);
+    shelf.add("remote.safetensors", "loras", lora.clone(), None);
+    shelf.server.add(
+        "/catalogue.toml",
+        shelf.catalogue.clone().into_bytes(),
+        "application/toml",
+    );
+    std::fs::create_dir_all(shelf.link_dir()).unwrap();
+    let settings = |catalogue: String| machine::models::StoreSettings {
+        catalogue: Some(catalogue.into()),
+        shared_dir: shelf.shared_dir(),
+        link_dir: shelf.link_dir(),
+        budget: None,
+        pinned: Default::default(),
+        loader_inputs: vec!["lora_name".to_owned()],
+    };
+    let env = BTreeMap::from([("COMFYUI_MODELS_CATALOGUE_TOKEN", "cat-t0ken")]);
+    let store = machine::models::ModelStore::new(settings(shelf.server.url("/catalogue.toml")), &env).unwrap();
+    let fetched: Vec<_> = shelf
+        .server
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/catalogue.toml")
+        .collect();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].authorization.as_deref(), Some("Bearer cat-t0ken"));
+    // The catalogue's model is fetched on demand.
+    store
+        .ensure(&["remote.safetensors".to_owned()], &|_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(shelf.link_dir().join("loras/remote.safetensors")).unwrap(),
+        lora
+    );
+
+    let missing = shelf.server.url("/nope.toml");
+    let e = machine::models::ModelStore::new(settings(missing.clone()), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&missing) && e.contains("404"), "{e}");
+    let closed = format!("http://127.0.0.1:{}/catalogue.toml", testkit::free_port());
+    let e = machine::models::ModelStore::new(settings(closed.clone()), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&closed) && e.contains("cannot be fetched"), "{e}");
+}
