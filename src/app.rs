@@ -195,6 +195,7 @@ async fn run_subsystems(
             services: handle.clone(),
             workers: workers.statuses(),
             installs: tracker.subscribe(),
+            models: workers.models(),
         },
         shutdown.clone(),
     );

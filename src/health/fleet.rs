@@ -323,6 +323,7 @@ mod tests {
                 services: handle.clone(),
                 workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
                 installs,
+                models: None,
             },
             stop.clone(),
         );

@@ -3,7 +3,8 @@
 //! Job counters and histograms are recorded by the workers as things happen; service restarts
 //! and GPU readings are set from live state at scrape time, so they are never stale. External
 //! jobs add their usage and cost (per connector and customer) as they complete, and the
-//! fleet-wide limiters' daily usage is set by a feed that reads it from Redis.
+//! fleet-wide limiters' daily usage is set by a feed that reads it from Redis. The models
+//! store's downloads and evictions are counted by the store and copied in at scrape time.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -88,6 +89,9 @@ struct Inner {
     limit_waits: Family<ApiLabel, Gauge>,
     limit_wait_seconds: Family<ApiLabel, FloatGauge>,
     limit_quota_refusals: Family<ApiLabel, Gauge>,
+    model_downloads: Counter,
+    model_download_bytes: Counter,
+    model_evictions: Counter,
 }
 
 impl Default for Metrics {
@@ -190,6 +194,24 @@ impl Metrics {
             "Jobs this machine returned to the queue because a daily quota was used up",
             limit_quota_refusals.clone(),
         );
+        let model_downloads = Counter::default();
+        registry.register(
+            "model_downloads",
+            "Models fetched on demand (downloads started)",
+            model_downloads.clone(),
+        );
+        let model_download_bytes = Counter::default();
+        registry.register(
+            "model_download_bytes",
+            "Bytes of models fetched on demand",
+            model_download_bytes.clone(),
+        );
+        let model_evictions = Counter::default();
+        registry.register(
+            "model_evictions",
+            "Models evicted from the shared models directory to stay within models.cache_max_gb",
+            model_evictions.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -210,6 +232,9 @@ impl Metrics {
                 limit_waits,
                 limit_wait_seconds,
                 limit_quota_refusals,
+                model_downloads,
+                model_download_bytes,
+                model_evictions,
             }),
         }
     }
@@ -333,6 +358,21 @@ impl Metrics {
         }
     }
 
+    /// Sets the models store's counts (at scrape time); they only grow, and so do the counters.
+    pub fn set_models(&self, downloads: u64, bytes: u64, evictions: u64) {
+        let i = &self.inner;
+        for (counter, value) in [
+            (&i.model_downloads, downloads),
+            (&i.model_download_bytes, bytes),
+            (&i.model_evictions, evictions),
+        ] {
+            let seen = counter.get();
+            if value > seen {
+                counter.inc_by(value - seen);
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -379,6 +419,23 @@ mod tests {
         );
         assert!(text.contains("machine_gpu_utilization_percent{gpu=\"1\"} 87"), "{text}");
         assert!(text.contains("machine_gpu_temperature_celsius{gpu=\"1\"} 61"), "{text}");
+    }
+
+    #[test]
+    fn exposes_the_models_stores_counts() {
+        let m = Metrics::new();
+        m.set_models(2, 3_000, 1);
+        // A later scrape sees larger counts; counters never go back.
+        m.set_models(3, 5_000, 1);
+        m.set_models(3, 5_000, 1);
+        let text = m.encode();
+        for line in [
+            "machine_model_downloads_total 3",
+            "machine_model_download_bytes_total 5000",
+            "machine_model_evictions_total 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     #[test]

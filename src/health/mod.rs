@@ -73,6 +73,7 @@ pub struct HealthState {
     shutdown: CancellationToken,
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<serde_json::Map<String, serde_json::Value>>,
+    models: Option<crate::models::ModelStore>,
 }
 
 /// What the health state reads from the other subsystems.
@@ -84,6 +85,8 @@ pub struct Sources {
     pub workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
     /// The installers' progress.
     pub installs: watch::Receiver<InstallStates>,
+    /// The models store, when ComfyUI fetches models on demand here (for metrics).
+    pub models: Option<crate::models::ModelStore>,
 }
 
 impl HealthState {
@@ -116,6 +119,7 @@ impl HealthState {
                 ..RedisStatus::default()
             }),
             external_apis: Mutex::new(serde_json::Map::new()),
+            models: sources.models,
         })
     }
 

@@ -298,6 +298,9 @@ async fn metrics(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respo
         s.metrics
             .set_service_restarts(&service.name, u64::from(service.restarts));
     }
+    if let Some(m) = &s.models {
+        s.metrics.set_models(m.downloads(), m.downloaded_bytes(), m.evictions());
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         s.metrics.encode(),

@@ -394,6 +394,10 @@ impl Cmd {
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
+        // Third-party code (pip, npm, git hooks, a node's install script) never sees the
+        // machine's secrets: the services' allow-list, plus the tools' own settings.
+        c.env_clear()
+            .envs(crate::supervisor::env::installer_env(std::env::vars_os()));
         for (k, v) in &self.env {
             c.env(k, v);
         }

@@ -5,6 +5,12 @@
 //! (hubs); its value is read when the catalogue is loaded, never written anywhere.
 //!
 //! TOML (`[[model]]` tables) or JSON (`{"model": [...]}`), chosen by the file's extension.
+//!
+//! The catalogue may be a file or an `https://` (or `http://`) URL, fetched once when the
+//! workers are built, with the bearer token in `COMFYUI_MODELS_CATALOGUE_TOKEN` when set. A
+//! catalogue that cannot be fetched fails the start, naming the URL, like a bad catalogue file:
+//! the machine never runs with a catalogue it has not read (its orchestrator's restart is the
+//! retry).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -61,9 +67,69 @@ pub(crate) type Catalogue = BTreeMap<String, Entry>;
 
 /// Reads and checks the catalogue at `path`; every problem names the model and the field.
 pub(crate) fn load(path: &Path, env: &dyn Env) -> Result<Catalogue, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot be read: {e}")))?;
-    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let name = path.to_string_lossy();
+    let text = if name.starts_with("https://") || name.starts_with("http://") {
+        let url = url::Url::parse(&name).map_err(|e| bad(path, format!("is not a URL: {e}")))?;
+        let token = env.var(TOKEN_VAR).filter(|t| !t.is_empty());
+        fetch_text(&url, token).map_err(|e| ModelError::Catalogue {
+            file: redacted(&url),
+            message: format!("cannot be fetched: {e}"),
+        })?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot be read: {e}")))?
+    };
+    let is_json = Path::new(name.split(['?', '#']).next().unwrap_or_default())
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     parse(path, &text, is_json, env)
+}
+
+/// The variable holding the bearer token of a catalogue URL.
+const TOKEN_VAR: &str = "COMFYUI_MODELS_CATALOGUE_TOKEN";
+
+/// How long fetching a catalogue may take, connection included.
+const FETCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A URL for messages: without credentials or query.
+fn redacted(u: &url::Url) -> String {
+    let mut u = u.clone();
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.set_query(None);
+    u.to_string()
+}
+
+/// Fetches a catalogue's text. The store is built synchronously, maybe inside the machine's
+/// runtime, so the request runs on a thread of its own with a small runtime.
+fn fetch_text(url: &url::Url, token: Option<String>) -> Result<String, String> {
+    let url = url.clone();
+    let run = move || -> Result<String, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let client = reqwest::Client::builder()
+                .timeout(FETCH_LIMIT)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let mut req = client.get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.map_err(|e| crate::logging::error_chain(&e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(format!("HTTP {status}"));
+            }
+            resp.text().await.map_err(|e| crate::logging::error_chain(&e))
+        })
+    };
+    std::thread::scope(|s| {
+        s.spawn(run)
+            .join()
+            .unwrap_or_else(|_| Err("the fetching thread panicked".to_owned()))
+    })
 }
 
 fn bad(path: &Path, message: String) -> ModelError {

@@ -136,6 +136,7 @@ struct Inner {
     client: reqwest::Client,
     state: Mutex<State>,
     downloads: AtomicU64,
+    downloaded_bytes: AtomicU64,
     evictions: AtomicU64,
 }
 
@@ -200,6 +201,7 @@ impl ModelStore {
                 client,
                 state: Mutex::new(State::default()),
                 downloads: AtomicU64::new(0),
+                downloaded_bytes: AtomicU64::new(0),
                 evictions: AtomicU64::new(0),
             }),
         })
@@ -213,6 +215,11 @@ impl ModelStore {
     /// Downloads started so far.
     pub fn downloads(&self) -> u64 {
         self.inner.downloads.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of models fetched completely so far (a resumed download counts whole).
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.inner.downloaded_bytes.load(Ordering::Relaxed)
     }
 
     /// Models evicted so far.
@@ -323,6 +330,7 @@ impl ModelStore {
             self.inner.downloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(model = %entry.name, kind = %entry.kind, size = entry.size, "fetching a model on demand");
             fetch::fetch(&self.inner.client, entry, &dest, tx).await?;
+            self.inner.downloaded_bytes.fetch_add(entry.size, Ordering::Relaxed);
         }
         let at = s.link_dir.join(&entry.kind).join(&entry.name);
         if at != dest {

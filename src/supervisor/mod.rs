@@ -6,7 +6,7 @@
 //! [`output`], so that the orphan reaper never takes the exit status of a child the crate is
 //! waiting for.
 
-mod env;
+pub(crate) mod env;
 mod handle;
 mod logs;
 mod pidfile;

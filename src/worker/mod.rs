@@ -69,6 +69,7 @@ pub struct Workers {
     services: Vec<Vec<String>>,
     reports: broadcast::Sender<JobReport>,
     limiters: Vec<Arc<Limiter>>,
+    models: Option<ModelStore>,
 }
 
 impl Workers {
@@ -141,6 +142,7 @@ impl Workers {
             services,
             reports,
             limiters: limiters.into_values().collect(),
+            models,
         })
     }
 
@@ -155,6 +157,11 @@ impl Workers {
     /// The fleet-wide limiters of this machine's external APIs (for status and metrics).
     pub fn limiters(&self) -> Vec<Arc<Limiter>> {
         self.limiters.clone()
+    }
+
+    /// The machine's models store, when its ComfyUI workers fetch models on demand.
+    pub fn models(&self) -> Option<ModelStore> {
+        self.models.clone()
     }
 
     /// The workers, e.g. to read their capabilities.

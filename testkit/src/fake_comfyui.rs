@@ -57,11 +57,17 @@ impl FakeComfyui {
 
     /// Starts on a free port, validating loader inputs against `models` (ComfyUI's `models/`).
     pub fn start_with_models(models: &std::path::Path) -> FakeComfyui {
+        Self::start_on_with_models(0, Some(models))
+    }
+
+    /// Starts on `127.0.0.1:port` (0 = any free port), validating loader inputs against
+    /// `models` when given.
+    pub fn start_on_with_models(port: u16, models: Option<&std::path::Path>) -> FakeComfyui {
         let state = Arc::new(Comfy {
-            models: Some(models.to_owned()),
+            models: models.map(ToOwned::to_owned),
             ..Comfy::default()
         });
-        Self::serve(0, state)
+        Self::serve(port, state)
     }
 
     /// Starts on `127.0.0.1:port` (0 = any free port).

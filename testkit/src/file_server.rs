@@ -17,6 +17,8 @@ pub struct SeenRequest {
     pub path: String,
     /// The `Range` header, if any.
     pub range: Option<String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -115,15 +117,18 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut range = None;
+    let mut authorization = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.trim().eq_ignore_ascii_case("range")
-        {
-            range = Some(v.trim().to_owned());
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_owned());
+            } else if k.trim().eq_ignore_ascii_case("authorization") {
+                authorization = Some(v.trim().to_owned());
+            }
         }
     }
     let (file, cut) = {
@@ -133,6 +138,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
         s.seen.push(SeenRequest {
             path: path.clone(),
             range: range.clone(),
+            authorization,
         });
         let cut = if range.is_none() {
             s.cut_first.remove(&path)

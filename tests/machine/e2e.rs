@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::support::{machine, run, wait_until};
 
-fn fake_comfyui() -> PathBuf {
+pub(crate) fn fake_comfyui() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_machine"));
     let path = bin
         .parent()
@@ -32,7 +32,7 @@ fn fake_comfyui() -> PathBuf {
 
 /// A base port with the next one free too, for the two GPUs' ComfyUI services (tests run in
 /// parallel, so the default 8188 would clash).
-fn two_free_ports() -> u16 {
+pub(crate) fn two_free_ports() -> u16 {
     loop {
         let base = testkit::free_port();
         if base < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", base + 1)).is_ok() {
@@ -55,14 +55,14 @@ fn processes_in(ns: &str) -> Vec<u32> {
     out
 }
 
-async fn http_get(port: u16, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(port: u16, path: &str) -> (u16, String) {
     match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(_) => (0, String::new()),
     }
 }
 
-fn submit(redis_url: &str, args: &[&str]) -> String {
+pub(crate) fn submit(redis_url: &str, args: &[&str]) -> String {
     let (out, stdout, stderr) = run(machine().args(["jobs", "submit", "--redis-url", redis_url]).args(args));
     assert!(out.status.success(), "submit failed: {stderr}");
     stdout.trim().to_owned()
@@ -106,7 +106,7 @@ async fn job(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> BTreeMap
 }
 
 /// Waits until job `id` is completed and returns its hash.
-async fn completed(
+pub(crate) async fn completed(
     conn: &mut redis::aio::MultiplexedConnection,
     id: &str,
     deadline: Instant,

@@ -187,7 +187,8 @@ impl Fixture {
                 ("requirements.txt", &requirements),
                 (
                     "install.py",
-                    "import sys\nopen('installed-by.txt', 'w').write(sys.executable)\n",
+                    "import os, sys\nopen('installed-by.txt', 'w').write(sys.executable)\n\
+                     open('installed-env.txt', 'w').write('\\n'.join(f'{k}={v}' for k, v in os.environ.items()))\n",
                 ),
             ],
         );
@@ -309,6 +310,10 @@ requirements = false
             // The default extra package (`requests`) would come from the package registry.
             ("COMFYUI_EXTRA_PACKAGES", "none".to_owned()),
             ("TEST_NODE_KEY", "secret value #1".to_owned()),
+            // Secrets an installer's commands must not see.
+            ("HUB_REDIS_URL", "redis://:hub-password@hub:6379".to_owned()),
+            ("MACHINE_CONTROL_TOKEN", "control-token-secret".to_owned()),
+            ("OPENAI_API_KEY", "sk-openai-secret".to_owned()),
             ("GIT_CONFIG_COUNT", "1".to_owned()),
             ("GIT_CONFIG_KEY_0", "protocol.file.allow".to_owned()),
             ("GIT_CONFIG_VALUE_0", "always".to_owned()),
@@ -349,6 +354,18 @@ fn comfyui_nodes_and_models_install_once() {
         by.starts_with(comfy.join("venv").to_str().unwrap()),
         "install script ran with {by}"
     );
+    // The install script saw a clean environment: no secrets, not even the one its `.env` got.
+    let seen = std::fs::read_to_string(good.join("installed-env.txt")).unwrap();
+    for secret in [
+        "hub-password",
+        "control-token-secret",
+        "sk-openai-secret",
+        "secret value #1",
+        "HUB_REDIS_URL",
+    ] {
+        assert!(!seen.contains(secret), "the install script saw {secret}:\n{seen}");
+    }
+    assert!(seen.contains("PATH="), "{seen}");
     assert_eq!(
         std::fs::read_to_string(comfy.join("custom_nodes/node-two/vendor/sub/weights.txt")).unwrap(),
         "from a submodule\n"

@@ -385,3 +385,218 @@ async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
     .await
     .expect("the test finishes within its limit");
 }
+
+/// The whole product: `machine run` with the fake ComfyUI (validating loader inputs against its
+/// models folder, as upstream does) as its service, a real Redis, and a catalogue whose model is
+/// served by a local file server. A job naming a LoRA absent from disk gets it downloaded once,
+/// completes, and the worker's advertised models gain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_machine_fetches_a_missing_lora_for_a_job_and_advertises_it() {
+    use crate::e2e::{completed, fake_comfyui, http_get, submit, two_free_ports};
+
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+
+    let mut shelf = Shelf::new();
+    shelf.add("detail.safetensors", "loras", blob(2_000_000, 7), None);
+    let catalogue = shelf.dir.path().join("catalogue.toml");
+    std::fs::write(&catalogue, &shelf.catalogue).unwrap();
+    let config = shelf.dir.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[connectors.comfyui]
+command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/models"]
+"#,
+            fake = fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let log = shelf.dir.path().join("machine.log");
+    let mut child = crate::support::machine()
+        .arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "md")
+        .env("MACHINE_WORKSPACE", shelf.dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("HUB_REDIS_URL", &url)
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
+        .env("COMFYUI_MODELS_CATALOGUE", &catalogue)
+        .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("FAKE_NVML_GPUS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let deadline = Instant::now() + LIMIT;
+    while http_get(port, "/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready: {}", log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !advertised(&mut conn, "md-gpu0")
+            .await
+            .contains(&"detail.safetensors".to_owned()),
+        "the LoRA is not on disk yet"
+    );
+
+    let workflow = json!({"workflow": {
+        "1": {"class_type": "LoraLoader", "inputs": {"lora_name": "detail.safetensors"}},
+        "3": {"class_type": "KSampler", "inputs": {"steps": 3, "step_ms": 5}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "md"}}
+    }});
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let j = completed(&mut conn, &id, Instant::now() + LIMIT).await;
+    assert_eq!(j["worker_id"], "md-gpu0", "{j:?}");
+    assert_eq!(shelf.downloads_of("detail.safetensors"), 1, "downloaded once");
+    assert!(
+        shelf.link_dir().join("loras/detail.safetensors").is_file(),
+        "linked into ComfyUI's models folder"
+    );
+    wait_for("the worker to advertise the LoRA", async || {
+        advertised(&mut conn, "md-gpu0")
+            .await
+            .contains(&"detail.safetensors".to_owned())
+    })
+    .await;
+
+    // A second job finds it on disk: no second download.
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    completed(&mut conn, &id, Instant::now() + LIMIT).await;
+    assert_eq!(shelf.downloads_of("detail.safetensors"), 1, "{}", log_text());
+    let (_, metrics) = http_get(port, "/metrics").await;
+    for line in [
+        "machine_model_downloads_total 1",
+        "machine_model_download_bytes_total 2000000",
+        "machine_model_evictions_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = crate::support::wait_until(Duration::from_secs(30), "the machine to exit", || {
+        child.try_wait().unwrap()
+    });
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// The example binary the machine runs as ComfyUI refuses, as upstream does, a workflow whose
+/// loader names a file absent from its models folder, and accepts it once the file is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_comfyui_example_refuses_a_loader_naming_an_absent_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("loras")).unwrap();
+    let port = testkit::free_port();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Killed(
+        std::process::Command::new(crate::e2e::fake_comfyui())
+            .args(["--port", &port.to_string(), "--models"])
+            .arg(&models)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let prompt = json!({"prompt": {
+        "1": {"class_type": "LoraLoader", "inputs": {"lora_name": "absent.safetensors"}},
+        "9": {"class_type": "SaveImage", "inputs": {}}
+    }});
+    let post = || async {
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/prompt"))
+            .json(&prompt)
+            .send()
+            .await;
+        match r {
+            Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap())),
+            Err(_) => None,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (code, body) = loop {
+        if let Some(r) = post().await {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the fake never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("value_not_in_list") && body.contains("absent.safetensors"),
+        "{body}"
+    );
+    std::fs::write(models.join("loras/absent.safetensors"), b"x").unwrap();
+    let (code, body) = post().await.unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+/// The catalogue may be a URL: fetched when the store is built, with the bearer token of
+/// `COMFYUI_MODELS_CATALOGUE_TOKEN`; one that cannot be fetched fails the start naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
+    let mut shelf = Shelf::new();
+    let lora = blob(100_000, 5);
+    shelf.add("remote.safetensors", "loras", lora.clone(), None);
+    shelf.server.add(
+        "/catalogue.toml",
+        shelf.catalogue.clone().into_bytes(),
+        "application/toml",
+    );
+    std::fs::create_dir_all(shelf.link_dir()).unwrap();
+    let settings = |catalogue: String| machine::models::StoreSettings {
+        catalogue: Some(catalogue.into()),
+        shared_dir: shelf.shared_dir(),
+        link_dir: shelf.link_dir(),
+        budget: None,
+        pinned: Default::default(),
+        loader_inputs: vec!["lora_name".to_owned()],
+    };
+    let env = BTreeMap::from([("COMFYUI_MODELS_CATALOGUE_TOKEN", "cat-t0ken")]);
+    let store = machine::models::ModelStore::new(settings(shelf.server.url("/catalogue.toml")), &env).unwrap();
+    let fetched: Vec<_> = shelf
+        .server
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/catalogue.toml")
+        .collect();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].authorization.as_deref(), Some("Bearer cat-t0ken"));
+    // The catalogue's model is fetched on demand.
+    store
+        .ensure(&["remote.safetensors".to_owned()], &|_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(shelf.link_dir().join("loras/remote.safetensors")).unwrap(),
+        lora
+    );
+
+    let missing = shelf.server.url("/nope.toml");
+    let e = machine::models::ModelStore::new(settings(missing.clone()), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&missing) && e.contains("404"), "{e}");
+    let closed = format!("http://127.0.0.1:{}/catalogue.toml", testkit::free_port());
+    let e = machine::models::ModelStore::new(settings(closed.clone()), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&closed) && e.contains("cannot be fetched"), "{e}");
+}
