@@ -72,11 +72,19 @@ async fn routes_answer_and_status_command_reads_them() {
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["machine_id"], "hm1");
 
-    let (code, body) = get(m.port, "/status").await;
-    assert_eq!(code, 200);
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The health server answers from the first moment, before the broker has connected.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (code, body) = get(m.port, "/status").await;
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["redis"]["connected"] == true {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "redis never connected: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(status["machine"]["id"], "hm1");
-    assert_eq!(status["redis"]["connected"], true);
     assert_eq!(status["config"]["connectors"], "simulation:1");
     assert!(status["host"]["cpu_cores"].as_u64().unwrap() >= 1);
 
