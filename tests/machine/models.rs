@@ -327,6 +327,40 @@ async fn a_corrupt_or_unknown_model_fails_the_job_and_leaves_nothing() {
     assert_eq!(fake.prompts_accepted(), 0);
 }
 
+/// A transfer cut short fails the attempt retryably and keeps the partial file; the next attempt
+/// asks only for the rest (`Range: bytes=N-`), and the whole file verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_download_resumes_where_it_stopped() {
+    let mut shelf = Shelf::new();
+    let lora = blob(1_000_000, 30);
+    shelf.add("cut.safetensors", "loras", lora.clone(), None);
+    shelf.server.cut_first("/m/cut.safetensors", 400_000);
+    let store = shelf.store(None, &[]);
+    let names = ["cut.safetensors".to_owned()];
+
+    let e = store.ensure(&names, &|_, _, _| {}).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    let part = shelf.shared_dir().join("loras/cut.safetensors.part");
+    let kept = std::fs::metadata(&part).expect("the partial file is kept").len();
+    assert!(kept > 0 && kept <= 400_000, "{kept}");
+    assert!(!shelf.shared_dir().join("loras/cut.safetensors").exists());
+
+    store.ensure(&names, &|_, _, _| {}).await.unwrap();
+    assert_eq!(
+        std::fs::read(shelf.link_dir().join("loras/cut.safetensors")).unwrap(),
+        lora
+    );
+    assert!(!part.exists());
+    let ranges: Vec<_> = shelf
+        .server
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/m/cut.safetensors")
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(ranges, [None, Some(format!("bytes={kept}-"))]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_under_a_small_budget_keeps_models_in_use_and_pinned() {
     let mut shelf = Shelf::new();
