@@ -67,8 +67,9 @@ pub(super) fn apply(doc: &mut toml::Table, env: &dyn Env, problems: &mut Vec<Pro
     let mut origins = Origins::default();
     for &(var, path, kind) in BINDINGS {
         if let Some(text) = env.var(var).filter(|v| !v.trim().is_empty()) {
-            insert(doc, path, value(&text, kind));
-            origins.set(path, var);
+            if insert(doc, path, value(&text, kind)) {
+                origins.set(path, var);
+            }
         }
     }
     // An empty WORKER_CONNECTORS is meaningful (the default list), so it is not "unset".
@@ -85,8 +86,9 @@ pub(super) fn apply(doc: &mut toml::Table, env: &dyn Env, problems: &mut Vec<Pro
         (None, None) => None,
     };
     if let Some((var, text)) = connectors {
-        insert(doc, CONNECTORS_KEY, toml::Value::String(text));
-        origins.set(CONNECTORS_KEY, var);
+        if insert(doc, CONNECTORS_KEY, toml::Value::String(text)) {
+            origins.set(CONNECTORS_KEY, var);
+        }
     }
     origins
 }
@@ -121,8 +123,10 @@ fn value(text: &str, kind: Kind) -> toml::Value {
     }
 }
 
-/// Sets `path` (dotted) in `doc`, making the tables on the way.
-fn insert(doc: &mut toml::Table, path: &str, value: toml::Value) {
+/// Sets `path` (dotted) in `doc`, making the tables on the way. Returns false, writing nothing,
+/// when the file put a value where one of those tables belongs: deserializing then reports the
+/// file's key, which is what has to be fixed first.
+fn insert(doc: &mut toml::Table, path: &str, value: toml::Value) -> bool {
     let mut segments: Vec<&str> = path.split('.').collect();
     let last = segments.pop().expect("a binding's path is not empty");
     let mut table = doc;
@@ -130,14 +134,13 @@ fn insert(doc: &mut toml::Table, path: &str, value: toml::Value) {
         let entry = table
             .entry(segment)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if !entry.is_table() {
-            // The file put a value where a section belongs; deserialization reports that key,
-            // and the variable takes the section's place so that its own value is still read.
-            *entry = toml::Value::Table(toml::Table::new());
-        }
-        table = entry.as_table_mut().expect("made a table just above");
+        let Some(inner) = entry.as_table_mut() else {
+            return false;
+        };
+        table = inner;
     }
     table.insert(last.to_owned(), value);
+    true
 }
 
 /// What only the environment sets: values no TOML key stands for.
@@ -237,6 +240,17 @@ mod tests {
         assert_eq!(origins.var("health.port"), Some("MACHINE_HEALTH_PORT"));
         assert_eq!(origins.var(CONNECTORS_KEY), Some("WORKERS"));
         assert_eq!(origins.var("machine.id"), None);
+    }
+
+    #[test]
+    fn a_variable_does_not_replace_a_value_the_file_put_where_its_section_belongs() {
+        let mut doc: toml::Table = "gpu = 5\n".parse().unwrap();
+        let env = BTreeMap::from([("MACHINE_GPU_COUNT", "2")]);
+        let origins = apply(&mut doc, &env, &mut Vec::new());
+        assert_eq!(doc["gpu"], toml::Value::Integer(5));
+        assert_eq!(origins.var("gpu.count"), None);
+        let ps = crate::config::load_str(Some(("f.toml", "gpu = 5\n")), &env).unwrap_err();
+        assert_eq!(ps.problems()[0].key, "gpu", "{ps}");
     }
 
     #[test]
