@@ -99,7 +99,7 @@ pub(crate) struct RawConnectors {
     pub openai: super::worker::RawOpenai,
     pub replicate: super::connectors::RawReplicate,
     pub runpod: super::connectors::RawRunpod,
-    pub simulation: super::worker::RawSimulation,
+    pub simulation: super::worker::SimulationConfig,
 }
 
 #[derive(Debug, Deserialize)]

@@ -68,15 +68,6 @@ pub(crate) struct RawOpenai {
     pub prices: super::connectors::RawPrices,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSimulation {
-    #[serde(with = "humantime_serde")]
-    pub duration: Duration,
-    pub steps: u32,
-    pub failure_rate: f64,
-}
-
 /// How workers claim, hold and report jobs.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerConfig {
@@ -172,8 +163,10 @@ pub struct OpenaiConfig {
     pub prices: super::Prices,
 }
 
-/// The simulation connector's defaults (a job's payload may override each).
-#[derive(Debug, Clone, Serialize)]
+/// The simulation connector's defaults (a job's payload may override each); also what
+/// `[connectors.simulation]` deserializes into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimulationConfig {
     /// How long a simulated job takes.
     #[serde(with = "humantime_serde")]
@@ -282,18 +275,16 @@ pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> Op
     }
 }
 
-pub(super) fn validate_simulation(raw: RawSimulation, problems: &mut Vec<Problem>) -> SimulationConfig {
-    if !(0.0..=1.0).contains(&raw.failure_rate) {
+pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Problem>) -> SimulationConfig {
+    if !(0.0..=1.0).contains(&s.failure_rate) {
         problems.push(Problem {
             key: "connectors.simulation.failure_rate".to_owned(),
             message: "must be between 0 and 1".to_owned(),
         });
     }
-    SimulationConfig {
-        duration: raw.duration,
-        steps: raw.steps.max(1),
-        failure_rate: raw.failure_rate,
-    }
+    // `steps = 0` is read as one step rather than refused, as it always has been.
+    s.steps = s.steps.max(1);
+    s
 }
 
 #[cfg(test)]
