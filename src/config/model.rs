@@ -299,6 +299,11 @@ pub struct ServiceConnectorConfig {
     pub extra_args: Vec<String>,
     /// A full command replacing the default; `{port}`, `{gpu}` and `{workspace}` are filled in.
     pub command: Option<Vec<String>>,
+    /// How long a running job may go without a word from the service about it before it is
+    /// interrupted and returned to the queue as stalled (a job's `stall_timeout_seconds` may
+    /// raise it).
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 /// What the installers install and how (`[install]`).

@@ -107,6 +107,8 @@ pub(crate) struct RawConnectors {
 pub(crate) struct RawPlaywright {
     pub base_port: u16,
     pub command: Option<Vec<String>>,
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]

@@ -181,6 +181,7 @@ fn service_connectors(
         base_port: c.playwright.base_port,
         extra_args: Vec::new(),
         command: c.playwright.command.clone(),
+        stall_timeout: c.playwright.stall_timeout,
     };
     for (name, cc) in [
         ("comfyui", &c.comfyui),
@@ -189,6 +190,9 @@ fn service_connectors(
     ] {
         if cc.base_port == 0 {
             problems.at(&format!("connectors.{name}.base_port"), "must be a port number");
+        }
+        if cc.stall_timeout.is_zero() {
+            problems.at(&format!("connectors.{name}.stall_timeout"), "must be longer than 0s");
         }
         if cc
             .command

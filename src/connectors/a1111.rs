@@ -6,6 +6,10 @@
 //! img2img. While the request runs, `GET /sdapi/v1/progress` is polled for progress. The
 //! base64 `images` of the answer become artifacts; `parameters` and `info` become the result.
 //! Cancellation sends `POST /sdapi/v1/interrupt` and drops the request.
+//!
+//! A progress reading that moved (fraction, sampling step, job number) is the WebUI's word about
+//! the job; a request with no such word for the stall timeout is interrupted and fails
+//! retryably as stalled ([`super::stall`]).
 
 use std::time::Duration;
 
@@ -18,6 +22,7 @@ use url::Url;
 
 use super::http;
 use super::simulation::json_kind;
+use super::stall::StallClock;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink};
 use crate::config::ConnectorKind;
 
@@ -30,6 +35,7 @@ pub struct A1111Connector {
     base: Url,
     client: reqwest::Client,
     poll_every: Duration,
+    stall_timeout: Duration,
 }
 
 impl A1111Connector {
@@ -39,7 +45,26 @@ impl A1111Connector {
             base,
             client: http::client(),
             poll_every: POLL_EVERY,
+            stall_timeout: super::stall::DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same connector giving up on a request after `timeout` without its progress moving
+    /// (a job's `stall_timeout_seconds` may raise it).
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// Whether the WebUI answers its health check (`/sdapi/v1/progress`) within a few seconds.
+    async fn answers(&self) -> bool {
+        let answer = self
+            .client
+            .get(self.url("/sdapi/v1/progress"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        answer.is_ok_and(|r| r.status().is_success())
     }
 
     /// The same connector polling progress at another period (tests use a short one).
@@ -55,7 +80,9 @@ impl A1111Connector {
         u
     }
 
-    async fn poll_progress(&self, progress: &ProgressSink) {
+    /// Polls progress until the job stalls (its readings stop moving for the clock's timeout);
+    /// returns the clock then.
+    async fn poll_progress(&self, progress: &ProgressSink, mut clock: StallClock) -> StallClock {
         let mut tick = tokio::time::interval(self.poll_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut url = self.url("/sdapi/v1/progress");
@@ -63,18 +90,32 @@ impl A1111Connector {
         // The WebUI reports 0 again between jobs (and just before the answer arrives); keep
         // progress monotonic.
         let mut best = 0.0;
+        let mut last_reading = None;
         loop {
-            tick.tick().await;
-            let Ok(resp) = self
-                .client
-                .get(url.clone())
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-            else {
-                continue;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = clock.expired() => return clock,
+            }
+            let read = async {
+                let resp = self
+                    .client
+                    .get(url.clone())
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .ok()?;
+                resp.json::<Value>().await.ok()
             };
-            let Ok(v) = resp.json::<Value>().await else { continue };
+            let v = tokio::select! {
+                v = read => v,
+                () = clock.expired() => return clock,
+            };
+            let Some(v) = v else { continue };
+            let reading = moving_parts(&v);
+            if last_reading.as_ref() != Some(&reading) {
+                clock.heard();
+                last_reading = Some(reading);
+            }
             if let Some(p) = progress_of(&v).filter(|p| p.percent >= best) {
                 best = p.percent;
                 progress.report(p);
@@ -130,7 +171,12 @@ impl A1111Connector {
                 return Err(ConnectorError::Cancelled);
             }
             answer = request => answer?,
-            () = self.poll_progress(progress) => unreachable!("progress polling loops until the request ends"),
+            clock = self.poll_progress(progress, StallClock::start(self.stall_timeout, job)) => {
+                self.interrupt().await;
+                let e = clock.stalled("a1111", self.answers().await);
+                tracing::warn!(job_id = %job.id, error = %e, "the request stalled; interrupted it");
+                return Err(e);
+            }
         };
         let images = answer
             .get("images")
@@ -218,6 +264,18 @@ fn request_of(payload: &Value) -> Result<(&'static str, Value), ConnectorError> 
         ));
     }
     Ok((endpoint, Value::Object(body)))
+}
+
+/// The parts of a progress reading that move while the WebUI works on a job (the ETA is left
+/// out: it changes on every reading, even of a job that hangs).
+fn moving_parts(v: &Value) -> [Value; 4] {
+    let state = |k: &str| v.pointer(&format!("/state/{k}")).cloned().unwrap_or(Value::Null);
+    [
+        v.get("progress").cloned().unwrap_or(Value::Null),
+        state("sampling_step"),
+        state("job_no"),
+        state("job_timestamp"),
+    ]
 }
 
 /// Reads `/sdapi/v1/progress`; `None` while nothing runs.

@@ -21,6 +21,7 @@ pub mod playwright;
 pub mod replicate;
 pub mod runpod;
 pub mod simulation;
+pub mod stall;
 pub mod store;
 
 use std::fmt;
@@ -188,6 +189,18 @@ pub enum ConnectorError {
         /// Whether another attempt may succeed.
         retryable: bool,
     },
+    /// The service said nothing about the job for its stall timeout; the job was interrupted.
+    #[error("{service} said nothing about the job for {} (stall timeout {}){}", humantime::format_duration(round_ms(*silent_for)), humantime::format_duration(*timeout), if *answers { "" } else { " and does not answer its health check" })]
+    Stalled {
+        /// The connector's service (`comfyui`, `a1111`, `playwright`).
+        service: String,
+        /// How long it had been silent.
+        silent_for: Duration,
+        /// The stall timeout that applied.
+        timeout: Duration,
+        /// Whether the service still answered its health check after the silence.
+        answers: bool,
+    },
     /// The cancellation token fired.
     #[error("the job was cancelled")]
     Cancelled,
@@ -226,7 +239,9 @@ impl ConnectorError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
-            ConnectorError::Unavailable { .. } | ConnectorError::QuotaReached { .. } => ErrorClass::Retryable,
+            ConnectorError::Unavailable { .. }
+            | ConnectorError::QuotaReached { .. }
+            | ConnectorError::Stalled { .. } => ErrorClass::Retryable,
             ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
                 if source.is_retryable() {
                     ErrorClass::Retryable
@@ -333,6 +348,11 @@ pub trait Connector: Send + Sync + fmt::Debug {
         progress: &'a ProgressSink,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>>;
+}
+
+/// `d` to the millisecond, so a reason reads "2s 3ms", not nanoseconds.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Runs `fut` unless `cancel` fires first, in which case the future is dropped (aborting an

@@ -7,6 +7,10 @@
 //! of `code`, `html` and `url` it has. `width`, `height`, `wait_ms` and `device_scale` pass
 //! through; the service checks them and its 4xx answers fail the job without retry.
 //! Cancellation drops the request, which closes the page's context in the service.
+//!
+//! The render service answers a render in one response and says nothing before it, so its
+//! answer is its only word about the job: a render unanswered for the stall timeout is dropped
+//! and fails retryably as stalled ([`super::stall`]), noting whether `/health` still answers.
 
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value, json};
@@ -14,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::http;
+use super::stall::StallClock;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
 use crate::config::ConnectorKind;
 
@@ -22,6 +27,7 @@ use crate::config::ConnectorKind;
 pub struct PlaywrightConnector {
     base: Url,
     client: reqwest::Client,
+    stall_timeout: std::time::Duration,
 }
 
 impl PlaywrightConnector {
@@ -30,6 +36,40 @@ impl PlaywrightConnector {
         PlaywrightConnector {
             base,
             client: http::client(),
+            stall_timeout: super::stall::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same connector giving up on a render unanswered after `timeout` (a job's
+    /// `stall_timeout_seconds` may raise it).
+    pub fn with_stall_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// Whether the render service answers its health check (`/health`) within a few seconds.
+    async fn answers(&self) -> bool {
+        let mut url = self.base.clone();
+        url.set_path("/health");
+        let answer = self
+            .client
+            .get(url)
+            .timeout(std::time::Duration::from_secs(3))
+            .send()
+            .await;
+        answer.is_ok_and(|r| r.status().is_success())
+    }
+
+    /// Renders unless the service stays silent for the stall timeout.
+    async fn render_watched(&self, job: &Job, progress: &ProgressSink) -> Result<JobOutput, ConnectorError> {
+        let clock = StallClock::start(self.stall_timeout, job);
+        tokio::select! {
+            r = self.render(job, progress) => r,
+            () = clock.expired() => {
+                let e = clock.stalled("playwright", self.answers().await);
+                tracing::warn!(job_id = %job.id, error = %e, "the render stalled; dropped it");
+                Err(e)
+            }
         }
     }
 }
@@ -136,7 +176,7 @@ impl Connector for PlaywrightConnector {
         progress: &'a ProgressSink,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
-        Box::pin(or_cancelled(cancel, self.render(job, progress)))
+        Box::pin(or_cancelled(cancel, self.render_watched(job, progress)))
     }
 }
 

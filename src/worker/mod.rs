@@ -368,13 +368,15 @@ fn connector_for(
     };
     Ok(match kind {
         ConnectorKind::Comfyui => {
-            let c = ComfyuiConnector::new(service_url()?);
+            let c = ComfyuiConnector::new(service_url()?).with_stall_timeout(config.comfyui.stall_timeout);
             Arc::new(match models {
                 Some(store) => c.with_models(store.clone()),
                 None => c,
             })
         }
-        ConnectorKind::A1111 => Arc::new(A1111Connector::new(service_url()?)),
+        ConnectorKind::A1111 => {
+            Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.a1111.stall_timeout))
+        }
         ConnectorKind::Openai => {
             let c = OpenaiConnector::new(config.openai.clone(), env.var(&config.openai.api_key_env));
             Arc::new(match limiter {
@@ -397,6 +399,8 @@ fn connector_for(
             })
         }
         ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
-        ConnectorKind::Playwright => Arc::new(PlaywrightConnector::new(service_url()?)),
+        ConnectorKind::Playwright => {
+            Arc::new(PlaywrightConnector::new(service_url()?).with_stall_timeout(config.playwright.stall_timeout))
+        }
     })
 }

@@ -5,7 +5,9 @@
 //! A generation takes `steps` (default 3) sampling steps, `step_ms` (a fake-only field, default
 //! 0) apart, and returns `batch_size` images. A prompt containing `FAIL_OOM` answers 500 as the
 //! WebUI does on CUDA out-of-memory; a non-integer `steps` answers 422 as its validation does.
-//! An interrupted generation returns early with what it has, as the WebUI does.
+//! An interrupted generation returns early with what it has, as the WebUI does. A prompt
+//! containing `FAKE_STALL` hangs after its first step (progress readings stop moving) until it
+//! is interrupted, as a wedged WebUI does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,6 +144,11 @@ async fn generate(State(s): State<Arc<A1111>>, Json(body): Json<Value>, kind: &s
             break;
         }
         *s.current.lock().expect("fake lock") = Some((i, steps));
+        if prompt.contains("FAKE_STALL") {
+            while !s.interrupted.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
     *s.current.lock().expect("fake lock") = None;
     s.generations.fetch_add(1, Ordering::SeqCst);

@@ -12,6 +12,11 @@
 //! - `FakeInvalid`: `/prompt` answers 400 with `node_errors`, as for a missing input;
 //! - `FakeDropSocket`: the server drops the client's WebSocket at that node (without a close
 //!   frame) and goes on running;
+//! - `FakeStall`: the prompt goes silent at that node, WebSocket open, no message at all, for
+//!   `inputs.silent_ms` (default: until interrupted); with `inputs.hang = true` the server also
+//!   stops answering `/system_stats` from then on, as a wedged ComfyUI does;
+//! - `FakeGrow`: the server keeps `inputs.mb` MiB more memory (touched, so its RSS grows) for
+//!   the rest of its life, as a leaking node does;
 //! - with a models folder ([`FakeComfyui::start_with_models`]), a loader input (`ckpt_name`,
 //!   `lora_name`, `vae_name`, ...) naming a file absent from its folder is refused by `/prompt`
 //!   with upstream's `value_not_in_list` node error.
@@ -142,6 +147,10 @@ struct Comfy {
     ws_connections: AtomicUsize,
     counter: AtomicUsize,
     models: Option<std::path::PathBuf>,
+    /// `/system_stats` no longer answers (a `FakeStall` with `hang`).
+    hung: AtomicBool,
+    /// Memory `FakeGrow` nodes keep.
+    kept: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Loader inputs and the models folder each names a file in, as upstream's loaders declare.
@@ -392,7 +401,10 @@ async fn queue_list(State(s): State<Arc<Comfy>>) -> Json<Value> {
     Json(json!({"queue_running": running, "queue_pending": pending}))
 }
 
-async fn system_stats() -> Json<Value> {
+async fn system_stats(State(s): State<Arc<Comfy>>) -> Json<Value> {
+    if s.hung.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     Json(json!({
         "system": {"os": "posix", "ram_total": 34359738368u64, "ram_free": 17179869184u64,
                    "comfyui_version": "0.3.0-fake", "python_version": "3.12.0", "pytorch_version": "2.5.0",
@@ -481,6 +493,28 @@ async fn run_prompt(s: &Arc<Comfy>, p: &QueuedPrompt) {
             "executing",
             json!({"node": id, "display_node": id, "prompt_id": pid}),
         );
+        if class == "FakeStall" {
+            if inputs.get("hang").and_then(Value::as_bool) == Some(true) {
+                s.hung.store(true, Ordering::SeqCst);
+            }
+            let silent = inputs
+                .get("silent_ms")
+                .and_then(Value::as_u64)
+                .map(Duration::from_millis);
+            let started = tokio::time::Instant::now();
+            while !s.interrupt.load(Ordering::SeqCst) && silent.is_none_or(|d| started.elapsed() < d) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if class == "FakeGrow" {
+            let mb = inputs.get("mb").and_then(Value::as_u64).unwrap_or(0);
+            let mut block = vec![0u8; usize::try_from(mb).unwrap_or(0) << 20];
+            // Touch every page so the memory is resident, not just reserved.
+            for page in block.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            s.kept.lock().expect("fake lock").push(block);
+        }
         let steps = inputs.get("steps").and_then(Value::as_u64).unwrap_or(0);
         let step_ms = inputs.get("step_ms").and_then(Value::as_u64).unwrap_or(0);
         for i in 1..=steps {

@@ -14,6 +14,7 @@ mod lifecycle;
 mod matcher;
 mod models;
 mod playwright;
+mod self_healing;
 mod stores;
 mod supervisor;
 mod support;

@@ -17,6 +17,10 @@
 //! fails the job retryably at once. Cancellation sends `POST /interrupt` (and removes the prompt from the queue if it had
 //! not started).
 //!
+//! A prompt about which the server says nothing for the stall timeout (no event of it on the
+//! socket; `progress` of a long node counts, so a slow node is not silence) is interrupted and
+//! fails retryably as stalled ([`super::stall`]), noting whether `/system_stats` still answers.
+//!
 //! Reading what ComfyUI says about the prompt (its events, `/history`, `/queue`) is
 //! [`tracker`]'s; this module talks to the server.
 
@@ -37,6 +41,7 @@ use url::Url;
 
 use super::http::{self, Backoff};
 use super::simulation::json_kind;
+use super::stall::StallClock;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
 use crate::config::ConnectorKind;
 use crate::models::{ModelError, ModelStore, ModelsInUse};
@@ -65,6 +70,7 @@ pub struct ComfyuiConnector {
     base: Url,
     client: reqwest::Client,
     models: Option<ModelStore>,
+    stall_timeout: Duration,
 }
 
 impl ComfyuiConnector {
@@ -74,7 +80,26 @@ impl ComfyuiConnector {
             base,
             client: http::client(),
             models: None,
+            stall_timeout: super::stall::DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same connector giving up on a prompt after `timeout` without a word about it (a job's
+    /// `stall_timeout_seconds` may raise it).
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// Whether the server answers its health check (`/system_stats`) within a few seconds.
+    async fn answers(&self) -> bool {
+        let answer = self
+            .client
+            .get(self.url("/system_stats"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        answer.is_ok_and(|r| r.status().is_success())
     }
 
     /// The same connector fetching the models a workflow names from `store` before submitting
@@ -401,6 +426,7 @@ impl ComfyuiConnector {
             total_steps: Some(workflow.len() as u32),
         });
         let mut tracker = Tracker::new(prompt_id.clone(), workflow);
+        let mut clock = StallClock::start(self.stall_timeout, job);
         let outcome = loop {
             let next = tokio::select! {
                 biased;
@@ -408,12 +434,23 @@ impl ComfyuiConnector {
                     self.interrupt(&prompt_id).await;
                     return Err(ConnectorError::Cancelled);
                 }
+                () = clock.expired() => {
+                    self.interrupt(&prompt_id).await;
+                    let e = clock.stalled("comfyui", self.answers().await);
+                    tracing::warn!(%prompt_id, error = %e, "the prompt stalled; interrupted it");
+                    return Err(e);
+                }
                 next = tokio::time::timeout(SILENCE_CHECK, socket.next()) => next,
             };
             let lost = match next {
                 Err(_silence) => false,
                 Ok(Some(Ok(Message::Text(text)))) => {
-                    if let Some(outcome) = tracker.handle(text.as_str(), progress) {
+                    let words = tracker.words;
+                    let outcome = tracker.handle(text.as_str(), progress);
+                    if tracker.words != words {
+                        clock.heard();
+                    }
+                    if let Some(outcome) = outcome {
                         break outcome;
                     }
                     continue;

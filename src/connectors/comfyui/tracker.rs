@@ -85,6 +85,9 @@ pub(super) struct Tracker {
     node_fraction: f64,
     /// `executing` with no node arrived: the server is done with the prompt, history written.
     pub(super) finished: bool,
+    /// Messages about this prompt so far, of any type (`progress_state` included): the
+    /// connector's stall clock is wound whenever this grows.
+    pub(super) words: u64,
 }
 
 impl Tracker {
@@ -103,6 +106,7 @@ impl Tracker {
                 .collect(),
             node_fraction: 0.0,
             finished: false,
+            words: 0,
         }
     }
 
@@ -138,6 +142,7 @@ impl Tracker {
             None if self.current.is_none() => return None,
             _ => {}
         }
+        self.words += 1;
         match kind {
             "execution_start" => self.report(progress, "started".to_owned()),
             "execution_cached" => {
@@ -237,6 +242,14 @@ mod tests {
             json!({"type": "progress", "data": {"value": 20, "max": 20, "prompt_id": "other"}}),
         );
         assert!((rx.borrow().1.percent - 50.0).abs() < 1e-9);
+        // Words about this prompt are counted for the stall clock, whatever their type; the
+        // `status` broadcast and the other prompt's event were not about it.
+        assert_eq!(t.words, 3);
+        ev(
+            &mut t,
+            json!({"type": "progress_state", "data": {"prompt_id": "p1", "nodes": {}}}),
+        );
+        assert_eq!(t.words, 4);
         ev(
             &mut t,
             json!({"type": "executed", "data": {"node": "3", "output": {}, "prompt_id": "p1"}}),

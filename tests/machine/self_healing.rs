@@ -1,0 +1,208 @@
+//! A machine that heals itself (issue 13, hung jobs): a job whose service goes silent is
+//! interrupted and returned to the queue with the reason, then failed with it after its retries;
+//! a long node that still reports progress is left alone. Against the protocol fakes of ComfyUI
+//! and A1111 and a real redis-server, with stall timeouts shortened to fractions of a second.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machine::config::RedisUrl;
+use machine::connectors::a1111::A1111Connector;
+use machine::connectors::comfyui::ComfyuiConnector;
+use machine::connectors::store::OutputStore;
+use machine::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressSink};
+use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::worker::{Worker, WorkerSettings};
+use serde_json::{Value, json};
+use testkit::{FakeA1111, FakeComfyui, RedisServer};
+use tokio_util::sync::CancellationToken;
+
+/// The stall timeout of these tests.
+const STALL: Duration = Duration::from_millis(400);
+
+fn job(service: &str, payload: Value) -> Job {
+    Job {
+        id: "job-1".into(),
+        service_required: service.into(),
+        payload,
+        customer_id: String::new(),
+        ctx: Value::Null,
+        timeout: None,
+    }
+}
+
+async fn run(c: &dyn Connector, job: &Job) -> Result<JobOutput, ConnectorError> {
+    let (sink, _rx) = ProgressSink::new();
+    tokio::time::timeout(Duration::from_secs(30), c.run(job, &sink, &CancellationToken::new()))
+        .await
+        .expect("the connector finishes within the test's limit")
+}
+
+fn comfy(fake: &FakeComfyui) -> ComfyuiConnector {
+    ComfyuiConnector::new(fake.url().parse().expect("a fake's URL parses")).with_stall_timeout(STALL)
+}
+
+/// A workflow with `node` between a loader and a saver.
+fn workflow(node: Value) -> Value {
+    json!({
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"cached": true}},
+        "5": node,
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "healed"}}
+    })
+}
+
+#[tokio::test]
+async fn a_silent_comfyui_prompt_is_interrupted_as_stalled() {
+    let fake = FakeComfyui::start();
+    let started = Instant::now();
+    let r = run(
+        &comfy(&fake),
+        &job("comfyui", workflow(json!({"class_type": "FakeStall", "inputs": {}}))),
+    )
+    .await;
+    let e = r.expect_err("a silent prompt stalls");
+    assert!(matches!(e, ConnectorError::Stalled { answers: true, .. }), "{e:?}");
+    assert_eq!(e.class(), ErrorClass::Retryable);
+    assert!(e.to_string().contains("comfyui said nothing about the job for"), "{e}");
+    assert!(fake.interrupts() >= 1, "ComfyUI was asked to interrupt the prompt");
+    let took = started.elapsed();
+    assert!(took >= STALL && took < STALL * 10, "stalled after {took:?}");
+    // The interrupted prompt left the fake; the next job runs.
+    let ok = run(
+        &comfy(&fake),
+        &job(
+            "comfyui",
+            workflow(json!({"class_type": "KSampler", "inputs": {"steps": 2}})),
+        ),
+    )
+    .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[tokio::test]
+async fn a_wedged_comfyui_is_reported_as_not_answering() {
+    let fake = FakeComfyui::start();
+    let e = run(
+        &comfy(&fake),
+        &job(
+            "comfyui",
+            workflow(json!({"class_type": "FakeStall", "inputs": {"hang": true}})),
+        ),
+    )
+    .await
+    .expect_err("a wedged server stalls");
+    assert!(matches!(e, ConnectorError::Stalled { answers: false, .. }), "{e:?}");
+    assert!(e.to_string().contains("does not answer its health check"), "{e}");
+}
+
+#[tokio::test]
+async fn a_long_node_that_reports_progress_is_not_a_stall() {
+    let fake = FakeComfyui::start();
+    // Ten steps 150 ms apart: 1.5 s in all, far past the stall timeout, with a word every step.
+    let node = json!({"class_type": "KSampler", "inputs": {"steps": 10, "step_ms": 150}});
+    let started = Instant::now();
+    let out = run(&comfy(&fake), &job("comfyui", workflow(node))).await;
+    assert!(out.is_ok(), "{out:?}");
+    assert!(started.elapsed() > STALL * 3);
+    assert_eq!(fake.interrupts(), 0);
+}
+
+#[tokio::test]
+async fn a_job_may_raise_its_stall_timeout() {
+    let fake = FakeComfyui::start();
+    // Silent for twice the connector's stall timeout, within the job's own.
+    let node = json!({"class_type": "FakeStall", "inputs": {"silent_ms": 800}});
+    let mut payload = json!({"workflow": workflow(node)});
+    payload["stall_timeout_seconds"] = json!(5);
+    let out = run(&comfy(&fake), &job("comfyui", payload)).await;
+    assert!(out.is_ok(), "{out:?}");
+    assert_eq!(fake.interrupts(), 0);
+}
+
+#[tokio::test]
+async fn a1111_progress_that_stops_moving_is_a_stall_and_moving_progress_is_not() {
+    let fake = FakeA1111::start();
+    let c = A1111Connector::new(fake.url().parse().expect("a fake's URL parses"))
+        .with_poll_period(Duration::from_millis(20))
+        .with_stall_timeout(STALL);
+    let e = run(&c, &job("a1111", json!({"prompt": "FAKE_STALL", "steps": 5})))
+        .await
+        .expect_err("a generation whose progress stops moving stalls");
+    assert!(matches!(e, ConnectorError::Stalled { answers: true, .. }), "{e:?}");
+    assert!(fake.interrupts() >= 1);
+    let out = run(&c, &job("a1111", json!({"prompt": "slow", "steps": 8, "step_ms": 150}))).await;
+    assert!(out.is_ok(), "1.2 s of moving progress is not a stall: {out:?}");
+}
+
+/// A worker (real broker, real Redis) runs a ComfyUI job that stalls on every attempt: each
+/// attempt is returned to the queue with the reason, and once its retries are spent the job
+/// fails with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_stalls_every_time_fails_with_the_reason_after_its_retries() {
+    let server = RedisServer::start();
+    let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
+    let opts = BrokerOptions {
+        failed_holdoff: Duration::from_millis(50),
+        safety_poll: Duration::from_millis(200),
+        ..BrokerOptions::default()
+    };
+    let broker = Broker::connect(&url, opts).await.expect("connect");
+    broker.ensure_functions().await.expect("install the library");
+    let shutdown = CancellationToken::new();
+    let events = tokio::spawn({
+        let (b, s) = (broker.clone(), shutdown.clone());
+        async move { b.run_events(s).await.expect("the event loop ends cleanly") }
+    });
+    let fake = FakeComfyui::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connectors: HashMap<String, Arc<dyn Connector>> =
+        HashMap::from([("comfyui".to_owned(), Arc::new(comfy(&fake)) as Arc<dyn Connector>)]);
+    let settings = WorkerSettings {
+        heartbeat: Duration::from_millis(200),
+        drain: Duration::from_secs(2),
+        job_timeout: Duration::from_secs(30),
+    };
+    let worker = Worker::new(
+        Capabilities::new("w1", "m1", &["comfyui"]),
+        connectors,
+        settings,
+        Arc::new(OutputStore::new(dir.path().join("outputs"))),
+    );
+    let task = tokio::spawn({
+        let (b, s) = (broker.clone(), shutdown.clone());
+        async move { worker.run(b, s).await.expect("the worker ends cleanly") }
+    });
+    let mut stalling = NewJob::new(
+        "comfyui",
+        json!({"workflow": workflow(json!({"class_type": "FakeStall", "inputs": {}}))}),
+    );
+    stalling.max_retries = 2;
+    let id = broker.submit(&stalling).await.expect("submit");
+    let job = wait_for_status(&broker, &id, "failed").await;
+    assert_eq!(
+        job["retry_count"], "2",
+        "returned once with the reason, then failed: {job:?}"
+    );
+    assert!(job["error"].contains("said nothing about the job"), "{job:?}");
+    assert_eq!(fake.prompts_accepted(), 2, "each attempt ran");
+    assert!(fake.interrupts() >= 2, "each attempt was interrupted");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the worker stops")
+        .expect("the worker does not panic");
+    events.await.expect("the event loop does not panic");
+}
+
+async fn wait_for_status(broker: &Broker, id: &str, status: &str) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = broker.show(id).await.expect("show").expect("the job exists").job;
+        if job.get("status").map(String::as_str) == Some(status) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} never became {status}: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
