@@ -176,7 +176,7 @@ async fn run_subsystems(
         }
     };
     let handle = supervisor.handle();
-    let workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
+    let mut workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
         Ok(mut w) => {
             w.force_on(force);
             w
@@ -190,7 +190,7 @@ async fn run_subsystems(
     let state = HealthState::new(
         config,
         plan,
-        probe,
+        probe.clone(),
         Sources {
             services: handle.clone(),
             workers: workers.statuses(),
@@ -199,6 +199,7 @@ async fn run_subsystems(
         },
         shutdown.clone(),
     );
+    workers.keep_up(&keep_up(&handle, &state, probe), config, plan);
     let server_stop = CancellationToken::new();
     let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
 
@@ -347,6 +348,23 @@ async fn run_services_and_workers(
         ExitCode::from(EXIT_FORCED)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// What the upkeep of the workers' services uses: the supervisor, the metrics that count its
+/// planned restarts, and the GPUs' used memory.
+fn keep_up(handle: &SupervisorHandle, state: &Arc<HealthState>, probe: Arc<Probe>) -> worker::upkeep::KeepUp {
+    let metrics = state.metrics().clone();
+    worker::upkeep::KeepUp {
+        supervisor: handle.clone(),
+        on_restart: Arc::new(move |service, reason| metrics.planned_restart(service, reason)),
+        gpu_memory_used: Arc::new(move |gpu| {
+            probe
+                .live()
+                .into_iter()
+                .find(|g| g.index == gpu)
+                .and_then(|g| g.memory_used_bytes)
+        }),
     }
 }
 

@@ -304,6 +304,17 @@ pub struct ServiceConnectorConfig {
     /// raise it).
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// Restart the service between jobs once its process group's resident memory is above this
+    /// many bytes.
+    #[serde(default)]
+    pub restart_above_rss: Option<u64>,
+    /// Restart the service between jobs once its GPU's used memory, read while the worker is
+    /// idle, is above this many bytes.
+    #[serde(default)]
+    pub restart_above_idle_vram: Option<u64>,
+    /// Restart the service between jobs after this many jobs.
+    #[serde(default)]
+    pub restart_every_jobs: Option<u32>,
 }
 
 /// What the installers install and how (`[install]`).

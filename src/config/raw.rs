@@ -109,6 +109,12 @@ pub(crate) struct RawPlaywright {
     pub command: Option<Vec<String>>,
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    #[serde(default)]
+    pub restart_above_rss: Option<u64>,
+    #[serde(default)]
+    pub restart_above_idle_vram: Option<u64>,
+    #[serde(default)]
+    pub restart_every_jobs: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -182,6 +182,9 @@ fn service_connectors(
         extra_args: Vec::new(),
         command: c.playwright.command.clone(),
         stall_timeout: c.playwright.stall_timeout,
+        restart_above_rss: c.playwright.restart_above_rss,
+        restart_above_idle_vram: c.playwright.restart_above_idle_vram,
+        restart_every_jobs: c.playwright.restart_every_jobs,
     };
     for (name, cc) in [
         ("comfyui", &c.comfyui),
@@ -190,6 +193,9 @@ fn service_connectors(
     ] {
         if cc.base_port == 0 {
             problems.at(&format!("connectors.{name}.base_port"), "must be a port number");
+        }
+        if cc.restart_every_jobs == Some(0) {
+            problems.at(&format!("connectors.{name}.restart_every_jobs"), "must be at least 1");
         }
         if cc.stall_timeout.is_zero() {
             problems.at(&format!("connectors.{name}.stall_timeout"), "must be longer than 0s");

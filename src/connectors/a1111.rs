@@ -172,8 +172,9 @@ impl A1111Connector {
             }
             answer = request => answer?,
             clock = self.poll_progress(progress, StallClock::start(self.stall_timeout, job)) => {
+                let silent_for = clock.silent_for();
                 self.interrupt().await;
-                let e = clock.stalled("a1111", self.answers().await);
+                let e = clock.stalled("a1111", silent_for, self.answers().await);
                 tracing::warn!(job_id = %job.id, error = %e, "the request stalled; interrupted it");
                 return Err(e);
             }

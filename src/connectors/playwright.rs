@@ -66,7 +66,8 @@ impl PlaywrightConnector {
         tokio::select! {
             r = self.render(job, progress) => r,
             () = clock.expired() => {
-                let e = clock.stalled("playwright", self.answers().await);
+                let silent_for = clock.silent_for();
+                let e = clock.stalled("playwright", silent_for, self.answers().await);
                 tracing::warn!(job_id = %job.id, error = %e, "the render stalled; dropped it");
                 Err(e)
             }

@@ -55,12 +55,17 @@ impl StallClock {
         tokio::time::sleep_until(self.deadline()).await;
     }
 
-    /// The error that ends a stalled job; `answers` says whether the service still answered
-    /// its health check after the silence.
-    pub fn stalled(&self, service: &str, answers: bool) -> ConnectorError {
+    /// How long the service has been silent.
+    pub fn silent_for(&self) -> Duration {
+        self.last_word.elapsed()
+    }
+
+    /// The error that ends a job stalled after `silent_for`; `answers` says whether the service
+    /// still answered its health check after the silence.
+    pub fn stalled(&self, service: &str, silent_for: Duration, answers: bool) -> ConnectorError {
         ConnectorError::Stalled {
             service: service.to_owned(),
-            silent_for: self.last_word.elapsed(),
+            silent_for,
             timeout: self.timeout,
             answers,
         }
@@ -107,7 +112,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         clock.heard();
         assert!(clock.deadline() >= first + Duration::from_millis(20));
-        let e = clock.stalled("comfyui", true);
+        let e = clock.stalled("comfyui", clock.silent_for(), true);
         assert!(e.is_retryable(), "{e}");
     }
 }

@@ -31,6 +31,12 @@ struct ServiceLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlannedRestartLabels {
+    service: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GpuLabel {
     gpu: String,
 }
@@ -77,6 +83,7 @@ struct Inner {
     job_seconds: Family<ServiceLabel, Histogram>,
     match_misses: Counter,
     service_restarts: Family<ServiceLabel, Gauge>,
+    planned_restarts: Family<PlannedRestartLabels, Counter>,
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
@@ -129,6 +136,12 @@ impl Metrics {
             "service_restarts",
             "Restarts of each supervised service since the machine started",
             service_restarts.clone(),
+        );
+        let planned_restarts = Family::<PlannedRestartLabels, Counter>::default();
+        registry.register(
+            "service_planned_restarts",
+            "Restarts of a service planned between jobs, by reason (rss, idle_vram, every_jobs, unresponsive)",
+            planned_restarts.clone(),
         );
         let gpu_utilization = Family::<GpuLabel, Gauge>::default();
         registry.register("gpu_utilization_percent", "GPU utilisation", gpu_utilization.clone());
@@ -220,6 +233,7 @@ impl Metrics {
                 job_seconds,
                 match_misses,
                 service_restarts,
+                planned_restarts,
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
@@ -342,6 +356,17 @@ impl Metrics {
             .set(restarts as i64);
     }
 
+    /// Counts a restart of `service` planned between jobs, for `reason`.
+    pub fn planned_restart(&self, service: &str, reason: &str) {
+        self.inner
+            .planned_restarts
+            .get_or_create(&PlannedRestartLabels {
+                service: service.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     /// Sets a GPU's live readings (at scrape time).
     pub fn set_gpu(&self, gpu: &crate::gpu::GpuLive) {
         let label = GpuLabel {
@@ -395,6 +420,7 @@ mod tests {
         m.claim_duration(0.002);
         m.job_duration("comfyui", 1.5);
         m.set_service_restarts("comfyui-gpu0", 3);
+        m.planned_restart("comfyui-gpu0", "rss");
         m.set_gpu(&crate::gpu::GpuLive {
             index: 1,
             utilization_percent: Some(87),
@@ -408,6 +434,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("machine_match_misses_total 1"), "{text}");
+        assert!(
+            text.contains("machine_service_planned_restarts_total{service=\"comfyui-gpu0\",reason=\"rss\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("machine_claim_duration_seconds_count 1"), "{text}");
         assert!(
             text.contains("machine_job_duration_seconds_sum{service=\"comfyui\"} 1.5"),

@@ -9,6 +9,7 @@
 pub(crate) mod env;
 mod handle;
 mod logs;
+mod memory;
 mod pidfile;
 mod policy;
 mod probe;
@@ -20,7 +21,9 @@ mod tree;
 
 pub use handle::{ExitInfo, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
 pub use logs::{LineSplitter, RotatingFile};
+pub use memory::group_rss;
 pub use policy::{Decision, Ending, History, Policy};
+pub use probe::check;
 pub use reaper::{ManagedChild, ReaperError, output, spawn};
 pub use signals::{SignalError, Signals};
 pub use tree::Supervisor;

@@ -9,7 +9,9 @@
 //! that each job ends in exactly one outcome, live in [`runner`].
 
 pub mod capabilities;
+pub mod pause;
 mod runner;
+pub mod upkeep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -70,6 +72,8 @@ pub struct Workers {
     reports: broadcast::Sender<JobReport>,
     limiters: Vec<Arc<Limiter>>,
     models: Option<ModelStore>,
+    /// The upkeep of the workers' own services, once [`Workers::keep_up`] set it up.
+    upkeeps: Vec<upkeep::Upkeep>,
 }
 
 impl Workers {
@@ -143,7 +147,43 @@ impl Workers {
             reports,
             limiters: limiters.into_values().collect(),
             models,
+            upkeeps: Vec::new(),
         })
+    }
+
+    /// Looks after the services each worker runs on its GPU (ComfyUI, A1111, the render
+    /// service): restarts planned between jobs by the connectors' `restart_*` limits, and
+    /// restarts of a service that no longer answers after a failed job (see [`upkeep`]).
+    pub fn keep_up(&mut self, keep: &upkeep::KeepUp, config: &Config, plan: &Plan) {
+        for (i, wp) in plan.workers.iter().enumerate() {
+            let kept: Vec<upkeep::Kept> = plan
+                .services
+                .iter()
+                .filter(|s| wp.services.contains(&s.name))
+                .filter_map(|s| {
+                    let settings = match s.connector? {
+                        ConnectorKind::Comfyui => &config.comfyui,
+                        ConnectorKind::A1111 => &config.a1111,
+                        ConnectorKind::Playwright => &config.playwright,
+                        _ => return None,
+                    };
+                    let limits = upkeep::Limits::of(settings);
+                    Some(upkeep::Kept::new(s.name.clone(), s.gpu, limits, s.ready.clone()))
+                })
+                .collect();
+            let Some(worker) = self.workers.get_mut(i).filter(|_| !kept.is_empty()) else {
+                continue;
+            };
+            let (hold, gate) = pause::pause();
+            worker.pause_on(gate);
+            self.upkeeps.push(upkeep::Upkeep::new(
+                worker.id().to_owned(),
+                kept,
+                keep.clone(),
+                hold,
+                worker.status(),
+            ));
+        }
     }
 
     /// Makes every worker return its job at once when `force` is cancelled (a second signal),
@@ -189,6 +229,12 @@ impl Workers {
         readiness: &Readiness,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
+        let upkeep_stop = CancellationToken::new();
+        let upkeeps: Vec<_> = self
+            .upkeeps
+            .into_iter()
+            .map(|u| tokio::spawn(u.run(upkeep_stop.clone())))
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (mut worker, services) in self.workers.into_iter().zip(self.services) {
             worker.wait_for(services.iter().filter_map(|s| readiness.get(s).cloned()).collect());
@@ -211,6 +257,12 @@ impl Workers {
                         source,
                     });
                 }
+            }
+        }
+        upkeep_stop.cancel();
+        for u in upkeeps {
+            if let Err(e) = u.await {
+                tracing::error!(error = %e, "an upkeep task failed");
             }
         }
         first_error.map_or(Ok(()), Err)

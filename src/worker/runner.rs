@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::capabilities::ModelDirs;
+use super::pause::PauseGate;
 use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
@@ -194,6 +195,8 @@ pub struct Worker {
     deferrals: Vec<Deferral>,
     /// Where its models live; `None` keeps `caps.models` as given.
     models: Option<ModelDirs>,
+    /// Holds from the upkeep of its services (planned restarts between jobs).
+    pause: Option<PauseGate>,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -243,7 +246,14 @@ impl Worker {
             force: CancellationToken::new(),
             deferrals: Vec::new(),
             models: None,
+            pause: None,
         }
+    }
+
+    /// Claims only while `gate` holds nothing, and tells it of every job's end (see
+    /// [`super::pause`]).
+    pub fn pause_on(&mut self, gate: PauseGate) {
+        self.pause = Some(gate);
     }
 
     /// Advertises the models found in `dirs`: scanned when the worker starts (after the
@@ -368,6 +378,18 @@ impl Worker {
             self.settings.heartbeat,
         )));
         while !shutdown.is_cancelled() {
+            // A hold comes first: the upkeep restarting a service that is not ready (a wedged
+            // one) waits for the worker to park on the hold, not on the readiness.
+            if let Some(reason) = self.pause.as_ref().and_then(PauseGate::reason) {
+                self.set_state(WorkerState::WaitingForServices);
+                tracing::info!(worker = %self.id(), %reason, "holding off claiming");
+                let gate = self.pause.as_mut().expect("a reason came from the gate");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = gate.released() => {}
+                }
+                continue;
+            }
             if !self.all_ready() {
                 self.set_state(WorkerState::WaitingForServices);
                 tracing::info!(worker = %self.id(), "waiting for its services to be ready");
@@ -399,7 +421,10 @@ impl Worker {
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
-                    self.run_job(&broker, job, &shutdown).await;
+                    let outcome = self.run_job(&broker, job, &shutdown).await;
+                    if let Some(gate) = &self.pause {
+                        gate.job_ended(&outcome).await;
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -440,9 +465,18 @@ impl Worker {
         let follows_models = self.models.is_some();
         let rescan = tokio::time::sleep(MODELS_RESCAN);
         tokio::pin!(rescan);
+        // A hold from the upkeep (a restart planned while the worker waits) stops the claim.
+        let pause = &mut self.pause;
+        let mut held = Box::pin(async move {
+            match pause.as_mut() {
+                Some(gate) => gate.held().await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             tokio::select! {
                 r = &mut claim => return r,
+                () = &mut held, if !stop.is_cancelled() => stop.cancel(),
                 () = &mut unready, if !stop.is_cancelled() => {
                     tracing::warn!(worker = %self.caps.worker_id, "a service stopped being ready; not claiming");
                     stop.cancel();
@@ -535,7 +569,7 @@ impl Worker {
         Ok(Prepared { input: job, target })
     }
 
-    async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) {
+    async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
         let claimed_at = Instant::now();
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
@@ -604,12 +638,13 @@ impl Worker {
                 worker_id: self.caps.worker_id.clone(),
                 job_id: claimed.id.clone(),
                 service: claimed.service.clone(),
-                outcome,
+                outcome: outcome.clone(),
                 run,
                 total,
                 billing,
             });
         }
+        outcome
     }
 
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain

@@ -206,3 +206,187 @@ async fn wait_for_status(broker: &Broker, id: &str, status: &str) -> BTreeMap<St
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `machine run` (not as PID 1) with one fake GPU whose ComfyUI service is the fake ComfyUI,
+/// `[connectors.comfyui]` extended by `comfyui`; killed on drop.
+struct Machine {
+    child: std::process::Child,
+    port: u16,
+    redis: RedisServer,
+    conn: redis::aio::MultiplexedConnection,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Machine {
+    async fn start(comfyui: &str) -> Machine {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("machine.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[connectors.comfyui]\ncommand = [\"{fake}\", \"--port\", \"{{port}}\"]\n{comfyui}\n[worker]\ndrain = \"1s\"\n[worker.retry_delay]\ninitial = \"100ms\"\n",
+                fake = crate::e2e::fake_comfyui().display()
+            ),
+        )
+        .expect("write the config");
+        let port = testkit::free_port();
+        let child = crate::support::machine()
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", "heal")
+            .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+            .env("MACHINE_HEALTH_PORT", port.to_string())
+            .env("HUB_REDIS_URL", redis.url())
+            .env("WORKER_CONNECTORS", "comfyui")
+            .env("COMFYUI_BASE_PORT", testkit::free_port().to_string())
+            .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+            .env("FAKE_NVML_GPUS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("machine.log")).expect("a log file"))
+            .spawn()
+            .expect("the machine starts");
+        let conn = redis::Client::open(redis.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let m = Machine {
+            child,
+            port,
+            redis,
+            conn,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crate::e2e::http_get(m.port, "/ready").await.0 != 200 {
+            assert!(Instant::now() < deadline, "the machine never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        m
+    }
+
+    fn submit(&self, payload: &Value, max_retries: u32) -> String {
+        crate::e2e::submit(
+            &self.redis.url(),
+            &[
+                "--service",
+                "comfyui",
+                "--max-retries",
+                &max_retries.to_string(),
+                "--payload",
+                &payload.to_string(),
+            ],
+        )
+    }
+
+    async fn job(&mut self, id: &str) -> BTreeMap<String, String> {
+        redis::AsyncCommands::hgetall(&mut self.conn, format!("job:{id}"))
+            .await
+            .expect("read the job")
+    }
+
+    /// Waits until the job reaches `status`.
+    async fn wait_job(&mut self, id: &str, status: &str) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let j = self.job(id).await;
+            if j.get("status").map(String::as_str) == Some(status) {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "job {id} never became {status}: {j:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The planned restarts of `comfyui-gpu0` for `reason`, from `/metrics`.
+    async fn planned_restarts(&self, reason: &str) -> u64 {
+        let (_, metrics) = crate::e2e::http_get(self.port, "/metrics").await;
+        let line = format!("machine_service_planned_restarts_total{{service=\"comfyui-gpu0\",reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `comfyui-gpu0` as `/status` shows it.
+    async fn service(&self) -> Value {
+        let (_, body) = crate::e2e::http_get(self.port, "/status").await;
+        let doc: Value = serde_json::from_str(&body).expect("/status is JSON");
+        doc["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "comfyui-gpu0").cloned())
+            .expect("the ComfyUI service is on /status")
+    }
+
+    async fn wait_planned(&self, reason: &str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.planned_restarts(reason).await < n {
+            assert!(Instant::now() < deadline, "never {n} planned restart(s) for {reason}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn quick_workflow() -> Value {
+    json!({"workflow": workflow(json!({"class_type": "KSampler", "inputs": {"steps": 2, "step_ms": 5}}))})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_every_jobs_restarts_comfyui_between_jobs_and_fails_none() {
+    let mut m = Machine::start("restart_every_jobs = 2").await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let id = m.submit(&quick_workflow(), 0);
+        // One after the other, so the restarts fall between known jobs.
+        let j = m.wait_job(&id, "completed").await;
+        assert_eq!(j["retry_count"], "0", "no job failed: {j:?}");
+        ids.push(id);
+    }
+    m.wait_planned("every_jobs", 2).await;
+    let svc = m.service().await;
+    assert_eq!(svc["restarts"], 2, "{svc}");
+    assert_eq!(m.planned_restarts("rss").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfyui_whose_memory_grows_past_its_limit_is_restarted_between_jobs() {
+    let mut m = Machine::start("restart_above_rss = 209715200").await;
+    // The job leaves 300 MiB behind in the service, resident.
+    let grow = json!({"workflow": workflow(json!({"class_type": "FakeGrow", "inputs": {"mb": 300}}))});
+    let id = m.submit(&grow, 0);
+    let j = m.wait_job(&id, "completed").await;
+    assert_eq!(j["retry_count"], "0", "{j:?}");
+    m.wait_planned("rss", 1).await;
+    // The fresh service is small again and the next job runs on it.
+    let id = m.submit(&quick_workflow(), 0);
+    m.wait_job(&id, "completed").await;
+    assert_eq!(m.planned_restarts("rss").await, 1, "a fresh service is below the limit");
+    assert!(m.service().await["restarts"].as_u64() >= Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_comfyui_is_restarted_before_the_next_claim_and_its_stalled_job_fails_with_the_reason() {
+    let mut m = Machine::start("stall_timeout = \"1s\"").await;
+    let wedge = json!({"workflow": workflow(json!({"class_type": "FakeStall", "inputs": {"hang": true}}))});
+    // One attempt (returning a stalled job until max_retries is the worker test's above; here
+    // the broker's hold-off of the worker that failed it would make a second attempt wait).
+    let id = m.submit(&wedge, 1);
+    let j = m.wait_job(&id, "failed").await;
+    assert_eq!(j["retry_count"], "1", "{j:?}");
+    assert!(
+        j["error"].contains("said nothing about the job") && j["error"].contains("does not answer its health check"),
+        "{j:?}"
+    );
+    // The attempt wedged the service; it was restarted before the next claim, which runs.
+    m.wait_planned("unresponsive", 1).await;
+    let id = m.submit(&quick_workflow(), 0);
+    m.wait_job(&id, "completed").await;
+}

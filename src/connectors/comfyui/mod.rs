@@ -435,8 +435,9 @@ impl ComfyuiConnector {
                     return Err(ConnectorError::Cancelled);
                 }
                 () = clock.expired() => {
+                    let silent_for = clock.silent_for();
                     self.interrupt(&prompt_id).await;
-                    let e = clock.stalled("comfyui", self.answers().await);
+                    let e = clock.stalled("comfyui", silent_for, self.answers().await);
                     tracing::warn!(%prompt_id, error = %e, "the prompt stalled; interrupted it");
                     return Err(e);
                 }
