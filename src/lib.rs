@@ -6,7 +6,9 @@
 //! with a small surface; `cli` is the only entry point the binary calls.
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connectors;
 pub mod gpu;

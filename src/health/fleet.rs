@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{HealthState, Phase, now_ms};
+use super::{HealthState, Phase};
+use crate::clock::now_ms;
 use crate::plan::WorkerKind;
 use crate::supervisor::{ServiceState, ServiceStatus};
 use crate::worker::{WorkerState, WorkerStatus};

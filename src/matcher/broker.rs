@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::capabilities::Capabilities;
 use super::installer::{self, InstallReport, Library, Mode};
 use super::{BrokerError, CANCEL_ERROR};
+use crate::backoff::Backoff;
+use crate::clock;
 use crate::config::RedisUrl;
 
 /// How long a worker hash outlives its last heartbeat: a machine that is gone (killed, its
@@ -52,52 +54,25 @@ impl Default for BrokerOptions {
             lease: Duration::from_secs(60),
             safety_poll: Duration::from_secs(5),
             failed_holdoff: Duration::from_secs(30),
-            retry_delay: RetryDelay::default(),
+            retry_delay: DEFAULT_RETRY_DELAY,
             max_examine: 100,
             key_prefix: String::new(),
         }
     }
 }
 
-/// How long a retryable failure waits before its job can be claimed again: `initial` before the
-/// first retry, `factor` times more before each further one, never more than `max`, and each
-/// shortened by a random part of up to `jitter` (0 to 1) so that jobs that failed together (an
-/// outage of a storage bucket) do not all return at once.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct RetryDelay {
-    /// The delay before the first retry (default 5 s).
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    /// Growth per further retry (default 2).
-    pub factor: f64,
-    /// The longest delay (default 5 min).
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    /// The largest fraction taken off at random (default 0.2).
-    pub jitter: f64,
-}
+/// How long a retryable failure waits before its job can be claimed again. Jitter only ever
+/// shortens the delay, so that jobs that failed together (an outage of a storage bucket) do not
+/// all return at once and none waits longer than the policy says.
+pub type RetryDelay = Backoff;
 
-impl Default for RetryDelay {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(5),
-            factor: 2.0,
-            max: Duration::from_secs(300),
-            jitter: 0.2,
-        }
-    }
-}
-
-impl RetryDelay {
-    /// The delay before retry number `retry` (0 for the first), with `random` (0 to 1) choosing
-    /// the jitter.
-    pub fn delay(&self, retry: u32, random: f64) -> Duration {
-        let grown = self.initial.as_secs_f64() * self.factor.max(1.0).powi(retry.min(1024) as i32);
-        let capped = grown.min(self.max.as_secs_f64());
-        let cut = self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0);
-        Duration::try_from_secs_f64(capped * (1.0 - cut)).unwrap_or(self.max)
-    }
-}
+/// The contract's job retry delay: 5 s, doubling, at most 5 min, up to a fifth shorter.
+pub const DEFAULT_RETRY_DELAY: RetryDelay = Backoff {
+    initial: Duration::from_secs(5),
+    factor: 2.0,
+    max: Duration::from_secs(300),
+    jitter: 0.2,
+};
 
 /// A job this machine claimed.
 #[derive(Debug, Clone, PartialEq)]
@@ -276,12 +251,6 @@ impl std::fmt::Debug for Inner {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
@@ -579,14 +548,15 @@ impl Broker {
             }
             first
         });
-        let mut backoff = Duration::from_millis(100);
+        let backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
+        let mut attempt = 0;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             match self.subscribe(&channels).await {
                 Ok(mut pubsub) => {
-                    backoff = Duration::from_millis(100);
+                    attempt = 0;
                     // Jobs submitted while we were not listening are indexed before waking.
                     if let Err(e) = self.catch_up_index().await {
                         tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
@@ -609,9 +579,9 @@ impl Broker {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            attempt = attempt.saturating_add(1);
         }
     }
 
@@ -737,7 +707,7 @@ impl Broker {
             .inner
             .opts
             .retry_delay
-            .delay(job.retry_count(), rand::random::<f64>())
+            .delay(job.retry_count(), -rand::random::<f64>())
             .as_millis()
             .to_string();
         let r = self
@@ -843,7 +813,7 @@ impl Broker {
     }
 
     async fn write_registration(&self, caps: &Capabilities) -> Result<(), BrokerError> {
-        let now = now_ms();
+        let now = clock::now_ms();
         let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let key = self.key(&format!("worker:{}", caps.worker_id));
         let mut conn = self.connection();
@@ -890,7 +860,7 @@ impl Broker {
     /// (60 s TTL), and the hash's own expiry pushed back. Call every 30 s or sooner. A worker
     /// whose registration is gone (Redis came back empty) is registered again.
     pub async fn heartbeat(&self, worker_id: &str) -> Result<(), BrokerError> {
-        let now = now_ms().to_string();
+        let now = clock::now_ms().to_string();
         let key = self.key(&format!("worker:{worker_id}"));
         let mut conn = self.connection();
         let (registered,): (bool,) = redis::pipe()
@@ -926,9 +896,7 @@ impl Broker {
     pub async fn submit(&self, job: &NewJob) -> Result<String, BrokerError> {
         let id = new_job_id();
         let created = SystemTime::now();
-        let created_ms = created
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let created_ms = i64::try_from(clock::epoch_ms(created)).unwrap_or(i64::MAX);
         let created_at = humantime::format_rfc3339_millis(created).to_string();
         let score = pending_score(job.priority, job.workflow_priority, created_ms, job.workflow_datetime);
         let mut fields: Vec<(&str, String)> = vec![
@@ -1301,29 +1269,11 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_are_capped_and_jittered() {
-        let d = RetryDelay::default();
+        let d = DEFAULT_RETRY_DELAY;
         assert_eq!(d.delay(0, 0.0), Duration::from_secs(5));
         assert_eq!(d.delay(1, 0.0), Duration::from_secs(10));
         assert_eq!(d.delay(30, 0.0), Duration::from_secs(300));
-        assert_eq!(d.delay(0, 1.0), Duration::from_secs(4));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn retry_delays_stay_within_their_bounds(
-            initial_ms in 0u64..60_000, factor in 1.0f64..5.0, max_ms in 0u64..600_000,
-            jitter in 0.0f64..1.0, retry in 0u32..200, random in 0.0f64..1.0,
-        ) {
-            let p = RetryDelay {
-                initial: Duration::from_millis(initial_ms),
-                factor,
-                max: Duration::from_millis(max_ms),
-                jitter,
-            };
-            let d = p.delay(retry, random);
-            proptest::prop_assert!(d <= p.max);
-            proptest::prop_assert!(p.delay(retry + 1, random) >= d);
-        }
+        assert_eq!(d.delay(0, -1.0), Duration::from_secs(4));
     }
 
     #[test]

@@ -15,8 +15,8 @@ pub mod installer;
 pub mod reference;
 
 pub use broker::{
-    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, FailOutcome, JobView, LeaseStatus, NewJob,
-    ReapReport, RetryDelay, pending_score,
+    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, JobView,
+    LeaseStatus, NewJob, ReapReport, RetryDelay, pending_score,
 };
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 

@@ -259,7 +259,9 @@ pub async fn connect_broker(
 ) -> Option<Broker> {
     let url = config.broker_url();
     let opts = broker_options(config);
-    let mut delay = std::time::Duration::from_millis(50);
+    let backoff =
+        crate::backoff::Backoff::doubling(std::time::Duration::from_millis(50), std::time::Duration::from_secs(10));
+    let mut failures = 0;
     loop {
         let attempt = async {
             let broker = Broker::connect(&url, opts.clone()).await?;
@@ -270,13 +272,14 @@ pub async fn connect_broker(
             Ok(b) => return Some(b),
             Err(e) => {
                 let error = crate::logging::error_chain(&e);
+                let delay = backoff.delay(failures, 0.0);
                 tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
                 failed(&error);
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                failures = failures.saturating_add(1);
             }
         }
     }

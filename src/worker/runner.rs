@@ -230,7 +230,7 @@ impl Worker {
             current_job: None,
             counts: JobCounts::default(),
             last_error: None,
-            last_activity_ms: crate::health::now_ms(),
+            last_activity_ms: crate::clock::now_ms(),
         });
         Worker {
             caps,
@@ -316,7 +316,7 @@ impl Worker {
         self.status.send_if_modified(|s| {
             let changed = s.state != state;
             if changed {
-                s.last_activity_ms = crate::health::now_ms();
+                s.last_activity_ms = crate::clock::now_ms();
             }
             s.state = state;
             changed
@@ -492,7 +492,7 @@ impl Worker {
         else {
             return self.write_failure(broker, claimed, e, shutdown).await;
         };
-        let until_ms = i64::try_from(crate::health::now_ms()).unwrap_or(i64::MAX)
+        let until_ms = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
             + i64::try_from(resets_in.as_millis()).unwrap_or(i64::MAX / 2);
         tracing::info!(job_id = %claimed.id, %reason, ?resets_in, "a daily quota stops the job; returning it to the queue");
         let services = match customer {
@@ -540,7 +540,7 @@ impl Worker {
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
             s.state = WorkerState::Busy;
-            s.last_activity_ms = crate::health::now_ms();
+            s.last_activity_ms = crate::clock::now_ms();
             s.counts.claimed += 1;
             s.current_job = Some(CurrentJob {
                 job_id: claimed.id.clone(),
@@ -587,7 +587,7 @@ impl Worker {
         tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
         self.status.send_modify(|s| {
             s.current_job = None;
-            s.last_activity_ms = crate::health::now_ms();
+            s.last_activity_ms = crate::clock::now_ms();
             match &outcome {
                 JobOutcome::Completed => s.counts.completed += 1,
                 JobOutcome::Failed { error, .. } => {
@@ -916,11 +916,12 @@ struct RedisBackoff {
 }
 
 impl RedisBackoff {
+    const POLICY: crate::backoff::Backoff =
+        crate::backoff::Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
+
     fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(100)
-            .saturating_mul(1 << self.attempt.min(7))
-            .min(Duration::from_secs(10));
-        self.attempt += 1;
+        let d = Self::POLICY.delay(self.attempt, 0.0);
+        self.attempt = self.attempt.saturating_add(1);
         d
     }
 
