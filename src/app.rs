@@ -209,7 +209,7 @@ async fn run_subsystems(
     };
     let code = match installed {
         Err(e) => {
-            tracing::error!("{}", installers::error_report(&e));
+            tracing::error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
         Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
