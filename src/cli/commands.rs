@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::path::Path;
 
-use super::args::{Cli, Command, ConfigCommand};
+use super::args::{Cli, Command, ConfigCommand, RedisArgs};
 use super::exit::{CliError, Outcome};
 use crate::config::{self, Config, ProcessEnv};
 
@@ -53,6 +53,15 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
 /// socket), for operator commands given no `--redis-url`.
 fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
     config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
+}
+
+/// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,
+/// the private redis-server's socket under the workspace).
+pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> Result<config::RedisUrl, CliError> {
+    let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+        return machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()));
+    };
+    config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Prints the configuration's warnings (unknown variables) to stderr, where a configuration

@@ -4,9 +4,8 @@
 use serde_json::Value;
 
 use super::args::{FunctionsCommand, RedisArgs};
-use super::commands::{Threads, block_on};
+use super::commands::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
-use super::jobs::redis_url;
 use crate::config::RedisUrl;
 use crate::matcher::installer::{self, Library};
 use crate::matcher::reference::{self, PendingJob};

@@ -9,19 +9,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::args::{JobsCommand, RedisArgs};
-use super::commands::{Threads, block_on};
+use super::commands::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::config::RedisUrl;
 use crate::matcher::{Broker, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob, Requirements};
-
-/// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,
-/// the private redis-server's socket under the workspace).
-pub(super) fn redis_url(args: &RedisArgs, machine: Option<RedisUrl>) -> Result<RedisUrl, CliError> {
-    let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-        return machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()));
-    };
-    RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
-}
 
 /// Runs `machine jobs <command>`.
 pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<RedisUrl>) -> Result<Outcome, CliError> {
