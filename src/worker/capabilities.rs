@@ -100,7 +100,7 @@ pub fn build(
     caps.hardware = hardware;
     caps.models = models;
     caps.customer_access = CustomerAccess {
-        isolation: config.customer_access.isolation.clone(),
+        isolation: config.customer_access.isolation.as_str().to_owned(),
         allowed_customers: config.customer_access.allowed_customers.clone(),
         denied_customers: config.customer_access.denied_customers.clone(),
     };
