@@ -95,8 +95,8 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
     let mut st_services = serde_json::Map::new();
     let mut capabilities: Vec<&str> = Vec::new();
     for w in &plan.workers {
-        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.name()).collect();
-        for js in &w.job_services {
+        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.kind.name()).collect();
+        for js in w.connectors.iter().flat_map(|c| &c.job_services) {
             if !capabilities.contains(&js.as_str()) {
                 capabilities.push(js);
             }
@@ -107,7 +107,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 "worker_id": w.id,
                 "gpu_id": w.gpu,
                 "worker_type": match w.kind { WorkerKind::Gpu => "gpu", WorkerKind::Cpu => "cpu", WorkerKind::External => "external" },
-                "services": w.job_services,
+                "services": w.job_services(),
                 "connectors": connectors,
             }),
         );
@@ -122,14 +122,14 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 "last_activity": status.map_or(0, |s| s.last_activity_ms),
             }),
         );
-        for connector in &w.connectors {
+        for planned in &w.connectors {
+            let connector = planned.kind;
             let key = format!("{}.{}", w.id, connector.name());
             // The supervised service backing this connector on this worker, if it has one.
-            let backing = plan
-                .services
-                .iter()
-                .find(|p| p.connector == Some(*connector) && w.services.contains(&p.name))
-                .and_then(|p| services.iter().find(|s| s.name == p.name));
+            let backing = planned
+                .endpoint
+                .as_ref()
+                .and_then(|e| services.iter().find(|s| s.name == e.service));
             let cond = match backing {
                 Some(service) => condition(service),
                 None if running => ServiceCondition {

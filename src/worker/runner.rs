@@ -199,8 +199,8 @@ pub struct Worker {
 /// Work this worker leaves alone until a daily quota resets.
 #[derive(Debug, Clone)]
 struct Deferral {
-    /// Services not claimed (an API's quota), or none.
-    services: Vec<String>,
+    /// Job services not claimed (an API's quota), or none.
+    job_services: Vec<String>,
     /// A customer whose jobs are not claimed (the customer's own quota on an API).
     customer: Option<String>,
     until: Instant,
@@ -463,8 +463,8 @@ impl Worker {
         }
         let mut caps = self.caps.clone();
         for d in &self.deferrals {
-            caps.job_service_required_map.retain(|s| !d.services.contains(s));
-            caps.services.retain(|s| !d.services.contains(s));
+            caps.job_service_required_map.retain(|s| !d.job_services.contains(s));
+            caps.connectors.retain(|s| !d.job_services.contains(s));
             if let Some(c) = &d.customer {
                 if !caps.customer_access.denied_customers.contains(c) {
                     caps.customer_access.denied_customers.push(c.clone());
@@ -495,7 +495,7 @@ impl Worker {
         let until_ms = i64::try_from(crate::health::now_ms()).unwrap_or(i64::MAX)
             + i64::try_from(resets_in.as_millis()).unwrap_or(i64::MAX / 2);
         tracing::info!(job_id = %claimed.id, %reason, ?resets_in, "a daily quota stops the job; returning it to the queue");
-        let services = match customer {
+        let job_services = match customer {
             Some(_) => Vec::new(),
             None => {
                 let mut s: Vec<String> = self
@@ -509,7 +509,7 @@ impl Worker {
             }
         };
         self.deferrals.push(Deferral {
-            services,
+            job_services,
             customer: customer.clone(),
             until: Instant::now() + *resets_in,
         });
