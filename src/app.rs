@@ -279,7 +279,7 @@ async fn run_services_and_workers(
             );
             let fleet = tokio::spawn(health::fleet::run(
                 state.clone(),
-                broker.connection(),
+                broker.clone(),
                 health_url,
                 fleet_stop,
             ));

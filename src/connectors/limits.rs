@@ -249,18 +249,7 @@ impl Limiter {
             detail: "the limiter is not connected to redis yet".to_owned(),
         })?;
         let (period, _) = quota_period(jiff::Timestamp::now(), self.limits.reset_hour, &self.zone);
-        let key = format!("{}limits:{}:usage:{period}", broker.key_prefix(), self.api);
-        let mut conn = broker.connection();
-        let (requests, tokens): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("requests")
-            .arg("tokens")
-            .query_async(&mut conn)
-            .await
-            .map_err(|source| crate::matcher::BrokerError::Redis {
-                op: "limits usage",
-                source,
-            })?;
+        let (requests, tokens) = broker.limit_usage(&self.api, &period).await?;
         Ok(DailyUsage {
             period,
             requests: requests.unwrap_or(0),

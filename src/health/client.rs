@@ -5,7 +5,10 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+
+use super::fleet::{FleetMessage, Occupancy};
+use super::status::{Exit, HealthDocument, StatusDocument};
 
 /// Why a status read failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +44,10 @@ fn client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// Fetches a JSON document from `url`; any non-2xx answer is an error carrying the body.
-/// The machine's guarded routes take the read token or the control token, whichever the
-/// operator's environment has.
-pub async fn fetch(url: &str) -> Result<Value, ClientError> {
+/// Fetches a JSON document from `url` as `T`; any non-2xx answer, or a body that is not a `T`,
+/// is an error carrying the body. The machine's guarded routes take the read token or the
+/// control token, whichever the operator's environment has.
+pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
     let mut request = client().get(url);
     if let Some(token) = ["MACHINE_READ_TOKEN", "MACHINE_CONTROL_TOKEN"]
         .iter()
@@ -74,130 +77,115 @@ pub async fn fetch(url: &str) -> Result<Value, ClientError> {
 /// `--check`: `Ok(summary)` when `/health` answers 200, else the reason.
 pub async fn check(base: &str) -> Result<String, String> {
     let url = format!("{base}/health");
-    match fetch(&url).await {
-        Ok(v) => Ok(format!(
-            "healthy: {} is {}",
-            v["machine_id"].as_str().unwrap_or("?"),
-            v["phase"].as_str().unwrap_or("?")
-        )),
+    match fetch::<HealthDocument>(&url).await {
+        Ok(h) => Ok(format!("healthy: {} is {}", h.machine_id, h.phase.name())),
         Err(ClientError::Answer { body, .. }) => Err(format!("unhealthy: {body}")),
         Err(e) => Err(format!("unhealthy: {e}")),
     }
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// An optional value as a table cell: `-` when absent.
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn ago(now_ms: u64, then: &Value) -> String {
-    match then.as_u64() {
-        Some(t) if t > 0 => format!("{}s ago", now_ms.saturating_sub(t) / 1000),
-        _ => "-".to_owned(),
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    if then_ms > 0 {
+        format!("{}s ago", now_ms.saturating_sub(then_ms) / 1000)
+    } else {
+        "-".to_owned()
     }
 }
 
 /// Renders `/status` as text tables.
-pub fn render(doc: &Value) -> String {
+pub fn render(doc: &StatusDocument) -> String {
     let mut out = String::new();
-    let m = &doc["machine"];
+    let m = &doc.machine;
     let _ = writeln!(
         out,
         "machine {}  phase {}  up {}s  version {}",
-        s(&m["id"]),
-        s(&m["phase"]),
-        m["uptime_ms"].as_u64().unwrap_or(0) / 1000,
-        s(&m["version"])
+        m.id,
+        m.phase.name(),
+        m.uptime_ms / 1000,
+        m.version
     );
-    if !m["critical_failure"].is_null() {
-        let _ = writeln!(out, "CRITICAL: {}", s(&m["critical_failure"]));
+    if let Some(failure) = &m.critical_failure {
+        let _ = writeln!(out, "CRITICAL: {failure}");
     }
-    let r = &doc["redis"];
+    let r = &doc.redis;
     let _ = writeln!(
         out,
         "redis   {}  connected {}  functions {}{}",
-        s(&r["url"]),
-        s(&r["connected"]),
-        s(&r["function_version"]),
-        r["last_error"]
-            .as_str()
+        or_dash(r.url.as_deref()),
+        r.connected,
+        or_dash(r.function_version.as_deref()),
+        r.last_error
+            .as_deref()
             .map(|e| format!("  error: {e}"))
             .unwrap_or_default()
     );
-    let gpus = doc["gpus"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(
         out,
         "\nGPU  NAME                          UTIL  MEM USED/TOTAL         TEMP"
     );
-    if gpus.is_empty() {
+    if doc.gpus.is_empty() {
         let _ = writeln!(out, "-    (none: CPU mode)");
     }
-    for g in &gpus {
-        let gib = |v: &Value| {
-            v.as_u64()
-                .map_or("-".to_owned(), |b| format!("{:.1}", b as f64 / 1073741824.0))
-        };
+    let gib = |b: u64| format!("{:.1}", b as f64 / 1073741824.0);
+    for g in &doc.gpus {
         let _ = writeln!(
             out,
             "{:<4} {:<29} {:>4}  {:>8}/{:<8} GiB  {}",
-            s(&g["index"]),
-            s(&g["name"]),
-            g["utilization_percent"]
-                .as_u64()
-                .map_or("-".to_owned(), |u| format!("{u}%")),
-            gib(&g["memory_used_bytes"]),
-            gib(&g["memory_total_bytes"]),
-            g["temperature_c"].as_u64().map_or("-".to_owned(), |t| format!("{t}C"))
+            g.index,
+            g.name,
+            or_dash(g.utilization_percent.map(|u| format!("{u}%"))),
+            or_dash(g.memory_used_bytes.map(gib)),
+            gib(g.memory_total_bytes),
+            or_dash(g.temperature_c.map(|t| format!("{t}C")))
         );
     }
-    if let Some(services) = doc["services"].as_array() {
+    let _ = writeln!(
+        out,
+        "\nSERVICE              STATE         PID      RESTARTS  READY  LAST EXIT"
+    );
+    for v in &doc.services {
         let _ = writeln!(
             out,
-            "\nSERVICE              STATE         PID      RESTARTS  READY  LAST EXIT"
+            "{:<20} {:<13} {:<8} {:<9} {:<6} {}",
+            v.name,
+            v.state.name(),
+            or_dash(v.pid),
+            v.restarts,
+            v.ready,
+            match &v.last_exit {
+                Some(Exit { code: Some(c), .. }) => format!("code {c}"),
+                Some(Exit { signal: Some(sig), .. }) => format!("signal {sig}"),
+                _ => "-".to_owned(),
+            }
         );
-        for v in services {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<13} {:<8} {:<9} {:<6} {}",
-                s(&v["name"]),
-                s(&v["state"]),
-                s(&v["pid"]),
-                s(&v["restarts"]),
-                s(&v["ready"]),
-                match (&v["last_exit"]["code"], &v["last_exit"]["signal"]) {
-                    (Value::Number(c), _) => format!("code {c}"),
-                    (_, Value::Number(sig)) => format!("signal {sig}"),
-                    _ => "-".to_owned(),
-                }
-            );
-        }
     }
     let now = super::now_ms();
     let _ = writeln!(
         out,
         "\nWORKER                         STATE        JOB                       PROGRESS  DONE  FAILED  RETURNED  ACTIVE"
     );
-    for w in doc["workers"].as_array().cloned().unwrap_or_default() {
-        let state = match w["reason"].as_str() {
-            Some(reason) => format!("{} ({reason})", s(&w["state"])),
-            None => s(&w["state"]),
+    for w in &doc.workers {
+        let state = match &w.reason {
+            Some(reason) => format!("{} ({reason})", w.state.name()),
+            None => w.state.name().to_owned(),
         };
-        let job = &w["current_job"];
-        let counts = &w["counts"];
+        let job = w.current_job.as_ref();
         let _ = writeln!(
             out,
             "{:<30} {:<12} {:<25} {:<9} {:<5} {:<7} {:<9} {}",
-            s(&w["worker_id"]),
+            w.worker_id,
             state,
-            s(&job["job_id"]),
-            job["progress"].as_f64().map_or("-".to_owned(), |p| format!("{p:.0}%")),
-            s(&counts["completed"]),
-            s(&counts["failed"]),
-            s(&counts["returned"]),
-            ago(now, &w["last_activity_ms"])
+            or_dash(job.map(|j| j.job_id.as_str())),
+            or_dash(job.map(|j| format!("{:.0}%", j.progress))),
+            w.counts.completed,
+            w.counts.failed,
+            w.counts.returned,
+            ago(now, w.last_activity_ms)
         );
     }
     out
@@ -243,20 +231,19 @@ pub async fn fleet(redis_url: &str) -> Result<String, ClientError> {
             .query_async(&mut conn)
             .await
             .map_err(ClientError::Redis)?;
-        let Some(doc) = raw.and_then(|r| serde_json::from_str::<Value>(&r).ok()) else {
+        let Some(msg) = raw.and_then(|r| serde_json::from_str::<FleetMessage>(&r).ok()) else {
             continue;
         };
-        let workers = doc["status"]["workers"].as_object().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
             "{:<24} {:<10} {:<5} {:<8} {}",
-            s(&doc["machine_id"]),
-            s(&doc["status"]["machine"]["phase"]),
-            s(&doc["structure"]["gpu_count"]),
-            workers.len(),
-            ago(now, &doc["timestamp"])
+            msg.machine_id,
+            msg.status.machine.phase.name(),
+            msg.structure.gpu_count,
+            msg.status.workers.len(),
+            ago(now, msg.timestamp)
         );
-        for (id, w) in workers {
+        for (id, w) in &msg.status.workers {
             let heartbeat: Option<String> = redis::cmd("HGET")
                 .arg(format!("worker:{id}"))
                 .arg("last_heartbeat")
@@ -267,9 +254,12 @@ pub async fn fleet(redis_url: &str) -> Result<String, ClientError> {
                 worker_lines,
                 "  {:<30} {:<6} {:<25} connected {:<5} heartbeat {}",
                 id,
-                s(&w["status"]),
-                s(&w["current_job_id"]),
-                s(&w["is_connected"]),
+                match w.status {
+                    Occupancy::Idle => "idle",
+                    Occupancy::Busy => "busy",
+                },
+                w.current_job_id,
+                w.is_connected,
                 heartbeat.unwrap_or_else(|| "-".to_owned())
             );
         }
@@ -287,23 +277,24 @@ mod tests {
 
     #[test]
     fn renders_every_section() {
-        let doc = serde_json::json!({
-            "machine": {"id": "m1", "phase": "ready", "uptime_ms": 5000, "version": "0.1.0", "critical_failure": null},
-            "redis": {"url": "redis://***@h", "connected": true, "function_version": "abc", "last_error": null},
-            "gpus": [{"index": 0, "name": "RTX", "utilization_percent": 50, "memory_used_bytes": 1073741824u64, "memory_total_bytes": 25769803776u64, "temperature_c": 60}],
-            "services": [{"name": "comfyui-gpu0", "state": "running", "pid": 42, "restarts": 1, "ready": true, "last_exit": null}],
-            "workers": [{"worker_id": "m1-gpu0", "state": "busy", "current_job": {"job_id": "j1", "progress": 40.0}, "counts": {"completed": 3, "failed": 0, "returned": 0}, "last_activity_ms": 0, "reason": null}],
-        });
-        let text = render(&doc);
-        assert!(text.contains("machine m1  phase ready  up 5s"), "{text}");
+        let text = render(&super::super::status::sample());
+        assert!(text.contains("machine m1  phase ready  up 5s  version 0.1.0"), "{text}");
         assert!(
-            text.contains("RTX") && text.contains("50%") && text.contains("60C"),
+            text.contains("redis   redis://***@h  connected true  functions abc\n"),
             "{text}"
         );
-        assert!(text.contains("comfyui-gpu0") && text.contains("running"), "{text}");
         assert!(
-            text.contains("m1-gpu0") && text.contains("j1") && text.contains("40%"),
+            text.contains("RTX") && text.contains("50%") && text.contains("60C") && text.contains("1.0/24.0"),
             "{text}"
         );
+        assert!(
+            text.contains("comfyui-gpu0") && text.contains("backoff") && text.contains("signal 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("m1-gpu0") && text.contains("waiting_for_services (comfyui-gpu0 is failed)"),
+            "{text}"
+        );
+        assert!(text.contains("j1") && text.contains("40%"), "{text}");
     }
 }

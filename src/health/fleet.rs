@@ -4,30 +4,30 @@
 //!
 //! Each message is also stored in `machine:<machine_id>:status` (expiring after 30 s, the
 //! API's disconnect threshold) so `machine status --fleet` can read the fleet without waiting
-//! for a publish round.
+//! for a publish round. The broker makes both writes ([`Broker::publish_machine_status`]) on
+//! its shared connection.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{HealthState, Phase, now_ms};
+use crate::matcher::Broker;
 use crate::plan::WorkerKind;
 use crate::supervisor::{ServiceState, ServiceStatus};
 use crate::worker::{WorkerState, WorkerStatus};
 
 /// How often the status is published when nothing changes.
 pub const PERIOD: Duration = Duration::from_secs(10);
-/// How long the stored copy lives without a refresh.
-const STORED_TTL_SECS: u64 = 30;
 /// Changes closer together than this are published as one message.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Why a message is published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateType {
     /// The periodic refresh.
@@ -40,23 +40,154 @@ pub enum UpdateType {
     Shutdown,
 }
 
-/// A supervised service's condition as the fleet message names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ServiceCondition {
-    /// `active`, `inactive` or `unknown`.
-    pub status: &'static str,
-    /// `healthy`, `unhealthy` or `unknown`.
-    pub health: &'static str,
+/// The contract's status message, as published and stored; `machine status --fleet` reads it
+/// back with the same type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetMessage {
+    /// `MACHINE_ID`.
+    pub machine_id: String,
+    /// When it was built, epoch milliseconds.
+    pub timestamp: u64,
+    /// Why it was published.
+    pub update_type: UpdateType,
+    /// What the machine is made of (changes only with the plan).
+    pub structure: Structure,
+    /// How its parts are doing now.
+    pub status: FleetStatus,
+    /// Where its `/health` answers.
+    pub health_url: String,
 }
 
-/// The channel a machine publishes on.
-pub fn channel(machine_id: &str) -> String {
-    format!("machine:status:{machine_id}")
+/// The machine's make-up in the status message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Structure {
+    /// GPUs in use.
+    pub gpu_count: usize,
+    /// Every job service some worker accepts, in plan order.
+    pub capabilities: Vec<String>,
+    /// The workers, by id.
+    pub workers: BTreeMap<String, WorkerShape>,
+    /// The connectors of each worker, by `<worker_id>.<connector>`.
+    pub services: BTreeMap<String, ServiceShape>,
 }
 
-/// The key holding the machine's last message.
-pub fn stored_key(machine_id: &str) -> String {
-    format!("machine:{machine_id}:status")
+/// A worker's make-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerShape {
+    /// The worker id.
+    pub worker_id: String,
+    /// The GPU it owns.
+    pub gpu_id: Option<u32>,
+    /// `gpu`, `cpu` or `external`.
+    pub worker_type: WorkerType,
+    /// The job services it accepts.
+    pub services: Vec<String>,
+    /// The connectors it runs jobs through.
+    pub connectors: Vec<String>,
+}
+
+/// The kind of a worker, as the contract names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerType {
+    /// Owns one GPU.
+    Gpu,
+    /// Runs on the CPU.
+    Cpu,
+    /// Calls an external API.
+    External,
+}
+
+/// One connector of one worker, with its condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceShape {
+    /// The worker it belongs to.
+    pub worker_id: String,
+    /// The connector's name.
+    pub service_type: String,
+    /// Whether it runs.
+    pub status: Activity,
+    /// Whether it works.
+    pub health: Health,
+}
+
+/// How the machine's parts are doing, in the status message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The machine's phase and age.
+    pub machine: FleetMachine,
+    /// Each worker's presence, by id.
+    pub workers: BTreeMap<String, WorkerPresence>,
+    /// Each connector's condition, by `<worker_id>.<connector>`.
+    pub services: BTreeMap<String, ServiceCondition>,
+    /// Each external API's fleet-wide usage, as on `/status` (absent from older machines).
+    #[serde(default)]
+    pub external_apis: BTreeMap<String, Value>,
+}
+
+/// The machine's phase and age (the fleet's part of `/status`'s machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetMachine {
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+}
+
+/// A worker's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerPresence {
+    /// Registered and running while the broker is connected.
+    pub is_connected: bool,
+    /// `busy` while it runs a job.
+    pub status: Occupancy,
+    /// The job it runs, `""` when none.
+    pub current_job_id: String,
+    /// When its state or job last changed, epoch milliseconds.
+    pub last_activity: u64,
+}
+
+/// Whether a worker runs a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Occupancy {
+    /// No job.
+    Idle,
+    /// Running one.
+    Busy,
+}
+
+/// A connector's condition as the fleet message names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCondition {
+    /// Whether it runs.
+    pub status: Activity,
+    /// Whether it works.
+    pub health: Health,
+}
+
+/// Whether a connector runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    /// Its process runs (or, without one, its worker does).
+    Active,
+    /// It does not run.
+    Inactive,
+    /// Not known.
+    Unknown,
+}
+
+/// Whether a connector works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Running, ready and live.
+    Healthy,
+    /// Starting, failing its probes, crash-looping or failed.
+    Unhealthy,
+    /// Not running, nothing known.
+    Unknown,
 }
 
 /// The condition the fleet message gives a supervised service.
@@ -66,22 +197,22 @@ fn condition(status: &ServiceStatus) -> ServiceCondition {
         ServiceState::Starting | ServiceState::Running | ServiceState::Stopping
     );
     ServiceCondition {
-        status: if active { "active" } else { "inactive" },
+        status: if active { Activity::Active } else { Activity::Inactive },
         health: if status.crash_loop || status.state == ServiceState::Failed {
-            "unhealthy"
+            Health::Unhealthy
         } else if status.state == ServiceState::Running && status.ready && status.live {
-            "healthy"
+            Health::Healthy
         } else if active {
-            "unhealthy"
+            Health::Unhealthy
         } else {
-            "unknown"
+            Health::Unknown
         },
     }
 }
 
 /// Builds the contract's status message from the plan, the workers and the services.
 /// External connectors have no service and count as active while their worker runs.
-pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bool, health_url: &str) -> Value {
+pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bool, health_url: &str) -> FleetMessage {
     let plan = state.plan();
     let services = state.services().status();
     let workers: BTreeMap<String, WorkerStatus> = state
@@ -89,38 +220,50 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
         .into_iter()
         .map(|w| (w.worker_id.clone(), w))
         .collect();
-    let mut s_workers = serde_json::Map::new();
-    let mut s_services = serde_json::Map::new();
-    let mut st_workers = serde_json::Map::new();
-    let mut st_services = serde_json::Map::new();
-    let mut capabilities: Vec<&str> = Vec::new();
+    let mut structure = Structure {
+        gpu_count: plan.gpu_count,
+        capabilities: Vec::new(),
+        workers: BTreeMap::new(),
+        services: BTreeMap::new(),
+    };
+    let mut st_workers = BTreeMap::new();
+    let mut st_services = BTreeMap::new();
     for w in &plan.workers {
-        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.kind.name()).collect();
         for js in w.connectors.iter().flat_map(|c| &c.job_services) {
-            if !capabilities.contains(&js.as_str()) {
-                capabilities.push(js);
+            if !structure.capabilities.contains(js) {
+                structure.capabilities.push(js.clone());
             }
         }
-        s_workers.insert(
+        structure.workers.insert(
             w.id.clone(),
-            json!({
-                "worker_id": w.id,
-                "gpu_id": w.gpu,
-                "worker_type": match w.kind { WorkerKind::Gpu => "gpu", WorkerKind::Cpu => "cpu", WorkerKind::External => "external" },
-                "services": w.job_services(),
-                "connectors": connectors,
-            }),
+            WorkerShape {
+                worker_id: w.id.clone(),
+                gpu_id: w.gpu,
+                worker_type: match w.kind {
+                    WorkerKind::Gpu => WorkerType::Gpu,
+                    WorkerKind::Cpu => WorkerType::Cpu,
+                    WorkerKind::External => WorkerType::External,
+                },
+                services: w.job_services(),
+                connectors: w.connectors.iter().map(|c| c.kind.name().to_owned()).collect(),
+            },
         );
         let status = workers.get(&w.id);
         let running = status.is_some_and(|s| !matches!(s.state, WorkerState::Stopped | WorkerState::Starting));
         st_workers.insert(
             w.id.clone(),
-            json!({
-                "is_connected": redis_connected && running,
-                "status": if status.is_some_and(|s| s.state == WorkerState::Busy) { "busy" } else { "idle" },
-                "current_job_id": status.and_then(|s| s.current_job.as_ref()).map_or("", |j| j.job_id.as_str()),
-                "last_activity": status.map_or(0, |s| s.last_activity_ms),
-            }),
+            WorkerPresence {
+                is_connected: redis_connected && running,
+                status: if status.is_some_and(|s| s.state == WorkerState::Busy) {
+                    Occupancy::Busy
+                } else {
+                    Occupancy::Idle
+                },
+                current_job_id: status
+                    .and_then(|s| s.current_job.as_ref())
+                    .map_or_else(String::new, |j| j.job_id.clone()),
+                last_activity: status.map_or(0, |s| s.last_activity_ms),
+            },
         );
         for planned in &w.connectors {
             let connector = planned.kind;
@@ -133,54 +276,47 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
             let cond = match backing {
                 Some(service) => condition(service),
                 None if running => ServiceCondition {
-                    status: "active",
-                    health: "healthy",
+                    status: Activity::Active,
+                    health: Health::Healthy,
                 },
                 None => ServiceCondition {
-                    status: "inactive",
-                    health: "unknown",
+                    status: Activity::Inactive,
+                    health: Health::Unknown,
                 },
             };
-            s_services.insert(
+            structure.services.insert(
                 key.clone(),
-                json!({
-                    "worker_id": w.id,
-                    "service_type": connector.name(),
-                    "status": cond.status,
-                    "health": cond.health,
-                }),
+                ServiceShape {
+                    worker_id: w.id.clone(),
+                    service_type: connector.name().to_owned(),
+                    status: cond.status,
+                    health: cond.health,
+                },
             );
-            st_services.insert(key, json!({ "status": cond.status, "health": cond.health }));
+            st_services.insert(key, cond);
         }
     }
-    json!({
-        "machine_id": state.machine_id(),
-        "timestamp": now_ms(),
-        "update_type": update_type,
-        "structure": {
-            "gpu_count": plan.gpu_count,
-            "capabilities": capabilities,
-            "workers": s_workers,
-            "services": s_services,
+    FleetMessage {
+        machine_id: state.machine_id().to_owned(),
+        timestamp: now_ms(),
+        update_type,
+        structure,
+        status: FleetStatus {
+            machine: FleetMachine {
+                phase: state.phase(),
+                uptime_ms: state.uptime_ms(),
+            },
+            workers: st_workers,
+            services: st_services,
+            external_apis: state.external_apis(),
         },
-        "status": {
-            "machine": { "phase": state.phase(), "uptime_ms": state.uptime_ms() },
-            "workers": st_workers,
-            "services": st_services,
-            "external_apis": state.external_apis(),
-        },
-        "health_url": health_url,
-    })
+        health_url: health_url.to_owned(),
+    }
 }
 
 /// Publishes the status until `stop` is cancelled, then publishes the `shutdown` message.
 /// Redis errors are logged and retried on the next round; they never stop the machine.
-pub async fn run(
-    state: Arc<HealthState>,
-    mut conn: redis::aio::ConnectionManager,
-    health_url: String,
-    stop: CancellationToken,
-) {
+pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, stop: CancellationToken) {
     let mut workers = state.worker_receivers();
     let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
     let mut services = state.services().watch(&names).ok();
@@ -228,22 +364,20 @@ pub async fn run(
             update
         };
         was_ready = ready;
-        publish(&state, &mut conn, update, &health_url).await;
+        publish(&state, &broker, update, &health_url).await;
     }
-    publish(&state, &mut conn, UpdateType::Shutdown, &health_url).await;
+    publish(&state, &broker, UpdateType::Shutdown, &health_url).await;
 }
 
-async fn publish(state: &HealthState, conn: &mut redis::aio::ConnectionManager, update: UpdateType, health_url: &str) {
-    let msg = message(state, update, true, health_url).to_string();
-    let id = state.machine_id();
-    let result: redis::RedisResult<()> = redis::pipe()
-        .publish(channel(id), &msg)
-        .ignore()
-        .set_ex(stored_key(id), &msg, STORED_TTL_SECS)
-        .ignore()
-        .query_async(conn)
-        .await;
-    match result {
+async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, health_url: &str) {
+    let msg = match serde_json::to_string(&message(state, update, true, health_url)) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!("failed to encode the machine status: {e}");
+            return;
+        }
+    };
+    match broker.publish_machine_status(state.machine_id(), &msg).await {
         Ok(()) => state.set_redis(|r| {
             r.connected = true;
             r.last_error = None;
@@ -266,6 +400,7 @@ mod tests {
     use crate::plan::Plan;
     use crate::supervisor::Supervisor;
     use crate::worker::{CurrentJob, JobCounts};
+    use serde_json::json;
 
     fn status(id: &str, state: WorkerState, job: Option<&str>) -> WorkerStatus {
         WorkerStatus {
@@ -328,7 +463,14 @@ mod tests {
             stop.clone(),
         );
 
-        let m = message(&s, UpdateType::EventDriven, true, "http://h:9092/health");
+        let typed = message(&s, UpdateType::EventDriven, true, "http://h:9092/health");
+        let text = serde_json::to_string(&typed).unwrap();
+        assert_eq!(
+            serde_json::from_str::<FleetMessage>(&text).unwrap(),
+            typed,
+            "round trip"
+        );
+        let m: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(m["machine_id"], "m1");
         assert_eq!(m["update_type"], "event_driven");
         assert_eq!(m["structure"]["gpu_count"], 1);
@@ -360,7 +502,7 @@ mod tests {
         let run = tokio::spawn(sup.run(stop.clone(), force));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let m = message(&s, UpdateType::Periodic, true, "u");
+            let m = serde_json::to_value(message(&s, UpdateType::Periodic, true, "u")).unwrap();
             if m["status"]["services"]["m1-gpu0.comfyui"]["status"] == "active" {
                 assert_eq!(m["status"]["services"]["m1-gpu0.comfyui"]["health"], "unhealthy");
                 break;
@@ -371,8 +513,8 @@ mod tests {
         stop.cancel();
         run.await.unwrap().unwrap();
         assert_eq!(
-            message(&s, UpdateType::Shutdown, true, "u")["status"]["machine"]["phase"],
-            "shutdown"
+            message(&s, UpdateType::Shutdown, true, "u").status.machine.phase,
+            Phase::Shutdown
         );
     }
 }

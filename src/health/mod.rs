@@ -1,6 +1,7 @@
 //! What operators see and touch: the health/status HTTP server on `MACHINE_HEALTH_PORT`, the
 //! worker board it reads, Prometheus metrics, the fleet status message in Redis, and the
-//! `machine status` client.
+//! `machine status` client. The documents the server answers are typed in [`status`], which
+//! both the server and the client use.
 //!
 //! The server runs on its own task and reads only shared state (the board, live readings), so
 //! it answers even when every worker is busy, and it keeps answering (with 503 on `/health`)
@@ -10,15 +11,18 @@ pub mod client;
 pub mod fleet;
 mod metrics;
 mod server;
+pub mod status;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
 pub use server::{HEADER_READ_TIMEOUT, HealthError, IDLE_TIMEOUT, MAX_CONNECTIONS, bind, run};
+pub use status::{RedisStatus, StatusDocument};
 
 use tokio::sync::watch;
 
@@ -30,7 +34,7 @@ use crate::supervisor::{ServiceStatus, SupervisorHandle};
 use crate::worker::{WorkerState, WorkerStatus};
 
 /// The machine's phase, as the fleet status message names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Installing, starting services, or workers not yet claiming.
@@ -41,17 +45,15 @@ pub enum Phase {
     Shutdown,
 }
 
-/// The broker connection as the status page shows it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RedisStatus {
-    /// The URL with its password masked; `None` before the machine knows it.
-    pub url: Option<String>,
-    /// Whether the last command succeeded.
-    pub connected: bool,
-    /// The loaded `jobMatching` library version.
-    pub function_version: Option<String>,
-    /// The last error, if the connection is down.
-    pub last_error: Option<String>,
+impl Phase {
+    /// The name the documents give the phase.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Everything the health server and the fleet publisher read. Shared behind an `Arc`; every
@@ -72,7 +74,7 @@ pub struct HealthState {
     access: HealthAccess,
     shutdown: CancellationToken,
     redis: Mutex<RedisStatus>,
-    external_apis: Mutex<serde_json::Map<String, serde_json::Value>>,
+    external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     models: Option<crate::models::ModelStore>,
 }
 
@@ -118,7 +120,7 @@ impl HealthState {
                 url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()
             }),
-            external_apis: Mutex::new(serde_json::Map::new()),
+            external_apis: Mutex::new(BTreeMap::new()),
             models: sources.models,
         })
     }
@@ -228,63 +230,51 @@ impl HealthState {
     }
 
     /// The external APIs' usage, by API.
-    pub fn external_apis(&self) -> serde_json::Value {
-        serde_json::Value::Object(self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    pub fn external_apis(&self) -> BTreeMap<String, serde_json::Value> {
+        self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The workers as `/status` and `/ready` show them: their status plus the reason a
     /// waiting worker gives.
-    fn workers_document(&self) -> Vec<serde_json::Value> {
+    fn workers_document(&self) -> Vec<status::Worker> {
         let services = self.services.status();
         self.worker_statuses()
-            .into_iter()
-            .map(|w| {
-                let reason = self.blocked_reason(&w, &services);
-                let mut v = serde_json::to_value(&w).unwrap_or_default();
-                v["reason"] = serde_json::json!(reason);
-                v
-            })
+            .iter()
+            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services)))
             .collect()
     }
 
     /// The full status document served on `/status`.
-    pub fn status_document(&self) -> serde_json::Value {
+    pub fn status_document(&self) -> StatusDocument {
         let live = self.probe.live();
-        let gpus: Vec<serde_json::Value> = self
-            .probe
-            .gpus
-            .iter()
-            .map(|g| {
-                let l = live.iter().find(|l| l.index == g.index);
-                serde_json::json!({
-                    "index": g.index,
-                    "name": g.name,
-                    "uuid": g.uuid,
-                    "memory_total_bytes": g.memory_total_bytes,
-                    "memory_used_bytes": l.and_then(|l| l.memory_used_bytes),
-                    "utilization_percent": l.and_then(|l| l.utilization_percent),
-                    "temperature_c": l.and_then(|l| l.temperature_c),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "machine": {
-                "id": self.machine_id,
-                "phase": self.phase(),
-                "uptime_ms": self.uptime_ms(),
-                "started_at_ms": self.started_ms,
-                "version": env!("CARGO_PKG_VERSION"),
-                "critical_failure": self.critical_failure(),
+        StatusDocument {
+            machine: status::Machine {
+                id: self.machine_id.clone(),
+                phase: self.phase(),
+                uptime_ms: self.uptime_ms(),
+                started_at_ms: self.started_ms,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                critical_failure: self.critical_failure(),
             },
-            "gpus": gpus,
-            "host": self.probe.host,
-            "installs": *self.installs.borrow(),
-            "services": self.services.status(),
-            "workers": self.workers_document(),
-            "redis": self.redis(),
-            "external_apis": self.external_apis(),
-            "config": self.config,
-        })
+            gpus: self
+                .probe
+                .gpus
+                .iter()
+                .map(|g| status::Gpu::new(g, live.iter().find(|l| l.index == g.index)))
+                .collect(),
+            host: (&self.probe.host).into(),
+            installs: self
+                .installs
+                .borrow()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.into()))
+                .collect(),
+            services: self.services.status().iter().map(status::Service::from).collect(),
+            workers: self.workers_document(),
+            redis: self.redis(),
+            external_apis: self.external_apis(),
+            config: self.config.clone(),
+        }
     }
 }
 

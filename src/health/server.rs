@@ -25,6 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::status::{HealthDocument, ReadyDocument, Verdict};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -249,13 +250,13 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
     let phase = s.phase();
     let failure = s.critical_failure();
     let healthy = phase != Phase::Shutdown && failure.is_none();
-    let body = json!({
-        "status": if healthy { "ok" } else { "unhealthy" },
-        "machine_id": s.machine_id,
-        "phase": phase,
-        "uptime_ms": s.uptime_ms(),
-        "critical_failure": failure,
-    });
+    let body = HealthDocument {
+        status: if healthy { Verdict::Ok } else { Verdict::Unhealthy },
+        machine_id: s.machine_id.clone(),
+        phase,
+        uptime_ms: s.uptime_ms(),
+        critical_failure: failure,
+    };
     let code = if healthy {
         StatusCode::OK
     } else {
@@ -267,7 +268,11 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
     let phase = s.phase();
     let ready = phase == Phase::Ready;
-    let body = json!({ "ready": ready, "phase": phase, "workers": s.workers_document() });
+    let body = ReadyDocument {
+        ready,
+        phase,
+        workers: s.workers_document(),
+    };
     let code = if ready {
         StatusCode::OK
     } else {

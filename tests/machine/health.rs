@@ -99,7 +99,16 @@ async fn routes_answer_and_status_command_reads_them() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, body) = get(m.port, "/status").await;
+    // The live documents are what the shared types say, field for field: they parse, and
+    // written back they are the same JSON.
+    let typed: machine::health::StatusDocument = serde_json::from_str(&body).expect("/status is a StatusDocument");
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(serde_json::to_value(&typed).unwrap(), status);
+    assert_eq!(typed.machine.phase, machine::health::Phase::Ready);
+    let (_, body) = get(m.port, "/ready").await;
+    serde_json::from_str::<machine::health::status::ReadyDocument>(&body).expect("/ready is a ReadyDocument");
+    let (_, body) = get(m.port, "/health").await;
+    serde_json::from_str::<machine::health::status::HealthDocument>(&body).expect("/health is a HealthDocument");
     assert_eq!(status["machine"]["phase"], "ready");
     assert_eq!(status["workers"][0]["worker_id"], "hm1-simulation-1");
     assert_eq!(status["services"][0]["name"], "echo");
@@ -201,7 +210,11 @@ async fn fleet_status_is_published_and_readable() {
         .await
         .unwrap()
         .unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+    let payload = msg.get_payload::<String>().unwrap();
+    let typed: machine::health::fleet::FleetMessage =
+        serde_json::from_str(&payload).expect("the fleet status is a FleetMessage");
+    let doc: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(serde_json::to_value(&typed).unwrap(), doc);
     assert_eq!(doc["machine_id"], "hm1");
     assert!(doc["timestamp"].as_u64().unwrap() > 0);
     assert_eq!(

@@ -1,0 +1,391 @@
+//! The services and workers as the status documents show them: mirrors of the supervisor's
+//! and the workers' status types, with exhaustive conversions from them, so that a state or field
+//! added there fails to compile here until the page says how it shows it.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::supervisor::{ExitInfo, ServiceState, ServiceStatus};
+use crate::worker::{CurrentJob, JobCounts, WorkerState, WorkerStatus};
+
+/// A supervised service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// The service name.
+    pub name: String,
+    /// Where it is in its life.
+    pub state: ServiceStage,
+    /// The pid of its running process.
+    pub pid: Option<u32>,
+    /// How many times it was started again.
+    pub restarts: u32,
+    /// How its last run ended.
+    pub last_exit: Option<Exit>,
+    /// Whether it is ready.
+    pub ready: bool,
+    /// Whether its liveness probe passes.
+    pub live: bool,
+    /// Whether it failed too often within the crash-loop window.
+    pub crash_loop: bool,
+    /// When its current (or last) run started, RFC 3339.
+    pub started_at: Option<String>,
+    /// The GPU it is pinned to.
+    pub gpu: Option<u32>,
+    /// Whether its failure shuts the machine down.
+    pub critical: bool,
+    /// Why it is not healthy, when it is not.
+    pub reason: Option<String>,
+}
+
+/// A service's state, as the supervisor names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceStage {
+    /// Waiting for the services it starts after.
+    Waiting,
+    /// Started, not ready yet.
+    Starting,
+    /// Running and ready.
+    Running,
+    /// Waiting out its restart delay.
+    Backoff,
+    /// Being stopped.
+    Stopping,
+    /// Stopped on request or at shutdown.
+    Stopped,
+    /// Exited and not started again.
+    Exited,
+    /// Failed and not started again.
+    Failed,
+}
+
+impl From<ServiceState> for ServiceStage {
+    fn from(s: ServiceState) -> ServiceStage {
+        match s {
+            ServiceState::Waiting => ServiceStage::Waiting,
+            ServiceState::Starting => ServiceStage::Starting,
+            ServiceState::Running => ServiceStage::Running,
+            ServiceState::Backoff => ServiceStage::Backoff,
+            ServiceState::Stopping => ServiceStage::Stopping,
+            ServiceState::Stopped => ServiceStage::Stopped,
+            ServiceState::Exited => ServiceStage::Exited,
+            ServiceState::Failed => ServiceStage::Failed,
+        }
+    }
+}
+
+/// How a run of a service ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// When it ended, RFC 3339.
+    pub at: String,
+}
+
+/// A time as the status page writes it: RFC 3339 with milliseconds, UTC.
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl From<&ExitInfo> for Exit {
+    fn from(e: &ExitInfo) -> Exit {
+        Exit {
+            code: e.code,
+            signal: e.signal,
+            at: rfc3339(e.at),
+        }
+    }
+}
+
+impl From<&ServiceStatus> for Service {
+    fn from(s: &ServiceStatus) -> Service {
+        let ServiceStatus {
+            name,
+            state,
+            pid,
+            restarts,
+            last_exit,
+            ready,
+            live,
+            crash_loop,
+            started_at,
+            gpu,
+            critical,
+            reason,
+        } = s;
+        Service {
+            name: name.clone(),
+            state: (*state).into(),
+            pid: *pid,
+            restarts: *restarts,
+            last_exit: last_exit.as_ref().map(Exit::from),
+            ready: *ready,
+            live: *live,
+            crash_loop: *crash_loop,
+            started_at: started_at.map(rfc3339),
+            gpu: *gpu,
+            critical: *critical,
+            reason: reason.clone(),
+        }
+    }
+}
+
+/// A worker, and why it waits when it has a reason to report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Worker {
+    /// The worker id.
+    pub worker_id: String,
+    /// Its state.
+    pub state: WorkerStage,
+    /// The job it runs, when busy.
+    pub current_job: Option<Job>,
+    /// Outcomes so far.
+    pub counts: Counts,
+    /// The last error it met.
+    pub last_error: Option<String>,
+    /// When its state or job last changed, epoch milliseconds.
+    pub last_activity_ms: u64,
+    /// Why a waiting worker does not claim (a service of its in crash loop or failed).
+    pub reason: Option<String>,
+}
+
+impl Worker {
+    /// The worker as its status says, with the reason it waits.
+    pub fn new(status: &WorkerStatus, reason: Option<String>) -> Worker {
+        let WorkerStatus {
+            worker_id,
+            state,
+            current_job,
+            counts,
+            last_error,
+            last_activity_ms,
+        } = status;
+        Worker {
+            worker_id: worker_id.clone(),
+            state: (*state).into(),
+            current_job: current_job.as_ref().map(Job::from),
+            counts: counts.into(),
+            last_error: last_error.clone(),
+            last_activity_ms: *last_activity_ms,
+            reason,
+        }
+    }
+}
+
+/// A worker's state, as the workers name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerStage {
+    /// Registering with the broker.
+    Starting,
+    /// Its services are not ready; it does not claim.
+    WaitingForServices,
+    /// Waiting for a job.
+    Idle,
+    /// Running a job.
+    Busy,
+    /// Shutting down.
+    Draining,
+    /// Stopped.
+    Stopped,
+}
+
+impl From<WorkerState> for WorkerStage {
+    fn from(s: WorkerState) -> WorkerStage {
+        match s {
+            WorkerState::Starting => WorkerStage::Starting,
+            WorkerState::WaitingForServices => WorkerStage::WaitingForServices,
+            WorkerState::Idle => WorkerStage::Idle,
+            WorkerState::Busy => WorkerStage::Busy,
+            WorkerState::Draining => WorkerStage::Draining,
+            WorkerState::Stopped => WorkerStage::Stopped,
+        }
+    }
+}
+
+/// The job a worker runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// Last reported progress, 0-100.
+    pub progress: f64,
+    /// Last progress message.
+    pub message: String,
+}
+
+impl From<&CurrentJob> for Job {
+    fn from(j: &CurrentJob) -> Job {
+        let CurrentJob {
+            job_id,
+            service,
+            progress,
+            message,
+        } = j;
+        Job {
+            job_id: job_id.clone(),
+            service: service.clone(),
+            progress: *progress,
+            message: message.clone(),
+        }
+    }
+}
+
+/// How many jobs ended which way on a worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Claimed.
+    pub claimed: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Returned to the queue.
+    pub returned: u64,
+    /// Cancelled by the API while running here.
+    pub cancelled: u64,
+    /// Whose lease this worker lost.
+    pub lost: u64,
+}
+
+impl From<&JobCounts> for Counts {
+    fn from(c: &JobCounts) -> Counts {
+        let JobCounts {
+            claimed,
+            completed,
+            failed,
+            returned,
+            cancelled,
+            lost,
+        } = *c;
+        Counts {
+            claimed,
+            completed,
+            failed,
+            returned,
+            cancelled,
+            lost,
+        }
+    }
+}
+
+impl ServiceStage {
+    /// The name the document gives the state.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceStage::Waiting => "waiting",
+            ServiceStage::Starting => "starting",
+            ServiceStage::Running => "running",
+            ServiceStage::Backoff => "backoff",
+            ServiceStage::Stopping => "stopping",
+            ServiceStage::Stopped => "stopped",
+            ServiceStage::Exited => "exited",
+            ServiceStage::Failed => "failed",
+        }
+    }
+}
+
+impl WorkerStage {
+    /// The name the document gives the state.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerStage::Starting => "starting",
+            WorkerStage::WaitingForServices => "waiting_for_services",
+            WorkerStage::Idle => "idle",
+            WorkerStage::Busy => "busy",
+            WorkerStage::Draining => "draining",
+            WorkerStage::Stopped => "stopped",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    #[test]
+    fn the_names_are_the_wire_names() {
+        for s in [ServiceStage::Waiting, ServiceStage::Backoff, ServiceStage::Failed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+        for s in [
+            WorkerStage::WaitingForServices,
+            WorkerStage::Idle,
+            WorkerStage::Draining,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
+
+    /// The mirrors write what the subsystems' own types write, so the page is the one it was.
+    #[test]
+    fn services_and_workers_serialise_like_their_sources() {
+        let states = [
+            ServiceState::Waiting,
+            ServiceState::Starting,
+            ServiceState::Running,
+            ServiceState::Backoff,
+            ServiceState::Stopping,
+            ServiceState::Stopped,
+            ServiceState::Exited,
+            ServiceState::Failed,
+        ];
+        for s in states {
+            assert_eq!(
+                serde_json::to_value(ServiceStage::from(s)).unwrap(),
+                serde_json::to_value(s).unwrap()
+            );
+        }
+        let mut service = ServiceStatus::new("svc", Some(1), true);
+        service.last_exit = Some(ExitInfo {
+            code: Some(1),
+            signal: None,
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_750_000_000_123),
+        });
+        service.started_at = Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_750_000_000_000));
+        assert_eq!(
+            serde_json::to_value(Service::from(&service)).unwrap(),
+            serde_json::to_value(&service).unwrap()
+        );
+        for s in [
+            WorkerState::Starting,
+            WorkerState::WaitingForServices,
+            WorkerState::Idle,
+            WorkerState::Busy,
+            WorkerState::Draining,
+            WorkerState::Stopped,
+        ] {
+            let status = WorkerStatus {
+                worker_id: "w".into(),
+                state: s,
+                current_job: Some(CurrentJob {
+                    job_id: "j".into(),
+                    service: "s".into(),
+                    progress: 1.5,
+                    message: "m".into(),
+                }),
+                counts: JobCounts {
+                    claimed: 1,
+                    completed: 2,
+                    failed: 3,
+                    returned: 4,
+                    cancelled: 5,
+                    lost: 6,
+                },
+                last_error: Some("e".into()),
+                last_activity_ms: 7,
+            };
+            let mut expected = serde_json::to_value(&status).unwrap();
+            expected["reason"] = Value::Null;
+            assert_eq!(serde_json::to_value(Worker::new(&status, None)).unwrap(), expected);
+        }
+    }
+}

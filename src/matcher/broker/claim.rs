@@ -1,0 +1,291 @@
+//! Claiming: one `findMatchingJob` attempt, the wait for a wake-up between attempts, and the
+//! reading of a claim reply (a job that cannot run is failed at once with the reason).
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, CatchUp};
+use crate::matcher::BrokerError;
+use crate::matcher::capabilities::Capabilities;
+
+/// A job this machine claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedJob {
+    /// The job id.
+    pub id: String,
+    /// The worker the job is assigned to.
+    pub worker_id: String,
+    /// `service_required` (or the legacy `job_type`).
+    pub service: String,
+    /// The decoded `payload` (`{}` when empty).
+    pub payload: Value,
+    /// Every field of the job hash at claim time.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ClaimedJob {
+    /// A field of the job hash at claim time.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+
+    /// `retry_count` (0 when absent).
+    pub fn retry_count(&self) -> u32 {
+        self.field("retry_count").and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
+    /// `ctx` decoded, when present and valid.
+    pub fn ctx(&self) -> Option<Value> {
+        self.field("ctx").and_then(|v| serde_json::from_str(v).ok())
+    }
+}
+
+impl Broker {
+    /// One claim attempt: the best job this worker can run, or `None`.
+    pub async fn claim(&self, caps: &Capabilities) -> Result<Option<ClaimedJob>, BrokerError> {
+        self.claim_json(&caps.to_json()).await
+    }
+
+    async fn claim_json(&self, caps_json: &str) -> Result<Option<ClaimedJob>, BrokerError> {
+        let max = self.inner.opts.max_examine.to_string();
+        let lease = self.inner.opts.lease.as_millis().to_string();
+        loop {
+            let started = std::time::Instant::now();
+            // Bytes, not a string: a job field with invalid UTF-8 must fail that job, not the call.
+            let reply: Option<Vec<u8>> = self
+                .call(
+                    "findMatchingJob",
+                    &[caps_json, &max, &lease, &self.inner.opts.key_prefix],
+                )
+                .await?;
+            if let Some(observe) = self.inner.observer.get() {
+                observe(started.elapsed(), reply.is_some());
+            }
+            let Some(reply) = reply else { return Ok(None) };
+            let job = match String::from_utf8(reply) {
+                Ok(text) => parse_claim(&text)?,
+                Err(e) => {
+                    let field = invalid_utf8_field(e.as_bytes());
+                    let mut job = parse_claim(&String::from_utf8_lossy(e.as_bytes()))?;
+                    job.payload_error = Some(format!("invalid UTF-8 in job field `{field}`"));
+                    job
+                }
+            };
+            match job.payload_error {
+                None => return Ok(Some(job.job)),
+                Some(reason) => {
+                    // The job cannot run anywhere; fail it at once with the reason.
+                    tracing::warn!(job_id = %job.job.id, %reason, "claimed a job that cannot run; failing it");
+                    match self.fail(&job.job, &reason, false).await {
+                        Ok(_) => {}
+                        // An id that is not UTF-8 itself cannot be named back; its lease runs out.
+                        Err(BrokerError::LeaseLost { .. } | BrokerError::Cancelled { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn receiver(&self, service: &str) -> watch::Receiver<u64> {
+        let mut map = self
+            .inner
+            .wake
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
+        map.entry(service.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    pub(super) fn wake(&self, service: Option<&str>) {
+        let map = self
+            .inner
+            .wake
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
+        match service.and_then(|s| map.get(s)) {
+            Some(tx) => tx.send_modify(|v| *v = v.wrapping_add(1)),
+            None if service.is_none() => {
+                for tx in map.values() {
+                    tx.send_modify(|v| *v = v.wrapping_add(1));
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Waits until a job this worker can run is claimed, or `shutdown` (then `None`).
+    ///
+    /// Claims at once; when nothing matches it waits for a wake-up of one of its services
+    /// (`job_submitted`, `job_requeued`, delivered by [`Broker::run_events`]) or the safety
+    /// poll, then tries again.
+    pub async fn claim_next(
+        &self,
+        caps: &Capabilities,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<ClaimedJob>, BrokerError> {
+        let caps_json = caps.to_json();
+        let services = if caps.job_service_required_map.is_empty() {
+            &caps.connectors
+        } else {
+            &caps.job_service_required_map
+        };
+        let mut rxs: Vec<watch::Receiver<u64>> = services.iter().map(|s| self.receiver(s)).collect();
+        // A backlog queued while no machine listened is claimed in order only once it is in
+        // the index: wait for run_events' catch-up (it indexes 100,000 jobs in seconds), but
+        // not longer than a safety poll at a time, so a slow catch-up never stalls a worker.
+        let mut catch_up = self.inner.catch_up.subscribe();
+        while *catch_up.borrow_and_update() == CatchUp::Running {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                _ = catch_up.changed() => {}
+                () = tokio::time::sleep(self.inner.opts.safety_poll) => break,
+            }
+        }
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            for rx in &mut rxs {
+                rx.borrow_and_update();
+            }
+            if let Some(job) = self.claim_json(&caps_json).await? {
+                return Ok(Some(job));
+            }
+            let woken = async {
+                if rxs.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                let _ = futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = woken => {}
+                () = tokio::time::sleep(self.inner.opts.safety_poll) => {}
+            }
+        }
+    }
+}
+
+/// The job field whose value (or name) is not UTF-8 in a raw claim reply, `?` when the reply
+/// cannot be read that far. The reply is `{"jobId":..,"job":{..}}` and, a job being a Redis
+/// hash, every field of `job` is a string.
+fn invalid_utf8_field(reply: &[u8]) -> String {
+    const JOB: &[u8] = b"\"job\":{";
+    let Some(start) = reply.windows(JOB.len()).position(|w| w == JOB) else {
+        return "?".to_owned();
+    };
+    let mut at = start + JOB.len();
+    while let Some((key, after_key)) = json_string(reply, at) {
+        let Some((value, after_value)) = json_string(reply, after_key + 1) else {
+            break;
+        };
+        if std::str::from_utf8(key).is_err() || std::str::from_utf8(value).is_err() {
+            return String::from_utf8_lossy(key).into_owned();
+        }
+        at = after_value + 1;
+    }
+    "?".to_owned()
+}
+
+/// The raw bytes inside the JSON string that starts at `at`, and the index after it.
+fn json_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut j = at + 1;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            b'"' => return Some((&b[at + 1..j], j + 1)),
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+struct ParsedClaim {
+    job: ClaimedJob,
+    payload_error: Option<String>,
+}
+
+fn parse_claim(reply: &str) -> Result<ParsedClaim, BrokerError> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        #[serde(rename = "jobId")]
+        job_id: String,
+        job: BTreeMap<String, Value>,
+    }
+    let r: Reply = serde_json::from_str(reply).map_err(|e| BrokerError::Protocol {
+        op: "findMatchingJob",
+        detail: e.to_string(),
+    })?;
+    let fields: BTreeMap<String, String> = r
+        .job
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, v)
+        })
+        .collect();
+    let worker_id = fields.get("worker_id").cloned().unwrap_or_default();
+    let service = fields
+        .get("service_required")
+        .filter(|s| !s.is_empty())
+        .or_else(|| fields.get("job_type"))
+        .cloned()
+        .unwrap_or_default();
+    let raw_payload = fields.get("payload").map(String::as_str).unwrap_or_default();
+    let (payload, payload_error) = if raw_payload.trim().is_empty() {
+        (Value::Object(serde_json::Map::new()), None)
+    } else {
+        match serde_json::from_str(raw_payload) {
+            Ok(v) => (v, None),
+            Err(e) => (Value::Null, Some(format!("malformed payload JSON: {e}"))),
+        }
+    };
+    Ok(ParsedClaim {
+        job: ClaimedJob {
+            id: r.job_id,
+            worker_id,
+            service,
+            payload,
+            fields,
+        },
+        payload_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_utf8_names_its_field() {
+        let mut reply = br#"{"jobId":"j1","job":{"id":"j1","payload":"{\"a\":\"x"#.to_vec();
+        reply.extend_from_slice(&[0xff, 0xfe]);
+        reply.extend_from_slice(br#"\"}","status":"assigned"}}"#);
+        assert_eq!(invalid_utf8_field(&reply), "payload");
+        assert_eq!(invalid_utf8_field(b"nonsense"), "?");
+    }
+
+    #[test]
+    fn claim_replies_parse() {
+        let r = parse_claim(
+            r#"{"jobId":"j1","job":{"id":"j1","service_required":"comfyui","payload":"{\"a\":1}","worker_id":"w"}}"#,
+        )
+        .expect("a well-formed reply parses");
+        assert_eq!(r.job.payload["a"], 1);
+        assert_eq!(r.job.service, "comfyui");
+        assert!(r.payload_error.is_none());
+        let bad = parse_claim(r#"{"jobId":"j1","job":{"payload":"{oops"}}"#).expect("parses");
+        assert!(bad.payload_error.is_some());
+    }
+}

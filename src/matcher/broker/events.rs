@@ -1,0 +1,131 @@
+//! The machine's one pub/sub connection: `job_submitted` / `job_requeued` wake claimers (and
+//! index submitted jobs), `cancel_job` notices go to a broadcast channel, and the catch-up that
+//! indexes jobs queued while no machine listened.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, CatchUp, redis_err};
+use crate::matcher::BrokerError;
+impl Broker {
+    /// `cancel_job` notices (job ids) seen by [`Broker::run_events`].
+    pub fn cancellations(&self) -> broadcast::Receiver<String> {
+        self.inner.cancels.subscribe()
+    }
+
+    /// The machine's one pub/sub connection: indexes submitted jobs, wakes claimers, forwards
+    /// cancellations. Reconnects with backoff until `shutdown`; after a reconnect every waiter
+    /// is woken because messages may have been missed.
+    pub async fn run_events(&self, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        let channels = [
+            self.key("job_submitted"),
+            self.key("job_requeued"),
+            self.key("cancel_job"),
+        ];
+        // Claimers wait for the first catch-up from now on (until Done).
+        self.inner.catch_up.send_if_modified(|c| {
+            let first = *c == CatchUp::NotRunning;
+            if first {
+                *c = CatchUp::Running;
+            }
+            first
+        });
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match self.subscribe(&channels).await {
+                Ok(mut pubsub) => {
+                    backoff = Duration::from_millis(100);
+                    // Jobs submitted while we were not listening are indexed before waking.
+                    if let Err(e) = self.catch_up_index().await {
+                        tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
+                    }
+                    self.inner.catch_up.send_replace(CatchUp::Done);
+                    self.wake(None);
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            msg = messages.next() => match msg {
+                                Some(msg) => self.handle_message(&channels, &msg).await,
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("the redis subscription dropped; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "failed to subscribe to the broker channels; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn subscribe(&self, channels: &[String]) -> Result<redis::aio::PubSub, BrokerError> {
+        let mut pubsub = self
+            .inner
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(redis_err("SUBSCRIBE"))?;
+        pubsub.subscribe(channels).await.map_err(redis_err("SUBSCRIBE"))?;
+        Ok(pubsub)
+    }
+
+    async fn handle_message(&self, channels: &[String; 3], msg: &redis::Msg) {
+        let channel = msg.get_channel_name();
+        let payload: String = msg.get_payload().unwrap_or_default();
+        let doc: Value = serde_json::from_str(&payload).unwrap_or(Value::Null);
+        let job_id = doc.get("job_id").and_then(Value::as_str).unwrap_or_default();
+        let service = doc.get("service_required").and_then(Value::as_str);
+        if channel == channels[0] {
+            // Jobs the API adds go into jobs:pending only; index them before anyone claims.
+            if !job_id.is_empty()
+                && let Err(e) = self.index_job(job_id).await
+            {
+                tracing::debug!(job_id, error = %e, "failed to index a submitted job; the claim-side sweep will");
+            }
+            self.wake(service);
+        } else if channel == channels[1] {
+            self.wake(service);
+        } else if channel == channels[2] && !job_id.is_empty() {
+            // The API may have taken a pending job out of jobs:pending; drop it from the index.
+            if let Err(e) = self.index_job(job_id).await {
+                tracing::debug!(job_id, error = %e, "failed to re-check a cancelled job's index entry");
+            }
+            let _ = self.inner.cancels.send(job_id.to_owned());
+        }
+    }
+
+    /// Indexes the jobs the API added while no machine listened, in bounded steps, until the
+    /// index and `jobs:pending` agree or one full pass over `jobs:pending` is done.
+    pub async fn catch_up_index(&self) -> Result<(), BrokerError> {
+        let mut wrapped = 0;
+        loop {
+            let r: Vec<u64> = self.call("sweepIndex", &[&self.inner.opts.key_prefix, "5000"]).await?;
+            if r.first() == r.get(1) {
+                return Ok(());
+            }
+            if r.get(2) == Some(&0) {
+                wrapped += 1;
+                if wrapped >= 2 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Puts a job of `jobs:pending` into the matching index (idempotent).
+    pub async fn index_job(&self, job_id: &str) -> Result<String, BrokerError> {
+        self.call("indexJob", &[&self.inner.opts.key_prefix, job_id]).await
+    }
+}

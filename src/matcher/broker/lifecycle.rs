@@ -1,0 +1,183 @@
+//! The fenced lifecycle writes of a claimed job (start, progress, complete, fail, return,
+//! defer, lease renewal) and the reaper of expired leases.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::reply::Reply;
+use super::{Broker, ClaimedJob};
+use crate::matcher::BrokerError;
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// The worker still holds the job; the lease was extended.
+    Held,
+    /// The job was cancelled: stop and discard the result.
+    Cancelled,
+    /// The job is no longer this worker's (lease expired and re-queued, or re-assigned).
+    Lost,
+}
+
+/// What failing a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Back in the queue with its original score (`retry_count` + 1).
+    Retried,
+    /// Failed for good.
+    Failed,
+}
+
+/// What the reaper did in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    /// Jobs whose lease expired and that went back to the queue.
+    pub requeued: u64,
+    /// Jobs whose lease expired on their last attempt and failed for good.
+    pub failed: u64,
+    /// Lease records of jobs that had already ended (cancelled, ...), removed.
+    pub cleaned: u64,
+}
+
+impl Broker {
+    /// Calls a fenced lifecycle function for `job`; the fence's `cancelled` and `lost` become
+    /// [`BrokerError::Cancelled`] and [`BrokerError::LeaseLost`], any other word is returned.
+    async fn lifecycle(&self, function: &'static str, job: &ClaimedJob, args: &[&str]) -> Result<Reply, BrokerError> {
+        let mut all = vec![
+            self.inner.opts.key_prefix.as_str(),
+            job.id.as_str(),
+            job.worker_id.as_str(),
+        ];
+        all.extend_from_slice(args);
+        let word: String = self.call(function, &all).await?;
+        match Reply::parse(function, &word)? {
+            Reply::Cancelled => Err(BrokerError::Cancelled { job_id: job.id.clone() }),
+            Reply::Lost => Err(BrokerError::LeaseLost {
+                job_id: job.id.clone(),
+                worker_id: job.worker_id.clone(),
+            }),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Marks the job `in_progress`.
+    pub async fn start(&self, job: &ClaimedJob) -> Result<(), BrokerError> {
+        self.lifecycle("startJob", job, &[]).await.map(drop)
+    }
+
+    /// Reports progress (0-100, rounded to a whole percentage); `step` is (current_step,
+    /// total_steps), else the job's own.
+    pub async fn progress(
+        &self,
+        job: &ClaimedJob,
+        pct: f64,
+        message: &str,
+        step: Option<(u32, u32)>,
+    ) -> Result<(), BrokerError> {
+        // Whole percentages: the API and monitor show them as they are, and 33.333333333333336
+        // helps nobody.
+        let pct = format!("{}", pct.clamp(0.0, 100.0).round());
+        let (current, total) = match step {
+            Some((c, t)) => (c.to_string(), t.to_string()),
+            None => (
+                job.field("current_step").unwrap_or_default().to_owned(),
+                job.field("total_steps").unwrap_or_default().to_owned(),
+            ),
+        };
+        self.lifecycle("updateJobProgress", job, &[&pct, message, &current, &total])
+            .await
+            .map(drop)
+    }
+
+    /// Completes the job with its result (any JSON).
+    pub async fn complete(&self, job: &ClaimedJob, result: &Value) -> Result<(), BrokerError> {
+        let result = result.to_string();
+        self.lifecycle("completeJob", job, &[&result, "completed"])
+            .await
+            .map(drop)
+    }
+
+    /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
+    /// this worker held off it) until `max_retries`.
+    pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<FailOutcome, BrokerError> {
+        let holdoff = self.inner.opts.failed_holdoff.as_millis().to_string();
+        let delay = self
+            .inner
+            .opts
+            .retry_delay
+            .delay(job.retry_count(), rand::random::<f64>())
+            .as_millis()
+            .to_string();
+        let r = self
+            .lifecycle(
+                "failJob",
+                job,
+                &[error, if retryable { "1" } else { "0" }, &holdoff, &delay],
+            )
+            .await?;
+        Ok(if r == Reply::Retried {
+            FailOutcome::Retried
+        } else {
+            FailOutcome::Failed
+        })
+    }
+
+    /// Returns the job to the queue without penalty (graceful shutdown).
+    pub async fn return_job(&self, job: &ClaimedJob) -> Result<(), BrokerError> {
+        self.lifecycle("returnJob", job, &["returned"]).await.map(drop)
+    }
+
+    /// Extends the lease by the configured lease time.
+    pub async fn renew_lease(&self, job: &ClaimedJob) -> Result<LeaseStatus, BrokerError> {
+        let lease = self.inner.opts.lease.as_millis().to_string();
+        match self.lifecycle("renewLease", job, &[&lease]).await {
+            Ok(_) => Ok(LeaseStatus::Held),
+            Err(BrokerError::Cancelled { .. }) => Ok(LeaseStatus::Cancelled),
+            Err(BrokerError::LeaseLost { .. }) => Ok(LeaseStatus::Lost),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Returns expired leases' jobs to the queue (or fails them after `max_retries`) and repairs
+    /// a bounded part of the index. Safe to run from every machine at once.
+    pub async fn reap_expired_leases(&self) -> Result<ReapReport, BrokerError> {
+        let counts: Vec<u64> = self
+            .call("reapExpiredLeases", &[&self.inner.opts.key_prefix, "100", "1000"])
+            .await?;
+        Ok(ReapReport {
+            requeued: counts.first().copied().unwrap_or(0),
+            failed: counts.get(1).copied().unwrap_or(0),
+            cleaned: counts.get(2).copied().unwrap_or(0),
+        })
+    }
+
+    /// Runs the reaper every `every` until `shutdown`; errors are logged and retried.
+    pub async fn run_reaper(&self, every: Duration, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.reap_expired_leases().await {
+                Ok(r) if r.requeued + r.failed > 0 => {
+                    tracing::info!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        "returned jobs whose lease expired"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "failed to reap expired leases"),
+            }
+        }
+    }
+
+    /// Returns the job to the queue in its place because a daily quota stops it, recording
+    /// `reason` and `until_ms` (epoch ms) in the job for `machine jobs show`.
+    pub async fn defer(&self, job: &ClaimedJob, reason: &str, until_ms: i64) -> Result<(), BrokerError> {
+        let until = until_ms.to_string();
+        self.lifecycle("deferJob", job, &[reason, &until]).await.map(drop)
+    }
+}

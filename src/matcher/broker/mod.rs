@@ -1,0 +1,376 @@
+//! The async broker API the workers use: claim, lifecycle, leases, heartbeats, wake-ups.
+//!
+//! One [`Broker`] per machine holds ONE multiplexed command connection (a `ConnectionManager`,
+//! which reconnects by itself) shared by every worker, plus — while [`Broker::run_events`]
+//! runs — ONE pub/sub connection that fans `job_submitted` / `job_requeued` wake-ups out to
+//! waiting claimers (per service) and `cancel_job` notices to a broadcast channel. Every write
+//! goes through an atomic function of the `jobMatching` library, and every lifecycle write is
+//! fenced: a job cancelled or re-assigned meanwhile yields [`BrokerError::Cancelled`] or
+//! [`BrokerError::LeaseLost`] instead of a silent overwrite.
+
+mod claim;
+mod events;
+mod lifecycle;
+mod operator;
+mod registry;
+mod reply;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, cmd};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::BrokerError;
+use super::capabilities::Capabilities;
+use super::installer::{self, InstallReport, Library, Mode};
+use crate::config::RedisUrl;
+
+pub use claim::ClaimedJob;
+pub use lifecycle::{FailOutcome, LeaseStatus, ReapReport};
+pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
+
+/// Tunables of the broker; the defaults are the contract's.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// How long a claim holds a job without renewal (default 60 s).
+    pub lease: Duration,
+    /// How often an idle claimer retries without a wake-up (default 5 s).
+    pub safety_poll: Duration,
+    /// How long a worker that failed a job is held off it once its retry delay is over, so that
+    /// another capable worker takes it first (default 30 s).
+    pub failed_holdoff: Duration,
+    /// How long a retryable failure waits before the job can be claimed again.
+    pub retry_delay: RetryDelay,
+    /// `findMatchingJob`'s second argument: how many held-off jobs of one group it skips.
+    pub max_examine: u32,
+    /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
+    pub key_prefix: String,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            safety_poll: Duration::from_secs(5),
+            failed_holdoff: Duration::from_secs(30),
+            retry_delay: RetryDelay::default(),
+            max_examine: 100,
+            key_prefix: String::new(),
+        }
+    }
+}
+
+/// How long a retryable failure waits before its job can be claimed again: `initial` before the
+/// first retry, `factor` times more before each further one, never more than `max`, and each
+/// shortened by a random part of up to `jitter` (0 to 1) so that jobs that failed together (an
+/// outage of a storage bucket) do not all return at once.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RetryDelay {
+    /// The delay before the first retry (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Growth per further retry (default 2).
+    pub factor: f64,
+    /// The longest delay (default 5 min).
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// The largest fraction taken off at random (default 0.2).
+    pub jitter: f64,
+}
+
+impl Default for RetryDelay {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(5),
+            factor: 2.0,
+            max: Duration::from_secs(300),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryDelay {
+    /// The delay before retry number `retry` (0 for the first), with `random` (0 to 1) choosing
+    /// the jitter.
+    pub fn delay(&self, retry: u32, random: f64) -> Duration {
+        let grown = self.initial.as_secs_f64() * self.factor.max(1.0).powi(retry.min(1024) as i32);
+        let capped = grown.min(self.max.as_secs_f64());
+        let cut = self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0);
+        Duration::try_from_secs_f64(capped * (1.0 - cut)).unwrap_or(self.max)
+    }
+}
+
+/// The broker handle; cheap to clone, shared by all workers of a machine.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: ConnectionManager,
+    lib: Library,
+    mode: RwLock<Mode>,
+    opts: BrokerOptions,
+    wake: Mutex<HashMap<String, watch::Sender<u64>>>,
+    cancels: broadcast::Sender<String>,
+    observer: std::sync::OnceLock<ClaimObserver>,
+    /// The workers this broker registered, to register again when Redis comes back empty.
+    registered: Mutex<HashMap<String, Capabilities>>,
+    /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
+    /// [`Broker::claim_next`]).
+    catch_up: watch::Sender<CatchUp>,
+}
+
+/// Whether jobs queued while no machine listened are in the index yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// [`Broker::run_events`] is not running: claims repair the index themselves.
+    NotRunning,
+    /// The first catch-up after subscribing is running.
+    Running,
+    /// Done (or failed; claims then repair the index in steps).
+    Done,
+}
+
+/// Told the round-trip time of every `findMatchingJob` call and whether it claimed a job (for
+/// the machine's metrics).
+pub type ClaimObserver = Arc<dyn Fn(Duration, bool) + Send + Sync>;
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("version", &self.lib.version())
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
+    move |source| BrokerError::Redis { op, source }
+}
+
+impl Broker {
+    /// Connects the command connection. Pub/sub starts with [`Broker::run_events`].
+    pub async fn connect(url: &RedisUrl, opts: BrokerOptions) -> Result<Broker, BrokerError> {
+        let client = redis::Client::open(url.expose()).map_err(|source| BrokerError::Connect {
+            url: url.masked(),
+            source,
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(5));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|source| BrokerError::Connect {
+                url: url.masked(),
+                source,
+            })?;
+        let (cancels, _) = broadcast::channel(256);
+        Ok(Broker {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                lib: Library::new(),
+                mode: RwLock::new(Mode::Functions),
+                opts,
+                wake: Mutex::new(HashMap::new()),
+                cancels,
+                observer: std::sync::OnceLock::new(),
+                registered: Mutex::new(HashMap::new()),
+                catch_up: watch::channel(CatchUp::NotRunning).0,
+            }),
+        })
+    }
+
+    /// The options this broker runs with.
+    pub fn options(&self) -> &BrokerOptions {
+        &self.inner.opts
+    }
+
+    /// Sets the observer of claim calls; only the first one set is kept.
+    pub fn observe_claims(&self, observer: ClaimObserver) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    /// A clone of the shared command connection, for the `machine functions` commands and tests
+    /// only. The machine's subsystems ask the broker for an operation instead (for instance
+    /// [`Broker::publish_machine_status`], [`Broker::limit_usage`]), so that every command goes
+    /// through one connection with one timeout and reconnect policy.
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// Loads the library when needed (see [`installer::install`]) and remembers how to call it.
+    pub async fn ensure_functions(&self) -> Result<InstallReport, BrokerError> {
+        let mut conn = self.connection();
+        let report = installer::install(&mut conn, &self.inner.lib).await?;
+        *self
+            .inner
+            .mode
+            .write()
+            .expect("the mode lock is never poisoned: no panics while held") = report.mode.clone();
+        Ok(report)
+    }
+
+    /// Runs the library through `EVALSHA` even on Redis 7 (tests of the < 7.0 path).
+    pub async fn use_eval_mode(&self) -> Result<(), BrokerError> {
+        let mut conn = self.connection();
+        let sha = installer::load_script(&mut conn, &self.inner.lib).await?;
+        *self
+            .inner
+            .mode
+            .write()
+            .expect("the mode lock is never poisoned: no panics while held") = Mode::Eval { sha };
+        Ok(())
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.inner.opts.key_prefix)
+    }
+
+    fn command(&self, function: &str, args: &[&str]) -> redis::Cmd {
+        let mode = self
+            .inner
+            .mode
+            .read()
+            .expect("the mode lock is never poisoned: no panics while held")
+            .clone();
+        match mode {
+            Mode::Functions => {
+                let mut c = cmd("FCALL");
+                c.arg(function).arg(0).arg(args);
+                c
+            }
+            Mode::Eval { sha } => {
+                let mut c = cmd("EVALSHA");
+                c.arg(sha).arg(0).arg(function).arg(args);
+                c
+            }
+        }
+    }
+
+    /// Calls a library function. When the library is missing (a restarted or flushed Redis, or
+    /// a script cache without our script), it is loaded again and the call retried once, so a
+    /// worker never idles silently on a missing function (defect 4).
+    async fn call<T: FromRedisValue>(&self, function: &'static str, args: &[&str]) -> Result<T, BrokerError> {
+        let mut conn = self.connection();
+        match self.command(function, args).query_async::<T>(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if self.library_missing(&e).await => {
+                tracing::warn!(function, "the jobMatching library is missing; loading it again");
+                self.ensure_functions().await?;
+                // A Redis that lost the library (restarted empty) lost the workers too.
+                self.register_again().await;
+                self.command(function, args)
+                    .query_async::<T>(&mut conn)
+                    .await
+                    .map_err(redis_err(function))
+            }
+            Err(source) => Err(BrokerError::Redis { op: function, source }),
+        }
+    }
+
+    async fn library_missing(&self, e: &RedisError) -> bool {
+        match e.kind() {
+            ErrorKind::Server(ServerErrorKind::NoScript) => true,
+            ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                let functions = matches!(
+                    *self
+                        .inner
+                        .mode
+                        .read()
+                        .expect("the mode lock is never poisoned: no panics while held"),
+                    Mode::Functions
+                );
+                let mut conn = self.connection();
+                functions
+                    && installer::loaded_version(&mut conn)
+                        .await
+                        .is_ok_and(|v| v.as_deref() != Some(self.inner.lib.version()))
+            }
+            _ => false,
+        }
+    }
+
+    /// The machine's background broker work until `shutdown`: the event subscription
+    /// ([`Broker::run_events`]) and the reaper every `reap_every` ([`Broker::run_reaper`]).
+    pub async fn run(&self, reap_every: Duration, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        let (events, reaper) = tokio::join!(self.run_events(shutdown.clone()), self.run_reaper(reap_every, shutdown));
+        events.and(reaper)
+    }
+}
+
+/// The external-API limits section of the library (`acquireLimit`, `recordLimitUsage`,
+/// `clearLimitReason`), used by `connectors::limits` and the workers; `deferJob` is a
+/// lifecycle write.
+impl Broker {
+    /// Calls a limits function with the key prefix as its first argument.
+    pub(crate) async fn call_limits<T: FromRedisValue>(
+        &self,
+        function: &'static str,
+        args: &[&str],
+    ) -> Result<T, BrokerError> {
+        let mut all = vec![self.inner.opts.key_prefix.as_str()];
+        all.extend_from_slice(args);
+        self.call(function, &all).await
+    }
+
+    /// Today's fleet-wide `(requests, tokens)` of `api` in quota period `period`, as
+    /// `acquireLimit` and `recordLimitUsage` count them; `None` for a count not written yet.
+    pub(crate) async fn limit_usage(&self, api: &str, period: &str) -> Result<(Option<u64>, Option<u64>), BrokerError> {
+        let mut conn = self.connection();
+        cmd("HMGET")
+            .arg(self.key(&format!("limits:{api}:usage:{period}")))
+            .arg("requests")
+            .arg("tokens")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("limits usage"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_are_capped_and_jittered() {
+        let d = RetryDelay::default();
+        assert_eq!(d.delay(0, 0.0), Duration::from_secs(5));
+        assert_eq!(d.delay(1, 0.0), Duration::from_secs(10));
+        assert_eq!(d.delay(30, 0.0), Duration::from_secs(300));
+        assert_eq!(d.delay(0, 1.0), Duration::from_secs(4));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn retry_delays_stay_within_their_bounds(
+            initial_ms in 0u64..60_000, factor in 1.0f64..5.0, max_ms in 0u64..600_000,
+            jitter in 0.0f64..1.0, retry in 0u32..200, random in 0.0f64..1.0,
+        ) {
+            let p = RetryDelay {
+                initial: Duration::from_millis(initial_ms),
+                factor,
+                max: Duration::from_millis(max_ms),
+                jitter,
+            };
+            let d = p.delay(retry, random);
+            proptest::prop_assert!(d <= p.max);
+            proptest::prop_assert!(p.delay(retry + 1, random) >= d);
+        }
+    }
+}

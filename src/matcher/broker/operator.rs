@@ -1,0 +1,338 @@
+//! What operators (`machine jobs`) and tests do the way the API does: submit, cancel, show
+//! (with why a waiting job waits) and list jobs.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis::cmd;
+use serde_json::Value;
+
+use super::reply::Reply;
+use super::{Broker, redis_err};
+use crate::matcher::reference::{PendingJob, job_matches};
+use crate::matcher::{BrokerError, CANCEL_ERROR};
+
+/// What cancelling a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was cancelled as the API does it.
+    Cancelled,
+    /// No such job.
+    NotFound,
+    /// The job had already ended with this status.
+    AlreadyEnded(String),
+}
+
+/// A job to submit the way the API does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// `service_required`.
+    pub service: String,
+    /// `payload`.
+    pub payload: Value,
+    /// `requirements`, stored verbatim (empty for none).
+    pub requirements: String,
+    /// `priority` (default 50).
+    pub priority: i64,
+    /// `customer_id` ("" for none).
+    pub customer_id: String,
+    /// `workflow_id` ("" for none).
+    pub workflow_id: String,
+    /// `workflow_priority`, when the job is a workflow step.
+    pub workflow_priority: Option<i64>,
+    /// `workflow_datetime` (epoch ms), when the job is a workflow step.
+    pub workflow_datetime: Option<i64>,
+    /// `max_retries` (default 3).
+    pub max_retries: u32,
+}
+
+impl NewJob {
+    /// A job for `service` with the API's defaults.
+    pub fn new(service: impl Into<String>, payload: Value) -> Self {
+        Self {
+            service: service.into(),
+            payload,
+            requirements: String::new(),
+            priority: 50,
+            customer_id: String::new(),
+            workflow_id: String::new(),
+            workflow_priority: None,
+            workflow_datetime: None,
+            max_retries: 3,
+        }
+    }
+}
+
+/// The contract's score: `effective_priority * 1e15 - floor(effective_time_ms / 1000)`.
+pub fn pending_score(priority: i64, workflow_priority: Option<i64>, created_ms: i64, workflow_ms: Option<i64>) -> f64 {
+    let p = workflow_priority.unwrap_or(priority) as f64;
+    let t = workflow_ms.unwrap_or(created_ms) as f64;
+    p * 1e15 - (t / 1000.0).floor()
+}
+
+/// A job hash and its progress, as `machine jobs show` prints them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JobView {
+    /// `job:<id>`.
+    pub job: BTreeMap<String, String>,
+    /// `job:<id>:progress`.
+    pub progress: BTreeMap<String, String>,
+    /// For a job still waiting: why no registered worker took it, or how many could.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+}
+
+impl Broker {
+    /// Submits a job exactly as the API does: the job hash, `jobs:pending` with the contract's
+    /// score, and `job_submitted`. Returns the job id.
+    pub async fn submit(&self, job: &NewJob) -> Result<String, BrokerError> {
+        let id = new_job_id();
+        let created = SystemTime::now();
+        let created_ms = created
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let created_at = humantime::format_rfc3339_millis(created).to_string();
+        let score = pending_score(job.priority, job.workflow_priority, created_ms, job.workflow_datetime);
+        let mut fields: Vec<(&str, String)> = vec![
+            ("id", id.clone()),
+            ("service_required", job.service.clone()),
+            ("priority", job.priority.to_string()),
+            ("payload", job.payload.to_string()),
+            ("requirements", job.requirements.clone()),
+            ("customer_id", job.customer_id.clone()),
+            ("created_at", created_at),
+            ("status", "pending".to_owned()),
+            ("retry_count", "0".to_owned()),
+            ("max_retries", job.max_retries.to_string()),
+            ("workflow_id", job.workflow_id.clone()),
+        ];
+        if let Some(p) = job.workflow_priority {
+            fields.push(("workflow_priority", p.to_string()));
+        }
+        if let Some(t) = job.workflow_datetime {
+            fields.push(("workflow_datetime", t.to_string()));
+        }
+        let message = serde_json::json!({
+            "job_id": id,
+            "service_required": job.service,
+            "priority": job.priority,
+            "requirements": job.requirements,
+            "customer_id": job.customer_id,
+            "workflow_id": job.workflow_id,
+            "timestamp": created_ms,
+        });
+        let mut conn = self.connection();
+        redis::pipe()
+            .atomic()
+            .zadd(self.key("jobs:pending"), &id, score)
+            .ignore()
+            .hset_multiple(self.key(&format!("job:{id}")), &fields)
+            .ignore()
+            .publish(self.key("job_submitted"), message.to_string())
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("submit job"))?;
+        Ok(id)
+    }
+
+    /// Cancels a job the way the API does (`failed`, "Job cancelled by user", `cancel_job`).
+    pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, BrokerError> {
+        let r: String = self
+            .call("cancelJob", &[&self.inner.opts.key_prefix, job_id, CANCEL_ERROR])
+            .await?;
+        Ok(match Reply::parse("cancelJob", &r)? {
+            Reply::Cancelled => CancelOutcome::Cancelled,
+            Reply::NotFound => CancelOutcome::NotFound,
+            Reply::AlreadyEnded(status) => CancelOutcome::AlreadyEnded(status),
+            other => {
+                return Err(BrokerError::Protocol {
+                    op: "cancelJob",
+                    detail: format!("unexpected reply {other:?}"),
+                });
+            }
+        })
+    }
+
+    /// The job hash and its progress hash; `None` when the job does not exist.
+    pub async fn show(&self, job_id: &str) -> Result<Option<JobView>, BrokerError> {
+        let mut conn = self.connection();
+        let (job, progress): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
+            .hgetall(self.key(&format!("job:{job_id}")))
+            .hgetall(self.key(&format!("job:{job_id}:progress")))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("show job"))?;
+        if job.is_empty() {
+            return Ok(None);
+        }
+        let waiting = match job.get("status").map(String::as_str) {
+            None | Some("" | "pending" | "queued") => Some(
+                self.why_waiting(job_id, &job)
+                    .await
+                    .unwrap_or_else(|e| format!("cannot tell which workers could run it: {e}")),
+            ),
+            Some(_) => None,
+        };
+        Ok(Some(JobView { job, progress, waiting }))
+    }
+
+    /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
+    async fn why_waiting(&self, job_id: &str, job: &BTreeMap<String, String>) -> Result<String, BrokerError> {
+        let mut conn = self.connection();
+        let pattern = self.key("worker:*");
+        let prefix_len = pattern.len() - 1;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("SCAN"))?;
+            // `worker:<id>` only, not the `worker:<id>:...` keys beside it.
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':'))),
+            );
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hget(k, "capabilities");
+        }
+        let caps: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_err("show job"))?;
+        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
+        let service = Some(field("service_required"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| field("job_type"));
+        let pending = PendingJob {
+            id: job_id.to_owned(),
+            score: 0.0,
+            created_ms: 0,
+            seq: 0,
+            service: service.clone(),
+            requirements: field("requirements"),
+            customer_id: field("customer_id"),
+            workflow_id: field("workflow_id"),
+            payload: field("payload"),
+            held_off_worker: None,
+        };
+        let workers: Vec<Value> = caps
+            .into_iter()
+            .flatten()
+            .filter_map(|c| serde_json::from_str(&c).ok())
+            .collect();
+        let accepting = workers
+            .iter()
+            .filter(|w| {
+                ["job_service_required_map", "services"].iter().any(|k| {
+                    w.get(*k)
+                        .and_then(Value::as_array)
+                        .is_some_and(|l| l.iter().any(|s| s.as_str() == Some(service.as_str())))
+                })
+            })
+            .count();
+        let able = workers.iter().filter(|w| job_matches(w, &pending)).count();
+        Ok(if accepting == 0 {
+            format!(
+                "no registered worker accepts service `{service}` ({} workers registered)",
+                workers.len()
+            )
+        } else if able == 0 {
+            format!(
+                "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
+            )
+        } else {
+            format!("{able} registered workers can run it; it waits for one of them to be free")
+        })
+    }
+
+    /// Jobs (id and hash), optionally only those with `status`, newest first, at most `limit`.
+    pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<BTreeMap<String, String>>, BrokerError> {
+        let mut conn = self.connection();
+        let pattern = self.key("job:*");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("SCAN"))?;
+            keys.extend(batch.into_iter().filter(|k| !k.ends_with(":progress")));
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hgetall(k);
+        }
+        let hashes: Vec<BTreeMap<String, String>> =
+            pipe.query_async(&mut conn).await.map_err(redis_err("list jobs"))?;
+        let mut jobs: Vec<BTreeMap<String, String>> = hashes
+            .into_iter()
+            .filter(|h| !h.is_empty())
+            .filter(|h| status.is_none_or(|s| h.get("status").map(String::as_str) == Some(s)))
+            .collect();
+        jobs.sort_by(|a, b| b.get("created_at").cmp(&a.get("created_at")));
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+}
+
+fn new_job_id() -> String {
+    let b: u128 = rand::random();
+    // A version-4 UUID, as the API generates.
+    let b = (b & !(0xF000u128 << 64) | (0x4000u128 << 64)) & !(0xC000u128 << 48) | (0x8000u128 << 48);
+    let h = format!("{b:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_follows_the_contract() {
+        // Higher priority wins; within a priority the older job wins.
+        let old = pending_score(50, None, 1_750_000_000_000, None);
+        let new = pending_score(50, None, 1_750_000_100_000, None);
+        assert!(old > new);
+        assert!(pending_score(60, None, 1_750_000_100_000, None) > old);
+        // A workflow's priority and start time replace the job's own.
+        assert_eq!(
+            pending_score(10, Some(70), 1_750_000_100_000, Some(1_750_000_000_999)),
+            70.0 * 1e15 - 1_750_000_000.0
+        );
+    }
+
+    #[test]
+    fn job_ids_are_uuid_v4() {
+        let id = new_job_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+}

@@ -1,0 +1,150 @@
+//! The machine's presence in Redis: its workers' registration in `worker:<id>` and their
+//! heartbeats (a registration Redis lost, restarted empty, is written again), and the machine's
+//! status message for the fleet monitor.
+
+use std::time::SystemTime;
+
+use redis::cmd;
+
+use super::{Broker, now_ms, redis_err};
+use crate::matcher::BrokerError;
+use crate::matcher::capabilities::Capabilities;
+/// How long the stored copy of a machine's status message lives without a refresh: the API's
+/// disconnect threshold.
+const MACHINE_STATUS_TTL_SECS: u64 = 30;
+
+/// How long a worker hash outlives its last heartbeat: a machine that is gone (killed, its
+/// container removed) must not leave its workers in Redis forever.
+const WORKER_TTL_SECS: i64 = 300;
+
+impl Broker {
+    /// Registers a worker in `worker:<id>` (idle) with its capabilities; it is registered again
+    /// by itself whenever Redis is found empty.
+    pub async fn register_worker(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        self.inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .insert(caps.worker_id.clone(), caps.clone());
+        self.write_registration(caps).await
+    }
+
+    /// Registers every worker of this broker again (Redis came back without them).
+    pub(super) async fn register_again(&self) {
+        let all: Vec<Capabilities> = self
+            .inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .values()
+            .cloned()
+            .collect();
+        for caps in all {
+            match self.write_registration(&caps).await {
+                Ok(()) => tracing::info!(worker_id = %caps.worker_id, "registered the worker again in an empty redis"),
+                Err(e) => {
+                    tracing::warn!(worker_id = %caps.worker_id, error = %e, "failed to register the worker again")
+                }
+            }
+        }
+    }
+
+    async fn write_registration(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let key = self.key(&format!("worker:{}", caps.worker_id));
+        let mut conn = self.connection();
+        redis::pipe()
+            .atomic()
+            .hset_multiple(
+                &key,
+                &[
+                    ("worker_id", caps.worker_id.clone()),
+                    ("machine_id", caps.machine_id.clone()),
+                    ("status", "idle".to_owned()),
+                    ("current_job_id", String::new()),
+                    ("capabilities", caps.to_json()),
+                    ("connected_at", at.clone()),
+                    ("last_status_change", at),
+                    ("last_heartbeat", now.to_string()),
+                ],
+            )
+            .ignore()
+            .expire(&key, WORKER_TTL_SECS)
+            .ignore()
+            .set_ex(format!("{key}:heartbeat"), now.to_string(), 60)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("register worker"))
+    }
+
+    /// Rewrites the `capabilities` of a registered worker, e.g. when the models on its disk
+    /// changed; the next claim matches against them.
+    pub async fn update_capabilities(&self, caps: &Capabilities) -> Result<(), BrokerError> {
+        let key = self.key(&format!("worker:{}", caps.worker_id));
+        let mut conn = self.connection();
+        cmd("HSET")
+            .arg(&key)
+            .arg("capabilities")
+            .arg(caps.to_json())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("update worker capabilities"))
+    }
+
+    /// The contract's heartbeat: `worker:<id>` `last_heartbeat` and `worker:<id>:heartbeat`
+    /// (60 s TTL), and the hash's own expiry pushed back. Call every 30 s or sooner. A worker
+    /// whose registration is gone (Redis came back empty) is registered again.
+    pub async fn heartbeat(&self, worker_id: &str) -> Result<(), BrokerError> {
+        let now = now_ms().to_string();
+        let key = self.key(&format!("worker:{worker_id}"));
+        let mut conn = self.connection();
+        let (registered,): (bool,) = redis::pipe()
+            .atomic()
+            .hexists(&key, "worker_id")
+            .hset(&key, "last_heartbeat", &now)
+            .ignore()
+            .expire(&key, WORKER_TTL_SECS)
+            .ignore()
+            .set_ex(format!("{key}:heartbeat"), &now, 60)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("heartbeat"))?;
+        if !registered {
+            let caps = self
+                .inner
+                .registered
+                .lock()
+                .expect("the registry lock is never poisoned: no panics while held")
+                .get(worker_id)
+                .cloned();
+            if let Some(caps) = caps {
+                tracing::info!(worker_id, "the worker's registration is gone; registering it again");
+                self.write_registration(&caps).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the machine's status message on `machine:status:<machine_id>` and stores it in
+    /// `machine:<machine_id>:status` (expiring after 30 s) so that `machine status --fleet`
+    /// reads the fleet without waiting for a publish round. One pipeline on the shared command
+    /// connection.
+    pub async fn publish_machine_status(&self, machine_id: &str, message: &str) -> Result<(), BrokerError> {
+        let mut conn = self.connection();
+        redis::pipe()
+            .publish(self.key(&format!("machine:status:{machine_id}")), message)
+            .ignore()
+            .set_ex(
+                self.key(&format!("machine:{machine_id}:status")),
+                message,
+                MACHINE_STATUS_TTL_SECS,
+            )
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("publish the machine status"))
+    }
+}
