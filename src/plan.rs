@@ -354,12 +354,9 @@ fn service_connectors(
     kinds
         .iter()
         .map(|&kind| {
-            let endpoint = connector_service(config, kind, gpu).map(|spec| {
-                let port = spec.port.unwrap_or_default();
-                let url = Url::parse(&format!("http://127.0.0.1:{port}")).expect("a loopback URL with a port parses");
-                let service = spec.name.clone();
+            let endpoint = connector_service(config, kind, gpu).map(|(spec, endpoint)| {
                 services.push(spec);
-                Endpoint { service, url }
+                endpoint
             });
             ConnectorPlan {
                 kind,
@@ -388,9 +385,9 @@ fn service_settings(config: &Config, kind: ConnectorKind) -> Option<&ServiceConn
     }
 }
 
-/// The service a GPU-bound connector needs on one GPU (or in CPU mode when `gpu` is `None`);
-/// `None` for a connector that runs no service.
-fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> Option<ServiceSpec> {
+/// The service a GPU-bound connector needs on one GPU (or in CPU mode when `gpu` is `None`),
+/// and the connector's endpoint on it; `None` for a connector that runs no service.
+fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> Option<(ServiceSpec, Endpoint)> {
     let settings = service_settings(config, kind)?;
     let port = settings.base_port.saturating_add(gpu.unwrap_or(0) as u16);
     let ws = &config.workspace;
@@ -423,8 +420,12 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         gpu.map_or_else(String::new, |g| g.to_string()),
     );
     let url = format!("http://127.0.0.1:{port}{health_path}");
-    Some(ServiceSpec {
-        name: service_name(kind, gpu),
+    let endpoint = Endpoint {
+        service: service_name(kind, gpu),
+        url: Url::parse(&format!("http://127.0.0.1:{port}")).expect("a loopback URL with a port parses"),
+    };
+    let spec = ServiceSpec {
+        name: endpoint.service.clone(),
         command,
         env,
         pass_env: Vec::new(),
@@ -450,7 +451,8 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         connector: Some(kind),
         gpu,
         port: Some(port),
-    })
+    };
+    Some((spec, endpoint))
 }
 
 fn check_graph(services: &[ServiceSpec], problems: &mut Vec<Problem>) {
