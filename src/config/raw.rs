@@ -1,7 +1,8 @@
 //! The TOML document as serde structs, unknown keys refused. What is read is the embedded
-//! `config/default.toml` with the user's file merged over it, so every key the default file sets
-//! is present here; keys that may be unset are `Option`. Nothing here is validated: `super::load`
-//! turns these into a `Config`.
+//! `config/default.toml` with the user's file merged over it and the environment written over
+//! both, so every key the default file sets is present here; keys that may be unset are
+//! `Option`. Sections whose validated form is the same shape deserialize straight into their
+//! `super::model` type; the rest are raw here and `super::validate` turns them into a `Config`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::model::{GpuOverrides, LogConfig, PlaywrightInstallConfig, ServiceConnectorConfig, SupervisorConfig};
 use super::service::RestartPolicy;
 
 #[derive(Debug, Deserialize)]
@@ -17,10 +19,10 @@ pub(crate) struct RawConfig {
     pub machine: RawMachine,
     pub redis: RawRedis,
     pub health: RawHealth,
-    pub gpu: RawGpu,
+    pub gpu: GpuOverrides,
     pub install: RawInstall,
-    pub log: RawLog,
-    pub supervisor: RawSupervisor,
+    pub log: LogConfig,
+    pub supervisor: SupervisorConfig,
     pub connectors: RawConnectors,
     pub worker: super::worker::RawWorker,
     pub models: RawModels,
@@ -63,21 +65,13 @@ pub(crate) struct RawHealth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawGpu {
-    pub count: Option<u32>,
-    pub memory_gb: Option<f64>,
-    pub model: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawInstall {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub concurrency: usize,
     pub strict: bool,
     pub comfyui: RawInstallComfyui,
-    pub playwright: RawInstallPlaywright,
+    pub playwright: PlaywrightInstallConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,66 +92,14 @@ pub(crate) struct RawInstallComfyui {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawInstallPlaywright {
-    pub chromium: Option<PathBuf>,
-    pub playwright_core: String,
-    pub p5: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawLog {
-    pub format: String,
-    pub filter: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSupervisor {
-    #[serde(with = "humantime_serde")]
-    pub grace: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    pub backoff_jitter: f64,
-    #[serde(with = "humantime_serde")]
-    pub stable_after: Duration,
-    pub crash_loop_failures: u32,
-    #[serde(with = "humantime_serde")]
-    pub crash_loop_window: Duration,
-    pub log_max_bytes: u64,
-    pub log_files: u32,
-    pub log_tail_lines: usize,
-    pub log_max_line_bytes: usize,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawConnectors {
-    pub comfyui: RawComfyui,
-    pub a1111: RawA1111,
+    pub comfyui: ServiceConnectorConfig,
+    pub a1111: ServiceConnectorConfig,
     pub playwright: RawPlaywright,
     pub openai: super::worker::RawOpenai,
     pub replicate: super::connectors::RawReplicate,
     pub runpod: super::connectors::RawRunpod,
-    pub simulation: super::worker::RawSimulation,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawComfyui {
-    pub base_port: u16,
-    pub extra_args: Vec<String>,
-    pub command: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawA1111 {
-    pub base_port: u16,
-    pub extra_args: Vec<String>,
-    pub command: Option<Vec<String>>,
+    pub simulation: super::worker::SimulationConfig,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::Problem;
 
@@ -45,7 +45,7 @@ pub(crate) struct RawRetryDelay {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCustomerAccess {
-    pub isolation: String,
+    pub isolation: Isolation,
     pub allowed_customers: Vec<String>,
     pub denied_customers: Vec<String>,
 }
@@ -66,15 +66,6 @@ pub(crate) struct RawOpenai {
     pub limits: super::connectors::RawLimits,
     #[serde(default)]
     pub prices: super::connectors::RawPrices,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSimulation {
-    #[serde(with = "humantime_serde")]
-    pub duration: Duration,
-    pub steps: u32,
-    pub failure_rate: f64,
 }
 
 /// How workers claim, hold and report jobs.
@@ -111,12 +102,40 @@ pub struct WorkerConfig {
 /// The `customer_access` capability.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CustomerAccess {
-    /// `loose` or `strict` (strict workers alone take `customer_isolation = "strict"` jobs).
-    pub isolation: String,
+    /// `loose` or `strict`.
+    pub isolation: Isolation,
     /// When non-empty, only these customers' jobs are taken.
     pub allowed_customers: Vec<String>,
     /// These customers' jobs are never taken.
     pub denied_customers: Vec<String>,
+}
+
+/// A worker's customer isolation: strict workers alone take `customer_isolation = "strict"`
+/// jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Takes any job its customer lists allow.
+    Loose,
+    /// Also takes the jobs that demand strict isolation.
+    Strict,
+}
+
+impl Isolation {
+    /// The name workers advertise in their capabilities.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Loose => "loose",
+            Isolation::Strict => "strict",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Isolation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const ISOLATIONS: [Isolation; 2] = [Isolation::Loose, Isolation::Strict];
+        Ok(ISOLATIONS[super::model::variant(d, &["loose", "strict"])?])
+    }
 }
 
 /// The OpenAI-compatible API the `openai` connector calls.
@@ -144,8 +163,10 @@ pub struct OpenaiConfig {
     pub prices: super::Prices,
 }
 
-/// The simulation connector's defaults (a job's payload may override each).
-#[derive(Debug, Clone, Serialize)]
+/// The simulation connector's defaults (a job's payload may override each); also what
+/// `[connectors.simulation]` deserializes into.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimulationConfig {
     /// How long a simulated job takes.
     #[serde(with = "humantime_serde")]
@@ -184,10 +205,6 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
     }
     if rd.max < rd.initial {
         bad("worker.retry_delay.max", "must be at least worker.retry_delay.initial");
-    }
-    let isolation = raw.customer_access.isolation.trim().to_ascii_lowercase();
-    if !matches!(isolation.as_str(), "loose" | "strict") {
-        bad("worker.customer_access.isolation", "must be `loose` or `strict`");
     }
     let capabilities = match serde_json::to_value(&raw.capabilities) {
         Ok(serde_json::Value::Object(map)) => map,
@@ -228,7 +245,7 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         cdn_wait: raw.cdn_wait,
         workflow_id: raw.workflow_id.trim().to_owned(),
         customer_access: CustomerAccess {
-            isolation,
+            isolation: raw.customer_access.isolation,
             allowed_customers: raw.customer_access.allowed_customers,
             denied_customers: raw.customer_access.denied_customers,
         },
@@ -258,18 +275,16 @@ pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> Op
     }
 }
 
-pub(super) fn validate_simulation(raw: RawSimulation, problems: &mut Vec<Problem>) -> SimulationConfig {
-    if !(0.0..=1.0).contains(&raw.failure_rate) {
+pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Problem>) -> SimulationConfig {
+    if !(0.0..=1.0).contains(&s.failure_rate) {
         problems.push(Problem {
             key: "connectors.simulation.failure_rate".to_owned(),
             message: "must be between 0 and 1".to_owned(),
         });
     }
-    SimulationConfig {
-        duration: raw.duration,
-        steps: raw.steps.max(1),
-        failure_rate: raw.failure_rate,
-    }
+    // `steps = 0` is read as one step rather than refused, as it always has been.
+    s.steps = s.steps.max(1);
+    s
 }
 
 #[cfg(test)]
@@ -308,7 +323,7 @@ failure_rate = 0.25
         assert_eq!(c.worker.drain, Duration::from_secs(30));
         assert_eq!(c.worker.output_dir, std::path::PathBuf::from("/ws/outputs"));
         assert_eq!(c.worker.workflow_id, "wf-1");
-        assert_eq!(c.worker.customer_access.isolation, "strict");
+        assert_eq!(c.worker.customer_access.isolation, super::Isolation::Strict);
         assert_eq!(c.worker.capabilities["max_batch_size"], 4);
         assert_eq!(c.openai.base_url, "http://localhost:8000/v1");
         assert_eq!(c.openai.api_key_env, "OPENAI_API_KEY");
@@ -324,8 +339,9 @@ failure_rate = 0.25
         assert_eq!(
             keys,
             [
-                "worker.heartbeat",
+                // Found when the document is read, before the checks that need whole sections.
                 "worker.customer_access.isolation",
+                "worker.heartbeat",
                 "worker.capabilities.models",
                 "connectors.openai.base_url",
                 "connectors.openai.max_attempts",

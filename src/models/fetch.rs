@@ -12,10 +12,19 @@ use tokio::sync::watch;
 
 use super::ModelError;
 use super::catalogue::Entry;
+use crate::connectors::store::CloudStores;
+
+/// Where models come from: HTTP(S) through one client, object stores through the buckets the
+/// outputs use too (one builder, the same `AWS_*`/`AZURE_*`/`GOOGLE_*` credentials).
+#[derive(Debug)]
+pub(crate) struct Sources {
+    pub http: reqwest::Client,
+    pub cloud: CloudStores,
+}
 
 /// Fetches `entry` to `dest`, publishing the bytes on disk so far on `progress`.
 pub(crate) async fn fetch(
-    client: &reqwest::Client,
+    client: &Sources,
     entry: &Entry,
     dest: &Path,
     progress: &watch::Sender<u64>,
@@ -72,7 +81,7 @@ fn redact(u: &url::Url) -> String {
 }
 
 async fn fetch_from(
-    client: &reqwest::Client,
+    client: &Sources,
     entry: &Entry,
     source: &url::Url,
     part: &Path,
@@ -141,15 +150,10 @@ type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes, Strin
 
 /// Opens the source from byte `from`; `true` when the answer continues there (else it starts
 /// at 0).
-async fn open(
-    client: &reqwest::Client,
-    entry: &Entry,
-    source: &url::Url,
-    from: u64,
-) -> Result<(ByteStream, bool), ModelError> {
+async fn open(client: &Sources, entry: &Entry, source: &url::Url, from: u64) -> Result<(ByteStream, bool), ModelError> {
     match source.scheme() {
         "http" | "https" => {
-            let mut req = client.get(source.clone());
+            let mut req = client.http.get(source.clone());
             if let Some(token) = &entry.token {
                 req = req.bearer_auth(token);
             }
@@ -166,9 +170,10 @@ async fn open(
             Ok((Box::pin(stream), resumed))
         }
         _ => {
-            let store = object_store_for(source).map_err(|e| download(entry, source, e))?;
-            let path =
-                object_store::path::Path::from_url_path(source.path()).map_err(|e| download(entry, source, e))?;
+            let (store, path) = client
+                .cloud
+                .object(source)
+                .map_err(|e| download(entry, source, error_chain(&e)))?;
             let opts = object_store::GetOptions {
                 range: (from > 0).then_some(object_store::GetRange::Offset(from)),
                 ..object_store::GetOptions::default()
@@ -176,33 +181,11 @@ async fn open(
             let got = store
                 .get_opts(&path, opts)
                 .await
-                .map_err(|e| download(entry, source, e))?;
+                .map_err(|e| download(entry, source, error_chain(&e)))?;
             let stream = got.into_stream().map(|r| r.map_err(|e| e.to_string()));
             Ok((Box::pin(stream), from > 0))
         }
     }
-}
-
-/// The object store of an `s3://`, `az://` or `gs://` URL, with credentials from the standard
-/// environment variables of each cloud.
-fn object_store_for(u: &url::Url) -> Result<Box<dyn object_store::ObjectStore>, object_store::Error> {
-    Ok(match u.scheme() {
-        "s3" => Box::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(u.as_str())
-                .build()?,
-        ),
-        "az" => Box::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(u.as_str())
-                .build()?,
-        ),
-        _ => Box::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(u.as_str())
-                .build()?,
-        ),
-    })
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

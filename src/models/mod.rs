@@ -26,6 +26,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::config::Env;
+use crate::connectors::store::CloudStores;
 use catalogue::{Catalogue, Entry};
 
 /// Why a model could not be made available.
@@ -133,7 +134,7 @@ pub struct ModelStore {
 struct Inner {
     settings: StoreSettings,
     catalogue: Catalogue,
-    client: reqwest::Client,
+    sources: fetch::Sources,
     state: Mutex<State>,
     downloads: AtomicU64,
     downloaded_bytes: AtomicU64,
@@ -194,11 +195,16 @@ impl ModelStore {
                 file: "(http client)".to_owned(),
                 message: e.to_string(),
             })?;
+        // Object-store sources use the outputs' builder and the same credentials.
+        let sources = fetch::Sources {
+            http: client,
+            cloud: CloudStores::from_env(env),
+        };
         Ok(ModelStore {
             inner: Arc::new(Inner {
                 settings,
                 catalogue,
-                client,
+                sources,
                 state: Mutex::new(State::default()),
                 downloads: AtomicU64::new(0),
                 downloaded_bytes: AtomicU64::new(0),
@@ -329,7 +335,7 @@ impl ModelStore {
             self.make_room(entry)?;
             self.inner.downloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(model = %entry.name, kind = %entry.kind, size = entry.size, "fetching a model on demand");
-            fetch::fetch(&self.inner.client, entry, &dest, tx).await?;
+            fetch::fetch(&self.inner.sources, entry, &dest, tx).await?;
             self.inner.downloaded_bytes.fetch_add(entry.size, Ordering::Relaxed);
         }
         let at = s.link_dir.join(&entry.kind).join(&entry.name);

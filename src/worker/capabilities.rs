@@ -100,7 +100,7 @@ pub fn build(plan: &WorkerPlan, machine_id: &str, probe: &Probe, config: &Worker
     caps.job_service_required_map = plan.job_services();
     caps.hardware = hardware;
     caps.customer_access = CustomerAccess {
-        isolation: config.customer_access.isolation.clone(),
+        isolation: config.customer_access.isolation.as_str().to_owned(),
         allowed_customers: config.customer_access.allowed_customers.clone(),
         denied_customers: config.customer_access.denied_customers.clone(),
     };

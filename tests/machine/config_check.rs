@@ -73,6 +73,28 @@ fn json_errors_list_every_problem() {
 }
 
 #[test]
+fn problems_name_the_file_key_or_the_variable_that_set_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("machine.toml");
+    std::fs::write(&file, "[gpu]\ncount = 1000\n[log]\nformat = \"xml\"\n").unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .env("MACHINE_HEALTH_PORT", "http"));
+    assert_eq!(out.status.code(), Some(2), "stdout: {stdout}");
+    for line in [
+        "gpu.count: is more than the most GPUs a machine has",
+        "log.format: unknown variant `xml`, expected `text` or `json`",
+        "MACHINE_HEALTH_PORT: invalid type: string \"http\", expected u16 (sets `health.port`)",
+    ] {
+        assert!(stderr.contains(line), "{line} in {stderr}");
+    }
+    for var in ["MACHINE_GPU_COUNT", "LOG_FORMAT"] {
+        assert!(!stderr.contains(var), "{var} was not set: {stderr}");
+    }
+}
+
+#[test]
 fn config_file_from_environment_and_missing_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.toml");

@@ -10,6 +10,10 @@
 //! every provider, so an interrupted upload leaves no partial object; it fails the attempt
 //! retryably and the broker's retry writes under a new `_r<N>` name.
 //!
+//! The buckets are reached through [`CloudStores`], which the models fetched on demand
+//! (`s3://`, `az://`, `gs://` sources, see `crate::models`) share: one builder, one reading of
+//! the credentials.
+//!
 //! Credentials come only from the standard environment variables (`AWS_*`, `AZURE_*`, `GOOGLE_*`;
 //! see docs/connectors.md), read once when the store is made; never from `ctx`, which lives in
 //! Redis. Error messages keep the store's own words with every configured secret value removed.
@@ -41,6 +45,9 @@ pub enum StoreError {
     /// The job's `ctx` names no usable destination.
     #[error("invalid ctx: {0}")]
     BadCtx(String),
+    /// An object URL (a model's source) names no usable bucket and object.
+    #[error("invalid object URL {0}")]
+    BadUrl(String),
     /// The store could not be built from the environment (credentials, endpoint).
     #[error("failed to configure {provider} storage")]
     Configure {
@@ -93,7 +100,7 @@ impl StoreError {
     /// Whether another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::BadCtx(_) | StoreError::Configure { .. } => false,
+            StoreError::BadCtx(_) | StoreError::BadUrl(_) | StoreError::Configure { .. } => false,
             StoreError::Put { retryable, .. } => *retryable,
             StoreError::Verify { .. } | StoreError::Cdn { .. } | StoreError::CreateDir { .. } => true,
         }
@@ -152,12 +159,22 @@ struct Bucket {
 #[derive(Debug)]
 pub struct OutputStore {
     local_root: PathBuf,
-    vars: BTreeMap<String, String>,
-    secrets: Arc<[String]>,
+    cloud: CloudStores,
     options: StoreOptions,
     http: reqwest::Client,
     local: Mutex<Option<Arc<dyn ObjectStore>>>,
-    cloud: Mutex<HashMap<(Provider, String), Bucket>>,
+}
+
+/// The cloud buckets this machine can reach, configured from the standard environment
+/// variables (`AWS_*`, `AZURE_*`, `AZURITE_*`, `GOOGLE_*`) read once when it is made, one client
+/// per bucket built on first use and then kept. One builder for everything the machine moves
+/// through object stores: the outputs of jobs and the models fetched on demand
+/// ([`CloudStores::object`]).
+#[derive(Debug)]
+pub struct CloudStores {
+    vars: BTreeMap<String, String>,
+    secrets: Arc<[String]>,
+    cache: Mutex<HashMap<(Provider, String), Bucket>>,
 }
 
 /// Whether an environment variable configures a cloud store.
@@ -181,25 +198,12 @@ impl OutputStore {
         vars: impl IntoIterator<Item = (String, String)>,
         options: StoreOptions,
     ) -> OutputStore {
-        let vars: BTreeMap<String, String> = vars.into_iter().filter(|(k, _)| is_storage_var(k)).collect();
-        let secrets: Vec<String> = vars
-            .iter()
-            .filter(|(k, v)| {
-                v.len() >= 4
-                    && ["KEY", "SECRET", "TOKEN", "SAS", "PASSWORD"]
-                        .iter()
-                        .any(|s| k.contains(s))
-            })
-            .map(|(_, v)| v.clone())
-            .collect();
         OutputStore {
             local_root: root.into(),
-            vars,
-            secrets: secrets.into(),
+            cloud: CloudStores::with_vars(vars),
             options,
             http: reqwest::Client::new(),
             local: Mutex::new(None),
-            cloud: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,7 +218,7 @@ impl OutputStore {
         let spec = destination::spec(&job.ctx)?;
         let (bucket, cdn) = match &spec.place {
             Place::Local => (self.local_bucket()?, None),
-            Place::Cloud { provider, bucket, cdn } => (self.cloud_bucket(*provider, bucket)?, cdn.clone()),
+            Place::Cloud { provider, bucket, cdn } => (self.cloud.bucket(*provider, bucket)?, cdn.clone()),
         };
         let prefix = if spec.prefix.is_empty() {
             vec![naming::sanitise_segment(&job.id).unwrap_or_else(|| "job".to_owned())]
@@ -230,7 +234,7 @@ impl OutputStore {
             job_id: job.id.clone(),
             attempt: retry_count.max(spec.retry_hint),
             options: self.options.clone(),
-            secrets: self.secrets.clone(),
+            secrets: self.cloud.secrets.clone(),
             http: self.http.clone(),
         })
     }
@@ -263,16 +267,75 @@ impl OutputStore {
         let store: Arc<dyn ObjectStore> = Arc::new(
             object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|e| StoreError::Configure {
                 provider: "local",
-                source: self.redact(&e),
+                source: self.cloud.redact(&e),
             })?,
         );
         *local = Some(store.clone());
         Ok(Bucket { store, url_base })
     }
+}
 
-    fn cloud_bucket(&self, provider: Provider, bucket: &str) -> Result<Bucket, StoreError> {
+impl CloudStores {
+    /// Cloud stores configured from `env` (the storage variables among its names).
+    pub fn from_env(env: &dyn crate::config::Env) -> CloudStores {
+        CloudStores::with_vars(
+            env.names()
+                .into_iter()
+                .filter(|k| is_storage_var(k))
+                .filter_map(|k| env.var(&k).map(|v| (k, v))),
+        )
+    }
+
+    /// Cloud stores configured from these variables (the storage ones among them are kept).
+    pub fn with_vars(vars: impl IntoIterator<Item = (String, String)>) -> CloudStores {
+        let vars: BTreeMap<String, String> = vars.into_iter().filter(|(k, _)| is_storage_var(k)).collect();
+        let secrets: Vec<String> = vars
+            .iter()
+            .filter(|(k, v)| {
+                v.len() >= 4
+                    && ["KEY", "SECRET", "TOKEN", "SAS", "PASSWORD"]
+                        .iter()
+                        .any(|s| k.contains(s))
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        CloudStores {
+            vars,
+            secrets: secrets.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store and object path an `s3://bucket/key`, `az://container/blob` or
+    /// `gs://bucket/object` URL names, through the same builder (and credentials) as the
+    /// outputs. Errors name the URL without its query, which may hold a signature.
+    pub fn object(&self, url: &url::Url) -> Result<(Arc<dyn ObjectStore>, Path), StoreError> {
+        let bad = |why: &str| {
+            let mut shown = url.clone();
+            shown.set_query(None);
+            StoreError::BadUrl(format!("{shown}: {why}"))
+        };
+        let provider = match url.scheme() {
+            "s3" => Provider::S3,
+            "az" => Provider::Azure,
+            "gs" => Provider::Gcs,
+            _ => return Err(bad("not an s3://, az:// or gs:// URL")),
+        };
+        let bucket = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("it names no bucket"))?;
+        let path = Path::from_url_path(url.path().trim_start_matches('/')).map_err(|e| bad(&e.to_string()))?;
+        if path.as_ref().is_empty() {
+            return Err(bad("it names no object"));
+        }
+        Ok((self.bucket(provider, bucket)?.store, path))
+    }
+
+    /// The client of `bucket` at `provider`, built on first use.
+    fn bucket(&self, provider: Provider, bucket: &str) -> Result<Bucket, StoreError> {
         let mut cache = self
-            .cloud
+            .cache
             .lock()
             .expect("the store cache lock is never held across a panic");
         if let Some(b) = cache.get(&(provider, bucket.to_owned())) {
@@ -752,6 +815,66 @@ mod tests {
             .target(&job(serde_json::json!({"provider": "azure", "bucket": "c", "prefix": "p", "cdnUrl": "http://cdn.example/"})), 0)
             .unwrap();
         assert_eq!(t.cdn.as_deref(), Some("cdn.example"));
+    }
+
+    #[test]
+    fn object_urls_name_a_provider_bucket_and_path_and_share_the_outputs_builder() {
+        let gcs_key = serde_json::json!({"gcs_base_url": "http://127.0.0.1:9", "disable_oauth": true,
+            "client_email": "", "private_key": "", "private_key_id": ""})
+        .to_string();
+        let env = BTreeMap::from([
+            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t-s3cr3t"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AZURE_STORAGE_ACCOUNT", "acct"),
+            ("AZURE_STORAGE_KEY", "a2V5a2V5a2V5"),
+            ("GOOGLE_SERVICE_ACCOUNT_KEY", gcs_key.as_str()),
+            ("HOME", "/root"),
+        ]);
+        let stores = CloudStores::from_env(&env);
+        assert!(!stores.vars.contains_key("HOME"), "only storage variables are kept");
+        let cases = [
+            (
+                "s3://weights/loras/a b.safetensors",
+                Provider::S3,
+                "weights",
+                "loras/a b.safetensors",
+            ),
+            (
+                "s3://weights/loras/a%20b.safetensors",
+                Provider::S3,
+                "weights",
+                "loras/a b.safetensors",
+            ),
+            ("az://models/ckpt/x.ckpt", Provider::Azure, "models", "ckpt/x.ckpt"),
+            ("gs://bucket/x.pt", Provider::Gcs, "bucket", "x.pt"),
+        ];
+        for (url, provider, bucket, path) in cases {
+            let (_, p) = stores.object(&url::Url::parse(url).unwrap()).unwrap();
+            assert_eq!(p.as_ref(), path, "{url}");
+            let cache = stores.cache.lock().unwrap();
+            assert!(
+                cache.contains_key(&(provider, bucket.to_owned())),
+                "{url}: {provider:?} {bucket}"
+            );
+        }
+        // One client per bucket, whoever asks.
+        let n = stores.cache.lock().unwrap().len();
+        stores.object(&url::Url::parse("s3://weights/other").unwrap()).unwrap();
+        assert_eq!(stores.cache.lock().unwrap().len(), n);
+
+        for bad in ["https://host/x", "s3://bucket/", "s3://bucket", "file:///x"] {
+            let e = stores.object(&url::Url::parse(bad).unwrap()).err().unwrap();
+            assert!(matches!(e, StoreError::BadUrl(_)) && !e.is_retryable(), "{bad}: {e}");
+        }
+        let e = stores
+            .object(&url::Url::parse("az://c/?sig=abc").unwrap())
+            .err()
+            .unwrap();
+        assert!(
+            !e.to_string().contains("sig="),
+            "the query (a signature) is not shown: {e}"
+        );
     }
 
     #[test]

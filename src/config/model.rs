@@ -1,0 +1,358 @@
+//! The validated configuration: [`Config`] and one type per section. Sections that need no
+//! conversion (`[gpu]`, `[log]`, `[supervisor]`, `[connectors.comfyui]`, `[connectors.a1111]`,
+//! `[install.playwright]`) are also what the TOML deserializes into, so there is no raw twin to
+//! copy field by field; `super::validate` only checks them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::Problem;
+use super::connectors::{ConnectorList, ReplicateConfig, RunpodConfig};
+use super::service::ServiceSpec;
+use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
+
+/// The validated configuration of this machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// This machine's id in the fleet.
+    pub machine_id: String,
+    /// Where installs, models, logs and state live.
+    pub workspace: PathBuf,
+    /// The hub's Redis; `None` means local mode (a private redis-server).
+    pub redis: Option<RedisUrl>,
+    /// Port of the health/status HTTP server.
+    pub health_port: u16,
+    /// The parsed `WORKER_CONNECTORS`.
+    #[serde(serialize_with = "serialize_display")]
+    pub connectors: ConnectorList,
+    /// GPU facts to use when NVML cannot tell (or to use fewer GPUs).
+    pub gpu: GpuOverrides,
+    /// `CUDA_VISIBLE_DEVICES` as the machine respects it.
+    pub visible_devices: VisibleDevices,
+    /// Limit for each installer.
+    #[serde(with = "humantime_serde")]
+    pub install_timeout: Duration,
+    /// What the installers install and how.
+    pub install: InstallConfig,
+    /// Logging output.
+    pub log: LogConfig,
+    /// Supervisor knobs.
+    pub supervisor: SupervisorConfig,
+    /// Per-connector settings for the plan's services.
+    pub comfyui: ServiceConnectorConfig,
+    /// Per-connector settings for the plan's services.
+    pub a1111: ServiceConnectorConfig,
+    /// Per-connector settings for the plan's services.
+    pub playwright: ServiceConnectorConfig,
+    /// User-defined `[services.NAME]`, sorted by name.
+    pub services: Vec<ServiceSpec>,
+    /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
+    /// one those routes are refused.
+    pub control_token: Option<Secret>,
+    /// Who may read the health server's `/logs`, `/status` and `/metrics`.
+    pub health_access: HealthAccess,
+    /// How workers claim, hold and report jobs.
+    pub worker: WorkerConfig,
+    /// The OpenAI-compatible API of the `openai` connector.
+    pub openai: OpenaiConfig,
+    /// Replicate, for the `replicate` connector.
+    pub replicate: ReplicateConfig,
+    /// RunPod serverless endpoints, for the `runpod` connector.
+    pub runpod: RunpodConfig,
+    /// The simulation connector's defaults.
+    pub simulation: SimulationConfig,
+    /// Things that are not wrong enough to refuse, such as unknown `MACHINE_*` variables; the
+    /// caller logs them once logging is set up.
+    #[serde(skip)]
+    pub warnings: Vec<Problem>,
+    /// Models on demand (`[models]`).
+    pub models: ModelsConfig,
+}
+
+/// Models fetched on demand for ComfyUI jobs (`[models]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelsConfig {
+    /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
+    pub catalogue: Option<PathBuf>,
+    /// Budget of the shared models directory in bytes; `None`: no limit.
+    pub cache_max_bytes: Option<u64>,
+    /// How long a job requiring models waits for a worker that has them before one that must
+    /// download them may take it.
+    #[serde(with = "humantime_serde")]
+    pub affinity_wait: Duration,
+    /// Workflow inputs that name model files.
+    pub loader_inputs: Vec<String>,
+}
+
+impl Config {
+    /// The Redis the machine talks to: the hub's, or in local mode the private redis-server
+    /// the machine supervises on a Unix socket under the workspace.
+    pub fn broker_url(&self) -> RedisUrl {
+        self.redis
+            .clone()
+            .unwrap_or_else(|| RedisUrl(format!("unix://{}", self.local_redis_socket().display())))
+    }
+
+    /// The Unix socket of the local-mode redis-server.
+    pub fn local_redis_socket(&self) -> PathBuf {
+        self.workspace.join("run/redis.sock")
+    }
+
+    /// The data directory of the local-mode redis-server.
+    pub fn local_redis_dir(&self) -> PathBuf {
+        self.workspace.join("redis")
+    }
+}
+
+/// A secret taken from the environment: usable, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub(super) String);
+
+impl Secret {
+    /// The secret's value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub(super) String);
+
+impl RedisUrl {
+    /// Validates a URL given outside the configuration (e.g. `--redis-url`).
+    pub fn parse(u: &str) -> Result<RedisUrl, String> {
+        super::validate::redis_url(u)
+    }
+
+    /// The URL with its credentials, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for logs and status pages.
+    pub fn masked(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.masked())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.masked())
+    }
+}
+
+/// GPU facts given by configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuOverrides {
+    /// `MACHINE_GPU_COUNT`: the number of GPUs to use.
+    pub count: Option<u32>,
+    /// `MACHINE_GPU_MEMORY_GB`: memory per GPU when NVML cannot tell.
+    pub memory_gb: Option<f64>,
+    /// `MACHINE_GPU_MODEL`: model name when NVML cannot tell.
+    pub model: Option<String>,
+}
+
+/// `CUDA_VISIBLE_DEVICES` as CUDA reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "devices")]
+pub enum VisibleDevices {
+    /// Unset: every GPU.
+    All,
+    /// Empty (or `-1`): no GPU.
+    None,
+    /// Only these GPUs, by index or UUID, in this order.
+    List(Vec<DeviceSelector>),
+}
+
+/// One entry of `CUDA_VISIBLE_DEVICES`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceSelector {
+    /// A GPU index as NVML numbers them (PCI bus order).
+    Index(u32),
+    /// A GPU UUID (`GPU-...`) or UUID prefix.
+    Uuid(String),
+}
+
+/// Who may read what on the health server (`[health]`). `/health` and `/ready` are always open.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthAccess {
+    /// `MACHINE_READ_TOKEN`: a bearer token that reads the guarded routes but controls nothing
+    /// (the control token reads them too).
+    pub read_token: Option<Secret>,
+    /// Whether `/logs` is open to anyone (it can show prompts and customer data).
+    pub open_logs: bool,
+    /// Whether `/status` needs a token.
+    pub guard_status: bool,
+    /// Whether `/metrics` needs a token.
+    pub guard_metrics: bool,
+}
+
+/// Logging output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Human-readable or JSON lines.
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive (`RUST_LOG`).
+    pub filter: String,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const FORMATS: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
+        Ok(FORMATS[variant(d, &["text", "json"])?])
+    }
+}
+
+/// Reads one of `names`, ignoring case and surrounding white space as the machine always has;
+/// an unknown name fails with serde's message, which lists the allowed ones. Returns the index
+/// of the name, so an enum maps it to its variant.
+pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static str]) -> Result<usize, D::Error> {
+    let text = String::deserialize(d)?;
+    let wanted = text.trim().to_ascii_lowercase();
+    names
+        .iter()
+        .position(|n| *n == wanted)
+        .ok_or_else(|| serde::de::Error::unknown_variant(&text, names))
+}
+
+/// Supervisor knobs shared by every service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Default SIGTERM → SIGKILL delay.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// First restart delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Restart delay cap.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Fraction by which each delay varies (0..=1).
+    pub backoff_jitter: f64,
+    /// Uptime after which the backoff resets.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// Failures within `crash_loop_window` that mean crash loop.
+    pub crash_loop_failures: u32,
+    /// The crash-loop window.
+    #[serde(with = "humantime_serde")]
+    pub crash_loop_window: Duration,
+    /// Size at which a service log file rotates.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per service.
+    pub log_files: u32,
+    /// Lines kept in memory per service.
+    pub log_tail_lines: usize,
+    /// Longest line kept; the rest of a longer line is dropped.
+    pub log_max_line_bytes: usize,
+}
+
+/// Settings of a connector that runs one service per GPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConnectorConfig {
+    /// GPU i listens on `base_port + i`.
+    pub base_port: u16,
+    /// Arguments appended to the default command.
+    pub extra_args: Vec<String>,
+    /// A full command replacing the default; `{port}`, `{gpu}` and `{workspace}` are filled in.
+    pub command: Option<Vec<String>>,
+}
+
+/// What the installers install and how (`[install]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallConfig {
+    /// Custom nodes and model downloads run at once (at least 1).
+    pub concurrency: usize,
+    /// Whether a failed custom node or model fails the whole install.
+    pub strict: bool,
+    /// The ComfyUI source and its extras.
+    pub comfyui: ComfyuiInstallConfig,
+    /// The Playwright render service.
+    pub playwright: PlaywrightInstallConfig,
+}
+
+/// Where ComfyUI, its custom nodes and its models come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComfyuiInstallConfig {
+    /// Git URL (or local path) of the ComfyUI repository.
+    pub repo_url: String,
+    /// Tag, commit or branch to check out.
+    pub git_ref: String,
+    /// The interpreter that creates the venv.
+    pub python: String,
+    /// `pip --extra-index-url` for torch wheels.
+    pub torch_index_url: Option<String>,
+    /// The custom-node catalogue; `None` means the built-in one.
+    pub nodes_file: Option<PathBuf>,
+    /// The model manifest; `None` means no models.
+    pub models_manifest: Option<PathBuf>,
+    /// The shared models directory linked into ComfyUI.
+    pub models_dir: PathBuf,
+    /// Packages pip installs into the venv beside `requirements.txt`: what the pinned ref
+    /// imports without listing it (upstream imports `requests` unlisted).
+    pub extra_packages: Vec<String>,
+    /// A pip constraints file (`pip -c`) for every pip install in ComfyUI's venv.
+    pub constraints: Option<PathBuf>,
+    /// Arguments to the venv's python, run in the checkout after every install; a failure fails
+    /// the install with its traceback. Empty: no smoke test.
+    pub smoke_test: Vec<String>,
+}
+
+/// The Playwright render service's install.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaywrightInstallConfig {
+    /// The browser executable; `None` means auto-detect.
+    pub chromium: Option<PathBuf>,
+    /// npm version of `playwright-core`.
+    pub playwright_core: String,
+    /// npm version of `p5`.
+    pub p5: String,
+}
+
+fn serialize_display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}

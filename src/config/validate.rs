@@ -1,0 +1,347 @@
+//! Validation: the typed document (`super::raw`) and what only the environment sets
+//! (`super::overlay::EnvOnly`) checked section by section into a [`Config`]. Every check runs
+//! whatever the others found, so every problem is reported at once; each is reported at its key
+//! path, which [`Problems`] turns into the variable's name when the environment set the value.
+
+use std::path::{Path, PathBuf};
+
+use super::connectors::{self, ConnectorKind, ConnectorList};
+use super::env::Env;
+use super::error::Problems;
+use super::model::{
+    ComfyuiInstallConfig, Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, ModelsConfig, RedisUrl,
+    ServiceConnectorConfig, SupervisorConfig,
+};
+use super::overlay::EnvOnly;
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawModels};
+use super::{service, worker};
+
+/// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
+pub const MAX_GPUS: u32 = 64;
+
+pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problems: &mut Problems) -> Config {
+    let (machine_id, workspace) = machine(&raw.machine, env, problems);
+    let redis = raw
+        .redis
+        .url
+        .filter(|u| !u.trim().is_empty())
+        .and_then(|u| redis_url(&u).map_err(|m| problems.at("redis.url", m)).ok());
+    let connectors = ConnectorList::parse(&raw.machine.worker_connectors).unwrap_or_else(|ps| {
+        for p in ps {
+            problems.at("machine.worker_connectors", p);
+        }
+        ConnectorList::default_list()
+    });
+    if raw.health.port == 0 {
+        problems.at("health.port", "must be a port number (1-65535)");
+    }
+    gpu(&raw.gpu, problems);
+    log(&raw.log, problems);
+    supervisor(&raw.supervisor, problems);
+    let c = raw.connectors;
+    let (comfyui, a1111, playwright) = service_connectors(&c, problems);
+    let install_timeout = raw.install.timeout;
+    if install_timeout.is_zero() {
+        problems.at("install.timeout", "must be more than 0");
+    }
+    let install = install(raw.install, &workspace, problems);
+    let services = {
+        let mut found = Vec::new();
+        let services = raw
+            .services
+            .iter()
+            .filter_map(|(name, svc)| service::validate_service(name, svc, raw.supervisor.grace, &mut found))
+            .collect();
+        for (key, message) in found {
+            problems.at(&key, message);
+        }
+        services
+    };
+    let list = problems.list_mut();
+    let worker = worker::validate_worker(raw.worker, &workspace, list);
+    let openai = worker::validate_openai(c.openai, list);
+    let replicate = connectors::validate_replicate(c.replicate, list);
+    let runpod = connectors::validate_runpod(c.runpod, list);
+    // External connectors need their credentials; a missing key is found now, not at the first
+    // job, and the problem names the variable to set.
+    for (kind, key_env) in [
+        (ConnectorKind::Openai, &openai.api_key_env),
+        (ConnectorKind::Replicate, &replicate.api_key_env),
+        (ConnectorKind::Runpod, &runpod.api_key_env),
+    ] {
+        if connectors.get(kind).is_some() && !key_env.is_empty() && env.var(key_env).is_none_or(|v| v.trim().is_empty())
+        {
+            problems.other(
+                key_env,
+                format!("the {kind} connector is listed in WORKER_CONNECTORS but its API key variable is not set"),
+            );
+        }
+    }
+    let simulation = worker::validate_simulation(c.simulation, problems.list_mut());
+    let models = models(raw.models, problems);
+    Config {
+        machine_id,
+        workspace,
+        redis,
+        health_port: raw.health.port,
+        connectors,
+        gpu: raw.gpu,
+        visible_devices: env_only.visible_devices,
+        install_timeout,
+        install,
+        log: raw.log,
+        supervisor: raw.supervisor,
+        comfyui,
+        a1111,
+        playwright,
+        services,
+        control_token: env_only.control_token,
+        health_access: HealthAccess {
+            read_token: env_only.read_token,
+            open_logs: raw.health.open_logs,
+            guard_status: raw.health.guard_status,
+            guard_metrics: raw.health.guard_metrics,
+        },
+        worker,
+        openai,
+        replicate,
+        runpod,
+        simulation,
+        warnings: Vec::new(),
+        models,
+    }
+}
+
+/// `[machine]`: the id (from the hostname when unset) and the workspace.
+fn machine(m: &RawMachine, env: &dyn Env, problems: &mut Problems) -> (String, PathBuf) {
+    let machine_id =
+        m.id.clone()
+            .unwrap_or_else(|| machine_id_from_hostname(env.hostname().as_deref()));
+    if !valid_machine_id(&machine_id) {
+        problems.at(
+            "machine.id",
+            format!("`{machine_id}` is not a valid machine id (1-63 characters of a-z, A-Z, 0-9, `-`, `_`, `.`)"),
+        );
+    }
+    if !m.workspace.is_absolute() {
+        problems.at(
+            "machine.workspace",
+            format!("`{}` is not an absolute path", m.workspace.display()),
+        );
+    }
+    (machine_id, m.workspace.clone())
+}
+
+fn gpu(gpu: &GpuOverrides, problems: &mut Problems) {
+    if gpu.count.is_some_and(|n| n > MAX_GPUS) {
+        problems.at(
+            "gpu.count",
+            format!("is more than the most GPUs a machine has ({MAX_GPUS})"),
+        );
+    }
+    if gpu.memory_gb.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        problems.at("gpu.memory_gb", "must be a positive number");
+    }
+}
+
+fn log(log: &LogConfig, problems: &mut Problems) {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.filter) {
+        problems.at("log.filter", format!("`{}` is not a valid log filter: {e}", log.filter));
+    }
+}
+
+fn supervisor(s: &SupervisorConfig, problems: &mut Problems) {
+    if !(0.0..=1.0).contains(&s.backoff_jitter) {
+        problems.at("supervisor.backoff_jitter", "must be between 0 and 1");
+    }
+    if s.backoff_initial.is_zero() || s.backoff_max < s.backoff_initial {
+        problems.at(
+            "supervisor.backoff_max",
+            "needs backoff_initial > 0 and backoff_max >= backoff_initial",
+        );
+    }
+    if s.crash_loop_failures == 0 {
+        problems.at("supervisor.crash_loop_failures", "must be at least 1");
+    }
+    if s.log_max_bytes < 1024 {
+        problems.at("supervisor.log_max_bytes", "must be at least 1024");
+    }
+    if s.log_max_line_bytes < 80 {
+        problems.at("supervisor.log_max_line_bytes", "must be at least 80");
+    }
+}
+
+/// The connectors that run one service per GPU: `[connectors.comfyui]`, `[connectors.a1111]`
+/// and `[connectors.playwright]`.
+fn service_connectors(
+    c: &RawConnectors,
+    problems: &mut Problems,
+) -> (ServiceConnectorConfig, ServiceConnectorConfig, ServiceConnectorConfig) {
+    let playwright = ServiceConnectorConfig {
+        base_port: c.playwright.base_port,
+        extra_args: Vec::new(),
+        command: c.playwright.command.clone(),
+    };
+    for (name, cc) in [
+        ("comfyui", &c.comfyui),
+        ("a1111", &c.a1111),
+        ("playwright", &playwright),
+    ] {
+        if cc.base_port == 0 {
+            problems.at(&format!("connectors.{name}.base_port"), "must be a port number");
+        }
+        if cc
+            .command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(|a| a.is_empty()))
+        {
+            problems.at(&format!("connectors.{name}.command"), "the command is empty");
+        }
+    }
+    (c.comfyui.clone(), c.a1111.clone(), playwright)
+}
+
+/// `[install]`; the models directory defaults to `<workspace>/models`.
+fn install(i: RawInstall, workspace: &Path, problems: &mut Problems) -> InstallConfig {
+    let c = i.comfyui;
+    let set_models_dir = c.models_dir.is_some();
+    let install = InstallConfig {
+        concurrency: i.concurrency,
+        strict: i.strict,
+        comfyui: ComfyuiInstallConfig {
+            repo_url: c.repo_url,
+            git_ref: c.git_ref,
+            python: c.python,
+            torch_index_url: c.torch_index_url.filter(|u| !u.trim().is_empty()),
+            nodes_file: c.nodes,
+            models_manifest: c.models,
+            models_dir: c.models_dir.unwrap_or_else(|| workspace.join("models")),
+            extra_packages: c.extra_packages,
+            constraints: c.constraints,
+            smoke_test: c.smoke_test,
+        },
+        playwright: i.playwright,
+    };
+    if install.concurrency == 0 {
+        problems.at("install.concurrency", "must be at least 1");
+    }
+    let comfyui = &install.comfyui;
+    if comfyui.repo_url.trim().is_empty() {
+        problems.at("install.comfyui.repo_url", "is empty");
+    }
+    // A ref starting with `-` would be read by git as an option.
+    if comfyui.git_ref.trim().is_empty() || comfyui.git_ref.starts_with('-') {
+        problems.at("install.comfyui.ref", format!("`{}` is not a git ref", comfyui.git_ref));
+    }
+    // A specifier starting with `-` would be read by pip as an option.
+    for p in comfyui.extra_packages.iter().filter(|p| p.starts_with('-')) {
+        problems.at(
+            "install.comfyui.extra_packages",
+            format!("`{p}` is not a package (pip options are not allowed here)"),
+        );
+    }
+    // Unset, it lies under the workspace, whose own problem already says what to fix.
+    if set_models_dir && !comfyui.models_dir.is_absolute() {
+        problems.at(
+            "install.comfyui.models_dir",
+            format!("`{}` is not an absolute path", comfyui.models_dir.display()),
+        );
+    }
+    let playwright = &install.playwright;
+    for (key, v) in [
+        ("install.playwright.playwright_core", &playwright.playwright_core),
+        ("install.playwright.p5", &playwright.p5),
+    ] {
+        if v.is_empty()
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
+        {
+            problems.at(key, format!("`{v}` is not an npm version"));
+        }
+    }
+    install
+}
+
+/// `[models]`: the size budget is given in GB and kept in bytes.
+fn models(m: RawModels, problems: &mut Problems) -> ModelsConfig {
+    if !(m.cache_max_gb.is_finite() && m.cache_max_gb >= 0.0) {
+        problems.at(
+            "models.cache_max_gb",
+            format!("`{}` is not a size in GB (0 = no limit)", m.cache_max_gb),
+        );
+    }
+    if m.loader_inputs.iter().any(|i| i.trim().is_empty()) {
+        problems.at("models.loader_inputs", "an input name is empty");
+    }
+    ModelsConfig {
+        catalogue: m.catalogue,
+        cache_max_bytes: (m.cache_max_gb > 0.0).then_some((m.cache_max_gb * 1e9) as u64),
+        affinity_wait: m.affinity_wait,
+        loader_inputs: m.loader_inputs,
+    }
+}
+
+/// Validates a Redis URL; the error masks any password in it.
+pub(super) fn redis_url(u: &str) -> Result<RedisUrl, String> {
+    let parsed = url::Url::parse(u).map_err(|e| format!("`{}` is not a URL: {e}", mask_text(u)))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(format!(
+            "scheme `{}` is not redis://, rediss://, unix:// or redis+unix://",
+            parsed.scheme()
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(u)
+        .map_err(|e| format!("`{}` is not a usable Redis URL: {e}", mask_text(u)))?;
+    Ok(RedisUrl(u.to_owned()))
+}
+
+/// Masks what looks like a password in a URL that may not even parse.
+fn mask_text(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
+        _ => u.to_owned(),
+    }
+}
+
+fn valid_machine_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Derives a machine id from the hostname: the same hostname always gives the same id, so a
+/// restarted container keeps its identity (and its jobs' leases) in the fleet.
+fn machine_id_from_hostname(hostname: Option<&str>) -> String {
+    let cleaned: String = hostname
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_matches('-');
+    if cleaned.is_empty() {
+        return "machine".to_owned();
+    }
+    let short: String = cleaned.chars().take(55).collect();
+    format!("machine-{}", short.trim_end_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_id_is_stable_and_clean() {
+        assert_eq!(machine_id_from_hostname(Some("GPU_Box.local")), "machine-gpu-box-local");
+        assert_eq!(
+            machine_id_from_hostname(Some("a1b2c3")),
+            machine_id_from_hostname(Some("a1b2c3"))
+        );
+        assert_eq!(machine_id_from_hostname(None), "machine");
+        assert!(valid_machine_id(&machine_id_from_hostname(Some(&"x".repeat(300)))));
+    }
+}
