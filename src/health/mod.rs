@@ -166,7 +166,7 @@ impl HealthState {
         if status.state != WorkerState::WaitingForServices {
             return None;
         }
-        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.services;
+        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
