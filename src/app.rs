@@ -103,7 +103,8 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         tracing::warn!("{w}");
     }
     for worker in &plan.workers {
-        tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
+        let connectors: Vec<&str> = worker.connectors.iter().map(|c| c.kind.name()).collect();
+        tracing::info!(worker = %worker.id, ?connectors, waits_for = ?worker.waits_for, "worker planned");
     }
     supervisor::raise_open_files_limit();
     let started = async {
@@ -204,13 +205,15 @@ async fn run_subsystems(
     let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
+    // The workers scan their models only when they start, after this, so what the installers
+    // download on this boot is in the capabilities they register with.
     let installed = tokio::select! {
-        r = installers::before_services(config, &tracker, shutdown.child_token()) => r.map(|_| ()),
+        r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
     let code = match installed {
         Err(e) => {
-            tracing::error!("{}", installers::error_report(&e));
+            tracing::error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
         Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
@@ -281,9 +284,7 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
-            let result = workers
-                .serve(broker, config.worker.lease / 2, &readiness, workers_stop)
-                .await;
+            let result = workers.run(broker, &readiness, workers_stop).await;
             (result, Some(fleet))
         })
     };
@@ -379,7 +380,7 @@ fn readiness(
     stop: &CancellationToken,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Readiness {
-    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.services).collect();
+    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
         let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {

@@ -104,7 +104,7 @@ impl HealthState {
         Arc::new(HealthState {
             machine_id: config.machine_id.clone(),
             started: Instant::now(),
-            started_ms: now_ms(),
+            started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
             config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
             plan: plan.clone(),
@@ -166,7 +166,7 @@ impl HealthState {
         if status.state != WorkerState::WaitingForServices {
             return None;
         }
-        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.services;
+        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -276,11 +276,4 @@ impl HealthState {
             config: self.config.clone(),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use redis::cmd;
 
-use super::{Broker, now_ms, redis_err};
+use super::{Broker, redis_err};
+use crate::clock::now_ms;
 use crate::matcher::BrokerError;
 use crate::matcher::capabilities::Capabilities;
 /// How long the stored copy of a machine's status message lives without a refresh: the API's
