@@ -355,10 +355,11 @@ async fn run_services_and_workers(
 /// What the upkeep of the workers' services uses: the supervisor, the metrics that count its
 /// planned restarts, and the GPUs' used memory.
 fn keep_up(handle: &SupervisorHandle, state: &Arc<HealthState>, probe: Arc<Probe>) -> worker::upkeep::KeepUp {
-    let metrics = state.metrics().clone();
+    let (metrics, warmups) = (state.metrics().clone(), state.metrics().clone());
     worker::upkeep::KeepUp {
         supervisor: handle.clone(),
         on_restart: Arc::new(move |service, reason| metrics.planned_restart(service, reason)),
+        on_warmup: Arc::new(move |service, seconds| warmups.warmup(service, seconds)),
         gpu_memory_used: Arc::new(move |gpu| {
             probe
                 .live()

@@ -315,6 +315,10 @@ pub struct ServiceConnectorConfig {
     /// Restart the service between jobs after this many jobs.
     #[serde(default)]
     pub restart_every_jobs: Option<u32>,
+    /// A warm-up job run on each start of the service before its worker claims: for ComfyUI the
+    /// path of a workflow in API format, for A1111 a prompt. A failing warm-up is a failed start.
+    #[serde(default)]
+    pub warmup: Option<String>,
 }
 
 /// What the installers install and how (`[install]`).

@@ -185,6 +185,7 @@ fn service_connectors(
         restart_above_rss: c.playwright.restart_above_rss,
         restart_above_idle_vram: c.playwright.restart_above_idle_vram,
         restart_every_jobs: c.playwright.restart_every_jobs,
+        warmup: None,
     };
     for (name, cc) in [
         ("comfyui", &c.comfyui),
@@ -193,6 +194,21 @@ fn service_connectors(
     ] {
         if cc.base_port == 0 {
             problems.at(&format!("connectors.{name}.base_port"), "must be a port number");
+        }
+        if name == "comfyui" {
+            if let Some(path) = &cc.warmup {
+                let parsed = std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
+                match parsed {
+                    Ok(v) if v.is_object() => {}
+                    Ok(_) => problems.at(
+                        "connectors.comfyui.warmup",
+                        format!("{path}: not a workflow (a JSON object)"),
+                    ),
+                    Err(e) => problems.at("connectors.comfyui.warmup", format!("failed to read {path}: {e}")),
+                }
+            }
         }
         if cc.restart_every_jobs == Some(0) {
             problems.at(&format!("connectors.{name}.restart_every_jobs"), "must be at least 1");

@@ -84,6 +84,7 @@ struct Inner {
     match_misses: Counter,
     service_restarts: Family<ServiceLabel, Gauge>,
     planned_restarts: Family<PlannedRestartLabels, Counter>,
+    warmup_seconds: Family<ServiceLabel, FloatGauge>,
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
@@ -142,6 +143,12 @@ impl Metrics {
             "service_planned_restarts",
             "Restarts of a service planned between jobs, by reason (rss, idle_vram, every_jobs, unresponsive)",
             planned_restarts.clone(),
+        );
+        let warmup_seconds = Family::<ServiceLabel, FloatGauge>::default();
+        registry.register(
+            "service_warmup_seconds",
+            "Time of the last successful warm-up job of each service",
+            warmup_seconds.clone(),
         );
         let gpu_utilization = Family::<GpuLabel, Gauge>::default();
         registry.register("gpu_utilization_percent", "GPU utilisation", gpu_utilization.clone());
@@ -234,6 +241,7 @@ impl Metrics {
                 match_misses,
                 service_restarts,
                 planned_restarts,
+                warmup_seconds,
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
@@ -365,6 +373,16 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Records the time of `service`'s last successful warm-up.
+    pub fn warmup(&self, service: &str, seconds: f64) {
+        self.inner
+            .warmup_seconds
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .set(seconds);
     }
 
     /// Sets a GPU's live readings (at scrape time).

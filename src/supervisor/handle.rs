@@ -149,6 +149,9 @@ pub(crate) enum Command {
     Start(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
     Restart(oneshot::Sender<()>),
+    /// The running service failed a check made outside its probes (a failed warm-up): stop it
+    /// and count a failure, as a failed liveness probe does.
+    Fail(String, oneshot::Sender<()>),
 }
 
 #[derive(Debug)]
@@ -218,6 +221,14 @@ impl SupervisorHandle {
     /// was begun.
     pub async fn restart(&self, name: &str) -> Result<(), SupervisorError> {
         self.send(name, Command::Restart).await
+    }
+
+    /// Declares the running service failed for `reason` (e.g. its warm-up job failed): it is
+    /// stopped and the failure counts toward backoff and crash loop, as a failed liveness probe
+    /// does. A service that is not running is left alone.
+    pub async fn fail(&self, name: &str, reason: &str) -> Result<(), SupervisorError> {
+        let reason = reason.to_owned();
+        self.send(name, |reply| Command::Fail(reason, reply)).await
     }
 
     /// The status of every service, in start order.

@@ -132,7 +132,7 @@ impl Actor {
                         let _ = reply.send(());
                         return Next::Idle(ServiceState::Stopped);
                     }
-                    Command::Start(reply) | Command::Restart(reply) => {
+                    Command::Start(reply) | Command::Restart(reply) | Command::Fail(_, reply) => {
                         let _ = reply.send(());
                     }
                 },
@@ -336,6 +336,13 @@ impl Actor {
                         let status = self.stop_child(child, pid, force).await;
                         return RunEnd::Stopped(status, Next::Start, Some(reply));
                     }
+                    Command::Fail(reason, reply) => {
+                        tracing::warn!(service = %self.spec.name, %reason, "the service failed; restarting it");
+                        self.set(|s| s.reason = Some(reason));
+                        let status = self.stop_child(child, pid, force).await;
+                        let _ = reply.send(());
+                        return RunEnd::Unhealthy(status);
+                    }
                 },
                 () = shutdown.cancelled() => {
                     self.wait_for_dependants(force).await;
@@ -466,6 +473,10 @@ impl Actor {
                     let _ = reply.send(());
                     Next::Start
                 }
+                Command::Fail(_, reply) => {
+                    let _ = reply.send(());
+                    Next::Backoff(delay)
+                }
             },
             () = shutdown.cancelled() => Next::Shutdown,
         }
@@ -476,7 +487,7 @@ impl Actor {
         loop {
             tokio::select! {
                 Some(cmd) = self.commands.recv() => match cmd {
-                    Command::Stop(reply) => {
+                    Command::Stop(reply) | Command::Fail(_, reply) => {
                         let _ = reply.send(());
                     }
                     Command::Start(reply) | Command::Restart(reply) => {

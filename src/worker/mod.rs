@@ -175,13 +175,22 @@ impl Workers {
                     let endpoint = c.endpoint.as_ref()?;
                     let s = plan.services.iter().find(|s| s.name == endpoint.service)?;
                     let limits = upkeep::Limits::of(settings);
-                    Some(upkeep::Kept::new(s.name.clone(), s.gpu, limits, s.ready.clone()))
+                    let mut kept = upkeep::Kept::new(s.name.clone(), s.gpu, limits, s.ready.clone());
+                    let connector = self.workers.get(i).and_then(|w| w.connector(c.kind));
+                    kept.warmup = warmup_job(c.kind, settings, &s.name)
+                        .zip(connector)
+                        .map(|(j, c)| (c, j));
+                    Some(kept)
                 })
                 .collect();
             let Some(worker) = self.workers.get_mut(i).filter(|_| !kept.is_empty()) else {
                 continue;
             };
             let (hold, gate) = pause::pause();
+            if kept.iter().any(|k| k.warmup.is_some()) {
+                // Held from the start: the first claim waits for the warm-up.
+                hold.hold("warming up its services");
+            }
             worker.pause_on(gate);
             self.upkeeps.push(upkeep::Upkeep::new(
                 worker.id().to_owned(),
@@ -347,6 +356,29 @@ pub async fn connect_broker(
             }
         }
     }
+}
+
+/// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the
+/// ComfyUI workflow file (checked when the configuration was loaded) or the A1111 prompt.
+fn warmup_job(
+    kind: ConnectorKind,
+    settings: &crate::config::ServiceConnectorConfig,
+    service: &str,
+) -> Option<crate::connectors::Job> {
+    let warmup = settings.warmup.as_deref()?;
+    let payload = match kind {
+        ConnectorKind::Comfyui => serde_json::from_str(&std::fs::read_to_string(warmup).ok()?).ok()?,
+        ConnectorKind::A1111 => serde_json::json!({ "prompt": warmup }),
+        _ => return None,
+    };
+    Some(crate::connectors::Job {
+        id: format!("warmup-{service}"),
+        service_required: kind.name().to_owned(),
+        payload,
+        customer_id: String::new(),
+        ctx: serde_json::Value::Null,
+        timeout: None,
+    })
 }
 
 /// The machine's one models store, when a ComfyUI connector runs here.

@@ -250,6 +250,11 @@ impl Worker {
         }
     }
 
+    /// The connector of `kind` this worker runs jobs through, if it has one.
+    pub fn connector(&self, kind: crate::config::ConnectorKind) -> Option<Arc<dyn Connector>> {
+        self.connectors.values().find(|c| c.kind() == kind).cloned()
+    }
+
     /// Claims only while `gate` holds nothing, and tells it of every job's end (see
     /// [`super::pause`]).
     pub fn pause_on(&mut self, gate: PauseGate) {

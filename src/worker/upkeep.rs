@@ -12,6 +12,13 @@
 //! ComfyUI that is wedged, not just silent) restarts it the same way, before the next claim,
 //! instead of waiting out the liveness probe's failures. Each planned restart is logged with its
 //! reason and counted (`machine_service_planned_restarts_total{service,reason}`).
+//!
+//! A service with a warm-up job (`warmup`: a ComfyUI workflow, an A1111 prompt) runs it on each
+//! run of the service (its first start and every restart, planned or not) once the service is
+//! healthy, while the worker is held: the worker claims only after a warm-up succeeded. Its time
+//! is logged and reported (`machine_service_warmup_seconds{service}`). A failing warm-up is a
+//! failed start: the supervisor stops the service with the warm-up's error and its restart
+//! policy applies (backoff, crash loop).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::pause::Pause;
 use super::{JobOutcome, WorkerState, WorkerStatus};
 use crate::config::{ProbeSpec, ServiceConnectorConfig};
+use crate::connectors::{Connector, Job, ProgressSink};
 use crate::supervisor::SupervisorHandle;
 
 /// How often an idle worker's services are read.
@@ -33,6 +41,9 @@ pub type OnRestart = Arc<dyn Fn(&str, &str) + Send + Sync>;
 /// The used memory of a GPU in bytes, by NVML index, when it can be read.
 pub type GpuMemoryUsed = Arc<dyn Fn(u32) -> Option<u64> + Send + Sync>;
 
+/// Told of each successful warm-up: the service and its time in seconds.
+pub type OnWarmup = Arc<dyn Fn(&str, f64) + Send + Sync>;
+
 /// What the upkeep needs from the rest of the machine.
 #[derive(Clone)]
 pub struct KeepUp {
@@ -42,6 +53,8 @@ pub struct KeepUp {
     pub on_restart: OnRestart,
     /// The used memory of a GPU in bytes, by NVML index, when it can be read.
     pub gpu_memory_used: GpuMemoryUsed,
+    /// Told of each successful warm-up.
+    pub on_warmup: OnWarmup,
 }
 
 impl std::fmt::Debug for KeepUp {
@@ -156,8 +169,12 @@ pub struct Kept {
     pub limits: Limits,
     /// Its health check (the plan's readiness probe).
     pub health: Option<ProbeSpec>,
+    /// Its warm-up job and the connector that runs it.
+    pub warmup: Option<(Arc<dyn Connector>, Job)>,
     jobs: u32,
     pid: Option<u32>,
+    /// The run (pid) whose warm-up succeeded.
+    warmed: Option<u32>,
 }
 
 impl Kept {
@@ -168,9 +185,16 @@ impl Kept {
             gpu,
             limits,
             health,
+            warmup: None,
             jobs: 0,
             pid: None,
+            warmed: None,
         }
+    }
+
+    /// Whether the service's current run still needs its warm-up.
+    fn cold(&self, pid: Option<u32>) -> bool {
+        self.warmup.is_some() && (pid.is_none() || pid != self.warmed)
     }
 }
 
@@ -208,6 +232,15 @@ impl Upkeep {
         let mut idle = tokio::time::interval(IDLE_CHECK);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A run of a service that has not warmed up (the first start, any restart) holds
+            // the worker until its warm-up succeeded.
+            if self.any_cold() {
+                self.pause.hold("warming up its services");
+                if !self.warm_up(&stop).await {
+                    return;
+                }
+                self.pause.release();
+            }
             let due = tokio::select! {
                 () = stop.cancelled() => return,
                 ended = self.pause.ended.recv() => {
@@ -218,6 +251,8 @@ impl Upkeep {
                     let due = self.due(&ended.outcome).await;
                     if let Some((i, _, text)) = &due {
                         self.pause.hold(format!("restarting {} between jobs: {text}", self.services[*i].name));
+                    } else if self.any_cold() {
+                        self.pause.hold("warming up its services");
                     }
                     // The worker claims again only after this answer, so a planned restart is
                     // held before it could.
@@ -225,7 +260,7 @@ impl Upkeep {
                     due
                 }
                 _ = idle.tick() => {
-                    if self.status.borrow().state != WorkerState::Idle {
+                    if self.status.borrow().state != WorkerState::Idle || self.any_cold() {
                         continue;
                     }
                     let due = self.due(&JobOutcome::Completed).await;
@@ -241,6 +276,79 @@ impl Upkeep {
                 }
             }
         }
+    }
+
+    /// Whether a service's current run has not warmed up yet.
+    fn any_cold(&self) -> bool {
+        self.services.iter().any(|s| {
+            let pid = self.keep.supervisor.service(&s.name).ok().and_then(|st| st.pid);
+            s.cold(pid)
+        })
+    }
+
+    /// Warms up every cold service: waits until it is healthy, runs its warm-up job, and on
+    /// failure has the supervisor fail the run and waits for the next one. Returns `false` when
+    /// stopped meanwhile.
+    async fn warm_up(&mut self, stop: &CancellationToken) -> bool {
+        for i in 0..self.services.len() {
+            loop {
+                let name = self.services[i].name.clone();
+                let Ok(mut watch) = self.keep.supervisor.watch(std::slice::from_ref(&name)) else {
+                    break;
+                };
+                tokio::select! {
+                    () = stop.cancelled() => return false,
+                    r = watch.wait_healthy() => if r.is_err() { return false },
+                }
+                let pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
+                let Some((connector, job)) = self.services[i].warmup.clone().filter(|_| self.services[i].cold(pid))
+                else {
+                    break;
+                };
+                self.pause.hold(format!("warming up {name}"));
+                tracing::info!(worker = %self.worker, service = %name, "running the warm-up job");
+                let started = std::time::Instant::now();
+                let (sink, _progress) = ProgressSink::new();
+                let cancel = stop.child_token();
+                let ran = tokio::select! {
+                    () = stop.cancelled() => return false,
+                    r = connector.run(&job, &sink, &cancel) => r,
+                };
+                match ran {
+                    Ok(_) => {
+                        let took = started.elapsed();
+                        tracing::info!(worker = %self.worker, service = %name, ?took, "warm-up done");
+                        (self.keep.on_warmup)(&name, took.as_secs_f64());
+                        self.services[i].warmed = pid;
+                        break;
+                    }
+                    Err(e) => {
+                        let reason = format!("warm-up failed: {}", e.chain());
+                        tracing::warn!(worker = %self.worker, service = %name, %reason, "the service failed its warm-up");
+                        if let Err(e) = self.keep.supervisor.fail(&name, &reason).await {
+                            tracing::warn!(service = %name, error = %e, "failed to fail the service");
+                        }
+                        // Wait for the next run: the failed one is stopped and the restart
+                        // policy decides when (and whether) it starts again.
+                        let mut watch = match self.keep.supervisor.watch(std::slice::from_ref(&name)) {
+                            Ok(w) => w,
+                            Err(_) => break,
+                        };
+                        loop {
+                            let now = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
+                            if now.is_some() && now != pid {
+                                break;
+                            }
+                            tokio::select! {
+                                () = stop.cancelled() => return false,
+                                r = watch.changed() => if r.is_err() { return false },
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// The first service due for a restart, reading each one now.
@@ -302,7 +410,10 @@ impl Upkeep {
                 _ = watch.wait_healthy() => {}
             }
         }
-        self.pause.release();
+        // A new run that warms up stays held: the loop warms it up before releasing.
+        if !self.any_cold() {
+            self.pause.release();
+        }
         true
     }
 }

@@ -212,6 +212,7 @@ async fn wait_for_status(broker: &Broker, id: &str, status: &str) -> BTreeMap<St
 struct Machine {
     child: std::process::Child,
     port: u16,
+    comfy_port: u16,
     redis: RedisServer,
     conn: redis::aio::MultiplexedConnection,
     _dir: tempfile::TempDir,
@@ -226,18 +227,31 @@ impl Drop for Machine {
 
 impl Machine {
     async fn start(comfyui: &str) -> Machine {
+        let m = Machine::spawn(comfyui, "").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crate::e2e::http_get(m.port, "/ready").await.0 != 200 {
+            assert!(Instant::now() < deadline, "the machine never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        m
+    }
+
+    /// Starts the machine with `comfyui` under `[connectors.comfyui]` and `extra` at the end of
+    /// its configuration, without waiting for it to be ready.
+    async fn spawn(comfyui: &str, extra: &str) -> Machine {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("machine.toml");
         std::fs::write(
             &config,
             format!(
-                "[connectors.comfyui]\ncommand = [\"{fake}\", \"--port\", \"{{port}}\"]\n{comfyui}\n[worker]\ndrain = \"1s\"\n[worker.retry_delay]\ninitial = \"100ms\"\n",
+                "[connectors.comfyui]\ncommand = [\"{fake}\", \"--port\", \"{{port}}\"]\n{comfyui}\n[worker]\ndrain = \"1s\"\n[worker.retry_delay]\ninitial = \"100ms\"\n{extra}\n",
                 fake = crate::e2e::fake_comfyui().display()
             ),
         )
         .expect("write the config");
         let port = testkit::free_port();
+        let comfy_port = testkit::free_port();
         let child = crate::support::machine()
             .arg("run")
             .env("MACHINE_CONFIG", &config)
@@ -246,7 +260,7 @@ impl Machine {
             .env("MACHINE_HEALTH_PORT", port.to_string())
             .env("HUB_REDIS_URL", redis.url())
             .env("WORKER_CONNECTORS", "comfyui")
-            .env("COMFYUI_BASE_PORT", testkit::free_port().to_string())
+            .env("COMFYUI_BASE_PORT", comfy_port.to_string())
             .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
             .env("FAKE_NVML_GPUS", "1")
             .stdout(std::process::Stdio::null())
@@ -258,19 +272,21 @@ impl Machine {
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
-        let m = Machine {
+        Machine {
             child,
             port,
+            comfy_port,
             redis,
             conn,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while crate::e2e::http_get(m.port, "/ready").await.0 != 200 {
-            assert!(Instant::now() < deadline, "the machine never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        m
+    }
+
+    /// The completion record of a completed job.
+    async fn completion(&mut self, id: &str) -> String {
+        redis::AsyncCommands::hget(&mut self.conn, "jobs:completed", id)
+            .await
+            .expect("a completion record")
     }
 
     fn submit(&self, payload: &Value, max_retries: u32) -> String {
@@ -389,4 +405,78 @@ async fn a_wedged_comfyui_is_restarted_before_the_next_claim_and_its_stalled_job
     m.wait_planned("unresponsive", 1).await;
     let id = m.submit(&quick_workflow(), 0);
     m.wait_job(&id, "completed").await;
+}
+
+/// A warm-up workflow in a file, as `[connectors.comfyui] warmup` names it.
+fn warmup_file(dir: &std::path::Path, node: Value) -> String {
+    let path = dir.join("warmup.json");
+    let w = json!({"5": node, "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "warmup"}}});
+    std::fs::write(&path, w.to_string()).expect("write the warm-up workflow");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_up_runs_before_the_first_claim_and_after_every_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let warmup = warmup_file(dir.path(), json!({"class_type": "KSampler", "inputs": {"steps": 2}}));
+    let mut m = Machine::start(&format!("warmup = \"{warmup}\"\nrestart_every_jobs = 1")).await;
+    let job = json!({"workflow": {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "job"}}}});
+    for round in 0..2 {
+        let id = m.submit(&job, 0);
+        m.wait_job(&id, "completed").await;
+        // The fake numbers its prompts and outputs with one counter per process: the warm-up of
+        // this run of ComfyUI took 0 (prompt) and 1 (image), so the job (2, 3) came after it.
+        let record = m.completion(&id).await;
+        assert!(record.contains("job_00003_.png"), "round {round}: {record}");
+        m.wait_planned("every_jobs", round + 1).await;
+    }
+    let (_, metrics) = crate::e2e::http_get(m.port, "/metrics").await;
+    assert!(
+        metrics.contains("machine_service_warmup_seconds{service=\"comfyui-gpu0\"}"),
+        "{metrics}"
+    );
+    let view = "/view?filename=warmup_00001_.png&subfolder=&type=output";
+    // The last job's planned restart warms the next run up too, without any job to wait for.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while crate::e2e::http_get(m.comfy_port, view).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the last restart never warmed up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_warm_up_is_a_failed_start_that_ends_in_crash_loop_with_its_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let warmup = warmup_file(
+        dir.path(),
+        json!({"class_type": "FakeError", "inputs": {"exception_type": "RuntimeError", "message": "warm-up boom"}}),
+    );
+    let mut m = Machine::spawn(
+        &format!("warmup = \"{warmup}\""),
+        "[supervisor]\ncrash_loop_failures = 2\nbackoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\n",
+    )
+    .await;
+    let id = m.submit(&quick_workflow(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let svc = loop {
+        let (code, body) = crate::e2e::http_get(m.port, "/status").await;
+        if code == 200 {
+            let svc = m.service().await;
+            if svc["crash_loop"] == true {
+                break svc;
+            }
+        }
+        assert!(Instant::now() < deadline, "never in crash loop: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reason = svc["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("warm-up failed") && reason.contains("warm-up boom"),
+        "{svc}"
+    );
+    assert_eq!(
+        m.job(&id).await["status"],
+        "pending",
+        "no job is claimed before a warm-up succeeds"
+    );
 }
