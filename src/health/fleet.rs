@@ -416,6 +416,7 @@ mod tests {
             counts: JobCounts::default(),
             last_error: None,
             last_activity_ms: 1_750_000_000_000,
+            hold: None,
         }
     }
 

@@ -160,8 +160,8 @@ impl HealthState {
         self.workers.iter().map(|(_, rx)| rx.clone()).collect()
     }
 
-    /// Why a worker is not claiming, when it has a reason to report: one of its services is in
-    /// crash loop or failed. A worker still waiting for a starting service has none.
+    /// Why a worker is not claiming, when it has a reason to report: the upkeep holds it, or one
+    /// of its services is in crash loop or failed. A worker still waiting for a starting service has none.
     fn blocked_reason(&self, status: &WorkerStatus, services: &[ServiceStatus]) -> Option<String> {
         if status.state != WorkerState::WaitingForServices {
             return None;
@@ -178,6 +178,8 @@ impl HealthState {
                     if s.crash_loop { "in crash loop" } else { "failed" }
                 )
             })
+            // Else the upkeep of its services may hold it (a restart between jobs, a warm-up).
+            .or_else(|| status.hold.clone())
     }
 
     /// Whether every worker is claiming, busy, or has reported why it cannot, and no installer

@@ -99,6 +99,10 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity_ms: u64,
+    /// Why it holds off claiming when the upkeep of its services holds it (a restart planned
+    /// between jobs, a warm-up); shown as its `reason` on the status page, not on its own.
+    #[serde(skip)]
+    pub hold: Option<String>,
 }
 
 /// How a job ended here.
@@ -234,6 +238,7 @@ impl Worker {
             counts: JobCounts::default(),
             last_error: None,
             last_activity_ms: crate::clock::now_ms(),
+            hold: None,
         });
         Worker {
             caps,
@@ -395,10 +400,15 @@ impl Worker {
             if let Some(reason) = self.pause.as_ref().and_then(PauseGate::reason) {
                 self.set_state(WorkerState::WaitingForServices);
                 tracing::info!(worker = %self.id(), %reason, "holding off claiming");
+                self.status.send_modify(|st| st.hold = Some(reason));
                 let gate = self.pause.as_mut().expect("a reason came from the gate");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = gate.released() => {}
+                let stopped = tokio::select! {
+                    () = shutdown.cancelled() => true,
+                    () = gate.released() => false,
+                };
+                self.status.send_modify(|st| st.hold = None);
+                if stopped {
+                    break;
                 }
                 continue;
             }

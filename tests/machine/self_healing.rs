@@ -418,8 +418,25 @@ fn warmup_file(dir: &std::path::Path, node: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_warm_up_runs_before_the_first_claim_and_after_every_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let warmup = warmup_file(dir.path(), json!({"class_type": "KSampler", "inputs": {"steps": 2}}));
-    let mut m = Machine::start(&format!("warmup = \"{warmup}\"\nrestart_every_jobs = 1")).await;
+    // A warm-up of about a second, so that /status can be seen saying so.
+    let warmup = warmup_file(
+        dir.path(),
+        json!({"class_type": "KSampler", "inputs": {"steps": 10, "step_ms": 100}}),
+    );
+    let mut m = Machine::spawn(&format!("warmup = \"{warmup}\"\nrestart_every_jobs = 1"), "").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = crate::e2e::http_get(m.port, "/status").await;
+        let doc: Value = serde_json::from_str(&body).unwrap_or_default();
+        if doc["workers"][0]["reason"].as_str() == Some("warming up comfyui-gpu0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/status never said the worker warms up: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let job = json!({"workflow": {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "job"}}}});
     for round in 0..2 {
         let id = m.submit(&job, 0);

@@ -163,6 +163,8 @@ impl Worker {
             counts,
             last_error,
             last_activity_ms,
+            // A hold is reported as the worker's `reason` (see `HealthState::blocked_reason`).
+            hold: _,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -382,6 +384,7 @@ mod tests {
                 },
                 last_error: Some("e".into()),
                 last_activity_ms: 7,
+                hold: None,
             };
             let mut expected = serde_json::to_value(&status).unwrap();
             expected["reason"] = Value::Null;
