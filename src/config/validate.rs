@@ -370,4 +370,39 @@ mod tests {
         assert_eq!(machine_id_from_hostname(None), "machine");
         assert!(valid_machine_id(&machine_id_from_hostname(Some(&"x".repeat(300)))));
     }
+
+    #[test]
+    fn self_healing_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("warmup.json");
+        std::fs::write(&good, r#"{"9": {"class_type": "SaveImage", "inputs": {}}}"#).unwrap();
+        let bad = dir.path().join("list.json");
+        std::fs::write(&bad, "[1]").unwrap();
+        let load = |toml: String| {
+            super::super::load::load_str(
+                Some(("m.toml", &toml)),
+                &std::collections::BTreeMap::<String, String>::new(),
+            )
+        };
+        let c = load(format!(
+            "[connectors.comfyui]\nwarmup = \"{}\"\nstall_timeout = \"30s\"\nrestart_every_jobs = 2\n",
+            good.display()
+        ))
+        .unwrap();
+        assert_eq!(c.comfyui.stall_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(c.comfyui.restart_every_jobs, Some(2));
+        let e = load(format!(
+            "[connectors.comfyui]\nwarmup = \"{}\"\nrestart_every_jobs = 0\n[connectors.a1111]\nstall_timeout = \"0s\"\n",
+            bad.display()
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = e.problems().iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "connectors.comfyui.warmup",
+            "connectors.comfyui.restart_every_jobs",
+            "connectors.a1111.stall_timeout",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
 }

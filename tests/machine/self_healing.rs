@@ -497,3 +497,17 @@ async fn a_failing_warm_up_is_a_failed_start_that_ends_in_crash_loop_with_its_er
         "no job is claimed before a warm-up succeeds"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_gpu_using_more_memory_than_allowed_has_its_service_restarted() {
+    // The fake NVML reports 256 MiB used on GPU 0, above this 100 MiB limit: the idle worker's
+    // ComfyUI is restarted while no job runs.
+    let m = Machine::start("restart_above_idle_vram = 104857600").await;
+    m.wait_planned("idle_vram", 1).await;
+    assert_eq!(m.planned_restarts("every_jobs").await, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.service().await["restarts"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "the service was never restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
