@@ -196,11 +196,23 @@ async fn run_subsystems(
             workers: workers.statuses(),
             installs: tracker.subscribe(),
             models: workers.models(),
+            force: force.clone(),
         },
         shutdown.clone(),
     );
     let server_stop = CancellationToken::new();
     let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
+    // Without its socket the machine still runs; the commands then reach it on the health port.
+    let control = match health::control::bind(&config.workspace) {
+        Ok(socket) => Some(spawn_named(
+            "control",
+            health::control::serve(state.clone(), socket, server_stop.clone()),
+        )),
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            None
+        }
+    };
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
     let installed = tokio::select! {
@@ -218,6 +230,9 @@ async fn run_subsystems(
 
     server_stop.cancel();
     join("health", server).await;
+    if let Some(control) = control {
+        join("control", control).await;
+    }
     code
 }
 

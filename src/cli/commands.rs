@@ -22,6 +22,9 @@ pub fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Install { only } => super::install::install(path, only),
         Command::Functions { redis, command } => super::functions::functions(&redis, &command, machine_redis(path)),
         Command::Jobs { redis, command } => super::jobs::jobs(&redis, &command, machine_redis(path)),
+        Command::Logs(args) => super::control::logs(path, &args),
+        Command::Restart { service, machine } => super::control::restart(path, &machine, &service),
+        Command::Stop { now, machine } => super::control::stop(path, &machine, now),
     }
 }
 
@@ -51,7 +54,7 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
 
 /// This machine's Redis when the configuration loads (in local mode, the private redis-server's
 /// socket), for operator commands given no `--redis-url`.
-fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
+pub(super) fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
     config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
 }
 

@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use super::connect::MachineError;
 use crate::config::ConfigError;
 use crate::health::client::ClientError;
 use crate::matcher::BrokerError;
@@ -49,6 +50,9 @@ pub enum CliError {
     /// The health server or the fleet's status could not be read.
     #[error(transparent)]
     Status(#[from] ClientError),
+    /// The running machine could not be reached, or refused.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
     /// The command ran into an answer it cannot proceed with (no such job, a failed self-test).
     #[error("{0}")]
     Failed(String),
@@ -58,7 +62,11 @@ impl CliError {
     fn code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Plan(_) | CliError::Usage(_) => EXIT_INVALID,
-            CliError::Runtime(_) | CliError::Broker(_) | CliError::Status(_) | CliError::Failed(_) => EXIT_FAILURE,
+            CliError::Runtime(_)
+            | CliError::Broker(_)
+            | CliError::Status(_)
+            | CliError::Machine(_)
+            | CliError::Failed(_) => EXIT_FAILURE,
         }
     }
 }

@@ -9,6 +9,8 @@
 mod args;
 mod commands;
 mod config_check;
+mod connect;
+mod control;
 mod exit;
 mod functions;
 mod gpus;
@@ -16,6 +18,7 @@ mod install;
 mod jobs;
 mod run;
 mod status;
+mod status_view;
 
 pub use args::Cli;
 pub use commands::run;

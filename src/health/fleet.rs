@@ -460,6 +460,7 @@ mod tests {
                 workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
                 installs,
                 models: None,
+                force: CancellationToken::new(),
             },
             stop.clone(),
         );

@@ -8,6 +8,7 @@
 //! while the machine shuts down.
 
 pub mod client;
+pub mod control;
 pub mod fleet;
 mod metrics;
 mod server;
@@ -73,6 +74,11 @@ pub struct HealthState {
     control_token: Option<Secret>,
     access: HealthAccess,
     shutdown: CancellationToken,
+    /// Cancelled by `machine stop --now`, as a second signal does.
+    force: CancellationToken,
+    /// A random bearer token, new each start, that the control socket sends on behalf of its
+    /// callers (see [`control`]); it never leaves the process.
+    local_token: String,
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     models: Option<crate::models::ModelStore>,
@@ -89,6 +95,8 @@ pub struct Sources {
     pub installs: watch::Receiver<InstallStates>,
     /// The models store, when ComfyUI fetches models on demand here (for metrics).
     pub models: Option<crate::models::ModelStore>,
+    /// The machine's forced-stop trigger (what a second signal cancels).
+    pub force: CancellationToken,
 }
 
 impl HealthState {
@@ -116,6 +124,8 @@ impl HealthState {
             control_token: config.control_token.clone(),
             access: config.health_access.clone(),
             shutdown,
+            force: sources.force,
+            local_token: format!("{:032x}", rand::random::<u128>()),
             redis: Mutex::new(RedisStatus {
                 url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()

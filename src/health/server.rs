@@ -234,7 +234,8 @@ async fn serve_connection(stream: tokio::net::TcpStream, app: Router, conn: Arc<
     conn.close();
 }
 
-fn router(state: Arc<HealthState>) -> Router {
+/// The health routes; the control socket serves them too.
+pub(super) fn router(state: Arc<HealthState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -243,6 +244,7 @@ fn router(state: Arc<HealthState>) -> Router {
         .route("/logs/{service}", get(logs))
         .route("/services/{name}/restart", post(restart))
         .route("/shutdown", post(shutdown))
+        .merge(super::control::routes())
         .with_state(state)
 }
 
@@ -367,7 +369,7 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
 
 /// What a guarded route lets the caller do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(super) enum Access {
     /// Read logs, status or metrics: the read token or the control token.
     Read,
     /// Restart services or shut down: the control token only.
@@ -376,7 +378,11 @@ enum Access {
 
 /// Checks `Authorization: Bearer <token>` against the tokens that grant `access` and returns
 /// the refusal when it does not hold; with no such token configured the route is refused.
-fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Response> {
+pub(super) fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Response> {
+    // The control socket grants everything: its file mode is the access check.
+    if is_local(s, headers) {
+        return None;
+    }
     let tokens: Vec<&str> = match access {
         Access::Control => s.control_token.iter().map(|t| t.expose()).collect(),
         Access::Read => s
@@ -395,11 +401,7 @@ fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Respon
         };
         return Some((StatusCode::FORBIDDEN, axum::Json(json!({ "error": error }))).into_response());
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(headers).unwrap_or("");
     // Every token is compared, so the timing does not say which one came close.
     let matched = tokens
         .iter()
@@ -415,6 +417,18 @@ fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Respon
                 .into_response(),
         )
     }
+}
+
+/// Whether the request came through the control socket, which sends the local token.
+fn is_local(s: &HealthState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|given| constant_time_eq(given.as_bytes(), s.local_token.as_bytes()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// Compares without an early exit, so response timing does not reveal how much of a guess was

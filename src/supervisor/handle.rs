@@ -240,6 +240,11 @@ impl SupervisorHandle {
         Ok(self.entry(name)?.tail.last(n))
     }
 
+    /// A service's output tail itself, for a reader that follows it.
+    pub fn log_tail(&self, name: &str) -> Result<Arc<Tail>, SupervisorError> {
+        Ok(Arc::clone(&self.entry(name)?.tail))
+    }
+
     /// A watch over the health of `names` (e.g. a GPU worker's services).
     pub fn watch(&self, names: &[String]) -> Result<ServicesWatch, SupervisorError> {
         let receivers = names

@@ -19,7 +19,7 @@ mod sys;
 mod tree;
 
 pub use handle::{ExitInfo, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
-pub use logs::{LineSplitter, RotatingFile};
+pub use logs::{LineSplitter, RotatingFile, Tail};
 pub use policy::{Decision, Ending, History, Policy};
 pub use reaper::{ManagedChild, ReaperError, output, spawn};
 pub use signals::{SignalError, Signals};

@@ -71,7 +71,7 @@ pub fn pending_score(priority: i64, workflow_priority: Option<i64>, created_ms: 
 }
 
 /// A job hash and its progress, as `machine jobs show` prints them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct JobView {
     /// `job:<id>`.
     pub job: BTreeMap<String, String>,
@@ -80,6 +80,10 @@ pub struct JobView {
     /// For a job still waiting: why no registered worker took it, or how many could.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// For a completed job: its result (`data` of its `jobs:completed` record), while the
+    /// record is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
 }
 
 impl Broker {
@@ -155,12 +159,14 @@ impl Broker {
     /// The job hash and its progress hash; `None` when the job does not exist.
     pub async fn show(&self, job_id: &str) -> Result<Option<JobView>, BrokerError> {
         let mut conn = self.connection();
-        let (job, progress): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
-            .hgetall(self.key(&format!("job:{job_id}")))
-            .hgetall(self.key(&format!("job:{job_id}:progress")))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err("show job"))?;
+        let (job, progress, completed): (BTreeMap<String, String>, BTreeMap<String, String>, Option<String>) =
+            redis::pipe()
+                .hgetall(self.key(&format!("job:{job_id}")))
+                .hgetall(self.key(&format!("job:{job_id}:progress")))
+                .hget(self.key("jobs:completed"), job_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("show job"))?;
         if job.is_empty() {
             return Ok(None);
         }
@@ -172,7 +178,15 @@ impl Broker {
             ),
             Some(_) => None,
         };
-        Ok(Some(JobView { job, progress, waiting }))
+        let result = completed
+            .and_then(|r| serde_json::from_str::<Value>(&r).ok())
+            .and_then(|mut r| r.get_mut("data").map(Value::take));
+        Ok(Some(JobView {
+            job,
+            progress,
+            waiting,
+            result,
+        }))
     }
 
     /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
