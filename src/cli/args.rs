@@ -26,6 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
     /// Run the machine (the default with no arguments, e.g. as a container ENTRYPOINT).
+    #[command(after_help = super::run::settings_help())]
     Run,
     /// Inspect the configuration.
     Config {

@@ -62,7 +62,19 @@ pub(super) fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
 /// the private redis-server's socket under the workspace).
 pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> Result<config::RedisUrl, CliError> {
     let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-        return machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()));
+        let machine =
+            machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()))?;
+        // In local mode the machine's Redis is its private redis-server's socket, which exists
+        // only while that machine runs: say so rather than "No such file or directory".
+        if let Some(socket) = machine.expose().strip_prefix("unix://") {
+            if !Path::new(socket).exists() {
+                return Err(CliError::Failed(format!(
+                    "no Redis: no local-mode redis-server socket at {socket} (is the machine running on this \
+                     workspace?); set HUB_REDIS_URL or pass --redis-url"
+                )));
+            }
+        }
+        return Ok(machine);
     };
     config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
 }

@@ -73,7 +73,7 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         section(&mut out, &installs);
     }
 
-    let mut services = table(
+    let services = fit(
         width,
         &[
             "SERVICE",
@@ -85,34 +85,119 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             "LAST EXIT",
             "REASON",
         ],
+        doc.services.iter().map(|s| service_row(s, now)).collect(),
+        &[0],
+        &[5, 4, 2],
     );
-    for s in &doc.services {
-        services.add_row(service_row(s, now));
-    }
-    keep_whole(&mut services, &[0]);
     section(&mut out, &services);
 
     let now_ms = crate::clock::epoch_ms(now);
-    let mut workers = table(
+    let workers = fit(
         width,
         &["WORKER", "STATE", "JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"],
+        doc.workers.iter().map(|w| worker_row(w, now_ms)).collect(),
+        &[0, 2],
+        &[6, 5, 4],
     );
-    for w in &doc.workers {
-        workers.add_row(worker_row(w, now_ms));
-    }
-    keep_whole(&mut workers, &[0, 2]);
     section(&mut out, &workers);
+    // Why a worker does not claim, or what last went wrong, is a sentence: it gets its own line
+    // rather than a column squeezed to a few letters.
+    for w in &doc.workers {
+        let note = match (&w.reason, &w.last_error) {
+            (Some(reason), _) => format!("{} does not claim: {reason}", w.worker_id),
+            (None, Some(e)) => format!("{} last error: {e}", w.worker_id),
+            (None, None) => continue,
+        };
+        out.push_str(&wrap(&note, width));
+    }
     out
 }
 
-fn table(width: Option<u16>, header: &[&str]) -> Table {
+/// `text` broken at spaces into lines of at most `width` characters (a longer word stands on
+/// its own line), the lines after the first indented by two spaces.
+fn wrap(text: &str, width: Option<u16>) -> String {
+    let Some(width) = width.map(usize::from) else {
+        return format!("{text}\n");
+    };
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let len = line.chars().count();
+        if len > 2 && len + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line = "  ".to_owned();
+        } else if !line.is_empty() && line != "  " {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+    out
+}
+
+/// A table of `rows` that fits `width`: the least needed columns (`droppable`, first dropped
+/// first) are left out while the table is too wide, then the remaining columns wrap, except
+/// those in `whole` (ids), which never do.
+fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usize], droppable: &[usize]) -> Table {
+    let mut shown: Vec<usize> = (0..header.len()).collect();
+    let pick = |shown: &[usize], cells: &[String]| -> Vec<String> {
+        shown
+            .iter()
+            .map(|&i| cells.get(i).cloned().unwrap_or_default())
+            .collect()
+    };
+    let build = |shown: &[usize], arrangement: ContentArrangement| {
+        let mut t = table(
+            None,
+            &pick(shown, &header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()),
+        );
+        for row in &rows {
+            t.add_row(pick(shown, row));
+        }
+        t.set_content_arrangement(arrangement);
+        t
+    };
+    let Some(width) = width else {
+        return build(&shown, ContentArrangement::Disabled);
+    };
+    let mut drops = droppable.iter();
+    loop {
+        let t = build(&shown, ContentArrangement::Disabled);
+        // Less the one space of left padding that `section` takes off.
+        let natural = t
+            .lines()
+            .map(|l| l.trim_end().chars().count().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        if natural <= usize::from(width) {
+            return t;
+        }
+        match drops.next() {
+            Some(d) => shown.retain(|i| i != d),
+            None => break,
+        }
+    }
+    let mut t = build(&shown, ContentArrangement::Dynamic);
+    t.set_width(width);
+    for (position, column) in shown.iter().enumerate() {
+        if whole.contains(column) {
+            if let Some(c) = t.column_mut(position) {
+                c.set_constraint(ColumnConstraint::ContentWidth);
+            }
+        }
+    }
+    t
+}
+
+fn table<S: ToString>(width: Option<u16>, header: &[S]) -> Table {
     let mut t = Table::new();
     t.load_style(comfy_table::presets::NOTHING)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.to_vec());
+        .set_header(header.iter().map(ToString::to_string).collect::<Vec<_>>());
     match width {
         Some(w) => {
-            t.set_width(w);
+            t.set_content_arrangement(ContentArrangement::Dynamic).set_width(w);
         }
         // Printing to a pipe: no width to fit, so nothing wraps.
         None => {
@@ -120,15 +205,6 @@ fn table(width: Option<u16>, header: &[&str]) -> Table {
         }
     }
     t
-}
-
-/// Columns whose cells must not wrap (ids).
-fn keep_whole(t: &mut Table, columns: &[usize]) {
-    for &i in columns {
-        if let Some(c) = t.column_mut(i) {
-            c.set_constraint(ColumnConstraint::ContentWidth);
-        }
-    }
 }
 
 fn section(out: &mut String, t: &Table) {
@@ -177,12 +253,7 @@ fn service_row(s: &Service, now: SystemTime) -> Vec<String> {
 }
 
 fn worker_row(w: &Worker, now_ms: u64) -> Vec<String> {
-    let mut state = w.state.name().to_owned();
-    if let Some(reason) = &w.reason {
-        let _ = write!(state, ": {reason}");
-    } else if let Some(e) = &w.last_error {
-        let _ = write!(state, " (last error: {e})");
-    }
+    let state = w.state.name().to_owned();
     let job = w.current_job.as_ref();
     vec![
         w.worker_id.clone(),
@@ -317,12 +388,23 @@ mod tests {
         );
         assert!(text.contains("crash_loop") && !text.contains("backoff"), "{text}");
         assert!(text.contains("signal 9, 3m 12s ago"), "{text}");
-        assert!(text.contains("waiting_for_services: comfyui-gpu0 is failed"), "{text}");
+        assert!(text.contains("waiting_for_services"), "{text}");
+        assert!(
+            text.contains("\nm1-gpu0 does not claim: comfyui-gpu0 is failed\n"),
+            "{text}"
+        );
         assert!(text.contains("fetch: 3 B / 9 B (33%)"), "{text}");
         assert!(
             text.contains("FAILED") && text.contains("up to date; 1 failed: x"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn notes_wrap_at_the_width() {
+        assert_eq!(wrap("a bb ccc dddd", Some(6)), "a bb\n  ccc\n  dddd\n");
+        assert_eq!(wrap("a bb ccc", None), "a bb ccc\n");
+        assert_eq!(wrap("averylongword x", Some(4)), "averylongword\n  x\n");
     }
 
     #[test]

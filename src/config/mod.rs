@@ -27,6 +27,7 @@ pub use model::{
     ComfyuiInstallConfig, Config, DeviceSelector, GpuOverrides, HealthAccess, InstallConfig, LogConfig, LogFormat,
     ModelsConfig, PlaywrightInstallConfig, RedisUrl, Secret, ServiceConnectorConfig, SupervisorConfig, VisibleDevices,
 };
+pub use overlay::variables;
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
 pub use validate::MAX_GPUS;
 pub use worker::{CustomerAccess, Isolation, OpenaiConfig, SimulationConfig, WorkerConfig};
