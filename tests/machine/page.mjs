@@ -59,6 +59,7 @@ try {
   await page.goto(env('PAGE_URL'));
   await page.waitForFunction(() => document.getElementById('conn').textContent === 'live');
   await page.waitForSelector(`#machine-id:text-is("${env('MACHINE_ID')}")`);
+  await page.waitForSelector('#gpus [data-gpu="0"] canvas');
   step('live');
 
   const jobId = env('JOB_ID');
