@@ -1,4 +1,6 @@
-//! The live status stream, `GET /events` (Server-Sent Events), which the status page reads.
+//! What the status page reads besides the page itself: the live status stream, `GET /events`
+//! (Server-Sent Events), and the fleet, `GET /fleet`, read from Redis at most once every
+//! [`FLEET_FRESH`] however many pages show it.
 //!
 //! One publisher task builds the status document once a second, records the GPUs' readings in
 //! the history, and publishes the document's JSON when it changed (the uptime alone does not
@@ -10,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +20,10 @@ use futures_util::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::fleet::FleetMessage;
+use super::status::FleetDocument;
 use super::{HealthState, StatusDocument};
+use crate::matcher::BrokerError;
 
 /// The most event streams open at once.
 pub const MAX_STREAMS: usize = 32;
@@ -29,8 +34,37 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// How often an idle stream sends a comment.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// How long a fleet read from Redis is served again instead of reading anew.
+const FLEET_FRESH: Duration = Duration::from_secs(2);
+
+/// How long `/fleet` waits for Redis before it answers that Redis does not answer.
+const FLEET_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The latest status document as JSON text; `None` until the publisher's first round.
 type Snapshot = Option<Arc<str>>;
+
+/// What a fleet read gave.
+type FleetRead = Result<Arc<FleetDocument>, Arc<FleetError>>;
+
+/// The last fleet read and when it was made.
+type FleetCache = Option<(Instant, FleetRead)>;
+
+/// Why the fleet could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The broker has not connected (yet).
+    #[error("the fleet is read from Redis, which is not connected: {why}")]
+    NotConnected {
+        /// The broker's last error, or that it has not tried yet.
+        why: String,
+    },
+    /// Redis answered with an error.
+    #[error("failed to read the fleet from Redis")]
+    Read(#[source] BrokerError),
+    /// Redis did not answer in time.
+    #[error("Redis did not answer within {}s", FLEET_TIMEOUT.as_secs())]
+    Timeout,
+}
 
 /// Why a stream was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +78,8 @@ pub struct Hub {
     snapshot: watch::Receiver<Snapshot>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
+    /// Held while reading, so that pages asking at once share one read.
+    fleet: Arc<tokio::sync::Mutex<FleetCache>>,
 }
 
 impl Hub {
@@ -54,6 +90,7 @@ impl Hub {
             snapshot,
             permits: Arc::new(Semaphore::new(MAX_STREAMS)),
             stop: stop.clone(),
+            fleet: Arc::default(),
         };
         (hub, publish(state, tx, stop))
     }
@@ -74,6 +111,42 @@ impl Hub {
         // Proxies such as nginx buffer responses unless told not to, which would hold events back.
         Ok(([("x-accel-buffering", "no")], sse).into_response())
     }
+}
+
+impl Hub {
+    /// Every machine's stored fleet status, by machine id: the last read when it is fresh,
+    /// else a new one. A failed read is kept as fresh as a good one, so that while Redis hangs
+    /// the pages waiting for the read all get its answer instead of each waiting out its own.
+    pub async fn fleet(&self, state: &HealthState) -> FleetRead {
+        let mut cache = self.fleet.lock().await;
+        if let Some((at, read)) = cache.as_ref() {
+            if at.elapsed() < FLEET_FRESH {
+                return read.clone();
+            }
+        }
+        let read = read_fleet(state).await.map(Arc::new).map_err(Arc::new);
+        *cache = Some((Instant::now(), read.clone()));
+        read
+    }
+}
+
+/// Reads every machine's stored fleet status from Redis, by machine id.
+async fn read_fleet(state: &HealthState) -> Result<FleetDocument, FleetError> {
+    let broker = state.broker().ok_or_else(|| FleetError::NotConnected {
+        why: state
+            .redis()
+            .last_error
+            .unwrap_or_else(|| "not connected yet".to_owned()),
+    })?;
+    let stored = tokio::time::timeout(FLEET_TIMEOUT, broker.machine_statuses())
+        .await
+        .map_err(|_| FleetError::Timeout)?
+        .map_err(FleetError::Read)?;
+    // A message this version cannot read (another version's) is left out rather than failing
+    // the whole list.
+    let mut machines: Vec<FleetMessage> = stored.iter().filter_map(|m| serde_json::from_str(m).ok()).collect();
+    machines.sort_by(|a, b| a.machine_id.cmp(&b.machine_id));
+    Ok(FleetDocument { machines })
 }
 
 /// Rebuilds the document every [`PERIOD`] until `stop`, sampling the GPUs and publishing the

@@ -35,8 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::events::Hub;
-use super::fleet::FleetMessage;
-use super::status::{FleetDocument, HealthDocument, ReadyDocument, Verdict};
+use super::status::{HealthDocument, ReadyDocument, Verdict};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -55,9 +54,6 @@ const STOP_GRACE: Duration = Duration::from_millis(250);
 /// How long the accept loop pauses after an accept error (e.g. out of file descriptors), so
 /// that it does not spin while the condition lasts.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
-
-/// How long `/fleet` waits for Redis before it answers that Redis does not answer.
-const FLEET_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The status page, embedded so that the binary serves it with nothing else installed.
 const PAGE: &str = include_str!("../../assets/page/index.html");
@@ -381,30 +377,20 @@ async fn events(State(s): State<Arc<HealthState>>, Extension(hub): Extension<Hub
 
 /// Every machine's stored fleet status, read from Redis; guarded like `/status`. When Redis
 /// cannot be read the answer is 503 with the reason.
-async fn fleet(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+async fn fleet(State(s): State<Arc<HealthState>>, Extension(hub): Extension<Hub>, headers: HeaderMap) -> Response {
     if s.access.guard_status {
         if let Some(refusal) = refuse(&s, &headers, Access::Read) {
             return refusal;
         }
     }
-    let unavailable =
-        |error: String| (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "error": error }))).into_response();
-    let Some(broker) = s.broker() else {
-        let why = s.redis().last_error.unwrap_or_else(|| "not connected yet".to_owned());
-        return unavailable(format!("the fleet is read from Redis, which is not connected: {why}"));
-    };
-    let stored = match tokio::time::timeout(FLEET_TIMEOUT, broker.machine_statuses()).await {
-        Ok(Ok(stored)) => stored,
-        Ok(Err(e)) => return unavailable(crate::logging::error_chain(&e)),
-        Err(_) => {
-            return unavailable(format!("Redis did not answer within {}s", FLEET_TIMEOUT.as_secs()));
-        }
-    };
-    // A message this version cannot read (another version's) is left out rather than failing
-    // the whole list.
-    let mut machines: Vec<FleetMessage> = stored.iter().filter_map(|m| serde_json::from_str(m).ok()).collect();
-    machines.sort_by(|a, b| a.machine_id.cmp(&b.machine_id));
-    axum::Json(FleetDocument { machines }).into_response()
+    match hub.fleet(&s).await {
+        Ok(fleet) => axum::Json(&*fleet).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": crate::logging::error_chain(&*e) })),
+        )
+            .into_response(),
+    }
 }
 
 async fn health(State(s): State<Arc<HealthState>>) -> Response {
