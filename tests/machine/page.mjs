@@ -105,6 +105,7 @@ try {
   await page.click('#tab-fleet');
   await page.waitForSelector(`#fleet tr[data-machine="${env('MACHINE_ID')}"]`);
   summary.fleet = await page.locator(`#fleet tr[data-machine="${env('MACHINE_ID')}"]`).innerText();
+  summary.fleet_link = await page.locator(`#fleet tr[data-machine="${env('MACHINE_ID')}"] a`).getAttribute('href');
   step('fleet');
   await page.screenshot({ path: env('SCREENSHOT').replace(/\.png$/, '-fleet.png'), fullPage: true });
 } catch (e) {

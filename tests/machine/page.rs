@@ -407,6 +407,12 @@ fn the_page_shows_the_machine_live_in_chromium() {
         "{summary}"
     );
     assert!(summary["fleet"].as_str().unwrap().contains("pp1"), "{summary}");
+    // The link to the machine's page is its published health URL with `/` for `/health`.
+    let link = summary["fleet_link"].as_str().unwrap();
+    assert!(
+        link.starts_with("http://") && link.ends_with(&format!(":{}/", m.port)),
+        "{summary}"
+    );
     let png = std::fs::read(&screenshot).expect("the screenshot was saved");
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     println!("page screenshot: {}", screenshot.display());

@@ -1,6 +1,7 @@
 //! The documents the health server answers, as serde types shared by the server that writes
 //! them and `machine status` that reads them: [`StatusDocument`] (`/status`), [`ReadyDocument`]
-//! (`/ready`) and [`HealthDocument`] (`/health`).
+//! (`/ready`), [`HealthDocument`] (`/health`) and [`FleetDocument`] (`/fleet`). `/events`
+//! streams the [`StatusDocument`] too.
 //!
 //! These types ARE the wire contract: their field names are what operators, dashboards and
 //! scripts read. They mirror the supervisor's, the workers' and the installers' own status
