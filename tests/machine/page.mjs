@@ -2,7 +2,8 @@
 // the machine, submits a long simulation job and reads this script's last line of output.
 //
 // Environment: PAGE_URL (the page), CONTROL_TOKEN, MACHINE_ID, JOB_ID (the running job),
-// SCREENSHOT (where the machine view's PNG goes; the fleet view goes next to it),
+// SCREENSHOT (where the machine view's PNG goes; the view while the job runs and the fleet
+// view go next to it, as -running.png and -fleet.png),
 // PLAYWRIGHT_DIR (where `machine install` put playwright-core, with its browser.json).
 //
 // It fails (exit 1, with the reason) on any console error or uncaught page error, and checks
@@ -73,6 +74,7 @@ try {
   const second = Number(await progress.getAttribute('data-progress'));
   summary.progress = [first, second];
   step(`progress ${first} -> ${second}`);
+  await page.screenshot({ path: env('SCREENSHOT').replace(/\.png$/, '-running.png'), fullPage: true });
 
   // Read-only until a token is entered.
   const restart = page.locator('tr[data-service="echo"] button');
