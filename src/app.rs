@@ -262,6 +262,7 @@ async fn run_services_and_workers(
                 r.connected = true;
                 r.last_error = None;
             });
+            state.set_broker(broker.clone());
             if let Ok(report) = broker.ensure_functions().await {
                 state.set_redis(|r| r.function_version = Some(report.version.clone()));
             }
@@ -422,13 +423,14 @@ fn serving(watch: &ServicesWatch) -> bool {
         .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
-/// Records every finished job in the metrics.
+/// Records every finished job in the metrics and in the status page's recent jobs.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
     tokio::spawn(async move {
         loop {
             let report = tokio::select! {
@@ -449,6 +451,7 @@ fn spawn_metrics_feed(
                 JobOutcome::Cancelled => "cancelled",
                 JobOutcome::Lost => "lost",
             };
+            state.record_job(&report);
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());
