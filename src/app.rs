@@ -103,7 +103,8 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         tracing::warn!("{w}");
     }
     for worker in &plan.workers {
-        tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
+        let connectors: Vec<&str> = worker.connectors.iter().map(|c| c.kind.name()).collect();
+        tracing::info!(worker = %worker.id, ?connectors, waits_for = ?worker.waits_for, "worker planned");
     }
     supervisor::raise_open_files_limit();
     let started = async {
@@ -201,22 +202,20 @@ async fn run_subsystems(
         shutdown.clone(),
     );
     let server_stop = CancellationToken::new();
-    let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
     // Without its socket the machine still runs; the commands then reach it on the health port.
-    let control = match health::control::bind(&config.workspace) {
-        Ok(socket) => Some(spawn_named(
-            "control",
-            health::control::serve(state.clone(), socket, server_stop.clone()),
-        )),
-        Err(e) => {
-            tracing::error!("{}", error_chain(&e));
-            None
-        }
-    };
+    let control = health::control::bind(&config.workspace)
+        .inspect_err(|e| tracing::error!("{}", error_chain(e)))
+        .ok();
+    let server = spawn_named(
+        "health",
+        health::run(state.clone(), listener, control, server_stop.clone()),
+    );
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
+    // The workers scan their models only when they start, after this, so what the installers
+    // download on this boot is in the capabilities they register with.
     let installed = tokio::select! {
-        r = installers::before_services(config, &tracker, shutdown.child_token()) => r.map(|_| ()),
+        r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
     let code = match installed {
@@ -230,9 +229,6 @@ async fn run_subsystems(
 
     server_stop.cancel();
     join("health", server).await;
-    if let Some(control) = control {
-        join("control", control).await;
-    }
     code
 }
 
@@ -274,6 +270,7 @@ async fn run_services_and_workers(
                 r.connected = true;
                 r.last_error = None;
             });
+            state.set_broker(broker.clone());
             if let Ok(report) = broker.ensure_functions().await {
                 state.set_redis(|r| r.function_version = Some(report.version.clone()));
             }
@@ -295,9 +292,7 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
-            let result = workers
-                .serve(broker, config.worker.lease / 2, &readiness, workers_stop)
-                .await;
+            let result = workers.run(broker, &readiness, workers_stop).await;
             (result, Some(fleet))
         })
     };
@@ -376,7 +371,7 @@ fn readiness(
     stop: &CancellationToken,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Readiness {
-    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.services).collect();
+    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
         let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
@@ -436,13 +431,14 @@ fn serving(watch: &ServicesWatch) -> bool {
         .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
-/// Records every finished job in the metrics.
+/// Records every finished job in the metrics and in the status page's recent jobs.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
     tokio::spawn(async move {
         loop {
             let report = tokio::select! {
@@ -463,6 +459,7 @@ fn spawn_metrics_feed(
                 JobOutcome::Cancelled => "cancelled",
                 JobOutcome::Lost => "lost",
             };
+            state.record_job(&report);
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());

@@ -81,17 +81,17 @@ fn render_plan(config: &Config, probe: &Probe, plan: &Plan, path: Option<&Path>)
     s.push_str(&render_probe(probe));
     let _ = writeln!(s, "workers ({}):", plan.workers.len());
     for w in &plan.workers {
-        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.name()).collect();
+        let connectors: Vec<&str> = w.connectors.iter().map(|c| c.kind.name()).collect();
         let _ = writeln!(
             s,
             "  {:<28} {:<8} {:<28} waits for: {}",
             w.id,
             w.gpu.map_or_else(|| "-".to_owned(), |g| format!("gpu {g}")),
             connectors.join(","),
-            if w.services.is_empty() {
+            if w.waits_for.is_empty() {
                 "-".to_owned()
             } else {
-                w.services.join(", ")
+                w.waits_for.join(", ")
             }
         );
     }

@@ -36,7 +36,7 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
             std::future::pending::<()>().await;
         };
         tokio::select! {
-            r = installers::install(&config, &ProcessEnv, only, &tracker, cancel.clone()) => r,
+            r = installers::install(&config, &ProcessEnv, &names, &tracker, cancel.clone()) => r,
             () = interrupt => unreachable!("the interrupt future never completes"),
         }
     })?;

@@ -190,14 +190,15 @@ pub struct Launch {
     pub health_path: &'static str,
 }
 
-/// The service command of a GPU-bound connector on `port`, on `gpu` (`None`: CPU mode).
-pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>) -> Launch {
-    match kind {
+/// The service command of a GPU-bound connector on `port`, on `gpu` (`None`: CPU mode);
+/// `None` for the external connectors, which run no service.
+pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>) -> Option<Launch> {
+    Some(match kind {
         ConnectorKind::Comfyui => comfyui::launch(workspace, port, gpu),
         ConnectorKind::Playwright => playwright::launch(workspace, port, gpu),
         // A1111 has no installer: the image is expected to hold a prepared
         // stable-diffusion-webui with its venv.
-        _ => {
+        ConnectorKind::A1111 => {
             let dir = workspace.join("stable-diffusion-webui");
             let mut command: Vec<String> = [
                 dir.join("venv/bin/python").display().to_string().as_str(),
@@ -220,7 +221,10 @@ pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>
                 health_path: "/sdapi/v1/progress",
             }
         }
-    }
+        ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => {
+            return None;
+        }
+    })
 }
 
 /// What every installer of one run shares.
@@ -252,35 +256,59 @@ pub(crate) fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The installers `config` needs, or just `only`. A connector whose service command is
-/// overridden (`connectors.<name>.command`) runs something the operator provides, so nothing is
-/// installed for it unless asked for by name.
-pub fn selected(config: &Config, only: Option<Installer>) -> Vec<&'static str> {
-    if let Some(installer) = only {
-        return vec![installer.name()];
+/// The installers a connector's service needs, in report order.
+fn installers_of(kind: ConnectorKind) -> &'static [&'static str] {
+    match kind {
+        ConnectorKind::Comfyui => &NAMES[..3],
+        ConnectorKind::Playwright => &NAMES[3..],
+        // A1111 has no installer (see `launch`); the external connectors run no service.
+        ConnectorKind::A1111
+        | ConnectorKind::Openai
+        | ConnectorKind::Replicate
+        | ConnectorKind::Runpod
+        | ConnectorKind::Simulation => &[],
     }
-    let mut names = Vec::new();
-    if config.connectors.get(ConnectorKind::Comfyui).is_some() && config.comfyui.command.is_none() {
-        names.extend(&NAMES[..3]);
-    }
-    if config.connectors.get(ConnectorKind::Playwright).is_some() && config.playwright.command.is_none() {
-        names.push("playwright");
-    }
-    names
 }
 
-/// Runs the installers the configuration needs (or only `only`), publishing progress through
-/// `tracker`. Fails when an installer failed, or when an item failed in strict mode; in
-/// non-strict mode failed nodes and models are listed in their installer's `Done` state.
+/// The installers the configured connectors need, in report order; the plan carries them. A
+/// connector whose service command is overridden (`connectors.<name>.command`) runs something
+/// the operator provides, so nothing is installed for it unless asked for by name.
+pub fn needed(config: &Config) -> Vec<&'static str> {
+    let overridden = |kind: ConnectorKind| match kind {
+        ConnectorKind::Comfyui => config.comfyui.command.is_some(),
+        ConnectorKind::A1111 => config.a1111.command.is_some(),
+        ConnectorKind::Playwright => config.playwright.command.is_some(),
+        ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => false,
+    };
+    let wanted: Vec<&str> = config
+        .connectors
+        .entries()
+        .iter()
+        .filter(|r| !overridden(r.kind))
+        .flat_map(|r| installers_of(r.kind).iter().copied())
+        .collect();
+    NAMES.into_iter().filter(|n| wanted.contains(n)).collect()
+}
+
+/// The installers `config` needs ([`needed`]), or just `only`.
+pub fn selected(config: &Config, only: Option<Installer>) -> Vec<&'static str> {
+    match only {
+        Some(installer) => vec![installer.name()],
+        None => needed(config),
+    }
+}
+
+/// Runs the installers `names` (of [`NAMES`]), publishing progress through `tracker`. Fails
+/// when an installer failed, or when an item failed in strict mode; in non-strict mode failed
+/// nodes and models are listed in their installer's `Done` state.
 pub async fn install(
     config: &Config,
     env: &(dyn Env + Sync),
-    only: Option<Installer>,
+    names: &[&'static str],
     tracker: &Tracker,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
-    let names = selected(config, only);
-    for n in &names {
+    for n in names {
         tracker.set(n, InstallState::Pending);
     }
     let ctx = Ctx {
@@ -438,13 +466,15 @@ pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, I
     Ok(models::load(path)?.iter().map(models::ModelSpec::id).collect())
 }
 
-/// The installers `machine run` needs before it starts services, with the real environment.
+/// The plan's installers, which `machine run` runs before it starts services, with the real
+/// environment.
 pub async fn before_services(
     config: &Config,
+    plan: &crate::plan::Plan,
     tracker: &Tracker,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
-    install(config, &ProcessEnv, None, tracker, cancel).await
+    install(config, &ProcessEnv, &plan.installers, tracker, cancel).await
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod installers;
 mod lifecycle;
 mod matcher;
 mod models;
+mod page;
 mod playwright;
 mod stores;
 mod supervisor;

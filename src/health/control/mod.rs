@@ -16,4 +16,5 @@ mod socket;
 
 pub use machine_log::{MACHINE_LOG, MACHINE_LOG_LINES, TeeStderr, machine_log};
 pub(super) use routes::routes;
-pub use socket::{ControlError, ControlSocket, SOCKET, bind, serve, socket_path};
+pub(super) use socket::serve;
+pub use socket::{ControlError, ControlSocket, SOCKET, bind, socket_path};

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::http::{HeaderValue, header};
 use hyper::service::Service as _;
 use tokio::net::UnixListener;
@@ -117,15 +118,15 @@ pub fn bind(workspace: &Path) -> Result<ControlSocket, ControlError> {
     Ok(socket)
 }
 
-/// Serves the health router on `socket`, with control access, until `stop` is cancelled; then
-/// removes the socket file.
-pub async fn serve(
+/// Serves `app`, the health server's router, on `socket` with control access until `stop` is
+/// cancelled; then removes the socket file.
+pub(in crate::health) async fn serve(
     state: Arc<HealthState>,
+    app: Router,
     socket: ControlSocket,
     stop: CancellationToken,
-) -> Result<(), ControlError> {
+) {
     tracing::info!(path = %socket.path.display(), "control socket listening");
-    let app = crate::health::server::router(Arc::clone(&state));
     // A request through the socket carries the machine's own local token, whatever it sent:
     // the socket's mode already restricted who could connect.
     let grant = HeaderValue::from_str(&format!("Bearer {}", state.local_token))
@@ -167,5 +168,4 @@ pub async fn serve(
     let _ = tokio::time::timeout(STOP_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
     drop(socket);
-    Ok(())
 }
