@@ -85,7 +85,7 @@ pub struct HealthState {
     force: CancellationToken,
     /// A random bearer token, new each start, that the control socket sends on behalf of its
     /// callers (see [`control`]); it never leaves the process.
-    local_token: String,
+    local_token: control::LocalToken,
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     models: Option<crate::models::ModelStore>,
@@ -136,7 +136,7 @@ impl HealthState {
             access: config.health_access.clone(),
             shutdown,
             force: sources.force,
-            local_token: format!("{:032x}", rand::random::<u128>()),
+            local_token: control::LocalToken::new(),
             redis: Mutex::new(RedisStatus {
                 url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()

@@ -578,7 +578,7 @@ pub(super) fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Op
 
 /// Whether the request came through the control socket, which sends the local token.
 fn is_local(s: &HealthState, headers: &HeaderMap) -> bool {
-    bearer(headers).is_some_and(|given| constant_time_eq(given.as_bytes(), s.local_token.as_bytes()))
+    bearer(headers).is_some_and(|given| constant_time_eq(given.as_bytes(), s.local_token.expose().as_bytes()))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -18,3 +18,32 @@ pub use machine_log::{MACHINE_LOG, MACHINE_LOG_LINES, TeeStderr, machine_log};
 pub(super) use routes::routes;
 pub(super) use socket::serve;
 pub use socket::{ControlError, ControlSocket, SOCKET, bind, socket_path};
+
+/// The bearer token the control socket sends on its callers' behalf: random, new each start,
+/// never printed, never sent anywhere.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LocalToken(String);
+
+impl LocalToken {
+    /// A fresh random token.
+    pub fn new() -> LocalToken {
+        LocalToken(format!("{:032x}", rand::random::<u128>()))
+    }
+
+    /// The token, for the socket that sends it and the check that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for LocalToken {
+    fn default() -> LocalToken {
+        LocalToken::new()
+    }
+}
+
+impl std::fmt::Debug for LocalToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalToken(***)")
+    }
+}

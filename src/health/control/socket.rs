@@ -129,7 +129,7 @@ pub(in crate::health) async fn serve(
     tracing::info!(path = %socket.path.display(), "control socket listening");
     // A request through the socket carries the machine's own local token, whatever it sent:
     // the socket's mode already restricted who could connect.
-    let grant = HeaderValue::from_str(&format!("Bearer {}", state.local_token))
+    let grant = HeaderValue::from_str(&format!("Bearer {}", state.local_token.expose()))
         .unwrap_or_else(|_| HeaderValue::from_static(""));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
