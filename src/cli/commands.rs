@@ -94,3 +94,28 @@ pub(super) fn print_json<T: serde::Serialize>(value: &T) {
     let _ = serde_json::to_writer_pretty(&mut out, value);
     let _ = writeln!(out);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_url_the_machines_redis_is_used_and_a_missing_socket_named() {
+        let none = RedisArgs { redis_url: None };
+        let hub = config::RedisUrl::parse("redis://h:6379").expect("a URL");
+        assert_eq!(
+            redis_url(&none, Some(hub.clone())).expect("the machine's").expose(),
+            hub.expose()
+        );
+        let local = config::RedisUrl::parse("unix:///nowhere/run/redis.sock").expect("a URL");
+        let e = redis_url(&none, Some(local)).expect_err("no socket there");
+        assert!(e.to_string().contains("/nowhere/run/redis.sock"), "{e}");
+        let given = RedisArgs {
+            redis_url: Some("redis://other:1".into()),
+        };
+        assert_eq!(
+            redis_url(&given, Some(hub)).expect("the flag's").expose(),
+            "redis://other:1"
+        );
+    }
+}

@@ -40,6 +40,6 @@ pub(super) fn settings_help() -> String {
     for (var, key) in vars {
         let _ = writeln!(help, "  {var:<width$}  {key}");
     }
-    help.push_str("`machine config check` prints the resulting configuration.");
+    help.push_str("\n`machine config check` prints the resulting configuration.");
     help
 }
