@@ -246,7 +246,7 @@ impl Plan {
 }
 
 /// What changes between a running plan and a new one, by name: the answer of a reload.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanDiff {
     /// Workers by id.
     pub workers: Changes,
@@ -255,7 +255,7 @@ pub struct PlanDiff {
 }
 
 /// Names sorted by what happens to them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changes {
     /// In the new plan only: started.
     pub added: Vec<String>,

@@ -61,6 +61,16 @@ pub(super) enum Command {
     },
     /// Show this machine's status (from its health server), or the fleet's (from Redis).
     Status(StatusArgs),
+    /// Reload the running machine's configuration (and <workspace>/worker_connectors) without a
+    /// restart: only what changed is stopped, started or rebuilt. Needs MACHINE_CONTROL_TOKEN.
+    Reload {
+        /// Base URL of the machine's health server [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +80,14 @@ pub(super) enum ConfigCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print what a reload would change on the running machine (read from its
+        /// health server's `/plan`).
+        #[arg(long)]
+        diff: bool,
+        /// Base URL of the running machine's health server, for --diff
+        /// [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+        #[arg(long, requires = "diff")]
+        url: Option<String>,
     },
 }
 

@@ -14,6 +14,7 @@ mod functions;
 mod gpus;
 mod install;
 mod jobs;
+mod reload;
 mod run;
 mod status;
 

@@ -14,6 +14,7 @@ mod lifecycle;
 mod matcher;
 mod models;
 mod playwright;
+mod reload;
 mod stores;
 mod supervisor;
 mod support;
