@@ -263,3 +263,122 @@ async fn reload_changes_only_what_changed_and_loses_no_job() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
 }
+
+/// A changed ComfyUI command restarts that service between jobs: its worker drains first (the
+/// running job completes), the service comes back with a new PID, the worker claims again; the
+/// simulation worker is not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_service_restarts_between_jobs() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), &url);
+    let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
+    let doc = wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let comfy_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 20, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
+    }});
+    let running = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job_status(&mut conn, &running).await == "pending" {
+        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::write(
+        dir.path().join("machine.toml"),
+        format!(
+            "[connectors.comfyui]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--reloaded\"]\n\n[connectors.simulation]\nduration = \"3s\"\nsteps = 6\n\n[worker]\ndrain = \"20s\"\n",
+            fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = reload_cli(&m, dir.path());
+    assert!(ok, "{stdout}{stderr}\n{}", log());
+    assert!(
+        stdout.contains("~ service comfyui-cpu0 changed (restarted)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("~ worker rl-cpu0 changed (restarted)"), "{stdout}");
+    assert!(stdout.contains("unchanged: 1 worker(s)"), "{stdout}");
+    // The reload returned after the drain: the job finished on the old service.
+    let done = completed(&mut conn, &running, Instant::now() + Duration::from_secs(1)).await;
+    assert_eq!(done["worker_id"], "rl-cpu0");
+    let doc = wait_until(Duration::from_secs(20), "ComfyUI to run again", || {
+        status(m.port).filter(|d| service(d, "comfyui-cpu0").is_some_and(|s| s["state"] == "running"))
+    });
+    let new_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
+    assert_ne!(new_pid, comfy_pid, "ComfyUI was restarted");
+    assert_eq!(worker_ids(&doc), ["rl-simulation-1", "rl-cpu0"], "{doc}");
+    let next = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    completed(&mut conn, &next, Instant::now() + Duration::from_secs(30)).await;
+}
+
+/// The supervisor's add and remove, on real children: an added service waits for the one it
+/// starts after, a second one of the same name is refused, and a removed one stops and is
+/// forgotten while the other runs on with the same pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_added_and_removed_while_the_rest_run() {
+    use machine::supervisor::{ServiceState, Supervisor, SupervisorError};
+    let dir = tempfile::tempdir().unwrap();
+    let file = r#"
+[services.base]
+command = ["sleep", "1000"]
+grace = "2s"
+[services.extra]
+command = ["sleep", "1000"]
+after = ["base"]
+grace = "2s"
+"#;
+    let env = std::collections::BTreeMap::from([("MACHINE_WORKSPACE", dir.path().to_str().unwrap())]);
+    let config = machine::config::load_str(Some(("machine.toml", file)), &env).unwrap();
+    let spec = |n: &str| config.services.iter().find(|s| s.name == n).unwrap().clone();
+    let sup = Supervisor::new(vec![spec("base")], &config.supervisor, dir.path()).unwrap();
+    let handle = sup.handle();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sup.run(shutdown.clone(), tokio_util::sync::CancellationToken::new()));
+    let body = async {
+        handle
+            .watch(&["base".to_owned()])
+            .unwrap()
+            .wait_healthy()
+            .await
+            .unwrap();
+        let base_pid = handle.service("base").unwrap().pid;
+        handle.add(spec("extra")).unwrap();
+        assert!(matches!(handle.add(spec("extra")), Err(SupervisorError::Exists(_))));
+        handle
+            .watch(&["extra".to_owned()])
+            .unwrap()
+            .wait_healthy()
+            .await
+            .unwrap();
+        assert_eq!(handle.names(), ["base", "extra"]);
+        let extra_pid = handle.service("extra").unwrap().pid.unwrap();
+        handle.remove("extra").await.unwrap();
+        assert!(handle.service("extra").is_err(), "forgotten");
+        assert_eq!(handle.names(), ["base"]);
+        assert!(
+            !Path::new(&format!("/proc/{extra_pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{extra_pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+            "stopped"
+        );
+        let base = handle.service("base").unwrap();
+        assert_eq!((base.state, base.pid), (ServiceState::Running, base_pid));
+    };
+    tokio::time::timeout(Duration::from_secs(30), body)
+        .await
+        .expect("in time");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(handle.service("base").unwrap().state.is_down());
+}
