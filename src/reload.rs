@@ -261,26 +261,34 @@ impl Reloader {
         }
         let config =
             load_in(self.path.as_deref(), &ProcessEnv, &self.config.workspace).map_err(ReloadError::Invalid)?;
-        let plan = Plan::build(&config, &self.probe)
+        let old_json = serde_json::to_value(&self.config).unwrap_or(Value::Null);
+        let new_json = serde_json::to_value(&config).unwrap_or(Value::Null);
+        let (touched, restart_required) = settings_changes(&old_json, &new_json);
+        // Restart-only settings stay as they run (see RESTART_ONLY), and the new plan is made
+        // with them: a new workspace or grace must not look like a change of every service.
+        let old = &self.config;
+        let applied = Config {
+            machine_id: old.machine_id.clone(),
+            workspace: old.workspace.clone(),
+            redis: old.redis.clone(),
+            health_port: old.health_port,
+            gpu: old.gpu.clone(),
+            visible_devices: old.visible_devices.clone(),
+            supervisor: old.supervisor.clone(),
+            log: old.log.clone(),
+            control_token: old.control_token.clone(),
+            health_access: old.health_access.clone(),
+            worker: old.worker.clone(),
+            install_timeout: old.install_timeout,
+            ..config
+        };
+        let plan = Plan::build(&applied, &self.probe)
             .and_then(|p| {
                 let missing = p.missing_programs();
                 if missing.is_empty() { Ok(p) } else { Err(missing) }
             })
             .map_err(|problems| ReloadError::Invalid(ConfigError::Invalid(problems)))?;
-        let old_json = serde_json::to_value(&self.config).unwrap_or(Value::Null);
-        let new_json = serde_json::to_value(&config).unwrap_or(Value::Null);
-        let (touched, restart_required) = settings_changes(&old_json, &new_json);
         let diff = PlanDiff::between(&self.plan, &plan, &touched);
-        // Restart-only settings stay as they run: the new workers get the running ones.
-        let applied = Config {
-            machine_id: self.config.machine_id.clone(),
-            workspace: self.config.workspace.clone(),
-            redis: self.config.redis.clone(),
-            health_port: self.config.health_port,
-            worker: self.config.worker.clone(),
-            supervisor: self.config.supervisor.clone(),
-            ..config
-        };
         // Workers are built before anything stops: one that cannot be built (an API key
         // missing) refuses the reload like any other problem.
         let starting = diff.workers_to_start(&plan);
@@ -444,6 +452,14 @@ mod tests {
         assert_eq!(touched, BTreeSet::from([ConnectorKind::Openai]));
         assert_eq!(restart, ["health_port"]);
         assert_eq!(settings_changes(&old, &old), (BTreeSet::new(), Vec::new()));
+    }
+
+    #[test]
+    fn every_compared_section_is_a_key_of_the_configuration() {
+        let c = serde_json::to_value(Config::for_tests(&[("OPENAI_API_KEY", "k")])).unwrap();
+        for key in RESTART_ONLY.iter().chain(CONNECTOR_SECTIONS.iter().map(|(k, _)| k)) {
+            assert!(c.get(key).is_some(), "`{key}` is not a key of the serialised Config");
+        }
     }
 
     #[test]

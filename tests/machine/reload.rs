@@ -53,11 +53,15 @@ fn service<'a>(doc: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 fn start(dir: &Path, redis_url: &str) -> Machine {
+    start_draining(dir, redis_url, "20s")
+}
+
+fn start_draining(dir: &Path, redis_url: &str, drain: &str) -> Machine {
     let config = dir.join("machine.toml");
     std::fs::write(
         &config,
         format!(
-            "[connectors.comfyui]\ncommand = [\"{}\", \"--port\", \"{{port}}\"]\n\n[connectors.simulation]\nduration = \"3s\"\nsteps = 6\n\n[worker]\ndrain = \"20s\"\n",
+            "[connectors.comfyui]\ncommand = [\"{}\", \"--port\", \"{{port}}\"]\n\n[connectors.simulation]\nduration = \"3s\"\nsteps = 6\n\n[worker]\ndrain = \"{drain}\"\n",
             fake_comfyui().display()
         ),
     )
@@ -381,4 +385,44 @@ grace = "2s"
         .unwrap()
         .unwrap();
     assert!(handle.service("base").unwrap().state.is_down());
+}
+
+/// A removed worker whose job outlasts the drain period returns the job to the queue: the reload
+/// finishes after the drain, and the job waits, pending, for a worker that runs ComfyUI.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_outlasting_the_drain_goes_back_to_the_queue() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_draining(dir.path(), &url, "1s");
+    let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 100, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
+    }});
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job_status(&mut conn, &id).await == "pending" {
+        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::write(dir.path().join("ws/worker_connectors"), "simulation:1\n").unwrap();
+    let began = Instant::now();
+    let (ok, stdout, stderr) = reload_cli(&m, dir.path());
+    assert!(ok, "{stdout}{stderr}\n{}", log());
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "the drain period bounds the reload"
+    );
+    assert!(stdout.contains("- worker rl-cpu0 removed"), "{stdout}");
+    assert_eq!(job_status(&mut conn, &id).await, "pending", "{}", log());
+    let queued: Option<f64> = conn.zscore("jobs:pending", &id).await.unwrap();
+    assert!(queued.is_some(), "the job is back in the queue");
+    let doc = status(m.port).unwrap();
+    assert_eq!(worker_ids(&doc), ["rl-simulation-1"], "{doc}");
 }
