@@ -291,7 +291,7 @@ async fn run_services_and_workers(
     let mut feeds = Vec::new();
     let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
     feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
-    feeds.push(spawn_limits_feed(state, workers.limiters(), feeds_stop.clone()));
+    feeds.push(spawn_limits_feed(state, workers.pool(), feeds_stop.clone()));
     // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
     let reload_stop = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
@@ -459,18 +459,12 @@ pub(crate) fn readiness_feed(
 
 /// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
 /// the metrics, `/status` and the fleet status.
-fn spawn_limits_feed(
-    state: &Arc<HealthState>,
-    limiters: Vec<Arc<crate::connectors::limits::Limiter>>,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
+fn spawn_limits_feed(state: &Arc<HealthState>, pool: worker::WorkerPool, stop: CancellationToken) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
-        if limiters.is_empty() {
-            return;
-        }
         loop {
-            for limiter in &limiters {
+            // Read each round: a reload may add an API.
+            for limiter in &pool.limiters() {
                 let usage = limiter.usage().await.ok();
                 let stats = limiter.stats();
                 state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);

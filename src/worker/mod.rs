@@ -155,6 +155,17 @@ impl WorkerPool {
             .collect()
     }
 
+    /// The fleet-wide limiters of this machine's external APIs, those a reload added included.
+    pub fn limiters(&self) -> Vec<Arc<Limiter>> {
+        self.kit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .limiters
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Starts a worker built by [`WorkerPool::build`]; it claims once every service whose
     /// readiness is in `gates` is ready.
     pub fn add(&self, worker: Worker, gates: Vec<watch::Receiver<bool>>) -> Result<(), WorkerError> {
