@@ -160,13 +160,19 @@ impl HealthState {
             .retain(|(id, _)| !ids.contains(id));
     }
 
-    /// Shows a reload's result: the new configuration and plan, and the workers it started;
-    /// the fleet status is published at once.
+    /// Shows a reload's result: the new configuration and plan, and the workers it started
+    /// (all listed in plan order); the fleet status is published at once.
     pub fn reloaded(&self, config: &Config, plan: &Plan, workers: Vec<(String, watch::Receiver<WorkerStatus>)>) {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) =
             serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
         *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
-        self.workers.write().unwrap_or_else(|p| p.into_inner()).extend(workers);
+        {
+            let mut all = self.workers.write().unwrap_or_else(|p| p.into_inner());
+            all.extend(workers);
+            // In plan order, as at start.
+            let position = |id: &str| plan.workers.iter().position(|w| w.id == id).unwrap_or(usize::MAX);
+            all.sort_by_key(|(id, _)| position(id));
+        }
         self.reloads.send_modify(|n| *n += 1);
     }
 

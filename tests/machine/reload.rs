@@ -318,7 +318,7 @@ async fn a_changed_service_restarts_between_jobs() {
     });
     let new_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
     assert_ne!(new_pid, comfy_pid, "ComfyUI was restarted");
-    assert_eq!(worker_ids(&doc), ["rl-simulation-1", "rl-cpu0"], "{doc}");
+    assert_eq!(worker_ids(&doc), ["rl-cpu0", "rl-simulation-1"], "{doc}");
     let next = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
     completed(&mut conn, &next, Instant::now() + Duration::from_secs(30)).await;
 }
