@@ -20,13 +20,13 @@
 //! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
 //! leftovers are SIGKILLed, and the machine exits within a second.
 //!
-//! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
-//! subsystem could not start (before any job is claimed, with the reason), 3 when a `critical`
-//! service failed, 4 when a second signal forced the shutdown.
+//! How it ended is an [`Ended`], which the CLI maps to the exit code (beside its 2 for invalid
+//! configuration): 0 after a clean shutdown, 1 when a subsystem could not start (before any job
+//! is claimed, with the reason), 3 when a `critical` service failed, 4 when a second signal
+//! forced the shutdown.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,10 +43,19 @@ use crate::plan::Plan;
 use crate::supervisor::{self, ServiceState, ServicesWatch, Signals, Supervisor, SupervisorHandle};
 use crate::worker::{self, JobOutcome, Readiness, Workers};
 
-/// Exit code when a `critical` service failed and took the machine down.
-pub const EXIT_CRITICAL: u8 = 3;
-/// Exit code when a second SIGTERM/SIGINT stopped everything at once.
-pub const EXIT_FORCED: u8 = 4;
+/// How `machine run` ended; the CLI maps it to the exit code (`cli/exit.rs`). The reason for a
+/// failure has been logged by then, through the machine's log (text or JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A clean shutdown.
+    Stopped,
+    /// A subsystem could not start (before any job was claimed).
+    FailedToStart,
+    /// A `critical` service failed and took the machine down.
+    CriticalFailed,
+    /// A second SIGTERM/SIGINT stopped everything at once.
+    Forced,
+}
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
@@ -92,7 +101,7 @@ pub enum StartError {
 
 /// Runs the machine until it is asked to stop.
 /// `path` is the configuration file, read again at each reload.
-pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> ExitCode {
+pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> Ended {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
@@ -124,7 +133,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
         Ok(started) => started,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
 
@@ -132,7 +141,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let shutdown = CancellationToken::new();
@@ -147,7 +156,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
         path: path.map(Path::to_path_buf),
         hup,
     };
-    let code = run_subsystems(&config, probe, &plan, listener, &shutdown, &force, reload).await;
+    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force, reload).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -164,7 +173,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
     finished.cancel();
     let _ = signal_task.await;
     tracing::info!("machine stopped");
-    code
+    ended
 }
 
 /// What the reloader needs from `run`: the configuration file and the SIGHUP requests.
@@ -182,14 +191,14 @@ async fn run_subsystems(
     shutdown: &CancellationToken,
     force: &CancellationToken,
     reload: ReloadInputs,
-) -> ExitCode {
+) -> Ended {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
     let supervisor = match Supervisor::new(services, &config.supervisor, &config.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let handle = supervisor.handle();
@@ -200,7 +209,7 @@ async fn run_subsystems(
         }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let tracker = Tracker::new();
@@ -226,12 +235,12 @@ async fn run_subsystems(
         r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
-    let code = match installed {
+    let ended = match installed {
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            ExitCode::FAILURE
+            Ended::FailedToStart
         }
-        Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
+        Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
         Ok(()) => {
             let reloader = |services, pool, readiness| {
                 crate::reload::Reloader::new(crate::reload::Running {
@@ -263,7 +272,7 @@ async fn run_subsystems(
 
     server_stop.cancel();
     join("health", server).await;
-    code
+    ended
 }
 
 #[expect(
@@ -282,7 +291,7 @@ async fn run_services_and_workers(
         impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> crate::reload::Reloader,
         Arc<Notify>,
     ),
-) -> ExitCode {
+) -> Ended {
     let handle = supervisor.handle();
     // The services outlive the workers: they stop only after the workers have drained.
     let services_stop = CancellationToken::new();
@@ -322,9 +331,9 @@ async fn run_services_and_workers(
                 r.connected = true;
                 r.last_error = None;
             });
-            if let Ok(report) = broker.ensure_functions().await {
-                state.set_redis(|r| r.function_version = Some(report.version.clone()));
-            }
+            state.set_broker(broker.clone());
+            // `connect_broker` loaded the library, so Redis runs this binary's version.
+            state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
             let metrics = state.metrics().clone();
             broker.observe_claims(Arc::new(move |took, claimed| {
                 metrics.claim_duration(took.as_secs_f64());
@@ -405,11 +414,11 @@ async fn run_services_and_workers(
         join("feed", feed).await;
     }
     if handle.critical_failed().is_some() {
-        ExitCode::from(EXIT_CRITICAL)
+        Ended::CriticalFailed
     } else if force.is_cancelled() {
-        ExitCode::from(EXIT_FORCED)
+        Ended::Forced
     } else {
-        ExitCode::SUCCESS
+        Ended::Stopped
     }
 }
 
@@ -489,13 +498,14 @@ fn serving(watch: &ServicesWatch) -> bool {
         .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
-/// Records every finished job in the metrics.
+/// Records every finished job in the metrics and in the status page's recent jobs.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
     tokio::spawn(async move {
         loop {
             let report = tokio::select! {
@@ -516,6 +526,7 @@ fn spawn_metrics_feed(
                 JobOutcome::Cancelled => "cancelled",
                 JobOutcome::Lost => "lost",
             };
+            state.record_job(&report);
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());

@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use crate::app::Ended;
 use crate::config::ConfigError;
 use crate::health::client::ClientError;
 use crate::matcher::BrokerError;
@@ -12,6 +13,10 @@ use crate::matcher::BrokerError;
 const EXIT_FAILURE: u8 = 1;
 /// Exit code of invalid configuration or usage (clap exits with it too on a usage error).
 const EXIT_INVALID: u8 = 2;
+/// Exit code of `machine run` when a `critical` service failed and took the machine down.
+const EXIT_CRITICAL: u8 = 3;
+/// Exit code of `machine run` when a second SIGTERM/SIGINT stopped everything at once.
+const EXIT_FORCED: u8 = 4;
 
 /// How a command that ran to its end ended.
 #[derive(Debug)]
@@ -24,8 +29,8 @@ pub enum Outcome {
     /// It found the configuration invalid and has listed the problems on its own output
     /// (`config check --json`).
     Invalid,
-    /// `machine run` ended with this code (0, 1, 3 or 4).
-    Machine(ExitCode),
+    /// `machine run` ended so (its log says why).
+    Machine(Ended),
 }
 
 /// Why a command did not run to its end.
@@ -74,7 +79,10 @@ pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(EXIT_FAILURE),
         Ok(Outcome::Invalid) => ExitCode::from(EXIT_INVALID),
-        Ok(Outcome::Machine(code)) => code,
+        Ok(Outcome::Machine(Ended::Stopped)) => ExitCode::SUCCESS,
+        Ok(Outcome::Machine(Ended::FailedToStart)) => ExitCode::from(EXIT_FAILURE),
+        Ok(Outcome::Machine(Ended::CriticalFailed)) => ExitCode::from(EXIT_CRITICAL),
+        Ok(Outcome::Machine(Ended::Forced)) => ExitCode::from(EXIT_FORCED),
         Err(e) => {
             print_error(&e);
             if matches!(e, CliError::Config(_)) {

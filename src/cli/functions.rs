@@ -7,7 +7,7 @@ use super::args::{FunctionsCommand, RedisArgs};
 use super::commands::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::config::RedisUrl;
-use crate::matcher::installer::{self, Library};
+use crate::matcher::installer::Library;
 use crate::matcher::reference::{self, PendingJob};
 use crate::matcher::{Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob};
 
@@ -35,13 +35,11 @@ pub(super) fn functions(
             }
             FunctionsCommand::List => {
                 let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-                let mut conn = broker.connection();
-                let loaded = installer::loaded_version(&mut conn).await?;
-                let functions = installer::list(&mut conn).await?;
-                match loaded {
-                    None => println!("jobMatching: not loaded (this binary has {})", Library::new().version()),
-                    Some(v) => {
-                        let same = if v == Library::new().version() {
+                let ours = Library::new().version().to_owned();
+                match broker.loaded_library().await? {
+                    None => println!("jobMatching: not loaded (this binary has {ours})"),
+                    Some((v, functions)) => {
+                        let same = if v == ours {
                             "current"
                         } else {
                             "differs from this binary"
@@ -61,8 +59,7 @@ pub(super) fn functions(
             }
             FunctionsCommand::Delete => {
                 let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-                let mut conn = broker.connection();
-                if installer::delete(&mut conn).await? {
+                if broker.delete_library().await? {
                     println!("jobMatching deleted");
                 } else {
                     println!("jobMatching was not loaded");
@@ -86,31 +83,7 @@ async fn self_test(url: &RedisUrl) -> Result<Outcome, CliError> {
     let broker = Broker::connect(url, opts).await?;
     broker.ensure_functions().await?;
     let outcome = self_test_on(&broker).await;
-    // SCAN rather than KEYS: the self-check may run against a busy production Redis.
-    let mut conn = broker.connection();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .map_err(|source| BrokerError::Redis { op: "SCAN", source })?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+    broker.purge_scratch_keys().await?;
     match outcome? {
         Ok(checks) => {
             println!("jobMatching self-test passed ({checks} checks, prefix {prefix})");

@@ -13,6 +13,7 @@ mod installers;
 mod lifecycle;
 mod matcher;
 mod models;
+mod page;
 mod playwright;
 mod reload;
 mod stores;

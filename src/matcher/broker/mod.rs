@@ -174,12 +174,69 @@ impl Broker {
         let _ = self.inner.observer.set(observer);
     }
 
-    /// A clone of the shared command connection, for the `machine functions` commands and tests
-    /// only. The machine's subsystems ask the broker for an operation instead (for instance
-    /// [`Broker::publish_machine_status`], [`Broker::limit_usage`]), so that every command goes
-    /// through one connection with one timeout and reconnect policy.
+    /// A clone of the shared command connection, for tests that inspect Redis directly. The
+    /// machine's subsystems and commands ask the broker for an operation instead (for instance
+    /// [`Broker::publish_machine_status`], [`Broker::limit_usage`], [`Broker::loaded_library`]),
+    /// so that every command goes through one connection with one timeout and reconnect policy.
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// The version of the library loaded in Redis with its functions, or `None` when no
+    /// `jobMatching` library is loaded.
+    pub async fn loaded_library(&self) -> Result<Option<(String, Vec<installer::FunctionInfo>)>, BrokerError> {
+        let mut conn = self.connection();
+        let Some(version) = installer::loaded_version(&mut conn).await? else {
+            return Ok(None);
+        };
+        Ok(Some((version, installer::list(&mut conn).await?)))
+    }
+
+    /// Deletes the `jobMatching` library from Redis; `false` when it was not loaded.
+    pub async fn delete_library(&self) -> Result<bool, BrokerError> {
+        installer::delete(&mut self.connection()).await
+    }
+
+    /// Deletes every key under this broker's scratch key prefix (a self-check's), scanning
+    /// rather than `KEYS` since it may run against a busy production Redis. A broker without a
+    /// prefix (the production key space) deletes nothing and returns 0.
+    pub async fn purge_scratch_keys(&self) -> Result<u64, BrokerError> {
+        let prefix = &self.inner.opts.key_prefix;
+        if prefix.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.connection();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|source| BrokerError::Redis { op: "SCAN", source })?;
+            if !keys.is_empty() {
+                let n: u64 = cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+                deleted += n;
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// The version of this binary's `jobMatching` library: the one loaded in Redis once
+    /// [`Broker::ensure_functions`] succeeded (it fails on any other).
+    pub fn library_version(&self) -> &str {
+        self.inner.lib.version()
     }
 
     /// Loads the library when needed (see [`installer::install`]) and remembers how to call it.
