@@ -14,6 +14,9 @@
 //! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
 //! health server stops.
 //!
+//! While it runs, a reload (SIGHUP, `POST /reload`, `machine reload`) changes the services and
+//! workers in place; see [`crate::reload`].
+//!
 //! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
 //! leftovers are SIGKILLed, and the machine exits within a second.
 //!
@@ -23,11 +26,11 @@
 //! forced the shutdown.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -97,7 +100,8 @@ pub enum StartError {
 }
 
 /// Runs the machine until it is asked to stop.
-pub async fn run(config: Config, probe: Probe, plan: Plan) -> Ended {
+/// `path` is the configuration file, read again at each reload.
+pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> Ended {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
@@ -143,11 +147,16 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> Ended {
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let finished = CancellationToken::new();
-    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone()));
+    let hup = Arc::new(Notify::new());
+    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone(), hup.clone()));
     let reaper_stop = CancellationToken::new();
     let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force).await;
+    let reload = ReloadInputs {
+        path: path.map(Path::to_path_buf),
+        hup,
+    };
+    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force, reload).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -167,6 +176,12 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> Ended {
     ended
 }
 
+/// What the reloader needs from `run`: the configuration file and the SIGHUP requests.
+struct ReloadInputs {
+    path: Option<PathBuf>,
+    hup: Arc<Notify>,
+}
+
 /// Everything between the signal handlers and the final sweep.
 async fn run_subsystems(
     config: &Config,
@@ -175,6 +190,7 @@ async fn run_subsystems(
     listener: tokio::net::TcpListener,
     shutdown: &CancellationToken,
     force: &CancellationToken,
+    reload: ReloadInputs,
 ) -> Ended {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
@@ -200,7 +216,7 @@ async fn run_subsystems(
     let state = HealthState::new(
         config,
         plan,
-        probe,
+        probe.clone(),
         Sources {
             services: handle.clone(),
             workers: workers.statuses(),
@@ -233,7 +249,33 @@ async fn run_subsystems(
             Ended::FailedToStart
         }
         Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
-        Ok(()) => run_services_and_workers(config, plan, supervisor, workers, &state, shutdown, force).await,
+        Ok(()) => {
+            let reloader = |services, pool, readiness| {
+                crate::reload::Reloader::new(crate::reload::Running {
+                    path: reload.path,
+                    config: config.clone(),
+                    plan: plan.clone(),
+                    probe,
+                    services,
+                    pool,
+                    readiness,
+                    state: state.clone(),
+                    tracker,
+                    shutdown: shutdown.clone(),
+                })
+            };
+            run_services_and_workers(
+                config,
+                plan,
+                supervisor,
+                workers,
+                &state,
+                shutdown,
+                force,
+                (reloader, reload.hup),
+            )
+            .await
+        }
     };
 
     server_stop.cancel();
@@ -241,6 +283,10 @@ async fn run_subsystems(
     ended
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the machine's parts, each used once, in one place"
+)]
 async fn run_services_and_workers(
     config: &Config,
     plan: &Plan,
@@ -249,6 +295,10 @@ async fn run_services_and_workers(
     state: &Arc<HealthState>,
     shutdown: &CancellationToken,
     force: &CancellationToken,
+    (reloader, hup): (
+        impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> crate::reload::Reloader,
+        Arc<Notify>,
+    ),
 ) -> Ended {
     let handle = supervisor.handle();
     // The services outlive the workers: they stop only after the workers have drained.
@@ -258,7 +308,17 @@ async fn run_services_and_workers(
     let mut feeds = Vec::new();
     let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
     feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
-    feeds.push(spawn_limits_feed(state, workers.limiters(), feeds_stop.clone()));
+    feeds.push(spawn_limits_feed(state, workers.pool(), feeds_stop.clone()));
+    // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
+    let reload_stop = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
+    state.serve_reloads(reload_tx);
+    let reloads = tokio::spawn(crate::reload::serve(
+        reloader(handle.clone(), workers.pool(), readiness.clone()),
+        reload_rx,
+        hup,
+        reload_stop.clone(),
+    ));
 
     let workers_stop = CancellationToken::new();
     let fleet_stop = CancellationToken::new();
@@ -313,6 +373,7 @@ async fn run_services_and_workers(
         }
     }
 
+    reload_stop.cancel();
     workers_stop.cancel();
     // A second signal cuts the drain short: the workers return their jobs at once (see
     // `Workers::force_on`), and the machine waits for that only briefly.
@@ -355,6 +416,7 @@ async fn run_services_and_workers(
     if let Some(fleet) = fleet {
         join("fleet-status", fleet).await;
     }
+    join("reload", reloads).await;
     feeds_stop.cancel();
     for feed in feeds {
         join("feed", feed).await;
@@ -382,39 +444,44 @@ fn readiness(
     let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
-        let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
-            continue;
-        };
-        let (tx, rx) = watch::channel(serving(&watch));
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let _ = tx.send(serving(&watch));
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    changed = watch.changed() => if changed.is_err() { break },
-                }
-            }
-        }));
-        readiness.insert(name.clone(), rx);
+        if let Some((rx, task)) = readiness_feed(handle, name, stop) {
+            tasks.push(task);
+            readiness.insert(name.clone(), rx);
+        }
     }
     readiness
 }
 
+/// The readiness channel of one service and the task that feeds it, until `stop` or until the
+/// service is removed; `None` when the supervisor has no such service.
+pub(crate) fn readiness_feed(
+    handle: &SupervisorHandle,
+    name: &str,
+    stop: &CancellationToken,
+) -> Option<(watch::Receiver<bool>, JoinHandle<()>)> {
+    let mut watch = handle.watch(&[name.to_owned()]).ok()?;
+    let (tx, rx) = watch::channel(serving(&watch));
+    let stop = stop.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let _ = tx.send(serving(&watch));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                changed = watch.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+    Some((rx, task))
+}
+
 /// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
 /// the metrics, `/status` and the fleet status.
-fn spawn_limits_feed(
-    state: &Arc<HealthState>,
-    limiters: Vec<Arc<crate::connectors::limits::Limiter>>,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
+fn spawn_limits_feed(state: &Arc<HealthState>, pool: worker::WorkerPool, stop: CancellationToken) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
-        if limiters.is_empty() {
-            return;
-        }
         loop {
-            for limiter in &limiters {
+            // Read each round: a reload may add an API.
+            for limiter in &pool.limiters() {
                 let usage = limiter.usage().await.ok();
                 let stats = limiter.stats();
                 state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);

@@ -19,5 +19,6 @@ pub mod logging;
 pub mod matcher;
 pub mod models;
 pub mod plan;
+pub mod reload;
 pub mod supervisor;
 pub mod worker;

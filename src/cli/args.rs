@@ -81,6 +81,16 @@ pub(super) enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Reload the running machine's configuration (and <workspace>/worker_connectors) without a
+    /// restart: only what changed is stopped, started or rebuilt. Through the control socket, or
+    /// over TCP with MACHINE_CONTROL_TOKEN.
+    Reload {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
 }
 
 /// Where the commands that talk to a running machine find it: its control socket
@@ -116,6 +126,14 @@ pub(super) enum ConfigCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print what a reload would change on the running machine (read from its
+        /// health server's `/plan`).
+        #[arg(long)]
+        diff: bool,
+        /// Base URL of the running machine's health server, for --diff
+        /// [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+        #[arg(long, requires = "diff")]
+        url: Option<String>,
     },
 }
 

@@ -14,8 +14,9 @@ pub fn run(cli: Cli) -> Result<Outcome, CliError> {
     let path = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
         Command::Config {
-            command: ConfigCommand::Check { json },
-        } => super::config_check::config_check(path, json),
+            command: ConfigCommand::Check { json, diff, url },
+        } => super::config_check::config_check(path, json, diff.then_some(url)),
+        Command::Reload { json, machine } => super::reload::reload(path, &machine, json),
         Command::Gpus { json } => super::gpus::gpus(path, json),
         Command::Run => super::run::run(path),
         Command::Status(args) => super::status::status(path, &args),

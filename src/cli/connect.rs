@@ -53,10 +53,12 @@ pub enum MachineError {
         source: hyper::Error,
     },
     /// The machine did not answer in time.
-    #[error("the machine at {at} did not answer within {TIMEOUT:?}")]
+    #[error("the machine at {at} did not answer within {after:?}")]
     Timeout {
         /// The socket or address.
         at: String,
+        /// How long it was given.
+        after: Duration,
     },
     /// The machine refused or failed the request.
     #[error("the machine answered {status} to {path}: {message}")]
@@ -149,6 +151,41 @@ impl Target {
     /// Sends one request and returns the answer with its body still to read; a status other
     /// than 2xx is an error carrying the machine's reason.
     pub(super) async fn send(&self, method: Method, path: &str) -> Result<Response<Incoming>, MachineError> {
+        let response = self.send_within(method, path, TIMEOUT).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = read_body(response, &self.at()).await.unwrap_or_default();
+        Err(refused(path, status, &body))
+    }
+
+    /// Sends one request that the machine may take up to `after` to answer (a reload drains
+    /// workers first) and returns its status and whole body, whatever the status.
+    pub(super) async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        after: Duration,
+    ) -> Result<(StatusCode, Vec<u8>), MachineError> {
+        let response = self.send_within(method, path, after).await?;
+        let status = response.status();
+        Ok((status, read_body(response, &self.at()).await?))
+    }
+
+    /// Where the machine was reached, for messages.
+    fn at(&self) -> String {
+        self.socket
+            .as_ref()
+            .map_or_else(|| self.address.clone(), |p| p.display().to_string())
+    }
+
+    async fn send_within(
+        &self,
+        method: Method,
+        path: &str,
+        after: Duration,
+    ) -> Result<Response<Incoming>, MachineError> {
         let mut conn = self.connect().await?;
         let at = conn.at.clone();
         let mut request = Request::builder()
@@ -167,26 +204,16 @@ impl Target {
         let request = request
             .body(Empty::<Bytes>::new())
             .expect("a request built from a valid method, path and headers");
-        let response = tokio::time::timeout(TIMEOUT, conn.sender.send_request(request))
+        tokio::time::timeout(after, conn.sender.send_request(request))
             .await
-            .map_err(|_| MachineError::Timeout { at: at.clone() })?
-            .map_err(|source| MachineError::Http { at: at.clone(), source })?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let body = read_body(response, &at).await.unwrap_or_default();
-        Err(refused(path, status, &body))
+            .map_err(|_| MachineError::Timeout { at: at.clone(), after })?
+            .map_err(|source| MachineError::Http { at, source })
     }
 
     /// Sends a request and reads the whole answer.
     pub(super) async fn text(&self, method: Method, path: &str) -> Result<Vec<u8>, MachineError> {
         let response = self.send(method, path).await?;
-        let at = self
-            .socket
-            .as_ref()
-            .map_or_else(|| self.address.clone(), |p| p.display().to_string());
-        read_body(response, &at).await
+        read_body(response, &self.at()).await
     }
 
     /// `GET path` as the JSON document `T`.
@@ -224,7 +251,10 @@ fn refused(path: &str, status: StatusCode, body: &[u8]) -> MachineError {
 async fn read_body(response: Response<Incoming>, at: &str) -> Result<Vec<u8>, MachineError> {
     let collected = tokio::time::timeout(TIMEOUT, response.into_body().collect())
         .await
-        .map_err(|_| MachineError::Timeout { at: at.to_owned() })?
+        .map_err(|_| MachineError::Timeout {
+            at: at.to_owned(),
+            after: TIMEOUT,
+        })?
         .map_err(|source| MachineError::Http {
             at: at.to_owned(),
             source,

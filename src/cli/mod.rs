@@ -16,6 +16,7 @@ mod functions;
 mod gpus;
 mod install;
 mod jobs;
+mod reload;
 mod run;
 mod status;
 mod status_view;

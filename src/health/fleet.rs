@@ -321,6 +321,7 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
     let mut workers = state.worker_receivers();
     let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
     let mut services = state.services().watch(&names).ok();
+    let mut reloads = state.reloads();
     let mut was_ready = false;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -350,6 +351,13 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
         let update = tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => UpdateType::Periodic,
+            Ok(()) = reloads.changed() => {
+                // A reload changed the workers and services: follow the new ones.
+                workers = state.worker_receivers();
+                let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
+                services = state.services().watch(&names).ok();
+                UpdateType::EventDriven
+            }
             () = changed => {
                 tokio::time::sleep(DEBOUNCE).await;
                 for rx in &mut workers {

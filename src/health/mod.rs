@@ -21,7 +21,7 @@ mod server;
 pub mod status;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -71,11 +71,16 @@ pub struct HealthState {
     machine_id: String,
     started: Instant,
     started_ms: u64,
-    config: serde_json::Value,
-    plan: Plan,
+    /// The running configuration and plan; a reload replaces them.
+    config: RwLock<serde_json::Value>,
+    plan: RwLock<Plan>,
     probe: Arc<Probe>,
     services: SupervisorHandle,
-    workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
+    workers: RwLock<Vec<(String, watch::Receiver<WorkerStatus>)>>,
+    /// Counts reloads, so that the fleet publisher follows the new workers and services.
+    reloads: watch::Sender<u64>,
+    /// Where `POST /reload` sends its request, once the machine's services run.
+    reload: OnceLock<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>>,
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
@@ -125,11 +130,13 @@ impl HealthState {
             started: Instant::now(),
             started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
-            config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
-            plan: plan.clone(),
+            config: RwLock::new(serde_json::to_value(config).unwrap_or(serde_json::Value::Null)),
+            plan: RwLock::new(plan.clone()),
             probe,
             services: sources.services,
-            workers: sources.workers,
+            workers: RwLock::new(sources.workers),
+            reloads: watch::channel(0).0,
+            reload: OnceLock::new(),
             installs: sources.installs,
             metrics: Metrics::new(),
             control_token: config.control_token.clone(),
@@ -190,9 +197,53 @@ impl HealthState {
         &self.machine_id
     }
 
-    /// The plan this machine runs.
-    pub fn plan(&self) -> &Plan {
-        &self.plan
+    /// The plan this machine runs (the latest reload's).
+    pub fn plan(&self) -> Plan {
+        self.plan.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The running configuration as `/status` shows it (secrets masked).
+    pub fn config_document(&self) -> serde_json::Value {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops stopped workers (a reload removed them) from the status.
+    pub fn forget_workers(&self, ids: &[String]) {
+        self.workers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| !ids.contains(id));
+    }
+
+    /// Shows a reload's result: the new configuration and plan, and the workers it started
+    /// (all listed in plan order); the fleet status is published at once.
+    pub fn reloaded(&self, config: &Config, plan: &Plan, workers: Vec<(String, watch::Receiver<WorkerStatus>)>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) =
+            serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+        *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
+        {
+            let mut all = self.workers.write().unwrap_or_else(|p| p.into_inner());
+            all.extend(workers);
+            // In plan order, as at start.
+            let position = |id: &str| plan.workers.iter().position(|w| w.id == id).unwrap_or(usize::MAX);
+            all.sort_by_key(|(id, _)| position(id));
+        }
+        self.reloads.send_modify(|n| *n += 1);
+    }
+
+    /// Changes at each reload (for the fleet publisher).
+    pub(crate) fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Lets `POST /reload` reach the machine's reloader.
+    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>) {
+        let _ = self.reload.set(requests);
+    }
+
+    /// Where `POST /reload` sends its request; `None` until the services run.
+    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>> {
+        self.reload.get().cloned()
     }
 
     /// The supervisor's handle.
@@ -207,12 +258,14 @@ impl HealthState {
 
     /// Every worker's current status, in plan order.
     pub fn worker_statuses(&self) -> Vec<WorkerStatus> {
-        self.workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
     }
 
     /// Receivers that change whenever a worker changes (for the fleet publisher).
     pub(crate) fn worker_receivers(&self) -> Vec<watch::Receiver<WorkerStatus>> {
-        self.workers.iter().map(|(_, rx)| rx.clone()).collect()
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        workers.iter().map(|(_, rx)| rx.clone()).collect()
     }
 
     /// Why a worker is not claiming, when it has a reason to report: one of its services is in
@@ -221,7 +274,8 @@ impl HealthState {
         if status.state != WorkerState::WaitingForServices {
             return None;
         }
-        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
+        let plan = self.plan.read().unwrap_or_else(|p| p.into_inner());
+        let wanted = &plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -329,7 +383,7 @@ impl HealthState {
             recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
             redis: self.redis(),
             external_apis: self.external_apis(),
-            config: self.config.clone(),
+            config: self.config_document(),
         }
     }
 }

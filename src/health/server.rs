@@ -341,6 +341,8 @@ fn router(state: Arc<HealthState>, hub: Hub) -> Router {
         .route("/services/{name}/restart", post(restart))
         .route("/shutdown", post(shutdown))
         .merge(super::control::routes())
+        .route("/reload", post(reload))
+        .route("/plan", get(plan))
         .layer(Extension(hub))
         .with_state(state)
 }
@@ -522,6 +524,56 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
     tracing::info!("shutdown requested over HTTP");
     s.shutdown.cancel();
     (StatusCode::ACCEPTED, axum::Json(json!({ "shutting_down": true }))).into_response()
+}
+
+/// `POST /reload`: reloads the configuration (control token) and answers the report, or 422
+/// with every problem of a refused configuration.
+async fn reload(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
+        return refusal;
+    }
+    tracing::info!("reload requested over HTTP");
+    let unavailable = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": format!("the machine cannot reload now: {why}") })),
+        )
+            .into_response()
+    };
+    let Some(requests) = s.reload_requests() else {
+        return unavailable("its services are not running yet");
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if requests.send(tx).await.is_err() {
+        return unavailable("it is shutting down");
+    }
+    match rx.await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => {
+            let code = match &e {
+                crate::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                crate::reload::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::reload::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let body = json!({
+                "error": crate::logging::error_chain(&e),
+                "problems": e.problems(),
+            });
+            (code, axum::Json(body)).into_response()
+        }
+        Err(_) => unavailable("it is shutting down"),
+    }
+}
+
+/// `GET /plan`: the running plan and configuration (secrets masked), guarded like `/status`;
+/// `machine config check --diff` compares a new configuration with it.
+async fn plan(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if s.access.guard_status {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
+    axum::Json(json!({ "plan": s.plan(), "config": s.config_document() })).into_response()
 }
 
 /// What a guarded route lets the caller do.

@@ -16,6 +16,7 @@ mod matcher;
 mod models;
 mod page;
 mod playwright;
+mod reload;
 mod stores;
 mod supervisor;
 mod support;

@@ -30,6 +30,24 @@ impl Broker {
         self.write_registration(caps).await
     }
 
+    /// Deletes a worker's registration (a reload removed it) and forgets it, so that it is
+    /// neither matched nor registered again.
+    pub async fn unregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        self.inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .remove(worker_id);
+        let key = self.key(&format!("worker:{worker_id}"));
+        let mut conn = self.connection();
+        cmd("DEL")
+            .arg(&key)
+            .arg(format!("{key}:heartbeat"))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("unregister worker"))
+    }
+
     /// Registers every worker of this broker again (Redis came back without them).
     pub(super) async fn register_again(&self) {
         let all: Vec<Capabilities> = self
