@@ -6,12 +6,12 @@
 //! only hashes a few strings. Commands are argv vectors (never shell strings) whose output is
 //! appended to the installer's log file; each runs in its own process group, killed as a whole
 //! when the install is cancelled or times out. Progress goes three ways: tracing lines with
-//! counts and bytes, an indicatif bar when stderr is a terminal, and [`InstallState`] values in a
-//! `tokio::sync::watch` channel for the status page.
+//! counts and bytes (with rate and time left), an indicatif bar when the logging set-up draws
+//! bars, and [`InstallState`] values in a `tokio::sync::watch` channel for the status page.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -79,11 +79,13 @@ impl Default for Tracker {
 }
 
 impl Tracker {
-    /// A tracker; bars are drawn only when stderr is a terminal (never in container logs).
+    /// A tracker; bars are drawn only where the logging set-up draws them (text format, stderr a
+    /// terminal: never in container logs), in the one container the log writer hides while it
+    /// writes a line.
     pub fn new() -> Self {
         Tracker {
             tx: watch::channel(InstallStates::new()).0,
-            bars: std::io::stderr().is_terminal().then(indicatif::MultiProgress::new),
+            bars: crate::logging::progress_bars(),
         }
     }
 
@@ -106,12 +108,8 @@ impl Tracker {
     /// Starts reporting for installer `name`.
     pub(crate) fn progress(&self, name: &str) -> Progress {
         let bar = self.bars.as_ref().map(|m| {
-            let bar = m.add(indicatif::ProgressBar::new(0));
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} {msg}")
-                    .expect("the template is a valid indicatif template")
-                    .progress_chars("=> "),
-            );
+            let bar = m.add(indicatif::ProgressBar::no_length());
+            bar.set_style(bar_style(None, "items"));
             bar.set_prefix(name.to_owned());
             bar
         });
@@ -121,8 +119,26 @@ impl Tracker {
             bar,
             started: Instant::now(),
             last_log: Arc::new(Mutex::new(None)),
+            step_started: Arc::new(Mutex::new(None)),
         }
     }
+}
+
+/// The bar's look: a spinner while the total is unknown (or zero: a full bar for `0/0` would
+/// claim work done that never started), counts for items, and bytes with rate and ETA for
+/// downloads.
+fn bar_style(total: Option<u64>, unit: &str) -> indicatif::ProgressStyle {
+    let template = match (total.filter(|t| *t > 0), unit) {
+        (None, "bytes") => "{prefix:>16} {spinner} {binary_bytes} {binary_bytes_per_sec} {msg}",
+        (None, _) => "{prefix:>16} {spinner} {msg}",
+        (Some(_), "bytes") => {
+            "{prefix:>16} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta} {msg}"
+        }
+        (Some(_), _) => "{prefix:>16} [{bar:30}] {pos}/{len} {msg}",
+    };
+    indicatif::ProgressStyle::with_template(template)
+        .expect("the templates are valid indicatif templates")
+        .progress_chars("=> ")
 }
 
 /// Reports one installer's progress to the log, the bar and the state channel.
@@ -133,6 +149,8 @@ pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     last_log: Arc<Mutex<Option<Instant>>>,
+    /// The step counted now and when its first count came, for the download rate.
+    step_started: Arc<Mutex<Option<(String, Instant, u64)>>>,
 }
 
 /// How often byte progress is logged.
@@ -143,6 +161,8 @@ impl Progress {
     pub(crate) fn step(&self, step: &str) {
         tracing::info!(target: "machine::install", installer = %self.name, "{step}");
         if let Some(b) = &self.bar {
+            b.unset_length();
+            b.set_style(bar_style(None, "items"));
             b.set_message(step.to_owned());
         }
         self.tracker.set(
@@ -162,7 +182,8 @@ impl Progress {
         self.count(step, done, Some(total), "items");
     }
 
-    /// Bytes of a download so far; logged at most every few seconds.
+    /// Bytes of a download so far; logged at most every few seconds, with the rate and, when
+    /// the size is known, the time left.
     pub(crate) fn bytes(&self, step: &str, done: u64, total: Option<u64>) {
         let now = Instant::now();
         let log = {
@@ -177,20 +198,49 @@ impl Progress {
             due
         };
         if log {
-            tracing::info!(
-                target: "machine::install",
-                installer = %self.name,
+            let rate = self.rate(step, done, now);
+            let mut line = format!(
                 "{step}: {} of {}",
                 human_bytes(done),
                 total.map_or_else(|| "unknown".to_owned(), human_bytes)
             );
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                line.push_str(&format!(", {}/s", human_bytes(rate as u64)));
+                if let Some(total) = total.filter(|t| *t > done) {
+                    let left = Duration::from_secs_f64(((total - done) as f64 / rate).ceil());
+                    line.push_str(&format!(", {} left", humantime::format_duration(left)));
+                }
+            }
+            tracing::info!(target: "machine::install", installer = %self.name, "{line}");
         }
         self.count(step, done, total, "bytes");
     }
 
+    /// Bytes per second of `step` since its first count, once there is a measurable interval.
+    fn rate(&self, step: &str, done: u64, now: Instant) -> Option<f64> {
+        let mut started = self
+            .step_started
+            .lock()
+            .expect("the progress lock is never held across a panic");
+        match &*started {
+            Some((s, at, first)) if s == step && done >= *first => {
+                let secs = now.duration_since(*at).as_secs_f64();
+                (secs >= 0.5).then(|| (done - first) as f64 / secs)
+            }
+            _ => {
+                *started = Some((step.to_owned(), now, done));
+                None
+            }
+        }
+    }
+
     fn count(&self, step: &str, done: u64, total: Option<u64>, unit: &'static str) {
         if let Some(b) = &self.bar {
-            b.set_length(total.unwrap_or(0));
+            b.set_style(bar_style(total, unit));
+            match total.filter(|t| *t > 0) {
+                Some(t) => b.set_length(t),
+                None => b.unset_length(),
+            }
             b.set_position(done);
             b.set_message(step.to_owned());
         }
