@@ -10,7 +10,8 @@
 //!
 //! Stop: workers stop claiming and drain (a job that does not finish within the drain period is
 //! returned to the queue) while their services still run → the supervisor stops the services
-//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`) →
+//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`; in
+//! local mode before the services stop, as its Redis is one of them) →
 //! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
 //! health server stops.
 //!
