@@ -429,6 +429,7 @@ impl Cmd {
             .open(log)
             .map_err(|e| InstallError::io("open", log, e))?;
         let _ = writeln!(file, "$ {command}");
+        let start = file.metadata().map_or(0, |m| m.len());
         let err = file.try_clone().map_err(|e| InstallError::io("open", log, e))?;
         let mut c = tokio::process::Command::new(&self.argv[0]);
         c.args(&self.argv[1..])
@@ -459,12 +460,38 @@ impl Cmd {
         // Installers' children (pip, npm, git) start children of their own: a cancelled or
         // timed-out install must end the whole group, not only the direct child.
         let guard = GroupGuard(child.id());
-        let out = tokio::select! {
-            out = child.wait_with_output() => out.map_err(|source| InstallError::Spawn { command: command.clone(), source })?,
-            () = cancel.cancelled() => return Err(InstallError::Cancelled),
+        let installer = log
+            .file_stem()
+            .map(|s| s.to_string_lossy().trim_start_matches("install-").to_owned())
+            .unwrap_or_default();
+        let short = self.short();
+        let started = Instant::now();
+        let wait = child.wait_with_output();
+        tokio::pin!(wait);
+        let mut heartbeat = tokio::time::interval_at((started + HEARTBEAT).into(), HEARTBEAT);
+        // A long pip or git run is summarised in the log rather than hidden in its file: what it
+        // is doing now every so often, and what it installed at the end.
+        let out = loop {
+            tokio::select! {
+                out = &mut wait => break out.map_err(|source| InstallError::Spawn { command: command.clone(), source })?,
+                () = cancel.cancelled() => return Err(InstallError::Cancelled),
+                _ = heartbeat.tick() => {
+                    let now = last_output_line(log, start);
+                    tracing::info!(
+                        target: "machine::install",
+                        installer = %installer,
+                        "{short}: still running after {}{}",
+                        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                        now.map(|l| format!(" ({l})")).unwrap_or_default()
+                    );
+                }
+            }
         };
         std::mem::forget(guard);
         if out.status.success() {
+            if let Some(summary) = self.summary(log, start) {
+                tracing::info!(target: "machine::install", installer = %installer, "{short}: {summary}");
+            }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(InstallError::Exit {
@@ -475,6 +502,93 @@ impl Cmd {
             })
         }
     }
+
+    /// The program and its first words, for log lines: never a URL, which may hold credentials.
+    fn short(&self) -> String {
+        let program = Path::new(&self.argv[0])
+            .file_name()
+            .map_or_else(|| self.argv[0].to_string_lossy(), |n| n.to_string_lossy())
+            .into_owned();
+        let words = self.argv[1..]
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .filter(|a| !a.starts_with('-') && !a.contains("://") && !a.contains('/'))
+            .take(2);
+        std::iter::once(program.into())
+            .chain(words)
+            .collect::<Vec<std::borrow::Cow<'_, str>>>()
+            .join(" ")
+    }
+
+    /// What a finished pip install did, from its output in the log since `start`.
+    fn summary(&self, log: &Path, start: u64) -> Option<String> {
+        let is_pip_install = self.argv.iter().any(|a| a == "pip") && self.argv.iter().any(|a| a == "install");
+        if !is_pip_install {
+            return None;
+        }
+        let output = read_from(log, start, MAX_SUMMARY_READ);
+        Some(pip_summary(&output))
+    }
+}
+
+/// How often a running install command's progress is logged.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How much of a command's output is read for its summary.
+const MAX_SUMMARY_READ: u64 = 4 << 20;
+
+/// `Successfully installed a-1 b-2` into "installed 2 packages: a-1, b-2", else how many
+/// requirements were already there.
+fn pip_summary(output: &str) -> String {
+    if let Some(line) = output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("Successfully installed "))
+    {
+        let packages: Vec<&str> = line.split_whitespace().collect();
+        const SHOWN: usize = 8;
+        let mut s = format!(
+            "installed {} package{}: {}",
+            packages.len(),
+            if packages.len() == 1 { "" } else { "s" },
+            packages[..packages.len().min(SHOWN)].join(", ")
+        );
+        if packages.len() > SHOWN {
+            s.push_str(&format!(" and {} more", packages.len() - SHOWN));
+        }
+        s
+    } else {
+        let satisfied = output
+            .lines()
+            .filter(|l| l.starts_with("Requirement already satisfied"))
+            .count();
+        format!("nothing new to install ({satisfied} requirements already satisfied)")
+    }
+}
+
+/// The log's text from byte `start`, at most `max` bytes (the last ones).
+fn read_from(log: &Path, start: u64, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let from = start.max(len.saturating_sub(max));
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_ok() {
+        let _ = f.take(max).read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The last non-empty line a command wrote to the log since `start` (progress bars' carriage
+/// returns split lines too), cut to a length a log line can carry.
+fn last_output_line(log: &Path, start: u64) -> Option<String> {
+    let text = read_from(log, start, 4096);
+    let line = text
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with("$ "))?;
+    Some(line.chars().take(160).collect())
 }
 
 /// Kills a child's process group when dropped before the child was waited for.
@@ -629,6 +743,46 @@ mod tests {
         assert!(
             matches!(&tracker.snapshot()["comfyui"], InstallState::Done { skipped: false, failed_items, .. } if failed_items.len() == 1)
         );
+    }
+
+    #[test]
+    fn pip_output_is_summarised() {
+        let out = "Collecting a\nRequirement already satisfied: b in ./venv\nSuccessfully installed a-1.0 c-2.0\n";
+        assert_eq!(pip_summary(out), "installed 2 packages: a-1.0, c-2.0");
+        let many: Vec<String> = (0..10).map(|i| format!("p{i}-1")).collect();
+        let out = format!("Successfully installed {}\n", many.join(" "));
+        assert!(pip_summary(&out).ends_with("p7-1 and 2 more"), "{}", pip_summary(&out));
+        let out = "Requirement already satisfied: a\nRequirement already satisfied: b\n";
+        assert_eq!(
+            pip_summary(out),
+            "nothing new to install (2 requirements already satisfied)"
+        );
+    }
+
+    #[test]
+    fn command_lines_in_logs_hold_no_urls() {
+        let c = Cmd::new("/venv/bin/python")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--extra-index-url",
+                "https://u:secret@x/simple",
+                "-r",
+            ])
+            .arg("/w/requirements.txt");
+        assert_eq!(c.short(), "python pip install");
+        let g = Cmd::new("git").args(["-C", "/w/ComfyUI", "fetch", "--quiet", "origin", "https://u:p@h/r"]);
+        assert_eq!(g.short(), "git fetch origin");
+    }
+
+    #[test]
+    fn the_last_output_line_skips_the_command_and_bar_redraws() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("install-x.log");
+        std::fs::write(&log, "old run\n$ pip install x\nCollecting x\r 10%\r 55% |###  |\r\n").unwrap();
+        assert_eq!(last_output_line(&log, 8).as_deref(), Some("55% |###  |"));
+        assert_eq!(last_output_line(&log, 1000), None);
     }
 
     #[test]

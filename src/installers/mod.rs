@@ -447,10 +447,14 @@ pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
         }
     };
     if names.is_empty() {
-        println!(
+        let summary = format!(
             "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
             config.connectors
         );
+        match crate::logging::format() {
+            crate::config::LogFormat::Text => println!("{summary}"),
+            crate::config::LogFormat::Json => println!("{}", serde_json::json!({ "summary": summary })),
+        }
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -494,7 +498,15 @@ pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
             Some(InstallState::Failed { reason }) => format!("FAILED: {reason}"),
             other => format!("{other:?}"),
         };
-        let _ = writeln!(out, "{name:<16} {line}");
+        // With LOG_FORMAT=json the summary is JSON too, so that every line of the output parses.
+        let _ = match crate::logging::format() {
+            crate::config::LogFormat::Text => writeln!(out, "{name:<16} {line}"),
+            crate::config::LogFormat::Json => writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "installer": name, "state": states.get(*name), "summary": line })
+            ),
+        };
     }
     match result {
         Ok(_) => ExitCode::SUCCESS,

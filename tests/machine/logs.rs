@@ -168,6 +168,14 @@ fn json_format_makes_every_line_of_a_run_one_object() {
             && l["message"].as_str().is_some_and(|m| m.starts_with("installed in"))),
         "{stderr}"
     );
+    // pip's work is summarised in the log, not only in its file.
+    assert!(
+        err.iter().any(|l| l["installer"] == "comfyui"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("python pip install: "))),
+        "{stderr}"
+    );
     // Fields are plain values: `?`-recorded lists are arrays, absent options null.
     let planned = err
         .iter()
@@ -199,6 +207,28 @@ fn json_format_makes_every_line_of_a_run_one_object() {
         .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
         .collect();
     assert!(warnings.is_empty(), "warnings while stopping: {warnings:?}");
+
+    // `machine install` (its stamps now current) in JSON too: the summary lines included.
+    let out = machine()
+        .args(["install", "--only", "comfyui"])
+        .env("LOG_FORMAT", "json")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "logs1")
+        .env("MACHINE_WORKSPACE", &ws)
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_REPO_URL", repo.display().to_string())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let summary = json_lines("stdout", &stdout);
+    json_lines("stderr", &stderr);
+    assert_eq!(summary.len(), 1, "{stdout}");
+    assert_eq!(summary[0]["installer"], "comfyui");
+    assert_eq!(summary[0]["state"]["state"], "done", "{stdout}");
 }
 
 #[test]
