@@ -247,8 +247,9 @@ impl Visit for Fields {
 
 /// A field recorded with `?` (or `%`, which arrives the same way) as a plain JSON value: Rust's
 /// `Debug` notation of the common shapes is undone (`None` is `null`, `Some(x)` is `x`, a quoted
-/// string is the string, `[a, b]` is an array, an integer or a boolean is itself); anything else
-/// (a `Duration` like `1.5s`, an enum variant) stays the text it is.
+/// string is the string, `[a, b]` is an array, `Name { a: 1 }` is `{"type": "Name", "a": 1}`, an
+/// integer or a boolean is itself); anything else (a `Duration` like `1.5s`, a unit enum variant)
+/// stays the text it is.
 fn plain(text: &str) -> Value {
     let t = text.trim();
     if t == "None" {
@@ -275,7 +276,27 @@ fn plain(text: &str) -> Value {
     {
         return Value::Array(split_top(inner).into_iter().map(plain).collect());
     }
+    if let Some((name, inner)) = t.split_once(" { ")
+        && let Some(inner) = inner.strip_suffix(" }")
+        && is_ident(name)
+        && balanced(inner)
+    {
+        // A struct or struct variant: its fields, with its name as `type`.
+        let mut object = serde_json::Map::new();
+        object.insert("type".to_owned(), Value::String(name.to_owned()));
+        for field in split_top(inner) {
+            let Some((k, v)) = field.split_once(": ").filter(|(k, _)| is_ident(k)) else {
+                return Value::String(text.to_owned());
+            };
+            object.insert(k.to_owned(), plain(v));
+        }
+        return Value::Object(object);
+    }
     Value::String(text.to_owned())
+}
+
+fn is_ident(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_')
 }
 
 /// Whether brackets and quotes in `s` are balanced, so that it is one value (or a list's items).
@@ -409,6 +430,12 @@ mod tests {
         Simulation,
     }
 
+    #[derive(Debug)]
+    #[expect(dead_code, reason = "the fields are read through Debug")]
+    enum Outcome {
+        Failed { retryable: bool, reason: String },
+    }
+
     #[test]
     fn debug_text_becomes_plain_values() {
         let d = |v: &dyn fmt::Debug| plain(&format!("{v:?}"));
@@ -424,6 +451,13 @@ mod tests {
         assert_eq!(d(&Duration::from_millis(1500)), Value::from("1.5s"));
         assert_eq!(d(&Some(Duration::from_secs(2))), Value::from("2s"));
         assert_eq!(d(&true), Value::Bool(true));
+        assert_eq!(
+            d(&Outcome::Failed {
+                retryable: true,
+                reason: "a, b: c".into()
+            }),
+            serde_json::json!({"type": "Failed", "retryable": true, "reason": "a, b: c"})
+        );
         assert_eq!(d(&"\u{1b}[0m"), Value::from("\u{1b}[0m"));
         // Text that only looks like a number or a list stays text.
         assert_eq!(plain("001"), Value::from("001"));
