@@ -35,6 +35,69 @@ fn promtool_rejects_what_prometheus_conventions_reject() {
     assert!(said.contains("no help text"), "{said}");
 }
 
+#[test]
+fn every_family_passes_promtool() {
+    // Families the local-mode run below leaves empty (GPUs, external APIs, limiters, models),
+    // filled as the product fills them.
+    let m = machine::health::Metrics::new();
+    m.job("openai", "claimed");
+    m.job("openai", "completed");
+    m.claim(0.01, true);
+    m.claim(1.0, false);
+    m.job_duration("openai", 2.5);
+    m.set_service("comfyui-gpu0", 2, true);
+    m.set_workers([("m-gpu0", true)]);
+    m.set_queue_depth("comfyui", 3);
+    m.set_gpu(&machine::gpu::GpuLive {
+        index: 0,
+        utilization_percent: Some(90),
+        memory_used_bytes: Some(1 << 30),
+        memory_total_bytes: Some(8 << 30),
+        temperature_c: Some(70),
+    });
+    m.billing(&machine::connectors::Billing {
+        connector: "openai".into(),
+        customer: "c1".into(),
+        requests: 1,
+        input_tokens: 10,
+        output_tokens: 20,
+        predict_seconds: 1.5,
+        cost: 0.01,
+        currency: "USD".into(),
+    });
+    m.set_limiter(
+        "openai",
+        Some(&machine::connectors::limits::DailyUsage {
+            requests: 1,
+            tokens: 30,
+            ..Default::default()
+        }),
+        machine::connectors::limits::LimiterStats {
+            admitted: 1,
+            waits: 1,
+            waited_ms: 100,
+            quota_refusals: 0,
+        },
+    );
+    m.set_models(1, 1000, 0);
+    let (_, text) = m.exposition(None);
+    for family in [
+        "machine_gpu_utilization_percent",
+        "machine_external_cost_total",
+        "machine_external_predict_seconds_total",
+        "machine_limit_wait_seconds",
+        "machine_model_download_bytes_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing from\n{text}"
+        );
+    }
+    let (ok, said) = promtool(&text);
+    assert!(ok, "promtool check metrics failed:\n{said}\n--- metrics\n{text}");
+    assert!(said.trim().is_empty(), "promtool found problems:\n{said}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_after_a_job_pass_promtool() {
     let ws = tempfile::tempdir().unwrap();
@@ -101,6 +164,7 @@ async fn metrics_after_a_job_pass_promtool() {
     };
     let (ok, said) = promtool(&text);
     assert!(ok, "promtool check metrics failed:\n{said}\n--- metrics\n{text}");
+    assert!(said.trim().is_empty(), "promtool found problems:\n{said}");
     for line in [
         "machine_build_info{version=\"",
         "machine_claim_duration_seconds_count 1\n",
