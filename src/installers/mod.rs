@@ -442,7 +442,8 @@ pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
     let names = match selected(config, only) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("machine: {e}");
+            // Logged, not printed, so that it is JSON under LOG_FORMAT=json like every line.
+            tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
@@ -460,7 +461,7 @@ pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("machine: failed to start the async runtime: {e}");
+            tracing::error!("failed to start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
