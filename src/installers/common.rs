@@ -236,12 +236,14 @@ impl Progress {
 
     fn count(&self, step: &str, done: u64, total: Option<u64>, unit: &'static str) {
         if let Some(b) = &self.bar {
-            b.set_style(bar_style(total, unit));
+            // Position and length before the style, so that no draw in between shows one
+            // step's count against another step's total.
+            b.set_position(done);
             match total.filter(|t| *t > 0) {
                 Some(t) => b.set_length(t),
                 None => b.unset_length(),
             }
-            b.set_position(done);
+            b.set_style(bar_style(total, unit));
             b.set_message(step.to_owned());
         }
         self.tracker.set(
@@ -270,8 +272,10 @@ impl Progress {
                 failed_items.join(", ")
             );
         }
+        // The bar goes once its line is logged: a finished bar left on screen would be drawn
+        // again below every later log line.
         if let Some(b) = &self.bar {
-            b.finish_with_message(if skipped { "up to date" } else { "done" });
+            b.finish_and_clear();
         }
         self.tracker.set(
             &self.name,
@@ -288,7 +292,7 @@ impl Progress {
         let reason = error_chain(error);
         tracing::error!(target: "machine::install", installer = %self.name, "{reason}");
         if let Some(b) = &self.bar {
-            b.abandon_with_message("failed");
+            b.finish_and_clear();
         }
         self.tracker.set(&self.name, InstallState::Failed { reason });
     }

@@ -279,3 +279,100 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     assert!(on_tty(Some("")).contains("\u{1b}["));
     drop(taken);
 }
+
+/// The text of a terminal's output with escape sequences (CSI `ESC [ ... letter`) taken out.
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn progress_bars_never_cut_a_log_line() {
+    let root = tempfile::tempdir().unwrap();
+    let ws = root.path().join("ws");
+    // The models installer needs only ComfyUI's interpreter to exist.
+    let python = ws.join("ComfyUI/venv/bin/python");
+    std::fs::create_dir_all(python.parent().unwrap()).unwrap();
+    std::fs::write(&python, "").unwrap();
+    let server = testkit::FileServer::start();
+    let mut manifest = String::new();
+    for i in 0..4u8 {
+        let body: Vec<u8> = (0..3_000_000u32).map(|n| (n % 251) as u8 ^ i).collect();
+        let path = format!("/m/model{i}.safetensors");
+        server.add(&path, body.clone(), "application/octet-stream");
+        use sha2::Digest;
+        manifest.push_str(&format!(
+            "[[model]]\nurl = \"{}\"\nsha256 = \"{}\"\nsize = {}\ndest = \"checkpoints\"\n\n",
+            server.url(&path),
+            hex::encode(sha2::Sha256::digest(&body)),
+            body.len()
+        ));
+    }
+    let manifest_path = root.path().join("models.toml");
+    std::fs::write(&manifest_path, manifest).unwrap();
+    // On a terminal (util-linux `script`), so that bars are drawn between the log lines.
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            // A pty without a size would draw bars zero columns wide.
+            &format!(
+                "stty cols 120 rows 40; exec {} install --only comfyui-models",
+                env!("CARGO_BIN_EXE_machine")
+            ),
+            "/dev/null",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .env("MACHINE_ID", "bars")
+        .env("MACHINE_WORKSPACE", &ws)
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_MODELS_MANIFEST", &manifest_path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` runs");
+    let raw = String::from_utf8_lossy(&out.stdout);
+    let text = strip_escapes(&raw);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.split(['\r', '\n'])
+            .any(|l| l.starts_with("comfyui-models   installed in")),
+        "no summary line of its own: {raw:?}"
+    );
+    // A bar was drawn (its brackets or its spinner line carry the installer's name first).
+    assert!(
+        text.split(['\r', '\n'])
+            .map(str::trim_start)
+            .any(|l| l.starts_with("comfyui-models") && !l.starts_with("comfyui-models   installed")),
+        "no bar drawn: {raw:?}"
+    );
+    // Every log line starts its own line: a bar is cleared before a line is written and drawn
+    // again below it, never left in front of the line.
+    let mut events = 0;
+    for segment in text.split(['\r', '\n']) {
+        if let Some(at) = segment.find("machine::install:") {
+            events += 1;
+            let start = segment[..at].trim_start();
+            assert!(
+                start.starts_with("20") && start.len() <= 40,
+                "a log line shares its line with something else: {segment:?}\n{raw:?}"
+            );
+        }
+    }
+    assert!(events >= 2, "{text}");
+}
