@@ -196,6 +196,29 @@ async fn metrics_after_a_job_pass_promtool() {
     assert!(open.ends_with("# EOF\n"), "{open}");
     assert!(open.contains("# TYPE machine_jobs counter\n"), "{open}");
 
+    // A job this machine cannot run (it has no 80 GB GPU) waits in the queue, and the depth
+    // shows it.
+    let (out, _, stderr) = run(machine()
+        .args([
+            "jobs",
+            "submit",
+            "--service",
+            "simulation",
+            "--requirements",
+            r#"{"hardware":{"gpu_memory_gb":80}}"#,
+        ])
+        .env("MACHINE_WORKSPACE", ws.path()));
+    assert!(out.status.success(), "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if text.contains(r#"machine_queue_depth{service="simulation"} 1"#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiting job is not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     drop(stop);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
