@@ -18,13 +18,13 @@
 //! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
 //! leftovers are SIGKILLed, and the machine exits within a second.
 //!
-//! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
-//! subsystem could not start (before any job is claimed, with the reason), 3 when a `critical`
-//! service failed, 4 when a second signal forced the shutdown.
+//! How it ended is an [`Ended`], which the CLI maps to the exit code (beside its 2 for invalid
+//! configuration): 0 after a clean shutdown, 1 when a subsystem could not start (before any job
+//! is claimed, with the reason), 3 when a `critical` service failed, 4 when a second signal
+//! forced the shutdown.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +41,19 @@ use crate::plan::Plan;
 use crate::supervisor::{self, ServiceState, ServicesWatch, Signals, Supervisor, SupervisorHandle};
 use crate::worker::{self, JobOutcome, Readiness, Workers};
 
-/// Exit code when a `critical` service failed and took the machine down.
-pub const EXIT_CRITICAL: u8 = 3;
-/// Exit code when a second SIGTERM/SIGINT stopped everything at once.
-pub const EXIT_FORCED: u8 = 4;
+/// How `machine run` ended; the CLI maps it to the exit code (`cli/exit.rs`). The reason for a
+/// failure has been logged by then, through the machine's log (text or JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A clean shutdown.
+    Stopped,
+    /// A subsystem could not start (before any job was claimed).
+    FailedToStart,
+    /// A `critical` service failed and took the machine down.
+    CriticalFailed,
+    /// A second SIGTERM/SIGINT stopped everything at once.
+    Forced,
+}
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
@@ -89,7 +98,7 @@ pub enum StartError {
 }
 
 /// Runs the machine until it is asked to stop.
-pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
+pub async fn run(config: Config, probe: Probe, plan: Plan) -> Ended {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
@@ -104,7 +113,8 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         tracing::warn!("{w}");
     }
     for worker in &plan.workers {
-        tracing::info!(worker = %worker.id, connectors = ?worker.connectors, services = ?worker.services, "worker planned");
+        let connectors: Vec<&str> = worker.connectors.iter().map(|c| c.kind.name()).collect();
+        tracing::info!(worker = %worker.id, ?connectors, waits_for = ?worker.waits_for, "worker planned");
     }
     supervisor::raise_open_files_limit();
     let started = async {
@@ -120,7 +130,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         Ok(started) => started,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
 
@@ -128,7 +138,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let shutdown = CancellationToken::new();
@@ -138,7 +148,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     let reaper_stop = CancellationToken::new();
     let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let code = run_subsystems(&config, probe, &plan, listener, &shutdown, &force).await;
+    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -155,7 +165,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     finished.cancel();
     let _ = signal_task.await;
     tracing::info!("machine stopped");
-    code
+    ended
 }
 
 /// Everything between the signal handlers and the final sweep.
@@ -166,14 +176,14 @@ async fn run_subsystems(
     listener: tokio::net::TcpListener,
     shutdown: &CancellationToken,
     force: &CancellationToken,
-) -> ExitCode {
+) -> Ended {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
     let supervisor = match Supervisor::new(services, &config.supervisor, &config.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let handle = supervisor.handle();
@@ -184,7 +194,7 @@ async fn run_subsystems(
         }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let tracker = Tracker::new();
@@ -204,22 +214,24 @@ async fn run_subsystems(
     let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
+    // The workers scan their models only when they start, after this, so what the installers
+    // download on this boot is in the capabilities they register with.
     let installed = tokio::select! {
-        r = installers::before_services(config, &tracker, shutdown.child_token()) => r.map(|_| ()),
+        r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
-    let code = match installed {
+    let ended = match installed {
         Err(e) => {
-            tracing::error!("{}", installers::error_report(&e));
-            ExitCode::FAILURE
+            tracing::error!("{}", error_chain(&e));
+            Ended::FailedToStart
         }
-        Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
+        Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
         Ok(()) => run_services_and_workers(config, plan, supervisor, workers, &state, shutdown, force).await,
     };
 
     server_stop.cancel();
     join("health", server).await;
-    code
+    ended
 }
 
 async fn run_services_and_workers(
@@ -230,7 +242,7 @@ async fn run_services_and_workers(
     state: &Arc<HealthState>,
     shutdown: &CancellationToken,
     force: &CancellationToken,
-) -> ExitCode {
+) -> Ended {
     let handle = supervisor.handle();
     // The services outlive the workers: they stop only after the workers have drained.
     let services_stop = CancellationToken::new();
@@ -255,7 +267,7 @@ async fn run_services_and_workers(
         let job_services: Vec<String> = plan
             .workers
             .iter()
-            .flat_map(|w| w.job_services.iter().cloned())
+            .flat_map(|w| w.job_services())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -273,9 +285,9 @@ async fn run_services_and_workers(
                 r.connected = true;
                 r.last_error = None;
             });
-            if let Ok(report) = broker.ensure_functions().await {
-                state.set_redis(|r| r.function_version = Some(report.version.clone()));
-            }
+            state.set_broker(broker.clone());
+            // `connect_broker` loaded the library, so Redis runs this binary's version.
+            state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
             let metrics = state.metrics().clone();
             broker.observe_claims(Arc::new(move |took, claimed| {
                 metrics.claim(took.as_secs_f64(), claimed)
@@ -292,9 +304,7 @@ async fn run_services_and_workers(
                 fleet_stop,
             ));
             let queue = spawn_queue_feed(&state, broker.clone(), job_services, feeds_stop);
-            let result = workers
-                .serve(broker, config.worker.lease / 2, &readiness, workers_stop)
-                .await;
+            let result = workers.run(broker, &readiness, workers_stop).await;
             (result, Some(fleet), Some(queue))
         })
     };
@@ -363,11 +373,11 @@ async fn run_services_and_workers(
         join("feed", feed).await;
     }
     if handle.critical_failed().is_some() {
-        ExitCode::from(EXIT_CRITICAL)
+        Ended::CriticalFailed
     } else if force.is_cancelled() {
-        ExitCode::from(EXIT_FORCED)
+        Ended::Forced
     } else {
-        ExitCode::SUCCESS
+        Ended::Stopped
     }
 }
 
@@ -382,7 +392,7 @@ fn readiness(
     stop: &CancellationToken,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Readiness {
-    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.services).collect();
+    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
         let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
@@ -497,13 +507,14 @@ fn serving(watch: &ServicesWatch) -> bool {
         .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
-/// Records every finished job in the metrics.
+/// Records every finished job in the metrics and in the status page's recent jobs.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
     tokio::spawn(async move {
         loop {
             let report = tokio::select! {
@@ -524,6 +535,7 @@ fn spawn_metrics_feed(
                 JobOutcome::Cancelled => "cancelled",
                 JobOutcome::Lost => "lost",
             };
+            state.record_job(&report);
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());

@@ -3,10 +3,13 @@
 //! It reads and validates its configuration, probes the GPUs and the host, derives the plan of
 //! what this machine runs, installs what the connectors need, supervises the services, and runs
 //! the workers that claim jobs from the Redis job broker. Each subsystem lives in its own module
-//! with a small surface; `cli` is the only entry point the binary calls.
+//! with a small surface; `cli` is the only entry point the binary calls, and the only module
+//! that prints to the operator and chooses exit codes.
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod connectors;
 pub mod gpu;

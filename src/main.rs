@@ -1,5 +1,9 @@
-//! The `machine` binary: parse the command line, run, map the outcome to an exit code.
+//! The `machine` binary: parse the command line, run the command, map how it ended to the exit
+//! code. Everything else lives in the library, behind [`machine::cli`].
+
+use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    machine::cli::main()
+    let cli = machine::cli::Cli::parse();
+    machine::cli::exit_code(machine::cli::run(cli))
 }

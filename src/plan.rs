@@ -7,11 +7,17 @@
 //! External connectors get `count` workers each (`<machine>-openai-1`, ...). User-defined
 //! services join the plan's, and the whole service graph is checked here: unique names, known
 //! `after` targets, no cycles, no port clashes.
+//!
+//! The plan is the one place that derives what the rest of the machine reads: each worker's
+//! connectors with the job services each one runs and, for a GPU-bound connector, the
+//! supervised service it talks to and that service's URL; the services each worker waits for;
+//! and the installers `machine run` runs before the services start.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
+use url::Url;
 
 use crate::config::{
     Config, ConnectorKind, ProbeCheck, ProbeSpec, Problem, RestartPolicy, ServiceConnectorConfig, ServiceSpec,
@@ -29,6 +35,8 @@ pub struct Plan {
     pub workers: Vec<WorkerPlan>,
     /// Every supervised service: the connectors' and the user's.
     pub services: Vec<ServiceSpec>,
+    /// The installers `machine run` runs before starting the services, in report order.
+    pub installers: Vec<&'static str>,
     /// Adjustments made while planning (counts capped, CPU mode), for the log.
     pub warnings: Vec<String>,
 }
@@ -42,12 +50,52 @@ pub struct WorkerPlan {
     pub gpu: Option<u32>,
     /// What kind of worker this is.
     pub kind: WorkerKind,
-    /// Connectors the worker runs jobs through.
-    pub connectors: Vec<ConnectorKind>,
-    /// The job `service_required` values the worker accepts (`job_service_required_map`).
+    /// Connectors the worker runs jobs through, each with the job services it runs.
+    pub connectors: Vec<ConnectorPlan>,
+    /// Supervised services that must be ready before the worker claims.
+    pub waits_for: Vec<String>,
+}
+
+/// One connector of a worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnectorPlan {
+    /// Which connector.
+    pub kind: ConnectorKind,
+    /// The job `service_required` values it runs: the kind's own, and for Replicate the
+    /// model-family aliases (`replicate:<alias>`).
     pub job_services: Vec<String>,
-    /// Services that must be ready before the worker claims.
-    pub services: Vec<String>,
+    /// The supervised service a GPU-bound connector talks to; `None` for external connectors.
+    pub endpoint: Option<Endpoint>,
+}
+
+/// Where a connector reaches its supervised service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// The service's name in the plan (`comfyui-gpu0`).
+    pub service: String,
+    /// Its base URL on the loopback interface.
+    #[serde(serialize_with = "as_str")]
+    pub url: Url,
+}
+
+fn as_str<S: serde::Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(url.as_str())
+}
+
+impl WorkerPlan {
+    /// The job `service_required` values the worker accepts (its `job_service_required_map`),
+    /// connector by connector.
+    pub fn job_services(&self) -> Vec<String> {
+        self.connectors
+            .iter()
+            .flat_map(|c| c.job_services.iter().cloned())
+            .collect()
+    }
+
+    /// Whether one of its connectors is `kind`.
+    pub fn runs(&self, kind: ConnectorKind) -> bool {
+        self.connectors.iter().any(|c| c.kind == kind)
+    }
 }
 
 /// The kind of a worker.
@@ -97,14 +145,8 @@ impl Plan {
             if probe.gpus.is_empty() {
                 warnings.push("no GPU: GPU-bound connectors run in CPU mode on worker cpu0".to_owned());
                 let kinds: Vec<ConnectorKind> = gpu_bound.iter().map(|(k, _)| *k).collect();
-                let names = kinds
-                    .iter()
-                    .map(|&k| {
-                        services.push(connector_service(config, k, None));
-                        service_name(k, None)
-                    })
-                    .collect();
-                workers.push(worker(format!("{id}-cpu0"), None, WorkerKind::Cpu, kinds, names));
+                let connectors = service_connectors(config, &kinds, None, &mut services);
+                workers.push(worker(format!("{id}-cpu0"), None, WorkerKind::Cpu, connectors));
             } else {
                 for (slot, gpu) in probe.gpus.iter().enumerate() {
                     let kinds: Vec<ConnectorKind> =
@@ -112,19 +154,12 @@ impl Plan {
                     if kinds.is_empty() {
                         continue;
                     }
-                    let names = kinds
-                        .iter()
-                        .map(|&k| {
-                            services.push(connector_service(config, k, Some(gpu.index)));
-                            service_name(k, Some(gpu.index))
-                        })
-                        .collect();
+                    let connectors = service_connectors(config, &kinds, Some(gpu.index), &mut services);
                     workers.push(worker(
                         format!("{id}-gpu{}", gpu.index),
                         Some(gpu.index),
                         WorkerKind::Gpu,
-                        kinds,
-                        names,
+                        connectors,
                     ));
                 }
             }
@@ -132,21 +167,24 @@ impl Plan {
 
         for r in config.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
             let count = r.count.map_or(1, |n| n.get());
+            let mut job_services = own_job_services(r.kind);
+            // Replicate model-family aliases are services of their own: a job of
+            // `replicate:<alias>` runs the model the alias names.
+            if r.kind == ConnectorKind::Replicate {
+                job_services.extend(config.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
+            }
             for n in 1..=count {
-                let mut w = worker(
+                let connector = ConnectorPlan {
+                    kind: r.kind,
+                    job_services: job_services.clone(),
+                    endpoint: None,
+                };
+                workers.push(worker(
                     format!("{id}-{}-{n}", r.kind),
                     None,
                     WorkerKind::External,
-                    vec![r.kind],
-                    Vec::new(),
-                );
-                // Replicate model-family aliases are services of their own: a job of
-                // `replicate:<alias>` runs the model the alias names.
-                if r.kind == ConnectorKind::Replicate {
-                    w.job_services
-                        .extend(config.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
-                }
-                workers.push(w);
+                    vec![connector],
+                ));
             }
         }
 
@@ -173,6 +211,7 @@ impl Plan {
             gpu_count: probe.gpus.len(),
             workers,
             services,
+            installers: crate::installers::needed(config),
             warnings,
         })
     }
@@ -286,25 +325,46 @@ impl Plan {
     }
 }
 
-fn worker(
-    id: String,
-    gpu: Option<u32>,
-    kind: WorkerKind,
-    connectors: Vec<ConnectorKind>,
-    services: Vec<String>,
-) -> WorkerPlan {
-    let job_services = connectors
+fn worker(id: String, gpu: Option<u32>, kind: WorkerKind, connectors: Vec<ConnectorPlan>) -> WorkerPlan {
+    let waits_for = connectors
         .iter()
-        .flat_map(|k| k.job_services().iter().map(|s| (*s).to_owned()))
+        .filter_map(|c| c.endpoint.as_ref().map(|e| e.service.clone()))
         .collect();
     WorkerPlan {
         id,
         gpu,
         kind,
         connectors,
-        job_services,
-        services,
+        waits_for,
     }
+}
+
+fn own_job_services(kind: ConnectorKind) -> Vec<String> {
+    kind.job_services().iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The GPU-bound connectors `kinds` on `gpu` (`None`: CPU mode), each with its service, which
+/// joins `services`.
+fn service_connectors(
+    config: &Config,
+    kinds: &[ConnectorKind],
+    gpu: Option<u32>,
+    services: &mut Vec<ServiceSpec>,
+) -> Vec<ConnectorPlan> {
+    kinds
+        .iter()
+        .map(|&kind| {
+            let endpoint = connector_service(config, kind, gpu).map(|(spec, endpoint)| {
+                services.push(spec);
+                endpoint
+            });
+            ConnectorPlan {
+                kind,
+                job_services: own_job_services(kind),
+                endpoint,
+            }
+        })
+        .collect()
 }
 
 fn service_name(kind: ConnectorKind, gpu: Option<u32>) -> String {
@@ -314,20 +374,24 @@ fn service_name(kind: ConnectorKind, gpu: Option<u32>) -> String {
     }
 }
 
-fn connector_settings(config: &Config, kind: ConnectorKind) -> &ServiceConnectorConfig {
+/// The settings of a connector that runs as a supervised service; `None` for the external
+/// connectors (HTTP APIs and the simulation), which need none.
+fn service_settings(config: &Config, kind: ConnectorKind) -> Option<&ServiceConnectorConfig> {
     match kind {
-        ConnectorKind::Comfyui => &config.comfyui,
-        ConnectorKind::A1111 => &config.a1111,
-        _ => &config.playwright,
+        ConnectorKind::Comfyui => Some(&config.comfyui),
+        ConnectorKind::A1111 => Some(&config.a1111),
+        ConnectorKind::Playwright => Some(&config.playwright),
+        ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => None,
     }
 }
 
-/// The service a GPU-bound connector needs on one GPU (or in CPU mode when `gpu` is `None`).
-fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> ServiceSpec {
-    let settings = connector_settings(config, kind);
+/// The service a GPU-bound connector needs on one GPU (or in CPU mode when `gpu` is `None`),
+/// and the connector's endpoint on it; `None` for a connector that runs no service.
+fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> Option<(ServiceSpec, Endpoint)> {
+    let settings = service_settings(config, kind)?;
     let port = settings.base_port.saturating_add(gpu.unwrap_or(0) as u16);
     let ws = &config.workspace;
-    let launch = crate::installers::launch(kind, ws, port, gpu);
+    let launch = crate::installers::launch(kind, ws, port, gpu)?;
     let health_path = launch.health_path;
     let (command, cwd) = match &settings.command {
         Some(template) => (
@@ -356,8 +420,12 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         gpu.map_or_else(String::new, |g| g.to_string()),
     );
     let url = format!("http://127.0.0.1:{port}{health_path}");
-    ServiceSpec {
-        name: service_name(kind, gpu),
+    let endpoint = Endpoint {
+        service: service_name(kind, gpu),
+        url: Url::parse(&format!("http://127.0.0.1:{port}")).expect("a loopback URL with a port parses"),
+    };
+    let spec = ServiceSpec {
+        name: endpoint.service.clone(),
         command,
         env,
         pass_env: Vec::new(),
@@ -383,7 +451,8 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         connector: Some(kind),
         gpu,
         port: Some(port),
-    }
+    };
+    Some((spec, endpoint))
 }
 
 fn check_graph(services: &[ServiceSpec], problems: &mut Vec<Problem>) {
@@ -500,10 +569,10 @@ mod tests {
         let p = Plan::build(&config, &probe(1)).unwrap();
         assert_eq!(ids(&p), ["m1-replicate-1", "m1-replicate-2", "m1-runpod-1"]);
         assert_eq!(
-            p.workers[1].job_services,
+            p.workers[1].job_services(),
             ["replicate", "replicate:flux", "replicate:sdxl"]
         );
-        assert_eq!(p.workers[2].job_services, ["runpod"]);
+        assert_eq!(p.workers[2].job_services(), ["runpod"]);
         assert!(p.workers.iter().all(|w| w.kind == WorkerKind::External));
     }
 
@@ -519,23 +588,49 @@ mod tests {
         assert_eq!(c1.port, Some(8189));
         assert_eq!(c1.env["CUDA_VISIBLE_DEVICES"], "1");
         assert!(c1.command.contains(&"8189".to_owned()));
-        assert_eq!(p.workers[1].services, ["comfyui-gpu1"]);
-        assert_eq!(p.workers[2].job_services.len(), 4);
+        assert_eq!(p.workers[1].waits_for, ["comfyui-gpu1"]);
+        let comfy = &p.workers[1].connectors[0];
+        assert_eq!(
+            comfy.endpoint,
+            Some(Endpoint {
+                service: "comfyui-gpu1".to_owned(),
+                url: Url::parse("http://127.0.0.1:8189").unwrap(),
+            })
+        );
+        assert_eq!(comfy.job_services, ["comfyui"]);
+        assert_eq!(p.workers[2].connectors[0].endpoint, None);
+        assert!(p.workers[2].waits_for.is_empty());
+        assert_eq!(p.installers, ["comfyui", "comfyui-nodes", "comfyui-models"]);
+        assert_eq!(p.workers[2].job_services().len(), 4);
     }
 
     #[test]
     fn gpu_worker_serves_every_gpu_bound_connector() {
         let p = plan(2, &[("WORKER_CONNECTORS", "comfyui,a1111:1,playwright:5,simulation:4")]);
+        let kinds = |w: &WorkerPlan| w.connectors.iter().map(|c| c.kind).collect::<Vec<_>>();
         assert_eq!(
-            p.workers[0].connectors,
+            kinds(&p.workers[0]),
             [ConnectorKind::Comfyui, ConnectorKind::A1111, ConnectorKind::Playwright]
         );
         assert_eq!(
-            p.workers[1].connectors,
+            kinds(&p.workers[1]),
             [ConnectorKind::Comfyui, ConnectorKind::Playwright]
         );
         assert_eq!(
-            p.workers[0].job_services,
+            p.workers[0].waits_for,
+            ["comfyui-gpu0", "a1111-gpu0", "playwright-gpu0"]
+        );
+        assert_eq!(
+            p.workers[0].connectors[2].job_services,
+            ["playwright", "p5", "html_render"],
+            "each connector carries the job services it runs"
+        );
+        assert_eq!(
+            p.installers,
+            ["comfyui", "comfyui-nodes", "comfyui-models", "playwright"]
+        );
+        assert_eq!(
+            p.workers[0].job_services(),
             ["comfyui", "a1111", "playwright", "p5", "html_render"]
         );
         assert!(
@@ -611,6 +706,7 @@ mod tests {
             p.services[1].command,
             ["fake-comfy", "--port=8189", "--gpu", "1", "/workspace"]
         );
+        assert!(p.installers.is_empty(), "an overridden command installs nothing");
     }
 
     #[test]

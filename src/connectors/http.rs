@@ -1,5 +1,5 @@
 //! HTTP plumbing shared by the connectors: one client configuration, how a status code is
-//! classified, `Retry-After`, the retry backoff as a pure function, and [`send_retrying`], the
+//! classified, `Retry-After` on top of the retry [`Backoff`], and [`send_retrying`], the
 //! request loop of the external API connectors (limiter, retries, `Retry-After`, timeouts).
 
 use std::time::Duration;
@@ -7,6 +7,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use tokio_util::sync::CancellationToken;
+
+pub(crate) use crate::backoff::Backoff;
 
 use super::limits::Limiter;
 use super::{ArtifactBody, ConnectorError, or_cancelled};
@@ -139,7 +141,7 @@ pub(crate) async fn send_retrying(
         if retry + 1 >= how.attempts.max(1) {
             return Err(err);
         }
-        let delay = how.backoff.delay(retry, asked);
+        let delay = retry_delay(&how.backoff, retry, asked);
         tracing::info!(error = %err.chain(), ?delay, "API request will be retried");
         tokio::select! {
             () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
@@ -149,24 +151,10 @@ pub(crate) async fn send_retrying(
     }
 }
 
-/// Exponential retry backoff as data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Backoff {
-    /// The delay before the first retry.
-    pub initial: Duration,
-    /// No delay is longer than this, a server's `Retry-After` included.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The delay before retry number `retry` (0-based): the server's request when it made one,
-    /// else `initial * 2^retry`; never more than `max`.
-    pub(crate) fn delay(&self, retry: u32, server_asked: Option<Duration>) -> Duration {
-        let own = self
-            .initial
-            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX));
-        server_asked.unwrap_or(own).min(self.max)
-    }
+/// The delay before retry number `retry` (0-based): the server's request when it made one,
+/// else the backoff's own delay; never more than the backoff's `max`.
+pub(crate) fn retry_delay(backoff: &Backoff, retry: u32, server_asked: Option<Duration>) -> Duration {
+    server_asked.map_or_else(|| backoff.delay(retry, 0.0), |asked| asked.min(backoff.max))
 }
 
 /// Downloads an output an API handed out as a URL (`what` names it in errors). A failed
@@ -251,14 +239,14 @@ mod tests {
             retry in 0u32..100,
             asked_ms in proptest::option::of(0u64..1_000_000),
         ) {
-            let b = Backoff { initial: Duration::from_millis(initial_ms), max: Duration::from_millis(max_ms) };
+            let b = Backoff::doubling(Duration::from_millis(initial_ms), Duration::from_millis(max_ms));
             let asked = asked_ms.map(Duration::from_millis);
-            let d = b.delay(retry, asked);
+            let d = retry_delay(&b, retry, asked);
             prop_assert!(d <= b.max);
             if let Some(a) = asked {
                 prop_assert_eq!(d, a.min(b.max));
             } else {
-                prop_assert!(b.delay(retry + 1, None) >= d);
+                prop_assert!(retry_delay(&b, retry + 1, None) >= d);
                 if retry == 0 { prop_assert_eq!(d, b.initial.min(b.max)); }
             }
         }

@@ -75,10 +75,7 @@ impl OpenaiConnector {
     }
 
     fn backoff(&self) -> Backoff {
-        Backoff {
-            initial: self.config.backoff_initial,
-            max: self.config.backoff_max,
-        }
+        Backoff::doubling(self.config.backoff_initial, self.config.backoff_max)
     }
 
     /// POSTs `body` to `path`, retrying what may succeed later, each attempt admitted by the
@@ -126,7 +123,7 @@ impl OpenaiConnector {
             if retry + 1 >= self.config.max_attempts {
                 return Err(err);
             }
-            let delay = self.backoff().delay(retry, asked);
+            let delay = http::retry_delay(&self.backoff(), retry, asked);
             tracing::info!(error = %err.chain(), ?delay, "OpenAI API request will be retried");
             tokio::select! {
                 () = cancel.cancelled() => return Err(ConnectorError::Cancelled),

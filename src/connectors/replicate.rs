@@ -86,10 +86,7 @@ impl ReplicateConnector {
         Retrying {
             what,
             attempts: self.config.max_attempts,
-            backoff: Backoff {
-                initial: self.config.backoff_initial,
-                max: self.config.backoff_max,
-            },
+            backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
             timeout: Some(self.config.request_timeout),
             limiter: if limited {
                 self.limiter.as_deref().map(|l| (l, customer))

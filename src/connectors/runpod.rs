@@ -74,10 +74,7 @@ impl RunpodConnector {
         Retrying {
             what,
             attempts: self.config.max_attempts,
-            backoff: Backoff {
-                initial: self.config.backoff_initial,
-                max: self.config.backoff_max,
-            },
+            backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
             timeout: Some(timeout),
             limiter: if limited {
                 self.limiter.as_deref().map(|l| (l, customer))

@@ -164,7 +164,7 @@ pub fn render(doc: &StatusDocument) -> String {
             }
         );
     }
-    let now = super::now_ms();
+    let now = crate::clock::now_ms();
     let _ = writeln!(
         out,
         "\nWORKER                         STATE        JOB                       PROGRESS  DONE  FAILED  RETURNED  ACTIVE"
@@ -218,7 +218,7 @@ pub async fn fleet(redis_url: &str) -> Result<String, ClientError> {
         }
     }
     keys.sort();
-    let now = super::now_ms();
+    let now = crate::clock::now_ms();
     let mut out = String::new();
     let _ = writeln!(out, "MACHINE                  PHASE      GPUS  WORKERS  LAST SEEN");
     if keys.is_empty() {

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{HealthState, Phase, now_ms};
+use super::{HealthState, Phase};
+use crate::clock::now_ms;
 use crate::matcher::Broker;
 use crate::plan::WorkerKind;
 use crate::supervisor::{ServiceState, ServiceStatus};
@@ -229,7 +230,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
     let mut st_workers = BTreeMap::new();
     let mut st_services = BTreeMap::new();
     for w in &plan.workers {
-        for js in &w.job_services {
+        for js in w.connectors.iter().flat_map(|c| &c.job_services) {
             if !structure.capabilities.contains(js) {
                 structure.capabilities.push(js.clone());
             }
@@ -244,8 +245,8 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                     WorkerKind::Cpu => WorkerType::Cpu,
                     WorkerKind::External => WorkerType::External,
                 },
-                services: w.job_services.clone(),
-                connectors: w.connectors.iter().map(|c| c.name().to_owned()).collect(),
+                services: w.job_services(),
+                connectors: w.connectors.iter().map(|c| c.kind.name().to_owned()).collect(),
             },
         );
         let status = workers.get(&w.id);
@@ -265,14 +266,14 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 last_activity: status.map_or(0, |s| s.last_activity_ms),
             },
         );
-        for connector in &w.connectors {
+        for planned in &w.connectors {
+            let connector = planned.kind;
             let key = format!("{}.{}", w.id, connector.name());
             // The supervised service backing this connector on this worker, if it has one.
-            let backing = plan
-                .services
-                .iter()
-                .find(|p| p.connector == Some(*connector) && w.services.contains(&p.name))
-                .and_then(|p| services.iter().find(|s| s.name == p.name));
+            let backing = planned
+                .endpoint
+                .as_ref()
+                .and_then(|e| services.iter().find(|s| s.name == e.service));
             let cond = match backing {
                 Some(service) => condition(service),
                 None if running => ServiceCondition {

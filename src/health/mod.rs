@@ -3,18 +3,24 @@
 //! `machine status` client. The documents the server answers are typed in [`status`], which
 //! both the server and the client use.
 //!
+//! `GET /` serves the status page (`assets/page/index.html`, embedded), which reads the same
+//! document live from `/events` ([`events`]); [`history`] keeps the recent jobs and GPU
+//! readings it shows.
+//!
 //! The server runs on its own task and reads only shared state (the board, live readings), so
 //! it answers even when every worker is busy, and it keeps answering (with 503 on `/health`)
 //! while the machine shuts down.
 
 pub mod client;
+mod events;
 pub mod fleet;
+pub mod history;
 mod metrics;
 mod server;
 pub mod status;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +35,7 @@ use tokio::sync::watch;
 use crate::config::{Config, HealthAccess, Secret};
 use crate::gpu::Probe;
 use crate::installers::InstallStates;
+use crate::matcher::Broker;
 use crate::plan::Plan;
 use crate::supervisor::{ServiceStatus, SupervisorHandle};
 use crate::worker::{WorkerState, WorkerStatus};
@@ -76,6 +83,10 @@ pub struct HealthState {
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     models: Option<crate::models::ModelStore>,
+    recent_jobs: Mutex<history::RecentJobs>,
+    gpu_history: Mutex<history::GpuHistory>,
+    /// Set once the broker has connected; `/fleet` reads the fleet through it.
+    broker: OnceLock<Broker>,
 }
 
 /// What the health state reads from the other subsystems.
@@ -104,7 +115,7 @@ impl HealthState {
         Arc::new(HealthState {
             machine_id: config.machine_id.clone(),
             started: Instant::now(),
-            started_ms: now_ms(),
+            started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
             config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
             plan: plan.clone(),
@@ -122,7 +133,41 @@ impl HealthState {
             }),
             external_apis: Mutex::new(BTreeMap::new()),
             models: sources.models,
+            recent_jobs: Mutex::default(),
+            gpu_history: Mutex::default(),
+            broker: OnceLock::new(),
         })
+    }
+
+    /// Hands the connected broker to the health server (for `/fleet`); only the first is kept.
+    pub fn set_broker(&self, broker: Broker) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// The broker, once it has connected.
+    fn broker(&self) -> Option<&Broker> {
+        self.broker.get()
+    }
+
+    /// Records a finished job for the status document's `recent_jobs`.
+    pub fn record_job(&self, report: &crate::worker::JobReport) {
+        self.recent_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(report, crate::clock::now_ms());
+    }
+
+    /// Records the GPUs' live readings of `doc` in the GPU history.
+    fn record_gpus(&self, doc: &StatusDocument) {
+        self.gpu_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&doc.gpus, crate::clock::now_ms());
+    }
+
+    /// The GPU readings of the last minutes.
+    fn gpu_history(&self) -> history::HistoryDocument {
+        self.gpu_history.lock().unwrap_or_else(|p| p.into_inner()).document()
     }
 
     /// The metrics the workers record into.
@@ -166,7 +211,7 @@ impl HealthState {
         if status.state != WorkerState::WaitingForServices {
             return None;
         }
-        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.services;
+        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -271,16 +316,10 @@ impl HealthState {
                 .collect(),
             services: self.services.status().iter().map(status::Service::from).collect(),
             workers: self.workers_document(),
+            recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
             redis: self.redis(),
             external_apis: self.external_apis(),
             config: self.config.clone(),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -17,9 +17,7 @@ mod models;
 mod nodes;
 mod playwright;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -32,6 +30,31 @@ use common::Progress;
 
 /// Every installer, in the order they are reported.
 pub const NAMES: [&str; 4] = ["comfyui", "comfyui-nodes", "comfyui-models", "playwright"];
+
+/// One installer, as `machine install --only` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Installer {
+    /// ComfyUI itself.
+    Comfyui,
+    /// ComfyUI's custom nodes.
+    ComfyuiNodes,
+    /// ComfyUI's models.
+    ComfyuiModels,
+    /// The Playwright render service.
+    Playwright,
+}
+
+impl Installer {
+    /// The installer's name in [`NAMES`], progress and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Installer::Comfyui => NAMES[0],
+            Installer::ComfyuiNodes => NAMES[1],
+            Installer::ComfyuiModels => NAMES[2],
+            Installer::Playwright => NAMES[3],
+        }
+    }
+}
 
 /// Why an install (or one step of it) failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,9 +158,6 @@ pub enum InstallError {
     /// ComfyUI is not installed, so its nodes and models cannot be.
     #[error("failed to find ComfyUI at {0}; run `machine install --only comfyui` first")]
     NotInstalled(PathBuf),
-    /// `--only` named no installer.
-    #[error("failed to select installer `{0}`: valid names are comfyui, comfyui-nodes, comfyui-models, playwright")]
-    UnknownInstaller(String),
     /// An installer ran past `SERVICE_INSTALL_TIMEOUT`.
     #[error("failed to finish within {0:?} (SERVICE_INSTALL_TIMEOUT)")]
     Timeout(Duration),
@@ -170,14 +190,15 @@ pub struct Launch {
     pub health_path: &'static str,
 }
 
-/// The service command of a GPU-bound connector on `port`, on `gpu` (`None`: CPU mode).
-pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>) -> Launch {
-    match kind {
+/// The service command of a GPU-bound connector on `port`, on `gpu` (`None`: CPU mode);
+/// `None` for the external connectors, which run no service.
+pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>) -> Option<Launch> {
+    Some(match kind {
         ConnectorKind::Comfyui => comfyui::launch(workspace, port, gpu),
         ConnectorKind::Playwright => playwright::launch(workspace, port, gpu),
         // A1111 has no installer: the image is expected to hold a prepared
         // stable-diffusion-webui with its venv.
-        _ => {
+        ConnectorKind::A1111 => {
             let dir = workspace.join("stable-diffusion-webui");
             let mut command: Vec<String> = [
                 dir.join("venv/bin/python").display().to_string().as_str(),
@@ -200,7 +221,10 @@ pub fn launch(kind: ConnectorKind, workspace: &Path, port: u16, gpu: Option<u32>
                 health_path: "/sdapi/v1/progress",
             }
         }
-    }
+        ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => {
+            return None;
+        }
+    })
 }
 
 /// What every installer of one run shares.
@@ -232,39 +256,59 @@ pub(crate) fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The installers `config` needs, or just `only`. A connector whose service command is
-/// overridden (`connectors.<name>.command`) runs something the operator provides, so nothing is
-/// installed for it unless asked for by name.
-pub fn selected(config: &Config, only: Option<&str>) -> Result<Vec<&'static str>, InstallError> {
-    if let Some(name) = only {
-        return NAMES
-            .iter()
-            .find(|n| **n == name)
-            .map(|n| vec![*n])
-            .ok_or_else(|| InstallError::UnknownInstaller(name.to_owned()));
+/// The installers a connector's service needs, in report order.
+fn installers_of(kind: ConnectorKind) -> &'static [&'static str] {
+    match kind {
+        ConnectorKind::Comfyui => &NAMES[..3],
+        ConnectorKind::Playwright => &NAMES[3..],
+        // A1111 has no installer (see `launch`); the external connectors run no service.
+        ConnectorKind::A1111
+        | ConnectorKind::Openai
+        | ConnectorKind::Replicate
+        | ConnectorKind::Runpod
+        | ConnectorKind::Simulation => &[],
     }
-    let mut names = Vec::new();
-    if config.connectors.get(ConnectorKind::Comfyui).is_some() && config.comfyui.command.is_none() {
-        names.extend(&NAMES[..3]);
-    }
-    if config.connectors.get(ConnectorKind::Playwright).is_some() && config.playwright.command.is_none() {
-        names.push("playwright");
-    }
-    Ok(names)
 }
 
-/// Runs the installers the configuration needs (or only `only`), publishing progress through
-/// `tracker`. Fails when an installer failed, or when an item failed in strict mode; in
-/// non-strict mode failed nodes and models are listed in their installer's `Done` state.
+/// The installers the configured connectors need, in report order; the plan carries them. A
+/// connector whose service command is overridden (`connectors.<name>.command`) runs something
+/// the operator provides, so nothing is installed for it unless asked for by name.
+pub fn needed(config: &Config) -> Vec<&'static str> {
+    let overridden = |kind: ConnectorKind| match kind {
+        ConnectorKind::Comfyui => config.comfyui.command.is_some(),
+        ConnectorKind::A1111 => config.a1111.command.is_some(),
+        ConnectorKind::Playwright => config.playwright.command.is_some(),
+        ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => false,
+    };
+    let wanted: Vec<&str> = config
+        .connectors
+        .entries()
+        .iter()
+        .filter(|r| !overridden(r.kind))
+        .flat_map(|r| installers_of(r.kind).iter().copied())
+        .collect();
+    NAMES.into_iter().filter(|n| wanted.contains(n)).collect()
+}
+
+/// The installers `config` needs ([`needed`]), or just `only`.
+pub fn selected(config: &Config, only: Option<Installer>) -> Vec<&'static str> {
+    match only {
+        Some(installer) => vec![installer.name()],
+        None => needed(config),
+    }
+}
+
+/// Runs the installers `names` (of [`NAMES`]), publishing progress through `tracker`. Fails
+/// when an installer failed, or when an item failed in strict mode; in non-strict mode failed
+/// nodes and models are listed in their installer's `Done` state.
 pub async fn install(
     config: &Config,
     env: &(dyn Env + Sync),
-    only: Option<&str>,
+    names: &[&'static str],
     tracker: &Tracker,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
-    let names = selected(config, only)?;
-    for n in &names {
+    for n in names {
         tracker.set(n, InstallState::Pending);
     }
     let ctx = Ctx {
@@ -422,97 +466,15 @@ pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, I
     Ok(models::load(path)?.iter().map(models::ModelSpec::id).collect())
 }
 
-/// An install error with its causes, on one line.
-pub fn error_report(e: &InstallError) -> String {
-    error_chain(e)
-}
-
-/// The installers `machine run` needs before it starts services, with the real environment.
+/// The plan's installers, which `machine run` runs before it starts services, with the real
+/// environment.
 pub async fn before_services(
     config: &Config,
+    plan: &crate::plan::Plan,
     tracker: &Tracker,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
-    install(config, &ProcessEnv, None, tracker, cancel).await
-}
-
-/// `machine install [--only NAME]`: runs the installers, starts nothing, prints one line per
-/// installer. Exit 0 when everything needed is installed, 1 otherwise, 2 for an unknown name.
-pub fn command(config: &Config, only: Option<&str>) -> ExitCode {
-    let names = match selected(config, only) {
-        Ok(n) => n,
-        Err(e) => {
-            // Logged, not printed, so that it is JSON under LOG_FORMAT=json like every line.
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    if names.is_empty() {
-        let summary = format!(
-            "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
-            config.connectors
-        );
-        match crate::logging::format() {
-            crate::config::LogFormat::Text => println!("{summary}"),
-            crate::config::LogFormat::Json => println!("{}", serde_json::json!({ "summary": summary })),
-        }
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("failed to start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let tracker = Tracker::new();
-    let cancel = CancellationToken::new();
-    let result = runtime.block_on(async {
-        let stop = cancel.clone();
-        let interrupt = async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupted; stopping the installers");
-                stop.cancel();
-            }
-            std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            r = install(config, &ProcessEnv, only, &tracker, cancel.clone()) => r,
-            () = interrupt => unreachable!("the interrupt future never completes"),
-        }
-    });
-    let states = tracker.snapshot();
-    let mut out = std::io::stdout().lock();
-    for name in &names {
-        let line = match states.get(*name) {
-            Some(InstallState::Done { skipped: true, .. }) => "up to date".to_owned(),
-            Some(InstallState::Done {
-                seconds, failed_items, ..
-            }) if failed_items.is_empty() => format!("installed in {seconds:.1}s"),
-            Some(InstallState::Done {
-                seconds, failed_items, ..
-            }) => format!(
-                "installed in {seconds:.1}s; {} failed:\n    {}",
-                failed_items.len(),
-                failed_items.join("\n    ")
-            ),
-            Some(InstallState::Failed { reason }) => format!("FAILED: {reason}"),
-            other => format!("{other:?}"),
-        };
-        // With LOG_FORMAT=json the summary is JSON too, so that every line of the output parses.
-        let _ = match crate::logging::format() {
-            crate::config::LogFormat::Text => writeln!(out, "{name:<16} {line}"),
-            crate::config::LogFormat::Json => writeln!(
-                out,
-                "{}",
-                serde_json::json!({ "installer": name, "state": states.get(*name), "summary": line })
-            ),
-        };
-    }
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
+    install(config, &ProcessEnv, &plan.installers, tracker, cancel).await
 }
 
 #[cfg(test)]
@@ -528,21 +490,27 @@ mod tests {
     }
 
     #[test]
+    fn installer_names_are_their_command_line_names() {
+        use clap::ValueEnum as _;
+        for installer in Installer::value_variants() {
+            let possible = installer.to_possible_value().expect("no installer is hidden");
+            assert_eq!(possible.get_name(), installer.name());
+        }
+        assert_eq!(Installer::value_variants().len(), NAMES.len());
+    }
+
+    #[test]
     fn installers_follow_the_connectors() {
         let c = Config::for_tests(&[("WORKER_CONNECTORS", "comfyui,playwright,simulation")]);
-        assert_eq!(selected(&c, None).unwrap(), NAMES);
+        assert_eq!(selected(&c, None), NAMES);
         let c = Config::for_tests(&[("WORKER_CONNECTORS", "playwright")]);
-        assert_eq!(selected(&c, None).unwrap(), ["playwright"]);
-        assert_eq!(selected(&c, Some("comfyui-models")).unwrap(), ["comfyui-models"]);
-        assert!(selected(&c, Some("nope")).is_err());
-        assert!(selected(&Config::for_tests(&[]), None).unwrap().is_empty());
+        assert_eq!(selected(&c, None), ["playwright"]);
+        assert_eq!(selected(&c, Some(Installer::ComfyuiModels)), ["comfyui-models"]);
+        assert!(selected(&Config::for_tests(&[]), None).is_empty());
         let file = "[connectors.comfyui]\ncommand = [\"fake-comfy\", \"{port}\"]\n";
         let env = std::collections::BTreeMap::from([("WORKER_CONNECTORS", "comfyui")]);
         let c = crate::config::load_str(Some(("f", file)), &env).unwrap();
-        assert!(
-            selected(&c, None).unwrap().is_empty(),
-            "an overridden command installs nothing"
-        );
-        assert_eq!(selected(&c, Some("comfyui")).unwrap(), ["comfyui"]);
+        assert!(selected(&c, None).is_empty(), "an overridden command installs nothing");
+        assert_eq!(selected(&c, Some(Installer::Comfyui)), ["comfyui"]);
     }
 }

@@ -20,9 +20,10 @@ pub struct Capabilities {
     /// The machine the worker runs on.
     #[serde(default)]
     pub machine_id: String,
-    /// Informational list of services.
-    #[serde(default)]
-    pub services: Vec<String>,
+    /// The worker's connectors: the contract's informational `services` field, which matching
+    /// reads (as the Lua library does) only when `job_service_required_map` is empty.
+    #[serde(default, rename = "services")]
+    pub connectors: Vec<String>,
     /// The `service_required` values this worker accepts (what matching reads).
     #[serde(default)]
     pub job_service_required_map: Vec<String>,
@@ -44,14 +45,15 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Capabilities of a worker that accepts `services` and has nothing else declared.
-    pub fn new(worker_id: impl Into<String>, machine_id: impl Into<String>, services: &[&str]) -> Self {
-        let services: Vec<String> = services.iter().map(|s| (*s).to_owned()).collect();
+    /// Capabilities of a worker that accepts the job services `job_services` and has nothing
+    /// else declared (its connectors named as those job services).
+    pub fn new(worker_id: impl Into<String>, machine_id: impl Into<String>, job_services: &[&str]) -> Self {
+        let job_services: Vec<String> = job_services.iter().map(|s| (*s).to_owned()).collect();
         Self {
             worker_id: worker_id.into(),
             machine_id: machine_id.into(),
-            job_service_required_map: services.clone(),
-            services,
+            job_service_required_map: job_services.clone(),
+            connectors: job_services,
             hardware: Hardware::default(),
             models: BTreeMap::new(),
             customer_access: CustomerAccess::default(),

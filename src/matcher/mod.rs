@@ -1,7 +1,7 @@
 //! The job broker in Redis: the `jobMatching` function library (claiming, lifecycle, leases,
 //! the pending-queue index), its installer, the capabilities types, the pure-Rust reference
-//! matcher, the async [`Broker`] API the workers use, and the `machine functions` / `machine
-//! jobs` operator commands.
+//! matcher, and the async [`Broker`] API that the workers and the `machine functions` /
+//! `machine jobs` operator commands use.
 //!
 //! It promises the wire contract of /work/shared/redis-contract.md (docs/redis-protocol.md says
 //! how each write maps to it) and the matching semantics of docs/matching.md, with claims that
@@ -10,13 +10,12 @@
 
 mod broker;
 pub mod capabilities;
-pub(crate) mod cli;
 pub mod installer;
 pub mod reference;
 
 pub use broker::{
-    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, FailOutcome, JobView, LeaseStatus, NewJob,
-    ReapReport, RetryDelay, pending_score,
+    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, JobView,
+    LeaseStatus, NewJob, ReapReport, RetryDelay, pending_score,
 };
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 

@@ -4,8 +4,9 @@
 //! Nothing here reads a clock or a random source; callers pass the current time (as the time
 //! since the supervisor started) and a jitter sample, so every rule is checked by proptest.
 //!
-//! The rules: the delay starts at `backoff_initial` and doubles with each consecutive restart up
-//! to `backoff_max`, varied by up to `jitter` either way but never above the cap. A run that
+//! The rules: the delay is the shared [`Backoff`] policy, doubling from `backoff_initial` with
+//! each consecutive restart up to `backoff_max`, varied by up to `jitter` either way but never
+//! above the cap. A run that
 //! lasted at least `stable_after` resets the doubling and the crash-loop state. Failures (a
 //! non-zero exit, a signal, a failed liveness probe) are remembered for `crash_loop_window`;
 //! `crash_loop_failures` of them within the window put the service in crash loop. A service in
@@ -15,6 +16,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::config::{RestartPolicy, SupervisorConfig};
 
 /// The restart rules for one service.
@@ -22,12 +24,8 @@ use crate::config::{RestartPolicy, SupervisorConfig};
 pub struct Policy {
     /// When to restart at all.
     pub restart: RestartPolicy,
-    /// First restart delay.
-    pub backoff_initial: Duration,
-    /// Cap of the delay.
-    pub backoff_max: Duration,
-    /// Fraction (0..=1) by which a delay varies either way.
-    pub jitter: f64,
+    /// The restart delays: doubling, capped, jittered either way.
+    pub backoff: Backoff,
     /// A run this long resets the backoff and the crash-loop state.
     pub stable_after: Duration,
     /// Failures within the window that mean crash loop.
@@ -41,9 +39,10 @@ impl Policy {
     pub fn new(restart: RestartPolicy, cfg: &SupervisorConfig) -> Policy {
         Policy {
             restart,
-            backoff_initial: cfg.backoff_initial,
-            backoff_max: cfg.backoff_max,
-            jitter: cfg.backoff_jitter.clamp(0.0, 1.0),
+            backoff: Backoff {
+                jitter: cfg.backoff_jitter.clamp(0.0, 1.0),
+                ..Backoff::doubling(cfg.backoff_initial, cfg.backoff_max)
+            },
             stable_after: cfg.stable_after,
             crash_loop_failures: cfg.crash_loop_failures.max(1),
             crash_loop_window: cfg.crash_loop_window,
@@ -137,23 +136,12 @@ pub fn on_exit(
         };
     }
     let delay = if history.crash_loop {
-        policy.backoff_max
+        policy.backoff.max
     } else {
-        backoff(policy, history.consecutive, jitter_sample)
+        policy.backoff.delay(history.consecutive, jitter_sample)
     };
     history.consecutive = history.consecutive.saturating_add(1);
     Decision::Restart { delay }
-}
-
-/// The delay before restart number `n` (0-based) since the last stable run.
-pub fn backoff(policy: &Policy, n: u32, jitter_sample: f64) -> Duration {
-    let base = policy
-        .backoff_initial
-        .checked_mul(2u32.saturating_pow(n.min(31)))
-        .unwrap_or(policy.backoff_max)
-        .min(policy.backoff_max);
-    let factor = 1.0 + policy.jitter * jitter_sample.clamp(-1.0, 1.0);
-    base.mul_f64(factor.max(0.0)).min(policy.backoff_max)
 }
 
 #[cfg(test)]
@@ -164,9 +152,10 @@ mod tests {
     fn policy(restart: RestartPolicy, jitter: f64) -> Policy {
         Policy {
             restart,
-            backoff_initial: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(30),
-            jitter,
+            backoff: Backoff {
+                jitter,
+                ..Backoff::doubling(Duration::from_millis(50), Duration::from_secs(30))
+            },
             stable_after: Duration::from_secs(60),
             crash_loop_failures: 5,
             crash_loop_window: Duration::from_secs(120),
@@ -235,23 +224,6 @@ mod tests {
 
     proptest! {
         #[test]
-        fn delay_stays_within_jitter_and_cap(n in 0u32..100, jitter in 0.0f64..=1.0, sample in -1.0f64..=1.0) {
-            let p = policy(RestartPolicy::Always, jitter);
-            let d = backoff(&p, n, sample);
-            prop_assert!(d <= p.backoff_max);
-            let base = backoff(&p, n, 0.0);
-            prop_assert!(d.as_secs_f64() >= base.as_secs_f64() * (1.0 - jitter) - 1e-9);
-            prop_assert!(d.as_secs_f64() <= base.as_secs_f64() * (1.0 + jitter) + 1e-9);
-        }
-
-        #[test]
-        fn base_delay_never_shrinks(n in 0u32..100) {
-            let p = policy(RestartPolicy::Always, 0.0);
-            prop_assert!(backoff(&p, n, 0.0) <= backoff(&p, n + 1, 0.0));
-            prop_assert!(backoff(&p, n, 0.0) >= p.backoff_initial);
-        }
-
-        #[test]
         fn crash_loop_iff_enough_failures_in_window(gaps in proptest::collection::vec(0u64..200_000, 1..30)) {
             let p = policy(RestartPolicy::Always, 0.0);
             let mut h = History::default();
@@ -280,7 +252,7 @@ mod tests {
             let now = Duration::from_secs(u64::from(fails) * 1000 + 60);
             let d = delay(on_exit(&p, &mut h, Ending::Failure, p.stable_after, now, sample));
             prop_assert!(!h.crash_loop);
-            prop_assert_eq!(d, backoff(&p, 0, sample));
+            prop_assert_eq!(d, p.backoff.delay(0, sample));
             prop_assert_eq!(h.consecutive, 1);
         }
 
@@ -293,7 +265,7 @@ mod tests {
                 last = delay(on_exit(&p, &mut h, Ending::Failure, Duration::ZERO, Duration::from_millis(u64::from(i)), sample));
             }
             prop_assert!(h.crash_loop);
-            prop_assert_eq!(last, p.backoff_max);
+            prop_assert_eq!(last, p.backoff.max);
         }
     }
 }

@@ -1,13 +1,14 @@
 //! A worker's capabilities, built from facts: the GPU it owns (model and memory from the
 //! probe), the host's RAM and CPU cores, the models really present on disk for each of its
-//! services, and what the configuration says about customers, workflow pinning and custom
+//! job services, and what the configuration says about customers, workflow pinning and custom
 //! capabilities. Nothing here is a default that pretends to be a fact: a worker without a GPU
-//! reports `gpu_count = 0`, and a service without a models folder reports no models.
+//! reports `gpu_count = 0`, and a job service without a models folder reports no models.
 //!
 //! The models are the one fact that changes while the machine runs (the installers download
 //! the manifest's models after the workers are built, jobs fetch models on demand, the cache
-//! evicts them), so they are not frozen into the capabilities: [`ModelDirs`] names the folders
-//! and the worker scans them when it starts and again whenever it looks for a job.
+//! evicts them), so [`build`] leaves them out: [`ModelDirs`] names the folders, and the worker
+//! scans them when it starts (after the installers, before it registers) and again whenever
+//! it looks for a job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -34,16 +35,22 @@ const MODEL_EXTENSIONS: [&str; 10] = [
 /// How deep model folders are searched (subfolders of `checkpoints/`, ...).
 const MAX_DEPTH: usize = 4;
 
-/// The folder holding a connector's models, as the installers lay out the workspace.
+/// The folder holding a connector's models, as the installers lay out the workspace; `None`
+/// for a connector that has no models on this machine.
 pub(crate) fn models_dir(workspace: &Path, kind: ConnectorKind) -> Option<PathBuf> {
     match kind {
         ConnectorKind::Comfyui => Some(workspace.join("ComfyUI").join("models")),
         ConnectorKind::A1111 => Some(workspace.join("stable-diffusion-webui").join("models")),
-        _ => None,
+        ConnectorKind::Playwright
+        | ConnectorKind::Openai
+        | ConnectorKind::Replicate
+        | ConnectorKind::Runpod
+        | ConnectorKind::Simulation => None,
     }
 }
 
-/// The models folders of one worker's services: what its advertised `models` are scanned from.
+/// The models folders of one worker's job services: what its advertised `models` are scanned
+/// from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelDirs {
     /// (job service, folder), one entry per job service of a connector that has models.
@@ -54,10 +61,10 @@ impl ModelDirs {
     /// The folders of `plan`'s connectors under `workspace`.
     pub fn of(plan: &WorkerPlan, workspace: &Path) -> ModelDirs {
         let mut dirs = Vec::new();
-        for &kind in &plan.connectors {
-            if let Some(dir) = models_dir(workspace, kind) {
-                for service in kind.job_services() {
-                    dirs.push(((*service).to_owned(), dir.clone()));
+        for connector in &plan.connectors {
+            if let Some(dir) = models_dir(workspace, connector.kind) {
+                for service in &connector.job_services {
+                    dirs.push((service.clone(), dir.clone()));
                 }
             }
         }
@@ -76,14 +83,9 @@ impl ModelDirs {
     }
 }
 
-/// The capabilities of one planned worker, with the models on disk now.
-pub fn build(
-    plan: &WorkerPlan,
-    machine_id: &str,
-    probe: &Probe,
-    workspace: &Path,
-    config: &WorkerConfig,
-) -> Capabilities {
+/// The capabilities of one planned worker, without its models: the worker scans those when it
+/// starts, after the installers have put this boot's models on disk.
+pub fn build(plan: &WorkerPlan, machine_id: &str, probe: &Probe, config: &WorkerConfig) -> Capabilities {
     let gpu = plan.gpu.and_then(|i| probe.gpus.iter().find(|g| g.index == i));
     let hardware = Hardware {
         gpu_count: u32::from(gpu.is_some()),
@@ -93,12 +95,10 @@ pub fn build(
         cpu_cores: probe.host.cpu_cores,
         extra: serde_json::Map::new(),
     };
-    let models = ModelDirs::of(plan, workspace).scan();
     let mut caps = Capabilities::new(plan.id.clone(), machine_id.to_owned(), &[]);
-    caps.services = plan.connectors.iter().map(|k| k.name().to_owned()).collect();
-    caps.job_service_required_map = plan.job_services.clone();
+    caps.connectors = plan.connectors.iter().map(|c| c.kind.name().to_owned()).collect();
+    caps.job_service_required_map = plan.job_services();
     caps.hardware = hardware;
-    caps.models = models;
     caps.customer_access = CustomerAccess {
         isolation: config.customer_access.isolation.as_str().to_owned(),
         allowed_customers: config.customer_access.allowed_customers.clone(),
@@ -164,7 +164,7 @@ fn add(path: &Path, root: &Path, names: &mut BTreeSet<String>) {
 mod tests {
     use super::*;
     use crate::gpu::{GpuInfo, HostInfo};
-    use crate::plan::WorkerKind;
+    use crate::plan::{ConnectorPlan, Endpoint, WorkerKind};
 
     #[test]
     fn models_come_from_files_on_disk() {
@@ -210,24 +210,29 @@ mod tests {
             id: "m1-gpu1".into(),
             gpu: Some(1),
             kind: WorkerKind::Gpu,
-            connectors: vec![ConnectorKind::Comfyui],
-            job_services: vec!["comfyui".into()],
-            services: vec!["comfyui-gpu1".into()],
+            connectors: vec![ConnectorPlan {
+                kind: ConnectorKind::Comfyui,
+                job_services: vec!["comfyui".into()],
+                endpoint: Some(Endpoint {
+                    service: "comfyui-gpu1".into(),
+                    url: url::Url::parse("http://127.0.0.1:8189").unwrap(),
+                }),
+            }],
+            waits_for: vec!["comfyui-gpu1".into()],
         };
         let config = crate::config::Config::for_tests(&[]).worker;
-        let caps = build(&plan, "m1", &probe, dir.path(), &config);
+        let caps = build(&plan, "m1", &probe, &config);
         assert_eq!(caps.hardware.gpu_count, 1);
         assert_eq!(caps.hardware.gpu_memory_gb, 24.0);
         assert_eq!(caps.hardware.gpu_model, "NVIDIA GeForce RTX 4090");
         assert_eq!(caps.hardware.ram_gb, 64.0);
         assert_eq!(caps.hardware.cpu_cores, 16);
-        assert_eq!(caps.models["comfyui"], found);
+        assert!(caps.models.is_empty(), "the worker scans its models when it starts");
+        assert_eq!(ModelDirs::of(&plan, dir.path()).scan()["comfyui"], found);
         assert_eq!(caps.job_service_required_map, ["comfyui"]);
+        assert_eq!(caps.connectors, ["comfyui"]);
         assert_eq!(caps.customer_access.isolation, "loose");
         let external = WorkerPlan { gpu: None, ..plan };
-        assert_eq!(
-            build(&external, "m1", &probe, dir.path(), &config).hardware.gpu_count,
-            0
-        );
+        assert_eq!(build(&external, "m1", &probe, &config).hardware.gpu_count, 0);
     }
 }

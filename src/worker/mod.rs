@@ -2,17 +2,22 @@
 //! GPU, plus the external connectors' workers) that claims jobs from the broker and runs them
 //! through its connectors.
 //!
-//! [`Workers::build`] turns the plan into workers: capabilities from facts
-//! ([`capabilities::build`]), one connector per connector kind wired to the plan's service port
-//! on that GPU, and the output store. [`Workers::run`] runs them all until shutdown and returns
-//! when every worker has finished or returned its job. The loop of one worker, and the promise
-//! that each job ends in exactly one outcome, live in [`runner`].
+//! Start-up is one path, the same for `machine run` and the tests: [`Workers::build`] turns the
+//! plan into workers (capabilities from facts, [`capabilities::build`]; one connector per
+//! planned connector, wired to the endpoint the plan gives it; the output store), before the
+//! installers run so the status page can show them. [`connect_broker`] connects the machine's
+//! one broker, and [`Workers::run`] runs the broker's background work and every worker until
+//! shutdown, returning when every worker has finished or returned its job. Each worker scans
+//! its models when it starts, after the installers, so what this boot installed is in the
+//! capabilities it registers with. The loop of one worker, and the promise that each job ends
+//! in exactly one outcome, live in [`runner`].
 
 pub mod capabilities;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +36,7 @@ use crate::connectors::store::{OutputStore, StoreOptions};
 use crate::gpu::Probe;
 use crate::matcher::Broker;
 use crate::models::{ModelStore, StoreSettings};
-use crate::plan::{Plan, WorkerPlan};
+use crate::plan::{ConnectorPlan, Plan};
 
 pub use runner::{CurrentJob, JobCounts, JobOutcome, JobReport, Worker, WorkerSettings, WorkerState, WorkerStatus};
 
@@ -58,15 +63,17 @@ pub enum WorkerError {
 }
 
 /// Readiness of the supervised services, by service name (`true` = ready). The supervisor
-/// publishes these; a worker claims only while all of its plan's services are ready.
+/// publishes these; a worker claims only while every service it waits for is ready.
 pub type Readiness = BTreeMap<String, watch::Receiver<bool>>;
 
 /// The machine's workers, built from the plan.
 #[derive(Debug)]
 pub struct Workers {
     workers: Vec<Worker>,
-    /// The plan's services each worker waits for, by position.
-    services: Vec<Vec<String>>,
+    /// The supervised services each worker waits for, by position.
+    waits_for: Vec<Vec<String>>,
+    /// How often the broker's lease reaper runs.
+    reap_every: Duration,
     reports: broadcast::Sender<JobReport>,
     limiters: Vec<Arc<Limiter>>,
     models: Option<ModelStore>,
@@ -90,7 +97,7 @@ impl Workers {
         let (reports, _) = broadcast::channel(1024);
         let models = model_store(config, plan, env)?;
         let mut workers = Vec::with_capacity(plan.workers.len());
-        let mut services = Vec::with_capacity(plan.workers.len());
+        let mut waits_for = Vec::with_capacity(plan.workers.len());
         // One limiter per limited external API, shared by all of its workers on this machine
         // (the limits themselves are fleet-wide, in Redis).
         let limiters: BTreeMap<ConnectorKind, Arc<Limiter>> = [
@@ -103,9 +110,8 @@ impl Workers {
         .map(|(kind, limits)| (kind, Arc::new(Limiter::new(kind.name(), limits.clone()))))
         .collect();
         for wp in &plan.workers {
-            let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.workspace, &config.worker);
-            if models.is_some() && config.models.catalogue.is_some() && wp.connectors.contains(&ConnectorKind::Comfyui)
-            {
+            let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.worker);
+            if models.is_some() && config.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
                 // This worker can fetch a job's missing models: the broker gives it such a job
                 // once the job has waited models.affinity_wait for a worker that has them.
                 let wait = u64::try_from(config.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
@@ -113,21 +119,19 @@ impl Workers {
                     .insert("models_on_demand_after_ms".to_owned(), serde_json::json!(wait));
             }
             let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
-            for &kind in &wp.connectors {
+            for planned in &wp.connectors {
                 let connector = connector_for(
-                    kind,
-                    wp,
-                    plan,
+                    planned,
                     config,
                     env,
-                    limiters.get(&kind).cloned(),
+                    limiters.get(&planned.kind).cloned(),
                     models.as_ref(),
-                )?;
-                for service in kind.job_services() {
-                    connectors.insert((*service).to_owned(), connector.clone());
-                }
-                // Model-family aliases are services of their own (`replicate:<alias>`).
-                for service in wp.job_services.iter().filter(|s| s.starts_with(&format!("{kind}:"))) {
+                )
+                .map_err(|message| WorkerError::Setup {
+                    worker: wp.id.clone(),
+                    message,
+                })?;
+                for service in &planned.job_services {
                     connectors.insert(service.clone(), connector.clone());
                 }
             }
@@ -135,11 +139,12 @@ impl Workers {
             worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
             worker.report_to(reports.clone());
             workers.push(worker);
-            services.push(wp.services.clone());
+            waits_for.push(wp.waits_for.clone());
         }
         Ok(Workers {
             workers,
-            services,
+            waits_for,
+            reap_every: config.worker.lease / 2,
             reports,
             limiters: limiters.into_values().collect(),
             models,
@@ -180,18 +185,46 @@ impl Workers {
         self.reports.subscribe()
     }
 
-    /// Runs every worker until `shutdown`, each gated on the readiness of its plan's services
-    /// (a service missing from `readiness` is one this machine does not supervise, e.g. in
-    /// tests, and does not gate). Returns when all have stopped.
+    /// Runs the broker's background work (event subscription, index catch-up, the lease reaper
+    /// every half lease) and every worker until `shutdown`, each worker gated on the readiness
+    /// of the services it waits for (a service missing from `readiness` is one this machine
+    /// does not supervise, e.g. in tests, and does not gate). Returns when every worker has
+    /// stopped, each having finished or returned its job; call it before the supervisor stops
+    /// the services, so jobs drain while their services still run.
     pub async fn run(
         self,
         broker: Broker,
         readiness: &Readiness,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
+        for limiter in &self.limiters {
+            limiter.attach(broker.clone());
+        }
+        let background_stop = CancellationToken::new();
+        let background = tokio::spawn({
+            let (b, stop, every) = (broker.clone(), background_stop.clone(), self.reap_every);
+            async move { b.run(every, stop).await }
+        });
+        let result = self.run_workers(broker, readiness, shutdown).await;
+        background_stop.cancel();
+        match background.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
+            Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
+        }
+        result
+    }
+
+    /// Runs every worker as a task until `shutdown`; returns when all have stopped.
+    async fn run_workers(
+        self,
+        broker: Broker,
+        readiness: &Readiness,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (mut worker, services) in self.workers.into_iter().zip(self.services) {
-            worker.wait_for(services.iter().filter_map(|s| readiness.get(s).cloned()).collect());
+        for (mut worker, waits_for) in self.workers.into_iter().zip(self.waits_for) {
+            worker.wait_for(waits_for.iter().filter_map(|s| readiness.get(s).cloned()).collect());
             let id = worker.id().to_owned();
             let broker = broker.clone();
             let shutdown = shutdown.clone();
@@ -217,28 +250,6 @@ impl Workers {
     }
 }
 
-/// Everything job-related of `machine run`: connects the broker (retrying while Redis is
-/// unreachable), loads the function library, runs the machine's one event subscription and the
-/// lease reaper beside the plan's workers, and returns once the workers have stopped after
-/// `shutdown` (each having finished or returned its job). Call it before the supervisor stops
-/// the services, so jobs drain while their services still run.
-pub async fn serve(
-    config: &Config,
-    probe: &Probe,
-    plan: &Plan,
-    env: &(dyn Env + Sync),
-    readiness: &Readiness,
-    shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
-    let workers = Workers::build(config, probe, plan, env)?;
-    let Some(broker) = connect_broker(config, &shutdown, &|_| {}).await else {
-        return Ok(());
-    };
-    workers
-        .serve(broker, config.worker.lease / 2, readiness, shutdown)
-        .await
-}
-
 /// The broker options the configuration asks for.
 pub fn broker_options(config: &Config) -> crate::matcher::BrokerOptions {
     crate::matcher::BrokerOptions {
@@ -259,7 +270,8 @@ pub async fn connect_broker(
 ) -> Option<Broker> {
     let url = config.broker_url();
     let opts = broker_options(config);
-    let mut delay = std::time::Duration::from_millis(50);
+    let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
+    let mut failures = 0;
     loop {
         let attempt = async {
             let broker = Broker::connect(&url, opts.clone()).await?;
@@ -270,54 +282,22 @@ pub async fn connect_broker(
             Ok(b) => return Some(b),
             Err(e) => {
                 let error = crate::logging::error_chain(&e);
+                let delay = backoff.delay(failures, 0.0);
                 tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
                 failed(&error);
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                failures = failures.saturating_add(1);
             }
         }
     }
 }
 
-impl Workers {
-    /// Runs the broker's background work (event subscription, index catch-up, the lease reaper
-    /// every `reap_every`) beside the workers, until the workers have stopped after `shutdown`.
-    pub async fn serve(
-        self,
-        broker: Broker,
-        reap_every: std::time::Duration,
-        readiness: &Readiness,
-        shutdown: CancellationToken,
-    ) -> Result<(), WorkerError> {
-        for limiter in &self.limiters {
-            limiter.attach(broker.clone());
-        }
-        let background_stop = CancellationToken::new();
-        let background = tokio::spawn({
-            let (b, stop) = (broker.clone(), background_stop.clone());
-            async move { b.run(reap_every, stop).await }
-        });
-        let result = self.run(broker, readiness, shutdown).await;
-        background_stop.cancel();
-        match background.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
-            Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
-        }
-        result
-    }
-}
-
 /// The machine's one models store, when a ComfyUI connector runs here.
 fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
-    if !plan
-        .workers
-        .iter()
-        .any(|w| w.connectors.contains(&ConnectorKind::Comfyui))
-    {
+    if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
     let cc = &config.install.comfyui;
@@ -342,29 +322,22 @@ fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<Mod
         })
 }
 
-/// The connector of `kind` for worker `wp`: GPU-bound connectors talk to the plan's service of
-/// that kind on the worker's GPU.
+/// The connector the plan describes: a GPU-bound connector talks to the service at its
+/// endpoint. The error says what is missing.
 fn connector_for(
-    kind: ConnectorKind,
-    wp: &WorkerPlan,
-    plan: &Plan,
+    planned: &ConnectorPlan,
     config: &Config,
     env: &dyn Env,
     limiter: Option<Arc<Limiter>>,
     models: Option<&ModelStore>,
-) -> Result<Arc<dyn Connector>, WorkerError> {
+) -> Result<Arc<dyn Connector>, String> {
+    let kind = planned.kind;
     let service_url = || {
-        plan.services
-            .iter()
-            .find(|s| s.connector == Some(kind) && wp.services.contains(&s.name))
-            .and_then(|s| s.port)
-            .map(|port| {
-                url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("a loopback URL with a port parses")
-            })
-            .ok_or_else(|| WorkerError::Setup {
-                worker: wp.id.clone(),
-                message: format!("the plan has no {kind} service with a port for this worker"),
-            })
+        planned
+            .endpoint
+            .as_ref()
+            .map(|e| e.url.clone())
+            .ok_or_else(|| format!("the plan gives its {kind} connector no service"))
     };
     Ok(match kind {
         ConnectorKind::Comfyui => {

@@ -13,7 +13,7 @@
 //! without the services of that API (or, for a customer's own quota, without that customer's
 //! jobs), so it takes other work meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,8 +199,8 @@ pub struct Worker {
 /// Work this worker leaves alone until a daily quota resets.
 #[derive(Debug, Clone)]
 struct Deferral {
-    /// Services not claimed (an API's quota), or none.
-    services: Vec<String>,
+    /// Job services not claimed (an API's quota), or none.
+    job_services: Vec<String>,
     /// A customer whose jobs are not claimed (the customer's own quota on an API).
     customer: Option<String>,
     until: Instant,
@@ -230,7 +230,7 @@ impl Worker {
             current_job: None,
             counts: JobCounts::default(),
             last_error: None,
-            last_activity_ms: crate::health::now_ms(),
+            last_activity_ms: crate::clock::now_ms(),
         });
         Worker {
             caps,
@@ -252,13 +252,16 @@ impl Worker {
         self.models = Some(dirs);
     }
 
+    /// The models on disk now, by job service; `None` when the worker follows no folders.
+    async fn scan_models(&self) -> Option<BTreeMap<String, Vec<String>>> {
+        let dirs = self.models.clone()?;
+        // Walking a large models tree is blocking file-system work.
+        tokio::task::spawn_blocking(move || dirs.scan()).await.ok()
+    }
+
     /// Rescans the models folders; `true` when the advertised models changed.
     async fn rescan_models(&mut self) -> bool {
-        let Some(dirs) = self.models.clone() else {
-            return false;
-        };
-        // Walking a large models tree is blocking file-system work.
-        let Ok(models) = tokio::task::spawn_blocking(move || dirs.scan()).await else {
+        let Some(models) = self.scan_models().await else {
             return false;
         };
         if models == self.caps.models {
@@ -316,7 +319,7 @@ impl Worker {
         self.status.send_if_modified(|s| {
             let changed = s.state != state;
             if changed {
-                s.last_activity_ms = crate::health::now_ms();
+                s.last_activity_ms = crate::clock::now_ms();
             }
             s.state = state;
             changed
@@ -346,8 +349,12 @@ impl Worker {
     /// has been completed, failed or returned.
     pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
         let mut backoff = RedisBackoff::default();
-        // The models are scanned now, not when the worker was built: the installers ran since.
-        self.rescan_models().await;
+        // The models are scanned now, not when the worker was built: the installers ran since,
+        // and what they downloaded on this boot belongs in the capabilities it registers with.
+        if let Some(models) = self.scan_models().await {
+            tracing::info!(worker = %self.id(), models = ?models, "models on disk");
+            self.caps.models = models;
+        }
         while !shutdown.is_cancelled() {
             match broker.register_worker(&self.caps).await {
                 Ok(()) => break,
@@ -463,8 +470,8 @@ impl Worker {
         }
         let mut caps = self.caps.clone();
         for d in &self.deferrals {
-            caps.job_service_required_map.retain(|s| !d.services.contains(s));
-            caps.services.retain(|s| !d.services.contains(s));
+            caps.job_service_required_map.retain(|s| !d.job_services.contains(s));
+            caps.connectors.retain(|s| !d.job_services.contains(s));
             if let Some(c) = &d.customer {
                 if !caps.customer_access.denied_customers.contains(c) {
                     caps.customer_access.denied_customers.push(c.clone());
@@ -492,10 +499,10 @@ impl Worker {
         else {
             return self.write_failure(broker, claimed, e, shutdown).await;
         };
-        let until_ms = i64::try_from(crate::health::now_ms()).unwrap_or(i64::MAX)
+        let until_ms = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
             + i64::try_from(resets_in.as_millis()).unwrap_or(i64::MAX / 2);
         tracing::info!(job_id = %claimed.id, %reason, ?resets_in, "a daily quota stops the job; returning it to the queue");
-        let services = match customer {
+        let job_services = match customer {
             Some(_) => Vec::new(),
             None => {
                 let mut s: Vec<String> = self
@@ -509,7 +516,7 @@ impl Worker {
             }
         };
         self.deferrals.push(Deferral {
-            services,
+            job_services,
             customer: customer.clone(),
             until: Instant::now() + *resets_in,
         });
@@ -540,7 +547,7 @@ impl Worker {
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
             s.state = WorkerState::Busy;
-            s.last_activity_ms = crate::health::now_ms();
+            s.last_activity_ms = crate::clock::now_ms();
             s.counts.claimed += 1;
             s.current_job = Some(CurrentJob {
                 job_id: claimed.id.clone(),
@@ -587,7 +594,7 @@ impl Worker {
         tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
         self.status.send_modify(|s| {
             s.current_job = None;
-            s.last_activity_ms = crate::health::now_ms();
+            s.last_activity_ms = crate::clock::now_ms();
             match &outcome {
                 JobOutcome::Completed => s.counts.completed += 1,
                 JobOutcome::Failed { error, .. } => {
@@ -916,11 +923,12 @@ struct RedisBackoff {
 }
 
 impl RedisBackoff {
+    const POLICY: crate::backoff::Backoff =
+        crate::backoff::Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
+
     fn next(&mut self) -> Duration {
-        let d = Duration::from_millis(100)
-            .saturating_mul(1 << self.attempt.min(7))
-            .min(Duration::from_secs(10));
-        self.attempt += 1;
+        let d = Self::POLICY.delay(self.attempt, 0.0);
+        self.attempt = self.attempt.saturating_add(1);
         d
     }
 

@@ -15,6 +15,7 @@ mod logs;
 mod matcher;
 mod metrics;
 mod models;
+mod page;
 mod playwright;
 mod stores;
 mod supervisor;

@@ -71,7 +71,7 @@ fn no_retry_delay() -> BrokerOptions {
     BrokerOptions {
         retry_delay: RetryDelay {
             initial: Duration::ZERO,
-            ..RetryDelay::default()
+            ..machine::matcher::DEFAULT_RETRY_DELAY
         },
         ..BrokerOptions::default()
     }

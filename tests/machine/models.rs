@@ -86,12 +86,7 @@ async fn capabilities_follow_the_models_on_disk() {
         let readiness: Readiness = BTreeMap::from([("comfyui-cpu0".to_owned(), ready_rx)]);
         let run = tokio::spawn({
             let (broker, shutdown) = (broker.clone(), shutdown.clone());
-            async move {
-                workers
-                    .serve(broker, Duration::from_secs(1), &readiness, shutdown)
-                    .await
-                    .unwrap()
-            }
+            async move { workers.run(broker, &readiness, shutdown).await.unwrap() }
         });
         wait_for("the model installed at start to be advertised", async || {
             advertised(&mut conn, "m1-cpu0")
@@ -971,4 +966,138 @@ async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains(&closed) && e.contains("cannot be fetched"), "{e}");
+}
+
+/// A model the installers download on this boot is in the capabilities the worker registers
+/// with: the real binary installs ComfyUI (a local git repository whose `main.py` starts the
+/// fake ComfyUI, in a real venv) and the manifest's model from a local file server, then
+/// starts its service and worker. The first capabilities Redis sees already name the model;
+/// capabilities scanned before the installers ran would name none until a later rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_installed_on_this_boot_are_advertised_when_the_worker_registers() {
+    use crate::e2e::{fake_comfyui, http_get, two_free_ports};
+
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+
+    let src = root.join("comfy-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("main.py"),
+        format!(
+            r#"import os, sys
+if "--quick-test-for-ci" in sys.argv:
+    sys.exit(0)
+port = sys.argv[sys.argv.index("--port") + 1]
+models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+os.execv({fake:?}, [{fake:?}, "--port", port, "--models", models])
+"#,
+            fake = fake_comfyui().display().to_string()
+        ),
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "--quiet", "--initial-branch=main"]);
+    git(&["add", "-A"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "--quiet",
+        "-m",
+        "init",
+    ]);
+    let commit = git(&["rev-parse", "HEAD"]);
+
+    let files = testkit::FileServer::start();
+    let weights = blob(300_000, 3);
+    files.add("/m/boot.safetensors", weights.clone(), "application/octet-stream");
+    let manifest = root.join("models.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[[model]]\nurl = \"{}\"\nsha256 = \"{}\"\nsize = {}\ndest = \"checkpoints\"\n",
+            files.url("/m/boot.safetensors"),
+            sha256(&weights),
+            weights.len()
+        ),
+    )
+    .unwrap();
+    let nodes = root.join("nodes.toml");
+    std::fs::write(&nodes, "").unwrap();
+
+    let port = testkit::free_port();
+    let log = root.join("machine.log");
+    let mut child = crate::support::machine()
+        .arg("run")
+        .env("MACHINE_ID", "mb")
+        .env("MACHINE_WORKSPACE", root.join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_GPU_COUNT", "0")
+        .env("HUB_REDIS_URL", redis.url())
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
+        .env("COMFYUI_REPO_URL", &src)
+        .env("COMFYUI_REF", &commit)
+        .env("COMFYUI_NODES_FILE", &nodes)
+        .env("COMFYUI_MODELS_MANIFEST", &manifest)
+        .env("COMFYUI_EXTRA_PACKAGES", "none")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Polled often, so the capabilities read are the ones the worker registered with (an idle
+    // worker rescans its models every few seconds).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let first: Option<String> = loop {
+        let caps: Option<String> = conn.hget("worker:mb-cpu0", "capabilities").await.unwrap();
+        if caps.is_some() {
+            break caps;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the machine exited: {}",
+            log_text()
+        );
+        assert!(Instant::now() < deadline, "the worker never registered: {}", log_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let first: Value = serde_json::from_str(&first.unwrap()).unwrap();
+    let models: Vec<&str> = first
+        .pointer("/models/comfyui")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        models.contains(&"boot.safetensors") && models.contains(&"boot"),
+        "registered with models {models:?}, not the one installed on this boot: {first}"
+    );
+    assert_eq!(first["services"], json!(["comfyui"]), "the wire names stay: {first}");
+    let (_, status) = http_get(port, "/status").await;
+    assert!(status.contains("comfyui-models"), "{status}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = crate::support::wait_until(Duration::from_secs(30), "the machine to exit", || {
+        child.try_wait().unwrap()
+    });
+    assert!(exit.success(), "{exit:?}: {}", log_text());
 }

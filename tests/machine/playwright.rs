@@ -100,7 +100,8 @@ fn renders_p5_html_and_urls_through_the_connector() {
     );
 
     let port = testkit::free_port();
-    let launch = machine::installers::launch(ConnectorKind::Playwright, &ws, port, None);
+    let launch =
+        machine::installers::launch(ConnectorKind::Playwright, &ws, port, None).expect("playwright runs a service");
     let mut cmd = Command::new(&launch.command[0]);
     cmd.args(&launch.command[1..])
         .current_dir(&launch.cwd)

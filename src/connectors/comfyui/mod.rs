@@ -252,10 +252,7 @@ impl ComfyuiConnector {
 
     /// Reopens the WebSocket with backoff; gives up after [`RECONNECT_LIMIT`].
     async fn reconnect(&self, client_id: &str, cancel: &CancellationToken) -> Result<Socket, ConnectorError> {
-        let backoff = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
+        let backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
         let start = tokio::time::Instant::now();
         let mut retry = 0;
         loop {
@@ -267,7 +264,7 @@ impl ComfyuiConnector {
                     tracing::warn!(error = %e.chain(), "ComfyUI WebSocket lost; reconnecting");
                     tokio::select! {
                         () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
-                        () = tokio::time::sleep(backoff.delay(retry, None)) => {}
+                        () = tokio::time::sleep(backoff.delay(retry, 0.0)) => {}
                     }
                     retry += 1;
                 }

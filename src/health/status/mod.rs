@@ -1,6 +1,7 @@
 //! The documents the health server answers, as serde types shared by the server that writes
 //! them and `machine status` that reads them: [`StatusDocument`] (`/status`), [`ReadyDocument`]
-//! (`/ready`) and [`HealthDocument`] (`/health`).
+//! (`/ready`), [`HealthDocument`] (`/health`) and [`FleetDocument`] (`/fleet`). `/events`
+//! streams the [`StatusDocument`] too.
 //!
 //! These types ARE the wire contract: their field names are what operators, dashboards and
 //! scripts read. They mirror the supervisor's, the workers' and the installers' own status
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Phase;
+use super::fleet::FleetMessage;
 use crate::gpu::{GpuInfo, GpuLive, HostInfo};
 use crate::installers::InstallState;
 
@@ -35,6 +37,9 @@ pub struct StatusDocument {
     pub services: Vec<Service>,
     /// The workers, in plan order.
     pub workers: Vec<Worker>,
+    /// The last jobs this machine finished, oldest first (absent from older machines).
+    #[serde(default)]
+    pub recent_jobs: Vec<RecentJob>,
     /// The broker connection.
     pub redis: RedisStatus,
     /// Each external API's fleet-wide usage and limits, by API (the limiter's document).
@@ -186,6 +191,44 @@ impl From<&InstallState> for Install {
     }
 }
 
+/// A job this machine finished: who ran it, how it ended and how long it took (never its
+/// payload or result).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentJob {
+    /// The job id.
+    pub job_id: String,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// When it was claimed, epoch milliseconds.
+    pub started_at_ms: u64,
+    /// When its outcome was written, epoch milliseconds.
+    pub finished_at_ms: u64,
+    /// From the claim to the outcome, in milliseconds.
+    pub duration_ms: u64,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+/// How a job ended on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Completed; the result was written.
+    Completed,
+    /// Failed (and perhaps re-queued by the broker).
+    Failed,
+    /// Returned to the queue (shutdown or a quota).
+    Returned,
+    /// Cancelled by the API.
+    Cancelled,
+    /// Its lease was lost.
+    Lost,
+}
+
 /// The broker connection as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedisStatus {
@@ -197,6 +240,13 @@ pub struct RedisStatus {
     pub function_version: Option<String>,
     /// The last error, if the connection is down.
     pub last_error: Option<String>,
+}
+
+/// `/fleet`: every machine's latest fleet status message as stored in Redis, by machine id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetDocument {
+    /// The machines that published within the message's lifetime (30 s).
+    pub machines: Vec<FleetMessage>,
 }
 
 /// `/ready`: whether every worker claims, and the workers.
@@ -318,6 +368,16 @@ pub(crate) fn sample() -> StatusDocument {
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
         }],
+        recent_jobs: vec![RecentJob {
+            job_id: "j0".into(),
+            worker_id: "m1-gpu0".into(),
+            service: "comfyui".into(),
+            outcome: Outcome::Failed,
+            started_at_ms: 1_750_000_000_000,
+            finished_at_ms: 1_750_000_001_500,
+            duration_ms: 1500,
+            error: Some("out of memory".into()),
+        }],
         redis: RedisStatus {
             url: Some("redis://***@h".into()),
             connected: true,
@@ -354,6 +414,16 @@ mod tests {
         assert_eq!(v["workers"][0]["reason"], "comfyui-gpu0 is failed");
         assert!(v["workers"][0]["last_error"].is_null());
         assert_eq!(v["redis"]["connected"], true);
+        assert_eq!(v["recent_jobs"][0]["outcome"], "failed");
+        assert_eq!(v["recent_jobs"][0]["duration_ms"], 1500);
+    }
+
+    #[test]
+    fn a_document_without_recent_jobs_still_reads() {
+        let mut v = serde_json::to_value(sample()).expect("serialises");
+        v.as_object_mut().expect("an object").remove("recent_jobs");
+        let doc: StatusDocument = serde_json::from_value(v).expect("older machines' documents parse");
+        assert!(doc.recent_jobs.is_empty());
     }
 
     #[test]

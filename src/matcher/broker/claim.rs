@@ -130,7 +130,7 @@ impl Broker {
     ) -> Result<Option<ClaimedJob>, BrokerError> {
         let caps_json = caps.to_json();
         let services = if caps.job_service_required_map.is_empty() {
-            &caps.services
+            &caps.connectors
         } else {
             &caps.job_service_required_map
         };

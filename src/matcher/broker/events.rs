@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp, redis_err};
+use crate::backoff::Backoff;
 use crate::matcher::BrokerError;
 impl Broker {
     /// `cancel_job` notices (job ids) seen by [`Broker::run_events`].
@@ -34,14 +35,15 @@ impl Broker {
             }
             first
         });
-        let mut backoff = Duration::from_millis(100);
+        let backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
+        let mut attempt = 0;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             match self.subscribe(&channels).await {
                 Ok(mut pubsub) => {
-                    backoff = Duration::from_millis(100);
+                    attempt = 0;
                     // Jobs submitted while we were not listening are indexed before waking.
                     if let Err(e) = self.catch_up_index().await {
                         tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
@@ -64,9 +66,9 @@ impl Broker {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            attempt = attempt.saturating_add(1);
         }
     }
 

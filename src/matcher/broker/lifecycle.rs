@@ -107,7 +107,7 @@ impl Broker {
             .inner
             .opts
             .retry_delay
-            .delay(job.retry_count(), rand::random::<f64>())
+            .delay(job.retry_count(), -rand::random::<f64>())
             .as_millis()
             .to_string();
         let r = self

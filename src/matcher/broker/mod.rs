@@ -17,7 +17,7 @@ mod reply;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, cmd};
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::BrokerError;
 use super::capabilities::Capabilities;
 use super::installer::{self, InstallReport, Library, Mode};
+use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
@@ -57,52 +58,25 @@ impl Default for BrokerOptions {
             lease: Duration::from_secs(60),
             safety_poll: Duration::from_secs(5),
             failed_holdoff: Duration::from_secs(30),
-            retry_delay: RetryDelay::default(),
+            retry_delay: DEFAULT_RETRY_DELAY,
             max_examine: 100,
             key_prefix: String::new(),
         }
     }
 }
 
-/// How long a retryable failure waits before its job can be claimed again: `initial` before the
-/// first retry, `factor` times more before each further one, never more than `max`, and each
-/// shortened by a random part of up to `jitter` (0 to 1) so that jobs that failed together (an
-/// outage of a storage bucket) do not all return at once.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct RetryDelay {
-    /// The delay before the first retry (default 5 s).
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    /// Growth per further retry (default 2).
-    pub factor: f64,
-    /// The longest delay (default 5 min).
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    /// The largest fraction taken off at random (default 0.2).
-    pub jitter: f64,
-}
+/// How long a retryable failure waits before its job can be claimed again. Jitter only ever
+/// shortens the delay, so that jobs that failed together (an outage of a storage bucket) do not
+/// all return at once and none waits longer than the policy says.
+pub type RetryDelay = Backoff;
 
-impl Default for RetryDelay {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(5),
-            factor: 2.0,
-            max: Duration::from_secs(300),
-            jitter: 0.2,
-        }
-    }
-}
-
-impl RetryDelay {
-    /// The delay before retry number `retry` (0 for the first), with `random` (0 to 1) choosing
-    /// the jitter.
-    pub fn delay(&self, retry: u32, random: f64) -> Duration {
-        let grown = self.initial.as_secs_f64() * self.factor.max(1.0).powi(retry.min(1024) as i32);
-        let capped = grown.min(self.max.as_secs_f64());
-        let cut = self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0);
-        Duration::try_from_secs_f64(capped * (1.0 - cut)).unwrap_or(self.max)
-    }
-}
+/// The contract's job retry delay: 5 s, doubling, at most 5 min, up to a fifth shorter.
+pub const DEFAULT_RETRY_DELAY: RetryDelay = Backoff {
+    initial: Duration::from_secs(5),
+    factor: 2.0,
+    max: Duration::from_secs(300),
+    jitter: 0.2,
+};
 
 /// The broker handle; cheap to clone, shared by all workers of a machine.
 #[derive(Debug, Clone)]
@@ -148,12 +122,6 @@ impl std::fmt::Debug for Inner {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
@@ -206,12 +174,69 @@ impl Broker {
         let _ = self.inner.observer.set(observer);
     }
 
-    /// A clone of the shared command connection, for the `machine functions` commands and tests
-    /// only. The machine's subsystems ask the broker for an operation instead (for instance
-    /// [`Broker::publish_machine_status`], [`Broker::limit_usage`]), so that every command goes
-    /// through one connection with one timeout and reconnect policy.
+    /// A clone of the shared command connection, for tests that inspect Redis directly. The
+    /// machine's subsystems and commands ask the broker for an operation instead (for instance
+    /// [`Broker::publish_machine_status`], [`Broker::limit_usage`], [`Broker::loaded_library`]),
+    /// so that every command goes through one connection with one timeout and reconnect policy.
     pub fn connection(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// The version of the library loaded in Redis with its functions, or `None` when no
+    /// `jobMatching` library is loaded.
+    pub async fn loaded_library(&self) -> Result<Option<(String, Vec<installer::FunctionInfo>)>, BrokerError> {
+        let mut conn = self.connection();
+        let Some(version) = installer::loaded_version(&mut conn).await? else {
+            return Ok(None);
+        };
+        Ok(Some((version, installer::list(&mut conn).await?)))
+    }
+
+    /// Deletes the `jobMatching` library from Redis; `false` when it was not loaded.
+    pub async fn delete_library(&self) -> Result<bool, BrokerError> {
+        installer::delete(&mut self.connection()).await
+    }
+
+    /// Deletes every key under this broker's scratch key prefix (a self-check's), scanning
+    /// rather than `KEYS` since it may run against a busy production Redis. A broker without a
+    /// prefix (the production key space) deletes nothing and returns 0.
+    pub async fn purge_scratch_keys(&self) -> Result<u64, BrokerError> {
+        let prefix = &self.inner.opts.key_prefix;
+        if prefix.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.connection();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|source| BrokerError::Redis { op: "SCAN", source })?;
+            if !keys.is_empty() {
+                let n: u64 = cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+                deleted += n;
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// The version of this binary's `jobMatching` library: the one loaded in Redis once
+    /// [`Broker::ensure_functions`] succeeded (it fails on any other).
+    pub fn library_version(&self) -> &str {
+        self.inner.lib.version()
     }
 
     /// Loads the library when needed (see [`installer::install`]) and remembers how to call it.
@@ -349,28 +374,10 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_are_capped_and_jittered() {
-        let d = RetryDelay::default();
+        let d = DEFAULT_RETRY_DELAY;
         assert_eq!(d.delay(0, 0.0), Duration::from_secs(5));
         assert_eq!(d.delay(1, 0.0), Duration::from_secs(10));
         assert_eq!(d.delay(30, 0.0), Duration::from_secs(300));
-        assert_eq!(d.delay(0, 1.0), Duration::from_secs(4));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn retry_delays_stay_within_their_bounds(
-            initial_ms in 0u64..60_000, factor in 1.0f64..5.0, max_ms in 0u64..600_000,
-            jitter in 0.0f64..1.0, retry in 0u32..200, random in 0.0f64..1.0,
-        ) {
-            let p = RetryDelay {
-                initial: Duration::from_millis(initial_ms),
-                factor,
-                max: Duration::from_millis(max_ms),
-                jitter,
-            };
-            let d = p.delay(retry, random);
-            proptest::prop_assert!(d <= p.max);
-            proptest::prop_assert!(p.delay(retry + 1, random) >= d);
-        }
+        assert_eq!(d.delay(0, -1.0), Duration::from_secs(4));
     }
 }

@@ -2,7 +2,7 @@
 //! (with why a waiting job waits) and list jobs.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use redis::cmd;
 use serde_json::Value;
@@ -88,9 +88,7 @@ impl Broker {
     pub async fn submit(&self, job: &NewJob) -> Result<String, BrokerError> {
         let id = new_job_id();
         let created = SystemTime::now();
-        let created_ms = created
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let created_ms = i64::try_from(crate::clock::epoch_ms(created)).unwrap_or(i64::MAX);
         let created_at = humantime::format_rfc3339_millis(created).to_string();
         let score = pending_score(job.priority, job.workflow_priority, created_ms, job.workflow_datetime);
         let mut fields: Vec<(&str, String)> = vec![

@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use redis::cmd;
 
-use super::{Broker, now_ms, redis_err};
+use super::{Broker, redis_err};
+use crate::clock::now_ms;
 use crate::matcher::BrokerError;
 use crate::matcher::capabilities::Capabilities;
 /// How long the stored copy of a machine's status message lives without a refresh: the API's
@@ -146,5 +147,51 @@ impl Broker {
             .query_async::<()>(&mut conn)
             .await
             .map_err(redis_err("publish the machine status"))
+    }
+
+    /// Every machine's stored status message (`machine:<id>:status`, see
+    /// [`Broker::publish_machine_status`]), as stored; for the status page's fleet view. SCAN,
+    /// not KEYS, so that a large Redis is not blocked.
+    pub async fn machine_statuses(&self) -> Result<Vec<String>, BrokerError> {
+        let mut conn = self.connection();
+        let prefix: String = self
+            .key("")
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{prefix}machine:*:status");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("scan the machines' status"))?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        keys.sort();
+        keys.dedup();
+        let values: Vec<Option<String>> = cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("read the machines' status"))?;
+        // A key that expired between SCAN and MGET reads as nil.
+        Ok(values.into_iter().flatten().collect())
     }
 }

@@ -1,0 +1,219 @@
+//! The grammar of the command line (clap): every command, subcommand and flag, and nothing
+//! that acts on them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::installers::Installer;
+
+/// `machine [--config PATH] [COMMAND]`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "machine",
+    version,
+    about = "PID 1 of a GPU worker container: installs, supervises and runs job workers"
+)]
+pub struct Cli {
+    /// Configuration file merged over the built-in defaults.
+    #[arg(long, global = true, env = "MACHINE_CONFIG", value_name = "PATH")]
+    pub(super) config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub(super) command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum Command {
+    /// Run the machine (the default with no arguments, e.g. as a container ENTRYPOINT).
+    Run,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Install what WORKER_CONNECTORS needs (ComfyUI, custom nodes, models, Playwright) without
+    /// starting anything, e.g. in a Docker build stage.
+    Install {
+        /// Run only this installer.
+        #[arg(long, value_name = "NAME")]
+        only: Option<Installer>,
+    },
+    /// Print the GPU and host probe.
+    Gpus {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the jobMatching Redis Functions library.
+    Functions {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[command(subcommand)]
+        command: FunctionsCommand,
+    },
+    /// Submit, inspect and cancel jobs on the broker.
+    Jobs {
+        #[command(flatten)]
+        redis: RedisArgs,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Show this machine's status (from its health server), or the fleet's (from Redis).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum ConfigCommand {
+    /// Validate the configuration and print the plan; exits 2 listing every problem.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(super) struct StatusArgs {
+    /// Base URL of the machine's health server [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every 2 seconds.
+    #[arg(long)]
+    pub watch: bool,
+    /// Exit 0 when the machine is healthy and 1 when not (for a Docker HEALTHCHECK).
+    #[arg(long, conflicts_with_all = ["json", "watch", "fleet"])]
+    pub check: bool,
+    /// Read every machine's status from Redis instead (HUB_REDIS_URL or --redis-url).
+    #[arg(long)]
+    pub fleet: bool,
+    /// Redis URL for --fleet.
+    #[arg(long, env = "HUB_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+}
+
+/// Where the broker's Redis is.
+#[derive(Debug, Args)]
+pub(super) struct RedisArgs {
+    /// The broker's Redis URL (`redis://` or `rediss://`, with credentials if needed).
+    #[arg(
+        long,
+        global = true,
+        env = "HUB_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+}
+
+/// `machine functions ...`
+#[derive(Debug, Subcommand)]
+pub(super) enum FunctionsCommand {
+    /// Load the jobMatching library if the loaded version differs, then verify it.
+    Install,
+    /// Show the loaded library's version and functions.
+    List,
+    /// Delete the jobMatching library.
+    Delete,
+    /// Self-check: claims and lifecycle against a scratch key prefix, compared with the
+    /// reference matcher. Leaves no keys behind.
+    Test,
+}
+
+/// `machine jobs ...`
+#[derive(Debug, Subcommand)]
+pub(super) enum JobsCommand {
+    /// Submit a job exactly as the API does; prints its id.
+    Submit {
+        /// `service_required`, e.g. `simulation`.
+        #[arg(long)]
+        service: String,
+        /// The payload: JSON, or `@FILE` to read it from a file.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Requirements JSON.
+        #[arg(long)]
+        requirements: Option<String>,
+        /// Priority (higher runs first).
+        #[arg(long, default_value_t = 50)]
+        priority: i64,
+        /// Customer id.
+        #[arg(long, default_value = "")]
+        customer: String,
+        /// Workflow id.
+        #[arg(long, default_value = "")]
+        workflow: String,
+        /// Retries allowed after a retryable failure.
+        #[arg(long, default_value_t = 3)]
+        max_retries: u32,
+    },
+    /// Print a job's hash and progress.
+    Show {
+        /// The job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs with this status (pending, assigned, in_progress, completed, failed, ...).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job as the API does.
+    Cancel {
+        /// The job id.
+        id: String,
+    },
+    /// Claim one job as a worker and hold it (renewing its lease) until SIGINT/SIGTERM, then
+    /// return it to the queue; prints the job id. For debugging matching and leases.
+    Claim {
+        /// Services the worker accepts (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', required = true)]
+        service: Vec<String>,
+        /// The worker id.
+        #[arg(long, default_value = "operator")]
+        worker: String,
+        /// Full capabilities JSON instead of --service/--worker.
+        #[arg(long)]
+        capabilities: Option<String>,
+        /// Lease length in seconds.
+        #[arg(long, default_value_t = 60)]
+        lease_secs: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn installers_are_named_on_the_command_line() {
+        let cli = Cli::try_parse_from(["machine", "install", "--only", "comfyui-models"]).expect("a known installer");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Install {
+                only: Some(Installer::ComfyuiModels)
+            })
+        ));
+        let err = Cli::try_parse_from(["machine", "install", "--only", "nope"]).expect_err("an unknown installer");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("comfyui-models"), "{err}");
+    }
+}

@@ -1,0 +1,81 @@
+//! Dispatch of the parsed command line, and what the commands share: loading the
+//! configuration, the one async runtime builder, and printing.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::path::Path;
+
+use super::args::{Cli, Command, ConfigCommand, RedisArgs};
+use super::exit::{CliError, Outcome};
+use crate::config::{self, Config, ProcessEnv};
+
+/// Runs the command `cli` names (`machine run` when it names none).
+pub fn run(cli: Cli) -> Result<Outcome, CliError> {
+    let path = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Config {
+            command: ConfigCommand::Check { json },
+        } => super::config_check::config_check(path, json),
+        Command::Gpus { json } => super::gpus::gpus(path, json),
+        Command::Run => super::run::run(path),
+        Command::Status(args) => super::status::status(path, &args),
+        Command::Install { only } => super::install::install(path, only),
+        Command::Functions { redis, command } => super::functions::functions(&redis, &command, machine_redis(path)),
+        Command::Jobs { redis, command } => super::jobs::jobs(&redis, &command, machine_redis(path)),
+    }
+}
+
+/// How many threads a command's runtime has.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Threads {
+    /// One: an operator command that waits on one thing at a time.
+    One,
+    /// One per core: the machine itself and the installers.
+    PerCore,
+}
+
+/// Builds the command's async runtime and runs `work` on it to the end.
+pub(super) fn block_on<F: Future>(threads: Threads, work: F) -> Result<F::Output, CliError> {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = builder.enable_all().build().map_err(CliError::Runtime)?;
+    Ok(runtime.block_on(work))
+}
+
+/// Loads and validates the configuration; a failure lists every problem.
+pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
+    config::load(path, &ProcessEnv).map_err(CliError::Config)
+}
+
+/// This machine's Redis when the configuration loads (in local mode, the private redis-server's
+/// socket), for operator commands given no `--redis-url`.
+fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
+    config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
+}
+
+/// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,
+/// the private redis-server's socket under the workspace).
+pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> Result<config::RedisUrl, CliError> {
+    let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+        return machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()));
+    };
+    config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// Prints the configuration's warnings (unknown variables) to stderr, where a configuration
+/// that failed to load is reported too.
+pub(super) fn print_warnings() {
+    for w in config::warnings(&ProcessEnv) {
+        eprintln!("machine: warning: {w}");
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub(super) fn print_json<T: serde::Serialize>(value: &T) {
+    let mut out = std::io::stdout().lock();
+    // Serialising our own plain data types cannot fail; a closed stdout is not worth a panic.
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+}

@@ -1,0 +1,108 @@
+//! How a command ended, the one mapping from that to the process exit code, and the one way an
+//! error reaches the operator: `machine: ` and the error with its causes on one line
+//! ([`crate::logging::error_chain`]).
+
+use std::process::ExitCode;
+
+use crate::app::Ended;
+use crate::config::ConfigError;
+use crate::health::client::ClientError;
+use crate::matcher::BrokerError;
+
+/// Exit code of a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of invalid configuration or usage (clap exits with it too on a usage error).
+const EXIT_INVALID: u8 = 2;
+/// Exit code of `machine run` when a `critical` service failed and took the machine down.
+const EXIT_CRITICAL: u8 = 3;
+/// Exit code of `machine run` when a second SIGTERM/SIGINT stopped everything at once.
+const EXIT_FORCED: u8 = 4;
+
+/// How a command that ran to its end ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It did what it was asked.
+    Success,
+    /// It failed and has said why on its own output (an unhealthy `status --check`, a failed
+    /// installer's line).
+    Failed,
+    /// It found the configuration invalid and has listed the problems on its own output
+    /// (`config check --json`).
+    Invalid,
+    /// `machine run` ended so (its log says why).
+    Machine(Ended),
+}
+
+/// Why a command did not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The configuration failed to load or is invalid; the configuration's warnings follow it.
+    #[error(transparent)]
+    Config(ConfigError),
+    /// The configuration loads but the plan derived from it is invalid.
+    #[error(transparent)]
+    Plan(ConfigError),
+    /// The arguments make no sense together, or name something unusable.
+    #[error("{0}")]
+    Usage(String),
+    /// The async runtime could not be built.
+    #[error("failed to start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The broker's Redis failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The health server or the fleet's status could not be read.
+    #[error(transparent)]
+    Status(#[from] ClientError),
+    /// The command ran into an answer it cannot proceed with (no such job, a failed self-test).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    fn code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Plan(_) | CliError::Usage(_) => EXIT_INVALID,
+            CliError::Runtime(_) | CliError::Broker(_) | CliError::Status(_) | CliError::Failed(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+/// Prints `error` to stderr as the operator reads every error: `machine: ` and its causes.
+pub(super) fn print_error(error: &dyn std::error::Error) {
+    eprintln!("machine: {}", crate::logging::error_chain(error));
+}
+
+/// The exit code of a command's result; an error is printed first.
+pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(EXIT_FAILURE),
+        Ok(Outcome::Invalid) => ExitCode::from(EXIT_INVALID),
+        Ok(Outcome::Machine(Ended::Stopped)) => ExitCode::SUCCESS,
+        Ok(Outcome::Machine(Ended::FailedToStart)) => ExitCode::from(EXIT_FAILURE),
+        Ok(Outcome::Machine(Ended::CriticalFailed)) => ExitCode::from(EXIT_CRITICAL),
+        Ok(Outcome::Machine(Ended::Forced)) => ExitCode::from(EXIT_FORCED),
+        Err(e) => {
+            print_error(&e);
+            if matches!(e, CliError::Config(_)) {
+                super::commands::print_warnings();
+            }
+            ExitCode::from(e.code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_documented_codes() {
+        let invalid = ConfigError::Invalid(Vec::new());
+        assert_eq!(CliError::Config(invalid).code(), 2);
+        assert_eq!(CliError::Usage("no Redis".into()).code(), 2);
+        assert_eq!(CliError::Failed("no job j1".into()).code(), 1);
+        assert_eq!(CliError::Runtime(std::io::Error::other("no threads")).code(), 1);
+    }
+}
