@@ -232,6 +232,32 @@ fn json_format_makes_every_line_of_a_run_one_object() {
 }
 
 #[test]
+fn json_format_covers_a_plan_the_machine_refuses() {
+    // The configuration loads (so the format is known), but a service's program is missing.
+    let ws = tempfile::tempdir().unwrap();
+    let config = ws.path().join("machine.toml");
+    std::fs::write(&config, "[services.ghost]\ncommand = [\"no-such-program-here\"]\n").unwrap();
+    let out = machine()
+        .arg("run")
+        .env("LOG_FORMAT", "json")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_WORKSPACE", ws.path())
+        .env("MACHINE_HEALTH_PORT", testkit::free_port().to_string())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines = json_lines("stderr", &stderr);
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no-such-program-here"))),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn colour_only_on_a_terminal_and_never_with_no_color() {
     // A quick `machine run` that logs and exits 1: its health port is taken.
     let ws = tempfile::tempdir().unwrap();
