@@ -10,7 +10,8 @@
 //!
 //! Stop: workers stop claiming and drain (a job that does not finish within the drain period is
 //! returned to the queue) while their services still run → the supervisor stops the services
-//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`) →
+//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`; in
+//! local mode before the services stop, as its Redis is one of them) →
 //! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
 //! health server stops.
 //!
@@ -322,9 +323,22 @@ async fn run_services_and_workers(
 
     let workers_stop = CancellationToken::new();
     let fleet_stop = CancellationToken::new();
+    feeds.push(spawn_ready_line(state, feeds_stop.clone()));
     let jobs = {
-        let (config, state, workers_stop, fleet_stop) =
-            (config.clone(), state.clone(), workers_stop.clone(), fleet_stop.clone());
+        let (config, state, workers_stop, fleet_stop, feeds_stop) = (
+            config.clone(),
+            state.clone(),
+            workers_stop.clone(),
+            fleet_stop.clone(),
+            feeds_stop.clone(),
+        );
+        let job_services: Vec<String> = plan
+            .workers
+            .iter()
+            .flat_map(|w| w.job_services())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         tokio::spawn(async move {
             let failed = |error: &str| {
                 state.set_redis(|r| {
@@ -333,7 +347,7 @@ async fn run_services_and_workers(
                 });
             };
             let Some(broker) = worker::connect_broker(&config, &workers_stop, &failed).await else {
-                return (Ok(()), None);
+                return (Ok(()), None, None);
             };
             state.set_redis(|r| {
                 r.connected = true;
@@ -344,10 +358,7 @@ async fn run_services_and_workers(
             state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
             let metrics = state.metrics().clone();
             broker.observe_claims(Arc::new(move |took, claimed| {
-                metrics.claim_duration(took.as_secs_f64());
-                if !claimed {
-                    metrics.match_miss();
-                }
+                metrics.claim(took.as_secs_f64(), claimed)
             }));
             let health_url = format!(
                 "http://{}:{}/health",
@@ -360,8 +371,9 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
+            let queue = spawn_queue_feed(&state, broker.clone(), job_services, feeds_stop);
             let result = workers.run(broker, &readiness, workers_stop).await;
-            (result, Some(fleet))
+            (result, Some(fleet), Some(queue))
         })
     };
 
@@ -386,26 +398,35 @@ async fn run_services_and_workers(
             } => Err(()),
         }
     };
-    let fleet = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
+    let (mut fleet, queue) = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
         Ok(Err(())) => {
             tracing::warn!("the workers did not return their jobs in time; their leases will");
-            None
+            (None, None)
         }
-        Ok(Ok(Ok((result, fleet)))) => {
+        Ok(Ok(Ok((result, fleet, queue)))) => {
             if let Err(e) = result {
                 tracing::error!("{}", error_chain(&e));
             }
-            fleet
+            (fleet, queue)
         }
         Ok(Ok(Err(e))) => {
             tracing::error!("the workers' task failed: {e}");
-            None
+            (None, None)
         }
         Err(_) => {
             tracing::error!("the workers did not stop within the drain period");
-            None
+            (None, None)
         }
     };
+    feeds.extend(queue);
+    // In local mode Redis is one of the services: the last fleet message goes out before it
+    // stops. Otherwise the last message comes after the services stopped, and shows them so.
+    if config.redis.is_none() {
+        fleet_stop.cancel();
+        if let Some(fleet) = fleet.take() {
+            join("fleet-status", fleet).await;
+        }
+    }
     services_stop.cancel();
     match sup_task.await {
         Ok(Ok(())) => {}
@@ -489,6 +510,61 @@ fn spawn_limits_feed(state: &Arc<HealthState>, pool: worker::WorkerPool, stop: C
                     limiter.api(),
                     serde_json::json!({ "today": usage, "this_machine": stats }),
                 );
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
+/// Logs once, when the machine first becomes ready, how long that took since it started.
+fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        // Readiness is derived from the installers', services' and workers' channels on every
+        // read; a short poll reads it without a second copy of that rule.
+        loop {
+            if state.phase() == health::Phase::Ready {
+                let took = crate::logging::started().elapsed();
+                tracing::info!(
+                    seconds = took.as_secs_f64(),
+                    "machine ready in {:.2}s",
+                    took.as_secs_f64()
+                );
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+}
+
+/// Every few seconds, reads from Redis how many jobs wait for each service the workers serve,
+/// into the metrics; a sample that fails keeps the last figures.
+fn spawn_queue_feed(
+    state: &Arc<HealthState>,
+    broker: crate::matcher::Broker,
+    services: Vec<String>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let metrics = state.metrics().clone();
+    tokio::spawn(async move {
+        if services.is_empty() {
+            return;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await {
+                Ok(Ok(depths)) => {
+                    for (service, depth) in depths {
+                        metrics.set_queue_depth(&service, depth);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!("failed to sample the queue depth: {}", error_chain(&e)),
+                Err(_) => tracing::debug!("sampling the queue depth timed out"),
             }
             tokio::select! {
                 () = stop.cancelled() => break,

@@ -77,8 +77,13 @@ impl CliError {
 }
 
 /// Prints `error` to stderr as the operator reads every error: `machine: ` and its causes.
+/// Once `LOG_FORMAT=json` is set up it is a JSON log event instead, so that every line of
+/// `machine run` parses.
 pub(super) fn print_error(error: &dyn std::error::Error) {
-    eprintln!("machine: {}", crate::logging::error_chain(error));
+    match crate::logging::format() {
+        crate::config::LogFormat::Text => eprintln!("machine: {}", crate::logging::error_chain(error)),
+        crate::config::LogFormat::Json => tracing::error!("{}", crate::logging::error_chain(error)),
+    }
 }
 
 /// The exit code of a command's result; an error is printed first.

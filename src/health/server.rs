@@ -457,21 +457,9 @@ async fn metrics(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respo
             return refusal;
         }
     }
-    for gpu in s.probe.live() {
-        s.metrics.set_gpu(&gpu);
-    }
-    for service in s.services.status() {
-        s.metrics
-            .set_service_restarts(&service.name, u64::from(service.restarts));
-    }
-    if let Some(m) = &s.models {
-        s.metrics.set_models(m.downloads(), m.downloaded_bytes(), m.evictions());
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        s.metrics.encode(),
-    )
-        .into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.scrape_metrics(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -1,5 +1,6 @@
 //! Service output: split into lines with a hard length limit, copied to the machine's own
-//! stdout/stderr with a `[name] ` prefix, appended to a size-rotated file per service under
+//! stdout/stderr (`[name] line`, or one JSON object per line with `LOG_FORMAT=json`, through
+//! [`crate::logging::service_line`]), appended to a size-rotated file per service under
 //! `<workspace>/logs/`, and kept as an in-memory tail for the status API.
 //!
 //! Memory is bounded whatever a child prints: a line longer than `max_line_bytes` is cut there
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::SupervisorConfig;
+use crate::logging::Output;
 
 /// Splits a byte stream into lines of at most `max` bytes.
 #[derive(Debug)]
@@ -277,7 +279,7 @@ pub enum Stream {
 /// Everything one service's output goes to; shared by its stdout and stderr readers.
 #[derive(Debug)]
 pub struct ServiceLog {
-    prefix: String,
+    name: String,
     file: Mutex<RotatingFile>,
     tail: Arc<Tail>,
     max_line_bytes: usize,
@@ -287,7 +289,7 @@ impl ServiceLog {
     /// The log of service `name`, writing `<dir>/<name>.log`.
     pub fn new(name: &str, dir: &Path, cfg: &SupervisorConfig) -> ServiceLog {
         ServiceLog {
-            prefix: format!("[{name}] "),
+            name: name.to_owned(),
             file: Mutex::new(RotatingFile::new(
                 dir.join(format!("{name}.log")),
                 cfg.log_max_bytes,
@@ -306,15 +308,11 @@ impl ServiceLog {
     /// Records one line of output.
     pub fn line(&self, stream: Stream, raw: &[u8]) {
         let text = String::from_utf8_lossy(raw);
-        let mut out = Vec::with_capacity(self.prefix.len() + text.len() + 1);
-        out.extend_from_slice(self.prefix.as_bytes());
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'\n');
-        // The machine's own output is the container log; if it is closed there is nobody to tell.
-        let _ = match stream {
-            Stream::Stdout => io::stdout().lock().write_all(&out),
-            Stream::Stderr => io::stderr().lock().write_all(&out),
+        let output = match stream {
+            Stream::Stdout => Output::Stdout,
+            Stream::Stderr => Output::Stderr,
         };
+        crate::logging::service_line(&self.name, output, &text);
         self.file
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -335,7 +333,7 @@ impl ServiceLog {
         splitter.finish(|l| self.line(stream, l));
         if splitter.dropped() > 0 {
             tracing::warn!(
-                service = %self.prefix.trim_matches(|c| c == '[' || c == ']' || c == ' '),
+                service = %self.name,
                 bytes = splitter.dropped(),
                 "cut overlong output lines"
             );

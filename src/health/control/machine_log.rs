@@ -1,8 +1,8 @@
 //! The machine's own log lines, kept as a bounded in-memory tail so that `machine logs machine`
 //! shows and follows them like a service's output.
 //!
-//! The log subscriber writes through [`TeeStderr`]: each formatted event goes to stderr as
-//! before, and its lines (without colour codes) into the tail. The tail is process-wide because
+//! The log subscriber writes through [`TeeStderr`]: each formatted event goes out through
+//! [`crate::logging::Console`] as before, and its lines (without colour codes) into the tail. The tail is process-wide because
 //! the subscriber is: there is one machine log per process.
 
 use std::io::{self, Write};
@@ -43,13 +43,13 @@ pub struct TeeWriter {
 
 impl Write for TeeWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::stderr().write_all(buf)?;
+        crate::logging::Console.write_all(buf)?;
         self.event.extend_from_slice(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        io::stderr().flush()
+        crate::logging::Console.flush()
     }
 }
 

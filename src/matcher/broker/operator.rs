@@ -268,6 +268,40 @@ impl Broker {
         })
     }
 
+    /// How many jobs wait for each of `services`, claimable now: the sizes of the matching
+    /// index's groups of the service (retries waiting out their delay are not counted). At most
+    /// one `SSCAN` step of a service's groups is read, so a sample costs a bounded number of
+    /// commands whatever the queue holds (with very many groups the figure is a lower bound).
+    pub async fn queue_depth(&self, services: &[String]) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        for service in services {
+            pipe.cmd("SSCAN")
+                .arg(self.key(&format!("jobs:idx:svc:{service}")))
+                .arg(0)
+                .arg("COUNT")
+                .arg(256);
+        }
+        let scans: Vec<(u64, Vec<String>)> = pipe.query_async(&mut conn).await.map_err(redis_err("SSCAN"))?;
+        let mut pipe = redis::pipe();
+        for (_, groups) in &scans {
+            for gid in groups {
+                pipe.zcard(self.key(&format!("jobs:idx:g:{gid}")));
+            }
+        }
+        let sizes: Vec<u64> = if scans.iter().all(|(_, groups)| groups.is_empty()) {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(redis_err("ZCARD"))?
+        };
+        let mut sizes = sizes.into_iter();
+        Ok(services
+            .iter()
+            .zip(&scans)
+            .map(|(service, (_, groups))| (service.clone(), sizes.by_ref().take(groups.len()).sum()))
+            .collect())
+    }
+
     /// Jobs (id and hash), optionally only those with `status`, newest first, at most `limit`.
     pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<BTreeMap<String, String>>, BrokerError> {
         let mut conn = self.connection();
