@@ -25,6 +25,9 @@ pub(crate) struct RawWorker {
     #[serde(with = "humantime_serde")]
     pub cdn_wait: Duration,
     pub workflow_id: String,
+    pub quarantine_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub quarantine_cooldown: Duration,
     pub customer_access: RawCustomerAccess,
     pub retry_delay: RawRetryDelay,
     #[serde(default)]
@@ -91,6 +94,13 @@ pub struct WorkerConfig {
     pub cdn_wait: Duration,
     /// When non-empty, workers only take jobs of this workflow.
     pub workflow_id: String,
+    /// A worker whose last this many jobs all failed for the machine's reasons (not the
+    /// job's) stops claiming for a cool-down; 0 never quarantines.
+    pub quarantine_after: u32,
+    /// The first cool-down of a quarantine; it doubles per repeat (up to 16 times this) until a
+    /// job completes.
+    #[serde(with = "humantime_serde")]
+    pub quarantine_cooldown: Duration,
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
     /// How long a retryable failure waits before its job can be claimed again.
@@ -193,6 +203,12 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
             "must be more than 0 and at most a third of worker.lease, so one lost renewal never loses the job",
         );
     }
+    if raw.quarantine_after > 0 && raw.quarantine_cooldown.is_zero() {
+        bad(
+            "worker.quarantine_cooldown",
+            "must be more than 0 (set quarantine_after = 0 to never quarantine)",
+        );
+    }
     if raw.job_timeout.is_zero() {
         bad("worker.job_timeout", "must be more than 0");
     }
@@ -244,6 +260,8 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         output_dir: workspace.join(raw.output_dir),
         cdn_wait: raw.cdn_wait,
         workflow_id: raw.workflow_id.trim().to_owned(),
+        quarantine_after: raw.quarantine_after,
+        quarantine_cooldown: raw.quarantine_cooldown,
         customer_access: CustomerAccess {
             isolation: raw.customer_access.isolation,
             allowed_customers: raw.customer_access.allowed_customers,

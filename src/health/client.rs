@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::fleet::{FleetMessage, Occupancy};
-use super::status::{Exit, HealthDocument, StatusDocument};
+use super::status::{Exit, HealthDocument, ReadyDocument, StatusDocument};
 
 /// Why a status read failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +77,40 @@ pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
 /// `--check`: `Ok(summary)` when `/health` answers 200, else the reason.
 pub async fn check(base: &str) -> Result<String, String> {
     let url = format!("{base}/health");
-    match fetch::<HealthDocument>(&url).await {
-        Ok(h) => Ok(format!("healthy: {} is {}", h.machine_id, h.phase.name())),
-        Err(ClientError::Answer { body, .. }) => Err(format!("unhealthy: {body}")),
-        Err(e) => Err(format!("unhealthy: {e}")),
+    let h = match fetch::<HealthDocument>(&url).await {
+        Ok(h) => h,
+        Err(ClientError::Answer { body, .. }) => return Err(format!("unhealthy: {body}")),
+        Err(e) => return Err(format!("unhealthy: {e}")),
+    };
+    // The same rule as /ready: healthy while at least one worker can claim (or while the
+    // machine is still starting, which /health already tells apart).
+    let ready = match fetch::<ReadyDocument>(&format!("{base}/ready")).await {
+        Ok(r) => r,
+        Err(ClientError::Answer { body, .. }) => match serde_json::from_str::<ReadyDocument>(&body) {
+            Ok(r) => r,
+            Err(_) => return Err(format!("unhealthy: {body}")),
+        },
+        Err(e) => return Err(format!("unhealthy: {e}")),
+    };
+    let why = |r: &ReadyDocument| {
+        r.not_claiming
+            .iter()
+            .map(|(w, reason)| format!("{w}: {reason}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if ready.ready || h.phase == super::Phase::Starting {
+        let mut line = format!("healthy: {} is {}", h.machine_id, h.phase.name());
+        if !ready.not_claiming.is_empty() {
+            line.push_str(&format!(" (not claiming: {})", why(&ready)));
+        }
+        Ok(line)
+    } else {
+        Err(format!(
+            "unhealthy: no worker of {} can claim: {}",
+            h.machine_id,
+            why(&ready)
+        ))
     }
 }
 
@@ -143,6 +173,17 @@ pub fn render(doc: &StatusDocument) -> String {
             gib(g.memory_total_bytes),
             or_dash(g.temperature_c.map(|t| format!("{t}C")))
         );
+        if let Some(reason) = &g.reason {
+            let _ = writeln!(out, "     FAULTED: {reason}");
+        }
+        if let Some(t) = &g.throttle {
+            let _ = writeln!(
+                out,
+                "     throttled for {}s: {}",
+                crate::clock::now_ms().saturating_sub(t.since_ms) / 1000,
+                t.reasons.join(", ")
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -26,6 +26,11 @@ pub struct JobLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
 }
@@ -80,6 +85,10 @@ struct Inner {
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
+    gpu_faulted: Family<GpuLabel, Gauge>,
+    gpu_throttled: Family<GpuLabel, Gauge>,
+    worker_quarantined: Family<WorkerLabel, Gauge>,
+    worker_held: Family<WorkerLabel, Gauge>,
     external_requests: Family<UsageLabels, Counter>,
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
@@ -194,6 +203,30 @@ impl Metrics {
             "Jobs this machine returned to the queue because a daily quota was used up",
             limit_quota_refusals.clone(),
         );
+        let gpu_faulted = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_faulted",
+            "1 while the GPU has a fatal fault (critical XID, double-bit ECC, lost); its worker does not claim",
+            gpu_faulted.clone(),
+        );
+        let gpu_throttled = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_throttled",
+            "1 while the GPU's clocks are thermally or power throttled",
+            gpu_throttled.clone(),
+        );
+        let worker_quarantined = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_quarantined",
+            "1 while the worker is quarantined after failures that were not its jobs' fault",
+            worker_quarantined.clone(),
+        );
+        let worker_held = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_held",
+            "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
+            worker_held.clone(),
+        );
         let model_downloads = Counter::default();
         registry.register(
             "model_downloads",
@@ -223,6 +256,10 @@ impl Metrics {
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
+                gpu_faulted,
+                gpu_throttled,
+                worker_quarantined,
+                worker_held,
                 external_requests,
                 external_tokens,
                 external_predict_seconds,
@@ -356,6 +393,32 @@ impl Metrics {
         if let Some(t) = gpu.temperature_c {
             self.inner.gpu_temperature.get_or_create(&label).set(i64::from(t));
         }
+    }
+
+    /// Sets a GPU's health (at scrape time).
+    pub fn set_gpu_health(&self, gpu: &crate::gpu::GpuHealth) {
+        let label = GpuLabel {
+            gpu: gpu.index.to_string(),
+        };
+        let i = &self.inner;
+        i.gpu_faulted
+            .get_or_create(&label)
+            .set(i64::from(gpu.health == crate::gpu::Condition::Faulted));
+        i.gpu_throttled
+            .get_or_create(&label)
+            .set(i64::from(gpu.throttle.is_some()));
+    }
+
+    /// Sets whether a worker is held, and whether by a quarantine (at scrape time).
+    pub fn set_worker_hold(&self, worker: &str, held: bool, quarantined: bool) {
+        let label = WorkerLabel {
+            worker: worker.to_owned(),
+        };
+        self.inner.worker_held.get_or_create(&label).set(i64::from(held));
+        self.inner
+            .worker_quarantined
+            .get_or_create(&label)
+            .set(i64::from(quarantined));
     }
 
     /// Sets the models store's counts (at scrape time); they only grow, and so do the counters.

@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::status::{HealthDocument, ReadyDocument, Verdict};
+use super::status::{HealthDocument, ReadyDocument, Verdict, WorkerStage};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -267,11 +267,25 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
     let phase = s.phase();
-    let ready = phase == Phase::Ready;
+    let workers = s.workers_document();
+    // Ready while at least one worker can claim (a machine without workers: by its phase);
+    // the workers that cannot are listed with why, whatever the answer.
+    let can_claim =
+        |w: &super::status::Worker| w.reason.is_none() && matches!(w.state, WorkerStage::Idle | WorkerStage::Busy);
+    let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+    let not_claiming = workers
+        .iter()
+        .filter(|w| !can_claim(w))
+        .map(|w| {
+            let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
+            (w.worker_id.clone(), why)
+        })
+        .collect();
     let body = ReadyDocument {
         ready,
         phase,
-        workers: s.workers_document(),
+        not_claiming,
+        workers,
     };
     let code = if ready {
         StatusCode::OK
@@ -298,6 +312,13 @@ async fn metrics(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respo
     }
     for gpu in s.probe.live() {
         s.metrics.set_gpu(&gpu);
+    }
+    for gpu in s.probe.health_now() {
+        s.metrics.set_gpu_health(&gpu);
+    }
+    for w in s.worker_statuses() {
+        let quarantined = w.held_by.contains(&crate::worker::hold::HoldKind::Quarantine);
+        s.metrics.set_worker_hold(&w.worker_id, w.hold.is_some(), quarantined);
     }
     for service in s.services.status() {
         s.metrics

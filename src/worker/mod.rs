@@ -13,6 +13,8 @@
 //! in exactly one outcome, live in [`runner`].
 
 pub mod capabilities;
+pub mod hold;
+pub mod quarantine;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +74,10 @@ pub struct Workers {
     workers: Vec<Worker>,
     /// The supervised services each worker waits for, by position.
     waits_for: Vec<Vec<String>>,
+    /// The GPU each worker runs on, by position.
+    gpus: Vec<Option<u32>>,
+    /// The GPUs' health, which holds a worker whose GPU faulted.
+    gpu_health: watch::Receiver<Vec<crate::gpu::GpuHealth>>,
     /// How often the broker's lease reaper runs.
     reap_every: Duration,
     reports: broadcast::Sender<JobReport>,
@@ -94,10 +100,15 @@ impl Workers {
             drain: config.worker.drain,
             job_timeout: config.worker.job_timeout,
         };
+        let quarantine = quarantine::QuarantinePolicy {
+            after: config.worker.quarantine_after,
+            cooldown: config.worker.quarantine_cooldown,
+        };
         let (reports, _) = broadcast::channel(1024);
         let models = model_store(config, plan, env)?;
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut waits_for = Vec::with_capacity(plan.workers.len());
+        let mut gpus = Vec::with_capacity(plan.workers.len());
         // One limiter per limited external API, shared by all of its workers on this machine
         // (the limits themselves are fleet-wide, in Redis).
         let limiters: BTreeMap<ConnectorKind, Arc<Limiter>> = [
@@ -137,13 +148,17 @@ impl Workers {
             }
             let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
             worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
+            worker.quarantine_on(quarantine);
             worker.report_to(reports.clone());
             workers.push(worker);
             waits_for.push(wp.waits_for.clone());
+            gpus.push(wp.gpu);
         }
         Ok(Workers {
             workers,
             waits_for,
+            gpus,
+            gpu_health: probe.health(),
             reap_every: config.worker.lease / 2,
             reports,
             limiters: limiters.into_values().collect(),
@@ -223,6 +238,18 @@ impl Workers {
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
         let mut tasks = tokio::task::JoinSet::new();
+        let follow_stop = CancellationToken::new();
+        let mut follows = Vec::new();
+        for (worker, gpu) in self.workers.iter().zip(&self.gpus) {
+            if let Some(index) = *gpu {
+                follows.push(tokio::spawn(hold::follow_gpu(
+                    index,
+                    self.gpu_health.clone(),
+                    worker.holds(),
+                    follow_stop.clone(),
+                )));
+            }
+        }
         for (mut worker, waits_for) in self.workers.into_iter().zip(self.waits_for) {
             worker.wait_for(waits_for.iter().filter_map(|s| readiness.get(s).cloned()).collect());
             let id = worker.id().to_owned();
@@ -245,6 +272,10 @@ impl Workers {
                     });
                 }
             }
+        }
+        follow_stop.cancel();
+        for f in follows {
+            let _ = f.await;
         }
         first_error.map_or(Ok(()), Err)
     }
