@@ -348,3 +348,34 @@ async fn ready_is_503_when_the_only_worker_s_service_crash_loops() {
         "{stdout}{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_gpu_is_faulted_and_ready_says_why() {
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nvml = testkit::fake_nvml::Control::new(dir.path().join("nvml-control"));
+    let m = start(dir.path(), "lost", &redis.url(), 1, &comfyui_toml(""), nvml.path(), &[]);
+    until_ready(m.port).await;
+    nvml.lose(0);
+    let ready = wait_until(Duration::from_secs(10), "/ready to refuse", || {
+        let (code, r) = futures_executor(get_json(m.port, "/ready"));
+        (code == 503).then_some(r)
+    });
+    let why = ready["not_claiming"]["lost-gpu0"].as_str().unwrap();
+    assert!(why.contains("GPU is lost"), "{ready}");
+    let (health, _) = http_get(m.port, "/health").await;
+    assert_eq!(health, 200, "the machine runs on; only its GPU is gone");
+    let (_, metrics) = http_get(m.port, "/metrics").await;
+    assert!(
+        metrics.contains("machine_worker_held{worker=\"lost-gpu0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("machine_worker_quarantined{worker=\"lost-gpu0\"} 0"),
+        "{metrics}"
+    );
+    let url = format!("http://127.0.0.1:{}", m.port);
+    let (out, stdout, stderr) = crate::support::run(machine().args(["status", "--url", &url]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("FAULTED: GPU is lost"), "{stdout}");
+}
