@@ -216,6 +216,15 @@ pub(super) fn monitor(nvml: &Nvml, board: &Board, poll: Duration, stop: &Cancell
         };
         let wanted = EventTypes::CRITICAL_XID_ERROR | EventTypes::DOUBLE_BIT_ECC_ERROR;
         let supported = device.supported_event_types().map_or(wanted, |s| s & wanted);
+        if supported.is_empty() {
+            // Registering nothing would fail and release the set the other GPUs need.
+            tracing::warn!(
+                gpu = index,
+                "this GPU reports no XID or ECC events: only its readings are watched"
+            );
+            events = Some(set);
+            continue;
+        }
         match device.register_events(supported, set) {
             Ok(set) => events = Some(set),
             Err(e) => {
