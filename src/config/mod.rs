@@ -30,4 +30,4 @@ pub use model::{
 };
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
 pub use validate::MAX_GPUS;
-pub use worker::{CustomerAccess, Isolation, OpenaiConfig, SimulationConfig, WorkerConfig};
+pub use worker::{CustomerAccess, Isolation, OpenaiConfig, Quarantine, SimulationConfig, WorkerConfig};

@@ -100,9 +100,17 @@ impl Workers {
             drain: config.worker.drain,
             job_timeout: config.worker.job_timeout,
         };
-        let quarantine = quarantine::QuarantinePolicy {
-            after: config.worker.quarantine_after,
-            cooldown: config.worker.quarantine_cooldown,
+        // A connector's own quarantine settings win, the first of the worker's in plan order.
+        let quarantine = |wp: &crate::plan::WorkerPlan| {
+            let (after, cooldown) = wp
+                .connectors
+                .iter()
+                .find_map(|c| config.worker.quarantine.get(&c.kind))
+                .map_or(
+                    (config.worker.quarantine_after, config.worker.quarantine_cooldown),
+                    |q| (q.after, q.cooldown),
+                );
+            quarantine::QuarantinePolicy { after, cooldown }
         };
         let (reports, _) = broadcast::channel(1024);
         let models = model_store(config, plan, env)?;
@@ -148,7 +156,7 @@ impl Workers {
             }
             let mut worker = Worker::new(caps, connectors, settings.clone(), store.clone());
             worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
-            worker.quarantine_on(quarantine);
+            worker.quarantine_on(quarantine(wp));
             worker.report_to(reports.clone());
             workers.push(worker);
             waits_for.push(wp.waits_for.clone());

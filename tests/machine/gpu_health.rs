@@ -244,7 +244,8 @@ async fn machine_failures_quarantine_a_worker_for_its_cool_down_and_invalid_work
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let nvml = testkit::fake_nvml::Control::new(dir.path().join("nvml-control"));
-    let toml = comfyui_toml("[worker]\nquarantine_after = 3\nquarantine_cooldown = \"3s\"\n");
+    // The connector's own setting wins over [worker]'s 3m.
+    let toml = comfyui_toml("[worker.quarantine.comfyui]\nafter = 3\ncooldown = \"3s\"\n");
     let m = start(dir.path(), "q", &url, 1, &toml, nvml.path(), &[]);
     until_ready(m.port).await;
 
