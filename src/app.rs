@@ -24,7 +24,12 @@
 //! How it ended is an [`Ended`], which the CLI maps to the exit code (beside its 2 for invalid
 //! configuration): 0 after a clean shutdown, 1 when a subsystem could not start (before any job
 //! is claimed, with the reason), 3 when a `critical` service failed, 4 when a second signal
-//! forced the shutdown.
+//! forced the shutdown, 5 when a GPU faulted and `gpu.on_fault = "exit"` (after the workers
+//! returned their jobs).
+//!
+//! Beside the workers, the GPU health monitor ([`crate::gpu::watch_health`]) runs from the
+//! start; a GPU that faults holds its worker (which returns its job), and once that worker is
+//! off the job its services are stopped, or the whole machine exits (`on_fault = "exit"`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -56,6 +61,8 @@ pub enum Ended {
     CriticalFailed,
     /// A second SIGTERM/SIGINT stopped everything at once.
     Forced,
+    /// A GPU faulted and `gpu.on_fault = "exit"` asked the fleet to replace the box.
+    GpuFault,
 }
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
@@ -236,6 +243,11 @@ async fn run_subsystems(
         "health",
         health::run(state.clone(), listener, control, server_stop.clone()),
     );
+    let gpu_watch = tokio::spawn(crate::gpu::watch_health(
+        probe.clone(),
+        config.gpu.health_poll,
+        server_stop.clone(),
+    ));
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
     // The workers scan their models only when they start, after this, so what the installers
@@ -281,6 +293,7 @@ async fn run_subsystems(
 
     server_stop.cancel();
     join("health", server).await;
+    join("gpu-health", gpu_watch).await;
     ended
 }
 
@@ -302,6 +315,7 @@ async fn run_services_and_workers(
     ),
 ) -> Ended {
     let handle = supervisor.handle();
+    let gpu_exit = CancellationToken::new();
     // The services outlive the workers: they stop only after the workers have drained.
     let services_stop = CancellationToken::new();
     let sup_task = tokio::spawn(supervisor.run(services_stop.clone(), force.clone()));
@@ -320,6 +334,15 @@ async fn run_services_and_workers(
         hup,
         reload_stop.clone(),
     ));
+    feeds.push(tokio::spawn(on_gpu_faults(
+        state.gpu_health(),
+        plan.clone(),
+        handle.clone(),
+        workers.statuses(),
+        config.gpu.on_fault,
+        gpu_exit.clone(),
+        feeds_stop.clone(),
+    )));
 
     let workers_stop = CancellationToken::new();
     let fleet_stop = CancellationToken::new();
@@ -383,6 +406,12 @@ async fn run_services_and_workers(
             tracing::error!(service = %name, "a critical service failed; shutting the machine down");
             shutdown.cancel();
         }
+        () = gpu_exit.cancelled() => {
+            tracing::error!("a GPU faulted and gpu.on_fault = \"exit\": returning every job and exiting");
+            // The box is to be replaced: no job waits out the drain on it.
+            force.cancel();
+            shutdown.cancel();
+        }
     }
 
     reload_stop.cancel();
@@ -442,12 +471,63 @@ async fn run_services_and_workers(
     for feed in feeds {
         join("feed", feed).await;
     }
-    if handle.critical_failed().is_some() {
+    if gpu_exit.is_cancelled() {
+        Ended::GpuFault
+    } else if handle.critical_failed().is_some() {
         Ended::CriticalFailed
     } else if force.is_cancelled() {
         Ended::Forced
     } else {
         Ended::Stopped
+    }
+}
+
+/// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
+/// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
+/// services that worker waits for, so nothing keeps using the broken GPU.
+async fn on_gpu_faults(
+    mut faults: watch::Receiver<Vec<crate::gpu::GpuHealth>>,
+    plan: Plan,
+    handle: SupervisorHandle,
+    statuses: Vec<(String, watch::Receiver<worker::WorkerStatus>)>,
+    on_fault: crate::config::OnFault,
+    exit: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut handled = BTreeSet::new();
+    loop {
+        let faulted: Vec<u32> = faults
+            .borrow_and_update()
+            .iter()
+            .filter(|g| g.health == crate::gpu::Condition::Faulted && !handled.contains(&g.index))
+            .map(|g| g.index)
+            .collect();
+        for index in faulted {
+            handled.insert(index);
+            if on_fault == crate::config::OnFault::Exit {
+                exit.cancel();
+                return;
+            }
+            for wp in plan.workers.iter().filter(|w| w.gpu == Some(index)) {
+                if let Some((_, status)) = statuses.iter().find(|(id, _)| *id == wp.id) {
+                    let mut status = status.clone();
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = status.wait_for(|s| s.current_job.is_none()) => {}
+                    }
+                }
+                for service in &wp.waits_for {
+                    tracing::warn!(gpu = index, service = %service, "stopping a service of the faulted GPU");
+                    if let Err(e) = handle.stop(service).await {
+                        tracing::warn!(service = %service, error = %error_chain(&e), "failed to stop a service of the faulted GPU");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = faults.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -18,6 +18,8 @@ const EXIT_INVALID: u8 = 2;
 const EXIT_CRITICAL: u8 = 3;
 /// Exit code of `machine run` when a second SIGTERM/SIGINT stopped everything at once.
 const EXIT_FORCED: u8 = 4;
+/// Exit code of `machine run` when a GPU faulted and `gpu.on_fault = "exit"`.
+const EXIT_GPU_FAULT: u8 = 5;
 
 /// How a command that ran to its end ended.
 #[derive(Debug)]
@@ -96,6 +98,7 @@ pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
         Ok(Outcome::Machine(Ended::FailedToStart)) => ExitCode::from(EXIT_FAILURE),
         Ok(Outcome::Machine(Ended::CriticalFailed)) => ExitCode::from(EXIT_CRITICAL),
         Ok(Outcome::Machine(Ended::Forced)) => ExitCode::from(EXIT_FORCED),
+        Ok(Outcome::Machine(Ended::GpuFault)) => ExitCode::from(EXIT_GPU_FAULT),
         Err(e) => {
             print_error(&e);
             if matches!(e, CliError::Config(_)) {

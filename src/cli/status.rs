@@ -9,7 +9,7 @@ use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome, print_error};
 use super::status_view::render;
 use crate::health::client;
-use crate::health::status::{HealthDocument, StatusDocument};
+use crate::health::status::{HealthDocument, ReadyDocument, StatusDocument};
 
 /// How often `--watch` refreshes.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -61,12 +61,46 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
     })?
 }
 
-/// `--check`: success when `/health` says ok; the verdict is printed either way.
+/// `--check`: success when `/health` says ok and, as `/ready` rules, at least one worker can
+/// claim (or the machine is still starting: a healthcheck must not fail a long install); the
+/// verdict is printed either way, with every worker that cannot claim and why.
 async fn check(target: &Target) -> Outcome {
     match target.get::<HealthDocument>("/health").await {
         Ok(h) => {
-            println!("healthy: {} is {}", h.machine_id, h.phase.name());
-            Outcome::Success
+            // `/ready` answers 503 with the same document when no worker can claim.
+            let ready = match target
+                .exchange(hyper::Method::GET, "/ready", std::time::Duration::from_secs(5))
+                .await
+            {
+                Ok((_, body)) => match serde_json::from_slice::<ReadyDocument>(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("unhealthy: /ready is not what this version reads: {e}");
+                        return Outcome::Failed;
+                    }
+                },
+                Err(e) => {
+                    println!("unhealthy: {}", crate::logging::error_chain(&e));
+                    return Outcome::Failed;
+                }
+            };
+            let why = ready
+                .not_claiming
+                .iter()
+                .map(|(w, reason)| format!("{w}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if ready.ready || h.phase == crate::health::Phase::Starting {
+                let mut line = format!("healthy: {} is {}", h.machine_id, h.phase.name());
+                if !why.is_empty() {
+                    line.push_str(&format!(" (not claiming: {why})"));
+                }
+                println!("{line}");
+                Outcome::Success
+            } else {
+                println!("unhealthy: no worker of {} can claim: {why}", h.machine_id);
+                Outcome::Failed
+            }
         }
         Err(MachineError::Refused { message, .. }) => {
             let why = serde_json::from_str::<HealthDocument>(&message).map_or(message, |h| {

@@ -45,8 +45,22 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         let _ = writeln!(out, "redis error: {e}");
     }
 
-    let mut gpus = table(width, &["GPU", "NAME", "UTIL", "MEMORY", "TEMP"]);
+    let mut gpus = table(width, &["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"]);
+    let now_ms = crate::clock::now_ms();
     for g in &doc.gpus {
+        let mut health = match (&g.health, &g.reason) {
+            (crate::gpu::Condition::Faulted, Some(reason)) => format!("FAULTED: {reason}"),
+            (crate::gpu::Condition::Faulted, None) => "FAULTED".to_owned(),
+            (crate::gpu::Condition::Ok, _) => "ok".to_owned(),
+        };
+        if let Some(t) = &g.throttle {
+            let _ = write!(
+                health,
+                "; throttled for {} ({})",
+                duration(Duration::from_millis(now_ms.saturating_sub(t.since_ms))),
+                t.reasons.join(", ")
+            );
+        }
         gpus.add_row(vec![
             g.index.to_string(),
             g.name.clone(),
@@ -57,10 +71,11 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
                 bytes(g.memory_total_bytes)
             ),
             or_dash(g.temperature_c.map(|t| format!("{t}°C"))),
+            health,
         ]);
     }
     if doc.gpus.is_empty() {
-        gpus.add_row(vec!["-", "(none: CPU mode)", "", "", ""]);
+        gpus.add_row(vec!["-", "(none: CPU mode)", "", "", "", ""]);
     }
     section(&mut out, &gpus);
 

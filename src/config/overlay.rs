@@ -38,6 +38,7 @@ const BINDINGS: &[(&str, &str, Kind)] = &[
     ("MACHINE_GPU_COUNT", "gpu.count", Kind::Integer),
     ("MACHINE_GPU_MEMORY_GB", "gpu.memory_gb", Kind::Float),
     ("MACHINE_GPU_MODEL", "gpu.model", Kind::Text),
+    ("MACHINE_GPU_ON_FAULT", "gpu.on_fault", Kind::Text),
     ("SERVICE_INSTALL_TIMEOUT", "install.timeout", Kind::Duration),
     ("INSTALL_CONCURRENCY", "install.concurrency", Kind::Integer),
     ("INSTALL_STRICT", "install.strict", Kind::Bool),

@@ -146,6 +146,9 @@ pub struct WorkerPresence {
     pub current_job_id: String,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity: u64,
+    /// Why it cannot claim (its GPU faulted, it is quarantined, ...), when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Whether a worker runs a job.
@@ -264,6 +267,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                     .and_then(|s| s.current_job.as_ref())
                     .map_or_else(String::new, |j| j.job_id.clone()),
                 last_activity: status.map_or(0, |s| s.last_activity_ms),
+                reason: status.and_then(|s| s.hold.clone()),
             },
         );
         for planned in &w.connectors {
@@ -274,7 +278,13 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 .endpoint
                 .as_ref()
                 .and_then(|e| services.iter().find(|s| s.name == e.service));
+            let held = status.is_some_and(|s| s.held_by.contains(&crate::worker::hold::HoldKind::GpuFault));
             let cond = match backing {
+                // A faulted GPU's services work for no one.
+                Some(service) if held => ServiceCondition {
+                    health: Health::Unhealthy,
+                    ..condition(service)
+                },
                 Some(service) => condition(service),
                 None if running => ServiceCondition {
                     status: Activity::Active,
@@ -424,6 +434,8 @@ mod tests {
             counts: JobCounts::default(),
             last_error: None,
             last_activity_ms: 1_750_000_000_000,
+            hold: None,
+            held_by: Vec::new(),
         }
     }
 

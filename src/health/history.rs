@@ -166,6 +166,7 @@ mod tests {
                     retryable: false,
                     requeued: false,
                     error: "boom".into(),
+                    blame: crate::worker::hold::Blame::Job,
                 },
                 250,
             ),
@@ -199,6 +200,11 @@ mod tests {
             memory_used_bytes: util.map(u64::from),
             utilization_percent: util,
             temperature_c: util,
+            health: crate::gpu::Condition::Ok,
+            reason: None,
+            last_xid: None,
+            throttle: None,
+            throttled_ms: 0,
         }
     }
 

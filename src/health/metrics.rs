@@ -34,13 +34,13 @@ pub struct JobLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceLabel {
-    service: String,
+struct WorkerLabel {
+    worker: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabel {
-    worker: String,
+struct ServiceLabel {
+    service: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +102,10 @@ struct Inner {
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
+    gpu_faulted: Family<GpuLabel, Gauge>,
+    gpu_throttled: Family<GpuLabel, Gauge>,
+    worker_quarantined: Family<WorkerLabel, Gauge>,
+    worker_held: Family<WorkerLabel, Gauge>,
     external_requests: Family<UsageLabels, Counter>,
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
@@ -243,6 +247,30 @@ impl Metrics {
             "Jobs this machine returned to the queue because a daily quota was used up",
             limit_quota_refusals.clone(),
         );
+        let gpu_faulted = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_faulted",
+            "1 while the GPU has a fatal fault (critical XID, double-bit ECC, lost); its worker does not claim",
+            gpu_faulted.clone(),
+        );
+        let gpu_throttled = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_throttled",
+            "1 while the GPU's clocks are thermally or power throttled",
+            gpu_throttled.clone(),
+        );
+        let worker_quarantined = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_quarantined",
+            "1 while the worker is quarantined after failures that were not its jobs' fault",
+            worker_quarantined.clone(),
+        );
+        let worker_held = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_held",
+            "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
+            worker_held.clone(),
+        );
         let model_downloads = Counter::default();
         registry.register(
             "model_downloads",
@@ -276,6 +304,10 @@ impl Metrics {
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
+                gpu_faulted,
+                gpu_throttled,
+                worker_quarantined,
+                worker_held,
                 external_requests,
                 external_tokens,
                 external_predict_seconds,
@@ -440,6 +472,32 @@ impl Metrics {
         }
     }
 
+    /// Sets a GPU's health (at scrape time).
+    pub fn set_gpu_health(&self, gpu: &crate::gpu::GpuHealth) {
+        let label = GpuLabel {
+            gpu: gpu.index.to_string(),
+        };
+        let i = &self.inner;
+        i.gpu_faulted
+            .get_or_create(&label)
+            .set(i64::from(gpu.health == crate::gpu::Condition::Faulted));
+        i.gpu_throttled
+            .get_or_create(&label)
+            .set(i64::from(gpu.throttle.is_some()));
+    }
+
+    /// Sets whether a worker is held, and whether by a quarantine (at scrape time).
+    pub fn set_worker_hold(&self, worker: &str, held: bool, quarantined: bool) {
+        let label = WorkerLabel {
+            worker: worker.to_owned(),
+        };
+        self.inner.worker_held.get_or_create(&label).set(i64::from(held));
+        self.inner
+            .worker_quarantined
+            .get_or_create(&label)
+            .set(i64::from(quarantined));
+    }
+
     /// Sets the models store's counts (at scrape time); they only grow, and so do the counters.
     pub fn set_models(&self, downloads: u64, bytes: u64, evictions: u64) {
         let i = &self.inner;
@@ -482,6 +540,9 @@ impl super::HealthState {
         for gpu in self.probe.live() {
             self.metrics.set_gpu(&gpu);
         }
+        for gpu in self.probe.health_now() {
+            self.metrics.set_gpu_health(&gpu);
+        }
         for service in self.services.status() {
             let up = service.state == crate::supervisor::ServiceState::Running && service.ready;
             self.metrics.set_service(&service.name, u64::from(service.restarts), up);
@@ -489,6 +550,11 @@ impl super::HealthState {
         let workers = self.worker_statuses();
         self.metrics
             .set_workers(workers.iter().map(|w| (w.worker_id.as_str(), w.current_job.is_some())));
+        for w in &workers {
+            let quarantined = w.held_by.contains(&crate::worker::hold::HoldKind::Quarantine);
+            self.metrics
+                .set_worker_hold(&w.worker_id, w.hold.is_some(), quarantined);
+        }
         if let Some(m) = &self.models {
             self.metrics
                 .set_models(m.downloads(), m.downloaded_bytes(), m.evictions());

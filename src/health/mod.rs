@@ -246,6 +246,11 @@ impl HealthState {
         self.reload.get().cloned()
     }
 
+    /// Follows the GPUs' health.
+    pub fn gpu_health(&self) -> watch::Receiver<Vec<crate::gpu::GpuHealth>> {
+        self.probe.health()
+    }
+
     /// The supervisor's handle.
     pub fn services(&self) -> &SupervisorHandle {
         &self.services
@@ -301,7 +306,8 @@ impl HealthState {
         });
         !installing
             && self.worker_statuses().iter().all(|w| {
-                matches!(w.state, WorkerState::Idle | WorkerState::Busy) || self.blocked_reason(w, &services).is_some()
+                matches!(w.state, WorkerState::Idle | WorkerState::Busy | WorkerState::Held)
+                    || self.blocked_reason(w, &services).is_some()
             })
     }
 
@@ -356,6 +362,7 @@ impl HealthState {
     /// The full status document served on `/status`.
     pub fn status_document(&self) -> StatusDocument {
         let live = self.probe.live();
+        let health = self.probe.health_now();
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
@@ -369,7 +376,13 @@ impl HealthState {
                 .probe
                 .gpus
                 .iter()
-                .map(|g| status::Gpu::new(g, live.iter().find(|l| l.index == g.index)))
+                .map(|g| {
+                    status::Gpu::new(
+                        g,
+                        live.iter().find(|l| l.index == g.index),
+                        health.iter().find(|h| h.index == g.index),
+                    )
+                })
                 .collect(),
             host: (&self.probe.host).into(),
             installs: self

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::control::ControlSocket;
 use super::events::Hub;
-use super::status::{HealthDocument, ReadyDocument, Verdict};
+use super::status::{HealthDocument, ReadyDocument, Verdict, WorkerStage};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -428,11 +428,25 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
     let phase = s.phase();
-    let ready = phase == Phase::Ready;
+    let workers = s.workers_document();
+    // Ready while at least one worker can claim (a machine without workers: by its phase);
+    // the workers that cannot are listed with why, whatever the answer.
+    let can_claim =
+        |w: &super::status::Worker| w.reason.is_none() && matches!(w.state, WorkerStage::Idle | WorkerStage::Busy);
+    let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+    let not_claiming = workers
+        .iter()
+        .filter(|w| !can_claim(w))
+        .map(|w| {
+            let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
+            (w.worker_id.clone(), why)
+        })
+        .collect();
     let body = ReadyDocument {
         ready,
         phase,
-        workers: s.workers_document(),
+        not_claiming,
+        workers,
     };
     let code = if ready {
         StatusCode::OK

@@ -19,6 +19,8 @@
 //! from Redis. The other workers run on untouched.
 
 pub mod capabilities;
+pub mod hold;
+pub mod quarantine;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -470,8 +472,27 @@ fn worker_for(
     }
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
     worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
+    worker.quarantine_on(quarantine_policy(wp, config));
+    if let Some(index) = wp.gpu {
+        // A fault of its GPU holds the worker (and returns its job).
+        worker.follow_gpu(index, probe.health());
+    }
     worker.report_to(kit.reports.clone());
     Ok(worker)
+}
+
+/// The worker's quarantine policy: a connector's own settings win, the first of the worker's in
+/// plan order, else the `[worker]` defaults.
+fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::QuarantinePolicy {
+    let (after, cooldown) = wp
+        .connectors
+        .iter()
+        .find_map(|c| config.worker.quarantine.get(&c.kind))
+        .map_or(
+            (config.worker.quarantine_after, config.worker.quarantine_cooldown),
+            |q| (q.after, q.cooldown),
+        );
+    quarantine::QuarantinePolicy { after, cooldown }
 }
 
 /// The broker options the configuration asks for.

@@ -24,6 +24,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::capabilities::ModelDirs;
+use super::hold::{Blame, HoldKind, Holds};
+use super::quarantine::{Quarantine, QuarantinePolicy};
 use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
@@ -43,6 +45,9 @@ pub enum WorkerState {
     Starting,
     /// Its services are not ready (starting, or crash-looping); it does not claim.
     WaitingForServices,
+    /// A hold keeps it from claiming (its GPU faulted, it is quarantined, ...); the status's
+    /// `reason` says which.
+    Held,
     /// Waiting for a job.
     Idle,
     /// Running a job.
@@ -98,6 +103,10 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity_ms: u64,
+    /// Why it must not claim now (its holds' reasons), when it must not.
+    pub hold: Option<String>,
+    /// The kinds of its holds.
+    pub held_by: Vec<HoldKind>,
 }
 
 /// How a job ended here.
@@ -110,6 +119,8 @@ pub enum JobOutcome {
     Failed {
         /// Whether the failure was retryable.
         retryable: bool,
+        /// Whose fault it was.
+        blame: Blame,
         /// Whether the broker re-queued it.
         requeued: bool,
         /// The reason written to the job.
@@ -162,6 +173,8 @@ enum Stop {
     Lost,
     Timeout,
     Shutdown,
+    /// A hold that returns the job (its GPU faulted).
+    Held,
 }
 
 /// A claimed job ready to run: its input and its checked output destination.
@@ -194,6 +207,11 @@ pub struct Worker {
     deferrals: Vec<Deferral>,
     /// Where its models live; `None` keeps `caps.models` as given.
     models: Option<ModelDirs>,
+    /// Why it must not claim now (see [`super::hold`]).
+    holds: Holds,
+    /// The GPU whose faults hold this worker, and their feed.
+    gpu_watch: Option<(u32, watch::Receiver<Vec<crate::gpu::GpuHealth>>)>,
+    quarantine: Quarantine,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -231,6 +249,8 @@ impl Worker {
             counts: JobCounts::default(),
             last_error: None,
             last_activity_ms: crate::clock::now_ms(),
+            hold: None,
+            held_by: Vec::new(),
         });
         Worker {
             caps,
@@ -243,7 +263,29 @@ impl Worker {
             force: CancellationToken::new(),
             deferrals: Vec::new(),
             models: None,
+            holds: Holds::new(),
+            gpu_watch: None,
+            quarantine: Quarantine::new(QuarantinePolicy {
+                after: 0,
+                cooldown: Duration::ZERO,
+            }),
         }
+    }
+
+    /// Quarantines the worker by `policy` (a new worker never does).
+    pub fn quarantine_on(&mut self, policy: QuarantinePolicy) {
+        self.quarantine = Quarantine::new(policy);
+    }
+
+    /// The worker's holds, for the sources that hold it (its GPU's health, upkeep).
+    /// Holds the worker while GPU `index` is faulted, as `health` reports it; followed for as
+    /// long as the worker runs.
+    pub fn follow_gpu(&mut self, index: u32, health: watch::Receiver<Vec<crate::gpu::GpuHealth>>) {
+        self.gpu_watch = Some((index, health));
+    }
+
+    pub fn holds(&self) -> Holds {
+        self.holds.clone()
     }
 
     /// Advertises the models found in `dirs`: scanned when the worker starts (after the
@@ -349,6 +391,15 @@ impl Worker {
     /// has been completed, failed or returned.
     pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
         let mut backoff = RedisBackoff::default();
+        // Aborted when the worker's run ends, whichever way.
+        let _gpu_follow = self.gpu_watch.take().map(|(index, health)| {
+            AbortOnDrop(tokio::spawn(super::hold::follow_gpu(
+                index,
+                health,
+                self.holds(),
+                CancellationToken::new(),
+            )))
+        });
         // The models are scanned now, not when the worker was built: the installers ran since,
         // and what they downloaded on this boot belongs in the capabilities it registers with.
         if let Some(models) = self.scan_models().await {
@@ -374,7 +425,24 @@ impl Worker {
             self.caps.worker_id.clone(),
             self.settings.heartbeat,
         )));
+        let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
         while !shutdown.is_cancelled() {
+            if self.quarantine.until(Instant::now()).is_none() {
+                self.holds.clear(HoldKind::Quarantine);
+            }
+            if let Some(reason) = self.holds.reason() {
+                self.set_state(WorkerState::Held);
+                tracing::warn!(worker = %self.id(), %reason, "not claiming");
+                let until = self.quarantine.until(Instant::now());
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.holds.released() => {}
+                    () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
+                        tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
+                    }
+                }
+                continue;
+            }
             if !self.all_ready() {
                 self.set_state(WorkerState::WaitingForServices);
                 tracing::info!(worker = %self.id(), "waiting for its services to be ready");
@@ -406,7 +474,8 @@ impl Worker {
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
-                    self.run_job(&broker, job, &shutdown).await;
+                    let outcome = self.run_job(&broker, job, &shutdown).await;
+                    self.judge(&outcome);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -419,6 +488,7 @@ impl Worker {
         let mut heartbeats = heartbeats;
         heartbeats.0.abort();
         let _ = (&mut heartbeats.0).await;
+        drop(mirror);
         self.set_state(WorkerState::Stopped);
         Ok(())
     }
@@ -447,9 +517,12 @@ impl Worker {
         let follows_models = self.models.is_some();
         let rescan = tokio::time::sleep(MODELS_RESCAN);
         tokio::pin!(rescan);
+        let held = self.holds.held();
+        tokio::pin!(held);
         loop {
             tokio::select! {
                 r = &mut claim => return r,
+                () = &mut held, if !stop.is_cancelled() => stop.cancel(),
                 () = &mut unready, if !stop.is_cancelled() => {
                     tracing::warn!(worker = %self.caps.worker_id, "a service stopped being ready; not claiming");
                     stop.cancel();
@@ -542,7 +615,22 @@ impl Worker {
         Ok(Prepared { input: job, target })
     }
 
-    async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) {
+    /// Counts a finished job towards the worker's quarantine, and holds the worker when it
+    /// starts one.
+    fn judge(&mut self, outcome: &JobOutcome) {
+        match outcome {
+            JobOutcome::Completed => self.quarantine.completed(),
+            JobOutcome::Failed { blame, error, .. } => {
+                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, error, Instant::now()) {
+                    tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
+                    self.holds.set(HoldKind::Quarantine, reason);
+                }
+            }
+            JobOutcome::Returned | JobOutcome::Cancelled | JobOutcome::Lost => {}
+        }
+    }
+
+    async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
         let claimed_at = Instant::now();
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
@@ -611,12 +699,13 @@ impl Worker {
                 worker_id: self.caps.worker_id.clone(),
                 job_id: claimed.id.clone(),
                 service: claimed.service.clone(),
-                outcome,
+                outcome: outcome.clone(),
                 run,
                 total,
                 billing,
             });
         }
+        outcome
     }
 
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
@@ -699,6 +788,11 @@ impl Worker {
                     stop = Some(Stop::Shutdown);
                     job_cancel.cancel();
                 }
+                reason = self.holds.returning_job(), if stop.is_none() => {
+                    tracing::warn!(job_id = %claimed.id, %reason, "returning the job: its worker cannot go on");
+                    stop = Some(Stop::Held);
+                    job_cancel.cancel();
+                }
                 () = self.force.cancelled(), if stop.is_none() => {
                     tracing::info!(job_id = %claimed.id, "forced shutdown: returning the job now");
                     stop = Some(Stop::Shutdown);
@@ -716,10 +810,12 @@ impl Worker {
                 billing = Billing::from_result(&output.data);
                 self.write_success(broker, claimed, target, output, shutdown).await
             }
-            (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
-                Ok(()) => JobOutcome::Returned,
-                Err(not) => self.not_written(not),
-            },
+            (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
+            }
             (Some(Stop::Timeout), Err(_)) => {
                 let e = ConnectorError::Timeout(timeout);
                 self.write_failure(broker, claimed, &e, shutdown).await
@@ -767,6 +863,7 @@ impl Worker {
         match self.write(shutdown, || broker.fail(claimed, &error, retryable)).await {
             Ok(o) => JobOutcome::Failed {
                 retryable,
+                blame: Blame::of(e),
                 requeued: o == FailOutcome::Retried,
                 error,
             },
@@ -884,6 +981,29 @@ async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc
                 return;
             }
             Err(e) => tracing::warn!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Shows the worker's holds as its status's `hold`, as they change.
+async fn mirror_holds(
+    mut holds: watch::Receiver<BTreeMap<HoldKind, String>>,
+    status: Arc<watch::Sender<WorkerStatus>>,
+) {
+    loop {
+        let (reason, kinds) = {
+            let h = holds.borrow_and_update();
+            let reason = (!h.is_empty()).then(|| h.values().cloned().collect::<Vec<_>>().join("; "));
+            (reason, h.keys().copied().collect::<Vec<_>>())
+        };
+        status.send_if_modified(|s| {
+            let changed = s.hold != reason || s.held_by != kinds;
+            s.hold.clone_from(&reason);
+            s.held_by.clone_from(&kinds);
+            changed
+        });
+        if holds.changed().await.is_err() {
+            return;
         }
     }
 }

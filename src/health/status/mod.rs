@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use super::Phase;
 use super::fleet::FleetMessage;
-use crate::gpu::{GpuInfo, GpuLive, HostInfo};
+use crate::gpu::health::Throttle;
+use crate::gpu::{Condition, GpuHealth, GpuInfo, GpuLive, HostInfo};
 use crate::installers::InstallState;
 
 pub use board::{Counts, Exit, Job, Service, ServiceStage, Worker, WorkerStage};
@@ -82,11 +83,30 @@ pub struct Gpu {
     pub utilization_percent: Option<u32>,
     /// Core temperature now, in °C.
     pub temperature_c: Option<u32>,
+    /// `ok`, or `faulted` (its worker does not claim).
+    #[serde(default = "ok")]
+    pub health: Condition,
+    /// What faulted it (`XID 79: GPU has fallen off the bus`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The last critical XID NVML reported, fatal or not.
+    #[serde(default)]
+    pub last_xid: Option<u64>,
+    /// Its thermal or power throttling now, with since when.
+    #[serde(default)]
+    pub throttle: Option<Throttle>,
+    /// Milliseconds spent throttled in episodes that ended.
+    #[serde(default)]
+    pub throttled_ms: u64,
+}
+
+fn ok() -> Condition {
+    Condition::Ok
 }
 
 impl Gpu {
-    /// The probe's facts about `gpu` with its live reading, when there is one.
-    pub fn new(gpu: &GpuInfo, live: Option<&GpuLive>) -> Gpu {
+    /// The probe's facts about `gpu` with its live reading and its health, when known.
+    pub fn new(gpu: &GpuInfo, live: Option<&GpuLive>, health: Option<&GpuHealth>) -> Gpu {
         Gpu {
             index: gpu.index,
             name: gpu.name.clone(),
@@ -95,6 +115,11 @@ impl Gpu {
             memory_used_bytes: live.and_then(|l| l.memory_used_bytes),
             utilization_percent: live.and_then(|l| l.utilization_percent),
             temperature_c: live.and_then(|l| l.temperature_c),
+            health: health.map_or(Condition::Ok, |h| h.health),
+            reason: health.and_then(|h| h.reason.clone()),
+            last_xid: health.and_then(|h| h.last_xid),
+            throttle: health.and_then(|h| h.throttle.clone()),
+            throttled_ms: health.map_or(0, |h| h.throttled_ms),
         }
     }
 }
@@ -249,13 +274,16 @@ pub struct FleetDocument {
     pub machines: Vec<FleetMessage>,
 }
 
-/// `/ready`: whether every worker claims, and the workers.
+/// `/ready`: whether the machine takes jobs, which workers cannot and why, and the workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadyDocument {
-    /// The phase is `ready`.
+    /// The phase is `ready` and at least one worker can claim (answered with 200, else 503).
     pub ready: bool,
     /// The machine's phase.
     pub phase: Phase,
+    /// Every worker that cannot claim now, with why (also when `ready`).
+    #[serde(default)]
+    pub not_claiming: BTreeMap<String, String>,
     /// The workers, as in `/status`.
     pub workers: Vec<Worker>,
 }
@@ -305,6 +333,11 @@ pub(crate) fn sample() -> StatusDocument {
             memory_used_bytes: Some(1 << 30),
             utilization_percent: Some(50),
             temperature_c: Some(60),
+            health: Condition::Ok,
+            reason: None,
+            last_xid: None,
+            throttle: None,
+            throttled_ms: 0,
         }],
         host: Host {
             cpu_cores: 8,
