@@ -627,7 +627,7 @@ fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHa
 /// into the metrics; a sample that fails keeps the last figures.
 fn spawn_queue_feed(
     state: &Arc<HealthState>,
-    broker: crate::matcher::Broker,
+    broker: crate::broker::Broker,
     services: Vec<String>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use super::connect::MachineError;
 use crate::app::Ended;
+use crate::broker::BrokerError;
 use crate::config::ConfigError;
 use crate::health::client::ClientError;
-use crate::matcher::BrokerError;
 
 /// Exit code of a runtime failure.
 const EXIT_FAILURE: u8 = 1;

@@ -12,10 +12,10 @@ use serde_json::Value;
 use super::args::{JobStatus, JobsCommand, RedisArgs};
 use super::commands::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
-use crate::config::RedisUrl;
-use crate::matcher::{
+use crate::broker::{
     Broker, BrokerOptions, CANCEL_ERROR, CancelOutcome, Capabilities, JobView, LeaseStatus, NewJob, Requirements,
 };
+use crate::config::RedisUrl;
 
 /// Runs `machine jobs <command>`.
 pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<RedisUrl>) -> Result<Outcome, CliError> {

@@ -118,7 +118,7 @@ pub struct WorkerConfig {
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
     /// How long a retryable failure waits before its job can be claimed again.
-    pub retry_delay: crate::matcher::RetryDelay,
+    pub retry_delay: crate::broker::RetryDelay,
     /// Custom capabilities merged into every worker's capabilities JSON.
     pub capabilities: serde_json::Map<String, serde_json::Value>,
 }
@@ -305,7 +305,7 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
             allowed_customers: raw.customer_access.allowed_customers,
             denied_customers: raw.customer_access.denied_customers,
         },
-        retry_delay: crate::matcher::RetryDelay {
+        retry_delay: crate::broker::RetryDelay {
             initial: raw.retry_delay.initial,
             factor: raw.retry_delay.factor,
             max: raw.retry_delay.max,

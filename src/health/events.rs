@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::fleet::FleetMessage;
 use super::status::FleetDocument;
 use super::{HealthState, StatusDocument};
-use crate::matcher::BrokerError;
+use crate::broker::BrokerError;
 
 /// The most event streams open at once.
 pub const MAX_STREAMS: usize = 32;

@@ -16,8 +16,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{HealthState, Phase};
+use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::matcher::Broker;
 use crate::plan::WorkerKind;
 use crate::supervisor::{ServiceState, ServiceStatus};
 use crate::worker::{WorkerState, WorkerStatus};

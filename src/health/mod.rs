@@ -33,10 +33,10 @@ pub use status::{RedisStatus, StatusDocument};
 
 use tokio::sync::watch;
 
+use crate::broker::Broker;
 use crate::config::{Config, HealthAccess, Secret};
 use crate::gpu::Probe;
 use crate::installers::InstallStates;
-use crate::matcher::Broker;
 use crate::plan::Plan;
 use crate::supervisor::{ServiceStatus, SupervisorHandle};
 use crate::worker::{WorkerState, WorkerStatus};

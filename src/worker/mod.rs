@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Broker;
 use crate::config::{Config, ConnectorKind, Env};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
@@ -42,7 +43,6 @@ use crate::connectors::runpod::RunpodConnector;
 use crate::connectors::simulation::SimulationConnector;
 use crate::connectors::store::{OutputStore, StoreOptions};
 use crate::gpu::Probe;
-use crate::matcher::Broker;
 use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
 
@@ -496,11 +496,11 @@ fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::Quarantine
 }
 
 /// The broker options the configuration asks for.
-pub fn broker_options(config: &Config) -> crate::matcher::BrokerOptions {
-    crate::matcher::BrokerOptions {
+pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
+    crate::broker::BrokerOptions {
         lease: config.worker.lease,
         retry_delay: config.worker.retry_delay,
-        ..crate::matcher::BrokerOptions::default()
+        ..crate::broker::BrokerOptions::default()
     }
 }
 
@@ -521,7 +521,7 @@ pub async fn connect_broker(
         let attempt = async {
             let broker = Broker::connect(&url, opts.clone()).await?;
             broker.ensure_functions().await?;
-            Ok::<_, crate::matcher::BrokerError>(broker)
+            Ok::<_, crate::broker::BrokerError>(broker)
         };
         match attempt.await {
             Ok(b) => return Some(b),

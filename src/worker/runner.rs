@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 use super::capabilities::ModelDirs;
 use super::hold::{Blame, HoldKind, Holds};
 use super::quarantine::{Quarantine, QuarantinePolicy};
+use crate::broker::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
-use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 
 /// How often an idle worker rescans its models folders, so that models arriving or leaving
 /// (a download, an eviction, an operator) reach its advertised capabilities.

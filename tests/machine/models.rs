@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, NewJob};
 use machine::config::{self, RedisUrl};
 use machine::gpu::{HostInfo, Probe};
-use machine::matcher::{Broker, BrokerOptions, NewJob};
 use machine::plan::Plan;
 use machine::worker::{Readiness, Workers};
 use redis::AsyncCommands;
@@ -103,7 +103,7 @@ async fn capabilities_follow_the_models_on_disk() {
         job.requirements = json!({"models": ["fresh"]}).to_string();
         let id = broker.submit(&job).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let status = |j: Option<machine::matcher::JobView>| j.unwrap().job["status"].clone();
+        let status = |j: Option<machine::broker::JobView>| j.unwrap().job["status"].clone();
         assert_eq!(status(broker.show(&id).await.unwrap()), "pending");
         std::fs::write(models.join("checkpoints/fresh.safetensors"), b"weights").unwrap();
         wait_for("the job requiring the new model to complete", async || {
@@ -399,12 +399,12 @@ async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
         let url = RedisUrl::parse(&server.url()).unwrap();
         let broker = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
         broker.ensure_functions().await.unwrap();
-        let mut warm = machine::matcher::Capabilities::new("warm", "m1", &["comfyui"]);
+        let mut warm = machine::broker::Capabilities::new("warm", "m1", &["comfyui"]);
         warm.models
             .insert("comfyui".to_owned(), vec!["detail.safetensors".to_owned()]);
-        let mut cold = machine::matcher::Capabilities::new("cold", "m2", &["comfyui"]);
+        let mut cold = machine::broker::Capabilities::new("cold", "m2", &["comfyui"]);
         cold.custom.insert("models_on_demand_after_ms".to_owned(), json!(400));
-        let plain = machine::matcher::Capabilities::new("plain", "m3", &["comfyui"]);
+        let plain = machine::broker::Capabilities::new("plain", "m3", &["comfyui"]);
         let needs = || {
             let mut j = NewJob::new("comfyui", json!({}));
             j.requirements = json!({"models": ["detail.safetensors"]}).to_string();

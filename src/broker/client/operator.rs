@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::reply::Reply;
 use super::{Broker, redis_err};
-use crate::matcher::reference::{PendingJob, job_matches};
-use crate::matcher::{BrokerError, CANCEL_ERROR};
+use crate::broker::reference::{PendingJob, job_matches};
+use crate::broker::{BrokerError, CANCEL_ERROR};
 
 /// What cancelling a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use std::time::SystemTime;
 use redis::cmd;
 
 use super::{Broker, redis_err};
+use crate::broker::BrokerError;
+use crate::broker::capabilities::Capabilities;
 use crate::clock::now_ms;
-use crate::matcher::BrokerError;
-use crate::matcher::capabilities::Capabilities;
 /// How long the stored copy of a machine's status message lives without a refresh: the API's
 /// disconnect threshold.
 const MACHINE_STATUS_TTL_SECS: u64 = 30;
