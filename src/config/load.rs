@@ -375,10 +375,7 @@ restrat = "always"
     fn every_variable_the_machine_reads_is_known() {
         // Each variable of the machine's prefixes that it reads somewhere, set together: none
         // may be warned about as unknown.
-        let mut vars: Vec<(&str, &str)> = super::super::overlay::variables()
-            .into_iter()
-            .map(|(var, _)| (var, ""))
-            .collect();
+        let mut vars: Vec<(&str, &str)> = variables().into_iter().map(|(var, _)| (var, "")).collect();
         vars.extend([
             ("MACHINE_CONFIG", ""),
             ("COMFYUI_MODELS_CATALOGUE_TOKEN", ""),
@@ -393,7 +390,7 @@ restrat = "always"
             })
             .copied()
             .collect();
-        let warned = super::super::env::unknown_variables(&env(&set));
+        let warned = env::unknown_variables(&env(&set));
         assert!(warned.is_empty(), "{warned:?}");
     }
 
