@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::RedisUrl;
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use testkit::RedisServer;

@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::RedisUrl;
 use machine::connectors::comfyui::ComfyuiConnector;
 use machine::connectors::store::OutputStore;
 use machine::connectors::{Connector, Job, ProgressSink};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::worker::{JobOutcome, Worker, WorkerSettings};
 use serde_json::json;
 use testkit::{FakeComfyui, RedisServer};

@@ -7,6 +7,8 @@
 #   object-store servers     Azurite (npm `azurite`), moto's S3 server (PyPI `moto[server]`) and
 #                            `gcp-storage-emulator` (PyPI), with the providers' Python SDKs
 #                            (`azure-storage-blob`, `boto3`) the tests read the objects back with
+#   promtool                 `promtool check metrics` on the machine's /metrics (Debian's
+#                            `prometheus` package ships it)
 # Idempotent: with everything present it changes nothing and needs no network.
 set -eu
 
@@ -24,6 +26,7 @@ for c in /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome /usr
     [ -x "$c" ] && chromium_found="$c" && break
 done
 [ -n "$chromium_found" ] || missing="$missing chromium"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 
 node_major() {
     node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0
@@ -68,7 +71,7 @@ install_object_stores() {
 if [ -z "$missing" ]; then
     check_node
     install_object_stores
-    echo "test-deps: git, python3 (venv), node, npm and chromium ($chromium_found) are present"
+    echo "test-deps: git, python3 (venv), node, npm, promtool and chromium ($chromium_found) are present"
     exit 0
 fi
 

@@ -10,24 +10,33 @@
 //!
 //! Stop: workers stop claiming and drain (a job that does not finish within the drain period is
 //! returned to the queue) while their services still run → the supervisor stops the services
-//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`) →
+//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`; in
+//! local mode before the services stop, as its Redis is one of them) →
 //! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
 //! health server stops.
+//!
+//! While it runs, a reload (SIGHUP, `POST /reload`, `machine reload`) changes the services and
+//! workers in place; see [`crate::reload`].
 //!
 //! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
 //! leftovers are SIGKILLed, and the machine exits within a second.
 //!
-//! Exit codes (beside the CLI's 2 for invalid configuration): 0 after a clean shutdown, 1 when a
-//! subsystem could not start (before any job is claimed, with the reason), 3 when a `critical`
-//! service failed, 4 when a second signal forced the shutdown.
+//! How it ended is an [`Ended`], which the CLI maps to the exit code (beside its 2 for invalid
+//! configuration): 0 after a clean shutdown, 1 when a subsystem could not start (before any job
+//! is claimed, with the reason), 3 when a `critical` service failed, 4 when a second signal
+//! forced the shutdown, 5 when a GPU faulted and `gpu.on_fault = "exit"` (after the workers
+//! returned their jobs).
+//!
+//! Beside the workers, the GPU health monitor ([`crate::gpu::watch_health`]) runs from the
+//! start; a GPU that faults holds its worker (which returns its job), and once that worker is
+//! off the job its services are stopped, or the whole machine exits (`on_fault = "exit"`).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,10 +49,21 @@ use crate::plan::Plan;
 use crate::supervisor::{self, ServiceState, ServicesWatch, Signals, Supervisor, SupervisorHandle};
 use crate::worker::{self, JobOutcome, Readiness, Workers};
 
-/// Exit code when a `critical` service failed and took the machine down.
-pub const EXIT_CRITICAL: u8 = 3;
-/// Exit code when a second SIGTERM/SIGINT stopped everything at once.
-pub const EXIT_FORCED: u8 = 4;
+/// How `machine run` ended; the CLI maps it to the exit code (`cli/exit.rs`). The reason for a
+/// failure has been logged by then, through the machine's log (text or JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A clean shutdown.
+    Stopped,
+    /// A subsystem could not start (before any job was claimed).
+    FailedToStart,
+    /// A `critical` service failed and took the machine down.
+    CriticalFailed,
+    /// A second SIGTERM/SIGINT stopped everything at once.
+    Forced,
+    /// A GPU faulted and `gpu.on_fault = "exit"` asked the fleet to replace the box.
+    GpuFault,
+}
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
@@ -88,7 +108,8 @@ pub enum StartError {
 }
 
 /// Runs the machine until it is asked to stop.
-pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
+/// `path` is the configuration file, read again at each reload.
+pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> Ended {
     tracing::info!(
         machine_id = %config.machine_id,
         gpus = probe.gpus.len(),
@@ -120,7 +141,7 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         Ok(started) => started,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
 
@@ -128,17 +149,22 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let finished = CancellationToken::new();
-    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone()));
+    let hup = Arc::new(Notify::new());
+    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone(), hup.clone()));
     let reaper_stop = CancellationToken::new();
     let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let code = run_subsystems(&config, probe, &plan, listener, &shutdown, &force).await;
+    let reload = ReloadInputs {
+        path: path.map(Path::to_path_buf),
+        hup,
+    };
+    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force, reload).await;
 
     supervisor::sweep(if force.is_cancelled() {
         Duration::ZERO
@@ -155,7 +181,13 @@ pub async fn run(config: Config, probe: Probe, plan: Plan) -> ExitCode {
     finished.cancel();
     let _ = signal_task.await;
     tracing::info!("machine stopped");
-    code
+    ended
+}
+
+/// What the reloader needs from `run`: the configuration file and the SIGHUP requests.
+struct ReloadInputs {
+    path: Option<PathBuf>,
+    hup: Arc<Notify>,
 }
 
 /// Everything between the signal handlers and the final sweep.
@@ -166,14 +198,15 @@ async fn run_subsystems(
     listener: tokio::net::TcpListener,
     shutdown: &CancellationToken,
     force: &CancellationToken,
-) -> ExitCode {
+    reload: ReloadInputs,
+) -> Ended {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
     let supervisor = match Supervisor::new(services, &config.supervisor, &config.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let handle = supervisor.handle();
@@ -184,7 +217,7 @@ async fn run_subsystems(
         }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return Ended::FailedToStart;
         }
     };
     let tracker = Tracker::new();
@@ -197,12 +230,25 @@ async fn run_subsystems(
             workers: workers.statuses(),
             installs: tracker.subscribe(),
             models: workers.models(),
+            force: force.clone(),
         },
         shutdown.clone(),
     );
-    workers.keep_up(&keep_up(&handle, &state, probe), config, plan);
+    workers.keep_up(keep_up(&handle, &state, probe.clone()));
     let server_stop = CancellationToken::new();
-    let server = spawn_named("health", health::run(state.clone(), listener, server_stop.clone()));
+    // Without its socket the machine still runs; the commands then reach it on the health port.
+    let control = health::control::bind(&config.workspace)
+        .inspect_err(|e| tracing::error!("{}", error_chain(e)))
+        .ok();
+    let server = spawn_named(
+        "health",
+        health::run(state.clone(), listener, control, server_stop.clone()),
+    );
+    let gpu_watch = tokio::spawn(crate::gpu::watch_health(
+        probe.clone(),
+        config.gpu.health_poll,
+        server_stop.clone(),
+    ));
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
     // The workers scan their models only when they start, after this, so what the installers
@@ -211,20 +257,51 @@ async fn run_subsystems(
         r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
-    let code = match installed {
+    let ended = match installed {
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            ExitCode::FAILURE
+            Ended::FailedToStart
         }
-        Ok(()) if shutdown.is_cancelled() => ExitCode::SUCCESS,
-        Ok(()) => run_services_and_workers(config, plan, supervisor, workers, &state, shutdown, force).await,
+        Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
+        Ok(()) => {
+            let reloader = |services, pool, readiness| {
+                crate::reload::Reloader::new(crate::reload::Running {
+                    path: reload.path,
+                    config: config.clone(),
+                    plan: plan.clone(),
+                    probe,
+                    services,
+                    pool,
+                    readiness,
+                    state: state.clone(),
+                    tracker,
+                    shutdown: shutdown.clone(),
+                })
+            };
+            run_services_and_workers(
+                config,
+                plan,
+                supervisor,
+                workers,
+                &state,
+                shutdown,
+                force,
+                (reloader, reload.hup),
+            )
+            .await
+        }
     };
 
     server_stop.cancel();
     join("health", server).await;
-    code
+    join("gpu-health", gpu_watch).await;
+    ended
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the machine's parts, each used once, in one place"
+)]
 async fn run_services_and_workers(
     config: &Config,
     plan: &Plan,
@@ -233,8 +310,13 @@ async fn run_services_and_workers(
     state: &Arc<HealthState>,
     shutdown: &CancellationToken,
     force: &CancellationToken,
-) -> ExitCode {
+    (reloader, hup): (
+        impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> crate::reload::Reloader,
+        Arc<Notify>,
+    ),
+) -> Ended {
     let handle = supervisor.handle();
+    let gpu_exit = CancellationToken::new();
     // The services outlive the workers: they stop only after the workers have drained.
     let services_stop = CancellationToken::new();
     let sup_task = tokio::spawn(supervisor.run(services_stop.clone(), force.clone()));
@@ -242,13 +324,45 @@ async fn run_services_and_workers(
     let mut feeds = Vec::new();
     let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
     feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
-    feeds.push(spawn_limits_feed(state, workers.limiters(), feeds_stop.clone()));
+    feeds.push(spawn_limits_feed(state, workers.pool(), feeds_stop.clone()));
+    // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
+    let reload_stop = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
+    state.serve_reloads(reload_tx);
+    let reloads = tokio::spawn(crate::reload::serve(
+        reloader(handle.clone(), workers.pool(), readiness.clone()),
+        reload_rx,
+        hup,
+        reload_stop.clone(),
+    ));
+    feeds.push(tokio::spawn(on_gpu_faults(
+        state.gpu_health(),
+        plan.clone(),
+        handle.clone(),
+        workers.statuses(),
+        config.gpu.on_fault,
+        gpu_exit.clone(),
+        feeds_stop.clone(),
+    )));
 
     let workers_stop = CancellationToken::new();
     let fleet_stop = CancellationToken::new();
+    feeds.push(spawn_ready_line(state, feeds_stop.clone()));
     let jobs = {
-        let (config, state, workers_stop, fleet_stop) =
-            (config.clone(), state.clone(), workers_stop.clone(), fleet_stop.clone());
+        let (config, state, workers_stop, fleet_stop, feeds_stop) = (
+            config.clone(),
+            state.clone(),
+            workers_stop.clone(),
+            fleet_stop.clone(),
+            feeds_stop.clone(),
+        );
+        let job_services: Vec<String> = plan
+            .workers
+            .iter()
+            .flat_map(|w| w.job_services())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         tokio::spawn(async move {
             let failed = |error: &str| {
                 state.set_redis(|r| {
@@ -257,21 +371,18 @@ async fn run_services_and_workers(
                 });
             };
             let Some(broker) = worker::connect_broker(&config, &workers_stop, &failed).await else {
-                return (Ok(()), None);
+                return (Ok(()), None, None);
             };
             state.set_redis(|r| {
                 r.connected = true;
                 r.last_error = None;
             });
-            if let Ok(report) = broker.ensure_functions().await {
-                state.set_redis(|r| r.function_version = Some(report.version.clone()));
-            }
+            state.set_broker(broker.clone());
+            // `connect_broker` loaded the library, so Redis runs this binary's version.
+            state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
             let metrics = state.metrics().clone();
             broker.observe_claims(Arc::new(move |took, claimed| {
-                metrics.claim_duration(took.as_secs_f64());
-                if !claimed {
-                    metrics.match_miss();
-                }
+                metrics.claim(took.as_secs_f64(), claimed)
             }));
             let health_url = format!(
                 "http://{}:{}/health",
@@ -284,8 +395,9 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
+            let queue = spawn_queue_feed(&state, broker.clone(), job_services, feeds_stop);
             let result = workers.run(broker, &readiness, workers_stop).await;
-            (result, Some(fleet))
+            (result, Some(fleet), Some(queue))
         })
     };
 
@@ -295,8 +407,15 @@ async fn run_services_and_workers(
             tracing::error!(service = %name, "a critical service failed; shutting the machine down");
             shutdown.cancel();
         }
+        () = gpu_exit.cancelled() => {
+            tracing::error!("a GPU faulted and gpu.on_fault = \"exit\": returning every job and exiting");
+            // The box is to be replaced: no job waits out the drain on it.
+            force.cancel();
+            shutdown.cancel();
+        }
     }
 
+    reload_stop.cancel();
     workers_stop.cancel();
     // A second signal cuts the drain short: the workers return their jobs at once (see
     // `Workers::force_on`), and the machine waits for that only briefly.
@@ -309,26 +428,35 @@ async fn run_services_and_workers(
             } => Err(()),
         }
     };
-    let fleet = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
+    let (mut fleet, queue) = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
         Ok(Err(())) => {
             tracing::warn!("the workers did not return their jobs in time; their leases will");
-            None
+            (None, None)
         }
-        Ok(Ok(Ok((result, fleet)))) => {
+        Ok(Ok(Ok((result, fleet, queue)))) => {
             if let Err(e) = result {
                 tracing::error!("{}", error_chain(&e));
             }
-            fleet
+            (fleet, queue)
         }
         Ok(Ok(Err(e))) => {
             tracing::error!("the workers' task failed: {e}");
-            None
+            (None, None)
         }
         Err(_) => {
             tracing::error!("the workers did not stop within the drain period");
-            None
+            (None, None)
         }
     };
+    feeds.extend(queue);
+    // In local mode Redis is one of the services: the last fleet message goes out before it
+    // stops. Otherwise the last message comes after the services stopped, and shows them so.
+    if config.redis.is_none() {
+        fleet_stop.cancel();
+        if let Some(fleet) = fleet.take() {
+            join("fleet-status", fleet).await;
+        }
+    }
     services_stop.cancel();
     match sup_task.await {
         Ok(Ok(())) => {}
@@ -339,16 +467,68 @@ async fn run_services_and_workers(
     if let Some(fleet) = fleet {
         join("fleet-status", fleet).await;
     }
+    join("reload", reloads).await;
     feeds_stop.cancel();
     for feed in feeds {
         join("feed", feed).await;
     }
-    if handle.critical_failed().is_some() {
-        ExitCode::from(EXIT_CRITICAL)
+    if gpu_exit.is_cancelled() {
+        Ended::GpuFault
+    } else if handle.critical_failed().is_some() {
+        Ended::CriticalFailed
     } else if force.is_cancelled() {
-        ExitCode::from(EXIT_FORCED)
+        Ended::Forced
     } else {
-        ExitCode::SUCCESS
+        Ended::Stopped
+    }
+}
+
+/// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
+/// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
+/// services that worker waits for, so nothing keeps using the broken GPU.
+async fn on_gpu_faults(
+    mut faults: watch::Receiver<Vec<crate::gpu::GpuHealth>>,
+    plan: Plan,
+    handle: SupervisorHandle,
+    statuses: Vec<(String, watch::Receiver<worker::WorkerStatus>)>,
+    on_fault: crate::config::OnFault,
+    exit: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut handled = BTreeSet::new();
+    loop {
+        let faulted: Vec<u32> = faults
+            .borrow_and_update()
+            .iter()
+            .filter(|g| g.health == crate::gpu::Condition::Faulted && !handled.contains(&g.index))
+            .map(|g| g.index)
+            .collect();
+        for index in faulted {
+            handled.insert(index);
+            if on_fault == crate::config::OnFault::Exit {
+                exit.cancel();
+                return;
+            }
+            for wp in plan.workers.iter().filter(|w| w.gpu == Some(index)) {
+                if let Some((_, status)) = statuses.iter().find(|(id, _)| *id == wp.id) {
+                    let mut status = status.clone();
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = status.wait_for(|s| s.current_job.is_none()) => {}
+                    }
+                }
+                for service in &wp.waits_for {
+                    tracing::warn!(gpu = index, service = %service, "stopping a service of the faulted GPU");
+                    if let Err(e) = handle.stop(service).await {
+                        tracing::warn!(service = %service, error = %error_chain(&e), "failed to stop a service of the faulted GPU");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = faults.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -384,39 +564,44 @@ fn readiness(
     let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
-        let Ok(mut watch) = handle.watch(std::slice::from_ref(name)) else {
-            continue;
-        };
-        let (tx, rx) = watch::channel(serving(&watch));
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let _ = tx.send(serving(&watch));
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    changed = watch.changed() => if changed.is_err() { break },
-                }
-            }
-        }));
-        readiness.insert(name.clone(), rx);
+        if let Some((rx, task)) = readiness_feed(handle, name, stop) {
+            tasks.push(task);
+            readiness.insert(name.clone(), rx);
+        }
     }
     readiness
 }
 
+/// The readiness channel of one service and the task that feeds it, until `stop` or until the
+/// service is removed; `None` when the supervisor has no such service.
+pub(crate) fn readiness_feed(
+    handle: &SupervisorHandle,
+    name: &str,
+    stop: &CancellationToken,
+) -> Option<(watch::Receiver<bool>, JoinHandle<()>)> {
+    let mut watch = handle.watch(&[name.to_owned()]).ok()?;
+    let (tx, rx) = watch::channel(serving(&watch));
+    let stop = stop.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let _ = tx.send(serving(&watch));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                changed = watch.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+    Some((rx, task))
+}
+
 /// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
 /// the metrics, `/status` and the fleet status.
-fn spawn_limits_feed(
-    state: &Arc<HealthState>,
-    limiters: Vec<Arc<crate::connectors::limits::Limiter>>,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
+fn spawn_limits_feed(state: &Arc<HealthState>, pool: worker::WorkerPool, stop: CancellationToken) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
-        if limiters.is_empty() {
-            return;
-        }
         loop {
-            for limiter in &limiters {
+            // Read each round: a reload may add an API.
+            for limiter in &pool.limiters() {
                 let usage = limiter.usage().await.ok();
                 let stats = limiter.stats();
                 state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);
@@ -424,6 +609,61 @@ fn spawn_limits_feed(
                     limiter.api(),
                     serde_json::json!({ "today": usage, "this_machine": stats }),
                 );
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
+/// Logs once, when the machine first becomes ready, how long that took since it started.
+fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        // Readiness is derived from the installers', services' and workers' channels on every
+        // read; a short poll reads it without a second copy of that rule.
+        loop {
+            if state.phase() == health::Phase::Ready {
+                let took = crate::logging::started().elapsed();
+                tracing::info!(
+                    seconds = took.as_secs_f64(),
+                    "machine ready in {:.2}s",
+                    took.as_secs_f64()
+                );
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+}
+
+/// Every few seconds, reads from Redis how many jobs wait for each service the workers serve,
+/// into the metrics; a sample that fails keeps the last figures.
+fn spawn_queue_feed(
+    state: &Arc<HealthState>,
+    broker: crate::broker::Broker,
+    services: Vec<String>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let metrics = state.metrics().clone();
+    tokio::spawn(async move {
+        if services.is_empty() {
+            return;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await {
+                Ok(Ok(depths)) => {
+                    for (service, depth) in depths {
+                        metrics.set_queue_depth(&service, depth);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!("failed to sample the queue depth: {}", error_chain(&e)),
+                Err(_) => tracing::debug!("sampling the queue depth timed out"),
             }
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -441,13 +681,14 @@ fn serving(watch: &ServicesWatch) -> bool {
         .all(|s| s.state == ServiceState::Running && s.ready && s.live)
 }
 
-/// Records every finished job in the metrics.
+/// Records every finished job in the metrics and in the status page's recent jobs.
 fn spawn_metrics_feed(
     state: &Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
     tokio::spawn(async move {
         loop {
             let report = tokio::select! {
@@ -468,6 +709,7 @@ fn spawn_metrics_feed(
                 JobOutcome::Cancelled => "cancelled",
                 JobOutcome::Lost => "lost",
             };
+            state.record_job(&report);
             metrics.job(&report.service, "claimed");
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());

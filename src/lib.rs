@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod broker;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -16,8 +17,8 @@ pub mod gpu;
 pub mod health;
 pub mod installers;
 pub mod logging;
-pub mod matcher;
 pub mod models;
 pub mod plan;
+pub mod reload;
 pub mod supervisor;
 pub mod worker;

@@ -12,11 +12,15 @@
 //! connectors with the job services each one runs and, for a GPU-bound connector, the
 //! supervised service it talks to and that service's URL; the services each worker waits for;
 //! and the installers `machine run` runs before the services start.
+//!
+//! [`PlanDiff`] compares two plans (the running one and a reloaded one): which workers and
+//! services are added, removed, changed or kept. It is pure, so `machine reload` applies and
+//! `machine config check --diff` prints the same answer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::config::{
@@ -25,7 +29,7 @@ use crate::config::{
 use crate::gpu::Probe;
 
 /// What this machine runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     /// The machine id.
     pub machine_id: String,
@@ -36,13 +40,14 @@ pub struct Plan {
     /// Every supervised service: the connectors' and the user's.
     pub services: Vec<ServiceSpec>,
     /// The installers `machine run` runs before starting the services, in report order.
+    #[serde(skip_deserializing)]
     pub installers: Vec<&'static str>,
     /// Adjustments made while planning (counts capped, CPU mode), for the log.
     pub warnings: Vec<String>,
 }
 
 /// One worker: a task that claims and runs jobs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerPlan {
     /// Worker id in the fleet.
     pub id: String,
@@ -57,7 +62,7 @@ pub struct WorkerPlan {
 }
 
 /// One connector of a worker.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectorPlan {
     /// Which connector.
     pub kind: ConnectorKind,
@@ -69,17 +74,22 @@ pub struct ConnectorPlan {
 }
 
 /// Where a connector reaches its supervised service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     /// The service's name in the plan (`comfyui-gpu0`).
     pub service: String,
     /// Its base URL on the loopback interface.
-    #[serde(serialize_with = "as_str")]
+    #[serde(serialize_with = "as_str", deserialize_with = "from_str")]
     pub url: Url,
 }
 
 fn as_str<S: serde::Serializer>(url: &Url, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(url.as_str())
+}
+
+fn from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+    let s = String::deserialize(d)?;
+    Url::parse(&s).map_err(serde::de::Error::custom)
 }
 
 impl WorkerPlan {
@@ -99,7 +109,7 @@ impl WorkerPlan {
 }
 
 /// The kind of a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerKind {
     /// Owns one GPU.
@@ -232,6 +242,149 @@ impl Plan {
             }
         }
         order
+    }
+}
+
+/// What changes between a running plan and a new one, by name: the answer of a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDiff {
+    /// Workers by id.
+    pub workers: Changes,
+    /// Supervised services by name.
+    pub services: Changes,
+}
+
+/// Names sorted by what happens to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// In the new plan only: started.
+    pub added: Vec<String>,
+    /// In the running plan only: stopped.
+    pub removed: Vec<String>,
+    /// In both, but different: stopped (a worker drains first) and started again as planned.
+    pub changed: Vec<String>,
+    /// In both and the same: left running untouched.
+    pub kept: Vec<String>,
+}
+
+impl Changes {
+    /// Whether nothing is added, removed or changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl PlanDiff {
+    /// Compares `old` (running) with `new`. A worker counts as changed when its plan differs,
+    /// when one of the services it waits for changed (it must drain before its service
+    /// restarts, so that the service restarts between jobs), or when it runs a connector kind
+    /// in `touched` (connector settings that are not part of the plan changed, e.g. an API's
+    /// base URL or the simulation's timing). Lists follow the plans' order.
+    pub fn between(old: &Plan, new: &Plan, touched: &BTreeSet<ConnectorKind>) -> PlanDiff {
+        let mut services = Changes::default();
+        for s in &new.services {
+            match old.services.iter().find(|o| o.name == s.name) {
+                None => services.added.push(s.name.clone()),
+                Some(o) if o != s => services.changed.push(s.name.clone()),
+                Some(_) => services.kept.push(s.name.clone()),
+            }
+        }
+        services.removed = old
+            .services
+            .iter()
+            .filter(|o| !new.services.iter().any(|s| s.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        let mut workers = Changes::default();
+        for w in &new.workers {
+            match old.workers.iter().find(|o| o.id == w.id) {
+                None => workers.added.push(w.id.clone()),
+                Some(o)
+                    if o != w
+                        || w.waits_for.iter().any(|s| services.changed.contains(s))
+                        || w.connectors.iter().any(|c| touched.contains(&c.kind)) =>
+                {
+                    workers.changed.push(w.id.clone());
+                }
+                Some(_) => workers.kept.push(w.id.clone()),
+            }
+        }
+        workers.removed = old
+            .workers
+            .iter()
+            .filter(|o| !new.workers.iter().any(|w| w.id == o.id))
+            .map(|o| o.id.clone())
+            .collect();
+        PlanDiff { workers, services }
+    }
+
+    /// Whether applying the diff would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty() && self.services.is_empty()
+    }
+
+    /// The workers to drain and stop: the removed and the changed.
+    pub fn workers_to_stop(&self) -> Vec<&str> {
+        self.workers
+            .removed
+            .iter()
+            .chain(&self.workers.changed)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The workers to start from the new plan: the added and the changed, in its order.
+    pub fn workers_to_start<'p>(&self, new: &'p Plan) -> Vec<&'p WorkerPlan> {
+        new.workers
+            .iter()
+            .filter(|w| self.workers.added.contains(&w.id) || self.workers.changed.contains(&w.id))
+            .collect()
+    }
+
+    /// The services to stop, the removed and the changed, in reverse start order of `old`:
+    /// a service stops after every service that starts after it.
+    pub fn services_to_stop<'p>(&self, old: &'p Plan) -> Vec<&'p ServiceSpec> {
+        let mut order: Vec<&ServiceSpec> = old
+            .start_order()
+            .into_iter()
+            .filter(|s| self.services.removed.contains(&s.name) || self.services.changed.contains(&s.name))
+            .collect();
+        order.reverse();
+        order
+    }
+
+    /// The services to start, the added and the changed, in start order of `new`.
+    pub fn services_to_start<'p>(&self, new: &'p Plan) -> Vec<&'p ServiceSpec> {
+        new.start_order()
+            .into_iter()
+            .filter(|s| self.services.added.contains(&s.name) || self.services.changed.contains(&s.name))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for PlanDiff {
+    /// One line per worker and service that a reload would touch, then a count of the kept.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (what, c) in [("worker", &self.workers), ("service", &self.services)] {
+            for (sign, verb, names) in [
+                ('+', "added", &c.added),
+                ('-', "removed", &c.removed),
+                ('~', "changed (restarted)", &c.changed),
+            ] {
+                for n in names {
+                    writeln!(f, "{sign} {what} {n} {verb}")?;
+                }
+            }
+        }
+        if self.is_empty() {
+            writeln!(f, "no change")?;
+        }
+        writeln!(
+            f,
+            "unchanged: {} worker(s), {} service(s) keep running",
+            self.workers.kept.len(),
+            self.services.kept.len()
+        )
     }
 }
 
@@ -759,5 +912,101 @@ command = ["x"]
             problems[0].message,
             "port 8189 of `comfyui-gpu1` is also used by a1111-gpu0"
         );
+    }
+
+    fn local_plan(connectors: &str, file: &str) -> Plan {
+        let env = BTreeMap::from([
+            ("MACHINE_ID", "m1"),
+            ("MACHINE_WORKSPACE", "/ws"),
+            ("WORKER_CONNECTORS", connectors),
+            ("OPENAI_API_KEY", "sk-test"),
+        ]);
+        let c = crate::config::load_str(Some(("f", file)), &env).unwrap();
+        Plan::build(&c, &probe(1)).unwrap()
+    }
+
+    #[test]
+    fn diff_of_equal_plans_is_empty() {
+        let a = local_plan("simulation:1,comfyui", "");
+        let d = PlanDiff::between(&a, &a.clone(), &BTreeSet::new());
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(d.workers.kept, ["m1-gpu0", "m1-simulation-1"]);
+        assert_eq!(d.services.kept, ["redis", "comfyui-gpu0"]);
+        assert_eq!(
+            d.to_string(),
+            "no change\nunchanged: 2 worker(s), 2 service(s) keep running\n"
+        );
+    }
+
+    #[test]
+    fn diff_adds_workers_and_keeps_the_rest() {
+        let old = local_plan("simulation:1,comfyui", "");
+        let new = local_plan("simulation:2,comfyui,openai:1", "");
+        let d = PlanDiff::between(&old, &new, &BTreeSet::new());
+        assert_eq!(d.workers.added, ["m1-simulation-2", "m1-openai-1"]);
+        assert_eq!(d.workers.kept, ["m1-gpu0", "m1-simulation-1"]);
+        assert!(d.workers.removed.is_empty() && d.workers.changed.is_empty());
+        assert!(d.services.is_empty(), "{d:?}");
+        assert!(d.services_to_start(&new).is_empty());
+        let started: Vec<&str> = d.workers_to_start(&new).iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(started, ["m1-simulation-2", "m1-openai-1"]);
+    }
+
+    #[test]
+    fn diff_removes_workers_and_their_services() {
+        let old = local_plan("simulation:2,comfyui,openai:1", "");
+        let new = local_plan("openai:1", "");
+        let d = PlanDiff::between(&old, &new, &BTreeSet::new());
+        assert_eq!(d.workers.removed, ["m1-gpu0", "m1-simulation-1", "m1-simulation-2"]);
+        assert_eq!(d.workers.kept, ["m1-openai-1"]);
+        assert_eq!(d.services.removed, ["comfyui-gpu0"]);
+        assert_eq!(d.services.kept, ["redis"], "the private redis-server is never touched");
+        assert_eq!(d.workers_to_stop(), ["m1-gpu0", "m1-simulation-1", "m1-simulation-2"]);
+        assert!(d.to_string().contains("- service comfyui-gpu0 removed\n"), "{d}");
+    }
+
+    #[test]
+    fn a_changed_service_changes_the_workers_that_wait_for_it() {
+        let old = local_plan("simulation:1,comfyui", "");
+        let new = local_plan(
+            "simulation:1,comfyui",
+            "[connectors.comfyui]\nextra_args = [\"--lowvram\"]\n",
+        );
+        let d = PlanDiff::between(&old, &new, &BTreeSet::new());
+        assert_eq!(d.services.changed, ["comfyui-gpu0"]);
+        assert_eq!(d.workers.changed, ["m1-gpu0"], "it drains before its service restarts");
+        assert_eq!(d.workers.kept, ["m1-simulation-1"]);
+        assert!(
+            d.to_string().contains("~ service comfyui-gpu0 changed (restarted)\n"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn touched_connector_settings_change_their_workers_only() {
+        let p = local_plan("simulation:2,openai:1", "");
+        let d = PlanDiff::between(&p, &p, &BTreeSet::from([ConnectorKind::Simulation]));
+        assert_eq!(d.workers.changed, ["m1-simulation-1", "m1-simulation-2"]);
+        assert_eq!(d.workers.kept, ["m1-openai-1"]);
+    }
+
+    #[test]
+    fn services_stop_in_reverse_dependency_order_and_start_in_order() {
+        let file = "[services.a]\ncommand = [\"x\"]\nafter = [\"b\"]\n[services.b]\ncommand = [\"x\"]\n";
+        let old = local_plan("simulation", file);
+        let new = local_plan("simulation", "");
+        let d = PlanDiff::between(&old, &new, &BTreeSet::new());
+        let stop: Vec<&str> = d.services_to_stop(&old).iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(stop, ["a", "b"]);
+        let back = PlanDiff::between(&new, &old, &BTreeSet::new());
+        let start: Vec<&str> = back.services_to_start(&old).iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(start, ["b", "a"]);
+    }
+
+    #[test]
+    fn a_plan_survives_json() {
+        let p = local_plan("simulation:1,comfyui,openai", "");
+        let back: Plan = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert!(PlanDiff::between(&p, &back, &BTreeSet::new()).is_empty());
     }
 }

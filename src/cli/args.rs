@@ -26,6 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
     /// Run the machine (the default with no arguments, e.g. as a container ENTRYPOINT).
+    #[command(after_help = super::run::settings_help())]
     Run,
     /// Inspect the configuration.
     Config {
@@ -59,8 +60,63 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
-    /// Show this machine's status (from its health server), or the fleet's (from Redis).
+    /// Show this machine's status, or the fleet's (from Redis).
     Status(StatusArgs),
+    /// Print a service's output, or the machine's own log, with a timestamp on every line.
+    Logs(LogsArgs),
+    /// Restart a supervised service (stop it, then start it at once).
+    Restart {
+        /// The service, as `machine status` names it.
+        service: String,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+    /// Stop the machine: workers finish or return their jobs within the drain period, then the
+    /// services stop, as on SIGTERM.
+    Stop {
+        /// Skip the drain, as a second SIGTERM does: jobs go back to the queue at once and the
+        /// services are killed.
+        #[arg(long)]
+        now: bool,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+    /// Reload the running machine's configuration (and <workspace>/worker_connectors) without a
+    /// restart: only what changed is stopped, started or rebuilt. Through the control socket, or
+    /// over TCP with MACHINE_CONTROL_TOKEN.
+    Reload {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+}
+
+/// Where the commands that talk to a running machine find it: its control socket
+/// (`<workspace>/run/control.sock`), else its health port on 127.0.0.1.
+#[derive(Debug, Args)]
+pub(super) struct MachineArgs {
+    /// Talk to the machine whose health server is at this URL instead (over TCP, with
+    /// MACHINE_CONTROL_TOKEN or MACHINE_READ_TOKEN).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+}
+
+/// `machine logs`.
+#[derive(Debug, Args)]
+pub(super) struct LogsArgs {
+    /// A service, or `machine` for the machine's own log.
+    #[arg(default_value = "machine", value_name = "SERVICE|machine")]
+    pub name: String,
+    /// Keep printing new lines as they come (until Ctrl-C or the machine stops).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Start with the last N lines.
+    #[arg(short = 'n', long = "lines", default_value_t = 100, value_name = "N")]
+    pub lines: usize,
+    #[command(flatten)]
+    pub machine: MachineArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,14 +126,21 @@ pub(super) enum ConfigCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print what a reload would change on the running machine (read from its
+        /// health server's `/plan`).
+        #[arg(long)]
+        diff: bool,
+        /// Base URL of the running machine's health server, for --diff
+        /// [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
+        #[arg(long, requires = "diff")]
+        url: Option<String>,
     },
 }
 
 #[derive(Debug, Args)]
 pub(super) struct StatusArgs {
-    /// Base URL of the machine's health server [default: http://127.0.0.1:<MACHINE_HEALTH_PORT>].
-    #[arg(long)]
-    pub url: Option<String>,
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// Print the status document as JSON.
     #[arg(long)]
     pub json: bool,
@@ -87,12 +150,12 @@ pub(super) struct StatusArgs {
     /// Exit 0 when the machine is healthy and 1 when not (for a Docker HEALTHCHECK).
     #[arg(long, conflicts_with_all = ["json", "watch", "fleet"])]
     pub check: bool,
-    /// Read every machine's status from Redis instead (HUB_REDIS_URL or --redis-url).
+    /// Read every machine's status from Redis instead (HUB_REDIS_URL or --redis-url, else this
+    /// machine's own Redis).
     #[arg(long)]
     pub fleet: bool,
-    /// Redis URL for --fleet.
-    #[arg(long, env = "HUB_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 }
 
 /// Where the broker's Redis is.
@@ -146,23 +209,25 @@ pub(super) enum JobsCommand {
         /// Workflow id.
         #[arg(long, default_value = "")]
         workflow: String,
-        /// Retries allowed after a retryable failure.
-        #[arg(long, default_value_t = 3)]
+        /// Retries allowed after the first attempt fails retryably (0: one attempt only). The
+        /// default, 2, is the API's: its `max_retries` of 3 counts attempts.
+        #[arg(long, default_value_t = 2, value_name = "N")]
         max_retries: u32,
     },
-    /// Print a job's hash and progress.
+    /// Print a job: its fields, progress, result and artifact URLs, or why it failed.
     Show {
         /// The job id.
         id: String,
-        /// Print JSON.
+        /// Print JSON with typed values (numbers, and the payload and result as JSON).
         #[arg(long)]
         json: bool,
     },
     /// List jobs, newest first.
     List {
-        /// Only jobs with this status (pending, assigned, in_progress, completed, failed, ...).
-        #[arg(long)]
-        status: Option<String>,
+        /// Only jobs with this status (`cancelled`: jobs the API cancelled, which it stores as
+        /// failed).
+        #[arg(long, value_enum)]
+        status: Option<JobStatus>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -193,6 +258,32 @@ pub(super) enum JobsCommand {
     },
 }
 
+/// A job status as `jobs list --status` takes it (the contract's statuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(super) enum JobStatus {
+    /// Waiting in `jobs:pending`.
+    Pending,
+    /// Queued (the API's word for pending).
+    Queued,
+    /// Claimed by a worker.
+    Assigned,
+    /// Accepted by a worker.
+    Accepted,
+    /// Running.
+    InProgress,
+    /// Finished with a result.
+    Completed,
+    /// Failed for good (cancelled jobs excluded).
+    Failed,
+    /// Cancelled by the API or an operator.
+    Cancelled,
+    /// Timed out.
+    Timeout,
+    /// No worker can ever run it.
+    Unworkable,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +306,23 @@ mod tests {
         let err = Cli::try_parse_from(["machine", "install", "--only", "nope"]).expect_err("an unknown installer");
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("comfyui-models"), "{err}");
+    }
+
+    #[test]
+    fn job_statuses_are_the_contracts_words() {
+        let cli = Cli::try_parse_from(["machine", "jobs", "list", "--status", "in_progress"]).expect("a status");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Jobs {
+                command: JobsCommand::List {
+                    status: Some(JobStatus::InProgress),
+                    ..
+                },
+                ..
+            })
+        ));
+        let err = Cli::try_parse_from(["machine", "jobs", "list", "--status", "done"]).expect_err("unknown");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("cancelled"), "{err}");
     }
 }

@@ -14,14 +14,18 @@ pub fn run(cli: Cli) -> Result<Outcome, CliError> {
     let path = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
         Command::Config {
-            command: ConfigCommand::Check { json },
-        } => super::config_check::config_check(path, json),
+            command: ConfigCommand::Check { json, diff, url },
+        } => super::config_check::config_check(path, json, diff.then_some(url)),
+        Command::Reload { json, machine } => super::reload::reload(path, &machine, json),
         Command::Gpus { json } => super::gpus::gpus(path, json),
         Command::Run => super::run::run(path),
         Command::Status(args) => super::status::status(path, &args),
         Command::Install { only } => super::install::install(path, only),
         Command::Functions { redis, command } => super::functions::functions(&redis, &command, machine_redis(path)),
         Command::Jobs { redis, command } => super::jobs::jobs(&redis, &command, machine_redis(path)),
+        Command::Logs(args) => super::control::logs(path, &args),
+        Command::Restart { service, machine } => super::control::restart(path, &machine, &service),
+        Command::Stop { now, machine } => super::control::stop(path, &machine, now),
     }
 }
 
@@ -51,7 +55,7 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
 
 /// This machine's Redis when the configuration loads (in local mode, the private redis-server's
 /// socket), for operator commands given no `--redis-url`.
-fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
+pub(super) fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
     config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
 }
 
@@ -59,7 +63,19 @@ fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
 /// the private redis-server's socket under the workspace).
 pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> Result<config::RedisUrl, CliError> {
     let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-        return machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()));
+        let machine =
+            machine.ok_or_else(|| CliError::Usage("no Redis: set HUB_REDIS_URL or pass --redis-url".to_owned()))?;
+        // In local mode the machine's Redis is its private redis-server's socket, which exists
+        // only while that machine runs: say so rather than "No such file or directory".
+        if let Some(socket) = machine.expose().strip_prefix("unix://") {
+            if !Path::new(socket).exists() {
+                return Err(CliError::Failed(format!(
+                    "no Redis: no local-mode redis-server socket at {socket} (is the machine running on this \
+                     workspace?); set HUB_REDIS_URL or pass --redis-url"
+                )));
+            }
+        }
+        return Ok(machine);
     };
     config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
 }
@@ -78,4 +94,29 @@ pub(super) fn print_json<T: serde::Serialize>(value: &T) {
     // Serialising our own plain data types cannot fail; a closed stdout is not worth a panic.
     let _ = serde_json::to_writer_pretty(&mut out, value);
     let _ = writeln!(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_url_the_machines_redis_is_used_and_a_missing_socket_named() {
+        let none = RedisArgs { redis_url: None };
+        let hub = config::RedisUrl::parse("redis://h:6379").expect("a URL");
+        assert_eq!(
+            redis_url(&none, Some(hub.clone())).expect("the machine's").expose(),
+            hub.expose()
+        );
+        let local = config::RedisUrl::parse("unix:///nowhere/run/redis.sock").expect("a URL");
+        let e = redis_url(&none, Some(local)).expect_err("no socket there");
+        assert!(e.to_string().contains("/nowhere/run/redis.sock"), "{e}");
+        let given = RedisArgs {
+            redis_url: Some("redis://other:1".into()),
+        };
+        assert_eq!(
+            redis_url(&given, Some(hub)).expect("the flag's").expose(),
+            "redis://other:1"
+        );
+    }
 }

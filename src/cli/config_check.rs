@@ -1,5 +1,6 @@
 //! `machine config check`: validate the configuration, derive the plan, and print both (as
-//! text or JSON), listing every problem when there are any.
+//! text or JSON), listing every problem when there are any. With `--diff` it also prints what a
+//! reload would change on the running machine, whose plan it reads from `GET /plan`.
 
 use std::path::Path;
 
@@ -10,9 +11,11 @@ use crate::config::{self, Config, ConfigError, ProcessEnv};
 use crate::gpu::Probe;
 use crate::plan::Plan;
 
-/// Validates the configuration and the plan; invalid is exit 2.
-pub(super) fn config_check(path: Option<&Path>, json: bool) -> Result<Outcome, CliError> {
-    let config = match config::load(path, &ProcessEnv) {
+/// Validates the configuration and the plan; invalid is exit 2. `diff` (`Some(--url)`) adds
+/// the plan diff against the running machine.
+pub(super) fn config_check(path: Option<&Path>, json: bool, diff: Option<Option<String>>) -> Result<Outcome, CliError> {
+    // What a reload reads: `<workspace>/worker_connectors` overrides WORKER_CONNECTORS.
+    let config = match crate::reload::load_config(path, &ProcessEnv) {
         Ok(c) => c,
         Err(e) if json => {
             print_json(&invalid_document(&e));
@@ -25,11 +28,24 @@ pub(super) fn config_check(path: Option<&Path>, json: bool) -> Result<Outcome, C
     let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
     match Plan::build(&config, &probe).and_then(checked_programs) {
         Ok(plan) => {
+            let diff = match diff {
+                Some(url) => Some(running_diff(path, url, &config, &plan)?),
+                None => None,
+            };
             if json {
-                let doc = serde_json::json!({ "valid": true, "config": config, "probe": probe, "plan": plan });
+                let doc = serde_json::json!({
+                    "valid": true, "config": config, "probe": probe, "plan": plan, "diff": diff,
+                });
                 print_json(&doc);
             } else {
                 print!("{}", render_plan(&config, &probe, &plan, path));
+                if let Some((diff, restart)) = &diff {
+                    println!("a reload of the running machine would change:");
+                    print!("{diff}");
+                    for key in restart {
+                        println!("not applied by a reload: `{key}` changed; it applies at the next restart");
+                    }
+                }
             }
             Ok(Outcome::Success)
         }
@@ -43,6 +59,27 @@ pub(super) fn config_check(path: Option<&Path>, json: bool) -> Result<Outcome, C
             }
         }
     }
+}
+
+/// The diff between the running machine's plan (`GET /plan`) and `plan`, and the changed
+/// settings a reload would not apply.
+fn running_diff(
+    path: Option<&Path>,
+    url: Option<String>,
+    config: &Config,
+    plan: &Plan,
+) -> Result<(crate::plan::PlanDiff, Vec<String>), CliError> {
+    #[derive(serde::Deserialize)]
+    struct Running {
+        plan: Plan,
+        config: serde_json::Value,
+    }
+    let target = super::connect::Target::find(path, url.as_deref())?;
+    let running: Running =
+        super::commands::block_on(super::commands::Threads::One, async move { target.get("/plan").await })??;
+    let new = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+    let (touched, restart) = crate::reload::settings_changes(&running.config, &new);
+    Ok((crate::plan::PlanDiff::between(&running.plan, plan, &touched), restart))
 }
 
 fn invalid_document(e: &ConfigError) -> serde_json::Value {

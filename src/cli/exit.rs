@@ -4,14 +4,22 @@
 
 use std::process::ExitCode;
 
+use super::connect::MachineError;
+use crate::app::Ended;
+use crate::broker::BrokerError;
 use crate::config::ConfigError;
 use crate::health::client::ClientError;
-use crate::matcher::BrokerError;
 
 /// Exit code of a runtime failure.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code of invalid configuration or usage (clap exits with it too on a usage error).
 const EXIT_INVALID: u8 = 2;
+/// Exit code of `machine run` when a `critical` service failed and took the machine down.
+const EXIT_CRITICAL: u8 = 3;
+/// Exit code of `machine run` when a second SIGTERM/SIGINT stopped everything at once.
+const EXIT_FORCED: u8 = 4;
+/// Exit code of `machine run` when a GPU faulted and `gpu.on_fault = "exit"`.
+const EXIT_GPU_FAULT: u8 = 5;
 
 /// How a command that ran to its end ended.
 #[derive(Debug)]
@@ -24,8 +32,8 @@ pub enum Outcome {
     /// It found the configuration invalid and has listed the problems on its own output
     /// (`config check --json`).
     Invalid,
-    /// `machine run` ended with this code (0, 1, 3 or 4).
-    Machine(ExitCode),
+    /// `machine run` ended so (its log says why).
+    Machine(Ended),
 }
 
 /// Why a command did not run to its end.
@@ -49,6 +57,9 @@ pub enum CliError {
     /// The health server or the fleet's status could not be read.
     #[error(transparent)]
     Status(#[from] ClientError),
+    /// The running machine could not be reached, or refused.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
     /// The command ran into an answer it cannot proceed with (no such job, a failed self-test).
     #[error("{0}")]
     Failed(String),
@@ -58,14 +69,23 @@ impl CliError {
     fn code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Plan(_) | CliError::Usage(_) => EXIT_INVALID,
-            CliError::Runtime(_) | CliError::Broker(_) | CliError::Status(_) | CliError::Failed(_) => EXIT_FAILURE,
+            CliError::Runtime(_)
+            | CliError::Broker(_)
+            | CliError::Status(_)
+            | CliError::Machine(_)
+            | CliError::Failed(_) => EXIT_FAILURE,
         }
     }
 }
 
 /// Prints `error` to stderr as the operator reads every error: `machine: ` and its causes.
+/// Once `LOG_FORMAT=json` is set up it is a JSON log event instead, so that every line of
+/// `machine run` parses.
 pub(super) fn print_error(error: &dyn std::error::Error) {
-    eprintln!("machine: {}", crate::logging::error_chain(error));
+    match crate::logging::format() {
+        crate::config::LogFormat::Text => eprintln!("machine: {}", crate::logging::error_chain(error)),
+        crate::config::LogFormat::Json => tracing::error!("{}", crate::logging::error_chain(error)),
+    }
 }
 
 /// The exit code of a command's result; an error is printed first.
@@ -74,7 +94,11 @@ pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(EXIT_FAILURE),
         Ok(Outcome::Invalid) => ExitCode::from(EXIT_INVALID),
-        Ok(Outcome::Machine(code)) => code,
+        Ok(Outcome::Machine(Ended::Stopped)) => ExitCode::SUCCESS,
+        Ok(Outcome::Machine(Ended::FailedToStart)) => ExitCode::from(EXIT_FAILURE),
+        Ok(Outcome::Machine(Ended::CriticalFailed)) => ExitCode::from(EXIT_CRITICAL),
+        Ok(Outcome::Machine(Ended::Forced)) => ExitCode::from(EXIT_FORCED),
+        Ok(Outcome::Machine(Ended::GpuFault)) => ExitCode::from(EXIT_GPU_FAULT),
         Err(e) => {
             print_error(&e);
             if matches!(e, CliError::Config(_)) {

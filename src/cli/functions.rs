@@ -6,10 +6,10 @@ use serde_json::Value;
 use super::args::{FunctionsCommand, RedisArgs};
 use super::commands::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
+use crate::broker::installer::Library;
+use crate::broker::reference::{self, PendingJob};
+use crate::broker::{Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob};
 use crate::config::RedisUrl;
-use crate::matcher::installer::Library;
-use crate::matcher::reference::{self, PendingJob};
-use crate::matcher::{Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob};
 
 /// Runs `machine functions <command>`.
 pub(super) fn functions(
@@ -107,7 +107,7 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
         job.requirements = reqs.to_owned();
         job.priority = priority;
         let id = broker.submit(&job).await?;
-        let score = crate::matcher::pending_score(priority, None, 0, None);
+        let score = crate::broker::pending_score(priority, None, 0, None);
         pending.push(PendingJob {
             id,
             score,

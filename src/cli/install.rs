@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::commands::{Threads, block_on, load_config};
 use super::exit::{CliError, Outcome};
-use crate::config::ProcessEnv;
+use crate::config::{LogFormat, ProcessEnv};
 use crate::installers::{self, InstallState, Installer, Tracker};
 
 /// Installs what the configuration needs, or only `only`.
@@ -18,10 +18,14 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
     crate::logging::init(&config.log);
     let names = installers::selected(&config, only);
     if names.is_empty() {
-        println!(
+        let summary = format!(
             "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
             config.connectors
         );
+        match crate::logging::format() {
+            LogFormat::Text => println!("{summary}"),
+            LogFormat::Json => println!("{}", serde_json::json!({ "summary": summary })),
+        }
         return Ok(Outcome::Success);
     }
     let tracker = Tracker::new();
@@ -58,7 +62,15 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
             Some(InstallState::Failed { reason }) => format!("FAILED: {reason}"),
             other => format!("{other:?}"),
         };
-        let _ = writeln!(out, "{name:<16} {line}");
+        // With LOG_FORMAT=json the summary is JSON too, so that every line of the output parses.
+        let _ = match crate::logging::format() {
+            LogFormat::Text => writeln!(out, "{name:<16} {line}"),
+            LogFormat::Json => writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "installer": name, "state": states.get(*name), "summary": line })
+            ),
+        };
     }
     // Each installer's line above says what failed.
     Ok(if result.is_ok() {

@@ -2,17 +2,20 @@
 //! (`HUB_REDIS_URL`, `--redis-url`, else this machine's own), writing exactly what the API
 //! writes, so that jobs submitted here are indistinguishable from the API's.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::args::{JobsCommand, RedisArgs};
-use super::commands::{Threads, block_on, redis_url};
+use super::args::{JobStatus, JobsCommand, RedisArgs};
+use super::commands::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
+use crate::broker::{
+    Broker, BrokerOptions, CANCEL_ERROR, CancelOutcome, Capabilities, JobView, LeaseStatus, NewJob, Requirements,
+};
 use crate::config::RedisUrl;
-use crate::matcher::{Broker, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob, Requirements};
 
 /// Runs `machine jobs <command>`.
 pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<RedisUrl>) -> Result<Outcome, CliError> {
@@ -66,46 +69,27 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
                 return Err(CliError::Failed(format!("no job {id}")));
             };
             if *json {
-                println!("{}", serde_json::to_string_pretty(&view).unwrap_or_default());
+                print_json(&typed_view(&view));
             } else {
-                for (k, v) in &view.job {
-                    println!("{k:<20} {v}");
-                }
-                if let Some(why) = &view.waiting {
-                    println!("{:<20} {why}", "waiting");
-                }
-                if !view.progress.is_empty() {
-                    println!("progress:");
-                    for (k, v) in &view.progress {
-                        println!("  {k:<18} {v}");
-                    }
-                }
+                print!("{}", render_view(&view));
             }
             Ok(Outcome::Success)
         })?,
         JobsCommand::List { status, limit, json } => block_on(Threads::One, async {
             let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-            let jobs = broker.list(status.as_deref(), *limit).await?;
+            // `cancelled` and `failed` are told apart by the error the API writes, so the
+            // filter is applied here rather than by the status field alone.
+            let jobs: Vec<_> = broker
+                .list(None, usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|j| status.is_none_or(|s| s.matches(j)))
+                .take(*limit)
+                .collect();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&jobs).unwrap_or_default());
+                print_json(&jobs.iter().map(typed_job).collect::<Vec<_>>());
             } else {
-                let get =
-                    |j: &std::collections::BTreeMap<String, String>, k: &str| j.get(k).cloned().unwrap_or_default();
-                println!(
-                    "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  WORKER",
-                    "ID", "STATUS", "SERVICE", "PRIORITY", "CREATED"
-                );
-                for j in &jobs {
-                    println!(
-                        "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  {}",
-                        get(j, "id"),
-                        get(j, "status"),
-                        get(j, "service_required"),
-                        get(j, "priority"),
-                        get(j, "created_at"),
-                        get(j, "worker_id")
-                    );
-                }
+                print!("{}", render_list(&jobs));
             }
             Ok(Outcome::Success)
         })?,
@@ -174,6 +158,189 @@ async fn claim_and_hold(url: &RedisUrl, caps: Capabilities, lease: Duration) -> 
     result
 }
 
+/// Job hash fields that hold numbers.
+const NUMBER_FIELDS: &[&str] = &[
+    "priority",
+    "retry_count",
+    "max_retries",
+    "workflow_priority",
+    "workflow_datetime",
+    "current_step",
+    "total_steps",
+    "step_number",
+    "processing_time",
+    "progress",
+];
+
+/// Job hash fields that hold JSON documents.
+const JSON_FIELDS: &[&str] = &["payload", "requirements", "ctx", "result"];
+
+impl JobStatus {
+    /// Whether the job hash `job` has this status. The API stores a cancelled job as `failed`
+    /// with its cancel error, so `cancelled` finds those and `failed` leaves them out.
+    pub(super) fn matches(self, job: &BTreeMap<String, String>) -> bool {
+        let status = job.get("status").map_or("", String::as_str);
+        let cancelled =
+            status == "cancelled" || (status == "failed" && job.get("error").is_some_and(|e| e == CANCEL_ERROR));
+        match self {
+            JobStatus::Cancelled => cancelled,
+            JobStatus::Failed => status == "failed" && !cancelled,
+            other => status == other.name(),
+        }
+    }
+
+    /// The contract's word for the status.
+    fn name(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Queued => "queued",
+            JobStatus::Assigned => "assigned",
+            JobStatus::Accepted => "accepted",
+            JobStatus::InProgress => "in_progress",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Timeout => "timeout",
+            JobStatus::Unworkable => "unworkable",
+        }
+    }
+}
+
+/// A stored field's text as the value it stands for: numbers as numbers, JSON documents as
+/// JSON (an empty one as null); text that does not read as its kind stays text.
+fn typed(field: &str, text: &str) -> Value {
+    if NUMBER_FIELDS.contains(&field) {
+        if let Ok(n) = text.trim().parse::<i64>() {
+            return Value::from(n);
+        }
+        if let Some(n) = text.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+            return Value::Number(n);
+        }
+    } else if JSON_FIELDS.contains(&field) {
+        if text.trim().is_empty() {
+            return Value::Null;
+        }
+        if let Ok(v) = serde_json::from_str(text) {
+            return v;
+        }
+    }
+    Value::String(text.to_owned())
+}
+
+/// A job hash with typed values.
+fn typed_job(job: &BTreeMap<String, String>) -> Value {
+    Value::Object(job.iter().map(|(k, v)| (k.clone(), typed(k, v))).collect())
+}
+
+/// `jobs show --json`: the job, its progress, the result and artifact URLs, all typed.
+fn typed_view(view: &JobView) -> Value {
+    let mut doc = serde_json::json!({
+        "job": typed_job(&view.job),
+        "progress": typed_job(&view.progress),
+        "result": view.result,
+        "artifacts": artifact_urls(view.result.as_ref()),
+    });
+    if let Some(why) = &view.waiting {
+        doc["waiting"] = Value::String(why.clone());
+    }
+    doc
+}
+
+/// Every URL in a result (the stored artifacts' and any the connector returned), in order,
+/// each once.
+fn artifact_urls(result: Option<&Value>) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) if (s.starts_with("https://") || s.starts_with("http://")) && !out.contains(s) => {
+                out.push(s.clone());
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            Value::Object(map) => map.values().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(r) = result {
+        walk(r, &mut out);
+    }
+    out
+}
+
+/// `jobs show`: the job's fields, then what the operator came for: why it waits, its
+/// progress, why it failed, its result and its artifacts.
+fn render_view(view: &JobView) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (k, v) in &view.job {
+        if k == "payload" || k == "error" {
+            continue;
+        }
+        let _ = writeln!(out, "{k:<20} {v}");
+    }
+    if let Some(payload) = view.job.get("payload") {
+        let _ = writeln!(out, "{:<20} {}", "payload", pretty(&typed("payload", payload)));
+    }
+    if let Some(why) = &view.waiting {
+        let _ = writeln!(out, "{:<20} {why}", "waiting");
+    }
+    if !view.progress.is_empty() {
+        let _ = writeln!(out, "progress:");
+        for (k, v) in &view.progress {
+            let _ = writeln!(out, "  {k:<18} {v}");
+        }
+    }
+    if let Some(error) = view.job.get("error").filter(|e| !e.is_empty()) {
+        let _ = writeln!(out, "{:<20} {error}", "error");
+    }
+    if let Some(result) = &view.result {
+        let _ = writeln!(out, "result:\n{}", indent(&pretty(result)));
+    }
+    let urls = artifact_urls(view.result.as_ref());
+    if !urls.is_empty() {
+        let _ = writeln!(out, "artifacts:");
+        for u in urls {
+            let _ = writeln!(out, "  {u}");
+        }
+    }
+    out
+}
+
+/// `jobs list`: one line per job; the id column is as wide as an id, so ids never misalign.
+fn render_list(jobs: &[BTreeMap<String, String>]) -> String {
+    use std::fmt::Write as _;
+    let get = |j: &BTreeMap<String, String>, k: &str| j.get(k).cloned().unwrap_or_default();
+    let mut out = format!(
+        "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  WORKER\n",
+        "ID", "STATUS", "SERVICE", "PRIORITY", "CREATED"
+    );
+    for j in jobs {
+        let status = if JobStatus::Cancelled.matches(j) {
+            "cancelled".to_owned()
+        } else {
+            get(j, "status")
+        };
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  {}",
+            get(j, "id"),
+            status,
+            get(j, "service_required"),
+            get(j, "priority"),
+            get(j, "created_at"),
+            get(j, "worker_id")
+        );
+    }
+    out
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
 /// The job `machine jobs submit` describes, or what is wrong with the description.
 fn build_job(
     service: &str,
@@ -205,6 +372,61 @@ fn build_job(
     job.priority = priority;
     job.customer_id = customer.to_owned();
     job.workflow_id = workflow.to_owned();
-    job.max_retries = max_retries;
+    // The contract's `max_retries` counts attempts (a job fails for good once `retry_count`
+    // reaches it); the flag counts retries after the first attempt.
+    job.max_retries = max_retries.saturating_add(1);
     Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_becomes_typed_values() {
+        let job = BTreeMap::from([
+            ("id".to_owned(), "0042".to_owned()),
+            ("priority".to_owned(), "50".to_owned()),
+            ("payload".to_owned(), r#"{"steps":3}"#.to_owned()),
+            ("requirements".to_owned(), String::new()),
+            ("customer_id".to_owned(), "7".to_owned()),
+        ]);
+        assert_eq!(
+            typed_job(&job),
+            serde_json::json!({"id": "0042", "priority": 50, "payload": {"steps": 3}, "requirements": null, "customer_id": "7"})
+        );
+    }
+
+    #[test]
+    fn cancelled_jobs_are_not_failures() {
+        let job = |status: &str, error: &str| {
+            BTreeMap::from([
+                ("status".to_owned(), status.to_owned()),
+                ("error".to_owned(), error.to_owned()),
+            ])
+        };
+        assert!(JobStatus::Cancelled.matches(&job("failed", CANCEL_ERROR)));
+        assert!(!JobStatus::Failed.matches(&job("failed", CANCEL_ERROR)));
+        assert!(JobStatus::Failed.matches(&job("failed", "boom")));
+        assert!(JobStatus::InProgress.matches(&job("in_progress", "")));
+    }
+
+    #[test]
+    fn every_url_of_a_result_once() {
+        let result = serde_json::json!({
+            "image_url": "https://cdn/a.png",
+            "images": ["https://cdn/a.png", "https://cdn/b.png"],
+            "artifacts": [{"name": "a.png", "url": "https://cdn/a.png"}],
+            "note": "not a url"
+        });
+        assert_eq!(artifact_urls(Some(&result)), ["https://cdn/a.png", "https://cdn/b.png"]);
+    }
+
+    #[test]
+    fn max_retries_counts_retries_after_the_first_attempt() {
+        let job = build_job("simulation", "{}", None, 50, "", "", 0).expect("a job");
+        assert_eq!(job.max_retries, 1, "no retry: one attempt");
+        let job = build_job("simulation", "{}", None, 50, "", "", 2).expect("a job");
+        assert_eq!(job.max_retries, 3, "the API's default");
+    }
 }

@@ -9,13 +9,17 @@
 mod args;
 mod commands;
 mod config_check;
+mod connect;
+mod control;
 mod exit;
 mod functions;
 mod gpus;
 mod install;
 mod jobs;
+mod reload;
 mod run;
 mod status;
+mod status_view;
 
 pub use args::Cli;
 pub use commands::run;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::commands::{Threads, block_on, load_config};
+use super::commands::{Threads, block_on};
 use super::config_check::checked_programs;
 use super::exit::{CliError, Outcome};
 use crate::config::ConfigError;
@@ -12,7 +12,9 @@ use crate::plan::Plan;
 
 /// Runs the machine until it stops; its exit code is the app's.
 pub(super) fn run(path: Option<&Path>) -> Result<Outcome, CliError> {
-    let config = load_config(path)?;
+    // `<workspace>/worker_connectors`, which a reload reads, overrides WORKER_CONNECTORS here too,
+    // so that a restart keeps what the last reload applied.
+    let config = crate::reload::load_config(path, &crate::config::ProcessEnv).map_err(CliError::Config)?;
     crate::logging::init(&config.log);
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -24,5 +26,22 @@ pub(super) fn run(path: Option<&Path>) -> Result<Outcome, CliError> {
     let plan = Plan::build(&config, &probe)
         .and_then(checked_programs)
         .map_err(|problems| CliError::Plan(ConfigError::Invalid(problems)))?;
-    block_on(Threads::PerCore, crate::app::run(config, probe, plan)).map(Outcome::Machine)
+    block_on(Threads::PerCore, crate::app::run(config, probe, plan, path)).map(Outcome::Machine)
+}
+
+/// The `run --help` list of every setting's environment variable, from the configuration's own
+/// table of them (the one place the environment is read from).
+pub(super) fn settings_help() -> String {
+    use std::fmt::Write as _;
+    let vars = crate::config::variables();
+    let width = vars.iter().map(|(v, _)| v.len()).max().unwrap_or(0);
+    let mut help = String::from(
+        "Settings: the built-in defaults, then the file of --config (MACHINE_CONFIG), then these \
+         environment variables (variable: the configuration key it sets):\n",
+    );
+    for (var, key) in vars {
+        let _ = writeln!(help, "  {var:<width$}  {key}");
+    }
+    help.push_str("\n`machine config check` prints the resulting configuration.");
+    help
 }

@@ -1,53 +1,45 @@
-//! `machine status`: this machine's status from its health server, or the fleet's from Redis;
-//! `--check` for a Docker HEALTHCHECK, `--watch` to refresh.
+//! `machine status`: this machine's status (through its control socket or health port), or the
+//! fleet's from Redis; `--check` for a Docker HEALTHCHECK, `--watch` to refresh.
 
 use std::path::Path;
 
 use super::args::StatusArgs;
-use super::commands::{Threads, block_on};
+use super::commands::{Threads, block_on, machine_redis, redis_url};
+use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome, print_error};
-use crate::config::{self, ProcessEnv};
+use super::status_view::render;
 use crate::health::client;
+use crate::health::status::{HealthDocument, ReadyDocument, StatusDocument};
 
 /// How often `--watch` refreshes.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Shows the status once, or every [`WATCH_EVERY`] with `--watch`.
 pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, CliError> {
-    // The status command must work even when the configuration is broken, so it only takes
-    // the port from it when it loads.
-    let base = args.url.clone().unwrap_or_else(|| {
-        let port = config::load(path, &ProcessEnv).map_or(9092, |c| c.health_port);
-        format!("http://127.0.0.1:{port}")
-    });
-    let base = base.trim_end_matches('/').trim_end_matches("/status").to_owned();
+    let target = Target::find(path, args.machine.url.as_deref())?;
+    let fleet = if args.fleet {
+        Some(redis_url(&args.redis, machine_redis(path))?)
+    } else {
+        None
+    };
     block_on(Threads::One, async move {
         if args.check {
-            return Ok(match client::check(&base).await {
-                Ok(line) => {
-                    println!("{line}");
-                    Outcome::Success
-                }
-                Err(line) => {
-                    println!("{line}");
-                    Outcome::Failed
-                }
-            });
+            return Ok(check(&target).await);
         }
         loop {
-            let shown = if args.fleet {
-                let Some(url) = args.redis_url.as_deref() else {
-                    return Err(CliError::Usage("--fleet needs HUB_REDIS_URL or --redis-url".to_owned()));
-                };
-                client::fleet(url).await
-            } else {
-                client::fetch(&format!("{base}/status")).await.map(|doc| {
-                    if args.json {
-                        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
-                    } else {
-                        client::render(&doc)
-                    }
-                })
+            let shown = match &fleet {
+                Some(url) => client::fleet(url.expose()).await.map_err(CliError::from),
+                None => target
+                    .get::<StatusDocument>("/status")
+                    .await
+                    .map_err(CliError::from)
+                    .map(|doc| {
+                        if args.json {
+                            serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+                        } else {
+                            render(&doc, terminal_width(), std::time::SystemTime::now())
+                        }
+                    }),
             };
             match shown {
                 Ok(text) => {
@@ -59,7 +51,7 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
                 }
                 // Watching outlasts a machine that restarts: the error shows until it answers.
                 Err(e) if args.watch => print_error(&e),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
             if !args.watch {
                 return Ok(Outcome::Success);
@@ -67,4 +59,77 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
             tokio::time::sleep(WATCH_EVERY).await;
         }
     })?
+}
+
+/// `--check`: success when `/health` says ok and, as `/ready` rules, at least one worker can
+/// claim (or the machine is still starting: a healthcheck must not fail a long install); the
+/// verdict is printed either way, with every worker that cannot claim and why.
+async fn check(target: &Target) -> Outcome {
+    match target.get::<HealthDocument>("/health").await {
+        Ok(h) => {
+            // `/ready` answers 503 with the same document when no worker can claim.
+            let ready = match target
+                .exchange(hyper::Method::GET, "/ready", std::time::Duration::from_secs(5))
+                .await
+            {
+                Ok((_, body)) => match serde_json::from_slice::<ReadyDocument>(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("unhealthy: /ready is not what this version reads: {e}");
+                        return Outcome::Failed;
+                    }
+                },
+                Err(e) => {
+                    println!("unhealthy: {}", crate::logging::error_chain(&e));
+                    return Outcome::Failed;
+                }
+            };
+            let why = ready
+                .not_claiming
+                .iter()
+                .map(|(w, reason)| format!("{w}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if ready.ready || h.phase == crate::health::Phase::Starting {
+                let mut line = format!("healthy: {} is {}", h.machine_id, h.phase.name());
+                if !why.is_empty() {
+                    line.push_str(&format!(" (not claiming: {why})"));
+                }
+                println!("{line}");
+                Outcome::Success
+            } else {
+                println!("unhealthy: no worker of {} can claim: {why}", h.machine_id);
+                Outcome::Failed
+            }
+        }
+        Err(MachineError::Refused { message, .. }) => {
+            let why = serde_json::from_str::<HealthDocument>(&message).map_or(message, |h| {
+                format!(
+                    "{} is {}{}",
+                    h.machine_id,
+                    h.phase.name(),
+                    h.critical_failure
+                        .map(|f| format!(", critical service failed: {f}"))
+                        .unwrap_or_default()
+                )
+            });
+            println!("unhealthy: {why}");
+            Outcome::Failed
+        }
+        Err(e) => {
+            println!("unhealthy: {}", crate::logging::error_chain(&e));
+            Outcome::Failed
+        }
+    }
+}
+
+/// The width to fit: `COLUMNS` when set (shells export it, and tests set it), else the
+/// terminal's when stdout is one; `None` for a pipe, where nothing needs to wrap.
+fn terminal_width() -> Option<u16> {
+    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse::<u16>().ok()) {
+        return Some(columns);
+    }
+    let mut probe = comfy_table::Table::new();
+    probe.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+    probe.width()
 }

@@ -21,7 +21,7 @@ use super::Problem;
 pub const MAX_COUNT: u32 = 256;
 
 /// A kind of connector the machine can run jobs through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnectorKind {
     /// ComfyUI workflows on a local ComfyUI server per GPU.

@@ -57,28 +57,17 @@ impl Env for BTreeMap<&str, &str> {
     }
 }
 
-/// Every variable of the machine's own prefixes that it reads.
-pub(crate) const KNOWN: &[&str] = &[
-    "MACHINE_ID",
-    "MACHINE_WORKSPACE",
-    "MACHINE_CONFIG",
-    "MACHINE_HEALTH_PORT",
-    "MACHINE_GPU_COUNT",
-    "MACHINE_GPU_MEMORY_GB",
-    "MACHINE_GPU_MODEL",
-    "MACHINE_CONTROL_TOKEN",
-    "MACHINE_READ_TOKEN",
-    "WORKER_CONNECTORS",
-    "HUB_REDIS_URL",
-    "COMFYUI_BASE_PORT",
-    "COMFYUI_REPO_URL",
-    "COMFYUI_REF",
-    "COMFYUI_PYTHON",
-    "COMFYUI_TORCH_INDEX_URL",
-    "COMFYUI_NODES_FILE",
-    "COMFYUI_MODELS_MANIFEST",
-    "COMFYUI_MODELS_DIR",
-];
+/// Variables of the machine's prefixes read outside the configuration overlay: the CLI's
+/// `--config` and the models catalogue's bearer token.
+const READ_ELSEWHERE: &[&str] = &["MACHINE_CONFIG", "COMFYUI_MODELS_CATALOGUE_TOKEN"];
+
+/// Every variable the machine reads: the overlay's table ([`super::overlay::variables`], the
+/// one list `machine run --help` prints too) and [`READ_ELSEWHERE`].
+fn known() -> Vec<&'static str> {
+    let mut known: Vec<&'static str> = super::overlay::variables().into_iter().map(|(var, _)| var).collect();
+    known.extend(READ_ELSEWHERE);
+    known
+}
 
 /// The prefixes the machine owns: a variable with one of them that it does not read is most
 /// likely a typo of one it does.
@@ -87,16 +76,17 @@ const PREFIXES: &[&str] = &["MACHINE_", "WORKER_", "COMFYUI_", "HUB_"];
 /// A warning for each variable of the machine's prefixes that it does not read, naming the
 /// closest one it does.
 pub(crate) fn unknown_variables(env: &dyn Env) -> Vec<(String, String)> {
+    let known = known();
     let mut names = env.names();
     names.sort();
     names
         .into_iter()
-        .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)) && !KNOWN.contains(&n.as_str()))
+        .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)) && !known.contains(&n.as_str()))
         .map(|n| {
-            let closest = KNOWN
+            let closest = known
                 .iter()
                 .min_by_key(|k| strsim::damerau_levenshtein(&n, k))
-                .expect("KNOWN is not empty");
+                .expect("the overlay's table is not empty");
             let message = format!("is not a variable the machine reads; did you mean `{closest}`?");
             (n, message)
         })

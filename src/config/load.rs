@@ -372,6 +372,29 @@ restrat = "always"
     }
 
     #[test]
+    fn every_variable_the_machine_reads_is_known() {
+        // Each variable of the machine's prefixes that it reads somewhere, set together: none
+        // may be warned about as unknown.
+        let mut vars: Vec<(&str, &str)> = variables().into_iter().map(|(var, _)| (var, "")).collect();
+        vars.extend([
+            ("MACHINE_CONFIG", ""),
+            ("COMFYUI_MODELS_CATALOGUE_TOKEN", ""),
+            ("WORKERS", ""),
+        ]);
+        let set: Vec<(&str, &str)> = vars
+            .iter()
+            .filter(|(var, _)| {
+                ["MACHINE_", "WORKER_", "COMFYUI_", "HUB_"]
+                    .iter()
+                    .any(|p| var.starts_with(p))
+            })
+            .copied()
+            .collect();
+        let warned = env::unknown_variables(&env(&set));
+        assert!(warned.is_empty(), "{warned:?}");
+    }
+
+    #[test]
     fn unknown_machine_variables_warn_with_the_closest_name() {
         let c = load_str(
             None,

@@ -25,8 +25,10 @@ pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_TOML, load, load_str, warnings};
 pub use model::{
     ComfyuiInstallConfig, Config, DeviceSelector, GpuOverrides, HealthAccess, InstallConfig, LogConfig, LogFormat,
-    ModelsConfig, PlaywrightInstallConfig, RedisUrl, Secret, ServiceConnectorConfig, SupervisorConfig, VisibleDevices,
+    ModelsConfig, OnFault, PlaywrightInstallConfig, RedisUrl, Secret, ServiceConnectorConfig, SupervisorConfig,
+    VisibleDevices,
 };
+pub use overlay::variables;
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
 pub use validate::MAX_GPUS;
-pub use worker::{CustomerAccess, Isolation, OpenaiConfig, SimulationConfig, WorkerConfig};
+pub use worker::{CustomerAccess, Isolation, OpenaiConfig, Quarantine, SimulationConfig, WorkerConfig};

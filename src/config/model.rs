@@ -179,6 +179,30 @@ pub struct GpuOverrides {
     pub memory_gb: Option<f64>,
     /// `MACHINE_GPU_MODEL`: model name when NVML cannot tell.
     pub model: Option<String>,
+    /// `MACHINE_GPU_ON_FAULT`: what a fatal GPU fault (critical XID, double-bit ECC, GPU lost)
+    /// does to the machine.
+    #[serde(default)]
+    pub on_fault: OnFault,
+    /// How often the GPU health monitor reads throttling, temperature and page retirement (and
+    /// the longest it waits on NVML events between checks for shutdown).
+    #[serde(default = "default_health_poll", with = "humantime_serde")]
+    pub health_poll: Duration,
+}
+
+fn default_health_poll() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `gpu.on_fault`: what a GPU with a fatal fault does to the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFault {
+    /// Its worker stops claiming and returns its job; the other GPUs go on.
+    #[default]
+    Isolate,
+    /// The machine returns every job and exits with [`crate::app::EXIT_GPU_FAULT`], so the
+    /// fleet replaces the whole box.
+    Exit,
 }
 
 /// `CUDA_VISIBLE_DEVICES` as CUDA reads it.

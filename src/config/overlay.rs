@@ -38,6 +38,7 @@ const BINDINGS: &[(&str, &str, Kind)] = &[
     ("MACHINE_GPU_COUNT", "gpu.count", Kind::Integer),
     ("MACHINE_GPU_MEMORY_GB", "gpu.memory_gb", Kind::Float),
     ("MACHINE_GPU_MODEL", "gpu.model", Kind::Text),
+    ("MACHINE_GPU_ON_FAULT", "gpu.on_fault", Kind::Text),
     ("SERVICE_INSTALL_TIMEOUT", "install.timeout", Kind::Duration),
     ("INSTALL_CONCURRENCY", "install.concurrency", Kind::Integer),
     ("INSTALL_STRICT", "install.strict", Kind::Bool),
@@ -56,6 +57,21 @@ const BINDINGS: &[(&str, &str, Kind)] = &[
     ("COMFYUI_BASE_PORT", "connectors.comfyui.base_port", Kind::Integer),
     ("COMFYUI_MODELS_CATALOGUE", "models.catalogue", Kind::Path),
 ];
+
+/// Every environment variable the configuration reads, with the TOML key it sets or what it
+/// is, in a stable order: what `machine run --help` lists. `MACHINE_CONFIG` (the file itself)
+/// is the command line's.
+pub fn variables() -> Vec<(&'static str, &'static str)> {
+    let mut vars: Vec<(&'static str, &'static str)> = BINDINGS.iter().map(|&(var, key, _)| (var, key)).collect();
+    vars.extend([
+        ("WORKER_CONNECTORS", CONNECTORS_KEY),
+        ("WORKERS", "alias of WORKER_CONNECTORS"),
+        ("MACHINE_CONTROL_TOKEN", "bearer token of the control routes over TCP"),
+        ("MACHINE_READ_TOKEN", "bearer token of the guarded read routes over TCP"),
+        ("CUDA_VISIBLE_DEVICES", "the GPUs the machine may use"),
+    ]);
+    vars
+}
 
 /// The key `WORKER_CONNECTORS` (or its alias `WORKERS`) sets.
 const CONNECTORS_KEY: &str = "machine.worker_connectors";

@@ -24,7 +24,7 @@ pub enum RestartPolicy {
 }
 
 /// What a probe checks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeCheck {
     /// `GET url` answers 2xx.
@@ -36,7 +36,7 @@ pub enum ProbeCheck {
 }
 
 /// A readiness or liveness probe.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeSpec {
     /// What is checked.
     pub check: ProbeCheck,
@@ -54,7 +54,7 @@ pub struct ProbeSpec {
 }
 
 /// One service the supervisor runs: a user-defined `[services.NAME]` or a service of the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     /// Unique service name (`comfyui-gpu0`, `sidecar`).
     pub name: String,

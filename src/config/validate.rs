@@ -142,6 +142,9 @@ fn gpu(gpu: &GpuOverrides, problems: &mut Problems) {
     if gpu.memory_gb.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
         problems.at("gpu.memory_gb", "must be a positive number");
     }
+    if gpu.health_poll < std::time::Duration::from_millis(50) {
+        problems.at("gpu.health_poll", "must be at least 50ms");
+    }
 }
 
 fn log(log: &LogConfig, problems: &mut Problems) {

@@ -25,10 +25,24 @@ pub(crate) struct RawWorker {
     #[serde(with = "humantime_serde")]
     pub cdn_wait: Duration,
     pub workflow_id: String,
+    pub quarantine_after: u32,
+    #[serde(with = "humantime_serde")]
+    pub quarantine_cooldown: Duration,
+    /// Per connector: `[worker.quarantine.<connector>] after = N, cooldown = "5m"`.
+    #[serde(default)]
+    pub quarantine: std::collections::BTreeMap<String, RawQuarantine>,
     pub customer_access: RawCustomerAccess,
     pub retry_delay: RawRetryDelay,
     #[serde(default)]
     pub capabilities: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQuarantine {
+    pub after: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,12 +105,32 @@ pub struct WorkerConfig {
     pub cdn_wait: Duration,
     /// When non-empty, workers only take jobs of this workflow.
     pub workflow_id: String,
+    /// A worker whose last this many jobs all failed for the machine's reasons (not the
+    /// job's) stops claiming for a cool-down; 0 never quarantines.
+    pub quarantine_after: u32,
+    /// The first cool-down of a quarantine; it doubles per repeat (up to 16 times this) until a
+    /// job completes.
+    #[serde(with = "humantime_serde")]
+    pub quarantine_cooldown: Duration,
+    /// Per connector: a worker running one of these connectors uses the first one's (in its
+    /// plan's order) instead of `quarantine_after`/`quarantine_cooldown`.
+    pub quarantine: std::collections::BTreeMap<super::ConnectorKind, Quarantine>,
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
     /// How long a retryable failure waits before its job can be claimed again.
-    pub retry_delay: crate::matcher::RetryDelay,
+    pub retry_delay: crate::broker::RetryDelay,
     /// Custom capabilities merged into every worker's capabilities JSON.
     pub capabilities: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A connector's own quarantine settings (`[worker.quarantine.<connector>]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Quarantine {
+    /// Machine-blamed failures in a row that quarantine; 0 never does.
+    pub after: u32,
+    /// The first cool-down.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
 }
 
 /// The `customer_access` capability.
@@ -193,6 +227,25 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
             "must be more than 0 and at most a third of worker.lease, so one lost renewal never loses the job",
         );
     }
+    if raw.quarantine_after > 0 && raw.quarantine_cooldown.is_zero() {
+        bad(
+            "worker.quarantine_cooldown",
+            "must be more than 0 (set quarantine_after = 0 to never quarantine)",
+        );
+    }
+    let mut quarantine = std::collections::BTreeMap::new();
+    for (name, q) in &raw.quarantine {
+        let Some(kind) = super::ConnectorKind::from_name(name) else {
+            bad(&format!("worker.quarantine.{name}"), "names no connector");
+            continue;
+        };
+        let after = q.after.unwrap_or(raw.quarantine_after);
+        let cooldown = q.cooldown.unwrap_or(raw.quarantine_cooldown);
+        if after > 0 && cooldown.is_zero() {
+            bad(&format!("worker.quarantine.{name}.cooldown"), "must be more than 0");
+        }
+        quarantine.insert(kind, Quarantine { after, cooldown });
+    }
     if raw.job_timeout.is_zero() {
         bad("worker.job_timeout", "must be more than 0");
     }
@@ -244,12 +297,15 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         output_dir: workspace.join(raw.output_dir),
         cdn_wait: raw.cdn_wait,
         workflow_id: raw.workflow_id.trim().to_owned(),
+        quarantine_after: raw.quarantine_after,
+        quarantine_cooldown: raw.quarantine_cooldown,
+        quarantine,
         customer_access: CustomerAccess {
             isolation: raw.customer_access.isolation,
             allowed_customers: raw.customer_access.allowed_customers,
             denied_customers: raw.customer_access.denied_customers,
         },
-        retry_delay: crate::matcher::RetryDelay {
+        retry_delay: crate::broker::RetryDelay {
             initial: raw.retry_delay.initial,
             factor: raw.retry_delay.factor,
             max: raw.retry_delay.max,
@@ -328,6 +384,25 @@ failure_rate = 0.25
         assert_eq!(c.openai.base_url, "http://localhost:8000/v1");
         assert_eq!(c.openai.api_key_env, "OPENAI_API_KEY");
         assert_eq!(c.simulation.failure_rate, 0.25);
+        assert_eq!(
+            (c.worker.quarantine_after, c.worker.quarantine_cooldown),
+            (3, Duration::from_secs(180))
+        );
+    }
+
+    #[test]
+    fn quarantine_per_connector() {
+        use super::super::ConnectorKind;
+        let file = "[worker]\nquarantine_after = 4\n[worker.quarantine.comfyui]\ncooldown = \"10s\"\n[worker.quarantine.openai]\nafter = 0\n";
+        let c = load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new()).unwrap();
+        let q = &c.worker.quarantine;
+        assert_eq!(
+            (q[&ConnectorKind::Comfyui].after, q[&ConnectorKind::Comfyui].cooldown),
+            (4, Duration::from_secs(10))
+        );
+        assert_eq!(q[&ConnectorKind::Openai].after, 0);
+        let ps = problems("[worker.quarantine.nope]\nafter = 1\n");
+        assert_eq!(ps[0].key, "worker.quarantine.nope", "{ps:?}");
     }
 
     #[test]

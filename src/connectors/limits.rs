@@ -21,9 +21,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::ConnectorError;
+use crate::broker::Broker;
 use crate::config::{Budget, Limits};
 use crate::logging::error_chain;
-use crate::matcher::Broker;
 
 /// The longest single sleep while over the rate: the limiter is asked again afterwards, so a
 /// limit lowered by an operator (or a clock step) is seen within this time.
@@ -243,8 +243,8 @@ impl Limiter {
     }
 
     /// Today's fleet-wide usage of this API.
-    pub async fn usage(&self) -> Result<DailyUsage, crate::matcher::BrokerError> {
-        let broker = self.broker.get().ok_or_else(|| crate::matcher::BrokerError::Protocol {
+    pub async fn usage(&self) -> Result<DailyUsage, crate::broker::BrokerError> {
+        let broker = self.broker.get().ok_or_else(|| crate::broker::BrokerError::Protocol {
             op: "limits usage",
             detail: "the limiter is not connected to redis yet".to_owned(),
         })?;

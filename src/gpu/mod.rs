@@ -1,16 +1,25 @@
 //! What hardware this machine has: the GPUs through NVML (`nvml-wrapper`), with the
-//! `MACHINE_GPU_*` overrides as fallback, and the host through `sysinfo`.
+//! `MACHINE_GPU_*` overrides as fallback, and the host through `sysinfo`; and how the GPUs
+//! fare while the machine runs ([`health`]: faults, throttling).
 //!
 //! The probe never fails: a machine without NVML is a CPU-only machine (or one described by its
 //! overrides), and the reason is kept in [`Probe::notes`] so it can be logged and shown.
 
+pub mod health;
 mod host;
 mod nvml;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use serde::Serialize;
 
 use crate::config::{DeviceSelector, GpuOverrides, VisibleDevices};
 
+pub use health::{Condition, GpuHealth};
 pub use host::HostInfo;
 
 /// One GPU this machine will use.
@@ -80,6 +89,8 @@ pub struct Probe {
     pub notes: Vec<String>,
     #[serde(skip)]
     nvml: Option<nvml::Nvml>,
+    #[serde(skip)]
+    board: health::Board,
 }
 
 impl Probe {
@@ -122,12 +133,14 @@ impl Probe {
         if gpus.is_empty() {
             notes.push("no GPU in use: GPU-bound connectors run in CPU mode".to_owned());
         }
+        let board = health::Board::new(gpus.iter().map(|g| g.index));
         Probe {
             gpus,
             source,
             host,
             notes,
             nvml,
+            board,
         }
     }
 
@@ -139,13 +152,30 @@ impl Probe {
         } else {
             GpuSource::Config
         };
+        let board = health::Board::new(gpus.iter().map(|g| g.index));
         Probe {
             gpus,
             source,
             host,
             notes: Vec::new(),
             nvml: None,
+            board,
         }
+    }
+
+    /// Follows the health of the GPUs in use (all `ok` until [`watch_health`] sees a fault).
+    pub fn health(&self) -> watch::Receiver<Vec<GpuHealth>> {
+        self.board.subscribe()
+    }
+
+    /// The health of the GPUs in use now.
+    pub fn health_now(&self) -> Vec<GpuHealth> {
+        self.board.now()
+    }
+
+    /// Marks GPU `index` faulted for `reason` (what a failed NVML call found elsewhere).
+    pub fn fault(&self, index: u32, reason: String) {
+        self.board.fault(index, reason);
     }
 
     /// Cheap live readings (utilisation, memory, temperature) of the GPUs in use; empty
@@ -155,6 +185,22 @@ impl Probe {
             Some(n) => self.gpus.iter().map(|g| n.live(g.index)).collect(),
             None => Vec::new(),
         }
+    }
+}
+
+/// Watches the GPUs' health through NVML (events, and readings every `poll`) on a blocking
+/// thread until `stop`; returns at once without NVML or GPUs.
+pub async fn watch_health(probe: Arc<Probe>, poll: Duration, stop: CancellationToken) {
+    if probe.nvml.is_none() || probe.gpus.is_empty() {
+        return;
+    }
+    let watched = tokio::task::spawn_blocking(move || {
+        if let Some(n) = &probe.nvml {
+            health::monitor(n.handle(), &probe.board, poll, &stop);
+        }
+    });
+    if let Err(e) = watched.await {
+        tracing::error!(error = %e, "the GPU health monitor failed");
     }
 }
 

@@ -20,6 +20,11 @@ impl Nvml {
         nvml_wrapper::Nvml::init().map(Nvml).map_err(|e| e.to_string())
     }
 
+    /// The wrapper's handle, for the health monitor.
+    pub(super) fn handle(&self) -> &nvml_wrapper::Nvml {
+        &self.0
+    }
+
     /// Every GPU NVML sees, with the driver facts.
     pub(super) fn describe(&self, notes: &mut Vec<String>) -> (Vec<GpuInfo>, GpuSource) {
         let nvml = &self.0;

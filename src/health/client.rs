@@ -1,6 +1,6 @@
-//! `machine status`: reads this machine's `/status` (or another's with `--url`) and prints a
-//! readable table, the JSON document, or a health verdict for Docker's HEALTHCHECK; with
-//! `--fleet` it reads every machine's last status message from Redis instead.
+//! What `machine status` reads besides this machine's own documents (which the CLI reads
+//! through the control socket): any health server's JSON documents over HTTP, and with
+//! `--fleet` every machine's last status message from Redis.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::fleet::{FleetMessage, Occupancy};
-use super::status::{Exit, HealthDocument, StatusDocument};
 
 /// Why a status read failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,121 +73,12 @@ pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
     }
 }
 
-/// `--check`: `Ok(summary)` when `/health` answers 200, else the reason.
-pub async fn check(base: &str) -> Result<String, String> {
-    let url = format!("{base}/health");
-    match fetch::<HealthDocument>(&url).await {
-        Ok(h) => Ok(format!("healthy: {} is {}", h.machine_id, h.phase.name())),
-        Err(ClientError::Answer { body, .. }) => Err(format!("unhealthy: {body}")),
-        Err(e) => Err(format!("unhealthy: {e}")),
-    }
-}
-
-/// An optional value as a table cell: `-` when absent.
-fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
-}
-
 fn ago(now_ms: u64, then_ms: u64) -> String {
     if then_ms > 0 {
         format!("{}s ago", now_ms.saturating_sub(then_ms) / 1000)
     } else {
         "-".to_owned()
     }
-}
-
-/// Renders `/status` as text tables.
-pub fn render(doc: &StatusDocument) -> String {
-    let mut out = String::new();
-    let m = &doc.machine;
-    let _ = writeln!(
-        out,
-        "machine {}  phase {}  up {}s  version {}",
-        m.id,
-        m.phase.name(),
-        m.uptime_ms / 1000,
-        m.version
-    );
-    if let Some(failure) = &m.critical_failure {
-        let _ = writeln!(out, "CRITICAL: {failure}");
-    }
-    let r = &doc.redis;
-    let _ = writeln!(
-        out,
-        "redis   {}  connected {}  functions {}{}",
-        or_dash(r.url.as_deref()),
-        r.connected,
-        or_dash(r.function_version.as_deref()),
-        r.last_error
-            .as_deref()
-            .map(|e| format!("  error: {e}"))
-            .unwrap_or_default()
-    );
-    let _ = writeln!(
-        out,
-        "\nGPU  NAME                          UTIL  MEM USED/TOTAL         TEMP"
-    );
-    if doc.gpus.is_empty() {
-        let _ = writeln!(out, "-    (none: CPU mode)");
-    }
-    let gib = |b: u64| format!("{:.1}", b as f64 / 1073741824.0);
-    for g in &doc.gpus {
-        let _ = writeln!(
-            out,
-            "{:<4} {:<29} {:>4}  {:>8}/{:<8} GiB  {}",
-            g.index,
-            g.name,
-            or_dash(g.utilization_percent.map(|u| format!("{u}%"))),
-            or_dash(g.memory_used_bytes.map(gib)),
-            gib(g.memory_total_bytes),
-            or_dash(g.temperature_c.map(|t| format!("{t}C")))
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nSERVICE              STATE         PID      RESTARTS  READY  LAST EXIT"
-    );
-    for v in &doc.services {
-        let _ = writeln!(
-            out,
-            "{:<20} {:<13} {:<8} {:<9} {:<6} {}",
-            v.name,
-            v.state.name(),
-            or_dash(v.pid),
-            v.restarts,
-            v.ready,
-            match &v.last_exit {
-                Some(Exit { code: Some(c), .. }) => format!("code {c}"),
-                Some(Exit { signal: Some(sig), .. }) => format!("signal {sig}"),
-                _ => "-".to_owned(),
-            }
-        );
-    }
-    let now = crate::clock::now_ms();
-    let _ = writeln!(
-        out,
-        "\nWORKER                         STATE        JOB                       PROGRESS  DONE  FAILED  RETURNED  ACTIVE"
-    );
-    for w in &doc.workers {
-        let state = match &w.reason {
-            Some(reason) => format!("{} ({reason})", w.state.name()),
-            None => w.state.name().to_owned(),
-        };
-        let job = w.current_job.as_ref();
-        let _ = writeln!(
-            out,
-            "{:<30} {:<12} {:<25} {:<9} {:<5} {:<7} {:<9} {}",
-            w.worker_id,
-            state,
-            or_dash(job.map(|j| j.job_id.as_str())),
-            or_dash(job.map(|j| format!("{:.0}%", j.progress))),
-            w.counts.completed,
-            w.counts.failed,
-            w.counts.returned,
-            ago(now, w.last_activity_ms)
-        );
-    }
-    out
 }
 
 /// `--fleet`: every machine's stored status message and every worker's heartbeat, as one line
@@ -269,32 +159,4 @@ pub async fn fleet(redis_url: &str) -> Result<String, ClientError> {
         out.push_str(&worker_lines);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_every_section() {
-        let text = render(&super::super::status::sample());
-        assert!(text.contains("machine m1  phase ready  up 5s  version 0.1.0"), "{text}");
-        assert!(
-            text.contains("redis   redis://***@h  connected true  functions abc\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("RTX") && text.contains("50%") && text.contains("60C") && text.contains("1.0/24.0"),
-            "{text}"
-        );
-        assert!(
-            text.contains("comfyui-gpu0") && text.contains("backoff") && text.contains("signal 9"),
-            "{text}"
-        );
-        assert!(
-            text.contains("m1-gpu0") && text.contains("waiting_for_services (comfyui-gpu0 is failed)"),
-            "{text}"
-        );
-        assert!(text.contains("j1") && text.contains("40%"), "{text}");
-    }
 }

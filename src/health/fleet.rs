@@ -16,8 +16,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{HealthState, Phase};
+use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::matcher::Broker;
 use crate::plan::WorkerKind;
 use crate::supervisor::{ServiceState, ServiceStatus};
 use crate::worker::{WorkerState, WorkerStatus};
@@ -146,6 +146,9 @@ pub struct WorkerPresence {
     pub current_job_id: String,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity: u64,
+    /// Why it cannot claim (its GPU faulted, it is quarantined, ...), when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Whether a worker runs a job.
@@ -264,6 +267,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                     .and_then(|s| s.current_job.as_ref())
                     .map_or_else(String::new, |j| j.job_id.clone()),
                 last_activity: status.map_or(0, |s| s.last_activity_ms),
+                reason: status.and_then(|s| s.hold.clone()),
             },
         );
         for planned in &w.connectors {
@@ -274,7 +278,13 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 .endpoint
                 .as_ref()
                 .and_then(|e| services.iter().find(|s| s.name == e.service));
+            let held = status.is_some_and(|s| s.held_by.contains(&crate::worker::hold::HoldKind::GpuFault));
             let cond = match backing {
+                // A faulted GPU's services work for no one.
+                Some(service) if held => ServiceCondition {
+                    health: Health::Unhealthy,
+                    ..condition(service)
+                },
                 Some(service) => condition(service),
                 None if running => ServiceCondition {
                     status: Activity::Active,
@@ -321,6 +331,7 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
     let mut workers = state.worker_receivers();
     let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
     let mut services = state.services().watch(&names).ok();
+    let mut reloads = state.reloads();
     let mut was_ready = false;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -350,6 +361,13 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
         let update = tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => UpdateType::Periodic,
+            Ok(()) = reloads.changed() => {
+                // A reload changed the workers and services: follow the new ones.
+                workers = state.worker_receivers();
+                let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
+                services = state.services().watch(&names).ok();
+                UpdateType::EventDriven
+            }
             () = changed => {
                 tokio::time::sleep(DEBOUNCE).await;
                 for rx in &mut workers {
@@ -417,6 +435,7 @@ mod tests {
             last_error: None,
             last_activity_ms: 1_750_000_000_000,
             hold: None,
+            held_by: Vec::new(),
         }
     }
 
@@ -461,6 +480,7 @@ mod tests {
                 workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
                 installs,
                 models: None,
+                force: CancellationToken::new(),
             },
             stop.clone(),
         );

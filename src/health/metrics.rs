@@ -1,7 +1,15 @@
 //! Prometheus metrics (`GET /metrics`), through `prometheus-client`.
 //!
+//! A scraper that accepts OpenMetrics (Prometheus does) gets it as `prometheus-client` encodes
+//! it, with the content type the crate documents; any other client (curl, `promtool check
+//! metrics`) gets the Prometheus text format 0.0.4, where a counter's HELP and TYPE name the
+//! sample (`machine_jobs_total`) and there is no `# EOF`. Counters end in `_total`, and no label
+//! holds a job id: label values are services, workers, GPUs, connectors, customers and APIs,
+//! all bounded by the configuration.
+//!
 //! Job counters and histograms are recorded by the workers as things happen; service restarts
-//! and GPU readings are set from live state at scrape time, so they are never stale. External
+//! and state, worker state and GPU readings are set from live state at scrape time, so they are
+//! never stale; the queue depth is sampled from Redis by a feed every few seconds. External
 //! jobs add their usage and cost (per connector and customer) as they complete, and the
 //! fleet-wide limiters' daily usage is set by a feed that reads it from Redis. The models
 //! store's downloads and evictions are counted by the store and copied in at scrape time.
@@ -26,6 +34,11 @@ pub struct JobLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
 }
@@ -34,6 +47,11 @@ struct ServiceLabel {
 struct PlannedRestartLabels {
     service: String,
     reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,12 +100,20 @@ struct Inner {
     claim_seconds: Histogram,
     job_seconds: Family<ServiceLabel, Histogram>,
     match_misses: Counter,
-    service_restarts: Family<ServiceLabel, Gauge>,
+    service_restarts: Family<ServiceLabel, Counter>,
+    service_up: Family<ServiceLabel, Gauge>,
+    worker_busy: Family<WorkerLabel, Gauge>,
+    jobs_running: Gauge,
+    queue_depth: Family<ServiceLabel, Gauge>,
     planned_restarts: Family<PlannedRestartLabels, Counter>,
     warmup_seconds: Family<ServiceLabel, FloatGauge>,
     gpu_utilization: Family<GpuLabel, Gauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
+    gpu_faulted: Family<GpuLabel, Gauge>,
+    gpu_throttled: Family<GpuLabel, Gauge>,
+    worker_quarantined: Family<WorkerLabel, Gauge>,
+    worker_held: Family<WorkerLabel, Gauge>,
     external_requests: Family<UsageLabels, Counter>,
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
@@ -112,13 +138,20 @@ impl Metrics {
     /// A fresh registry with every metric family registered.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("machine");
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register("build_info", "The machine's version; always 1", build_info.clone());
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
         let jobs = Family::<JobLabels, Counter>::default();
         registry.register("jobs", "Jobs by service and outcome", jobs.clone());
         // 1 ms .. ~16 s: a claim that waits for work is bounded by the safety poll.
         let claim_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register(
             "claim_duration_seconds",
-            "Time from asking the broker for a job to getting one",
+            "Time from asking the broker for a job to getting one, for claims that got a job",
             claim_seconds.clone(),
         );
         // 10 ms .. ~2.9 h.
@@ -132,7 +165,7 @@ impl Metrics {
             "Claims that found no runnable job",
             match_misses.clone(),
         );
-        let service_restarts = Family::<ServiceLabel, Gauge>::default();
+        let service_restarts = Family::<ServiceLabel, Counter>::default();
         registry.register(
             "service_restarts",
             "Restarts of each supervised service since the machine started",
@@ -149,6 +182,26 @@ impl Metrics {
             "service_warmup_seconds",
             "Time of the last successful warm-up job of each service",
             warmup_seconds.clone(),
+        );
+        let service_up = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "service_up",
+            "1 while a supervised service runs and its readiness probe passes, else 0",
+            service_up.clone(),
+        );
+        let worker_busy = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_busy",
+            "1 while a worker runs a job, else 0",
+            worker_busy.clone(),
+        );
+        let jobs_running = Gauge::default();
+        registry.register("jobs_running", "Jobs running on this machine now", jobs_running.clone());
+        let queue_depth = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting in the fleet's queue for each service this machine serves (sampled)",
+            queue_depth.clone(),
         );
         let gpu_utilization = Family::<GpuLabel, Gauge>::default();
         registry.register("gpu_utilization_percent", "GPU utilisation", gpu_utilization.clone());
@@ -214,6 +267,30 @@ impl Metrics {
             "Jobs this machine returned to the queue because a daily quota was used up",
             limit_quota_refusals.clone(),
         );
+        let gpu_faulted = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_faulted",
+            "1 while the GPU has a fatal fault (critical XID, double-bit ECC, lost); its worker does not claim",
+            gpu_faulted.clone(),
+        );
+        let gpu_throttled = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            "gpu_throttled",
+            "1 while the GPU's clocks are thermally or power throttled",
+            gpu_throttled.clone(),
+        );
+        let worker_quarantined = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_quarantined",
+            "1 while the worker is quarantined after failures that were not its jobs' fault",
+            worker_quarantined.clone(),
+        );
+        let worker_held = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_held",
+            "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
+            worker_held.clone(),
+        );
         let model_downloads = Counter::default();
         registry.register(
             "model_downloads",
@@ -240,11 +317,19 @@ impl Metrics {
                 job_seconds,
                 match_misses,
                 service_restarts,
+                service_up,
+                worker_busy,
+                jobs_running,
+                queue_depth,
                 planned_restarts,
                 warmup_seconds,
                 gpu_utilization,
                 gpu_memory_used,
                 gpu_temperature,
+                gpu_faulted,
+                gpu_throttled,
+                worker_quarantined,
+                worker_held,
                 external_requests,
                 external_tokens,
                 external_predict_seconds,
@@ -334,14 +419,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Records how long a successful claim took.
-    pub fn claim_duration(&self, seconds: f64) {
-        self.inner.claim_seconds.observe(seconds);
-    }
-
-    /// Counts a claim that found nothing.
-    pub fn match_miss(&self) {
-        self.inner.match_misses.inc();
+    /// Records one claim: how long it took when it got a job, a miss when it found none (a
+    /// miss's time is how long the broker had nothing, not how fast claiming is).
+    pub fn claim(&self, seconds: f64, claimed: bool) {
+        if claimed {
+            self.inner.claim_seconds.observe(seconds);
+        } else {
+            self.inner.match_misses.inc();
+        }
     }
 
     /// Records a job's run time.
@@ -354,14 +439,43 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Sets a service's restart count (at scrape time).
-    pub fn set_service_restarts(&self, service: &str, restarts: u64) {
+    /// Sets a service's restart count and whether it is up (at scrape time). The count only
+    /// grows while the machine runs, and so does the counter.
+    pub fn set_service(&self, service: &str, restarts: u64, up: bool) {
+        let label = ServiceLabel {
+            service: service.to_owned(),
+        };
+        let counter = self.inner.service_restarts.get_or_create(&label);
+        let seen = counter.get();
+        if restarts > seen {
+            counter.inc_by(restarts - seen);
+        }
+        self.inner.service_up.get_or_create(&label).set(i64::from(up));
+    }
+
+    /// Sets which workers run a job (at scrape time), and so how many jobs run.
+    pub fn set_workers<'a>(&self, workers: impl IntoIterator<Item = (&'a str, bool)>) {
+        let mut running = 0;
+        for (worker, busy) in workers {
+            running += i64::from(busy);
+            self.inner
+                .worker_busy
+                .get_or_create(&WorkerLabel {
+                    worker: worker.to_owned(),
+                })
+                .set(i64::from(busy));
+        }
+        self.inner.jobs_running.set(running);
+    }
+
+    /// Sets how many jobs wait in the queue for `service`.
+    pub fn set_queue_depth(&self, service: &str, depth: u64) {
         self.inner
-            .service_restarts
+            .queue_depth
             .get_or_create(&ServiceLabel {
                 service: service.to_owned(),
             })
-            .set(restarts as i64);
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// Counts a restart of `service` planned between jobs, for `reason`.
@@ -401,6 +515,32 @@ impl Metrics {
         }
     }
 
+    /// Sets a GPU's health (at scrape time).
+    pub fn set_gpu_health(&self, gpu: &crate::gpu::GpuHealth) {
+        let label = GpuLabel {
+            gpu: gpu.index.to_string(),
+        };
+        let i = &self.inner;
+        i.gpu_faulted
+            .get_or_create(&label)
+            .set(i64::from(gpu.health == crate::gpu::Condition::Faulted));
+        i.gpu_throttled
+            .get_or_create(&label)
+            .set(i64::from(gpu.throttle.is_some()));
+    }
+
+    /// Sets whether a worker is held, and whether by a quarantine (at scrape time).
+    pub fn set_worker_hold(&self, worker: &str, held: bool, quarantined: bool) {
+        let label = WorkerLabel {
+            worker: worker.to_owned(),
+        };
+        self.inner.worker_held.get_or_create(&label).set(i64::from(held));
+        self.inner
+            .worker_quarantined
+            .get_or_create(&label)
+            .set(i64::from(quarantined));
+    }
+
     /// Sets the models store's counts (at scrape time); they only grow, and so do the counters.
     pub fn set_models(&self, downloads: u64, bytes: u64, evictions: u64) {
         let i = &self.inner;
@@ -416,13 +556,102 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics exposition of every metric, as `prometheus-client` writes it.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
     }
+
+    /// The body and content type for a scraper that sent `accept`: OpenMetrics when it accepts
+    /// it, else the Prometheus text format 0.0.4.
+    pub fn exposition(&self, accept: Option<&str>) -> (&'static str, String) {
+        let open_metrics = accept.is_some_and(|a| a.contains("application/openmetrics-text"));
+        if open_metrics {
+            (OPENMETRICS, self.encode())
+        } else {
+            (TEXT_0_0_4, to_text_format(&self.encode()))
+        }
+    }
+}
+
+impl super::HealthState {
+    /// Sets the figures read from live state (GPUs, services, workers, the models store) and
+    /// encodes every metric for a scraper that sent `accept`.
+    pub(super) fn scrape_metrics(&self, accept: Option<&str>) -> (&'static str, String) {
+        for gpu in self.probe.live() {
+            self.metrics.set_gpu(&gpu);
+        }
+        for gpu in self.probe.health_now() {
+            self.metrics.set_gpu_health(&gpu);
+        }
+        for service in self.services.status() {
+            let up = service.state == crate::supervisor::ServiceState::Running && service.ready;
+            self.metrics.set_service(&service.name, u64::from(service.restarts), up);
+        }
+        let workers = self.worker_statuses();
+        self.metrics
+            .set_workers(workers.iter().map(|w| (w.worker_id.as_str(), w.current_job.is_some())));
+        for w in &workers {
+            let quarantined = w.held_by.contains(&crate::worker::hold::HoldKind::Quarantine);
+            self.metrics
+                .set_worker_hold(&w.worker_id, w.hold.is_some(), quarantined);
+        }
+        if let Some(m) = &self.models {
+            self.metrics
+                .set_models(m.downloads(), m.downloaded_bytes(), m.evictions());
+        }
+        self.metrics.exposition(accept)
+    }
+}
+
+/// The content type `prometheus-client` documents for its output.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format.
+pub const TEXT_0_0_4: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics as `prometheus-client` writes it, turned into the Prometheus text format: a
+/// counter family `x` (samples `x_total`) is described as `x_total`, `unknown` is `untyped`,
+/// and `# EOF` and `# UNIT` lines go.
+fn to_text_format(open_metrics: &str) -> String {
+    let lines: Vec<&str> = open_metrics.lines().collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let family = |kind: &str| line.strip_prefix(kind).and_then(|r| r.split(' ').next());
+        if let Some(name) = family("# HELP ") {
+            // prometheus-client writes HELP just before TYPE.
+            let is_counter = lines
+                .get(i + 1)
+                .is_some_and(|next| *next == format!("# TYPE {name} counter"));
+            if is_counter && !name.ends_with("_total") {
+                out.push_str(&format!(
+                    "# HELP {name}_total{}\n",
+                    &line["# HELP ".len() + name.len()..]
+                ));
+                continue;
+            }
+        } else if let Some(name) = family("# TYPE ") {
+            let kind = &line["# TYPE ".len() + name.len()..];
+            match kind.trim() {
+                "counter" if !name.ends_with("_total") => {
+                    out.push_str(&format!("# TYPE {name}_total counter\n"));
+                    continue;
+                }
+                "unknown" => {
+                    out.push_str(&format!("# TYPE {name} untyped\n"));
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -434,10 +663,13 @@ mod tests {
         let m = Metrics::new();
         m.job("comfyui", "completed");
         m.job("comfyui", "completed");
-        m.match_miss();
-        m.claim_duration(0.002);
+        m.claim(0.5, false);
+        m.claim(0.002, true);
         m.job_duration("comfyui", 1.5);
-        m.set_service_restarts("comfyui-gpu0", 3);
+        m.set_service("comfyui-gpu0", 3, true);
+        m.set_service("comfyui-gpu0", 3, false);
+        m.set_workers([("w0", true), ("w1", false)]);
+        m.set_queue_depth("comfyui", 7);
         m.planned_restart("comfyui-gpu0", "rss");
         m.set_gpu(&crate::gpu::GpuLive {
             index: 1,
@@ -462,11 +694,54 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("machine_service_restarts{service=\"comfyui-gpu0\"} 3"),
+            text.contains("machine_service_restarts_total{service=\"comfyui-gpu0\"} 3"),
             "{text}"
         );
+        assert!(text.contains("machine_claim_duration_seconds_sum 0.002"), "{text}");
+        assert!(
+            text.contains("machine_service_up{service=\"comfyui-gpu0\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("machine_worker_busy{worker=\"w0\"} 1"), "{text}");
+        assert!(text.contains("machine_jobs_running 1"), "{text}");
+        assert!(text.contains("machine_queue_depth{service=\"comfyui\"} 7"), "{text}");
+        assert!(text.contains("machine_build_info{version=\""), "{text}");
         assert!(text.contains("machine_gpu_utilization_percent{gpu=\"1\"} 87"), "{text}");
         assert!(text.contains("machine_gpu_temperature_celsius{gpu=\"1\"} 61"), "{text}");
+    }
+
+    #[test]
+    fn text_format_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.job("simulation", "completed");
+        let (kind, open) = m.exposition(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
+        assert_eq!(kind, OPENMETRICS);
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(open.contains("# TYPE machine_jobs counter\n"), "{open}");
+        let (kind, text) = m.exposition(None);
+        assert_eq!(kind, TEXT_0_0_4);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains(
+                "# HELP machine_jobs_total Jobs by service and outcome.\n# TYPE machine_jobs_total counter\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE machine_jobs_running gauge\n"), "{text}");
+        // Every sample's family is described right above it.
+        let mut described = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                described.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| described.contains(*f)))
+                    .unwrap_or(name);
+                assert!(described.contains(family), "{name} has no TYPE in\n{text}");
+            }
+        }
     }
 
     #[test]

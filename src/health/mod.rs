@@ -3,18 +3,25 @@
 //! `machine status` client. The documents the server answers are typed in [`status`], which
 //! both the server and the client use.
 //!
+//! `GET /` serves the status page (`assets/page/index.html`, embedded), which reads the same
+//! document live from `/events` ([`events`]); [`history`] keeps the recent jobs and GPU
+//! readings it shows.
+//!
 //! The server runs on its own task and reads only shared state (the board, live readings), so
 //! it answers even when every worker is busy, and it keeps answering (with 503 on `/health`)
 //! while the machine shuts down.
 
 pub mod client;
+pub mod control;
+mod events;
 pub mod fleet;
+pub mod history;
 mod metrics;
 mod server;
 pub mod status;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +33,7 @@ pub use status::{RedisStatus, StatusDocument};
 
 use tokio::sync::watch;
 
+use crate::broker::Broker;
 use crate::config::{Config, HealthAccess, Secret};
 use crate::gpu::Probe;
 use crate::installers::InstallStates;
@@ -63,19 +71,33 @@ pub struct HealthState {
     machine_id: String,
     started: Instant,
     started_ms: u64,
-    config: serde_json::Value,
-    plan: Plan,
+    /// The running configuration and plan; a reload replaces them.
+    config: RwLock<serde_json::Value>,
+    plan: RwLock<Plan>,
     probe: Arc<Probe>,
     services: SupervisorHandle,
-    workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
+    workers: RwLock<Vec<(String, watch::Receiver<WorkerStatus>)>>,
+    /// Counts reloads, so that the fleet publisher follows the new workers and services.
+    reloads: watch::Sender<u64>,
+    /// Where `POST /reload` sends its request, once the machine's services run.
+    reload: OnceLock<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>>,
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
     access: HealthAccess,
     shutdown: CancellationToken,
+    /// Cancelled by `machine stop --now`, as a second signal does.
+    force: CancellationToken,
+    /// A random bearer token, new each start, that the control socket sends on behalf of its
+    /// callers (see [`control`]); it never leaves the process.
+    local_token: control::LocalToken,
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     models: Option<crate::models::ModelStore>,
+    recent_jobs: Mutex<history::RecentJobs>,
+    gpu_history: Mutex<history::GpuHistory>,
+    /// Set once the broker has connected; `/fleet` reads the fleet through it.
+    broker: OnceLock<Broker>,
 }
 
 /// What the health state reads from the other subsystems.
@@ -89,6 +111,8 @@ pub struct Sources {
     pub installs: watch::Receiver<InstallStates>,
     /// The models store, when ComfyUI fetches models on demand here (for metrics).
     pub models: Option<crate::models::ModelStore>,
+    /// The machine's forced-stop trigger (what a second signal cancels).
+    pub force: CancellationToken,
 }
 
 impl HealthState {
@@ -106,23 +130,61 @@ impl HealthState {
             started: Instant::now(),
             started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
-            config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
-            plan: plan.clone(),
+            config: RwLock::new(serde_json::to_value(config).unwrap_or(serde_json::Value::Null)),
+            plan: RwLock::new(plan.clone()),
             probe,
             services: sources.services,
-            workers: sources.workers,
+            workers: RwLock::new(sources.workers),
+            reloads: watch::channel(0).0,
+            reload: OnceLock::new(),
             installs: sources.installs,
             metrics: Metrics::new(),
             control_token: config.control_token.clone(),
             access: config.health_access.clone(),
             shutdown,
+            force: sources.force,
+            local_token: control::LocalToken::new(),
             redis: Mutex::new(RedisStatus {
                 url: Some(config.broker_url().masked()),
                 ..RedisStatus::default()
             }),
             external_apis: Mutex::new(BTreeMap::new()),
             models: sources.models,
+            recent_jobs: Mutex::default(),
+            gpu_history: Mutex::default(),
+            broker: OnceLock::new(),
         })
+    }
+
+    /// Hands the connected broker to the health server (for `/fleet`); only the first is kept.
+    pub fn set_broker(&self, broker: Broker) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// The broker, once it has connected.
+    fn broker(&self) -> Option<&Broker> {
+        self.broker.get()
+    }
+
+    /// Records a finished job for the status document's `recent_jobs`.
+    pub fn record_job(&self, report: &crate::worker::JobReport) {
+        self.recent_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(report, crate::clock::now_ms());
+    }
+
+    /// Records the GPUs' live readings of `doc` in the GPU history.
+    fn record_gpus(&self, doc: &StatusDocument) {
+        self.gpu_history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&doc.gpus, crate::clock::now_ms());
+    }
+
+    /// The GPU readings of the last minutes.
+    fn gpu_history(&self) -> history::HistoryDocument {
+        self.gpu_history.lock().unwrap_or_else(|p| p.into_inner()).document()
     }
 
     /// The metrics the workers record into.
@@ -135,9 +197,58 @@ impl HealthState {
         &self.machine_id
     }
 
-    /// The plan this machine runs.
-    pub fn plan(&self) -> &Plan {
-        &self.plan
+    /// The plan this machine runs (the latest reload's).
+    pub fn plan(&self) -> Plan {
+        self.plan.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The running configuration as `/status` shows it (secrets masked).
+    pub fn config_document(&self) -> serde_json::Value {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops stopped workers (a reload removed them) from the status.
+    pub fn forget_workers(&self, ids: &[String]) {
+        self.workers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| !ids.contains(id));
+    }
+
+    /// Shows a reload's result: the new configuration and plan, and the workers it started
+    /// (all listed in plan order); the fleet status is published at once.
+    pub fn reloaded(&self, config: &Config, plan: &Plan, workers: Vec<(String, watch::Receiver<WorkerStatus>)>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) =
+            serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+        *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
+        {
+            let mut all = self.workers.write().unwrap_or_else(|p| p.into_inner());
+            all.extend(workers);
+            // In plan order, as at start.
+            let position = |id: &str| plan.workers.iter().position(|w| w.id == id).unwrap_or(usize::MAX);
+            all.sort_by_key(|(id, _)| position(id));
+        }
+        self.reloads.send_modify(|n| *n += 1);
+    }
+
+    /// Changes at each reload (for the fleet publisher).
+    pub(crate) fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Lets `POST /reload` reach the machine's reloader.
+    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>) {
+        let _ = self.reload.set(requests);
+    }
+
+    /// Where `POST /reload` sends its request; `None` until the services run.
+    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>> {
+        self.reload.get().cloned()
+    }
+
+    /// Follows the GPUs' health.
+    pub fn gpu_health(&self) -> watch::Receiver<Vec<crate::gpu::GpuHealth>> {
+        self.probe.health()
     }
 
     /// The supervisor's handle.
@@ -152,21 +263,24 @@ impl HealthState {
 
     /// Every worker's current status, in plan order.
     pub fn worker_statuses(&self) -> Vec<WorkerStatus> {
-        self.workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
     }
 
     /// Receivers that change whenever a worker changes (for the fleet publisher).
     pub(crate) fn worker_receivers(&self) -> Vec<watch::Receiver<WorkerStatus>> {
-        self.workers.iter().map(|(_, rx)| rx.clone()).collect()
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        workers.iter().map(|(_, rx)| rx.clone()).collect()
     }
 
-    /// Why a worker is not claiming, when it has a reason to report: the upkeep holds it, or one
-    /// of its services is in crash loop or failed. A worker still waiting for a starting service has none.
+    /// Why a worker is not claiming, when it has a reason to report: one of its services is in
+    /// crash loop or failed. A worker still waiting for a starting service has none.
     fn blocked_reason(&self, status: &WorkerStatus, services: &[ServiceStatus]) -> Option<String> {
         if status.state != WorkerState::WaitingForServices {
             return None;
         }
-        let wanted = &self.plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
+        let plan = self.plan.read().unwrap_or_else(|p| p.into_inner());
+        let wanted = &plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -178,8 +292,6 @@ impl HealthState {
                     if s.crash_loop { "in crash loop" } else { "failed" }
                 )
             })
-            // Else the upkeep of its services may hold it (a restart between jobs, a warm-up).
-            .or_else(|| status.hold.clone())
     }
 
     /// Whether every worker is claiming, busy, or has reported why it cannot, and no installer
@@ -194,7 +306,8 @@ impl HealthState {
         });
         !installing
             && self.worker_statuses().iter().all(|w| {
-                matches!(w.state, WorkerState::Idle | WorkerState::Busy) || self.blocked_reason(w, &services).is_some()
+                matches!(w.state, WorkerState::Idle | WorkerState::Busy | WorkerState::Held)
+                    || self.blocked_reason(w, &services).is_some()
             })
     }
 
@@ -249,6 +362,7 @@ impl HealthState {
     /// The full status document served on `/status`.
     pub fn status_document(&self) -> StatusDocument {
         let live = self.probe.live();
+        let health = self.probe.health_now();
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
@@ -262,7 +376,13 @@ impl HealthState {
                 .probe
                 .gpus
                 .iter()
-                .map(|g| status::Gpu::new(g, live.iter().find(|l| l.index == g.index)))
+                .map(|g| {
+                    status::Gpu::new(
+                        g,
+                        live.iter().find(|l| l.index == g.index),
+                        health.iter().find(|h| h.index == g.index),
+                    )
+                })
                 .collect(),
             host: (&self.probe.host).into(),
             installs: self
@@ -273,9 +393,10 @@ impl HealthState {
                 .collect(),
             services: self.services.status().iter().map(status::Service::from).collect(),
             workers: self.workers_document(),
+            recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
             redis: self.redis(),
             external_apis: self.external_apis(),
-            config: self.config.clone(),
+            config: self.config_document(),
         }
     }
 }

@@ -8,15 +8,24 @@
 //! [`MAX_CONNECTIONS`] are open at once: at the cap the oldest connection with no request in
 //! flight is closed to make room, so a flood of idle or half-sent connections cannot shut out
 //! `/health`, and when every one is busy the new one is refused. Nothing waits in a queue.
+//!
+//! An event stream (`/events`) is one response that never ends: while it streams, each event or
+//! keep-alive it writes counts as activity on its connection, so it is not closed as idle, and
+//! it is never the connection closed to make room (there are at most
+//! [`events::MAX_STREAMS`](super::events::MAX_STREAMS) of them). A client that stops reading
+//! one stops its writes too, and is closed as idle like any other.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::body::Body;
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,7 +34,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::status::{HealthDocument, ReadyDocument, Verdict};
+use super::control::ControlSocket;
+use super::events::Hub;
+use super::status::{HealthDocument, ReadyDocument, Verdict, WorkerStage};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -44,6 +55,9 @@ const STOP_GRACE: Duration = Duration::from_millis(250);
 /// How long the accept loop pauses after an accept error (e.g. out of file descriptors), so
 /// that it does not spin while the condition lasts.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// The status page, embedded so that the binary serves it with nothing else installed.
+const PAGE: &str = include_str!("../../assets/page/index.html");
 
 /// Why the health server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +82,20 @@ pub async fn bind(port: u16) -> Result<TcpListener, HealthError> {
         .map_err(|source| HealthError::Bind { addr, source })
 }
 
-/// Serves the health routes on `listener` until `stop` is cancelled.
-pub async fn run(state: Arc<HealthState>, listener: TcpListener, stop: CancellationToken) -> Result<(), HealthError> {
+/// Serves the health routes on `listener`, and on the control socket when there is one, until
+/// `stop` is cancelled.
+pub async fn run(
+    state: Arc<HealthState>,
+    listener: TcpListener,
+    control: Option<ControlSocket>,
+    stop: CancellationToken,
+) -> Result<(), HealthError> {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     tracing::info!(port, "health server listening");
-    let app = router(state);
+    let (hub, publisher) = Hub::new(Arc::clone(&state), stop.clone());
+    let publisher = tokio::spawn(publisher);
+    let app = router(Arc::clone(&state), hub);
+    let control = control.map(|socket| tokio::spawn(super::control::serve(state, app.clone(), socket, stop.clone())));
     let open = Arc::new(Connections::default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut last_accept_error: Option<Instant> = None;
@@ -103,6 +126,11 @@ pub async fn run(state: Arc<HealthState>, listener: TcpListener, stop: Cancellat
     // Each connection saw `stop` and finishes its response within STOP_GRACE.
     let _ = tokio::time::timeout(STOP_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
+    // The publisher saw `stop` too and ends at its next await; so does the control socket.
+    let _ = publisher.await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     Ok(())
 }
 
@@ -119,6 +147,8 @@ struct Conn {
     id: u64,
     /// Requests in flight.
     busy: AtomicUsize,
+    /// Event streams being written.
+    streams: AtomicUsize,
     /// Milliseconds after `opened` of the last request's start or end.
     last_active_ms: AtomicU64,
     opened: Instant,
@@ -135,7 +165,11 @@ impl Connections {
         if open.len() >= MAX_CONNECTIONS {
             let idle = open
                 .iter()
-                .find(|(_, c)| c.busy.load(Ordering::Acquire) == 0 && !c.evict.is_cancelled())
+                .find(|(_, c)| {
+                    c.busy.load(Ordering::Acquire) == 0
+                        && c.streams.load(Ordering::Acquire) == 0
+                        && !c.evict.is_cancelled()
+                })
                 .map(|(id, _)| *id)?;
             if let Some(c) = open.remove(&idle) {
                 c.evict.cancel();
@@ -144,6 +178,7 @@ impl Connections {
         let conn = Arc::new(Conn {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             busy: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
             opened: Instant::now(),
             evict: CancellationToken::new(),
@@ -198,6 +233,58 @@ impl Drop for InFlight {
     }
 }
 
+/// Marks a response whose body streams for as long as the client listens (the event stream).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LongLived;
+
+/// The body of a [`LongLived`] response: each frame it yields counts as activity on its
+/// connection, and while it lives the connection is not closed to make room.
+struct Streaming {
+    body: Body,
+    conn: Arc<Conn>,
+}
+
+impl Streaming {
+    fn new(body: Body, conn: &Arc<Conn>) -> Streaming {
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        conn.touch();
+        Streaming {
+            body,
+            conn: Arc::clone(conn),
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl hyper::body::Body for Streaming {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.conn.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 async fn serve_connection(stream: tokio::net::TcpStream, app: Router, conn: Arc<Conn>, stop: CancellationToken) {
     let tower = hyper_util::service::TowerToHyperService::new(app);
     let service = {
@@ -205,10 +292,17 @@ async fn serve_connection(stream: tokio::net::TcpStream, app: Router, conn: Arc<
         hyper::service::service_fn(move |req| {
             let in_flight = InFlight::new(&conn);
             let response = tower.call(req);
+            let conn = Arc::clone(&conn);
             async move {
                 let r = response.await;
                 drop(in_flight);
-                r
+                r.map(|response| {
+                    if response.extensions().get::<LongLived>().is_some() {
+                        response.map(|body| Body::new(Streaming::new(body, &conn)))
+                    } else {
+                        response
+                    }
+                })
             }
         })
     };
@@ -234,8 +328,11 @@ async fn serve_connection(stream: tokio::net::TcpStream, app: Router, conn: Arc<
     conn.close();
 }
 
-fn router(state: Arc<HealthState>) -> Router {
+fn router(state: Arc<HealthState>, hub: Hub) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/events", get(events))
+        .route("/fleet", get(fleet))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
@@ -243,7 +340,71 @@ fn router(state: Arc<HealthState>) -> Router {
         .route("/logs/{service}", get(logs))
         .route("/services/{name}/restart", post(restart))
         .route("/shutdown", post(shutdown))
+        .merge(super::control::routes())
+        .route("/reload", post(reload))
+        .route("/plan", get(plan))
+        .layer(Extension(hub))
         .with_state(state)
+}
+
+/// The status page. Open: it holds no data, only the code that reads the guarded routes. It
+/// may load nothing from anywhere else (the policy says so to the browser too), and no other
+/// site may frame it, so that its restart button cannot be clicked through someone's page.
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// The live status stream (see [`super::events`]); guarded like `/status`.
+async fn events(State(s): State<Arc<HealthState>>, Extension(hub): Extension<Hub>, headers: HeaderMap) -> Response {
+    if s.access.guard_status {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
+    match hub.open(Arc::clone(&s)) {
+        Ok(mut stream) => {
+            stream.extensions_mut().insert(LongLived);
+            stream
+        }
+        Err(busy) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": busy.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+/// Every machine's stored fleet status, read from Redis; guarded like `/status`. When Redis
+/// cannot be read the answer is 503 with the reason.
+async fn fleet(State(s): State<Arc<HealthState>>, Extension(hub): Extension<Hub>, headers: HeaderMap) -> Response {
+    if s.access.guard_status {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
+    match hub.fleet(&s).await {
+        Ok(fleet) => axum::Json(&*fleet).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": crate::logging::error_chain(&*e) })),
+        )
+            .into_response(),
+    }
 }
 
 async fn health(State(s): State<Arc<HealthState>>) -> Response {
@@ -267,11 +428,25 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
     let phase = s.phase();
-    let ready = phase == Phase::Ready;
+    let workers = s.workers_document();
+    // Ready while at least one worker can claim (a machine without workers: by its phase);
+    // the workers that cannot are listed with why, whatever the answer.
+    let can_claim =
+        |w: &super::status::Worker| w.reason.is_none() && matches!(w.state, WorkerStage::Idle | WorkerStage::Busy);
+    let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+    let not_claiming = workers
+        .iter()
+        .filter(|w| !can_claim(w))
+        .map(|w| {
+            let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
+            (w.worker_id.clone(), why)
+        })
+        .collect();
     let body = ReadyDocument {
         ready,
         phase,
-        workers: s.workers_document(),
+        not_claiming,
+        workers,
     };
     let code = if ready {
         StatusCode::OK
@@ -296,21 +471,9 @@ async fn metrics(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respo
             return refusal;
         }
     }
-    for gpu in s.probe.live() {
-        s.metrics.set_gpu(&gpu);
-    }
-    for service in s.services.status() {
-        s.metrics
-            .set_service_restarts(&service.name, u64::from(service.restarts));
-    }
-    if let Some(m) = &s.models {
-        s.metrics.set_models(m.downloads(), m.downloaded_bytes(), m.evictions());
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        s.metrics.encode(),
-    )
-        .into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.scrape_metrics(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -365,9 +528,59 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
     (StatusCode::ACCEPTED, axum::Json(json!({ "shutting_down": true }))).into_response()
 }
 
+/// `POST /reload`: reloads the configuration (control token) and answers the report, or 422
+/// with every problem of a refused configuration.
+async fn reload(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
+        return refusal;
+    }
+    tracing::info!("reload requested over HTTP");
+    let unavailable = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": format!("the machine cannot reload now: {why}") })),
+        )
+            .into_response()
+    };
+    let Some(requests) = s.reload_requests() else {
+        return unavailable("its services are not running yet");
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if requests.send(tx).await.is_err() {
+        return unavailable("it is shutting down");
+    }
+    match rx.await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => {
+            let code = match &e {
+                crate::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                crate::reload::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::reload::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let body = json!({
+                "error": crate::logging::error_chain(&e),
+                "problems": e.problems(),
+            });
+            (code, axum::Json(body)).into_response()
+        }
+        Err(_) => unavailable("it is shutting down"),
+    }
+}
+
+/// `GET /plan`: the running plan and configuration (secrets masked), guarded like `/status`;
+/// `machine config check --diff` compares a new configuration with it.
+async fn plan(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    if s.access.guard_status {
+        if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+            return refusal;
+        }
+    }
+    axum::Json(json!({ "plan": s.plan(), "config": s.config_document() })).into_response()
+}
+
 /// What a guarded route lets the caller do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(super) enum Access {
     /// Read logs, status or metrics: the read token or the control token.
     Read,
     /// Restart services or shut down: the control token only.
@@ -376,7 +589,11 @@ enum Access {
 
 /// Checks `Authorization: Bearer <token>` against the tokens that grant `access` and returns
 /// the refusal when it does not hold; with no such token configured the route is refused.
-fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Response> {
+pub(super) fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Response> {
+    // The control socket grants everything: its file mode is the access check.
+    if is_local(s, headers) {
+        return None;
+    }
     let tokens: Vec<&str> = match access {
         Access::Control => s.control_token.iter().map(|t| t.expose()).collect(),
         Access::Read => s
@@ -395,11 +612,7 @@ fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Respon
         };
         return Some((StatusCode::FORBIDDEN, axum::Json(json!({ "error": error }))).into_response());
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(headers).unwrap_or("");
     // Every token is compared, so the timing does not say which one came close.
     let matched = tokens
         .iter()
@@ -417,6 +630,18 @@ fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Option<Respon
     }
 }
 
+/// Whether the request came through the control socket, which sends the local token.
+fn is_local(s: &HealthState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|given| constant_time_eq(given.as_bytes(), s.local_token.expose().as_bytes()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 /// Compares without an early exit, so response timing does not reveal how much of a guess was
 /// right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -430,6 +655,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_streams_are_not_closed_to_make_room() {
+        let open = Arc::new(Connections::default());
+        let conns: Vec<Arc<Conn>> = (0..MAX_CONNECTIONS)
+            .map(|_| open.admit().expect("room below the cap"))
+            .collect();
+        // The oldest connection writes an event stream; the next oldest is idle.
+        let stream = Streaming::new(Body::empty(), &conns[0]);
+        let _newest = open.admit().expect("an idle connection makes room");
+        assert!(!conns[0].evict.is_cancelled(), "the stream was kept");
+        assert!(conns[1].evict.is_cancelled(), "the oldest idle connection was closed");
+        // Once the stream ends, its connection is an idle one like the others.
+        drop(stream);
+        let _another = open.admit().expect("room again");
+        assert!(conns[0].evict.is_cancelled());
+    }
 
     #[test]
     fn token_comparison() {

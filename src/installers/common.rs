@@ -6,12 +6,12 @@
 //! only hashes a few strings. Commands are argv vectors (never shell strings) whose output is
 //! appended to the installer's log file; each runs in its own process group, killed as a whole
 //! when the install is cancelled or times out. Progress goes three ways: tracing lines with
-//! counts and bytes, an indicatif bar when stderr is a terminal, and [`InstallState`] values in a
-//! `tokio::sync::watch` channel for the status page.
+//! counts and bytes (with rate and time left), an indicatif bar when the logging set-up draws
+//! bars, and [`InstallState`] values in a `tokio::sync::watch` channel for the status page.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -79,11 +79,13 @@ impl Default for Tracker {
 }
 
 impl Tracker {
-    /// A tracker; bars are drawn only when stderr is a terminal (never in container logs).
+    /// A tracker; bars are drawn only where the logging set-up draws them (text format, stderr a
+    /// terminal: never in container logs), in the one container the log writer hides while it
+    /// writes a line.
     pub fn new() -> Self {
         Tracker {
             tx: watch::channel(InstallStates::new()).0,
-            bars: std::io::stderr().is_terminal().then(indicatif::MultiProgress::new),
+            bars: crate::logging::progress_bars(),
         }
     }
 
@@ -106,12 +108,8 @@ impl Tracker {
     /// Starts reporting for installer `name`.
     pub(crate) fn progress(&self, name: &str) -> Progress {
         let bar = self.bars.as_ref().map(|m| {
-            let bar = m.add(indicatif::ProgressBar::new(0));
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} {msg}")
-                    .expect("the template is a valid indicatif template")
-                    .progress_chars("=> "),
-            );
+            let bar = m.add(indicatif::ProgressBar::no_length());
+            bar.set_style(bar_style(None, "items"));
             bar.set_prefix(name.to_owned());
             bar
         });
@@ -121,8 +119,26 @@ impl Tracker {
             bar,
             started: Instant::now(),
             last_log: Arc::new(Mutex::new(None)),
+            step_started: Arc::new(Mutex::new(None)),
         }
     }
+}
+
+/// The bar's look: a spinner while the total is unknown (or zero: a full bar for `0/0` would
+/// claim work done that never started), counts for items, and bytes with rate and ETA for
+/// downloads.
+fn bar_style(total: Option<u64>, unit: &str) -> indicatif::ProgressStyle {
+    let template = match (total.filter(|t| *t > 0), unit) {
+        (None, "bytes") => "{prefix:>16} {spinner} {binary_bytes} {binary_bytes_per_sec} {msg}",
+        (None, _) => "{prefix:>16} {spinner} {msg}",
+        (Some(_), "bytes") => {
+            "{prefix:>16} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta} {msg}"
+        }
+        (Some(_), _) => "{prefix:>16} [{bar:30}] {pos}/{len} {msg}",
+    };
+    indicatif::ProgressStyle::with_template(template)
+        .expect("the templates are valid indicatif templates")
+        .progress_chars("=> ")
 }
 
 /// Reports one installer's progress to the log, the bar and the state channel.
@@ -133,6 +149,8 @@ pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     last_log: Arc<Mutex<Option<Instant>>>,
+    /// The step counted now and when its first count came, for the download rate.
+    step_started: Arc<Mutex<Option<(String, Instant, u64)>>>,
 }
 
 /// How often byte progress is logged.
@@ -143,6 +161,8 @@ impl Progress {
     pub(crate) fn step(&self, step: &str) {
         tracing::info!(target: "machine::install", installer = %self.name, "{step}");
         if let Some(b) = &self.bar {
+            b.unset_length();
+            b.set_style(bar_style(None, "items"));
             b.set_message(step.to_owned());
         }
         self.tracker.set(
@@ -162,7 +182,8 @@ impl Progress {
         self.count(step, done, Some(total), "items");
     }
 
-    /// Bytes of a download so far; logged at most every few seconds.
+    /// Bytes of a download so far; logged at most every few seconds, with the rate and, when
+    /// the size is known, the time left.
     pub(crate) fn bytes(&self, step: &str, done: u64, total: Option<u64>) {
         let now = Instant::now();
         let log = {
@@ -177,21 +198,52 @@ impl Progress {
             due
         };
         if log {
-            tracing::info!(
-                target: "machine::install",
-                installer = %self.name,
+            let rate = self.rate(step, done, now);
+            let mut line = format!(
                 "{step}: {} of {}",
                 human_bytes(done),
                 total.map_or_else(|| "unknown".to_owned(), human_bytes)
             );
+            if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                line.push_str(&format!(", {}/s", human_bytes(rate as u64)));
+                if let Some(total) = total.filter(|t| *t > done) {
+                    let left = Duration::from_secs_f64(((total - done) as f64 / rate).ceil());
+                    line.push_str(&format!(", {} left", humantime::format_duration(left)));
+                }
+            }
+            tracing::info!(target: "machine::install", installer = %self.name, "{line}");
         }
         self.count(step, done, total, "bytes");
     }
 
+    /// Bytes per second of `step` since its first count, once there is a measurable interval.
+    fn rate(&self, step: &str, done: u64, now: Instant) -> Option<f64> {
+        let mut started = self
+            .step_started
+            .lock()
+            .expect("the progress lock is never held across a panic");
+        match &*started {
+            Some((s, at, first)) if s == step && done >= *first => {
+                let secs = now.duration_since(*at).as_secs_f64();
+                (secs >= 0.5).then(|| (done - first) as f64 / secs)
+            }
+            _ => {
+                *started = Some((step.to_owned(), now, done));
+                None
+            }
+        }
+    }
+
     fn count(&self, step: &str, done: u64, total: Option<u64>, unit: &'static str) {
         if let Some(b) = &self.bar {
-            b.set_length(total.unwrap_or(0));
+            // Position and length before the style, so that no draw in between shows one
+            // step's count against another step's total.
             b.set_position(done);
+            match total.filter(|t| *t > 0) {
+                Some(t) => b.set_length(t),
+                None => b.unset_length(),
+            }
+            b.set_style(bar_style(total, unit));
             b.set_message(step.to_owned());
         }
         self.tracker.set(
@@ -220,8 +272,10 @@ impl Progress {
                 failed_items.join(", ")
             );
         }
+        // The bar goes once its line is logged: a finished bar left on screen would be drawn
+        // again below every later log line.
         if let Some(b) = &self.bar {
-            b.finish_with_message(if skipped { "up to date" } else { "done" });
+            b.finish_and_clear();
         }
         self.tracker.set(
             &self.name,
@@ -238,7 +292,7 @@ impl Progress {
         let reason = error_chain(error);
         tracing::error!(target: "machine::install", installer = %self.name, "{reason}");
         if let Some(b) = &self.bar {
-            b.abandon_with_message("failed");
+            b.finish_and_clear();
         }
         self.tracker.set(&self.name, InstallState::Failed { reason });
     }
@@ -379,6 +433,7 @@ impl Cmd {
             .open(log)
             .map_err(|e| InstallError::io("open", log, e))?;
         let _ = writeln!(file, "$ {command}");
+        let start = file.metadata().map_or(0, |m| m.len());
         let err = file.try_clone().map_err(|e| InstallError::io("open", log, e))?;
         let mut c = tokio::process::Command::new(&self.argv[0]);
         c.args(&self.argv[1..])
@@ -409,12 +464,38 @@ impl Cmd {
         // Installers' children (pip, npm, git) start children of their own: a cancelled or
         // timed-out install must end the whole group, not only the direct child.
         let guard = GroupGuard(child.id());
-        let out = tokio::select! {
-            out = child.wait_with_output() => out.map_err(|source| InstallError::Spawn { command: command.clone(), source })?,
-            () = cancel.cancelled() => return Err(InstallError::Cancelled),
+        let installer = log
+            .file_stem()
+            .map(|s| s.to_string_lossy().trim_start_matches("install-").to_owned())
+            .unwrap_or_default();
+        let short = self.short();
+        let started = Instant::now();
+        let wait = child.wait_with_output();
+        tokio::pin!(wait);
+        let mut heartbeat = tokio::time::interval_at((started + HEARTBEAT).into(), HEARTBEAT);
+        // A long pip or git run is summarised in the log rather than hidden in its file: what it
+        // is doing now every so often, and what it installed at the end.
+        let out = loop {
+            tokio::select! {
+                out = &mut wait => break out.map_err(|source| InstallError::Spawn { command: command.clone(), source })?,
+                () = cancel.cancelled() => return Err(InstallError::Cancelled),
+                _ = heartbeat.tick() => {
+                    let now = last_output_line(log, start);
+                    tracing::info!(
+                        target: "machine::install",
+                        installer = %installer,
+                        "{short}: still running after {}{}",
+                        humantime::format_duration(Duration::from_secs(started.elapsed().as_secs())),
+                        now.map(|l| format!(" ({l})")).unwrap_or_default()
+                    );
+                }
+            }
         };
         std::mem::forget(guard);
         if out.status.success() {
+            if let Some(summary) = self.summary(log, start) {
+                tracing::info!(target: "machine::install", installer = %installer, "{short}: {summary}");
+            }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(InstallError::Exit {
@@ -425,6 +506,93 @@ impl Cmd {
             })
         }
     }
+
+    /// The program and its first words, for log lines: never a URL, which may hold credentials.
+    fn short(&self) -> String {
+        let program = Path::new(&self.argv[0])
+            .file_name()
+            .map_or_else(|| self.argv[0].to_string_lossy(), |n| n.to_string_lossy())
+            .into_owned();
+        let words = self.argv[1..]
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .filter(|a| !a.starts_with('-') && !a.contains("://") && !a.contains('/'))
+            .take(2);
+        std::iter::once(program.into())
+            .chain(words)
+            .collect::<Vec<std::borrow::Cow<'_, str>>>()
+            .join(" ")
+    }
+
+    /// What a finished pip install did, from its output in the log since `start`.
+    fn summary(&self, log: &Path, start: u64) -> Option<String> {
+        let is_pip_install = self.argv.iter().any(|a| a == "pip") && self.argv.iter().any(|a| a == "install");
+        if !is_pip_install {
+            return None;
+        }
+        let output = read_from(log, start, MAX_SUMMARY_READ);
+        Some(pip_summary(&output))
+    }
+}
+
+/// How often a running install command's progress is logged.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How much of a command's output is read for its summary.
+const MAX_SUMMARY_READ: u64 = 4 << 20;
+
+/// `Successfully installed a-1 b-2` into "installed 2 packages: a-1, b-2", else how many
+/// requirements were already there.
+fn pip_summary(output: &str) -> String {
+    if let Some(line) = output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("Successfully installed "))
+    {
+        let packages: Vec<&str> = line.split_whitespace().collect();
+        const SHOWN: usize = 8;
+        let mut s = format!(
+            "installed {} package{}: {}",
+            packages.len(),
+            if packages.len() == 1 { "" } else { "s" },
+            packages[..packages.len().min(SHOWN)].join(", ")
+        );
+        if packages.len() > SHOWN {
+            s.push_str(&format!(" and {} more", packages.len() - SHOWN));
+        }
+        s
+    } else {
+        let satisfied = output
+            .lines()
+            .filter(|l| l.starts_with("Requirement already satisfied"))
+            .count();
+        format!("nothing new to install ({satisfied} requirements already satisfied)")
+    }
+}
+
+/// The log's text from byte `start`, at most `max` bytes (the last ones).
+fn read_from(log: &Path, start: u64, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let from = start.max(len.saturating_sub(max));
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_ok() {
+        let _ = f.take(max).read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The last non-empty line a command wrote to the log since `start` (progress bars' carriage
+/// returns split lines too), cut to a length a log line can carry.
+fn last_output_line(log: &Path, start: u64) -> Option<String> {
+    let text = read_from(log, start, 4096);
+    let line = text
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with("$ "))?;
+    Some(line.chars().take(160).collect())
 }
 
 /// Kills a child's process group when dropped before the child was waited for.
@@ -579,6 +747,46 @@ mod tests {
         assert!(
             matches!(&tracker.snapshot()["comfyui"], InstallState::Done { skipped: false, failed_items, .. } if failed_items.len() == 1)
         );
+    }
+
+    #[test]
+    fn pip_output_is_summarised() {
+        let out = "Collecting a\nRequirement already satisfied: b in ./venv\nSuccessfully installed a-1.0 c-2.0\n";
+        assert_eq!(pip_summary(out), "installed 2 packages: a-1.0, c-2.0");
+        let many: Vec<String> = (0..10).map(|i| format!("p{i}-1")).collect();
+        let out = format!("Successfully installed {}\n", many.join(" "));
+        assert!(pip_summary(&out).ends_with("p7-1 and 2 more"), "{}", pip_summary(&out));
+        let out = "Requirement already satisfied: a\nRequirement already satisfied: b\n";
+        assert_eq!(
+            pip_summary(out),
+            "nothing new to install (2 requirements already satisfied)"
+        );
+    }
+
+    #[test]
+    fn command_lines_in_logs_hold_no_urls() {
+        let c = Cmd::new("/venv/bin/python")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--extra-index-url",
+                "https://u:secret@x/simple",
+                "-r",
+            ])
+            .arg("/w/requirements.txt");
+        assert_eq!(c.short(), "python pip install");
+        let g = Cmd::new("git").args(["-C", "/w/ComfyUI", "fetch", "--quiet", "origin", "https://u:p@h/r"]);
+        assert_eq!(g.short(), "git fetch origin");
+    }
+
+    #[test]
+    fn the_last_output_line_skips_the_command_and_bar_redraws() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("install-x.log");
+        std::fs::write(&log, "old run\n$ pip install x\nCollecting x\r 10%\r 55% |###  |\r\n").unwrap();
+        assert_eq!(last_output_line(&log, 8).as_deref(), Some("55% |###  |"));
+        assert_eq!(last_output_line(&log, 1000), None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! What other subsystems see of the supervisor: a cloneable [`SupervisorHandle`] that starts,
 //! stops and restarts services by name, reads their [`ServiceStatus`] and log tail, watches a
 //! set of services for health ([`ServicesWatch`]), and tells when a `critical` service failed.
+//! A reload adds and removes services through it ([`SupervisorHandle::add`],
+//! [`SupervisorHandle::remove`]) while the others run on untouched.
 //!
 //! The handle never blocks on a service: statuses are `tokio::sync::watch` values each actor
 //! publishes, and commands are messages the actor answers when it has acted.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
@@ -132,6 +134,9 @@ pub enum SupervisorError {
     /// The supervisor has shut down.
     #[error("failed to reach service `{0}`: the supervisor has stopped")]
     Gone(String),
+    /// A service of that name is already supervised.
+    #[error("failed to add service `{0}`: a service of that name runs already")]
+    Exists(String),
     /// The log directory could not be created.
     #[error("failed to create the log directory {path}")]
     LogDir {
@@ -161,12 +166,20 @@ pub(crate) struct Entry {
     pub tail: Arc<Tail>,
 }
 
+/// The services supervised now; a reload changes it.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    /// Services in start order (added services last).
+    pub order: Vec<String>,
+    pub services: BTreeMap<String, Entry>,
+}
+
 #[derive(Debug)]
 struct Inner {
-    /// Services in start order.
-    order: Vec<String>,
-    services: BTreeMap<String, Entry>,
+    registry: RwLock<Registry>,
     critical: watch::Receiver<Option<String>>,
+    /// Builds and hands over the actors of added services.
+    growth: super::tree::Growth,
 }
 
 /// The supervisor as every other subsystem sees it. Cheap to clone.
@@ -177,31 +190,65 @@ pub struct SupervisorHandle {
 
 impl SupervisorHandle {
     pub(crate) fn new(
-        order: Vec<String>,
-        services: BTreeMap<String, Entry>,
+        registry: Registry,
         critical: watch::Receiver<Option<String>>,
+        growth: super::tree::Growth,
     ) -> Self {
         SupervisorHandle {
             inner: Arc::new(Inner {
-                order,
-                services,
+                registry: RwLock::new(registry),
                 critical,
+                growth,
             }),
         }
     }
 
-    fn entry(&self, name: &str) -> Result<&Entry, SupervisorError> {
-        self.inner
+    /// Reads one service's entry; the lock is held only while `f` runs, never across an await.
+    fn entry<T>(&self, name: &str, f: impl FnOnce(&Entry) -> T) -> Result<T, SupervisorError> {
+        let registry = self.inner.registry.read().unwrap_or_else(PoisonError::into_inner);
+        registry
             .services
             .get(name)
+            .map(f)
             .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
     }
 
     async fn send(&self, name: &str, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> Result<(), SupervisorError> {
         let (tx, rx) = oneshot::channel();
         let gone = || SupervisorError::Gone(name.to_owned());
-        self.entry(name)?.commands.send(make(tx)).await.map_err(|_| gone())?;
+        let commands = self.entry(name, |e| e.commands.clone())?;
+        commands.send(make(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
+    }
+
+    /// Supervises a new service (a reload added it): it starts as soon as the services in its
+    /// `after` list are ready. Returns once the running supervisor took it.
+    pub fn add(&self, spec: crate::config::ServiceSpec) -> Result<(), SupervisorError> {
+        let mut registry = self.inner.registry.write().unwrap_or_else(PoisonError::into_inner);
+        if registry.services.contains_key(&spec.name) {
+            return Err(SupervisorError::Exists(spec.name));
+        }
+        let name = spec.name.clone();
+        let (status_tx, _) = watch::channel(ServiceStatus::new(&spec.name, spec.gpu, spec.critical));
+        let status_of = |d: &str| registry.services.get(d).map(|e| e.status.clone());
+        let (actor, entry) = self.inner.growth.actor(spec, status_tx, &status_of);
+        registry.order.push(name.clone());
+        registry.services.insert(name.clone(), entry);
+        self.inner
+            .growth
+            .hand_over(actor)
+            .map_err(|()| SupervisorError::Gone(name))
+    }
+
+    /// Stops a service for good (as at shutdown: SIGTERM, its grace, SIGKILL) and forgets it.
+    /// Returns once it has stopped. The caller stops the services that start after it first.
+    pub async fn remove(&self, name: &str) -> Result<(), SupervisorError> {
+        self.entry(name, |_| ())?;
+        let result = self.inner.growth.retire(name).await;
+        let mut registry = self.inner.registry.write().unwrap_or_else(PoisonError::into_inner);
+        registry.services.remove(name);
+        registry.order.retain(|n| n != name);
+        result.map_err(|()| SupervisorError::Gone(name.to_owned()))
     }
 
     /// Starts a stopped, exited or failed service (or cuts a backoff short), with a fresh
@@ -233,29 +280,45 @@ impl SupervisorHandle {
 
     /// The status of every service, in start order.
     pub fn status(&self) -> Vec<ServiceStatus> {
-        self.inner
+        let registry = self.inner.registry.read().unwrap_or_else(PoisonError::into_inner);
+        registry
             .order
             .iter()
-            .filter_map(|n| self.inner.services.get(n))
+            .filter_map(|n| registry.services.get(n))
             .map(|e| e.status.borrow().clone())
             .collect()
     }
 
+    /// The names of the services supervised now, in start order.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .order
+            .clone()
+    }
+
     /// The status of one service.
     pub fn service(&self, name: &str) -> Result<ServiceStatus, SupervisorError> {
-        Ok(self.entry(name)?.status.borrow().clone())
+        self.entry(name, |e| e.status.borrow().clone())
     }
 
     /// The last `n` lines of a service's output, oldest first.
     pub fn logs(&self, name: &str, n: usize) -> Result<Vec<String>, SupervisorError> {
-        Ok(self.entry(name)?.tail.last(n))
+        self.entry(name, |e| e.tail.last(n))
+    }
+
+    /// A service's output tail itself, for a reader that follows it.
+    pub fn log_tail(&self, name: &str) -> Result<Arc<Tail>, SupervisorError> {
+        self.entry(name, |e| Arc::clone(&e.tail))
     }
 
     /// A watch over the health of `names` (e.g. a GPU worker's services).
     pub fn watch(&self, names: &[String]) -> Result<ServicesWatch, SupervisorError> {
         let receivers = names
             .iter()
-            .map(|n| self.entry(n).map(|e| e.status.clone()))
+            .map(|n| self.entry(n, |e| e.status.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ServicesWatch { receivers })
     }

@@ -1,5 +1,6 @@
 //! Service output: split into lines with a hard length limit, copied to the machine's own
-//! stdout/stderr with a `[name] ` prefix, appended to a size-rotated file per service under
+//! stdout/stderr (`[name] line`, or one JSON object per line with `LOG_FORMAT=json`, through
+//! [`crate::logging::service_line`]), appended to a size-rotated file per service under
 //! `<workspace>/logs/`, and kept as an in-memory tail for the status API.
 //!
 //! Memory is bounded whatever a child prints: a line longer than `max_line_bytes` is cut there
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::SupervisorConfig;
+use crate::logging::Output;
 
 /// Splits a byte stream into lines of at most `max` bytes.
 #[derive(Debug)]
@@ -177,37 +179,91 @@ fn numbered(path: &Path, i: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The last lines of a service's output, shared between the actor and the status API.
+/// The last lines of a service's output (or of the machine's own log), shared between the
+/// writer and the status API. Each line is numbered as it arrives, so a reader that follows the
+/// log asks for the lines after the last one it saw ([`Tail::after`]) without missing or
+/// repeating any while the tail rotates.
 #[derive(Debug)]
 pub struct Tail {
-    lines: Mutex<VecDeque<String>>,
+    lines: Mutex<Lines>,
     cap: usize,
+    /// Whether each line gets the time it arrived in front (service output has none of its own;
+    /// the machine's log lines carry theirs).
+    stamp: bool,
+}
+
+#[derive(Debug, Default)]
+struct Lines {
+    kept: VecDeque<String>,
+    /// How many lines were ever pushed: the number the next one gets.
+    total: u64,
 }
 
 impl Tail {
-    /// An empty tail keeping at most `cap` lines.
+    /// An empty tail keeping at most `cap` lines, each stamped with the time it arrived.
     pub fn new(cap: usize) -> Tail {
         Tail {
-            lines: Mutex::new(VecDeque::with_capacity(cap.min(64))),
+            lines: Mutex::new(Lines {
+                kept: VecDeque::with_capacity(cap.min(64)),
+                total: 0,
+            }),
             cap,
+            stamp: true,
         }
     }
 
-    fn push(&self, line: String) {
+    /// An empty tail keeping at most `cap` lines as they are given (already stamped).
+    pub fn unstamped(cap: usize) -> Tail {
+        Tail {
+            stamp: false,
+            ..Tail::new(cap)
+        }
+    }
+
+    /// Appends one line, dropping the oldest at the cap.
+    pub(crate) fn push(&self, line: String) {
         if self.cap == 0 {
             return;
         }
+        let line = if self.stamp {
+            format!(
+                "{} {line}",
+                humantime::format_rfc3339_millis(std::time::SystemTime::now())
+            )
+        } else {
+            line
+        };
         let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        if lines.len() == self.cap {
-            lines.pop_front();
+        if lines.kept.len() == self.cap {
+            lines.kept.pop_front();
         }
-        lines.push_back(line);
+        lines.kept.push_back(line);
+        lines.total += 1;
     }
 
     /// The last `n` lines, oldest first.
     pub fn last(&self, n: usize) -> Vec<String> {
+        self.last_and_cursor(n).0
+    }
+
+    /// The last `n` lines, oldest first, and the cursor to pass to [`Tail::after`] for the
+    /// lines that follow them.
+    pub fn last_and_cursor(&self, n: usize) -> (Vec<String>, u64) {
         let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
-        lines.iter().skip(lines.len().saturating_sub(n)).cloned().collect()
+        let kept = &lines.kept;
+        (
+            kept.iter().skip(kept.len().saturating_sub(n)).cloned().collect(),
+            lines.total,
+        )
+    }
+
+    /// The lines pushed since `cursor` (those already dropped from the tail are skipped), and
+    /// the cursor after them.
+    pub fn after(&self, cursor: u64) -> (Vec<String>, u64) {
+        let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = lines.total - lines.kept.len() as u64;
+        let skip = usize::try_from(cursor.saturating_sub(first)).unwrap_or(usize::MAX);
+        (lines.kept.iter().skip(skip).cloned().collect(), lines.total)
     }
 }
 
@@ -223,7 +279,7 @@ pub enum Stream {
 /// Everything one service's output goes to; shared by its stdout and stderr readers.
 #[derive(Debug)]
 pub struct ServiceLog {
-    prefix: String,
+    name: String,
     file: Mutex<RotatingFile>,
     tail: Arc<Tail>,
     max_line_bytes: usize,
@@ -233,7 +289,7 @@ impl ServiceLog {
     /// The log of service `name`, writing `<dir>/<name>.log`.
     pub fn new(name: &str, dir: &Path, cfg: &SupervisorConfig) -> ServiceLog {
         ServiceLog {
-            prefix: format!("[{name}] "),
+            name: name.to_owned(),
             file: Mutex::new(RotatingFile::new(
                 dir.join(format!("{name}.log")),
                 cfg.log_max_bytes,
@@ -252,15 +308,11 @@ impl ServiceLog {
     /// Records one line of output.
     pub fn line(&self, stream: Stream, raw: &[u8]) {
         let text = String::from_utf8_lossy(raw);
-        let mut out = Vec::with_capacity(self.prefix.len() + text.len() + 1);
-        out.extend_from_slice(self.prefix.as_bytes());
-        out.extend_from_slice(text.as_bytes());
-        out.push(b'\n');
-        // The machine's own output is the container log; if it is closed there is nobody to tell.
-        let _ = match stream {
-            Stream::Stdout => io::stdout().lock().write_all(&out),
-            Stream::Stderr => io::stderr().lock().write_all(&out),
+        let output = match stream {
+            Stream::Stdout => Output::Stdout,
+            Stream::Stderr => Output::Stderr,
         };
+        crate::logging::service_line(&self.name, output, &text);
         self.file
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -281,7 +333,7 @@ impl ServiceLog {
         splitter.finish(|l| self.line(stream, l));
         if splitter.dropped() > 0 {
             tracing::warn!(
-                service = %self.prefix.trim_matches(|c| c == '[' || c == ']' || c == ' '),
+                service = %self.name,
                 bytes = splitter.dropped(),
                 "cut overlong output lines"
             );
@@ -302,6 +354,27 @@ mod tests {
         }
         s.finish(|l| out.push(l.to_vec()));
         out
+    }
+
+    #[test]
+    fn a_follower_sees_every_kept_line_once() {
+        let tail = Tail::unstamped(3);
+        tail.push("a".into());
+        let (first, cursor) = tail.last_and_cursor(10);
+        assert_eq!(first, ["a"]);
+        for l in ["b", "c", "d", "e"] {
+            tail.push(l.into());
+        }
+        // "b" rotated out before the follower came back; the rest arrive once, in order.
+        assert_eq!(tail.after(cursor), (vec!["c".into(), "d".into(), "e".into()], 5));
+        assert_eq!(tail.after(5), (vec![], 5));
+        let stamped = Tail::new(2);
+        stamped.push("x".into());
+        let line = &stamped.last(1)[0];
+        assert!(
+            line.ends_with("Z x") && line.len() == "2026-01-01T00:00:00.000Z x".len(),
+            "{line}"
+        );
     }
 
     #[test]
@@ -383,8 +456,15 @@ mod tests {
             log.line(Stream::Stdout, format!("l{i}").as_bytes());
         }
         log.line(Stream::Stderr, b"bad \xff byte");
-        assert_eq!(log.tail().last(10), ["l8", "l9", "bad \u{fffd} byte"]);
-        assert_eq!(log.tail().last(1), ["bad \u{fffd} byte"]);
+        // Each kept line starts with the time it arrived.
+        let unstamped = |lines: Vec<String>| -> Vec<String> {
+            lines
+                .iter()
+                .map(|l| l.split_once(' ').expect("stamped").1.to_owned())
+                .collect()
+        };
+        assert_eq!(unstamped(log.tail().last(10)), ["l8", "l9", "bad \u{fffd} byte"]);
+        assert_eq!(unstamped(log.tail().last(1)), ["bad \u{fffd} byte"]);
         let file = std::fs::read_to_string(dir.path().join("t.log")).unwrap();
         assert_eq!(file.lines().count(), 11);
     }

@@ -1,12 +1,15 @@
 //! The machine's signal handling, in one place: SIGTERM or SIGINT starts the graceful shutdown,
-//! a second one turns it into an immediate stop (SIGKILL to every service group), and SIGHUP is
-//! logged and otherwise ignored (it is reserved for reloading the configuration).
+//! a second one turns it into an immediate stop (SIGKILL to every service group), and SIGHUP
+//! asks for a reload of the configuration (see [`crate::reload`]).
 //!
 //! SIGCHLD belongs to the reaper. Handlers are installed by [`Signals::install`], before any
 //! child is started, so that a signal arriving during startup is not lost (as PID 1 an
 //! unhandled SIGTERM would simply be ignored by the kernel).
 
+use std::sync::Arc;
+
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Why the signal handlers could not be installed.
@@ -42,16 +45,23 @@ impl Signals {
         })
     }
 
-    /// Turns signals into `shutdown` (the first SIGTERM/SIGINT) and `force` (the second) until
-    /// `stop` is cancelled.
-    pub async fn run(mut self, shutdown: CancellationToken, force: CancellationToken, stop: CancellationToken) {
+    /// Turns signals into `shutdown` (the first SIGTERM/SIGINT), `force` (the second) and a
+    /// reload request on `hup` (SIGHUP) until `stop` is cancelled.
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+        stop: CancellationToken,
+        hup: Arc<Notify>,
+    ) {
         loop {
             let name = tokio::select! {
                 () = stop.cancelled() => return,
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
                 _ = self.hup.recv() => {
-                    tracing::info!("SIGHUP received; reloading is not supported yet, ignoring it");
+                    // Several SIGHUPs before the reloader gets to them make one reload.
+                    hup.notify_one();
                     continue;
                 }
             };

@@ -5,16 +5,22 @@
 //! Services are started concurrently, each as soon as its `after` services are ready; at
 //! shutdown each waits for its dependants to stop before it stops, which gives reverse
 //! dependency order while independent services stop in parallel.
+//!
+//! A reload adds and removes services while the rest run on: each actor runs under its own
+//! child of the shutdown token, so removing one is its own shutdown (after its dependants, with
+//! its grace), and [`Growth`] builds the actors of added services and hands them to the running
+//! supervisor. A service added later is not among the dependants of the services it starts
+//! after, so at machine shutdown those may stop alongside it rather than after it.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{Entry, ServiceStatus, SupervisorError, SupervisorHandle};
+use super::handle::{Entry, Registry, ServiceStatus, SupervisorError, SupervisorHandle};
 use super::logs::ServiceLog;
 use super::pidfile::PidFile;
 use super::policy::{History, Policy};
@@ -25,7 +31,86 @@ use crate::config::{ServiceSpec, SupervisorConfig};
 #[derive(Debug)]
 pub struct Supervisor {
     actors: Vec<Actor>,
+    changes: mpsc::UnboundedReceiver<Change>,
     handle: SupervisorHandle,
+}
+
+/// A change a reload makes to the running set of services.
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// Run this actor too.
+    Add(Box<Actor>),
+    /// Stop this service for good; answer once it has stopped.
+    Remove(String, oneshot::Sender<()>),
+}
+
+/// What building an actor needs beyond its spec, kept by the handle so that a reload can add
+/// services to a running supervisor.
+#[derive(Debug)]
+pub(crate) struct Growth {
+    cfg: SupervisorConfig,
+    log_dir: PathBuf,
+    pids: Arc<PidFile>,
+    critical: Arc<watch::Sender<Option<String>>>,
+    epoch: Instant,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Growth {
+    /// The actor of `spec`, publishing on `status_tx`, and its registry entry; it starts after
+    /// the services its `after` names, whose statuses `status_of` gives.
+    pub(crate) fn actor(
+        &self,
+        spec: ServiceSpec,
+        status_tx: watch::Sender<ServiceStatus>,
+        status_of: &dyn Fn(&str) -> Option<watch::Receiver<ServiceStatus>>,
+    ) -> (Actor, Entry) {
+        let deps = spec
+            .after
+            .iter()
+            .filter_map(|d| {
+                let rx = status_of(d);
+                if rx.is_none() {
+                    tracing::warn!(service = %spec.name, after = %d, "ignoring an unknown service in `after`");
+                }
+                rx
+            })
+            .collect();
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let log = Arc::new(ServiceLog::new(&spec.name, &self.log_dir, &self.cfg));
+        let entry = Entry {
+            commands: cmd_tx,
+            status: status_tx.subscribe(),
+            tail: Arc::clone(log.tail()),
+        };
+        let actor = Actor {
+            policy: Policy::new(spec.restart, &self.cfg),
+            history: History::default(),
+            status: status_tx,
+            deps,
+            dependants: Vec::new(),
+            commands: cmd_rx,
+            log,
+            pids: Arc::clone(&self.pids),
+            critical: Arc::clone(&self.critical),
+            epoch: self.epoch,
+            runs: 0,
+            spec,
+        };
+        (actor, entry)
+    }
+
+    /// Hands an added service's actor to the running supervisor; `Err` once it has stopped.
+    pub(crate) fn hand_over(&self, actor: Actor) -> Result<(), ()> {
+        self.changes.send(Change::Add(Box::new(actor))).map_err(|_| ())
+    }
+
+    /// Stops a service for good; `Err` when the supervisor stopped first.
+    pub(crate) async fn retire(&self, name: &str) -> Result<(), ()> {
+        let (tx, rx) = oneshot::channel();
+        self.changes.send(Change::Remove(name.to_owned(), tx)).map_err(|_| ())?;
+        rx.await.map_err(|_| ())
+    }
 }
 
 impl Supervisor {
@@ -45,55 +130,37 @@ impl Supervisor {
         })?;
         let pids = Arc::new(PidFile::new(workspace));
         pids.kill_leftovers();
-        let epoch = Instant::now();
         let (critical_tx, critical_rx) = watch::channel(None);
-        let critical = Arc::new(critical_tx);
-        let mut statuses = BTreeMap::new();
-        let mut parts = Vec::new();
-        for spec in services {
-            let (status_tx, status_rx) = watch::channel(ServiceStatus::new(&spec.name, spec.gpu, spec.critical));
-            statuses.insert(spec.name.clone(), status_rx);
-            parts.push((spec, status_tx));
+        let (changes_tx, changes) = mpsc::unbounded_channel();
+        let growth = Growth {
+            cfg: cfg.clone(),
+            log_dir,
+            pids,
+            critical: Arc::new(critical_tx),
+            epoch: Instant::now(),
+            changes: changes_tx,
+        };
+        // Statuses first, so that a service's `after` may name one listed after it.
+        let mut registry = Registry::default();
+        let mut senders: BTreeMap<String, watch::Sender<ServiceStatus>> = BTreeMap::new();
+        let mut statuses: BTreeMap<String, watch::Receiver<ServiceStatus>> = BTreeMap::new();
+        for spec in &services {
+            let (tx, rx) = watch::channel(ServiceStatus::new(&spec.name, spec.gpu, spec.critical));
+            senders.insert(spec.name.clone(), tx);
+            statuses.insert(spec.name.clone(), rx);
         }
-        let mut entries = BTreeMap::new();
+        let status_of = |name: &str| statuses.get(name).cloned();
         let mut actors = Vec::new();
-        let order: Vec<String> = parts.iter().map(|(s, _)| s.name.clone()).collect();
-        for (spec, status_tx) in parts {
-            let deps = spec
-                .after
-                .iter()
-                .filter_map(|d| {
-                    let rx = statuses.get(d).cloned();
-                    if rx.is_none() {
-                        tracing::warn!(service = %spec.name, after = %d, "ignoring an unknown service in `after`");
-                    }
-                    rx
-                })
-                .collect();
-            let (cmd_tx, cmd_rx) = mpsc::channel(8);
-            let log = Arc::new(ServiceLog::new(&spec.name, &log_dir, cfg));
-            entries.insert(
-                spec.name.clone(),
-                Entry {
-                    commands: cmd_tx,
-                    status: status_tx.subscribe(),
-                    tail: Arc::clone(log.tail()),
-                },
-            );
-            actors.push(Actor {
-                policy: Policy::new(spec.restart, cfg),
-                history: History::default(),
-                status: status_tx,
-                deps,
-                dependants: Vec::new(),
-                commands: cmd_rx,
-                log,
-                pids: Arc::clone(&pids),
-                critical: Arc::clone(&critical),
-                epoch,
-                runs: 0,
-                spec,
-            });
+        for spec in services {
+            let name = spec.name.clone();
+            let Some(tx) = senders.remove(&name) else {
+                // A second service of the same name: the plan's graph check refuses that.
+                continue;
+            };
+            let (actor, entry) = growth.actor(spec, tx, &status_of);
+            registry.order.push(name.clone());
+            registry.services.insert(name, entry);
+            actors.push(actor);
         }
         let after: Vec<(String, Vec<String>)> = actors
             .iter()
@@ -103,12 +170,13 @@ impl Supervisor {
             actor.dependants = after
                 .iter()
                 .filter(|(_, deps)| deps.contains(&actor.spec.name))
-                .filter_map(|(name, _)| statuses.get(name).cloned())
+                .filter_map(|(name, _)| registry.services.get(name).map(|e| e.status.clone()))
                 .collect();
         }
         Ok(Supervisor {
             actors,
-            handle: SupervisorHandle::new(order, entries, critical_rx),
+            changes,
+            handle: SupervisorHandle::new(registry, critical_rx, growth),
         })
     }
 
@@ -119,21 +187,77 @@ impl Supervisor {
 
     /// Runs every service until `shutdown` is cancelled, then stops them in reverse dependency
     /// order (each within its grace, or at once when `force` is cancelled) and returns when all
-    /// are stopped.
+    /// are stopped. Meanwhile it runs the services a reload adds and stops those it removes.
     pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) -> Result<(), SupervisorError> {
-        let tasks: Vec<_> = self
-            .actors
-            .into_iter()
-            .map(|a| {
-                let name = a.spec.name.clone();
-                (name, tokio::spawn(a.run(shutdown.clone(), force.clone())))
-            })
-            .collect();
-        for (name, task) in tasks {
-            if let Err(e) = task.await {
-                tracing::error!(service = %name, "the service's actor failed: {e}");
+        let mut running = Running::default();
+        for actor in self.actors {
+            running.spawn(actor, &shutdown, &force);
+        }
+        let mut changes = self.changes;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(change) = changes.recv() => match change {
+                    Change::Add(actor) => {
+                        tracing::info!(service = %actor.spec.name, "service added");
+                        running.spawn(*actor, &shutdown, &force);
+                    }
+                    Change::Remove(name, reply) => running.remove(&name, reply),
+                },
+                Some(joined) = running.tasks.join_next_with_id() => running.ended(joined),
             }
         }
+        while let Some(joined) = running.tasks.join_next_with_id().await {
+            running.ended(joined);
+        }
         Ok(())
+    }
+}
+
+/// The running actors: each under its own child of the shutdown token, so one can be stopped
+/// alone.
+#[derive(Default)]
+struct Running {
+    tasks: tokio::task::JoinSet<()>,
+    names: HashMap<tokio::task::Id, String>,
+    tokens: BTreeMap<String, (tokio::task::Id, CancellationToken)>,
+    /// Removals waiting for their actor to end.
+    removing: HashMap<tokio::task::Id, oneshot::Sender<()>>,
+}
+
+impl Running {
+    fn spawn(&mut self, actor: Actor, shutdown: &CancellationToken, force: &CancellationToken) {
+        let name = actor.spec.name.clone();
+        let own = shutdown.child_token();
+        let id = self.tasks.spawn(actor.run(own.clone(), force.clone())).id();
+        self.tokens.insert(name.clone(), (id, own));
+        self.names.insert(id, name);
+    }
+
+    fn remove(&mut self, name: &str, reply: oneshot::Sender<()>) {
+        match self.tokens.remove(name) {
+            Some((id, own)) => {
+                tracing::info!(service = %name, "service removed; stopping it");
+                own.cancel();
+                self.removing.insert(id, reply);
+            }
+            None => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn ended(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &joined {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let name = self.names.remove(&id).unwrap_or_default();
+        if let Err(e) = joined {
+            tracing::error!(service = %name, "the service's actor failed: {e}");
+        }
+        if let Some(reply) = self.removing.remove(&id) {
+            let _ = reply.send(());
+        }
     }
 }

@@ -13,9 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use crate::broker::{Capabilities, CustomerAccess, Hardware};
 use crate::config::{ConnectorKind, WorkerConfig};
 use crate::gpu::Probe;
-use crate::matcher::{Capabilities, CustomerAccess, Hardware};
 use crate::plan::WorkerPlan;
 
 /// File extensions of model weights.

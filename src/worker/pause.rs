@@ -1,17 +1,19 @@
-//! A worker's pause: the small contract between a worker's loop and the upkeep of its
-//! services ([`super::upkeep`]).
+//! The one thing the upkeep of a worker's services ([`super::upkeep`]) needs from the worker's
+//! loop that its holds ([`super::hold`]) do not give: "a job ended; decide before I claim
+//! again".
 //!
-//! The worker asks two things of it: "may I claim now, and if not, why" ([`PauseGate::reason`],
-//! [`PauseGate::released`]; a claim already waiting gives up when a hold appears,
-//! [`PauseGate::held`]) and, after every job, "is a service restart planned before the next
-//! claim" ([`PauseGate::job_ended`], which returns once the upkeep has decided, so a planned
-//! restart is always held before the worker can claim again). The upkeep holds with
-//! [`Pause::hold`], waits until the worker is parked on the hold between jobs
-//! ([`Pause::parked`]), restarts what it must, and releases.
+//! The upkeep holds the worker through its [`Holds`](super::hold::Holds), with
+//! [`HoldKind::PlannedRestart`](super::hold::HoldKind::PlannedRestart) and
+//! [`HoldKind::WarmingUp`](super::hold::HoldKind::WarmingUp), like every other source of holds.
+//! But a restart planned because of the job that just ended (its count, a service that stopped
+//! answering) must be held before the worker can claim the next one: so after every job the
+//! worker tells the upkeep ([`JobEnds::job_ended`]) and waits for its answer, which comes once
+//! the upkeep has set its hold or let the worker go on. The upkeep then waits until the worker
+//! is parked on its holds between jobs ([`parked`]) before it restarts anything.
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::JobOutcome;
+use super::{JobOutcome, WorkerState, WorkerStatus};
 
 /// A job ended; the upkeep answers on `decided` once it has held the worker or let it go on.
 #[derive(Debug)]
@@ -22,89 +24,19 @@ pub struct JobEnded {
     pub decided: oneshot::Sender<()>,
 }
 
-/// The upkeep's end: holds and releases the worker, and hears of each job's end.
+/// The worker's end: tells the upkeep of each job's end.
 #[derive(Debug)]
-pub struct Pause {
-    hold: watch::Sender<Option<String>>,
-    parked: watch::Receiver<bool>,
-    /// Job ends, in order.
-    pub ended: mpsc::Receiver<JobEnded>,
-}
-
-/// The worker's end.
-#[derive(Debug)]
-pub struct PauseGate {
-    hold: watch::Receiver<Option<String>>,
-    parked: watch::Sender<bool>,
+pub struct JobEnds {
     ended: mpsc::Sender<JobEnded>,
 }
 
-/// A pause and its gate.
-pub fn pause() -> (Pause, PauseGate) {
-    let (hold_tx, hold_rx) = watch::channel(None);
-    let (parked_tx, parked_rx) = watch::channel(false);
-    let (ended_tx, ended_rx) = mpsc::channel(1);
-    (
-        Pause {
-            hold: hold_tx,
-            parked: parked_rx,
-            ended: ended_rx,
-        },
-        PauseGate {
-            hold: hold_rx,
-            parked: parked_tx,
-            ended: ended_tx,
-        },
-    )
+/// The worker's end and the upkeep's (job ends, in order).
+pub fn job_ends() -> (JobEnds, mpsc::Receiver<JobEnded>) {
+    let (ended, rx) = mpsc::channel(1);
+    (JobEnds { ended }, rx)
 }
 
-impl Pause {
-    /// Stops the worker claiming, for `reason`.
-    pub fn hold(&self, reason: impl Into<String>) {
-        let reason = reason.into();
-        self.hold.send_modify(|h| *h = Some(reason));
-    }
-
-    /// Lets the worker claim again.
-    pub fn release(&self) {
-        self.hold.send_modify(|h| *h = None);
-    }
-
-    /// The reason of the hold in place, if any.
-    pub fn reason(&self) -> Option<String> {
-        self.hold.borrow().clone()
-    }
-
-    /// Resolves once the worker is parked on the hold, between jobs; `false` when the worker
-    /// is gone.
-    pub async fn parked(&mut self) -> bool {
-        self.parked.wait_for(|p| *p).await.is_ok()
-    }
-}
-
-impl PauseGate {
-    /// Why the worker must not claim now; `None`: it may.
-    pub fn reason(&self) -> Option<String> {
-        self.hold.borrow().clone()
-    }
-
-    /// Parks the worker until the hold is lifted (forever when the upkeep is gone).
-    pub async fn released(&mut self) {
-        self.parked.send_replace(true);
-        let released = self.hold.wait_for(Option::is_none).await.is_ok();
-        self.parked.send_replace(false);
-        if !released {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    /// Resolves when a hold is in place (never when the upkeep is gone).
-    pub async fn held(&mut self) {
-        if self.hold.wait_for(Option::is_some).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-
+impl JobEnds {
     /// Tells the upkeep a job ended and returns once it has decided whether to hold the worker
     /// (at once when the upkeep is gone).
     pub async fn job_ended(&self, outcome: &JobOutcome) {
@@ -122,44 +54,62 @@ impl PauseGate {
     }
 }
 
+/// Resolves once the worker whose status is `status` is parked on its holds, between jobs;
+/// `false` when the worker is gone.
+pub async fn parked(status: &mut watch::Receiver<WorkerStatus>) -> bool {
+    status
+        .wait_for(|s| matches!(s.state, WorkerState::Held | WorkerState::Stopped))
+        .await
+        .is_ok_and(|s| s.state == WorkerState::Held)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_hold_parks_the_worker_until_released() {
-        let (mut pause, mut gate) = pause();
-        assert_eq!(gate.reason(), None);
-        pause.hold("restart planned");
-        assert_eq!(gate.reason().as_deref(), Some("restart planned"));
-        gate.held().await;
-        let worker = tokio::spawn(async move {
-            gate.released().await;
-            gate
-        });
-        assert!(pause.parked().await, "the worker parks on the hold");
-        pause.release();
-        let gate = worker.await.unwrap();
-        assert_eq!(gate.reason(), None);
-    }
-
-    #[tokio::test]
     async fn a_job_end_waits_for_the_decision() {
-        let (mut pause, gate) = pause();
-        let upkeep = tokio::spawn(async move {
-            let ended = pause.ended.recv().await.unwrap();
-            pause.hold("every 1 jobs");
-            ended.decided.send(()).unwrap();
-            pause
+        let (ends, mut rx) = job_ends();
+        let holds = crate::worker::hold::Holds::new();
+        let upkeep = tokio::spawn({
+            let holds = holds.clone();
+            async move {
+                let ended = rx.recv().await.unwrap();
+                holds.set(crate::worker::hold::HoldKind::PlannedRestart, "every 1 jobs");
+                ended.decided.send(()).unwrap();
+                rx
+            }
         });
-        gate.job_ended(&JobOutcome::Completed).await;
+        ends.job_ended(&JobOutcome::Completed).await;
         assert_eq!(
-            gate.reason().as_deref(),
+            holds.reason().as_deref(),
             Some("every 1 jobs"),
             "decided before the next claim"
         );
         drop(upkeep.await.unwrap());
         // With the upkeep gone, a job end does not wait.
-        gate.job_ended(&JobOutcome::Completed).await;
+        ends.job_ended(&JobOutcome::Completed).await;
+    }
+
+    #[tokio::test]
+    async fn parked_follows_the_worker_state() {
+        let status = |state| WorkerStatus {
+            worker_id: "w".into(),
+            state,
+            current_job: None,
+            counts: crate::worker::JobCounts::default(),
+            last_error: None,
+            last_activity_ms: 0,
+            hold: None,
+            held_by: Vec::new(),
+        };
+        let (tx, mut rx) = watch::channel(status(WorkerState::Busy));
+        let waiter = tokio::spawn(async move { parked(&mut rx).await });
+        tx.send_replace(status(WorkerState::Held));
+        assert!(waiter.await.unwrap(), "parked once held");
+        let mut rx = tx.subscribe();
+        tx.send_replace(status(WorkerState::Stopped));
+        assert!(!parked(&mut rx).await, "a stopped worker never parks");
+        drop(tx);
     }
 }

@@ -24,13 +24,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::capabilities::ModelDirs;
-use super::pause::PauseGate;
+use super::hold::{Blame, HoldKind, Holds};
+use super::pause::JobEnds;
+use super::quarantine::{Quarantine, QuarantinePolicy};
+use crate::broker::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 use crate::connectors::store::{self, OutputStore, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
-use crate::matcher::{Broker, BrokerError, Capabilities, ClaimedJob, FailOutcome, LeaseStatus};
 
 /// How often an idle worker rescans its models folders, so that models arriving or leaving
 /// (a download, an eviction, an operator) reach its advertised capabilities.
@@ -44,6 +46,9 @@ pub enum WorkerState {
     Starting,
     /// Its services are not ready (starting, or crash-looping); it does not claim.
     WaitingForServices,
+    /// A hold keeps it from claiming (its GPU faulted, it is quarantined, ...); the status's
+    /// `reason` says which.
+    Held,
     /// Waiting for a job.
     Idle,
     /// Running a job.
@@ -99,10 +104,10 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity_ms: u64,
-    /// Why it holds off claiming when the upkeep of its services holds it (a restart planned
-    /// between jobs, a warm-up); shown as its `reason` on the status page, not on its own.
-    #[serde(skip)]
+    /// Why it must not claim now (its holds' reasons), when it must not.
     pub hold: Option<String>,
+    /// The kinds of its holds.
+    pub held_by: Vec<HoldKind>,
 }
 
 /// How a job ended here.
@@ -115,6 +120,8 @@ pub enum JobOutcome {
     Failed {
         /// Whether the failure was retryable.
         retryable: bool,
+        /// Whose fault it was.
+        blame: Blame,
         /// Whether the broker re-queued it.
         requeued: bool,
         /// The reason written to the job.
@@ -167,6 +174,8 @@ enum Stop {
     Lost,
     Timeout,
     Shutdown,
+    /// A hold that returns the job (its GPU faulted).
+    Held,
 }
 
 /// A claimed job ready to run: its input and its checked output destination.
@@ -199,8 +208,15 @@ pub struct Worker {
     deferrals: Vec<Deferral>,
     /// Where its models live; `None` keeps `caps.models` as given.
     models: Option<ModelDirs>,
-    /// Holds from the upkeep of its services (planned restarts between jobs).
-    pause: Option<PauseGate>,
+    /// Why it must not claim now (see [`super::hold`]).
+    holds: Holds,
+    /// The GPU whose faults hold this worker, and their feed.
+    gpu_watch: Option<(u32, watch::Receiver<Vec<crate::gpu::GpuHealth>>)>,
+    quarantine: Quarantine,
+    /// Told of each job's end, when the upkeep of its services looks after it.
+    job_ends: Option<JobEnds>,
+    /// The services its upkeep looks after, until the worker is started (see [`super::upkeep`]).
+    kept: Vec<super::upkeep::Kept>,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -239,6 +255,7 @@ impl Worker {
             last_error: None,
             last_activity_ms: crate::clock::now_ms(),
             hold: None,
+            held_by: Vec::new(),
         });
         Worker {
             caps,
@@ -251,8 +268,31 @@ impl Worker {
             force: CancellationToken::new(),
             deferrals: Vec::new(),
             models: None,
-            pause: None,
+            holds: Holds::new(),
+            gpu_watch: None,
+            quarantine: Quarantine::new(QuarantinePolicy {
+                after: 0,
+                cooldown: Duration::ZERO,
+            }),
+            job_ends: None,
+            kept: Vec::new(),
         }
+    }
+
+    /// Quarantines the worker by `policy` (a new worker never does).
+    pub fn quarantine_on(&mut self, policy: QuarantinePolicy) {
+        self.quarantine = Quarantine::new(policy);
+    }
+
+    /// Holds the worker while GPU `index` is faulted, as `health` reports it; followed for as
+    /// long as the worker runs.
+    pub fn follow_gpu(&mut self, index: u32, health: watch::Receiver<Vec<crate::gpu::GpuHealth>>) {
+        self.gpu_watch = Some((index, health));
+    }
+
+    /// The worker's holds, for the sources that hold it (its GPU's health, upkeep).
+    pub fn holds(&self) -> Holds {
+        self.holds.clone()
     }
 
     /// The connector of `kind` this worker runs jobs through, if it has one.
@@ -260,10 +300,20 @@ impl Worker {
         self.connectors.values().find(|c| c.kind() == kind).cloned()
     }
 
-    /// Claims only while `gate` holds nothing, and tells it of every job's end (see
+    /// Tells `ends` of every job's end and waits for its answer before claiming again (see
     /// [`super::pause`]).
-    pub fn pause_on(&mut self, gate: PauseGate) {
-        self.pause = Some(gate);
+    pub fn tell_job_ends(&mut self, ends: JobEnds) {
+        self.job_ends = Some(ends);
+    }
+
+    /// Notes the services the upkeep looks after for this worker, set up when it starts.
+    pub(super) fn keep(&mut self, kept: Vec<super::upkeep::Kept>) {
+        self.kept = kept;
+    }
+
+    /// The services its upkeep looks after, taken when the worker starts.
+    pub(super) fn take_kept(&mut self) -> Vec<super::upkeep::Kept> {
+        std::mem::take(&mut self.kept)
     }
 
     /// Advertises the models found in `dirs`: scanned when the worker starts (after the
@@ -369,6 +419,15 @@ impl Worker {
     /// has been completed, failed or returned.
     pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
         let mut backoff = RedisBackoff::default();
+        // Aborted when the worker's run ends, whichever way.
+        let _gpu_follow = self.gpu_watch.take().map(|(index, health)| {
+            AbortOnDrop(tokio::spawn(super::hold::follow_gpu(
+                index,
+                health,
+                self.holds(),
+                CancellationToken::new(),
+            )))
+        });
         // The models are scanned now, not when the worker was built: the installers ran since,
         // and what they downloaded on this boot belongs in the capabilities it registers with.
         if let Some(models) = self.scan_models().await {
@@ -394,30 +453,34 @@ impl Worker {
             self.caps.worker_id.clone(),
             self.settings.heartbeat,
         )));
+        let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
         while !shutdown.is_cancelled() {
-            // A hold comes first: the upkeep restarting a service that is not ready (a wedged
-            // one) waits for the worker to park on the hold, not on the readiness.
-            if let Some(reason) = self.pause.as_ref().and_then(PauseGate::reason) {
-                self.set_state(WorkerState::WaitingForServices);
-                tracing::info!(worker = %self.id(), %reason, "holding off claiming");
-                self.status.send_modify(|st| st.hold = Some(reason));
-                let gate = self.pause.as_mut().expect("a reason came from the gate");
-                let stopped = tokio::select! {
-                    () = shutdown.cancelled() => true,
-                    () = gate.released() => false,
-                };
-                self.status.send_modify(|st| st.hold = None);
-                if stopped {
-                    break;
+            if self.quarantine.until(Instant::now()).is_none() {
+                self.holds.clear(HoldKind::Quarantine);
+            }
+            if let Some(reason) = self.holds.reason() {
+                self.set_state(WorkerState::Held);
+                tracing::warn!(worker = %self.id(), %reason, "not claiming");
+                let until = self.quarantine.until(Instant::now());
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.holds.released() => {}
+                    () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
+                        tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
+                    }
                 }
                 continue;
             }
             if !self.all_ready() {
                 self.set_state(WorkerState::WaitingForServices);
                 tracing::info!(worker = %self.id(), "waiting for its services to be ready");
+                // A hold set meanwhile (the upkeep restarting the service it waits for) is
+                // parked on at once, not after the service is ready again.
+                let holds = self.holds.clone();
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.until_ready() => {}
+                    () = holds.held() => {}
                 }
                 continue;
             }
@@ -444,8 +507,10 @@ impl Worker {
                 Ok(Some(job)) => {
                     backoff.reset();
                     let outcome = self.run_job(&broker, job, &shutdown).await;
-                    if let Some(gate) = &self.pause {
-                        gate.job_ended(&outcome).await;
+                    self.judge(&outcome);
+                    if let Some(ends) = &self.job_ends {
+                        // A restart planned for after this job is held before the next claim.
+                        ends.job_ended(&outcome).await;
                     }
                 }
                 Ok(None) => {}
@@ -459,6 +524,7 @@ impl Worker {
         let mut heartbeats = heartbeats;
         heartbeats.0.abort();
         let _ = (&mut heartbeats.0).await;
+        drop(mirror);
         self.set_state(WorkerState::Stopped);
         Ok(())
     }
@@ -487,14 +553,8 @@ impl Worker {
         let follows_models = self.models.is_some();
         let rescan = tokio::time::sleep(MODELS_RESCAN);
         tokio::pin!(rescan);
-        // A hold from the upkeep (a restart planned while the worker waits) stops the claim.
-        let pause = &mut self.pause;
-        let mut held = Box::pin(async move {
-            match pause.as_mut() {
-                Some(gate) => gate.held().await,
-                None => std::future::pending().await,
-            }
-        });
+        let held = self.holds.held();
+        tokio::pin!(held);
         loop {
             tokio::select! {
                 r = &mut claim => return r,
@@ -589,6 +649,21 @@ impl Worker {
         };
         let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
         Ok(Prepared { input: job, target })
+    }
+
+    /// Counts a finished job towards the worker's quarantine, and holds the worker when it
+    /// starts one.
+    fn judge(&mut self, outcome: &JobOutcome) {
+        match outcome {
+            JobOutcome::Completed => self.quarantine.completed(),
+            JobOutcome::Failed { blame, error, .. } => {
+                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, error, Instant::now()) {
+                    tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
+                    self.holds.set(HoldKind::Quarantine, reason);
+                }
+            }
+            JobOutcome::Returned | JobOutcome::Cancelled | JobOutcome::Lost => {}
+        }
     }
 
     async fn run_job(&mut self, broker: &Broker, claimed: ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
@@ -749,6 +824,11 @@ impl Worker {
                     stop = Some(Stop::Shutdown);
                     job_cancel.cancel();
                 }
+                reason = self.holds.returning_job(), if stop.is_none() => {
+                    tracing::warn!(job_id = %claimed.id, %reason, "returning the job: its worker cannot go on");
+                    stop = Some(Stop::Held);
+                    job_cancel.cancel();
+                }
                 () = self.force.cancelled(), if stop.is_none() => {
                     tracing::info!(job_id = %claimed.id, "forced shutdown: returning the job now");
                     stop = Some(Stop::Shutdown);
@@ -766,10 +846,12 @@ impl Worker {
                 billing = Billing::from_result(&output.data);
                 self.write_success(broker, claimed, target, output, shutdown).await
             }
-            (Some(Stop::Shutdown), Err(_)) => match self.write(shutdown, || broker.return_job(claimed)).await {
-                Ok(()) => JobOutcome::Returned,
-                Err(not) => self.not_written(not),
-            },
+            (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
+            }
             (Some(Stop::Timeout), Err(_)) => {
                 let e = ConnectorError::Timeout(timeout);
                 self.write_failure(broker, claimed, &e, shutdown).await
@@ -817,6 +899,7 @@ impl Worker {
         match self.write(shutdown, || broker.fail(claimed, &error, retryable)).await {
             Ok(o) => JobOutcome::Failed {
                 retryable,
+                blame: Blame::of(e),
                 requeued: o == FailOutcome::Retried,
                 error,
             },
@@ -934,6 +1017,29 @@ async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc
                 return;
             }
             Err(e) => tracing::warn!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Shows the worker's holds as its status's `hold`, as they change.
+async fn mirror_holds(
+    mut holds: watch::Receiver<BTreeMap<HoldKind, String>>,
+    status: Arc<watch::Sender<WorkerStatus>>,
+) {
+    loop {
+        let (reason, kinds) = {
+            let h = holds.borrow_and_update();
+            let reason = (!h.is_empty()).then(|| h.values().cloned().collect::<Vec<_>>().join("; "));
+            (reason, h.keys().copied().collect::<Vec<_>>())
+        };
+        status.send_if_modified(|s| {
+            let changed = s.hold != reason || s.held_by != kinds;
+            s.hold.clone_from(&reason);
+            s.held_by.clone_from(&kinds);
+            changed
+        });
+        if holds.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -23,10 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::pause::Pause;
+use super::hold::{HoldKind, Holds};
+use super::pause::JobEnded;
 use super::{JobOutcome, WorkerState, WorkerStatus};
 use crate::config::{ProbeSpec, ServiceConnectorConfig};
 use crate::connectors::{Connector, Job, ProgressSink};
@@ -204,25 +205,31 @@ pub struct Upkeep {
     worker: String,
     services: Vec<Kept>,
     keep: KeepUp,
-    pause: Pause,
+    /// The worker's holds, which the upkeep sets with [`HoldKind::PlannedRestart`] and
+    /// [`HoldKind::WarmingUp`].
+    holds: Holds,
+    /// The worker's job ends, in order.
+    ended: mpsc::Receiver<JobEnded>,
     status: watch::Receiver<WorkerStatus>,
 }
 
 impl Upkeep {
-    /// The upkeep of `services` for the worker `worker`, holding it through `pause` and reading
-    /// its state from `status`.
+    /// The upkeep of `services` for the worker `worker`, holding it through `holds`, hearing of
+    /// its job ends on `ended` and reading its state from `status`.
     pub fn new(
         worker: String,
         services: Vec<Kept>,
         keep: KeepUp,
-        pause: Pause,
+        holds: Holds,
+        ended: mpsc::Receiver<JobEnded>,
         status: watch::Receiver<WorkerStatus>,
     ) -> Upkeep {
         Upkeep {
             worker,
             services,
             keep,
-            pause,
+            holds,
+            ended,
             status,
         }
     }
@@ -235,24 +242,24 @@ impl Upkeep {
             // A run of a service that has not warmed up (the first start, any restart) holds
             // the worker until its warm-up succeeded.
             if self.any_cold() {
-                self.pause.hold("warming up its services");
+                self.holds.set(HoldKind::WarmingUp, "warming up its services");
                 if !self.warm_up(&stop).await {
                     return;
                 }
-                self.pause.release();
+                self.holds.clear(HoldKind::WarmingUp);
             }
             let due = tokio::select! {
                 () = stop.cancelled() => return,
-                ended = self.pause.ended.recv() => {
+                ended = self.ended.recv() => {
                     let Some(ended) = ended else { return };
                     for s in &mut self.services {
                         s.jobs += 1;
                     }
                     let due = self.due(&ended.outcome).await;
                     if let Some((i, _, text)) = &due {
-                        self.pause.hold(format!("restarting {} between jobs: {text}", self.services[*i].name));
+                        self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
                     } else if self.any_cold() {
-                        self.pause.hold("warming up its services");
+                        self.holds.set(HoldKind::WarmingUp, "warming up its services");
                     }
                     // The worker claims again only after this answer, so a planned restart is
                     // held before it could.
@@ -265,7 +272,7 @@ impl Upkeep {
                     }
                     let due = self.due(&JobOutcome::Completed).await;
                     if let Some((i, _, text)) = &due {
-                        self.pause.hold(format!("restarting {} between jobs: {text}", self.services[*i].name));
+                        self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
                     }
                     due
                 }
@@ -305,7 +312,7 @@ impl Upkeep {
                 else {
                     break;
                 };
-                self.pause.hold(format!("warming up {name}"));
+                self.holds.set(HoldKind::WarmingUp, format!("warming up {name}"));
                 tracing::info!(worker = %self.worker, service = %name, "running the warm-up job");
                 let started = std::time::Instant::now();
                 let (sink, _progress) = ProgressSink::new();
@@ -392,7 +399,7 @@ impl Upkeep {
         let name = self.services[i].name.clone();
         tokio::select! {
             () = stop.cancelled() => return false,
-            parked = self.pause.parked() => if !parked { return false },
+            parked = super::pause::parked(&mut self.status) => if !parked { return false },
         }
         tracing::info!(worker = %self.worker, service = %name, reason = reason.label(), why = %text, "restarting the service between jobs");
         (self.keep.on_restart)(&name, reason.label());
@@ -402,18 +409,21 @@ impl Upkeep {
         self.services[i].jobs = 0;
         self.services[i].pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
         if let Ok(mut watch) = self.keep.supervisor.watch(std::slice::from_ref(&name)) {
-            self.pause.hold(format!(
-                "waiting for {name} to be healthy after its planned restart ({text})"
-            ));
+            self.holds.set(
+                HoldKind::PlannedRestart,
+                format!("waiting for {name} to be healthy after its planned restart ({text})"),
+            );
             tokio::select! {
                 () = stop.cancelled() => return false,
                 _ = watch.wait_healthy() => {}
             }
         }
-        // A new run that warms up stays held: the loop warms it up before releasing.
-        if !self.any_cold() {
-            self.pause.release();
+        // A new run that warms up stays held, now for its warm-up: the loop warms it up before
+        // releasing.
+        if self.any_cold() {
+            self.holds.set(HoldKind::WarmingUp, "warming up its services");
         }
+        self.holds.clear(HoldKind::PlannedRestart);
         true
     }
 }

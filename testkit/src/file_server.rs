@@ -1,7 +1,8 @@
 //! A small real HTTP/1.1 file server for download tests: serves fixed files, honours
 //! `Range: bytes=N-` with `206 Partial Content`, records every request's path and range, and can
 //! cut a file's first full response short (the promised `Content-Length`, fewer bytes, then the
-//! connection closes) to simulate an interrupted download.
+//! connection closes) to simulate an interrupted download, and can throttle a file's responses
+//! to a rate so a download lasts long enough to be watched.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -26,6 +27,7 @@ struct State {
     // Shared, so serving a large file (the models benchmark's 1 GB) copies nothing.
     files: BTreeMap<String, (Arc<Vec<u8>>, String)>,
     cut_first: BTreeMap<String, usize>,
+    throttle: BTreeMap<String, usize>,
     seen: Vec<SeenRequest>,
 }
 
@@ -75,6 +77,11 @@ impl FileServer {
     /// Cuts the first full (non-range) response of `path` after `bytes` bytes.
     pub fn cut_first(&self, path: &str, bytes: usize) {
         self.lock().cut_first.insert(path.to_owned(), bytes);
+    }
+
+    /// Sends every later response body of `path` at about `bytes_per_sec` (in 64 KiB pieces).
+    pub fn throttle(&self, path: &str, bytes_per_sec: usize) {
+        self.lock().throttle.insert(path.to_owned(), bytes_per_sec.max(1));
     }
 
     /// `http://127.0.0.1:<port><path>`.
@@ -131,7 +138,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             }
         }
     }
-    let (file, cut) = {
+    let (file, cut, rate) = {
         let mut s = state
             .lock()
             .expect("the file server never panics while holding its lock");
@@ -145,7 +152,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
         } else {
             None
         };
-        (s.files.get(&path).cloned(), cut)
+        (s.files.get(&path).cloned(), cut, s.throttle.get(&path).copied())
     };
     let Some((body, ctype)) = file else {
         let _ = out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -172,7 +179,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
                 body.len() - 1,
                 body.len()
             );
-            let _ = out.write_all(&body[s..]);
+            write_body(&mut out, &body[s..], rate);
         }
         None => {
             let _ = write!(
@@ -181,9 +188,25 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
                 body.len()
             );
             let n = cut.unwrap_or(body.len()).min(body.len());
-            let _ = out.write_all(&body[..n]);
+            write_body(&mut out, &body[..n], rate);
         }
     }
     let _ = out.flush();
     let _ = out.shutdown(std::net::Shutdown::Both);
+}
+
+/// Writes `body`, at about `rate` bytes a second when throttled.
+fn write_body(out: &mut TcpStream, body: &[u8], rate: Option<usize>) {
+    let Some(rate) = rate else {
+        let _ = out.write_all(body);
+        return;
+    };
+    const PIECE: usize = 64 * 1024;
+    let pause = std::time::Duration::from_secs_f64(PIECE as f64 / rate as f64);
+    for piece in body.chunks(PIECE) {
+        if out.write_all(piece).and_then(|()| out.flush()).is_err() {
+            return;
+        }
+        std::thread::sleep(pause);
+    }
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::{Config, RedisUrl, SimulationConfig, load_str};
 use machine::connectors::limits::Limiter;
 use machine::connectors::openai::OpenaiConnector;
@@ -16,7 +17,6 @@ use machine::connectors::runpod::RunpodConnector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::OutputStore;
 use machine::connectors::{Billing, Connector};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::worker::{Worker, WorkerSettings};
 use redis::AsyncCommands;
 use serde_json::{Value, json};

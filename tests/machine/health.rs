@@ -128,8 +128,11 @@ async fn routes_answer_and_status_command_reads_them() {
 
     let (code, body) = get(m.port, "/metrics").await;
     assert_eq!(code, 200);
-    assert!(body.contains("# TYPE machine_match_misses counter"), "{body}");
-    assert!(body.contains("machine_service_restarts{service=\"echo\"} 0"), "{body}");
+    assert!(body.contains("# TYPE machine_match_misses_total counter"), "{body}");
+    assert!(
+        body.contains("machine_service_restarts_total{service=\"echo\"} 0"),
+        "{body}"
+    );
     assert!(body.contains("machine_claim_duration_seconds_count"), "{body}");
 
     let url = format!("http://127.0.0.1:{}", m.port);

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use machine::config::RedisUrl;
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use serde_json::json;
 use testkit::RedisServer;
 

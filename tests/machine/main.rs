@@ -2,18 +2,24 @@
 //! (redis-server, child services, a PID namespace, the protocol fakes of `testkit`, git, pip,
 //! npm, Chromium), one module per topic. Each test works in its own temp dir with a hard timeout.
 
+mod cli;
 mod config_check;
 mod connectors;
 mod e2e;
 mod external;
+mod gpu_health;
 mod gpus;
 mod hardening;
 mod health;
 mod installers;
 mod lifecycle;
+mod logs;
 mod matcher;
+mod metrics;
 mod models;
+mod page;
 mod playwright;
+mod reload;
 mod self_healing;
 mod stores;
 mod supervisor;

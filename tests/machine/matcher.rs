@@ -8,12 +8,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use machine::config::RedisUrl;
-use machine::matcher::reference::{self, PendingJob};
-use machine::matcher::{
+use machine::broker::reference::{self, PendingJob};
+use machine::broker::{
     Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, RetryDelay,
     installer,
 };
+use machine::config::RedisUrl;
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use testkit::RedisServer;
@@ -71,7 +71,7 @@ fn no_retry_delay() -> BrokerOptions {
     BrokerOptions {
         retry_delay: RetryDelay {
             initial: Duration::ZERO,
-            ..machine::matcher::DEFAULT_RETRY_DELAY
+            ..machine::broker::DEFAULT_RETRY_DELAY
         },
         ..BrokerOptions::default()
     }
@@ -1154,7 +1154,7 @@ async fn api_submit(
             .unwrap_or_default()
     };
     let priority: i64 = get("priority").parse().unwrap();
-    let score = machine::matcher::pending_score(priority, None, created_ms, None);
+    let score = machine::broker::pending_score(priority, None, created_ms, None);
     let message = json!({
         "job_id": id, "service_required": get("service_required"), "priority": priority,
         "requirements": get("requirements"), "customer_id": "", "workflow_id": "", "timestamp": created_ms,

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, NewJob};
 use machine::config::{self, RedisUrl};
 use machine::gpu::{HostInfo, Probe};
-use machine::matcher::{Broker, BrokerOptions, NewJob};
 use machine::plan::Plan;
 use machine::worker::{Readiness, Workers};
 use redis::AsyncCommands;
@@ -103,7 +103,7 @@ async fn capabilities_follow_the_models_on_disk() {
         job.requirements = json!({"models": ["fresh"]}).to_string();
         let id = broker.submit(&job).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let status = |j: Option<machine::matcher::JobView>| j.unwrap().job["status"].clone();
+        let status = |j: Option<machine::broker::JobView>| j.unwrap().job["status"].clone();
         assert_eq!(status(broker.show(&id).await.unwrap()), "pending");
         std::fs::write(models.join("checkpoints/fresh.safetensors"), b"weights").unwrap();
         wait_for("the job requiring the new model to complete", async || {
@@ -399,12 +399,12 @@ async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
         let url = RedisUrl::parse(&server.url()).unwrap();
         let broker = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
         broker.ensure_functions().await.unwrap();
-        let mut warm = machine::matcher::Capabilities::new("warm", "m1", &["comfyui"]);
+        let mut warm = machine::broker::Capabilities::new("warm", "m1", &["comfyui"]);
         warm.models
             .insert("comfyui".to_owned(), vec!["detail.safetensors".to_owned()]);
-        let mut cold = machine::matcher::Capabilities::new("cold", "m2", &["comfyui"]);
+        let mut cold = machine::broker::Capabilities::new("cold", "m2", &["comfyui"]);
         cold.custom.insert("models_on_demand_after_ms".to_owned(), json!(400));
-        let plain = machine::matcher::Capabilities::new("plain", "m3", &["comfyui"]);
+        let plain = machine::broker::Capabilities::new("plain", "m3", &["comfyui"]);
         let needs = || {
             let mut j = NewJob::new("comfyui", json!({}));
             j.requirements = json!({"models": ["detail.safetensors"]}).to_string();
@@ -439,15 +439,35 @@ struct Machine {
     log: std::path::PathBuf,
     url: String,
     conn: redis::aio::MultiplexedConnection,
-    _redis: RedisServer,
+    _redis: Option<RedisServer>,
 }
 
 impl Machine {
     /// Starts the machine `id` and waits until it is ready. `toml` is appended to its
     /// configuration file; `env` is passed on (cloud credentials).
     async fn start(shelf: &Shelf, id: &str, gpus: u32, toml: &str, env: &[(String, String)]) -> Machine {
-        let redis = RedisServer::start();
-        let url = redis.url();
+        Machine::start_in(shelf, id, gpus, toml, env, "ws", None).await
+    }
+
+    /// [`Machine::start`] in the workspace `<shelf>/<workspace>`, on `redis` when given (several
+    /// machines of one fleet) or on a Redis of its own.
+    async fn start_in(
+        shelf: &Shelf,
+        id: &str,
+        gpus: u32,
+        toml: &str,
+        env: &[(String, String)],
+        workspace: &str,
+        redis: Option<&str>,
+    ) -> Machine {
+        let (redis, url) = match redis {
+            Some(url) => (None, url.to_owned()),
+            None => {
+                let r = RedisServer::start();
+                let url = r.url();
+                (Some(r), url)
+            }
+        };
         let conn = redis::Client::open(url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -455,7 +475,7 @@ impl Machine {
             .unwrap();
         let catalogue = shelf.dir.path().join("catalogue.toml");
         std::fs::write(&catalogue, &shelf.catalogue).unwrap();
-        let config = shelf.dir.path().join("machine.toml");
+        let config = shelf.dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
             format!(
@@ -474,7 +494,7 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
             .arg("run")
             .env("MACHINE_CONFIG", &config)
             .env("MACHINE_ID", id)
-            .env("MACHINE_WORKSPACE", shelf.dir.path().join("ws"))
+            .env("MACHINE_WORKSPACE", shelf.dir.path().join(workspace))
             .env("MACHINE_HEALTH_PORT", port.to_string())
             .env("HUB_REDIS_URL", &url)
             .env("WORKER_CONNECTORS", "comfyui")
@@ -509,22 +529,37 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
 
     /// Submits a ComfyUI job whose workflow loads `lora`, with at most `max_retries` retries.
     fn submit(&self, lora: &str, max_retries: u32) -> String {
+        self.submit_with(lora, 3, 5, max_retries, None)
+    }
+
+    /// [`Machine::submit`] with a sampler of `steps` steps `step_ms` apart, and `requirements`
+    /// (JSON) when given.
+    fn submit_with(
+        &self,
+        lora: &str,
+        steps: u64,
+        step_ms: u64,
+        max_retries: u32,
+        requirements: Option<&str>,
+    ) -> String {
         let workflow = json!({"workflow": {
             "1": {"class_type": "LoraLoader", "inputs": {"lora_name": lora}},
-            "3": {"class_type": "KSampler", "inputs": {"steps": 3, "step_ms": 5}},
+            "3": {"class_type": "KSampler", "inputs": {"steps": steps, "step_ms": step_ms}},
             "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "md"}}
         }});
-        crate::e2e::submit(
-            &self.url,
-            &[
-                "--service",
-                "comfyui",
-                "--payload",
-                &workflow.to_string(),
-                "--max-retries",
-                &max_retries.to_string(),
-            ],
-        )
+        let (workflow, retries) = (workflow.to_string(), max_retries.to_string());
+        let mut args = vec![
+            "--service",
+            "comfyui",
+            "--payload",
+            &workflow,
+            "--max-retries",
+            &retries,
+        ];
+        if let Some(r) = requirements {
+            args.extend(["--requirements", r]);
+        }
+        crate::e2e::submit(&self.url, &args)
     }
 
     async fn job(&mut self, id: &str) -> BTreeMap<String, String> {
@@ -1100,4 +1135,227 @@ os.execv({fake:?}, [{fake:?}, "--port", port, "--models", models])
         child.try_wait().unwrap()
     });
     assert!(exit.success(), "{exit:?}: {}", log_text());
+}
+
+/// Waits up to [`LIMIT`] until `check` holds, naming `what` and showing the machine's `log`
+/// otherwise.
+async fn wait_on(log: &std::path::Path, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !check().await {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {log}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The real binary with two GPUs and room for one model (`models.cache_max_gb`): while GPU 0's
+/// job uses model A, GPU 1's job needs model B, which would need A's space. A is not evicted:
+/// B's job fails retryably with the reason that the models in use fill the budget (the design,
+/// docs/models.md), nothing of B is fetched, and A's job goes on. Once A's job has ended, the
+/// retry evicts A and runs B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_in_use_is_not_evicted_and_the_job_needing_its_room_is_retried() {
+    let mut shelf = Shelf::new();
+    shelf.add("inuse.safetensors", "loras", blob(600_000, 40), None);
+    shelf.add("later.safetensors", "loras", blob(600_000, 41), None);
+    let toml = "[models]\ncache_max_gb = 0.001\n\n[worker.retry_delay]\ninitial = \"1s\"\nfactor = 1.0\nmax = \"1s\"\njitter = 0.0\n";
+    let mut m = Machine::start(&shelf, "mu", 2, toml, &[]).await;
+    let loras = shelf.shared_dir().join("loras");
+
+    // A: 80 steps 100 ms apart, about 8 s with its model held in use.
+    let a = m.submit_with("inuse.safetensors", 80, 100, 0, None);
+    wait_on(&m.log.clone(), "job A to run with its model", async || {
+        loras.join("inuse.safetensors").is_file()
+    })
+    .await;
+    let b = m.submit("later.safetensors", 3);
+    let failed = {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let j = m.job(&b).await;
+            let ended = matches!(j.get("status").map(String::as_str), Some("completed" | "failed"));
+            if j.get("retry_count").map(String::as_str) == Some("1") || ended {
+                break j;
+            }
+            assert!(Instant::now() < deadline, "job B never failed once: {j:?}\n{}", m.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    assert_eq!(
+        m.job(&a).await["status"],
+        "in_progress",
+        "A still runs when B fails: {}",
+        m.log()
+    );
+    assert_eq!(
+        failed["status"], "pending",
+        "B neither ran (evicting the model in use) nor failed for good: {failed:?}"
+    );
+    let error = &failed["error"];
+    assert!(
+        error.contains("`later.safetensors`") && error.contains("models.cache_max_gb"),
+        "the reason names the model and the budget: {failed:?}"
+    );
+    assert!(loras.join("inuse.safetensors").is_file(), "the model in use stays");
+    assert!(
+        shelf.link_dir().join("loras/inuse.safetensors").is_file(),
+        "with its link"
+    );
+    assert!(!loras.join("later.safetensors").exists());
+    assert_eq!(
+        shelf.downloads_of("later.safetensors"),
+        0,
+        "B is not fetched without room"
+    );
+    assert!(m.metrics().await.contains("machine_model_evictions_total 0"));
+
+    // A ends; its model may go now, and B's retry takes its room.
+    m.wait_status(&a, "completed").await;
+    m.wait_status(&b, "completed").await;
+    assert!(
+        !loras.join("inuse.safetensors").exists(),
+        "A's model is evicted once free"
+    );
+    assert!(loras.join("later.safetensors").is_file());
+    assert_eq!(shelf.downloads_of("later.safetensors"), 1);
+    let metrics = m.metrics().await;
+    assert!(metrics.contains("machine_model_evictions_total 1"), "{metrics}");
+    m.stop();
+}
+
+/// Two real machines on one Redis, both fetching models on demand with a 2 s
+/// `models.affinity_wait`: "warm" has the LoRA on disk, "cold" must download it. With both idle,
+/// every job requiring the LoRA goes to the warm machine. While the warm machine is busy, the
+/// cold one takes the next such job, but only after the wait, and downloads the LoRA for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_machine_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
+    let mut shelf = Shelf::new();
+    let lora = blob(500_000, 42);
+    shelf.add("affine.safetensors", "loras", lora.clone(), None);
+    let warm_loras = shelf.dir.path().join("ws-warm/ComfyUI/models/loras");
+    std::fs::create_dir_all(&warm_loras).unwrap();
+    std::fs::write(warm_loras.join("affine.safetensors"), &lora).unwrap();
+    let toml = "[models]\naffinity_wait = \"2s\"\n";
+    let redis = RedisServer::start();
+    let mut cold = Machine::start_in(&shelf, "cold", 1, toml, &[], "ws-cold", Some(&redis.url())).await;
+    let mut warm = Machine::start_in(&shelf, "warm", 1, toml, &[], "ws-warm", Some(&redis.url())).await;
+    wait_on(
+        &warm.log.clone(),
+        "the warm machine to advertise the LoRA",
+        async || {
+            advertised(&mut warm.conn, "warm-gpu0")
+                .await
+                .contains(&"affine.safetensors".to_owned())
+        },
+    )
+    .await;
+    wait_on(&cold.log.clone(), "the cold machine to register", async || {
+        let caps: Option<String> = cold.conn.hget("worker:cold-gpu0", "capabilities").await.unwrap();
+        caps.is_some()
+    })
+    .await;
+    let needs = r#"{"models": ["affine.safetensors"]}"#;
+
+    // Both idle: the warm machine wins every time, though the cold one could take the job.
+    for _ in 0..3 {
+        let id = warm.submit_with("affine.safetensors", 1, 1, 0, Some(needs));
+        let j = warm.wait_status(&id, "completed").await;
+        assert_eq!(j["worker_id"], "warm-gpu0", "{j:?}\n{}", cold.log());
+    }
+    assert_eq!(shelf.downloads_of("affine.safetensors"), 0);
+
+    // The warm machine busy for about 10 s: the cold one takes the next job after the wait.
+    let long = warm.submit_with("affine.safetensors", 100, 100, 0, Some(needs));
+    wait_on(&warm.log.clone(), "the warm machine to take the long job", async || {
+        warm.job(&long).await.get("worker_id").is_some_and(|w| !w.is_empty())
+    })
+    .await;
+    assert_eq!(warm.job(&long).await["worker_id"], "warm-gpu0");
+    let submitted = Instant::now();
+    let next = warm.submit_with("affine.safetensors", 1, 1, 0, Some(needs));
+    let mut claimed_after = None;
+    wait_on(&cold.log.clone(), "the cold machine to take the job", async || {
+        let w = cold.job(&next).await.get("worker_id").cloned().unwrap_or_default();
+        if !w.is_empty() {
+            claimed_after = Some(submitted.elapsed());
+        }
+        !w.is_empty()
+    })
+    .await;
+    let claimed_after = claimed_after.unwrap();
+    let j = cold.wait_status(&next, "completed").await;
+    assert_eq!(j["worker_id"], "cold-gpu0", "{j:?}");
+    assert!(
+        claimed_after >= Duration::from_secs(2),
+        "the cold machine waited models.affinity_wait: claimed after {claimed_after:?}"
+    );
+    assert_eq!(
+        warm.job(&long).await["status"],
+        "in_progress",
+        "taken while the warm machine was still busy"
+    );
+    assert_eq!(
+        shelf.downloads_of("affine.safetensors"),
+        1,
+        "the cold machine fetched it"
+    );
+    assert_eq!(
+        std::fs::read(shelf.dir.path().join("ws-cold/ComfyUI/models/loras/affine.safetensors")).unwrap(),
+        lora
+    );
+    cold.stop();
+    warm.stop();
+}
+
+/// While a job's model downloads (throttled to about 1 MB/s), the job's progress in Redis
+/// (`job:<id>:progress`) is the download: a message naming the model and its size, and a
+/// percentage that rises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_download_is_the_jobs_progress_in_redis() {
+    let mut shelf = Shelf::new();
+    shelf.add("slow.safetensors", "loras", blob(4_000_000, 43), None);
+    shelf.server.throttle("/m/slow.safetensors", 1_000_000);
+    let mut m = Machine::start(&shelf, "mp", 1, "", &[]).await;
+    let id = m.submit("slow.safetensors", 0);
+    let mut seen: Vec<(f64, String)> = Vec::new();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let p: BTreeMap<String, String> = m.conn.hgetall(format!("job:{id}:progress")).await.unwrap();
+        if let (Some(percent), Some(message)) = (p.get("progress"), p.get("message"))
+            && message.starts_with("downloading model")
+        {
+            let sample = (percent.parse::<f64>().unwrap(), message.clone());
+            if seen.last() != Some(&sample) {
+                seen.push(sample);
+            }
+        }
+        if m.job(&id).await.get("status").map(String::as_str) == Some("completed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never completed: {seen:?}\n{}",
+            m.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Throttled, the 4 MB take about 4 s: reported as they arrive, not only at the end.
+    assert!(
+        seen.len() >= 10,
+        "the download's progress was reported as it went: {seen:?}"
+    );
+    for (percent, message) in &seen {
+        assert!(
+            message.starts_with("downloading model slow.safetensors: ") && message.ends_with(" of 4 MB"),
+            "{message}"
+        );
+        assert!((0.0..100.0).contains(percent), "{seen:?}");
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0].0 <= w[1].0),
+        "the percentage never goes back: {seen:?}"
+    );
+    let (first, last) = (seen[0].0, seen[seen.len() - 1].0);
+    assert!(last >= first + 50.0, "the percentage rises with the download: {seen:?}");
+    m.stop();
 }

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::RedisUrl;
 use machine::connectors::a1111::A1111Connector;
 use machine::connectors::comfyui::ComfyuiConnector;
 use machine::connectors::store::OutputStore;
 use machine::connectors::{Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressSink};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::worker::{Worker, WorkerSettings};
 use serde_json::{Value, json};
 use testkit::{FakeA1111, FakeComfyui, RedisServer};
@@ -289,6 +289,7 @@ impl Machine {
             .expect("a completion record")
     }
 
+    /// Submits through `machine jobs submit`; `max_retries` counts retries after the first attempt.
     fn submit(&self, payload: &Value, max_retries: u32) -> String {
         crate::e2e::submit(
             &self.redis.url(),
@@ -392,9 +393,9 @@ async fn comfyui_whose_memory_grows_past_its_limit_is_restarted_between_jobs() {
 async fn a_wedged_comfyui_is_restarted_before_the_next_claim_and_its_stalled_job_fails_with_the_reason() {
     let mut m = Machine::start("stall_timeout = \"1s\"").await;
     let wedge = json!({"workflow": workflow(json!({"class_type": "FakeStall", "inputs": {"hang": true}}))});
-    // One attempt (returning a stalled job until max_retries is the worker test's above; here
+    // One attempt, no retry (returning a stalled job until max_retries is the worker test's above; here
     // the broker's hold-off of the worker that failed it would make a second attempt wait).
-    let id = m.submit(&wedge, 1);
+    let id = m.submit(&wedge, 0);
     let j = m.wait_job(&id, "failed").await;
     assert_eq!(j["retry_count"], "1", "{j:?}");
     assert!(

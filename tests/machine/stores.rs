@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use machine::config::{ConnectorKind, RedisUrl, SimulationConfig};
 use machine::connectors::comfyui::ComfyuiConnector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::{OutputStore, StoreOptions};
 use machine::connectors::{Connector, ConnectorError, Job, JobOutput, ProgressSink};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
 use machine::worker::{Worker, WorkerSettings};
 use redis::AsyncCommands;
 use serde_json::{Value, json};

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::{self, OpenaiConfig, RedisUrl, SimulationConfig};
 use machine::connectors::Connector;
 use machine::connectors::a1111::A1111Connector;
@@ -15,7 +16,6 @@ use machine::connectors::openai::OpenaiConnector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::OutputStore;
 use machine::gpu::{HostInfo, Probe};
-use machine::matcher::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::plan::Plan;
 use machine::worker::{Readiness, Worker, WorkerSettings, WorkerState, WorkerStatus, Workers};
 use redis::AsyncCommands;
@@ -476,7 +476,7 @@ async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
             .zadd(
                 "jobs:pending",
                 id,
-                machine::matcher::pending_score(50, None, now_ms, None),
+                machine::broker::pending_score(50, None, now_ms, None),
             )
             .publish(
                 "job_submitted",

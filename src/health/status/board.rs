@@ -149,7 +149,8 @@ pub struct Worker {
     pub last_error: Option<String>,
     /// When its state or job last changed, epoch milliseconds.
     pub last_activity_ms: u64,
-    /// Why a waiting worker does not claim (a service of its in crash loop or failed).
+    /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
+    /// of its in crash loop or failed.
     pub reason: Option<String>,
 }
 
@@ -163,8 +164,8 @@ impl Worker {
             counts,
             last_error,
             last_activity_ms,
-            // A hold is reported as the worker's `reason` (see `HealthState::blocked_reason`).
-            hold: _,
+            hold,
+            held_by: _,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -173,7 +174,7 @@ impl Worker {
             counts: counts.into(),
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
-            reason,
+            reason: hold.clone().or(reason),
         }
     }
 }
@@ -186,6 +187,8 @@ pub enum WorkerStage {
     Starting,
     /// Its services are not ready; it does not claim.
     WaitingForServices,
+    /// A hold keeps it from claiming; `reason` says which.
+    Held,
     /// Waiting for a job.
     Idle,
     /// Running a job.
@@ -201,6 +204,7 @@ impl From<WorkerState> for WorkerStage {
         match s {
             WorkerState::Starting => WorkerStage::Starting,
             WorkerState::WaitingForServices => WorkerStage::WaitingForServices,
+            WorkerState::Held => WorkerStage::Held,
             WorkerState::Idle => WorkerStage::Idle,
             WorkerState::Busy => WorkerStage::Busy,
             WorkerState::Draining => WorkerStage::Draining,
@@ -299,6 +303,7 @@ impl WorkerStage {
         match self {
             WorkerStage::Starting => "starting",
             WorkerStage::WaitingForServices => "waiting_for_services",
+            WorkerStage::Held => "held",
             WorkerStage::Idle => "idle",
             WorkerStage::Busy => "busy",
             WorkerStage::Draining => "draining",
@@ -360,6 +365,7 @@ mod tests {
         for s in [
             WorkerState::Starting,
             WorkerState::WaitingForServices,
+            WorkerState::Held,
             WorkerState::Idle,
             WorkerState::Busy,
             WorkerState::Draining,
@@ -385,8 +391,11 @@ mod tests {
                 last_error: Some("e".into()),
                 last_activity_ms: 7,
                 hold: None,
+                held_by: Vec::new(),
             };
             let mut expected = serde_json::to_value(&status).unwrap();
+            expected.as_object_mut().unwrap().remove("hold");
+            expected.as_object_mut().unwrap().remove("held_by");
             expected["reason"] = Value::Null;
             assert_eq!(serde_json::to_value(Worker::new(&status, None)).unwrap(), expected);
         }

@@ -1,6 +1,7 @@
 //! The documents the health server answers, as serde types shared by the server that writes
 //! them and `machine status` that reads them: [`StatusDocument`] (`/status`), [`ReadyDocument`]
-//! (`/ready`) and [`HealthDocument`] (`/health`).
+//! (`/ready`), [`HealthDocument`] (`/health`) and [`FleetDocument`] (`/fleet`). `/events`
+//! streams the [`StatusDocument`] too.
 //!
 //! These types ARE the wire contract: their field names are what operators, dashboards and
 //! scripts read. They mirror the supervisor's, the workers' and the installers' own status
@@ -15,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Phase;
-use crate::gpu::{GpuInfo, GpuLive, HostInfo};
+use super::fleet::FleetMessage;
+use crate::gpu::health::Throttle;
+use crate::gpu::{Condition, GpuHealth, GpuInfo, GpuLive, HostInfo};
 use crate::installers::InstallState;
 
 pub use board::{Counts, Exit, Job, Service, ServiceStage, Worker, WorkerStage};
@@ -35,6 +38,9 @@ pub struct StatusDocument {
     pub services: Vec<Service>,
     /// The workers, in plan order.
     pub workers: Vec<Worker>,
+    /// The last jobs this machine finished, oldest first (absent from older machines).
+    #[serde(default)]
+    pub recent_jobs: Vec<RecentJob>,
     /// The broker connection.
     pub redis: RedisStatus,
     /// Each external API's fleet-wide usage and limits, by API (the limiter's document).
@@ -77,11 +83,30 @@ pub struct Gpu {
     pub utilization_percent: Option<u32>,
     /// Core temperature now, in °C.
     pub temperature_c: Option<u32>,
+    /// `ok`, or `faulted` (its worker does not claim).
+    #[serde(default = "ok")]
+    pub health: Condition,
+    /// What faulted it (`XID 79: GPU has fallen off the bus`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The last critical XID NVML reported, fatal or not.
+    #[serde(default)]
+    pub last_xid: Option<u64>,
+    /// Its thermal or power throttling now, with since when.
+    #[serde(default)]
+    pub throttle: Option<Throttle>,
+    /// Milliseconds spent throttled in episodes that ended.
+    #[serde(default)]
+    pub throttled_ms: u64,
+}
+
+fn ok() -> Condition {
+    Condition::Ok
 }
 
 impl Gpu {
-    /// The probe's facts about `gpu` with its live reading, when there is one.
-    pub fn new(gpu: &GpuInfo, live: Option<&GpuLive>) -> Gpu {
+    /// The probe's facts about `gpu` with its live reading and its health, when known.
+    pub fn new(gpu: &GpuInfo, live: Option<&GpuLive>, health: Option<&GpuHealth>) -> Gpu {
         Gpu {
             index: gpu.index,
             name: gpu.name.clone(),
@@ -90,6 +115,11 @@ impl Gpu {
             memory_used_bytes: live.and_then(|l| l.memory_used_bytes),
             utilization_percent: live.and_then(|l| l.utilization_percent),
             temperature_c: live.and_then(|l| l.temperature_c),
+            health: health.map_or(Condition::Ok, |h| h.health),
+            reason: health.and_then(|h| h.reason.clone()),
+            last_xid: health.and_then(|h| h.last_xid),
+            throttle: health.and_then(|h| h.throttle.clone()),
+            throttled_ms: health.map_or(0, |h| h.throttled_ms),
         }
     }
 }
@@ -186,6 +216,44 @@ impl From<&InstallState> for Install {
     }
 }
 
+/// A job this machine finished: who ran it, how it ended and how long it took (never its
+/// payload or result).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentJob {
+    /// The job id.
+    pub job_id: String,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// When it was claimed, epoch milliseconds.
+    pub started_at_ms: u64,
+    /// When its outcome was written, epoch milliseconds.
+    pub finished_at_ms: u64,
+    /// From the claim to the outcome, in milliseconds.
+    pub duration_ms: u64,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+/// How a job ended on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Completed; the result was written.
+    Completed,
+    /// Failed (and perhaps re-queued by the broker).
+    Failed,
+    /// Returned to the queue (shutdown or a quota).
+    Returned,
+    /// Cancelled by the API.
+    Cancelled,
+    /// Its lease was lost.
+    Lost,
+}
+
 /// The broker connection as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedisStatus {
@@ -199,13 +267,23 @@ pub struct RedisStatus {
     pub last_error: Option<String>,
 }
 
-/// `/ready`: whether every worker claims, and the workers.
+/// `/fleet`: every machine's latest fleet status message as stored in Redis, by machine id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetDocument {
+    /// The machines that published within the message's lifetime (30 s).
+    pub machines: Vec<FleetMessage>,
+}
+
+/// `/ready`: whether the machine takes jobs, which workers cannot and why, and the workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReadyDocument {
-    /// The phase is `ready`.
+    /// The phase is `ready` and at least one worker can claim (answered with 200, else 503).
     pub ready: bool,
     /// The machine's phase.
     pub phase: Phase,
+    /// Every worker that cannot claim now, with why (also when `ready`).
+    #[serde(default)]
+    pub not_claiming: BTreeMap<String, String>,
     /// The workers, as in `/status`.
     pub workers: Vec<Worker>,
 }
@@ -255,6 +333,11 @@ pub(crate) fn sample() -> StatusDocument {
             memory_used_bytes: Some(1 << 30),
             utilization_percent: Some(50),
             temperature_c: Some(60),
+            health: Condition::Ok,
+            reason: None,
+            last_xid: None,
+            throttle: None,
+            throttled_ms: 0,
         }],
         host: Host {
             cpu_cores: 8,
@@ -318,6 +401,16 @@ pub(crate) fn sample() -> StatusDocument {
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
         }],
+        recent_jobs: vec![RecentJob {
+            job_id: "j0".into(),
+            worker_id: "m1-gpu0".into(),
+            service: "comfyui".into(),
+            outcome: Outcome::Failed,
+            started_at_ms: 1_750_000_000_000,
+            finished_at_ms: 1_750_000_001_500,
+            duration_ms: 1500,
+            error: Some("out of memory".into()),
+        }],
         redis: RedisStatus {
             url: Some("redis://***@h".into()),
             connected: true,
@@ -354,6 +447,16 @@ mod tests {
         assert_eq!(v["workers"][0]["reason"], "comfyui-gpu0 is failed");
         assert!(v["workers"][0]["last_error"].is_null());
         assert_eq!(v["redis"]["connected"], true);
+        assert_eq!(v["recent_jobs"][0]["outcome"], "failed");
+        assert_eq!(v["recent_jobs"][0]["duration_ms"], 1500);
+    }
+
+    #[test]
+    fn a_document_without_recent_jobs_still_reads() {
+        let mut v = serde_json::to_value(sample()).expect("serialises");
+        v.as_object_mut().expect("an object").remove("recent_jobs");
+        let doc: StatusDocument = serde_json::from_value(v).expect("older machines' documents parse");
+        assert!(doc.recent_jobs.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reply::Reply;
 use super::{Broker, ClaimedJob};
-use crate::matcher::BrokerError;
+use crate::broker::BrokerError;
 
 /// What renewing a lease found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,16 +8,16 @@
 //! find a runnable job anywhere in the queue at a cost that does not grow with the backlog the
 //! worker cannot run.
 
-mod broker;
 pub mod capabilities;
+mod client;
 pub mod installer;
 pub mod reference;
 
-pub use broker::{
+pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
+pub use client::{
     Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, JobView,
     LeaseStatus, NewJob, ReapReport, RetryDelay, pending_score,
 };
-pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 
 /// The `error` the API writes when a user cancels a job.
 pub const CANCEL_ERROR: &str = "Job cancelled by user";

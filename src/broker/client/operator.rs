@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::reply::Reply;
 use super::{Broker, redis_err};
-use crate::matcher::reference::{PendingJob, job_matches};
-use crate::matcher::{BrokerError, CANCEL_ERROR};
+use crate::broker::reference::{PendingJob, job_matches};
+use crate::broker::{BrokerError, CANCEL_ERROR};
 
 /// What cancelling a job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub fn pending_score(priority: i64, workflow_priority: Option<i64>, created_ms: 
 }
 
 /// A job hash and its progress, as `machine jobs show` prints them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct JobView {
     /// `job:<id>`.
     pub job: BTreeMap<String, String>,
@@ -80,6 +80,10 @@ pub struct JobView {
     /// For a job still waiting: why no registered worker took it, or how many could.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// For a completed job: its result (`data` of its `jobs:completed` record), while the
+    /// record is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
 }
 
 impl Broker {
@@ -155,12 +159,14 @@ impl Broker {
     /// The job hash and its progress hash; `None` when the job does not exist.
     pub async fn show(&self, job_id: &str) -> Result<Option<JobView>, BrokerError> {
         let mut conn = self.connection();
-        let (job, progress): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
-            .hgetall(self.key(&format!("job:{job_id}")))
-            .hgetall(self.key(&format!("job:{job_id}:progress")))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err("show job"))?;
+        let (job, progress, completed): (BTreeMap<String, String>, BTreeMap<String, String>, Option<String>) =
+            redis::pipe()
+                .hgetall(self.key(&format!("job:{job_id}")))
+                .hgetall(self.key(&format!("job:{job_id}:progress")))
+                .hget(self.key("jobs:completed"), job_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("show job"))?;
         if job.is_empty() {
             return Ok(None);
         }
@@ -172,7 +178,15 @@ impl Broker {
             ),
             Some(_) => None,
         };
-        Ok(Some(JobView { job, progress, waiting }))
+        let result = completed
+            .and_then(|r| serde_json::from_str::<Value>(&r).ok())
+            .and_then(|mut r| r.get_mut("data").map(Value::take));
+        Ok(Some(JobView {
+            job,
+            progress,
+            waiting,
+            result,
+        }))
     }
 
     /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
@@ -252,6 +266,40 @@ impl Broker {
         } else {
             format!("{able} registered workers can run it; it waits for one of them to be free")
         })
+    }
+
+    /// How many jobs wait for each of `services`, claimable now: the sizes of the matching
+    /// index's groups of the service (retries waiting out their delay are not counted). At most
+    /// one `SSCAN` step of a service's groups is read, so a sample costs a bounded number of
+    /// commands whatever the queue holds (with very many groups the figure is a lower bound).
+    pub async fn queue_depth(&self, services: &[String]) -> Result<Vec<(String, u64)>, BrokerError> {
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        for service in services {
+            pipe.cmd("SSCAN")
+                .arg(self.key(&format!("jobs:idx:svc:{service}")))
+                .arg(0)
+                .arg("COUNT")
+                .arg(256);
+        }
+        let scans: Vec<(u64, Vec<String>)> = pipe.query_async(&mut conn).await.map_err(redis_err("SSCAN"))?;
+        let mut pipe = redis::pipe();
+        for (_, groups) in &scans {
+            for gid in groups {
+                pipe.zcard(self.key(&format!("jobs:idx:g:{gid}")));
+            }
+        }
+        let sizes: Vec<u64> = if scans.iter().all(|(_, groups)| groups.is_empty()) {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(redis_err("ZCARD"))?
+        };
+        let mut sizes = sizes.into_iter();
+        Ok(services
+            .iter()
+            .zip(&scans)
+            .map(|(service, (_, groups))| (service.clone(), sizes.by_ref().take(groups.len()).sum()))
+            .collect())
     }
 
     /// Jobs (id and hash), optionally only those with `status`, newest first, at most `limit`.

@@ -74,7 +74,7 @@ local function publish(p, channel, doc)
 end
 
 -- ---------------------------------------------------------------------------------------------
--- Matching (mirrored exactly by src/matcher/reference.rs)
+-- Matching (mirrored exactly by src/broker/reference.rs)
 -- ---------------------------------------------------------------------------------------------
 
 local function kind(v)

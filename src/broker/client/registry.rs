@@ -7,9 +7,9 @@ use std::time::SystemTime;
 use redis::cmd;
 
 use super::{Broker, redis_err};
+use crate::broker::BrokerError;
+use crate::broker::capabilities::Capabilities;
 use crate::clock::now_ms;
-use crate::matcher::BrokerError;
-use crate::matcher::capabilities::Capabilities;
 /// How long the stored copy of a machine's status message lives without a refresh: the API's
 /// disconnect threshold.
 const MACHINE_STATUS_TTL_SECS: u64 = 30;
@@ -28,6 +28,24 @@ impl Broker {
             .expect("the registry lock is never poisoned: no panics while held")
             .insert(caps.worker_id.clone(), caps.clone());
         self.write_registration(caps).await
+    }
+
+    /// Deletes a worker's registration (a reload removed it) and forgets it, so that it is
+    /// neither matched nor registered again.
+    pub async fn unregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        self.inner
+            .registered
+            .lock()
+            .expect("the registry lock is never poisoned: no panics while held")
+            .remove(worker_id);
+        let key = self.key(&format!("worker:{worker_id}"));
+        let mut conn = self.connection();
+        cmd("DEL")
+            .arg(&key)
+            .arg(format!("{key}:heartbeat"))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err("unregister worker"))
     }
 
     /// Registers every worker of this broker again (Redis came back without them).
@@ -147,5 +165,51 @@ impl Broker {
             .query_async::<()>(&mut conn)
             .await
             .map_err(redis_err("publish the machine status"))
+    }
+
+    /// Every machine's stored status message (`machine:<id>:status`, see
+    /// [`Broker::publish_machine_status`]), as stored; for the status page's fleet view. SCAN,
+    /// not KEYS, so that a large Redis is not blocked.
+    pub async fn machine_statuses(&self) -> Result<Vec<String>, BrokerError> {
+        let mut conn = self.connection();
+        let prefix: String = self
+            .key("")
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{prefix}machine:*:status");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("scan the machines' status"))?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        keys.sort();
+        keys.dedup();
+        let values: Vec<Option<String>> = cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("read the machines' status"))?;
+        // A key that expired between SCAN and MGET reads as nil.
+        Ok(values.into_iter().flatten().collect())
     }
 }

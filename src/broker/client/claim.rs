@@ -8,8 +8,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp};
-use crate::matcher::BrokerError;
-use crate::matcher::capabilities::Capabilities;
+use crate::broker::BrokerError;
+use crate::broker::capabilities::Capabilities;
 
 /// A job this machine claimed.
 #[derive(Debug, Clone, PartialEq)]

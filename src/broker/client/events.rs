@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp, redis_err};
 use crate::backoff::Backoff;
-use crate::matcher::BrokerError;
+use crate::broker::BrokerError;
 impl Broker {
     /// `cancel_job` notices (job ids) seen by [`Broker::run_events`].
     pub fn cancellations(&self) -> broadcast::Receiver<String> {

@@ -233,6 +233,12 @@ impl Broker {
         }
     }
 
+    /// The version of this binary's `jobMatching` library: the one loaded in Redis once
+    /// [`Broker::ensure_functions`] succeeded (it fails on any other).
+    pub fn library_version(&self) -> &str {
+        self.inner.lib.version()
+    }
+
     /// Loads the library when needed (see [`installer::install`]) and remembers how to call it.
     pub async fn ensure_functions(&self) -> Result<InstallReport, BrokerError> {
         let mut conn = self.connection();

@@ -1,0 +1,106 @@
+//! `machine logs`, `machine restart` and `machine stop`: the commands that act on the running
+//! machine through its control socket (or its health port, see [`super::connect`]).
+
+use std::io::Write as _;
+use std::path::Path;
+
+use http_body_util::BodyExt as _;
+use hyper::Method;
+
+use super::args::{LogsArgs, MachineArgs};
+use super::commands::{Threads, block_on};
+use super::connect::{MachineError, Target};
+use super::exit::{CliError, Outcome};
+
+/// Prints the last lines of a service's output or of the machine's log, then with `--follow`
+/// every new line until Ctrl-C or the machine stops.
+pub(super) fn logs(path: Option<&Path>, args: &LogsArgs) -> Result<Outcome, CliError> {
+    let target = Target::find(path, args.machine.url.as_deref())?;
+    let route = format!(
+        "/control/logs/{}?lines={}&follow={}",
+        url_segment(&args.name),
+        args.lines,
+        args.follow
+    );
+    block_on(Threads::One, async move {
+        if !args.follow {
+            let text = target.text(Method::GET, &route).await?;
+            let _ = std::io::stdout().lock().write_all(&text);
+            return Ok(Outcome::Success);
+        }
+        let mut body = target.send(Method::GET, &route).await?.into_body();
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
+        loop {
+            let frame = tokio::select! {
+                _ = &mut interrupted => return Ok(Outcome::Success),
+                frame = body.frame() => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let mut out = std::io::stdout().lock();
+                        // A reader that went away (`| head`) ends the command quietly.
+                        if out.write_all(data).and_then(|()| out.flush()).is_err() {
+                            return Ok(Outcome::Success);
+                        }
+                    }
+                }
+                // The machine stopped: the log ends with it.
+                Some(Err(_)) | None => {
+                    eprintln!("machine: the machine closed the log (it stopped)");
+                    return Ok(Outcome::Success);
+                }
+            }
+        }
+    })?
+}
+
+/// Restarts one service and says so once the machine has begun its new run.
+pub(super) fn restart(path: Option<&Path>, machine: &MachineArgs, service: &str) -> Result<Outcome, CliError> {
+    let target = Target::find(path, machine.url.as_deref())?;
+    block_on(Threads::One, async move {
+        target
+            .post(&format!("/services/{}/restart", url_segment(service)))
+            .await?;
+        println!("restarted {service}");
+        Ok::<_, MachineError>(Outcome::Success)
+    })?
+    .map_err(CliError::from)
+}
+
+/// Asks the machine to stop, gracefully or (`now`) at once; returns when it has accepted.
+pub(super) fn stop(path: Option<&Path>, machine: &MachineArgs, now: bool) -> Result<Outcome, CliError> {
+    let target = Target::find(path, machine.url.as_deref())?;
+    block_on(Threads::One, async move {
+        target.post(&format!("/control/stop?now={now}")).await?;
+        if now {
+            println!("stopping now: jobs go back to the queue and the services are killed");
+        } else {
+            println!("stopping: the workers drain their jobs, then the services stop");
+        }
+        Ok::<_, MachineError>(Outcome::Success)
+    })?
+    .map_err(CliError::from)
+}
+
+/// `name` as one path segment: anything but unreserved characters percent-encoded.
+fn url_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_one_path_segment() {
+        assert_eq!(url_segment("comfyui-gpu0"), "comfyui-gpu0");
+        assert_eq!(url_segment("a/b c"), "a%2Fb%20c");
+    }
+}

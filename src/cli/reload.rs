@@ -1,0 +1,83 @@
+//! `machine reload`: asks the running machine to reload its configuration (`POST /reload`,
+//! through its control socket or, over TCP, with the control token) and prints what changed, or
+//! every problem of a refused configuration (exit 2). The reload itself is [`crate::reload`], in
+//! the machine.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::Method;
+
+use super::args::MachineArgs;
+use super::commands::{Threads, block_on, print_json};
+use super::connect::{MachineError, Target};
+use super::exit::{CliError, Outcome};
+
+/// How long the machine may take to reload: removed workers drain first, and added connectors
+/// may install.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Reloads the running machine.
+pub(super) fn reload(path: Option<&Path>, machine: &MachineArgs, json: bool) -> Result<Outcome, CliError> {
+    let target = Target::find(path, machine.url.as_deref())?;
+    let (status, body) = block_on(Threads::One, async move {
+        target.exchange(Method::POST, "/reload", RELOAD_TIMEOUT).await
+    })?
+    .map_err(CliError::from)?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| serde_json::json!({ "error": body }));
+    if json {
+        print_json(&doc);
+    }
+    match status.as_u16() {
+        200 => {
+            if !json {
+                print!("{}", render_report(&doc));
+            }
+            Ok(Outcome::Success)
+        }
+        422 => {
+            if !json {
+                eprintln!(
+                    "machine: {}",
+                    doc["error"].as_str().unwrap_or("the new configuration is refused")
+                );
+                for p in doc["problems"].as_array().into_iter().flatten() {
+                    eprintln!(
+                        "  {}: {}",
+                        p["key"].as_str().unwrap_or("?"),
+                        p["message"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(Outcome::Invalid)
+        }
+        code => Err(CliError::from(MachineError::Refused {
+            path: "/reload".to_owned(),
+            status: code,
+            message: doc["error"].as_str().unwrap_or(&body).to_owned(),
+        })),
+    }
+}
+
+fn render_report(doc: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from("reloaded\n");
+    match serde_json::from_value::<crate::plan::PlanDiff>(doc["diff"].clone()) {
+        Ok(diff) => s.push_str(&diff.to_string()),
+        Err(_) => {
+            let _ = writeln!(s, "{}", doc["diff"]);
+        }
+    }
+    for key in doc["restart_required"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "not applied: `{}` changed; it applies at the next restart",
+            key.as_str().unwrap_or("?")
+        );
+    }
+    for w in doc["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "warning: {}", w.as_str().unwrap_or("?"));
+    }
+    s
+}

@@ -1,0 +1,447 @@
+//! `machine status` as an operator reads it: the typed [`StatusDocument`] as tables that fit
+//! the terminal (`COLUMNS`, else the terminal's width; no limit when printing to a pipe),
+//! states by their wire names (`crash_loop` rather than the backoff it sits in), why a worker
+//! does not claim, install progress, the broker's last error, and durations as people say them
+//! (`3m 12s`, `4s ago`).
+//!
+//! Ids never wrap: a column holding ids keeps its content's width, so a 36-character job id
+//! stays whole on one line and the other columns wrap around it.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use comfy_table::{ColumnConstraint, ContentArrangement, Table};
+
+use crate::health::status::{Install, Service, StatusDocument, Worker};
+
+/// Renders the document for a terminal `width` columns wide (`None`: as wide as it needs).
+pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) -> String {
+    let mut out = String::new();
+    let m = &doc.machine;
+    let _ = writeln!(
+        out,
+        "machine {}  phase {}  up {}  version {}",
+        m.id,
+        m.phase.name(),
+        duration(Duration::from_millis(m.uptime_ms)),
+        m.version
+    );
+    if let Some(failure) = &m.critical_failure {
+        let _ = writeln!(out, "CRITICAL: {failure}");
+    }
+    let r = &doc.redis;
+    let _ = write!(
+        out,
+        "redis   {}  {}",
+        r.url.as_deref().unwrap_or("-"),
+        if r.connected { "connected" } else { "NOT CONNECTED" }
+    );
+    if let Some(v) = &r.function_version {
+        let _ = write!(out, "  functions {v}");
+    }
+    out.push('\n');
+    // The error is printed whole, on its own line: it is what the operator needs to read.
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(out, "redis error: {e}");
+    }
+
+    let mut gpus = table(width, &["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"]);
+    let now_ms = crate::clock::now_ms();
+    for g in &doc.gpus {
+        let mut health = match (&g.health, &g.reason) {
+            (crate::gpu::Condition::Faulted, Some(reason)) => format!("FAULTED: {reason}"),
+            (crate::gpu::Condition::Faulted, None) => "FAULTED".to_owned(),
+            (crate::gpu::Condition::Ok, _) => "ok".to_owned(),
+        };
+        if let Some(t) = &g.throttle {
+            let _ = write!(
+                health,
+                "; throttled for {} ({})",
+                duration(Duration::from_millis(now_ms.saturating_sub(t.since_ms))),
+                t.reasons.join(", ")
+            );
+        }
+        gpus.add_row(vec![
+            g.index.to_string(),
+            g.name.clone(),
+            or_dash(g.utilization_percent.map(|u| format!("{u}%"))),
+            format!(
+                "{} / {}",
+                or_dash(g.memory_used_bytes.map(bytes)),
+                bytes(g.memory_total_bytes)
+            ),
+            or_dash(g.temperature_c.map(|t| format!("{t}°C"))),
+            health,
+        ]);
+    }
+    if doc.gpus.is_empty() {
+        gpus.add_row(vec!["-", "(none: CPU mode)", "", "", "", ""]);
+    }
+    section(&mut out, &gpus);
+
+    if !doc.installs.is_empty() {
+        let mut installs = table(width, &["INSTALL", "STATE", "PROGRESS"]);
+        for (name, state) in &doc.installs {
+            let (state, progress) = install(state);
+            installs.add_row(vec![name.clone(), state, progress]);
+        }
+        section(&mut out, &installs);
+    }
+
+    let services = fit(
+        width,
+        &[
+            "SERVICE",
+            "STATE",
+            "PID",
+            "RESTARTS",
+            "READY",
+            "UP",
+            "LAST EXIT",
+            "REASON",
+        ],
+        doc.services.iter().map(|s| service_row(s, now)).collect(),
+        &[0],
+        &[5, 4, 2],
+    );
+    section(&mut out, &services);
+
+    let now_ms = crate::clock::epoch_ms(now);
+    let workers = fit(
+        width,
+        &["WORKER", "STATE", "JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"],
+        doc.workers.iter().map(|w| worker_row(w, now_ms)).collect(),
+        &[0, 2],
+        &[6, 5, 4],
+    );
+    section(&mut out, &workers);
+    // Why a worker does not claim, or what last went wrong, is a sentence: it gets its own line
+    // rather than a column squeezed to a few letters.
+    for w in &doc.workers {
+        let note = match (&w.reason, &w.last_error) {
+            (Some(reason), _) => format!("{} does not claim: {reason}", w.worker_id),
+            (None, Some(e)) => format!("{} last error: {e}", w.worker_id),
+            (None, None) => continue,
+        };
+        out.push_str(&wrap(&note, width));
+    }
+    out
+}
+
+/// `text` broken at spaces into lines of at most `width` characters (a longer word stands on
+/// its own line), the lines after the first indented by two spaces.
+fn wrap(text: &str, width: Option<u16>) -> String {
+    let Some(width) = width.map(usize::from) else {
+        return format!("{text}\n");
+    };
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let len = line.chars().count();
+        if len > 2 && len + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line = "  ".to_owned();
+        } else if !line.is_empty() && line != "  " {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+    out
+}
+
+/// A table of `rows` that fits `width`: the least needed columns (`droppable`, first dropped
+/// first) are left out while the table is too wide, then the remaining columns wrap, except
+/// those in `whole` (ids), which never do.
+fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usize], droppable: &[usize]) -> Table {
+    let mut shown: Vec<usize> = (0..header.len()).collect();
+    let pick = |shown: &[usize], cells: &[String]| -> Vec<String> {
+        shown
+            .iter()
+            .map(|&i| cells.get(i).cloned().unwrap_or_default())
+            .collect()
+    };
+    let build = |shown: &[usize], arrangement: ContentArrangement| {
+        let mut t = table(
+            None,
+            &pick(shown, &header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()),
+        );
+        for row in &rows {
+            t.add_row(pick(shown, row));
+        }
+        t.set_content_arrangement(arrangement);
+        t
+    };
+    let Some(width) = width else {
+        return build(&shown, ContentArrangement::Disabled);
+    };
+    let mut drops = droppable.iter();
+    loop {
+        let t = build(&shown, ContentArrangement::Disabled);
+        // Less the one space of left padding that `section` takes off.
+        let natural = t
+            .lines()
+            .map(|l| l.trim_end().chars().count().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        if natural <= usize::from(width) {
+            return t;
+        }
+        match drops.next() {
+            Some(d) => shown.retain(|i| i != d),
+            None => break,
+        }
+    }
+    let mut t = build(&shown, ContentArrangement::Dynamic);
+    t.set_width(width);
+    for (position, column) in shown.iter().enumerate() {
+        if whole.contains(column) {
+            if let Some(c) = t.column_mut(position) {
+                c.set_constraint(ColumnConstraint::ContentWidth);
+            }
+        }
+    }
+    t
+}
+
+fn table<S: ToString>(width: Option<u16>, header: &[S]) -> Table {
+    let mut t = Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_header(header.iter().map(ToString::to_string).collect::<Vec<_>>());
+    match width {
+        Some(w) => {
+            t.set_content_arrangement(ContentArrangement::Dynamic).set_width(w);
+        }
+        // Printing to a pipe: no width to fit, so nothing wraps.
+        None => {
+            t.set_content_arrangement(ContentArrangement::Disabled);
+        }
+    }
+    t
+}
+
+fn section(out: &mut String, t: &Table) {
+    out.push('\n');
+    for line in t.lines() {
+        // Every line has the style's one space of left padding; the tables start at the margin.
+        out.push_str(line.strip_prefix(' ').unwrap_or(&line).trim_end());
+        out.push('\n');
+    }
+}
+
+fn service_row(s: &Service, now: SystemTime) -> Vec<String> {
+    // A service that keeps crashing sits in backoff between runs; what the operator needs to
+    // know is that it is in a crash loop.
+    let state = if s.crash_loop { "crash_loop" } else { s.state.name() };
+    let up = s
+        .started_at
+        .as_deref()
+        .filter(|_| s.pid.is_some())
+        .and_then(|t| since(t, now))
+        .map_or_else(|| "-".to_owned(), duration);
+    let last_exit = match &s.last_exit {
+        Some(exit) => {
+            let how = match (exit.code, exit.signal) {
+                (Some(c), _) => format!("code {c}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                (None, None) => "exited".to_owned(),
+            };
+            match since(&exit.at, now) {
+                Some(ago) => format!("{how}, {} ago", duration(ago)),
+                None => how,
+            }
+        }
+        None => "-".to_owned(),
+    };
+    vec![
+        s.name.clone(),
+        state.to_owned(),
+        or_dash(s.pid),
+        s.restarts.to_string(),
+        if s.ready { "yes" } else { "no" }.to_owned(),
+        up,
+        last_exit,
+        s.reason.clone().unwrap_or_else(|| "-".to_owned()),
+    ]
+}
+
+fn worker_row(w: &Worker, now_ms: u64) -> Vec<String> {
+    let state = w.state.name().to_owned();
+    let job = w.current_job.as_ref();
+    vec![
+        w.worker_id.clone(),
+        state,
+        or_dash(job.map(|j| j.job_id.clone())),
+        or_dash(job.map(|j| format!("{:.0}%", j.progress))),
+        w.counts.completed.to_string(),
+        w.counts.failed.to_string(),
+        if w.last_activity_ms > 0 {
+            format!(
+                "{} ago",
+                duration(Duration::from_millis(now_ms.saturating_sub(w.last_activity_ms)))
+            )
+        } else {
+            "-".to_owned()
+        },
+    ]
+}
+
+/// An installer's state and progress cells.
+fn install(state: &Install) -> (String, String) {
+    match state {
+        Install::Pending => ("pending".to_owned(), "-".to_owned()),
+        Install::Running {
+            step,
+            done,
+            total,
+            unit,
+        } => {
+            let amount = |n: u64| if unit == "bytes" { bytes(n) } else { n.to_string() };
+            let progress = match total {
+                Some(t) if *t > 0 => format!(
+                    "{step}: {} / {} ({:.0}%)",
+                    amount(*done),
+                    amount(*t),
+                    *done as f64 * 100.0 / *t as f64
+                ),
+                _ => format!("{step}: {}", amount(*done)),
+            };
+            ("running".to_owned(), progress)
+        }
+        Install::Done {
+            skipped,
+            seconds,
+            failed_items,
+        } => {
+            let mut text = if *skipped {
+                "up to date".to_owned()
+            } else {
+                format!("in {}", duration(Duration::from_secs_f64(seconds.max(0.0))))
+            };
+            if !failed_items.is_empty() {
+                let _ = write!(text, "; {} failed: {}", failed_items.len(), failed_items.join(", "));
+            }
+            ("done".to_owned(), text)
+        }
+        Install::Failed { reason } => ("FAILED".to_owned(), reason.clone()),
+    }
+}
+
+/// How long ago the RFC 3339 time `at` was; `None` when it does not parse.
+fn since(at: &str, now: SystemTime) -> Option<Duration> {
+    let then = humantime::parse_rfc3339_weak(at).ok()?;
+    Some(now.duration_since(then).unwrap_or_default())
+}
+
+/// A duration as people say it: `850ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`.
+pub(super) fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `23.6 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::status::sample;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(duration(Duration::from_secs(4)), "4s");
+        assert_eq!(duration(Duration::from_secs(192)), "3m 12s");
+        assert_eq!(duration(Duration::from_secs(7500)), "2h 5m");
+        assert_eq!(duration(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d 4h");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(24 << 30), "24.0 GiB");
+    }
+
+    #[test]
+    fn renders_every_section() {
+        let mut doc = sample();
+        doc.services[0].crash_loop = true;
+        doc.redis.connected = false;
+        doc.redis.last_error = Some("failed to connect: Connection refused".into());
+        let now = humantime::parse_rfc3339("2026-01-01T00:03:12Z").unwrap();
+        let text = render(&doc, None, now);
+        assert!(text.contains("machine m1  phase ready  up 5s  version 0.1.0"), "{text}");
+        assert!(text.contains("NOT CONNECTED"), "{text}");
+        assert!(
+            text.contains("redis error: failed to connect: Connection refused\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("RTX") && text.contains("50%") && text.contains("1.0 GiB / 24.0 GiB"),
+            "{text}"
+        );
+        assert!(text.contains("crash_loop") && !text.contains("backoff"), "{text}");
+        assert!(text.contains("signal 9, 3m 12s ago"), "{text}");
+        assert!(text.contains("waiting_for_services"), "{text}");
+        assert!(
+            text.contains("\nm1-gpu0 does not claim: comfyui-gpu0 is failed\n"),
+            "{text}"
+        );
+        assert!(text.contains("fetch: 3 B / 9 B (33%)"), "{text}");
+        assert!(
+            text.contains("FAILED") && text.contains("up to date; 1 failed: x"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn notes_wrap_at_the_width() {
+        assert_eq!(wrap("a bb ccc dddd", Some(6)), "a bb\n  ccc\n  dddd\n");
+        assert_eq!(wrap("a bb ccc", None), "a bb ccc\n");
+        assert_eq!(wrap("averylongword x", Some(4)), "averylongword\n  x\n");
+    }
+
+    #[test]
+    fn a_uuid_stays_whole_in_eighty_columns() {
+        let mut doc = sample();
+        let id = "0b8f8a5e-6f1c-4a57-9d3e-2f1a7c9e4b10";
+        doc.workers[0].worker_id = "m1-comfyui-gpu0-worker".into();
+        doc.workers[0].current_job.as_mut().unwrap().job_id = id.into();
+        doc.workers[0].reason = Some("comfyui-gpu0 is in crash loop after 5 restarts in 60s".into());
+        let text = render(&doc, Some(80), SystemTime::now());
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "{line:?} is wider than 80:\n{text}");
+        }
+        let row = text
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} whole:\n{text}"));
+        let header = text.lines().find(|l| l.starts_with("WORKER")).expect("the header");
+        assert_eq!(
+            row.find(id),
+            header.find("JOB"),
+            "the id starts under its header:\n{text}"
+        );
+    }
+}

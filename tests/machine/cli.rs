@@ -1,0 +1,393 @@
+//! The operator commands against the real binary: the control socket (`status`, `logs`,
+//! `restart`, `stop`), finding the machine, and the `jobs` commands' contract with the broker.
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{machine, run, wait_until};
+
+/// A machine running on its own workspace against a test Redis, with an `echo` service, a
+/// service that crashes at once, and one simulation worker.
+struct Running {
+    child: Child,
+    port: u16,
+    ws: tempfile::TempDir,
+    redis: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(redis: &testkit::RedisServer, id: &str) -> Running {
+        Running::start_in(tempfile::tempdir().unwrap(), redis, id)
+    }
+
+    fn start_in(ws: tempfile::TempDir, redis: &testkit::RedisServer, id: &str) -> Running {
+        let port = testkit::free_port();
+        let config = ws.path().join("machine.toml");
+        std::fs::write(
+            &config,
+            r#"
+[services.echo]
+command = ["/bin/sh", "-c", "echo hello from echo; exec sleep 600"]
+grace = "1s"
+[services.crashy]
+command = ["/bin/sh", "-c", "echo about to fail; exit 1"]
+[supervisor]
+crash_loop_failures = 2
+backoff_max = "200ms"
+[worker]
+drain = "3s"
+"#,
+        )
+        .unwrap();
+        let child = machine()
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", id)
+            .env("MACHINE_HEALTH_PORT", port.to_string())
+            .env("MACHINE_WORKSPACE", ws.path())
+            .env("HUB_REDIS_URL", redis.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Running {
+            child,
+            port,
+            ws,
+            redis: redis.url(),
+        };
+        wait_until(Duration::from_secs(20), "the control socket", || {
+            std::os::unix::net::UnixStream::connect(m.socket()).ok()
+        });
+        m
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.ws.path().join("run/control.sock")
+    }
+
+    /// A `machine` command that finds this machine by its workspace, as an operator's would.
+    fn cli(&self) -> Command {
+        let mut cmd = machine();
+        cmd.env("MACHINE_WORKSPACE", self.ws.path())
+            .env("HUB_REDIS_URL", &self.redis);
+        cmd
+    }
+
+    fn status(&self) -> Value {
+        let (out, stdout, stderr) = run(self.cli().args(["status", "--json"]));
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    }
+
+    fn service(&self, name: &str) -> Value {
+        self.status()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap()
+    }
+
+    fn submit(&self, payload: &str, extra: &[&str]) -> String {
+        let (out, id, stderr) = run(self
+            .cli()
+            .args(["jobs", "submit", "--service", "simulation", "--payload", payload])
+            .args(extra));
+        assert!(out.status.success(), "{stderr}");
+        id.trim().to_owned()
+    }
+
+    fn show(&self, id: &str) -> Value {
+        let (out, stdout, stderr) = run(self.cli().args(["jobs", "show", id, "--json"]));
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    }
+
+    fn wait_status(&self, id: &str, status: &str) -> Value {
+        wait_until(Duration::from_secs(30), &format!("job {id} {status}"), || {
+            let v = self.show(id);
+            (v["job"]["status"] == status).then_some(v)
+        })
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the machine did not stop within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Lines a child prints, as they come.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Whether `line` starts with an RFC 3339 UTC time with milliseconds.
+fn stamped(line: &str) -> bool {
+    line.get(..24)
+        .is_some_and(|t| humantime::parse_rfc3339(t).is_ok() && t.ends_with('Z'))
+}
+
+#[test]
+fn the_control_socket_serves_status_logs_restart_and_stop() {
+    let redis = testkit::RedisServer::start();
+    let mut m = Running::start(&redis, "cli1");
+
+    let mode = std::fs::metadata(m.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is its owner's only");
+
+    // Logs: the last N lines of a service, each with its timestamp, and the machine's own.
+    let line = wait_until(Duration::from_secs(20), "echo's output", || {
+        let (out, stdout, _) = run(m.cli().args(["logs", "echo", "-n", "1"]));
+        (out.status.success() && stdout.contains("hello from echo")).then_some(stdout)
+    });
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(stamped(&line), "{line}");
+    let (out, stdout, stderr) = run(m.cli().args(["logs", "-n", "3"]));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    let (out, _, stderr) = run(m.cli().args(["logs", "nope"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("nope"), "{stderr}");
+
+    // Follow sees the line a restart makes, and the restart gives the service a new pid.
+    let mut follower = m
+        .cli()
+        .args(["logs", "echo", "-f", "-n", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let followed = lines_of(&mut follower);
+    let first = followed.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(first.contains("hello from echo"), "{first}");
+    let before = m.service("echo")["pid"].as_u64().unwrap();
+    let (out, stdout, stderr) = run(m.cli().args(["restart", "echo"]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("restarted echo"), "{stdout}");
+    let next = followed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("follow sees the new line");
+    assert!(next.contains("hello from echo") && stamped(&next), "{next}");
+    let after = wait_until(Duration::from_secs(10), "echo's new pid", || {
+        m.service("echo")["pid"].as_u64().filter(|p| *p != before)
+    });
+    assert_ne!(before, after);
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // Over TCP, without the control token, the same route is refused: the socket granted it.
+    let (out, _, stderr) = run(m
+        .cli()
+        .args(["restart", "echo", "--url", &format!("http://127.0.0.1:{}", m.port)]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("403") && stderr.contains("MACHINE_CONTROL_TOKEN"),
+        "{stderr}"
+    );
+
+    // Jobs: a completed job's result is typed JSON; a failed job says why.
+    let done = m.submit(r#"{"duration_ms": 20, "steps": 2}"#, &[]);
+    let shown = m.wait_status(&done, "completed");
+    assert_eq!(shown["job"]["priority"], 50, "numbers are numbers: {shown}");
+    assert_eq!(shown["job"]["max_retries"], 3, "{shown}");
+    assert!(shown["job"]["payload"].is_object(), "{shown}");
+    assert!(shown["result"].is_object(), "the result is JSON: {shown}");
+    let failed = m.submit(r#"{"duration_ms": 20, "fail": "fatal"}"#, &[]);
+    m.wait_status(&failed, "failed");
+    let (out, text, _) = run(m.cli().args(["jobs", "show", &failed]));
+    assert!(out.status.success());
+    let error = text.lines().find(|l| l.starts_with("error ")).expect("the error line");
+    assert!(error.len() > "error ".len() + 10, "{text}");
+
+    // Status: a 36-character job id stays whole and aligned at 80 columns; a crashing service
+    // shows as crash_loop; durations read as people say them.
+    let busy = m.submit(r#"{"duration_ms": 60000, "steps": 100}"#, &[]);
+    m.wait_status(&busy, "in_progress");
+    wait_until(Duration::from_secs(20), "crashy in crash loop", || {
+        (m.service("crashy")["crash_loop"] == true).then_some(())
+    });
+    let (out, text, stderr) = run(m.cli().arg("status").env("COLUMNS", "80"));
+    assert!(out.status.success(), "{stderr}");
+    for line in text.lines() {
+        assert!(line.chars().count() <= 80, "{line:?} is wider than 80:\n{text}");
+    }
+    let header = text.lines().find(|l| l.starts_with("WORKER")).unwrap();
+    let row = text
+        .lines()
+        .find(|l| l.contains(&busy))
+        .unwrap_or_else(|| panic!("{busy} whole on one line:\n{text}"));
+    assert_eq!(row.find(&busy), header.find("JOB"), "aligned:\n{text}");
+    let crashy = text.lines().find(|l| l.starts_with("crashy")).unwrap();
+    assert!(crashy.contains("crash_loop"), "{text}");
+    assert!(!text.contains("backoff"), "{text}");
+    assert!(text.lines().next().unwrap().contains(" up "), "{text}");
+    assert!(text.contains("s ago"), "{text}");
+
+    // Stop: the job is cancelled, so the drain is quick; the machine exits 0 and removes its socket.
+    let (out, _, stderr) = run(m.cli().args(["jobs", "cancel", &busy]));
+    assert!(out.status.success(), "{stderr}");
+    let (out, stdout, stderr) = run(m.cli().arg("stop"));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("drain"), "{stdout}");
+    let status = m.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+    assert!(!m.socket().exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn stop_now_skips_the_drain_as_a_second_signal_does() {
+    let redis = testkit::RedisServer::start();
+    // A dead machine's socket is in the way; the new machine replaces it.
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ws.path().join("run")).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(ws.path().join("run/control.sock")).unwrap());
+    let mut m = Running::start_in(ws, &redis, "cli2");
+    let busy = m.submit(r#"{"duration_ms": 60000, "steps": 100}"#, &[]);
+    m.wait_status(&busy, "in_progress");
+    let asked = Instant::now();
+    let (out, stdout, stderr) = run(m.cli().args(["stop", "--now"]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("now"), "{stdout}");
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(4), "a forced stop");
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    let (out, stdout, _) = run(m.cli().args(["jobs", "show", &busy, "--json"]));
+    assert!(out.status.success());
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["job"]["status"], "pending", "the job went back to the queue: {v}");
+}
+
+#[test]
+fn without_a_machine_the_error_names_what_was_tried() {
+    let ws = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    for args in [&["status"][..], &["logs"], &["restart", "echo"], &["stop"]] {
+        let (out, _, stderr) = run(machine()
+            .args(args)
+            .env("MACHINE_WORKSPACE", ws.path())
+            .env("MACHINE_HEALTH_PORT", port.to_string()));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let socket = ws.path().join("run/control.sock");
+        assert!(
+            stderr.contains(&format!("no machine: no control socket at {}", socket.display()))
+                && stderr.contains(&format!("nothing answers on 127.0.0.1:{port}")),
+            "{args:?}: {stderr}"
+        );
+    }
+    // `status --check` says unhealthy and why.
+    let (out, stdout, _) = run(machine()
+        .args(["status", "--check"])
+        .env("MACHINE_WORKSPACE", ws.path())
+        .env("MACHINE_HEALTH_PORT", port.to_string()));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout.starts_with("unhealthy: no machine"), "{stdout}");
+    // In local mode with no machine running, `jobs` says which Redis it looked for.
+    let (out, _, stderr) = run(machine().args(["jobs", "list"]).env("MACHINE_WORKSPACE", ws.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains(&ws.path().join("run/redis.sock").display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn jobs_commands_write_and_read_the_contract() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let jobs = |args: &[&str]| run(machine().arg("jobs").args(args).env("HUB_REDIS_URL", &url));
+    let hash = |id: &str, field: &str| -> String {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        redis::cmd("HGET")
+            .arg(format!("job:{id}"))
+            .arg(field)
+            .query(&mut conn)
+            .unwrap()
+    };
+    let submit = |extra: &[&str]| {
+        let (out, id, stderr) = jobs(
+            &[
+                &["submit", "--service", "simulation", "--payload", r#"{"n": 1}"#][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(out.status.success(), "{stderr}");
+        id.trim().to_owned()
+    };
+
+    // --max-retries counts retries after the first attempt; the wire counts attempts.
+    assert_eq!(hash(&submit(&["--max-retries", "0"]), "max_retries"), "1");
+    assert_eq!(hash(&submit(&["--max-retries", "4"]), "max_retries"), "5");
+    let plain = submit(&["--priority", "70"]);
+    assert_eq!(hash(&plain, "max_retries"), "3", "the API's default");
+
+    // Typed JSON.
+    let (out, stdout, stderr) = jobs(&["show", &plain, "--json"]);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["job"]["priority"], 70);
+    assert_eq!(v["job"]["retry_count"], 0);
+    assert_eq!(v["job"]["payload"], serde_json::json!({"n": 1}));
+    assert!(v["waiting"].is_string(), "{v}");
+
+    // Statuses: an unknown one is refused with the known ones; cancelled finds cancelled jobs.
+    let (out, _, stderr) = jobs(&["list", "--status", "done"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("cancelled") && stderr.contains("in_progress"),
+        "{stderr}"
+    );
+    let (out, _, stderr) = jobs(&["cancel", &plain]);
+    assert!(out.status.success(), "{stderr}");
+    let (out, stdout, _) = jobs(&["list", "--status", "cancelled", "--json"]);
+    assert!(out.status.success());
+    let listed: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{stdout}");
+    assert_eq!(listed[0]["id"], plain.as_str());
+    assert_eq!(listed[0]["priority"], 70);
+    let (_, stdout, _) = jobs(&["list", "--status", "failed"]);
+    assert!(!stdout.contains(&plain), "a cancelled job is not a failure: {stdout}");
+    let (_, stdout, _) = jobs(&["list", "--status", "pending"]);
+    assert_eq!(stdout.lines().count(), 3, "a header and the two waiting jobs: {stdout}");
+}
+
+#[test]
+fn run_help_lists_every_setting_with_its_variable() {
+    let (out, stdout, _) = run(machine().args(["run", "--help"]));
+    assert!(out.status.success());
+    for (var, key) in machine::config::variables() {
+        assert!(stdout.contains(key), "{key} missing from `run --help`:\n{stdout}");
+        assert!(stdout.contains(var), "{var} missing from `run --help`:\n{stdout}");
+    }
+}

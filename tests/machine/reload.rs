@@ -1,0 +1,428 @@
+//! Reloading a running machine (issue 15) on the real binary, a real Redis and the fake ComfyUI:
+//! `simulation:1,comfyui` reloaded to `simulation:2,comfyui,openai:1` (`machine reload`) keeps
+//! the ComfyUI service (same PID) and its running job; reloaded to `openai:1` (SIGHUP) the
+//! simulation and ComfyUI workers drain and stop with no job lost and ComfyUI stops; an invalid
+//! reload (`POST /reload`) changes nothing and lists every problem; `config check --diff` shows
+//! what a reload would do.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+use crate::e2e::{completed, fake_comfyui, submit};
+use crate::support::{machine, run, wait_until};
+
+const TOKEN: &str = "reload-test-token";
+
+struct Machine {
+    child: Child,
+    port: u16,
+    comfy_port: u16,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status(port: u16) -> Option<Value> {
+    let out = machine()
+        .args(["status", "--json", "--url", &format!("http://127.0.0.1:{port}")])
+        .env("MACHINE_CONTROL_TOKEN", TOKEN)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn worker_ids(doc: &Value) -> Vec<String> {
+    doc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn service<'a>(doc: &'a Value, name: &str) -> Option<&'a Value> {
+    doc["services"].as_array()?.iter().find(|s| s["name"] == name)
+}
+
+fn start(dir: &Path, redis_url: &str) -> Machine {
+    start_draining(dir, redis_url, "20s")
+}
+
+fn start_draining(dir: &Path, redis_url: &str, drain: &str) -> Machine {
+    let config = dir.join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[connectors.comfyui]\ncommand = [\"{}\", \"--port\", \"{{port}}\"]\n\n[connectors.simulation]\nduration = \"3s\"\nsteps = 6\n\n[worker]\ndrain = \"{drain}\"\n",
+            fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let comfy_port = testkit::free_port();
+    let log = std::fs::File::create(dir.join("machine.log")).unwrap();
+    let child = machine()
+        .arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "rl")
+        .env("MACHINE_WORKSPACE", dir.join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_CONTROL_TOKEN", TOKEN)
+        .env("HUB_REDIS_URL", redis_url)
+        .env("WORKER_CONNECTORS", "simulation:1,comfyui")
+        .env("COMFYUI_BASE_PORT", comfy_port.to_string())
+        .env("OPENAI_API_KEY", "sk-test")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Machine {
+        child,
+        port,
+        comfy_port,
+    }
+}
+
+fn reload_cli(m: &Machine, dir: &Path) -> (bool, String, String) {
+    let (out, stdout, stderr) = run(machine()
+        .args(["reload", "--url", &format!("http://127.0.0.1:{}", m.port)])
+        .env("MACHINE_CONFIG", dir.join("machine.toml"))
+        .env("MACHINE_CONTROL_TOKEN", TOKEN));
+    (out.status.success(), stdout, stderr)
+}
+
+async fn job_status(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> String {
+    let s: Option<String> = conn.hget(format!("job:{id}"), "status").await.unwrap();
+    s.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_changes_only_what_changed_and_loses_no_job() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), &url);
+    let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
+
+    let doc = wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    assert_eq!(worker_ids(&doc), ["rl-cpu0", "rl-simulation-1"], "{doc}");
+    let comfy_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
+
+    // A ComfyUI job that runs across the reload.
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 40, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
+    }});
+    let comfy_job = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job_status(&mut conn, &comfy_job).await == "pending" {
+        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // What a reload would do, before doing it.
+    std::fs::write(
+        dir.path().join("ws/worker_connectors"),
+        "simulation:2,comfyui,openai:1\n",
+    )
+    .unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .args([
+            "config",
+            "check",
+            "--diff",
+            "--url",
+            &format!("http://127.0.0.1:{}", m.port),
+        ])
+        .env("MACHINE_CONFIG", dir.path().join("machine.toml"))
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_ID", "rl")
+        .env("MACHINE_HEALTH_PORT", m.port.to_string())
+        .env("HUB_REDIS_URL", &url)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("COMFYUI_BASE_PORT", m.comfy_port.to_string())
+        .env("MACHINE_CONTROL_TOKEN", TOKEN));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("+ worker rl-simulation-2 added\n"), "{stdout}");
+    assert!(stdout.contains("+ worker rl-openai-1 added\n"), "{stdout}");
+    assert!(
+        stdout.contains("unchanged: 2 worker(s), 1 service(s) keep running"),
+        "{stdout}"
+    );
+
+    // `machine reload`: workers are added, nothing else is touched.
+    let (ok, stdout, stderr) = reload_cli(&m, dir.path());
+    assert!(ok, "{stdout}{stderr}\n{}", log());
+    assert!(stdout.contains("+ worker rl-openai-1 added"), "{stdout}");
+    let doc = status(m.port).unwrap();
+    assert_eq!(
+        worker_ids(&doc),
+        ["rl-cpu0", "rl-simulation-1", "rl-simulation-2", "rl-openai-1"],
+        "{doc}"
+    );
+    assert_eq!(
+        service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64(),
+        Some(comfy_pid),
+        "ComfyUI kept running"
+    );
+    let done = completed(&mut conn, &comfy_job, Instant::now() + Duration::from_secs(30)).await;
+    assert_eq!(done["worker_id"], "rl-cpu0", "{done:?}");
+    let registered: bool = conn.exists("worker:rl-openai-1").await.unwrap();
+    assert!(registered, "the added worker registered in Redis");
+    let fleet = wait_until(
+        Duration::from_secs(10),
+        "the fleet status to show the new workers",
+        || {
+            let mut c = client.get_connection().ok()?;
+            let raw: Option<String> = redis::cmd("GET").arg("machine:rl:status").query(&mut c).ok()?;
+            let msg: Value = serde_json::from_str(&raw?).ok()?;
+            (msg["structure"]["workers"].as_object()?.len() == 4).then_some(msg)
+        },
+    );
+    assert!(fleet["structure"]["workers"].get("rl-openai-1").is_some(), "{fleet}");
+
+    // SIGHUP to `openai:1`: the ComfyUI and simulation workers drain (their jobs complete) and
+    // stop, ComfyUI stops, the openai worker runs on.
+    let comfy_job = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let sim_jobs = [
+        submit(&url, &["--service", "simulation", "--payload", "{}"]),
+        submit(&url, &["--service", "simulation", "--payload", "{}"]),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for id in sim_jobs.iter().chain([&comfy_job]) {
+        while job_status(&mut conn, id).await == "pending" {
+            assert!(Instant::now() < deadline, "job {id} was not claimed");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    std::fs::write(dir.path().join("ws/worker_connectors"), "openai:1\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let doc = wait_until(Duration::from_secs(40), "the reload to openai:1", || {
+        status(m.port).filter(|d| worker_ids(d) == ["rl-openai-1"] && service(d, "comfyui-cpu0").is_none())
+    });
+    assert!(doc["services"].as_array().unwrap().is_empty(), "{doc}");
+    for id in sim_jobs.iter().chain([&comfy_job]) {
+        completed(&mut conn, id, Instant::now() + Duration::from_secs(5)).await;
+    }
+    assert!(
+        !Path::new(&format!("/proc/{comfy_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{comfy_pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+        "ComfyUI was stopped"
+    );
+    for gone in ["worker:rl-cpu0", "worker:rl-simulation-1", "worker:rl-simulation-2"] {
+        let exists: bool = conn.exists(gone).await.unwrap();
+        assert!(!exists, "{gone} left Redis");
+    }
+
+    // An invalid configuration: refused with every problem, nothing changes.
+    std::fs::write(dir.path().join("ws/worker_connectors"), "nope:1\n").unwrap();
+    std::fs::write(
+        dir.path().join("machine.toml"),
+        "[worker]\ndrain = \"not a duration\"\n",
+    )
+    .unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/reload", m.port))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: Value = resp.json().await.unwrap();
+    let keys: Vec<&str> = body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&"WORKER_CONNECTORS"), "{body}");
+    assert!(keys.iter().any(|k| k.starts_with("worker.drain")), "{body}");
+    let (ok, _, stderr) = reload_cli(&m, dir.path());
+    assert!(!ok, "machine reload exits non-zero on a refused configuration");
+    assert!(stderr.contains("WORKER_CONNECTORS"), "{stderr}");
+    let doc = status(m.port).unwrap();
+    assert_eq!(worker_ids(&doc), ["rl-openai-1"], "{doc}");
+    // Without the token, the reload is refused outright.
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/reload", m.port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+}
+
+/// A changed ComfyUI command restarts that service between jobs: its worker drains first (the
+/// running job completes), the service comes back with a new PID, the worker claims again; the
+/// simulation worker is not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_service_restarts_between_jobs() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), &url);
+    let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
+    let doc = wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let comfy_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 20, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
+    }});
+    let running = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job_status(&mut conn, &running).await == "pending" {
+        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::write(
+        dir.path().join("machine.toml"),
+        format!(
+            "[connectors.comfyui]\ncommand = [\"{}\", \"--port\", \"{{port}}\", \"--reloaded\"]\n\n[connectors.simulation]\nduration = \"3s\"\nsteps = 6\n\n[worker]\ndrain = \"20s\"\n",
+            fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = reload_cli(&m, dir.path());
+    assert!(ok, "{stdout}{stderr}\n{}", log());
+    assert!(
+        stdout.contains("~ service comfyui-cpu0 changed (restarted)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("~ worker rl-cpu0 changed (restarted)"), "{stdout}");
+    assert!(stdout.contains("unchanged: 1 worker(s)"), "{stdout}");
+    // The reload returned after the drain: the job finished on the old service.
+    let done = completed(&mut conn, &running, Instant::now() + Duration::from_secs(1)).await;
+    assert_eq!(done["worker_id"], "rl-cpu0");
+    let doc = wait_until(Duration::from_secs(20), "ComfyUI to run again", || {
+        status(m.port).filter(|d| service(d, "comfyui-cpu0").is_some_and(|s| s["state"] == "running"))
+    });
+    let new_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
+    assert_ne!(new_pid, comfy_pid, "ComfyUI was restarted");
+    assert_eq!(worker_ids(&doc), ["rl-cpu0", "rl-simulation-1"], "{doc}");
+    let next = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    completed(&mut conn, &next, Instant::now() + Duration::from_secs(30)).await;
+}
+
+/// The supervisor's add and remove, on real children: an added service waits for the one it
+/// starts after, a second one of the same name is refused, and a removed one stops and is
+/// forgotten while the other runs on with the same pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_added_and_removed_while_the_rest_run() {
+    use machine::supervisor::{ServiceState, Supervisor, SupervisorError};
+    let dir = tempfile::tempdir().unwrap();
+    let file = r#"
+[services.base]
+command = ["sleep", "1000"]
+grace = "2s"
+[services.extra]
+command = ["sleep", "1000"]
+after = ["base"]
+grace = "2s"
+"#;
+    let env = std::collections::BTreeMap::from([("MACHINE_WORKSPACE", dir.path().to_str().unwrap())]);
+    let config = machine::config::load_str(Some(("machine.toml", file)), &env).unwrap();
+    let spec = |n: &str| config.services.iter().find(|s| s.name == n).unwrap().clone();
+    let sup = Supervisor::new(vec![spec("base")], &config.supervisor, dir.path()).unwrap();
+    let handle = sup.handle();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sup.run(shutdown.clone(), tokio_util::sync::CancellationToken::new()));
+    let body = async {
+        handle
+            .watch(&["base".to_owned()])
+            .unwrap()
+            .wait_healthy()
+            .await
+            .unwrap();
+        let base_pid = handle.service("base").unwrap().pid;
+        handle.add(spec("extra")).unwrap();
+        assert!(matches!(handle.add(spec("extra")), Err(SupervisorError::Exists(_))));
+        handle
+            .watch(&["extra".to_owned()])
+            .unwrap()
+            .wait_healthy()
+            .await
+            .unwrap();
+        assert_eq!(handle.names(), ["base", "extra"]);
+        let extra_pid = handle.service("extra").unwrap().pid.unwrap();
+        handle.remove("extra").await.unwrap();
+        assert!(handle.service("extra").is_err(), "forgotten");
+        assert_eq!(handle.names(), ["base"]);
+        assert!(
+            !Path::new(&format!("/proc/{extra_pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{extra_pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+            "stopped"
+        );
+        let base = handle.service("base").unwrap();
+        assert_eq!((base.state, base.pid), (ServiceState::Running, base_pid));
+    };
+    tokio::time::timeout(Duration::from_secs(30), body)
+        .await
+        .expect("in time");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(handle.service("base").unwrap().state.is_down());
+}
+
+/// A removed worker whose job outlasts the drain period returns the job to the queue: the reload
+/// finishes after the drain, and the job waits, pending, for a worker that runs ComfyUI.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_outlasting_the_drain_goes_back_to_the_queue() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_draining(dir.path(), &url, "1s");
+    let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 100, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
+    }});
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job_status(&mut conn, &id).await == "pending" {
+        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    std::fs::write(dir.path().join("ws/worker_connectors"), "simulation:1\n").unwrap();
+    let began = Instant::now();
+    let (ok, stdout, stderr) = reload_cli(&m, dir.path());
+    assert!(ok, "{stdout}{stderr}\n{}", log());
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "the drain period bounds the reload"
+    );
+    assert!(stdout.contains("- worker rl-cpu0 removed"), "{stdout}");
+    assert_eq!(job_status(&mut conn, &id).await, "pending", "{}", log());
+    let queued: Option<f64> = conn.zscore("jobs:pending", &id).await.unwrap();
+    assert!(queued.is_some(), "the job is back in the queue");
+    let doc = status(m.port).unwrap();
+    assert_eq!(worker_ids(&doc), ["rl-simulation-1"], "{doc}");
+}
