@@ -426,3 +426,54 @@ async fn a_job_outlasting_the_drain_goes_back_to_the_queue() {
     let doc = status(m.port).unwrap();
     assert_eq!(worker_ids(&doc), ["rl-simulation-1"], "{doc}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_lease_applies_to_the_next_claim() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), &url);
+    wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let comfy_pid = |doc: &Value| service(doc, "comfyui-cpu0").and_then(|s| s["pid"].as_u64());
+    let before = comfy_pid(&status(m.port).unwrap());
+
+    // The lease of a job claimed now: its deadline in `jobs:leases` less the claim time.
+    async fn lease_of_next_claim(conn: &mut redis::aio::MultiplexedConnection, url: &str) -> f64 {
+        let id = submit(url, &["--service", "simulation"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let score: Option<f64> = conn.zscore("jobs:leases", &id).await.unwrap();
+            if let Some(score) = score {
+                let now = machine::clock::now_ms() as f64;
+                return (score - now) / 1000.0;
+            }
+            assert!(Instant::now() < deadline, "job {id} was not claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let lease = lease_of_next_claim(&mut conn, &url).await;
+    assert!((55.0..=60.5).contains(&lease), "the configured lease (60 s): {lease}");
+
+    // Only the lease changes; `machine reload` finds the machine by its workspace's control
+    // socket, with no token.
+    let config = dir.path().join("machine.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[worker]\n", "[worker]\nlease = \"45s\"\n")).unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .arg("reload")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", "1")
+        .env_remove("MACHINE_CONTROL_TOKEN"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("applied: worker.lease = 45s"), "{stdout}");
+    assert!(!stdout.contains("not applied: `worker`"), "{stdout}");
+
+    let lease = lease_of_next_claim(&mut conn, &url).await;
+    assert!((40.0..=45.5).contains(&lease), "the reloaded lease (45 s): {lease}");
+    assert_eq!(comfy_pid(&status(m.port).unwrap()), before, "nothing restarted");
+}
