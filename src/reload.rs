@@ -31,7 +31,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config, ConfigError, ConnectorKind, Env, Problem, ProcessEnv};
+use crate::config::{self, Config, ConfigError, ConnectorKind, Env, Problem, ProcessEnv, WorkerConfig};
 use crate::gpu::Probe;
 use crate::health::HealthState;
 use crate::installers::Tracker;
@@ -50,6 +50,8 @@ pub struct ReloadReport {
     pub diff: PlanDiff,
     /// Settings that changed but apply only at the next restart.
     pub restart_required: Vec<String>,
+    /// Machine-wide settings a reload applied in place (`worker.lease`, from the next claim).
+    pub applied: Vec<String>,
     /// The new plan's adjustments (counts capped, CPU mode).
     pub warnings: Vec<String>,
 }
@@ -263,7 +265,23 @@ impl Reloader {
             load_in(self.path.as_deref(), &ProcessEnv, &self.config.workspace).map_err(ReloadError::Invalid)?;
         let old_json = serde_json::to_value(&self.config).unwrap_or(Value::Null);
         let new_json = serde_json::to_value(&config).unwrap_or(Value::Null);
-        let (touched, restart_required) = settings_changes(&old_json, &new_json);
+        let (touched, mut restart_required) = settings_changes(&old_json, &new_json);
+        // The lease alone of `[worker]` applies in place, from the next claim and renewal,
+        // when the running heartbeat still renews it at least three times per lease.
+        let lease_only = {
+            let mut new_worker = new_json.get("worker").cloned().unwrap_or(Value::Null);
+            if let (Some(w), Some(old_lease)) = (new_worker.as_object_mut(), old_json["worker"].get("lease")) {
+                w.insert("lease".to_owned(), old_lease.clone());
+            }
+            old_json.get("worker") == Some(&new_worker)
+        };
+        let new_lease = (config.worker.lease != self.config.worker.lease
+            && lease_only
+            && config.worker.lease >= self.config.worker.heartbeat * 3)
+            .then_some(config.worker.lease);
+        if new_lease.is_some() {
+            restart_required.retain(|k| k != "worker");
+        }
         // Restart-only settings stay as they run (see RESTART_ONLY), and the new plan is made
         // with them: a new workspace or grace must not look like a change of every service.
         let old = &self.config;
@@ -278,7 +296,10 @@ impl Reloader {
             log: old.log.clone(),
             control_token: old.control_token.clone(),
             health_access: old.health_access.clone(),
-            worker: old.worker.clone(),
+            worker: WorkerConfig {
+                lease: new_lease.unwrap_or(old.worker.lease),
+                ..old.worker.clone()
+            },
             install_timeout: old.install_timeout,
             ..config
         };
@@ -301,9 +322,20 @@ impl Reloader {
                     message: e.to_string(),
                 }]))
             })?;
+        let mut applied_settings = Vec::new();
+        if let Some(lease) = new_lease {
+            if self.pool.set_lease(lease) {
+                tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");
+            }
+            applied_settings.push(format!(
+                "worker.lease = {} (from the next claim)",
+                humantime::format_duration(lease)
+            ));
+        }
         let report = ReloadReport {
             diff: diff.clone(),
             restart_required,
+            applied: applied_settings,
             warnings: plan.warnings.clone(),
         };
         if diff.is_empty() {

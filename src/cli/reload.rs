@@ -69,6 +69,9 @@ fn render_report(doc: &serde_json::Value) -> String {
             let _ = writeln!(s, "{}", doc["diff"]);
         }
     }
+    for setting in doc["applied"].as_array().into_iter().flatten() {
+        let _ = writeln!(s, "applied: {}", setting.as_str().unwrap_or("?"));
+    }
     for key in doc["restart_required"].as_array().into_iter().flatten() {
         let _ = writeln!(
             s,

@@ -127,6 +127,13 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
+    /// Changes the lease of every worker's next claim (a reload); `false` while the workers
+    /// have no broker yet, when the configuration's lease applies anyway.
+    pub fn set_lease(&self, lease: Duration) -> bool {
+        let kit = self.kit.lock().unwrap_or_else(PoisonError::into_inner);
+        kit.broker.as_ref().inspect(|b| b.set_lease(lease)).is_some()
+    }
+
     /// Builds the workers of `which` (planned workers of `plan`, the new plan) the way
     /// [`Workers::build`] does, sharing the running workers' store, limiters, models store and
     /// reports. Nothing runs until [`WorkerPool::add`].

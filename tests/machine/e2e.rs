@@ -30,6 +30,48 @@ pub(crate) fn fake_comfyui() -> PathBuf {
     path
 }
 
+/// A local git repository standing in for upstream ComfyUI, for the real installer: its
+/// `main.py` passes the smoke test (`--quick-test-for-ci`) and otherwise becomes the fake
+/// ComfyUI on the port it is given, serving the `models` folder beside it. Returns the
+/// repository and its commit.
+pub(crate) fn comfyui_repository(root: &Path) -> (PathBuf, String) {
+    let src = root.join("comfy-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("main.py"),
+        format!(
+            r#"import os, sys
+if "--quick-test-for-ci" in sys.argv:
+    sys.exit(0)
+port = sys.argv[sys.argv.index("--port") + 1]
+models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+os.execv({fake:?}, [{fake:?}, "--port", port, "--models", models])
+"#,
+            fake = fake_comfyui().display().to_string()
+        ),
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git").args(args).current_dir(&src).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "--quiet", "--initial-branch=main"]);
+    git(&["add", "-A"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "--quiet",
+        "-m",
+        "init",
+    ]);
+    let commit = git(&["rev-parse", "HEAD"]);
+    (src, commit)
+}
+
 /// A base port with the next one free too, for the two GPUs' ComfyUI services (tests run in
 /// parallel, so the default 8188 would clash).
 pub(crate) fn two_free_ports() -> u16 {

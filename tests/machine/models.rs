@@ -1010,7 +1010,7 @@ async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
 /// capabilities scanned before the installers ran would name none until a later rescan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_installed_on_this_boot_are_advertised_when_the_worker_registers() {
-    use crate::e2e::{fake_comfyui, http_get, two_free_ports};
+    use crate::e2e::{http_get, two_free_ports};
 
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();
@@ -1018,44 +1018,7 @@ async fn models_installed_on_this_boot_are_advertised_when_the_worker_registers(
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
 
-    let src = root.join("comfy-src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(
-        src.join("main.py"),
-        format!(
-            r#"import os, sys
-if "--quick-test-for-ci" in sys.argv:
-    sys.exit(0)
-port = sys.argv[sys.argv.index("--port") + 1]
-models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-os.execv({fake:?}, [{fake:?}, "--port", port, "--models", models])
-"#,
-            fake = fake_comfyui().display().to_string()
-        ),
-    )
-    .unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&src)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    git(&["init", "--quiet", "--initial-branch=main"]);
-    git(&["add", "-A"]);
-    git(&[
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "--quiet",
-        "-m",
-        "init",
-    ]);
-    let commit = git(&["rev-parse", "HEAD"]);
+    let (src, commit) = crate::e2e::comfyui_repository(root);
 
     let files = testkit::FileServer::start();
     let weights = blob(300_000, 3);

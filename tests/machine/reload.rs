@@ -426,3 +426,139 @@ async fn a_job_outlasting_the_drain_goes_back_to_the_queue() {
     let doc = status(m.port).unwrap();
     assert_eq!(worker_ids(&doc), ["rl-simulation-1"], "{doc}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_lease_applies_to_the_next_claim() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(dir.path(), &url);
+    wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    let comfy_pid = |doc: &Value| service(doc, "comfyui-cpu0").and_then(|s| s["pid"].as_u64());
+    let before = comfy_pid(&status(m.port).unwrap());
+
+    // The lease of a job claimed now: its deadline in `jobs:leases` less the claim time.
+    async fn lease_of_next_claim(conn: &mut redis::aio::MultiplexedConnection, url: &str) -> f64 {
+        let id = submit(url, &["--service", "simulation"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let score: Option<f64> = conn.zscore("jobs:leases", &id).await.unwrap();
+            if let Some(score) = score {
+                let now = machine::clock::now_ms() as f64;
+                return (score - now) / 1000.0;
+            }
+            assert!(Instant::now() < deadline, "job {id} was not claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let lease = lease_of_next_claim(&mut conn, &url).await;
+    assert!((55.0..=60.5).contains(&lease), "the configured lease (60 s): {lease}");
+
+    // Only the lease changes; `machine reload` finds the machine by its workspace's control
+    // socket, with no token.
+    let config = dir.path().join("machine.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[worker]\n", "[worker]\nlease = \"45s\"\n")).unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .arg("reload")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", "1")
+        .env_remove("MACHINE_CONTROL_TOKEN"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("applied: worker.lease = 45s"), "{stdout}");
+    assert!(!stdout.contains("not applied: `worker`"), "{stdout}");
+
+    let lease = lease_of_next_claim(&mut conn, &url).await;
+    assert!((40.0..=45.5).contains(&lease), "the reloaded lease (45 s): {lease}");
+    assert_eq!(comfy_pid(&status(m.port).unwrap()), before, "nothing restarted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connector_added_by_a_reload_is_installed_then_started() {
+    use crate::e2e::{comfyui_repository, two_free_ports};
+
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (repo, commit) = comfyui_repository(root);
+    let nodes = root.join("nodes.toml");
+    std::fs::write(&nodes, "").unwrap();
+    let port = testkit::free_port();
+    let log = root.join("machine.log");
+    // Started without ComfyUI; its installer settings are there for when a reload adds it.
+    let child = machine()
+        .arg("run")
+        .env("MACHINE_ID", "ri")
+        .env("MACHINE_WORKSPACE", root.join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_GPU_COUNT", "0")
+        .env("HUB_REDIS_URL", &url)
+        .env("WORKER_CONNECTORS", "simulation:1")
+        .env("COMFYUI_BASE_PORT", two_free_ports().to_string())
+        .env("COMFYUI_REPO_URL", &repo)
+        .env("COMFYUI_REF", &commit)
+        .env("COMFYUI_NODES_FILE", &nodes)
+        .env("COMFYUI_EXTRA_PACKAGES", "none")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut m = Machine {
+        child,
+        port,
+        comfy_port: 0,
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(port).filter(|d| d["machine"]["phase"] == "ready")
+    });
+    assert_eq!(ready["installs"], json!({}), "nothing to install at start: {ready}");
+
+    std::fs::write(root.join("ws/worker_connectors"), "simulation:1,comfyui\n").unwrap();
+    let (out, stdout, stderr) = run(machine()
+        .arg("reload")
+        .env("MACHINE_WORKSPACE", root.join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env_remove("MACHINE_CONTROL_TOKEN"));
+    assert!(out.status.success(), "{stdout}{stderr}\n{}", log_text());
+    assert!(
+        stdout.contains("ri-cpu0"),
+        "the added worker is in the report: {stdout}"
+    );
+
+    // The reload ran the ComfyUI installer (a real git clone and venv), then started the
+    // service, then its worker, which runs a ComfyUI job.
+    let doc = status(port).unwrap();
+    assert_eq!(doc["installs"]["comfyui"]["state"], "done", "{}", doc["installs"]);
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 2, "step_ms": 10}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ri"}}
+    }});
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = job_status(&mut conn, &id).await;
+        if s == "completed" {
+            break;
+        }
+        assert!(s != "failed", "the ComfyUI job failed: {}", log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the ComfyUI job did not complete ({s}): {}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker: Option<String> = conn.hget(format!("job:{id}"), "worker_id").await.unwrap();
+    assert_eq!(worker.as_deref(), Some("ri-cpu0"));
+    let _ = m.child.kill();
+}

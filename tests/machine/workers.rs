@@ -176,6 +176,16 @@ fn file_of(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
 }
 
+/// Waits briefly until the worker's job counts satisfy `ok`: the runner counts an outcome just
+/// after Redis shows it, so reading the counts the instant Redis does races.
+async fn counted(status: &watch::Receiver<WorkerStatus>, ok: impl Fn(&machine::worker::JobCounts) -> bool) {
+    let mut st = status.clone();
+    tokio::time::timeout(Duration::from_secs(5), st.wait_for(|s| ok(&s.counts)))
+        .await
+        .expect("the worker's counts catch up within 5 s")
+        .expect("the worker's status channel is open");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connector_end_to_end_through_redis() {
     within(async {
@@ -280,7 +290,7 @@ async fn each_connector_end_to_end_through_redis() {
         let sim = file_of(rec["data"]["artifacts"][0]["url"].as_str().unwrap());
         assert_eq!(std::fs::read_to_string(sim).unwrap(), "sim");
 
-        assert_eq!(status.borrow().counts.completed, 5);
+        counted(&status, |c| c.completed == 5).await;
         rig.stop(vec![w]).await;
         assert_eq!(status.borrow().state, WorkerState::Stopped);
     })
@@ -324,12 +334,7 @@ async fn each_failure_class_is_reported() {
         let job = rig.wait_status(&slow, &["failed"]).await;
         assert!(job["error"].contains("timed out"), "{job:?}");
 
-        // The runner counts a failure just after Redis shows it: wait for the count, briefly.
-        let mut st = status.clone();
-        tokio::time::timeout(Duration::from_secs(5), st.wait_for(|s| s.counts.failed == 4))
-            .await
-            .expect("the worker counts four failures")
-            .unwrap();
+        counted(&status, |c| c.failed == 4).await;
         rig.stop(vec![w]).await;
     })
     .await;
@@ -418,7 +423,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
             started.elapsed() >= Duration::from_millis(300),
             "it waited for the drain"
         );
-        assert_eq!(status.borrow().counts.returned, 1);
+        counted(&status, |c| c.returned == 1).await;
         let job = broker.show(&id).await.unwrap().unwrap().job;
         assert_eq!(job["status"], "pending", "{job:?}");
         assert_eq!(job["retry_count"], "0", "returned without penalty");
@@ -562,7 +567,7 @@ async fn dropped_redis_connections_do_not_lose_the_job() {
         }
         let job = rig.wait_status(&id, &["completed", "failed"]).await;
         assert_eq!(job["status"], "completed", "{job:?}");
-        assert_eq!(status.borrow().counts.completed, 1);
+        counted(&status, |c| c.completed == 1).await;
         assert_eq!(status.borrow().counts.claimed, 1);
         rig.stop(vec![w]).await;
     })
@@ -596,6 +601,9 @@ async fn a_hundred_jobs_across_four_workers_each_complete_once() {
         let mut conn = rig.raw().await;
         let completed: usize = conn.hlen("jobs:completed").await.unwrap();
         assert_eq!(completed, 100);
+        for st in &statuses {
+            counted(st, |c| c.claimed == c.completed).await;
+        }
         let claimed: u64 = statuses.iter().map(|s| s.borrow().counts.claimed).sum();
         let done: u64 = statuses.iter().map(|s| s.borrow().counts.completed).sum();
         assert_eq!(

@@ -51,7 +51,7 @@ impl Broker {
 
     async fn claim_json(&self, caps_json: &str) -> Result<Option<ClaimedJob>, BrokerError> {
         let max = self.inner.opts.max_examine.to_string();
-        let lease = self.inner.opts.lease.as_millis().to_string();
+        let lease = self.lease().as_millis().to_string();
         loop {
             let started = std::time::Instant::now();
             // Bytes, not a string: a job field with invalid UTF-8 must fail that job, not the call.

@@ -131,7 +131,7 @@ impl Broker {
 
     /// Extends the lease by the configured lease time.
     pub async fn renew_lease(&self, job: &ClaimedJob) -> Result<LeaseStatus, BrokerError> {
-        let lease = self.inner.opts.lease.as_millis().to_string();
+        let lease = self.lease().as_millis().to_string();
         match self.lifecycle("renewLease", job, &[&lease]).await {
             Ok(_) => Ok(LeaseStatus::Held),
             Err(BrokerError::Cancelled { .. }) => Ok(LeaseStatus::Cancelled),

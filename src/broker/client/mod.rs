@@ -16,6 +16,7 @@ mod registry;
 mod reply;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -90,6 +91,9 @@ struct Inner {
     lib: Library,
     mode: RwLock<Mode>,
     opts: BrokerOptions,
+    /// The lease of the next claim and renewal, in milliseconds: `opts.lease` until a reload
+    /// changes it ([`Broker::set_lease`]).
+    lease_ms: AtomicU64,
     wake: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: broadcast::Sender<String>,
     observer: std::sync::OnceLock<ClaimObserver>,
@@ -154,6 +158,7 @@ impl Broker {
                 conn,
                 lib: Library::new(),
                 mode: RwLock::new(Mode::Functions),
+                lease_ms: AtomicU64::new(u64::try_from(opts.lease.as_millis()).unwrap_or(u64::MAX)),
                 opts,
                 wake: Mutex::new(HashMap::new()),
                 cancels,
@@ -167,6 +172,18 @@ impl Broker {
     /// The options this broker runs with.
     pub fn options(&self) -> &BrokerOptions {
         &self.inner.opts
+    }
+
+    /// The lease the next claim and renewal ask for.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.inner.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// Changes the lease from the next claim and renewal on (a reload); jobs already claimed
+    /// keep theirs until their next renewal.
+    pub fn set_lease(&self, lease: Duration) {
+        let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        self.inner.lease_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Sets the observer of claim calls; only the first one set is kept.
