@@ -239,6 +239,11 @@ impl Machine {
     /// Starts the machine with `comfyui` under `[connectors.comfyui]` and `extra` at the end of
     /// its configuration, without waiting for it to be ready.
     async fn spawn(comfyui: &str, extra: &str) -> Machine {
+        Machine::spawn_running(comfyui, extra, "comfyui").await
+    }
+
+    /// As [`Machine::spawn`], running the `connectors` (`WORKER_CONNECTORS`).
+    async fn spawn_running(comfyui: &str, extra: &str, connectors: &str) -> Machine {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("machine.toml");
@@ -259,7 +264,7 @@ impl Machine {
             .env("MACHINE_WORKSPACE", dir.path().join("ws"))
             .env("MACHINE_HEALTH_PORT", port.to_string())
             .env("HUB_REDIS_URL", redis.url())
-            .env("WORKER_CONNECTORS", "comfyui")
+            .env("WORKER_CONNECTORS", connectors)
             .env("COMFYUI_BASE_PORT", comfy_port.to_string())
             .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
             .env("FAKE_NVML_GPUS", "1")
@@ -350,6 +355,35 @@ impl Machine {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A ComfyUI worker that a reload adds has the upkeep of its service, as one built at start
+/// does: `restart_every_jobs = 1` restarts the service after its first job, between jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_added_by_a_reload_has_its_service_kept_up() {
+    let mut m = Machine::spawn_running("restart_every_jobs = 1", "", "simulation:1").await;
+    let ws = m._dir.path().join("ws");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while crate::e2e::http_get(m.port, "/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the machine never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(ws.join("worker_connectors"), "simulation:1,comfyui\n").expect("write the connectors");
+    let (out, stdout, stderr) = crate::support::run(
+        crate::support::machine()
+            .arg("reload")
+            .env("MACHINE_WORKSPACE", &ws)
+            .env("MACHINE_HEALTH_PORT", m.port.to_string())
+            .env_remove("MACHINE_CONTROL_TOKEN"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("heal-gpu0"), "the ComfyUI worker is added: {stdout}");
+    let id = m.submit(&quick_workflow(), 0);
+    m.wait_job(&id, "completed").await;
+    m.wait_planned("every_jobs", 1).await;
+    let id = m.submit(&quick_workflow(), 0);
+    let j = m.wait_job(&id, "completed").await;
+    assert_eq!(j["retry_count"], "0", "no job failed: {j:?}");
 }
 
 fn quick_workflow() -> Value {
