@@ -453,22 +453,36 @@ fn warmup_file(dir: &std::path::Path, node: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_warm_up_runs_before_the_first_claim_and_after_every_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // A warm-up of about a second, so that /status can be seen saying so.
+    // A warm-up of about two seconds, so that the reports can be seen saying so.
     let warmup = warmup_file(
         dir.path(),
-        json!({"class_type": "KSampler", "inputs": {"steps": 10, "step_ms": 100}}),
+        json!({"class_type": "KSampler", "inputs": {"steps": 20, "step_ms": 100}}),
     );
     let mut m = Machine::spawn(&format!("warmup = \"{warmup}\"\nrestart_every_jobs = 1"), "").await;
+    // The warm-up is told on /status, in `machine status` and in the fleet message.
+    let reason = "warming up comfyui-gpu0";
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let (mut on_status, mut on_cli, mut on_fleet) = (false, false, false);
+    while !(on_status && on_cli && on_fleet) {
         let (_, body) = crate::e2e::http_get(m.port, "/status").await;
         let doc: Value = serde_json::from_str(&body).unwrap_or_default();
-        if doc["workers"][0]["reason"].as_str() == Some("warming up comfyui-gpu0") {
-            break;
-        }
+        on_status |= doc["workers"][0]["reason"].as_str() == Some(reason);
+        let (_, stdout, _) = crate::support::run(
+            crate::support::machine()
+                .arg("status")
+                .env("MACHINE_WORKSPACE", m._dir.path().join("ws"))
+                .env("MACHINE_HEALTH_PORT", m.port.to_string())
+                .env("COLUMNS", "200"),
+        );
+        on_cli |= stdout.contains(reason);
+        let fleet: Option<String> = redis::AsyncCommands::get(&mut m.conn, "machine:heal:status")
+            .await
+            .expect("read the fleet message");
+        let fleet: Value = fleet.and_then(|f| serde_json::from_str(&f).ok()).unwrap_or_default();
+        on_fleet |= fleet["status"]["workers"]["heal-gpu0"]["reason"].as_str() == Some(reason);
         assert!(
             Instant::now() < deadline,
-            "/status never said the worker warms up: {body}"
+            "the warm-up was not told everywhere: /status {on_status}, machine status {on_cli}, fleet {on_fleet}: {body}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
