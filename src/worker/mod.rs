@@ -23,6 +23,7 @@ pub mod hold;
 pub mod pause;
 pub mod quarantine;
 mod runner;
+mod status;
 pub mod upkeep;
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,7 +49,8 @@ use crate::gpu::Probe;
 use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
 
-pub use runner::{CurrentJob, JobCounts, JobOutcome, JobReport, Worker, WorkerSettings, WorkerState, WorkerStatus};
+pub use runner::{Worker, WorkerSettings};
+pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
 
 /// Why the workers could not be set up or run.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,454 @@
+//! One claimed job's life: its input and output destination checked, the connector run with
+//! progress, lease renewal, cancellation, holds and a time limit beside it, and exactly one
+//! outcome written in Redis (or given up on at shutdown).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{AbortOnDrop, RedisBackoff, Worker};
+use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, LeaseStatus};
+use crate::connectors::store::{self, OutputTarget};
+use crate::connectors::{
+    Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
+};
+use crate::logging::error_chain;
+use crate::worker::hold::Blame;
+use crate::worker::{CurrentJob, JobOutcome, JobReport, WorkerState, WorkerStatus};
+
+/// Why a running job was stopped before its connector returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    Lost,
+    Timeout,
+    Shutdown,
+    /// A hold that returns the job (its GPU faulted).
+    Held,
+}
+
+/// A claimed job ready to run: its input and its checked output destination.
+#[derive(Debug)]
+struct Prepared {
+    input: Job,
+    target: OutputTarget,
+}
+
+/// A lifecycle write that the broker refused, or that could not be made before shutdown.
+#[derive(Debug)]
+pub(super) enum NotWritten {
+    Cancelled,
+    Lost,
+    GaveUp(BrokerError),
+}
+
+impl Worker {
+    /// The job as its connector sees it, and where its outputs go: a `ctx` that is not JSON or
+    /// names no usable destination is refused here, before anything runs.
+    fn job_input(&self, claimed: &ClaimedJob) -> Result<Prepared, ConnectorError> {
+        let refused = |e| ConnectorError::Destination(Box::new(e));
+        let job = Job {
+            id: claimed.id.clone(),
+            service_required: claimed.service.clone(),
+            payload: claimed.payload.clone(),
+            customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
+            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
+            timeout: job_timeout(claimed),
+        };
+        let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
+        Ok(Prepared { input: job, target })
+    }
+
+    pub(super) async fn run_job(
+        &mut self,
+        broker: &Broker,
+        claimed: ClaimedJob,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let claimed_at = Instant::now();
+        let mut cancels = broker.cancellations();
+        self.status.send_modify(|s| {
+            s.state = WorkerState::Busy;
+            s.last_activity_ms = crate::clock::now_ms();
+            s.counts.claimed += 1;
+            s.current_job = Some(CurrentJob {
+                job_id: claimed.id.clone(),
+                service: claimed.service.clone(),
+                progress: 0.0,
+                message: String::new(),
+            });
+        });
+        tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
+        let (outcome, run, billing) = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+            (None, _) => {
+                let e = ConnectorError::BadPayload(format!(
+                    "worker {} has no connector for `{}`",
+                    self.id(),
+                    claimed.service
+                ));
+                (
+                    self.write_failure(broker, &claimed, &e, shutdown).await,
+                    Duration::ZERO,
+                    None,
+                )
+            }
+            (Some(_), Err(e)) => (
+                self.write_failure(broker, &claimed, &e, shutdown).await,
+                Duration::ZERO,
+                None,
+            ),
+            (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
+                Err(not) => (self.not_written(not), Duration::ZERO, None),
+                Ok(()) => {
+                    if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
+                        // It waited for a quota before; if it still must, deferJob says so again.
+                        let cleared: Result<i64, _> = broker.call_limits("clearLimitReason", &[&claimed.id]).await;
+                        if let Err(e) = cleared {
+                            tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
+                        }
+                    }
+                    self.supervise(broker, &claimed, &prepared, connector, &mut cancels, shutdown)
+                        .await
+                }
+            },
+        };
+        let total = claimed_at.elapsed();
+        tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
+        self.status.send_modify(|s| {
+            s.current_job = None;
+            s.last_activity_ms = crate::clock::now_ms();
+            match &outcome {
+                JobOutcome::Completed => s.counts.completed += 1,
+                JobOutcome::Failed { error, .. } => {
+                    s.counts.failed += 1;
+                    s.last_error = Some(error.clone());
+                }
+                JobOutcome::Returned => s.counts.returned += 1,
+                JobOutcome::Cancelled => s.counts.cancelled += 1,
+                JobOutcome::Lost => s.counts.lost += 1,
+            }
+        });
+        if let Some(tx) = &self.reports {
+            let _ = tx.send(JobReport {
+                worker_id: self.caps.worker_id.clone(),
+                job_id: claimed.id.clone(),
+                service: claimed.service.clone(),
+                outcome: outcome.clone(),
+                run,
+                total,
+                billing,
+            });
+        }
+        outcome
+    }
+
+    /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
+    /// around it, then writes the outcome. Returns the outcome, the connector's run time and,
+    /// for a completed external job, its billing.
+    async fn supervise(
+        &mut self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        prepared: &Prepared,
+        connector: Arc<dyn Connector>,
+        cancels: &mut broadcast::Receiver<String>,
+        shutdown: &CancellationToken,
+    ) -> (JobOutcome, Duration, Option<Billing>) {
+        let Prepared { input, target } = prepared;
+        let (sink, progress) = ProgressSink::new();
+        let job_cancel = CancellationToken::new();
+        let started = Instant::now();
+        let mut task = AbortOnDrop(tokio::spawn({
+            let input = input.clone();
+            let cancel = job_cancel.clone();
+            async move {
+                let r = connector.run(&input, &sink, &cancel).await;
+                (r, started.elapsed())
+            }
+        }));
+        let (stop_tx, mut stop_rx) = mpsc::channel(2);
+        let keeper = AbortOnDrop(tokio::spawn(keep_lease(
+            broker.clone(),
+            claimed.clone(),
+            self.settings.heartbeat,
+            stop_tx.clone(),
+        )));
+        // Progress goes to Redis from its own task, so a slow or absent Redis never delays
+        // noticing that the job ended, was cancelled or ran out of time.
+        let forwarder = AbortOnDrop(tokio::spawn(forward_progress(
+            broker.clone(),
+            claimed.clone(),
+            progress,
+            self.status.clone(),
+            stop_tx,
+        )));
+        let timeout = input.timeout.unwrap_or(self.settings.job_timeout);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut stop: Option<Stop> = None;
+        let mut cancels_open = true;
+        let (result, run) = loop {
+            tokio::select! {
+                biased;
+                joined = &mut task.0 => break match joined {
+                    Ok(r) => r,
+                    Err(e) => (Err(ConnectorError::Failed { message: format!("the connector task failed: {e}"), retryable: true }), started.elapsed()),
+                },
+                Some(s) = stop_rx.recv(), if stop.is_none() => {
+                    stop = Some(s);
+                    job_cancel.cancel();
+                }
+                msg = cancels.recv(), if stop.is_none() && cancels_open => match msg {
+                    Ok(id) if id == claimed.id => {
+                        tracing::info!(job_id = %claimed.id, "the job was cancelled; interrupting it");
+                        stop = Some(Stop::Cancelled);
+                        job_cancel.cancel();
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => cancels_open = false,
+                },
+                () = &mut deadline, if stop.is_none() => {
+                    tracing::warn!(job_id = %claimed.id, ?timeout, "the job ran past its time limit; stopping it");
+                    stop = Some(Stop::Timeout);
+                    job_cancel.cancel();
+                }
+                () = shutdown.cancelled(), if drain.is_none() && stop.is_none() => {
+                    tracing::info!(job_id = %claimed.id, drain = ?self.settings.drain, "shutdown: letting the job finish within the drain period");
+                    self.set_state(WorkerState::Draining);
+                    drain = Some(Box::pin(tokio::time::sleep(self.settings.drain)));
+                }
+                () = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() && stop.is_none() => {
+                    stop = Some(Stop::Shutdown);
+                    job_cancel.cancel();
+                }
+                reason = self.holds.returning_job(), if stop.is_none() => {
+                    tracing::warn!(job_id = %claimed.id, %reason, "returning the job: its worker cannot go on");
+                    stop = Some(Stop::Held);
+                    job_cancel.cancel();
+                }
+                () = self.force.cancelled(), if stop.is_none() => {
+                    tracing::info!(job_id = %claimed.id, "forced shutdown: returning the job now");
+                    stop = Some(Stop::Shutdown);
+                    job_cancel.cancel();
+                }
+            }
+        };
+        drop(keeper);
+        drop(forwarder);
+        let mut billing = None;
+        let outcome = match (stop, result) {
+            (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
+            (Some(Stop::Lost), _) => JobOutcome::Lost,
+            (_, Ok(output)) => {
+                billing = Billing::from_result(&output.data);
+                self.write_success(broker, claimed, target, output, shutdown).await
+            }
+            (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
+            }
+            (Some(Stop::Timeout), Err(_)) => {
+                let e = ConnectorError::Timeout(timeout);
+                self.write_failure(broker, claimed, &e, shutdown).await
+            }
+            (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
+            (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
+        };
+        if outcome != JobOutcome::Completed {
+            billing = None;
+        }
+        (outcome, run, billing)
+    }
+
+    async fn write_success(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        target: &OutputTarget,
+        output: JobOutput,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let stored = match target.store(output.artifacts).await {
+            Ok(s) => s,
+            Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
+        };
+        let mut result = output.data;
+        store::add_to_result(&mut result, &stored);
+        match self.write(shutdown, || broker.complete(claimed, &result)).await {
+            Ok(()) => JobOutcome::Completed,
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    pub(super) async fn write_failure(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let error = e.chain();
+        // A connector that reports cancellation without being asked has lost its service.
+        let retryable = e.is_retryable() || e.class() == ErrorClass::Cancelled;
+        tracing::warn!(job_id = %claimed.id, retryable, error = %error, "the job failed");
+        match self.write(shutdown, || broker.fail(claimed, &error, retryable)).await {
+            Ok(o) => JobOutcome::Failed {
+                retryable,
+                blame: Blame::of(e),
+                requeued: o == FailOutcome::Retried,
+                error,
+            },
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    pub(super) fn not_written(&self, not: NotWritten) -> JobOutcome {
+        match not {
+            NotWritten::Cancelled => JobOutcome::Cancelled,
+            NotWritten::Lost => JobOutcome::Lost,
+            NotWritten::GaveUp(e) => {
+                // The lease expires and the reaper gives the job to another worker.
+                tracing::error!(worker = %self.id(), error = %error_chain(&e), "gave up reporting a job at shutdown");
+                JobOutcome::Lost
+            }
+        }
+    }
+
+    /// Makes a lifecycle write, retrying through Redis outages until it is written or fenced.
+    /// After shutdown it tries for one more drain period, then gives up (the lease then returns
+    /// the job).
+    pub(super) async fn write<T, F, Fut>(&self, shutdown: &CancellationToken, mut op: F) -> Result<T, NotWritten>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let mut backoff = RedisBackoff::default();
+        let mut shutdown_seen: Option<Instant> = None;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(BrokerError::Cancelled { .. }) => return Err(NotWritten::Cancelled),
+                Err(BrokerError::LeaseLost { .. }) => return Err(NotWritten::Lost),
+                Err(e) => {
+                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to write to redis; retrying");
+                    self.note_error(&error_chain(&e));
+                    if shutdown.is_cancelled() {
+                        let since = *shutdown_seen.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.settings.drain {
+                            return Err(NotWritten::GaveUp(e));
+                        }
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Writes each progress report (the latest, when several came while a write was in flight) and
+/// shows it in the worker's status; a write the broker fences tells the job to stop.
+async fn forward_progress(
+    broker: Broker,
+    job: ClaimedJob,
+    mut progress: ProgressReceiver,
+    status: Arc<watch::Sender<WorkerStatus>>,
+    stop: mpsc::Sender<Stop>,
+) {
+    while progress.changed().await.is_ok() {
+        let p = progress.borrow_and_update().1.clone();
+        status.send_modify(|s| {
+            if let Some(j) = &mut s.current_job {
+                j.progress = p.percent;
+                j.message.clone_from(&p.message);
+            }
+        });
+        let steps = p.current_step.zip(p.total_steps);
+        match broker.progress(&job, p.percent, &p.message, steps).await {
+            Ok(()) => {}
+            Err(BrokerError::Cancelled { .. }) => {
+                let _ = stop.send(Stop::Cancelled).await;
+                return;
+            }
+            Err(BrokerError::LeaseLost { .. }) => {
+                let _ = stop.send(Stop::Lost).await;
+                return;
+            }
+            Err(e) => tracing::debug!(job_id = %job.id, error = %error_chain(&e), "progress not written"),
+        }
+    }
+}
+
+/// Renews the lease every `every`, beside the job; tells the job to stop when the broker says
+/// it was cancelled or is no longer ours. Redis errors are logged and retried at the next tick
+/// (the lease is at least three ticks long).
+async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc::Sender<Stop>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match broker.renew_lease(&job).await {
+            Ok(LeaseStatus::Held) => {}
+            Ok(LeaseStatus::Cancelled) => {
+                let _ = stop.send(Stop::Cancelled).await;
+                return;
+            }
+            Ok(LeaseStatus::Lost) => {
+                tracing::warn!(job_id = %job.id, "the lease was lost; abandoning the job");
+                let _ = stop.send(Stop::Lost).await;
+                return;
+            }
+            Err(e) => tracing::warn!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// A job's own time limit: `payload.timeout_seconds`, else `requirements.timeout_minutes`.
+fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
+    let secs = claimed
+        .payload
+        .get("timeout_seconds")
+        .and_then(Value::as_f64)
+        .or_else(|| {
+            let req: Value = serde_json::from_str(claimed.field("requirements")?).ok()?;
+            req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
+        })?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn claimed(payload: Value, requirements: &str) -> ClaimedJob {
+        ClaimedJob {
+            id: "j".into(),
+            worker_id: "w".into(),
+            service: "simulation".into(),
+            payload,
+            fields: BTreeMap::from([("requirements".to_owned(), requirements.to_owned())]),
+        }
+    }
+
+    #[test]
+    fn job_timeouts_come_from_the_job() {
+        assert_eq!(
+            job_timeout(&claimed(json!({"timeout_seconds": 2.5}), "")),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            job_timeout(&claimed(json!({}), r#"{"timeout_minutes": 2}"#)),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(job_timeout(&claimed(json!({"timeout_seconds": -1}), "")), None);
+        assert_eq!(job_timeout(&claimed(json!({}), "not json")), None);
+    }
+}

@@ -1,0 +1,128 @@
+//! What a worker tells the rest of the machine: its state and counts (on a watch channel, for
+//! `/status`, the page and the fleet message) and a report of each job it ends (for metrics and
+//! the benchmark).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::hold::{Blame, HoldKind};
+use crate::connectors::Billing;
+
+/// The state of a worker, for the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Registering with the broker.
+    Starting,
+    /// Its services are not ready (starting, or crash-looping); it does not claim.
+    WaitingForServices,
+    /// A hold keeps it from claiming (its GPU faulted, it is quarantined, ...); the status's
+    /// `reason` says which.
+    Held,
+    /// Waiting for a job.
+    Idle,
+    /// Running a job.
+    Busy,
+    /// Shutting down; its job may finish within the drain period.
+    Draining,
+    /// Stopped.
+    Stopped,
+}
+
+/// The job a worker runs now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CurrentJob {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// Last reported progress, 0-100.
+    pub progress: f64,
+    /// Last progress message.
+    pub message: String,
+}
+
+/// How many jobs ended which way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct JobCounts {
+    /// Jobs claimed.
+    pub claimed: u64,
+    /// Jobs completed.
+    pub completed: u64,
+    /// Jobs failed (whether or not the broker re-queued them).
+    pub failed: u64,
+    /// Jobs returned to the queue at shutdown, or because a daily quota stopped them.
+    pub returned: u64,
+    /// Jobs cancelled by the API while running here.
+    pub cancelled: u64,
+    /// Jobs whose lease this worker lost.
+    pub lost: u64,
+}
+
+/// What a worker is doing, published on a watch channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerStatus {
+    /// The worker id.
+    pub worker_id: String,
+    /// Its state.
+    pub state: WorkerState,
+    /// The job it runs, when busy.
+    pub current_job: Option<CurrentJob>,
+    /// Outcomes so far.
+    pub counts: JobCounts,
+    /// The last error it met (a Redis outage, a failed job), for operators.
+    pub last_error: Option<String>,
+    /// When its state or job last changed, epoch milliseconds.
+    pub last_activity_ms: u64,
+    /// Why it must not claim now (its holds' reasons), when it must not.
+    pub hold: Option<String>,
+    /// The kinds of its holds.
+    pub held_by: Vec<HoldKind>,
+}
+
+/// How a job ended here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum JobOutcome {
+    /// Completed; the result was written.
+    Completed,
+    /// Failed; `requeued` when the broker put it back for another attempt.
+    Failed {
+        /// Whether the failure was retryable.
+        retryable: bool,
+        /// Whose fault it was.
+        blame: Blame,
+        /// Whether the broker re-queued it.
+        requeued: bool,
+        /// The reason written to the job.
+        error: String,
+    },
+    /// Returned to the queue at shutdown, or because a daily quota stopped it.
+    Returned,
+    /// Cancelled by the API; the result was discarded.
+    Cancelled,
+    /// The lease was lost (or the outcome could not be reported before shutdown).
+    Lost,
+}
+
+/// One finished job, for metrics and the benchmark.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobReport {
+    /// The worker.
+    pub worker_id: String,
+    /// The job.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// How it ended.
+    pub outcome: JobOutcome,
+    /// Time spent in the connector.
+    #[serde(with = "humantime_serde")]
+    pub run: Duration,
+    /// Time from the claim to the outcome written in Redis.
+    #[serde(with = "humantime_serde")]
+    pub total: Duration,
+    /// What an external job used and cost (from its result's `billing`), when it completed.
+    pub billing: Option<Billing>,
+}
