@@ -1,0 +1,264 @@
+//! The small tasks `machine run` keeps beside its subsystems, each feeding one thing into
+//! another: service readiness into the workers, GPU faults into the supervisor, the upkeep's
+//! tools, API limits, queue depth and finished jobs into the health state, and the one line
+//! that says the machine is ready.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::gpu::Probe;
+use crate::health::{self, HealthState};
+use crate::logging::error_chain;
+use crate::plan::Plan;
+use crate::supervisor::{ServiceState, ServicesWatch, SupervisorHandle};
+use crate::worker::{self, JobOutcome, Readiness};
+
+/// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
+/// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
+/// services that worker waits for, so nothing keeps using the broken GPU.
+pub(super) async fn on_gpu_faults(
+    mut faults: watch::Receiver<Vec<crate::gpu::GpuHealth>>,
+    plan: Plan,
+    handle: SupervisorHandle,
+    statuses: Vec<(String, watch::Receiver<worker::WorkerStatus>)>,
+    on_fault: crate::config::OnFault,
+    exit: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut handled = BTreeSet::new();
+    loop {
+        let faulted: Vec<u32> = faults
+            .borrow_and_update()
+            .iter()
+            .filter(|g| g.health == crate::gpu::Condition::Faulted && !handled.contains(&g.index))
+            .map(|g| g.index)
+            .collect();
+        for index in faulted {
+            handled.insert(index);
+            if on_fault == crate::config::OnFault::Exit {
+                exit.cancel();
+                return;
+            }
+            for wp in plan.workers.iter().filter(|w| w.gpu == Some(index)) {
+                if let Some((_, status)) = statuses.iter().find(|(id, _)| *id == wp.id) {
+                    let mut status = status.clone();
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = status.wait_for(|s| s.current_job.is_none()) => {}
+                    }
+                }
+                for service in &wp.waits_for {
+                    tracing::warn!(gpu = index, service = %service, "stopping a service of the faulted GPU");
+                    if let Err(e) = handle.stop(service).await {
+                        tracing::warn!(service = %service, error = %error_chain(&e), "failed to stop a service of the faulted GPU");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = faults.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// What the upkeep of the workers' services uses: the supervisor, the metrics that count its
+/// planned restarts, and the GPUs' used memory.
+pub(super) fn keep_up(
+    handle: &SupervisorHandle,
+    state: &Arc<HealthState>,
+    probe: Arc<Probe>,
+) -> worker::upkeep::KeepUp {
+    let (metrics, warmups) = (state.metrics().clone(), state.metrics().clone());
+    worker::upkeep::KeepUp {
+        supervisor: handle.clone(),
+        on_restart: Arc::new(move |service, reason| metrics.planned_restart(service, reason)),
+        on_warmup: Arc::new(move |service, seconds| warmups.warmup(service, seconds)),
+        gpu_memory_used: Arc::new(move |gpu| {
+            probe
+                .live()
+                .into_iter()
+                .find(|g| g.index == gpu)
+                .and_then(|g| g.memory_used_bytes)
+        }),
+    }
+}
+
+/// One readiness channel per service a worker waits for, fed from the supervisor: `true` while
+/// the service is running, its readiness probe passes and it is live. A service recovering from
+/// a crash loop counts as ready as soon as its probe passes again: the crash-loop flag, which
+/// stays up until the run has lasted `stable_after`, is for operators and restart backoff, not
+/// a reason to keep a working service idle for a minute.
+pub(super) fn readiness(
+    handle: &SupervisorHandle,
+    plan: &Plan,
+    stop: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Readiness {
+    let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
+    let mut readiness = Readiness::new();
+    for name in names {
+        if let Some((rx, task)) = readiness_feed(handle, name, stop) {
+            tasks.push(task);
+            readiness.insert(name.clone(), rx);
+        }
+    }
+    readiness
+}
+
+/// The readiness channel of one service and the task that feeds it, until `stop` or until the
+/// service is removed; `None` when the supervisor has no such service.
+pub(crate) fn readiness_feed(
+    handle: &SupervisorHandle,
+    name: &str,
+    stop: &CancellationToken,
+) -> Option<(watch::Receiver<bool>, JoinHandle<()>)> {
+    let mut watch = handle.watch(&[name.to_owned()]).ok()?;
+    let (tx, rx) = watch::channel(serving(&watch));
+    let stop = stop.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let _ = tx.send(serving(&watch));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                changed = watch.changed() => if changed.is_err() { break },
+            }
+        }
+    });
+    Some((rx, task))
+}
+
+/// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
+/// the metrics, `/status` and the fleet status.
+pub(super) fn spawn_limits_feed(
+    state: &Arc<HealthState>,
+    pool: worker::WorkerPool,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            // Read each round: a reload may add an API.
+            for limiter in &pool.limiters() {
+                let usage = limiter.usage().await.ok();
+                let stats = limiter.stats();
+                state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);
+                state.set_external_api(
+                    limiter.api(),
+                    serde_json::json!({ "today": usage, "this_machine": stats }),
+                );
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
+/// Logs once, when the machine first becomes ready, how long that took since it started.
+pub(super) fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        // Readiness is derived from the installers', services' and workers' channels on every
+        // read; a short poll reads it without a second copy of that rule.
+        loop {
+            if state.phase() == health::Phase::Ready {
+                let took = crate::logging::started().elapsed();
+                tracing::info!(
+                    seconds = took.as_secs_f64(),
+                    "machine ready in {:.2}s",
+                    took.as_secs_f64()
+                );
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+}
+
+/// Every few seconds, reads from Redis how many jobs wait for each service the workers serve,
+/// into the metrics; a sample that fails keeps the last figures.
+pub(super) fn spawn_queue_feed(
+    state: &Arc<HealthState>,
+    broker: crate::broker::Broker,
+    services: Vec<String>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let metrics = state.metrics().clone();
+    tokio::spawn(async move {
+        if services.is_empty() {
+            return;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await {
+                Ok(Ok(depths)) => {
+                    for (service, depth) in depths {
+                        metrics.set_queue_depth(&service, depth);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!("failed to sample the queue depth: {}", error_chain(&e)),
+                Err(_) => tracing::debug!("sampling the queue depth timed out"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    })
+}
+
+/// Whether every watched service runs with its readiness and liveness probes passing.
+fn serving(watch: &ServicesWatch) -> bool {
+    watch
+        .statuses()
+        .iter()
+        .all(|s| s.state == ServiceState::Running && s.ready && s.live)
+}
+
+/// Records every finished job in the metrics and in the status page's recent jobs.
+pub(super) fn spawn_metrics_feed(
+    state: &Arc<HealthState>,
+    mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let metrics = state.metrics().clone();
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        loop {
+            let report = tokio::select! {
+                () = stop.cancelled() => break,
+                r = reports.recv() => match r {
+                    Ok(r) => r,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "metrics fell behind the job reports");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            let outcome = match report.outcome {
+                JobOutcome::Completed => "completed",
+                JobOutcome::Failed { .. } => "failed",
+                JobOutcome::Returned => "returned",
+                JobOutcome::Cancelled => "cancelled",
+                JobOutcome::Lost => "lost",
+            };
+            state.record_job(&report);
+            metrics.job(&report.service, "claimed");
+            metrics.job(&report.service, outcome);
+            metrics.job_duration(&report.service, report.run.as_secs_f64());
+            if let Some(billing) = &report.billing {
+                metrics.billing(billing);
+            }
+        }
+    })
+}
