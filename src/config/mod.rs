@@ -5,6 +5,7 @@
 //! naming the TOML key it is about, or the environment variable when one set the value, so an
 //! operator fixes a bad deployment in one round.
 
+mod apis;
 mod connectors;
 mod env;
 mod error;
@@ -16,10 +17,8 @@ mod service;
 mod validate;
 mod worker;
 
-pub use connectors::{
-    Budget, ConnectorKind, ConnectorList, ConnectorRequest, Limits, Prices, Rate, ReplicateConfig, RunpodConfig,
-    parse_model_ref, valid_endpoint_id,
-};
+pub use apis::{Budget, Limits, Prices, Rate, ReplicateConfig, RunpodConfig, parse_model_ref, valid_endpoint_id};
+pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
 pub use env::{Env, ProcessEnv};
 pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_TOML, load, load_str, warnings};

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::Problem;
-use super::connectors::{ConnectorList, ReplicateConfig, RunpodConfig};
+use super::apis::{ReplicateConfig, RunpodConfig};
+use super::connectors::ConnectorList;
 use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 

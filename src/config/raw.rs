@@ -97,8 +97,8 @@ pub(crate) struct RawConnectors {
     pub a1111: ServiceConnectorConfig,
     pub playwright: RawPlaywright,
     pub openai: super::worker::RawOpenai,
-    pub replicate: super::connectors::RawReplicate,
-    pub runpod: super::connectors::RawRunpod,
+    pub replicate: super::apis::RawReplicate,
+    pub runpod: super::apis::RawRunpod,
     pub simulation: super::worker::SimulationConfig,
 }
 

@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::connectors::{self, ConnectorKind, ConnectorList};
+use super::apis;
+use super::connectors::{ConnectorKind, ConnectorList};
 use super::env::Env;
 use super::error::Problems;
 use super::model::{
@@ -60,8 +61,8 @@ pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problem
     let list = problems.list_mut();
     let worker = worker::validate_worker(raw.worker, &workspace, list);
     let openai = worker::validate_openai(c.openai, list);
-    let replicate = connectors::validate_replicate(c.replicate, list);
-    let runpod = connectors::validate_runpod(c.runpod, list);
+    let replicate = apis::validate_replicate(c.replicate, list);
+    let runpod = apis::validate_runpod(c.runpod, list);
     // External connectors need their credentials; a missing key is found now, not at the first
     // job, and the problem names the variable to set.
     for (kind, key_env) in [

@@ -77,9 +77,9 @@ pub(crate) struct RawOpenai {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     #[serde(default)]
-    pub limits: super::connectors::RawLimits,
+    pub limits: super::apis::RawLimits,
     #[serde(default)]
-    pub prices: super::connectors::RawPrices,
+    pub prices: super::apis::RawPrices,
 }
 
 /// How workers claim, hold and report jobs.
@@ -316,8 +316,7 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
 }
 
 pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> OpenaiConfig {
-    let base_url =
-        super::connectors::validate_api("openai", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
+    let base_url = super::apis::validate_api("openai", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
     OpenaiConfig {
         base_url,
         api_key_env: raw.api_key_env.trim().to_owned(),
@@ -326,8 +325,8 @@ pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> Op
         max_attempts: raw.max_attempts,
         backoff_initial: raw.backoff_initial,
         backoff_max: raw.backoff_max,
-        limits: super::connectors::validate_limits("openai", raw.limits, problems),
-        prices: super::connectors::validate_prices("openai", raw.prices, problems),
+        limits: super::apis::validate_limits("openai", raw.limits, problems),
+        prices: super::apis::validate_prices("openai", raw.prices, problems),
     }
 }
 
