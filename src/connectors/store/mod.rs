@@ -20,24 +20,24 @@
 
 mod destination;
 mod naming;
+mod target;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
 use serde::Serialize;
 use serde_json::Value;
 
 pub use destination::parse_ctx;
 use destination::{Place, Provider};
 pub use naming::sanitise_file_name;
+pub use target::{OutputTarget, add_to_result};
 
-use super::{Artifact, ArtifactBody, ConnectorError, Job};
+use super::{Artifact, ConnectorError, Job};
 
 /// Why outputs could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -521,223 +521,11 @@ fn storage_error(name: &str, e: StoreError) -> ConnectorError {
     }
 }
 
-/// One job's checked destination, ready to take its outputs.
-#[derive(Debug)]
-pub struct OutputTarget {
-    bucket: Bucket,
-    local: bool,
-    cdn: Option<String>,
-    prefix: String,
-    filename: Option<String>,
-    job_id: String,
-    attempt: u32,
-    options: StoreOptions,
-    secrets: Arc<[String]>,
-    http: reqwest::Client,
-}
-
-impl OutputTarget {
-    /// Stores every byte artifact (several at once) and returns the result entries in the same
-    /// order; URL artifacts are passed through. Fails on the first output that cannot be stored.
-    pub async fn store(&self, artifacts: Vec<Artifact>) -> Result<Vec<StoredArtifact>, ConnectorError> {
-        let formats: Vec<Option<naming::Format>> = artifacts
-            .iter()
-            .map(|a| match &a.body {
-                ArtifactBody::Bytes(b) => Some(naming::format_of(b, &a.content_type, &a.name)),
-                ArtifactBody::Url(_) => None,
-            })
-            .collect();
-        let byte_outputs: Vec<(&[u8], &str)> = artifacts
-            .iter()
-            .zip(&formats)
-            .filter_map(|(a, f)| match (&a.body, f) {
-                (ArtifactBody::Bytes(b), Some(f)) => Some((b.as_ref(), f.ext.as_str())),
-                _ => None,
-            })
-            .collect();
-        let namer = naming::Namer {
-            job_id: &self.job_id,
-            attempt: self.attempt,
-            filename: self.filename.as_deref(),
-            now: SystemTime::now(),
-        };
-        let mut names = namer.names(&byte_outputs).into_iter();
-        let mut jobs = Vec::with_capacity(artifacts.len());
-        for (artifact, format) in artifacts.into_iter().zip(formats) {
-            jobs.push(match (artifact.body, format) {
-                (ArtifactBody::Bytes(bytes), Some(format)) => {
-                    let name = names.next().expect("one name per byte output");
-                    Upload::Bytes { name, bytes, format }
-                }
-                (body, _) => Upload::Passed {
-                    name: sanitise_file_name(&artifact.name),
-                    content_type: artifact.content_type,
-                    body,
-                },
-            });
-        }
-        futures_util::stream::iter(jobs)
-            .map(|job| self.upload(job))
-            .buffered(self.options.parallel_uploads.max(1))
-            .try_collect()
-            .await
-    }
-
-    async fn upload(&self, job: Upload) -> Result<StoredArtifact, ConnectorError> {
-        let (name, bytes, format) = match job {
-            Upload::Passed {
-                name,
-                content_type,
-                body,
-            } => {
-                let url = match body {
-                    ArtifactBody::Url(u) => u,
-                    ArtifactBody::Bytes(_) => unreachable!("byte outputs are uploaded"),
-                };
-                return Ok(StoredArtifact {
-                    name,
-                    content_type,
-                    url,
-                    key: None,
-                    size: None,
-                });
-            }
-            Upload::Bytes { name, bytes, format } => (name, bytes, format),
-        };
-        let key = format!("{}/{name}", self.prefix);
-        let size = bytes.len();
-        self.put(&key, bytes, &format.content_type)
-            .await
-            .map_err(|e| storage_error(&name, e))?;
-        let url = match &self.cdn {
-            Some(cdn) => format!("https://{cdn}/{key}"),
-            None => format!("{}/{key}", self.bucket.url_base),
-        };
-        if self.cdn.is_some() && !self.options.cdn_wait.is_zero() {
-            self.wait_for_cdn(&url).await.map_err(|e| storage_error(&name, e))?;
-        }
-        Ok(StoredArtifact {
-            name,
-            content_type: format.content_type,
-            url,
-            key: Some(key),
-            size: Some(size),
-        })
-    }
-
-    /// Writes one object in a single PUT (atomic: readers see all of it or nothing) and reads
-    /// its size back.
-    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
-        let path = Path::from(key);
-        let size = bytes.len() as u64;
-        // The local filesystem keeps no attributes (and refuses them).
-        let attributes = if self.local {
-            Attributes::new()
-        } else {
-            Attributes::from_iter([(Attribute::ContentType, content_type.to_owned())])
-        };
-        let opts = PutOptions {
-            attributes,
-            ..PutOptions::default()
-        };
-        let put_err = |e: object_store::Error| StoreError::Put {
-            key: key.to_owned(),
-            retryable: retryable(&e),
-            source: redact(&self.secrets, &e),
-        };
-        self.bucket
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-            .map_err(put_err)?;
-        let meta = self.bucket.store.head(&path).await.map_err(|e| StoreError::Verify {
-            key: key.to_owned(),
-            detail: redact(&self.secrets, &e).0,
-        })?;
-        if meta.size != size {
-            return Err(StoreError::Verify {
-                key: key.to_owned(),
-                detail: format!("the store holds {} bytes, {size} were written", meta.size),
-            });
-        }
-        Ok(())
-    }
-
-    /// Polls the public URL with HEAD until it answers 200, for at most `cdn_wait`.
-    async fn wait_for_cdn(&self, url: &str) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let wait = self.options.cdn_wait;
-        loop {
-            let left = wait.saturating_sub(started.elapsed());
-            let probe = self
-                .http
-                .head(url)
-                .timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)));
-            if let Ok(r) = probe.send().await
-                && r.status() == reqwest::StatusCode::OK
-            {
-                return Ok(());
-            }
-            if started.elapsed() + Duration::from_millis(500) >= wait {
-                return Err(StoreError::Cdn {
-                    url: url.to_owned(),
-                    waited: started.elapsed(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-}
-
-/// One output on its way to the store.
-enum Upload {
-    Bytes {
-        name: String,
-        bytes: Bytes,
-        format: naming::Format,
-    },
-    Passed {
-        name: String,
-        content_type: String,
-        body: ArtifactBody,
-    },
-}
-
-/// Adds the stored outputs to a job's result under the names the existing API and monitor read:
-/// `image_url` and `images` (image URLs), `video_url` and `videos`, and `artifacts` (every
-/// output with its name, content type, URL, key and size). A result that is not an object is
-/// kept under `data`.
-pub fn add_to_result(result: &mut Value, stored: &[StoredArtifact]) {
-    if stored.is_empty() {
-        return;
-    }
-    if !result.is_object() {
-        *result = serde_json::json!({"data": result.take()});
-    }
-    let map = result.as_object_mut().expect("made an object above");
-    let urls = |kind: &str| -> Vec<Value> {
-        stored
-            .iter()
-            .filter(|s| s.content_type.starts_with(kind))
-            .map(|s| Value::String(s.url.clone()))
-            .collect()
-    };
-    for (kind, one, many) in [("image/", "image_url", "images"), ("video/", "video_url", "videos")] {
-        let list = urls(kind);
-        if let Some(first) = list.first() {
-            map.insert(one.to_owned(), first.clone());
-            map.insert(many.to_owned(), Value::Array(list));
-        }
-    }
-    map.insert(
-        "artifacts".to_owned(),
-        serde_json::to_value(stored).expect("stored artifacts are plain data"),
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connectors::ArtifactBody;
+    use bytes::Bytes;
 
     fn artifact(name: &str, bytes: &'static [u8]) -> Artifact {
         Artifact {
