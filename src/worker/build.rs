@@ -1,0 +1,280 @@
+//! What a worker is built from: its connectors (each with its service's URL, limits, output
+//! store and models), the upkeep of its services, its quarantine policy, and the broker it
+//! claims through.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::{Config, ConnectorKind, Env};
+use crate::connectors::Connector;
+use crate::connectors::a1111::A1111Connector;
+use crate::connectors::comfyui::ComfyuiConnector;
+use crate::connectors::limits::Limiter;
+use crate::connectors::openai::OpenaiConnector;
+use crate::connectors::playwright::PlaywrightConnector;
+use crate::connectors::replicate::ReplicateConnector;
+use crate::connectors::runpod::RunpodConnector;
+use crate::connectors::simulation::SimulationConnector;
+use crate::gpu::Probe;
+use crate::models::{ModelStore, StoreSettings};
+use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
+
+use super::{Kit, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
+
+/// One limiter per limited external API the configuration runs.
+pub(super) fn limiters(config: &Config) -> BTreeMap<ConnectorKind, Arc<Limiter>> {
+    [
+        (ConnectorKind::Openai, &config.openai.limits),
+        (ConnectorKind::Replicate, &config.replicate.limits),
+        (ConnectorKind::Runpod, &config.runpod.limits),
+    ]
+    .into_iter()
+    .filter(|(kind, limits)| config.connectors.get(*kind).is_some() && !limits.is_unlimited())
+    .map(|(kind, limits)| (kind, Arc::new(Limiter::new(kind.name(), limits.clone()))))
+    .collect()
+}
+
+/// One planned worker, built: capabilities from facts, one connector per planned connector.
+pub(super) fn worker_for(
+    wp: &WorkerPlan,
+    plan: &Plan,
+    config: &Config,
+    probe: &Probe,
+    env: &dyn Env,
+    kit: &Kit,
+) -> Result<Worker, WorkerError> {
+    let settings = WorkerSettings {
+        heartbeat: config.worker.heartbeat,
+        drain: config.worker.drain,
+        job_timeout: config.worker.job_timeout,
+    };
+    let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.worker);
+    if kit.models.is_some() && config.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
+        // This worker can fetch a job's missing models: the broker gives it such a job once the
+        // job has waited models.affinity_wait for a worker that has them.
+        let wait = u64::try_from(config.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
+        caps.custom
+            .insert("models_on_demand_after_ms".to_owned(), serde_json::json!(wait));
+    }
+    let mut connectors: HashMap<String, Arc<dyn Connector>> = HashMap::new();
+    for planned in &wp.connectors {
+        let connector = connector_for(
+            planned,
+            config,
+            env,
+            kit.limiters.get(&planned.kind).cloned(),
+            kit.models.as_ref(),
+        )
+        .map_err(|message| WorkerError::Setup {
+            worker: wp.id.clone(),
+            message,
+        })?;
+        for service in &planned.job_services {
+            connectors.insert(service.clone(), connector.clone());
+        }
+    }
+    let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
+    worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
+    worker.quarantine_on(quarantine_policy(wp, config));
+    if let Some(index) = wp.gpu {
+        // A fault of its GPU holds the worker (and returns its job).
+        worker.follow_gpu(index, probe.health());
+    }
+    worker.report_to(kit.reports.clone());
+    let kept = kept_services(wp, plan, config, &worker);
+    worker.keep(kept);
+    Ok(worker)
+}
+
+/// The services the upkeep looks after for a worker (see [`upkeep`]): those its ComfyUI, A1111
+/// and Playwright connectors talk to, as the plan's endpoints name them, with their restart
+/// limits and warm-up job.
+fn kept_services(wp: &WorkerPlan, plan: &Plan, config: &Config, worker: &Worker) -> Vec<upkeep::Kept> {
+    wp.connectors
+        .iter()
+        .filter_map(|c| {
+            let settings = match c.kind {
+                ConnectorKind::Comfyui => &config.comfyui,
+                ConnectorKind::A1111 => &config.a1111,
+                ConnectorKind::Playwright => &config.playwright,
+                _ => return None,
+            };
+            let endpoint = c.endpoint.as_ref()?;
+            let s = plan.services.iter().find(|s| s.name == endpoint.service)?;
+            let mut kept = upkeep::Kept::new(s.name.clone(), s.gpu, upkeep::Limits::of(settings), s.ready.clone());
+            kept.warmup = warmup_job(c.kind, settings, &s.name)
+                .zip(worker.connector(c.kind))
+                .map(|(j, c)| (c, j));
+            Some(kept)
+        })
+        .collect()
+}
+
+/// The worker's quarantine policy: a connector's own settings win, the first of the worker's in
+/// plan order, else the `[worker]` defaults.
+fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::QuarantinePolicy {
+    let (after, cooldown) = wp
+        .connectors
+        .iter()
+        .find_map(|c| config.worker.quarantine.get(&c.kind))
+        .map_or(
+            (config.worker.quarantine_after, config.worker.quarantine_cooldown),
+            |q| (q.after, q.cooldown),
+        );
+    quarantine::QuarantinePolicy { after, cooldown }
+}
+
+/// The broker options the configuration asks for.
+pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
+    crate::broker::BrokerOptions {
+        lease: config.worker.lease,
+        retry_delay: config.worker.retry_delay,
+        ..crate::broker::BrokerOptions::default()
+    }
+}
+
+/// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
+/// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
+/// when `shutdown` comes first. Each failure is logged with its whole cause chain and passed to
+/// `failed` (for the status page).
+pub async fn connect_broker(
+    config: &Config,
+    shutdown: &CancellationToken,
+    failed: &(dyn Fn(&str) + Sync),
+) -> Option<Broker> {
+    let url = config.broker_url();
+    let opts = broker_options(config);
+    let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let broker = Broker::connect(&url, opts.clone()).await?;
+            broker.ensure_functions().await?;
+            Ok::<_, crate::broker::BrokerError>(broker)
+        };
+        match attempt.await {
+            Ok(b) => return Some(b),
+            Err(e) => {
+                let error = crate::logging::error_chain(&e);
+                let delay = backoff.delay(failures, 0.0);
+                tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                failed(&error);
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the
+/// ComfyUI workflow file (checked when the configuration was loaded) or the A1111 prompt.
+fn warmup_job(
+    kind: ConnectorKind,
+    settings: &crate::config::ServiceConnectorConfig,
+    service: &str,
+) -> Option<crate::connectors::Job> {
+    let warmup = settings.warmup.as_deref()?;
+    let payload = match kind {
+        ConnectorKind::Comfyui => serde_json::from_str(&std::fs::read_to_string(warmup).ok()?).ok()?,
+        ConnectorKind::A1111 => serde_json::json!({ "prompt": warmup }),
+        _ => return None,
+    };
+    Some(crate::connectors::Job {
+        id: format!("warmup-{service}"),
+        service_required: kind.name().to_owned(),
+        payload,
+        customer_id: String::new(),
+        ctx: serde_json::Value::Null,
+        timeout: None,
+    })
+}
+
+/// The machine's one models store, when a ComfyUI connector runs here.
+pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+    if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
+        return Ok(None);
+    }
+    let cc = &config.install.comfyui;
+    // The manifest's models are installed at start and always present: never evicted.
+    let pinned = match &cc.models_manifest {
+        Some(path) => crate::installers::manifest_ids(path).unwrap_or_default(),
+        None => Default::default(),
+    };
+    let settings = StoreSettings {
+        catalogue: config.models.catalogue.clone(),
+        shared_dir: cc.models_dir.clone(),
+        link_dir: config.workspace.join("ComfyUI").join("models"),
+        budget: config.models.cache_max_bytes,
+        pinned,
+        loader_inputs: config.models.loader_inputs.clone(),
+    };
+    ModelStore::new(settings, env)
+        .map(Some)
+        .map_err(|e| WorkerError::Setup {
+            worker: "models".to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// The connector the plan describes: a GPU-bound connector talks to the service at its
+/// endpoint. The error says what is missing.
+fn connector_for(
+    planned: &ConnectorPlan,
+    config: &Config,
+    env: &dyn Env,
+    limiter: Option<Arc<Limiter>>,
+    models: Option<&ModelStore>,
+) -> Result<Arc<dyn Connector>, String> {
+    let kind = planned.kind;
+    let service_url = || {
+        planned
+            .endpoint
+            .as_ref()
+            .map(|e| e.url.clone())
+            .ok_or_else(|| format!("the plan gives its {kind} connector no service"))
+    };
+    Ok(match kind {
+        ConnectorKind::Comfyui => {
+            let c = ComfyuiConnector::new(service_url()?).with_stall_timeout(config.comfyui.stall_timeout);
+            Arc::new(match models {
+                Some(store) => c.with_models(store.clone()),
+                None => c,
+            })
+        }
+        ConnectorKind::A1111 => {
+            Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.a1111.stall_timeout))
+        }
+        ConnectorKind::Openai => {
+            let c = OpenaiConnector::new(config.openai.clone(), env.var(&config.openai.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
+        ConnectorKind::Replicate => {
+            let c = ReplicateConnector::new(config.replicate.clone(), env.var(&config.replicate.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
+        ConnectorKind::Runpod => {
+            let c = RunpodConnector::new(config.runpod.clone(), env.var(&config.runpod.api_key_env));
+            Arc::new(match limiter {
+                Some(l) => c.with_limiter(l),
+                None => c,
+            })
+        }
+        ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
+        ConnectorKind::Playwright => {
+            Arc::new(PlaywrightConnector::new(service_url()?).with_stall_timeout(config.playwright.stall_timeout))
+        }
+    })
+}
