@@ -99,31 +99,26 @@ fn redacted(u: &url::Url) -> String {
     u.to_string()
 }
 
-/// Fetches a catalogue's text. The store is built synchronously, maybe inside the machine's
-/// runtime, so the request runs on a thread of its own with a small runtime.
+/// Fetches a catalogue's text. The store is built synchronously, maybe on a thread of the
+/// machine's runtime, so the request is made with reqwest's blocking client on a thread of its
+/// own (the blocking client must not be used from a runtime's thread).
 fn fetch_text(url: &url::Url, token: Option<String>) -> Result<String, String> {
     let url = url.clone();
     let run = move || -> Result<String, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+        let client = reqwest::blocking::Client::builder()
+            .timeout(FETCH_LIMIT)
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let client = reqwest::Client::builder()
-                .timeout(FETCH_LIMIT)
-                .build()
-                .map_err(|e| e.to_string())?;
-            let mut req = client.get(url);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            let resp = req.send().await.map_err(|e| crate::logging::error_chain(&e))?;
-            let status = resp.status();
-            if !status.is_success() {
-                return Err(format!("HTTP {status}"));
-            }
-            resp.text().await.map_err(|e| crate::logging::error_chain(&e))
-        })
+        let mut req = client.get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().map_err(|e| crate::logging::error_chain(&e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        resp.text().map_err(|e| crate::logging::error_chain(&e))
     };
     std::thread::scope(|s| {
         s.spawn(run)
