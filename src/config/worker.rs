@@ -31,7 +31,7 @@ pub(crate) struct RawWorker {
     /// Per connector: `[worker.quarantine.<connector>] after = N, cooldown = "5m"`.
     #[serde(default)]
     pub quarantine: std::collections::BTreeMap<String, RawQuarantine>,
-    pub customer_access: RawCustomerAccess,
+    pub customer_access: CustomerAccess,
     pub retry_delay: RawRetryDelay,
     #[serde(default)]
     pub capabilities: toml::Table,
@@ -54,14 +54,6 @@ pub(crate) struct RawRetryDelay {
     #[serde(with = "humantime_serde")]
     pub max: Duration,
     pub jitter: f64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawCustomerAccess {
-    pub isolation: Isolation,
-    pub allowed_customers: Vec<String>,
-    pub denied_customers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,8 +125,9 @@ pub struct Quarantine {
     pub cooldown: Duration,
 }
 
-/// The `customer_access` capability.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The `customer_access` capability (`[worker.customer_access]`, read as it is written).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CustomerAccess {
     /// `loose` or `strict`.
     pub isolation: Isolation,
@@ -300,11 +293,7 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         quarantine_after: raw.quarantine_after,
         quarantine_cooldown: raw.quarantine_cooldown,
         quarantine,
-        customer_access: CustomerAccess {
-            isolation: raw.customer_access.isolation,
-            allowed_customers: raw.customer_access.allowed_customers,
-            denied_customers: raw.customer_access.denied_customers,
-        },
+        customer_access: raw.customer_access,
         retry_delay: crate::broker::RetryDelay {
             initial: raw.retry_delay.initial,
             factor: raw.retry_delay.factor,
