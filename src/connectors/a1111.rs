@@ -58,13 +58,7 @@ impl A1111Connector {
 
     /// Whether the WebUI answers its health check (`/sdapi/v1/progress`) within a few seconds.
     async fn answers(&self) -> bool {
-        let answer = self
-            .client
-            .get(self.url("/sdapi/v1/progress"))
-            .timeout(Duration::from_secs(3))
-            .send()
-            .await;
-        answer.is_ok_and(|r| r.status().is_success())
+        http::answers(&self.client, self.url("/sdapi/v1/progress")).await
     }
 
     /// The same connector polling progress at another period (tests use a short one).

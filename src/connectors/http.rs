@@ -24,6 +24,13 @@ pub(crate) fn client() -> reqwest::Client {
         .expect("a client with only timeouts set always builds")
 }
 
+/// Whether a service answers its health check at `url` with a success within a few seconds
+/// (what a connector asks after a stall: is the service wedged, or only the job?).
+pub(crate) async fn answers(client: &reqwest::Client, url: reqwest::Url) -> bool {
+    let answer = client.get(url).timeout(Duration::from_secs(3)).send().await;
+    answer.is_ok_and(|r| r.status().is_success())
+}
+
 /// The error for a failed request that never got an answer.
 pub(crate) fn send_error(what: &str, e: reqwest::Error) -> ConnectorError {
     ConnectorError::unavailable(format!("failed to {what}"), e)

@@ -51,13 +51,7 @@ impl PlaywrightConnector {
     async fn answers(&self) -> bool {
         let mut url = self.base.clone();
         url.set_path("/health");
-        let answer = self
-            .client
-            .get(url)
-            .timeout(std::time::Duration::from_secs(3))
-            .send()
-            .await;
-        answer.is_ok_and(|r| r.status().is_success())
+        http::answers(&self.client, url).await
     }
 
     /// Renders unless the service stays silent for the stall timeout.

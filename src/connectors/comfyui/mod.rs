@@ -93,13 +93,7 @@ impl ComfyuiConnector {
 
     /// Whether the server answers its health check (`/system_stats`) within a few seconds.
     async fn answers(&self) -> bool {
-        let answer = self
-            .client
-            .get(self.url("/system_stats"))
-            .timeout(Duration::from_secs(3))
-            .send()
-            .await;
-        answer.is_ok_and(|r| r.status().is_success())
+        http::answers(&self.client, self.url("/system_stats")).await
     }
 
     /// The same connector fetching the models a workflow names from `store` before submitting
