@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::support::job;
 use machine::config::{OpenaiConfig, SimulationConfig};
 use machine::connectors::a1111::A1111Connector;
 use machine::connectors::comfyui::ComfyuiConnector;
@@ -16,17 +17,6 @@ use testkit::{FakeA1111, FakeComfyui, FakeOpenai, TINY_PNG};
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn job(service: &str, payload: Value) -> Job {
-    Job {
-        id: "job-1".into(),
-        service_required: service.into(),
-        payload,
-        customer_id: String::new(),
-        ctx: Value::Null,
-        timeout: None,
-    }
-}
 
 /// Runs a job, collecting every progress report the sink forwarded, in order.
 async fn run(

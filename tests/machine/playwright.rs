@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use machine::config::ConnectorKind;
 use machine::connectors::playwright::PlaywrightConnector;
-use machine::connectors::{ArtifactBody, Connector, ConnectorError, ErrorClass, Job, ProgressSink};
+use machine::connectors::{ArtifactBody, Connector, ConnectorError, ErrorClass, ProgressSink};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::installers::{machine, text};
+use crate::support::job;
 
 /// The render server child; killed (with its browser) when dropped.
 struct Server(Child);
@@ -26,17 +27,6 @@ impl Drop for Server {
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = self.0.wait();
-    }
-}
-
-fn job(service: &str, payload: Value) -> Job {
-    Job {
-        id: "job-1".to_owned(),
-        service_required: service.to_owned(),
-        payload,
-        customer_id: String::new(),
-        ctx: Value::Null,
-        timeout: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::job;
 use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::RedisUrl;
 use machine::connectors::a1111::A1111Connector;
@@ -20,17 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The stall timeout of these tests.
 const STALL: Duration = Duration::from_millis(400);
-
-fn job(service: &str, payload: Value) -> Job {
-    Job {
-        id: "job-1".into(),
-        service_required: service.into(),
-        payload,
-        customer_id: String::new(),
-        ctx: Value::Null,
-        timeout: None,
-    }
-}
 
 async fn run(c: &dyn Connector, job: &Job) -> Result<JobOutput, ConnectorError> {
     let (sink, _rx) = ProgressSink::new();

@@ -39,3 +39,15 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A job for a connector, as a worker hands it over: `job-1` of `service` with `payload`.
+pub fn job(service: &str, payload: serde_json::Value) -> machine::connectors::Job {
+    machine::connectors::Job {
+        id: "job-1".into(),
+        service_required: service.into(),
+        payload,
+        customer_id: String::new(),
+        ctx: serde_json::Value::Null,
+        timeout: None,
+    }
+}
