@@ -35,38 +35,6 @@ pub(crate) struct RawBudget {
     pub daily_tokens: Option<u64>,
 }
 
-/// `[connectors.<api>.prices]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawPrices {
-    #[serde(default)]
-    pub per_request: f64,
-    #[serde(default)]
-    pub per_1k_input_tokens: f64,
-    #[serde(default)]
-    pub per_1k_output_tokens: f64,
-    #[serde(default)]
-    pub per_second: f64,
-    #[serde(default = "usd")]
-    pub currency: String,
-}
-
-impl Default for RawPrices {
-    fn default() -> Self {
-        RawPrices {
-            per_request: 0.0,
-            per_1k_input_tokens: 0.0,
-            per_1k_output_tokens: 0.0,
-            per_second: 0.0,
-            currency: usd(),
-        }
-    }
-}
-
-fn usd() -> String {
-    "USD".to_owned()
-}
-
 /// `[connectors.replicate]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,7 +56,7 @@ pub(crate) struct RawReplicate {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
-    pub prices: RawPrices,
+    pub prices: Prices,
 }
 
 /// `[connectors.runpod]` as written.
@@ -112,7 +80,7 @@ pub(crate) struct RawRunpod {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
-    pub prices: RawPrices,
+    pub prices: Prices,
 }
 
 /// Fleet-wide limits of one external API (`[connectors.<api>.limits]`), enforced in Redis by
@@ -165,9 +133,10 @@ pub struct Rate {
     pub burst: u32,
 }
 
-/// The price table of one external API (`[connectors.<api>.prices]`); the cost of a job is
-/// the sum of each price times its usage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The price table of one external API (`[connectors.<api>.prices]`, read as it is written;
+/// an unset price is 0); the cost of a job is the sum of each price times its usage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Prices {
     /// Per API request that created work (a completion, a prediction, an endpoint run).
     pub per_request: f64,
@@ -183,7 +152,13 @@ pub struct Prices {
 
 impl Default for Prices {
     fn default() -> Self {
-        validate_prices("x", RawPrices::default(), &mut Vec::new())
+        Prices {
+            per_request: 0.0,
+            per_1k_input_tokens: 0.0,
+            per_1k_output_tokens: 0.0,
+            per_second: 0.0,
+            currency: "USD".to_owned(),
+        }
     }
 }
 
@@ -387,12 +362,12 @@ pub(crate) fn validate_limits(name: &str, raw: RawLimits, problems: &mut Vec<Pro
 }
 
 /// Validates `[connectors.<name>.prices]`.
-pub(crate) fn validate_prices(name: &str, raw: RawPrices, problems: &mut Vec<Problem>) -> Prices {
+pub(crate) fn validate_prices(name: &str, mut prices: Prices, problems: &mut Vec<Problem>) -> Prices {
     for (field, v) in [
-        ("per_request", raw.per_request),
-        ("per_1k_input_tokens", raw.per_1k_input_tokens),
-        ("per_1k_output_tokens", raw.per_1k_output_tokens),
-        ("per_second", raw.per_second),
+        ("per_request", prices.per_request),
+        ("per_1k_input_tokens", prices.per_1k_input_tokens),
+        ("per_1k_output_tokens", prices.per_1k_output_tokens),
+        ("per_second", prices.per_second),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             problem(
@@ -402,16 +377,11 @@ pub(crate) fn validate_prices(name: &str, raw: RawPrices, problems: &mut Vec<Pro
             );
         }
     }
-    if raw.currency.trim().is_empty() {
+    prices.currency = prices.currency.trim().to_owned();
+    if prices.currency.is_empty() {
         problem(problems, format!("connectors.{name}.prices.currency"), "is empty");
     }
-    Prices {
-        per_request: raw.per_request,
-        per_1k_input_tokens: raw.per_1k_input_tokens,
-        per_1k_output_tokens: raw.per_1k_output_tokens,
-        per_second: raw.per_second,
-        currency: raw.currency.trim().to_owned(),
-    }
+    prices
 }
 
 pub(crate) fn validate_replicate(raw: RawReplicate, problems: &mut Vec<Problem>) -> ReplicateConfig {

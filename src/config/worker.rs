@@ -71,7 +71,7 @@ pub(crate) struct RawOpenai {
     #[serde(default)]
     pub limits: super::apis::RawLimits,
     #[serde(default)]
-    pub prices: super::apis::RawPrices,
+    pub prices: super::Prices,
 }
 
 /// How workers claim, hold and report jobs.
