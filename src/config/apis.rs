@@ -9,107 +9,75 @@ use serde::{Deserialize, Serialize};
 
 use super::Problem;
 
-/// `[connectors.<api>.limits]` as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawLimits {
-    // The API's own budget; `serde(flatten)` cannot be combined with `deny_unknown_fields`.
-    pub requests_per_second: Option<f64>,
-    pub requests_per_minute: Option<f64>,
-    pub burst: Option<u32>,
-    pub daily_requests: Option<u64>,
-    pub daily_tokens: Option<u64>,
-    pub reset_hour: Option<u8>,
-    pub zone: Option<String>,
-    pub customer: Option<RawBudget>,
-}
-
-/// The limits of one scope (the API, or each customer) as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawBudget {
-    pub requests_per_second: Option<f64>,
-    pub requests_per_minute: Option<f64>,
-    pub burst: Option<u32>,
-    pub daily_requests: Option<u64>,
-    pub daily_tokens: Option<u64>,
-}
-
-/// `[connectors.replicate]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawReplicate {
-    pub base_url: String,
-    pub api_key_env: String,
-    #[serde(with = "humantime_serde")]
-    pub poll_interval: Duration,
-    pub stream: bool,
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub backoff_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    #[serde(default)]
-    pub aliases: BTreeMap<String, String>,
-    #[serde(default)]
-    pub limits: RawLimits,
-    #[serde(default)]
-    pub prices: Prices,
-}
-
-/// `[connectors.runpod]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawRunpod {
-    pub base_url: String,
-    pub api_key_env: String,
-    pub endpoint_id: Option<String>,
-    #[serde(with = "humantime_serde")]
-    pub poll_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub sync_wait: Duration,
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub backoff_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    #[serde(default)]
-    pub limits: RawLimits,
-    #[serde(default)]
-    pub prices: Prices,
-}
-
-/// Fleet-wide limits of one external API (`[connectors.<api>.limits]`), enforced in Redis by
-/// every machine together. Everything unset means no limit.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// Fleet-wide limits of one external API (`[connectors.<api>.limits]`, read as it is written),
+/// enforced in Redis by every machine together. Everything unset means no limit. The API's own
+/// budget is written flat in the section (`serde(flatten)` cannot be combined with
+/// `deny_unknown_fields`); [`Limits::api`] gives it as a [`Budget`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// The limits of the API as a whole.
-    pub api: Budget,
-    /// The limits of each customer on this API (`[connectors.<api>.limits.customer]`); jobs
-    /// without a customer only count against `api`.
-    pub customer: Option<Budget>,
+    /// The API's sustained rate, per second ...
+    pub requests_per_second: Option<f64>,
+    /// ... or per minute (one of the two).
+    pub requests_per_minute: Option<f64>,
+    /// Requests allowed back to back after a quiet spell (default 1).
+    pub burst: Option<u32>,
+    /// Requests per day.
+    pub daily_requests: Option<u64>,
+    /// Tokens (input + output) per day, for APIs that report tokens.
+    pub daily_tokens: Option<u64>,
     /// The local hour (0-23) at which the daily quotas start again.
     pub reset_hour: u8,
     /// The IANA time zone of `reset_hour` (e.g. `UTC`, `America/New_York`).
     pub zone: String,
+    /// The limits of each customer on this API (`[connectors.<api>.limits.customer]`); jobs
+    /// without a customer only count against the API's own.
+    pub customer: Option<Budget>,
 }
 
-impl Limits {
-    /// Whether anything is limited at all (then no limiter is needed).
-    pub fn is_unlimited(&self) -> bool {
-        self.api.is_unlimited() && self.customer.as_ref().is_none_or(Budget::is_unlimited)
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            requests_per_second: None,
+            requests_per_minute: None,
+            burst: None,
+            daily_requests: None,
+            daily_tokens: None,
+            reset_hour: 0,
+            zone: "UTC".to_owned(),
+            customer: None,
+        }
     }
 }
 
-/// The rate limit and daily quotas of one scope.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+impl Limits {
+    /// The limits of the API as a whole.
+    pub fn api(&self) -> Budget {
+        Budget {
+            requests_per_second: self.requests_per_second,
+            requests_per_minute: self.requests_per_minute,
+            burst: self.burst,
+            daily_requests: self.daily_requests,
+            daily_tokens: self.daily_tokens,
+        }
+    }
+
+    /// Whether anything is limited at all (then no limiter is needed).
+    pub fn is_unlimited(&self) -> bool {
+        self.api().is_unlimited() && self.customer.as_ref().is_none_or(Budget::is_unlimited)
+    }
+}
+
+/// The rate limit and daily quotas of one scope (the API, or each customer), as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
-    /// Requests per second (a per-minute limit is stored as its per-second rate).
-    pub rate: Option<Rate>,
+    /// Sustained requests per second ...
+    pub requests_per_second: Option<f64>,
+    /// ... or per minute (one of the two).
+    pub requests_per_minute: Option<f64>,
+    /// Requests allowed back to back after a quiet spell (default 1).
+    pub burst: Option<u32>,
     /// Requests per day.
     pub daily_requests: Option<u64>,
     /// Tokens (input + output) per day, for APIs that report tokens.
@@ -117,11 +85,26 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The rate limit, a per-minute rate given as its per-second rate; `None` when no rate is
+    /// set (or, in a configuration that failed its checks, when it is not a usable one).
+    pub fn rate(&self) -> Option<Rate> {
+        let per_second = self
+            .requests_per_second
+            .or_else(|| self.requests_per_minute.map(|m| m / 60.0))?;
+        (per_second.is_finite() && per_second > 0.0 && per_second <= MAX_PER_SECOND).then(|| Rate {
+            per_second,
+            burst: self.burst.unwrap_or(1).max(1),
+        })
+    }
+
     /// Whether this scope has no limit.
     pub fn is_unlimited(&self) -> bool {
-        self.rate.is_none() && self.daily_requests.is_none() && self.daily_tokens.is_none()
+        self.rate().is_none() && self.daily_requests.is_none() && self.daily_tokens.is_none()
     }
 }
+
+/// The highest rate a budget may set.
+const MAX_PER_SECOND: f64 = 100_000.0;
 
 /// A rate limit: requests spaced `1 / per_second` apart, with up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -163,7 +146,8 @@ impl Default for Prices {
 }
 
 /// The `replicate` connector's API (`[connectors.replicate]`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicateConfig {
     /// Base URL ending before `/predictions`, e.g. `https://api.replicate.com/v1`.
     pub base_url: String,
@@ -189,15 +173,19 @@ pub struct ReplicateConfig {
     /// Model-family aliases: a job of service `replicate:<alias>`, or a payload `model` equal
     /// to `<alias>`, runs the model reference given here (`owner/name` or
     /// `owner/name:version`).
+    #[serde(default)]
     pub aliases: BTreeMap<String, String>,
     /// Fleet-wide limits.
+    #[serde(default)]
     pub limits: Limits,
     /// Prices.
+    #[serde(default)]
     pub prices: Prices,
 }
 
 /// The `runpod` connector's API (`[connectors.runpod]`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunpodConfig {
     /// Base URL ending before `/<endpoint id>/run`, e.g. `https://api.runpod.ai/v2`.
     pub base_url: String,
@@ -224,8 +212,10 @@ pub struct RunpodConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Fleet-wide limits.
+    #[serde(default)]
     pub limits: Limits,
     /// Prices.
+    #[serde(default)]
     pub prices: Prices,
 }
 
@@ -270,8 +260,9 @@ pub(crate) fn validate_api(
     base_url.trim().trim_end_matches('/').to_owned()
 }
 
-fn validate_budget(key: &str, raw: RawBudget, problems: &mut Vec<Problem>) -> Budget {
-    let per_second = match (raw.requests_per_second, raw.requests_per_minute) {
+/// Checks one scope's budget (`key` is its section).
+fn check_budget(key: &str, b: &Budget, problems: &mut Vec<Problem>) {
+    let written = match (b.requests_per_second, b.requests_per_minute) {
         (Some(_), Some(_)) => {
             problem(
                 problems,
@@ -284,34 +275,26 @@ fn validate_budget(key: &str, raw: RawBudget, problems: &mut Vec<Problem>) -> Bu
         (None, Some(r)) => Some((r / 60.0, "requests_per_minute")),
         (None, None) => None,
     };
-    let rate = per_second.and_then(|(r, name)| {
-        if r.is_finite() && r > 0.0 && r <= 100_000.0 {
-            Some(Rate {
-                per_second: r,
-                burst: raw.burst.unwrap_or(1),
-            })
-        } else {
+    if let Some((r, name)) = written {
+        if !(r.is_finite() && r > 0.0 && r <= MAX_PER_SECOND) {
             problem(
                 problems,
                 format!("{key}.{name}"),
                 "must be a positive number (at most 100000 per second)",
             );
-            None
         }
-    });
-    if raw.burst == Some(0) {
+    }
+    let both = b.requests_per_second.is_some() && b.requests_per_minute.is_some();
+    if b.burst == Some(0) {
         problem(problems, format!("{key}.burst"), "must be at least 1");
-    } else if raw.burst.is_some() && rate.is_none() && per_second.is_none() {
+    } else if b.burst.is_some() && written.is_none() && !both {
         problem(
             problems,
             format!("{key}.burst"),
             "needs requests_per_second or requests_per_minute",
         );
     }
-    for (name, v) in [
-        ("daily_requests", raw.daily_requests),
-        ("daily_tokens", raw.daily_tokens),
-    ] {
+    for (name, v) in [("daily_requests", b.daily_requests), ("daily_tokens", b.daily_tokens)] {
         if v == Some(0) {
             problem(
                 problems,
@@ -320,45 +303,27 @@ fn validate_budget(key: &str, raw: RawBudget, problems: &mut Vec<Problem>) -> Bu
             );
         }
     }
-    Budget {
-        rate,
-        daily_requests: raw.daily_requests,
-        daily_tokens: raw.daily_tokens,
-    }
 }
 
-/// Validates `[connectors.<name>.limits]`.
-pub(crate) fn validate_limits(name: &str, raw: RawLimits, problems: &mut Vec<Problem>) -> Limits {
+/// Checks `[connectors.<name>.limits]`; the zone is trimmed.
+pub(crate) fn validate_limits(name: &str, mut limits: Limits, problems: &mut Vec<Problem>) -> Limits {
     let key = format!("connectors.{name}.limits");
-    let own = RawBudget {
-        requests_per_second: raw.requests_per_second,
-        requests_per_minute: raw.requests_per_minute,
-        burst: raw.burst,
-        daily_requests: raw.daily_requests,
-        daily_tokens: raw.daily_tokens,
-    };
-    let api = validate_budget(&key, own, problems);
-    let customer = raw
-        .customer
-        .map(|c| validate_budget(&format!("{key}.customer"), c, problems));
-    let reset_hour = raw.reset_hour.unwrap_or(0);
-    if reset_hour > 23 {
+    check_budget(&key, &limits.api(), problems);
+    if let Some(c) = &limits.customer {
+        check_budget(&format!("{key}.customer"), c, problems);
+    }
+    if limits.reset_hour > 23 {
         problem(problems, format!("{key}.reset_hour"), "must be an hour from 0 to 23");
     }
-    let zone = raw.zone.unwrap_or_else(|| "UTC".to_owned()).trim().to_owned();
-    if let Err(e) = jiff::tz::TimeZone::get(&zone) {
+    limits.zone = limits.zone.trim().to_owned();
+    if let Err(e) = jiff::tz::TimeZone::get(&limits.zone) {
         problem(
             problems,
             format!("{key}.zone"),
-            format!("`{zone}` is not a known IANA time zone: {e}"),
+            format!("`{}` is not a known IANA time zone: {e}", limits.zone),
         );
     }
-    Limits {
-        api,
-        customer,
-        reset_hour: reset_hour.min(23),
-        zone,
-    }
+    limits
 }
 
 /// Validates `[connectors.<name>.prices]`.
@@ -384,16 +349,17 @@ pub(crate) fn validate_prices(name: &str, mut prices: Prices, problems: &mut Vec
     prices
 }
 
-pub(crate) fn validate_replicate(raw: RawReplicate, problems: &mut Vec<Problem>) -> ReplicateConfig {
-    let base_url = validate_api("replicate", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
-    if raw.poll_interval.is_zero() {
+pub(crate) fn validate_replicate(mut c: ReplicateConfig, problems: &mut Vec<Problem>) -> ReplicateConfig {
+    c.base_url = validate_api("replicate", &c.base_url, &c.api_key_env, c.max_attempts, problems);
+    c.api_key_env = c.api_key_env.trim().to_owned();
+    if c.poll_interval.is_zero() {
         problem(
             problems,
             "connectors.replicate.poll_interval".to_owned(),
             "must be more than 0",
         );
     }
-    for (alias, model) in &raw.aliases {
+    for (alias, model) in &c.aliases {
         if alias.is_empty()
             || !alias
                 .bytes()
@@ -413,32 +379,23 @@ pub(crate) fn validate_replicate(raw: RawReplicate, problems: &mut Vec<Problem>)
             );
         }
     }
-    ReplicateConfig {
-        base_url,
-        api_key_env: raw.api_key_env.trim().to_owned(),
-        poll_interval: raw.poll_interval,
-        stream: raw.stream,
-        request_timeout: raw.request_timeout,
-        max_attempts: raw.max_attempts,
-        backoff_initial: raw.backoff_initial,
-        backoff_max: raw.backoff_max,
-        aliases: raw.aliases,
-        limits: validate_limits("replicate", raw.limits, problems),
-        prices: validate_prices("replicate", raw.prices, problems),
-    }
+    c.limits = validate_limits("replicate", c.limits, problems);
+    c.prices = validate_prices("replicate", c.prices, problems);
+    c
 }
 
-pub(crate) fn validate_runpod(raw: RawRunpod, problems: &mut Vec<Problem>) -> RunpodConfig {
-    let base_url = validate_api("runpod", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
-    if raw.poll_interval.is_zero() {
+pub(crate) fn validate_runpod(mut c: RunpodConfig, problems: &mut Vec<Problem>) -> RunpodConfig {
+    c.base_url = validate_api("runpod", &c.base_url, &c.api_key_env, c.max_attempts, problems);
+    c.api_key_env = c.api_key_env.trim().to_owned();
+    if c.poll_interval.is_zero() {
         problem(
             problems,
             "connectors.runpod.poll_interval".to_owned(),
             "must be more than 0",
         );
     }
-    let endpoint_id = raw.endpoint_id.map(|e| e.trim().to_owned()).filter(|e| !e.is_empty());
-    if let Some(e) = &endpoint_id {
+    c.endpoint_id = c.endpoint_id.map(|e| e.trim().to_owned()).filter(|e| !e.is_empty());
+    if let Some(e) = &c.endpoint_id {
         if !valid_endpoint_id(e) {
             problem(
                 problems,
@@ -447,19 +404,10 @@ pub(crate) fn validate_runpod(raw: RawRunpod, problems: &mut Vec<Problem>) -> Ru
             );
         }
     }
-    RunpodConfig {
-        base_url,
-        api_key_env: raw.api_key_env.trim().to_owned(),
-        endpoint_id,
-        poll_interval: raw.poll_interval,
-        sync_wait: raw.sync_wait.clamp(Duration::from_secs(1), Duration::from_secs(300)),
-        request_timeout: raw.request_timeout,
-        max_attempts: raw.max_attempts,
-        backoff_initial: raw.backoff_initial,
-        backoff_max: raw.backoff_max,
-        limits: validate_limits("runpod", raw.limits, problems),
-        prices: validate_prices("runpod", raw.prices, problems),
-    }
+    c.sync_wait = c.sync_wait.clamp(Duration::from_secs(1), Duration::from_secs(300));
+    c.limits = validate_limits("runpod", c.limits, problems);
+    c.prices = validate_prices("runpod", c.prices, problems);
+    c
 }
 
 /// Whether `id` can be a RunPod endpoint id (it becomes a URL path segment).
@@ -509,17 +457,17 @@ mod tests {
         .unwrap();
         let l = &c.openai.limits;
         assert_eq!(
-            l.api.rate,
+            l.api().rate(),
             Some(Rate {
                 per_second: 5.0,
                 burst: 3
             })
         );
         assert_eq!(
-            (l.api.daily_tokens, l.reset_hour, l.zone.as_str()),
+            (l.daily_tokens, l.reset_hour, l.zone.as_str()),
             (Some(1000), 6, "Asia/Tokyo")
         );
-        assert_eq!(l.customer.as_ref().and_then(|c| c.rate).map(|r| r.burst), Some(1));
+        assert_eq!(l.customer.as_ref().and_then(Budget::rate).map(|r| r.burst), Some(1));
         assert!(c.replicate.limits.is_unlimited() && !l.is_unlimited());
         assert_eq!(c.runpod.prices.per_second, 0.0004);
         let problems = load(

@@ -96,9 +96,9 @@ pub(crate) struct RawConnectors {
     pub comfyui: ServiceConnectorConfig,
     pub a1111: ServiceConnectorConfig,
     pub playwright: RawPlaywright,
-    pub openai: super::worker::RawOpenai,
-    pub replicate: super::apis::RawReplicate,
-    pub runpod: super::apis::RawRunpod,
+    pub openai: super::worker::OpenaiConfig,
+    pub replicate: super::apis::ReplicateConfig,
+    pub runpod: super::apis::RunpodConfig,
     pub simulation: super::worker::SimulationConfig,
 }
 

@@ -56,24 +56,6 @@ pub(crate) struct RawRetryDelay {
     pub jitter: f64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawOpenai {
-    pub base_url: String,
-    pub api_key_env: String,
-    pub text_model: String,
-    pub image_model: String,
-    pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub backoff_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    #[serde(default)]
-    pub limits: super::apis::RawLimits,
-    #[serde(default)]
-    pub prices: super::Prices,
-}
-
 /// How workers claim, hold and report jobs.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerConfig {
@@ -165,8 +147,9 @@ impl<'de> Deserialize<'de> for Isolation {
     }
 }
 
-/// The OpenAI-compatible API the `openai` connector calls.
-#[derive(Debug, Clone, Serialize)]
+/// The OpenAI-compatible API the `openai` connector calls (`[connectors.openai]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OpenaiConfig {
     /// Base URL ending before `/chat/completions`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
@@ -185,8 +168,10 @@ pub struct OpenaiConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Fleet-wide limits (`[connectors.openai.limits]`).
+    #[serde(default)]
     pub limits: super::Limits,
     /// Prices (`[connectors.openai.prices]`).
+    #[serde(default)]
     pub prices: super::Prices,
 }
 
@@ -304,19 +289,12 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
     }
 }
 
-pub(super) fn validate_openai(raw: RawOpenai, problems: &mut Vec<Problem>) -> OpenaiConfig {
-    let base_url = super::apis::validate_api("openai", &raw.base_url, &raw.api_key_env, raw.max_attempts, problems);
-    OpenaiConfig {
-        base_url,
-        api_key_env: raw.api_key_env.trim().to_owned(),
-        text_model: raw.text_model,
-        image_model: raw.image_model,
-        max_attempts: raw.max_attempts,
-        backoff_initial: raw.backoff_initial,
-        backoff_max: raw.backoff_max,
-        limits: super::apis::validate_limits("openai", raw.limits, problems),
-        prices: super::apis::validate_prices("openai", raw.prices, problems),
-    }
+pub(super) fn validate_openai(mut c: OpenaiConfig, problems: &mut Vec<Problem>) -> OpenaiConfig {
+    c.base_url = super::apis::validate_api("openai", &c.base_url, &c.api_key_env, c.max_attempts, problems);
+    c.api_key_env = c.api_key_env.trim().to_owned();
+    c.limits = super::apis::validate_limits("openai", c.limits, problems);
+    c.prices = super::apis::validate_prices("openai", c.prices, problems);
+    c
 }
 
 pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Problem>) -> SimulationConfig {

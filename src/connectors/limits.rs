@@ -194,7 +194,7 @@ impl Limiter {
         } else {
             self.limits.customer.clone().unwrap_or_default()
         };
-        let g = budget_args(&self.limits.api);
+        let g = budget_args(&self.limits.api());
         let c = budget_args(&customer_budget);
         let mut args: Vec<&str> = vec![&self.api, customer, &period, &end];
         args.extend(g.iter().map(String::as_str));
@@ -254,8 +254,8 @@ impl Limiter {
             period,
             requests: requests.unwrap_or(0),
             tokens: tokens.unwrap_or(0),
-            daily_requests: self.limits.api.daily_requests,
-            daily_tokens: self.limits.api.daily_tokens,
+            daily_requests: self.limits.daily_requests,
+            daily_tokens: self.limits.daily_tokens,
         })
     }
 }
@@ -263,7 +263,7 @@ impl Limiter {
 /// The four `acquireLimit` arguments of one budget: interval ms, tolerance ms, daily requests,
 /// daily tokens (0 = none).
 fn budget_args(b: &Budget) -> [String; 4] {
-    let (interval, tolerance) = match b.rate {
+    let (interval, tolerance) = match b.rate() {
         Some(r) => {
             let interval = 1000.0 / r.per_second;
             (interval, interval * f64::from(r.burst.saturating_sub(1)))
@@ -304,7 +304,6 @@ pub(crate) fn quota_period(now: jiff::Timestamp, reset_hour: u8, zone: &jiff::tz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Rate;
 
     fn ts(s: &str) -> jiff::Timestamp {
         s.parse().expect("a valid timestamp")
@@ -339,12 +338,10 @@ mod tests {
     #[test]
     fn budgets_become_gcra_arguments() {
         let b = Budget {
-            rate: Some(Rate {
-                per_second: 5.0,
-                burst: 3,
-            }),
+            requests_per_minute: Some(300.0),
+            burst: Some(3),
             daily_requests: Some(100),
-            daily_tokens: None,
+            ..Budget::default()
         };
         assert_eq!(budget_args(&b), ["200.000", "400.000", "100", "0"]);
         assert_eq!(budget_args(&Budget::default()), ["0.000", "0.000", "0", "0"]);
