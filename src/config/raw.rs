@@ -24,7 +24,7 @@ pub(crate) struct RawConfig {
     pub log: LogConfig,
     pub supervisor: SupervisorConfig,
     pub connectors: RawConnectors,
-    pub worker: super::worker::RawWorker,
+    pub worker: super::worker::WorkerConfig,
     pub models: RawModels,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,

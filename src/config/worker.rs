@@ -1,7 +1,8 @@
 //! Configuration of the workers and of the connectors that need no supervised service:
 //! `[worker]` (lease, heartbeat, drain, job timeout, customer access, workflow pinning, custom
 //! capabilities, where outputs go by default), `[connectors.openai]` and
-//! `[connectors.simulation]`. Raw serde structs here are validated into the typed values below.
+//! `[connectors.simulation]`. Each section deserializes straight into its type; the checks
+//! then normalise it in place and name every problem's key.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,54 +11,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::Problem;
 
-#[derive(Debug, Deserialize)]
+/// How workers claim, hold and report jobs (`[worker]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawWorker {
-    #[serde(with = "humantime_serde")]
-    pub lease: Duration,
-    #[serde(with = "humantime_serde")]
-    pub heartbeat: Duration,
-    #[serde(with = "humantime_serde")]
-    pub drain: Duration,
-    #[serde(with = "humantime_serde")]
-    pub job_timeout: Duration,
-    pub output_dir: PathBuf,
-    #[serde(with = "humantime_serde")]
-    pub cdn_wait: Duration,
-    pub workflow_id: String,
-    pub quarantine_after: u32,
-    #[serde(with = "humantime_serde")]
-    pub quarantine_cooldown: Duration,
-    /// Per connector: `[worker.quarantine.<connector>] after = N, cooldown = "5m"`.
-    #[serde(default)]
-    pub quarantine: std::collections::BTreeMap<String, RawQuarantine>,
-    pub customer_access: CustomerAccess,
-    pub retry_delay: RawRetryDelay,
-    #[serde(default)]
-    pub capabilities: toml::Table,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawQuarantine {
-    pub after: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    pub cooldown: Option<Duration>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawRetryDelay {
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    pub factor: f64,
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    pub jitter: f64,
-}
-
-/// How workers claim, hold and report jobs.
-#[derive(Debug, Clone, Serialize)]
 pub struct WorkerConfig {
     /// How long a claimed job is held without renewal before the broker may take it back.
     #[serde(with = "humantime_serde")]
@@ -86,25 +42,42 @@ pub struct WorkerConfig {
     /// job completes.
     #[serde(with = "humantime_serde")]
     pub quarantine_cooldown: Duration,
-    /// Per connector: a worker running one of these connectors uses the first one's (in its
-    /// plan's order) instead of `quarantine_after`/`quarantine_cooldown`.
-    pub quarantine: std::collections::BTreeMap<super::ConnectorKind, Quarantine>,
+    /// Per connector, by name (`[worker.quarantine.<connector>]`): a worker running one of
+    /// these connectors uses the first one's (in its plan's order) instead of
+    /// `quarantine_after`/`quarantine_cooldown`; see [`WorkerConfig::quarantine_of`].
+    #[serde(default)]
+    pub quarantine: std::collections::BTreeMap<String, Quarantine>,
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
     /// How long a retryable failure waits before its job can be claimed again.
     pub retry_delay: crate::broker::RetryDelay,
     /// Custom capabilities merged into every worker's capabilities JSON.
+    #[serde(default)]
     pub capabilities: serde_json::Map<String, serde_json::Value>,
 }
 
-/// A connector's own quarantine settings (`[worker.quarantine.<connector>]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+impl WorkerConfig {
+    /// The quarantine of a worker running `connectors` (in plan order): the first one's own
+    /// settings, each unset one from the `[worker]` defaults.
+    pub fn quarantine_of(&self, connectors: impl IntoIterator<Item = super::ConnectorKind>) -> (u32, Duration) {
+        let own = connectors.into_iter().find_map(|k| self.quarantine.get(k.name()));
+        (
+            own.and_then(|q| q.after).unwrap_or(self.quarantine_after),
+            own.and_then(|q| q.cooldown).unwrap_or(self.quarantine_cooldown),
+        )
+    }
+}
+
+/// A connector's own quarantine settings (`[worker.quarantine.<connector>]`); each unset one
+/// is the `[worker]` default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Quarantine {
     /// Machine-blamed failures in a row that quarantine; 0 never does.
-    pub after: u32,
+    pub after: Option<u32>,
     /// The first cool-down.
-    #[serde(with = "humantime_serde")]
-    pub cooldown: Duration,
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Option<Duration>,
 }
 
 /// The `customer_access` capability (`[worker.customer_access]`, read as it is written).
@@ -189,45 +162,43 @@ pub struct SimulationConfig {
     pub failure_rate: f64,
 }
 
-pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut Vec<Problem>) -> WorkerConfig {
+pub(super) fn validate_worker(mut c: WorkerConfig, workspace: &Path, problems: &mut Vec<Problem>) -> WorkerConfig {
     let mut bad = |key: &str, message: &str| {
         problems.push(Problem {
             key: key.to_owned(),
             message: message.to_owned(),
         })
     };
-    if raw.lease < Duration::from_secs(1) {
+    if c.lease < Duration::from_secs(1) {
         bad("worker.lease", "must be at least 1s");
     }
-    if raw.heartbeat.is_zero() || raw.heartbeat.saturating_mul(3) > raw.lease {
+    if c.heartbeat.is_zero() || c.heartbeat.saturating_mul(3) > c.lease {
         bad(
             "worker.heartbeat",
             "must be more than 0 and at most a third of worker.lease, so one lost renewal never loses the job",
         );
     }
-    if raw.quarantine_after > 0 && raw.quarantine_cooldown.is_zero() {
+    if c.quarantine_after > 0 && c.quarantine_cooldown.is_zero() {
         bad(
             "worker.quarantine_cooldown",
             "must be more than 0 (set quarantine_after = 0 to never quarantine)",
         );
     }
-    let mut quarantine = std::collections::BTreeMap::new();
-    for (name, q) in &raw.quarantine {
-        let Some(kind) = super::ConnectorKind::from_name(name) else {
+    for (name, q) in &c.quarantine {
+        if super::ConnectorKind::from_name(name).is_none() {
             bad(&format!("worker.quarantine.{name}"), "names no connector");
             continue;
-        };
-        let after = q.after.unwrap_or(raw.quarantine_after);
-        let cooldown = q.cooldown.unwrap_or(raw.quarantine_cooldown);
+        }
+        let after = q.after.unwrap_or(c.quarantine_after);
+        let cooldown = q.cooldown.unwrap_or(c.quarantine_cooldown);
         if after > 0 && cooldown.is_zero() {
             bad(&format!("worker.quarantine.{name}.cooldown"), "must be more than 0");
         }
-        quarantine.insert(kind, Quarantine { after, cooldown });
     }
-    if raw.job_timeout.is_zero() {
+    if c.job_timeout.is_zero() {
         bad("worker.job_timeout", "must be more than 0");
     }
-    let rd = &raw.retry_delay;
+    let rd = &c.retry_delay;
     if !(rd.factor.is_finite() && rd.factor >= 1.0) {
         bad("worker.retry_delay.factor", "must be a number of at least 1");
     }
@@ -237,13 +208,6 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
     if rd.max < rd.initial {
         bad("worker.retry_delay.max", "must be at least worker.retry_delay.initial");
     }
-    let capabilities = match serde_json::to_value(&raw.capabilities) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => {
-            bad("worker.capabilities", "must be a table of JSON-compatible values");
-            serde_json::Map::new()
-        }
-    };
     const RESERVED: [&str; 7] = [
         "worker_id",
         "machine_id",
@@ -253,13 +217,13 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
         "models",
         "customer_access",
     ];
-    if raw.cdn_wait > Duration::from_secs(300) {
+    if c.cdn_wait > Duration::from_secs(300) {
         bad(
             "worker.cdn_wait",
             "must be at most 5m (a job waits this long per output)",
         );
     }
-    for key in capabilities.keys() {
+    for key in c.capabilities.keys() {
         if RESERVED.contains(&key.as_str()) || key == "workflow_id" {
             bad(
                 &format!("worker.capabilities.{key}"),
@@ -267,26 +231,9 @@ pub(super) fn validate_worker(raw: RawWorker, workspace: &Path, problems: &mut V
             );
         }
     }
-    WorkerConfig {
-        lease: raw.lease,
-        heartbeat: raw.heartbeat,
-        drain: raw.drain,
-        job_timeout: raw.job_timeout,
-        output_dir: workspace.join(raw.output_dir),
-        cdn_wait: raw.cdn_wait,
-        workflow_id: raw.workflow_id.trim().to_owned(),
-        quarantine_after: raw.quarantine_after,
-        quarantine_cooldown: raw.quarantine_cooldown,
-        quarantine,
-        customer_access: raw.customer_access,
-        retry_delay: crate::broker::RetryDelay {
-            initial: raw.retry_delay.initial,
-            factor: raw.retry_delay.factor,
-            max: raw.retry_delay.max,
-            jitter: raw.retry_delay.jitter,
-        },
-        capabilities,
-    }
+    c.output_dir = workspace.join(&c.output_dir);
+    c.workflow_id = c.workflow_id.trim().to_owned();
+    c
 }
 
 pub(super) fn validate_openai(mut c: OpenaiConfig, problems: &mut Vec<Problem>) -> OpenaiConfig {
@@ -361,12 +308,20 @@ failure_rate = 0.25
         use super::super::ConnectorKind;
         let file = "[worker]\nquarantine_after = 4\n[worker.quarantine.comfyui]\ncooldown = \"10s\"\n[worker.quarantine.openai]\nafter = 0\n";
         let c = load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new()).unwrap();
-        let q = &c.worker.quarantine;
+        let w = &c.worker;
         assert_eq!(
-            (q[&ConnectorKind::Comfyui].after, q[&ConnectorKind::Comfyui].cooldown),
+            w.quarantine_of([ConnectorKind::Comfyui, ConnectorKind::Openai]),
             (4, Duration::from_secs(10))
         );
-        assert_eq!(q[&ConnectorKind::Openai].after, 0);
+        assert_eq!(
+            w.quarantine_of([ConnectorKind::Playwright, ConnectorKind::Openai]),
+            (0, Duration::from_secs(180)),
+            "the first connector with settings of its own"
+        );
+        assert_eq!(
+            w.quarantine_of([ConnectorKind::Playwright]),
+            (4, Duration::from_secs(180))
+        );
         let ps = problems("[worker.quarantine.nope]\nafter = 1\n");
         assert_eq!(ps[0].key, "worker.quarantine.nope", "{ps:?}");
     }

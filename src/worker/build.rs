@@ -117,14 +117,7 @@ fn kept_services(wp: &WorkerPlan, plan: &Plan, config: &Config, worker: &Worker)
 /// The worker's quarantine policy: a connector's own settings win, the first of the worker's in
 /// plan order, else the `[worker]` defaults.
 fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::QuarantinePolicy {
-    let (after, cooldown) = wp
-        .connectors
-        .iter()
-        .find_map(|c| config.worker.quarantine.get(&c.kind))
-        .map_or(
-            (config.worker.quarantine_after, config.worker.quarantine_cooldown),
-            |q| (q.after, q.cooldown),
-        );
+    let (after, cooldown) = config.worker.quarantine_of(wp.connectors.iter().map(|c| c.kind));
     quarantine::QuarantinePolicy { after, cooldown }
 }
 
