@@ -74,18 +74,28 @@ pub struct Config {
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
     /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
     pub catalogue: Option<PathBuf>,
-    /// Budget of the shared models directory in bytes; `None`: no limit.
-    pub cache_max_bytes: Option<u64>,
+    /// Budget of the shared models directory in GB (10^9 bytes); 0: no limit. See
+    /// [`ModelsConfig::cache_max_bytes`].
+    pub cache_max_gb: f64,
     /// How long a job requiring models waits for a worker that has them before one that must
     /// download them may take it.
     #[serde(with = "humantime_serde")]
     pub affinity_wait: Duration,
     /// Workflow inputs that name model files.
     pub loader_inputs: Vec<String>,
+}
+
+impl ModelsConfig {
+    /// The budget of the shared models directory in bytes; `None`: no limit.
+    pub fn cache_max_bytes(&self) -> Option<u64> {
+        // A float-to-integer `as` saturates; the checks refused what is not a size.
+        (self.cache_max_gb > 0.0).then_some((self.cache_max_gb * 1e9) as u64)
+    }
 }
 
 impl Config {
@@ -359,22 +369,28 @@ pub struct InstallConfig {
     pub playwright: PlaywrightInstallConfig,
 }
 
-/// Where ComfyUI, its custom nodes and its models come from.
-#[derive(Debug, Clone, Serialize)]
+/// Where ComfyUI, its custom nodes and its models come from (`[install.comfyui]`, read as it
+/// is written; the keys keep their file names where the field's differs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ComfyuiInstallConfig {
     /// Git URL (or local path) of the ComfyUI repository.
     pub repo_url: String,
     /// Tag, commit or branch to check out.
+    #[serde(rename = "ref")]
     pub git_ref: String,
     /// The interpreter that creates the venv.
     pub python: String,
     /// `pip --extra-index-url` for torch wheels.
     pub torch_index_url: Option<String>,
     /// The custom-node catalogue; `None` means the built-in one.
+    #[serde(rename = "nodes")]
     pub nodes_file: Option<PathBuf>,
     /// The model manifest; `None` means no models.
+    #[serde(rename = "models")]
     pub models_manifest: Option<PathBuf>,
-    /// The shared models directory linked into ComfyUI.
+    /// The shared models directory linked into ComfyUI (unset: `<workspace>/models`).
+    #[serde(default)]
     pub models_dir: PathBuf,
     /// Packages pip installs into the venv beside `requirements.txt`: what the pinned ref
     /// imports without listing it (upstream imports `requests` unlisted).

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{GpuOverrides, LogConfig, PlaywrightInstallConfig, ServiceConnectorConfig, SupervisorConfig};
+use super::model::{
+    ComfyuiInstallConfig, GpuOverrides, LogConfig, ModelsConfig, PlaywrightInstallConfig, ServiceConnectorConfig,
+    SupervisorConfig,
+};
 use super::service::RestartPolicy;
 
 #[derive(Debug, Deserialize)]
@@ -25,19 +28,9 @@ pub(crate) struct RawConfig {
     pub supervisor: SupervisorConfig,
     pub connectors: RawConnectors,
     pub worker: super::worker::WorkerConfig,
-    pub models: RawModels,
+    pub models: ModelsConfig,
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawModels {
-    pub catalogue: Option<PathBuf>,
-    pub cache_max_gb: f64,
-    #[serde(with = "humantime_serde")]
-    pub affinity_wait: Duration,
-    pub loader_inputs: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,24 +63,8 @@ pub(crate) struct RawInstall {
     pub timeout: Duration,
     pub concurrency: usize,
     pub strict: bool,
-    pub comfyui: RawInstallComfyui,
+    pub comfyui: ComfyuiInstallConfig,
     pub playwright: PlaywrightInstallConfig,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawInstallComfyui {
-    pub repo_url: String,
-    #[serde(rename = "ref")]
-    pub git_ref: String,
-    pub python: String,
-    pub torch_index_url: Option<String>,
-    pub nodes: Option<PathBuf>,
-    pub models: Option<PathBuf>,
-    pub models_dir: Option<PathBuf>,
-    pub extra_packages: Vec<String>,
-    pub constraints: Option<PathBuf>,
-    pub smoke_test: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,11 +10,11 @@ use super::connectors::{ConnectorKind, ConnectorList};
 use super::env::Env;
 use super::error::Problems;
 use super::model::{
-    ComfyuiInstallConfig, Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, ModelsConfig, RedisUrl,
-    ServiceConnectorConfig, SupervisorConfig,
+    Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, ModelsConfig, RedisUrl, ServiceConnectorConfig,
+    SupervisorConfig,
 };
 use super::overlay::EnvOnly;
-use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawModels};
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine};
 use super::{service, worker};
 
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
@@ -233,23 +233,16 @@ fn service_connectors(
 
 /// `[install]`; the models directory defaults to `<workspace>/models`.
 fn install(i: RawInstall, workspace: &Path, problems: &mut Problems) -> InstallConfig {
-    let c = i.comfyui;
-    let set_models_dir = c.models_dir.is_some();
+    let mut comfyui = i.comfyui;
+    comfyui.torch_index_url = comfyui.torch_index_url.filter(|u| !u.trim().is_empty());
+    let set_models_dir = !comfyui.models_dir.as_os_str().is_empty();
+    if !set_models_dir {
+        comfyui.models_dir = workspace.join("models");
+    }
     let install = InstallConfig {
         concurrency: i.concurrency,
         strict: i.strict,
-        comfyui: ComfyuiInstallConfig {
-            repo_url: c.repo_url,
-            git_ref: c.git_ref,
-            python: c.python,
-            torch_index_url: c.torch_index_url.filter(|u| !u.trim().is_empty()),
-            nodes_file: c.nodes,
-            models_manifest: c.models,
-            models_dir: c.models_dir.unwrap_or_else(|| workspace.join("models")),
-            extra_packages: c.extra_packages,
-            constraints: c.constraints,
-            smoke_test: c.smoke_test,
-        },
+        comfyui,
         playwright: i.playwright,
     };
     if install.concurrency == 0 {
@@ -293,8 +286,8 @@ fn install(i: RawInstall, workspace: &Path, problems: &mut Problems) -> InstallC
     install
 }
 
-/// `[models]`: the size budget is given in GB and kept in bytes.
-fn models(m: RawModels, problems: &mut Problems) -> ModelsConfig {
+/// Checks `[models]`.
+fn models(m: ModelsConfig, problems: &mut Problems) -> ModelsConfig {
     if !(m.cache_max_gb.is_finite() && m.cache_max_gb >= 0.0) {
         problems.at(
             "models.cache_max_gb",
@@ -304,12 +297,7 @@ fn models(m: RawModels, problems: &mut Problems) -> ModelsConfig {
     if m.loader_inputs.iter().any(|i| i.trim().is_empty()) {
         problems.at("models.loader_inputs", "an input name is empty");
     }
-    ModelsConfig {
-        catalogue: m.catalogue,
-        cache_max_bytes: (m.cache_max_gb > 0.0).then_some((m.cache_max_gb * 1e9) as u64),
-        affinity_wait: m.affinity_wait,
-        loader_inputs: m.loader_inputs,
-    }
+    m
 }
 
 /// Validates a Redis URL; the error masks any password in it.

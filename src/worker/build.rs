@@ -204,7 +204,7 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
         catalogue: config.models.catalogue.clone(),
         shared_dir: cc.models_dir.clone(),
         link_dir: config.workspace.join("ComfyUI").join("models"),
-        budget: config.models.cache_max_bytes,
+        budget: config.models.cache_max_bytes(),
         pinned,
         loader_inputs: config.models.loader_inputs.clone(),
     };
