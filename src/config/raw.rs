@@ -1,8 +1,13 @@
 //! The TOML document as serde structs, unknown keys refused. What is read is the embedded
 //! `config/default.toml` with the user's file merged over it and the environment written over
 //! both, so every key the default file sets is present here; keys that may be unset are
-//! `Option`. Sections whose validated form is the same shape deserialize straight into their
-//! `super::model` type; the rest are raw here and `super::validate` turns them into a `Config`.
+//! `Option`. Every section whose checked form has the shape it is written in deserializes
+//! straight into its `super::model` type (the checks then normalise it in place). What is raw
+//! here is written in another shape than the machine uses it: the document root and
+//! `[machine]` (folded into `Config`; `worker_connectors` parsed into a list), `[redis]` (a URL
+//! checked into `RedisUrl`), `[health]` (the port and the access rules), `[install]` (its timeout
+//! is the machine's), `[connectors.playwright]` (into a service connector's settings) and
+//! `[services.*]` with their probes (unset fields resolved from per-kind defaults).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
