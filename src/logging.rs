@@ -140,7 +140,7 @@ fn timestamp() -> String {
     s
 }
 
-/// The `MakeWriter` of the subscriber: every event goes through [`write`], on stderr.
+/// The `MakeWriter` of the subscriber: every event goes through [`write()`], on stderr.
 #[derive(Debug, Clone, Copy)]
 pub struct Console;
 

@@ -211,7 +211,7 @@ pub enum OnFault {
     /// Its worker stops claiming and returns its job; the other GPUs go on.
     #[default]
     Isolate,
-    /// The machine returns every job and exits with [`crate::app::EXIT_GPU_FAULT`], so the
+    /// The machine returns every job and exits with code 5 (`cli/exit.rs`), so the
     /// fleet replaces the whole box.
     Exit,
 }

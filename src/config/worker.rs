@@ -50,7 +50,7 @@ pub struct WorkerConfig {
     /// Which customers' jobs the workers take.
     pub customer_access: CustomerAccess,
     /// How long a retryable failure waits before its job can be claimed again.
-    pub retry_delay: crate::broker::RetryDelay,
+    pub retry_delay: crate::backoff::Backoff,
     /// Custom capabilities merged into every worker's capabilities JSON.
     #[serde(default)]
     pub capabilities: serde_json::Map<String, serde_json::Value>,

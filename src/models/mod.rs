@@ -1,7 +1,7 @@
 //! Models on demand: the machine's one [`ModelStore`], shared by the ComfyUI connectors of all
 //! its GPUs. Before a job is submitted, the connector asks the store for the model files its
 //! workflow names ([`references`]); the store finds the ones missing on disk and fetches them
-//! from the [catalogue](catalogue): once per machine however many jobs ask at the same time
+//! from the [`catalogue`]: once per machine however many jobs ask at the same time
 //! (single flight), resumable, checksum-verified, renamed into the shared models directory only
 //! when complete, and linked into `ComfyUI/models/<kind>/`.
 //!

@@ -8,7 +8,7 @@
 //! routes keep asking for the read or control token.
 //!
 //! The routes only the commands need (following a log, stopping with or without the drain) live
-//! in [`routes`] and are merged into the health router; a new command adds its route there.
+//! in `routes.rs` and are merged into the health router; a new command adds its route there.
 
 mod machine_log;
 mod routes;
