@@ -247,11 +247,12 @@ fn typed_view(view: &JobView) -> Value {
 }
 
 /// Every URL in a result (the stored artifacts' and any the connector returned), in order,
-/// each once.
+/// each once. Outputs kept on the machine (no storage in the job's `ctx`) have `file://` URLs.
 fn artifact_urls(result: Option<&Value>) -> Vec<String> {
     fn walk(v: &Value, out: &mut Vec<String>) {
+        const SCHEMES: [&str; 3] = ["https://", "http://", "file://"];
         match v {
-            Value::String(s) if (s.starts_with("https://") || s.starts_with("http://")) && !out.contains(s) => {
+            Value::String(s) if SCHEMES.iter().any(|p| s.starts_with(p)) && !out.contains(s) => {
                 out.push(s.clone());
             }
             Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
@@ -416,10 +417,13 @@ mod tests {
         let result = serde_json::json!({
             "image_url": "https://cdn/a.png",
             "images": ["https://cdn/a.png", "https://cdn/b.png"],
-            "artifacts": [{"name": "a.png", "url": "https://cdn/a.png"}],
+            "artifacts": [{"name": "a.png", "url": "https://cdn/a.png"}, {"name": "c.png", "url": "file:///ws/outputs/j/c.png"}],
             "note": "not a url"
         });
-        assert_eq!(artifact_urls(Some(&result)), ["https://cdn/a.png", "https://cdn/b.png"]);
+        assert_eq!(
+            artifact_urls(Some(&result)),
+            ["https://cdn/a.png", "file:///ws/outputs/j/c.png", "https://cdn/b.png"]
+        );
     }
 
     #[test]

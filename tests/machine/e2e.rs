@@ -300,6 +300,34 @@ drain = "1s"
         "ComfyUI jobs ran on the GPU workers: {comfy_workers:?}"
     );
 
+    // `machine jobs show` prints every stored output's URL of a ComfyUI job, in text and typed
+    // in JSON, as the result in Redis has them.
+    let comfy = &ids[0];
+    let record: String = redis::AsyncCommands::hget(&mut conn, "jobs:completed", comfy)
+        .await
+        .expect("the completion record");
+    let record: Value = serde_json::from_str(&record).expect("the record is JSON");
+    let result = &record["data"];
+    let stored: Vec<&str> = result["artifacts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the result lists no artifacts: {record}"))
+        .iter()
+        .map(|a| a["url"].as_str().expect("an artifact has a URL"))
+        .collect();
+    assert!(!stored.is_empty(), "{result}");
+    let (out, text, stderr) = run(machine().args(["jobs", "show", comfy, "--redis-url", &url]));
+    assert!(out.status.success(), "{stderr}");
+    let (out, json_text, stderr) = run(machine().args(["jobs", "show", comfy, "--json", "--redis-url", &url]));
+    assert!(out.status.success(), "{stderr}");
+    let shown: Value = serde_json::from_str(&json_text).expect("jobs show --json prints JSON");
+    for u in &stored {
+        assert!(text.contains(u), "{u} is not in:\n{text}");
+        assert!(
+            shown["artifacts"].as_array().is_some_and(|a| a.iter().any(|v| v == u)),
+            "{u} is not in {shown}"
+        );
+    }
+
     // What operators see.
     let (_, body) = http_get(port, "/status").await;
     let status: Value = serde_json::from_str(&body).unwrap();

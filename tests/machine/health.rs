@@ -302,6 +302,21 @@ async fn local_mode_runs_jobs_in_two_commands() {
         assert!(Instant::now() < deadline, "the job never completed: {shown}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // `status --fleet` finds the local Redis through the workspace, as `jobs` does, and lists
+    // the machine once its status is published (at once when ready, then every 10 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (out, fleet, stderr) = run(machine()
+            .args(["status", "--fleet"])
+            .env("MACHINE_WORKSPACE", ws.path())
+            .env_remove("HUB_REDIS_URL"));
+        assert!(out.status.success(), "{fleet}{stderr}");
+        if fleet.contains("local1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fleet never listed the machine: {fleet}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
