@@ -303,9 +303,7 @@ drain = "1s"
     // `machine jobs show` prints every stored output's URL of a ComfyUI job, in text and typed
     // in JSON, as the result in Redis has them.
     let comfy = &ids[0];
-    let record: String = redis::AsyncCommands::hget(&mut conn, "jobs:completed", comfy)
-        .await
-        .expect("the completion record");
+    let record: String = conn.hget("jobs:completed", comfy).await.expect("the completion record");
     let record: Value = serde_json::from_str(&record).expect("the record is JSON");
     let result = &record["data"];
     let stored: Vec<&str> = result["artifacts"]
