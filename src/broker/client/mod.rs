@@ -132,6 +132,29 @@ fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
     move |source| BrokerError::Redis { op, source }
 }
 
+/// Every key matching `pattern`, through `SCAN` (never `KEYS`: this may be a busy production
+/// Redis). `SCAN` may return a key twice; callers that care remove the repeats.
+async fn scan(conn: &mut ConnectionManager, pattern: &str, op: &'static str) -> Result<Vec<String>, BrokerError> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(redis_err(op))?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(keys);
+        }
+    }
+}
+
 impl Broker {
     /// Connects the command connection. Pub/sub starts with [`Broker::run_events`].
     pub async fn connect(url: &RedisUrl, opts: BrokerOptions) -> Result<Broker, BrokerError> {
@@ -223,31 +246,17 @@ impl Broker {
             return Ok(0);
         }
         let mut conn = self.connection();
-        let mut cursor: u64 = 0;
+        let keys = scan(&mut conn, &format!("{prefix}*"), "SCAN").await?;
         let mut deleted = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
+        for batch in keys.chunks(1000) {
+            let n: u64 = cmd("DEL")
+                .arg(batch)
                 .query_async(&mut conn)
                 .await
-                .map_err(|source| BrokerError::Redis { op: "SCAN", source })?;
-            if !keys.is_empty() {
-                let n: u64 = cmd("DEL")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
-                deleted += n;
-            }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(deleted);
-            }
+                .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+            deleted += n;
         }
+        Ok(deleted)
     }
 
     /// The version of this binary's `jobMatching` library: the one loaded in Redis once

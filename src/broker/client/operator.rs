@@ -4,11 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use redis::cmd;
 use serde_json::Value;
 
 use super::reply::Reply;
-use super::{Broker, redis_err};
+use super::{Broker, redis_err, scan};
 use crate::broker::reference::{PendingJob, job_matches};
 use crate::broker::{BrokerError, CANCEL_ERROR};
 
@@ -194,29 +193,9 @@ impl Broker {
         let mut conn = self.connection();
         let pattern = self.key("worker:*");
         let prefix_len = pattern.len() - 1;
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err("SCAN"))?;
-            // `worker:<id>` only, not the `worker:<id>:...` keys beside it.
-            keys.extend(
-                batch
-                    .into_iter()
-                    .filter(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':'))),
-            );
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
+        // `worker:<id>` only, not the `worker:<id>:...` keys beside it.
+        keys.retain(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':')));
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.hget(k, "capabilities");
@@ -306,24 +285,8 @@ impl Broker {
     pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<BTreeMap<String, String>>, BrokerError> {
         let mut conn = self.connection();
         let pattern = self.key("job:*");
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err("SCAN"))?;
-            keys.extend(batch.into_iter().filter(|k| !k.ends_with(":progress")));
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
+        keys.retain(|k| !k.ends_with(":progress"));
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.hgetall(k);

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use redis::cmd;
 
-use super::{Broker, redis_err};
+use super::{Broker, redis_err, scan};
 use crate::broker::BrokerError;
 use crate::broker::capabilities::Capabilities;
 use crate::clock::now_ms;
@@ -181,24 +181,7 @@ impl Broker {
             })
             .collect();
         let pattern = format!("{prefix}machine:*:status");
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err("scan the machines' status"))?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let mut keys = scan(&mut conn, &pattern, "scan the machines' status").await?;
         if keys.is_empty() {
             return Ok(Vec::new());
         }
