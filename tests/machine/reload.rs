@@ -105,6 +105,21 @@ async fn job_status(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> S
     s.unwrap_or_default()
 }
 
+/// Waits until a worker claimed the job `id` (it is no longer pending), until `deadline`.
+async fn wait_claimed(conn: &mut redis::aio::MultiplexedConnection, id: &str, deadline: Instant) {
+    while job_status(conn, id).await == "pending" {
+        assert!(Instant::now() < deadline, "job {id} was not claimed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the machine on `port` is ready; its `/status` then.
+fn wait_ready(port: u16) -> Value {
+    wait_until(Duration::from_secs(30), "the machine to be ready", || {
+        status(port).filter(|d| d["machine"]["phase"] == "ready")
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_changes_only_what_changed_and_loses_no_job() {
     let redis = testkit::RedisServer::start();
@@ -115,9 +130,7 @@ async fn reload_changes_only_what_changed_and_loses_no_job() {
     let m = start(dir.path(), &url);
     let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
 
-    let doc = wait_until(Duration::from_secs(30), "the machine to be ready", || {
-        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
-    });
+    let doc = wait_ready(m.port);
     assert_eq!(worker_ids(&doc), ["rl-cpu0", "rl-simulation-1"], "{doc}");
     let comfy_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
 
@@ -127,11 +140,7 @@ async fn reload_changes_only_what_changed_and_loses_no_job() {
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
     }});
     let comfy_job = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job_status(&mut conn, &comfy_job).await == "pending" {
-        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_claimed(&mut conn, &comfy_job, Instant::now() + Duration::from_secs(10)).await;
 
     // What a reload would do, before doing it.
     std::fs::write(
@@ -203,10 +212,7 @@ async fn reload_changes_only_what_changed_and_loses_no_job() {
     ];
     let deadline = Instant::now() + Duration::from_secs(10);
     for id in sim_jobs.iter().chain([&comfy_job]) {
-        while job_status(&mut conn, id).await == "pending" {
-            assert!(Instant::now() < deadline, "job {id} was not claimed");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_claimed(&mut conn, id, deadline).await;
     }
     std::fs::write(dir.path().join("ws/worker_connectors"), "openai:1\n").unwrap();
     nix::sys::signal::kill(
@@ -280,20 +286,14 @@ async fn a_changed_service_restarts_between_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path(), &url);
     let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
-    let doc = wait_until(Duration::from_secs(30), "the machine to be ready", || {
-        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
-    });
+    let doc = wait_ready(m.port);
     let comfy_pid = service(&doc, "comfyui-cpu0").unwrap()["pid"].as_u64().unwrap();
     let workflow = json!({"workflow": {
         "3": {"class_type": "KSampler", "inputs": {"steps": 20, "step_ms": 100}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
     }});
     let running = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job_status(&mut conn, &running).await == "pending" {
-        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_claimed(&mut conn, &running, Instant::now() + Duration::from_secs(10)).await;
     std::fs::write(
         dir.path().join("machine.toml"),
         format!(
@@ -398,19 +398,13 @@ async fn a_job_outlasting_the_drain_goes_back_to_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let m = start_draining(dir.path(), &url, "1s");
     let log = || std::fs::read_to_string(dir.path().join("machine.log")).unwrap_or_default();
-    wait_until(Duration::from_secs(30), "the machine to be ready", || {
-        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
-    });
+    wait_ready(m.port);
     let workflow = json!({"workflow": {
         "3": {"class_type": "KSampler", "inputs": {"steps": 100, "step_ms": 100}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rl"}}
     }});
     let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job_status(&mut conn, &id).await == "pending" {
-        assert!(Instant::now() < deadline, "the ComfyUI job was not claimed");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_claimed(&mut conn, &id, Instant::now() + Duration::from_secs(10)).await;
     std::fs::write(dir.path().join("ws/worker_connectors"), "simulation:1\n").unwrap();
     let began = Instant::now();
     let (ok, stdout, stderr) = reload_cli(&m, dir.path());
@@ -435,9 +429,7 @@ async fn a_changed_lease_applies_to_the_next_claim() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path(), &url);
-    wait_until(Duration::from_secs(30), "the machine to be ready", || {
-        status(m.port).filter(|d| d["machine"]["phase"] == "ready")
-    });
+    wait_ready(m.port);
     let comfy_pid = |doc: &Value| service(doc, "comfyui-cpu0").and_then(|s| s["pid"].as_u64());
     let before = comfy_pid(&status(m.port).unwrap());
 
@@ -518,9 +510,7 @@ async fn a_connector_added_by_a_reload_is_installed_then_started() {
         comfy_port: 0,
     };
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let ready = wait_until(Duration::from_secs(30), "the machine to be ready", || {
-        status(port).filter(|d| d["machine"]["phase"] == "ready")
-    });
+    let ready = wait_ready(port);
     assert_eq!(ready["installs"], json!({}), "nothing to install at start: {ready}");
 
     std::fs::write(root.join("ws/worker_connectors"), "simulation:1,comfyui\n").unwrap();
