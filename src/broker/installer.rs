@@ -11,7 +11,7 @@ use redis::aio::ConnectionManager;
 use redis::{Value, cmd};
 use sha2::{Digest, Sha256};
 
-use super::BrokerError;
+use super::{BrokerError, redis_err};
 
 /// The library name the API and every machine agree on.
 pub const LIBRARY_NAME: &str = "jobMatching";
@@ -119,10 +119,7 @@ pub async fn server_version(conn: &mut ConnectionManager) -> Result<((u32, u32, 
         .arg("server")
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis {
-            op: "INFO server",
-            source,
-        })?;
+        .map_err(redis_err("INFO server"))?;
     let raw = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -153,10 +150,7 @@ pub async fn list(conn: &mut ConnectionManager) -> Result<Vec<FunctionInfo>, Bro
         .arg(LIBRARY_NAME)
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis {
-            op: "FUNCTION LIST",
-            source,
-        })?;
+        .map_err(redis_err("FUNCTION LIST"))?;
     let mut out = Vec::new();
     for lib in as_seq(&reply) {
         let fields = as_pairs(lib);
@@ -204,10 +198,7 @@ pub async fn loaded_version(conn: &mut ConnectionManager) -> Result<Option<Strin
         .arg(0)
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis {
-            op: "FCALL jobMatchingVersion",
-            source,
-        })?;
+        .map_err(redis_err("FCALL jobMatchingVersion"))?;
     Ok(Some(v))
 }
 
@@ -253,10 +244,7 @@ pub async fn install(conn: &mut ConnectionManager, lib: &Library) -> Result<Inst
             .arg(lib.function_code())
             .query_async(conn)
             .await
-            .map_err(|source| BrokerError::Redis {
-                op: "FUNCTION LOAD REPLACE",
-                source,
-            })?;
+            .map_err(redis_err("FUNCTION LOAD REPLACE"))?;
         loaded = true;
         tracing::info!(version = lib.version(), previous = ?previous, "loaded the jobMatching library");
         tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1))).await;
@@ -284,10 +272,7 @@ pub async fn load_script(conn: &mut ConnectionManager, lib: &Library) -> Result<
         .arg(lib.eval_script())
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis {
-            op: "SCRIPT LOAD",
-            source,
-        })
+        .map_err(redis_err("SCRIPT LOAD"))
 }
 
 /// Deletes the library; returns whether it was loaded.
@@ -300,10 +285,7 @@ pub async fn delete(conn: &mut ConnectionManager) -> Result<bool, BrokerError> {
         .arg(LIBRARY_NAME)
         .query_async(conn)
         .await
-        .map_err(|source| BrokerError::Redis {
-            op: "FUNCTION DELETE",
-            source,
-        })?;
+        .map_err(redis_err("FUNCTION DELETE"))?;
     Ok(true)
 }
 

@@ -76,3 +76,8 @@ pub enum BrokerError {
         worker_id: String,
     },
 }
+
+/// Maps a failed Redis command `op` to [`BrokerError::Redis`].
+pub(crate) fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> BrokerError {
+    move |source| BrokerError::Redis { op, source }
+}

@@ -25,9 +25,9 @@ use redis::{ErrorKind, FromRedisValue, RedisError, ServerErrorKind, cmd};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerError;
 use super::capabilities::Capabilities;
 use super::installer::{self, InstallReport, Library, Mode};
+use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 
@@ -126,10 +126,6 @@ impl std::fmt::Debug for Inner {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
-}
-
-fn redis_err(op: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
-    move |source| BrokerError::Redis { op, source }
 }
 
 /// Every key matching `pattern`, through `SCAN` (never `KEYS`: this may be a busy production
@@ -253,7 +249,7 @@ impl Broker {
                 .arg(batch)
                 .query_async(&mut conn)
                 .await
-                .map_err(|source| BrokerError::Redis { op: "DEL", source })?;
+                .map_err(redis_err("DEL"))?;
             deleted += n;
         }
         Ok(deleted)
