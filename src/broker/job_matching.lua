@@ -1062,6 +1062,45 @@ local function return_job(p, id, worker, reason)
   return 'ok'
 end
 
+-- A job given back for a fault that is not its own. `fault` 'machine' (the machine's
+-- misconfiguration, an outage of its store, its GPU): the job keeps its retries and place and
+-- is claimable at once, and the return is counted with its reason in the job hash
+-- (`machine_returns`, `machine_return_reasons`); past MAX_MACHINE_RETURNS it fails with the
+-- reasons, so no job circles the fleet forever. `fault` 'service' (its service crashed or
+-- stalled): the first time on any machine it is such a return; the next time the job is
+-- suspected of killing its service and it fails as its own fault (a retry spent, with
+-- `delay_ms` and `holdoff_ms` as failJob). Returns 'ok' (returned), 'retried', 'failed' or the
+-- fence's word.
+local MAX_MACHINE_RETURNS = 5
+local REASON_MAX = 300 -- characters of one reason kept
+
+local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_ms)
+  local now = now_ms()
+  local r, claim_rec, st = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  local jkey = p .. 'job:' .. id
+  local f = redis.call('HMGET', jkey, 'machine_returns', 'machine_return_reasons', 'service_faults')
+  if fault == 'service' then
+    local faults = (tonumber(f[3]) or 0) + 1
+    redis.call('HSET', jkey, 'service_faults', tostring(faults))
+    if faults > 1 then return fail(p, id, worker, detail, true, holdoff_ms, delay_ms) end
+  end
+  local returns = (tonumber(f[1]) or 0) + 1
+  local ok, reasons = pcall(cjson.decode, f[2] or '[]')
+  if not ok or kind(reasons) ~= 'list' then reasons = {} end
+  reasons[#reasons + 1] = string.sub(fault .. ' fault: ' .. detail, 1, REASON_MAX)
+  while #reasons > MAX_MACHINE_RETURNS + 1 do table.remove(reasons, 1) end
+  local fields = { 'machine_returns', tostring(returns), 'machine_return_reasons', cjson.encode(reasons) }
+  if returns > MAX_MACHINE_RETURNS then
+    redis.call('HSET', jkey, unpack(fields))
+    final_fail(p, id, worker, 'returned ' .. returns .. ' times for faults of the machines that ran it: ' ..
+      table.concat(reasons, '; '), tonumber(st[7]) or 0, now)
+    return 'failed'
+  end
+  requeue(p, id, worker, claim_rec, fields, fault .. '_fault', now)
+  return 'ok'
+end
+
 local function renew(p, id, worker, lease_ms)
   local now = now_ms()
   local r = fence(p, id, worker, now)
@@ -1182,6 +1221,15 @@ end)
 
 redis.register_function('returnJob', function(_, args)
   return return_job(args[1], args[2], args[3], args[4] or 'returned')
+end)
+
+redis.register_function('returnForFault', function(_, args)
+  local kind = args[4]
+  if kind ~= 'machine' and kind ~= 'service' then
+    return redis.error_reply('ERR returnForFault needs the fault kind machine or service')
+  end
+  return return_for_fault(args[1], args[2], args[3], kind, args[5] or '', num_arg(args[6], DEFAULT_HOLDOFF_MS),
+    num_arg(args[7], 0))
 end)
 
 redis.register_function('renewLease', function(_, args)
