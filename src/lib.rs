@@ -15,6 +15,7 @@ pub mod config;
 pub mod connectors;
 pub mod gpu;
 pub mod health;
+pub mod http_client;
 pub mod installers;
 pub mod logging;
 pub mod models;
