@@ -202,7 +202,7 @@ impl OutputStore {
             local_root: root.into(),
             cloud: CloudStores::with_vars(vars),
             options,
-            http: reqwest::Client::new(),
+            http: crate::connectors::http::client(),
             local: Mutex::new(None),
         }
     }
