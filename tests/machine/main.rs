@@ -7,6 +7,7 @@ mod config_check;
 mod connectors;
 mod e2e;
 mod external;
+mod faults;
 mod gpu_health;
 mod gpus;
 mod hardening;
