@@ -183,7 +183,8 @@ impl Blame {
             ConnectorError::Unavailable { .. }
             | ConnectorError::MaybeCreated { .. }
             | ConnectorError::Cancelled
-            | ConnectorError::Stalled { .. } => Blame::Machine,
+            | ConnectorError::Stalled { .. }
+            | ConnectorError::ServiceLost { .. } => Blame::Machine,
             ConnectorError::QuotaReached { .. } | ConnectorError::Destination(_) | ConnectorError::Storage { .. } => {
                 Blame::Elsewhere
             }
