@@ -34,6 +34,9 @@ pub enum HoldKind {
     PlannedRestart,
     /// Its service is warming up after a (re)start.
     WarmingUp,
+    /// An external API refuses this machine's key, or its account is out of credit; lifted
+    /// once a re-check passes.
+    ApiCredentials,
     /// Its service still runs what the last job left (an interrupted prompt runs to the end of
     /// its node): the next job would wait behind it.
     ServiceBusy,
@@ -185,9 +188,10 @@ impl Blame {
             | ConnectorError::Cancelled
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => Blame::Machine,
-            ConnectorError::QuotaReached { .. } | ConnectorError::Destination(_) | ConnectorError::Storage { .. } => {
-                Blame::Elsewhere
-            }
+            ConnectorError::QuotaReached { .. }
+            | ConnectorError::CredentialsRefused { .. }
+            | ConnectorError::Destination(_)
+            | ConnectorError::Storage { .. } => Blame::Elsewhere,
         }
     }
 }

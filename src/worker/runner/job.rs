@@ -176,6 +176,7 @@ impl Worker {
         let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
+        let checker = connector.clone();
         let mut task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
             let cancel = job_cancel.clone();
@@ -284,6 +285,12 @@ impl Worker {
                     possible_orphan = Some(api.clone());
                 }
                 tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
+                self.give_back(broker, claimed, &e.chain(), shutdown).await
+            }
+            (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
+                // The API refuses this machine, not the job: hand the job back untouched and
+                // take no more of that API's work until a re-check passes.
+                self.hold_for_credentials(checker, &e);
                 self.give_back(broker, claimed, &e.chain(), shutdown).await
             }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,

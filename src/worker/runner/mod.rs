@@ -74,7 +74,27 @@ pub struct Worker {
     job_ends: Option<JobEnds>,
     /// The services its upkeep looks after, until the worker is started (see [`super::upkeep`]).
     kept: Vec<super::upkeep::Kept>,
+    /// An external API's refusal of this machine's credentials, while it holds the worker.
+    credentials: Option<CredentialsHold>,
 }
+
+/// An external API refusing this machine's credentials, and when to check them again.
+#[derive(Debug)]
+struct CredentialsHold {
+    /// The connector whose API refused; its cheap authenticated request is the re-check.
+    connector: Arc<dyn Connector>,
+    /// Out of credit (a real job is the re-check: a cheap request passes meanwhile) rather
+    /// than a refused key.
+    credit: bool,
+    /// Re-checks that did not pass so far (each waits longer).
+    tries: u32,
+    next: Instant,
+}
+
+/// How long a refused key or an account out of credit waits before each re-check: 1 s, doubling
+/// to 5 minutes.
+const CREDENTIALS_RECHECK: crate::backoff::Backoff =
+    crate::backoff::Backoff::doubling(Duration::from_secs(1), Duration::from_secs(300));
 
 /// Work this worker leaves alone until a daily quota resets.
 #[derive(Debug, Clone)]
@@ -133,6 +153,7 @@ impl Worker {
             }),
             job_ends: None,
             kept: Vec::new(),
+            credentials: None,
         }
     }
 
@@ -319,9 +340,13 @@ impl Worker {
                 self.set_state(WorkerState::Held);
                 tracing::warn!(worker = %self.id(), %reason, "not claiming");
                 let until = self.quarantine.until(Instant::now());
+                let recheck = self.credentials.as_ref().map(|c| c.next);
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.holds.released() => {}
+                    () = async { tokio::time::sleep_until(recheck.expect("guarded").into()).await }, if recheck.is_some() => {
+                        self.recheck_credentials().await;
+                    }
                     () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                         tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
                     }
@@ -492,9 +517,57 @@ impl Worker {
         }
     }
 
+    /// Holds the worker after its API refused this machine's credentials (`e`), until a
+    /// re-check passes: a cheap authenticated request for a refused key, the next real job for
+    /// an account out of credit; each failed re-check waits longer.
+    pub(super) fn hold_for_credentials(&mut self, connector: Arc<dyn Connector>, e: &ConnectorError) {
+        let ConnectorError::CredentialsRefused { credit, .. } = e else {
+            return;
+        };
+        let tries = self.credentials.as_ref().map_or(0, |c| c.tries + 1);
+        let wait = CREDENTIALS_RECHECK.delay(tries, 0.0);
+        tracing::warn!(worker = %self.id(), error = %e.chain(), ?wait, "an external API refuses this machine; holding its work");
+        self.holds.set(HoldKind::ApiCredentials, e.chain());
+        self.credentials = Some(CredentialsHold {
+            connector,
+            credit: *credit,
+            tries,
+            next: Instant::now() + wait,
+        });
+    }
+
+    /// Re-checks refused credentials: lifts the hold when the key is accepted again (or, for
+    /// an account out of credit, to let the next job try one real request).
+    async fn recheck_credentials(&mut self) {
+        let Some(hold) = &mut self.credentials else { return };
+        let passed = if hold.credit {
+            Ok(())
+        } else {
+            hold.connector.check_credentials().await
+        };
+        match passed {
+            Ok(()) => {
+                tracing::info!(worker = %self.caps.worker_id, credit = hold.credit, "re-checking the external API's credentials; claiming again");
+                self.holds.clear(HoldKind::ApiCredentials);
+                if !hold.credit {
+                    self.credentials = None;
+                }
+            }
+            Err(why) => {
+                hold.tries += 1;
+                hold.next = Instant::now() + CREDENTIALS_RECHECK.delay(hold.tries, 0.0);
+                tracing::info!(worker = %self.caps.worker_id, %why, "the key is still refused");
+            }
+        }
+    }
+
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
     fn judge(&mut self, outcome: &JobOutcome) {
+        if *outcome == JobOutcome::Completed {
+            // A job went through: whatever the API refused before, it accepts now.
+            self.credentials = None;
+        }
         match outcome {
             JobOutcome::Completed => self.quarantine.completed(),
             JobOutcome::Failed { blame, error, .. } => {
