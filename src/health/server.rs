@@ -447,6 +447,7 @@ async fn ready(State(s): State<Arc<HealthState>>) -> Response {
         phase,
         not_claiming,
         workers,
+        redis: s.redis_not_ready(),
     };
     let code = if ready {
         StatusCode::OK
