@@ -20,6 +20,5 @@ pub mod installers;
 pub mod logging;
 pub mod models;
 pub mod plan;
-pub mod reload;
 pub mod supervisor;
 pub mod worker;

@@ -17,7 +17,7 @@ pub mod reference;
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 pub use client::{
     Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, Fault, JobView,
-    LeaseStatus, NewJob, ReapReport, RetryDelay, ReturnOutcome, pending_score,
+    LeaseStatus, NewJob, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY, SweepReport, pending_score,
 };
 pub use health::{FaultKind, RedisHealth, RedisState};
 

@@ -15,12 +15,12 @@ use crate::installers::{self, InstallState, Installer, Tracker};
 /// Installs what the configuration needs, or only `only`.
 pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Outcome, CliError> {
     let config = load_config(path)?;
-    crate::logging::init(&config.log);
+    crate::logging::init(&config.machine.log);
     let names = installers::selected(&config, only);
     if names.is_empty() {
         let summary = format!(
             "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
-            config.connectors
+            config.plan.connectors
         );
         match crate::logging::format() {
             LogFormat::Text => println!("{summary}"),
@@ -28,6 +28,21 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
         }
         return Ok(Outcome::Success);
     }
+    // The running machine's services use what the installers replace: installing under a live
+    // ComfyUI put it into a crash loop at its next start. One workspace, one writer.
+    std::fs::create_dir_all(&config.machine.workspace).map_err(|e| {
+        CliError::Failed(format!(
+            "failed to create the workspace {}: {e}",
+            config.machine.workspace.display()
+        ))
+    })?;
+    let _lock = crate::app::lock_workspace(&config).map_err(|e| match e {
+        crate::app::StartError::Locked { pid, .. } => CliError::Failed(format!(
+            "refusing to install: a machine (pid {pid}) runs on the workspace {}; stop it first (`machine stop`)",
+            config.machine.workspace.display()
+        )),
+        other => CliError::Failed(crate::logging::error_chain(&other)),
+    })?;
     let tracker = Tracker::new();
     let cancel = CancellationToken::new();
     let result = block_on(Threads::PerCore, async {

@@ -500,6 +500,7 @@ mod tests {
         let _ = DEFAULT_TOML;
         load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new())
             .expect("valid")
+            .plan
             .replicate
     }
 

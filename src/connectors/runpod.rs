@@ -363,6 +363,7 @@ mod tests {
         };
         load_str(Some(("f.toml", &file)), &BTreeMap::<&str, &str>::new())
             .expect("valid")
+            .plan
             .runpod
     }
 

@@ -80,7 +80,7 @@ pub struct HealthState {
     /// Counts reloads, so that the fleet publisher follows the new workers and services.
     reloads: watch::Sender<u64>,
     /// Where `POST /reload` sends its request, once the machine's services run.
-    reload: OnceLock<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>>,
+    reload: OnceLock<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>>,
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
@@ -132,7 +132,7 @@ impl HealthState {
         shutdown: CancellationToken,
     ) -> Arc<HealthState> {
         Arc::new(HealthState {
-            machine_id: config.machine_id.clone(),
+            machine_id: config.machine.machine_id.clone(),
             started: Instant::now(),
             started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
@@ -145,13 +145,13 @@ impl HealthState {
             reload: OnceLock::new(),
             installs: sources.installs,
             metrics: Metrics::new(),
-            control_token: config.control_token.clone(),
-            access: config.health_access.clone(),
+            control_token: config.machine.control_token.clone(),
+            access: config.machine.health_access.clone(),
             shutdown,
             force: sources.force,
             local_token: control::LocalToken::new(),
             redis: Mutex::new(RedisStatus {
-                url: Some(config.broker_url().masked()),
+                url: Some(config.machine.broker_url().masked()),
                 ..RedisStatus::default()
             }),
             redis_health: sources.redis,
@@ -244,12 +244,12 @@ impl HealthState {
     }
 
     /// Lets `POST /reload` reach the machine's reloader.
-    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>) {
+    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>) {
         let _ = self.reload.set(requests);
     }
 
     /// Where `POST /reload` sends its request; `None` until the services run.
-    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>> {
+    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>> {
         self.reload.get().cloned()
     }
 
@@ -281,13 +281,26 @@ impl HealthState {
     }
 
     /// Why a worker is not claiming, when it has a reason to report: one of its services is in
-    /// crash loop or failed. A worker still waiting for a starting service has none.
+    /// crash loop or failed, or, while it runs a job, stopped answering (a frozen ComfyUI holds
+    /// its job until the stall timeout; the machine must not look ready meanwhile). A worker
+    /// still waiting for a starting service has none.
     fn blocked_reason(&self, status: &WorkerStatus, services: &[ServiceStatus]) -> Option<String> {
-        if status.state != WorkerState::WaitingForServices {
+        let busy = status.state == WorkerState::Busy;
+        if status.state != WorkerState::WaitingForServices && !busy {
             return None;
         }
         let plan = self.plan.read().unwrap_or_else(|p| p.into_inner());
         let wanted = &plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
+        if busy {
+            return services
+                .iter()
+                .filter(|s| wanted.contains(&s.name))
+                .find(|s| !s.serving())
+                .map(|s| match &s.reason {
+                    Some(why) => format!("{} is not ready while a job runs on it: {why}", s.name),
+                    None => format!("{} is not ready while a job runs on it", s.name),
+                });
+        }
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -384,6 +397,33 @@ impl HealthState {
             .iter()
             .map(|w| status::Worker::new(w, self.blocked_reason(w, &services).or_else(|| redis.clone())))
             .collect()
+    }
+
+    /// The document served on `/ready`: ready while at least one worker can claim (a machine
+    /// without workers: by its phase); the workers that cannot are listed with why, whatever
+    /// the answer. The ready line of the log reads it too, so it says what `/ready` says.
+    pub fn ready_document(&self) -> status::ReadyDocument {
+        let phase = self.phase();
+        let workers = self.workers_document();
+        let can_claim = |w: &status::Worker| {
+            w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+        };
+        let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+        let not_claiming = workers
+            .iter()
+            .filter(|w| !can_claim(w))
+            .map(|w| {
+                let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
+                (w.worker_id.clone(), why)
+            })
+            .collect();
+        status::ReadyDocument {
+            ready,
+            phase,
+            not_claiming,
+            workers,
+            redis: self.redis_not_ready(),
+        }
     }
 
     /// The full status document served on `/status`.

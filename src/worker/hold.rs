@@ -34,6 +34,9 @@ pub enum HoldKind {
     PlannedRestart,
     /// Its service is warming up after a (re)start.
     WarmingUp,
+    /// Its service still runs what the last job left (an interrupted prompt runs to the end of
+    /// its node): the next job would wait behind it.
+    ServiceBusy,
 }
 
 impl HoldKind {

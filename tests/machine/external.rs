@@ -190,7 +190,7 @@ fn replicate(fake: &FakeReplicate, extra: &str) -> ReplicateConnector {
         "[connectors.replicate]\nbase_url = \"{}\"\npoll_interval = \"50ms\"\nbackoff_initial = \"20ms\"\n{extra}\n[connectors.replicate.prices]\nper_second = 0.5\ncurrency = \"USD\"\n",
         fake.base_url()
     ));
-    ReplicateConnector::new(c.replicate, Some("r8-test".into()))
+    ReplicateConnector::new(c.plan.replicate, Some("r8-test".into()))
 }
 
 fn runpod(fake: &FakeRunpod) -> RunpodConnector {
@@ -198,7 +198,7 @@ fn runpod(fake: &FakeRunpod) -> RunpodConnector {
         "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep-default\"\npoll_interval = \"50ms\"\nsync_wait = \"5s\"\n[connectors.runpod.prices]\nper_second = 2.0\nper_request = 0.01\n",
         fake.base_url()
     ));
-    RunpodConnector::new(c.runpod, Some("rp-test".into()))
+    RunpodConnector::new(c.plan.runpod, Some("rp-test".into()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,10 +397,10 @@ fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc
         "[connectors.openai]\nbase_url = \"{}\"\nbackoff_initial = \"20ms\"\n[connectors.openai.limits]\n{limits}\n[connectors.openai.prices]\nper_1k_input_tokens = 1.0\nper_1k_output_tokens = 2.0\n",
         fake.base_url()
     ));
-    let limiter = Arc::new(Limiter::new("openai", c.openai.limits.clone()));
+    let limiter = Arc::new(Limiter::new("openai", c.plan.openai.limits.clone()));
     limiter.attach(broker.clone());
     (
-        Arc::new(OpenaiConnector::new(c.openai, None).with_limiter(limiter.clone())),
+        Arc::new(OpenaiConnector::new(c.plan.openai, None).with_limiter(limiter.clone())),
         limiter,
     )
 }
@@ -561,7 +561,7 @@ async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
             "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
             fake.base_url()
         ));
-        let connector = RunpodConnector::new(c.runpod, Some("rp-wrong".into()));
+        let connector = RunpodConnector::new(c.plan.runpod, Some("rp-wrong".into()));
         let job = machine::connectors::Job {
             id: "j1".into(),
             service_required: "runpod".into(),
