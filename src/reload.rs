@@ -193,6 +193,31 @@ pub fn settings_changes(old: &Value, new: &Value) -> (BTreeSet<ConnectorKind>, V
     (touched, restart)
 }
 
+/// What changed among the secrets, which the configuration's serialised form masks: the
+/// external connectors whose API key changed, and the token settings that changed.
+fn credential_changes(old: &Config, new: &Config) -> (Vec<ConnectorKind>, Vec<&'static str>) {
+    let key = |c: &Config, kind: ConnectorKind| {
+        let var = match kind {
+            ConnectorKind::Openai => &c.openai.api_key_env,
+            ConnectorKind::Replicate => &c.replicate.api_key_env,
+            _ => &c.runpod.api_key_env,
+        };
+        c.credentials.get(var).map(str::to_owned)
+    };
+    let keys = [ConnectorKind::Openai, ConnectorKind::Replicate, ConnectorKind::Runpod]
+        .into_iter()
+        .filter(|k| key(old, *k) != key(new, *k))
+        .collect();
+    let mut tokens = Vec::new();
+    if old.control_token != new.control_token {
+        tokens.push("control_token");
+    }
+    if old.health_access.read_token != new.health_access.read_token {
+        tokens.push("health_access");
+    }
+    (keys, tokens)
+}
+
 /// The running machine as a reload changes it. One per machine; [`serve`] runs its reloads one
 /// at a time.
 #[derive(Debug)]
@@ -265,7 +290,16 @@ impl Reloader {
             load_in(self.path.as_deref(), &ProcessEnv, &self.config.workspace).map_err(ReloadError::Invalid)?;
         let old_json = serde_json::to_value(&self.config).unwrap_or(Value::Null);
         let new_json = serde_json::to_value(&config).unwrap_or(Value::Null);
-        let (touched, mut restart_required) = settings_changes(&old_json, &new_json);
+        let (mut touched, mut restart_required) = settings_changes(&old_json, &new_json);
+        // Secrets are not serialised: their changes are found here. A rotated API key rebuilds
+        // its connector's workers; the tokens apply at the next restart.
+        let (keys_changed, tokens_changed) = credential_changes(&self.config, &config);
+        touched.extend(keys_changed);
+        for key in tokens_changed {
+            if !restart_required.iter().any(|k| k == key) {
+                restart_required.push(key.to_owned());
+            }
+        }
         // The lease alone of `[worker]` applies in place, from the next claim and renewal,
         // when the running heartbeat still renews it at least three times per lease.
         let lease_only = {
@@ -323,6 +357,10 @@ impl Reloader {
                 }]))
             })?;
         let mut applied_settings = Vec::new();
+        if self.pool.renew_credentials(&applied.credentials) {
+            tracing::info!("reload: the output store uses the credentials read now");
+            applied_settings.push("output store credentials (read again)".to_owned());
+        }
         if let Some(lease) = new_lease {
             if self.pool.set_lease(lease) {
                 tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");

@@ -7,6 +7,7 @@
 
 mod apis;
 mod connectors;
+mod credentials;
 mod env;
 mod error;
 mod load;
@@ -19,6 +20,7 @@ mod worker;
 
 pub use apis::{Budget, Limits, Prices, Rate, ReplicateConfig, RunpodConfig, parse_model_ref, valid_endpoint_id};
 pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
+pub use credentials::{CATALOGUE_TOKEN, Credentials, is_storage_secret, is_storage_var, secret, storage_vars};
 pub use env::{Env, ProcessEnv};
 pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_TOML, load, load_str, warnings};

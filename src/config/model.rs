@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::Problem;
 use super::apis::{ReplicateConfig, RunpodConfig};
 use super::connectors::ConnectorList;
+use super::credentials::Credentials;
 use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
@@ -71,6 +72,10 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// Models on demand (`[models]`).
     pub models: ModelsConfig,
+    /// The secrets it authenticates with (store keys, API keys, tokens), each from its
+    /// variable or its `<NAME>_FILE`; never serialised.
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).

@@ -9,6 +9,7 @@ mod e2e;
 mod external;
 mod gpu_health;
 mod gpus;
+mod guarantees;
 mod hardening;
 mod health;
 mod installers;
