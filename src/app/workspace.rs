@@ -7,12 +7,12 @@ use crate::config::Config;
 /// Creates the workspace and, in local mode, the private redis-server's socket and data
 /// directories (redis-server refuses to start without them).
 pub(super) fn prepare_workspace(config: &Config) -> std::io::Result<()> {
-    std::fs::create_dir_all(&config.workspace)?;
-    if config.redis.is_none() {
-        if let Some(dir) = config.local_redis_socket().parent() {
+    std::fs::create_dir_all(&config.machine.workspace)?;
+    if config.machine.redis.is_none() {
+        if let Some(dir) = config.machine.local_redis_socket().parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::create_dir_all(config.local_redis_dir())?;
+        std::fs::create_dir_all(config.machine.local_redis_dir())?;
     }
     Ok(())
 }
@@ -24,7 +24,7 @@ pub(super) fn prepare_workspace(config: &Config) -> std::io::Result<()> {
 pub(super) fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
     use fs4::fs_std::FileExt;
     use std::io::{Read, Seek, Write};
-    let path = config.workspace.join("machine.lock");
+    let path = config.machine.workspace.join("machine.lock");
     let failed = |source| StartError::Lock {
         path: path.clone(),
         source,

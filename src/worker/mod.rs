@@ -205,12 +205,16 @@ impl Workers {
     /// configuration.
     pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
         let options = StoreOptions {
-            cdn_wait: config.worker.cdn_wait,
-            upload_window: config.worker.upload_window,
+            cdn_wait: config.machine.worker.cdn_wait,
+            upload_window: config.machine.worker.upload_window,
             ..StoreOptions::default()
         };
         let vars = config.credentials.storage().clone();
-        let store = Arc::new(OutputStore::with_env(config.worker.output_dir.clone(), vars, options));
+        let store = Arc::new(OutputStore::with_env(
+            config.machine.worker.output_dir.clone(),
+            vars,
+            options,
+        ));
         let (reports, _) = broadcast::channel(1024);
         let kit = Kit {
             store,
@@ -231,7 +235,7 @@ impl Workers {
         Ok(Workers {
             workers,
             waits_for,
-            reap_every: config.worker.lease / 2,
+            reap_every: config.machine.worker.lease / 2,
             kit: Arc::new(Mutex::new(kit)),
             changes_tx,
             changes,
