@@ -349,6 +349,15 @@ pub trait Connector: Send + Sync + fmt::Debug {
         progress: &'a ProgressSink,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>>;
+
+    /// Whether the service has no work left running or waiting (ComfyUI's `/queue` empty, no
+    /// A1111 job, no render in flight). A job interrupted by a cancel, a stall or an error
+    /// runs on in the service to the end of its current step, and a job sent meanwhile would
+    /// wait behind it; the worker asks this before its next claim. Connectors without a
+    /// service of their own are always idle.
+    fn idle(&self) -> BoxFuture<'_, Result<bool, ConnectorError>> {
+        Box::pin(async { Ok(true) })
+    }
 }
 
 /// `d` to the millisecond, so a reason reads "2s 3ms", not nanoseconds.

@@ -48,6 +48,9 @@ pub enum HoldKind {
     /// The output store refuses the machine's credentials (`output store refuses the
     /// credentials: ...`); lifted by its [`Recheck`] once the store accepts them.
     StoreCredentials,
+    /// Its service still runs what the last job left (an interrupted prompt runs to the end of
+    /// its node): the next job would wait behind it.
+    ServiceBusy,
 }
 
 impl HoldKind {
