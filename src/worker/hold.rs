@@ -253,6 +253,7 @@ impl Blame {
             // A connector that reports cancellation without being asked has lost its service;
             // a service that said nothing for its stall timeout is wedged or hung.
             ConnectorError::Unavailable { .. }
+            | ConnectorError::MaybeCreated { .. }
             | ConnectorError::Cancelled
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => Blame::Machine,

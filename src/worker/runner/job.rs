@@ -33,6 +33,16 @@ enum Stop {
     Held,
 }
 
+/// How a supervised job ended: its outcome, the connector's run time, what the attempt used at
+/// a paid API, and the API whose work may exist upstream unfollowed.
+#[derive(Debug)]
+struct Ended {
+    outcome: JobOutcome,
+    run: Duration,
+    billing: Option<Billing>,
+    possible_orphan: Option<String>,
+}
+
 /// A claimed job ready to run: its input and its checked output destination.
 #[derive(Debug)]
 struct Prepared {
@@ -85,26 +95,29 @@ impl Worker {
             });
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
-        let (outcome, run, billing) = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+        let ended = |outcome| Ended {
+            outcome,
+            run: Duration::ZERO,
+            billing: None,
+            possible_orphan: None,
+        };
+        let Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
+        } = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
             (None, _) => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
                     claimed.service
                 ));
-                (
-                    self.write_failure(broker, &claimed, &e, shutdown).await,
-                    Duration::ZERO,
-                    None,
-                )
+                ended(self.write_failure(broker, &claimed, &e, shutdown).await)
             }
-            (Some(_), Err(e)) => (
-                self.write_failure(broker, &claimed, &e, shutdown).await,
-                Duration::ZERO,
-                None,
-            ),
+            (Some(_), Err(e)) => ended(self.write_failure(broker, &claimed, &e, shutdown).await),
             (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
-                Err(not) => (self.not_written(not), Duration::ZERO, None),
+                Err(not) => ended(self.not_written(not)),
                 Ok(()) => {
                     if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
                         // It waited for a quota before; if it still must, deferJob says so again.
@@ -143,14 +156,14 @@ impl Worker {
                 run,
                 total,
                 billing,
+                possible_orphan,
             });
         }
         outcome
     }
 
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
-    /// around it, then writes the outcome. Returns the outcome, the connector's run time and,
-    /// for a completed external job, its billing.
+    /// around it, then writes the outcome.
     async fn supervise(
         &mut self,
         broker: &Broker,
@@ -159,9 +172,10 @@ impl Worker {
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
-    ) -> (JobOutcome, Duration, Option<Billing>) {
+    ) -> Ended {
         let Prepared { input, target } = prepared;
         let (sink, progress) = ProgressSink::new();
+        let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
         let mut task = AbortOnDrop(tokio::spawn({
@@ -242,14 +256,19 @@ impl Worker {
         };
         drop(keeper);
         drop(forwarder);
-        let mut billing = None;
+        // What the attempt used at a paid API is billed whatever its outcome; it is added to
+        // the job's totals before the outcome is written, so a finished job shows all of it.
+        let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
+        if let Some(b) = &billing {
+            if let Err(e) = broker.record_usage(&claimed.id, b).await {
+                tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
+            }
+        }
+        let mut possible_orphan = None;
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
-            (_, Ok(output)) => {
-                billing = Billing::from_result(&output.data);
-                self.write_success(broker, claimed, target, output, shutdown).await
-            }
+            (_, Ok(output)) => self.write_success(broker, claimed, target, output, shutdown).await,
             (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
                 match self.write(shutdown, || broker.return_job(claimed)).await {
                     Ok(()) => JobOutcome::Returned,
@@ -261,13 +280,23 @@ impl Worker {
                 self.write_failure(broker, claimed, &e, shutdown).await
             }
             (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
+            (None, Err(e @ ConnectorError::MaybeCreated { .. })) => {
+                // Not the job's fault, and no retry spent; the operator sees what may be billed.
+                if let ConnectorError::MaybeCreated { api, .. } = &e {
+                    possible_orphan = Some(api.clone());
+                }
+                tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
+                self.give_back(broker, claimed, &e.chain(), shutdown).await
+            }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
         };
-        if outcome != JobOutcome::Completed {
-            billing = None;
+        Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
         }
-        (outcome, run, billing)
     }
 
     async fn write_success(
@@ -341,9 +370,9 @@ impl Worker {
         }
     }
 
-    /// Gives the job back for a fault of the machine's, not its own: in its place, no retry
-    /// spent; the broker fails it once machines gave it back too often.
-    pub(super) async fn give_back(
+    /// Returns the job for the machine's fault, in its place and without spending a retry; the
+    /// broker fails it instead once machines have returned it more than five times.
+    async fn give_back(
         &self,
         broker: &Broker,
         claimed: &ClaimedJob,
@@ -355,10 +384,10 @@ impl Worker {
             .await
         {
             Ok(ReturnOutcome::Returned) => JobOutcome::Returned,
-            Ok(outcome) => JobOutcome::Failed {
-                retryable: false,
+            Ok(o @ (ReturnOutcome::Retried | ReturnOutcome::Failed)) => JobOutcome::Failed {
+                retryable: o == ReturnOutcome::Retried,
                 blame: Blame::Machine,
-                requeued: outcome == ReturnOutcome::Retried,
+                requeued: o == ReturnOutcome::Retried,
                 error: reason.to_owned(),
             },
             Err(not) => self.not_written(not),
