@@ -11,13 +11,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{AbortOnDrop, RedisBackoff, Worker};
+use futures_util::future::BoxFuture;
+
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
-use crate::connectors::store::{self, OutputTarget};
+use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
-use crate::worker::hold::Blame;
+use crate::worker::hold::{Blame, HoldKind, Recheck};
 use crate::worker::{CurrentJob, JobOutcome, JobReport, WorkerState, WorkerStatus};
 
 /// Why a running job was stopped before its connector returned.
@@ -288,10 +290,14 @@ impl Worker {
                 self.give_back(broker, claimed, &e.chain(), shutdown).await
             }
             (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
-                // The API refuses this machine, not the job: hand the job back untouched and
-                // take no more of that API's work until a re-check passes.
+                // The API refuses this machine, not the job: hand the job back untouched (not
+                // counted against it: an account out of credit is probed with real jobs, which
+                // must not fail them) and take no more of that API's work until a re-check passes.
                 self.hold_for_credentials(checker, &e);
-                self.give_back(broker, claimed, &e.chain(), shutdown).await
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
             }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
@@ -314,7 +320,7 @@ impl Worker {
     ) -> JobOutcome {
         let stored = match target.store(output.artifacts).await {
             Ok(s) => s,
-            Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
+            Err(e) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
         };
         let mut result = output.data;
         store::add_to_result(&mut result, &stored);
@@ -325,6 +331,53 @@ impl Worker {
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
             Err(not) => self.not_written(not),
+        }
+    }
+
+    /// An output could not be stored: blamed by the store's own error code. Refused
+    /// credentials are the machine's: the job goes back untouched and the worker is held until
+    /// the store of this job's bucket accepts them. A store still down after the upload window
+    /// gives the job back too (a CDN that does not serve in time fails the attempt
+    /// retryably, as before). A refusal of the job's destination (access to its bucket, a
+    /// missing bucket) or of the request fails the job at once.
+    async fn store_failed(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        target: &OutputTarget,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let source = match e {
+            ConnectorError::Storage { source, .. } => source,
+            _ => return self.write_failure(broker, claimed, e, shutdown).await,
+        };
+        match source.fault() {
+            StoreFault::Credentials => {
+                let reason = format!(
+                    "output store refuses the credentials: {}",
+                    source.code().unwrap_or("unauthenticated")
+                );
+                tracing::warn!(worker = %self.id(), job_id = %claimed.id, error = %e.chain(), "{reason}; giving the job back and holding the worker");
+                let check = StoreCredentialsCheck {
+                    store: self.store.clone(),
+                    target: target.clone(),
+                };
+                self.holds
+                    .set_until(HoldKind::StoreCredentials, reason.clone(), Arc::new(check));
+                self.give_back(broker, claimed, &format!("{reason} ({})", e.chain()), shutdown)
+                    .await
+            }
+            // Only an upload: a CDN that does not serve the object in time is the attempt's
+            // failure, retried under a new name.
+            StoreFault::Unavailable if matches!(**source, store::StoreError::Put { .. }) => {
+                let reason = format!("the output store is down: {}", e.chain());
+                tracing::warn!(worker = %self.id(), job_id = %claimed.id, %reason, "giving the job back");
+                self.give_back(broker, claimed, &reason, shutdown).await
+            }
+            StoreFault::Unavailable | StoreFault::Destination | StoreFault::Refused => {
+                self.write_failure(broker, claimed, e, shutdown).await
+            }
         }
     }
 
@@ -444,6 +497,21 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// The re-check of a worker held because the store refused its credentials: the store of the
+/// job's own bucket, asked again with the credentials it holds now (a reload may have renewed
+/// them).
+#[derive(Debug)]
+struct StoreCredentialsCheck {
+    store: Arc<OutputStore>,
+    target: OutputTarget,
+}
+
+impl Recheck for StoreCredentialsCheck {
+    fn recheck(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(self.store.check_credentials(&self.target))
     }
 }
 

@@ -30,7 +30,7 @@ use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError};
 use crate::logging::error_chain;
 use crate::worker::capabilities::ModelDirs;
-use crate::worker::hold::{HoldKind, Holds};
+use crate::worker::hold::{HoldKind, Holds, Recheck};
 use crate::worker::pause::JobEnds;
 use crate::worker::quarantine::{Quarantine, QuarantinePolicy};
 use crate::worker::{JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
@@ -74,27 +74,26 @@ pub struct Worker {
     job_ends: Option<JobEnds>,
     /// The services its upkeep looks after, until the worker is started (see [`super::upkeep`]).
     kept: Vec<super::upkeep::Kept>,
-    /// An external API's refusal of this machine's credentials, while it holds the worker.
-    credentials: Option<CredentialsHold>,
+    /// How often a hold set with a re-check is checked again while the worker is held.
+    hold_recheck: Duration,
 }
 
-/// An external API refusing this machine's credentials, and when to check them again.
+/// The re-check of an external API's refusal of this machine (see
+/// [`Worker::hold_for_credentials`]).
 #[derive(Debug)]
-struct CredentialsHold {
-    /// The connector whose API refused; its cheap authenticated request is the re-check.
+struct ApiRecheck {
     connector: Arc<dyn Connector>,
-    /// Out of credit (a real job is the re-check: a cheap request passes meanwhile) rather
-    /// than a refused key.
     credit: bool,
-    /// Re-checks that did not pass so far (each waits longer).
-    tries: u32,
-    next: Instant,
 }
 
-/// How long a refused key or an account out of credit waits before each re-check: 1 s, doubling
-/// to 5 minutes.
-const CREDENTIALS_RECHECK: crate::backoff::Backoff =
-    crate::backoff::Backoff::doubling(Duration::from_secs(1), Duration::from_secs(300));
+impl Recheck for ApiRecheck {
+    fn recheck(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        if self.credit {
+            return Box::pin(async { Ok(()) });
+        }
+        self.connector.check_credentials()
+    }
+}
 
 /// Work this worker leaves alone until a daily quota resets.
 #[derive(Debug, Clone)]
@@ -153,8 +152,13 @@ impl Worker {
             }),
             job_ends: None,
             kept: Vec::new(),
-            credentials: None,
+            hold_recheck: Duration::from_secs(15),
         }
+    }
+
+    /// Checks a hold set with a re-check (refused credentials) this often while held.
+    pub fn recheck_holds_every(&mut self, every: Duration) {
+        self.hold_recheck = every;
     }
 
     /// Quarantines the worker by `policy` (a new worker never does).
@@ -226,7 +230,7 @@ impl Worker {
         let mut backoff = RedisBackoff::default();
         while let Err(e) = broker.update_capabilities(&self.caps).await {
             tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
-            if !backoff.sleep(shutdown).await {
+            if !backoff.sleep(broker, shutdown).await {
                 return;
             }
         }
@@ -318,7 +322,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
                     self.note_error(&error_chain(&e));
-                    if !backoff.sleep(&shutdown).await {
+                    if !backoff.sleep(&broker, &shutdown).await {
                         break;
                     }
                 }
@@ -340,12 +344,15 @@ impl Worker {
                 self.set_state(WorkerState::Held);
                 tracing::warn!(worker = %self.id(), %reason, "not claiming");
                 let until = self.quarantine.until(Instant::now());
-                let recheck = self.credentials.as_ref().map(|c| c.next);
+                let rechecks = self.holds.has_rechecks();
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.holds.released() => {}
-                    () = async { tokio::time::sleep_until(recheck.expect("guarded").into()).await }, if recheck.is_some() => {
-                        self.recheck_credentials().await;
+                    () = tokio::time::sleep(self.hold_recheck), if rechecks => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = self.holds.recheck(&self.caps.worker_id) => {}
+                        }
                     }
                     () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                         tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
@@ -395,11 +402,12 @@ impl Worker {
                         ends.job_ended(&outcome).await;
                     }
                 }
-                Ok(None) => {}
+                // Redis answered: the next failure starts the backoff from its first step.
+                Ok(None) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
                     self.note_error(&error_chain(&e));
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(&broker, &shutdown).await;
                 }
             }
         }
@@ -517,57 +525,25 @@ impl Worker {
         }
     }
 
-    /// Holds the worker after its API refused this machine's credentials (`e`), until a
-    /// re-check passes: a cheap authenticated request for a refused key, the next real job for
-    /// an account out of credit; each failed re-check waits longer.
+    /// Holds the worker after its API refused this machine's credentials (`e`) until the
+    /// hold's re-check passes: a cheap authenticated request for a refused key; for an account
+    /// out of credit the re-check lifts the hold, so that the next job tries one real request
+    /// (a cheap one passes while credit is out) and holds the worker again if still refused.
     pub(super) fn hold_for_credentials(&mut self, connector: Arc<dyn Connector>, e: &ConnectorError) {
         let ConnectorError::CredentialsRefused { credit, .. } = e else {
             return;
         };
-        let tries = self.credentials.as_ref().map_or(0, |c| c.tries + 1);
-        let wait = CREDENTIALS_RECHECK.delay(tries, 0.0);
-        tracing::warn!(worker = %self.id(), error = %e.chain(), ?wait, "an external API refuses this machine; holding its work");
-        self.holds.set(HoldKind::ApiCredentials, e.chain());
-        self.credentials = Some(CredentialsHold {
+        tracing::warn!(worker = %self.id(), error = %e.chain(), "an external API refuses this machine; holding its work");
+        let check = Arc::new(ApiRecheck {
             connector,
             credit: *credit,
-            tries,
-            next: Instant::now() + wait,
         });
-    }
-
-    /// Re-checks refused credentials: lifts the hold when the key is accepted again (or, for
-    /// an account out of credit, to let the next job try one real request).
-    async fn recheck_credentials(&mut self) {
-        let Some(hold) = &mut self.credentials else { return };
-        let passed = if hold.credit {
-            Ok(())
-        } else {
-            hold.connector.check_credentials().await
-        };
-        match passed {
-            Ok(()) => {
-                tracing::info!(worker = %self.caps.worker_id, credit = hold.credit, "re-checking the external API's credentials; claiming again");
-                self.holds.clear(HoldKind::ApiCredentials);
-                if !hold.credit {
-                    self.credentials = None;
-                }
-            }
-            Err(why) => {
-                hold.tries += 1;
-                hold.next = Instant::now() + CREDENTIALS_RECHECK.delay(hold.tries, 0.0);
-                tracing::info!(worker = %self.caps.worker_id, %why, "the key is still refused");
-            }
-        }
+        self.holds.set_until(HoldKind::ApiCredentials, e.chain(), check);
     }
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
     fn judge(&mut self, outcome: &JobOutcome) {
-        if *outcome == JobOutcome::Completed {
-            // A job went through: whatever the API refused before, it accepts now.
-            self.credentials = None;
-        }
         match outcome {
             JobOutcome::Completed => self.quarantine.completed(),
             JobOutcome::Failed { blame, error, .. } => {
@@ -653,12 +629,19 @@ impl RedisBackoff {
         self.attempt = 0;
     }
 
-    /// Sleeps the next delay; `false` when shutdown came first.
-    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+    /// Sleeps the next delay, or until Redis answers again after failing (the broker's probe
+    /// sees that within a fraction of a second; the backoff then starts again from its first
+    /// step); `false` when shutdown came first.
+    async fn sleep(&mut self, broker: &Broker, shutdown: &CancellationToken) -> bool {
+        let seen = broker.health().recoveries();
         let d = self.next();
         tokio::select! {
             () = shutdown.cancelled() => false,
             () = tokio::time::sleep(d) => true,
+            () = broker.health().answering_again(seen) => {
+                self.reset();
+                true
+            }
         }
     }
 }
