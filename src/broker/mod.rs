@@ -10,6 +10,7 @@
 
 pub mod capabilities;
 mod client;
+pub mod health;
 pub mod installer;
 pub mod reference;
 
@@ -19,6 +20,7 @@ pub use client::{
     LeaseStatus, LimitAnswer, LimitBudget, NewJob, QuotaDay, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY,
     SweepReport, pending_score,
 };
+pub use health::{FaultKind, RedisHealth, RedisState};
 
 /// The `error` the API writes when a user cancels a job.
 pub const CANCEL_ERROR: &str = "Job cancelled by user";
