@@ -253,7 +253,7 @@ pub(super) fn spawn_metrics_feed(
                 JobOutcome::Lost => "lost",
             };
             state.record_job(&report);
-            metrics.job(&report.service, "claimed");
+            metrics.claimed(&report.service);
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());
             if let Some(billing) = &report.billing {

@@ -138,7 +138,7 @@ impl HealthState {
             reloads: watch::channel(0).0,
             reload: OnceLock::new(),
             installs: sources.installs,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(&config.health_access.metrics_customers),
             control_token: config.control_token.clone(),
             access: config.health_access.clone(),
             shutdown,
