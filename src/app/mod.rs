@@ -35,6 +35,7 @@ mod feeds;
 mod workspace;
 
 pub(crate) use feeds::readiness_feed;
+pub(crate) use workspace::{lock_path, machine_holds};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
