@@ -126,9 +126,10 @@ impl Plan {
         let mut warnings = Vec::new();
         let mut workers = Vec::new();
         let mut services: Vec<ServiceSpec> = Vec::new();
-        let id = &config.machine_id;
+        let id = &config.machine.machine_id;
 
         let gpu_bound: Vec<(ConnectorKind, usize)> = config
+            .plan
             .connectors
             .entries()
             .iter()
@@ -175,13 +176,13 @@ impl Plan {
             }
         }
 
-        for r in config.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
+        for r in config.plan.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
             let count = r.count.map_or(1, |n| n.get());
             let mut job_services = own_job_services(r.kind);
             // Replicate model-family aliases are services of their own: a job of
             // `replicate:<alias>` runs the model the alias names.
             if r.kind == ConnectorKind::Replicate {
-                job_services.extend(config.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
+                job_services.extend(config.plan.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
             }
             for n in 1..=count {
                 let connector = ConnectorPlan {
@@ -199,10 +200,10 @@ impl Plan {
         }
 
         let mut problems = Vec::new();
-        if config.redis.is_none() {
+        if config.machine.redis.is_none() {
             services.insert(0, local_redis_service(config, &mut problems));
         }
-        for user in &config.services {
+        for user in &config.plan.services {
             if services.iter().any(|s| s.name == user.name) {
                 problems.push(Problem {
                     key: format!("services.{}", user.name),
@@ -210,7 +211,7 @@ impl Plan {
                 });
             }
         }
-        services.extend(config.services.iter().cloned());
+        services.extend(config.plan.services.iter().cloned());
         check_graph(&services, &mut problems);
         check_ports(config, &services, &mut problems);
         if !problems.is_empty() {
@@ -392,7 +393,7 @@ impl std::fmt::Display for PlanDiff {
 /// It listens only on a Unix socket under the workspace (no port to clash with), keeps its data
 /// in an append-only file there, and is critical: without it no worker can do anything.
 fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceSpec {
-    let socket = config.local_redis_socket();
+    let socket = config.machine.local_redis_socket();
     // sun_path holds 108 bytes including the terminating NUL.
     if socket.as_os_str().len() > 107 {
         problems.push(Problem {
@@ -403,7 +404,7 @@ fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceS
             ),
         });
     }
-    let dir = config.local_redis_dir();
+    let dir = config.machine.local_redis_dir();
     let s = |v: &str| v.to_owned();
     ServiceSpec {
         name: LOCAL_REDIS.to_owned(),
@@ -438,7 +439,7 @@ fn local_redis_service(config: &Config, problems: &mut Vec<Problem>) -> ServiceS
         liveness: None,
         after: Vec::new(),
         critical: true,
-        grace: config.supervisor.grace,
+        grace: config.machine.supervisor.grace,
         connector: None,
         gpu: None,
         port: None,
@@ -531,9 +532,9 @@ fn service_name(kind: ConnectorKind, gpu: Option<u32>) -> String {
 /// connectors (HTTP APIs and the simulation), which need none.
 fn service_settings(config: &Config, kind: ConnectorKind) -> Option<&ServiceConnectorConfig> {
     match kind {
-        ConnectorKind::Comfyui => Some(&config.comfyui),
-        ConnectorKind::A1111 => Some(&config.a1111),
-        ConnectorKind::Playwright => Some(&config.playwright),
+        ConnectorKind::Comfyui => Some(&config.plan.comfyui),
+        ConnectorKind::A1111 => Some(&config.plan.a1111),
+        ConnectorKind::Playwright => Some(&config.plan.playwright),
         ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => None,
     }
 }
@@ -543,7 +544,7 @@ fn service_settings(config: &Config, kind: ConnectorKind) -> Option<&ServiceConn
 fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> Option<(ServiceSpec, Endpoint)> {
     let settings = service_settings(config, kind)?;
     let port = settings.base_port.saturating_add(gpu.unwrap_or(0) as u16);
-    let ws = &config.workspace;
+    let ws = &config.machine.workspace;
     let launch = crate::installers::launch(kind, ws, port, gpu)?;
     let health_path = launch.health_path;
     let (command, cwd) = match &settings.command {
@@ -600,7 +601,7 @@ fn connector_service(config: &Config, kind: ConnectorKind, gpu: Option<u32>) -> 
         }),
         after: Vec::new(),
         critical: false,
-        grace: config.supervisor.grace,
+        grace: config.machine.supervisor.grace,
         connector: Some(kind),
         gpu,
         port: Some(port),
@@ -656,7 +657,7 @@ fn check_graph(services: &[ServiceSpec], problems: &mut Vec<Problem>) {
 
 fn check_ports(config: &Config, services: &[ServiceSpec], problems: &mut Vec<Problem>) {
     let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
-    seen.insert(config.health_port, "the health server");
+    seen.insert(config.machine.health_port, "the health server");
     for s in services {
         if let Some(p) = s.port {
             if let Some(other) = seen.insert(p, &s.name) {

@@ -32,6 +32,7 @@
 //! off the job its services are stopped, or the whole machine exits (`on_fault = "exit"`).
 
 mod feeds;
+pub mod reload;
 mod workspace;
 
 pub(crate) use feeds::readiness_feed;
@@ -121,12 +122,12 @@ pub enum StartError {
 /// `path` is the configuration file, read again at each reload.
 pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> Ended {
     tracing::info!(
-        machine_id = %config.machine_id,
+        machine_id = %config.machine.machine_id,
         gpus = probe.gpus.len(),
         workers = plan.workers.len(),
         services = plan.services.len(),
-        redis = %config.broker_url().masked(),
-        local_mode = config.redis.is_none(),
+        redis = %config.machine.broker_url().masked(),
+        local_mode = config.machine.redis.is_none(),
         pid1 = std::process::id() == 1,
         "machine starting"
     );
@@ -140,11 +141,13 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
     supervisor::raise_open_files_limit();
     let started = async {
         prepare_workspace(&config).map_err(|source| StartError::Workspace {
-            path: config.workspace.clone(),
+            path: config.machine.workspace.clone(),
             source,
         })?;
         let lock = lock_workspace(&config)?;
-        let listener = health::bind(config.health_port).await.map_err(StartError::Health)?;
+        let listener = health::bind(config.machine.health_port)
+            .await
+            .map_err(StartError::Health)?;
         Ok::<_, StartError>((lock, listener))
     };
     let (_lock, listener) = match started.await {
@@ -212,7 +215,7 @@ async fn run_subsystems(
 ) -> Ended {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
-    let supervisor = match Supervisor::new(services, &config.supervisor, &config.workspace) {
+    let supervisor = match Supervisor::new(services, &config.machine.supervisor, &config.machine.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
@@ -247,7 +250,7 @@ async fn run_subsystems(
     workers.keep_up(keep_up(&handle, &state, probe.clone()));
     let server_stop = CancellationToken::new();
     // Without its socket the machine still runs; the commands then reach it on the health port.
-    let control = health::control::bind(&config.workspace)
+    let control = health::control::bind(&config.machine.workspace)
         .inspect_err(|e| tracing::error!("{}", error_chain(e)))
         .ok();
     let server = spawn_named(
@@ -256,7 +259,7 @@ async fn run_subsystems(
     );
     let gpu_watch = tokio::spawn(crate::gpu::watch_health(
         probe.clone(),
-        config.gpu.health_poll,
+        config.machine.gpu.health_poll,
         server_stop.clone(),
     ));
 
@@ -275,7 +278,7 @@ async fn run_subsystems(
         Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
         Ok(()) => {
             let reloader = |services, pool, readiness| {
-                crate::reload::Reloader::new(crate::reload::Running {
+                reload::Reloader::new(reload::Running {
                     path: reload.path,
                     config: config.clone(),
                     plan: plan.clone(),
@@ -321,7 +324,7 @@ async fn run_services_and_workers(
     shutdown: &CancellationToken,
     force: &CancellationToken,
     (reloader, hup): (
-        impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> crate::reload::Reloader,
+        impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> reload::Reloader,
         Arc<Notify>,
     ),
 ) -> Ended {
@@ -339,7 +342,7 @@ async fn run_services_and_workers(
     let reload_stop = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     state.serve_reloads(reload_tx);
-    let reloads = tokio::spawn(crate::reload::serve(
+    let reloads = tokio::spawn(reload::serve(
         reloader(handle.clone(), workers.pool(), readiness.clone()),
         reload_rx,
         hup,
@@ -350,7 +353,7 @@ async fn run_services_and_workers(
         plan.clone(),
         handle.clone(),
         workers.statuses(),
-        config.gpu.on_fault,
+        config.machine.gpu.on_fault,
         gpu_exit.clone(),
         feeds_stop.clone(),
     )));
@@ -397,7 +400,7 @@ async fn run_services_and_workers(
             let health_url = format!(
                 "http://{}:{}/health",
                 ProcessEnv.hostname().unwrap_or_else(|| "localhost".to_owned()),
-                config.health_port
+                config.machine.health_port
             );
             let fleet = tokio::spawn(health::fleet::run(
                 state.clone(),
@@ -438,7 +441,7 @@ async fn run_services_and_workers(
             } => Err(()),
         }
     };
-    let (mut fleet, queue) = match tokio::time::timeout(config.worker.drain + DRAIN_SLACK, drained).await {
+    let (mut fleet, queue) = match tokio::time::timeout(config.machine.worker.drain + DRAIN_SLACK, drained).await {
         Ok(Err(())) => {
             tracing::warn!("the workers did not return their jobs in time; their leases will");
             (None, None)
@@ -461,7 +464,7 @@ async fn run_services_and_workers(
     feeds.extend(queue);
     // In local mode Redis is one of the services: the last fleet message goes out before it
     // stops. Otherwise the last message comes after the services stopped, and shows them so.
-    if config.redis.is_none() {
+    if config.machine.redis.is_none() {
         fleet_stop.cancel();
         if let Some(fleet) = fleet.take() {
             join("fleet-status", fleet).await;

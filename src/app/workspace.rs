@@ -7,12 +7,12 @@ use crate::config::Config;
 /// Creates the workspace and, in local mode, the private redis-server's socket and data
 /// directories (redis-server refuses to start without them).
 pub(super) fn prepare_workspace(config: &Config) -> std::io::Result<()> {
-    std::fs::create_dir_all(&config.workspace)?;
-    if config.redis.is_none() {
-        if let Some(dir) = config.local_redis_socket().parent() {
+    std::fs::create_dir_all(&config.machine.workspace)?;
+    if config.machine.redis.is_none() {
+        if let Some(dir) = config.machine.local_redis_socket().parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::create_dir_all(config.local_redis_dir())?;
+        std::fs::create_dir_all(config.machine.local_redis_dir())?;
     }
     Ok(())
 }
@@ -41,7 +41,7 @@ pub fn machine_holds(path: &std::path::Path) -> bool {
 pub(super) fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
     use fs4::fs_std::FileExt;
     use std::io::{Read, Seek, Write};
-    let path = lock_path(&config.workspace);
+    let path = lock_path(&config.machine.workspace);
     let failed = |source| StartError::Lock {
         path: path.clone(),
         source,

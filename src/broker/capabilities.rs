@@ -170,6 +170,29 @@ pub(crate) fn as_number(v: &Value) -> Option<f64> {
     }
 }
 
+/// A `hardware.gpu_model` name as text: a string as it is, a number as its decimal text (the
+/// monitor's form turns a typed `4090` into a number), as the Lua library reads it: an integer
+/// below 1e15 without a fraction, any other number in its shortest form (the two agree for
+/// numbers of up to 14 significant digits).
+pub(crate) fn gpu_name(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => {
+            let f = n.as_f64()?;
+            Some(if f.fract() == 0.0 && f.abs() < 1e15 {
+                format!("{f:.0}")
+            } else {
+                format!("{f}")
+            })
+        }
+        _ => None,
+    }
+}
+
+fn is_gpu_names(v: &Value) -> bool {
+    gpu_name(v).is_some() || matches!(v, Value::Array(a) if !a.is_empty() && a.iter().all(|x| gpu_name(x).is_some()))
+}
+
 fn is_name_list(v: &Value) -> bool {
     matches!(v, Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_string))
 }
@@ -208,7 +231,7 @@ fn wrong_kind(pos: &Map<String, Value>) -> Option<String> {
             if HW_NUMBERS.contains(&k.as_str()) && as_number(v).is_none() {
                 return Some(format!(r#"hardware.{k} must be a number or "all""#));
             }
-            if k == "gpu_model" && !v.is_string() && !is_name_list(v) {
+            if k == "gpu_model" && !is_gpu_names(v) {
                 return Some("hardware.gpu_model must be a name or a list of names".to_owned());
             }
         }

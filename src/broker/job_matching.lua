@@ -113,16 +113,28 @@ local function as_number(v)
   return nil
 end
 
+-- A `hardware.gpu_model` name as text: a string as it is, a number (the monitor's form turns a
+-- typed 4090 into one) as its decimal text, as JavaScript writes it for integers and short
+-- decimals; nil for anything else. capabilities.rs gpu_name reads the same.
+local function gpu_name(v)
+  if type(v) == 'string' then return v end
+  if type(v) ~= 'number' or v ~= v then return nil end
+  if v == math.floor(v) and math.abs(v) < 1e15 then return string.format('%d', v) end
+  return string.format('%.14g', v)
+end
+
 -- `hardware.gpu_model`: a name matches the worker's model case-insensitively as a substring
 -- ("A100" matches "NVIDIA A100-SXM4-80GB"); a list matches when any of its names does (a
 -- worker has one model).
 local function gpu_model_ok(req, have)
   if type(have) ~= 'string' then return false end
   have = string.lower(have)
-  if type(req) == 'string' then return string.find(have, string.lower(req), 1, true) ~= nil end
+  local name = gpu_name(req)
+  if name then return string.find(have, string.lower(name), 1, true) ~= nil end
   if kind(req) ~= 'list' then return false end
-  for _, name in ipairs(req) do
-    if type(name) == 'string' and string.find(have, string.lower(name), 1, true) then return true end
+  for _, item in ipairs(req) do
+    name = gpu_name(item)
+    if name and string.find(have, string.lower(name), 1, true) then return true end
   end
   return false
 end
@@ -338,6 +350,15 @@ local function is_name_list(v)
   return true
 end
 
+local function is_gpu_names(v)
+  if gpu_name(v) then return true end
+  if kind(v) ~= 'list' then return false end
+  for _, x in ipairs(v) do
+    if not gpu_name(x) then return false end
+  end
+  return true
+end
+
 -- Why the positive requirements can never match any worker, or nil: the named keys with a
 -- value of the wrong kind.
 local function wrong_kind(pos)
@@ -349,7 +370,7 @@ local function wrong_kind(pos)
         if HW_NUMBERS[hk] and not as_number(hv) then
           return 'hardware.' .. hk .. ' must be a number or "all"'
         end
-        if hk == 'gpu_model' and type(hv) ~= 'string' and not is_name_list(hv) then
+        if hk == 'gpu_model' and not is_gpu_names(hv) then
           return 'hardware.gpu_model must be a name or a list of names'
         end
       end
@@ -516,6 +537,13 @@ local function time_ms(s)
   return ms - off
 end
 
+-- A number that JavaScript's `||` keeps (not 0, not NaN), else nil.
+local function nonzero(s)
+  local n = tonumber(s)
+  if n and n ~= 0 and n == n then return n end
+  return nil
+end
+
 -- The group id of a job's matching fields (nil without a service) and its canonical
 -- requirements text.
 local function group_of(service, reqs, customer, workflow)
@@ -615,8 +643,10 @@ local function index_job(p, id, now, seq, delay_until)
       return 'unworkable'
     end
   end
-  local ms = tonumber(f[11]) or time_ms(f[10])
-  local prio = tonumber(f[9]) or tonumber(f[8])
+  -- The API scores with JS `||`: a workflow time or priority of 0 (stored as "0") or none
+  -- falls back to the job's own.
+  local ms = nonzero(f[11]) or time_ms(f[10])
+  local prio = nonzero(f[9]) or tonumber(f[8])
   local score = tonumber(pscore)
   if prio and ms then score = prio * 1e15 - math.floor(ms / 1000) end
   if prev and prev ~= '' then
@@ -869,11 +899,12 @@ local function claim(p, w, worker, max_examine, lease_ms)
           t = now, q = prefix_seq(best_member) }))
       end
       -- The original's two messages, field for field (update_job_progress has no status: the
-      -- API would turn one into an extra client event on every claim).
+      -- API would turn one into an extra client event on every claim; the step fields are left
+      -- out when the job has none, as the original's are).
       publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed',
         message = 'Job claimed by worker', claimed_at = at, timestamp = now,
         service_required = service or '', customer_id = job.customer_id or '',
-        workflow_id = job.workflow_id or '', step_number = job.step_number or '', total_steps = job.total_steps or '' })
+        workflow_id = job.workflow_id or '', step_number = job.step_number, total_steps = job.total_steps })
       publish(p, 'update_job_progress', { job_id = best_id, worker_id = worker, progress = 0, timestamp = now })
       return '{"jobId":' .. cjson.encode(best_id) .. ',"job":' .. snapshot .. '}'
     else
@@ -1062,6 +1093,45 @@ local function return_job(p, id, worker, reason)
   return 'ok'
 end
 
+-- A job given back for a fault that is not its own. `fault` 'machine' (the machine's
+-- misconfiguration, an outage of its store, its GPU): the job keeps its retries and place and
+-- is claimable at once, and the return is counted with its reason in the job hash
+-- (`machine_returns`, `machine_return_reasons`); past MAX_MACHINE_RETURNS it fails with the
+-- reasons, so no job circles the fleet forever. `fault` 'service' (its service crashed or
+-- stalled): the first time on any machine it is such a return; the next time the job is
+-- suspected of killing its service and it fails as its own fault (a retry spent, with
+-- `delay_ms` and `holdoff_ms` as failJob). Returns 'ok' (returned), 'retried', 'failed' or the
+-- fence's word.
+local MAX_MACHINE_RETURNS = 5
+local REASON_MAX = 300 -- characters of one reason kept
+
+local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_ms)
+  local now = now_ms()
+  local r, claim_rec, st = fence(p, id, worker, now)
+  if r ~= 'ok' then return r end
+  local jkey = p .. 'job:' .. id
+  local f = redis.call('HMGET', jkey, 'machine_returns', 'machine_return_reasons', 'service_faults')
+  if fault == 'service' then
+    local faults = (tonumber(f[3]) or 0) + 1
+    redis.call('HSET', jkey, 'service_faults', tostring(faults))
+    if faults > 1 then return fail(p, id, worker, detail, true, holdoff_ms, delay_ms) end
+  end
+  local returns = (tonumber(f[1]) or 0) + 1
+  local ok, reasons = pcall(cjson.decode, f[2] or '[]')
+  if not ok or kind(reasons) ~= 'list' then reasons = {} end
+  reasons[#reasons + 1] = string.sub(fault .. ' fault: ' .. detail, 1, REASON_MAX)
+  while #reasons > MAX_MACHINE_RETURNS + 1 do table.remove(reasons, 1) end
+  local fields = { 'machine_returns', tostring(returns), 'machine_return_reasons', cjson.encode(reasons) }
+  if returns > MAX_MACHINE_RETURNS then
+    redis.call('HSET', jkey, unpack(fields))
+    final_fail(p, id, worker, 'returned ' .. returns .. ' times for faults of the machines that ran it: ' ..
+      table.concat(reasons, '; '), tonumber(st[7]) or 0, now)
+    return 'failed'
+  end
+  requeue(p, id, worker, claim_rec, fields, fault .. '_fault', now)
+  return 'ok'
+end
+
 local function renew(p, id, worker, lease_ms)
   local now = now_ms()
   local r = fence(p, id, worker, now)
@@ -1182,6 +1252,15 @@ end)
 
 redis.register_function('returnJob', function(_, args)
   return return_job(args[1], args[2], args[3], args[4] or 'returned')
+end)
+
+redis.register_function('returnForFault', function(_, args)
+  local kind = args[4]
+  if kind ~= 'machine' and kind ~= 'service' then
+    return redis.error_reply('ERR returnForFault needs the fault kind machine or service')
+  end
+  return return_for_fault(args[1], args[2], args[3], kind, args[5] or '', num_arg(args[6], DEFAULT_HOLDOFF_MS),
+    num_arg(args[7], 0))
 end)
 
 redis.register_function('renewLease', function(_, args)

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::capabilities::{Capabilities, Requirements, as_number};
+use super::capabilities::{Capabilities, Requirements, as_number, gpu_name};
 
 /// Requirement keys that describe a job and are not capabilities.
 pub const DESCRIPTIVE_KEYS: [&str; 5] = [
@@ -185,16 +185,16 @@ fn satisfies(req: &Value, have: Option<&Value>) -> bool {
     }
 }
 
-/// `hardware.gpu_model`: a name matches the worker's model case-insensitively as a substring;
-/// a list matches when any of its names does.
+/// `hardware.gpu_model`: a name matches the worker's model case-insensitively as a substring
+/// (a number as its decimal text); a list matches when any of its names does.
 fn gpu_model_ok(req: &Value, have: Option<&Value>) -> bool {
     let Some(Value::String(have)) = have else {
         return false;
     };
     let have = have.to_ascii_lowercase();
-    let fits = |name: &Value| name.as_str().is_some_and(|n| have.contains(&n.to_ascii_lowercase()));
+    let fits = |name: &Value| gpu_name(name).is_some_and(|n| have.contains(&n.to_ascii_lowercase()));
     match kind(Some(req)) {
-        Kind::Str(_) => fits(req),
+        Kind::Str(_) | Kind::Number(_) => fits(req),
         Kind::List(names) => names.iter().any(fits),
         _ => false,
     }
@@ -501,6 +501,30 @@ pub const EXAMPLES: &[(&str, &str, &str, bool)] = &[
         "gpu model one of",
         "comfyui",
         r#"{"hardware":{"gpu_model":["A100","4090"]}}"#,
+        true,
+    ),
+    (
+        "gpu model as a number",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":4090}}"#,
+        true,
+    ),
+    (
+        "gpu model as another number",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":3090}}"#,
+        false,
+    ),
+    (
+        "gpu model numbers in a list",
+        "comfyui",
+        r#"{"hardware":{"gpu_model":["A100",4090]}}"#,
+        true,
+    ),
+    (
+        "gpu model as a number dotted",
+        "comfyui",
+        r#"{"hardware.gpu_model":4090}"#,
         true,
     ),
     (

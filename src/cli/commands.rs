@@ -48,7 +48,8 @@ pub(super) fn block_on<F: Future>(threads: Threads, work: F) -> Result<F::Output
     Ok(runtime.block_on(work))
 }
 
-/// Loads and validates the configuration; a failure lists every problem.
+/// Loads and validates the configuration through the one loader (`<workspace>/worker_connectors`
+/// honoured); a failure lists every problem.
 pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
     config::load(path, &ProcessEnv).map_err(CliError::Config)
 }
@@ -56,7 +57,7 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
 /// This machine's Redis when the configuration loads (in local mode, the private redis-server's
 /// socket), for operator commands given no `--redis-url`.
 pub(super) fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
-    config::load(path, &ProcessEnv).ok().map(|c| c.broker_url())
+    config::load(path, &ProcessEnv).ok().map(|c| c.machine.broker_url())
 }
 
 /// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,

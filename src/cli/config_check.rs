@@ -14,8 +14,7 @@ use crate::plan::Plan;
 /// Validates the configuration and the plan; invalid is exit 2. `diff` (`Some(--url)`) adds
 /// the plan diff against the running machine.
 pub(super) fn config_check(path: Option<&Path>, json: bool, diff: Option<Option<String>>) -> Result<Outcome, CliError> {
-    // What a reload reads: `<workspace>/worker_connectors` overrides WORKER_CONNECTORS.
-    let config = match crate::reload::load_config(path, &ProcessEnv) {
+    let config = match config::load(path, &ProcessEnv) {
         Ok(c) => c,
         Err(e) if json => {
             print_json(&invalid_document(&e));
@@ -25,7 +24,11 @@ pub(super) fn config_check(path: Option<&Path>, json: bool, diff: Option<Option<
         Err(e) => return Err(CliError::Config(e)),
     };
     print_warnings();
-    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    let probe = Probe::run(
+        &config.machine.gpu,
+        &config.machine.visible_devices,
+        &config.machine.workspace,
+    );
     match Plan::build(&config, &probe).and_then(checked_programs) {
         Ok(plan) => {
             let diff = match diff {
@@ -77,9 +80,12 @@ fn running_diff(
     let target = super::connect::Target::find(path, url.as_deref())?;
     let running: Running =
         super::commands::block_on(super::commands::Threads::One, async move { target.get("/plan").await })??;
-    let new = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
-    let (touched, restart) = crate::reload::settings_changes(&running.config, &new);
-    Ok((crate::plan::PlanDiff::between(&running.plan, plan, &touched), restart))
+    let changes = Config::shown_changes(&running.config, config);
+    let restart = changes.restart.iter().map(|k| (*k).to_owned()).collect();
+    Ok((
+        crate::plan::PlanDiff::between(&running.plan, plan, &changes.connectors),
+        restart,
+    ))
 }
 
 fn invalid_document(e: &ConfigError) -> serde_json::Value {
@@ -103,18 +109,19 @@ fn render_plan(config: &Config, probe: &Probe, plan: &Plan, path: Option<&Path>)
             |p| format!("{} and environment", p.display())
         )
     );
-    let _ = writeln!(s, "machine:    {}", config.machine_id);
-    let _ = writeln!(s, "workspace:  {}", config.workspace.display());
+    let _ = writeln!(s, "machine:    {}", config.machine.machine_id);
+    let _ = writeln!(s, "workspace:  {}", config.machine.workspace.display());
     let _ = writeln!(
         s,
         "redis:      {}",
         config
+            .machine
             .redis
             .as_ref()
             .map_or_else(|| "local mode (private redis-server)".to_owned(), |u| u.masked())
     );
-    let _ = writeln!(s, "health:     port {}", config.health_port);
-    let _ = writeln!(s, "connectors: {}", config.connectors);
+    let _ = writeln!(s, "health:     port {}", config.machine.health_port);
+    let _ = writeln!(s, "connectors: {}", config.plan.connectors);
     s.push_str(&render_probe(probe));
     let _ = writeln!(s, "workers ({}):", plan.workers.len());
     for w in &plan.workers {

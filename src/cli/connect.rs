@@ -21,9 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{self, ProcessEnv};
 use crate::health::control::socket_path;
 
-/// The workspace when the configuration does not load.
-const DEFAULT_WORKSPACE: &str = "/workspace";
-/// The health port when the configuration does not load.
+/// The health port of a `--url` that names none.
 const DEFAULT_PORT: u16 = 9092;
 /// How long connecting (or a whole non-streaming request) may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,8 +90,8 @@ pub(super) struct Target {
 
 impl Target {
     /// The machine of this configuration (`config_path` and the environment), or the one at
-    /// `url`. A configuration that does not load leaves the defaults: the status commands must
-    /// work beside a machine whose configuration is being edited.
+    /// `url`. The workspace and port are read leniently ([`config::locate`]): the status commands
+    /// must work beside a machine whose configuration is being edited.
     pub(super) fn find(config_path: Option<&Path>, url: Option<&str>) -> Result<Target, MachineError> {
         if let Some(url) = url {
             let bad = || MachineError::Url { url: url.to_owned() };
@@ -108,13 +106,13 @@ impl Target {
                 address: format!("{host}:{port}"),
             });
         }
-        let (workspace, port) = config::load(config_path, &ProcessEnv).map_or_else(
-            |_| (PathBuf::from(DEFAULT_WORKSPACE), DEFAULT_PORT),
-            |c| (c.workspace, c.health_port),
-        );
+        // Leniently: finding the machine must not need a configuration that validates.
+        let config::Location {
+            workspace, health_port, ..
+        } = config::locate(config_path, &ProcessEnv);
         Ok(Target {
             socket: Some(socket_path(&workspace)),
-            address: format!("127.0.0.1:{port}"),
+            address: format!("127.0.0.1:{health_port}"),
         })
     }
 

@@ -9,7 +9,11 @@ use crate::gpu::Probe;
 /// Prints the probe of the GPUs and the host.
 pub(super) fn gpus(path: Option<&Path>, json: bool) -> Result<Outcome, CliError> {
     let config = load_config(path)?;
-    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    let probe = Probe::run(
+        &config.machine.gpu,
+        &config.machine.visible_devices,
+        &config.machine.workspace,
+    );
     if json {
         print_json(&probe);
     } else {

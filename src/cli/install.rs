@@ -15,12 +15,12 @@ use crate::installers::{self, InstallState, Installer, Tracker};
 /// Installs what the configuration needs, or only `only`.
 pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Outcome, CliError> {
     let config = load_config(path)?;
-    crate::logging::init(&config.log);
+    crate::logging::init(&config.machine.log);
     let names = installers::selected(&config, only);
     if names.is_empty() {
         let summary = format!(
             "nothing to install for WORKER_CONNECTORS={} (installers exist for comfyui and playwright)",
-            config.connectors
+            config.plan.connectors
         );
         match crate::logging::format() {
             LogFormat::Text => println!("{summary}"),

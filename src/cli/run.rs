@@ -14,12 +14,16 @@ use crate::plan::Plan;
 pub(super) fn run(path: Option<&Path>) -> Result<Outcome, CliError> {
     // `<workspace>/worker_connectors`, which a reload reads, overrides WORKER_CONNECTORS here too,
     // so that a restart keeps what the last reload applied.
-    let config = crate::reload::load_config(path, &crate::config::ProcessEnv).map_err(CliError::Config)?;
-    crate::logging::init(&config.log);
+    let config = crate::config::load(path, &crate::config::ProcessEnv).map_err(CliError::Config)?;
+    crate::logging::init(&config.machine.log);
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let probe = Probe::run(&config.gpu, &config.visible_devices, &config.workspace);
+    let probe = Probe::run(
+        &config.machine.gpu,
+        &config.machine.visible_devices,
+        &config.machine.workspace,
+    );
     for note in &probe.notes {
         tracing::info!(target: "machine::gpu", "{note}");
     }

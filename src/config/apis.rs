@@ -146,7 +146,7 @@ impl Default for Prices {
 }
 
 /// The `replicate` connector's API (`[connectors.replicate]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicateConfig {
     /// Base URL ending before `/predictions`, e.g. `https://api.replicate.com/v1`.
@@ -184,7 +184,7 @@ pub struct ReplicateConfig {
 }
 
 /// The `runpod` connector's API (`[connectors.runpod]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunpodConfig {
     /// Base URL ending before `/<endpoint id>/run`, e.g. `https://api.runpod.ai/v2`.
@@ -455,7 +455,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let l = &c.openai.limits;
+        let l = &c.plan.openai.limits;
         assert_eq!(
             l.api().rate(),
             Some(Rate {
@@ -468,8 +468,8 @@ mod tests {
             (Some(1000), 6, "Asia/Tokyo")
         );
         assert_eq!(l.customer.as_ref().and_then(Budget::rate).map(|r| r.burst), Some(1));
-        assert!(c.replicate.limits.is_unlimited() && !l.is_unlimited());
-        assert_eq!(c.runpod.prices.per_second, 0.0004);
+        assert!(c.plan.replicate.limits.is_unlimited() && !l.is_unlimited());
+        assert_eq!(c.plan.runpod.prices.per_second, 0.0004);
         let problems = load(
             "[connectors.openai.limits]\nrequests_per_second = 1\nrequests_per_minute = 60\ndaily_requests = 0\nreset_hour = 24\nzone = \"Mars/Olympus\"\n[connectors.replicate.limits.customer]\nrequests_per_second = -1\n[connectors.replicate.aliases]\nflux = \"not a model\"\n[connectors.runpod]\nendpoint_id = \"a/b\"\n[connectors.runpod.prices]\nper_request = -1\n",
             &[],
@@ -509,7 +509,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.connectors.to_string(), "replicate:2,runpod");
+        assert_eq!(c.plan.connectors.to_string(), "replicate:2,runpod");
         assert!(ConnectorKind::Replicate.external_api() && !ConnectorKind::Replicate.gpu_bound());
     }
 }

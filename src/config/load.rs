@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::env::{self, Env};
 use super::error::{ConfigError, Problem, Problems};
+use super::locate::{WithConnectorsFile, locate_str};
 use super::model::Config;
 use super::overlay::{self, EnvOnly};
 use super::raw::RawConfig;
@@ -18,19 +19,33 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 /// The most problems one document reports; past it the document is not worth reading further.
 const MAX_FILE_PROBLEMS: usize = 50;
 
-/// Reads `file` (if any) over the embedded defaults, overlays `env`, and validates.
+/// The one loader of the configuration: reads `file` (if any) over the embedded defaults,
+/// overlays `env` with `WORKER_CONNECTORS` taken from `<workspace>/worker_connectors` when that
+/// file exists (the workspace as [`locate`](super::locate) reads it), and validates.
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
-    let user = match file {
-        Some(path) => Some((
-            path.display().to_string(),
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?,
-        )),
-        None => None,
-    };
-    load_str(user.as_ref().map(|(p, s)| (p.as_str(), s.as_str())), env)
+    let user = read(file)?;
+    let user = user.as_ref().map(|(p, s)| (p.as_str(), s.as_str()));
+    let workspace = locate_str(user.map(|(_, text)| text), env).workspace;
+    load_str(user, &WithConnectorsFile::new(env, &workspace))
+}
+
+/// [`load`] for a running machine, whose workspace is the one it runs on (a reload).
+pub fn load_in(file: Option<&Path>, env: &dyn Env, workspace: &Path) -> Result<Config, ConfigError> {
+    let user = read(file)?;
+    load_str(
+        user.as_ref().map(|(p, s)| (p.as_str(), s.as_str())),
+        &WithConnectorsFile::new(env, workspace),
+    )
+}
+
+/// The configuration file's name and text.
+fn read(file: Option<&Path>) -> Result<Option<(String, String)>, ConfigError> {
+    let Some(path) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Some((path.display().to_string(), text)))
 }
 
 /// What is not wrong enough to refuse the configuration: `MACHINE_*`, `WORKER_*`, `COMFYUI_*`
@@ -43,7 +58,8 @@ pub fn warnings(env: &dyn Env) -> Vec<Problem> {
         .collect()
 }
 
-/// Like [`load`] with the file's name and contents already in hand.
+/// Like [`load`] with the file's name and contents already in hand, and without the workspace's
+/// connectors file: what tests load.
 pub fn load_str(file: Option<(&str, &str)>, env: &dyn Env) -> Result<Config, ConfigError> {
     let defaults: toml::Table = DEFAULT_TOML
         .parse()
@@ -178,7 +194,7 @@ fn remove_at(doc: &mut toml::Table, path: &[String]) -> bool {
     table_at(doc, parents).is_some_and(|t| t.remove(last).is_some())
 }
 
-fn merge(base: &mut toml::Table, over: toml::Table) {
+pub(super) fn merge(base: &mut toml::Table, over: toml::Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
@@ -220,14 +236,14 @@ mod tests {
     #[test]
     fn defaults_alone_are_valid() {
         let c = load_str(None, &env(&[("HOSTNAME", "box-7")])).unwrap();
-        assert_eq!(c.machine_id, "machine-box-7");
-        assert_eq!(c.health_port, 9092);
-        assert_eq!(c.workspace, PathBuf::from("/workspace"));
-        assert!(c.redis.is_none());
-        assert_eq!(c.connectors, ConnectorList::default_list());
-        assert_eq!(c.comfyui.base_port, 8188);
-        assert_eq!(c.visible_devices, VisibleDevices::All);
-        assert_eq!(c.install_timeout, Duration::from_secs(1800));
+        assert_eq!(c.machine.machine_id, "machine-box-7");
+        assert_eq!(c.machine.health_port, 9092);
+        assert_eq!(c.machine.workspace, PathBuf::from("/workspace"));
+        assert!(c.machine.redis.is_none());
+        assert_eq!(c.plan.connectors, ConnectorList::default_list());
+        assert_eq!(c.plan.comfyui.base_port, 8188);
+        assert_eq!(c.machine.visible_devices, VisibleDevices::All);
+        assert_eq!(c.machine.install_timeout, Duration::from_secs(1800));
     }
 
     #[test]
@@ -245,9 +261,9 @@ restart = "always"
 ready = { tcp = "127.0.0.1:7000" }
 "#;
         let c = load_str(Some(("f.toml", file)), &env(&[])).unwrap();
-        assert_eq!(c.machine_id, "m1");
-        assert_eq!(c.redis.unwrap().expose(), "redis://127.0.0.1:6379");
-        let s = &c.services[0];
+        assert_eq!(c.machine.machine_id, "m1");
+        assert_eq!(c.machine.redis.unwrap().expose(), "redis://127.0.0.1:6379");
+        let s = &c.plan.services[0];
         assert_eq!(s.name, "sidecar");
         assert_eq!(s.restart, RestartPolicy::Always);
         assert_eq!(
@@ -274,15 +290,15 @@ ready = { tcp = "127.0.0.1:7000" }
             ]),
         )
         .unwrap();
-        assert_eq!(c.machine_id, "from-env");
-        assert_eq!(c.connectors.to_string(), "openai:2");
-        assert_eq!(c.health_port, 9999);
-        assert_eq!(c.install_timeout, Duration::from_secs(300));
-        assert_eq!(c.log.format, LogFormat::Json);
-        let url = c.redis.unwrap();
+        assert_eq!(c.machine.machine_id, "from-env");
+        assert_eq!(c.plan.connectors.to_string(), "openai:2");
+        assert_eq!(c.machine.health_port, 9999);
+        assert_eq!(c.machine.install_timeout, Duration::from_secs(300));
+        assert_eq!(c.machine.log.format, LogFormat::Json);
+        let url = c.machine.redis.unwrap();
         assert_eq!(url.masked(), "rediss://user:***@redis.example:6380/0");
         assert!(!format!("{url:?}").contains("secret"));
-        let token = c.control_token.unwrap();
+        let token = c.machine.control_token.unwrap();
         assert_eq!(token.expose(), "tok3n");
         assert!(!format!("{token:?}").contains("tok3n"));
     }
@@ -461,7 +477,7 @@ env = { "A=B" = "1" }
             &env(&[("WORKER_CONNECTORS", "comfyui"), ("WORKERS", " comfyui ")]),
         )
         .unwrap();
-        assert_eq!(c.connectors.to_string(), "comfyui");
+        assert_eq!(c.plan.connectors.to_string(), "comfyui");
     }
 
     #[test]
@@ -495,12 +511,12 @@ env = { "A=B" = "1" }
             ]),
         )
         .unwrap();
-        assert_eq!(c.install.comfyui.repo_url, "/srv/comfy.git");
-        assert_eq!(c.install.comfyui.git_ref, "abc123");
-        assert_eq!(c.install.comfyui.models_dir, PathBuf::from("/ws/models"));
-        assert!(c.install.strict);
-        assert_eq!(c.install.concurrency, 2);
-        assert_eq!(c.install.playwright.chromium, Some(PathBuf::from("/opt/chrome")));
+        assert_eq!(c.plan.install.comfyui.repo_url, "/srv/comfy.git");
+        assert_eq!(c.plan.install.comfyui.git_ref, "abc123");
+        assert_eq!(c.plan.install.comfyui.models_dir, PathBuf::from("/ws/models"));
+        assert!(c.plan.install.strict);
+        assert_eq!(c.plan.install.concurrency, 2);
+        assert_eq!(c.plan.install.playwright.chromium, Some(PathBuf::from("/opt/chrome")));
         let ps = problems(None, &[("COMFYUI_REF", "--upload-pack=x"), ("INSTALL_STRICT", "maybe")]);
         let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["INSTALL_STRICT", "COMFYUI_REF"]);
@@ -542,7 +558,7 @@ ref = "--upload-pack=x"
     fn install_timeout_takes_seconds_or_a_duration() {
         for (text, secs) in [("300", 300), (" 5m ", 300), ("1h 30m", 5400)] {
             let c = load_str(None, &env(&[("SERVICE_INSTALL_TIMEOUT", text)])).unwrap();
-            assert_eq!(c.install_timeout, Duration::from_secs(secs), "{text}");
+            assert_eq!(c.machine.install_timeout, Duration::from_secs(secs), "{text}");
         }
         for text in ["soon", "0"] {
             let ps = problems(None, &[("SERVICE_INSTALL_TIMEOUT", text)]);
@@ -587,8 +603,8 @@ ref = "--upload-pack=x"
             &env(&[("LOG_FORMAT", "Json")]),
         )
         .unwrap();
-        assert_eq!(c.log.format, LogFormat::Json);
-        assert_eq!(c.worker.customer_access.isolation, Isolation::Strict);
+        assert_eq!(c.machine.log.format, LogFormat::Json);
+        assert_eq!(c.machine.worker.customer_access.isolation, Isolation::Strict);
 
         let ps = problems(
             Some("[worker.customer_access]\nisolation = \"sometimes\"\n"),

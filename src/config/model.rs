@@ -15,9 +15,28 @@ use super::connectors::ConnectorList;
 use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
-/// The validated configuration of this machine.
-#[derive(Debug, Clone, Serialize)]
+/// The validated configuration of this machine, split by what applies it: [`MachineConfig`]
+/// only a restart applies, [`PlanConfig`] is what the plan is built from and a reload applies.
+/// Both serialise flat, as the file's sections read.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Config {
+    /// What only a restart applies: the machine as a whole.
+    #[serde(flatten)]
+    pub machine: MachineConfig,
+    /// What the plan is built from: connectors, services, installs and the connectors'
+    /// settings. A reload applies it.
+    #[serde(flatten)]
+    pub plan: PlanConfig,
+    /// Things that are not wrong enough to refuse, such as unknown `MACHINE_*` variables; the
+    /// caller logs them once logging is set up.
+    #[serde(skip)]
+    pub warnings: Vec<Problem>,
+}
+
+/// The settings that belong to the machine as a whole; a reload keeps them as they run and
+/// reports a change as applying at the next restart (`worker.lease` alone applies in place).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MachineConfig {
     /// This machine's id in the fleet.
     pub machine_id: String,
     /// Where installs, models, logs and state live.
@@ -26,9 +45,6 @@ pub struct Config {
     pub redis: Option<RedisUrl>,
     /// Port of the health/status HTTP server.
     pub health_port: u16,
-    /// The parsed `WORKER_CONNECTORS`.
-    #[serde(serialize_with = "serialize_display")]
-    pub connectors: ConnectorList,
     /// GPU facts to use when NVML cannot tell (or to use fewer GPUs).
     pub gpu: GpuOverrides,
     /// `CUDA_VISIBLE_DEVICES` as the machine respects it.
@@ -36,12 +52,28 @@ pub struct Config {
     /// Limit for each installer.
     #[serde(with = "humantime_serde")]
     pub install_timeout: Duration,
-    /// What the installers install and how.
-    pub install: InstallConfig,
     /// Logging output.
     pub log: LogConfig,
     /// Supervisor knobs.
     pub supervisor: SupervisorConfig,
+    /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
+    /// one those routes are refused.
+    pub control_token: Option<Secret>,
+    /// Who may read the health server's `/logs`, `/status` and `/metrics`.
+    pub health_access: HealthAccess,
+    /// How workers claim, hold and report jobs.
+    pub worker: WorkerConfig,
+}
+
+/// What the plan is built from: which connectors run, the user's services, what the installers
+/// install, and each connector's settings. A reload applies a change to any of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanConfig {
+    /// The parsed `WORKER_CONNECTORS`.
+    #[serde(serialize_with = "serialize_display")]
+    pub connectors: ConnectorList,
+    /// What the installers install and how.
+    pub install: InstallConfig,
     /// Per-connector settings for the plan's services.
     pub comfyui: ServiceConnectorConfig,
     /// Per-connector settings for the plan's services.
@@ -50,13 +82,6 @@ pub struct Config {
     pub playwright: ServiceConnectorConfig,
     /// User-defined `[services.NAME]`, sorted by name.
     pub services: Vec<ServiceSpec>,
-    /// `MACHINE_CONTROL_TOKEN`: the bearer token of the health server's control routes; without
-    /// one those routes are refused.
-    pub control_token: Option<Secret>,
-    /// Who may read the health server's `/logs`, `/status` and `/metrics`.
-    pub health_access: HealthAccess,
-    /// How workers claim, hold and report jobs.
-    pub worker: WorkerConfig,
     /// The OpenAI-compatible API of the `openai` connector.
     pub openai: OpenaiConfig,
     /// Replicate, for the `replicate` connector.
@@ -65,16 +90,12 @@ pub struct Config {
     pub runpod: RunpodConfig,
     /// The simulation connector's defaults.
     pub simulation: SimulationConfig,
-    /// Things that are not wrong enough to refuse, such as unknown `MACHINE_*` variables; the
-    /// caller logs them once logging is set up.
-    #[serde(skip)]
-    pub warnings: Vec<Problem>,
     /// Models on demand (`[models]`).
     pub models: ModelsConfig,
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
     /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
@@ -98,7 +119,7 @@ impl ModelsConfig {
     }
 }
 
-impl Config {
+impl MachineConfig {
     /// The Redis the machine talks to: the hub's, or in local mode the private redis-server
     /// the machine supervises on a Unix socket under the workspace.
     pub fn broker_url(&self) -> RedisUrl {
@@ -239,7 +260,7 @@ pub enum DeviceSelector {
 }
 
 /// Who may read what on the health server (`[health]`). `/health` and `/ready` are always open.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HealthAccess {
     /// `MACHINE_READ_TOKEN`: a bearer token that reads the guarded routes but controls nothing
     /// (the control token reads them too).
@@ -257,7 +278,7 @@ pub struct HealthAccess {
 }
 
 /// Logging output.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Human-readable or JSON lines.
@@ -296,7 +317,7 @@ pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static
 }
 
 /// Supervisor knobs shared by every service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Default SIGTERM → SIGKILL delay.
@@ -329,7 +350,7 @@ pub struct SupervisorConfig {
 }
 
 /// Settings of a connector that runs one service per GPU.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConnectorConfig {
     /// GPU i listens on `base_port + i`.
@@ -361,7 +382,7 @@ pub struct ServiceConnectorConfig {
 }
 
 /// What the installers install and how (`[install]`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct InstallConfig {
     /// Custom nodes and model downloads run at once (at least 1).
     pub concurrency: usize,
@@ -375,7 +396,7 @@ pub struct InstallConfig {
 
 /// Where ComfyUI, its custom nodes and its models come from (`[install.comfyui]`, read as it
 /// is written; the keys keep their file names where the field's differs).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ComfyuiInstallConfig {
     /// Git URL (or local path) of the ComfyUI repository.
@@ -407,7 +428,7 @@ pub struct ComfyuiInstallConfig {
 }
 
 /// The Playwright render service's install.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PlaywrightInstallConfig {
     /// The browser executable; `None` means auto-detect.

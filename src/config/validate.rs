@@ -10,8 +10,8 @@ use super::connectors::{ConnectorKind, ConnectorList};
 use super::env::Env;
 use super::error::Problems;
 use super::model::{
-    Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, ModelsConfig, RedisUrl, ServiceConnectorConfig,
-    SupervisorConfig,
+    Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, MachineConfig, ModelsConfig, PlanConfig, RedisUrl,
+    ServiceConnectorConfig, SupervisorConfig,
 };
 use super::overlay::EnvOnly;
 use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine};
@@ -81,36 +81,40 @@ pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problem
     let simulation = worker::validate_simulation(c.simulation, problems.list_mut());
     let models = models(raw.models, problems);
     Config {
-        machine_id,
-        workspace,
-        redis,
-        health_port: raw.health.port,
-        connectors,
-        gpu: raw.gpu,
-        visible_devices: env_only.visible_devices,
-        install_timeout,
-        install,
-        log: raw.log,
-        supervisor: raw.supervisor,
-        comfyui,
-        a1111,
-        playwright,
-        services,
-        control_token: env_only.control_token,
-        health_access: HealthAccess {
-            read_token: env_only.read_token,
-            open_logs: raw.health.open_logs,
-            guard_status: raw.health.guard_status,
-            guard_metrics: raw.health.guard_metrics,
-            metrics_customers: raw.health.metrics_customers,
+        machine: MachineConfig {
+            machine_id,
+            workspace,
+            redis,
+            health_port: raw.health.port,
+            gpu: raw.gpu,
+            visible_devices: env_only.visible_devices,
+            install_timeout,
+            log: raw.log,
+            supervisor: raw.supervisor,
+            control_token: env_only.control_token,
+            health_access: HealthAccess {
+                read_token: env_only.read_token,
+                open_logs: raw.health.open_logs,
+                guard_status: raw.health.guard_status,
+                guard_metrics: raw.health.guard_metrics,
+                metrics_customers: raw.health.metrics_customers,
+            },
+            worker,
         },
-        worker,
-        openai,
-        replicate,
-        runpod,
-        simulation,
+        plan: PlanConfig {
+            connectors,
+            install,
+            comfyui,
+            a1111,
+            playwright,
+            services,
+            openai,
+            replicate,
+            runpod,
+            simulation,
+            models,
+        },
         warnings: Vec::new(),
-        models,
     }
 }
 
@@ -382,8 +386,8 @@ mod tests {
             good.display()
         ))
         .unwrap();
-        assert_eq!(c.comfyui.stall_timeout, std::time::Duration::from_secs(30));
-        assert_eq!(c.comfyui.restart_every_jobs, Some(2));
+        assert_eq!(c.plan.comfyui.stall_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(c.plan.comfyui.restart_every_jobs, Some(2));
         let e = load(format!(
             "[connectors.comfyui]\nwarmup = \"{}\"\nrestart_every_jobs = 0\n[connectors.a1111]\nstall_timeout = \"0s\"\n",
             bad.display()

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::Problem;
 
 /// How workers claim, hold and report jobs (`[worker]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// How long a claimed job is held without renewal before the broker may take it back.
@@ -121,7 +121,7 @@ impl<'de> Deserialize<'de> for Isolation {
 }
 
 /// The OpenAI-compatible API the `openai` connector calls (`[connectors.openai]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OpenaiConfig {
     /// Base URL ending before `/chat/completions`, e.g. `https://api.openai.com/v1`.
@@ -150,7 +150,7 @@ pub struct OpenaiConfig {
 
 /// The simulation connector's defaults (a job's payload may override each); also what
 /// `[connectors.simulation]` deserializes into.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SimulationConfig {
     /// How long a simulated job takes.
@@ -288,17 +288,17 @@ base_url = "http://localhost:8000/v1/"
 failure_rate = 0.25
 "#;
         let c = load_str(Some(("f.toml", file)), &BTreeMap::from([("MACHINE_WORKSPACE", "/ws")])).unwrap();
-        assert_eq!(c.worker.lease, Duration::from_secs(30));
-        assert_eq!(c.worker.drain, Duration::from_secs(30));
-        assert_eq!(c.worker.output_dir, std::path::PathBuf::from("/ws/outputs"));
-        assert_eq!(c.worker.workflow_id, "wf-1");
-        assert_eq!(c.worker.customer_access.isolation, super::Isolation::Strict);
-        assert_eq!(c.worker.capabilities["max_batch_size"], 4);
-        assert_eq!(c.openai.base_url, "http://localhost:8000/v1");
-        assert_eq!(c.openai.api_key_env, "OPENAI_API_KEY");
-        assert_eq!(c.simulation.failure_rate, 0.25);
+        assert_eq!(c.machine.worker.lease, Duration::from_secs(30));
+        assert_eq!(c.machine.worker.drain, Duration::from_secs(30));
+        assert_eq!(c.machine.worker.output_dir, std::path::PathBuf::from("/ws/outputs"));
+        assert_eq!(c.machine.worker.workflow_id, "wf-1");
+        assert_eq!(c.machine.worker.customer_access.isolation, super::Isolation::Strict);
+        assert_eq!(c.machine.worker.capabilities["max_batch_size"], 4);
+        assert_eq!(c.plan.openai.base_url, "http://localhost:8000/v1");
+        assert_eq!(c.plan.openai.api_key_env, "OPENAI_API_KEY");
+        assert_eq!(c.plan.simulation.failure_rate, 0.25);
         assert_eq!(
-            (c.worker.quarantine_after, c.worker.quarantine_cooldown),
+            (c.machine.worker.quarantine_after, c.machine.worker.quarantine_cooldown),
             (3, Duration::from_secs(180))
         );
     }
@@ -308,7 +308,7 @@ failure_rate = 0.25
         use super::super::ConnectorKind;
         let file = "[worker]\nquarantine_after = 4\n[worker.quarantine.comfyui]\ncooldown = \"10s\"\n[worker.quarantine.openai]\nafter = 0\n";
         let c = load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new()).unwrap();
-        let w = &c.worker;
+        let w = &c.machine.worker;
         assert_eq!(
             w.quarantine_of([ConnectorKind::Comfyui, ConnectorKind::Openai]),
             (4, Duration::from_secs(10))

@@ -17,11 +17,11 @@ use super::{ArtifactBody, ConnectorError, or_cancelled};
 /// once), no overall timeout (jobs may legitimately run for many minutes; the worker's job
 /// timeout and cancellation bound them).
 pub(crate) fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::http_client::builder()
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
-        .expect("a client with only timeouts set always builds")
+        .expect("timeouts on a builder whose roots are known to load always build (crate::http_client)")
 }
 
 /// Whether a service answers its health check at `url` with a success within a few seconds

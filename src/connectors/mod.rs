@@ -17,6 +17,7 @@ pub mod comfyui;
 mod http;
 pub mod limits;
 pub mod openai;
+mod outputs;
 pub mod playwright;
 pub mod replicate;
 pub mod runpod;

@@ -12,8 +12,9 @@
 //! and `done` events) when it has one and streaming is on, else by polling `urls.get`; either
 //! way the final prediction is read from `urls.get`. Progress comes from the last percentage in
 //! the prediction's logs (tqdm bars: ` 45%|####  | 9/20`). On cancellation `urls.cancel` is
-//! POSTed before returning. Output URLs (one, or a list) are downloaded into artifacts, which the
-//! worker stores through the job's `ctx`; other output stays in the result. The result carries a
+//! POSTed before returning. The output's files, at any depth (URLs, `data:` URIs; see
+//! `connectors/outputs.rs`), become artifacts, which the worker stores through the job's `ctx`; the
+//! rest of the output stays in the result. The result carries a
 //! `billing` record with Replicate's `metrics.predict_time`.
 
 use std::sync::Arc;
@@ -27,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::http::{self, Backoff, Retrying};
 use super::limits::Limiter;
 use super::openai::SseReader;
+use super::outputs;
 use super::simulation::json_kind;
-use super::{Artifact, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
+use super::{Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
 use crate::config::{ConnectorKind, ReplicateConfig, parse_model_ref};
 
 /// Runs jobs as Replicate predictions.
@@ -242,39 +244,6 @@ impl ReplicateConnector {
         }
     }
 
-    /// Downloads output URLs into artifacts (data URIs are decoded); keeps a URL when it
-    /// cannot be fetched, as the OpenAI connector does.
-    async fn artifacts(&self, output: &Value, cancel: &CancellationToken) -> Result<Vec<Artifact>, ConnectorError> {
-        let urls: Vec<&str> = match output {
-            Value::String(s) => vec![s.as_str()],
-            Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
-            Value::Object(o) => o.values().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        let mut out = Vec::new();
-        for (i, url) in urls.into_iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                continue;
-            }
-            let name = file_name(url, i);
-            let content_type = super::comfyui::guess_content_type(&name).to_owned();
-            let body = http::fetch_output(
-                &self.client,
-                url,
-                "download a prediction output",
-                Duration::from_secs(120),
-                cancel,
-            )
-            .await?;
-            out.push(Artifact {
-                name,
-                content_type,
-                body,
-            });
-        }
-        Ok(out)
-    }
-
     async fn run_job(
         &self,
         job: &Job,
@@ -323,8 +292,9 @@ impl ReplicateConnector {
                 });
             }
         }
-        let output = prediction.get("output").cloned().unwrap_or(Value::Null);
-        let artifacts = self.artifacts(&output, cancel).await?;
+        let mut output = prediction.get("output").cloned().unwrap_or(Value::Null);
+        let found = outputs::take_files(&mut output)?;
+        let artifacts = outputs::artifacts(&self.client, found, cancel).await?;
         let mut data = json!({
             "prediction_id": prediction.get("id").cloned().unwrap_or(Value::Null),
             "model": prediction.get("model").cloned().unwrap_or(Value::Null),
@@ -503,15 +473,6 @@ fn last_percent(logs: &str) -> Option<f64> {
     None
 }
 
-/// A file name for output `i` from its URL's last path segment.
-fn file_name(url: &str, i: usize) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.path_segments().and_then(|mut s| s.next_back().map(str::to_owned)))
-        .filter(|s| !s.is_empty())
-        .map_or_else(|| format!("output_{i}"), |s| format!("{i}_{s}"))
-}
-
 /// Replicate's error body (`{"title", "detail", "status"}`), as one message.
 fn api_error_message(text: &str) -> String {
     let v: Option<Value> = serde_json::from_str(text).ok();
@@ -539,6 +500,7 @@ mod tests {
         let _ = DEFAULT_TOML;
         load_str(Some(("f.toml", file)), &BTreeMap::<&str, &str>::new())
             .expect("valid")
+            .plan
             .replicate
     }
 
@@ -589,6 +551,5 @@ mod tests {
         let u = prediction_urls(&json!({"id": "p1"}), "http://r/v1").unwrap();
         assert_eq!(u.cancel, "http://r/v1/predictions/p1/cancel");
         assert!(prediction_urls(&json!({}), "http://r/v1").is_err());
-        assert_eq!(file_name("https://x/y/out.png", 0), "0_out.png");
     }
 }

@@ -7,8 +7,9 @@
 //! `COMPLETED`, `FAILED`, `CANCELLED` or `TIMED_OUT`; a payload with `"sync": true` uses
 //! `POST /<endpoint>/runsync?wait=<ms>` instead, and is followed like the others when it is
 //! not done within the wait. On cancellation `POST /<endpoint>/cancel/<id>` is sent before
-//! returning. Output URLs are downloaded into artifacts, which the worker stores through the
-//! job's `ctx`; the output itself stays in the result with a `billing` record whose predict
+//! returning. The output's files, at any depth (URLs, worker-comfyui's base64 images; see
+//! `connectors/outputs.rs`), become artifacts, which the worker stores through the job's `ctx`; the
+//! rest of the output stays in the result with a `billing` record whose predict
 //! time is RunPod's `executionTime`.
 
 use std::sync::Arc;
@@ -20,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff, Retrying};
 use super::limits::Limiter;
+use super::outputs;
 use super::simulation::json_kind;
-use super::{Artifact, Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
+use super::{Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
 use crate::config::{ConnectorKind, RunpodConfig, valid_endpoint_id};
 
 /// Runs jobs on RunPod serverless endpoints.
@@ -146,34 +148,6 @@ impl RunpodConnector {
         }
     }
 
-    async fn artifacts(&self, output: &Value, cancel: &CancellationToken) -> Result<Vec<Artifact>, ConnectorError> {
-        let mut urls = Vec::new();
-        collect_urls(output, &mut urls, 0);
-        let mut out = Vec::new();
-        for (i, url) in urls.into_iter().enumerate() {
-            let name = url::Url::parse(&url)
-                .ok()
-                .and_then(|u| u.path_segments().and_then(|mut s| s.next_back().map(str::to_owned)))
-                .filter(|s| !s.is_empty())
-                .map_or_else(|| format!("output_{i}"), |s| format!("{i}_{s}"));
-            let content_type = super::comfyui::guess_content_type(&name).to_owned();
-            let body = http::fetch_output(
-                &self.client,
-                &url,
-                "download a job output",
-                Duration::from_secs(120),
-                cancel,
-            )
-            .await?;
-            out.push(Artifact {
-                name,
-                content_type,
-                body,
-            });
-        }
-        Ok(out)
-    }
-
     async fn run_job(
         &self,
         job: &Job,
@@ -243,8 +217,9 @@ impl RunpodConnector {
                 });
             }
         }
-        let output = status.get("output").cloned().unwrap_or(Value::Null);
-        let artifacts = self.artifacts(&output, cancel).await?;
+        let mut output = status.get("output").cloned().unwrap_or(Value::Null);
+        let found = outputs::take_files(&mut output)?;
+        let artifacts = outputs::artifacts(&self.client, found, cancel).await?;
         let mut data = json!({
             "runpod_id": id,
             "endpoint_id": endpoint,
@@ -350,10 +325,11 @@ fn job_id(status: &Value) -> Result<String, ConnectorError> {
         })
 }
 
-/// A percentage from a progress update (`runpod.serverless.progress_update`): a number, or a
-/// text holding `NN%`.
+/// A percentage from a progress update (`runpod.serverless.progress_update`): a number, a
+/// text holding `NN%`, or an object with it under `progress` or `percent` (`{"progress": 40}`).
 fn progress_of(output: &Value) -> Option<f64> {
     match output {
+        Value::Object(map) => map.get("progress").or_else(|| map.get("percent")).and_then(progress_of),
         Value::Number(n) => n.as_f64().filter(|p| (0.0..=100.0).contains(p)),
         Value::String(s) => {
             let i = s.find('%')?;
@@ -363,19 +339,6 @@ fn progress_of(output: &Value) -> Option<f64> {
             s[start..i].parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p))
         }
         _ => None,
-    }
-}
-
-/// Every http(s) URL in an output, a few levels deep.
-fn collect_urls(v: &Value, out: &mut Vec<String>, depth: usize) {
-    if depth > 4 {
-        return;
-    }
-    match v {
-        Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => out.push(s.clone()),
-        Value::Array(items) => items.iter().for_each(|i| collect_urls(i, out, depth + 1)),
-        Value::Object(map) => map.values().for_each(|i| collect_urls(i, out, depth + 1)),
-        _ => {}
     }
 }
 
@@ -400,6 +363,7 @@ mod tests {
         };
         load_str(Some(("f.toml", &file)), &BTreeMap::<&str, &str>::new())
             .expect("valid")
+            .plan
             .runpod
     }
 
@@ -434,13 +398,9 @@ mod tests {
         assert_eq!(progress_of(&json!(40)), Some(40.0));
         assert_eq!(progress_of(&json!("step 3: 62.5% done")), Some(62.5));
         assert_eq!(progress_of(&json!("working")), None);
-        let mut urls = Vec::new();
-        collect_urls(
-            &json!({"images": ["https://a/1.png", {"u": "http://b/2.png"}], "n": 3}),
-            &mut urls,
-            0,
-        );
-        assert_eq!(urls, ["https://a/1.png", "http://b/2.png"]);
+        assert_eq!(progress_of(&json!({"progress": 40})), Some(40.0));
+        assert_eq!(progress_of(&json!({"percent": "12%", "stage": "sampling"})), Some(12.0));
+        assert_eq!(progress_of(&json!({"stage": "sampling"})), None);
         assert_eq!(api_error_message(r#"{"error":"bad input"}"#), "bad input");
     }
 }

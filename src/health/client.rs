@@ -32,23 +32,26 @@ pub enum ClientError {
         /// The body, cut short.
         body: String,
     },
+    /// No HTTP client could be built.
+    #[error("failed to build an HTTP client")]
+    Build(#[source] reqwest::Error),
     /// Redis failed.
     #[error("failed to read the fleet from Redis")]
     Redis(#[source] redis::RedisError),
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+fn client() -> Result<reqwest::Client, ClientError> {
+    crate::http_client::builder()
         .timeout(Duration::from_secs(5))
         .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+        .map_err(ClientError::Build)
 }
 
 /// Fetches a JSON document from `url` as `T`; any non-2xx answer, or a body that is not a `T`,
 /// is an error carrying the body. The machine's guarded routes take the read token or the
 /// control token, whichever the operator's environment has.
 pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
-    let mut request = client().get(url);
+    let mut request = client()?.get(url);
     if let Some(token) = ["MACHINE_READ_TOKEN", "MACHINE_CONTROL_TOKEN"]
         .iter()
         .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))

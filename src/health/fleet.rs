@@ -465,7 +465,12 @@ mod tests {
         };
         let probe = Arc::new(Probe::from_parts(vec![gpu], host));
         let plan = Plan::build(&config, &probe).unwrap();
-        let sup = Supervisor::new(plan.services.clone(), &config.supervisor, &config.workspace).unwrap();
+        let sup = Supervisor::new(
+            plan.services.clone(),
+            &config.machine.supervisor,
+            &config.machine.workspace,
+        )
+        .unwrap();
         let handle = sup.handle();
         let (_gpu_tx, gpu_rx) = tokio::sync::watch::channel(status("m1-gpu0", WorkerState::Idle, None));
         let (_sim_tx, sim_rx) = tokio::sync::watch::channel(status("m1-simulation-1", WorkerState::Busy, Some("j9")));

@@ -80,7 +80,7 @@ pub struct HealthState {
     /// Counts reloads, so that the fleet publisher follows the new workers and services.
     reloads: watch::Sender<u64>,
     /// Where `POST /reload` sends its request, once the machine's services run.
-    reload: OnceLock<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>>,
+    reload: OnceLock<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>>,
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
@@ -126,7 +126,7 @@ impl HealthState {
         shutdown: CancellationToken,
     ) -> Arc<HealthState> {
         Arc::new(HealthState {
-            machine_id: config.machine_id.clone(),
+            machine_id: config.machine.machine_id.clone(),
             started: Instant::now(),
             started_ms: crate::clock::now_ms(),
             // Config serialises with secrets masked (RedisUrl and Secret print `***`).
@@ -138,14 +138,14 @@ impl HealthState {
             reloads: watch::channel(0).0,
             reload: OnceLock::new(),
             installs: sources.installs,
-            metrics: Metrics::new(&config.health_access.metrics_customers),
-            control_token: config.control_token.clone(),
-            access: config.health_access.clone(),
+            metrics: Metrics::new(&config.machine.health_access.metrics_customers),
+            control_token: config.machine.control_token.clone(),
+            access: config.machine.health_access.clone(),
             shutdown,
             force: sources.force,
             local_token: control::LocalToken::new(),
             redis: Mutex::new(RedisStatus {
-                url: Some(config.broker_url().masked()),
+                url: Some(config.machine.broker_url().masked()),
                 ..RedisStatus::default()
             }),
             external_apis: Mutex::new(BTreeMap::new()),
@@ -237,12 +237,12 @@ impl HealthState {
     }
 
     /// Lets `POST /reload` reach the machine's reloader.
-    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>) {
+    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>) {
         let _ = self.reload.set(requests);
     }
 
     /// Where `POST /reload` sends its request; `None` until the services run.
-    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>> {
+    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>> {
         self.reload.get().cloned()
     }
 

@@ -553,9 +553,9 @@ async fn reload(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respon
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(e)) => {
             let code = match &e {
-                crate::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                crate::reload::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                crate::reload::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                crate::app::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                crate::app::reload::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::app::reload::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let body = json!({
                 "error": crate::logging::error_chain(&e),

@@ -275,12 +275,13 @@ fn installers_of(kind: ConnectorKind) -> &'static [&'static str] {
 /// the operator provides, so nothing is installed for it unless asked for by name.
 pub fn needed(config: &Config) -> Vec<&'static str> {
     let overridden = |kind: ConnectorKind| match kind {
-        ConnectorKind::Comfyui => config.comfyui.command.is_some(),
-        ConnectorKind::A1111 => config.a1111.command.is_some(),
-        ConnectorKind::Playwright => config.playwright.command.is_some(),
+        ConnectorKind::Comfyui => config.plan.comfyui.command.is_some(),
+        ConnectorKind::A1111 => config.plan.a1111.command.is_some(),
+        ConnectorKind::Playwright => config.plan.playwright.command.is_some(),
         ConnectorKind::Openai | ConnectorKind::Replicate | ConnectorKind::Runpod | ConnectorKind::Simulation => false,
     };
     let wanted: Vec<&str> = config
+        .plan
         .connectors
         .entries()
         .iter()
@@ -312,15 +313,15 @@ pub async fn install(
         tracker.set(n, InstallState::Pending);
     }
     let ctx = Ctx {
-        workspace: config.workspace.clone(),
-        stamps: config.workspace.join(".machine/install"),
-        concurrency: config.install.concurrency,
+        workspace: config.machine.workspace.clone(),
+        stamps: config.machine.workspace.join(".machine/install"),
+        concurrency: config.plan.install.concurrency,
         cancel,
-        pip_constraints: config.install.comfyui.constraints.clone(),
+        pip_constraints: config.plan.install.comfyui.constraints.clone(),
     };
     let has = |n: &str| names.contains(&n);
-    let limit = config.install_timeout;
-    let cc = &config.install.comfyui;
+    let limit = config.machine.install_timeout;
+    let cc = &config.plan.install.comfyui;
 
     let comfy_chain = async {
         if has("comfyui") {
@@ -362,7 +363,7 @@ pub async fn install(
             finish_items(
                 &p,
                 bounded_by(limit, &ctx, work).await,
-                config.install.strict,
+                config.plan.install.strict,
                 "custom nodes",
             );
         };
@@ -384,14 +385,24 @@ pub async fn install(
                 let (downloaded, failed) = models::install(&ctx, &cc.models_dir, specs, &p).await;
                 Ok((downloaded == 0 && failed.is_empty(), failed))
             };
-            finish_items(&p, bounded_by(limit, &ctx, work).await, config.install.strict, "models");
+            finish_items(
+                &p,
+                bounded_by(limit, &ctx, work).await,
+                config.plan.install.strict,
+                "models",
+            );
         };
         tokio::join!(nodes, models);
     };
     let render = async {
         if has("playwright") {
             let p = tracker.progress("playwright");
-            let r = bounded_by(limit, &ctx, playwright::install(&ctx, &config.install.playwright, &p)).await;
+            let r = bounded_by(
+                limit,
+                &ctx,
+                playwright::install(&ctx, &config.plan.install.playwright, &p),
+            )
+            .await;
             finish(&p, r);
         }
     };

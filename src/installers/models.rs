@@ -120,7 +120,7 @@ pub(crate) async fn install(
     specs: Vec<ModelSpec>,
     progress: &Progress,
 ) -> (usize, Vec<(String, InstallError)>) {
-    let client = match reqwest::Client::builder()
+    let client = match crate::http_client::builder()
         .connect_timeout(Duration::from_secs(30))
         .read_timeout(Duration::from_secs(120))
         .build()

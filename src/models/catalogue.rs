@@ -105,7 +105,7 @@ fn redacted(u: &url::Url) -> String {
 fn fetch_text(url: &url::Url, token: Option<String>) -> Result<String, String> {
     let url = url.clone();
     let run = move || -> Result<String, String> {
-        let client = reqwest::blocking::Client::builder()
+        let client = crate::http_client::blocking_builder()
             .timeout(FETCH_LIMIT)
             .build()
             .map_err(|e| e.to_string())?;

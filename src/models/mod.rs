@@ -187,7 +187,7 @@ impl ModelStore {
             Some(path) => catalogue::load(path, env)?,
             None => Catalogue::new(),
         };
-        let client = reqwest::Client::builder()
+        let client = crate::http_client::builder()
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(120))
             .build()

@@ -448,7 +448,7 @@ mod tests {
     #[test]
     fn tail_keeps_the_last_lines_and_replaces_bad_utf8() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::config::Config::for_tests(&[]).supervisor;
+        let mut cfg = crate::config::Config::for_tests(&[]).machine.supervisor;
         cfg.log_tail_lines = 3;
         cfg.log_max_line_bytes = 80;
         let log = ServiceLog::new("t", dir.path(), &cfg);

@@ -40,7 +40,11 @@ pub struct Verdict {
 /// pays for its TLS setup).
 fn http() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(reqwest::Client::new)
+    CLIENT.get_or_init(|| {
+        crate::http_client::builder()
+            .build()
+            .expect("a builder whose roots are known to load, with nothing else set, always builds")
+    })
 }
 
 /// Runs one check within `timeout`; `Err` says why it failed.

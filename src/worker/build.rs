@@ -28,12 +28,12 @@ use super::{Kit, Worker, WorkerError, WorkerSettings, capabilities, quarantine, 
 /// One limiter per limited external API the configuration runs.
 pub(super) fn limiters(config: &Config) -> BTreeMap<ConnectorKind, Arc<Limiter>> {
     [
-        (ConnectorKind::Openai, &config.openai.limits),
-        (ConnectorKind::Replicate, &config.replicate.limits),
-        (ConnectorKind::Runpod, &config.runpod.limits),
+        (ConnectorKind::Openai, &config.plan.openai.limits),
+        (ConnectorKind::Replicate, &config.plan.replicate.limits),
+        (ConnectorKind::Runpod, &config.plan.runpod.limits),
     ]
     .into_iter()
-    .filter(|(kind, limits)| config.connectors.get(*kind).is_some() && !limits.is_unlimited())
+    .filter(|(kind, limits)| config.plan.connectors.get(*kind).is_some() && !limits.is_unlimited())
     .map(|(kind, limits)| (kind, Arc::new(Limiter::new(kind.name(), limits.clone()))))
     .collect()
 }
@@ -48,15 +48,15 @@ pub(super) fn worker_for(
     kit: &Kit,
 ) -> Result<Worker, WorkerError> {
     let settings = WorkerSettings {
-        heartbeat: config.worker.heartbeat,
-        drain: config.worker.drain,
-        job_timeout: config.worker.job_timeout,
+        heartbeat: config.machine.worker.heartbeat,
+        drain: config.machine.worker.drain,
+        job_timeout: config.machine.worker.job_timeout,
     };
-    let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.worker);
-    if kit.models.is_some() && config.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
+    let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.machine.worker);
+    if kit.models.is_some() && config.plan.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
         // This worker can fetch a job's missing models: the broker gives it such a job once the
         // job has waited models.affinity_wait for a worker that has them.
-        let wait = u64::try_from(config.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
+        let wait = u64::try_from(config.plan.models.affinity_wait.as_millis()).unwrap_or(u64::MAX);
         caps.custom
             .insert("models_on_demand_after_ms".to_owned(), serde_json::json!(wait));
     }
@@ -78,7 +78,7 @@ pub(super) fn worker_for(
         }
     }
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
-    worker.follow_models(capabilities::ModelDirs::of(wp, &config.workspace));
+    worker.follow_models(capabilities::ModelDirs::of(wp, &config.machine.workspace));
     worker.quarantine_on(quarantine_policy(wp, config));
     if let Some(index) = wp.gpu {
         // A fault of its GPU holds the worker (and returns its job).
@@ -98,9 +98,9 @@ fn kept_services(wp: &WorkerPlan, plan: &Plan, config: &Config, worker: &Worker)
         .iter()
         .filter_map(|c| {
             let settings = match c.kind {
-                ConnectorKind::Comfyui => &config.comfyui,
-                ConnectorKind::A1111 => &config.a1111,
-                ConnectorKind::Playwright => &config.playwright,
+                ConnectorKind::Comfyui => &config.plan.comfyui,
+                ConnectorKind::A1111 => &config.plan.a1111,
+                ConnectorKind::Playwright => &config.plan.playwright,
                 _ => return None,
             };
             let endpoint = c.endpoint.as_ref()?;
@@ -117,15 +117,18 @@ fn kept_services(wp: &WorkerPlan, plan: &Plan, config: &Config, worker: &Worker)
 /// The worker's quarantine policy: a connector's own settings win, the first of the worker's in
 /// plan order, else the `[worker]` defaults.
 fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::QuarantinePolicy {
-    let (after, cooldown) = config.worker.quarantine_of(wp.connectors.iter().map(|c| c.kind));
+    let (after, cooldown) = config
+        .machine
+        .worker
+        .quarantine_of(wp.connectors.iter().map(|c| c.kind));
     quarantine::QuarantinePolicy { after, cooldown }
 }
 
 /// The broker options the configuration asks for.
 pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
     crate::broker::BrokerOptions {
-        lease: config.worker.lease,
-        retry_delay: config.worker.retry_delay,
+        lease: config.machine.worker.lease,
+        retry_delay: config.machine.worker.retry_delay,
         ..crate::broker::BrokerOptions::default()
     }
 }
@@ -139,7 +142,7 @@ pub async fn connect_broker(
     shutdown: &CancellationToken,
     failed: &(dyn Fn(&str) + Sync),
 ) -> Option<Broker> {
-    let url = config.broker_url();
+    let url = config.machine.broker_url();
     let opts = broker_options(config);
     let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
     let mut failures = 0;
@@ -194,19 +197,19 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
     if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
-    let cc = &config.install.comfyui;
+    let cc = &config.plan.install.comfyui;
     // The manifest's models are installed at start and always present: never evicted.
     let pinned = match &cc.models_manifest {
         Some(path) => crate::installers::manifest_ids(path).unwrap_or_default(),
         None => Default::default(),
     };
     let settings = StoreSettings {
-        catalogue: config.models.catalogue.clone(),
+        catalogue: config.plan.models.catalogue.clone(),
         shared_dir: cc.models_dir.clone(),
-        link_dir: config.workspace.join("ComfyUI").join("models"),
-        budget: config.models.cache_max_bytes(),
+        link_dir: config.machine.workspace.join("ComfyUI").join("models"),
+        budget: config.plan.models.cache_max_bytes(),
         pinned,
-        loader_inputs: config.models.loader_inputs.clone(),
+        loader_inputs: config.plan.models.loader_inputs.clone(),
     };
     ModelStore::new(settings, env)
         .map(Some)
@@ -235,39 +238,42 @@ fn connector_for(
     };
     Ok(match kind {
         ConnectorKind::Comfyui => {
-            let c = ComfyuiConnector::new(service_url()?).with_stall_timeout(config.comfyui.stall_timeout);
+            let c = ComfyuiConnector::new(service_url()?).with_stall_timeout(config.plan.comfyui.stall_timeout);
             Arc::new(match models {
                 Some(store) => c.with_models(store.clone()),
                 None => c,
             })
         }
         ConnectorKind::A1111 => {
-            Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.a1111.stall_timeout))
+            Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.plan.a1111.stall_timeout))
         }
         ConnectorKind::Openai => {
-            let c = OpenaiConnector::new(config.openai.clone(), env.var(&config.openai.api_key_env));
+            let c = OpenaiConnector::new(config.plan.openai.clone(), env.var(&config.plan.openai.api_key_env));
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,
             })
         }
         ConnectorKind::Replicate => {
-            let c = ReplicateConnector::new(config.replicate.clone(), env.var(&config.replicate.api_key_env));
+            let c = ReplicateConnector::new(
+                config.plan.replicate.clone(),
+                env.var(&config.plan.replicate.api_key_env),
+            );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,
             })
         }
         ConnectorKind::Runpod => {
-            let c = RunpodConnector::new(config.runpod.clone(), env.var(&config.runpod.api_key_env));
+            let c = RunpodConnector::new(config.plan.runpod.clone(), env.var(&config.plan.runpod.api_key_env));
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,
             })
         }
-        ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.simulation.clone())),
+        ConnectorKind::Simulation => Arc::new(SimulationConnector::new(config.plan.simulation.clone())),
         ConnectorKind::Playwright => {
-            Arc::new(PlaywrightConnector::new(service_url()?).with_stall_timeout(config.playwright.stall_timeout))
+            Arc::new(PlaywrightConnector::new(service_url()?).with_stall_timeout(config.plan.playwright.stall_timeout))
         }
     })
 }

@@ -220,7 +220,7 @@ mod tests {
             }],
             waits_for: vec!["comfyui-gpu1".into()],
         };
-        let config = crate::config::Config::for_tests(&[]).worker;
+        let config = crate::config::Config::for_tests(&[]).machine.worker;
         let caps = build(&plan, "m1", &probe, &config);
         assert_eq!(caps.hardware.gpu_count, 1);
         assert_eq!(caps.hardware.gpu_memory_gb, 24.0);

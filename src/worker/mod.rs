@@ -197,11 +197,15 @@ impl Workers {
     /// configuration.
     pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
         let options = StoreOptions {
-            cdn_wait: config.worker.cdn_wait,
+            cdn_wait: config.machine.worker.cdn_wait,
             ..StoreOptions::default()
         };
         let vars = std::env::vars();
-        let store = Arc::new(OutputStore::with_env(config.worker.output_dir.clone(), vars, options));
+        let store = Arc::new(OutputStore::with_env(
+            config.machine.worker.output_dir.clone(),
+            vars,
+            options,
+        ));
         let (reports, _) = broadcast::channel(1024);
         let kit = Kit {
             store,
@@ -222,7 +226,7 @@ impl Workers {
         Ok(Workers {
             workers,
             waits_for,
-            reap_every: config.worker.lease / 2,
+            reap_every: config.machine.worker.lease / 2,
             kit: Arc::new(Mutex::new(kit)),
             changes_tx,
             changes,

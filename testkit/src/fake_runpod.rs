@@ -7,7 +7,12 @@
 //!
 //! A job waits in the queue for the first fifth of `input.fake_ms` (default 300), then runs;
 //! `input.fake_fail` makes it fail with that error. Its output is
-//! `{"images": ["<url of a PNG>"], "prompt": <input.prompt>}`.
+//! `{"images": ["<url of a PNG>"], "prompt": <input.prompt>}`; `input.fake_output` replaces it:
+//! `"worker-comfyui"` answers as RunPod's worker-comfyui does by default (each image inline,
+//! `{"images": [{"filename", "type": "base64", "data"}]}`, of `input.fake_image_bytes` bytes,
+//! a PNG header padded, default a tiny PNG), any other value is the output as it is. While a
+//! job runs its progress update is `"NN% done"`, or `{"progress": NN}` with
+//! `input.fake_progress = "object"`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +24,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::serve::{Served, TINY_PNG, serve};
@@ -146,7 +152,7 @@ fn view(s: &Api, id: &str, j: &RunJob) -> Value {
         "COMPLETED" => {
             v["delayTime"] = json!(delay);
             v["executionTime"] = json!(exec);
-            v["output"] = json!({"images": [format!("http://{addr}/files/{id}.png")], "prompt": j.input.get("prompt")});
+            v["output"] = output(&j.input, &format!("http://{addr}/files/{id}.png"));
         }
         "FAILED" => {
             v["delayTime"] = json!(delay);
@@ -156,11 +162,31 @@ fn view(s: &Api, id: &str, j: &RunJob) -> Value {
         "IN_PROGRESS" => {
             let frac = now.duration_since(j.created).as_secs_f64() / j.run.as_secs_f64().max(1e-9);
             v["delayTime"] = json!(delay);
-            v["output"] = json!(format!("{:.0}% done", (frac * 100.0).min(99.0)));
+            let percent = (frac * 100.0).min(99.0).floor();
+            v["output"] = if j.input.get("fake_progress").and_then(Value::as_str) == Some("object") {
+                json!({"progress": percent})
+            } else {
+                json!(format!("{percent:.0}% done"))
+            };
         }
         _ => {}
     }
     v
+}
+
+/// A completed job's output (see the module's doc).
+fn output(input: &Value, url: &str) -> Value {
+    match input.get("fake_output") {
+        Some(Value::String(s)) if s == "worker-comfyui" => {
+            let mut image = TINY_PNG.to_vec();
+            let size = input.get("fake_image_bytes").and_then(Value::as_u64).unwrap_or(0) as usize;
+            image.resize(image.len().max(size), 0);
+            let data = base64::engine::general_purpose::STANDARD.encode(&image);
+            json!({"images": [{"filename": "ComfyUI_00001_.png", "type": "base64", "data": data}]})
+        }
+        Some(other) => other.clone(),
+        None => json!({"images": [url], "prompt": input.get("prompt")}),
+    }
 }
 
 fn submit(s: &Arc<Api>, endpoint: &str, headers: &HeaderMap, body: &Value) -> Result<String, Box<Response>> {

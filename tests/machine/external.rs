@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::{Config, RedisUrl, SimulationConfig, load_str};
 use machine::connectors::limits::Limiter;
@@ -127,14 +128,19 @@ impl Rig {
     }
 
     async fn result(&self, id: &str) -> Value {
+        let raw = self.completion_record(id).await;
+        let record: Value = serde_json::from_str(&raw).expect("the record is JSON");
+        record["data"].clone()
+    }
+
+    /// The job's record in `jobs:completed`, as Redis holds it.
+    async fn completion_record(&self, id: &str) -> String {
         let mut conn = redis::Client::open(self.server.url())
             .expect("client")
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
-        let raw: String = conn.hget("jobs:completed", id).await.expect("a completion record");
-        let record: Value = serde_json::from_str(&raw).expect("the record is JSON");
-        record["data"].clone()
+        conn.hget("jobs:completed", id).await.expect("a completion record")
     }
 
     /// The `progress` values reported with `message`, from the job's progress stream.
@@ -184,7 +190,7 @@ fn replicate(fake: &FakeReplicate, extra: &str) -> ReplicateConnector {
         "[connectors.replicate]\nbase_url = \"{}\"\npoll_interval = \"50ms\"\nbackoff_initial = \"20ms\"\n{extra}\n[connectors.replicate.prices]\nper_second = 0.5\ncurrency = \"USD\"\n",
         fake.base_url()
     ));
-    ReplicateConnector::new(c.replicate, Some("r8-test".into()))
+    ReplicateConnector::new(c.plan.replicate, Some("r8-test".into()))
 }
 
 fn runpod(fake: &FakeRunpod) -> RunpodConnector {
@@ -192,7 +198,7 @@ fn runpod(fake: &FakeRunpod) -> RunpodConnector {
         "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep-default\"\npoll_interval = \"50ms\"\nsync_wait = \"5s\"\n[connectors.runpod.prices]\nper_second = 2.0\nper_request = 0.01\n",
         fake.base_url()
     ));
-    RunpodConnector::new(c.runpod, Some("rp-test".into()))
+    RunpodConnector::new(c.plan.runpod, Some("rp-test".into()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,10 +397,10 @@ fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc
         "[connectors.openai]\nbase_url = \"{}\"\nbackoff_initial = \"20ms\"\n[connectors.openai.limits]\n{limits}\n[connectors.openai.prices]\nper_1k_input_tokens = 1.0\nper_1k_output_tokens = 2.0\n",
         fake.base_url()
     ));
-    let limiter = Arc::new(Limiter::new("openai", c.openai.limits.clone()));
+    let limiter = Arc::new(Limiter::new("openai", c.plan.openai.limits.clone()));
     limiter.attach(broker.clone());
     (
-        Arc::new(OpenaiConnector::new(c.openai, None).with_limiter(limiter.clone())),
+        Arc::new(OpenaiConnector::new(c.plan.openai, None).with_limiter(limiter.clone())),
         limiter,
     )
 }
@@ -555,7 +561,7 @@ async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
             "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
             fake.base_url()
         ));
-        let connector = RunpodConnector::new(c.runpod, Some("rp-wrong".into()));
+        let connector = RunpodConnector::new(c.plan.runpod, Some("rp-wrong".into()));
         let job = machine::connectors::Job {
             id: "j1".into(),
             service_required: "runpod".into(),
@@ -697,4 +703,76 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
     }
     shutdown.cancel();
     let _ = m.events.await;
+}
+
+/// Outputs inline in an API's answer (RunPod worker-comfyui's base64 images, Replicate `data:`
+/// URIs) and files nested in objects of lists are stored, never left in Redis; a result that
+/// would still be too large for Redis fails loudly instead of being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
+    within(async {
+        let runpod_fake = FakeRunpod::start(Some("rp-test"));
+        let replicate_fake = FakeReplicate::start(Some("r8-test"));
+        let mut rig = Rig::start(1).await;
+        let rp: Arc<dyn Connector> = Arc::new(runpod(&runpod_fake));
+        let r8: Arc<dyn Connector> = Arc::new(replicate(&replicate_fake, "stream = false"));
+        rig.spawn(0, "w1", &[("runpod", rp), ("replicate", r8)]);
+
+        // RunPod's worker-comfyui default: a 3 MiB image inline as base64.
+        let size = 3 * 1024 * 1024;
+        let id = rig
+            .submit(
+                "runpod",
+                json!({"input": {"fake_output": "worker-comfyui", "fake_image_bytes": size, "fake_ms": 100}}),
+                "",
+            )
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let record = rig.completion_record(&id).await;
+        assert!(record.len() < 8 * 1024, "{} bytes in jobs:completed", record.len());
+        let data = rig.result(&id).await;
+        let stored = std::fs::read(stored_file(&data["artifacts"][0])).expect("the image is stored");
+        assert_eq!(stored.len(), size);
+        assert!(stored.starts_with(&testkit::TINY_PNG[..8]), "a PNG");
+        assert_eq!(data["image_url"], data["artifacts"][0]["url"], "{data}");
+        assert_eq!(data["output"]["images"][0]["data"], "artifacts[0]", "{data}");
+        assert_eq!(data["output"]["images"][0]["filename"], "ComfyUI_00001_.png");
+
+        // Replicate: Cog's Output(BaseModel), an object of lists, and a data: URI.
+        let files = replicate_fake.base_url().replace("/v1", "/files");
+        let png = base64::engine::general_purpose::STANDARD.encode(testkit::TINY_PNG);
+        let output = json!({"images": [format!("{files}/a.png"), format!("{files}/b.png")], "seed": 7,
+                            "preview": {"thumb": format!("data:image/png;base64,{png}")}});
+        let id = rig
+            .submit(
+                "replicate",
+                json!({"model": "acme/cog", "input": {"fake_ms": 100, "fake_output": output}}),
+                "",
+            )
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        let data = rig.result(&id).await;
+        let artifacts = data["artifacts"].as_array().expect("artifacts");
+        assert_eq!(artifacts.len(), 3, "{data}");
+        for a in artifacts {
+            assert_eq!(std::fs::read(stored_file(a)).expect("stored"), testkit::TINY_PNG, "{a}");
+        }
+        assert_eq!(data["output"]["seed"], 7);
+        assert_eq!(data["output"]["preview"]["thumb"], "artifacts[2]", "{data}");
+
+        // Text too large for Redis (no file to store): the job fails, without retry, saying so.
+        let big = "x".repeat(machine::connectors::store::MAX_RESULT_BYTES + 10);
+        let id = rig
+            .submit(
+                "runpod",
+                json!({"input": {"fake_ms": 50, "fake_output": {"text": big}}}),
+                "",
+            )
+            .await;
+        let job = rig.wait_status(&id, &["failed"]).await;
+        assert!(job["error"].contains("a result may hold in Redis"), "{}", job["error"]);
+        assert_eq!(job["retry_count"], "1", "not retried: {job:?}");
+        rig.stop().await;
+    })
+    .await;
 }

@@ -566,3 +566,29 @@ fn a_comfyui_that_does_not_start_fails_its_install_with_the_traceback() {
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("-c") && report.contains("constraints.txt"), "{report}");
 }
+
+/// `machine install` installs for the connectors `machine run` plans: both load through the one
+/// loader, which reads `<workspace>/worker_connectors` over `WORKER_CONNECTORS`.
+#[test]
+fn install_plans_the_connectors_run_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    write(&ws.join("worker_connectors"), "# set by the fleet\nsimulation:1\n");
+    let env = [
+        ("MACHINE_WORKSPACE", ws.display().to_string()),
+        ("WORKER_CONNECTORS", "comfyui".to_owned()),
+        // Were ComfyUI installed after all, it would fail at once rather than reach the network.
+        ("COMFYUI_REPO_URL", dir.path().join("no-repo").display().to_string()),
+    ];
+    let check = machine(&["config", "check", "--json"], &env, Duration::from_secs(60));
+    let doc: serde_json::Value = serde_json::from_slice(&check.stdout).expect("config check prints JSON");
+    assert_eq!(doc["config"]["connectors"], "simulation:1", "{}", text(&check));
+    let out = machine(&["install"], &env, Duration::from_secs(60));
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("nothing to install for WORKER_CONNECTORS=simulation:1"),
+        "{report}"
+    );
+}

@@ -1,9 +1,11 @@
-//! `job:<id>:progress` follows the job through the lifecycle functions: whole percentages while
-//! it runs, and the job's real state once it failed, was cancelled or went back to the queue.
+//! The lifecycle functions against a real redis-server: `job:<id>:progress` follows the job
+//! (whole percentages while it runs, its real state once it failed, was cancelled or went back
+//! to the queue), and returns for faults that are not the job's own are free but bounded.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob, RetryDelay};
+use machine::broker::{Broker, BrokerOptions, Capabilities, Fault, NewJob, RetryDelay, ReturnOutcome};
 use machine::config::RedisUrl;
 use serde_json::json;
 use testkit::RedisServer;
@@ -76,6 +78,140 @@ async fn job_progress_follows_the_job() {
         broker.progress(&job, 10.0, "executing node 3", None).await.unwrap();
         broker.return_job(&job).await.unwrap();
         assert_eq!(progress(&id).await["status"], "pending");
+    })
+    .await
+    .expect("the test finishes within its limit");
+}
+
+async fn job_hash(server: &RedisServer, id: &str) -> BTreeMap<String, String> {
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HGETALL")
+        .arg(format!("job:{id}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_job_returned_six_times_for_the_machines_faults_fails_with_the_reasons() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let broker = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
+        broker.ensure_functions().await.unwrap();
+        let caps = Capabilities::new("w1", "m1", &["simulation"]);
+        let id = broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        for n in 1..=5 {
+            // Claimable again at once, by the same worker too: no delay, no hold-off.
+            let job = broker
+                .claim(&caps)
+                .await
+                .unwrap()
+                .expect("returned jobs are claimable at once");
+            assert_eq!(job.id, id);
+            broker.start(&job).await.unwrap();
+            let r = broker
+                .return_for_fault(
+                    &job,
+                    Fault::Machine,
+                    &format!("output store refuses the credentials ({n})"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r, ReturnOutcome::Returned, "return {n}");
+            let h = job_hash(&server, &id).await;
+            assert_eq!(
+                (
+                    h["status"].as_str(),
+                    h["retry_count"].as_str(),
+                    h["machine_returns"].as_str()
+                ),
+                ("pending", "0", n.to_string().as_str()),
+                "{h:?}"
+            );
+        }
+        let job = broker.claim(&caps).await.unwrap().expect("claimable a sixth time");
+        let r = broker
+            .return_for_fault(&job, Fault::Machine, "GPU fell off the bus")
+            .await
+            .unwrap();
+        assert_eq!(r, ReturnOutcome::Failed);
+        let h = job_hash(&server, &id).await;
+        assert_eq!(
+            (h["status"].as_str(), h["retry_count"].as_str()),
+            ("failed", "0"),
+            "{h:?}"
+        );
+        let error = &h["error"];
+        assert!(error.contains("returned 6 times"), "{error}");
+        assert!(error.contains("refuses the credentials (1)"), "{error}");
+        assert!(error.contains("GPU fell off the bus"), "{error}");
+        assert!(broker.claim(&caps).await.unwrap().is_none());
+    })
+    .await
+    .expect("the test finishes within its limit");
+}
+
+#[tokio::test]
+async fn a_service_fault_is_free_the_first_time_and_the_jobs_own_the_second() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let opts = BrokerOptions {
+            failed_holdoff: Duration::from_secs(60),
+            retry_delay: RetryDelay {
+                initial: Duration::from_secs(60),
+                factor: 1.0,
+                max: Duration::from_secs(60),
+                jitter: 0.0,
+            },
+            ..BrokerOptions::default()
+        };
+        let broker = Broker::connect(&url, opts).await.unwrap();
+        broker.ensure_functions().await.unwrap();
+        let w1 = Capabilities::new("w1", "m1", &["simulation"]);
+        let w2 = Capabilities::new("w2", "m2", &["simulation"]);
+        let id = broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+
+        // First crash: no retry spent, no delay, no hold-off: the same worker runs it again.
+        let job = broker.claim(&w1).await.unwrap().unwrap();
+        broker.start(&job).await.unwrap();
+        let r = broker
+            .return_for_fault(&job, Fault::Service, "comfyui exited with signal 9")
+            .await
+            .unwrap();
+        assert_eq!(r, ReturnOutcome::Returned);
+        let job = broker
+            .claim(&w1)
+            .await
+            .unwrap()
+            .expect("claimable at once, by the same worker");
+        assert_eq!((job.id.as_str(), job.retry_count()), (id.as_str(), 0));
+
+        // Second crash (on another machine it would be the same): the job's own failure.
+        let r = broker
+            .return_for_fault(&job, Fault::Service, "comfyui stalled for 300 s")
+            .await
+            .unwrap();
+        assert_eq!(r, ReturnOutcome::Retried);
+        let h = job_hash(&server, &id).await;
+        assert_eq!(
+            (
+                h["status"].as_str(),
+                h["retry_count"].as_str(),
+                h["service_faults"].as_str()
+            ),
+            ("pending", "1", "2"),
+            "{h:?}"
+        );
+        assert_eq!(h["error"], "comfyui stalled for 300 s");
+        // The retry delay holds it from every worker.
+        assert!(broker.claim(&w2).await.unwrap().is_none());
+        assert!(broker.claim(&w1).await.unwrap().is_none());
     })
     .await
     .expect("the test finishes within its limit");

@@ -5,6 +5,7 @@
 mod cli;
 mod config_check;
 mod connectors;
+mod deploy;
 mod e2e;
 mod external;
 mod gpu_health;

@@ -233,8 +233,6 @@ async fn every_write_and_message_has_the_contract_shape() {
                 "customer_id",
                 "workflow_id",
                 "message",
-                "step_number",
-                "total_steps",
             ],
         );
         assert_eq!(claimed_msg["status"], "claimed");
@@ -1154,7 +1152,9 @@ async fn api_submit(
             .unwrap_or_default()
     };
     let priority: i64 = get("priority").parse().unwrap();
-    let score = machine::broker::pending_score(priority, None, created_ms, None);
+    let workflow_priority = get("workflow_priority").parse().ok();
+    let workflow_ms = get("workflow_datetime").parse().ok();
+    let score = machine::broker::pending_score(priority, workflow_priority, created_ms, workflow_ms);
     let message = json!({
         "job_id": id, "service_required": get("service_required"), "priority": priority,
         "requirements": get("requirements"), "customer_id": "", "workflow_id": "", "timestamp": created_ms,
@@ -1232,6 +1232,127 @@ async fn requirement_shapes_of_the_api_and_monitor_match() {
         assert_eq!(drain(&b, &rtx).await, ["needs-4090"]);
         let h = hgetall(&mut conn, "job:needs-flux").await;
         assert_eq!(h["status"], "pending", "a worker with flux may come");
+    })
+    .await;
+}
+
+/// The API scores with JS `||`: a workflow priority or datetime of 0 falls back to the job's
+/// own priority / `created_at`, while the hash keeps `"0"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_priority_or_datetime_of_zero_is_scored_as_the_api_scores_it() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        for indexed in [true, false] {
+            api_submit(
+                &mut conn,
+                "wfp0",
+                t,
+                &[("workflow_id", "wf-a"), ("workflow_priority", "0")],
+                indexed,
+            )
+            .await;
+            api_submit(&mut conn, "plain", t + 1000, &[], indexed).await;
+            api_submit(
+                &mut conn,
+                "wfd0",
+                t + 2000,
+                &[("workflow_id", "wf-b"), ("workflow_datetime", "0")],
+                indexed,
+            )
+            .await;
+            if indexed {
+                for id in ["wfp0", "plain", "wfd0"] {
+                    b.index_job(id).await.unwrap();
+                }
+            }
+            assert_eq!(
+                hgetall(&mut conn, "job:wfp0").await["workflow_priority"],
+                "0",
+                "the hash keeps 0"
+            );
+            assert_eq!(
+                drain(&b, &caps("w", &["comfyui"])).await,
+                ["wfp0", "plain", "wfd0"],
+                "indexed on the message: {indexed}"
+            );
+        }
+    })
+    .await;
+}
+
+/// The monitor's form turns a typed `4090` into a number; it is compared as its decimal text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_model_given_as_a_number_is_compared_as_its_decimal_text() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        let jobs = [
+            ("number", r#"{"hardware":{"gpu_model":4090}}"#),
+            ("in-a-list", r#"{"hardware":{"gpu_model":["A100",4090]}}"#),
+            ("dotted", r#"{"hardware.gpu_model":4090}"#),
+            (
+                "not-3090",
+                r#"{"negative_requirements":{"hardware":{"gpu_model":3090}}}"#,
+            ),
+            ("other-number", r#"{"hardware":{"gpu_model":3090}}"#),
+        ];
+        for (i, (id, reqs)) in jobs.iter().enumerate() {
+            api_submit(&mut conn, id, t + i as i64 * 1000, &[("requirements", reqs)], false).await;
+        }
+        let mut rtx = caps("rtx", &["comfyui"]);
+        rtx.hardware.gpu_model = "NVIDIA GeForce RTX 4090".to_owned();
+        assert_eq!(drain(&b, &rtx).await, ["number", "in-a-list", "dotted", "not-3090"]);
+        let h = hgetall(&mut conn, "job:other-number").await;
+        assert_eq!(h["status"], "pending", "not unworkable: a 3090 may come; {h:?}");
+    })
+    .await;
+}
+
+/// `job_claimed` carries the step fields only when the job has them, as the original's
+/// `cjson.encode` of a missing field leaves the key out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_claimed_leaves_out_step_fields_the_job_lacks() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("job_claimed").await.unwrap();
+        let t = now_ms() - 60_000;
+        api_submit(&mut conn, "no-steps", t, &[], false).await;
+        api_submit(
+            &mut conn,
+            "steps",
+            t + 1000,
+            &[("step_number", "2"), ("total_steps", "3")],
+            false,
+        )
+        .await;
+        let w = caps("w", &["comfyui"]);
+        assert_eq!(drain(&b, &w).await, ["no-steps", "steps"]);
+        let msgs = collect(&mut pubsub, 2).await;
+        let plain = &msgs[0].1;
+        assert_eq!(plain["job_id"], "no-steps");
+        assert!(
+            plain.get("step_number").is_none() && plain.get("total_steps").is_none(),
+            "{plain}"
+        );
+        has_keys(plain, &["service_required", "customer_id", "workflow_id"]);
+        let steps = &msgs[1].1;
+        assert_eq!(
+            (steps["step_number"].as_str(), steps["total_steps"].as_str()),
+            (Some("2"), Some("3")),
+            "{steps}"
+        );
     })
     .await;
 }

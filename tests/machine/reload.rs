@@ -341,8 +341,8 @@ grace = "2s"
 "#;
     let env = std::collections::BTreeMap::from([("MACHINE_WORKSPACE", dir.path().to_str().unwrap())]);
     let config = machine::config::load_str(Some(("machine.toml", file)), &env).unwrap();
-    let spec = |n: &str| config.services.iter().find(|s| s.name == n).unwrap().clone();
-    let sup = Supervisor::new(vec![spec("base")], &config.supervisor, dir.path()).unwrap();
+    let spec = |n: &str| config.plan.services.iter().find(|s| s.name == n).unwrap().clone();
+    let sup = Supervisor::new(vec![spec("base")], &config.machine.supervisor, dir.path()).unwrap();
     let handle = sup.handle();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(sup.run(shutdown.clone(), tokio_util::sync::CancellationToken::new()));

@@ -448,12 +448,12 @@ grace = "2s"
 "#;
     let env = BTreeMap::from([("MACHINE_WORKSPACE", dir.path().to_str().unwrap())]);
     let config = machine::config::load_str(Some(("machine.toml", file)), &env).unwrap();
-    let services = config.services.clone();
+    let services = config.plan.services.clone();
     let order: Vec<_> = ["talker", "follower"]
         .iter()
         .map(|n| services.iter().find(|s| s.name == *n).unwrap().clone())
         .collect();
-    let sup = Supervisor::new(order, &config.supervisor, dir.path()).unwrap();
+    let sup = Supervisor::new(order, &config.machine.supervisor, dir.path()).unwrap();
     let handle = sup.handle();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let force = tokio_util::sync::CancellationToken::new();

@@ -30,6 +30,31 @@ pub enum FailOutcome {
     Failed,
 }
 
+/// Whose fault it is that a claimed job is given back unfinished ([`Broker::return_for_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The machine's own: refused store credentials, a store outage, a GPU fault. The job keeps
+    /// its retries and its place and is claimable at once.
+    Machine,
+    /// The job's service crashed or stalled while running it. The first time (on any machine)
+    /// it is a [`Fault::Machine`] return; the second time the job is suspected of bringing its
+    /// service down, and it fails as [`Broker::fail`] with a retryable error does.
+    Service,
+}
+
+/// What [`Broker::return_for_fault`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnOutcome {
+    /// Back in the queue in its place, no retry spent, claimable at once (this worker included).
+    Returned,
+    /// A second service fault: counted as the job's own failure, back in the queue after the
+    /// retry delay (`retry_count` + 1, this worker held off).
+    Retried,
+    /// Failed for good: returned more than five times for machines' faults (the error lists
+    /// their reasons), or a second service fault on its last retry.
+    Failed,
+}
+
 /// What the reaper did in one pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReapReport {
@@ -102,14 +127,7 @@ impl Broker {
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
     /// this worker held off it) until `max_retries`.
     pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<FailOutcome, BrokerError> {
-        let holdoff = self.inner.opts.failed_holdoff.as_millis().to_string();
-        let delay = self
-            .inner
-            .opts
-            .retry_delay
-            .delay(job.retry_count(), -rand::random::<f64>())
-            .as_millis()
-            .to_string();
+        let (holdoff, delay) = self.retry_timing(job);
         let r = self
             .lifecycle(
                 "failJob",
@@ -122,6 +140,47 @@ impl Broker {
         } else {
             FailOutcome::Failed
         })
+    }
+
+    /// Gives the job back because of `fault`, not the job's own (see [`Fault`]); `reason` is
+    /// kept in the job hash (`machine_return_reasons`) and named when the returns fail it.
+    pub async fn return_for_fault(
+        &self,
+        job: &ClaimedJob,
+        fault: Fault,
+        reason: &str,
+    ) -> Result<ReturnOutcome, BrokerError> {
+        let (holdoff, delay) = self.retry_timing(job);
+        let kind = match fault {
+            Fault::Machine => "machine",
+            Fault::Service => "service",
+        };
+        match self
+            .lifecycle("returnForFault", job, &[kind, reason, &holdoff, &delay])
+            .await?
+        {
+            Reply::Ok => Ok(ReturnOutcome::Returned),
+            Reply::Retried => Ok(ReturnOutcome::Retried),
+            Reply::Failed => Ok(ReturnOutcome::Failed),
+            other => Err(BrokerError::Protocol {
+                op: "returnForFault",
+                detail: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    /// The hold-off and the retry delay (milliseconds, as text) of a job's next retryable
+    /// failure.
+    fn retry_timing(&self, job: &ClaimedJob) -> (String, String) {
+        let holdoff = self.inner.opts.failed_holdoff.as_millis().to_string();
+        let delay = self
+            .inner
+            .opts
+            .retry_delay
+            .delay(job.retry_count(), -rand::random::<f64>())
+            .as_millis()
+            .to_string();
+        (holdoff, delay)
     }
 
     /// Returns the job to the queue without penalty (graceful shutdown).

@@ -32,7 +32,7 @@ use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
-pub use lifecycle::{FailOutcome, LeaseStatus, ReapReport};
+pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
 
 /// Tunables of the broker; the defaults are the contract's.

@@ -62,10 +62,12 @@ impl NewJob {
     }
 }
 
-/// The contract's score: `effective_priority * 1e15 - floor(effective_time_ms / 1000)`.
+/// The contract's score: `effective_priority * 1e15 - floor(effective_time_ms / 1000)`, the
+/// effective values chosen as the API does with JS `||`: a workflow priority or time of 0 falls
+/// back to the job's own.
 pub fn pending_score(priority: i64, workflow_priority: Option<i64>, created_ms: i64, workflow_ms: Option<i64>) -> f64 {
-    let p = workflow_priority.unwrap_or(priority) as f64;
-    let t = workflow_ms.unwrap_or(created_ms) as f64;
+    let p = workflow_priority.filter(|p| *p != 0).unwrap_or(priority) as f64;
+    let t = workflow_ms.filter(|t| *t != 0).unwrap_or(created_ms) as f64;
     p * 1e15 - (t / 1000.0).floor()
 }
 

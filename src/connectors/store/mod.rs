@@ -35,7 +35,7 @@ use serde_json::Value;
 pub use destination::parse_ctx;
 use destination::{Place, Provider};
 pub use naming::sanitise_file_name;
-pub use target::{OutputTarget, add_to_result};
+pub use target::{MAX_RESULT_BYTES, OutputTarget, add_to_result, check_result_size};
 
 use super::{Artifact, ConnectorError, Job};
 
@@ -202,7 +202,7 @@ impl OutputStore {
             local_root: root.into(),
             cloud: CloudStores::with_vars(vars),
             options,
-            http: reqwest::Client::new(),
+            http: crate::connectors::http::client(),
             local: Mutex::new(None),
         }
     }

@@ -196,6 +196,27 @@ enum Upload {
     },
 }
 
+/// The most a job's result may hold in Redis, as JSON: 1 MiB. Results are read whole by the
+/// API and the monitor, and copied into `jobs:completed`; outputs belong in the output store, so
+/// a result this large means an output's bytes were left in it.
+pub const MAX_RESULT_BYTES: usize = 1 << 20;
+
+/// Refuses a result larger than [`MAX_RESULT_BYTES`]: the job fails, without retry (another
+/// attempt would answer the same), rather than put an output's bytes in Redis.
+pub fn check_result_size(result: &Value) -> Result<(), ConnectorError> {
+    let size = serde_json::to_vec(result).map_or(0, |v| v.len());
+    if size <= MAX_RESULT_BYTES {
+        return Ok(());
+    }
+    Err(ConnectorError::Failed {
+        message: format!(
+            "the result is {size} bytes, over the {MAX_RESULT_BYTES} a result may hold in Redis \
+             (an output's bytes were left in it instead of being stored)"
+        ),
+        retryable: false,
+    })
+}
+
 /// Adds the stored outputs to a job's result under the names the existing API and monitor read:
 /// `image_url` and `images` (image URLs), `video_url` and `videos`, and `artifacts` (every
 /// output with its name, content type, URL, key and size). A result that is not an object is

@@ -281,6 +281,10 @@ impl Worker {
         };
         let mut result = output.data;
         store::add_to_result(&mut result, &stored);
+        if let Err(e) = store::check_result_size(&result) {
+            tracing::error!(job_id = %claimed.id, error = %e.chain(), "refusing to write an oversized result to redis");
+            return self.write_failure(broker, claimed, &e, shutdown).await;
+        }
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
             Err(not) => self.not_written(not),

@@ -17,31 +17,27 @@
 //! 6. the status page, `/plan` and the fleet status show the new plan at once.
 //!
 //! Untouched services and workers keep running (same PIDs, warm models, jobs in flight).
-//! Settings that belong to the machine as a whole (its id, workspace, Redis, health port, GPU
-//! selection, supervisor, logging, the workers' timing) are not changed by a reload: the report
-//! lists them as applying at the next restart.
+//! Settings that belong to the machine as a whole ([`crate::config::MachineConfig`]: its id,
+//! workspace, Redis, health port, GPU selection, supervisor, logging, the workers' timing) are
+//! not changed by a reload: the report lists them as applying at the next restart (the lease
+//! alone applies in place). What changed is compared as typed values ([`Config::changes`]).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config, ConfigError, ConnectorKind, Env, Problem, ProcessEnv, WorkerConfig};
+use crate::config::{self, Config, ConfigError, Problem, ProcessEnv};
 use crate::gpu::Probe;
 use crate::health::HealthState;
 use crate::installers::Tracker;
 use crate::plan::{Plan, PlanDiff};
 use crate::supervisor::SupervisorHandle;
 use crate::worker::{Readiness, WorkerPool};
-
-/// The file in the workspace whose content overrides `WORKER_CONNECTORS` (at start and at each
-/// reload).
-pub const CONNECTORS_FILE: &str = "worker_connectors";
 
 /// What a reload did.
 #[derive(Debug, Clone, Serialize)]
@@ -88,110 +84,6 @@ impl ReloadError {
 
 /// A reload request: the caller's reply channel.
 pub type ReloadRequest = oneshot::Sender<Result<ReloadReport, ReloadError>>;
-
-/// The environment a reload reads: the process's, with `WORKER_CONNECTORS` taken from
-/// `<workspace>/worker_connectors` when that file exists.
-struct OverlayEnv<'a> {
-    base: &'a dyn Env,
-    connectors: Option<String>,
-}
-
-impl Env for OverlayEnv<'_> {
-    fn var(&self, key: &str) -> Option<String> {
-        match (key, &self.connectors) {
-            ("WORKER_CONNECTORS", Some(c)) => Some(c.clone()),
-            _ => self.base.var(key),
-        }
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.base.names()
-    }
-}
-
-/// Loads the configuration as `machine run` and `config check` do: the file and `env`, with
-/// `WORKER_CONNECTORS` from `<workspace>/worker_connectors` when that file exists (its content
-/// trimmed; lines starting with `#` are comments). When the configuration does not load, the
-/// workspace is `MACHINE_WORKSPACE`, so that the file's problems are listed with the others.
-pub fn load_config(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
-    let workspace = match config::load(path, env) {
-        Ok(c) if read_connectors_file(&c.workspace).is_none() => return Ok(c),
-        Ok(c) => c.workspace,
-        Err(e) => match env.var("MACHINE_WORKSPACE").filter(|w| !w.trim().is_empty()) {
-            Some(ws) => PathBuf::from(ws.trim()),
-            None => return Err(e),
-        },
-    };
-    load_in(path, env, &workspace)
-}
-
-/// Loads the configuration with `WORKER_CONNECTORS` from `<workspace>/worker_connectors` when
-/// that file exists; a reload reads the running machine's workspace.
-pub fn load_in(path: Option<&Path>, env: &dyn Env, workspace: &Path) -> Result<Config, ConfigError> {
-    config::load(
-        path,
-        &OverlayEnv {
-            base: env,
-            connectors: read_connectors_file(workspace),
-        },
-    )
-}
-
-fn read_connectors_file(workspace: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(workspace.join(CONNECTORS_FILE)).ok()?;
-    let value: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    Some(value.join(","))
-}
-
-/// The top-level configuration sections a reload does not apply, by the key the report names.
-const RESTART_ONLY: &[&str] = &[
-    "machine_id",
-    "workspace",
-    "redis",
-    "health_port",
-    "gpu",
-    "visible_devices",
-    "supervisor",
-    "log",
-    "control_token",
-    "health_access",
-    "worker",
-    "install_timeout",
-];
-
-/// The sections of connector settings that are not in the plan, by the connector they concern.
-const CONNECTOR_SECTIONS: &[(&str, ConnectorKind)] = &[
-    ("openai", ConnectorKind::Openai),
-    ("replicate", ConnectorKind::Replicate),
-    ("runpod", ConnectorKind::Runpod),
-    ("simulation", ConnectorKind::Simulation),
-    ("comfyui", ConnectorKind::Comfyui),
-    ("a1111", ConnectorKind::A1111),
-    ("playwright", ConnectorKind::Playwright),
-    ("models", ConnectorKind::Comfyui),
-];
-
-/// Compares two configurations as they serialise (secrets masked): the connector kinds whose
-/// settings changed (their workers are rebuilt), and the changed settings a reload does not
-/// apply.
-pub fn settings_changes(old: &Value, new: &Value) -> (BTreeSet<ConnectorKind>, Vec<String>) {
-    let differs = |key: &str| old.get(key) != new.get(key);
-    let touched = CONNECTOR_SECTIONS
-        .iter()
-        .filter(|(key, _)| differs(key))
-        .map(|(_, kind)| *kind)
-        .collect();
-    let restart = RESTART_ONLY
-        .iter()
-        .filter(|k| differs(k))
-        .map(|k| (*k).to_owned())
-        .collect();
-    (touched, restart)
-}
 
 /// The running machine as a reload changes it. One per machine; [`serve`] runs its reloads one
 /// at a time.
@@ -261,55 +153,31 @@ impl Reloader {
         if self.shutdown.is_cancelled() {
             return Err(ReloadError::Unavailable("it is shutting down"));
         }
-        let config =
-            load_in(self.path.as_deref(), &ProcessEnv, &self.config.workspace).map_err(ReloadError::Invalid)?;
-        let old_json = serde_json::to_value(&self.config).unwrap_or(Value::Null);
-        let new_json = serde_json::to_value(&config).unwrap_or(Value::Null);
-        let (touched, mut restart_required) = settings_changes(&old_json, &new_json);
+        let config = config::load_in(self.path.as_deref(), &ProcessEnv, &self.config.machine.workspace)
+            .map_err(ReloadError::Invalid)?;
+        let changes = self.config.changes(&config);
+        let mut restart_required: Vec<String> = changes.restart.iter().map(|k| (*k).to_owned()).collect();
         // The lease alone of `[worker]` applies in place, from the next claim and renewal,
         // when the running heartbeat still renews it at least three times per lease.
-        let lease_only = {
-            let mut new_worker = new_json.get("worker").cloned().unwrap_or(Value::Null);
-            if let (Some(w), Some(old_lease)) = (new_worker.as_object_mut(), old_json["worker"].get("lease")) {
-                w.insert("lease".to_owned(), old_lease.clone());
-            }
-            old_json.get("worker") == Some(&new_worker)
-        };
-        let new_lease = (config.worker.lease != self.config.worker.lease
-            && lease_only
-            && config.worker.lease >= self.config.worker.heartbeat * 3)
-            .then_some(config.worker.lease);
+        let old = &self.config.machine;
+        let new_lease = old
+            .lease_alone_changed(&config.machine)
+            .filter(|lease| *lease >= old.worker.heartbeat * 3);
         if new_lease.is_some() {
             restart_required.retain(|k| k != "worker");
         }
-        // Restart-only settings stay as they run (see RESTART_ONLY), and the new plan is made
-        // with them: a new workspace or grace must not look like a change of every service.
-        let old = &self.config;
-        let applied = Config {
-            machine_id: old.machine_id.clone(),
-            workspace: old.workspace.clone(),
-            redis: old.redis.clone(),
-            health_port: old.health_port,
-            gpu: old.gpu.clone(),
-            visible_devices: old.visible_devices.clone(),
-            supervisor: old.supervisor.clone(),
-            log: old.log.clone(),
-            control_token: old.control_token.clone(),
-            health_access: old.health_access.clone(),
-            worker: WorkerConfig {
-                lease: new_lease.unwrap_or(old.worker.lease),
-                ..old.worker.clone()
-            },
-            install_timeout: old.install_timeout,
-            ..config
-        };
+        // What only a restart applies stays as it runs, and the new plan is made with it: a new
+        // workspace or grace must not look like a change of every service.
+        let mut machine = old.clone();
+        machine.worker.lease = new_lease.unwrap_or(old.worker.lease);
+        let applied = Config { machine, ..config };
         let plan = Plan::build(&applied, &self.probe)
             .and_then(|p| {
                 let missing = p.missing_programs();
                 if missing.is_empty() { Ok(p) } else { Err(missing) }
             })
             .map_err(|problems| ReloadError::Invalid(ConfigError::Invalid(problems)))?;
-        let diff = PlanDiff::between(&self.plan, &plan, &touched);
+        let diff = PlanDiff::between(&self.plan, &plan, &changes.connectors);
         // Workers are built before anything stops: one that cannot be built (an API key
         // missing) refuses the reload like any other problem.
         let starting = diff.workers_to_start(&plan);
@@ -389,7 +257,7 @@ impl Reloader {
             self.services
                 .add(spec.clone())
                 .map_err(|e| apply(format!("start service {}", spec.name), e))?;
-            if let Some((rx, feed)) = crate::app::readiness_feed(&self.services, &spec.name, &self.feeds_stop) {
+            if let Some((rx, feed)) = super::readiness_feed(&self.services, &spec.name, &self.feeds_stop) {
                 self.readiness.insert(spec.name.clone(), rx);
                 self.feeds.push(feed);
             }
@@ -467,52 +335,4 @@ pub async fn serve(
         }
     }
     reloader.stop().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn settings_changes_sort_connectors_from_restart_only() {
-        let old =
-            json!({ "openai": { "base_url": "a" }, "health_port": 1, "worker": { "lease": "60s" }, "simulation": {} });
-        let new =
-            json!({ "openai": { "base_url": "b" }, "health_port": 2, "worker": { "lease": "60s" }, "simulation": {} });
-        let (touched, restart) = settings_changes(&old, &new);
-        assert_eq!(touched, BTreeSet::from([ConnectorKind::Openai]));
-        assert_eq!(restart, ["health_port"]);
-        assert_eq!(settings_changes(&old, &old), (BTreeSet::new(), Vec::new()));
-    }
-
-    #[test]
-    fn every_compared_section_is_a_key_of_the_configuration() {
-        let c = serde_json::to_value(Config::for_tests(&[("OPENAI_API_KEY", "k")])).unwrap();
-        for key in RESTART_ONLY.iter().chain(CONNECTOR_SECTIONS.iter().map(|(k, _)| k)) {
-            assert!(c.get(key).is_some(), "`{key}` is not a key of the serialised Config");
-        }
-    }
-
-    #[test]
-    fn the_workspace_file_overrides_worker_connectors() {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().display().to_string();
-        let env: BTreeMap<String, String> = [
-            ("MACHINE_WORKSPACE", ws.as_str()),
-            ("WORKER_CONNECTORS", "simulation:1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        assert_eq!(load_config(None, &env).unwrap().connectors.to_string(), "simulation:1");
-        std::fs::write(dir.path().join(CONNECTORS_FILE), "# reloaded\nsimulation:3\n").unwrap();
-        assert_eq!(load_config(None, &env).unwrap().connectors.to_string(), "simulation:3");
-        std::fs::write(dir.path().join(CONNECTORS_FILE), "nope:1\n").unwrap();
-        let problems = load_config(None, &env).unwrap_err();
-        assert!(
-            problems.problems().iter().any(|p| p.key == "WORKER_CONNECTORS"),
-            "{problems:?}"
-        );
-    }
 }
