@@ -16,7 +16,7 @@ use crate::health::{self, HealthState};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{ServiceState, ServicesWatch, SupervisorHandle};
-use crate::worker::{self, JobOutcome, Readiness};
+use crate::worker::{self, Readiness};
 
 /// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
 /// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
@@ -245,13 +245,7 @@ pub(super) fn spawn_metrics_feed(
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
             };
-            let outcome = match report.outcome {
-                JobOutcome::Completed => "completed",
-                JobOutcome::Failed { .. } => "failed",
-                JobOutcome::Returned => "returned",
-                JobOutcome::Cancelled => "cancelled",
-                JobOutcome::Lost => "lost",
-            };
+            let outcome = report.outcome.name();
             state.record_job(&report);
             metrics.claimed(&report.service);
             metrics.job(&report.service, outcome);

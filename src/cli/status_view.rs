@@ -406,17 +406,7 @@ fn since(at: &str, now: SystemTime) -> Option<Duration> {
     Some(now.duration_since(then).unwrap_or_default())
 }
 
-/// A duration as people say it: `850ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`.
-pub(super) fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => format!("{}ms", d.as_millis()),
-        1..60 => format!("{s}s"),
-        60..3600 => format!("{}m {}s", s / 60, s % 60),
-        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
-    }
-}
+pub(super) use crate::logging::human_duration as duration;
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `23.6 GiB`.
 fn bytes(n: u64) -> String {

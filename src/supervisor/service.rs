@@ -241,24 +241,25 @@ impl Actor {
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
-        let uptime_ms = uptime.as_millis() as u64;
         if next.is_none() && ending == Ending::Failure {
             // A crash is what an operator looks for; its last words say why.
             let last = self.log.tail().last(CRASH_LINES);
+            // One line: the output's lines as a list, so the event's fields are not glued to
+            // the service's last line and a shipper sees one event.
             tracing::warn!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
-                "service crashed; its last output:\n{}",
-                if last.is_empty() { "(no output)".to_owned() } else { last.join("\n") }
+                uptime = %crate::logging::human_duration(uptime),
+                last_output = ?last,
+                "service crashed"
             );
         } else {
             tracing::info!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
+                uptime = %crate::logging::human_duration(uptime),
                 "service exited"
             );
         }
@@ -291,6 +292,8 @@ impl Actor {
         let stable = tokio::time::sleep(self.policy.stable_after);
         tokio::pin!(stable);
         let mut stable_done = false;
+        // Whether this run has been ready: a failing probe warns only after that.
+        let mut was_ready = false;
         loop {
             tokio::select! {
                 status = child.wait() => return RunEnd::Exited(status),
@@ -298,8 +301,13 @@ impl Actor {
                     ProbeKind::Ready => {
                         if v.passing {
                             tracing::info!(service = %self.spec.name, "service is ready");
-                        } else {
+                            was_ready = true;
+                        } else if was_ready {
                             tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "readiness probe failing");
+                        } else {
+                            // Every start fails its probe until the service has come up: that
+                            // is no warning.
+                            tracing::debug!(service = %self.spec.name, reason = v.reason.as_deref(), "not ready yet");
                         }
                         self.set(|s| {
                             s.ready = v.passing;

@@ -405,7 +405,18 @@ fn jobs_commands_write_and_read_the_contract() {
     assert_eq!(v["job"]["priority"], 70);
     assert_eq!(v["job"]["retry_count"], 0);
     assert_eq!(v["job"]["payload"], serde_json::json!({"n": 1}));
-    assert!(v["waiting"].is_string(), "{v}");
+    assert!(
+        v["waiting"].as_str().unwrap().starts_with("no worker is registered"),
+        "no worker: {v}"
+    );
+    // The text leads with what the job is and where it stands, and gives retries as submitted.
+    let (out, text, stderr) = jobs(&["show", &plain]);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("id ") && lines[1].starts_with("status "), "{text}");
+    assert!(text.contains("max_retries          2 (3 attempts in all)"), "{text}");
+    let bare_name = |l: &&str| !l.trim().is_empty() && l.trim().chars().all(|c| c.is_ascii_lowercase() || c == '_');
+    assert!(!lines.iter().any(bare_name), "no empty field: {text}");
 
     // Statuses: an unknown one is refused with the known ones; cancelled finds cancelled jobs.
     let (out, _, stderr) = jobs(&["list", "--status", "done"]);
@@ -424,6 +435,9 @@ fn jobs_commands_write_and_read_the_contract() {
     assert_eq!(listed[0]["priority"], 70);
     let (_, stdout, _) = jobs(&["list", "--status", "failed"]);
     assert!(!stdout.contains(&plain), "a cancelled job is not a failure: {stdout}");
+    let (_, text, _) = jobs(&["show", &plain]);
+    let status = text.lines().find(|l| l.starts_with("status ")).unwrap_or_default();
+    assert!(status.ends_with(" cancelled"), "show agrees with list: {text}");
     let (_, stdout, _) = jobs(&["list", "--status", "pending"]);
     assert_eq!(stdout.lines().count(), 3, "a header and the two waiting jobs: {stdout}");
 }
