@@ -119,6 +119,9 @@ function getBrowser() {
 
 // A counting semaphore: a finishing job hands its slot to the next waiter.
 let active = 0;
+// Renders not settled yet, including those whose client went away (their slot is free, the
+// page may still run): the machine waits for none before its next job.
+let rendering = 0;
 const waiters = [];
 function acquire() {
   if (active < opts.concurrency) {
@@ -315,7 +318,7 @@ const server = http.createServer(async (req, res) => {
     if (url.pathname === '/health') {
       if (req.method !== 'GET') throw new HttpError(405, 'method_not_allowed', 'use GET');
       if (browser && browser.isConnected()) {
-        return send(res, 200, { ok: true, browser: browser.version(), playwright: version, gpu: opts.gpu, active, queued: waiters.length, concurrency: opts.concurrency });
+        return send(res, 200, { ok: true, browser: browser.version(), playwright: version, gpu: opts.gpu, active, queued: waiters.length, rendering, concurrency: opts.concurrency });
       }
       getBrowser().catch(() => {});
       return send(res, 503, { ok: false, error: lastError || 'the browser is starting' });
@@ -341,9 +344,10 @@ const server = http.createServer(async (req, res) => {
         // Closing the context on a hang-up does not end every Playwright call it interrupts (a
         // `setContent` or a `waitForTimeout` can run on to its own end), so the slot is freed as
         // soon as the client is gone rather than when the abandoned render settles.
-        const rendering = renderOnce(job, hangup.signal);
-        rendering.catch(() => {});
-        const png = await Promise.race([rendering, clientGone(hangup.signal)]);
+        rendering++;
+        const render = renderOnce(job, hangup.signal);
+        render.catch(() => {}).finally(() => rendering--);
+        const png = await Promise.race([render, clientGone(hangup.signal)]);
         log(`${job.kind} ${job.width}x${job.height}@${job.scale} rendered in ${Date.now() - started} ms`);
         return send(res, 200, png, 'image/png');
       } finally {

@@ -12,10 +12,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::gpu::Probe;
-use crate::health::{self, HealthState};
+use crate::health::HealthState;
 use crate::logging::error_chain;
 use crate::plan::Plan;
-use crate::supervisor::{ServiceState, ServicesWatch, SupervisorHandle};
+use crate::supervisor::{ServiceStatus, ServicesWatch, SupervisorHandle};
 use crate::worker::{self, Readiness};
 
 /// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
@@ -161,14 +161,15 @@ pub(super) fn spawn_limits_feed(
     })
 }
 
-/// Logs once, when the machine first becomes ready, how long that took since it started.
+/// Logs once, when the machine first becomes ready (`/ready` answers 200), how long that took
+/// since it started.
 pub(super) fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
         // Readiness is derived from the installers', services' and workers' channels on every
         // read; a short poll reads it without a second copy of that rule.
         loop {
-            if state.phase() == health::Phase::Ready {
+            if state.ready_document().ready {
                 let took = crate::logging::started().elapsed();
                 tracing::info!(
                     seconds = took.as_secs_f64(),
@@ -218,10 +219,7 @@ pub(super) fn spawn_queue_feed(
 
 /// Whether every watched service runs with its readiness and liveness probes passing.
 fn serving(watch: &ServicesWatch) -> bool {
-    watch
-        .statuses()
-        .iter()
-        .all(|s| s.state == ServiceState::Running && s.ready && s.live)
+    watch.statuses().iter().all(ServiceStatus::serving)
 }
 
 /// Records every finished job in the metrics and in the status page's recent jobs.

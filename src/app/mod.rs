@@ -58,7 +58,8 @@ use crate::worker::{self, Readiness, Workers};
 use feeds::{
     keep_up, on_gpu_faults, readiness, spawn_limits_feed, spawn_metrics_feed, spawn_queue_feed, spawn_ready_line,
 };
-use workspace::{lock_workspace, prepare_workspace};
+pub(crate) use workspace::lock_workspace;
+use workspace::prepare_workspace;
 
 /// How `machine run` ended; the CLI maps it to the exit code (`cli/exit.rs`). The reason for a
 /// failure has been logged by then, through the machine's log (text or JSON).

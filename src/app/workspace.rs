@@ -38,7 +38,7 @@ pub fn machine_holds(path: &std::path::Path) -> bool {
 /// writes this process's pid into it for the next one to name. The lock is `flock(2)`, so the
 /// kernel releases it however this process ends; the file is close-on-exec, so no service
 /// inherits it.
-pub(super) fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
+pub(crate) fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
     use fs4::fs_std::FileExt;
     use std::io::{Read, Seek, Write};
     let path = lock_path(&config.machine.workspace);

@@ -24,6 +24,9 @@ local RECORD_TRIM = 100               -- records trimmed per completion at most
 local DEFAULT_LEASE_MS = 60000
 local DEFAULT_HOLDOFF_MS = 30000
 local CLAIM_RECONCILE = 32            -- index repair budget of one claim when counts differ
+local CLAIM_TIES = 512                -- jobs tied with the top's last score indexed by one claim
+local ORPHAN_WATCH_MS = 10000         -- claims re-check an id queued before its hash this long
+local SWEEP_MAX = 4000                -- entries one sweep step reads (unpack's limit is 8000)
 local DUE_BATCH = 16                  -- retry-delayed jobs released into the index per claim
 local CANCEL_ERROR = 'Job cancelled by user'
 
@@ -563,6 +566,7 @@ local function unindex(p, id)
   local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
   redis.call('ZREM', p .. 'jobs:idx:all', id)
   redis.call('HDEL', p .. 'jobs:idx:job', id)
+  if entry == '' then redis.call('ZREM', p .. 'jobs:idx:orphans', id) end
   if not entry or entry == '' then return end
   if string.sub(entry, 1, 1) == 'D' then
     redis.call('ZREM', p .. 'jobs:idx:delayed', id)
@@ -595,6 +599,11 @@ end
 -- library writes jobs:idx:delayed, so a claim reads it only once a delay may be over.
 local next_due = nil
 
+-- Until when an id queued before its hash (an orphan) may still get its hash: claims re-check
+-- the young ones (jobs:idx:orphans, by first sight) until then, since with no machine
+-- subscribed nothing else would. 0 when none; nil when unknown (a fresh Lua state).
+local orphan_watch = nil
+
 -- Puts one job of jobs:pending into its group, as its hash says now (a job re-submitted under
 -- the same id moves to its new group). `seq` keeps a returned job's place among equal times;
 -- `delay_until` holds it in jobs:idx:delayed until then. Returns 'indexed', 'delayed', 'orphan'
@@ -614,6 +623,8 @@ local function index_job(p, id, now, seq, delay_until)
     if not prev then
       redis.call('ZADD', p .. 'jobs:idx:all', pscore, id)
       redis.call('HSET', p .. 'jobs:idx:job', id, '')
+      redis.call('ZADD', p .. 'jobs:idx:orphans', now, id)
+      orphan_watch = now + ORPHAN_WATCH_MS
     end
     return 'orphan'
   end
@@ -659,6 +670,8 @@ local function index_job(p, id, now, seq, delay_until)
       local member = kept .. id
       if tonumber(redis.call('ZSCORE', p .. 'jobs:idx:g:' .. gid, member)) == score
         and kept == order_prefix(ms or 0, seq) then
+        -- The place is right; jobs:pending's score (what sweeps compare) may still be new.
+        redis.call('ZADD', p .. 'jobs:idx:all', pscore, id)
         return 'indexed'
       end
     end
@@ -666,7 +679,10 @@ local function index_job(p, id, now, seq, delay_until)
   end
   if not seq then seq = redis.call('INCR', p .. 'jobs:idx:seq') end
   local prefix = order_prefix(ms or 0, seq)
-  redis.call('ZADD', p .. 'jobs:idx:all', score, id)
+  -- jobs:idx:all keeps jobs:pending's score as it was when indexed, so a sweep finds a score the
+  -- API changed without a message (a re-submission) by comparing the two.
+  redis.call('ZADD', p .. 'jobs:idx:all', pscore, id)
+  if prev == '' then redis.call('ZREM', p .. 'jobs:idx:orphans', id) end
   if delay_until and delay_until > now then
     redis.call('ZADD', p .. 'jobs:idx:delayed', delay_until, id)
     redis.call('HSET', p .. 'jobs:idx:job', id, 'D' .. prefix)
@@ -698,42 +714,118 @@ local function release_due(p, now)
   if #due == DUE_BATCH then next_due = nil end
 end
 
--- One bounded step of repairing the index against jobs:pending: indexes jobs the API added
--- without us (from the top of jobs:pending, so the jobs to run first come first) and drops
--- entries for jobs that left jobs:pending behind our back.
-local function sweep(p, budget, now)
-  local cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0
-  local ids = redis.call('ZREVRANGE', p .. 'jobs:pending', cur, cur + budget - 1)
-  for _, id in ipairs(ids) do
-    local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
-    if not entry or entry == '' then index_job(p, id, now) end
+-- The scores of `ids` in sorted set `key` (false for a missing one), in one ZMSCORE where the
+-- server has it (6.2+) and one ZSCORE each where it does not (the EVALSHA fallback).
+local has_zmscore = true
+local function scores_of(key, ids)
+  if #ids == 0 then return {} end
+  if has_zmscore then
+    local r = redis.pcall('ZMSCORE', key, unpack(ids))
+    if type(r) == 'table' and not r.err then return r end
+    has_zmscore = false
   end
-  if #ids < budget then cur = 0 else cur = cur + budget end
+  local out = {}
+  for i, id in ipairs(ids) do out[i] = redis.call('ZSCORE', key, id) or false end
+  return out
+end
+
+-- Indexes those of `ids` (with their jobs:pending scores `pscores`) that the index lacks, holds
+-- as orphans, or holds under another jobs:pending score (re-submitted or re-queued behind our
+-- back). Returns the ids that went into a group (or a retry delay) this way.
+local function index_missing(p, ids, pscores, now)
+  local found = {}
+  if #ids == 0 then return found end
+  local have = scores_of(p .. 'jobs:idx:all', ids)
+  local entries = redis.call('HMGET', p .. 'jobs:idx:job', unpack(ids))
+  for i, id in ipairs(ids) do
+    if not have[i] or entries[i] == '' or not entries[i] or tonumber(have[i]) ~= tonumber(pscores[i]) then
+      local r = index_job(p, id, now)
+      if r == 'indexed' or r == 'delayed' then found[#found + 1] = id end
+    end
+  end
+  return found
+end
+
+-- One bounded step of repairing the index against jobs:pending, from where the last step
+-- stopped: indexes what index_missing finds (from the top of jobs:pending, so the jobs to run
+-- first come first) and drops entries for jobs that left jobs:pending behind our back. Returns
+-- the ids found and whether this step ended a pass over jobs:pending.
+local function sweep(p, budget, now)
+  budget = math.min(budget, SWEEP_MAX)
+  local cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0
+  local flat = redis.call('ZREVRANGE', p .. 'jobs:pending', cur, cur + budget - 1, 'WITHSCORES')
+  local ids, pscores = {}, {}
+  for i = 1, #flat, 2 do
+    ids[#ids + 1] = flat[i]
+    pscores[#pscores + 1] = flat[i + 1]
+  end
+  local found = index_missing(p, ids, pscores, now)
+  local wrapped = #ids < budget
+  if wrapped then cur = 0 else cur = cur + budget end
   redis.call('SET', p .. 'jobs:idx:cursor:pending', cur)
   cur = tonumber(redis.call('GET', p .. 'jobs:idx:cursor:index')) or 0
   ids = redis.call('ZRANGE', p .. 'jobs:idx:all', cur, cur + budget - 1)
-  for _, id in ipairs(ids) do
-    if not redis.call('ZSCORE', p .. 'jobs:pending', id) then unindex(p, id) end
+  local there = scores_of(p .. 'jobs:pending', ids)
+  for i, id in ipairs(ids) do
+    if not there[i] then unindex(p, id) end
   end
   if #ids < budget then cur = 0 else cur = cur + budget end
   redis.call('SET', p .. 'jobs:idx:cursor:index', cur)
+  return found, wrapped
 end
 
 -- Before a claim chooses, while jobs:pending holds jobs the index lacks (the API re-queued them
 -- without a message, or queued them while no machine listened): index the top of jobs:pending,
--- where the jobs to run next are, then one bounded sweep step for the rest. The cost stays
--- bounded whatever the backlog.
+-- where the jobs to run next are, and every job tied with the last of them (jobs of one
+-- priority queued within seconds tie in jobs:pending, and the order among ties lives in the
+-- hash: without them the claim would take a later job first), then one bounded sweep step for
+-- the rest. Ids queued before their hash are re-checked while young. The cost stays bounded
+-- whatever the backlog.
 local function reconcile(p, now)
+  if orphan_watch ~= 0 and (orphan_watch == nil or orphan_watch > now) then
+    local okey = p .. 'jobs:idx:orphans'
+    redis.call('ZREMRANGEBYSCORE', okey, '-inf', now - ORPHAN_WATCH_MS)
+    local young = redis.call('ZRANGE', okey, 0, CLAIM_RECONCILE - 1)
+    for _, id in ipairs(young) do index_job(p, id, now) end
+    local last = redis.call('ZRANGE', okey, -1, -1, 'WITHSCORES')
+    orphan_watch = last[2] and (tonumber(last[2]) + ORPHAN_WATCH_MS) or 0
+  end
   if redis.call('ZCARD', p .. 'jobs:pending') ~= redis.call('ZCARD', p .. 'jobs:idx:all') then
-    local top = redis.call('ZREVRANGE', p .. 'jobs:pending', 0, CLAIM_RECONCILE - 1)
-    if #top > 0 then
-      local entries = redis.call('HMGET', p .. 'jobs:idx:job', unpack(top))
-      for i, id in ipairs(top) do
-        if not entries[i] or entries[i] == '' then index_job(p, id, now) end
-      end
+    local pkey = p .. 'jobs:pending'
+    local flat = redis.call('ZREVRANGE', pkey, 0, CLAIM_RECONCILE - 1, 'WITHSCORES')
+    if #flat == CLAIM_RECONCILE * 2 then
+      flat = redis.call('ZREVRANGEBYSCORE', pkey, '+inf', flat[#flat], 'WITHSCORES', 'LIMIT', 0,
+        CLAIM_RECONCILE + CLAIM_TIES)
     end
+    local ids, pscores = {}, {}
+    for i = 1, #flat, 2 do
+      ids[#ids + 1] = flat[i]
+      pscores[#pscores + 1] = flat[i + 1]
+    end
+    index_missing(p, ids, pscores, now)
     sweep(p, CLAIM_RECONCILE, now)
   end
+end
+
+-- One step of the fleet's sweeper, which finds within seconds, at any depth, the jobs the API
+-- put into jobs:pending without a message (its clean-ups, an original worker's retry, a
+-- re-submission at a new score), which a claim's repair from the top would reach only late.
+-- One machine sweeps for the whole fleet: the holder of the lease jobs:idx:sweeper (SET NX PX,
+-- renewed by each step), so the cost does not grow with the number of machines. Each job found
+-- is announced on job_requeued so that idle workers of its service claim it now. Returns
+-- {held 1/0, jobs found, 1 when this step ended a pass}.
+local function fleet_sweep(p, holder, lease_ms, budget, now)
+  local lkey = p .. 'jobs:idx:sweeper'
+  local owner = redis.call('GET', lkey)
+  if owner and owner ~= holder then return { 0, 0, 0 } end
+  redis.call('SET', lkey, holder, 'PX', lease_ms)
+  local found, wrapped = sweep(p, budget, now)
+  for _, id in ipairs(found) do
+    local service = redis.call('HGET', p .. 'job:' .. id, 'service_required') or ''
+    publish(p, 'job_requeued', { job_id = id, service_required = service, reason = 'found', timestamp = now,
+      ready_at = now })
+  end
+  return { 1, #found, wrapped and 1 or 0 }
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -1278,6 +1370,13 @@ redis.register_function('sweepIndex', function(_, args)
   sweep(p, math.max(num_arg(args[2], 1000), 1), now_ms())
   return { redis.call('ZCARD', p .. 'jobs:pending'), redis.call('ZCARD', p .. 'jobs:idx:all'),
     tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0 }
+end)
+
+redis.register_function('sweepPending', function(_, args)
+  local holder = args[2]
+  if not holder or holder == '' then return redis.error_reply('ERR sweepPending needs a holder') end
+  return fleet_sweep(args[1], holder, math.max(num_arg(args[3], 10000), 1), math.max(num_arg(args[4], 1000), 1),
+    now_ms())
 end)
 
 redis.register_function('cancelJob', function(_, args)

@@ -16,7 +16,7 @@ pub mod reference;
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 pub use client::{
     Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, Fault, JobView,
-    LeaseStatus, NewJob, ReapReport, RetryDelay, ReturnOutcome, pending_score,
+    LeaseStatus, NewJob, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY, SweepReport, pending_score,
 };
 
 /// The `error` the API writes when a user cancels a job.

@@ -57,14 +57,24 @@ pub(super) fn logs(path: Option<&Path>, args: &LogsArgs) -> Result<Outcome, CliE
     })?
 }
 
-/// Restarts one service and says so once the machine has begun its new run.
+/// Restarts one service (or every instance of a connector) and says so once the machine has
+/// begun the new runs.
 pub(super) fn restart(path: Option<&Path>, machine: &MachineArgs, service: &str) -> Result<Outcome, CliError> {
     let target = Target::find(path, machine.url.as_deref())?;
     block_on(Threads::One, async move {
-        target
+        let answer = target
             .post(&format!("/services/{}/restart", url_segment(service)))
             .await?;
-        println!("restarted {service}");
+        // A connector name restarts each of its instances; the machine names them.
+        let services: Vec<&str> = answer["services"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default();
+        if services.is_empty() || services == [service] {
+            println!("restarted {service}");
+        } else {
+            println!("restarted {}", services.join(", "));
+        }
         Ok::<_, MachineError>(Outcome::Success)
     })?
     .map_err(CliError::from)

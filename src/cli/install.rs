@@ -36,6 +36,21 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
         }
         return Ok(Outcome::Success);
     }
+    // The running machine's services use what the installers replace: installing under a live
+    // ComfyUI put it into a crash loop at its next start. One workspace, one writer.
+    std::fs::create_dir_all(&config.machine.workspace).map_err(|e| {
+        CliError::Failed(format!(
+            "failed to create the workspace {}: {e}",
+            config.machine.workspace.display()
+        ))
+    })?;
+    let _lock = crate::app::lock_workspace(&config).map_err(|e| match e {
+        crate::app::StartError::Locked { pid, .. } => CliError::Failed(format!(
+            "refusing to install: a machine (pid {pid}) runs on the workspace {}; stop it first (`machine stop`)",
+            config.machine.workspace.display()
+        )),
+        other => CliError::Failed(crate::logging::error_chain(&other)),
+    })?;
     let tracker = Tracker::new();
     let cancel = CancellationToken::new();
     let result = block_on(Threads::PerCore, async {

@@ -379,6 +379,16 @@ pub struct ServiceConnectorConfig {
     /// path of a workflow in API format, for A1111 a prompt. A failing warm-up is a failed start.
     #[serde(default)]
     pub warmup: Option<String>,
+    /// After a job that did not complete (cancelled, stalled, failed), how long the worker
+    /// waits for the service to finish what it still runs before its next claim; past it the
+    /// service is restarted.
+    #[serde(default = "default_idle_wait", with = "humantime_serde")]
+    pub idle_wait: Duration,
+}
+
+/// How long a worker waits for its service to be idle after a job that did not complete.
+fn default_idle_wait() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// What the installers install and how (`[install]`).

@@ -98,6 +98,8 @@ pub(crate) struct RawPlaywright {
     pub restart_above_idle_vram: Option<u64>,
     #[serde(default)]
     pub restart_every_jobs: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub idle_wait: Duration,
 }
 
 #[derive(Debug, Deserialize)]

@@ -195,6 +195,7 @@ fn service_connectors(
         restart_above_idle_vram: c.playwright.restart_above_idle_vram,
         restart_every_jobs: c.playwright.restart_every_jobs,
         warmup: None,
+        idle_wait: c.playwright.idle_wait,
     };
     for (name, cc) in [
         ("comfyui", &c.comfyui),

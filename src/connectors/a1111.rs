@@ -167,8 +167,9 @@ impl A1111Connector {
             answer = request => answer?,
             clock = self.poll_progress(progress, StallClock::start(self.stall_timeout, job)) => {
                 let silent_for = clock.silent_for();
-                self.interrupt().await;
-                let e = clock.stalled("a1111", silent_for, self.answers().await);
+                // Both at once, so the stall is declared within a few seconds of its deadline.
+                let ((), answers) = tokio::join!(self.interrupt(), self.answers());
+                let e = clock.stalled("a1111", silent_for, answers);
                 tracing::warn!(job_id = %job.id, error = %e, "the request stalled; interrupted it");
                 return Err(e);
             }
@@ -225,6 +226,25 @@ impl Connector for A1111Connector {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
         Box::pin(self.run_job(job, progress, cancel))
+    }
+
+    /// Idle when `/sdapi/v1/progress` reports no job (`state.job_count` 0): an interrupted
+    /// generation counts until the WebUI has stopped it.
+    fn idle(&self) -> BoxFuture<'_, Result<bool, ConnectorError>> {
+        Box::pin(async {
+            let resp = self
+                .client
+                .get(self.url("/sdapi/v1/progress"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| http::send_error("read A1111's progress", e))?;
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| http::send_error("parse A1111's progress", e))?;
+            Ok(v.pointer("/state/job_count").and_then(Value::as_u64).unwrap_or(0) == 0)
+        })
     }
 }
 

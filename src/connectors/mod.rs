@@ -202,6 +202,15 @@ pub enum ConnectorError {
         /// Whether the service still answered its health check after the silence.
         answers: bool,
     },
+    /// The service crashed (or restarted) while running the job and lost it: it no longer knows
+    /// the job, or stayed unreachable.
+    #[error("{service} lost the job: {message}")]
+    ServiceLost {
+        /// The connector's service (`comfyui`).
+        service: String,
+        /// What was seen.
+        message: String,
+    },
     /// The cancellation token fired.
     #[error("the job was cancelled")]
     Cancelled,
@@ -242,7 +251,8 @@ impl ConnectorError {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
             ConnectorError::Unavailable { .. }
             | ConnectorError::QuotaReached { .. }
-            | ConnectorError::Stalled { .. } => ErrorClass::Retryable,
+            | ConnectorError::Stalled { .. }
+            | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
             ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
                 if source.is_retryable() {
                     ErrorClass::Retryable
@@ -260,6 +270,16 @@ impl ConnectorError {
             ConnectorError::Cancelled => ErrorClass::Cancelled,
             ConnectorError::Timeout(_) => ErrorClass::Timeout,
         }
+    }
+
+    /// Whether the job's service crashed or stalled under it (a fault that may be the
+    /// service's, not the job's: the broker gives the job back without spending a retry the
+    /// first time, see `Broker::return_for_fault`).
+    pub fn is_service_fault(&self) -> bool {
+        matches!(
+            self,
+            ConnectorError::Stalled { .. } | ConnectorError::ServiceLost { .. }
+        )
     }
 
     /// Whether another attempt may succeed.
@@ -349,6 +369,15 @@ pub trait Connector: Send + Sync + fmt::Debug {
         progress: &'a ProgressSink,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>>;
+
+    /// Whether the service has no work left running or waiting (ComfyUI's `/queue` empty, no
+    /// A1111 job, no render in flight). A job interrupted by a cancel, a stall or an error
+    /// runs on in the service to the end of its current step, and a job sent meanwhile would
+    /// wait behind it; the worker asks this before its next claim. Connectors without a
+    /// service of their own are always idle.
+    fn idle(&self) -> BoxFuture<'_, Result<bool, ConnectorError>> {
+        Box::pin(async { Ok(true) })
+    }
 }
 
 /// `d` to the millisecond, so a reason reads "2s 3ms", not nanoseconds.

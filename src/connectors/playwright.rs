@@ -173,6 +173,28 @@ impl Connector for PlaywrightConnector {
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
         Box::pin(or_cancelled(cancel, self.render_watched(job, progress)))
     }
+
+    /// Idle when `/health` reports no render running, waiting or still settling after its
+    /// client went away (`active`, `queued`, `rendering`).
+    fn idle(&self) -> BoxFuture<'_, Result<bool, ConnectorError>> {
+        Box::pin(async {
+            let mut url = self.base.clone();
+            url.set_path("/health");
+            let resp = self
+                .client
+                .get(url)
+                .timeout(std::time::Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| http::send_error("read the render service's health", e))?;
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| http::send_error("parse the render service's health", e))?;
+            let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            Ok(count("active") + count("queued") + count("rendering") == 0)
+        })
+    }
 }
 
 #[cfg(test)]

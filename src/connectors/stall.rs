@@ -55,6 +55,17 @@ impl StallClock {
         tokio::time::sleep_until(self.deadline()).await;
     }
 
+    /// Runs `fut` unless the clock runs out first (`None` then): every call a connector makes
+    /// to its service while a job runs goes through here, so no answer that never comes can
+    /// hold the job past its stall timeout.
+    pub async fn within<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            r = fut => Some(r),
+            () = self.expired() => None,
+        }
+    }
+
     /// How long the service has been silent.
     pub fn silent_for(&self) -> Duration {
         self.last_word.elapsed()

@@ -274,13 +274,26 @@ impl HealthState {
     }
 
     /// Why a worker is not claiming, when it has a reason to report: one of its services is in
-    /// crash loop or failed. A worker still waiting for a starting service has none.
+    /// crash loop or failed, or, while it runs a job, stopped answering (a frozen ComfyUI holds
+    /// its job until the stall timeout; the machine must not look ready meanwhile). A worker
+    /// still waiting for a starting service has none.
     fn blocked_reason(&self, status: &WorkerStatus, services: &[ServiceStatus]) -> Option<String> {
-        if status.state != WorkerState::WaitingForServices {
+        let busy = status.state == WorkerState::Busy;
+        if status.state != WorkerState::WaitingForServices && !busy {
             return None;
         }
         let plan = self.plan.read().unwrap_or_else(|p| p.into_inner());
         let wanted = &plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
+        if busy {
+            return services
+                .iter()
+                .filter(|s| wanted.contains(&s.name))
+                .find(|s| !s.serving())
+                .map(|s| match &s.reason {
+                    Some(why) => format!("{} is not ready while a job runs on it: {why}", s.name),
+                    None => format!("{} is not ready while a job runs on it", s.name),
+                });
+        }
         services
             .iter()
             .filter(|s| wanted.contains(&s.name))
@@ -357,6 +370,32 @@ impl HealthState {
             .iter()
             .map(|w| status::Worker::new(w, self.blocked_reason(w, &services)))
             .collect()
+    }
+
+    /// The document served on `/ready`: ready while at least one worker can claim (a machine
+    /// without workers: by its phase); the workers that cannot are listed with why, whatever
+    /// the answer. The ready line of the log reads it too, so it says what `/ready` says.
+    pub fn ready_document(&self) -> status::ReadyDocument {
+        let phase = self.phase();
+        let workers = self.workers_document();
+        let can_claim = |w: &status::Worker| {
+            w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+        };
+        let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+        let not_claiming = workers
+            .iter()
+            .filter(|w| !can_claim(w))
+            .map(|w| {
+                let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
+                (w.worker_id.clone(), why)
+            })
+            .collect();
+        status::ReadyDocument {
+            ready,
+            phase,
+            not_claiming,
+            workers,
+        }
     }
 
     /// The full status document served on `/status`.

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::control::ControlSocket;
 use super::events::Hub;
-use super::status::{HealthDocument, ReadyDocument, Verdict, WorkerStage};
+use super::status::{HealthDocument, Verdict};
 use super::{HealthState, Phase};
 
 /// How long a connection may take to send a request's headers (and, on a keep-alive
@@ -427,28 +427,8 @@ async fn health(State(s): State<Arc<HealthState>>) -> Response {
 }
 
 async fn ready(State(s): State<Arc<HealthState>>) -> Response {
-    let phase = s.phase();
-    let workers = s.workers_document();
-    // Ready while at least one worker can claim (a machine without workers: by its phase);
-    // the workers that cannot are listed with why, whatever the answer.
-    let can_claim =
-        |w: &super::status::Worker| w.reason.is_none() && matches!(w.state, WorkerStage::Idle | WorkerStage::Busy);
-    let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
-    let not_claiming = workers
-        .iter()
-        .filter(|w| !can_claim(w))
-        .map(|w| {
-            let why = w.reason.clone().unwrap_or_else(|| w.state.name().replace('_', " "));
-            (w.worker_id.clone(), why)
-        })
-        .collect();
-    let body = ReadyDocument {
-        ready,
-        phase,
-        not_claiming,
-        workers,
-    };
-    let code = if ready {
+    let body = s.ready_document();
+    let code = if body.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -496,7 +476,11 @@ async fn logs(
         }
     }
     let n = q.lines.unwrap_or(100).min(MAX_LOG_LINES);
-    match s.services.logs(&service, n) {
+    match s
+        .services
+        .resolve_one(&service)
+        .and_then(|service| s.services.logs(&service, n))
+    {
         Ok(lines) => {
             let mut body = lines.join("\n");
             if !body.is_empty() {
@@ -513,10 +497,21 @@ async fn restart(State(s): State<Arc<HealthState>>, Path(name): Path<String>, he
         return refusal;
     }
     tracing::info!(service = %name, "restart requested over HTTP");
-    match s.services.restart(&name).await {
-        Ok(()) => (StatusCode::ACCEPTED, axum::Json(json!({ "restarting": name }))).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response(),
+    // A connector name restarts every instance of it.
+    let services = match s.services.resolve(&name) {
+        Ok(services) => services,
+        Err(e) => return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response(),
+    };
+    for service in &services {
+        if let Err(e) = s.services.restart(service).await {
+            return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response();
+        }
     }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "restarting": name, "services": services })),
+    )
+        .into_response()
 }
 
 async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {

@@ -12,6 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tokio_util::sync::CancellationToken;
+
 use super::common::{Cmd, Progress, Stamp, digest, git_checkout};
 use super::{Ctx, InstallError};
 use crate::config::ComfyuiInstallConfig;
@@ -93,8 +95,65 @@ pub(crate) async fn install(ctx: &Ctx, cfg: &ComfyuiInstallConfig, progress: &Pr
     if stamp.is_current() && python(&ctx.workspace).exists() && dir.join("main.py").exists() {
         return Ok(false);
     }
-    stamp.clear();
     let log = ctx.log("comfyui");
+    // A failed install of a new ref leaves the install in place as it was: its checkout and its
+    // stamp are put back, so the next start runs what ran before.
+    let saved = stamp.saved();
+    let previous = if dir.join(".git").is_dir() {
+        git_in(&dir)
+            .args(["rev-parse", "HEAD"])
+            .output(&log, &ctx.cancel)
+            .await
+            .ok()
+    } else {
+        None
+    };
+    let installed = install_ref(ctx, cfg, &stamp, &log, progress).await;
+    if installed.is_err() {
+        if let Some(previous) = previous.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()) {
+            let back = git_in(&dir)
+                .args([
+                    "-c",
+                    "advice.detachedHead=false",
+                    "checkout",
+                    "--quiet",
+                    "--force",
+                    "--detach",
+                ])
+                .arg(&previous)
+                .run(&log, &CancellationToken::new())
+                .await;
+            match back {
+                Ok(()) => {
+                    stamp.restore(saved);
+                    tracing::warn!(target: "machine::install", commit = %previous, "the install failed; the previous ComfyUI checkout is back in place");
+                }
+                Err(e) => {
+                    tracing::error!(target: "machine::install", error = %crate::logging::error_chain(&e), "failed to put the previous ComfyUI checkout back")
+                }
+            }
+        }
+    }
+    installed.map(|()| true)
+}
+
+/// `git -C dir`.
+fn git_in(dir: &Path) -> Cmd {
+    Cmd::new("git").env("GIT_TERMINAL_PROMPT", "0").arg("-C").arg(dir)
+}
+
+/// Checks out the configured ref, builds the venv, installs the requirements and runs the smoke
+/// test; the stamp is cleared while the checkout changes and written once all of it passed.
+async fn install_ref(
+    ctx: &Ctx,
+    cfg: &ComfyuiInstallConfig,
+    stamp: &Stamp,
+    log: &Path,
+    progress: &Progress,
+) -> Result<(), InstallError> {
+    let dir = dir(&ctx.workspace);
+    let log = log.to_owned();
+    stamp.clear();
     progress.step(&format!("fetching {} at {}", cfg.repo_url, cfg.git_ref));
     let sha = git_checkout(&cfg.repo_url, Some(&cfg.git_ref), &dir, false, &log, &ctx.cancel).await?;
     progress.step(&format!("checked out {sha}"));
@@ -125,8 +184,7 @@ pub(crate) async fn install(ctx: &Ctx, cfg: &ComfyuiInstallConfig, progress: &Pr
             .await?;
     }
     smoke_test(ctx, cfg, &dir, &log, progress).await?;
-    stamp.write()?;
-    Ok(true)
+    stamp.write()
 }
 
 /// Runs the configured smoke test with the venv's python in the checkout; its failure carries

@@ -361,6 +361,22 @@ impl Stamp {
         std::fs::rename(&tmp, &self.path).map_err(|e| InstallError::io("write", &self.path, e))
     }
 
+    /// What the stamp file holds now (the digest of the install in place), to put back with
+    /// [`Stamp::restore`] when a new install fails.
+    pub(crate) fn saved(&self) -> Option<String> {
+        std::fs::read_to_string(&self.path).ok()
+    }
+
+    /// Puts back what [`Stamp::saved`] read (nothing: no stamp).
+    pub(crate) fn restore(&self, saved: Option<String>) {
+        match saved {
+            Some(text) => {
+                let _ = std::fs::write(&self.path, text);
+            }
+            None => self.clear(),
+        }
+    }
+
     /// Forgets the step, so that a failed re-install is retried next time.
     pub(crate) fn clear(&self) {
         let _ = std::fs::remove_file(&self.path);
@@ -502,7 +518,8 @@ impl Cmd {
                 command,
                 status: out.status.to_string(),
                 log: log.to_owned(),
-                tail: log_tail(log, 15),
+                // This run's output only: the log is appended to by every attempt.
+                tail: log_tail_from(log, start, 15),
             })
         }
     }
@@ -607,9 +624,11 @@ impl Drop for GroupGuard {
 }
 
 /// The last `n` lines of a log file, for error messages.
-pub(crate) fn log_tail(path: &Path, n: usize) -> String {
+/// The last `n` lines of `path` written after byte `start` (one command's output).
+fn log_tail_from(path: &Path, start: u64, n: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    let from = usize::try_from(start).unwrap_or(usize::MAX).min(text.len());
+    let text = String::from_utf8_lossy(&text[from..]);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -656,7 +675,9 @@ pub(crate) async fn git_checkout(
     }
     let wanted = git_ref.unwrap_or("HEAD");
     // Fetching the ref by name works for branches, tags and (on most servers) commits; a commit
-    // the server will not hand out by name is found after fetching every branch and tag.
+    // the server will not hand out by name is found after fetching every branch and tag. The
+    // target is resolved to a commit before the checkout is touched, and a ref found nowhere
+    // fails with the first fetch's error (git's "couldn't find remote ref"), the root cause.
     let target = match git()
         .args(["fetch", "--quiet", "origin", wanted])
         .run(log, cancel)
@@ -664,8 +685,8 @@ pub(crate) async fn git_checkout(
     {
         Ok(()) => "FETCH_HEAD".to_owned(),
         Err(InstallError::Cancelled) => return Err(InstallError::Cancelled),
-        Err(_) => {
-            git()
+        Err(first) => {
+            let all = git()
                 .args([
                     "fetch",
                     "--quiet",
@@ -674,8 +695,20 @@ pub(crate) async fn git_checkout(
                     "+refs/heads/*:refs/remotes/origin/*",
                 ])
                 .run(log, cancel)
-                .await?;
-            format!("{wanted}^{{commit}}")
+                .await;
+            let resolved = match all {
+                Err(InstallError::Cancelled) => return Err(InstallError::Cancelled),
+                Err(_) => None,
+                Ok(()) => git()
+                    .args(["rev-parse", "--verify", "--quiet", &format!("{wanted}^{{commit}}")])
+                    .output(log, cancel)
+                    .await
+                    .ok(),
+            };
+            match resolved.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()) {
+                Some(sha) => sha,
+                None => return Err(first),
+            }
         }
     };
     git()

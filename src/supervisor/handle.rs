@@ -110,7 +110,14 @@ impl ServiceStatus {
 
     /// Whether work may be sent to the service: running, ready, live and not crash-looping.
     pub fn healthy(&self) -> bool {
-        self.state == ServiceState::Running && self.ready && self.live && !self.crash_loop
+        self.serving() && !self.crash_loop
+    }
+
+    /// Whether the service serves now: running with its readiness and liveness probes passing,
+    /// crash loop or not (the crash-loop flag stays up until a run lasted `stable_after`; it
+    /// is for operators and backoff, not a reason to keep a working service idle).
+    pub fn serving(&self) -> bool {
+        self.state == ServiceState::Running && self.ready && self.live
     }
 }
 
@@ -125,12 +132,46 @@ fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::
     }
 }
 
+/// Whether `service` is an instance of the connector `connector`, as the plan names them:
+/// `<connector>-gpu<i>` or `<connector>-cpu<i>`.
+fn is_instance_of(service: &str, connector: &str) -> bool {
+    let Some(rest) = service.strip_prefix(connector).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    let index = rest.strip_prefix("gpu").or_else(|| rest.strip_prefix("cpu"));
+    index.is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn unknown(name: &str, registry: &Registry) -> SupervisorError {
+    SupervisorError::UnknownService {
+        name: name.to_owned(),
+        known: if registry.order.is_empty() {
+            "none".to_owned()
+        } else {
+            registry.order.join(", ")
+        },
+    }
+}
+
 /// Why a request to the supervisor failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    /// No service has that name.
-    #[error("failed to find service `{0}`")]
-    UnknownService(String),
+    /// No service has that name (nor is it a connector with instances).
+    #[error("failed to find service `{name}` (the services are: {known})")]
+    UnknownService {
+        /// The name asked for.
+        name: String,
+        /// The services there are, comma-separated.
+        known: String,
+    },
+    /// A connector name that stands for several services where one is needed.
+    #[error("`{name}` runs as {}: name one of them", .instances.join(", "))]
+    Several {
+        /// The connector name asked for.
+        name: String,
+        /// Its services.
+        instances: Vec<String>,
+    },
     /// The supervisor has shut down.
     #[error("failed to reach service `{0}`: the supervisor has stopped")]
     Gone(String),
@@ -210,7 +251,39 @@ impl SupervisorHandle {
             .services
             .get(name)
             .map(f)
-            .ok_or_else(|| SupervisorError::UnknownService(name.to_owned()))
+            .ok_or_else(|| unknown(name, &registry))
+    }
+
+    /// The services a name given by an operator stands for: the service of that name, else
+    /// every instance of the connector of that name (`comfyui`: `comfyui-gpu0`,
+    /// `comfyui-gpu1`, ...). An unknown name's error lists the valid ones.
+    pub fn resolve(&self, name: &str) -> Result<Vec<String>, SupervisorError> {
+        let registry = self.inner.registry.read().unwrap_or_else(PoisonError::into_inner);
+        if registry.services.contains_key(name) {
+            return Ok(vec![name.to_owned()]);
+        }
+        let instances: Vec<String> = registry
+            .order
+            .iter()
+            .filter(|n| is_instance_of(n, name))
+            .cloned()
+            .collect();
+        if instances.is_empty() {
+            return Err(unknown(name, &registry));
+        }
+        Ok(instances)
+    }
+
+    /// The one service a name stands for (a connector with one instance is that instance).
+    pub fn resolve_one(&self, name: &str) -> Result<String, SupervisorError> {
+        let mut all = self.resolve(name)?;
+        if all.len() > 1 {
+            return Err(SupervisorError::Several {
+                name: name.to_owned(),
+                instances: all,
+            });
+        }
+        Ok(all.remove(0))
     }
 
     async fn send(&self, name: &str, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> Result<(), SupervisorError> {
@@ -357,6 +430,15 @@ impl ServicesWatch {
     /// The watched services' statuses.
     pub fn statuses(&self) -> Vec<ServiceStatus> {
         self.receivers.iter().map(|r| r.borrow().clone()).collect()
+    }
+
+    /// Waits until every watched service serves ([`ServiceStatus::serving`]), crash loop or
+    /// not.
+    pub async fn wait_serving(&mut self) -> Result<(), SupervisorError> {
+        while !self.receivers.iter().all(|r| r.borrow().serving()) {
+            self.changed().await?;
+        }
+        Ok(())
     }
 
     /// Waits until every watched service is healthy.

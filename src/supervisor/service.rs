@@ -156,6 +156,7 @@ impl Actor {
         }
         self.runs += 1;
         let started = Instant::now();
+        let log_cursor = self.log.tail().last_and_cursor(0).1;
         let mut child = match reaper::spawn(&mut cmd) {
             Ok(child) => child,
             Err(e) => {
@@ -229,6 +230,7 @@ impl Actor {
         }
 
         let uptime = started.elapsed();
+        let mut unhealthy = false;
         let (status, ending, next, reply) = match end {
             RunEnd::Exited(status) => {
                 let ending = match &status {
@@ -237,7 +239,10 @@ impl Actor {
                 };
                 (status, ending, None, None)
             }
-            RunEnd::Unhealthy(status) => (status, Ending::Failure, None, None),
+            RunEnd::Unhealthy(status) => {
+                unhealthy = true;
+                (status, Ending::Failure, None, None)
+            }
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
@@ -263,10 +268,16 @@ impl Actor {
                 "service exited"
             );
         }
+        let cause = (next.is_none() && !unhealthy && ending == Ending::Failure)
+            .then(|| exit_cause(&exit, self.log.tail().after(log_cursor).0.last()));
         self.set(|s| {
             s.pid = None;
             s.ready = false;
             s.live = true;
+            if let Some(cause) = cause {
+                // What the operator needs is why it ended, not the probe's last complaint.
+                s.reason = Some(cause);
+            }
             s.last_exit = Some(exit);
             if let Some(Next::Idle(state)) = &next {
                 s.state = *state;
@@ -292,8 +303,9 @@ impl Actor {
         let stable = tokio::time::sleep(self.policy.stable_after);
         tokio::pin!(stable);
         let mut stable_done = false;
-        // Whether this run has been ready: a failing probe warns only after that.
-        let mut was_ready = false;
+        // Once ready, a failing readiness probe makes the service not ready, still running:
+        // `starting` would say that the process never came up.
+        let mut been_ready = false;
         loop {
             tokio::select! {
                 status = child.wait() => return RunEnd::Exited(status),
@@ -301,18 +313,18 @@ impl Actor {
                     ProbeKind::Ready => {
                         if v.passing {
                             tracing::info!(service = %self.spec.name, "service is ready");
-                            was_ready = true;
-                        } else if was_ready {
+                        } else if been_ready {
                             tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "readiness probe failing");
                         } else {
                             // Every start fails its probe until the service has come up: that
-                            // is no warning.
+                            // is no warning (a failure once it was ready is).
                             tracing::debug!(service = %self.spec.name, reason = v.reason.as_deref(), "not ready yet");
                         }
+                        been_ready |= v.passing;
                         self.set(|s| {
                             s.ready = v.passing;
-                            s.state = if v.passing { ServiceState::Running } else { ServiceState::Starting };
-                            s.reason = v.reason;
+                            s.state = if been_ready { ServiceState::Running } else { ServiceState::Starting };
+                            s.reason = v.reason.map(|r| if been_ready { format!("readiness probe failing: {r}") } else { r });
                         });
                     }
                     ProbeKind::Live if v.passing => self.set(|s| s.live = true),
@@ -327,6 +339,9 @@ impl Actor {
                 },
                 () = &mut stable, if !stable_done => {
                     stable_done = true;
+                    if self.history.crash_loop {
+                        tracing::info!(service = %self.spec.name, stable_after = %humantime::format_duration(self.policy.stable_after), "the crash loop is over: the service ran stable");
+                    }
                     self.history.mark_stable();
                     self.set(|s| s.crash_loop = false);
                 }
@@ -341,6 +356,7 @@ impl Actor {
                     }
                     Command::Restart(reply) => {
                         tracing::info!(service = %self.spec.name, "restarting the service on request");
+                        self.fresh_history();
                         let status = self.stop_child(child, pid, force).await;
                         return RunEnd::Stopped(status, Next::Start, Some(reply));
                     }
@@ -380,7 +396,13 @@ impl Actor {
         force: &CancellationToken,
     ) -> std::io::Result<ExitStatus> {
         self.set(|s| s.state = ServiceState::Stopping);
-        sys::signal_group(pid, Signal::SIGTERM);
+        if sys::is_stopped(pid) {
+            // A stopped process acts on no signal but SIGKILL: its grace would only be waited out.
+            tracing::warn!(service = %self.spec.name, pid, "the service is stopped (T state); killing it without grace");
+            sys::signal_group(pid, Signal::SIGKILL);
+        } else {
+            sys::signal_group(pid, Signal::SIGTERM);
+        }
         let grace = tokio::time::sleep(self.spec.grace);
         tokio::pin!(grace);
         let mut status = None;
@@ -428,6 +450,9 @@ impl Actor {
         );
         let looping = self.history.crash_loop;
         self.set(|s| s.crash_loop = looping);
+        if was_looping && !looping {
+            tracing::info!(service = %self.spec.name, "the crash loop is over: its failures left the window");
+        }
         if looping && !was_looping {
             tracing::error!(
                 service = %self.spec.name,
@@ -451,6 +476,16 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Forgets the restart history: a restart asked for (an operator after fixing the cause, a
+    /// planned restart) starts with no backoff and no crash loop.
+    fn fresh_history(&mut self) {
+        if self.history.crash_loop {
+            tracing::info!(service = %self.spec.name, "the crash loop is over: the service was restarted on request");
+        }
+        self.history = History::default();
+        self.set(|s| s.crash_loop = false);
     }
 
     fn critical_failed(&self) {
@@ -477,7 +512,12 @@ impl Actor {
                     let _ = reply.send(());
                     Next::Idle(ServiceState::Stopped)
                 }
-                Command::Start(reply) | Command::Restart(reply) => {
+                Command::Start(reply) => {
+                    let _ = reply.send(());
+                    Next::Start
+                }
+                Command::Restart(reply) => {
+                    self.fresh_history();
                     let _ = reply.send(());
                     Next::Start
                 }
@@ -500,8 +540,7 @@ impl Actor {
                     }
                     Command::Start(reply) | Command::Restart(reply) => {
                         // An operator starting it again gets a fresh policy history.
-                        self.history = History::default();
-                        self.set(|s| s.crash_loop = false);
+                        self.fresh_history();
                         let _ = reply.send(());
                         return Next::Start;
                     }
@@ -524,6 +563,24 @@ async fn any_changed(rxs: &mut [watch::Receiver<ServiceStatus>]) {
         return std::future::pending().await;
     }
     let _ = futures_util::future::select_all(open).await;
+}
+
+/// Why a run ended, for the status's reason: its exit code or signal and its last line of
+/// output (a stamped tail line; the stamp is left out), e.g. `exited with code 1: OSError:
+/// [Errno 98] address already in use`.
+fn exit_cause(exit: &ExitInfo, last_line: Option<&String>) -> String {
+    let how = match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        (None, None) => "ended".to_owned(),
+    };
+    match last_line.map(|l| l.split_once(' ').map_or(l.as_str(), |(_, rest)| rest).trim()) {
+        Some(line) if !line.is_empty() => format!("{how}: {line}"),
+        _ => how,
+    }
 }
 
 fn exit_info(status: &std::io::Result<ExitStatus>) -> ExitInfo {

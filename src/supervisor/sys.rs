@@ -89,6 +89,16 @@ pub(crate) fn group_alive(pgid: u32) -> bool {
     proc_stats().any(|s| s.pgrp == pgid && s.state != 'Z')
 }
 
+/// Whether the process `pid` is stopped (state `T`, e.g. by SIGSTOP, or `t` under a tracer):
+/// it acts on no signal but SIGKILL until continued, so a grace period would only be waited
+/// out.
+pub(crate) fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .is_some_and(|s| matches!(s.state, 'T' | 't'))
+}
+
 /// Sends `signal` to every process this one may signal: in a PID namespace whose init we are,
 /// that is everything in the namespace but us.
 pub(crate) fn signal_all(signal: Signal) {

@@ -109,6 +109,7 @@ fn kept_services(wp: &WorkerPlan, plan: &Plan, config: &Config, worker: &Worker)
             kept.warmup = warmup_job(c.kind, settings, &s.name)
                 .zip(worker.connector(c.kind))
                 .map(|(j, c)| (c, j));
+            kept.idle = worker.connector(c.kind).map(|c| (c, settings.idle_wait));
             Some(kept)
         })
         .collect()

@@ -34,6 +34,9 @@ pub enum HoldKind {
     PlannedRestart,
     /// Its service is warming up after a (re)start.
     WarmingUp,
+    /// Its service still runs what the last job left (an interrupted prompt runs to the end of
+    /// its node): the next job would wait behind it.
+    ServiceBusy,
 }
 
 impl HoldKind {
@@ -177,9 +180,10 @@ impl Blame {
             }
             // A connector that reports cancellation without being asked has lost its service;
             // a service that said nothing for its stall timeout is wedged or hung.
-            ConnectorError::Unavailable { .. } | ConnectorError::Cancelled | ConnectorError::Stalled { .. } => {
-                Blame::Machine
-            }
+            ConnectorError::Unavailable { .. }
+            | ConnectorError::Cancelled
+            | ConnectorError::Stalled { .. }
+            | ConnectorError::ServiceLost { .. } => Blame::Machine,
             ConnectorError::QuotaReached { .. } | ConnectorError::Destination(_) | ConnectorError::Storage { .. } => {
                 Blame::Elsewhere
             }

@@ -13,6 +13,13 @@
 //! instead of waiting out the liveness probe's failures. Each planned restart is logged with its
 //! reason and counted (`machine_service_planned_restarts_total{service,reason}`).
 //!
+//! After a job that did not complete (cancelled, stalled, failed), the service may still run
+//! what the job left: ComfyUI stops an interrupted prompt only at the end of its node. A job
+//! claimed meanwhile would wait behind it and that wait would count as silence, so the worker
+//! is held (`service_busy`) until the connector says the service is idle
+//! ([`Connector::idle`]), at most the connector's `idle_wait`; past it the service is
+//! restarted like any planned restart (reason `busy`).
+//!
 //! A service with a warm-up job (`warmup`: a ComfyUI workflow, an A1111 prompt) runs it on each
 //! run of the service (its first start and every restart, planned or not) once the service is
 //! healthy, while the worker is held: the worker claims only after a warm-up succeeded. Its time
@@ -108,6 +115,8 @@ pub enum Reason {
     EveryJobs,
     /// A job failed and the service no longer answers its health check.
     Unresponsive,
+    /// After a job that did not complete, the service stayed busy for its `idle_wait`.
+    Busy,
 }
 
 impl Reason {
@@ -118,6 +127,7 @@ impl Reason {
             Reason::IdleVram => "idle_vram",
             Reason::EveryJobs => "every_jobs",
             Reason::Unresponsive => "unresponsive",
+            Reason::Busy => "busy",
         }
     }
 }
@@ -172,6 +182,9 @@ pub struct Kept {
     pub health: Option<ProbeSpec>,
     /// Its warm-up job and the connector that runs it.
     pub warmup: Option<(Arc<dyn Connector>, Job)>,
+    /// The connector that talks to it, asked whether it is idle after a job that did not
+    /// complete, and how long to wait for that.
+    pub idle: Option<(Arc<dyn Connector>, Duration)>,
     jobs: u32,
     pid: Option<u32>,
     /// The run (pid) whose warm-up succeeded.
@@ -187,6 +200,7 @@ impl Kept {
             limits,
             health,
             warmup: None,
+            idle: None,
             jobs: 0,
             pid: None,
             warmed: None,
@@ -255,15 +269,34 @@ impl Upkeep {
                     for s in &mut self.services {
                         s.jobs += 1;
                     }
-                    let due = self.due(&ended.outcome).await;
+                    let mut due = self.due(&ended.outcome).await;
+                    let mut busy = Vec::new();
                     if let Some((i, _, text)) = &due {
                         self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
-                    } else if self.any_cold() {
-                        self.holds.set(HoldKind::WarmingUp, "warming up its services");
+                    } else {
+                        if ended.outcome != JobOutcome::Completed {
+                            busy = self.busy().await;
+                        }
+                        if let Some(&i) = busy.first() {
+                            let name = &self.services[i].name;
+                            self.holds.set(HoldKind::ServiceBusy, format!("waiting for {name} to finish what the last job left"));
+                        } else if self.any_cold() {
+                            self.holds.set(HoldKind::WarmingUp, "warming up its services");
+                        }
                     }
-                    // The worker claims again only after this answer, so a planned restart is
-                    // held before it could.
+                    // The worker claims again only after this answer, so a planned restart (or
+                    // a busy service) is held before it could.
                     let _ = ended.decided.send(());
+                    if !busy.is_empty() {
+                        match self.until_idle(&busy, &stop).await {
+                            None => return,
+                            Some(restart) => due = restart,
+                        }
+                        if let Some((i, _, text)) = &due {
+                            self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
+                        }
+                        self.holds.clear(HoldKind::ServiceBusy);
+                    }
                     due
                 }
                 _ = idle.tick() => {
@@ -285,6 +318,51 @@ impl Upkeep {
         }
     }
 
+    /// The services whose connector says they still run something (a service that cannot be
+    /// asked counts as idle: a dead one is the probes' business).
+    async fn busy(&self) -> Vec<usize> {
+        let mut busy = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if let Some((connector, _)) = &s.idle {
+                if matches!(connector.idle().await, Ok(false)) {
+                    busy.push(i);
+                }
+            }
+        }
+        busy
+    }
+
+    /// Waits until the `busy` services are idle, each at most its `idle_wait`; returns the
+    /// restart of the first that stayed busy (`Some(None)`: all idle; `None`: stopped).
+    async fn until_idle(&self, busy: &[usize], stop: &CancellationToken) -> Option<Option<(usize, Reason, String)>> {
+        const POLL: Duration = Duration::from_millis(100);
+        let started = tokio::time::Instant::now();
+        for &i in busy {
+            let Some((connector, wait)) = &self.services[i].idle else {
+                continue;
+            };
+            loop {
+                match connector.idle().await {
+                    Ok(false) => {}
+                    Ok(true) | Err(_) => break,
+                }
+                if started.elapsed() >= *wait {
+                    let text = format!(
+                        "still busy {} after a job that did not complete (idle_wait)",
+                        humantime::format_duration(*wait)
+                    );
+                    return Some(Some((i, Reason::Busy, text)));
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+            tracing::info!(worker = %self.worker, service = %self.services[i].name, waited = ?started.elapsed(), "the service is idle again");
+        }
+        Some(None)
+    }
+
     /// Whether a service's current run has not warmed up yet.
     fn any_cold(&self) -> bool {
         self.services.iter().any(|s| {
@@ -303,9 +381,11 @@ impl Upkeep {
                 let Ok(mut watch) = self.keep.supervisor.watch(std::slice::from_ref(&name)) else {
                     break;
                 };
+                // As soon as it serves, crash loop or not: the crash-loop flag stays up for
+                // `stable_after`, and the worker waits for this warm-up.
                 tokio::select! {
                     () = stop.cancelled() => return false,
-                    r = watch.wait_healthy() => if r.is_err() { return false },
+                    r = watch.wait_serving() => if r.is_err() { return false },
                 }
                 let pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
                 let Some((connector, job)) = self.services[i].warmup.clone().filter(|_| self.services[i].cold(pid))

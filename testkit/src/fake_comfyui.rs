@@ -5,7 +5,10 @@
 //! Prompts run one at a time in submission order, as in ComfyUI. What a prompt does is decided
 //! by its nodes, so a test (or a job sent to the standalone `fake_comfyui` example of the machine package) scripts it:
 //! - any node: `inputs.steps` progress events, `inputs.step_ms` apart; `inputs.cached = true`
-//!   reports it in `execution_cached` instead of running it;
+//!   reports it in `execution_cached` instead of running it; `inputs.busy_ms` makes it work that
+//!   long without a word and without looking at interrupts, as an upstream node without a
+//!   progress hook does (a VAE decode): an interrupt ends the prompt only when the node ends,
+//!   and `/queue` lists the prompt as running until then;
 //! - `SaveImage`: writes a PNG named from `inputs.filename_prefix` (type `output`);
 //!   `PreviewImage` writes one of type `temp`;
 //! - `FakeError`: `execution_error` with `inputs.exception_type` / `inputs.message`;
@@ -505,6 +508,9 @@ async fn run_prompt(s: &Arc<Comfy>, p: &QueuedPrompt) {
             while !s.interrupt.load(Ordering::SeqCst) && silent.is_none_or(|d| started.elapsed() < d) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+        }
+        if let Some(ms) = inputs.get("busy_ms").and_then(Value::as_u64) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         if class == "FakeGrow" {
             let mb = inputs.get("mb").and_then(Value::as_u64).unwrap_or(0);

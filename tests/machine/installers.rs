@@ -567,6 +567,96 @@ fn a_comfyui_that_does_not_start_fails_its_install_with_the_traceback() {
     assert!(report.contains("-c") && report.contains("constraints.txt"), "{report}");
 }
 
+#[test]
+fn a_failed_install_of_a_new_ref_leaves_the_working_install_in_place_and_says_why_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let src = root.join("src/comfy");
+    let good = repo(
+        &src,
+        &[("main.py", "import sys\nassert '--quick-test-for-ci' in sys.argv\n")],
+    );
+    sh(
+        root,
+        &["git", "clone", "--quiet", "--bare", src.to_str().unwrap(), "comfy.git"],
+    );
+    let ws = root.join("ws");
+    let env = |git_ref: &str| {
+        vec![
+            ("MACHINE_WORKSPACE", ws.display().to_string()),
+            ("WORKER_CONNECTORS", "comfyui".to_owned()),
+            ("COMFYUI_REPO_URL", root.join("comfy.git").display().to_string()),
+            ("COMFYUI_REF", git_ref.to_owned()),
+            ("COMFYUI_EXTRA_PACKAGES", "none".to_owned()),
+        ]
+    };
+    let limit = Duration::from_secs(240);
+    let head = || sh(&ws.join("ComfyUI"), &["git", "rev-parse", "HEAD"]);
+    let stamp = ws.join(".machine/install/comfyui.stamp");
+    let out = machine(&["install", "--only", "comfyui"], &env(&good), limit);
+    assert!(out.status.success(), "{}", text(&out));
+    let stamped = std::fs::read_to_string(&stamp).unwrap();
+
+    // A ref that does not exist: git's own reason first, nothing touched, and the next
+    // attempt's error shows that attempt's output only.
+    for bad in ["no-such-ref-1", "no-such-ref-2"] {
+        let out = machine(&["install", "--only", "comfyui"], &env(bad), limit);
+        let report = text(&out);
+        assert!(!out.status.success(), "{report}");
+        assert!(report.contains(&format!("couldn't find remote ref {bad}")), "{report}");
+        assert!(!report.contains("does not take a path argument"), "{report}");
+        assert!(
+            !report.contains("no-such-ref-1") || bad == "no-such-ref-1",
+            "an earlier attempt's output: {report}"
+        );
+        assert_eq!(head(), good);
+        assert_eq!(std::fs::read_to_string(&stamp).unwrap(), stamped);
+    }
+
+    // A ref that exists but fails its smoke test: the previous checkout and stamp come back.
+    write(&src.join("main.py"), "import sys\nsys.exit('this ComfyUI is broken')\n");
+    sh(
+        &src,
+        &[
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "--quiet",
+            "-am",
+            "broken",
+        ],
+    );
+    let broken = sh(&src, &["git", "rev-parse", "HEAD"]);
+    sh(
+        &src,
+        &[
+            "git",
+            "push",
+            "--quiet",
+            root.join("comfy.git").to_str().unwrap(),
+            "main",
+        ],
+    );
+    let out = machine(&["install", "--only", "comfyui"], &env(&broken), limit);
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("this ComfyUI is broken"), "{report}");
+    assert_eq!(head(), good, "the failed install left its checkout in place");
+    assert_eq!(std::fs::read_to_string(&stamp).unwrap(), stamped);
+
+    // The install that worked is still the one in place.
+    let out = machine(&["install", "--only", "comfyui"], &env(&good), limit);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("up to date"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// `machine install` installs for the connectors `machine run` plans: both load through the one
 /// loader, which reads `<workspace>/worker_connectors` over `WORKER_CONNECTORS`.
 #[test]

@@ -8,6 +8,7 @@ mod connectors;
 mod deploy;
 mod e2e;
 mod external;
+mod faults;
 mod gpu_health;
 mod gpus;
 mod hardening;

@@ -1525,6 +1525,183 @@ async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
     .await;
 }
 
+/// One claim as an original worker makes it: the contract's two arguments only.
+async fn original_claim(conn: &mut MultiplexedConnection, caps_json: &str) -> Option<String> {
+    let reply: Option<String> = redis::cmd("FCALL")
+        .arg("findMatchingJob")
+        .arg(0)
+        .arg(caps_json)
+        .arg(100)
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply.map(|r| {
+        let doc: Value = serde_json::from_str(&r).unwrap();
+        doc["jobId"].as_str().unwrap().to_owned()
+    })
+}
+
+async fn pending_count(conn: &mut MultiplexedConnection) -> usize {
+    redis::cmd("ZCARD").arg("jobs:pending").query_async(conn).await.unwrap()
+}
+
+/// With only original workers claiming and no machine of ours subscribed, nothing indexes the
+/// jobs but the claims themselves; the order must hold all the same, and no claim may come back
+/// empty while a job waits. The ids sort otherwise than their times, and jobs of one second tie
+/// in `jobs:pending` (doubles near 5e16 are 8 apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_workers_alone_claim_in_order_and_never_empty_while_jobs_wait() {
+    within(async {
+        let server = RedisServer::start();
+        let _b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let caps_json = caps("orig", &["comfyui"]).to_json();
+        let id = |round: i64, i: i64| format!("{:04x}-{round}-{i:03}", (i * 7919 + 13) % 65521);
+
+        // Queued first, 7 ms apart, then claimed.
+        let t = now_ms() - 60_000;
+        for i in 0..100 {
+            api_submit(&mut conn, &id(0, i), t + i * 7, &[], true).await;
+        }
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let waiting = pending_count(&mut conn).await;
+            match original_claim(&mut conn, &caps_json).await {
+                Some(job) => got.push(job),
+                None => panic!("an empty reply while {waiting} jobs wait, after {got:?}"),
+            }
+        }
+        assert_eq!(got, (0..100).map(|i| id(0, i)).collect::<Vec<_>>());
+
+        // Queued 7 ms apart while a slower original worker claims.
+        let submitter = tokio::spawn({
+            let mut conn = raw(&server).await;
+            async move {
+                for i in 0..100 {
+                    api_submit(&mut conn, &id(1, i), now_ms(), &[], true).await;
+                    tokio::time::sleep(Duration::from_millis(7)).await;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut empty_while_waiting = 0;
+        while got.len() < 100 {
+            // A job being written may be in jobs:pending before its hash: count an empty reply
+            // only when another job waits too.
+            let waiting = pending_count(&mut conn).await;
+            match original_claim(&mut conn, &caps_json).await {
+                Some(job) => {
+                    got.push(job);
+                    tokio::time::sleep(Duration::from_millis(12)).await;
+                }
+                None => {
+                    if waiting >= 2 {
+                        empty_while_waiting += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        submitter.await.unwrap();
+        assert_eq!(got, (0..100).map(|i| id(1, i)).collect::<Vec<_>>());
+        assert_eq!(empty_while_waiting, 0, "empty replies while jobs waited");
+    })
+    .await;
+}
+
+/// The API re-submits a pending id at a new priority (its hash and its `jobs:pending` score)
+/// and the machine misses the message: the fleet's sweeper finds the new score, and the job
+/// takes its new place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_job_resubmitted_at_a_new_priority_without_a_message_takes_its_new_place() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            api_submit(&mut conn, id, t + i as i64 * 1000, &[], true).await;
+            b.index_job(id).await.unwrap();
+        }
+        api_submit(&mut conn, "c", t + 2000, &[("priority", "90")], false).await;
+        api_submit(&mut conn, "a", t, &[("priority", "10")], false).await;
+        let swept = b
+            .sweep_pending()
+            .await
+            .unwrap()
+            .expect("the only machine holds the sweeper lease");
+        assert_eq!(swept.found, 2, "{swept:?}");
+        assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, ["c", "b", "a"]);
+    })
+    .await;
+}
+
+/// The original worker's retry and the API's delete-machine clean-up put a job back into
+/// `jobs:pending` without any message, at a score near 9.0e15 (the original's formula), deep
+/// behind every job of priority 10 and up. An idle worker gets it within 10 s whatever the
+/// depth; one sweeper for the fleet finds it (three machines run here, one sweeps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_put_back_deep_without_a_message_is_claimed_within_ten_seconds() {
+    within(async {
+        let server = RedisServer::start();
+        let mut conn = raw(&server).await;
+        bulk_load(
+            &mut conn,
+            "blocked-",
+            20_000,
+            "comfyui",
+            r#"{"hardware":{"gpu_memory_gb":80}}"#,
+            90,
+        )
+        .await;
+        let shutdown = CancellationToken::new();
+        let mut machines = Vec::new();
+        for _ in 0..3 {
+            let b = broker(&server).await;
+            let s = shutdown.clone();
+            let run = tokio::spawn({
+                let b = b.clone();
+                async move { b.run(Duration::from_secs(5), s).await }
+            });
+            machines.push((b, run));
+        }
+        let b = machines[0].0.clone();
+        let w = caps("w", &["comfyui"]);
+        let claimer = tokio::spawn({
+            let (b, s) = (b.clone(), shutdown.clone());
+            async move { b.claim_next(&w, &s).await }
+        });
+        wait_for_subscriber(&server).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!claimer.is_finished(), "nothing runnable yet");
+        // The original worker's retry: the hash back to pending, the original's score.
+        let created = now_ms() - 600_000;
+        api_submit(&mut conn, "put-back", created, &[("retry_count", "1")], false).await;
+        let original_score = 50.0 * 1e6 + (9_007_199_254_740_991.0 - created as f64);
+        let _: () = redis::cmd("ZADD")
+            .arg("jobs:pending")
+            .arg(original_score)
+            .arg("put-back")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let put_back = Instant::now();
+        let job = tokio::time::timeout(Duration::from_secs(10), claimer)
+            .await
+            .expect("claimed within 10 s")
+            .unwrap()
+            .unwrap()
+            .expect("a job");
+        assert_eq!(job.id, "put-back");
+        eprintln!("claimed {:?} after it was put back", put_back.elapsed());
+        shutdown.cancel();
+        for (_, run) in machines {
+            run.await.unwrap().unwrap();
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_in_a_job_field_fails_the_job_at_once_naming_the_field() {
     within(async {

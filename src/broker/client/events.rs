@@ -1,6 +1,7 @@
 //! The machine's one pub/sub connection: `job_submitted` / `job_requeued` wake claimers (and
-//! index submitted jobs), `cancel_job` notices go to a broadcast channel, and the catch-up that
-//! indexes jobs queued while no machine listened.
+//! index submitted jobs), `cancel_job` notices go to a broadcast channel, the catch-up that
+//! indexes jobs queued while no machine listened, and the fleet's one sweeper, which finds jobs
+//! the API put into `jobs:pending` without a message.
 
 use std::time::Duration;
 
@@ -12,6 +13,23 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, CatchUp, redis_err};
 use crate::backoff::Backoff;
 use crate::broker::BrokerError;
+/// How often the fleet's sweeper passes over `jobs:pending` (and other machines try to take
+/// its lease): a job queued without a message is found within about this plus one pass.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// The sweeper's lease: a machine that stops sweeping hands over within this.
+const SWEEP_LEASE: Duration = Duration::from_secs(6);
+/// Entries of `jobs:pending` (and of the index) one sweeper step reads.
+const SWEEP_STEP: u32 = 2000;
+
+/// What one pass of the fleet's sweeper did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Steps (calls) the pass took.
+    pub steps: u64,
+    /// Jobs it put into the index: queued, re-queued or re-scored without a message.
+    pub found: u64,
+}
+
 impl Broker {
     /// `cancel_job` notices (job ids) seen by [`Broker::run_events`].
     pub fn cancellations(&self) -> broadcast::Receiver<String> {
@@ -122,6 +140,50 @@ impl Broker {
                 if wrapped >= 2 {
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// One pass of the fleet's sweeper over `jobs:pending` (docs/redis-protocol.md, The fleet's
+    /// sweeper), in steps of [`SWEEP_STEP`] entries, when this broker holds the fleet's sweeper
+    /// lease or takes it now; `None` while another machine holds it.
+    pub async fn sweep_pending(&self) -> Result<Option<SweepReport>, BrokerError> {
+        let lease = SWEEP_LEASE.as_millis().to_string();
+        let step = SWEEP_STEP.to_string();
+        let mut report = SweepReport::default();
+        loop {
+            let r: Vec<u64> = self
+                .call(
+                    "sweepPending",
+                    &[&self.inner.opts.key_prefix, &self.inner.sweeper_id, &lease, &step],
+                )
+                .await?;
+            if r.first() != Some(&1) {
+                return Ok(None);
+            }
+            report.steps += 1;
+            report.found += r.get(1).copied().unwrap_or(0);
+            if r.get(2) == Some(&1) {
+                return Ok(Some(report));
+            }
+        }
+    }
+
+    /// Runs the fleet's sweeper: every [`SWEEP_EVERY`] a pass when this machine holds the
+    /// lease (or takes it), else one cheap attempt to take it. Errors are logged and retried.
+    pub async fn run_sweeper(&self, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+            match self.sweep_pending().await {
+                Ok(Some(r)) if r.found > 0 => {
+                    tracing::info!(found = r.found, "found jobs queued without a message");
+                    self.wake(None);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "failed to sweep the pending queue"),
             }
         }
     }

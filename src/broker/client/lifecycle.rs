@@ -199,11 +199,12 @@ impl Broker {
         }
     }
 
-    /// Returns expired leases' jobs to the queue (or fails them after `max_retries`) and repairs
-    /// a bounded part of the index. Safe to run from every machine at once.
+    /// Returns expired leases' jobs to the queue (or fails them after `max_retries`). Safe to
+    /// run from every machine at once. (It repairs no part of the index: that is the fleet's
+    /// one sweeper's, [`Broker::run_sweeper`], so the cost does not grow with the machines.)
     pub async fn reap_expired_leases(&self) -> Result<ReapReport, BrokerError> {
         let counts: Vec<u64> = self
-            .call("reapExpiredLeases", &[&self.inner.opts.key_prefix, "100", "1000"])
+            .call("reapExpiredLeases", &[&self.inner.opts.key_prefix, "100", "0"])
             .await?;
         Ok(ReapReport {
             requeued: counts.first().copied().unwrap_or(0),

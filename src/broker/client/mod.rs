@@ -32,6 +32,7 @@ use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
+pub use events::{SWEEP_EVERY, SweepReport};
 pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
 
@@ -102,6 +103,8 @@ struct Inner {
     /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
     /// [`Broker::claim_next`]).
     catch_up: watch::Sender<CatchUp>,
+    /// This broker's name as the holder of the fleet's sweeper lease (random, per process).
+    sweeper_id: String,
 }
 
 /// Whether jobs queued while no machine listened are in the index yet.
@@ -184,6 +187,7 @@ impl Broker {
                 observer: std::sync::OnceLock::new(),
                 registered: Mutex::new(HashMap::new()),
                 catch_up: watch::channel(CatchUp::NotRunning).0,
+                sweeper_id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
             }),
         })
     }
@@ -354,10 +358,15 @@ impl Broker {
     }
 
     /// The machine's background broker work until `shutdown`: the event subscription
-    /// ([`Broker::run_events`]) and the reaper every `reap_every` ([`Broker::run_reaper`]).
+    /// ([`Broker::run_events`]), the reaper every `reap_every` ([`Broker::run_reaper`]) and the
+    /// fleet's sweeper when this machine holds its lease ([`Broker::run_sweeper`]).
     pub async fn run(&self, reap_every: Duration, shutdown: CancellationToken) -> Result<(), BrokerError> {
-        let (events, reaper) = tokio::join!(self.run_events(shutdown.clone()), self.run_reaper(reap_every, shutdown));
-        events.and(reaper)
+        let (events, reaper, sweeper) = tokio::join!(
+            self.run_events(shutdown.clone()),
+            self.run_reaper(reap_every, shutdown.clone()),
+            self.run_sweeper(shutdown)
+        );
+        events.and(reaper).and(sweeper)
     }
 }
 

@@ -45,7 +45,7 @@ use super::stall::StallClock;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
 use crate::config::ConnectorKind;
 use crate::models::{ModelError, ModelStore, ModelsInUse};
-use tracker::{Outcome, Tracker, history_outcome, queue_lists};
+use tracker::{Outcome, Tracker, history_outcome, queue_is_empty, queue_lists};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -53,6 +53,11 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const SILENCE_CHECK: Duration = Duration::from_secs(10);
 /// How long a lost ComfyUI may stay unreachable before the job fails (retryably).
 const RECONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// The limit of one short request (`/history`, `/queue`): a stopped process accepts the
+/// connection and never answers, and the caller must go on.
+const SHORT_REQUEST: Duration = Duration::from_secs(5);
+/// The limit of the `/interrupt` and queue removal sent when a job ends early: best effort.
+const INTERRUPT_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the server knows of a submitted prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +222,7 @@ impl ComfyuiConnector {
         let resp = self
             .client
             .get(self.url(&format!("/history/{prompt_id}")))
+            .timeout(SHORT_REQUEST)
             .send()
             .await
             .map_err(|e| http::send_error("read the ComfyUI history", e))?;
@@ -232,11 +238,12 @@ impl ComfyuiConnector {
         Ok(v.get(prompt_id).cloned())
     }
 
-    /// Whether `/queue` lists the prompt as running or pending.
-    async fn queued(&self, prompt_id: &str) -> Result<bool, ConnectorError> {
+    /// `GET /queue`: the running and pending prompts.
+    async fn queue(&self) -> Result<Value, ConnectorError> {
         let resp = self
             .client
             .get(self.url("/queue"))
+            .timeout(SHORT_REQUEST)
             .send()
             .await
             .map_err(|e| http::send_error("read the ComfyUI queue", e))?;
@@ -245,11 +252,14 @@ impl ComfyuiConnector {
             let text = resp.text().await.unwrap_or_default();
             return Err(http::status_error("ComfyUI /queue", status, &text));
         }
-        let v: Value = resp
-            .json()
+        resp.json()
             .await
-            .map_err(|e| http::send_error("parse the ComfyUI queue", e))?;
-        Ok(queue_lists(&v, prompt_id))
+            .map_err(|e| http::send_error("parse the ComfyUI queue", e))
+    }
+
+    /// Whether `/queue` lists the prompt as running or pending.
+    async fn queued(&self, prompt_id: &str) -> Result<bool, ConnectorError> {
+        Ok(queue_lists(&self.queue().await?, prompt_id))
     }
 
     /// What the server knows of the prompt: its outcome when it has finished, whether it is
@@ -291,20 +301,20 @@ impl ComfyuiConnector {
         }
     }
 
-    /// Asks ComfyUI to stop the prompt, best effort and bounded: the job ends either way.
+    /// Asks ComfyUI to stop the prompt and removes it from the queue, both at once, best effort
+    /// and bounded by [`INTERRUPT_LIMIT`]: the job ends either way.
     async fn interrupt(&self, prompt_id: &str) {
         let body = serde_json::json!({"prompt_id": prompt_id});
         let sent = self
             .client
             .post(self.url("/interrupt"))
             .json(&body)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
+            .timeout(INTERRUPT_LIMIT)
+            .send();
+        let (sent, ()) = tokio::join!(sent, self.delete_from_queue(prompt_id));
         if let Err(e) = sent {
             tracing::warn!(error = %e, "failed to interrupt ComfyUI");
         }
-        self.delete_from_queue(prompt_id).await;
     }
 
     async fn delete_from_queue(&self, prompt_id: &str) {
@@ -313,9 +323,19 @@ impl ComfyuiConnector {
             .client
             .post(self.url("/queue"))
             .json(&body)
-            .timeout(Duration::from_secs(2))
+            .timeout(INTERRUPT_LIMIT)
             .send()
             .await;
+    }
+
+    /// Ends a stalled prompt: interrupts it and asks the health check at the same time, so the
+    /// stall is declared within a few seconds of its deadline whatever the server does.
+    async fn stalled(&self, prompt_id: &str, clock: &StallClock) -> ConnectorError {
+        let silent_for = clock.silent_for();
+        let ((), answers) = tokio::join!(self.interrupt(prompt_id), self.answers());
+        let e = clock.stalled("comfyui", silent_for, answers);
+        tracing::warn!(%prompt_id, error = %e, "the prompt stalled; interrupted it");
+        e
     }
 
     /// Reads the finished prompt's outputs: files become artifacts, the rest stays in `data`.
@@ -408,8 +428,21 @@ impl ComfyuiConnector {
         let workflow = workflow_of(&job.payload)?;
         let _models_in_use = or_cancelled(cancel, self.models_for(workflow, progress)).await?;
         let client_id = format!("machine-{}", hex::encode(rand::random::<[u8; 8]>()));
-        let mut socket = or_cancelled(cancel, self.connect(&client_id)).await?;
-        let prompt_id = or_cancelled(cancel, self.submit(workflow, &client_id)).await?;
+        // From here on every call to the server is raced against the stall clock: a stopped
+        // ComfyUI accepts connections and answers nothing, and its job must still end in time.
+        let mut clock = StallClock::start(self.stall_timeout, job);
+        let Some(socket) = clock.within(or_cancelled(cancel, self.connect(&client_id))).await else {
+            return Err(clock.stalled("comfyui", clock.silent_for(), self.answers().await));
+        };
+        let mut socket = socket?;
+        let Some(prompt_id) = clock
+            .within(or_cancelled(cancel, self.submit(workflow, &client_id)))
+            .await
+        else {
+            return Err(clock.stalled("comfyui", clock.silent_for(), self.answers().await));
+        };
+        let prompt_id = prompt_id?;
+        clock.heard();
         progress.report(Progress {
             percent: 0.0,
             message: "queued in ComfyUI".to_owned(),
@@ -417,7 +450,6 @@ impl ComfyuiConnector {
             total_steps: Some(workflow.len() as u32),
         });
         let mut tracker = Tracker::new(prompt_id.clone(), workflow);
-        let mut clock = StallClock::start(self.stall_timeout, job);
         let outcome = loop {
             let next = tokio::select! {
                 biased;
@@ -425,13 +457,7 @@ impl ComfyuiConnector {
                     self.interrupt(&prompt_id).await;
                     return Err(ConnectorError::Cancelled);
                 }
-                () = clock.expired() => {
-                    let silent_for = clock.silent_for();
-                    self.interrupt(&prompt_id).await;
-                    let e = clock.stalled("comfyui", silent_for, self.answers().await);
-                    tracing::warn!(%prompt_id, error = %e, "the prompt stalled; interrupted it");
-                    return Err(e);
-                }
+                () = clock.expired() => return Err(self.stalled(&prompt_id, &clock).await),
                 next = tokio::time::timeout(SILENCE_CHECK, socket.next()) => next,
             };
             let lost = match next {
@@ -451,24 +477,36 @@ impl ComfyuiConnector {
                 Ok(Some(Ok(_binary_preview_or_ping))) => continue,
             };
             if lost {
-                socket = self.reconnect(&client_id, cancel).await.inspect_err(|e| {
-                    if !matches!(e, ConnectorError::Cancelled) {
+                let Some(reconnected) = clock.within(self.reconnect(&client_id, cancel)).await else {
+                    return Err(self.stalled(&prompt_id, &clock).await);
+                };
+                socket = match reconnected {
+                    Ok(socket) => socket,
+                    Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
+                    Err(e) => {
                         tracing::warn!(error = %e.chain(), "ComfyUI stayed unreachable");
+                        return Err(ConnectorError::ServiceLost {
+                            service: "comfyui".to_owned(),
+                            message: format!("its WebSocket closed mid-job and it stayed unreachable: {}", e.chain()),
+                        });
                     }
-                })?;
+                };
             }
             // After a reconnect or a long silence the outcome may have been missed: ask the
             // history, which ComfyUI keeps for finished prompts, and the queue. A server that
             // knows the prompt in neither restarted and lost it: nothing will ever finish it.
-            match or_cancelled(cancel, self.whereabouts(&prompt_id)).await {
+            let Some(whereabouts) = clock.within(or_cancelled(cancel, self.whereabouts(&prompt_id))).await else {
+                return Err(self.stalled(&prompt_id, &clock).await);
+            };
+            match whereabouts {
                 Ok(Whereabouts::Finished(outcome)) => break outcome,
                 Ok(Whereabouts::Known) => {}
                 Ok(Whereabouts::Unknown) => {
-                    return Err(ConnectorError::Failed {
+                    return Err(ConnectorError::ServiceLost {
+                        service: "comfyui".to_owned(),
                         message: format!(
-                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted and lost the job"
+                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted"
                         ),
-                        retryable: true,
                     });
                 }
                 Err(ConnectorError::Cancelled) => {
@@ -510,7 +548,11 @@ impl ComfyuiConnector {
             current_step: Some(workflow.len() as u32),
             total_steps: Some(workflow.len() as u32),
         });
-        self.collect(&prompt_id, cancel).await
+        clock.heard();
+        match clock.within(self.collect(&prompt_id, cancel)).await {
+            Some(collected) => collected,
+            None => Err(clock.stalled("comfyui", clock.silent_for(), self.answers().await)),
+        }
     }
 }
 
@@ -526,6 +568,12 @@ impl Connector for ComfyuiConnector {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
         Box::pin(self.run_job(job, progress, cancel))
+    }
+
+    /// Idle when `/queue` lists nothing running or pending: an interrupted prompt is listed as
+    /// running until its node ends.
+    fn idle(&self) -> BoxFuture<'_, Result<bool, ConnectorError>> {
+        Box::pin(async { Ok(queue_is_empty(&self.queue().await?)) })
     }
 }
 

@@ -43,6 +43,13 @@ pub(super) fn queue_lists(queue: &Value, prompt_id: &str) -> bool {
     })
 }
 
+/// Whether a `GET /queue` answer lists nothing running and nothing pending.
+pub(super) fn queue_is_empty(queue: &Value) -> bool {
+    ["queue_running", "queue_pending"]
+        .iter()
+        .all(|k| queue.get(*k).and_then(Value::as_array).is_none_or(Vec::is_empty))
+}
+
 /// The outcome a finished history entry records; `None` while the prompt is not finished.
 pub(super) fn history_outcome(entry: &Value) -> Option<Outcome> {
     let status = entry.get("status")?;

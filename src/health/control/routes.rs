@@ -58,7 +58,11 @@ async fn logs(
     let tail = if name == MACHINE_LOG {
         machine_log()
     } else {
-        match s.services.log_tail(&name) {
+        match s
+            .services
+            .resolve_one(&name)
+            .and_then(|name| s.services.log_tail(&name))
+        {
             Ok(t) => t,
             Err(e) => {
                 return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response();
