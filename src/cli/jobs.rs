@@ -506,6 +506,9 @@ mod tests {
         assert!(lines[1].ends_with(" cancelled"), "{text}");
         assert!(text.contains("max_retries          2 (3 attempts in all)\n"), "{text}");
         assert!(text.contains("processing_time      2s\n"), "{text}");
-        assert!(!text.contains("workflow_id") && !text.contains("progress:"), "no empty field: {text}");
+        assert!(
+            !text.contains("workflow_id") && !text.contains("progress:"),
+            "no empty field: {text}"
+        );
     }
 }

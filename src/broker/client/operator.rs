@@ -451,7 +451,10 @@ mod tests {
             "the only registered workers that can run it may not claim now: w1 (quarantined for 5m 0s)"
         );
         let busy = waiting_for(&[("w1".into(), Presence::Busy), ("w2".into(), held("gpu faulted"))]);
-        assert!(busy.contains("waits for one of the 1 busy") && busy.contains("held: w2 (gpu faulted)"), "{busy}");
+        assert!(
+            busy.contains("waits for one of the 1 busy") && busy.contains("held: w2 (gpu faulted)"),
+            "{busy}"
+        );
         let free = waiting_for(&[("w1".into(), Presence::Free)]);
         assert!(free.contains("1 of them free"), "{free}");
     }

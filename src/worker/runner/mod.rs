@@ -591,13 +591,17 @@ impl RedisBackoff {
 }
 
 /// The models on disk as a log line reads them: `checkpoints: a, b; loras: c`, or `none`.
-fn models_text(models: &std::collections::BTreeMap<String, Vec<String>>) -> String {
+fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
     let text: Vec<String> = models
         .iter()
         .filter(|(_, files)| !files.is_empty())
         .map(|(kind, files)| format!("{kind}: {}", files.join(", ")))
         .collect();
-    if text.is_empty() { "none".to_owned() } else { text.join("; ") }
+    if text.is_empty() {
+        "none".to_owned()
+    } else {
+        text.join("; ")
+    }
 }
 
 #[cfg(test)]
