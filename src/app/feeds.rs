@@ -251,6 +251,9 @@ pub(super) fn spawn_metrics_feed(
             if let Some(billing) = &report.billing {
                 metrics.billing(billing);
             }
+            if let Some(api) = &report.possible_orphan {
+                metrics.possible_orphan(api);
+            }
         }
     })
 }

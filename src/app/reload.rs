@@ -155,7 +155,10 @@ impl Reloader {
         }
         let config = config::load_in(self.path.as_deref(), &ProcessEnv, &self.config.machine.workspace)
             .map_err(ReloadError::Invalid)?;
-        let changes = self.config.changes(&config);
+        let mut changes = self.config.changes(&config);
+        // Secrets are compared apart (the configuration's own fields mask them): a rotated API
+        // key rebuilds its connector's workers.
+        changes.connectors.extend(self.config.api_keys_changed(&config));
         let mut restart_required: Vec<String> = changes.restart.iter().map(|k| (*k).to_owned()).collect();
         // The lease alone of `[worker]` applies in place, from the next claim and renewal,
         // when the running heartbeat still renews it at least three times per lease.
@@ -191,6 +194,10 @@ impl Reloader {
                 }]))
             })?;
         let mut applied_settings = Vec::new();
+        if self.pool.renew_credentials(&applied.credentials) {
+            tracing::info!("reload: the output store uses the credentials read now");
+            applied_settings.push("output store credentials (read again)".to_owned());
+        }
         if let Some(lease) = new_lease {
             if self.pool.set_lease(lease) {
                 tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");

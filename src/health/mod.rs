@@ -93,6 +93,9 @@ pub struct HealthState {
     local_token: control::LocalToken,
     redis: Mutex<RedisStatus>,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// What each customer's jobs used at each external API since the machine started, every
+    /// billed attempt counted: by connector, then customer.
+    external_usage: Mutex<BTreeMap<String, BTreeMap<String, crate::connectors::Billing>>>,
     models: Option<crate::models::ModelStore>,
     recent_jobs: Mutex<history::RecentJobs>,
     gpu_history: Mutex<history::GpuHistory>,
@@ -149,6 +152,7 @@ impl HealthState {
                 ..RedisStatus::default()
             }),
             external_apis: Mutex::new(BTreeMap::new()),
+            external_usage: Mutex::new(BTreeMap::new()),
             models: sources.models,
             recent_jobs: Mutex::default(),
             gpu_history: Mutex::default(),
@@ -166,12 +170,27 @@ impl HealthState {
         self.broker.get()
     }
 
-    /// Records a finished job for the status document's `recent_jobs`.
+    /// Records a finished job for the status document's `recent_jobs`, and what it used at an
+    /// external API for the per-customer usage under `external_apis`.
     pub fn record_job(&self, report: &crate::worker::JobReport) {
         self.recent_jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(report, crate::clock::now_ms());
+        if let Some(b) = &report.billing {
+            self.external_usage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(b.connector.clone())
+                .or_default()
+                .entry(b.customer.clone())
+                .or_insert_with(|| crate::connectors::Billing {
+                    connector: b.connector.clone(),
+                    customer: b.customer.clone(),
+                    ..crate::connectors::Billing::default()
+                })
+                .add(b);
+        }
     }
 
     /// Records the GPUs' live readings of `doc` in the GPU history.
@@ -357,9 +376,20 @@ impl HealthState {
             .insert(api.to_owned(), doc);
     }
 
-    /// The external APIs' usage, by API.
+    /// The external APIs' usage, by API: the limiter's fleet-wide document, and under
+    /// `customers` what each customer's jobs used here since the start (an empty customer is
+    /// keyed `""`).
     pub fn external_apis(&self) -> BTreeMap<String, serde_json::Value> {
-        self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut apis = self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let usage = self.external_usage.lock().unwrap_or_else(|p| p.into_inner());
+        for (connector, customers) in usage.iter() {
+            let doc = apis.entry(connector.clone()).or_insert_with(|| serde_json::json!({}));
+            if let serde_json::Value::Object(map) = doc {
+                let customers = serde_json::to_value(customers).expect("billing is plain data");
+                map.insert("customers".to_owned(), customers);
+            }
+        }
+        apis
     }
 
     /// The workers as `/status` and `/ready` show them: their status plus the reason a
