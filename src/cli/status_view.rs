@@ -46,6 +46,13 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
     if let Some(e) = &r.last_error {
         out.push_str(&wrap(&format!("redis error: {e}"), width));
     }
+    if let Some(why) = &r.not_ready {
+        let _ = writeln!(out, "NOT READY: {why}");
+    }
+    if r.errors.values().any(|n| *n > 0) {
+        let counts: Vec<String> = r.errors.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        let _ = writeln!(out, "redis errors: {}", counts.join(", "));
+    }
 
     let now_ms = crate::clock::now_ms();
     let mut gpus = Vec::new();
