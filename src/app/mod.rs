@@ -37,7 +37,6 @@ mod workspace;
 
 pub(crate) use feeds::readiness_feed;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,12 +234,14 @@ async fn run_subsystems(
     };
     let tracker = Tracker::new();
     let state = HealthState::new(
-        config,
-        plan,
+        health::Running {
+            config: config.clone(),
+            plan: plan.clone(),
+            workers: workers.statuses(),
+        },
         probe.clone(),
         Sources {
             services: handle.clone(),
-            workers: workers.statuses(),
             installs: tracker.subscribe(),
             models: workers.models(),
             force: force.clone(),
@@ -278,10 +279,8 @@ async fn run_subsystems(
         Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
         Ok(()) => {
             let reloader = |services, pool, readiness| {
-                reload::Reloader::new(reload::Running {
+                reload::Reloader::new(reload::Parts {
                     path: reload.path,
-                    config: config.clone(),
-                    plan: plan.clone(),
                     probe,
                     services,
                     pool,
@@ -350,9 +349,8 @@ async fn run_services_and_workers(
     ));
     feeds.push(tokio::spawn(on_gpu_faults(
         state.gpu_health(),
-        plan.clone(),
+        state.running(),
         handle.clone(),
-        workers.statuses(),
         config.machine.gpu.on_fault,
         gpu_exit.clone(),
         feeds_stop.clone(),
@@ -369,13 +367,6 @@ async fn run_services_and_workers(
             fleet_stop.clone(),
             feeds_stop.clone(),
         );
-        let job_services: Vec<String> = plan
-            .workers
-            .iter()
-            .flat_map(|w| w.job_services())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
         tokio::spawn(async move {
             let failed = |error: &str| {
                 state.set_redis(|r| {
@@ -408,7 +399,7 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
-            let queue = spawn_queue_feed(&state, broker.clone(), job_services, feeds_stop);
+            let queue = spawn_queue_feed(&state, broker.clone(), feeds_stop);
             let result = workers.run(broker, &readiness, workers_stop).await;
             (result, Some(fleet), Some(queue))
         })

@@ -331,7 +331,7 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
     let mut workers = state.worker_receivers();
     let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
     let mut services = state.services().watch(&names).ok();
-    let mut reloads = state.reloads();
+    let mut reloads = state.running();
     let mut was_ready = false;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -477,12 +477,14 @@ mod tests {
         let installs = tokio::sync::watch::channel(Default::default()).1;
         let stop = CancellationToken::new();
         let s = HealthState::new(
-            &config,
-            &plan,
+            super::super::Running {
+                config: config.clone(),
+                plan: plan.clone(),
+                workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
+            },
             probe,
             super::super::Sources {
                 services: handle.clone(),
-                workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
                 installs,
                 models: None,
                 force: CancellationToken::new(),

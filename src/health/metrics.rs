@@ -118,6 +118,7 @@ struct Inner {
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
     external_cost: Family<CostLabels, FloatCounter>,
+    external_possible_orphans: Family<ApiLabel, Counter>,
     limit_requests_today: Family<ApiLabel, Gauge>,
     limit_tokens_today: Family<ApiLabel, Gauge>,
     limit_waits: Family<ApiLabel, Gauge>,
@@ -216,26 +217,32 @@ impl Metrics {
         let external_requests = Family::<UsageLabels, Counter>::default();
         registry.register(
             "external_requests",
-            "Requests completed external jobs made to their API, by connector and customer",
+            "Requests external APIs accepted (and bill), for every attempt, by connector and customer",
             external_requests.clone(),
         );
         let external_tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "external_tokens",
-            "Tokens used by completed external jobs, by connector, customer and direction (input/output)",
+            "Tokens used by external jobs (every attempt the API bills), by connector, customer and direction (input/output)",
             external_tokens.clone(),
         );
         let external_predict_seconds = Family::<UsageLabels, FloatCounter>::default();
         registry.register(
             "external_predict_seconds",
-            "Predict / execution time external APIs reported for completed jobs",
+            "Predict / execution time external APIs reported, for every attempt they bill",
             external_predict_seconds.clone(),
         );
         let external_cost = Family::<CostLabels, FloatCounter>::default();
         registry.register(
             "external_cost",
-            "Cost of completed external jobs from the configured price tables",
+            "Cost of external jobs (every attempt the API bills) from the configured price tables",
             external_cost.clone(),
+        );
+        let external_possible_orphans = Family::<ApiLabel, Counter>::default();
+        registry.register(
+            "external_possible_orphans",
+            "Creates of paid work answered with a 5xx or not at all: the work may exist upstream, unfollowed and billed",
+            external_possible_orphans.clone(),
         );
         let limit_requests_today = Family::<ApiLabel, Gauge>::default();
         registry.register(
@@ -334,6 +341,7 @@ impl Metrics {
                 external_tokens,
                 external_predict_seconds,
                 external_cost,
+                external_possible_orphans,
                 limit_requests_today,
                 limit_tokens_today,
                 limit_waits,
@@ -346,7 +354,15 @@ impl Metrics {
         }
     }
 
-    /// Counts what a completed external job used and cost.
+    /// Counts a create whose work may exist upstream unfollowed (see `ConnectorError::MaybeCreated`).
+    pub fn possible_orphan(&self, api: &str) {
+        self.inner
+            .external_possible_orphans
+            .get_or_create(&ApiLabel { api: api.to_owned() })
+            .inc();
+    }
+
+    /// Counts what one attempt of an external job used and cost, whatever its outcome.
     pub fn billing(&self, b: &crate::connectors::Billing) {
         let usage = UsageLabels {
             connector: b.connector.clone(),
@@ -790,8 +806,10 @@ mod tests {
                 quota_refusals: 1,
             },
         );
+        m.possible_orphan("runpod");
         let text = m.encode();
         for line in [
+            "machine_external_possible_orphans_total{api=\"runpod\"} 1",
             "machine_external_requests_total{connector=\"openai\",customer=\"c1\"} 4",
             "machine_external_tokens_total{connector=\"openai\",customer=\"c1\",direction=\"output\"} 40",
             "machine_external_cost_total{connector=\"openai\",customer=\"c1\",currency=\"USD\"} 0.5",

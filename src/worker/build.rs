@@ -44,7 +44,6 @@ pub(super) fn worker_for(
     plan: &Plan,
     config: &Config,
     probe: &Probe,
-    env: &dyn Env,
     kit: &Kit,
 ) -> Result<Worker, WorkerError> {
     let settings = WorkerSettings {
@@ -65,7 +64,6 @@ pub(super) fn worker_for(
         let connector = connector_for(
             planned,
             config,
-            env,
             kit.limiters.get(&planned.kind).cloned(),
             kit.models.as_ref(),
         )
@@ -80,6 +78,7 @@ pub(super) fn worker_for(
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
     worker.follow_models(capabilities::ModelDirs::of(wp, &config.machine.workspace));
     worker.quarantine_on(quarantine_policy(wp, config));
+    worker.recheck_holds_every(config.machine.worker.hold_recheck);
     if let Some(index) = wp.gpu {
         // A fault of its GPU holds the worker (and returns its job).
         worker.follow_gpu(index, probe.health());
@@ -225,7 +224,6 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
 fn connector_for(
     planned: &ConnectorPlan,
     config: &Config,
-    env: &dyn Env,
     limiter: Option<Arc<Limiter>>,
     models: Option<&ModelStore>,
 ) -> Result<Arc<dyn Connector>, String> {
@@ -249,7 +247,13 @@ fn connector_for(
             Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.plan.a1111.stall_timeout))
         }
         ConnectorKind::Openai => {
-            let c = OpenaiConnector::new(config.plan.openai.clone(), env.var(&config.plan.openai.api_key_env));
+            let c = OpenaiConnector::new(
+                config.plan.openai.clone(),
+                config
+                    .credentials
+                    .get(&config.plan.openai.api_key_env)
+                    .map(str::to_owned),
+            );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,
@@ -258,7 +262,10 @@ fn connector_for(
         ConnectorKind::Replicate => {
             let c = ReplicateConnector::new(
                 config.plan.replicate.clone(),
-                env.var(&config.plan.replicate.api_key_env),
+                config
+                    .credentials
+                    .get(&config.plan.replicate.api_key_env)
+                    .map(str::to_owned),
             );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
@@ -266,7 +273,13 @@ fn connector_for(
             })
         }
         ConnectorKind::Runpod => {
-            let c = RunpodConnector::new(config.plan.runpod.clone(), env.var(&config.plan.runpod.api_key_env));
+            let c = RunpodConnector::new(
+                config.plan.runpod.clone(),
+                config
+                    .credentials
+                    .get(&config.plan.runpod.api_key_env)
+                    .map(str::to_owned),
+            );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,

@@ -74,6 +74,8 @@ pub struct Worker {
     job_ends: Option<JobEnds>,
     /// The services its upkeep looks after, until the worker is started (see [`super::upkeep`]).
     kept: Vec<super::upkeep::Kept>,
+    /// How often a hold set with a re-check is checked again while the worker is held.
+    hold_recheck: Duration,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -133,7 +135,13 @@ impl Worker {
             }),
             job_ends: None,
             kept: Vec::new(),
+            hold_recheck: Duration::from_secs(15),
         }
+    }
+
+    /// Checks a hold set with a re-check (refused credentials) this often while held.
+    pub fn recheck_holds_every(&mut self, every: Duration) {
+        self.hold_recheck = every;
     }
 
     /// Quarantines the worker by `policy` (a new worker never does).
@@ -319,9 +327,16 @@ impl Worker {
                 self.set_state(WorkerState::Held);
                 tracing::warn!(worker = %self.id(), %reason, "not claiming");
                 let until = self.quarantine.until(Instant::now());
+                let rechecks = self.holds.has_rechecks();
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.holds.released() => {}
+                    () = tokio::time::sleep(self.hold_recheck), if rechecks => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = self.holds.recheck(&self.caps.worker_id) => {}
+                        }
+                    }
                     () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                         tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
                     }
