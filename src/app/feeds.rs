@@ -214,7 +214,12 @@ pub(super) fn spawn_queue_feed(
                 }
                 tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await
             };
-            match sample.await {
+            // A stop does not wait for a sample that Redis is slow to answer.
+            let sample = tokio::select! {
+                () = stop.cancelled() => break,
+                r = sample => r,
+            };
+            match sample {
                 Ok(Ok(depths)) => {
                     for (service, depth) in depths {
                         metrics.set_queue_depth(&service, depth);

@@ -77,8 +77,10 @@ pub enum Ended {
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
-/// Slack beyond the workers' drain period before the machine stops waiting for them.
-const DRAIN_SLACK: Duration = Duration::from_secs(10);
+/// Slack beyond the workers' drain period before the machine stops waiting for them: enough
+/// to return the jobs the drain cut off, short enough that a Redis that never answers does not
+/// hold the machine past the drain plus a second (the leases return those jobs instead).
+const DRAIN_SLACK: Duration = Duration::from_millis(800);
 
 /// How long forced workers get to return their jobs before the machine stops waiting.
 const FORCED_RETURN: Duration = Duration::from_millis(500);
@@ -233,6 +235,7 @@ async fn run_subsystems(
         }
     };
     let tracker = Tracker::new();
+    let redis_health = crate::broker::RedisHealth::new();
     let state = HealthState::new(
         health::Running {
             config: config.clone(),
@@ -245,6 +248,7 @@ async fn run_subsystems(
             installs: tracker.subscribe(),
             models: workers.models(),
             force: force.clone(),
+            redis: redis_health.clone(),
         },
         shutdown.clone(),
     );
@@ -368,19 +372,9 @@ async fn run_services_and_workers(
             feeds_stop.clone(),
         );
         tokio::spawn(async move {
-            let failed = |error: &str| {
-                state.set_redis(|r| {
-                    r.connected = false;
-                    r.last_error = Some(error.to_owned());
-                });
-            };
-            let Some(broker) = worker::connect_broker(&config, &workers_stop, &failed).await else {
+            let Some(broker) = worker::connect_broker(&config, state.redis_health(), &workers_stop).await else {
                 return (Ok(()), None, None);
             };
-            state.set_redis(|r| {
-                r.connected = true;
-                r.last_error = None;
-            });
             state.set_broker(broker.clone());
             // `connect_broker` loaded the library, so Redis runs this binary's version.
             state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));

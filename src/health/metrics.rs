@@ -14,6 +14,7 @@
 //! fleet-wide limiters' daily usage is set by a feed that reads it from Redis. The models
 //! store's downloads and evictions are counted by the store and copied in at scrape time.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -36,6 +37,11 @@ pub struct JobLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabel {
     worker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +120,8 @@ struct Inner {
     gpu_throttled: Family<GpuLabel, Gauge>,
     worker_quarantined: Family<WorkerLabel, Gauge>,
     worker_held: Family<WorkerLabel, Gauge>,
+    redis_up: Gauge,
+    redis_errors: Family<KindLabel, Counter>,
     external_requests: Family<UsageLabels, Counter>,
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
@@ -298,6 +306,19 @@ impl Metrics {
             "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
             worker_held.clone(),
         );
+        let redis_up = Gauge::default();
+        registry.register("redis_up", "1 while the last Redis command succeeded", redis_up.clone());
+        let redis_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commands by kind (unreachable, readonly, auth, other)",
+            redis_errors.clone(),
+        );
+        for kind in crate::broker::FaultKind::ALL {
+            let _ = redis_errors.get_or_create(&KindLabel {
+                kind: kind.name().to_owned(),
+            });
+        }
         let model_downloads = Counter::default();
         registry.register(
             "model_downloads",
@@ -337,6 +358,8 @@ impl Metrics {
                 gpu_throttled,
                 worker_quarantined,
                 worker_held,
+                redis_up,
+                redis_errors,
                 external_requests,
                 external_tokens,
                 external_predict_seconds,
@@ -484,6 +507,20 @@ impl Metrics {
         self.inner.jobs_running.set(running);
     }
 
+    /// Sets `machine_redis_up` and brings `machine_redis_errors_total` up to `errors`.
+    pub fn set_redis(&self, up: bool, errors: &BTreeMap<crate::broker::FaultKind, u64>) {
+        self.inner.redis_up.set(i64::from(up));
+        for (kind, n) in errors {
+            let counter = self.inner.redis_errors.get_or_create(&KindLabel {
+                kind: kind.name().to_owned(),
+            });
+            let seen = counter.get();
+            if *n > seen {
+                counter.inc_by(n - seen);
+            }
+        }
+    }
+
     /// Sets how many jobs wait in the queue for `service`.
     pub fn set_queue_depth(&self, service: &str, depth: u64) {
         self.inner
@@ -606,6 +643,8 @@ impl super::HealthState {
             let up = service.state == crate::supervisor::ServiceState::Running && service.ready;
             self.metrics.set_service(&service.name, u64::from(service.restarts), up);
         }
+        let redis = self.redis_health().snapshot();
+        self.metrics.set_redis(redis.up, &redis.errors);
         let workers = self.worker_statuses();
         self.metrics
             .set_workers(workers.iter().map(|w| (w.worker_id.as_str(), w.current_job.is_some())));

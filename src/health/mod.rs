@@ -88,7 +88,11 @@ pub struct HealthState {
     /// A random bearer token, new each start, that the control socket sends on behalf of its
     /// callers (see [`control`]); it never leaves the process.
     local_token: control::LocalToken,
+    /// What the broker's connection is (its URL, the library version); the rest of
+    /// `/status`'s `redis` comes from `redis_health`.
     redis: Mutex<RedisStatus>,
+    /// What every Redis command's outcome says of Redis: `/ready`, `/status`, `/metrics`.
+    redis_health: crate::broker::RedisHealth,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
     /// What each customer's jobs used at each external API since the machine started, every
     /// billed attempt counted: by connector, then customer.
@@ -125,6 +129,8 @@ pub struct Sources {
     pub models: Option<crate::models::ModelStore>,
     /// The machine's forced-stop trigger (what a second signal cancels).
     pub force: CancellationToken,
+    /// Where the broker records each command's outcome.
+    pub redis: crate::broker::RedisHealth,
 }
 
 impl HealthState {
@@ -150,6 +156,7 @@ impl HealthState {
                 url: Some(config.machine.broker_url().masked()),
                 ..RedisStatus::default()
             }),
+            redis_health: sources.redis,
             external_apis: Mutex::new(BTreeMap::new()),
             external_usage: Mutex::new(BTreeMap::new()),
             models: sources.models,
@@ -366,7 +373,25 @@ impl HealthState {
     }
 
     fn redis(&self) -> RedisStatus {
-        self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut r = self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = self.redis_health.snapshot();
+        r.connected = now.up;
+        r.not_ready = now.not_ready(Instant::now());
+        r.error_kind = now.fault.as_ref().map(|(kind, _)| kind.name().to_owned());
+        r.last_error = now.fault.map(|(_, cause)| cause);
+        r.errors = now.errors.iter().map(|(k, n)| (k.name().to_owned(), *n)).collect();
+        r
+    }
+
+    /// What each command's outcome says of Redis.
+    pub(crate) fn redis_health(&self) -> &crate::broker::RedisHealth {
+        &self.redis_health
+    }
+
+    /// Why no worker can claim because of Redis, once it has failed for
+    /// [`crate::broker::health::NOT_READY_AFTER`].
+    pub(crate) fn redis_not_ready(&self) -> Option<String> {
+        self.redis_health.snapshot().not_ready(Instant::now())
     }
 
     /// Sets what `/status` and the fleet status show of one external API's fleet-wide usage
@@ -398,9 +423,11 @@ impl HealthState {
     /// waiting worker gives.
     fn workers_document(&self) -> Vec<status::Worker> {
         let services = self.services.status();
+        // Every worker claims through the one broker: a Redis that fails is each one's reason.
+        let redis = self.redis_not_ready();
         self.worker_statuses()
             .iter()
-            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services)))
+            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services).or_else(|| redis.clone())))
             .collect()
     }
 
@@ -427,6 +454,7 @@ impl HealthState {
             phase,
             not_claiming,
             workers,
+            redis: self.redis_not_ready(),
         }
     }
 

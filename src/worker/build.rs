@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerOptions, RedisHealth};
 use crate::config::{Config, ConnectorKind, Env};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
@@ -125,25 +125,24 @@ fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::Quarantine
 }
 
 /// The broker options the configuration asks for.
-pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
-    crate::broker::BrokerOptions {
+pub fn broker_options(config: &Config) -> BrokerOptions {
+    BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
-        ..crate::broker::BrokerOptions::default()
+        ..BrokerOptions::default()
     }
 }
 
 /// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
 /// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
-/// when `shutdown` comes first. Each failure is logged with its whole cause chain and passed to
-/// `failed` (for the status page).
-pub async fn connect_broker(
-    config: &Config,
-    shutdown: &CancellationToken,
-    failed: &(dyn Fn(&str) + Sync),
-) -> Option<Broker> {
+/// when `shutdown` comes first. Each failure is logged with its whole cause chain and recorded
+/// in `health` (for the status page and `/ready`).
+pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
     let url = config.machine.broker_url();
-    let opts = broker_options(config);
+    let opts = BrokerOptions {
+        health: health.clone(),
+        ..broker_options(config)
+    };
     let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
     let mut failures = 0;
     loop {
@@ -152,13 +151,24 @@ pub async fn connect_broker(
             broker.ensure_functions().await?;
             Ok::<_, crate::broker::BrokerError>(broker)
         };
-        match attempt.await {
-            Ok(b) => return Some(b),
+        // Every wait on Redis gives way to a shutdown: connecting is bounded, but a machine
+        // asked to stop does not wait even for that.
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            r = attempt => r,
+        };
+        match attempt {
+            Ok(b) => {
+                health.record_ok();
+                return Some(b);
+            }
             Err(e) => {
                 let error = crate::logging::error_chain(&e);
                 let delay = backoff.delay(failures, 0.0);
                 tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                failed(&error);
+                if health.record_err(&e).is_none() {
+                    health.record_fault(crate::broker::FaultKind::Other, error);
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}

@@ -325,7 +325,9 @@ impl Workers {
         background_stop.cancel();
         match background.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %crate::logging::error_chain(&e), "the broker's background work failed")
+            }
             Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
         }
         result

@@ -229,7 +229,7 @@ impl Broker {
                     );
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "failed to reap expired leases"),
+                Err(e) => tracing::warn!(error = %crate::logging::error_chain(&e), "failed to reap expired leases"),
             }
         }
     }

@@ -213,7 +213,7 @@ impl Worker {
         let mut backoff = RedisBackoff::default();
         while let Err(e) = broker.update_capabilities(&self.caps).await {
             tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
-            if !backoff.sleep(shutdown).await {
+            if !backoff.sleep(broker, shutdown).await {
                 return;
             }
         }
@@ -305,7 +305,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
                     self.note_error(&error_chain(&e));
-                    if !backoff.sleep(&shutdown).await {
+                    if !backoff.sleep(&broker, &shutdown).await {
                         break;
                     }
                 }
@@ -385,11 +385,12 @@ impl Worker {
                         ends.job_ended(&outcome).await;
                     }
                 }
-                Ok(None) => {}
+                // Redis answered: the next failure starts the backoff from its first step.
+                Ok(None) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
                     self.note_error(&error_chain(&e));
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(&broker, &shutdown).await;
                 }
             }
         }
@@ -595,12 +596,19 @@ impl RedisBackoff {
         self.attempt = 0;
     }
 
-    /// Sleeps the next delay; `false` when shutdown came first.
-    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+    /// Sleeps the next delay, or until Redis answers again after failing (the broker's probe
+    /// sees that within a fraction of a second; the backoff then starts again from its first
+    /// step); `false` when shutdown came first.
+    async fn sleep(&mut self, broker: &Broker, shutdown: &CancellationToken) -> bool {
+        let seen = broker.health().recoveries();
         let d = self.next();
         tokio::select! {
             () = shutdown.cancelled() => false,
             () = tokio::time::sleep(d) => true,
+            () = broker.health().answering_again(seen) => {
+                self.reset();
+                true
+            }
         }
     }
 }
