@@ -139,7 +139,14 @@ impl Worker {
             },
         };
         let total = claimed_at.elapsed();
-        tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
+        tracing::info!(
+            worker = %self.id(),
+            job_id = %claimed.id,
+            outcome = outcome.name(),
+            run = %crate::logging::human_duration(run),
+            total = %crate::logging::human_duration(total),
+            "job ended"
+        );
         self.status.send_modify(|s| {
             s.current_job = None;
             s.last_activity_ms = crate::clock::now_ms();
