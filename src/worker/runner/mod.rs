@@ -219,7 +219,7 @@ impl Worker {
         if models == self.caps.models {
             return false;
         }
-        tracing::info!(worker = %self.id(), models = ?models, "the models on disk changed");
+        tracing::info!(worker = %self.id(), models = %models_text(&models), "the models on disk changed");
         self.caps.models = models;
         true
     }
@@ -313,7 +313,7 @@ impl Worker {
         // The models are scanned now, not when the worker was built: the installers ran since,
         // and what they downloaded on this boot belongs in the capabilities it registers with.
         if let Some(models) = self.scan_models().await {
-            tracing::info!(worker = %self.id(), models = ?models, "models on disk");
+            tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
             self.caps.models = models;
         }
         while !shutdown.is_cancelled() {
@@ -395,8 +395,9 @@ impl Worker {
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
+                    let job_id = job.id.clone();
                     let outcome = self.run_job(&broker, job, &shutdown).await;
-                    self.judge(&outcome);
+                    self.judge(&job_id, &outcome);
                     if let Some(ends) = &self.job_ends {
                         // A restart planned for after this job is held before the next claim.
                         ends.job_ended(&outcome).await;
@@ -543,11 +544,11 @@ impl Worker {
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
-    fn judge(&mut self, outcome: &JobOutcome) {
+    fn judge(&mut self, job_id: &str, outcome: &JobOutcome) {
         match outcome {
             JobOutcome::Completed => self.quarantine.completed(),
             JobOutcome::Failed { blame, error, .. } => {
-                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, error, Instant::now()) {
+                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, job_id, error, Instant::now()) {
                     tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
                     self.holds.set(HoldKind::Quarantine, reason);
                 }
@@ -643,6 +644,20 @@ impl RedisBackoff {
                 true
             }
         }
+    }
+}
+
+/// The models on disk as a log line reads them: `checkpoints: a, b; loras: c`, or `none`.
+fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
+    let text: Vec<String> = models
+        .iter()
+        .filter(|(_, files)| !files.is_empty())
+        .map(|(kind, files)| format!("{kind}: {}", files.join(", ")))
+        .collect();
+    if text.is_empty() {
+        "none".to_owned()
+    } else {
+        text.join("; ")
     }
 }
 
