@@ -629,7 +629,7 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
         &config,
         format!(
             "[connectors.openai]\nbase_url = \"{}\"\n[connectors.openai.limits]\ndaily_requests = 100\n\
-             [connectors.openai.prices]\nper_request = 0.25\n",
+             [connectors.openai.prices]\nper_request = 0.25\n[health]\nmetrics_customers = [\"c9\"]\n",
             fake.base_url()
         ),
     )
