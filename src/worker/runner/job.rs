@@ -74,8 +74,8 @@ impl Worker {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
-            customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
-            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
+            customer_id: claimed.customer_id().to_owned(),
+            ctx: store::parse_ctx(claimed.ctx()).map_err(refused)?,
             timeout: job_timeout(claimed),
         };
         let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
@@ -126,10 +126,9 @@ impl Worker {
             (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
                 Err(not) => ended(self.not_written(not)),
                 Ok(()) => {
-                    if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
+                    if claimed.waited_for_a_limit() {
                         // It waited for a quota before; if it still must, deferJob says so again.
-                        let cleared: Result<i64, _> = broker.call_limits("clearLimitReason", &[&claimed.id]).await;
-                        if let Err(e) = cleared {
+                        if let Err(e) = broker.clear_limit_reason(&claimed.id).await {
                             tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
                         }
                     }
@@ -630,7 +629,7 @@ fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
         .get("timeout_seconds")
         .and_then(Value::as_f64)
         .or_else(|| {
-            let req: Value = serde_json::from_str(claimed.field("requirements")?).ok()?;
+            let req = claimed.requirements()?;
             req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
         })?;
     (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))

@@ -378,8 +378,9 @@ impl Worker {
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
+                    let job_id = job.id.clone();
                     let outcome = self.run_job(&broker, job, &shutdown).await;
-                    self.judge(&outcome);
+                    self.judge(&job_id, &outcome);
                     if let Some(ends) = &self.job_ends {
                         // A restart planned for after this job is held before the next claim.
                         ends.job_ended(&outcome).await;
@@ -510,11 +511,11 @@ impl Worker {
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
-    fn judge(&mut self, outcome: &JobOutcome) {
+    fn judge(&mut self, job_id: &str, outcome: &JobOutcome) {
         match outcome {
             JobOutcome::Completed => self.quarantine.completed(),
             JobOutcome::Failed { blame, error, .. } => {
-                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, error, Instant::now()) {
+                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, job_id, error, Instant::now()) {
                     tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
                     self.holds.set(HoldKind::Quarantine, reason);
                 }
