@@ -30,7 +30,7 @@ use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError};
 use crate::logging::error_chain;
 use crate::worker::capabilities::ModelDirs;
-use crate::worker::hold::{HoldKind, Holds};
+use crate::worker::hold::{HoldKind, Holds, Recheck};
 use crate::worker::pause::JobEnds;
 use crate::worker::quarantine::{Quarantine, QuarantinePolicy};
 use crate::worker::{JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
@@ -76,6 +76,23 @@ pub struct Worker {
     kept: Vec<super::upkeep::Kept>,
     /// How often a hold set with a re-check is checked again while the worker is held.
     hold_recheck: Duration,
+}
+
+/// The re-check of an external API's refusal of this machine (see
+/// [`Worker::hold_for_credentials`]).
+#[derive(Debug)]
+struct ApiRecheck {
+    connector: Arc<dyn Connector>,
+    credit: bool,
+}
+
+impl Recheck for ApiRecheck {
+    fn recheck(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        if self.credit {
+            return Box::pin(async { Ok(()) });
+        }
+        self.connector.check_credentials()
+    }
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -507,6 +524,22 @@ impl Worker {
             Ok(()) => JobOutcome::Returned,
             Err(not) => self.not_written(not),
         }
+    }
+
+    /// Holds the worker after its API refused this machine's credentials (`e`) until the
+    /// hold's re-check passes: a cheap authenticated request for a refused key; for an account
+    /// out of credit the re-check lifts the hold, so that the next job tries one real request
+    /// (a cheap one passes while credit is out) and holds the worker again if still refused.
+    pub(super) fn hold_for_credentials(&mut self, connector: Arc<dyn Connector>, e: &ConnectorError) {
+        let ConnectorError::CredentialsRefused { credit, .. } = e else {
+            return;
+        };
+        tracing::warn!(worker = %self.id(), error = %e.chain(), "an external API refuses this machine; holding its work");
+        let check = Arc::new(ApiRecheck {
+            connector,
+            credit: *credit,
+        });
+        self.holds.set_until(HoldKind::ApiCredentials, e.chain(), check);
     }
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
