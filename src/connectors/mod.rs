@@ -202,6 +202,15 @@ pub enum ConnectorError {
         /// Whether the service still answered its health check after the silence.
         answers: bool,
     },
+    /// The service crashed (or restarted) while running the job and lost it: it no longer knows
+    /// the job, or stayed unreachable.
+    #[error("{service} lost the job: {message}")]
+    ServiceLost {
+        /// The connector's service (`comfyui`).
+        service: String,
+        /// What was seen.
+        message: String,
+    },
     /// The cancellation token fired.
     #[error("the job was cancelled")]
     Cancelled,
@@ -242,7 +251,8 @@ impl ConnectorError {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
             ConnectorError::Unavailable { .. }
             | ConnectorError::QuotaReached { .. }
-            | ConnectorError::Stalled { .. } => ErrorClass::Retryable,
+            | ConnectorError::Stalled { .. }
+            | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
             ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
                 if source.is_retryable() {
                     ErrorClass::Retryable
@@ -260,6 +270,16 @@ impl ConnectorError {
             ConnectorError::Cancelled => ErrorClass::Cancelled,
             ConnectorError::Timeout(_) => ErrorClass::Timeout,
         }
+    }
+
+    /// Whether the job's service crashed or stalled under it (a fault that may be the
+    /// service's, not the job's: the broker gives the job back without spending a retry the
+    /// first time, see `Broker::return_for_fault`).
+    pub fn is_service_fault(&self) -> bool {
+        matches!(
+            self,
+            ConnectorError::Stalled { .. } | ConnectorError::ServiceLost { .. }
+        )
     }
 
     /// Whether another attempt may succeed.

@@ -180,9 +180,10 @@ impl Blame {
             }
             // A connector that reports cancellation without being asked has lost its service;
             // a service that said nothing for its stall timeout is wedged or hung.
-            ConnectorError::Unavailable { .. } | ConnectorError::Cancelled | ConnectorError::Stalled { .. } => {
-                Blame::Machine
-            }
+            ConnectorError::Unavailable { .. }
+            | ConnectorError::Cancelled
+            | ConnectorError::Stalled { .. }
+            | ConnectorError::ServiceLost { .. } => Blame::Machine,
             ConnectorError::QuotaReached { .. } | ConnectorError::Destination(_) | ConnectorError::Storage { .. } => {
                 Blame::Elsewhere
             }

@@ -433,3 +433,74 @@ async fn machine_install_is_refused_while_a_machine_runs_on_the_workspace() {
         "the refused install touched the workspace"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_comfyui_is_killed_runs_again_as_soon_as_comfyui_is_back_and_a_second_kill_is_its_own() {
+    let redis = testkit::RedisServer::start();
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let m = Machine::start(&redis.url(), &comfyui_config(""));
+    m.wait_ready(Duration::from_secs(60)).await;
+    let id = m.submit(&json!({"workflow": {
+        "1": {"class_type": "KSampler", "inputs": {"steps": 30, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {}}
+    }}));
+
+    // kill -9 mid-job, and wait for the new ComfyUI to serve.
+    let kill_mid_job = |pid: u64| kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    wait_status(&mut conn, &id, "in_progress", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = m.comfyui().await["pid"].as_u64().expect("comfyui runs");
+    kill_mid_job(pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let back = loop {
+        let s = m.comfyui().await;
+        if s["state"] == "running" && s["ready"] == true && s["pid"].as_u64().is_some_and(|p| p != pid) {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "ComfyUI never came back: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The job did nothing wrong: no retry spent, no delay, no hold-off of this worker.
+    let done = wait_status(&mut conn, &id, "completed", Duration::from_secs(30)).await;
+    assert!(
+        back.elapsed() < Duration::from_secs(15),
+        "completed {:?} after ComfyUI was back\n{}",
+        back.elapsed(),
+        m.log()
+    );
+    assert_eq!(
+        done.get("retry_count").map(String::as_str).unwrap_or("0"),
+        "0",
+        "{done:?}"
+    );
+    assert_eq!(done["service_faults"], "1", "{done:?}");
+
+    // A job whose ComfyUI dies a second time (on any machine) is suspected: a retry spent.
+    let second = m.submit(&json!({"workflow": {
+        "1": {"class_type": "KSampler", "inputs": {"steps": 100, "step_ms": 100}},
+        "9": {"class_type": "SaveImage", "inputs": {}}
+    }}));
+    for _ in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid = loop {
+            let j = job(&mut conn, &second).await;
+            let s = m.comfyui().await;
+            if j.get("status").map(String::as_str) == Some("in_progress") && s["ready"] == true {
+                break s["pid"].as_u64().expect("comfyui runs");
+            }
+            assert!(Instant::now() < deadline, "the job never ran again: {j:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kill_mid_job(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while job(&mut conn, &second).await.get("status").map(String::as_str) == Some("in_progress") {
+            assert!(Instant::now() < deadline, "the job stayed in progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let j = job(&mut conn, &second).await;
+    assert_eq!(j["service_faults"], "2", "{j:?}");
+    assert_eq!(j["retry_count"], "1", "{j:?}");
+}

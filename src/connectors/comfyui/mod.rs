@@ -480,11 +480,17 @@ impl ComfyuiConnector {
                 let Some(reconnected) = clock.within(self.reconnect(&client_id, cancel)).await else {
                     return Err(self.stalled(&prompt_id, &clock).await);
                 };
-                socket = reconnected.inspect_err(|e| {
-                    if !matches!(e, ConnectorError::Cancelled) {
+                socket = match reconnected {
+                    Ok(socket) => socket,
+                    Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
+                    Err(e) => {
                         tracing::warn!(error = %e.chain(), "ComfyUI stayed unreachable");
+                        return Err(ConnectorError::ServiceLost {
+                            service: "comfyui".to_owned(),
+                            message: format!("its WebSocket closed mid-job and it stayed unreachable: {}", e.chain()),
+                        });
                     }
-                })?;
+                };
             }
             // After a reconnect or a long silence the outcome may have been missed: ask the
             // history, which ComfyUI keeps for finished prompts, and the queue. A server that
@@ -496,11 +502,11 @@ impl ComfyuiConnector {
                 Ok(Whereabouts::Finished(outcome)) => break outcome,
                 Ok(Whereabouts::Known) => {}
                 Ok(Whereabouts::Unknown) => {
-                    return Err(ConnectorError::Failed {
+                    return Err(ConnectorError::ServiceLost {
+                        service: "comfyui".to_owned(),
                         message: format!(
-                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted and lost the job"
+                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted"
                         ),
-                        retryable: true,
                     });
                 }
                 Err(ConnectorError::Cancelled) => {

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{AbortOnDrop, RedisBackoff, Worker};
-use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, LeaseStatus};
+use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputTarget};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
@@ -259,6 +259,7 @@ impl Worker {
                 self.write_failure(broker, claimed, &e, shutdown).await
             }
             (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
+            (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
         };
         if outcome != JobOutcome::Completed {
@@ -309,6 +310,36 @@ impl Worker {
                 requeued: o == FailOutcome::Retried,
                 error,
             },
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    /// Gives back a job whose service crashed or stalled under it: the first time (on any
+    /// machine) without spending a retry, waiting no delay or hold-off, so it runs as soon as a
+    /// capable worker is free (this one included once its service is back); the second time
+    /// as the job's own retryable failure, so a job that kills its service does not circle the
+    /// fleet. Either way it is this worker's failure, for quarantine and the upkeep's checks.
+    async fn write_service_fault(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let error = e.chain();
+        let written = self
+            .write(shutdown, || broker.return_for_fault(claimed, Fault::Service, &error))
+            .await;
+        match written {
+            Ok(returned) => {
+                tracing::warn!(job_id = %claimed.id, ?returned, error = %error, "the job's service failed under it");
+                JobOutcome::Failed {
+                    retryable: true,
+                    blame: Blame::of(e),
+                    requeued: returned != ReturnOutcome::Failed,
+                    error,
+                }
+            }
             Err(not) => self.not_written(not),
         }
     }
