@@ -130,6 +130,7 @@ pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
     crate::broker::BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
+        max_retries_cap: config.machine.worker.max_retries_cap,
         ..crate::broker::BrokerOptions::default()
     }
 }

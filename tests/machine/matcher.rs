@@ -1416,12 +1416,9 @@ async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_
         let view = b.show("nobody").await.unwrap().unwrap();
         assert_eq!(view.job["status"], "pending");
         let why = view.waiting.expect("a waiting job says why");
-        assert!(
-            why.contains("no registered worker accepts service `nobody_has_it`"),
-            "{why}"
-        );
+        assert!(why.contains("no machine offers service `nobody_has_it`"), "{why}");
         let out = machine(&server, &["jobs", "show", "nobody"]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("no registered worker accepts"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no machine offers service"));
     })
     .await;
 }
@@ -1521,6 +1518,89 @@ async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
         }
         let want: Vec<String> = (0..300).map(|i| format!("q-{i:03}")).collect();
         assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, want);
+    })
+    .await;
+}
+
+/// A time limit of 0 or less is a mistake, not "no limit": the job fails naming the field
+/// (`hardware: "all"` still means no constraint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_a_time_limit_of_zero_or_less_fails_naming_the_field() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        let jobs: [(&str, &str, &str, Option<&str>); 5] = [
+            (
+                "zero-seconds",
+                r#"{"timeout_seconds":0}"#,
+                "",
+                Some("payload.timeout_seconds"),
+            ),
+            (
+                "minus-one",
+                r#"{"timeout_seconds":-1}"#,
+                "",
+                Some("payload.timeout_seconds"),
+            ),
+            (
+                "minus-five-minutes",
+                "{}",
+                r#"{"timeout_minutes":-5}"#,
+                Some("requirements.timeout_minutes"),
+            ),
+            (
+                "fine",
+                r#"{"timeout_seconds":30}"#,
+                r#"{"hardware":"all","timeout_minutes":3}"#,
+                None,
+            ),
+            ("fine-as-text", r#"{"timeout_seconds":"30"}"#, "", None),
+        ];
+        for (i, (id, payload, reqs, _)) in jobs.iter().enumerate() {
+            api_submit(
+                &mut conn,
+                id,
+                t + i as i64 * 1000,
+                &[("payload", payload), ("requirements", reqs)],
+                i % 2 == 0,
+            )
+            .await;
+        }
+        assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, ["fine", "fine-as-text"]);
+        for (id, _, _, field) in jobs {
+            let Some(field) = field else { continue };
+            let h = hgetall(&mut conn, &format!("job:{id}")).await;
+            assert_eq!(h["status"], "unworkable", "{id}: {h:?}");
+            assert!(h["error"].contains(field), "{id}: {}", h["error"]);
+        }
+    })
+    .await;
+}
+
+/// `machine jobs submit` for a service no machine has ever registered (a typo) warns, and
+/// `machine jobs show` says no machine offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_a_service_no_machine_ever_offered_is_called_out() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        b.register_worker(&caps("w", &["simulation"])).await.unwrap();
+        let out = machine(&server, &["jobs", "submit", "--service", "simulation"]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "{out:?}");
+        let out = machine(&server, &["jobs", "submit", "--service", "simulaton"]);
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("warning") && stderr.contains("`simulaton`") && stderr.contains("simulation"),
+            "{stderr}"
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let show = machine(&server, &["jobs", "show", &id]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(text.contains("no machine offers service `simulaton`"), "{text}");
     })
     .await;
 }

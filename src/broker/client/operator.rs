@@ -190,6 +190,16 @@ impl Broker {
         }))
     }
 
+    /// Every service a worker of this broker's Redis has ever registered (what `machine jobs
+    /// submit` checks a new job's service against).
+    pub async fn offered_services(&self) -> Result<std::collections::BTreeSet<String>, BrokerError> {
+        redis::cmd("SMEMBERS")
+            .arg(self.key(super::registry::OFFERED_SERVICES))
+            .query_async(&mut self.connection())
+            .await
+            .map_err(redis_err("offered services"))
+    }
+
     /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
     async fn why_waiting(&self, job_id: &str, job: &BTreeMap<String, String>) -> Result<String, BrokerError> {
         let mut conn = self.connection();
@@ -235,18 +245,22 @@ impl Broker {
             })
             .count();
         let able = workers.iter().filter(|w| job_matches(w, &pending)).count();
-        Ok(if accepting == 0 {
-            format!(
-                "no registered worker accepts service `{service}` ({} workers registered)",
-                workers.len()
-            )
-        } else if able == 0 {
-            format!(
-                "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
-            )
-        } else {
-            format!("{able} registered workers can run it; it waits for one of them to be free")
-        })
+        Ok(
+            if accepting == 0 && !self.offered_services().await?.contains(&service) {
+                format!("no machine offers service `{service}`: no worker has ever registered it")
+            } else if accepting == 0 {
+                format!(
+                    "no registered worker accepts service `{service}` ({} workers registered)",
+                    workers.len()
+                )
+            } else if able == 0 {
+                format!(
+                    "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
+                )
+            } else {
+                format!("{able} registered workers can run it; it waits for one of them to be free")
+            },
+        )
     }
 
     /// How many jobs wait for each of `services`, claimable now: the sizes of the matching
