@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::gpu::Probe;
-use crate::health::HealthState;
+use crate::health::{HealthState, Running};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{ServiceStatus, ServicesWatch, SupervisorHandle};
@@ -23,9 +23,8 @@ use crate::worker::{self, JobOutcome, Readiness};
 /// services that worker waits for, so nothing keeps using the broken GPU.
 pub(super) async fn on_gpu_faults(
     mut faults: watch::Receiver<Vec<crate::gpu::GpuHealth>>,
-    plan: Plan,
+    running: watch::Receiver<Running>,
     handle: SupervisorHandle,
-    statuses: Vec<(String, watch::Receiver<worker::WorkerStatus>)>,
     on_fault: crate::config::OnFault,
     exit: CancellationToken,
     stop: CancellationToken,
@@ -44,8 +43,10 @@ pub(super) async fn on_gpu_faults(
                 exit.cancel();
                 return;
             }
-            for wp in plan.workers.iter().filter(|w| w.gpu == Some(index)) {
-                if let Some((_, status)) = statuses.iter().find(|(id, _)| *id == wp.id) {
+            // The workers as they run now: a reload may have added or replaced the GPU's.
+            let now = running.borrow().clone();
+            for wp in now.plan.workers.iter().filter(|w| w.gpu == Some(index)) {
+                if let Some((_, status)) = now.workers.iter().find(|(id, _)| *id == wp.id) {
                     let mut status = status.clone();
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -186,21 +187,39 @@ pub(super) fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken
     })
 }
 
-/// Every few seconds, reads from Redis how many jobs wait for each service the workers serve,
-/// into the metrics; a sample that fails keeps the last figures.
+/// Every few seconds, reads from Redis how many jobs wait for each service the running workers
+/// serve (those of the running plan, which a reload changes), into the metrics; a sample that
+/// fails keeps the last figures.
 pub(super) fn spawn_queue_feed(
     state: &Arc<HealthState>,
     broker: crate::broker::Broker,
-    services: Vec<String>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let metrics = state.metrics().clone();
+    let running = state.running();
     tokio::spawn(async move {
-        if services.is_empty() {
-            return;
-        }
         loop {
-            match tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await {
+            let services: Vec<String> = running
+                .borrow()
+                .plan
+                .workers
+                .iter()
+                .flat_map(|w| w.job_services())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let sample = async {
+                if services.is_empty() {
+                    return Ok(Ok(Vec::new()));
+                }
+                tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await
+            };
+            // A stop does not wait for a sample that Redis is slow to answer.
+            let sample = tokio::select! {
+                () = stop.cancelled() => break,
+                r = sample => r,
+            };
+            match sample {
                 Ok(Ok(depths)) => {
                     for (service, depth) in depths {
                         metrics.set_queue_depth(&service, depth);
@@ -256,6 +275,9 @@ pub(super) fn spawn_metrics_feed(
             metrics.job_duration(&report.service, report.run.as_secs_f64());
             if let Some(billing) = &report.billing {
                 metrics.billing(billing);
+            }
+            if let Some(api) = &report.possible_orphan {
+                metrics.possible_orphan(api);
             }
         }
     })

@@ -37,7 +37,6 @@ mod workspace;
 
 pub(crate) use feeds::readiness_feed;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,8 +77,10 @@ pub enum Ended {
 
 /// How long the final sweep gives leftover processes between SIGTERM and SIGKILL.
 const SWEEP_GRACE: Duration = Duration::from_secs(2);
-/// Slack beyond the workers' drain period before the machine stops waiting for them.
-const DRAIN_SLACK: Duration = Duration::from_secs(10);
+/// Slack beyond the workers' drain period before the machine stops waiting for them: enough
+/// to return the jobs the drain cut off, short enough that a Redis that never answers does not
+/// hold the machine past the drain plus a second (the leases return those jobs instead).
+const DRAIN_SLACK: Duration = Duration::from_millis(800);
 
 /// How long forced workers get to return their jobs before the machine stops waiting.
 const FORCED_RETURN: Duration = Duration::from_millis(500);
@@ -234,16 +235,20 @@ async fn run_subsystems(
         }
     };
     let tracker = Tracker::new();
+    let redis_health = crate::broker::RedisHealth::new();
     let state = HealthState::new(
-        config,
-        plan,
+        health::Running {
+            config: config.clone(),
+            plan: plan.clone(),
+            workers: workers.statuses(),
+        },
         probe.clone(),
         Sources {
             services: handle.clone(),
-            workers: workers.statuses(),
             installs: tracker.subscribe(),
             models: workers.models(),
             force: force.clone(),
+            redis: redis_health.clone(),
         },
         shutdown.clone(),
     );
@@ -278,10 +283,8 @@ async fn run_subsystems(
         Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
         Ok(()) => {
             let reloader = |services, pool, readiness| {
-                reload::Reloader::new(reload::Running {
+                reload::Reloader::new(reload::Parts {
                     path: reload.path,
-                    config: config.clone(),
-                    plan: plan.clone(),
                     probe,
                     services,
                     pool,
@@ -350,9 +353,8 @@ async fn run_services_and_workers(
     ));
     feeds.push(tokio::spawn(on_gpu_faults(
         state.gpu_health(),
-        plan.clone(),
+        state.running(),
         handle.clone(),
-        workers.statuses(),
         config.machine.gpu.on_fault,
         gpu_exit.clone(),
         feeds_stop.clone(),
@@ -369,27 +371,10 @@ async fn run_services_and_workers(
             fleet_stop.clone(),
             feeds_stop.clone(),
         );
-        let job_services: Vec<String> = plan
-            .workers
-            .iter()
-            .flat_map(|w| w.job_services())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
         tokio::spawn(async move {
-            let failed = |error: &str| {
-                state.set_redis(|r| {
-                    r.connected = false;
-                    r.last_error = Some(error.to_owned());
-                });
-            };
-            let Some(broker) = worker::connect_broker(&config, &workers_stop, &failed).await else {
+            let Some(broker) = worker::connect_broker(&config, state.redis_health(), &workers_stop).await else {
                 return (Ok(()), None, None);
             };
-            state.set_redis(|r| {
-                r.connected = true;
-                r.last_error = None;
-            });
             state.set_broker(broker.clone());
             // `connect_broker` loaded the library, so Redis runs this binary's version.
             state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
@@ -408,7 +393,7 @@ async fn run_services_and_workers(
                 health_url,
                 fleet_stop,
             ));
-            let queue = spawn_queue_feed(&state, broker.clone(), job_services, feeds_stop);
+            let queue = spawn_queue_feed(&state, broker.clone(), feeds_stop);
             let result = workers.run(broker, &readiness, workers_stop).await;
             (result, Some(fleet), Some(queue))
         })

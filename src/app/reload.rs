@@ -90,8 +90,6 @@ pub type ReloadRequest = oneshot::Sender<Result<ReloadReport, ReloadError>>;
 #[derive(Debug)]
 pub struct Reloader {
     path: Option<PathBuf>,
-    config: Config,
-    plan: Plan,
     probe: Arc<Probe>,
     services: SupervisorHandle,
     pool: WorkerPool,
@@ -104,15 +102,12 @@ pub struct Reloader {
     feeds: Vec<JoinHandle<()>>,
 }
 
-/// What a reloader starts from: the running machine's parts.
+/// What a reloader changes: the running machine's parts. The running configuration and plan
+/// are the health state's [`crate::health::Running`], which a reload publishes.
 #[derive(Debug)]
-pub struct Running {
+pub struct Parts {
     /// The configuration file `machine run` read, read again at each reload.
     pub path: Option<PathBuf>,
-    /// The running configuration.
-    pub config: Config,
-    /// The running plan.
-    pub plan: Plan,
     /// The GPU probe of the start.
     pub probe: Arc<Probe>,
     /// The supervisor.
@@ -131,11 +126,9 @@ pub struct Running {
 
 impl Reloader {
     /// A reloader of the running machine, reading the process environment.
-    pub fn new(running: Running) -> Reloader {
+    pub fn new(running: Parts) -> Reloader {
         Reloader {
             path: running.path,
-            config: running.config,
-            plan: running.plan,
             probe: running.probe,
             services: running.services,
             pool: running.pool,
@@ -153,13 +146,17 @@ impl Reloader {
         if self.shutdown.is_cancelled() {
             return Err(ReloadError::Unavailable("it is shutting down"));
         }
-        let config = config::load_in(self.path.as_deref(), &ProcessEnv, &self.config.machine.workspace)
+        let running = self.state.running().borrow().clone();
+        let config = config::load_in(self.path.as_deref(), &ProcessEnv, &running.config.machine.workspace)
             .map_err(ReloadError::Invalid)?;
-        let changes = self.config.changes(&config);
+        let mut changes = running.config.changes(&config);
+        // Secrets are compared apart (the configuration's own fields mask them): a rotated API
+        // key rebuilds its connector's workers.
+        changes.connectors.extend(running.config.api_keys_changed(&config));
         let mut restart_required: Vec<String> = changes.restart.iter().map(|k| (*k).to_owned()).collect();
         // The lease alone of `[worker]` applies in place, from the next claim and renewal,
         // when the running heartbeat still renews it at least three times per lease.
-        let old = &self.config.machine;
+        let old = &running.config.machine;
         let new_lease = old
             .lease_alone_changed(&config.machine)
             .filter(|lease| *lease >= old.worker.heartbeat * 3);
@@ -177,7 +174,7 @@ impl Reloader {
                 if missing.is_empty() { Ok(p) } else { Err(missing) }
             })
             .map_err(|problems| ReloadError::Invalid(ConfigError::Invalid(problems)))?;
-        let diff = PlanDiff::between(&self.plan, &plan, &changes.connectors);
+        let diff = PlanDiff::between(&running.plan, &plan, &changes.connectors);
         // Workers are built before anything stops: one that cannot be built (an API key
         // missing) refuses the reload like any other problem.
         let starting = diff.workers_to_start(&plan);
@@ -191,6 +188,10 @@ impl Reloader {
                 }]))
             })?;
         let mut applied_settings = Vec::new();
+        if self.pool.renew_credentials(&applied.credentials) {
+            tracing::info!("reload: the output store uses the credentials read now");
+            applied_settings.push("output store credentials (read again)".to_owned());
+        }
         if let Some(lease) = new_lease {
             if self.pool.set_lease(lease) {
                 tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");
@@ -208,7 +209,8 @@ impl Reloader {
         };
         if diff.is_empty() {
             tracing::info!("reload: nothing to change");
-            self.config = applied;
+            // The settings outside the plan (a lease) are the running ones from now on.
+            self.state.reloaded(&applied, &running.plan, Vec::new());
             return Ok(report);
         }
         tracing::info!(
@@ -228,7 +230,7 @@ impl Reloader {
         }
         self.state.forget_workers(&stopping);
 
-        for spec in diff.services_to_stop(&self.plan) {
+        for spec in diff.services_to_stop(&running.plan) {
             self.services
                 .remove(&spec.name)
                 .await
@@ -240,7 +242,7 @@ impl Reloader {
             .installers
             .iter()
             .copied()
-            .filter(|i| !self.plan.installers.contains(i))
+            .filter(|i| !running.plan.installers.contains(i))
             .collect();
         if !new_installers.is_empty() {
             let mut only = plan.clone();
@@ -276,8 +278,6 @@ impl Reloader {
                 .map_err(|e| apply(format!("start worker {id}"), e))?;
         }
         self.state.reloaded(&applied, &plan, statuses);
-        self.config = applied;
-        self.plan = plan;
         Ok(report)
     }
 

@@ -1504,6 +1504,23 @@ redis.register_function('recordLimitUsage', function(_, args)
   return tokens
 end)
 
+-- recordJobUsage <prefix> <job id> <requests> <input tokens> <output tokens> <predict seconds>
+-- <cost> <currency>: adds what one attempt of the job used at a paid API to the job's totals
+-- (usage_requests, usage_input_tokens, usage_output_tokens, usage_predict_seconds, usage_cost,
+-- usage_currency), whatever the attempt's outcome: providers bill failed and cancelled work. Not
+-- fenced (the usage happened either way); a job that no longer exists is left alone (0).
+redis.register_function('recordJobUsage', function(_, args)
+  local key = args[1] .. 'job:' .. args[2]
+  if redis.call('EXISTS', key) == 0 then return 0 end
+  redis.call('HINCRBY', key, 'usage_requests', math.floor(tonumber(args[3]) or 0))
+  redis.call('HINCRBY', key, 'usage_input_tokens', math.floor(tonumber(args[4]) or 0))
+  redis.call('HINCRBY', key, 'usage_output_tokens', math.floor(tonumber(args[5]) or 0))
+  redis.call('HINCRBYFLOAT', key, 'usage_predict_seconds', tonumber(args[6]) or 0)
+  redis.call('HINCRBYFLOAT', key, 'usage_cost', tonumber(args[7]) or 0)
+  if args[8] and args[8] ~= '' then redis.call('HSET', key, 'usage_currency', args[8]) end
+  return 1
+end)
+
 -- deferJob <prefix> <job id> <worker id> <reason> <until ms>: returns a claimed job to the queue
 -- in its place (like returnJob) because a daily quota stops it, and records why and until when
 -- in the job (`limit_reason`, `limit_until`) for `machine jobs show`. The fields are dropped

@@ -10,6 +10,7 @@
 
 pub mod capabilities;
 mod client;
+pub mod health;
 pub mod installer;
 pub mod reference;
 
@@ -18,6 +19,7 @@ pub use client::{
     Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, Fault, JobView,
     LeaseStatus, NewJob, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY, SweepReport, pending_score,
 };
+pub use health::{FaultKind, RedisHealth, RedisState};
 
 /// The `error` the API writes when a user cancels a job.
 pub const CANCEL_ERROR: &str = "Job cancelled by user";

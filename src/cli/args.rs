@@ -147,9 +147,14 @@ pub(super) struct StatusArgs {
     /// Refresh every 2 seconds.
     #[arg(long)]
     pub watch: bool,
-    /// Exit 0 when the machine is healthy and 1 when not (for a Docker HEALTHCHECK).
+    /// Exit 0 when the machine is healthy and 1 when not (for a Docker HEALTHCHECK); a Redis
+    /// that fails makes the machine not ready, never unhealthy (the reason is printed).
     #[arg(long, conflicts_with_all = ["json", "watch", "fleet"])]
     pub check: bool,
+    /// With `--check`: exit 1 also when the machine is not ready (no worker can claim), for
+    /// orchestrators that route on readiness.
+    #[arg(long, requires = "check")]
+    pub ready: bool,
     /// Read every machine's status from Redis instead (HUB_REDIS_URL or --redis-url, else this
     /// machine's own Redis).
     #[arg(long)]

@@ -24,7 +24,7 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
     };
     block_on(Threads::One, async move {
         if args.check {
-            return Ok(check(&target).await);
+            return Ok(check(&target, args.ready).await);
         }
         loop {
             let shown = match &fleet {
@@ -62,9 +62,11 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
 }
 
 /// `--check`: success when `/health` says ok and, as `/ready` rules, at least one worker can
-/// claim (or the machine is still starting: a healthcheck must not fail a long install); the
-/// verdict is printed either way, with every worker that cannot claim and why.
-async fn check(target: &Target) -> Outcome {
+/// claim (or the machine is still starting: a healthcheck must not fail a long install, or
+/// Redis fails: a restart would not bring it back, and a fleet-wide outage must not get every
+/// container replaced); the verdict is printed either way, with every worker that cannot claim
+/// and why. With `need_ready` (`--ready`), not ready is a failure too.
+async fn check(target: &Target, need_ready: bool) -> Outcome {
     match target.get::<HealthDocument>("/health").await {
         Ok(h) => {
             // `/ready` answers 503 with the same document when no worker can claim.
@@ -90,9 +92,14 @@ async fn check(target: &Target) -> Outcome {
                 .map(|(w, reason)| format!("{w}: {reason}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            if ready.ready || h.phase == crate::health::Phase::Starting {
+            if need_ready && !ready.ready {
+                println!("not ready: no worker of {} can claim: {why}", h.machine_id);
+                Outcome::Failed
+            } else if ready.ready || h.phase == crate::health::Phase::Starting || ready.redis.is_some() {
                 let mut line = format!("healthy: {} is {}", h.machine_id, h.phase.name());
-                if !why.is_empty() {
+                if let Some(redis) = ready.redis.as_deref().filter(|_| !ready.ready) {
+                    line.push_str(&format!(", not ready: {redis}"));
+                } else if !why.is_empty() {
                     line.push_str(&format!(" (not claiming: {why})"));
                 }
                 println!("{line}");

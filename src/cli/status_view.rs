@@ -44,6 +44,13 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
     if let Some(e) = &r.last_error {
         let _ = writeln!(out, "redis error: {e}");
     }
+    if let Some(why) = &r.not_ready {
+        let _ = writeln!(out, "NOT READY: {why}");
+    }
+    if r.errors.values().any(|n| *n > 0) {
+        let counts: Vec<String> = r.errors.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        let _ = writeln!(out, "redis errors: {}", counts.join(", "));
+    }
 
     let mut gpus = table(width, &["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"]);
     let now_ms = crate::clock::now_ms();

@@ -196,11 +196,11 @@ pub struct RunpodConfig {
     /// Time between `/status` polls.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// How long a `/runsync` request (payload `"sync": true`) waits for the result before the
-    /// job is followed through `/status` like any other.
+    /// How long the status of a short job (payload `"sync": true`) is read every 100 ms before
+    /// it is followed at `poll_interval` like any other.
     #[serde(with = "humantime_serde")]
     pub sync_wait: Duration,
-    /// Limit of one HTTP request other than `/runsync`.
+    /// Limit of one HTTP request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Attempts per request on 429/5xx.

@@ -58,8 +58,15 @@ impl Env for BTreeMap<&str, &str> {
 }
 
 /// Variables of the machine's prefixes read outside the configuration overlay: the CLI's
-/// `--config` and the models catalogue's bearer token.
-const READ_ELSEWHERE: &[&str] = &["MACHINE_CONFIG", "COMFYUI_MODELS_CATALOGUE_TOKEN"];
+/// `--config`, the models catalogue's bearer token, and the secrets given in files.
+const READ_ELSEWHERE: &[&str] = &[
+    "MACHINE_CONFIG",
+    "COMFYUI_MODELS_CATALOGUE_TOKEN",
+    // Secrets given in files (see `super::credentials`).
+    "MACHINE_CONTROL_TOKEN_FILE",
+    "MACHINE_READ_TOKEN_FILE",
+    "COMFYUI_MODELS_CATALOGUE_TOKEN_FILE",
+];
 
 /// Every variable the machine reads: the overlay's table ([`super::overlay::variables`], the
 /// one list `machine run --help` prints too) and [`READ_ELSEWHERE`].

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::credentials::{CATALOGUE_TOKEN, Credentials};
 use super::env::{self, Env};
 use super::error::{ConfigError, Problem, Problems};
 use super::locate::{WithConnectorsFile, locate_str};
@@ -86,11 +87,24 @@ pub fn load_str(file: Option<(&str, &str)>, env: &dyn Env) -> Result<Config, Con
     }
     // The environment is read even when the file is broken, so one run shows both.
     let raw = deserialize(doc, &defaults, &mut problems);
-    let env_only = EnvOnly::read(env, problems.list_mut());
+    let credentials = {
+        let c = raw.as_ref().map(|r| &r.connectors);
+        let api_keys = c.map_or([""; 3], |c| {
+            [
+                c.openai.api_key_env.trim(),
+                c.replicate.api_key_env.trim(),
+                c.runpod.api_key_env.trim(),
+            ]
+        });
+        let mut named = vec!["MACHINE_CONTROL_TOKEN", "MACHINE_READ_TOKEN", CATALOGUE_TOKEN];
+        named.extend(api_keys);
+        Credentials::read(env, &named, problems.list_mut())
+    };
+    let env_only = EnvOnly::read(env, &credentials, problems.list_mut());
     let Some(raw) = raw.filter(|_| file_readable) else {
         return Err(ConfigError::Invalid(problems.into_vec()));
     };
-    let mut config = validate::validate(raw, env_only, env, &mut problems);
+    let mut config = validate::validate(raw, env_only, env, credentials, &mut problems);
     config.warnings = warnings(env);
     let problems = problems.into_vec();
     if problems.is_empty() {

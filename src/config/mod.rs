@@ -13,6 +13,7 @@
 mod apis;
 mod changes;
 mod connectors;
+mod credentials;
 mod env;
 mod error;
 mod load;
@@ -27,6 +28,7 @@ mod worker;
 pub use apis::{Budget, Limits, Prices, Rate, ReplicateConfig, RunpodConfig, parse_model_ref, valid_endpoint_id};
 pub use changes::Changes;
 pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
+pub use credentials::{CATALOGUE_TOKEN, Credentials, is_storage_secret, is_storage_var, secret, storage_vars};
 pub use env::{Env, ProcessEnv};
 pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_TOML, load, load_in, load_str, warnings};

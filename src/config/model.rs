@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::Problem;
 use super::apis::{ReplicateConfig, RunpodConfig};
 use super::connectors::ConnectorList;
+use super::credentials::Credentials;
 use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
@@ -31,6 +32,10 @@ pub struct Config {
     /// caller logs them once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<Problem>,
+    /// The secrets the machine authenticates with (store keys, API keys, tokens), each from its
+    /// variable or its `<NAME>_FILE`; never serialised.
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 /// The settings that belong to the machine as a whole; a reload keeps them as they run and

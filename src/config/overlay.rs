@@ -5,6 +5,7 @@
 //! `CUDA_VISIBLE_DEVICES`) are read into [`EnvOnly`].
 
 use super::Problem;
+use super::credentials::Credentials;
 use super::env::Env;
 use super::error::Origins;
 use super::model::{DeviceSelector, Secret, VisibleDevices};
@@ -171,9 +172,11 @@ pub(super) struct EnvOnly {
 }
 
 impl EnvOnly {
-    pub(super) fn read(env: &dyn Env, problems: &mut Vec<Problem>) -> EnvOnly {
+    pub(super) fn read(env: &dyn Env, credentials: &Credentials, problems: &mut Vec<Problem>) -> EnvOnly {
+        // The tokens may come from `<NAME>_FILE`: the credentials read both.
         let secret = |var: &str| {
-            env.var(var)
+            credentials
+                .get(var)
                 .filter(|v| !v.trim().is_empty())
                 .map(|v| Secret(v.trim().to_owned()))
         };

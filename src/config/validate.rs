@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::apis;
 use super::connectors::{ConnectorKind, ConnectorList};
+use super::credentials::Credentials;
 use super::env::Env;
 use super::error::Problems;
 use super::model::{
@@ -20,7 +21,13 @@ use super::{service, worker};
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
 pub const MAX_GPUS: u32 = 64;
 
-pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problems: &mut Problems) -> Config {
+pub(super) fn validate(
+    raw: RawConfig,
+    env_only: EnvOnly,
+    env: &dyn Env,
+    credentials: Credentials,
+    problems: &mut Problems,
+) -> Config {
     let (machine_id, workspace) = machine(&raw.machine, env, problems);
     let redis = raw
         .redis
@@ -70,7 +77,9 @@ pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problem
         (ConnectorKind::Replicate, &replicate.api_key_env),
         (ConnectorKind::Runpod, &runpod.api_key_env),
     ] {
-        if connectors.get(kind).is_some() && !key_env.is_empty() && env.var(key_env).is_none_or(|v| v.trim().is_empty())
+        if connectors.get(kind).is_some()
+            && !key_env.is_empty()
+            && credentials.get(key_env).is_none_or(|v| v.trim().is_empty())
         {
             problems.other(
                 key_env,
@@ -114,6 +123,7 @@ pub(super) fn validate(raw: RawConfig, env_only: EnvOnly, env: &dyn Env, problem
             models,
         },
         warnings: Vec::new(),
+        credentials,
     }
 }
 

@@ -33,6 +33,14 @@ pub struct WorkerConfig {
     /// before completing the job (zero: do not wait; at most 5 minutes).
     #[serde(with = "humantime_serde")]
     pub cdn_wait: Duration,
+    /// How long an upload keeps trying a store that does not answer or answers 5xx (a store
+    /// briefly down) before the job is given back to the queue; zero tries once.
+    #[serde(with = "humantime_serde")]
+    pub upload_window: Duration,
+    /// How often a worker held for something outside it (refused credentials) checks whether
+    /// that is over, with a cheap authenticated request.
+    #[serde(with = "humantime_serde")]
+    pub hold_recheck: Duration,
     /// When non-empty, workers only take jobs of this workflow.
     pub workflow_id: String,
     /// A worker whose last this many jobs all failed for the machine's reasons (not the
@@ -221,6 +229,12 @@ pub(super) fn validate_worker(mut c: WorkerConfig, workspace: &Path, problems: &
         "models",
         "customer_access",
     ];
+    if c.upload_window > Duration::from_secs(600) {
+        bad("worker.upload_window", "must be at most 10m");
+    }
+    if c.hold_recheck < Duration::from_secs(1) {
+        bad("worker.hold_recheck", "must be at least 1s");
+    }
     if c.cdn_wait > Duration::from_secs(300) {
         bad(
             "worker.cdn_wait",

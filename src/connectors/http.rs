@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) use crate::backoff::Backoff;
 
 use super::limits::Limiter;
-use super::{ArtifactBody, ConnectorError, or_cancelled};
+use super::{ArtifactBody, ConnectorError, ProgressSink, or_cancelled};
 
 /// The HTTP client connectors use: short connect timeout (a dead local service is noticed at
 /// once), no overall timeout (jobs may legitimately run for many minutes; the worker's job
@@ -96,7 +96,7 @@ fn retry_after_at(headers: &HeaderMap, now: jiff::Timestamp) -> Option<Duration>
 /// How [`send_retrying`] sends one logical request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Retrying<'a> {
-    /// What the request does, for errors (`create a prediction`).
+    /// What the request does, for errors (`create a Replicate prediction`).
     pub what: &'a str,
     /// Attempts on 408/429/5xx and connection failures (at least 1).
     pub attempts: u32,
@@ -106,33 +106,47 @@ pub(crate) struct Retrying<'a> {
     pub timeout: Option<Duration>,
     /// The fleet-wide limiter each attempt passes first, with the job's customer.
     pub limiter: Option<(&'a Limiter, &'a str)>,
+    /// For a request that creates paid work, the API's name: such a request is retried only
+    /// when the API cannot have acted on it (see [`send_retrying`]).
+    pub creates: Option<&'a str>,
+    /// Where a wait for the fleet-wide limiter is reported.
+    pub progress: Option<&'a ProgressSink>,
 }
 
 /// Sends the request `build` makes until it succeeds, retrying what may succeed later (408,
 /// 429, 5xx, no answer) with the backoff and the server's `Retry-After`, each attempt admitted
 /// by the limiter first. A 4xx input error fails at once, as `Rejected` with the API's message
-/// (`message` extracts it from the body). Counts the attempts sent in `sent`.
+/// (`message` extracts it from the body).
+///
+/// A request that creates work (`creates`) is retried only after a 429 or a connection that
+/// failed before the request was sent: neither Replicate nor RunPod has an idempotency key,
+/// and RunPod cannot list jobs, so a create retried after a 5xx or a timeout may pay twice for
+/// one job and leave the first run unfollowed. Those end in [`ConnectorError::MaybeCreated`].
 pub(crate) async fn send_retrying(
     build: impl Fn() -> reqwest::RequestBuilder,
     how: Retrying<'_>,
     message: fn(&str) -> String,
-    sent: &mut u64,
     cancel: &CancellationToken,
 ) -> Result<reqwest::Response, ConnectorError> {
     let mut retry = 0;
     loop {
         if let Some((limiter, customer)) = how.limiter {
-            limiter.acquire(customer, cancel).await?;
+            limiter.acquire(customer, how.progress, cancel).await?;
         }
-        *sent += 1;
         let mut req = build();
         if let Some(t) = how.timeout {
             req = req.timeout(t);
         }
-        let answer = or_cancelled(cancel, async { req.send().await.map_err(|e| send_error(how.what, e)) }).await;
+        let answer = or_cancelled(cancel, async { Ok(req.send().await) }).await?;
         let (err, asked) = match answer {
-            Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
-            Err(e) => (e, None),
+            Err(e) => {
+                let unsent = e.is_connect();
+                let err = send_error(how.what, e);
+                match how.creates {
+                    Some(api) if !unsent => return Err(maybe_created(api, err)),
+                    _ => (err, None),
+                }
+            }
             Ok(resp) if resp.status().is_success() => return Ok(resp),
             Ok(resp) => {
                 let status = resp.status();
@@ -142,7 +156,10 @@ pub(crate) async fn send_retrying(
                 if !retryable_status(status) {
                     return Err(err);
                 }
-                (err, asked)
+                match how.creates {
+                    Some(api) if status != StatusCode::TOO_MANY_REQUESTS => return Err(maybe_created(api, err)),
+                    _ => (err, asked),
+                }
             }
         };
         if retry + 1 >= how.attempts.max(1) {
@@ -155,6 +172,14 @@ pub(crate) async fn send_retrying(
             () = tokio::time::sleep(delay) => {}
         }
         retry += 1;
+    }
+}
+
+/// The error for a create the API may have acted on although it did not say so.
+pub(crate) fn maybe_created(api: &str, err: ConnectorError) -> ConnectorError {
+    ConnectorError::MaybeCreated {
+        api: api.to_owned(),
+        message: err.chain(),
     }
 }
 

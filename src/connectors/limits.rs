@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::ConnectorError;
+use super::{ConnectorError, ProgressSink};
 use crate::broker::Broker;
 use crate::config::{Budget, Limits};
 use crate::logging::error_chain;
@@ -133,8 +133,14 @@ impl Limiter {
 
     /// Waits until the fleet's limits admit one request for `customer` (empty: none), or
     /// returns [`ConnectorError::QuotaReached`] when a daily quota is used up. Returns
-    /// `Cancelled` as soon as `cancel` fires.
-    pub async fn acquire(&self, customer: &str, cancel: &CancellationToken) -> Result<(), ConnectorError> {
+    /// `Cancelled` as soon as `cancel` fires. A wait is reported on `progress`, so the job says
+    /// what it waits for.
+    pub async fn acquire(
+        &self,
+        customer: &str,
+        progress: Option<&ProgressSink>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ConnectorError> {
         let mut failures = 0;
         loop {
             let answer = tokio::select! {
@@ -154,6 +160,12 @@ impl Limiter {
                     self.waited_ms
                         .fetch_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
                     tracing::debug!(api = %self.api, wait = ?d, "over the fleet-wide rate limit; waiting");
+                    if let Some(p) = progress {
+                        p.percent(
+                            0.0,
+                            format!("waiting for the fleet-wide rate limit of the {} API", self.api),
+                        );
+                    }
                     d
                 }
                 Ok(Answer::Quota {

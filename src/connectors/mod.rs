@@ -26,6 +26,7 @@ pub mod stall;
 pub mod store;
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,12 +67,15 @@ pub struct Progress {
     pub total_steps: Option<u32>,
 }
 
-/// Where a connector reports progress. Reporting never blocks and never fails: the latest
-/// report replaces any the worker has not yet forwarded, so a slow Redis costs intermediate
-/// reports, never connector time. Reports are forwarded in the order they were made.
+/// Where a connector reports progress, and what the job's attempt used at a paid API.
+/// Reporting never blocks and never fails: the latest report replaces any the worker has not
+/// yet forwarded, so a slow Redis costs intermediate reports, never connector time. Reports are
+/// forwarded in the order they were made. Usage ([`ProgressSink::bill`]) is read by the worker
+/// once the connector returns, whatever the outcome: providers bill failed and cancelled work.
 #[derive(Debug, Clone)]
 pub struct ProgressSink {
     tx: watch::Sender<(u64, Progress)>,
+    usage: Arc<Mutex<Option<Billing>>>,
 }
 
 /// The worker's end of a [`ProgressSink`]: the latest report and its sequence number (starting
@@ -82,7 +86,21 @@ impl ProgressSink {
     /// A sink and the receiver the worker forwards from.
     pub fn new() -> (ProgressSink, ProgressReceiver) {
         let (tx, rx) = watch::channel((0, Progress::default()));
-        (ProgressSink { tx }, rx)
+        let usage = Arc::new(Mutex::new(None));
+        (ProgressSink { tx, usage }, rx)
+    }
+
+    /// Records what the attempt used and cost so far (replacing an earlier record).
+    pub fn bill(&self, billing: Billing) {
+        *self.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(billing);
+    }
+
+    /// What the attempt used and cost, when the connector billed anything.
+    pub fn usage(&self) -> Option<Billing> {
+        self.usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Reports progress; the percentage is clamped to 0..=100 (NaN counts as 0).
@@ -230,6 +248,16 @@ pub enum ConnectorError {
         /// Time until the quota day ends.
         resets_in: Duration,
     },
+    /// A request that creates paid work at an external API got no clear answer (a 5xx, a
+    /// timeout, a dropped connection): the work may exist upstream, so it is not sent again.
+    /// The worker returns the job as the machine's fault and counts a possible orphan.
+    #[error("{message}; the {api} job may have been created upstream, so the request was not sent again")]
+    MaybeCreated {
+        /// The API (`replicate`, `runpod`, `openai`).
+        api: String,
+        /// What happened to the request.
+        message: String,
+    },
     /// The job's output destination (`ctx`) is unusable; found before the job runs.
     #[error("the job's output destination was refused")]
     Destination(#[source] Box<store::StoreError>),
@@ -250,6 +278,7 @@ impl ConnectorError {
         match self {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
             ConnectorError::Unavailable { .. }
+            | ConnectorError::MaybeCreated { .. }
             | ConnectorError::QuotaReached { .. }
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
@@ -304,15 +333,16 @@ impl ConnectorError {
     }
 }
 
-/// What one external job used and cost, recorded in its result under `billing` and counted in
-/// the machine's metrics.
+/// What one attempt of an external job used and cost: in a completed job's result under
+/// `billing`, added to the job's `usage_*` totals and counted in the machine's metrics whatever
+/// the attempt's outcome.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Billing {
     /// The connector (`openai`, `replicate`, `runpod`).
     pub connector: String,
     /// The job's customer (empty: none).
     pub customer: String,
-    /// Requests that created work at the API (retries included).
+    /// Requests the API accepted (a request refused with a 429 or an error is not billed).
     pub requests: u64,
     /// Input (prompt) tokens.
     pub input_tokens: u64,
@@ -335,6 +365,18 @@ impl Billing {
             + prices.per_second * self.predict_seconds;
         self.currency.clone_from(&prices.currency);
         self
+    }
+
+    /// Adds `other`'s usage and cost to this one (the same connector and customer).
+    pub fn add(&mut self, other: &Billing) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.predict_seconds += other.predict_seconds;
+        self.cost += other.cost;
+        if self.currency.is_empty() {
+            self.currency.clone_from(&other.currency);
+        }
     }
 
     /// The billing recorded in a job's result (`billing`), if any.

@@ -85,15 +85,15 @@ impl OpenaiConnector {
         path: &str,
         body: &Value,
         billing: &mut Billing,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<reqwest::Response, ConnectorError> {
         let url = format!("{}{path}", self.config.base_url);
         let mut retry = 0;
         loop {
             if let Some(limiter) = &self.limiter {
-                limiter.acquire(&billing.customer, cancel).await?;
+                limiter.acquire(&billing.customer, Some(progress), cancel).await?;
             }
-            billing.requests += 1;
             let mut req = self.client.post(&url).json(body);
             if let Some(key) = &self.api_key {
                 req = req.bearer_auth(key);
@@ -107,7 +107,11 @@ impl OpenaiConnector {
             let (err, asked) = match sent {
                 Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
                 Err(e) => (e, None),
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) if resp.status().is_success() => {
+                    // Only an accepted request is billed; a 429 or an error answer is not.
+                    billing.requests += 1;
+                    return Ok(resp);
+                }
                 Ok(resp) => {
                     let status = resp.status();
                     let asked = http::retry_after(resp.headers());
@@ -145,7 +149,7 @@ impl OpenaiConnector {
             .get("max_completion_tokens")
             .or_else(|| body.get("max_tokens"))
             .and_then(Value::as_u64);
-        let resp = self.post("/chat/completions", &body, billing, cancel).await?;
+        let resp = self.post("/chat/completions", &body, billing, progress, cancel).await?;
         progress.percent(1.0, "streaming");
         let mut stream = resp.bytes_stream();
         let mut sse = SseReader::default();
@@ -220,7 +224,7 @@ impl OpenaiConnector {
             .or_insert_with(|| Value::String(self.config.image_model.clone()));
         let body = Value::Object(body);
         progress.percent(0.0, "image requested");
-        let resp = self.post(path, &body, billing, cancel).await?;
+        let resp = self.post(path, &body, billing, progress, cancel).await?;
         let answer: Value = or_cancelled(cancel, async {
             resp.json()
                 .await
@@ -293,6 +297,7 @@ impl OpenaiConnector {
         &self,
         payload: &Value,
         billing: &mut Billing,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
         let Value::Object(obj) = payload else {
@@ -305,7 +310,9 @@ impl OpenaiConnector {
         body.entry("model")
             .or_insert_with(|| Value::String(self.config.text_model.clone()));
         body.insert("stream".to_owned(), Value::Bool(false));
-        let resp = self.post("/responses", &Value::Object(body), billing, cancel).await?;
+        let resp = self
+            .post("/responses", &Value::Object(body), billing, progress, cancel)
+            .await?;
         let answer: Value = or_cancelled(cancel, async {
             resp.json()
                 .await
@@ -330,28 +337,40 @@ impl OpenaiConnector {
             customer: job.customer_id.clone(),
             ..Billing::default()
         };
-        let b = &mut billing;
-        let mut out = match job.service_required.as_str() {
-            "openai_text" => self.text(&job.payload, b, progress, cancel).await?,
-            "openai_image" => {
-                self.image("/images/generations", &job.payload, b, progress, cancel)
-                    .await?
-            }
-            "openai_img2img" => self.image("/images/edits", &job.payload, b, progress, cancel).await?,
-            "openai_responses" => self.responses(&job.payload, b, cancel).await?,
-            other => {
-                return Err(ConnectorError::BadPayload(format!(
-                    "the openai connector does not run `{other}` jobs"
-                )));
-            }
-        };
+        let result = self.attempt(job, &mut billing, progress, cancel).await;
         if let Some(limiter) = &self.limiter {
             limiter
                 .record_tokens(&job.customer_id, billing.input_tokens + billing.output_tokens)
                 .await;
         }
-        billing.priced(&self.config.prices).attach(&mut out.data);
-        Ok(out)
+        let billing = billing.priced(&self.config.prices);
+        progress.bill(billing.clone());
+        result.map(|mut out| {
+            billing.attach(&mut out.data);
+            out
+        })
+    }
+
+    /// Runs the job's request, recording what the API bills in `billing` as it goes.
+    async fn attempt(
+        &self,
+        job: &Job,
+        b: &mut Billing,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
+        match job.service_required.as_str() {
+            "openai_text" => self.text(&job.payload, b, progress, cancel).await,
+            "openai_image" => {
+                self.image("/images/generations", &job.payload, b, progress, cancel)
+                    .await
+            }
+            "openai_img2img" => self.image("/images/edits", &job.payload, b, progress, cancel).await,
+            "openai_responses" => self.responses(&job.payload, b, progress, cancel).await,
+            other => Err(ConnectorError::BadPayload(format!(
+                "the openai connector does not run `{other}` jobs"
+            ))),
+        }
     }
 }
 

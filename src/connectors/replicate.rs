@@ -5,6 +5,8 @@
 //!   (`"owner/name:<version>"`, or `"version": "<id>"`: `POST /predictions`). `model` may also
 //!   be an alias of `[connectors.replicate.aliases]`. Without `input`, the rest of the payload
 //!   is the input.
+//!   `{"deployment": "owner/name", "input": {..}}` runs a deployment
+//!   (`POST /deployments/<owner>/<name>/predictions`).
 //! - Service `replicate:<alias>`: the alias names the model; the payload is as above without
 //!   `model`.
 //!
@@ -84,17 +86,17 @@ impl ReplicateConnector {
         }
     }
 
-    fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, limited: bool) -> Retrying<'a> {
+    /// How a request is sent: `creates` for the create that starts a paid prediction (limited,
+    /// and never repeated once Replicate may have acted on it), else a read.
+    fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, creates: Option<&'a ProgressSink>) -> Retrying<'a> {
         Retrying {
             what,
             attempts: self.config.max_attempts,
             backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
             timeout: Some(self.config.request_timeout),
-            limiter: if limited {
-                self.limiter.as_deref().map(|l| (l, customer))
-            } else {
-                None
-            },
+            limiter: creates.and(self.limiter.as_deref().map(|l| (l, customer))),
+            creates: creates.map(|_| "replicate"),
+            progress: creates,
         }
     }
 
@@ -111,31 +113,38 @@ impl ReplicateConnector {
     }
 
     /// Creates the prediction; returns it.
+    /// Creates the prediction; returns it, counting the request in `billing` once Replicate
+    /// accepted it.
     async fn create(
         &self,
         job: &Job,
         billing: &mut Billing,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<Value, ConnectorError> {
         let (url, body) = prediction_request(&self.config, &job.service_required, &job.payload)?;
         let resp = http::send_retrying(
             || self.request(reqwest::Method::POST, &url).json(&body),
-            self.retrying("create a Replicate prediction", &job.customer_id, true),
+            self.retrying("create a Replicate prediction", &job.customer_id, Some(progress)),
             api_error_message,
-            &mut billing.requests,
             cancel,
         )
         .await?;
-        self.json(resp, "read the created prediction", cancel).await
+        billing.requests += 1;
+        // Accepted but unreadable: the prediction exists, and its id is lost with the answer.
+        self.json(resp, "read the created prediction", cancel)
+            .await
+            .map_err(|e| match e {
+                ConnectorError::Cancelled => e,
+                e => http::maybe_created("replicate", e),
+            })
     }
 
     async fn get(&self, url: &str, customer: &str, cancel: &CancellationToken) -> Result<Value, ConnectorError> {
-        let mut polls = 0;
         let resp = http::send_retrying(
             || self.request(reqwest::Method::GET, url),
-            self.retrying("read a Replicate prediction", customer, false),
+            self.retrying("read a Replicate prediction", customer, None),
             api_error_message,
-            &mut polls,
             cancel,
         )
         .await?;
@@ -143,7 +152,8 @@ impl ReplicateConnector {
     }
 
     /// Asks Replicate to stop the prediction; bounded, so a cancelled job returns promptly.
-    async fn cancel_prediction(&self, urls: &Urls) {
+    /// Returns the prediction as the cancel answered it (with the predict time it bills).
+    async fn cancel_prediction(&self, urls: &Urls) -> Option<Value> {
         let sent = self
             .request(reqwest::Method::POST, &urls.cancel)
             .timeout(Duration::from_secs(5))
@@ -151,12 +161,17 @@ impl ReplicateConnector {
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {
-                tracing::info!(url = %urls.cancel, "cancelled the Replicate prediction")
+                tracing::info!(url = %urls.cancel, "cancelled the Replicate prediction");
+                r.json::<Value>().await.ok()
             }
             Ok(r) => {
-                tracing::warn!(url = %urls.cancel, status = %r.status(), "Replicate refused to cancel the prediction")
+                tracing::warn!(url = %urls.cancel, status = %r.status(), "Replicate refused to cancel the prediction");
+                None
             }
-            Err(e) => tracing::warn!(url = %urls.cancel, error = %e, "failed to cancel the Replicate prediction"),
+            Err(e) => {
+                tracing::warn!(url = %urls.cancel, error = %e, "failed to cancel the Replicate prediction");
+                None
+            }
         }
     }
 
@@ -244,34 +259,32 @@ impl ReplicateConnector {
         }
     }
 
-    async fn run_job(
+    /// Runs one attempt, recording what Replicate bills in `billing` as it goes, so that a
+    /// failed or cancelled prediction is billed too.
+    async fn attempt(
         &self,
         job: &Job,
         progress: &ProgressSink,
         cancel: &CancellationToken,
+        billing: &mut Billing,
     ) -> Result<JobOutput, ConnectorError> {
-        let mut billing = Billing {
-            connector: "replicate".to_owned(),
-            customer: job.customer_id.clone(),
-            ..Billing::default()
-        };
         progress.percent(0.0, "creating the prediction");
-        let created = self.create(job, &mut billing, cancel).await?;
+        let created = self.create(job, billing, progress, cancel).await?;
         let urls = prediction_urls(&created, &self.config.base_url)?;
         progress.percent(1.0, "prediction created");
         let followed = self.follow(&urls, created, &job.customer_id, progress, cancel).await;
         let prediction = match followed {
             Ok(p) => p,
-            Err(ConnectorError::Cancelled) => {
-                self.cancel_prediction(&urls).await;
-                return Err(ConnectorError::Cancelled);
+            Err(e) => {
+                // Whether cancelled or no longer followed, the prediction must not run on
+                // unwatched.
+                if let Some(p) = self.cancel_prediction(&urls).await {
+                    billing.predict_seconds = predict_seconds(&p);
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
-        billing.predict_seconds = prediction
-            .pointer("/metrics/predict_time")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
+        billing.predict_seconds = predict_seconds(&prediction);
         let status = prediction.get("status").and_then(Value::as_str).unwrap_or_default();
         match status {
             "succeeded" => {}
@@ -295,7 +308,7 @@ impl ReplicateConnector {
         let mut output = prediction.get("output").cloned().unwrap_or(Value::Null);
         let found = outputs::take_files(&mut output)?;
         let artifacts = outputs::artifacts(&self.client, found, cancel).await?;
-        let mut data = json!({
+        let data = json!({
             "prediction_id": prediction.get("id").cloned().unwrap_or(Value::Null),
             "model": prediction.get("model").cloned().unwrap_or(Value::Null),
             "version": prediction.get("version").cloned().unwrap_or(Value::Null),
@@ -303,8 +316,27 @@ impl ReplicateConnector {
             "output": output,
             "metrics": prediction.get("metrics").cloned().unwrap_or(Value::Null),
         });
-        billing.priced(&self.config.prices).attach(&mut data);
         Ok(JobOutput { data, artifacts })
+    }
+
+    async fn run_job(
+        &self,
+        job: &Job,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
+        let mut billing = Billing {
+            connector: "replicate".to_owned(),
+            customer: job.customer_id.clone(),
+            ..Billing::default()
+        };
+        let result = self.attempt(job, progress, cancel, &mut billing).await;
+        let billing = billing.priced(&self.config.prices);
+        progress.bill(billing.clone());
+        result.map(|mut out| {
+            billing.attach(&mut out.data);
+            out
+        })
     }
 }
 
@@ -363,7 +395,29 @@ fn prediction_request(
             )));
         }
     };
+    let deployment = match obj.remove("deployment") {
+        None => None,
+        Some(Value::String(d)) => match parse_model_ref(d.trim()) {
+            Some((owner, name, None)) => Some(format!("{owner}/{name}")),
+            _ => {
+                return Err(ConnectorError::BadPayload(format!(
+                    "deployment `{d}` is not `owner/name`"
+                )));
+            }
+        },
+        Some(other) => {
+            return Err(ConnectorError::BadPayload(format!(
+                "`deployment` must be a string, not {}",
+                json_kind(&other)
+            )));
+        }
+    };
     let model = from_service.or(named);
+    if deployment.is_some() && (model.is_some() || version.is_some()) {
+        return Err(ConnectorError::BadPayload(
+            "a job names a `deployment` or a `model`/`version`, not both".to_owned(),
+        ));
+    }
     let input = match obj.remove("input") {
         Some(Value::Object(i)) => Value::Object(i),
         Some(other) => {
@@ -382,6 +436,13 @@ fn prediction_request(
         })?),
         None => None,
     };
+    if let Some(d) = deployment {
+        // A deployment runs the model and hardware its owner set up; the request names neither.
+        return Ok((
+            format!("{}/deployments/{d}/predictions", config.base_url),
+            json!({"input": input}),
+        ));
+    }
     let version = version.or_else(|| parsed.and_then(|(_, _, v)| v.map(str::to_owned)));
     match (version, parsed) {
         (Some(v), _) => Ok((
@@ -425,6 +486,14 @@ fn prediction_urls(prediction: &Value, base_url: &str) -> Result<Urls, Connector
             retryable: true,
         }),
     }
+}
+
+/// The predict time Replicate bills (`metrics.predict_time`, seconds), whatever the outcome.
+fn predict_seconds(prediction: &Value) -> f64 {
+    prediction
+        .pointer("/metrics/predict_time")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
 }
 
 fn terminal(prediction: &Value) -> bool {
@@ -532,6 +601,27 @@ mod tests {
             ));
         }
         assert!(prediction_request(&c, "replicate:unknown", &json!({})).is_err());
+        let (url, body) = prediction_request(
+            &c,
+            "replicate",
+            &json!({"deployment": "acme/sdxl-prod", "input": {"p": 1}}),
+        )
+        .unwrap();
+        assert_eq!(url, "http://r/v1/deployments/acme/sdxl-prod/predictions");
+        assert_eq!(body, json!({"input": {"p": 1}}));
+        for bad in [
+            json!({"deployment": "acme", "input": {}}),
+            json!({"deployment": "acme/x:v1", "input": {}}),
+            json!({"deployment": "acme/x", "model": "a/b", "input": {}}),
+        ] {
+            assert!(
+                matches!(
+                    prediction_request(&c, "replicate", &bad),
+                    Err(ConnectorError::BadPayload(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! `[connectors.runpod] endpoint_id`, and without `input` the rest of the payload is the input
 //! (`policy`, `webhook` and `s3Config` are passed through beside it). The job is submitted with
 //! `POST /<endpoint>/run` and followed with `GET /<endpoint>/status/<id>` until it is
-//! `COMPLETED`, `FAILED`, `CANCELLED` or `TIMED_OUT`; a payload with `"sync": true` uses
-//! `POST /<endpoint>/runsync?wait=<ms>` instead, and is followed like the others when it is
-//! not done within the wait. On cancellation `POST /<endpoint>/cancel/<id>` is sent before
-//! returning. The output's files, at any depth (URLs, worker-comfyui's base64 images; see
+//! `COMPLETED`, `FAILED`, `CANCELLED` or `TIMED_OUT`; a payload with `"sync": true` is
+//! submitted the same way (never `/runsync`, which hides the job's id until it is done) and its
+//! status read every 100 ms during its first `sync_wait`. On cancellation, and whenever the job
+//! stops being followed, `POST /<endpoint>/cancel/<id>` is sent before returning. A `/run`
+//! answered with a 5xx or not at all is not sent again (see `http::send_retrying`). The output's files, at any depth (URLs, worker-comfyui's base64 images; see
 //! `connectors/outputs.rs`), become artifacts, which the worker stores through the job's `ctx`; the
 //! rest of the output stays in the result with a `billing` record whose predict
 //! time is RunPod's `executionTime`.
@@ -44,6 +45,14 @@ impl std::fmt::Debug for RunpodConnector {
     }
 }
 
+/// How often a sync job's status is read during its `sync_wait` (at most).
+const SYNC_POLL: Duration = Duration::from_millis(100);
+
+/// RunPod's `executionTime` (ms) in seconds: what it bills, whatever the job's outcome.
+fn execution_seconds(status: &Value) -> f64 {
+    status.get("executionTime").and_then(Value::as_f64).unwrap_or(0.0) / 1000.0
+}
+
 /// Keys of a payload sent beside `input` rather than in it.
 const BESIDE_INPUT: [&str; 3] = ["policy", "webhook", "s3Config"];
 
@@ -72,17 +81,17 @@ impl RunpodConnector {
         }
     }
 
-    fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, limited: bool, timeout: Duration) -> Retrying<'a> {
+    /// How a request is sent: `creates` for the `/run` that starts paid work (limited, and
+    /// never repeated once RunPod may have acted on it), else a read.
+    fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, creates: Option<&'a ProgressSink>) -> Retrying<'a> {
         Retrying {
             what,
             attempts: self.config.max_attempts,
             backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
-            timeout: Some(timeout),
-            limiter: if limited {
-                self.limiter.as_deref().map(|l| (l, customer))
-            } else {
-                None
-            },
+            timeout: Some(self.config.request_timeout),
+            limiter: creates.and(self.limiter.as_deref().map(|l| (l, customer))),
+            creates: creates.map(|_| "runpod"),
+            progress: creates,
         }
     }
 
@@ -98,7 +107,9 @@ impl RunpodConnector {
         .await
     }
 
-    async fn cancel_job(&self, endpoint: &str, id: &str) {
+    /// Asks RunPod to stop the job, then reads its status once for the execution time it bills
+    /// (`None` when either fails); bounded, so a cancelled job returns promptly.
+    async fn cancel_job(&self, endpoint: &str, id: &str) -> Option<Value> {
         let url = format!("{}/{endpoint}/cancel/{id}", self.config.base_url);
         let sent = self
             .request(reqwest::Method::POST, &url)
@@ -110,6 +121,14 @@ impl RunpodConnector {
             Ok(r) => tracing::warn!(%url, status = %r.status(), "RunPod refused to cancel the job"),
             Err(e) => tracing::warn!(%url, error = %e, "failed to cancel the RunPod job"),
         }
+        let url = format!("{}/{endpoint}/status/{id}", self.config.base_url);
+        let read = self
+            .request(reqwest::Method::GET, &url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        read.json::<Value>().await.ok()
     }
 
     async fn follow(
@@ -117,11 +136,14 @@ impl RunpodConnector {
         endpoint: &str,
         mut status: Value,
         customer: &str,
+        sync: bool,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<Value, ConnectorError> {
         let id = job_id(&status)?;
         let url = format!("{}/{endpoint}/status/{id}", self.config.base_url);
+        // A sync job is short: its status is read often for its first `sync_wait`.
+        let fast_until = sync.then(|| std::time::Instant::now() + self.config.sync_wait);
         loop {
             match status.get("status").and_then(Value::as_str).unwrap_or_default() {
                 "COMPLETED" | "FAILED" | "CANCELLED" | "TIMED_OUT" => return Ok(status),
@@ -131,16 +153,18 @@ impl RunpodConnector {
                     progress.percent(p.min(99.0), "running on RunPod");
                 }
             }
+            let interval = match fast_until {
+                Some(t) if std::time::Instant::now() < t => self.config.poll_interval.min(SYNC_POLL),
+                _ => self.config.poll_interval,
+            };
             tokio::select! {
                 () = cancel.cancelled() => return Err(ConnectorError::Cancelled),
-                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = tokio::time::sleep(interval) => {}
             }
-            let mut polls = 0;
             let resp = http::send_retrying(
                 || self.request(reqwest::Method::GET, &url),
-                self.retrying("read a RunPod job status", customer, false, self.config.request_timeout),
+                self.retrying("read a RunPod job status", customer, None),
                 api_error_message,
-                &mut polls,
                 cancel,
             )
             .await?;
@@ -148,53 +172,50 @@ impl RunpodConnector {
         }
     }
 
-    async fn run_job(
+    /// Runs one attempt, recording what RunPod bills in `billing` as it goes, so that a
+    /// failed or cancelled attempt is billed too.
+    async fn attempt(
         &self,
         job: &Job,
         progress: &ProgressSink,
         cancel: &CancellationToken,
+        billing: &mut Billing,
     ) -> Result<JobOutput, ConnectorError> {
         let (endpoint, body, sync) = run_request(&self.config, &job.payload)?;
-        let mut billing = Billing {
-            connector: "runpod".to_owned(),
-            customer: job.customer_id.clone(),
-            ..Billing::default()
-        };
-        let (url, timeout) = if sync {
-            let wait = self.config.sync_wait;
-            (
-                format!("{}/{endpoint}/runsync?wait={}", self.config.base_url, wait.as_millis()),
-                wait + Duration::from_secs(10),
-            )
-        } else {
-            (
-                format!("{}/{endpoint}/run", self.config.base_url),
-                self.config.request_timeout,
-            )
-        };
+        // Sync jobs go through `/run` too: the job's id is known before any wait, so a cancel,
+        // a time limit or a forced stop always reaches RunPod (`/runsync` hides it until done).
+        let url = format!("{}/{endpoint}/run", self.config.base_url);
         progress.percent(0.0, "submitting to the RunPod endpoint");
         let resp = http::send_retrying(
             || self.request(reqwest::Method::POST, &url).json(&body),
-            self.retrying("submit a RunPod job", &job.customer_id, true, timeout),
+            self.retrying("submit a RunPod job", &job.customer_id, Some(progress)),
             api_error_message,
-            &mut billing.requests,
             cancel,
         )
         .await?;
-        let submitted = self.json(resp, "read the submitted RunPod job", cancel).await?;
-        let id = job_id(&submitted)?;
-        let status = match self
-            .follow(&endpoint, submitted, &job.customer_id, progress, cancel)
+        billing.requests += 1;
+        let submitted = self
+            .json(resp, "read the submitted RunPod job", cancel)
             .await
-        {
+            .map_err(|e| match e {
+                ConnectorError::Cancelled => e,
+                e => http::maybe_created("runpod", e),
+            })?;
+        let id = job_id(&submitted)?;
+        let followed = self
+            .follow(&endpoint, submitted, &job.customer_id, sync, progress, cancel)
+            .await;
+        let status = match followed {
             Ok(s) => s,
-            Err(ConnectorError::Cancelled) => {
-                self.cancel_job(&endpoint, &id).await;
-                return Err(ConnectorError::Cancelled);
+            Err(e) => {
+                // Whether cancelled or no longer followed, the job must not run on unwatched.
+                if let Some(s) = self.cancel_job(&endpoint, &id).await {
+                    billing.predict_seconds = execution_seconds(&s);
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
-        billing.predict_seconds = status.get("executionTime").and_then(Value::as_f64).unwrap_or(0.0) / 1000.0;
+        billing.predict_seconds = execution_seconds(&status);
         let state = status.get("status").and_then(Value::as_str).unwrap_or_default();
         let error = || {
             status.get("error").map_or_else(String::new, |e| match e {
@@ -220,7 +241,7 @@ impl RunpodConnector {
         let mut output = status.get("output").cloned().unwrap_or(Value::Null);
         let found = outputs::take_files(&mut output)?;
         let artifacts = outputs::artifacts(&self.client, found, cancel).await?;
-        let mut data = json!({
+        let data = json!({
             "runpod_id": id,
             "endpoint_id": endpoint,
             "status": state,
@@ -228,8 +249,27 @@ impl RunpodConnector {
             "delay_time_ms": status.get("delayTime").cloned().unwrap_or(Value::Null),
             "execution_time_ms": status.get("executionTime").cloned().unwrap_or(Value::Null),
         });
-        billing.priced(&self.config.prices).attach(&mut data);
         Ok(JobOutput { data, artifacts })
+    }
+
+    async fn run_job(
+        &self,
+        job: &Job,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
+        let mut billing = Billing {
+            connector: "runpod".to_owned(),
+            customer: job.customer_id.clone(),
+            ..Billing::default()
+        };
+        let result = self.attempt(job, progress, cancel, &mut billing).await;
+        let billing = billing.priced(&self.config.prices);
+        progress.bill(billing.clone());
+        result.map(|mut out| {
+            billing.attach(&mut out.data);
+            out
+        })
     }
 }
 
@@ -248,7 +288,7 @@ impl Connector for RunpodConnector {
     }
 }
 
-/// The endpoint, the `/run` body and whether to use `/runsync`, from a payload.
+/// The endpoint, the `/run` body and whether the job is a short (`sync`) one, from a payload.
 fn run_request(config: &RunpodConfig, payload: &Value) -> Result<(String, Value, bool), ConnectorError> {
     let Value::Object(obj) = payload else {
         return Err(ConnectorError::BadPayload(format!(

@@ -331,7 +331,7 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
     let mut workers = state.worker_receivers();
     let names: Vec<String> = state.plan().services.iter().map(|s| s.name.clone()).collect();
     let mut services = state.services().watch(&names).ok();
-    let mut reloads = state.reloads();
+    let mut reloads = state.running();
     let mut was_ready = false;
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -383,10 +383,23 @@ pub async fn run(state: Arc<HealthState>, broker: Broker, health_url: String, st
             update
         };
         was_ready = ready;
-        publish(&state, &broker, update, &health_url).await;
+        // A Redis that stops answering holds a publish for the response timeout: a stop
+        // meanwhile does not wait for it.
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = publish(&state, &broker, update, &health_url) => {}
+        }
     }
-    publish(&state, &broker, UpdateType::Shutdown, &health_url).await;
+    // The last message is worth a short wait only: the machine's stop is bounded whatever
+    // Redis does, and the API notices a silent machine within 30 s anyway.
+    let last = publish(&state, &broker, UpdateType::Shutdown, &health_url);
+    if tokio::time::timeout(LAST_MESSAGE_WAIT, last).await.is_err() {
+        tracing::warn!("redis did not take the shutdown status message in time");
+    }
 }
+
+/// How long the `shutdown` message may take before the machine stops without it.
+const LAST_MESSAGE_WAIT: Duration = Duration::from_millis(150);
 
 async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, health_url: &str) {
     let msg = match serde_json::to_string(&message(state, update, true, health_url)) {
@@ -397,17 +410,13 @@ async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, healt
         }
     };
     match broker.publish_machine_status(state.machine_id(), &msg).await {
-        Ok(()) => state.set_redis(|r| {
-            r.connected = true;
-            r.last_error = None;
-        }),
+        Ok(()) => broker.health().record_ok(),
         Err(e) => {
-            let error = crate::logging::error_chain(&e);
-            tracing::warn!("failed to publish the machine status: {error}");
-            state.set_redis(|r| {
-                r.connected = false;
-                r.last_error = Some(error);
-            });
+            tracing::warn!(
+                "failed to publish the machine status: {}",
+                crate::logging::error_chain(&e)
+            );
+            broker.health().record_err(&e);
         }
     }
 }
@@ -477,15 +486,18 @@ mod tests {
         let installs = tokio::sync::watch::channel(Default::default()).1;
         let stop = CancellationToken::new();
         let s = HealthState::new(
-            &config,
-            &plan,
+            super::super::Running {
+                config: config.clone(),
+                plan: plan.clone(),
+                workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
+            },
             probe,
             super::super::Sources {
                 services: handle.clone(),
-                workers: vec![("m1-gpu0".into(), gpu_rx), ("m1-simulation-1".into(), sim_rx)],
                 installs,
                 models: None,
                 force: CancellationToken::new(),
+                redis: crate::broker::RedisHealth::new(),
             },
             stop.clone(),
         );

@@ -150,6 +150,7 @@ mod tests {
             run: Duration::from_millis(total_ms / 2),
             total: Duration::from_millis(total_ms),
             billing: None,
+            possible_orphan: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! fleet-wide limiters' daily usage is set by a feed that reads it from Redis. The models
 //! store's downloads and evictions are counted by the store and copied in at scrape time.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -36,6 +37,11 @@ pub struct JobLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabel {
     worker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,10 +120,13 @@ struct Inner {
     gpu_throttled: Family<GpuLabel, Gauge>,
     worker_quarantined: Family<WorkerLabel, Gauge>,
     worker_held: Family<WorkerLabel, Gauge>,
+    redis_up: Gauge,
+    redis_errors: Family<KindLabel, Counter>,
     external_requests: Family<UsageLabels, Counter>,
     external_tokens: Family<TokenLabels, Counter>,
     external_predict_seconds: Family<UsageLabels, FloatCounter>,
     external_cost: Family<CostLabels, FloatCounter>,
+    external_possible_orphans: Family<ApiLabel, Counter>,
     limit_requests_today: Family<ApiLabel, Gauge>,
     limit_tokens_today: Family<ApiLabel, Gauge>,
     limit_waits: Family<ApiLabel, Gauge>,
@@ -216,26 +225,32 @@ impl Metrics {
         let external_requests = Family::<UsageLabels, Counter>::default();
         registry.register(
             "external_requests",
-            "Requests completed external jobs made to their API, by connector and customer",
+            "Requests external APIs accepted (and bill), for every attempt, by connector and customer",
             external_requests.clone(),
         );
         let external_tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "external_tokens",
-            "Tokens used by completed external jobs, by connector, customer and direction (input/output)",
+            "Tokens used by external jobs (every attempt the API bills), by connector, customer and direction (input/output)",
             external_tokens.clone(),
         );
         let external_predict_seconds = Family::<UsageLabels, FloatCounter>::default();
         registry.register(
             "external_predict_seconds",
-            "Predict / execution time external APIs reported for completed jobs",
+            "Predict / execution time external APIs reported, for every attempt they bill",
             external_predict_seconds.clone(),
         );
         let external_cost = Family::<CostLabels, FloatCounter>::default();
         registry.register(
             "external_cost",
-            "Cost of completed external jobs from the configured price tables",
+            "Cost of external jobs (every attempt the API bills) from the configured price tables",
             external_cost.clone(),
+        );
+        let external_possible_orphans = Family::<ApiLabel, Counter>::default();
+        registry.register(
+            "external_possible_orphans",
+            "Creates of paid work answered with a 5xx or not at all: the work may exist upstream, unfollowed and billed",
+            external_possible_orphans.clone(),
         );
         let limit_requests_today = Family::<ApiLabel, Gauge>::default();
         registry.register(
@@ -291,6 +306,19 @@ impl Metrics {
             "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
             worker_held.clone(),
         );
+        let redis_up = Gauge::default();
+        registry.register("redis_up", "1 while the last Redis command succeeded", redis_up.clone());
+        let redis_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commands by kind (unreachable, readonly, auth, other)",
+            redis_errors.clone(),
+        );
+        for kind in crate::broker::FaultKind::ALL {
+            let _ = redis_errors.get_or_create(&KindLabel {
+                kind: kind.name().to_owned(),
+            });
+        }
         let model_downloads = Counter::default();
         registry.register(
             "model_downloads",
@@ -330,10 +358,13 @@ impl Metrics {
                 gpu_throttled,
                 worker_quarantined,
                 worker_held,
+                redis_up,
+                redis_errors,
                 external_requests,
                 external_tokens,
                 external_predict_seconds,
                 external_cost,
+                external_possible_orphans,
                 limit_requests_today,
                 limit_tokens_today,
                 limit_waits,
@@ -346,7 +377,15 @@ impl Metrics {
         }
     }
 
-    /// Counts what a completed external job used and cost.
+    /// Counts a create whose work may exist upstream unfollowed (see `ConnectorError::MaybeCreated`).
+    pub fn possible_orphan(&self, api: &str) {
+        self.inner
+            .external_possible_orphans
+            .get_or_create(&ApiLabel { api: api.to_owned() })
+            .inc();
+    }
+
+    /// Counts what one attempt of an external job used and cost, whatever its outcome.
     pub fn billing(&self, b: &crate::connectors::Billing) {
         let usage = UsageLabels {
             connector: b.connector.clone(),
@@ -466,6 +505,20 @@ impl Metrics {
                 .set(i64::from(busy));
         }
         self.inner.jobs_running.set(running);
+    }
+
+    /// Sets `machine_redis_up` and brings `machine_redis_errors_total` up to `errors`.
+    pub fn set_redis(&self, up: bool, errors: &BTreeMap<crate::broker::FaultKind, u64>) {
+        self.inner.redis_up.set(i64::from(up));
+        for (kind, n) in errors {
+            let counter = self.inner.redis_errors.get_or_create(&KindLabel {
+                kind: kind.name().to_owned(),
+            });
+            let seen = counter.get();
+            if *n > seen {
+                counter.inc_by(n - seen);
+            }
+        }
     }
 
     /// Sets how many jobs wait in the queue for `service`.
@@ -590,6 +643,8 @@ impl super::HealthState {
             let up = service.state == crate::supervisor::ServiceState::Running && service.ready;
             self.metrics.set_service(&service.name, u64::from(service.restarts), up);
         }
+        let redis = self.redis_health().snapshot();
+        self.metrics.set_redis(redis.up, &redis.errors);
         let workers = self.worker_statuses();
         self.metrics
             .set_workers(workers.iter().map(|w| (w.worker_id.as_str(), w.current_job.is_some())));
@@ -790,8 +845,10 @@ mod tests {
                 quota_refusals: 1,
             },
         );
+        m.possible_orphan("runpod");
         let text = m.encode();
         for line in [
+            "machine_external_possible_orphans_total{api=\"runpod\"} 1",
             "machine_external_requests_total{connector=\"openai\",customer=\"c1\"} 4",
             "machine_external_tokens_total{connector=\"openai\",customer=\"c1\",direction=\"output\"} 40",
             "machine_external_cost_total{connector=\"openai\",customer=\"c1\",currency=\"USD\"} 0.5",

@@ -21,7 +21,7 @@ mod server;
 pub mod status;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -71,14 +71,11 @@ pub struct HealthState {
     machine_id: String,
     started: Instant,
     started_ms: u64,
-    /// The running configuration and plan; a reload replaces them.
-    config: RwLock<serde_json::Value>,
-    plan: RwLock<Plan>,
+    /// The machine as it runs: the one copy of the running configuration, plan and workers,
+    /// which every task follows; a reload replaces it.
+    running: watch::Sender<Running>,
     probe: Arc<Probe>,
     services: SupervisorHandle,
-    workers: RwLock<Vec<(String, watch::Receiver<WorkerStatus>)>>,
-    /// Counts reloads, so that the fleet publisher follows the new workers and services.
-    reloads: watch::Sender<u64>,
     /// Where `POST /reload` sends its request, once the machine's services run.
     reload: OnceLock<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>>,
     installs: watch::Receiver<InstallStates>,
@@ -91,8 +88,15 @@ pub struct HealthState {
     /// A random bearer token, new each start, that the control socket sends on behalf of its
     /// callers (see [`control`]); it never leaves the process.
     local_token: control::LocalToken,
+    /// What the broker's connection is (its URL, the library version); the rest of
+    /// `/status`'s `redis` comes from `redis_health`.
     redis: Mutex<RedisStatus>,
+    /// What every Redis command's outcome says of Redis: `/ready`, `/status`, `/metrics`.
+    redis_health: crate::broker::RedisHealth,
     external_apis: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// What each customer's jobs used at each external API since the machine started, every
+    /// billed attempt counted: by connector, then customer.
+    external_usage: Mutex<BTreeMap<String, BTreeMap<String, crate::connectors::Billing>>>,
     models: Option<crate::models::ModelStore>,
     recent_jobs: Mutex<history::RecentJobs>,
     gpu_history: Mutex<history::GpuHistory>,
@@ -100,42 +104,46 @@ pub struct HealthState {
     broker: OnceLock<Broker>,
 }
 
+/// The machine as it runs now: the configuration and plan that the start or the last reload
+/// applied, and its workers. Published on one `watch` ([`HealthState::running`]) that every
+/// task follows (the status documents, the fleet publisher, the queue-depth feed, the GPU-fault
+/// handler, the reloader); only a reload changes it ([`HealthState::reloaded`]).
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The configuration.
+    pub config: Config,
+    /// Its plan.
+    pub plan: Plan,
+    /// Each running worker's id and status channel, in plan order.
+    pub workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
+}
+
 /// What the health state reads from the other subsystems.
 #[derive(Debug)]
 pub struct Sources {
     /// The supervisor's handle (services, logs, restarts).
     pub services: SupervisorHandle,
-    /// Each worker's status channel.
-    pub workers: Vec<(String, watch::Receiver<WorkerStatus>)>,
     /// The installers' progress.
     pub installs: watch::Receiver<InstallStates>,
     /// The models store, when ComfyUI fetches models on demand here (for metrics).
     pub models: Option<crate::models::ModelStore>,
     /// The machine's forced-stop trigger (what a second signal cancels).
     pub force: CancellationToken,
+    /// Where the broker records each command's outcome.
+    pub redis: crate::broker::RedisHealth,
 }
 
 impl HealthState {
     /// The state of a machine about to start; `shutdown` is the machine's shutdown trigger
     /// (`POST /shutdown` cancels it, and once cancelled the phase is `shutdown`).
-    pub fn new(
-        config: &Config,
-        plan: &Plan,
-        probe: Arc<Probe>,
-        sources: Sources,
-        shutdown: CancellationToken,
-    ) -> Arc<HealthState> {
+    pub fn new(running: Running, probe: Arc<Probe>, sources: Sources, shutdown: CancellationToken) -> Arc<HealthState> {
+        let config = &running.config;
         Arc::new(HealthState {
             machine_id: config.machine.machine_id.clone(),
             started: Instant::now(),
             started_ms: crate::clock::now_ms(),
-            // Config serialises with secrets masked (RedisUrl and Secret print `***`).
-            config: RwLock::new(serde_json::to_value(config).unwrap_or(serde_json::Value::Null)),
-            plan: RwLock::new(plan.clone()),
             probe,
             services: sources.services,
-            workers: RwLock::new(sources.workers),
-            reloads: watch::channel(0).0,
             reload: OnceLock::new(),
             installs: sources.installs,
             metrics: Metrics::new(),
@@ -148,11 +156,14 @@ impl HealthState {
                 url: Some(config.machine.broker_url().masked()),
                 ..RedisStatus::default()
             }),
+            redis_health: sources.redis,
             external_apis: Mutex::new(BTreeMap::new()),
+            external_usage: Mutex::new(BTreeMap::new()),
             models: sources.models,
             recent_jobs: Mutex::default(),
             gpu_history: Mutex::default(),
             broker: OnceLock::new(),
+            running: watch::channel(running).0,
         })
     }
 
@@ -166,12 +177,27 @@ impl HealthState {
         self.broker.get()
     }
 
-    /// Records a finished job for the status document's `recent_jobs`.
+    /// Records a finished job for the status document's `recent_jobs`, and what it used at an
+    /// external API for the per-customer usage under `external_apis`.
     pub fn record_job(&self, report: &crate::worker::JobReport) {
         self.recent_jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(report, crate::clock::now_ms());
+        if let Some(b) = &report.billing {
+            self.external_usage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(b.connector.clone())
+                .or_default()
+                .entry(b.customer.clone())
+                .or_insert_with(|| crate::connectors::Billing {
+                    connector: b.connector.clone(),
+                    customer: b.customer.clone(),
+                    ..crate::connectors::Billing::default()
+                })
+                .add(b);
+        }
     }
 
     /// Records the GPUs' live readings of `doc` in the GPU history.
@@ -197,43 +223,40 @@ impl HealthState {
         &self.machine_id
     }
 
+    /// Follows the machine as it runs: the value changes at each reload.
+    pub fn running(&self) -> watch::Receiver<Running> {
+        self.running.subscribe()
+    }
+
     /// The plan this machine runs (the latest reload's).
     pub fn plan(&self) -> Plan {
-        self.plan.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.running.borrow().plan.clone()
     }
 
-    /// The running configuration as `/status` shows it (secrets masked).
+    /// The running configuration as `/plan` shows it (secrets masked: `RedisUrl` and `Secret`
+    /// serialise as `***`).
     pub fn config_document(&self) -> serde_json::Value {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        serde_json::to_value(&self.running.borrow().config).unwrap_or(serde_json::Value::Null)
     }
 
-    /// Drops stopped workers (a reload removed them) from the status.
+    /// Drops stopped workers (a reload removed them) from the running machine.
     pub fn forget_workers(&self, ids: &[String]) {
-        self.workers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(id, _)| !ids.contains(id));
+        self.running
+            .send_modify(|r| r.workers.retain(|(id, _)| !ids.contains(id)));
     }
 
-    /// Shows a reload's result: the new configuration and plan, and the workers it started
-    /// (all listed in plan order); the fleet status is published at once.
+    /// Publishes a reload's result: the new configuration and plan, and the workers it started
+    /// (all listed in plan order). Every task following [`HealthState::running`] sees it at
+    /// once; the fleet status is published at once.
     pub fn reloaded(&self, config: &Config, plan: &Plan, workers: Vec<(String, watch::Receiver<WorkerStatus>)>) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) =
-            serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
-        *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
-        {
-            let mut all = self.workers.write().unwrap_or_else(|p| p.into_inner());
-            all.extend(workers);
+        self.running.send_modify(|r| {
+            r.config = config.clone();
+            r.plan = plan.clone();
+            r.workers.extend(workers);
             // In plan order, as at start.
             let position = |id: &str| plan.workers.iter().position(|w| w.id == id).unwrap_or(usize::MAX);
-            all.sort_by_key(|(id, _)| position(id));
-        }
-        self.reloads.send_modify(|n| *n += 1);
-    }
-
-    /// Changes at each reload (for the fleet publisher).
-    pub(crate) fn reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
+            r.workers.sort_by_key(|(id, _)| position(id));
+        });
     }
 
     /// Lets `POST /reload` reach the machine's reloader.
@@ -263,14 +286,14 @@ impl HealthState {
 
     /// Every worker's current status, in plan order.
     pub fn worker_statuses(&self) -> Vec<WorkerStatus> {
-        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
-        workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
+        let running = self.running.borrow();
+        running.workers.iter().map(|(_, rx)| rx.borrow().clone()).collect()
     }
 
     /// Receivers that change whenever a worker changes (for the fleet publisher).
     pub(crate) fn worker_receivers(&self) -> Vec<watch::Receiver<WorkerStatus>> {
-        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
-        workers.iter().map(|(_, rx)| rx.clone()).collect()
+        let running = self.running.borrow();
+        running.workers.iter().map(|(_, rx)| rx.clone()).collect()
     }
 
     /// Why a worker is not claiming, when it has a reason to report: one of its services is in
@@ -282,8 +305,13 @@ impl HealthState {
         if status.state != WorkerState::WaitingForServices && !busy {
             return None;
         }
-        let plan = self.plan.read().unwrap_or_else(|p| p.into_inner());
-        let wanted = &plan.workers.iter().find(|w| w.id == status.worker_id)?.waits_for;
+        let running = self.running.borrow();
+        let wanted = &running
+            .plan
+            .workers
+            .iter()
+            .find(|w| w.id == status.worker_id)?
+            .waits_for;
         if busy {
             return services
                 .iter()
@@ -345,7 +373,25 @@ impl HealthState {
     }
 
     fn redis(&self) -> RedisStatus {
-        self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut r = self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = self.redis_health.snapshot();
+        r.connected = now.up;
+        r.not_ready = now.not_ready(Instant::now());
+        r.error_kind = now.fault.as_ref().map(|(kind, _)| kind.name().to_owned());
+        r.last_error = now.fault.map(|(_, cause)| cause);
+        r.errors = now.errors.iter().map(|(k, n)| (k.name().to_owned(), *n)).collect();
+        r
+    }
+
+    /// What each command's outcome says of Redis.
+    pub(crate) fn redis_health(&self) -> &crate::broker::RedisHealth {
+        &self.redis_health
+    }
+
+    /// Why no worker can claim because of Redis, once it has failed for
+    /// [`crate::broker::health::NOT_READY_AFTER`].
+    pub(crate) fn redis_not_ready(&self) -> Option<String> {
+        self.redis_health.snapshot().not_ready(Instant::now())
     }
 
     /// Sets what `/status` and the fleet status show of one external API's fleet-wide usage
@@ -357,18 +403,31 @@ impl HealthState {
             .insert(api.to_owned(), doc);
     }
 
-    /// The external APIs' usage, by API.
+    /// The external APIs' usage, by API: the limiter's fleet-wide document, and under
+    /// `customers` what each customer's jobs used here since the start (an empty customer is
+    /// keyed `""`).
     pub fn external_apis(&self) -> BTreeMap<String, serde_json::Value> {
-        self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut apis = self.external_apis.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let usage = self.external_usage.lock().unwrap_or_else(|p| p.into_inner());
+        for (connector, customers) in usage.iter() {
+            let doc = apis.entry(connector.clone()).or_insert_with(|| serde_json::json!({}));
+            if let serde_json::Value::Object(map) = doc {
+                let customers = serde_json::to_value(customers).expect("billing is plain data");
+                map.insert("customers".to_owned(), customers);
+            }
+        }
+        apis
     }
 
     /// The workers as `/status` and `/ready` show them: their status plus the reason a
     /// waiting worker gives.
     fn workers_document(&self) -> Vec<status::Worker> {
         let services = self.services.status();
+        // Every worker claims through the one broker: a Redis that fails is each one's reason.
+        let redis = self.redis_not_ready();
         self.worker_statuses()
             .iter()
-            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services)))
+            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services).or_else(|| redis.clone())))
             .collect()
     }
 
@@ -395,6 +454,7 @@ impl HealthState {
             phase,
             not_claiming,
             workers,
+            redis: self.redis_not_ready(),
         }
     }
 

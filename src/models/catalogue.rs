@@ -70,7 +70,11 @@ pub(crate) fn load(path: &Path, env: &dyn Env) -> Result<Catalogue, ModelError> 
     let name = path.to_string_lossy();
     let text = if name.starts_with("https://") || name.starts_with("http://") {
         let url = url::Url::parse(&name).map_err(|e| bad(path, format!("is not a URL: {e}")))?;
-        let token = env.var(TOKEN_VAR).filter(|t| !t.is_empty());
+        // The loader reported an unreadable token file already.
+        let token = crate::config::secret(env, TOKEN_VAR)
+            .ok()
+            .flatten()
+            .filter(|t| !t.is_empty());
         fetch_text(&url, token).map_err(|e| ModelError::Catalogue {
             file: redacted(&url),
             message: format!("cannot be fetched: {e}"),
@@ -85,7 +89,7 @@ pub(crate) fn load(path: &Path, env: &dyn Env) -> Result<Catalogue, ModelError> 
 }
 
 /// The variable holding the bearer token of a catalogue URL.
-const TOKEN_VAR: &str = "COMFYUI_MODELS_CATALOGUE_TOKEN";
+const TOKEN_VAR: &str = crate::config::CATALOGUE_TOKEN;
 
 /// How long fetching a catalogue may take, connection included.
 const FETCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -170,9 +174,10 @@ pub(crate) fn parse(path: &Path, text: &str, is_json: bool, env: &dyn Env) -> Re
         }
         let token = match &m.token_env {
             Some(var) => Some(
-                env.var(var)
+                crate::config::secret(env, var)
+                    .map_err(|p| here(p.message))?
                     .filter(|v| !v.is_empty())
-                    .ok_or_else(|| here(format!("its token variable {var} is not set")))?,
+                    .ok_or_else(|| here(format!("its token variable {var} (or {var}_FILE) is not set")))?,
             ),
             None => None,
         };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerOptions, RedisHealth};
 use crate::config::{Config, ConnectorKind, Env};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
@@ -44,7 +44,6 @@ pub(super) fn worker_for(
     plan: &Plan,
     config: &Config,
     probe: &Probe,
-    env: &dyn Env,
     kit: &Kit,
 ) -> Result<Worker, WorkerError> {
     let settings = WorkerSettings {
@@ -65,7 +64,6 @@ pub(super) fn worker_for(
         let connector = connector_for(
             planned,
             config,
-            env,
             kit.limiters.get(&planned.kind).cloned(),
             kit.models.as_ref(),
         )
@@ -80,6 +78,7 @@ pub(super) fn worker_for(
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
     worker.follow_models(capabilities::ModelDirs::of(wp, &config.machine.workspace));
     worker.quarantine_on(quarantine_policy(wp, config));
+    worker.recheck_holds_every(config.machine.worker.hold_recheck);
     if let Some(index) = wp.gpu {
         // A fault of its GPU holds the worker (and returns its job).
         worker.follow_gpu(index, probe.health());
@@ -126,26 +125,25 @@ fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::Quarantine
 }
 
 /// The broker options the configuration asks for.
-pub fn broker_options(config: &Config) -> crate::broker::BrokerOptions {
-    crate::broker::BrokerOptions {
+pub fn broker_options(config: &Config) -> BrokerOptions {
+    BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
         max_retries_cap: config.machine.worker.max_retries_cap,
-        ..crate::broker::BrokerOptions::default()
+        ..BrokerOptions::default()
     }
 }
 
 /// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
 /// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
-/// when `shutdown` comes first. Each failure is logged with its whole cause chain and passed to
-/// `failed` (for the status page).
-pub async fn connect_broker(
-    config: &Config,
-    shutdown: &CancellationToken,
-    failed: &(dyn Fn(&str) + Sync),
-) -> Option<Broker> {
+/// when `shutdown` comes first. Each failure is logged with its whole cause chain and recorded
+/// in `health` (for the status page and `/ready`).
+pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
     let url = config.machine.broker_url();
-    let opts = broker_options(config);
+    let opts = BrokerOptions {
+        health: health.clone(),
+        ..broker_options(config)
+    };
     let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
     let mut failures = 0;
     loop {
@@ -154,13 +152,24 @@ pub async fn connect_broker(
             broker.ensure_functions().await?;
             Ok::<_, crate::broker::BrokerError>(broker)
         };
-        match attempt.await {
-            Ok(b) => return Some(b),
+        // Every wait on Redis gives way to a shutdown: connecting is bounded, but a machine
+        // asked to stop does not wait even for that.
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            r = attempt => r,
+        };
+        match attempt {
+            Ok(b) => {
+                health.record_ok();
+                return Some(b);
+            }
             Err(e) => {
                 let error = crate::logging::error_chain(&e);
                 let delay = backoff.delay(failures, 0.0);
                 tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                failed(&error);
+                if health.record_err(&e).is_none() {
+                    health.record_fault(crate::broker::FaultKind::Other, error);
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
@@ -226,7 +235,6 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
 fn connector_for(
     planned: &ConnectorPlan,
     config: &Config,
-    env: &dyn Env,
     limiter: Option<Arc<Limiter>>,
     models: Option<&ModelStore>,
 ) -> Result<Arc<dyn Connector>, String> {
@@ -250,7 +258,13 @@ fn connector_for(
             Arc::new(A1111Connector::new(service_url()?).with_stall_timeout(config.plan.a1111.stall_timeout))
         }
         ConnectorKind::Openai => {
-            let c = OpenaiConnector::new(config.plan.openai.clone(), env.var(&config.plan.openai.api_key_env));
+            let c = OpenaiConnector::new(
+                config.plan.openai.clone(),
+                config
+                    .credentials
+                    .get(&config.plan.openai.api_key_env)
+                    .map(str::to_owned),
+            );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,
@@ -259,7 +273,10 @@ fn connector_for(
         ConnectorKind::Replicate => {
             let c = ReplicateConnector::new(
                 config.plan.replicate.clone(),
-                env.var(&config.plan.replicate.api_key_env),
+                config
+                    .credentials
+                    .get(&config.plan.replicate.api_key_env)
+                    .map(str::to_owned),
             );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
@@ -267,7 +284,13 @@ fn connector_for(
             })
         }
         ConnectorKind::Runpod => {
-            let c = RunpodConnector::new(config.plan.runpod.clone(), env.var(&config.plan.runpod.api_key_env));
+            let c = RunpodConnector::new(
+                config.plan.runpod.clone(),
+                config
+                    .credentials
+                    .get(&config.plan.runpod.api_key_env)
+                    .map(str::to_owned),
+            );
             Arc::new(match limiter {
                 Some(l) => c.with_limiter(l),
                 None => c,

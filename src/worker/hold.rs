@@ -9,14 +9,25 @@
 //! runs and returns it to the queue in its place, without burning a retry: the machine, not
 //! the job, is at fault.
 //!
+//! A hold on something outside the worker that may come right by itself or by an operator's
+//! hand (the output store refuses the machine's credentials until they are rotated) is set
+//! with a [`Recheck`]: a cheap authenticated request that says whether the cause is gone. The
+//! held worker runs it every `worker.hold_recheck` and lifts the hold as soon as it passes, so
+//! a corrected key (a `<NAME>_FILE` rewritten, then `machine reload`) puts the worker back to
+//! work without a restart. A new kind of such hold (an external API refusing its key, or out
+//! of credit) is one more [`HoldKind`] and one more [`Recheck`]; the mechanism is this one.
+//!
 //! [`Blame`] is the one classification of a failed job: the job's own fault (an invalid
 //! workflow or payload, a 4xx), this machine's (its service failed or said nothing, its GPU
 //! faulted, the connector crashed), or something elsewhere (an output store, an external API's
 //! quota). Only the machine's failures count towards a quarantine.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -34,6 +45,9 @@ pub enum HoldKind {
     PlannedRestart,
     /// Its service is warming up after a (re)start.
     WarmingUp,
+    /// The output store refuses the machine's credentials (`output store refuses the
+    /// credentials: ...`); lifted by its [`Recheck`] once the store accepts them.
+    StoreCredentials,
     /// Its service still runs what the last job left (an interrupted prompt runs to the end of
     /// its node): the next job would wait behind it.
     ServiceBusy,
@@ -47,10 +61,22 @@ impl HoldKind {
     }
 }
 
+/// A cheap check of whether the cause of a hold is gone, e.g. one authenticated request to
+/// the store that refused the credentials. The seam where a new cause of holds plugs in.
+pub trait Recheck: Send + Sync + fmt::Debug {
+    /// `Ok(())` when the hold may be lifted; else why it still applies, in words.
+    fn recheck(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// The longest one re-check may take; one that takes longer counts as not passed.
+const RECHECK_LIMIT: Duration = Duration::from_secs(20);
+
 /// The holds of one worker; clones share them (the worker reads, the sources write).
 #[derive(Debug, Clone)]
 pub struct Holds {
     tx: Arc<watch::Sender<BTreeMap<HoldKind, String>>>,
+    /// The re-checks of the holds set with one, by kind.
+    rechecks: Arc<Mutex<BTreeMap<HoldKind, Arc<dyn Recheck>>>>,
 }
 
 impl Default for Holds {
@@ -64,19 +90,65 @@ impl Holds {
     pub fn new() -> Holds {
         Holds {
             tx: Arc::new(watch::channel(BTreeMap::new()).0),
+            rechecks: Arc::default(),
         }
     }
 
-    /// Holds the worker for `reason` (replacing the reason of a hold of the same kind).
+    fn rechecks(&self) -> std::sync::MutexGuard<'_, BTreeMap<HoldKind, Arc<dyn Recheck>>> {
+        self.rechecks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds the worker for `reason` (replacing the reason of a hold of the same kind, and
+    /// its re-check: its source lifts it).
     pub fn set(&self, kind: HoldKind, reason: impl Into<String>) {
-        let reason = reason.into();
+        self.rechecks().remove(&kind);
+        self.put(kind, reason.into());
+    }
+
+    /// Holds the worker for `reason` until `check` passes (see [`Holds::recheck`]).
+    pub fn set_until(&self, kind: HoldKind, reason: impl Into<String>, check: Arc<dyn Recheck>) {
+        self.rechecks().insert(kind, check);
+        self.put(kind, reason.into());
+    }
+
+    fn put(&self, kind: HoldKind, reason: String) {
         self.tx
             .send_if_modified(|h| h.insert(kind, reason.clone()).as_ref() != Some(&reason));
     }
 
     /// Lifts the hold of `kind`, if any.
     pub fn clear(&self, kind: HoldKind) {
+        self.rechecks().remove(&kind);
         self.tx.send_if_modified(|h| h.remove(&kind).is_some());
+    }
+
+    /// Whether a hold with a re-check is set.
+    pub fn has_rechecks(&self) -> bool {
+        !self.rechecks().is_empty()
+    }
+
+    /// Runs the re-check of every hold set with one (each within a time limit) and lifts
+    /// those that pass; a hold whose check fails stays, its reason unchanged.
+    pub async fn recheck(&self, worker: &str) {
+        let checks: Vec<(HoldKind, Arc<dyn Recheck>)> =
+            self.rechecks().iter().map(|(k, c)| (*k, Arc::clone(c))).collect();
+        for (kind, check) in checks {
+            let passed = match tokio::time::timeout(RECHECK_LIMIT, check.recheck()).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {RECHECK_LIMIT:?}")),
+            };
+            match passed {
+                Ok(()) => {
+                    // Lifted only if it is still the hold this check was set with.
+                    let same = self.rechecks().get(&kind).is_some_and(|c| Arc::ptr_eq(c, &check));
+                    if same {
+                        tracing::info!(worker, hold = ?kind, "the re-check passed; lifting the hold");
+                        self.clear(kind);
+                    }
+                }
+                Err(why) => tracing::info!(worker, hold = ?kind, %why, "the re-check did not pass; still held"),
+            }
+        }
     }
 
     /// Why the worker must not claim now, every hold's reason joined; `None`: it may.
@@ -181,6 +253,7 @@ impl Blame {
             // A connector that reports cancellation without being asked has lost its service;
             // a service that said nothing for its stall timeout is wedged or hung.
             ConnectorError::Unavailable { .. }
+            | ConnectorError::MaybeCreated { .. }
             | ConnectorError::Cancelled
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => Blame::Machine,
@@ -212,10 +285,53 @@ mod tests {
         assert_eq!(holds.returning(), None);
         assert!(!waiter.is_finished());
         holds.clear(HoldKind::Quarantine);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("released")
             .unwrap();
+    }
+
+    /// Passes once told to.
+    #[derive(Debug, Default)]
+    struct Gate(std::sync::atomic::AtomicBool);
+
+    impl Recheck for Gate {
+        fn recheck(&self) -> BoxFuture<'_, Result<(), String>> {
+            let open = self.0.load(std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { if open { Ok(()) } else { Err("still refused".into()) } })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hold_with_a_recheck_is_lifted_when_the_check_passes() {
+        let holds = Holds::new();
+        let gate = Arc::new(Gate::default());
+        holds.set_until(
+            HoldKind::StoreCredentials,
+            "output store refuses the credentials",
+            gate.clone(),
+        );
+        holds.set(HoldKind::Quarantine, "quarantined");
+        assert!(holds.has_rechecks());
+        holds.recheck("w").await;
+        assert_eq!(
+            holds.reason().as_deref(),
+            Some("quarantined; output store refuses the credentials"),
+            "a failing check keeps the hold"
+        );
+        gate.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        holds.recheck("w").await;
+        assert_eq!(
+            holds.reason().as_deref(),
+            Some("quarantined"),
+            "only the checked hold is lifted"
+        );
+        assert!(!holds.has_rechecks());
+        // A hold set again by its source without a check is its source's to lift.
+        holds.set_until(HoldKind::StoreCredentials, "refused", gate.clone());
+        holds.set(HoldKind::StoreCredentials, "refused for good");
+        holds.recheck("w").await;
+        assert!(holds.reason().unwrap().contains("refused for good"));
     }
 
     #[test]
@@ -239,8 +355,8 @@ mod tests {
         assert_eq!(Blame::of(&ConnectorError::Cancelled), Blame::Machine);
         let stalled = ConnectorError::Stalled {
             service: "comfyui".into(),
-            silent_for: std::time::Duration::from_secs(60),
-            timeout: std::time::Duration::from_secs(60),
+            silent_for: Duration::from_secs(60),
+            timeout: Duration::from_secs(60),
             answers: false,
         };
         assert_eq!(Blame::of(&stalled), Blame::Machine);

@@ -157,8 +157,16 @@ impl WorkerPool {
         }
         which
             .iter()
-            .map(|wp| Ok((worker_for(wp, plan, config, probe, env, &kit)?, wp.waits_for.clone())))
+            .map(|wp| Ok((worker_for(wp, plan, config, probe, &kit)?, wp.waits_for.clone())))
             .collect()
+    }
+
+    /// Gives the output store the credentials a reload read (`<NAME>_FILE` files read again);
+    /// `true` when they changed. The running workers use them from their next upload and
+    /// their next re-check of refused credentials.
+    pub fn renew_credentials(&self, credentials: &crate::config::Credentials) -> bool {
+        let kit = self.kit.lock().unwrap_or_else(PoisonError::into_inner);
+        kit.store.renew(credentials.storage().clone())
     }
 
     /// The fleet-wide limiters of this machine's external APIs, those a reload added included.
@@ -198,9 +206,10 @@ impl Workers {
     pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
         let options = StoreOptions {
             cdn_wait: config.machine.worker.cdn_wait,
+            upload_window: config.machine.worker.upload_window,
             ..StoreOptions::default()
         };
-        let vars = std::env::vars();
+        let vars = config.credentials.storage().clone();
         let store = Arc::new(OutputStore::with_env(
             config.machine.worker.output_dir.clone(),
             vars,
@@ -219,7 +228,7 @@ impl Workers {
         let mut workers = Vec::with_capacity(plan.workers.len());
         let mut waits_for = Vec::with_capacity(plan.workers.len());
         for wp in &plan.workers {
-            workers.push(worker_for(wp, plan, config, probe, env, &kit)?);
+            workers.push(worker_for(wp, plan, config, probe, &kit)?);
             waits_for.push(wp.waits_for.clone());
         }
         let (changes_tx, changes) = mpsc::unbounded_channel();
@@ -316,7 +325,9 @@ impl Workers {
         background_stop.cancel();
         match background.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the broker's background work failed"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %crate::logging::error_chain(&e), "the broker's background work failed")
+            }
             Err(e) => tracing::error!(error = %e, "the broker's background task failed"),
         }
         result

@@ -123,6 +123,10 @@ pub struct JobReport {
     /// Time from the claim to the outcome written in Redis.
     #[serde(with = "humantime_serde")]
     pub total: Duration,
-    /// What an external job used and cost (from its result's `billing`), when it completed.
+    /// What the attempt used and cost at a paid API, whatever its outcome (providers bill
+    /// failed and cancelled work too).
     pub billing: Option<Billing>,
+    /// The API whose work this attempt may have created upstream without a clear answer (a
+    /// create answered with a 5xx or not at all); the job was returned, not retried.
+    pub possible_orphan: Option<String>,
 }

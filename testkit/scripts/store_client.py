@@ -5,8 +5,8 @@ Tests use it to create buckets and to list and download what the machine wrote.
 
 Usage: store_client.py <azure|s3|gcs> <command> [args]; the server is named by STORE_ENDPOINT
 (and, for S3, STORE_KEY_ID / STORE_SECRET). Commands:
-  setup                 (s3) create an IAM user whose key signs every later request; prints
-                        {"key_id", "secret"}
+  setup                 (s3) create an IAM user whose key signs every later request (it may
+                        not write to the bucket `readonly`); prints {"key_id", "secret"}
   create <bucket>       create a bucket (an Azure container)
   list <bucket>         print [{"name", "size", "content_type"}] of every object
   get <bucket> <key> <file>   download one object to <file>; prints {"content_type"}
@@ -129,7 +129,14 @@ def main():
                 UserName="machine",
                 PolicyName="all",
                 PolicyDocument=json.dumps(
-                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {"Effect": "Allow", "Action": "*", "Resource": "*"},
+                            # A bucket the machine's key may read but not write.
+                            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::readonly/*"},
+                        ],
+                    }
                 ),
             )
             k = iam.create_access_key(UserName="machine")["AccessKey"]

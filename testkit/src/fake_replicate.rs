@@ -9,7 +9,11 @@
 //! `GET /stream/<id>` (server-sent `logs`, `output` and `done` events) and the output files
 //! under `/files/`. A prediction runs for `input.fake_ms` (default 300) and writes tqdm-style
 //! progress lines to its logs; `input.fake_fail` makes it fail with that error; the version
-//! `bad-version` is refused with 422. Tests queue error answers with [`FakeReplicate::fail_next`].
+//! `bad-version` is refused with 422. Tests queue error answers with [`FakeReplicate::fail_next`],
+//! and with [`FakeReplicate::act_then_fail`] answers given after the prediction was created (a
+//! 5xx, or no answer at all), as a real API's outage can. Deployments
+//! (`POST /v1/deployments/<owner>/<name>/predictions`) run like official models. A canceled or
+//! failed prediction reports the predict time it ran (Replicate bills it).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -59,6 +63,8 @@ struct Api {
     key: Option<String>,
     addr: Mutex<Option<SocketAddr>>,
     failures: Mutex<VecDeque<(u16, Option<String>)>>,
+    /// Answers for creates that act first: a status, or `None` for no answer.
+    after_create: Mutex<VecDeque<Option<u16>>>,
     predictions: Mutex<HashMap<String, Prediction>>,
     counts: Mutex<Counts>,
 }
@@ -71,6 +77,7 @@ impl FakeReplicate {
             key: key.map(str::to_owned),
             addr: Mutex::new(None),
             failures: Mutex::new(VecDeque::new()),
+            after_create: Mutex::new(VecDeque::new()),
             predictions: Mutex::new(HashMap::new()),
             counts: Mutex::new(Counts::default()),
         });
@@ -79,6 +86,7 @@ impl FakeReplicate {
             Router::new()
                 .route("/v1/predictions", post(create_versioned))
                 .route("/v1/models/{owner}/{name}/predictions", post(create_official))
+                .route("/v1/deployments/{owner}/{name}/predictions", post(create_deployment))
                 .route("/v1/predictions/{id}", get(read))
                 .route("/v1/predictions/{id}/cancel", post(cancel))
                 .route("/stream/{id}", get(stream))
@@ -101,6 +109,27 @@ impl FakeReplicate {
             .lock()
             .expect("fake lock")
             .push_back((status, retry_after.map(str::to_owned)));
+    }
+
+    /// Makes the next create create its prediction, then answer `status` (a 5xx), or nothing
+    /// for a minute with `None` (a timeout).
+    pub fn act_then_fail(&self, status: Option<u16>) {
+        self.state.after_create.lock().expect("fake lock").push_back(status);
+    }
+
+    /// Every prediction created: id and status now.
+    pub fn predictions(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let mut v: Vec<(String, String)> = self
+            .state
+            .predictions
+            .lock()
+            .expect("fake lock")
+            .iter()
+            .map(|(id, p)| (id.clone(), p.status(now).to_owned()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Create requests so far (model or version, arrival), the refused ones included.
@@ -197,7 +226,16 @@ fn view(s: &Api, id: &str, p: &Prediction) -> Value {
     } else {
         Value::Null
     };
-    let predict_time = if done { p.run.as_secs_f64() } else { 0.0 };
+    // Replicate bills the time a prediction ran, whatever its end: a canceled one ran from
+    // leaving `starting` until it was canceled.
+    let predict_time = match p.canceled_at {
+        Some(at) => at
+            .saturating_duration_since(p.created + p.run / 5)
+            .min(p.run)
+            .as_secs_f64(),
+        None if done => p.run.as_secs_f64(),
+        None => 0.0,
+    };
     let mut input = p.input.clone();
     if let Value::Object(m) = &mut input {
         m.retain(|k, _| !k.starts_with("fake_"));
@@ -224,7 +262,13 @@ fn view(s: &Api, id: &str, p: &Prediction) -> Value {
     })
 }
 
-fn create(s: &Arc<Api>, headers: &HeaderMap, model: String, version: String, body: &Value) -> Response {
+fn create(
+    s: &Arc<Api>,
+    headers: &HeaderMap,
+    model: String,
+    version: String,
+    body: &Value,
+) -> Result<Response, Option<u16>> {
     s.counts.lock().expect("fake lock").creates.push((
         if version.is_empty() {
             model.clone()
@@ -234,7 +278,7 @@ fn create(s: &Arc<Api>, headers: &HeaderMap, model: String, version: String, bod
         Instant::now(),
     ));
     if let Some(r) = authorized(s, headers) {
-        return r;
+        return Ok(r);
     }
     if let Some((status, retry_after)) = s.failures.lock().expect("fake lock").pop_front() {
         let status = StatusCode::from_u16(status).expect("tests queue valid status codes");
@@ -251,21 +295,21 @@ fn create(s: &Arc<Api>, headers: &HeaderMap, model: String, version: String, bod
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, ra.parse().expect("a valid header value"));
         }
-        return resp;
+        return Ok(resp);
     }
     if version == "bad-version" {
-        return problem(
+        return Ok(problem(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid version or not permitted",
             "The specified version does not exist (or perhaps you don't have permission to use it?)",
-        );
+        ));
     }
     let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
-        return problem(
+        return Ok(problem(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Input validation failed",
             "input: input is required",
-        );
+        ));
     };
     let run = Duration::from_millis(input.get("fake_ms").and_then(Value::as_u64).unwrap_or(300));
     let fail = input.get("fake_fail").and_then(Value::as_str).map(str::to_owned);
@@ -281,7 +325,26 @@ fn create(s: &Arc<Api>, headers: &HeaderMap, model: String, version: String, bod
     };
     let v = view(s, &id, &p);
     s.predictions.lock().expect("fake lock").insert(id, p);
-    (StatusCode::CREATED, Json(v)).into_response()
+    if let Some(after) = s.after_create.lock().expect("fake lock").pop_front() {
+        return Err(after);
+    }
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// Answers a create: the created prediction, or what a test scripted after it was created.
+async fn answer_create(created: Result<Response, Option<u16>>) -> Response {
+    match created {
+        Ok(r) => r,
+        Err(Some(status)) => problem(
+            StatusCode::from_u16(status).expect("tests script valid status codes"),
+            "Internal server error",
+            "Something went wrong",
+        ),
+        Err(None) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+    }
 }
 
 fn rand_id() -> u128 {
@@ -307,7 +370,7 @@ async fn create_versioned(State(s): State<Arc<Api>>, headers: HeaderMap, Json(bo
             "version: version is required",
         );
     }
-    create(&s, &headers, String::new(), version, &body)
+    answer_create(create(&s, &headers, String::new(), version, &body)).await
 }
 
 async fn create_official(
@@ -316,7 +379,17 @@ async fn create_official(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    create(&s, &headers, format!("{owner}/{name}"), String::new(), &body)
+    answer_create(create(&s, &headers, format!("{owner}/{name}"), String::new(), &body)).await
+}
+
+async fn create_deployment(
+    State(s): State<Arc<Api>>,
+    Path((owner, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = format!("deployments/{owner}/{name}");
+    answer_create(create(&s, &headers, model, String::new(), &body)).await
 }
 
 async fn read(State(s): State<Arc<Api>>, Path(id): Path<String>, headers: HeaderMap) -> Response {

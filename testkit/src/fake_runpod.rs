@@ -12,7 +12,9 @@
 //! `{"images": [{"filename", "type": "base64", "data"}]}`, of `input.fake_image_bytes` bytes,
 //! a PNG header padded, default a tiny PNG), any other value is the output as it is. While a
 //! job runs its progress update is `"NN% done"`, or `{"progress": NN}` with
-//! `input.fake_progress = "object"`.
+//! `input.fake_progress = "object"`. [`FakeRunpod::act_then_fail`] makes the next `/run` queue
+//! its job and then answer a 5xx, or nothing (a timeout), as an outage can. A cancelled job
+//! reports the `executionTime` it ran (RunPod bills it).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,7 +45,7 @@ struct RunJob {
     created: Instant,
     run: Duration,
     fail: Option<String>,
-    cancelled: bool,
+    cancelled: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +59,7 @@ struct Counts {
 #[derive(Debug)]
 struct Api {
     key: Option<String>,
+    after_run: Mutex<std::collections::VecDeque<Option<u16>>>,
     addr: Mutex<Option<SocketAddr>>,
     jobs: Mutex<HashMap<String, RunJob>>,
     counts: Mutex<Counts>,
@@ -67,6 +70,7 @@ impl FakeRunpod {
     pub fn start(key: Option<&str>) -> FakeRunpod {
         let state = Arc::new(Api {
             key: key.map(str::to_owned),
+            after_run: Mutex::new(std::collections::VecDeque::new()),
             addr: Mutex::new(None),
             jobs: Mutex::new(HashMap::new()),
             counts: Mutex::new(Counts::default()),
@@ -93,6 +97,27 @@ impl FakeRunpod {
     /// `/run` and `/runsync` requests so far: endpoint and arrival.
     pub fn runs(&self) -> Vec<(String, Instant)> {
         self.state.counts.lock().expect("fake lock").runs.clone()
+    }
+
+    /// Makes the next `/run` queue its job, then answer `status` (a 5xx), or nothing for a
+    /// minute with `None` (a timeout).
+    pub fn act_then_fail(&self, status: Option<u16>) {
+        self.state.after_run.lock().expect("fake lock").push_back(status);
+    }
+
+    /// Every job submitted: id and status now.
+    pub fn jobs(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let mut v: Vec<(String, String)> = self
+            .state
+            .jobs
+            .lock()
+            .expect("fake lock")
+            .iter()
+            .map(|(id, j)| (id.clone(), j.state(now).to_owned()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// `/runsync` requests so far.
@@ -127,7 +152,7 @@ fn authorized(s: &Api, headers: &HeaderMap) -> Option<Response> {
 impl RunJob {
     fn state(&self, now: Instant) -> &'static str {
         let age = now.duration_since(self.created);
-        if self.cancelled {
+        if self.cancelled.is_some() {
             "CANCELLED"
         } else if age < self.run / 5 {
             "IN_QUEUE"
@@ -158,6 +183,13 @@ fn view(s: &Api, id: &str, j: &RunJob) -> Value {
             v["delayTime"] = json!(delay);
             v["executionTime"] = json!(exec);
             v["error"] = json!(j.fail);
+        }
+        "CANCELLED" => {
+            // It ran from leaving the queue until it was cancelled.
+            let ran = j
+                .cancelled
+                .map_or(Duration::ZERO, |at| at.saturating_duration_since(j.created + j.run / 5));
+            v["executionTime"] = json!(ran.min(j.run).as_millis() as u64);
         }
         "IN_PROGRESS" => {
             let frac = now.duration_since(j.created).as_secs_f64() / j.run.as_secs_f64().max(1e-9);
@@ -221,7 +253,7 @@ fn submit(s: &Arc<Api>, endpoint: &str, headers: &HeaderMap, body: &Value) -> Re
             created: Instant::now(),
             run,
             fail,
-            cancelled: false,
+            cancelled: None,
         },
     );
     Ok(id)
@@ -233,9 +265,21 @@ async fn run(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    match submit(&s, &endpoint, &headers, &body) {
-        Ok(id) => Json(json!({"id": id, "status": "IN_QUEUE"})).into_response(),
-        Err(r) => *r,
+    let id = match submit(&s, &endpoint, &headers, &body) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    let after = s.after_run.lock().expect("fake lock").pop_front();
+    match after {
+        None => Json(json!({"id": id, "status": "IN_QUEUE"})).into_response(),
+        Some(Some(status)) => error(
+            StatusCode::from_u16(status).expect("tests script valid status codes"),
+            "Internal Server Error",
+        ),
+        Some(None) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
     }
 }
 
@@ -294,7 +338,7 @@ async fn cancel(
     match jobs.get_mut(&id).filter(|j| j.endpoint == endpoint) {
         Some(j) => {
             if !matches!(j.state(Instant::now()), "COMPLETED" | "FAILED") {
-                j.cancelled = true;
+                j.cancelled.get_or_insert_with(Instant::now);
             }
             Json(json!({"id": id, "status": j.state(Instant::now())})).into_response()
         }

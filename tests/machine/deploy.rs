@@ -86,6 +86,23 @@ impl Deployed {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// `machine status` against this machine with `args`: its exit code and output.
+    pub(crate) fn status(&self, args: &[&str]) -> (Option<i32>, String) {
+        let (out, stdout, stderr) = run(machine()
+            .arg("status")
+            .args(args)
+            .args(["--url", &format!("http://127.0.0.1:{}", self.port)]));
+        (out.status.code(), format!("{stdout}{stderr}"))
+    }
+
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        wait_until(within, "the machine to exit", || self.child.try_wait().unwrap())
+    }
+
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
 }
 
 /// Submits a simulation job with `payload` to `redis_url`, returning its id.
@@ -160,4 +177,140 @@ fn an_unusable_workspace_exits_1_naming_it() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The value of the metric line that starts with `name` in `/metrics`.
+fn metric(m: &Deployed, name: &str) -> Option<f64> {
+    let (_, body) = m.get("/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A spell of Redis failing: `/ready` turns 503 naming `cause` within the 5 s grace plus a few
+/// seconds, `/health` and `status --check` stay healthy and say why, `--check --ready` fails.
+fn assert_not_ready_but_healthy(m: &Deployed, cause: &str, kind: &str) {
+    // At start `/ready` is 503 from the first moment (starting); the reason comes after 5 s.
+    let (body, doc) = wait_until(Duration::from_secs(15), "/ready 503 naming redis", || {
+        let (code, body) = m.get("/ready")?;
+        let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (code == 503 && doc["redis"].is_string()).then_some((body, doc))
+    });
+    let why = doc["redis"].as_str().unwrap_or_default().to_owned();
+    assert!(why.contains(cause), "{body}");
+    assert!(
+        doc["not_claiming"]
+            .as_object()
+            .is_some_and(|w| w.values().all(|r| r.as_str() == Some(&why))),
+        "every worker names redis: {body}"
+    );
+    assert_eq!(m.get("/health").map(|(c, _)| c), Some(200), "a restart would not help");
+    let (code, out) = m.status(&["--check"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("healthy") && out.contains(cause), "{out}");
+    let (code, out) = m.status(&["--check", "--ready"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(cause), "{out}");
+    let (_, out) = m.status(&[]);
+    assert!(
+        out.contains("NOT READY") && out.contains(kind),
+        "machine status shows it: {out}"
+    );
+    assert_eq!(metric(m, "machine_redis_up"), Some(0.0));
+    let errors = metric(m, &format!("machine_redis_errors_total{{kind=\"{kind}\"}}"));
+    assert!(errors.is_some_and(|n| n > 0.0), "{errors:?}");
+}
+
+/// After a spell, `/ready` is 200 again and a job submitted at once runs at once: no worker
+/// sleeps out a backoff grown during the spell.
+fn assert_claims_resume(m: &Deployed, redis: &testkit::RedisServer) {
+    let back = Instant::now();
+    let id = submit(&redis.url(), r#"{"duration_ms": 20, "steps": 1}"#);
+    wait_job(redis, &id, "completed", Duration::from_secs(30));
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the job took {took:?} after redis came back"
+    );
+    m.wait_answer("/ready", 200, Duration::from_secs(5));
+    assert_eq!(metric(m, "machine_redis_up"), Some(1.0));
+    eprintln!("redis back to job completed: {took:?}");
+}
+
+#[test]
+fn ready_says_why_redis_takes_no_claims_and_claims_resume_when_it_does() {
+    let mut redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let m = Deployed::start(
+        dir.path(),
+        &[("HUB_REDIS_URL", &redis.url()), ("WORKER_CONNECTORS", "simulation:2")],
+    );
+    m.wait_answer("/ready", 200, Duration::from_secs(30));
+
+    // Read-only: the primary became a replica (of a master that is not there).
+    let nowhere = testkit::free_port();
+    redis.raw_command(&format!("REPLICAOF 127.0.0.1 {nowhere}"));
+    assert_not_ready_but_healthy(&m, "read-only", "readonly");
+    // Long enough for a doubling backoff to outgrow the time claims take to resume.
+    std::thread::sleep(Duration::from_secs(6));
+    redis.raw_command("REPLICAOF NO ONE");
+    assert_claims_resume(&m, &redis);
+
+    // Unreachable: the server is gone, then back with its data.
+    redis.stop_keeping_data();
+    assert_not_ready_but_healthy(&m, "unreachable", "unreachable");
+    std::thread::sleep(Duration::from_secs(6));
+    redis.start_again();
+    assert_claims_resume(&m, &redis);
+    let out = m.output();
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
+fn a_refused_password_is_not_ready_but_healthy() {
+    let redis = testkit::RedisServer::start();
+    redis.raw_command("CONFIG SET requirepass right-one");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis://:wrong-one@127.0.0.1:{}", redis.port());
+    let m = Deployed::start(dir.path(), &[("HUB_REDIS_URL", &url)]);
+    assert_not_ready_but_healthy(&m, "refuses the credentials", "auth");
+}
+
+/// SIGTERM while the first connection to Redis hangs (an endpoint that accepts and never
+/// answers; `rediss://` to a plain Redis): the machine exits 0 within the drain plus a second.
+#[test]
+fn sigterm_during_a_hanging_connect_ends_within_the_drain_plus_a_second() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    // Accept and hold every connection, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let plain = testkit::RedisServer::start();
+    for url in [
+        format!("redis://127.0.0.1:{silent_port}"),
+        format!("rediss://127.0.0.1:{}", plain.port()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("machine.toml");
+        std::fs::write(&config, "[worker]\ndrain = \"2s\"\n").unwrap();
+        let config = config.display().to_string();
+        let mut m = Deployed::start(dir.path(), &[("HUB_REDIS_URL", &url), ("MACHINE_CONFIG", &config)]);
+        m.wait_answer("/health", 200, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(1));
+        m.signal(nix::sys::signal::Signal::SIGTERM);
+        let signalled = Instant::now();
+        let status = m.wait_exit(Duration::from_secs(30));
+        let took = signalled.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "{url}: exit took {took:?}:\n{}",
+            m.output()
+        );
+        assert_eq!(status.code(), Some(0), "{url}: {}", m.output());
+        eprintln!("{url}: SIGTERM to exit {took:?}");
+    }
 }

@@ -194,11 +194,23 @@ fn replicate(fake: &FakeReplicate, extra: &str) -> ReplicateConnector {
 }
 
 fn runpod(fake: &FakeRunpod) -> RunpodConnector {
+    runpod_with(fake, "").0
+}
+
+/// A RunPod connector with `extra` settings (and sections) after its own, and its limiter
+/// when `extra` sets limits (attached to a broker by the caller).
+fn runpod_with(fake: &FakeRunpod, extra: &str) -> (RunpodConnector, Arc<Limiter>) {
     let c = config(&format!(
-        "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep-default\"\npoll_interval = \"50ms\"\nsync_wait = \"5s\"\n[connectors.runpod.prices]\nper_second = 2.0\nper_request = 0.01\n",
+        "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep-default\"\npoll_interval = \"50ms\"\nsync_wait = \"5s\"\nbackoff_initial = \"20ms\"\n{extra}\n[connectors.runpod.prices]\nper_second = 2.0\nper_request = 0.01\n",
         fake.base_url()
     ));
-    RunpodConnector::new(c.plan.runpod, Some("rp-test".into()))
+    let limiter = Arc::new(Limiter::new("runpod", c.plan.runpod.limits.clone()));
+    let connector = RunpodConnector::new(c.plan.runpod, Some("rp-test".into()));
+    if extra.contains("limits") {
+        (connector.with_limiter(limiter.clone()), limiter)
+    } else {
+        (connector, limiter)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,7 +324,7 @@ async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry
         let gap = creates[before + 1].1 - creates[before].1;
         assert!(gap >= Duration::from_millis(950), "Retry-After: 1 waited only {gap:?}");
         let billing = Billing::from_result(&rig.result(&id).await).expect("billing");
-        assert_eq!(billing.requests, 2, "the refused attempt counts as a request");
+        assert_eq!(billing.requests, 1, "a request refused with 429 is not billed");
         rig.stop().await;
     })
     .await;
@@ -356,20 +368,33 @@ async fn external_runpod_jobs_run_sync_and_async_and_cancel() {
             )
             .await;
         rig.wait_status(&id, &["completed"]).await;
-        assert_eq!(fake.runsyncs(), 1);
-        assert_eq!(
-            fake.statuses(),
-            statuses,
-            "a /runsync answered in time needs no /status"
-        );
+        assert_eq!(fake.runsyncs(), 0, "a sync job's id is known before it is waited on");
+        assert!(fake.statuses() > statuses, "a sync job is followed through /status");
         assert_eq!(fake.runs().last().expect("a run").0, "ep-other");
+
+        // A sync job cancelled while it is waited on: the cancel reaches RunPod.
+        let id = rig
+            .submit("runpod", json!({"sync": true, "input": {"fake_ms": 20000}}), "")
+            .await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.broker().cancel(&id).await.expect("cancel");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.cancels().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the cancel of a sync job never reached RunPod"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(fake.jobs().iter().filter(|(_, s)| s == "CANCELLED").count(), 1);
 
         let id = rig.submit("runpod", json!({"input": {"fake_ms": 20000}}), "").await;
         rig.wait_status(&id, &["in_progress"]).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         rig.broker().cancel(&id).await.expect("cancel");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fake.cancels().is_empty() {
+        while fake.cancels().len() < 2 {
             assert!(Instant::now() < deadline, "the cancel never reached RunPod");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -679,6 +704,12 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
     assert_eq!(api["today"]["requests"], 1, "{status}");
     assert_eq!(api["today"]["daily_requests"], 100, "{status}");
     assert_eq!(api["this_machine"]["admitted"], 1, "{status}");
+    let customer = &api["customers"]["c9"];
+    assert_eq!(
+        (customer["requests"].as_u64(), customer["cost"].as_f64()),
+        (Some(1), Some(0.25)),
+        "{status}"
+    );
 
     let mut conn = redis::Client::open(server.url())
         .expect("client")
@@ -775,4 +806,272 @@ async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
         rig.stop().await;
     })
     .await;
+}
+
+/// A create answered with a 5xx, or not at all, after the API acted on it is not sent again:
+/// the job goes back to the queue as the machine's fault (no retry spent) with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_creates_are_not_repeated_once_the_api_may_have_acted() {
+    within(async {
+        let r8 = FakeReplicate::start(Some("r8-test"));
+        let rp = FakeRunpod::start(Some("rp-test"));
+        let mut rig = Rig::start(1).await;
+        let replicate_c: Arc<dyn Connector> = Arc::new(replicate(&r8, "stream = false"));
+        let runpod_c: Arc<dyn Connector> = Arc::new(runpod_with(&rp, "request_timeout = \"500ms\"").0);
+        rig.spawn(0, "w1", &[("replicate", replicate_c), ("runpod", runpod_c)]);
+
+        for (service, payload) in [
+            ("replicate", json!({"model": "acme/x", "input": {"fake_ms": 100}})),
+            ("runpod", json!({"input": {"fake_ms": 100}})),
+        ] {
+            if service == "replicate" {
+                r8.act_then_fail(Some(500));
+            } else {
+                rp.act_then_fail(None);
+            }
+            let id = rig.submit(service, payload, "").await;
+            let job = rig.wait_status(&id, &["completed"]).await;
+            assert_eq!(job.get("machine_returns").map(String::as_str), Some("1"), "{job:?}");
+            let reasons = job.get("machine_return_reasons").cloned().unwrap_or_default();
+            assert!(reasons.contains("may have been created upstream"), "{reasons}");
+            assert_eq!(
+                job.get("retry_count").map(String::as_str),
+                Some("0"),
+                "no retry spent: {job:?}"
+            );
+        }
+        // One create per attempt: the unanswered one was not repeated at once.
+        assert_eq!(r8.creates().len(), 2);
+        assert_eq!(r8.predictions().len(), 2);
+        assert_eq!(rp.runs().len(), 2);
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Providers bill failed and cancelled work: every attempt's usage is on the job, and a request
+/// refused with 429 is not charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_usage_is_recorded_for_every_billed_attempt() {
+    within(async {
+        let r8 = FakeReplicate::start(Some("r8-test"));
+        let rp = FakeRunpod::start(Some("rp-test"));
+        let mut rig = Rig::start(1).await;
+        let replicate_c: Arc<dyn Connector> = Arc::new(replicate(&r8, "stream = false"));
+        let runpod_c: Arc<dyn Connector> = Arc::new(runpod(&rp));
+        rig.spawn(0, "w1", &[("replicate", replicate_c), ("runpod", runpod_c)]);
+        let usage = |job: &BTreeMap<String, String>, field: &str| -> f64 {
+            job.get(field).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        };
+
+        // A failed prediction ran 0.4 s: billed at 0.5/s.
+        let id = rig
+            .submit(
+                "replicate",
+                json!({"model": "acme/x", "input": {"fake_ms": 400, "fake_fail": "NSFW content detected"}}),
+                "c1",
+            )
+            .await;
+        let job = rig.wait_status(&id, &["failed"]).await;
+        assert_eq!(usage(&job, "usage_requests"), 1.0, "{job:?}");
+        assert!((usage(&job, "usage_predict_seconds") - 0.4).abs() < 1e-6, "{job:?}");
+        assert!((usage(&job, "usage_cost") - 0.2).abs() < 1e-6, "{job:?}");
+        assert_eq!(job.get("usage_currency").map(String::as_str), Some("USD"));
+
+        // A RunPod job cancelled while running: the request and the time it ran are billed.
+        // (It waits in RunPod's queue for 0.6 s, then runs until cancelled.)
+        let id = rig.submit("runpod", json!({"input": {"fake_ms": 3000}}), "c1").await;
+        rig.wait_status(&id, &["in_progress"]).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        rig.broker().cancel(&id).await.expect("cancel");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let job = loop {
+            let job = rig.job(&id).await;
+            if job.contains_key("usage_requests") {
+                break job;
+            }
+            assert!(Instant::now() < deadline, "no usage recorded: {job:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(usage(&job, "usage_requests"), 1.0, "{job:?}");
+        let ran = usage(&job, "usage_predict_seconds");
+        assert!(ran > 0.1 && ran < 2.4, "{job:?}");
+        assert!((usage(&job, "usage_cost") - (0.01 + 2.0 * ran)).abs() < 1e-6, "{job:?}");
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// What a job says while it waits, RunPod's `{"progress": N}` updates, and Replicate
+/// deployments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_progress_messages_and_deployments() {
+    within(async {
+        let r8 = FakeReplicate::start(Some("r8-test"));
+        let rp = FakeRunpod::start(Some("rp-test"));
+        let mut rig = Rig::start(1).await;
+        let (runpod_c, limiter) = runpod_with(&rp, "[connectors.runpod.limits]\nrequests_per_minute = 20");
+        limiter.attach(rig.broker().clone());
+        let runpod_c: Arc<dyn Connector> = Arc::new(runpod_c);
+        let replicate_c: Arc<dyn Connector> = Arc::new(replicate(&r8, "stream = false"));
+        rig.spawn(0, "w1", &[("runpod", runpod_c), ("replicate", replicate_c)]);
+
+        let first = rig
+            .submit(
+                "runpod",
+                json!({"input": {"fake_ms": 1500, "fake_progress": "object"}}),
+                "",
+            )
+            .await;
+        let second = rig.submit("runpod", json!({"input": {"fake_ms": 50}}), "").await;
+        rig.wait_status(&first, &["completed"]).await;
+        let reported = rig.progress(&first, "running on RunPod").await;
+        assert!(
+            reported.iter().any(|p| *p > 5.0 && *p < 100.0),
+            "{{\"progress\": N}} updates reached Redis: {reported:?}"
+        );
+        rig.wait_status(&second, &["completed"]).await;
+        let waited = rig
+            .progress(&second, "waiting for the fleet-wide rate limit of the runpod API")
+            .await;
+        assert!(!waited.is_empty(), "the wait for the rate limit was reported");
+
+        let id = rig
+            .submit(
+                "replicate",
+                json!({"deployment": "acme/sdxl-prod", "input": {"fake_ms": 100}}),
+                "",
+            )
+            .await;
+        rig.wait_status(&id, &["completed"]).await;
+        assert_eq!(r8.creates().last().expect("a create").0, "deployments/acme/sdxl-prod");
+        assert_eq!(rig.result(&id).await["model"], "deployments/acme/sdxl-prod");
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// The whole machine with a RunPod worker: a worker-comfyui base64 image lands in the output
+/// store, a `/run` answered 500 after RunPod queued the job is not repeated and is counted as a
+/// possible orphan, and a sync job cancelled while it is waited on is cancelled at RunPod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_runpod_on_the_whole_machine() {
+    let server = RedisServer::start();
+    let fake = FakeRunpod::start(Some("rp-e2e"));
+    let ws = tempfile::tempdir().expect("temp dir");
+    let port = testkit::free_port();
+    let config = ws.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\npoll_interval = \"100ms\"\n",
+            fake.base_url()
+        ),
+    )
+    .expect("write the config");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _machine = Kill(
+        crate::support::machine()
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", "xm2")
+            .env("MACHINE_HEALTH_PORT", port.to_string())
+            .env("MACHINE_WORKSPACE", ws.path())
+            .env("HUB_REDIS_URL", server.url())
+            .env("WORKER_CONNECTORS", "runpod:1")
+            .env("RUNPOD_API_KEY", "rp-e2e")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the machine starts"),
+    );
+    let shutdown = CancellationToken::new();
+    let m = machine(&server.url(), &shutdown).await;
+    let wait = |id: String, status: &'static str| {
+        let broker = m.broker.clone();
+        async move {
+            let deadline = Instant::now() + LIMIT;
+            loop {
+                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                if job.get("status").map(String::as_str) == Some(status) {
+                    return job;
+                }
+                assert!(Instant::now() < deadline, "the job never became {status}: {job:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // A 1 MiB image inline as base64: stored in the workspace, only its URL in Redis.
+    let job = NewJob::new(
+        "runpod",
+        json!({"input": {"fake_output": "worker-comfyui", "fake_image_bytes": 1 << 20, "fake_ms": 100}}),
+    );
+    let id = m.broker.submit(&job).await.expect("submit");
+    wait(id.clone(), "completed").await;
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let raw: String = conn.hget("jobs:completed", &id).await.expect("a completion record");
+    assert!(raw.len() < 8 * 1024, "{} bytes in jobs:completed", raw.len());
+    let record: Value = serde_json::from_str(&raw).expect("JSON");
+    let stored = std::fs::read(stored_file(&record["data"]["artifacts"][0])).expect("the image is stored");
+    assert_eq!(stored.len(), 1 << 20);
+
+    // RunPod queues the job, then answers 500: not sent again, counted, the job returned.
+    fake.act_then_fail(Some(500));
+    let id = m
+        .broker
+        .submit(&NewJob::new("runpod", json!({"input": {"fake_ms": 100}})))
+        .await
+        .expect("submit");
+    let job = wait(id, "completed").await;
+    assert_eq!(job.get("machine_returns").map(String::as_str), Some("1"), "{job:?}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = match http.get(format!("http://127.0.0.1:{port}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if metrics.contains("machine_external_possible_orphans_total{api=\"runpod\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no possible orphan counted:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A sync job cancelled while the machine waits on it: the cancel reaches RunPod.
+    let id = m
+        .broker
+        .submit(&NewJob::new(
+            "runpod",
+            json!({"sync": true, "input": {"fake_ms": 20000}}),
+        ))
+        .await
+        .expect("submit");
+    wait(id.clone(), "in_progress").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.broker.cancel(&id).await.expect("cancel");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.cancels().is_empty() {
+        assert!(Instant::now() < deadline, "the cancel never reached RunPod");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fake.runsyncs(), 0);
+    assert!(
+        fake.jobs().iter().all(|(_, s)| s != "IN_PROGRESS" && s != "IN_QUEUE"),
+        "{:?}",
+        fake.jobs()
+    );
+    shutdown.cancel();
+    let _ = m.events.await;
 }

@@ -380,3 +380,50 @@ async fn a_lost_gpu_is_faulted_and_ready_says_why() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("FAULTED: GPU is lost"), "{stdout}");
 }
+
+/// A GPU worker that a reload added is the one a fault on its GPU isolates: its service stops
+/// (the fault handler follows the running plan, not the plan of the start).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fault_after_a_reload_is_handled_against_the_new_workers() {
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nvml = testkit::fake_nvml::Control::new(dir.path().join("nvml-control"));
+    let m = start(
+        dir.path(),
+        "rlx",
+        &redis.url(),
+        1,
+        &comfyui_toml(""),
+        nvml.path(),
+        &[("WORKER_CONNECTORS", "simulation:1")],
+    );
+    until_ready(m.port).await;
+    std::fs::write(dir.path().join("ws/worker_connectors"), "comfyui\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(m.child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let service_state = |state: &'static str| {
+        move || {
+            let (_, s) = futures_executor(get_json(m.port, "/status"));
+            s["services"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == "comfyui-gpu0")
+                .filter(|v| v["state"] == state)
+                .cloned()
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the reload's ComfyUI to run",
+        service_state("running"),
+    );
+    nvml.xid(0, 79);
+    wait_until(
+        Duration::from_secs(20),
+        "the faulted GPU's service to stop",
+        service_state("stopped"),
+    );
+}

@@ -11,6 +11,7 @@ mod external;
 mod faults;
 mod gpu_health;
 mod gpus;
+mod guarantees;
 mod hardening;
 mod health;
 mod installers;

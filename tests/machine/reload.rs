@@ -552,3 +552,53 @@ async fn a_connector_added_by_a_reload_is_installed_then_started() {
     assert_eq!(worker.as_deref(), Some("ri-cpu0"));
     let _ = m.child.kill();
 }
+
+/// The queue depth of a connector a reload added is sampled: the feed follows the running plan,
+/// not the plan of the start.
+#[test]
+fn a_connector_added_by_a_reload_has_its_queue_depth_sampled() {
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    let log = std::fs::File::create(dir.path().join("machine.log")).unwrap();
+    let child = machine()
+        .arg("run")
+        .env("MACHINE_ID", "rlq")
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_CONTROL_TOKEN", TOKEN)
+        .env("HUB_REDIS_URL", redis.url())
+        .env("WORKER_CONNECTORS", "simulation:1")
+        .env("OPENAI_API_KEY", "sk-test")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let m = Machine {
+        child,
+        port,
+        comfy_port: 0,
+    };
+    wait_ready(port);
+    let metrics = || {
+        let out = reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .ok()?;
+        out.text().ok()
+    };
+    wait_until(Duration::from_secs(20), "the simulation queue depth", || {
+        metrics().filter(|m| m.contains("machine_queue_depth{service=\"simulation\"}"))
+    });
+    std::fs::write(dir.path().join("ws/worker_connectors"), "simulation:1,openai:1\n").unwrap();
+    let (ok, stdout, stderr) = run(machine()
+        .args(["reload", "--url", &format!("http://127.0.0.1:{port}")])
+        .env("MACHINE_CONTROL_TOKEN", TOKEN));
+    assert!(ok.status.success(), "{stdout}{stderr}");
+    wait_until(Duration::from_secs(20), "the added connector's queue depth", || {
+        metrics().filter(|m| m.contains("machine_queue_depth{service=\"openai_text\"}"))
+    });
+    drop(m);
+}

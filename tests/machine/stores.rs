@@ -2,9 +2,11 @@
 //! testkit on a free port) through real workers and a real Redis: what a ComfyUI job (the
 //! protocol fake) and a simulation job store is listed and downloaded byte-identical by an
 //! independent client with the right content type; a retry never overwrites an earlier
-//! attempt's object; a wrong key or a missing bucket fails the job once, without retry, with the
-//! store's words and no secret; an upload cut off by stopping the server is retried and leaves
-//! no partial object. And a `ctx` that is not usable fails the job before its connector runs.
+//! attempt's object; a missing bucket fails the job once, without retry, with the store's
+//! words and no secret; a wrong key gives the job back and holds the worker until the
+//! store accepts its credentials; a 20 s outage is waited out within the upload window and
+//! leaves no partial object. And a `ctx` that is not usable fails the job before its connector
+//! runs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -72,6 +74,16 @@ impl Rig {
 
     /// Starts one worker serving `connectors`, storing through `store`.
     fn worker(&mut self, connectors: &[(&str, Arc<dyn Connector>)], store: OutputStore) {
+        self.worker_on(connectors, Arc::new(store));
+    }
+
+    /// [`Rig::worker`] with a store the test keeps a handle on; holds are re-checked every
+    /// second. Returns the worker's status.
+    fn worker_on(
+        &mut self,
+        connectors: &[(&str, Arc<dyn Connector>)],
+        store: Arc<OutputStore>,
+    ) -> tokio::sync::watch::Receiver<machine::worker::WorkerStatus> {
         let services: Vec<&str> = connectors.iter().map(|(s, _)| *s).collect();
         let caps = Capabilities::new("m1-w0", "m1", &services);
         let map: HashMap<String, Arc<dyn Connector>> =
@@ -81,12 +93,15 @@ impl Rig {
             drain: Duration::from_secs(5),
             job_timeout: Duration::from_secs(60),
         };
-        let worker = Worker::new(caps, map, settings, Arc::new(store));
+        let mut worker = Worker::new(caps, map, settings, store);
+        worker.recheck_holds_every(Duration::from_secs(1));
+        let status = worker.status();
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
         self.tasks.push(tokio::spawn(async move {
             worker.run(broker, shutdown).await.expect("a worker ends cleanly");
         }));
+        status
     }
 
     /// Submits a job and writes its `ctx` (a string, stored verbatim) as the API does.
@@ -295,21 +310,18 @@ async fn retries_do_not_overwrite(kind: StoreKind) {
     rig.stop().await;
 }
 
-/// A wrong key (where the server checks keys) and a missing bucket fail the job on its first
-/// attempt, without retry, with the store's own words and no secret in them.
+/// A missing bucket fails the job on its first attempt, without retry, with the store's own
+/// words and no secret in them: the job's destination is the job's fault.
 async fn refusals_fail_once(kind: StoreKind) {
     let server = ObjectServer::start(kind);
     server.create_bucket(BUCKET);
     /// The store's variables, the bucket, and words one of which the error must contain.
     type Case<'a> = (Vec<(String, String)>, &'a str, Vec<&'a str>);
-    let mut cases: Vec<Case> = vec![(
+    let cases: Vec<Case> = vec![(
         server.env(),
         "nosuchbucket",
         vec!["not found", "notfound", "does not exist", "nosuchbucket"],
     )];
-    if let Some(env) = server.env_with_wrong_key() {
-        cases.push((env, BUCKET, vec!["403", "forbidden", "signature", "authentication"]));
-    }
     for (env, bucket, words) in cases {
         let secrets: Vec<String> = env
             .iter()
@@ -345,9 +357,109 @@ async fn refusals_fail_once(kind: StoreKind) {
     }
 }
 
-/// The server goes down while the job runs: the upload fails, the job is retried, and once the
-/// server is back the retry stores the whole object; nothing partial is ever listed.
-async fn interrupted_uploads_are_retried(kind: StoreKind) {
+/// A key the store refuses is the machine's fault: the job goes back untouched (no retry
+/// spent, nothing stored), the worker is held with the reason and claims nothing more; once the
+/// store has the corrected key (what a reload that read a `<NAME>_FILE` again does), the
+/// worker's re-check against the job's own bucket passes, the hold is lifted and the job
+/// completes with one object.
+async fn a_refused_key_holds_the_worker_until_the_store_accepts_it(kind: StoreKind) {
+    let server = ObjectServer::start(kind);
+    server.create_bucket(BUCKET);
+    let mut rig = Rig::start(Duration::from_millis(50)).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted: Arc<dyn Connector> = Arc::new(Counted {
+        inner: simulation(Duration::from_millis(10)),
+        runs: runs.clone(),
+    });
+    let c = ctx(kind, BUCKET, json!({"filename": "held.txt"}));
+    let id = rig.submit("simulation", json!({"artifact": "x"}), &c, 3).await;
+    let wrong = server.env_with_wrong_key().expect("the server checks keys");
+    let store = Arc::new(store_for(&rig, wrong, StoreOptions::default()));
+    let mut status = rig.worker_on(&[("simulation", counted)], store.clone());
+    let job = rig
+        .wait_for(&id, "was given back", |j| {
+            j.get("machine_returns").map(String::as_str) == Some("1")
+        })
+        .await;
+    assert_eq!(job["retry_count"], "0", "no retry spent: {job:?}");
+    assert_ne!(job["status"], "failed", "{job:?}");
+    let held = tokio::time::timeout(
+        LIMIT,
+        status.wait_for(|s| {
+            s.hold
+                .as_deref()
+                .is_some_and(|h| h.contains("output store refuses the credentials"))
+        }),
+    )
+    .await
+    .expect("the worker is held")
+    .unwrap()
+    .clone();
+    assert!(
+        held.hold.as_deref().is_some_and(
+            |h| ["SignatureDoesNotMatch", "AuthorizationFailure", "AuthenticationFailed"]
+                .iter()
+                .any(|c| h.contains(c))
+        ),
+        "the store's code in the reason: {held:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "held: nothing claimed meanwhile");
+    assert!(server.list(BUCKET).is_empty());
+
+    assert!(store.renew(server.env()), "new credentials");
+    let job = rig.ended(&id).await;
+    assert_eq!(job["status"], "completed", "{job:?}");
+    assert_eq!(job["retry_count"], "0", "{job:?}");
+    let names: Vec<String> = server.list(BUCKET).into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["users/u1/held.txt"], "one object");
+    assert!(status.borrow().hold.is_none(), "released");
+    rig.stop().await;
+}
+
+/// A bucket the machine's key may not write (`AccessDenied` on the bucket the job names) is the
+/// job's destination's fault: the job fails at once, without retry, and the worker is not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_bucket_the_key_may_not_write_fails_the_job_at_once() {
+    within(async {
+        let server = ObjectServer::start(StoreKind::S3);
+        server.create_bucket("readonly");
+        let mut rig = Rig::start(Duration::from_millis(50)).await;
+        let c = ctx(StoreKind::S3, "readonly", json!({}));
+        let id = rig.submit("simulation", json!({"artifact": "x"}), &c, 3).await;
+        let store = Arc::new(store_for(&rig, server.env(), StoreOptions::default()));
+        let status = rig.worker_on(&[("simulation", simulation(Duration::from_millis(10)))], store);
+        let job = rig.ended(&id).await;
+        assert_eq!(job["status"], "failed", "{job:?}");
+        assert_eq!(job["retry_count"], "1", "failed once, not retried: {job:?}");
+        assert!(job["error"].contains("AccessDenied"), "{job:?}");
+        assert!(
+            status.borrow().hold.is_none(),
+            "the worker is not held: {:?}",
+            status.borrow()
+        );
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_a_refused_key_holds_the_worker_until_the_store_accepts_it() {
+    within(a_refused_key_holds_the_worker_until_the_store_accepts_it(
+        StoreKind::Azure,
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_refused_key_holds_the_worker_until_the_store_accepts_it() {
+    within(a_refused_key_holds_the_worker_until_the_store_accepts_it(StoreKind::S3)).await;
+}
+
+/// The server stops answering while the job runs, for 20 s: the upload keeps trying within
+/// the upload window (30 s), and once the server answers again the same attempt stores the
+/// whole object and completes the job: no retry spent, no `_r` name, nothing partial.
+async fn outages_within_the_window_complete_without_a_retry(kind: StoreKind) {
     let mut server = ObjectServer::start(kind);
     server.create_bucket(BUCKET);
     let mut rig = Rig::start(Duration::from_millis(200)).await;
@@ -360,7 +472,7 @@ async fn interrupted_uploads_are_retried(kind: StoreKind) {
             10,
         )
         .await;
-    // A frozen server answers nothing: a short request timeout ends each attempt soon.
+    // A frozen server answers nothing: a short request timeout ends each try soon.
     let mut env = server.env();
     env.push(("AWS_TIMEOUT".to_owned(), "2s".to_owned()));
     env.push(("AZURE_TIMEOUT".to_owned(), "2s".to_owned()));
@@ -371,26 +483,22 @@ async fn interrupted_uploads_are_retried(kind: StoreKind) {
     })
     .await;
     server.interrupt();
-    let job = rig
-        .wait_for(&id, "was re-queued", |j| {
-            j.get("retry_count").and_then(|r| r.parse::<u32>().ok()) >= Some(1)
-        })
-        .await;
-    assert_ne!(job["status"], "failed", "an outage is retryable: {job:?}");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let job = rig.job(&id).await;
+    assert_eq!(job["status"], "in_progress", "still trying: {job:?}");
     server.restore();
     let job = rig.ended(&id).await;
     assert_eq!(job["status"], "completed", "{job:?}");
+    assert_eq!(job["retry_count"], "0", "no retry spent: {job:?}");
+    assert!(!job.contains_key("machine_returns"), "not given back: {job:?}");
     let rec = rig.completed_record(&id).await;
     let key = rec["data"]["artifacts"][0]["key"].as_str().unwrap().to_owned();
-    assert!(key.contains("_r"), "written by a retry: {key}");
+    assert!(!key.contains("_r"), "written by the first attempt: {key}");
     let listed = server.list(BUCKET);
-    assert!(listed.iter().any(|o| o.name == key), "{key} in {listed:?}");
-    // An attempt cut off mid-way leaves nothing, or (when the frozen server had the whole body
-    // already) a complete object: never a partial one.
-    for o in &listed {
-        assert_eq!(o.size, body.len() as u64, "no partial object: {listed:?}");
-        assert_eq!(server.get(BUCKET, &o.name).0, body.as_bytes());
-    }
+    assert_eq!(listed.len(), 1, "one object: {listed:?}");
+    assert_eq!(listed[0].name, key);
+    assert_eq!(listed[0].size, body.len() as u64, "no partial object: {listed:?}");
+    assert_eq!(server.get(BUCKET, &key).0, body.as_bytes());
     rig.stop().await;
 }
 
@@ -443,19 +551,19 @@ async fn gcs_refusals_fail_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn azure_interrupted_uploads_are_retried() {
-    within(interrupted_uploads_are_retried(StoreKind::Azure)).await;
+async fn azure_outages_within_the_window_complete_without_a_retry() {
+    within(outages_within_the_window_complete_without_a_retry(StoreKind::Azure)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_interrupted_uploads_are_retried() {
-    within(interrupted_uploads_are_retried(StoreKind::S3)).await;
+async fn s3_outages_within_the_window_complete_without_a_retry() {
+    within(outages_within_the_window_complete_without_a_retry(StoreKind::S3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
-async fn gcs_interrupted_uploads_are_retried() {
-    within(interrupted_uploads_are_retried(StoreKind::Gcs)).await;
+async fn gcs_outages_within_the_window_complete_without_a_retry() {
+    within(outages_within_the_window_complete_without_a_retry(StoreKind::Gcs)).await;
 }
 
 /// Counts how often the connector is asked to run a job.

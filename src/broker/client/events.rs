@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Broker, CatchUp, redis_err};
 use crate::backoff::Backoff;
 use crate::broker::BrokerError;
+use crate::logging::error_chain;
 /// How often the fleet's sweeper passes over `jobs:pending` (and other machines try to take
 /// its lease): a job queued without a message is found within about this plus one pass.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -64,7 +65,7 @@ impl Broker {
                     attempt = 0;
                     // Jobs submitted while we were not listening are indexed before waking.
                     if let Err(e) = self.catch_up_index().await {
-                        tracing::warn!(error = %e, "failed to catch up the pending index; claims repair it in steps");
+                        tracing::warn!(error = %error_chain(&e), "failed to catch up the pending index; claims repair it in steps");
                     }
                     self.inner.catch_up.send_replace(CatchUp::Done);
                     self.wake(None);
@@ -80,22 +81,29 @@ impl Broker {
                     }
                     tracing::warn!("the redis subscription dropped; reconnecting");
                 }
-                Err(e) => tracing::warn!(error = %e, "failed to subscribe to the broker channels; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
+                }
             }
-            tokio::select! {
+            let seen = self.health().recoveries();
+            attempt = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => {}
-            }
-            attempt = attempt.saturating_add(1);
+                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => attempt.saturating_add(1),
+                // Redis is back: the backoff starts again from its first step.
+                () = self.health().answering_again(seen) => 0,
+            };
         }
     }
 
     async fn subscribe(&self, channels: &[String]) -> Result<redis::aio::PubSub, BrokerError> {
-        let mut pubsub = self
-            .inner
-            .client
-            .get_async_pubsub()
+        let client = self.client();
+        let connect = tokio::time::timeout(super::CONNECT_TIMEOUT, client.get_async_pubsub());
+        let mut pubsub = connect
             .await
+            .map_err(|_| BrokerError::Redis {
+                op: "SUBSCRIBE",
+                source: redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            })?
             .map_err(redis_err("SUBSCRIBE"))?;
         pubsub.subscribe(channels).await.map_err(redis_err("SUBSCRIBE"))?;
         Ok(pubsub)
@@ -112,7 +120,7 @@ impl Broker {
             if !job_id.is_empty()
                 && let Err(e) = self.index_job(job_id).await
             {
-                tracing::debug!(job_id, error = %e, "failed to index a submitted job; the claim-side sweep will");
+                tracing::debug!(job_id, error = %error_chain(&e), "failed to index a submitted job; the claim-side sweep will");
             }
             self.wake(service);
         } else if channel == channels[1] {
@@ -120,7 +128,7 @@ impl Broker {
         } else if channel == channels[2] && !job_id.is_empty() {
             // The API may have taken a pending job out of jobs:pending; drop it from the index.
             if let Err(e) = self.index_job(job_id).await {
-                tracing::debug!(job_id, error = %e, "failed to re-check a cancelled job's index entry");
+                tracing::debug!(job_id, error = %error_chain(&e), "failed to re-check a cancelled job's index entry");
             }
             let _ = self.inner.cancels.send(job_id.to_owned());
         }
@@ -183,7 +191,7 @@ impl Broker {
                     self.wake(None);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "failed to sweep the pending queue"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "failed to sweep the pending queue"),
             }
         }
     }

@@ -232,13 +232,28 @@ impl Broker {
                     );
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "failed to reap expired leases"),
+                Err(e) => tracing::warn!(error = %crate::logging::error_chain(&e), "failed to reap expired leases"),
             }
         }
     }
 
     /// Returns the job to the queue in its place because a daily quota stops it, recording
     /// `reason` and `until_ms` (epoch ms) in the job for `machine jobs show`.
+    /// Adds what one attempt of job `id` used at a paid API to the job's `usage_*` totals.
+    pub async fn record_usage(&self, id: &str, b: &crate::connectors::Billing) -> Result<(), BrokerError> {
+        let args = [
+            b.requests.to_string(),
+            b.input_tokens.to_string(),
+            b.output_tokens.to_string(),
+            format!("{:.6}", b.predict_seconds),
+            format!("{:.8}", b.cost),
+        ];
+        let [r, i, o, p, c] = args.each_ref().map(String::as_str);
+        self.call_limits::<i64>("recordJobUsage", &[id, r, i, o, p, c, &b.currency])
+            .await
+            .map(drop)
+    }
+
     pub async fn defer(&self, job: &ClaimedJob, reason: &str, until_ms: i64) -> Result<(), BrokerError> {
         let until = until_ms.to_string();
         self.lifecycle("deferJob", job, &[reason, &until]).await.map(drop)

@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::capabilities::Capabilities;
+use super::health::{FaultKind, RedisHealth};
 use super::installer::{self, InstallReport, Library, Mode};
 use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;
@@ -55,6 +56,9 @@ pub struct BrokerOptions {
     pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
+    /// Where every command's outcome is recorded (the machine passes the one its health
+    /// server reads; the start-up loop records into it before the broker exists).
+    pub health: RedisHealth,
 }
 
 impl Default for BrokerOptions {
@@ -67,6 +71,7 @@ impl Default for BrokerOptions {
             max_examine: 100,
             max_retries_cap: 10,
             key_prefix: String::new(),
+            health: RedisHealth::new(),
         }
     }
 }
@@ -91,8 +96,14 @@ pub struct Broker {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    url: RedisUrl,
+    /// The client of the node commands go to now, and its command connection: replaced
+    /// together by [`Broker::reconnect`] when that node stops being the writable master.
+    client: RwLock<redis::Client>,
+    conn: RwLock<ConnectionManager>,
+    /// Held while a reconnect runs, with when the last one ended, so that the workers that all
+    /// saw the same `READONLY` reconnect once.
+    reconnecting: tokio::sync::Mutex<Option<std::time::Instant>>,
     lib: Library,
     mode: RwLock<Mode>,
     opts: BrokerOptions,
@@ -158,30 +169,46 @@ async fn scan(conn: &mut ConnectionManager, pattern: &str, op: &'static str) -> 
     }
 }
 
+/// How long connecting may take, TCP, TLS and the handshake together: an endpoint that accepts
+/// and never answers (`rediss://` to a plain Redis) fails within this instead of holding the
+/// machine's start, and its shutdown.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client of `url` and its command connection, within [`CONNECT_TIMEOUT`].
+async fn open(url: &RedisUrl) -> Result<(redis::Client, ConnectionManager), BrokerError> {
+    let failed = |source| BrokerError::Connect {
+        url: url.masked(),
+        source,
+    };
+    let client = redis::Client::open(url.expose()).map_err(failed)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(5));
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| {
+            failed(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            )))
+        })?
+        .map_err(failed)?;
+    Ok((client, conn))
+}
+
 impl Broker {
     /// Connects the command connection. Pub/sub starts with [`Broker::run_events`].
     pub async fn connect(url: &RedisUrl, opts: BrokerOptions) -> Result<Broker, BrokerError> {
-        let client = redis::Client::open(url.expose()).map_err(|source| BrokerError::Connect {
-            url: url.masked(),
-            source,
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(5));
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|source| BrokerError::Connect {
-                url: url.masked(),
-                source,
-            })?;
+        let (client, conn) = open(url).await?;
         let (cancels, _) = broadcast::channel(256);
         Ok(Broker {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                url: url.clone(),
+                client: RwLock::new(client),
+                conn: RwLock::new(conn),
+                reconnecting: tokio::sync::Mutex::new(None),
                 lib: Library::new(),
                 mode: RwLock::new(Mode::Functions),
                 lease_ms: AtomicU64::new(u64::try_from(opts.lease.as_millis()).unwrap_or(u64::MAX)),
@@ -223,7 +250,67 @@ impl Broker {
     /// [`Broker::publish_machine_status`], [`Broker::limit_usage`], [`Broker::loaded_library`]),
     /// so that every command goes through one connection with one timeout and reconnect policy.
     pub fn connection(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+        self.inner
+            .conn
+            .read()
+            .expect("the connection lock is never poisoned: no panics while held")
+            .clone()
+    }
+
+    /// The client of the node commands go to now (pub/sub connects through it).
+    fn client(&self) -> redis::Client {
+        self.inner
+            .client
+            .read()
+            .expect("the connection lock is never poisoned: no panics while held")
+            .clone()
+    }
+
+    /// What this broker knows of its Redis (see [`RedisHealth`]).
+    pub fn health(&self) -> &RedisHealth {
+        &self.inner.opts.health
+    }
+
+    /// Replaces the command connection with a new one to the current master: the node the
+    /// connection reaches answered `READONLY` (a failover made it a replica, and a managed
+    /// Redis's address may now lead elsewhere). The connection manager reconnects by itself
+    /// only when a connection breaks, never when its node changes role. Workers that saw the
+    /// same error reconnect once: a reconnect within the last second counts for them.
+    pub(crate) async fn reconnect(&self) -> Result<(), BrokerError> {
+        let mut last = self.inner.reconnecting.lock().await;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        let opened = open(&self.inner.url).await;
+        *last = Some(std::time::Instant::now());
+        let (client, conn) = opened?;
+        *self
+            .inner
+            .client
+            .write()
+            .expect("the connection lock is never poisoned: no panics while held") = client;
+        *self
+            .inner
+            .conn
+            .write()
+            .expect("the connection lock is never poisoned: no panics while held") = conn;
+        tracing::info!(redis = %self.inner.url.masked(), "reconnected to redis");
+        Ok(())
+    }
+
+    /// Records a command's outcome in [`RedisHealth`]; a `READONLY` answer reconnects.
+    async fn observe<T>(&self, result: Result<T, BrokerError>) -> Result<T, BrokerError> {
+        match &result {
+            Ok(_) => self.health().record_ok(),
+            Err(e) => {
+                if self.health().record_err(e) == Some(FaultKind::ReadOnly) {
+                    if let Err(again) = self.reconnect().await {
+                        self.health().record_err(&again);
+                    }
+                }
+            }
+        }
+        result
     }
 
     /// The version of the library loaded in Redis with its functions, or `None` when no
@@ -322,6 +409,11 @@ impl Broker {
     /// a script cache without our script), it is loaded again and the call retried once, so a
     /// worker never idles silently on a missing function (defect 4).
     async fn call<T: FromRedisValue>(&self, function: &'static str, args: &[&str]) -> Result<T, BrokerError> {
+        let result = self.call_once(function, args).await;
+        self.observe(result).await
+    }
+
+    async fn call_once<T: FromRedisValue>(&self, function: &'static str, args: &[&str]) -> Result<T, BrokerError> {
         let mut conn = self.connection();
         match self.command(function, args).query_async::<T>(&mut conn).await {
             Ok(v) => Ok(v),
@@ -365,12 +457,68 @@ impl Broker {
     /// ([`Broker::run_events`]), the reaper every `reap_every` ([`Broker::run_reaper`]) and the
     /// fleet's sweeper when this machine holds its lease ([`Broker::run_sweeper`]).
     pub async fn run(&self, reap_every: Duration, shutdown: CancellationToken) -> Result<(), BrokerError> {
-        let (events, reaper, sweeper) = tokio::join!(
+        let (events, reaper, sweeper, ()) = tokio::join!(
             self.run_events(shutdown.clone()),
             self.run_reaper(reap_every, shutdown.clone()),
-            self.run_sweeper(shutdown)
+            self.run_sweeper(shutdown.clone()),
+            self.run_probe(shutdown)
         );
         events.and(reaper).and(sweeper)
+    }
+
+    /// While Redis fails, asks it every [`PROBE_EVERY`] whether it is a writable master again
+    /// (`ROLE`), so that the first success is seen within that, whatever backoff the workers
+    /// sleep ([`RedisHealth::answering_again`] wakes them). A replica is `READONLY` and makes
+    /// the broker reconnect. Faults of single commands (kind `other`) are the commands', not
+    /// the link's: they are left to the callers' retries.
+    async fn run_probe(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+            let link_fault = self
+                .health()
+                .snapshot()
+                .fault
+                .is_some_and(|(kind, _)| kind != FaultKind::Other);
+            if !link_fault {
+                continue;
+            }
+            let mut conn = self.connection();
+            let ask = cmd("ROLE");
+            let role = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = ask.query_async::<redis::Value>(&mut conn) => r,
+            };
+            match role {
+                Ok(redis::Value::Array(items)) if is_master(items.first()) => self.health().record_ok(),
+                Ok(_) => {
+                    self.health().record_fault(
+                        FaultKind::ReadOnly,
+                        format!("{} is a replica (ROLE)", self.inner.url.masked()),
+                    );
+                    if let Err(e) = self.reconnect().await {
+                        self.health().record_err(&e);
+                    }
+                }
+                Err(source) => {
+                    self.health().record_err(&BrokerError::Redis { op: "ROLE", source });
+                }
+            }
+        }
+    }
+}
+
+/// How often [`Broker::run_probe`] asks a failing Redis whether it is back.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether the first item of a `ROLE` reply says `master`.
+fn is_master(first: Option<&redis::Value>) -> bool {
+    match first {
+        Some(redis::Value::BulkString(b)) => b.as_slice() == b"master",
+        Some(redis::Value::SimpleString(s)) => s == "master",
+        _ => false,
     }
 }
 

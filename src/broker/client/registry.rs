@@ -65,7 +65,7 @@ impl Broker {
             match self.write_registration(&caps).await {
                 Ok(()) => tracing::info!(worker_id = %caps.worker_id, "registered the worker again in an empty redis"),
                 Err(e) => {
-                    tracing::warn!(worker_id = %caps.worker_id, error = %e, "failed to register the worker again")
+                    tracing::warn!(worker_id = %caps.worker_id, error = %crate::logging::error_chain(&e), "failed to register the worker again")
                 }
             }
         }

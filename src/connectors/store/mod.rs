@@ -19,6 +19,7 @@
 //! Redis. Error messages keep the store's own words with every configured secret value removed.
 
 mod destination;
+mod fault;
 mod naming;
 mod target;
 
@@ -27,13 +28,14 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use object_store::ObjectStore;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 use serde_json::Value;
 
 pub use destination::parse_ctx;
 use destination::{Place, Provider};
+pub use fault::StoreFault;
 pub use naming::sanitise_file_name;
 pub use target::{MAX_RESULT_BYTES, OutputTarget, add_to_result, check_result_size};
 
@@ -62,9 +64,8 @@ pub enum StoreError {
     Put {
         /// The object key.
         key: String,
-        /// Whether another attempt may succeed (the store was unreachable or failing, rather
-        /// than refusing: a missing bucket or a wrong key is not retryable).
-        retryable: bool,
+        /// Whose fault it is, from the store's error code (see [`StoreFault`]).
+        fault: StoreFault,
         /// The store's error, secrets removed.
         #[source]
         source: Redacted,
@@ -97,12 +98,29 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether another attempt may succeed.
+    /// Whether another attempt may succeed: the store was unreachable or failing.
     pub fn is_retryable(&self) -> bool {
+        self.fault() == StoreFault::Unavailable
+    }
+
+    /// Whose fault it is: the machine's credentials, the job's destination, a store down for
+    /// now, or a refusal for good.
+    pub fn fault(&self) -> StoreFault {
         match self {
-            StoreError::BadCtx(_) | StoreError::BadUrl(_) | StoreError::Configure { .. } => false,
-            StoreError::Put { retryable, .. } => *retryable,
-            StoreError::Verify { .. } | StoreError::Cdn { .. } | StoreError::CreateDir { .. } => true,
+            StoreError::BadCtx(_) | StoreError::BadUrl(_) => StoreFault::Destination,
+            StoreError::Configure { .. } => StoreFault::Refused,
+            StoreError::Put { fault, .. } => *fault,
+            StoreError::Verify { .. } | StoreError::Cdn { .. } | StoreError::CreateDir { .. } => {
+                StoreFault::Unavailable
+            }
+        }
+    }
+
+    /// The store's own error code (`SignatureDoesNotMatch`, `AccessDenied`, ...), when it gave one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            StoreError::Put { source, .. } => fault::error_code(&source.0),
+            _ => None,
         }
     }
 }
@@ -137,6 +155,9 @@ pub struct StoreOptions {
     pub cdn_wait: Duration,
     /// How many outputs of one job are uploaded at once.
     pub parallel_uploads: usize,
+    /// How long one output keeps being tried while the store is down (no answer, 5xx) before
+    /// the upload gives up; zero tries once.
+    pub upload_window: Duration,
 }
 
 impl Default for StoreOptions {
@@ -144,6 +165,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cdn_wait: Duration::ZERO,
             parallel_uploads: 4,
+            upload_window: Duration::from_secs(30),
         }
     }
 }
@@ -166,29 +188,30 @@ pub struct OutputStore {
 }
 
 /// The cloud buckets this machine can reach, configured from the standard environment
-/// variables (`AWS_*`, `AZURE_*`, `AZURITE_*`, `GOOGLE_*`) read once when it is made, one client
-/// per bucket built on first use and then kept. One builder for everything the machine moves
-/// through object stores: the outputs of jobs and the models fetched on demand
-/// ([`CloudStores::object`]).
+/// variables (`AWS_*`, `AZURE_*`, `AZURITE_*`, `GOOGLE_*`; secrets possibly from their
+/// `<NAME>_FILE`, see `crate::config::Credentials`), one client per bucket built on first use and
+/// then kept until the credentials are renewed (a reload that read new ones). One builder for
+/// everything the machine moves through object stores: the outputs of jobs and the models
+/// fetched on demand ([`CloudStores::object`]).
 #[derive(Debug)]
 pub struct CloudStores {
-    vars: BTreeMap<String, String>,
-    secrets: Arc<[String]>,
+    keys: Mutex<Arc<Keys>>,
     cache: Mutex<HashMap<(Provider, String), Bucket>>,
 }
 
-/// Whether an environment variable configures a cloud store.
-fn is_storage_var(name: &str) -> bool {
-    ["AWS_", "AZURE_", "AZURITE_", "GOOGLE_"]
-        .iter()
-        .any(|p| name.starts_with(p))
+/// One reading of the store variables, and the secret values among them (cut from messages).
+#[derive(Debug)]
+struct Keys {
+    vars: BTreeMap<String, String>,
+    secrets: Arc<[String]>,
 }
 
 impl OutputStore {
     /// A store whose default destination is the local directory `root` (created on first use),
     /// with cloud credentials from the process environment and default options.
     pub fn new(root: impl Into<PathBuf>) -> OutputStore {
-        let vars = std::env::vars().filter(|(k, _)| is_storage_var(k));
+        // Unreadable secret files are the configuration loader's to report.
+        let vars = crate::config::storage_vars(&crate::config::ProcessEnv, &mut Vec::new());
         OutputStore::with_env(root, vars, StoreOptions::default())
     }
 
@@ -205,6 +228,18 @@ impl OutputStore {
             http: crate::connectors::http::client(),
             local: Mutex::new(None),
         }
+    }
+
+    /// Uses these storage variables from now on (a reload read new credentials): the clients
+    /// built with the old ones are dropped, so the next job and the next re-check of a held
+    /// worker use the new ones. `false` when they did not change.
+    pub fn renew(&self, vars: impl IntoIterator<Item = (String, String)>) -> bool {
+        self.cloud.renew(vars)
+    }
+
+    /// The cloud stores behind the outputs.
+    pub fn cloud(&self) -> &CloudStores {
+        &self.cloud
     }
 
     /// The local default directory.
@@ -225,8 +260,13 @@ impl OutputStore {
         } else {
             spec.prefix
         };
+        let place = match &spec.place {
+            Place::Local => None,
+            Place::Cloud { provider, bucket, .. } => Some((*provider, bucket.clone())),
+        };
         Ok(OutputTarget {
             bucket,
+            place,
             local: spec.place == Place::Local,
             cdn,
             prefix: prefix.join("/"),
@@ -234,9 +274,37 @@ impl OutputStore {
             job_id: job.id.clone(),
             attempt: retry_count.max(spec.retry_hint),
             options: self.options.clone(),
-            secrets: self.cloud.secrets.clone(),
+            secrets: self.cloud.keys().secrets.clone(),
             http: self.http.clone(),
         })
+    }
+
+    /// Whether the store of `target`'s bucket accepts the machine's credentials now, with the
+    /// credentials it holds now (those a reload read included): one authenticated read of an
+    /// object nobody writes, the cheapest request every provider answers with its error code
+    /// (a listing is signed differently by some stores). `NoSuchKey`, or any answer that is not
+    /// about the credentials (the key may not read, say), says they were accepted; a store that
+    /// does not answer says nothing, and counts as not yet.
+    pub async fn check_credentials(&self, target: &OutputTarget) -> Result<(), String> {
+        let Some((provider, bucket)) = &target.place else {
+            return Ok(());
+        };
+        let store = self.cloud.bucket(*provider, bucket).map_err(|e| e.to_string())?.store;
+        let probe = Path::from(format!("{}/.machine-credentials-check", target.prefix));
+        match store.get(&probe).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let text = self.cloud.redact(&e).0;
+                match fault::fault_of(&e, &text) {
+                    StoreFault::Credentials => Err(format!(
+                        "the store still refuses them: {}",
+                        fault::error_code(&text).unwrap_or("401")
+                    )),
+                    StoreFault::Unavailable => Err(format!("the store does not answer: {text}")),
+                    StoreFault::Destination | StoreFault::Refused => Ok(()),
+                }
+            }
+        }
     }
 
     /// Stores `artifacts` where the job's `ctx` says (first attempt); see [`OutputTarget::store`].
@@ -276,34 +344,44 @@ impl OutputStore {
 }
 
 impl CloudStores {
-    /// Cloud stores configured from `env` (the storage variables among its names).
+    /// Cloud stores configured from `env` (the storage variables among its names, secrets
+    /// possibly from their `<NAME>_FILE`).
     pub fn from_env(env: &dyn crate::config::Env) -> CloudStores {
-        CloudStores::with_vars(
-            env.names()
-                .into_iter()
-                .filter(|k| is_storage_var(k))
-                .filter_map(|k| env.var(&k).map(|v| (k, v))),
-        )
+        // Unreadable secret files are the configuration loader's to report.
+        CloudStores::with_vars(crate::config::storage_vars(env, &mut Vec::new()))
     }
 
     /// Cloud stores configured from these variables (the storage ones among them are kept).
     pub fn with_vars(vars: impl IntoIterator<Item = (String, String)>) -> CloudStores {
-        let vars: BTreeMap<String, String> = vars.into_iter().filter(|(k, _)| is_storage_var(k)).collect();
-        let secrets: Vec<String> = vars
-            .iter()
-            .filter(|(k, v)| {
-                v.len() >= 4
-                    && ["KEY", "SECRET", "TOKEN", "SAS", "PASSWORD"]
-                        .iter()
-                        .any(|s| k.contains(s))
-            })
-            .map(|(_, v)| v.clone())
-            .collect();
         CloudStores {
-            vars,
-            secrets: secrets.into(),
+            keys: Mutex::new(Arc::new(Keys::new(vars))),
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses these variables from now on, dropping the clients built with the old ones; `false`
+    /// when they did not change.
+    pub fn renew(&self, vars: impl IntoIterator<Item = (String, String)>) -> bool {
+        let keys = Keys::new(vars);
+        let mut current = self.keys.lock().expect("the keys lock is never held across a panic");
+        if current.vars == keys.vars {
+            return false;
+        }
+        *current = Arc::new(keys);
+        // Cleared while the keys are locked, so no client built with the old keys is cached
+        // after this (see `bucket`).
+        self.cache
+            .lock()
+            .expect("the store cache lock is never held across a panic")
+            .clear();
+        true
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.keys
+            .lock()
+            .expect("the keys lock is never held across a panic")
+            .clone()
     }
 
     /// The store and object path an `s3://bucket/key`, `az://container/blob` or
@@ -334,6 +412,8 @@ impl CloudStores {
 
     /// The client of `bucket` at `provider`, built on first use.
     fn bucket(&self, provider: Provider, bucket: &str) -> Result<Bucket, StoreError> {
+        // The keys' lock is taken first, as `renew` does, so a renewal and a build never cross.
+        let keys = self.keys.lock().expect("the keys lock is never held across a panic");
         let mut cache = self
             .cache
             .lock()
@@ -341,9 +421,31 @@ impl CloudStores {
         if let Some(b) = cache.get(&(provider, bucket.to_owned())) {
             return Ok(b.clone());
         }
-        let b = self.build(provider, bucket)?;
+        let b = keys.build(provider, bucket)?;
         cache.insert((provider, bucket.to_owned()), b.clone());
         Ok(b)
+    }
+
+    fn redact(&self, e: &dyn std::error::Error) -> Redacted {
+        self.keys().redact(e)
+    }
+}
+
+impl Keys {
+    fn new(vars: impl IntoIterator<Item = (String, String)>) -> Keys {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| crate::config::is_storage_var(k))
+            .collect();
+        let secrets: Vec<String> = vars
+            .iter()
+            .filter(|(k, v)| v.len() >= 4 && crate::config::is_storage_secret(k))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Keys {
+            vars,
+            secrets: secrets.into(),
+        }
     }
 
     /// The variables with `prefix`, lower-cased as `object_store`'s config keys spell them.
@@ -496,24 +598,6 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-/// Whether an `object_store` error may go away on another attempt: refusals (missing bucket or
-/// object, wrong credentials, bad path) do not.
-fn retryable(e: &object_store::Error) -> bool {
-    use object_store::Error as E;
-    !matches!(
-        e,
-        E::NotFound { .. }
-            | E::PermissionDenied { .. }
-            | E::Unauthenticated { .. }
-            | E::InvalidPath { .. }
-            | E::NotSupported { .. }
-            | E::NotImplemented { .. }
-            | E::UnknownConfigurationKey { .. }
-            | E::AlreadyExists { .. }
-            | E::Precondition { .. }
-    )
-}
-
 fn storage_error(name: &str, e: StoreError) -> ConnectorError {
     ConnectorError::Storage {
         name: name.to_owned(),
@@ -620,7 +704,10 @@ mod tests {
             ("HOME", "/root"),
         ]);
         let stores = CloudStores::from_env(&env);
-        assert!(!stores.vars.contains_key("HOME"), "only storage variables are kept");
+        assert!(
+            !stores.keys().vars.contains_key("HOME"),
+            "only storage variables are kept"
+        );
         let cases = [
             (
                 "s3://weights/loras/a b.safetensors",

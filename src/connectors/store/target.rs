@@ -11,13 +11,15 @@ use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOption
 use serde_json::Value;
 
 use super::naming::{self, sanitise_file_name};
-use super::{Bucket, StoreError, StoreOptions, StoredArtifact, redact, retryable, storage_error};
+use super::{Bucket, StoreError, StoreFault, StoreOptions, StoredArtifact, fault, redact, storage_error};
 use crate::connectors::{Artifact, ArtifactBody, ConnectorError};
 
 /// One job's checked destination, ready to take its outputs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OutputTarget {
     pub(super) bucket: Bucket,
+    /// The cloud bucket it names, to build its client again with renewed credentials.
+    pub(super) place: Option<(super::destination::Provider, String)>,
     pub(super) local: bool,
     pub(super) cdn: Option<String>,
     pub(super) prefix: String,
@@ -99,7 +101,7 @@ impl OutputTarget {
         };
         let key = format!("{}/{name}", self.prefix);
         let size = bytes.len();
-        self.put(&key, bytes, &format.content_type)
+        self.put_within_window(&key, bytes, &format.content_type)
             .await
             .map_err(|e| storage_error(&name, e))?;
         let url = match &self.cdn {
@@ -118,6 +120,30 @@ impl OutputTarget {
         })
     }
 
+    /// [`OutputTarget::put`], tried again while the store is down (no answer, 5xx), for at
+    /// most the upload window: a store that is back within it completes the job on this
+    /// attempt. A refusal (credentials, destination, a bad request) is not tried again.
+    async fn put_within_window(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
+        const BACKOFF: crate::backoff::Backoff =
+            crate::backoff::Backoff::doubling(Duration::from_millis(250), Duration::from_secs(4));
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.put(key, bytes.clone(), content_type).await {
+                Err(e) if e.fault() == StoreFault::Unavailable => {
+                    let delay = BACKOFF.delay(attempt, 0.0);
+                    if started.elapsed() + delay > self.options.upload_window {
+                        return Err(e);
+                    }
+                    tracing::info!(key, error = %crate::logging::error_chain(&e), ?delay, "the store is down; trying the upload again");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Writes one object in a single PUT (atomic: readers see all of it or nothing) and reads
     /// its size back.
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
@@ -133,10 +159,13 @@ impl OutputTarget {
             attributes,
             ..PutOptions::default()
         };
-        let put_err = |e: object_store::Error| StoreError::Put {
-            key: key.to_owned(),
-            retryable: retryable(&e),
-            source: redact(&self.secrets, &e),
+        let put_err = |e: object_store::Error| {
+            let source = redact(&self.secrets, &e);
+            StoreError::Put {
+                key: key.to_owned(),
+                fault: fault::fault_of(&e, &source.0),
+                source,
+            }
         };
         self.bucket
             .store

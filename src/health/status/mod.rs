@@ -265,6 +265,15 @@ pub struct RedisStatus {
     pub function_version: Option<String>,
     /// The last error, if the connection is down.
     pub last_error: Option<String>,
+    /// The kind of the last error (`unreachable`, `readonly`, `auth`, `other`).
+    #[serde(default)]
+    pub error_kind: Option<String>,
+    /// Errors since the machine started, by kind.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    /// Why no worker can claim, once Redis has failed for 5 s (`/ready` is then 503).
+    #[serde(default)]
+    pub not_ready: Option<String>,
 }
 
 /// `/fleet`: every machine's latest fleet status message as stored in Redis, by machine id.
@@ -284,6 +293,10 @@ pub struct ReadyDocument {
     /// Every worker that cannot claim now, with why (also when `ready`).
     #[serde(default)]
     pub not_claiming: BTreeMap<String, String>,
+    /// Why no claim can succeed because of Redis (failing for 5 s): not ready, yet healthy,
+    /// since a restart would not help.
+    #[serde(default)]
+    pub redis: Option<String>,
     /// The workers, as in `/status`.
     pub workers: Vec<Worker>,
 }
@@ -416,6 +429,9 @@ pub(crate) fn sample() -> StatusDocument {
             connected: true,
             function_version: Some("abc".into()),
             last_error: None,
+            error_kind: None,
+            errors: BTreeMap::from([("unreachable".to_owned(), 2)]),
+            not_ready: None,
         },
         external_apis: BTreeMap::from([("openai".to_owned(), serde_json::json!({"requests": 1}))]),
         config: serde_json::json!({"machine_id": "m1"}),

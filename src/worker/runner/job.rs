@@ -11,13 +11,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{AbortOnDrop, RedisBackoff, Worker};
+use futures_util::future::BoxFuture;
+
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
-use crate::connectors::store::{self, OutputTarget};
+use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
     Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
-use crate::worker::hold::Blame;
+use crate::worker::hold::{Blame, HoldKind, Recheck};
 use crate::worker::{CurrentJob, JobOutcome, JobReport, WorkerState, WorkerStatus};
 
 /// Why a running job was stopped before its connector returned.
@@ -29,6 +31,16 @@ enum Stop {
     Shutdown,
     /// A hold that returns the job (its GPU faulted).
     Held,
+}
+
+/// How a supervised job ended: its outcome, the connector's run time, what the attempt used at
+/// a paid API, and the API whose work may exist upstream unfollowed.
+#[derive(Debug)]
+struct Ended {
+    outcome: JobOutcome,
+    run: Duration,
+    billing: Option<Billing>,
+    possible_orphan: Option<String>,
 }
 
 /// A claimed job ready to run: its input and its checked output destination.
@@ -83,26 +95,29 @@ impl Worker {
             });
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
-        let (outcome, run, billing) = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+        let ended = |outcome| Ended {
+            outcome,
+            run: Duration::ZERO,
+            billing: None,
+            possible_orphan: None,
+        };
+        let Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
+        } = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
             (None, _) => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
                     claimed.service
                 ));
-                (
-                    self.write_failure(broker, &claimed, &e, shutdown).await,
-                    Duration::ZERO,
-                    None,
-                )
+                ended(self.write_failure(broker, &claimed, &e, shutdown).await)
             }
-            (Some(_), Err(e)) => (
-                self.write_failure(broker, &claimed, &e, shutdown).await,
-                Duration::ZERO,
-                None,
-            ),
+            (Some(_), Err(e)) => ended(self.write_failure(broker, &claimed, &e, shutdown).await),
             (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
-                Err(not) => (self.not_written(not), Duration::ZERO, None),
+                Err(not) => ended(self.not_written(not)),
                 Ok(()) => {
                     if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
                         // It waited for a quota before; if it still must, deferJob says so again.
@@ -141,14 +156,14 @@ impl Worker {
                 run,
                 total,
                 billing,
+                possible_orphan,
             });
         }
         outcome
     }
 
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
-    /// around it, then writes the outcome. Returns the outcome, the connector's run time and,
-    /// for a completed external job, its billing.
+    /// around it, then writes the outcome.
     async fn supervise(
         &mut self,
         broker: &Broker,
@@ -157,9 +172,10 @@ impl Worker {
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
-    ) -> (JobOutcome, Duration, Option<Billing>) {
+    ) -> Ended {
         let Prepared { input, target } = prepared;
         let (sink, progress) = ProgressSink::new();
+        let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
         let mut task = AbortOnDrop(tokio::spawn({
@@ -240,14 +256,19 @@ impl Worker {
         };
         drop(keeper);
         drop(forwarder);
-        let mut billing = None;
+        // What the attempt used at a paid API is billed whatever its outcome; it is added to
+        // the job's totals before the outcome is written, so a finished job shows all of it.
+        let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
+        if let Some(b) = &billing {
+            if let Err(e) = broker.record_usage(&claimed.id, b).await {
+                tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
+            }
+        }
+        let mut possible_orphan = None;
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
-            (_, Ok(output)) => {
-                billing = Billing::from_result(&output.data);
-                self.write_success(broker, claimed, target, output, shutdown).await
-            }
+            (_, Ok(output)) => self.write_success(broker, claimed, target, output, shutdown).await,
             (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
                 match self.write(shutdown, || broker.return_job(claimed)).await {
                     Ok(()) => JobOutcome::Returned,
@@ -259,13 +280,23 @@ impl Worker {
                 self.write_failure(broker, claimed, &e, shutdown).await
             }
             (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
+            (None, Err(e @ ConnectorError::MaybeCreated { .. })) => {
+                // Not the job's fault, and no retry spent; the operator sees what may be billed.
+                if let ConnectorError::MaybeCreated { api, .. } = &e {
+                    possible_orphan = Some(api.clone());
+                }
+                tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
+                self.give_back(broker, claimed, &e.chain(), shutdown).await
+            }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
         };
-        if outcome != JobOutcome::Completed {
-            billing = None;
+        Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
         }
-        (outcome, run, billing)
     }
 
     async fn write_success(
@@ -278,7 +309,7 @@ impl Worker {
     ) -> JobOutcome {
         let stored = match target.store(output.artifacts).await {
             Ok(s) => s,
-            Err(e) => return self.write_failure(broker, claimed, &e, shutdown).await,
+            Err(e) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
         };
         let mut result = output.data;
         store::add_to_result(&mut result, &stored);
@@ -288,6 +319,77 @@ impl Worker {
         }
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    /// An output could not be stored: blamed by the store's own error code. Refused
+    /// credentials are the machine's: the job goes back untouched and the worker is held until
+    /// the store of this job's bucket accepts them. A store still down after the upload window
+    /// gives the job back too (a CDN that does not serve in time fails the attempt
+    /// retryably, as before). A refusal of the job's destination (access to its bucket, a
+    /// missing bucket) or of the request fails the job at once.
+    async fn store_failed(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        target: &OutputTarget,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        let source = match e {
+            ConnectorError::Storage { source, .. } => source,
+            _ => return self.write_failure(broker, claimed, e, shutdown).await,
+        };
+        match source.fault() {
+            StoreFault::Credentials => {
+                let reason = format!(
+                    "output store refuses the credentials: {}",
+                    source.code().unwrap_or("unauthenticated")
+                );
+                tracing::warn!(worker = %self.id(), job_id = %claimed.id, error = %e.chain(), "{reason}; giving the job back and holding the worker");
+                let check = StoreCredentialsCheck {
+                    store: self.store.clone(),
+                    target: target.clone(),
+                };
+                self.holds
+                    .set_until(HoldKind::StoreCredentials, reason.clone(), Arc::new(check));
+                self.give_back(broker, claimed, &format!("{reason} ({})", e.chain()), shutdown)
+                    .await
+            }
+            // Only an upload: a CDN that does not serve the object in time is the attempt's
+            // failure, retried under a new name.
+            StoreFault::Unavailable if matches!(**source, store::StoreError::Put { .. }) => {
+                let reason = format!("the output store is down: {}", e.chain());
+                tracing::warn!(worker = %self.id(), job_id = %claimed.id, %reason, "giving the job back");
+                self.give_back(broker, claimed, &reason, shutdown).await
+            }
+            StoreFault::Unavailable | StoreFault::Destination | StoreFault::Refused => {
+                self.write_failure(broker, claimed, e, shutdown).await
+            }
+        }
+    }
+
+    /// Returns the job for the machine's fault, in its place and without spending a retry; the
+    /// broker fails it instead once machines have returned it more than five times.
+    async fn give_back(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        match self
+            .write(shutdown, || broker.return_for_fault(claimed, Fault::Machine, reason))
+            .await
+        {
+            Ok(ReturnOutcome::Returned) => JobOutcome::Returned,
+            Ok(o @ (ReturnOutcome::Retried | ReturnOutcome::Failed)) => JobOutcome::Failed {
+                retryable: o == ReturnOutcome::Retried,
+                blame: Blame::Machine,
+                requeued: o == ReturnOutcome::Retried,
+                error: reason.to_owned(),
+            },
             Err(not) => self.not_written(not),
         }
     }
@@ -384,6 +486,21 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// The re-check of a worker held because the store refused its credentials: the store of the
+/// job's own bucket, asked again with the credentials it holds now (a reload may have renewed
+/// them).
+#[derive(Debug)]
+struct StoreCredentialsCheck {
+    store: Arc<OutputStore>,
+    target: OutputTarget,
+}
+
+impl Recheck for StoreCredentialsCheck {
+    fn recheck(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(self.store.check_credentials(&self.target))
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Worker {
     job_ends: Option<JobEnds>,
     /// The services its upkeep looks after, until the worker is started (see [`super::upkeep`]).
     kept: Vec<super::upkeep::Kept>,
+    /// How often a hold set with a re-check is checked again while the worker is held.
+    hold_recheck: Duration,
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -133,7 +135,13 @@ impl Worker {
             }),
             job_ends: None,
             kept: Vec::new(),
+            hold_recheck: Duration::from_secs(15),
         }
+    }
+
+    /// Checks a hold set with a re-check (refused credentials) this often while held.
+    pub fn recheck_holds_every(&mut self, every: Duration) {
+        self.hold_recheck = every;
     }
 
     /// Quarantines the worker by `policy` (a new worker never does).
@@ -205,7 +213,7 @@ impl Worker {
         let mut backoff = RedisBackoff::default();
         while let Err(e) = broker.update_capabilities(&self.caps).await {
             tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
-            if !backoff.sleep(shutdown).await {
+            if !backoff.sleep(broker, shutdown).await {
                 return;
             }
         }
@@ -297,7 +305,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
                     self.note_error(&error_chain(&e));
-                    if !backoff.sleep(&shutdown).await {
+                    if !backoff.sleep(&broker, &shutdown).await {
                         break;
                     }
                 }
@@ -319,9 +327,16 @@ impl Worker {
                 self.set_state(WorkerState::Held);
                 tracing::warn!(worker = %self.id(), %reason, "not claiming");
                 let until = self.quarantine.until(Instant::now());
+                let rechecks = self.holds.has_rechecks();
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.holds.released() => {}
+                    () = tokio::time::sleep(self.hold_recheck), if rechecks => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = self.holds.recheck(&self.caps.worker_id) => {}
+                        }
+                    }
                     () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
                         tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
                     }
@@ -370,11 +385,12 @@ impl Worker {
                         ends.job_ended(&outcome).await;
                     }
                 }
-                Ok(None) => {}
+                // Redis answered: the next failure starts the backoff from its first step.
+                Ok(None) => backoff.reset(),
                 Err(e) => {
                     tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
                     self.note_error(&error_chain(&e));
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(&broker, &shutdown).await;
                 }
             }
         }
@@ -580,12 +596,19 @@ impl RedisBackoff {
         self.attempt = 0;
     }
 
-    /// Sleeps the next delay; `false` when shutdown came first.
-    async fn sleep(&mut self, shutdown: &CancellationToken) -> bool {
+    /// Sleeps the next delay, or until Redis answers again after failing (the broker's probe
+    /// sees that within a fraction of a second; the backoff then starts again from its first
+    /// step); `false` when shutdown came first.
+    async fn sleep(&mut self, broker: &Broker, shutdown: &CancellationToken) -> bool {
+        let seen = broker.health().recoveries();
         let d = self.next();
         tokio::select! {
             () = shutdown.cancelled() => false,
             () = tokio::time::sleep(d) => true,
+            () = broker.health().answering_again(seen) => {
+                self.reset();
+                true
+            }
         }
     }
 }

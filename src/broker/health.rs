@@ -1,0 +1,230 @@
+//! What the machine knows of its Redis: whether the last command succeeded, since when commands
+//! fail and why (unreachable, read-only, refused credentials, ...), and how many errors of each
+//! kind there were. The broker records every library call here, and so does the start-up loop
+//! before the broker exists; `/ready`, `/status`, `/metrics` and the workers' backoff read it.
+//!
+//! It promises one answer to "can a claim succeed now?": a Redis failing for
+//! [`NOT_READY_AFTER`] makes the machine not ready with the cause ([`RedisHealth::not_ready`]),
+//! and the first success after failures wakes everyone waiting on
+//! [`RedisHealth::answering_again`], so that no retry sleeps out a long backoff after Redis is
+//! back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use tokio::sync::watch;
+
+use super::BrokerError;
+
+/// How long commands must fail before the machine says it cannot claim: a blip (one dropped
+/// connection, a failover that takes a second) does not flip `/ready`.
+pub const NOT_READY_AFTER: Duration = Duration::from_secs(5);
+
+/// What kind of Redis failure an error is, as `/metrics` counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// No connection: refused, reset, DNS, TLS, or no answer in time.
+    Unreachable,
+    /// The node is a replica (`READONLY`): a failover moved the master.
+    ReadOnly,
+    /// The credentials were refused (`WRONGPASS`, `NOAUTH`, ...).
+    Auth,
+    /// Anything else Redis refused (a missing database, a script error, ...).
+    Other,
+}
+
+impl FaultKind {
+    /// The label of `machine_redis_errors_total` and the word `/ready` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Unreachable => "unreachable",
+            FaultKind::ReadOnly => "readonly",
+            FaultKind::Auth => "auth",
+            FaultKind::Other => "other",
+        }
+    }
+
+    /// Every kind, for metrics that list each at 0 from the start.
+    pub const ALL: [FaultKind; 4] = [
+        FaultKind::Unreachable,
+        FaultKind::ReadOnly,
+        FaultKind::Auth,
+        FaultKind::Other,
+    ];
+
+    /// The kind of a client error.
+    pub fn of(e: &RedisError) -> FaultKind {
+        match e.kind() {
+            ErrorKind::Server(ServerErrorKind::ReadOnly) => FaultKind::ReadOnly,
+            ErrorKind::AuthenticationFailed => FaultKind::Auth,
+            ErrorKind::Io => FaultKind::Unreachable,
+            _ if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() => {
+                FaultKind::Unreachable
+            }
+            _ => {
+                let text = e.to_string();
+                if text.contains("NOAUTH") || text.contains("WRONGPASS") || text.contains("NOPERM") {
+                    FaultKind::Auth
+                } else if text.contains("READONLY") {
+                    FaultKind::ReadOnly
+                } else {
+                    FaultKind::Other
+                }
+            }
+        }
+    }
+
+    /// The kind of a broker error, `None` for errors that are not Redis failing (a fenced
+    /// write that lost its job, a reply of another version).
+    pub fn of_broker(e: &BrokerError) -> Option<FaultKind> {
+        match e {
+            BrokerError::Connect { source, .. } | BrokerError::Redis { source, .. } => Some(FaultKind::of(source)),
+            _ => None,
+        }
+    }
+}
+
+/// One snapshot of the link to Redis.
+#[derive(Debug, Clone, Default)]
+pub struct RedisState {
+    /// Whether the last command succeeded (false before the first).
+    pub up: bool,
+    /// The first failure since the last success.
+    pub failing_since: Option<Instant>,
+    /// The last failure: its kind and its whole cause.
+    pub fault: Option<(FaultKind, String)>,
+    /// Failures so far, by kind.
+    pub errors: BTreeMap<FaultKind, u64>,
+    /// Incremented each time Redis answers again after failures.
+    pub recoveries: u64,
+}
+
+impl RedisState {
+    /// Why no claim can succeed, once commands have failed for [`NOT_READY_AFTER`].
+    pub fn not_ready(&self, now: Instant) -> Option<String> {
+        let since = self.failing_since?;
+        if now.saturating_duration_since(since) < NOT_READY_AFTER {
+            return None;
+        }
+        let (kind, cause) = self.fault.as_ref()?;
+        let what = match kind {
+            FaultKind::Unreachable => "redis is unreachable",
+            FaultKind::ReadOnly => "redis is read-only (a replica)",
+            FaultKind::Auth => "redis refuses the credentials",
+            FaultKind::Other => "redis refuses the commands",
+        };
+        Some(format!(
+            "{what} for {}s: {cause}",
+            now.saturating_duration_since(since).as_secs()
+        ))
+    }
+}
+
+/// The shared record of the link to Redis; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RedisHealth {
+    state: Arc<watch::Sender<RedisState>>,
+}
+
+impl Default for RedisHealth {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RedisHealth {
+    /// A link with no command run yet.
+    pub fn new() -> RedisHealth {
+        RedisHealth {
+            state: Arc::new(watch::channel(RedisState::default()).0),
+        }
+    }
+
+    /// The current state.
+    pub fn snapshot(&self) -> RedisState {
+        self.state.borrow().clone()
+    }
+
+    /// A command succeeded.
+    pub fn record_ok(&self) {
+        self.state.send_if_modified(|s| {
+            let changed = !s.up || s.failing_since.is_some();
+            if s.failing_since.is_some() {
+                s.recoveries = s.recoveries.wrapping_add(1);
+            }
+            s.up = true;
+            s.failing_since = None;
+            s.fault = None;
+            changed
+        });
+    }
+
+    /// A command failed with `kind`, `cause` being its whole error chain.
+    pub fn record_fault(&self, kind: FaultKind, cause: String) {
+        self.state.send_modify(|s| {
+            s.up = false;
+            s.failing_since.get_or_insert_with(Instant::now);
+            *s.errors.entry(kind).or_default() += 1;
+            s.fault = Some((kind, cause));
+        });
+    }
+
+    /// Records a broker error when it is Redis failing; returns its kind.
+    pub fn record_err(&self, e: &BrokerError) -> Option<FaultKind> {
+        let kind = FaultKind::of_broker(e)?;
+        self.record_fault(kind, crate::logging::error_chain(e));
+        Some(kind)
+    }
+
+    /// Resolves once Redis answers again after failures (at once if it answers now, having
+    /// failed since `seen`, the [`RedisState::recoveries`] a waiter read before it slept).
+    pub async fn answering_again(&self, seen: u64) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| s.recoveries != seen && s.up).await;
+    }
+
+    /// How many recoveries there were so far (see [`RedisHealth::answering_again`]).
+    pub fn recoveries(&self) -> u64 {
+        self.state.borrow().recoveries
+    }
+
+    /// Whether the last command failed.
+    pub fn failing(&self) -> bool {
+        self.state.borrow().failing_since.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_make_it_not_ready_only_after_the_grace_and_a_success_ends_it() {
+        let h = RedisHealth::new();
+        h.record_ok();
+        h.record_fault(
+            FaultKind::ReadOnly,
+            "READONLY You can't write against a read only replica.".into(),
+        );
+        let s = h.snapshot();
+        let since = s.failing_since.expect("failing");
+        assert_eq!(s.not_ready(since + Duration::from_secs(4)), None);
+        let why = s.not_ready(since + NOT_READY_AFTER).expect("not ready");
+        assert!(why.contains("read-only") && why.contains("READONLY"), "{why}");
+        h.record_fault(FaultKind::Unreachable, "refused".into());
+        assert_eq!(h.snapshot().failing_since, Some(since), "the first failure counts");
+        assert_eq!(h.snapshot().errors[&FaultKind::ReadOnly], 1);
+        let before = h.recoveries();
+        h.record_ok();
+        assert_eq!(h.recoveries(), before + 1);
+        assert_eq!(h.snapshot().not_ready(Instant::now() + NOT_READY_AFTER), None);
+    }
+
+    #[test]
+    fn kinds_of_client_errors() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(FaultKind::of(&io), FaultKind::Unreachable);
+    }
+}

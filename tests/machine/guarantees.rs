@@ -1,0 +1,187 @@
+//! Every job's guarantees on the real binary (issue 23), against a real Redis and moto's S3
+//! server with auth on: a key the store refuses gives the job back untouched and holds the
+//! worker, shown on `/status` and `/ready`; the corrected key, written to the file
+//! `AWS_SECRET_ACCESS_KEY_FILE` names and read by `machine reload`, releases the worker and the
+//! job completes with one object.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use testkit::{ObjectServer, RedisServer, StoreKind};
+
+use crate::e2e::{completed, submit};
+use crate::support::{machine, run, wait_until};
+
+const TOKEN: &str = "guarantees-test-token";
+const BUCKET: &str = "outputs";
+
+struct Machine {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Machine {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = machine()
+            .args(["status", "--json", "--url", &self.url()])
+            .env("MACHINE_CONTROL_TOKEN", TOKEN)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn ready(&self) -> Option<Value> {
+        let body = std::process::Command::new("curl")
+            .args(["-s", &format!("{}/ready", self.url())])
+            .output()
+            .ok()?
+            .stdout;
+        serde_json::from_slice(&body).ok()
+    }
+}
+
+/// Starts the machine with one simulation worker, the store's variables in `env`.
+fn start(dir: &Path, redis_url: &str, env: &[(String, String)]) -> Machine {
+    let config = dir.join("machine.toml");
+    std::fs::write(
+        &config,
+        "[connectors.simulation]\nduration = \"200ms\"\nsteps = 2\n\n[worker]\nhold_recheck = \"1s\"\nupload_window = \"2s\"\n",
+    )
+    .unwrap();
+    let port = testkit::free_port();
+    let log = std::fs::File::create(dir.join("machine.log")).unwrap();
+    let mut cmd = machine();
+    cmd.arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", "gt")
+        .env("MACHINE_WORKSPACE", dir.join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_CONTROL_TOKEN", TOKEN)
+        .env("HUB_REDIS_URL", redis_url)
+        .env("WORKER_CONNECTORS", "simulation:1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Machine {
+        child: cmd.spawn().unwrap(),
+        port,
+    }
+}
+
+async fn job(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> std::collections::BTreeMap<String, String> {
+    conn.hgetall(format!("job:{id}")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_holds_the_worker_until_a_reload_reads_the_corrected_key_file() {
+    let test = async {
+        let store = ObjectServer::start(StoreKind::S3);
+        store.create_bucket(BUCKET);
+        let redis = RedisServer::start();
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("aws-secret");
+        let good = store.env();
+        let wrong = store.env_with_wrong_key().unwrap();
+        let secret = |env: &[(String, String)]| {
+            env.iter()
+                .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        std::fs::write(&secret_file, format!("{}\n", secret(&wrong))).unwrap();
+        let mut env: Vec<(String, String)> = good
+            .iter()
+            .filter(|(k, _)| k != "AWS_SECRET_ACCESS_KEY")
+            .cloned()
+            .collect();
+        env.push((
+            "AWS_SECRET_ACCESS_KEY_FILE".to_owned(),
+            secret_file.display().to_string(),
+        ));
+
+        let id = submit(
+            &redis.url(),
+            &["--service", "simulation", "--payload", r#"{"artifact": "hello"}"#],
+        );
+        let ctx = json!({"storage": {"provider": "s3", "bucket": BUCKET}, "prefix": "users/u1", "filename": "out.txt"});
+        let () = conn.hset(format!("job:{id}"), "ctx", ctx.to_string()).await.unwrap();
+        let m = start(dir.path(), &redis.url(), &env);
+
+        // The job goes back untouched: pending, no retry spent, one return for the machine.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let returned = loop {
+            let j = job(&mut conn, &id).await;
+            if j.get("machine_returns").map(String::as_str) == Some("1") {
+                break j;
+            }
+            assert!(Instant::now() < deadline, "the job was not given back: {j:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(returned["retry_count"], "0", "no retry spent: {returned:?}");
+        assert_ne!(returned["status"], "failed", "{returned:?}");
+        let reason = wait_until(Duration::from_secs(20), "the worker to show its hold", || {
+            let doc = m.status()?;
+            let r = doc["workers"][0]["reason"].as_str()?.to_owned();
+            r.contains("output store refuses the credentials").then_some(r)
+        });
+        assert!(reason.contains("SignatureDoesNotMatch"), "{reason}");
+        let ready = m.ready().expect("/ready answers");
+        let not_claiming = ready["not_claiming"].to_string();
+        assert!(not_claiming.contains("output store refuses the credentials"), "{ready}");
+        // Held, it claims nothing more: the job stays given back.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let j = job(&mut conn, &id).await;
+        assert_eq!(j["machine_returns"], "1", "claimed again while held: {j:?}");
+
+        // The corrected key in the file, read by a reload: released, and the job completes.
+        std::fs::write(&secret_file, format!("{}\n", secret(&good))).unwrap();
+        let (out, stdout, stderr) = run(machine()
+            .args(["reload", "--json", "--url", &m.url()])
+            .env("MACHINE_CONFIG", dir.path().join("machine.toml"))
+            .env("MACHINE_CONTROL_TOKEN", TOKEN));
+        assert!(out.status.success(), "reload: {stdout} {stderr}");
+        assert!(stdout.contains("output store credentials"), "{stdout}");
+        let log = dir.path().join("machine.log");
+        let done = tokio::time::timeout(
+            Duration::from_secs(30),
+            completed(&mut conn, &id, Instant::now() + Duration::from_secs(60)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the job did not complete; log:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            )
+        });
+        assert_eq!(done["retry_count"], "0", "{done:?}");
+        let listed: Vec<String> = store.list(BUCKET).into_iter().map(|o| o.name).collect();
+        assert_eq!(listed, ["users/u1/out.txt"], "one object");
+        let doc = m.status().unwrap();
+        assert!(doc["workers"][0]["reason"].is_null(), "released: {doc}");
+    };
+    tokio::time::timeout(Duration::from_secs(180), test)
+        .await
+        .expect("the test finishes within its hard limit");
+}
