@@ -246,24 +246,25 @@ impl Actor {
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
-        let uptime_ms = uptime.as_millis() as u64;
         if next.is_none() && ending == Ending::Failure {
             // A crash is what an operator looks for; its last words say why.
             let last = self.log.tail().last(CRASH_LINES);
+            // One line: the output's lines as a list, so the event's fields are not glued to
+            // the service's last line and a shipper sees one event.
             tracing::warn!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
-                "service crashed; its last output:\n{}",
-                if last.is_empty() { "(no output)".to_owned() } else { last.join("\n") }
+                uptime = %crate::logging::human_duration(uptime),
+                last_output = ?last,
+                "service crashed"
             );
         } else {
             tracing::info!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
+                uptime = %crate::logging::human_duration(uptime),
                 "service exited"
             );
         }
@@ -312,8 +313,12 @@ impl Actor {
                     ProbeKind::Ready => {
                         if v.passing {
                             tracing::info!(service = %self.spec.name, "service is ready");
-                        } else {
+                        } else if been_ready {
                             tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "readiness probe failing");
+                        } else {
+                            // Every start fails its probe until the service has come up: that
+                            // is no warning (a failure once it was ready is).
+                            tracing::debug!(service = %self.spec.name, reason = v.reason.as_deref(), "not ready yet");
                         }
                         been_ready |= v.passing;
                         self.set(|s| {
