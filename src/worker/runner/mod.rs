@@ -202,7 +202,7 @@ impl Worker {
         if models == self.caps.models {
             return false;
         }
-        tracing::info!(worker = %self.id(), models = ?models, "the models on disk changed");
+        tracing::info!(worker = %self.id(), models = %models_text(&models), "the models on disk changed");
         self.caps.models = models;
         true
     }
@@ -296,7 +296,7 @@ impl Worker {
         // The models are scanned now, not when the worker was built: the installers ran since,
         // and what they downloaded on this boot belongs in the capabilities it registers with.
         if let Some(models) = self.scan_models().await {
-            tracing::info!(worker = %self.id(), models = ?models, "models on disk");
+            tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
             self.caps.models = models;
         }
         while !shutdown.is_cancelled() {
@@ -610,6 +610,20 @@ impl RedisBackoff {
                 true
             }
         }
+    }
+}
+
+/// The models on disk as a log line reads them: `checkpoints: a, b; loras: c`, or `none`.
+fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
+    let text: Vec<String> = models
+        .iter()
+        .filter(|(_, files)| !files.is_empty())
+        .map(|(kind, files)| format!("{kind}: {}", files.join(", ")))
+        .collect();
+    if text.is_empty() {
+        "none".to_owned()
+    } else {
+        text.join("; ")
     }
 }
 
