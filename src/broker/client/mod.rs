@@ -221,11 +221,6 @@ impl Broker {
         })
     }
 
-    /// The options this broker runs with.
-    pub fn options(&self) -> &BrokerOptions {
-        &self.inner.opts
-    }
-
     /// The lease the next claim and renewal ask for.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.inner.lease_ms.load(Ordering::Relaxed))

@@ -191,6 +191,7 @@ impl Worker {
         let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
+        let checker = connector.clone();
         let mut task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
             let cancel = job_cancel.clone();
@@ -309,6 +310,16 @@ impl Worker {
                 }
                 tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
                 self.give_back(broker, claimed, &e.chain(), shutdown).await
+            }
+            (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
+                // The API refuses this machine, not the job: hand the job back untouched (not
+                // counted against it: an account out of credit is probed with real jobs, which
+                // must not fail them) and take no more of that API's work until a re-check passes.
+                self.hold_for_credentials(checker, &e);
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
             }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
