@@ -595,3 +595,24 @@ fn exit_info(status: &std::io::Result<ExitStatus>) -> ExitInfo {
         at: SystemTime::now(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_cause_names_the_code_or_signal_and_the_last_line() {
+        let exit = |code, signal| ExitInfo {
+            code,
+            signal,
+            at: SystemTime::now(),
+        };
+        let line = "2026-01-01T00:00:00.000Z OSError: [Errno 98] address already in use".to_owned();
+        assert_eq!(
+            exit_cause(&exit(Some(1), None), Some(&line)),
+            "exited with code 1: OSError: [Errno 98] address already in use"
+        );
+        assert_eq!(exit_cause(&exit(None, Some(9)), None), "killed by SIGKILL");
+        assert_eq!(exit_cause(&exit(None, None), None), "ended");
+    }
+}

@@ -334,6 +334,72 @@ fn stop_now_skips_the_drain_as_a_second_signal_does() {
 }
 
 #[test]
+fn the_shells_configuration_need_not_validate_to_find_the_machine() {
+    let redis = testkit::RedisServer::start();
+    let m = Running::start(&redis, "cli3");
+    let file = m.ws.path().join("machine.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    // The shell's copy has a service the machine would refuse; another shell lists openai without
+    // its key (the secret lives in the machine's environment only).
+    let invalid = m.ws.path().join("edited.toml");
+    std::fs::write(&invalid, format!("{good}\n[services.bad]\nnope = 1\n")).unwrap();
+    let shells: [(&str, Option<&str>); 2] = [
+        (invalid.to_str().unwrap(), None),
+        (file.to_str().unwrap(), Some("openai:1")),
+    ];
+    for (config, connectors) in shells {
+        let cli = || {
+            let mut cmd = m.cli();
+            cmd.env("MACHINE_CONFIG", config);
+            if let Some(c) = connectors {
+                cmd.env("WORKER_CONNECTORS", c);
+            }
+            cmd
+        };
+        for args in [&["status"][..], &["logs", "-n", "1"], &["restart", "echo"]] {
+            let (out, stdout, stderr) = run(cli().args(args));
+            assert!(out.status.success(), "{args:?} with {config}: {stdout}{stderr}");
+        }
+    }
+
+    // The machine's own file refused by a reload: every problem once, exit 2, nothing changed.
+    std::fs::write(&file, format!("{good}\n[services.bad]\nnope = 1\n")).unwrap();
+    let (out, _, stderr) = run(m.cli().arg("reload"));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.matches("missing field `command`").count(),
+        1,
+        "each problem once: {stderr}"
+    );
+    std::fs::write(&file, &good).unwrap();
+
+    // A reload that rebuilds a busy worker says what it drains while it waits.
+    let busy = m.submit(r#"{"duration_ms": 60000, "steps": 100}"#, &[]);
+    m.wait_status(&busy, "in_progress");
+    std::fs::write(&file, format!("{good}\n[connectors.simulation]\nsteps = 20\n")).unwrap();
+    let (out, stdout, stderr) = run(m.cli().arg("reload"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("reloading: draining cli3-") && stderr.contains(&busy),
+        "{stdout}{stderr}"
+    );
+    std::fs::write(&file, &good).unwrap();
+
+    // <workspace>/worker_connectors: a comment may follow the value, and a problem names the file.
+    let connectors = m.ws.path().join("worker_connectors");
+    std::fs::write(&connectors, "simulation:1  # as before\n").unwrap();
+    let (out, stdout, stderr) = run(m.cli().arg("reload"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    std::fs::write(&connectors, "nope:1\n").unwrap();
+    let (out, _, stderr) = run(m.cli().arg("reload"));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&connectors.display().to_string()) && !stderr.contains("WORKER_CONNECTORS"),
+        "blamed on the file: {stderr}"
+    );
+}
+
+#[test]
 fn without_a_machine_the_error_names_what_was_tried() {
     let ws = tempfile::tempdir().unwrap();
     let port = testkit::free_port();

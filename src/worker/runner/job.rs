@@ -74,8 +74,8 @@ impl Worker {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
-            customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
-            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
+            customer_id: claimed.customer_id().to_owned(),
+            ctx: store::parse_ctx(claimed.ctx()).map_err(refused)?,
             timeout: job_timeout(claimed),
         };
         let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
@@ -126,10 +126,9 @@ impl Worker {
             (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
                 Err(not) => ended(self.not_written(not)),
                 Ok(()) => {
-                    if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
+                    if claimed.waited_for_a_limit() {
                         // It waited for a quota before; if it still must, deferJob says so again.
-                        let cleared: Result<i64, _> = broker.call_limits("clearLimitReason", &[&claimed.id]).await;
-                        if let Err(e) = cleared {
+                        if let Err(e) = broker.clear_limit_reason(&claimed.id).await {
                             tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
                         }
                     }
@@ -192,6 +191,7 @@ impl Worker {
         let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
+        let checker = connector.clone();
         let mut task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
             let cancel = job_cancel.clone();
@@ -310,6 +310,16 @@ impl Worker {
                 }
                 tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
                 self.give_back(broker, claimed, &e.chain(), shutdown).await
+            }
+            (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
+                // The API refuses this machine, not the job: hand the job back untouched (not
+                // counted against it: an account out of credit is probed with real jobs, which
+                // must not fail them) and take no more of that API's work until a re-check passes.
+                self.hold_for_credentials(checker, &e);
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
             }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
@@ -630,7 +640,7 @@ fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
         .get("timeout_seconds")
         .and_then(Value::as_f64)
         .or_else(|| {
-            let req: Value = serde_json::from_str(claimed.field("requirements")?).ok()?;
+            let req = claimed.requirements()?;
             req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
         })?;
     (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))
