@@ -53,6 +53,9 @@ pub struct BrokerOptions {
     pub retry_delay: RetryDelay,
     /// `findMatchingJob`'s second argument: how many held-off jobs of one group it skips.
     pub max_examine: u32,
+    /// A job's `max_retries` counts as at most this (`worker.max_retries_cap`, default 10; 0:
+    /// no cap), so that a job asking for a billion retries does not circle the fleet for years.
+    pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
     /// Where every command's outcome is recorded (the machine passes the one its health
@@ -68,6 +71,7 @@ impl Default for BrokerOptions {
             failed_holdoff: Duration::from_secs(30),
             retry_delay: DEFAULT_RETRY_DELAY,
             max_examine: 100,
+            max_retries_cap: 10,
             key_prefix: String::new(),
             health: RedisHealth::new(),
         }
