@@ -133,7 +133,8 @@ pub fn service_line(service: &str, output: Output, line: &str) {
     write(output, out.as_bytes());
 }
 
-fn timestamp() -> String {
+/// Now as the JSON lines' `timestamp` writes it, for a command's own JSON lines.
+pub(crate) fn timestamp() -> String {
     let mut s = String::new();
     // Writing into a String cannot fail.
     let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut s));
@@ -394,6 +395,8 @@ fn unquote(s: &str) -> String {
 /// An error and its sources as one line ("failed to bind ...: Address in use"), for logs and
 /// status fields that have room for one line only.
 ///
+/// (See [`human_duration`] for the one way a duration is written for people.)
+///
 /// Some errors (redis's among them) already print their source in their own message; a cause
 /// that the line already ends with is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -408,6 +411,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// A duration as people say it: `850ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`; the one way logs,
+/// `machine status` and `jobs show` write a duration for people.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
 }
 
 #[cfg(test)]

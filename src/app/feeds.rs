@@ -16,7 +16,7 @@ use crate::health::{HealthState, Running};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{ServiceStatus, ServicesWatch, SupervisorHandle};
-use crate::worker::{self, JobOutcome, Readiness};
+use crate::worker::{self, Readiness};
 
 /// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
 /// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
@@ -262,15 +262,9 @@ pub(super) fn spawn_metrics_feed(
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
             };
-            let outcome = match report.outcome {
-                JobOutcome::Completed => "completed",
-                JobOutcome::Failed { .. } => "failed",
-                JobOutcome::Returned => "returned",
-                JobOutcome::Cancelled => "cancelled",
-                JobOutcome::Lost => "lost",
-            };
+            let outcome = report.outcome.name();
             state.record_job(&report);
-            metrics.job(&report.service, "claimed");
+            metrics.claimed(&report.service);
             metrics.job(&report.service, outcome);
             metrics.job_duration(&report.service, report.run.as_secs_f64());
             if let Some(billing) = &report.billing {

@@ -36,6 +36,7 @@ pub mod reload;
 mod workspace;
 
 pub(crate) use feeds::readiness_feed;
+pub(crate) use workspace::{lock_path, machine_holds};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

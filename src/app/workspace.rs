@@ -17,6 +17,23 @@ pub(super) fn prepare_workspace(config: &Config) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The workspace's lock file: held by the machine running on it, released when it exits.
+pub fn lock_path(workspace: &std::path::Path) -> std::path::PathBuf {
+    workspace.join("machine.lock")
+}
+
+/// Whether a machine holds the lock at `path` now. A machine is gone when the kernel has
+/// released its lock, whatever its health server still answers. The probe takes a shared lock
+/// for an instant; a missing file means no machine ever ran there.
+pub fn machine_holds(path: &std::path::Path) -> bool {
+    use fs4::fs_std::FileExt;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // An error taking the lock cannot tell either way: say held, so a wait goes on asking.
+    !FileExt::try_lock_shared(&file).unwrap_or(false)
+}
+
 /// Takes the exclusive lock of the workspace for as long as the returned file is open, and
 /// writes this process's pid into it for the next one to name. The lock is `flock(2)`, so the
 /// kernel releases it however this process ends; the file is close-on-exec, so no service
@@ -24,7 +41,7 @@ pub(super) fn prepare_workspace(config: &Config) -> std::io::Result<()> {
 pub(crate) fn lock_workspace(config: &Config) -> Result<std::fs::File, StartError> {
     use fs4::fs_std::FileExt;
     use std::io::{Read, Seek, Write};
-    let path = config.machine.workspace.join("machine.lock");
+    let path = lock_path(&config.machine.workspace);
     let failed = |source| StartError::Lock {
         path: path.clone(),
         source,

@@ -246,7 +246,11 @@ pub async fn install(conn: &mut ConnectionManager, lib: &Library) -> Result<Inst
             .await
             .map_err(redis_err("FUNCTION LOAD REPLACE"))?;
         loaded = true;
-        tracing::info!(version = lib.version(), previous = ?previous, "loaded the jobMatching library");
+        tracing::info!(
+            version = lib.version(),
+            previous = previous.as_deref().unwrap_or("none"),
+            "loaded the jobMatching library"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20 * (attempt + 1))).await;
     }
     let found = loaded_version(conn).await?;

@@ -72,12 +72,16 @@ pub(super) enum Command {
         machine: MachineArgs,
     },
     /// Stop the machine: workers finish or return their jobs within the drain period, then the
-    /// services stop, as on SIGTERM.
+    /// services stop, as on SIGTERM. Waits until the machine has exited, printing the drain's
+    /// progress, as `systemctl stop` and `docker stop` do.
     Stop {
         /// Skip the drain, as a second SIGTERM does: jobs go back to the queue at once and the
         /// services are killed.
         #[arg(long)]
         now: bool,
+        /// Return as soon as the machine has accepted the request, without waiting for it to exit.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         machine: MachineArgs,
     },

@@ -25,7 +25,7 @@ pub fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Jobs { redis, command } => super::jobs::jobs(&redis, &command, machine_redis(path)),
         Command::Logs(args) => super::control::logs(path, &args),
         Command::Restart { service, machine } => super::control::restart(path, &machine, &service),
-        Command::Stop { now, machine } => super::control::stop(path, &machine, now),
+        Command::Stop { now, no_wait, machine } => super::control::stop(path, &machine, now, !no_wait),
     }
 }
 

@@ -171,6 +171,11 @@ impl Target {
         Ok((status, read_body(response, &self.at()).await?))
     }
 
+    /// The workspace of the machine found by its socket; `None` for the machine at `--url`.
+    pub(super) fn workspace(&self) -> Option<&Path> {
+        self.socket.as_deref().and_then(Path::parent).and_then(Path::parent)
+    }
+
     /// Where the machine was reached, for messages.
     fn at(&self) -> String {
         self.socket

@@ -11,6 +11,7 @@ use super::args::{LogsArgs, MachineArgs};
 use super::commands::{Threads, block_on};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome};
+use crate::health::status::StatusDocument;
 
 /// Prints the last lines of a service's output or of the machine's log, then with `--follow`
 /// every new line until Ctrl-C or the machine stops.
@@ -79,19 +80,83 @@ pub(super) fn restart(path: Option<&Path>, machine: &MachineArgs, service: &str)
     .map_err(CliError::from)
 }
 
-/// Asks the machine to stop, gracefully or (`now`) at once; returns when it has accepted.
-pub(super) fn stop(path: Option<&Path>, machine: &MachineArgs, now: bool) -> Result<Outcome, CliError> {
+/// Asks the machine to stop, gracefully or (`now`) at once; with `wait`, returns only once it
+/// has exited, printing what it is still waiting for whenever that changes.
+pub(super) fn stop(path: Option<&Path>, machine: &MachineArgs, now: bool, wait: bool) -> Result<Outcome, CliError> {
     let target = Target::find(path, machine.url.as_deref())?;
     block_on(Threads::One, async move {
+        let asked = std::time::Instant::now();
         target.post(&format!("/control/stop?now={now}")).await?;
         if now {
             println!("stopping now: jobs go back to the queue and the services are killed");
         } else {
             println!("stopping: the workers drain their jobs, then the services stop");
         }
+        if wait {
+            wait_for_exit(&target).await;
+            println!("stopped in {:.1}s", asked.elapsed().as_secs_f64());
+        }
         Ok::<_, MachineError>(Outcome::Success)
     })?
     .map_err(CliError::from)
+}
+
+/// How often a waiting `stop` asks the machine how far it got.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Waits until the machine has exited: its health server no longer answers and, where its
+/// workspace is known, the kernel has released its workspace lock (the health server stops a
+/// moment before the process ends). Prints the drain's progress as it changes.
+async fn wait_for_exit(target: &Target) {
+    let mut said = String::new();
+    loop {
+        match target.get::<StatusDocument>("/status").await {
+            Ok(doc) => {
+                let progress = stop_progress(&doc);
+                if progress != said {
+                    println!("{progress}");
+                    said = progress;
+                }
+            }
+            // Nothing answers any more, or it answers no longer as a machine does (the
+            // process is tearing down its server).
+            Err(_) => break,
+        }
+        tokio::time::sleep(STOP_POLL).await;
+    }
+    if let Some(lock) = target.workspace().map(crate::app::lock_path) {
+        while crate::app::machine_holds(&lock) {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    }
+}
+
+/// What a stopping machine still waits for: the jobs its workers drain, then the services
+/// that still run.
+fn stop_progress(doc: &StatusDocument) -> String {
+    let jobs: Vec<String> = doc
+        .workers
+        .iter()
+        .filter_map(|w| {
+            w.current_job
+                .as_ref()
+                .map(|j| format!("{} on {} ({:.0}%)", j.job_id, w.worker_id, j.progress))
+        })
+        .collect();
+    if !jobs.is_empty() {
+        return format!("draining {} job(s): {}", jobs.len(), jobs.join(", "));
+    }
+    let running: Vec<&str> = doc
+        .services
+        .iter()
+        .filter(|s| s.pid.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    if running.is_empty() {
+        "no job running, every service stopped".to_owned()
+    } else {
+        format!("no job running; stopping {}", running.join(", "))
+    }
 }
 
 /// `name` as one path segment: anything but unreserved characters percent-encoded.

@@ -24,7 +24,15 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
         );
         match crate::logging::format() {
             LogFormat::Text => println!("{summary}"),
-            LogFormat::Json => println!("{}", serde_json::json!({ "summary": summary })),
+            LogFormat::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "timestamp": crate::logging::timestamp(),
+                    "level": "INFO",
+                    "summary": summary,
+                    "target": "machine::install",
+                })
+            ),
         }
         return Ok(Outcome::Success);
     }
@@ -80,10 +88,18 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
         // With LOG_FORMAT=json the summary is JSON too, so that every line of the output parses.
         let _ = match crate::logging::format() {
             LogFormat::Text => writeln!(out, "{name:<16} {line}"),
+            // A line like the log's: time and level first, so a shipper files it with them.
             LogFormat::Json => writeln!(
                 out,
                 "{}",
-                serde_json::json!({ "installer": name, "state": states.get(*name), "summary": line })
+                serde_json::json!({
+                    "timestamp": crate::logging::timestamp(),
+                    "level": if matches!(states.get(*name), Some(InstallState::Failed { .. })) { "ERROR" } else { "INFO" },
+                    "installer": name,
+                    "state": states.get(*name),
+                    "summary": line,
+                    "target": "machine::install",
+                })
             ),
         };
     }

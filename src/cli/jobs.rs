@@ -43,6 +43,19 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
             block_on(Threads::One, async {
                 let broker = Broker::connect(&url, BrokerOptions::default()).await?;
                 println!("{}", broker.submit(&job).await?);
+                let offered = broker.offered_services().await?;
+                if !offered.contains(&job.service) {
+                    let known: Vec<&str> = offered.iter().map(String::as_str).collect();
+                    eprintln!(
+                        "warning: no machine has ever registered service `{}` (services offered: {}); the job waits until one does",
+                        job.service,
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                }
                 Ok(Outcome::Success)
             })?
         }
@@ -267,16 +280,59 @@ fn artifact_urls(result: Option<&Value>) -> Vec<String> {
     out
 }
 
-/// `jobs show`: the job's fields, then what the operator came for: why it waits, its
-/// progress, why it failed, its result and its artifacts.
+/// The fields `jobs show` prints first, in this order (what a job is and where it stands);
+/// the others follow alphabetically.
+const FIRST_FIELDS: &[&str] = &[
+    "id",
+    "status",
+    "service_required",
+    "worker_id",
+    "priority",
+    "customer_id",
+    "workflow_id",
+    "retry_count",
+    "max_retries",
+    "created_at",
+    "assigned_at",
+    "started_at",
+    "completed_at",
+    "failed_at",
+    "cancelled_at",
+    "processing_time",
+];
+
+/// A job field's value as `jobs show` prints it: the status a cancelled job has for an
+/// operator (the API stores it as `failed`), retries as `submit --max-retries` counts them
+/// (the hash counts attempts), a time with its unit.
+fn shown_value(job: &BTreeMap<String, String>, field: &str, value: &str) -> String {
+    match field {
+        "status" if JobStatus::Cancelled.matches(job) => "cancelled".to_owned(),
+        "max_retries" => match value.trim().parse::<u64>() {
+            Ok(attempts) => format!("{} ({attempts} attempts in all)", attempts.saturating_sub(1)),
+            Err(_) => value.to_owned(),
+        },
+        "processing_time" => match value.trim().parse::<u64>() {
+            Ok(ms) => super::status_view::duration(Duration::from_millis(ms)),
+            Err(_) => value.to_owned(),
+        },
+        _ => value.to_owned(),
+    }
+}
+
+/// `jobs show`: the job's fields (status first, none empty), then what the operator came for:
+/// why it waits, its progress, why it failed, its result and its artifacts.
 fn render_view(view: &JobView) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    for (k, v) in &view.job {
+    let rest = view.job.keys().filter(|k| !FIRST_FIELDS.contains(&k.as_str()));
+    for k in FIRST_FIELDS.iter().copied().chain(rest.map(String::as_str)) {
+        let Some(v) = view.job.get(k).filter(|v| !v.trim().is_empty()) else {
+            continue;
+        };
         if k == "payload" || k == "error" {
             continue;
         }
-        let _ = writeln!(out, "{k:<20} {v}");
+        let _ = writeln!(out, "{k:<20} {}", shown_value(&view.job, k, v));
     }
     if let Some(payload) = view.job.get("payload") {
         let _ = writeln!(out, "{:<20} {}", "payload", pretty(&typed("payload", payload)));
@@ -284,9 +340,10 @@ fn render_view(view: &JobView) -> String {
     if let Some(why) = &view.waiting {
         let _ = writeln!(out, "{:<20} {why}", "waiting");
     }
-    if !view.progress.is_empty() {
+    let progress: Vec<_> = view.progress.iter().filter(|(_, v)| !v.trim().is_empty()).collect();
+    if !progress.is_empty() {
         let _ = writeln!(out, "progress:");
-        for (k, v) in &view.progress {
+        for (k, v) in progress {
             let _ = writeln!(out, "  {k:<18} {v}");
         }
     }
@@ -432,5 +489,39 @@ mod tests {
         assert_eq!(job.max_retries, 1, "no retry: one attempt");
         let job = build_job("simulation", "{}", None, 50, "", "", 2).expect("a job");
         assert_eq!(job.max_retries, 3, "the API's default");
+    }
+
+    #[test]
+    fn show_leads_with_the_status_and_says_what_was_given() {
+        let job = BTreeMap::from(
+            [
+                ("id", "j1"),
+                ("status", "failed"),
+                ("error", CANCEL_ERROR),
+                ("service_required", "simulation"),
+                ("max_retries", "3"),
+                ("retry_count", "0"),
+                ("processing_time", "2001"),
+                ("workflow_id", ""),
+                ("assigned_at", "2026-01-01T00:00:00.000Z"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let view = JobView {
+            job,
+            progress: BTreeMap::from([("message".to_owned(), String::new())]),
+            waiting: None,
+            result: None,
+        };
+        let text = render_view(&view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("id ") && lines[1].starts_with("status "), "{text}");
+        assert!(lines[1].ends_with(" cancelled"), "{text}");
+        assert!(text.contains("max_retries          2 (3 attempts in all)\n"), "{text}");
+        assert!(text.contains("processing_time      2s\n"), "{text}");
+        assert!(
+            !text.contains("workflow_id") && !text.contains("progress:"),
+            "no empty field: {text}"
+        );
     }
 }

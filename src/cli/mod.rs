@@ -4,7 +4,8 @@
 //! ended to the exit code ([`exit_code`]). The subsystems it calls return typed errors.
 //!
 //! Exit codes: 0 success, 1 a runtime failure, 2 invalid configuration or usage; `machine run`
-//! adds 3 (a critical service failed) and 4 (a forced stop).
+//! adds 3 (a critical service failed), 4 (a forced stop) and 5 (a GPU faulted with
+//! `gpu.on_fault = "exit"`).
 
 mod args;
 mod commands;

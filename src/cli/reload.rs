@@ -12,6 +12,7 @@ use super::args::MachineArgs;
 use super::commands::{Threads, block_on, print_json};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome};
+use crate::health::status::{StatusDocument, WorkerStage};
 
 /// How long the machine may take to reload: removed workers drain first, and added connectors
 /// may install.
@@ -21,7 +22,10 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(super) fn reload(path: Option<&Path>, machine: &MachineArgs, json: bool) -> Result<Outcome, CliError> {
     let target = Target::find(path, machine.url.as_deref())?;
     let (status, body) = block_on(Threads::One, async move {
-        target.exchange(Method::POST, "/reload", RELOAD_TIMEOUT).await
+        tokio::select! {
+            answer = target.exchange(Method::POST, "/reload", RELOAD_TIMEOUT) => answer,
+            never = say_what_drains(&target) => match never {},
+        }
     })?
     .map_err(CliError::from)?;
     let body = String::from_utf8_lossy(&body).into_owned();
@@ -38,10 +42,16 @@ pub(super) fn reload(path: Option<&Path>, machine: &MachineArgs, json: bool) -> 
         }
         422 => {
             if !json {
-                eprintln!(
-                    "machine: {}",
-                    doc["error"].as_str().unwrap_or("the new configuration is refused")
-                );
+                let problems = doc["problems"].as_array().map_or(0, Vec::len);
+                // The error's text already lists the problems; they are printed once, below.
+                if problems == 0 {
+                    eprintln!(
+                        "machine: {}",
+                        doc["error"].as_str().unwrap_or("the new configuration is refused")
+                    );
+                } else {
+                    eprintln!("machine: the new configuration is refused, nothing changed; {problems} problem(s):");
+                }
                 for p in doc["problems"].as_array().into_iter().flatten() {
                     eprintln!(
                         "  {}: {}",
@@ -57,6 +67,36 @@ pub(super) fn reload(path: Option<&Path>, machine: &MachineArgs, json: bool) -> 
             status: code,
             message: doc["error"].as_str().unwrap_or(&body).to_owned(),
         })),
+    }
+}
+
+/// While a reload runs, says on stderr which workers drain (a changed or removed worker finishes
+/// its job first, for up to `worker.drain`), whenever that changes; stdout keeps the report.
+async fn say_what_drains(target: &Target) -> std::convert::Infallible {
+    let mut said = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Ok(doc) = target.get::<StatusDocument>("/status").await else {
+            continue;
+        };
+        let draining: Vec<String> = doc
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerStage::Draining)
+            .map(|w| match &w.current_job {
+                Some(j) => format!("{} (job {}, {:.0}%)", w.worker_id, j.job_id, j.progress),
+                None => w.worker_id.clone(),
+            })
+            .collect();
+        let line = if draining.is_empty() {
+            String::new()
+        } else {
+            format!("reloading: draining {}", draining.join(", "))
+        };
+        if !line.is_empty() && line != said {
+            eprintln!("{line}");
+        }
+        said = line;
     }
 }
 

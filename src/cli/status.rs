@@ -131,9 +131,14 @@ async fn check(target: &Target, need_ready: bool) -> Outcome {
 }
 
 /// The width to fit: `COLUMNS` when set (shells export it, and tests set it), else the
-/// terminal's when stdout is one; `None` for a pipe, where nothing needs to wrap.
+/// terminal's when stdout is one; `None` for a pipe, where nothing needs to wrap. A width of 0
+/// (a pty of size 0x0, as `script` makes) is no width: the status renders as for a pipe.
 fn terminal_width() -> Option<u16> {
-    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse::<u16>().ok()) {
+    if let Some(columns) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<u16>().ok())
+        .filter(|c| *c > 0)
+    {
         return Some(columns);
     }
     let mut probe = comfy_table::Table::new();

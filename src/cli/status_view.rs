@@ -10,39 +10,41 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use comfy_table::{ColumnConstraint, ContentArrangement, Table};
+use comfy_table::{ColumnConstraint, ContentArrangement, Table, Width};
 
 use crate::health::status::{Install, Service, StatusDocument, Worker};
 
-/// Renders the document for a terminal `width` columns wide (`None`: as wide as it needs).
+/// Renders the document for a terminal `width` columns wide (`None`, or a terminal that says
+/// it has 0 columns: as wide as it needs).
 pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) -> String {
+    let width = width.filter(|w| *w > 0);
     let mut out = String::new();
     let m = &doc.machine;
-    let _ = writeln!(
-        out,
+    // The lines above the tables wrap between words like the notes below them.
+    let line = format!(
         "machine {}  phase {}  up {}  version {}",
         m.id,
         m.phase.name(),
         duration(Duration::from_millis(m.uptime_ms)),
         m.version
     );
+    out.push_str(&wrap(&line, width));
     if let Some(failure) = &m.critical_failure {
-        let _ = writeln!(out, "CRITICAL: {failure}");
+        out.push_str(&wrap(&format!("CRITICAL: {failure}"), width));
     }
     let r = &doc.redis;
-    let _ = write!(
-        out,
+    let mut line = format!(
         "redis   {}  {}",
         r.url.as_deref().unwrap_or("-"),
         if r.connected { "connected" } else { "NOT CONNECTED" }
     );
     if let Some(v) = &r.function_version {
-        let _ = write!(out, "  functions {v}");
+        let _ = write!(line, "  functions {v}");
     }
-    out.push('\n');
-    // The error is printed whole, on its own line: it is what the operator needs to read.
+    out.push_str(&wrap(&line, width));
+    // The error is printed whole, on lines of its own: it is what the operator needs to read.
     if let Some(e) = &r.last_error {
-        let _ = writeln!(out, "redis error: {e}");
+        out.push_str(&wrap(&format!("redis error: {e}"), width));
     }
     if let Some(why) = &r.not_ready {
         let _ = writeln!(out, "NOT READY: {why}");
@@ -52,8 +54,8 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         let _ = writeln!(out, "redis errors: {}", counts.join(", "));
     }
 
-    let mut gpus = table(width, &["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"]);
     let now_ms = crate::clock::now_ms();
+    let mut gpus = Vec::new();
     for g in &doc.gpus {
         let mut health = match (&g.health, &g.reason) {
             (crate::gpu::Condition::Faulted, Some(reason)) => format!("FAULTED: {reason}"),
@@ -68,7 +70,7 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
                 t.reasons.join(", ")
             );
         }
-        gpus.add_row(vec![
+        gpus.push(vec![
             g.index.to_string(),
             g.name.clone(),
             or_dash(g.utilization_percent.map(|u| format!("{u}%"))),
@@ -82,17 +84,30 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         ]);
     }
     if doc.gpus.is_empty() {
-        gpus.add_row(vec!["-", "(none: CPU mode)", "", "", "", ""]);
+        gpus.push(["-", "(none: CPU mode)", "", "", "", ""].map(str::to_owned).to_vec());
     }
-    section(&mut out, &gpus);
+    let header = ["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"];
+    let drops = Drops {
+        first: &[],
+        last: &[4, 2],
+    };
+    section(&mut out, &fit(width, &header, gpus, &[], &drops), width);
 
     if !doc.installs.is_empty() {
-        let mut installs = table(width, &["INSTALL", "STATE", "PROGRESS"]);
-        for (name, state) in &doc.installs {
-            let (state, progress) = install(state);
-            installs.add_row(vec![name.clone(), state, progress]);
-        }
-        section(&mut out, &installs);
+        let rows = doc
+            .installs
+            .iter()
+            .map(|(name, state)| {
+                let (state, progress) = install(state);
+                vec![name.clone(), state, progress]
+            })
+            .collect();
+        let drops = Drops { first: &[], last: &[] };
+        section(
+            &mut out,
+            &fit(width, &["INSTALL", "STATE", "PROGRESS"], rows, &[0], &drops),
+            width,
+        );
     }
 
     let services = fit(
@@ -109,9 +124,12 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         ],
         doc.services.iter().map(|s| service_row(s, now)).collect(),
         &[0],
-        &[5, 4, 2],
+        &Drops {
+            first: &[5, 4, 2],
+            last: &[],
+        },
     );
-    section(&mut out, &services);
+    section(&mut out, &services, width);
 
     let now_ms = crate::clock::epoch_ms(now);
     let workers = fit(
@@ -119,9 +137,13 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         &["WORKER", "STATE", "JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"],
         doc.workers.iter().map(|w| worker_row(w, now_ms)).collect(),
         &[0, 2],
-        &[6, 5, 4],
+        // The counts go first; the job id last, when even the worker and its state barely fit.
+        &Drops {
+            first: &[6, 5, 4],
+            last: &[3, 2],
+        },
     );
-    section(&mut out, &workers);
+    section(&mut out, &workers, width);
     // Why a worker does not claim, or what last went wrong, is a sentence: it gets its own line
     // rather than a column squeezed to a few letters.
     for w in &doc.workers {
@@ -159,10 +181,26 @@ fn wrap(text: &str, width: Option<u16>) -> String {
     out
 }
 
-/// A table of `rows` that fits `width`: the least needed columns (`droppable`, first dropped
-/// first) are left out while the table is too wide, then the remaining columns wrap, except
-/// those in `whole` (ids), which never do.
-fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usize], droppable: &[usize]) -> Table {
+/// A table fitted to the terminal, with the headers of the columns left out to fit it.
+struct Fitted {
+    table: Table,
+    dropped: Vec<String>,
+}
+
+/// The columns a table may leave out to fit the terminal, least needed first.
+struct Drops<'a> {
+    /// Left out while the table does not fit unwrapped (counts, ages).
+    first: &'a [usize],
+    /// Left out only while the table cannot fit even wrapped between words.
+    last: &'a [usize],
+}
+
+/// A table of `rows` that fits `width`: the least needed columns (`drops.first`) are left out
+/// while the table is too wide, then the remaining columns wrap between words, never inside
+/// one (a column is at least as wide as its longest word), and those in `whole` (ids) not at
+/// all; `drops.last` are left out while even that is too wide. Where nothing more may go, the
+/// lines run long and the terminal folds them, rather than the table standing one letter a line.
+fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usize], drops: &Drops<'_>) -> Fitted {
     let mut shown: Vec<usize> = (0..header.len()).collect();
     let pick = |shown: &[usize], cells: &[String]| -> Vec<String> {
         shown
@@ -170,21 +208,45 @@ fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usi
             .map(|&i| cells.get(i).cloned().unwrap_or_default())
             .collect()
     };
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
     let build = |shown: &[usize], arrangement: ContentArrangement| {
-        let mut t = table(
-            None,
-            &pick(shown, &header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()),
-        );
+        let mut t = Table::new();
+        t.load_style(comfy_table::presets::NOTHING)
+            .set_header(pick(shown, &header))
+            .set_content_arrangement(arrangement);
         for row in &rows {
             t.add_row(pick(shown, row));
         }
-        t.set_content_arrangement(arrangement);
         t
     };
-    let Some(width) = width else {
-        return build(&shown, ContentArrangement::Disabled);
+    let dropped = |shown: &[usize]| -> Vec<String> {
+        (0..header.len())
+            .filter(|i| !shown.contains(i))
+            .map(|i| header[i].clone())
+            .collect()
     };
-    let mut drops = droppable.iter();
+    let Some(width) = width else {
+        return Fitted {
+            table: build(&shown, ContentArrangement::Disabled),
+            dropped: Vec::new(),
+        };
+    };
+    // The narrowest a column may be: its content for an id, else its longest word.
+    let narrowest = |column: usize| -> usize {
+        let cells = std::iter::once(&header[column]).chain(rows.iter().filter_map(|r| r.get(column)));
+        if whole.contains(&column) {
+            cells.map(|c| c.chars().count()).max().unwrap_or(1)
+        } else {
+            cells
+                .flat_map(|cell| cell.split_whitespace())
+                .map(|w| w.chars().count())
+                .max()
+                .unwrap_or(1)
+        }
+    };
+    // Two spaces between columns.
+    let least = |shown: &[usize]| shown.iter().map(|&c| narrowest(c) + 2).sum::<usize>().saturating_sub(2);
+    let mut first = drops.first.iter();
     loop {
         let t = build(&shown, ContentArrangement::Disabled);
         // Less the one space of left padding that `section` takes off.
@@ -194,47 +256,56 @@ fn fit(width: Option<u16>, header: &[&str], rows: Vec<Vec<String>>, whole: &[usi
             .max()
             .unwrap_or(0);
         if natural <= usize::from(width) {
-            return t;
+            return Fitted {
+                table: t,
+                dropped: dropped(&shown),
+            };
         }
-        match drops.next() {
+        match first.next() {
             Some(d) => shown.retain(|i| i != d),
             None => break,
         }
     }
+    for d in drops.last {
+        if least(&shown) <= usize::from(width) {
+            break;
+        }
+        shown.retain(|i| i != d);
+    }
     let mut t = build(&shown, ContentArrangement::Dynamic);
     t.set_width(width);
-    for (position, column) in shown.iter().enumerate() {
-        if whole.contains(column) {
-            if let Some(c) = t.column_mut(position) {
-                c.set_constraint(ColumnConstraint::ContentWidth);
-            }
+    for (position, &column) in shown.iter().enumerate() {
+        let constraint = if whole.contains(&column) {
+            ColumnConstraint::ContentWidth
+        } else {
+            // The boundary counts the column's padding, one space either side.
+            let least = u16::try_from(narrowest(column) + 2).unwrap_or(u16::MAX);
+            ColumnConstraint::LowerBoundary(Width::Fixed(least))
+        };
+        if let Some(c) = t.column_mut(position) {
+            c.set_constraint(constraint);
         }
     }
-    t
-}
-
-fn table<S: ToString>(width: Option<u16>, header: &[S]) -> Table {
-    let mut t = Table::new();
-    t.load_style(comfy_table::presets::NOTHING)
-        .set_header(header.iter().map(ToString::to_string).collect::<Vec<_>>());
-    match width {
-        Some(w) => {
-            t.set_content_arrangement(ContentArrangement::Dynamic).set_width(w);
-        }
-        // Printing to a pipe: no width to fit, so nothing wraps.
-        None => {
-            t.set_content_arrangement(ContentArrangement::Disabled);
-        }
+    Fitted {
+        table: t,
+        dropped: dropped(&shown),
     }
-    t
 }
 
-fn section(out: &mut String, t: &Table) {
+fn section(out: &mut String, fitted: &Fitted, width: Option<u16>) {
     out.push('\n');
-    for line in t.lines() {
+    for line in fitted.table.lines() {
         // Every line has the style's one space of left padding; the tables start at the margin.
         out.push_str(line.strip_prefix(' ').unwrap_or(&line).trim_end());
         out.push('\n');
+    }
+    // A column left out to fit is said, so an operator does not take its absence for nothing.
+    if !fitted.dropped.is_empty() {
+        let note = format!(
+            "({} not shown at this width; --json shows everything)",
+            fitted.dropped.join(", ")
+        );
+        out.push_str(&wrap(&note, width));
     }
 }
 
@@ -342,17 +413,7 @@ fn since(at: &str, now: SystemTime) -> Option<Duration> {
     Some(now.duration_since(then).unwrap_or_default())
 }
 
-/// A duration as people say it: `850ms`, `12s`, `3m 12s`, `2h 5m`, `3d 4h`.
-pub(super) fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => format!("{}ms", d.as_millis()),
-        1..60 => format!("{s}s"),
-        60..3600 => format!("{}m {}s", s / 60, s % 60),
-        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
-    }
-}
+pub(super) use crate::logging::human_duration as duration;
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `23.6 GiB`.
 fn bytes(n: u64) -> String {
@@ -434,6 +495,8 @@ mod tests {
         let mut doc = sample();
         let id = "0b8f8a5e-6f1c-4a57-9d3e-2f1a7c9e4b10";
         doc.workers[0].worker_id = "m1-comfyui-gpu0-worker".into();
+        // A worker with a job is busy (a longer state word leaves the id no room at 80).
+        doc.workers[0].state = crate::health::status::WorkerStage::Busy;
         doc.workers[0].current_job.as_mut().unwrap().job_id = id.into();
         doc.workers[0].reason = Some("comfyui-gpu0 is in crash loop after 5 restarts in 60s".into());
         let text = render(&doc, Some(80), SystemTime::now());
@@ -450,5 +513,64 @@ mod tests {
             header.find("JOB"),
             "the id starts under its header:\n{text}"
         );
+    }
+
+    /// Every word of `cells` appears whole in `text`: nothing was wrapped inside a word.
+    fn whole_words(text: &str, doc: &StatusDocument) {
+        let now = SystemTime::now();
+        let now_ms = crate::clock::epoch_ms(now);
+        let cells = doc
+            .services
+            .iter()
+            .map(|s| service_row(s, now))
+            .chain(doc.workers.iter().map(|w| worker_row(w, now_ms)))
+            .flatten();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        for cell in cells {
+            for word in cell.split_whitespace() {
+                // A dropped column's words are not there at all, which the notice says.
+                if text.contains(word) {
+                    assert!(words.iter().any(|w| w.contains(word)), "{word:?} is cut:\n{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_width_breaks_a_word_and_what_is_left_out_is_said() {
+        let mut doc = sample();
+        doc.workers[0].worker_id = "m1-comfyui-gpu0-worker".into();
+        doc.workers[0].current_job.as_mut().unwrap().job_id = "0b8f8a5e-6f1c-4a57-9d3e-2f1a7c9e4b10".into();
+        doc.services[0].reason = Some("its readiness probe fails: connection refused".into());
+        let now = SystemTime::now();
+        // A terminal of 0 columns (a pty of size 0x0) is one that does not know its width.
+        assert_eq!(render(&doc, Some(0), now), render(&doc, None, now));
+        let full = render(&doc, None, now);
+        assert!(!full.contains("not shown"), "{full}");
+        for width in [60u16, 80] {
+            let text = render(&doc, Some(width), now);
+            for line in text.lines() {
+                assert!(
+                    line.chars().count() <= usize::from(width),
+                    "{line:?} is wider than {width}:\n{text}"
+                );
+                // One letter a line is what a table squeezed below its words looks like.
+                assert!(line.trim().chars().count() != 1, "a lone letter at {width}:\n{text}");
+            }
+            whole_words(&text, &doc);
+            let header = text.lines().find(|l| l.starts_with("WORKER")).expect("the header");
+            let dropped: Vec<&str> = ["JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"]
+                .into_iter()
+                .filter(|h| !header.contains(h))
+                .collect();
+            if !dropped.is_empty() {
+                assert!(
+                    text.contains(&format!("({}", dropped.join(", "))) && text.contains("not shown at this width"),
+                    "the dropped columns are named at {width}:\n{text}"
+                );
+            }
+        }
+        let narrow = render(&doc, Some(60), now);
+        assert!(narrow.contains("not shown at this width"), "{narrow}");
     }
 }

@@ -27,16 +27,15 @@ pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let user = read(file)?;
     let user = user.as_ref().map(|(p, s)| (p.as_str(), s.as_str()));
     let workspace = locate_str(user.map(|(_, text)| text), env).workspace;
-    load_str(user, &WithConnectorsFile::new(env, &workspace))
+    let env = WithConnectorsFile::new(env, &workspace);
+    load_str(user, &env).map_err(|e| env.blame(e))
 }
 
 /// [`load`] for a running machine, whose workspace is the one it runs on (a reload).
 pub fn load_in(file: Option<&Path>, env: &dyn Env, workspace: &Path) -> Result<Config, ConfigError> {
     let user = read(file)?;
-    load_str(
-        user.as_ref().map(|(p, s)| (p.as_str(), s.as_str())),
-        &WithConnectorsFile::new(env, workspace),
-    )
+    let env = WithConnectorsFile::new(env, workspace);
+    load_str(user.as_ref().map(|(p, s)| (p.as_str(), s.as_str())), &env).map_err(|e| env.blame(e))
 }
 
 /// The configuration file's name and text.

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::env::Env;
+use super::error::{ConfigError, Problem};
 use super::load::{DEFAULT_TOML, merge};
 use super::model::Secret;
 use super::overlay;
@@ -78,22 +79,50 @@ pub(super) fn locate_str(file: Option<&str>, env: &dyn Env) -> Location {
 pub(super) struct WithConnectorsFile<'a> {
     base: &'a dyn Env,
     connectors: Option<String>,
+    /// The connectors file, when it exists.
+    path: PathBuf,
 }
 
 impl<'a> WithConnectorsFile<'a> {
     /// `base`, with the connectors file of `workspace` when there is one (its lines trimmed and
-    /// joined by commas; blank lines and lines starting with `#` skipped).
+    /// joined by commas; what follows a `#` is a comment, blank lines are skipped).
     pub(super) fn new(base: &'a dyn Env, workspace: &Path) -> WithConnectorsFile<'a> {
-        let connectors = std::fs::read_to_string(workspace.join(CONNECTORS_FILE))
-            .ok()
-            .map(|text| {
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            });
-        WithConnectorsFile { base, connectors }
+        let path = workspace.join(CONNECTORS_FILE);
+        let connectors = std::fs::read_to_string(&path).ok().map(|text| {
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or_default().trim())
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        WithConnectorsFile { base, connectors, path }
+    }
+
+    /// `error` with the problems of `WORKER_CONNECTORS` blamed on the connectors file when
+    /// that is where the value came from: the operator must edit the file, not the variable.
+    pub(super) fn blame(&self, error: ConfigError) -> ConfigError {
+        if self.connectors.is_none() {
+            return error;
+        }
+        let file = self.path.display().to_string();
+        match error {
+            ConfigError::Invalid(problems) => ConfigError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|p| {
+                        if p.key == "WORKER_CONNECTORS" {
+                            Problem {
+                                key: file.clone(),
+                                message: p.message.replace("WORKER_CONNECTORS", &file),
+                            }
+                        } else {
+                            p
+                        }
+                    })
+                    .collect(),
+            ),
+            other => other,
+        }
     }
 }
 
@@ -149,9 +178,17 @@ mod tests {
         assert_eq!(load().unwrap().plan.connectors.to_string(), "simulation:3");
         std::fs::write(dir.path().join(CONNECTORS_FILE), "nope:1\n").unwrap();
         let problems = load().unwrap_err();
+        let file = dir.path().join(CONNECTORS_FILE).display().to_string();
         assert!(
-            problems.problems().iter().any(|p| p.key == "WORKER_CONNECTORS"),
-            "{problems:?}"
+            problems.problems().iter().any(|p| p.key == file),
+            "blamed on the file: {problems:?}"
         );
+        assert!(
+            !problems.to_string().contains("WORKER_CONNECTORS"),
+            "not on the variable: {problems}"
+        );
+        // A comment may follow the value on its line.
+        std::fs::write(dir.path().join(CONNECTORS_FILE), "simulation:2  # two for the launch\n").unwrap();
+        assert_eq!(load().unwrap().plan.connectors.to_string(), "simulation:2");
     }
 }

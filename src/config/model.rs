@@ -315,6 +315,10 @@ pub struct HealthAccess {
     pub guard_status: bool,
     /// Whether `/metrics` needs a token.
     pub guard_metrics: bool,
+    /// The customers `/metrics` names in the external APIs' usage; jobs of any other customer
+    /// count as `other` (a job's customer is free text, and a label value per customer would
+    /// grow the metrics without bound).
+    pub metrics_customers: Vec<String>,
 }
 
 /// Logging output.

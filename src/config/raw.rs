@@ -62,6 +62,7 @@ pub(crate) struct RawHealth {
     pub open_logs: bool,
     pub guard_status: bool,
     pub guard_metrics: bool,
+    pub metrics_customers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

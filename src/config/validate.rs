@@ -102,6 +102,7 @@ pub(super) fn validate(
                 open_logs: raw.health.open_logs,
                 guard_status: raw.health.guard_status,
                 guard_metrics: raw.health.guard_metrics,
+                metrics_customers: raw.health.metrics_customers,
             },
             worker,
         },

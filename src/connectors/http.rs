@@ -52,6 +52,29 @@ pub(crate) fn status_error(what: &str, status: StatusCode, body: &str) -> Connec
     }
 }
 
+/// A refusal of the machine's credentials for `api` rather than of the job, or `None`: a 401
+/// (the key), a 402 (Replicate's "Insufficient credit"), a 429 saying `insufficient_quota`
+/// (OpenAI's account out of credit), or a 403 that names no model, version, deployment or
+/// endpoint (a 403 for one of those is the job's: another model may be allowed).
+pub(crate) fn refusal(api: &str, what: &str, status: StatusCode, body: &str, message: &str) -> Option<ConnectorError> {
+    let lower = message.to_ascii_lowercase();
+    let names_target = ["model", "version", "deployment", "endpoint"]
+        .iter()
+        .any(|w| lower.contains(w));
+    let credit = match status.as_u16() {
+        401 => false,
+        403 if !names_target => false,
+        402 => true,
+        429 if body.contains("insufficient_quota") => true,
+        _ => return None,
+    };
+    Some(ConnectorError::CredentialsRefused {
+        api: api.to_owned(),
+        credit,
+        message: format!("{what}: HTTP {status}: {}", snippet(message)),
+    })
+}
+
 /// Whether a status is worth retrying: 408, 429 and 5xx.
 pub(crate) fn retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
@@ -98,6 +121,8 @@ fn retry_after_at(headers: &HeaderMap, now: jiff::Timestamp) -> Option<Duration>
 pub(crate) struct Retrying<'a> {
     /// What the request does, for errors (`create a Replicate prediction`).
     pub what: &'a str,
+    /// The API (`replicate`, `runpod`), for a refusal of its credentials.
+    pub api: &'a str,
     /// Attempts on 408/429/5xx and connection failures (at least 1).
     pub attempts: u32,
     /// Delays between attempts (a server's `Retry-After` wins, capped by `max`).
@@ -152,6 +177,9 @@ pub(crate) async fn send_retrying(
                 let status = resp.status();
                 let asked = retry_after(resp.headers());
                 let text = or_cancelled(cancel, async { Ok(resp.text().await.unwrap_or_default()) }).await?;
+                if let Some(refused) = refusal(how.api, how.what, status, &text, &message(&text)) {
+                    return Err(refused);
+                }
                 let err = status_error(how.what, status, &message(&text));
                 if !retryable_status(status) {
                     return Err(err);
@@ -180,6 +208,21 @@ pub(crate) fn maybe_created(api: &str, err: ConnectorError) -> ConnectorError {
     ConnectorError::MaybeCreated {
         api: api.to_owned(),
         message: err.chain(),
+    }
+}
+
+/// Sends a cheap authenticated request (a credentials re-check): `Ok` on a success, else why not.
+pub(crate) async fn check(req: reqwest::RequestBuilder) -> Result<(), String> {
+    match req.timeout(Duration::from_secs(10)).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => {
+            let status = r.status();
+            Err(format!(
+                "HTTP {status}: {}",
+                snippet(&r.text().await.unwrap_or_default())
+            ))
+        }
+        Err(e) => Err(crate::logging::error_chain(&e)),
     }
 }
 
@@ -243,6 +286,35 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn credential_refusals_are_told_from_the_jobs() {
+        let refused =
+            |status: u16, body: &str| refusal("replicate", "x", StatusCode::from_u16(status).unwrap(), body, body);
+        assert!(matches!(
+            refused(401, "Unauthenticated"),
+            Some(ConnectorError::CredentialsRefused { credit: false, .. })
+        ));
+        assert!(matches!(
+            refused(403, "Forbidden"),
+            Some(ConnectorError::CredentialsRefused { credit: false, .. })
+        ));
+        assert!(
+            refused(403, "You do not have access to this model").is_none(),
+            "the job's"
+        );
+        assert!(matches!(
+            refused(402, "Insufficient credit"),
+            Some(ConnectorError::CredentialsRefused { credit: true, .. })
+        ));
+        let quota = r#"{"error":{"code":"insufficient_quota","message":"You exceeded your current quota"}}"#;
+        assert!(matches!(
+            refused(429, quota),
+            Some(ConnectorError::CredentialsRefused { credit: true, .. })
+        ));
+        assert!(refused(429, "Rate limit reached").is_none());
+        assert!(refused(404, "Not found").is_none());
     }
 
     #[test]

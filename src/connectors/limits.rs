@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectorError, ProgressSink};
-use crate::broker::Broker;
+use crate::broker::{Broker, LimitAnswer, LimitBudget, QuotaDay};
 use crate::config::{Budget, Limits};
 use crate::logging::error_chain;
 
@@ -71,16 +71,6 @@ pub struct DailyUsage {
     pub daily_requests: Option<u64>,
     /// The configured daily token quota, if any.
     pub daily_tokens: Option<u64>,
-}
-
-enum Answer {
-    Ok,
-    Wait(Duration),
-    Quota {
-        resets_in: Duration,
-        customer_scope: bool,
-        reason: String,
-    },
 }
 
 impl Limiter {
@@ -149,11 +139,11 @@ impl Limiter {
                 a = self.ask(customer) => a,
             };
             let delay = match answer {
-                Ok(Answer::Ok) => {
+                Ok(LimitAnswer::Admitted) => {
                     self.admitted.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Ok(Answer::Wait(d)) => {
+                Ok(LimitAnswer::Wait(d)) => {
                     failures = 0;
                     self.waits.fetch_add(1, Ordering::Relaxed);
                     let d = d.min(MAX_WAIT_STEP);
@@ -168,7 +158,7 @@ impl Limiter {
                     }
                     d
                 }
-                Ok(Answer::Quota {
+                Ok(LimitAnswer::Quota {
                     resets_in,
                     customer_scope,
                     reason,
@@ -197,44 +187,28 @@ impl Limiter {
         }
     }
 
-    async fn ask(&self, customer: &str) -> Result<Answer, ConnectorError> {
+    async fn ask(&self, customer: &str) -> Result<LimitAnswer, ConnectorError> {
         let broker = self.broker()?;
         let (period, end_ms) = quota_period(jiff::Timestamp::now(), self.limits.reset_hour, &self.zone);
-        let end = end_ms.to_string();
         let customer_budget = if customer.is_empty() {
             Budget::default()
         } else {
             self.limits.customer.clone().unwrap_or_default()
         };
-        let g = budget_args(&self.limits.api());
-        let c = budget_args(&customer_budget);
-        let mut args: Vec<&str> = vec![&self.api, customer, &period, &end];
-        args.extend(g.iter().map(String::as_str));
-        args.extend(c.iter().map(String::as_str));
-        let reply: (String, i64, String, String) =
-            broker
-                .call_limits("acquireLimit", &args)
-                .await
-                .map_err(|e| ConnectorError::Unavailable {
-                    message: "failed to check the fleet-wide limits in redis".to_owned(),
-                    source: Some(Box::new(e)),
-                })?;
-        let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
-        Ok(match reply.0.as_str() {
-            "ok" => Answer::Ok,
-            "wait" => Answer::Wait(ms(reply.1).max(Duration::from_millis(1))),
-            "quota" => Answer::Quota {
-                resets_in: ms(reply.1),
-                customer_scope: reply.2 == "customer",
-                reason: reply.3,
-            },
-            other => {
-                return Err(ConnectorError::Unavailable {
-                    message: format!("acquireLimit answered `{other}`, which this version does not know"),
-                    source: None,
-                });
-            }
-        })
+        let day = QuotaDay { name: &period, end_ms };
+        broker
+            .acquire_limit(
+                &self.api,
+                customer,
+                day,
+                limit_budget(&self.limits.api()),
+                limit_budget(&customer_budget),
+            )
+            .await
+            .map_err(|e| ConnectorError::Unavailable {
+                message: "failed to check the fleet-wide limits in redis".to_owned(),
+                source: Some(Box::new(e)),
+            })
     }
 
     /// Adds the tokens a finished request used to today's usage (for `daily_tokens`). Failures
@@ -245,11 +219,8 @@ impl Limiter {
         }
         let Ok(broker) = self.broker() else { return };
         let (period, end_ms) = quota_period(jiff::Timestamp::now(), self.limits.reset_hour, &self.zone);
-        let (end, tokens) = (end_ms.to_string(), tokens.to_string());
-        let r: Result<i64, _> = broker
-            .call_limits("recordLimitUsage", &[&self.api, customer, &period, &end, &tokens])
-            .await;
-        if let Err(e) = r {
+        let day = QuotaDay { name: &period, end_ms };
+        if let Err(e) = broker.record_limit_usage(&self.api, customer, day, tokens).await {
             tracing::warn!(api = %self.api, error = %error_chain(&e), "failed to record token usage");
         }
     }
@@ -272,22 +243,21 @@ impl Limiter {
     }
 }
 
-/// The four `acquireLimit` arguments of one budget: interval ms, tolerance ms, daily requests,
-/// daily tokens (0 = none).
-fn budget_args(b: &Budget) -> [String; 4] {
-    let (interval, tolerance) = match b.rate() {
+/// One budget as the limits library takes it: GCRA spacing and tolerance, daily caps (0 = none).
+fn limit_budget(b: &Budget) -> LimitBudget {
+    let (interval_ms, tolerance_ms) = match b.rate() {
         Some(r) => {
             let interval = 1000.0 / r.per_second;
             (interval, interval * f64::from(r.burst.saturating_sub(1)))
         }
         None => (0.0, 0.0),
     };
-    [
-        format!("{interval:.3}"),
-        format!("{tolerance:.3}"),
-        b.daily_requests.unwrap_or(0).to_string(),
-        b.daily_tokens.unwrap_or(0).to_string(),
-    ]
+    LimitBudget {
+        interval_ms,
+        tolerance_ms,
+        daily_requests: b.daily_requests.unwrap_or(0),
+        daily_tokens: b.daily_tokens.unwrap_or(0),
+    }
 }
 
 /// The quota day `now` falls in: its name (the local date on which it started) and its end
@@ -355,7 +325,12 @@ mod tests {
             daily_requests: Some(100),
             ..Budget::default()
         };
-        assert_eq!(budget_args(&b), ["200.000", "400.000", "100", "0"]);
-        assert_eq!(budget_args(&Budget::default()), ["0.000", "0.000", "0", "0"]);
+        let gcra = limit_budget(&b);
+        assert!(
+            (gcra.interval_ms - 200.0).abs() < 1e-9 && (gcra.tolerance_ms - 400.0).abs() < 1e-9,
+            "{gcra:?}"
+        );
+        assert_eq!((gcra.daily_requests, gcra.daily_tokens), (100, 0));
+        assert_eq!(limit_budget(&Budget::default()), LimitBudget::default());
     }
 }

@@ -258,6 +258,19 @@ pub enum ConnectorError {
         /// What happened to the request.
         message: String,
     },
+    /// An external API refused this machine's credentials (its key, or its account is out of
+    /// credit): not the job's fault. The worker returns the job and holds that API's work
+    /// until a re-check passes.
+    #[error("{}: {message}", if *credit { format!("the {api} account is out of credit") } else { format!("the {api} API refuses this machine's key") })]
+    CredentialsRefused {
+        /// The API (`replicate`, `runpod`, `openai`).
+        api: String,
+        /// The account is out of credit (re-checked by one real request), rather than the key
+        /// refused (re-checked by a cheap authenticated request).
+        credit: bool,
+        /// What the API answered.
+        message: String,
+    },
     /// The job's output destination (`ctx`) is unusable; found before the job runs.
     #[error("the job's output destination was refused")]
     Destination(#[source] Box<store::StoreError>),
@@ -279,6 +292,7 @@ impl ConnectorError {
             ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } => ErrorClass::Fatal,
             ConnectorError::Unavailable { .. }
             | ConnectorError::MaybeCreated { .. }
+            | ConnectorError::CredentialsRefused { .. }
             | ConnectorError::QuotaReached { .. }
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
@@ -411,6 +425,13 @@ pub trait Connector: Send + Sync + fmt::Debug {
         progress: &'a ProgressSink,
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>>;
+
+    /// One cheap authenticated request that says whether the API accepts this machine's key
+    /// again (after a [`ConnectorError::CredentialsRefused`]); `Err` with why not. Connectors
+    /// with no such request answer `Ok`, and a real job is the check.
+    fn check_credentials(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Whether the service has no work left running or waiting (ComfyUI's `/queue` empty, no
     /// A1111 job, no render in flight). A job interrupted by a cancel, a stall or an error

@@ -117,7 +117,11 @@ impl OpenaiConnector {
                     let asked = http::retry_after(resp.headers());
                     let text = resp.text().await.unwrap_or_default();
                     let message = api_error_message(&text);
-                    let err = http::status_error(&format!("OpenAI API {path}"), status, &message);
+                    let what = format!("OpenAI API {path}");
+                    if let Some(refused) = http::refusal("openai", &what, status, &text, &message) {
+                        return Err(refused);
+                    }
+                    let err = http::status_error(&what, status, &message);
                     if !http::retryable_status(status) {
                         return Err(err);
                     }
@@ -377,6 +381,15 @@ impl OpenaiConnector {
 impl Connector for OpenaiConnector {
     fn kind(&self) -> ConnectorKind {
         ConnectorKind::Openai
+    }
+
+    /// `GET /models`: the cheapest authenticated request of an OpenAI-compatible API.
+    fn check_credentials(&self) -> BoxFuture<'_, Result<(), String>> {
+        let mut req = self.client.get(format!("{}/models", self.config.base_url));
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        Box::pin(http::check(req))
     }
 
     fn run<'a>(

@@ -91,6 +91,7 @@ impl ReplicateConnector {
     fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, creates: Option<&'a ProgressSink>) -> Retrying<'a> {
         Retrying {
             what,
+            api: "replicate",
             attempts: self.config.max_attempts,
             backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
             timeout: Some(self.config.request_timeout),
@@ -343,6 +344,12 @@ impl ReplicateConnector {
 impl Connector for ReplicateConnector {
     fn kind(&self) -> ConnectorKind {
         ConnectorKind::Replicate
+    }
+
+    /// `GET /account`: Replicate's cheapest authenticated request.
+    fn check_credentials(&self) -> BoxFuture<'_, Result<(), String>> {
+        let url = format!("{}/account", self.config.base_url);
+        Box::pin(http::check(self.request(reqwest::Method::GET, &url)))
     }
 
     fn run<'a>(

@@ -86,6 +86,7 @@ impl RunpodConnector {
     fn retrying<'a>(&'a self, what: &'a str, customer: &'a str, creates: Option<&'a ProgressSink>) -> Retrying<'a> {
         Retrying {
             what,
+            api: "runpod",
             attempts: self.config.max_attempts,
             backoff: Backoff::doubling(self.config.backoff_initial, self.config.backoff_max),
             timeout: Some(self.config.request_timeout),
@@ -276,6 +277,15 @@ impl RunpodConnector {
 impl Connector for RunpodConnector {
     fn kind(&self) -> ConnectorKind {
         ConnectorKind::Runpod
+    }
+
+    /// `GET /<endpoint>/health` of the default endpoint; without one a real job is the check.
+    fn check_credentials(&self) -> BoxFuture<'_, Result<(), String>> {
+        let Some(endpoint) = &self.config.endpoint_id else {
+            return Box::pin(async { Ok(()) });
+        };
+        let url = format!("{}/{endpoint}/health", self.config.base_url);
+        Box::pin(http::check(self.request(reqwest::Method::GET, &url)))
     }
 
     fn run<'a>(

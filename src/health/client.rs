@@ -2,6 +2,7 @@
 //! through the control socket): any health server's JSON documents over HTTP, and with
 //! `--fleet` every machine's last status message from Redis.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -76,6 +77,17 @@ pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
     }
 }
 
+/// A worker's state in the fleet view: `busy`, `idle`, or `held` when it may not claim (its GPU
+/// faulted, it is quarantined, ...; the reason follows on the line). An idle worker that may
+/// not claim is not idle to an operator.
+fn presence(w: &super::fleet::WorkerPresence) -> &'static str {
+    match (w.status, &w.reason) {
+        (Occupancy::Busy, _) => "busy",
+        (Occupancy::Idle, Some(_)) => "held",
+        (Occupancy::Idle, None) => "idle",
+    }
+}
+
 fn ago(now_ms: u64, then_ms: u64) -> String {
     if then_ms > 0 {
         format!("{}s ago", now_ms.saturating_sub(then_ms) / 1000)
@@ -114,13 +126,7 @@ pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, Client
         }
     }
     keys.sort();
-    let now = crate::clock::now_ms();
-    let mut out = String::new();
-    let _ = writeln!(out, "MACHINE                  PHASE      GPUS  WORKERS  LAST SEEN");
-    if keys.is_empty() {
-        let _ = writeln!(out, "(no machine has published a status in the last 30 s)");
-    }
-    let mut worker_lines = String::new();
+    let mut machines = Vec::new();
     for key in keys {
         let raw: Option<String> = redis::cmd("GET")
             .arg(&key)
@@ -130,6 +136,31 @@ pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, Client
         let Some(msg) = raw.and_then(|r| serde_json::from_str::<FleetMessage>(&r).ok()) else {
             continue;
         };
+        let mut heartbeats = BTreeMap::new();
+        for id in msg.status.workers.keys() {
+            let heartbeat: Option<String> = redis::cmd("HGET")
+                .arg(format!("worker:{id}"))
+                .arg("last_heartbeat")
+                .query_async(&mut conn)
+                .await
+                .map_err(ClientError::Redis)?;
+            heartbeats.insert(id.clone(), heartbeat.and_then(|h| h.trim().parse::<u64>().ok()));
+        }
+        machines.push((msg, heartbeats));
+    }
+    Ok(render_fleet(&machines, crate::clock::now_ms()))
+}
+
+/// The fleet view of `machines` (each message with its workers' heartbeats, epoch
+/// milliseconds) at `now_ms`: one line per machine, then one per worker.
+fn render_fleet(machines: &[(FleetMessage, BTreeMap<String, Option<u64>>)], now_ms: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "MACHINE                  PHASE      GPUS  WORKERS  LAST SEEN");
+    if machines.is_empty() {
+        let _ = writeln!(out, "(no machine has published a status in the last 30 s)");
+    }
+    let mut worker_lines = String::new();
+    for (msg, heartbeats) in machines {
         let _ = writeln!(
             out,
             "{:<24} {:<10} {:<5} {:<8} {}",
@@ -137,26 +168,24 @@ pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, Client
             msg.status.machine.phase.name(),
             msg.structure.gpu_count,
             msg.status.workers.len(),
-            ago(now, msg.timestamp)
+            ago(now_ms, msg.timestamp)
         );
         for (id, w) in &msg.status.workers {
-            let heartbeat: Option<String> = redis::cmd("HGET")
-                .arg(format!("worker:{id}"))
-                .arg("last_heartbeat")
-                .query_async(&mut conn)
-                .await
-                .map_err(ClientError::Redis)?;
+            // The heartbeat is epoch milliseconds in Redis; an operator reads its age.
+            let heartbeat = heartbeats
+                .get(id)
+                .copied()
+                .flatten()
+                .map_or_else(|| "-".to_owned(), |ms| ago(now_ms, ms));
             let _ = writeln!(
                 worker_lines,
-                "  {:<30} {:<6} {:<25} connected {:<5} heartbeat {}",
+                "  {:<30} {:<6} {:<25} connected {:<5} heartbeat {}{}",
                 id,
-                match w.status {
-                    Occupancy::Idle => "idle",
-                    Occupancy::Busy => "busy",
-                },
+                presence(w),
                 w.current_job_id,
                 w.is_connected,
-                heartbeat.unwrap_or_else(|| "-".to_owned())
+                heartbeat,
+                w.reason.as_ref().map(|r| format!("  ({r})")).unwrap_or_default()
             );
         }
     }
@@ -164,5 +193,46 @@ pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, Client
         let _ = writeln!(out, "\nWORKERS");
         out.push_str(&worker_lines);
     }
-    Ok(out)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(now_ms: u64) -> FleetMessage {
+        serde_json::from_value(serde_json::json!({
+            "machine_id": "m1",
+            "timestamp": now_ms - 2_000,
+            "update_type": "periodic",
+            "structure": {"gpu_count": 1, "capabilities": [], "workers": {}, "services": {}},
+            "status": {
+                "machine": {"phase": "ready", "uptime_ms": 60_000},
+                "workers": {
+                    "m1-gpu0": {"is_connected": true, "status": "idle", "current_job_id": "",
+                        "last_activity": 0, "reason": "quarantined for 5m 0s (until 10:05:00)"},
+                    "m1-gpu1": {"is_connected": true, "status": "idle", "current_job_id": "",
+                        "last_activity": 0}
+                },
+                "services": {}
+            },
+            "health_url": "http://h:9092/health"
+        }))
+        .expect("a fleet message")
+    }
+
+    #[test]
+    fn the_fleet_view_gives_ages_and_says_a_held_worker_is_held() {
+        let now = 1_800_000_000_000;
+        let beats = BTreeMap::from([("m1-gpu0".to_owned(), Some(now - 3_000)), ("m1-gpu1".to_owned(), None)]);
+        let text = render_fleet(&[(message(now), beats)], now);
+        let gpu0 = text.lines().find(|l| l.contains("m1-gpu0")).expect("gpu0's line");
+        assert!(gpu0.contains(" held "), "{text}");
+        assert!(gpu0.contains("heartbeat 3s ago"), "{text}");
+        assert!(gpu0.ends_with("(quarantined for 5m 0s (until 10:05:00))"), "{text}");
+        assert!(!text.contains(&now.to_string()[..8]), "no epoch milliseconds: {text}");
+        let gpu1 = text.lines().find(|l| l.contains("m1-gpu1")).expect("gpu1's line");
+        assert!(gpu1.contains(" idle ") && gpu1.contains("heartbeat -"), "{text}");
+        assert!(text.lines().nth(1).unwrap().ends_with("2s ago"), "{text}");
+    }
 }

@@ -5,7 +5,8 @@
 //! metrics`) gets the Prometheus text format 0.0.4, where a counter's HELP and TYPE name the
 //! sample (`machine_jobs_total`) and there is no `# EOF`. Counters end in `_total`, and no label
 //! holds a job id: label values are services, workers, GPUs, connectors, customers and APIs,
-//! all bounded by the configuration.
+//! all bounded by the configuration. A customer comes from free text in jobs, so only those
+//! listed in `health.metrics_customers` are named; every other one counts as `other`.
 //!
 //! Job counters and histograms are recorded by the workers as things happen; service restarts
 //! and state, worker state and GPU readings are set from live state at scrape time, so they are
@@ -25,12 +26,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// A job event, labelled by service and outcome.
+/// A job's end, labelled by service and outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabels {
     /// The job's `service_required`.
     pub service: String,
-    /// `claimed`, `completed`, `failed`, `returned` or `cancelled`.
+    /// `completed`, `failed`, `returned`, `cancelled` or `lost`: each job once, so `sum()` over
+    /// outcomes counts jobs (claims have their own counter).
     pub outcome: String,
 }
 
@@ -102,7 +104,10 @@ pub struct Metrics {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
+    /// The customers the external metrics name; any other is `other`.
+    customers: std::collections::BTreeSet<String>,
     jobs: Family<JobLabels, Counter>,
+    jobs_claimed: Family<ServiceLabel, Counter>,
     claim_seconds: Histogram,
     job_seconds: Family<ServiceLabel, Histogram>,
     match_misses: Counter,
@@ -113,7 +118,7 @@ struct Inner {
     queue_depth: Family<ServiceLabel, Gauge>,
     planned_restarts: Family<PlannedRestartLabels, Counter>,
     warmup_seconds: Family<ServiceLabel, FloatGauge>,
-    gpu_utilization: Family<GpuLabel, Gauge>,
+    gpu_utilization: Family<GpuLabel, FloatGauge>,
     gpu_memory_used: Family<GpuLabel, Gauge>,
     gpu_temperature: Family<GpuLabel, Gauge>,
     gpu_faulted: Family<GpuLabel, Gauge>,
@@ -139,13 +144,18 @@ struct Inner {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(&[])
     }
 }
 
+/// The label a job's customer gets: itself when configured, none when the job has none, else
+/// `other` (a job's customer is free text; a label per value would grow without bound).
+const OTHER_CUSTOMER: &str = "other";
+
 impl Metrics {
-    /// A fresh registry with every metric family registered.
-    pub fn new() -> Self {
+    /// A fresh registry with every metric family registered; the external metrics name the
+    /// `customers` listed and count every other customer as `other`.
+    pub fn new(customers: &[String]) -> Self {
         let mut registry = Registry::with_prefix("machine");
         let build_info = Family::<BuildLabels, Gauge>::default();
         registry.register("build_info", "The machine's version; always 1", build_info.clone());
@@ -155,7 +165,9 @@ impl Metrics {
             })
             .set(1);
         let jobs = Family::<JobLabels, Counter>::default();
-        registry.register("jobs", "Jobs by service and outcome", jobs.clone());
+        registry.register("jobs", "Jobs that ended, by service and outcome", jobs.clone());
+        let jobs_claimed = Family::<ServiceLabel, Counter>::default();
+        registry.register("jobs_claimed", "Jobs claimed, by service", jobs_claimed.clone());
         // 1 ms .. ~16 s: a claim that waits for work is bounded by the safety poll.
         let claim_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register(
@@ -212,8 +224,12 @@ impl Metrics {
             "Jobs waiting in the fleet's queue for each service this machine serves (sampled)",
             queue_depth.clone(),
         );
-        let gpu_utilization = Family::<GpuLabel, Gauge>::default();
-        registry.register("gpu_utilization_percent", "GPU utilisation", gpu_utilization.clone());
+        let gpu_utilization = Family::<GpuLabel, FloatGauge>::default();
+        registry.register(
+            "gpu_utilization_ratio",
+            "GPU utilisation, 0 to 1",
+            gpu_utilization.clone(),
+        );
         let gpu_memory_used = Family::<GpuLabel, Gauge>::default();
         registry.register("gpu_memory_used_bytes", "GPU memory used", gpu_memory_used.clone());
         let gpu_temperature = Family::<GpuLabel, Gauge>::default();
@@ -340,7 +356,9 @@ impl Metrics {
         Metrics {
             inner: Arc::new(Inner {
                 registry,
+                customers: customers.iter().cloned().collect(),
                 jobs,
+                jobs_claimed,
                 claim_seconds,
                 job_seconds,
                 match_misses,
@@ -377,6 +395,15 @@ impl Metrics {
         }
     }
 
+    /// The label for `customer`: see [`OTHER_CUSTOMER`].
+    fn customer(&self, customer: &str) -> String {
+        if customer.is_empty() || self.inner.customers.contains(customer) {
+            customer.to_owned()
+        } else {
+            OTHER_CUSTOMER.to_owned()
+        }
+    }
+
     /// Counts a create whose work may exist upstream unfollowed (see `ConnectorError::MaybeCreated`).
     pub fn possible_orphan(&self, api: &str) {
         self.inner
@@ -387,9 +414,10 @@ impl Metrics {
 
     /// Counts what one attempt of an external job used and cost, whatever its outcome.
     pub fn billing(&self, b: &crate::connectors::Billing) {
+        let customer = self.customer(&b.customer);
         let usage = UsageLabels {
             connector: b.connector.clone(),
-            customer: b.customer.clone(),
+            customer: customer.clone(),
         };
         let i = &self.inner;
         i.external_requests.get_or_create(&usage).inc_by(b.requests);
@@ -397,7 +425,7 @@ impl Metrics {
             i.external_tokens
                 .get_or_create(&TokenLabels {
                     connector: b.connector.clone(),
-                    customer: b.customer.clone(),
+                    customer: customer.clone(),
                     direction: direction.to_owned(),
                 })
                 .inc_by(n);
@@ -411,7 +439,7 @@ impl Metrics {
             i.external_cost
                 .get_or_create(&CostLabels {
                     connector: b.connector.clone(),
-                    customer: b.customer.clone(),
+                    customer: customer.clone(),
                     currency: b.currency.clone(),
                 })
                 .inc_by(b.cost);
@@ -447,7 +475,17 @@ impl Metrics {
             .set(i64::try_from(stats.quota_refusals).unwrap_or(i64::MAX));
     }
 
-    /// Counts a job event.
+    /// Counts a job claimed for `service`.
+    pub fn claimed(&self, service: &str) {
+        self.inner
+            .jobs_claimed
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a job's end.
     pub fn job(&self, service: &str, outcome: &str) {
         self.inner
             .jobs
@@ -558,7 +596,11 @@ impl Metrics {
             gpu: gpu.index.to_string(),
         };
         if let Some(u) = gpu.utilization_percent {
-            self.inner.gpu_utilization.get_or_create(&label).set(i64::from(u));
+            // Prometheus wants a ratio; NVML gives a percent.
+            self.inner
+                .gpu_utilization
+                .get_or_create(&label)
+                .set(f64::from(u.min(100)) / 100.0);
         }
         if let Some(m) = gpu.memory_used_bytes {
             self.inner.gpu_memory_used.get_or_create(&label).set(m as i64);
@@ -715,7 +757,8 @@ mod tests {
 
     #[test]
     fn exposes_recorded_values() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
+        m.claimed("comfyui");
         m.job("comfyui", "completed");
         m.job("comfyui", "completed");
         m.claim(0.5, false);
@@ -740,6 +783,10 @@ mod tests {
         );
         assert!(text.contains("machine_match_misses_total 1"), "{text}");
         assert!(
+            text.contains("machine_jobs_claimed_total{service=\"comfyui\"} 1"),
+            "{text}"
+        );
+        assert!(
             text.contains("machine_service_planned_restarts_total{service=\"comfyui-gpu0\",reason=\"rss\"} 1"),
             "{text}"
         );
@@ -761,13 +808,13 @@ mod tests {
         assert!(text.contains("machine_jobs_running 1"), "{text}");
         assert!(text.contains("machine_queue_depth{service=\"comfyui\"} 7"), "{text}");
         assert!(text.contains("machine_build_info{version=\""), "{text}");
-        assert!(text.contains("machine_gpu_utilization_percent{gpu=\"1\"} 87"), "{text}");
+        assert!(text.contains("machine_gpu_utilization_ratio{gpu=\"1\"} 0.87"), "{text}");
         assert!(text.contains("machine_gpu_temperature_celsius{gpu=\"1\"} 61"), "{text}");
     }
 
     #[test]
     fn text_format_names_counters_by_their_samples() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         m.job("simulation", "completed");
         let (kind, open) = m.exposition(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
         assert_eq!(kind, OPENMETRICS);
@@ -778,7 +825,7 @@ mod tests {
         assert!(!text.contains("# EOF"), "{text}");
         assert!(
             text.contains(
-                "# HELP machine_jobs_total Jobs by service and outcome.\n# TYPE machine_jobs_total counter\n"
+                "# HELP machine_jobs_total Jobs that ended, by service and outcome.\n# TYPE machine_jobs_total counter\n"
             ),
             "{text}"
         );
@@ -801,7 +848,7 @@ mod tests {
 
     #[test]
     fn exposes_the_models_stores_counts() {
-        let m = Metrics::new();
+        let m = Metrics::new(&[]);
         m.set_models(2, 3_000, 1);
         // A later scrape sees larger counts; counters never go back.
         m.set_models(3, 5_000, 1);
@@ -818,7 +865,7 @@ mod tests {
 
     #[test]
     fn exposes_external_usage_and_cost() {
-        let m = Metrics::new();
+        let m = Metrics::new(&["c1".to_owned()]);
         let b = crate::connectors::Billing {
             connector: "openai".into(),
             customer: "c1".into(),
@@ -858,5 +905,36 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn only_configured_customers_are_named() {
+        let m = Metrics::new(&["acme".to_owned()]);
+        let billing = |customer: &str| crate::connectors::Billing {
+            connector: "openai".into(),
+            customer: customer.into(),
+            requests: 1,
+            input_tokens: 1,
+            output_tokens: 1,
+            predict_seconds: 1.0,
+            cost: 0.1,
+            currency: "USD".into(),
+        };
+        for i in 0..100 {
+            m.billing(&billing(&format!("free text {i}")));
+        }
+        m.billing(&billing("acme"));
+        m.billing(&billing(""));
+        let text = m.encode();
+        let customers: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("machine_external_"))
+            .filter_map(|l| l.split("customer=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(customers, ["", "acme", "other"].into(), "{text}");
+        assert!(
+            text.contains("machine_external_requests_total{connector=\"openai\",customer=\"other\"} 100"),
+            "{text}"
+        );
     }
 }

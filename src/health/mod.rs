@@ -146,7 +146,7 @@ impl HealthState {
             services: sources.services,
             reload: OnceLock::new(),
             installs: sources.installs,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(&config.machine.health_access.metrics_customers),
             control_token: config.machine.control_token.clone(),
             access: config.machine.health_access.clone(),
             shutdown,

@@ -460,3 +460,20 @@ impl ServicesWatch {
         result.map_err(|_| SupervisorError::Gone(self.receivers[i].borrow().name.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connector_name_stands_for_its_instances_only() {
+        assert!(is_instance_of("comfyui-gpu0", "comfyui"));
+        assert!(is_instance_of("comfyui-gpu12", "comfyui"));
+        assert!(is_instance_of("comfyui-cpu0", "comfyui"));
+        assert!(!is_instance_of("comfyui-gpu", "comfyui"));
+        assert!(!is_instance_of("comfyui-extra", "comfyui"));
+        assert!(!is_instance_of("comfyui-gpu0x", "comfyui"));
+        assert!(!is_instance_of("a1111-gpu0", "comfyui"));
+        assert!(!is_instance_of("comfyui", "comfyui"));
+    }
+}

@@ -246,24 +246,25 @@ impl Actor {
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
-        let uptime_ms = uptime.as_millis() as u64;
         if next.is_none() && ending == Ending::Failure {
             // A crash is what an operator looks for; its last words say why.
             let last = self.log.tail().last(CRASH_LINES);
+            // One line: the output's lines as a list, so the event's fields are not glued to
+            // the service's last line and a shipper sees one event.
             tracing::warn!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
-                "service crashed; its last output:\n{}",
-                if last.is_empty() { "(no output)".to_owned() } else { last.join("\n") }
+                uptime = %crate::logging::human_duration(uptime),
+                last_output = ?last,
+                "service crashed"
             );
         } else {
             tracing::info!(
                 service = %self.spec.name,
                 code = exit.code,
                 signal = exit.signal,
-                uptime_ms,
+                uptime = %crate::logging::human_duration(uptime),
                 "service exited"
             );
         }
@@ -312,8 +313,12 @@ impl Actor {
                     ProbeKind::Ready => {
                         if v.passing {
                             tracing::info!(service = %self.spec.name, "service is ready");
-                        } else {
+                        } else if been_ready {
                             tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "readiness probe failing");
+                        } else {
+                            // Every start fails its probe until the service has come up: that
+                            // is no warning (a failure once it was ready is).
+                            tracing::debug!(service = %self.spec.name, reason = v.reason.as_deref(), "not ready yet");
                         }
                         been_ready |= v.passing;
                         self.set(|s| {
@@ -588,5 +593,26 @@ fn exit_info(status: &std::io::Result<ExitStatus>) -> ExitInfo {
         code,
         signal,
         at: SystemTime::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_cause_names_the_code_or_signal_and_the_last_line() {
+        let exit = |code, signal| ExitInfo {
+            code,
+            signal,
+            at: SystemTime::now(),
+        };
+        let line = "2026-01-01T00:00:00.000Z OSError: [Errno 98] address already in use".to_owned();
+        assert_eq!(
+            exit_cause(&exit(Some(1), None), Some(&line)),
+            "exited with code 1: OSError: [Errno 98] address already in use"
+        );
+        assert_eq!(exit_cause(&exit(None, Some(9)), None), "killed by SIGKILL");
+        assert_eq!(exit_cause(&exit(None, None), None), "ended");
     }
 }

@@ -45,6 +45,9 @@ pub enum HoldKind {
     PlannedRestart,
     /// Its service is warming up after a (re)start.
     WarmingUp,
+    /// An external API refuses this machine's key, or its account is out of credit; lifted
+    /// by its [`Recheck`] once the API accepts the machine again.
+    ApiCredentials,
     /// The output store refuses the machine's credentials (`output store refuses the
     /// credentials: ...`); lifted by its [`Recheck`] once the store accepts them.
     StoreCredentials,
@@ -257,9 +260,10 @@ impl Blame {
             | ConnectorError::Cancelled
             | ConnectorError::Stalled { .. }
             | ConnectorError::ServiceLost { .. } => Blame::Machine,
-            ConnectorError::QuotaReached { .. } | ConnectorError::Destination(_) | ConnectorError::Storage { .. } => {
-                Blame::Elsewhere
-            }
+            ConnectorError::QuotaReached { .. }
+            | ConnectorError::CredentialsRefused { .. }
+            | ConnectorError::Destination(_)
+            | ConnectorError::Storage { .. } => Blame::Elsewhere,
         }
     }
 }

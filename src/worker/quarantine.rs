@@ -26,8 +26,10 @@ pub struct QuarantinePolicy {
 #[derive(Debug, Clone)]
 pub struct Quarantine {
     policy: QuarantinePolicy,
-    /// The machine failures of the current run, oldest first.
-    failures: Vec<String>,
+    /// The machine failures of the current run, oldest first: the job and the error. One job
+    /// failing again on this worker counts once: quarantine is about the machine, and one bad
+    /// job says less about it than several.
+    failures: Vec<(String, String)>,
     /// Quarantines since the last completed job.
     repeats: u32,
     /// Until when the worker is quarantined, when it is.
@@ -51,13 +53,16 @@ impl Quarantine {
         self.repeats = 0;
     }
 
-    /// A job failed with `error`, blamed on `blame`. Returns the quarantine it starts, if
-    /// any: how long it lasts and the reason to show.
-    pub fn failed(&mut self, blame: Blame, error: &str, now: Instant) -> Option<(Duration, String)> {
+    /// The job `job` failed with `error`, blamed on `blame`. Returns the quarantine it starts,
+    /// if any: how long it lasts and the reason to show.
+    pub fn failed(&mut self, blame: Blame, job: &str, error: &str, now: Instant) -> Option<(Duration, String)> {
         if blame != Blame::Machine || self.policy.after == 0 {
             return None;
         }
-        self.failures.push(error.to_owned());
+        match self.failures.iter_mut().find(|(j, _)| j == job) {
+            Some(seen) => seen.1 = error.to_owned(),
+            None => self.failures.push((job.to_owned(), error.to_owned())),
+        }
         // On probation after a quarantine, one more machine failure is enough.
         let needed = if self.repeats > 0 {
             1
@@ -72,7 +77,7 @@ impl Quarantine {
         self.repeats = self.repeats.saturating_add(1);
         self.until = Some(now + cooldown);
         let count = self.failures.len();
-        let last = self.failures.last().cloned().unwrap_or_default();
+        let last = self.failures.last().map(|(_, e)| e.clone()).unwrap_or_default();
         let reason = format!(
             "quarantined for {} (until {}) after {count} failure{} not the job's fault; last: {last}",
             humantime::format_duration(cooldown),
@@ -94,6 +99,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A new job id for each failure.
+    fn job() -> String {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        format!("job-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    #[test]
+    fn one_job_failing_again_counts_once() {
+        let mut q = Quarantine::new(policy());
+        let now = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(q.failed(Blame::Machine, "same", "down", now), None);
+        }
+        assert_eq!(q.failed(Blame::Job, "a", "its own", now), None);
+        assert_eq!(q.failed(Blame::Machine, "b", "down", now), None);
+        assert!(
+            q.failed(Blame::Machine, "c", "down", now).is_some(),
+            "three distinct jobs"
+        );
+    }
+
     fn policy() -> QuarantinePolicy {
         QuarantinePolicy {
             after: 3,
@@ -105,11 +131,13 @@ mod tests {
     fn three_machine_failures_quarantine_and_the_job_s_own_do_not_count() {
         let now = Instant::now();
         let mut q = Quarantine::new(policy());
-        assert_eq!(q.failed(Blame::Machine, "down", now), None);
-        assert_eq!(q.failed(Blame::Job, "invalid workflow", now), None);
-        assert_eq!(q.failed(Blame::Elsewhere, "s3", now), None);
-        assert_eq!(q.failed(Blame::Machine, "down", now), None);
-        let (d, reason) = q.failed(Blame::Machine, "refused", now).expect("third machine failure");
+        assert_eq!(q.failed(Blame::Machine, &job(), "down", now), None);
+        assert_eq!(q.failed(Blame::Job, &job(), "invalid workflow", now), None);
+        assert_eq!(q.failed(Blame::Elsewhere, &job(), "s3", now), None);
+        assert_eq!(q.failed(Blame::Machine, &job(), "down", now), None);
+        let (d, reason) = q
+            .failed(Blame::Machine, &job(), "refused", now)
+            .expect("third machine failure");
         assert_eq!(d, Duration::from_secs(180));
         assert!(
             reason.contains("after 3 failures") && reason.contains("refused"),
@@ -118,27 +146,27 @@ mod tests {
         assert_eq!(q.until(now), Some(now + d));
         assert_eq!(q.until(now + d), None, "over after the cool-down");
         // On probation: one more failure doubles the cool-down.
-        let (d2, _) = q.failed(Blame::Machine, "down", now).expect("probation");
+        let (d2, _) = q.failed(Blame::Machine, &job(), "down", now).expect("probation");
         assert_eq!(d2, Duration::from_secs(360));
         q.completed();
-        assert_eq!(q.failed(Blame::Machine, "down", now), None, "a success forgets");
+        assert_eq!(q.failed(Blame::Machine, &job(), "down", now), None, "a success forgets");
     }
 
     #[test]
     fn a_success_breaks_the_run() {
         let now = Instant::now();
         let mut q = Quarantine::new(policy());
-        q.failed(Blame::Machine, "a", now);
-        q.failed(Blame::Machine, "b", now);
+        q.failed(Blame::Machine, &job(), "a", now);
+        q.failed(Blame::Machine, &job(), "b", now);
         q.completed();
-        assert_eq!(q.failed(Blame::Machine, "c", now), None);
+        assert_eq!(q.failed(Blame::Machine, &job(), "c", now), None);
     }
 
     #[test]
     fn zero_never_quarantines() {
         let mut q = Quarantine::new(QuarantinePolicy { after: 0, ..policy() });
         for _ in 0..10 {
-            assert_eq!(q.failed(Blame::Machine, "x", Instant::now()), None);
+            assert_eq!(q.failed(Blame::Machine, &job(), "x", Instant::now()), None);
         }
     }
 
@@ -149,7 +177,7 @@ mod tests {
             let mut q = Quarantine::new(policy());
             let mut last = Duration::ZERO;
             for _ in 0..n * 3 {
-                if let Some((d, _)) = q.failed(Blame::Machine, "x", now) {
+                if let Some((d, _)) = q.failed(Blame::Machine, &job(), "x", now) {
                     prop_assert!(d >= last);
                     prop_assert!(d <= Duration::from_secs(180 * 16));
                     last = d;

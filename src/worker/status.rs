@@ -106,6 +106,19 @@ pub enum JobOutcome {
     Lost,
 }
 
+impl JobOutcome {
+    /// The outcome's word, as metrics and logs name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobOutcome::Completed => "completed",
+            JobOutcome::Failed { .. } => "failed",
+            JobOutcome::Returned => "returned",
+            JobOutcome::Cancelled => "cancelled",
+            JobOutcome::Lost => "lost",
+        }
+    }
+}
+
 /// One finished job, for metrics and the benchmark.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobReport {

@@ -60,7 +60,9 @@ struct Counts {
 
 #[derive(Debug)]
 struct Api {
-    key: Option<String>,
+    key: Mutex<Option<String>>,
+    /// Out of credit: creates answer 402 "Insufficient credit".
+    no_credit: std::sync::atomic::AtomicBool,
     addr: Mutex<Option<SocketAddr>>,
     failures: Mutex<VecDeque<(u16, Option<String>)>>,
     /// Answers for creates that act first: a status, or `None` for no answer.
@@ -74,7 +76,8 @@ impl FakeReplicate {
     /// token.
     pub fn start(key: Option<&str>) -> FakeReplicate {
         let state = Arc::new(Api {
-            key: key.map(str::to_owned),
+            key: Mutex::new(key.map(str::to_owned)),
+            no_credit: std::sync::atomic::AtomicBool::new(false),
             addr: Mutex::new(None),
             failures: Mutex::new(VecDeque::new()),
             after_create: Mutex::new(VecDeque::new()),
@@ -84,6 +87,7 @@ impl FakeReplicate {
         let s = state.clone();
         let served = serve(0, move || {
             Router::new()
+                .route("/v1/account", get(account))
                 .route("/v1/predictions", post(create_versioned))
                 .route("/v1/models/{owner}/{name}/predictions", post(create_official))
                 .route("/v1/deployments/{owner}/{name}/predictions", post(create_deployment))
@@ -115,6 +119,16 @@ impl FakeReplicate {
     /// for a minute with `None` (a timeout).
     pub fn act_then_fail(&self, status: Option<u16>) {
         self.state.after_create.lock().expect("fake lock").push_back(status);
+    }
+
+    /// Changes the token requests must carry (a key rotated or corrected).
+    pub fn set_key(&self, key: &str) {
+        *self.state.key.lock().expect("fake lock") = Some(key.to_owned());
+    }
+
+    /// Puts the account out of credit (creates answer 402), or back in credit.
+    pub fn set_out_of_credit(&self, out: bool) {
+        self.state.no_credit.store(out, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every prediction created: id and status now.
@@ -162,7 +176,7 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
 }
 
 fn authorized(s: &Api, headers: &HeaderMap) -> Option<Response> {
-    let key = s.key.as_ref()?;
+    let key = s.key.lock().expect("fake lock").clone()?;
     let ok = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -296,6 +310,13 @@ fn create(
                 .insert(header::RETRY_AFTER, ra.parse().expect("a valid header value"));
         }
         return Ok(resp);
+    }
+    if s.no_credit.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(problem(
+            StatusCode::PAYMENT_REQUIRED,
+            "Insufficient credit",
+            "You have insufficient credit to run this model. Go to https://replicate.com/account/billing#billing to purchase credit. Once you purchase credit, please wait a few minutes before trying again.",
+        ));
     }
     if version == "bad-version" {
         return Ok(problem(
@@ -477,6 +498,14 @@ async fn stream(State(s): State<Arc<Api>>, Path(id): Path<String>, headers: Head
         .header(header::CACHE_CONTROL, "no-store")
         .body(Body::from_stream(events))
         .expect("a response with static headers builds")
+}
+
+/// `GET /v1/account`: who the token belongs to.
+async fn account(State(s): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorized(&s, &headers) {
+        return r;
+    }
+    Json(json!({"type": "organization", "username": "fake", "name": "Fake", "github_url": null})).into_response()
 }
 
 async fn file(Path(_name): Path<String>) -> Response {

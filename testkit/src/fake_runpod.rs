@@ -58,7 +58,7 @@ struct Counts {
 
 #[derive(Debug)]
 struct Api {
-    key: Option<String>,
+    key: Mutex<Option<String>>,
     after_run: Mutex<std::collections::VecDeque<Option<u16>>>,
     addr: Mutex<Option<SocketAddr>>,
     jobs: Mutex<HashMap<String, RunJob>>,
@@ -69,7 +69,7 @@ impl FakeRunpod {
     /// Starts on a free loopback port; when `key` is given, requests must carry it.
     pub fn start(key: Option<&str>) -> FakeRunpod {
         let state = Arc::new(Api {
-            key: key.map(str::to_owned),
+            key: Mutex::new(key.map(str::to_owned)),
             after_run: Mutex::new(std::collections::VecDeque::new()),
             addr: Mutex::new(None),
             jobs: Mutex::new(HashMap::new()),
@@ -78,6 +78,7 @@ impl FakeRunpod {
         let s = state.clone();
         let served = serve(0, move || {
             Router::new()
+                .route("/v2/{endpoint}/health", get(health))
                 .route("/v2/{endpoint}/run", post(run))
                 .route("/v2/{endpoint}/runsync", post(runsync))
                 .route("/v2/{endpoint}/status/{id}", get(status))
@@ -103,6 +104,11 @@ impl FakeRunpod {
     /// minute with `None` (a timeout).
     pub fn act_then_fail(&self, status: Option<u16>) {
         self.state.after_run.lock().expect("fake lock").push_back(status);
+    }
+
+    /// Changes the key requests must carry (a key rotated or corrected).
+    pub fn set_key(&self, key: &str) {
+        *self.state.key.lock().expect("fake lock") = Some(key.to_owned());
     }
 
     /// Every job submitted: id and status now.
@@ -141,7 +147,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 fn authorized(s: &Api, headers: &HeaderMap) -> Option<Response> {
-    let key = s.key.as_ref()?;
+    let key = s.key.lock().expect("fake lock").clone()?;
     let ok = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -344,6 +350,18 @@ async fn cancel(
         }
         None => error(StatusCode::NOT_FOUND, "request does not exist"),
     }
+}
+
+/// `GET /v2/<endpoint>/health`: the endpoint's job and worker counts.
+async fn health(State(s): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorized(&s, &headers) {
+        return r;
+    }
+    Json(
+        json!({"jobs": {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 0, "retried": 0},
+                "workers": {"idle": 1, "running": 0}}),
+    )
+    .into_response()
 }
 
 async fn file(Path(_name): Path<String>) -> Response {

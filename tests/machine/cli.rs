@@ -252,16 +252,61 @@ fn the_control_socket_serves_status_logs_restart_and_stop() {
     assert!(!text.contains("backoff"), "{text}");
     assert!(text.lines().next().unwrap().contains(" up "), "{text}");
     assert!(text.contains("s ago"), "{text}");
+    // Columns left out to fit are named, at 80 and at 60 columns, and no cell is cut to one
+    // letter a line.
+    for columns in ["80", "60"] {
+        let (out, text, stderr) = run(m.cli().arg("status").env("COLUMNS", columns));
+        assert!(out.status.success(), "{stderr}");
+        let header = text.lines().find(|l| l.starts_with("WORKER")).unwrap();
+        if !header.contains("ACTIVE") {
+            assert!(text.contains("ACTIVE not shown"), "{text}");
+        }
+        for line in text.lines() {
+            assert!(line.chars().count() <= 60 || columns == "80", "{line:?}:\n{text}");
+            assert_ne!(line.trim().chars().count(), 1, "a lone letter at {columns}:\n{text}");
+        }
+    }
+    // Under `script`, stdout is a pty of 0x0 columns: the status renders whole, as for a pipe.
+    let status_cmd = format!("{} status", env!("CARGO_BIN_EXE_machine"));
+    let (out, text, stderr) = run(Command::new("script")
+        .args(["-q", "-e", "-c", &status_cmd, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "dumb")
+        .env("MACHINE_WORKSPACE", m.ws.path())
+        .stdin(Stdio::null()));
+    assert!(out.status.success(), "{text}{stderr}");
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("WORKER"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(header.contains("ACTIVE") && !text.contains("not shown"), "{text}");
+    for line in text.lines() {
+        assert_ne!(line.trim().chars().count(), 1, "a lone letter at 0x0:\n{text}");
+    }
 
-    // Stop: the job is cancelled, so the drain is quick; the machine exits 0 and removes its socket.
-    let (out, _, stderr) = run(m.cli().args(["jobs", "cancel", &busy]));
-    assert!(out.status.success(), "{stderr}");
+    // Stop waits for the machine to exit, as `systemctl stop` does, saying what the drain waits
+    // for: the busy job runs out the 3 s drain and goes back to the queue. When it returns, the
+    // machine has exited 0 and removed its socket, so `stop && next` does not race the drain.
+    let asked = Instant::now();
     let (out, stdout, stderr) = run(m.cli().arg("stop"));
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("drain"), "{stdout}");
-    let status = m.wait_exit(Duration::from_secs(30));
+    assert!(
+        stdout.contains(&format!("draining 1 job(s): {busy} on ")),
+        "the progress names the job: {stdout}"
+    );
+    assert!(stdout.contains("stopped in "), "{stdout}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "it waited out the drain: {stdout}"
+    );
+    let status = m.wait_exit(Duration::from_secs(1));
     assert_eq!(status.code(), Some(0));
     assert!(!m.socket().exists(), "the socket is removed at exit");
+    let (out, stdout, _) = run(m.cli().args(["jobs", "show", &busy, "--json"]));
+    assert!(out.status.success());
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["job"]["status"], "pending", "the drained job went back: {v}");
 }
 
 #[test]
@@ -275,9 +320,10 @@ fn stop_now_skips_the_drain_as_a_second_signal_does() {
     let busy = m.submit(r#"{"duration_ms": 60000, "steps": 100}"#, &[]);
     m.wait_status(&busy, "in_progress");
     let asked = Instant::now();
-    let (out, stdout, stderr) = run(m.cli().args(["stop", "--now"]));
+    // `--no-wait` returns once the machine accepted, as `machine stop` used to.
+    let (out, stdout, stderr) = run(m.cli().args(["stop", "--now", "--no-wait"]));
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("now"), "{stdout}");
+    assert!(stdout.contains("now") && !stdout.contains("stopped in"), "{stdout}");
     let status = m.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(4), "a forced stop");
     assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
@@ -285,6 +331,72 @@ fn stop_now_skips_the_drain_as_a_second_signal_does() {
     assert!(out.status.success());
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["job"]["status"], "pending", "the job went back to the queue: {v}");
+}
+
+#[test]
+fn the_shells_configuration_need_not_validate_to_find_the_machine() {
+    let redis = testkit::RedisServer::start();
+    let m = Running::start(&redis, "cli3");
+    let file = m.ws.path().join("machine.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    // The shell's copy has a service the machine would refuse; another shell lists openai without
+    // its key (the secret lives in the machine's environment only).
+    let invalid = m.ws.path().join("edited.toml");
+    std::fs::write(&invalid, format!("{good}\n[services.bad]\nnope = 1\n")).unwrap();
+    let shells: [(&str, Option<&str>); 2] = [
+        (invalid.to_str().unwrap(), None),
+        (file.to_str().unwrap(), Some("openai:1")),
+    ];
+    for (config, connectors) in shells {
+        let cli = || {
+            let mut cmd = m.cli();
+            cmd.env("MACHINE_CONFIG", config);
+            if let Some(c) = connectors {
+                cmd.env("WORKER_CONNECTORS", c);
+            }
+            cmd
+        };
+        for args in [&["status"][..], &["logs", "-n", "1"], &["restart", "echo"]] {
+            let (out, stdout, stderr) = run(cli().args(args));
+            assert!(out.status.success(), "{args:?} with {config}: {stdout}{stderr}");
+        }
+    }
+
+    // The machine's own file refused by a reload: every problem once, exit 2, nothing changed.
+    std::fs::write(&file, format!("{good}\n[services.bad]\nnope = 1\n")).unwrap();
+    let (out, _, stderr) = run(m.cli().arg("reload"));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.matches("missing field `command`").count(),
+        1,
+        "each problem once: {stderr}"
+    );
+    std::fs::write(&file, &good).unwrap();
+
+    // A reload that rebuilds a busy worker says what it drains while it waits.
+    let busy = m.submit(r#"{"duration_ms": 60000, "steps": 100}"#, &[]);
+    m.wait_status(&busy, "in_progress");
+    std::fs::write(&file, format!("{good}\n[connectors.simulation]\nsteps = 20\n")).unwrap();
+    let (out, stdout, stderr) = run(m.cli().arg("reload"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("reloading: draining cli3-") && stderr.contains(&busy),
+        "{stdout}{stderr}"
+    );
+    std::fs::write(&file, &good).unwrap();
+
+    // <workspace>/worker_connectors: a comment may follow the value, and a problem names the file.
+    let connectors = m.ws.path().join("worker_connectors");
+    std::fs::write(&connectors, "simulation:1  # as before\n").unwrap();
+    let (out, stdout, stderr) = run(m.cli().arg("reload"));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    std::fs::write(&connectors, "nope:1\n").unwrap();
+    let (out, _, stderr) = run(m.cli().arg("reload"));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&connectors.display().to_string()) && !stderr.contains("WORKER_CONNECTORS"),
+        "blamed on the file: {stderr}"
+    );
 }
 
 #[test]
@@ -359,7 +471,18 @@ fn jobs_commands_write_and_read_the_contract() {
     assert_eq!(v["job"]["priority"], 70);
     assert_eq!(v["job"]["retry_count"], 0);
     assert_eq!(v["job"]["payload"], serde_json::json!({"n": 1}));
-    assert!(v["waiting"].is_string(), "{v}");
+    assert!(
+        v["waiting"].as_str().unwrap().starts_with("no worker is registered"),
+        "no worker: {v}"
+    );
+    // The text leads with what the job is and where it stands, and gives retries as submitted.
+    let (out, text, stderr) = jobs(&["show", &plain]);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("id ") && lines[1].starts_with("status "), "{text}");
+    assert!(text.contains("max_retries          2 (3 attempts in all)"), "{text}");
+    let bare_name = |l: &&str| !l.trim().is_empty() && l.trim().chars().all(|c| c.is_ascii_lowercase() || c == '_');
+    assert!(!lines.iter().any(bare_name), "no empty field: {text}");
 
     // Statuses: an unknown one is refused with the known ones; cancelled finds cancelled jobs.
     let (out, _, stderr) = jobs(&["list", "--status", "done"]);
@@ -378,6 +501,9 @@ fn jobs_commands_write_and_read_the_contract() {
     assert_eq!(listed[0]["priority"], 70);
     let (_, stdout, _) = jobs(&["list", "--status", "failed"]);
     assert!(!stdout.contains(&plain), "a cancelled job is not a failure: {stdout}");
+    let (_, text, _) = jobs(&["show", &plain]);
+    let status = text.lines().find(|l| l.starts_with("status ")).unwrap_or_default();
+    assert!(status.ends_with(" cancelled"), "show agrees with list: {text}");
     let (_, stdout, _) = jobs(&["list", "--status", "pending"]);
     assert_eq!(stdout.lines().count(), 3, "a header and the two waiting jobs: {stdout}");
 }

@@ -387,7 +387,11 @@ async fn openai_failures_are_classified() {
     )
     .await;
     let e = r.unwrap_err();
-    assert_eq!(e.class(), ErrorClass::Fatal);
+    // A refused key is the machine's problem (its worker holds), not the job's.
+    assert!(
+        matches!(&e, ConnectorError::CredentialsRefused { credit: false, .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("Incorrect API key"), "{e}");
     assert_eq!(fake.requests().len(), 1, "a 4xx is not retried");
 

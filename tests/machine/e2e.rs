@@ -355,7 +355,7 @@ drain = "1s"
         "{metrics}"
     );
     assert!(
-        metrics.contains("machine_gpu_utilization_percent{gpu=\"1\"}"),
+        metrics.contains("machine_gpu_utilization_ratio{gpu=\"1\"}"),
         "{metrics}"
     );
     let (out, text, stderr) = run(machine().args(["status", "--url", &format!("http://127.0.0.1:{port}")]));

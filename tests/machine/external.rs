@@ -94,7 +94,8 @@ impl Rig {
             job_timeout: Duration::from_secs(30),
         };
         let store = Arc::new(OutputStore::new(self.dir.path().join("outputs")));
-        let worker = Worker::new(caps, map, settings, store);
+        let mut worker = Worker::new(caps, map, settings, store);
+        worker.recheck_holds_every(Duration::from_millis(300));
         let broker = self.machines[m].broker.clone();
         let shutdown = self.shutdown.clone();
         self.workers.push(tokio::spawn(async move {
@@ -579,7 +580,7 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
+async fn external_runpod_key_refusals_are_not_retried_and_name_the_apis_message() {
     within(async {
         let fake = FakeRunpod::start(Some("rp-right"));
         let c = config(&format!(
@@ -600,7 +601,11 @@ async fn external_runpod_refusals_fail_at_once_with_the_apis_message() {
             .run(&job, &sink, &CancellationToken::new())
             .await
             .expect_err("a wrong key is refused");
-        assert!(!err.is_retryable(), "{err:?}");
+        // The machine's key, not the job, is refused: the worker holds, the job is not failed.
+        assert!(
+            matches!(&err, machine::connectors::ConnectorError::CredentialsRefused { api, credit: false, .. } if api == "runpod"),
+            "{err:?}"
+        );
         assert!(
             err.chain().contains("HTTP 401") && err.chain().contains("Unauthorized"),
             "{}",
@@ -1074,4 +1079,76 @@ async fn external_runpod_on_the_whole_machine() {
     );
     shutdown.cancel();
     let _ = m.events.await;
+}
+
+/// A refused key, or an account out of credit, is the machine's problem, not the jobs': the job
+/// goes back untouched, the worker stops taking that API's work, re-checks, and carries on once
+/// the API accepts it again; no job fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
+    within(async {
+        // The API expects another token than the machine's: every request is refused (401).
+        let fake = FakeReplicate::start(Some("r8-rotated"));
+        let mut rig = Rig::start(1).await;
+        let c: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = false"));
+        rig.spawn(0, "w1", &[("replicate", c)]);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(
+                rig.submit(
+                    "replicate",
+                    json!({"model": "acme/x", "input": {"fake_ms": 50, "i": i}}),
+                    "",
+                )
+                .await,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fake.creates().is_empty() {
+            assert!(Instant::now() < deadline, "no create was tried");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(fake.creates().len(), 1, "a held worker takes no more of the API's jobs");
+        for id in &ids {
+            let job = rig.job(id).await;
+            assert_eq!(job["status"], "pending", "{job:?}");
+            assert_eq!(
+                job.get("retry_count").map(String::as_str).unwrap_or("0"),
+                "0",
+                "{job:?}"
+            );
+        }
+
+        // The key is accepted again (the cheap re-check passes): every job completes.
+        fake.set_key("r8-test");
+        for id in &ids {
+            rig.wait_status(id, &["completed"]).await;
+        }
+
+        // Out of credit: held again, released by one real request once credit is back.
+        fake.set_out_of_credit(true);
+        let before = fake.creates().len();
+        let id = rig
+            .submit("replicate", json!({"model": "acme/x", "input": {"fake_ms": 50}}), "")
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fake.creates().len() == before {
+            assert!(Instant::now() < deadline, "no create was tried");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Probed with the job itself every re-check: never failed, never a retry spent.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let job = rig.job(&id).await;
+        assert!(matches!(job["status"].as_str(), "pending" | "in_progress"), "{job:?}");
+        assert!(
+            fake.creates().len() > before + 1,
+            "credit is re-checked by real requests"
+        );
+        fake.set_out_of_credit(false);
+        let job = rig.wait_status(&id, &["completed"]).await;
+        assert_eq!(job.get("retry_count").map(String::as_str), Some("0"), "{job:?}");
+        rig.stop().await;
+    })
+    .await;
 }

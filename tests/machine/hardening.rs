@@ -531,9 +531,10 @@ fn a_crashed_service_is_a_warning_with_its_last_lines() {
     let out = m.wait_for_output("service crashed", Duration::from_secs(20));
     let line = out.lines().find(|l| l.contains("service crashed")).unwrap();
     assert!(line.contains("WARN"), "{line}");
-    let after = &out[out.find("service crashed").unwrap()..];
-    assert!(after.contains("code=3"), "{out}");
-    assert!(after.contains("first words") && after.contains("last words"), "{out}");
+    // One line: the event with its last output, not fields glued to the service's last line.
+    assert!(line.contains("code=3"), "{out}");
+    assert!(line.contains("first words") && line.contains("last words"), "{out}");
+    assert!(line.contains("uptime=") && !line.contains("uptime_ms"), "{line}");
     assert!(
         !out.contains("INFO machine::supervisor::service: service exited"),
         "{out}"

@@ -140,6 +140,13 @@ async fn routes_answer_and_status_command_reads_them() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("machine hm1"), "{stdout}");
     assert!(stdout.contains("hm1-simulation-1"), "{stdout}");
+    // The heartbeat reads as an age, not as epoch milliseconds.
+    let worker = stdout.lines().find(|l| l.contains("hm1-simulation-1")).unwrap();
+    let beat = worker.split("heartbeat ").nth(1).unwrap_or_default();
+    assert!(
+        beat.starts_with('-') || beat.split_once("s ago").is_some_and(|(n, _)| n.len() < 6),
+        "{stdout}"
+    );
     let (out, stdout, _) = run(machine().args(["status", "--json", "--url", &url]));
     assert!(out.status.success());
     assert_eq!(
@@ -235,6 +242,13 @@ async fn fleet_status_is_published_and_readable() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("hm1"), "{stdout}");
     assert!(stdout.contains("hm1-simulation-1"), "{stdout}");
+    // The heartbeat reads as an age, not as epoch milliseconds.
+    let worker = stdout.lines().find(|l| l.contains("hm1-simulation-1")).unwrap();
+    let beat = worker.split("heartbeat ").nth(1).unwrap_or_default();
+    assert!(
+        beat.starts_with('-') || beat.split_once("s ago").is_some_and(|(n, _)| n.len() < 6),
+        "{stdout}"
+    );
 
     let pid = nix::unistd::Pid::from_raw(m.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();

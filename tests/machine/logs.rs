@@ -229,6 +229,12 @@ fn json_format_makes_every_line_of_a_run_one_object() {
     assert_eq!(summary.len(), 1, "{stdout}");
     assert_eq!(summary[0]["installer"], "comfyui");
     assert_eq!(summary[0]["state"]["state"], "done", "{stdout}");
+    // A shipper files it like every log line: by its time and level.
+    assert!(
+        summary[0]["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{stdout}"
+    );
+    assert_eq!(summary[0]["level"], "INFO", "{stdout}");
 }
 
 #[test]

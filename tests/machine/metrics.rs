@@ -39,8 +39,8 @@ fn promtool_rejects_what_prometheus_conventions_reject() {
 fn every_family_passes_promtool() {
     // Families the local-mode run below leaves empty (GPUs, external APIs, limiters, models),
     // filled as the product fills them.
-    let m = machine::health::Metrics::new();
-    m.job("openai", "claimed");
+    let m = machine::health::Metrics::new(&["c1".to_owned()]);
+    m.claimed("openai");
     m.job("openai", "completed");
     m.claim(0.01, true);
     m.claim(1.0, false);
@@ -80,9 +80,25 @@ fn every_family_passes_promtool() {
         },
     );
     m.set_models(1, 1000, 0);
+    // Customers are free text in jobs: only the configured one is named, the rest are `other`.
+    for i in 0..50 {
+        m.billing(&machine::connectors::Billing {
+            connector: "openai".into(),
+            customer: format!("someone {i}"),
+            requests: 1,
+            ..Default::default()
+        });
+    }
     let (_, text) = m.exposition(None);
+    assert!(text.contains("machine_gpu_utilization_ratio{gpu=\"0\"} 0.9"), "{text}");
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("machine_external_requests_total{"))
+        .count();
+    assert_eq!(series, 2, "c1 and other:\n{text}");
     for family in [
-        "machine_gpu_utilization_percent",
+        "machine_gpu_utilization_ratio",
+        "machine_jobs_claimed_total",
         "machine_external_cost_total",
         "machine_external_predict_seconds_total",
         "machine_limit_wait_seconds",
@@ -173,10 +189,13 @@ async fn metrics_after_a_job_pass_promtool() {
         "machine_worker_busy{worker=\"metrics1-simulation-1\"} 0",
         "machine_jobs_running 0",
         "machine_job_duration_seconds_count{service=\"simulation\"} 1",
+        "machine_jobs_claimed_total{service=\"simulation\"} 1",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
     assert!(!text.contains(&id), "a job id in a label:\n{text}");
+    // Each job ends once in `machine_jobs_total`, so a sum over outcomes counts jobs.
+    assert!(!text.contains("outcome=\"claimed\""), "{text}");
 
     // A Prometheus server asks for OpenMetrics and gets it, with the crate's content type.
     let r = reqwest::Client::new()

@@ -41,6 +41,12 @@ struct Rig {
 
 impl Rig {
     async fn start(failed_holdoff: Duration) -> Rig {
+        Rig::start_leased(failed_holdoff, BrokerOptions::default().lease).await
+    }
+
+    /// A rig whose claims are leased for `lease`, with the lease reaper running (every quarter
+    /// lease), so a lease that is not renewed is taken back.
+    async fn start_leased(failed_holdoff: Duration, lease: Duration) -> Rig {
         let server = RedisServer::start();
         let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
         let opts = BrokerOptions {
@@ -53,6 +59,7 @@ impl Rig {
                 max: Duration::from_millis(200),
                 jitter: 0.0,
             },
+            lease,
             ..BrokerOptions::default()
         };
         let broker = Broker::connect(&url, opts).await.expect("connect");
@@ -61,7 +68,7 @@ impl Rig {
         let events = tokio::spawn({
             let b = broker.clone();
             let s = shutdown.clone();
-            async move { b.run_events(s).await.expect("the event loop ends cleanly") }
+            async move { b.run(lease / 4, s).await.expect("the broker's work ends cleanly") }
         });
         Rig {
             _server: server,
@@ -564,6 +571,121 @@ async fn s3_outages_within_the_window_complete_without_a_retry() {
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
 async fn gcs_outages_within_the_window_complete_without_a_retry() {
     within(outages_within_the_window_complete_without_a_retry(StoreKind::Gcs)).await;
+}
+
+/// A TCP proxy to `upstream` that holds each request `delay` before passing it on: an upload
+/// through it takes longer than `delay`. Runs until the test ends.
+async fn slow_proxy(upstream: String, delay: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The store's variables with its endpoint replaced by `endpoint`.
+fn through(env: Vec<(String, String)>, endpoint: &str) -> Vec<(String, String)> {
+    env.into_iter()
+        .map(|(k, v)| {
+            if k == "AWS_ENDPOINT" {
+                (k, endpoint.to_owned())
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
+}
+
+/// An upload slower than the lease (5 s through a slow proxy, lease 2 s): the lease is renewed
+/// until the job's end is written, so the job completes once, on its first attempt, with one
+/// object; nobody else ran it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_an_upload_slower_than_the_lease_completes_once() {
+    within(async {
+        let server = ObjectServer::start(StoreKind::S3);
+        server.create_bucket(BUCKET);
+        let mut rig = Rig::start_leased(Duration::from_millis(50), Duration::from_secs(2)).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted: Arc<dyn Connector> = Arc::new(Counted {
+            inner: simulation(Duration::from_millis(10)),
+            runs: runs.clone(),
+        });
+        let c = ctx(StoreKind::S3, BUCKET, json!({"filename": "slow.txt"}));
+        let id = rig.submit("simulation", json!({"artifact": "slow"}), &c, 3).await;
+        let proxy = slow_proxy(server.endpoint(), Duration::from_secs(5)).await;
+        let store = store_for(&rig, through(server.env(), &proxy), StoreOptions::default());
+        rig.worker(&[("simulation", counted)], store);
+        let job = rig.ended(&id).await;
+        assert_eq!(job["status"], "completed", "{job:?}");
+        assert_eq!(job["retry_count"], "0", "{job:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "run once");
+        let names: Vec<String> = server.list(BUCKET).into_iter().map(|o| o.name).collect();
+        assert_eq!(names, ["users/u1/slow.txt"], "one object");
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Shutdown while an upload hangs (a proxy that holds it 60 s): the upload gets the drain period
+/// (5 s), then the job goes back to the queue in its place (pending, no retry spent) and the
+/// worker stops: nothing is left in progress for the lease to find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_shutdown_mid_upload_returns_the_job() {
+    within(async {
+        let server = ObjectServer::start(StoreKind::S3);
+        server.create_bucket(BUCKET);
+        let mut rig = Rig::start(Duration::from_millis(50)).await;
+        let c = ctx(StoreKind::S3, BUCKET, json!({}));
+        let id = rig.submit("simulation", json!({"artifact": "x"}), &c, 3).await;
+        let proxy = slow_proxy(server.endpoint(), Duration::from_secs(60)).await;
+        let store = store_for(&rig, through(server.env(), &proxy), StoreOptions::default());
+        let status = rig.worker_on(
+            &[("simulation", simulation(Duration::from_millis(10)))],
+            Arc::new(store),
+        );
+        rig.wait_for(&id, "started", |j| {
+            j.get("status").map(String::as_str) == Some("in_progress")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopping = Instant::now();
+        rig.shutdown.cancel();
+        let job = rig
+            .wait_for(&id, "was returned", |j| {
+                j.get("status").map(String::as_str) == Some("pending")
+            })
+            .await;
+        assert!(
+            stopping.elapsed() < Duration::from_secs(15),
+            "within the drain: {:?}",
+            stopping.elapsed()
+        );
+        assert_eq!(job["retry_count"], "0", "{job:?}");
+        assert_eq!(job.get("worker_id").map(String::as_str).unwrap_or(""), "", "{job:?}");
+        rig.stop().await;
+        assert_eq!(status.borrow().counts.returned, 1, "{:?}", status.borrow());
+        assert!(server.list(BUCKET).is_empty(), "nothing stored");
+    })
+    .await;
 }
 
 /// Counts how often the connector is asked to run a job.

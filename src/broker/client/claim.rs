@@ -22,24 +22,40 @@ pub struct ClaimedJob {
     pub service: String,
     /// The decoded `payload` (`{}` when empty).
     pub payload: Value,
-    /// Every field of the job hash at claim time.
-    pub fields: BTreeMap<String, String>,
+    /// Every field of the job hash at claim time; read through the typed accessors, so that
+    /// only the broker names the hash's fields.
+    pub(crate) fields: BTreeMap<String, String>,
 }
 
 impl ClaimedJob {
     /// A field of the job hash at claim time.
-    pub fn field(&self, name: &str) -> Option<&str> {
+    pub(super) fn field(&self, name: &str) -> Option<&str> {
         self.fields.get(name).map(String::as_str)
+    }
+
+    /// `customer_id` (empty when absent).
+    pub fn customer_id(&self) -> &str {
+        self.field("customer_id").unwrap_or_default()
+    }
+
+    /// `ctx` as written (JSON text), when present.
+    pub fn ctx(&self) -> Option<&str> {
+        self.field("ctx")
+    }
+
+    /// Whether the job last waited for an API quota (`limit_reason` set by `deferJob`).
+    pub fn waited_for_a_limit(&self) -> bool {
+        self.field("limit_reason").is_some_and(|r| !r.is_empty())
+    }
+
+    /// `requirements` decoded, when present and valid JSON.
+    pub fn requirements(&self) -> Option<Value> {
+        serde_json::from_str(self.field("requirements")?).ok()
     }
 
     /// `retry_count` (0 when absent).
     pub fn retry_count(&self) -> u32 {
         self.field("retry_count").and_then(|v| v.parse().ok()).unwrap_or(0)
-    }
-
-    /// `ctx` decoded, when present and valid.
-    pub fn ctx(&self) -> Option<Value> {
-        self.field("ctx").and_then(|v| serde_json::from_str(v).ok())
     }
 }
 

@@ -11,6 +11,7 @@
 mod claim;
 mod events;
 mod lifecycle;
+mod limits;
 mod operator;
 mod registry;
 mod reply;
@@ -35,6 +36,7 @@ use crate::config::RedisUrl;
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
 pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
+pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
 
 /// Tunables of the broker; the defaults are the contract's.
@@ -51,6 +53,9 @@ pub struct BrokerOptions {
     pub retry_delay: RetryDelay,
     /// `findMatchingJob`'s second argument: how many held-off jobs of one group it skips.
     pub max_examine: u32,
+    /// A job's `max_retries` counts as at most this (`worker.max_retries_cap`, default 10; 0:
+    /// no cap), so that a job asking for a billion retries does not circle the fleet for years.
+    pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
     /// Where every command's outcome is recorded (the machine passes the one its health
@@ -66,6 +71,7 @@ impl Default for BrokerOptions {
             failed_holdoff: Duration::from_secs(30),
             retry_delay: DEFAULT_RETRY_DELAY,
             max_examine: 100,
+            max_retries_cap: 10,
             key_prefix: String::new(),
             health: RedisHealth::new(),
         }
@@ -234,11 +240,6 @@ impl Broker {
                 sweeper_id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
             }),
         })
-    }
-
-    /// The options this broker runs with.
-    pub fn options(&self) -> &BrokerOptions {
-        &self.inner.opts
     }
 
     /// The lease the next claim and renewal ask for.
@@ -586,35 +587,6 @@ fn is_master(first: Option<&redis::Value>) -> bool {
         Some(redis::Value::BulkString(b)) => b.as_slice() == b"master",
         Some(redis::Value::SimpleString(s)) => s == "master",
         _ => false,
-    }
-}
-
-/// The external-API limits section of the library (`acquireLimit`, `recordLimitUsage`,
-/// `clearLimitReason`), used by `connectors::limits` and the workers; `deferJob` is a
-/// lifecycle write.
-impl Broker {
-    /// Calls a limits function with the key prefix as its first argument.
-    pub(crate) async fn call_limits<T: FromRedisValue>(
-        &self,
-        function: &'static str,
-        args: &[&str],
-    ) -> Result<T, BrokerError> {
-        let mut all = vec![self.inner.opts.key_prefix.as_str()];
-        all.extend_from_slice(args);
-        self.call(function, &all).await
-    }
-
-    /// Today's fleet-wide `(requests, tokens)` of `api` in quota period `period`, as
-    /// `acquireLimit` and `recordLimitUsage` count them; `None` for a count not written yet.
-    pub(crate) async fn limit_usage(&self, api: &str, period: &str) -> Result<(Option<u64>, Option<u64>), BrokerError> {
-        let mut conn = self.connection();
-        cmd("HMGET")
-            .arg(self.key(&format!("limits:{api}:usage:{period}")))
-            .arg("requests")
-            .arg("tokens")
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err("limits usage"))
     }
 }
 

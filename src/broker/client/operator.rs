@@ -190,23 +190,86 @@ impl Broker {
         }))
     }
 
-    /// Which registered workers (`worker:*` with capabilities) could run a waiting job.
+    /// Every service a worker of this broker's Redis has ever registered (what `machine jobs
+    /// submit` checks a new job's service against): the set our registrations add to, and the
+    /// services in the capabilities of every worker registered now (an original worker's too).
+    pub async fn offered_services(&self) -> Result<std::collections::BTreeSet<String>, BrokerError> {
+        let mut conn = self.connection();
+        let mut offered: std::collections::BTreeSet<String> = redis::cmd("SMEMBERS")
+            .arg(self.key(super::registry::OFFERED_SERVICES))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("offered services"))?;
+        let pattern = self.key("worker:*");
+        let prefix_len = pattern.len() - 1;
+        let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
+        keys.retain(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':')));
+        if keys.is_empty() {
+            return Ok(offered);
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hget(k, "capabilities");
+        }
+        let caps: Vec<Option<String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("offered services"))?;
+        for doc in caps
+            .iter()
+            .flatten()
+            .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        {
+            for key in ["job_service_required_map", "services"] {
+                let names = doc.get(key).and_then(Value::as_array).into_iter().flatten();
+                offered.extend(names.filter_map(Value::as_str).map(str::to_owned));
+            }
+        }
+        Ok(offered)
+    }
+
+    /// Why a waiting job waits: its retry delay, a service no worker ever offered, or which
+    /// registered workers (`worker:*` with capabilities) could run it and whether those may
+    /// claim now (their machine's status message says which are held, e.g. quarantined).
     async fn why_waiting(&self, job_id: &str, job: &BTreeMap<String, String>) -> Result<String, BrokerError> {
         let mut conn = self.connection();
+        let delayed_until: Option<f64> = redis::cmd("ZSCORE")
+            .arg(self.key("jobs:idx:delayed"))
+            .arg(job_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("show job"))?;
+        let now = crate::clock::now_ms();
+        if let Some(until) = delayed_until.filter(|u| *u > now as f64) {
+            return Ok(format!(
+                "it waits out its retry delay after attempt {} of {}: claimable in {}s",
+                job.get("retry_count").map_or("?", String::as_str),
+                job.get("max_retries").map_or("?", String::as_str),
+                ((until - now as f64) / 1000.0).ceil()
+            ));
+        }
+        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
+        let service = Some(field("service_required"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| field("job_type"));
+        if !self.offered_services().await?.contains(&service) {
+            return Ok(format!(
+                "no machine offers service `{service}`: no worker has ever registered it"
+            ));
+        }
         let pattern = self.key("worker:*");
         let prefix_len = pattern.len() - 1;
         let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
         // `worker:<id>` only, not the `worker:<id>:...` keys beside it.
         keys.retain(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':')));
+        if keys.is_empty() {
+            return Ok("no worker is registered: no machine is running, or none has reached Redis".to_owned());
+        }
         let mut pipe = redis::pipe();
         for k in &keys {
             pipe.hget(k, "capabilities");
         }
         let caps: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_err("show job"))?;
-        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
-        let service = Some(field("service_required"))
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| field("job_type"));
         let pending = PendingJob {
             id: job_id.to_owned(),
             score: 0.0,
@@ -234,19 +297,54 @@ impl Broker {
                 })
             })
             .count();
-        let able = workers.iter().filter(|w| job_matches(w, &pending)).count();
-        Ok(if accepting == 0 {
-            format!(
+        let able: Vec<&Value> = workers.iter().filter(|w| job_matches(w, &pending)).collect();
+        if accepting == 0 {
+            return Ok(format!(
                 "no registered worker accepts service `{service}` ({} workers registered)",
                 workers.len()
-            )
-        } else if able == 0 {
-            format!(
+            ));
+        }
+        if able.is_empty() {
+            return Ok(format!(
                 "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
-            )
-        } else {
-            format!("{able} registered workers can run it; it waits for one of them to be free")
-        })
+            ));
+        }
+        let presence = self.presence(&able).await?;
+        Ok(waiting_for(&presence))
+    }
+
+    /// What each worker's machine last said of it: held (with the reason), busy or free. A
+    /// worker whose machine's status message is gone counts as free: nothing says otherwise.
+    async fn presence(&self, workers: &[&Value]) -> Result<Vec<(String, Presence)>, BrokerError> {
+        let field = |w: &Value, k: &str| w.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let mut machines: BTreeMap<String, Value> = BTreeMap::new();
+        let mut conn = self.connection();
+        for w in workers {
+            let machine = field(w, "machine_id");
+            if machines.contains_key(&machine) {
+                continue;
+            }
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(self.key(&format!("machine:{machine}:status")))
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("show job"))?;
+            let doc = raw.and_then(|r| serde_json::from_str(&r).ok()).unwrap_or(Value::Null);
+            machines.insert(machine, doc);
+        }
+        Ok(workers
+            .iter()
+            .map(|w| {
+                let id = field(w, "worker_id");
+                let said = &machines[&field(w, "machine_id")]["status"]["workers"][id.as_str()];
+                let presence = match (said["reason"].as_str(), said["status"].as_str()) {
+                    (Some(reason), _) => Presence::Held(reason.to_owned()),
+                    (None, Some("busy")) => Presence::Busy,
+                    _ => Presence::Free,
+                };
+                (id, presence)
+            })
+            .collect())
     }
 
     /// How many jobs wait for each of `services`, claimable now: the sizes of the matching
@@ -321,6 +419,46 @@ fn new_job_id() -> String {
     )
 }
 
+/// What a worker that could run a waiting job is doing, as its machine last said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Presence {
+    /// It may not claim: quarantined, its GPU faulted, ... (the reason).
+    Held(String),
+    /// It runs a job.
+    Busy,
+    /// It may claim.
+    Free,
+}
+
+/// Why a job that `workers` could run still waits, as an operator needs to read it.
+fn waiting_for(workers: &[(String, Presence)]) -> String {
+    let held: Vec<String> = workers
+        .iter()
+        .filter_map(|(id, p)| match p {
+            Presence::Held(reason) => Some(format!("{id} ({reason})")),
+            _ => None,
+        })
+        .collect();
+    let busy = workers.iter().filter(|(_, p)| *p == Presence::Busy).count();
+    let free = workers.len() - held.len() - busy;
+    if held.len() == workers.len() {
+        return format!(
+            "the only registered workers that can run it may not claim now: {}",
+            held.join("; ")
+        );
+    }
+    let mut text = format!("{} registered workers can run it", workers.len());
+    if free > 0 {
+        text.push_str(&format!("; {free} of them free, so the next claim should take it"));
+    } else {
+        text.push_str(&format!("; it waits for one of the {busy} busy to be free"));
+    }
+    if !held.is_empty() {
+        text.push_str(&format!("; held: {}", held.join("; ")));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +483,22 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+
+    #[test]
+    fn why_a_job_waits_says_who_may_not_claim() {
+        let held = |r: &str| Presence::Held(r.to_owned());
+        let only_held = waiting_for(&[("w1".into(), held("quarantined for 5m 0s"))]);
+        assert_eq!(
+            only_held,
+            "the only registered workers that can run it may not claim now: w1 (quarantined for 5m 0s)"
+        );
+        let busy = waiting_for(&[("w1".into(), Presence::Busy), ("w2".into(), held("gpu faulted"))]);
+        assert!(
+            busy.contains("waits for one of the 1 busy") && busy.contains("held: w2 (gpu faulted)"),
+            "{busy}"
+        );
+        let free = waiting_for(&[("w1".into(), Presence::Free)]);
+        assert!(free.contains("1 of them free"), "{free}");
     }
 }

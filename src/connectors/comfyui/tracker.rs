@@ -223,6 +223,20 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_prompt_keeps_the_queue_busy_until_it_leaves_it() {
+        let running = json!({"queue_running": [[0, "p1", {}, {}, []]], "queue_pending": []});
+        assert!(!queue_is_empty(&running));
+        assert!(queue_lists(&running, "p1"));
+        let pending = json!({"queue_running": [], "queue_pending": [[1, "p2", {}, {}, []]]});
+        assert!(!queue_is_empty(&pending));
+        assert!(queue_is_empty(&json!({"queue_running": [], "queue_pending": []})));
+        assert!(
+            queue_is_empty(&json!({})),
+            "an answer without the lists has nothing queued"
+        );
+    }
+
+    #[test]
     fn tracker_maps_events_to_progress_and_outcome() {
         let w = workflow();
         let mut t = Tracker::new("p1".into(), w.as_object().unwrap());

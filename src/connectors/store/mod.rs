@@ -24,7 +24,7 @@ mod naming;
 mod target;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -240,11 +240,6 @@ impl OutputStore {
     /// The cloud stores behind the outputs.
     pub fn cloud(&self) -> &CloudStores {
         &self.cloud
-    }
-
-    /// The local default directory.
-    pub fn local_root(&self) -> &FsPath {
-        &self.local_root
     }
 
     /// Checks where `job`'s outputs go and prepares the client; `retry_count` is the job's

@@ -131,10 +131,13 @@ impl OutputTarget {
         loop {
             match self.put(key, bytes.clone(), content_type).await {
                 Err(e) if e.fault() == StoreFault::Unavailable => {
-                    let delay = BACKOFF.delay(attempt, 0.0);
-                    if started.elapsed() + delay > self.options.upload_window {
+                    // The last try starts as the window closes, so a store back just before
+                    // then still takes the object.
+                    let left = self.options.upload_window.saturating_sub(started.elapsed());
+                    if left.is_zero() {
                         return Err(e);
                     }
+                    let delay = BACKOFF.delay(attempt, 0.0).min(left);
                     tracing::info!(key, error = %crate::logging::error_chain(&e), ?delay, "the store is down; trying the upload again");
                     attempt += 1;
                     tokio::time::sleep(delay).await;

@@ -43,6 +43,13 @@ struct Ended {
     possible_orphan: Option<String>,
 }
 
+/// What the upload of a finished job's outputs watches: the lease keeper's stops and the drain
+/// period, when shutdown began while the job ran.
+struct Uploading<'a> {
+    stops: &'a mut mpsc::Receiver<Stop>,
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
 /// A claimed job ready to run: its input and its checked output destination.
 #[derive(Debug)]
 struct Prepared {
@@ -67,8 +74,8 @@ impl Worker {
             id: claimed.id.clone(),
             service_required: claimed.service.clone(),
             payload: claimed.payload.clone(),
-            customer_id: claimed.field("customer_id").unwrap_or_default().to_owned(),
-            ctx: store::parse_ctx(claimed.field("ctx")).map_err(refused)?,
+            customer_id: claimed.customer_id().to_owned(),
+            ctx: store::parse_ctx(claimed.ctx()).map_err(refused)?,
             timeout: job_timeout(claimed),
         };
         let target = self.store.target(&job, claimed.retry_count()).map_err(refused)?;
@@ -119,10 +126,9 @@ impl Worker {
             (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
                 Err(not) => ended(self.not_written(not)),
                 Ok(()) => {
-                    if claimed.field("limit_reason").is_some_and(|r| !r.is_empty()) {
+                    if claimed.waited_for_a_limit() {
                         // It waited for a quota before; if it still must, deferJob says so again.
-                        let cleared: Result<i64, _> = broker.call_limits("clearLimitReason", &[&claimed.id]).await;
-                        if let Err(e) = cleared {
+                        if let Err(e) = broker.clear_limit_reason(&claimed.id).await {
                             tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
                         }
                     }
@@ -132,7 +138,14 @@ impl Worker {
             },
         };
         let total = claimed_at.elapsed();
-        tracing::info!(worker = %self.id(), job_id = %claimed.id, outcome = ?outcome, ?run, ?total, "job ended");
+        tracing::info!(
+            worker = %self.id(),
+            job_id = %claimed.id,
+            outcome = outcome.name(),
+            run = %crate::logging::human_duration(run),
+            total = %crate::logging::human_duration(total),
+            "job ended"
+        );
         self.status.send_modify(|s| {
             s.current_job = None;
             s.last_activity_ms = crate::clock::now_ms();
@@ -178,6 +191,7 @@ impl Worker {
         let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
+        let checker = connector.clone();
         let mut task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
             let cancel = job_cancel.clone();
@@ -187,7 +201,8 @@ impl Worker {
             }
         }));
         let (stop_tx, mut stop_rx) = mpsc::channel(2);
-        let keeper = AbortOnDrop(tokio::spawn(keep_lease(
+        // Held until this function returns: the lease is renewed until the job's end is written.
+        let _keeper = AbortOnDrop(tokio::spawn(keep_lease(
             broker.clone(),
             claimed.clone(),
             self.settings.heartbeat,
@@ -254,7 +269,8 @@ impl Worker {
                 }
             }
         };
-        drop(keeper);
+        // The lease is kept until the job's end is written: the uploads, the CDN wait and the
+        // outcome write below may outlast it (issue 23). Progress ends with the connector.
         drop(forwarder);
         // What the attempt used at a paid API is billed whatever its outcome; it is added to
         // the job's totals before the outcome is written, so a finished job shows all of it.
@@ -268,7 +284,14 @@ impl Worker {
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
-            (_, Ok(output)) => self.write_success(broker, claimed, target, output, shutdown).await,
+            (_, Ok(output)) => {
+                let uploading = Uploading {
+                    stops: &mut stop_rx,
+                    drain,
+                };
+                self.write_success(broker, claimed, target, output, shutdown, uploading)
+                    .await
+            }
             (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
                 match self.write(shutdown, || broker.return_job(claimed)).await {
                     Ok(()) => JobOutcome::Returned,
@@ -288,6 +311,16 @@ impl Worker {
                 tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
                 self.give_back(broker, claimed, &e.chain(), shutdown).await
             }
+            (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
+                // The API refuses this machine, not the job: hand the job back untouched (not
+                // counted against it: an account out of credit is probed with real jobs, which
+                // must not fail them) and take no more of that API's work until a re-check passes.
+                self.hold_for_credentials(checker, &e);
+                match self.write(shutdown, || broker.return_job(claimed)).await {
+                    Ok(()) => JobOutcome::Returned,
+                    Err(not) => self.not_written(not),
+                }
+            }
             (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
             (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
         };
@@ -299,6 +332,10 @@ impl Worker {
         }
     }
 
+    /// Stores the outputs and completes the job, under its lease (renewed beside it). The
+    /// upload stops when the API cancels the job or the lease is lost, and, at shutdown, when
+    /// the drain period (or a second signal) ends first: the job is then returned to the queue
+    /// in its place, as a running job would be. Whole-object PUTs leave nothing partial.
     async fn write_success(
         &self,
         broker: &Broker,
@@ -306,8 +343,35 @@ impl Worker {
         target: &OutputTarget,
         output: JobOutput,
         shutdown: &CancellationToken,
+        mut uploading: Uploading<'_>,
     ) -> JobOutcome {
-        let stored = match target.store(output.artifacts).await {
+        let upload = target.store(output.artifacts);
+        tokio::pin!(upload);
+        let stored = loop {
+            tokio::select! {
+                biased;
+                r = &mut upload => break r,
+                Some(s) = uploading.stops.recv() => match s {
+                    Stop::Cancelled => return JobOutcome::Cancelled,
+                    Stop::Lost => return JobOutcome::Lost,
+                    Stop::Timeout | Stop::Shutdown | Stop::Held => {}
+                },
+                () = shutdown.cancelled(), if uploading.drain.is_none() => {
+                    tracing::info!(job_id = %claimed.id, drain = ?self.settings.drain, "shutdown: letting the upload finish within the drain period");
+                    self.set_state(WorkerState::Draining);
+                    uploading.drain = Some(Box::pin(tokio::time::sleep(self.settings.drain)));
+                }
+                () = async { uploading.drain.as_mut().expect("guarded by is_some").await }, if uploading.drain.is_some() => {
+                    tracing::warn!(job_id = %claimed.id, "the drain period ended before the upload did; returning the job");
+                    return self.return_now(broker, claimed, shutdown).await;
+                }
+                () = self.force.cancelled() => {
+                    tracing::info!(job_id = %claimed.id, "forced shutdown: returning the job now");
+                    return self.return_now(broker, claimed, shutdown).await;
+                }
+            }
+        };
+        let stored = match stored {
             Ok(s) => s,
             Err(e) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
         };
@@ -319,6 +383,14 @@ impl Worker {
         }
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
             Ok(()) => JobOutcome::Completed,
+            Err(not) => self.not_written(not),
+        }
+    }
+
+    /// Returns the job to the queue in its place, no retry spent (shutdown).
+    async fn return_now(&self, broker: &Broker, claimed: &ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
+        match self.write(shutdown, || broker.return_job(claimed)).await {
+            Ok(()) => JobOutcome::Returned,
             Err(not) => self.not_written(not),
         }
     }
@@ -568,7 +640,7 @@ fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
         .get("timeout_seconds")
         .and_then(Value::as_f64)
         .or_else(|| {
-            let req: Value = serde_json::from_str(claimed.field("requirements")?).ok()?;
+            let req = claimed.requirements()?;
             req.get("timeout_minutes").and_then(Value::as_f64).map(|m| m * 60.0)
         })?;
     (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(7.0 * 86_400.0)))

@@ -30,7 +30,7 @@ use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError};
 use crate::logging::error_chain;
 use crate::worker::capabilities::ModelDirs;
-use crate::worker::hold::{HoldKind, Holds};
+use crate::worker::hold::{HoldKind, Holds, Recheck};
 use crate::worker::pause::JobEnds;
 use crate::worker::quarantine::{Quarantine, QuarantinePolicy};
 use crate::worker::{JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
@@ -76,6 +76,23 @@ pub struct Worker {
     kept: Vec<super::upkeep::Kept>,
     /// How often a hold set with a re-check is checked again while the worker is held.
     hold_recheck: Duration,
+}
+
+/// The re-check of an external API's refusal of this machine (see
+/// [`Worker::hold_for_credentials`]).
+#[derive(Debug)]
+struct ApiRecheck {
+    connector: Arc<dyn Connector>,
+    credit: bool,
+}
+
+impl Recheck for ApiRecheck {
+    fn recheck(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        if self.credit {
+            return Box::pin(async { Ok(()) });
+        }
+        self.connector.check_credentials()
+    }
 }
 
 /// Work this worker leaves alone until a daily quota resets.
@@ -202,7 +219,7 @@ impl Worker {
         if models == self.caps.models {
             return false;
         }
-        tracing::info!(worker = %self.id(), models = ?models, "the models on disk changed");
+        tracing::info!(worker = %self.id(), models = %models_text(&models), "the models on disk changed");
         self.caps.models = models;
         true
     }
@@ -296,7 +313,7 @@ impl Worker {
         // The models are scanned now, not when the worker was built: the installers ran since,
         // and what they downloaded on this boot belongs in the capabilities it registers with.
         if let Some(models) = self.scan_models().await {
-            tracing::info!(worker = %self.id(), models = ?models, "models on disk");
+            tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
             self.caps.models = models;
         }
         while !shutdown.is_cancelled() {
@@ -378,8 +395,9 @@ impl Worker {
             match claimed {
                 Ok(Some(job)) => {
                     backoff.reset();
+                    let job_id = job.id.clone();
                     let outcome = self.run_job(&broker, job, &shutdown).await;
-                    self.judge(&outcome);
+                    self.judge(&job_id, &outcome);
                     if let Some(ends) = &self.job_ends {
                         // A restart planned for after this job is held before the next claim.
                         ends.job_ended(&outcome).await;
@@ -508,13 +526,29 @@ impl Worker {
         }
     }
 
+    /// Holds the worker after its API refused this machine's credentials (`e`) until the
+    /// hold's re-check passes: a cheap authenticated request for a refused key; for an account
+    /// out of credit the re-check lifts the hold, so that the next job tries one real request
+    /// (a cheap one passes while credit is out) and holds the worker again if still refused.
+    pub(super) fn hold_for_credentials(&mut self, connector: Arc<dyn Connector>, e: &ConnectorError) {
+        let ConnectorError::CredentialsRefused { credit, .. } = e else {
+            return;
+        };
+        tracing::warn!(worker = %self.id(), error = %e.chain(), "an external API refuses this machine; holding its work");
+        let check = Arc::new(ApiRecheck {
+            connector,
+            credit: *credit,
+        });
+        self.holds.set_until(HoldKind::ApiCredentials, e.chain(), check);
+    }
+
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
-    fn judge(&mut self, outcome: &JobOutcome) {
+    fn judge(&mut self, job_id: &str, outcome: &JobOutcome) {
         match outcome {
             JobOutcome::Completed => self.quarantine.completed(),
             JobOutcome::Failed { blame, error, .. } => {
-                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, error, Instant::now()) {
+                if let Some((cooldown, reason)) = self.quarantine.failed(*blame, job_id, error, Instant::now()) {
                     tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
                     self.holds.set(HoldKind::Quarantine, reason);
                 }
@@ -610,6 +644,20 @@ impl RedisBackoff {
                 true
             }
         }
+    }
+}
+
+/// The models on disk as a log line reads them: `checkpoints: a, b; loras: c`, or `none`.
+fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
+    let text: Vec<String> = models
+        .iter()
+        .filter(|(_, files)| !files.is_empty())
+        .map(|(kind, files)| format!("{kind}: {}", files.join(", ")))
+        .collect();
+    if text.is_empty() {
+        "none".to_owned()
+    } else {
+        text.join("; ")
     }
 }
 
