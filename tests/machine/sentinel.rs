@@ -201,6 +201,13 @@ fn failovers_through_sentinel_lose_no_job_and_claims_resume_within_2s() {
     let answer = sentinels[0].cli(&["SENTINEL", "FAILOVER", MASTER]);
     assert!(answer.contains("OK"), "{answer}");
     let writable = wait_writable(&b, Duration::from_secs(20));
+    wait_until(Duration::from_secs(20), "the sentinels to name the new master", || {
+        (master_port(&sentinels[0]) == b.port).then_some(())
+    });
+    eprintln!(
+        "SENTINEL FAILOVER: sentinels name it {:?} after it was writable",
+        writable.elapsed()
+    );
     let first = resumed_after(&b, writable);
     eprintln!("SENTINEL FAILOVER: claims resumed {first:?} after the new master was writable");
     wait_until(Duration::from_secs(20), "the sentinels to name the new master", || {
@@ -224,6 +231,13 @@ fn failovers_through_sentinel_lose_no_job_and_claims_resume_within_2s() {
     let killed = Instant::now();
     let writable = wait_writable(&a, Duration::from_secs(30));
     eprintln!("primary killed: new master writable after {:?}", killed.elapsed());
+    wait_until(Duration::from_secs(20), "the sentinels to name the new master", || {
+        (master_port(&sentinels[0]) == a.port).then_some(())
+    });
+    eprintln!(
+        "primary killed: sentinels name it {:?} after it was writable",
+        writable.elapsed()
+    );
     let second = resumed_after(&a, writable);
     eprintln!("primary killed: claims resumed {second:?} after the new master was writable");
     nodes[1] = Some(a);
