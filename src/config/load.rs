@@ -377,11 +377,12 @@ ready = { tcp = "127.0.0.1:7000" }
 
         let ps = problems(None, &[("HUB_REDIS_SENTINELS", "s:1")]);
         assert!(
-            ps.len() == 1 && ps[0].key == "HUB_REDIS_SENTINEL_MASTER" && ps[0].message.contains("both or neither"),
+            ps.len() == 1 && ps[0].key == "redis.sentinel_master" && ps[0].message.contains("both or neither"),
             "{ps:?}"
         );
         let ps = problems(None, &[("HUB_REDIS_SENTINEL_MASTER", "m")]);
-        assert!(ps.len() == 1 && ps[0].key == "HUB_REDIS_SENTINELS", "{ps:?}");
+        // The missing key is named (no variable set it).
+        assert!(ps.len() == 1 && ps[0].key == "redis.sentinels", "{ps:?}");
         let ps = problems(
             None,
             &[
