@@ -9,6 +9,9 @@
 #                            (`azure-storage-blob`, `boto3`) the tests read the objects back with
 #   promtool                 `promtool check metrics` on the machine's /metrics (Debian's
 #                            `prometheus` package ships it)
+#   podman, runc, debootstrap  the container checks of scripts/image.sh test (runc: crun fails
+#                            where cgroups are in hybrid mode; debootstrap makes the base image
+#                            without a registry), with uidmap, slirp4netns and fuse-overlayfs
 # Idempotent: with everything present it changes nothing and needs no network.
 set -eu
 
@@ -27,6 +30,13 @@ for c in /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome /usr
 done
 [ -n "$chromium_found" ] || missing="$missing chromium"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+command -v podman >/dev/null 2>&1 || missing="$missing podman"
+command -v runc >/dev/null 2>&1 || missing="$missing runc"
+command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"
+command -v newuidmap >/dev/null 2>&1 || missing="$missing uidmap"
+command -v slirp4netns >/dev/null 2>&1 || missing="$missing slirp4netns"
+command -v fuse-overlayfs >/dev/null 2>&1 || missing="$missing fuse-overlayfs"
+command -v curl >/dev/null 2>&1 || missing="$missing curl"
 
 node_major() {
     node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0
@@ -71,7 +81,7 @@ install_object_stores() {
 if [ -z "$missing" ]; then
     check_node
     install_object_stores
-    echo "test-deps: git, python3 (venv), node, npm, promtool and chromium ($chromium_found) are present"
+    echo "test-deps: git, python3 (venv), node, npm, promtool, podman (runc, debootstrap) and chromium ($chromium_found) are present"
     exit 0
 fi
 

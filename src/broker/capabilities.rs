@@ -62,6 +62,16 @@ impl Capabilities {
         }
     }
 
+    /// The `service_required` values this worker accepts: `job_service_required_map`, or its
+    /// connectors when the map is empty (as the library reads it).
+    pub fn accepted_services(&self) -> &[String] {
+        if self.job_service_required_map.is_empty() {
+            &self.connectors
+        } else {
+            &self.job_service_required_map
+        }
+    }
+
     /// The JSON document sent to Redis.
     pub fn to_json(&self) -> String {
         // A struct of strings, numbers, lists and maps with string keys always serialises.
@@ -170,6 +180,14 @@ pub(crate) fn as_number(v: &Value) -> Option<f64> {
     }
 }
 
+/// Why a job's payload makes it unworkable beside malformed JSON (a `timeout_seconds` that is
+/// not a positive number), as the Lua library decides it; `None` when it does not.
+pub(crate) fn payload_problem(payload: &Value) -> Option<&'static str> {
+    let limit = payload.get("timeout_seconds")?;
+    (limit != &Value::Bool(false) && !as_number(limit).is_some_and(|n| n > 0.0))
+        .then_some("payload.timeout_seconds must be a positive number of seconds")
+}
+
 /// A `hardware.gpu_model` name as text: a string as it is, a number as its decimal text (the
 /// monitor's form turns a typed `4090` into a number), as the Lua library reads it: an integer
 /// below 1e15 without a fraction, any other number in its shortest form (the two agree for
@@ -217,6 +235,10 @@ fn uncomparable(v: &Value, path: &str) -> Option<String> {
 
 /// Why the positive requirements can never match a worker: a named key of the wrong kind.
 fn wrong_kind(pos: &Map<String, Value>) -> Option<String> {
+    // A descriptive key, but a negative time limit is a mistake the job must hear of.
+    if pos.get("timeout_minutes").and_then(as_number).is_some_and(|m| m < 0.0) {
+        return Some("requirements.timeout_minutes must not be negative".to_owned());
+    }
     if let Some(hw) = pos.get("hardware")
         && hw.as_str() != Some("all")
         && !is_empty(hw)

@@ -365,6 +365,9 @@ end
 -- Why the positive requirements can never match any worker, or nil: the named keys with a
 -- value of the wrong kind.
 local function wrong_kind(pos)
+  -- A descriptive key, but a negative time limit is a mistake the job must hear of.
+  local minutes = as_number(pos.timeout_minutes)
+  if minutes and minutes < 0 then return 'requirements.timeout_minutes must not be negative' end
   local hw = pos.hardware
   if hw ~= nil and hw ~= 'all' and kind(hw) ~= 'empty' then
     if kind(hw) ~= 'object' then return 'hardware must be an object or "all"' end
@@ -648,9 +651,14 @@ local function index_job(p, id, now, seq, delay_until)
   end
   local payload = f[6]
   if payload and string.match(payload, '%S') then
-    local ok = pcall(cjson.decode, payload)
+    local ok, doc = pcall(cjson.decode, payload)
     if not ok then
       mark_unworkable(p, id, 'malformed payload JSON', now)
+      return 'unworkable'
+    end
+    local limit = type(doc) == 'table' and doc.timeout_seconds
+    if limit ~= nil and limit ~= false and not ((as_number(limit) or 0) > 0) then
+      mark_unworkable(p, id, 'payload.timeout_seconds must be a positive number of seconds', now)
       return 'unworkable'
     end
   end
@@ -1157,12 +1165,24 @@ end
 -- A retryable failure waits out `delay_ms` (nobody claims it meanwhile), then keeps its place
 -- in line; the failing worker is held off it for `holdoff_ms` more, so that another capable
 -- worker takes it when one exists.
-local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms)
+-- A job's max_retries, at most `cap` (the machines' worker.max_retries_cap; 0: none): a job
+-- asking for a billion retries would circle the fleet for years. A capped job records the cap
+-- it got (max_retries_cap) for `machine jobs show`.
+local function max_retries_of(p, id, raw, cap)
+  local n = tonumber(raw) or 3
+  if cap and cap > 0 and n > cap then
+    redis.call('HSET', p .. 'job:' .. id, 'max_retries_cap', tostring(cap))
+    return cap
+  end
+  return n
+end
+
+local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms, cap)
   local now = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local retry_count = (tonumber(st[7]) or 0) + 1
-  local max_retries = tonumber(st[8]) or 3
+  local max_retries = max_retries_of(p, id, st[8], cap)
   if retryable and retry_count < max_retries then
     local at = iso(now)
     local ready_at = now + delay_ms
@@ -1197,7 +1217,7 @@ end
 local MAX_MACHINE_RETURNS = 5
 local REASON_MAX = 300 -- characters of one reason kept
 
-local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_ms)
+local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_ms, cap)
   local now = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
@@ -1206,7 +1226,7 @@ local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_
   if fault == 'service' then
     local faults = (tonumber(f[3]) or 0) + 1
     redis.call('HSET', jkey, 'service_faults', tostring(faults))
-    if faults > 1 then return fail(p, id, worker, detail, true, holdoff_ms, delay_ms) end
+    if faults > 1 then return fail(p, id, worker, detail, true, holdoff_ms, delay_ms, cap) end
   end
   local returns = (tonumber(f[1]) or 0) + 1
   local ok, reasons = pcall(cjson.decode, f[2] or '[]')
@@ -1233,7 +1253,7 @@ local function renew(p, id, worker, lease_ms)
 end
 
 -- Returns jobs whose lease expired: {requeued, failed, cleaned}.
-local function reap(p, limit, sweep_budget)
+local function reap(p, limit, sweep_budget, cap)
   local now = now_ms()
   local requeued, failed, cleaned = 0, 0, 0
   local ids = redis.call('ZRANGEBYSCORE', p .. 'jobs:leases', '-inf', now, 'LIMIT', 0, limit)
@@ -1247,7 +1267,7 @@ local function reap(p, limit, sweep_budget)
     else
       local worker = claim_rec.w
       local retry_count = (tonumber(st[3]) or 0) + 1
-      local max_retries = tonumber(st[4]) or 3
+      local max_retries = max_retries_of(p, id, st[4], cap)
       dbg('lease of ' .. id .. ' held by ' .. worker .. ' expired')
       if retry_count < max_retries then
         requeue(p, id, worker, claim_rec, { 'retry_count', tostring(retry_count), 'last_failed_worker', worker,
@@ -1339,7 +1359,7 @@ end)
 
 redis.register_function('failJob', function(_, args)
   return fail(args[1], args[2], args[3], args[4] or '', args[5] == '1', num_arg(args[6], DEFAULT_HOLDOFF_MS),
-    num_arg(args[7], 0))
+    num_arg(args[7], 0), num_arg(args[8], 0))
 end)
 
 redis.register_function('returnJob', function(_, args)
@@ -1352,7 +1372,7 @@ redis.register_function('returnForFault', function(_, args)
     return redis.error_reply('ERR returnForFault needs the fault kind machine or service')
   end
   return return_for_fault(args[1], args[2], args[3], kind, args[5] or '', num_arg(args[6], DEFAULT_HOLDOFF_MS),
-    num_arg(args[7], 0))
+    num_arg(args[7], 0), num_arg(args[8], 0))
 end)
 
 redis.register_function('renewLease', function(_, args)
@@ -1362,7 +1382,7 @@ redis.register_function('renewLease', function(_, args)
 end)
 
 redis.register_function('reapExpiredLeases', function(_, args)
-  return reap(args[1], num_arg(args[2], 100), num_arg(args[3], 0))
+  return reap(args[1], num_arg(args[2], 100), num_arg(args[3], 0), num_arg(args[4], 0))
 end)
 
 redis.register_function('sweepIndex', function(_, args)

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::capabilities::{Capabilities, Requirements, as_number, gpu_name};
+use super::capabilities::{Capabilities, Requirements, as_number, gpu_name, payload_problem};
 
 /// Requirement keys that describe a job and are not capabilities.
 pub const DESCRIPTIVE_KEYS: [&str; 5] = [
@@ -48,7 +48,8 @@ impl PendingJob {
     pub fn workable(&self) -> bool {
         !self.service.is_empty()
             && Requirements::parse(&self.requirements).is_ok()
-            && (self.payload.trim().is_empty() || serde_json::from_str::<Value>(&self.payload).is_ok())
+            && (self.payload.trim().is_empty()
+                || serde_json::from_str::<Value>(&self.payload).is_ok_and(|p| payload_problem(&p).is_none()))
     }
 }
 

@@ -61,7 +61,9 @@ pub(super) fn machine_redis(path: Option<&Path>) -> Option<config::RedisUrl> {
 }
 
 /// The Redis to talk to: `--redis-url`/`HUB_REDIS_URL`, else the machine's own (in local mode,
-/// the private redis-server's socket under the workspace).
+/// the private redis-server's socket under the workspace). The machine's Sentinels
+/// (`HUB_REDIS_SENTINELS`, `[redis] sentinels`) hold for a given URL too: it then gives the
+/// credentials, database and TLS, as `HUB_REDIS_URL` does for the machine.
 pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> Result<config::RedisUrl, CliError> {
     let Some(raw) = args.redis_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
         let machine =
@@ -78,7 +80,11 @@ pub(super) fn redis_url(args: &RedisArgs, machine: Option<config::RedisUrl>) -> 
         }
         return Ok(machine);
     };
-    config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
+    let given = config::RedisUrl::parse(raw).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(match machine.as_ref().and_then(|m| m.sentinels()) {
+        Some(target) => given.with_sentinels(target.clone()),
+        None => given,
+    })
 }
 
 /// Prints the configuration's warnings (unknown variables) to stderr, where a configuration

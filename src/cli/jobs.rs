@@ -43,6 +43,19 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
             block_on(Threads::One, async {
                 let broker = Broker::connect(&url, BrokerOptions::default()).await?;
                 println!("{}", broker.submit(&job).await?);
+                let offered = broker.offered_services().await?;
+                if !offered.contains(&job.service) {
+                    let known: Vec<&str> = offered.iter().map(String::as_str).collect();
+                    eprintln!(
+                        "warning: no machine has ever registered service `{}` (services offered: {}); the job waits until one does",
+                        job.service,
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                }
                 Ok(Outcome::Success)
             })?
         }

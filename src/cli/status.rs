@@ -28,7 +28,7 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
         }
         loop {
             let shown = match &fleet {
-                Some(url) => client::fleet(url.expose()).await.map_err(CliError::from),
+                Some(url) => client::fleet(url).await.map_err(CliError::from),
                 None => target
                     .get::<StatusDocument>("/status")
                     .await

@@ -349,6 +349,57 @@ ready = { tcp = "127.0.0.1:7000" }
     }
 
     #[test]
+    fn sentinels_come_with_a_master_name_in_host_port_form() {
+        let c = load_str(
+            None,
+            &env(&[
+                ("HUB_REDIS_SENTINELS", "10.0.0.5:26379, 10.0.0.6:26380"),
+                ("HUB_REDIS_SENTINEL_MASTER", "jobs"),
+                ("HUB_REDIS_URL", "rediss://:secret@ignored/2"),
+            ]),
+        )
+        .unwrap();
+        let url = c.machine.broker_url();
+        let target = url.sentinels().expect("sentinels");
+        assert_eq!(target.master, "jobs");
+        assert_eq!(
+            target.nodes,
+            [("10.0.0.5".to_owned(), 26379), ("10.0.0.6".to_owned(), 26380)]
+        );
+        assert!(!url.masked().contains("secret"), "{}", url.masked());
+        // Without a URL: no password, database 0 (not local mode).
+        let c = load_str(
+            None,
+            &env(&[("HUB_REDIS_SENTINELS", "s:1"), ("HUB_REDIS_SENTINEL_MASTER", "m")]),
+        )
+        .unwrap();
+        assert!(c.machine.redis.is_some_and(|u| u.sentinels().is_some()));
+
+        let ps = problems(None, &[("HUB_REDIS_SENTINELS", "s:1")]);
+        assert!(
+            ps.len() == 1 && ps[0].key == "redis.sentinel_master" && ps[0].message.contains("both or neither"),
+            "{ps:?}"
+        );
+        let ps = problems(None, &[("HUB_REDIS_SENTINEL_MASTER", "m")]);
+        // The missing key is named (no variable set it).
+        assert!(ps.len() == 1 && ps[0].key == "redis.sentinels", "{ps:?}");
+        let ps = problems(
+            None,
+            &[
+                ("HUB_REDIS_SENTINELS", "s:1,nope,t:x"),
+                ("HUB_REDIS_SENTINEL_MASTER", "m"),
+            ],
+        );
+        assert!(
+            ps.len() == 2
+                && ps
+                    .iter()
+                    .all(|p| p.key == "HUB_REDIS_SENTINELS" && p.message.contains("host:port")),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_types_name_the_path() {
         let ps = problems(
             Some("[services.x]\ncommand = [\"a\"]\nrestrat = \"always\"\nrestrt = 1\n"),

@@ -35,7 +35,7 @@ pub use load::{DEFAULT_TOML, load, load_in, load_str, warnings};
 pub use locate::{CONNECTORS_FILE, Location, locate};
 pub use model::{
     ComfyuiInstallConfig, Config, DeviceSelector, GpuOverrides, HealthAccess, InstallConfig, LogConfig, LogFormat,
-    MachineConfig, ModelsConfig, OnFault, PlanConfig, PlaywrightInstallConfig, RedisUrl, Secret,
+    MachineConfig, ModelsConfig, OnFault, PlanConfig, PlaywrightInstallConfig, RedisUrl, Secret, SentinelTarget,
     ServiceConnectorConfig, SupervisorConfig, VisibleDevices,
 };
 pub use overlay::variables;

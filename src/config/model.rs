@@ -130,7 +130,7 @@ impl MachineConfig {
     pub fn broker_url(&self) -> RedisUrl {
         self.redis
             .clone()
-            .unwrap_or_else(|| RedisUrl(format!("unix://{}", self.local_redis_socket().display())))
+            .unwrap_or_else(|| RedisUrl::plain(format!("unix://{}", self.local_redis_socket().display())))
     }
 
     /// The Unix socket of the local-mode redis-server.
@@ -167,11 +167,42 @@ impl Serialize for Secret {
     }
 }
 
-/// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`).
+/// A validated Redis URL (`redis://`, `rediss://`, `redis+unix://` or `unix://`), and the
+/// Sentinels that say where its master is when the Redis is replicated.
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(pub(super) String);
+pub struct RedisUrl {
+    url: String,
+    sentinel: Option<SentinelTarget>,
+}
+
+/// `HUB_REDIS_SENTINELS` and `HUB_REDIS_SENTINEL_MASTER`: the master is whatever node these
+/// Sentinels name for `master`, and the URL then gives only the scheme, user, password and
+/// database (its host and port are not used).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// Each Sentinel's host and port.
+    pub nodes: Vec<(String, u16)>,
+    /// The master's name as the Sentinels know it (`sentinel monitor <name> ...`).
+    pub master: String,
+}
 
 impl RedisUrl {
+    /// A URL the validation accepted (or the local-mode socket the machine makes itself).
+    pub(super) fn plain(url: String) -> RedisUrl {
+        RedisUrl { url, sentinel: None }
+    }
+
+    /// This URL's credentials, database and TLS, its master found through `target`.
+    pub fn with_sentinels(mut self, target: SentinelTarget) -> RedisUrl {
+        self.sentinel = Some(target);
+        self
+    }
+
+    /// The Sentinels that name the master, when there are any.
+    pub fn sentinels(&self) -> Option<&SentinelTarget> {
+        self.sentinel.as_ref()
+    }
+
     /// Validates a URL given outside the configuration (e.g. `--redis-url`).
     pub fn parse(u: &str) -> Result<RedisUrl, String> {
         super::validate::redis_url(u)
@@ -179,17 +210,25 @@ impl RedisUrl {
 
     /// The URL with its credentials, for connecting.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.url
     }
 
-    /// The URL with any password replaced by `***`, for logs and status pages.
+    /// The URL with any password replaced by `***`, for logs and status pages; with
+    /// Sentinels, the master's name and the Sentinels instead of the URL's unused host.
     pub fn masked(&self) -> String {
-        match url::Url::parse(&self.0) {
+        let url = match url::Url::parse(&self.url) {
             Ok(mut u) if u.password().is_some() => {
                 let _ = u.set_password(Some("***"));
                 u.to_string()
             }
-            _ => self.0.clone(),
+            _ => self.url.clone(),
+        };
+        match &self.sentinel {
+            None => url,
+            Some(s) => {
+                let nodes: Vec<String> = s.nodes.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+                format!("sentinel master `{}` via {} ({url})", s.master, nodes.join(","))
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ const BINDINGS: &[(&str, &str, Kind)] = &[
     ("MACHINE_ID", "machine.id", Kind::Text),
     ("MACHINE_WORKSPACE", "machine.workspace", Kind::Path),
     ("HUB_REDIS_URL", "redis.url", Kind::Text),
+    ("HUB_REDIS_SENTINELS", "redis.sentinels", Kind::List),
+    ("HUB_REDIS_SENTINEL_MASTER", "redis.sentinel_master", Kind::Text),
     ("MACHINE_HEALTH_PORT", "health.port", Kind::Integer),
     ("MACHINE_GPU_COUNT", "gpu.count", Kind::Integer),
     ("MACHINE_GPU_MEMORY_GB", "gpu.memory_gb", Kind::Float),

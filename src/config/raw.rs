@@ -50,6 +50,9 @@ pub(crate) struct RawMachine {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRedis {
     pub url: Option<String>,
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    pub sentinel_master: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,10 +12,10 @@ use super::env::Env;
 use super::error::Problems;
 use super::model::{
     Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, MachineConfig, ModelsConfig, PlanConfig, RedisUrl,
-    ServiceConnectorConfig, SupervisorConfig,
+    SentinelTarget, ServiceConnectorConfig, SupervisorConfig,
 };
 use super::overlay::EnvOnly;
-use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine};
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis};
 use super::{service, worker};
 
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
@@ -29,11 +29,7 @@ pub(super) fn validate(
     problems: &mut Problems,
 ) -> Config {
     let (machine_id, workspace) = machine(&raw.machine, env, problems);
-    let redis = raw
-        .redis
-        .url
-        .filter(|u| !u.trim().is_empty())
-        .and_then(|u| redis_url(&u).map_err(|m| problems.at("redis.url", m)).ok());
+    let redis = redis(raw.redis, problems);
     let connectors = ConnectorList::parse(&raw.machine.worker_connectors).unwrap_or_else(|ps| {
         for p in ps {
             problems.at("machine.worker_connectors", p);
@@ -316,6 +312,74 @@ fn models(m: ModelsConfig, problems: &mut Problems) -> ModelsConfig {
     m
 }
 
+/// Checks `[redis]`: the URL, and the Sentinel settings, which come both or neither. With
+/// Sentinels the URL is optional and its host and port are not used (the master's address is
+/// the Sentinels' answer): it gives the scheme (`rediss://` for TLS), user, password and
+/// database, and without it the master is reached with `redis://`, no password, database 0.
+fn redis(r: RawRedis, problems: &mut Problems) -> Option<RedisUrl> {
+    let url = r
+        .url
+        .filter(|u| !u.trim().is_empty())
+        .and_then(|u| redis_url(&u).map_err(|m| problems.at("redis.url", m)).ok());
+    let master = r.sentinel_master.map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
+    match (r.sentinels.is_empty(), master) {
+        (true, None) => url,
+        (true, Some(_)) => {
+            problems.at(
+                "redis.sentinels",
+                "is empty while redis.sentinel_master is set: give both or neither",
+            );
+            None
+        }
+        (false, None) => {
+            problems.at(
+                "redis.sentinel_master",
+                "is not set while redis.sentinels is: give both or neither (the master's name as the Sentinels know it)",
+            );
+            None
+        }
+        (false, Some(master)) => {
+            let mut nodes = Vec::new();
+            for node in &r.sentinels {
+                match sentinel_node(node) {
+                    Ok(n) => nodes.push(n),
+                    Err(m) => problems.at("redis.sentinels", m),
+                }
+            }
+            if nodes.len() != r.sentinels.len() {
+                return None;
+            }
+            if let Some(u) = url
+                .as_ref()
+                .filter(|u| u.expose().starts_with("unix:") || u.expose().starts_with("redis+unix:"))
+            {
+                problems.at(
+                    "redis.url",
+                    format!(
+                        "`{}` is a Unix socket; with Sentinels it must be redis:// or rediss://",
+                        u.masked()
+                    ),
+                );
+                return None;
+            }
+            let url = url.unwrap_or_else(|| RedisUrl::plain("redis://sentinel-master".to_owned()));
+            Some(url.with_sentinels(SentinelTarget { nodes, master }))
+        }
+    }
+}
+
+/// One Sentinel's `host:port`.
+fn sentinel_node(node: &str) -> Result<(String, u16), String> {
+    let bad = || format!("`{node}` is not host:port (a Sentinel's address, e.g. `10.0.0.5:26379`)");
+    let (host, port) = node.trim().rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(['/', '@', ' ']) {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
 /// Validates a Redis URL; the error masks any password in it.
 pub(super) fn redis_url(u: &str) -> Result<RedisUrl, String> {
     let parsed = url::Url::parse(u).map_err(|e| format!("`{}` is not a URL: {e}", mask_text(u)))?;
@@ -327,7 +391,7 @@ pub(super) fn redis_url(u: &str) -> Result<RedisUrl, String> {
     }
     redis::IntoConnectionInfo::into_connection_info(u)
         .map_err(|e| format!("`{}` is not a usable Redis URL: {e}", mask_text(u)))?;
-    Ok(RedisUrl(u.to_owned()))
+    Ok(RedisUrl::plain(u.to_owned()))
 }
 
 /// Masks what looks like a password in a URL that may not even parse.

@@ -50,6 +50,10 @@ pub struct WorkerConfig {
     /// job completes.
     #[serde(with = "humantime_serde")]
     pub quarantine_cooldown: Duration,
+    /// A job's `max_retries` counts as at most this (0: no cap), so that a job asking for a
+    /// billion retries does not circle the fleet for years.
+    #[serde(default = "default_max_retries_cap")]
+    pub max_retries_cap: u32,
     /// Per connector, by name (`[worker.quarantine.<connector>]`): a worker running one of
     /// these connectors uses the first one's (in its plan's order) instead of
     /// `quarantine_after`/`quarantine_cooldown`; see [`WorkerConfig::quarantine_of`].
@@ -268,6 +272,11 @@ pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Pr
     // `steps = 0` is read as one step rather than refused, as it always has been.
     s.steps = s.steps.max(1);
     s
+}
+
+/// `worker.max_retries_cap` when a configuration written before it leaves it out.
+fn default_max_retries_cap() -> u32 {
+    10
 }
 
 #[cfg(test)]

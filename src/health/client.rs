@@ -98,8 +98,11 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
 
 /// `--fleet`: every machine's stored status message and every worker's heartbeat, as one line
 /// per machine and per worker.
-pub async fn fleet(redis_url: &str) -> Result<String, ClientError> {
-    let client = redis::Client::open(redis_url).map_err(ClientError::Redis)?;
+pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, ClientError> {
+    // Through the Sentinels when the URL has them, like every connection of the machine.
+    let client = crate::broker::sentinel::client(redis_url)
+        .await
+        .map_err(ClientError::Redis)?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await

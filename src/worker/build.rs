@@ -129,6 +129,7 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
     BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
+        max_retries_cap: config.machine.worker.max_retries_cap,
         ..BrokerOptions::default()
     }
 }

@@ -216,3 +216,51 @@ async fn a_service_fault_is_free_the_first_time_and_the_jobs_own_the_second() {
     .await
     .expect("the test finishes within its limit");
 }
+
+#[tokio::test]
+async fn max_retries_is_capped_and_the_job_says_so() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let opts = BrokerOptions {
+            failed_holdoff: Duration::ZERO,
+            retry_delay: RetryDelay {
+                initial: Duration::ZERO,
+                factor: 1.0,
+                max: Duration::ZERO,
+                jitter: 0.0,
+            },
+            max_retries_cap: 2,
+            ..BrokerOptions::default()
+        };
+        let broker = Broker::connect(&url, opts).await.unwrap();
+        broker.ensure_functions().await.unwrap();
+        let caps = Capabilities::new("w1", "m1", &["simulation"]);
+        let mut job = NewJob::new("simulation", json!({}));
+        job.max_retries = 1_000_000_000;
+        let id = broker.submit(&job).await.unwrap();
+        let claimed = broker.claim(&caps).await.unwrap().unwrap();
+        assert_eq!(
+            broker.fail(&claimed, "flaky", true).await.unwrap(),
+            machine::broker::FailOutcome::Retried
+        );
+        let claimed = broker.claim(&caps).await.unwrap().unwrap();
+        assert_eq!(
+            broker.fail(&claimed, "flaky", true).await.unwrap(),
+            machine::broker::FailOutcome::Failed
+        );
+        let h = job_hash(&server, &id).await;
+        assert_eq!(
+            (
+                h["status"].as_str(),
+                h["retry_count"].as_str(),
+                h["max_retries_cap"].as_str()
+            ),
+            ("failed", "2", "2"),
+            "{h:?}"
+        );
+        assert_eq!(h["max_retries"], "1000000000", "the job's own field is kept");
+    })
+    .await
+    .expect("the test finishes within its limit");
+}

@@ -24,6 +24,7 @@ mod page;
 mod playwright;
 mod reload;
 mod self_healing;
+mod sentinel;
 mod stores;
 mod supervisor;
 mod support;

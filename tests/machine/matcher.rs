@@ -1416,12 +1416,9 @@ async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_
         let view = b.show("nobody").await.unwrap().unwrap();
         assert_eq!(view.job["status"], "pending");
         let why = view.waiting.expect("a waiting job says why");
-        assert!(
-            why.contains("no registered worker accepts service `nobody_has_it`"),
-            "{why}"
-        );
+        assert!(why.contains("no machine offers service `nobody_has_it`"), "{why}");
         let out = machine(&server, &["jobs", "show", "nobody"]);
-        assert!(String::from_utf8_lossy(&out.stdout).contains("no registered worker accepts"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no machine offers service"));
     })
     .await;
 }
@@ -1521,6 +1518,89 @@ async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
         }
         let want: Vec<String> = (0..300).map(|i| format!("q-{i:03}")).collect();
         assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, want);
+    })
+    .await;
+}
+
+/// A time limit of 0 or less is a mistake, not "no limit": the job fails naming the field
+/// (`hardware: "all"` still means no constraint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_a_time_limit_of_zero_or_less_fails_naming_the_field() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        let t = now_ms() - 60_000;
+        let jobs: [(&str, &str, &str, Option<&str>); 5] = [
+            (
+                "zero-seconds",
+                r#"{"timeout_seconds":0}"#,
+                "",
+                Some("payload.timeout_seconds"),
+            ),
+            (
+                "minus-one",
+                r#"{"timeout_seconds":-1}"#,
+                "",
+                Some("payload.timeout_seconds"),
+            ),
+            (
+                "minus-five-minutes",
+                "{}",
+                r#"{"timeout_minutes":-5}"#,
+                Some("requirements.timeout_minutes"),
+            ),
+            (
+                "fine",
+                r#"{"timeout_seconds":30}"#,
+                r#"{"hardware":"all","timeout_minutes":3}"#,
+                None,
+            ),
+            ("fine-as-text", r#"{"timeout_seconds":"30"}"#, "", None),
+        ];
+        for (i, (id, payload, reqs, _)) in jobs.iter().enumerate() {
+            api_submit(
+                &mut conn,
+                id,
+                t + i as i64 * 1000,
+                &[("payload", payload), ("requirements", reqs)],
+                i % 2 == 0,
+            )
+            .await;
+        }
+        assert_eq!(drain(&b, &caps("w", &["comfyui"])).await, ["fine", "fine-as-text"]);
+        for (id, _, _, field) in jobs {
+            let Some(field) = field else { continue };
+            let h = hgetall(&mut conn, &format!("job:{id}")).await;
+            assert_eq!(h["status"], "unworkable", "{id}: {h:?}");
+            assert!(h["error"].contains(field), "{id}: {}", h["error"]);
+        }
+    })
+    .await;
+}
+
+/// `machine jobs submit` for a service no machine has ever registered (a typo) warns, and
+/// `machine jobs show` says no machine offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_for_a_service_no_machine_ever_offered_is_called_out() {
+    within(async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        b.register_worker(&caps("w", &["simulation"])).await.unwrap();
+        let out = machine(&server, &["jobs", "submit", "--service", "simulation"]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "{out:?}");
+        let out = machine(&server, &["jobs", "submit", "--service", "simulaton"]);
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("warning") && stderr.contains("`simulaton`") && stderr.contains("simulation"),
+            "{stderr}"
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let show = machine(&server, &["jobs", "show", &id]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(text.contains("no machine offers service `simulaton`"), "{text}");
     })
     .await;
 }
@@ -1951,7 +2031,7 @@ mod differential {
     use super::*;
 
     const SERVICES: [&str; 3] = ["comfyui", "a1111", "simulation"];
-    const REQS: [&str; 25] = [
+    const REQS: [&str; 28] = [
         "",
         "{}",
         r#"{"hardware":{"gpu_memory_gb":16}}"#,
@@ -1977,7 +2057,24 @@ mod differential {
         r#"{"hardware":null}"#,
         r#"{"hardware":{"ram_gb":[8]}}"#,
         r#"{"max_batch_size":"3"}"#,
+        r#"{"hardware":{"gpu_model":4090}}"#,
+        r#"{"hardware":{"gpu_model":["A100",4090]}}"#,
+        r#"{"negative_requirements":{"hardware":{"gpu_model":4090}}}"#,
     ];
+
+    /// How a job reaches `jobs:pending` (issue 23's wire points 3-5).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Queued {
+        /// With the `job_submitted` message seen (indexed at once).
+        Message,
+        /// Without a message: the claims' own repair or the fleet's sweeper must find it.
+        Silently,
+        /// Put back without a message at the original's score (near 9.0e15), as an original
+        /// worker's retry and the API's clean-ups do.
+        PutBackDeep,
+        /// Indexed, then re-submitted at the priority `new_priority` without a message.
+        Resubmitted,
+    }
 
     #[derive(Debug, Clone)]
     struct GenJob {
@@ -1987,28 +2084,44 @@ mod differential {
         customer: usize,
         workflow: usize,
         bad_payload: bool,
-        indexed: bool,
+        queued: Queued,
+        /// 0: no workflow scoring fields; 1: `workflow_priority` "0"; 2: `workflow_datetime` "0"
+        /// (both fall back as the API's `||` does); 3: a workflow priority of its own.
+        wf_scoring: u8,
+        /// Seconds older than the newest; jobs of one second tie in `jobs:pending`.
+        age_s: i64,
+        new_priority: i64,
     }
 
     fn job() -> impl Strategy<Value = GenJob> {
         (
-            0..3usize,
-            0..REQS.len(),
-            0..5i64,
-            0..4usize,
-            0..3usize,
+            (0..3usize, 0..REQS.len(), 0..5i64, 0..4usize, 0..3usize),
             prop::bool::weighted(0.05),
-            any::<bool>(),
+            prop::sample::select(vec![
+                Queued::Message,
+                Queued::Silently,
+                Queued::PutBackDeep,
+                Queued::Resubmitted,
+            ]),
+            (0..4u8, 0..3i64, 0..5i64),
         )
             .prop_map(
-                |(service, reqs, priority, customer, workflow, bad_payload, indexed)| GenJob {
+                |(
+                    (service, reqs, priority, customer, workflow),
+                    bad_payload,
+                    queued,
+                    (wf_scoring, age_s, new_priority),
+                )| GenJob {
                     service,
                     reqs,
                     priority,
                     customer,
                     workflow,
                     bad_payload,
-                    indexed,
+                    queued,
+                    wf_scoring,
+                    age_s,
+                    new_priority,
                 },
             )
     }
@@ -2074,6 +2187,88 @@ mod differential {
             )
     }
 
+    /// Writes generated job `i` as the API does and queues it the way it says; returns it as
+    /// the reference matcher sees it.
+    async fn queue(conn: &mut MultiplexedConnection, b: &Broker, i: usize, j: &GenJob, base_ms: i64) -> PendingJob {
+        let id = format!("job-{i:02}");
+        let customer = if j.customer == 0 {
+            String::new()
+        } else {
+            format!("cust{}", j.customer)
+        };
+        let workflow = if j.workflow == 0 {
+            String::new()
+        } else {
+            format!("wf{}", j.workflow)
+        };
+        let payload = if j.bad_payload { "{bad" } else { "{}" };
+        // Distinct milliseconds, so the order among tied scores never rests on the index's
+        // sequence (which the claims' repair assigns in its own order).
+        let created = base_ms - j.age_s * 1000 + i as i64 * 7;
+        let priority = j.priority.to_string();
+        let mut fields = vec![
+            ("service_required", SERVICES[j.service].to_owned()),
+            ("requirements", REQS[j.reqs].to_owned()),
+            ("customer_id", customer.clone()),
+            ("workflow_id", workflow.clone()),
+            ("payload", payload.to_owned()),
+            ("priority", priority),
+        ];
+        let mut wfp = None;
+        match j.wf_scoring {
+            1 => fields.push(("workflow_priority", "0".to_owned())),
+            2 => fields.push(("workflow_datetime", "0".to_owned())),
+            3 => {
+                wfp = Some(j.priority + 2);
+                fields.push(("workflow_priority", (j.priority + 2).to_string()));
+            }
+            _ => {}
+        }
+        let borrowed =
+            |fields: &[(&'static str, String)]| fields.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>();
+        let fs = borrowed(&fields);
+        let refs: Vec<(&str, &str)> = fs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        api_submit(conn, &id, created, &refs, false).await;
+        let mut priority = j.priority;
+        match j.queued {
+            Queued::Message => {
+                b.index_job(&id).await.unwrap();
+            }
+            Queued::Silently => {}
+            Queued::PutBackDeep => {
+                let score = priority as f64 * 1e6 + (9_007_199_254_740_991.0 - created as f64);
+                let _: () = redis::cmd("ZADD")
+                    .arg("jobs:pending")
+                    .arg(score)
+                    .arg(&id)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+            }
+            Queued::Resubmitted => {
+                b.index_job(&id).await.unwrap();
+                priority = j.new_priority;
+                fields.retain(|(k, _)| *k != "priority");
+                fields.push(("priority", priority.to_string()));
+                let fs = borrowed(&fields);
+                let refs: Vec<(&str, &str)> = fs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                api_submit(conn, &id, created, &refs, false).await;
+            }
+        }
+        PendingJob {
+            score: machine::broker::pending_score(priority, wfp, created, None),
+            id,
+            service: SERVICES[j.service].to_owned(),
+            requirements: REQS[j.reqs].to_owned(),
+            customer_id: customer,
+            workflow_id: workflow,
+            payload: payload.to_owned(),
+            held_off_worker: None,
+            created_ms: created,
+            seq: i as u64,
+        }
+    }
+
     #[test]
     fn lua_claims_equal_the_reference_matcher() {
         let server = RedisServer::start();
@@ -2085,12 +2280,13 @@ mod differential {
         let b = rt.block_on(broker(&server));
         let conn = rt.block_on(raw(&server));
         let strategy = (
-            prop::collection::vec(job(), 1..25),
+            prop::collection::vec(job(), 1..30),
             (worker(0), worker(1), worker(2)),
-            prop::collection::vec(0..3usize, 1..30),
+            prop::collection::vec((0..3usize, prop::bool::weighted(0.3)), 1..30),
         );
         let mut runner = TestRunner::new(Config::with_cases(64));
         let started = Instant::now();
+        let base_ms = now_ms() - 60_000;
         runner
             .run(&strategy, |(jobs, (w0, w1, w2), order)| {
                 let mut conn = conn.clone();
@@ -2098,58 +2294,32 @@ mod differential {
                     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
                     let mut pending = Vec::new();
                     for (i, j) in jobs.iter().enumerate() {
-                        let id = format!("job-{i:02}");
-                        // Distinct scores keep the order independent of tie-breaking.
-                        let score = (j.priority * 1000 - i as i64) as f64;
-                        let customer = if j.customer == 0 {
-                            String::new()
-                        } else {
-                            format!("cust{}", j.customer)
-                        };
-                        let workflow = if j.workflow == 0 {
-                            String::new()
-                        } else {
-                            format!("wf{}", j.workflow)
-                        };
-                        let payload = if j.bad_payload { "{bad" } else { "{}" };
-                        api_add(
-                            &mut conn,
-                            &id,
-                            score,
-                            &[
-                                ("service_required", SERVICES[j.service]),
-                                ("requirements", REQS[j.reqs]),
-                                ("customer_id", &customer),
-                                ("workflow_id", &workflow),
-                                ("payload", payload),
-                            ],
-                        )
-                        .await;
-                        if j.indexed {
-                            b.index_job(&id).await.unwrap();
-                        }
-                        pending.push(PendingJob {
-                            id,
-                            score,
-                            service: SERVICES[j.service].to_owned(),
-                            requirements: REQS[j.reqs].to_owned(),
-                            customer_id: customer,
-                            workflow_id: workflow,
-                            payload: payload.to_owned(),
-                            held_off_worker: None,
-                            created_ms: 0,
-                            seq: i as u64,
-                        });
+                        pending.push(queue(&mut conn, &b, i, j, base_ms).await);
+                    }
+                    // Jobs queued deep or re-scored without a message: the fleet's sweeper
+                    // finds them within seconds (a_job_put_back_deep_... shows the timing).
+                    if jobs
+                        .iter()
+                        .any(|j| matches!(j.queued, Queued::PutBackDeep | Queued::Resubmitted))
+                    {
+                        b.sweep_pending().await.unwrap().expect("the only sweeper");
                     }
                     let workers = [&w0, &w1, &w2];
-                    for w in order {
+                    for (w, original) in order {
                         let want = reference::pick(workers[w], &pending).map(|j| j.id.clone());
-                        let got = b.claim(workers[w]).await.unwrap();
-                        let got_id = got.as_ref().map(|j| j.id.clone());
-                        prop_assert_eq!(&got_id, &want, "worker {:?}", workers[w]);
-                        if let Some(job) = got {
-                            pending.retain(|p| p.id != job.id);
-                            b.complete(&job, &Value::Null).await.unwrap();
+                        // An original worker passes two arguments: no lease, nothing to complete.
+                        let got_id = if original {
+                            original_claim(&mut conn, &workers[w].to_json()).await
+                        } else {
+                            let got = b.claim(workers[w]).await.unwrap();
+                            if let Some(job) = &got {
+                                b.complete(job, &Value::Null).await.unwrap();
+                            }
+                            got.map(|j| j.id)
+                        };
+                        prop_assert_eq!(&got_id, &want, "worker {:?} (original: {})", workers[w], original);
+                        if let Some(id) = got_id {
+                            pending.retain(|p| p.id != id);
                         }
                     }
                     Ok(())

@@ -125,14 +125,15 @@ impl Broker {
     }
 
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
-    /// this worker held off it) until `max_retries`.
+    /// this worker held off it) until `max_retries` (at most `BrokerOptions::max_retries_cap`).
     pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<FailOutcome, BrokerError> {
         let (holdoff, delay) = self.retry_timing(job);
+        let cap = self.inner.opts.max_retries_cap.to_string();
         let r = self
             .lifecycle(
                 "failJob",
                 job,
-                &[error, if retryable { "1" } else { "0" }, &holdoff, &delay],
+                &[error, if retryable { "1" } else { "0" }, &holdoff, &delay, &cap],
             )
             .await?;
         Ok(if r == Reply::Retried {
@@ -155,8 +156,9 @@ impl Broker {
             Fault::Machine => "machine",
             Fault::Service => "service",
         };
+        let cap = self.inner.opts.max_retries_cap.to_string();
         match self
-            .lifecycle("returnForFault", job, &[kind, reason, &holdoff, &delay])
+            .lifecycle("returnForFault", job, &[kind, reason, &holdoff, &delay, &cap])
             .await?
         {
             Reply::Ok => Ok(ReturnOutcome::Returned),
@@ -203,8 +205,9 @@ impl Broker {
     /// run from every machine at once. (It repairs no part of the index: that is the fleet's
     /// one sweeper's, [`Broker::run_sweeper`], so the cost does not grow with the machines.)
     pub async fn reap_expired_leases(&self) -> Result<ReapReport, BrokerError> {
+        let cap = self.inner.opts.max_retries_cap.to_string();
         let counts: Vec<u64> = self
-            .call("reapExpiredLeases", &[&self.inner.opts.key_prefix, "100", "0"])
+            .call("reapExpiredLeases", &[&self.inner.opts.key_prefix, "100", "0", &cap])
             .await?;
         Ok(ReapReport {
             requeued: counts.first().copied().unwrap_or(0),

@@ -53,6 +53,9 @@ pub struct BrokerOptions {
     pub retry_delay: RetryDelay,
     /// `findMatchingJob`'s second argument: how many held-off jobs of one group it skips.
     pub max_examine: u32,
+    /// A job's `max_retries` counts as at most this (`worker.max_retries_cap`, default 10; 0:
+    /// no cap), so that a job asking for a billion retries does not circle the fleet for years.
+    pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
     /// Where every command's outcome is recorded (the machine passes the one its health
@@ -68,6 +71,7 @@ impl Default for BrokerOptions {
             failed_holdoff: Duration::from_secs(30),
             retry_delay: DEFAULT_RETRY_DELAY,
             max_examine: 100,
+            max_retries_cap: 10,
             key_prefix: String::new(),
             health: RedisHealth::new(),
         }
@@ -102,6 +106,9 @@ struct Inner {
     /// Held while a reconnect runs, with when the last one ended, so that the workers that all
     /// saw the same `READONLY` reconnect once.
     reconnecting: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Behind Sentinels, a client of them (its connections kept) that [`Broker::run_probe`]
+    /// asks where the master is.
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
     lib: Library,
     mode: RwLock<Mode>,
     opts: BrokerOptions,
@@ -172,19 +179,27 @@ async fn scan(conn: &mut ConnectionManager, pattern: &str, op: &'static str) -> 
 /// machine's start, and its shutdown.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The client of `url` and its command connection, within [`CONNECT_TIMEOUT`].
+/// The client of `url`'s master (through the Sentinels when it has them) and its command
+/// connection, within [`CONNECT_TIMEOUT`] in all.
 async fn open(url: &RedisUrl) -> Result<(redis::Client, ConnectionManager), BrokerError> {
     let failed = |source| BrokerError::Connect {
         url: url.masked(),
         source,
     };
-    let client = redis::Client::open(url.expose()).map_err(failed)?;
+    // Behind Sentinels a lost node is not retried for long: asking the Sentinels again (a
+    // reconnect) is what finds the new master.
+    let retries = if url.sentinels().is_some() { 1 } else { 3 };
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(3)
+        .set_number_of_retries(retries)
         .set_max_delay(Duration::from_secs(5));
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager_with_config(config))
+    let connect = async {
+        let client = super::sentinel::client(url).await?;
+        let conn = client.get_connection_manager_with_config(config).await?;
+        Ok::<_, RedisError>((client, conn))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| {
             failed(RedisError::from(std::io::Error::new(
@@ -192,14 +207,19 @@ async fn open(url: &RedisUrl) -> Result<(redis::Client, ConnectionManager), Brok
                 format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
             )))
         })?
-        .map_err(failed)?;
-    Ok((client, conn))
+        .map_err(failed)
 }
 
 impl Broker {
     /// Connects the command connection. Pub/sub starts with [`Broker::run_events`].
     pub async fn connect(url: &RedisUrl, opts: BrokerOptions) -> Result<Broker, BrokerError> {
         let (client, conn) = open(url).await?;
+        let sentinel = super::sentinel::watcher(url)
+            .map_err(|source| BrokerError::Connect {
+                url: url.masked(),
+                source,
+            })?
+            .map(tokio::sync::Mutex::new);
         let (cancels, _) = broadcast::channel(256);
         Ok(Broker {
             inner: Arc::new(Inner {
@@ -207,6 +227,7 @@ impl Broker {
                 client: RwLock::new(client),
                 conn: RwLock::new(conn),
                 reconnecting: tokio::sync::Mutex::new(None),
+                sentinel,
                 lib: Library::new(),
                 mode: RwLock::new(Mode::Functions),
                 lease_ms: AtomicU64::new(u64::try_from(opts.lease.as_millis()).unwrap_or(u64::MAX)),
@@ -266,17 +287,19 @@ impl Broker {
 
     /// Replaces the command connection with a new one to the current master: the node the
     /// connection reaches answered `READONLY` (a failover made it a replica, and a managed
-    /// Redis's address may now lead elsewhere). The connection manager reconnects by itself
-    /// only when a connection breaks, never when its node changes role. Workers that saw the
-    /// same error reconnect once: a reconnect within the last second counts for them.
+    /// Redis's address may now lead elsewhere), or, behind Sentinels, the connection was lost
+    /// (the Sentinels are asked again for the master). The connection manager reconnects by
+    /// itself only to the same node, never when its node changes role. Workers that saw the
+    /// same error reconnect once: a successful reconnect within the last second counts for
+    /// them, while a failed one (the Sentinels still name the old master) is tried again by
+    /// the next caller.
     pub(crate) async fn reconnect(&self) -> Result<(), BrokerError> {
         let mut last = self.inner.reconnecting.lock().await;
         if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return Ok(());
         }
-        let opened = open(&self.inner.url).await;
+        let (client, conn) = open(&self.inner.url).await?;
         *last = Some(std::time::Instant::now());
-        let (client, conn) = opened?;
         *self
             .inner
             .client
@@ -291,12 +314,24 @@ impl Broker {
         Ok(())
     }
 
-    /// Records a command's outcome in [`RedisHealth`]; a `READONLY` answer reconnects.
+    /// Whether a fault of this kind calls for a new connection to the current master: a
+    /// `READONLY` answer always; a lost or refused connection behind Sentinels, whose answer
+    /// may be another node now.
+    fn needs_reconnect(&self, kind: Option<FaultKind>) -> bool {
+        match kind {
+            Some(FaultKind::ReadOnly) => true,
+            Some(FaultKind::Unreachable) => self.inner.url.sentinels().is_some(),
+            _ => false,
+        }
+    }
+
+    /// Records a command's outcome in [`RedisHealth`]; a `READONLY` answer (and behind
+    /// Sentinels a lost connection) reconnects.
     async fn observe<T>(&self, result: Result<T, BrokerError>) -> Result<T, BrokerError> {
         match &result {
             Ok(_) => self.health().record_ok(),
             Err(e) => {
-                if self.health().record_err(e) == Some(FaultKind::ReadOnly) {
+                if self.needs_reconnect(self.health().record_err(e)) {
                     if let Err(again) = self.reconnect().await {
                         self.health().record_err(&again);
                     }
@@ -476,6 +511,7 @@ impl Broker {
                 .fault
                 .is_some_and(|(kind, _)| kind != FaultKind::Other);
             if !link_fault {
+                self.follow_sentinels().await;
                 continue;
             }
             let mut conn = self.connection();
@@ -496,14 +532,53 @@ impl Broker {
                     }
                 }
                 Err(source) => {
-                    self.health().record_err(&BrokerError::Redis { op: "ROLE", source });
+                    let kind = self.health().record_err(&BrokerError::Redis { op: "ROLE", source });
+                    if self.needs_reconnect(kind) {
+                        // Behind Sentinels the new connection's node said `master` to `ROLE`
+                        // (the Sentinel client checks it): Redis answers again now, and the
+                        // workers need not wait for the next probe.
+                        match self.reconnect().await {
+                            Ok(()) => self.health().record_ok(),
+                            Err(e) => {
+                                self.health().record_err(&e);
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// How often [`Broker::run_probe`] asks a failing Redis whether it is back.
+impl Broker {
+    /// Behind Sentinels, asks them where the master is and reconnects when it moved. A
+    /// `SENTINEL FAILOVER` promotes the replica while the old master still takes writes for
+    /// seconds (until the Sentinels turn it into a replica): without asking, the machine
+    /// would go on claiming from the old master, which is about to drop what it took.
+    async fn follow_sentinels(&self) {
+        let Some(sentinel) = &self.inner.sentinel else {
+            return;
+        };
+        let named = {
+            let mut sentinel = sentinel.lock().await;
+            tokio::time::timeout(PROBE_EVERY * 4, sentinel.async_get_client()).await
+        };
+        // No answer, or no master the Sentinels agree on: the commands' own faults say so.
+        let Ok(Ok(named)) = named else {
+            return;
+        };
+        let now = format!("{:?}", self.client().get_connection_info().addr());
+        if format!("{:?}", named.get_connection_info().addr()) != now {
+            tracing::info!(redis = %self.inner.url.masked(), "the sentinels name another master");
+            if let Err(e) = self.reconnect().await {
+                self.health().record_err(&e);
+            }
+        }
+    }
+}
+
+/// How often [`Broker::run_probe`] asks a failing Redis whether it is back (and, behind
+/// Sentinels, asks them where the master is).
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether the first item of a `ROLE` reply says `master`.

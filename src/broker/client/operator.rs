@@ -190,9 +190,47 @@ impl Broker {
         }))
     }
 
-    /// Why a waiting job waits: its retry delay, or which registered workers (`worker:*` with
-    /// capabilities) could run it and whether those may claim now (their machine's status
-    /// message says which are held, e.g. quarantined).
+    /// Every service a worker of this broker's Redis has ever registered (what `machine jobs
+    /// submit` checks a new job's service against): the set our registrations add to, and the
+    /// services in the capabilities of every worker registered now (an original worker's too).
+    pub async fn offered_services(&self) -> Result<std::collections::BTreeSet<String>, BrokerError> {
+        let mut conn = self.connection();
+        let mut offered: std::collections::BTreeSet<String> = redis::cmd("SMEMBERS")
+            .arg(self.key(super::registry::OFFERED_SERVICES))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("offered services"))?;
+        let pattern = self.key("worker:*");
+        let prefix_len = pattern.len() - 1;
+        let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
+        keys.retain(|k| k.get(prefix_len..).is_some_and(|id| !id.contains(':')));
+        if keys.is_empty() {
+            return Ok(offered);
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hget(k, "capabilities");
+        }
+        let caps: Vec<Option<String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("offered services"))?;
+        for doc in caps
+            .iter()
+            .flatten()
+            .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        {
+            for key in ["job_service_required_map", "services"] {
+                let names = doc.get(key).and_then(Value::as_array).into_iter().flatten();
+                offered.extend(names.filter_map(Value::as_str).map(str::to_owned));
+            }
+        }
+        Ok(offered)
+    }
+
+    /// Why a waiting job waits: its retry delay, a service no worker ever offered, or which
+    /// registered workers (`worker:*` with capabilities) could run it and whether those may
+    /// claim now (their machine's status message says which are held, e.g. quarantined).
     async fn why_waiting(&self, job_id: &str, job: &BTreeMap<String, String>) -> Result<String, BrokerError> {
         let mut conn = self.connection();
         let delayed_until: Option<f64> = redis::cmd("ZSCORE")
@@ -210,6 +248,15 @@ impl Broker {
                 ((until - now as f64) / 1000.0).ceil()
             ));
         }
+        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
+        let service = Some(field("service_required"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| field("job_type"));
+        if !self.offered_services().await?.contains(&service) {
+            return Ok(format!(
+                "no machine offers service `{service}`: no worker has ever registered it"
+            ));
+        }
         let pattern = self.key("worker:*");
         let prefix_len = pattern.len() - 1;
         let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
@@ -223,10 +270,6 @@ impl Broker {
             pipe.hget(k, "capabilities");
         }
         let caps: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_err("show job"))?;
-        let field = |k: &str| job.get(k).cloned().unwrap_or_default();
-        let service = Some(field("service_required"))
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| field("job_type"));
         let pending = PendingJob {
             id: job_id.to_owned(),
             score: 0.0,

@@ -18,6 +18,9 @@ const MACHINE_STATUS_TTL_SECS: u64 = 30;
 /// container removed) must not leave its workers in Redis forever.
 const WORKER_TTL_SECS: i64 = 300;
 
+/// The set of every service any worker has registered (never trimmed: a handful of names).
+pub(super) const OFFERED_SERVICES: &str = "workers:services";
+
 impl Broker {
     /// Registers a worker in `worker:<id>` (idle) with its capabilities; it is registered again
     /// by itself whenever Redis is found empty.
@@ -73,8 +76,14 @@ impl Broker {
         let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let key = self.key(&format!("worker:{}", caps.worker_id));
         let mut conn = self.connection();
-        redis::pipe()
-            .atomic()
+        let services = caps.accepted_services();
+        let mut pipe = redis::pipe();
+        if !services.is_empty() {
+            // Every service any worker ever offered, so that a job for a service no machine has
+            // (a typo) is told apart from one whose workers are all busy or gone for now.
+            pipe.sadd(self.key(OFFERED_SERVICES), services).ignore();
+        }
+        pipe.atomic()
             .hset_multiple(
                 &key,
                 &[
