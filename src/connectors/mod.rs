@@ -371,6 +371,31 @@ pub struct Billing {
 }
 
 impl Billing {
+    /// An empty billing of one job's attempt through `connector`.
+    pub fn for_job(connector: &str, job: &Job) -> Billing {
+        Billing {
+            connector: connector.to_owned(),
+            customer: job.customer_id.clone(),
+            ..Billing::default()
+        }
+    }
+
+    /// Ends an attempt: prices what it used, reports that whatever the outcome (providers bill
+    /// failed and cancelled work too), and adds it to a completed result under `billing`.
+    pub fn settle(
+        self,
+        prices: &Prices,
+        progress: &ProgressSink,
+        result: Result<JobOutput, ConnectorError>,
+    ) -> Result<JobOutput, ConnectorError> {
+        let billing = self.priced(prices);
+        progress.bill(billing.clone());
+        result.map(|mut out| {
+            billing.attach(&mut out.data);
+            out
+        })
+    }
+
     /// Fills in `cost` and `currency` from `prices`.
     pub fn priced(mut self, prices: &Prices) -> Billing {
         self.cost = prices.per_request * self.requests as f64

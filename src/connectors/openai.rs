@@ -336,23 +336,14 @@ impl OpenaiConnector {
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
-        let mut billing = Billing {
-            connector: "openai".to_owned(),
-            customer: job.customer_id.clone(),
-            ..Billing::default()
-        };
+        let mut billing = Billing::for_job("openai", job);
         let result = self.attempt(job, &mut billing, progress, cancel).await;
         if let Some(limiter) = &self.limiter {
             limiter
                 .record_tokens(&job.customer_id, billing.input_tokens + billing.output_tokens)
                 .await;
         }
-        let billing = billing.priced(&self.config.prices);
-        progress.bill(billing.clone());
-        result.map(|mut out| {
-            billing.attach(&mut out.data);
-            out
-        })
+        billing.settle(&self.config.prices, progress, result)
     }
 
     /// Runs the job's request, recording what the API bills in `billing` as it goes.

@@ -326,18 +326,9 @@ impl ReplicateConnector {
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
-        let mut billing = Billing {
-            connector: "replicate".to_owned(),
-            customer: job.customer_id.clone(),
-            ..Billing::default()
-        };
+        let mut billing = Billing::for_job("replicate", job);
         let result = self.attempt(job, progress, cancel, &mut billing).await;
-        let billing = billing.priced(&self.config.prices);
-        progress.bill(billing.clone());
-        result.map(|mut out| {
-            billing.attach(&mut out.data);
-            out
-        })
+        billing.settle(&self.config.prices, progress, result)
     }
 }
 

@@ -259,18 +259,9 @@ impl RunpodConnector {
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<JobOutput, ConnectorError> {
-        let mut billing = Billing {
-            connector: "runpod".to_owned(),
-            customer: job.customer_id.clone(),
-            ..Billing::default()
-        };
+        let mut billing = Billing::for_job("runpod", job);
         let result = self.attempt(job, progress, cancel, &mut billing).await;
-        let billing = billing.priced(&self.config.prices);
-        progress.bill(billing.clone());
-        result.map(|mut out| {
-            billing.attach(&mut out.data);
-            out
-        })
+        billing.settle(&self.config.prices, progress, result)
     }
 }
 
