@@ -472,7 +472,10 @@ fn jobs_commands_write_and_read_the_contract() {
     assert_eq!(v["job"]["retry_count"], 0);
     assert_eq!(v["job"]["payload"], serde_json::json!({"n": 1}));
     assert!(
-        v["waiting"].as_str().unwrap().starts_with("no worker is registered"),
+        v["waiting"]
+            .as_str()
+            .unwrap()
+            .starts_with("no machine offers service `simulation`"),
         "no worker: {v}"
     );
     // The text leads with what the job is and where it stands, and gives retries as submitted.
