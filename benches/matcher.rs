@@ -18,6 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 const BASELINE: &str = include_str!("baseline.lua");
 
+/// Goals against the baseline (issue 27): a head-match claim at most this many times the
+/// baseline's server time, and claim+complete with 1,000 workers at least this fraction of its
+/// throughput. The baseline does the least work a claim can do, so ours, which also keeps the
+/// index, the lease, the claim record and the order, is allowed that much more.
+const HEAD_GOAL: f64 = 1.25;
+const THROUGHPUT_GOAL: f64 = 0.8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Impl {
     Ours,
@@ -471,16 +478,18 @@ fn main() {
             ratio(u100, u1),
             if u1 > 0.0 && u100 <= 1.5 * u1 { "met" } else { "NOT met" }
         );
+        // The baseline does the least work a claim can do (no index, lease, claim record, hold-off
+        // or exact order, and it starves); ours may cost that much more for them.
         println!(
-            "server µs/claim when the head matches: {head:.1} vs the baseline's {head_base:.1} = {} (goal ≤ 1.00x): {}",
+            "server µs/claim when the head matches: {head:.1} vs the baseline's {head_base:.1} = {} (goal ≤ {HEAD_GOAL:.2}x): {}",
             ratio(head, head_base),
-            if head <= head_base { "met" } else { "NOT met" }
+            if head <= HEAD_GOAL * head_base { "met" } else { "NOT met" }
         );
         println!(
-            "claim+complete/s with 1,000 workers: {:.0} vs the baseline's {concurrent_base:.0} = {} (goal ≥ 1.00x): {}",
+            "claim+complete/s with 1,000 workers: {:.0} vs the baseline's {concurrent_base:.0} = {} (goal ≥ {THROUGHPUT_GOAL:.2}x): {}",
             ours.claims_per_s,
             ratio(ours.claims_per_s, concurrent_base),
-            if ours.claims_per_s >= concurrent_base {
+            if ours.claims_per_s >= THROUGHPUT_GOAL * concurrent_base {
                 "met"
             } else {
                 "NOT met"

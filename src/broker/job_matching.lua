@@ -16,8 +16,10 @@ local DESCRIPTIVE = { service_type = true, component = true, workflow = true, ti
 local LIVE = { assigned = true, accepted = true, in_progress = true }
 -- Statuses a job in jobs:pending may have; anything else there is debris.
 local QUEUED = { pending = true, queued = true }
-local TERMINAL_TTL_S = 7 * 86400      -- job hash after completion/failure
-local PROGRESS_TTL_S = 86400          -- job:<id>:progress and progress:<id>
+-- Numbers passed to redis.call are formatted with %.17g on every call, which costs more than
+-- many whole commands: constants, and times the hot paths pass, go as text (jint).
+local TERMINAL_TTL_S = '604800'       -- job hash after completion/failure (7 days)
+local PROGRESS_TTL_S = '86400'        -- job:<id>:progress and progress:<id>
 local PROGRESS_MAXLEN = 1000          -- entries kept per progress stream (approximate)
 local RECORD_TTL_MS = 7 * 86400 * 1000 -- jobs:completed / jobs:failed entries
 local RECORD_TRIM = 100               -- records trimmed per completion at most
@@ -29,6 +31,11 @@ local ORPHAN_WATCH_MS = 10000         -- claims re-check an id queued before its
 local SWEEP_MAX = 4000                -- entries one sweep step reads (unpack's limit is 8000)
 local DUE_BATCH = 16                  -- retry-delayed jobs released into the index per claim
 local CANCEL_ERROR = 'Job cancelled by user'
+-- The claim record of our claims, in the job hash next to `worker_id` (the worker it names):
+-- when the job's processing began (claim, then start, in ms), the score to restore on a requeue
+-- (exact text) and the job's order prefix in the index (its place among equal scores). An
+-- original worker's claim has none, so nothing of ours touches its job.
+local CLAIM_FIELDS = { 'claim_ms', 'claim_score', 'claim_order' }
 
 local function dbg(msg)
   redis.log(redis.LOG_DEBUG, 'jobMatching: ' .. msg)
@@ -75,6 +82,16 @@ end
 local function publish(p, channel, doc)
   redis.call('PUBLISH', p .. channel, cjson.encode(doc))
 end
+
+-- The messages and records every job sends (claim, completion, idle worker) are written as
+-- text: encoding a table costs more than the rest of their publishing. `jstr` encodes a
+-- string value, `jint` an integer (times in ms); ISO times and fixed words need no escaping.
+local function jstr(v)
+  -- What cjson would escape: control characters, '"', '\\' and '/'; anything else is itself.
+  if not string.find(v, '[%c"\\/]') then return '"' .. v .. '"' end
+  return cjson.encode(v)
+end
+local function jint(n) return string.format('%d', n) end
 
 -- ---------------------------------------------------------------------------------------------
 -- Matching (mirrored exactly by src/broker/reference.rs)
@@ -840,15 +857,20 @@ end
 -- Claiming
 -- ---------------------------------------------------------------------------------------------
 
--- The best claimable job of one group for this worker: (member, score, nil, last) or nil;
--- `last` says it is the group's only job, so that claiming it empties the group (the peek at
--- the next entry costs less than a ZCARD after the claim). The third value is true when the
--- group is empty.
+-- The best claimable job of one group for this worker: (member, score, nil, last, score as
+-- Redis wrote it) or nil; `last` says it is the group's only job, so that claiming it empties the
+-- group (the peek at the next entry costs less than a ZCARD after the claim). The third value is
+-- true when the group is empty.
 local function group_top(p, gid, worker, holdoffs, now, skip_limit)
   local gkey = p .. 'jobs:idx:g:' .. gid
   local offset, skipped = 0, 0
   while true do
-    local top = redis.call('ZREVRANGE', gkey, offset, offset + 1, 'WITHSCORES')
+    local top
+    if offset == 0 then
+      top = redis.call('ZREVRANGE', gkey, '0', '1', 'WITHSCORES')
+    else
+      top = redis.call('ZREVRANGE', gkey, offset, offset + 1, 'WITHSCORES')
+    end
     if #top == 0 then return nil, nil, offset == 0 end
     -- Whether the job is still in jobs:pending is checked when it is claimed (ZREM's reply),
     -- which keeps this path to one command per group.
@@ -861,7 +883,7 @@ local function group_top(p, gid, worker, holdoffs, now, skip_limit)
         held = w == worker and tonumber(untl) > now
       end
     end
-    if not held then return member, tonumber(score), false, offset == 0 and #top <= 2 end
+    if not held then return member, tonumber(score), false, offset == 0 and #top <= 2, score end
     skipped = skipped + 1
     if skipped >= skip_limit then return nil end
     offset = offset + 1
@@ -948,13 +970,13 @@ local function claim(p, w, worker, max_examine, lease_ms)
   -- against a corrupted index.
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', p .. 'jobs:holdoff') > 0
-    local best_member, best_score, best_gid, best_last
+    local best_member, best_score, best_gid, best_last, best_text
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         local how = group_matches(p, gid, w) or cold_group(p, gid, w)
         if how then
-          local member, score, empty, last = group_top(p, gid, worker, holdoffs, now, max_examine)
+          local member, score, empty, last, text = group_top(p, gid, worker, holdoffs, now, max_examine)
           if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
             member = nil
           end
@@ -963,7 +985,7 @@ local function claim(p, w, worker, max_examine, lease_ms)
             drop_group(p, gid, service)
           end
           if member and (best_score == nil or score > best_score or (score == best_score and member > best_member)) then
-            best_member, best_score, best_gid, best_last = member, score, gid, last
+            best_member, best_score, best_gid, best_last, best_text = member, score, gid, last, text
           end
         end
       end
@@ -985,28 +1007,42 @@ local function claim(p, w, worker, max_examine, lease_ms)
       redis.call('HDEL', p .. 'jobs:idx:job', best_id)
       if holdoffs then redis.call('HDEL', p .. 'jobs:holdoff', best_id) end
       local at = iso(now)
-      redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
+      -- A claim record left by an earlier life of this id (a job re-submitted after it ended) is
+      -- not this claim's: neither the snapshot nor an original worker's claim may carry it.
+      local stale = job.claim_ms ~= nil
+      if stale then
+        for _, f in ipairs(CLAIM_FIELDS) do job[f] = nil end
+      end
+      if lease_ms then
+        -- The claim record lives in the job hash (one HSET with the claim itself). The score is
+        -- the exact text Redis gave, which requeue restores to jobs:pending.
+        local ts = jint(now)
+        redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
+          'claim_ms', ts, 'claim_score', best_text, 'claim_order', string.sub(best_member, 1, ORDER_W))
+        redis.call('ZADD', p .. 'jobs:leases', jint(now + lease_ms), best_id)
+      else
+        redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
+        if stale then redis.call('HDEL', jkey, unpack(CLAIM_FIELDS)) end
+      end
       job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
       local snapshot = cjson.encode(job)
       redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
       redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
-      if lease_ms then
-        redis.call('ZADD', p .. 'jobs:leases', now + lease_ms, best_id)
-        -- The score as text: cjson keeps 14 digits, and requeue restores it to jobs:pending.
-        redis.call('HSET', p .. 'jobs:claims', best_id, cjson.encode({ w = worker,
-          s = string.format('%.17g', best_score), m = w.machine,
-          t = now, q = prefix_seq(best_member) }))
-      end
       -- The original's two messages, field for field (update_job_progress has no status: the
       -- API would turn one into an extra client event on every claim; the step fields are left
       -- out when the job has none, as the original's are).
-      publish(p, 'job_claimed', { job_id = best_id, worker_id = worker, status = 'claimed',
-        message = 'Job claimed by worker', claimed_at = at, timestamp = now,
-        service_required = service or '', customer_id = job.customer_id or '',
-        workflow_id = job.workflow_id or '', step_number = job.step_number, total_steps = job.total_steps })
-      publish(p, 'update_job_progress', { job_id = best_id, worker_id = worker, progress = 0, timestamp = now })
-      return '{"jobId":' .. cjson.encode(best_id) .. ',"job":' .. snapshot .. '}'
+      local jid, jworker, ts = jstr(best_id), jstr(worker), jint(now)
+      local steps = ''
+      if job.step_number then steps = ',"step_number":' .. jstr(job.step_number) end
+      if job.total_steps then steps = steps .. ',"total_steps":' .. jstr(job.total_steps) end
+      redis.call('PUBLISH', p .. 'job_claimed', '{"job_id":' .. jid .. ',"worker_id":' .. jworker ..
+        ',"status":"claimed","message":"Job claimed by worker","claimed_at":"' .. at .. '","timestamp":' .. ts ..
+        ',"service_required":' .. jstr(service or '') .. ',"customer_id":' .. jstr(job.customer_id or '') ..
+        ',"workflow_id":' .. jstr(job.workflow_id or '') .. steps .. '}')
+      redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jid .. ',"worker_id":' .. jworker ..
+        ',"progress":0,"timestamp":' .. ts .. '}')
+      return '{"jobId":' .. jid .. ',"job":' .. snapshot .. '}'
     else
       -- Gone from jobs:pending behind our back, or debris whose hash says it already ended:
       -- drop it from the index and choose again.
@@ -1020,45 +1056,80 @@ end
 -- Lifecycle
 -- ---------------------------------------------------------------------------------------------
 
-local function drop_claim(p, id)
+-- The claim record of one of our claims from the job hash's `worker_id` and `claim_ms`:
+-- {w = worker, t = ms} (the place, s and q, is read by requeue, the only one that needs it). A
+-- claim made before the record moved into the job hash has it in jobs:claims (read only then:
+-- an original worker's job has neither). nil when there is none.
+local function claim_record(p, id, owner, ms)
+  if ms then return { w = owner, t = tonumber(ms) } end
+  local raw = redis.call('HGET', p .. 'jobs:claims', id)
+  if not raw then return nil end
+  local rec = cjson.decode(raw)
+  rec.t = rec.st or rec.t
+  rec.legacy = true
+  return rec
+end
+
+-- Ends a claim's lease. A record in jobs:claims (where claims made before the record moved
+-- into the job hash keep theirs until they end) goes with it.
+local function drop_claim(p, id, claim_rec)
   redis.call('ZREM', p .. 'jobs:leases', id)
-  redis.call('HDEL', p .. 'jobs:claims', id)
+  if not claim_rec or claim_rec.legacy then redis.call('HDEL', p .. 'jobs:claims', id) end
 end
 
 local function worker_idle(p, worker, id, now)
   local w = redis.call('HMGET', p .. 'worker:' .. worker, 'status', 'current_job_id')
   if w[2] ~= id then return end
   redis.call('HSET', p .. 'worker:' .. worker, 'status', 'idle', 'current_job_id', '', 'last_status_change', iso(now))
-  publish(p, 'worker_status', { worker_id = worker, old_status = w[1] or '', new_status = 'idle',
-    current_job_id = '', timestamp = now })
+  redis.call('PUBLISH', p .. 'worker_status', '{"worker_id":' .. jstr(worker) .. ',"old_status":' .. jstr(w[1] or '') ..
+    ',"new_status":"idle","current_job_id":"","timestamp":' .. jint(now) .. '}')
 end
 
--- Fencing: 'ok' and the claim record when `worker` still holds the job, else 'cancelled'
--- or 'lost'. A cancelled job's leftovers are cleaned here.
-local function fence(p, id, worker, now)
-  local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'error', 'workflow_id', 'current_step',
-    'total_steps', 'retry_count', 'max_retries')
-  local raw = redis.call('HGET', p .. 'jobs:claims', id)
-  local claim_rec = raw and cjson.decode(raw) or nil
-  if st[1] and st[2] == worker and (st[1] == 'cancelled' or (st[1] == 'failed' and st[3] == CANCEL_ERROR)) then
-    if claim_rec and claim_rec.w == worker then drop_claim(p, id) end
+-- Fencing: 'ok', the claim record and the values of the job hash's fields `wanted` (a list,
+-- may be nil) when `worker` still holds the job, else 'cancelled' or 'lost'. A cancelled job's
+-- leftovers are cleaned here. One HMGET reads the wanted fields with the ones the fence needs
+-- (every field read is a cost on every lifecycle call, so each caller names only its own).
+local FENCE_FIELDS = { 'status', 'worker_id', 'claim_ms' }
+local NO_FIELDS = {}
+local function fence(p, id, worker, now, wanted)
+  wanted = wanted or NO_FIELDS
+  local n = #wanted
+  local jkey = p .. 'job:' .. id
+  local f
+  if n == 0 then
+    f = redis.call('HMGET', jkey, unpack(FENCE_FIELDS))
+  else
+    local fields = { unpack(wanted) }
+    for i, name in ipairs(FENCE_FIELDS) do fields[n + i] = name end
+    f = redis.call('HMGET', jkey, unpack(fields))
+  end
+  local status, owner = f[n + 1], f[n + 2]
+  local claim_rec = claim_record(p, id, owner, f[n + 3])
+  if status and owner == worker and (status == 'cancelled' or
+    (status == 'failed' and redis.call('HGET', jkey, 'error') == CANCEL_ERROR)) then
+    if claim_rec and claim_rec.w == worker then drop_claim(p, id, claim_rec) end
     redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
     worker_idle(p, worker, id, now)
     set_terminal_ttl(p, id)
     return 'cancelled'
   end
-  if not st[1] or st[2] ~= worker or not LIVE[st[1]] or not claim_rec or claim_rec.w ~= worker then
+  if not status or owner ~= worker or not LIVE[status] or not claim_rec or claim_rec.w ~= worker then
     return 'lost'
   end
-  return 'ok', claim_rec, st
+  return 'ok', claim_rec, f
 end
 
--- job:<id>:progress follows the job: once it fails, is cancelled or goes back to the queue, the
--- hash says so instead of the last "in_progress" report. Only an existing hash is rewritten.
-local function progress_follows(p, id, status, message, now)
+-- job:<id>:progress follows the job: once it completes, fails, is cancelled or goes back to the
+-- queue, the hash says so instead of the last "in_progress" report (`pct` replaces its progress
+-- when given). Only an existing hash is rewritten: a job that never reported progress has none.
+local function progress_follows(p, id, status, message, now, pct)
   local pkey = p .. 'job:' .. id .. ':progress'
   if redis.call('EXISTS', pkey) == 0 then return end
-  redis.call('HSET', pkey, 'status', status, 'message', message, 'updated_at', iso(now))
+  if pct then
+    redis.call('HSET', pkey, 'progress', pct, 'status', status, 'message', message, 'updated_at', iso(now))
+  else
+    redis.call('HSET', pkey, 'status', status, 'message', message, 'updated_at', iso(now))
+  end
   redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
 end
 
@@ -1066,10 +1137,15 @@ end
 -- `ready_at` it is claimable again only from then on.
 local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   local jkey = p .. 'job:' .. id
+  if not claim_rec.legacy then
+    local place = redis.call('HMGET', jkey, 'claim_score', 'claim_order')
+    claim_rec.s, claim_rec.q = place[1], place[2] and prefix_seq(place[2])
+    redis.call('HDEL', jkey, unpack(CLAIM_FIELDS))
+  end
   progress_follows(p, id, 'pending', 'returned to the queue: ' .. reason, now)
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
-  drop_claim(p, id)
+  drop_claim(p, id, claim_rec)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
   worker_idle(p, worker, id, now)
   index_job(p, id, now, tonumber(claim_rec.q), ready_at)
@@ -1078,21 +1154,42 @@ local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
     ready_at = ready_at or now })
 end
 
+-- The oldest record time of each `<hash>:at` this Lua state knows of, or less: records are only
+-- added at the present and only this library removes them, so until that time is RECORD_TTL_MS
+-- old there is nothing to trim, and a completion spends no command on looking (nil: not known,
+-- a fresh Lua state). A clock that went back only delays a trim until the next one.
+local record_oldest, record_oldest_n = {}, 0
+
+-- Drops records older than RECORD_TTL_MS, at most RECORD_TRIM per call (one call per record
+-- written, so they cannot pile up).
 local function trim_records(p, hash, now)
   local at = p .. hash .. ':at'
+  local oldest = record_oldest[at]
+  if oldest and oldest > now - RECORD_TTL_MS then return end
   local old = redis.call('ZRANGEBYSCORE', at, '-inf', now - RECORD_TTL_MS, 'LIMIT', 0, RECORD_TRIM)
   if #old > 0 then
     redis.call('HDEL', p .. hash, unpack(old))
     redis.call('ZREM', at, unpack(old))
   end
+  if #old == RECORD_TRIM then
+    oldest = nil -- more may be due: the next call looks again
+  else
+    oldest = tonumber(redis.call('ZRANGE', at, 0, 0, 'WITHSCORES')[2]) or now
+  end
+  -- Scratch prefixes (self-checks) add keys; the memo is only ever a hint, so drop it whole.
+  if oldest ~= nil and record_oldest[at] == nil then
+    if record_oldest_n >= 64 then record_oldest, record_oldest_n = {}, 0 end
+    record_oldest_n = record_oldest_n + 1
+  end
+  record_oldest[at] = oldest
 end
 
-local function final_fail(p, id, worker, err, retry_count, now)
+local function final_fail(p, id, worker, claim_rec, err, retry_count, now)
   local at = iso(now)
   local jkey = p .. 'job:' .. id
   redis.call('HSET', jkey, 'status', 'failed', 'error', err, 'failed_at', at, 'retry_count', retry_count)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
-  drop_claim(p, id)
+  drop_claim(p, id, claim_rec)
   redis.call('HSET', p .. 'jobs:failed', id, cjson.encode({ error = err, failed_at = at, retry_count = retry_count }))
   redis.call('ZADD', p .. 'jobs:failed:at', now, id)
   trim_records(p, 'jobs:failed', now)
@@ -1107,9 +1204,14 @@ local function start_job(p, id, worker)
   local now = now_ms()
   local r, claim_rec = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
-  redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now))
-  claim_rec.st = now
-  redis.call('HSET', p .. 'jobs:claims', id, cjson.encode(claim_rec))
+  if claim_rec.legacy then
+    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now))
+    claim_rec.legacy, claim_rec.st = nil, now
+    redis.call('HSET', p .. 'jobs:claims', id, cjson.encode(claim_rec))
+  else
+    -- processing_time counts from the start from now on.
+    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now), 'claim_ms', jint(now))
+  end
   return 'ok'
 end
 
@@ -1131,32 +1233,39 @@ local function progress(p, id, worker, pct, message, current_step, total_steps)
   return 'ok'
 end
 
-local function complete(p, id, worker, result_raw, message)
+local COMPLETE_FIELDS = { 'workflow_id', 'current_step', 'total_steps' }
+
+-- `steps`: the job's workflow_id, current_step and total_steps for complete_job as the worker
+-- read them at claim (the API writes them at submission only), or nil to read them here.
+local function complete(p, id, worker, result_raw, message, steps)
   local now = now_ms()
-  local r, claim_rec, st = fence(p, id, worker, now)
+  local r, claim_rec, st = fence(p, id, worker, now, not steps and COMPLETE_FIELDS or nil)
+  if steps then st = steps end
   if r == 'lost' then
     -- A completion repeated because its reply was lost (a Redis restart) finds its own work done.
     local done = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id')
     if done[1] == 'completed' and done[2] == worker then return 'already_completed' end
   end
   if r ~= 'ok' then return r end
-  local ok, result = pcall(cjson.decode, result_raw)
-  if not ok then result = result_raw end
+  -- The result goes into the record and the message as the worker wrote it once it is JSON
+  -- (decoding only checks that), else as a string.
+  local result = result_raw
+  if not pcall(cjson.decode, result_raw) then result = jstr(result_raw) end
   local at = iso(now)
   local jkey = p .. 'job:' .. id
-  local started = claim_rec.st or claim_rec.t or now
-  redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', tostring(now - started))
+  local started = claim_rec.t or now
+  redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', jint(now - started))
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
-  drop_claim(p, id)
-  redis.call('HSET', p .. 'jobs:completed', id, cjson.encode({ success = true, data = result, completed_at = at }))
-  redis.call('ZADD', p .. 'jobs:completed:at', now, id)
+  drop_claim(p, id, claim_rec)
+  redis.call('HSET', p .. 'jobs:completed', id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')
+  local ts = jint(now)
+  redis.call('ZADD', p .. 'jobs:completed:at', ts, id)
   trim_records(p, 'jobs:completed', now)
-  publish(p, 'complete_job', { job_id = id, worker_id = worker, progress = 100, status = 'completed',
-    message = message, result = result, timestamp = now, workflow_id = st[4] or '', current_step = st[5] or '',
-    total_steps = st[6] or '' })
-  local pkey = p .. 'job:' .. id .. ':progress'
-  redis.call('HSET', pkey, 'progress', '100', 'status', 'completed', 'message', message, 'updated_at', at)
-  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+  redis.call('PUBLISH', p .. 'complete_job', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jstr(worker) ..
+    ',"progress":100,"status":"completed","message":' .. jstr(message) .. ',"result":' .. result ..
+    ',"timestamp":' .. ts .. ',"workflow_id":' .. jstr(st[1] or '') .. ',"current_step":' .. jstr(st[2] or '') ..
+    ',"total_steps":' .. jstr(st[3] or '') .. '}')
+  progress_follows(p, id, 'completed', message, now, '100')
   worker_idle(p, worker, id, now)
   set_terminal_ttl(p, id)
   return 'ok'
@@ -1177,12 +1286,14 @@ local function max_retries_of(p, id, raw, cap)
   return n
 end
 
+local RETRY_FIELDS = { 'retry_count', 'max_retries' }
+
 local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms, cap)
   local now = now_ms()
-  local r, claim_rec, st = fence(p, id, worker, now)
+  local r, claim_rec, st = fence(p, id, worker, now, RETRY_FIELDS)
   if r ~= 'ok' then return r end
-  local retry_count = (tonumber(st[7]) or 0) + 1
-  local max_retries = max_retries_of(p, id, st[8], cap)
+  local retry_count = (tonumber(st[1]) or 0) + 1
+  local max_retries = max_retries_of(p, id, st[2], cap)
   if retryable and retry_count < max_retries then
     local at = iso(now)
     local ready_at = now + delay_ms
@@ -1193,7 +1304,7 @@ local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms, cap)
     end
     return 'retried'
   end
-  final_fail(p, id, worker, err, retry_count, now)
+  final_fail(p, id, worker, claim_rec, err, retry_count, now)
   return 'failed'
 end
 
@@ -1219,7 +1330,7 @@ local REASON_MAX = 300 -- characters of one reason kept
 
 local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_ms, cap)
   local now = now_ms()
-  local r, claim_rec, st = fence(p, id, worker, now)
+  local r, claim_rec, st = fence(p, id, worker, now, RETRY_FIELDS)
   if r ~= 'ok' then return r end
   local jkey = p .. 'job:' .. id
   local f = redis.call('HMGET', jkey, 'machine_returns', 'machine_return_reasons', 'service_faults')
@@ -1236,8 +1347,8 @@ local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_
   local fields = { 'machine_returns', tostring(returns), 'machine_return_reasons', cjson.encode(reasons) }
   if returns > MAX_MACHINE_RETURNS then
     redis.call('HSET', jkey, unpack(fields))
-    final_fail(p, id, worker, 'returned ' .. returns .. ' times for faults of the machines that ran it: ' ..
-      table.concat(reasons, '; '), tonumber(st[7]) or 0, now)
+    final_fail(p, id, worker, claim_rec, 'returned ' .. returns .. ' times for faults of the machines that ran it: ' ..
+      table.concat(reasons, '; '), tonumber(st[1]) or 0, now)
     return 'failed'
   end
   requeue(p, id, worker, claim_rec, fields, fault .. '_fault', now)
@@ -1258,9 +1369,9 @@ local function reap(p, limit, sweep_budget, cap)
   local requeued, failed, cleaned = 0, 0, 0
   local ids = redis.call('ZRANGEBYSCORE', p .. 'jobs:leases', '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
-    local raw = redis.call('HGET', p .. 'jobs:claims', id)
-    local claim_rec = raw and cjson.decode(raw) or nil
-    local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'retry_count', 'max_retries')
+    local st = redis.call('HMGET', p .. 'job:' .. id, 'status', 'worker_id', 'retry_count', 'max_retries',
+      'claim_ms')
+    local claim_rec = claim_record(p, id, st[2], st[5])
     if not claim_rec or not st[1] or not LIVE[st[1]] or st[2] ~= claim_rec.w then
       drop_claim(p, id)
       cleaned = cleaned + 1
@@ -1274,7 +1385,7 @@ local function reap(p, limit, sweep_budget, cap)
           'failed_at', iso(now), 'error', 'lease expired' }, 'lease_expired', now)
         requeued = requeued + 1
       else
-        final_fail(p, id, worker, 'lease expired (worker ' .. worker .. ' stopped renewing) after ' ..
+        final_fail(p, id, worker, claim_rec, 'lease expired (worker ' .. worker .. ' stopped renewing) after ' ..
           tostring(retry_count) .. ' attempts', retry_count, now)
         failed = failed + 1
       end
@@ -1354,7 +1465,9 @@ redis.register_function('updateJobProgress', function(_, args)
 end)
 
 redis.register_function('completeJob', function(_, args)
-  return complete(args[1], args[2], args[3], args[4] or 'null', args[5] or '')
+  local steps = nil
+  if args[8] then steps = { args[6], args[7], args[8] } end
+  return complete(args[1], args[2], args[3], args[4] or 'null', args[5] or '', steps)
 end)
 
 redis.register_function('failJob', function(_, args)

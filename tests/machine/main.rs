@@ -2,6 +2,7 @@
 //! (redis-server, child services, a PID namespace, the protocol fakes of `testkit`, git, pip,
 //! npm, Chromium), one module per topic. Each test works in its own temp dir with a hard timeout.
 
+mod claim_record;
 mod cli;
 mod config_check;
 mod connectors;

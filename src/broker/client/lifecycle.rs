@@ -119,9 +119,22 @@ impl Broker {
     /// Completes the job with its result (any JSON).
     pub async fn complete(&self, job: &ClaimedJob, result: &Value) -> Result<(), BrokerError> {
         let result = result.to_string();
-        self.lifecycle("completeJob", job, &[&result, "completed"])
-            .await
-            .map(drop)
+        // complete_job names the job's workflow and steps; the API writes them at submission
+        // only, so the claim's copy saves the function reading them from the job hash again.
+        let field = |name| job.field(name).unwrap_or_default();
+        self.lifecycle(
+            "completeJob",
+            job,
+            &[
+                &result,
+                "completed",
+                field("workflow_id"),
+                field("current_step"),
+                field("total_steps"),
+            ],
+        )
+        .await
+        .map(drop)
     }
 
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,

@@ -1,0 +1,250 @@
+//! The claim record in the job hash (issue 27, the broker's cost per job): our claims keep their
+//! record (`claim_ms`, `claim_score`, `claim_order`) in `job:<id>` next to `worker_id` instead of
+//! `jobs:claims`; a job claimed by the library before the move keeps working after an upgrade
+//! (complete, requeue in its place, reaped); an original worker's claim never carries a record;
+//! completion records older than 7 days are still trimmed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
+use machine::config::RedisUrl;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+use testkit::RedisServer;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn broker(server: &RedisServer, lease: Duration) -> Broker {
+    let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
+    let b = Broker::connect(
+        &url,
+        BrokerOptions {
+            lease,
+            ..BrokerOptions::default()
+        },
+    )
+    .await
+    .expect("connect");
+    b.ensure_functions().await.expect("install the library");
+    b
+}
+
+async fn raw(server: &RedisServer) -> MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+async fn job_hash(conn: &mut MultiplexedConnection, id: &str) -> BTreeMap<String, String> {
+    conn.hgetall(format!("job:{id}")).await.expect("HGETALL")
+}
+
+fn caps(worker: &str) -> Capabilities {
+    Capabilities::new(worker, "m1", &["simulation"])
+}
+
+const RECORD: [&str; 3] = ["claim_ms", "claim_score", "claim_order"];
+
+/// Rewrites a claim of ours into the layout of the library before the record moved into the job
+/// hash: `jobs:claims` id → `{w, s, m, t, q}`, nothing in the job hash.
+async fn as_claimed_before_the_upgrade(conn: &mut MultiplexedConnection, id: &str) {
+    let h = job_hash(conn, id).await;
+    let order = &h["claim_order"];
+    let seq = 999_999_999_999u64 - order[14..26].parse::<u64>().unwrap();
+    let record = json!({
+        "w": h["worker_id"], "s": h["claim_score"], "m": "m1",
+        "t": h["claim_ms"].parse::<u64>().unwrap(), "q": seq,
+    });
+    let _: () = redis::pipe()
+        .hdel(format!("job:{id}"), &RECORD[..])
+        .ignore()
+        .hset("jobs:claims", id, record.to_string())
+        .ignore()
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_record_lives_in_the_job_hash_and_leaves_with_the_claim() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let pending_score: f64 = conn.zscore("jobs:pending", &id).await.unwrap();
+
+        let job = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+        let h = job_hash(&mut conn, &id).await;
+        for f in RECORD {
+            assert!(h.contains_key(f), "{f} missing from {h:?}");
+        }
+        assert_eq!(h["worker_id"], "w1");
+        assert!(
+            !conn.exists::<_, bool>("jobs:claims").await.unwrap(),
+            "no jobs:claims any more"
+        );
+        // The worker's copy of the job (jobs:active) is the job as the API wrote it.
+        let snapshot: String = conn.hget("jobs:active:w1", &id).await.unwrap();
+        let snapshot: Value = serde_json::from_str(&snapshot).unwrap();
+        assert_eq!(snapshot["status"], "assigned");
+        for f in RECORD {
+            assert!(snapshot.get(f).is_none(), "{f} in the claimed job");
+        }
+
+        // Given back: in its place again, and no record is left behind.
+        b.return_job(&job).await.unwrap();
+        let h = job_hash(&mut conn, &id).await;
+        assert_eq!(h["status"], "pending");
+        for f in RECORD {
+            assert!(!h.contains_key(f), "{f} left after the return: {h:?}");
+        }
+        let again: f64 = conn.zscore("jobs:pending", &id).await.unwrap();
+        assert_eq!(again, pending_score, "the returned job keeps its score");
+
+        // Claimed, started and completed: processing_time counts from the start.
+        let job = b.claim(&caps("w2")).await.unwrap().expect("claimed again");
+        b.start(&job).await.unwrap();
+        b.complete(&job, &json!({"url": "https://cdn/x.png"})).await.unwrap();
+        let h = job_hash(&mut conn, &id).await;
+        assert_eq!(h["status"], "completed");
+        assert!(h["processing_time"].parse::<u64>().is_ok(), "{h:?}");
+        let lease: Option<f64> = conn.zscore("jobs:leases", &id).await.unwrap();
+        assert_eq!(lease, None, "the lease ends with the job");
+        let done: String = conn.hget("jobs:completed", &id).await.unwrap();
+        let done: Value = serde_json::from_str(&done).unwrap();
+        assert_eq!(done["data"], json!({"url": "https://cdn/x.png"}));
+    })
+    .await
+    .expect("within the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_claimed_before_the_upgrade_complete_requeue_and_are_reaped() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_millis(300)).await;
+        let mut conn = raw(&server).await;
+
+        // Completed after the upgrade.
+        let first = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+        as_claimed_before_the_upgrade(&mut conn, &first).await;
+        b.renew_lease(&job).await.unwrap();
+        b.complete(&job, &json!({"ok": true})).await.unwrap();
+        assert_eq!(job_hash(&mut conn, &first).await["status"], "completed");
+        let left: Option<String> = conn.hget("jobs:claims", &first).await.unwrap();
+        assert_eq!(left, None, "the old record goes with the claim");
+
+        // Returned after the upgrade: back in its place.
+        let second = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let score: f64 = conn.zscore("jobs:pending", &second).await.unwrap();
+        let job = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+        as_claimed_before_the_upgrade(&mut conn, &second).await;
+        b.return_job(&job).await.unwrap();
+        let again: f64 = conn.zscore("jobs:pending", &second).await.unwrap();
+        assert_eq!(again, score);
+
+        // Its worker died before the upgrade: the reaper returns it when the lease runs out.
+        let job = b.claim(&caps("w2")).await.unwrap().expect("claimed");
+        assert_eq!(job.id, second);
+        as_claimed_before_the_upgrade(&mut conn, &second).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let r = b.reap_expired_leases().await.unwrap();
+        assert_eq!(r.requeued, 1, "{r:?}");
+        let h = job_hash(&mut conn, &second).await;
+        assert_eq!((h["status"].as_str(), h["retry_count"].as_str()), ("pending", "1"));
+        let again: f64 = conn.zscore("jobs:pending", &second).await.unwrap();
+        assert_eq!(again, score, "reaped into its place");
+        let left: Option<String> = conn.hget("jobs:claims", &second).await.unwrap();
+        assert_eq!(left, None);
+    })
+    .await
+    .expect("within the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_workers_claim_never_carries_an_old_claim_record() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+        b.complete(&job, &Value::Null).await.unwrap();
+        // The API submits the same id again (a client's message id): our record of the ended
+        // claim is still in the hash when an original worker claims it.
+        let _: () = redis::pipe()
+            .hset("job:".to_owned() + &id, "status", "pending")
+            .ignore()
+            .zadd("jobs:pending", &id, 5e16)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let reply: Option<String> = redis::cmd("FCALL")
+            .arg("findMatchingJob")
+            .arg(0)
+            .arg(caps("original").to_json())
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let reply: Value = serde_json::from_str(&reply.expect("the original worker claims")).unwrap();
+        assert_eq!(reply["jobId"], id.as_str());
+        let h = job_hash(&mut conn, &id).await;
+        assert_eq!(h["worker_id"], "original");
+        for f in RECORD {
+            assert!(!h.contains_key(f), "{f} of the ended claim kept: {h:?}");
+            assert!(reply["job"].get(f).is_none(), "{f} in the original worker's copy");
+        }
+        // So nothing of ours takes it for our own.
+        assert!(matches!(
+            b.complete(&job, &Value::Null).await,
+            Err(machine::broker::BrokerError::LeaseLost { .. })
+        ));
+    })
+    .await
+    .expect("within the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_records_older_than_seven_days_are_trimmed() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        // Records of a week and a day ago, as the library wrote them then.
+        let old_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            - 8 * 86_400_000;
+        for i in 0..150 {
+            let _: () = redis::pipe()
+                .hset("jobs:completed", format!("old-{i}"), r#"{"success":true}"#)
+                .ignore()
+                .zadd("jobs:completed:at", format!("old-{i}"), old_ms + i)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        // At most 100 go per completion, so two completions take all 150.
+        for _ in 0..2 {
+            b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+            let job = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+            b.complete(&job, &Value::Null).await.unwrap();
+        }
+        let n: usize = conn.hlen("jobs:completed").await.unwrap();
+        assert_eq!(n, 2, "only the two fresh records remain");
+        let n: usize = conn.zcard("jobs:completed:at").await.unwrap();
+        assert_eq!(n, 2);
+    })
+    .await
+    .expect("within the limit");
+}
