@@ -1068,6 +1068,8 @@ local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   local jkey = p .. 'job:' .. id
   progress_follows(p, id, 'pending', 'returned to the queue: ' .. reason, now)
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
+  -- Pending again: no worker has it, so no time it was assigned or started is true any more.
+  redis.call('HDEL', jkey, 'assigned_at', 'started_at')
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
   drop_claim(p, id)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
@@ -1113,18 +1115,22 @@ local function start_job(p, id, worker)
   return 'ok'
 end
 
-local function progress(p, id, worker, pct, message, current_step, total_steps)
+-- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
+-- the monitor or the workers reads it, and it was a third of a progress write's cost.
+local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
   local now = now_ms()
   local r = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local pkey = p .. 'job:' .. id .. ':progress'
   redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at', iso(now))
   redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
-  local stream = p .. 'progress:' .. id
-  redis.call('XADD', stream, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
-    'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
-    'timestamp', tostring(now))
-  redis.call('EXPIRE', stream, PROGRESS_TTL_S)
+  if stream then
+    local skey = p .. 'progress:' .. id
+    redis.call('XADD', skey, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
+      'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
+      'timestamp', tostring(now))
+    redis.call('EXPIRE', skey, PROGRESS_TTL_S)
+  end
   publish(p, 'update_job_progress', { job_id = id, worker_id = worker, progress = tonumber(pct) or 0,
     status = 'in_progress', message = message, current_step = current_step, total_steps = total_steps,
     timestamp = now })
@@ -1350,7 +1356,7 @@ redis.register_function('startJob', function(_, args)
 end)
 
 redis.register_function('updateJobProgress', function(_, args)
-  return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '')
+  return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '', args[8] == '1')
 end)
 
 redis.register_function('completeJob', function(_, args)

@@ -92,6 +92,7 @@ impl Rig {
             heartbeat: Duration::from_millis(200),
             drain: Duration::from_secs(2),
             job_timeout: Duration::from_secs(30),
+            progress_every: Duration::from_secs(1),
         };
         let store = Arc::new(OutputStore::new(self.dir.path().join("outputs")));
         let mut worker = Worker::new(caps, map, settings, store);

@@ -58,6 +58,9 @@ pub struct BrokerOptions {
     pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
+    /// Whether progress updates also append to the `progress:<id>` stream (capped, expiring),
+    /// for a reader that wants it; nothing in the existing broker reads it (default off).
+    pub progress_stream: bool,
     /// Where every command's outcome is recorded (the machine passes the one its health
     /// server reads; the start-up loop records into it before the broker exists).
     pub health: RedisHealth,
@@ -73,6 +76,7 @@ impl Default for BrokerOptions {
             max_examine: 100,
             max_retries_cap: 10,
             key_prefix: String::new(),
+            progress_stream: false,
             health: RedisHealth::new(),
         }
     }
