@@ -120,6 +120,11 @@ struct Inner {
     /// changes it ([`Broker::set_lease`]).
     lease_ms: AtomicU64,
     wake: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per worker id, the wake-ups the fleet's indexer sends it alone (see `claim_next`).
+    wake_workers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// The machines whose wake channel (`jobs:wake:<machine>`) [`Broker::run_events`] listens
+    /// to: those of the workers that claimed through this broker.
+    wake_machines: watch::Sender<std::collections::BTreeSet<String>>,
     cancels: broadcast::Sender<String>,
     observer: std::sync::OnceLock<ClaimObserver>,
     /// The workers this broker registered, to register again when Redis comes back empty.
@@ -127,7 +132,8 @@ struct Inner {
     /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
     /// [`Broker::claim_next`]).
     catch_up: watch::Sender<CatchUp>,
-    /// This broker's name as the holder of the fleet's sweeper lease (random, per process).
+    /// This broker's name as the holder of the fleet's sweeper and indexer leases (its process
+    /// id and a random part).
     sweeper_id: String,
 }
 
@@ -237,6 +243,8 @@ impl Broker {
                 lease_ms: AtomicU64::new(u64::try_from(opts.lease.as_millis()).unwrap_or(u64::MAX)),
                 opts,
                 wake: Mutex::new(HashMap::new()),
+                wake_workers: Mutex::new(HashMap::new()),
+                wake_machines: watch::channel(std::collections::BTreeSet::new()).0,
                 cancels,
                 observer: std::sync::OnceLock::new(),
                 registered: Mutex::new(HashMap::new()),
