@@ -23,9 +23,11 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const SWEEP_LEASE: Duration = Duration::from_secs(6);
 /// Entries of `jobs:pending` (and of the index) one sweeper step reads.
 const SWEEP_STEP: u32 = 2000;
-/// How often the fleet's indexer ticks (renews its lease, re-sends overdue wakes).
-const INDEXER_TICK: Duration = Duration::from_millis(250);
-/// The other machines try to take the indexer lease every this many ticks.
+/// How often the fleet's indexer ticks (renews its lease, re-sends overdue wakes): a wake not
+/// answered within [`WAKE_DEADLINE`] goes to another worker within this more.
+const INDEXER_TICK: Duration = Duration::from_millis(500);
+/// The other machines try to take the indexer lease every this many ticks (2 s: each tick is
+/// a call per machine, the one cost of the scheme that grows with the fleet).
 const INDEXER_TRY_EVERY: u64 = 4;
 /// The indexer lease: a machine that stops ticking hands over within this (plus a try).
 const INDEXER_LEASE: Duration = Duration::from_secs(3);
