@@ -412,11 +412,19 @@ async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, healt
     match broker.publish_machine_status(state.machine_id(), &msg).await {
         Ok(()) => broker.health().record_ok(),
         Err(e) => {
-            tracing::warn!(
-                "failed to publish the machine status: {}",
-                crate::logging::error_chain(&e)
-            );
+            // An outage is logged once, by the health record.
             broker.health().record_err(&e);
+            if crate::broker::health::is_outage(&e) {
+                tracing::debug!(
+                    "failed to publish the machine status: {}",
+                    crate::logging::error_chain(&e)
+                );
+            } else {
+                tracing::warn!(
+                    "failed to publish the machine status: {}",
+                    crate::logging::error_chain(&e)
+                );
+            }
         }
     }
 }

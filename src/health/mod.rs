@@ -437,10 +437,7 @@ impl HealthState {
     pub fn ready_document(&self) -> status::ReadyDocument {
         let phase = self.phase();
         let workers = self.workers_document();
-        let can_claim = |w: &status::Worker| {
-            w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
-        };
-        let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+        let ready = is_ready(phase, &workers);
         let not_claiming = workers
             .iter()
             .filter(|w| !can_claim(w))
@@ -462,10 +459,13 @@ impl HealthState {
     pub fn status_document(&self) -> StatusDocument {
         let live = self.probe.live();
         let health = self.probe.health_now();
+        let phase = self.phase();
+        let workers = self.workers_document();
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
-                phase: self.phase(),
+                phase,
+                ready: is_ready(phase, &workers),
                 uptime_ms: self.uptime_ms(),
                 started_at_ms: self.started_ms,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -491,11 +491,22 @@ impl HealthState {
                 .map(|(k, v)| (k.clone(), v.into()))
                 .collect(),
             services: self.services.status().iter().map(status::Service::from).collect(),
-            workers: self.workers_document(),
+            workers,
             recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
             redis: self.redis(),
             external_apis: self.external_apis(),
             config: self.config_document(),
         }
     }
+}
+
+/// Whether a worker can claim now: it is idle or busy and nothing holds it.
+fn can_claim(w: &status::Worker) -> bool {
+    w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+}
+
+/// What `/ready` answers: the phase is `ready` and at least one worker can claim (a machine
+/// without workers: by its phase alone).
+fn is_ready(phase: Phase, workers: &[status::Worker]) -> bool {
+    phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim))
 }

@@ -3,7 +3,9 @@
 //! bounds, and that it outlives the server's idle timeout; `/fleet`, also with Redis gone; and
 //! the page itself in headless Chromium (Debian's `chromium` driven by playwright-core, which
 //! `machine install` puts in a workspace kept under the target directory), driven by
-//! `tests/machine/page.mjs`. The page test saves its screenshots in `target/test-artifacts/`.
+//! `tests/machine/page.mjs` (the live page) and `tests/machine/page_truth.mjs` (at 420 px: read
+//! token, retried attempt, Redis refusing the credentials, a stopped machine). The page tests
+//! save their screenshots in `target/test-artifacts/`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,7 @@ use super::installers::{machine as install, text};
 use crate::support::machine;
 
 const CONTROL_TOKEN: &str = "page-control-token";
+const READ_TOKEN: &str = "page-read-token";
 
 struct Running {
     child: Child,
@@ -63,6 +66,7 @@ fn start_with(id: &str, redis_url: &str, more_toml: &str) -> Running {
         .env("HUB_REDIS_URL", redis_url)
         .env("WORKER_CONNECTORS", "simulation")
         .env("MACHINE_CONTROL_TOKEN", CONTROL_TOKEN)
+        .env("MACHINE_READ_TOKEN", READ_TOKEN)
         .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
         .env("FAKE_NVML_GPUS", "1")
         .stdout(Stdio::null())
@@ -416,4 +420,97 @@ fn the_page_shows_the_machine_live_in_chromium() {
     let png = std::fs::read(&screenshot).expect("the screenshot was saved");
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     println!("page screenshot: {}", screenshot.display());
+}
+
+/// The page in Chromium at 420 px never says something false (issue 25): it fits the viewport;
+/// a service's uptime counts on between events; the read token cannot restart and the server
+/// says 403 naming the control token; an attempt that will be retried is not a red "failed";
+/// the badge follows `/ready` and a Redis authentication error is a banner; a stopped machine
+/// looks stopped. Driven by `tests/machine/page_truth.mjs`; screenshots in
+/// `target/test-artifacts/page-truth-*.png`.
+#[test]
+fn the_page_tells_the_truth_in_chromium() {
+    let browser = playwright_dir();
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("page-truth.png");
+
+    let redis = testkit::RedisServer::start();
+    let mut m = start("pt1", &redis.url());
+    // It fails retryably; with one worker, which may not claim again at once what it failed,
+    // the job waits in the queue for its next attempt.
+    let job = submit(
+        &redis.url(),
+        &[
+            "--service",
+            "simulation",
+            "--max-retries",
+            "5",
+            "--payload",
+            r#"{"duration_ms": 50, "fail": "retryable"}"#,
+        ],
+    );
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", "200", "node"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/machine/page_truth.mjs"))
+        .env("PAGE_URL", m.url("/"))
+        .env("CONTROL_TOKEN", CONTROL_TOKEN)
+        .env("READ_TOKEN", READ_TOKEN)
+        .env("JOB_ID", &job)
+        .env("REDIS_PORT", redis.port().to_string())
+        .env("SCREENSHOT", &screenshot)
+        .env("PLAYWRIGHT_DIR", &browser)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no summary from the page script:\n{}", text(&out)));
+    println!("{summary:#}");
+    assert!(out.status.success() && summary["ok"] == true, "{}", text(&out));
+
+    // Read token on a control route: 403, and the answer names the token that would do.
+    assert_eq!(summary["read_refusal"]["status"], 403, "{summary}");
+    let refusal = summary["read_refusal"]["body"]["error"].as_str().unwrap();
+    assert!(refusal.contains("MACHINE_CONTROL_TOKEN"), "{refusal}");
+
+    // The failed attempt went back to the queue: shown as such, not as a failed job.
+    assert_eq!(summary["retrying"]["outcome"], "retrying", "{summary}");
+    let class = summary["retrying"]["badge_class"].as_str().unwrap();
+    let classes: Vec<&str> = class.split_whitespace().collect();
+    assert!(classes.contains(&"warn") && !classes.contains(&"bad"), "{summary}");
+    assert!(
+        !summary["retrying"]["text"].as_str().unwrap().contains("\tfailed"),
+        "{summary}"
+    );
+
+    // Redis refuses the credentials: /ready is 503 and the badge does not say ready.
+    assert_eq!(summary["requirepass"], "+OK", "{summary}");
+    assert_eq!(summary["auth"]["ready"], 503, "{summary}");
+    assert_eq!(summary["auth"]["badge"], "not ready", "{summary}");
+    assert!(
+        summary["auth"]["banner"].as_str().unwrap().contains("credentials"),
+        "{summary}"
+    );
+
+    // Stopped: the banner, a red badge, nothing counting on, no restart offered.
+    assert_eq!(summary["stop"], 202, "{summary}");
+    let stopped = &summary["stopped"];
+    assert!(
+        ["stopped", "not answering"].contains(&stopped["badge"].as_str().unwrap()),
+        "{summary}"
+    );
+    assert_eq!(stopped["before"], stopped["after"], "nothing counts on: {summary}");
+    assert!(
+        stopped["before"][0].as_str().unwrap().starts_with("was up"),
+        "{summary}"
+    );
+    assert_eq!(stopped["restart_disabled"], true, "{summary}");
+    let status = m.child.wait().expect("the machine exits");
+    assert!(status.success(), "the machine stopped cleanly: {status:?}");
 }

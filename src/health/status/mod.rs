@@ -56,6 +56,9 @@ pub struct Machine {
     pub id: String,
     /// Where it is in its life.
     pub phase: Phase,
+    /// What `/ready` answers now (absent from older machines).
+    #[serde(default)]
+    pub ready: bool,
     /// Milliseconds since start.
     pub uptime_ms: u64,
     /// When it started, epoch milliseconds.
@@ -236,6 +239,10 @@ pub struct RecentJob {
     pub duration_ms: u64,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// A failed attempt that the broker put back in the queue for another: the job is pending,
+    /// not failed (absent from older machines).
+    #[serde(default)]
+    pub requeued: bool,
 }
 
 /// How a job ended on this machine.
@@ -333,6 +340,7 @@ pub(crate) fn sample() -> StatusDocument {
         machine: Machine {
             id: "m1".into(),
             phase: Phase::Ready,
+            ready: true,
             uptime_ms: 5000,
             started_at_ms: 1_750_000_000_000,
             version: "0.1.0".into(),
@@ -423,6 +431,7 @@ pub(crate) fn sample() -> StatusDocument {
             finished_at_ms: 1_750_000_001_500,
             duration_ms: 1500,
             error: Some("out of memory".into()),
+            requeued: true,
         }],
         redis: RedisStatus {
             url: Some("redis://***@h".into()),
