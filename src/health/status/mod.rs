@@ -421,6 +421,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_error: None,
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
+            quota_waits: Vec::new(),
         }],
         recent_jobs: vec![RecentJob {
             job_id: "j0".into(),
