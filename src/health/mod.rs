@@ -102,6 +102,10 @@ pub struct HealthState {
     gpu_history: Mutex<history::GpuHistory>,
     /// Set once the broker has connected; `/fleet` reads the fleet through it.
     broker: OnceLock<Broker>,
+    /// This run, as the fleet message names it.
+    instance: fleet::Instance,
+    /// The last other run seen publishing under this machine id.
+    duplicate: Mutex<Option<fleet::Duplicate>>,
 }
 
 /// The machine as it runs now: the configuration and plan that the start or the last reload
@@ -163,8 +167,45 @@ impl HealthState {
             recent_jobs: Mutex::default(),
             gpu_history: Mutex::default(),
             broker: OnceLock::new(),
+            instance: fleet::Instance::this_run(&config.machine.workspace),
+            duplicate: Mutex::new(None),
             running: watch::channel(running).0,
         })
+    }
+
+    /// This run of the machine.
+    pub fn instance(&self) -> &fleet::Instance {
+        &self.instance
+    }
+
+    /// Another live run publishing under this machine id, seen in the last
+    /// [`fleet::DUPLICATE_FRESH_MS`].
+    pub fn duplicate(&self) -> Option<fleet::Duplicate> {
+        let seen = self.duplicate.lock().unwrap_or_else(|p| p.into_inner());
+        seen.clone()
+            .filter(|d| crate::clock::now_ms().saturating_sub(d.seen_at_ms) < fleet::DUPLICATE_FRESH_MS)
+    }
+
+    /// Records another live run under this machine id; warns the first time it is seen. The
+    /// machine goes on: a duplicate is an operator's mistake to fix, and refusing to start
+    /// would also stop a restarted container whose predecessor only looks alive.
+    pub fn saw_duplicate(&self, other: fleet::Duplicate) {
+        let mut seen = self.duplicate.lock().unwrap_or_else(|p| p.into_inner());
+        let new = seen
+            .as_ref()
+            .is_none_or(|d| d.instance.instance_id != other.instance.instance_id);
+        if new {
+            tracing::warn!(
+                machine_id = %self.machine_id,
+                host = %other.instance.host,
+                workspace = %other.instance.workspace,
+                instance = %other.instance.instance_id,
+                "another machine runs with this machine id, on host {} in workspace {}: both register the same worker ids; give each machine its own MACHINE_ID",
+                other.instance.host,
+                other.instance.workspace,
+            );
+        }
+        *seen = Some(other);
     }
 
     /// Hands the connected broker to the health server (for `/fleet`); only the first is kept.
@@ -470,6 +511,8 @@ impl HealthState {
                 started_at_ms: self.started_ms,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 critical_failure: self.critical_failure(),
+                instance_id: self.instance.instance_id.clone(),
+                duplicate: self.duplicate(),
             },
             gpus: self
                 .probe

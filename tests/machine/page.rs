@@ -24,7 +24,7 @@ const READ_TOKEN: &str = "page-read-token";
 struct Running {
     child: Child,
     port: u16,
-    _ws: tempfile::TempDir,
+    ws: Option<tempfile::TempDir>,
 }
 
 impl Drop for Running {
@@ -38,6 +38,19 @@ impl Running {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
+
+    /// What the machine printed so far.
+    fn output(&self) -> String {
+        let ws = self.ws.as_ref().expect("the workspace is kept while it runs");
+        std::fs::read_to_string(ws.path().join("machine.out")).unwrap_or_default()
+    }
+
+    /// Kills the machine at once (SIGKILL, as a crashed container) and keeps its workspace.
+    fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.ws.take().expect("the workspace")
+    }
 }
 
 /// A machine with one fake GPU, one simulation worker and a supervised `echo` service.
@@ -47,7 +60,18 @@ fn start(id: &str, redis_url: &str) -> Running {
 
 /// [`start`] with more configuration appended.
 fn start_with(id: &str, redis_url: &str, more_toml: &str) -> Running {
-    let ws = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), id, redis_url, more_toml)
+}
+
+/// [`start_with`] in the workspace `ws`; the output goes to `machine.out` in it.
+fn start_in(ws: tempfile::TempDir, id: &str, redis_url: &str, more_toml: &str) -> Running {
+    // The services' output (stdout) and the machine's log (stderr), in one file as a terminal
+    // shows them.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ws.path().join("machine.out"))
+        .unwrap();
     let port = testkit::free_port();
     let config = ws.path().join("machine.toml");
     std::fs::write(
@@ -69,8 +93,11 @@ fn start_with(id: &str, redis_url: &str, more_toml: &str) -> Running {
         .env("MACHINE_READ_TOKEN", READ_TOKEN)
         .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
         .env("FAKE_NVML_GPUS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .env("LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -78,7 +105,11 @@ fn start_with(id: &str, redis_url: &str, more_toml: &str) -> Running {
         assert!(Instant::now() < deadline, "health server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Running { child, port, _ws: ws }
+    Running {
+        child,
+        port,
+        ws: Some(ws),
+    }
 }
 
 /// One Server-Sent Event: its `event:` name and its `data:` lines joined; comments are kept
@@ -513,4 +544,108 @@ fn the_page_tells_the_truth_in_chromium() {
     assert_eq!(stopped["restart_disabled"], true, "{summary}");
     let status = m.child.wait().expect("the machine exits");
     assert!(status.success(), "the machine stopped cleanly: {status:?}");
+}
+
+/// The `/status` document of `m`.
+fn status_of(m: &Running) -> Value {
+    reqwest::blocking::get(m.url("/status"))
+        .and_then(|r| r.json())
+        .expect("a status document")
+}
+
+/// Two machines with one id on one Redis (two workspaces): both start (a duplicate is never
+/// refused), each says once in its log, on `/status` and in the fleet view that the other runs,
+/// naming its host and workspace. A machine restarted in its workspace while its dead
+/// predecessor's message is fresh says nothing of the kind.
+#[test]
+fn a_second_machine_with_the_same_id_is_named_by_both_and_refused_by_neither() {
+    let redis = testkit::RedisServer::start();
+    let a = start("dup1", &redis.url());
+    let b = start("dup1", &redis.url());
+    let workspace = |m: &Running| m.ws.as_ref().unwrap().path().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let (da, db) = loop {
+        let (sa, sb) = (status_of(&a), status_of(&b));
+        let (da, db) = (&sa["machine"]["duplicate"], &sb["machine"]["duplicate"]);
+        if da.is_object() && db.is_object() {
+            break (da.clone(), db.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not both named the other: {da} / {db}\n{}\n{}",
+            a.output(),
+            b.output()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(da["workspace"], workspace(&b), "{da}");
+    assert_eq!(db["workspace"], workspace(&a), "{db}");
+    assert_eq!(da["host"], db["host"], "one host here: {da} {db}");
+    assert!(!da["host"].as_str().unwrap().is_empty(), "{da}");
+    assert_eq!(da["instance_id"], status_of(&b)["machine"]["instance_id"]);
+    for (m, other) in [(&a, &b), (&b, &a)] {
+        let out = m.output();
+        let warns: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains("another machine runs with this machine id"))
+            .collect();
+        assert_eq!(warns.len(), 1, "one WARN:\n{out}");
+        assert!(
+            warns[0].contains(&workspace(other)),
+            "it names the workspace: {}",
+            warns[0]
+        );
+    }
+    let mut a = a;
+    let mut b = b;
+    assert!(
+        a.child.try_wait().unwrap().is_none() && b.child.try_wait().unwrap().is_none(),
+        "both run"
+    );
+
+    // The fleet view says so, whichever run's message is stored.
+    let out = machine()
+        .args(["status", "--fleet"])
+        .env("HUB_REDIS_URL", redis.url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("DUPLICATE: another machine runs as dup1 on host "),
+        "{text}"
+    );
+    drop((a, b));
+
+    // A crashed machine restarted in its workspace: its predecessor's message is fresh, and
+    // it is no duplicate.
+    let first = start("dup2", &redis.url());
+    let first_instance = loop {
+        let stored = redis.raw_command("GET machine:dup2:status");
+        let id = status_of(&first)["machine"]["instance_id"].as_str().unwrap().to_owned();
+        if stored.contains(&id) {
+            break id;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ws = first.crash();
+    let second = start_in(ws, "dup2", &redis.url(), "");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let second_instance = loop {
+        let doc = status_of(&second);
+        let id = doc["machine"]["instance_id"].as_str().unwrap().to_owned();
+        // Its own message replaced the predecessor's: that publish read the predecessor's.
+        if redis.raw_command("GET machine:dup2:status").contains(&id) {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the restarted machine never published");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(first_instance, second_instance, "a new instance id each start");
+    assert!(status_of(&second)["machine"]["duplicate"].is_null());
+    assert!(
+        !second.output().contains("another machine runs with this machine id"),
+        "{}",
+        second.output()
+    );
 }

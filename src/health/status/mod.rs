@@ -67,6 +67,12 @@ pub struct Machine {
     pub version: String,
     /// The critical service whose failure shuts the machine down, when one failed.
     pub critical_failure: Option<String>,
+    /// This run's random id, new each start (absent from older machines).
+    #[serde(default)]
+    pub instance_id: String,
+    /// Another live run under the same machine id, when one publishes (see the fleet message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<super::fleet::Duplicate>,
 }
 
 /// One GPU: what the probe found and what NVML reads now.
@@ -345,6 +351,8 @@ pub(crate) fn sample() -> StatusDocument {
             started_at_ms: 1_750_000_000_000,
             version: "0.1.0".into(),
             critical_failure: None,
+            instance_id: "0123456789abcdef".into(),
+            duplicate: None,
         },
         gpus: vec![Gpu {
             index: 0,
