@@ -50,6 +50,7 @@ pub(super) fn worker_for(
         heartbeat: config.machine.worker.heartbeat,
         drain: config.machine.worker.drain,
         job_timeout: config.machine.worker.job_timeout,
+        progress_every: config.machine.worker.progress_every,
     };
     let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.machine.worker);
     if kit.models.is_some() && config.plan.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
@@ -130,6 +131,7 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
         max_retries_cap: config.machine.worker.max_retries_cap,
+        progress_stream: config.machine.worker.progress_stream,
         ..BrokerOptions::default()
     }
 }
