@@ -152,6 +152,9 @@ pub struct Worker {
     /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
     /// of its in crash loop or failed.
     pub reason: Option<String>,
+    /// Work a daily quota holds back from it until the quota resets (it claims the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<crate::worker::QuotaWait>,
 }
 
 impl Worker {
@@ -166,6 +169,7 @@ impl Worker {
             last_activity_ms,
             hold,
             held_by: _,
+            quota_waits,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -175,6 +179,7 @@ impl Worker {
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
+            quota_waits: quota_waits.clone(),
         }
     }
 }
@@ -392,6 +397,12 @@ mod tests {
                 last_activity_ms: 7,
                 hold: None,
                 held_by: Vec::new(),
+                quota_waits: vec![crate::worker::QuotaWait {
+                    services: vec!["openai_text".into()],
+                    customer: None,
+                    reason: "q".into(),
+                    until_ms: 8,
+                }],
             };
             let mut expected = serde_json::to_value(&status).unwrap();
             expected.as_object_mut().unwrap().remove("hold");
