@@ -438,7 +438,11 @@ impl HealthState {
         let phase = self.phase();
         let workers = self.workers_document();
         let can_claim = |w: &status::Worker| {
-            w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+            w.reason.is_none()
+                && matches!(
+                    w.state,
+                    status::WorkerStage::Idle | status::WorkerStage::Busy | status::WorkerStage::WaitingForUploads
+                )
         };
         let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
         let not_claiming = workers

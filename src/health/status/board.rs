@@ -152,6 +152,22 @@ pub struct Worker {
     /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
     /// of its in crash loop or failed.
     pub reason: Option<String>,
+    /// Finished jobs whose outputs it is storing while it goes on, oldest first.
+    #[serde(default)]
+    pub uploads: Vec<Upload>,
+}
+
+/// A finished job whose outputs a worker is storing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// The bytes of its outputs.
+    pub bytes: u64,
+    /// When the upload began, epoch milliseconds.
+    pub since_ms: u64,
 }
 
 impl Worker {
@@ -166,6 +182,7 @@ impl Worker {
             last_activity_ms,
             hold,
             held_by: _,
+            uploads,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -175,6 +192,15 @@ impl Worker {
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
+            uploads: uploads
+                .iter()
+                .map(|u| Upload {
+                    job_id: u.job_id.clone(),
+                    service: u.service.clone(),
+                    bytes: u.bytes,
+                    since_ms: u.since_ms,
+                })
+                .collect(),
         }
     }
 }
@@ -191,6 +217,8 @@ pub enum WorkerStage {
     Held,
     /// Waiting for a job.
     Idle,
+    /// Not claiming until one of its pending uploads ends.
+    WaitingForUploads,
     /// Running a job.
     Busy,
     /// Shutting down.
@@ -206,6 +234,7 @@ impl From<WorkerState> for WorkerStage {
             WorkerState::WaitingForServices => WorkerStage::WaitingForServices,
             WorkerState::Held => WorkerStage::Held,
             WorkerState::Idle => WorkerStage::Idle,
+            WorkerState::WaitingForUploads => WorkerStage::WaitingForUploads,
             WorkerState::Busy => WorkerStage::Busy,
             WorkerState::Draining => WorkerStage::Draining,
             WorkerState::Stopped => WorkerStage::Stopped,
@@ -305,6 +334,7 @@ impl WorkerStage {
             WorkerStage::WaitingForServices => "waiting_for_services",
             WorkerStage::Held => "held",
             WorkerStage::Idle => "idle",
+            WorkerStage::WaitingForUploads => "waiting_for_uploads",
             WorkerStage::Busy => "busy",
             WorkerStage::Draining => "draining",
             WorkerStage::Stopped => "stopped",
@@ -392,6 +422,7 @@ mod tests {
                 last_activity_ms: 7,
                 hold: None,
                 held_by: Vec::new(),
+                uploads: Vec::new(),
             };
             let mut expected = serde_json::to_value(&status).unwrap();
             expected.as_object_mut().unwrap().remove("hold");
