@@ -103,6 +103,7 @@ mod tests {
             hold: None,
             held_by: Vec::new(),
             uploads: Vec::new(),
+            quota_waits: Vec::new(),
         };
         let (tx, mut rx) = watch::channel(status(WorkerState::Busy));
         let waiter = tokio::spawn(async move { parked(&mut rx).await });

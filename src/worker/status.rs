@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hold::{Blame, HoldKind};
 use crate::connectors::Billing;
@@ -98,12 +98,39 @@ pub struct WorkerStatus {
     pub held_by: Vec<HoldKind>,
     /// Finished jobs whose outputs it is storing while it goes on, oldest first.
     pub uploads: Vec<PendingUpload>,
+    /// Work a daily quota holds back from it until the quota resets (it claims the rest).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<QuotaWait>,
 }
 
 impl WorkerStatus {
     /// The bytes its pending uploads hold.
     pub fn upload_bytes(&self) -> u64 {
         self.uploads.iter().map(|u| u.bytes).sum()
+    }
+}
+
+/// Work a worker leaves alone until a daily quota resets: an API's quota holds back the job
+/// services of that API, a customer's own quota that customer's jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaWait {
+    /// The job services it does not claim (an API's quota); empty for a customer's quota.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// The customer whose jobs it does not claim (the customer's own quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    /// The limiter's words (which quota, how much).
+    pub reason: String,
+    /// When the quota resets, epoch milliseconds.
+    pub until_ms: u64,
+}
+
+impl QuotaWait {
+    /// Whether it holds back a job of `service` for `customer` (empty: none).
+    pub fn covers(&self, service: &str, customer: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+            || self.customer.as_deref().is_some_and(|c| c == customer && !c.is_empty())
     }
 }
 

@@ -85,6 +85,7 @@ struct Rig {
     dir: tempfile::TempDir,
     broker: Broker,
     machines: usize,
+    submitted: i64,
 }
 
 impl Rig {
@@ -103,12 +104,15 @@ impl Rig {
             dir: tempfile::tempdir().expect("a temp dir"),
             broker,
             machines: 0,
+            submitted: 0,
         }
     }
 
     /// Queues `n` simulation jobs, each producing one output of `bytes` (and running
-    /// `duration_ms` when given), storing to the bucket; their ids in queue order.
-    async fn submit(&self, n: usize, bytes: usize, duration_ms: Option<u64>) -> Vec<String> {
+    /// `duration_ms` when given), storing to the bucket; their ids in queue order (each job a
+    /// step lower in priority than the one before, as jobs queued within one second are
+    /// otherwise claimed in no set order).
+    async fn submit(&mut self, n: usize, bytes: usize, duration_ms: Option<u64>) -> Vec<String> {
         let ctx = json!({"storage": {"provider": "s3", "bucket": BUCKET}, "prefix": "users/u1"});
         let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
@@ -116,11 +120,10 @@ impl Rig {
             if let Some(ms) = duration_ms {
                 payload["duration_ms"] = json!(ms);
             }
-            let id = self
-                .broker
-                .submit(&NewJob::new("simulation", payload))
-                .await
-                .expect("submit");
+            let mut job = NewJob::new("simulation", payload);
+            job.priority = 1000 - self.submitted;
+            self.submitted += 1;
+            let id = self.broker.submit(&job).await.expect("submit");
             // The machine starts after every job is queued, so none is claimed without its ctx.
             self.broker
                 .connection()
@@ -450,8 +453,14 @@ async fn an_earlier_completion_does_not_mark_the_busy_worker_idle() {
             .hgetall(format!("worker:{worker_id}"))
             .await
             .unwrap();
-        assert_eq!(w["status"], "busy", "{w:?}");
-        assert_eq!(w["current_job_id"], second[0], "{w:?}");
+        let seen = format!(
+            "{w:?}\nfirst: {:?}\nsecond: {:?}\n{}",
+            rig.job(&first[0]).await,
+            rig.job(&second[0]).await,
+            m.log()
+        );
+        assert_eq!(w["status"], "busy", "{seen}");
+        assert_eq!(w["current_job_id"], second[0], "{seen}");
         assert_eq!(rig.job(&second[0]).await["status"], "in_progress");
         rig.all_completed(&second, &m).await;
         let w: BTreeMap<String, String> = rig

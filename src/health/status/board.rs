@@ -155,6 +155,9 @@ pub struct Worker {
     /// Finished jobs whose outputs it is storing while it goes on, oldest first.
     #[serde(default)]
     pub uploads: Vec<Upload>,
+    /// Work a daily quota holds back from it until the quota resets (it claims the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<crate::worker::QuotaWait>,
 }
 
 /// A finished job whose outputs a worker is storing.
@@ -183,6 +186,7 @@ impl Worker {
             hold,
             held_by: _,
             uploads,
+            quota_waits,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -201,6 +205,7 @@ impl Worker {
                     since_ms: u.since_ms,
                 })
                 .collect(),
+            quota_waits: quota_waits.clone(),
         }
     }
 }
@@ -423,6 +428,12 @@ mod tests {
                 hold: None,
                 held_by: Vec::new(),
                 uploads: Vec::new(),
+                quota_waits: vec![crate::worker::QuotaWait {
+                    services: vec!["openai_text".into()],
+                    customer: None,
+                    reason: "q".into(),
+                    until_ms: 8,
+                }],
             };
             let mut expected = serde_json::to_value(&status).unwrap();
             expected.as_object_mut().unwrap().remove("hold");
