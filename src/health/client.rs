@@ -131,6 +131,18 @@ fn render_fleet(machines: &[(FleetMessage, BTreeMap<String, Option<u64>>)], now_
             msg.status.workers.len(),
             ago(now_ms, msg.timestamp)
         );
+        // Two runs under one id overwrite each other's message: whichever is stored names the
+        // other, so the fleet view says so whichever won.
+        if let Some(d) = &msg.duplicate {
+            let _ = writeln!(
+                out,
+                "  DUPLICATE: another machine runs as {} on host {} in workspace {} (seen {})",
+                msg.machine_id,
+                d.instance.host,
+                d.instance.workspace,
+                ago(now_ms, d.seen_at_ms)
+            );
+        }
         for (id, w) in &msg.status.workers {
             // The heartbeat is epoch milliseconds in Redis; an operator reads its age.
             let heartbeat = heartbeats
@@ -195,5 +207,26 @@ mod tests {
         let gpu1 = text.lines().find(|l| l.contains("m1-gpu1")).expect("gpu1's line");
         assert!(gpu1.contains(" idle ") && gpu1.contains("heartbeat -"), "{text}");
         assert!(text.lines().nth(1).unwrap().ends_with("2s ago"), "{text}");
+        assert!(!text.contains("DUPLICATE"), "{text}");
+    }
+
+    #[test]
+    fn the_fleet_view_names_another_run_under_the_same_id() {
+        let now = 1_800_000_000_000;
+        let mut msg = message(now);
+        msg.duplicate = Some(crate::health::fleet::Duplicate {
+            instance: crate::health::fleet::Instance {
+                instance_id: "feedbeef".into(),
+                host: "box-2".into(),
+                workspace: "/data/ws2".into(),
+            },
+            seen_at_ms: now - 4_000,
+        });
+        let text = render_fleet(&[(msg, BTreeMap::new())], now);
+        let line = text.lines().nth(2).expect("the line under the machine's");
+        assert_eq!(
+            line, "  DUPLICATE: another machine runs as m1 on host box-2 in workspace /data/ws2 (seen 4s ago)",
+            "{text}"
+        );
     }
 }

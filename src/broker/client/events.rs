@@ -79,7 +79,11 @@ impl Broker {
                             },
                         }
                     }
-                    tracing::warn!("the redis subscription dropped; reconnecting");
+                    // An outage is logged once by the health record; a drop alone is news.
+                    tracing::info!("the redis subscription dropped; reconnecting");
+                }
+                Err(e) if super::super::health::is_outage(&e) => {
+                    tracing::debug!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
                 }
                 Err(e) => {
                     tracing::warn!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
@@ -191,6 +195,9 @@ impl Broker {
                     self.wake(None);
                 }
                 Ok(_) => {}
+                Err(e) if super::super::health::is_outage(&e) => {
+                    tracing::debug!(error = %error_chain(&e), "failed to sweep the pending queue")
+                }
                 Err(e) => tracing::warn!(error = %error_chain(&e), "failed to sweep the pending queue"),
             }
         }

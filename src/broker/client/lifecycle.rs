@@ -232,6 +232,9 @@ impl Broker {
                     );
                 }
                 Ok(_) => {}
+                Err(e) if super::super::health::is_outage(&e) => {
+                    tracing::debug!(error = %crate::logging::error_chain(&e), "failed to reap expired leases")
+                }
                 Err(e) => tracing::warn!(error = %crate::logging::error_chain(&e), "failed to reap expired leases"),
             }
         }

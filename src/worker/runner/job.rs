@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AbortOnDrop, RedisBackoff, Worker};
 use futures_util::future::BoxFuture;
 
+use crate::broker::health::is_outage;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
@@ -739,7 +740,11 @@ impl Ending {
                 Err(BrokerError::Cancelled { .. }) => return Err(NotWritten::Cancelled),
                 Err(BrokerError::LeaseLost { .. }) => return Err(NotWritten::Lost),
                 Err(e) => {
-                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to write to redis; retrying");
+                    if is_outage(&e) {
+                        tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to write to redis; retrying");
+                    } else {
+                        tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to write to redis; retrying");
+                    }
                     self.note_error(&error_chain(&e));
                     if shutdown.is_cancelled() {
                         let since = *shutdown_seen.get_or_insert_with(Instant::now);
@@ -820,6 +825,9 @@ async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc
                 tracing::warn!(job_id = %job.id, "the lease was lost; abandoning the job");
                 let _ = stop.send(Stop::Lost).await;
                 return;
+            }
+            Err(e) if is_outage(&e) => {
+                tracing::debug!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying")
             }
             Err(e) => tracing::warn!(job_id = %job.id, error = %error_chain(&e), "lease renewal failed; retrying"),
         }
