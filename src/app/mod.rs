@@ -346,6 +346,7 @@ async fn run_services_and_workers(
     let reload_stop = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     state.serve_reloads(reload_tx);
+    state.serve_workers(workers.pool());
     let reloads = tokio::spawn(reload::serve(
         reloader(handle.clone(), workers.pool(), readiness.clone()),
         reload_rx,

@@ -45,21 +45,36 @@ impl Machine {
     }
 
     fn ready(&self) -> Option<Value> {
-        let body = std::process::Command::new("curl")
-            .args(["-s", &format!("{}/ready", self.url())])
+        self.ready_code().map(|(_, doc)| doc)
+    }
+
+    /// `/ready`'s status code and document.
+    fn ready_code(&self) -> Option<(u16, Value)> {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", &format!("{}/ready", self.url())])
             .output()
             .ok()?
             .stdout;
-        serde_json::from_slice(&body).ok()
+        let text = String::from_utf8(out).ok()?;
+        let (body, code) = text.rsplit_once('\n')?;
+        Some((code.trim().parse().ok()?, serde_json::from_str(body).ok()?))
     }
 }
 
 /// Starts the machine with one simulation worker, the store's variables in `env`.
 fn start(dir: &Path, redis_url: &str, env: &[(String, String)]) -> Machine {
+    start_with(dir, redis_url, env, "simulation:1", "")
+}
+
+/// Starts the machine with the simulation workers of `workers`, `extra` added to its
+/// configuration file.
+fn start_with(dir: &Path, redis_url: &str, env: &[(String, String)], workers: &str, extra: &str) -> Machine {
     let config = dir.join("machine.toml");
     std::fs::write(
         &config,
-        "[connectors.simulation]\nduration = \"200ms\"\nsteps = 2\n\n[worker]\nhold_recheck = \"1s\"\nupload_window = \"2s\"\n",
+        format!(
+            "[connectors.simulation]\nduration = \"200ms\"\nsteps = 2\n\n[worker]\nhold_recheck = \"1s\"\nupload_window = \"2s\"\n{extra}"
+        ),
     )
     .unwrap();
     let port = testkit::free_port();
@@ -72,7 +87,7 @@ fn start(dir: &Path, redis_url: &str, env: &[(String, String)]) -> Machine {
         .env("MACHINE_HEALTH_PORT", port.to_string())
         .env("MACHINE_CONTROL_TOKEN", TOKEN)
         .env("HUB_REDIS_URL", redis_url)
-        .env("WORKER_CONNECTORS", "simulation:1")
+        .env("WORKER_CONNECTORS", workers)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -180,6 +195,79 @@ async fn a_refused_key_holds_the_worker_until_a_reload_reads_the_corrected_key_f
         assert_eq!(listed, ["users/u1/out.txt"], "one object");
         let doc = m.status().unwrap();
         assert!(doc["workers"][0]["reason"].is_null(), "released: {doc}");
+    };
+    tokio::time::timeout(Duration::from_secs(180), test)
+        .await
+        .expect("the test finishes within its hard limit");
+}
+
+/// A job's own failure, retryable or not, spends the job's retries and never counts towards
+/// quarantine: jobs failing with `{"fail": "retryable"}` on a 2-worker machine leave both
+/// workers claiming and `/ready` at 200 (they quarantined both workers for 3 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_s_own_retryable_failures_do_not_quarantine_the_machine() {
+    let test = async {
+        let redis = RedisServer::start();
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let m = start_with(
+            dir.path(),
+            &redis.url(),
+            &[],
+            "simulation:2",
+            "\n[worker.retry_delay]\ninitial = \"100ms\"\nmax = \"100ms\"\njitter = 0.0\n",
+        );
+        wait_until(Duration::from_secs(60), "the machine to be ready", || {
+            m.ready_code().filter(|(code, _)| *code == 200)
+        });
+        // Four jobs, two attempts each: eight failures over two workers, so at least one
+        // worker sees three distinct jobs fail (the default `quarantine_after`).
+        let ids: Vec<String> = (0..4)
+            .map(|_| {
+                submit(
+                    &redis.url(),
+                    &[
+                        "--service",
+                        "simulation",
+                        "--payload",
+                        r#"{"fail": "retryable", "duration_ms": 50}"#,
+                        "--max-retries",
+                        "1",
+                    ],
+                )
+            })
+            .collect();
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let failed = loop {
+                let j = job(&mut conn, id).await;
+                if j.get("status").map(String::as_str) == Some("failed") {
+                    break j;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "job {id} did not fail: {j:?}; /ready: {:?}",
+                    m.ready_code()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert_eq!(failed["retry_count"], "2", "the job's retries were spent: {failed:?}");
+            assert!(failed["error"].contains("simulated failure"), "{failed:?}");
+        }
+        let (code, ready) = m.ready_code().expect("/ready answers");
+        assert_eq!(code, 200, "the job's failures are not the machine's: {ready}");
+        assert_eq!(ready["not_claiming"], json!({}), "{ready}");
+        let doc = m.status().expect("/status answers");
+        for w in doc["workers"].as_array().unwrap() {
+            assert!(w["reason"].is_null(), "no worker is held: {doc}");
+        }
+        // Both workers claim on: a good job completes at once.
+        let good = submit(&redis.url(), &["--service", "simulation", "--payload", "{}"]);
+        completed(&mut conn, &good, Instant::now() + Duration::from_secs(10)).await;
     };
     tokio::time::timeout(Duration::from_secs(180), test)
         .await

@@ -152,6 +152,10 @@ pub struct Worker {
     /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
     /// of its in crash loop or failed.
     pub reason: Option<String>,
+    /// Whether it is quarantined (an operator may lift it: `machine quarantine clear`, the
+    /// page's button).
+    #[serde(default)]
+    pub quarantined: bool,
 }
 
 impl Worker {
@@ -165,7 +169,7 @@ impl Worker {
             last_error,
             last_activity_ms,
             hold,
-            held_by: _,
+            held_by,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -175,6 +179,7 @@ impl Worker {
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
+            quarantined: held_by.contains(&crate::worker::hold::HoldKind::Quarantine),
         }
     }
 }
@@ -397,6 +402,7 @@ mod tests {
             expected.as_object_mut().unwrap().remove("hold");
             expected.as_object_mut().unwrap().remove("held_by");
             expected["reason"] = Value::Null;
+            expected["quarantined"] = Value::Bool(false);
             assert_eq!(serde_json::to_value(Worker::new(&status, None)).unwrap(), expected);
         }
     }

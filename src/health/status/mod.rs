@@ -413,6 +413,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_error: None,
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
+            quarantined: false,
         }],
         recent_jobs: vec![RecentJob {
             job_id: "j0".into(),
