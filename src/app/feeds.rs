@@ -18,6 +18,8 @@ use crate::plan::Plan;
 use crate::supervisor::{ServiceStatus, ServicesWatch, SupervisorHandle};
 use crate::worker::{self, Readiness};
 
+use super::Connected;
+
 /// Reacts to GPUs that fault: with `on_fault = "exit"` cancels `exit`; otherwise, once the
 /// faulted GPU's worker is off its job (it returns it, see [`crate::worker::hold`]), stops the
 /// services that worker waits for, so nothing keeps using the broken GPU.
@@ -136,104 +138,91 @@ pub(crate) fn readiness_feed(
 
 /// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
 /// the metrics, `/status` and the fleet status.
-pub(super) fn spawn_limits_feed(
-    state: &Arc<HealthState>,
-    pool: worker::WorkerPool,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
-    let state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            // Read each round: a reload may add an API.
-            for limiter in &pool.limiters() {
-                let usage = limiter.usage().await.ok();
-                let stats = limiter.stats();
-                state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);
-                state.set_external_api(
-                    limiter.api(),
-                    serde_json::json!({ "today": usage, "this_machine": stats }),
-                );
-            }
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
+pub(super) async fn limits_feed(state: Arc<HealthState>, pool: worker::WorkerPool, stop: CancellationToken) {
+    loop {
+        // Read each round: a reload may add an API.
+        for limiter in &pool.limiters() {
+            let usage = limiter.usage().await.ok();
+            let stats = limiter.stats();
+            state.metrics().set_limiter(limiter.api(), usage.as_ref(), stats);
+            state.set_external_api(
+                limiter.api(),
+                serde_json::json!({ "today": usage, "this_machine": stats }),
+            );
         }
-    })
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// Logs once, when the machine first becomes ready (`/ready` answers 200), how long that took
 /// since it started.
-pub(super) fn spawn_ready_line(state: &Arc<HealthState>, stop: CancellationToken) -> JoinHandle<()> {
-    let state = state.clone();
-    tokio::spawn(async move {
-        // Readiness is derived from the installers', services' and workers' channels on every
-        // read; a short poll reads it without a second copy of that rule.
-        loop {
-            if state.ready_document().ready {
-                let took = crate::logging::started().elapsed();
-                tracing::info!(
-                    seconds = took.as_secs_f64(),
-                    "machine ready in {:.2}s",
-                    took.as_secs_f64()
-                );
-                break;
-            }
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+pub(super) async fn ready_line(state: Arc<HealthState>, stop: CancellationToken) {
+    // Readiness is derived from the installers', services' and workers' channels on every
+    // read; a short poll reads it without a second copy of that rule.
+    loop {
+        if state.ready_document().ready {
+            let took = crate::logging::started().elapsed();
+            tracing::info!(
+                seconds = took.as_secs_f64(),
+                "machine ready in {:.2}s",
+                took.as_secs_f64()
+            );
+            break;
         }
-    })
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
 }
 
-/// Every few seconds, reads from Redis how many jobs wait for each service the running workers
-/// serve (those of the running plan, which a reload changes), into the metrics; a sample that
-/// fails keeps the last figures.
-pub(super) fn spawn_queue_feed(
-    state: &Arc<HealthState>,
-    broker: crate::broker::Broker,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
+/// Every few seconds once the broker is connected, reads from Redis how many jobs wait for each
+/// service the running workers serve (those of the running plan, which a reload changes), into
+/// the metrics; a sample that fails keeps the last figures.
+pub(super) async fn queue_feed(state: Arc<HealthState>, connected: Connected, stop: CancellationToken) {
+    let Some(broker) = connected.broker(&stop).await else {
+        return;
+    };
     let metrics = state.metrics().clone();
     let running = state.running();
-    tokio::spawn(async move {
-        loop {
-            let services: Vec<String> = running
-                .borrow()
-                .plan
-                .workers
-                .iter()
-                .flat_map(|w| w.job_services())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let sample = async {
-                if services.is_empty() {
-                    return Ok(Ok(Vec::new()));
-                }
-                tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await
-            };
-            // A stop does not wait for a sample that Redis is slow to answer.
-            let sample = tokio::select! {
-                () = stop.cancelled() => break,
-                r = sample => r,
-            };
-            match sample {
-                Ok(Ok(depths)) => {
-                    for (service, depth) in depths {
-                        metrics.set_queue_depth(&service, depth);
-                    }
-                }
-                Ok(Err(e)) => tracing::debug!("failed to sample the queue depth: {}", error_chain(&e)),
-                Err(_) => tracing::debug!("sampling the queue depth timed out"),
+    loop {
+        let services: Vec<String> = running
+            .borrow()
+            .plan
+            .workers
+            .iter()
+            .flat_map(|w| w.job_services())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let sample = async {
+            if services.is_empty() {
+                return Ok(Ok(Vec::new()));
             }
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            tokio::time::timeout(Duration::from_secs(2), broker.queue_depth(&services)).await
+        };
+        // A stop does not wait for a sample that Redis is slow to answer.
+        let sample = tokio::select! {
+            () = stop.cancelled() => break,
+            r = sample => r,
+        };
+        match sample {
+            Ok(Ok(depths)) => {
+                for (service, depth) in depths {
+                    metrics.set_queue_depth(&service, depth);
+                }
             }
+            Ok(Err(e)) => tracing::debug!("failed to sample the queue depth: {}", error_chain(&e)),
+            Err(_) => tracing::debug!("sampling the queue depth timed out"),
         }
-    })
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// Whether every watched service runs with its readiness and liveness probes passing.
@@ -242,37 +231,34 @@ fn serving(watch: &ServicesWatch) -> bool {
 }
 
 /// Records every finished job in the metrics and in the status page's recent jobs.
-pub(super) fn spawn_metrics_feed(
-    state: &Arc<HealthState>,
+pub(super) async fn metrics_feed(
+    state: Arc<HealthState>,
     mut reports: tokio::sync::broadcast::Receiver<worker::JobReport>,
     stop: CancellationToken,
-) -> JoinHandle<()> {
+) {
     let metrics = state.metrics().clone();
-    let state = Arc::clone(state);
-    tokio::spawn(async move {
-        loop {
-            let report = tokio::select! {
-                () = stop.cancelled() => break,
-                r = reports.recv() => match r {
-                    Ok(r) => r,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "metrics fell behind the job reports");
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                },
-            };
-            let outcome = report.outcome.name();
-            state.record_job(&report);
-            metrics.claimed(&report.service);
-            metrics.job(&report.service, outcome);
-            metrics.job_duration(&report.service, report.run.as_secs_f64());
-            if let Some(billing) = &report.billing {
-                metrics.billing(billing);
-            }
-            if let Some(api) = &report.possible_orphan {
-                metrics.possible_orphan(api);
-            }
+    loop {
+        let report = tokio::select! {
+            () = stop.cancelled() => break,
+            r = reports.recv() => match r {
+                Ok(r) => r,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "metrics fell behind the job reports");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        };
+        let outcome = report.outcome.name();
+        state.record_job(&report);
+        metrics.claimed(&report.service);
+        metrics.job(&report.service, outcome);
+        metrics.job_duration(&report.service, report.run.as_secs_f64());
+        if let Some(billing) = &report.billing {
+            metrics.billing(billing);
         }
-    })
+        if let Some(api) = &report.possible_orphan {
+            metrics.possible_orphan(api);
+        }
+    }
 }

@@ -8,15 +8,16 @@
 //! the private redis-server first) → broker (retried until Redis answers) → workers and the
 //! fleet status publisher.
 //!
-//! Stop: workers stop claiming and drain (a job that does not finish within the drain period is
-//! returned to the queue) while their services still run → the supervisor stops the services
-//! (reverse dependency order, each within its grace) → the last fleet message (`shutdown`; in
-//! local mode before the services stop, as its Redis is one of them) →
-//! the sweep kills and reaps whatever is left (as PID 1: everything in the namespace) → the
-//! health server stops.
+//! Each of them is one entry in one ordered list ([`subsystems`]), and the stop is that list
+//! drained in reverse, each within its deadline: workers stop claiming and drain (a job that does
+//! not finish within the drain period is returned to the queue) while their services still run
+//! → the supervisor stops the services (reverse dependency order, each within its grace) → the
+//! last fleet message (`shutdown`; in local mode before the services stop, as its Redis is one
+//! of them) → the reloads and feeds → the health server stops → the sweep kills and reaps
+//! whatever is left (as PID 1: everything in the namespace).
 //!
 //! While it runs, a reload (SIGHUP, `POST /reload`, `machine reload`) changes the services and
-//! workers in place; see [`crate::reload`].
+//! workers in place; see [`reload`].
 //!
 //! A second SIGTERM/SIGINT skips the drain: workers return their jobs at once, services and
 //! leftovers are SIGKILLed, and the machine exits within a second.
@@ -33,6 +34,7 @@
 
 mod feeds;
 pub mod reload;
+mod subsystems;
 mod workspace;
 
 pub(crate) use feeds::readiness_feed;
@@ -42,10 +44,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Broker;
 use crate::config::{Config, Env, ProcessEnv};
 use crate::gpu::Probe;
 use crate::health::{self, HealthState, Sources};
@@ -53,10 +56,9 @@ use crate::installers::{self, Tracker};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
-use crate::worker::{self, Readiness, Workers};
-use feeds::{
-    keep_up, on_gpu_faults, readiness, spawn_limits_feed, spawn_metrics_feed, spawn_queue_feed, spawn_ready_line,
-};
+use crate::worker::{self, Workers};
+use feeds::{keep_up, limits_feed, metrics_feed, on_gpu_faults, queue_feed, readiness, ready_line};
+use subsystems::{Deadline, Subsystems};
 pub(crate) use workspace::lock_workspace;
 use workspace::prepare_workspace;
 
@@ -123,23 +125,7 @@ pub enum StartError {
 /// Runs the machine until it is asked to stop.
 /// `path` is the configuration file, read again at each reload.
 pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) -> Ended {
-    tracing::info!(
-        machine_id = %config.machine.machine_id,
-        gpus = probe.gpus.len(),
-        workers = plan.workers.len(),
-        services = plan.services.len(),
-        redis = %config.machine.broker_url().masked(),
-        local_mode = config.machine.redis.is_none(),
-        pid1 = std::process::id() == 1,
-        "machine starting"
-    );
-    for w in &plan.warnings {
-        tracing::warn!("{w}");
-    }
-    for worker in &plan.workers {
-        let connectors: Vec<&str> = worker.connectors.iter().map(|c| c.kind.name()).collect();
-        tracing::info!(worker = %worker.id, ?connectors, waits_for = ?worker.waits_for, "worker planned");
-    }
+    log_start(&config, &probe, &plan);
     supervisor::raise_open_files_limit();
     let started = async {
         prepare_workspace(&config).map_err(|source| StartError::Workspace {
@@ -159,7 +145,6 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
             return Ended::FailedToStart;
         }
     };
-
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -167,76 +152,144 @@ pub async fn run(config: Config, probe: Probe, plan: Plan, path: Option<&Path>) 
             return Ended::FailedToStart;
         }
     };
-    let shutdown = CancellationToken::new();
-    let force = CancellationToken::new();
-    let finished = CancellationToken::new();
-    let hup = Arc::new(Notify::new());
-    let signal_task = tokio::spawn(signals.run(shutdown.clone(), force.clone(), finished.clone(), hup.clone()));
-    let reaper_stop = CancellationToken::new();
-    let reaper = tokio::spawn(supervisor::run_reaper(reaper_stop.clone()));
 
-    let reload = ReloadInputs {
+    let machine = Machine {
+        shutdown: CancellationToken::new(),
+        force: CancellationToken::new(),
+        hup: Arc::new(Notify::new()),
         path: path.map(Path::to_path_buf),
-        hup,
     };
-    let ended = run_subsystems(&config, probe, &plan, listener, &shutdown, &force, reload).await;
+    let mut subsystems = Subsystems::new(machine.force.clone());
+    // The signal handlers stop last: a second signal forces even the end of the drain.
+    subsystems.start("signals", Deadline::of(STOP), |stop| {
+        signals.run(
+            machine.shutdown.clone(),
+            machine.force.clone(),
+            stop,
+            machine.hup.clone(),
+        )
+    });
+    subsystems.start("reaper", Deadline::of(STOP), |stop| {
+        logged("reaper", supervisor::run_reaper(stop))
+    });
+    // The sweep kills and reaps whatever is left once everything started after it has stopped.
+    let force = machine.force.clone();
+    subsystems.start("sweep", Deadline::of(SWEEP_GRACE + STOP), |stop| async move {
+        stop.cancelled().await;
+        supervisor::sweep(if force.is_cancelled() {
+            Duration::ZERO
+        } else {
+            SWEEP_GRACE
+        })
+        .await;
+    });
 
-    supervisor::sweep(if force.is_cancelled() {
-        Duration::ZERO
-    } else {
-        SWEEP_GRACE
-    })
-    .await;
-    reaper_stop.cancel();
-    match reaper.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("{}", error_chain(&e)),
-        Err(e) => tracing::error!("the reaper task failed: {e}"),
-    }
-    finished.cancel();
-    let _ = signal_task.await;
+    let outcome = start_subsystems(&mut subsystems, &machine, &config, probe, &plan, listener).await;
+    subsystems.drain().await;
     tracing::info!("machine stopped");
-    ended
+    outcome.ended(&machine.force)
 }
 
-/// What the reloader needs from `run`: the configuration file and the SIGHUP requests.
-struct ReloadInputs {
-    path: Option<PathBuf>,
+/// Logs what the machine is about to run.
+fn log_start(config: &Config, probe: &Probe, plan: &Plan) {
+    tracing::info!(
+        machine_id = %config.machine.machine_id,
+        gpus = probe.gpus.len(),
+        workers = plan.workers.len(),
+        services = plan.services.len(),
+        redis = %config.machine.broker_url().masked(),
+        local_mode = config.machine.redis.is_none(),
+        pid1 = std::process::id() == 1,
+        "machine starting"
+    );
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    for worker in &plan.workers {
+        let connectors: Vec<&str> = worker.connectors.iter().map(|c| c.kind.name()).collect();
+        tracing::info!(worker = %worker.id, ?connectors, waits_for = ?worker.waits_for, "worker planned");
+    }
+}
+
+/// How long a subsystem other than the workers and the supervisor gets to stop.
+const STOP: Duration = Duration::from_secs(10);
+
+/// What every part of the running machine shares: the shutdown (the first signal, `POST
+/// /shutdown`, a critical failure), the forced shutdown (a second signal), the SIGHUP reload
+/// requests and the configuration file a reload reads again.
+struct Machine {
+    shutdown: CancellationToken,
+    force: CancellationToken,
     hup: Arc<Notify>,
+    path: Option<PathBuf>,
 }
 
-/// Everything between the signal handlers and the final sweep.
-async fn run_subsystems(
+/// How far the start got, and what tells how the run ended once everything has stopped.
+enum Outcome {
+    /// A subsystem could not start.
+    FailedToStart,
+    /// A shutdown came before the services started.
+    StoppedEarly,
+    /// The services and workers ran.
+    Ran {
+        /// Cancelled when a GPU faulted and `gpu.on_fault = "exit"`.
+        gpu_exit: CancellationToken,
+        /// The supervisor, which knows whether a critical service failed.
+        services: SupervisorHandle,
+    },
+}
+
+impl Outcome {
+    fn ended(&self, force: &CancellationToken) -> Ended {
+        match self {
+            Outcome::FailedToStart => Ended::FailedToStart,
+            Outcome::StoppedEarly => Ended::Stopped,
+            Outcome::Ran { gpu_exit, services } => {
+                if gpu_exit.is_cancelled() {
+                    Ended::GpuFault
+                } else if services.critical_failed().is_some() {
+                    Ended::CriticalFailed
+                } else if force.is_cancelled() {
+                    Ended::Forced
+                } else {
+                    Ended::Stopped
+                }
+            }
+        }
+    }
+}
+
+/// Starts everything between the signal handlers and the final sweep, in order, and waits for
+/// the shutdown.
+async fn start_subsystems(
+    subsystems: &mut Subsystems,
+    machine: &Machine,
     config: &Config,
     probe: Probe,
     plan: &Plan,
     listener: tokio::net::TcpListener,
-    shutdown: &CancellationToken,
-    force: &CancellationToken,
-    reload: ReloadInputs,
-) -> Ended {
+) -> Outcome {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
     let supervisor = match Supervisor::new(services, &config.machine.supervisor, &config.machine.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return Ended::FailedToStart;
+            return Outcome::FailedToStart;
         }
     };
     let handle = supervisor.handle();
     let mut workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
         Ok(mut w) => {
-            w.force_on(force);
+            w.force_on(&machine.force);
             w
         }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return Ended::FailedToStart;
+            return Outcome::FailedToStart;
         }
     };
     let tracker = Tracker::new();
-    let redis_health = crate::broker::RedisHealth::new();
     let state = HealthState::new(
         health::Running {
             config: config.clone(),
@@ -248,158 +301,48 @@ async fn run_subsystems(
             services: handle.clone(),
             installs: tracker.subscribe(),
             models: workers.models(),
-            force: force.clone(),
-            redis: redis_health.clone(),
+            force: machine.force.clone(),
+            redis: crate::broker::RedisHealth::new(),
         },
-        shutdown.clone(),
+        machine.shutdown.clone(),
     );
     workers.keep_up(keep_up(&handle, &state, probe.clone()));
-    let server_stop = CancellationToken::new();
     // Without its socket the machine still runs; the commands then reach it on the health port.
     let control = health::control::bind(&config.machine.workspace)
         .inspect_err(|e| tracing::error!("{}", error_chain(e)))
         .ok();
-    let server = spawn_named(
-        "health",
-        health::run(state.clone(), listener, control, server_stop.clone()),
-    );
-    let gpu_watch = tokio::spawn(crate::gpu::watch_health(
-        probe.clone(),
-        config.machine.gpu.health_poll,
-        server_stop.clone(),
-    ));
+    subsystems.start("health", Deadline::of(STOP), |stop| {
+        logged("health", health::run(state.clone(), listener, control, stop))
+    });
+    let poll = config.machine.gpu.health_poll;
+    subsystems.start("gpu-health", Deadline::of(STOP), |stop| {
+        crate::gpu::watch_health(probe.clone(), poll, stop)
+    });
 
     // Installers feed the services, so they run first; a shutdown meanwhile kills their commands.
     // The workers scan their models only when they start, after this, so what the installers
     // download on this boot is in the capabilities they register with.
+    let shutdown = &machine.shutdown;
     let installed = tokio::select! {
         r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
-    let ended = match installed {
+    match installed {
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            Ended::FailedToStart
+            return Outcome::FailedToStart;
         }
-        Ok(()) if shutdown.is_cancelled() => Ended::Stopped,
-        Ok(()) => {
-            let reloader = |services, pool, readiness| {
-                reload::Reloader::new(reload::Parts {
-                    path: reload.path,
-                    probe,
-                    services,
-                    pool,
-                    readiness,
-                    state: state.clone(),
-                    tracker,
-                    shutdown: shutdown.clone(),
-                })
-            };
-            run_services_and_workers(
-                config,
-                plan,
-                supervisor,
-                workers,
-                &state,
-                shutdown,
-                force,
-                (reloader, reload.hup),
-            )
-            .await
-        }
+        Ok(()) if shutdown.is_cancelled() => return Outcome::StoppedEarly,
+        Ok(()) => {}
+    }
+    let parts = Parts {
+        config,
+        plan,
+        state: &state,
+        probe,
+        tracker,
     };
-
-    server_stop.cancel();
-    join("health", server).await;
-    join("gpu-health", gpu_watch).await;
-    ended
-}
-
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the machine's parts, each used once, in one place"
-)]
-async fn run_services_and_workers(
-    config: &Config,
-    plan: &Plan,
-    supervisor: Supervisor,
-    workers: Workers,
-    state: &Arc<HealthState>,
-    shutdown: &CancellationToken,
-    force: &CancellationToken,
-    (reloader, hup): (
-        impl FnOnce(SupervisorHandle, worker::WorkerPool, Readiness) -> reload::Reloader,
-        Arc<Notify>,
-    ),
-) -> Ended {
-    let handle = supervisor.handle();
-    let gpu_exit = CancellationToken::new();
-    // The services outlive the workers: they stop only after the workers have drained.
-    let services_stop = CancellationToken::new();
-    let sup_task = tokio::spawn(supervisor.run(services_stop.clone(), force.clone()));
-    let feeds_stop = CancellationToken::new();
-    let mut feeds = Vec::new();
-    let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
-    feeds.push(spawn_metrics_feed(state, workers.reports(), feeds_stop.clone()));
-    feeds.push(spawn_limits_feed(state, workers.pool(), feeds_stop.clone()));
-    // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
-    let reload_stop = CancellationToken::new();
-    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
-    state.serve_reloads(reload_tx);
-    state.serve_workers(workers.pool());
-    let reloads = tokio::spawn(reload::serve(
-        reloader(handle.clone(), workers.pool(), readiness.clone()),
-        reload_rx,
-        hup,
-        reload_stop.clone(),
-    ));
-    feeds.push(tokio::spawn(on_gpu_faults(
-        state.gpu_health(),
-        state.running(),
-        handle.clone(),
-        config.machine.gpu.on_fault,
-        gpu_exit.clone(),
-        feeds_stop.clone(),
-    )));
-
-    let workers_stop = CancellationToken::new();
-    let fleet_stop = CancellationToken::new();
-    feeds.push(spawn_ready_line(state, feeds_stop.clone()));
-    let jobs = {
-        let (config, state, workers_stop, fleet_stop, feeds_stop) = (
-            config.clone(),
-            state.clone(),
-            workers_stop.clone(),
-            fleet_stop.clone(),
-            feeds_stop.clone(),
-        );
-        tokio::spawn(async move {
-            let Some(broker) = worker::connect_broker(&config, state.redis_health(), &workers_stop).await else {
-                return (Ok(()), None, None);
-            };
-            state.set_broker(broker.clone());
-            // `connect_broker` loaded the library, so Redis runs this binary's version.
-            state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
-            let metrics = state.metrics().clone();
-            broker.observe_claims(Arc::new(move |took, claimed| {
-                metrics.claim(took.as_secs_f64(), claimed)
-            }));
-            let health_url = format!(
-                "http://{}:{}/health",
-                ProcessEnv.hostname().unwrap_or_else(|| "localhost".to_owned()),
-                config.machine.health_port
-            );
-            let fleet = tokio::spawn(health::fleet::run(
-                state.clone(),
-                broker.clone(),
-                health_url,
-                fleet_stop,
-            ));
-            let queue = spawn_queue_feed(&state, broker.clone(), feeds_stop);
-            let result = workers.run(broker, &readiness, workers_stop).await;
-            (result, Some(fleet), Some(queue))
-        })
-    };
+    let gpu_exit = start_services_and_workers(subsystems, machine, parts, supervisor, workers);
 
     tokio::select! {
         () = shutdown.cancelled() => {}
@@ -410,95 +353,186 @@ async fn run_services_and_workers(
         () = gpu_exit.cancelled() => {
             tracing::error!("a GPU faulted and gpu.on_fault = \"exit\": returning every job and exiting");
             // The box is to be replaced: no job waits out the drain on it.
-            force.cancel();
+            machine.force.cancel();
             shutdown.cancel();
         }
     }
-
-    reload_stop.cancel();
-    workers_stop.cancel();
-    // A second signal cuts the drain short: the workers return their jobs at once (see
-    // `Workers::force_on`), and the machine waits for that only briefly.
-    let drained = async {
-        tokio::select! {
-            r = jobs => Ok(r),
-            () = async {
-                force.cancelled().await;
-                tokio::time::sleep(FORCED_RETURN).await;
-            } => Err(()),
-        }
-    };
-    let (mut fleet, queue) = match tokio::time::timeout(config.machine.worker.drain + DRAIN_SLACK, drained).await {
-        Ok(Err(())) => {
-            tracing::warn!("the workers did not return their jobs in time; their leases will");
-            (None, None)
-        }
-        Ok(Ok(Ok((result, fleet, queue)))) => {
-            if let Err(e) = result {
-                tracing::error!("{}", error_chain(&e));
-            }
-            (fleet, queue)
-        }
-        Ok(Ok(Err(e))) => {
-            tracing::error!("the workers' task failed: {e}");
-            (None, None)
-        }
-        Err(_) => {
-            tracing::error!("the workers did not stop within the drain period");
-            (None, None)
-        }
-    };
-    feeds.extend(queue);
-    // In local mode Redis is one of the services: the last fleet message goes out before it
-    // stops. Otherwise the last message comes after the services stopped, and shows them so.
-    if config.machine.redis.is_none() {
-        fleet_stop.cancel();
-        if let Some(fleet) = fleet.take() {
-            join("fleet-status", fleet).await;
-        }
-    }
-    services_stop.cancel();
-    match sup_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("{}", error_chain(&e)),
-        Err(e) => tracing::error!("the supervisor task failed: {e}"),
-    }
-    fleet_stop.cancel();
-    if let Some(fleet) = fleet {
-        join("fleet-status", fleet).await;
-    }
-    join("reload", reloads).await;
-    feeds_stop.cancel();
-    for feed in feeds {
-        join("feed", feed).await;
-    }
-    if gpu_exit.is_cancelled() {
-        Ended::GpuFault
-    } else if handle.critical_failed().is_some() {
-        Ended::CriticalFailed
-    } else if force.is_cancelled() {
-        Ended::Forced
-    } else {
-        Ended::Stopped
+    Outcome::Ran {
+        gpu_exit,
+        services: handle,
     }
 }
 
-/// Spawns a subsystem as a task that logs its error.
-fn spawn_named<E: std::error::Error + Send + 'static>(
-    name: &'static str,
-    fut: impl Future<Output = Result<(), E>> + Send + 'static,
-) -> JoinHandle<()> {
+/// What the services and workers are started with, beside the supervisor and the workers.
+struct Parts<'a> {
+    config: &'a Config,
+    plan: &'a Plan,
+    state: &'a Arc<HealthState>,
+    probe: Arc<Probe>,
+    tracker: Tracker,
+}
+
+/// Starts the feeds, the reloads, the supervisor, the broker connection, the fleet status
+/// publisher and the workers; returns the token a GPU fault cancels when `gpu.on_fault =
+/// "exit"`.
+///
+/// They stop in reverse: the workers drain (their jobs finish or are returned) while their
+/// services still run → the broker connection, if it is still being made → the supervisor stops
+/// the services → the reloads (none starts once the machine shuts down) and the feeds. The last
+/// fleet message goes out after the services stopped, so it shows them so; in local mode Redis
+/// is one of the services, so it goes out before they stop.
+fn start_services_and_workers(
+    subsystems: &mut Subsystems,
+    machine: &Machine,
+    parts: Parts<'_>,
+    supervisor: Supervisor,
+    workers: Workers,
+) -> CancellationToken {
+    let Parts {
+        config,
+        plan,
+        state,
+        probe,
+        tracker,
+    } = parts;
+    let handle = supervisor.handle();
+    let (broker_tx, broker_rx) = watch::channel(None);
+    let connected = Connected(broker_rx);
+    let gpu_exit = CancellationToken::new();
+
+    let feeds_stop = CancellationToken::new();
+    let mut feeds = Vec::new();
+    let readiness = readiness(&handle, plan, &feeds_stop, &mut feeds);
+    subsystems.adopt("readiness", Deadline::of(STOP), feeds_stop, joined(feeds));
+    let reports = workers.reports();
+    subsystems.start("job-metrics", Deadline::of(STOP), |stop| {
+        metrics_feed(state.clone(), reports, stop)
+    });
+    let pool = workers.pool();
+    subsystems.start("api-limits", Deadline::of(STOP), |stop| {
+        limits_feed(state.clone(), pool, stop)
+    });
+    let broker = connected.clone();
+    subsystems.start("queue-depth", Deadline::of(STOP), |stop| {
+        queue_feed(state.clone(), broker, stop)
+    });
+    let (faults, running, on_fault) = (state.gpu_health(), state.running(), config.machine.gpu.on_fault);
+    let (services, exit) = (handle.clone(), gpu_exit.clone());
+    subsystems.start("gpu-faults", Deadline::of(STOP), |stop| {
+        on_gpu_faults(faults, running, services, on_fault, exit, stop)
+    });
+    subsystems.start("ready-line", Deadline::of(STOP), |stop| ready_line(state.clone(), stop));
+
+    // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
+    state.serve_reloads(reload_tx);
+    state.serve_workers(workers.pool());
+    let reloader = reload::Reloader::new(reload::Parts {
+        path: machine.path.clone(),
+        probe,
+        services: handle.clone(),
+        pool: workers.pool(),
+        readiness: readiness.clone(),
+        state: state.clone(),
+        tracker,
+        shutdown: machine.shutdown.clone(),
+    });
+    let hup = machine.hup.clone();
+    subsystems.start("reload", Deadline::of(STOP), |stop| {
+        reload::serve(reloader, reload_rx, hup, stop)
+    });
+
+    let local = config.machine.redis.is_none();
+    if !local {
+        start_fleet_status(subsystems, config, state, &connected);
+    }
+    let force = machine.force.clone();
+    subsystems.start("supervisor", Deadline::own(), |stop| {
+        logged("supervisor", supervisor.run(stop, force))
+    });
+    if local {
+        start_fleet_status(subsystems, config, state, &connected);
+    }
+    let (config_now, state_now) = (config.clone(), state.clone());
+    subsystems.start("broker", Deadline::of(STOP), |stop| {
+        connect(config_now, state_now, broker_tx, stop)
+    });
+    let deadline = Deadline::of(config.machine.worker.drain + DRAIN_SLACK).forced(FORCED_RETURN);
+    subsystems.start("workers", deadline, |stop| async move {
+        let Some(broker) = connected.broker(&stop).await else {
+            return;
+        };
+        if let Err(e) = workers.run(broker, &readiness, stop).await {
+            tracing::error!("{}", error_chain(&e));
+        }
+    });
+    gpu_exit
+}
+
+/// Starts the fleet status publisher, which runs once the broker is connected.
+fn start_fleet_status(subsystems: &mut Subsystems, config: &Config, state: &Arc<HealthState>, connected: &Connected) {
+    let health_url = format!(
+        "http://{}:{}/health",
+        ProcessEnv.hostname().unwrap_or_else(|| "localhost".to_owned()),
+        config.machine.health_port
+    );
+    let (state, connected) = (state.clone(), connected.clone());
+    subsystems.start("fleet-status", Deadline::of(STOP), |stop| async move {
+        if let Some(broker) = connected.broker(&stop).await {
+            health::fleet::run(state, broker, health_url, stop).await;
+        }
+    });
+}
+
+/// Connects the broker (retried until Redis answers or `stop`) and hands it to everyone who
+/// waits on `connected`.
+async fn connect(
+    config: Config,
+    state: Arc<HealthState>,
+    connected: watch::Sender<Option<Broker>>,
+    stop: CancellationToken,
+) {
+    let Some(broker) = worker::connect_broker(&config, state.redis_health(), &stop).await else {
+        return;
+    };
+    state.set_broker(broker.clone());
+    // `connect_broker` loaded the library, so Redis runs this binary's version.
+    state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
+    let metrics = state.metrics().clone();
+    broker.observe_claims(Arc::new(move |took, claimed| {
+        metrics.claim(took.as_secs_f64(), claimed)
+    }));
+    connected.send_replace(Some(broker));
+}
+
+/// The broker once the `broker` subsystem has connected it.
+#[derive(Clone)]
+struct Connected(watch::Receiver<Option<Broker>>);
+
+impl Connected {
+    /// Waits for the broker; `None` when `stop` comes first or the connection was given up.
+    async fn broker(mut self, stop: &CancellationToken) -> Option<Broker> {
+        tokio::select! {
+            () = stop.cancelled() => None,
+            broker = self.0.wait_for(Option::is_some) => broker.ok().and_then(|b| b.clone()),
+        }
+    }
+}
+
+/// Runs a subsystem, logging its error.
+async fn logged<E: std::error::Error>(name: &'static str, run: impl Future<Output = Result<(), E>>) {
+    if let Err(e) = run.await {
+        tracing::error!(task = name, "{}", error_chain(&e));
+    }
+}
+
+/// One task that ends when all of `tasks` have.
+fn joined(tasks: Vec<JoinHandle<()>>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            tracing::error!(task = name, "{}", error_chain(&e));
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!("task panicked: {e}");
+            }
         }
     })
-}
-
-async fn join(name: &str, task: JoinHandle<()>) {
-    match tokio::time::timeout(Duration::from_secs(10), task).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(task = name, "task panicked: {e}"),
-        Err(_) => tracing::error!(task = name, "task did not stop within 10 s"),
-    }
 }

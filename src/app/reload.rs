@@ -297,17 +297,20 @@ fn apply(step: String, e: impl std::error::Error + Send + Sync + 'static) -> Rel
     }
 }
 
-/// Runs reloads one at a time until `stop`: each request's result goes back to its sender, and
-/// each `hup` (SIGHUP) reloads with the result logged.
+/// Runs reloads one at a time until `stop` or the machine's shutdown (no reload starts once it
+/// has begun): each request's result goes back to its sender, and each `hup` (SIGHUP) reloads
+/// with the result logged.
 pub async fn serve(
     mut reloader: Reloader,
     mut requests: mpsc::Receiver<ReloadRequest>,
     hup: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    let shutdown = reloader.shutdown.clone();
     loop {
         let reply = tokio::select! {
             () = stop.cancelled() => break,
+            () = shutdown.cancelled() => break,
             () = hup.notified() => {
                 tracing::info!("SIGHUP received: reloading the configuration");
                 None
