@@ -1068,6 +1068,8 @@ local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   local jkey = p .. 'job:' .. id
   progress_follows(p, id, 'pending', 'returned to the queue: ' .. reason, now)
   redis.call('HSET', jkey, 'status', 'pending', 'worker_id', '', unpack(fields))
+  -- Pending again: no worker has it, so no time it was assigned or started is true any more.
+  redis.call('HDEL', jkey, 'assigned_at', 'started_at')
   redis.call('ZADD', p .. 'jobs:pending', claim_rec.s, id)
   drop_claim(p, id)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)

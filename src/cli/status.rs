@@ -8,8 +8,18 @@ use super::commands::{Threads, block_on, machine_redis, redis_url};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome, print_error};
 use super::status_view::render;
+use crate::broker::{Broker, BrokerOptions};
 use crate::health::client;
 use crate::health::status::{HealthDocument, ReadyDocument, StatusDocument};
+
+/// The fleet view from the Redis at `url`, connected again at each refresh (a watch outlasts a
+/// Redis that restarts).
+async fn fleet_view(url: &crate::config::RedisUrl) -> Result<String, client::ClientError> {
+    let broker = Broker::connect(url, BrokerOptions::default())
+        .await
+        .map_err(client::ClientError::Broker)?;
+    client::fleet(&broker).await
+}
 
 /// How often `--watch` refreshes.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -28,7 +38,7 @@ pub(super) fn status(path: Option<&Path>, args: &StatusArgs) -> Result<Outcome, 
         }
         loop {
             let shown = match &fleet {
-                Some(url) => client::fleet(url).await.map_err(CliError::from),
+                Some(url) => fleet_view(url).await.map_err(CliError::from),
                 None => target
                     .get::<StatusDocument>("/status")
                     .await

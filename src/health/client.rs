@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::fleet::{FleetMessage, Occupancy};
+use crate::broker::Broker;
 
 /// Why a status read failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,7 @@ pub enum ClientError {
     Build(#[source] reqwest::Error),
     /// Redis failed.
     #[error("failed to read the fleet from Redis")]
-    Redis(#[source] redis::RedisError),
+    Broker(#[source] crate::broker::BrokerError),
 }
 
 fn client() -> Result<reqwest::Client, ClientError> {
@@ -97,55 +98,15 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
 }
 
 /// `--fleet`: every machine's stored status message and every worker's heartbeat, as one line
-/// per machine and per worker.
-pub async fn fleet(redis_url: &crate::config::RedisUrl) -> Result<String, ClientError> {
-    // Through the Sentinels when the URL has them, like every connection of the machine.
-    let client = crate::broker::sentinel::client(redis_url)
-        .await
-        .map_err(ClientError::Redis)?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(ClientError::Redis)?;
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("machine:*:status")
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut conn)
-            .await
-            .map_err(ClientError::Redis)?;
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    keys.sort();
+/// per machine and per worker, read through the broker (its key prefix, its Sentinels).
+pub async fn fleet(broker: &Broker) -> Result<String, ClientError> {
     let mut machines = Vec::new();
-    for key in keys {
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(ClientError::Redis)?;
-        let Some(msg) = raw.and_then(|r| serde_json::from_str::<FleetMessage>(&r).ok()) else {
+    for raw in broker.machine_statuses().await.map_err(ClientError::Broker)? {
+        let Ok(msg) = serde_json::from_str::<FleetMessage>(&raw) else {
             continue;
         };
-        let mut heartbeats = BTreeMap::new();
-        for id in msg.status.workers.keys() {
-            let heartbeat: Option<String> = redis::cmd("HGET")
-                .arg(format!("worker:{id}"))
-                .arg("last_heartbeat")
-                .query_async(&mut conn)
-                .await
-                .map_err(ClientError::Redis)?;
-            heartbeats.insert(id.clone(), heartbeat.and_then(|h| h.trim().parse::<u64>().ok()));
-        }
+        let ids: Vec<String> = msg.status.workers.keys().cloned().collect();
+        let heartbeats = broker.worker_heartbeats(&ids).await.map_err(ClientError::Broker)?;
         machines.push((msg, heartbeats));
     }
     Ok(render_fleet(&machines, crate::clock::now_ms()))

@@ -149,6 +149,10 @@ pub struct WorkerPresence {
     /// Why it cannot claim (its GPU faulted, it is quarantined, ...), when it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Work a daily quota holds back from it (it claims the rest), so that `machine jobs
+    /// show` can say why such a job waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<crate::worker::QuotaWait>,
 }
 
 /// Whether a worker runs a job.
@@ -268,6 +272,7 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                     .map_or_else(String::new, |j| j.job_id.clone()),
                 last_activity: status.map_or(0, |s| s.last_activity_ms),
                 reason: status.and_then(|s| s.hold.clone()),
+                quota_waits: status.map(|s| s.quota_waits.clone()).unwrap_or_default(),
             },
         );
         for planned in &w.connectors {
@@ -445,6 +450,7 @@ mod tests {
             last_activity_ms: 1_750_000_000_000,
             hold: None,
             held_by: Vec::new(),
+            quota_waits: Vec::new(),
         }
     }
 

@@ -45,7 +45,7 @@ use crate::plan::{Plan, WorkerPlan};
 pub use build::{broker_options, connect_broker};
 use build::{limiters, model_store, worker_for};
 pub use runner::{Worker, WorkerSettings};
-pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
+pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, QuotaWait, WorkerState, WorkerStatus};
 
 /// Why the workers could not be set up or run.
 #[derive(Debug, thiserror::Error)]

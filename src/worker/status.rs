@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hold::{Blame, HoldKind};
 use crate::connectors::Billing;
@@ -79,6 +79,33 @@ pub struct WorkerStatus {
     pub hold: Option<String>,
     /// The kinds of its holds.
     pub held_by: Vec<HoldKind>,
+    /// Work a daily quota holds back from it until the quota resets (it claims the rest).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<QuotaWait>,
+}
+
+/// Work a worker leaves alone until a daily quota resets: an API's quota holds back the job
+/// services of that API, a customer's own quota that customer's jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaWait {
+    /// The job services it does not claim (an API's quota); empty for a customer's quota.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// The customer whose jobs it does not claim (the customer's own quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    /// The limiter's words (which quota, how much).
+    pub reason: String,
+    /// When the quota resets, epoch milliseconds.
+    pub until_ms: u64,
+}
+
+impl QuotaWait {
+    /// Whether it holds back a job of `service` for `customer` (empty: none).
+    pub fn covers(&self, service: &str, customer: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+            || self.customer.as_deref().is_some_and(|c| c == customer && !c.is_empty())
+    }
 }
 
 /// How a job ended here.

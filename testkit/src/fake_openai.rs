@@ -57,6 +57,7 @@ impl FakeOpenai {
         let s = state.clone();
         let served = serve(0, move || {
             Router::new()
+                .route("/v1/models", get(models))
                 .route("/v1/chat/completions", post(chat))
                 .route("/v1/images/generations", post(images))
                 .route("/v1/images/edits", post(images))
@@ -257,6 +258,22 @@ async fn chat(State(s): State<Arc<Api>>, headers: HeaderMap, Json(body): Json<Va
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .expect("a response with static headers builds")
+}
+
+/// `GET /v1/models`: the list of models the key may use (the cheap authenticated request a
+/// client makes to check its key).
+async fn models(State(s): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = gate(&s, "/v1/models", &headers) {
+        return r;
+    }
+    Json(json!({
+        "object": "list",
+        "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": 1_721_172_741, "owned_by": "system"},
+            {"id": "gpt-image-1", "object": "model", "created": 1_745_517_030, "owned_by": "system"}
+        ]
+    }))
+    .into_response()
 }
 
 async fn images(State(s): State<Arc<Api>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {

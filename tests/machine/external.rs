@@ -1137,13 +1137,17 @@ async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
             assert!(Instant::now() < deadline, "no create was tried");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Probed with the job itself every re-check: never failed, never a retry spent.
-        tokio::time::sleep(Duration::from_millis(3000)).await;
+        // Probed with the job itself at a growing interval (the re-check period, 300 ms here,
+        // doubling with each refusal): never failed, never a retry spent.
+        tokio::time::sleep(Duration::from_millis(6000)).await;
         let job = rig.job(&id).await;
         assert!(matches!(job["status"].as_str(), "pending" | "in_progress"), "{job:?}");
+        let probes: Vec<Instant> = fake.creates()[before..].iter().map(|(_, at)| *at).collect();
+        let gaps: Vec<Duration> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        // At a fixed 300 ms there would be some 15 probes in 6 s; doubling gives about 5.
         assert!(
-            fake.creates().len() > before + 1,
-            "credit is re-checked by real requests"
+            (3..=7).contains(&probes.len()) && *gaps.last().expect("gaps") > 2 * gaps[0],
+            "each probe waits longer than the ones before: {gaps:?}"
         );
         fake.set_out_of_credit(false);
         let job = rig.wait_status(&id, &["completed"]).await;
@@ -1151,4 +1155,303 @@ async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
         rig.stop().await;
     })
     .await;
+}
+
+/// A machine process for the whole-machine tests below, killed when dropped.
+struct WholeMachine {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+const CONTROL: &str = "external-control-token";
+
+impl Drop for WholeMachine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl WholeMachine {
+    /// Starts `machine run` with `connectors` (as `WORKER_CONNECTORS`), the file `toml` and the
+    /// variables `env`, its log in the workspace folder.
+    fn start(redis_url: &str, connectors: &str, toml: &str, env: &[(&str, String)]) -> WholeMachine {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("machine.toml");
+        std::fs::write(&config, toml).expect("write the config");
+        let port = testkit::free_port();
+        let log = std::fs::File::create(dir.path().join("machine.log")).expect("log file");
+        let mut cmd = crate::support::machine();
+        cmd.arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", "xk")
+            .env("MACHINE_HEALTH_PORT", port.to_string())
+            .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+            .env("MACHINE_CONTROL_TOKEN", CONTROL)
+            .env("HUB_REDIS_URL", redis_url)
+            .env("WORKER_CONNECTORS", connectors)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("the machine starts");
+        WholeMachine { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("machine.log")).unwrap_or_default()
+    }
+
+    /// `machine status --json` of this machine.
+    fn status(&self) -> Option<Value> {
+        let out = crate::support::machine()
+            .args(["status", "--json", "--url", &self.url()])
+            .env("MACHINE_CONTROL_TOKEN", CONTROL)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `machine jobs show <id>`'s output.
+    fn show(&self, redis_url: &str, id: &str) -> String {
+        let out = crate::support::machine()
+            .args(["jobs", "show", id, "--redis-url", redis_url])
+            .output()
+            .expect("the machine binary runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+/// The real binary with a key that every API refuses, each given in the file its `<NAME>_FILE`
+/// names: no job fails or spends a retry, each API's worker is held with the reason on
+/// `machine status` and `/ready`, and once the corrected keys are in the files, `machine reload`
+/// reads them and every job completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_revoked_keys_hold_each_api_until_a_reload_reads_the_corrected_key_files() {
+    let server = RedisServer::start();
+    let openai = FakeOpenai::start(Some("sk-good"));
+    let r8 = FakeReplicate::start(Some("r8-good"));
+    let rp = FakeRunpod::start(Some("rp-good"));
+    let keys = tempfile::tempdir().expect("temp dir");
+    let files = [
+        ("OPENAI_API_KEY", "sk-good"),
+        ("REPLICATE_API_TOKEN", "r8-good"),
+        ("RUNPOD_API_KEY", "rp-good"),
+    ];
+    let mut env: Vec<(&str, String)> = Vec::new();
+    for (var, file_var) in [
+        ("OPENAI_API_KEY", "OPENAI_API_KEY_FILE"),
+        ("REPLICATE_API_TOKEN", "REPLICATE_API_TOKEN_FILE"),
+        ("RUNPOD_API_KEY", "RUNPOD_API_KEY_FILE"),
+    ] {
+        let path = keys.path().join(var);
+        std::fs::write(&path, "revoked\n").expect("write a key file");
+        env.push((file_var, path.display().to_string()));
+    }
+    let toml = format!(
+        "[worker]\nhold_recheck = \"1s\"\n\n[connectors.openai]\nbase_url = \"{}\"\n\n\
+         [connectors.replicate]\nbase_url = \"{}\"\nstream = false\n\n\
+         [connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\npoll_interval = \"100ms\"\n",
+        openai.base_url(),
+        r8.base_url(),
+        rp.base_url()
+    );
+    let m = WholeMachine::start(&server.url(), "openai:1,replicate:1,runpod:1", &toml, &env);
+    let shutdown = CancellationToken::new();
+    let client = machine(&server.url(), &shutdown).await;
+    let broker = client.broker.clone();
+    let jobs = [
+        ("openai_text", json!({"prompt": "one two three"})),
+        ("replicate", json!({"model": "acme/x", "input": {"fake_ms": 50}})),
+        ("runpod", json!({"input": {"fake_ms": 50}})),
+    ];
+    let mut ids = Vec::new();
+    for (service, payload) in &jobs {
+        ids.push(
+            broker
+                .submit(&NewJob::new(*service, payload.clone()))
+                .await
+                .expect("submit"),
+        );
+    }
+
+    // Every API's worker is held with its API's words; /ready names them as not claiming.
+    let deadline = Instant::now() + LIMIT;
+    let reasons = loop {
+        let reasons: Vec<String> = m
+            .status()
+            .and_then(|doc| doc["workers"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|w| w["reason"].as_str().map(str::to_owned))
+            .collect();
+        if reasons.len() == 3 {
+            break reasons;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every API's worker was held: {reasons:?}\n{}",
+            m.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for api in ["openai", "replicate", "runpod"] {
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains(&format!("the {api} API refuses this machine's key"))),
+            "{reasons:?}"
+        );
+    }
+    let ready = reqwest::get(format!("{}/ready", m.url()))
+        .await
+        .expect("/ready answers");
+    assert_eq!(ready.status(), 503, "no worker claims");
+    let ready: Value = ready.json().await.expect("JSON");
+    assert!(
+        ready["not_claiming"].to_string().contains("refuses this machine's key"),
+        "{ready}"
+    );
+    // Held, the jobs are back in the queue untouched, and stay there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in &ids {
+        let job = broker.show(id).await.expect("show").expect("the job exists").job;
+        assert_eq!(job.get("status").map(String::as_str), Some("pending"), "{job:?}");
+        assert_eq!(
+            job.get("retry_count").map(String::as_str).unwrap_or("0"),
+            "0",
+            "{job:?}"
+        );
+        assert!(!job.contains_key("started_at"), "a pending job shows no start: {job:?}");
+    }
+
+    // The corrected keys in the files, read by a reload: every job completes.
+    for (var, good) in files {
+        std::fs::write(keys.path().join(var), format!("{good}\n")).expect("write a key file");
+    }
+    let out = crate::support::machine()
+        .args(["reload", "--url", &m.url()])
+        .env("MACHINE_CONFIG", m.dir.path().join("machine.toml"))
+        .env("MACHINE_CONTROL_TOKEN", CONTROL)
+        .output()
+        .expect("reload runs");
+    assert!(
+        out.status.success(),
+        "reload: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in &ids {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let job = broker.show(id).await.expect("show").expect("the job exists").job;
+            if job.get("status").map(String::as_str) == Some("completed") {
+                assert_eq!(
+                    job.get("retry_count").map(String::as_str).unwrap_or("0"),
+                    "0",
+                    "{job:?}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the job never completed: {job:?}\n{}",
+                m.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let doc = m.status().expect("status");
+    assert!(
+        doc["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .all(|w| w["reason"].is_null()),
+        "released: {doc}"
+    );
+    shutdown.cancel();
+    let _ = client.events.await;
+}
+
+/// The real binary with the openai API's daily quota used up: the job it stopped is back in
+/// the queue with the reason and without the times of its attempt, and `machine jobs show`
+/// names the quota for a job queued afterwards, which no worker has tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_a_used_up_quota_is_named_for_jobs_no_worker_has_tried() {
+    let server = RedisServer::start();
+    let openai = FakeOpenai::start(Some("sk-good"));
+    let toml = format!(
+        "[connectors.openai]\nbase_url = \"{}\"\n\n[connectors.openai.limits]\ndaily_requests = 1\n",
+        openai.base_url()
+    );
+    let m = WholeMachine::start(
+        &server.url(),
+        "openai:1",
+        &toml,
+        &[("OPENAI_API_KEY", "sk-good".to_owned())],
+    );
+    let shutdown = CancellationToken::new();
+    let client = machine(&server.url(), &shutdown).await;
+    let broker = client.broker.clone();
+    let submit = |prompt: &str| NewJob::new("openai_text", json!({ "prompt": prompt }));
+    let wait = |id: String, what: &'static str, f: fn(&BTreeMap<String, String>) -> bool| {
+        let broker = broker.clone();
+        let log = m.log();
+        async move {
+            let deadline = Instant::now() + LIMIT;
+            loop {
+                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                if f(&job) {
+                    return job;
+                }
+                assert!(Instant::now() < deadline, "{what}: {job:?}\n{log}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let first = broker.submit(&submit("one")).await.expect("submit");
+    wait(first, "the first job completes", |j| {
+        j.get("status").map(String::as_str) == Some("completed")
+    })
+    .await;
+    let stopped = broker.submit(&submit("two")).await.expect("submit");
+    let job = wait(stopped.clone(), "the quota stops the second job", |j| {
+        j.contains_key("limit_reason")
+    })
+    .await;
+    assert_eq!(job.get("status").map(String::as_str), Some("pending"), "{job:?}");
+    assert!(
+        !job.contains_key("assigned_at") && !job.contains_key("started_at"),
+        "returned, it shows no attempt in progress: {job:?}"
+    );
+    // Queued after the quota was reached: no worker tries it, yet `jobs show` says why it waits.
+    let later = broker.submit(&submit("three")).await.expect("submit");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let shown = m.show(&server.url(), &later);
+        if shown.contains("waits for a daily quota") && shown.contains("the openai API") {
+            assert!(!shown.contains("so the next claim should take it"), "{shown}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "why it waits never names the quota:\n{shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(openai.requests().len(), 1, "only the first job reached the API");
+    shutdown.cancel();
+    let _ = client.events.await;
 }

@@ -15,6 +15,7 @@ mod guarantees;
 mod hardening;
 mod health;
 mod installers;
+mod layering;
 mod lifecycle;
 mod logs;
 mod matcher;

@@ -309,16 +309,23 @@ impl Broker {
                 "{accepting} registered workers accept `{service}`, but none meets the job's requirements, customer or workflow"
             ));
         }
-        let presence = self.presence(&able).await?;
+        let presence = self.presence(&able, &service, &field("customer_id")).await?;
         Ok(waiting_for(&presence))
     }
 
-    /// What each worker's machine last said of it: held (with the reason), busy or free. A
-    /// worker whose machine's status message is gone counts as free: nothing says otherwise.
-    async fn presence(&self, workers: &[&Value]) -> Result<Vec<(String, Presence)>, BrokerError> {
+    /// What each worker's machine last said of it: held (with the reason), holding back jobs
+    /// of `service` or `customer` for a daily quota, busy or free. A worker whose machine's
+    /// status message is gone counts as free: nothing says otherwise.
+    async fn presence(
+        &self,
+        workers: &[&Value],
+        service: &str,
+        customer: &str,
+    ) -> Result<Vec<(String, Presence)>, BrokerError> {
         let field = |w: &Value, k: &str| w.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
         let mut machines: BTreeMap<String, Value> = BTreeMap::new();
         let mut conn = self.connection();
+        let now = crate::clock::now_ms();
         for w in workers {
             let machine = field(w, "machine_id");
             if machines.contains_key(&machine) {
@@ -337,9 +344,19 @@ impl Broker {
             .map(|w| {
                 let id = field(w, "worker_id");
                 let said = &machines[&field(w, "machine_id")]["status"]["workers"][id.as_str()];
-                let presence = match (said["reason"].as_str(), said["status"].as_str()) {
-                    (Some(reason), _) => Presence::Held(reason.to_owned()),
-                    (None, Some("busy")) => Presence::Busy,
+                let quota = said["quota_waits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|q| serde_json::from_value::<QuotaWaitSaid>(q.clone()).ok())
+                    .find(|q| q.until_ms > now && q.covers(service, customer));
+                let presence = match (said["reason"].as_str(), quota, said["status"].as_str()) {
+                    (Some(reason), _, _) => Presence::Held(reason.to_owned()),
+                    (None, Some(q), _) => Presence::Quota {
+                        reason: q.reason,
+                        resets_in_s: (q.until_ms - now).div_ceil(1000),
+                    },
+                    (None, None, Some("busy")) => Presence::Busy,
                     _ => Presence::Free,
                 };
                 (id, presence)
@@ -419,11 +436,37 @@ fn new_job_id() -> String {
     )
 }
 
+/// Work a daily quota holds back from a worker, as its machine's status message says it
+/// (`status.workers.<id>.quota_waits[]`, written by the worker).
+#[derive(Debug, serde::Deserialize)]
+struct QuotaWaitSaid {
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    customer: Option<String>,
+    reason: String,
+    until_ms: u64,
+}
+
+impl QuotaWaitSaid {
+    fn covers(&self, service: &str, customer: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+            || self.customer.as_deref().is_some_and(|c| !c.is_empty() && c == customer)
+    }
+}
+
 /// What a worker that could run a waiting job is doing, as its machine last said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Presence {
     /// It may not claim: quarantined, its GPU faulted, ... (the reason).
     Held(String),
+    /// It claims other work, not this job's: a daily quota holds it back until it resets.
+    Quota {
+        /// The limiter's words.
+        reason: String,
+        /// Seconds until the quota resets.
+        resets_in_s: u64,
+    },
     /// It runs a job.
     Busy,
     /// It may claim.
@@ -436,6 +479,10 @@ fn waiting_for(workers: &[(String, Presence)]) -> String {
         .iter()
         .filter_map(|(id, p)| match p {
             Presence::Held(reason) => Some(format!("{id} ({reason})")),
+            Presence::Quota { reason, resets_in_s } => Some(format!(
+                "{id} (waits for a daily quota to reset in {}: {reason})",
+                humantime::format_duration(std::time::Duration::from_secs(*resets_in_s))
+            )),
             _ => None,
         })
         .collect();
@@ -500,5 +547,17 @@ mod tests {
         );
         let free = waiting_for(&[("w1".into(), Presence::Free)]);
         assert!(free.contains("1 of them free"), "{free}");
+        // A worker that claims other work but holds this job back for a daily quota is not
+        // "free": it is named with the quota and when it resets.
+        let quota = Presence::Quota {
+            reason: "the openai API's daily quota of 2 requests is used up".into(),
+            resets_in_s: 3600,
+        };
+        let waiting = waiting_for(&[("w1".into(), quota)]);
+        assert_eq!(
+            waiting,
+            "the only registered workers that can run it may not claim now: w1 (waits for a daily \
+             quota to reset in 1h: the openai API's daily quota of 2 requests is used up)"
+        );
     }
 }

@@ -204,4 +204,30 @@ impl Broker {
         // A key that expired between SCAN and MGET reads as nil.
         Ok(values.into_iter().flatten().collect())
     }
+
+    /// Each of `worker_ids`' last heartbeat (`worker:<id>` `last_heartbeat`, epoch
+    /// milliseconds), `None` for a worker that has none (never registered, or expired); one
+    /// pipeline. For `machine status --fleet`.
+    pub async fn worker_heartbeats(
+        &self,
+        worker_ids: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Option<u64>>, BrokerError> {
+        if worker_ids.is_empty() {
+            return Ok(std::collections::BTreeMap::new());
+        }
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        for id in worker_ids {
+            pipe.hget(self.key(&format!("worker:{id}")), "last_heartbeat");
+        }
+        let beats: Vec<Option<String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("read the workers' heartbeats"))?;
+        Ok(worker_ids
+            .iter()
+            .cloned()
+            .zip(beats.into_iter().map(|b| b.and_then(|b| b.trim().parse::<u64>().ok())))
+            .collect())
+    }
 }

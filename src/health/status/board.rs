@@ -156,6 +156,9 @@ pub struct Worker {
     /// page's button).
     #[serde(default)]
     pub quarantined: bool,
+    /// Work a daily quota holds back from it until the quota resets (it claims the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota_waits: Vec<crate::worker::QuotaWait>,
 }
 
 impl Worker {
@@ -170,6 +173,7 @@ impl Worker {
             last_activity_ms,
             hold,
             held_by,
+            quota_waits,
         } = status;
         Worker {
             worker_id: worker_id.clone(),
@@ -180,6 +184,7 @@ impl Worker {
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
             quarantined: held_by.contains(&crate::worker::hold::HoldKind::Quarantine),
+            quota_waits: quota_waits.clone(),
         }
     }
 }
@@ -397,6 +402,12 @@ mod tests {
                 last_activity_ms: 7,
                 hold: None,
                 held_by: Vec::new(),
+                quota_waits: vec![crate::worker::QuotaWait {
+                    services: vec!["openai_text".into()],
+                    customer: None,
+                    reason: "q".into(),
+                    until_ms: 8,
+                }],
             };
             let mut expected = serde_json::to_value(&status).unwrap();
             expected.as_object_mut().unwrap().remove("hold");

@@ -414,6 +414,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
             quarantined: false,
+            quota_waits: Vec::new(),
         }],
         recent_jobs: vec![RecentJob {
             job_id: "j0".into(),

@@ -33,7 +33,7 @@ use crate::worker::capabilities::ModelDirs;
 use crate::worker::hold::{HoldKind, Holds, Recheck};
 use crate::worker::pause::JobEnds;
 use crate::worker::quarantine::{Quarantine, QuarantinePolicy};
-use crate::worker::{JobCounts, JobOutcome, JobReport, WorkerState, WorkerStatus};
+use crate::worker::{JobCounts, JobOutcome, JobReport, QuotaWait, WorkerState, WorkerStatus};
 
 /// How often an idle worker rescans its models folders, so that models arriving or leaving
 /// (a download, an eviction, an operator) reach its advertised capabilities.
@@ -76,24 +76,48 @@ pub struct Worker {
     kept: Vec<super::upkeep::Kept>,
     /// How often a hold set with a re-check is checked again while the worker is held.
     hold_recheck: Duration,
+    /// Refusals for lack of credit since this worker last completed a job: each one waits
+    /// longer before the next real request probes the account.
+    credit_refusals: u32,
 }
 
 /// The re-check of an external API's refusal of this machine (see
 /// [`Worker::hold_for_credentials`]).
 #[derive(Debug)]
-struct ApiRecheck {
-    connector: Arc<dyn Connector>,
-    credit: bool,
+enum ApiRecheck {
+    /// A refused key: a cheap authenticated request tells whether the API accepts it now.
+    Key(Arc<dyn Connector>),
+    /// An account out of credit: a cheap request passes while credit is out, so the hold is
+    /// lifted at `not_before` and the next job is the (real) probe.
+    Credit {
+        /// When the next real request may be tried.
+        not_before: Instant,
+    },
 }
 
 impl Recheck for ApiRecheck {
     fn recheck(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
-        if self.credit {
-            return Box::pin(async { Ok(()) });
+        match self {
+            ApiRecheck::Key(connector) => connector.check_credentials(),
+            ApiRecheck::Credit { not_before } => {
+                let left = not_before.saturating_duration_since(Instant::now());
+                Box::pin(async move {
+                    if left.is_zero() {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "out of credit; the next real request in {}",
+                            humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
+                        ))
+                    }
+                })
+            }
         }
-        self.connector.check_credentials()
     }
 }
+
+/// The longest wait between two real requests that probe an account out of credit.
+const CREDIT_PROBE_MAX: Duration = Duration::from_secs(30 * 60);
 
 /// Work this worker leaves alone until a daily quota resets.
 #[derive(Debug, Clone)]
@@ -103,6 +127,8 @@ struct Deferral {
     /// A customer whose jobs are not claimed (the customer's own quota on an API).
     customer: Option<String>,
     until: Instant,
+    /// What the status shows of it (the same work, with the limiter's words).
+    shown: QuotaWait,
 }
 
 /// Aborts a spawned task when dropped, so no task outlives the job it belongs to.
@@ -132,6 +158,7 @@ impl Worker {
             last_activity_ms: crate::clock::now_ms(),
             hold: None,
             held_by: Vec::new(),
+            quota_waits: Vec::new(),
         });
         Worker {
             caps,
@@ -153,6 +180,7 @@ impl Worker {
             job_ends: None,
             kept: Vec::new(),
             hold_recheck: Duration::from_secs(15),
+            credit_refusals: 0,
         }
     }
 
@@ -471,7 +499,11 @@ impl Worker {
     /// back; `None` when that is all of its services.
     fn claim_capabilities(&mut self) -> Option<Capabilities> {
         let now = Instant::now();
+        let before = self.deferrals.len();
         self.deferrals.retain(|d| d.until > now);
+        if self.deferrals.len() != before {
+            self.show_deferrals();
+        }
         if self.deferrals.is_empty() {
             return Some(self.caps.clone());
         }
@@ -523,14 +555,32 @@ impl Worker {
             }
         };
         self.deferrals.push(Deferral {
+            shown: QuotaWait {
+                services: job_services.clone(),
+                customer: customer.clone(),
+                reason: reason.clone(),
+                until_ms: u64::try_from(until_ms).unwrap_or(u64::MAX),
+            },
             job_services,
             customer: customer.clone(),
             until: Instant::now() + *resets_in,
         });
+        self.show_deferrals();
         match self.write(shutdown, || broker.defer(claimed, reason, until_ms)).await {
             Ok(()) => JobOutcome::Returned,
             Err(not) => self.not_written(not),
         }
+    }
+
+    /// Shows the work daily quotas hold back on the worker's status (and so on `/status`, the
+    /// page and the fleet message, where `machine jobs show` reads why a job waits).
+    fn show_deferrals(&self) {
+        let waits: Vec<QuotaWait> = self.deferrals.iter().map(|d| d.shown.clone()).collect();
+        self.status.send_if_modified(|s| {
+            let changed = s.quota_waits != waits;
+            s.quota_waits.clone_from(&waits);
+            changed
+        });
     }
 
     /// Holds the worker after its API refused this machine's credentials (`e`) until the
@@ -542,18 +592,30 @@ impl Worker {
             return;
         };
         tracing::warn!(worker = %self.id(), error = %e.chain(), "an external API refuses this machine; holding its work");
-        let check = Arc::new(ApiRecheck {
-            connector,
-            credit: *credit,
-        });
-        self.holds.set_until(HoldKind::ApiCredentials, e.chain(), check);
+        let check = if *credit {
+            // One real request at a growing interval: the hold's re-check period, doubling
+            // with every refusal in a row, up to half an hour.
+            let wait = crate::backoff::Backoff::doubling(self.hold_recheck, CREDIT_PROBE_MAX.max(self.hold_recheck))
+                .delay(self.credit_refusals, 0.0);
+            self.credit_refusals = self.credit_refusals.saturating_add(1);
+            ApiRecheck::Credit {
+                not_before: Instant::now() + wait,
+            }
+        } else {
+            ApiRecheck::Key(connector)
+        };
+        self.holds
+            .set_until(HoldKind::ApiCredentials, e.chain(), Arc::new(check));
     }
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
     fn judge(&mut self, job_id: &str, outcome: &JobOutcome) {
         match outcome {
-            JobOutcome::Completed => self.quarantine.completed(),
+            JobOutcome::Completed => {
+                self.quarantine.completed();
+                self.credit_refusals = 0;
+            }
             JobOutcome::Failed { blame, error, .. } => {
                 if let Some((cooldown, reason)) = self.quarantine.failed(*blame, job_id, error, Instant::now()) {
                     tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
