@@ -273,3 +273,63 @@ async fn a_job_s_own_retryable_failures_do_not_quarantine_the_machine() {
         .await
         .expect("the test finishes within its hard limit");
 }
+
+/// SIGTERM while an output uploads (through a proxy that holds it 60 s) on the real binary:
+/// the upload gets the drain period (3 s), then the job goes back to the queue in its place
+/// (pending, no retry spent, nobody's) and the machine exits 0 at once, every worker stopped
+/// within the drain; nothing is stored and nothing is left in progress for a lease to find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_upload_returns_the_job_and_the_machine_exits_within_the_drain() {
+    let test = async {
+        let store = ObjectServer::start(StoreKind::S3);
+        store.create_bucket(BUCKET);
+        let redis = RedisServer::start();
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = crate::stores::slow_proxy(store.endpoint(), Duration::from_secs(60)).await;
+        let env = crate::stores::through(store.env(), &proxy);
+        let id = submit(
+            &redis.url(),
+            &["--service", "simulation", "--payload", r#"{"artifact": "held up"}"#],
+        );
+        let ctx = json!({"storage": {"provider": "s3", "bucket": BUCKET}, "prefix": "users/u1"});
+        let () = conn.hset(format!("job:{id}"), "ctx", ctx.to_string()).await.unwrap();
+        let mut m = start_with(dir.path(), &redis.url(), &env, "simulation:1", "drain = \"3s\"\n");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while job(&mut conn, &id).await.get("status").map(String::as_str) != Some("in_progress") {
+            assert!(Instant::now() < deadline, "the job never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The simulated run takes 200 ms; then the upload hangs in the proxy.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let signalled = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(m.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let exit = wait_until(Duration::from_secs(20), "the machine to exit", || {
+            m.child.try_wait().unwrap()
+        });
+        let took = signalled.elapsed();
+        let log = std::fs::read_to_string(dir.path().join("machine.log")).unwrap();
+        assert_eq!(exit.code(), Some(0), "{exit:?}; log:\n{log}");
+        assert!(
+            took < Duration::from_secs(10),
+            "exited {took:?} after SIGTERM; log:\n{log}"
+        );
+        assert!(!log.contains("did not stop within"), "log:\n{log}");
+        let j = job(&mut conn, &id).await;
+        assert_eq!(j["status"], "pending", "returned to the queue: {j:?}");
+        assert_eq!(j["retry_count"], "0", "no retry spent: {j:?}");
+        assert_eq!(j.get("worker_id").map(String::as_str).unwrap_or(""), "", "{j:?}");
+        assert!(store.list(BUCKET).is_empty(), "nothing stored");
+    };
+    tokio::time::timeout(Duration::from_secs(180), test)
+        .await
+        .expect("the test finishes within its hard limit");
+}
