@@ -8,6 +8,10 @@
 //! and the first success after failures wakes everyone waiting on
 //! [`RedisHealth::answering_again`], so that no retry sleeps out a long backoff after Redis is
 //! back.
+//!
+//! It is also where an outage is told in the log, once when it starts and once when it ends:
+//! every caller that meets an outage error ([`is_outage`]) logs it at debug level only, so that
+//! a Redis gone for 25 s is two WARN lines, not one per retry of every loop.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +40,12 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Whether this kind is Redis failing as a whole (gone, moved, or refusing this machine),
+    /// which every command meets until it ends, rather than one command's own error.
+    pub fn is_outage(self) -> bool {
+        matches!(self, FaultKind::Unreachable | FaultKind::ReadOnly | FaultKind::Auth)
+    }
+
     /// The label of `machine_redis_errors_total` and the word `/ready` uses.
     pub fn name(self) -> &'static str {
         match self {
@@ -99,6 +109,14 @@ pub struct RedisState {
     pub errors: BTreeMap<FaultKind, u64>,
     /// Incremented each time Redis answers again after failures.
     pub recoveries: u64,
+    /// Since when an outage ([`FaultKind::is_outage`]) lasts, once its start was logged.
+    pub outage_since: Option<Instant>,
+}
+
+/// Whether `e` is Redis failing as a whole, which [`RedisHealth`] logs once per outage: the
+/// caller logs it at debug level, any other error as it always did.
+pub fn is_outage(e: &BrokerError) -> bool {
+    FaultKind::of_broker(e).is_some_and(FaultKind::is_outage)
 }
 
 impl RedisState {
@@ -149,26 +167,54 @@ impl RedisHealth {
 
     /// A command succeeded.
     pub fn record_ok(&self) {
+        let mut ended = None;
         self.state.send_if_modified(|s| {
             let changed = !s.up || s.failing_since.is_some();
             if s.failing_since.is_some() {
                 s.recoveries = s.recoveries.wrapping_add(1);
             }
+            ended = s
+                .outage_since
+                .take()
+                .map(|since| (since.elapsed(), s.errors.values().sum::<u64>()));
             s.up = true;
             s.failing_since = None;
             s.fault = None;
             changed
         });
+        if let Some((lasted, _)) = ended {
+            tracing::warn!(
+                lasted = %crate::logging::human_duration(lasted),
+                "redis answers again; the outage is over"
+            );
+        }
     }
 
-    /// A command failed with `kind`, `cause` being its whole error chain.
+    /// A command failed with `kind`, `cause` being its whole error chain. The first failure of
+    /// an outage is logged (WARN); the others are only counted.
     pub fn record_fault(&self, kind: FaultKind, cause: String) {
+        let mut started = None;
         self.state.send_modify(|s| {
             s.up = false;
             s.failing_since.get_or_insert_with(Instant::now);
             *s.errors.entry(kind).or_default() += 1;
+            if kind.is_outage() && s.outage_since.is_none() {
+                s.outage_since = Some(Instant::now());
+                started = Some(cause.clone());
+            }
             s.fault = Some((kind, cause));
         });
+        if let Some(cause) = started {
+            let what = match kind {
+                FaultKind::ReadOnly => "redis is read-only (a replica)",
+                FaultKind::Auth => "redis refuses the credentials",
+                _ => "redis is unreachable",
+            };
+            tracing::warn!(
+                error = %cause,
+                "{what}; every loop retries quietly, and the end of the outage is logged"
+            );
+        }
     }
 
     /// Records a broker error when it is Redis failing; returns its kind.
@@ -216,10 +262,27 @@ mod tests {
         h.record_fault(FaultKind::Unreachable, "refused".into());
         assert_eq!(h.snapshot().failing_since, Some(since), "the first failure counts");
         assert_eq!(h.snapshot().errors[&FaultKind::ReadOnly], 1);
+        assert!(h.snapshot().outage_since.is_some(), "an outage");
         let before = h.recoveries();
         h.record_ok();
         assert_eq!(h.recoveries(), before + 1);
+        assert_eq!(h.snapshot().outage_since, None, "it ended");
         assert_eq!(h.snapshot().not_ready(Instant::now() + NOT_READY_AFTER), None);
+    }
+
+    #[test]
+    fn a_command_error_is_no_outage() {
+        let h = RedisHealth::new();
+        h.record_fault(FaultKind::Other, "ERR Function not found".into());
+        assert_eq!(h.snapshot().outage_since, None);
+        assert!(!is_outage(&BrokerError::Redis {
+            op: "FCALL",
+            source: RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "Function not found")),
+        }));
+        assert!(is_outage(&BrokerError::Redis {
+            op: "FCALL",
+            source: RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        }));
     }
 
     #[test]

@@ -32,6 +32,15 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
     if let Some(failure) = &m.critical_failure {
         out.push_str(&wrap(&format!("CRITICAL: {failure}"), width));
     }
+    if let Some(d) = &m.duplicate {
+        out.push_str(&wrap(
+            &format!(
+                "DUPLICATE: another machine runs as {} on host {} in workspace {}: both register the same worker ids; give each its own MACHINE_ID",
+                m.id, d.instance.host, d.instance.workspace
+            ),
+            width,
+        ));
+    }
     let r = &doc.redis;
     let mut line = format!(
         "redis   {}  {}",

@@ -1,81 +1,19 @@
-//! What `machine status` reads besides this machine's own documents (which the CLI reads
-//! through the control socket): any health server's JSON documents over HTTP, and with
-//! `--fleet` every machine's last status message from Redis.
+//! What `machine status --fleet` reads besides this machine's own documents (which the CLI
+//! reads through the control socket or the health port): every machine's last status message
+//! and its workers' heartbeats, through the broker.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Duration;
-
-use serde::de::DeserializeOwned;
 
 use super::fleet::{FleetMessage, Occupancy};
 use crate::broker::Broker;
 
-/// Why a status read failed.
+/// Why the fleet could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The HTTP request failed.
-    #[error("failed to reach {url}")]
-    Http {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The machine answered something that is not a status document.
-    #[error("{url} answered {status}: {body}")]
-    Answer {
-        /// The URL.
-        url: String,
-        /// The HTTP status.
-        status: u16,
-        /// The body, cut short.
-        body: String,
-    },
-    /// No HTTP client could be built.
-    #[error("failed to build an HTTP client")]
-    Build(#[source] reqwest::Error),
     /// Redis failed.
     #[error("failed to read the fleet from Redis")]
     Broker(#[source] crate::broker::BrokerError),
-}
-
-fn client() -> Result<reqwest::Client, ClientError> {
-    crate::http_client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .map_err(ClientError::Build)
-}
-
-/// Fetches a JSON document from `url` as `T`; any non-2xx answer, or a body that is not a `T`,
-/// is an error carrying the body. The machine's guarded routes take the read token or the
-/// control token, whichever the operator's environment has.
-pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
-    let mut request = client()?.get(url);
-    if let Some(token) = ["MACHINE_READ_TOKEN", "MACHINE_CONTROL_TOKEN"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
-    {
-        request = request.bearer_auth(token.trim());
-    }
-    let resp = request.send().await.map_err(|source| ClientError::Http {
-        url: url.to_owned(),
-        source,
-    })?;
-    let status = resp.status().as_u16();
-    let text = resp.text().await.map_err(|source| ClientError::Http {
-        url: url.to_owned(),
-        source,
-    })?;
-    match serde_json::from_str(&text) {
-        Ok(v) if (200..300).contains(&status) => Ok(v),
-        _ => Err(ClientError::Answer {
-            url: url.to_owned(),
-            status,
-            body: text.chars().take(500).collect(),
-        }),
-    }
 }
 
 /// A worker's state in the fleet view: `busy`, `idle`, or `held` when it may not claim (its GPU
@@ -131,6 +69,18 @@ fn render_fleet(machines: &[(FleetMessage, BTreeMap<String, Option<u64>>)], now_
             msg.status.workers.len(),
             ago(now_ms, msg.timestamp)
         );
+        // Two runs under one id overwrite each other's message: whichever is stored names the
+        // other, so the fleet view says so whichever won.
+        if let Some(d) = &msg.duplicate {
+            let _ = writeln!(
+                out,
+                "  DUPLICATE: another machine runs as {} on host {} in workspace {} (seen {})",
+                msg.machine_id,
+                d.instance.host,
+                d.instance.workspace,
+                ago(now_ms, d.seen_at_ms)
+            );
+        }
         for (id, w) in &msg.status.workers {
             // The heartbeat is epoch milliseconds in Redis; an operator reads its age.
             let heartbeat = heartbeats
@@ -195,5 +145,26 @@ mod tests {
         let gpu1 = text.lines().find(|l| l.contains("m1-gpu1")).expect("gpu1's line");
         assert!(gpu1.contains(" idle ") && gpu1.contains("heartbeat -"), "{text}");
         assert!(text.lines().nth(1).unwrap().ends_with("2s ago"), "{text}");
+        assert!(!text.contains("DUPLICATE"), "{text}");
+    }
+
+    #[test]
+    fn the_fleet_view_names_another_run_under_the_same_id() {
+        let now = 1_800_000_000_000;
+        let mut msg = message(now);
+        msg.duplicate = Some(crate::health::fleet::Duplicate {
+            instance: crate::health::fleet::Instance {
+                instance_id: "feedbeef".into(),
+                host: "box-2".into(),
+                workspace: "/data/ws2".into(),
+            },
+            seen_at_ms: now - 4_000,
+        });
+        let text = render_fleet(&[(msg, BTreeMap::new())], now);
+        let line = text.lines().nth(2).expect("the line under the machine's");
+        assert_eq!(
+            line, "  DUPLICATE: another machine runs as m1 on host box-2 in workspace /data/ws2 (seen 4s ago)",
+            "{text}"
+        );
     }
 }

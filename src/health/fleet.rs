@@ -57,6 +57,73 @@ pub struct FleetMessage {
     pub status: FleetStatus,
     /// Where its `/health` answers.
     pub health_url: String,
+    /// This run of the machine (absent from older machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Instance>,
+    /// Another live run that publishes under the same machine id, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<Duplicate>,
+}
+
+/// One run of a machine: a random id new each start, the host it runs on and its workspace.
+/// Two runs with one machine id register the same worker ids; this tells them apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Random, new each start.
+    pub instance_id: String,
+    /// The host name.
+    pub host: String,
+    /// The workspace directory.
+    pub workspace: String,
+}
+
+impl Instance {
+    /// This run: a new random id, the host name and `workspace`.
+    pub fn this_run(workspace: &std::path::Path) -> Instance {
+        Instance {
+            instance_id: format!("{:016x}", rand::random::<u64>()),
+            host: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            workspace: workspace.display().to_string(),
+        }
+    }
+
+    /// Whether `other` is the previous run of this one: the same host and workspace (a
+    /// restarted container whose predecessor's message has not expired yet). Only one run can
+    /// hold a workspace at a time.
+    fn is_predecessor(&self, other: &Instance) -> bool {
+        self.host == other.host && self.workspace == other.workspace
+    }
+}
+
+/// Another live run publishing under this machine's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Duplicate {
+    /// That run.
+    #[serde(flatten)]
+    pub instance: Instance,
+    /// When its message was last seen, epoch milliseconds.
+    pub seen_at_ms: u64,
+}
+
+/// How long another run's last message keeps it reported: a few publish rounds, so that two
+/// runs that overwrite each other's message every 10 s stay reported between sightings.
+pub const DUPLICATE_FRESH_MS: u64 = 45_000;
+
+/// The other live run under this machine id that `previous` (the message stored before this
+/// run's last publish) shows, if it shows one: another instance id whose message is fresh and
+/// that is not this workspace's previous run. Messages of older machines (no instance) are
+/// not judged.
+pub fn other_run(this: &Instance, previous: &FleetMessage, now_ms: u64) -> Option<Duplicate> {
+    let other = previous.instance.as_ref()?;
+    let fresh = now_ms.saturating_sub(previous.timestamp) < 30_000;
+    let last_word = previous.update_type == UpdateType::Shutdown;
+    (other.instance_id != this.instance_id && fresh && !last_word && !this.is_predecessor(other)).then(|| Duplicate {
+        instance: other.clone(),
+        seen_at_ms: now_ms,
+    })
 }
 
 /// The machine's make-up in the status message.
@@ -327,6 +394,8 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
             external_apis: state.external_apis(),
         },
         health_url: health_url.to_owned(),
+        instance: Some(state.instance().clone()),
+        duplicate: state.duplicate(),
     }
 }
 
@@ -415,13 +484,27 @@ async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, healt
         }
     };
     match broker.publish_machine_status(state.machine_id(), &msg).await {
-        Ok(()) => broker.health().record_ok(),
+        Ok(previous) => {
+            broker.health().record_ok();
+            let previous = previous.and_then(|p| serde_json::from_str::<FleetMessage>(&p).ok());
+            if let Some(other) = previous.and_then(|p| other_run(state.instance(), &p, now_ms())) {
+                state.saw_duplicate(other);
+            }
+        }
         Err(e) => {
-            tracing::warn!(
-                "failed to publish the machine status: {}",
-                crate::logging::error_chain(&e)
-            );
+            // An outage is logged once, by the health record.
             broker.health().record_err(&e);
+            if crate::broker::health::is_outage(&e) {
+                tracing::debug!(
+                    "failed to publish the machine status: {}",
+                    crate::logging::error_chain(&e)
+                );
+            } else {
+                tracing::warn!(
+                    "failed to publish the machine status: {}",
+                    crate::logging::error_chain(&e)
+                );
+            }
         }
     }
 }

@@ -29,12 +29,12 @@ pub struct RecentJobs(VecDeque<RecentJob>);
 impl RecentJobs {
     /// Records a finished job; `finished_at_ms` is when its report arrived.
     pub fn record(&mut self, report: &JobReport, finished_at_ms: u64) {
-        let (outcome, error) = match &report.outcome {
-            JobOutcome::Completed => (Outcome::Completed, None),
-            JobOutcome::Failed { error, .. } => (Outcome::Failed, Some(error.clone())),
-            JobOutcome::Returned => (Outcome::Returned, None),
-            JobOutcome::Cancelled => (Outcome::Cancelled, None),
-            JobOutcome::Lost => (Outcome::Lost, None),
+        let (outcome, error, requeued) = match &report.outcome {
+            JobOutcome::Completed => (Outcome::Completed, None, false),
+            JobOutcome::Failed { error, requeued, .. } => (Outcome::Failed, Some(error.clone()), *requeued),
+            JobOutcome::Returned => (Outcome::Returned, None, false),
+            JobOutcome::Cancelled => (Outcome::Cancelled, None, false),
+            JobOutcome::Lost => (Outcome::Lost, None, false),
         };
         let duration_ms = u64::try_from(report.total.as_millis()).unwrap_or(u64::MAX);
         if self.0.len() == RECENT_JOBS {
@@ -49,6 +49,7 @@ impl RecentJobs {
             finished_at_ms,
             duration_ms,
             error,
+            requeued,
         });
     }
 
@@ -183,6 +184,7 @@ mod tests {
             (last.started_at_ms, last.finished_at_ms, last.duration_ms),
             (19_750, 20_000, 250)
         );
+        assert!(!last.requeued, "a final failure");
         let v = serde_json::to_value(last).unwrap();
         assert_eq!(v["outcome"], "failed");
         assert_eq!(v["worker_id"], "w1");
@@ -190,6 +192,23 @@ mod tests {
             serde_json::to_value(&list[0]).unwrap()["error"],
             serde_json::Value::Null
         );
+    }
+
+    #[test]
+    fn a_requeued_failure_is_marked_so() {
+        let mut jobs = RecentJobs::default();
+        let failed = |requeued| JobOutcome::Failed {
+            retryable: true,
+            requeued,
+            error: "busy".into(),
+            blame: crate::worker::hold::Blame::Job,
+        };
+        jobs.record(&report("j1", failed(true), 10), 1_000);
+        jobs.record(&report("j1", failed(false), 10), 2_000);
+        let list = jobs.list();
+        assert!(list[0].requeued, "the first attempt went back to the queue");
+        assert!(!list[1].requeued, "the last one failed the job");
+        assert_eq!(serde_json::to_value(&list[0]).unwrap()["requeued"], true);
     }
 
     fn gpu(index: u32, util: Option<u32>) -> Gpu {

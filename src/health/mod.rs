@@ -105,6 +105,10 @@ pub struct HealthState {
     gpu_history: Mutex<history::GpuHistory>,
     /// Set once the broker has connected; `/fleet` reads the fleet through it.
     broker: OnceLock<Broker>,
+    /// This run, as the fleet message names it.
+    instance: fleet::Instance,
+    /// The last other run seen publishing under this machine id.
+    duplicate: Mutex<Option<fleet::Duplicate>>,
 }
 
 /// The machine as it runs now: the configuration and plan that the start or the last reload
@@ -167,8 +171,45 @@ impl HealthState {
             recent_jobs: Mutex::default(),
             gpu_history: Mutex::default(),
             broker: OnceLock::new(),
+            instance: fleet::Instance::this_run(&config.machine.workspace),
+            duplicate: Mutex::new(None),
             running: watch::channel(running).0,
         })
+    }
+
+    /// This run of the machine.
+    pub fn instance(&self) -> &fleet::Instance {
+        &self.instance
+    }
+
+    /// Another live run publishing under this machine id, seen in the last
+    /// [`fleet::DUPLICATE_FRESH_MS`].
+    pub fn duplicate(&self) -> Option<fleet::Duplicate> {
+        let seen = self.duplicate.lock().unwrap_or_else(|p| p.into_inner());
+        seen.clone()
+            .filter(|d| crate::clock::now_ms().saturating_sub(d.seen_at_ms) < fleet::DUPLICATE_FRESH_MS)
+    }
+
+    /// Records another live run under this machine id; warns the first time it is seen. The
+    /// machine goes on: a duplicate is an operator's mistake to fix, and refusing to start
+    /// would also stop a restarted container whose predecessor only looks alive.
+    pub fn saw_duplicate(&self, other: fleet::Duplicate) {
+        let mut seen = self.duplicate.lock().unwrap_or_else(|p| p.into_inner());
+        let new = seen
+            .as_ref()
+            .is_none_or(|d| d.instance.instance_id != other.instance.instance_id);
+        if new {
+            tracing::warn!(
+                machine_id = %self.machine_id,
+                host = %other.instance.host,
+                workspace = %other.instance.workspace,
+                instance = %other.instance.instance_id,
+                "another machine runs with this machine id, on host {} in workspace {}: both register the same worker ids; give each machine its own MACHINE_ID",
+                other.instance.host,
+                other.instance.workspace,
+            );
+        }
+        *seen = Some(other);
     }
 
     /// Hands the connected broker to the health server (for `/fleet`); only the first is kept.
@@ -451,10 +492,7 @@ impl HealthState {
     pub fn ready_document(&self) -> status::ReadyDocument {
         let phase = self.phase();
         let workers = self.workers_document();
-        let can_claim = |w: &status::Worker| {
-            w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
-        };
-        let ready = phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim));
+        let ready = is_ready(phase, &workers);
         let not_claiming = workers
             .iter()
             .filter(|w| !can_claim(w))
@@ -476,14 +514,19 @@ impl HealthState {
     pub fn status_document(&self) -> StatusDocument {
         let live = self.probe.live();
         let health = self.probe.health_now();
+        let phase = self.phase();
+        let workers = self.workers_document();
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
-                phase: self.phase(),
+                phase,
+                ready: is_ready(phase, &workers),
                 uptime_ms: self.uptime_ms(),
                 started_at_ms: self.started_ms,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 critical_failure: self.critical_failure(),
+                instance_id: self.instance.instance_id.clone(),
+                duplicate: self.duplicate(),
             },
             gpus: self
                 .probe
@@ -505,11 +548,22 @@ impl HealthState {
                 .map(|(k, v)| (k.clone(), v.into()))
                 .collect(),
             services: self.services.status().iter().map(status::Service::from).collect(),
-            workers: self.workers_document(),
+            workers,
             recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
             redis: self.redis(),
             external_apis: self.external_apis(),
             config: self.config_document(),
         }
     }
+}
+
+/// Whether a worker can claim now: it is idle or busy and nothing holds it.
+fn can_claim(w: &status::Worker) -> bool {
+    w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+}
+
+/// What `/ready` answers: the phase is `ready` and at least one worker can claim (a machine
+/// without workers: by its phase alone).
+fn is_ready(phase: Phase, workers: &[status::Worker]) -> bool {
+    phase == Phase::Ready && (workers.is_empty() || workers.iter().any(can_claim))
 }

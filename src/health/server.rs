@@ -335,6 +335,7 @@ fn router(state: Arc<HealthState>, hub: Hub) -> Router {
         .route("/fleet", get(fleet))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/access", get(access))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/logs/{service}", get(logs))
@@ -435,6 +436,18 @@ async fn ready(State(s): State<Arc<HealthState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(body)).into_response()
+}
+
+/// `GET /access`: what the request's token lets it do (`control`, `read` or `none`), so that the
+/// page offers only the actions the entered token may take. Open: it says nothing a guarded
+/// route's 401 would not.
+async fn access(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
+    let access = match granted(&s, &headers) {
+        Some(Access::Control) => "control",
+        Some(Access::Read) => "read",
+        None => "none",
+    };
+    axum::Json(json!({ "access": access })).into_response()
 }
 
 async fn status(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
@@ -654,6 +667,18 @@ pub(super) fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Op
         .fold(false, |ok, t| constant_time_eq(given.as_bytes(), t.as_bytes()) | ok);
     if matched {
         None
+    } else if access == Access::Control && granted(s, headers) == Some(Access::Read) {
+        // A valid token that only reads: the caller is known, it lacks the right, and the
+        // answer names the token that has it.
+        Some(
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({
+                    "error": "this token only reads: restarts, stop and reload need the control token (MACHINE_CONTROL_TOKEN)"
+                })),
+            )
+                .into_response(),
+        )
     } else {
         Some(
             (
@@ -662,6 +687,32 @@ pub(super) fn refuse(s: &HealthState, headers: &HeaderMap, access: Access) -> Op
             )
                 .into_response(),
         )
+    }
+}
+
+/// What the request's bearer token lets it do: `Control` for the control token (or the control
+/// socket), `Read` for the read token, `None` for no or a wrong token.
+pub(super) fn granted(s: &HealthState, headers: &HeaderMap) -> Option<Access> {
+    if is_local(s, headers) {
+        return Some(Access::Control);
+    }
+    let given = bearer(headers)?;
+    // Both are compared whatever the first gives, so the timing does not say which matched.
+    let control = s
+        .control_token
+        .as_ref()
+        .is_some_and(|t| constant_time_eq(given.as_bytes(), t.expose().as_bytes()));
+    let read = s
+        .access
+        .read_token
+        .as_ref()
+        .is_some_and(|t| constant_time_eq(given.as_bytes(), t.expose().as_bytes()));
+    if control {
+        Some(Access::Control)
+    } else if read {
+        Some(Access::Read)
+    } else {
+        None
     }
 }
 

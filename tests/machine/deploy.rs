@@ -314,3 +314,65 @@ fn sigterm_during_a_hanging_connect_ends_within_the_drain_plus_a_second() {
         eprintln!("{url}: SIGTERM to exit {took:?}");
     }
 }
+
+/// A Redis outage is told once when it starts and once when it ends (issue 25: 31 WARNs in a
+/// 25 s outage before), whatever the number of loops retrying meanwhile; and a normal start,
+/// with a service whose readiness probe fails until it is up, warns of nothing.
+#[test]
+fn a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends() {
+    let mut redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let probe_port = testkit::free_port();
+    let config = dir.path().join("machine.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[services.side]\ncommand = [\"/bin/sh\", \"-c\", \"sleep 1; exec python3 -m http.server {probe_port} --bind 127.0.0.1\"]\n\
+             ready = {{ tcp = \"127.0.0.1:{probe_port}\" }}\ngrace = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let m = Deployed::start(
+        dir.path(),
+        &[
+            ("HUB_REDIS_URL", &redis.url()),
+            ("WORKER_CONNECTORS", "simulation:2"),
+            ("MACHINE_CONFIG", &config),
+        ],
+    );
+    m.wait_answer("/ready", 200, Duration::from_secs(30));
+    wait_until(Duration::from_secs(20), "the service to be ready", || {
+        m.output().contains("service is ready").then_some(())
+    });
+    let warnings = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let start = m.output();
+    assert_eq!(warnings(&start), Vec::<String>::new(), "a normal start:\n{start}");
+
+    redis.stop_keeping_data();
+    // Long enough for every loop (claims of two workers, heartbeats, sweeps, the fleet status,
+    // the subscription) to retry many times.
+    std::thread::sleep(Duration::from_secs(15));
+    redis.start_again();
+    m.wait_answer("/ready", 200, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(1));
+    let out = m.output();
+    let during = warnings(&out[start.len()..]);
+    let started: Vec<_> = during.iter().filter(|l| l.contains("redis is unreachable")).collect();
+    let ended: Vec<_> = during.iter().filter(|l| l.contains("redis answers again")).collect();
+    assert_eq!(started.len(), 1, "one WARN when it starts:\n{}", during.join("\n"));
+    assert_eq!(ended.len(), 1, "one WARN when it ends:\n{}", during.join("\n"));
+    assert!(ended[0].contains("lasted="), "{}", ended[0]);
+    // Nothing else says the same: no line per retry of each loop.
+    let retries: Vec<_> = during
+        .iter()
+        .filter(|l| l.contains("Connection refused") || l.contains("broken pipe"))
+        .filter(|l| !l.contains("redis is unreachable"))
+        .collect();
+    assert!(retries.is_empty(), "a WARN per retry:\n{}", during.join("\n"));
+}

@@ -64,6 +64,9 @@ impl Broker {
         for caps in all {
             match self.write_registration(&caps).await {
                 Ok(()) => tracing::info!(worker_id = %caps.worker_id, "registered the worker again in an empty redis"),
+                Err(e) if super::super::health::is_outage(&e) => {
+                    tracing::debug!(worker_id = %caps.worker_id, error = %crate::logging::error_chain(&e), "failed to register the worker again")
+                }
                 Err(e) => {
                     tracing::warn!(worker_id = %caps.worker_id, error = %crate::logging::error_chain(&e), "failed to register the worker again")
                 }
@@ -159,21 +162,23 @@ impl Broker {
     /// Publishes the machine's status message on `machine:status:<machine_id>` and stores it in
     /// `machine:<machine_id>:status` (expiring after 30 s) so that `machine status --fleet`
     /// reads the fleet without waiting for a publish round. One pipeline on the shared command
-    /// connection.
-    pub async fn publish_machine_status(&self, machine_id: &str, message: &str) -> Result<(), BrokerError> {
+    /// connection. Answers the message stored before (`SET ... GET`, one atomic step), so that
+    /// a machine learns when another one publishes under its id.
+    pub async fn publish_machine_status(&self, machine_id: &str, message: &str) -> Result<Option<String>, BrokerError> {
         let mut conn = self.connection();
-        redis::pipe()
+        let (previous,): (Option<String>,) = redis::pipe()
             .publish(self.key(&format!("machine:status:{machine_id}")), message)
             .ignore()
-            .set_ex(
-                self.key(&format!("machine:{machine_id}:status")),
-                message,
-                MACHINE_STATUS_TTL_SECS,
-            )
-            .ignore()
-            .query_async::<()>(&mut conn)
+            .cmd("SET")
+            .arg(self.key(&format!("machine:{machine_id}:status")))
+            .arg(message)
+            .arg("EX")
+            .arg(MACHINE_STATUS_TTL_SECS)
+            .arg("GET")
+            .query_async(&mut conn)
             .await
-            .map_err(redis_err("publish the machine status"))
+            .map_err(redis_err("publish the machine status"))?;
+        Ok(previous)
     }
 
     /// Every machine's stored status message (`machine:<id>:status`, see

@@ -56,6 +56,9 @@ pub struct Machine {
     pub id: String,
     /// Where it is in its life.
     pub phase: Phase,
+    /// What `/ready` answers now (absent from older machines).
+    #[serde(default)]
+    pub ready: bool,
     /// Milliseconds since start.
     pub uptime_ms: u64,
     /// When it started, epoch milliseconds.
@@ -64,6 +67,12 @@ pub struct Machine {
     pub version: String,
     /// The critical service whose failure shuts the machine down, when one failed.
     pub critical_failure: Option<String>,
+    /// This run's random id, new each start (absent from older machines).
+    #[serde(default)]
+    pub instance_id: String,
+    /// Another live run under the same machine id, when one publishes (see the fleet message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<super::fleet::Duplicate>,
 }
 
 /// One GPU: what the probe found and what NVML reads now.
@@ -236,6 +245,10 @@ pub struct RecentJob {
     pub duration_ms: u64,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// A failed attempt that the broker put back in the queue for another: the job is pending,
+    /// not failed (absent from older machines).
+    #[serde(default)]
+    pub requeued: bool,
 }
 
 /// How a job ended on this machine.
@@ -333,10 +346,13 @@ pub(crate) fn sample() -> StatusDocument {
         machine: Machine {
             id: "m1".into(),
             phase: Phase::Ready,
+            ready: true,
             uptime_ms: 5000,
             started_at_ms: 1_750_000_000_000,
             version: "0.1.0".into(),
             critical_failure: None,
+            instance_id: "0123456789abcdef".into(),
+            duplicate: None,
         },
         gpus: vec![Gpu {
             index: 0,
@@ -425,6 +441,7 @@ pub(crate) fn sample() -> StatusDocument {
             finished_at_ms: 1_750_000_001_500,
             duration_ms: 1500,
             error: Some("out of memory".into()),
+            requeued: true,
         }],
         redis: RedisStatus {
             url: Some("redis://***@h".into()),

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::health::is_outage;
 use crate::broker::{Broker, BrokerError, Capabilities, ClaimedJob};
 use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError};
@@ -48,6 +49,8 @@ pub struct WorkerSettings {
     pub drain: Duration,
     /// Time limit of a job that does not set its own.
     pub job_timeout: Duration,
+    /// A job's progress is written to Redis at most once per this (see `forward_progress`).
+    pub progress_every: Duration,
 }
 
 /// One worker, ready to run.
@@ -257,7 +260,11 @@ impl Worker {
     async fn publish_capabilities(&self, broker: &Broker, shutdown: &CancellationToken) {
         let mut backoff = RedisBackoff::default();
         while let Err(e) = broker.update_capabilities(&self.caps).await {
-            tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
+            if is_outage(&e) {
+                tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
+            } else {
+                tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
+            }
             if !backoff.sleep(broker, shutdown).await {
                 return;
             }
@@ -348,7 +355,11 @@ impl Worker {
             match broker.register_worker(&self.caps).await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
+                    if is_outage(&e) {
+                        tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
+                    } else {
+                        tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
+                    }
                     self.note_error(&error_chain(&e));
                     if !backoff.sleep(&broker, &shutdown).await {
                         break;
@@ -441,7 +452,11 @@ impl Worker {
                 // Redis answered: the next failure starts the backoff from its first step.
                 Ok(None) => backoff.reset(),
                 Err(e) => {
-                    tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
+                    if is_outage(&e) {
+                        tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
+                    } else {
+                        tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
+                    }
                     self.note_error(&error_chain(&e));
                     backoff.sleep(&broker, &shutdown).await;
                 }
@@ -635,8 +650,12 @@ async fn heartbeat(broker: Broker, worker_id: String, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = broker.heartbeat(&worker_id).await {
-            tracing::warn!(worker = %worker_id, error = %error_chain(&e), "heartbeat failed");
+        match broker.heartbeat(&worker_id).await {
+            Err(e) if is_outage(&e) => {
+                tracing::debug!(worker = %worker_id, error = %error_chain(&e), "heartbeat failed")
+            }
+            Err(e) => tracing::warn!(worker = %worker_id, error = %error_chain(&e), "heartbeat failed"),
+            Ok(()) => {}
         }
     }
 }
