@@ -155,6 +155,10 @@ pub struct Worker {
     /// Finished jobs whose outputs it is storing while it goes on, oldest first.
     #[serde(default)]
     pub uploads: Vec<Upload>,
+    /// Whether it is quarantined (an operator may lift it: `machine quarantine clear`, the
+    /// page's button).
+    #[serde(default)]
+    pub quarantined: bool,
     /// Work a daily quota holds back from it until the quota resets (it claims the rest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quota_waits: Vec<crate::worker::QuotaWait>,
@@ -184,7 +188,7 @@ impl Worker {
             last_error,
             last_activity_ms,
             hold,
-            held_by: _,
+            held_by,
             uploads,
             quota_waits,
         } = status;
@@ -205,6 +209,7 @@ impl Worker {
                     since_ms: u.since_ms,
                 })
                 .collect(),
+            quarantined: held_by.contains(&crate::worker::hold::HoldKind::Quarantine),
             quota_waits: quota_waits.clone(),
         }
     }
@@ -439,6 +444,7 @@ mod tests {
             expected.as_object_mut().unwrap().remove("hold");
             expected.as_object_mut().unwrap().remove("held_by");
             expected["reason"] = Value::Null;
+            expected["quarantined"] = Value::Bool(false);
             assert_eq!(serde_json::to_value(Worker::new(&status, None)).unwrap(), expected);
         }
     }

@@ -430,6 +430,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
             uploads: Vec::new(),
+            quarantined: false,
             quota_waits: Vec::new(),
         }],
         recent_jobs: vec![RecentJob {
