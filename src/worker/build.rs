@@ -23,7 +23,7 @@ use crate::gpu::Probe;
 use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
 
-use super::{Kit, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
+use super::{Kit, UploadLimits, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
 
 /// One limiter per limited external API the configuration runs.
 pub(super) fn limiters(config: &Config) -> BTreeMap<ConnectorKind, Arc<Limiter>> {
@@ -79,6 +79,10 @@ pub(super) fn worker_for(
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
     worker.follow_models(capabilities::ModelDirs::of(wp, &config.machine.workspace));
     worker.quarantine_on(quarantine_policy(wp, config));
+    worker.upload_alongside(UploadLimits {
+        jobs: config.machine.worker.pending_uploads,
+        bytes: config.machine.worker.pending_upload_mb.saturating_mul(1024 * 1024),
+    });
     worker.recheck_holds_every(config.machine.worker.hold_recheck);
     if let Some(index) = wp.gpu {
         // A fault of its GPU holds the worker (and returns its job).
