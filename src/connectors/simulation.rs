@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink};
+use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, json_kind};
 use crate::config::{ConnectorKind, SimulationConfig};
 
 /// Runs simulated jobs.
@@ -184,18 +184,6 @@ impl Connector for SimulationConnector {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
         Box::pin(self.run_job(job, progress, cancel))
-    }
-}
-
-/// The JSON type of a value, for error messages.
-pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
