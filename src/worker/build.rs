@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -140,50 +139,15 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
     }
 }
 
-/// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
-/// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
-/// when `shutdown` comes first. Each failure is logged with its whole cause chain and recorded
+/// Connects the machine's one broker to [`Config::broker_url`] with the workers' options,
+/// retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are recorded
 /// in `health` (for the status page and `/ready`).
 pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
-    let url = config.machine.broker_url();
     let opts = BrokerOptions {
         health: health.clone(),
         ..broker_options(config)
     };
-    let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
-    let mut failures = 0;
-    loop {
-        let attempt = async {
-            let broker = Broker::connect(&url, opts.clone()).await?;
-            broker.ensure_functions().await?;
-            Ok::<_, crate::broker::BrokerError>(broker)
-        };
-        // Every wait on Redis gives way to a shutdown: connecting is bounded, but a machine
-        // asked to stop does not wait even for that.
-        let attempt = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            r = attempt => r,
-        };
-        match attempt {
-            Ok(b) => {
-                health.record_ok();
-                return Some(b);
-            }
-            Err(e) => {
-                let error = crate::logging::error_chain(&e);
-                let delay = backoff.delay(failures, 0.0);
-                tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                if health.record_err(&e).is_none() {
-                    health.record_fault(crate::broker::FaultKind::Other, error);
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                failures = failures.saturating_add(1);
-            }
-        }
-    }
+    Broker::connect_until(&config.machine.broker_url(), opts, shutdown).await
 }
 
 /// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the
