@@ -200,13 +200,22 @@ pub enum ConnectorError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// The service ran the job and reported a failure.
+    /// The service ran the job and reported a failure: the job's own, which spends its
+    /// retries and says nothing about this machine.
     #[error("the job failed in the service: {message}")]
     Failed {
         /// What the service said.
         message: String,
         /// Whether another attempt may succeed.
         retryable: bool,
+    },
+    /// The machine failed the job, not the job itself: its GPU ran out of memory under it, its
+    /// service was interrupted by someone else or answered nonsense, the connector crashed.
+    /// Another attempt may succeed; it counts towards the worker's quarantine.
+    #[error("{message}")]
+    MachineFault {
+        /// What happened, for the job's `error`.
+        message: String,
     },
     /// The service said nothing about the job for its stall timeout; the job was interrupted.
     #[error("{service} said nothing about the job for {} (stall timeout {}){}", humantime::format_duration(round_ms(*silent_for)), humantime::format_duration(*timeout), if *answers { "" } else { " and does not answer its health check" })]
@@ -295,6 +304,7 @@ impl ConnectorError {
             | ConnectorError::CredentialsRefused { .. }
             | ConnectorError::QuotaReached { .. }
             | ConnectorError::Stalled { .. }
+            | ConnectorError::MachineFault { .. }
             | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
             ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
                 if source.is_retryable() {
@@ -483,6 +493,41 @@ pub(crate) async fn or_cancelled<T>(
         biased;
         () = cancel.cancelled() => Err(ConnectorError::Cancelled),
         r = fut => r,
+    }
+}
+
+/// A MIME type from a file name, for servers that send none.
+pub(crate) fn guess_content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "wav" => "audio/wav",
+        "mp3" => "audio/mpeg",
+        "flac" => "audio/flac",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        "glb" => "model/gltf-binary",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The JSON type of a value, for error messages.
+pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
