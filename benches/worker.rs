@@ -93,6 +93,7 @@ async fn main() {
             heartbeat: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             job_timeout: Duration::from_secs(60),
+            progress_every: Duration::from_secs(1),
         },
         Arc::new(OutputStore::new(out.path())),
     );

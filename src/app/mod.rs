@@ -324,7 +324,7 @@ async fn start_subsystems(
     // download on this boot is in the capabilities they register with.
     let shutdown = &machine.shutdown;
     let installed = tokio::select! {
-        r = installers::before_services(config, plan, &tracker, shutdown.child_token()) => r.map(|_| ()),
+        r = installers::before_services(config, &plan.installers, &tracker, shutdown.child_token()) => r.map(|_| ()),
         () = shutdown.cancelled() => Ok(()),
     };
     match installed {

@@ -267,10 +267,8 @@ impl Reloader {
             .filter(|i| !running.plan.installers.contains(i))
             .collect();
         if !new_installers.is_empty() {
-            let mut only = plan.clone();
-            only.installers = new_installers;
             tokio::select! {
-                r = crate::installers::before_services(&applied, &only, &self.tracker, self.shutdown.child_token()) => {
+                r = crate::installers::before_services(&applied, &new_installers, &self.tracker, self.shutdown.child_token()) => {
                     r.map_err(|e| apply("install the added connectors".to_owned(), e))?;
                 }
                 () = self.shutdown.cancelled() => return Err(ReloadError::Unavailable("it is shutting down")),

@@ -1115,18 +1115,22 @@ local function start_job(p, id, worker)
   return 'ok'
 end
 
-local function progress(p, id, worker, pct, message, current_step, total_steps)
+-- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
+-- the monitor or the workers reads it, and it was a third of a progress write's cost.
+local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
   local now = now_ms()
   local r = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local pkey = p .. 'job:' .. id .. ':progress'
   redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at', iso(now))
   redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
-  local stream = p .. 'progress:' .. id
-  redis.call('XADD', stream, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
-    'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
-    'timestamp', tostring(now))
-  redis.call('EXPIRE', stream, PROGRESS_TTL_S)
+  if stream then
+    local skey = p .. 'progress:' .. id
+    redis.call('XADD', skey, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
+      'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
+      'timestamp', tostring(now))
+    redis.call('EXPIRE', skey, PROGRESS_TTL_S)
+  end
   publish(p, 'update_job_progress', { job_id = id, worker_id = worker, progress = tonumber(pct) or 0,
     status = 'in_progress', message = message, current_step = current_step, total_steps = total_steps,
     timestamp = now })
@@ -1313,6 +1317,110 @@ local function cancel(p, id, reason)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- Wake-ups: one index and one woken worker per submission, whatever the size of the fleet
+-- ---------------------------------------------------------------------------------------------
+-- A worker whose claim (claimOrPark) finds nothing parks: jobs:idx:parked maps it to its
+-- capabilities text and jobs:idx:idle:<service> scores it, per service it takes, with the time
+-- until which it counts as waiting (it parks again on every safety poll, so a dead machine's
+-- workers drop out by themselves). One machine of the fleet, the holder of the lease
+-- jobs:idx:indexer (fleetTick), listens to job_submitted and announces each job once
+-- (announceJob): the job is indexed and ONE parked worker that can run it, the most recently
+-- seen alive, is taken off the park and woken on its machine's channel jobs:wake:<machine>.
+-- The job is noted in jobs:idx:wakes with a deadline; the indexer's next tick after it wakes
+-- another capable parked worker when the job is still pending (the woken one died, missed the
+-- message, or took a better job), so no submission waits for a safety poll. A submission no
+-- parked worker can run wakes nobody: the first worker that frees up claims it in its place.
+
+local WAKE_CANDIDATES = 16 -- parked workers of the job's service one wake looks at
+local WAKE_DUE_BATCH = 64  -- overdue wakes one tick re-sends
+
+local function unpark(p, worker, services)
+  if redis.call('HDEL', p .. 'jobs:idx:parked', worker) == 0 then return end
+  for _, s in ipairs(services) do redis.call('ZREM', p .. 'jobs:idx:idle:' .. s, worker) end
+end
+
+local function park(p, raw, w, worker, untl)
+  redis.call('HSET', p .. 'jobs:idx:parked', worker, raw)
+  for _, s in ipairs(w.services) do redis.call('ZADD', p .. 'jobs:idx:idle:' .. s, untl, worker) end
+end
+
+-- Wakes one parked worker that can run the jobs of group `gid` for job `id`; its name, or nil
+-- when none is parked.
+local function wake_for(p, id, gid, service, now, wake_ms)
+  local ikey = p .. 'jobs:idx:idle:' .. service
+  redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now)
+  local cands = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now, 'LIMIT', 0, WAKE_CANDIDATES)
+  for _, worker in ipairs(cands) do
+    local raw = redis.call('HGET', p .. 'jobs:idx:parked', worker)
+    local w = raw and worker_of(raw)
+    if not w or not list_has(w.services, service) then
+      -- Parked under capabilities that no longer take this service (a reload).
+      redis.call('ZREM', ikey, worker)
+    elseif group_matches(p, gid, w) then
+      unpark(p, worker, w.services)
+      redis.call('ZADD', p .. 'jobs:idx:wakes', now + wake_ms, id)
+      publish(p, 'jobs:wake:' .. w.machine, { worker_id = worker, job_id = id, timestamp = now })
+      return worker
+    end
+  end
+  return nil
+end
+
+-- The group and service of an indexed, claimable job; nil otherwise.
+local function indexed_group(p, id)
+  local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
+  if not entry or #entry <= 40 or string.sub(entry, 1, 1) == 'D' then return nil end
+  local gid = string.sub(entry, 1, 40)
+  local service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service')
+  if not service then return nil end
+  return gid, service
+end
+
+-- Indexes a submitted job and wakes one parked worker that can run it. Returns index_job's
+-- word and the woken worker ('' when none).
+local function announce(p, id, wake_ms)
+  local now = now_ms()
+  local r = index_job(p, id, now)
+  if r ~= 'indexed' then return { r, '' } end
+  local gid, service = indexed_group(p, id)
+  local woken = gid and wake_for(p, id, gid, service, now, wake_ms)
+  return { r, woken or '' }
+end
+
+-- Wakes another parked worker for each job whose wake is overdue and that is still pending.
+local function rewake_due(p, now, wake_ms)
+  local key = p .. 'jobs:idx:wakes'
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, WAKE_DUE_BATCH)
+  if #due == 0 then return 0 end
+  redis.call('ZREM', key, unpack(due))
+  local n = 0
+  for _, id in ipairs(due) do
+    local gid, service = indexed_group(p, id)
+    if gid and redis.call('ZSCORE', p .. 'jobs:pending', id) and wake_for(p, id, gid, service, now, wake_ms) then
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- The fleet's indexer lease (SET NX-like, PX lease_ms, renewed by each tick of its holder)
+-- and, for its holder, the overdue wakes. A new holder asks every idle worker of the fleet to
+-- claim once (job_requeued without a service), since submissions made while nobody held the
+-- lease were announced by nobody (the claims' own repair indexes them). Returns {held 1/0,
+-- workers woken again, 1 when the lease was taken now}.
+local function fleet_tick(p, holder, lease_ms, wake_ms)
+  local lkey = p .. 'jobs:idx:indexer'
+  local owner = redis.call('GET', lkey)
+  if owner and owner ~= holder then return { 0, 0, 0 } end
+  redis.call('SET', lkey, holder, 'PX', lease_ms)
+  local now = now_ms()
+  if not owner then
+    publish(p, 'job_requeued', { job_id = '', reason = 'indexer', timestamp = now, ready_at = now })
+  end
+  return { 1, rewake_due(p, now, wake_ms), owner and 0 or 1 }
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- Registration
 -- ---------------------------------------------------------------------------------------------
 
@@ -1352,7 +1460,7 @@ redis.register_function('startJob', function(_, args)
 end)
 
 redis.register_function('updateJobProgress', function(_, args)
-  return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '')
+  return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '', args[8] == '1')
 end)
 
 redis.register_function('completeJob', function(_, args)
@@ -1403,6 +1511,38 @@ end)
 
 redis.register_function('cancelJob', function(_, args)
   return cancel(args[1], args[2], args[3] or CANCEL_ERROR)
+end)
+
+-- findMatchingJob's four arguments and how long the worker counts as waiting when it finds
+-- nothing (see Wake-ups).
+redis.register_function('claimOrPark', function(_, args)
+  local raw = args[1] or ''
+  local w = worker_of(raw)
+  if not w then return redis.error_reply('ERR invalid capabilities JSON') end
+  local worker = w.caps.worker_id
+  if type(worker) ~= 'string' or worker == '' then
+    return redis.error_reply('ERR capabilities need a worker_id')
+  end
+  local lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
+  if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
+  local p = args[4] or ''
+  local r = claim(p, w, worker, math.max(num_arg(args[2], 100), 1), lease_ms)
+  if r then
+    unpark(p, worker, w.services)
+  else
+    park(p, raw, w, worker, now_ms() + math.max(num_arg(args[5], 15000), 1))
+  end
+  return r
+end)
+
+redis.register_function('announceJob', function(_, args)
+  return announce(args[1], args[2], math.max(num_arg(args[3], 750), 1))
+end)
+
+redis.register_function('fleetTick', function(_, args)
+  local holder = args[2]
+  if not holder or holder == '' then return redis.error_reply('ERR fleetTick needs a holder') end
+  return fleet_tick(args[1], holder, math.max(num_arg(args[3], 3000), 1), math.max(num_arg(args[4], 750), 1))
 end)
 
 -- ---------------------------------------------------------------------------------------------

@@ -86,6 +86,9 @@ pub(super) struct Target {
     socket: Option<PathBuf>,
     /// `host:port` of the health server.
     address: String,
+    /// The bearer token sent over TCP: the control token, which also grants reading, else the
+    /// read token ([`config::locate`]'s, read with the configuration).
+    token: Option<config::Secret>,
 }
 
 impl Target {
@@ -93,6 +96,14 @@ impl Target {
     /// `url`. The workspace and port are read leniently ([`config::locate`]): the status commands
     /// must work beside a machine whose configuration is being edited.
     pub(super) fn find(config_path: Option<&Path>, url: Option<&str>) -> Result<Target, MachineError> {
+        // Leniently: finding the machine must not need a configuration that validates.
+        let config::Location {
+            workspace,
+            health_port,
+            control_token,
+            read_token,
+        } = config::locate(config_path, &ProcessEnv);
+        let token = control_token.or(read_token);
         if let Some(url) = url {
             let bad = || MachineError::Url { url: url.to_owned() };
             let parsed = url::Url::parse(url).map_err(|_| bad())?;
@@ -104,15 +115,13 @@ impl Target {
             return Ok(Target {
                 socket: None,
                 address: format!("{host}:{port}"),
+                token,
             });
         }
-        // Leniently: finding the machine must not need a configuration that validates.
-        let config::Location {
-            workspace, health_port, ..
-        } = config::locate(config_path, &ProcessEnv);
         Ok(Target {
             socket: Some(socket_path(&workspace)),
             address: format!("127.0.0.1:{health_port}"),
+            token,
         })
     }
 
@@ -196,12 +205,9 @@ impl Target {
             .uri(path)
             .header(hyper::header::HOST, "machine");
         if conn.tcp {
-            // Over TCP the guarded routes want a token; the control token also grants reading.
-            if let Some(token) = ["MACHINE_CONTROL_TOKEN", "MACHINE_READ_TOKEN"]
-                .iter()
-                .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
-            {
-                request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+            // Over TCP the guarded routes want a token.
+            if let Some(token) = &self.token {
+                request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.expose()));
             }
         }
         let request = request

@@ -1,6 +1,6 @@
 //! `machine reload`: asks the running machine to reload its configuration (`POST /reload`,
 //! through its control socket or, over TCP, with the control token) and prints what changed, or
-//! every problem of a refused configuration (exit 2). The reload itself is [`crate::reload`], in
+//! every problem of a refused configuration (exit 2). The reload itself is [`crate::app::reload`], in
 //! the machine.
 
 use std::path::Path;

@@ -36,7 +36,7 @@ pub use locate::{CONNECTORS_FILE, Location, locate};
 pub use model::{
     ComfyuiInstallConfig, Config, DeviceSelector, GpuOverrides, HealthAccess, InstallConfig, LogConfig, LogFormat,
     MachineConfig, ModelsConfig, OnFault, PlanConfig, PlaywrightInstallConfig, RedisUrl, Secret, SentinelTarget,
-    ServiceConnectorConfig, SupervisorConfig, VisibleDevices,
+    ServiceConnectorConfig, SupervisorConfig, VisibleDevices, Warmup,
 };
 pub use overlay::variables;
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};

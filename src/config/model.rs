@@ -394,8 +394,7 @@ pub struct SupervisorConfig {
 }
 
 /// Settings of a connector that runs one service per GPU.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ServiceConnectorConfig {
     /// GPU i listens on `base_port + i`.
     pub base_port: u16,
@@ -419,20 +418,39 @@ pub struct ServiceConnectorConfig {
     /// Restart the service between jobs after this many jobs.
     #[serde(default)]
     pub restart_every_jobs: Option<u32>,
-    /// A warm-up job run on each start of the service before its worker claims: for ComfyUI the
-    /// path of a workflow in API format, for A1111 a prompt. A failing warm-up is a failed start.
-    #[serde(default)]
-    pub warmup: Option<String>,
+    /// A warm-up job run on each start of the service before its worker claims. A failing
+    /// warm-up is a failed start.
+    pub warmup: Option<Warmup>,
     /// After a job that did not complete (cancelled, stalled, failed), how long the worker
     /// waits for the service to finish what it still runs before its next claim; past it the
     /// service is restarted.
-    #[serde(default = "default_idle_wait", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub idle_wait: Duration,
 }
 
-/// How long a worker waits for its service to be idle after a job that did not complete.
-fn default_idle_wait() -> Duration {
-    Duration::from_secs(60)
+/// A service's warm-up job, as its connector takes it; read and parsed once, when the
+/// configuration is loaded (an unreadable file is a problem of the configuration, naming it).
+/// Shown as it is written: the workflow's path, or the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Warmup {
+    /// ComfyUI: a workflow in API format, read from `path`.
+    Workflow {
+        /// The file it was read from, as configured.
+        path: PathBuf,
+        /// The workflow.
+        workflow: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A1111: a prompt.
+    Prompt(String),
+}
+
+impl Serialize for Warmup {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Warmup::Workflow { path, .. } => path.serialize(s),
+            Warmup::Prompt(prompt) => prompt.serialize(s),
+        }
+    }
 }
 
 /// What the installers install and how (`[install]`).

@@ -6,7 +6,8 @@
 //! here is written in another shape than the machine uses it: the document root and
 //! `[machine]` (folded into `Config`; `worker_connectors` parsed into a list), `[redis]` (a URL
 //! checked into `RedisUrl`), `[health]` (the port and the access rules), `[install]` (its timeout
-//! is the machine's), `[connectors.playwright]` (into a service connector's settings) and
+//! is the machine's), `[connectors.*]` of the services (into a service connector's settings,
+//! the warm-up read) and
 //! `[services.*]` with their probes (unset fields resolved from per-kind defaults).
 
 use std::collections::BTreeMap;
@@ -16,8 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::model::{
-    ComfyuiInstallConfig, GpuOverrides, LogConfig, ModelsConfig, PlaywrightInstallConfig, ServiceConnectorConfig,
-    SupervisorConfig,
+    ComfyuiInstallConfig, GpuOverrides, LogConfig, ModelsConfig, PlaywrightInstallConfig, SupervisorConfig,
 };
 use super::service::RestartPolicy;
 
@@ -79,13 +79,35 @@ pub(crate) struct RawInstall {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConnectors {
-    pub comfyui: ServiceConnectorConfig,
-    pub a1111: ServiceConnectorConfig,
+    pub comfyui: RawServiceConnector,
+    pub a1111: RawServiceConnector,
     pub playwright: RawPlaywright,
     pub openai: super::worker::OpenaiConfig,
     pub replicate: super::apis::ReplicateConfig,
     pub runpod: super::apis::RunpodConfig,
     pub simulation: super::worker::SimulationConfig,
+}
+
+/// `[connectors.comfyui]` and `[connectors.a1111]`: their warm-up is written as a file path
+/// (ComfyUI) or a prompt (A1111) and checked into a [`super::model::Warmup`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServiceConnector {
+    pub base_port: u16,
+    pub extra_args: Vec<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    #[serde(default)]
+    pub restart_above_rss: Option<u64>,
+    #[serde(default)]
+    pub restart_above_idle_vram: Option<u64>,
+    #[serde(default)]
+    pub restart_every_jobs: Option<u32>,
+    #[serde(default)]
+    pub warmup: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub idle_wait: Duration,
 }
 
 #[derive(Debug, Deserialize)]

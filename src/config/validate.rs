@@ -12,10 +12,10 @@ use super::env::Env;
 use super::error::Problems;
 use super::model::{
     Config, GpuOverrides, HealthAccess, InstallConfig, LogConfig, MachineConfig, ModelsConfig, PlanConfig, RedisUrl,
-    SentinelTarget, ServiceConnectorConfig, SupervisorConfig,
+    SentinelTarget, ServiceConnectorConfig, SupervisorConfig, Warmup,
 };
 use super::overlay::EnvOnly;
-use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis};
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis, RawServiceConnector};
 use super::{service, worker};
 
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
@@ -203,28 +203,21 @@ fn service_connectors(
         warmup: None,
         idle_wait: c.playwright.idle_wait,
     };
-    for (name, cc) in [
-        ("comfyui", &c.comfyui),
-        ("a1111", &c.a1111),
-        ("playwright", &playwright),
-    ] {
+    let comfyui_warmup = c.comfyui.warmup.as_deref().and_then(|path| match workflow(path) {
+        Ok(workflow) => Some(Warmup::Workflow {
+            path: PathBuf::from(path),
+            workflow,
+        }),
+        Err(e) => {
+            problems.at("connectors.comfyui.warmup", e);
+            None
+        }
+    });
+    let comfyui = service_connector(&c.comfyui, comfyui_warmup);
+    let a1111 = service_connector(&c.a1111, c.a1111.warmup.clone().map(Warmup::Prompt));
+    for (name, cc) in [("comfyui", &comfyui), ("a1111", &a1111), ("playwright", &playwright)] {
         if cc.base_port == 0 {
             problems.at(&format!("connectors.{name}.base_port"), "must be a port number");
-        }
-        if name == "comfyui" {
-            if let Some(path) = &cc.warmup {
-                let parsed = std::fs::read_to_string(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
-                match parsed {
-                    Ok(v) if v.is_object() => {}
-                    Ok(_) => problems.at(
-                        "connectors.comfyui.warmup",
-                        format!("{path}: not a workflow (a JSON object)"),
-                    ),
-                    Err(e) => problems.at("connectors.comfyui.warmup", format!("failed to read {path}: {e}")),
-                }
-            }
         }
         if cc.restart_every_jobs == Some(0) {
             problems.at(&format!("connectors.{name}.restart_every_jobs"), "must be at least 1");
@@ -240,7 +233,33 @@ fn service_connectors(
             problems.at(&format!("connectors.{name}.command"), "the command is empty");
         }
     }
-    (c.comfyui.clone(), c.a1111.clone(), playwright)
+    (comfyui, a1111, playwright)
+}
+
+/// The checked settings of `[connectors.comfyui]` or `[connectors.a1111]`, with their warm-up.
+fn service_connector(raw: &RawServiceConnector, warmup: Option<Warmup>) -> ServiceConnectorConfig {
+    ServiceConnectorConfig {
+        base_port: raw.base_port,
+        extra_args: raw.extra_args.clone(),
+        command: raw.command.clone(),
+        stall_timeout: raw.stall_timeout,
+        restart_above_rss: raw.restart_above_rss,
+        restart_above_idle_vram: raw.restart_above_idle_vram,
+        restart_every_jobs: raw.restart_every_jobs,
+        warmup,
+        idle_wait: raw.idle_wait,
+    }
+}
+
+/// A ComfyUI warm-up workflow (API format, a JSON object) read from the file at `path`; the
+/// problem names the file.
+fn workflow(path: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("failed to read {path}: {e}"))?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(workflow)) => Ok(workflow),
+        Ok(_) => Err(format!("{path}: not a workflow (a JSON object)")),
+        Err(e) => Err(format!("failed to read {path}: {e}")),
+    }
 }
 
 /// `[install]`; the models directory defaults to `<workspace>/models`.
@@ -476,5 +495,13 @@ mod tests {
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
+        let missing = dir.path().join("gone.json");
+        let e = load(format!("[connectors.comfyui]\nwarmup = \"{}\"\n", missing.display())).unwrap_err();
+        let problem = e.problems().iter().find(|p| p.key == "connectors.comfyui.warmup");
+        assert!(
+            problem.is_some_and(|p| p.message.contains(&missing.display().to_string())),
+            "an unreadable warm-up file is a problem naming it: {:?}",
+            e.problems()
+        );
     }
 }

@@ -54,6 +54,15 @@ pub struct WorkerConfig {
     /// billion retries does not circle the fleet for years.
     #[serde(default = "default_max_retries_cap")]
     pub max_retries_cap: u32,
+    /// A running job's progress is written to Redis at most once per this (its first report
+    /// at once, unchanged reports never, the last one before the job ends always); zero writes
+    /// every report.
+    #[serde(default = "default_progress_every", with = "humantime_serde")]
+    pub progress_every: Duration,
+    /// Whether progress updates also append to the `progress:<id>` stream, which nothing in
+    /// the existing broker reads (capped at about 1,000 entries, expiring after a day).
+    #[serde(default)]
+    pub progress_stream: bool,
     /// Per connector, by name (`[worker.quarantine.<connector>]`): a worker running one of
     /// these connectors uses the first one's (in its plan's order) instead of
     /// `quarantine_after`/`quarantine_cooldown`; see [`WorkerConfig::quarantine_of`].
@@ -277,6 +286,11 @@ pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Pr
 /// `worker.max_retries_cap` when a configuration written before it leaves it out.
 fn default_max_retries_cap() -> u32 {
     10
+}
+
+/// `worker.progress_every` when a configuration written before it leaves it out.
+fn default_progress_every() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[cfg(test)]

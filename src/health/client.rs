@@ -1,81 +1,19 @@
-//! What `machine status` reads besides this machine's own documents (which the CLI reads
-//! through the control socket): any health server's JSON documents over HTTP, and with
-//! `--fleet` every machine's last status message from Redis.
+//! What `machine status --fleet` reads besides this machine's own documents (which the CLI
+//! reads through the control socket or the health port): every machine's last status message
+//! and its workers' heartbeats, through the broker.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Duration;
-
-use serde::de::DeserializeOwned;
 
 use super::fleet::{FleetMessage, Occupancy};
 use crate::broker::Broker;
 
-/// Why a status read failed.
+/// Why the fleet could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The HTTP request failed.
-    #[error("failed to reach {url}")]
-    Http {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The machine answered something that is not a status document.
-    #[error("{url} answered {status}: {body}")]
-    Answer {
-        /// The URL.
-        url: String,
-        /// The HTTP status.
-        status: u16,
-        /// The body, cut short.
-        body: String,
-    },
-    /// No HTTP client could be built.
-    #[error("failed to build an HTTP client")]
-    Build(#[source] reqwest::Error),
     /// Redis failed.
     #[error("failed to read the fleet from Redis")]
     Broker(#[source] crate::broker::BrokerError),
-}
-
-fn client() -> Result<reqwest::Client, ClientError> {
-    crate::http_client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .map_err(ClientError::Build)
-}
-
-/// Fetches a JSON document from `url` as `T`; any non-2xx answer, or a body that is not a `T`,
-/// is an error carrying the body. The machine's guarded routes take the read token or the
-/// control token, whichever the operator's environment has.
-pub async fn fetch<T: DeserializeOwned>(url: &str) -> Result<T, ClientError> {
-    let mut request = client()?.get(url);
-    if let Some(token) = ["MACHINE_READ_TOKEN", "MACHINE_CONTROL_TOKEN"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
-    {
-        request = request.bearer_auth(token.trim());
-    }
-    let resp = request.send().await.map_err(|source| ClientError::Http {
-        url: url.to_owned(),
-        source,
-    })?;
-    let status = resp.status().as_u16();
-    let text = resp.text().await.map_err(|source| ClientError::Http {
-        url: url.to_owned(),
-        source,
-    })?;
-    match serde_json::from_str(&text) {
-        Ok(v) if (200..300).contains(&status) => Ok(v),
-        _ => Err(ClientError::Answer {
-            url: url.to_owned(),
-            status,
-            body: text.chars().take(500).collect(),
-        }),
-    }
 }
 
 /// A worker's state in the fleet view: `busy`, `idle`, or `held` when it may not claim (its GPU

@@ -477,15 +477,15 @@ pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, I
     Ok(models::load(path)?.iter().map(models::ModelSpec::id).collect())
 }
 
-/// The plan's installers, which `machine run` runs before it starts services, with the real
-/// environment.
+/// The installers `names` (the plan's), which `machine run` runs before it starts services,
+/// with the real environment.
 pub async fn before_services(
     config: &Config,
-    plan: &crate::plan::Plan,
+    names: &[&'static str],
     tracker: &Tracker,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
-    install(config, &ProcessEnv, &plan.installers, tracker, cancel).await
+    install(config, &ProcessEnv, names, tracker, cancel).await
 }
 
 #[cfg(test)]

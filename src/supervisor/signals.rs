@@ -1,6 +1,6 @@
 //! The machine's signal handling, in one place: SIGTERM or SIGINT starts the graceful shutdown,
 //! a second one turns it into an immediate stop (SIGKILL to every service group), and SIGHUP
-//! asks for a reload of the configuration (see [`crate::reload`]).
+//! asks for a reload of the configuration (see `app::reload`).
 //!
 //! SIGCHLD belongs to the reaper. Handlers are installed by [`Signals::install`], before any
 //! child is started, so that a signal arriving during startup is not lost (as PID 1 an

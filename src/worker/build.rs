@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerOptions, RedisHealth};
-use crate::config::{Config, ConnectorKind, Env};
+use crate::config::{Config, ConnectorKind, Env, Warmup};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
@@ -50,6 +50,7 @@ pub(super) fn worker_for(
         heartbeat: config.machine.worker.heartbeat,
         drain: config.machine.worker.drain,
         job_timeout: config.machine.worker.job_timeout,
+        progress_every: config.machine.worker.progress_every,
     };
     let mut caps = capabilities::build(wp, &plan.machine_id, probe, &config.machine.worker);
     if kit.models.is_some() && config.plan.models.catalogue.is_some() && wp.runs(ConnectorKind::Comfyui) {
@@ -130,6 +131,7 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
         lease: config.machine.worker.lease,
         retry_delay: config.machine.worker.retry_delay,
         max_retries_cap: config.machine.worker.max_retries_cap,
+        progress_stream: config.machine.worker.progress_stream,
         ..BrokerOptions::default()
     }
 }
@@ -181,17 +183,15 @@ pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &Ca
 }
 
 /// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the
-/// ComfyUI workflow file (checked when the configuration was loaded) or the A1111 prompt.
+/// ComfyUI workflow or the A1111 prompt, as the configuration read them.
 fn warmup_job(
     kind: ConnectorKind,
     settings: &crate::config::ServiceConnectorConfig,
     service: &str,
 ) -> Option<crate::connectors::Job> {
-    let warmup = settings.warmup.as_deref()?;
-    let payload = match kind {
-        ConnectorKind::Comfyui => serde_json::from_str(&std::fs::read_to_string(warmup).ok()?).ok()?,
-        ConnectorKind::A1111 => serde_json::json!({ "prompt": warmup }),
-        _ => return None,
+    let payload = match settings.warmup.as_ref()? {
+        Warmup::Workflow { workflow, .. } => serde_json::Value::Object(workflow.clone()),
+        Warmup::Prompt(prompt) => serde_json::json!({ "prompt": prompt }),
     };
     Some(crate::connectors::Job {
         id: format!("warmup-{service}"),
@@ -301,4 +301,28 @@ fn connector_for(
             Arc::new(PlaywrightConnector::new(service_url()?).with_stall_timeout(config.plan.playwright.stall_timeout))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workflow a ComfyUI warm-up runs is the one read when the configuration was loaded:
+    /// the file is read once, so a file gone since cannot silently mean "no warm-up".
+    #[test]
+    fn the_warmup_workflow_is_the_one_read_at_load() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("warmup.json");
+        std::fs::write(&file, r#"{"9": {"class_type": "SaveImage", "inputs": {}}}"#).expect("written");
+        let toml = format!("[connectors.comfyui]\nwarmup = \"{}\"\n", file.display());
+        let env = BTreeMap::<String, String>::new();
+        let config = crate::config::load_str(Some(("m.toml", &toml)), &env).expect("a valid configuration");
+        std::fs::remove_file(&file).expect("removed");
+        let job = warmup_job(ConnectorKind::Comfyui, &config.plan.comfyui, "comfyui-gpu0").expect("a warm-up job");
+        assert_eq!(job.payload["9"]["class_type"], "SaveImage");
+        let toml = "[connectors.a1111]\nwarmup = \"a red fox\"\n";
+        let config = crate::config::load_str(Some(("m.toml", toml)), &env).expect("a valid configuration");
+        let job = warmup_job(ConnectorKind::A1111, &config.plan.a1111, "a1111-gpu0").expect("a warm-up job");
+        assert_eq!(job.payload["prompt"], "a red fox");
+    }
 }

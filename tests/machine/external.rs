@@ -39,9 +39,11 @@ struct Machine {
 
 async fn machine(url: &str, shutdown: &CancellationToken) -> Machine {
     let url = RedisUrl::parse(url).expect("testkit URLs are valid");
+    // Progress is read back from the optional progress:<id> stream, every report written.
     let opts = BrokerOptions {
         failed_holdoff: Duration::from_millis(50),
         safety_poll: Duration::from_millis(300),
+        progress_stream: true,
         ..BrokerOptions::default()
     };
     let broker = Broker::connect(&url, opts).await.expect("connect");
@@ -92,6 +94,7 @@ impl Rig {
             heartbeat: Duration::from_millis(200),
             drain: Duration::from_secs(2),
             job_timeout: Duration::from_secs(30),
+            progress_every: Duration::ZERO,
         };
         let store = Arc::new(OutputStore::new(self.dir.path().join("outputs")));
         let mut worker = Worker::new(caps, map, settings, store);

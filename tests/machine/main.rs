@@ -9,6 +9,7 @@ mod deploy;
 mod e2e;
 mod external;
 mod faults;
+mod fleet;
 mod gpu_health;
 mod gpus;
 mod guarantees;

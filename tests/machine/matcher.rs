@@ -281,13 +281,28 @@ async fn every_write_and_message_has_the_contract_shape() {
         assert_eq!(pm["progress"], 40);
         assert_eq!(pm["current_step"], "2");
         assert!(pm["timestamp"].as_i64().unwrap() > 1_600_000_000_000, "timestamp in ms");
-        // Bounded growth: the stream is capped and expires.
-        let ttl: i64 = redis::cmd("TTL")
-            .arg(format!("progress:{id}"))
-            .query_async(&mut conn)
+        // No progress:<id> stream unless configured; configured, it is capped and expires.
+        let ttl = |conn: &mut MultiplexedConnection| {
+            let mut conn = conn.clone();
+            let key = format!("progress:{id}");
+            async move { redis::cmd("TTL").arg(key).query_async::<i64>(&mut conn).await.unwrap() }
+        };
+        assert_eq!(ttl(&mut conn).await, -2, "no progress stream by default");
+        let streaming = broker_with(
+            &server,
+            BrokerOptions {
+                progress_stream: true,
+                ..BrokerOptions::default()
+            },
+        )
+        .await;
+        streaming
+            .progress(&claimed, 41.0, "rendering", Some((2, 5)))
             .await
             .unwrap();
-        assert!(ttl > 0 && ttl <= 86400, "progress stream TTL {ttl}");
+        assert_eq!(collect(&mut pubsub, 1).await[0].1["progress"], 41);
+        let left = ttl(&mut conn).await;
+        assert!(left > 0 && left <= 86400, "progress stream TTL {left}");
 
         // Complete.
         b.complete(&claimed, &json!({"images": ["a.png"]})).await.unwrap();

@@ -1302,9 +1302,10 @@ async fn the_download_is_the_jobs_progress_in_redis() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Throttled, the 4 MB take about 4 s: reported as they arrive, not only at the end.
+    // Throttled, the 4 MB take about 4 s: reported as they arrive, not only at the end (one
+    // write a second at most, worker.progress_every).
     assert!(
-        seen.len() >= 10,
+        seen.len() >= 3,
         "the download's progress was reported as it went: {seen:?}"
     );
     for (percent, message) in &seen {

@@ -152,6 +152,7 @@ async fn a_job_that_stalls_every_time_fails_with_the_reason_after_its_retries() 
         heartbeat: Duration::from_millis(200),
         drain: Duration::from_secs(2),
         job_timeout: Duration::from_secs(30),
+        progress_every: Duration::from_secs(1),
     };
     let worker = Worker::new(
         Capabilities::new("w1", "m1", &["comfyui"]),

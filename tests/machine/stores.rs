@@ -99,6 +99,7 @@ impl Rig {
             heartbeat: Duration::from_millis(200),
             drain: Duration::from_secs(5),
             job_timeout: Duration::from_secs(60),
+            progress_every: Duration::from_secs(1),
         };
         let mut worker = Worker::new(caps, map, settings, store);
         worker.recheck_holds_every(Duration::from_secs(1));

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::{self, OpenaiConfig, RedisUrl, SimulationConfig};
 use machine::connectors::Connector;
@@ -141,6 +142,7 @@ fn settings() -> WorkerSettings {
         heartbeat: Duration::from_millis(200),
         drain: Duration::from_secs(5),
         job_timeout: Duration::from_secs(30),
+        progress_every: Duration::from_secs(1),
     }
 }
 
@@ -189,7 +191,13 @@ async fn counted(status: &watch::Receiver<WorkerStatus>, ok: impl Fn(&machine::w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connector_end_to_end_through_redis() {
     within(async {
-        let rig = Rig::start(quick_opts()).await;
+        // The progress stream is optional (off by default); on here, with every report written,
+        // it holds the whole sequence.
+        let rig = Rig::start(BrokerOptions {
+            progress_stream: true,
+            ..quick_opts()
+        })
+        .await;
         let comfy = FakeComfyui::start();
         let a1111 = FakeA1111::start();
         let openai = FakeOpenai::start(Some("sk-test"));
@@ -244,7 +252,11 @@ async fn each_connector_end_to_end_through_redis() {
             rig.submit("simulation", json!({"steps": 3, "artifact": "sim"})).await,
         ];
         // Started after the jobs are written, so the worker sees the ctx set above.
-        let (w, status) = rig.spawn(rig.worker("m1-gpu0", &connectors, settings()));
+        let every_report = WorkerSettings {
+            progress_every: Duration::ZERO,
+            ..settings()
+        };
+        let (w, status) = rig.spawn(rig.worker("m1-gpu0", &connectors, every_report));
         for id in &ids {
             let job = rig.wait_status(id, &["completed", "failed"]).await;
             assert_eq!(job["status"], "completed", "{job:?}");
@@ -800,6 +812,77 @@ async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
         // The worker claims again after the outage.
         let next = rig.submit("simulation", json!({"duration_ms": 1})).await;
         rig.wait_status(&next, &["completed"]).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// A job reporting 30 steps in 3 s: Redis gets its first report, then at most one a second,
+/// and the last one before the completion; `machine jobs show`'s progress hash moves while it
+/// runs; the page's status sees every report; no `progress:<id>` stream by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_report() {
+    within(async {
+        let rig = Rig::start(quick_opts()).await;
+        let mut pubsub = redis::Client::open(rig.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub
+            .subscribe(&["update_job_progress", "complete_job"])
+            .await
+            .unwrap();
+        let id = rig
+            .submit("simulation", json!({"steps": 30, "duration_ms": 3000}))
+            .await;
+        let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
+        let mut seen_live = std::collections::BTreeSet::new();
+        let mut messages = Vec::new();
+        let mut stream = pubsub.on_message();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.next()).await;
+            let msg = next.expect("the job completes").expect("the subscription stays");
+            let channel = msg.get_channel_name().to_owned();
+            let doc: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+            if channel == "update_job_progress" && doc.get("status").is_some() {
+                // What `machine jobs show` prints moves while the job runs.
+                let view = rig.broker.show(&id).await.unwrap().unwrap();
+                if view.job["status"] == "in_progress" {
+                    seen_live.insert(view.progress["progress"].clone());
+                }
+            }
+            let done = channel == "complete_job";
+            messages.push((channel, doc));
+            if done {
+                break;
+            }
+        }
+        let reports: Vec<&Value> = messages
+            .iter()
+            .filter(|(c, d)| c == "update_job_progress" && d.get("status").is_some())
+            .map(|(_, d)| d)
+            .collect();
+        // 30 reports over 3 s: the first, about one a second, and the last.
+        assert!(
+            (2..=6).contains(&reports.len()),
+            "{} progress writes for 30 reports: {reports:?}",
+            reports.len()
+        );
+        assert_eq!(
+            reports.last().unwrap()["message"],
+            "simulated step 30 of 30",
+            "the last report is written before the completion"
+        );
+        assert!(
+            seen_live.len() >= 2,
+            "the progress hash moved while the job ran: {seen_live:?}"
+        );
+        let mut conn = rig.raw().await;
+        let streams: bool = conn.exists(format!("progress:{id}")).await.unwrap();
+        assert!(!streams, "no progress stream unless configured");
+        counted(&status, |c| c.completed == 1).await;
         rig.stop(vec![w]).await;
     })
     .await;

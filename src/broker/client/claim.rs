@@ -62,21 +62,27 @@ impl ClaimedJob {
 impl Broker {
     /// One claim attempt: the best job this worker can run, or `None`.
     pub async fn claim(&self, caps: &Capabilities) -> Result<Option<ClaimedJob>, BrokerError> {
-        self.claim_json(&caps.to_json()).await
+        self.claim_json(&caps.to_json(), false).await
     }
 
-    async fn claim_json(&self, caps_json: &str) -> Result<Option<ClaimedJob>, BrokerError> {
+    /// One claim attempt; with `park`, a worker that finds nothing is parked as waiting
+    /// (`claimOrPark`), so that the fleet's indexer wakes it for a job it can run.
+    async fn claim_json(&self, caps_json: &str, park: bool) -> Result<Option<ClaimedJob>, BrokerError> {
         let max = self.inner.opts.max_examine.to_string();
         let lease = self.lease().as_millis().to_string();
+        // Parked until three safety polls from now: it parks again at each, so only a worker
+        // that stopped polling (a dead machine) drops out.
+        let park_ms = (self.inner.opts.safety_poll * 3).as_millis().max(1).to_string();
         loop {
             let started = std::time::Instant::now();
+            let prefix = &self.inner.opts.key_prefix;
             // Bytes, not a string: a job field with invalid UTF-8 must fail that job, not the call.
-            let reply: Option<Vec<u8>> = self
-                .call(
-                    "findMatchingJob",
-                    &[caps_json, &max, &lease, &self.inner.opts.key_prefix],
-                )
-                .await?;
+            let reply: Option<Vec<u8>> = if park {
+                self.call("claimOrPark", &[caps_json, &max, &lease, prefix, &park_ms])
+                    .await?
+            } else {
+                self.call("findMatchingJob", &[caps_json, &max, &lease, prefix]).await?
+            };
             if let Some(observe) = self.inner.observer.get() {
                 observe(started.elapsed(), reply.is_some());
             }
@@ -117,6 +123,46 @@ impl Broker {
             .subscribe()
     }
 
+    /// The wake-ups of one worker alone (the fleet's indexer chose it for a job).
+    fn worker_receiver(&self, worker: &str) -> watch::Receiver<u64> {
+        let mut map = self
+            .inner
+            .wake_workers
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
+        map.entry(worker.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Wakes one worker of this machine; `false` when no worker of that id waits here.
+    pub(super) fn wake_worker(&self, worker: &str) -> bool {
+        let map = self
+            .inner
+            .wake_workers
+            .lock()
+            .expect("the wake lock is never poisoned: no panics while held");
+        match map.get(worker) {
+            Some(tx) => {
+                tx.send_modify(|v| *v = v.wrapping_add(1));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes [`Broker::run_events`] listen to the wake channel of `machine`.
+    fn listen_for_wakes(&self, machine: &str) {
+        self.inner.wake_machines.send_if_modified(|m| {
+            if m.contains(machine) {
+                false
+            } else {
+                m.insert(machine.to_owned());
+                true
+            }
+        });
+    }
+
     pub(super) fn wake(&self, service: Option<&str>) {
         let map = self
             .inner
@@ -136,9 +182,10 @@ impl Broker {
 
     /// Waits until a job this worker can run is claimed, or `shutdown` (then `None`).
     ///
-    /// Claims at once; when nothing matches it waits for a wake-up of one of its services
-    /// (`job_submitted`, `job_requeued`, delivered by [`Broker::run_events`]) or the safety
-    /// poll, then tries again.
+    /// Claims at once; when nothing matches the worker is parked in Redis as waiting and waits
+    /// for a wake-up: its own (the fleet's indexer chose it for a submitted job), one of its
+    /// services' (`job_requeued`, delivered by [`Broker::run_events`]) or the safety poll, then
+    /// tries again.
     pub async fn claim_next(
         &self,
         caps: &Capabilities,
@@ -151,6 +198,8 @@ impl Broker {
             &caps.job_service_required_map
         };
         let mut rxs: Vec<watch::Receiver<u64>> = services.iter().map(|s| self.receiver(s)).collect();
+        self.listen_for_wakes(&caps.machine_id);
+        rxs.push(self.worker_receiver(&caps.worker_id));
         // A backlog queued while no machine listened is claimed in order only once it is in
         // the index: wait for run_events' catch-up (it indexes 100,000 jobs in seconds), but
         // not longer than a safety poll at a time, so a slow catch-up never stalls a worker.
@@ -169,13 +218,10 @@ impl Broker {
             for rx in &mut rxs {
                 rx.borrow_and_update();
             }
-            if let Some(job) = self.claim_json(&caps_json).await? {
+            if let Some(job) = self.claim_json(&caps_json, true).await? {
                 return Ok(Some(job));
             }
             let woken = async {
-                if rxs.is_empty() {
-                    std::future::pending::<()>().await;
-                }
                 let _ = futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
             };
             tokio::select! {

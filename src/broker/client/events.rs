@@ -1,13 +1,15 @@
-//! The machine's one pub/sub connection: `job_submitted` / `job_requeued` wake claimers (and
-//! index submitted jobs), `cancel_job` notices go to a broadcast channel, the catch-up that
-//! indexes jobs queued while no machine listened, and the fleet's one sweeper, which finds jobs
+//! The machine's one pub/sub connection: `job_requeued` and the machine's wake channels wake
+//! claimers, `cancel_job` notices go to a broadcast channel; the fleet's one indexer, which
+//! announces each `job_submitted` once and wakes one idle worker for it; the catch-up that
+//! indexes jobs queued while no machine listened; and the fleet's one sweeper, which finds jobs
 //! the API put into `jobs:pending` without a message.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp, redis_err};
@@ -21,6 +23,29 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const SWEEP_LEASE: Duration = Duration::from_secs(6);
 /// Entries of `jobs:pending` (and of the index) one sweeper step reads.
 const SWEEP_STEP: u32 = 2000;
+/// How often the fleet's indexer ticks (renews its lease, re-sends overdue wakes): a wake not
+/// answered within [`WAKE_DEADLINE`] goes to another worker within this more.
+const INDEXER_TICK: Duration = Duration::from_millis(500);
+/// The other machines try to take the indexer lease every this many ticks (2 s: each tick is
+/// a call per machine, the one cost of the scheme that grows with the fleet).
+const INDEXER_TRY_EVERY: u64 = 4;
+/// The indexer lease: a machine that stops ticking hands over within this (plus a try).
+const INDEXER_LEASE: Duration = Duration::from_secs(3);
+/// How long a woken worker has to claim before the indexer wakes another one for the job: the
+/// woken machine may have died or missed the message.
+pub const WAKE_DEADLINE: Duration = Duration::from_millis(750);
+/// The channel (after the key prefix, before the machine id) on which the indexer wakes one
+/// worker of a machine: `{"worker_id", "job_id", "timestamp"}`.
+const WAKE_CHANNEL: &str = "jobs:wake:";
+
+/// What the machine's subscription listens to besides its fixed channels.
+#[derive(Debug, Default)]
+struct Listening {
+    /// `job_submitted`: this machine is the fleet's indexer.
+    indexing: bool,
+    /// The machines whose wake channel it is subscribed to.
+    machines: BTreeSet<String>,
+}
 
 /// What one pass of the fleet's sweeper did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,15 +62,13 @@ impl Broker {
         self.inner.cancels.subscribe()
     }
 
-    /// The machine's one pub/sub connection: indexes submitted jobs, wakes claimers, forwards
-    /// cancellations. Reconnects with backoff until `shutdown`; after a reconnect every waiter
-    /// is woken because messages may have been missed.
+    /// The machine's one pub/sub connection: wakes claimers, forwards cancellations, and while
+    /// this machine is the fleet's indexer (it holds the lease `jobs:idx:indexer`, see
+    /// [`Broker::indexer_tick`]) announces each submitted job once for the whole fleet.
+    /// Reconnects with backoff until `shutdown`; after a reconnect every waiter is woken
+    /// because messages may have been missed.
     pub async fn run_events(&self, shutdown: CancellationToken) -> Result<(), BrokerError> {
-        let channels = [
-            self.key("job_submitted"),
-            self.key("job_requeued"),
-            self.key("cancel_job"),
-        ];
+        let channels = [self.key("job_requeued"), self.key("cancel_job")];
         // Claimers wait for the first catch-up from now on (until Done).
         self.inner.catch_up.send_if_modified(|c| {
             let first = *c == CatchUp::NotRunning;
@@ -61,22 +84,42 @@ impl Broker {
                 return Ok(());
             }
             match self.subscribe(&channels).await {
-                Ok(mut pubsub) => {
+                Ok(pubsub) => {
                     attempt = 0;
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut listening = Listening::default();
+                    let mut machines = self.inner.wake_machines.subscribe();
+                    // The indexer lease is tried before the catch-up, so that a machine alone
+                    // announces what is submitted from the moment its claimers wake.
+                    self.follow_machines(&mut sink, &mut machines, &mut listening).await;
+                    self.indexer_tick(&mut sink, &mut listening).await;
                     // Jobs submitted while we were not listening are indexed before waking.
                     if let Err(e) = self.catch_up_index().await {
                         tracing::warn!(error = %error_chain(&e), "failed to catch up the pending index; claims repair it in steps");
                     }
                     self.inner.catch_up.send_replace(CatchUp::Done);
                     self.wake(None);
-                    let mut messages = pubsub.on_message();
+                    let mut tick = tokio::time::interval(INDEXER_TICK);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut ticks: u64 = 0;
                     loop {
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
                             msg = messages.next() => match msg {
-                                Some(msg) => self.handle_message(&channels, &msg).await,
+                                Some(msg) => self.handle_message(&channels, &listening, &msg).await,
                                 None => break,
                             },
+                            _ = tick.tick() => {
+                                ticks = ticks.wrapping_add(1);
+                                // The holder ticks often (its overdue wakes are due within a
+                                // tick); the others only try to take the lease, less often.
+                                if listening.indexing || ticks % INDEXER_TRY_EVERY == 0 {
+                                    self.indexer_tick(&mut sink, &mut listening).await;
+                                }
+                            }
+                            Ok(()) = machines.changed() => {
+                                self.follow_machines(&mut sink, &mut machines, &mut listening).await;
+                            }
                         }
                     }
                     // An outage is logged once by the health record; a drop alone is news.
@@ -113,29 +156,140 @@ impl Broker {
         Ok(pubsub)
     }
 
-    async fn handle_message(&self, channels: &[String; 3], msg: &redis::Msg) {
+    /// Subscribes to the wake channels of the machines whose workers claimed here since.
+    async fn follow_machines(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        machines: &mut watch::Receiver<BTreeSet<String>>,
+        listening: &mut Listening,
+    ) {
+        let wanted = machines.borrow_and_update().clone();
+        for machine in wanted.difference(&listening.machines.clone()) {
+            let channel = self.key(&format!("{WAKE_CHANNEL}{machine}"));
+            match sink.subscribe(&channel).await {
+                Ok(()) => {
+                    listening.machines.insert(machine.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(channel, error = %error_chain(&e), "failed to subscribe to a wake channel; the indexer wakes another worker meanwhile");
+                }
+            }
+        }
+    }
+
+    /// One tick of the fleet's indexer lease (`fleetTick`): takes or renews it, and for its
+    /// holder wakes another worker for each submission whose woken worker did not claim in
+    /// time. The holder listens to `job_submitted`; a machine that loses the lease stops.
+    async fn indexer_tick(&self, sink: &mut redis::aio::PubSubSink, listening: &mut Listening) {
+        let lease = INDEXER_LEASE.as_millis().to_string();
+        let wake = WAKE_DEADLINE.as_millis().to_string();
+        let r: Result<Vec<u64>, _> = self
+            .call(
+                "fleetTick",
+                &[&self.inner.opts.key_prefix, &self.inner.sweeper_id, &lease, &wake],
+            )
+            .await;
+        let held = match r {
+            Ok(r) => {
+                if r.get(1).is_some_and(|n| *n > 0) {
+                    tracing::debug!(
+                        woken = r[1],
+                        "woke other workers for submissions nobody claimed in time"
+                    );
+                }
+                r.first() == Some(&1)
+            }
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "the indexer lease tick failed");
+                return;
+            }
+        };
+        let channel = self.key("job_submitted");
+        if held && !listening.indexing {
+            if let Err(e) = sink.subscribe(&channel).await {
+                tracing::warn!(error = %error_chain(&e), "failed to subscribe to job_submitted as the fleet's indexer");
+                return;
+            }
+            listening.indexing = true;
+            tracing::info!("this machine is the fleet's indexer");
+            // Submissions made while no machine held the lease woke nobody: every idle worker
+            // of the fleet claims once (their claims' repair indexes what is missing).
+            if let Err(e) = self.wake_fleet().await {
+                tracing::warn!(error = %error_chain(&e), "failed to wake the fleet's idle workers");
+            }
+        } else if !held && listening.indexing {
+            listening.indexing = false;
+            tracing::info!("another machine is the fleet's indexer now");
+            if let Err(e) = sink.unsubscribe(&channel).await {
+                tracing::debug!(error = %error_chain(&e), "failed to unsubscribe from job_submitted");
+            }
+        }
+    }
+
+    /// Asks every idle worker of the fleet to claim once: `job_requeued` without a service.
+    async fn wake_fleet(&self) -> Result<(), BrokerError> {
+        let doc = serde_json::json!({
+            "job_id": "",
+            "reason": "indexer",
+            "timestamp": crate::clock::now_ms(),
+        });
+        let mut conn = self.connection();
+        let r = redis::cmd("PUBLISH")
+            .arg(self.key("job_requeued"))
+            .arg(doc.to_string())
+            .query_async::<u64>(&mut conn)
+            .await
+            .map_err(redis_err("PUBLISH"));
+        self.observe(r).await.map(drop)
+    }
+
+    async fn handle_message(&self, channels: &[String; 2], listening: &Listening, msg: &redis::Msg) {
         let channel = msg.get_channel_name();
         let payload: String = msg.get_payload().unwrap_or_default();
         let doc: Value = serde_json::from_str(&payload).unwrap_or(Value::Null);
         let job_id = doc.get("job_id").and_then(Value::as_str).unwrap_or_default();
-        let service = doc.get("service_required").and_then(Value::as_str);
         if channel == channels[0] {
-            // Jobs the API adds go into jobs:pending only; index them before anyone claims.
-            if !job_id.is_empty()
+            self.wake(doc.get("service_required").and_then(Value::as_str));
+        } else if channel == channels[1] {
+            // The API may have taken a pending job out of jobs:pending; the indexer drops it
+            // from the index (once for the fleet; a claim that meets it would too).
+            if listening.indexing
+                && !job_id.is_empty()
                 && let Err(e) = self.index_job(job_id).await
             {
-                tracing::debug!(job_id, error = %error_chain(&e), "failed to index a submitted job; the claim-side sweep will");
-            }
-            self.wake(service);
-        } else if channel == channels[1] {
-            self.wake(service);
-        } else if channel == channels[2] && !job_id.is_empty() {
-            // The API may have taken a pending job out of jobs:pending; drop it from the index.
-            if let Err(e) = self.index_job(job_id).await {
                 tracing::debug!(job_id, error = %error_chain(&e), "failed to re-check a cancelled job's index entry");
             }
-            let _ = self.inner.cancels.send(job_id.to_owned());
+            if !job_id.is_empty() {
+                let _ = self.inner.cancels.send(job_id.to_owned());
+            }
+        } else if channel == self.key("job_submitted") {
+            // Jobs the API adds go into jobs:pending only: the indexer indexes each once and
+            // wakes one idle worker that can run it.
+            if !job_id.is_empty()
+                && let Err(e) = self.announce_job(job_id).await
+            {
+                tracing::debug!(job_id, error = %error_chain(&e), "failed to announce a submitted job; claims index it, the safety poll claims it");
+            }
+        } else if let Some(worker) = doc.get("worker_id").and_then(Value::as_str) {
+            // A wake channel: the indexer chose this worker for a job.
+            if !self.wake_worker(worker) {
+                tracing::debug!(
+                    worker,
+                    job_id,
+                    "a wake-up for a worker that does not wait here; the indexer wakes another"
+                );
+            }
         }
+    }
+
+    /// Indexes a submitted job and wakes one parked worker of the fleet that can run it
+    /// (`announceJob`); the woken worker's name, `None` when none waits.
+    pub async fn announce_job(&self, job_id: &str) -> Result<Option<String>, BrokerError> {
+        let wake = WAKE_DEADLINE.as_millis().to_string();
+        let (_, woken): (String, String) = self
+            .call("announceJob", &[&self.inner.opts.key_prefix, job_id, &wake])
+            .await?;
+        Ok((!woken.is_empty()).then_some(woken))
     }
 
     /// Indexes the jobs the API added while no machine listened, in bounded steps, until the

@@ -111,7 +111,8 @@ impl Broker {
                 job.field("total_steps").unwrap_or_default().to_owned(),
             ),
         };
-        self.lifecycle("updateJobProgress", job, &[&pct, message, &current, &total])
+        let stream = if self.inner.opts.progress_stream { "1" } else { "0" };
+        self.lifecycle("updateJobProgress", job, &[&pct, message, &current, &total, stream])
             .await
             .map(drop)
     }

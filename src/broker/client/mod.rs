@@ -58,6 +58,9 @@ pub struct BrokerOptions {
     pub max_retries_cap: u32,
     /// Prefix of every key and channel ("" in production; scratch prefixes for self-checks).
     pub key_prefix: String,
+    /// Whether progress updates also append to the `progress:<id>` stream (capped, expiring),
+    /// for a reader that wants it; nothing in the existing broker reads it (default off).
+    pub progress_stream: bool,
     /// Where every command's outcome is recorded (the machine passes the one its health
     /// server reads; the start-up loop records into it before the broker exists).
     pub health: RedisHealth,
@@ -73,6 +76,7 @@ impl Default for BrokerOptions {
             max_examine: 100,
             max_retries_cap: 10,
             key_prefix: String::new(),
+            progress_stream: false,
             health: RedisHealth::new(),
         }
     }
@@ -116,6 +120,11 @@ struct Inner {
     /// changes it ([`Broker::set_lease`]).
     lease_ms: AtomicU64,
     wake: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per worker id, the wake-ups the fleet's indexer sends it alone (see `claim_next`).
+    wake_workers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// The machines whose wake channel (`jobs:wake:<machine>`) [`Broker::run_events`] listens
+    /// to: those of the workers that claimed through this broker.
+    wake_machines: watch::Sender<std::collections::BTreeSet<String>>,
     cancels: broadcast::Sender<String>,
     observer: std::sync::OnceLock<ClaimObserver>,
     /// The workers this broker registered, to register again when Redis comes back empty.
@@ -123,7 +132,8 @@ struct Inner {
     /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
     /// [`Broker::claim_next`]).
     catch_up: watch::Sender<CatchUp>,
-    /// This broker's name as the holder of the fleet's sweeper lease (random, per process).
+    /// This broker's name as the holder of the fleet's sweeper and indexer leases (its process
+    /// id and a random part).
     sweeper_id: String,
 }
 
@@ -233,6 +243,8 @@ impl Broker {
                 lease_ms: AtomicU64::new(u64::try_from(opts.lease.as_millis()).unwrap_or(u64::MAX)),
                 opts,
                 wake: Mutex::new(HashMap::new()),
+                wake_workers: Mutex::new(HashMap::new()),
+                wake_machines: watch::channel(std::collections::BTreeSet::new()).0,
                 cancels,
                 observer: std::sync::OnceLock::new(),
                 registered: Mutex::new(HashMap::new()),

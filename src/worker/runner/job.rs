@@ -17,11 +17,14 @@ use crate::broker::health::is_outage;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
-    Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, ProgressReceiver, ProgressSink,
+    Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver, ProgressSink,
 };
 use crate::logging::error_chain;
 use crate::worker::hold::{Blame, HoldKind, Recheck};
 use crate::worker::{CurrentJob, JobOutcome, JobReport, WorkerState, WorkerStatus};
+
+/// How long the end of a job waits for its last progress report to be written.
+const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
 
 /// Why a running job was stopped before its connector returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,12 +214,15 @@ impl Worker {
         )));
         // Progress goes to Redis from its own task, so a slow or absent Redis never delays
         // noticing that the job ended, was cancelled or ran out of time.
-        let forwarder = AbortOnDrop(tokio::spawn(forward_progress(
+        let progress_ended = CancellationToken::new();
+        let mut forwarder = AbortOnDrop(tokio::spawn(forward_progress(
             broker.clone(),
             claimed.clone(),
             progress,
             self.status.clone(),
             stop_tx,
+            self.settings.progress_every,
+            progress_ended.clone(),
         )));
         let timeout = input.timeout.unwrap_or(self.settings.job_timeout);
         let deadline = tokio::time::sleep(timeout);
@@ -271,7 +277,11 @@ impl Worker {
             }
         };
         // The lease is kept until the job's end is written: the uploads, the CDN wait and the
-        // outcome write below may outlast it (issue 23). Progress ends with the connector.
+        // outcome write below may outlast it (issue 23). Progress ends with the connector: its
+        // last report is written before the outcome (a coalesced one would be lost otherwise),
+        // unless Redis takes longer than PROGRESS_FLUSH to take it.
+        progress_ended.cancel();
+        let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
         drop(forwarder);
         // What the attempt used at a paid API is billed whatever its outcome; it is added to
         // the job's totals before the outcome is written, so a finished job shows all of it.
@@ -581,16 +591,100 @@ impl Recheck for StoreCredentialsCheck {
     }
 }
 
-/// Writes each progress report (the latest, when several came while a write was in flight) and
-/// shows it in the worker's status; a write the broker fences tells the job to stop.
+/// When a job's progress reports go to Redis: the first at once; then at most one write per
+/// `every`, carrying the latest report; a report that would show nothing new (the same whole
+/// percentage, message and steps as the last one written) never. What a person watching sees
+/// is the latest state within `every`, and the job's last report is written when it ends
+/// ([`ProgressGate::flush`]).
+#[derive(Debug)]
+struct ProgressGate {
+    every: Duration,
+    /// The last report written, and when.
+    written: Option<(Instant, Progress)>,
+    /// The latest report not written yet.
+    pending: Option<Progress>,
+}
+
+impl ProgressGate {
+    fn new(every: Duration) -> ProgressGate {
+        ProgressGate {
+            every,
+            written: None,
+            pending: None,
+        }
+    }
+
+    /// Takes a new report: `Some` when it is to be written now.
+    fn report(&mut self, p: Progress, now: Instant) -> Option<Progress> {
+        match &self.written {
+            Some((_, last)) if shows_the_same(last, &p) => {
+                self.pending = None;
+                None
+            }
+            Some((at, _)) if now < *at + self.every => {
+                self.pending = Some(p);
+                None
+            }
+            _ => {
+                self.pending = None;
+                Some(p)
+            }
+        }
+    }
+
+    /// When the pending report is due, if there is one.
+    fn due(&self) -> Option<Instant> {
+        self.pending.as_ref()?;
+        Some(
+            self.written
+                .as_ref()
+                .map_or_else(Instant::now, |(at, _)| *at + self.every),
+        )
+    }
+
+    /// The pending report, once due.
+    fn take_due(&mut self, now: Instant) -> Option<Progress> {
+        if self.due().is_some_and(|due| due <= now) {
+            self.pending.take()
+        } else {
+            None
+        }
+    }
+
+    /// The pending report whatever its time (the job ended).
+    fn flush(&mut self) -> Option<Progress> {
+        self.pending.take()
+    }
+
+    fn wrote(&mut self, p: Progress, now: Instant) {
+        self.written = Some((now, p));
+    }
+}
+
+/// Whether two reports show the same in Redis: whole percentages (what the broker writes),
+/// message and steps.
+fn shows_the_same(a: &Progress, b: &Progress) -> bool {
+    a.percent.round() == b.percent.round()
+        && a.message == b.message
+        && a.current_step == b.current_step
+        && a.total_steps == b.total_steps
+}
+
+/// Forwards a job's progress: every report to the worker's status at once (the page, the
+/// fleet status), to Redis through a [`ProgressGate`]. When `ended` is cancelled (the connector
+/// returned) the last report not yet written is written, then it returns.
 async fn forward_progress(
     broker: Broker,
     job: ClaimedJob,
     mut progress: ProgressReceiver,
     status: Arc<watch::Sender<WorkerStatus>>,
     stop: mpsc::Sender<Stop>,
+    every: Duration,
+    ended: CancellationToken,
 ) {
-    while progress.changed().await.is_ok() {
+    let mut gate = ProgressGate::new(every);
+    let mut open = true;
+    let latest = |progress: &mut ProgressReceiver| {
         let p = progress.borrow_and_update().1.clone();
         status.send_modify(|s| {
             if let Some(j) = &mut s.current_job {
@@ -598,18 +692,65 @@ async fn forward_progress(
                 j.message.clone_from(&p.message);
             }
         });
-        let steps = p.current_step.zip(p.total_steps);
-        match broker.progress(&job, p.percent, &p.message, steps).await {
-            Ok(()) => {}
-            Err(BrokerError::Cancelled { .. }) => {
-                let _ = stop.send(Stop::Cancelled).await;
+        p
+    };
+    loop {
+        let due = gate.due();
+        let write = tokio::select! {
+            biased;
+            () = ended.cancelled() => {
+                // The connector's last report may not have been read yet.
+                if progress.has_changed().unwrap_or(false) {
+                    let p = latest(&mut progress);
+                    if let Some(now) = gate.report(p, Instant::now()) {
+                        gate.pending = Some(now);
+                    }
+                }
+                if let Some(p) = gate.flush() {
+                    // Whether the job is still ours matters no more: its end is written next.
+                    let _ = write_progress(&broker, &job, &p, &stop).await;
+                }
                 return;
             }
-            Err(BrokerError::LeaseLost { .. }) => {
-                let _ = stop.send(Stop::Lost).await;
+            changed = progress.changed(), if open => {
+                if changed.is_err() {
+                    open = false;
+                    continue;
+                }
+                let p = latest(&mut progress);
+                gate.report(p, Instant::now())
+            }
+            () = async { tokio::time::sleep_until(due.expect("guarded by is_some").into()).await }, if due.is_some() => {
+                gate.take_due(Instant::now())
+            }
+        };
+        if let Some(p) = write {
+            gate.wrote(p.clone(), Instant::now());
+            if !write_progress(&broker, &job, &p, &stop).await {
                 return;
             }
-            Err(e) => tracing::debug!(job_id = %job.id, error = %error_chain(&e), "progress not written"),
+        }
+    }
+}
+
+/// Writes one progress report; `false` when the job is no longer this worker's (the stop is
+/// sent). Other errors are logged: the next report carries the state again.
+#[must_use]
+async fn write_progress(broker: &Broker, job: &ClaimedJob, p: &Progress, stop: &mpsc::Sender<Stop>) -> bool {
+    let steps = p.current_step.zip(p.total_steps);
+    match broker.progress(job, p.percent, &p.message, steps).await {
+        Ok(()) => true,
+        Err(BrokerError::Cancelled { .. }) => {
+            let _ = stop.send(Stop::Cancelled).await;
+            false
+        }
+        Err(BrokerError::LeaseLost { .. }) => {
+            let _ = stop.send(Stop::Lost).await;
+            false
+        }
+        Err(e) => {
+            tracing::debug!(job_id = %job.id, error = %error_chain(&e), "progress not written");
+            true
         }
     }
 }
@@ -668,6 +809,59 @@ mod tests {
             payload,
             fields: BTreeMap::from([("requirements".to_owned(), requirements.to_owned())]),
         }
+    }
+
+    fn report(percent: f64, message: &str) -> Progress {
+        Progress {
+            percent,
+            message: message.to_owned(),
+            current_step: None,
+            total_steps: None,
+        }
+    }
+
+    #[test]
+    fn progress_is_written_first_then_at_most_once_per_interval_and_never_unchanged() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(1);
+        let mut gate = ProgressGate::new(every);
+        let first = gate
+            .report(report(1.0, "a"), t0)
+            .expect("the first report is written at once");
+        gate.wrote(first, t0);
+        // Within the interval: held, the latest replacing the earlier.
+        assert_eq!(gate.report(report(2.0, "a"), t0 + Duration::from_millis(100)), None);
+        assert_eq!(gate.report(report(3.0, "b"), t0 + Duration::from_millis(200)), None);
+        assert_eq!(gate.due(), Some(t0 + every));
+        assert_eq!(gate.take_due(t0 + Duration::from_millis(999)), None);
+        let due = gate.take_due(t0 + every).expect("due after the interval");
+        assert_eq!(due, report(3.0, "b"));
+        gate.wrote(due, t0 + every);
+        // The same whole percentage, message and steps: never written, even much later.
+        assert_eq!(gate.report(report(3.2, "b"), t0 + Duration::from_secs(5)), None);
+        assert_eq!(gate.due(), None);
+        // A change after the interval is written at once.
+        let later = gate.report(report(4.0, "b"), t0 + Duration::from_secs(5));
+        assert_eq!(later, Some(report(4.0, "b")));
+    }
+
+    #[test]
+    fn the_last_report_is_never_lost() {
+        let t0 = Instant::now();
+        let mut gate = ProgressGate::new(Duration::from_secs(1));
+        let first = gate.report(report(10.0, "step 1 of 3"), t0).unwrap();
+        gate.wrote(first, t0);
+        assert_eq!(
+            gate.report(report(99.0, "step 3 of 3"), t0 + Duration::from_millis(10)),
+            None
+        );
+        assert_eq!(gate.flush(), Some(report(99.0, "step 3 of 3")));
+        assert_eq!(gate.flush(), None);
+        // A zero interval writes every change.
+        let mut every = ProgressGate::new(Duration::ZERO);
+        let a = every.report(report(1.0, "x"), t0).unwrap();
+        every.wrote(a, t0);
+        assert!(every.report(report(2.0, "x"), t0).is_some());
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct WorkerSettings {
     pub drain: Duration,
     /// Time limit of a job that does not set its own.
     pub job_timeout: Duration,
+    /// A job's progress is written to Redis at most once per this (see `forward_progress`).
+    pub progress_every: Duration,
 }
 
 /// One worker, ready to run.

@@ -1,0 +1,371 @@
+//! Many machines on one Redis: each submission is indexed once for the fleet and wakes one idle
+//! worker that can run it; when that worker's machine is gone another takes the job within 2 s;
+//! the fleet's indexer dying or Redis restarting loses no job; a job submitted while every
+//! worker is busy goes to the first that frees up, in order.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use machine::broker::{Broker, BrokerOptions, Capabilities, ClaimedJob, NewJob};
+use machine::config::RedisUrl;
+use serde_json::json;
+use testkit::RedisServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+async fn within<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("the test finished within its limit");
+}
+
+/// Workers that never poll during a test: whatever they claim, a wake-up brought them.
+fn no_poll() -> BrokerOptions {
+    BrokerOptions {
+        safety_poll: Duration::from_secs(60),
+        ..BrokerOptions::default()
+    }
+}
+
+/// One machine's broker (its own connections) and its event loop.
+struct Machine {
+    broker: Broker,
+    id: String,
+    events: JoinHandle<()>,
+}
+
+impl Machine {
+    async fn start(server: &RedisServer, id: &str, shutdown: &CancellationToken) -> Machine {
+        let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
+        let broker = Broker::connect(&url, no_poll()).await.expect("connect");
+        broker.ensure_functions().await.expect("install the library");
+        let events = tokio::spawn({
+            let b = broker.clone();
+            let s = shutdown.clone();
+            async move { b.run_events(s).await.expect("the event loop ends cleanly") }
+        });
+        Machine {
+            broker,
+            id: id.to_owned(),
+            events,
+        }
+    }
+
+    /// A worker of this machine waiting for a job.
+    fn wait(&self, worker: &str, shutdown: &CancellationToken) -> JoinHandle<Option<ClaimedJob>> {
+        let b = self.broker.clone();
+        let caps = Capabilities::new(worker, self.id.as_str(), &["simulation"]);
+        let s = shutdown.clone();
+        tokio::spawn(async move { b.claim_next(&caps, &s).await.expect("claim_next") })
+    }
+}
+
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+async fn until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn parked(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    redis::cmd("HLEN")
+        .arg("jobs:idx:parked")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+async fn indexers(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let (_, n): (String, usize) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("job_submitted")
+        .query_async(conn)
+        .await
+        .unwrap();
+    n
+}
+
+/// Every command the server runs, as `redis-cli monitor` prints it.
+struct Monitor {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn start(server: &RedisServer) -> Monitor {
+        let mut child = Command::new("redis-cli")
+            .arg("-p")
+            .arg(server.port().to_string())
+            .arg("monitor")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli is installed beside redis-server");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        std::thread::spawn({
+            let lines = lines.clone();
+            move || {
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap().push(line);
+                }
+            }
+        });
+        Monitor { child, lines }
+    }
+
+    /// How many calls of these library functions it saw so far.
+    fn calls(&self, functions: &[&str]) -> usize {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| functions.iter().any(|f| l.contains(&format!("\"FCALL\" \"{f}\""))))
+            .count()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_is_indexed_once_and_wakes_one_idle_worker_of_the_fleet() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let mut machines = Vec::new();
+        for i in 0..5 {
+            machines.push(Machine::start(&server, &format!("m{i}"), &shutdown).await);
+        }
+        let waiters: Vec<_> = machines
+            .iter()
+            .map(|m| m.wait(&format!("{}-gpu0", m.id), &shutdown))
+            .collect();
+        let mut conn = raw(&server).await;
+        until("every worker is parked", async || parked(&mut conn).await == 5).await;
+        until("one machine indexes for the fleet", async || {
+            indexers(&mut conn).await == 1
+        })
+        .await;
+        let monitor = Monitor::start(&server);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let api = &machines[0].broker;
+        let submitted = Instant::now();
+        let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let mut claimed = None;
+        while claimed.is_none() {
+            for w in &waiters {
+                if w.is_finished() {
+                    claimed = Some(submitted.elapsed());
+                }
+            }
+            assert!(submitted.elapsed() < Duration::from_secs(5), "nobody claimed the job");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let latency = claimed.unwrap();
+        // Anything the fleet would still do for this submission happens within this.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let indexed = monitor.calls(&["indexJob", "announceJob"]);
+        let claims = monitor.calls(&["findMatchingJob", "claimOrPark"]);
+        assert_eq!(indexed, 1, "one index call for the fleet, not one per machine");
+        assert_eq!(claims, 1, "one woken worker claims; the other four sleep on");
+        assert!(latency < Duration::from_secs(1), "claimed {latency:?} after submission");
+        shutdown.cancel();
+        let mut got = Vec::new();
+        for w in waiters {
+            got.extend(w.await.unwrap());
+        }
+        assert_eq!(got.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![id]);
+        for m in machines {
+            m.events.await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_woken_machine_is_gone_another_idle_worker_takes_the_job_within_two_seconds() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let m = Machine::start(&server, "alive", &shutdown).await;
+        let waiter = m.wait("alive-gpu0", &shutdown);
+        let mut conn = raw(&server).await;
+        until("the live worker is parked", async || parked(&mut conn).await == 1).await;
+        until("the machine indexes", async || indexers(&mut conn).await == 1).await;
+        // A worker of a machine that was SIGKILLed right after it parked: its entry is the
+        // freshest (it parked for long), and nobody hears its machine's wake channel.
+        let ghost = Capabilities::new("gone-gpu0", "gone", &["simulation"]);
+        let none: Option<String> = redis::cmd("FCALL")
+            .arg("claimOrPark")
+            .arg(0)
+            .arg(ghost.to_json())
+            .arg(100)
+            .arg(60_000)
+            .arg("")
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        let mut wakes = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        wakes.subscribe("jobs:wake:gone").await.unwrap();
+        let submitted = Instant::now();
+        let id = m.broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = waiter.await.unwrap().expect("the live worker takes the job");
+        let latency = submitted.elapsed();
+        assert_eq!(job.id, id);
+        let mut msgs = wakes.on_message();
+        let first = tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut msgs))
+            .await
+            .expect("the gone machine's worker was woken first")
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&first.get_payload::<String>().unwrap()).unwrap();
+        assert_eq!(doc["worker_id"], "gone-gpu0");
+        assert_eq!(doc["job_id"], id.as_str());
+        assert!(
+            latency < Duration::from_secs(2),
+            "the job waited {latency:?} for another worker"
+        );
+        shutdown.cancel();
+        m.events.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_indexer_dying_loses_no_job() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let mut conn = raw(&server).await;
+        let indexer = Machine::start(&server, "a", &shutdown).await;
+        until("the first machine indexes", async || indexers(&mut conn).await == 1).await;
+        let other = Machine::start(&server, "b", &shutdown).await;
+        let waiters: Vec<_> = (0..3).map(|i| other.wait(&format!("b-gpu{i}"), &shutdown)).collect();
+        until("its workers are parked", async || parked(&mut conn).await == 3).await;
+        // The indexer's machine dies: its subscription goes, its lease stays until it expires.
+        indexer.events.abort();
+        let _ = indexer.events.await;
+        until("the indexer's subscription is gone", async || {
+            indexers(&mut conn).await == 0
+        })
+        .await;
+        let api = &other.broker;
+        let mut ids = HashSet::new();
+        for _ in 0..3 {
+            ids.insert(api.submit(&NewJob::new("simulation", json!({}))).await.unwrap());
+        }
+        let started = Instant::now();
+        let mut got = HashSet::new();
+        for w in waiters {
+            let job = w.await.unwrap().expect("every job is claimed");
+            assert!(got.insert(job.id.clone()), "claimed twice: {}", job.id);
+        }
+        assert_eq!(got, ids);
+        // The lease (3 s) runs out, the other machine takes it and wakes its workers.
+        assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+        until("the other machine indexes now", async || indexers(&mut conn).await == 1).await;
+        let next = other.wait("b-gpu0", &shutdown);
+        until("the worker is parked", async || parked(&mut conn).await == 1).await;
+        let submitted = Instant::now();
+        let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        assert_eq!(next.await.unwrap().unwrap().id, id);
+        assert!(submitted.elapsed() < Duration::from_secs(1));
+        shutdown.cancel();
+        other.events.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_submissions_still_wake_a_worker() {
+    within(async {
+        let mut server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let m = Machine::start(&server, "m", &shutdown).await;
+        let mut conn = raw(&server).await;
+        until("the machine indexes", async || indexers(&mut conn).await == 1).await;
+        let first = m.wait("m-gpu0", &shutdown);
+        until("the worker is parked", async || parked(&mut conn).await == 1).await;
+        server.stop_keeping_data();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.start_again();
+        let mut conn = raw(&server).await;
+        until("the machine indexes again", async || indexers(&mut conn).await == 1).await;
+        until("the worker is parked again", async || parked(&mut conn).await == 1).await;
+        let submitted = Instant::now();
+        let id = m.broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        assert_eq!(first.await.unwrap().unwrap().id, id);
+        assert!(
+            submitted.elapsed() < Duration::from_secs(2),
+            "claimed {:?} after submission",
+            submitted.elapsed()
+        );
+        shutdown.cancel();
+        m.events.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_while_every_worker_is_busy_goes_to_the_first_that_frees_up_in_order() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let m1 = Machine::start(&server, "m1", &shutdown).await;
+        let m2 = Machine::start(&server, "m2", &shutdown).await;
+        let api = &m1.broker;
+        api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let busy1 = m1.wait("m1-gpu0", &shutdown).await.unwrap().unwrap();
+        let busy2 = m2.wait("m2-gpu0", &shutdown).await.unwrap().unwrap();
+        let older = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let newer = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        // Nobody waits: the submissions wake no one and stay queued.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut conn = raw(&server).await;
+        let pending: usize = redis::cmd("ZCARD")
+            .arg("jobs:pending")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(pending, 2);
+        // The second machine's worker frees up first: it takes the older job at once.
+        m2.broker.complete(&busy2, &json!({})).await.unwrap();
+        let freed = Instant::now();
+        let next2 = m2.wait("m2-gpu0", &shutdown).await.unwrap().unwrap();
+        assert_eq!(next2.id, older);
+        assert!(freed.elapsed() < Duration::from_secs(1));
+        m1.broker.complete(&busy1, &json!({})).await.unwrap();
+        let next1 = m1.wait("m1-gpu0", &shutdown).await.unwrap().unwrap();
+        assert_eq!(next1.id, newer);
+        shutdown.cancel();
+        m1.events.await.unwrap();
+        m2.events.await.unwrap();
+    })
+    .await;
+}
