@@ -426,6 +426,7 @@ fn start_services_and_workers(
     // Reloads run one at a time on their own task, from SIGHUP and `POST /reload`.
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     state.serve_reloads(reload_tx);
+    state.serve_workers(workers.pool());
     let reloader = reload::Reloader::new(reload::Parts {
         path: machine.path.clone(),
         probe,

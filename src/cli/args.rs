@@ -71,6 +71,11 @@ pub(super) enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Manage the workers' quarantines.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
     /// Stop the machine: workers finish or return their jobs within the drain period, then the
     /// services stop, as on SIGTERM. Waits until the machine has exited, printing the drain's
     /// progress, as `systemctl stop` and `docker stop` do.
@@ -92,6 +97,19 @@ pub(super) enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum QuarantineCommand {
+    /// Lift a worker's quarantine now (every quarantined worker's without WORKER): it claims
+    /// again, its failures so far forgotten. Through the control socket, or over TCP with
+    /// MACHINE_CONTROL_TOKEN.
+    Clear {
+        /// The worker, as `machine status` names it.
+        worker: Option<String>,
         #[command(flatten)]
         machine: MachineArgs,
     },

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::path::Path;
 
-use super::args::{Cli, Command, ConfigCommand, RedisArgs};
+use super::args::{Cli, Command, ConfigCommand, QuarantineCommand, RedisArgs};
 use super::exit::{CliError, Outcome};
 use crate::config::{self, Config, ProcessEnv};
 
@@ -25,6 +25,9 @@ pub fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Jobs { redis, command } => super::jobs::jobs(&redis, &command, machine_redis(path)),
         Command::Logs(args) => super::control::logs(path, &args),
         Command::Restart { service, machine } => super::control::restart(path, &machine, &service),
+        Command::Quarantine {
+            command: QuarantineCommand::Clear { worker, machine },
+        } => super::control::clear_quarantine(path, &machine, worker.as_deref()),
         Command::Stop { now, no_wait, machine } => super::control::stop(path, &machine, now, !no_wait),
     }
 }

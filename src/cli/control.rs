@@ -1,5 +1,6 @@
-//! `machine logs`, `machine restart` and `machine stop`: the commands that act on the running
-//! machine through its control socket (or its health port, see [`super::connect`]).
+//! `machine logs`, `machine restart`, `machine quarantine clear` and `machine stop`: the
+//! commands that act on the running machine through its control socket (or its health port,
+//! see [`super::connect`]).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -74,6 +75,34 @@ pub(super) fn restart(path: Option<&Path>, machine: &MachineArgs, service: &str)
             println!("restarted {service}");
         } else {
             println!("restarted {}", services.join(", "));
+        }
+        Ok::<_, MachineError>(Outcome::Success)
+    })?
+    .map_err(CliError::from)
+}
+
+/// Lifts the quarantine of `worker` (of every worker without one) and names the workers
+/// that were quarantined.
+pub(super) fn clear_quarantine(
+    path: Option<&Path>,
+    machine: &MachineArgs,
+    worker: Option<&str>,
+) -> Result<Outcome, CliError> {
+    let target = Target::find(path, machine.url.as_deref())?;
+    let route = match worker {
+        Some(w) => format!("/workers/quarantine/clear?worker={}", url_segment(w)),
+        None => "/workers/quarantine/clear".to_owned(),
+    };
+    block_on(Threads::One, async move {
+        let answer = target.post(&route).await?;
+        let cleared: Vec<&str> = answer["cleared"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default();
+        match (cleared.is_empty(), worker) {
+            (true, Some(w)) => println!("{w} is not quarantined"),
+            (true, None) => println!("no worker is quarantined"),
+            (false, _) => println!("lifted the quarantine of {}", cleared.join(", ")),
         }
         Ok::<_, MachineError>(Outcome::Success)
     })?

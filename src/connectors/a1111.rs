@@ -316,7 +316,8 @@ fn progress_of(v: &Value) -> Option<Progress> {
 }
 
 /// Classifies an A1111 error answer: 422 and other 4xx mean the request is wrong; an
-/// out-of-memory error may succeed later; other 5xx are failures of this attempt.
+/// out-of-memory error is the GPU's (the machine's fault; it may succeed later); other 5xx are
+/// failures of this attempt.
 fn a1111_error(endpoint: &str, status: reqwest::StatusCode, text: &str) -> ConnectorError {
     let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let errors = v
@@ -326,9 +327,8 @@ fn a1111_error(endpoint: &str, status: reqwest::StatusCode, text: &str) -> Conne
         .unwrap_or_default();
     let lower = format!("{errors} {text}").to_ascii_lowercase();
     if status.is_server_error() && (lower.contains("out of memory") || lower.contains("outofmemory")) {
-        return ConnectorError::Failed {
-            message: format!("A1111 {endpoint} ran out of memory: {}", http::snippet(text)),
-            retryable: true,
+        return ConnectorError::MachineFault {
+            message: format!("A1111 {endpoint} ran out of GPU memory: {}", http::snippet(text)),
         };
     }
     http::status_error(&format!("A1111 {endpoint}"), status, text)

@@ -200,13 +200,22 @@ pub enum ConnectorError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// The service ran the job and reported a failure.
+    /// The service ran the job and reported a failure: the job's own, which spends its
+    /// retries and says nothing about this machine.
     #[error("the job failed in the service: {message}")]
     Failed {
         /// What the service said.
         message: String,
         /// Whether another attempt may succeed.
         retryable: bool,
+    },
+    /// The machine failed the job, not the job itself: its GPU ran out of memory under it, its
+    /// service was interrupted by someone else or answered nonsense, the connector crashed.
+    /// Another attempt may succeed; it counts towards the worker's quarantine.
+    #[error("{message}")]
+    MachineFault {
+        /// What happened, for the job's `error`.
+        message: String,
     },
     /// The service said nothing about the job for its stall timeout; the job was interrupted.
     #[error("{service} said nothing about the job for {} (stall timeout {}){}", humantime::format_duration(round_ms(*silent_for)), humantime::format_duration(*timeout), if *answers { "" } else { " and does not answer its health check" })]
@@ -295,6 +304,7 @@ impl ConnectorError {
             | ConnectorError::CredentialsRefused { .. }
             | ConnectorError::QuotaReached { .. }
             | ConnectorError::Stalled { .. }
+            | ConnectorError::MachineFault { .. }
             | ConnectorError::ServiceLost { .. } => ErrorClass::Retryable,
             ConnectorError::Storage { source, .. } | ConnectorError::Destination(source) => {
                 if source.is_retryable() {

@@ -143,9 +143,8 @@ impl PlaywrightConnector {
             return Err(http::status_error("render", status, &String::from_utf8_lossy(&body)));
         }
         let Some((width, height)) = png_size(&body) else {
-            return Err(ConnectorError::Failed {
+            return Err(ConnectorError::MachineFault {
                 message: "the render service answered with something that is not a PNG".to_owned(),
-                retryable: true,
             });
         };
         progress.percent(100.0, format!("rendered {width}x{height}"));

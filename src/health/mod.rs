@@ -78,6 +78,9 @@ pub struct HealthState {
     services: SupervisorHandle,
     /// Where `POST /reload` sends its request, once the machine's services run.
     reload: OnceLock<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>>,
+    /// The running workers, once they run: `POST /workers/quarantine/clear` lifts
+    /// quarantines through it.
+    workers: OnceLock<crate::worker::WorkerPool>,
     installs: watch::Receiver<InstallStates>,
     metrics: Metrics,
     control_token: Option<Secret>,
@@ -149,6 +152,7 @@ impl HealthState {
             probe,
             services: sources.services,
             reload: OnceLock::new(),
+            workers: OnceLock::new(),
             installs: sources.installs,
             metrics: Metrics::new(&config.machine.health_access.metrics_customers),
             control_token: config.machine.control_token.clone(),
@@ -303,6 +307,16 @@ impl HealthState {
     /// Lets `POST /reload` reach the machine's reloader.
     pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>) {
         let _ = self.reload.set(requests);
+    }
+
+    /// Lets the operator's routes reach the running workers (lifting a quarantine).
+    pub fn serve_workers(&self, pool: crate::worker::WorkerPool) {
+        let _ = self.workers.set(pool);
+    }
+
+    /// The running workers; `None` until they run.
+    pub(crate) fn workers(&self) -> Option<&crate::worker::WorkerPool> {
+        self.workers.get()
     }
 
     /// Where `POST /reload` sends its request; `None` until the services run.

@@ -340,6 +340,7 @@ fn router(state: Arc<HealthState>, hub: Hub) -> Router {
         .route("/metrics", get(metrics))
         .route("/logs/{service}", get(logs))
         .route("/services/{name}/restart", post(restart))
+        .route("/workers/quarantine/clear", post(clear_quarantine))
         .route("/shutdown", post(shutdown))
         .merge(super::control::routes())
         .route("/reload", post(reload))
@@ -525,6 +526,45 @@ async fn restart(State(s): State<Arc<HealthState>>, Path(name): Path<String>, he
         axum::Json(json!({ "restarting": name, "services": services })),
     )
         .into_response()
+}
+
+/// `POST /workers/quarantine/clear[?worker=ID]` (control token): lifts the quarantine of one
+/// worker, or of every worker; answers the workers that were quarantined.
+async fn clear_quarantine(
+    State(s): State<Arc<HealthState>>,
+    Query(q): Query<QuarantineQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
+        return refusal;
+    }
+    let Some(workers) = s.workers() else {
+        let error = "the machine's workers are not running yet";
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "error": error }))).into_response();
+    };
+    let worker = q.worker.as_deref().filter(|w| !w.is_empty());
+    tracing::info!(
+        worker = worker.unwrap_or("(all)"),
+        "quarantine clear requested over HTTP"
+    );
+    match workers.clear_quarantine(worker).await {
+        Ok(cleared) => axum::Json(json!({ "cleared": cleared })).into_response(),
+        Err(e @ crate::worker::WorkerError::UnknownWorker { .. }) => {
+            (StatusCode::NOT_FOUND, axum::Json(json!({ "error": e.to_string() }))).into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": crate::logging::error_chain(&e) })),
+        )
+            .into_response(),
+    }
+}
+
+/// The query of `POST /workers/quarantine/clear`.
+#[derive(Debug, serde::Deserialize)]
+struct QuarantineQuery {
+    /// One worker; every worker when absent.
+    worker: Option<String>,
 }
 
 async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {

@@ -18,8 +18,9 @@
 //! of credit) is one more [`HoldKind`] and one more [`Recheck`]; the mechanism is this one.
 //!
 //! [`Blame`] is the one classification of a failed job: the job's own fault (an invalid
-//! workflow or payload, a 4xx), this machine's (its service failed or said nothing, its GPU
-//! faulted, the connector crashed), or something elsewhere (an output store, an external API's
+//! workflow or payload, a 4xx, any failure the service reports for the job, retryable or
+//! not), this machine's (its service crashed or said nothing, its GPU faulted or ran out of
+//! memory, the connector crashed), or something elsewhere (an output store, an external API's
 //! quota). Only the machine's failures count towards a quarantine.
 
 use std::collections::BTreeMap;
@@ -160,6 +161,11 @@ impl Holds {
         (!h.is_empty()).then(|| h.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
+    /// Whether a hold of `kind` is set.
+    pub fn has(&self, kind: HoldKind) -> bool {
+        self.tx.borrow().contains_key(&kind)
+    }
+
     /// The reason of the hold that returns the running job, when one is set.
     pub fn returning(&self) -> Option<String> {
         self.tx
@@ -231,34 +237,35 @@ pub async fn follow_gpu(
 #[serde(rename_all = "snake_case")]
 pub enum Blame {
     /// The job's own: an invalid workflow or payload, a request the service refused (4xx), a
-    /// failure the service pins on the job, its time limit.
+    /// failure the service or the API reports for the job (retryable or not), its time limit.
     Job,
-    /// This machine's: its service is unreachable, failed, stalled or lost the job, the
-    /// connector crashed, the GPU faulted.
+    /// This machine's: its service is unreachable, stalled or lost the job, the connector
+    /// crashed, the GPU faulted or ran out of memory ([`ConnectorError::MachineFault`]).
     Machine,
     /// Neither: an output store or an external API's quota. It says nothing about the worker.
     Elsewhere,
 }
 
 impl Blame {
-    /// Whom `e` blames. Builds on the connectors' own retryable/fatal classification: a fatal
-    /// error is the job's, a retryable one from a service of this machine is the machine's.
+    /// Whom `e` blames: what the connector says happened, not whether another attempt may
+    /// succeed (a retryable failure of the job is still the job's).
     pub fn of(e: &ConnectorError) -> Blame {
         match e {
-            ConnectorError::BadPayload(_) | ConnectorError::Rejected { .. } | ConnectorError::Timeout(_) => Blame::Job,
-            ConnectorError::Failed { retryable, .. } => {
-                if *retryable {
-                    Blame::Machine
-                } else {
-                    Blame::Job
-                }
-            }
+            // What the service or the API says of the job is the job's own, retryable or not:
+            // it spends the job's retries and says nothing about this machine (issue 23: two
+            // jobs failing retryably quarantined a whole machine). A connector that knows the
+            // machine is at fault says so with `MachineFault`.
+            ConnectorError::BadPayload(_)
+            | ConnectorError::Rejected { .. }
+            | ConnectorError::Timeout(_)
+            | ConnectorError::Failed { .. } => Blame::Job,
             // A connector that reports cancellation without being asked has lost its service;
             // a service that said nothing for its stall timeout is wedged or hung.
             ConnectorError::Unavailable { .. }
             | ConnectorError::MaybeCreated { .. }
             | ConnectorError::Cancelled
             | ConnectorError::Stalled { .. }
+            | ConnectorError::MachineFault { .. }
             | ConnectorError::ServiceLost { .. } => Blame::Machine,
             ConnectorError::QuotaReached { .. }
             | ConnectorError::CredentialsRefused { .. }
@@ -350,7 +357,16 @@ mod tests {
             retryable,
         };
         assert_eq!(Blame::of(&failed(false)), Blame::Job);
-        assert_eq!(Blame::of(&failed(true)), Blame::Machine);
+        assert_eq!(
+            Blame::of(&failed(true)),
+            Blame::Job,
+            "a retryable failure of the job is still the job's"
+        );
+        let oom = ConnectorError::MachineFault {
+            message: "the GPU ran out of memory".into(),
+        };
+        assert_eq!(Blame::of(&oom), Blame::Machine);
+        assert!(oom.is_retryable());
         let down = ConnectorError::Unavailable {
             message: "refused".into(),
             source: None,

@@ -61,6 +61,14 @@ pub enum WorkerError {
     /// The workers have stopped (the machine is shutting down), so none can be added or removed.
     #[error("failed to change the workers: they have stopped")]
     Stopped,
+    /// No worker of this machine has that id.
+    #[error("no worker `{worker}` on this machine (its workers: {})", known.join(", "))]
+    UnknownWorker {
+        /// The id asked for.
+        worker: String,
+        /// The workers it has.
+        known: Vec<String>,
+    },
     /// A worker task panicked.
     #[error("worker task {worker} failed")]
     Task {
@@ -114,6 +122,9 @@ enum Change {
     Add(Box<Worker>, Vec<watch::Receiver<bool>>),
     /// Stop this worker (it drains); answer once it has stopped.
     Remove(String, oneshot::Sender<()>),
+    /// Lift the quarantine of this worker (of every worker with `None`); answer the workers
+    /// whose quarantine was lifted.
+    ClearQuarantine(Option<String>, oneshot::Sender<Result<Vec<String>, WorkerError>>),
 }
 
 /// A handle on the running workers, for a reload. Cheap to clone.
@@ -197,6 +208,17 @@ impl WorkerPool {
             .send(Change::Remove(id.to_owned(), tx))
             .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)
+    }
+
+    /// Lifts the quarantine of `worker` (of every worker with `None`) at once, as an operator
+    /// does with `machine quarantine clear`: it claims again, and its failures so far are
+    /// forgotten. Returns the workers that were quarantined (none is not an error).
+    pub async fn clear_quarantine(&self, worker: Option<&str>) -> Result<Vec<String>, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.changes
+            .send(Change::ClearQuarantine(worker.map(str::to_owned), tx))
+            .map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
     }
 }
 
@@ -365,6 +387,9 @@ impl Workers {
                         running.spawn(worker, &broker, &shutdown, keep.as_ref());
                     }
                     Change::Remove(id, reply) => running.remove(&id, reply),
+                    Change::ClearQuarantine(id, reply) => {
+                        let _ = reply.send(running.clear_quarantine(id.as_deref()));
+                    }
                 },
                 Some(joined) = running.tasks.join_next_with_id() => {
                     if let Some(e) = running.ended(joined, &broker).await {
@@ -390,6 +415,8 @@ struct Running {
     tokens: BTreeMap<String, (tokio::task::Id, CancellationToken)>,
     /// Removals waiting for their worker to stop.
     removing: HashMap<tokio::task::Id, oneshot::Sender<()>>,
+    /// Each running worker's holds, for an operator lifting a quarantine.
+    holds: BTreeMap<String, hold::Holds>,
 }
 
 impl Running {
@@ -404,6 +431,7 @@ impl Running {
     ) {
         let id = worker.id().to_owned();
         let own = shutdown.child_token();
+        self.holds.insert(id.clone(), worker.holds());
         let kept = worker.take_kept();
         let upkeep = keep.filter(|_| !kept.is_empty()).map(|keep| {
             let holds = worker.holds();
@@ -438,7 +466,28 @@ impl Running {
         self.ids.insert(task, id);
     }
 
+    /// Lifts the quarantine hold of worker `id` (of every worker with `None`); the worker
+    /// sees its hold gone and ends its quarantine. Returns the workers that were quarantined.
+    fn clear_quarantine(&self, id: Option<&str>) -> Result<Vec<String>, WorkerError> {
+        if let Some(id) = id.filter(|id| !self.holds.contains_key(*id)) {
+            return Err(WorkerError::UnknownWorker {
+                worker: id.to_owned(),
+                known: self.holds.keys().cloned().collect(),
+            });
+        }
+        let mut cleared = Vec::new();
+        for (worker, holds) in &self.holds {
+            if id.is_none_or(|id| id == worker) && holds.has(hold::HoldKind::Quarantine) {
+                holds.clear(hold::HoldKind::Quarantine);
+                tracing::info!(worker = %worker, "quarantine lifted by the operator");
+                cleared.push(worker.clone());
+            }
+        }
+        Ok(cleared)
+    }
+
     fn remove(&mut self, id: &str, reply: oneshot::Sender<()>) {
+        self.holds.remove(id);
         match self.tokens.remove(id) {
             Some((task, own)) => {
                 tracing::info!(worker = %id, "worker removed; it stops claiming and drains");
@@ -463,6 +512,10 @@ impl Running {
             Err(e) => e.id(),
         };
         let id = self.ids.remove(&task).unwrap_or_default();
+        if self.tokens.get(&id).is_none_or(|(t, _)| *t == task) {
+            // Unless a reload started a new worker under the same id.
+            self.holds.remove(&id);
+        }
         let error = match joined {
             Ok((_, Ok(()))) => None,
             Ok((_, Err(e))) => {

@@ -6,7 +6,9 @@
 //! someone else's neither counts nor breaks the run (it says nothing about the worker); a
 //! completed job ends it and forgets earlier quarantines. After a cool-down the worker is on
 //! probation: the next machine failure quarantines it again at once, for the next cool-down of
-//! the project's one [`Backoff`] policy (doubling, up to 16 times the first).
+//! the project's one [`Backoff`] policy (doubling, up to 16 times the first). An operator may
+//! lift a quarantine early (`machine quarantine clear`), which forgets it as a completed job
+//! does.
 
 use std::time::{Duration, Instant};
 
@@ -88,6 +90,14 @@ impl Quarantine {
         Some((cooldown, reason))
     }
 
+    /// The operator lifted the quarantine (`machine quarantine clear`): it ends now, and the
+    /// failures and earlier quarantines are forgotten, as after a completed job.
+    pub fn lift(&mut self) {
+        self.failures.clear();
+        self.repeats = 0;
+        self.until = None;
+    }
+
     /// Until when the worker is quarantined, when it still is at `now`.
     pub fn until(&self, now: Instant) -> Option<Instant> {
         self.until.filter(|u| *u > now)
@@ -160,6 +170,23 @@ mod tests {
         q.failed(Blame::Machine, &job(), "b", now);
         q.completed();
         assert_eq!(q.failed(Blame::Machine, &job(), "c", now), None);
+    }
+
+    #[test]
+    fn a_lifted_quarantine_is_over_and_forgotten() {
+        let now = Instant::now();
+        let mut q = Quarantine::new(policy());
+        for _ in 0..3 {
+            q.failed(Blame::Machine, &job(), "down", now);
+        }
+        assert!(q.until(now).is_some());
+        q.lift();
+        assert_eq!(q.until(now), None);
+        assert_eq!(
+            q.failed(Blame::Machine, &job(), "down", now),
+            None,
+            "no probation after a lift"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Many machines on one Redis: each submission is indexed once for the fleet and wakes one idle
 //! worker that can run it; when that worker's machine is gone another takes the job within 2 s;
-//! the fleet's indexer dying or Redis restarting loses no job; a job submitted while every
-//! worker is busy goes to the first that frees up, in order.
+//! the fleet's indexer dying or Redis restarting loses no job (also with real machines
+//! SIGKILLed); a job submitted while every worker is busy goes to the first that frees up, in
+//! order.
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -73,8 +74,12 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
         .expect("connect")
 }
 
-async fn until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+async fn until(what: &str, ok: impl AsyncFnMut() -> bool) {
+    until_within(Duration::from_secs(20), what, ok).await;
+}
+
+async fn until_within(limit: Duration, what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !ok().await {
         assert!(Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -366,6 +371,129 @@ async fn a_job_submitted_while_every_worker_is_busy_goes_to_the_first_that_frees
         shutdown.cancel();
         m1.events.await.unwrap();
         m2.events.await.unwrap();
+    })
+    .await;
+}
+
+/// A real `machine run` with one simulation worker.
+struct RealMachine {
+    child: Child,
+    id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RealMachine {
+    fn start(redis_url: &str, id: &str) -> RealMachine {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("machine.toml");
+        std::fs::write(&config, "[connectors.simulation]\nduration = \"200ms\"\nsteps = 2\n").unwrap();
+        let log = std::fs::File::create(dir.path().join("machine.log")).unwrap();
+        let child = crate::support::machine()
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", id)
+            .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+            .env("MACHINE_HEALTH_PORT", testkit::free_port().to_string())
+            .env("HUB_REDIS_URL", redis_url)
+            .env("WORKER_CONNECTORS", "simulation:1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the machine binary starts");
+        RealMachine {
+            child,
+            id: id.to_owned(),
+            _dir: dir,
+        }
+    }
+
+    fn kill(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RealMachine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Real machines: the fleet's indexer is SIGKILLed, and another machine right after its worker
+/// parked (so it may be the one a submission wakes); every job submitted then runs once, on the
+/// machine left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
+    within(async {
+        let server = RedisServer::start();
+        let mut machines: Vec<RealMachine> = (0..3)
+            .map(|i| RealMachine::start(&server.url(), &format!("rk{i}")))
+            .collect();
+        let mut conn = raw(&server).await;
+        until_within(
+            Duration::from_secs(60),
+            "every machine's worker is parked",
+            async || parked(&mut conn).await == 3,
+        )
+        .await;
+        // The lease holder's name is `<pid>-<random>`.
+        let holder: String = redis::cmd("GET")
+            .arg("jobs:idx:indexer")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let pid = holder.split('-').next().unwrap().to_owned();
+        let at = machines
+            .iter()
+            .position(|m| m.child.id().to_string() == pid)
+            .expect("the indexer is one of the machines");
+        machines.remove(at).kill();
+        machines.remove(0).kill();
+        let survivor = machines.pop().unwrap();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let api = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(api.submit(&NewJob::new("simulation", json!({}))).await.unwrap());
+        }
+        for id in &ids {
+            until_within(Duration::from_secs(30), "every job completes", async || {
+                let view = api.show(id).await.unwrap().unwrap();
+                view.job.get("status").map(String::as_str) == Some("completed")
+            })
+            .await;
+            let job = api.show(id).await.unwrap().unwrap().job;
+            assert_eq!(job["retry_count"], "0", "claimed once: {job:?}");
+            assert!(job["worker_id"].starts_with(&survivor.id), "{job:?}");
+        }
+        // The machine left is the indexer now, and a submission reaches its worker at once.
+        until("the survivor indexes", async || indexers(&mut conn).await == 1).await;
+        until("its worker is parked", async || parked(&mut conn).await >= 1).await;
+        let submitted = Instant::now();
+        let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        until_within(Duration::from_secs(10), "the last job completes", async || {
+            api.show(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .job
+                .get("status")
+                .map(String::as_str)
+                == Some("completed")
+        })
+        .await;
+        assert!(
+            submitted.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            submitted.elapsed()
+        );
+        drop(survivor);
     })
     .await;
 }

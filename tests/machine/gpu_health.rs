@@ -310,6 +310,110 @@ async fn machine_failures_quarantine_a_worker_for_its_cool_down_and_invalid_work
     assert_eq!(code, 200);
 }
 
+/// `machine quarantine clear [WORKER]` (control token) lifts a quarantine at once: the worker
+/// claims again and `/ready` is 200; an unknown worker is named with the machine's workers, and
+/// no token is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_lifts_a_quarantine_with_machine_quarantine_clear() {
+    const TOKEN: &str = "quarantine-test-token";
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nvml = testkit::fake_nvml::Control::new(dir.path().join("nvml-control"));
+    let toml = comfyui_toml("[worker.quarantine.comfyui]\nafter = 1\ncooldown = \"10m\"\n");
+    let m = start(
+        dir.path(),
+        "qc",
+        &url,
+        1,
+        &toml,
+        nvml.path(),
+        &[("MACHINE_CONTROL_TOKEN", TOKEN)],
+    );
+    until_ready(m.port).await;
+    let oom = json!({"workflow": {"1": {"class_type": "FakeError",
+        "inputs": {"exception_type": "torch.cuda.OutOfMemoryError", "message": "CUDA out of memory"}}}})
+    .to_string();
+    let id = submit(&url, &["--service", "comfyui", "--payload", &oom, "--max-retries", "0"]);
+    wait_failed(&mut conn, &id).await;
+    let machine_url = format!("http://127.0.0.1:{}", m.port);
+    let status_doc = || {
+        let (out, stdout, _) = crate::support::run(
+            machine()
+                .args(["status", "--json", "--url", &machine_url])
+                .env("MACHINE_CONTROL_TOKEN", TOKEN),
+        );
+        assert!(out.status.success());
+        serde_json::from_str::<Value>(&stdout).unwrap()
+    };
+    let held = wait_until(Duration::from_secs(10), "the quarantine", || {
+        let s = status_doc();
+        (worker(&s, "qc-gpu0")["quarantined"] == true).then_some(s)
+    });
+    assert!(
+        worker(&held, "qc-gpu0")["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("quarantined for 10m"),
+        "{held}"
+    );
+    let (code, _) = get_json(m.port, "/ready").await;
+    assert_eq!(code, 503);
+
+    let clear = |args: &[&str], token: Option<&str>| {
+        let mut cmd = machine();
+        cmd.args(["quarantine", "clear"])
+            .args(args)
+            .args(["--url", &machine_url])
+            .env_remove("MACHINE_CONTROL_TOKEN")
+            .env_remove("MACHINE_READ_TOKEN");
+        if let Some(t) = token {
+            cmd.env("MACHINE_CONTROL_TOKEN", t);
+        }
+        crate::support::run(&mut cmd)
+    };
+    let (out, stdout, stderr) = clear(&["qc-gpu0"], None);
+    assert!(!out.status.success(), "no token: {stdout}{stderr}");
+    let (out, stdout, stderr) = clear(&["nope"], Some(TOKEN));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no worker `nope`") && stderr.contains("qc-gpu0"),
+        "{stderr}"
+    );
+    assert_eq!(
+        worker(&status_doc(), "qc-gpu0")["quarantined"],
+        true,
+        "refusals lift nothing"
+    );
+
+    let (out, stdout, stderr) = clear(&["qc-gpu0"], Some(TOKEN));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "lifted the quarantine of qc-gpu0");
+    let lifted = wait_until(Duration::from_secs(5), "the worker to claim again", || {
+        let s = status_doc();
+        (worker(&s, "qc-gpu0")["state"] == "idle").then_some(s)
+    });
+    assert_eq!(worker(&lifted, "qc-gpu0")["quarantined"], false, "{lifted}");
+    assert!(worker(&lifted, "qc-gpu0")["reason"].is_null(), "{lifted}");
+    let (code, ready) = get_json(m.port, "/ready").await;
+    assert_eq!(code, 200, "{ready}");
+    let (_, metrics) = http_get(m.port, "/metrics").await;
+    assert!(
+        metrics.contains("machine_worker_quarantined{worker=\"qc-gpu0\"} 0"),
+        "{metrics}"
+    );
+    let good = submit(&url, &["--service", "comfyui", "--payload", &workflow(2, 5)]);
+    completed(&mut conn, &good, Instant::now() + Duration::from_secs(10)).await;
+    let (out, stdout, stderr) = clear(&[], Some(TOKEN));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "no worker is quarantined");
+}
+
 async fn wait_failed(conn: &mut redis::aio::MultiplexedConnection, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while job_field(conn, id, "status").await != "failed" {

@@ -168,14 +168,15 @@ async fn services_get_no_secrets_and_logs_need_a_token() {
     let (code, body) = get(m.port, "/status", None).await;
     assert_eq!(code, 200);
     assert!(!body.contains("read-secret-2") && !body.contains("control-secret-1"));
-    // The read token cannot control.
+    // The read token cannot control: refused as forbidden (a valid token without the right),
+    // not as unauthenticated.
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{}/shutdown", m.port))
         .bearer_auth("read-secret-2")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.status().as_u16(), 403);
 
     // Worker hashes expire when the machine is gone.
     let client = redis::Client::open(redis.url()).unwrap();

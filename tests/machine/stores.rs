@@ -163,6 +163,30 @@ impl Rig {
         serde_json::from_str(&raw).expect("the record is JSON")
     }
 
+    /// Every `complete_job` message from now on.
+    async fn completions(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+        let client = redis::Client::open(self._server.url()).expect("a redis URL");
+        let mut pubsub = client.get_async_pubsub().await.expect("subscribe");
+        pubsub.subscribe("complete_job").await.expect("subscribe");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let m = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    m = futures_util::StreamExt::next(&mut messages) => m,
+                };
+                let Some(m) = m else { break };
+                let text: String = m.get_payload().expect("a text message");
+                if tx.send(serde_json::from_str(&text).expect("JSON")).is_err() {
+                    break;
+                }
+            }
+        }));
+        rx
+    }
+
     async fn stop(mut self) {
         self.shutdown.cancel();
         for t in self.tasks.drain(..) {
@@ -576,7 +600,7 @@ async fn gcs_outages_within_the_window_complete_without_a_retry() {
 
 /// A TCP proxy to `upstream` that holds each request `delay` before passing it on: an upload
 /// through it takes longer than `delay`. Runs until the test ends.
-async fn slow_proxy(upstream: String, delay: Duration) -> String {
+pub(crate) async fn slow_proxy(upstream: String, delay: Duration) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let upstream = upstream.trim_start_matches("http://").to_owned();
@@ -604,7 +628,7 @@ async fn slow_proxy(upstream: String, delay: Duration) -> String {
 }
 
 /// The store's variables with its endpoint replaced by `endpoint`.
-fn through(env: Vec<(String, String)>, endpoint: &str) -> Vec<(String, String)> {
+pub(crate) fn through(env: Vec<(String, String)>, endpoint: &str) -> Vec<(String, String)> {
     env.into_iter()
         .map(|(k, v)| {
             if k == "AWS_ENDPOINT" {
@@ -735,13 +759,37 @@ async fn bad_ctx_fails_before_the_connector_runs() {
             ),
             (r#"{"provider": "s3", "prefix": "p"}"#, "`bucket` is missing"),
             (r#"{"bucket": "b", "prefix": "p"}"#, "`provider` is missing"),
+            // Storage settings without a provider or bucket are not the machine's disk.
+            (
+                r#"{"storage": {"cdnUrl": "cdn.example.test"}, "prefix": "p", "filename": "f.png"}"#,
+                "`provider` is missing",
+            ),
+            (r#"{"storage": {}}"#, "`provider` is missing"),
+            (
+                r#"{"storage": {"provider": "s3", "cdnUrl": "cdn.example.test"}, "prefix": "p"}"#,
+                "`bucket` is missing",
+            ),
+            (
+                r#"{"storage": {"provider": "s3", "bucket": "b"}, "prefix": "users/../../etc"}"#,
+                "`prefix` has a `..` segment",
+            ),
+            (
+                r#"{"storage": {"provider": "s3", "bucket": "b"}, "prefix": "p", "filename": "a\u0007b.png"}"#,
+                "`filename` has a control character",
+            ),
         ];
         let mut ids = Vec::new();
         for (c, _) in cases {
             ids.push(rig.submit("simulation", json!({"artifact": "x"}), c, 3).await);
         }
+        // No storage setting at all: the machine's own output directory.
         let good = rig
-            .submit("simulation", json!({"artifact": "x"}), r#"{"prefix": "p"}"#, 3)
+            .submit(
+                "simulation",
+                json!({"artifact": "x"}),
+                r#"{"workflow_context": {"retry_attempt": 0}}"#,
+                3,
+            )
             .await;
         let store = store_for(&rig, Vec::new(), StoreOptions::default());
         rig.worker(&[("simulation", counted)], store);
@@ -755,6 +803,190 @@ async fn bad_ctx_fails_before_the_connector_runs() {
         // A usable ctx still runs, and it is the only job the connector saw.
         assert_eq!(rig.ended(&good).await["status"], "completed");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "the connector never ran the bad ones");
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// The asset locations the existing API finds in a `complete_job` message's `result`, by its
+/// rules (`lightweight-api-server.ts` `extractAssetLocations`): a URL string, the URL fields of
+/// the result and of `result.data`, `result.outputs[]`, `result.output_files[].metadata.cdn_url`;
+/// each once.
+fn api_asset_locations(result: &Value) -> Vec<String> {
+    const URL_FIELDS: [&str; 5] = ["url", "output_url", "asset_url", "image_url", "file_url"];
+    let mut found: Vec<String> = Vec::new();
+    let fields = |v: &Value, found: &mut Vec<String>| {
+        for f in URL_FIELDS {
+            if let Some(u) = v.get(f).and_then(Value::as_str) {
+                found.push(u.to_owned());
+            }
+        }
+    };
+    match result {
+        Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => found.push(s.clone()),
+        Value::Object(_) => {
+            fields(result, &mut found);
+            if result["data"].is_object() {
+                fields(&result["data"], &mut found);
+            }
+            for o in result["outputs"].as_array().into_iter().flatten() {
+                match o {
+                    Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => found.push(s.clone()),
+                    Value::Object(_) => fields(o, &mut found),
+                    _ => {}
+                }
+            }
+            for f in result["output_files"].as_array().into_iter().flatten() {
+                if let Some(u) = f["metadata"]["cdn_url"].as_str() {
+                    found.push(u.to_owned());
+                }
+            }
+        }
+        _ => {}
+    }
+    let mut unique = Vec::new();
+    for u in found {
+        if !unique.contains(&u) {
+            unique.push(u);
+        }
+    }
+    unique
+}
+
+/// The URL the API completes a workflow with (`workflow_output`):
+/// `result.data.image_url || result.image_url`.
+fn api_workflow_output(result: &Value) -> Option<&str> {
+    result["data"]["image_url"]
+        .as_str()
+        .or_else(|| result["image_url"].as_str())
+}
+
+/// A connector whose every job yields one output (`name`, `bytes`), as a service that renders a
+/// video would.
+#[derive(Debug)]
+struct OneOutput {
+    name: &'static str,
+    content_type: &'static str,
+    bytes: &'static [u8],
+}
+
+impl Connector for OneOutput {
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Simulation
+    }
+
+    fn run<'a>(
+        &'a self,
+        _job: &'a Job,
+        _progress: &'a ProgressSink,
+        _cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
+        Box::pin(async move {
+            Ok(JobOutput {
+                data: json!({"rendered": true}),
+                artifacts: vec![machine::connectors::Artifact {
+                    name: self.name.to_owned(),
+                    content_type: self.content_type.to_owned(),
+                    body: machine::connectors::ArtifactBody::Bytes(bytes::Bytes::from_static(self.bytes)),
+                }],
+            })
+        })
+    }
+}
+
+/// An MP4's first box (`ftyp`), enough for its type to be read from its bytes.
+const MP4: &[u8] = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom\x00\x00\x00\x08free";
+
+/// Issue 23: a video-only and a text-only job complete with what the existing asset saver
+/// writes (`data.image_url`, `mime_type`, `content_type`, `output_files[].metadata.cdn_url`), so
+/// the API's reader finds each asset in the `complete_job` message and its `workflow_output` is
+/// the asset's URL; the keys are the ones the original builds (`users/My Session x/` kept as
+/// written) and an `http://` CDN stays `http://`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_video_only_and_text_only_jobs_yield_their_asset_to_the_api_reader() {
+    within(async {
+        let server = ObjectServer::start(StoreKind::S3);
+        server.create_bucket(BUCKET);
+        let mut rig = Rig::start(Duration::from_millis(50)).await;
+        let mut completions = rig.completions().await;
+        // Kept as written (the machine used to rewrite it to `users/My_Session_x`). An `@` is
+        // kept too (see the destination's unit test), but moto's signature check reads it
+        // decoded while every SigV4 client sends it encoded, so it is not used here.
+        let prefix = "users/My Session x";
+        let video_ctx = json!({"storage": {"provider": "s3", "bucket": BUCKET, "cdnUrl": "http://cdn.example.test"},
+            "prefix": prefix, "filename": "clip.bin"});
+        let video = rig.submit("video", json!({}), &video_ctx.to_string(), 1).await;
+        let text_ctx = json!({"storage": {"provider": "s3", "bucket": BUCKET}, "prefix": format!("{prefix}/"),
+            "filename": "notes"});
+        let text = rig
+            .submit("simulation", json!({"artifact": "the text"}), &text_ctx.to_string(), 1)
+            .await;
+        let renderer: Arc<dyn Connector> = Arc::new(OneOutput {
+            name: "out.mp4",
+            content_type: "video/mp4",
+            bytes: MP4,
+        });
+        let store = store_for(&rig, server.env(), StoreOptions::default());
+        rig.worker(
+            &[
+                ("video", renderer),
+                ("simulation", simulation(Duration::from_millis(10))),
+            ],
+            store,
+        );
+        for id in [&video, &text] {
+            let job = rig.ended(id).await;
+            assert_eq!(job["status"], "completed", "{job:?}");
+        }
+        let mut results = BTreeMap::new();
+        while results.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(5), completions.recv())
+                .await
+                .expect("a complete_job message")
+                .expect("the subscription runs");
+            results.insert(m["job_id"].as_str().unwrap().to_owned(), m["result"].clone());
+        }
+        let cases = [
+            (
+                &video,
+                "clip.mp4",
+                "video/mp4",
+                "video",
+                MP4,
+                "http://cdn.example.test/",
+            ),
+            (&text, "notes.txt", "text/plain", "binary", &b"the text"[..], ""),
+        ];
+        for (id, name, mime, asset_type, bytes, cdn) in cases {
+            let result = &results[id.as_str()];
+            let key = format!("{prefix}/{name}");
+            let locations = api_asset_locations(result);
+            assert_eq!(locations.len(), 1, "the API finds the asset: {result}");
+            let url = &locations[0];
+            if cdn.is_empty() {
+                assert!(url.ends_with(&format!("/{BUCKET}/{key}")), "{url}");
+            } else {
+                assert_eq!(url, &format!("{cdn}{key}"), "an http CDN stays http");
+            }
+            assert_eq!(api_workflow_output(result), Some(url.as_str()), "{result}");
+            assert_eq!(result["data"]["mime_type"], mime, "{result}");
+            assert_eq!(result["data"]["content_type"], asset_type, "{result}");
+            let file = &result["output_files"][0];
+            assert_eq!(file["filename"], name, "{result}");
+            assert_eq!(file["path"], key.as_str(), "{result}");
+            assert_eq!(file["mime_type"], mime, "{result}");
+            let (stored, _) = server.get(BUCKET, &key);
+            assert_eq!(stored, bytes, "{key} is where the original puts it");
+        }
+        assert!(
+            results[video.as_str()].get("image_url").is_none(),
+            "the monitor does not show a video as an image"
+        );
+        assert_eq!(
+            results[video.as_str()]["video_url"],
+            results[video.as_str()]["data"]["image_url"]
+        );
+        assert_eq!(server.list(BUCKET).len(), 2);
         rig.stop().await;
     })
     .await;

@@ -238,8 +238,7 @@ async fn each_connector_end_to_end_through_redis() {
             .hset::<_, _, _, ()>(
                 format!("job:{comfy_id}"),
                 "ctx",
-                json!({"storage": {"provider": "local"}, "prefix": "users/c1/../../x", "filename": "final"})
-                    .to_string(),
+                json!({"storage": {"provider": "local"}, "prefix": "users/c1/x", "filename": "final"}).to_string(),
             )
             .await
             .unwrap();
@@ -263,8 +262,8 @@ async fn each_connector_end_to_end_through_redis() {
             assert_eq!(job["worker_id"], "m1-gpu0");
         }
 
-        // ComfyUI's output went where ctx said, under a sanitised name, and only its URL is in
-        // Redis.
+        // ComfyUI's output went where ctx said, under ctx's name (the service's own
+        // `../../escape` never reaches the key), and only its URL is in Redis.
         let rec = completed_record(&rig, &comfy_id).await;
         assert_eq!(rec["success"], true);
         let artifacts = rec["data"]["artifacts"].as_array().expect("artifacts listed").clone();

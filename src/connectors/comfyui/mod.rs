@@ -533,12 +533,21 @@ impl ComfyuiConnector {
         }
         match outcome {
             Outcome::Success => {}
-            Outcome::Error { message, retryable } => return Err(ConnectorError::Failed { message, retryable }),
+            Outcome::Error { message, gpu: true } => {
+                return Err(ConnectorError::MachineFault {
+                    message: format!("the GPU ran out of memory under the job: {message}"),
+                });
+            }
+            Outcome::Error { message, gpu: false } => {
+                return Err(ConnectorError::Failed {
+                    message,
+                    retryable: false,
+                });
+            }
             Outcome::Interrupted if cancel.is_cancelled() => return Err(ConnectorError::Cancelled),
             Outcome::Interrupted => {
-                return Err(ConnectorError::Failed {
+                return Err(ConnectorError::MachineFault {
                     message: "ComfyUI interrupted the prompt (not at the machine's request)".to_owned(),
-                    retryable: true,
                 });
             }
         }

@@ -12,11 +12,16 @@ use crate::connectors::{Progress, ProgressSink};
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Outcome {
     Success,
-    Error { message: String, retryable: bool },
+    /// `gpu`: the GPU ran out of memory under the prompt, which is the machine's fault (another
+    /// attempt, maybe on another GPU, may succeed), not the workflow's.
+    Error {
+        message: String,
+        gpu: bool,
+    },
     Interrupted,
 }
 
-/// The outcome an `execution_error` describes; out-of-memory errors may succeed on a retry.
+/// The outcome an `execution_error` describes; an out-of-memory error is the GPU's.
 fn execution_error(data: &Value) -> Outcome {
     let s = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or_default();
     let message = format!(
@@ -27,8 +32,8 @@ fn execution_error(data: &Value) -> Outcome {
         s("exception_message").trim()
     );
     let lower = format!("{} {}", s("exception_type"), s("exception_message")).to_ascii_lowercase();
-    let retryable = lower.contains("outofmemory") || lower.contains("out of memory");
-    Outcome::Error { message, retryable }
+    let gpu = lower.contains("outofmemory") || lower.contains("out of memory");
+    Outcome::Error { message, gpu }
 }
 
 /// Whether a `GET /queue` answer lists `prompt_id` as running or pending (items are
@@ -71,7 +76,7 @@ pub(super) fn history_outcome(entry: &Value) -> Option<Outcome> {
         Some("success") => Some(Outcome::Success),
         Some("error") => Some(Outcome::Error {
             message: "ComfyUI recorded the prompt as failed".to_owned(),
-            retryable: false,
+            gpu: false,
         }),
         _ if status.get("completed").and_then(Value::as_bool) == Some(true) => Some(Outcome::Success),
         _ => None,
@@ -288,7 +293,7 @@ mod tests {
             json!({"type": "execution_error", "data": {"prompt_id": "p1", "node_id": "3", "node_type": "KSampler",
                 "exception_type": "torch.OutOfMemoryError", "exception_message": "CUDA out of memory"}}),
         );
-        assert!(matches!(oom, Some(Outcome::Error { retryable: true, .. })), "{oom:?}");
+        assert!(matches!(oom, Some(Outcome::Error { gpu: true, .. })), "{oom:?}");
         assert_eq!(
             ev(
                 &mut t,
@@ -324,7 +329,7 @@ mod tests {
             e,
             Some(Outcome::Error {
                 message: "node 3 (KSampler) raised ValueError: bad".into(),
-                retryable: false
+                gpu: false
             })
         );
     }

@@ -4,10 +4,15 @@
 //! `ctx.storage` (`{"storage": {"provider", "bucket", "cdnUrl"}, "prefix", "filename"}`) and the
 //! same fields flat on `ctx` itself. `provider`, `bucket` and `cdnUrl` are read from
 //! `ctx.storage` first, `prefix` from `ctx` first, as the existing workers read them. A `ctx`
-//! that names no destination at all (absent, `null`, or neither a provider nor a bucket) means
-//! the machine's local output directory; one that names a cloud destination must name all of
-//! provider, bucket and prefix. Everything here is checked before a job runs, so a bad `ctx`
-//! fails the job at once instead of after the work is done.
+//! that carries no storage setting at all (absent, `null`, or none of `storage`, `provider`,
+//! `bucket`, `cdnUrl`, `prefix`, `filename`) means the machine's local output directory, and so
+//! does `provider = "local"`; any other must name all of provider, bucket and prefix, as the
+//! existing asset saver requires ("Storage provider is required"): a job that says where its
+//! outputs go never completes with a `file://` URL no client can open. The prefix and filename
+//! are kept as the job wrote them, so the key is the one the existing workers build (`prefix`,
+//! a `/` unless it ends with one, the filename); only what is unsafe is refused, naming the
+//! field: a `..` segment or a control character. Everything here is checked before a job
+//! runs, so a bad `ctx` fails the job at once instead of after the work is done.
 
 use serde_json::Value;
 
@@ -41,7 +46,8 @@ pub(super) enum Place {
     Cloud {
         provider: Provider,
         bucket: String,
-        /// `cdnUrl` without its scheme and trailing `/`, when given.
+        /// `cdnUrl` as a URL base without its trailing `/` (`https://` added when it names no
+        /// scheme; an `http://` one stays `http://`), when given.
         cdn: Option<String>,
     },
 }
@@ -50,9 +56,9 @@ pub(super) enum Place {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Spec {
     pub place: Place,
-    /// Sanitised key prefix segments (may be empty only for local outputs).
-    pub prefix: Vec<String>,
-    /// The sanitised `filename`, when given.
+    /// The key prefix as the job wrote it (empty only for local outputs).
+    pub prefix: String,
+    /// The `filename` as the job wrote it, when given.
     pub filename: Option<String>,
     /// The attempt number `ctx` itself carries (`retry_count`, `retryCount` or
     /// `workflow_context.retry_attempt`), which the existing API sets on workflow retries.
@@ -74,7 +80,7 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
         Value::Null => {
             return Ok(Spec {
                 place: Place::Local,
-                prefix: Vec::new(),
+                prefix: String::new(),
                 filename: None,
                 retry_hint: 0,
             });
@@ -109,24 +115,53 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
         None => pick("container", true)?,
     };
     let cdn = pick("cdnUrl", true)?.or(pick("cdn_url", true)?);
-    let prefix_raw = pick("prefix", false)?;
-    let filename = pick("filename", false)?.map(|f| super::naming::sanitise_file_name(&f));
-    let prefix: Vec<String> = prefix_raw
-        .as_deref()
-        .map(|p| {
-            p.split(['/', '\\'])
-                .filter_map(super::naming::sanitise_segment)
-                .collect()
-        })
-        .unwrap_or_default();
+    // The prefix and the filename are kept as written (not trimmed): they are the object key.
+    let verbatim = |name: &str, storage_first: bool| -> Result<Option<String>, StoreError> {
+        let in_storage = storage.and_then(|s| s.get(name)).filter(|v| !v.is_null());
+        let in_ctx = ctx.get(name).filter(|v| !v.is_null());
+        let found = if storage_first {
+            in_storage.or(in_ctx)
+        } else {
+            in_ctx.or(in_storage)
+        };
+        match found {
+            None => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(bad(format!("`{name}` must be a string, not {}", kind(other)))),
+        }
+    };
+    let prefix = verbatim("prefix", false)?;
+    let filename = verbatim("filename", false)?;
+    if let Some(p) = &prefix {
+        check_key_part("prefix", "ctx.prefix or ctx.storage.prefix", p)?;
+    }
+    if let Some(f) = &filename {
+        check_key_part("filename", "ctx.filename", f)?;
+    }
     let retry_hint = retry_hint(ctx);
+    // Any storage setting means the job names a destination; only a job with none (or
+    // `provider = "local"`) stores on this machine.
+    let settings = storage.is_some()
+        || [
+            "provider",
+            "bucket",
+            "container",
+            "cdnUrl",
+            "cdn_url",
+            "prefix",
+            "filename",
+        ]
+        .iter()
+        .any(|k| ctx.get(*k).is_some_and(|v| !v.is_null()));
 
     let place = match (provider.as_deref(), &bucket) {
-        (None, None) => Place::Local,
         (Some(p), _) if p.eq_ignore_ascii_case("local") => Place::Local,
-        (None, Some(_)) => {
+        (None, _) if !settings => Place::Local,
+        (None, _) => {
             return Err(bad(
-                "`provider` is missing (ctx.storage.provider or ctx.provider)".to_owned()
+                "`provider` is missing (ctx.storage.provider or ctx.provider): the job names where its outputs go, so they are not kept on this machine"
+                    .to_owned(),
             ));
         }
         (Some(p), bucket) => {
@@ -135,20 +170,14 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
             let bucket = bucket
                 .clone()
                 .ok_or_else(|| bad("`bucket` is missing (ctx.storage.bucket or ctx.bucket)".to_owned()))?;
-            if prefix.is_empty() {
-                let why = if prefix_raw.is_some() {
-                    "empty once sanitised"
-                } else {
-                    "missing"
-                };
-                return Err(bad(format!("`prefix` is {why} (ctx.prefix or ctx.storage.prefix)")));
+            if prefix.is_none() {
+                return Err(bad("`prefix` is missing (ctx.prefix or ctx.storage.prefix)".to_owned()));
             }
-            let cdn = cdn
-                .map(|c| strip_scheme(&c).trim_end_matches('/').to_owned())
-                .filter(|c| !c.is_empty());
+            let cdn = cdn.map(|c| cdn_base(&c)).filter(|c| !c.is_empty());
             Place::Cloud { provider, bucket, cdn }
         }
     };
+    let prefix = prefix.unwrap_or_default();
     Ok(Spec {
         place,
         prefix,
@@ -165,8 +194,31 @@ fn retry_hint(ctx: &serde_json::Map<String, Value>) -> u32 {
     u32::try_from(hint).unwrap_or(u32::MAX)
 }
 
-fn strip_scheme(url: &str) -> &str {
-    url.split_once("://").map_or(url, |(_, rest)| rest)
+/// A `cdnUrl` as a URL base, as the existing workers build it: `https://` added unless it
+/// starts with `http` (so `http://` stays), without the trailing `/`.
+fn cdn_base(cdn: &str) -> String {
+    let cdn = cdn.trim_end_matches('/');
+    if cdn.is_empty() || cdn.starts_with("http") {
+        cdn.to_owned()
+    } else {
+        format!("https://{cdn}")
+    }
+}
+
+/// Refuses what is unsafe in a part of an object key (`field`, found at `at`): a control
+/// character, or a `..` segment that would climb out of the prefix (on the local disk, out of
+/// the output directory). Everything else is the job's to choose.
+fn check_key_part(field: &str, at: &str, value: &str) -> Result<(), StoreError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(StoreError::BadCtx(format!(
+            "`{field}` has a control character ({:?}) ({at})",
+            c
+        )));
+    }
+    if value.split(['/', '\\']).any(|segment| segment == "..") {
+        return Err(StoreError::BadCtx(format!("`{field}` has a `..` segment ({at})")));
+    }
+    Ok(())
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -201,24 +253,29 @@ mod tests {
                                  "filename": "x.jpg"}),
         )
         .unwrap();
-        assert_eq!(nested, flat);
+        assert_eq!(nested.place, flat.place);
         assert_eq!(
             nested.place,
             Place::Cloud {
                 provider: Provider::Azure,
                 bucket: "b".into(),
-                cdn: Some("cdn.x".into())
+                cdn: Some("https://cdn.x".into())
             }
         );
-        assert_eq!(nested.prefix, ["a", "b"]);
+        assert_eq!(nested.prefix, "/a//b/", "kept as written");
+        assert_eq!(flat.prefix, "a/b");
         assert_eq!(nested.filename.as_deref(), Some("x.jpg"));
     }
 
     #[test]
-    fn no_destination_means_local() {
+    fn no_storage_setting_means_local() {
         assert_eq!(spec(&Value::Null).unwrap().place, Place::Local);
-        assert_eq!(spec(&json!({"prefix": "p"})).unwrap().place, Place::Local);
+        assert_eq!(spec(&json!({})).unwrap().place, Place::Local);
         assert_eq!(spec(&json!({"storage": null})).unwrap().place, Place::Local);
+        assert_eq!(
+            spec(&json!({"workflow_context": {"retry_attempt": 1}})).unwrap().place,
+            Place::Local
+        );
         assert_eq!(
             spec(&json!({"storage": {"provider": "local"}, "prefix": "p"}))
                 .unwrap()
@@ -235,10 +292,31 @@ mod tests {
         );
         assert!(err(json!({"storage": {"provider": "s3"}, "prefix": "p"})).contains("`bucket` is missing"));
         assert!(err(json!({"storage": {"provider": "s3", "bucket": "b"}})).contains("`prefix` is missing"));
-        assert!(
-            err(json!({"storage": {"provider": "s3", "bucket": "b"}, "prefix": "../.."})).contains("`prefix` is empty")
-        );
         assert!(err(json!({"bucket": "b", "prefix": "p"})).contains("`provider` is missing"));
+        // Storage settings without a provider or bucket are not local outputs (issue 23).
+        for ctx in [
+            json!({"storage": {"cdnUrl": "cdn.example.test"}, "prefix": "p", "filename": "f.png"}),
+            json!({"storage": {}}),
+            json!({"prefix": "p"}),
+            json!({"filename": "f.png"}),
+        ] {
+            assert!(err(ctx.clone()).contains("`provider` is missing"), "{ctx}");
+        }
+        assert!(
+            err(json!({"storage": {"provider": "s3", "cdnUrl": "c"}, "prefix": "p"})).contains("`bucket` is missing")
+        );
+        assert!(
+            err(json!({"storage": {"provider": "s3", "bucket": "b"}, "prefix": "a/../b"}))
+                .contains("`prefix` has a `..` segment")
+        );
+        assert!(
+            err(json!({"storage": {"provider": "s3", "bucket": "b"}, "prefix": "p", "filename": "../x.png"}))
+                .contains("`filename` has a `..` segment")
+        );
+        assert!(
+            err(json!({"storage": {"provider": "s3", "bucket": "b"}, "prefix": "p\nq"}))
+                .contains("`prefix` has a control character")
+        );
         assert!(err(json!({"provider": 3})).contains("`provider` must be a string"));
         assert!(err(json!("x")).contains("ctx must be a JSON object"));
         assert!(err(json!({"storage": "azure"})).contains("ctx.storage must be an object"));
@@ -261,5 +339,25 @@ mod tests {
             2
         );
         assert_eq!(spec(&json!({"retryCount": 1})).unwrap().retry_hint, 1);
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_keep_what_the_job_wrote_and_cdn_schemes_stay() {
+        let s = spec(
+            &json!({"storage": {"provider": "s3", "bucket": "b", "cdnUrl": "http://cdn.example/"},
+            "prefix": "user@example.com/My Session x", "filename": "My Pic.jpg"}),
+        )
+        .unwrap();
+        assert_eq!(s.prefix, "user@example.com/My Session x");
+        assert_eq!(s.filename.as_deref(), Some("My Pic.jpg"));
+        assert!(matches!(s.place, Place::Cloud { cdn: Some(ref c), .. } if c == "http://cdn.example"));
+        assert_eq!(cdn_base("cdn.example"), "https://cdn.example");
+        assert_eq!(cdn_base("https://cdn.example//"), "https://cdn.example");
     }
 }

@@ -250,11 +250,16 @@ impl OutputStore {
             Place::Local => (self.local_bucket()?, None),
             Place::Cloud { provider, bucket, cdn } => (self.cloud.bucket(*provider, bucket)?, cdn.clone()),
         };
-        let prefix = if spec.prefix.is_empty() {
-            vec![naming::sanitise_segment(&job.id).unwrap_or_else(|| "job".to_owned())]
+        // The key is built as the existing workers build it: the prefix, a `/` unless it ends
+        // with one, the name. Local outputs of a job that names no prefix go under its id.
+        let mut prefix = if spec.prefix.is_empty() {
+            naming::sanitise_segment(&job.id).unwrap_or_else(|| "job".to_owned())
         } else {
             spec.prefix
         };
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
         let place = match &spec.place {
             Place::Local => None,
             Place::Cloud { provider, bucket, .. } => Some((*provider, bucket.clone())),
@@ -264,7 +269,7 @@ impl OutputStore {
             place,
             local: spec.place == Place::Local,
             cdn,
-            prefix: prefix.join("/"),
+            prefix,
             filename: spec.filename,
             job_id: job.id.clone(),
             attempt: retry_count.max(spec.retry_hint),
@@ -285,7 +290,7 @@ impl OutputStore {
             return Ok(());
         };
         let store = self.cloud.bucket(*provider, bucket).map_err(|e| e.to_string())?.store;
-        let probe = Path::from(format!("{}/.machine-credentials-check", target.prefix));
+        let probe = Path::from(format!("{}.machine-credentials-check", target.prefix));
         match store.get(&probe).await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -631,10 +636,28 @@ mod tests {
     async fn stores_locally_under_the_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let store = OutputStore::with_env(dir.path().join("outputs"), [], StoreOptions::default());
-        let j = job(serde_json::json!({"prefix": "../../users/7/", "filename": "../evil.jpg", "storage": null}));
+        let j =
+            job(serde_json::json!({"storage": {"provider": "local"}, "prefix": "users/7/", "filename": "evil.jpg"}));
         let stored = store.store(&j, vec![artifact("../../x.jpg", PNG)]).await.unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].name, "evil.png");
+        for (ctx, field) in [
+            (
+                serde_json::json!({"storage": {"provider": "local"}, "prefix": "../../users/7/"}),
+                "`prefix`",
+            ),
+            (
+                serde_json::json!({"storage": {"provider": "local"}, "prefix": "p", "filename": "../evil.jpg"}),
+                "`filename`",
+            ),
+        ] {
+            let e = store.store(&job(ctx), vec![artifact("x.png", PNG)]).await.unwrap_err();
+            assert!(
+                e.chain().contains(&format!("{field} has a `..` segment")),
+                "{}",
+                e.chain()
+            );
+        }
         assert_eq!(stored[0].content_type, "image/png");
         let root = dir.path().join("outputs").canonicalize().unwrap();
         assert_eq!(stored[0].url, format!("file://{}/users/7/evil.png", root.display()));
@@ -681,7 +704,8 @@ mod tests {
         let t = store
             .target(&job(serde_json::json!({"provider": "azure", "bucket": "c", "prefix": "p", "cdnUrl": "http://cdn.example/"})), 0)
             .unwrap();
-        assert_eq!(t.cdn.as_deref(), Some("cdn.example"));
+        assert_eq!(t.cdn.as_deref(), Some("http://cdn.example"), "an http CDN stays http");
+        assert_eq!(t.prefix, "p/");
     }
 
     #[test]
@@ -772,9 +796,41 @@ mod tests {
         assert_eq!(r["images"], serde_json::json!(["u1", "u2"]));
         assert!(r.get("video_url").is_none());
         assert_eq!(r["artifacts"].as_array().unwrap().len(), 3);
+        assert!(r.get("output_files").is_none(), "nothing was saved, only passed on");
         let mut r = serde_json::json!("text");
         add_to_result(&mut r, &[s("v", "video/mp4")]);
-        assert_eq!(r["data"], "text");
+        assert_eq!(r["data"]["result"], "text");
         assert_eq!(r["videos"], serde_json::json!(["v"]));
+    }
+
+    #[test]
+    fn every_saved_output_is_written_as_the_existing_asset_saver_writes_it() {
+        let saved = |name: &str, ct: &str| StoredArtifact {
+            name: name.into(),
+            content_type: ct.into(),
+            url: format!("https://cdn.example/p/{name}"),
+            key: Some(format!("p/{name}")),
+            size: Some(3),
+        };
+        // A video-only job: the API finds the video under data.image_url.
+        let mut r = serde_json::json!({"data": {"own": 1}});
+        add_to_result(&mut r, &[saved("clip.mp4", "video/mp4")]);
+        assert_eq!(r["data"]["own"], 1, "the connector's data is kept");
+        assert_eq!(r["data"]["image_url"], "https://cdn.example/p/clip.mp4");
+        assert_eq!(r["data"]["mime_type"], "video/mp4");
+        assert_eq!(r["data"]["content_type"], "video");
+        assert!(r.get("image_url").is_none(), "the monitor does not show it as an image");
+        assert_eq!(
+            r["output_files"],
+            serde_json::json!([{"filename": "clip.mp4", "path": "p/clip.mp4", "type": "video",
+                "size_bytes": 3, "mime_type": "video/mp4",
+                "metadata": {"cdn_url": "https://cdn.example/p/clip.mp4"}}])
+        );
+        // Text is `binary` there; an image comes first when there is one.
+        let mut r = serde_json::json!({});
+        add_to_result(&mut r, &[saved("notes.txt", "text/plain"), saved("a.png", "image/png")]);
+        assert_eq!(r["data"]["image_url"], "https://cdn.example/p/a.png");
+        assert_eq!(r["output_files"][0]["type"], "binary");
+        assert_eq!(r["output_files"].as_array().unwrap().len(), 2);
     }
 }

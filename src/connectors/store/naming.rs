@@ -4,8 +4,10 @@
 //! service called the file: a PNG named `x.jpg` is stored as `x.png` with `image/png`. A job's
 //! `ctx.filename` keeps its stem and takes the real extension; without one, the name is
 //! `<job id>_<time>_<content hash>` so that nothing collides. On a retried attempt the stem gets
-//! `_r<N>`, so a retry never overwrites what an earlier attempt stored. Every name and prefix
-//! segment is sanitised: nothing a service or a job chose can climb out of its prefix.
+//! `_r<N>`, so a retry never overwrites what an earlier attempt stored. A `ctx.filename` is kept
+//! as the job wrote it, as the existing workers keep it (its `..` segments and control
+//! characters are refused when `ctx` is read); a name a service chose is sanitised: nothing a
+//! service chose can climb out of its prefix.
 
 use std::time::SystemTime;
 

@@ -21,7 +21,9 @@ pub struct OutputTarget {
     /// The cloud bucket it names, to build its client again with renewed credentials.
     pub(super) place: Option<(super::destination::Provider, String)>,
     pub(super) local: bool,
+    /// The CDN's URL base (scheme included), when `ctx` names one.
     pub(super) cdn: Option<String>,
+    /// The key prefix, ending with `/`.
     pub(super) prefix: String,
     pub(super) filename: Option<String>,
     pub(super) job_id: String,
@@ -99,13 +101,13 @@ impl OutputTarget {
             }
             Upload::Bytes { name, bytes, format } => (name, bytes, format),
         };
-        let key = format!("{}/{name}", self.prefix);
+        let key = format!("{}{name}", self.prefix);
         let size = bytes.len();
         self.put_within_window(&key, bytes, &format.content_type)
             .await
             .map_err(|e| storage_error(&name, e))?;
         let url = match &self.cdn {
-            Some(cdn) => format!("https://{cdn}/{key}"),
+            Some(cdn) => format!("{cdn}/{key}"),
             None => format!("{}/{key}", self.bucket.url_base),
         };
         if self.cdn.is_some() && !self.options.cdn_wait.is_zero() {
@@ -250,17 +252,55 @@ pub fn check_result_size(result: &Value) -> Result<(), ConnectorError> {
 }
 
 /// Adds the stored outputs to a job's result under the names the existing API and monitor read:
-/// `image_url` and `images` (image URLs), `video_url` and `videos`, and `artifacts` (every
-/// output with its name, content type, URL, key and size). A result that is not an object is
-/// kept under `data`.
+/// `image_url` and `images` (image URLs), `video_url` and `videos` (what the monitor shows),
+/// `artifacts` (every output with its name, content type, URL, key and size), and what the
+/// existing workers' asset saver writes for every saved output, video and text included, which
+/// the API reads to find a job's assets (`extractAssetLocations`, `workflow_output`):
+/// `data.image_url` (the first image, else the first output), `data.mime_type`,
+/// `data.content_type` (`image`, `video`, `audio` or `binary`, from the extension as the
+/// original decides it) and `output_files[]` with `metadata.cdn_url`. A result that is not an
+/// object is kept under `data.result`.
 pub fn add_to_result(result: &mut Value, stored: &[StoredArtifact]) {
     if stored.is_empty() {
         return;
     }
     if !result.is_object() {
-        *result = serde_json::json!({"data": result.take()});
+        *result = serde_json::json!({"data": {"result": result.take()}});
     }
     let map = result.as_object_mut().expect("made an object above");
+    let saved: Vec<&StoredArtifact> = stored.iter().filter(|s| s.key.is_some()).collect();
+    let main = saved
+        .iter()
+        .find(|s| s.content_type.starts_with("image/"))
+        .or(saved.first());
+    if let Some(main) = main {
+        let data = map
+            .entry("data")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if !data.is_object() {
+            *data = serde_json::json!({"result": data.take()});
+        }
+        let data = data.as_object_mut().expect("made an object above");
+        data.insert("image_url".to_owned(), Value::String(main.url.clone()));
+        data.insert("mime_type".to_owned(), Value::String(main.content_type.clone()));
+        data.insert(
+            "content_type".to_owned(),
+            Value::String(asset_type(&main.name).to_owned()),
+        );
+        let files = map.entry("output_files").or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(files) = files {
+            files.extend(saved.iter().map(|s| {
+                serde_json::json!({
+                    "filename": s.name,
+                    "path": s.key,
+                    "type": asset_type(&s.name),
+                    "size_bytes": s.size.unwrap_or(0),
+                    "mime_type": s.content_type,
+                    "metadata": {"cdn_url": s.url},
+                })
+            }));
+        }
+    }
     let urls = |kind: &str| -> Vec<Value> {
         stored
             .iter()
@@ -279,4 +319,19 @@ pub fn add_to_result(result: &mut Value, stored: &[StoredArtifact]) {
         "artifacts".to_owned(),
         serde_json::to_value(stored).expect("stored artifacts are plain data"),
     );
+}
+
+/// What the existing workers call an asset's type, decided as they decide it: from the file's
+/// extension (a text output is `binary` there too).
+fn asset_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" | "jpg" | "jpeg" | "webp" | "gif" => "image",
+        "mp4" | "webm" | "avi" => "video",
+        "mp3" | "wav" | "ogg" => "audio",
+        _ => "binary",
+    }
 }

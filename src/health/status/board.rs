@@ -152,6 +152,10 @@ pub struct Worker {
     /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
     /// of its in crash loop or failed.
     pub reason: Option<String>,
+    /// Whether it is quarantined (an operator may lift it: `machine quarantine clear`, the
+    /// page's button).
+    #[serde(default)]
+    pub quarantined: bool,
     /// Work a daily quota holds back from it until the quota resets (it claims the rest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quota_waits: Vec<crate::worker::QuotaWait>,
@@ -168,7 +172,7 @@ impl Worker {
             last_error,
             last_activity_ms,
             hold,
-            held_by: _,
+            held_by,
             quota_waits,
         } = status;
         Worker {
@@ -179,6 +183,7 @@ impl Worker {
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
+            quarantined: held_by.contains(&crate::worker::hold::HoldKind::Quarantine),
             quota_waits: quota_waits.clone(),
         }
     }
@@ -408,6 +413,7 @@ mod tests {
             expected.as_object_mut().unwrap().remove("hold");
             expected.as_object_mut().unwrap().remove("held_by");
             expected["reason"] = Value::Null;
+            expected["quarantined"] = Value::Bool(false);
             assert_eq!(serde_json::to_value(Worker::new(&status, None)).unwrap(), expected);
         }
     }

@@ -429,6 +429,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_error: None,
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
+            quarantined: false,
             quota_waits: Vec::new(),
         }],
         recent_jobs: vec![RecentJob {

@@ -235,7 +235,7 @@ impl Worker {
                 biased;
                 joined = &mut task.0 => break match joined {
                     Ok(r) => r,
-                    Err(e) => (Err(ConnectorError::Failed { message: format!("the connector task failed: {e}"), retryable: true }), started.elapsed()),
+                    Err(e) => (Err(ConnectorError::MachineFault { message: format!("the connector task failed: {e}") }), started.elapsed()),
                 },
                 Some(s) = stop_rx.recv(), if stop.is_none() => {
                     stop = Some(s);

@@ -376,8 +376,15 @@ impl Worker {
         )));
         let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
         while !shutdown.is_cancelled() {
-            if self.quarantine.until(Instant::now()).is_none() {
-                self.holds.clear(HoldKind::Quarantine);
+            match self.quarantine.until(Instant::now()) {
+                None => self.holds.clear(HoldKind::Quarantine),
+                // The hold is the quarantine's face: an operator who lifted it
+                // (`machine quarantine clear`) ended the quarantine.
+                Some(_) if !self.holds.has(HoldKind::Quarantine) => {
+                    tracing::info!(worker = %self.id(), "the quarantine was lifted by the operator; claiming again");
+                    self.quarantine.lift();
+                }
+                Some(_) => {}
             }
             if let Some(reason) = self.holds.reason() {
                 self.set_state(WorkerState::Held);
