@@ -437,6 +437,96 @@ struct Row {
     claim_p50: f64,
 }
 
+/// The same trickle through real `machine run` processes (one simulation worker each): the
+/// in-process fleets above stand for machines only if the real binary makes the same calls.
+/// Returns FCALLs and FCALL µs per job, idle subtracted.
+async fn real_machines(n: usize, jobs: usize) -> PerJob {
+    let server = RedisServer::start();
+    let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().expect("temp dir")).collect();
+    let mut children = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let config = dir.path().join("machine.toml");
+        std::fs::write(&config, "[connectors.simulation]\nduration = \"50ms\"\nsteps = 2\n").expect("config");
+        let log = std::fs::File::create(dir.path().join("machine.log")).expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_machine"))
+            .arg("run")
+            .env("MACHINE_CONFIG", &config)
+            .env("MACHINE_ID", format!("real{i}"))
+            .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+            .env("MACHINE_HEALTH_PORT", testkit::free_port().to_string())
+            .env("HUB_REDIS_URL", server.url())
+            .env("WORKER_CONNECTORS", "simulation:1")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("the machine binary starts");
+        children.push(child);
+    }
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect");
+    let count = async |conn: &mut MultiplexedConnection, cmd: &str, key: &str| -> usize {
+        redis::cmd(cmd).arg(key).query_async(conn).await.unwrap_or(0)
+    };
+    let started = Instant::now();
+    while count(&mut conn, "HLEN", "jobs:idx:parked").await < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the real machines never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reset = async |conn: &mut MultiplexedConnection| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(conn)
+            .await
+            .expect("RESETSTAT");
+        counters(conn).await
+    };
+    let before = reset(&mut conn).await;
+    tokio::time::sleep(IDLE).await;
+    let idle = counters(&mut conn).await - before;
+    let url = RedisUrl::parse(&server.url()).expect("testkit URLs are valid");
+    let api = Broker::connect(&url, BrokerOptions::default()).await.expect("connect");
+    let before = reset(&mut conn).await;
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / TRICKLE_RATE));
+    for _ in 0..jobs {
+        tick.tick().await;
+        api.submit(&NewJob::new(
+            "simulation",
+            json!({"duration_ms": TRICKLE_JOB_MS, "steps": 2}),
+        ))
+        .await
+        .expect("submit");
+    }
+    while count(&mut conn, "HLEN", "jobs:completed").await < jobs {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the real machines did not complete every job"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let d = counters(&mut conn).await - before;
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let idle_secs = IDLE.as_secs_f64();
+    PerJob {
+        fcalls: (d.fcall_calls as f64 - idle.fcall_calls as f64 / idle_secs * elapsed) / jobs as f64,
+        fcall_us: (d.fcall_usec - idle.fcall_usec / idle_secs * elapsed) / jobs as f64,
+        cpu_us: (d.cpu_usec - idle.cpu_usec / idle_secs * elapsed) / jobs as f64,
+    }
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -525,6 +615,11 @@ async fn main() {
         f.stop().await;
     }
     let (comfy_per, comfy_progress, comfy_p50) = comfy.expect("the 100-machine fleet ran the ComfyUI-shaped jobs");
+    let real = real_machines(3, 60).await;
+    println!(
+        "\nthe same trickle (60 jobs) through 3 real `machine run` processes: {:.1} FCALLs, {:.0} us FCALL, {:.0} us CPU per job, idle subtracted",
+        real.fcalls, real.fcall_us, real.cpu_us
+    );
     println!(
         "\nComfyUI-shaped job ({} s, {COMFY_STEPS} sampler steps, {COMFY_JOBS} jobs at {COMFY_RATE}/s) with 100 machines, idle subtracted:",
         COMFY_JOB_MS / 1000
@@ -543,6 +638,12 @@ async fn main() {
         hundred.idle.cpu_usec / 100.0
     );
     println!("\ngoals:");
+    let in_process = rows[&10].per.fcalls;
+    println!(
+        "real machines make the calls the in-process fleet makes: {:.1} vs {in_process:.1} FCALLs per job (goal: within 1 call): {}",
+        real.fcalls,
+        verdict((real.fcalls - in_process).abs() <= 1.0)
+    );
     let ratio_fcall = hundred.per.fcall_us / one.per.fcall_us;
     let ratio_cpu = hundred.per.cpu_us / one.per.cpu_us;
     println!(

@@ -254,6 +254,7 @@ pub(super) async fn metrics_feed(
         metrics.claimed(&report.service);
         metrics.job(&report.service, outcome);
         metrics.job_duration(&report.service, report.run.as_secs_f64());
+        metrics.worker_idle(&report.worker_id, report.idle_before.as_secs_f64());
         if let Some(billing) = &report.billing {
             metrics.billing(billing);
         }

@@ -143,12 +143,14 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
     let now_ms = crate::clock::epoch_ms(now);
     let workers = fit(
         width,
-        &["WORKER", "STATE", "JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"],
+        &[
+            "WORKER", "STATE", "JOB", "PROGRESS", "UPLOADS", "DONE", "FAILED", "ACTIVE",
+        ],
         doc.workers.iter().map(|w| worker_row(w, now_ms)).collect(),
         &[0, 2],
         // The counts go first; the job id last, when even the worker and its state barely fit.
         &Drops {
-            first: &[6, 5, 4],
+            first: &[7, 6, 5, 4],
             last: &[3, 2],
         },
     );
@@ -362,6 +364,15 @@ fn worker_row(w: &Worker, now_ms: u64) -> Vec<String> {
         state,
         or_dash(job.map(|j| j.job_id.clone())),
         or_dash(job.map(|j| format!("{:.0}%", j.progress))),
+        if w.uploads.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} ({})",
+                w.uploads.len(),
+                bytes(w.uploads.iter().map(|u| u.bytes).sum())
+            )
+        },
         w.counts.completed.to_string(),
         w.counts.failed.to_string(),
         if w.last_activity_ms > 0 {
@@ -568,7 +579,7 @@ mod tests {
             }
             whole_words(&text, &doc);
             let header = text.lines().find(|l| l.starts_with("WORKER")).expect("the header");
-            let dropped: Vec<&str> = ["JOB", "PROGRESS", "DONE", "FAILED", "ACTIVE"]
+            let dropped: Vec<&str> = ["JOB", "PROGRESS", "UPLOADS", "DONE", "FAILED", "ACTIVE"]
                 .into_iter()
                 .filter(|h| !header.contains(h))
                 .collect();

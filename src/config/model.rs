@@ -149,6 +149,11 @@ impl MachineConfig {
 pub struct Secret(pub(super) String);
 
 impl Secret {
+    /// A secret read from where the configuration names it (an API key the credentials hold).
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     /// The secret's value, for the one place that needs it.
     pub fn expose(&self) -> &str {
         &self.0

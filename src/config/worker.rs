@@ -41,6 +41,14 @@ pub struct WorkerConfig {
     /// that is over, with a cheap authenticated request.
     #[serde(with = "humantime_serde")]
     pub hold_recheck: Duration,
+    /// How many finished jobs a worker may have waiting on their uploads while it already runs
+    /// the next one (0: upload before claiming again, one job at a time).
+    #[serde(default = "default_pending_uploads")]
+    pub pending_uploads: u32,
+    /// The outputs a worker's pending uploads may hold in memory, in MiB, before it waits for
+    /// them instead of claiming.
+    #[serde(default = "default_pending_upload_mb")]
+    pub pending_upload_mb: u64,
     /// When non-empty, workers only take jobs of this workflow.
     pub workflow_id: String,
     /// A worker whose last this many jobs all failed for the machine's reasons (not the
@@ -244,6 +252,15 @@ pub(super) fn validate_worker(mut c: WorkerConfig, workspace: &Path, problems: &
     if c.hold_recheck < Duration::from_secs(1) {
         bad("worker.hold_recheck", "must be at least 1s");
     }
+    if c.pending_uploads > 16 {
+        bad(
+            "worker.pending_uploads",
+            "must be at most 16 (each pending upload keeps its job's lease and outputs)",
+        );
+    }
+    if c.pending_upload_mb == 0 || c.pending_upload_mb > 65_536 {
+        bad("worker.pending_upload_mb", "must be between 1 and 65536");
+    }
     if c.cdn_wait > Duration::from_secs(300) {
         bad(
             "worker.cdn_wait",
@@ -281,6 +298,16 @@ pub(super) fn validate_simulation(mut s: SimulationConfig, problems: &mut Vec<Pr
     // `steps = 0` is read as one step rather than refused, as it always has been.
     s.steps = s.steps.max(1);
     s
+}
+
+/// `worker.pending_uploads` when a configuration written before it leaves it out.
+fn default_pending_uploads() -> u32 {
+    2
+}
+
+/// `worker.pending_upload_mb` when a configuration written before it leaves it out.
+fn default_pending_upload_mb() -> u64 {
+    1024
 }
 
 /// `worker.max_retries_cap` when a configuration written before it leaves it out.

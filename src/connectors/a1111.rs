@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::http;
-use super::simulation::json_kind;
+use super::json_kind;
 use super::stall::StallClock;
 use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink};
 use crate::config::ConnectorKind;

@@ -31,29 +31,20 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff};
+use super::json_kind;
 use super::limits::Limiter;
-use super::simulation::json_kind;
 use super::{
     Artifact, ArtifactBody, Billing, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled,
 };
-use crate::config::{ConnectorKind, OpenaiConfig};
+use crate::config::{ConnectorKind, OpenaiConfig, Secret};
 
 /// Runs jobs against an OpenAI-compatible API.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenaiConnector {
     config: OpenaiConfig,
-    api_key: Option<String>,
+    api_key: Option<Secret>,
     client: reqwest::Client,
     limiter: Option<Arc<Limiter>>,
-}
-
-impl std::fmt::Debug for OpenaiConnector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenaiConnector")
-            .field("base_url", &self.config.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
-            .finish()
-    }
 }
 
 impl OpenaiConnector {
@@ -62,7 +53,7 @@ impl OpenaiConnector {
     pub fn new(config: OpenaiConfig, api_key: Option<String>) -> Self {
         OpenaiConnector {
             config,
-            api_key: api_key.filter(|k| !k.trim().is_empty()),
+            api_key: api_key.filter(|k| !k.trim().is_empty()).map(Secret::new),
             client: http::client(),
             limiter: None,
         }
@@ -96,7 +87,7 @@ impl OpenaiConnector {
             }
             let mut req = self.client.post(&url).json(body);
             if let Some(key) = &self.api_key {
-                req = req.bearer_auth(key);
+                req = req.bearer_auth(key.expose());
             }
             let sent = or_cancelled(cancel, async {
                 req.send()
@@ -250,7 +241,7 @@ impl OpenaiConnector {
         for (i, image) in images.iter().enumerate() {
             revised.push(image.get("revised_prompt").cloned().unwrap_or(Value::Null));
             let name = format!("image_{i}.{format}");
-            let content_type = super::comfyui::guess_content_type(&name).to_owned();
+            let content_type = super::guess_content_type(&name).to_owned();
             if let Some(b64) = image.get("b64_json").and_then(Value::as_str) {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
@@ -378,7 +369,7 @@ impl Connector for OpenaiConnector {
     fn check_credentials(&self) -> BoxFuture<'_, Result<(), String>> {
         let mut req = self.client.get(format!("{}/models", self.config.base_url));
         if let Some(key) = &self.api_key {
-            req = req.bearer_auth(key);
+            req = req.bearer_auth(key.expose());
         }
         Box::pin(http::check(req))
     }

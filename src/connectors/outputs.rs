@@ -132,7 +132,7 @@ pub(crate) async fn artifacts(
         let artifact = match file {
             Found::Url(url) => {
                 let name = url_file_name(&url, i);
-                let content_type = super::comfyui::guess_content_type(&name).to_owned();
+                let content_type = super::guess_content_type(&name).to_owned();
                 let what = "download an output";
                 let body = http::fetch_output(client, &url, what, Duration::from_secs(120), cancel).await?;
                 Artifact {
@@ -149,7 +149,7 @@ pub(crate) async fn artifacts(
                 let name = name
                     .filter(|n| !n.trim().is_empty())
                     .map_or_else(|| format!("output_{i}"), |n| format!("{i}_{n}"));
-                let content_type = content_type.unwrap_or_else(|| super::comfyui::guess_content_type(&name).to_owned());
+                let content_type = content_type.unwrap_or_else(|| super::guess_content_type(&name).to_owned());
                 Artifact {
                     name,
                     content_type,

@@ -28,29 +28,20 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff, Retrying};
+use super::json_kind;
 use super::limits::Limiter;
 use super::openai::SseReader;
 use super::outputs;
-use super::simulation::json_kind;
 use super::{Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
-use crate::config::{ConnectorKind, ReplicateConfig, parse_model_ref};
+use crate::config::{ConnectorKind, ReplicateConfig, Secret, parse_model_ref};
 
 /// Runs jobs as Replicate predictions.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ReplicateConnector {
     config: ReplicateConfig,
-    token: Option<String>,
+    token: Option<Secret>,
     client: reqwest::Client,
     limiter: Option<Arc<Limiter>>,
-}
-
-impl std::fmt::Debug for ReplicateConnector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicateConnector")
-            .field("base_url", &self.config.base_url)
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .finish()
-    }
 }
 
 /// Where a prediction is, from the create answer.
@@ -66,7 +57,7 @@ impl ReplicateConnector {
     pub fn new(config: ReplicateConfig, token: Option<String>) -> Self {
         ReplicateConnector {
             config,
-            token: token.filter(|t| !t.trim().is_empty()),
+            token: token.filter(|t| !t.trim().is_empty()).map(Secret::new),
             client: http::client(),
             limiter: None,
         }
@@ -81,7 +72,7 @@ impl ReplicateConnector {
     fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let req = self.client.request(method, url);
         match &self.token {
-            Some(t) => req.bearer_auth(t),
+            Some(t) => req.bearer_auth(t.expose()),
             None => req,
         }
     }

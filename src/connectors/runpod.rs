@@ -21,28 +21,19 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff, Retrying};
+use super::json_kind;
 use super::limits::Limiter;
 use super::outputs;
-use super::simulation::json_kind;
 use super::{Billing, Connector, ConnectorError, Job, JobOutput, ProgressSink, or_cancelled};
-use crate::config::{ConnectorKind, RunpodConfig, valid_endpoint_id};
+use crate::config::{ConnectorKind, RunpodConfig, Secret, valid_endpoint_id};
 
 /// Runs jobs on RunPod serverless endpoints.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RunpodConnector {
     config: RunpodConfig,
-    api_key: Option<String>,
+    api_key: Option<Secret>,
     client: reqwest::Client,
     limiter: Option<Arc<Limiter>>,
-}
-
-impl std::fmt::Debug for RunpodConnector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunpodConnector")
-            .field("base_url", &self.config.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
-            .finish()
-    }
 }
 
 /// How often a sync job's status is read during its `sync_wait` (at most).
@@ -61,7 +52,7 @@ impl RunpodConnector {
     pub fn new(config: RunpodConfig, api_key: Option<String>) -> Self {
         RunpodConnector {
             config,
-            api_key: api_key.filter(|k| !k.trim().is_empty()),
+            api_key: api_key.filter(|k| !k.trim().is_empty()).map(Secret::new),
             client: http::client(),
             limiter: None,
         }
@@ -76,7 +67,7 @@ impl RunpodConnector {
     fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let req = self.client.request(method, url);
         match &self.api_key {
-            Some(k) => req.bearer_auth(k),
+            Some(k) => req.bearer_auth(k.expose()),
             None => req,
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! The payload may override each setting: `duration_ms`, `steps`, `failure_rate`; `fail`
 //! (`"retryable"` or `"fatal"`) forces a failure of that class, and `artifact` (a string) makes
-//! the job produce it as `simulation.txt`. A payload that is not a JSON object, or whose
+//! the job produce it as `simulation.txt`; `artifact_bytes` makes that output exactly this many
+//! bytes (the string repeated, `x` without one; at most 1 GiB), for outputs of a fixed size. A payload that is not a JSON object, or whose
 //! overrides have the wrong type, fails without retry.
 
 use std::time::Duration;
@@ -13,7 +14,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink};
+use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, json_kind};
 use crate::config::{ConnectorKind, SimulationConfig};
 
 /// Runs simulated jobs.
@@ -30,7 +31,11 @@ struct Plan {
     failure_rate: f64,
     fail: Option<bool>,
     artifact: Option<String>,
+    artifact_bytes: Option<usize>,
 }
+
+/// The largest `artifact_bytes`.
+const MAX_ARTIFACT_BYTES: f64 = 1024.0 * 1024.0 * 1024.0;
 
 impl SimulationConnector {
     /// A connector with these defaults.
@@ -84,12 +89,22 @@ impl SimulationConnector {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(_) => return Err(ConnectorError::BadPayload("`artifact` must be a string".into())),
         };
+        let artifact_bytes = match number("artifact_bytes")? {
+            None => None,
+            Some(n) if n.fract() == 0.0 && n <= MAX_ARTIFACT_BYTES => Some(n as usize),
+            Some(_) => {
+                return Err(ConnectorError::BadPayload(
+                    "`artifact_bytes` must be a whole number of at most 1 GiB".into(),
+                ));
+            }
+        };
         Ok(Plan {
             duration,
             steps,
             failure_rate,
             fail,
             artifact,
+            artifact_bytes,
         })
     }
 
@@ -127,8 +142,15 @@ impl SimulationConnector {
                 retryable,
             });
         }
-        let artifacts = plan
-            .artifact
+        let body = match (plan.artifact, plan.artifact_bytes) {
+            (text, Some(n)) => {
+                let unit = text.filter(|t| !t.is_empty()).unwrap_or_else(|| "x".to_owned());
+                Some(unit.bytes().cycle().take(n).collect::<Vec<u8>>())
+            }
+            (Some(text), None) => Some(text.into_bytes()),
+            (None, None) => None,
+        };
+        let artifacts = body
             .map(|text| Artifact {
                 name: "simulation.txt".to_owned(),
                 content_type: "text/plain".to_owned(),
@@ -159,18 +181,6 @@ impl Connector for SimulationConnector {
         cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Result<JobOutput, ConnectorError>> {
         Box::pin(self.run_job(job, progress, cancel))
-    }
-}
-
-/// The JSON type of a value, for error messages.
-pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -217,6 +227,32 @@ mod tests {
         let seen = watcher.await.unwrap();
         assert_eq!(seen.last(), Some(&Some(4)));
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn outputs_of_a_fixed_size() {
+        let c = connector();
+        let (sink, _rx) = ProgressSink::new();
+        let cancel = CancellationToken::new();
+        let run = |payload| {
+            let j = job(payload);
+            let c = c.clone();
+            let sink = sink.clone();
+            let cancel = cancel.clone();
+            async move { c.run(&j, &sink, &cancel).await }
+        };
+        let out = run(serde_json::json!({"duration_ms": 0, "artifact": "ab", "artifact_bytes": 5}))
+            .await
+            .unwrap();
+        assert_eq!(out.artifacts[0].body, ArtifactBody::Bytes(Bytes::from_static(b"ababa")));
+        let out = run(serde_json::json!({"duration_ms": 0, "artifact_bytes": 3}))
+            .await
+            .unwrap();
+        assert_eq!(out.artifacts[0].body, ArtifactBody::Bytes(Bytes::from_static(b"xxx")));
+        let err = run(serde_json::json!({"duration_ms": 0, "artifact_bytes": 1.5}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Fatal);
     }
 
     #[tokio::test]

@@ -533,6 +533,7 @@ mod tests {
             last_activity_ms: 1_750_000_000_000,
             hold: None,
             held_by: Vec::new(),
+            uploads: Vec::new(),
             quota_waits: Vec::new(),
         }
     }

@@ -152,6 +152,7 @@ mod tests {
             total: Duration::from_millis(total_ms),
             billing: None,
             possible_orphan: None,
+            idle_before: Duration::ZERO,
         }
     }
 

@@ -125,6 +125,8 @@ struct Inner {
     gpu_throttled: Family<GpuLabel, Gauge>,
     worker_quarantined: Family<WorkerLabel, Gauge>,
     worker_held: Family<WorkerLabel, Gauge>,
+    worker_uploads: Family<WorkerLabel, Gauge>,
+    worker_idle_seconds: Family<WorkerLabel, FloatCounter>,
     redis_up: Gauge,
     redis_errors: Family<KindLabel, Counter>,
     external_requests: Family<UsageLabels, Counter>,
@@ -322,6 +324,18 @@ impl Metrics {
             "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
             worker_held.clone(),
         );
+        let worker_uploads = Family::<WorkerLabel, Gauge>::default();
+        registry.register(
+            "worker_uploads_pending",
+            "Finished jobs whose outputs the worker is storing while it goes on",
+            worker_uploads.clone(),
+        );
+        let worker_idle_seconds = Family::<WorkerLabel, FloatCounter>::default();
+        registry.register(
+            "worker_idle_between_jobs_seconds",
+            "Time the worker's GPU sat idle between jobs for the machine's own reasons: from a job's run ending to the next one's starting, less the claims' wait for work",
+            worker_idle_seconds.clone(),
+        );
         let redis_up = Gauge::default();
         registry.register("redis_up", "1 while the last Redis command succeeded", redis_up.clone());
         let redis_errors = Family::<KindLabel, Counter>::default();
@@ -376,6 +390,8 @@ impl Metrics {
                 gpu_throttled,
                 worker_quarantined,
                 worker_held,
+                worker_uploads,
+                worker_idle_seconds,
                 redis_up,
                 redis_errors,
                 external_requests,
@@ -636,6 +652,26 @@ impl Metrics {
             .set(i64::from(quarantined));
     }
 
+    /// Sets how many finished jobs a worker is storing the outputs of (at scrape time).
+    pub fn set_worker_uploads(&self, worker: &str, pending: usize) {
+        self.inner
+            .worker_uploads
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
+            })
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Adds time a worker's GPU sat idle between jobs.
+    pub fn worker_idle(&self, worker: &str, seconds: f64) {
+        self.inner
+            .worker_idle_seconds
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
+            })
+            .inc_by(seconds);
+    }
+
     /// Sets the models store's counts (at scrape time); they only grow, and so do the counters.
     pub fn set_models(&self, downloads: u64, bytes: u64, evictions: u64) {
         let i = &self.inner;
@@ -694,6 +730,7 @@ impl super::HealthState {
             let quarantined = w.held_by.contains(&crate::worker::hold::HoldKind::Quarantine);
             self.metrics
                 .set_worker_hold(&w.worker_id, w.hold.is_some(), quarantined);
+            self.metrics.set_worker_uploads(&w.worker_id, w.uploads.len());
         }
         if let Some(m) = &self.models {
             self.metrics
@@ -767,6 +804,9 @@ mod tests {
         m.set_service("comfyui-gpu0", 3, true);
         m.set_service("comfyui-gpu0", 3, false);
         m.set_workers([("w0", true), ("w1", false)]);
+        m.worker_idle("w0", 0.25);
+        m.worker_idle("w0", 0.5);
+        m.set_worker_uploads("w0", 2);
         m.set_queue_depth("comfyui", 7);
         m.planned_restart("comfyui-gpu0", "rss");
         m.set_gpu(&crate::gpu::GpuLive {
@@ -782,6 +822,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("machine_match_misses_total 1"), "{text}");
+        assert!(
+            text.contains("machine_worker_idle_between_jobs_seconds_total{worker=\"w0\"} 0.75"),
+            "{text}"
+        );
+        assert!(
+            text.contains("machine_worker_uploads_pending{worker=\"w0\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("machine_jobs_claimed_total{service=\"comfyui\"} 1"),
             "{text}"

@@ -559,7 +559,11 @@ impl HealthState {
 
 /// Whether a worker can claim now: it is idle or busy and nothing holds it.
 fn can_claim(w: &status::Worker) -> bool {
-    w.reason.is_none() && matches!(w.state, status::WorkerStage::Idle | status::WorkerStage::Busy)
+    w.reason.is_none()
+        && matches!(
+            w.state,
+            status::WorkerStage::Idle | status::WorkerStage::Busy | status::WorkerStage::WaitingForUploads
+        )
 }
 
 /// What `/ready` answers: the phase is `ready` and at least one worker can claim (a machine

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +22,7 @@ use crate::gpu::Probe;
 use crate::models::{ModelStore, StoreSettings};
 use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
 
-use super::{Kit, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
+use super::{Kit, UploadLimits, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
 
 /// One limiter per limited external API the configuration runs.
 pub(super) fn limiters(config: &Config) -> BTreeMap<ConnectorKind, Arc<Limiter>> {
@@ -79,6 +78,10 @@ pub(super) fn worker_for(
     let mut worker = Worker::new(caps, connectors, settings, kit.store.clone());
     worker.follow_models(capabilities::ModelDirs::of(wp, &config.machine.workspace));
     worker.quarantine_on(quarantine_policy(wp, config));
+    worker.upload_alongside(UploadLimits {
+        jobs: config.machine.worker.pending_uploads,
+        bytes: config.machine.worker.pending_upload_mb.saturating_mul(1024 * 1024),
+    });
     worker.recheck_holds_every(config.machine.worker.hold_recheck);
     if let Some(index) = wp.gpu {
         // A fault of its GPU holds the worker (and returns its job).
@@ -136,50 +139,15 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
     }
 }
 
-/// Connects the machine's one broker to [`Config::broker_url`] and loads the function library,
-/// retrying with backoff while Redis is unreachable (in local mode it is still starting); `None`
-/// when `shutdown` comes first. Each failure is logged with its whole cause chain and recorded
+/// Connects the machine's one broker to [`Config::broker_url`] with the workers' options,
+/// retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are recorded
 /// in `health` (for the status page and `/ready`).
 pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
-    let url = config.machine.broker_url();
     let opts = BrokerOptions {
         health: health.clone(),
         ..broker_options(config)
     };
-    let backoff = crate::backoff::Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
-    let mut failures = 0;
-    loop {
-        let attempt = async {
-            let broker = Broker::connect(&url, opts.clone()).await?;
-            broker.ensure_functions().await?;
-            Ok::<_, crate::broker::BrokerError>(broker)
-        };
-        // Every wait on Redis gives way to a shutdown: connecting is bounded, but a machine
-        // asked to stop does not wait even for that.
-        let attempt = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            r = attempt => r,
-        };
-        match attempt {
-            Ok(b) => {
-                health.record_ok();
-                return Some(b);
-            }
-            Err(e) => {
-                let error = crate::logging::error_chain(&e);
-                let delay = backoff.delay(failures, 0.0);
-                tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                if health.record_err(&e).is_none() {
-                    health.record_fault(crate::broker::FaultKind::Other, error);
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                failures = failures.saturating_add(1);
-            }
-        }
-    }
+    Broker::connect_until(&config.machine.broker_url(), opts, shutdown).await
 }
 
 /// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the

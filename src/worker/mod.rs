@@ -44,8 +44,8 @@ use crate::plan::{Plan, WorkerPlan};
 
 pub use build::{broker_options, connect_broker};
 use build::{limiters, model_store, worker_for};
-pub use runner::{Worker, WorkerSettings};
-pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, QuotaWait, WorkerState, WorkerStatus};
+pub use runner::{UploadLimits, Worker, WorkerSettings};
+pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
 
 /// Why the workers could not be set up or run.
 #[derive(Debug, thiserror::Error)]

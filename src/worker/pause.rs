@@ -102,6 +102,7 @@ mod tests {
             last_activity_ms: 0,
             hold: None,
             held_by: Vec::new(),
+            uploads: Vec::new(),
             quota_waits: Vec::new(),
         };
         let (tx, mut rx) = watch::channel(status(WorkerState::Busy));

@@ -22,6 +22,9 @@ pub enum WorkerState {
     Held,
     /// Waiting for a job.
     Idle,
+    /// Not claiming until one of its pending uploads ends: it has as many as
+    /// `worker.pending_uploads` allows, or their outputs fill `worker.pending_upload_mb`.
+    WaitingForUploads,
     /// Running a job.
     Busy,
     /// Shutting down; its job may finish within the drain period.
@@ -41,6 +44,20 @@ pub struct CurrentJob {
     pub progress: f64,
     /// Last progress message.
     pub message: String,
+}
+
+/// A finished job whose outputs are being stored while its worker goes on (its lease is kept
+/// until its end is written).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingUpload {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// The bytes of its outputs held in memory.
+    pub bytes: u64,
+    /// When its service work ended and the upload began, epoch milliseconds.
+    pub since_ms: u64,
 }
 
 /// How many jobs ended which way.
@@ -79,9 +96,18 @@ pub struct WorkerStatus {
     pub hold: Option<String>,
     /// The kinds of its holds.
     pub held_by: Vec<HoldKind>,
+    /// Finished jobs whose outputs it is storing while it goes on, oldest first.
+    pub uploads: Vec<PendingUpload>,
     /// Work a daily quota holds back from it until the quota resets (it claims the rest).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quota_waits: Vec<QuotaWait>,
+}
+
+impl WorkerStatus {
+    /// The bytes its pending uploads hold.
+    pub fn upload_bytes(&self) -> u64 {
+        self.uploads.iter().map(|u| u.bytes).sum()
+    }
 }
 
 /// Work a worker leaves alone until a daily quota resets: an API's quota holds back the job
@@ -163,6 +189,12 @@ pub struct JobReport {
     /// Time from the claim to the outcome written in Redis.
     #[serde(with = "humantime_serde")]
     pub total: Duration,
+    /// How long the worker's service sat idle for the machine's own reasons before this job
+    /// ran: from the previous job's run ending to this one's starting, less the time the claim
+    /// waited for the broker (writing the previous outcome, storing its outputs when they are
+    /// not uploaded alongside, waiting for the upload budget).
+    #[serde(with = "humantime_serde")]
+    pub idle_before: Duration,
     /// What the attempt used and cost at a paid API, whatever its outcome (providers bill
     /// failed and cancelled work too).
     pub billing: Option<Billing>,

@@ -6,7 +6,7 @@
 //! in this crate is linked into the product. [`FakeComfyui`], [`FakeA1111`], [`FakeOpenai`],
 //! [`FakeReplicate`] and [`FakeRunpod`] are HTTP (and WebSocket) servers speaking those services'
 //! real wire formats, scriptable by tests. [`ObjectServer`] runs a real object-store server
-//! (Azurite, moto's S3, a GCS emulator).
+//! (Azurite, moto's S3, a GCS emulator); [`SlowProxy`] delays (or cuts) the requests to one.
 
 mod fake_a1111;
 mod fake_comfyui;
@@ -18,6 +18,7 @@ mod file_server;
 mod object_server;
 mod redis_server;
 mod serve;
+mod slow_proxy;
 
 pub use fake_a1111::FakeA1111;
 pub use fake_comfyui::FakeComfyui;
@@ -28,6 +29,7 @@ pub use file_server::{FileServer, SeenRequest};
 pub use object_server::{AZURITE_ACCOUNT, AZURITE_KEY, ListedObject, ObjectServer, StoreKind};
 pub use redis_server::RedisServer;
 pub use serve::TINY_PNG;
+pub use slow_proxy::SlowProxy;
 
 use std::net::TcpListener;
 

@@ -23,6 +23,7 @@ mod matcher;
 mod metrics;
 mod models;
 mod page;
+mod pipeline;
 mod playwright;
 mod reload;
 mod self_healing;

@@ -254,6 +254,47 @@ impl Broker {
         })
     }
 
+    /// Connects to `url` and loads the function library, retrying with the one backoff while
+    /// Redis is unreachable (in local mode it is still starting); `None` when `stop` comes first.
+    /// Each failure is logged with its whole cause chain and recorded in `opts.health`.
+    pub async fn connect_until(url: &RedisUrl, opts: BrokerOptions, stop: &CancellationToken) -> Option<Broker> {
+        let health = opts.health.clone();
+        let backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
+        let mut failures = 0;
+        loop {
+            let attempt = async {
+                let broker = Broker::connect(url, opts.clone()).await?;
+                broker.ensure_functions().await?;
+                Ok::<_, BrokerError>(broker)
+            };
+            // Every wait on Redis gives way to a stop: connecting is bounded, but a machine
+            // asked to stop does not wait even for that.
+            let attempt = tokio::select! {
+                () = stop.cancelled() => return None,
+                r = attempt => r,
+            };
+            match attempt {
+                Ok(b) => {
+                    health.record_ok();
+                    return Some(b);
+                }
+                Err(e) => {
+                    let error = crate::logging::error_chain(&e);
+                    let delay = backoff.delay(failures, 0.0);
+                    tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                    if health.record_err(&e).is_none() {
+                        health.record_fault(FaultKind::Other, error);
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
+    }
+
     /// The lease the next claim and renewal ask for.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.inner.lease_ms.load(Ordering::Relaxed))

@@ -40,9 +40,11 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::http::{self, Backoff};
-use super::simulation::json_kind;
 use super::stall::StallClock;
-use super::{Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, or_cancelled};
+use super::{
+    Artifact, ArtifactBody, Connector, ConnectorError, Job, JobOutput, Progress, ProgressSink, guess_content_type,
+    json_kind, or_cancelled,
+};
 use crate::config::ConnectorKind;
 use crate::models::{ModelError, ModelStore, ModelsInUse};
 use tracker::{Outcome, Tracker, history_outcome, queue_is_empty, queue_lists};
@@ -671,29 +673,6 @@ impl OutputFile {
                 .to_owned(),
             kind,
         })
-    }
-}
-
-/// A MIME type from a file name, for servers that send none.
-pub(crate) fn guess_content_type(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "wav" => "audio/wav",
-        "mp3" => "audio/mpeg",
-        "flac" => "audio/flac",
-        "json" => "application/json",
-        "txt" => "text/plain",
-        "glb" => "model/gltf-binary",
-        _ => "application/octet-stream",
     }
 }
 

@@ -152,6 +152,9 @@ pub struct Worker {
     /// Why the worker cannot claim: its holds (a GPU fault, a quarantine, ...) or a service
     /// of its in crash loop or failed.
     pub reason: Option<String>,
+    /// Finished jobs whose outputs it is storing while it goes on, oldest first.
+    #[serde(default)]
+    pub uploads: Vec<Upload>,
     /// Whether it is quarantined (an operator may lift it: `machine quarantine clear`, the
     /// page's button).
     #[serde(default)]
@@ -159,6 +162,19 @@ pub struct Worker {
     /// Work a daily quota holds back from it until the quota resets (it claims the rest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quota_waits: Vec<crate::worker::QuotaWait>,
+}
+
+/// A finished job whose outputs a worker is storing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The job id.
+    pub job_id: String,
+    /// Its `service_required`.
+    pub service: String,
+    /// The bytes of its outputs.
+    pub bytes: u64,
+    /// When the upload began, epoch milliseconds.
+    pub since_ms: u64,
 }
 
 impl Worker {
@@ -173,6 +189,7 @@ impl Worker {
             last_activity_ms,
             hold,
             held_by,
+            uploads,
             quota_waits,
         } = status;
         Worker {
@@ -183,6 +200,15 @@ impl Worker {
             last_error: last_error.clone(),
             last_activity_ms: *last_activity_ms,
             reason: hold.clone().or(reason),
+            uploads: uploads
+                .iter()
+                .map(|u| Upload {
+                    job_id: u.job_id.clone(),
+                    service: u.service.clone(),
+                    bytes: u.bytes,
+                    since_ms: u.since_ms,
+                })
+                .collect(),
             quarantined: held_by.contains(&crate::worker::hold::HoldKind::Quarantine),
             quota_waits: quota_waits.clone(),
         }
@@ -201,6 +227,8 @@ pub enum WorkerStage {
     Held,
     /// Waiting for a job.
     Idle,
+    /// Not claiming until one of its pending uploads ends.
+    WaitingForUploads,
     /// Running a job.
     Busy,
     /// Shutting down.
@@ -216,6 +244,7 @@ impl From<WorkerState> for WorkerStage {
             WorkerState::WaitingForServices => WorkerStage::WaitingForServices,
             WorkerState::Held => WorkerStage::Held,
             WorkerState::Idle => WorkerStage::Idle,
+            WorkerState::WaitingForUploads => WorkerStage::WaitingForUploads,
             WorkerState::Busy => WorkerStage::Busy,
             WorkerState::Draining => WorkerStage::Draining,
             WorkerState::Stopped => WorkerStage::Stopped,
@@ -315,6 +344,7 @@ impl WorkerStage {
             WorkerStage::WaitingForServices => "waiting_for_services",
             WorkerStage::Held => "held",
             WorkerStage::Idle => "idle",
+            WorkerStage::WaitingForUploads => "waiting_for_uploads",
             WorkerStage::Busy => "busy",
             WorkerStage::Draining => "draining",
             WorkerStage::Stopped => "stopped",
@@ -402,6 +432,7 @@ mod tests {
                 last_activity_ms: 7,
                 hold: None,
                 held_by: Vec::new(),
+                uploads: Vec::new(),
                 quota_waits: vec![crate::worker::QuotaWait {
                     services: vec!["openai_text".into()],
                     customer: None,

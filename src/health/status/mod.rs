@@ -21,7 +21,7 @@ use crate::gpu::health::Throttle;
 use crate::gpu::{Condition, GpuHealth, GpuInfo, GpuLive, HostInfo};
 use crate::installers::InstallState;
 
-pub use board::{Counts, Exit, Job, Service, ServiceStage, Worker, WorkerStage};
+pub use board::{Counts, Exit, Job, Service, ServiceStage, Upload, Worker, WorkerStage};
 
 /// `/status`: everything the machine knows about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,6 +429,7 @@ pub(crate) fn sample() -> StatusDocument {
             last_error: None,
             last_activity_ms: 1,
             reason: Some("comfyui-gpu0 is failed".into()),
+            uploads: Vec::new(),
             quarantined: false,
             quota_waits: Vec::new(),
         }],

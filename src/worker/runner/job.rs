@@ -17,11 +17,12 @@ use crate::broker::health::is_outage;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
-    Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver, ProgressSink,
+    ArtifactBody, Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver,
+    ProgressSink,
 };
 use crate::logging::error_chain;
-use crate::worker::hold::{Blame, HoldKind, Recheck};
-use crate::worker::{CurrentJob, JobOutcome, JobReport, WorkerState, WorkerStatus};
+use crate::worker::hold::{Blame, HoldKind, Holds, Recheck};
+use crate::worker::{CurrentJob, JobOutcome, JobReport, PendingUpload, WorkerState, WorkerStatus};
 
 /// How long the end of a job waits for its last progress report to be written.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
@@ -45,6 +46,42 @@ struct Ended {
     run: Duration,
     billing: Option<Billing>,
     possible_orphan: Option<String>,
+    idle_before: Duration,
+}
+
+/// How a supervised job left its worker: ended, or finished by its service with its outputs
+/// handed to the worker's upload stage.
+#[derive(Debug)]
+enum Supervised {
+    Ended(Ended),
+    Upload(Box<Upload>),
+}
+
+/// A job whose service work is done, on its way to the upload stage: its outputs, its lease
+/// keeper (still renewing) and the stops the keeper sends.
+#[derive(Debug)]
+struct Upload {
+    target: OutputTarget,
+    output: JobOutput,
+    stops: mpsc::Receiver<Stop>,
+    keeper: AbortOnDrop<()>,
+    run: Duration,
+    billing: Option<Billing>,
+    idle_before: Duration,
+}
+
+/// What writes a job's end, shared by the worker and its upload stage (a finished job's
+/// outputs stored, and its end written, while the worker already runs the next job): the
+/// worker's status, reports, holds, output store, drain period and forced-shutdown token.
+#[derive(Debug, Clone)]
+pub(super) struct Ending {
+    id: String,
+    status: Arc<watch::Sender<WorkerStatus>>,
+    reports: Option<broadcast::Sender<JobReport>>,
+    drain: Duration,
+    holds: Holds,
+    store: Arc<OutputStore>,
+    force: CancellationToken,
 }
 
 /// What the upload of a finished job's outputs watches: the lease keeper's stops and the drain
@@ -70,6 +107,19 @@ pub(super) enum NotWritten {
 }
 
 impl Worker {
+    /// What writes its jobs' ends, for this worker and its upload stage.
+    pub(super) fn ending(&self) -> Ending {
+        Ending {
+            id: self.caps.worker_id.clone(),
+            status: self.status.clone(),
+            reports: self.reports.clone(),
+            drain: self.settings.drain,
+            holds: self.holds.clone(),
+            store: self.store.clone(),
+            force: self.force.clone(),
+        }
+    }
+
     /// The job as its connector sees it, and where its outputs go: a `ctx` that is not JSON or
     /// names no usable destination is refused here, before anything runs.
     fn job_input(&self, claimed: &ClaimedJob) -> Result<Prepared, ConnectorError> {
@@ -86,12 +136,14 @@ impl Worker {
         Ok(Prepared { input: job, target })
     }
 
+    /// Runs a claimed job; its outcome, or `None` when its outputs went to the upload stage
+    /// (which writes its end, and tells the worker, later).
     pub(super) async fn run_job(
         &mut self,
         broker: &Broker,
         claimed: ClaimedJob,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Option<JobOutcome> {
         let claimed_at = Instant::now();
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
@@ -106,29 +158,27 @@ impl Worker {
             });
         });
         tracing::info!(worker = %self.id(), job_id = %claimed.id, service = %claimed.service, "claimed a job");
-        let ended = |outcome| Ended {
-            outcome,
-            run: Duration::ZERO,
-            billing: None,
-            possible_orphan: None,
+        let ended = |outcome| {
+            Supervised::Ended(Ended {
+                outcome,
+                run: Duration::ZERO,
+                billing: None,
+                possible_orphan: None,
+                idle_before: Duration::ZERO,
+            })
         };
-        let Ended {
-            outcome,
-            run,
-            billing,
-            possible_orphan,
-        } = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
+        let supervised = match (self.connectors.get(&claimed.service).cloned(), self.job_input(&claimed)) {
             (None, _) => {
                 let e = ConnectorError::BadPayload(format!(
                     "worker {} has no connector for `{}`",
                     self.id(),
                     claimed.service
                 ));
-                ended(self.write_failure(broker, &claimed, &e, shutdown).await)
+                ended(self.ending().write_failure(broker, &claimed, &e, shutdown).await)
             }
-            (Some(_), Err(e)) => ended(self.write_failure(broker, &claimed, &e, shutdown).await),
-            (Some(connector), Ok(prepared)) => match self.write(shutdown, || broker.start(&claimed)).await {
-                Err(not) => ended(self.not_written(not)),
+            (Some(_), Err(e)) => ended(self.ending().write_failure(broker, &claimed, &e, shutdown).await),
+            (Some(connector), Ok(prepared)) => match self.ending().write(shutdown, || broker.start(&claimed)).await {
+                Err(not) => ended(self.ending().not_written(not)),
                 Ok(()) => {
                     if claimed.waited_for_a_limit() {
                         // It waited for a quota before; if it still must, deferJob says so again.
@@ -136,11 +186,122 @@ impl Worker {
                             tracing::debug!(job_id = %claimed.id, error = %error_chain(&e), "limit reason not cleared");
                         }
                     }
-                    self.supervise(broker, &claimed, &prepared, connector, &mut cancels, shutdown)
+                    self.supervise(broker, &claimed, prepared, connector, &mut cancels, shutdown)
                         .await
                 }
             },
         };
+        match supervised {
+            Supervised::Ended(ended) => {
+                let outcome = ended.outcome.clone();
+                self.ending().finish(&claimed, ended, claimed_at, true);
+                Some(outcome)
+            }
+            Supervised::Upload(upload) => {
+                self.hand_off(broker, claimed, upload, claimed_at, shutdown);
+                None
+            }
+        }
+    }
+
+    /// Hands a job whose service work is done to the worker's upload stage: its outputs are
+    /// stored and its end written there, under its lease (still renewed), while the worker
+    /// claims its next job. The stage tells the worker each outcome.
+    fn hand_off(
+        &mut self,
+        broker: &Broker,
+        claimed: ClaimedJob,
+        upload: Box<Upload>,
+        claimed_at: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        let bytes: u64 = upload
+            .output
+            .artifacts
+            .iter()
+            .map(|a| match &a.body {
+                ArtifactBody::Bytes(b) => u64::try_from(b.len()).unwrap_or(u64::MAX),
+                ArtifactBody::Url(_) => 0,
+            })
+            .sum();
+        tracing::debug!(worker = %self.id(), job_id = %claimed.id, bytes, "storing the outputs while the worker goes on");
+        self.status.send_modify(|s| {
+            s.current_job = None;
+            s.last_activity_ms = crate::clock::now_ms();
+            s.uploads.push(PendingUpload {
+                job_id: claimed.id.clone(),
+                service: claimed.service.clone(),
+                bytes,
+                since_ms: crate::clock::now_ms(),
+            });
+        });
+        let ending = self.ending();
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        let done = self.upload_ends.clone();
+        self.upload_stage.spawn(async move {
+            let Upload {
+                target,
+                output,
+                mut stops,
+                keeper,
+                run,
+                billing,
+                idle_before,
+            } = *upload;
+            let uploading = Uploading {
+                stops: &mut stops,
+                drain: None,
+            };
+            let outcome = ending
+                .write_success(&broker, &claimed, &target, output, &shutdown, uploading)
+                .await;
+            // The lease is kept until the job's end is written, and no longer.
+            drop(keeper);
+            let ended = Ended {
+                outcome: outcome.clone(),
+                run,
+                billing,
+                possible_orphan: None,
+                idle_before,
+            };
+            ending.finish(&claimed, ended, claimed_at, false);
+            let _ = done.send((claimed.id.clone(), outcome));
+        });
+    }
+}
+
+impl Ending {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn note_error(&self, e: &dyn std::fmt::Display) {
+        let text = e.to_string();
+        self.status.send_modify(|s| s.last_error = Some(text));
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        self.status.send_if_modified(|s| {
+            let changed = s.state != state;
+            if changed {
+                s.last_activity_ms = crate::clock::now_ms();
+            }
+            s.state = state;
+            changed
+        });
+    }
+
+    /// Counts a job's end in the worker's status and reports it; `current` when it was the
+    /// worker's current job (else it was one of its pending uploads).
+    fn finish(&self, claimed: &ClaimedJob, ended: Ended, claimed_at: Instant, current: bool) {
+        let Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
+            idle_before,
+        } = ended;
         let total = claimed_at.elapsed();
         tracing::info!(
             worker = %self.id(),
@@ -151,7 +312,11 @@ impl Worker {
             "job ended"
         );
         self.status.send_modify(|s| {
-            s.current_job = None;
+            if current {
+                s.current_job = None;
+            } else {
+                s.uploads.retain(|u| u.job_id != claimed.id);
+            }
             s.last_activity_ms = crate::clock::now_ms();
             match &outcome {
                 JobOutcome::Completed => s.counts.completed += 1,
@@ -166,35 +331,38 @@ impl Worker {
         });
         if let Some(tx) = &self.reports {
             let _ = tx.send(JobReport {
-                worker_id: self.caps.worker_id.clone(),
+                worker_id: self.id.clone(),
                 job_id: claimed.id.clone(),
                 service: claimed.service.clone(),
-                outcome: outcome.clone(),
+                outcome,
                 run,
                 total,
                 billing,
                 possible_orphan,
+                idle_before,
             });
         }
-        outcome
     }
+}
 
+impl Worker {
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
     /// around it, then writes the outcome.
     async fn supervise(
         &mut self,
         broker: &Broker,
         claimed: &ClaimedJob,
-        prepared: &Prepared,
+        prepared: Prepared,
         connector: Arc<dyn Connector>,
         cancels: &mut broadcast::Receiver<String>,
         shutdown: &CancellationToken,
-    ) -> Ended {
+    ) -> Supervised {
         let Prepared { input, target } = prepared;
         let (sink, progress) = ProgressSink::new();
         let usage = sink.clone();
         let job_cancel = CancellationToken::new();
         let started = Instant::now();
+        let idle_before = self.idle.run_started(started);
         let checker = connector.clone();
         let mut task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
@@ -205,8 +373,9 @@ impl Worker {
             }
         }));
         let (stop_tx, mut stop_rx) = mpsc::channel(2);
-        // Held until this function returns: the lease is renewed until the job's end is written.
-        let _keeper = AbortOnDrop(tokio::spawn(keep_lease(
+        // Held until the job's end is written (here, or by the upload stage): the lease is
+        // renewed until then.
+        let keeper = AbortOnDrop(tokio::spawn(keep_lease(
             broker.clone(),
             claimed.clone(),
             self.settings.heartbeat,
@@ -280,6 +449,7 @@ impl Worker {
         // outcome write below may outlast it (issue 23). Progress ends with the connector: its
         // last report is written before the outcome (a coalesced one would be lost otherwise),
         // unless Redis takes longer than PROGRESS_FLUSH to take it.
+        self.idle.run_ended(Instant::now());
         progress_ended.cancel();
         let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
         drop(forwarder);
@@ -291,6 +461,23 @@ impl Worker {
                 tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
             }
         }
+        // A job its service finished, while the worker goes on, is stored and completed by
+        // the upload stage, so the service gets its next job now (at shutdown there is no next
+        // job: it is stored here, within the drain).
+        let result = match result {
+            Ok(output) if stop.is_none() && self.uploads_alongside() && !shutdown.is_cancelled() => {
+                return Supervised::Upload(Box::new(Upload {
+                    target,
+                    output,
+                    stops: stop_rx,
+                    keeper,
+                    run,
+                    billing,
+                    idle_before,
+                }));
+            }
+            other => other,
+        };
         let mut possible_orphan = None;
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
@@ -300,18 +487,19 @@ impl Worker {
                     stops: &mut stop_rx,
                     drain,
                 };
-                self.write_success(broker, claimed, target, output, shutdown, uploading)
+                self.ending()
+                    .write_success(broker, claimed, &target, output, shutdown, uploading)
                     .await
             }
             (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
-                match self.write(shutdown, || broker.return_job(claimed)).await {
+                match self.ending().write(shutdown, || broker.return_job(claimed)).await {
                     Ok(()) => JobOutcome::Returned,
-                    Err(not) => self.not_written(not),
+                    Err(not) => self.ending().not_written(not),
                 }
             }
             (Some(Stop::Timeout), Err(_)) => {
                 let e = ConnectorError::Timeout(timeout);
-                self.write_failure(broker, claimed, &e, shutdown).await
+                self.ending().write_failure(broker, claimed, &e, shutdown).await
             }
             (None, Err(e @ ConnectorError::QuotaReached { .. })) => self.defer(broker, claimed, &e, shutdown).await,
             (None, Err(e @ ConnectorError::MaybeCreated { .. })) => {
@@ -320,29 +508,35 @@ impl Worker {
                     possible_orphan = Some(api.clone());
                 }
                 tracing::warn!(job_id = %claimed.id, error = %e.chain(), "returning the job: its work may exist upstream");
-                self.give_back(broker, claimed, &e.chain(), shutdown).await
+                self.ending().give_back(broker, claimed, &e.chain(), shutdown).await
             }
             (None, Err(e @ ConnectorError::CredentialsRefused { .. })) => {
                 // The API refuses this machine, not the job: hand the job back untouched (not
                 // counted against it: an account out of credit is probed with real jobs, which
                 // must not fail them) and take no more of that API's work until a re-check passes.
                 self.hold_for_credentials(checker, &e);
-                match self.write(shutdown, || broker.return_job(claimed)).await {
+                match self.ending().write(shutdown, || broker.return_job(claimed)).await {
                     Ok(()) => JobOutcome::Returned,
-                    Err(not) => self.not_written(not),
+                    Err(not) => self.ending().not_written(not),
                 }
             }
-            (None, Err(e)) if e.is_service_fault() => self.write_service_fault(broker, claimed, &e, shutdown).await,
-            (None, Err(e)) => self.write_failure(broker, claimed, &e, shutdown).await,
+            (None, Err(e)) if e.is_service_fault() => {
+                self.ending().write_service_fault(broker, claimed, &e, shutdown).await
+            }
+            (None, Err(e)) => self.ending().write_failure(broker, claimed, &e, shutdown).await,
         };
-        Ended {
+        drop(keeper);
+        Supervised::Ended(Ended {
             outcome,
             run,
             billing,
             possible_orphan,
-        }
+            idle_before,
+        })
     }
+}
 
+impl Ending {
     /// Stores the outputs and completes the job, under its lease (renewed beside it). The
     /// upload stops when the API cancels the job or the lease is lost, and, at shutdown, when
     /// the drain period (or a second signal) ends first: the job is then returned to the queue
@@ -368,9 +562,9 @@ impl Worker {
                     Stop::Timeout | Stop::Shutdown | Stop::Held => {}
                 },
                 () = shutdown.cancelled(), if uploading.drain.is_none() => {
-                    tracing::info!(job_id = %claimed.id, drain = ?self.settings.drain, "shutdown: letting the upload finish within the drain period");
+                    tracing::info!(job_id = %claimed.id, drain = ?self.drain, "shutdown: letting the upload finish within the drain period");
                     self.set_state(WorkerState::Draining);
-                    uploading.drain = Some(Box::pin(tokio::time::sleep(self.settings.drain)));
+                    uploading.drain = Some(Box::pin(tokio::time::sleep(self.drain)));
                 }
                 () = async { uploading.drain.as_mut().expect("guarded by is_some").await }, if uploading.drain.is_some() => {
                     tracing::warn!(job_id = %claimed.id, "the drain period ended before the upload did; returning the job");
@@ -565,7 +759,7 @@ impl Worker {
                     self.note_error(&error_chain(&e));
                     if shutdown.is_cancelled() {
                         let since = *shutdown_seen.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.settings.drain {
+                        if since.elapsed() >= self.drain {
                             return Err(NotWritten::GaveUp(e));
                         }
                     }

@@ -15,14 +15,25 @@
 //!
 //! The life of one claimed job, from its input to its one outcome written in Redis, is in
 //! [`job`].
+//!
+//! With `worker.pending_uploads` above zero, a job its service finished is handed to the
+//! worker's upload stage, which stores its outputs and writes its end under its lease (still
+//! renewed) while the worker claims and runs the next job. The stage is bounded: the worker
+//! claims only while fewer jobs than that wait on their uploads and their outputs hold less
+//! than `worker.pending_upload_mb`; otherwise it waits for one to end. Each upload keeps every
+//! promise of a job stored in place: at shutdown it finishes within the drain period or its
+//! job is returned; a refused credential gives its job back and holds the worker, which stops
+//! claiming once its current job ends; a machine killed meanwhile loses nothing (the leases
+//! expire and the jobs run again). The worker waits for its uploads before it stops.
 
+mod idle;
 mod job;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::health::is_outage;
@@ -79,9 +90,41 @@ pub struct Worker {
     kept: Vec<super::upkeep::Kept>,
     /// How often a hold set with a re-check is checked again while the worker is held.
     hold_recheck: Duration,
+    /// The bounds of its upload stage; no stage when `jobs` is 0.
+    upload_limits: UploadLimits,
+    /// The uploads of finished jobs in flight, each storing one job's outputs and writing its
+    /// end; joined before the worker stops.
+    upload_stage: tokio::task::JoinSet<()>,
+    /// Where the upload stage tells the worker how each of its jobs ended (for the quarantine).
+    upload_ends: mpsc::UnboundedSender<(String, JobOutcome)>,
+    upload_ended: mpsc::UnboundedReceiver<(String, JobOutcome)>,
+    /// Outcomes from the upload stage that reached a claim, judged once it returns.
+    upload_outcomes: Vec<(String, JobOutcome)>,
+    /// Its service's idle time between jobs.
+    idle: idle::IdleClock,
     /// Refusals for lack of credit since this worker last completed a job: each one waits
     /// longer before the next real request probes the account.
     credit_refusals: u32,
+}
+
+/// How many finished jobs may wait on their uploads while a worker goes on, and how many bytes
+/// of outputs they may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Finished jobs waiting on their uploads; 0 stores each job's outputs before the next
+    /// claim.
+    pub jobs: u32,
+    /// The bytes of outputs they hold, at most (the job that fills it may pass it).
+    pub bytes: u64,
+}
+
+impl UploadLimits {
+    /// Whether a worker whose uploads are `status.uploads` may claim another job.
+    fn room(self, status: &WorkerStatus) -> bool {
+        self.jobs == 0
+            || (status.uploads.len() < usize::try_from(self.jobs).unwrap_or(usize::MAX)
+                && status.upload_bytes() < self.bytes)
+    }
 }
 
 /// The re-check of an external API's refusal of this machine (see
@@ -135,6 +178,7 @@ struct Deferral {
 }
 
 /// Aborts a spawned task when dropped, so no task outlives the job it belongs to.
+#[derive(Debug)]
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -161,8 +205,10 @@ impl Worker {
             last_activity_ms: crate::clock::now_ms(),
             hold: None,
             held_by: Vec::new(),
+            uploads: Vec::new(),
             quota_waits: Vec::new(),
         });
+        let (upload_ends, upload_ended) = mpsc::unbounded_channel();
         Worker {
             caps,
             connectors,
@@ -183,8 +229,44 @@ impl Worker {
             job_ends: None,
             kept: Vec::new(),
             hold_recheck: Duration::from_secs(15),
+            upload_limits: UploadLimits { jobs: 0, bytes: 0 },
+            upload_stage: tokio::task::JoinSet::new(),
+            upload_ends,
+            upload_ended,
+            upload_outcomes: Vec::new(),
+            idle: idle::IdleClock::default(),
             credit_refusals: 0,
         }
+    }
+
+    /// Stores finished jobs' outputs while it runs the next job, within `limits` (a new worker
+    /// stores them before claiming again).
+    pub fn upload_alongside(&mut self, limits: UploadLimits) {
+        self.upload_limits = limits;
+    }
+
+    /// Whether finished jobs go to the upload stage.
+    fn uploads_alongside(&self) -> bool {
+        self.upload_limits.jobs > 0
+    }
+
+    /// Judges the jobs whose ends the upload stage wrote since last asked.
+    fn judge_uploads(&mut self) {
+        while let Ok(ended) = self.upload_ended.try_recv() {
+            self.upload_outcomes.push(ended);
+        }
+        for (job_id, outcome) in std::mem::take(&mut self.upload_outcomes) {
+            self.judge(&job_id, &outcome);
+        }
+        while self.upload_stage.try_join_next().is_some() {}
+    }
+
+    /// Resolves once the upload stage has room for another job.
+    async fn upload_room(&self) {
+        let limits = self.upload_limits;
+        let mut status = self.status.subscribe();
+        // The sender lives in `self`: the channel cannot close while this waits.
+        let _ = status.wait_for(|s| limits.room(s)).await;
     }
 
     /// Checks a hold set with a re-check (refused credentials) this often while held.
@@ -376,6 +458,7 @@ impl Worker {
         )));
         let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
         while !shutdown.is_cancelled() {
+            self.judge_uploads();
             match self.quarantine.until(Instant::now()) {
                 None => self.holds.clear(HoldKind::Quarantine),
                 // The hold is the quarantine's face: an operator who lifted it
@@ -419,6 +502,16 @@ impl Worker {
                 }
                 continue;
             }
+            if !self.upload_limits.room(&self.status.borrow()) {
+                self.set_state(WorkerState::WaitingForUploads);
+                let holds = self.holds.clone();
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.upload_room() => {}
+                    () = holds.held() => {}
+                }
+                continue;
+            }
             self.set_state(WorkerState::Idle);
             if self.rescan_models().await {
                 self.publish_capabilities(&broker, &shutdown).await;
@@ -437,16 +530,21 @@ impl Worker {
                 }
                 continue;
             };
+            self.idle.claiming(Instant::now());
             let claimed = self.claim(&broker, &caps, &shutdown).await;
             match claimed {
                 Ok(Some(job)) => {
+                    self.idle.claimed(Instant::now());
                     backoff.reset();
                     let job_id = job.id.clone();
                     let outcome = self.run_job(&broker, job, &shutdown).await;
-                    self.judge(&job_id, &outcome);
+                    if let Some(outcome) = &outcome {
+                        self.judge(&job_id, outcome);
+                    }
                     if let Some(ends) = &self.job_ends {
                         // A restart planned for after this job is held before the next claim.
-                        ends.job_ended(&outcome).await;
+                        // A job in the upload stage is done as far as its service goes.
+                        ends.job_ended(outcome.as_ref().unwrap_or(&JobOutcome::Completed)).await;
                     }
                 }
                 // Redis answered: the next failure starts the backoff from its first step.
@@ -462,6 +560,14 @@ impl Worker {
                 }
             }
         }
+        // The pending uploads finish within the drain period, or their jobs are returned; the
+        // worker stays registered and heartbeating until they have.
+        if !self.upload_stage.is_empty() {
+            self.set_state(WorkerState::Draining);
+            tracing::info!(worker = %self.id(), uploads = self.upload_stage.len(), "waiting for the pending uploads");
+        }
+        while self.upload_stage.join_next().await.is_some() {}
+        self.judge_uploads();
         let mut heartbeats = heartbeats;
         heartbeats.0.abort();
         let _ = (&mut heartbeats.0).await;
@@ -500,6 +606,12 @@ impl Worker {
             tokio::select! {
                 r = &mut claim => return r,
                 () = &mut held, if !stop.is_cancelled() => stop.cancel(),
+                // A job the upload stage ended is judged before the worker takes more work (a
+                // quarantine it starts must stop this claim).
+                Some(ended) = self.upload_ended.recv(), if !stop.is_cancelled() => {
+                    self.upload_outcomes.push(ended);
+                    stop.cancel();
+                }
                 () = &mut unready, if !stop.is_cancelled() => {
                     tracing::warn!(worker = %self.caps.worker_id, "a service stopped being ready; not claiming");
                     stop.cancel();
@@ -551,7 +663,7 @@ impl Worker {
             resets_in,
         } = e
         else {
-            return self.write_failure(broker, claimed, e, shutdown).await;
+            return self.ending().write_failure(broker, claimed, e, shutdown).await;
         };
         let until_ms = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
             + i64::try_from(resets_in.as_millis()).unwrap_or(i64::MAX / 2);
@@ -581,9 +693,13 @@ impl Worker {
             until: Instant::now() + *resets_in,
         });
         self.show_deferrals();
-        match self.write(shutdown, || broker.defer(claimed, reason, until_ms)).await {
+        match self
+            .ending()
+            .write(shutdown, || broker.defer(claimed, reason, until_ms))
+            .await
+        {
             Ok(()) => JobOutcome::Returned,
-            Err(not) => self.not_written(not),
+            Err(not) => self.ending().not_written(not),
         }
     }
 
