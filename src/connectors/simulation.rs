@@ -145,7 +145,10 @@ impl SimulationConnector {
         let body = match (plan.artifact, plan.artifact_bytes) {
             (text, Some(n)) => {
                 let unit = text.filter(|t| !t.is_empty()).unwrap_or_else(|| "x".to_owned());
-                Some(unit.bytes().cycle().take(n).collect::<Vec<u8>>())
+                // Whole copies of the string, then cut: cheap for outputs of many MiB.
+                let mut bytes = unit.repeat(n.div_ceil(unit.len())).into_bytes();
+                bytes.truncate(n);
+                Some(bytes)
             }
             (Some(text), None) => Some(text.into_bytes()),
             (None, None) => None,
