@@ -2,7 +2,9 @@
 //! difference between the running plan and the new one, without a restart.
 //!
 //! One operation, [`Reloader::reload`], reached three ways (SIGHUP, `POST /reload` with the
-//! control token, `machine reload`), one at a time through [`serve`]. It loads the
+//! control token, `machine reload`), one at a time through [`serve`]. A dry run
+//! (`POST /reload?dry_run=true`, what `machine config check --diff` asks) loads and compares
+//! exactly as a reload does, in the machine with its environment, and changes nothing. It loads the
 //! configuration file again, with `WORKER_CONNECTORS` taken from `<workspace>/worker_connectors`
 //! when that file exists (a running process cannot see new environment variables), builds and
 //! checks the new plan and its workers, and refuses an invalid one with every problem listed
@@ -50,6 +52,10 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// The new plan's adjustments (counts capped, CPU mode).
     pub warnings: Vec<String>,
+    /// The configuration file the machine read (none: defaults and environment only).
+    pub config_file: Option<PathBuf>,
+    /// A dry run: what a reload would do; nothing was applied.
+    pub dry_run: bool,
 }
 
 /// Why a reload failed.
@@ -82,8 +88,14 @@ impl ReloadError {
     }
 }
 
-/// A reload request: the caller's reply channel.
-pub type ReloadRequest = oneshot::Sender<Result<ReloadReport, ReloadError>>;
+/// A reload request: whether it is a dry run, and the caller's reply channel.
+#[derive(Debug)]
+pub struct ReloadRequest {
+    /// Load and compare only; change nothing.
+    pub dry_run: bool,
+    /// Where the report goes.
+    pub reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
+}
 
 /// The running machine as a reload changes it. One per machine; [`serve`] runs its reloads one
 /// at a time.
@@ -141,8 +153,9 @@ impl Reloader {
         }
     }
 
-    /// Loads, checks and applies the configuration as it is now; see the module docs.
-    pub async fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
+    /// Loads, checks and applies the configuration as it is now (with `dry_run`, loads and
+    /// checks only, and answers what a reload would do); see the module docs.
+    pub async fn reload(&mut self, dry_run: bool) -> Result<ReloadReport, ReloadError> {
         if self.shutdown.is_cancelled() {
             return Err(ReloadError::Unavailable("it is shutting down"));
         }
@@ -175,6 +188,16 @@ impl Reloader {
             })
             .map_err(|problems| ReloadError::Invalid(ConfigError::Invalid(problems)))?;
         let diff = PlanDiff::between(&running.plan, &plan, &changes.connectors);
+        if dry_run {
+            return Ok(ReloadReport {
+                diff,
+                restart_required,
+                applied: new_lease.iter().map(|l| lease_applied(*l)).collect(),
+                warnings: plan.warnings.clone(),
+                config_file: self.path.clone(),
+                dry_run: true,
+            });
+        }
         // Workers are built before anything stops: one that cannot be built (an API key
         // missing) refuses the reload like any other problem.
         let starting = diff.workers_to_start(&plan);
@@ -196,16 +219,15 @@ impl Reloader {
             if self.pool.set_lease(lease) {
                 tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");
             }
-            applied_settings.push(format!(
-                "worker.lease = {} (from the next claim)",
-                humantime::format_duration(lease)
-            ));
+            applied_settings.push(lease_applied(lease));
         }
         let report = ReloadReport {
             diff: diff.clone(),
             restart_required,
             applied: applied_settings,
             warnings: plan.warnings.clone(),
+            config_file: self.path.clone(),
+            dry_run: false,
         };
         if diff.is_empty() {
             tracing::info!("reload: nothing to change");
@@ -288,6 +310,14 @@ impl Reloader {
     }
 }
 
+/// How the report names a lease applied in place.
+fn lease_applied(lease: std::time::Duration) -> String {
+    format!(
+        "worker.lease = {} (from the next claim)",
+        humantime::format_duration(lease)
+    )
+}
+
 fn apply(step: String, e: impl std::error::Error + Send + Sync + 'static) -> ReloadError {
     ReloadError::Apply {
         step,
@@ -306,17 +336,20 @@ pub async fn serve(
 ) {
     let shutdown = reloader.shutdown.clone();
     loop {
-        let reply = tokio::select! {
+        let request = tokio::select! {
             () = stop.cancelled() => break,
             () = shutdown.cancelled() => break,
             () = hup.notified() => {
                 tracing::info!("SIGHUP received: reloading the configuration");
                 None
             }
-            Some(reply) = requests.recv() => Some(reply),
+            Some(request) = requests.recv() => Some(request),
         };
-        let result = reloader.reload().await;
+        let dry_run = request.as_ref().is_some_and(|r| r.dry_run);
+        let result = reloader.reload(dry_run).await;
         match &result {
+            // A dry run changed nothing: not news for the log.
+            _ if dry_run => tracing::debug!(ok = result.is_ok(), "reload dry run answered"),
             Ok(report) => tracing::info!(
                 restart_required = ?report.restart_required,
                 "reload done: {}",
@@ -331,8 +364,8 @@ pub async fn serve(
                 tracing::error!(?problems, "reload failed: {}", crate::logging::error_chain(e));
             }
         }
-        if let Some(reply) = reply {
-            let _ = reply.send(result);
+        if let Some(request) = request {
+            let _ = request.reply.send(result);
         }
     }
     reloader.stop().await;

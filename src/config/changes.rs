@@ -30,8 +30,8 @@ impl MachineConfig {
     }
 }
 
-/// Generates [`Config::changes`] (typed) and [`Config::shown_changes`] (against a running
-/// configuration as `GET /plan` shows it) from one table of the fields.
+/// Generates [`Config::changes`] from one table of the fields. (`machine config check --diff`
+/// asks the running machine, which compares typed configurations with this same function.)
 macro_rules! changes {
     (
         restart: { $($machine:ident),* $(,)? }
@@ -48,23 +48,6 @@ macro_rules! changes {
                     changes.restart.push(stringify!($machine));
                 })*
                 $(if self.plan.$plan != new.plan.$plan {
-                    let kind: Option<ConnectorKind> = $kind;
-                    changes.connectors.extend(kind);
-                })*
-                changes
-            }
-
-            /// What changed from a running configuration as `GET /plan` shows it (serialised,
-            /// secrets masked) to `new`, for `machine config check --diff`, which has no typed
-            /// running configuration: a changed secret does not show there.
-            pub fn shown_changes(running: &serde_json::Value, new: &Config) -> Changes {
-                let new = serde_json::to_value(new).unwrap_or(serde_json::Value::Null);
-                let differs = |key: &str| running.get(key) != new.get(key);
-                let mut changes = Changes::default();
-                $(if differs(stringify!($machine)) {
-                    changes.restart.push(stringify!($machine));
-                })*
-                $(if differs(stringify!($plan)) {
                     let kind: Option<ConnectorKind> = $kind;
                     changes.connectors.extend(kind);
                 })*
@@ -111,9 +94,6 @@ mod tests {
         assert_eq!(changes.connectors, BTreeSet::from([ConnectorKind::Openai]));
         assert_eq!(changes.restart, ["health_port"]);
         assert_eq!(old.changes(&old), Changes::default());
-        let shown = serde_json::to_value(&old).unwrap();
-        assert_eq!(Config::shown_changes(&shown, &new), changes);
-        assert_eq!(Config::shown_changes(&shown, &old), Changes::default());
     }
 
     #[test]

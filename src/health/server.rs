@@ -576,13 +576,29 @@ async fn shutdown(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Resp
     (StatusCode::ACCEPTED, axum::Json(json!({ "shutting_down": true }))).into_response()
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct ReloadQuery {
+    /// Load and compare only (`machine config check --diff`): change nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
 /// `POST /reload`: reloads the configuration (control token) and answers the report, or 422
-/// with every problem of a refused configuration.
-async fn reload(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse(&s, &headers, Access::Control) {
+/// with every problem of a refused configuration. With `?dry_run=true` the machine loads its
+/// configuration as a reload would and answers what would change, changing nothing; that is
+/// guarded like `/plan`.
+async fn reload(State(s): State<Arc<HealthState>>, Query(q): Query<ReloadQuery>, headers: HeaderMap) -> Response {
+    if q.dry_run {
+        if s.access.guard_status {
+            if let Some(refusal) = refuse(&s, &headers, Access::Read) {
+                return refusal;
+            }
+        }
+    } else if let Some(refusal) = refuse(&s, &headers, Access::Control) {
         return refusal;
+    } else {
+        tracing::info!("reload requested over HTTP");
     }
-    tracing::info!("reload requested over HTTP");
     let unavailable = |why: &str| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -594,7 +610,11 @@ async fn reload(State(s): State<Arc<HealthState>>, headers: HeaderMap) -> Respon
         return unavailable("its services are not running yet");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if requests.send(tx).await.is_err() {
+    let request = crate::app::reload::ReloadRequest {
+        dry_run: q.dry_run,
+        reply: tx,
+    };
+    if requests.send(request).await.is_err() {
         return unavailable("it is shutting down");
     }
     match rx.await {

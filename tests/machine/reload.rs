@@ -603,3 +603,100 @@ fn a_connector_added_by_a_reload_has_its_queue_depth_sampled() {
     });
     drop(m);
 }
+
+/// `config check --diff` is what the machine itself would load (issue 25): the machine loads its
+/// own file with its own environment (a dry run), so a shell without the machine's `LOG_FORMAT`
+/// or read token sees no change, a shell checking another file is told which file the machine
+/// reads, and a configuration the machine would refuse is listed once, exit 2. A no-change
+/// reload of a machine whose id comes from the hostname changes nothing.
+#[test]
+fn config_check_diff_is_what_the_machine_would_load() {
+    let redis = testkit::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("machine.toml");
+    std::fs::write(&config, "[connectors.simulation]\nduration = \"1s\"\n").unwrap();
+    let port = testkit::free_port();
+    let log = std::fs::File::create(dir.path().join("machine.log")).unwrap();
+    let child = machine()
+        .arg("run")
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("MACHINE_CONTROL_TOKEN", TOKEN)
+        .env("MACHINE_READ_TOKEN", "machine-only-read-token")
+        .env("LOG_FORMAT", "json")
+        .env("HUB_REDIS_URL", redis.url())
+        .env("WORKER_CONNECTORS", "simulation")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _m = Machine {
+        child,
+        port,
+        comfy_port: 0,
+    };
+    let doc = wait_ready(port);
+    assert!(
+        doc["machine"]["id"].as_str().unwrap().starts_with("machine-"),
+        "an id from the hostname: {doc}"
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    // The operator's shell: the same file, none of the machine's other variables.
+    let diff = |file: &Path| {
+        run(machine()
+            .args(["config", "check", "--diff", "--url", &url])
+            .env("MACHINE_CONFIG", file)
+            .env("MACHINE_WORKSPACE", dir.path().join("ws"))
+            .env("MACHINE_CONTROL_TOKEN", TOKEN))
+    };
+    let (out, stdout, stderr) = diff(&config);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let said = stdout
+        .split_once("a reload of the running machine would change:\n")
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .1;
+    assert!(said.starts_with("no change\n"), "{stdout}");
+    assert!(
+        !stdout.contains("not applied"),
+        "nothing the shell lacks is a change: {stdout}"
+    );
+    assert!(!stdout.contains("note: the running machine reads"), "{stdout}");
+
+    // Another file in the shell: the machine's own file is what a reload reads.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "[connectors.simulation]\nduration = \"2s\"\n").unwrap();
+    let (out, stdout, stderr) = diff(&other);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "note: the running machine reads {}, not {}",
+            config.display(),
+            other.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("would change:\nno change\n"), "{stdout}");
+
+    // The machine's file turns invalid: the machine would refuse it; each problem once.
+    std::fs::write(
+        &config,
+        "[connectors.simulation]\nduration = \"1s\"\n\n[services.bad]\n",
+    )
+    .unwrap();
+    let (out, stdout, stderr) = diff(&other);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stdout.contains("the running machine would refuse a reload"), "{stdout}");
+    assert_eq!(stdout.matches("services.bad").count(), 1, "{stdout}");
+    std::fs::write(&config, "[connectors.simulation]\nduration = \"1s\"\n").unwrap();
+
+    // A no-change reload: nothing changed, the hostname-derived id included.
+    let (out, stdout, stderr) = run(machine()
+        .args(["reload", "--url", &url])
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_CONTROL_TOKEN", TOKEN));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("no change"), "{stdout}");
+    assert!(!stdout.contains("not applied"), "{stdout}");
+}
