@@ -209,9 +209,20 @@ async fn a_service_fault_is_free_the_first_time_and_the_jobs_own_the_second() {
             "{h:?}"
         );
         assert_eq!(h["error"], "comfyui stalled for 300 s");
-        // The retry delay holds it from every worker.
+        // The retry delay holds it from every worker, and `machine jobs show` says so.
         assert!(broker.claim(&w2).await.unwrap().is_none());
         assert!(broker.claim(&w1).await.unwrap().is_none());
+        let why = broker
+            .show(&id)
+            .await
+            .unwrap()
+            .expect("the job exists")
+            .waiting
+            .unwrap_or_default();
+        assert!(
+            why.starts_with("it waits out its retry delay after attempt 1 of ") && why.contains("claimable in"),
+            "{why}"
+        );
     })
     .await
     .expect("the test finishes within its limit");
