@@ -376,3 +376,34 @@ fn a_redis_outage_is_one_warning_when_it_starts_and_one_when_it_ends() {
         .collect();
     assert!(retries.is_empty(), "a WARN per retry:\n{}", during.join("\n"));
 }
+
+/// Redis out of reach when the machine starts is the same outage: one WARN when it starts, one
+/// when it ends, not a line per connection attempt.
+#[test]
+fn redis_down_at_start_is_one_warning_when_it_starts_and_one_when_it_ends() {
+    let mut redis = testkit::RedisServer::start();
+    redis.stop_keeping_data();
+    let dir = tempfile::tempdir().unwrap();
+    let m = Deployed::start(
+        dir.path(),
+        &[("HUB_REDIS_URL", &redis.url()), ("WORKER_CONNECTORS", "simulation:1")],
+    );
+    // The backoff (50 ms doubling) tries some seven times in 8 s.
+    std::thread::sleep(Duration::from_secs(8));
+    redis.start_again();
+    m.wait_answer("/ready", 200, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let out = m.output();
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    let started = warnings.iter().filter(|l| l.contains("redis is unreachable")).count();
+    let ended = warnings.iter().filter(|l| l.contains("redis answers again")).count();
+    assert_eq!((started, ended), (1, 1), "one WARN each:\n{}", warnings.join("\n"));
+    assert!(
+        !warnings.iter().any(|l| l.contains("failed to set up the broker")),
+        "a WARN per attempt:\n{}",
+        warnings.join("\n")
+    );
+}

@@ -281,9 +281,19 @@ impl Broker {
                 Err(e) => {
                     let error = crate::logging::error_chain(&e);
                     let delay = backoff.delay(failures, 0.0);
-                    tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                    if health.record_err(&e).is_none() {
-                        health.record_fault(FaultKind::Other, error);
+                    // Redis out of reach is an outage: `health` says so once when it starts
+                    // and once when it ends, so each retry is only a debug line.
+                    match health.record_err(&e) {
+                        Some(kind) if kind.is_outage() => {
+                            tracing::debug!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                        }
+                        Some(_) => {
+                            tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                        }
+                        None => {
+                            tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
+                            health.record_fault(FaultKind::Other, error);
+                        }
                     }
                     tokio::select! {
                         () = stop.cancelled() => return None,

@@ -277,19 +277,11 @@ impl Ending {
     }
 
     fn note_error(&self, e: &dyn std::fmt::Display) {
-        let text = e.to_string();
-        self.status.send_modify(|s| s.last_error = Some(text));
+        super::note_error(&self.status, e);
     }
 
     fn set_state(&self, state: WorkerState) {
-        self.status.send_if_modified(|s| {
-            let changed = s.state != state;
-            if changed {
-                s.last_activity_ms = crate::clock::now_ms();
-            }
-            s.state = state;
-            changed
-        });
+        super::set_state(&self.status, state);
     }
 
     /// Counts a job's end in the worker's status and reports it; `current` when it was the

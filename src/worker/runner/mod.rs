@@ -385,19 +385,11 @@ impl Worker {
     }
 
     fn set_state(&self, state: WorkerState) {
-        self.status.send_if_modified(|s| {
-            let changed = s.state != state;
-            if changed {
-                s.last_activity_ms = crate::clock::now_ms();
-            }
-            s.state = state;
-            changed
-        });
+        set_state(&self.status, state);
     }
 
     fn note_error(&self, e: &dyn std::fmt::Display) {
-        let text = e.to_string();
-        self.status.send_modify(|s| s.last_error = Some(text));
+        note_error(&self.status, e);
     }
 
     fn all_ready(&self) -> bool {
@@ -756,6 +748,25 @@ impl Worker {
             JobOutcome::Returned | JobOutcome::Cancelled | JobOutcome::Lost => {}
         }
     }
+}
+
+/// Moves the worker's status to `state`, its `last_activity_ms` with it; watchers hear of it
+/// only when the state changed. The one way the worker and its upload stage change the state.
+fn set_state(status: &watch::Sender<WorkerStatus>, state: WorkerState) {
+    status.send_if_modified(|s| {
+        let changed = s.state != state;
+        if changed {
+            s.last_activity_ms = crate::clock::now_ms();
+        }
+        s.state = state;
+        changed
+    });
+}
+
+/// Shows `e` as the last error the worker met.
+fn note_error(status: &watch::Sender<WorkerStatus>, e: &dyn std::fmt::Display) {
+    let text = e.to_string();
+    status.send_modify(|s| s.last_error = Some(text));
 }
 
 /// The contract's worker heartbeat every `every` (at most 30 s apart, well inside the key's
