@@ -396,7 +396,17 @@ backoff_max = "1s"
     assert!(m.log().contains("warm-up done"), "{}", m.log());
 
     // The ready line says when `/ready` became 200, which was after the fix at the earliest.
-    let log = m.log();
+    // It is written by the task that watches readiness, which may run a moment after `/ready`
+    // answered (seen under a loaded full suite).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = m.log();
+        if log.contains("machine ready in") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no ready line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let line = log
         .lines()
         .find(|l| l.contains("machine ready in"))
