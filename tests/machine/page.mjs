@@ -12,31 +12,8 @@
 // output; the job appears in the recent jobs once done; the fleet tab lists this machine.
 // The last line printed is a JSON summary.
 
-import fs from 'node:fs';
-import path from 'node:path';
-import { createRequire } from 'node:module';
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
-const dir = env('PLAYWRIGHT_DIR');
-const require = createRequire(path.join(dir, 'package.json'));
-const { chromium } = require('playwright-core');
-
-function chromiumPath() {
-  try {
-    const b = JSON.parse(fs.readFileSync(path.join(dir, 'browser.json'), 'utf8'));
-    if (b.executable && fs.existsSync(b.executable)) return b.executable;
-  } catch {
-    // No browser.json: look where a system Chromium usually is.
-  }
-  const found = ['/usr/bin/chromium', '/usr/bin/chromium-browser', '/usr/bin/google-chrome', '/usr/bin/google-chrome-stable']
-    .find((c) => fs.existsSync(c));
-  if (!found) throw new Error('no Chromium found');
-  return found;
-}
+import { env, chromium, chromiumPath } from './browser.mjs';
 
 const errors = [];
 const summary = {};
