@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod limits;
 mod operator;
+mod record;
 mod registry;
 mod reply;
 
@@ -38,6 +39,7 @@ pub use events::{SWEEP_EVERY, SweepReport};
 pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
+pub use record::{JobField, JobProgress, JobRecord, JobState, Meaning};
 
 /// Tunables of the broker; the defaults are the contract's.
 #[derive(Debug, Clone)]
