@@ -13,6 +13,7 @@ mod client;
 pub mod health;
 pub mod installer;
 pub mod reference;
+pub mod retry;
 pub mod sentinel;
 
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
