@@ -68,9 +68,7 @@ pub fn init(log: &LogConfig) {
     let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Through the tee: each event goes out through `Console` (which keeps it clear of the
     // progress bars) and into the machine's own log tail for `machine logs`.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(TeeStderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(TeeStderr);
     let _ = match log.format {
         LogFormat::Text => builder.with_ansi(terminal && !no_color).try_init(),
         LogFormat::Json => builder.event_format(JsonLines).try_init(),

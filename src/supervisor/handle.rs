@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use serde::{Serialize, Serializer};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::logs::Tail;
+use crate::logging::Tail;
 
 /// Where a service is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
