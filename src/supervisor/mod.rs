@@ -19,7 +19,7 @@ mod signals;
 mod sys;
 mod tree;
 
-pub use handle::{ExitInfo, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
+pub use handle::{ExitInfo, Run, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
 pub use logs::{LineSplitter, RotatingFile};
 pub use memory::group_rss;
 pub use policy::{Decision, Ending, History, Policy};
