@@ -37,7 +37,7 @@ use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
-pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
+pub use lifecycle::{AttemptUsage, FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
 pub use record::{JobField, JobProgress, JobRecord, JobState, Meaning};
