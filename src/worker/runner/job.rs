@@ -449,7 +449,7 @@ impl Worker {
         // the job's totals before the outcome is written, so a finished job shows all of it.
         let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
         if let Some(b) = &billing {
-            if let Err(e) = broker.record_usage(&claimed.id, b).await {
+            if let Err(e) = broker.record_usage(&claimed.id, &b.attempt_usage()).await {
                 tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
             }
         }
