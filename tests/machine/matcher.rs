@@ -2167,7 +2167,7 @@ mod differential {
                             .insert((*s).to_owned(), models.iter().map(|m| (*m).to_owned()).collect());
                     }
                     if strict {
-                        c.customer_access.isolation = "strict".to_owned();
+                        c.customer_access.isolation = machine::config::Isolation::Strict;
                     }
                     if deny > 0 {
                         c.customer_access.denied_customers = vec![format!("cust{deny}")];
