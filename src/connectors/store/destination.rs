@@ -85,57 +85,85 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
         Some(Value::Object(s)) => Some(s),
         Some(other) => return Err(bad(format!("ctx.storage must be an object, not {}", kind(other)))),
     };
-    // A field from `ctx.storage` first, then from `ctx` (or the other way round).
-    let pick = |name: &str, storage_first: bool| -> Result<Option<String>, StoreError> {
-        let in_storage = storage.and_then(|s| s.get(name)).filter(|v| !v.is_null());
-        let in_ctx = ctx.get(name).filter(|v| !v.is_null());
-        let (first, second) = if storage_first {
-            (in_storage, in_ctx)
-        } else {
-            (in_ctx, in_storage)
-        };
-        match first.or(second) {
-            None => Ok(None),
-            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
-            Some(other) => Err(bad(format!("`{name}` must be a string, not {}", kind(other)))),
-        }
-    };
-    let provider = pick("provider", true)?;
-    let bucket = match pick("bucket", true)? {
+    let fields = Fields { ctx, storage };
+    let provider = fields.trimmed("provider")?;
+    let bucket = match fields.trimmed("bucket")? {
         Some(b) => Some(b),
-        None => pick("container", true)?,
+        None => fields.trimmed("container")?,
     };
-    let cdn = pick("cdnUrl", true)?.or(pick("cdn_url", true)?);
-    // The prefix and the filename are kept as written (not trimmed): they are the object key.
-    let verbatim = |name: &str, storage_first: bool| -> Result<Option<String>, StoreError> {
-        let in_storage = storage.and_then(|s| s.get(name)).filter(|v| !v.is_null());
-        let in_ctx = ctx.get(name).filter(|v| !v.is_null());
-        let found = if storage_first {
-            in_storage.or(in_ctx)
-        } else {
-            in_ctx.or(in_storage)
-        };
-        match found {
-            None => Ok(None),
-            Some(Value::String(s)) if s.is_empty() => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(bad(format!("`{name}` must be a string, not {}", kind(other)))),
-        }
-    };
-    let prefix = verbatim("prefix", false)?;
-    let filename = verbatim("filename", false)?;
+    let cdn = fields.trimmed("cdnUrl")?.or(fields.trimmed("cdn_url")?);
+    let prefix = fields.verbatim("prefix")?;
+    let filename = fields.verbatim("filename")?;
     if let Some(p) = &prefix {
         check_key_part("prefix", "ctx.prefix or ctx.storage.prefix", p)?;
     }
     if let Some(f) = &filename {
         check_key_part("filename", "ctx.filename", f)?;
     }
-    let retry_hint = retry_hint(ctx);
-    // Any storage setting means the job names a destination; only a job with none (or
-    // `provider = "local"`) stores on this machine.
-    let settings = storage.is_some()
-        || [
+    let place = place(
+        provider.as_deref(),
+        bucket,
+        cdn,
+        prefix.is_some(),
+        fields.names_a_destination(),
+    )?;
+    Ok(Spec {
+        place,
+        prefix: prefix.unwrap_or_default(),
+        filename,
+        retry_hint: retry_hint(ctx),
+    })
+}
+
+/// The storage settings of a `ctx`: its own fields and those of `ctx.storage`.
+struct Fields<'a> {
+    ctx: &'a serde_json::Map<String, Value>,
+    storage: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl Fields<'_> {
+    /// A setting from `ctx.storage` first, then from `ctx` (the prefix and the filename: from
+    /// `ctx` first); a null is no setting.
+    fn find(&self, name: &str, storage_first: bool) -> Option<&Value> {
+        let in_storage = self.storage.and_then(|s| s.get(name)).filter(|v| !v.is_null());
+        let in_ctx = self.ctx.get(name).filter(|v| !v.is_null());
+        if storage_first {
+            in_storage.or(in_ctx)
+        } else {
+            in_ctx.or(in_storage)
+        }
+    }
+
+    /// A text setting (provider, bucket, CDN), trimmed; blank is no setting.
+    fn trimmed(&self, name: &str) -> Result<Option<String>, StoreError> {
+        match self.find(name, true) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+            Some(other) => Err(StoreError::BadCtx(format!(
+                "`{name}` must be a string, not {}",
+                kind(other)
+            ))),
+        }
+    }
+
+    /// The prefix or the filename, kept as written (not trimmed): they are the object key.
+    fn verbatim(&self, name: &str) -> Result<Option<String>, StoreError> {
+        match self.find(name, false) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(StoreError::BadCtx(format!(
+                "`{name}` must be a string, not {}",
+                kind(other)
+            ))),
+        }
+    }
+
+    /// Whether the job names a destination: any storage setting does; only a job with none
+    /// (or `provider = "local"`) stores on this machine.
+    fn names_a_destination(&self) -> bool {
+        const SETTINGS: [&str; 7] = [
             "provider",
             "bucket",
             "container",
@@ -143,39 +171,39 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
             "cdn_url",
             "prefix",
             "filename",
-        ]
-        .iter()
-        .any(|k| ctx.get(*k).is_some_and(|v| !v.is_null()));
+        ];
+        self.storage.is_some() || SETTINGS.iter().any(|k| self.ctx.get(*k).is_some_and(|v| !v.is_null()))
+    }
+}
 
-    let place = match (provider.as_deref(), &bucket) {
-        (Some(p), _) if p.eq_ignore_ascii_case("local") => Place::Local,
-        (None, _) if !settings => Place::Local,
-        (None, _) => {
-            return Err(bad(
-                "`provider` is missing (ctx.storage.provider or ctx.provider): the job names where its outputs go, so they are not kept on this machine"
-                    .to_owned(),
-            ));
-        }
-        (Some(p), bucket) => {
+/// Where the outputs go, from the settings read: this machine, or a cloud bucket once the
+/// provider, the bucket and the prefix are all given.
+fn place(
+    provider: Option<&str>,
+    bucket: Option<String>,
+    cdn: Option<String>,
+    has_prefix: bool,
+    names_a_destination: bool,
+) -> Result<Place, StoreError> {
+    let bad = StoreError::BadCtx;
+    match provider {
+        Some(p) if p.eq_ignore_ascii_case("local") => Ok(Place::Local),
+        None if !names_a_destination => Ok(Place::Local),
+        None => Err(bad(
+            "`provider` is missing (ctx.storage.provider or ctx.provider): the job names where its outputs go, so they are not kept on this machine"
+                .to_owned(),
+        )),
+        Some(p) => {
             let provider = provider_named(p)
                 .ok_or_else(|| bad(format!("unknown provider `{p}` (known: azure, s3, gcs, local)")))?;
-            let bucket = bucket
-                .clone()
-                .ok_or_else(|| bad("`bucket` is missing (ctx.storage.bucket or ctx.bucket)".to_owned()))?;
-            if prefix.is_none() {
+            let bucket = bucket.ok_or_else(|| bad("`bucket` is missing (ctx.storage.bucket or ctx.bucket)".to_owned()))?;
+            if !has_prefix {
                 return Err(bad("`prefix` is missing (ctx.prefix or ctx.storage.prefix)".to_owned()));
             }
             let cdn = cdn.map(|c| cdn_base(&c)).filter(|c| !c.is_empty());
-            Place::Cloud { provider, bucket, cdn }
+            Ok(Place::Cloud { provider, bucket, cdn })
         }
-    };
-    let prefix = prefix.unwrap_or_default();
-    Ok(Spec {
-        place,
-        prefix,
-        filename,
-        retry_hint,
-    })
+    }
 }
 
 fn retry_hint(ctx: &serde_json::Map<String, Value>) -> u32 {

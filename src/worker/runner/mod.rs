@@ -30,6 +30,7 @@ mod idle;
 mod job;
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -418,21 +419,7 @@ impl Worker {
                 CancellationToken::new(),
             )))
         });
-        // The models are scanned now, not when the worker was built: the installers ran since,
-        // and what they downloaded on this boot belongs in the capabilities it registers with.
-        if let Some(models) = self.scan_models().await {
-            tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
-            self.caps.models = models;
-        }
-        let what = format!("register worker {}", self.id());
-        let registering = retry(
-            broker.health(),
-            &shutdown,
-            &what,
-            || broker.register_worker(&self.caps),
-            |e| self.note_error(&error_chain(e)),
-        );
-        registering.await;
+        self.register(&broker, &shutdown).await;
         // Heartbeats go on whatever the worker does (idle, waiting, busy), so the fleet sees it
         // alive; stopped (and awaited) when the worker stops.
         let heartbeats = AbortOnDrop(tokio::spawn(heartbeat(
@@ -442,77 +429,10 @@ impl Worker {
         )));
         let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
         while !shutdown.is_cancelled() {
-            self.judge_uploads();
-            match self.quarantine.until(Instant::now()) {
-                None => self.holds.clear(HoldKind::Quarantine),
-                // The hold is the quarantine's face: an operator who lifted it
-                // (`machine quarantine clear`) ended the quarantine.
-                Some(_) if !self.holds.has(HoldKind::Quarantine) => {
-                    tracing::info!(worker = %self.id(), "the quarantine was lifted by the operator; claiming again");
-                    self.quarantine.lift();
-                }
-                Some(_) => {}
-            }
-            if let Some(reason) = self.holds.reason() {
-                self.set_state(WorkerState::Held);
-                tracing::warn!(worker = %self.id(), %reason, "not claiming");
-                let until = self.quarantine.until(Instant::now());
-                let rechecks = self.holds.has_rechecks();
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = self.holds.released() => {}
-                    () = tokio::time::sleep(self.hold_recheck), if rechecks => {
-                        tokio::select! {
-                            () = shutdown.cancelled() => break,
-                            () = self.holds.recheck(&self.caps.worker_id) => {}
-                        }
-                    }
-                    () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
-                        tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
-                    }
-                }
-                continue;
-            }
-            if !self.all_ready() {
-                self.set_state(WorkerState::WaitingForServices);
-                tracing::info!(worker = %self.id(), "waiting for its services to be ready");
-                // A hold set meanwhile (the upkeep restarting the service it waits for) is
-                // parked on at once, not after the service is ready again.
-                let holds = self.holds.clone();
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = self.until_ready() => {}
-                    () = holds.held() => {}
-                }
-                continue;
-            }
-            if !self.upload_limits.room(&self.status.borrow()) {
-                self.set_state(WorkerState::WaitingForUploads);
-                let holds = self.holds.clone();
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = self.upload_room() => {}
-                    () = holds.held() => {}
-                }
-                continue;
-            }
-            self.set_state(WorkerState::Idle);
-            if self.rescan_models().await {
-                self.publish_capabilities(&broker, &shutdown).await;
-            }
-            let Some(caps) = self.claim_capabilities() else {
-                // Every service this worker has waits for a quota: nothing to claim until then.
-                let until = self
-                    .deferrals
-                    .iter()
-                    .map(|d| d.until)
-                    .min()
-                    .unwrap_or_else(Instant::now);
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep_until(until.into()) => {}
-                }
-                continue;
+            let caps = match self.may_claim(&broker, &shutdown).await {
+                ControlFlow::Break(()) => break,
+                ControlFlow::Continue(None) => continue,
+                ControlFlow::Continue(Some(caps)) => caps,
             };
             self.idle.claiming(Instant::now());
             let claimed = self.claim(&broker, &caps, &shutdown).await;
@@ -520,16 +440,7 @@ impl Worker {
                 Ok(Some(job)) => {
                     self.idle.claimed(Instant::now());
                     backoff.reset();
-                    let job_id = job.id.clone();
-                    let outcome = self.run_job(&broker, job, &shutdown).await;
-                    if let Some(outcome) = &outcome {
-                        self.judge(&job_id, outcome);
-                    }
-                    if let Some(ends) = &self.job_ends {
-                        // A restart planned for after this job is held before the next claim.
-                        // A job in the upload stage is done as far as its service goes.
-                        ends.job_ended(outcome.as_ref().unwrap_or(&JobOutcome::Completed)).await;
-                    }
+                    self.run_claimed(&broker, job, &shutdown).await;
                 }
                 // Redis answered: the next failure starts the backoff from its first step.
                 Ok(None) => backoff.reset(),
@@ -554,6 +465,122 @@ impl Worker {
         drop(mirror);
         self.set_state(WorkerState::Stopped);
         Ok(())
+    }
+
+    /// Registers the worker with the models on disk now, retrying through Redis outages until
+    /// `shutdown`. The models are scanned now, not when the worker was built: the installers
+    /// ran since, and what they downloaded on this boot belongs in the capabilities.
+    async fn register(&mut self, broker: &Broker, shutdown: &CancellationToken) {
+        if let Some(models) = self.scan_models().await {
+            tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
+            self.caps.models = models;
+        }
+        let what = format!("register worker {}", self.id());
+        let registering = retry(
+            broker.health(),
+            shutdown,
+            &what,
+            || broker.register_worker(&self.caps),
+            |e| self.note_error(&error_chain(e)),
+        );
+        registering.await;
+    }
+
+    /// Whether the worker may claim now: `Continue(Some(caps))` to claim with those
+    /// capabilities; `Continue(None)` once it waited for what held it back (a hold, its
+    /// services, room for uploads, a quota), to look again; `Break` at shutdown.
+    async fn may_claim(
+        &mut self,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+    ) -> ControlFlow<(), Option<Capabilities>> {
+        self.judge_uploads();
+        match self.quarantine.until(Instant::now()) {
+            None => self.holds.clear(HoldKind::Quarantine),
+            // The hold is the quarantine's face: an operator who lifted it
+            // (`machine quarantine clear`) ended the quarantine.
+            Some(_) if !self.holds.has(HoldKind::Quarantine) => {
+                tracing::info!(worker = %self.id(), "the quarantine was lifted by the operator; claiming again");
+                self.quarantine.lift();
+            }
+            Some(_) => {}
+        }
+        if let Some(reason) = self.holds.reason() {
+            self.set_state(WorkerState::Held);
+            tracing::warn!(worker = %self.id(), %reason, "not claiming");
+            let until = self.quarantine.until(Instant::now());
+            let rechecks = self.holds.has_rechecks();
+            tokio::select! {
+                () = shutdown.cancelled() => return ControlFlow::Break(()),
+                () = self.holds.released() => {}
+                () = tokio::time::sleep(self.hold_recheck), if rechecks => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return ControlFlow::Break(()),
+                        () = self.holds.recheck(&self.caps.worker_id) => {}
+                    }
+                }
+                () = async { tokio::time::sleep_until(until.expect("guarded").into()).await }, if until.is_some() => {
+                    tracing::info!(worker = %self.id(), "the quarantine is over; claiming again");
+                }
+            }
+            return ControlFlow::Continue(None);
+        }
+        if !self.all_ready() {
+            self.set_state(WorkerState::WaitingForServices);
+            tracing::info!(worker = %self.id(), "waiting for its services to be ready");
+            // A hold set meanwhile (the upkeep restarting the service it waits for) is
+            // parked on at once, not after the service is ready again.
+            let holds = self.holds.clone();
+            tokio::select! {
+                () = shutdown.cancelled() => return ControlFlow::Break(()),
+                () = self.until_ready() => {}
+                () = holds.held() => {}
+            }
+            return ControlFlow::Continue(None);
+        }
+        if !self.upload_limits.room(&self.status.borrow()) {
+            self.set_state(WorkerState::WaitingForUploads);
+            let holds = self.holds.clone();
+            tokio::select! {
+                () = shutdown.cancelled() => return ControlFlow::Break(()),
+                () = self.upload_room() => {}
+                () = holds.held() => {}
+            }
+            return ControlFlow::Continue(None);
+        }
+        self.set_state(WorkerState::Idle);
+        if self.rescan_models().await {
+            self.publish_capabilities(broker, shutdown).await;
+        }
+        let Some(caps) = self.claim_capabilities() else {
+            // Every service this worker has waits for a quota: nothing to claim until then.
+            let until = self
+                .deferrals
+                .iter()
+                .map(|d| d.until)
+                .min()
+                .unwrap_or_else(Instant::now);
+            tokio::select! {
+                () = shutdown.cancelled() => return ControlFlow::Break(()),
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+            return ControlFlow::Continue(None);
+        };
+        ControlFlow::Continue(Some(caps))
+    }
+
+    /// Runs a claimed job, judges its outcome and lets a restart planned for after it happen.
+    async fn run_claimed(&mut self, broker: &Broker, job: ClaimedJob, shutdown: &CancellationToken) {
+        let job_id = job.id.clone();
+        let outcome = self.run_job(broker, job, shutdown).await;
+        if let Some(outcome) = &outcome {
+            self.judge(&job_id, outcome);
+        }
+        if let Some(ends) = &self.job_ends {
+            // A restart planned for after this job is held before the next claim.
+            // A job in the upload stage is done as far as its service goes.
+            ends.job_ended(outcome.as_ref().unwrap_or(&JobOutcome::Completed)).await;
+        }
     }
 
     /// Claims the next job, giving up (with `Ok(None)`) when a service stops being ready, when
