@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::logs::Tail;
+use crate::logging::Tail;
 
 /// One run of a service's process: what exists only while a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
