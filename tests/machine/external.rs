@@ -25,6 +25,11 @@ use testkit::{FakeOpenai, FakeReplicate, FakeRunpod, RedisServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn config(toml: &str) -> Config {
@@ -113,7 +118,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker().show(id).await.expect("show").expect("the job exists").job
+        self.broker()
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     async fn wait_status(&self, id: &str, statuses: &[&str]) -> BTreeMap<String, String> {
@@ -178,12 +190,6 @@ impl Rig {
     }
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn stored_file(artifact: &Value) -> std::path::PathBuf {
     let url = artifact["url"].as_str().expect("a stored artifact has a url");
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
@@ -219,7 +225,7 @@ fn runpod_with(fake: &FakeRunpod, extra: &str) -> (RunpodConnector, Arc<Limiter>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeReplicate::start(Some("r8-test"));
         let mut rig = Rig::start(1).await;
         let streamed: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
@@ -281,7 +287,7 @@ async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeReplicate::start(None);
         let mut rig = Rig::start(1).await;
         let c: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
@@ -336,7 +342,7 @@ async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_runpod_jobs_run_sync_and_async_and_cancel() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
         let c: Arc<dyn Connector> = Arc::new(runpod(&fake));
@@ -436,7 +442,7 @@ fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn external_fleet_rate_limit_holds_across_two_machines() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeOpenai::start(None);
         let mut rig = Rig::start(2).await;
         for m in 0..2 {
@@ -486,7 +492,7 @@ async fn external_fleet_rate_limit_holds_across_two_machines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeOpenai::start(None);
         let mut rig = Rig::start(1).await;
         let (c, limiter) = limited_openai_with(
@@ -584,7 +590,7 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_runpod_key_refusals_are_not_retried_and_name_the_apis_message() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeRunpod::start(Some("rp-right"));
         let c = config(&format!(
             "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
@@ -671,7 +677,7 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
     let deadline = Instant::now() + LIMIT;
     loop {
         let view = m.broker.show(&id).await.expect("show").expect("the job exists");
-        if view.job.get("status").map(String::as_str) == Some("completed") {
+        if view.job.state() == machine::broker::JobState::Completed {
             break;
         }
         assert!(Instant::now() < deadline, "the job never completed: {:?}", view.job);
@@ -749,7 +755,7 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
 /// would still be too large for Redis fails loudly instead of being written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
-    within(async {
+    within(HARD_LIMIT, async {
         let runpod_fake = FakeRunpod::start(Some("rp-test"));
         let replicate_fake = FakeReplicate::start(Some("r8-test"));
         let mut rig = Rig::start(1).await;
@@ -820,7 +826,7 @@ async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
 /// the job goes back to the queue as the machine's fault (no retry spent) with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_creates_are_not_repeated_once_the_api_may_have_acted() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -861,7 +867,7 @@ async fn external_creates_are_not_repeated_once_the_api_may_have_acted() {
 /// refused with 429 is not charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_usage_is_recorded_for_every_billed_attempt() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -914,7 +920,7 @@ async fn external_usage_is_recorded_for_every_billed_attempt() {
 /// deployments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_progress_messages_and_deployments() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -1006,7 +1012,14 @@ async fn external_runpod_on_the_whole_machine() {
         async move {
             let deadline = Instant::now() + LIMIT;
             loop {
-                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                let job = broker
+                    .show(&id)
+                    .await
+                    .expect("show")
+                    .expect("the job exists")
+                    .job
+                    .stored()
+                    .clone();
                 if job.get("status").map(String::as_str) == Some(status) {
                     return job;
                 }
@@ -1089,7 +1102,7 @@ async fn external_runpod_on_the_whole_machine() {
 /// the API accepts it again; no job fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
-    within(async {
+    within(HARD_LIMIT, async {
         // The API expects another token than the machine's: every request is refused (401).
         let fake = FakeReplicate::start(Some("r8-rotated"));
         let mut rig = Rig::start(1).await;
@@ -1329,7 +1342,14 @@ async fn external_revoked_keys_hold_each_api_until_a_reload_reads_the_corrected_
     // Held, the jobs are back in the queue untouched, and stay there.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
-        let job = broker.show(id).await.expect("show").expect("the job exists").job;
+        let job = broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone();
         assert_eq!(job.get("status").map(String::as_str), Some("pending"), "{job:?}");
         assert_eq!(
             job.get("retry_count").map(String::as_str).unwrap_or("0"),
@@ -1358,7 +1378,14 @@ async fn external_revoked_keys_hold_each_api_until_a_reload_reads_the_corrected_
     for id in &ids {
         let deadline = Instant::now() + LIMIT;
         loop {
-            let job = broker.show(id).await.expect("show").expect("the job exists").job;
+            let job = broker
+                .show(id)
+                .await
+                .expect("show")
+                .expect("the job exists")
+                .job
+                .stored()
+                .clone();
             if job.get("status").map(String::as_str) == Some("completed") {
                 assert_eq!(
                     job.get("retry_count").map(String::as_str).unwrap_or("0"),
@@ -1415,7 +1442,14 @@ async fn external_a_used_up_quota_is_named_for_jobs_no_worker_has_tried() {
         async move {
             let deadline = Instant::now() + LIMIT;
             loop {
-                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                let job = broker
+                    .show(&id)
+                    .await
+                    .expect("show")
+                    .expect("the job exists")
+                    .job
+                    .stored()
+                    .clone();
                 if f(&job) {
                     return job;
                 }

@@ -18,6 +18,8 @@ use testkit::{FakeComfyui, ObjectServer, RedisServer, StoreKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::sha256;
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn advertised(conn: &mut redis::aio::MultiplexedConnection, worker: &str) -> Vec<String> {
@@ -103,7 +105,7 @@ async fn capabilities_follow_the_models_on_disk() {
         job.requirements = json!({"models": ["fresh"]}).to_string();
         let id = broker.submit(&job).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let status = |j: Option<machine::broker::JobView>| j.unwrap().job["status"].clone();
+        let status = |j: Option<machine::broker::JobView>| j.unwrap().job.state().name().to_owned();
         assert_eq!(status(broker.show(&id).await.unwrap()), "pending");
         std::fs::write(models.join("checkpoints/fresh.safetensors"), b"weights").unwrap();
         wait_for("the job requiring the new model to complete", async || {
@@ -134,11 +136,6 @@ fn blob(n: usize, seed: u8) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-fn sha256(b: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(b))
 }
 
 /// A workspace, a file server with models, a catalogue of them and a store over both.

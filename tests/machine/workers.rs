@@ -26,6 +26,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// A Redis with the library loaded, a broker with its event loop, and a temp dir for outputs.
@@ -96,7 +101,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker.show(id).await.expect("show").expect("the job exists").job
+        self.broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     /// Waits until the job's status is one of `statuses`; returns the job hash.
@@ -168,12 +180,6 @@ async fn completed_record(rig: &Rig, id: &str) -> Value {
     serde_json::from_str(&raw).expect("the record is JSON")
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn file_of(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
 }
@@ -190,7 +196,7 @@ async fn counted(status: &watch::Receiver<WorkerStatus>, ok: impl Fn(&machine::w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connector_end_to_end_through_redis() {
-    within(async {
+    within(HARD_LIMIT, async {
         // The progress stream is optional (off by default); on here, with every report written,
         // it holds the whole sequence.
         let rig = Rig::start(BrokerOptions {
@@ -310,7 +316,7 @@ async fn each_connector_end_to_end_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_class_is_reported() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -353,7 +359,7 @@ async fn each_failure_class_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_interrupts_comfyui_and_discards_the_result() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -392,7 +398,7 @@ async fn cancellation_interrupts_comfyui_and_discards_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_keeps_its_lease() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(BrokerOptions {
             lease: Duration::from_secs(1),
             ..quick_opts()
@@ -416,7 +422,7 @@ async fn a_long_job_keeps_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_returns_the_in_flight_job_after_the_drain() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let drain = WorkerSettings {
             drain: Duration::from_millis(300),
@@ -435,7 +441,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
             "it waited for the drain"
         );
         counted(&status, |c| c.returned == 1).await;
-        let job = broker.show(&id).await.unwrap().unwrap().job;
+        let job = broker.show(&id).await.unwrap().unwrap().job.stored().clone();
         assert_eq!(job["status"], "pending", "{job:?}");
         assert_eq!(job["retry_count"], "0", "returned without penalty");
         let mut conn = rig.raw().await;
@@ -448,7 +454,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_short_job_finish() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 500})).await;
@@ -463,7 +469,7 @@ async fn shutdown_lets_a_short_job_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         // Written as the API writes jobs, with a payload that is not JSON.
@@ -520,7 +526,7 @@ async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_claims_only_while_its_services_are_ready() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (ready_tx, ready_rx) = watch::channel(false);
         let mut worker = rig.worker("w1", &[("simulation", simulation())], settings());
@@ -554,7 +560,7 @@ async fn a_worker_claims_only_while_its_services_are_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_redis_connections_do_not_lose_the_job() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig
@@ -587,7 +593,7 @@ async fn dropped_redis_connections_do_not_lose_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_jobs_across_four_workers_each_complete_once() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut tasks = Vec::new();
         let mut statuses = Vec::new();
@@ -633,7 +639,7 @@ async fn a_hundred_jobs_across_four_workers_each_complete_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let workspace = rig.dir.path().join("ws");
@@ -701,7 +707,7 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdown() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let workspace = rig.dir.path().join("ws");
         let env: BTreeMap<String, String> = [
@@ -759,7 +765,7 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_keeps_its_heartbeat() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, mut status) = rig.spawn(rig.worker("w-idle", &[("simulation", simulation())], settings()));
         status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
@@ -781,7 +787,7 @@ async fn an_idle_worker_keeps_its_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 800, "steps": 4})).await;
@@ -821,7 +827,7 @@ async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
 /// runs; the page's status sees every report; no `progress:<id>` stream by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_report() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut pubsub = redis::Client::open(rig.url())
             .unwrap()
@@ -848,8 +854,8 @@ async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_re
             if channel == "update_job_progress" && doc.get("status").is_some() {
                 // What `machine jobs show` prints moves while the job runs.
                 let view = rig.broker.show(&id).await.unwrap().unwrap();
-                if view.job["status"] == "in_progress" {
-                    seen_live.insert(view.progress["progress"].clone());
+                if view.job.state().name() == "in_progress" {
+                    seen_live.insert(view.progress.stored()["progress"].clone());
                 }
             }
             let done = channel == "complete_job";
