@@ -495,11 +495,13 @@ impl Worker {
 
     /// Whether the worker may claim now: `Continue(Some(caps))` to claim with those
     /// capabilities; `Continue(None)` once it waited for what held it back (a hold, its
-    /// services, room for uploads, a quota), to look again; `Break` at shutdown.
+    /// services, room for uploads, a quota), to look again; `Break` at shutdown. A worker that
+    /// stops claiming while `parked` (its last claim found nothing) leaves the fleet's park.
     async fn may_claim(
         &mut self,
         broker: &Broker,
         shutdown: &CancellationToken,
+        parked: &mut bool,
     ) -> ControlFlow<(), Option<Capabilities>> {
         self.judge_uploads();
         match self.quarantine.until(Instant::now()) {
