@@ -17,9 +17,9 @@ pub mod sentinel;
 
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 pub use client::{
-    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, Fault, JobView,
-    LeaseStatus, LimitAnswer, LimitBudget, NewJob, QuotaDay, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY,
-    SweepReport, pending_score,
+    AttemptUsage, Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome,
+    Fault, JobView, LeaseStatus, LimitAnswer, LimitBudget, NewJob, QuotaDay, ReapReport, RetryDelay, ReturnOutcome,
+    SWEEP_EVERY, SweepReport, pending_score,
 };
 pub use health::{FaultKind, RedisHealth, RedisState};
 

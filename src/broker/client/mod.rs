@@ -35,7 +35,7 @@ use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
-pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
+pub use lifecycle::{AttemptUsage, FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
 
@@ -135,6 +135,12 @@ struct Inner {
     /// This broker's name as the holder of the fleet's sweeper and indexer leases (its process
     /// id and a random part).
     sweeper_id: String,
+    /// Whether [`Broker::run_events`] listens as the fleet's indexer now: the sweeper's
+    /// periodic call tries the indexer lease only while it does not.
+    indexing: std::sync::atomic::AtomicBool,
+    /// Told by the sweeper when its call found the indexer lease this machine's (taken now, or
+    /// still held after a reconnect): [`Broker::run_events`] then starts indexing.
+    indexer_held: tokio::sync::Notify,
 }
 
 /// Whether jobs queued while no machine listened are in the index yet.
@@ -250,6 +256,8 @@ impl Broker {
                 registered: Mutex::new(HashMap::new()),
                 catch_up: watch::channel(CatchUp::NotRunning).0,
                 sweeper_id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+                indexing: std::sync::atomic::AtomicBool::new(false),
+                indexer_held: tokio::sync::Notify::new(),
             }),
         })
     }

@@ -595,7 +595,7 @@ impl Worker {
             .usage()
             .filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
         if let Some(b) = &billing {
-            if let Err(e) = broker.record_usage(&claimed.id, b).await {
+            if let Err(e) = broker.record_usage(&claimed.id, &b.attempt_usage()).await {
                 tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
             }
         }
