@@ -474,10 +474,10 @@ async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
         for id in &ids {
             until_within(Duration::from_secs(30), "every job completes", async || {
                 let view = api.show(id).await.unwrap().unwrap();
-                view.job.get("status").map(String::as_str) == Some("completed")
+                view.job.state() == machine::broker::JobState::Completed
             })
             .await;
-            let job = api.show(id).await.unwrap().unwrap().job;
+            let job = api.show(id).await.unwrap().unwrap().job.stored().clone();
             assert_eq!(job["retry_count"], "0", "claimed once: {job:?}");
             assert!(job["worker_id"].starts_with(&survivor.id), "{job:?}");
         }
@@ -487,14 +487,7 @@ async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
         let submitted = Instant::now();
         let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         until_within(Duration::from_secs(10), "the last job completes", async || {
-            api.show(&id)
-                .await
-                .unwrap()
-                .unwrap()
-                .job
-                .get("status")
-                .map(String::as_str)
-                == Some("completed")
+            api.show(&id).await.unwrap().unwrap().job.state() == machine::broker::JobState::Completed
         })
         .await;
         assert!(

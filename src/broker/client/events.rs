@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp, redis_err};
-use crate::backoff::Backoff;
 use crate::broker::BrokerError;
+use crate::broker::retry::{RedisRetry, log_retry};
 use crate::logging::error_chain;
 /// How often the fleet's sweeper passes over `jobs:pending` (and other machines try to take
 /// its lease): a job queued without a message is found within about this plus one pass.
@@ -77,15 +77,14 @@ impl Broker {
             }
             first
         });
-        let backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
-        let mut attempt = 0;
+        let mut delays = RedisRetry::default();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             match self.subscribe(&channels).await {
                 Ok(pubsub) => {
-                    attempt = 0;
+                    delays.reset();
                     let (mut sink, mut messages) = pubsub.split();
                     let mut listening = Listening::default();
                     let mut machines = self.inner.wake_machines.subscribe();
@@ -125,20 +124,11 @@ impl Broker {
                     // An outage is logged once by the health record; a drop alone is news.
                     tracing::info!("the redis subscription dropped; reconnecting");
                 }
-                Err(e) if super::super::health::is_outage(&e) => {
-                    tracing::debug!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
-                }
+                Err(e) => log_retry(&e, "subscribe to the broker channels"),
             }
-            let seen = self.health().recoveries();
-            attempt = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => attempt.saturating_add(1),
-                // Redis is back: the backoff starts again from its first step.
-                () = self.health().answering_again(seen) => 0,
-            };
+            if !delays.sleep(self.health(), &shutdown).await {
+                return Ok(());
+            }
         }
     }
 

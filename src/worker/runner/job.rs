@@ -10,10 +10,11 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{AbortOnDrop, RedisBackoff, Worker};
+use super::{AbortOnDrop, Worker};
 use futures_util::future::BoxFuture;
 
 use crate::broker::health::is_outage;
+use crate::broker::retry::RedisRetry;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
@@ -924,7 +925,7 @@ impl Ending {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BrokerError>>,
     {
-        let mut backoff = RedisBackoff::default();
+        let mut backoff = RedisRetry::default();
         let mut shutdown_seen: Option<Instant> = None;
         loop {
             match op().await {
@@ -944,7 +945,7 @@ impl Ending {
                             return Err(NotWritten::GaveUp(e));
                         }
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
