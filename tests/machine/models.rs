@@ -18,6 +18,8 @@ use testkit::{FakeComfyui, ObjectServer, RedisServer, StoreKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::sha256;
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn advertised(conn: &mut redis::aio::MultiplexedConnection, worker: &str) -> Vec<String> {
@@ -134,11 +136,6 @@ fn blob(n: usize, seed: u8) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-fn sha256(b: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(b))
 }
 
 /// A workspace, a file server with models, a catalogue of them and a store over both.

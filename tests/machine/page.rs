@@ -209,7 +209,7 @@ async fn events_stream_the_status_then_changes_and_stay_open() {
                 break j.clone();
             }
         };
-        assert_eq!(recent.outcome, machine::health::status::Outcome::Completed);
+        assert_eq!(recent.outcome, machine::health::status::JobEnd::Completed);
         assert_eq!(recent.service, "simulation");
         assert_eq!(recent.worker_id, "pe1-simulation-1");
         assert!(recent.duration_ms >= 300, "{recent:?}");

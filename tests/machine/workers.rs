@@ -26,6 +26,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// A Redis with the library loaded, a broker with its event loop, and a temp dir for outputs.
@@ -175,12 +180,6 @@ async fn completed_record(rig: &Rig, id: &str) -> Value {
     serde_json::from_str(&raw).expect("the record is JSON")
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn file_of(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
 }
@@ -197,7 +196,7 @@ async fn counted(status: &watch::Receiver<WorkerStatus>, ok: impl Fn(&machine::w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connector_end_to_end_through_redis() {
-    within(async {
+    within(HARD_LIMIT, async {
         // The progress stream is optional (off by default); on here, with every report written,
         // it holds the whole sequence.
         let rig = Rig::start(BrokerOptions {
@@ -317,7 +316,7 @@ async fn each_connector_end_to_end_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_class_is_reported() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -360,7 +359,7 @@ async fn each_failure_class_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_interrupts_comfyui_and_discards_the_result() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -399,7 +398,7 @@ async fn cancellation_interrupts_comfyui_and_discards_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_keeps_its_lease() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(BrokerOptions {
             lease: Duration::from_secs(1),
             ..quick_opts()
@@ -423,7 +422,7 @@ async fn a_long_job_keeps_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_returns_the_in_flight_job_after_the_drain() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let drain = WorkerSettings {
             drain: Duration::from_millis(300),
@@ -455,7 +454,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_short_job_finish() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 500})).await;
@@ -470,7 +469,7 @@ async fn shutdown_lets_a_short_job_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         // Written as the API writes jobs, with a payload that is not JSON.
@@ -527,7 +526,7 @@ async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_claims_only_while_its_services_are_ready() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (ready_tx, ready_rx) = watch::channel(false);
         let mut worker = rig.worker("w1", &[("simulation", simulation())], settings());
@@ -561,7 +560,7 @@ async fn a_worker_claims_only_while_its_services_are_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_redis_connections_do_not_lose_the_job() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig
@@ -594,7 +593,7 @@ async fn dropped_redis_connections_do_not_lose_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_jobs_across_four_workers_each_complete_once() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut tasks = Vec::new();
         let mut statuses = Vec::new();
@@ -640,7 +639,7 @@ async fn a_hundred_jobs_across_four_workers_each_complete_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let workspace = rig.dir.path().join("ws");
@@ -708,7 +707,7 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdown() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let workspace = rig.dir.path().join("ws");
         let env: BTreeMap<String, String> = [
@@ -766,7 +765,7 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_keeps_its_heartbeat() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, mut status) = rig.spawn(rig.worker("w-idle", &[("simulation", simulation())], settings()));
         status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
@@ -788,7 +787,7 @@ async fn an_idle_worker_keeps_its_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 800, "steps": 4})).await;
@@ -828,7 +827,7 @@ async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
 /// runs; the page's status sees every report; no `progress:<id>` stream by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_report() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut pubsub = redis::Client::open(rig.url())
             .unwrap()
@@ -946,7 +945,7 @@ async fn stored_output(rig: &Rig, id: &str) -> (Vec<u8>, Value) {
 /// the pending upload as soon as the headers tell it, and both jobs complete with their outputs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comfyui_outputs_are_fetched_while_the_next_prompt_runs() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let ids = queue_comfy(&rig, &[comfy_workflow("a", 1500), comfy_workflow("b", 0)]).await;
@@ -992,7 +991,7 @@ async fn comfyui_outputs_are_fetched_while_the_next_prompt_runs() {
 /// completed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fetch_after_the_hand_off_returns_the_job_to_the_queue() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         comfy.fail_views(1);
@@ -1040,7 +1039,7 @@ async fn a_failed_fetch_after_the_hand_off_returns_the_job_to_the_queue() {
 /// a job queued meanwhile is not claimed until the fetch and its upload end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_fills_the_byte_budget_holds_the_claims() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let first = queue_comfy(&rig, &[comfy_workflow("a", 1500)]).await;

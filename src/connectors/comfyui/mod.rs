@@ -49,7 +49,7 @@ use super::{
 };
 use crate::config::ConnectorKind;
 use crate::models::{ModelError, ModelStore, ModelsInUse};
-use tracker::{Outcome, Tracker, history_outcome, queue_is_empty, queue_lists};
+use tracker::{PromptEnd, PromptTracker, history_outcome, queue_is_empty, queue_lists};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -66,7 +66,7 @@ const INTERRUPT_LIMIT: Duration = Duration::from_secs(2);
 /// What the server knows of a submitted prompt.
 #[derive(Debug, Clone, PartialEq)]
 enum Whereabouts {
-    Finished(Outcome),
+    Finished(PromptEnd),
     /// Queued, running, or finished without its outcome written yet.
     Known,
     /// Neither in the history nor in the queue.
@@ -76,7 +76,7 @@ enum Whereabouts {
 /// A prompt ComfyUI accepted: the socket that hears its events, and what they said so far.
 struct Submitted {
     socket: Socket,
-    tracker: Tracker,
+    tracker: PromptTracker,
     prompt_id: String,
     client_id: String,
 }
@@ -436,7 +436,7 @@ impl ComfyuiConnector {
         clock.heard();
         Ok(Submitted {
             socket,
-            tracker: Tracker::new(prompt_id.clone(), workflow),
+            tracker: PromptTracker::new(prompt_id.clone(), workflow),
             prompt_id,
             client_id,
         })
@@ -450,7 +450,7 @@ impl ComfyuiConnector {
         clock: &mut StallClock,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<Outcome, ConnectorError> {
+    ) -> Result<PromptEnd, ConnectorError> {
         let Submitted {
             socket,
             tracker,
@@ -513,7 +513,7 @@ impl ComfyuiConnector {
         prompt_id: &str,
         clock: &StallClock,
         cancel: &CancellationToken,
-    ) -> Result<Option<Outcome>, ConnectorError> {
+    ) -> Result<Option<PromptEnd>, ConnectorError> {
         let Some(whereabouts) = clock.within(or_cancelled(cancel, self.whereabouts(prompt_id))).await else {
             return Err(self.stalled(prompt_id, clock).await);
         };
@@ -572,7 +572,7 @@ impl ComfyuiConnector {
             total_steps: Some(steps),
         });
         let outcome = self.follow(&mut prompt, &mut clock, progress, cancel).await?;
-        if outcome == Outcome::Success && !prompt.tracker.finished {
+        if outcome == PromptEnd::Success && !prompt.tracker.finished {
             self.hear_the_end(&mut prompt, progress).await;
         }
         outcome_error(outcome, cancel)?;
@@ -591,18 +591,18 @@ impl ComfyuiConnector {
 }
 
 /// The error of a prompt that did not succeed, blamed by what ended it.
-fn outcome_error(outcome: Outcome, cancel: &CancellationToken) -> Result<(), ConnectorError> {
+fn outcome_error(outcome: PromptEnd, cancel: &CancellationToken) -> Result<(), ConnectorError> {
     match outcome {
-        Outcome::Success => Ok(()),
-        Outcome::Error { message, gpu: true } => Err(ConnectorError::MachineFault {
+        PromptEnd::Success => Ok(()),
+        PromptEnd::Error { message, gpu: true } => Err(ConnectorError::MachineFault {
             message: format!("the GPU ran out of memory under the job: {message}"),
         }),
-        Outcome::Error { message, gpu: false } => Err(ConnectorError::Failed {
+        PromptEnd::Error { message, gpu: false } => Err(ConnectorError::Failed {
             message,
             retryable: false,
         }),
-        Outcome::Interrupted if cancel.is_cancelled() => Err(ConnectorError::Cancelled),
-        Outcome::Interrupted => Err(ConnectorError::MachineFault {
+        PromptEnd::Interrupted if cancel.is_cancelled() => Err(ConnectorError::Cancelled),
+        PromptEnd::Interrupted => Err(ConnectorError::MachineFault {
             message: "ComfyUI interrupted the prompt (not at the machine's request)".to_owned(),
         }),
     }
