@@ -1175,19 +1175,12 @@ async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
 
 /// A machine process for the whole-machine tests below, killed when dropped.
 struct WholeMachine {
-    child: std::process::Child,
+    _child: crate::support::KillOnDrop,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 const CONTROL: &str = "external-control-token";
-
-impl Drop for WholeMachine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl WholeMachine {
     /// Starts `machine run` with `connectors` (as `WORKER_CONNECTORS`), the file `toml` and the
@@ -1214,7 +1207,11 @@ impl WholeMachine {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("the machine starts");
-        WholeMachine { child, port, dir }
+        WholeMachine {
+            _child: child.into(),
+            port,
+            dir,
+        }
     }
 
     fn url(&self) -> String {

@@ -382,7 +382,7 @@ async fn a_job_submitted_while_every_worker_is_busy_goes_to_the_first_that_frees
 
 /// A real `machine run` with one simulation worker.
 struct RealMachine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     id: String,
     _dir: tempfile::TempDir,
 }
@@ -407,7 +407,7 @@ impl RealMachine {
             .spawn()
             .expect("the machine binary starts");
         RealMachine {
-            child,
+            child: child.into(),
             id: id.to_owned(),
             _dir: dir,
         }
@@ -419,13 +419,6 @@ impl RealMachine {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RealMachine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

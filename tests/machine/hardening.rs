@@ -15,16 +15,9 @@ use crate::support::{get, machine, run, wait_until};
 
 /// A `machine run` started by a test, killed when dropped.
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     dir: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Running {
@@ -90,7 +83,7 @@ fn start(dir: &Path, toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Runn
         cmd.env(k, v);
     }
     Running {
-        child: cmd.spawn().unwrap(),
+        child: cmd.spawn().unwrap().into(),
         port,
         dir: dir.to_owned(),
     }

@@ -1,22 +1,15 @@
 //! The health server, `machine status` and the fleet status message, against the real binary
 //! and a real Redis.
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::support::{get, machine, run};
 
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     _ws: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
@@ -47,7 +40,11 @@ fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
         assert!(Instant::now() < deadline, "health server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Running { child, port, _ws: ws }
+    Running {
+        child: child.into(),
+        port,
+        _ws: ws,
+    }
 }
 
 /// The read token every machine of these tests has; `/logs` needs it.

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use machine::broker::reference::{self, PendingJob};
 use machine::broker::{
     Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, RetryDelay,
-    installer,
+    library,
 };
 use machine::config::RedisUrl;
 use redis::aio::MultiplexedConnection;
@@ -977,7 +977,7 @@ async fn idle_waiters_wake_on_submission_and_requeue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installer_loads_once_recovers_and_runs_through_evalsha() {
+async fn the_library_loads_once_recovers_and_runs_through_evalsha() {
     within(LIMIT, async {
         let server = RedisServer::start();
         let u = url(&server);
@@ -992,14 +992,14 @@ async fn installer_loads_once_recovers_and_runs_through_evalsha() {
         }
         for t in tasks {
             let r = t.await.unwrap();
-            assert_eq!(r.version, installer::Library::new().version());
+            assert_eq!(r.version, library::Library::new().version());
         }
         let b = broker(&server).await;
         let again = b.ensure_functions().await.unwrap();
         assert!(!again.loaded, "an equal version is not loaded again");
-        assert_eq!(again.previous.as_deref(), Some(installer::Library::new().version()));
+        assert_eq!(again.previous.as_deref(), Some(library::Library::new().version()));
         let mut conn = b.connection();
-        let names: Vec<String> = installer::list(&mut conn)
+        let names: Vec<String> = library::list(&mut conn)
             .await
             .unwrap()
             .into_iter()

@@ -431,7 +431,7 @@ async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
 /// and the shelf's catalogue (written now). Killed when dropped; [`Machine::stop`] stops it as
 /// an orchestrator does and checks the exit.
 struct Machine {
-    child: std::process::Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     log: std::path::PathBuf,
     url: String,
@@ -505,7 +505,7 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
             .spawn()
             .unwrap();
         let m = Machine {
-            child,
+            child: child.into(),
             port,
             log,
             url,
@@ -596,13 +596,6 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
             child.try_wait().unwrap()
         });
         assert!(exit.success(), "{exit:?}");
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -8,7 +8,7 @@
 //! next one, idle in `worker:<id>`.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use machine::broker::{Broker, BrokerOptions, NewJob};
@@ -30,16 +30,9 @@ const HANG: Duration = Duration::from_secs(3600);
 
 /// A machine run by a test; killed on drop.
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     log: std::path::PathBuf,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Machine {
@@ -170,7 +163,7 @@ impl Rig {
             cmd.env(k, v);
         }
         Machine {
-            child: cmd.spawn().unwrap(),
+            child: cmd.spawn().unwrap().into(),
             port,
             log,
         }

@@ -94,3 +94,35 @@ pub async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let r = req.send().await.expect("the machine answers");
     (r.status().as_u16(), r.text().await.expect("a body"))
 }
+
+/// A child the test started (a `machine run`, mostly), killed and reaped when the test lets go
+/// of it, however it ends; its services die with it (PR_SET_PDEATHSIG).
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl From<std::process::Child> for KillOnDrop {
+    fn from(child: std::process::Child) -> Self {
+        Self(child)
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
