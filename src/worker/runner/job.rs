@@ -59,13 +59,15 @@ enum Supervised {
 }
 
 /// A job whose service work is done, on its way to the upload stage: its outputs, its lease
-/// keeper (still renewing) and the stops the keeper sends.
+/// keeper (still renewing), the stops the keeper sends and its progress forwarder (holding
+/// the last report until the completion makes it moot, see [`forward_progress`]).
 #[derive(Debug)]
 struct Upload {
     target: OutputTarget,
     output: JobOutput,
     stops: mpsc::Receiver<Stop>,
     keeper: AbortOnDrop<()>,
+    progress: Option<AbortOnDrop<()>>,
     run: Duration,
     billing: Option<Billing>,
     idle_before: Duration,
@@ -86,10 +88,12 @@ pub(super) struct Ending {
 }
 
 /// What the upload of a finished job's outputs watches: the lease keeper's stops and the drain
-/// period, when shutdown began while the job ran.
+/// period, when shutdown began while the job ran; and the job's progress forwarder, stopped
+/// once the outputs are stored (the end written next carries the final state).
 struct Uploading<'a> {
     stops: &'a mut mpsc::Receiver<Stop>,
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
+    progress: Option<AbortOnDrop<()>>,
 }
 
 /// A job's connector running, with its lease keeper and progress forwarder beside it.
@@ -108,9 +112,10 @@ struct Running {
     /// The stops the lease keeper and the progress forwarder send.
     stops: mpsc::Receiver<Stop>,
     keeper: AbortOnDrop<()>,
-    /// Taken when the connector returned and its last report was written.
+    /// Taken when the connector returned and its last report was written; left, still
+    /// holding that report, to go with a job whose completion follows.
     forwarder: Option<AbortOnDrop<()>>,
-    progress_ended: CancellationToken,
+    progress_ended: ProgressEnd,
 }
 
 /// How the connector's run ended: its result and time, why it was stopped if it was, and the
@@ -294,6 +299,7 @@ impl Worker {
                 output,
                 mut stops,
                 keeper,
+                progress,
                 run,
                 billing,
                 idle_before,
@@ -301,6 +307,7 @@ impl Worker {
             let uploading = Uploading {
                 stops: &mut stops,
                 drain: None,
+                progress,
             };
             let outcome = ending
                 .write_success(&broker, &claimed, &target, output, &shutdown, uploading)
@@ -406,10 +413,12 @@ impl Worker {
             stop,
             drain,
         } = self.watch(claimed, &mut running, cancels, shutdown).await;
-        let billing = self.wind_down(broker, claimed, &mut running).await;
+        let completing = stop.is_none() && result.is_ok();
+        let billing = self.wind_down(broker, claimed, &mut running, completing).await;
         let Running {
             mut stops,
             keeper,
+            forwarder,
             idle_before,
             timeout,
             checker,
@@ -425,6 +434,7 @@ impl Worker {
                     output,
                     stops,
                     keeper,
+                    progress: forwarder,
                     run,
                     billing,
                     idle_before,
@@ -441,6 +451,7 @@ impl Worker {
             uploading: Uploading {
                 stops: &mut stops,
                 drain,
+                progress: forwarder,
             },
         };
         let (outcome, possible_orphan) = self.conclude(broker, claimed, concluding, shutdown).await;
@@ -481,7 +492,7 @@ impl Worker {
         )));
         // Progress goes to Redis from its own task, so a slow or absent Redis never delays
         // noticing that the job ended, was cancelled or ran out of time.
-        let progress_ended = CancellationToken::new();
+        let progress_ended = ProgressEnd::default();
         let forwarder = AbortOnDrop(tokio::spawn(forward_progress(
             broker.clone(),
             claimed.clone(),
@@ -576,18 +587,30 @@ impl Worker {
         }
     }
 
-    /// Once the connector returned: its last progress report written and what the attempt
-    /// used at a paid API added to the job. The lease is kept until the job's end is written:
-    /// the fetches, uploads, the CDN wait and the outcome write that follow may outlast it
-    /// (issue 23).
-    async fn wind_down(&mut self, broker: &Broker, claimed: &ClaimedJob, running: &mut Running) -> Option<Billing> {
-        // Progress ends with the connector: its last report is written before the outcome (a
-        // coalesced one would be lost otherwise), unless Redis takes longer than
-        // PROGRESS_FLUSH to take it.
+    /// Once the connector returned: its progress ended and what the attempt used at a paid
+    /// API added to the job. The lease is kept until the job's end is written: the fetches,
+    /// uploads, the CDN wait and the outcome write that follow may outlast it (issue 23).
+    async fn wind_down(
+        &mut self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        running: &mut Running,
+        completing: bool,
+    ) -> Option<Billing> {
+        // A job that succeeded (`completing`) is completed next, and its completion carries
+        // the final state (100 %, completed): its last report, when not written yet, is held
+        // and written only if the outputs take longer than a progress interval to fetch and
+        // store (the forwarder goes with the upload and stops when it ends). Any other end
+        // writes it now, before the outcome (a coalesced one would be lost otherwise), unless
+        // Redis takes longer than PROGRESS_FLUSH to take it.
         self.idle.run_ended(Instant::now());
-        running.progress_ended.cancel();
-        if let Some(mut forwarder) = running.forwarder.take() {
-            let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
+        if completing {
+            running.progress_ended.completing.cancel();
+        } else {
+            running.progress_ended.now.cancel();
+            if let Some(mut forwarder) = running.forwarder.take() {
+                let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
+            }
         }
         // What the attempt used at a paid API is billed whatever its outcome; it is added to
         // the job's totals before the outcome is written, so a finished job shows all of it.
@@ -702,6 +725,9 @@ impl Ending {
                 }
             }
         };
+        // The end written next carries the final state: a last report not written by now is
+        // moot.
+        drop(uploading.progress.take());
         let stored = match stored {
             Ok(s) => s,
             Err(Unstored::Fetch(e)) => {
@@ -1046,9 +1072,19 @@ fn shows_the_same(a: &Progress, b: &Progress) -> bool {
         && a.total_steps == b.total_steps
 }
 
+/// How a job's progress forwarding ends once its connector returned.
+#[derive(Debug, Clone, Default)]
+struct ProgressEnd {
+    /// The last report not yet written is written now (the job failed, was stopped, ...).
+    now: CancellationToken,
+    /// The job succeeded and its completion follows, carrying the final state: the last report
+    /// not yet written is held one progress interval and written then, unless the forwarder is
+    /// stopped first (the completion is being written).
+    completing: CancellationToken,
+}
+
 /// Forwards a job's progress: every report to the worker's status at once (the page, the
-/// fleet status), to Redis through a [`ProgressGate`]. When `ended` is cancelled (the connector
-/// returned) the last report not yet written is written, then it returns.
+/// fleet status), to Redis through a [`ProgressGate`], until the connector returned (`ended`).
 async fn forward_progress(
     broker: Broker,
     job: ClaimedJob,
@@ -1056,10 +1092,12 @@ async fn forward_progress(
     status: Arc<watch::Sender<WorkerStatus>>,
     stop: mpsc::Sender<Stop>,
     every: Duration,
-    ended: CancellationToken,
+    ended: ProgressEnd,
 ) {
     let mut gate = ProgressGate::new(every);
     let mut open = true;
+    // Once the job completes: when its last report is written if the completion is not.
+    let mut last_at: Option<Instant> = None;
     let latest = |progress: &mut ProgressReceiver| {
         let p = progress.borrow_and_update().1.clone();
         status.send_modify(|s| {
@@ -1071,10 +1109,10 @@ async fn forward_progress(
         p
     };
     loop {
-        let due = gate.due();
+        let due = gate.due().filter(|_| last_at.is_none());
         let write = tokio::select! {
             biased;
-            () = ended.cancelled() => {
+            () = ended.now.cancelled() => {
                 // The connector's last report may not have been read yet.
                 if progress.has_changed().unwrap_or(false) {
                     let p = latest(&mut progress);
@@ -1088,7 +1126,26 @@ async fn forward_progress(
                 }
                 return;
             }
-            changed = progress.changed(), if open => {
+            () = ended.completing.cancelled(), if last_at.is_none() => {
+                if progress.has_changed().unwrap_or(false) {
+                    let p = latest(&mut progress);
+                    if let Some(now) = gate.report(p, Instant::now()) {
+                        gate.pending = Some(now);
+                    }
+                }
+                if gate.pending.is_none() {
+                    return;
+                }
+                last_at = Some(Instant::now() + every);
+                continue;
+            }
+            () = async { tokio::time::sleep_until(last_at.expect("guarded by is_some").into()).await }, if last_at.is_some() => {
+                if let Some(p) = gate.flush() {
+                    let _ = write_progress(&broker, &job, &p, &stop).await;
+                }
+                return;
+            }
+            changed = progress.changed(), if open && last_at.is_none() => {
                 if changed.is_err() {
                     open = false;
                     continue;
