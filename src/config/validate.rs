@@ -490,12 +490,8 @@ mod tests {
         std::fs::write(&good, r#"{"9": {"class_type": "SaveImage", "inputs": {}}}"#).unwrap();
         let bad = dir.path().join("list.json");
         std::fs::write(&bad, "[1]").unwrap();
-        let load = |toml: String| {
-            super::super::load::load_str(
-                Some(("m.toml", &toml)),
-                &std::collections::BTreeMap::<String, String>::new(),
-            )
-        };
+        let load =
+            |toml: String| super::super::load::load_str(Some(("m.toml", &toml)), &BTreeMap::<String, String>::new());
         let c = load(format!(
             "[connectors.comfyui]\nwarmup = \"{}\"\nstall_timeout = \"30s\"\nrestart_every_jobs = 2\n",
             good.display()
