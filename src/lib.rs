@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod connectors;
 pub mod gpu;

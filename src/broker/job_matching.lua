@@ -1107,6 +1107,181 @@ local function claim(p, w, worker, max_examine, lease_ms)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- Wake-ups: one index and one woken worker per submission, whatever the size of the fleet
+-- ---------------------------------------------------------------------------------------------
+-- A worker whose claim (claimOrPark) finds nothing parks: jobs:idx:parked maps it to its
+-- capabilities text and jobs:idx:idle:<service> scores it, per service it takes, with the time
+-- until which it counts as waiting (it parks again on every safety poll, so a dead machine's
+-- workers drop out by themselves). One machine of the fleet, the holder of the lease
+-- jobs:idx:indexer (fleetTick), listens to job_submitted and announces each job once
+-- (announceJob): the job is indexed and ONE parked worker that can run it, the most recently
+-- seen alive, is taken off the park and woken on its machine's channel jobs:wake:<machine>.
+-- The job is noted in jobs:idx:wakes with a deadline; the indexer's next tick after it wakes
+-- another capable parked worker when the job is still pending (the woken one died, missed the
+-- message, or took a better job), so no submission waits for a safety poll. A submission no
+-- parked worker can run wakes nobody: the first worker that frees up claims it in its place.
+
+local WAKE_SCAN = 16      -- parked workers of the job's service one wake looks at
+local WAKE_DUE_BATCH = 64 -- overdue wakes one tick re-sends
+local DEFAULT_WAKE_MS = 750 -- how long a woken worker has to claim (the broker's WAKE_DEADLINE)
+
+-- Where the next wake for a job goes on looking among the parked workers (the ones before it
+-- could not run the job), by job id. Only a hint kept in the Lua state: lost, a wake starts
+-- from the most recently parked again. Dropped whole when large.
+local wake_from, wake_from_n = {}, 0
+
+local function unpark(p, worker, services)
+  if redis.call('HDEL', p .. 'jobs:idx:parked', worker) == 0 then return end
+  for _, s in ipairs(services) do redis.call('ZREM', p .. 'jobs:idx:idle:' .. s, worker) end
+end
+
+local function park(p, raw, w, worker, untl)
+  redis.call('HSET', p .. 'jobs:idx:parked', worker, raw)
+  for _, s in ipairs(w.services) do redis.call('ZADD', p .. 'jobs:idx:idle:' .. s, untl, worker) end
+end
+
+-- Wakes one parked worker (not `skip`) that can run the jobs of group `gid` for job `id`,
+-- looking at WAKE_SCAN parked workers of its service from the `from`th most recently parked.
+-- Returns its name, or nil and, when more parked workers lie beyond those looked at, where the
+-- next look starts: the job is then looked for again on the indexer's next tick, WAKE_SCAN
+-- workers further each time, so a job only a worker deep in the park can run still wakes it
+-- within a few ticks while one wake costs WAKE_SCAN lookups at most.
+local function wake_for(p, id, gid, service, now, wake_ms, from, skip)
+  local ikey = p .. 'jobs:idx:idle:' .. service
+  -- Workers whose park ran out (their machine stopped polling) leave it.
+  if from == 0 then redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now) end
+  local cands = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now, 'LIMIT', from, WAKE_SCAN)
+  local gone = 0
+  for _, worker in ipairs(cands) do
+    local raw = worker ~= skip and redis.call('HGET', p .. 'jobs:idx:parked', worker)
+    local w = raw and worker_of(raw)
+    if raw and (not w or not list_has(w.services, service)) then
+      -- Parked under capabilities that no longer take this service (a reload).
+      redis.call('ZREM', ikey, worker)
+      gone = gone + 1
+    elseif w and group_matches(p, gid, w) then
+      unpark(p, worker, w.services)
+      redis.call('ZADD', p .. 'jobs:idx:wakes', now + wake_ms, id)
+      redis.call('PUBLISH', p .. 'jobs:wake:' .. w.machine, '{"worker_id":' .. jstr(worker) .. ',"job_id":' ..
+        jstr(id) .. ',"timestamp":' .. jint(now) .. '}')
+      return worker
+    end
+  end
+  if #cands < WAKE_SCAN then return nil end
+  return nil, from + WAKE_SCAN - gone
+end
+
+-- Looks for a worker for job `id` again on the indexer's next tick, from the `from`th parked.
+local function wake_later(p, id, now, from)
+  redis.call('ZADD', p .. 'jobs:idx:wakes', now, id)
+  if wake_from_n >= 4096 then wake_from, wake_from_n = {}, 0 end
+  if wake_from[id] == nil then wake_from_n = wake_from_n + 1 end
+  wake_from[id] = from
+end
+
+-- The group and service of an indexed, claimable job; nil otherwise.
+local function indexed_group(p, id)
+  local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
+  if not entry or #entry <= 40 or string.sub(entry, 1, 1) == 'D' then return nil end
+  local gid = string.sub(entry, 1, 40)
+  local service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service')
+  if not service then return nil end
+  return gid, service
+end
+
+-- Wakes one parked worker that can run indexed job `id` (not `skip`); its name or nil.
+local function wake_one(p, id, now, wake_ms, skip)
+  local gid, service = indexed_group(p, id)
+  if not gid then return nil end
+  local woken, from = wake_for(p, id, gid, service, now, wake_ms, 0, skip)
+  if not woken and from then wake_later(p, id, now, from) end
+  return woken
+end
+
+-- Indexes a submitted job and wakes one parked worker that can run it. Returns index_job's
+-- word and the woken worker ('' when none).
+local function announce(p, id, wake_ms)
+  local now = now_ms()
+  local r = index_job(p, id, now)
+  if r ~= 'indexed' then return { r, '' } end
+  return { r, wake_one(p, id, now, wake_ms) or '' }
+end
+
+-- A job back in the queue (a retry, a return, a lease that expired) wakes one parked worker
+-- that can run it, as a submission does, when it is claimable now; a retry delay's job is
+-- looked for when the delay ends (the indexer's tick releases it). Not the worker that just
+-- gave it back: it is busy ending the job, or held off it.
+local function wake_requeued(p, id, now, ready_at, worker)
+  if ready_at and ready_at > now then
+    redis.call('ZADD', p .. 'jobs:idx:wakes', ready_at, id)
+    return
+  end
+  wake_one(p, id, now, DEFAULT_WAKE_MS, worker)
+end
+
+-- Wakes another parked worker for each job whose wake is overdue (or whose retry delay ended,
+-- or that the last look did not find a worker for) and that is still pending.
+local function rewake_due(p, now, wake_ms)
+  local key = p .. 'jobs:idx:wakes'
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, WAKE_DUE_BATCH)
+  if #due == 0 then return 0 end
+  redis.call('ZREM', key, unpack(due))
+  release_due(p, now)
+  local n = 0
+  for _, id in ipairs(due) do
+    local from = wake_from[id] or 0
+    if wake_from[id] then
+      wake_from[id] = nil
+      wake_from_n = wake_from_n - 1
+    end
+    local gid, service = indexed_group(p, id)
+    if gid and redis.call('ZSCORE', p .. 'jobs:pending', id) then
+      -- A job given back by a failing worker is held off it for a while: wake another.
+      local held = redis.call('HGET', p .. 'jobs:holdoff', id)
+      local skip = held and string.match(held, '^(.*)|%d+$')
+      local woken, next_from = wake_for(p, id, gid, service, now, wake_ms, from, skip)
+      if woken then
+        n = n + 1
+      elseif next_from then
+        wake_later(p, id, now, next_from)
+      end
+    end
+  end
+  return n
+end
+
+-- The fleet's indexer lease (SET NX-like, PX lease_ms, renewed by each tick of its holder)
+-- and, for its holder, the overdue wakes. A new holder asks every idle worker of the fleet to
+-- claim once (job_requeued without a service), since submissions made while nobody held the
+-- lease were announced by nobody (the claims' own repair indexes them). Returns {held 1/0,
+-- workers woken again, 1 when the lease was taken now}.
+local function fleet_tick(p, holder, lease_ms, wake_ms)
+  local lkey = p .. 'jobs:idx:indexer'
+  local owner = redis.call('GET', lkey)
+  if owner and owner ~= holder then return { 0, 0, 0 } end
+  redis.call('SET', lkey, holder, 'PX', lease_ms)
+  local now = now_ms()
+  if not owner then
+    publish(p, 'job_requeued', { job_id = '', reason = 'indexer', timestamp = now, ready_at = now })
+  end
+  return { 1, rewake_due(p, now, wake_ms), owner and 0 or 1 }
+end
+
+-- A worker that stops claiming (held, quarantined, draining, waiting for its services)
+-- leaves the park at once, so no wake is spent on it. Returns 1 when it was parked.
+local function leave_park(p, worker)
+  local raw = redis.call('HGET', p .. 'jobs:idx:parked', worker)
+  if not raw then return 0 end
+  local w = worker_of(raw)
+  if w then
+    unpark(p, worker, w.services)
+  else
+    redis.call('HDEL', p .. 'jobs:idx:parked', worker)
+  end
+  return 1
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- Lifecycle
 -- ---------------------------------------------------------------------------------------------
 
@@ -1205,9 +1380,7 @@ local function requeue(p, id, worker, claim_rec, fields, reason, now, ready_at)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
   worker_idle(p, worker, id, now)
   index_job(p, id, now, tonumber(claim_rec.q), ready_at)
-  local service = redis.call('HGET', jkey, 'service_required') or ''
-  publish(p, 'job_requeued', { job_id = id, service_required = service, reason = reason, timestamp = now,
-    ready_at = ready_at or now })
+  wake_requeued(p, id, now, ready_at, worker)
 end
 
 -- The oldest record time of each `<hash>:at` this Lua state knows of, or less: records are only
@@ -1278,8 +1451,12 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
   local r = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local pkey = p .. 'job:' .. id .. ':progress'
-  redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at', iso(now))
-  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+  -- The hash expires a day after the job's first report (completion, failure and return renew
+  -- it): renewing it on every report cost an EXPIRE per write for nothing.
+  if redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at',
+    iso(now)) > 0 then
+    redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
+  end
   if stream then
     local skey = p .. 'progress:' .. id
     redis.call('XADD', skey, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
@@ -1287,9 +1464,12 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
       'timestamp', tostring(now))
     redis.call('EXPIRE', skey, PROGRESS_TTL_S)
   end
-  publish(p, 'update_job_progress', { job_id = id, worker_id = worker, progress = tonumber(pct) or 0,
-    status = 'in_progress', message = message, current_step = current_step, total_steps = total_steps,
-    timestamp = now })
+  -- Written as text, like the claim's and the completion's messages (an encoded table cost a
+  -- fifth of the call); `progress` is a whole number, as the broker sends it.
+  if not string.match(pct, '^%d+$') then pct = jint(math.floor(tonumber(pct) or 0)) end
+  redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jstr(worker) ..
+    ',"progress":' .. pct .. ',"status":"in_progress","message":' .. jstr(message) .. ',"current_step":' ..
+    jstr(current_step) .. ',"total_steps":' .. jstr(total_steps) .. ',"timestamp":' .. jint(now) .. '}')
   return 'ok'
 end
 
@@ -1482,110 +1662,6 @@ local function cancel(p, id, reason)
 end
 
 -- ---------------------------------------------------------------------------------------------
--- Wake-ups: one index and one woken worker per submission, whatever the size of the fleet
--- ---------------------------------------------------------------------------------------------
--- A worker whose claim (claimOrPark) finds nothing parks: jobs:idx:parked maps it to its
--- capabilities text and jobs:idx:idle:<service> scores it, per service it takes, with the time
--- until which it counts as waiting (it parks again on every safety poll, so a dead machine's
--- workers drop out by themselves). One machine of the fleet, the holder of the lease
--- jobs:idx:indexer (fleetTick), listens to job_submitted and announces each job once
--- (announceJob): the job is indexed and ONE parked worker that can run it, the most recently
--- seen alive, is taken off the park and woken on its machine's channel jobs:wake:<machine>.
--- The job is noted in jobs:idx:wakes with a deadline; the indexer's next tick after it wakes
--- another capable parked worker when the job is still pending (the woken one died, missed the
--- message, or took a better job), so no submission waits for a safety poll. A submission no
--- parked worker can run wakes nobody: the first worker that frees up claims it in its place.
-
-local WAKE_CANDIDATES = 16 -- parked workers of the job's service one wake looks at
-local WAKE_DUE_BATCH = 64  -- overdue wakes one tick re-sends
-
-local function unpark(p, worker, services)
-  if redis.call('HDEL', p .. 'jobs:idx:parked', worker) == 0 then return end
-  for _, s in ipairs(services) do redis.call('ZREM', p .. 'jobs:idx:idle:' .. s, worker) end
-end
-
-local function park(p, raw, w, worker, untl)
-  redis.call('HSET', p .. 'jobs:idx:parked', worker, raw)
-  for _, s in ipairs(w.services) do redis.call('ZADD', p .. 'jobs:idx:idle:' .. s, untl, worker) end
-end
-
--- Wakes one parked worker that can run the jobs of group `gid` for job `id`; its name, or nil
--- when none is parked.
-local function wake_for(p, id, gid, service, now, wake_ms)
-  local ikey = p .. 'jobs:idx:idle:' .. service
-  redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now)
-  local cands = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now, 'LIMIT', 0, WAKE_CANDIDATES)
-  for _, worker in ipairs(cands) do
-    local raw = redis.call('HGET', p .. 'jobs:idx:parked', worker)
-    local w = raw and worker_of(raw)
-    if not w or not list_has(w.services, service) then
-      -- Parked under capabilities that no longer take this service (a reload).
-      redis.call('ZREM', ikey, worker)
-    elseif group_matches(p, gid, w) then
-      unpark(p, worker, w.services)
-      redis.call('ZADD', p .. 'jobs:idx:wakes', now + wake_ms, id)
-      publish(p, 'jobs:wake:' .. w.machine, { worker_id = worker, job_id = id, timestamp = now })
-      return worker
-    end
-  end
-  return nil
-end
-
--- The group and service of an indexed, claimable job; nil otherwise.
-local function indexed_group(p, id)
-  local entry = redis.call('HGET', p .. 'jobs:idx:job', id)
-  if not entry or #entry <= 40 or string.sub(entry, 1, 1) == 'D' then return nil end
-  local gid = string.sub(entry, 1, 40)
-  local service = redis.call('HGET', p .. 'jobs:idx:meta:' .. gid, 'service')
-  if not service then return nil end
-  return gid, service
-end
-
--- Indexes a submitted job and wakes one parked worker that can run it. Returns index_job's
--- word and the woken worker ('' when none).
-local function announce(p, id, wake_ms)
-  local now = now_ms()
-  local r = index_job(p, id, now)
-  if r ~= 'indexed' then return { r, '' } end
-  local gid, service = indexed_group(p, id)
-  local woken = gid and wake_for(p, id, gid, service, now, wake_ms)
-  return { r, woken or '' }
-end
-
--- Wakes another parked worker for each job whose wake is overdue and that is still pending.
-local function rewake_due(p, now, wake_ms)
-  local key = p .. 'jobs:idx:wakes'
-  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, WAKE_DUE_BATCH)
-  if #due == 0 then return 0 end
-  redis.call('ZREM', key, unpack(due))
-  local n = 0
-  for _, id in ipairs(due) do
-    local gid, service = indexed_group(p, id)
-    if gid and redis.call('ZSCORE', p .. 'jobs:pending', id) and wake_for(p, id, gid, service, now, wake_ms) then
-      n = n + 1
-    end
-  end
-  return n
-end
-
--- The fleet's indexer lease (SET NX-like, PX lease_ms, renewed by each tick of its holder)
--- and, for its holder, the overdue wakes. A new holder asks every idle worker of the fleet to
--- claim once (job_requeued without a service), since submissions made while nobody held the
--- lease were announced by nobody (the claims' own repair indexes them). Returns {held 1/0,
--- workers woken again, 1 when the lease was taken now}.
-local function fleet_tick(p, holder, lease_ms, wake_ms)
-  local lkey = p .. 'jobs:idx:indexer'
-  local owner = redis.call('GET', lkey)
-  if owner and owner ~= holder then return { 0, 0, 0 } end
-  redis.call('SET', lkey, holder, 'PX', lease_ms)
-  local now = now_ms()
-  if not owner then
-    publish(p, 'job_requeued', { job_id = '', reason = 'indexer', timestamp = now, ready_at = now })
-  end
-  return { 1, rewake_due(p, now, wake_ms), owner and 0 or 1 }
-end
-
--- ---------------------------------------------------------------------------------------------
 -- Registration
 -- ---------------------------------------------------------------------------------------------
 
@@ -1669,11 +1745,19 @@ redis.register_function('sweepIndex', function(_, args)
     tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0 }
 end)
 
+-- With an indexer lease and wake deadline after the budget, the step also tries the fleet's
+-- indexer lease (fleetTick) in the same call, and its three answers follow the sweep's: the
+-- machines that do not index try it this way, one periodic call each instead of two.
 redis.register_function('sweepPending', function(_, args)
-  local holder = args[2]
+  local p, holder = args[1], args[2]
   if not holder or holder == '' then return redis.error_reply('ERR sweepPending needs a holder') end
-  return fleet_sweep(args[1], holder, math.max(num_arg(args[3], 10000), 1), math.max(num_arg(args[4], 1000), 1),
+  local r = fleet_sweep(p, holder, math.max(num_arg(args[3], 10000), 1), math.max(num_arg(args[4], 1000), 1),
     now_ms())
+  if args[5] then
+    local t = fleet_tick(p, holder, math.max(num_arg(args[5], 3000), 1), math.max(num_arg(args[6], DEFAULT_WAKE_MS), 1))
+    r[4], r[5], r[6] = t[1], t[2], t[3]
+  end
+  return r
 end)
 
 redis.register_function('cancelJob', function(_, args)
@@ -1703,13 +1787,20 @@ redis.register_function('claimOrPark', function(_, args)
 end)
 
 redis.register_function('announceJob', function(_, args)
-  return announce(args[1], args[2], math.max(num_arg(args[3], 750), 1))
+  return announce(args[1], args[2], math.max(num_arg(args[3], DEFAULT_WAKE_MS), 1))
 end)
 
 redis.register_function('fleetTick', function(_, args)
   local holder = args[2]
   if not holder or holder == '' then return redis.error_reply('ERR fleetTick needs a holder') end
-  return fleet_tick(args[1], holder, math.max(num_arg(args[3], 3000), 1), math.max(num_arg(args[4], 750), 1))
+  return fleet_tick(args[1], holder, math.max(num_arg(args[3], 3000), 1),
+    math.max(num_arg(args[4], DEFAULT_WAKE_MS), 1))
+end)
+
+redis.register_function('leavePark', function(_, args)
+  local worker = args[2]
+  if not worker or worker == '' then return redis.error_reply('ERR leavePark needs a worker') end
+  return leave_park(args[1], worker)
 end)
 
 -- ---------------------------------------------------------------------------------------------

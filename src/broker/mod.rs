@@ -13,13 +13,14 @@ mod client;
 pub mod health;
 pub mod installer;
 pub mod reference;
+pub mod retry;
 pub mod sentinel;
 
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 pub use client::{
-    Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome, Fault, JobView,
-    LeaseStatus, LimitAnswer, LimitBudget, NewJob, QuotaDay, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY,
-    SweepReport, pending_score,
+    AttemptUsage, Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome,
+    Fault, JobField, JobProgress, JobRecord, JobState, JobView, LeaseStatus, LimitAnswer, LimitBudget, Meaning, NewJob,
+    QuotaDay, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY, SweepReport, pending_score,
 };
 pub use health::{FaultKind, RedisHealth, RedisState};
 

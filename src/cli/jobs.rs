@@ -2,7 +2,6 @@
 //! (`HUB_REDIS_URL`, `--redis-url`, else this machine's own), writing exactly what the API
 //! writes, so that jobs submitted here are indistinguishable from the API's.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +12,8 @@ use super::args::{JobStatus, JobsCommand, RedisArgs};
 use super::commands::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::{
-    Broker, BrokerOptions, CANCEL_ERROR, CancelOutcome, Capabilities, JobView, LeaseStatus, NewJob, Requirements,
+    Broker, BrokerOptions, CancelOutcome, Capabilities, JobField, JobRecord, JobState, JobView, LeaseStatus, Meaning,
+    NewJob, Requirements,
 };
 use crate::config::RedisUrl;
 
@@ -40,24 +40,7 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
                 *max_retries,
             )
             .map_err(CliError::Usage)?;
-            block_on(Threads::One, async {
-                let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-                println!("{}", broker.submit(&job).await?);
-                let offered = broker.offered_services().await?;
-                if !offered.contains(&job.service) {
-                    let known: Vec<&str> = offered.iter().map(String::as_str).collect();
-                    eprintln!(
-                        "warning: no machine has ever registered service `{}` (services offered: {}); the job waits until one does",
-                        job.service,
-                        if known.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            known.join(", ")
-                        }
-                    );
-                }
-                Ok(Outcome::Success)
-            })?
+            block_on(Threads::One, submit(&url, job))?
         }
         JobsCommand::Claim {
             service,
@@ -76,49 +59,68 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
             let lease = Duration::from_secs((*lease_secs).max(1));
             block_on(Threads::One, claim_and_hold(&url, caps, lease))?
         }
-        JobsCommand::Show { id, json } => block_on(Threads::One, async {
-            let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-            let Some(view) = broker.show(id).await? else {
-                return Err(CliError::Failed(format!("no job {id}")));
-            };
-            if *json {
-                print_json(&typed_view(&view));
+        JobsCommand::Show { id, json } => block_on(Threads::One, show(&url, id, *json))?,
+        JobsCommand::List { status, limit, json } => block_on(Threads::One, list(&url, *status, *limit, *json))?,
+        JobsCommand::Cancel { id } => block_on(Threads::One, cancel(&url, id))?,
+    }
+}
+
+/// `jobs submit`: submits `job` and warns when no machine ever offered its service.
+async fn submit(url: &RedisUrl, job: NewJob) -> Result<Outcome, CliError> {
+    let broker = Broker::connect(url, BrokerOptions::default()).await?;
+    println!("{}", broker.submit(&job).await?);
+    let offered = broker.offered_services().await?;
+    if !offered.contains(&job.service) {
+        let known: Vec<&str> = offered.iter().map(String::as_str).collect();
+        eprintln!(
+            "warning: no machine has ever registered service `{}` (services offered: {}); the job waits until one does",
+            job.service,
+            if known.is_empty() {
+                "none".to_owned()
             } else {
-                print!("{}", render_view(&view));
+                known.join(", ")
             }
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+/// `jobs show`.
+async fn show(url: &RedisUrl, id: &str, json: bool) -> Result<Outcome, CliError> {
+    let broker = Broker::connect(url, BrokerOptions::default()).await?;
+    let Some(view) = broker.show(id).await? else {
+        return Err(CliError::Failed(format!("no job {id}")));
+    };
+    if json {
+        print_json(&json_view(&view));
+    } else {
+        print!("{}", render_view(&view));
+    }
+    Ok(Outcome::Success)
+}
+
+/// `jobs list`.
+async fn list(url: &RedisUrl, status: Option<JobStatus>, limit: usize, json: bool) -> Result<Outcome, CliError> {
+    let broker = Broker::connect(url, BrokerOptions::default()).await?;
+    let jobs = broker.list(status.map(JobStatus::state).as_ref(), limit).await?;
+    if json {
+        print_json(&jobs);
+    } else {
+        print!("{}", render_list(&jobs));
+    }
+    Ok(Outcome::Success)
+}
+
+/// `jobs cancel`.
+async fn cancel(url: &RedisUrl, id: &str) -> Result<Outcome, CliError> {
+    let broker = Broker::connect(url, BrokerOptions::default()).await?;
+    match broker.cancel(id).await? {
+        CancelOutcome::Cancelled => {
+            println!("cancelled {id}");
             Ok(Outcome::Success)
-        })?,
-        JobsCommand::List { status, limit, json } => block_on(Threads::One, async {
-            let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-            // `cancelled` and `failed` are told apart by the error the API writes, so the
-            // filter is applied here rather than by the status field alone.
-            let jobs: Vec<_> = broker
-                .list(None, usize::MAX)
-                .await?
-                .into_iter()
-                .filter(|j| status.is_none_or(|s| s.matches(j)))
-                .take(*limit)
-                .collect();
-            if *json {
-                print_json(&jobs.iter().map(typed_job).collect::<Vec<_>>());
-            } else {
-                print!("{}", render_list(&jobs));
-            }
-            Ok(Outcome::Success)
-        })?,
-        JobsCommand::Cancel { id } => block_on(Threads::One, async {
-            let broker = Broker::connect(&url, BrokerOptions::default()).await?;
-            match broker.cancel(id).await? {
-                CancelOutcome::Cancelled => {
-                    println!("cancelled {id}");
-                    Ok(Outcome::Success)
-                }
-                CancelOutcome::NotFound => Err(CliError::Failed(format!("no job {id}"))),
-                CancelOutcome::AlreadyEnded(status) => {
-                    Err(CliError::Failed(format!("job {id} already ended ({status})")))
-                }
-            }
-        })?,
+        }
+        CancelOutcome::NotFound => Err(CliError::Failed(format!("no job {id}"))),
+        CancelOutcome::AlreadyEnded(status) => Err(CliError::Failed(format!("job {id} already ended ({status})"))),
     }
 }
 
@@ -171,85 +173,30 @@ async fn claim_and_hold(url: &RedisUrl, caps: Capabilities, lease: Duration) -> 
     result
 }
 
-/// Job hash fields that hold numbers.
-const NUMBER_FIELDS: &[&str] = &[
-    "priority",
-    "retry_count",
-    "max_retries",
-    "workflow_priority",
-    "workflow_datetime",
-    "current_step",
-    "total_steps",
-    "step_number",
-    "processing_time",
-    "progress",
-];
-
-/// Job hash fields that hold JSON documents.
-const JSON_FIELDS: &[&str] = &["payload", "requirements", "ctx", "result"];
-
 impl JobStatus {
-    /// Whether the job hash `job` has this status. The API stores a cancelled job as `failed`
-    /// with its cancel error, so `cancelled` finds those and `failed` leaves them out.
-    pub(super) fn matches(self, job: &BTreeMap<String, String>) -> bool {
-        let status = job.get("status").map_or("", String::as_str);
-        let cancelled =
-            status == "cancelled" || (status == "failed" && job.get("error").is_some_and(|e| e == CANCEL_ERROR));
+    /// The broker's state for this status (a cancelled job is not a failed one, though the API
+    /// stores both as `failed`).
+    fn state(self) -> JobState {
         match self {
-            JobStatus::Cancelled => cancelled,
-            JobStatus::Failed => status == "failed" && !cancelled,
-            other => status == other.name(),
+            JobStatus::Pending => JobState::Pending,
+            JobStatus::Queued => JobState::Queued,
+            JobStatus::Assigned => JobState::Assigned,
+            JobStatus::Accepted => JobState::Accepted,
+            JobStatus::InProgress => JobState::InProgress,
+            JobStatus::Completed => JobState::Completed,
+            JobStatus::Failed => JobState::Failed,
+            JobStatus::Cancelled => JobState::Cancelled,
+            JobStatus::Timeout => JobState::Timeout,
+            JobStatus::Unworkable => JobState::Unworkable,
         }
     }
-
-    /// The contract's word for the status.
-    fn name(self) -> &'static str {
-        match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Queued => "queued",
-            JobStatus::Assigned => "assigned",
-            JobStatus::Accepted => "accepted",
-            JobStatus::InProgress => "in_progress",
-            JobStatus::Completed => "completed",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-            JobStatus::Timeout => "timeout",
-            JobStatus::Unworkable => "unworkable",
-        }
-    }
-}
-
-/// A stored field's text as the value it stands for: numbers as numbers, JSON documents as
-/// JSON (an empty one as null); text that does not read as its kind stays text.
-fn typed(field: &str, text: &str) -> Value {
-    if NUMBER_FIELDS.contains(&field) {
-        if let Ok(n) = text.trim().parse::<i64>() {
-            return Value::from(n);
-        }
-        if let Some(n) = text.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
-            return Value::Number(n);
-        }
-    } else if JSON_FIELDS.contains(&field) {
-        if text.trim().is_empty() {
-            return Value::Null;
-        }
-        if let Ok(v) = serde_json::from_str(text) {
-            return v;
-        }
-    }
-    Value::String(text.to_owned())
-}
-
-/// A job hash with typed values.
-fn typed_job(job: &BTreeMap<String, String>) -> Value {
-    Value::Object(job.iter().map(|(k, v)| (k.clone(), typed(k, v))).collect())
 }
 
 /// `jobs show --json`: the job, its progress, the result and artifact URLs, all typed.
-fn typed_view(view: &JobView) -> Value {
+fn json_view(view: &JobView) -> Value {
     let mut doc = serde_json::json!({
-        "job": typed_job(&view.job),
-        "progress": typed_job(&view.progress),
+        "job": view.job,
+        "progress": view.progress,
         "result": view.result,
         "artifacts": artifact_urls(view.result.as_ref()),
     });
@@ -304,18 +251,12 @@ const FIRST_FIELDS: &[&str] = &[
 /// A job field's value as `jobs show` prints it: the status a cancelled job has for an
 /// operator (the API stores it as `failed`), retries as `submit --max-retries` counts them
 /// (the hash counts attempts), a time with its unit.
-fn shown_value(job: &BTreeMap<String, String>, field: &str, value: &str) -> String {
-    match field {
-        "status" if JobStatus::Cancelled.matches(job) => "cancelled".to_owned(),
-        "max_retries" => match value.trim().parse::<u64>() {
-            Ok(attempts) => format!("{} ({attempts} attempts in all)", attempts.saturating_sub(1)),
-            Err(_) => value.to_owned(),
-        },
-        "processing_time" => match value.trim().parse::<u64>() {
-            Ok(ms) => super::status_view::duration(Duration::from_millis(ms)),
-            Err(_) => value.to_owned(),
-        },
-        _ => value.to_owned(),
+fn shown_value(field: &JobField<'_>) -> String {
+    match &field.meaning {
+        Meaning::State(state) => state.name().to_owned(),
+        Meaning::Attempts(attempts) => format!("{} ({attempts} attempts in all)", attempts.saturating_sub(1)),
+        Meaning::Took(took) => super::status_view::duration(*took),
+        Meaning::Plain | Meaning::Payload | Meaning::Error => field.text.to_owned(),
     }
 }
 
@@ -324,30 +265,40 @@ fn shown_value(job: &BTreeMap<String, String>, field: &str, value: &str) -> Stri
 fn render_view(view: &JobView) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let rest = view.job.keys().filter(|k| !FIRST_FIELDS.contains(&k.as_str()));
-    for k in FIRST_FIELDS.iter().copied().chain(rest.map(String::as_str)) {
-        let Some(v) = view.job.get(k).filter(|v| !v.trim().is_empty()) else {
-            continue;
-        };
-        if k == "payload" || k == "error" {
-            continue;
+    let mut fields: Vec<JobField<'_>> = view.job.fields().collect();
+    // Stable: the fields not in `FIRST_FIELDS` keep their alphabetical order.
+    fields.sort_by_key(|f| {
+        FIRST_FIELDS
+            .iter()
+            .position(|n| *n == f.name)
+            .unwrap_or(FIRST_FIELDS.len())
+    });
+    let mut payload = None;
+    let mut error = None;
+    for f in fields {
+        match f.meaning {
+            Meaning::Payload => payload = Some(f.value),
+            Meaning::Error => error = Some(f.text).filter(|e| !e.is_empty()),
+            _ if f.text.trim().is_empty() => {}
+            _ => {
+                let _ = writeln!(out, "{:<20} {}", f.name, shown_value(&f));
+            }
         }
-        let _ = writeln!(out, "{k:<20} {}", shown_value(&view.job, k, v));
     }
-    if let Some(payload) = view.job.get("payload") {
-        let _ = writeln!(out, "{:<20} {}", "payload", pretty(&typed("payload", payload)));
+    if let Some(payload) = payload {
+        let _ = writeln!(out, "{:<20} {}", "payload", pretty(&payload));
     }
     if let Some(why) = &view.waiting {
         let _ = writeln!(out, "{:<20} {why}", "waiting");
     }
-    let progress: Vec<_> = view.progress.iter().filter(|(_, v)| !v.trim().is_empty()).collect();
+    let progress: Vec<_> = view.progress.fields().filter(|f| !f.text.trim().is_empty()).collect();
     if !progress.is_empty() {
         let _ = writeln!(out, "progress:");
-        for (k, v) in progress {
-            let _ = writeln!(out, "  {k:<18} {v}");
+        for f in progress {
+            let _ = writeln!(out, "  {:<18} {}", f.name, f.text);
         }
     }
-    if let Some(error) = view.job.get("error").filter(|e| !e.is_empty()) {
+    if let Some(error) = error {
         let _ = writeln!(out, "{:<20} {error}", "error");
     }
     if let Some(result) = &view.result {
@@ -364,28 +315,22 @@ fn render_view(view: &JobView) -> String {
 }
 
 /// `jobs list`: one line per job; the id column is as wide as an id, so ids never misalign.
-fn render_list(jobs: &[BTreeMap<String, String>]) -> String {
+fn render_list(jobs: &[JobRecord]) -> String {
     use std::fmt::Write as _;
-    let get = |j: &BTreeMap<String, String>, k: &str| j.get(k).cloned().unwrap_or_default();
     let mut out = format!(
         "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  WORKER\n",
         "ID", "STATUS", "SERVICE", "PRIORITY", "CREATED"
     );
     for j in jobs {
-        let status = if JobStatus::Cancelled.matches(j) {
-            "cancelled".to_owned()
-        } else {
-            get(j, "status")
-        };
         let _ = writeln!(
             out,
             "{:<36}  {:<12}  {:<14}  {:>8}  {:<24}  {}",
-            get(j, "id"),
-            status,
-            get(j, "service_required"),
-            get(j, "priority"),
-            get(j, "created_at"),
-            get(j, "worker_id")
+            j.id(),
+            j.state().name(),
+            j.service(),
+            j.priority(),
+            j.created_at(),
+            j.worker_id()
         );
     }
     out
@@ -438,36 +383,10 @@ fn build_job(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-
-    #[test]
-    fn stored_text_becomes_typed_values() {
-        let job = BTreeMap::from([
-            ("id".to_owned(), "0042".to_owned()),
-            ("priority".to_owned(), "50".to_owned()),
-            ("payload".to_owned(), r#"{"steps":3}"#.to_owned()),
-            ("requirements".to_owned(), String::new()),
-            ("customer_id".to_owned(), "7".to_owned()),
-        ]);
-        assert_eq!(
-            typed_job(&job),
-            serde_json::json!({"id": "0042", "priority": 50, "payload": {"steps": 3}, "requirements": null, "customer_id": "7"})
-        );
-    }
-
-    #[test]
-    fn cancelled_jobs_are_not_failures() {
-        let job = |status: &str, error: &str| {
-            BTreeMap::from([
-                ("status".to_owned(), status.to_owned()),
-                ("error".to_owned(), error.to_owned()),
-            ])
-        };
-        assert!(JobStatus::Cancelled.matches(&job("failed", CANCEL_ERROR)));
-        assert!(!JobStatus::Failed.matches(&job("failed", CANCEL_ERROR)));
-        assert!(JobStatus::Failed.matches(&job("failed", "boom")));
-        assert!(JobStatus::InProgress.matches(&job("in_progress", "")));
-    }
+    use crate::broker::{CANCEL_ERROR, JobProgress};
 
     #[test]
     fn every_url_of_a_result_once() {
@@ -493,7 +412,7 @@ mod tests {
 
     #[test]
     fn show_leads_with_the_status_and_says_what_was_given() {
-        let job = BTreeMap::from(
+        let job = JobRecord::new(BTreeMap::from(
             [
                 ("id", "j1"),
                 ("status", "failed"),
@@ -506,10 +425,10 @@ mod tests {
                 ("assigned_at", "2026-01-01T00:00:00.000Z"),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
-        );
+        ));
         let view = JobView {
             job,
-            progress: BTreeMap::from([("message".to_owned(), String::new())]),
+            progress: JobProgress::new(BTreeMap::from([("message".to_owned(), String::new())])),
             waiting: None,
             result: None,
         };

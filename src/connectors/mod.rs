@@ -381,6 +381,18 @@ pub struct Billing {
 }
 
 impl Billing {
+    /// What the attempt used, as the broker adds it to the job's totals.
+    pub fn attempt_usage(&self) -> crate::broker::AttemptUsage<'_> {
+        crate::broker::AttemptUsage {
+            requests: self.requests,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            predict_seconds: self.predict_seconds,
+            cost: self.cost,
+            currency: &self.currency,
+        }
+    }
+
     /// An empty billing of one job's attempt through `connector`.
     pub fn for_job(connector: &str, job: &Job) -> Billing {
         Billing {

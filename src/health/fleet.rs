@@ -267,15 +267,12 @@ pub enum Health {
 
 /// The condition the fleet message gives a supervised service.
 fn condition(status: &ServiceStatus) -> ServiceCondition {
-    let active = matches!(
-        status.state,
-        ServiceState::Starting | ServiceState::Running | ServiceState::Stopping
-    );
+    let active = status.state.run().is_some();
     ServiceCondition {
         status: if active { Activity::Active } else { Activity::Inactive },
         health: if status.crash_loop || status.state == ServiceState::Failed {
             Health::Unhealthy
-        } else if status.state == ServiceState::Running && status.ready && status.live {
+        } else if status.serving() {
             Health::Healthy
         } else if active {
             Health::Unhealthy

@@ -718,7 +718,7 @@ impl super::HealthState {
             self.metrics.set_gpu_health(&gpu);
         }
         for service in self.services.status() {
-            let up = service.state == crate::supervisor::ServiceState::Running && service.ready;
+            let up = service.state.ready();
             self.metrics.set_service(&service.name, u64::from(service.restarts), up);
         }
         let redis = self.redis_health().snapshot();

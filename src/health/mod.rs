@@ -17,6 +17,7 @@ mod events;
 pub mod fleet;
 pub mod history;
 mod metrics;
+mod reload;
 mod server;
 pub mod status;
 
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
+pub use reload::{ReloadError, ReloadReport, ReloadRequest};
 pub use server::{HEADER_READ_TIMEOUT, HealthError, IDLE_TIMEOUT, MAX_CONNECTIONS, bind, run};
 pub use status::{RedisStatus, StatusDocument};
 
@@ -77,7 +79,7 @@ pub struct HealthState {
     probe: Arc<Probe>,
     services: SupervisorHandle,
     /// Where `POST /reload` sends its request, once the machine's services run.
-    reload: OnceLock<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>>,
+    reload: OnceLock<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// The running workers, once they run: `POST /workers/quarantine/clear` lifts
     /// quarantines through it.
     workers: OnceLock<crate::worker::WorkerPool>,
@@ -305,7 +307,7 @@ impl HealthState {
     }
 
     /// Lets `POST /reload` reach the machine's reloader.
-    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>) {
+    pub fn serve_reloads(&self, requests: tokio::sync::mpsc::Sender<ReloadRequest>) {
         let _ = self.reload.set(requests);
     }
 
@@ -320,7 +322,7 @@ impl HealthState {
     }
 
     /// Where `POST /reload` sends its request; `None` until the services run.
-    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<crate::app::reload::ReloadRequest>> {
+    pub(crate) fn reload_requests(&self) -> Option<tokio::sync::mpsc::Sender<ReloadRequest>> {
         self.reload.get().cloned()
     }
 

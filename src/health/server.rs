@@ -610,7 +610,7 @@ async fn reload(State(s): State<Arc<HealthState>>, Query(q): Query<ReloadQuery>,
         return unavailable("its services are not running yet");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let request = crate::app::reload::ReloadRequest {
+    let request = super::ReloadRequest {
         dry_run: q.dry_run,
         reply: tx,
     };
@@ -621,9 +621,9 @@ async fn reload(State(s): State<Arc<HealthState>>, Query(q): Query<ReloadQuery>,
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(e)) => {
             let code = match &e {
-                crate::app::reload::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                crate::app::reload::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                crate::app::reload::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                super::ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                super::ReloadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                super::ReloadError::Apply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let body = json!({
                 "error": crate::logging::error_chain(&e),

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::ModelError;
 use super::catalogue::Entry;
-use crate::connectors::store::CloudStores;
+use crate::cloud::CloudStores;
 
 /// Where models come from: HTTP(S) through one client, object stores through the buckets the
 /// outputs use too (one builder, the same `AWS_*`/`AZURE_*`/`GOOGLE_*` credentials).

@@ -12,6 +12,7 @@
 //! workers rescan the models folders, so the capabilities they advertise follow the disk.
 
 mod catalogue;
+mod disk;
 mod fetch;
 
 use std::collections::{BTreeSet, HashMap};
@@ -25,9 +26,10 @@ use futures_util::future::{BoxFuture, Shared};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+use crate::cloud::CloudStores;
 use crate::config::Env;
-use crate::connectors::store::CloudStores;
 use catalogue::{Catalogue, Entry};
+pub use disk::scan_models;
 
 /// Why a model could not be made available.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -257,8 +259,7 @@ impl ModelStore {
         for name in names {
             let Some(entry) = self.inner.catalogue.get(name) else {
                 // Not ours to fetch: fine when ComfyUI has it (installed, baked in, a node's).
-                let found = on_disk
-                    .get_or_insert_with(|| crate::worker::capabilities::scan_models(link_dir).into_iter().collect());
+                let found = on_disk.get_or_insert_with(|| scan_models(link_dir).into_iter().collect());
                 if found.contains(name) {
                     continue;
                 }

@@ -19,8 +19,8 @@ mod signals;
 mod sys;
 mod tree;
 
-pub use handle::{ExitInfo, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
-pub use logs::{LineSplitter, RotatingFile, Tail};
+pub use handle::{ExitInfo, Run, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
+pub use logs::{LineSplitter, RotatingFile};
 pub use memory::group_rss;
 pub use policy::{Decision, Ending, History, Policy};
 pub use probe::check;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{Command, ExitInfo, ServiceState, ServiceStatus};
+use super::handle::{Command, Down, ExitInfo, Run, ServiceState, ServiceStatus};
 use super::logs::{ServiceLog, Stream};
 use super::pidfile::PidFile;
 use super::policy::{self, Decision, Ending, History, Policy};
@@ -42,8 +42,21 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 enum Next {
     Start,
     Backoff(Duration),
-    Idle(ServiceState),
+    Idle(Down),
     Shutdown,
+}
+
+impl Next {
+    /// The state published between a run's end and what comes next.
+    fn state(&self) -> ServiceState {
+        match self {
+            // It is started again at once, once its `after` services are ready.
+            Next::Start => ServiceState::Waiting,
+            Next::Backoff(_) => ServiceState::Backoff,
+            Next::Idle(down) => (*down).into(),
+            Next::Shutdown => ServiceState::Stopped,
+        }
+    }
 }
 
 /// How a run ended.
@@ -56,6 +69,19 @@ enum RunEnd {
     /// A stop or restart request, or the shutdown, stopped it; the requester is answered once
     /// the status says so.
     Stopped(std::io::Result<ExitStatus>, Next, Option<oneshot::Sender<()>>),
+}
+
+/// A started process and the tasks serving it: its output readers and its probes.
+struct Launched {
+    child: ManagedChild,
+    run: Run,
+    started: Instant,
+    /// Where the service's log stood when it started, to find this run's last line.
+    log_cursor: u64,
+    readers: Vec<JoinHandle<()>>,
+    probes: Vec<JoinHandle<()>>,
+    probe_stop: CancellationToken,
+    verdicts: mpsc::Receiver<Verdict>,
 }
 
 /// The actor owning one service.
@@ -88,7 +114,7 @@ impl Actor {
             next = match next {
                 Next::Start => self.supervise(&shutdown, &force).await,
                 Next::Backoff(delay) => self.backoff(delay, &shutdown).await,
-                Next::Idle(state) => self.idle(state, &shutdown).await,
+                Next::Idle(down) => self.idle(down, &shutdown).await,
                 Next::Shutdown => break,
             };
         }
@@ -96,8 +122,6 @@ impl Actor {
             if !s.state.is_down() {
                 s.state = ServiceState::Stopped;
             }
-            s.pid = None;
-            s.ready = false;
         });
     }
 
@@ -110,13 +134,38 @@ impl Actor {
     }
 
     fn deps_ready(&self) -> bool {
-        self.deps.iter().all(|d| {
-            let s = d.borrow();
-            s.ready && s.state == ServiceState::Running
-        })
+        self.deps.iter().all(|d| d.borrow().serving())
     }
 
+    /// One run: wait for the `after` services, start the process, watch it until it ends, and
+    /// decide what follows.
     async fn supervise(&mut self, shutdown: &CancellationToken, force: &CancellationToken) -> Next {
+        if let Some(next) = self.wait_for_deps(shutdown).await {
+            return next;
+        }
+        if self.runs > 0 {
+            self.set(|s| s.restarts += 1);
+        }
+        self.runs += 1;
+        let mut launched = match self.launch() {
+            Ok(launched) => launched,
+            Err(reason) => {
+                tracing::error!(service = %self.spec.name, "{reason}");
+                self.set(|s| s.reason = Some(reason));
+                return self.decide(Ending::Failure, Duration::ZERO);
+            }
+        };
+        let (child, run) = (&mut launched.child, launched.run);
+        let end = self
+            .watch_run(child, run, &mut launched.verdicts, shutdown, force)
+            .await;
+        self.wind_down(&mut launched).await;
+        self.conclude(end, launched.started.elapsed(), launched.log_cursor)
+    }
+
+    /// Waits until every `after` service is ready; `Some` when a stop or the shutdown came
+    /// first.
+    async fn wait_for_deps(&mut self, shutdown: &CancellationToken) -> Option<Next> {
         if !self.deps_ready() {
             self.set(|s| {
                 s.state = ServiceState::Waiting;
@@ -126,11 +175,11 @@ impl Actor {
         }
         while !self.deps_ready() {
             tokio::select! {
-                () = shutdown.cancelled() => return Next::Shutdown,
+                () = shutdown.cancelled() => return Some(Next::Shutdown),
                 Some(cmd) = self.commands.recv() => match cmd {
                     Command::Stop(reply) => {
                         let _ = reply.send(());
-                        return Next::Idle(ServiceState::Stopped);
+                        return Some(Next::Idle(Down::Stopped));
                     }
                     Command::Start(reply) | Command::Restart(reply) | Command::Fail(_, reply) => {
                         let _ = reply.send(());
@@ -139,7 +188,12 @@ impl Actor {
                 () = any_changed(&mut self.deps) => {}
             }
         }
+        None
+    }
 
+    /// Spawns the argv (no shell) in a new session with its env and cwd, and starts copying
+    /// its output to the log and running its probes. The error is the status's reason.
+    fn launch(&mut self) -> Result<Launched, String> {
         let mut cmd = tokio::process::Command::new(&self.spec.command[0]);
         cmd.args(&self.spec.command[1..])
             .env_clear()
@@ -151,38 +205,24 @@ impl Actor {
             cmd.current_dir(cwd);
         }
         sys::new_session(&mut cmd);
-        if self.runs > 0 {
-            self.set(|s| s.restarts += 1);
-        }
-        self.runs += 1;
         let started = Instant::now();
         let log_cursor = self.log.tail().last_and_cursor(0).1;
-        let mut child = match reaper::spawn(&mut cmd) {
-            Ok(child) => child,
-            Err(e) => {
-                let reason = format!("failed to start `{}`: {e}", self.spec.command[0]);
-                tracing::error!(service = %self.spec.name, "{reason}");
-                self.set(|s| {
-                    s.reason = Some(reason);
-                    s.started_at = Some(SystemTime::now());
-                });
-                return self.decide(Ending::Failure, Duration::ZERO);
-            }
-        };
+        let mut child =
+            reaper::spawn(&mut cmd).map_err(|e| format!("failed to start `{}`: {e}", self.spec.command[0]))?;
         let pid = child.id().expect("a child that was never waited for has a pid");
         tracing::info!(service = %self.spec.name, pid, "service started");
         self.pids.started(&self.spec.name, pid);
+        let run = Run {
+            pid,
+            started: SystemTime::now(),
+        };
         let has_ready_probe = self.spec.ready.is_some();
         self.set(|s| {
-            s.pid = Some(pid);
-            s.started_at = Some(SystemTime::now());
-            s.ready = !has_ready_probe;
-            s.live = true;
             s.reason = None;
             s.state = if has_ready_probe {
-                ServiceState::Starting
+                ServiceState::Starting(run)
             } else {
-                ServiceState::Running
+                ServiceState::Running { run, ready: true }
             };
         });
 
@@ -196,7 +236,7 @@ impl Actor {
             readers.push(tokio::spawn(async move { log.copy(Stream::Stderr, err).await }));
         }
         let probe_stop = CancellationToken::new();
-        let (verdicts, mut verdict_rx) = mpsc::channel(4);
+        let (verdicts_tx, verdicts) = mpsc::channel(4);
         let mut probes = Vec::new();
         for (kind, spec) in [
             (ProbeKind::Ready, &self.spec.ready),
@@ -206,30 +246,44 @@ impl Actor {
                 probes.push(tokio::spawn(probe::run(
                     kind,
                     spec.clone(),
-                    verdicts.clone(),
+                    verdicts_tx.clone(),
                     probe_stop.clone(),
                 )));
             }
         }
-        drop(verdicts);
+        Ok(Launched {
+            child,
+            run,
+            started,
+            log_cursor,
+            readers,
+            probes,
+            probe_stop,
+            verdicts,
+        })
+    }
 
-        let end = self.watch_run(&mut child, pid, &mut verdict_rx, shutdown, force).await;
-
-        probe_stop.cancel();
-        for p in probes {
+    /// After the leader ended: stops the probes, kills what is left of its process group and
+    /// lets the output readers drain.
+    async fn wind_down(&self, launched: &mut Launched) {
+        launched.probe_stop.cancel();
+        for p in launched.probes.drain(..) {
             let _ = p.await;
         }
         // The leader is gone; whatever is left of its group belongs to a dead service.
-        sys::signal_group(pid, Signal::SIGKILL);
+        sys::signal_group(launched.run.pid, Signal::SIGKILL);
         self.pids.stopped(&self.spec.name);
-        for mut r in readers {
+        for mut r in launched.readers.drain(..) {
             if tokio::time::timeout(DRAIN, &mut r).await.is_err() {
                 r.abort();
                 let _ = r.await;
             }
         }
+    }
 
-        let uptime = started.elapsed();
+    /// Logs how a run ended, publishes it, answers the request that ended it, and returns
+    /// what follows (the restart policy decides when it ended on its own).
+    fn conclude(&mut self, end: RunEnd, uptime: Duration, log_cursor: u64) -> Next {
         let mut unhealthy = false;
         let (status, ending, next, reply) = match end {
             RunEnd::Exited(status) => {
@@ -246,7 +300,30 @@ impl Actor {
             RunEnd::Stopped(status, next, reply) => (status, Ending::Success, Some(next), reply),
         };
         let exit = exit_info(&status);
-        if next.is_none() && ending == Ending::Failure {
+        let crashed = next.is_none() && ending == Ending::Failure;
+        self.log_exit(&exit, crashed, uptime);
+        let cause = (crashed && !unhealthy).then(|| exit_cause(&exit, self.log.tail().after(log_cursor).0.last()));
+        let next = match next {
+            Some(next) => next,
+            None => self.decide(ending, uptime),
+        };
+        let state = next.state();
+        self.set(|s| {
+            if let Some(cause) = cause {
+                // What the operator needs is why it ended, not the probe's last complaint.
+                s.reason = Some(cause);
+            }
+            s.last_exit = Some(exit);
+            s.state = state;
+        });
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+        next
+    }
+
+    fn log_exit(&self, exit: &ExitInfo, crashed: bool, uptime: Duration) {
+        if crashed {
             // A crash is what an operator looks for; its last words say why.
             let last = self.log.tail().last(CRASH_LINES);
             // One line: the output's lines as a list, so the event's fields are not glued to
@@ -268,34 +345,12 @@ impl Actor {
                 "service exited"
             );
         }
-        let cause = (next.is_none() && !unhealthy && ending == Ending::Failure)
-            .then(|| exit_cause(&exit, self.log.tail().after(log_cursor).0.last()));
-        self.set(|s| {
-            s.pid = None;
-            s.ready = false;
-            s.live = true;
-            if let Some(cause) = cause {
-                // What the operator needs is why it ended, not the probe's last complaint.
-                s.reason = Some(cause);
-            }
-            s.last_exit = Some(exit);
-            if let Some(Next::Idle(state)) = &next {
-                s.state = *state;
-            }
-        });
-        if let Some(reply) = reply {
-            let _ = reply.send(());
-        }
-        match next {
-            Some(next) => next,
-            None => self.decide(ending, uptime),
-        }
     }
 
     async fn watch_run(
         &mut self,
         child: &mut ManagedChild,
-        pid: u32,
+        run: Run,
         verdicts: &mut mpsc::Receiver<Verdict>,
         shutdown: &CancellationToken,
         force: &CancellationToken,
@@ -322,19 +377,15 @@ impl Actor {
                         }
                         been_ready |= v.passing;
                         self.set(|s| {
-                            s.ready = v.passing;
-                            s.state = if been_ready { ServiceState::Running } else { ServiceState::Starting };
+                            s.state = if been_ready { ServiceState::Running { run, ready: v.passing } } else { ServiceState::Starting(run) };
                             s.reason = v.reason.map(|r| if been_ready { format!("readiness probe failing: {r}") } else { r });
                         });
                     }
-                    ProbeKind::Live if v.passing => self.set(|s| s.live = true),
+                    ProbeKind::Live if v.passing => {}
                     ProbeKind::Live => {
                         tracing::warn!(service = %self.spec.name, reason = v.reason.as_deref(), "liveness probe failed, restarting the service");
-                        self.set(|s| {
-                            s.live = false;
-                            s.reason = v.reason.map(|r| format!("liveness probe failed: {r}"));
-                        });
-                        return RunEnd::Unhealthy(self.stop_child(child, pid, force).await);
+                        self.set(|s| s.reason = v.reason.map(|r| format!("liveness probe failed: {r}")));
+                        return RunEnd::Unhealthy(self.stop_child(child, run, false, force).await);
                     }
                 },
                 () = &mut stable, if !stable_done => {
@@ -351,26 +402,26 @@ impl Actor {
                     }
                     Command::Stop(reply) => {
                         tracing::info!(service = %self.spec.name, "stopping the service on request");
-                        let status = self.stop_child(child, pid, force).await;
-                        return RunEnd::Stopped(status, Next::Idle(ServiceState::Stopped), Some(reply));
+                        let status = self.stop_child(child, run, true, force).await;
+                        return RunEnd::Stopped(status, Next::Idle(Down::Stopped), Some(reply));
                     }
                     Command::Restart(reply) => {
                         tracing::info!(service = %self.spec.name, "restarting the service on request");
                         self.fresh_history();
-                        let status = self.stop_child(child, pid, force).await;
+                        let status = self.stop_child(child, run, true, force).await;
                         return RunEnd::Stopped(status, Next::Start, Some(reply));
                     }
                     Command::Fail(reason, reply) => {
                         tracing::warn!(service = %self.spec.name, %reason, "the service failed; restarting it");
                         self.set(|s| s.reason = Some(reason));
-                        let status = self.stop_child(child, pid, force).await;
+                        let status = self.stop_child(child, run, true, force).await;
                         let _ = reply.send(());
                         return RunEnd::Unhealthy(status);
                     }
                 },
                 () = shutdown.cancelled() => {
                     self.wait_for_dependants(force).await;
-                    return RunEnd::Stopped(self.stop_child(child, pid, force).await, Next::Shutdown, None);
+                    return RunEnd::Stopped(self.stop_child(child, run, true, force).await, Next::Shutdown, None);
                 }
             }
         }
@@ -389,13 +440,16 @@ impl Actor {
 
     /// Stops the running child: SIGTERM to its group, then SIGKILL once the grace is over (or at
     /// once on `force`). Returns when the leader was collected and the group is empty or killed.
+    /// `live` is false when a failed liveness probe is why.
     async fn stop_child(
         &mut self,
         child: &mut ManagedChild,
-        pid: u32,
+        run: Run,
+        live: bool,
         force: &CancellationToken,
     ) -> std::io::Result<ExitStatus> {
-        self.set(|s| s.state = ServiceState::Stopping);
+        self.set(|s| s.state = ServiceState::Stopping { run, live });
+        let pid = run.pid;
         if sys::is_stopped(pid) {
             // A stopped process acts on no signal but SIGKILL: its grace would only be waited out.
             tracing::warn!(service = %self.spec.name, pid, "the service is stopped (T state); killing it without grace");
@@ -470,9 +524,9 @@ impl Actor {
             Decision::Done { failed } => {
                 if failed {
                     self.critical_failed();
-                    Next::Idle(ServiceState::Failed)
+                    Next::Idle(Down::Failed)
                 } else {
-                    Next::Idle(ServiceState::Exited)
+                    Next::Idle(Down::Exited)
                 }
             }
         }
@@ -510,7 +564,7 @@ impl Actor {
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Stop(reply) => {
                     let _ = reply.send(());
-                    Next::Idle(ServiceState::Stopped)
+                    Next::Idle(Down::Stopped)
                 }
                 Command::Start(reply) => {
                     let _ = reply.send(());
@@ -530,8 +584,8 @@ impl Actor {
         }
     }
 
-    async fn idle(&mut self, state: ServiceState, shutdown: &CancellationToken) -> Next {
-        self.set(|s| s.state = state);
+    async fn idle(&mut self, down: Down, shutdown: &CancellationToken) -> Next {
+        self.set(|s| s.state = down.into());
         loop {
             tokio::select! {
                 Some(cmd) = self.commands.recv() => match cmd {

@@ -10,30 +10,14 @@
 //! scans them when it starts (after the installers, before it registers) and again whenever
 //! it looks for a job.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::broker::{Capabilities, CustomerAccess, Hardware};
 use crate::config::{ConnectorKind, WorkerConfig};
 use crate::gpu::Probe;
+use crate::models::scan_models;
 use crate::plan::WorkerPlan;
-
-/// File extensions of model weights.
-const MODEL_EXTENSIONS: [&str; 10] = [
-    "safetensors",
-    "ckpt",
-    "pt",
-    "pth",
-    "bin",
-    "gguf",
-    "onnx",
-    "sft",
-    "engine",
-    "pkl",
-];
-
-/// How deep model folders are searched (subfolders of `checkpoints/`, ...).
-const MAX_DEPTH: usize = 4;
 
 /// The folder holding a connector's models, as the installers lay out the workspace; `None`
 /// for a connector that has no models on this machine.
@@ -109,57 +93,6 @@ pub fn build(plan: &WorkerPlan, machine_id: &str, probe: &Probe, config: &Worker
     caps
 }
 
-/// The models under `dir`: for each weights file, its path relative to its model-type folder
-/// (`sdxl/base.safetensors`, as ComfyUI names it), its file name, and its stem (`base`), so a
-/// job may name a model either way. Sorted, without duplicates; empty when `dir` is missing.
-pub fn scan_models(dir: &Path) -> Vec<String> {
-    let mut names = BTreeSet::new();
-    let Ok(types) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    for entry in types.flatten() {
-        let path = entry.path();
-        // `metadata` follows symlinks: installers link a shared models directory in.
-        if path.metadata().is_ok_and(|m| m.is_dir()) {
-            walk(&path, &path, 0, &mut names);
-        } else {
-            add(&path, dir, &mut names);
-        }
-    }
-    names.into_iter().collect()
-}
-
-fn walk(root: &Path, dir: &Path, depth: usize, names: &mut BTreeSet<String>) {
-    if depth > MAX_DEPTH {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match path.metadata() {
-            Ok(m) if m.is_dir() => walk(root, &path, depth + 1, names),
-            Ok(m) if m.is_file() => add(&path, root, names),
-            _ => {}
-        }
-    }
-}
-
-fn add(path: &Path, root: &Path, names: &mut BTreeSet<String>) {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
-    if !MODEL_EXTENSIONS.iter().any(|m| ext.eq_ignore_ascii_case(m)) {
-        return;
-    }
-    if let Ok(rel) = path.strip_prefix(root) {
-        names.insert(rel.to_string_lossy().replace('\\', "/"));
-    }
-    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-        names.insert(name.to_owned());
-    }
-    if let Some(stem) = path.file_stem().and_then(|n| n.to_str()) {
-        names.insert(stem.to_owned());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +100,7 @@ mod tests {
     use crate::plan::{ConnectorPlan, Endpoint, WorkerKind};
 
     #[test]
-    fn models_come_from_files_on_disk() {
+    fn capabilities_come_from_the_plan_the_probe_and_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("ComfyUI/models");
         std::fs::create_dir_all(models.join("checkpoints/sdxl")).unwrap();
@@ -177,19 +110,6 @@ mod tests {
         std::fs::write(models.join("checkpoints/put_checkpoints_here"), b"").unwrap();
         std::fs::write(models.join("loras/detail.pt"), b"x").unwrap();
         let found = scan_models(&models);
-        assert_eq!(
-            found,
-            [
-                "base",
-                "base.ckpt",
-                "detail",
-                "detail.pt",
-                "sd15",
-                "sd15.safetensors",
-                "sdxl/base.ckpt"
-            ]
-        );
-        assert!(scan_models(&dir.path().join("missing")).is_empty());
 
         let probe = Probe::from_parts(
             vec![GpuInfo {

@@ -366,7 +366,7 @@ impl Upkeep {
     /// Whether a service's current run has not warmed up yet.
     fn any_cold(&self) -> bool {
         self.services.iter().any(|s| {
-            let pid = self.keep.supervisor.service(&s.name).ok().and_then(|st| st.pid);
+            let pid = self.keep.supervisor.service(&s.name).ok().and_then(|st| st.state.pid());
             s.cold(pid)
         })
     }
@@ -387,7 +387,7 @@ impl Upkeep {
                     () = stop.cancelled() => return false,
                     r = watch.wait_serving() => if r.is_err() { return false },
                 }
-                let pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
+                let pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.state.pid());
                 let Some((connector, job)) = self.services[i].warmup.clone().filter(|_| self.services[i].cold(pid))
                 else {
                     break;
@@ -422,7 +422,7 @@ impl Upkeep {
                             Err(_) => break,
                         };
                         loop {
-                            let now = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
+                            let now = self.keep.supervisor.service(&name).ok().and_then(|s| s.state.pid());
                             if now.is_some() && now != pid {
                                 break;
                             }
@@ -444,11 +444,11 @@ impl Upkeep {
             let status = self.keep.supervisor.service(&self.services[i].name).ok()?;
             let s = &mut self.services[i];
             // A run the upkeep did not start (a crash, a liveness restart) starts the count again.
-            if status.pid != s.pid {
+            if status.state.pid() != s.pid {
                 if s.pid.is_some() {
                     s.jobs = 0;
                 }
-                s.pid = status.pid;
+                s.pid = status.state.pid();
             }
             if matches!(outcome, JobOutcome::Failed { .. }) {
                 if let Some(h) = &s.health {
@@ -463,7 +463,7 @@ impl Upkeep {
             }
             let reading = Reading {
                 jobs: s.jobs,
-                rss: status.pid.and_then(crate::supervisor::group_rss),
+                rss: status.state.pid().and_then(crate::supervisor::group_rss),
                 idle_vram: s.gpu.and_then(|g| (self.keep.gpu_memory_used)(g)),
             };
             if let Some((reason, text)) = planned(&s.limits, &reading) {
@@ -487,7 +487,7 @@ impl Upkeep {
             tracing::warn!(service = %name, error = %e, "failed to restart the service");
         }
         self.services[i].jobs = 0;
-        self.services[i].pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.pid);
+        self.services[i].pid = self.keep.supervisor.service(&name).ok().and_then(|s| s.state.pid());
         if let Ok(mut watch) = self.keep.supervisor.watch(std::slice::from_ref(&name)) {
             self.holds.set(
                 HoldKind::PlannedRestart,

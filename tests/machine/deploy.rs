@@ -388,7 +388,7 @@ fn redis_down_at_start_is_one_warning_when_it_starts_and_one_when_it_ends() {
         dir.path(),
         &[("HUB_REDIS_URL", &redis.url()), ("WORKER_CONNECTORS", "simulation:1")],
     );
-    // The backoff (50 ms doubling) tries some seven times in 8 s.
+    // The backoff (100 ms doubling) tries some six times in 8 s.
     std::thread::sleep(Duration::from_secs(8));
     redis.start_again();
     m.wait_answer("/ready", 200, Duration::from_secs(30));

@@ -113,7 +113,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker().show(id).await.expect("show").expect("the job exists").job
+        self.broker()
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     async fn wait_status(&self, id: &str, statuses: &[&str]) -> BTreeMap<String, String> {
@@ -671,7 +678,7 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
     let deadline = Instant::now() + LIMIT;
     loop {
         let view = m.broker.show(&id).await.expect("show").expect("the job exists");
-        if view.job.get("status").map(String::as_str) == Some("completed") {
+        if view.job.state() == machine::broker::JobState::Completed {
             break;
         }
         assert!(Instant::now() < deadline, "the job never completed: {:?}", view.job);
@@ -1006,7 +1013,14 @@ async fn external_runpod_on_the_whole_machine() {
         async move {
             let deadline = Instant::now() + LIMIT;
             loop {
-                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                let job = broker
+                    .show(&id)
+                    .await
+                    .expect("show")
+                    .expect("the job exists")
+                    .job
+                    .stored()
+                    .clone();
                 if job.get("status").map(String::as_str) == Some(status) {
                     return job;
                 }
@@ -1329,7 +1343,14 @@ async fn external_revoked_keys_hold_each_api_until_a_reload_reads_the_corrected_
     // Held, the jobs are back in the queue untouched, and stay there.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
-        let job = broker.show(id).await.expect("show").expect("the job exists").job;
+        let job = broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone();
         assert_eq!(job.get("status").map(String::as_str), Some("pending"), "{job:?}");
         assert_eq!(
             job.get("retry_count").map(String::as_str).unwrap_or("0"),
@@ -1358,7 +1379,14 @@ async fn external_revoked_keys_hold_each_api_until_a_reload_reads_the_corrected_
     for id in &ids {
         let deadline = Instant::now() + LIMIT;
         loop {
-            let job = broker.show(id).await.expect("show").expect("the job exists").job;
+            let job = broker
+                .show(id)
+                .await
+                .expect("show")
+                .expect("the job exists")
+                .job
+                .stored()
+                .clone();
             if job.get("status").map(String::as_str) == Some("completed") {
                 assert_eq!(
                     job.get("retry_count").map(String::as_str).unwrap_or("0"),
@@ -1415,7 +1443,14 @@ async fn external_a_used_up_quota_is_named_for_jobs_no_worker_has_tried() {
         async move {
             let deadline = Instant::now() + LIMIT;
             loop {
-                let job = broker.show(&id).await.expect("show").expect("the job exists").job;
+                let job = broker
+                    .show(&id)
+                    .await
+                    .expect("show")
+                    .expect("the job exists")
+                    .job
+                    .stored()
+                    .clone();
                 if f(&job) {
                     return job;
                 }

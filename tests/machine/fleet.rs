@@ -33,7 +33,8 @@ fn no_poll() -> BrokerOptions {
     }
 }
 
-/// One machine's broker (its own connections) and its event loop.
+/// One machine's broker (its own connections), its event loop and its sweeper (whose periodic
+/// call also tries the fleet's indexer lease).
 struct Machine {
     broker: Broker,
     id: String,
@@ -48,7 +49,11 @@ impl Machine {
         let events = tokio::spawn({
             let b = broker.clone();
             let s = shutdown.clone();
-            async move { b.run_events(s).await.expect("the event loop ends cleanly") }
+            async move {
+                let (events, sweeper) = tokio::join!(b.run_events(s.clone()), b.run_sweeper(s));
+                events.expect("the event loop ends cleanly");
+                sweeper.expect("the sweeper ends cleanly");
+            }
         });
         Machine {
             broker,
@@ -59,8 +64,12 @@ impl Machine {
 
     /// A worker of this machine waiting for a job.
     fn wait(&self, worker: &str, shutdown: &CancellationToken) -> JoinHandle<Option<ClaimedJob>> {
+        self.wait_as(Capabilities::new(worker, self.id.as_str(), &["simulation"]), shutdown)
+    }
+
+    /// A worker of this machine with these capabilities waiting for a job.
+    fn wait_as(&self, caps: Capabilities, shutdown: &CancellationToken) -> JoinHandle<Option<ClaimedJob>> {
         let b = self.broker.clone();
-        let caps = Capabilities::new(worker, self.id.as_str(), &["simulation"]);
         let s = shutdown.clone();
         tokio::spawn(async move { b.claim_next(&caps, &s).await.expect("claim_next") })
     }
@@ -465,10 +474,10 @@ async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
         for id in &ids {
             until_within(Duration::from_secs(30), "every job completes", async || {
                 let view = api.show(id).await.unwrap().unwrap();
-                view.job.get("status").map(String::as_str) == Some("completed")
+                view.job.state() == machine::broker::JobState::Completed
             })
             .await;
-            let job = api.show(id).await.unwrap().unwrap().job;
+            let job = api.show(id).await.unwrap().unwrap().job.stored().clone();
             assert_eq!(job["retry_count"], "0", "claimed once: {job:?}");
             assert!(job["worker_id"].starts_with(&survivor.id), "{job:?}");
         }
@@ -478,14 +487,7 @@ async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
         let submitted = Instant::now();
         let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         until_within(Duration::from_secs(10), "the last job completes", async || {
-            api.show(&id)
-                .await
-                .unwrap()
-                .unwrap()
-                .job
-                .get("status")
-                .map(String::as_str)
-                == Some("completed")
+            api.show(&id).await.unwrap().unwrap().job.state() == machine::broker::JobState::Completed
         })
         .await;
         assert!(
@@ -494,6 +496,148 @@ async fn real_machines_sigkilled_as_the_indexer_or_the_woken_one_lose_no_job() {
             submitted.elapsed()
         );
         drop(survivor);
+    })
+    .await;
+}
+
+/// A job back in the queue (here a graceful return) wakes one parked worker that can run it,
+/// as a submission does, not every waiting worker of the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_job_wakes_one_parked_worker_not_all() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let mut machines = Vec::new();
+        for i in 0..5 {
+            machines.push(Machine::start(&server, &format!("m{i}"), &shutdown).await);
+        }
+        let mut conn = raw(&server).await;
+        until("one machine indexes for the fleet", async || {
+            indexers(&mut conn).await == 1
+        })
+        .await;
+        let api = &machines[0].broker;
+        let id = api.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let runner = Capabilities::new("runner-gpu0", "runner", &["simulation"]);
+        let job = api.claim(&runner).await.unwrap().expect("the job is claimed");
+        assert_eq!(job.id, id);
+        let waiters: Vec<_> = machines
+            .iter()
+            .map(|m| m.wait(&format!("{}-gpu0", m.id), &shutdown))
+            .collect();
+        until("every worker is parked", async || parked(&mut conn).await == 5).await;
+        let monitor = Monitor::start(&server);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        api.return_job(&job).await.unwrap();
+        until_within(
+            Duration::from_secs(2),
+            "a parked worker claims the returned job",
+            async || waiters.iter().any(JoinHandle::is_finished),
+        )
+        .await;
+        // Anything the fleet would still do for this return happens within this.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            monitor.calls(&["findMatchingJob", "claimOrPark"]),
+            1,
+            "one woken worker claims; the other four sleep on"
+        );
+        shutdown.cancel();
+        let mut got = Vec::new();
+        for w in waiters {
+            got.extend(w.await.unwrap());
+        }
+        assert_eq!(got.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), vec![id]);
+        for m in machines {
+            m.events.await.unwrap();
+        }
+    })
+    .await;
+}
+
+/// A parked worker that stops claiming (here its claim is stopped, as a hold, a quarantine, a
+/// drain or a service that stopped being ready stop it) leaves the park at once: the next
+/// submission wakes a worker that claims, not one that would not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_claiming_leaves_the_park_at_once() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let a = Machine::start(&server, "a", &shutdown).await;
+        let b = Machine::start(&server, "b", &shutdown).await;
+        let mut conn = raw(&server).await;
+        until("one machine indexes", async || indexers(&mut conn).await == 1).await;
+        let waiting = b.wait("b-gpu0", &shutdown);
+        until("b's worker is parked", async || parked(&mut conn).await == 1).await;
+        // a's worker parks last: a submission would wake it first.
+        let stop_a = shutdown.child_token();
+        let stopping = a.wait("a-gpu0", &stop_a);
+        until("a's worker is parked", async || parked(&mut conn).await == 2).await;
+        stop_a.cancel();
+        assert!(stopping.await.unwrap().is_none());
+        until_within(Duration::from_secs(1), "a's worker left the park", async || {
+            parked(&mut conn).await == 1
+        })
+        .await;
+        let mut wakes = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        wakes.subscribe("jobs:wake:a").await.unwrap();
+        let submitted = Instant::now();
+        let id = a.broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = waiting.await.unwrap().expect("b's worker takes the job");
+        assert_eq!(job.id, id);
+        assert!(
+            submitted.elapsed() < Duration::from_millis(700),
+            "woken at once, not after the wake deadline: {:?}",
+            submitted.elapsed()
+        );
+        let mut msgs = wakes.on_message();
+        let woke_a = tokio::time::timeout(Duration::from_millis(300), futures_util::StreamExt::next(&mut msgs)).await;
+        assert!(woke_a.is_err(), "the stopped worker was woken: {woke_a:?}");
+        shutdown.cancel();
+        a.events.await.unwrap();
+        b.events.await.unwrap();
+    })
+    .await;
+}
+
+/// One wake looks at a bounded number of parked workers (the most recently parked first): a
+/// job that only the twentieth of twenty parked workers can run is still claimed within 2 s,
+/// the wakes after the first looking further into the park.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_only_the_twentieth_parked_worker_can_run_is_claimed_within_two_seconds() {
+    within(async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let m = Machine::start(&server, "m", &shutdown).await;
+        let mut conn = raw(&server).await;
+        until("the machine indexes", async || indexers(&mut conn).await == 1).await;
+        let mut rare = Capabilities::new("m-gpu0", "m", &["simulation"]);
+        rare.models.insert("simulation".to_owned(), vec!["rare".to_owned()]);
+        let capable = m.wait_as(rare, &shutdown);
+        until("the capable worker is parked", async || parked(&mut conn).await == 1).await;
+        // Parked after it, so looked at before it.
+        let others: Vec<_> = (1..20).map(|i| m.wait(&format!("m-gpu{i}"), &shutdown)).collect();
+        until("twenty workers are parked", async || parked(&mut conn).await == 20).await;
+        let mut job = NewJob::new("simulation", json!({}));
+        job.requirements = json!({"models": ["rare"]}).to_string();
+        let submitted = Instant::now();
+        let id = m.broker.submit(&job).await.unwrap();
+        let claimed = capable.await.unwrap().expect("the capable worker takes the job");
+        assert_eq!(claimed.id, id);
+        assert!(
+            submitted.elapsed() < Duration::from_secs(2),
+            "claimed {:?} after submission",
+            submitted.elapsed()
+        );
+        shutdown.cancel();
+        for w in others {
+            assert!(w.await.unwrap().is_none());
+        }
+        m.events.await.unwrap();
     })
     .await;
 }

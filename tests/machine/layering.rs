@@ -1,5 +1,8 @@
-//! The source's own rules, read from `src/`: Redis is spoken only in `broker/`.
+//! The source's own rules, read from `src/`: Redis is spoken only in `broker/`, and the
+//! top-level modules form layers in the order docs/architecture.md's layout block lists them
+//! (top layer first): a module imports only those below it, so no two import each other.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Every `.rs` file under `src/`, with its path relative to `src/` and its text.
@@ -71,4 +74,245 @@ fn redis_is_spoken_only_in_the_broker() {
         "Redis is spoken outside src/broker/ (the broker offers a typed call instead):\n{}",
         found.join("\n")
     );
+}
+
+/// The one import allowed to point up the layers, `(from, to, why)`. At most one may be listed,
+/// and only with its reason.
+const UPWARD_EXCEPTIONS: &[(&str, &str, &str)] = &[];
+
+/// The top-level modules in the order docs/architecture.md's layout block (its first fenced
+/// block) lists them: each line that starts at the margin with `name/` or `name.rs` is one,
+/// the top layer first; indented lines are sub-modules.
+fn layers() -> Vec<String> {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md");
+    let doc = std::fs::read_to_string(doc).expect("docs/architecture.md is readable");
+    let block = doc
+        .split("```")
+        .nth(1)
+        .expect("docs/architecture.md has a layout block");
+    block
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|entry| entry.strip_suffix('/').or_else(|| entry.strip_suffix(".rs")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The top-level module a file under `src/` belongs to: the first segment of its path.
+fn top_level(file: &str) -> &str {
+    let first = file.split('/').next().unwrap_or(file);
+    first.strip_suffix(".rs").unwrap_or(first)
+}
+
+/// `text` with comments, string and character literals blanked (newlines kept), so only code
+/// is searched. Test modules are kept: a test is held to the same layers.
+fn code_only(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let blank = |c: char| if c == '\n' { '\n' } else { ' ' };
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        if c == '/' && next == Some('/') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && next == Some('*') {
+            i += 2;
+            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                out.push(blank(chars[i]));
+                i += 1;
+            }
+            i += 2;
+        } else if c == '"' || (c == 'r' && matches!(next, Some('"' | '#')) && !ident(chars.get(i.wrapping_sub(1)))) {
+            // A string, or a raw string `r#"..."#` ended by a quote and as many `#`.
+            let raw = c == 'r';
+            let mut hashes = 0;
+            if raw {
+                i += 1;
+                while chars.get(i) == Some(&'#') {
+                    hashes += 1;
+                    i += 1;
+                }
+                if chars.get(i) != Some(&'"') {
+                    out.push('r');
+                    continue;
+                }
+            }
+            i += 1;
+            while i < chars.len() {
+                if !raw && chars[i] == '\\' {
+                    i += 2;
+                    continue;
+                }
+                if chars[i] == '"' && (0..hashes).all(|h| chars.get(i + 1 + h) == Some(&'#')) {
+                    i += 1 + hashes;
+                    break;
+                }
+                out.push(blank(chars[i]));
+                i += 1;
+            }
+            out.push_str("\"\"");
+        } else if c == '\'' && next == Some('\\') {
+            // An escaped character literal: up to its closing quote.
+            i += 2;
+            while i < chars.len() && chars[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '\'' && chars.get(i + 2) == Some(&'\'') {
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn ident(c: Option<&char>) -> bool {
+    c.is_some_and(|c| c.is_alphanumeric() || *c == '_')
+}
+
+/// The top-level modules a piece of code names through `crate::`: `crate::x::...`, and each
+/// item of a group `crate::{x, y::{...}}`, each with the line it is on.
+fn crate_imports(code: &str) -> Vec<(String, usize)> {
+    let mut found = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        if ident(code[..at].chars().next_back().as_ref()) {
+            continue;
+        }
+        let line = code[..at].matches('\n').count() + 1;
+        let rest = &code[at + "crate::".len()..];
+        let names: Vec<&str> = match rest.strip_prefix('{') {
+            Some(group) => {
+                let mut depth = 0;
+                let end = group
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        depth += match c {
+                            '{' => 1,
+                            '}' => -1,
+                            _ => 0,
+                        };
+                        depth < 0
+                    })
+                    .map_or(group.len(), |(i, _)| i);
+                let mut items = Vec::new();
+                let mut depth = 0;
+                let mut start = 0;
+                for (i, c) in group[..end].char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            items.push(&group[start..i]);
+                            start = i + 1;
+                        }
+                        _ => {}
+                    }
+                }
+                items.push(&group[start..end]);
+                items
+            }
+            None => vec![rest],
+        };
+        for name in names {
+            let name = name.trim_start();
+            let len = name
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(name.len());
+            if len > 0 && &name[..len] != "self" {
+                found.push((name[..len].to_owned(), line));
+            }
+        }
+    }
+    found
+}
+
+/// Every import of one top-level module by another: `(from, to)` to the places it is made.
+fn imports() -> BTreeMap<(String, String), Vec<String>> {
+    let mut edges: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for (file, text) in sources() {
+        let from = top_level(&file);
+        for (to, line) in crate_imports(&code_only(&text)) {
+            if to != from {
+                edges
+                    .entry((from.to_owned(), to))
+                    .or_default()
+                    .push(format!("src/{file}:{line}"));
+            }
+        }
+    }
+    edges
+}
+
+#[test]
+fn the_layout_block_lists_every_top_level_module_once() {
+    let layers = layers();
+    let listed: BTreeSet<&str> = layers.iter().map(String::as_str).collect();
+    assert_eq!(listed.len(), layers.len(), "a module is listed twice: {layers:?}");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(src())
+        .expect("src/ is readable")
+        .map(|e| e.expect("src/ is readable").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lib.rs")
+        .map(|n| top_level(&n).to_owned())
+        .collect();
+    let on_disk: BTreeSet<&str> = on_disk.iter().map(String::as_str).collect();
+    assert_eq!(
+        listed, on_disk,
+        "docs/architecture.md's layout block and src/ list different top-level modules"
+    );
+}
+
+#[test]
+fn no_module_imports_one_above_it_or_one_that_imports_it() {
+    assert!(UPWARD_EXCEPTIONS.len() <= 1, "at most one exception to the layers");
+    let layers = layers();
+    let rank = |m: &str| layers.iter().position(|l| l == m);
+    let edges = imports();
+    assert!(edges.len() > 20, "the imports are found: {edges:?}");
+    let mut circles = Vec::new();
+    let mut upward = Vec::new();
+    for ((from, to), places) in &edges {
+        if from < to && edges.contains_key(&(to.clone(), from.clone())) {
+            let back = &edges[&(to.clone(), from.clone())];
+            circles.push(format!(
+                "{from} <-> {to}: {from} -> {to} at {}; {to} -> {from} at {}",
+                places.join(", "),
+                back.join(", ")
+            ));
+        }
+        let excepted = UPWARD_EXCEPTIONS.iter().any(|(f, t, _)| f == from && t == to);
+        match (rank(from), rank(to)) {
+            (Some(f), Some(t)) if t < f && !excepted => {
+                upward.push(format!("{from} -> {to} (above it) at {}", places.join(", ")))
+            }
+            (Some(_), Some(_)) => {}
+            _ => upward.push(format!(
+                "{from} -> {to}: not both in docs/architecture.md's layout block"
+            )),
+        }
+    }
+    assert!(
+        circles.is_empty() && upward.is_empty(),
+        "the layers of docs/architecture.md's layout block (top first: {}) are broken.\n\
+         Modules that import each other:\n{}\nImports of a module above:\n{}",
+        layers.join(", "),
+        circles.join("\n"),
+        upward.join("\n")
+    );
+}
+
+#[test]
+fn imports_are_read_from_code_only() {
+    let code = code_only(
+        "use crate::{a, b::{c, d}, self};\n// crate::comment\nlet s = \"crate::string\";\n\
+         let r = r#\"crate::raw\"#; let c = '\"'; f(crate::e::g);\n/* crate::block */",
+    );
+    let names: Vec<(String, usize)> = crate_imports(&code);
+    let names: Vec<(&str, usize)> = names.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    assert_eq!(names, [("a", 1), ("b", 1), ("e", 4)]);
 }

@@ -29,7 +29,7 @@ async fn job_progress_follows_the_job() {
         let broker = Broker::connect(&url, opts).await.unwrap();
         broker.ensure_functions().await.unwrap();
         let caps = Capabilities::new("w1", "m1", &["simulation"]);
-        let progress = async |id: &str| broker.show(id).await.unwrap().unwrap().progress;
+        let progress = async |id: &str| broker.show(id).await.unwrap().unwrap().progress.stored().clone();
 
         let id = broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         let job = broker.claim(&caps).await.unwrap().expect("the job is claimed");

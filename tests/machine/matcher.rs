@@ -1429,7 +1429,7 @@ async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_
         assert!(!h["error"].is_empty());
         // A service no machine registered: the job waits, and `jobs show` says why.
         let view = b.show("nobody").await.unwrap().unwrap();
-        assert_eq!(view.job["status"], "pending");
+        assert_eq!(view.job.state().name(), "pending");
         let why = view.waiting.expect("a waiting job says why");
         assert!(why.contains("no machine offers service `nobody_has_it`"), "{why}");
         let out = machine(&server, &["jobs", "show", "nobody"]);

@@ -103,7 +103,7 @@ async fn capabilities_follow_the_models_on_disk() {
         job.requirements = json!({"models": ["fresh"]}).to_string();
         let id = broker.submit(&job).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let status = |j: Option<machine::broker::JobView>| j.unwrap().job["status"].clone();
+        let status = |j: Option<machine::broker::JobView>| j.unwrap().job.state().name().to_owned();
         assert_eq!(status(broker.show(&id).await.unwrap()), "pending");
         std::fs::write(models.join("checkpoints/fresh.safetensors"), b"weights").unwrap();
         wait_for("the job requiring the new model to complete", async || {

@@ -174,7 +174,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker.show(id).await.expect("show").expect("the job exists").job
+        self.broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     async fn statuses(&self, ids: &[String]) -> Vec<String> {

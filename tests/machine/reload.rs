@@ -329,7 +329,7 @@ async fn a_changed_service_restarts_between_jobs() {
 /// forgotten while the other runs on with the same pid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_are_added_and_removed_while_the_rest_run() {
-    use machine::supervisor::{ServiceState, Supervisor, SupervisorError};
+    use machine::supervisor::{Supervisor, SupervisorError};
     let dir = tempfile::tempdir().unwrap();
     let file = r#"
 [services.base]
@@ -354,7 +354,7 @@ grace = "2s"
             .wait_healthy()
             .await
             .unwrap();
-        let base_pid = handle.service("base").unwrap().pid;
+        let base_pid = handle.service("base").unwrap().state.pid();
         handle.add(spec("extra")).unwrap();
         assert!(matches!(handle.add(spec("extra")), Err(SupervisorError::Exists(_))));
         handle
@@ -364,7 +364,7 @@ grace = "2s"
             .await
             .unwrap();
         assert_eq!(handle.names(), ["base", "extra"]);
-        let extra_pid = handle.service("extra").unwrap().pid.unwrap();
+        let extra_pid = handle.service("extra").unwrap().state.pid().unwrap();
         handle.remove("extra").await.unwrap();
         assert!(handle.service("extra").is_err(), "forgotten");
         assert_eq!(handle.names(), ["base"]);
@@ -374,7 +374,8 @@ grace = "2s"
             "stopped"
         );
         let base = handle.service("base").unwrap();
-        assert_eq!((base.state, base.pid), (ServiceState::Running, base_pid));
+        assert!(base.state.ready(), "{base:?}");
+        assert_eq!(base.state.pid(), base_pid);
     };
     tokio::time::timeout(Duration::from_secs(30), body)
         .await

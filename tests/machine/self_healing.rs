@@ -192,7 +192,14 @@ async fn a_job_that_stalls_every_time_fails_with_the_reason_after_its_retries() 
 async fn wait_for_status(broker: &Broker, id: &str, status: &str) -> BTreeMap<String, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let job = broker.show(id).await.expect("show").expect("the job exists").job;
+        let job = broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone();
         if job.get("status").map(String::as_str) == Some(status) {
             return job;
         }

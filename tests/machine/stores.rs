@@ -126,7 +126,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker.show(id).await.expect("show").expect("the job exists").job
+        self.broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     async fn wait_for(

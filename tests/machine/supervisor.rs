@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use machine::supervisor::{ServiceState, Supervisor};
+use machine::supervisor::{ServiceState, ServiceStatus, Supervisor};
 
 use crate::support::wait_until;
 
@@ -481,10 +481,8 @@ grace = "2s"
         assert!(
             status
                 .iter()
-                .all(|s| s.state == ServiceState::Running && s.pid.is_some())
+                .all(|s| matches!(s.state, ServiceState::Running { ready: true, .. }))
         );
-        let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json[0]["state"], "running");
 
         handle.stop("follower").await.unwrap();
         let follower = handle.service("follower").unwrap();
@@ -499,7 +497,7 @@ grace = "2s"
         watch.wait_healthy().await.unwrap();
         let after = handle.service("talker").unwrap();
         assert_eq!(after.restarts, before.restarts + 1);
-        assert_ne!(after.pid, before.pid);
+        assert_ne!(after.state.pid(), before.state.pid());
         assert!(handle.logs("nope", 1).is_err());
     };
     tokio::time::timeout(Duration::from_secs(30), body)
@@ -511,12 +509,7 @@ grace = "2s"
         .expect("the supervisor stops in time")
         .unwrap()
         .unwrap();
-    assert!(
-        handle
-            .status()
-            .iter()
-            .all(|s| s.state == ServiceState::Stopped && s.pid.is_none())
-    );
+    assert!(handle.status().iter().all(|s| s.state == ServiceState::Stopped));
 }
 
 #[test]
@@ -539,4 +532,140 @@ grace = "60s"
     let status = m.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(4), "{}", m.output());
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The actor's transitions, as its handle publishes them: the pid, start and readiness come
+/// with the running states and leave with them; a run's end is kept as its last exit; a
+/// failed liveness probe is published as the stop of a process that is not live. The app
+/// ignores SIGTERM so that each stop lasts its grace and can be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_actor_publishes_each_transition_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let file = format!(
+        r#"
+[services.app]
+command = ["/bin/sh", "-c", "trap '' TERM; exec sleep 1000"]
+ready = {{ command = ["test", "-e", "{d}/ready"], interval = "50ms", failures = 1 }}
+liveness = {{ command = ["test", "!", "-e", "{d}/hung"], interval = "50ms", failures = 1 }}
+grace = "1s"
+[services.once]
+command = ["/bin/sh", "-c", "echo last words; exit 3"]
+restart = "never"
+"#
+    );
+    let env = BTreeMap::from([("MACHINE_WORKSPACE", d)]);
+    let config = machine::config::load_str(Some(("machine.toml", &file)), &env).unwrap();
+    let services: Vec<_> = ["app", "once"]
+        .iter()
+        .map(|n| config.plan.services.iter().find(|s| s.name == *n).unwrap().clone())
+        .collect();
+    let sup = Supervisor::new(services, &config.machine.supervisor, dir.path()).unwrap();
+    let handle = sup.handle();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let force = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sup.run(shutdown.clone(), force.clone()));
+    let touch = |name: &str| std::fs::write(dir.path().join(name), "").unwrap();
+    let rm = |name: &str| std::fs::remove_file(dir.path().join(name)).unwrap();
+    // Polls the service's status until `want` holds (the watch keeps only the latest value).
+    let until = |name: &'static str, want: fn(&ServiceStatus) -> bool| {
+        let handle = handle.clone();
+        async move {
+            loop {
+                let s = handle.service(name).unwrap();
+                if want(&s) {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let body = async {
+        // Started, its readiness probe not passing yet: a process, not ready.
+        let starting = until("app", |s| matches!(s.state, ServiceState::Starting(_))).await;
+        let pid = starting.state.pid().expect("a starting service has a pid");
+        assert!(!starting.serving() && starting.state.live());
+        touch("ready");
+        let running = until("app", |s| matches!(s.state, ServiceState::Running { ready: true, .. })).await;
+        assert_eq!(running.state.pid(), Some(pid));
+        assert!(running.healthy() && running.reason.is_none(), "{running:?}");
+        // Once ready, a failing readiness probe leaves it running, not ready, with why.
+        rm("ready");
+        let unready = until("app", |s| matches!(s.state, ServiceState::Running { ready: false, .. })).await;
+        assert_eq!(unready.state.pid(), Some(pid));
+        assert!(
+            unready
+                .reason
+                .as_deref()
+                .unwrap()
+                .starts_with("readiness probe failing"),
+            "{unready:?}"
+        );
+        // A stop on request: the process is stopping (live), then down with how it ended.
+        let stop = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.stop("app").await }
+        });
+        let stopping = until("app", |s| matches!(s.state, ServiceState::Stopping { .. })).await;
+        assert_eq!(
+            stopping.state,
+            ServiceState::Stopping {
+                run: stopping.state.run().unwrap(),
+                live: true
+            }
+        );
+        assert_eq!(stopping.state.pid(), Some(pid));
+        stop.await.unwrap().unwrap();
+        let stopped = handle.service("app").unwrap();
+        assert_eq!(stopped.state, ServiceState::Stopped);
+        assert!(stopped.state.pid().is_none() && !stopped.state.ready());
+        assert_eq!(
+            stopped.last_exit.as_ref().unwrap().signal,
+            Some(9),
+            "it ignored SIGTERM"
+        );
+        // Started again: a new run, counted, the last exit kept.
+        touch("ready");
+        handle.start("app").await.unwrap();
+        let again = until("app", |s| matches!(s.state, ServiceState::Running { ready: true, .. })).await;
+        assert_ne!(again.state.pid(), Some(pid));
+        assert_eq!(again.restarts, 1);
+        assert!(again.last_exit.is_some());
+        // A failed liveness probe stops a process that is not live, then starts it again.
+        touch("hung");
+        let unhealthy = until("app", |s| matches!(s.state, ServiceState::Stopping { live: false, .. })).await;
+        assert_eq!(unhealthy.state.pid(), again.state.pid());
+        assert!(!unhealthy.serving() && !unhealthy.state.live());
+        assert!(
+            unhealthy
+                .reason
+                .as_deref()
+                .unwrap()
+                .starts_with("liveness probe failed"),
+            "{unhealthy:?}"
+        );
+        rm("hung");
+        let restarted = until("app", |s| s.restarts == 2 && s.state.run().is_some()).await;
+        assert!(restarted.state.live());
+        // A run that ended on its own and is not restarted: down, with its code and last words.
+        let once = until("once", |s| s.state.is_down()).await;
+        assert_eq!(once.state, ServiceState::Failed);
+        assert_eq!(once.last_exit.as_ref().unwrap().code, Some(3));
+        assert_eq!(once.reason.as_deref(), Some("exited with code 3: last words"));
+    };
+    tokio::time::timeout(Duration::from_secs(40), body)
+        .await
+        .expect("the transitions happen in time");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the supervisor stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(
+        handle
+            .status()
+            .iter()
+            .all(|s| s.state.is_down() && s.state.pid().is_none())
+    );
 }

@@ -96,7 +96,14 @@ impl Rig {
     }
 
     async fn job(&self, id: &str) -> BTreeMap<String, String> {
-        self.broker.show(id).await.expect("show").expect("the job exists").job
+        self.broker
+            .show(id)
+            .await
+            .expect("show")
+            .expect("the job exists")
+            .job
+            .stored()
+            .clone()
     }
 
     /// Waits until the job's status is one of `statuses`; returns the job hash.
@@ -435,7 +442,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
             "it waited for the drain"
         );
         counted(&status, |c| c.returned == 1).await;
-        let job = broker.show(&id).await.unwrap().unwrap().job;
+        let job = broker.show(&id).await.unwrap().unwrap().job.stored().clone();
         assert_eq!(job["status"], "pending", "{job:?}");
         assert_eq!(job["retry_count"], "0", "returned without penalty");
         let mut conn = rig.raw().await;
@@ -848,8 +855,8 @@ async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_re
             if channel == "update_job_progress" && doc.get("status").is_some() {
                 // What `machine jobs show` prints moves while the job runs.
                 let view = rig.broker.show(&id).await.unwrap().unwrap();
-                if view.job["status"] == "in_progress" {
-                    seen_live.insert(view.progress["progress"].clone());
+                if view.job.state().name() == "in_progress" {
+                    seen_live.insert(view.progress.stored()["progress"].clone());
                 }
             }
             let done = channel == "complete_job";

@@ -2,12 +2,16 @@
 //! reading of a claim reply (a job that cannot run is failed at once with the reason).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp};
+
+/// How long a worker that stops claiming waits for Redis to take it out of the park.
+const LEAVE_PARK_WITHIN: Duration = Duration::from_secs(1);
 use crate::broker::BrokerError;
 use crate::broker::capabilities::Capabilities;
 
@@ -211,8 +215,12 @@ impl Broker {
                 () = tokio::time::sleep(self.inner.opts.safety_poll) => break,
             }
         }
+        let mut parked = false;
         loop {
             if shutdown.is_cancelled() {
+                if parked {
+                    self.leave_park(&caps.worker_id).await;
+                }
                 return Ok(None);
             }
             for rx in &mut rxs {
@@ -221,14 +229,31 @@ impl Broker {
             if let Some(job) = self.claim_json(&caps_json, true).await? {
                 return Ok(Some(job));
             }
+            parked = true;
             let woken = async {
                 let _ = futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
             };
             tokio::select! {
-                () = shutdown.cancelled() => return Ok(None),
+                () = shutdown.cancelled() => {}
                 () = woken => {}
                 () = tokio::time::sleep(self.inner.opts.safety_poll) => {}
             }
+        }
+    }
+
+    /// Takes a worker that stops claiming (held, quarantined, draining, waiting for its
+    /// services, stopping) out of the fleet's park at once, so that the indexer wakes no one
+    /// in vain for the next submissions (its park would last three safety polls otherwise).
+    /// Best effort and bounded: a Redis that does not answer leaves it to the park's own end.
+    async fn leave_park(&self, worker: &str) {
+        let args = [self.inner.opts.key_prefix.as_str(), worker];
+        let call = self.call::<u64>("leavePark", &args);
+        match tokio::time::timeout(LEAVE_PARK_WITHIN, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(worker, error = %crate::logging::error_chain(&e), "failed to leave the park; it ends by itself")
+            }
+            Err(_) => tracing::debug!(worker, "leaving the park took too long; it ends by itself"),
         }
     }
 }

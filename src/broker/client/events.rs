@@ -5,6 +5,7 @@
 //! the API put into `jobs:pending` without a message.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -13,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, CatchUp, redis_err};
-use crate::backoff::Backoff;
 use crate::broker::BrokerError;
+use crate::broker::retry::{RedisRetry, log_retry};
 use crate::logging::error_chain;
 /// How often the fleet's sweeper passes over `jobs:pending` (and other machines try to take
 /// its lease): a job queued without a message is found within about this plus one pass.
@@ -24,11 +25,10 @@ const SWEEP_LEASE: Duration = Duration::from_secs(6);
 /// Entries of `jobs:pending` (and of the index) one sweeper step reads.
 const SWEEP_STEP: u32 = 2000;
 /// How often the fleet's indexer ticks (renews its lease, re-sends overdue wakes): a wake not
-/// answered within [`WAKE_DEADLINE`] goes to another worker within this more.
+/// answered within [`WAKE_DEADLINE`] goes to another worker within this more. The other
+/// machines try to take the lease in their sweeper's periodic call ([`SWEEP_EVERY`]), so the
+/// lease costs them no call of its own.
 const INDEXER_TICK: Duration = Duration::from_millis(500);
-/// The other machines try to take the indexer lease every this many ticks (2 s: each tick is
-/// a call per machine, the one cost of the scheme that grows with the fleet).
-const INDEXER_TRY_EVERY: u64 = 4;
 /// The indexer lease: a machine that stops ticking hands over within this (plus a try).
 const INDEXER_LEASE: Duration = Duration::from_secs(3);
 /// How long a woken worker has to claim before the indexer wakes another one for the job: the
@@ -77,15 +77,14 @@ impl Broker {
             }
             first
         });
-        let backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
-        let mut attempt = 0;
+        let mut delays = RedisRetry::default();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             match self.subscribe(&channels).await {
                 Ok(pubsub) => {
-                    attempt = 0;
+                    delays.reset();
                     let (mut sink, mut messages) = pubsub.split();
                     let mut listening = Listening::default();
                     let mut machines = self.inner.wake_machines.subscribe();
@@ -101,7 +100,6 @@ impl Broker {
                     self.wake(None);
                     let mut tick = tokio::time::interval(INDEXER_TICK);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    let mut ticks: u64 = 0;
                     loop {
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
@@ -109,36 +107,28 @@ impl Broker {
                                 Some(msg) => self.handle_message(&channels, &listening, &msg).await,
                                 None => break,
                             },
-                            _ = tick.tick() => {
-                                ticks = ticks.wrapping_add(1);
-                                // The holder ticks often (its overdue wakes are due within a
-                                // tick); the others only try to take the lease, less often.
-                                if listening.indexing || ticks % INDEXER_TRY_EVERY == 0 {
-                                    self.indexer_tick(&mut sink, &mut listening).await;
-                                }
+                            // The holder ticks (its overdue wakes are due within a tick); the
+                            // others learn from their sweeper's call that the lease is theirs.
+                            _ = tick.tick(), if listening.indexing => {
+                                self.indexer_tick(&mut sink, &mut listening).await;
+                            }
+                            () = self.inner.indexer_held.notified(), if !listening.indexing => {
+                                self.indexer_tick(&mut sink, &mut listening).await;
                             }
                             Ok(()) = machines.changed() => {
                                 self.follow_machines(&mut sink, &mut machines, &mut listening).await;
                             }
                         }
                     }
+                    self.inner.indexing.store(false, Ordering::Relaxed);
                     // An outage is logged once by the health record; a drop alone is news.
                     tracing::info!("the redis subscription dropped; reconnecting");
                 }
-                Err(e) if super::super::health::is_outage(&e) => {
-                    tracing::debug!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "failed to subscribe to the broker channels; retrying")
-                }
+                Err(e) => log_retry(&e, "subscribe to the broker channels"),
             }
-            let seen = self.health().recoveries();
-            attempt = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(backoff.delay(attempt, 0.0)) => attempt.saturating_add(1),
-                // Redis is back: the backoff starts again from its first step.
-                () = self.health().answering_again(seen) => 0,
-            };
+            if !delays.sleep(self.health(), &shutdown).await {
+                return Ok(());
+            }
         }
     }
 
@@ -211,6 +201,7 @@ impl Broker {
                 return;
             }
             listening.indexing = true;
+            self.inner.indexing.store(true, Ordering::Relaxed);
             tracing::info!("this machine is the fleet's indexer");
             // Submissions made while no machine held the lease woke nobody: every idle worker
             // of the fleet claims once (their claims' repair indexes what is missing).
@@ -219,6 +210,7 @@ impl Broker {
             }
         } else if !held && listening.indexing {
             listening.indexing = false;
+            self.inner.indexing.store(false, Ordering::Relaxed);
             tracing::info!("another machine is the fleet's indexer now");
             if let Err(e) = sink.unsubscribe(&channel).await {
                 tracing::debug!(error = %error_chain(&e), "failed to unsubscribe from job_submitted");
@@ -312,18 +304,29 @@ impl Broker {
 
     /// One pass of the fleet's sweeper over `jobs:pending` (docs/redis-protocol.md, The fleet's
     /// sweeper), in steps of [`SWEEP_STEP`] entries, when this broker holds the fleet's sweeper
-    /// lease or takes it now; `None` while another machine holds it.
+    /// lease or takes it now; `None` while another machine holds it. While this machine is not
+    /// the fleet's indexer, the first step also tries the indexer lease (one periodic call per
+    /// machine, not two) and tells [`Broker::run_events`] when it is this machine's.
     pub async fn sweep_pending(&self) -> Result<Option<SweepReport>, BrokerError> {
         let lease = SWEEP_LEASE.as_millis().to_string();
         let step = SWEEP_STEP.to_string();
+        let indexer_lease = INDEXER_LEASE.as_millis().to_string();
+        let wake = WAKE_DEADLINE.as_millis().to_string();
         let mut report = SweepReport::default();
+        let mut try_indexer = !self.inner.indexing.load(Ordering::Relaxed);
         loop {
-            let r: Vec<u64> = self
-                .call(
-                    "sweepPending",
-                    &[&self.inner.opts.key_prefix, &self.inner.sweeper_id, &lease, &step],
-                )
-                .await?;
+            let prefix = &self.inner.opts.key_prefix;
+            let holder = &self.inner.sweeper_id;
+            let args: &[&str] = if try_indexer {
+                &[prefix, holder, &lease, &step, &indexer_lease, &wake]
+            } else {
+                &[prefix, holder, &lease, &step]
+            };
+            let r: Vec<u64> = self.call("sweepPending", args).await?;
+            if try_indexer && r.get(3) == Some(&1) {
+                self.inner.indexer_held.notify_one();
+            }
+            try_indexer = false;
             if r.first() != Some(&1) {
                 return Ok(None);
             }

@@ -10,6 +10,24 @@ use super::reply::Reply;
 use super::{Broker, ClaimedJob};
 use crate::broker::BrokerError;
 
+/// What one attempt of a job used at a paid API, as [`Broker::record_usage`] adds it to the
+/// job's `usage_*` totals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttemptUsage<'a> {
+    /// Requests the API accepted.
+    pub requests: u64,
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// Predict / execution time the API reported, in seconds.
+    pub predict_seconds: f64,
+    /// The cost from the price table.
+    pub cost: f64,
+    /// The price table's currency.
+    pub currency: &'a str,
+}
+
 /// What renewing a lease found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseStatus {
@@ -257,7 +275,7 @@ impl Broker {
     /// Returns the job to the queue in its place because a daily quota stops it, recording
     /// `reason` and `until_ms` (epoch ms) in the job for `machine jobs show`.
     /// Adds what one attempt of job `id` used at a paid API to the job's `usage_*` totals.
-    pub async fn record_usage(&self, id: &str, b: &crate::connectors::Billing) -> Result<(), BrokerError> {
+    pub async fn record_usage(&self, id: &str, b: &AttemptUsage<'_>) -> Result<(), BrokerError> {
         let args = [
             b.requests.to_string(),
             b.input_tokens.to_string(),
@@ -266,7 +284,7 @@ impl Broker {
             format!("{:.8}", b.cost),
         ];
         let [r, i, o, p, c] = args.each_ref().map(String::as_str);
-        self.call_limits::<i64>("recordJobUsage", &[id, r, i, o, p, c, &b.currency])
+        self.call_limits::<i64>("recordJobUsage", &[id, r, i, o, p, c, b.currency])
             .await
             .map(drop)
     }

@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod limits;
 mod operator;
+mod record;
 mod registry;
 mod reply;
 
@@ -29,15 +30,17 @@ use tokio_util::sync::CancellationToken;
 use super::capabilities::Capabilities;
 use super::health::{FaultKind, RedisHealth};
 use super::installer::{self, InstallReport, Library, Mode};
+use super::retry::retry;
 use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
-pub use lifecycle::{FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
+pub use lifecycle::{AttemptUsage, FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
 pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
+pub use record::{JobField, JobProgress, JobRecord, JobState, Meaning};
 
 /// Tunables of the broker; the defaults are the contract's.
 #[derive(Debug, Clone)]
@@ -135,6 +138,12 @@ struct Inner {
     /// This broker's name as the holder of the fleet's sweeper and indexer leases (its process
     /// id and a random part).
     sweeper_id: String,
+    /// Whether [`Broker::run_events`] listens as the fleet's indexer now: the sweeper's
+    /// periodic call tries the indexer lease only while it does not.
+    indexing: std::sync::atomic::AtomicBool,
+    /// Told by the sweeper when its call found the indexer lease this machine's (taken now, or
+    /// still held after a reconnect): [`Broker::run_events`] then starts indexing.
+    indexer_held: tokio::sync::Notify,
 }
 
 /// Whether jobs queued while no machine listened are in the index yet.
@@ -250,6 +259,8 @@ impl Broker {
                 registered: Mutex::new(HashMap::new()),
                 catch_up: watch::channel(CatchUp::NotRunning).0,
                 sweeper_id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
+                indexing: std::sync::atomic::AtomicBool::new(false),
+                indexer_held: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -259,50 +270,25 @@ impl Broker {
     /// Each failure is logged with its whole cause chain and recorded in `opts.health`.
     pub async fn connect_until(url: &RedisUrl, opts: BrokerOptions, stop: &CancellationToken) -> Option<Broker> {
         let health = opts.health.clone();
-        let backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(10));
-        let mut failures = 0;
-        loop {
-            let attempt = async {
-                let broker = Broker::connect(url, opts.clone()).await?;
+        let what = format!("set up the broker at {}", url.masked());
+        let attempt = || {
+            let opts = opts.clone();
+            async move {
+                let broker = Broker::connect(url, opts).await?;
                 broker.ensure_functions().await?;
                 Ok::<_, BrokerError>(broker)
-            };
-            // Every wait on Redis gives way to a stop: connecting is bounded, but a machine
-            // asked to stop does not wait even for that.
-            let attempt = tokio::select! {
-                () = stop.cancelled() => return None,
-                r = attempt => r,
-            };
-            match attempt {
-                Ok(b) => {
-                    health.record_ok();
-                    return Some(b);
-                }
-                Err(e) => {
-                    let error = crate::logging::error_chain(&e);
-                    let delay = backoff.delay(failures, 0.0);
-                    // Redis out of reach is an outage: `health` says so once when it starts
-                    // and once when it ends, so each retry is only a debug line.
-                    match health.record_err(&e) {
-                        Some(kind) if kind.is_outage() => {
-                            tracing::debug!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                        }
-                        Some(_) => {
-                            tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                        }
-                        None => {
-                            tracing::warn!(redis = %url.masked(), error = %error, ?delay, "failed to set up the broker; retrying");
-                            health.record_fault(FaultKind::Other, error);
-                        }
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => return None,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    failures = failures.saturating_add(1);
-                }
             }
-        }
+        };
+        // No broker records these failures: Redis out of reach is an outage that `health`
+        // says once when it starts and once when it ends; anything else is a fault of its own.
+        let record = |e: &BrokerError| {
+            if health.record_err(e).is_none() {
+                health.record_fault(FaultKind::Other, crate::logging::error_chain(e));
+            }
+        };
+        let broker = retry(&health, stop, &what, attempt, record).await?;
+        health.record_ok();
+        Some(broker)
     }
 
     /// The lease the next claim and renewal ask for.

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
+use super::record::{JobProgress, JobRecord, JobState};
 use super::reply::Reply;
 use super::{Broker, redis_err, scan};
 use crate::broker::reference::{PendingJob, job_matches};
@@ -71,13 +72,13 @@ pub fn pending_score(priority: i64, workflow_priority: Option<i64>, created_ms: 
     p * 1e15 - (t / 1000.0).floor()
 }
 
-/// A job hash and its progress, as `machine jobs show` prints them.
+/// A job and its progress, as `machine jobs show` prints them.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct JobView {
     /// `job:<id>`.
-    pub job: BTreeMap<String, String>,
+    pub job: JobRecord,
     /// `job:<id>:progress`.
-    pub progress: BTreeMap<String, String>,
+    pub progress: JobProgress,
     /// For a job still waiting: why no registered worker took it, or how many could.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
@@ -171,20 +172,22 @@ impl Broker {
         if job.is_empty() {
             return Ok(None);
         }
-        let waiting = match job.get("status").map(String::as_str) {
-            None | Some("" | "pending" | "queued") => Some(
-                self.why_waiting(job_id, &job)
+        let job = JobRecord::new(job);
+        let waiting = if job.state().is_waiting() {
+            Some(
+                self.why_waiting(job_id, job.stored())
                     .await
                     .unwrap_or_else(|e| format!("cannot tell which workers could run it: {e}")),
-            ),
-            Some(_) => None,
+            )
+        } else {
+            None
         };
         let result = completed
             .and_then(|r| serde_json::from_str::<Value>(&r).ok())
             .and_then(|mut r| r.get_mut("data").map(Value::take));
         Ok(Some(JobView {
             job,
-            progress,
+            progress: JobProgress::new(progress),
             waiting,
             result,
         }))
@@ -398,8 +401,8 @@ impl Broker {
             .collect())
     }
 
-    /// Jobs (id and hash), optionally only those with `status`, newest first, at most `limit`.
-    pub async fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<BTreeMap<String, String>>, BrokerError> {
+    /// Jobs, optionally only those in `state`, newest first, at most `limit`.
+    pub async fn list(&self, state: Option<&JobState>, limit: usize) -> Result<Vec<JobRecord>, BrokerError> {
         let mut conn = self.connection();
         let pattern = self.key("job:*");
         let mut keys = scan(&mut conn, &pattern, "SCAN").await?;
@@ -410,12 +413,13 @@ impl Broker {
         }
         let hashes: Vec<BTreeMap<String, String>> =
             pipe.query_async(&mut conn).await.map_err(redis_err("list jobs"))?;
-        let mut jobs: Vec<BTreeMap<String, String>> = hashes
+        let mut jobs: Vec<JobRecord> = hashes
             .into_iter()
             .filter(|h| !h.is_empty())
-            .filter(|h| status.is_none_or(|s| h.get("status").map(String::as_str) == Some(s)))
+            .map(JobRecord::new)
+            .filter(|j| state.is_none_or(|s| j.state() == *s))
             .collect();
-        jobs.sort_by(|a, b| b.get("created_at").cmp(&a.get("created_at")));
+        jobs.sort_by(|a, b| b.created_at().cmp(a.created_at()));
         jobs.truncate(limit);
         Ok(jobs)
     }

@@ -17,23 +17,15 @@
 use serde_json::Value;
 
 use super::StoreError;
+use crate::cloud::Provider;
 
-/// A cloud provider named by `provider`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Provider {
-    S3,
-    Azure,
-    Gcs,
-}
-
-impl Provider {
-    fn parse(name: &str) -> Option<Provider> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "s3" | "aws" | "amazon" | "r2" | "minio" => Some(Provider::S3),
-            "azure" | "azblob" | "azure_blob" | "blob" => Some(Provider::Azure),
-            "gcs" | "gcp" | "google" => Some(Provider::Gcs),
-            _ => None,
-        }
+/// The cloud provider a `provider` field names.
+fn provider_named(name: &str) -> Option<Provider> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "s3" | "aws" | "amazon" | "r2" | "minio" => Some(Provider::S3),
+        "azure" | "azblob" | "azure_blob" | "blob" => Some(Provider::Azure),
+        "gcs" | "gcp" | "google" => Some(Provider::Gcs),
+        _ => None,
     }
 }
 
@@ -165,7 +157,7 @@ pub(super) fn spec(ctx: &Value) -> Result<Spec, StoreError> {
             ));
         }
         (Some(p), bucket) => {
-            let provider = Provider::parse(p)
+            let provider = provider_named(p)
                 .ok_or_else(|| bad(format!("unknown provider `{p}` (known: azure, s3, gcs, local)")))?;
             let bucket = bucket
                 .clone()

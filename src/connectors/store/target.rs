@@ -11,7 +11,8 @@ use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, PutOption
 use serde_json::Value;
 
 use super::naming::{self, sanitise_file_name};
-use super::{Bucket, StoreError, StoreFault, StoreOptions, StoredArtifact, fault, redact, storage_error};
+use super::{StoreError, StoreFault, StoreOptions, StoredArtifact, fault, storage_error};
+use crate::cloud::{Bucket, Provider, redact};
 use crate::connectors::{Artifact, ArtifactBody, ConnectorError};
 
 /// One job's checked destination, ready to take its outputs.
@@ -19,7 +20,7 @@ use crate::connectors::{Artifact, ArtifactBody, ConnectorError};
 pub struct OutputTarget {
     pub(super) bucket: Bucket,
     /// The cloud bucket it names, to build its client again with renewed credentials.
-    pub(super) place: Option<(super::destination::Provider, String)>,
+    pub(super) place: Option<(Provider, String)>,
     pub(super) local: bool,
     /// The CDN's URL base (scheme included), when `ctx` names one.
     pub(super) cdn: Option<String>,

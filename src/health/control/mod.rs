@@ -10,11 +10,9 @@
 //! The routes only the commands need (following a log, stopping with or without the drain) live
 //! in `routes.rs` and are merged into the health router; a new command adds its route there.
 
-mod machine_log;
 mod routes;
 mod socket;
 
-pub use machine_log::{MACHINE_LOG, MACHINE_LOG_LINES, TeeStderr, machine_log};
 pub(super) use routes::routes;
 pub(super) use socket::serve;
 pub use socket::{ControlError, ControlSocket, SOCKET, bind, socket_path};

@@ -15,10 +15,9 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use serde_json::json;
 
-use super::machine_log::{MACHINE_LOG, machine_log};
 use crate::health::HealthState;
 use crate::health::server::{Access, refuse};
-use crate::supervisor::Tail;
+use crate::logging::{MACHINE_LOG, Tail, machine_log};
 
 /// How often a followed log is checked for new lines.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);

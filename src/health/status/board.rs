@@ -64,10 +64,10 @@ impl From<ServiceState> for ServiceStage {
     fn from(s: ServiceState) -> ServiceStage {
         match s {
             ServiceState::Waiting => ServiceStage::Waiting,
-            ServiceState::Starting => ServiceStage::Starting,
-            ServiceState::Running => ServiceStage::Running,
+            ServiceState::Starting(_) => ServiceStage::Starting,
+            ServiceState::Running { .. } => ServiceStage::Running,
             ServiceState::Backoff => ServiceStage::Backoff,
-            ServiceState::Stopping => ServiceStage::Stopping,
+            ServiceState::Stopping { .. } => ServiceStage::Stopping,
             ServiceState::Stopped => ServiceStage::Stopped,
             ServiceState::Exited => ServiceStage::Exited,
             ServiceState::Failed => ServiceStage::Failed,
@@ -106,27 +106,24 @@ impl From<&ServiceStatus> for Service {
         let ServiceStatus {
             name,
             state,
-            pid,
             restarts,
             last_exit,
-            ready,
-            live,
             crash_loop,
-            started_at,
             gpu,
             critical,
             reason,
         } = s;
+        let run = state.run();
         Service {
             name: name.clone(),
             state: (*state).into(),
-            pid: *pid,
+            pid: run.map(|r| r.pid),
             restarts: *restarts,
             last_exit: last_exit.as_ref().map(Exit::from),
-            ready: *ready,
-            live: *live,
+            ready: state.ready(),
+            live: state.live(),
             crash_loop: *crash_loop,
-            started_at: started_at.map(rfc3339),
+            started_at: run.map(|r| rfc3339(r.started)),
             gpu: *gpu,
             critical: *critical,
             reason: reason.clone(),
@@ -372,36 +369,77 @@ mod tests {
         }
     }
 
-    /// The mirrors write what the subsystems' own types write, so the page is the one it was.
+    /// The mirrors write what the page reads: a service's pid, start and readiness only in the
+    /// states where a process runs; workers as the workers' own type writes them.
     #[test]
     fn services_and_workers_serialise_like_their_sources() {
-        let states = [
-            ServiceState::Waiting,
-            ServiceState::Starting,
-            ServiceState::Running,
-            ServiceState::Backoff,
-            ServiceState::Stopping,
-            ServiceState::Stopped,
-            ServiceState::Exited,
-            ServiceState::Failed,
-        ];
-        for s in states {
-            assert_eq!(
-                serde_json::to_value(ServiceStage::from(s)).unwrap(),
-                serde_json::to_value(s).unwrap()
-            );
-        }
+        let ms = |ms| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let run = crate::supervisor::Run {
+            pid: 42,
+            started: ms(1_750_000_000_000),
+        };
         let mut service = ServiceStatus::new("svc", Some(1), true);
         service.last_exit = Some(ExitInfo {
             code: Some(1),
             signal: None,
-            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_750_000_000_123),
+            at: ms(1_750_000_000_123),
         });
-        service.started_at = Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_750_000_000_000));
-        assert_eq!(
-            serde_json::to_value(Service::from(&service)).unwrap(),
-            serde_json::to_value(&service).unwrap()
-        );
+        // (state, state word, pid, ready, live, started_at): what runs shows, what is down does
+        // not.
+        let started = Some("2025-06-15T15:06:40.000Z");
+        let cases = [
+            (ServiceState::Waiting, "waiting", None, false, true, None),
+            (ServiceState::Starting(run), "starting", Some(42), false, true, started),
+            (
+                ServiceState::Running { run, ready: true },
+                "running",
+                Some(42),
+                true,
+                true,
+                started,
+            ),
+            (
+                ServiceState::Running { run, ready: false },
+                "running",
+                Some(42),
+                false,
+                true,
+                started,
+            ),
+            (ServiceState::Backoff, "backoff", None, false, true, None),
+            (
+                ServiceState::Stopping { run, live: false },
+                "stopping",
+                Some(42),
+                false,
+                false,
+                started,
+            ),
+            (ServiceState::Stopped, "stopped", None, false, true, None),
+            (ServiceState::Exited, "exited", None, false, true, None),
+            (ServiceState::Failed, "failed", None, false, true, None),
+        ];
+        for (state, word, pid, ready, live, started_at) in cases {
+            service.state = state;
+            assert_eq!(
+                serde_json::to_value(Service::from(&service)).unwrap(),
+                serde_json::json!({
+                    "name": "svc",
+                    "state": word,
+                    "pid": pid,
+                    "restarts": 0,
+                    "last_exit": {"code": 1, "signal": null, "at": "2025-06-15T15:06:40.123Z"},
+                    "ready": ready,
+                    "live": live,
+                    "crash_loop": false,
+                    "started_at": started_at,
+                    "gpu": 1,
+                    "critical": true,
+                    "reason": null,
+                }),
+                "{state:?}"
+            );
+        }
         for s in [
             WorkerState::Starting,
             WorkerState::WaitingForServices,

@@ -10,10 +10,11 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{AbortOnDrop, RedisBackoff, Worker};
+use super::{AbortOnDrop, Worker};
 use futures_util::future::BoxFuture;
 
 use crate::broker::health::is_outage;
+use crate::broker::retry::RedisRetry;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
@@ -449,7 +450,7 @@ impl Worker {
         // the job's totals before the outcome is written, so a finished job shows all of it.
         let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
         if let Some(b) = &billing {
-            if let Err(e) = broker.record_usage(&claimed.id, b).await {
+            if let Err(e) = broker.record_usage(&claimed.id, &b.attempt_usage()).await {
                 tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
             }
         }
@@ -735,7 +736,7 @@ impl Ending {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BrokerError>>,
     {
-        let mut backoff = RedisBackoff::default();
+        let mut backoff = RedisRetry::default();
         let mut shutdown_seen: Option<Instant> = None;
         loop {
             match op().await {
@@ -755,7 +756,7 @@ impl Ending {
                             return Err(NotWritten::GaveUp(e));
                         }
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

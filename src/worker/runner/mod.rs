@@ -37,6 +37,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::health::is_outage;
+use crate::broker::retry::{RedisRetry, log_retry, retry};
 use crate::broker::{Broker, BrokerError, Capabilities, ClaimedJob};
 use crate::connectors::store::OutputStore;
 use crate::connectors::{Connector, ConnectorError};
@@ -340,17 +341,15 @@ impl Worker {
     /// Writes changed capabilities to the broker, retrying through Redis outages until
     /// `shutdown`.
     async fn publish_capabilities(&self, broker: &Broker, shutdown: &CancellationToken) {
-        let mut backoff = RedisBackoff::default();
-        while let Err(e) = broker.update_capabilities(&self.caps).await {
-            if is_outage(&e) {
-                tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
-            } else {
-                tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to update capabilities; retrying");
-            }
-            if !backoff.sleep(broker, shutdown).await {
-                return;
-            }
-        }
+        let what = format!("update the capabilities of worker {}", self.id());
+        retry(
+            broker.health(),
+            shutdown,
+            &what,
+            || broker.update_capabilities(&self.caps),
+            |_| {},
+        )
+        .await;
     }
 
     /// The worker id.
@@ -409,7 +408,7 @@ impl Worker {
     /// Runs until `shutdown`: claims and runs jobs one at a time. Returns after its last job
     /// has been completed, failed or returned.
     pub async fn run(mut self, broker: Broker, shutdown: CancellationToken) -> Result<(), super::WorkerError> {
-        let mut backoff = RedisBackoff::default();
+        let mut backoff = RedisRetry::default();
         // Aborted when the worker's run ends, whichever way.
         let _gpu_follow = self.gpu_watch.take().map(|(index, health)| {
             AbortOnDrop(tokio::spawn(super::hold::follow_gpu(
@@ -425,22 +424,15 @@ impl Worker {
             tracing::info!(worker = %self.id(), models = %models_text(&models), "models on disk");
             self.caps.models = models;
         }
-        while !shutdown.is_cancelled() {
-            match broker.register_worker(&self.caps).await {
-                Ok(()) => break,
-                Err(e) => {
-                    if is_outage(&e) {
-                        tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
-                    } else {
-                        tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to register; retrying");
-                    }
-                    self.note_error(&error_chain(&e));
-                    if !backoff.sleep(&broker, &shutdown).await {
-                        break;
-                    }
-                }
-            }
-        }
+        let what = format!("register worker {}", self.id());
+        let registering = retry(
+            broker.health(),
+            &shutdown,
+            &what,
+            || broker.register_worker(&self.caps),
+            |e| self.note_error(&error_chain(e)),
+        );
+        registering.await;
         // Heartbeats go on whatever the worker does (idle, waiting, busy), so the fleet sees it
         // alive; stopped (and awaited) when the worker stops.
         let heartbeats = AbortOnDrop(tokio::spawn(heartbeat(
@@ -542,13 +534,9 @@ impl Worker {
                 // Redis answered: the next failure starts the backoff from its first step.
                 Ok(None) => backoff.reset(),
                 Err(e) => {
-                    if is_outage(&e) {
-                        tracing::debug!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
-                    } else {
-                        tracing::warn!(worker = %self.id(), error = %error_chain(&e), "failed to claim; retrying");
-                    }
+                    log_retry(&e, &format!("claim for worker {}", self.id()));
                     self.note_error(&error_chain(&e));
-                    backoff.sleep(&broker, &shutdown).await;
+                    backoff.sleep(broker.health(), &shutdown).await;
                 }
             }
         }
@@ -825,43 +813,6 @@ async fn services_lost(ready: &mut [watch::Receiver<bool>]) {
     futures_util::future::select_all(waits).await;
 }
 
-/// Backoff between attempts against an unavailable Redis: 100 ms doubling to 10 s.
-#[derive(Debug, Default)]
-struct RedisBackoff {
-    attempt: u32,
-}
-
-impl RedisBackoff {
-    const POLICY: crate::backoff::Backoff =
-        crate::backoff::Backoff::doubling(Duration::from_millis(100), Duration::from_secs(10));
-
-    fn next(&mut self) -> Duration {
-        let d = Self::POLICY.delay(self.attempt, 0.0);
-        self.attempt = self.attempt.saturating_add(1);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// Sleeps the next delay, or until Redis answers again after failing (the broker's probe
-    /// sees that within a fraction of a second; the backoff then starts again from its first
-    /// step); `false` when shutdown came first.
-    async fn sleep(&mut self, broker: &Broker, shutdown: &CancellationToken) -> bool {
-        let seen = broker.health().recoveries();
-        let d = self.next();
-        tokio::select! {
-            () = shutdown.cancelled() => false,
-            () = tokio::time::sleep(d) => true,
-            () = broker.health().answering_again(seen) => {
-                self.reset();
-                true
-            }
-        }
-    }
-}
-
 /// The models on disk as a log line reads them: `checkpoints: a, b; loras: c`, or `none`.
 fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
     let text: Vec<String> = models
@@ -873,21 +824,5 @@ fn models_text(models: &BTreeMap<String, Vec<String>>) -> String {
         "none".to_owned()
     } else {
         text.join("; ")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redis_backoff_doubles_to_a_cap() {
-        let mut b = RedisBackoff::default();
-        let delays: Vec<Duration> = (0..10).map(|_| b.next()).collect();
-        assert_eq!(delays[0], Duration::from_millis(100));
-        assert_eq!(delays[1], Duration::from_millis(200));
-        assert_eq!(delays[9], Duration::from_secs(10));
-        b.reset();
-        assert_eq!(b.next(), Duration::from_millis(100));
     }
 }

@@ -12,6 +12,13 @@
 //! `{"timestamp", "level", "service", "stream", "line", "target"}`. In text format, colour is
 //! used only when stderr is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>),
 //! so files and pipes get no escape codes.
+//!
+//! Every event is also kept in the machine's own log tail ([`machine_log`]), which `machine logs
+//! machine` shows and follows: a [`Tail`], the bounded numbered buffer of lines the supervisor
+//! keeps for each service's output too.
+
+mod machine_log;
+mod tail;
 
 use std::fmt;
 use std::io::{self, IsTerminal, Write};
@@ -28,6 +35,9 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter}
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogConfig, LogFormat};
+
+pub use machine_log::{MACHINE_LOG, MACHINE_LOG_LINES, TeeStderr, machine_log};
+pub use tail::Tail;
 
 /// What `init` decided, for the parts that write without going through `tracing`.
 #[derive(Debug)]
@@ -56,11 +66,9 @@ pub fn init(log: &LogConfig) {
         return;
     }
     let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    // Through the control socket's tee: each event goes out through `Console` (which keeps it
-    // clear of the progress bars) and into the machine's own log tail for `machine logs`.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::health::control::TeeStderr);
+    // Through the tee: each event goes out through `Console` (which keeps it clear of the
+    // progress bars) and into the machine's own log tail for `machine logs`.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(TeeStderr);
     let _ = match log.format {
         LogFormat::Text => builder.with_ansi(terminal && !no_color).try_init(),
         LogFormat::Json => builder.event_format(JsonLines).try_init(),

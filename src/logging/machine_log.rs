@@ -2,13 +2,13 @@
 //! shows and follows them like a service's output.
 //!
 //! The log subscriber writes through [`TeeStderr`]: each formatted event goes out through
-//! [`crate::logging::Console`] as before, and its lines (without colour codes) into the tail. The tail is process-wide because
+//! [`super::Console`] as before, and its lines (without colour codes) into the tail. The tail is process-wide because
 //! the subscriber is: there is one machine log per process.
 
 use std::io::{self, Write};
 use std::sync::{Arc, OnceLock};
 
-use crate::supervisor::Tail;
+use super::Tail;
 
 /// The name `machine logs` and the log routes give the machine's own log.
 pub const MACHINE_LOG: &str = "machine";
@@ -43,13 +43,13 @@ pub struct TeeWriter {
 
 impl Write for TeeWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        crate::logging::Console.write_all(buf)?;
+        super::Console.write_all(buf)?;
         self.event.extend_from_slice(buf);
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        crate::logging::Console.flush()
+        super::Console.flush()
     }
 }
 
