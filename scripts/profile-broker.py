@@ -201,6 +201,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--breakdown", action="store_true", help="print Ir per call of each Redis command")
     ap.add_argument("--top", choices=["self", "inclusive"], help="print the costliest functions")
+    ap.add_argument("--lib", default=os.path.join(ROOT, "src/broker/job_matching.lua"),
+                    help="the library to load (a variant of job_matching.lua, to compare one change)")
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
     args = ap.parse_args()
     for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
@@ -226,7 +228,7 @@ def main():
                 time.sleep(0.1)
         else:
             sys.exit("profile-broker: redis-server did not start")
-        with open(os.path.join(ROOT, "src/broker/job_matching.lua"), encoding="utf-8") as f:
+        with open(args.lib, encoding="utf-8") as f:
             r.call("FUNCTION", "LOAD", "REPLACE", f.read().replace("__MATCHER_VERSION__", "profile"))
         with open(os.path.join(ROOT, "benches/baseline.lua"), encoding="utf-8") as f:
             r.call("FUNCTION", "LOAD", "REPLACE", f.read())
