@@ -52,7 +52,7 @@ use crate::broker::Broker;
 use crate::config::{Config, Env, ProcessEnv};
 use crate::gpu::Probe;
 use crate::health::{self, HealthState, Sources};
-use crate::installers::{self, Tracker};
+use crate::installers::{self, InstallProgress};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
@@ -225,7 +225,7 @@ struct Machine {
 }
 
 /// How far the start got, and what tells how the run ended once everything has stopped.
-enum Outcome {
+enum Reached {
     /// A subsystem could not start.
     FailedToStart,
     /// A shutdown came before the services started.
@@ -239,12 +239,12 @@ enum Outcome {
     },
 }
 
-impl Outcome {
+impl Reached {
     fn ended(&self, force: &CancellationToken) -> Ended {
         match self {
-            Outcome::FailedToStart => Ended::FailedToStart,
-            Outcome::StoppedEarly => Ended::Stopped,
-            Outcome::Ran { gpu_exit, services } => {
+            Reached::FailedToStart => Ended::FailedToStart,
+            Reached::StoppedEarly => Ended::Stopped,
+            Reached::Ran { gpu_exit, services } => {
                 if gpu_exit.is_cancelled() {
                     Ended::GpuFault
                 } else if services.critical_failed().is_some() {
@@ -268,14 +268,14 @@ async fn start_subsystems(
     probe: Probe,
     plan: &Plan,
     listener: tokio::net::TcpListener,
-) -> Outcome {
+) -> Reached {
     let probe = Arc::new(probe);
     let services = plan.start_order().into_iter().cloned().collect();
     let supervisor = match Supervisor::new(services, &config.machine.supervisor, &config.machine.workspace) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return Outcome::FailedToStart;
+            return Reached::FailedToStart;
         }
     };
     let handle = supervisor.handle();
@@ -286,10 +286,10 @@ async fn start_subsystems(
         }
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return Outcome::FailedToStart;
+            return Reached::FailedToStart;
         }
     };
-    let tracker = Tracker::new();
+    let tracker = InstallProgress::new();
     let state = HealthState::new(
         health::Running {
             config: config.clone(),
@@ -330,9 +330,9 @@ async fn start_subsystems(
     match installed {
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return Outcome::FailedToStart;
+            return Reached::FailedToStart;
         }
-        Ok(()) if shutdown.is_cancelled() => return Outcome::StoppedEarly,
+        Ok(()) if shutdown.is_cancelled() => return Reached::StoppedEarly,
         Ok(()) => {}
     }
     let parts = Parts {
@@ -357,7 +357,7 @@ async fn start_subsystems(
             shutdown.cancel();
         }
     }
-    Outcome::Ran {
+    Reached::Ran {
         gpu_exit,
         services: handle,
     }
@@ -369,7 +369,7 @@ struct Parts<'a> {
     plan: &'a Plan,
     state: &'a Arc<HealthState>,
     probe: Arc<Probe>,
-    tracker: Tracker,
+    tracker: InstallProgress,
 }
 
 /// Starts the feeds, the reloads, the supervisor, the broker connection, the fleet status

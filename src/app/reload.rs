@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Config, ConfigError, Problem, ProcessEnv};
 use crate::gpu::Probe;
 use crate::health::{HealthState, ReloadError, ReloadReport, ReloadRequest};
-use crate::installers::Tracker;
+use crate::installers::InstallProgress;
 use crate::plan::{Plan, PlanDiff};
 use crate::supervisor::SupervisorHandle;
 use crate::worker::{Readiness, WorkerPool};
@@ -50,7 +50,7 @@ pub struct Reloader {
     pool: WorkerPool,
     readiness: Readiness,
     state: Arc<HealthState>,
-    tracker: Tracker,
+    tracker: InstallProgress,
     shutdown: CancellationToken,
     /// Stops the readiness feeds of the services a reload started.
     feeds_stop: CancellationToken,
@@ -74,7 +74,7 @@ pub struct Parts {
     /// The status page's state.
     pub state: Arc<HealthState>,
     /// The installers' progress, shown on the status page.
-    pub tracker: Tracker,
+    pub tracker: InstallProgress,
     /// The machine's shutdown; a reload stops waiting for installers when it comes.
     pub shutdown: CancellationToken,
 }

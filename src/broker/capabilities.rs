@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::Isolation;
+
 /// A worker's capabilities, sent as the first argument of `findMatchingJob`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -102,32 +104,19 @@ pub struct Hardware {
     pub extra: Map<String, Value>,
 }
 
-/// Customer isolation of a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Customer isolation of a worker, as its capabilities carry it (the configuration's
+/// `[worker.customer_access]`, with defaults for what a reader finds missing).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct CustomerAccess {
-    /// `loose` or `strict`.
-    #[serde(default = "loose")]
-    pub isolation: String,
+    /// `loose` or `strict` on the wire.
+    #[serde(default)]
+    pub isolation: Isolation,
     /// When non-empty, only these customers' jobs are taken.
     #[serde(default)]
     pub allowed_customers: Vec<String>,
     /// These customers' jobs are never taken.
     #[serde(default)]
     pub denied_customers: Vec<String>,
-}
-
-fn loose() -> String {
-    "loose".to_owned()
-}
-
-impl Default for CustomerAccess {
-    fn default() -> Self {
-        Self {
-            isolation: loose(),
-            allowed_customers: Vec::new(),
-            denied_customers: Vec::new(),
-        }
-    }
 }
 
 /// A job's parsed `requirements`.
@@ -341,6 +330,20 @@ impl Requirements {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The isolation is typed, and the wire keeps its words: `loose` when a reader finds none.
+    #[test]
+    fn customer_isolation_is_typed_with_the_wire_words() {
+        let read = |v: Value| serde_json::from_value::<CustomerAccess>(v).unwrap().isolation;
+        assert_eq!(read(serde_json::json!({})), Isolation::Loose);
+        assert_eq!(read(serde_json::json!({"isolation": "strict"})), Isolation::Strict);
+        let strict = CustomerAccess {
+            isolation: Isolation::Strict,
+            ..CustomerAccess::default()
+        };
+        assert_eq!(serde_json::to_value(&strict).unwrap()["isolation"], "strict");
+        assert!(serde_json::from_value::<CustomerAccess>(serde_json::json!({"isolation": "sometimes"})).is_err());
+    }
 
     #[test]
     fn capabilities_round_trip_the_contract_example() {

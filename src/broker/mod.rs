@@ -1,6 +1,6 @@
 //! The job broker in Redis: the `jobMatching` function library (claiming, lifecycle, leases,
-//! the pending-queue index), its installer, the capabilities types, the pure-Rust reference
-//! matcher, and the async [`Broker`] API that the workers and the `machine functions` /
+//! the pending-queue index), its loader (library.rs), the capabilities types, the pure-Rust
+//! reference matcher, and the async [`Broker`] API that the workers and the `machine functions` /
 //! `machine jobs` operator commands use.
 //!
 //! It promises the wire contract of /work/shared/redis-contract.md (docs/redis-protocol.md says
@@ -11,7 +11,7 @@
 pub mod capabilities;
 mod client;
 pub mod health;
-pub mod installer;
+pub mod library;
 pub mod reference;
 pub mod retry;
 pub mod sentinel;

@@ -88,17 +88,27 @@ pub(super) fn print_error(error: &dyn std::error::Error) {
     }
 }
 
+impl Outcome {
+    fn code(&self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failed => EXIT_FAILURE,
+            Outcome::Invalid => EXIT_INVALID,
+            Outcome::Machine(ended) => match ended {
+                Ended::Stopped => 0,
+                Ended::FailedToStart => EXIT_FAILURE,
+                Ended::CriticalFailed => EXIT_CRITICAL,
+                Ended::Forced => EXIT_FORCED,
+                Ended::GpuFault => EXIT_GPU_FAULT,
+            },
+        }
+    }
+}
+
 /// The exit code of a command's result; an error is printed first.
 pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
     match result {
-        Ok(Outcome::Success) => ExitCode::SUCCESS,
-        Ok(Outcome::Failed) => ExitCode::from(EXIT_FAILURE),
-        Ok(Outcome::Invalid) => ExitCode::from(EXIT_INVALID),
-        Ok(Outcome::Machine(Ended::Stopped)) => ExitCode::SUCCESS,
-        Ok(Outcome::Machine(Ended::FailedToStart)) => ExitCode::from(EXIT_FAILURE),
-        Ok(Outcome::Machine(Ended::CriticalFailed)) => ExitCode::from(EXIT_CRITICAL),
-        Ok(Outcome::Machine(Ended::Forced)) => ExitCode::from(EXIT_FORCED),
-        Ok(Outcome::Machine(Ended::GpuFault)) => ExitCode::from(EXIT_GPU_FAULT),
+        Ok(outcome) => ExitCode::from(outcome.code()),
         Err(e) => {
             print_error(&e);
             if matches!(e, CliError::Config(_)) {
@@ -120,5 +130,58 @@ mod tests {
         assert_eq!(CliError::Usage("no Redis".into()).code(), 2);
         assert_eq!(CliError::Failed("no job j1".into()).code(), 1);
         assert_eq!(CliError::Runtime(std::io::Error::other("no threads")).code(), 1);
+    }
+
+    /// Every code a command can end with, from the one mapping above; `Ended`'s variants are
+    /// listed through a match, so a new way to end fails to compile here until it is listed.
+    fn every_code() -> std::collections::BTreeSet<u8> {
+        let every_ended = [
+            Ended::Stopped,
+            Ended::FailedToStart,
+            Ended::CriticalFailed,
+            Ended::Forced,
+            Ended::GpuFault,
+        ];
+        for e in &every_ended {
+            match e {
+                Ended::Stopped | Ended::FailedToStart | Ended::CriticalFailed | Ended::Forced | Ended::GpuFault => {}
+            }
+        }
+        let errors = [CliError::Usage(String::new()), CliError::Failed(String::new())];
+        [Outcome::Success, Outcome::Failed, Outcome::Invalid]
+            .into_iter()
+            .chain(every_ended.into_iter().map(Outcome::Machine))
+            .map(|o| o.code())
+            .chain(errors.iter().map(CliError::code))
+            .collect()
+    }
+
+    /// The numbers standing alone in `text` (a code list in words).
+    fn numbers(text: &str) -> std::collections::BTreeSet<u8> {
+        text.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+
+    /// The exit-code lists an operator reads (this module's doc, the README, the supervisor's
+    /// doc) name exactly the codes the mapping returns.
+    #[test]
+    fn the_documented_exit_codes_are_the_ones_returned() {
+        let codes = every_code();
+        assert_eq!(codes, (0..=5).collect());
+        let paragraph = |text: &'static str, start: &str| -> String {
+            let from = &text[text.find(start).unwrap_or_else(|| panic!("`{start}` is in the doc"))..];
+            from.split("\n\n").next().unwrap().replace("//!", "")
+        };
+        let module = paragraph(include_str!("mod.rs"), "//! Exit codes:");
+        assert_eq!(numbers(&module), codes, "cli/mod.rs: {module}");
+        let readme = paragraph(include_str!("../../README.md"), "Exit codes of `machine run`:");
+        assert_eq!(numbers(&readme), codes, "README.md: {readme}");
+        let table = paragraph(include_str!("../../docs/supervisor.md"), "| code | meaning |");
+        let rows: std::collections::BTreeSet<u8> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| ")?.split(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(rows, codes, "docs/supervisor.md: {table}");
     }
 }

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::args::{FunctionsCommand, RedisArgs};
 use super::commands::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
-use crate::broker::installer::Library;
+use crate::broker::library::Library;
 use crate::broker::reference::{self, PendingJob};
 use crate::broker::{Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob};
 use crate::config::RedisUrl;

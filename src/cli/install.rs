@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::commands::{Threads, block_on, load_config};
 use super::exit::{CliError, Outcome};
 use crate::config::{LogFormat, ProcessEnv};
-use crate::installers::{self, InstallState, Installer, Tracker};
+use crate::installers::{self, InstallProgress, InstallState, Installer};
 
 /// Installs what the configuration needs, or only `only`.
 pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Outcome, CliError> {
@@ -51,7 +51,7 @@ pub(super) fn install(path: Option<&Path>, only: Option<Installer>) -> Result<Ou
         )),
         other => CliError::Failed(crate::logging::error_chain(&other)),
     })?;
-    let tracker = Tracker::new();
+    let tracker = InstallProgress::new();
     let cancel = CancellationToken::new();
     let result = block_on(Threads::PerCore, async {
         let stop = cancel.clone();

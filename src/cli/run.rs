@@ -34,7 +34,9 @@ pub(super) fn run(path: Option<&Path>) -> Result<Outcome, CliError> {
 }
 
 /// The `run --help` list of every setting's environment variable, from the configuration's own
-/// table of them (the one place the environment is read from).
+/// table of them: the one place settings are read from the environment. What else reads it is
+/// no setting: `NO_COLOR` (logging), `COLUMNS` (`machine status`), `PATH` (finding programs),
+/// and the variables passed on to services and installers (`supervisor::env`).
 pub(super) fn settings_help() -> String {
     use std::fmt::Write as _;
     let vars = crate::config::variables();

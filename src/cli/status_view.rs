@@ -7,19 +7,30 @@
 //! Ids never wrap: a column holding ids keeps its content's width, so a 36-character job id
 //! stays whole on one line and the other columns wrap around it.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use comfy_table::{ColumnConstraint, ContentArrangement, Table, Width};
 
-use crate::health::status::{Install, Service, StatusDocument, Worker};
+use crate::health::status::{Gpu, Install, Machine, RedisStatus, Service, StatusDocument, Worker};
 
 /// Renders the document for a terminal `width` columns wide (`None`, or a terminal that says
 /// it has 0 columns: as wide as it needs).
 pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) -> String {
     let width = width.filter(|w| *w > 0);
     let mut out = String::new();
-    let m = &doc.machine;
+    machine_lines(&mut out, &doc.machine, width);
+    redis_lines(&mut out, &doc.redis, width);
+    gpu_table(&mut out, &doc.gpus, width);
+    install_table(&mut out, &doc.installs, width);
+    service_table(&mut out, &doc.services, width, now);
+    worker_table(&mut out, &doc.workers, width, now);
+    out
+}
+
+/// The machine's line, and its critical failure or duplicate when it has one.
+fn machine_lines(out: &mut String, m: &Machine, width: Option<u16>) {
     // The lines above the tables wrap between words like the notes below them.
     let line = format!(
         "machine {}  phase {}  up {}  version {}",
@@ -41,7 +52,10 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             width,
         ));
     }
-    let r = &doc.redis;
+}
+
+/// Redis: where, whether connected, the library's version, the last error and the counts.
+fn redis_lines(out: &mut String, r: &RedisStatus, width: Option<u16>) {
     let mut line = format!(
         "redis   {}  {}",
         r.url.as_deref().unwrap_or("-"),
@@ -62,10 +76,13 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         let counts: Vec<String> = r.errors.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
         let _ = writeln!(out, "redis errors: {}", counts.join(", "));
     }
+}
 
+/// The GPUs' table: readings and health (a line saying CPU mode when there is none).
+fn gpu_table(out: &mut String, gpus: &[Gpu], width: Option<u16>) {
     let now_ms = crate::clock::now_ms();
-    let mut gpus = Vec::new();
-    for g in &doc.gpus {
+    let mut rows = Vec::new();
+    for g in gpus {
         let mut health = match (&g.health, &g.reason) {
             (crate::gpu::Condition::Faulted, Some(reason)) => format!("FAULTED: {reason}"),
             (crate::gpu::Condition::Faulted, None) => "FAULTED".to_owned(),
@@ -79,7 +96,7 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
                 t.reasons.join(", ")
             );
         }
-        gpus.push(vec![
+        rows.push(vec![
             g.index.to_string(),
             g.name.clone(),
             or_dash(g.utilization_percent.map(|u| format!("{u}%"))),
@@ -92,19 +109,21 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             health,
         ]);
     }
-    if doc.gpus.is_empty() {
-        gpus.push(["-", "(none: CPU mode)", "", "", "", ""].map(str::to_owned).to_vec());
+    if gpus.is_empty() {
+        rows.push(["-", "(none: CPU mode)", "", "", "", ""].map(str::to_owned).to_vec());
     }
     let header = ["GPU", "NAME", "UTIL", "MEMORY", "TEMP", "HEALTH"];
     let drops = Drops {
         first: &[],
         last: &[4, 2],
     };
-    section(&mut out, &fit(width, &header, gpus, &[], &drops), width);
+    section(out, &fit(width, &header, rows, &[], &drops), width);
+}
 
-    if !doc.installs.is_empty() {
-        let rows = doc
-            .installs
+/// The installers' table, when any ran.
+fn install_table(out: &mut String, installs: &BTreeMap<String, Install>, width: Option<u16>) {
+    if !installs.is_empty() {
+        let rows = installs
             .iter()
             .map(|(name, state)| {
                 let (state, progress) = install(state);
@@ -113,13 +132,16 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             .collect();
         let drops = Drops { first: &[], last: &[] };
         section(
-            &mut out,
+            out,
             &fit(width, &["INSTALL", "STATE", "PROGRESS"], rows, &[0], &drops),
             width,
         );
     }
+}
 
-    let services = fit(
+/// The services' table.
+fn service_table(out: &mut String, services: &[Service], width: Option<u16>, now: SystemTime) {
+    let fitted = fit(
         width,
         &[
             "SERVICE",
@@ -131,22 +153,25 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             "LAST EXIT",
             "REASON",
         ],
-        doc.services.iter().map(|s| service_row(s, now)).collect(),
+        services.iter().map(|s| service_row(s, now)).collect(),
         &[0],
         &Drops {
             first: &[5, 4, 2],
             last: &[],
         },
     );
-    section(&mut out, &services, width);
+    section(out, &fitted, width);
+}
 
+/// The workers' table, and below it why each worker that does not claim does not.
+fn worker_table(out: &mut String, workers: &[Worker], width: Option<u16>, now: SystemTime) {
     let now_ms = crate::clock::epoch_ms(now);
-    let workers = fit(
+    let fitted = fit(
         width,
         &[
             "WORKER", "STATE", "JOB", "PROGRESS", "UPLOADS", "DONE", "FAILED", "ACTIVE",
         ],
-        doc.workers.iter().map(|w| worker_row(w, now_ms)).collect(),
+        workers.iter().map(|w| worker_row(w, now_ms)).collect(),
         &[0, 2],
         // The counts go first; the job id last, when even the worker and its state barely fit.
         &Drops {
@@ -154,10 +179,10 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
             last: &[3, 2],
         },
     );
-    section(&mut out, &workers, width);
+    section(out, &fitted, width);
     // Why a worker does not claim, or what last went wrong, is a sentence: it gets its own line
     // rather than a column squeezed to a few letters.
-    for w in &doc.workers {
+    for w in workers {
         let note = match (&w.reason, &w.last_error) {
             (Some(reason), _) => format!("{} does not claim: {reason}", w.worker_id),
             (None, Some(e)) => format!("{} last error: {e}", w.worker_id),
@@ -165,7 +190,6 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
         };
         out.push_str(&wrap(&note, width));
     }
-    out
 }
 
 /// `text` broken at spaces into lines of at most `width` characters (a longer word stands on

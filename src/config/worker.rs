@@ -123,10 +123,11 @@ pub struct CustomerAccess {
 
 /// A worker's customer isolation: strict workers alone take `customer_isolation = "strict"`
 /// jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     /// Takes any job its customer lists allow.
+    #[default]
     Loose,
     /// Also takes the jobs that demand strict isolation.
     Strict,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{HealthState, Phase};
 use crate::broker::Broker;
 use crate::clock::now_ms;
-use crate::plan::WorkerKind;
+use crate::plan::{ConnectorPlan, WorkerKind, WorkerPlan};
 use crate::supervisor::{ServiceState, ServiceStatus};
 use crate::worker::{WorkerState, WorkerStatus};
 
@@ -306,69 +306,18 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
                 structure.capabilities.push(js.clone());
             }
         }
-        structure.workers.insert(
-            w.id.clone(),
-            WorkerShape {
-                worker_id: w.id.clone(),
-                gpu_id: w.gpu,
-                worker_type: match w.kind {
-                    WorkerKind::Gpu => WorkerType::Gpu,
-                    WorkerKind::Cpu => WorkerType::Cpu,
-                    WorkerKind::External => WorkerType::External,
-                },
-                services: w.job_services(),
-                connectors: w.connectors.iter().map(|c| c.kind.name().to_owned()).collect(),
-            },
-        );
+        structure.workers.insert(w.id.clone(), worker_shape(w));
         let status = workers.get(&w.id);
         let running = status.is_some_and(|s| !matches!(s.state, WorkerState::Stopped | WorkerState::Starting));
-        st_workers.insert(
-            w.id.clone(),
-            WorkerPresence {
-                is_connected: redis_connected && running,
-                status: if status.is_some_and(|s| s.state == WorkerState::Busy) {
-                    Occupancy::Busy
-                } else {
-                    Occupancy::Idle
-                },
-                current_job_id: status
-                    .and_then(|s| s.current_job.as_ref())
-                    .map_or_else(String::new, |j| j.job_id.clone()),
-                last_activity: status.map_or(0, |s| s.last_activity_ms),
-                reason: status.and_then(|s| s.hold.clone()),
-                quota_waits: status.map(|s| s.quota_waits.clone()).unwrap_or_default(),
-            },
-        );
+        st_workers.insert(w.id.clone(), worker_presence(status, redis_connected && running));
         for planned in &w.connectors {
-            let connector = planned.kind;
-            let key = format!("{}.{}", w.id, connector.name());
-            // The supervised service backing this connector on this worker, if it has one.
-            let backing = planned
-                .endpoint
-                .as_ref()
-                .and_then(|e| services.iter().find(|s| s.name == e.service));
-            let held = status.is_some_and(|s| s.held_by.contains(&crate::worker::hold::HoldKind::GpuFault));
-            let cond = match backing {
-                // A faulted GPU's services work for no one.
-                Some(service) if held => ServiceCondition {
-                    health: Health::Unhealthy,
-                    ..condition(service)
-                },
-                Some(service) => condition(service),
-                None if running => ServiceCondition {
-                    status: Activity::Active,
-                    health: Health::Healthy,
-                },
-                None => ServiceCondition {
-                    status: Activity::Inactive,
-                    health: Health::Unknown,
-                },
-            };
+            let key = format!("{}.{}", w.id, planned.kind.name());
+            let cond = connector_condition(planned, status, running, &services);
             structure.services.insert(
                 key.clone(),
                 ServiceShape {
                     worker_id: w.id.clone(),
-                    service_type: connector.name().to_owned(),
+                    service_type: planned.kind.name().to_owned(),
                     status: cond.status,
                     health: cond.health,
                 },
@@ -393,6 +342,72 @@ pub fn message(state: &HealthState, update_type: UpdateType, redis_connected: bo
         health_url: health_url.to_owned(),
         instance: Some(state.instance().clone()),
         duplicate: state.duplicate(),
+    }
+}
+
+/// What the plan says of worker `w`: its GPU, type, job services and connectors.
+fn worker_shape(w: &WorkerPlan) -> WorkerShape {
+    WorkerShape {
+        worker_id: w.id.clone(),
+        gpu_id: w.gpu,
+        worker_type: match w.kind {
+            WorkerKind::Gpu => WorkerType::Gpu,
+            WorkerKind::Cpu => WorkerType::Cpu,
+            WorkerKind::External => WorkerType::External,
+        },
+        services: w.job_services(),
+        connectors: w.connectors.iter().map(|c| c.kind.name().to_owned()).collect(),
+    }
+}
+
+/// What a worker's `status` says of it now (`None`: it has published none yet); `connected`:
+/// it runs and Redis is reachable.
+fn worker_presence(status: Option<&WorkerStatus>, connected: bool) -> WorkerPresence {
+    WorkerPresence {
+        is_connected: connected,
+        status: if status.is_some_and(|s| s.state == WorkerState::Busy) {
+            Occupancy::Busy
+        } else {
+            Occupancy::Idle
+        },
+        current_job_id: status
+            .and_then(|s| s.current_job.as_ref())
+            .map_or_else(String::new, |j| j.job_id.clone()),
+        last_activity: status.map_or(0, |s| s.last_activity_ms),
+        reason: status.and_then(|s| s.hold.clone()),
+        quota_waits: status.map(|s| s.quota_waits.clone()).unwrap_or_default(),
+    }
+}
+
+/// The condition of one planned connector of a worker: its supervised service's, when it has
+/// one (unhealthy while a GPU fault holds the worker); else active while the worker `running`.
+fn connector_condition(
+    planned: &ConnectorPlan,
+    status: Option<&WorkerStatus>,
+    running: bool,
+    services: &[ServiceStatus],
+) -> ServiceCondition {
+    // The supervised service backing this connector on this worker, if it has one.
+    let backing = planned
+        .endpoint
+        .as_ref()
+        .and_then(|e| services.iter().find(|s| s.name == e.service));
+    let held = status.is_some_and(|s| s.held_by.contains(&crate::worker::hold::HoldKind::GpuFault));
+    match backing {
+        // A faulted GPU's services work for no one.
+        Some(service) if held => ServiceCondition {
+            health: Health::Unhealthy,
+            ..condition(service)
+        },
+        Some(service) => condition(service),
+        None if running => ServiceCondition {
+            status: Activity::Active,
+            health: Health::Healthy,
+        },
+        None => ServiceCondition {
+            status: Activity::Inactive,
+            health: Health::Unknown,
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::status::{Gpu, Outcome, RecentJob};
+use super::status::{Gpu, JobEnd, RecentJob};
 use crate::worker::{JobOutcome, JobReport};
 
 /// How many finished jobs the status document lists.
@@ -30,11 +30,11 @@ impl RecentJobs {
     /// Records a finished job; `finished_at_ms` is when its report arrived.
     pub fn record(&mut self, report: &JobReport, finished_at_ms: u64) {
         let (outcome, error, requeued) = match &report.outcome {
-            JobOutcome::Completed => (Outcome::Completed, None, false),
-            JobOutcome::Failed { error, requeued, .. } => (Outcome::Failed, Some(error.clone()), *requeued),
-            JobOutcome::Returned => (Outcome::Returned, None, false),
-            JobOutcome::Cancelled => (Outcome::Cancelled, None, false),
-            JobOutcome::Lost => (Outcome::Lost, None, false),
+            JobOutcome::Completed => (JobEnd::Completed, None, false),
+            JobOutcome::Failed { error, requeued, .. } => (JobEnd::Failed, Some(error.clone()), *requeued),
+            JobOutcome::Returned => (JobEnd::Returned, None, false),
+            JobOutcome::Cancelled => (JobEnd::Cancelled, None, false),
+            JobOutcome::Lost => (JobEnd::Lost, None, false),
         };
         let duration_ms = u64::try_from(report.total.as_millis()).unwrap_or(u64::MAX);
         if self.0.len() == RECENT_JOBS {
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(list.len(), RECENT_JOBS);
         assert_eq!(list[0].job_id, "j11", "the oldest were dropped");
         let last = list.last().unwrap();
-        assert_eq!(last.outcome, Outcome::Failed);
+        assert_eq!(last.outcome, JobEnd::Failed);
         assert_eq!(last.error.as_deref(), Some("boom"));
         assert_eq!(
             (last.started_at_ms, last.finished_at_ms, last.duration_ms),

@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// A job's end, labelled by service and outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,42 +106,356 @@ struct Inner {
     registry: Registry,
     /// The customers the external metrics name; any other is `other`.
     customers: std::collections::BTreeSet<String>,
-    jobs: Family<JobLabels, Counter>,
-    jobs_claimed: Family<ServiceLabel, Counter>,
+    jobs: JobMetrics,
+    services: ServiceMetrics,
+    workers: WorkerMetrics,
+    gpus: GpuMetrics,
+    external: ExternalMetrics,
+    limits: LimitMetrics,
+    redis: RedisMetrics,
+    models: ModelMetrics,
+}
+
+/// The jobs: claimed, ended, how long they took, how many run and wait.
+#[derive(Debug)]
+struct JobMetrics {
+    ended: Family<JobLabels, Counter>,
+    claimed: Family<ServiceLabel, Counter>,
     claim_seconds: Histogram,
-    job_seconds: Family<ServiceLabel, Histogram>,
+    seconds: Family<ServiceLabel, Histogram>,
     match_misses: Counter,
-    service_restarts: Family<ServiceLabel, Counter>,
-    service_up: Family<ServiceLabel, Gauge>,
-    worker_busy: Family<WorkerLabel, Gauge>,
-    jobs_running: Gauge,
+    running: Gauge,
     queue_depth: Family<ServiceLabel, Gauge>,
+}
+
+impl JobMetrics {
+    fn register(r: &mut Registry) -> JobMetrics {
+        JobMetrics {
+            ended: register(r, "jobs", "Jobs that ended, by service and outcome", Default::default()),
+            claimed: register(r, "jobs_claimed", "Jobs claimed, by service", Default::default()),
+            // 1 ms .. ~16 s: a claim that waits for work is bounded by the safety poll.
+            claim_seconds: register(
+                r,
+                "claim_duration_seconds",
+                "Time from asking the broker for a job to getting one, for claims that got a job",
+                Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            ),
+            // 10 ms .. ~2.9 h.
+            seconds: register(
+                r,
+                "job_duration_seconds",
+                "Job run time by service",
+                Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 21))),
+            ),
+            match_misses: register(
+                r,
+                "match_misses",
+                "Claims that found no runnable job",
+                Default::default(),
+            ),
+            running: register(
+                r,
+                "jobs_running",
+                "Jobs running on this machine now",
+                Default::default(),
+            ),
+            queue_depth: register(
+                r,
+                "queue_depth",
+                "Jobs waiting in the fleet's queue for each service this machine serves (sampled)",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// The supervised services: restarts, planned and not, readiness, warm-ups.
+#[derive(Debug)]
+struct ServiceMetrics {
+    restarts: Family<ServiceLabel, Counter>,
     planned_restarts: Family<PlannedRestartLabels, Counter>,
     warmup_seconds: Family<ServiceLabel, FloatGauge>,
-    gpu_utilization: Family<GpuLabel, FloatGauge>,
-    gpu_memory_used: Family<GpuLabel, Gauge>,
-    gpu_temperature: Family<GpuLabel, Gauge>,
-    gpu_faulted: Family<GpuLabel, Gauge>,
-    gpu_throttled: Family<GpuLabel, Gauge>,
-    worker_quarantined: Family<WorkerLabel, Gauge>,
-    worker_held: Family<WorkerLabel, Gauge>,
-    worker_uploads: Family<WorkerLabel, Gauge>,
-    worker_idle_seconds: Family<WorkerLabel, FloatCounter>,
-    redis_up: Gauge,
-    redis_errors: Family<KindLabel, Counter>,
-    external_requests: Family<UsageLabels, Counter>,
-    external_tokens: Family<TokenLabels, Counter>,
-    external_predict_seconds: Family<UsageLabels, FloatCounter>,
-    external_cost: Family<CostLabels, FloatCounter>,
-    external_possible_orphans: Family<ApiLabel, Counter>,
-    limit_requests_today: Family<ApiLabel, Gauge>,
-    limit_tokens_today: Family<ApiLabel, Gauge>,
-    limit_waits: Family<ApiLabel, Gauge>,
-    limit_wait_seconds: Family<ApiLabel, FloatGauge>,
-    limit_quota_refusals: Family<ApiLabel, Gauge>,
-    model_downloads: Counter,
-    model_download_bytes: Counter,
-    model_evictions: Counter,
+    up: Family<ServiceLabel, Gauge>,
+}
+
+impl ServiceMetrics {
+    fn register(r: &mut Registry) -> ServiceMetrics {
+        ServiceMetrics {
+            restarts: register(
+                r,
+                "service_restarts",
+                "Restarts of each supervised service since the machine started",
+                Default::default(),
+            ),
+            planned_restarts: register(
+                r,
+                "service_planned_restarts",
+                "Restarts of a service planned between jobs, by reason (rss, idle_vram, every_jobs, unresponsive)",
+                Default::default(),
+            ),
+            warmup_seconds: register(
+                r,
+                "service_warmup_seconds",
+                "Time of the last successful warm-up job of each service",
+                Default::default(),
+            ),
+            up: register(
+                r,
+                "service_up",
+                "1 while a supervised service runs and its readiness probe passes, else 0",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// The workers: busy, held, quarantined, storing outputs, idle between jobs.
+#[derive(Debug)]
+struct WorkerMetrics {
+    busy: Family<WorkerLabel, Gauge>,
+    quarantined: Family<WorkerLabel, Gauge>,
+    held: Family<WorkerLabel, Gauge>,
+    uploads: Family<WorkerLabel, Gauge>,
+    idle_seconds: Family<WorkerLabel, FloatCounter>,
+}
+
+impl WorkerMetrics {
+    fn register(r: &mut Registry) -> WorkerMetrics {
+        WorkerMetrics {
+            busy: register(
+                r,
+                "worker_busy",
+                "1 while a worker runs a job, else 0",
+                Default::default(),
+            ),
+            quarantined: register(
+                r,
+                "worker_quarantined",
+                "1 while the worker is quarantined after failures that were not its jobs' fault",
+                Default::default(),
+            ),
+            held: register(
+                r,
+                "worker_held",
+                "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
+                Default::default(),
+            ),
+            uploads: register(
+                r,
+                "worker_uploads_pending",
+                "Finished jobs whose outputs the worker is storing while it goes on",
+                Default::default(),
+            ),
+            idle_seconds: register(
+                r,
+                "worker_idle_between_jobs_seconds",
+                "Time the worker's GPU sat idle between jobs for the machine's own reasons: from a job's run ending to the next one's starting, less the claims' wait for work",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// The GPUs' live readings and health.
+#[derive(Debug)]
+struct GpuMetrics {
+    utilization: Family<GpuLabel, FloatGauge>,
+    memory_used: Family<GpuLabel, Gauge>,
+    temperature: Family<GpuLabel, Gauge>,
+    faulted: Family<GpuLabel, Gauge>,
+    throttled: Family<GpuLabel, Gauge>,
+}
+
+impl GpuMetrics {
+    fn register(r: &mut Registry) -> GpuMetrics {
+        GpuMetrics {
+            utilization: register(
+                r,
+                "gpu_utilization_ratio",
+                "GPU utilisation, 0 to 1",
+                Default::default(),
+            ),
+            memory_used: register(r, "gpu_memory_used_bytes", "GPU memory used", Default::default()),
+            temperature: register(r, "gpu_temperature_celsius", "GPU core temperature", Default::default()),
+            faulted: register(
+                r,
+                "gpu_faulted",
+                "1 while the GPU has a fatal fault (critical XID, double-bit ECC, lost); its worker does not claim",
+                Default::default(),
+            ),
+            throttled: register(
+                r,
+                "gpu_throttled",
+                "1 while the GPU's clocks are thermally or power throttled",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// What external jobs used and cost, by connector and customer.
+#[derive(Debug)]
+struct ExternalMetrics {
+    requests: Family<UsageLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    predict_seconds: Family<UsageLabels, FloatCounter>,
+    cost: Family<CostLabels, FloatCounter>,
+    possible_orphans: Family<ApiLabel, Counter>,
+}
+
+impl ExternalMetrics {
+    fn register(r: &mut Registry) -> ExternalMetrics {
+        ExternalMetrics {
+            requests: register(
+                r,
+                "external_requests",
+                "Requests external APIs accepted (and bill), for every attempt, by connector and customer",
+                Default::default(),
+            ),
+            tokens: register(
+                r,
+                "external_tokens",
+                "Tokens used by external jobs (every attempt the API bills), by connector, customer and direction (input/output)",
+                Default::default(),
+            ),
+            predict_seconds: register(
+                r,
+                "external_predict_seconds",
+                "Predict / execution time external APIs reported, for every attempt they bill",
+                Default::default(),
+            ),
+            cost: register(
+                r,
+                "external_cost",
+                "Cost of external jobs (every attempt the API bills) from the configured price tables",
+                Default::default(),
+            ),
+            possible_orphans: register(
+                r,
+                "external_possible_orphans",
+                "Creates of paid work answered with a 5xx or not at all: the work may exist upstream, unfollowed and billed",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// The fleet-wide API limiters: today's usage, and this machine's waits and refusals.
+#[derive(Debug)]
+struct LimitMetrics {
+    requests_today: Family<ApiLabel, Gauge>,
+    tokens_today: Family<ApiLabel, Gauge>,
+    waits: Family<ApiLabel, Gauge>,
+    wait_seconds: Family<ApiLabel, FloatGauge>,
+    quota_refusals: Family<ApiLabel, Gauge>,
+}
+
+impl LimitMetrics {
+    fn register(r: &mut Registry) -> LimitMetrics {
+        LimitMetrics {
+            requests_today: register(
+                r,
+                "limit_requests_today",
+                "Requests admitted today by the fleet-wide limiter, fleet-wide",
+                Default::default(),
+            ),
+            tokens_today: register(
+                r,
+                "limit_tokens_today",
+                "Tokens recorded today against the fleet-wide quota, fleet-wide",
+                Default::default(),
+            ),
+            waits: register(
+                r,
+                "limit_waits",
+                "Times this machine's requests waited for a fleet-wide rate limit",
+                Default::default(),
+            ),
+            wait_seconds: register(
+                r,
+                "limit_wait_seconds",
+                "Time this machine's requests spent waiting for a fleet-wide rate limit",
+                Default::default(),
+            ),
+            quota_refusals: register(
+                r,
+                "limit_quota_refusals",
+                "Jobs this machine returned to the queue because a daily quota was used up",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// The machine's Redis connection.
+#[derive(Debug)]
+struct RedisMetrics {
+    up: Gauge,
+    errors: Family<KindLabel, Counter>,
+}
+
+impl RedisMetrics {
+    fn register(r: &mut Registry) -> RedisMetrics {
+        let metrics = RedisMetrics {
+            up: register(
+                r,
+                "redis_up",
+                "1 while the last Redis command succeeded",
+                Default::default(),
+            ),
+            errors: register(
+                r,
+                "redis_errors",
+                "Failed Redis commands by kind (unreachable, readonly, auth, other)",
+                Default::default(),
+            ),
+        };
+        for kind in crate::broker::FaultKind::ALL {
+            let _ = metrics.errors.get_or_create(&KindLabel {
+                kind: kind.name().to_owned(),
+            });
+        }
+        metrics
+    }
+}
+
+/// The models fetched on demand.
+#[derive(Debug)]
+struct ModelMetrics {
+    downloads: Counter,
+    download_bytes: Counter,
+    evictions: Counter,
+}
+
+impl ModelMetrics {
+    fn register(r: &mut Registry) -> ModelMetrics {
+        ModelMetrics {
+            downloads: register(
+                r,
+                "model_downloads",
+                "Models fetched on demand (downloads started)",
+                Default::default(),
+            ),
+            download_bytes: register(
+                r,
+                "model_download_bytes",
+                "Bytes of models fetched on demand",
+                Default::default(),
+            ),
+            evictions: register(
+                r,
+                "model_evictions",
+                "Models evicted from the shared models directory to stay within models.cache_max_gb",
+                Default::default(),
+            ),
+        }
+    }
+}
+
+/// Registers `metric` as `machine_<name>` with its `help`, and returns it for recording.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Default for Metrics {
@@ -158,255 +472,30 @@ impl Metrics {
     /// A fresh registry with every metric family registered; the external metrics name the
     /// `customers` listed and count every other customer as `other`.
     pub fn new(customers: &[String]) -> Self {
-        let mut registry = Registry::with_prefix("machine");
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        registry.register("build_info", "The machine's version; always 1", build_info.clone());
+        let mut r = Registry::with_prefix("machine");
+        let build_info: Family<BuildLabels, Gauge> = register(
+            &mut r,
+            "build_info",
+            "The machine's version; always 1",
+            Family::default(),
+        );
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             })
             .set(1);
-        let jobs = Family::<JobLabels, Counter>::default();
-        registry.register("jobs", "Jobs that ended, by service and outcome", jobs.clone());
-        let jobs_claimed = Family::<ServiceLabel, Counter>::default();
-        registry.register("jobs_claimed", "Jobs claimed, by service", jobs_claimed.clone());
-        // 1 ms .. ~16 s: a claim that waits for work is bounded by the safety poll.
-        let claim_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        registry.register(
-            "claim_duration_seconds",
-            "Time from asking the broker for a job to getting one, for claims that got a job",
-            claim_seconds.clone(),
-        );
-        // 10 ms .. ~2.9 h.
-        let job_seconds = Family::<ServiceLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.01, 2.0, 21))
-        });
-        registry.register("job_duration_seconds", "Job run time by service", job_seconds.clone());
-        let match_misses = Counter::default();
-        registry.register(
-            "match_misses",
-            "Claims that found no runnable job",
-            match_misses.clone(),
-        );
-        let service_restarts = Family::<ServiceLabel, Counter>::default();
-        registry.register(
-            "service_restarts",
-            "Restarts of each supervised service since the machine started",
-            service_restarts.clone(),
-        );
-        let planned_restarts = Family::<PlannedRestartLabels, Counter>::default();
-        registry.register(
-            "service_planned_restarts",
-            "Restarts of a service planned between jobs, by reason (rss, idle_vram, every_jobs, unresponsive)",
-            planned_restarts.clone(),
-        );
-        let warmup_seconds = Family::<ServiceLabel, FloatGauge>::default();
-        registry.register(
-            "service_warmup_seconds",
-            "Time of the last successful warm-up job of each service",
-            warmup_seconds.clone(),
-        );
-        let service_up = Family::<ServiceLabel, Gauge>::default();
-        registry.register(
-            "service_up",
-            "1 while a supervised service runs and its readiness probe passes, else 0",
-            service_up.clone(),
-        );
-        let worker_busy = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "worker_busy",
-            "1 while a worker runs a job, else 0",
-            worker_busy.clone(),
-        );
-        let jobs_running = Gauge::default();
-        registry.register("jobs_running", "Jobs running on this machine now", jobs_running.clone());
-        let queue_depth = Family::<ServiceLabel, Gauge>::default();
-        registry.register(
-            "queue_depth",
-            "Jobs waiting in the fleet's queue for each service this machine serves (sampled)",
-            queue_depth.clone(),
-        );
-        let gpu_utilization = Family::<GpuLabel, FloatGauge>::default();
-        registry.register(
-            "gpu_utilization_ratio",
-            "GPU utilisation, 0 to 1",
-            gpu_utilization.clone(),
-        );
-        let gpu_memory_used = Family::<GpuLabel, Gauge>::default();
-        registry.register("gpu_memory_used_bytes", "GPU memory used", gpu_memory_used.clone());
-        let gpu_temperature = Family::<GpuLabel, Gauge>::default();
-        registry.register(
-            "gpu_temperature_celsius",
-            "GPU core temperature",
-            gpu_temperature.clone(),
-        );
-        let external_requests = Family::<UsageLabels, Counter>::default();
-        registry.register(
-            "external_requests",
-            "Requests external APIs accepted (and bill), for every attempt, by connector and customer",
-            external_requests.clone(),
-        );
-        let external_tokens = Family::<TokenLabels, Counter>::default();
-        registry.register(
-            "external_tokens",
-            "Tokens used by external jobs (every attempt the API bills), by connector, customer and direction (input/output)",
-            external_tokens.clone(),
-        );
-        let external_predict_seconds = Family::<UsageLabels, FloatCounter>::default();
-        registry.register(
-            "external_predict_seconds",
-            "Predict / execution time external APIs reported, for every attempt they bill",
-            external_predict_seconds.clone(),
-        );
-        let external_cost = Family::<CostLabels, FloatCounter>::default();
-        registry.register(
-            "external_cost",
-            "Cost of external jobs (every attempt the API bills) from the configured price tables",
-            external_cost.clone(),
-        );
-        let external_possible_orphans = Family::<ApiLabel, Counter>::default();
-        registry.register(
-            "external_possible_orphans",
-            "Creates of paid work answered with a 5xx or not at all: the work may exist upstream, unfollowed and billed",
-            external_possible_orphans.clone(),
-        );
-        let limit_requests_today = Family::<ApiLabel, Gauge>::default();
-        registry.register(
-            "limit_requests_today",
-            "Requests admitted today by the fleet-wide limiter, fleet-wide",
-            limit_requests_today.clone(),
-        );
-        let limit_tokens_today = Family::<ApiLabel, Gauge>::default();
-        registry.register(
-            "limit_tokens_today",
-            "Tokens recorded today against the fleet-wide quota, fleet-wide",
-            limit_tokens_today.clone(),
-        );
-        let limit_waits = Family::<ApiLabel, Gauge>::default();
-        registry.register(
-            "limit_waits",
-            "Times this machine's requests waited for a fleet-wide rate limit",
-            limit_waits.clone(),
-        );
-        let limit_wait_seconds = Family::<ApiLabel, FloatGauge>::default();
-        registry.register(
-            "limit_wait_seconds",
-            "Time this machine's requests spent waiting for a fleet-wide rate limit",
-            limit_wait_seconds.clone(),
-        );
-        let limit_quota_refusals = Family::<ApiLabel, Gauge>::default();
-        registry.register(
-            "limit_quota_refusals",
-            "Jobs this machine returned to the queue because a daily quota was used up",
-            limit_quota_refusals.clone(),
-        );
-        let gpu_faulted = Family::<GpuLabel, Gauge>::default();
-        registry.register(
-            "gpu_faulted",
-            "1 while the GPU has a fatal fault (critical XID, double-bit ECC, lost); its worker does not claim",
-            gpu_faulted.clone(),
-        );
-        let gpu_throttled = Family::<GpuLabel, Gauge>::default();
-        registry.register(
-            "gpu_throttled",
-            "1 while the GPU's clocks are thermally or power throttled",
-            gpu_throttled.clone(),
-        );
-        let worker_quarantined = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "worker_quarantined",
-            "1 while the worker is quarantined after failures that were not its jobs' fault",
-            worker_quarantined.clone(),
-        );
-        let worker_held = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "worker_held",
-            "1 while a hold (GPU fault, quarantine, planned restart, warm-up) keeps the worker from claiming",
-            worker_held.clone(),
-        );
-        let worker_uploads = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "worker_uploads_pending",
-            "Finished jobs whose outputs the worker is storing while it goes on",
-            worker_uploads.clone(),
-        );
-        let worker_idle_seconds = Family::<WorkerLabel, FloatCounter>::default();
-        registry.register(
-            "worker_idle_between_jobs_seconds",
-            "Time the worker's GPU sat idle between jobs for the machine's own reasons: from a job's run ending to the next one's starting, less the claims' wait for work",
-            worker_idle_seconds.clone(),
-        );
-        let redis_up = Gauge::default();
-        registry.register("redis_up", "1 while the last Redis command succeeded", redis_up.clone());
-        let redis_errors = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "redis_errors",
-            "Failed Redis commands by kind (unreachable, readonly, auth, other)",
-            redis_errors.clone(),
-        );
-        for kind in crate::broker::FaultKind::ALL {
-            let _ = redis_errors.get_or_create(&KindLabel {
-                kind: kind.name().to_owned(),
-            });
-        }
-        let model_downloads = Counter::default();
-        registry.register(
-            "model_downloads",
-            "Models fetched on demand (downloads started)",
-            model_downloads.clone(),
-        );
-        let model_download_bytes = Counter::default();
-        registry.register(
-            "model_download_bytes",
-            "Bytes of models fetched on demand",
-            model_download_bytes.clone(),
-        );
-        let model_evictions = Counter::default();
-        registry.register(
-            "model_evictions",
-            "Models evicted from the shared models directory to stay within models.cache_max_gb",
-            model_evictions.clone(),
-        );
         Metrics {
             inner: Arc::new(Inner {
-                registry,
                 customers: customers.iter().cloned().collect(),
-                jobs,
-                jobs_claimed,
-                claim_seconds,
-                job_seconds,
-                match_misses,
-                service_restarts,
-                service_up,
-                worker_busy,
-                jobs_running,
-                queue_depth,
-                planned_restarts,
-                warmup_seconds,
-                gpu_utilization,
-                gpu_memory_used,
-                gpu_temperature,
-                gpu_faulted,
-                gpu_throttled,
-                worker_quarantined,
-                worker_held,
-                worker_uploads,
-                worker_idle_seconds,
-                redis_up,
-                redis_errors,
-                external_requests,
-                external_tokens,
-                external_predict_seconds,
-                external_cost,
-                external_possible_orphans,
-                limit_requests_today,
-                limit_tokens_today,
-                limit_waits,
-                limit_wait_seconds,
-                limit_quota_refusals,
-                model_downloads,
-                model_download_bytes,
-                model_evictions,
+                jobs: JobMetrics::register(&mut r),
+                services: ServiceMetrics::register(&mut r),
+                workers: WorkerMetrics::register(&mut r),
+                gpus: GpuMetrics::register(&mut r),
+                external: ExternalMetrics::register(&mut r),
+                limits: LimitMetrics::register(&mut r),
+                redis: RedisMetrics::register(&mut r),
+                models: ModelMetrics::register(&mut r),
+                registry: r,
             }),
         }
     }
@@ -423,7 +512,8 @@ impl Metrics {
     /// Counts a create whose work may exist upstream unfollowed (see `ConnectorError::MaybeCreated`).
     pub fn possible_orphan(&self, api: &str) {
         self.inner
-            .external_possible_orphans
+            .external
+            .possible_orphans
             .get_or_create(&ApiLabel { api: api.to_owned() })
             .inc();
     }
@@ -436,9 +526,10 @@ impl Metrics {
             customer: customer.clone(),
         };
         let i = &self.inner;
-        i.external_requests.get_or_create(&usage).inc_by(b.requests);
+        i.external.requests.get_or_create(&usage).inc_by(b.requests);
         for (direction, n) in [("input", b.input_tokens), ("output", b.output_tokens)] {
-            i.external_tokens
+            i.external
+                .tokens
                 .get_or_create(&TokenLabels {
                     connector: b.connector.clone(),
                     customer: customer.clone(),
@@ -447,12 +538,14 @@ impl Metrics {
                 .inc_by(n);
         }
         if b.predict_seconds.is_finite() && b.predict_seconds > 0.0 {
-            i.external_predict_seconds
+            i.external
+                .predict_seconds
                 .get_or_create(&usage)
                 .inc_by(b.predict_seconds);
         }
         if b.cost.is_finite() && b.cost > 0.0 {
-            i.external_cost
+            i.external
+                .cost
                 .get_or_create(&CostLabels {
                     connector: b.connector.clone(),
                     customer: customer.clone(),
@@ -473,20 +566,25 @@ impl Metrics {
         let label = ApiLabel { api: api.to_owned() };
         let i = &self.inner;
         if let Some(u) = usage {
-            i.limit_requests_today
+            i.limits
+                .requests_today
                 .get_or_create(&label)
                 .set(i64::try_from(u.requests).unwrap_or(i64::MAX));
-            i.limit_tokens_today
+            i.limits
+                .tokens_today
                 .get_or_create(&label)
                 .set(i64::try_from(u.tokens).unwrap_or(i64::MAX));
         }
-        i.limit_waits
+        i.limits
+            .waits
             .get_or_create(&label)
             .set(i64::try_from(stats.waits).unwrap_or(i64::MAX));
-        i.limit_wait_seconds
+        i.limits
+            .wait_seconds
             .get_or_create(&label)
             .set(stats.waited_ms as f64 / 1000.0);
-        i.limit_quota_refusals
+        i.limits
+            .quota_refusals
             .get_or_create(&label)
             .set(i64::try_from(stats.quota_refusals).unwrap_or(i64::MAX));
     }
@@ -494,7 +592,8 @@ impl Metrics {
     /// Counts a job claimed for `service`.
     pub fn claimed(&self, service: &str) {
         self.inner
-            .jobs_claimed
+            .jobs
+            .claimed
             .get_or_create(&ServiceLabel {
                 service: service.to_owned(),
             })
@@ -505,6 +604,7 @@ impl Metrics {
     pub fn job(&self, service: &str, outcome: &str) {
         self.inner
             .jobs
+            .ended
             .get_or_create(&JobLabels {
                 service: service.to_owned(),
                 outcome: outcome.to_owned(),
@@ -516,16 +616,17 @@ impl Metrics {
     /// miss's time is how long the broker had nothing, not how fast claiming is).
     pub fn claim(&self, seconds: f64, claimed: bool) {
         if claimed {
-            self.inner.claim_seconds.observe(seconds);
+            self.inner.jobs.claim_seconds.observe(seconds);
         } else {
-            self.inner.match_misses.inc();
+            self.inner.jobs.match_misses.inc();
         }
     }
 
     /// Records a job's run time.
     pub fn job_duration(&self, service: &str, seconds: f64) {
         self.inner
-            .job_seconds
+            .jobs
+            .seconds
             .get_or_create(&ServiceLabel {
                 service: service.to_owned(),
             })
@@ -538,12 +639,12 @@ impl Metrics {
         let label = ServiceLabel {
             service: service.to_owned(),
         };
-        let counter = self.inner.service_restarts.get_or_create(&label);
+        let counter = self.inner.services.restarts.get_or_create(&label);
         let seen = counter.get();
         if restarts > seen {
             counter.inc_by(restarts - seen);
         }
-        self.inner.service_up.get_or_create(&label).set(i64::from(up));
+        self.inner.services.up.get_or_create(&label).set(i64::from(up));
     }
 
     /// Sets which workers run a job (at scrape time), and so how many jobs run.
@@ -552,20 +653,21 @@ impl Metrics {
         for (worker, busy) in workers {
             running += i64::from(busy);
             self.inner
-                .worker_busy
+                .workers
+                .busy
                 .get_or_create(&WorkerLabel {
                     worker: worker.to_owned(),
                 })
                 .set(i64::from(busy));
         }
-        self.inner.jobs_running.set(running);
+        self.inner.jobs.running.set(running);
     }
 
     /// Sets `machine_redis_up` and brings `machine_redis_errors_total` up to `errors`.
     pub fn set_redis(&self, up: bool, errors: &BTreeMap<crate::broker::FaultKind, u64>) {
-        self.inner.redis_up.set(i64::from(up));
+        self.inner.redis.up.set(i64::from(up));
         for (kind, n) in errors {
-            let counter = self.inner.redis_errors.get_or_create(&KindLabel {
+            let counter = self.inner.redis.errors.get_or_create(&KindLabel {
                 kind: kind.name().to_owned(),
             });
             let seen = counter.get();
@@ -578,6 +680,7 @@ impl Metrics {
     /// Sets how many jobs wait in the queue for `service`.
     pub fn set_queue_depth(&self, service: &str, depth: u64) {
         self.inner
+            .jobs
             .queue_depth
             .get_or_create(&ServiceLabel {
                 service: service.to_owned(),
@@ -588,6 +691,7 @@ impl Metrics {
     /// Counts a restart of `service` planned between jobs, for `reason`.
     pub fn planned_restart(&self, service: &str, reason: &str) {
         self.inner
+            .services
             .planned_restarts
             .get_or_create(&PlannedRestartLabels {
                 service: service.to_owned(),
@@ -599,6 +703,7 @@ impl Metrics {
     /// Records the time of `service`'s last successful warm-up.
     pub fn warmup(&self, service: &str, seconds: f64) {
         self.inner
+            .services
             .warmup_seconds
             .get_or_create(&ServiceLabel {
                 service: service.to_owned(),
@@ -614,15 +719,16 @@ impl Metrics {
         if let Some(u) = gpu.utilization_percent {
             // Prometheus wants a ratio; NVML gives a percent.
             self.inner
-                .gpu_utilization
+                .gpus
+                .utilization
                 .get_or_create(&label)
                 .set(f64::from(u.min(100)) / 100.0);
         }
         if let Some(m) = gpu.memory_used_bytes {
-            self.inner.gpu_memory_used.get_or_create(&label).set(m as i64);
+            self.inner.gpus.memory_used.get_or_create(&label).set(m as i64);
         }
         if let Some(t) = gpu.temperature_c {
-            self.inner.gpu_temperature.get_or_create(&label).set(i64::from(t));
+            self.inner.gpus.temperature.get_or_create(&label).set(i64::from(t));
         }
     }
 
@@ -632,10 +738,12 @@ impl Metrics {
             gpu: gpu.index.to_string(),
         };
         let i = &self.inner;
-        i.gpu_faulted
+        i.gpus
+            .faulted
             .get_or_create(&label)
             .set(i64::from(gpu.health == crate::gpu::Condition::Faulted));
-        i.gpu_throttled
+        i.gpus
+            .throttled
             .get_or_create(&label)
             .set(i64::from(gpu.throttle.is_some()));
     }
@@ -645,9 +753,10 @@ impl Metrics {
         let label = WorkerLabel {
             worker: worker.to_owned(),
         };
-        self.inner.worker_held.get_or_create(&label).set(i64::from(held));
+        self.inner.workers.held.get_or_create(&label).set(i64::from(held));
         self.inner
-            .worker_quarantined
+            .workers
+            .quarantined
             .get_or_create(&label)
             .set(i64::from(quarantined));
     }
@@ -655,7 +764,8 @@ impl Metrics {
     /// Sets how many finished jobs a worker is storing the outputs of (at scrape time).
     pub fn set_worker_uploads(&self, worker: &str, pending: usize) {
         self.inner
-            .worker_uploads
+            .workers
+            .uploads
             .get_or_create(&WorkerLabel {
                 worker: worker.to_owned(),
             })
@@ -665,7 +775,8 @@ impl Metrics {
     /// Adds time a worker's GPU sat idle between jobs.
     pub fn worker_idle(&self, worker: &str, seconds: f64) {
         self.inner
-            .worker_idle_seconds
+            .workers
+            .idle_seconds
             .get_or_create(&WorkerLabel {
                 worker: worker.to_owned(),
             })
@@ -676,9 +787,9 @@ impl Metrics {
     pub fn set_models(&self, downloads: u64, bytes: u64, evictions: u64) {
         let i = &self.inner;
         for (counter, value) in [
-            (&i.model_downloads, downloads),
-            (&i.model_download_bytes, bytes),
-            (&i.model_evictions, evictions),
+            (&i.models.downloads, downloads),
+            (&i.models.download_bytes, bytes),
+            (&i.models.evictions, evictions),
         ] {
             let seen = counter.get();
             if value > seen {

@@ -67,23 +67,23 @@ pub type InstallStates = BTreeMap<String, InstallState>;
 
 /// Owns the install-state channel and the terminal progress bars.
 #[derive(Debug, Clone)]
-pub struct Tracker {
+pub struct InstallProgress {
     tx: watch::Sender<InstallStates>,
     bars: Option<indicatif::MultiProgress>,
 }
 
-impl Default for Tracker {
+impl Default for InstallProgress {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Tracker {
+impl InstallProgress {
     /// A tracker; bars are drawn only where the logging set-up draws them (text format, stderr a
     /// terminal: never in container logs), in the one container the log writer hides while it
     /// writes a line.
     pub fn new() -> Self {
-        Tracker {
+        InstallProgress {
             tx: watch::channel(InstallStates::new()).0,
             bars: crate::logging::progress_bars(),
         }
@@ -145,7 +145,7 @@ fn bar_style(total: Option<u64>, unit: &str) -> indicatif::ProgressStyle {
 #[derive(Debug, Clone)]
 pub(crate) struct Progress {
     name: String,
-    tracker: Tracker,
+    tracker: InstallProgress,
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     last_log: Arc<Mutex<Option<Instant>>>,
@@ -757,7 +757,7 @@ mod tests {
 
     #[test]
     fn states_are_published_to_subscribers() {
-        let tracker = Tracker::new();
+        let tracker = InstallProgress::new();
         let mut rx = tracker.subscribe();
         tracker.set("comfyui", InstallState::Pending);
         let p = tracker.progress("comfyui");

@@ -5,7 +5,7 @@
 //! (`playwright`). ComfyUI goes first; its nodes and models then install side by side, and the
 //! render service alongside all of them. Each installer is bounded by `SERVICE_INSTALL_TIMEOUT`
 //! and skipped when its stamp says nothing that went into it changed. State is published
-//! through a [`Tracker`] for the status page; output of every external command goes to
+//! through a [`InstallProgress`] for the status page; output of every external command goes to
 //! `<workspace>/logs/install-<name>.log`.
 //!
 //! This module also owns the install layout, so the plan takes each connector service's
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use common::{InstallState, InstallStates, Tracker};
+pub use common::{InstallProgress, InstallState, InstallStates};
 
 use crate::config::{Config, ConnectorKind, Env, ProcessEnv};
 use crate::logging::error_chain;
@@ -306,7 +306,7 @@ pub async fn install(
     config: &Config,
     env: &(dyn Env + Sync),
     names: &[&'static str],
-    tracker: &Tracker,
+    tracker: &InstallProgress,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
     for n in names {
@@ -482,7 +482,7 @@ pub fn manifest_ids(path: &Path) -> Result<std::collections::BTreeSet<String>, I
 pub async fn before_services(
     config: &Config,
     names: &[&'static str],
-    tracker: &Tracker,
+    tracker: &InstallProgress,
     cancel: CancellationToken,
 ) -> Result<InstallStates, InstallError> {
     install(config, &ProcessEnv, names, tracker, cancel).await

@@ -111,16 +111,16 @@ impl Drop for GroupGuard {
 
 /// The verdict state machine of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tracker {
+pub struct Threshold {
     threshold: u32,
     failures: u32,
     passing: bool,
 }
 
-impl Tracker {
+impl Threshold {
     /// A tracker that flips to failing after `threshold` consecutive failures.
-    pub fn new(threshold: u32) -> Tracker {
-        Tracker {
+    pub fn new(threshold: u32) -> Threshold {
+        Threshold {
             threshold: threshold.max(1),
             failures: 0,
             passing: false,
@@ -154,7 +154,7 @@ pub async fn run(kind: ProbeKind, spec: ProbeSpec, out: mpsc::Sender<Verdict>, s
     let _ = stop
         .run_until_cancelled(async {
             tokio::time::sleep(spec.initial_delay).await;
-            let mut tracker = Tracker::new(spec.failure_threshold);
+            let mut tracker = Threshold::new(spec.failure_threshold);
             let mut passed_once = false;
             loop {
                 let result = check(&spec.check, spec.timeout).await;
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn the_verdict_flips_after_the_threshold() {
-        let mut t = Tracker::new(3);
+        let mut t = Threshold::new(3);
         assert_eq!(t.record(false), None);
         assert_eq!(t.record(true), Some(true));
         assert_eq!(t.record(false), None);
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_probe_that_never_passed_reports_reaching_the_threshold() {
-        let mut t = Tracker::new(2);
+        let mut t = Threshold::new(2);
         assert_eq!(t.record(false), None);
         assert_eq!(t.record(false), Some(false));
     }

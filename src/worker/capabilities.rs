@@ -84,7 +84,7 @@ pub fn build(plan: &WorkerPlan, machine_id: &str, probe: &Probe, config: &Worker
     caps.job_service_required_map = plan.job_services();
     caps.hardware = hardware;
     caps.customer_access = CustomerAccess {
-        isolation: config.customer_access.isolation.as_str().to_owned(),
+        isolation: config.customer_access.isolation,
         allowed_customers: config.customer_access.allowed_customers.clone(),
         denied_customers: config.customer_access.denied_customers.clone(),
     };
@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(ModelDirs::of(&plan, dir.path()).scan()["comfyui"], found);
         assert_eq!(caps.job_service_required_map, ["comfyui"]);
         assert_eq!(caps.connectors, ["comfyui"]);
-        assert_eq!(caps.customer_access.isolation, "loose");
+        assert_eq!(caps.customer_access.isolation, crate::config::Isolation::Loose);
         let external = WorkerPlan { gpu: None, ..plan };
         assert_eq!(build(&external, "m1", &probe, &config).hardware.gpu_count, 0);
     }

@@ -15,17 +15,10 @@ use crate::support::{machine, run, wait_until};
 /// A machine running on its own workspace against a test Redis, with an `echo` service, a
 /// service that crashes at once, and one simulation worker.
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     ws: tempfile::TempDir,
     redis: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Running {
@@ -64,7 +57,7 @@ drain = "3s"
             .spawn()
             .unwrap();
         let m = Running {
-            child,
+            child: child.into(),
             port,
             ws,
             redis: redis.url(),

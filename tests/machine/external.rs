@@ -25,6 +25,11 @@ use testkit::{FakeOpenai, FakeReplicate, FakeRunpod, RedisServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn config(toml: &str) -> Config {
@@ -185,12 +190,6 @@ impl Rig {
     }
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn stored_file(artifact: &Value) -> std::path::PathBuf {
     let url = artifact["url"].as_str().expect("a stored artifact has a url");
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
@@ -226,7 +225,7 @@ fn runpod_with(fake: &FakeRunpod, extra: &str) -> (RunpodConnector, Arc<Limiter>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeReplicate::start(Some("r8-test"));
         let mut rig = Rig::start(1).await;
         let streamed: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
@@ -288,7 +287,7 @@ async fn external_replicate_jobs_complete_with_stored_outputs_and_cost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeReplicate::start(None);
         let mut rig = Rig::start(1).await;
         let c: Arc<dyn Connector> = Arc::new(replicate(&fake, "stream = true"));
@@ -343,7 +342,7 @@ async fn external_replicate_cancel_reaches_the_api_and_input_errors_do_not_retry
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_runpod_jobs_run_sync_and_async_and_cancel() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
         let c: Arc<dyn Connector> = Arc::new(runpod(&fake));
@@ -443,7 +442,7 @@ fn limited_openai_with(fake: &FakeOpenai, limits: &str, broker: &Broker) -> (Arc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn external_fleet_rate_limit_holds_across_two_machines() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeOpenai::start(None);
         let mut rig = Rig::start(2).await;
         for m in 0..2 {
@@ -493,7 +492,7 @@ async fn external_fleet_rate_limit_holds_across_two_machines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeOpenai::start(None);
         let mut rig = Rig::start(1).await;
         let (c, limiter) = limited_openai_with(
@@ -591,7 +590,7 @@ async fn external_daily_quota_keeps_jobs_pending_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_runpod_key_refusals_are_not_retried_and_name_the_apis_message() {
-    within(async {
+    within(HARD_LIMIT, async {
         let fake = FakeRunpod::start(Some("rp-right"));
         let c = config(&format!(
             "[connectors.runpod]\nbase_url = \"{}\"\nendpoint_id = \"ep\"\nbackoff_initial = \"20ms\"\n",
@@ -756,7 +755,7 @@ async fn external_usage_and_cost_reach_status_metrics_and_the_fleet() {
 /// would still be too large for Redis fails loudly instead of being written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
-    within(async {
+    within(HARD_LIMIT, async {
         let runpod_fake = FakeRunpod::start(Some("rp-test"));
         let replicate_fake = FakeReplicate::start(Some("r8-test"));
         let mut rig = Rig::start(1).await;
@@ -827,7 +826,7 @@ async fn external_inline_and_nested_outputs_are_stored_never_left_in_redis() {
 /// the job goes back to the queue as the machine's fault (no retry spent) with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_creates_are_not_repeated_once_the_api_may_have_acted() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -868,7 +867,7 @@ async fn external_creates_are_not_repeated_once_the_api_may_have_acted() {
 /// refused with 429 is not charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_usage_is_recorded_for_every_billed_attempt() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -921,7 +920,7 @@ async fn external_usage_is_recorded_for_every_billed_attempt() {
 /// deployments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_progress_messages_and_deployments() {
-    within(async {
+    within(HARD_LIMIT, async {
         let r8 = FakeReplicate::start(Some("r8-test"));
         let rp = FakeRunpod::start(Some("rp-test"));
         let mut rig = Rig::start(1).await;
@@ -1103,7 +1102,7 @@ async fn external_runpod_on_the_whole_machine() {
 /// the API accepts it again; no job fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
-    within(async {
+    within(HARD_LIMIT, async {
         // The API expects another token than the machine's: every request is refused (401).
         let fake = FakeReplicate::start(Some("r8-rotated"));
         let mut rig = Rig::start(1).await;
@@ -1176,19 +1175,12 @@ async fn external_refused_credentials_hold_the_worker_not_fail_the_queue() {
 
 /// A machine process for the whole-machine tests below, killed when dropped.
 struct WholeMachine {
-    child: std::process::Child,
+    _child: crate::support::KillOnDrop,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 const CONTROL: &str = "external-control-token";
-
-impl Drop for WholeMachine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl WholeMachine {
     /// Starts `machine run` with `connectors` (as `WORKER_CONNECTORS`), the file `toml` and the
@@ -1215,7 +1207,11 @@ impl WholeMachine {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("the machine starts");
-        WholeMachine { child, port, dir }
+        WholeMachine {
+            _child: child.into(),
+            port,
+            dir,
+        }
     }
 
     fn url(&self) -> String {

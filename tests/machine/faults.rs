@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -19,7 +18,7 @@ use crate::support::{machine, run};
 
 /// A `machine run` with one fake GPU serving `comfyui`; killed (with its services) on drop.
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     redis_url: String,
     dir: tempfile::TempDir,
@@ -50,7 +49,7 @@ impl Machine {
             .spawn()
             .unwrap();
         Machine {
-            child,
+            child: child.into(),
             port,
             redis_url: redis_url.to_owned(),
             dir,
@@ -106,14 +105,6 @@ impl Machine {
             &self.redis_url,
             &["--service", "comfyui", "--payload", &payload.to_string()],
         )
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        // Its services die with it (PR_SET_PDEATHSIG), stopped ones included.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

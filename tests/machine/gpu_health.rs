@@ -7,7 +7,7 @@
 //! can claim, listing why.
 
 use std::path::Path;
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -18,15 +18,8 @@ use crate::support::{machine, wait_until};
 
 /// A machine child killed on drop.
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Machine {
@@ -59,7 +52,7 @@ fn start(dir: &Path, id: &str, redis: &str, gpus: u32, toml: &str, control: &Pat
         cmd.env(k, v);
     }
     Machine {
-        child: cmd.spawn().unwrap(),
+        child: cmd.spawn().unwrap().into(),
         port,
     }
 }

@@ -5,7 +5,7 @@
 //! job completes with one object.
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -19,15 +19,8 @@ const TOKEN: &str = "guarantees-test-token";
 const BUCKET: &str = "outputs";
 
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Machine {
@@ -95,7 +88,7 @@ fn start_with(dir: &Path, redis_url: &str, env: &[(String, String)], workers: &s
         cmd.env(k, v);
     }
     Machine {
-        child: cmd.spawn().unwrap(),
+        child: cmd.spawn().unwrap().into(),
         port,
     }
 }

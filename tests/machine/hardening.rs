@@ -11,20 +11,13 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
-use crate::support::{machine, run, wait_until};
+use crate::support::{get, machine, run, wait_until};
 
 /// A `machine run` started by a test, killed when dropped.
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     dir: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Running {
@@ -90,19 +83,10 @@ fn start(dir: &Path, toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Runn
         cmd.env(k, v);
     }
     Running {
-        child: cmd.spawn().unwrap(),
+        child: cmd.spawn().unwrap().into(),
         port,
         dir: dir.to_owned(),
     }
-}
-
-async fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{port}{path}"));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {

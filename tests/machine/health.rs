@@ -1,22 +1,15 @@
 //! The health server, `machine status` and the fleet status message, against the real binary
 //! and a real Redis.
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{machine, run};
+use crate::support::{get, machine, run};
 
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     _ws: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
@@ -47,27 +40,21 @@ fn start(redis: &testkit::RedisServer, token: Option<&str>) -> Running {
         assert!(Instant::now() < deadline, "health server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Running { child, port, _ws: ws }
+    Running {
+        child: child.into(),
+        port,
+        _ws: ws,
+    }
 }
 
 /// The read token every machine of these tests has; `/logs` needs it.
 const READ_TOKEN: &str = "read-token";
 
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_answer_and_status_command_reads_them() {
     let redis = testkit::RedisServer::start();
     let m = start(&redis, None);
-    let (code, body) = get(m.port, "/health").await;
+    let (code, body) = get(m.port, "/health", Some(READ_TOKEN)).await;
     assert_eq!(code, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["machine_id"], "hm1");
@@ -75,7 +62,7 @@ async fn routes_answer_and_status_command_reads_them() {
     // The health server answers from the first moment, before the broker has connected.
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        let (code, body) = get(m.port, "/status").await;
+        let (code, body) = get(m.port, "/status", Some(READ_TOKEN)).await;
         assert_eq!(code, 200);
         let status: serde_json::Value = serde_json::from_str(&body).unwrap();
         if status["redis"]["connected"] == true {
@@ -91,23 +78,23 @@ async fn routes_answer_and_status_command_reads_them() {
     // The simulation worker claims against the hub's Redis, so the machine becomes ready.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (code, body) = get(m.port, "/ready").await;
+        let (code, body) = get(m.port, "/ready", Some(READ_TOKEN)).await;
         if code == 200 {
             break;
         }
         assert!(Instant::now() < deadline, "never ready: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, body) = get(m.port, "/status").await;
+    let (_, body) = get(m.port, "/status", Some(READ_TOKEN)).await;
     // The live documents are what the shared types say, field for field: they parse, and
     // written back they are the same JSON.
     let typed: machine::health::StatusDocument = serde_json::from_str(&body).expect("/status is a StatusDocument");
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(serde_json::to_value(&typed).unwrap(), status);
     assert_eq!(typed.machine.phase, machine::health::Phase::Ready);
-    let (_, body) = get(m.port, "/ready").await;
+    let (_, body) = get(m.port, "/ready", Some(READ_TOKEN)).await;
     serde_json::from_str::<machine::health::status::ReadyDocument>(&body).expect("/ready is a ReadyDocument");
-    let (_, body) = get(m.port, "/health").await;
+    let (_, body) = get(m.port, "/health", Some(READ_TOKEN)).await;
     serde_json::from_str::<machine::health::status::HealthDocument>(&body).expect("/health is a HealthDocument");
     assert_eq!(status["machine"]["phase"], "ready");
     assert_eq!(status["workers"][0]["worker_id"], "hm1-simulation-1");
@@ -116,7 +103,7 @@ async fn routes_answer_and_status_command_reads_them() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (code, body) = get(m.port, "/logs/echo?lines=10").await;
+        let (code, body) = get(m.port, "/logs/echo?lines=10", Some(READ_TOKEN)).await;
         assert_eq!(code, 200);
         if body.contains("hello from echo") {
             break;
@@ -124,9 +111,9 @@ async fn routes_answer_and_status_command_reads_them() {
         assert!(Instant::now() < deadline, "no log line: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(get(m.port, "/logs/nope").await.0, 404);
+    assert_eq!(get(m.port, "/logs/nope", Some(READ_TOKEN)).await.0, 404);
 
-    let (code, body) = get(m.port, "/metrics").await;
+    let (code, body) = get(m.port, "/metrics", Some(READ_TOKEN)).await;
     assert_eq!(code, 200);
     assert!(body.contains("# TYPE machine_match_misses_total counter"), "{body}");
     assert!(
@@ -171,7 +158,11 @@ async fn control_routes_need_the_token() {
     let restart = format!("http://127.0.0.1:{}/services/echo/restart", m.port);
     assert_eq!(client.post(&restart).send().await.unwrap().status().as_u16(), 401);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(m.port, "/status").await.1.contains("\"state\":\"running\"") {
+    while !get(m.port, "/status", Some(READ_TOKEN))
+        .await
+        .1
+        .contains("\"state\":\"running\"")
+    {
         assert!(Instant::now() < deadline, "echo never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -179,7 +170,7 @@ async fn control_routes_need_the_token() {
     assert_eq!(ok.status().as_u16(), 202);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, body) = get(m.port, "/status").await;
+        let (_, body) = get(m.port, "/status", Some(READ_TOKEN)).await;
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         if doc["services"][0]["restarts"].as_u64() >= Some(1) {
             break;
@@ -191,7 +182,7 @@ async fn control_routes_need_the_token() {
     assert_eq!(client.post(&url).send().await.unwrap().status().as_u16(), 401);
     let wrong = client.post(&url).bearer_auth("s3cre").send().await.unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
-    let (_, status) = get(m.port, "/status").await;
+    let (_, status) = get(m.port, "/status", Some(READ_TOKEN)).await;
     assert!(!status.contains("s3cret"), "the token is never shown");
     let ok = client.post(&url).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(ok.status().as_u16(), 202);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use crate::support::{sh, sha256};
 
 /// Runs `machine` with a clean environment plus `env`, killed after `limit`.
 pub(crate) fn machine(args: &[&str], env: &[(&str, String)], limit: Duration) -> Output {
@@ -41,17 +41,6 @@ pub(crate) fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn sh(dir: &Path, argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .current_dir(dir)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .unwrap_or_else(|e| panic!("failed to run {argv:?}: {e}"));
-    assert!(out.status.success(), "{argv:?} failed:\n{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn write(path: &Path, text: &str) {
@@ -131,10 +120,6 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 "#
         .replace("__NAME__", name),
     );
-}
-
-fn sha256(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 /// Deterministic bytes that do not compress to nothing.

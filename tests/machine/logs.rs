@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{machine, wait_until};
-
-fn sh(dir: &Path, argv: &[&str]) {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("failed to run {argv:?}: {e}"));
-    assert!(out.status.success(), "{argv:?} failed: {out:?}");
-}
+use crate::support::{machine, sh, wait_until};
 
 /// A bare git repository standing in for ComfyUI: no requirements, and a `main.py` that prints
 /// to stdout and stderr and answers `/system_stats` on the port it is given, as ComfyUI does.

@@ -11,13 +11,15 @@ use futures_util::StreamExt;
 use machine::broker::reference::{self, PendingJob};
 use machine::broker::{
     Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, RetryDelay,
-    installer,
+    library,
 };
 use machine::config::RedisUrl;
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::within;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -81,12 +83,6 @@ fn caps(worker: &str, services: &[&str]) -> Capabilities {
     Capabilities::new(worker, "m1", services)
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("the test finished within its limit");
-}
-
 /// Collects messages of `channels` until `n` arrived or 5 s passed.
 async fn collect(pubsub: &mut redis::aio::PubSub, n: usize) -> Vec<(String, Value)> {
     let mut out = Vec::new();
@@ -123,7 +119,7 @@ fn has_keys(v: &Value, keys: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_and_message_has_the_contract_shape() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -433,7 +429,7 @@ async fn every_write_and_message_has_the_contract_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_semantics_table_holds_in_lua() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -496,7 +492,7 @@ async fn bulk_load(conn: &mut MultiplexedConnection, prefix: &str, n: usize, ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_runnable_job_behind_100000_unrunnable_is_claimed() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -536,7 +532,7 @@ async fn one_runnable_job_behind_100000_unrunnable_is_claimed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -573,7 +569,7 @@ async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
 /// right after the memo fills up and is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memoised_capabilities_and_group_verdicts_stay_right() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -619,7 +615,7 @@ async fn memoised_capabilities_and_group_verdicts_stay_right() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let opts = BrokerOptions {
             lease: Duration::from_millis(300),
@@ -674,7 +670,7 @@ async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_and_returned_jobs_keep_their_place_and_skip_the_failed_worker() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker_with(&server, no_retry_delay()).await;
         let mut conn = raw(&server).await;
@@ -732,7 +728,7 @@ async fn retried_and_returned_jobs_keep_their_place_and_skip_the_failed_worker()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_claimer_loses_no_job() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -798,7 +794,7 @@ async fn a_sigkilled_claimer_loses_no_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_share_a_job() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -830,7 +826,7 @@ async fn concurrent_claimers_never_share_a_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requirements_or_payload_make_the_job_unworkable() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -920,7 +916,7 @@ async fn wait_for_subscriber(server: &RedisServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_waiters_wake_on_submission_and_requeue() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let shutdown = CancellationToken::new();
@@ -981,8 +977,8 @@ async fn idle_waiters_wake_on_submission_and_requeue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installer_loads_once_recovers_and_runs_through_evalsha() {
-    within(async {
+async fn the_library_loads_once_recovers_and_runs_through_evalsha() {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let u = url(&server);
         // Many machines starting at once.
@@ -996,14 +992,14 @@ async fn installer_loads_once_recovers_and_runs_through_evalsha() {
         }
         for t in tasks {
             let r = t.await.unwrap();
-            assert_eq!(r.version, installer::Library::new().version());
+            assert_eq!(r.version, library::Library::new().version());
         }
         let b = broker(&server).await;
         let again = b.ensure_functions().await.unwrap();
         assert!(!again.loaded, "an equal version is not loaded again");
-        assert_eq!(again.previous.as_deref(), Some(installer::Library::new().version()));
+        assert_eq!(again.previous.as_deref(), Some(library::Library::new().version()));
         let mut conn = b.connection();
-        let names: Vec<String> = installer::list(&mut conn)
+        let names: Vec<String> = library::list(&mut conn)
             .await
             .unwrap()
             .into_iter()
@@ -1050,7 +1046,7 @@ fn machine(server: &RedisServer, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let out = machine(&server, &["functions", "install"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -1197,7 +1193,7 @@ async fn drain(b: &Broker, w: &Capabilities) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requirement_shapes_of_the_api_and_monitor_match() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1255,7 +1251,7 @@ async fn requirement_shapes_of_the_api_and_monitor_match() {
 /// own priority / `created_at`, while the hash keeps `"0"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workflow_priority_or_datetime_of_zero_is_scored_as_the_api_scores_it() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1301,7 +1297,7 @@ async fn a_workflow_priority_or_datetime_of_zero_is_scored_as_the_api_scores_it(
 /// The monitor's form turns a typed `4090` into a number; it is compared as its decimal text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_model_given_as_a_number_is_compared_as_its_decimal_text() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1332,7 +1328,7 @@ async fn a_gpu_model_given_as_a_number_is_compared_as_its_decimal_text() {
 /// `cjson.encode` of a missing field leaves the key out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_claimed_leaves_out_step_fields_the_job_lacks() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1374,7 +1370,7 @@ async fn job_claimed_leaves_out_step_fields_the_job_lacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_why_a_job_waits() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1440,7 +1436,7 @@ async fn requirements_that_can_never_compare_fail_with_the_reason_and_show_says_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resubmitted_under_the_same_id_is_matched_on_its_hash_now() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1464,7 +1460,7 @@ async fn a_job_resubmitted_under_the_same_id_is_matched_on_its_hash_now() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_jobs_one_second_apart_are_claimed_oldest_first_to_the_millisecond() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1515,7 +1511,7 @@ async fn twenty_jobs_one_second_apart_are_claimed_oldest_first_to_the_millisecon
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1541,7 +1537,7 @@ async fn jobs_queued_without_a_message_are_claimed_next_in_order() {
 /// (`hardware: "all"` still means no constraint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_with_a_time_limit_of_zero_or_less_fails_naming_the_field() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1598,7 +1594,7 @@ async fn a_job_with_a_time_limit_of_zero_or_less_fails_naming_the_field() {
 /// `machine jobs show` says no machine offers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_for_a_service_no_machine_ever_offered_is_called_out() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         b.register_worker(&caps("w", &["simulation"])).await.unwrap();
@@ -1646,7 +1642,7 @@ async fn pending_count(conn: &mut MultiplexedConnection) -> usize {
 /// in `jobs:pending` (doubles near 5e16 are 8 apart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn original_workers_alone_claim_in_order_and_never_empty_while_jobs_wait() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let _b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1709,7 +1705,7 @@ async fn original_workers_alone_claim_in_order_and_never_empty_while_jobs_wait()
 /// takes its new place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_job_resubmitted_at_a_new_priority_without_a_message_takes_its_new_place() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1737,7 +1733,7 @@ async fn a_pending_job_resubmitted_at_a_new_priority_without_a_message_takes_its
 /// depth; one sweeper for the fleet finds it (three machines run here, one sweeps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_put_back_deep_without_a_message_is_claimed_within_ten_seconds() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let mut conn = raw(&server).await;
         bulk_load(
@@ -1799,7 +1795,7 @@ async fn a_job_put_back_deep_without_a_message_is_claimed_within_ten_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_in_a_job_field_fails_the_job_at_once_naming_the_field() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -1836,7 +1832,7 @@ async fn invalid_utf8_in_a_job_field_fails_the_job_at_once_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_original_workers_job_is_never_reaped_or_run_twice() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker_with(
             &server,
@@ -1886,7 +1882,7 @@ async fn an_original_workers_job_is_never_reaped_or_run_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_waits_its_delay_goes_to_another_worker_and_keeps_its_place() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let delay = Duration::from_millis(1500);
         let b = broker_with(
@@ -1949,7 +1945,7 @@ async fn a_retry_waits_its_delay_goes_to_another_worker_and_keeps_its_place() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_completion_is_recognised_as_done() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
@@ -1972,7 +1968,7 @@ async fn a_repeated_completion_is_recognised_as_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_register_again_when_redis_comes_back_empty() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -2001,7 +1997,7 @@ async fn workers_register_again_when_redis_comes_back_empty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_starting_on_a_backlog_claims_it_in_order() {
-    within(async {
+    within(LIMIT, async {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
@@ -2171,7 +2167,7 @@ mod differential {
                             .insert((*s).to_owned(), models.iter().map(|m| (*m).to_owned()).collect());
                     }
                     if strict {
-                        c.customer_access.isolation = "strict".to_owned();
+                        c.customer_access.isolation = machine::config::Isolation::Strict;
                     }
                     if deny > 0 {
                         c.customer_access.denied_customers = vec![format!("cust{deny}")];

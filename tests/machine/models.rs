@@ -18,6 +18,8 @@ use testkit::{FakeComfyui, ObjectServer, RedisServer, StoreKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::sha256;
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn advertised(conn: &mut redis::aio::MultiplexedConnection, worker: &str) -> Vec<String> {
@@ -134,11 +136,6 @@ fn blob(n: usize, seed: u8) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-fn sha256(b: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(b))
 }
 
 /// A workspace, a file server with models, a catalogue of them and a store over both.
@@ -434,7 +431,7 @@ async fn a_warm_worker_wins_the_job_and_a_cold_one_takes_it_after_the_wait() {
 /// and the shelf's catalogue (written now). Killed when dropped; [`Machine::stop`] stops it as
 /// an orchestrator does and checks the exit.
 struct Machine {
-    child: std::process::Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     log: std::path::PathBuf,
     url: String,
@@ -508,7 +505,7 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
             .spawn()
             .unwrap();
         let m = Machine {
-            child,
+            child: child.into(),
             port,
             log,
             url,
@@ -599,13 +596,6 @@ command = ["{fake}", "--port", "{{port}}", "--models", "{{workspace}}/ComfyUI/mo
             child.try_wait().unwrap()
         });
         assert!(exit.success(), "{exit:?}");
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

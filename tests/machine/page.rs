@@ -8,7 +8,7 @@
 //! save their screenshots in `target/test-artifacts/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -22,16 +22,9 @@ const CONTROL_TOKEN: &str = "page-control-token";
 const READ_TOKEN: &str = "page-read-token";
 
 struct Running {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     ws: Option<tempfile::TempDir>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Running {
@@ -106,7 +99,7 @@ fn start_in(ws: tempfile::TempDir, id: &str, redis_url: &str, more_toml: &str) -
         std::thread::sleep(Duration::from_millis(20));
     }
     Running {
-        child,
+        child: child.into(),
         port,
         ws: Some(ws),
     }
@@ -209,7 +202,7 @@ async fn events_stream_the_status_then_changes_and_stay_open() {
                 break j.clone();
             }
         };
-        assert_eq!(recent.outcome, machine::health::status::Outcome::Completed);
+        assert_eq!(recent.outcome, machine::health::status::JobEnd::Completed);
         assert_eq!(recent.service, "simulation");
         assert_eq!(recent.worker_id, "pe1-simulation-1");
         assert!(recent.duration_ms >= 300, "{recent:?}");

@@ -8,7 +8,7 @@
 //! next one, idle in `worker:<id>`.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use machine::broker::{Broker, BrokerOptions, NewJob};
@@ -18,7 +18,10 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use testkit::{ObjectServer, RedisServer, SlowProxy, StoreKind};
 
-use crate::support::machine;
+use crate::support::{machine, within};
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(240);
 
 const TOKEN: &str = "pipeline-test-token";
 const BUCKET: &str = "outputs";
@@ -27,16 +30,9 @@ const HANG: Duration = Duration::from_secs(3600);
 
 /// A machine run by a test; killed on drop.
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     log: std::path::PathBuf,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Machine {
@@ -167,7 +163,7 @@ impl Rig {
             cmd.env(k, v);
         }
         Machine {
-            child: cmd.spawn().unwrap(),
+            child: cmd.spawn().unwrap().into(),
             port,
             log,
         }
@@ -234,12 +230,6 @@ fn pending(worker: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(240), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn sizes(store: &ObjectServer) -> Vec<u64> {
     store.list(BUCKET).into_iter().map(|o| o.size).collect()
 }
@@ -249,7 +239,7 @@ fn sizes(store: &ObjectServer) -> Vec<u64> {
 /// runs them again and every job completes once, with one whole object each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_uploads_pending_loses_nothing() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(HANG).await;
         let ids = rig.submit(4, 64 * 1024, None).await;
         let worker = "lease = \"3s\"\nheartbeat = \"1s\"\npending_uploads = 2\n";
@@ -282,7 +272,7 @@ async fn sigkill_with_uploads_pending_loses_nothing() {
 /// period, every job ends completed, and the machine exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_pending_uploads_finish_within_the_drain() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::from_millis(1500)).await;
         let ids = rig.submit(3, 64 * 1024, None).await;
         let mut m = rig.machine("300ms", "drain = \"20s\"\npending_uploads = 2\n");
@@ -313,7 +303,7 @@ async fn sigterm_lets_pending_uploads_finish_within_the_drain() {
 /// back to the queue in their place (no retry spent) and the machine exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_returns_pending_uploads_the_drain_cannot_finish() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(HANG).await;
         let ids = rig.submit(3, 64 * 1024, None).await;
         let mut m = rig.machine("200ms", "drain = \"2s\"\npending_uploads = 2\n");
@@ -342,7 +332,7 @@ async fn sigterm_returns_pending_uploads_the_drain_cannot_finish() {
 /// while the first one's upload waited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_during_an_overlapped_upload_is_ridden_out() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::ZERO).await;
         rig.proxy.set_down(true);
         let ids = rig.submit(2, 64 * 1024, None).await;
@@ -376,7 +366,7 @@ async fn a_store_outage_during_an_overlapped_upload_is_ridden_out() {
 /// eight, waits for them instead of claiming, and never has more than three jobs in progress.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_byte_budget_holds_under_a_slow_store() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::from_secs(1)).await;
         let ids = rig.submit(8, 1024 * 1024, None).await;
         let m = rig.machine("100ms", "pending_uploads = 8\npending_upload_mb = 2\n");
@@ -418,7 +408,7 @@ async fn the_byte_budget_holds_under_a_slow_store() {
 /// with one object, and nobody else ran it meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_is_renewed_across_an_upload_longer_than_the_lease() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::from_millis(2500)).await;
         let ids = rig.submit(2, 1024, None).await;
         let m = rig.machine("200ms", "lease = \"2s\"\nheartbeat = \"500ms\"\npending_uploads = 2\n");
@@ -443,7 +433,7 @@ async fn the_lease_is_renewed_across_an_upload_longer_than_the_lease() {
 /// says busy with the second job (the library's `worker_idle` checks `current_job_id`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_earlier_completion_does_not_mark_the_busy_worker_idle() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::from_millis(700)).await;
         let first = rig.submit(1, 1024, Some(200)).await;
         let second = rig.submit(1, 1024, Some(5000)).await;

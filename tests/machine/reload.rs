@@ -6,7 +6,7 @@
 //! what a reload would do.
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -18,16 +18,9 @@ use crate::support::{machine, run, wait_until};
 const TOKEN: &str = "reload-test-token";
 
 struct Machine {
-    child: Child,
+    child: crate::support::KillOnDrop,
     port: u16,
     comfy_port: u16,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn status(port: u16) -> Option<Value> {
@@ -86,7 +79,7 @@ fn start_draining(dir: &Path, redis_url: &str, drain: &str) -> Machine {
         .spawn()
         .unwrap();
     Machine {
-        child,
+        child: child.into(),
         port,
         comfy_port,
     }
@@ -507,7 +500,7 @@ async fn a_connector_added_by_a_reload_is_installed_then_started() {
         .spawn()
         .unwrap();
     let mut m = Machine {
-        child,
+        child: child.into(),
         port,
         comfy_port: 0,
     };
@@ -578,7 +571,7 @@ fn a_connector_added_by_a_reload_has_its_queue_depth_sampled() {
         .spawn()
         .unwrap();
     let m = Machine {
-        child,
+        child: child.into(),
         port,
         comfy_port: 0,
     };
@@ -634,7 +627,7 @@ fn config_check_diff_is_what_the_machine_would_load() {
         .spawn()
         .unwrap();
     let _m = Machine {
-        child,
+        child: child.into(),
         port,
         comfy_port: 0,
     };

@@ -211,19 +211,12 @@ async fn wait_for_status(broker: &Broker, id: &str, status: &str) -> BTreeMap<St
 /// `machine run` (not as PID 1) with one fake GPU whose ComfyUI service is the fake ComfyUI,
 /// `[connectors.comfyui]` extended by `comfyui`; killed on drop.
 struct Machine {
-    child: std::process::Child,
+    _child: crate::support::KillOnDrop,
     port: u16,
     comfy_port: u16,
     redis: RedisServer,
     conn: redis::aio::MultiplexedConnection,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Machine {
@@ -279,7 +272,7 @@ impl Machine {
             .await
             .expect("connect");
         Machine {
-            child,
+            _child: child.into(),
             port,
             comfy_port,
             redis,

@@ -27,6 +27,11 @@ use testkit::{FakeComfyui, ObjectServer, RedisServer, StoreKind, TINY_PNG};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(240);
+
 const LIMIT: Duration = Duration::from_secs(90);
 const BUCKET: &str = "outputs";
 
@@ -223,12 +228,6 @@ fn ctx(kind: StoreKind, bucket: &str, extra: Value) -> String {
         c.extend(extra);
     }
     c.to_string()
-}
-
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(240), f)
-        .await
-        .expect("the test finishes within its hard limit");
 }
 
 /// A ComfyUI job with two outputs and a simulation job (in the flat `ctx` shape, with a
@@ -460,7 +459,7 @@ async fn a_refused_key_holds_the_worker_until_the_store_accepts_it(kind: StoreKi
 /// job's destination's fault: the job fails at once, without retry, and the worker is not held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_a_bucket_the_key_may_not_write_fails_the_job_at_once() {
-    within(async {
+    within(HARD_LIMIT, async {
         let server = ObjectServer::start(StoreKind::S3);
         server.create_bucket("readonly");
         let mut rig = Rig::start(Duration::from_millis(50)).await;
@@ -484,15 +483,20 @@ async fn s3_a_bucket_the_key_may_not_write_fails_the_job_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_a_refused_key_holds_the_worker_until_the_store_accepts_it() {
-    within(a_refused_key_holds_the_worker_until_the_store_accepts_it(
-        StoreKind::Azure,
-    ))
+    within(
+        HARD_LIMIT,
+        a_refused_key_holds_the_worker_until_the_store_accepts_it(StoreKind::Azure),
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_a_refused_key_holds_the_worker_until_the_store_accepts_it() {
-    within(a_refused_key_holds_the_worker_until_the_store_accepts_it(StoreKind::S3)).await;
+    within(
+        HARD_LIMIT,
+        a_refused_key_holds_the_worker_until_the_store_accepts_it(StoreKind::S3),
+    )
+    .await;
 }
 
 /// The server stops answering while the job runs, for 20 s: the upload keeps trying within
@@ -543,66 +547,78 @@ async fn outages_within_the_window_complete_without_a_retry(kind: StoreKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_outputs_are_stored() {
-    within(outputs_are_stored(StoreKind::Azure)).await;
+    within(HARD_LIMIT, outputs_are_stored(StoreKind::Azure)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outputs_are_stored() {
-    within(outputs_are_stored(StoreKind::S3)).await;
+    within(HARD_LIMIT, outputs_are_stored(StoreKind::S3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
 async fn gcs_outputs_are_stored() {
-    within(outputs_are_stored(StoreKind::Gcs)).await;
+    within(HARD_LIMIT, outputs_are_stored(StoreKind::Gcs)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_retries_do_not_overwrite() {
-    within(retries_do_not_overwrite(StoreKind::Azure)).await;
+    within(HARD_LIMIT, retries_do_not_overwrite(StoreKind::Azure)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_retries_do_not_overwrite() {
-    within(retries_do_not_overwrite(StoreKind::S3)).await;
+    within(HARD_LIMIT, retries_do_not_overwrite(StoreKind::S3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
 async fn gcs_retries_do_not_overwrite() {
-    within(retries_do_not_overwrite(StoreKind::Gcs)).await;
+    within(HARD_LIMIT, retries_do_not_overwrite(StoreKind::Gcs)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_refusals_fail_once() {
-    within(refusals_fail_once(StoreKind::Azure)).await;
+    within(HARD_LIMIT, refusals_fail_once(StoreKind::Azure)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_refusals_fail_once() {
-    within(refusals_fail_once(StoreKind::S3)).await;
+    within(HARD_LIMIT, refusals_fail_once(StoreKind::S3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
 async fn gcs_refusals_fail_once() {
-    within(refusals_fail_once(StoreKind::Gcs)).await;
+    within(HARD_LIMIT, refusals_fail_once(StoreKind::Gcs)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_outages_within_the_window_complete_without_a_retry() {
-    within(outages_within_the_window_complete_without_a_retry(StoreKind::Azure)).await;
+    within(
+        HARD_LIMIT,
+        outages_within_the_window_complete_without_a_retry(StoreKind::Azure),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outages_within_the_window_complete_without_a_retry() {
-    within(outages_within_the_window_complete_without_a_retry(StoreKind::S3)).await;
+    within(
+        HARD_LIMIT,
+        outages_within_the_window_complete_without_a_retry(StoreKind::S3),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "gcp-storage-emulator answers an object PUT without the ETag header object_store's GCS client requires (see docs/connectors.md)"]
 async fn gcs_outages_within_the_window_complete_without_a_retry() {
-    within(outages_within_the_window_complete_without_a_retry(StoreKind::Gcs)).await;
+    within(
+        HARD_LIMIT,
+        outages_within_the_window_complete_without_a_retry(StoreKind::Gcs),
+    )
+    .await;
 }
 
 /// A TCP proxy to `upstream` that holds each request `delay` before passing it on: an upload
@@ -652,7 +668,7 @@ pub(crate) fn through(env: Vec<(String, String)>, endpoint: &str) -> Vec<(String
 /// object; nobody else ran it meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_an_upload_slower_than_the_lease_completes_once() {
-    within(async {
+    within(HARD_LIMIT, async {
         let server = ObjectServer::start(StoreKind::S3);
         server.create_bucket(BUCKET);
         let mut rig = Rig::start_leased(Duration::from_millis(50), Duration::from_secs(2)).await;
@@ -682,7 +698,7 @@ async fn s3_an_upload_slower_than_the_lease_completes_once() {
 /// worker stops: nothing is left in progress for the lease to find.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_shutdown_mid_upload_returns_the_job() {
-    within(async {
+    within(HARD_LIMIT, async {
         let server = ObjectServer::start(StoreKind::S3);
         server.create_bucket(BUCKET);
         let mut rig = Rig::start(Duration::from_millis(50)).await;
@@ -747,7 +763,7 @@ impl Connector for Counted {
 /// without retry and before the connector runs, with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ctx_fails_before_the_connector_runs() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(Duration::from_millis(50)).await;
         let runs = Arc::new(AtomicUsize::new(0));
         let counted: Arc<dyn Connector> = Arc::new(Counted {
@@ -911,7 +927,7 @@ const MP4: &[u8] = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom\x00\x00\x0
 /// written) and an `http://` CDN stays `http://`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_video_only_and_text_only_jobs_yield_their_asset_to_the_api_reader() {
-    within(async {
+    within(HARD_LIMIT, async {
         let server = ObjectServer::start(StoreKind::S3);
         server.create_bucket(BUCKET);
         let mut rig = Rig::start(Duration::from_millis(50)).await;

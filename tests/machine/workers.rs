@@ -18,6 +18,7 @@ use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::OutputStore;
 use machine::gpu::{HostInfo, Probe};
 use machine::plan::Plan;
+use machine::worker::hold::HoldKind;
 use machine::worker::{Readiness, Worker, WorkerSettings, WorkerState, WorkerStatus, Workers};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -25,6 +26,11 @@ use testkit::{FakeA1111, FakeComfyui, FakeOpenai, RedisServer, TINY_PNG};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::within;
+
+/// Each test's hard limit.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -175,12 +181,6 @@ async fn completed_record(rig: &Rig, id: &str) -> Value {
     serde_json::from_str(&raw).expect("the record is JSON")
 }
 
-async fn within<F: Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("the test finishes within its hard limit");
-}
-
 fn file_of(url: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(url.strip_prefix("file://").expect("local outputs have file URLs"))
 }
@@ -197,7 +197,7 @@ async fn counted(status: &watch::Receiver<WorkerStatus>, ok: impl Fn(&machine::w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connector_end_to_end_through_redis() {
-    within(async {
+    within(HARD_LIMIT, async {
         // The progress stream is optional (off by default); on here, with every report written,
         // it holds the whole sequence.
         let rig = Rig::start(BrokerOptions {
@@ -317,7 +317,7 @@ async fn each_connector_end_to_end_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_class_is_reported() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -360,7 +360,7 @@ async fn each_failure_class_is_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_interrupts_comfyui_and_discards_the_result() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let connectors: Vec<(&str, Arc<dyn Connector>)> = vec![
@@ -399,7 +399,7 @@ async fn cancellation_interrupts_comfyui_and_discards_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_job_keeps_its_lease() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(BrokerOptions {
             lease: Duration::from_secs(1),
             ..quick_opts()
@@ -423,7 +423,7 @@ async fn a_long_job_keeps_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_returns_the_in_flight_job_after_the_drain() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let drain = WorkerSettings {
             drain: Duration::from_millis(300),
@@ -455,7 +455,7 @@ async fn shutdown_returns_the_in_flight_job_after_the_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_short_job_finish() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 500})).await;
@@ -470,7 +470,7 @@ async fn shutdown_lets_a_short_job_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, _) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         // Written as the API writes jobs, with a payload that is not JSON.
@@ -527,7 +527,7 @@ async fn malformed_payloads_fail_with_a_reason_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_claims_only_while_its_services_are_ready() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (ready_tx, ready_rx) = watch::channel(false);
         let mut worker = rig.worker("w1", &[("simulation", simulation())], settings());
@@ -561,7 +561,7 @@ async fn a_worker_claims_only_while_its_services_are_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_redis_connections_do_not_lose_the_job() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig
@@ -594,7 +594,7 @@ async fn dropped_redis_connections_do_not_lose_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_jobs_across_four_workers_each_complete_once() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut tasks = Vec::new();
         let mut statuses = Vec::new();
@@ -640,7 +640,7 @@ async fn a_hundred_jobs_across_four_workers_each_complete_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let comfy = FakeComfyui::start();
         let workspace = rig.dir.path().join("ws");
@@ -708,7 +708,7 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdown() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let workspace = rig.dir.path().join("ws");
         let env: BTreeMap<String, String> = [
@@ -766,7 +766,7 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_keeps_its_heartbeat() {
-    within(async {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let (w, mut status) = rig.spawn(rig.worker("w-idle", &[("simulation", simulation())], settings()));
         status.wait_for(|s| s.state == WorkerState::Idle).await.unwrap();
@@ -788,7 +788,7 @@ async fn an_idle_worker_keeps_its_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
-    within(async {
+    within(HARD_LIMIT, async {
         let mut rig = Rig::start(quick_opts()).await;
         let (w, status) = rig.spawn(rig.worker("w1", &[("simulation", simulation())], settings()));
         let id = rig.submit("simulation", json!({"duration_ms": 800, "steps": 4})).await;
@@ -823,12 +823,13 @@ async fn a_redis_outage_keeps_the_job_and_reports_it_when_redis_is_back() {
     .await;
 }
 
-/// A job reporting 30 steps in 3 s: Redis gets its first report, then at most one a second,
-/// and the last one before the completion; `machine jobs show`'s progress hash moves while it
-/// runs; the page's status sees every report; no `progress:<id>` stream by default.
+/// A job reporting 30 steps in 3 s: Redis gets its first report, then at most one a second;
+/// the completion that follows at once carries the final state (100 %, completed), so the last
+/// report is not written separately; `machine jobs show`'s progress hash moves while it runs;
+/// the page's status sees every report; no `progress:<id>` stream by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_report() {
-    within(async {
+async fn progress_is_coalesced_to_one_write_a_second_and_the_completion_carries_the_last_state() {
+    within(HARD_LIMIT, async {
         let rig = Rig::start(quick_opts()).await;
         let mut pubsub = redis::Client::open(rig.url())
             .unwrap()
@@ -870,17 +871,18 @@ async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_re
             .filter(|(c, d)| c == "update_job_progress" && d.get("status").is_some())
             .map(|(_, d)| d)
             .collect();
-        // 30 reports over 3 s: the first, about one a second, and the last.
+        // 30 reports over 3 s: the first and about one a second; the last is the completion.
         assert!(
-            (2..=6).contains(&reports.len()),
+            (2..=5).contains(&reports.len()),
             "{} progress writes for 30 reports: {reports:?}",
             reports.len()
         );
-        assert_eq!(
-            reports.last().unwrap()["message"],
-            "simulated step 30 of 30",
-            "the last report is written before the completion"
-        );
+        let (_, completion) = messages.last().unwrap();
+        assert_eq!(completion["progress"], 100);
+        assert_eq!(completion["status"], "completed");
+        let view = rig.broker.show(&id).await.unwrap().unwrap();
+        assert_eq!(view.progress["progress"], "100", "{:?}", view.progress);
+        assert_eq!(view.progress["status"], "completed", "{:?}", view.progress);
         assert!(
             seen_live.len() >= 2,
             "the progress hash moved while the job ran: {seen_live:?}"
@@ -889,6 +891,49 @@ async fn progress_is_coalesced_to_one_write_a_second_and_never_loses_the_last_re
         let streams: bool = conn.exists(format!("progress:{id}")).await.unwrap();
         assert!(!streams, "no progress stream unless configured");
         counted(&status, |c| c.completed == 1).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// An idle worker waits in the fleet's park (so a submission wakes it); held (a GPU fault, a
+/// quarantine, a planned restart...) it leaves the park at once, so the fleet's indexer wakes
+/// no one in vain; released, it parks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_worker_leaves_the_fleets_park_and_parks_again_when_released() {
+    within(LIMIT, async {
+        let rig = Rig::start(quick_opts()).await;
+        let worker = rig.worker("w1", &[("simulation", simulation())], settings());
+        let holds = worker.holds();
+        let (w, status) = rig.spawn(worker);
+        let mut conn = rig.raw().await;
+        let parked = async |conn: &mut redis::aio::MultiplexedConnection| -> bool {
+            conn.hexists("jobs:idx:parked", "w1").await.unwrap()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !parked(&mut conn).await {
+            assert!(tokio::time::Instant::now() < deadline, "the idle worker never parked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        holds.set(HoldKind::GpuFault, "gpu faulted: XID 79 (test)");
+        let held = tokio::time::Instant::now();
+        while parked(&mut conn).await {
+            assert!(
+                held.elapsed() < Duration::from_secs(1),
+                "the held worker stayed in the park"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status.borrow().state, WorkerState::Held);
+        holds.clear(HoldKind::GpuFault);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !parked(&mut conn).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the released worker never parked again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         rig.stop(vec![w]).await;
     })
     .await;

@@ -215,12 +215,8 @@ impl Broker {
                 () = tokio::time::sleep(self.inner.opts.safety_poll) => break,
             }
         }
-        let mut parked = false;
         loop {
             if shutdown.is_cancelled() {
-                if parked {
-                    self.leave_park(&caps.worker_id).await;
-                }
                 return Ok(None);
             }
             for rx in &mut rxs {
@@ -229,12 +225,11 @@ impl Broker {
             if let Some(job) = self.claim_json(&caps_json, true).await? {
                 return Ok(Some(job));
             }
-            parked = true;
             let woken = async {
                 let _ = futures_util::future::select_all(rxs.iter_mut().map(|rx| Box::pin(rx.changed()))).await;
             };
             tokio::select! {
-                () = shutdown.cancelled() => {}
+                () = shutdown.cancelled() => return Ok(None),
                 () = woken => {}
                 () = tokio::time::sleep(self.inner.opts.safety_poll) => {}
             }
@@ -242,10 +237,11 @@ impl Broker {
     }
 
     /// Takes a worker that stops claiming (held, quarantined, draining, waiting for its
-    /// services, stopping) out of the fleet's park at once, so that the indexer wakes no one
-    /// in vain for the next submissions (its park would last three safety polls otherwise).
-    /// Best effort and bounded: a Redis that does not answer leaves it to the park's own end.
-    async fn leave_park(&self, worker: &str) {
+    /// services or uploads, stopping) out of the fleet's park, where its last claim
+    /// ([`Broker::claim_next`]) left it, so that the indexer wakes no one in vain for the next
+    /// submissions (its park would last three safety polls otherwise). Best effort and
+    /// bounded: a Redis that does not answer leaves it to the park's own end.
+    pub async fn leave_park(&self, worker: &str) {
         let args = [self.inner.opts.key_prefix.as_str(), worker];
         let call = self.call::<u64>("leavePark", &args);
         match tokio::time::timeout(LEAVE_PARK_WITHIN, call).await {

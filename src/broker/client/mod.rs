@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::capabilities::Capabilities;
 use super::health::{FaultKind, RedisHealth};
-use super::installer::{self, InstallReport, Library, Mode};
+use super::library::{self, InstallReport, Library, Mode};
 use super::retry::retry;
 use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;
@@ -392,17 +392,17 @@ impl Broker {
 
     /// The version of the library loaded in Redis with its functions, or `None` when no
     /// `jobMatching` library is loaded.
-    pub async fn loaded_library(&self) -> Result<Option<(String, Vec<installer::FunctionInfo>)>, BrokerError> {
+    pub async fn loaded_library(&self) -> Result<Option<(String, Vec<library::FunctionInfo>)>, BrokerError> {
         let mut conn = self.connection();
-        let Some(version) = installer::loaded_version(&mut conn).await? else {
+        let Some(version) = library::loaded_version(&mut conn).await? else {
             return Ok(None);
         };
-        Ok(Some((version, installer::list(&mut conn).await?)))
+        Ok(Some((version, library::list(&mut conn).await?)))
     }
 
     /// Deletes the `jobMatching` library from Redis; `false` when it was not loaded.
     pub async fn delete_library(&self) -> Result<bool, BrokerError> {
-        installer::delete(&mut self.connection()).await
+        library::delete(&mut self.connection()).await
     }
 
     /// Deletes every key under this broker's scratch key prefix (a self-check's), scanning
@@ -433,10 +433,10 @@ impl Broker {
         self.inner.lib.version()
     }
 
-    /// Loads the library when needed (see [`installer::install`]) and remembers how to call it.
+    /// Loads the library when needed (see [`library::install`]) and remembers how to call it.
     pub async fn ensure_functions(&self) -> Result<InstallReport, BrokerError> {
         let mut conn = self.connection();
-        let report = installer::install(&mut conn, &self.inner.lib).await?;
+        let report = library::install(&mut conn, &self.inner.lib).await?;
         *self
             .inner
             .mode
@@ -448,7 +448,7 @@ impl Broker {
     /// Runs the library through `EVALSHA` even on Redis 7 (tests of the < 7.0 path).
     pub async fn use_eval_mode(&self) -> Result<(), BrokerError> {
         let mut conn = self.connection();
-        let sha = installer::load_script(&mut conn, &self.inner.lib).await?;
+        let sha = library::load_script(&mut conn, &self.inner.lib).await?;
         *self
             .inner
             .mode
@@ -522,7 +522,7 @@ impl Broker {
                 );
                 let mut conn = self.connection();
                 functions
-                    && installer::loaded_version(&mut conn)
+                    && library::loaded_version(&mut conn)
                         .await
                         .is_ok_and(|v| v.as_deref() != Some(self.inner.lib.version()))
             }

@@ -47,7 +47,7 @@ use super::{
 };
 use crate::config::ConnectorKind;
 use crate::models::{ModelError, ModelStore, ModelsInUse};
-use tracker::{Outcome, Tracker, history_outcome, queue_is_empty, queue_lists};
+use tracker::{PromptEnd, PromptTracker, history_outcome, queue_is_empty, queue_lists};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -64,7 +64,7 @@ const INTERRUPT_LIMIT: Duration = Duration::from_secs(2);
 /// What the server knows of a submitted prompt.
 #[derive(Debug, Clone, PartialEq)]
 enum Whereabouts {
-    Finished(Outcome),
+    Finished(PromptEnd),
     /// Queued, running, or finished without its outcome written yet.
     Known,
     /// Neither in the history nor in the queue.
@@ -451,7 +451,7 @@ impl ComfyuiConnector {
             current_step: Some(0),
             total_steps: Some(workflow.len() as u32),
         });
-        let mut tracker = Tracker::new(prompt_id.clone(), workflow);
+        let mut tracker = PromptTracker::new(prompt_id.clone(), workflow);
         let outcome = loop {
             let next = tokio::select! {
                 biased;
@@ -518,7 +518,7 @@ impl ComfyuiConnector {
                 Err(e) => tracing::warn!(error = %e.chain(), "failed to read the ComfyUI history"),
             }
         };
-        if outcome == Outcome::Success && !tracker.finished {
+        if outcome == PromptEnd::Success && !tracker.finished {
             // Upstream announces success before writing the history and sends `executing` with
             // no node after it; waiting briefly for that saves polling the history.
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -534,20 +534,20 @@ impl ComfyuiConnector {
             .await;
         }
         match outcome {
-            Outcome::Success => {}
-            Outcome::Error { message, gpu: true } => {
+            PromptEnd::Success => {}
+            PromptEnd::Error { message, gpu: true } => {
                 return Err(ConnectorError::MachineFault {
                     message: format!("the GPU ran out of memory under the job: {message}"),
                 });
             }
-            Outcome::Error { message, gpu: false } => {
+            PromptEnd::Error { message, gpu: false } => {
                 return Err(ConnectorError::Failed {
                     message,
                     retryable: false,
                 });
             }
-            Outcome::Interrupted if cancel.is_cancelled() => return Err(ConnectorError::Cancelled),
-            Outcome::Interrupted => {
+            PromptEnd::Interrupted if cancel.is_cancelled() => return Err(ConnectorError::Cancelled),
+            PromptEnd::Interrupted => {
                 return Err(ConnectorError::MachineFault {
                     message: "ComfyUI interrupted the prompt (not at the machine's request)".to_owned(),
                 });

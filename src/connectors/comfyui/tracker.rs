@@ -1,5 +1,5 @@
 //! What ComfyUI says about one prompt, read: the WebSocket events that drive its progress and
-//! end it ([`Tracker`]), and the `/history` and `/queue` answers that tell its fate when the
+//! end it ([`PromptTracker`]), and the `/history` and `/queue` answers that tell its fate when the
 //! socket cannot.
 
 use std::collections::{HashMap, HashSet};
@@ -10,7 +10,7 @@ use crate::connectors::{Progress, ProgressSink};
 
 /// How a prompt ended, as ComfyUI reported it.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum Outcome {
+pub(super) enum PromptEnd {
     Success,
     /// `gpu`: the GPU ran out of memory under the prompt, which is the machine's fault (another
     /// attempt, maybe on another GPU, may succeed), not the workflow's.
@@ -22,7 +22,7 @@ pub(super) enum Outcome {
 }
 
 /// The outcome an `execution_error` describes; an out-of-memory error is the GPU's.
-fn execution_error(data: &Value) -> Outcome {
+fn execution_error(data: &Value) -> PromptEnd {
     let s = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or_default();
     let message = format!(
         "node {} ({}) raised {}: {}",
@@ -33,7 +33,7 @@ fn execution_error(data: &Value) -> Outcome {
     );
     let lower = format!("{} {}", s("exception_type"), s("exception_message")).to_ascii_lowercase();
     let gpu = lower.contains("outofmemory") || lower.contains("out of memory");
-    Outcome::Error { message, gpu }
+    PromptEnd::Error { message, gpu }
 }
 
 /// Whether a `GET /queue` answer lists `prompt_id` as running or pending (items are
@@ -56,7 +56,7 @@ pub(super) fn queue_is_empty(queue: &Value) -> bool {
 }
 
 /// The outcome a finished history entry records; `None` while the prompt is not finished.
-pub(super) fn history_outcome(entry: &Value) -> Option<Outcome> {
+pub(super) fn history_outcome(entry: &Value) -> Option<PromptEnd> {
     let status = entry.get("status")?;
     let messages = status.get("messages").and_then(Value::as_array);
     let find = |name: &str| {
@@ -70,15 +70,15 @@ pub(super) fn history_outcome(entry: &Value) -> Option<Outcome> {
         return Some(execution_error(data));
     }
     if find("execution_interrupted").is_some() {
-        return Some(Outcome::Interrupted);
+        return Some(PromptEnd::Interrupted);
     }
     match status.get("status_str").and_then(Value::as_str) {
-        Some("success") => Some(Outcome::Success),
-        Some("error") => Some(Outcome::Error {
+        Some("success") => Some(PromptEnd::Success),
+        Some("error") => Some(PromptEnd::Error {
             message: "ComfyUI recorded the prompt as failed".to_owned(),
             gpu: false,
         }),
-        _ if status.get("completed").and_then(Value::as_bool) == Some(true) => Some(Outcome::Success),
+        _ if status.get("completed").and_then(Value::as_bool) == Some(true) => Some(PromptEnd::Success),
         _ => None,
     }
 }
@@ -88,7 +88,7 @@ pub(super) fn history_outcome(entry: &Value) -> Option<Outcome> {
 /// Overall progress counts finished nodes (executed or cached) out of the workflow's nodes, plus
 /// the running node's `value / max`.
 #[derive(Debug)]
-pub(super) struct Tracker {
+pub(super) struct PromptTracker {
     prompt_id: String,
     total: usize,
     done: HashSet<String>,
@@ -102,9 +102,9 @@ pub(super) struct Tracker {
     pub(super) words: u64,
 }
 
-impl Tracker {
-    pub(super) fn new(prompt_id: String, workflow: &Map<String, Value>) -> Tracker {
-        Tracker {
+impl PromptTracker {
+    pub(super) fn new(prompt_id: String, workflow: &Map<String, Value>) -> PromptTracker {
+        PromptTracker {
             prompt_id,
             total: workflow.len().max(1),
             done: HashSet::new(),
@@ -142,7 +142,7 @@ impl Tracker {
     }
 
     /// Handles one text message; returns the outcome when the prompt has finished.
-    pub(super) fn handle(&mut self, text: &str, progress: &ProgressSink) -> Option<Outcome> {
+    pub(super) fn handle(&mut self, text: &str, progress: &ProgressSink) -> Option<PromptEnd> {
         let msg: Value = serde_json::from_str(text).ok()?;
         let kind = msg.get("type").and_then(Value::as_str)?;
         let data = msg.get("data").cloned().unwrap_or(Value::Null);
@@ -175,7 +175,7 @@ impl Tracker {
                 // `executing` with a null node is how older servers say the prompt finished.
                 None => {
                     self.finished = true;
-                    return Some(Outcome::Success);
+                    return Some(PromptEnd::Success);
                 }
             },
             "progress" => {
@@ -205,9 +205,9 @@ impl Tracker {
                     self.report(progress, format!("node {} done", self.node_label(node)));
                 }
             }
-            "execution_success" => return Some(Outcome::Success),
+            "execution_success" => return Some(PromptEnd::Success),
             "execution_error" => return Some(execution_error(&data)),
-            "execution_interrupted" => return Some(Outcome::Interrupted),
+            "execution_interrupted" => return Some(PromptEnd::Interrupted),
             _ => {}
         }
         None
@@ -244,9 +244,9 @@ mod tests {
     #[test]
     fn tracker_maps_events_to_progress_and_outcome() {
         let w = workflow();
-        let mut t = Tracker::new("p1".into(), w.as_object().unwrap());
+        let mut t = PromptTracker::new("p1".into(), w.as_object().unwrap());
         let (sink, rx) = ProgressSink::new();
-        let ev = |t: &mut Tracker, v: Value| t.handle(&v.to_string(), &sink);
+        let ev = |t: &mut PromptTracker, v: Value| t.handle(&v.to_string(), &sink);
         assert_eq!(ev(&mut t, json!({"type": "status", "data": {"status": {}}})), None);
         ev(
             &mut t,
@@ -286,20 +286,20 @@ mod tests {
                 &mut t,
                 json!({"type": "execution_success", "data": {"prompt_id": "p1"}})
             ),
-            Some(Outcome::Success)
+            Some(PromptEnd::Success)
         );
         let oom = ev(
             &mut t,
             json!({"type": "execution_error", "data": {"prompt_id": "p1", "node_id": "3", "node_type": "KSampler",
                 "exception_type": "torch.OutOfMemoryError", "exception_message": "CUDA out of memory"}}),
         );
-        assert!(matches!(oom, Some(Outcome::Error { gpu: true, .. })), "{oom:?}");
+        assert!(matches!(oom, Some(PromptEnd::Error { gpu: true, .. })), "{oom:?}");
         assert_eq!(
             ev(
                 &mut t,
                 json!({"type": "executing", "data": {"node": null, "prompt_id": "p1"}})
             ),
-            Some(Outcome::Success)
+            Some(PromptEnd::Success)
         );
     }
 
@@ -317,7 +317,7 @@ mod tests {
         assert_eq!(history_outcome(&json!({"outputs": {}})), None);
         assert_eq!(
             history_outcome(&json!({"status": {"status_str": "success", "completed": true, "messages": []}})),
-            Some(Outcome::Success)
+            Some(PromptEnd::Success)
         );
         let e = history_outcome(
             &json!({"status": {"status_str": "error", "completed": false, "messages": [
@@ -327,7 +327,7 @@ mod tests {
         );
         assert_eq!(
             e,
-            Some(Outcome::Error {
+            Some(PromptEnd::Error {
                 message: "node 3 (KSampler) raised ValueError: bad".into(),
                 gpu: false
             })

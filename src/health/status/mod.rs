@@ -236,7 +236,7 @@ pub struct RecentJob {
     /// Its `service_required`.
     pub service: String,
     /// How it ended.
-    pub outcome: Outcome,
+    pub outcome: JobEnd,
     /// When it was claimed, epoch milliseconds.
     pub started_at_ms: u64,
     /// When its outcome was written, epoch milliseconds.
@@ -254,7 +254,7 @@ pub struct RecentJob {
 /// How a job ended on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub enum JobEnd {
     /// Completed; the result was written.
     Completed,
     /// Failed (and perhaps re-queued by the broker).
@@ -437,7 +437,7 @@ pub(crate) fn sample() -> StatusDocument {
             job_id: "j0".into(),
             worker_id: "m1-gpu0".into(),
             service: "comfyui".into(),
-            outcome: Outcome::Failed,
+            outcome: JobEnd::Failed,
             started_at_ms: 1_750_000_000_000,
             finished_at_ms: 1_750_000_001_500,
             duration_ms: 1500,

@@ -59,13 +59,15 @@ enum Supervised {
 }
 
 /// A job whose service work is done, on its way to the upload stage: its outputs, its lease
-/// keeper (still renewing) and the stops the keeper sends.
+/// keeper (still renewing), the stops the keeper sends and its progress forwarder (holding
+/// the last report until the completion makes it moot, see [`forward_progress`]).
 #[derive(Debug)]
 struct Upload {
     target: OutputTarget,
     output: JobOutput,
     stops: mpsc::Receiver<Stop>,
     keeper: AbortOnDrop<()>,
+    progress: AbortOnDrop<()>,
     run: Duration,
     billing: Option<Billing>,
     idle_before: Duration,
@@ -86,10 +88,12 @@ pub(super) struct Ending {
 }
 
 /// What the upload of a finished job's outputs watches: the lease keeper's stops and the drain
-/// period, when shutdown began while the job ran.
+/// period, when shutdown began while the job ran; and the job's progress forwarder, stopped
+/// once the outputs are stored (the end written next carries the final state).
 struct Uploading<'a> {
     stops: &'a mut mpsc::Receiver<Stop>,
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
+    progress: Option<AbortOnDrop<()>>,
 }
 
 /// A claimed job ready to run: its input and its checked output destination.
@@ -246,6 +250,7 @@ impl Worker {
                 output,
                 mut stops,
                 keeper,
+                progress,
                 run,
                 billing,
                 idle_before,
@@ -253,6 +258,7 @@ impl Worker {
             let uploading = Uploading {
                 stops: &mut stops,
                 drain: None,
+                progress: Some(progress),
             };
             let outcome = ending
                 .write_success(&broker, &claimed, &target, output, &shutdown, uploading)
@@ -376,7 +382,7 @@ impl Worker {
         )));
         // Progress goes to Redis from its own task, so a slow or absent Redis never delays
         // noticing that the job ended, was cancelled or ran out of time.
-        let progress_ended = CancellationToken::new();
+        let progress_ended = ProgressEnd::default();
         let mut forwarder = AbortOnDrop(tokio::spawn(forward_progress(
             broker.clone(),
             claimed.clone(),
@@ -439,13 +445,21 @@ impl Worker {
             }
         };
         // The lease is kept until the job's end is written: the uploads, the CDN wait and the
-        // outcome write below may outlast it (issue 23). Progress ends with the connector: its
-        // last report is written before the outcome (a coalesced one would be lost otherwise),
-        // unless Redis takes longer than PROGRESS_FLUSH to take it.
+        // outcome write below may outlast it (issue 23). Progress ends with the connector. A
+        // job that succeeded is completed next, and its completion carries the final state
+        // (100 %, completed): its last report, when not written yet, is held and written only
+        // if the outputs take longer than a progress interval to store (the forwarder goes
+        // with the upload and stops when it ends). Any other end writes it now, before the
+        // outcome (a coalesced one would be lost otherwise), unless Redis takes longer than
+        // PROGRESS_FLUSH to take it.
         self.idle.run_ended(Instant::now());
-        progress_ended.cancel();
-        let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
-        drop(forwarder);
+        let completing = stop.is_none() && result.is_ok();
+        if completing {
+            progress_ended.completing.cancel();
+        } else {
+            progress_ended.now.cancel();
+            let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
+        }
         // What the attempt used at a paid API is billed whatever its outcome; it is added to
         // the job's totals before the outcome is written, so a finished job shows all of it.
         let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
@@ -464,6 +478,7 @@ impl Worker {
                     output,
                     stops: stop_rx,
                     keeper,
+                    progress: forwarder,
                     run,
                     billing,
                     idle_before,
@@ -479,6 +494,7 @@ impl Worker {
                 let uploading = Uploading {
                     stops: &mut stop_rx,
                     drain,
+                    progress: Some(forwarder),
                 };
                 self.ending()
                     .write_success(broker, claimed, &target, output, shutdown, uploading)
@@ -569,6 +585,9 @@ impl Ending {
                 }
             }
         };
+        // The end written next carries the final state: a last report not written by now is
+        // moot.
+        drop(uploading.progress.take());
         let stored = match stored {
             Ok(s) => s,
             Err(e) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
@@ -857,9 +876,19 @@ fn shows_the_same(a: &Progress, b: &Progress) -> bool {
         && a.total_steps == b.total_steps
 }
 
+/// How a job's progress forwarding ends once its connector returned.
+#[derive(Debug, Clone, Default)]
+struct ProgressEnd {
+    /// The last report not yet written is written now (the job failed, was stopped, ...).
+    now: CancellationToken,
+    /// The job succeeded and its completion follows, carrying the final state: the last report
+    /// not yet written is held one progress interval and written then, unless the forwarder is
+    /// stopped first (the completion is being written).
+    completing: CancellationToken,
+}
+
 /// Forwards a job's progress: every report to the worker's status at once (the page, the
-/// fleet status), to Redis through a [`ProgressGate`]. When `ended` is cancelled (the connector
-/// returned) the last report not yet written is written, then it returns.
+/// fleet status), to Redis through a [`ProgressGate`], until the connector returned (`ended`).
 async fn forward_progress(
     broker: Broker,
     job: ClaimedJob,
@@ -867,10 +896,12 @@ async fn forward_progress(
     status: Arc<watch::Sender<WorkerStatus>>,
     stop: mpsc::Sender<Stop>,
     every: Duration,
-    ended: CancellationToken,
+    ended: ProgressEnd,
 ) {
     let mut gate = ProgressGate::new(every);
     let mut open = true;
+    // Once the job completes: when its last report is written if the completion is not.
+    let mut last_at: Option<Instant> = None;
     let latest = |progress: &mut ProgressReceiver| {
         let p = progress.borrow_and_update().1.clone();
         status.send_modify(|s| {
@@ -882,10 +913,10 @@ async fn forward_progress(
         p
     };
     loop {
-        let due = gate.due();
+        let due = gate.due().filter(|_| last_at.is_none());
         let write = tokio::select! {
             biased;
-            () = ended.cancelled() => {
+            () = ended.now.cancelled() => {
                 // The connector's last report may not have been read yet.
                 if progress.has_changed().unwrap_or(false) {
                     let p = latest(&mut progress);
@@ -899,7 +930,26 @@ async fn forward_progress(
                 }
                 return;
             }
-            changed = progress.changed(), if open => {
+            () = ended.completing.cancelled(), if last_at.is_none() => {
+                if progress.has_changed().unwrap_or(false) {
+                    let p = latest(&mut progress);
+                    if let Some(now) = gate.report(p, Instant::now()) {
+                        gate.pending = Some(now);
+                    }
+                }
+                if gate.pending.is_none() {
+                    return;
+                }
+                last_at = Some(Instant::now() + every);
+                continue;
+            }
+            () = async { tokio::time::sleep_until(last_at.expect("guarded by is_some").into()).await }, if last_at.is_some() => {
+                if let Some(p) = gate.flush() {
+                    let _ = write_progress(&broker, &job, &p, &stop).await;
+                }
+                return;
+            }
+            changed = progress.changed(), if open && last_at.is_none() => {
                 if changed.is_err() {
                     open = false;
                     continue;

@@ -441,6 +441,9 @@ impl Worker {
             self.settings.heartbeat,
         )));
         let mirror = AbortOnDrop(tokio::spawn(mirror_holds(self.holds.subscribe(), self.status.clone())));
+        // Whether the last claim may have left this worker in the fleet's park (it found
+        // nothing): a worker that stops claiming leaves the park, so no wake is spent on it.
+        let mut parked = false;
         while !shutdown.is_cancelled() {
             self.judge_uploads();
             match self.quarantine.until(Instant::now()) {
@@ -452,6 +455,12 @@ impl Worker {
                     self.quarantine.lift();
                 }
                 Some(_) => {}
+            }
+            let claiming =
+                self.holds.reason().is_none() && self.all_ready() && self.upload_limits.room(&self.status.borrow());
+            if parked && !claiming {
+                broker.leave_park(&self.caps.worker_id).await;
+                parked = false;
             }
             if let Some(reason) = self.holds.reason() {
                 self.set_state(WorkerState::Held);
@@ -516,6 +525,7 @@ impl Worker {
             };
             self.idle.claiming(Instant::now());
             let claimed = self.claim(&broker, &caps, &shutdown).await;
+            parked = !matches!(claimed, Ok(Some(_)));
             match claimed {
                 Ok(Some(job)) => {
                     self.idle.claimed(Instant::now());
@@ -539,6 +549,9 @@ impl Worker {
                     backoff.sleep(broker.health(), &shutdown).await;
                 }
             }
+        }
+        if parked {
+            broker.leave_park(&self.caps.worker_id).await;
         }
         // The pending uploads finish within the drain period, or their jobs are returned; the
         // worker stays registered and heartbeating until they have.

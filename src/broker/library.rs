@@ -186,7 +186,7 @@ pub async fn list(conn: &mut ConnectionManager) -> Result<Vec<FunctionInfo>, Bro
 pub async fn loaded_version(conn: &mut ConnectionManager) -> Result<Option<String>, BrokerError> {
     let functions = list(conn).await?;
     if !functions.iter().any(|f| f.name == "jobMatchingVersion") {
-        // Not loaded, or loaded by an older installer without a version: either way not ours.
+        // Not loaded, or loaded by an older loader without a version: either way not ours.
         return Ok(if functions.is_empty() {
             None
         } else {
