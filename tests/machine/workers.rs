@@ -881,8 +881,8 @@ async fn progress_is_coalesced_to_one_write_a_second_and_the_completion_carries_
         assert_eq!(completion["progress"], 100);
         assert_eq!(completion["status"], "completed");
         let view = rig.broker.show(&id).await.unwrap().unwrap();
-        assert_eq!(view.progress["progress"], "100", "{:?}", view.progress);
-        assert_eq!(view.progress["status"], "completed", "{:?}", view.progress);
+        assert_eq!(view.progress.stored()["progress"], "100", "{:?}", view.progress);
+        assert_eq!(view.progress.stored()["status"], "completed", "{:?}", view.progress);
         assert!(
             seen_live.len() >= 2,
             "the progress hash moved while the job ran: {seen_live:?}"
