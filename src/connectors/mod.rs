@@ -14,6 +14,7 @@
 
 pub mod a1111;
 pub mod comfyui;
+pub mod fetch;
 mod http;
 pub mod limits;
 pub mod openai;
@@ -154,6 +155,9 @@ pub enum ArtifactBody {
     Bytes(Bytes),
     /// Already stored elsewhere (e.g. an image URL returned by an API); recorded as is.
     Url(String),
+    /// Still at the service, which serves it (ComfyUI's `/view`): fetched by the worker's
+    /// upload stage, under the job's lease, while the service runs the next job.
+    Fetch(fetch::Fetch),
 }
 
 impl fmt::Debug for ArtifactBody {
@@ -161,6 +165,7 @@ impl fmt::Debug for ArtifactBody {
         match self {
             ArtifactBody::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
             ArtifactBody::Url(u) => write!(f, "Url({u})"),
+            ArtifactBody::Fetch(fetch) => write!(f, "{fetch:?}"),
         }
     }
 }

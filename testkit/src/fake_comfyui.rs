@@ -10,7 +10,9 @@
 //!   progress hook does (a VAE decode): an interrupt ends the prompt only when the node ends,
 //!   and `/queue` lists the prompt as running until then;
 //! - `SaveImage`: writes a PNG named from `inputs.filename_prefix` (type `output`);
-//!   `PreviewImage` writes one of type `temp`;
+//!   `PreviewImage` writes one of type `temp`; with `inputs.view_ms`, `/view` of that file
+//!   sends its headers (with `Content-Length`) and the first half of the file at once and the
+//!   rest that much later, as a large output over a busy server does;
 //! - `FakeError`: `execution_error` with `inputs.exception_type` / `inputs.message`;
 //! - `FakeInvalid`: `/prompt` answers 400 with `node_errors`, as for a missing input;
 //! - `FakeDropSocket`: the server drops the client's WebSocket at that node (without a close
@@ -25,6 +27,11 @@
 //!   with upstream's `value_not_in_list` node error.
 //!
 //! The history entry is written a few milliseconds after `execution_success`, as upstream does.
+//!
+//! The fake records, in order, the prompts it accepted and the `/view` requests it began and
+//! ended ([`FakeComfyui::seen`]), so a test can tell what overlapped; [`FakeComfyui::fail_views`]
+//! makes the next `/view` requests answer 503 (after their `view_ms`), as a server restarting
+//! under them does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -122,10 +129,39 @@ impl FakeComfyui {
         self.state.running.lock().expect("fake lock").is_some()
     }
 
+    /// What the fake saw, in order: prompts accepted, `/view` requests begun and ended.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("fake lock").clone()
+    }
+
+    /// The next `n` `/view` requests answer 503 Service Unavailable (after their `view_ms`).
+    pub fn fail_views(&self, n: usize) {
+        self.state.failing_views.store(n, Ordering::SeqCst);
+    }
+
     /// Serves until the process is killed (for the standalone binary).
     pub fn wait(self) {
         self.served.wait();
     }
+}
+
+/// A request the fake saw, for tests that check what overlapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// `/prompt` accepted a prompt; the `filename_prefix` of its `SaveImage` nodes, joined with
+    /// `,` (empty when it has none).
+    Prompt(String),
+    /// A `/view` of this file began.
+    ViewBegan(String),
+    /// A `/view` of this file sent its last byte (or its error).
+    ViewEnded(String),
+}
+
+/// A file a prompt wrote, and how slowly `/view` serves it.
+#[derive(Debug, Clone)]
+struct Saved {
+    bytes: Vec<u8>,
+    view_delay: Duration,
 }
 
 #[derive(Debug)]
@@ -143,7 +179,11 @@ struct Comfy {
     running: Mutex<Option<String>>,
     interrupt: AtomicBool,
     history: Mutex<HashMap<String, Value>>,
-    files: Mutex<HashMap<(String, String, String), Vec<u8>>>,
+    files: Mutex<HashMap<(String, String, String), Saved>>,
+    /// What tests read back through [`FakeComfyui::seen`].
+    seen: Mutex<Vec<Seen>>,
+    /// How many `/view` requests still answer 503.
+    failing_views: AtomicUsize,
     clients: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Outgoing>>>>,
     accepted: AtomicUsize,
     interrupts: AtomicUsize,
@@ -187,6 +227,10 @@ impl Comfy {
                 let _ = tx.send(Outgoing::Drop);
             }
         }
+    }
+
+    fn saw(&self, seen: Seen) {
+        self.seen.lock().expect("fake lock").push(seen);
     }
 
     fn queue_remaining(&self) -> usize {
@@ -274,6 +318,12 @@ async fn submit(State(s): State<Arc<Comfy>>, Json(body): Json<Value>) -> Respons
         .unwrap_or_default()
         .to_owned();
     s.accepted.fetch_add(1, Ordering::SeqCst);
+    let prefixes: Vec<&str> = prompt
+        .values()
+        .filter(|node| node.get("class_type").and_then(Value::as_str) == Some("SaveImage"))
+        .filter_map(|node| node.pointer("/inputs/filename_prefix").and_then(Value::as_str))
+        .collect();
+    s.saw(Seen::Prompt(prefixes.join(",")));
     s.queue.lock().expect("fake lock").push_back(QueuedPrompt {
         id: id.clone(),
         number: n,
@@ -358,10 +408,45 @@ async fn view(State(s): State<Arc<Comfy>>, Query(q): Query<HashMap<String, Strin
         q.get("subfolder").cloned().unwrap_or_default(),
         q.get("filename").cloned().unwrap_or_default(),
     );
-    match s.files.lock().expect("fake lock").get(&key) {
-        Some(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes.clone()).into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+    let name = key.2.clone();
+    s.saw(Seen::ViewBegan(name.clone()));
+    let saved = s.files.lock().expect("fake lock").get(&key).cloned();
+    let Some(Saved { bytes, view_delay }) = saved else {
+        s.saw(Seen::ViewEnded(name));
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let failing = s
+        .failing_views
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if failing {
+        tokio::time::sleep(view_delay).await;
+        s.saw(Seen::ViewEnded(name));
+        return (StatusCode::SERVICE_UNAVAILABLE, "restarting").into_response();
     }
+    let len = bytes.len();
+    let tail = bytes[len / 2..].to_vec();
+    let head = bytes[..len / 2].to_vec();
+    // The first half at once, the rest after the delay: the client knows the size early.
+    let chunks = futures_util::stream::unfold(0u8, move |step| {
+        let (s, name, head, tail) = (s.clone(), name.clone(), head.clone(), tail.clone());
+        async move {
+            match step {
+                0 => Some((Ok::<_, std::io::Error>(bytes::Bytes::from(head)), 1)),
+                1 => {
+                    tokio::time::sleep(view_delay).await;
+                    s.saw(Seen::ViewEnded(name));
+                    Some((Ok(bytes::Bytes::from(tail)), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "image/png")
+        .header(header::CONTENT_LENGTH, len)
+        .body(Body::from_stream(chunks))
+        .expect("a response of known headers builds")
 }
 
 async fn interrupt(State(s): State<Arc<Comfy>>, body: Option<Json<Value>>) -> StatusCode {
@@ -566,10 +651,14 @@ async fn run_prompt(s: &Arc<Comfy>, p: &QueuedPrompt) {
                     .unwrap_or("ComfyUI");
                 let n = s.counter.fetch_add(1, Ordering::SeqCst);
                 let filename = format!("{prefix}_{n:05}_.png");
-                s.files
-                    .lock()
-                    .expect("fake lock")
-                    .insert((kind.to_owned(), String::new(), filename.clone()), TINY_PNG.to_vec());
+                let view_delay = Duration::from_millis(inputs.get("view_ms").and_then(Value::as_u64).unwrap_or(0));
+                s.files.lock().expect("fake lock").insert(
+                    (kind.to_owned(), String::new(), filename.clone()),
+                    Saved {
+                        bytes: TINY_PNG.to_vec(),
+                        view_delay,
+                    },
+                );
                 let output = json!({"images": [{"filename": filename, "subfolder": "", "type": kind}]});
                 outputs.insert(id.clone(), output.clone());
                 s.send(

@@ -21,7 +21,7 @@ mod serve;
 mod slow_proxy;
 
 pub use fake_a1111::FakeA1111;
-pub use fake_comfyui::FakeComfyui;
+pub use fake_comfyui::{FakeComfyui, Seen as ComfyuiSeen};
 pub use fake_openai::FakeOpenai;
 pub use fake_replicate::FakeReplicate;
 pub use fake_runpod::FakeRunpod;

@@ -13,7 +13,7 @@ use machine::connectors::{
     ArtifactBody, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressSink,
 };
 use serde_json::{Value, json};
-use testkit::{FakeA1111, FakeComfyui, FakeOpenai, TINY_PNG};
+use testkit::{ComfyuiSeen, FakeA1111, FakeComfyui, FakeOpenai, TINY_PNG};
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -80,8 +80,22 @@ async fn comfyui_runs_a_workflow_end_to_end() {
     let out = r.expect("the workflow succeeds");
     assert_eq!(out.artifacts.len(), 1, "{out:?}");
     assert_eq!(out.artifacts[0].content_type, "image/png");
-    assert_eq!(out.artifacts[0].body, ArtifactBody::Bytes(TINY_PNG.into()));
     assert!(out.artifacts[0].name.starts_with("ComfyUI_"));
+    // The output is left at ComfyUI, for the worker's upload stage to fetch from `/view`.
+    let ArtifactBody::Fetch(fetch) = &out.artifacts[0].body else {
+        panic!("an output to fetch: {out:?}");
+    };
+    assert!(
+        fake.seen().iter().all(|s| matches!(s, ComfyuiSeen::Prompt(_))),
+        "{:?}",
+        fake.seen()
+    );
+    assert!(fetch.url().contains("/view?filename=ComfyUI_"), "{fetch:?}");
+    let mut told = None;
+    let got = fetch.get(|n| told = Some(n)).await.expect("/view serves the output");
+    assert_eq!(got.bytes, TINY_PNG);
+    assert_eq!(got.content_type.as_deref(), Some("image/png"));
+    assert_eq!(told, Some(u64::try_from(TINY_PNG.len()).unwrap()), "its size is told");
     assert!(out.data["prompt_id"].is_string());
     assert!(out.data["outputs"]["9"]["images"].is_array());
     assert_in_order(&progress);

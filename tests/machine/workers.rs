@@ -19,10 +19,10 @@ use machine::connectors::store::OutputStore;
 use machine::gpu::{HostInfo, Probe};
 use machine::plan::Plan;
 use machine::worker::hold::HoldKind;
-use machine::worker::{Readiness, Worker, WorkerSettings, WorkerState, WorkerStatus, Workers};
+use machine::worker::{Readiness, UploadLimits, Worker, WorkerSettings, WorkerState, WorkerStatus, Workers};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use testkit::{FakeA1111, FakeComfyui, FakeOpenai, RedisServer, TINY_PNG};
+use testkit::{ComfyuiSeen, FakeA1111, FakeComfyui, FakeOpenai, RedisServer, TINY_PNG};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -891,6 +891,189 @@ async fn progress_is_coalesced_to_one_write_a_second_and_the_completion_carries_
         let streams: bool = conn.exists(format!("progress:{id}")).await.unwrap();
         assert!(!streams, "no progress stream unless configured");
         counted(&status, |c| c.completed == 1).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// A ComfyUI workflow writing one output named `prefix`, whose `/view` takes `view_ms`.
+fn comfy_workflow(prefix: &str, view_ms: u64) -> Value {
+    json!({
+        "3": {"class_type": "KSampler", "inputs": {"steps": 2, "step_ms": 5}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "view_ms": view_ms}}
+    })
+}
+
+/// A ComfyUI worker with an upload stage of `limits`, storing in the rig's temp dir.
+fn comfy_worker(rig: &Rig, comfy: &FakeComfyui, limits: UploadLimits) -> Worker {
+    let connector: Arc<dyn Connector> = Arc::new(ComfyuiConnector::new(comfy.url().parse().unwrap()));
+    let mut w = rig.worker("w1", &[("comfyui", connector)], settings());
+    w.upload_alongside(limits);
+    w
+}
+
+/// Queues ComfyUI jobs in this order (each a step lower in priority: jobs queued within one
+/// second are otherwise claimed in no set order).
+async fn queue_comfy(rig: &Rig, workflows: &[Value]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (i, w) in workflows.iter().enumerate() {
+        let mut job = NewJob::new("comfyui", json!({"workflow": w}));
+        job.priority = 100 - i64::try_from(i).unwrap();
+        ids.push(rig.submit_job(job).await);
+    }
+    ids
+}
+
+/// Where the first request matching `f` is in what the fake saw.
+fn at(seen: &[ComfyuiSeen], what: &str, f: impl Fn(&ComfyuiSeen) -> bool) -> usize {
+    seen.iter()
+        .position(f)
+        .unwrap_or_else(|| panic!("the fake never saw {what}: {seen:?}"))
+}
+
+fn viewed(prefix: &'static str) -> impl Fn(&ComfyuiSeen) -> bool {
+    move |s| matches!(s, ComfyuiSeen::ViewEnded(f) if f.starts_with(&format!("{prefix}_")))
+}
+
+/// The stored output of a completed job, read back from its URL.
+async fn stored_output(rig: &Rig, id: &str) -> (Vec<u8>, Value) {
+    let rec = completed_record(rig, id).await;
+    let a = rec["data"]["artifacts"][0].clone();
+    let bytes = std::fs::read(file_of(a["url"].as_str().expect("a stored output"))).unwrap();
+    (bytes, a)
+}
+
+/// ComfyUI's outputs are fetched by the upload stage (issue 27): the worker submits its next
+/// prompt while the previous job's `/view` is still being answered, the fetched size counts in
+/// the pending upload as soon as the headers tell it, and both jobs complete with their outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfyui_outputs_are_fetched_while_the_next_prompt_runs() {
+    within(HARD_LIMIT, async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let ids = queue_comfy(&rig, &[comfy_workflow("a", 1500), comfy_workflow("b", 0)]).await;
+        let limits = UploadLimits {
+            jobs: 2,
+            bytes: 1 << 30,
+        };
+        let (w, status) = rig.spawn(comfy_worker(&rig, &comfy, limits));
+        let mut st = status.clone();
+        let png = u64::try_from(TINY_PNG.len()).unwrap();
+        tokio::time::timeout(
+            LIMIT,
+            st.wait_for(|s| s.uploads.iter().any(|u| u.job_id == ids[0] && u.bytes == png)),
+        )
+        .await
+        .expect("the fetch's size shows in the pending upload while its body comes")
+        .unwrap();
+        for id in &ids {
+            let job = rig.wait_status(id, &["completed", "failed"]).await;
+            assert_eq!(job["status"], "completed", "{job:?}");
+            assert_eq!(job["retry_count"], "0", "{job:?}");
+        }
+        let seen = comfy.seen();
+        let b_submitted = at(&seen, "the second prompt", |s| *s == ComfyuiSeen::Prompt("b".into()));
+        assert!(
+            b_submitted < at(&seen, "the first output's /view end", viewed("a")),
+            "the next prompt went in while the first job's output was fetched: {seen:?}"
+        );
+        for id in &ids {
+            let (bytes, artifact) = stored_output(&rig, id).await;
+            assert_eq!(bytes, TINY_PNG, "{artifact}");
+            assert_eq!(artifact["content_type"], "image/png");
+        }
+        counted(&status, |c| c.completed == 2 && c.failed == 0).await;
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// A `/view` that fails after the hand-off (ComfyUI restarting under it, while it already runs
+/// the next prompt) fails the job retryably, as when the connector fetched it: it goes back to
+/// the queue with a retry spent, runs again and completes once; nothing is lost, nothing
+/// completed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_after_the_hand_off_returns_the_job_to_the_queue() {
+    within(HARD_LIMIT, async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        comfy.fail_views(1);
+        let ids = queue_comfy(&rig, &[comfy_workflow("a", 800), comfy_workflow("b", 0)]).await;
+        let limits = UploadLimits {
+            jobs: 2,
+            bytes: 1 << 30,
+        };
+        let (w, status) = rig.spawn(comfy_worker(&rig, &comfy, limits));
+        for id in &ids {
+            let job = rig.wait_status(id, &["completed", "failed"]).await;
+            assert_eq!(job["status"], "completed", "{job:?}");
+        }
+        let first = rig.job(&ids[0]).await;
+        assert_eq!(
+            first["retry_count"], "1",
+            "one retry spent on the failed fetch: {first:?}"
+        );
+        assert!(
+            first["error"].contains("503"),
+            "the fetch's failure is the job's last error: {first:?}"
+        );
+        assert_eq!(rig.job(&ids[1]).await["retry_count"], "0");
+        let seen = comfy.seen();
+        let prompts_a = seen.iter().filter(|s| **s == ComfyuiSeen::Prompt("a".into())).count();
+        assert_eq!(prompts_a, 2, "the first job ran again: {seen:?}");
+        let b_submitted = at(&seen, "the second prompt", |s| *s == ComfyuiSeen::Prompt("b".into()));
+        assert!(
+            b_submitted < at(&seen, "the failed /view", viewed("a")),
+            "the fetch failed after the hand-off: {seen:?}"
+        );
+        for id in &ids {
+            assert_eq!(stored_output(&rig, id).await.0, TINY_PNG);
+        }
+        counted(&status, |c| c.completed == 2 && c.failed == 1).await;
+        let c = status.borrow().counts;
+        assert_eq!((c.completed, c.failed, c.returned, c.lost), (2, 1, 0, 0), "{c:?}");
+        rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// Fetched outputs count against the byte budget once their size is known: a worker waiting
+/// for its next job while a fetch fills the budget stops waiting and waits for its uploads, so
+/// a job queued meanwhile is not claimed until the fetch and its upload end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_fills_the_byte_budget_holds_the_claims() {
+    within(HARD_LIMIT, async {
+        let rig = Rig::start(quick_opts()).await;
+        let comfy = FakeComfyui::start();
+        let first = queue_comfy(&rig, &[comfy_workflow("a", 1500)]).await;
+        let limits = UploadLimits { jobs: 4, bytes: 10 };
+        let (w, status) = rig.spawn(comfy_worker(&rig, &comfy, limits));
+        let mut st = status.clone();
+        let held = tokio::time::timeout(
+            LIMIT,
+            st.wait_for(|s| s.state == WorkerState::WaitingForUploads && !s.uploads.is_empty()),
+        )
+        .await
+        .expect("the worker waits for its uploads once the fetched size fills the budget")
+        .unwrap()
+        .clone();
+        assert_eq!(held.uploads[0].job_id, first[0]);
+        assert!(
+            !comfy.seen().iter().any(viewed("a")),
+            "still fetching: {:?}",
+            comfy.seen()
+        );
+        let second = queue_comfy(&rig, &[comfy_workflow("b", 0)]).await;
+        for id in first.iter().chain(&second) {
+            let job = rig.wait_status(id, &["completed", "failed"]).await;
+            assert_eq!(job["status"], "completed", "{job:?}");
+        }
+        let seen = comfy.seen();
+        let b_submitted = at(&seen, "the second prompt", |s| *s == ComfyuiSeen::Prompt("b".into()));
+        assert!(
+            b_submitted > at(&seen, "the first output's /view end", viewed("a")),
+            "no claim while the fetched output filled the budget: {seen:?}"
+        );
         rig.stop(vec![w]).await;
     })
     .await;

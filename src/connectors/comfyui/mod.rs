@@ -6,8 +6,10 @@
 //! payload itself, in ComfyUI's API format). The WebSocket events for that prompt drive progress
 //! (`execution_cached`, `executing`, `progress` per node, `executed`) and the outcome
 //! (`execution_success`, `execution_error`, `execution_interrupted`; `executing` with no node
-//! on older servers). On success the outputs listed by `GET /history/<prompt_id>` are fetched
-//! with `GET /view?filename&subfolder&type` and returned as artifacts.
+//! on older servers). On success the outputs listed by `GET /history/<prompt_id>` are returned as
+//! artifacts to fetch with `GET /view?filename&subfolder&type` ([`super::fetch`]): the worker's
+//! upload stage fetches them while ComfyUI already runs the next prompt, so its queue never
+//! waits for the downloads.
 //!
 //! Failure classes: `node_errors` from `/prompt` (an invalid workflow) fail without retry; an
 //! execution error fails without retry unless it is an out-of-memory error; a server that cannot
@@ -28,7 +30,6 @@ mod tracker;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use reqwest::StatusCode;
@@ -39,6 +40,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::fetch::Fetch;
 use super::http::{self, Backoff};
 use super::stall::StallClock;
 use super::{
@@ -69,6 +71,14 @@ enum Whereabouts {
     Known,
     /// Neither in the history nor in the queue.
     Unknown,
+}
+
+/// A prompt ComfyUI accepted: the socket that hears its events, and what they said so far.
+struct Submitted {
+    socket: Socket,
+    tracker: PromptTracker,
+    prompt_id: String,
+    client_id: String,
 }
 
 /// Runs ComfyUI workflows on one ComfyUI server.
@@ -340,7 +350,9 @@ impl ComfyuiConnector {
         e
     }
 
-    /// Reads the finished prompt's outputs: files become artifacts, the rest stays in `data`.
+    /// Reads the finished prompt's outputs: files become artifacts to be fetched from `/view`
+    /// by the worker (ComfyUI keeps them and serves them while it runs the next prompt), the
+    /// rest stays in `data`.
     async fn collect(&self, prompt_id: &str, cancel: &CancellationToken) -> Result<JobOutput, ConnectorError> {
         // ComfyUI announces success before it writes the history entry, so the entry may lag.
         let mut entry = None;
@@ -367,12 +379,12 @@ impl ComfyuiConnector {
                 let Value::Object(kinds) = node_output else { continue };
                 for items in kinds.values() {
                     let Value::Array(items) = items else { continue };
-                    for item in items {
-                        if let Some(file) = OutputFile::from_json(item) {
-                            let a = or_cancelled(cancel, self.fetch(&file)).await?;
-                            artifacts.push(a);
-                        }
-                    }
+                    artifacts.extend(
+                        items
+                            .iter()
+                            .filter_map(OutputFile::from_json)
+                            .map(|f| self.artifact(&f)),
+                    );
                 }
             }
         }
@@ -382,61 +394,38 @@ impl ComfyuiConnector {
         })
     }
 
-    async fn fetch(&self, file: &OutputFile) -> Result<Artifact, ConnectorError> {
+    /// An output file as an artifact to fetch with `GET /view?filename&subfolder&type`.
+    fn artifact(&self, file: &OutputFile) -> Artifact {
         let mut url = self.url("/view");
         url.query_pairs_mut()
             .append_pair("filename", &file.filename)
             .append_pair("subfolder", &file.subfolder)
             .append_pair("type", &file.kind);
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| http::send_error("fetch an output from ComfyUI", e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(http::status_error(
-                &format!("ComfyUI /view {}", file.filename),
-                status,
-                &text,
-            ));
-        }
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .filter(|c| c != "application/octet-stream")
-            .unwrap_or_else(|| guess_content_type(&file.filename).to_owned());
-        let bytes: Bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| http::send_error("read an output from ComfyUI", e))?;
-        Ok(Artifact {
+        Artifact {
             name: file.filename.clone(),
-            content_type,
-            body: ArtifactBody::Bytes(bytes),
-        })
+            content_type: guess_content_type(&file.filename).to_owned(),
+            body: ArtifactBody::Fetch(Fetch::new(
+                self.client.clone(),
+                url,
+                format!("ComfyUI /view {}", file.filename),
+            )),
+        }
     }
 
-    async fn run_job(
+    /// Connects the WebSocket, then submits the workflow, both raced against the stall clock
+    /// (a stopped ComfyUI accepts connections and answers nothing, and its job must still end
+    /// in time).
+    async fn start(
         &self,
-        job: &Job,
-        progress: &ProgressSink,
+        workflow: &Map<String, Value>,
+        clock: &mut StallClock,
         cancel: &CancellationToken,
-    ) -> Result<JobOutput, ConnectorError> {
-        let workflow = workflow_of(&job.payload)?;
-        let _models_in_use = or_cancelled(cancel, self.models_for(workflow, progress)).await?;
+    ) -> Result<Submitted, ConnectorError> {
         let client_id = format!("machine-{}", hex::encode(rand::random::<[u8; 8]>()));
-        // From here on every call to the server is raced against the stall clock: a stopped
-        // ComfyUI accepts connections and answers nothing, and its job must still end in time.
-        let mut clock = StallClock::start(self.stall_timeout, job);
         let Some(socket) = clock.within(or_cancelled(cancel, self.connect(&client_id))).await else {
             return Err(clock.stalled("comfyui", clock.silent_for(), self.answers().await));
         };
-        let mut socket = socket?;
+        let socket = socket?;
         let Some(prompt_id) = clock
             .within(or_cancelled(cancel, self.submit(workflow, &client_id)))
             .await
@@ -445,21 +434,37 @@ impl ComfyuiConnector {
         };
         let prompt_id = prompt_id?;
         clock.heard();
-        progress.report(Progress {
-            percent: 0.0,
-            message: "queued in ComfyUI".to_owned(),
-            current_step: Some(0),
-            total_steps: Some(workflow.len() as u32),
-        });
-        let mut tracker = PromptTracker::new(prompt_id.clone(), workflow);
-        let outcome = loop {
+        Ok(Submitted {
+            socket,
+            tracker: PromptTracker::new(prompt_id.clone(), workflow),
+            prompt_id,
+            client_id,
+        })
+    }
+
+    /// Follows the prompt's events until its outcome, reopening a lost WebSocket and asking
+    /// the history and the queue after a reconnect or a long silence.
+    async fn follow(
+        &self,
+        prompt: &mut Submitted,
+        clock: &mut StallClock,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<PromptEnd, ConnectorError> {
+        let Submitted {
+            socket,
+            tracker,
+            prompt_id,
+            client_id,
+        } = prompt;
+        loop {
             let next = tokio::select! {
                 biased;
                 () = cancel.cancelled() => {
-                    self.interrupt(&prompt_id).await;
+                    self.interrupt(prompt_id).await;
                     return Err(ConnectorError::Cancelled);
                 }
-                () = clock.expired() => return Err(self.stalled(&prompt_id, &clock).await),
+                () = clock.expired() => return Err(self.stalled(prompt_id, clock).await),
                 next = tokio::time::timeout(SILENCE_CHECK, socket.next()) => next,
             };
             let lost = match next {
@@ -471,7 +476,7 @@ impl ComfyuiConnector {
                         clock.heard();
                     }
                     if let Some(outcome) = outcome {
-                        break outcome;
+                        return Ok(outcome);
                     }
                     continue;
                 }
@@ -479,10 +484,10 @@ impl ComfyuiConnector {
                 Ok(Some(Ok(_binary_preview_or_ping))) => continue,
             };
             if lost {
-                let Some(reconnected) = clock.within(self.reconnect(&client_id, cancel)).await else {
-                    return Err(self.stalled(&prompt_id, &clock).await);
+                let Some(reconnected) = clock.within(self.reconnect(client_id, cancel)).await else {
+                    return Err(self.stalled(prompt_id, clock).await);
                 };
-                socket = match reconnected {
+                *socket = match reconnected {
                     Ok(socket) => socket,
                     Err(ConnectorError::Cancelled) => return Err(ConnectorError::Cancelled),
                     Err(e) => {
@@ -494,76 +499,112 @@ impl ComfyuiConnector {
                     }
                 };
             }
-            // After a reconnect or a long silence the outcome may have been missed: ask the
-            // history, which ComfyUI keeps for finished prompts, and the queue. A server that
-            // knows the prompt in neither restarted and lost it: nothing will ever finish it.
-            let Some(whereabouts) = clock.within(or_cancelled(cancel, self.whereabouts(&prompt_id))).await else {
-                return Err(self.stalled(&prompt_id, &clock).await);
-            };
-            match whereabouts {
-                Ok(Whereabouts::Finished(outcome)) => break outcome,
-                Ok(Whereabouts::Known) => {}
-                Ok(Whereabouts::Unknown) => {
-                    return Err(ConnectorError::ServiceLost {
-                        service: "comfyui".to_owned(),
-                        message: format!(
-                            "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted"
-                        ),
-                    });
-                }
-                Err(ConnectorError::Cancelled) => {
-                    self.interrupt(&prompt_id).await;
-                    return Err(ConnectorError::Cancelled);
-                }
-                Err(e) => tracing::warn!(error = %e.chain(), "failed to read the ComfyUI history"),
+            if let Some(outcome) = self.look_up(prompt_id, clock, cancel).await? {
+                return Ok(outcome);
             }
+        }
+    }
+
+    /// After a reconnect or a long silence the outcome may have been missed: asks the history,
+    /// which ComfyUI keeps for finished prompts, and the queue. A server that knows the prompt
+    /// in neither restarted and lost it: nothing will ever finish it.
+    async fn look_up(
+        &self,
+        prompt_id: &str,
+        clock: &StallClock,
+        cancel: &CancellationToken,
+    ) -> Result<Option<PromptEnd>, ConnectorError> {
+        let Some(whereabouts) = clock.within(or_cancelled(cancel, self.whereabouts(prompt_id))).await else {
+            return Err(self.stalled(prompt_id, clock).await);
         };
-        if outcome == PromptEnd::Success && !tracker.finished {
-            // Upstream announces success before writing the history and sends `executing` with
-            // no node after it; waiting briefly for that saves polling the history.
-            let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while let Some(Ok(msg)) = socket.next().await {
-                    if let Message::Text(text) = msg {
-                        tracker.handle(text.as_str(), progress);
-                        if tracker.finished {
-                            break;
-                        }
+        match whereabouts {
+            Ok(Whereabouts::Finished(outcome)) => Ok(Some(outcome)),
+            Ok(Whereabouts::Known) => Ok(None),
+            Ok(Whereabouts::Unknown) => Err(ConnectorError::ServiceLost {
+                service: "comfyui".to_owned(),
+                message: format!(
+                    "ComfyUI no longer knows prompt {prompt_id} (not in /history, not running or pending in /queue): it restarted"
+                ),
+            }),
+            Err(ConnectorError::Cancelled) => {
+                self.interrupt(prompt_id).await;
+                Err(ConnectorError::Cancelled)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "failed to read the ComfyUI history");
+                Ok(None)
+            }
+        }
+    }
+
+    /// After a success event, waits briefly for the end of the prompt's run: upstream
+    /// announces success before writing the history and sends `executing` with no node after
+    /// it, and hearing that saves polling the history.
+    async fn hear_the_end(&self, prompt: &mut Submitted, progress: &ProgressSink) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(Ok(msg)) = prompt.socket.next().await {
+                if let Message::Text(text) = msg {
+                    prompt.tracker.handle(text.as_str(), progress);
+                    if prompt.tracker.finished {
+                        break;
                     }
                 }
-            })
-            .await;
+            }
+        })
+        .await;
+    }
+
+    async fn run_job(
+        &self,
+        job: &Job,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<JobOutput, ConnectorError> {
+        let workflow = workflow_of(&job.payload)?;
+        let _models_in_use = or_cancelled(cancel, self.models_for(workflow, progress)).await?;
+        let mut clock = StallClock::start(self.stall_timeout, job);
+        let mut prompt = self.start(workflow, &mut clock, cancel).await?;
+        let steps = u32::try_from(workflow.len()).unwrap_or(u32::MAX);
+        progress.report(Progress {
+            percent: 0.0,
+            message: "queued in ComfyUI".to_owned(),
+            current_step: Some(0),
+            total_steps: Some(steps),
+        });
+        let outcome = self.follow(&mut prompt, &mut clock, progress, cancel).await?;
+        if outcome == PromptEnd::Success && !prompt.tracker.finished {
+            self.hear_the_end(&mut prompt, progress).await;
         }
-        match outcome {
-            PromptEnd::Success => {}
-            PromptEnd::Error { message, gpu: true } => {
-                return Err(ConnectorError::MachineFault {
-                    message: format!("the GPU ran out of memory under the job: {message}"),
-                });
-            }
-            PromptEnd::Error { message, gpu: false } => {
-                return Err(ConnectorError::Failed {
-                    message,
-                    retryable: false,
-                });
-            }
-            PromptEnd::Interrupted if cancel.is_cancelled() => return Err(ConnectorError::Cancelled),
-            PromptEnd::Interrupted => {
-                return Err(ConnectorError::MachineFault {
-                    message: "ComfyUI interrupted the prompt (not at the machine's request)".to_owned(),
-                });
-            }
-        }
+        outcome_error(outcome, cancel)?;
         progress.report(Progress {
             percent: 99.0,
             message: "collecting outputs".to_owned(),
-            current_step: Some(workflow.len() as u32),
-            total_steps: Some(workflow.len() as u32),
+            current_step: Some(steps),
+            total_steps: Some(steps),
         });
         clock.heard();
-        match clock.within(self.collect(&prompt_id, cancel)).await {
+        match clock.within(self.collect(&prompt.prompt_id, cancel)).await {
             Some(collected) => collected,
             None => Err(clock.stalled("comfyui", clock.silent_for(), self.answers().await)),
         }
+    }
+}
+
+/// The error of a prompt that did not succeed, blamed by what ended it.
+fn outcome_error(outcome: PromptEnd, cancel: &CancellationToken) -> Result<(), ConnectorError> {
+    match outcome {
+        PromptEnd::Success => Ok(()),
+        PromptEnd::Error { message, gpu: true } => Err(ConnectorError::MachineFault {
+            message: format!("the GPU ran out of memory under the job: {message}"),
+        }),
+        PromptEnd::Error { message, gpu: false } => Err(ConnectorError::Failed {
+            message,
+            retryable: false,
+        }),
+        PromptEnd::Interrupted if cancel.is_cancelled() => Err(ConnectorError::Cancelled),
+        PromptEnd::Interrupted => Err(ConnectorError::MachineFault {
+            message: "ComfyUI interrupted the prompt (not at the machine's request)".to_owned(),
+        }),
     }
 }
 

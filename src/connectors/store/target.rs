@@ -37,12 +37,17 @@ pub struct OutputTarget {
 impl OutputTarget {
     /// Stores every byte artifact (several at once) and returns the result entries in the same
     /// order; URL artifacts are passed through. Fails on the first output that cannot be stored.
+    ///
+    /// # Panics
+    ///
+    /// On an output still to be fetched ([`ArtifactBody::Fetch`]): its bytes are fetched first,
+    /// and blamed apart from the store's faults (the worker's upload stage does both).
     pub async fn store(&self, artifacts: Vec<Artifact>) -> Result<Vec<StoredArtifact>, ConnectorError> {
         let formats: Vec<Option<naming::Format>> = artifacts
             .iter()
             .map(|a| match &a.body {
                 ArtifactBody::Bytes(b) => Some(naming::format_of(b, &a.content_type, &a.name)),
-                ArtifactBody::Url(_) => None,
+                ArtifactBody::Url(_) | ArtifactBody::Fetch(_) => None,
             })
             .collect();
         let byte_outputs: Vec<(&[u8], &str)> = artifacts
@@ -91,6 +96,8 @@ impl OutputTarget {
                 let url = match body {
                     ArtifactBody::Url(u) => u,
                     ArtifactBody::Bytes(_) => unreachable!("byte outputs are uploaded"),
+                    // The worker fetches every output before it stores them (its upload stage).
+                    ArtifactBody::Fetch(f) => unreachable!("an output to fetch reached the store: {f:?}"),
                 };
                 return Ok(StoredArtifact {
                     name,

@@ -18,7 +18,7 @@ use crate::broker::retry::RedisRetry;
 use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
-    ArtifactBody, Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver,
+    Artifact, ArtifactBody, Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver,
     ProgressSink,
 };
 use crate::logging::error_chain;
@@ -67,7 +67,7 @@ struct Upload {
     output: JobOutput,
     stops: mpsc::Receiver<Stop>,
     keeper: AbortOnDrop<()>,
-    progress: AbortOnDrop<()>,
+    progress: Option<AbortOnDrop<()>>,
     run: Duration,
     billing: Option<Billing>,
     idle_before: Duration,
@@ -94,6 +94,54 @@ struct Uploading<'a> {
     stops: &'a mut mpsc::Receiver<Stop>,
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
     progress: Option<AbortOnDrop<()>>,
+}
+
+/// A job's connector running, with its lease keeper and progress forwarder beside it.
+struct Running {
+    task: AbortOnDrop<(Result<JobOutput, ConnectorError>, Duration)>,
+    /// Stops the connector.
+    cancel: CancellationToken,
+    started: Instant,
+    idle_before: Duration,
+    /// The job's time limit.
+    timeout: Duration,
+    /// The connector, to re-check a refusal of the machine's credentials.
+    checker: Arc<dyn Connector>,
+    /// What the connector reported using at a paid API.
+    usage: ProgressSink,
+    /// The stops the lease keeper and the progress forwarder send.
+    stops: mpsc::Receiver<Stop>,
+    keeper: AbortOnDrop<()>,
+    /// Taken when the connector returned and its last report was written; left, still
+    /// holding that report, to go with a job whose completion follows.
+    forwarder: Option<AbortOnDrop<()>>,
+    progress_ended: ProgressEnd,
+}
+
+/// How the connector's run ended: its result and time, why it was stopped if it was, and the
+/// drain period when shutdown began meanwhile.
+struct Watched {
+    result: Result<JobOutput, ConnectorError>,
+    run: Duration,
+    stop: Option<Stop>,
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// What a job that stays with its worker to the end is concluded from.
+struct Concluding<'a> {
+    result: Result<JobOutput, ConnectorError>,
+    stop: Option<Stop>,
+    target: OutputTarget,
+    timeout: Duration,
+    checker: Arc<dyn Connector>,
+    uploading: Uploading<'a>,
+}
+
+/// Why a finished job's outputs were not stored: an output could not be fetched from its
+/// service (blamed as the connector's own request would be), or the store refused or failed.
+enum Unstored {
+    Fetch(ConnectorError),
+    Store(ConnectorError),
 }
 
 /// A claimed job ready to run: its input and its checked output destination.
@@ -226,7 +274,8 @@ impl Worker {
             .iter()
             .map(|a| match &a.body {
                 ArtifactBody::Bytes(b) => u64::try_from(b.len()).unwrap_or(u64::MAX),
-                ArtifactBody::Url(_) => 0,
+                // Counted once fetched (`Ending::fetch`).
+                ArtifactBody::Url(_) | ArtifactBody::Fetch(_) => 0,
             })
             .sum();
         tracing::debug!(worker = %self.id(), job_id = %claimed.id, bytes, "storing the outputs while the worker goes on");
@@ -258,7 +307,7 @@ impl Worker {
             let uploading = Uploading {
                 stops: &mut stops,
                 drain: None,
-                progress: Some(progress),
+                progress,
             };
             let outcome = ending
                 .write_success(&broker, &claimed, &target, output, &shutdown, uploading)
@@ -346,7 +395,7 @@ impl Ending {
 
 impl Worker {
     /// Runs the connector with the lease keeper, progress, cancellation, time limit and drain
-    /// around it, then writes the outcome.
+    /// around it, then writes the outcome, or hands a finished job to the upload stage.
     async fn supervise(
         &mut self,
         broker: &Broker,
@@ -357,21 +406,82 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Supervised {
         let Prepared { input, target } = prepared;
+        let mut running = self.launch(broker, claimed, &input, connector);
+        let Watched {
+            result,
+            run,
+            stop,
+            drain,
+        } = self.watch(claimed, &mut running, cancels, shutdown).await;
+        let completing = stop.is_none() && result.is_ok();
+        let billing = self.wind_down(broker, claimed, &mut running, completing).await;
+        let Running {
+            mut stops,
+            keeper,
+            forwarder,
+            idle_before,
+            timeout,
+            checker,
+            ..
+        } = running;
+        // A job its service finished, while the worker goes on, is stored and completed by
+        // the upload stage, so the service gets its next job now (at shutdown there is no next
+        // job: it is stored here, within the drain).
+        let result = match result {
+            Ok(output) if stop.is_none() && self.uploads_alongside() && !shutdown.is_cancelled() => {
+                return Supervised::Upload(Box::new(Upload {
+                    target,
+                    output,
+                    stops,
+                    keeper,
+                    progress: forwarder,
+                    run,
+                    billing,
+                    idle_before,
+                }));
+            }
+            other => other,
+        };
+        let concluding = Concluding {
+            result,
+            stop,
+            target,
+            timeout,
+            checker,
+            uploading: Uploading {
+                stops: &mut stops,
+                drain,
+                progress: forwarder,
+            },
+        };
+        let (outcome, possible_orphan) = self.conclude(broker, claimed, concluding, shutdown).await;
+        drop(keeper);
+        Supervised::Ended(Ended {
+            outcome,
+            run,
+            billing,
+            possible_orphan,
+            idle_before,
+        })
+    }
+
+    /// Starts the connector on the job, with its lease keeper and progress forwarder beside it.
+    fn launch(&mut self, broker: &Broker, claimed: &ClaimedJob, input: &Job, connector: Arc<dyn Connector>) -> Running {
         let (sink, progress) = ProgressSink::new();
         let usage = sink.clone();
-        let job_cancel = CancellationToken::new();
+        let cancel = CancellationToken::new();
         let started = Instant::now();
         let idle_before = self.idle.run_started(started);
         let checker = connector.clone();
-        let mut task = AbortOnDrop(tokio::spawn({
+        let task = AbortOnDrop(tokio::spawn({
             let input = input.clone();
-            let cancel = job_cancel.clone();
+            let cancel = cancel.clone();
             async move {
                 let r = connector.run(&input, &sink, &cancel).await;
                 (r, started.elapsed())
             }
         }));
-        let (stop_tx, mut stop_rx) = mpsc::channel(2);
+        let (stop_tx, stops) = mpsc::channel(2);
         // Held until the job's end is written (here, or by the upload stage): the lease is
         // renewed until then.
         let keeper = AbortOnDrop(tokio::spawn(keep_lease(
@@ -383,7 +493,7 @@ impl Worker {
         // Progress goes to Redis from its own task, so a slow or absent Redis never delays
         // noticing that the job ended, was cancelled or ran out of time.
         let progress_ended = ProgressEnd::default();
-        let mut forwarder = AbortOnDrop(tokio::spawn(forward_progress(
+        let forwarder = AbortOnDrop(tokio::spawn(forward_progress(
             broker.clone(),
             claimed.clone(),
             progress,
@@ -392,20 +502,45 @@ impl Worker {
             self.settings.progress_every,
             progress_ended.clone(),
         )));
-        let timeout = input.timeout.unwrap_or(self.settings.job_timeout);
+        Running {
+            task,
+            cancel,
+            started,
+            idle_before,
+            timeout: input.timeout.unwrap_or(self.settings.job_timeout),
+            checker,
+            usage,
+            stops,
+            keeper,
+            forwarder: Some(forwarder),
+            progress_ended,
+        }
+    }
+
+    /// Waits for the connector to return, stopping it (and saying why) when the job is
+    /// cancelled or lost, runs out of time, outlasts the drain, is held or forced to stop.
+    async fn watch(
+        &mut self,
+        claimed: &ClaimedJob,
+        running: &mut Running,
+        cancels: &mut broadcast::Receiver<String>,
+        shutdown: &CancellationToken,
+    ) -> Watched {
+        let timeout = running.timeout;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut stop: Option<Stop> = None;
         let mut cancels_open = true;
+        let job_cancel = running.cancel.clone();
         let (result, run) = loop {
             tokio::select! {
                 biased;
-                joined = &mut task.0 => break match joined {
+                joined = &mut running.task.0 => break match joined {
                     Ok(r) => r,
-                    Err(e) => (Err(ConnectorError::MachineFault { message: format!("the connector task failed: {e}") }), started.elapsed()),
+                    Err(e) => (Err(ConnectorError::MachineFault { message: format!("the connector task failed: {e}") }), running.started.elapsed()),
                 },
-                Some(s) = stop_rx.recv(), if stop.is_none() => {
+                Some(s) = running.stops.recv(), if stop.is_none() => {
                     stop = Some(s);
                     job_cancel.cancel();
                 }
@@ -444,68 +579,81 @@ impl Worker {
                 }
             }
         };
-        // The lease is kept until the job's end is written: the uploads, the CDN wait and the
-        // outcome write below may outlast it (issue 23). Progress ends with the connector. A
-        // job that succeeded is completed next, and its completion carries the final state
-        // (100 %, completed): its last report, when not written yet, is held and written only
-        // if the outputs take longer than a progress interval to store (the forwarder goes
-        // with the upload and stops when it ends). Any other end writes it now, before the
-        // outcome (a coalesced one would be lost otherwise), unless Redis takes longer than
-        // PROGRESS_FLUSH to take it.
+        Watched {
+            result,
+            run,
+            stop,
+            drain,
+        }
+    }
+
+    /// Once the connector returned: its progress ended and what the attempt used at a paid
+    /// API added to the job. The lease is kept until the job's end is written: the fetches,
+    /// uploads, the CDN wait and the outcome write that follow may outlast it (issue 23).
+    async fn wind_down(
+        &mut self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        running: &mut Running,
+        completing: bool,
+    ) -> Option<Billing> {
+        // A job that succeeded (`completing`) is completed next, and its completion carries
+        // the final state (100 %, completed): its last report, when not written yet, is held
+        // and written only if the outputs take longer than a progress interval to fetch and
+        // store (the forwarder goes with the upload and stops when it ends). Any other end
+        // writes it now, before the outcome (a coalesced one would be lost otherwise), unless
+        // Redis takes longer than PROGRESS_FLUSH to take it.
         self.idle.run_ended(Instant::now());
-        let completing = stop.is_none() && result.is_ok();
         if completing {
-            progress_ended.completing.cancel();
+            running.progress_ended.completing.cancel();
         } else {
-            progress_ended.now.cancel();
-            let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
+            running.progress_ended.now.cancel();
+            if let Some(mut forwarder) = running.forwarder.take() {
+                let _ = tokio::time::timeout(PROGRESS_FLUSH, &mut forwarder.0).await;
+            }
         }
         // What the attempt used at a paid API is billed whatever its outcome; it is added to
         // the job's totals before the outcome is written, so a finished job shows all of it.
-        let billing = usage.usage().filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
+        let billing = running
+            .usage
+            .usage()
+            .filter(|b| b.requests > 0 || b.predict_seconds > 0.0);
         if let Some(b) = &billing {
             if let Err(e) = broker.record_usage(&claimed.id, &b.attempt_usage()).await {
                 tracing::warn!(job_id = %claimed.id, error = %error_chain(&e), "the attempt's usage was not added to the job");
             }
         }
-        // A job its service finished, while the worker goes on, is stored and completed by
-        // the upload stage, so the service gets its next job now (at shutdown there is no next
-        // job: it is stored here, within the drain).
-        let result = match result {
-            Ok(output) if stop.is_none() && self.uploads_alongside() && !shutdown.is_cancelled() => {
-                return Supervised::Upload(Box::new(Upload {
-                    target,
-                    output,
-                    stops: stop_rx,
-                    keeper,
-                    progress: forwarder,
-                    run,
-                    billing,
-                    idle_before,
-                }));
-            }
-            other => other,
-        };
+        billing
+    }
+
+    /// Writes the outcome of a job the worker does not hand to its upload stage: its outputs
+    /// stored and its completion, or why it did not complete. Also the API whose work may
+    /// exist upstream unfollowed, if any.
+    async fn conclude(
+        &mut self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        concluding: Concluding<'_>,
+        shutdown: &CancellationToken,
+    ) -> (JobOutcome, Option<String>) {
+        let Concluding {
+            result,
+            stop,
+            target,
+            timeout,
+            checker,
+            uploading,
+        } = concluding;
         let mut possible_orphan = None;
         let outcome = match (stop, result) {
             (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
             (Some(Stop::Lost), _) => JobOutcome::Lost,
             (_, Ok(output)) => {
-                let uploading = Uploading {
-                    stops: &mut stop_rx,
-                    drain,
-                    progress: Some(forwarder),
-                };
                 self.ending()
                     .write_success(broker, claimed, &target, output, shutdown, uploading)
                     .await
             }
-            (Some(Stop::Shutdown | Stop::Held), Err(_)) => {
-                match self.ending().write(shutdown, || broker.return_job(claimed)).await {
-                    Ok(()) => JobOutcome::Returned,
-                    Err(not) => self.ending().not_written(not),
-                }
-            }
+            (Some(Stop::Shutdown | Stop::Held), Err(_)) => self.ending().return_now(broker, claimed, shutdown).await,
             (Some(Stop::Timeout), Err(_)) => {
                 let e = ConnectorError::Timeout(timeout);
                 self.ending().write_failure(broker, claimed, &e, shutdown).await
@@ -524,32 +672,20 @@ impl Worker {
                 // counted against it: an account out of credit is probed with real jobs, which
                 // must not fail them) and take no more of that API's work until a re-check passes.
                 self.hold_for_credentials(checker, &e);
-                match self.ending().write(shutdown, || broker.return_job(claimed)).await {
-                    Ok(()) => JobOutcome::Returned,
-                    Err(not) => self.ending().not_written(not),
-                }
+                self.ending().return_now(broker, claimed, shutdown).await
             }
-            (None, Err(e)) if e.is_service_fault() => {
-                self.ending().write_service_fault(broker, claimed, &e, shutdown).await
-            }
-            (None, Err(e)) => self.ending().write_failure(broker, claimed, &e, shutdown).await,
+            (None, Err(e)) => self.ending().write_error(broker, claimed, &e, shutdown).await,
         };
-        drop(keeper);
-        Supervised::Ended(Ended {
-            outcome,
-            run,
-            billing,
-            possible_orphan,
-            idle_before,
-        })
+        (outcome, possible_orphan)
     }
 }
 
 impl Ending {
-    /// Stores the outputs and completes the job, under its lease (renewed beside it). The
-    /// upload stops when the API cancels the job or the lease is lost, and, at shutdown, when
-    /// the drain period (or a second signal) ends first: the job is then returned to the queue
-    /// in its place, as a running job would be. Whole-object PUTs leave nothing partial.
+    /// Fetches the outputs still at the job's service, stores them and completes the job,
+    /// under its lease (renewed beside it). The upload stops when the API cancels the job or
+    /// the lease is lost, and, at shutdown, when the drain period (or a second signal) ends
+    /// first: the job is then returned to the queue in its place, as a running job would be.
+    /// Whole-object PUTs leave nothing partial.
     async fn write_success(
         &self,
         broker: &Broker,
@@ -559,7 +695,11 @@ impl Ending {
         shutdown: &CancellationToken,
         mut uploading: Uploading<'_>,
     ) -> JobOutcome {
-        let upload = target.store(output.artifacts);
+        let JobOutput { data, artifacts } = output;
+        let upload = async {
+            let artifacts = self.fetch(claimed, artifacts).await.map_err(Unstored::Fetch)?;
+            target.store(artifacts).await.map_err(Unstored::Store)
+        };
         tokio::pin!(upload);
         let stored = loop {
             tokio::select! {
@@ -590,9 +730,13 @@ impl Ending {
         drop(uploading.progress.take());
         let stored = match stored {
             Ok(s) => s,
-            Err(e) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
+            Err(Unstored::Fetch(e)) => {
+                tracing::warn!(job_id = %claimed.id, error = %e.chain(), "an output could not be fetched from the job's service");
+                return self.write_error(broker, claimed, &e, shutdown).await;
+            }
+            Err(Unstored::Store(e)) => return self.store_failed(broker, claimed, target, &e, shutdown).await,
         };
-        let mut result = output.data;
+        let mut result = data;
         store::add_to_result(&mut result, &stored);
         if let Err(e) = store::check_result_size(&result) {
             tracing::error!(job_id = %claimed.id, error = %e.chain(), "refusing to write an oversized result to redis");
@@ -604,7 +748,42 @@ impl Ending {
         }
     }
 
-    /// Returns the job to the queue in its place, no retry spent (shutdown).
+    /// Fetches the outputs still at the job's service ([`ArtifactBody::Fetch`]), one after
+    /// the other, counting each one's bytes in the job's pending upload as soon as they are
+    /// known (its `Content-Length`, else its body): from then on they count against the byte
+    /// budget that holds the worker's claims back. A job stored before the next claim (no
+    /// upload stage, or at shutdown) has no pending upload to count them in.
+    async fn fetch(&self, claimed: &ClaimedJob, artifacts: Vec<Artifact>) -> Result<Vec<Artifact>, ConnectorError> {
+        let mut fetched = Vec::with_capacity(artifacts.len());
+        for artifact in artifacts {
+            let ArtifactBody::Fetch(fetch) = &artifact.body else {
+                fetched.push(artifact);
+                continue;
+            };
+            let got = fetch.get(|bytes| self.count_upload_bytes(&claimed.id, bytes)).await?;
+            tracing::debug!(job_id = %claimed.id, url = fetch.url(), bytes = got.bytes.len(), "fetched an output from the job's service");
+            fetched.push(Artifact {
+                content_type: got.content_type.unwrap_or(artifact.content_type),
+                name: artifact.name,
+                body: ArtifactBody::Bytes(got.bytes),
+            });
+        }
+        Ok(fetched)
+    }
+
+    /// Adds `bytes` to the outputs the job's pending upload holds, if it has one.
+    fn count_upload_bytes(&self, job_id: &str, bytes: u64) {
+        self.status.send_if_modified(|s| {
+            let Some(upload) = s.uploads.iter_mut().find(|u| u.job_id == job_id) else {
+                return false;
+            };
+            upload.bytes = upload.bytes.saturating_add(bytes);
+            true
+        });
+    }
+
+    /// Returns the job to the queue in its place, no retry spent (shutdown, a hold, refused
+    /// credentials).
     async fn return_now(&self, broker: &Broker, claimed: &ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
         match self.write(shutdown, || broker.return_job(claimed)).await {
             Ok(()) => JobOutcome::Returned,
@@ -680,6 +859,23 @@ impl Ending {
                 error: reason.to_owned(),
             },
             Err(not) => self.not_written(not),
+        }
+    }
+
+    /// Writes a failure that the connector's work (or the fetch of its outputs) ended in: a
+    /// service that crashed or stalled under the job as the service's fault, anything else as
+    /// the job's own failure, retried as its class says.
+    async fn write_error(
+        &self,
+        broker: &Broker,
+        claimed: &ClaimedJob,
+        e: &ConnectorError,
+        shutdown: &CancellationToken,
+    ) -> JobOutcome {
+        if e.is_service_fault() {
+            self.write_service_fault(broker, claimed, e, shutdown).await
+        } else {
+            self.write_failure(broker, claimed, e, shutdown).await
         }
     }
 

@@ -20,7 +20,9 @@
 //! worker's upload stage, which stores its outputs and writes its end under its lease (still
 //! renewed) while the worker claims and runs the next job. The stage is bounded: the worker
 //! claims only while fewer jobs than that wait on their uploads and their outputs hold less
-//! than `worker.pending_upload_mb`; otherwise it waits for one to end. Each upload keeps every
+//! than `worker.pending_upload_mb`; otherwise it waits for one to end. Outputs the stage
+//! fetches from the job's service (ComfyUI's `/view`) count from the moment their size is
+//! known, so a worker waiting for its next job stops waiting when a fetch fills the budget. Each upload keeps every
 //! promise of a job stored in place: at shutdown it finishes within the drain period or its
 //! job is returned; a refused credential gives its job back and holds the worker, which stops
 //! claiming once its current job ends; a machine killed meanwhile loses nothing (the leases
@@ -595,10 +597,18 @@ impl Worker {
         tokio::pin!(rescan);
         let held = self.holds.held();
         tokio::pin!(held);
+        // Outputs fetched meanwhile may fill the byte budget: no claim past it.
+        let limits = self.upload_limits;
+        let mut uploads = self.status.subscribe();
+        let full = async move {
+            let _ = uploads.wait_for(|s| !limits.room(s)).await;
+        };
+        tokio::pin!(full);
         loop {
             tokio::select! {
                 r = &mut claim => return r,
                 () = &mut held, if !stop.is_cancelled() => stop.cancel(),
+                () = &mut full, if !stop.is_cancelled() => stop.cancel(),
                 // A job the upload stage ended is judged before the worker takes more work (a
                 // quarantine it starts must stop this claim).
                 Some(ended) = self.upload_ended.recv(), if !stop.is_cancelled() => {
