@@ -251,7 +251,7 @@ impl Reloader {
             self.services
                 .add(spec.clone())
                 .map_err(|e| apply(format!("start service {}", spec.name), e))?;
-            if let Some((rx, feed)) = super::readiness_feed(&self.services, &spec.name, &self.feeds_stop) {
+            if let Some((rx, feed)) = self.services.readiness(&spec.name, &self.feeds_stop) {
                 self.readiness.insert(spec.name.clone(), rx);
                 self.feeds.push(feed);
             }
