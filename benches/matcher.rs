@@ -39,6 +39,25 @@ struct Run {
     claimed: usize,
     server_us_per_call: f64,
     runnable: usize,
+    /// CPU time per job claimed (µs) of this process (the workers' client side) and of the
+    /// redis-server, over the whole run; 0 when not measured.
+    client_cpu_us: f64,
+    server_cpu_us: f64,
+}
+
+/// The CPU time this process has used (all threads, user and system), from /proc/self/stat.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after the last ')'.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // Linux counts these in USER_HZ, 100 per second everywhere it runs.
+    Duration::from_millis(ticks * 10)
 }
 
 struct Bench {
@@ -89,6 +108,24 @@ impl Bench {
             .query_async(&mut self.conn)
             .await
             .expect("RESETSTAT");
+    }
+
+    /// The redis-server's CPU time so far (`INFO cpu`: user and system, every thread).
+    async fn server_cpu(&mut self) -> Duration {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.conn)
+            .await
+            .expect("INFO");
+        let secs: f64 = info
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("used_cpu_sys:")
+                    .or_else(|| l.strip_prefix("used_cpu_user:"))
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum();
+        Duration::from_secs_f64(secs)
     }
 
     async fn fcall_usec_per_call(&mut self) -> f64 {
@@ -159,6 +196,8 @@ impl Bench {
     async fn concurrent(&mut self, which: Impl, workers: usize, runnable: usize) -> Run {
         self.reset_stats().await;
         let claimed = Arc::new(AtomicU64::new(0));
+        let server_cpu = self.server_cpu().await;
+        let client_cpu = process_cpu();
         let started = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..workers {
@@ -210,8 +249,15 @@ impl Bench {
             lat.extend(t.await.expect("a worker task"));
         }
         let elapsed = started.elapsed();
+        let client_cpu = process_cpu().saturating_sub(client_cpu);
+        let server_cpu = self.server_cpu().await.saturating_sub(server_cpu);
         let server = self.fcall_usec_per_call().await;
-        summarise(lat, claimed.load(Ordering::Relaxed) as usize, elapsed, server, runnable)
+        let n = claimed.load(Ordering::Relaxed) as usize;
+        let mut run = summarise(lat, n, elapsed, server, runnable);
+        let per_job = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
+        run.client_cpu_us = per_job(client_cpu);
+        run.server_cpu_us = per_job(server_cpu);
+        run
     }
 }
 
@@ -231,6 +277,8 @@ fn summarise(mut lat: Vec<Duration>, claimed: usize, elapsed: Duration, server: 
         claimed,
         server_us_per_call: server,
         runnable,
+        client_cpu_us: 0.0,
+        server_cpu_us: 0.0,
     }
 }
 
@@ -385,7 +433,10 @@ fn main() {
         let mut server_us = Vec::new();
         let mut head_base = 0.0;
         let mut unlistened = Vec::new();
-        for (title, unrunnable, runnable, indexed) in [
+        // `cargo bench --bench matcher -- throughput` runs the claim+complete scenario alone
+        // (quicker to compare two versions of a change; it prints no goals).
+        let throughput_only = std::env::args().any(|a| a == "throughput");
+        let scenarios = [
             ("head job matches (2,000 runnable)", 0, 2000, true),
             ("100 unrunnable ahead of 1,000 runnable", 100, 1000, true),
             ("1,000 unrunnable ahead of 1,000 runnable", 1000, 1000, true),
@@ -402,7 +453,9 @@ fn main() {
                 1000,
                 false,
             ),
-        ] {
+        ];
+        for (title, unrunnable, runnable, indexed) in if throughput_only { &scenarios[..0] } else { &scenarios[..] } {
+            let (unrunnable, runnable, indexed) = (*unrunnable, *runnable, *indexed);
             let ours = scenario(&mut bench, unrunnable, runnable, Impl::Ours, indexed).await;
             let base = scenario(&mut bench, unrunnable, runnable, Impl::Baseline, indexed).await;
             print_table(title, &ours, &base);
@@ -429,7 +482,31 @@ fn main() {
             &ours,
             &base,
         );
+        // Where the throughput goes: the bench's client and the server share the host's cores,
+        // so each job costs the sum of both; CPU time per job moves less with the host's load
+        // than the rate does.
+        println!("CPU µs per claim+complete (client = this process's workers, server = redis-server):");
+        for (name, r) in [("ours", &ours), ("baseline", &base)] {
+            println!(
+                "  {name:<8} client {:>6.1}  server {:>6.1}  total {:>6.1}",
+                r.client_cpu_us,
+                r.server_cpu_us,
+                r.client_cpu_us + r.server_cpu_us
+            );
+        }
+        println!(
+            "  ours/baseline: client {}, server {}, total {}",
+            ratio(ours.client_cpu_us, base.client_cpu_us),
+            ratio(ours.server_cpu_us, base.server_cpu_us),
+            ratio(
+                ours.client_cpu_us + ours.server_cpu_us,
+                base.client_cpu_us + base.server_cpu_us
+            )
+        );
 
+        if throughput_only {
+            return;
+        }
         bench.reset().await;
         let (p50, p99, n) = submit_to_claim(&server, &url).await;
         println!("\n## submit → claim with 8 idle waiting workers (ours; {n} jobs one at a time)");

@@ -120,6 +120,63 @@ pub enum WorkerKind {
     External,
 }
 
+/// The GPU-bound connectors with how many GPUs each runs on (`kind:N` capped at the GPUs
+/// there are, one slot without a GPU); a warning for each cap.
+fn gpu_bound(config: &Config, probe: &Probe, warnings: &mut Vec<String>) -> Vec<(ConnectorKind, usize)> {
+    config
+        .plan
+        .connectors
+        .entries()
+        .iter()
+        .filter(|r| r.kind.gpu_bound())
+        .map(|r| {
+            let slots = probe.gpus.len().max(1);
+            let wanted = r.count.map_or(slots, |n| n.get() as usize);
+            if wanted > slots {
+                warnings.push(format!(
+                    "{}:{wanted} capped at {slots}: {}",
+                    r.kind,
+                    if probe.gpus.is_empty() {
+                        "without a GPU one CPU-mode worker runs GPU-bound connectors".to_owned()
+                    } else {
+                        format!("this machine has {slots} GPU(s)")
+                    }
+                ));
+            }
+            (r.kind, wanted.min(slots))
+        })
+        .collect()
+}
+
+/// The workers of the connectors that call an external API: `count` each, no GPU, no service.
+fn external_workers(config: &Config) -> Vec<WorkerPlan> {
+    let id = &config.machine.machine_id;
+    let mut workers = Vec::new();
+    for r in config.plan.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
+        let count = r.count.map_or(1, |n| n.get());
+        let mut job_services = own_job_services(r.kind);
+        // Replicate model-family aliases are services of their own: a job of
+        // `replicate:<alias>` runs the model the alias names.
+        if r.kind == ConnectorKind::Replicate {
+            job_services.extend(config.plan.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
+        }
+        for n in 1..=count {
+            let connector = ConnectorPlan {
+                kind: r.kind,
+                job_services: job_services.clone(),
+                endpoint: None,
+            };
+            workers.push(worker(
+                format!("{id}-{}-{n}", r.kind),
+                None,
+                WorkerKind::External,
+                vec![connector],
+            ));
+        }
+    }
+    workers
+}
+
 impl Plan {
     /// Derives the plan; problems are configuration problems naming the key to fix.
     pub fn build(config: &Config, probe: &Probe) -> Result<Plan, Vec<Problem>> {
@@ -128,29 +185,7 @@ impl Plan {
         let mut services: Vec<ServiceSpec> = Vec::new();
         let id = &config.machine.machine_id;
 
-        let gpu_bound: Vec<(ConnectorKind, usize)> = config
-            .plan
-            .connectors
-            .entries()
-            .iter()
-            .filter(|r| r.kind.gpu_bound())
-            .map(|r| {
-                let slots = probe.gpus.len().max(1);
-                let wanted = r.count.map_or(slots, |n| n.get() as usize);
-                if wanted > slots {
-                    warnings.push(format!(
-                        "{}:{wanted} capped at {slots}: {}",
-                        r.kind,
-                        if probe.gpus.is_empty() {
-                            "without a GPU one CPU-mode worker runs GPU-bound connectors".to_owned()
-                        } else {
-                            format!("this machine has {slots} GPU(s)")
-                        }
-                    ));
-                }
-                (r.kind, wanted.min(slots))
-            })
-            .collect();
+        let gpu_bound = gpu_bound(config, probe, &mut warnings);
 
         if !gpu_bound.is_empty() {
             if probe.gpus.is_empty() {
@@ -176,28 +211,7 @@ impl Plan {
             }
         }
 
-        for r in config.plan.connectors.entries().iter().filter(|r| !r.kind.gpu_bound()) {
-            let count = r.count.map_or(1, |n| n.get());
-            let mut job_services = own_job_services(r.kind);
-            // Replicate model-family aliases are services of their own: a job of
-            // `replicate:<alias>` runs the model the alias names.
-            if r.kind == ConnectorKind::Replicate {
-                job_services.extend(config.plan.replicate.aliases.keys().map(|a| format!("replicate:{a}")));
-            }
-            for n in 1..=count {
-                let connector = ConnectorPlan {
-                    kind: r.kind,
-                    job_services: job_services.clone(),
-                    endpoint: None,
-                };
-                workers.push(worker(
-                    format!("{id}-{}-{n}", r.kind),
-                    None,
-                    WorkerKind::External,
-                    vec![connector],
-                ));
-            }
-        }
+        workers.extend(external_workers(config));
 
         let mut problems = Vec::new();
         if config.machine.redis.is_none() {

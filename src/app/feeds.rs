@@ -15,7 +15,7 @@ use crate::gpu::Probe;
 use crate::health::{HealthState, Running};
 use crate::logging::error_chain;
 use crate::plan::Plan;
-use crate::supervisor::{ServiceStatus, ServicesWatch, SupervisorHandle};
+use crate::supervisor::SupervisorHandle;
 use crate::worker::{self, Readiness};
 
 use super::Connected;
@@ -106,34 +106,12 @@ pub(super) fn readiness(
     let names: BTreeSet<&String> = plan.workers.iter().flat_map(|w| &w.waits_for).collect();
     let mut readiness = Readiness::new();
     for name in names {
-        if let Some((rx, task)) = readiness_feed(handle, name, stop) {
+        if let Some((rx, task)) = handle.readiness(name, stop) {
             tasks.push(task);
             readiness.insert(name.clone(), rx);
         }
     }
     readiness
-}
-
-/// The readiness channel of one service and the task that feeds it, until `stop` or until the
-/// service is removed; `None` when the supervisor has no such service.
-pub(crate) fn readiness_feed(
-    handle: &SupervisorHandle,
-    name: &str,
-    stop: &CancellationToken,
-) -> Option<(watch::Receiver<bool>, JoinHandle<()>)> {
-    let mut watch = handle.watch(&[name.to_owned()]).ok()?;
-    let (tx, rx) = watch::channel(serving(&watch));
-    let stop = stop.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let _ = tx.send(serving(&watch));
-            tokio::select! {
-                () = stop.cancelled() => break,
-                changed = watch.changed() => if changed.is_err() { break },
-            }
-        }
-    });
-    Some((rx, task))
 }
 
 /// Every few seconds, reads the fleet-wide usage of each limited external API from Redis into
@@ -223,11 +201,6 @@ pub(super) async fn queue_feed(state: Arc<HealthState>, connected: Connected, st
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
-}
-
-/// Whether every watched service runs with its readiness and liveness probes passing.
-fn serving(watch: &ServicesWatch) -> bool {
-    watch.statuses().iter().all(ServiceStatus::serving)
 }
 
 /// Records every finished job in the metrics and in the status page's recent jobs.

@@ -37,7 +37,6 @@ pub mod reload;
 mod subsystems;
 mod workspace;
 
-pub(crate) use feeds::readiness_feed;
 pub(crate) use workspace::{lock_path, machine_holds};
 
 use std::path::{Path, PathBuf};

@@ -28,17 +28,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ConfigError, Problem, ProcessEnv};
 use crate::gpu::Probe;
-use crate::health::{HealthState, ReloadError, ReloadReport, ReloadRequest};
+use crate::health::{HealthState, ReloadError, ReloadReport, ReloadRequest, Running};
 use crate::installers::InstallProgress;
 use crate::plan::{Plan, PlanDiff};
 use crate::supervisor::SupervisorHandle;
-use crate::worker::{Readiness, WorkerPool};
+use crate::worker::{Readiness, Worker, WorkerPool, WorkerStatus};
 
 /// The running machine as a reload changes it. One per machine; [`serve`] runs its reloads one
 /// at a time.
@@ -103,6 +103,45 @@ impl Reloader {
             return Err(ReloadError::Unavailable("it is shutting down"));
         }
         let running = self.state.running().borrow().clone();
+        let next = self.prepare(&running)?;
+        let mut report = ReloadReport {
+            diff: next.diff.clone(),
+            restart_required: next.restart_required.clone(),
+            applied: next.new_lease.iter().map(|l| lease_applied(*l)).collect(),
+            warnings: next.plan.warnings.clone(),
+            config_file: self.path.clone(),
+            dry_run,
+        };
+        if dry_run {
+            return Ok(report);
+        }
+        // Workers are built before anything stops: one that cannot be built (an API key
+        // missing) refuses the reload like any other problem.
+        let starting = next.diff.workers_to_start(&next.plan);
+        let built = self
+            .pool
+            .build(&next.applied, &self.probe, &next.plan, &starting, &ProcessEnv)
+            .map_err(|e| {
+                ReloadError::Invalid(ConfigError::Invalid(vec![Problem {
+                    key: "WORKER_CONNECTORS".to_owned(),
+                    message: e.to_string(),
+                }]))
+            })?;
+        report.applied = self.apply_settings(&next);
+        if next.diff.is_empty() {
+            tracing::info!("reload: nothing to change");
+            // The settings outside the plan (a lease) are the running ones from now on.
+            self.state.reloaded(&next.applied, &running.plan, Vec::new());
+            return Ok(report);
+        }
+        let statuses = self.apply_plan(&running.plan, &next, built).await?;
+        self.state.reloaded(&next.applied, &next.plan, statuses);
+        Ok(report)
+    }
+
+    /// Loads the configuration, compares it with the running one and makes the new plan,
+    /// changing nothing.
+    fn prepare(&self, running: &Running) -> Result<Prepared, ReloadError> {
         let config = config::load_in(self.path.as_deref(), &ProcessEnv, &running.config.machine.workspace)
             .map_err(ReloadError::Invalid)?;
         let mut changes = running.config.changes(&config);
@@ -131,53 +170,42 @@ impl Reloader {
             })
             .map_err(|problems| ReloadError::Invalid(ConfigError::Invalid(problems)))?;
         let diff = PlanDiff::between(&running.plan, &plan, &changes.connectors);
-        if dry_run {
-            return Ok(ReloadReport {
-                diff,
-                restart_required,
-                applied: new_lease.iter().map(|l| lease_applied(*l)).collect(),
-                warnings: plan.warnings.clone(),
-                config_file: self.path.clone(),
-                dry_run: true,
-            });
-        }
-        // Workers are built before anything stops: one that cannot be built (an API key
-        // missing) refuses the reload like any other problem.
-        let starting = diff.workers_to_start(&plan);
-        let built = self
-            .pool
-            .build(&applied, &self.probe, &plan, &starting, &ProcessEnv)
-            .map_err(|e| {
-                ReloadError::Invalid(ConfigError::Invalid(vec![Problem {
-                    key: "WORKER_CONNECTORS".to_owned(),
-                    message: e.to_string(),
-                }]))
-            })?;
-        let mut applied_settings = Vec::new();
-        if self.pool.renew_credentials(&applied.credentials) {
+        Ok(Prepared {
+            applied,
+            plan,
+            diff,
+            restart_required,
+            new_lease,
+        })
+    }
+
+    /// Applies the settings that change in place (the store's credentials, the lease); returns
+    /// what was applied, in words.
+    fn apply_settings(&self, next: &Prepared) -> Vec<String> {
+        let mut applied = Vec::new();
+        if self.pool.renew_credentials(&next.applied.credentials) {
             tracing::info!("reload: the output store uses the credentials read now");
-            applied_settings.push("output store credentials (read again)".to_owned());
+            applied.push("output store credentials (read again)".to_owned());
         }
-        if let Some(lease) = new_lease {
+        if let Some(lease) = next.new_lease {
             if self.pool.set_lease(lease) {
                 tracing::info!(lease = ?lease, "reload: the lease applies from the next claim");
             }
-            applied_settings.push(lease_applied(lease));
+            applied.push(lease_applied(lease));
         }
-        let report = ReloadReport {
-            diff: diff.clone(),
-            restart_required,
-            applied: applied_settings,
-            warnings: plan.warnings.clone(),
-            config_file: self.path.clone(),
-            dry_run: false,
-        };
-        if diff.is_empty() {
-            tracing::info!("reload: nothing to change");
-            // The settings outside the plan (a lease) are the running ones from now on.
-            self.state.reloaded(&applied, &running.plan, Vec::new());
-            return Ok(report);
-        }
+        applied
+    }
+
+    /// Moves from the running plan to the new one: drains the workers that go, stops the
+    /// services that go (reverse dependency order), installs what added connectors need, starts
+    /// the added services and then the `built` workers. Returns the new workers' statuses.
+    async fn apply_plan(
+        &mut self,
+        old: &Plan,
+        next: &Prepared,
+        built: Vec<(Worker, Vec<String>)>,
+    ) -> Result<Vec<(String, watch::Receiver<WorkerStatus>)>, ReloadError> {
+        let diff = &next.diff;
         tracing::info!(
             added = ?diff.workers.added,
             removed = ?diff.workers.removed,
@@ -195,7 +223,7 @@ impl Reloader {
         }
         self.state.forget_workers(&stopping);
 
-        for spec in diff.services_to_stop(&running.plan) {
+        for spec in diff.services_to_stop(old) {
             self.services
                 .remove(&spec.name)
                 .await
@@ -203,26 +231,27 @@ impl Reloader {
             self.readiness.remove(&spec.name);
         }
 
-        let new_installers: Vec<&'static str> = plan
+        let new_installers: Vec<&'static str> = next
+            .plan
             .installers
             .iter()
             .copied()
-            .filter(|i| !running.plan.installers.contains(i))
+            .filter(|i| !old.installers.contains(i))
             .collect();
         if !new_installers.is_empty() {
             tokio::select! {
-                r = crate::installers::before_services(&applied, &new_installers, &self.tracker, self.shutdown.child_token()) => {
+                r = crate::installers::before_services(&next.applied, &new_installers, &self.tracker, self.shutdown.child_token()) => {
                     r.map_err(|e| apply("install the added connectors".to_owned(), e))?;
                 }
                 () = self.shutdown.cancelled() => return Err(ReloadError::Unavailable("it is shutting down")),
             }
         }
 
-        for spec in diff.services_to_start(&plan) {
+        for spec in diff.services_to_start(&next.plan) {
             self.services
                 .add(spec.clone())
                 .map_err(|e| apply(format!("start service {}", spec.name), e))?;
-            if let Some((rx, feed)) = super::readiness_feed(&self.services, &spec.name, &self.feeds_stop) {
+            if let Some((rx, feed)) = self.services.readiness(&spec.name, &self.feeds_stop) {
                 self.readiness.insert(spec.name.clone(), rx);
                 self.feeds.push(feed);
             }
@@ -240,8 +269,7 @@ impl Reloader {
                 .add(worker, gates)
                 .map_err(|e| apply(format!("start worker {id}"), e))?;
         }
-        self.state.reloaded(&applied, &plan, statuses);
-        Ok(report)
+        Ok(statuses)
     }
 
     /// Stops the readiness feeds this reloader started.
@@ -254,6 +282,18 @@ impl Reloader {
 }
 
 /// How the report names a lease applied in place.
+/// A reload made and compared, before anything changes.
+struct Prepared {
+    /// The new configuration, with what only a restart applies kept as it runs.
+    applied: Config,
+    plan: Plan,
+    diff: PlanDiff,
+    /// The settings that changed but apply only at the next start.
+    restart_required: Vec<String>,
+    /// The lease that applies in place, when it alone of `[worker]` changed.
+    new_lease: Option<std::time::Duration>,
+}
+
 fn lease_applied(lease: std::time::Duration) -> String {
     format!(
         "worker.lease = {} (from the next claim)",

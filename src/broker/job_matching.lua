@@ -41,19 +41,35 @@ local function dbg(msg)
   redis.log(redis.LOG_DEBUG, 'jobMatching: ' .. msg)
 end
 
+-- In Redis' Lua every library call is dear next to a command (measured with
+-- scripts/profile-broker.py: string.format about 2.3 k instructions, tostring of a number 4.8 k,
+-- string.find with a pattern 3.4 k, a table lookup 0.2 k, a whole HSET 4 k), so the hot paths
+-- format times and names by table lookups. D3[n] is n (0-999) as three digits; filled on first
+-- use (the string library is not reachable while the library loads).
+local D3 = nil
+local function fill_d3()
+  D3 = {}
+  for i = 0, 999 do D3[i] = string.format('%03d', i) end
+end
+
+-- The server's time in epoch milliseconds, and the same as text (the form every hash and
+-- message gets, built from TIME's own digits rather than formatted).
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not D3 then fill_d3() end
+  local milli = math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + milli, t[1] .. D3[milli]
 end
 
 -- ISO-8601 UTC with milliseconds from epoch milliseconds (Lua in Redis has no os.date). The
 -- date part is computed once per second: claims and completions at thousands per second
--- share it, and only the milliseconds are formatted per call.
+-- share it, and only the milliseconds are looked up per call.
 local iso_secs, iso_prefix = nil, nil
 local function iso(ms)
   local secs = math.floor(ms / 1000)
   local milli = ms - secs * 1000
-  if secs == iso_secs then return iso_prefix .. string.format('%03d', milli) .. 'Z' end
+  if not D3 then fill_d3() end
+  if secs == iso_secs then return iso_prefix .. D3[milli] .. 'Z' end
   local days = math.floor(secs / 86400)
   local rem = secs - days * 86400
   local z = days + 719468
@@ -69,7 +85,7 @@ local function iso(ms)
   iso_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d.', y, m, d, math.floor(rem / 3600),
     math.floor((rem % 3600) / 60), rem % 60)
   iso_secs = secs
-  return iso_prefix .. string.format('%03d', milli) .. 'Z'
+  return iso_prefix .. D3[milli] .. 'Z'
 end
 
 local function hgetall(key)
@@ -85,11 +101,22 @@ end
 
 -- The messages and records every job sends (claim, completion, idle worker) are written as
 -- text: encoding a table costs more than the rest of their publishing. `jstr` encodes a
--- string value, `jint` an integer (times in ms); ISO times and fixed words need no escaping.
-local function jstr(v)
-  -- What cjson would escape: control characters, '"', '\\' and '/'; anything else is itself.
-  if not string.find(v, '[%c"\\/]') then return '"' .. v .. '"' end
-  return cjson.encode(v)
+-- string value (cjson's escaping: cheaper than looking for what needs it with a pattern),
+-- `jname` one of the short names that recur in every message (workers, services, customers,
+-- workflows, messages), memoised (bounded like the other memos: dropped whole when full; job
+-- ids and results are not names: they would only fill it), `jint` an integer; ISO times and
+-- fixed words need no escaping.
+local function jstr(v) return cjson.encode(v) end
+local JNAME_MAX = 4096
+local jname_memo, jname_n = {}, 0
+local function jname(v)
+  local e = jname_memo[v]
+  if e then return e end
+  e = cjson.encode(v)
+  if jname_n >= JNAME_MAX then jname_memo, jname_n = {}, 0 end
+  jname_memo[v] = e
+  jname_n = jname_n + 1
+  return e
 end
 local function jint(n) return string.format('%d', n) end
 
@@ -568,12 +595,40 @@ local function nonzero(s)
 end
 
 -- The group id of a job's matching fields (nil without a service) and its canonical
--- requirements text.
+-- requirements text. Every claim re-checks its job's group, and a SHA-1 with the trimming
+-- costs more than two commands, so both are memoised by the raw fields, nested by field so that
+-- no two tuples share an entry (bounded: dropped whole when full; a pure function of its
+-- arguments, so never stale).
+local group_memo, group_memo_n = {}, 0
 local function group_of(service, reqs, customer, workflow)
   if not service or service == '' then return nil end
-  local canon = string.match(reqs or '', '^%s*(.-)%s*$')
+  reqs, customer, workflow = reqs or '', customer or '', workflow or ''
+  local by_reqs = group_memo[service]
+  local by_customer = by_reqs and by_reqs[reqs]
+  local by_workflow = by_customer and by_customer[customer]
+  local known = by_workflow and by_workflow[workflow]
+  if known then return known[1], known[2] end
+  local canon = string.match(reqs, '^%s*(.-)%s*$')
   if canon == 'null' or canon == '{}' or canon == '[]' then canon = '' end
-  return redis.sha1hex(service .. '\n' .. canon .. '\n' .. (customer or '') .. '\n' .. (workflow or '')), canon
+  local gid = redis.sha1hex(service .. '\n' .. canon .. '\n' .. customer .. '\n' .. workflow)
+  if group_memo_n >= MEMO_MAX then group_memo, group_memo_n, by_reqs = {}, 0, nil end
+  if not by_reqs then
+    by_reqs = {}
+    group_memo[service] = by_reqs
+  end
+  by_customer = by_reqs[reqs]
+  if not by_customer then
+    by_customer = {}
+    by_reqs[reqs] = by_customer
+  end
+  by_workflow = by_customer[customer]
+  if not by_workflow then
+    by_workflow = {}
+    by_customer[customer] = by_workflow
+  end
+  by_workflow[workflow] = { gid, canon }
+  group_memo_n = group_memo_n + 1
+  return gid, canon
 end
 
 local function drop_group(p, gid, service)
@@ -961,7 +1016,7 @@ end
 -- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
 -- claim record, so nothing of ours reaps, requeues or fails the job it runs.
 local function claim(p, w, worker, max_examine, lease_ms)
-  local now = now_ms()
+  local now, now_text = now_ms()
   reconcile(p, now)
   release_due(p, now)
   local services = w.services
@@ -1016,9 +1071,8 @@ local function claim(p, w, worker, max_examine, lease_ms)
       if lease_ms then
         -- The claim record lives in the job hash (one HSET with the claim itself). The score is
         -- the exact text Redis gave, which requeue restores to jobs:pending.
-        local ts = jint(now)
         redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
-          'claim_ms', ts, 'claim_score', best_text, 'claim_order', string.sub(best_member, 1, ORDER_W))
+          'claim_ms', now_text, 'claim_score', best_text, 'claim_order', string.sub(best_member, 1, ORDER_W))
         redis.call('ZADD', p .. 'jobs:leases', jint(now + lease_ms), best_id)
       else
         redis.call('HSET', jkey, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at)
@@ -1032,14 +1086,14 @@ local function claim(p, w, worker, max_examine, lease_ms)
       -- The original's two messages, field for field (update_job_progress has no status: the
       -- API would turn one into an extra client event on every claim; the step fields are left
       -- out when the job has none, as the original's are).
-      local jid, jworker, ts = jstr(best_id), jstr(worker), jint(now)
+      local jid, jworker, ts = jstr(best_id), jname(worker), now_text
       local steps = ''
-      if job.step_number then steps = ',"step_number":' .. jstr(job.step_number) end
-      if job.total_steps then steps = steps .. ',"total_steps":' .. jstr(job.total_steps) end
+      if job.step_number then steps = ',"step_number":' .. jname(job.step_number) end
+      if job.total_steps then steps = steps .. ',"total_steps":' .. jname(job.total_steps) end
       redis.call('PUBLISH', p .. 'job_claimed', '{"job_id":' .. jid .. ',"worker_id":' .. jworker ..
         ',"status":"claimed","message":"Job claimed by worker","claimed_at":"' .. at .. '","timestamp":' .. ts ..
-        ',"service_required":' .. jstr(service or '') .. ',"customer_id":' .. jstr(job.customer_id or '') ..
-        ',"workflow_id":' .. jstr(job.workflow_id or '') .. steps .. '}')
+        ',"service_required":' .. jname(service or '') .. ',"customer_id":' .. jname(job.customer_id or '') ..
+        ',"workflow_id":' .. jname(job.workflow_id or '') .. steps .. '}')
       redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jid .. ',"worker_id":' .. jworker ..
         ',"progress":0,"timestamp":' .. ts .. '}')
       return '{"jobId":' .. jid .. ',"job":' .. snapshot .. '}'
@@ -1252,12 +1306,12 @@ local function drop_claim(p, id, claim_rec)
   if not claim_rec or claim_rec.legacy then redis.call('HDEL', p .. 'jobs:claims', id) end
 end
 
-local function worker_idle(p, worker, id, now)
+local function worker_idle(p, worker, id, now, now_text)
   local w = redis.call('HMGET', p .. 'worker:' .. worker, 'status', 'current_job_id')
   if w[2] ~= id then return end
   redis.call('HSET', p .. 'worker:' .. worker, 'status', 'idle', 'current_job_id', '', 'last_status_change', iso(now))
-  redis.call('PUBLISH', p .. 'worker_status', '{"worker_id":' .. jstr(worker) .. ',"old_status":' .. jstr(w[1] or '') ..
-    ',"new_status":"idle","current_job_id":"","timestamp":' .. jint(now) .. '}')
+  redis.call('PUBLISH', p .. 'worker_status', '{"worker_id":' .. jname(worker) .. ',"old_status":' .. jname(w[1] or '') ..
+    ',"new_status":"idle","current_job_id":"","timestamp":' .. (now_text or jint(now)) .. '}')
 end
 
 -- Fencing: 'ok', the claim record and the values of the job hash's fields `wanted` (a list,
@@ -1376,7 +1430,7 @@ local function final_fail(p, id, worker, claim_rec, err, retry_count, now)
 end
 
 local function start_job(p, id, worker)
-  local now = now_ms()
+  local now, now_text = now_ms()
   local r, claim_rec = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   if claim_rec.legacy then
@@ -1385,7 +1439,7 @@ local function start_job(p, id, worker)
     redis.call('HSET', p .. 'jobs:claims', id, cjson.encode(claim_rec))
   else
     -- processing_time counts from the start from now on.
-    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now), 'claim_ms', jint(now))
+    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now), 'claim_ms', now_text)
   end
   return 'ok'
 end
@@ -1424,7 +1478,7 @@ local COMPLETE_FIELDS = { 'workflow_id', 'current_step', 'total_steps' }
 -- `steps`: the job's workflow_id, current_step and total_steps for complete_job as the worker
 -- read them at claim (the API writes them at submission only), or nil to read them here.
 local function complete(p, id, worker, result_raw, message, steps)
-  local now = now_ms()
+  local now, now_text = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now, not steps and COMPLETE_FIELDS or nil)
   if steps then st = steps end
   if r == 'lost' then
@@ -1444,15 +1498,15 @@ local function complete(p, id, worker, result_raw, message, steps)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
   drop_claim(p, id, claim_rec)
   redis.call('HSET', p .. 'jobs:completed', id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')
-  local ts = jint(now)
+  local ts = now_text
   redis.call('ZADD', p .. 'jobs:completed:at', ts, id)
   trim_records(p, 'jobs:completed', now)
-  redis.call('PUBLISH', p .. 'complete_job', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jstr(worker) ..
-    ',"progress":100,"status":"completed","message":' .. jstr(message) .. ',"result":' .. result ..
-    ',"timestamp":' .. ts .. ',"workflow_id":' .. jstr(st[1] or '') .. ',"current_step":' .. jstr(st[2] or '') ..
-    ',"total_steps":' .. jstr(st[3] or '') .. '}')
+  redis.call('PUBLISH', p .. 'complete_job', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) ..
+    ',"progress":100,"status":"completed","message":' .. jname(message) .. ',"result":' .. result ..
+    ',"timestamp":' .. ts .. ',"workflow_id":' .. jname(st[1] or '') .. ',"current_step":' .. jname(st[2] or '') ..
+    ',"total_steps":' .. jname(st[3] or '') .. '}')
   progress_follows(p, id, 'completed', message, now, '100')
-  worker_idle(p, worker, id, now)
+  worker_idle(p, worker, id, now, now_text)
   set_terminal_ttl(p, id)
   return 'ok'
 end

@@ -3,6 +3,7 @@
 //! whatever the others found, so every problem is reported at once; each is reported at its key
 //! path, which [`Problems`] turns into the variable's name when the environment set the value.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::apis;
@@ -15,7 +16,7 @@ use super::model::{
     SentinelTarget, ServiceConnectorConfig, SupervisorConfig, Warmup,
 };
 use super::overlay::EnvOnly;
-use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis, RawServiceConnector};
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis, RawService, RawServiceConnector};
 use super::{service, worker};
 
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
@@ -49,40 +50,22 @@ pub(super) fn validate(
         problems.at("install.timeout", "must be more than 0");
     }
     let install = install(raw.install, &workspace, problems);
-    let services = {
-        let mut found = Vec::new();
-        let services = raw
-            .services
-            .iter()
-            .filter_map(|(name, svc)| service::validate_service(name, svc, raw.supervisor.grace, &mut found))
-            .collect();
-        for (key, message) in found {
-            problems.at(&key, message);
-        }
-        services
-    };
+    let services = services(&raw.services, raw.supervisor.grace, problems);
     let list = problems.list_mut();
     let worker = worker::validate_worker(raw.worker, &workspace, list);
     let openai = worker::validate_openai(c.openai, list);
     let replicate = apis::validate_replicate(c.replicate, list);
     let runpod = apis::validate_runpod(c.runpod, list);
-    // External connectors need their credentials; a missing key is found now, not at the first
-    // job, and the problem names the variable to set.
-    for (kind, key_env) in [
-        (ConnectorKind::Openai, &openai.api_key_env),
-        (ConnectorKind::Replicate, &replicate.api_key_env),
-        (ConnectorKind::Runpod, &runpod.api_key_env),
-    ] {
-        if connectors.get(kind).is_some()
-            && !key_env.is_empty()
-            && credentials.get(key_env).is_none_or(|v| v.trim().is_empty())
-        {
-            problems.other(
-                key_env,
-                format!("the {kind} connector is listed in WORKER_CONNECTORS but its API key variable is not set"),
-            );
-        }
-    }
+    api_keys_set(
+        &connectors,
+        [
+            (ConnectorKind::Openai, &openai.api_key_env),
+            (ConnectorKind::Replicate, &replicate.api_key_env),
+            (ConnectorKind::Runpod, &runpod.api_key_env),
+        ],
+        &credentials,
+        problems,
+    );
     let simulation = worker::validate_simulation(c.simulation, problems.list_mut());
     let models = models(raw.models, problems);
     Config {
@@ -121,6 +104,44 @@ pub(super) fn validate(
         },
         warnings: Vec::new(),
         credentials,
+    }
+}
+
+/// `[services.*]`: the user's services, each validated with the supervisor's grace as default.
+fn services(
+    raw: &BTreeMap<String, RawService>,
+    grace: std::time::Duration,
+    problems: &mut Problems,
+) -> Vec<service::ServiceSpec> {
+    let mut found = Vec::new();
+    let services = raw
+        .iter()
+        .filter_map(|(name, svc)| service::validate_service(name, svc, grace, &mut found))
+        .collect();
+    for (key, message) in found {
+        problems.at(&key, message);
+    }
+    services
+}
+
+/// External connectors need their credentials: a missing key is found now, not at the first
+/// job, and the problem names the variable to set.
+fn api_keys_set(
+    connectors: &ConnectorList,
+    keys: [(ConnectorKind, &String); 3],
+    credentials: &Credentials,
+    problems: &mut Problems,
+) {
+    for (kind, key_env) in keys {
+        if connectors.get(kind).is_some()
+            && !key_env.is_empty()
+            && credentials.get(key_env).is_none_or(|v| v.trim().is_empty())
+        {
+            problems.other(
+                key_env,
+                format!("the {kind} connector is listed in WORKER_CONNECTORS but its API key variable is not set"),
+            );
+        }
     }
 }
 
@@ -469,12 +490,8 @@ mod tests {
         std::fs::write(&good, r#"{"9": {"class_type": "SaveImage", "inputs": {}}}"#).unwrap();
         let bad = dir.path().join("list.json");
         std::fs::write(&bad, "[1]").unwrap();
-        let load = |toml: String| {
-            super::super::load::load_str(
-                Some(("m.toml", &toml)),
-                &std::collections::BTreeMap::<String, String>::new(),
-            )
-        };
+        let load =
+            |toml: String| super::super::load::load_str(Some(("m.toml", &toml)), &BTreeMap::<String, String>::new());
         let c = load(format!(
             "[connectors.comfyui]\nwarmup = \"{}\"\nstall_timeout = \"30s\"\nrestart_every_jobs = 2\n",
             good.display()

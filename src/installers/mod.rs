@@ -335,62 +335,15 @@ pub async fn install(
             }
         }
         let ready = comfyui::python(&ctx.workspace).exists();
-        let not_ready = || InstallError::NotInstalled(comfyui::dir(&ctx.workspace));
         let nodes = async {
-            if !has("comfyui-nodes") {
-                return;
+            if has("comfyui-nodes") {
+                install_nodes(&ctx, config, env, &tracker.progress("comfyui-nodes"), ready).await;
             }
-            let p = tracker.progress("comfyui-nodes");
-            if !ready {
-                p.failed(&not_ready());
-                return;
-            }
-            let work = async {
-                let specs = nodes::load(cc.nodes_file.as_deref())?;
-                let resolved = nodes::resolve(specs, env);
-                let names: Vec<String> = resolved
-                    .iter()
-                    .map(|r| match r {
-                        Ok(n) => n.name().to_owned(),
-                        Err((n, _)) => n.clone(),
-                    })
-                    .collect();
-                p.step(&format!("{} custom nodes: {}", names.len(), names.join(", ")));
-                let digest = comfyui::stamp(&ctx, cc).digest().to_owned();
-                let (installed, failed) = nodes::install(&ctx, &digest, resolved, &p).await;
-                Ok((installed == 0 && failed.is_empty(), failed))
-            };
-            finish_items(
-                &p,
-                bounded_by(limit, &ctx, work).await,
-                config.plan.install.strict,
-                "custom nodes",
-            );
         };
         let models = async {
-            if !has("comfyui-models") {
-                return;
+            if has("comfyui-models") {
+                install_models(&ctx, config, &tracker.progress("comfyui-models"), ready).await;
             }
-            let p = tracker.progress("comfyui-models");
-            if !ready {
-                p.failed(&not_ready());
-                return;
-            }
-            let work = async {
-                let specs = match &cc.models_manifest {
-                    Some(path) => models::load(path)?,
-                    None => Vec::new(),
-                };
-                p.step(&format!("{} models into {}", specs.len(), cc.models_dir.display()));
-                let (downloaded, failed) = models::install(&ctx, &cc.models_dir, specs, &p).await;
-                Ok((downloaded == 0 && failed.is_empty(), failed))
-            };
-            finish_items(
-                &p,
-                bounded_by(limit, &ctx, work).await,
-                config.plan.install.strict,
-                "models",
-            );
         };
         tokio::join!(nodes, models);
     };
@@ -421,6 +374,60 @@ pub async fn install(
     } else {
         Err(InstallError::Failed(failed))
     }
+}
+
+/// The custom nodes of the nodes file, into the ComfyUI installed (`ready`) in the workspace.
+async fn install_nodes(ctx: &Ctx, config: &Config, env: &(dyn Env + Sync), p: &Progress, ready: bool) {
+    let cc = &config.plan.install.comfyui;
+    if !ready {
+        p.failed(&InstallError::NotInstalled(comfyui::dir(&ctx.workspace)));
+        return;
+    }
+    let work = async {
+        let specs = nodes::load(cc.nodes_file.as_deref())?;
+        let resolved = nodes::resolve(specs, env);
+        let names: Vec<String> = resolved
+            .iter()
+            .map(|r| match r {
+                Ok(n) => n.name().to_owned(),
+                Err((n, _)) => n.clone(),
+            })
+            .collect();
+        p.step(&format!("{} custom nodes: {}", names.len(), names.join(", ")));
+        let digest = comfyui::stamp(ctx, cc).digest().to_owned();
+        let (installed, failed) = nodes::install(ctx, &digest, resolved, p).await;
+        Ok((installed == 0 && failed.is_empty(), failed))
+    };
+    finish_items(
+        p,
+        bounded_by(config.machine.install_timeout, ctx, work).await,
+        config.plan.install.strict,
+        "custom nodes",
+    );
+}
+
+/// The models of the models manifest, into the ComfyUI installed (`ready`) in the workspace.
+async fn install_models(ctx: &Ctx, config: &Config, p: &Progress, ready: bool) {
+    let cc = &config.plan.install.comfyui;
+    if !ready {
+        p.failed(&InstallError::NotInstalled(comfyui::dir(&ctx.workspace)));
+        return;
+    }
+    let work = async {
+        let specs = match &cc.models_manifest {
+            Some(path) => models::load(path)?,
+            None => Vec::new(),
+        };
+        p.step(&format!("{} models into {}", specs.len(), cc.models_dir.display()));
+        let (downloaded, failed) = models::install(ctx, &cc.models_dir, specs, p).await;
+        Ok((downloaded == 0 && failed.is_empty(), failed))
+    };
+    finish_items(
+        p,
+        bounded_by(config.machine.install_timeout, ctx, work).await,
+        config.plan.install.strict,
+        "models",
+    );
 }
 
 /// Runs `fut` within the install timeout; a timeout drops it, which kills its commands.

@@ -13,6 +13,7 @@ mod memory;
 mod pidfile;
 mod policy;
 mod probe;
+mod readiness;
 mod reaper;
 mod service;
 mod signals;

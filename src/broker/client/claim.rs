@@ -297,27 +297,42 @@ struct ParsedClaim {
 }
 
 fn parse_claim(reply: &str) -> Result<ParsedClaim, BrokerError> {
+    // A job is a Redis hash, so every field the library sends is a string: read them as such
+    // at once, and only a reply that is not (none the library writes) through JSON values.
     #[derive(serde::Deserialize)]
     struct Reply {
         #[serde(rename = "jobId")]
         job_id: String,
+        job: BTreeMap<String, String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AnyReply {
+        #[serde(rename = "jobId")]
+        job_id: String,
         job: BTreeMap<String, Value>,
     }
-    let r: Reply = serde_json::from_str(reply).map_err(|e| BrokerError::Protocol {
-        op: "findMatchingJob",
-        detail: e.to_string(),
-    })?;
-    let fields: BTreeMap<String, String> = r
-        .job
-        .into_iter()
-        .map(|(k, v)| {
-            let v = match v {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, v)
-        })
-        .collect();
+    let r = match serde_json::from_str::<Reply>(reply) {
+        Ok(r) => r,
+        Err(_) => {
+            let r: AnyReply = serde_json::from_str(reply).map_err(|e| BrokerError::Protocol {
+                op: "findMatchingJob",
+                detail: e.to_string(),
+            })?;
+            let job = r
+                .job
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, v)
+                })
+                .collect();
+            Reply { job_id: r.job_id, job }
+        }
+    };
+    let fields = r.job;
     let worker_id = fields.get("worker_id").cloned().unwrap_or_default();
     let service = fields
         .get("service_required")
@@ -370,5 +385,9 @@ mod tests {
         assert!(r.payload_error.is_none());
         let bad = parse_claim(r#"{"jobId":"j1","job":{"payload":"{oops"}}"#).expect("parses");
         assert!(bad.payload_error.is_some());
+        // A field that is not a string (no library reply has one) is kept as its JSON text.
+        let odd = parse_claim(r#"{"jobId":"j1","job":{"priority":50,"payload":"{}"}}"#).expect("parses");
+        assert_eq!(odd.job.field("priority"), Some("50"));
+        assert!(parse_claim("nonsense").is_err());
     }
 }

@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Where the broker's Redis time per job goes, counted in instructions.
+
+Runs a private redis-server under `valgrind --tool=callgrind` (instrumented only while the
+measured calls run), loads the `jobMatching` library and the matcher bench's baseline
+(benches/baseline.lua), and for each of them has WORKERS workers claim and complete ROUNDS
+jobs each, pipelined (all the workers' claims, then all their completions), after one warm-up
+round (so the capabilities are memoised, as in `cargo bench --bench matcher`). It prints the
+instructions (Ir) per claim and per completion, and with --breakdown the inclusive Ir per call
+of the Redis commands the functions run (from callgrind_annotate).
+
+Instruction counts do not move with the load of a shared host (time per call does, by +-30 %
+and more), so small steps can be told apart. Usage:
+
+    scripts/profile-broker.py [--workers 1000] [--rounds 3] [--breakdown] [--top self|inclusive]
+
+KEEP=1 keeps the callgrind dumps (for callgrind_annotate).
+
+Needs redis-server (7.0+), valgrind (callgrind_control, callgrind_annotate) and python3.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The jobs the matcher bench loads (benches/matcher.rs, Bench::load).
+LOAD = r"""
+for i = 1, tonumber(ARGV[2]) do
+  local id = ARGV[1] .. i
+  redis.call('HSET', 'job:' .. id, 'id', id, 'service_required', 'comfyui', 'requirements', ARGV[3],
+    'priority', ARGV[4], 'payload', '{}', 'status', 'pending', 'customer_id', '', 'retry_count', '0',
+    'max_retries', '3', 'created_at', '2025-01-01T00:00:00.000Z', 'workflow_id', '')
+  redis.call('ZADD', 'jobs:pending', tonumber(ARGV[4]) * 1e15 - i, id)
+end
+return 1"""
+
+
+def caps(worker):
+    """What Capabilities::new(worker, "bench", ["comfyui"]) with 24 GB serialises to."""
+    return json.dumps({
+        "worker_id": worker, "machine_id": "bench", "services": ["comfyui"],
+        "job_service_required_map": ["comfyui"],
+        "hardware": {"gpu_count": 0, "gpu_memory_gb": 24.0, "gpu_model": "", "ram_gb": 0.0, "cpu_cores": 0},
+        "models": {}, "customer_access": {"isolation": "loose", "allowed_customers": [], "denied_customers": []},
+        "workflow_id": "",
+    }, separators=(",", ":"))
+
+
+class Redis:
+    """A minimal RESP client that pipelines."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.buf = b""
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def reply(self):
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            raise RuntimeError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n).decode()
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.reply() for _ in range(n)]
+        raise RuntimeError("unexpected reply %r" % line)
+
+    def pipeline(self, commands):
+        self.sock.sendall(b"".join(self.encode(c) for c in commands))
+        return [self.reply() for _ in commands]
+
+    def call(self, *args):
+        return self.pipeline([args])[0]
+
+
+def claims(impl, workers):
+    if impl == "ours":
+        return [("FCALL", "findMatchingJob", 0, caps(w), 100, 60000, "") for w in workers]
+    return [("FCALL", "findMatchingJobBaseline", 0, caps(w), 100) for w in workers]
+
+
+def completions(impl, claimed):
+    if impl == "ours":
+        # As Broker::complete sends it: the result, the message, the claim's workflow and steps.
+        return [("FCALL", "completeJob", 0, "", job, w, '{"ok":true}', "completed", "", "", "")
+                for job, w in claimed]
+    return [("FCALL", "completeJobBaseline", 0, job, w, '{"success":true}') for job, w in claimed]
+
+
+def run_round(r, impl, workers):
+    replies = r.pipeline(claims(impl, workers))
+    claimed = []
+    for w, reply in zip(workers, replies):
+        if reply is None:
+            raise RuntimeError("worker %s claimed nothing: load more jobs" % w)
+        claimed.append((json.loads(reply)["jobId"], w))
+    return claimed
+
+
+def control(pid, *args):
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def dumps(outdir):
+    return sorted(glob.glob(os.path.join(outdir, "callgrind.out.*")), key=os.path.getmtime)
+
+
+def wait_for_dump(outdir, before):
+    for _ in range(600):
+        files = dumps(outdir)
+        if len(files) > before:
+            # callgrind writes the file in one go but give it a moment to finish.
+            time.sleep(0.2)
+            return files[-1]
+        time.sleep(0.1)
+    raise RuntimeError("callgrind wrote no dump")
+
+
+def totals(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("totals:") or line.startswith("summary:"):
+                return int(line.split()[1])
+    raise RuntimeError("no totals in %s" % path)
+
+
+def top(path, per, inclusive, n=40):
+    """The n functions with the most Ir per call (self or inclusive), from one dump."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=" + ("yes" if inclusive else "no"),
+                          "--threshold=100", path], check=True, capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*:(\S+)", line)
+        if m:
+            rows.append((m.group(2), int(m.group(1).replace(",", "")) / per))
+    return rows[:n]
+
+
+def breakdown(path, per):
+    """Inclusive Ir per call of the Redis commands and a few hot spots, from one dump."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+                         check=True, capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*:(\w+)", line)
+        if not m:
+            continue
+        ir, fn = int(m.group(1).replace(",", "")), m.group(2)
+        if fn.endswith("Command") or fn in ("luaRedisGenericCommand", "luaCallFunction", "json_encode",
+                                              "json_decode", "readQueryFromClient", "writeToClient",
+                                              "sha1hex", "luaRedisSha1hexCommand", "luaV_execute",
+                                              "processCommand", "call", "addReplyBulk"):
+            rows.append((fn, ir / per))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--breakdown", action="store_true", help="print Ir per call of each Redis command")
+    ap.add_argument("--top", choices=["self", "inclusive"], help="print the costliest functions")
+    ap.add_argument("--lib", default=os.path.join(ROOT, "src/broker/job_matching.lua"),
+                    help="the library to load (a variant of job_matching.lua, to compare one change)")
+    ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
+    args = ap.parse_args()
+    for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
+        if not shutil.which(tool):
+            sys.exit("profile-broker: %s is not installed" % tool)
+
+    tmp = tempfile.mkdtemp(prefix="profile-broker-")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+         "--callgrind-out-file=" + os.path.join(tmp, "callgrind.out.%p"),
+         "redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                r = Redis(port)
+                r.call("PING")
+                break
+            except (ConnectionError, OSError, RuntimeError):
+                time.sleep(0.1)
+        else:
+            sys.exit("profile-broker: redis-server did not start")
+        with open(args.lib, encoding="utf-8") as f:
+            r.call("FUNCTION", "LOAD", "REPLACE", f.read().replace("__MATCHER_VERSION__", "profile"))
+        with open(os.path.join(ROOT, "benches/baseline.lua"), encoding="utf-8") as f:
+            r.call("FUNCTION", "LOAD", "REPLACE", f.read())
+
+        # Instrumented from here on (toggling it between dumps corrupts callgrind's totals); each
+        # measured phase starts from zeroed counters.
+        control(server.pid, "-i", "on")
+        workers = ["bench-w%d" % i for i in range(args.workers)]
+        impls = ["ours", "baseline"] if args.impl == "both" else [args.impl]
+        results = {}
+        for impl in impls:
+            r.call("FLUSHALL")
+            r.call("EVAL", LOAD, 0, "c-", args.workers * (args.rounds + 1), "", 50)
+            if impl == "ours":
+                while True:
+                    n = r.call("FCALL", "sweepIndex", 0, "", 4000)
+                    if n[0] == n[1]:
+                        break
+            # Warm-up: memoised capabilities, the workers' hashes, the hashes' encodings.
+            r.pipeline(completions(impl, run_round(r, impl, workers)))
+            claim_ir = complete_ir = 0
+            last_claim = last_complete = None
+            for _ in range(args.rounds):
+                before = len(dumps(tmp))
+                control(server.pid, "-z")
+                claimed = run_round(r, impl, workers)
+                control(server.pid, "-d")
+                last_claim = wait_for_dump(tmp, before)
+                claim_ir += totals(last_claim)
+                before = len(dumps(tmp))
+                control(server.pid, "-z")
+                r.pipeline(completions(impl, claimed))
+                control(server.pid, "-d")
+                last_complete = wait_for_dump(tmp, before)
+                complete_ir += totals(last_complete)
+            n = args.workers * args.rounds
+            results[impl] = (claim_ir / n, complete_ir / n)
+            print("%-8s claim %7.0f Ir  complete %7.0f Ir  job %7.0f Ir  (%d workers x %d rounds)"
+                  % (impl, claim_ir / n, complete_ir / n, (claim_ir + complete_ir) / n, args.workers,
+                     args.rounds))
+            if args.breakdown:
+                for title, path in (("claim", last_claim), ("complete", last_complete)):
+                    print("  %s, inclusive Ir per call (last round):" % title)
+                    for fn, ir in breakdown(path, args.workers):
+                        print("    %-28s %9.0f" % (fn, ir))
+            if args.top:
+                for title, path in (("claim", last_claim), ("complete", last_complete)):
+                    print("  %s, the functions of most Ir per call (%s, last round):"
+                          % (title, "inclusive" if args.top == "inclusive" else "self"))
+                    for fn, ir in top(path, args.workers, args.top == "inclusive"):
+                        print("    %-40s %9.0f" % (fn, ir))
+        if len(results) == 2:
+            o, b = results["ours"], results["baseline"]
+            print("ours/baseline: claim %.2fx, complete %.2fx, job %.2fx"
+                  % (o[0] / b[0], o[1] / b[1], sum(o) / sum(b)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        if os.environ.get("KEEP"):
+            print("callgrind dumps kept in", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
