@@ -605,3 +605,120 @@ backoff_max = "1s"
     });
     assert!(exit.success(), "{exit:?}");
 }
+
+/// `machine run` as PID 1 of a fresh PID namespace with one fake GPU and the fake ComfyUI,
+/// leases of 3 s, and its log in `dir`. Killing the machine ends the namespace, its ComfyUI too.
+fn pid1_machine(dir: &Path, name: &str, url: &str, port: u16) -> Child {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[connectors.comfyui]\ncommand = [\"{fake}\", \"--port\", \"{{port}}\"]\n\n\
+             [worker]\nlease = \"3s\"\nheartbeat = \"1s\"\npending_uploads = 2\ndrain = \"1s\"\n",
+            fake = fake_comfyui().display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_machine"), "run"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("MACHINE_CONFIG", &config)
+        .env("MACHINE_ID", name)
+        .env("MACHINE_WORKSPACE", dir.join(name))
+        .env("MACHINE_HEALTH_PORT", port.to_string())
+        .env("HUB_REDIS_URL", url)
+        .env("WORKER_CONNECTORS", "comfyui")
+        .env("COMFYUI_BASE_PORT", testkit::free_port().to_string())
+        .env("LD_LIBRARY_PATH", testkit::fake_nvml::library_dir())
+        .env("FAKE_NVML_GPUS", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("unshare (util-linux) runs as root")
+}
+
+/// The outputs of a finished ComfyUI job are fetched from its `/view` by the upload stage while
+/// the worker goes on. A machine SIGKILLed during that fetch loses nothing: the job keeps its
+/// lease (in progress, no result), the lease runs out, another machine runs it and completes it
+/// once, with its one output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_killed_while_it_fetches_comfyui_outputs_loses_nothing() {
+    let redis = testkit::RedisServer::start();
+    let url = redis.url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let port = testkit::free_port();
+    let mut first = Pid1 {
+        unshare: pid1_machine(dir.path(), "fa", &url, port),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let upid = first.unshare.id();
+    let machine_pid = wait_until(Duration::from_secs(10), "the machine to start", || {
+        std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()))
+    });
+    // `/view` of its image takes 4 s: the first machine is killed during it, the second waits it out.
+    let workflow = json!({"workflow": {
+        "3": {"class_type": "KSampler", "inputs": {"steps": 2, "step_ms": 5}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "kill", "view_ms": 4000}}
+    }});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(port, "/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the first machine never got ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = submit(&url, &["--service", "comfyui", "--payload", &workflow.to_string()]);
+
+    // The job's service work is done and its output is being fetched.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_get(port, "/status").await;
+        let status: Value = serde_json::from_str(&body).unwrap_or_default();
+        let fetching = status["workers"][0]["uploads"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["job_id"] == id.as_str()));
+        if fetching {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the output was never being fetched: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(machine_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = first.unshare.wait();
+    let j = job(&mut conn, &id).await;
+    assert_eq!(
+        j["status"], "in_progress",
+        "the killed machine's job keeps its lease: {j:?}"
+    );
+    assert!(!j.contains_key("result"), "no result was written: {j:?}");
+
+    let port = testkit::free_port();
+    let _second = Pid1 {
+        unshare: pid1_machine(dir.path(), "fb", &url, port),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let j = completed(&mut conn, &id, Instant::now() + Duration::from_secs(60)).await;
+    assert_eq!(j["worker_id"], "fb-gpu0", "the second machine ran it: {j:?}");
+    let (_, body) = http_get(port, "/status").await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["workers"][0]["counts"]["completed"], 1, "completed once: {body}");
+    assert_eq!(j["retry_count"], "1", "the lost attempt is counted once: {j:?}");
+    let record: Option<String> = conn.hget("jobs:completed", &id).await.unwrap();
+    let record: Value = serde_json::from_str(&record.expect("a completion record")).unwrap();
+    let text = record["data"].to_string();
+    assert_eq!(
+        text.matches("kill_").count(),
+        1,
+        "its one output is in the result: {text}"
+    );
+}
