@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 const BASELINE: &str = include_str!("baseline.lua");
 
+/// Alternating rounds of the claim+complete scenario, each implementation keeping its best.
+const ROUNDS: usize = 2;
+
 /// Goals against the baseline (issue 27): a head-match claim at most this many times the
 /// baseline's server time, and claim+complete with 1,000 workers at least this fraction of its
 /// throughput. The baseline does the least work a claim can do, so ours, which also keeps the
@@ -469,16 +472,34 @@ fn main() {
             }
         }
 
-        bench.reset().await;
-        bench.load("c-", 20_000, "", 50).await;
-        bench.broker.catch_up_index().await.expect("index");
-        let ours = bench.concurrent(Impl::Ours, 1000, 20_000).await;
-        bench.reset().await;
-        bench.load("c-", 20_000, "", 50).await;
-        let base = bench.concurrent(Impl::Baseline, 1000, 20_000).await;
+        // Ours and the baseline take turns, twice each, and each keeps its best round: the host's
+        // load moves between rounds (the bench shares its cores with redis-server and whatever
+        // else runs), and one round each would let a change of load decide the ratio.
+        let mut ours: Option<Run> = None;
+        let mut base: Option<Run> = None;
+        for round in 1..=ROUNDS {
+            for which in [Impl::Ours, Impl::Baseline] {
+                bench.reset().await;
+                bench.load("c-", 20_000, "", 50).await;
+                if matches!(which, Impl::Ours) {
+                    bench.broker.catch_up_index().await.expect("index");
+                }
+                let r = bench.concurrent(which, 1000, 20_000).await;
+                println!(
+                    "round {round}: {} {:.0} claim+complete/s",
+                    if matches!(which, Impl::Ours) { "ours" } else { "baseline" },
+                    r.claims_per_s
+                );
+                let best = if matches!(which, Impl::Ours) { &mut ours } else { &mut base };
+                if best.as_ref().is_none_or(|b| r.claims_per_s > b.claims_per_s) {
+                    *best = Some(r);
+                }
+            }
+        }
+        let (ours, base) = (ours.expect("a round ran"), base.expect("a round ran"));
         let concurrent_base = base.claims_per_s;
         print_table(
-            "1,000 concurrent workers claim+complete (20,000 jobs; p50/p99 per claim+complete)",
+            "1,000 concurrent workers claim+complete (20,000 jobs, best of 2 alternating rounds each; p50/p99 per claim+complete)",
             &ours,
             &base,
         );
