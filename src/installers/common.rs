@@ -455,7 +455,6 @@ impl Cmd {
         c.args(&self.argv[1..])
             .stdin(Stdio::null())
             .stderr(Stdio::from(err))
-            .process_group(0)
             .kill_on_drop(true);
         if capture {
             c.stdout(Stdio::piped());
@@ -473,13 +472,12 @@ impl Cmd {
             c.env(k, v);
         }
         // Through the supervisor's registry, so the orphan reaper never takes its exit status.
-        let child = crate::supervisor::spawn(&mut c).map_err(|source| InstallError::Spawn {
+        // Installers' children (pip, npm, git) start children of their own: a cancelled or
+        // timed-out install must end the whole group, not only the direct child.
+        let (child, guard) = crate::supervisor::spawn_group(&mut c).map_err(|source| InstallError::Spawn {
             command: command.clone(),
             source,
         })?;
-        // Installers' children (pip, npm, git) start children of their own: a cancelled or
-        // timed-out install must end the whole group, not only the direct child.
-        let guard = GroupGuard(child.id());
         let installer = log
             .file_stem()
             .map(|s| s.to_string_lossy().trim_start_matches("install-").to_owned())
@@ -507,7 +505,9 @@ impl Cmd {
                 }
             }
         };
-        std::mem::forget(guard);
+        if let Some(guard) = guard {
+            guard.disarm();
+        }
         if out.status.success() {
             if let Some(summary) = self.summary(log, start) {
                 tracing::info!(target: "machine::install", installer = %installer, "{short}: {summary}");
@@ -613,17 +613,6 @@ fn last_output_line(log: &Path, start: u64) -> Option<String> {
 }
 
 /// Kills a child's process group when dropped before the child was waited for.
-struct GroupGuard(Option<u32>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-/// The last `n` lines of a log file, for error messages.
 /// The last `n` lines of `path` written after byte `start` (one command's output).
 fn log_tail_from(path: &Path, start: u64, n: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();

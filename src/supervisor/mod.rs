@@ -25,7 +25,7 @@ pub use logs::{LineSplitter, RotatingFile};
 pub use memory::group_rss;
 pub use policy::{Decision, Ending, History, Policy};
 pub use probe::check;
-pub use reaper::{ManagedChild, ReaperError, output, spawn};
+pub use reaper::{GroupKill, ManagedChild, ReaperError, output, spawn, spawn_group};
 pub use signals::{SignalError, Signals};
 pub use tree::Supervisor;
 

@@ -83,10 +83,9 @@ async fn run_check(check: &ProbeCheck, http: &reqwest::Client) -> Result<(), Str
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            super::sys::new_session(&mut cmd);
-            let mut child = super::reaper::spawn(&mut cmd).map_err(|e| format!("failed to run {}: {e}", argv[0]))?;
             // If the timeout drops this future, the guard kills the probe's whole group.
-            let _guard = child.id().map(GroupGuard);
+            let (mut child, _guard) =
+                super::reaper::spawn_group(&mut cmd).map_err(|e| format!("failed to run {}: {e}", argv[0]))?;
             let status = child
                 .wait()
                 .await
@@ -97,15 +96,6 @@ async fn run_check(check: &ProbeCheck, http: &reqwest::Client) -> Result<(), Str
                 Err(format!("{} exited with {status}", argv[0]))
             }
         }
-    }
-}
-
-/// Kills a probe command's process group when the check is abandoned.
-struct GroupGuard(u32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        super::sys::signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
     }
 }
 

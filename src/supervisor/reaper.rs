@@ -119,6 +119,35 @@ pub fn spawn(cmd: &mut tokio::process::Command) -> io::Result<ManagedChild> {
     Ok(ManagedChild { child, pid })
 }
 
+/// Spawns `cmd` through [`spawn`] as the leader of a new session (its own process group, tied
+/// to the machine's life, as services are), with a guard that kills the whole group when it is
+/// dropped: a command abandoned by a timeout or a cancellation (a probe, an installer's pip or
+/// git) leaves none of its own children behind. [`GroupKill::disarm`] keeps the group once the
+/// command has ended on its own.
+pub fn spawn_group(cmd: &mut tokio::process::Command) -> io::Result<(ManagedChild, Option<GroupKill>)> {
+    super::sys::new_session(cmd);
+    let child = spawn(cmd)?;
+    let guard = child.id().map(GroupKill);
+    Ok((child, guard))
+}
+
+/// Kills a process group (SIGKILL) when dropped; see [`spawn_group`].
+#[derive(Debug)]
+pub struct GroupKill(u32);
+
+impl GroupKill {
+    /// Leaves the group alone: its leader ended and was waited for.
+    pub fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        super::sys::signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Runs `cmd` to completion through [`spawn`], collecting its output (like
 /// `Command::output`, which would bypass the registry).
 pub async fn output(cmd: &mut tokio::process::Command) -> io::Result<Output> {
