@@ -22,7 +22,7 @@ pub(super) fn render(doc: &StatusDocument, width: Option<u16>, now: SystemTime) 
     let mut out = String::new();
     machine_lines(&mut out, &doc.machine, width);
     redis_lines(&mut out, &doc.redis, width);
-    gpu_table(&mut out, &doc.gpus, width);
+    gpu_table(&mut out, &doc.gpus, width, now);
     install_table(&mut out, &doc.installs, width);
     service_table(&mut out, &doc.services, width, now);
     worker_table(&mut out, &doc.workers, width, now);
@@ -79,8 +79,8 @@ fn redis_lines(out: &mut String, r: &RedisStatus, width: Option<u16>) {
 }
 
 /// The GPUs' table: readings and health (a line saying CPU mode when there is none).
-fn gpu_table(out: &mut String, gpus: &[Gpu], width: Option<u16>) {
-    let now_ms = crate::clock::now_ms();
+fn gpu_table(out: &mut String, gpus: &[Gpu], width: Option<u16>, now: SystemTime) {
+    let now_ms = crate::clock::epoch_ms(now);
     let mut rows = Vec::new();
     for g in gpus {
         let mut health = match (&g.health, &g.reason) {
@@ -525,6 +525,20 @@ mod tests {
             text.contains("FAILED") && text.contains("up to date; 1 failed: x"),
             "{text}"
         );
+    }
+
+    /// Every age on the page is measured from the one `now` it is rendered at (the throttle's
+    /// too, which once read the wall clock itself).
+    #[test]
+    fn a_throttle_s_age_is_counted_from_the_render_s_now() {
+        let mut doc = sample();
+        let now = humantime::parse_rfc3339("2026-01-01T00:03:12Z").unwrap();
+        doc.gpus[0].throttle = Some(crate::gpu::health::Throttle {
+            reasons: vec!["hw_thermal_slowdown".into()],
+            since_ms: crate::clock::epoch_ms(now) - 90_000,
+        });
+        let text = render(&doc, None, now);
+        assert!(text.contains("throttled for 1m 30s (hw_thermal_slowdown)"), "{text}");
     }
 
     #[test]
