@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{self, Backoff, Retrying};
@@ -365,58 +365,16 @@ fn prediction_request(
         })?),
         _ => None,
     };
-    let named = match obj.remove("model") {
-        None => None,
-        Some(Value::String(m)) => Some(config.aliases.get(&m).cloned().unwrap_or(m)),
-        Some(other) => {
-            return Err(ConnectorError::BadPayload(format!(
-                "`model` must be a string, not {}",
-                json_kind(&other)
-            )));
-        }
-    };
-    let version = match obj.remove("version") {
-        None => None,
-        Some(Value::String(v)) if !v.trim().is_empty() => Some(v.trim().to_owned()),
-        Some(other) => {
-            return Err(ConnectorError::BadPayload(format!(
-                "`version` must be a version id string, not {other}"
-            )));
-        }
-    };
-    let deployment = match obj.remove("deployment") {
-        None => None,
-        Some(Value::String(d)) => match parse_model_ref(d.trim()) {
-            Some((owner, name, None)) => Some(format!("{owner}/{name}")),
-            _ => {
-                return Err(ConnectorError::BadPayload(format!(
-                    "deployment `{d}` is not `owner/name`"
-                )));
-            }
-        },
-        Some(other) => {
-            return Err(ConnectorError::BadPayload(format!(
-                "`deployment` must be a string, not {}",
-                json_kind(&other)
-            )));
-        }
-    };
+    let named = take_model(&mut obj, config)?;
+    let version = take_version(&mut obj)?;
+    let deployment = take_deployment(&mut obj)?;
     let model = from_service.or(named);
     if deployment.is_some() && (model.is_some() || version.is_some()) {
         return Err(ConnectorError::BadPayload(
             "a job names a `deployment` or a `model`/`version`, not both".to_owned(),
         ));
     }
-    let input = match obj.remove("input") {
-        Some(Value::Object(i)) => Value::Object(i),
-        Some(other) => {
-            return Err(ConnectorError::BadPayload(format!(
-                "`input` must be a JSON object, not {}",
-                json_kind(&other)
-            )));
-        }
-        None => Value::Object(obj),
-    };
+    let input = take_input(obj)?;
     let parsed = match &model {
         Some(m) => Some(parse_model_ref(m).ok_or_else(|| {
             ConnectorError::BadPayload(format!(
@@ -445,6 +403,58 @@ fn prediction_request(
         (None, None) => Err(ConnectorError::BadPayload(
             "a replicate job needs `model` (`owner/name[:version]` or an alias) or `version`".to_owned(),
         )),
+    }
+}
+
+/// The payload's `model`, an alias of `[connectors.replicate.aliases]` resolved.
+fn take_model(obj: &mut Map<String, Value>, config: &ReplicateConfig) -> Result<Option<String>, ConnectorError> {
+    match obj.remove("model") {
+        None => Ok(None),
+        Some(Value::String(m)) => Ok(Some(config.aliases.get(&m).cloned().unwrap_or(m))),
+        Some(other) => Err(ConnectorError::BadPayload(format!(
+            "`model` must be a string, not {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+/// The payload's `version`: a version id.
+fn take_version(obj: &mut Map<String, Value>) -> Result<Option<String>, ConnectorError> {
+    match obj.remove("version") {
+        None => Ok(None),
+        Some(Value::String(v)) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
+        Some(other) => Err(ConnectorError::BadPayload(format!(
+            "`version` must be a version id string, not {other}"
+        ))),
+    }
+}
+
+/// The payload's `deployment`, as `owner/name`.
+fn take_deployment(obj: &mut Map<String, Value>) -> Result<Option<String>, ConnectorError> {
+    match obj.remove("deployment") {
+        None => Ok(None),
+        Some(Value::String(d)) => match parse_model_ref(d.trim()) {
+            Some((owner, name, None)) => Ok(Some(format!("{owner}/{name}"))),
+            _ => Err(ConnectorError::BadPayload(format!(
+                "deployment `{d}` is not `owner/name`"
+            ))),
+        },
+        Some(other) => Err(ConnectorError::BadPayload(format!(
+            "`deployment` must be a string, not {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+/// The prediction's input: the payload's `input` object, else what is left of the payload.
+fn take_input(mut obj: Map<String, Value>) -> Result<Value, ConnectorError> {
+    match obj.remove("input") {
+        Some(Value::Object(i)) => Ok(Value::Object(i)),
+        Some(other) => Err(ConnectorError::BadPayload(format!(
+            "`input` must be a JSON object, not {}",
+            json_kind(&other)
+        ))),
+        None => Ok(Value::Object(obj)),
     }
 }
 
