@@ -54,11 +54,15 @@ impl JobEnds {
     }
 }
 
-/// Resolves once the worker whose status is `status` is parked on its holds, between jobs;
-/// `false` when the worker is gone.
+/// Resolves once the worker whose status is `status` is parked on its holds, between jobs, and
+/// no output of its earlier jobs is still being fetched from its services (its upload stage
+/// takes ComfyUI's outputs from `/view` while the worker goes on: a restart meanwhile would cut
+/// the fetch and fail the job); `false` when the worker is gone.
 pub async fn parked(status: &mut watch::Receiver<WorkerStatus>) -> bool {
     status
-        .wait_for(|s| matches!(s.state, WorkerState::Held | WorkerState::Stopped))
+        .wait_for(|s| {
+            s.state == WorkerState::Stopped || (s.state == WorkerState::Held && !s.uploads.iter().any(|u| u.fetching))
+        })
         .await
         .is_ok_and(|s| s.state == WorkerState::Held)
 }
@@ -113,5 +117,29 @@ mod tests {
         tx.send_replace(status(WorkerState::Stopped));
         assert!(!parked(&mut rx).await, "a stopped worker never parks");
         drop(tx);
+
+        // Held, but an earlier job's output is still being fetched from the service: not yet.
+        let upload = |fetching| crate::worker::PendingUpload {
+            job_id: "j1".into(),
+            service: "comfyui".into(),
+            bytes: 0,
+            since_ms: 0,
+            fetching,
+        };
+        let mut fetching = status(WorkerState::Held);
+        fetching.uploads.push(upload(true));
+        let (tx, mut rx) = watch::channel(fetching);
+        let mut waiter = tokio::spawn(async move { parked(&mut rx).await });
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), &mut waiter)
+                .await
+                .is_err(),
+            "not parked while an output is fetched from the service"
+        );
+        tx.send_modify(|s| s.uploads[0] = upload(false));
+        assert!(
+            waiter.await.unwrap(),
+            "parked once fetched (storing it needs no service)"
+        );
     }
 }

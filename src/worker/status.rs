@@ -58,6 +58,9 @@ pub struct PendingUpload {
     pub bytes: u64,
     /// When its service work ended and the upload began, epoch milliseconds.
     pub since_ms: u64,
+    /// Whether outputs are still being fetched from the job's service (ComfyUI's `/view`): until
+    /// they are, a restart of that service between jobs waits ([`super::pause::parked`]).
+    pub fetching: bool,
 }
 
 /// How many jobs ended which way.

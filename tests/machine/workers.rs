@@ -1107,7 +1107,17 @@ async fn a_held_worker_leaves_the_fleets_park_and_parks_again_when_released() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(status.borrow().state, WorkerState::Held);
+        // The worker leaves the park as it stops claiming and shows itself held a moment later.
+        let mut watch = status.clone();
+        // (The watch's guard is dropped at once: held, it would block the worker's next send.)
+        let shown = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|s| s.state == WorkerState::Held))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(
+            shown,
+            "the worker that left the park shows itself held: {:?}",
+            status.borrow().state
+        );
         holds.clear(HoldKind::GpuFault);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !parked(&mut conn).await {

@@ -287,6 +287,11 @@ impl Worker {
                 service: claimed.service.clone(),
                 bytes,
                 since_ms: crate::clock::now_ms(),
+                fetching: upload
+                    .output
+                    .artifacts
+                    .iter()
+                    .any(|a| matches!(a.body, ArtifactBody::Fetch(_))),
             });
         });
         let ending = self.ending();
@@ -697,8 +702,12 @@ impl Ending {
     ) -> JobOutcome {
         let JobOutput { data, artifacts } = output;
         let upload = async {
-            let artifacts = self.fetch(claimed, artifacts).await.map_err(Unstored::Fetch)?;
-            target.store(artifacts).await.map_err(Unstored::Store)
+            let fetched = self.fetch(claimed, artifacts).await;
+            self.fetched(&claimed.id);
+            target
+                .store(fetched.map_err(Unstored::Fetch)?)
+                .await
+                .map_err(Unstored::Store)
         };
         tokio::pin!(upload);
         let stored = loop {
@@ -769,6 +778,18 @@ impl Ending {
             });
         }
         Ok(fetched)
+    }
+
+    /// Notes that the job's pending upload (if it has one) no longer fetches from its service,
+    /// which may now be restarted between jobs.
+    fn fetched(&self, job_id: &str) {
+        self.status.send_if_modified(|s| {
+            let Some(upload) = s.uploads.iter_mut().find(|u| u.job_id == job_id && u.fetching) else {
+                return false;
+            };
+            upload.fetching = false;
+            true
+        });
     }
 
     /// Adds `bytes` to the outputs the job's pending upload holds, if it has one.
