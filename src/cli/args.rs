@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::broker::JobState;
 use crate::installers::Installer;
 
 /// `machine [--config PATH] [COMMAND]`.
@@ -253,8 +254,8 @@ pub(super) enum JobsCommand {
     List {
         /// Only jobs with this status (`cancelled`: jobs the API cancelled, which it stores as
         /// failed).
-        #[arg(long, value_enum)]
-        status: Option<JobStatus>,
+        #[arg(long, value_parser = job_state())]
+        status: Option<JobState>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -285,30 +286,12 @@ pub(super) enum JobsCommand {
     },
 }
 
-/// A job status as `jobs list --status` takes it (the contract's statuses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub(super) enum JobStatus {
-    /// Waiting in `jobs:pending`.
-    Pending,
-    /// Queued (the API's word for pending).
-    Queued,
-    /// Claimed by a worker.
-    Assigned,
-    /// Accepted by a worker.
-    Accepted,
-    /// Running.
-    InProgress,
-    /// Finished with a result.
-    Completed,
-    /// Failed for good (cancelled jobs excluded).
-    Failed,
-    /// Cancelled by the API or an operator.
-    Cancelled,
-    /// Timed out.
-    Timeout,
-    /// No worker can ever run it.
-    Unworkable,
+/// A job status as `jobs list --status` takes it: the broker's [`JobState`], named by the
+/// contract's words (unknown words refused with the list).
+fn job_state() -> impl clap::builder::TypedValueParser<Value = JobState> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(JobState::WORDS)
+        .map(|word| JobState::named(&word).expect("the parser admits only the contract's words"))
 }
 
 #[cfg(test)]
@@ -342,7 +325,7 @@ mod tests {
             cli.command,
             Some(Command::Jobs {
                 command: JobsCommand::List {
-                    status: Some(JobStatus::InProgress),
+                    status: Some(JobState::InProgress),
                     ..
                 },
                 ..

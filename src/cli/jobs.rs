@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::args::{JobStatus, JobsCommand, RedisArgs};
+use super::args::{JobsCommand, RedisArgs};
 use super::commands::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::{
@@ -60,7 +60,7 @@ pub(super) fn jobs(args: &RedisArgs, command: &JobsCommand, machine: Option<Redi
             block_on(Threads::One, claim_and_hold(&url, caps, lease))?
         }
         JobsCommand::Show { id, json } => block_on(Threads::One, show(&url, id, *json))?,
-        JobsCommand::List { status, limit, json } => block_on(Threads::One, list(&url, *status, *limit, *json))?,
+        JobsCommand::List { status, limit, json } => block_on(Threads::One, list(&url, status.clone(), *limit, *json))?,
         JobsCommand::Cancel { id } => block_on(Threads::One, cancel(&url, id))?,
     }
 }
@@ -100,9 +100,9 @@ async fn show(url: &RedisUrl, id: &str, json: bool) -> Result<Outcome, CliError>
 }
 
 /// `jobs list`.
-async fn list(url: &RedisUrl, status: Option<JobStatus>, limit: usize, json: bool) -> Result<Outcome, CliError> {
+async fn list(url: &RedisUrl, status: Option<JobState>, limit: usize, json: bool) -> Result<Outcome, CliError> {
     let broker = Broker::connect(url, BrokerOptions::default()).await?;
-    let jobs = broker.list(status.map(JobStatus::state).as_ref(), limit).await?;
+    let jobs = broker.list(status.as_ref(), limit).await?;
     if json {
         print_json(&jobs);
     } else {
@@ -171,25 +171,6 @@ async fn claim_and_hold(url: &RedisUrl, caps: Capabilities, lease: Duration) -> 
     listener.abort();
     let _ = listener.await;
     result
-}
-
-impl JobStatus {
-    /// The broker's state for this status (a cancelled job is not a failed one, though the API
-    /// stores both as `failed`).
-    fn state(self) -> JobState {
-        match self {
-            JobStatus::Pending => JobState::Pending,
-            JobStatus::Queued => JobState::Queued,
-            JobStatus::Assigned => JobState::Assigned,
-            JobStatus::Accepted => JobState::Accepted,
-            JobStatus::InProgress => JobState::InProgress,
-            JobStatus::Completed => JobState::Completed,
-            JobStatus::Failed => JobState::Failed,
-            JobStatus::Cancelled => JobState::Cancelled,
-            JobStatus::Timeout => JobState::Timeout,
-            JobStatus::Unworkable => JobState::Unworkable,
-        }
-    }
 }
 
 /// `jobs show --json`: the job, its progress, the result and artifact URLs, all typed.

@@ -39,6 +39,28 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The contract's words for the states an operator can name (`jobs list --status`).
+    pub const WORDS: [&'static str; 10] = [
+        "pending",
+        "queued",
+        "assigned",
+        "accepted",
+        "in_progress",
+        "completed",
+        "failed",
+        "cancelled",
+        "timeout",
+        "unworkable",
+    ];
+
+    /// The state an operator names with one of [`Self::WORDS`]; `None` for any other word.
+    pub fn named(word: &str) -> Option<JobState> {
+        match Self::read(word, "") {
+            Self::Other(_) => None,
+            state => Some(state),
+        }
+    }
+
     /// The state of a job with `status` and `error` as stored.
     fn read(status: &str, error: &str) -> Self {
         match status {
