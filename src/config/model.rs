@@ -101,7 +101,6 @@ pub struct PlanConfig {
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
     /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
     pub catalogue: Option<PathBuf>,
@@ -252,7 +251,6 @@ impl Serialize for RedisUrl {
 
 /// GPU facts given by configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct GpuOverrides {
     /// `MACHINE_GPU_COUNT`: the number of GPUs to use.
     pub count: Option<u32>,
@@ -328,7 +326,6 @@ pub struct HealthAccess {
 
 /// Logging output.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Human-readable or JSON lines.
     pub format: LogFormat,
@@ -367,7 +364,6 @@ pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static
 
 /// Supervisor knobs shared by every service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Default SIGTERM → SIGKILL delay.
     #[serde(with = "humantime_serde")]
@@ -474,7 +470,6 @@ pub struct InstallConfig {
 /// Where ComfyUI, its custom nodes and its models come from (`[install.comfyui]`, read as it
 /// is written; the keys keep their file names where the field's differs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ComfyuiInstallConfig {
     /// Git URL (or local path) of the ComfyUI repository.
     pub repo_url: String,
@@ -506,7 +501,6 @@ pub struct ComfyuiInstallConfig {
 
 /// The Playwright render service's install.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct PlaywrightInstallConfig {
     /// The browser executable; `None` means auto-detect.
     pub chromium: Option<PathBuf>,

@@ -1,4 +1,5 @@
-//! The TOML document as serde structs, unknown keys refused. What is read is the embedded
+//! The TOML document as serde structs; an unknown key is reported by the loader (`super::load`,
+//! through `serde_ignored`), not refused here. What is read is the embedded
 //! `config/default.toml` with the user's file merged over it and the environment written over
 //! both, so every key the default file sets is present here; keys that may be unset are
 //! `Option`. Every section whose checked form has the shape it is written in deserializes
@@ -22,7 +23,6 @@ use super::model::{
 use super::service::RestartPolicy;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     pub machine: RawMachine,
     pub redis: RawRedis,
@@ -39,7 +39,6 @@ pub(crate) struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawMachine {
     pub id: Option<String>,
     pub workspace: PathBuf,
@@ -47,7 +46,6 @@ pub(crate) struct RawMachine {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawRedis {
     pub url: Option<String>,
     #[serde(default)]
@@ -56,7 +54,6 @@ pub(crate) struct RawRedis {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
     pub port: u16,
     pub open_logs: bool,
@@ -66,7 +63,6 @@ pub(crate) struct RawHealth {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawInstall {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -77,7 +73,6 @@ pub(crate) struct RawInstall {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawConnectors {
     pub comfyui: RawServiceConnector,
     pub a1111: RawServiceConnector,
@@ -91,7 +86,6 @@ pub(crate) struct RawConnectors {
 /// `[connectors.comfyui]` and `[connectors.a1111]`: their warm-up is written as a file path
 /// (ComfyUI) or a prompt (A1111) and checked into a [`super::model::Warmup`].
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawServiceConnector {
     pub base_port: u16,
     pub extra_args: Vec<String>,
@@ -111,7 +105,6 @@ pub(crate) struct RawServiceConnector {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawPlaywright {
     pub base_port: u16,
     pub command: Option<Vec<String>>,
@@ -128,7 +121,6 @@ pub(crate) struct RawPlaywright {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawService {
     pub command: Vec<String>,
     pub restart: Option<RestartPolicy>,
@@ -148,7 +140,6 @@ pub(crate) struct RawService {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawProbe {
     pub http: Option<String>,
     pub tcp: Option<String>,
