@@ -278,7 +278,7 @@ async fn start_subsystems(
         }
     };
     let handle = supervisor.handle();
-    let mut workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
+    let mut workers = match Workers::build(config, &probe, plan) {
         Ok(mut w) => {
             w.force_on(&machine.force);
             w

@@ -120,7 +120,7 @@ impl Reloader {
         let starting = next.diff.workers_to_start(&next.plan);
         let built = self
             .pool
-            .build(&next.applied, &self.probe, &next.plan, &starting, &ProcessEnv)
+            .build(&next.applied, &self.probe, &next.plan, &starting)
             .map_err(|e| {
                 ReloadError::Invalid(ConfigError::Invalid(vec![Problem {
                     key: "WORKER_CONNECTORS".to_owned(),

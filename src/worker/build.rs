@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerOptions, RedisHealth};
-use crate::config::{Config, ConnectorKind, Env, Warmup};
+use crate::cloud::CloudStores;
+use crate::config::{Config, ConnectorKind, Warmup};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
@@ -171,8 +172,13 @@ fn warmup_job(
     })
 }
 
-/// The machine's one models store, when a ComfyUI connector runs here.
-pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+/// The machine's one models store, when a ComfyUI connector runs here; its object-store sources
+/// go through `cloud`, the output store's.
+pub(super) fn model_store(
+    config: &Config,
+    plan: &Plan,
+    cloud: &Arc<CloudStores>,
+) -> Result<Option<ModelStore>, WorkerError> {
     if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
@@ -190,7 +196,7 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
         pinned,
         loader_inputs: config.plan.models.loader_inputs.clone(),
     };
-    ModelStore::new(settings, env)
+    ModelStore::new(settings, cloud.clone(), &config.credentials)
         .map(Some)
         .map_err(|e| WorkerError::Setup {
             worker: "models".to_owned(),
