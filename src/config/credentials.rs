@@ -185,26 +185,6 @@ impl Credentials {
     }
 }
 
-impl super::Config {
-    /// The external connectors whose API key differs in `new` (read again from its variable or
-    /// its `<NAME>_FILE`): a reload rebuilds their workers with the new key.
-    pub fn api_keys_changed(&self, new: &super::Config) -> Vec<super::ConnectorKind> {
-        use super::ConnectorKind as K;
-        let key = |c: &super::Config, kind: K| {
-            let var = match kind {
-                K::Openai => &c.plan.openai.api_key_env,
-                K::Replicate => &c.plan.replicate.api_key_env,
-                _ => &c.plan.runpod.api_key_env,
-            };
-            c.credentials.get(var).map(str::to_owned)
-        };
-        [K::Openai, K::Replicate, K::Runpod]
-            .into_iter()
-            .filter(|k| key(self, *k) != key(new, *k))
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,9 @@ use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
 /// The validated configuration of this machine, split by what applies it: [`MachineConfig`]
-/// only a restart applies, [`PlanConfig`] is what the plan is built from and a reload applies.
-/// Both serialise flat, as the file's sections read.
+/// only a restart applies, [`PlanConfig`] (the credentials included) is what the plan and its
+/// workers are built from and a reload applies. Both serialise flat, as the file's sections
+/// read; the credentials never do.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Config {
     /// What only a restart applies: the machine as a whole.
@@ -32,10 +33,6 @@ pub struct Config {
     /// caller logs them once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<Problem>,
-    /// The secrets the machine authenticates with (store keys, API keys, tokens), each from its
-    /// variable or its `<NAME>_FILE`; never serialised.
-    #[serde(skip)]
-    pub credentials: Credentials,
 }
 
 /// The settings that belong to the machine as a whole; a reload keeps them as they run and
@@ -97,6 +94,12 @@ pub struct PlanConfig {
     pub simulation: SimulationConfig,
     /// Models on demand (`[models]`).
     pub models: ModelsConfig,
+    /// The secrets the workers authenticate with (store keys, API keys, the catalogue's token),
+    /// each from its variable or its `<NAME>_FILE`; never serialised. A reload reads them again
+    /// and applies them: store keys in place, an API key by rebuilding its connector's workers
+    /// (the health server's tokens are [`MachineConfig`]'s, read from here at start).
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).

@@ -101,9 +101,9 @@ pub(super) fn validate(
             runpod,
             simulation,
             models,
+            credentials,
         },
         warnings: Vec::new(),
-        credentials,
     }
 }
 

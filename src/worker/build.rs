@@ -196,7 +196,7 @@ pub(super) fn model_store(
         pinned,
         loader_inputs: config.plan.models.loader_inputs.clone(),
     };
-    ModelStore::new(settings, cloud.clone(), &config.credentials)
+    ModelStore::new(settings, cloud.clone(), &config.plan.credentials)
         .map(Some)
         .map_err(|e| WorkerError::Setup {
             worker: "models".to_owned(),
@@ -235,6 +235,7 @@ fn connector_for(
             let c = OpenaiConnector::new(
                 config.plan.openai.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.openai.api_key_env)
                     .map(str::to_owned),
@@ -248,6 +249,7 @@ fn connector_for(
             let c = ReplicateConnector::new(
                 config.plan.replicate.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.replicate.api_key_env)
                     .map(str::to_owned),
@@ -261,6 +263,7 @@ fn connector_for(
             let c = RunpodConnector::new(
                 config.plan.runpod.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.runpod.api_key_env)
                     .map(str::to_owned),

@@ -233,7 +233,7 @@ impl Workers {
             upload_window: config.machine.worker.upload_window,
             ..StoreOptions::default()
         };
-        let cloud = Arc::new(CloudStores::with_vars(config.credentials.storage().clone()));
+        let cloud = Arc::new(CloudStores::with_vars(config.plan.credentials.storage().clone()));
         let store = Arc::new(OutputStore::with_cloud(
             config.machine.worker.output_dir.clone(),
             cloud.clone(),
