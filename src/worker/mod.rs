@@ -46,7 +46,7 @@ use crate::plan::{Plan, WorkerPlan};
 pub use build::{broker_options, connect_broker};
 use build::{limiters, model_store, worker_for};
 pub use runner::{UploadLimits, Worker, WorkerSettings};
-pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
+pub use status::{CurrentJob, Fate, JobCounts, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
 
 /// Why the workers could not be set up or run.
 #[derive(Debug, thiserror::Error)]
