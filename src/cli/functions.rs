@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::args::{FunctionsCommand, RedisArgs};
-use super::commands::{Threads, block_on, redis_url};
+use super::common::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::library::Library;
 use crate::broker::reference::{self, PendingJob};

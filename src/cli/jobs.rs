@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::args::{JobsCommand, RedisArgs};
-use super::commands::{Threads, block_on, print_json, redis_url};
+use super::common::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::{
     Broker, BrokerOptions, Cancellation, Capabilities, JobField, JobRecord, JobState, JobView, LeaseStatus, Meaning,

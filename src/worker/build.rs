@@ -140,9 +140,10 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
     }
 }
 
-/// Connects the machine's one broker to [`Config::broker_url`] with the workers' options,
-/// retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are recorded
-/// in `health` (for the status page and `/ready`).
+/// Connects the machine's one broker to its Redis
+/// ([`MachineConfig::broker_url`](crate::config::MachineConfig::broker_url)) with the workers'
+/// options, retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are
+/// recorded in `health` (for the status page and `/ready`).
 pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
     let opts = BrokerOptions {
         health: health.clone(),
