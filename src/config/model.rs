@@ -349,20 +349,8 @@ pub enum LogFormat {
 impl<'de> Deserialize<'de> for LogFormat {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const FORMATS: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
-        Ok(FORMATS[variant(d, &["text", "json"])?])
+        Ok(FORMATS[super::enums::variant(d, &["text", "json"])?])
     }
-}
-
-/// Reads one of `names`, ignoring case and surrounding white space as the machine always has;
-/// an unknown name fails with serde's message, which lists the allowed ones. Returns the index
-/// of the name, so an enum maps it to its variant.
-pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static str]) -> Result<usize, D::Error> {
-    let text = String::deserialize(d)?;
-    let wanted = text.trim().to_ascii_lowercase();
-    names
-        .iter()
-        .position(|n| *n == wanted)
-        .ok_or_else(|| serde::de::Error::unknown_variant(&text, names))
 }
 
 /// Supervisor knobs shared by every service.
