@@ -29,7 +29,7 @@ use machine::config::{RedisUrl, SimulationConfig};
 use machine::connectors::Connector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::OutputStore;
-use machine::worker::{JobOutcome, JobReport, Worker, WorkerSettings};
+use machine::worker::{Fate, JobReport, Worker, WorkerSettings};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use testkit::RedisServer;
@@ -336,7 +336,7 @@ impl Fleet {
                 }
                 r = self.reports.recv() => {
                     let r = r.expect("every job is reported");
-                    assert_eq!(r.outcome, JobOutcome::Completed, "{r:?}");
+                    assert_eq!(r.outcome, Fate::Completed, "{r:?}");
                     done += 1;
                 }
                 Some(m) = messages.next() => {
@@ -759,6 +759,8 @@ fn taskset(cpus: &str, pid: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The bench as one script, each fleet size and check in the order it is printed. Long (about
+/// 220 lines) on purpose: a reader follows the README's figures down it.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     println!("\nfleet bench: one redis-server, N machines (own connections each), one worker per machine");

@@ -55,7 +55,7 @@ use crate::installers::{self, InstallProgress};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
-use crate::worker::{self, Workers};
+use crate::worker::Workers;
 use feeds::{keep_up, limits_feed, metrics_feed, on_gpu_faults, queue_feed, readiness, ready_line};
 use subsystems::{Deadline, Subsystems};
 pub(crate) use workspace::lock_workspace;
@@ -278,7 +278,7 @@ async fn start_subsystems(
         }
     };
     let handle = supervisor.handle();
-    let mut workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
+    let mut workers = match Workers::build(config, &probe, plan) {
         Ok(mut w) => {
             w.force_on(&machine.force);
             w
@@ -342,10 +342,20 @@ async fn start_subsystems(
         tracker,
     };
     let gpu_exit = start_services_and_workers(subsystems, machine, parts, supervisor, workers);
+    until_stopped(machine, &handle, &gpu_exit).await;
+    Reached::Ran {
+        gpu_exit,
+        services: handle,
+    }
+}
 
+/// Waits for what ends a running machine: the shutdown signal, a critical service's failure, or
+/// a GPU fault with `gpu.on_fault = "exit"`; each of the last two starts the shutdown.
+async fn until_stopped(machine: &Machine, services: &SupervisorHandle, gpu_exit: &CancellationToken) {
+    let shutdown = &machine.shutdown;
     tokio::select! {
         () = shutdown.cancelled() => {}
-        name = handle.critical_failure() => {
+        name = services.critical_failure() => {
             tracing::error!(service = %name, "a critical service failed; shutting the machine down");
             shutdown.cancel();
         }
@@ -355,10 +365,6 @@ async fn start_subsystems(
             machine.force.cancel();
             shutdown.cancel();
         }
-    }
-    Reached::Ran {
-        gpu_exit,
-        services: handle,
     }
 }
 
@@ -491,11 +497,11 @@ async fn connect(
     connected: watch::Sender<Option<Broker>>,
     stop: CancellationToken,
 ) {
-    let Some(broker) = worker::connect_broker(&config, state.redis_health(), &stop).await else {
+    let Some(broker) = Broker::connect_machine(&config.machine, state.redis_health(), &stop).await else {
         return;
     };
     state.set_broker(broker.clone());
-    // `connect_broker` loaded the library, so Redis runs this binary's version.
+    // `connect_machine` loaded the library, so Redis runs this binary's version.
     state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
     let metrics = state.metrics().clone();
     broker.observe_claims(Arc::new(move |took, claimed| {

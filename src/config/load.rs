@@ -6,16 +6,13 @@
 use std::path::Path;
 
 use super::credentials::{CATALOGUE_TOKEN, Credentials};
-use super::env::{self, Env};
+use super::env::Env;
 use super::error::{ConfigError, Problem, Problems};
 use super::locate::{WithConnectorsFile, locate_str};
 use super::model::Config;
 use super::overlay::{self, EnvOnly};
-use super::raw::RawConfig;
+use super::raw::{DEFAULT_TOML, RawConfig, merge};
 use super::validate;
-
-/// The built-in configuration, also the reference for every key.
-pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// The most problems one document reports; past it the document is not worth reading further.
 const MAX_FILE_PROBLEMS: usize = 50;
@@ -52,7 +49,7 @@ fn read(file: Option<&Path>) -> Result<Option<(String, String)>, ConfigError> {
 /// and `HUB_*` variables the machine does not read, each naming the closest one it does. Also
 /// in [`Config::warnings`]; this is for callers that have no `Config` because it was invalid.
 pub fn warnings(env: &dyn Env) -> Vec<Problem> {
-    env::unknown_variables(env)
+    overlay::unknown_variables(env)
         .into_iter()
         .map(|(key, message)| Problem { key, message })
         .collect()
@@ -242,17 +239,6 @@ fn lookup<'a>(doc: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> 
         t = t.get(k)?.as_table()?;
     }
     t.get(last)
-}
-
-pub(super) fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
 }
 
 impl Config {
@@ -598,7 +584,7 @@ restrat = "always"
             })
             .copied()
             .collect();
-        let warned = env::unknown_variables(&env(&set));
+        let warned = overlay::unknown_variables(&env(&set));
         assert!(warned.is_empty(), "{warned:?}");
     }
 

@@ -17,8 +17,9 @@ use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
 /// The validated configuration of this machine, split by what applies it: [`MachineConfig`]
-/// only a restart applies, [`PlanConfig`] is what the plan is built from and a reload applies.
-/// Both serialise flat, as the file's sections read.
+/// only a restart applies, [`PlanConfig`] (the credentials included) is what the plan and its
+/// workers are built from and a reload applies. Both serialise flat, as the file's sections
+/// read; the credentials never do.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Config {
     /// What only a restart applies: the machine as a whole.
@@ -32,10 +33,6 @@ pub struct Config {
     /// caller logs them once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<Problem>,
-    /// The secrets the machine authenticates with (store keys, API keys, tokens), each from its
-    /// variable or its `<NAME>_FILE`; never serialised.
-    #[serde(skip)]
-    pub credentials: Credentials,
 }
 
 /// The settings that belong to the machine as a whole; a reload keeps them as they run and
@@ -97,6 +94,12 @@ pub struct PlanConfig {
     pub simulation: SimulationConfig,
     /// Models on demand (`[models]`).
     pub models: ModelsConfig,
+    /// The secrets the workers authenticate with (store keys, API keys, the catalogue's token),
+    /// each from its variable or its `<NAME>_FILE`; never serialised. A reload reads them again
+    /// and applies them: store keys in place, an API key by rebuilding its connector's workers
+    /// (the health server's tokens are [`MachineConfig`]'s, read from here at start).
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).
@@ -209,7 +212,7 @@ impl RedisUrl {
 
     /// Validates a URL given outside the configuration (e.g. `--redis-url`).
     pub fn parse(u: &str) -> Result<RedisUrl, String> {
-        super::validate::redis_url(u)
+        redis_url(u)
     }
 
     /// The URL with its credentials, for connecting.
@@ -234,6 +237,28 @@ impl RedisUrl {
                 format!("sentinel master `{}` via {} ({url})", s.master, nodes.join(","))
             }
         }
+    }
+}
+
+/// Validates a Redis URL; the error masks any password in it.
+fn redis_url(u: &str) -> Result<RedisUrl, String> {
+    let parsed = url::Url::parse(u).map_err(|e| format!("`{}` is not a URL: {e}", mask_text(u)))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(format!(
+            "scheme `{}` is not redis://, rediss://, unix:// or redis+unix://",
+            parsed.scheme()
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(u)
+        .map_err(|e| format!("`{}` is not a usable Redis URL: {e}", mask_text(u)))?;
+    Ok(RedisUrl::plain(u.to_owned()))
+}
+
+/// Masks what looks like a password in a URL that may not even parse.
+fn mask_text(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
+        _ => u.to_owned(),
     }
 }
 
@@ -346,20 +371,8 @@ pub enum LogFormat {
 impl<'de> Deserialize<'de> for LogFormat {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const FORMATS: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
-        Ok(FORMATS[variant(d, &["text", "json"])?])
+        Ok(FORMATS[super::enums::variant(d, &["text", "json"])?])
     }
-}
-
-/// Reads one of `names`, ignoring case and surrounding white space as the machine always has;
-/// an unknown name fails with serde's message, which lists the allowed ones. Returns the index
-/// of the name, so an enum maps it to its variant.
-pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static str]) -> Result<usize, D::Error> {
-    let text = String::deserialize(d)?;
-    let wanted = text.trim().to_ascii_lowercase();
-    names
-        .iter()
-        .position(|n| *n == wanted)
-        .ok_or_else(|| serde::de::Error::unknown_variant(&text, names))
 }
 
 /// Supervisor knobs shared by every service.

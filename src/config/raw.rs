@@ -7,9 +7,8 @@
 //! here is written in another shape than the machine uses it: the document root and
 //! `[machine]` (folded into `Config`; `worker_connectors` parsed into a list), `[redis]` (a URL
 //! checked into `RedisUrl`), `[health]` (the port and the access rules), `[install]` (its timeout
-//! is the machine's), `[connectors.*]` of the services (into a service connector's settings,
-//! the warm-up read) and
-//! `[services.*]` with their probes (unset fields resolved from per-kind defaults).
+//! is the machine's) and `[connectors.*]` of the services (into a service connector's settings,
+//! the warm-up read). `[services.*]` with their probes are `super::service`'s, raw and checked.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +19,21 @@ use serde::Deserialize;
 use super::model::{
     ComfyuiInstallConfig, GpuOverrides, LogConfig, ModelsConfig, PlaywrightInstallConfig, SupervisorConfig,
 };
-use super::service::RestartPolicy;
+
+/// The built-in configuration, also the reference for every key.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Writes `over` into `base` key by key: a table merges into a table, anything else replaces.
+pub(super) fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawConfig {
@@ -35,7 +48,7 @@ pub(crate) struct RawConfig {
     pub worker: super::worker::WorkerConfig,
     pub models: ModelsConfig,
     #[serde(default)]
-    pub services: BTreeMap<String, RawService>,
+    pub services: BTreeMap<String, super::service::RawService>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,37 +131,4 @@ pub(crate) struct RawPlaywright {
     pub restart_every_jobs: Option<u32>,
     #[serde(with = "humantime_serde")]
     pub idle_wait: Duration,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct RawService {
-    pub command: Vec<String>,
-    pub restart: Option<RestartPolicy>,
-    pub ready: Option<RawProbe>,
-    pub liveness: Option<RawProbe>,
-    #[serde(default)]
-    pub after: Vec<String>,
-    #[serde(default)]
-    pub critical: bool,
-    #[serde(default, with = "humantime_serde")]
-    pub grace: Option<Duration>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub pass_env: Vec<String>,
-    pub cwd: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct RawProbe {
-    pub http: Option<String>,
-    pub tcp: Option<String>,
-    pub command: Option<Vec<String>>,
-    #[serde(default, with = "humantime_serde")]
-    pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    pub failures: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    pub initial_delay: Option<Duration>,
 }

@@ -144,7 +144,7 @@ impl Isolation {
 impl<'de> Deserialize<'de> for Isolation {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const ISOLATIONS: [Isolation; 2] = [Isolation::Loose, Isolation::Strict];
-        Ok(ISOLATIONS[super::model::variant(d, &["loose", "strict"])?])
+        Ok(ISOLATIONS[super::enums::variant(d, &["loose", "strict"])?])
     }
 }
 

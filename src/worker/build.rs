@@ -5,10 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::broker::{Broker, BrokerOptions, RedisHealth};
-use crate::config::{Config, ConnectorKind, Env, Warmup};
+use crate::cloud::CloudStores;
+use crate::config::{Config, ConnectorKind, Warmup};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
@@ -128,28 +126,6 @@ fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::Quarantine
     quarantine::QuarantinePolicy { after, cooldown }
 }
 
-/// The broker options the configuration asks for.
-pub fn broker_options(config: &Config) -> BrokerOptions {
-    BrokerOptions {
-        lease: config.machine.worker.lease,
-        retry_delay: config.machine.worker.retry_delay,
-        max_retries_cap: config.machine.worker.max_retries_cap,
-        progress_stream: config.machine.worker.progress_stream,
-        ..BrokerOptions::default()
-    }
-}
-
-/// Connects the machine's one broker to [`Config::broker_url`] with the workers' options,
-/// retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are recorded
-/// in `health` (for the status page and `/ready`).
-pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
-    let opts = BrokerOptions {
-        health: health.clone(),
-        ..broker_options(config)
-    };
-    Broker::connect_until(&config.machine.broker_url(), opts, shutdown).await
-}
-
 /// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the
 /// ComfyUI workflow or the A1111 prompt, as the configuration read them.
 fn warmup_job(
@@ -171,8 +147,13 @@ fn warmup_job(
     })
 }
 
-/// The machine's one models store, when a ComfyUI connector runs here.
-pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+/// The machine's one models store, when a ComfyUI connector runs here; its object-store sources
+/// go through `cloud`, the output store's.
+pub(super) fn model_store(
+    config: &Config,
+    plan: &Plan,
+    cloud: &Arc<CloudStores>,
+) -> Result<Option<ModelStore>, WorkerError> {
     if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
@@ -190,7 +171,7 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
         pinned,
         loader_inputs: config.plan.models.loader_inputs.clone(),
     };
-    ModelStore::new(settings, env)
+    ModelStore::new(settings, cloud.clone(), &config.plan.credentials)
         .map(Some)
         .map_err(|e| WorkerError::Setup {
             worker: "models".to_owned(),
@@ -229,6 +210,7 @@ fn connector_for(
             let c = OpenaiConnector::new(
                 config.plan.openai.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.openai.api_key_env)
                     .map(str::to_owned),
@@ -242,6 +224,7 @@ fn connector_for(
             let c = ReplicateConnector::new(
                 config.plan.replicate.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.replicate.api_key_env)
                     .map(str::to_owned),
@@ -255,6 +238,7 @@ fn connector_for(
             let c = RunpodConnector::new(
                 config.plan.runpod.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.runpod.api_key_env)
                     .map(str::to_owned),

@@ -665,7 +665,7 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
             },
         );
         let plan = Plan::build(&config, &probe).expect("valid plan");
-        let workers = Workers::build(&config, &probe, &plan, &env).expect("workers build");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers build");
         let ids: Vec<String> = workers.workers().iter().map(|w| w.id().to_owned()).collect();
         assert_eq!(ids, ["m1-cpu0", "m1-simulation-1", "m1-simulation-2"]);
         let caps = workers.workers()[0].capabilities().clone();
@@ -733,11 +733,11 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
         let plan = Plan::build(&config, &probe).expect("valid plan");
         let shutdown = CancellationToken::new();
         // The start-up of `machine run`: build from the plan, connect, run.
-        let workers = Workers::build(&config, &probe, &plan, &env).expect("workers build");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers build");
         let serve = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                let broker = machine::worker::connect_broker(&config, &machine::broker::RedisHealth::new(), &shutdown)
+                let broker = Broker::connect_machine(&config.machine, &machine::broker::RedisHealth::new(), &shutdown)
                     .await
                     .expect("redis answers");
                 workers.run(broker, &Readiness::new(), shutdown).await.unwrap()
