@@ -29,7 +29,7 @@ use machine::config::{RedisUrl, SimulationConfig};
 use machine::connectors::Connector;
 use machine::connectors::simulation::SimulationConnector;
 use machine::connectors::store::OutputStore;
-use machine::worker::{JobOutcome, JobReport, Worker, WorkerSettings};
+use machine::worker::{Fate, JobReport, Worker, WorkerSettings};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use testkit::RedisServer;
@@ -320,7 +320,7 @@ impl Fleet {
                 }
                 r = self.reports.recv() => {
                     let r = r.expect("every job is reported");
-                    assert_eq!(r.outcome, JobOutcome::Completed, "{r:?}");
+                    assert_eq!(r.outcome, Fate::Completed, "{r:?}");
                     done += 1;
                 }
                 Some(m) = messages.next() => {

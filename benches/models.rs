@@ -8,7 +8,6 @@
 //!
 //! Run with `cargo bench --bench models`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use machine::models::{ModelStore, StoreSettings};
@@ -56,7 +55,8 @@ async fn main() {
             pinned: Default::default(),
             loader_inputs: vec!["ckpt_name".to_owned()],
         },
-        &BTreeMap::<&str, &str>::new(),
+        std::sync::Arc::new(machine::cloud::CloudStores::with_vars([])),
+        &machine::config::Credentials::default(),
     )
     .expect("the store builds");
     let names = vec!["big.safetensors".to_owned()];

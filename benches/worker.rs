@@ -17,7 +17,7 @@ use machine::config::RedisUrl;
 use machine::connectors::comfyui::ComfyuiConnector;
 use machine::connectors::store::OutputStore;
 use machine::connectors::{Connector, Job, ProgressSink};
-use machine::worker::{JobOutcome, Worker, WorkerSettings};
+use machine::worker::{Fate, Worker, WorkerSettings};
 use serde_json::json;
 use testkit::{FakeComfyui, RedisServer};
 use tokio_util::sync::CancellationToken;
@@ -109,7 +109,7 @@ async fn main() {
     let mut added = Vec::with_capacity(JOBS);
     while total.len() < JOBS {
         let r = reports.recv().await.expect("every job is reported");
-        assert_eq!(r.outcome, JobOutcome::Completed, "{r:?}");
+        assert_eq!(r.outcome, Fate::Completed, "{r:?}");
         total.push(r.total);
         added.push(r.total.saturating_sub(r.run));
     }

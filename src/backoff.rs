@@ -11,7 +11,6 @@ use std::time::Duration;
 /// Exponential backoff: `initial` before the first retry, `factor` times more before each
 /// further one, never more than `max`, varied by up to `jitter` (0 to 1) of itself.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Backoff {
     /// The delay before the first retry.
     #[serde(with = "humantime_serde")]

@@ -75,13 +75,6 @@ struct Keys {
 }
 
 impl CloudStores {
-    /// Cloud stores configured from `env` (the storage variables among its names, secrets
-    /// possibly from their `<NAME>_FILE`).
-    pub fn from_env(env: &dyn crate::config::Env) -> CloudStores {
-        // Unreadable secret files are the configuration loader's to report.
-        CloudStores::with_vars(crate::config::storage_vars(env, &mut Vec::new()))
-    }
-
     /// Cloud stores configured from these variables (the storage ones among them are kept).
     pub fn with_vars(vars: impl IntoIterator<Item = (String, String)>) -> CloudStores {
         CloudStores {
@@ -354,7 +347,7 @@ mod tests {
             ("GOOGLE_SERVICE_ACCOUNT_KEY", gcs_key.as_str()),
             ("HOME", "/root"),
         ]);
-        let stores = CloudStores::from_env(&env);
+        let stores = CloudStores::with_vars(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         assert!(
             !stores.keys().vars.contains_key("HOME"),
             "only storage variables are kept"

@@ -278,7 +278,7 @@ async fn start_subsystems(
         }
     };
     let handle = supervisor.handle();
-    let mut workers = match Workers::build(config, &probe, plan, &ProcessEnv) {
+    let mut workers = match Workers::build(config, &probe, plan) {
         Ok(mut w) => {
             w.force_on(&machine.force);
             w
@@ -342,10 +342,20 @@ async fn start_subsystems(
         tracker,
     };
     let gpu_exit = start_services_and_workers(subsystems, machine, parts, supervisor, workers);
+    until_stopped(machine, &handle, &gpu_exit).await;
+    Reached::Ran {
+        gpu_exit,
+        services: handle,
+    }
+}
 
+/// Waits for what ends a running machine: the shutdown signal, a critical service's failure, or
+/// a GPU fault with `gpu.on_fault = "exit"`; each of the last two starts the shutdown.
+async fn until_stopped(machine: &Machine, services: &SupervisorHandle, gpu_exit: &CancellationToken) {
+    let shutdown = &machine.shutdown;
     tokio::select! {
         () = shutdown.cancelled() => {}
-        name = handle.critical_failure() => {
+        name = services.critical_failure() => {
             tracing::error!(service = %name, "a critical service failed; shutting the machine down");
             shutdown.cancel();
         }
@@ -355,10 +365,6 @@ async fn start_subsystems(
             machine.force.cancel();
             shutdown.cancel();
         }
-    }
-    Reached::Ran {
-        gpu_exit,
-        services: handle,
     }
 }
 

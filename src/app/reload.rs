@@ -120,7 +120,7 @@ impl Reloader {
         let starting = next.diff.workers_to_start(&next.plan);
         let built = self
             .pool
-            .build(&next.applied, &self.probe, &next.plan, &starting, &ProcessEnv)
+            .build(&next.applied, &self.probe, &next.plan, &starting)
             .map_err(|e| {
                 ReloadError::Invalid(ConfigError::Invalid(vec![Problem {
                     key: "WORKER_CONNECTORS".to_owned(),
@@ -144,10 +144,7 @@ impl Reloader {
     fn prepare(&self, running: &Running) -> Result<Prepared, ReloadError> {
         let config = config::load_in(self.path.as_deref(), &ProcessEnv, &running.config.machine.workspace)
             .map_err(ReloadError::Invalid)?;
-        let mut changes = running.config.changes(&config);
-        // Secrets are compared apart (the configuration's own fields mask them): a rotated API
-        // key rebuilds its connector's workers.
-        changes.connectors.extend(running.config.api_keys_changed(&config));
+        let changes = running.config.changes(&config);
         let mut restart_required: Vec<String> = changes.restart.iter().map(|k| (*k).to_owned()).collect();
         // The lease alone of `[worker]` applies in place, from the next claim and renewal,
         // when the running heartbeat still renews it at least three times per lease.
@@ -183,8 +180,8 @@ impl Reloader {
     /// what was applied, in words.
     fn apply_settings(&self, next: &Prepared) -> Vec<String> {
         let mut applied = Vec::new();
-        if self.pool.renew_credentials(&next.applied.credentials) {
-            tracing::info!("reload: the output store uses the credentials read now");
+        if self.pool.renew_credentials(&next.applied.plan.credentials) {
+            tracing::info!("reload: the object stores (outputs and models) use the credentials read now");
             applied.push("output store credentials (read again)".to_owned());
         }
         if let Some(lease) = next.new_lease {

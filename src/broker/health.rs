@@ -4,7 +4,7 @@
 //! before the broker exists; `/ready`, `/status`, `/metrics` and the workers' backoff read it.
 //!
 //! It promises one answer to "can a claim succeed now?": a Redis failing for
-//! [`NOT_READY_AFTER`] makes the machine not ready with the cause ([`RedisHealth::not_ready`]),
+//! [`NOT_READY_AFTER`] makes the machine not ready with the cause ([`RedisState::not_ready`]),
 //! and the first success after failures wakes everyone waiting on
 //! [`RedisHealth::answering_again`], so that no retry sleeps out a long backoff after Redis is
 //! back.

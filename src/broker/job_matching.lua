@@ -1219,6 +1219,32 @@ local function park(p, raw, w, worker, untl)
   for _, s in ipairs(w.services) do redis.call('ZADD', p .. 'jobs:idx:idle:' .. s, untl, worker) end
 end
 
+-- Parked workers whose park ran out leave jobs:idx:parked: a machine that died (SIGKILLed,
+-- its host gone) between two safety polls never leaves the park itself, and while a wake drops
+-- such a worker's jobs:idx:idle:<service> entries, nothing else would remove its capabilities
+-- from the hash, which then grew with every machine that ever died. The fleet's sweeper looks
+-- at PARK_SWEEP entries of the hash per step, going on where its last step stopped (a cursor in
+-- the Lua state: lost, it starts over), so the cost is fixed for the fleet whatever its size and
+-- a dead worker is gone within a pass over the hash. A worker is parked in every service it
+-- takes until the same time, so its first service's entry says whether its park ran out.
+local PARK_SWEEP = 32
+local park_cursor = {}
+
+local function sweep_park(p, now)
+  local key = p .. 'jobs:idx:parked'
+  local r = redis.call('HSCAN', key, park_cursor[p] or '0', 'COUNT', PARK_SWEEP)
+  park_cursor[p] = r[1]
+  local flat = r[2]
+  for i = 1, #flat, 2 do
+    local worker, w = flat[i], worker_of(flat[i + 1])
+    local service = w and w.services[1]
+    local untl = service and tonumber(redis.call('ZSCORE', p .. 'jobs:idx:idle:' .. service, worker))
+    if not untl or untl < now then
+      if w then unpark(p, worker, w.services) else redis.call('HDEL', key, worker) end
+    end
+  end
+end
+
 -- Wakes one parked worker (not `skip`) that can run the jobs of group `gid` for job `id`,
 -- looking at WAKE_SCAN parked workers of its service from the `from`th most recently parked.
 -- Returns its name, or nil and, when more parked workers lie beyond those looked at, where the
@@ -1853,8 +1879,10 @@ end)
 redis.register_function('sweepPending', function(_, args)
   local p, holder = args[1], args[2]
   if not holder or holder == '' then return redis.error_reply('ERR sweepPending needs a holder') end
-  local r = fleet_sweep(p, holder, math.max(num_arg(args[3], 10000), 1), math.max(num_arg(args[4], 1000), 1),
-    now_ms())
+  local now = now_ms()
+  local r = fleet_sweep(p, holder, math.max(num_arg(args[3], 10000), 1), math.max(num_arg(args[4], 1000), 1), now)
+  -- The holder also removes the parks that ran out (a bounded look per step, see sweep_park).
+  if r[1] == 1 then sweep_park(p, now) end
   if args[5] then
     local t = fleet_tick(p, holder, math.max(num_arg(args[5], 3000), 1), math.max(num_arg(args[6], DEFAULT_WAKE_MS), 1))
     r[4], r[5], r[6] = t[1], t[2], t[3]

@@ -18,9 +18,9 @@ pub mod sentinel;
 
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
 pub use client::{
-    AttemptUsage, Broker, BrokerOptions, CancelOutcome, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, FailOutcome,
-    Fault, JobField, JobProgress, JobRecord, JobState, JobView, LeaseStatus, LimitAnswer, LimitBudget, Meaning, NewJob,
-    QuotaDay, ReapReport, RetryDelay, ReturnOutcome, SWEEP_EVERY, SweepReport, pending_score,
+    AttemptUsage, Broker, BrokerOptions, Cancellation, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, Disposition,
+    Failure, Fault, JobField, JobProgress, JobRecord, JobState, JobView, LeaseStatus, LimitAnswer, LimitBudget,
+    Meaning, NewJob, QuotaDay, ReapReport, RetryDelay, SWEEP_EVERY, SweepReport, pending_score,
 };
 pub use health::{FaultKind, RedisHealth, RedisState};
 

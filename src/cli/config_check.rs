@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use super::commands::{print_json, print_warnings};
+use super::common::print_json;
+use super::exit::print_warnings;
 use super::exit::{CliError, Outcome};
 use super::gpus::render_probe;
 use crate::config::{self, Config, ConfigError, ProcessEnv};
@@ -78,7 +79,7 @@ struct RunningDiff {
 /// its own configuration file with its own environment, exactly as a reload does.
 fn running_diff(path: Option<&Path>, url: Option<String>) -> Result<RunningDiff, CliError> {
     let target = super::connect::Target::find(path, url.as_deref())?;
-    let (status, body) = super::commands::block_on(super::commands::Threads::One, async move {
+    let (status, body) = super::common::block_on(super::common::Threads::One, async move {
         target
             .exchange(
                 hyper::Method::POST,

@@ -9,7 +9,7 @@ use http_body_util::BodyExt as _;
 use hyper::Method;
 
 use super::args::{LogsArgs, MachineArgs};
-use super::commands::{Threads, block_on};
+use super::common::{Threads, block_on};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome};
 use crate::health::status::StatusDocument;

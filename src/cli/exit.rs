@@ -112,10 +112,18 @@ pub fn exit_code(result: Result<Outcome, CliError>) -> ExitCode {
         Err(e) => {
             print_error(&e);
             if matches!(e, CliError::Config(_)) {
-                super::commands::print_warnings();
+                print_warnings();
             }
             ExitCode::from(e.code())
         }
+    }
+}
+
+/// Prints the configuration's warnings (unknown variables) to stderr, where a configuration
+/// that failed to load is reported too.
+pub(super) fn print_warnings() {
+    for w in crate::config::warnings(&crate::config::ProcessEnv) {
+        eprintln!("machine: warning: {w}");
     }
 }
 

@@ -4,11 +4,11 @@
 use serde_json::Value;
 
 use super::args::{FunctionsCommand, RedisArgs};
-use super::commands::{Threads, block_on, redis_url};
+use super::common::{Threads, block_on, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::library::Library;
 use crate::broker::reference::{self, PendingJob};
-use crate::broker::{Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, LeaseStatus, NewJob};
+use crate::broker::{Broker, BrokerError, BrokerOptions, Cancellation, Capabilities, LeaseStatus, NewJob};
 use crate::config::RedisUrl;
 
 /// Runs `machine functions <command>`.
@@ -158,7 +158,7 @@ async fn self_test_on(broker: &Broker) -> Result<Result<usize, String>, BrokerEr
     let Some(job) = broker.claim(&a1111).await? else {
         return Ok(Err("the a1111 job was not claimable".to_owned()));
     };
-    if broker.cancel(&job.id).await? != CancelOutcome::Cancelled {
+    if broker.cancel(&job.id).await? != Cancellation::Cancelled {
         return Ok(Err("cancel did not cancel".to_owned()));
     }
     if broker.renew_lease(&job).await? != LeaseStatus::Cancelled {

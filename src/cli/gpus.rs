@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::commands::{load_config, print_json};
+use super::common::{load_config, print_json};
 use super::exit::{CliError, Outcome};
 use crate::gpu::Probe;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use super::commands::{Threads, block_on, load_config};
+use super::common::{Threads, block_on, load_config};
 use super::exit::{CliError, Outcome};
 use crate::config::{LogFormat, ProcessEnv};
 use crate::installers::{self, InstallProgress, InstallState, Installer};

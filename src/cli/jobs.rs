@@ -9,10 +9,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::args::{JobsCommand, RedisArgs};
-use super::commands::{Threads, block_on, print_json, redis_url};
+use super::common::{Threads, block_on, print_json, redis_url};
 use super::exit::{CliError, Outcome};
 use crate::broker::{
-    Broker, BrokerOptions, CancelOutcome, Capabilities, JobField, JobRecord, JobState, JobView, LeaseStatus, Meaning,
+    Broker, BrokerOptions, Cancellation, Capabilities, JobField, JobRecord, JobState, JobView, LeaseStatus, Meaning,
     NewJob, Requirements,
 };
 use crate::config::RedisUrl;
@@ -115,12 +115,12 @@ async fn list(url: &RedisUrl, status: Option<JobState>, limit: usize, json: bool
 async fn cancel(url: &RedisUrl, id: &str) -> Result<Outcome, CliError> {
     let broker = Broker::connect(url, BrokerOptions::default()).await?;
     match broker.cancel(id).await? {
-        CancelOutcome::Cancelled => {
+        Cancellation::Cancelled => {
             println!("cancelled {id}");
             Ok(Outcome::Success)
         }
-        CancelOutcome::NotFound => Err(CliError::Failed(format!("no job {id}"))),
-        CancelOutcome::AlreadyEnded(status) => Err(CliError::Failed(format!("job {id} already ended ({status})"))),
+        Cancellation::NotFound => Err(CliError::Failed(format!("no job {id}"))),
+        Cancellation::AlreadyEnded(status) => Err(CliError::Failed(format!("job {id} already ended ({status})"))),
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod args;
 mod commands;
+mod common;
 mod config_check;
 mod connect;
 mod control;

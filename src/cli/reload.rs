@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::Method;
 
 use super::args::MachineArgs;
-use super::commands::{Threads, block_on, print_json};
+use super::common::{Threads, block_on, print_json};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome};
 use crate::health::status::{StatusDocument, WorkerStage};

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::commands::{Threads, block_on};
+use super::common::{Threads, block_on};
 use super::config_check::checked_programs;
 use super::exit::{CliError, Outcome};
 use crate::config::ConfigError;

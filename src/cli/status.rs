@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::args::StatusArgs;
-use super::commands::{Threads, block_on, machine_redis, redis_url};
+use super::common::{Threads, block_on, machine_redis, redis_url};
 use super::connect::{MachineError, Target};
 use super::exit::{CliError, Outcome, print_error};
 use super::status_view::render;

@@ -11,10 +11,12 @@ use super::Problem;
 
 /// Fleet-wide limits of one external API (`[connectors.<api>.limits]`, read as it is written),
 /// enforced in Redis by every machine together. Everything unset means no limit. The API's own
-/// budget is written flat in the section (`serde(flatten)` cannot be combined with
-/// `deny_unknown_fields`); [`Limits::api`] gives it as a [`Budget`].
+/// budget is written flat in the section, not through `serde(flatten)`: a flattened struct
+/// drops the keys it does not know without telling `serde_ignored`, so an unknown key here would
+/// go unreported (a test in `load.rs` writes one into every section). [`Limits::api`] gives the
+/// budget as a [`Budget`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Limits {
     /// The API's sustained rate, per second ...
     pub requests_per_second: Option<f64>,
@@ -70,7 +72,6 @@ impl Limits {
 
 /// The rate limit and daily quotas of one scope (the API, or each customer), as written.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Sustained requests per second ...
     pub requests_per_second: Option<f64>,
@@ -119,7 +120,7 @@ pub struct Rate {
 /// The price table of one external API (`[connectors.<api>.prices]`, read as it is written;
 /// an unset price is 0); the cost of a job is the sum of each price times its usage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Prices {
     /// Per API request that created work (a completion, a prediction, an endpoint run).
     pub per_request: f64,
@@ -147,7 +148,6 @@ impl Default for Prices {
 
 /// The `replicate` connector's API (`[connectors.replicate]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ReplicateConfig {
     /// Base URL ending before `/predictions`, e.g. `https://api.replicate.com/v1`.
     pub base_url: String,
@@ -185,7 +185,6 @@ pub struct ReplicateConfig {
 
 /// The `runpod` connector's API (`[connectors.runpod]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RunpodConfig {
     /// Base URL ending before `/<endpoint id>/run`, e.g. `https://api.runpod.ai/v2`.
     pub base_url: String,

@@ -2,7 +2,9 @@
 //!
 //! Every field of [`MachineConfig`] and [`PlanConfig`] is named once in the table at the bottom,
 //! with what a change of it means; the table destructures both types exhaustively, so a new
-//! field does not compile until it is given a place there.
+//! field does not compile until it is given a place there. The credentials are one of those
+//! fields: compared as typed values like the rest, a rotated API key rebuilds its connector's
+//! workers, and a storage key is renewed in place (`WorkerPool::renew_credentials`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -30,12 +32,52 @@ impl MachineConfig {
     }
 }
 
+/// What a change of one setting the plan is built from rebuilds, beyond the plan's own diff.
+#[derive(Debug, Clone, Copy)]
+enum Rebuild {
+    /// Nothing running: the plan's diff shows the change (connectors, services), or only what
+    /// a reload installs uses it.
+    Nothing,
+    /// The workers running this connector.
+    Workers(ConnectorKind),
+    /// The workers of each external connector whose API key changed. The object stores' keys
+    /// are renewed in place and the catalogue's token is read when the models store is built,
+    /// so neither rebuilds a worker.
+    ApiKeys,
+}
+
+impl Rebuild {
+    fn connectors(self, old: &PlanConfig, new: &PlanConfig) -> Vec<ConnectorKind> {
+        match self {
+            Rebuild::Nothing => Vec::new(),
+            Rebuild::Workers(kind) => vec![kind],
+            Rebuild::ApiKeys => [ConnectorKind::Openai, ConnectorKind::Replicate, ConnectorKind::Runpod]
+                .into_iter()
+                .filter(|kind| old.api_key(*kind) != new.api_key(*kind))
+                .collect(),
+        }
+    }
+}
+
+impl PlanConfig {
+    /// The API key an external connector runs with: the secret its `api_key_env` names.
+    fn api_key(&self, kind: ConnectorKind) -> Option<&str> {
+        let var = match kind {
+            ConnectorKind::Openai => &self.openai.api_key_env,
+            ConnectorKind::Replicate => &self.replicate.api_key_env,
+            ConnectorKind::Runpod => &self.runpod.api_key_env,
+            _ => return None,
+        };
+        self.credentials.get(var)
+    }
+}
+
 /// Generates [`Config::changes`] from one table of the fields. (`machine config check --diff`
 /// asks the running machine, which compares typed configurations with this same function.)
 macro_rules! changes {
     (
         restart: { $($machine:ident),* $(,)? }
-        plan: { $($plan:ident => $kind:expr),* $(,)? }
+        plan: { $($plan:ident => $rebuild:expr),* $(,)? }
     ) => {
         impl Config {
             /// What changed from this (running) configuration to `new`.
@@ -48,8 +90,8 @@ macro_rules! changes {
                     changes.restart.push(stringify!($machine));
                 })*
                 $(if self.plan.$plan != new.plan.$plan {
-                    let kind: Option<ConnectorKind> = $kind;
-                    changes.connectors.extend(kind);
+                    let rebuild: Rebuild = $rebuild;
+                    changes.connectors.extend(rebuild.connectors(&self.plan, &new.plan));
                 })*
                 changes
             }
@@ -66,17 +108,18 @@ changes! {
     // `connectors` and `services` are the plan: its diff shows them. `install` is what the
     // installers of connectors a reload adds install; it changes no running worker.
     plan: {
-        connectors => None,
-        services => None,
-        install => None,
-        comfyui => Some(ConnectorKind::Comfyui),
-        a1111 => Some(ConnectorKind::A1111),
-        playwright => Some(ConnectorKind::Playwright),
-        openai => Some(ConnectorKind::Openai),
-        replicate => Some(ConnectorKind::Replicate),
-        runpod => Some(ConnectorKind::Runpod),
-        simulation => Some(ConnectorKind::Simulation),
-        models => Some(ConnectorKind::Comfyui),
+        connectors => Rebuild::Nothing,
+        services => Rebuild::Nothing,
+        install => Rebuild::Nothing,
+        comfyui => Rebuild::Workers(ConnectorKind::Comfyui),
+        a1111 => Rebuild::Workers(ConnectorKind::A1111),
+        playwright => Rebuild::Workers(ConnectorKind::Playwright),
+        openai => Rebuild::Workers(ConnectorKind::Openai),
+        replicate => Rebuild::Workers(ConnectorKind::Replicate),
+        runpod => Rebuild::Workers(ConnectorKind::Runpod),
+        simulation => Rebuild::Workers(ConnectorKind::Simulation),
+        models => Rebuild::Workers(ConnectorKind::Comfyui),
+        credentials => Rebuild::ApiKeys,
     }
 }
 
@@ -94,6 +137,33 @@ mod tests {
         assert_eq!(changes.connectors, BTreeSet::from([ConnectorKind::Openai]));
         assert_eq!(changes.restart, ["health_port"]);
         assert_eq!(old.changes(&old), Changes::default());
+    }
+
+    /// The credentials are compared as the other settings are: a rotated API key rebuilds its
+    /// connector's workers and nothing else; a rotated storage key rebuilds nothing (the reload
+    /// renews it in place); the control token, the health server's, applies at a restart.
+    #[test]
+    fn credentials_are_diffed_as_typed_settings() {
+        let with = |pairs: &[(&str, &str)]| Config::for_tests(pairs);
+        let old = with(&[("OPENAI_API_KEY", "k1"), ("AWS_SECRET_ACCESS_KEY", "s1")]);
+        let rotated_api = with(&[("OPENAI_API_KEY", "k2"), ("AWS_SECRET_ACCESS_KEY", "s1")]);
+        assert_eq!(
+            old.changes(&rotated_api),
+            Changes {
+                restart: Vec::new(),
+                connectors: BTreeSet::from([ConnectorKind::Openai]),
+            }
+        );
+        let rotated_store = with(&[("OPENAI_API_KEY", "k1"), ("AWS_SECRET_ACCESS_KEY", "s2")]);
+        assert_ne!(old.plan.credentials, rotated_store.plan.credentials);
+        assert_eq!(old.changes(&rotated_store), Changes::default());
+        let token = with(&[
+            ("OPENAI_API_KEY", "k1"),
+            ("AWS_SECRET_ACCESS_KEY", "s1"),
+            ("MACHINE_CONTROL_TOKEN", "t"),
+        ]);
+        assert_eq!(old.changes(&token).restart, ["control_token"]);
+        assert!(old.changes(&token).connectors.is_empty());
     }
 
     #[test]

@@ -97,11 +97,24 @@ pub fn storage_vars(env: &dyn Env, problems: &mut Vec<Problem>) -> BTreeMap<Stri
 
 /// The credentials the configuration read: the storage variables and the named secrets (API
 /// keys, tokens). Never printed or serialised.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Credentials {
     storage: BTreeMap<String, String>,
     named: BTreeMap<String, String>,
+    /// The environment the loader read, for the secrets that only a data file names (a models
+    /// catalogue's `token_env`), read with the same rules when that file is read
+    /// ([`Credentials::secret`]). Not compared: the process environment does not change while the
+    /// machine runs; the secrets read from files are in `storage` and `named`.
+    env: std::sync::Arc<BTreeMap<String, String>>,
 }
+
+impl PartialEq for Credentials {
+    fn eq(&self, other: &Credentials) -> bool {
+        self.storage == other.storage && self.named == other.named
+    }
+}
+
+impl Eq for Credentials {}
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -126,7 +139,16 @@ impl Credentials {
                 Err(p) => problems.push(p),
             }
         }
-        Credentials { storage, named: found }
+        let env = env
+            .names()
+            .into_iter()
+            .filter_map(|n| Some((n.clone(), env.var(&n)?)))
+            .collect();
+        Credentials {
+            storage,
+            named: found,
+            env: std::sync::Arc::new(env),
+        }
     }
 
     /// Credentials from these storage variables and named secrets (tests, benches).
@@ -137,6 +159,7 @@ impl Credentials {
         Credentials {
             storage: storage.into_iter().filter(|(k, _)| is_storage_var(k)).collect(),
             named: named.into_iter().collect(),
+            env: Default::default(),
         }
     }
 
@@ -149,25 +172,16 @@ impl Credentials {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.named.get(key).map(String::as_str)
     }
-}
 
-impl super::Config {
-    /// The external connectors whose API key differs in `new` (read again from its variable or
-    /// its `<NAME>_FILE`): a reload rebuilds their workers with the new key.
-    pub fn api_keys_changed(&self, new: &super::Config) -> Vec<super::ConnectorKind> {
-        use super::ConnectorKind as K;
-        let key = |c: &super::Config, kind: K| {
-            let var = match kind {
-                K::Openai => &c.plan.openai.api_key_env,
-                K::Replicate => &c.plan.replicate.api_key_env,
-                _ => &c.plan.runpod.api_key_env,
-            };
-            c.credentials.get(var).map(str::to_owned)
-        };
-        [K::Openai, K::Replicate, K::Runpod]
-            .into_iter()
-            .filter(|k| key(self, *k) != key(new, *k))
-            .collect()
+    /// The secret in the variable `key` or the file its `<key>_FILE` names, for a variable the
+    /// configuration does not name but a file it points to does (a models catalogue's
+    /// `token_env`): read now, from the environment the configuration was loaded with.
+    /// `Ok(None)` when neither is set; the problem names the variable.
+    pub fn secret(&self, key: &str) -> Result<Option<String>, Problem> {
+        match self.get(key) {
+            Some(v) => Ok(Some(v.to_owned())),
+            None => secret(&*self.env, key),
+        }
     }
 }
 

@@ -1,21 +1,18 @@
 //! Loading: the embedded default TOML, the user's file merged over it, the environment written
 //! over both (`super::overlay`), then one typed pass with `serde_path_to_error` that names the
-//! key of each bad value, and validation (`super::validate`). Nothing here has a side effect
+//! key of each bad value and `serde_ignored` that names each unknown key, and validation (`super::validate`). Nothing here has a side effect
 //! beyond reading the file.
 
 use std::path::Path;
 
 use super::credentials::{CATALOGUE_TOKEN, Credentials};
-use super::env::{self, Env};
+use super::env::Env;
 use super::error::{ConfigError, Problem, Problems};
 use super::locate::{WithConnectorsFile, locate_str};
 use super::model::Config;
 use super::overlay::{self, EnvOnly};
-use super::raw::RawConfig;
+use super::raw::{DEFAULT_TOML, RawConfig, merge};
 use super::validate;
-
-/// The built-in configuration, also the reference for every key.
-pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// The most problems one document reports; past it the document is not worth reading further.
 const MAX_FILE_PROBLEMS: usize = 50;
@@ -52,7 +49,7 @@ fn read(file: Option<&Path>) -> Result<Option<(String, String)>, ConfigError> {
 /// and `HUB_*` variables the machine does not read, each naming the closest one it does. Also
 /// in [`Config::warnings`]; this is for callers that have no `Config` because it was invalid.
 pub fn warnings(env: &dyn Env) -> Vec<Problem> {
-    env::unknown_variables(env)
+    overlay::unknown_variables(env)
         .into_iter()
         .map(|(key, message)| Problem { key, message })
         .collect()
@@ -113,64 +110,108 @@ pub fn load_str(file: Option<(&str, &str)>, env: &dyn Env) -> Result<Config, Con
     }
 }
 
-/// The typed document, and a problem for each bad key. Deserialization stops at the first
-/// problem; to list them all, each one found is set right (the default put back, or the key
-/// removed) and the document is read again. The result is `None` when a problem could not be
-/// set right; otherwise it holds the default in place of each bad value, so that validation
-/// can go on to find the problems beyond these.
+/// The typed document, and a problem for each bad key. An unknown key is found by
+/// `serde_ignored` (the sections do not deny unknown fields: each one ignored is reported at
+/// its exact key path, and reading goes on). A bad value stops deserialization; to list them
+/// all, each one found is set right (the default put back, or the key removed) and the document
+/// is read again. The result is `None` when a problem could not be set right; otherwise it holds
+/// the default in place of each bad value, so that validation can go on to find the problems
+/// beyond these.
 fn deserialize(mut doc: toml::Table, defaults: &toml::Table, problems: &mut Problems) -> Option<RawConfig> {
+    // Each reading sees the unknown keys before its bad value again: each is reported once.
+    let mut unknown: Vec<Vec<String>> = Vec::new();
     let mut found = 0;
     loop {
-        match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(doc.clone())) {
-            Ok(raw) => return Some(raw),
-            Err(e) => {
-                let segments: Vec<String> = e
-                    .path()
-                    .iter()
-                    .map(|s| match s {
-                        serde_path_to_error::Segment::Map { key } => key.clone(),
-                        other => other.to_string(),
-                    })
-                    .collect();
-                // toml repeats the path on a line of its own; the problem's key already says it.
-                let message = e
-                    .inner()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim_end()
-                    .to_owned();
-                let repaired = repair(&mut doc, defaults, &segments, &message);
-                problems.at(&e.path().to_string(), message);
-                found += 1;
-                if !repaired || found >= MAX_FILE_PROBLEMS {
-                    return None;
-                }
+        let mut ignored = Vec::new();
+        let mut note = |path: serde_ignored::Path<'_>| ignored.push(segments_of(&path));
+        let value = serde_ignored::Deserializer::new(toml::Value::Table(doc.clone()), &mut note);
+        let result = serde_path_to_error::deserialize::<_, RawConfig>(value);
+        for path in ignored {
+            if !unknown.contains(&path) {
+                problems.at(&path.join("."), unknown_key(&path, defaults));
+                unknown.push(path);
             }
+        }
+        let e = match result {
+            Ok(raw) => return Some(raw),
+            Err(e) => e,
+        };
+        let segments: Vec<String> = e
+            .path()
+            .iter()
+            .map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => key.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        // toml repeats the path on a line of its own; the problem's key already says it.
+        let message = e
+            .inner()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned();
+        let repaired = repair(&mut doc, defaults, &segments);
+        problems.at(&e.path().to_string(), message);
+        found += 1;
+        if !repaired || found >= MAX_FILE_PROBLEMS {
+            return None;
         }
     }
 }
 
-/// Sets right the key at `path` that failed with `message`: an unknown key is removed; a bad
-/// value gets the default's value back, or is removed when the defaults have none. Returns
-/// whether anything changed (if not, reading again would fail the same way).
-fn repair(doc: &mut toml::Table, defaults: &toml::Table, path: &[String], message: &str) -> bool {
-    let unknown = message
-        .strip_prefix("unknown field `")
-        .and_then(|m| m.split_once('`'))
-        .map(|(name, _)| name.to_owned());
-    let mut full = path.to_vec();
-    if let Some(name) = unknown {
-        if full.last() != Some(&name) {
-            full.push(name);
-        }
-        return remove_at(doc, &full);
+/// The key path `serde_ignored` reports, one segment per table key (or array index).
+fn segments_of(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path;
+    let mut segments = match path {
+        Path::Root => return Vec::new(),
+        Path::Seq { parent, .. }
+        | Path::Map { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => segments_of(parent),
+    };
+    match path {
+        Path::Seq { index, .. } => segments.push(index.to_string()),
+        Path::Map { key, .. } => segments.push(key.clone()),
+        _ => {}
     }
-    let Some((last, parents)) = full.split_last() else {
+    segments
+}
+
+/// What an unknown key is told: its name, and the closest key its section knows (from the
+/// defaults, which set every key of the sections they have) when one is close enough to be a
+/// typo of it.
+fn unknown_key(path: &[String], defaults: &toml::Table) -> String {
+    let Some((name, parents)) = path.split_last() else {
+        return "unknown key".to_owned();
+    };
+    let mut section = Some(defaults);
+    for k in parents {
+        section = section.and_then(|t| t.get(k)).and_then(toml::Value::as_table);
+    }
+    let closest = section
+        .into_iter()
+        .flat_map(|t| t.keys())
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(distance, k)| *distance <= 2.max(k.len() / 3))
+        .min();
+    match closest {
+        Some((_, k)) => format!("unknown key `{name}`; did you mean `{k}`?"),
+        None => format!("unknown key `{name}`"),
+    }
+}
+
+/// Sets right the bad value at `path`: it gets the default's value back, or is removed when the
+/// defaults have none. Returns whether anything changed (if not, reading again would fail the
+/// same way).
+fn repair(doc: &mut toml::Table, defaults: &toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let default = lookup(defaults, &full).cloned();
+    let default = lookup(defaults, path).cloned();
     let Some(table) = table_at(doc, parents) else {
         return false;
     };
@@ -198,24 +239,6 @@ fn lookup<'a>(doc: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> 
         t = t.get(k)?.as_table()?;
     }
     t.get(last)
-}
-
-fn remove_at(doc: &mut toml::Table, path: &[String]) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
-    table_at(doc, parents).is_some_and(|t| t.remove(last).is_some())
-}
-
-pub(super) fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
 }
 
 impl Config {
@@ -451,6 +474,97 @@ restrat = "always"
         }
     }
 
+    /// Every section reports a key it does not know at its exact path, sections with a map of
+    /// their own (`services.NAME`, a probe, a customer budget) included: a section read through
+    /// `serde(flatten)` would drop it silently, and this test would name it.
+    #[test]
+    fn an_unknown_key_is_named_by_its_exact_path_in_every_section() {
+        fn sections(table: &toml::Table, path: &mut Vec<String>, out: &mut Vec<String>) {
+            out.push(path.join("."));
+            for (key, value) in table {
+                if let toml::Value::Table(t) = value {
+                    path.push(key.clone());
+                    sections(t, path, out);
+                    path.pop();
+                }
+            }
+        }
+        let defaults: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let mut all = Vec::new();
+        sections(&defaults, &mut Vec::new(), &mut all);
+        // Tables that are maps by design: any key is an alias or a capability.
+        all.retain(|s| !["connectors.replicate.aliases", "worker.capabilities"].contains(&s.as_str()));
+        all.extend(
+            [
+                "services.x",
+                "services.x.ready",
+                "services.x.liveness",
+                "connectors.openai.limits.customer",
+                "connectors.runpod.limits.customer",
+                "worker.quarantine.comfyui",
+            ]
+            .map(str::to_owned),
+        );
+        let mut file = toml::Table::new();
+        for section in &all {
+            let mut t = &mut file;
+            for k in section.split('.').filter(|k| !k.is_empty()) {
+                t = t
+                    .entry(k.to_owned())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .unwrap();
+            }
+            t.insert("zz_unknown".to_owned(), toml::Value::Integer(1));
+        }
+        file["services"]["x"]
+            .as_table_mut()
+            .unwrap()
+            .insert("command".to_owned(), toml::Value::Array(vec!["a".into()]));
+        for probe in ["ready", "liveness"] {
+            file["services"]["x"][probe]
+                .as_table_mut()
+                .unwrap()
+                .insert("tcp".to_owned(), "127.0.0.1:1".into());
+        }
+        let ps = problems(Some(&file.to_string()), &[]);
+        let mut keys: Vec<String> = ps.iter().map(|p| p.key.clone()).collect();
+        let mut want: Vec<String> = all
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    "zz_unknown".to_owned()
+                } else {
+                    format!("{s}.zz_unknown")
+                }
+            })
+            .collect();
+        keys.sort();
+        want.sort();
+        assert_eq!(keys, want, "{ps:#?}");
+        assert!(ps.iter().all(|p| p.message == "unknown key `zz_unknown`"), "{ps:#?}");
+    }
+
+    /// Found by their key path, not by the words of serde's message: a key named like the section
+    /// it is in, and one with a backtick in its name, are each one problem, and the problems after
+    /// them are still listed.
+    #[test]
+    fn unknown_keys_are_found_by_their_path_not_by_the_message() {
+        let file = "[machine]\nmachine = 1\n\"we`ird\" = 2\n[supervisor]\ngrace = 5\n[worker]\nleas = \"1m\"\n";
+        let ps = problems(Some(file), &[]);
+        let shown: Vec<String> = ps.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "machine.machine: unknown key `machine`",
+                "machine.we`ird: unknown key `we`ird`",
+                "supervisor.grace: invalid type: integer `5`, expected a duration",
+                "worker.leas: unknown key `leas`; did you mean `lease`?",
+            ],
+            "{ps:#?}"
+        );
+    }
+
     #[test]
     fn every_variable_the_machine_reads_is_known() {
         // Each variable of the machine's prefixes that it reads somewhere, set together: none
@@ -470,7 +584,7 @@ restrat = "always"
             })
             .copied()
             .collect();
-        let warned = env::unknown_variables(&env(&set));
+        let warned = overlay::unknown_variables(&env(&set));
         assert!(warned.is_empty(), "{warned:?}");
     }
 

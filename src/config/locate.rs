@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use super::env::Env;
 use super::error::{ConfigError, Problem};
-use super::load::{DEFAULT_TOML, merge};
 use super::model::Secret;
 use super::overlay;
+use super::raw::{DEFAULT_TOML, merge};
 
 /// The file in the workspace whose content overrides `WORKER_CONNECTORS` (at start and at each
 /// reload): a running process cannot see new environment variables.

@@ -14,6 +14,7 @@ mod apis;
 mod changes;
 mod connectors;
 mod credentials;
+mod enums;
 mod env;
 mod error;
 mod load;
@@ -31,7 +32,7 @@ pub use connectors::{ConnectorKind, ConnectorList, ConnectorRequest};
 pub use credentials::{CATALOGUE_TOKEN, Credentials, is_storage_secret, is_storage_var, secret, storage_vars};
 pub use env::{Env, ProcessEnv};
 pub use error::{ConfigError, Problem};
-pub use load::{DEFAULT_TOML, load, load_in, load_str, warnings};
+pub use load::{load, load_in, load_str, warnings};
 pub use locate::{CONNECTORS_FILE, Location, locate};
 pub use model::{
     ComfyuiInstallConfig, Config, DeviceSelector, GpuOverrides, HealthAccess, InstallConfig, LogConfig, LogFormat,
@@ -39,6 +40,7 @@ pub use model::{
     ServiceConnectorConfig, SupervisorConfig, VisibleDevices, Warmup,
 };
 pub use overlay::variables;
+pub use raw::DEFAULT_TOML;
 pub use service::{ProbeCheck, ProbeSpec, RestartPolicy, ServiceSpec};
 pub use validate::MAX_GPUS;
 pub use worker::{CustomerAccess, Isolation, OpenaiConfig, Quarantine, SimulationConfig, WorkerConfig};

@@ -17,8 +17,9 @@ use super::service::ServiceSpec;
 use super::worker::{OpenaiConfig, SimulationConfig, WorkerConfig};
 
 /// The validated configuration of this machine, split by what applies it: [`MachineConfig`]
-/// only a restart applies, [`PlanConfig`] is what the plan is built from and a reload applies.
-/// Both serialise flat, as the file's sections read.
+/// only a restart applies, [`PlanConfig`] (the credentials included) is what the plan and its
+/// workers are built from and a reload applies. Both serialise flat, as the file's sections
+/// read; the credentials never do.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Config {
     /// What only a restart applies: the machine as a whole.
@@ -32,10 +33,6 @@ pub struct Config {
     /// caller logs them once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<Problem>,
-    /// The secrets the machine authenticates with (store keys, API keys, tokens), each from its
-    /// variable or its `<NAME>_FILE`; never serialised.
-    #[serde(skip)]
-    pub credentials: Credentials,
 }
 
 /// The settings that belong to the machine as a whole; a reload keeps them as they run and
@@ -97,11 +94,16 @@ pub struct PlanConfig {
     pub simulation: SimulationConfig,
     /// Models on demand (`[models]`).
     pub models: ModelsConfig,
+    /// The secrets the workers authenticate with (store keys, API keys, the catalogue's token),
+    /// each from its variable or its `<NAME>_FILE`; never serialised. A reload reads them again
+    /// and applies them: store keys in place, an API key by rebuilding its connector's workers
+    /// (the health server's tokens are [`MachineConfig`]'s, read from here at start).
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 /// Models fetched on demand for ComfyUI jobs (`[models]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ModelsConfig {
     /// The models catalogue (`COMFYUI_MODELS_CATALOGUE`); `None`: nothing is fetched.
     pub catalogue: Option<PathBuf>,
@@ -252,7 +254,6 @@ impl Serialize for RedisUrl {
 
 /// GPU facts given by configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct GpuOverrides {
     /// `MACHINE_GPU_COUNT`: the number of GPUs to use.
     pub count: Option<u32>,
@@ -328,7 +329,6 @@ pub struct HealthAccess {
 
 /// Logging output.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Human-readable or JSON lines.
     pub format: LogFormat,
@@ -349,25 +349,12 @@ pub enum LogFormat {
 impl<'de> Deserialize<'de> for LogFormat {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const FORMATS: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
-        Ok(FORMATS[variant(d, &["text", "json"])?])
+        Ok(FORMATS[super::enums::variant(d, &["text", "json"])?])
     }
-}
-
-/// Reads one of `names`, ignoring case and surrounding white space as the machine always has;
-/// an unknown name fails with serde's message, which lists the allowed ones. Returns the index
-/// of the name, so an enum maps it to its variant.
-pub(super) fn variant<'de, D: Deserializer<'de>>(d: D, names: &'static [&'static str]) -> Result<usize, D::Error> {
-    let text = String::deserialize(d)?;
-    let wanted = text.trim().to_ascii_lowercase();
-    names
-        .iter()
-        .position(|n| *n == wanted)
-        .ok_or_else(|| serde::de::Error::unknown_variant(&text, names))
 }
 
 /// Supervisor knobs shared by every service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Default SIGTERM → SIGKILL delay.
     #[serde(with = "humantime_serde")]
@@ -474,7 +461,6 @@ pub struct InstallConfig {
 /// Where ComfyUI, its custom nodes and its models come from (`[install.comfyui]`, read as it
 /// is written; the keys keep their file names where the field's differs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ComfyuiInstallConfig {
     /// Git URL (or local path) of the ComfyUI repository.
     pub repo_url: String,
@@ -506,7 +492,6 @@ pub struct ComfyuiInstallConfig {
 
 /// The Playwright render service's install.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct PlaywrightInstallConfig {
     /// The browser executable; `None` means auto-detect.
     pub chromium: Option<PathBuf>,

@@ -228,6 +228,49 @@ pub(super) fn parse_visible_devices(v: &str) -> Result<VisibleDevices, String> {
     Ok(VisibleDevices::List(list))
 }
 
+/// Variables of the machine's prefixes read outside the configuration overlay: the CLI's
+/// `--config`, the models catalogue's bearer token, and the secrets given in files.
+const READ_ELSEWHERE: &[&str] = &[
+    "MACHINE_CONFIG",
+    "COMFYUI_MODELS_CATALOGUE_TOKEN",
+    // Secrets given in files (see `super::credentials`).
+    "MACHINE_CONTROL_TOKEN_FILE",
+    "MACHINE_READ_TOKEN_FILE",
+    "COMFYUI_MODELS_CATALOGUE_TOKEN_FILE",
+];
+
+/// Every variable the machine reads: the overlay's table ([`variables`], the
+/// one list `machine run --help` prints too) and [`READ_ELSEWHERE`].
+fn known() -> Vec<&'static str> {
+    let mut known: Vec<&'static str> = variables().into_iter().map(|(var, _)| var).collect();
+    known.extend(READ_ELSEWHERE);
+    known
+}
+
+/// The prefixes the machine owns: a variable with one of them that it does not read is most
+/// likely a typo of one it does.
+const PREFIXES: &[&str] = &["MACHINE_", "WORKER_", "COMFYUI_", "HUB_"];
+
+/// A warning for each variable of the machine's prefixes that it does not read, naming the
+/// closest one it does.
+pub(crate) fn unknown_variables(env: &dyn Env) -> Vec<(String, String)> {
+    let known = known();
+    let mut names = env.names();
+    names.sort();
+    names
+        .into_iter()
+        .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)) && !known.contains(&n.as_str()))
+        .map(|n| {
+            let closest = known
+                .iter()
+                .min_by_key(|k| strsim::damerau_levenshtein(&n, k))
+                .expect("the overlay's table is not empty");
+            let message = format!("is not a variable the machine reads; did you mean `{closest}`?");
+            (n, message)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! The TOML document as serde structs, unknown keys refused. What is read is the embedded
+//! The TOML document as serde structs; an unknown key is reported by the loader (`super::load`,
+//! through `serde_ignored`), not refused here. What is read is the embedded
 //! `config/default.toml` with the user's file merged over it and the environment written over
 //! both, so every key the default file sets is present here; keys that may be unset are
 //! `Option`. Every section whose checked form has the shape it is written in deserializes
@@ -6,9 +7,8 @@
 //! here is written in another shape than the machine uses it: the document root and
 //! `[machine]` (folded into `Config`; `worker_connectors` parsed into a list), `[redis]` (a URL
 //! checked into `RedisUrl`), `[health]` (the port and the access rules), `[install]` (its timeout
-//! is the machine's), `[connectors.*]` of the services (into a service connector's settings,
-//! the warm-up read) and
-//! `[services.*]` with their probes (unset fields resolved from per-kind defaults).
+//! is the machine's) and `[connectors.*]` of the services (into a service connector's settings,
+//! the warm-up read). `[services.*]` with their probes are `super::service`'s, raw and checked.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,10 +19,23 @@ use serde::Deserialize;
 use super::model::{
     ComfyuiInstallConfig, GpuOverrides, LogConfig, ModelsConfig, PlaywrightInstallConfig, SupervisorConfig,
 };
-use super::service::RestartPolicy;
+
+/// The built-in configuration, also the reference for every key.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Writes `over` into `base` key by key: a table merges into a table, anything else replaces.
+pub(super) fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     pub machine: RawMachine,
     pub redis: RawRedis,
@@ -35,11 +48,10 @@ pub(crate) struct RawConfig {
     pub worker: super::worker::WorkerConfig,
     pub models: ModelsConfig,
     #[serde(default)]
-    pub services: BTreeMap<String, RawService>,
+    pub services: BTreeMap<String, super::service::RawService>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawMachine {
     pub id: Option<String>,
     pub workspace: PathBuf,
@@ -47,7 +59,6 @@ pub(crate) struct RawMachine {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawRedis {
     pub url: Option<String>,
     #[serde(default)]
@@ -56,7 +67,6 @@ pub(crate) struct RawRedis {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
     pub port: u16,
     pub open_logs: bool,
@@ -66,7 +76,6 @@ pub(crate) struct RawHealth {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawInstall {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -77,7 +86,6 @@ pub(crate) struct RawInstall {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawConnectors {
     pub comfyui: RawServiceConnector,
     pub a1111: RawServiceConnector,
@@ -91,7 +99,6 @@ pub(crate) struct RawConnectors {
 /// `[connectors.comfyui]` and `[connectors.a1111]`: their warm-up is written as a file path
 /// (ComfyUI) or a prompt (A1111) and checked into a [`super::model::Warmup`].
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawServiceConnector {
     pub base_port: u16,
     pub extra_args: Vec<String>,
@@ -111,7 +118,6 @@ pub(crate) struct RawServiceConnector {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawPlaywright {
     pub base_port: u16,
     pub command: Option<Vec<String>>,
@@ -125,39 +131,4 @@ pub(crate) struct RawPlaywright {
     pub restart_every_jobs: Option<u32>,
     #[serde(with = "humantime_serde")]
     pub idle_wait: Duration,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawService {
-    pub command: Vec<String>,
-    pub restart: Option<RestartPolicy>,
-    pub ready: Option<RawProbe>,
-    pub liveness: Option<RawProbe>,
-    #[serde(default)]
-    pub after: Vec<String>,
-    #[serde(default)]
-    pub critical: bool,
-    #[serde(default, with = "humantime_serde")]
-    pub grace: Option<Duration>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub pass_env: Vec<String>,
-    pub cwd: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawProbe {
-    pub http: Option<String>,
-    pub tcp: Option<String>,
-    pub command: Option<Vec<String>>,
-    #[serde(default, with = "humantime_serde")]
-    pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    pub failures: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    pub initial_delay: Option<Duration>,
 }

@@ -1,6 +1,7 @@
 //! Supervised services as configuration: the validated [`ServiceSpec`] that the plan hands to the
-//! supervisor, with its restart policy and probes, and the checks that turn a raw
-//! `[services.NAME]` table into one.
+//! supervisor, with its restart policy and probes, the raw `[services.NAME]` table as written
+//! ([`RawService`], unset fields resolved from per-kind defaults), and the checks that turn one
+//! into the other.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +10,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::ConnectorKind;
-use super::raw::{RawProbe, RawService};
 
 /// When a service that exited is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -226,6 +226,39 @@ pub(crate) fn validate_service(
         gpu: None,
         port: None,
     })
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawService {
+    pub command: Vec<String>,
+    pub restart: Option<RestartPolicy>,
+    pub ready: Option<RawProbe>,
+    pub liveness: Option<RawProbe>,
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub critical: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawProbe {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub initial_delay: Option<Duration>,
 }
 
 #[cfg(test)]

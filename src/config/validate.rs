@@ -16,7 +16,8 @@ use super::model::{
     SentinelTarget, ServiceConnectorConfig, SupervisorConfig, Warmup,
 };
 use super::overlay::EnvOnly;
-use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis, RawService, RawServiceConnector};
+use super::raw::{RawConfig, RawConnectors, RawInstall, RawMachine, RawRedis, RawServiceConnector};
+use super::service::RawService;
 use super::{service, worker};
 
 /// The most GPUs `MACHINE_GPU_COUNT` may name (each one plans a worker and its services).
@@ -101,9 +102,9 @@ pub(super) fn validate(
             runpod,
             simulation,
             models,
+            credentials,
         },
         warnings: Vec::new(),
-        credentials,
     }
 }
 

@@ -13,7 +13,6 @@ use super::Problem;
 
 /// How workers claim, hold and report jobs (`[worker]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// How long a claimed job is held without renewal before the broker may take it back.
     #[serde(with = "humantime_serde")]
@@ -100,7 +99,6 @@ impl WorkerConfig {
 /// A connector's own quarantine settings (`[worker.quarantine.<connector>]`); each unset one
 /// is the `[worker]` default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Quarantine {
     /// Machine-blamed failures in a row that quarantine; 0 never does.
     pub after: Option<u32>,
@@ -111,7 +109,6 @@ pub struct Quarantine {
 
 /// The `customer_access` capability (`[worker.customer_access]`, read as it is written).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CustomerAccess {
     /// `loose` or `strict`.
     pub isolation: Isolation,
@@ -146,13 +143,12 @@ impl Isolation {
 impl<'de> Deserialize<'de> for Isolation {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         const ISOLATIONS: [Isolation; 2] = [Isolation::Loose, Isolation::Strict];
-        Ok(ISOLATIONS[super::model::variant(d, &["loose", "strict"])?])
+        Ok(ISOLATIONS[super::enums::variant(d, &["loose", "strict"])?])
     }
 }
 
 /// The OpenAI-compatible API the `openai` connector calls (`[connectors.openai]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct OpenaiConfig {
     /// Base URL ending before `/chat/completions`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
@@ -181,7 +177,6 @@ pub struct OpenaiConfig {
 /// The simulation connector's defaults (a job's payload may override each); also what
 /// `[connectors.simulation]` deserializes into.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct SimulationConfig {
     /// How long a simulated job takes.
     #[serde(with = "humantime_serde")]

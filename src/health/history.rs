@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::status::{Gpu, JobEnd, RecentJob};
-use crate::worker::{JobOutcome, JobReport};
+use crate::worker::{Fate, JobReport};
 
 /// How many finished jobs the status document lists.
 pub const RECENT_JOBS: usize = 50;
@@ -30,11 +30,11 @@ impl RecentJobs {
     /// Records a finished job; `finished_at_ms` is when its report arrived.
     pub fn record(&mut self, report: &JobReport, finished_at_ms: u64) {
         let (outcome, error, requeued) = match &report.outcome {
-            JobOutcome::Completed => (JobEnd::Completed, None, false),
-            JobOutcome::Failed { error, requeued, .. } => (JobEnd::Failed, Some(error.clone()), *requeued),
-            JobOutcome::Returned => (JobEnd::Returned, None, false),
-            JobOutcome::Cancelled => (JobEnd::Cancelled, None, false),
-            JobOutcome::Lost => (JobEnd::Lost, None, false),
+            Fate::Completed => (JobEnd::Completed, None, false),
+            Fate::Failed { error, requeued, .. } => (JobEnd::Failed, Some(error.clone()), *requeued),
+            Fate::Returned => (JobEnd::Returned, None, false),
+            Fate::Cancelled => (JobEnd::Cancelled, None, false),
+            Fate::Lost => (JobEnd::Lost, None, false),
         };
         let duration_ms = u64::try_from(report.total.as_millis()).unwrap_or(u64::MAX);
         if self.0.len() == RECENT_JOBS {
@@ -142,7 +142,7 @@ impl GpuHistory {
 mod tests {
     use super::*;
 
-    fn report(id: &str, outcome: JobOutcome, total_ms: u64) -> JobReport {
+    fn report(id: &str, outcome: Fate, total_ms: u64) -> JobReport {
         JobReport {
             worker_id: "w1".into(),
             job_id: id.into(),
@@ -160,12 +160,12 @@ mod tests {
     fn recent_jobs_keep_the_last_fifty_with_their_timing() {
         let mut jobs = RecentJobs::default();
         for i in 0..60u64 {
-            jobs.record(&report(&format!("j{i}"), JobOutcome::Completed, 1500), 10_000 + i);
+            jobs.record(&report(&format!("j{i}"), Fate::Completed, 1500), 10_000 + i);
         }
         jobs.record(
             &report(
                 "bad",
-                JobOutcome::Failed {
+                Fate::Failed {
                     retryable: false,
                     requeued: false,
                     error: "boom".into(),
@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn a_requeued_failure_is_marked_so() {
         let mut jobs = RecentJobs::default();
-        let failed = |requeued| JobOutcome::Failed {
+        let failed = |requeued| Fate::Failed {
             retryable: true,
             requeued,
             error: "busy".into(),

@@ -11,6 +11,7 @@
 //! it answers even when every worker is busy, and it keeps answering (with 503 on `/health`)
 //! while the machine shuts down.
 
+mod access;
 pub mod client;
 pub mod control;
 mod events;

@@ -460,7 +460,7 @@ mod tests {
 
     #[derive(Debug)]
     #[expect(dead_code, reason = "the fields are read through Debug")]
-    enum Outcome {
+    enum Attempt {
         Failed { retryable: bool, reason: String },
     }
 
@@ -480,7 +480,7 @@ mod tests {
         assert_eq!(d(&Some(Duration::from_secs(2))), Value::from("2s"));
         assert_eq!(d(&true), Value::Bool(true));
         assert_eq!(
-            d(&Outcome::Failed {
+            d(&Attempt::Failed {
                 retryable: true,
                 reason: "a, b: c".into()
             }),

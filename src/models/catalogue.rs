@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::ModelError;
-use crate::config::Env;
+use crate::config::Credentials;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,15 +66,12 @@ impl std::fmt::Debug for Entry {
 pub(crate) type Catalogue = BTreeMap<String, Entry>;
 
 /// Reads and checks the catalogue at `path`; every problem names the model and the field.
-pub(crate) fn load(path: &Path, env: &dyn Env) -> Result<Catalogue, ModelError> {
+pub(crate) fn load(path: &Path, credentials: &Credentials) -> Result<Catalogue, ModelError> {
     let name = path.to_string_lossy();
     let text = if name.starts_with("https://") || name.starts_with("http://") {
         let url = url::Url::parse(&name).map_err(|e| bad(path, format!("is not a URL: {e}")))?;
-        // The loader reported an unreadable token file already.
-        let token = crate::config::secret(env, TOKEN_VAR)
-            .ok()
-            .flatten()
-            .filter(|t| !t.is_empty());
+        // The configuration loader read it (and reported an unreadable token file).
+        let token = credentials.get(TOKEN_VAR).filter(|t| !t.is_empty()).map(str::to_owned);
         fetch_text(&url, token).map_err(|e| ModelError::Catalogue {
             file: redacted(&url),
             message: format!("cannot be fetched: {e}"),
@@ -85,7 +82,7 @@ pub(crate) fn load(path: &Path, env: &dyn Env) -> Result<Catalogue, ModelError> 
     let is_json = Path::new(name.split(['?', '#']).next().unwrap_or_default())
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    parse(path, &text, is_json, env)
+    parse(path, &text, is_json, credentials)
 }
 
 /// The variable holding the bearer token of a catalogue URL.
@@ -138,7 +135,12 @@ fn bad(path: &Path, message: String) -> ModelError {
     }
 }
 
-pub(crate) fn parse(path: &Path, text: &str, is_json: bool, env: &dyn Env) -> Result<Catalogue, ModelError> {
+pub(crate) fn parse(
+    path: &Path,
+    text: &str,
+    is_json: bool,
+    credentials: &Credentials,
+) -> Result<Catalogue, ModelError> {
     let raw: RawCatalogue = if is_json {
         let de = &mut serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| bad(path, format!("{}: {}", e.path(), e.inner())))?
@@ -174,7 +176,8 @@ pub(crate) fn parse(path: &Path, text: &str, is_json: bool, env: &dyn Env) -> Re
         }
         let token = match &m.token_env {
             Some(var) => Some(
-                crate::config::secret(env, var)
+                credentials
+                    .secret(var)
                     .map_err(|p| here(p.message))?
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| here(format!("its token variable {var} (or {var}_FILE) is not set")))?,
@@ -202,7 +205,7 @@ mod tests {
 
     #[test]
     fn catalogues_parse_and_bad_entries_are_named() {
-        let env = BTreeMap::from([("HUB_TOKEN", "t0k")]);
+        let env = Credentials::from_parts([], [("HUB_TOKEN".to_owned(), "t0k".to_owned())]);
         let sha = "a".repeat(64);
         let toml = format!(
             "[[model]]\nname = \"detail.safetensors\"\nkind = \"loras\"\nsha256 = \"{sha}\"\nsize = 3\n\

@@ -19,7 +19,7 @@ use crate::cloud::CloudStores;
 #[derive(Debug)]
 pub(crate) struct Sources {
     pub http: reqwest::Client,
-    pub cloud: CloudStores,
+    pub cloud: std::sync::Arc<CloudStores>,
 }
 
 /// Fetches `entry` to `dest`, publishing the bytes on disk so far on `progress`.

@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::cloud::CloudStores;
-use crate::config::Env;
+use crate::config::Credentials;
 use catalogue::{Catalogue, Entry};
 pub use disk::scan_models;
 
@@ -183,10 +183,15 @@ impl Drop for ModelsInUse {
 }
 
 impl ModelStore {
-    /// A store; the catalogue is read and checked now (token variables through `env`).
-    pub fn new(settings: StoreSettings, env: &dyn Env) -> Result<ModelStore, ModelError> {
+    /// A store fetching object-store sources through `cloud` (the output store's); the
+    /// catalogue is read and checked now, its tokens from `credentials`.
+    pub fn new(
+        settings: StoreSettings,
+        cloud: Arc<CloudStores>,
+        credentials: &Credentials,
+    ) -> Result<ModelStore, ModelError> {
         let catalogue = match &settings.catalogue {
-            Some(path) => catalogue::load(path, env)?,
+            Some(path) => catalogue::load(path, credentials)?,
             None => Catalogue::new(),
         };
         let client = crate::http_client::builder()
@@ -197,11 +202,7 @@ impl ModelStore {
                 file: "(http client)".to_owned(),
                 message: e.to_string(),
             })?;
-        // Object-store sources use the outputs' builder and the same credentials.
-        let sources = fetch::Sources {
-            http: client,
-            cloud: CloudStores::from_env(env),
-        };
+        let sources = fetch::Sources { http: client, cloud };
         Ok(ModelStore {
             inner: Arc::new(Inner {
                 settings,
@@ -213,6 +214,13 @@ impl ModelStore {
                 evictions: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// The cloud stores the `s3://`, `az://` and `gs://` sources are fetched through: the
+    /// output store's, so a reload's renewed credentials reach both.
+    #[cfg(test)]
+    pub(crate) fn cloud(&self) -> &CloudStores {
+        &self.inner.sources.cloud
     }
 
     /// The workflow inputs that name model files.

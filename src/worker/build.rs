@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerOptions, RedisHealth};
-use crate::config::{Config, ConnectorKind, Env, Warmup};
+use crate::cloud::CloudStores;
+use crate::config::{Config, ConnectorKind, Warmup};
 use crate::connectors::Connector;
 use crate::connectors::a1111::A1111Connector;
 use crate::connectors::comfyui::ComfyuiConnector;
@@ -139,9 +140,10 @@ pub fn broker_options(config: &Config) -> BrokerOptions {
     }
 }
 
-/// Connects the machine's one broker to [`Config::broker_url`] with the workers' options,
-/// retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are recorded
-/// in `health` (for the status page and `/ready`).
+/// Connects the machine's one broker to its Redis
+/// ([`MachineConfig::broker_url`](crate::config::MachineConfig::broker_url)) with the workers'
+/// options, retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are
+/// recorded in `health` (for the status page and `/ready`).
 pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
     let opts = BrokerOptions {
         health: health.clone(),
@@ -171,8 +173,13 @@ fn warmup_job(
     })
 }
 
-/// The machine's one models store, when a ComfyUI connector runs here.
-pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result<Option<ModelStore>, WorkerError> {
+/// The machine's one models store, when a ComfyUI connector runs here; its object-store sources
+/// go through `cloud`, the output store's.
+pub(super) fn model_store(
+    config: &Config,
+    plan: &Plan,
+    cloud: &Arc<CloudStores>,
+) -> Result<Option<ModelStore>, WorkerError> {
     if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
@@ -190,7 +197,7 @@ pub(super) fn model_store(config: &Config, plan: &Plan, env: &dyn Env) -> Result
         pinned,
         loader_inputs: config.plan.models.loader_inputs.clone(),
     };
-    ModelStore::new(settings, env)
+    ModelStore::new(settings, cloud.clone(), &config.plan.credentials)
         .map(Some)
         .map_err(|e| WorkerError::Setup {
             worker: "models".to_owned(),
@@ -229,6 +236,7 @@ fn connector_for(
             let c = OpenaiConnector::new(
                 config.plan.openai.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.openai.api_key_env)
                     .map(str::to_owned),
@@ -242,6 +250,7 @@ fn connector_for(
             let c = ReplicateConnector::new(
                 config.plan.replicate.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.replicate.api_key_env)
                     .map(str::to_owned),
@@ -255,6 +264,7 @@ fn connector_for(
             let c = RunpodConnector::new(
                 config.plan.runpod.clone(),
                 config
+                    .plan
                     .credentials
                     .get(&config.plan.runpod.api_key_env)
                     .map(str::to_owned),

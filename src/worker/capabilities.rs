@@ -101,15 +101,13 @@ mod tests {
 
     #[test]
     fn capabilities_come_from_the_plan_the_probe_and_the_disk() {
+        // How a models folder is read is models::disk's (its tests); here, only which folder.
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("ComfyUI/models");
-        std::fs::create_dir_all(models.join("checkpoints/sdxl")).unwrap();
-        std::fs::create_dir_all(models.join("loras")).unwrap();
+        std::fs::create_dir_all(models.join("checkpoints")).unwrap();
         std::fs::write(models.join("checkpoints/sd15.safetensors"), b"x").unwrap();
-        std::fs::write(models.join("checkpoints/sdxl/base.ckpt"), b"x").unwrap();
-        std::fs::write(models.join("checkpoints/put_checkpoints_here"), b"").unwrap();
-        std::fs::write(models.join("loras/detail.pt"), b"x").unwrap();
         let found = scan_models(&models);
+        assert!(!found.is_empty());
 
         let probe = Probe::from_parts(
             vec![GpuInfo {

@@ -35,7 +35,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::config::{Config, ConnectorKind, Env};
+use crate::cloud::CloudStores;
+use crate::config::{Config, ConnectorKind};
 use crate::connectors::limits::Limiter;
 use crate::connectors::store::{OutputStore, StoreOptions};
 use crate::gpu::Probe;
@@ -45,7 +46,7 @@ use crate::plan::{Plan, WorkerPlan};
 pub use build::{broker_options, connect_broker};
 use build::{limiters, model_store, worker_for};
 pub use runner::{UploadLimits, Worker, WorkerSettings};
-pub use status::{CurrentJob, JobCounts, JobOutcome, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
+pub use status::{CurrentJob, Fate, JobCounts, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
 
 /// Why the workers could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,9 @@ pub struct Workers {
 /// What every worker of the machine shares, kept so that a reload builds its workers alike.
 #[derive(Debug)]
 struct Kit {
+    /// The machine's one set of cloud clients: the output store's and the models store's,
+    /// renewed in one place when a reload reads new storage credentials.
+    cloud: Arc<CloudStores>,
     store: Arc<OutputStore>,
     reports: broadcast::Sender<JobReport>,
     /// One limiter per limited external API, shared by all of its workers on this machine
@@ -151,7 +155,6 @@ impl WorkerPool {
         probe: &Probe,
         plan: &Plan,
         which: &[&WorkerPlan],
-        env: &dyn Env,
     ) -> Result<Vec<(Worker, Vec<String>)>, WorkerError> {
         let mut kit = self.kit.lock().unwrap_or_else(PoisonError::into_inner);
         let broker = kit.broker.clone();
@@ -164,7 +167,7 @@ impl WorkerPool {
             });
         }
         if kit.models.is_none() {
-            kit.models = model_store(config, plan, env)?;
+            kit.models = model_store(config, plan, &kit.cloud)?;
         }
         which
             .iter()
@@ -172,12 +175,12 @@ impl WorkerPool {
             .collect()
     }
 
-    /// Gives the output store the credentials a reload read (`<NAME>_FILE` files read again);
-    /// `true` when they changed. The running workers use them from their next upload and
-    /// their next re-check of refused credentials.
+    /// Gives the cloud stores the credentials a reload read (`<NAME>_FILE` files read again);
+    /// `true` when they changed. The running workers use them from their next upload, their
+    /// next re-check of refused credentials and their next model fetched from a bucket.
     pub fn renew_credentials(&self, credentials: &crate::config::Credentials) -> bool {
         let kit = self.kit.lock().unwrap_or_else(PoisonError::into_inner);
-        kit.store.renew(credentials.storage().clone())
+        kit.cloud.renew(credentials.storage().clone())
     }
 
     /// The fleet-wide limiters of this machine's external APIs, those a reload added included.
@@ -223,26 +226,26 @@ impl WorkerPool {
 }
 
 impl Workers {
-    /// Builds one worker per planned worker. `env` supplies the API keys named in the
-    /// configuration.
-    pub fn build(config: &Config, probe: &Probe, plan: &Plan, env: &dyn Env) -> Result<Workers, WorkerError> {
+    /// Builds one worker per planned worker, with the credentials the configuration read.
+    pub fn build(config: &Config, probe: &Probe, plan: &Plan) -> Result<Workers, WorkerError> {
         let options = StoreOptions {
             cdn_wait: config.machine.worker.cdn_wait,
             upload_window: config.machine.worker.upload_window,
             ..StoreOptions::default()
         };
-        let vars = config.credentials.storage().clone();
-        let store = Arc::new(OutputStore::with_env(
+        let cloud = Arc::new(CloudStores::with_vars(config.plan.credentials.storage().clone()));
+        let store = Arc::new(OutputStore::with_cloud(
             config.machine.worker.output_dir.clone(),
-            vars,
+            cloud.clone(),
             options,
         ));
         let (reports, _) = broadcast::channel(1024);
         let kit = Kit {
+            models: model_store(config, plan, &cloud)?,
+            cloud,
             store,
             reports,
             limiters: limiters(config),
-            models: model_store(config, plan, env)?,
             force: None,
             broker: None,
             keep: None,
@@ -534,5 +537,41 @@ impl Running {
             let _ = reply.send(());
         }
         error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::HostInfo;
+
+    /// The output store and the models store reach the cloud through one `CloudStores`: the
+    /// storage key a reload renews (a rotated `<NAME>_FILE` read again) is the one the models'
+    /// `s3://`, `az://` and `gs://` sources are fetched with from then on.
+    #[test]
+    fn a_renewed_storage_key_reaches_the_models_store_too() {
+        let env = [
+            ("WORKER_CONNECTORS", "comfyui"),
+            ("MACHINE_WORKSPACE", "/nonexistent/ws"),
+            ("AWS_SECRET_ACCESS_KEY", "old-key"),
+        ];
+        let config = Config::for_tests(&env);
+        let probe = Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 2,
+                ram_total_bytes: 4 << 30,
+                ram_available_bytes: 2 << 30,
+                disk_free_bytes: None,
+            },
+        );
+        let plan = Plan::build(&config, &probe).expect("a plan");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers");
+        let models = workers.models().expect("a ComfyUI worker has a models store");
+        assert_eq!(&*models.cloud().secrets(), ["old-key".to_owned()]);
+        let rotated =
+            crate::config::Credentials::from_parts([("AWS_SECRET_ACCESS_KEY".to_owned(), "new-key".to_owned())], []);
+        assert!(workers.pool().renew_credentials(&rotated));
+        assert_eq!(&*models.cloud().secrets(), ["new-key".to_owned()]);
     }
 }

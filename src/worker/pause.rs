@@ -13,13 +13,13 @@
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{JobOutcome, WorkerState, WorkerStatus};
+use super::{Fate, WorkerState, WorkerStatus};
 
 /// A job ended; the upkeep answers on `decided` once it has held the worker or let it go on.
 #[derive(Debug)]
 pub struct JobEnded {
     /// How the job ended.
-    pub outcome: JobOutcome,
+    pub outcome: Fate,
     /// Answered when the upkeep has decided.
     pub decided: oneshot::Sender<()>,
 }
@@ -39,7 +39,7 @@ pub fn job_ends() -> (JobEnds, mpsc::Receiver<JobEnded>) {
 impl JobEnds {
     /// Tells the upkeep a job ended and returns once it has decided whether to hold the worker
     /// (at once when the upkeep is gone).
-    pub async fn job_ended(&self, outcome: &JobOutcome) {
+    pub async fn job_ended(&self, outcome: &Fate) {
         let (decided, answer) = oneshot::channel();
         let told = self
             .ended
@@ -84,7 +84,7 @@ mod tests {
                 rx
             }
         });
-        ends.job_ended(&JobOutcome::Completed).await;
+        ends.job_ended(&Fate::Completed).await;
         assert_eq!(
             holds.reason().as_deref(),
             Some("every 1 jobs"),
@@ -92,7 +92,7 @@ mod tests {
         );
         drop(upkeep.await.unwrap());
         // With the upkeep gone, a job end does not wait.
-        ends.job_ended(&JobOutcome::Completed).await;
+        ends.job_ended(&Fate::Completed).await;
     }
 
     #[tokio::test]

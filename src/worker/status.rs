@@ -137,10 +137,11 @@ impl QuotaWait {
     }
 }
 
-/// How a job ended here.
+/// What became of a job on this worker: how it ended here, with what the worker knows of why
+/// (the status page keeps only its word, `health::JobEnd`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
-pub enum JobOutcome {
+pub enum Fate {
     /// Completed; the result was written.
     Completed,
     /// Failed; `requeued` when the broker put it back for another attempt.
@@ -162,15 +163,15 @@ pub enum JobOutcome {
     Lost,
 }
 
-impl JobOutcome {
+impl Fate {
     /// The outcome's word, as metrics and logs name it.
     pub fn name(&self) -> &'static str {
         match self {
-            JobOutcome::Completed => "completed",
-            JobOutcome::Failed { .. } => "failed",
-            JobOutcome::Returned => "returned",
-            JobOutcome::Cancelled => "cancelled",
-            JobOutcome::Lost => "lost",
+            Fate::Completed => "completed",
+            Fate::Failed { .. } => "failed",
+            Fate::Returned => "returned",
+            Fate::Cancelled => "cancelled",
+            Fate::Lost => "lost",
         }
     }
 }
@@ -185,7 +186,7 @@ pub struct JobReport {
     /// Its `service_required`.
     pub service: String,
     /// How it ended.
-    pub outcome: JobOutcome,
+    pub outcome: Fate,
     /// Time spent in the connector.
     #[serde(with = "humantime_serde")]
     pub run: Duration,

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hold::{HoldKind, Holds};
 use super::pause::JobEnded;
-use super::{JobOutcome, WorkerState, WorkerStatus};
+use super::{Fate, WorkerState, WorkerStatus};
 use crate::config::{ProbeSpec, ServiceConnectorConfig};
 use crate::connectors::{Connector, Job, ProgressSink};
 use crate::supervisor::SupervisorHandle;
@@ -274,7 +274,7 @@ impl Upkeep {
                     if let Some((i, _, text)) = &due {
                         self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
                     } else {
-                        if ended.outcome != JobOutcome::Completed {
+                        if ended.outcome != Fate::Completed {
                             busy = self.busy().await;
                         }
                         if let Some(&i) = busy.first() {
@@ -303,7 +303,7 @@ impl Upkeep {
                     if self.status.borrow().state != WorkerState::Idle || self.any_cold() {
                         continue;
                     }
-                    let due = self.due(&JobOutcome::Completed).await;
+                    let due = self.due(&Fate::Completed).await;
                     if let Some((i, _, text)) = &due {
                         self.holds.set(HoldKind::PlannedRestart, format!("restarting {} between jobs: {text}", self.services[*i].name));
                     }
@@ -439,7 +439,7 @@ impl Upkeep {
     }
 
     /// The first service due for a restart, reading each one now.
-    async fn due(&mut self, outcome: &JobOutcome) -> Option<(usize, Reason, String)> {
+    async fn due(&mut self, outcome: &Fate) -> Option<(usize, Reason, String)> {
         for i in 0..self.services.len() {
             let status = self.keep.supervisor.service(&self.services[i].name).ok()?;
             let s = &mut self.services[i];
@@ -450,7 +450,7 @@ impl Upkeep {
                 }
                 s.pid = status.state.pid();
             }
-            if matches!(outcome, JobOutcome::Failed { .. }) {
+            if matches!(outcome, Fate::Failed { .. }) {
                 if let Some(h) = &s.health {
                     if let Err(why) = crate::supervisor::check(&h.check, h.timeout).await {
                         return Some((

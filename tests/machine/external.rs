@@ -1489,3 +1489,48 @@ async fn external_a_used_up_quota_is_named_for_jobs_no_worker_has_tried() {
     shutdown.cancel();
     let _ = client.events.await;
 }
+
+/// A worker whose every service waits for a daily quota claims nothing until the quota resets:
+/// it is out of the fleet's park meanwhile, so no submission wakes it in vain (a wake goes to
+/// a worker that answers, or to nobody); the jobs wait with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_a_worker_whose_services_all_wait_for_a_quota_is_not_woken() {
+    within(HARD_LIMIT, async {
+        let fake = FakeOpenai::start(None);
+        let mut rig = Rig::start(1).await;
+        let (c, _limiter) = limited_openai_with(&fake, "daily_requests = 1\nzone = \"UTC\"", rig.broker());
+        rig.spawn(0, "w1", &[("openai_text", c)]);
+        let mut conn = redis::Client::open(rig.server.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let first = rig.submit("openai_text", json!({"prompt": "one"}), "").await;
+        rig.wait_status(&first, &["completed"]).await;
+        let stopped = rig.submit("openai_text", json!({"prompt": "two"}), "").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !rig.job(&stopped).await.contains_key("limit_reason") {
+            assert!(Instant::now() < deadline, "the quota never stopped the job");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut wakes = redis::Client::open(rig.server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        wakes.subscribe("jobs:wake:m0").await.unwrap();
+        // Longer than a few safety polls (300 ms): a worker still claiming would have parked.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let parked: bool = conn.hexists("jobs:idx:parked", "w1").await.unwrap();
+        assert!(!parked, "the worker waiting for the quota is in the park");
+        let later = rig.submit("openai_text", json!({"prompt": "three"}), "").await;
+        let mut msgs = wakes.on_message();
+        let woken = tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut msgs)).await;
+        assert!(woken.is_err(), "the worker waiting for the quota was woken: {woken:?}");
+        assert_eq!(rig.job(&later).await["status"], "pending");
+        assert_eq!(fake.requests().len(), 1, "no request beyond the daily quota");
+        drop(msgs);
+        rig.stop().await;
+    })
+    .await;
+}

@@ -629,3 +629,67 @@ async fn a_job_only_the_twentieth_parked_worker_can_run_is_claimed_within_two_se
     })
     .await;
 }
+
+/// A worker whose machine died without leaving the park (SIGKILLed between two safety polls)
+/// drops out of `jobs:idx:parked` once its park runs out: the fleet's sweeper looks over the
+/// park a bounded number of entries per step and removes the parks that ran out, so the hash
+/// does not grow with every machine that ever died. A live worker's park stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_park_is_removed_once_it_ran_out() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let shutdown = CancellationToken::new();
+        let m = Machine::start(&server, "alive", &shutdown).await;
+        let waiter = m.wait("alive-gpu0", &shutdown);
+        let mut conn = raw(&server).await;
+        until("the live worker is parked", async || parked(&mut conn).await == 1).await;
+        // The dead machine's worker parked for 300 ms and never polled or left again.
+        let ghost = Capabilities::new("gone-gpu0", "gone", &["simulation"]);
+        let none: Option<String> = redis::cmd("FCALL")
+            .arg("claimOrPark")
+            .arg(0)
+            .arg(ghost.to_json())
+            .arg(100)
+            .arg(60_000)
+            .arg("")
+            .arg(300)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        assert_eq!(parked(&mut conn).await, 2);
+        // The sweeper steps every 2 s; a few steps are enough.
+        until_within(
+            Duration::from_secs(10),
+            "the dead worker's park is removed",
+            async || {
+                let gone: bool = redis::cmd("HEXISTS")
+                    .arg("jobs:idx:parked")
+                    .arg("gone-gpu0")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                !gone
+            },
+        )
+        .await;
+        let idle: Option<f64> = redis::cmd("ZSCORE")
+            .arg("jobs:idx:idle:simulation")
+            .arg("gone-gpu0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(idle, None, "nor is it in its service's idle set");
+        let alive: bool = redis::cmd("HEXISTS")
+            .arg("jobs:idx:parked")
+            .arg("alive-gpu0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(alive, "the live worker stays parked");
+        shutdown.cancel();
+        assert!(waiter.await.unwrap().is_none());
+        m.events.await.unwrap();
+    })
+    .await;
+}

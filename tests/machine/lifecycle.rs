@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use machine::broker::{Broker, BrokerOptions, Capabilities, Fault, NewJob, RetryDelay, ReturnOutcome};
+use machine::broker::{Broker, BrokerOptions, Capabilities, Disposition, Fault, NewJob, RetryDelay};
 use machine::config::RedisUrl;
 use serde_json::json;
 use testkit::RedisServer;
@@ -122,7 +122,7 @@ async fn a_job_returned_six_times_for_the_machines_faults_fails_with_the_reasons
                 )
                 .await
                 .unwrap();
-            assert_eq!(r, ReturnOutcome::Returned, "return {n}");
+            assert_eq!(r, Disposition::Returned, "return {n}");
             let h = job_hash(&server, &id).await;
             assert_eq!(
                 (
@@ -139,7 +139,7 @@ async fn a_job_returned_six_times_for_the_machines_faults_fails_with_the_reasons
             .return_for_fault(&job, Fault::Machine, "GPU fell off the bus")
             .await
             .unwrap();
-        assert_eq!(r, ReturnOutcome::Failed);
+        assert_eq!(r, Disposition::Failed);
         let h = job_hash(&server, &id).await;
         assert_eq!(
             (h["status"].as_str(), h["retry_count"].as_str()),
@@ -184,7 +184,7 @@ async fn a_service_fault_is_free_the_first_time_and_the_jobs_own_the_second() {
             .return_for_fault(&job, Fault::Service, "comfyui exited with signal 9")
             .await
             .unwrap();
-        assert_eq!(r, ReturnOutcome::Returned);
+        assert_eq!(r, Disposition::Returned);
         let job = broker
             .claim(&w1)
             .await
@@ -197,7 +197,7 @@ async fn a_service_fault_is_free_the_first_time_and_the_jobs_own_the_second() {
             .return_for_fault(&job, Fault::Service, "comfyui stalled for 300 s")
             .await
             .unwrap();
-        assert_eq!(r, ReturnOutcome::Retried);
+        assert_eq!(r, Disposition::Retried);
         let h = job_hash(&server, &id).await;
         assert_eq!(
             (
@@ -253,12 +253,12 @@ async fn max_retries_is_capped_and_the_job_says_so() {
         let claimed = broker.claim(&caps).await.unwrap().unwrap();
         assert_eq!(
             broker.fail(&claimed, "flaky", true).await.unwrap(),
-            machine::broker::FailOutcome::Retried
+            machine::broker::Failure::Retried
         );
         let claimed = broker.claim(&caps).await.unwrap().unwrap();
         assert_eq!(
             broker.fail(&claimed, "flaky", true).await.unwrap(),
-            machine::broker::FailOutcome::Failed
+            machine::broker::Failure::Failed
         );
         let h = job_hash(&server, &id).await;
         assert_eq!(

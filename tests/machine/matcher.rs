@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use machine::broker::reference::{self, PendingJob};
 use machine::broker::{
-    Broker, BrokerError, BrokerOptions, CancelOutcome, Capabilities, FailOutcome, LeaseStatus, NewJob, RetryDelay,
-    library,
+    Broker, BrokerError, BrokerOptions, Cancellation, Capabilities, Failure, LeaseStatus, NewJob, RetryDelay, library,
 };
 use machine::config::RedisUrl;
 use redis::aio::MultiplexedConnection;
@@ -361,7 +360,7 @@ async fn every_write_and_message_has_the_contract_shape() {
         let claimed = b.claim(&c).await.unwrap().expect("claimable");
         assert_eq!(claimed.id, id2);
         let _ = collect(&mut pubsub, 2).await;
-        assert_eq!(b.fail(&claimed, "boom", true).await.unwrap(), FailOutcome::Failed);
+        assert_eq!(b.fail(&claimed, "boom", true).await.unwrap(), Failure::Failed);
         let h = hgetall(&mut conn, &format!("job:{id2}")).await;
         assert_eq!(h["status"], "failed");
         assert_eq!(h["error"], "boom");
@@ -400,7 +399,7 @@ async fn every_write_and_message_has_the_contract_shape() {
         let claimed = b.claim(&c).await.unwrap().expect("claimable");
         assert_eq!(claimed.id, id3);
         let _ = collect(&mut pubsub, 2).await;
-        assert_eq!(b.cancel(&id3).await.unwrap(), CancelOutcome::Cancelled);
+        assert_eq!(b.cancel(&id3).await.unwrap(), Cancellation::Cancelled);
         let h = hgetall(&mut conn, &format!("job:{id3}")).await;
         assert_eq!(h["status"], "failed");
         assert_eq!(h["error"], "Job cancelled by user");
@@ -695,7 +694,7 @@ async fn retried_and_returned_jobs_keep_their_place_and_skip_the_failed_worker()
         let w2 = caps("w2", &["simulation"]);
         let job = b.claim(&w1).await.unwrap().unwrap();
         assert_eq!(job.id, old, "the older job first");
-        assert_eq!(b.fail(&job, "flaky", true).await.unwrap(), FailOutcome::Retried);
+        assert_eq!(b.fail(&job, "flaky", true).await.unwrap(), Failure::Retried);
         let again: f64 = redis::cmd("ZSCORE")
             .arg("jobs:pending")
             .arg(&old)
@@ -1907,7 +1906,7 @@ async fn a_retry_waits_its_delay_goes_to_another_worker_and_keeps_its_place() {
         let failed_at = Instant::now();
         assert_eq!(
             b.fail(&job, "bucket unavailable", true).await.unwrap(),
-            FailOutcome::Retried
+            Failure::Retried
         );
         // Pending for the API, but nobody claims it during the delay.
         let h = hgetall(&mut conn, "job:flaky").await;
@@ -1928,7 +1927,7 @@ async fn a_retry_waits_its_delay_goes_to_another_worker_and_keeps_its_place() {
         let second = Instant::now();
         assert_eq!(
             b.fail(&again, "bucket unavailable", true).await.unwrap(),
-            FailOutcome::Retried
+            Failure::Retried
         );
         tokio::time::sleep(delay + Duration::from_millis(200)).await;
         if second.elapsed() < delay * 2 {

@@ -8,7 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use machine::broker::{Broker, BrokerOptions, NewJob};
-use machine::config::{self, RedisUrl};
+use machine::cloud::CloudStores;
+use machine::config::{self, Credentials, RedisUrl};
 use machine::gpu::{HostInfo, Probe};
 use machine::plan::Plan;
 use machine::worker::{Readiness, Workers};
@@ -19,6 +20,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::sha256;
+
+/// Cloud stores without credentials, for a models store whose sources are all HTTP.
+fn no_cloud() -> Arc<CloudStores> {
+    Arc::new(CloudStores::with_vars([]))
+}
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -78,7 +84,7 @@ async fn capabilities_follow_the_models_on_disk() {
             },
         );
         let plan = Plan::build(&config, &probe).unwrap();
-        let workers = Workers::build(&config, &probe, &plan, &env).unwrap();
+        let workers = Workers::build(&config, &probe, &plan).unwrap();
         // What the models installer downloads on this boot lands after the workers were built.
         std::fs::create_dir_all(models.join("loras")).unwrap();
         std::fs::write(models.join("loras/late.safetensors"), b"weights").unwrap();
@@ -198,7 +204,7 @@ impl Shelf {
             pinned: pinned.iter().map(|p| (*p).to_owned()).collect(),
             loader_inputs: vec!["ckpt_name".to_owned(), "lora_name".to_owned()],
         };
-        machine::models::ModelStore::new(settings, &BTreeMap::<&str, &str>::new()).unwrap()
+        machine::models::ModelStore::new(settings, no_cloud(), &Credentials::default()).unwrap()
     }
 
     fn downloads_of(&self, name: &str) -> usize {
@@ -961,8 +967,12 @@ async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
         pinned: Default::default(),
         loader_inputs: vec!["lora_name".to_owned()],
     };
-    let env = BTreeMap::from([("COMFYUI_MODELS_CATALOGUE_TOKEN", "cat-t0ken")]);
-    let store = machine::models::ModelStore::new(settings(shelf.server.url("/catalogue.toml")), &env).unwrap();
+    let env = Credentials::from_parts(
+        [],
+        [("COMFYUI_MODELS_CATALOGUE_TOKEN".to_owned(), "cat-t0ken".to_owned())],
+    );
+    let store =
+        machine::models::ModelStore::new(settings(shelf.server.url("/catalogue.toml")), no_cloud(), &env).unwrap();
     let fetched: Vec<_> = shelf
         .server
         .seen()
@@ -982,12 +992,12 @@ async fn a_catalogue_url_is_fetched_with_its_token_and_a_bad_one_is_named() {
     );
 
     let missing = shelf.server.url("/nope.toml");
-    let e = machine::models::ModelStore::new(settings(missing.clone()), &env)
+    let e = machine::models::ModelStore::new(settings(missing.clone()), no_cloud(), &env)
         .unwrap_err()
         .to_string();
     assert!(e.contains(&missing) && e.contains("404"), "{e}");
     let closed = format!("http://127.0.0.1:{}/catalogue.toml", testkit::free_port());
-    let e = machine::models::ModelStore::new(settings(closed.clone()), &env)
+    let e = machine::models::ModelStore::new(settings(closed.clone()), no_cloud(), &env)
         .unwrap_err()
         .to_string();
     assert!(e.contains(&closed) && e.contains("cannot be fetched"), "{e}");

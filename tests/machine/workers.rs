@@ -665,7 +665,7 @@ async fn workers_built_from_the_plan_run_jobs_and_report_installed_models() {
             },
         );
         let plan = Plan::build(&config, &probe).expect("valid plan");
-        let workers = Workers::build(&config, &probe, &plan, &env).expect("workers build");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers build");
         let ids: Vec<String> = workers.workers().iter().map(|w| w.id().to_owned()).collect();
         assert_eq!(ids, ["m1-cpu0", "m1-simulation-1", "m1-simulation-2"]);
         let caps = workers.workers()[0].capabilities().clone();
@@ -733,7 +733,7 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
         let plan = Plan::build(&config, &probe).expect("valid plan");
         let shutdown = CancellationToken::new();
         // The start-up of `machine run`: build from the plan, connect, run.
-        let workers = Workers::build(&config, &probe, &plan, &env).expect("workers build");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers build");
         let serve = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
@@ -1128,6 +1128,178 @@ async fn a_held_worker_leaves_the_fleets_park_and_parks_again_when_released() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         rig.stop(vec![w]).await;
+    })
+    .await;
+}
+
+/// What the scripted connector does next.
+#[derive(Debug)]
+enum Script {
+    /// Report this percentage and message.
+    Report(f64, &'static str),
+    /// End the job with a failure that is not retried, first saying so on the channel.
+    Fail(tokio::sync::oneshot::Sender<()>),
+}
+
+/// A connector that reports and ends as the test tells it, one step at a time.
+#[derive(Debug)]
+struct Scripted {
+    steps: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Script>>,
+}
+
+impl Connector for Scripted {
+    fn kind(&self) -> config::ConnectorKind {
+        config::ConnectorKind::Simulation
+    }
+
+    fn run<'a>(
+        &'a self,
+        _job: &'a machine::connectors::Job,
+        progress: &'a machine::connectors::ProgressSink,
+        _cancel: &'a CancellationToken,
+    ) -> futures_util::future::BoxFuture<'a, Result<machine::connectors::JobOutput, machine::connectors::ConnectorError>>
+    {
+        Box::pin(async move {
+            let mut steps = self.steps.lock().await;
+            loop {
+                match steps.recv().await {
+                    Some(Script::Report(percent, message)) => progress.report(machine::connectors::Progress {
+                        percent,
+                        message: message.to_owned(),
+                        current_step: None,
+                        total_steps: None,
+                    }),
+                    Some(Script::Fail(said)) => {
+                        let _ = said.send(());
+                        return Err(machine::connectors::ConnectorError::Failed {
+                            message: "the render failed".into(),
+                            retryable: false,
+                        });
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+        })
+    }
+}
+
+/// The ids of the server's clients, and which of them are blocked (a paused write among them).
+async fn clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(u64, bool)> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await.unwrap();
+    list.lines()
+        .filter_map(|l| {
+            let field = |name: &str| l.split(' ').find_map(|kv| kv.strip_prefix(name));
+            Some((field("id=")?.parse().ok()?, field("flags=")?.contains('b')))
+        })
+        .collect()
+}
+
+/// Coalescing never loses the last state, even when Redis is slow to store the report before
+/// it: the job's first report is written at once and Redis holds that write (`CLIENT PAUSE
+/// WRITE`, released by the test, not after a time); the job's next report, held by the
+/// coalescing meanwhile, is its last, and the job fails while the first write is still held.
+/// Once Redis takes writes again the held report is written, before the failure, so the job's
+/// progress stays at its last report and `update_job_progress` carried it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_held_last_report_is_written_when_the_write_before_it_was_slow() {
+    within(HARD_LIMIT, async {
+        let rig = Rig::start(quick_opts()).await;
+        let mut conn = rig.raw().await;
+        // The worker's own broker: on its connection only the worker's calls travel, so a
+        // blocked client of it is the progress write.
+        let before: Vec<u64> = clients(&mut conn).await.into_iter().map(|(id, _)| id).collect();
+        let url = RedisUrl::parse(&rig.url()).expect("testkit URLs are valid");
+        let broker = Broker::connect(&url, quick_opts()).await.expect("connect");
+        let worker_clients: Vec<u64> = clients(&mut conn)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !before.contains(id))
+            .collect();
+        assert!(!worker_clients.is_empty(), "the worker's broker has a connection");
+        let (script, steps) = tokio::sync::mpsc::unbounded_channel();
+        let connector: Arc<dyn Connector> = Arc::new(Scripted {
+            steps: tokio::sync::Mutex::new(steps),
+        });
+        let worker = rig.worker(
+            "w1",
+            &[("simulation", connector)],
+            WorkerSettings {
+                // No heartbeat and no second report due while the test runs: only the first
+                // report's write can be held.
+                heartbeat: Duration::from_secs(600),
+                progress_every: Duration::from_secs(600),
+                ..settings()
+            },
+        );
+        let shutdown = rig.shutdown.clone();
+        let task = tokio::spawn(async move { worker.run(broker, shutdown).await.expect("a worker ends cleanly") });
+        let mut pubsub = redis::Client::open(rig.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe(&["update_job_progress", "job_failed"]).await.unwrap();
+        let id = rig.submit("simulation", json!({})).await;
+        rig.wait_status(&id, &["in_progress"]).await;
+
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(60_000)
+            .arg("WRITE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        script.send(Script::Report(10.0, "step 1 of 3")).unwrap();
+        let deadline = Instant::now() + LIMIT;
+        while !clients(&mut conn)
+            .await
+            .iter()
+            .any(|(id, blocked)| *blocked && worker_clients.contains(id))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the first report's write never reached Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Redis holds the first report's write; the last report comes and the job fails.
+        script.send(Script::Report(90.0, "step 3 of 3")).unwrap();
+        let (said, failing) = tokio::sync::oneshot::channel();
+        script.send(Script::Fail(said)).unwrap();
+        failing.await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        let mut reports = Vec::new();
+        let mut stream = pubsub.on_message();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .expect("the job fails")
+                .expect("the subscription stays");
+            let doc: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+            if msg.get_channel_name() == "job_failed" {
+                break;
+            }
+            if doc.get("status").is_some() {
+                reports.push((doc["progress"].clone(), doc["message"].clone()));
+            }
+        }
+        assert_eq!(
+            reports,
+            vec![(json!(10), json!("step 1 of 3")), (json!(90), json!("step 3 of 3"))],
+            "both reports are written, the held last one before the failure"
+        );
+        let view = rig.broker.show(&id).await.unwrap().unwrap();
+        assert_eq!(view.progress.stored()["progress"], "90", "{:?}", view.progress);
+        assert_eq!(view.job.stored()["status"], "failed");
+        drop(stream);
+        rig.stop(vec![task]).await;
     })
     .await;
 }

@@ -39,9 +39,9 @@ pub enum LeaseStatus {
     Lost,
 }
 
-/// What failing a job did.
+/// What a failure reported with [`Broker::fail`] led to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailOutcome {
+pub enum Failure {
     /// Back in the queue with its original score (`retry_count` + 1).
     Retried,
     /// Failed for good.
@@ -60,9 +60,9 @@ pub enum Fault {
     Service,
 }
 
-/// What [`Broker::return_for_fault`] did.
+/// Where a job given back with [`Broker::return_for_fault`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReturnOutcome {
+pub enum Disposition {
     /// Back in the queue in its place, no retry spent, claimable at once (this worker included).
     Returned,
     /// A second service fault: counted as the job's own failure, back in the queue after the
@@ -158,7 +158,7 @@ impl Broker {
 
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
     /// this worker held off it) until `max_retries` (at most `BrokerOptions::max_retries_cap`).
-    pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<FailOutcome, BrokerError> {
+    pub async fn fail(&self, job: &ClaimedJob, error: &str, retryable: bool) -> Result<Failure, BrokerError> {
         let (holdoff, delay) = self.retry_timing(job);
         let cap = self.inner.opts.max_retries_cap.to_string();
         let r = self
@@ -169,9 +169,9 @@ impl Broker {
             )
             .await?;
         Ok(if r == Reply::Retried {
-            FailOutcome::Retried
+            Failure::Retried
         } else {
-            FailOutcome::Failed
+            Failure::Failed
         })
     }
 
@@ -182,7 +182,7 @@ impl Broker {
         job: &ClaimedJob,
         fault: Fault,
         reason: &str,
-    ) -> Result<ReturnOutcome, BrokerError> {
+    ) -> Result<Disposition, BrokerError> {
         let (holdoff, delay) = self.retry_timing(job);
         let kind = match fault {
             Fault::Machine => "machine",
@@ -193,9 +193,9 @@ impl Broker {
             .lifecycle("returnForFault", job, &[kind, reason, &holdoff, &delay, &cap])
             .await?
         {
-            Reply::Ok => Ok(ReturnOutcome::Returned),
-            Reply::Retried => Ok(ReturnOutcome::Retried),
-            Reply::Failed => Ok(ReturnOutcome::Failed),
+            Reply::Ok => Ok(Disposition::Returned),
+            Reply::Retried => Ok(Disposition::Retried),
+            Reply::Failed => Ok(Disposition::Failed),
             other => Err(BrokerError::Protocol {
                 op: "returnForFault",
                 detail: format!("unexpected reply {other:?}"),

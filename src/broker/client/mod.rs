@@ -37,9 +37,9 @@ use crate::config::RedisUrl;
 
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
-pub use lifecycle::{AttemptUsage, FailOutcome, Fault, LeaseStatus, ReapReport, ReturnOutcome};
+pub use lifecycle::{AttemptUsage, Disposition, Failure, Fault, LeaseStatus, ReapReport};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};
-pub use operator::{CancelOutcome, JobView, NewJob, pending_score};
+pub use operator::{Cancellation, JobView, NewJob, pending_score};
 pub use record::{JobField, JobProgress, JobRecord, JobState, Meaning};
 
 /// Tunables of the broker; the defaults are the contract's.

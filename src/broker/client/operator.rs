@@ -12,9 +12,9 @@ use super::{Broker, redis_err, scan};
 use crate::broker::reference::{PendingJob, job_matches};
 use crate::broker::{BrokerError, CANCEL_ERROR};
 
-/// What cancelling a job did.
+/// What cancelling a job did ([`Broker::cancel`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CancelOutcome {
+pub enum Cancellation {
     /// The job was cancelled as the API does it.
     Cancelled,
     /// No such job.
@@ -141,14 +141,14 @@ impl Broker {
     }
 
     /// Cancels a job the way the API does (`failed`, "Job cancelled by user", `cancel_job`).
-    pub async fn cancel(&self, job_id: &str) -> Result<CancelOutcome, BrokerError> {
+    pub async fn cancel(&self, job_id: &str) -> Result<Cancellation, BrokerError> {
         let r: String = self
             .call("cancelJob", &[&self.inner.opts.key_prefix, job_id, CANCEL_ERROR])
             .await?;
         Ok(match Reply::parse("cancelJob", &r)? {
-            Reply::Cancelled => CancelOutcome::Cancelled,
-            Reply::NotFound => CancelOutcome::NotFound,
-            Reply::AlreadyEnded(status) => CancelOutcome::AlreadyEnded(status),
+            Reply::Cancelled => Cancellation::Cancelled,
+            Reply::NotFound => Cancellation::NotFound,
+            Reply::AlreadyEnded(status) => Cancellation::AlreadyEnded(status),
             other => {
                 return Err(BrokerError::Protocol {
                     op: "cancelJob",

@@ -158,7 +158,7 @@ impl Default for StoreOptions {
 #[derive(Debug)]
 pub struct OutputStore {
     local_root: PathBuf,
-    cloud: CloudStores,
+    cloud: Arc<CloudStores>,
     options: StoreOptions,
     http: reqwest::Client,
     local: Mutex<Option<Arc<dyn ObjectStore>>>,
@@ -166,11 +166,9 @@ pub struct OutputStore {
 
 impl OutputStore {
     /// A store whose default destination is the local directory `root` (created on first use),
-    /// with cloud credentials from the process environment and default options.
+    /// without cloud credentials, with default options (tests and benches).
     pub fn new(root: impl Into<PathBuf>) -> OutputStore {
-        // Unreadable secret files are the configuration loader's to report.
-        let vars = crate::config::storage_vars(&crate::config::ProcessEnv, &mut Vec::new());
-        OutputStore::with_env(root, vars, StoreOptions::default())
+        OutputStore::with_env(root, [], StoreOptions::default())
     }
 
     /// A store configured from these variables (the storage ones among them are kept).
@@ -179,9 +177,16 @@ impl OutputStore {
         vars: impl IntoIterator<Item = (String, String)>,
         options: StoreOptions,
     ) -> OutputStore {
+        OutputStore::with_cloud(root, Arc::new(CloudStores::with_vars(vars)), options)
+    }
+
+    /// A store whose cloud destinations go through `cloud`, the machine's one [`CloudStores`]
+    /// that the models store fetches through too: credentials renewed there are renewed for
+    /// both.
+    pub fn with_cloud(root: impl Into<PathBuf>, cloud: Arc<CloudStores>, options: StoreOptions) -> OutputStore {
         OutputStore {
             local_root: root.into(),
-            cloud: CloudStores::with_vars(vars),
+            cloud,
             options,
             http: crate::connectors::http::client(),
             local: Mutex::new(None),
@@ -193,11 +198,6 @@ impl OutputStore {
     /// worker use the new ones. `false` when they did not change.
     pub fn renew(&self, vars: impl IntoIterator<Item = (String, String)>) -> bool {
         self.cloud.renew(vars)
-    }
-
-    /// The cloud stores behind the outputs.
-    pub fn cloud(&self) -> &CloudStores {
-        &self.cloud
     }
 
     /// Checks where `job`'s outputs go and prepares the client; `retry_count` is the job's

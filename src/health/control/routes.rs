@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::health::HealthState;
-use crate::health::server::{Access, refuse};
+use crate::health::access::{Access, refuse};
 use crate::logging::{MACHINE_LOG, Tail, machine_log};
 
 /// How often a followed log is checked for new lines.

@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 
 use crate::broker::health::is_outage;
 use crate::broker::retry::RedisRetry;
-use crate::broker::{Broker, BrokerError, ClaimedJob, FailOutcome, Fault, LeaseStatus, ReturnOutcome};
+use crate::broker::{Broker, BrokerError, ClaimedJob, Disposition, Failure, Fault, LeaseStatus};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};
 use crate::connectors::{
     Artifact, ArtifactBody, Billing, Connector, ConnectorError, ErrorClass, Job, JobOutput, Progress, ProgressReceiver,
@@ -23,7 +23,7 @@ use crate::connectors::{
 };
 use crate::logging::error_chain;
 use crate::worker::hold::{Blame, HoldKind, Holds, Recheck};
-use crate::worker::{CurrentJob, JobOutcome, JobReport, PendingUpload, WorkerState, WorkerStatus};
+use crate::worker::{CurrentJob, Fate, JobReport, PendingUpload, WorkerState, WorkerStatus};
 
 /// How long the end of a job waits for its last progress report to be written.
 const PROGRESS_FLUSH: Duration = Duration::from_secs(2);
@@ -43,7 +43,7 @@ enum Stop {
 /// a paid API, and the API whose work may exist upstream unfollowed.
 #[derive(Debug)]
 struct Ended {
-    outcome: JobOutcome,
+    outcome: Fate,
     run: Duration,
     billing: Option<Billing>,
     possible_orphan: Option<String>,
@@ -196,7 +196,7 @@ impl Worker {
         broker: &Broker,
         claimed: ClaimedJob,
         shutdown: &CancellationToken,
-    ) -> Option<JobOutcome> {
+    ) -> Option<Fate> {
         let claimed_at = Instant::now();
         let mut cancels = broker.cancellations();
         self.status.send_modify(|s| {
@@ -372,14 +372,14 @@ impl Ending {
             }
             s.last_activity_ms = crate::clock::now_ms();
             match &outcome {
-                JobOutcome::Completed => s.counts.completed += 1,
-                JobOutcome::Failed { error, .. } => {
+                Fate::Completed => s.counts.completed += 1,
+                Fate::Failed { error, .. } => {
                     s.counts.failed += 1;
                     s.last_error = Some(error.clone());
                 }
-                JobOutcome::Returned => s.counts.returned += 1,
-                JobOutcome::Cancelled => s.counts.cancelled += 1,
-                JobOutcome::Lost => s.counts.lost += 1,
+                Fate::Returned => s.counts.returned += 1,
+                Fate::Cancelled => s.counts.cancelled += 1,
+                Fate::Lost => s.counts.lost += 1,
             }
         });
         if let Some(tx) = &self.reports {
@@ -640,7 +640,7 @@ impl Worker {
         claimed: &ClaimedJob,
         concluding: Concluding<'_>,
         shutdown: &CancellationToken,
-    ) -> (JobOutcome, Option<String>) {
+    ) -> (Fate, Option<String>) {
         let Concluding {
             result,
             stop,
@@ -651,8 +651,8 @@ impl Worker {
         } = concluding;
         let mut possible_orphan = None;
         let outcome = match (stop, result) {
-            (Some(Stop::Cancelled), _) => JobOutcome::Cancelled,
-            (Some(Stop::Lost), _) => JobOutcome::Lost,
+            (Some(Stop::Cancelled), _) => Fate::Cancelled,
+            (Some(Stop::Lost), _) => Fate::Lost,
             (_, Ok(output)) => {
                 self.ending()
                     .write_success(broker, claimed, &target, output, shutdown, uploading)
@@ -699,7 +699,7 @@ impl Ending {
         output: JobOutput,
         shutdown: &CancellationToken,
         mut uploading: Uploading<'_>,
-    ) -> JobOutcome {
+    ) -> Fate {
         let JobOutput { data, artifacts } = output;
         let upload = async {
             let fetched = self.fetch(claimed, artifacts).await;
@@ -715,8 +715,8 @@ impl Ending {
                 biased;
                 r = &mut upload => break r,
                 Some(s) = uploading.stops.recv() => match s {
-                    Stop::Cancelled => return JobOutcome::Cancelled,
-                    Stop::Lost => return JobOutcome::Lost,
+                    Stop::Cancelled => return Fate::Cancelled,
+                    Stop::Lost => return Fate::Lost,
                     Stop::Timeout | Stop::Shutdown | Stop::Held => {}
                 },
                 () = shutdown.cancelled(), if uploading.drain.is_none() => {
@@ -752,7 +752,7 @@ impl Ending {
             return self.write_failure(broker, claimed, &e, shutdown).await;
         }
         match self.write(shutdown, || broker.complete(claimed, &result)).await {
-            Ok(()) => JobOutcome::Completed,
+            Ok(()) => Fate::Completed,
             Err(not) => self.not_written(not),
         }
     }
@@ -805,9 +805,9 @@ impl Ending {
 
     /// Returns the job to the queue in its place, no retry spent (shutdown, a hold, refused
     /// credentials).
-    async fn return_now(&self, broker: &Broker, claimed: &ClaimedJob, shutdown: &CancellationToken) -> JobOutcome {
+    async fn return_now(&self, broker: &Broker, claimed: &ClaimedJob, shutdown: &CancellationToken) -> Fate {
         match self.write(shutdown, || broker.return_job(claimed)).await {
-            Ok(()) => JobOutcome::Returned,
+            Ok(()) => Fate::Returned,
             Err(not) => self.not_written(not),
         }
     }
@@ -825,7 +825,7 @@ impl Ending {
         target: &OutputTarget,
         e: &ConnectorError,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         let source = match e {
             ConnectorError::Storage { source, .. } => source,
             _ => return self.write_failure(broker, claimed, e, shutdown).await,
@@ -867,16 +867,16 @@ impl Ending {
         claimed: &ClaimedJob,
         reason: &str,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         match self
             .write(shutdown, || broker.return_for_fault(claimed, Fault::Machine, reason))
             .await
         {
-            Ok(ReturnOutcome::Returned) => JobOutcome::Returned,
-            Ok(o @ (ReturnOutcome::Retried | ReturnOutcome::Failed)) => JobOutcome::Failed {
-                retryable: o == ReturnOutcome::Retried,
+            Ok(Disposition::Returned) => Fate::Returned,
+            Ok(o @ (Disposition::Retried | Disposition::Failed)) => Fate::Failed {
+                retryable: o == Disposition::Retried,
                 blame: Blame::Machine,
-                requeued: o == ReturnOutcome::Retried,
+                requeued: o == Disposition::Retried,
                 error: reason.to_owned(),
             },
             Err(not) => self.not_written(not),
@@ -892,7 +892,7 @@ impl Ending {
         claimed: &ClaimedJob,
         e: &ConnectorError,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         if e.is_service_fault() {
             self.write_service_fault(broker, claimed, e, shutdown).await
         } else {
@@ -906,16 +906,16 @@ impl Ending {
         claimed: &ClaimedJob,
         e: &ConnectorError,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         let error = e.chain();
         // A connector that reports cancellation without being asked has lost its service.
         let retryable = e.is_retryable() || e.class() == ErrorClass::Cancelled;
         tracing::warn!(job_id = %claimed.id, retryable, error = %error, "the job failed");
         match self.write(shutdown, || broker.fail(claimed, &error, retryable)).await {
-            Ok(o) => JobOutcome::Failed {
+            Ok(o) => Fate::Failed {
                 retryable,
                 blame: Blame::of(e),
-                requeued: o == FailOutcome::Retried,
+                requeued: o == Failure::Retried,
                 error,
             },
             Err(not) => self.not_written(not),
@@ -933,7 +933,7 @@ impl Ending {
         claimed: &ClaimedJob,
         e: &ConnectorError,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         let error = e.chain();
         let written = self
             .write(shutdown, || broker.return_for_fault(claimed, Fault::Service, &error))
@@ -941,10 +941,10 @@ impl Ending {
         match written {
             Ok(returned) => {
                 tracing::warn!(job_id = %claimed.id, ?returned, error = %error, "the job's service failed under it");
-                JobOutcome::Failed {
+                Fate::Failed {
                     retryable: true,
                     blame: Blame::of(e),
-                    requeued: returned != ReturnOutcome::Failed,
+                    requeued: returned != Disposition::Failed,
                     error,
                 }
             }
@@ -952,14 +952,14 @@ impl Ending {
         }
     }
 
-    pub(super) fn not_written(&self, not: NotWritten) -> JobOutcome {
+    pub(super) fn not_written(&self, not: NotWritten) -> Fate {
         match not {
-            NotWritten::Cancelled => JobOutcome::Cancelled,
-            NotWritten::Lost => JobOutcome::Lost,
+            NotWritten::Cancelled => Fate::Cancelled,
+            NotWritten::Lost => Fate::Lost,
             NotWritten::GaveUp(e) => {
                 // The lease expires and the reaper gives the job to another worker.
                 tracing::error!(worker = %self.id(), error = %error_chain(&e), "gave up reporting a job at shutdown");
-                JobOutcome::Lost
+                Fate::Lost
             }
         }
     }

@@ -49,7 +49,7 @@ use crate::worker::capabilities::ModelDirs;
 use crate::worker::hold::{HoldKind, Holds, Recheck};
 use crate::worker::pause::JobEnds;
 use crate::worker::quarantine::{Quarantine, QuarantinePolicy};
-use crate::worker::{JobCounts, JobOutcome, JobReport, QuotaWait, WorkerState, WorkerStatus};
+use crate::worker::{Fate, JobCounts, JobReport, QuotaWait, WorkerState, WorkerStatus};
 
 /// How often an idle worker rescans its models folders, so that models arriving or leaving
 /// (a download, an eviction, an operator) reach its advertised capabilities.
@@ -100,10 +100,10 @@ pub struct Worker {
     /// end; joined before the worker stops.
     upload_stage: tokio::task::JoinSet<()>,
     /// Where the upload stage tells the worker how each of its jobs ended (for the quarantine).
-    upload_ends: mpsc::UnboundedSender<(String, JobOutcome)>,
-    upload_ended: mpsc::UnboundedReceiver<(String, JobOutcome)>,
+    upload_ends: mpsc::UnboundedSender<(String, Fate)>,
+    upload_ended: mpsc::UnboundedReceiver<(String, Fate)>,
     /// Outcomes from the upload stage that reached a claim, judged once it returns.
-    upload_outcomes: Vec<(String, JobOutcome)>,
+    upload_outcomes: Vec<(String, Fate)>,
     /// Its service's idle time between jobs.
     idle: idle::IdleClock,
     /// Refusals for lack of credit since this worker last completed a job: each one waits
@@ -596,7 +596,7 @@ impl Worker {
         if let Some(ends) = &self.job_ends {
             // A restart planned for after this job is held before the next claim.
             // A job in the upload stage is done as far as its service goes.
-            ends.job_ended(outcome.as_ref().unwrap_or(&JobOutcome::Completed)).await;
+            ends.job_ended(outcome.as_ref().unwrap_or(&Fate::Completed)).await;
         }
     }
 
@@ -687,7 +687,7 @@ impl Worker {
         claimed: &ClaimedJob,
         e: &ConnectorError,
         shutdown: &CancellationToken,
-    ) -> JobOutcome {
+    ) -> Fate {
         let ConnectorError::QuotaReached {
             api,
             customer,
@@ -730,7 +730,7 @@ impl Worker {
             .write(shutdown, || broker.defer(claimed, reason, until_ms))
             .await
         {
-            Ok(()) => JobOutcome::Returned,
+            Ok(()) => Fate::Returned,
             Err(not) => self.ending().not_written(not),
         }
     }
@@ -773,19 +773,19 @@ impl Worker {
 
     /// Counts a finished job towards the worker's quarantine, and holds the worker when it
     /// starts one.
-    fn judge(&mut self, job_id: &str, outcome: &JobOutcome) {
+    fn judge(&mut self, job_id: &str, outcome: &Fate) {
         match outcome {
-            JobOutcome::Completed => {
+            Fate::Completed => {
                 self.quarantine.completed();
                 self.credit_refusals = 0;
             }
-            JobOutcome::Failed { blame, error, .. } => {
+            Fate::Failed { blame, error, .. } => {
                 if let Some((cooldown, reason)) = self.quarantine.failed(*blame, job_id, error, Instant::now()) {
                     tracing::warn!(worker = %self.id(), ?cooldown, %reason, "quarantined");
                     self.holds.set(HoldKind::Quarantine, reason);
                 }
             }
-            JobOutcome::Returned | JobOutcome::Cancelled | JobOutcome::Lost => {}
+            Fate::Returned | Fate::Cancelled | Fate::Lost => {}
         }
     }
 }
