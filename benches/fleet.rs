@@ -531,6 +531,8 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
+/// The bench as one script, each fleet size and check in the order it is printed. Long (about
+/// 150 lines) on purpose: a reader follows the README's figures down it.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     println!("\nfleet bench: one redis-server, N machines (own connections each), one worker per machine");

@@ -402,6 +402,9 @@ async fn submit_to_claim(server: &RedisServer, url: &RedisUrl) -> (f64, f64, usi
     (p(0.5), p(0.99), lat.len())
 }
 
+/// The bench as one script, each measurement in the order it is printed. Long (about 200 lines)
+/// on purpose: a reader follows the figures of the README down it, and every measurement is its
+/// own function above.
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

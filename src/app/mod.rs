@@ -55,7 +55,7 @@ use crate::installers::{self, InstallProgress};
 use crate::logging::error_chain;
 use crate::plan::Plan;
 use crate::supervisor::{self, Signals, Supervisor, SupervisorHandle};
-use crate::worker::{self, Workers};
+use crate::worker::Workers;
 use feeds::{keep_up, limits_feed, metrics_feed, on_gpu_faults, queue_feed, readiness, ready_line};
 use subsystems::{Deadline, Subsystems};
 pub(crate) use workspace::lock_workspace;
@@ -497,11 +497,11 @@ async fn connect(
     connected: watch::Sender<Option<Broker>>,
     stop: CancellationToken,
 ) {
-    let Some(broker) = worker::connect_broker(&config, state.redis_health(), &stop).await else {
+    let Some(broker) = Broker::connect_machine(&config.machine, state.redis_health(), &stop).await else {
         return;
     };
     state.set_broker(broker.clone());
-    // `connect_broker` loaded the library, so Redis runs this binary's version.
+    // `connect_machine` loaded the library, so Redis runs this binary's version.
     state.set_redis(|r| r.function_version = Some(broker.library_version().to_owned()));
     let metrics = state.metrics().clone();
     broker.observe_claims(Arc::new(move |took, claimed| {

@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
     /// Run the machine (the default with no arguments, e.g. as a container ENTRYPOINT).
-    #[command(after_help = super::run::settings_help())]
+    #[command(after_help = settings_help())]
     Run,
     /// Inspect the configuration.
     Config {
@@ -292,6 +292,25 @@ fn job_state() -> impl clap::builder::TypedValueParser<Value = JobState> {
     use clap::builder::TypedValueParser as _;
     clap::builder::PossibleValuesParser::new(JobState::WORDS)
         .map(|word| JobState::named(&word).expect("the parser admits only the contract's words"))
+}
+
+/// The `run --help` list of every setting's environment variable, from the configuration's own
+/// table of them: the one place settings are read from the environment. What else reads it is
+/// no setting: `NO_COLOR` (logging), `COLUMNS` (`machine status`), `PATH` (finding programs),
+/// and the variables passed on to services and installers (`supervisor::env`).
+fn settings_help() -> String {
+    use std::fmt::Write as _;
+    let vars = crate::config::variables();
+    let width = vars.iter().map(|(v, _)| v.len()).max().unwrap_or(0);
+    let mut help = String::from(
+        "Settings: the built-in defaults, then the file of --config (MACHINE_CONFIG), then these \
+         environment variables (variable: the configuration key it sets):\n",
+    );
+    for (var, key) in vars {
+        let _ = writeln!(help, "  {var:<width$}  {key}");
+    }
+    help.push_str("\n`machine config check` prints the resulting configuration.");
+    help
 }
 
 #[cfg(test)]

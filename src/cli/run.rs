@@ -32,22 +32,3 @@ pub(super) fn run(path: Option<&Path>) -> Result<Outcome, CliError> {
         .map_err(|problems| CliError::Plan(ConfigError::Invalid(problems)))?;
     block_on(Threads::PerCore, crate::app::run(config, probe, plan, path)).map(Outcome::Machine)
 }
-
-/// The `run --help` list of every setting's environment variable, from the configuration's own
-/// table of them: the one place settings are read from the environment. What else reads it is
-/// no setting: `NO_COLOR` (logging), `COLUMNS` (`machine status`), `PATH` (finding programs),
-/// and the variables passed on to services and installers (`supervisor::env`).
-pub(super) fn settings_help() -> String {
-    use std::fmt::Write as _;
-    let vars = crate::config::variables();
-    let width = vars.iter().map(|(v, _)| v.len()).max().unwrap_or(0);
-    let mut help = String::from(
-        "Settings: the built-in defaults, then the file of --config (MACHINE_CONFIG), then these \
-         environment variables (variable: the configuration key it sets):\n",
-    );
-    for (var, key) in vars {
-        let _ = writeln!(help, "  {var:<width$}  {key}");
-    }
-    help.push_str("\n`machine config check` prints the resulting configuration.");
-    help
-}

@@ -7,6 +7,7 @@
 //! waiting for.
 
 pub(crate) mod env;
+mod growth;
 mod handle;
 mod logs;
 mod memory;
@@ -17,16 +18,18 @@ mod readiness;
 mod reaper;
 mod service;
 mod signals;
+mod status;
 mod sys;
 mod tree;
 
-pub use handle::{ExitInfo, Run, ServiceState, ServiceStatus, ServicesWatch, SupervisorError, SupervisorHandle};
+pub use handle::{ServicesWatch, SupervisorError, SupervisorHandle};
 pub use logs::{LineSplitter, RotatingFile};
 pub use memory::group_rss;
 pub use policy::{Decision, Ending, History, Policy};
 pub use probe::check;
 pub use reaper::{GroupKill, ManagedChild, ReaperError, output, spawn, spawn_group};
 pub use signals::{SignalError, Signals};
+pub use status::{ExitInfo, Run, ServiceState, ServiceStatus};
 pub use tree::Supervisor;
 
 pub use sys::raise_open_files_limit;

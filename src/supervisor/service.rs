@@ -18,12 +18,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{Command, Down, ExitInfo, Run, ServiceState, ServiceStatus};
 use super::logs::{ServiceLog, Stream};
 use super::pidfile::PidFile;
 use super::policy::{self, Decision, Ending, History, Policy};
 use super::probe::{self, ProbeKind, Verdict};
 use super::reaper::{self, ManagedChild};
+use super::status::{Command, Down, ExitInfo, Run, ServiceState, ServiceStatus};
 use super::sys;
 use crate::config::ServiceSpec;
 

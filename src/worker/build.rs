@@ -5,9 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::broker::{Broker, BrokerOptions, RedisHealth};
 use crate::cloud::CloudStores;
 use crate::config::{Config, ConnectorKind, Warmup};
 use crate::connectors::Connector;
@@ -127,29 +124,6 @@ fn quarantine_policy(wp: &WorkerPlan, config: &Config) -> quarantine::Quarantine
         .worker
         .quarantine_of(wp.connectors.iter().map(|c| c.kind));
     quarantine::QuarantinePolicy { after, cooldown }
-}
-
-/// The broker options the configuration asks for.
-pub fn broker_options(config: &Config) -> BrokerOptions {
-    BrokerOptions {
-        lease: config.machine.worker.lease,
-        retry_delay: config.machine.worker.retry_delay,
-        max_retries_cap: config.machine.worker.max_retries_cap,
-        progress_stream: config.machine.worker.progress_stream,
-        ..BrokerOptions::default()
-    }
-}
-
-/// Connects the machine's one broker to its Redis
-/// ([`MachineConfig::broker_url`](crate::config::MachineConfig::broker_url)) with the workers'
-/// options, retrying until Redis answers or `shutdown` ([`Broker::connect_until`]); failures are
-/// recorded in `health` (for the status page and `/ready`).
-pub async fn connect_broker(config: &Config, health: &RedisHealth, shutdown: &CancellationToken) -> Option<Broker> {
-    let opts = BrokerOptions {
-        health: health.clone(),
-        ..broker_options(config)
-    };
-    Broker::connect_until(&config.machine.broker_url(), opts, shutdown).await
 }
 
 /// The warm-up job of `service` (a connector of `kind`), when its configuration sets one: the

@@ -5,7 +5,7 @@
 //! Start-up is one path, the same for `machine run` and the tests: [`Workers::build`] turns the
 //! plan into workers (capabilities from facts, [`capabilities::build`]; one connector per
 //! planned connector, wired to the endpoint the plan gives it; the output store), before the
-//! installers run so the status page can show them. [`connect_broker`] connects the machine's
+//! installers run so the status page can show them. `Broker::connect_machine` connects the machine's
 //! one broker, and [`Workers::run`] runs the broker's background work and every worker until
 //! shutdown, returning when every worker has finished or returned its job. Each worker scans
 //! its models when it starts, after the installers, so what this boot installed is in the
@@ -43,7 +43,6 @@ use crate::gpu::Probe;
 use crate::models::ModelStore;
 use crate::plan::{Plan, WorkerPlan};
 
-pub use build::{broker_options, connect_broker};
 use build::{limiters, model_store, worker_for};
 pub use runner::{UploadLimits, Worker, WorkerSettings};
 pub use status::{CurrentJob, Fate, JobCounts, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};

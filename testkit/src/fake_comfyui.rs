@@ -539,6 +539,9 @@ async fn executor(s: Arc<Comfy>) {
     }
 }
 
+/// Runs one queued prompt as ComfyUI reports it: the messages of its life on the websocket, in
+/// the order ComfyUI sends them, then its history. Long (about 140 lines) on purpose: it is one
+/// sequence of messages, read top to bottom against ComfyUI's own.
 async fn run_prompt(s: &Arc<Comfy>, p: &QueuedPrompt) {
     let pid = p.id.clone();
     let client = p.client_id.as_str();

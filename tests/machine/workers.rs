@@ -737,7 +737,7 @@ async fn machine_run_start_up_runs_the_broker_and_the_plans_workers_until_shutdo
         let serve = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                let broker = machine::worker::connect_broker(&config, &machine::broker::RedisHealth::new(), &shutdown)
+                let broker = Broker::connect_machine(&config.machine, &machine::broker::RedisHealth::new(), &shutdown)
                     .await
                     .expect("redis answers");
                 workers.run(broker, &Readiness::new(), shutdown).await.unwrap()

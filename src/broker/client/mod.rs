@@ -33,7 +33,7 @@ use super::library::{self, InstallReport, Library, Mode};
 use super::retry::retry;
 use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;
-use crate::config::RedisUrl;
+use crate::config::{MachineConfig, RedisUrl};
 
 pub use claim::ClaimedJob;
 pub use events::{SWEEP_EVERY, SweepReport};
@@ -67,6 +67,22 @@ pub struct BrokerOptions {
     /// Where every command's outcome is recorded (the machine passes the one its health
     /// server reads; the start-up loop records into it before the broker exists).
     pub health: RedisHealth,
+}
+
+impl BrokerOptions {
+    /// The options the machine's configuration asks for (`[worker]`'s lease, retry delay,
+    /// retries cap and progress stream; the contract's defaults for the rest), recording every
+    /// command's outcome in `health`.
+    pub fn of(config: &MachineConfig, health: RedisHealth) -> BrokerOptions {
+        BrokerOptions {
+            lease: config.worker.lease,
+            retry_delay: config.worker.retry_delay,
+            max_retries_cap: config.worker.max_retries_cap,
+            progress_stream: config.worker.progress_stream,
+            health,
+            ..BrokerOptions::default()
+        }
+    }
 }
 
 impl Default for BrokerOptions {
@@ -277,6 +293,18 @@ impl Broker {
                 indexer_held: tokio::sync::Notify::new(),
             }),
         })
+    }
+
+    /// The machine's one broker: connects to its Redis ([`MachineConfig::broker_url`]) with the
+    /// options its configuration asks for ([`BrokerOptions::of`]), retrying until Redis answers
+    /// or `stop` ([`Broker::connect_until`]); failures are recorded in `health` (for the status
+    /// page and `/ready`).
+    pub async fn connect_machine(
+        config: &MachineConfig,
+        health: &RedisHealth,
+        stop: &CancellationToken,
+    ) -> Option<Broker> {
+        Broker::connect_until(&config.broker_url(), BrokerOptions::of(config, health.clone()), stop).await
     }
 
     /// Connects to `url` and loads the function library, retrying with the one backoff while
