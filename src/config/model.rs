@@ -212,7 +212,7 @@ impl RedisUrl {
 
     /// Validates a URL given outside the configuration (e.g. `--redis-url`).
     pub fn parse(u: &str) -> Result<RedisUrl, String> {
-        super::validate::redis_url(u)
+        redis_url(u)
     }
 
     /// The URL with its credentials, for connecting.
@@ -237,6 +237,28 @@ impl RedisUrl {
                 format!("sentinel master `{}` via {} ({url})", s.master, nodes.join(","))
             }
         }
+    }
+}
+
+/// Validates a Redis URL; the error masks any password in it.
+fn redis_url(u: &str) -> Result<RedisUrl, String> {
+    let parsed = url::Url::parse(u).map_err(|e| format!("`{}` is not a URL: {e}", mask_text(u)))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(format!(
+            "scheme `{}` is not redis://, rediss://, unix:// or redis+unix://",
+            parsed.scheme()
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(u)
+        .map_err(|e| format!("`{}` is not a usable Redis URL: {e}", mask_text(u)))?;
+    Ok(RedisUrl::plain(u.to_owned()))
+}
+
+/// Masks what looks like a password in a URL that may not even parse.
+fn mask_text(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
+        _ => u.to_owned(),
     }
 }
 

@@ -361,7 +361,7 @@ fn redis(r: RawRedis, problems: &mut Problems) -> Option<RedisUrl> {
     let url = r
         .url
         .filter(|u| !u.trim().is_empty())
-        .and_then(|u| redis_url(&u).map_err(|m| problems.at("redis.url", m)).ok());
+        .and_then(|u| RedisUrl::parse(&u).map_err(|m| problems.at("redis.url", m)).ok());
     let master = r.sentinel_master.map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
     match (r.sentinels.is_empty(), master) {
         (true, None) => url,
@@ -419,28 +419,6 @@ fn sentinel_node(node: &str) -> Result<(String, u16), String> {
         return Err(bad());
     }
     Ok((host.to_owned(), port))
-}
-
-/// Validates a Redis URL; the error masks any password in it.
-pub(super) fn redis_url(u: &str) -> Result<RedisUrl, String> {
-    let parsed = url::Url::parse(u).map_err(|e| format!("`{}` is not a URL: {e}", mask_text(u)))?;
-    if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
-        return Err(format!(
-            "scheme `{}` is not redis://, rediss://, unix:// or redis+unix://",
-            parsed.scheme()
-        ));
-    }
-    redis::IntoConnectionInfo::into_connection_info(u)
-        .map_err(|e| format!("`{}` is not a usable Redis URL: {e}", mask_text(u)))?;
-    Ok(RedisUrl::plain(u.to_owned()))
-}
-
-/// Masks what looks like a password in a URL that may not even parse.
-fn mask_text(u: &str) -> String {
-    match (u.find("://"), u.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
-        _ => u.to_owned(),
-    }
 }
 
 fn valid_machine_id(id: &str) -> bool {

@@ -316,3 +316,117 @@ fn imports_are_read_from_code_only() {
     let names: Vec<(&str, usize)> = names.iter().map(|(n, l)| (n.as_str(), *l)).collect();
     assert_eq!(names, [("a", 1), ("b", 1), ("e", 4)]);
 }
+
+/// The module path of a file under `src/` (`cli/args.rs` is `cli::args`, `cli/mod.rs` is
+/// `cli`); `None` for the crate roots.
+fn module_of(file: &str) -> Option<Vec<String>> {
+    let path = file.strip_suffix(".rs")?;
+    let mut segments: Vec<String> = path.split('/').map(str::to_owned).collect();
+    if segments.last().is_some_and(|s| s == "mod") {
+        segments.pop();
+    }
+    (!segments.is_empty() && segments != ["lib"] && segments != ["main"]).then_some(segments)
+}
+
+/// Every path of a piece of code that starts at `crate::`, `super::` or `self::`, resolved
+/// against the module `here` to the modules it names (each item of a `{...}` group its own).
+fn module_paths(code: &str, here: &[String]) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    for start in ["crate::", "super::", "self::"] {
+        for (at, _) in code.match_indices(start) {
+            if ident(code[..at].chars().next_back().as_ref()) || code[..at].ends_with("::") {
+                continue;
+            }
+            let mut base: Vec<String> = match start {
+                "crate::" => Vec::new(),
+                "super::" => here[..here.len().saturating_sub(1)].to_vec(),
+                _ => here.to_vec(),
+            };
+            let mut rest = &code[at + start.len()..];
+            while let Some(r) = rest.strip_prefix("super::") {
+                base.pop();
+                rest = r;
+            }
+            let items: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group
+                    .split([',', '}'])
+                    .map(str::trim_start)
+                    .take_while(|s| !s.is_empty())
+                    .collect(),
+                None => vec![rest],
+            };
+            for item in items {
+                let mut path = base.clone();
+                for segment in item.split("::") {
+                    let len = segment
+                        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .unwrap_or(segment.len());
+                    if len == 0 {
+                        break;
+                    }
+                    path.push(segment[..len].to_owned());
+                    if len < segment.len() {
+                        break;
+                    }
+                }
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Within each folder, at every depth, no files import each other, directly or round a circle:
+/// what the top-level layers ask of the subsystems, asked of the files of each one.
+#[test]
+fn no_files_of_a_folder_import_each_other() {
+    let files = sources();
+    let modules: BTreeSet<Vec<String>> = files.iter().filter_map(|(f, _)| module_of(f)).collect();
+    let mut edges: BTreeMap<Vec<String>, BTreeSet<Vec<String>>> = BTreeMap::new();
+    for (file, text) in &files {
+        let Some(here) = module_of(file) else { continue };
+        // A file's own tests may use its siblings (a loader's test loads).
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or(text);
+        for path in module_paths(&code_only(text), &here) {
+            // The module the path names: its longest prefix that is a file.
+            let Some(target) = (1..=path.len())
+                .rev()
+                .map(|n| path[..n].to_vec())
+                .find(|p| modules.contains(p))
+            else {
+                continue;
+            };
+            let common = here.iter().zip(&target).take_while(|(a, b)| a == b).count();
+            if common == here.len() || common == target.len() {
+                continue; // a module and its own parent or child
+            }
+            edges
+                .entry(here[..=common].to_vec())
+                .or_default()
+                .insert(target[..=common].to_vec());
+        }
+    }
+    let reaches = |from: &Vec<String>, to: &Vec<String>| {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![from.clone()];
+        while let Some(m) = todo.pop() {
+            if &m == to {
+                return true;
+            }
+            if seen.insert(m.clone()) {
+                todo.extend(edges.get(&m).into_iter().flatten().cloned());
+            }
+        }
+        false
+    };
+    let mut circles = Vec::new();
+    for (from, tos) in &edges {
+        for to in tos {
+            if reaches(to, from) {
+                circles.push(format!("{} -> {}", from.join("::"), to.join("::")));
+            }
+        }
+    }
+    assert!(edges.len() > 50, "the imports are found: {edges:?}");
+    assert!(circles.is_empty(), "imports on a circle:\n{}", circles.join("\n"));
+}
