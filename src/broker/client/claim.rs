@@ -2,6 +2,7 @@
 //! reading of a claim reply (a job that cannot run is failed at once with the reason).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,6 +13,8 @@ use super::{Broker, CatchUp};
 
 /// How long a worker that stops claiming waits for Redis to take it out of the park.
 const LEAVE_PARK_WITHIN: Duration = Duration::from_secs(1);
+/// Workers whose capabilities' JSON is kept (`Broker::caps_json`); a machine has a few.
+const CAPS_JSON_MAX: usize = 4096;
 use crate::broker::BrokerError;
 use crate::broker::capabilities::Capabilities;
 
@@ -66,26 +69,44 @@ impl ClaimedJob {
 impl Broker {
     /// One claim attempt: the best job this worker can run, or `None`.
     pub async fn claim(&self, caps: &Capabilities) -> Result<Option<ClaimedJob>, BrokerError> {
-        self.claim_json(&caps.to_json(), false).await
+        self.claim_json(&self.caps_json(caps), false).await
+    }
+
+    /// The capabilities' JSON, serialised once per worker and capabilities.
+    fn caps_json(&self, caps: &Capabilities) -> Arc<str> {
+        let mut cache = self
+            .inner
+            .caps_json
+            .lock()
+            .expect("the caps lock is never poisoned: no panics while held");
+        if let Some((cached, json)) = cache.get(&caps.worker_id)
+            && cached == caps
+        {
+            return json.clone();
+        }
+        let json: Arc<str> = caps.to_json().into();
+        if cache.len() >= CAPS_JSON_MAX {
+            cache.clear();
+        }
+        cache.insert(caps.worker_id.clone(), (caps.clone(), json.clone()));
+        json
     }
 
     /// One claim attempt; with `park`, a worker that finds nothing is parked as waiting
     /// (`claimOrPark`), so that the fleet's indexer wakes it for a job it can run.
     async fn claim_json(&self, caps_json: &str, park: bool) -> Result<Option<ClaimedJob>, BrokerError> {
-        let max = self.inner.opts.max_examine.to_string();
+        let max = &self.inner.max_examine_arg;
         let lease = self.lease().as_millis().to_string();
-        // Parked until three safety polls from now: it parks again at each, so only a worker
-        // that stopped polling (a dead machine) drops out.
-        let park_ms = (self.inner.opts.safety_poll * 3).as_millis().max(1).to_string();
+        let park_ms = &self.inner.park_ms_arg;
         loop {
             let started = std::time::Instant::now();
             let prefix = &self.inner.opts.key_prefix;
             // Bytes, not a string: a job field with invalid UTF-8 must fail that job, not the call.
             let reply: Option<Vec<u8>> = if park {
-                self.call("claimOrPark", &[caps_json, &max, &lease, prefix, &park_ms])
+                self.call("claimOrPark", &[caps_json, max, &lease, prefix, park_ms])
                     .await?
             } else {
-                self.call("findMatchingJob", &[caps_json, &max, &lease, prefix]).await?
+                self.call("findMatchingJob", &[caps_json, max, &lease, prefix]).await?
             };
             if let Some(observe) = self.inner.observer.get() {
                 observe(started.elapsed(), reply.is_some());
@@ -195,7 +216,7 @@ impl Broker {
         caps: &Capabilities,
         shutdown: &CancellationToken,
     ) -> Result<Option<ClaimedJob>, BrokerError> {
-        let caps_json = caps.to_json();
+        let caps_json = self.caps_json(caps);
         let services = if caps.job_service_required_map.is_empty() {
             &caps.connectors
         } else {

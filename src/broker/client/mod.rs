@@ -148,6 +148,13 @@ struct Inner {
     observer: std::sync::OnceLock<ClaimObserver>,
     /// The workers this broker registered, to register again when Redis comes back empty.
     registered: Mutex<HashMap<String, Capabilities>>,
+    /// Per worker id, its capabilities and their JSON as last sent: a worker claims with the
+    /// same capabilities every time, and serialising them was about a tenth of the client's
+    /// work per job (issue 27). Bounded: emptied when it reaches `CAPS_JSON_MAX` workers.
+    caps_json: Mutex<HashMap<String, (Capabilities, Arc<str>)>>,
+    /// `findMatchingJob`'s `max_examine` and `claimOrPark`'s park time as sent (they never change).
+    max_examine_arg: String,
+    park_ms_arg: String,
     /// The state of [`Broker::run_events`]' index catch-up: claimers wait for it (see
     /// [`Broker::claim_next`]).
     catch_up: watch::Sender<CatchUp>,
@@ -256,6 +263,10 @@ impl Broker {
             })?
             .map(tokio::sync::Mutex::new);
         let (cancels, _) = broadcast::channel(256);
+        let max_examine_arg = opts.max_examine.to_string();
+        // Parked until three safety polls from now: it parks again at each, so only a worker
+        // that stopped polling (a dead machine) drops out.
+        let park_ms_arg = (opts.safety_poll * 3).as_millis().max(1).to_string();
         Ok(Broker {
             inner: Arc::new(Inner {
                 url: url.clone(),
@@ -273,6 +284,9 @@ impl Broker {
                 cancels,
                 observer: std::sync::OnceLock::new(),
                 registered: Mutex::new(HashMap::new()),
+                caps_json: Mutex::new(HashMap::new()),
+                max_examine_arg,
+                park_ms_arg,
                 catch_up: watch::channel(CatchUp::NotRunning).0,
                 sweeper_id: format!("{}-{:016x}", std::process::id(), rand::random::<u64>()),
                 indexing: std::sync::atomic::AtomicBool::new(false),
@@ -490,21 +504,22 @@ impl Broker {
     }
 
     fn command(&self, function: &str, args: &[&str]) -> redis::Cmd {
+        // Sized for its arguments at once (a claim's capabilities are hundreds of bytes).
+        let size = 32 + function.len() + args.iter().map(|a| a.len() + 16).sum::<usize>();
         let mode = self
             .inner
             .mode
             .read()
-            .expect("the mode lock is never poisoned: no panics while held")
-            .clone();
-        match mode {
+            .expect("the mode lock is never poisoned: no panics while held");
+        match &*mode {
             Mode::Functions => {
-                let mut c = cmd("FCALL");
-                c.arg(function).arg(0).arg(args);
+                let mut c = redis::Cmd::with_capacity(args.len() + 3, size);
+                c.arg("FCALL").arg(function).arg(0).arg(args);
                 c
             }
             Mode::Eval { sha } => {
-                let mut c = cmd("EVALSHA");
-                c.arg(sha).arg(0).arg(function).arg(args);
+                let mut c = redis::Cmd::with_capacity(args.len() + 4, size + sha.len());
+                c.arg("EVALSHA").arg(sha).arg(0).arg(function).arg(args);
                 c
             }
         }
