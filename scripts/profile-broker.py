@@ -120,9 +120,20 @@ def claims(impl, workers):
     return [("FCALL", "findMatchingJobBaseline", 0, caps(w), 100) for w in workers]
 
 
+COMPLETE_FORM = "text"
+
+
 def completions(impl, claimed):
+    if impl == "ours" and COMPLETE_FORM == "text":
+        # As Broker::complete sends it: the result and complete_job around it, encoded by the
+        # worker (the claim's workflow and steps are empty here).
+        return [("FCALL", "completeJobText", 0, "", job, w, '{"ok":true}',
+                 '{"job_id":%s,"worker_id":%s,"progress":100,"status":"completed","message":"completed","result":'
+                 % (json.dumps(job), json.dumps(w)),
+                 ',"workflow_id":"","current_step":"","total_steps":""}')
+                for job, w in claimed]
     if impl == "ours":
-        # As Broker::complete sends it: the result, the message, the claim's workflow and steps.
+        # completeJob's arguments: the result, the message, the claim's workflow and steps.
         return [("FCALL", "completeJob", 0, "", job, w, '{"ok":true}', "completed", "", "", "")
                 for job, w in claimed]
     return [("FCALL", "completeJobBaseline", 0, job, w, '{"success":true}') for job, w in claimed]
@@ -204,7 +215,11 @@ def main():
     ap.add_argument("--lib", default=os.path.join(ROOT, "src/broker/job_matching.lua"),
                     help="the library to load (a variant of job_matching.lua, to compare one change)")
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
+    ap.add_argument("--complete", choices=["text", "job"], default="text",
+                    help="ours' completion: completeJobText (what Broker::complete calls) or completeJob")
     args = ap.parse_args()
+    global COMPLETE_FORM
+    COMPLETE_FORM = args.complete
     for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit("profile-broker: %s is not installed" % tool)
