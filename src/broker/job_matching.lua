@@ -1481,9 +1481,10 @@ end
 
 -- job:<id>:progress follows the job: once it completes, fails, is cancelled or goes back to the
 -- queue, the hash says so instead of the last "in_progress" report (`pct` replaces its progress
--- when given). Only an existing hash is rewritten: a job that never reported progress has none.
-local function progress_follows(p, id, status, message, now, pct)
-  local pkey = p .. 'job:' .. id .. ':progress'
+-- when given; `jkey`, the job's key, when the caller has it). Only an existing hash is
+-- rewritten: a job that never reported progress has none.
+local function progress_follows(p, id, status, message, now, pct, jkey)
+  local pkey = (jkey or p .. 'job:' .. id) .. ':progress'
   if redis.call('EXISTS', pkey) == 0 then return end
   if pct then
     redis.call('HSET', pkey, 'progress', pct, 'status', status, 'message', message, 'updated_at', iso(now))
@@ -1623,7 +1624,7 @@ local function completed(p, id, worker, jkey, now, now_text, claim_rec, started,
   redis.call('ZADD', N['jobs:completed:at'], now_text, id)
   trim_records(p, 'jobs:completed', now)
   redis.call('PUBLISH', N['complete_job'], head .. result .. ',"timestamp":' .. now_text .. tail)
-  progress_follows(p, id, 'completed', message, now, '100')
+  progress_follows(p, id, 'completed', message, now, '100', jkey)
   worker_idle(p, worker, id, now, now_text, at)
   redis.call('EXPIRE', jkey, TERMINAL_TTL_S)
   return 'ok'
@@ -1673,6 +1674,12 @@ end
 local function complete_text(p, id, worker, result, head, tail)
   local now, now_text = now_ms()
   local jkey = p .. 'job:' .. id
+  -- The fence's common case read directly (one HMGET of literal names, no tables): our claim
+  -- record and a live status. Anything else takes the whole fence.
+  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'claim_ms')
+  if f[3] and f[2] == worker and LIVE[f[1]] then
+    return completed(p, id, worker, jkey, now, now_text, IN_HASH, f[3], result, 'completed', head, tail)
+  end
   local r, claim_rec, st = complete_fence(p, id, worker, now, nil, jkey)
   if r ~= 'ok' then return r end
   return completed(p, id, worker, jkey, now, now_text, claim_rec, st[3], result, 'completed', head, tail)
