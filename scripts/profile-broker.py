@@ -13,6 +13,14 @@ Instruction counts do not move with the load of a shared host (time per call doe
 and more), so small steps can be told apart. Usage:
 
     scripts/profile-broker.py [--workers 1000] [--rounds 3] [--breakdown] [--top self|inclusive]
+    scripts/profile-broker.py --job-path [--parked 100] [--jobs 50] [--progress 10] [--renewals 0]
+
+--job-path counts instead the whole path of a ComfyUI-shaped job through the fleet's scheme
+(issue 29's all-in figure) with --parked workers parked: the API's submission (HSET, ZADD),
+announceJob (index, wake one parked worker), the woken worker's claimOrPark, startJob,
+--progress updateJobProgress writes (one a second of a 10 s job), --renewals renewLease (none:
+a lease is renewed every third of its 60 s), completeJob
+and the worker's empty claimOrPark that parks it again; Ir per job for each step and in all.
 
 KEEP=1 keeps the callgrind dumps (for callgrind_annotate).
 
@@ -195,6 +203,65 @@ def breakdown(path, per):
     return rows
 
 
+def job_path(r, pid, tmp, parked, jobs, progress, renewals):
+    """Ir per job of each step of a ComfyUI-shaped job's path (see --job-path)."""
+    workers = ["fleet-w%d" % i for i in range(parked)]
+    r.call("FLUSHALL")
+    # Park every worker (and memoise its capabilities), as idle workers of a fleet are.
+    r.pipeline([("FCALL", "claimOrPark", 0, caps(w), 100, 60000, "", 15000) for w in workers])
+    results = {}
+
+    def measure(name, commands):
+        before = len(dumps(tmp))
+        control(pid, "-z")
+        replies = r.pipeline(commands)
+        control(pid, "-d")
+        results[name] = results.get(name, 0) + totals(wait_for_dump(tmp, before))
+        return replies
+
+    for rnd in range(2):  # the first round warms up (memoised group verdicts, encodings)
+        results = {}
+        ids = ["j%d-%d" % (rnd, i) for i in range(jobs)]
+        now = int(time.time() * 1000)
+        submit = []
+        for i, id in enumerate(ids):
+            submit.append(("HSET", "job:" + id, "id", id, "service_required", "comfyui", "priority", 50,
+                           "payload", '{"prompt":{}}', "requirements", "", "customer_id", "", "status",
+                           "pending", "retry_count", 0, "max_retries", 3,
+                           "created_at", time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now / 1000)),
+                           "workflow_id", ""))
+            submit.append(("ZADD", "jobs:pending", 50 * 10**15 - now // 1000 - i, id))
+        measure("submit (HSET, ZADD)", submit)
+        woken = measure("announceJob", [("FCALL", "announceJob", 0, "", id, 750) for id in ids])
+        claimers = [w[1] for w in woken]
+        if "" in claimers:
+            raise RuntimeError("a submission woke nobody: park more workers than jobs")
+        claimed = measure("claimOrPark (claim)", [("FCALL", "claimOrPark", 0, caps(w), 100, 60000, "", 15000)
+                                                  for w in claimers])
+        pairs = [(json.loads(c)["jobId"], w) for c, w in zip(claimed, claimers)]
+        measure("startJob", [("FCALL", "startJob", 0, "", id, w) for id, w in pairs])
+        for step in range(progress):
+            pct = (step + 1) * 100 // (progress + 1)
+            measure("updateJobProgress", [("FCALL", "updateJobProgress", 0, "", id, w, pct,
+                                           "sampling step %d of 30" % (3 * step + 1), 3 * step + 1, 30, "0")
+                                          for id, w in pairs])
+        for _ in range(renewals):
+            measure("renewLease", [("FCALL", "renewLease", 0, "", id, w, 60000) for id, w in pairs])
+        measure("completeJob", [("FCALL", "completeJob", 0, "", id, w, '{"ok":true}', "completed", "", "", "")
+                                for id, w in pairs])
+        measure("claimOrPark (empty, parks)", [("FCALL", "claimOrPark", 0, caps(w), 100, 60000, "", 15000)
+                                              for _, w in pairs])
+    total = 0
+    print("ComfyUI-shaped job path, %d parked workers, %d jobs, %d progress writes, Ir per job:"
+          % (parked, jobs, progress))
+    for name, ir in results.items():
+        calls = progress if name == "updateJobProgress" else renewals if name == "renewLease" else 1
+        total += ir
+        print("  %-28s %9.0f%s" % (name, ir / jobs, ("  (%d calls, %.0f each)" % (calls, ir / jobs / calls))
+                                   if calls > 1 else ""))
+    print("  %-28s %9.0f" % ("all", total / jobs))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=1000)
@@ -204,6 +271,11 @@ def main():
     ap.add_argument("--lib", default=os.path.join(ROOT, "src/broker/job_matching.lua"),
                     help="the library to load (a variant of job_matching.lua, to compare one change)")
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
+    ap.add_argument("--job-path", action="store_true", help="count a ComfyUI-shaped job's whole path instead")
+    ap.add_argument("--parked", type=int, default=100, help="--job-path: workers parked")
+    ap.add_argument("--jobs", type=int, default=50, help="--job-path: jobs per round (at most --parked)")
+    ap.add_argument("--progress", type=int, default=10, help="--job-path: progress writes per job")
+    ap.add_argument("--renewals", type=int, default=0, help="--job-path: lease renewals per job")
     args = ap.parse_args()
     for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
@@ -236,6 +308,9 @@ def main():
         # Instrumented from here on (toggling it between dumps corrupts callgrind's totals); each
         # measured phase starts from zeroed counters.
         control(server.pid, "-i", "on")
+        if args.job_path:
+            job_path(r, server.pid, tmp, args.parked, args.jobs, args.progress, args.renewals)
+            return
         workers = ["bench-w%d" % i for i in range(args.workers)]
         impls = ["ours", "baseline"] if args.impl == "both" else [args.impl]
         results = {}

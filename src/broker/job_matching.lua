@@ -1253,11 +1253,17 @@ end
 -- within a few ticks while one wake costs WAKE_SCAN lookups at most.
 local function wake_for(p, id, gid, service, now, wake_ms, from, skip)
   local ikey = p .. 'jobs:idx:idle:' .. service
+  -- Times go to Redis as text (a number is formatted with %.17g on every call).
+  local now_s = jint(now)
   -- Workers whose park ran out (their machine stopped polling) leave it.
-  if from == 0 then redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now) end
-  local cands = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now, 'LIMIT', from, WAKE_SCAN)
-  local gone = 0
-  for _, worker in ipairs(cands) do
+  if from == 0 then redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now_s) end
+  -- The most recently parked one first, alone: in a fleet of like workers it is the one woken,
+  -- and reading the other WAKE_SCAN - 1 names would cost more than the rest of the wake. The
+  -- rest only when it cannot run the job.
+  local cands = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now_s, 'LIMIT', from, 1)
+  local gone, i = 0, 1
+  while i <= #cands do
+    local worker = cands[i]
     local raw = worker ~= skip and redis.call('HGET', p .. 'jobs:idx:parked', worker)
     local w = raw and worker_of(raw)
     if raw and (not w or not list_has(w.services, service)) then
@@ -1266,11 +1272,18 @@ local function wake_for(p, id, gid, service, now, wake_ms, from, skip)
       gone = gone + 1
     elseif w and group_matches(p, gid, w) then
       unpark(p, worker, w.services)
-      redis.call('ZADD', p .. 'jobs:idx:wakes', now + wake_ms, id)
-      redis.call('PUBLISH', p .. 'jobs:wake:' .. w.machine, '{"worker_id":' .. jstr(worker) .. ',"job_id":' ..
-        jstr(id) .. ',"timestamp":' .. jint(now) .. '}')
+      redis.call('ZADD', p .. 'jobs:idx:wakes', jint(now + wake_ms), id)
+      redis.call('PUBLISH', p .. 'jobs:wake:' .. w.machine, '{"worker_id":' .. jname(worker) .. ',"job_id":' ..
+        jstr(id) .. ',"timestamp":' .. now_s .. '}')
       return worker
     end
+    if i == 1 and #cands == 1 then
+      -- The first could not run it: the next WAKE_SCAN - 1 (their places moved up by the
+      -- ones removed meanwhile).
+      local more = redis.call('ZREVRANGEBYSCORE', ikey, '+inf', now_s, 'LIMIT', from + 1 - gone, WAKE_SCAN - 1)
+      for _, m in ipairs(more) do cands[#cands + 1] = m end
+    end
+    i = i + 1
   end
   if #cands < WAKE_SCAN then return nil end
   return nil, from + WAKE_SCAN - gone
@@ -1567,7 +1580,7 @@ end
 -- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
 -- the monitor or the workers reads it, and it was a third of a progress write's cost.
 local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
-  local now = now_ms()
+  local now, now_text = now_ms()
   local r = fence(p, id, worker, now)
   if r ~= 'ok' then return r end
   local pkey = p .. 'job:' .. id .. ':progress'
@@ -1587,9 +1600,11 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
   -- Written as text, like the claim's and the completion's messages (an encoded table cost a
   -- fifth of the call); `progress` is a whole number, as the broker sends it.
   if not string.match(pct, '^%d+$') then pct = jint(math.floor(tonumber(pct) or 0)) end
-  redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jstr(worker) ..
+  -- The worker and the step numbers recur on every report: memoised names (jname), and the
+  -- time as TIME's own digits.
+  redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) ..
     ',"progress":' .. pct .. ',"status":"in_progress","message":' .. jstr(message) .. ',"current_step":' ..
-    jstr(current_step) .. ',"total_steps":' .. jstr(total_steps) .. ',"timestamp":' .. jint(now) .. '}')
+    jname(current_step) .. ',"total_steps":' .. jname(total_steps) .. ',"timestamp":' .. now_text .. '}')
   return 'ok'
 end
 
@@ -1911,7 +1926,8 @@ redis.register_function('claimOrPark', function(_, args)
   if r then
     unpark(p, worker, w.services)
   else
-    park(p, raw, w, worker, now_ms() + math.max(num_arg(args[5], 15000), 1))
+    -- As text: a number passed to Redis is formatted with %.17g on every call.
+    park(p, raw, w, worker, jint(now_ms() + math.max(num_arg(args[5], 15000), 1)))
   end
   return r
 end)

@@ -17,7 +17,8 @@ pub struct WorkerConfig {
     /// How long a claimed job is held without renewal before the broker may take it back.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
-    /// Time between heartbeats and lease renewals (at most a third of the lease).
+    /// Time between heartbeats (at most a third of the lease; the lease itself is renewed every
+    /// third of it, never more often than this).
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
     /// On shutdown, how long a running job may continue before it is returned to the queue.

@@ -1209,14 +1209,17 @@ async fn write_progress(broker: &Broker, job: &ClaimedJob, p: &Progress, stop: &
     }
 }
 
-/// Renews the lease every `every`, beside the job; tells the job to stop when the broker says
-/// it was cancelled or is no longer ours. Redis errors are logged and retried at the next tick
-/// (the lease is at least three ticks long).
-async fn keep_lease(broker: Broker, job: ClaimedJob, every: Duration, stop: mpsc::Sender<Stop>) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Renews the lease every third of it (and no more often than `at_most_every`, the worker's
+/// heartbeat, which the configuration keeps at or under a third), beside the job; tells the
+/// job to stop when the broker says it was cancelled or is no longer ours. Redis errors are
+/// logged and retried at the next tick: a lease is three ticks long. A third rather than every
+/// heartbeat: each renewal is a write on the shared Redis (a 10 s job renewed once at the 10 s
+/// heartbeat, none at a third of the 60 s lease; issue 29's all-in cost), and a cancellation
+/// reaches the job at once through `cancel_job` and its progress writes anyway. The period is
+/// read again at each tick, so a reload that shortens the lease renews sooner.
+async fn keep_lease(broker: Broker, job: ClaimedJob, at_most_every: Duration, stop: mpsc::Sender<Stop>) {
     loop {
-        tick.tick().await;
+        tokio::time::sleep((broker.lease() / 3).max(at_most_every)).await;
         match broker.renew_lease(&job).await {
             Ok(LeaseStatus::Held) => {}
             Ok(LeaseStatus::Cancelled) => {
