@@ -270,7 +270,7 @@ impl Broker {
                     );
                 }
                 Ok(_) => {}
-                Err(e) if super::super::health::is_outage(&e) => {
+                Err(e) if super::super::outage::is_outage(&e) => {
                     tracing::debug!(error = %crate::logging::error_chain(&e), "failed to reap expired leases")
                 }
                 Err(e) => tracing::warn!(error = %crate::logging::error_chain(&e), "failed to reap expired leases"),
