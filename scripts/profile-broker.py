@@ -19,7 +19,7 @@ and more), so small steps can be told apart. Usage:
 (issue 29's all-in figure) with --parked workers parked: the API's submission (HSET, ZADD),
 announceJob (index, wake one parked worker), the woken worker's claimOrPark, startJob,
 --progress updateJobProgress writes (one a second of a 10 s job), --renewals renewLease (none:
-a lease is renewed every third of its 60 s), completeJob
+a lease is renewed every third of its 60 s), completeJobText (--complete job: completeJob)
 and the worker's empty claimOrPark that parks it again; Ir per job for each step and in all.
 
 KEEP=1 keeps the callgrind dumps (for callgrind_annotate).
@@ -128,9 +128,20 @@ def claims(impl, workers):
     return [("FCALL", "findMatchingJobBaseline", 0, caps(w), 100) for w in workers]
 
 
+COMPLETE_FORM = "text"
+
+
 def completions(impl, claimed):
+    if impl == "ours" and COMPLETE_FORM == "text":
+        # As Broker::complete sends it: the result and complete_job around it, encoded by the
+        # worker (the claim's workflow and steps are empty here).
+        return [("FCALL", "completeJobText", 0, "", job, w, '{"ok":true}',
+                 '{"job_id":%s,"worker_id":%s,"progress":100,"status":"completed","message":"completed","result":'
+                 % (json.dumps(job), json.dumps(w)),
+                 ',"workflow_id":"","current_step":"","total_steps":""}')
+                for job, w in claimed]
     if impl == "ours":
-        # As Broker::complete sends it: the result, the message, the claim's workflow and steps.
+        # completeJob's arguments: the result, the message, the claim's workflow and steps.
         return [("FCALL", "completeJob", 0, "", job, w, '{"ok":true}', "completed", "", "", "")
                 for job, w in claimed]
     return [("FCALL", "completeJobBaseline", 0, job, w, '{"success":true}') for job, w in claimed]
@@ -247,8 +258,7 @@ def job_path(r, pid, tmp, parked, jobs, progress, renewals):
                                           for id, w in pairs])
         for _ in range(renewals):
             measure("renewLease", [("FCALL", "renewLease", 0, "", id, w, 60000) for id, w in pairs])
-        measure("completeJob", [("FCALL", "completeJob", 0, "", id, w, '{"ok":true}', "completed", "", "", "")
-                                for id, w in pairs])
+        measure("completeJobText", completions("ours", pairs))
         measure("claimOrPark (empty, parks)", [("FCALL", "claimOrPark", 0, caps(w), 100, 60000, "", 15000)
                                               for _, w in pairs])
     total = 0
@@ -271,12 +281,16 @@ def main():
     ap.add_argument("--lib", default=os.path.join(ROOT, "src/broker/job_matching.lua"),
                     help="the library to load (a variant of job_matching.lua, to compare one change)")
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
+    ap.add_argument("--complete", choices=["text", "job"], default="text",
+                    help="ours' completion: completeJobText (what Broker::complete calls) or completeJob")
     ap.add_argument("--job-path", action="store_true", help="count a ComfyUI-shaped job's whole path instead")
     ap.add_argument("--parked", type=int, default=100, help="--job-path: workers parked")
     ap.add_argument("--jobs", type=int, default=50, help="--job-path: jobs per round (at most --parked)")
     ap.add_argument("--progress", type=int, default=10, help="--job-path: progress writes per job")
     ap.add_argument("--renewals", type=int, default=0, help="--job-path: lease renewals per job")
     args = ap.parse_args()
+    global COMPLETE_FORM
+    COMPLETE_FORM = args.complete
     for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit("profile-broker: %s is not installed" % tool)

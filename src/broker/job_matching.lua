@@ -1481,9 +1481,10 @@ end
 
 -- job:<id>:progress follows the job: once it completes, fails, is cancelled or goes back to the
 -- queue, the hash says so instead of the last "in_progress" report (`pct` replaces its progress
--- when given). Only an existing hash is rewritten: a job that never reported progress has none.
-local function progress_follows(p, id, status, message, now, pct)
-  local pkey = p .. 'job:' .. id .. ':progress'
+-- when given; `jkey`, the job's key, when the caller has it). Only an existing hash is
+-- rewritten: a job that never reported progress has none.
+local function progress_follows(p, id, status, message, now, pct, jkey)
+  local pkey = (jkey or p .. 'job:' .. id) .. ':progress'
   if redis.call('EXISTS', pkey) == 0 then return end
   if pct then
     redis.call('HSET', pkey, 'progress', pct, 'status', status, 'message', message, 'updated_at', iso(now))
@@ -1610,18 +1611,43 @@ end
 
 local COMPLETE_FIELDS = { 'workflow_id', 'current_step', 'total_steps' }
 
+-- Completes a job that passed the fence: `result` is JSON text, `head` and `tail` the parts of
+-- complete_job around the result and the timestamp (only the server knows the time).
+local function completed(p, id, worker, jkey, now, now_text, claim_rec, started, result, message, head, tail)
+  if claim_rec == IN_HASH then started = tonumber(started) else started = claim_rec.t end
+  local at = iso(now)
+  redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', jint(now - (started or now)))
+  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  drop_claim(p, id, claim_rec)
+  local N = names_memo[p] or names(p)
+  redis.call('HSET', N['jobs:completed'], id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')
+  redis.call('ZADD', N['jobs:completed:at'], now_text, id)
+  trim_records(p, 'jobs:completed', now)
+  redis.call('PUBLISH', N['complete_job'], head .. result .. ',"timestamp":' .. now_text .. tail)
+  progress_follows(p, id, 'completed', message, now, '100', jkey)
+  worker_idle(p, worker, id, now, now_text, at)
+  redis.call('EXPIRE', jkey, TERMINAL_TTL_S)
+  return 'ok'
+end
+
+-- The fence of a completion; a completion repeated because its reply was lost (a Redis
+-- restart) finds its own work done.
+local function complete_fence(p, id, worker, now, wanted, jkey)
+  local r, claim_rec, st = fence(p, id, worker, now, wanted, jkey)
+  if r == 'lost' then
+    local done = redis.call('HMGET', jkey, 'status', 'worker_id')
+    if done[1] == 'completed' and done[2] == worker then return 'already_completed' end
+  end
+  return r, claim_rec, st
+end
+
 -- `wf`, `cur`, `total`: the job's workflow_id, current_step and total_steps for complete_job as
 -- the worker read them at claim (the API writes them at submission only), or nil to read them
 -- here.
 local function complete(p, id, worker, result_raw, message, wf, cur, total)
   local now, now_text = now_ms()
   local jkey = p .. 'job:' .. id
-  local r, claim_rec, st = fence(p, id, worker, now, wf == nil and COMPLETE_FIELDS or nil, jkey)
-  if r == 'lost' then
-    -- A completion repeated because its reply was lost (a Redis restart) finds its own work done.
-    local done = redis.call('HMGET', jkey, 'status', 'worker_id')
-    if done[1] == 'completed' and done[2] == worker then return 'already_completed' end
-  end
+  local r, claim_rec, st = complete_fence(p, id, worker, now, wf == nil and COMPLETE_FIELDS or nil, jkey)
   if r ~= 'ok' then return r end
   local started
   if wf == nil then
@@ -1630,28 +1656,33 @@ local function complete(p, id, worker, result_raw, message, wf, cur, total)
   else
     started = st[3]
   end
-  if claim_rec == IN_HASH then started = tonumber(started) else started = claim_rec.t end
   -- The result goes into the record and the message as the worker wrote it once it is JSON
   -- (decoding only checks that), else as a string.
   local result = result_raw
   if not pcall(cjson.decode, result_raw) then result = jstr(result_raw) end
-  local at = iso(now)
-  redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', jint(now - (started or now)))
-  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
-  drop_claim(p, id, claim_rec)
-  local N = names_memo[p] or names(p)
-  redis.call('HSET', N['jobs:completed'], id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')
-  local ts = now_text
-  redis.call('ZADD', N['jobs:completed:at'], ts, id)
-  trim_records(p, 'jobs:completed', now)
-  redis.call('PUBLISH', N['complete_job'], '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) ..
-    ',"progress":100,"status":"completed","message":' .. jname(message) .. ',"result":' .. result ..
-    ',"timestamp":' .. ts .. ',"workflow_id":' .. jname(wf or '') .. ',"current_step":' .. jname(cur or '') ..
-    ',"total_steps":' .. jname(total or '') .. '}')
-  progress_follows(p, id, 'completed', message, now, '100')
-  worker_idle(p, worker, id, now, now_text, at)
-  redis.call('EXPIRE', jkey, TERMINAL_TTL_S)
-  return 'ok'
+  return completed(p, id, worker, jkey, now, now_text, claim_rec, started, result, message,
+    '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) .. ',"progress":100,"status":"completed","message":' ..
+    jname(message) .. ',"result":',
+    ',"workflow_id":' .. jname(wf or '') .. ',"current_step":' .. jname(cur or '') .. ',"total_steps":' ..
+    jname(total or '') .. '}')
+end
+
+-- completeJobText: the same completion with what only the worker knows encoded by the worker
+-- (its many processes have the CPU the one Redis thread lacks): `result` is JSON text, `head`
+-- complete_job up to `"result":` and `tail` from `,"workflow_id":` on, with cjson's escaping,
+-- the message 'completed'. The server splices in the result and its own time.
+local function complete_text(p, id, worker, result, head, tail)
+  local now, now_text = now_ms()
+  local jkey = p .. 'job:' .. id
+  -- The fence's common case read directly (one HMGET of literal names, no tables): our claim
+  -- record and a live status. Anything else takes the whole fence.
+  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'claim_ms')
+  if f[3] and f[2] == worker and LIVE[f[1]] then
+    return completed(p, id, worker, jkey, now, now_text, IN_HASH, f[3], result, 'completed', head, tail)
+  end
+  local r, claim_rec, st = complete_fence(p, id, worker, now, nil, jkey)
+  if r ~= 'ok' then return r end
+  return completed(p, id, worker, jkey, now, now_text, claim_rec, st[3], result, 'completed', head, tail)
 end
 
 -- A retryable failure waits out `delay_ms` (nobody claims it meanwhile), then keeps its place
@@ -1851,6 +1882,10 @@ redis.register_function('completeJob', function(_, args)
   local wf, cur, total = nil, nil, nil
   if args[8] then wf, cur, total = args[6], args[7], args[8] end
   return complete(args[1], args[2], args[3], args[4] or 'null', args[5] or '', wf, cur, total)
+end)
+
+redis.register_function('completeJobText', function(_, args)
+  return complete_text(args[1], args[2], args[3], args[4], args[5], args[6])
 end)
 
 redis.register_function('failJob', function(_, args)

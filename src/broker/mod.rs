@@ -10,8 +10,8 @@
 
 pub mod capabilities;
 mod client;
-pub mod health;
 pub mod library;
+pub mod outage;
 pub mod reference;
 pub mod retry;
 pub mod sentinel;
@@ -22,7 +22,7 @@ pub use client::{
     Failure, Fault, JobField, JobProgress, JobRecord, JobState, JobView, LeaseStatus, LimitAnswer, LimitBudget,
     Meaning, NewJob, QuotaDay, ReapReport, RetryDelay, SWEEP_EVERY, SweepReport, pending_score,
 };
-pub use health::{FaultKind, RedisHealth, RedisState};
+pub use outage::{FaultKind, RedisHealth, RedisState};
 
 /// The `error` the API writes when a user cancels a job.
 pub const CANCEL_ERROR: &str = "Job cancelled by user";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerError;
-use super::health::{RedisHealth, is_outage};
+use super::outage::{RedisHealth, is_outage};
 use crate::backoff::Backoff;
 use crate::logging::error_chain;
 

@@ -533,7 +533,7 @@ mod tests {
     fn a_throttle_s_age_is_counted_from_the_render_s_now() {
         let mut doc = sample();
         let now = humantime::parse_rfc3339("2026-01-01T00:03:12Z").unwrap();
-        doc.gpus[0].throttle = Some(crate::gpu::health::Throttle {
+        doc.gpus[0].throttle = Some(crate::gpu::monitor::Throttle {
             reasons: vec!["hw_thermal_slowdown".into()],
             since_ms: crate::clock::epoch_ms(now) - 90_000,
         });

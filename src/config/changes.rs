@@ -41,8 +41,8 @@ enum Rebuild {
     /// The workers running this connector.
     Workers(ConnectorKind),
     /// The workers of each external connector whose API key changed. The object stores' keys
-    /// are renewed in place and the catalogue's token is read when the models store is built,
-    /// so neither rebuilds a worker.
+    /// are renewed in place, and every reload reads the models catalogue and its tokens again
+    /// into the running models store, so neither rebuilds a worker.
     ApiKeys,
 }
 

@@ -1,12 +1,12 @@
 //! What hardware this machine has: the GPUs through NVML (`nvml-wrapper`), with the
 //! `MACHINE_GPU_*` overrides as fallback, and the host through `sysinfo`; and how the GPUs
-//! fare while the machine runs ([`health`]: faults, throttling).
+//! fare while the machine runs ([`monitor`]: faults, throttling).
 //!
 //! The probe never fails: a machine without NVML is a CPU-only machine (or one described by its
 //! overrides), and the reason is kept in [`Probe::notes`] so it can be logged and shown.
 
-pub mod health;
 mod host;
+pub mod monitor;
 mod nvml;
 
 use std::sync::Arc;
@@ -19,8 +19,8 @@ use serde::Serialize;
 
 use crate::config::{DeviceSelector, GpuOverrides, VisibleDevices};
 
-pub use health::{Condition, GpuHealth};
 pub use host::HostInfo;
+pub use monitor::{Condition, GpuHealth};
 
 /// One GPU this machine will use.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -90,7 +90,7 @@ pub struct Probe {
     #[serde(skip)]
     nvml: Option<nvml::Nvml>,
     #[serde(skip)]
-    board: health::Board,
+    board: monitor::Board,
 }
 
 impl Probe {
@@ -133,7 +133,7 @@ impl Probe {
         if gpus.is_empty() {
             notes.push("no GPU in use: GPU-bound connectors run in CPU mode".to_owned());
         }
-        let board = health::Board::new(gpus.iter().map(|g| g.index));
+        let board = monitor::Board::new(gpus.iter().map(|g| g.index));
         Probe {
             gpus,
             source,
@@ -152,7 +152,7 @@ impl Probe {
         } else {
             GpuSource::Config
         };
-        let board = health::Board::new(gpus.iter().map(|g| g.index));
+        let board = monitor::Board::new(gpus.iter().map(|g| g.index));
         Probe {
             gpus,
             source,
@@ -196,7 +196,7 @@ pub async fn watch_health(probe: Arc<Probe>, poll: Duration, stop: CancellationT
     }
     let watched = tokio::task::spawn_blocking(move || {
         if let Some(n) = &probe.nvml {
-            health::monitor(n.handle(), &probe.board, poll, &stop);
+            monitor::monitor(n.handle(), &probe.board, poll, &stop);
         }
     });
     if let Err(e) = watched.await {

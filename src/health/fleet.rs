@@ -506,7 +506,7 @@ async fn publish(state: &HealthState, broker: &Broker, update: UpdateType, healt
         Err(e) => {
             // An outage is logged once, by the health record.
             broker.health().record_err(&e);
-            if crate::broker::health::is_outage(&e) {
+            if crate::broker::outage::is_outage(&e) {
                 tracing::debug!(
                     "failed to publish the machine status: {}",
                     crate::logging::error_chain(&e)

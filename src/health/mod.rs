@@ -447,7 +447,7 @@ impl HealthState {
     }
 
     /// Why no worker can claim because of Redis, once it has failed for
-    /// [`crate::broker::health::NOT_READY_AFTER`].
+    /// [`crate::broker::outage::NOT_READY_AFTER`].
     pub(crate) fn redis_not_ready(&self) -> Option<String> {
         self.redis_health.snapshot().not_ready(Instant::now())
     }

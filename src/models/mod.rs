@@ -110,7 +110,7 @@ impl ModelError {
 }
 
 /// How the store is set up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
     /// The catalogue file (TOML, or JSON by extension); `None`: nothing is fetched.
     pub catalogue: Option<PathBuf>,
@@ -134,13 +134,32 @@ pub struct ModelStore {
 
 #[derive(Debug)]
 struct Inner {
-    settings: StoreSettings,
-    catalogue: Catalogue,
+    /// The settings and catalogue in force; a reload replaces them whole (a job keeps the ones
+    /// it started with), the downloads, uses and eviction order stay.
+    setup: std::sync::RwLock<Arc<Setup>>,
     sources: fetch::Sources,
     state: Mutex<State>,
     downloads: AtomicU64,
     downloaded_bytes: AtomicU64,
     evictions: AtomicU64,
+}
+
+/// What a store is set up with: its settings and the catalogue read with them.
+#[derive(Debug)]
+pub struct Setup {
+    settings: StoreSettings,
+    catalogue: Catalogue,
+}
+
+impl Setup {
+    /// Reads and checks the catalogue `settings` name, its tokens from `credentials`.
+    pub fn read(settings: StoreSettings, credentials: &Credentials) -> Result<Setup, ModelError> {
+        let catalogue = match &settings.catalogue {
+            Some(path) => catalogue::load(path, credentials)?,
+            None => Catalogue::new(),
+        };
+        Ok(Setup { settings, catalogue })
+    }
 }
 
 type Flight = Shared<BoxFuture<'static, Result<(), ModelError>>>;
@@ -190,10 +209,7 @@ impl ModelStore {
         cloud: Arc<CloudStores>,
         credentials: &Credentials,
     ) -> Result<ModelStore, ModelError> {
-        let catalogue = match &settings.catalogue {
-            Some(path) => catalogue::load(path, credentials)?,
-            None => Catalogue::new(),
-        };
+        let setup = Setup::read(settings, credentials)?;
         let client = crate::http_client::builder()
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(120))
@@ -205,8 +221,7 @@ impl ModelStore {
         let sources = fetch::Sources { http: client, cloud };
         Ok(ModelStore {
             inner: Arc::new(Inner {
-                settings,
-                catalogue,
+                setup: std::sync::RwLock::new(Arc::new(setup)),
                 sources,
                 state: Mutex::new(State::default()),
                 downloads: AtomicU64::new(0),
@@ -224,8 +239,40 @@ impl ModelStore {
     }
 
     /// The workflow inputs that name model files.
-    pub fn loader_inputs(&self) -> &[String] {
-        &self.inner.settings.loader_inputs
+    pub fn loader_inputs(&self) -> Vec<String> {
+        self.setup().settings.loader_inputs.clone()
+    }
+
+    /// Puts `setup` (a reload's settings and catalogue, its tokens read again) in force: the
+    /// next job's models are looked for, fetched and evicted by it; the jobs running keep theirs,
+    /// and the downloads under way, the models in use and the eviction order stay. Returns
+    /// whether anything changed.
+    pub fn reconfigure(&self, setup: Setup) -> bool {
+        let mut current = self
+            .inner
+            .setup
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = current.settings != setup.settings || current.catalogue != setup.catalogue;
+        if changed {
+            *current = Arc::new(setup);
+        }
+        changed
+    }
+
+    /// The bearer token the catalogue in force gives `model`; `None` when it does not list it.
+    #[cfg(test)]
+    pub(crate) fn catalogue_token(&self, model: &str) -> Option<Option<String>> {
+        self.setup().catalogue.get(model).map(|e| e.token.clone())
+    }
+
+    /// The settings and catalogue in force now.
+    fn setup(&self) -> Arc<Setup> {
+        self.inner
+            .setup
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Downloads started so far.
@@ -258,14 +305,15 @@ impl ModelStore {
         names: &[String],
         progress: &(dyn Fn(&str, u64, u64) + Send + Sync),
     ) -> Result<ModelsInUse, ModelError> {
-        let link_dir = &self.inner.settings.link_dir;
+        let setup = self.setup();
+        let link_dir = &setup.settings.link_dir;
         let mut on_disk: Option<BTreeSet<String>> = None;
         let mut guard = ModelsInUse {
             store: self.clone(),
             keys: Vec::new(),
         };
         for name in names {
-            let Some(entry) = self.inner.catalogue.get(name) else {
+            let Some(entry) = setup.catalogue.get(name) else {
                 // Not ours to fetch: fine when ComfyUI has it (installed, baked in, a node's).
                 let found = on_disk.get_or_insert_with(|| scan_models(link_dir).into_iter().collect());
                 if found.contains(name) {
@@ -338,10 +386,11 @@ impl ModelStore {
     }
 
     async fn download(&self, entry: &Entry, tx: &watch::Sender<u64>) -> Result<(), ModelError> {
-        let s = &self.inner.settings;
+        let setup = self.setup();
+        let s = &setup.settings;
         let dest = s.shared_dir.join(&entry.kind).join(&entry.name);
         if !dest.is_file() {
-            self.make_room(entry)?;
+            self.make_room(s, entry)?;
             self.inner.downloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(model = %entry.name, kind = %entry.kind, size = entry.size, "fetching a model on demand");
             fetch::fetch(&self.inner.sources, entry, &dest, tx).await?;
@@ -356,11 +405,11 @@ impl ModelStore {
 
     /// Evicts least recently used models from the shared directory until `entry` fits the
     /// budget; never a model in use or pinned.
-    fn make_room(&self, entry: &Entry) -> Result<(), ModelError> {
-        let Some(budget) = self.inner.settings.budget else {
+    fn make_room(&self, settings: &StoreSettings, entry: &Entry) -> Result<(), ModelError> {
+        let Some(budget) = settings.budget else {
             return Ok(());
         };
-        let shared = &self.inner.settings.shared_dir;
+        let shared = &settings.shared_dir;
         let mut files = Vec::new();
         walk(shared, shared, 0, &mut files);
         let mut used: u64 = files.iter().map(|(_, size)| size).sum();
@@ -370,7 +419,7 @@ impl ModelStore {
         let st = self.lock();
         let mut candidates: Vec<(u64, String, u64)> = files
             .into_iter()
-            .filter(|(key, _)| !st.in_use.contains_key(key) && !self.inner.settings.pinned.contains(key))
+            .filter(|(key, _)| !st.in_use.contains_key(key) && !settings.pinned.contains(key))
             .map(|(key, size)| (st.last_used.get(&key).copied().unwrap_or(0), key, size))
             .collect();
         drop(st);
@@ -384,7 +433,7 @@ impl ModelStore {
                 tracing::warn!(model = %key, error = %e, "failed to evict a model");
                 continue;
             }
-            let link = self.inner.settings.link_dir.join(&key);
+            let link = settings.link_dir.join(&key);
             if link != file && std::fs::read_link(&link).is_ok_and(|t| t == file) {
                 let _ = std::fs::remove_file(&link);
             }

@@ -17,7 +17,7 @@ use crate::connectors::replicate::ReplicateConnector;
 use crate::connectors::runpod::RunpodConnector;
 use crate::connectors::simulation::SimulationConnector;
 use crate::gpu::Probe;
-use crate::models::{ModelStore, StoreSettings};
+use crate::models::{self, ModelStore, StoreSettings};
 use crate::plan::{ConnectorPlan, Plan, WorkerPlan};
 
 use super::{Kit, UploadLimits, Worker, WorkerError, WorkerSettings, capabilities, quarantine, upkeep};
@@ -157,26 +157,39 @@ pub(super) fn model_store(
     if !plan.workers.iter().any(|w| w.runs(ConnectorKind::Comfyui)) {
         return Ok(None);
     }
+    ModelStore::new(store_settings(config), cloud.clone(), &config.plan.credentials)
+        .map(Some)
+        .map_err(models_error)
+}
+
+/// The models store's settings and catalogue as `config` has them (a reload's, its tokens read
+/// again), for [`ModelStore::reconfigure`].
+pub(super) fn model_setup(config: &Config) -> Result<models::Setup, WorkerError> {
+    models::Setup::read(store_settings(config), &config.plan.credentials).map_err(models_error)
+}
+
+fn store_settings(config: &Config) -> StoreSettings {
     let cc = &config.plan.install.comfyui;
     // The manifest's models are installed at start and always present: never evicted.
     let pinned = match &cc.models_manifest {
         Some(path) => crate::installers::manifest_ids(path).unwrap_or_default(),
         None => Default::default(),
     };
-    let settings = StoreSettings {
+    StoreSettings {
         catalogue: config.plan.models.catalogue.clone(),
         shared_dir: cc.models_dir.clone(),
         link_dir: config.machine.workspace.join("ComfyUI").join("models"),
         budget: config.plan.models.cache_max_bytes(),
         pinned,
         loader_inputs: config.plan.models.loader_inputs.clone(),
-    };
-    ModelStore::new(settings, cloud.clone(), &config.plan.credentials)
-        .map(Some)
-        .map_err(|e| WorkerError::Setup {
-            worker: "models".to_owned(),
-            message: e.to_string(),
-        })
+    }
+}
+
+fn models_error(e: models::ModelError) -> WorkerError {
+    WorkerError::Setup {
+        worker: "models".to_owned(),
+        message: e.to_string(),
+    }
 }
 
 /// The connector the plan describes: a GPU-bound connector talks to the service at its

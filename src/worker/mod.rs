@@ -43,7 +43,7 @@ use crate::gpu::Probe;
 use crate::models::ModelStore;
 use crate::plan::{Plan, WorkerPlan};
 
-use build::{limiters, model_store, worker_for};
+use build::{limiters, model_setup, model_store, worker_for};
 pub use runner::{UploadLimits, Worker, WorkerSettings};
 pub use status::{CurrentJob, Fate, JobCounts, JobReport, PendingUpload, QuotaWait, WorkerState, WorkerStatus};
 
@@ -165,13 +165,25 @@ impl WorkerPool {
                 limiter
             });
         }
-        if kit.models.is_none() {
-            kit.models = model_store(config, plan, &kit.cloud)?;
-        }
-        which
+        // A running store takes the reload's settings and catalogue (its tokens read again) once
+        // every worker is built, so that a refused reload changes nothing.
+        let setup = match &kit.models {
+            None => {
+                kit.models = model_store(config, plan, &kit.cloud)?;
+                None
+            }
+            Some(_) => Some(model_setup(config)?),
+        };
+        let built = which
             .iter()
             .map(|wp| Ok((worker_for(wp, plan, config, probe, &kit)?, wp.waits_for.clone())))
-            .collect()
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        if let (Some(models), Some(setup)) = (&kit.models, setup) {
+            if models.reconfigure(setup) {
+                tracing::info!("reload: the models store uses the settings and catalogue read now");
+            }
+        }
+        Ok(built)
     }
 
     /// Gives the cloud stores the credentials a reload read (`<NAME>_FILE` files read again);
@@ -572,5 +584,74 @@ mod tests {
             crate::config::Credentials::from_parts([("AWS_SECRET_ACCESS_KEY".to_owned(), "new-key".to_owned())], []);
         assert!(workers.pool().renew_credentials(&rotated));
         assert_eq!(&*models.cloud().secrets(), ["new-key".to_owned()]);
+    }
+
+    /// A reload's `[models]` and the tokens its catalogue names reach the running models store:
+    /// the store the running ComfyUI workers hold knows the catalogue's new model and uses the
+    /// rotated token from then on (it kept the catalogue read at start before).
+    #[test]
+    fn a_reload_reaches_the_running_models_store() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let sha = "a".repeat(64);
+        let entry = |name: &str| {
+            format!(
+                "[[model]]\nname = \"{name}\"\nkind = \"loras\"\nsha256 = \"{sha}\"\nsize = 3\n\
+                 sources = [\"https://hub.example/{name}\"]\ntoken_env = \"HUB_TOKEN\"\n"
+            )
+        };
+        let first = dir.path().join("first.toml");
+        std::fs::write(&first, entry("a.safetensors")).expect("a catalogue");
+        let second = dir.path().join("second.toml");
+        std::fs::write(&second, entry("a.safetensors") + &entry("b.safetensors")).expect("a catalogue");
+        let config_with = |catalogue: &std::path::Path, token: &str| {
+            Config::for_tests(&[
+                ("WORKER_CONNECTORS", "comfyui"),
+                ("MACHINE_WORKSPACE", "/nonexistent/ws"),
+                ("COMFYUI_MODELS_CATALOGUE", catalogue.to_str().expect("a UTF-8 path")),
+                ("HUB_TOKEN", token),
+            ])
+        };
+        let probe = Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 2,
+                ram_total_bytes: 4 << 30,
+                ram_available_bytes: 2 << 30,
+                disk_free_bytes: None,
+            },
+        );
+        let config = config_with(&first, "old-token");
+        let plan = Plan::build(&config, &probe).expect("a plan");
+        let workers = Workers::build(&config, &probe, &plan).expect("workers");
+        let models = workers.models().expect("a ComfyUI worker has a models store");
+        assert_eq!(
+            models.catalogue_token("a.safetensors"),
+            Some(Some("old-token".to_owned()))
+        );
+        assert_eq!(models.catalogue_token("b.safetensors"), None);
+
+        let reloaded = config_with(&second, "new-token");
+        let plan = Plan::build(&reloaded, &probe).expect("a plan");
+        workers
+            .pool()
+            .build(&reloaded, &probe, &plan, &[])
+            .expect("the reload's workers");
+        assert_eq!(
+            models.catalogue_token("a.safetensors"),
+            Some(Some("new-token".to_owned()))
+        );
+        assert_eq!(
+            models.catalogue_token("b.safetensors"),
+            Some(Some("new-token".to_owned()))
+        );
+
+        // A catalogue that cannot be read refuses the reload and leaves the store as it was.
+        let broken = config_with(&second, "new-token");
+        std::fs::write(&second, "[[model]]\nname = 1\n").expect("a broken catalogue");
+        assert!(workers.pool().build(&broken, &probe, &plan, &[]).is_err());
+        assert_eq!(
+            models.catalogue_token("b.safetensors"),
+            Some(Some("new-token".to_owned()))
+        );
     }
 }

@@ -352,7 +352,7 @@ impl Broker {
                     self.wake(None);
                 }
                 Ok(_) => {}
-                Err(e) if super::super::health::is_outage(&e) => {
+                Err(e) if super::super::outage::is_outage(&e) => {
                     tracing::debug!(error = %error_chain(&e), "failed to sweep the pending queue")
                 }
                 Err(e) => tracing::warn!(error = %error_chain(&e), "failed to sweep the pending queue"),

@@ -138,22 +138,28 @@ impl Broker {
     /// Completes the job with its result (any JSON).
     pub async fn complete(&self, job: &ClaimedJob, result: &Value) -> Result<(), BrokerError> {
         let result = result.to_string();
-        // complete_job names the job's workflow and steps; the API writes them at submission
-        // only, so the claim's copy saves the function reading them from the job hash again.
+        // Redis runs every function on its one thread, while a fleet has a worker process per
+        // GPU: what only the worker knows is encoded here, and the function splices in the
+        // result and its own time (`completeJobText`). complete_job names the job's workflow
+        // and steps; the API writes them at submission only, so the claim's copy serves.
         let field = |name| job.field(name).unwrap_or_default();
-        self.lifecycle(
-            "completeJob",
-            job,
-            &[
-                &result,
-                "completed",
-                field("workflow_id"),
-                field("current_step"),
-                field("total_steps"),
-            ],
-        )
-        .await
-        .map(drop)
+        let mut head = String::with_capacity(96 + job.id.len() + job.worker_id.len());
+        head.push_str("{\"job_id\":");
+        cjson_str(&mut head, &job.id);
+        head.push_str(",\"worker_id\":");
+        cjson_str(&mut head, &job.worker_id);
+        head.push_str(",\"progress\":100,\"status\":\"completed\",\"message\":\"completed\",\"result\":");
+        let mut tail = String::with_capacity(64);
+        tail.push_str(",\"workflow_id\":");
+        cjson_str(&mut tail, field("workflow_id"));
+        tail.push_str(",\"current_step\":");
+        cjson_str(&mut tail, field("current_step"));
+        tail.push_str(",\"total_steps\":");
+        cjson_str(&mut tail, field("total_steps"));
+        tail.push('}');
+        self.lifecycle("completeJobText", job, &[&result, &head, &tail])
+            .await
+            .map(drop)
     }
 
     /// Fails the job; a retryable failure re-queues it (original score, `retry_count` + 1,
@@ -264,7 +270,7 @@ impl Broker {
                     );
                 }
                 Ok(_) => {}
-                Err(e) if super::super::health::is_outage(&e) => {
+                Err(e) if super::super::outage::is_outage(&e) => {
                     tracing::debug!(error = %crate::logging::error_chain(&e), "failed to reap expired leases")
                 }
                 Err(e) => tracing::warn!(error = %crate::logging::error_chain(&e), "failed to reap expired leases"),
@@ -292,5 +298,46 @@ impl Broker {
     pub async fn defer(&self, job: &ClaimedJob, reason: &str, until_ms: i64) -> Result<(), BrokerError> {
         let until = until_ms.to_string();
         self.lifecycle("deferJob", job, &[reason, &until]).await.map(drop)
+    }
+}
+
+/// Appends `s` as a JSON string exactly as the library's `cjson.encode` writes it (what the
+/// messages' readers got before the worker encoded them): `"`, `\\`, `/` and control
+/// characters escaped (`\b \t \n \f \r`, else `\u00XX`, DEL included), the rest as it is.
+fn cjson_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' => out.push_str("\\/"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cjson_str;
+
+    #[test]
+    fn strings_are_encoded_byte_for_byte_as_the_librarys_cjson_encodes_them() {
+        // What Redis 7.0's cjson.encode returned for the characters 0-127 and "é".
+        let expected = r##""\u0000\u0001\u0002\u0003\u0004\u0005\u0006\u0007\b\t\n\u000b\f\r\u000e\u000f\u0010\u0011\u0012\u0013\u0014\u0015\u0016\u0017\u0018\u0019\u001a\u001b\u001c\u001d\u001e\u001f !\"#$%&'()*+,-.\/0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~\u007fé""##;
+        let mut input: String = (0u8..128).map(char::from).collect();
+        input.push('é');
+        let mut out = String::new();
+        cjson_str(&mut out, &input);
+        assert_eq!(out, expected);
     }
 }

@@ -28,8 +28,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::capabilities::Capabilities;
-use super::health::{FaultKind, RedisHealth};
 use super::library::{self, InstallReport, Library, Mode};
+use super::outage::{FaultKind, RedisHealth};
 use super::retry::retry;
 use super::{BrokerError, redis_err};
 use crate::backoff::Backoff;

@@ -64,7 +64,7 @@ impl Broker {
         for caps in all {
             match self.write_registration(&caps).await {
                 Ok(()) => tracing::info!(worker_id = %caps.worker_id, "registered the worker again in an empty redis"),
-                Err(e) if super::super::health::is_outage(&e) => {
+                Err(e) if super::super::outage::is_outage(&e) => {
                     tracing::debug!(worker_id = %caps.worker_id, error = %crate::logging::error_chain(&e), "failed to register the worker again")
                 }
                 Err(e) => {

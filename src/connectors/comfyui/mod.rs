@@ -130,7 +130,7 @@ impl ComfyuiConnector {
         let Some(store) = &self.models else {
             return Ok(None);
         };
-        let names = crate::models::references(workflow, store.loader_inputs());
+        let names = crate::models::references(workflow, &store.loader_inputs());
         if names.is_empty() {
             return Ok(None);
         }

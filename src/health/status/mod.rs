@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::Phase;
 use super::fleet::FleetMessage;
-use crate::gpu::health::Throttle;
+use crate::gpu::monitor::Throttle;
 use crate::gpu::{Condition, GpuHealth, GpuInfo, GpuLive, HostInfo};
 use crate::installers::InstallState;
 

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AbortOnDrop, Worker};
 use futures_util::future::BoxFuture;
 
-use crate::broker::health::is_outage;
+use crate::broker::outage::is_outage;
 use crate::broker::retry::RedisRetry;
 use crate::broker::{Broker, BrokerError, ClaimedJob, Disposition, Failure, Fault, LeaseStatus};
 use crate::connectors::store::{self, OutputStore, OutputTarget, StoreFault};

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::health::is_outage;
+use crate::broker::outage::is_outage;
 use crate::broker::retry::{RedisRetry, log_retry, retry};
 use crate::broker::{Broker, BrokerError, Capabilities, ClaimedJob};
 use crate::connectors::store::OutputStore;
