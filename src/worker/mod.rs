@@ -556,6 +556,19 @@ mod tests {
     use super::*;
     use crate::gpu::HostInfo;
 
+    /// A small host without GPUs, for workers that need none.
+    fn gpuless_host() -> Probe {
+        Probe::from_parts(
+            Vec::new(),
+            HostInfo {
+                cpu_cores: 2,
+                ram_total_bytes: 4 << 30,
+                ram_available_bytes: 2 << 30,
+                disk_free_bytes: None,
+            },
+        )
+    }
+
     /// The output store and the models store reach the cloud through one `CloudStores`: the
     /// storage key a reload renews (a rotated `<NAME>_FILE` read again) is the one the models'
     /// `s3://`, `az://` and `gs://` sources are fetched with from then on.
@@ -567,15 +580,7 @@ mod tests {
             ("AWS_SECRET_ACCESS_KEY", "old-key"),
         ];
         let config = Config::for_tests(&env);
-        let probe = Probe::from_parts(
-            Vec::new(),
-            HostInfo {
-                cpu_cores: 2,
-                ram_total_bytes: 4 << 30,
-                ram_available_bytes: 2 << 30,
-                disk_free_bytes: None,
-            },
-        );
+        let probe = gpuless_host();
         let plan = Plan::build(&config, &probe).expect("a plan");
         let workers = Workers::build(&config, &probe, &plan).expect("workers");
         let models = workers.models().expect("a ComfyUI worker has a models store");
@@ -611,15 +616,7 @@ mod tests {
                 ("HUB_TOKEN", token),
             ])
         };
-        let probe = Probe::from_parts(
-            Vec::new(),
-            HostInfo {
-                cpu_cores: 2,
-                ram_total_bytes: 4 << 30,
-                ram_available_bytes: 2 << 30,
-                disk_free_bytes: None,
-            },
-        );
+        let probe = gpuless_host();
         let config = config_with(&first, "old-token");
         let plan = Plan::build(&config, &probe).expect("a plan");
         let workers = Workers::build(&config, &probe, &plan).expect("workers");

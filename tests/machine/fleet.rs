@@ -223,19 +223,7 @@ async fn when_the_woken_machine_is_gone_another_idle_worker_takes_the_job_within
         until("the machine indexes", async || indexers(&mut conn).await == 1).await;
         // A worker of a machine that was SIGKILLed right after it parked: its entry is the
         // freshest (it parked for long), and nobody hears its machine's wake channel.
-        let ghost = Capabilities::new("gone-gpu0", "gone", &["simulation"]);
-        let none: Option<String> = redis::cmd("FCALL")
-            .arg("claimOrPark")
-            .arg(0)
-            .arg(ghost.to_json())
-            .arg(100)
-            .arg(60_000)
-            .arg("")
-            .arg(600_000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(none.is_none());
+        park_a_dead_machines_worker(&mut conn, 600_000).await;
         let mut wakes = redis::Client::open(server.url())
             .unwrap()
             .get_async_pubsub()
@@ -644,19 +632,7 @@ async fn a_dead_workers_park_is_removed_once_it_ran_out() {
         let mut conn = raw(&server).await;
         until("the live worker is parked", async || parked(&mut conn).await == 1).await;
         // The dead machine's worker parked for 300 ms and never polled or left again.
-        let ghost = Capabilities::new("gone-gpu0", "gone", &["simulation"]);
-        let none: Option<String> = redis::cmd("FCALL")
-            .arg("claimOrPark")
-            .arg(0)
-            .arg(ghost.to_json())
-            .arg(100)
-            .arg(60_000)
-            .arg("")
-            .arg(300)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(none.is_none());
+        park_a_dead_machines_worker(&mut conn, 300).await;
         assert_eq!(parked(&mut conn).await, 2);
         // The sweeper steps every 2 s; a few steps are enough.
         until_within(
@@ -692,4 +668,22 @@ async fn a_dead_workers_park_is_removed_once_it_ran_out() {
         m.events.await.unwrap();
     })
     .await;
+}
+
+/// Parks the worker `gone-gpu0` of a machine that is never heard again (SIGKILLed right after
+/// it parked) for `park_ms`, as its `claimOrPark` would, on an empty queue.
+async fn park_a_dead_machines_worker(conn: &mut redis::aio::MultiplexedConnection, park_ms: u64) {
+    let ghost = Capabilities::new("gone-gpu0", "gone", &["simulation"]);
+    let none: Option<String> = redis::cmd("FCALL")
+        .arg("claimOrPark")
+        .arg(0)
+        .arg(ghost.to_json())
+        .arg(100)
+        .arg(60_000)
+        .arg("")
+        .arg(park_ms)
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert!(none.is_none(), "nothing to claim: the worker parks");
 }
