@@ -248,3 +248,82 @@ async fn completion_records_older_than_seven_days_are_trimmed() {
     .await
     .expect("within the limit");
 }
+
+/// The text between `"<name>":` and the next `,` or `}` replaced by `T` (times differ per call).
+fn without_time(s: &str, name: &str) -> String {
+    let key = format!("\"{name}\":");
+    let Some(at) = s.find(&key) else { return s.to_owned() };
+    let start = at + key.len();
+    let end = start + s[start..].find([',', '}']).expect("a value ends");
+    format!("{}T{}", &s[..start], &s[end..])
+}
+
+/// The worker encodes complete_job's parts itself (`completeJobText`); older machines still call
+/// `completeJob`, which encodes them in the library. Both must write the same bytes, names that
+/// need escaping included (`/`, quotes, DEL, non-ASCII, a newline).
+#[tokio::test]
+async fn a_completion_encoded_by_the_worker_writes_the_bytes_the_library_wrote() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("complete_job").await.unwrap();
+        let worker = "m1/gpu \"0\" é\u{7f}";
+        let result = json!({"url": "https://cdn/x/a.png", "n": 1.5, "s": "tab\there"});
+        let mut sent = Vec::new();
+        for new_form in [true, false] {
+            let mut job = NewJob::new("simulation", json!({}));
+            job.workflow_id = "wf/1\n\"x\"".to_owned();
+            let id = b.submit(&job).await.unwrap();
+            let _: () = conn
+                .hset_multiple(format!("job:{id}"), &[("current_step", "2/3"), ("total_steps", "3")])
+                .await
+                .unwrap();
+            let claimed = b.claim(&caps(worker)).await.unwrap().expect("claimed");
+            assert_eq!(claimed.id, id);
+            if new_form {
+                b.complete(&claimed, &result).await.unwrap();
+            } else {
+                let word: String = redis::cmd("FCALL")
+                    .arg("completeJob")
+                    .arg(0)
+                    .arg("")
+                    .arg(&id)
+                    .arg(worker)
+                    .arg(result.to_string())
+                    .arg("completed")
+                    .arg(&job.workflow_id)
+                    .arg("2/3")
+                    .arg("3")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!(word, "ok");
+            }
+            let msg: String = futures_util::StreamExt::next(&mut pubsub.on_message())
+                .await
+                .unwrap()
+                .get_payload()
+                .unwrap();
+            let record: String = conn.hget("jobs:completed", &id).await.unwrap();
+            sent.push((
+                without_time(&msg.replace(&id, "ID"), "timestamp"),
+                without_time(&record, "completed_at"),
+            ));
+        }
+        assert_eq!(sent[0], sent[1]);
+        // And what the readers decode is what was sent.
+        let msg: Value = serde_json::from_str(&sent[0].0.replace(":T", ":0")).unwrap();
+        assert_eq!(msg["worker_id"], worker);
+        assert_eq!(msg["workflow_id"], "wf/1\n\"x\"");
+        assert_eq!(msg["current_step"], "2/3");
+        assert_eq!(msg["result"], result);
+    })
+    .await
+    .expect("within the limit");
+}
