@@ -1453,7 +1453,11 @@ local function fence(p, id, worker, now, wanted, jkey)
   jkey = jkey or p .. 'job:' .. id
   local f
   if n == 0 then
-    f = redis.call('HMGET', jkey, unpack(FENCE_FIELDS))
+    -- The common case read with literal names and answered at once: our claim record in the
+    -- job hash, the job this worker's and live (what every completion, start, progress write
+    -- and renewal finds).
+    f = redis.call('HMGET', jkey, 'status', 'worker_id', 'claim_ms')
+    if f[3] and f[2] == worker and LIVE[f[1]] then return 'ok', IN_HASH, f end
   else
     local fields = { unpack(wanted) }
     for i, name in ipairs(FENCE_FIELDS) do fields[n + i] = name end
@@ -1674,12 +1678,6 @@ end
 local function complete_text(p, id, worker, result, head, tail)
   local now, now_text = now_ms()
   local jkey = p .. 'job:' .. id
-  -- The fence's common case read directly (one HMGET of literal names, no tables): our claim
-  -- record and a live status. Anything else takes the whole fence.
-  local f = redis.call('HMGET', jkey, 'status', 'worker_id', 'claim_ms')
-  if f[3] and f[2] == worker and LIVE[f[1]] then
-    return completed(p, id, worker, jkey, now, now_text, IN_HASH, f[3], result, 'completed', head, tail)
-  end
   local r, claim_rec, st = complete_fence(p, id, worker, now, nil, jkey)
   if r ~= 'ok' then return r end
   return completed(p, id, worker, jkey, now, now_text, claim_rec, st[3], result, 'completed', head, tail)
