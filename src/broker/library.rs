@@ -220,6 +220,13 @@ pub async fn install(conn: &mut ConnectionManager, lib: &Library) -> Result<Inst
         });
     }
     let previous = loaded_version(conn).await?;
+    let installed = |server_version, previous, loaded| InstallReport {
+        server_version,
+        mode: Mode::Functions,
+        previous,
+        loaded,
+        version: lib.version().to_owned(),
+    };
     let mut loaded = false;
     // Another machine may load a different version between our load and our check; a few
     // attempts settle the common case of machines of one version starting together.
@@ -230,13 +237,7 @@ pub async fn install(conn: &mut ConnectionManager, lib: &Library) -> Result<Inst
             loaded_version(conn).await?
         };
         if current.as_deref() == Some(lib.version()) {
-            return Ok(InstallReport {
-                server_version: raw,
-                mode: Mode::Functions,
-                previous,
-                loaded,
-                version: lib.version().to_owned(),
-            });
+            return Ok(installed(raw, previous, loaded));
         }
         let _: String = cmd("FUNCTION")
             .arg("LOAD")
@@ -255,13 +256,7 @@ pub async fn install(conn: &mut ConnectionManager, lib: &Library) -> Result<Inst
     }
     let found = loaded_version(conn).await?;
     if found.as_deref() == Some(lib.version()) {
-        return Ok(InstallReport {
-            server_version: raw,
-            mode: Mode::Functions,
-            previous,
-            loaded,
-            version: lib.version().to_owned(),
-        });
+        return Ok(installed(raw, previous, loaded));
     }
     Err(BrokerError::VersionMismatch {
         expected: lib.version().to_owned(),
