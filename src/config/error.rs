@@ -119,3 +119,14 @@ impl Problems {
         self.list
     }
 }
+
+/// The name of `known` that `name` most likely misspells: the closest by edit distance
+/// (Damerau-Levenshtein), when it is within two edits or a third of its length.
+pub(crate) fn closest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(distance, k)| *distance <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::credentials::{CATALOGUE_TOKEN, Credentials};
 use super::env::Env;
-use super::error::{ConfigError, Problem, Problems};
+use super::error::{ConfigError, Problem, Problems, closest};
 use super::locate::{WithConnectorsFile, locate_str};
 use super::model::Config;
 use super::overlay::{self, EnvOnly};
@@ -192,14 +192,8 @@ fn unknown_key(path: &[String], defaults: &toml::Table) -> String {
     for k in parents {
         section = section.and_then(|t| t.get(k)).and_then(toml::Value::as_table);
     }
-    let closest = section
-        .into_iter()
-        .flat_map(|t| t.keys())
-        .map(|k| (strsim::damerau_levenshtein(name, k), k))
-        .filter(|(distance, k)| *distance <= 2.max(k.len() / 3))
-        .min();
-    match closest {
-        Some((_, k)) => format!("unknown key `{name}`; did you mean `{k}`?"),
+    match closest(name, section.into_iter().flat_map(|t| t.keys().map(String::as_str))) {
+        Some(k) => format!("unknown key `{name}`; did you mean `{k}`?"),
         None => format!("unknown key `{name}`"),
     }
 }

@@ -7,7 +7,7 @@
 use super::Problem;
 use super::credentials::Credentials;
 use super::env::Env;
-use super::error::Origins;
+use super::error::{Origins, closest};
 use super::model::{DeviceSelector, Secret, VisibleDevices};
 
 /// How a variable's text becomes a TOML value. Text that does not read as the kind is written
@@ -252,7 +252,7 @@ fn known() -> Vec<&'static str> {
 const PREFIXES: &[&str] = &["MACHINE_", "WORKER_", "COMFYUI_", "HUB_"];
 
 /// A warning for each variable of the machine's prefixes that it does not read, naming the
-/// closest one it does.
+/// closest one it does when one is close enough to be what was meant.
 pub(crate) fn unknown_variables(env: &dyn Env) -> Vec<(String, String)> {
     let known = known();
     let mut names = env.names();
@@ -261,11 +261,10 @@ pub(crate) fn unknown_variables(env: &dyn Env) -> Vec<(String, String)> {
         .into_iter()
         .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)) && !known.contains(&n.as_str()))
         .map(|n| {
-            let closest = known
-                .iter()
-                .min_by_key(|k| strsim::damerau_levenshtein(&n, k))
-                .expect("the overlay's table is not empty");
-            let message = format!("is not a variable the machine reads; did you mean `{closest}`?");
+            let message = match closest(&n, known.iter().copied()) {
+                Some(k) => format!("is not a variable the machine reads; did you mean `{k}`?"),
+                None => "is not a variable the machine reads".to_owned(),
+            };
             (n, message)
         })
         .collect()
