@@ -107,6 +107,25 @@ local function names(p)
   return n
 end
 
+-- A worker's jobs:active hash and worker hash under a prefix, concatenated once per worker
+-- (every claim and completion names both; a concatenation costs more than the lookups):
+-- worker_keys(p, worker) -> active key, worker key. Bounded like the other memos.
+local wkeys_memo, wkeys_n = {}, 0
+local function worker_keys(p, worker)
+  local by_worker = wkeys_memo[p]
+  local k = by_worker and by_worker[worker]
+  if k then return k[1], k[2] end
+  if wkeys_n >= 4096 then wkeys_memo, wkeys_n, by_worker = {}, 0, nil end
+  if not by_worker then
+    by_worker = {}
+    wkeys_memo[p] = by_worker
+  end
+  k = { p .. 'jobs:active:' .. worker, p .. 'worker:' .. worker }
+  by_worker[worker] = k
+  wkeys_n = wkeys_n + 1
+  return k[1], k[2]
+end
+
 local function hgetall(key)
   local flat = redis.call('HGETALL', key)
   local t = {}
@@ -1083,6 +1102,10 @@ local function cold_group(p, gid, w, id, now)
   return w.cold[gid]
 end
 
+-- One claim's matching groups: ids, services, how (true or 'cold'). Reused by every claim (one
+-- runs at a time and none inside another); entries past the claim's count are stale.
+local cand_gid, cand_svc, cand_how = {}, {}, {}
+
 -- Claims the best job for worker `w`. `lease_ms` nil is an original worker's two-argument call
 -- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
 -- claim record, so nothing of ours reaps, requeues or fails the job it runs.
@@ -1097,31 +1120,50 @@ local function claim(p, w, worker, max_examine, lease_ms)
   local N = names_memo[p] or names(p)
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', N['jobs:holdoff']) > 0
-    -- The best so far: its member, its score as Redis wrote it and as a number (converted only
-    -- once a second group competes: most claims see one matching group).
-    local best_member, best_score, best_gid, best_text
+    -- The groups this worker can run, warm (true) or only with a fetch ('cold').
+    local n = 0
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         local how = group_matches(p, gid, w) or cold_group(p, gid, w)
         if how then
-          local member, text, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
-          if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
-            member = nil
+          n = n + 1
+          cand_gid[n], cand_svc[n], cand_how[n] = gid, service, how
+        end
+      end
+    end
+    -- The best so far: its member, its score as Redis wrote it and as a number (converted only
+    -- once a second group competes), and whether it already left its group.
+    local best_member, best_score, best_gid, best_text, popped
+    if n == 1 and cand_how[1] == true and not holdoffs then
+      -- One warm group and no hold-offs (most claims): its best job is the one, taken out of
+      -- the group in the same command that reads it (one command fewer). Every way below that
+      -- does not claim it (debris, gone from jobs:pending, re-submitted) removes it anyway.
+      local top = redis.call('ZPOPMAX', p .. 'jobs:idx:g:' .. cand_gid[1])
+      if #top == 0 then
+        drop_group(p, cand_gid[1], cand_svc[1])
+      else
+        best_member, best_text, best_gid, popped = top[1], top[2], cand_gid[1], true
+      end
+    else
+      for i = 1, n do
+        local gid, how = cand_gid[i], cand_how[i]
+        local member, text, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
+        if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
+          member = nil
+        end
+        if empty then
+          -- Claims leave empty groups behind; the first claimer to meet one removes it.
+          drop_group(p, gid, cand_svc[i])
+        end
+        if member then
+          local score
+          if best_member then
+            best_score = best_score or tonumber(best_text)
+            score = tonumber(text)
           end
-          if empty then
-            -- Claims leave empty groups behind; the first claimer to meet one removes it.
-            drop_group(p, gid, service)
-          end
-          if member then
-            local score
-            if best_member then
-              best_score = best_score or tonumber(best_text)
-              score = tonumber(text)
-            end
-            if not best_member or score > best_score or (score == best_score and member > best_member) then
-              best_member, best_score, best_gid, best_text = member, score, gid, text
-            end
+          if not best_member or score > best_score or (score == best_score and member > best_member) then
+            best_member, best_score, best_gid, best_text = member, score, gid, text
           end
         end
       end
@@ -1137,7 +1179,7 @@ local function claim(p, w, worker, max_examine, lease_ms)
       -- Re-submitted under the same id with other matching fields: match it on what it says now.
       index_job(p, best_id, now)
     elseif queued and redis.call('ZREM', N['jobs:pending'], best_id) == 1 then
-      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_member)
+      if not popped then redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_member) end
       redis.call('HDEL', N['jobs:idx:job'], best_id)
       if holdoffs then redis.call('HDEL', N['jobs:holdoff'], best_id) end
       local at = iso(now)
@@ -1159,8 +1201,9 @@ local function claim(p, w, worker, max_examine, lease_ms)
       end
       job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
       local snapshot = cjson.encode(job)
-      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
-      redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
+      local akey, wkey = worker_keys(p, worker)
+      redis.call('HSET', akey, best_id, snapshot)
+      redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
       -- The original's two messages, field for field (update_job_progress has no status: the
       -- API would turn one into an extra client event on every claim; the step fields are left
@@ -1433,7 +1476,7 @@ local function drop_claim(p, id, claim_rec)
 end
 
 local function worker_idle(p, worker, id, now, now_text, at)
-  local wkey = p .. 'worker:' .. worker
+  local _, wkey = worker_keys(p, worker)
   local w = redis.call('HMGET', wkey, 'status', 'current_job_id')
   if w[2] ~= id then return end
   redis.call('HSET', wkey, 'status', 'idle', 'current_job_id', '', 'last_status_change', at or iso(now))
@@ -1621,7 +1664,7 @@ local function completed(p, id, worker, jkey, now, now_text, claim_rec, started,
   if claim_rec == IN_HASH then started = tonumber(started) else started = claim_rec.t end
   local at = iso(now)
   redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', jint(now - (started or now)))
-  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  redis.call('HDEL', (worker_keys(p, worker)), id)
   drop_claim(p, id, claim_rec)
   local N = names_memo[p] or names(p)
   redis.call('HSET', N['jobs:completed'], id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')

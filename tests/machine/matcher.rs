@@ -563,6 +563,60 @@ async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
     .await;
 }
 
+/// The claim takes the best job of a worker's only group out of the group as it reads it (issue
+/// 27): a top that turns out not to be claimable (its hash says it ended, it left
+/// `jobs:pending`, or it was re-submitted for another service) is dropped or moved, the next
+/// job is claimed in the same call, and the index is left consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_job_that_is_not_claimable_gives_way_to_the_next_in_the_same_claim() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        for (id, score) in [
+            ("ended", 9.0),
+            ("gone", 8.0),
+            ("moved", 7.0),
+            ("next", 6.0),
+            ("last", 5.0),
+        ] {
+            api_add(&mut conn, id, score, &[("service_required", "simulation")]).await;
+            b.index_job(id).await.unwrap();
+        }
+        // Behind the index's back: one ended, one left jobs:pending, one is now another
+        // service's job.
+        let _: () = redis::pipe()
+            .hset("job:ended", "status", "completed")
+            .zrem("jobs:pending", "gone")
+            .hset("job:moved", "service_required", "a1111")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let c = caps("w", &["simulation"]);
+        assert_eq!(b.claim(&c).await.unwrap().unwrap().id, "next");
+        assert_eq!(b.claim(&c).await.unwrap().unwrap().id, "last");
+        assert!(b.claim(&c).await.unwrap().is_none());
+        assert_eq!(
+            b.claim(&caps("a", &["a1111"])).await.unwrap().unwrap().id,
+            "moved",
+            "the re-submitted job went to its new service's group"
+        );
+        let pending: Vec<String> = redis::cmd("ZRANGE")
+            .arg("jobs:pending")
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let indexed: BTreeMap<String, String> = hgetall(&mut conn, "jobs:idx:job").await;
+        // The ended job may stay in jobs:pending until a claim's repair drops it, never claimed.
+        assert!(pending.iter().all(|id| id == "ended"), "{pending:?}");
+        assert!(indexed.is_empty(), "{indexed:?}");
+        assert_eq!(hgetall(&mut conn, "job:ended").await["status"], "completed");
+    })
+    .await;
+}
+
 /// The library memoises decoded capabilities and group verdicts across calls (docs/redis-protocol.md):
 /// a verdict must stay right when its group empties and is built again, and claims must stay
 /// right after the memo fills up and is dropped.
