@@ -211,6 +211,9 @@ impl Bench {
                 let bench = Bench { conn, broker };
                 let caps = worker_caps(&format!("bench-w{w}"));
                 let json = caps.to_json();
+                // Built once, as the baseline's result is one literal: the bench measures the
+                // broker's work per job, not building a result.
+                let result = json!({"ok": true});
                 let mut lat = Vec::new();
                 loop {
                     let t = Instant::now();
@@ -219,11 +222,7 @@ impl Bench {
                             let Some(job) = bench.broker.claim(&caps).await.expect("claim") else {
                                 break;
                             };
-                            bench
-                                .broker
-                                .complete(&job, &json!({"ok": true}))
-                                .await
-                                .expect("complete");
+                            bench.broker.complete(&job, &result).await.expect("complete");
                         }
                         Impl::Baseline => {
                             let Some((id, worker)) = bench.claim(which, &caps, &json).await else {
@@ -442,6 +441,13 @@ fn main() {
         // `cargo bench --bench matcher -- throughput` runs the claim+complete scenario alone
         // (quicker to compare two versions of a change; it prints no goals).
         let throughput_only = std::env::args().any(|a| a == "throughput");
+        // `-- throughput ours` (or `baseline`) runs one side alone, for a profiler attached to
+        // the bench (`perf record`, callgrind) to see one implementation's client.
+        let only = match std::env::args().find(|a| a == "ours" || a == "baseline").as_deref() {
+            Some("ours") => Some(Impl::Ours),
+            Some(_) => Some(Impl::Baseline),
+            None => None,
+        };
         let scenarios = [
             ("head job matches (2,000 runnable)", 0, 2000, true),
             ("100 unrunnable ahead of 1,000 runnable", 100, 1000, true),
@@ -482,6 +488,9 @@ fn main() {
         let mut base: Option<Run> = None;
         for round in 1..=ROUNDS {
             for which in [Impl::Ours, Impl::Baseline] {
+                if only.is_some_and(|o| o != which) {
+                    continue;
+                }
                 bench.reset().await;
                 bench.load("c-", 20_000, "", 50).await;
                 if matches!(which, Impl::Ours) {
@@ -499,7 +508,7 @@ fn main() {
                 }
             }
         }
-        let (ours, base) = (ours.expect("a round ran"), base.expect("a round ran"));
+        let (ours, base) = (ours.unwrap_or_default(), base.unwrap_or_default());
         let concurrent_base = base.claims_per_s;
         print_table(
             "1,000 concurrent workers claim+complete (20,000 jobs, best of 2 alternating rounds each; p50/p99 per claim+complete)",

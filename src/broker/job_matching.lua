@@ -44,27 +44,37 @@ end
 -- In Redis' Lua every library call is dear next to a command (measured with
 -- scripts/profile-broker.py: string.format about 2.3 k instructions, tostring of a number 4.8 k,
 -- string.find with a pattern 3.4 k, a table lookup 0.2 k, a whole HSET 4 k), so the hot paths
--- format times and names by table lookups. D3[n] is n (0-999) as three digits; filled on first
--- use (the string library is not reachable while the library loads).
-local D3 = nil
+-- format times and names by table lookups. D3[n] is n (0-999) as three digits; MS3[s] is the
+-- same for s, n as Redis writes it without its zero padding ('' for 0: TIME's microseconds
+-- without their last three digits); PCT[s] is true for the percentages '0' to '100' as the
+-- broker writes them. Filled on first use (the string library is not reachable while the
+-- library loads).
+local D3, MS3, PCT = nil, nil, nil
 local function fill_d3()
-  D3 = {}
-  for i = 0, 999 do D3[i] = string.format('%03d', i) end
+  D3, MS3, PCT = {}, { [''] = '000' }, {}
+  for i = 0, 999 do
+    D3[i] = string.format('%03d', i)
+    MS3[string.format('%d', i)] = D3[i]
+  end
+  for i = 0, 100 do PCT[string.format('%d', i)] = true end
 end
 
--- The server's time in epoch milliseconds, and the same as text (the form every hash and
--- message gets, built from TIME's own digits rather than formatted).
+-- The server's time in epoch milliseconds, the same as text (the form every hash and message
+-- gets), and TIME's seconds and the milliseconds as three digits (for iso_at): all built from
+-- TIME's own digits by lookups, since a tonumber or math.floor costs about 2 k instructions.
 local function now_ms()
   local t = redis.call('TIME')
-  if not D3 then fill_d3() end
-  local milli = math.floor(tonumber(t[2]) / 1000)
-  return tonumber(t[1]) * 1000 + milli, t[1] .. D3[milli]
+  if not MS3 then fill_d3() end
+  local secs, ms3 = t[1], MS3[string.sub(t[2], 1, -4)]
+  local text = secs .. ms3
+  return tonumber(text), text, secs, ms3
 end
 
 -- ISO-8601 UTC with milliseconds from epoch milliseconds (Lua in Redis has no os.date). The
 -- date part is computed once per second: claims and completions at thousands per second
--- share it, and only the milliseconds are looked up per call.
-local iso_secs, iso_prefix = nil, nil
+-- share it, and only the milliseconds are looked up per call. iso_at does the same from
+-- now_ms's seconds and milliseconds as text (the seconds compared as text, no arithmetic).
+local iso_secs, iso_prefix, iso_secs_text = nil, nil, nil
 local function iso(ms)
   local secs = math.floor(ms / 1000)
   local milli = ms - secs * 1000
@@ -84,8 +94,16 @@ local function iso(ms)
   if m <= 2 then y = y + 1 end
   iso_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d.', y, m, d, math.floor(rem / 3600),
     math.floor((rem % 3600) / 60), rem % 60)
-  iso_secs = secs
+  iso_secs, iso_secs_text = secs, nil
   return iso_prefix .. D3[milli] .. 'Z'
+end
+
+local function iso_at(secs, ms3)
+  if secs ~= iso_secs_text then
+    iso(tonumber(secs) * 1000)
+    iso_secs_text = secs
+  end
+  return iso_prefix .. ms3 .. 'Z'
 end
 
 -- The names of keys and channels under a key prefix, each concatenated once per prefix (a
@@ -631,10 +649,38 @@ local function entry_of(e)
   return string.sub(e, 1, at - 1), string.sub(e, at + 1)
 end
 
+-- Days from 1970-01-01 to a date of the proleptic Gregorian calendar (memoised by date: every
+-- job indexed on one day shares it; bounded, dropped whole when full).
+local days_memo, days_memo_n = {}, 0
+local function days_of(y, mo, d)
+  local key = (y * 100 + mo) * 100 + d
+  local days = days_memo[key]
+  if days then return days end
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + d - 1
+  days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+  if days_memo_n >= MEMO_MAX then days_memo, days_memo_n = {}, 0 end
+  days_memo[key] = days
+  days_memo_n = days_memo_n + 1
+  return days
+end
+
 -- Epoch milliseconds of an ISO-8601 time ('2025-01-01T00:00:00.000Z', an offset, or none) or
--- of a string of digits (already milliseconds); nil otherwise.
+-- of a string of digits (already milliseconds); nil otherwise. The API's own form (what
+-- JavaScript's toISOString writes) is read from its bytes: the captures, tonumbers and
+-- math.floor of the general pattern cost about 23 k instructions per indexed job, this 8 k.
 local function time_ms(s)
   if type(s) ~= 'string' then return nil end
+  if string.find(s, '^%d%d%d%d%-%d%d%-%d%d[T ]%d%d:%d%d:%d%d%.%d%d%d[Zz]$') then
+    local y1, y2, y3, y4, _, mo1, mo2, _, d1, d2, _, h1, h2, _, mi1, mi2, _, s1, s2, _, f1, f2, f3 =
+      string.byte(s, 1, 23)
+    -- Each character's code less 48 ('0'), folded into the constants.
+    local days = days_of(y1 * 1000 + y2 * 100 + y3 * 10 + y4 - 53328, mo1 * 10 + mo2 - 528, d1 * 10 + d2 - 528)
+    return (((days * 24 + h1 * 10 + h2 - 528) * 60 + mi1 * 10 + mi2 - 528) * 60 + s1 * 10 + s2 - 528) * 1000 +
+      f1 * 100 + f2 * 10 + f3 - 5328
+  end
   if string.match(s, '^%d+$') then return tonumber(s) end
   local y, mo, d, h, mi, sec, frac, tz = string.match(s,
     '^(%d%d%d%d)%-(%d%d)%-(%d%d)[T ](%d%d):(%d%d):(%d%d)%.?(%d*)(.*)$')
@@ -646,12 +692,7 @@ local function time_ms(s)
     off = (tonumber(oh) * 60 + tonumber(om)) * 60000
     if sign == '-' then off = -off end
   end
-  y, mo = tonumber(y), tonumber(mo)
-  if mo <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + tonumber(d) - 1
-  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+  local days = days_of(tonumber(y), tonumber(mo), tonumber(d))
   local ms = (((days * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60 + tonumber(sec)) * 1000
   if frac ~= '' then ms = ms + tonumber(string.sub(frac .. '00', 1, 3)) end
   return ms - off
@@ -751,7 +792,8 @@ local orphan_watch = nil
 -- Puts one job of jobs:pending into its group, as its hash says now (a job re-submitted under
 -- the same id moves to its new group). `seq` keeps a returned job's place among equal times;
 -- `delay_until` holds it in jobs:idx:delayed until then. Returns 'indexed', 'delayed', 'orphan'
--- (no hash yet), 'dropped' (debris removed), 'unworkable' or 'not_pending'.
+-- (no hash yet), 'dropped' (debris removed), 'unworkable' or 'not_pending'; 'indexed' comes with
+-- the job's group id and service (announce wakes for them without reading them back).
 local function index_job(p, id, now, seq, delay_until)
   local pscore = redis.call('ZSCORE', p .. 'jobs:pending', id)
   if not pscore then
@@ -784,9 +826,9 @@ local function index_job(p, id, now, seq, delay_until)
     mark_unworkable(p, id, 'job has no service_required', now)
     return 'unworkable'
   end
-  local ok_reqs, why = parse_requirements(f[3] or '')
-  if ok_reqs == false then
-    mark_unworkable(p, id, why, now)
+  local reqs = requirements_of(f[3] or '')
+  if reqs.pos == false then
+    mark_unworkable(p, id, reqs.neg, now)
     return 'unworkable'
   end
   local payload = f[6]
@@ -804,9 +846,11 @@ local function index_job(p, id, now, seq, delay_until)
   end
   -- The API scores with JS `||`: a workflow time or priority of 0 (stored as "0") or none
   -- falls back to the job's own.
-  local ms = nonzero(f[11]) or time_ms(f[10])
-  local prio = nonzero(f[9]) or tonumber(f[8])
-  local score = tonumber(pscore)
+  -- (The workflow fields are mostly missing: false, no call.)
+  local ms = f[11] and nonzero(f[11]) or time_ms(f[10])
+  local prio = f[9] and nonzero(f[9]) or tonumber(f[8])
+  local pnum = tonumber(pscore)
+  local score = pnum
   if prio and ms then score = prio * 1e15 - math.floor(ms / 1000) end
   if prev and prev ~= '' then
     local kept = string.sub(prev, -ORDER_W)
@@ -820,7 +864,7 @@ local function index_job(p, id, now, seq, delay_until)
         and kept == order_prefix(ms or 0, seq) then
         -- The place is right; jobs:pending's score (what sweeps compare) may still be new.
         if prev_score ~= pscore then redis.call('HSET', p .. 'jobs:idx:job', id, prev .. '@' .. pscore) end
-        return 'indexed'
+        return 'indexed', gid, service
       end
     end
     unindex(p, id)
@@ -839,9 +883,11 @@ local function index_job(p, id, now, seq, delay_until)
       'customer_id', f[4] or '', 'workflow_id', f[5] or '')
   end
   redis.call('SADD', p .. 'jobs:idx:svc:' .. service, gid)
-  redis.call('ZADD', p .. 'jobs:idx:g:' .. gid, score, prefix .. id)
+  -- The score as jobs:pending's text when it is the same (what the API computed, mostly): a
+  -- number passed to Redis is formatted with %.17g.
+  redis.call('ZADD', p .. 'jobs:idx:g:' .. gid, score == pnum and pscore or score, prefix .. id)
   redis.call('HSET', p .. 'jobs:idx:job', id, gid .. prefix .. '@' .. pscore)
-  return 'indexed'
+  return 'indexed', gid, service
 end
 
 -- Moves jobs whose retry delay is over from jobs:idx:delayed into their groups.
@@ -1293,13 +1339,11 @@ end
 -- Returns its name, or nil and, when more parked workers lie beyond those looked at, where the
 -- next look starts: the job is then looked for again on the indexer's next tick, WAKE_SCAN
 -- workers further each time, so a job only a worker deep in the park can run still wakes it
--- within a few ticks while one wake costs WAKE_SCAN lookups at most.
-local function wake_for(p, id, gid, service, now, wake_ms, from, skip)
+-- within a few ticks while one wake costs WAKE_SCAN lookups at most. `now_s` is `now` as text
+-- (now_ms's second value). Parks that ran out (their machine stopped polling) are not looked
+-- at (the range starts at now) and the fleet's sweeper removes them (sweep_park).
+local function wake_for(p, id, gid, service, now, now_s, wake_ms, from, skip)
   local ikey = p .. 'jobs:idx:idle:' .. service
-  -- Times go to Redis as text (a number is formatted with %.17g on every call).
-  local now_s = jint(now)
-  -- Workers whose park ran out (their machine stopped polling) leave it.
-  if from == 0 then redis.call('ZREMRANGEBYSCORE', ikey, '-inf', '(' .. now_s) end
   -- The most recently parked one first, alone: in a fleet of like workers it is the one woken,
   -- and reading the other WAKE_SCAN - 1 names would cost more than the rest of the wake. The
   -- rest only when it cannot run the job.
@@ -1315,7 +1359,7 @@ local function wake_for(p, id, gid, service, now, wake_ms, from, skip)
       gone = gone + 1
     elseif w and group_matches(p, gid, w) then
       unpark(p, worker, w.services)
-      redis.call('ZADD', p .. 'jobs:idx:wakes', jint(now + wake_ms), id)
+      redis.call('ZADD', p .. 'jobs:idx:wakes', ms_text(now + wake_ms), id)
       redis.call('PUBLISH', p .. 'jobs:wake:' .. w.machine, '{"worker_id":' .. jname(worker) .. ',"job_id":' ..
         jstr(id) .. ',"timestamp":' .. now_s .. '}')
       return worker
@@ -1350,11 +1394,15 @@ local function indexed_group(p, id)
   return gid, service
 end
 
--- Wakes one parked worker that can run indexed job `id` (not `skip`); its name or nil.
-local function wake_one(p, id, now, wake_ms, skip)
-  local gid, service = indexed_group(p, id)
-  if not gid then return nil end
-  local woken, from = wake_for(p, id, gid, service, now, wake_ms, 0, skip)
+-- Wakes one parked worker that can run job `id` of group `gid` and `service` (read from the
+-- index when not given; nil when the job is not indexed and claimable), not `skip`; its name
+-- or nil.
+local function wake_one(p, id, now, now_s, wake_ms, skip, gid, service)
+  if not gid then
+    gid, service = indexed_group(p, id)
+    if not gid then return nil end
+  end
+  local woken, from = wake_for(p, id, gid, service, now, now_s, wake_ms, 0, skip)
   if not woken and from then wake_later(p, id, now, from) end
   return woken
 end
@@ -1362,10 +1410,10 @@ end
 -- Indexes a submitted job and wakes one parked worker that can run it. Returns index_job's
 -- word and the woken worker ('' when none).
 local function announce(p, id, wake_ms)
-  local now = now_ms()
-  local r = index_job(p, id, now)
+  local now, now_s = now_ms()
+  local r, gid, service = index_job(p, id, now)
   if r ~= 'indexed' then return { r, '' } end
-  return { r, wake_one(p, id, now, wake_ms) or '' }
+  return { r, wake_one(p, id, now, now_s, wake_ms, nil, gid, service) or '' }
 end
 
 -- A job back in the queue (a retry, a return, a lease that expired) wakes one parked worker
@@ -1377,7 +1425,7 @@ local function wake_requeued(p, id, now, ready_at, worker)
     redis.call('ZADD', p .. 'jobs:idx:wakes', ready_at, id)
     return
   end
-  wake_one(p, id, now, DEFAULT_WAKE_MS, worker)
+  wake_one(p, id, now, ms_text(now), DEFAULT_WAKE_MS, worker)
 end
 
 -- Wakes another parked worker for each job whose wake is overdue (or whose retry delay ended,
@@ -1400,7 +1448,7 @@ local function rewake_due(p, now, wake_ms)
       -- A job given back by a failing worker is held off it for a while: wake another.
       local held = redis.call('HGET', p .. 'jobs:holdoff', id)
       local skip = held and string.match(held, '^(.*)|%d+$')
-      local woken, next_from = wake_for(p, id, gid, service, now, wake_ms, from, skip)
+      local woken, next_from = wake_for(p, id, gid, service, now, ms_text(now), wake_ms, from, skip)
       if woken then
         n = n + 1
       elseif next_from then
@@ -1628,14 +1676,15 @@ end
 -- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
 -- the monitor or the workers reads it, and it was a third of a progress write's cost.
 local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
-  local now, now_text = now_ms()
-  local r = fence(p, id, worker, now)
+  local now, now_text, secs, ms3 = now_ms()
+  local jkey = p .. 'job:' .. id
+  local r = fence(p, id, worker, now, nil, jkey)
   if r ~= 'ok' then return r end
-  local pkey = p .. 'job:' .. id .. ':progress'
+  local pkey = jkey .. ':progress'
   -- The hash expires a day after the job's first report (completion, failure and return renew
   -- it): renewing it on every report cost an EXPIRE per write for nothing.
   if redis.call('HSET', pkey, 'progress', pct, 'status', 'in_progress', 'message', message, 'updated_at',
-    iso(now)) > 0 then
+    iso_at(secs, ms3)) > 0 then
     redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
   end
   if stream then
@@ -1646,8 +1695,9 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
     redis.call('EXPIRE', skey, PROGRESS_TTL_S)
   end
   -- Written as text, like the claim's and the completion's messages (an encoded table cost a
-  -- fifth of the call); `progress` is a whole number, as the broker sends it.
-  if not string.match(pct, '^%d+$') then pct = jint(math.floor(tonumber(pct) or 0)) end
+  -- fifth of the call); `progress` is a whole number, as the broker sends it (anything else is
+  -- written as one: a pattern test cost about 5 k instructions, the lookup 0.2 k).
+  if not PCT[pct] then pct = jint(math.floor(tonumber(pct) or 0)) end
   -- The worker and the step numbers recur on every report: memoised names (jname), and the
   -- time as TIME's own digits.
   redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) ..
@@ -1908,7 +1958,7 @@ redis.register_function{ function_name = 'jobMatchingVersion', flags = { 'no-wri
   callback = function() return VERSION end }
 
 redis.register_function('indexJob', function(_, args)
-  return index_job(args[1], args[2], now_ms())
+  return index_job(args[1], args[2], (now_ms()))
 end)
 
 redis.register_function('startJob', function(_, args)
@@ -1959,7 +2009,7 @@ end)
 
 redis.register_function('sweepIndex', function(_, args)
   local p = args[1]
-  sweep(p, math.max(num_arg(args[2], 1000), 1), now_ms())
+  sweep(p, math.max(num_arg(args[2], 1000), 1), (now_ms()))
   return { redis.call('ZCARD', p .. 'jobs:pending'), redis.call('HLEN', p .. 'jobs:idx:job'),
     tonumber(redis.call('GET', p .. 'jobs:idx:cursor:pending')) or 0 }
 end)
@@ -2003,7 +2053,7 @@ redis.register_function('claimOrPark', function(_, args)
     unpark(p, worker, w.services)
   else
     -- As text: a number passed to Redis is formatted with %.17g on every call.
-    park(p, raw, w, worker, jint(now_ms() + math.max(num_arg(args[5], 15000), 1)))
+    park(p, raw, w, worker, ms_text(now_ms() + math.max(num_arg(args[5], 15000), 1)))
   end
   return r
 end)
