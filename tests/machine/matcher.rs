@@ -617,6 +617,32 @@ async fn a_top_job_that_is_not_claimable_gives_way_to_the_next_in_the_same_claim
     .await;
 }
 
+/// A worker held off the best job of its only group (it just failed it) takes the next one, and
+/// the held job keeps its place for the others: the claim takes a sole group's top out as it
+/// reads it (issue 27), so a held top must go back exactly where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_off_top_job_goes_back_to_its_place_in_its_group() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker_with(&server, no_retry_delay()).await;
+        let mut conn = raw(&server).await;
+        for (id, score) in [("a", 9.0), ("b", 8.0), ("c", 7.0)] {
+            api_add(&mut conn, id, score, &[("service_required", "simulation")]).await;
+            b.index_job(id).await.unwrap();
+        }
+        let w1 = caps("w1", &["simulation"]);
+        let w2 = caps("w2", &["simulation"]);
+        let a = b.claim(&w1).await.unwrap().unwrap();
+        assert_eq!(a.id, "a");
+        assert_eq!(b.fail(&a, "flaky", true).await.unwrap(), Failure::Retried);
+        assert_eq!(b.claim(&w1).await.unwrap().unwrap().id, "b", "w1 is held off a");
+        assert_eq!(b.claim(&w2).await.unwrap().unwrap().id, "a", "a is still ahead of c");
+        assert_eq!(b.claim(&w1).await.unwrap().unwrap().id, "c");
+        assert!(b.claim(&w2).await.unwrap().is_none());
+    })
+    .await;
+}
+
 /// The library memoises decoded capabilities and group verdicts across calls (docs/redis-protocol.md):
 /// a verdict must stay right when its group empties and is built again, and claims must stay
 /// right after the memo fills up and is dropped.
