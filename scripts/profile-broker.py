@@ -12,7 +12,7 @@ of the Redis commands the functions run (from callgrind_annotate).
 Instruction counts do not move with the load of a shared host (time per call does, by +-30 %
 and more), so small steps can be told apart. Usage:
 
-    scripts/profile-broker.py [--workers 1000] [--rounds 3] [--breakdown] [--top self|inclusive]
+    scripts/profile-broker.py [--workers 1000] [--rounds 3] [--breakdown] [--top self|inclusive] [--cache-sim]
     scripts/profile-broker.py --job-path [--parked 100] [--jobs 50] [--progress 10] [--renewals 0]
 
 --job-path counts instead the whole path of a ComfyUI-shaped job through the fleet's scheme
@@ -22,6 +22,11 @@ announceJob (index, wake one parked worker), the woken worker's claimOrPark, sta
 updateJobProgress, what older machines call), --renewals renewLease (none:
 a lease is renewed every third of its 60 s), completeJobText (--complete job: completeJob)
 and the worker's empty claimOrPark that parks it again; Ir per job for each step and in all.
+
+--cache-sim adds callgrind's simulated data-cache misses (first level, and a 1 MiB last level
+like the host's L2) and mispredicted branches per call: the host is a VM without hardware
+counters (`perf stat` reports cycles and cache misses as not supported), and time per
+instruction is where ours and the baseline differ most.
 
 KEEP=1 keeps the callgrind dumps (for callgrind_annotate).
 
@@ -178,11 +183,27 @@ def wait_for_dump(outdir, before):
 
 
 def totals(path):
+    return events(path)["Ir"]
+
+
+def events(path):
+    """The dump's totals by event name (Ir; with --cache-sim also D1mr, DLmr, ...)."""
+    names = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            if line.startswith("events:"):
+                names = line.split()[1:]
             if line.startswith("totals:") or line.startswith("summary:"):
-                return int(line.split()[1])
+                values = [int(v) for v in line.split()[1:]]
+                return dict(zip(names or ["Ir"], values))
     raise RuntimeError("no totals in %s" % path)
+
+
+def misses(ev, n):
+    """Simulated data-cache misses per call (first level, last level), reads and writes."""
+    d1 = (ev.get("D1mr", 0) + ev.get("D1mw", 0)) / n
+    ll = (ev.get("DLmr", 0) + ev.get("DLmw", 0)) / n
+    return d1, ll
 
 
 def top(path, per, inclusive, n=40):
@@ -298,6 +319,9 @@ def main():
                     help="ours' completion: completeJobText (what Broker::complete calls) or completeJob")
     ap.add_argument("--progress-form", choices=["text", "job"], default="text",
                     help="--job-path: updateJobProgressText (what Broker::progress calls) or updateJobProgress")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also count simulated data-cache misses (first level, a 1 MiB last level like the "
+                         "host's L2) and mispredicted branches per call")
     ap.add_argument("--job-path", action="store_true", help="count a ComfyUI-shaped job's whole path instead")
     ap.add_argument("--parked", type=int, default=100, help="--job-path: workers parked")
     ap.add_argument("--jobs", type=int, default=50, help="--job-path: jobs per round (at most --parked)")
@@ -316,7 +340,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no"] + (["--cache-sim=yes", "--LL=1048576,8,64", "--branch-sim=yes"] if args.cache_sim else []) + [
          "--callgrind-out-file=" + os.path.join(tmp, "callgrind.out.%p"),
          "redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -355,6 +379,7 @@ def main():
             # Warm-up: memoised capabilities, the workers' hashes, the hashes' encodings.
             r.pipeline(completions(impl, run_round(r, impl, workers)))
             claim_ir = complete_ir = 0
+            claim_ev, complete_ev = {}, {}
             last_claim = last_complete = None
             for _ in range(args.rounds):
                 before = len(dumps(tmp))
@@ -362,18 +387,31 @@ def main():
                 claimed = run_round(r, impl, workers)
                 control(server.pid, "-d")
                 last_claim = wait_for_dump(tmp, before)
-                claim_ir += totals(last_claim)
+                for k, v in events(last_claim).items():
+                    claim_ev[k] = claim_ev.get(k, 0) + v
+                claim_ir = claim_ev["Ir"]
                 before = len(dumps(tmp))
                 control(server.pid, "-z")
                 r.pipeline(completions(impl, claimed))
                 control(server.pid, "-d")
                 last_complete = wait_for_dump(tmp, before)
-                complete_ir += totals(last_complete)
+                for k, v in events(last_complete).items():
+                    complete_ev[k] = complete_ev.get(k, 0) + v
+                complete_ir = complete_ev["Ir"]
             n = args.workers * args.rounds
             results[impl] = (claim_ir / n, complete_ir / n)
             print("%-8s claim %7.0f Ir  complete %7.0f Ir  job %7.0f Ir  (%d workers x %d rounds)"
                   % (impl, claim_ir / n, complete_ir / n, (claim_ir + complete_ir) / n, args.workers,
                      args.rounds))
+            if args.cache_sim:
+                (c1, cl), (p1, pl) = misses(claim_ev, n), misses(complete_ev, n)
+                print("%-8s data-cache misses per call (simulated): claim D1 %6.0f LL %5.0f  complete D1 %6.0f LL %5.0f"
+                      "  job D1 %6.0f LL %5.0f" % ("", c1, cl, p1, pl, c1 + p1, cl + pl))
+                bc = (claim_ev.get("Bcm", 0) + claim_ev.get("Bim", 0)) / n
+                bp = (complete_ev.get("Bcm", 0) + complete_ev.get("Bim", 0)) / n
+                print("%-8s mispredicted branches per call (simulated): claim %6.0f  complete %6.0f  job %6.0f"
+                      "  (indirect: claim %.0f complete %.0f)"
+                      % ("", bc, bp, bc + bp, claim_ev.get("Bim", 0) / n, complete_ev.get("Bim", 0) / n))
             if args.breakdown:
                 for title, path in (("claim", last_claim), ("complete", last_complete)):
                     print("  %s, inclusive Ir per call (last round):" % title)

@@ -125,9 +125,32 @@ local function names(p)
   return n
 end
 
+-- A worker's jobs:active hash and worker hash under a prefix, concatenated once per worker
+-- (every claim and completion names both; a concatenation costs more than the lookups):
+-- worker_keys(p, worker) -> active key, worker key. Bounded like the other memos.
+local wkeys_memo, wkeys_n = {}, 0
+local function worker_keys(p, worker)
+  local by_worker = wkeys_memo[p]
+  local k = by_worker and by_worker[worker]
+  if k then return k[1], k[2] end
+  if wkeys_n >= 4096 then wkeys_memo, wkeys_n, by_worker = {}, 0, nil end
+  if not by_worker then
+    by_worker = {}
+    wkeys_memo[p] = by_worker
+  end
+  k = { p .. 'jobs:active:' .. worker, p .. 'worker:' .. worker }
+  by_worker[worker] = k
+  wkeys_n = wkeys_n + 1
+  return k[1], k[2]
+end
+
+-- A job hash as a table. The table starts sized for the fields the API always writes (a
+-- constructor's names size its hash part; their nil values add nothing), so filling it does
+-- not grow it five times over (1, 2, 4, 8, 16 entries): about 3 k instructions a claim.
 local function hgetall(key)
   local flat = redis.call('HGETALL', key)
-  local t = {}
+  local t = { id = nil, service_required = nil, priority = nil, payload = nil, requirements = nil,
+    customer_id = nil, created_at = nil, status = nil, retry_count = nil, max_retries = nil }
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
   return t, #flat > 0
 end
@@ -1033,6 +1056,15 @@ end
 -- Claiming
 -- ---------------------------------------------------------------------------------------------
 
+-- Whether `worker` is held off the job of group member `member` (a retry goes to another worker
+-- first, see fail).
+local function held_off(p, member, worker, now)
+  local h = redis.call('HGET', p .. 'jobs:holdoff', string.sub(member, ORDER_W + 1))
+  if not h then return false end
+  local w, untl = string.match(h, '^(.*)|(%d+)$')
+  return w == worker and tonumber(untl) > now
+end
+
 -- The best claimable job of one group for this worker: (member, score as Redis wrote it) or
 -- nil; the third value is true when the group is empty. One entry is read: Redis formats every
 -- score it returns with %.17g (about 2.5 k instructions at these magnitudes), so the claim that
@@ -1052,15 +1084,7 @@ local function group_top(p, gid, worker, holdoffs, now, skip_limit)
     -- Whether the job is still in jobs:pending is checked when it is claimed (ZREM's reply),
     -- which keeps this path to one command per group.
     local member, score = top[1], top[2]
-    local held = false
-    if holdoffs then
-      local h = redis.call('HGET', p .. 'jobs:holdoff', string.sub(member, ORDER_W + 1))
-      if h then
-        local w, untl = string.match(h, '^(.*)|(%d+)$')
-        held = w == worker and tonumber(untl) > now
-      end
-    end
-    if not held then return member, score, false end
+    if not (holdoffs and held_off(p, member, worker, now)) then return member, score, false end
     skipped = skipped + 1
     if skipped >= skip_limit then return nil end
     offset = offset + 1
@@ -1134,6 +1158,10 @@ local function cold_group(p, gid, w, id, now)
   return w.cold[gid]
 end
 
+-- One claim's matching groups: ids, services, how (true or 'cold'). Reused by every claim (one
+-- runs at a time and none inside another); entries past the claim's count are stale.
+local cand_gid, cand_svc, cand_how = {}, {}, {}
+
 -- Claims the best job for worker `w`. `lease_ms` nil is an original worker's two-argument call
 -- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
 -- claim record, so nothing of ours reaps, requeues or fails the job it runs.
@@ -1148,31 +1176,57 @@ local function claim(p, w, worker, max_examine, lease_ms, now, now_text)
   local N = names_memo[p] or names(p)
   for _ = 1, 64 do
     local holdoffs = redis.call('HLEN', N['jobs:holdoff']) > 0
-    -- The best so far: its member, its score as Redis wrote it and as a number (converted only
-    -- once a second group competes: most claims see one matching group).
-    local best_member, best_score, best_gid, best_text
+    -- The groups this worker can run, warm (true) or only with a fetch ('cold').
+    local n = 0
     for _, service in ipairs(services) do
       local gids = redis.call('SMEMBERS', p .. 'jobs:idx:svc:' .. service)
       for _, gid in ipairs(gids) do
         local how = group_matches(p, gid, w) or cold_group(p, gid, w)
         if how then
-          local member, text, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
-          if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
-            member = nil
+          n = n + 1
+          cand_gid[n], cand_svc[n], cand_how[n] = gid, service, how
+        end
+      end
+    end
+    -- The best so far: its member, its score as Redis wrote it and as a number (converted only
+    -- once a second group competes), and whether it already left its group.
+    local best_member, best_score, best_gid, best_text, popped
+    local peek = n ~= 1 or cand_how[1] ~= true
+    if not peek then
+      -- One warm group (most claims): its best job is the one, taken out of the group in the
+      -- same command that reads it (one command fewer). Every way below that does not claim it
+      -- (debris, gone from jobs:pending, re-submitted) removes it anyway; one this worker is
+      -- held off goes back in its place (its exact score and member) and the group is peeked.
+      local gkey = p .. 'jobs:idx:g:' .. cand_gid[1]
+      local top = redis.call('ZPOPMAX', gkey)
+      if #top == 0 then
+        drop_group(p, cand_gid[1], cand_svc[1])
+      elseif holdoffs and held_off(p, top[1], worker, now) then
+        redis.call('ZADD', gkey, top[2], top[1])
+        peek = true
+      else
+        best_member, best_text, best_gid, popped = top[1], top[2], cand_gid[1], true
+      end
+    end
+    if peek then
+      for i = 1, n do
+        local gid, how = cand_gid[i], cand_how[i]
+        local member, text, empty = group_top(p, gid, worker, holdoffs, now, max_examine)
+        if member and how == 'cold' and not cold_group(p, gid, w, string.sub(member, ORDER_W + 1), now) then
+          member = nil
+        end
+        if empty then
+          -- Claims leave empty groups behind; the first claimer to meet one removes it.
+          drop_group(p, gid, cand_svc[i])
+        end
+        if member then
+          local score
+          if best_member then
+            best_score = best_score or tonumber(best_text)
+            score = tonumber(text)
           end
-          if empty then
-            -- Claims leave empty groups behind; the first claimer to meet one removes it.
-            drop_group(p, gid, service)
-          end
-          if member then
-            local score
-            if best_member then
-              best_score = best_score or tonumber(best_text)
-              score = tonumber(text)
-            end
-            if not best_member or score > best_score or (score == best_score and member > best_member) then
-              best_member, best_score, best_gid, best_text = member, score, gid, text
-            end
+          if not best_member or score > best_score or (score == best_score and member > best_member) then
+            best_member, best_score, best_gid, best_text = member, score, gid, text
           end
         end
       end
@@ -1188,7 +1242,7 @@ local function claim(p, w, worker, max_examine, lease_ms, now, now_text)
       -- Re-submitted under the same id with other matching fields: match it on what it says now.
       index_job(p, best_id, now)
     elseif queued and redis.call('ZREM', N['jobs:pending'], best_id) == 1 then
-      redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_member)
+      if not popped then redis.call('ZREM', p .. 'jobs:idx:g:' .. best_gid, best_member) end
       redis.call('HDEL', N['jobs:idx:job'], best_id)
       if holdoffs then redis.call('HDEL', N['jobs:holdoff'], best_id) end
       local at = iso(now)
@@ -1210,8 +1264,9 @@ local function claim(p, w, worker, max_examine, lease_ms, now, now_text)
       end
       job.status, job.worker_id, job.assigned_at = 'assigned', worker, at
       local snapshot = cjson.encode(job)
-      redis.call('HSET', p .. 'jobs:active:' .. worker, best_id, snapshot)
-      redis.call('HSET', p .. 'worker:' .. worker, 'status', 'busy', 'current_job_id', best_id,
+      local akey, wkey = worker_keys(p, worker)
+      redis.call('HSET', akey, best_id, snapshot)
+      redis.call('HSET', wkey, 'status', 'busy', 'current_job_id', best_id,
         'last_status_change', at)
       -- The original's two messages, field for field (update_job_progress has no status: the
       -- API would turn one into an extra client event on every claim; the step fields are left
@@ -1486,7 +1541,7 @@ local function drop_claim(p, id, claim_rec)
 end
 
 local function worker_idle(p, worker, id, now, now_text, at)
-  local wkey = p .. 'worker:' .. worker
+  local _, wkey = worker_keys(p, worker)
   local w = redis.call('HMGET', wkey, 'status', 'current_job_id')
   if w[2] ~= id then return end
   redis.call('HSET', wkey, 'status', 'idle', 'current_job_id', '', 'last_status_change', at or iso(now))
@@ -1696,7 +1751,7 @@ local function completed(p, id, worker, jkey, now, now_text, claim_rec, started,
   if claim_rec == IN_HASH then started = tonumber(started) else started = claim_rec.t end
   local at = iso(now)
   redis.call('HSET', jkey, 'status', 'completed', 'completed_at', at, 'processing_time', jint(now - (started or now)))
-  redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
+  redis.call('HDEL', (worker_keys(p, worker)), id)
   drop_claim(p, id, claim_rec)
   local N = names_memo[p] or names(p)
   redis.call('HSET', N['jobs:completed'], id, '{"success":true,"data":' .. result .. ',"completed_at":"' .. at .. '"}')

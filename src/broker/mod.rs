@@ -17,6 +17,8 @@ pub mod retry;
 pub mod sentinel;
 
 pub use capabilities::{Capabilities, CustomerAccess, Hardware, Requirements};
+#[cfg(test)]
+pub(crate) use client::JobFields;
 pub use client::{
     AttemptUsage, Broker, BrokerOptions, Cancellation, ClaimObserver, ClaimedJob, DEFAULT_RETRY_DELAY, Disposition,
     Failure, Fault, JobField, JobProgress, JobRecord, JobState, JobView, LeaseStatus, LimitAnswer, LimitBudget,

@@ -563,6 +563,86 @@ async fn jobs_the_api_adds_alone_are_absorbed_by_the_claim() {
     .await;
 }
 
+/// The claim takes the best job of a worker's only group out of the group as it reads it (issue
+/// 27): a top that turns out not to be claimable (its hash says it ended, it left
+/// `jobs:pending`, or it was re-submitted for another service) is dropped or moved, the next
+/// job is claimed in the same call, and the index is left consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_job_that_is_not_claimable_gives_way_to_the_next_in_the_same_claim() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        for (id, score) in [
+            ("ended", 9.0),
+            ("gone", 8.0),
+            ("moved", 7.0),
+            ("next", 6.0),
+            ("last", 5.0),
+        ] {
+            api_add(&mut conn, id, score, &[("service_required", "simulation")]).await;
+            b.index_job(id).await.unwrap();
+        }
+        // Behind the index's back: one ended, one left jobs:pending, one is now another
+        // service's job.
+        let _: () = redis::pipe()
+            .hset("job:ended", "status", "completed")
+            .zrem("jobs:pending", "gone")
+            .hset("job:moved", "service_required", "a1111")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let c = caps("w", &["simulation"]);
+        assert_eq!(b.claim(&c).await.unwrap().unwrap().id, "next");
+        assert_eq!(b.claim(&c).await.unwrap().unwrap().id, "last");
+        assert!(b.claim(&c).await.unwrap().is_none());
+        assert_eq!(
+            b.claim(&caps("a", &["a1111"])).await.unwrap().unwrap().id,
+            "moved",
+            "the re-submitted job went to its new service's group"
+        );
+        let pending: Vec<String> = redis::cmd("ZRANGE")
+            .arg("jobs:pending")
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let indexed: BTreeMap<String, String> = hgetall(&mut conn, "jobs:idx:job").await;
+        // The ended job may stay in jobs:pending until a claim's repair drops it, never claimed.
+        assert!(pending.iter().all(|id| id == "ended"), "{pending:?}");
+        assert!(indexed.is_empty(), "{indexed:?}");
+        assert_eq!(hgetall(&mut conn, "job:ended").await["status"], "completed");
+    })
+    .await;
+}
+
+/// A worker held off the best job of its only group (it just failed it) takes the next one, and
+/// the held job keeps its place for the others: the claim takes a sole group's top out as it
+/// reads it (issue 27), so a held top must go back exactly where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_off_top_job_goes_back_to_its_place_in_its_group() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker_with(&server, no_retry_delay()).await;
+        let mut conn = raw(&server).await;
+        for (id, score) in [("a", 9.0), ("b", 8.0), ("c", 7.0)] {
+            api_add(&mut conn, id, score, &[("service_required", "simulation")]).await;
+            b.index_job(id).await.unwrap();
+        }
+        let w1 = caps("w1", &["simulation"]);
+        let w2 = caps("w2", &["simulation"]);
+        let a = b.claim(&w1).await.unwrap().unwrap();
+        assert_eq!(a.id, "a");
+        assert_eq!(b.fail(&a, "flaky", true).await.unwrap(), Failure::Retried);
+        assert_eq!(b.claim(&w1).await.unwrap().unwrap().id, "b", "w1 is held off a");
+        assert_eq!(b.claim(&w2).await.unwrap().unwrap().id, "a", "a is still ahead of c");
+        assert_eq!(b.claim(&w1).await.unwrap().unwrap().id, "c");
+        assert!(b.claim(&w2).await.unwrap().is_none());
+    })
+    .await;
+}
+
 /// The library memoises decoded capabilities and group verdicts across calls (docs/redis-protocol.md):
 /// a verdict must stay right when its group empties and is built again, and claims must stay
 /// right after the memo fills up and is dropped.

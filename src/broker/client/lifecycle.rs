@@ -88,11 +88,12 @@ impl Broker {
     /// Calls a fenced lifecycle function for `job`; the fence's `cancelled` and `lost` become
     /// [`BrokerError::Cancelled`] and [`BrokerError::LeaseLost`], any other word is returned.
     async fn lifecycle(&self, function: &'static str, job: &ClaimedJob, args: &[&str]) -> Result<Reply, BrokerError> {
-        let mut all = vec![
+        let mut all = Vec::with_capacity(3 + args.len());
+        all.extend_from_slice(&[
             self.inner.opts.key_prefix.as_str(),
             job.id.as_str(),
             job.worker_id.as_str(),
-        ];
+        ]);
         all.extend_from_slice(args);
         let word: String = self.call(function, &all).await?;
         match Reply::parse(function, &word)? {
@@ -330,6 +331,12 @@ impl Broker {
 /// characters escaped (`\b \t \n \f \r`, else `\u00XX`, DEL included), the rest as it is.
 fn cjson_str(out: &mut String, s: &str) {
     out.push('"');
+    // Ids and names seldom need escaping: copy those whole.
+    if !s.bytes().any(|b| matches!(b, b'"' | b'\\' | b'/' | 0..0x20 | 0x7f)) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -363,5 +370,18 @@ mod tests {
         let mut out = String::new();
         cjson_str(&mut out, &input);
         assert_eq!(out, expected);
+        // Each character alone (a string with nothing to escape is copied whole) as within.
+        let alone: String = input
+            .chars()
+            .map(|c| {
+                let mut one = String::new();
+                cjson_str(&mut one, &c.to_string());
+                one[1..one.len() - 1].to_owned()
+            })
+            .collect();
+        assert_eq!(format!("\"{alone}\""), expected);
+        let mut plain = String::new();
+        cjson_str(&mut plain, "m1-gpu0 job é");
+        assert_eq!(plain, "\"m1-gpu0 job é\"");
     }
 }

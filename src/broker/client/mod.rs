@@ -36,6 +36,8 @@ use crate::backoff::Backoff;
 use crate::config::{MachineConfig, RedisUrl};
 
 pub use claim::ClaimedJob;
+#[cfg(test)]
+pub(crate) use claim::JobFields;
 pub use events::{SWEEP_EVERY, SweepReport};
 pub use lifecycle::{AttemptUsage, Disposition, Failure, Fault, LeaseStatus, ReapReport};
 pub use limits::{LimitAnswer, LimitBudget, QuotaDay};

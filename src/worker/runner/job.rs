@@ -1256,7 +1256,6 @@ fn job_timeout(claimed: &ClaimedJob) -> Option<Duration> {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::collections::BTreeMap;
 
     fn claimed(payload: Value, requirements: &str) -> ClaimedJob {
         ClaimedJob {
@@ -1264,7 +1263,7 @@ mod tests {
             worker_id: "w".into(),
             service: "simulation".into(),
             payload,
-            fields: BTreeMap::from([("requirements".to_owned(), requirements.to_owned())]),
+            fields: crate::broker::JobFields::from_pairs([("requirements", requirements)]),
         }
     }
 
