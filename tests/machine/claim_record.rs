@@ -123,6 +123,35 @@ async fn the_claim_record_lives_in_the_job_hash_and_leaves_with_the_claim() {
     .expect("within the limit");
 }
 
+/// processing_time is the plain number of milliseconds since the claim (or start) at any size:
+/// the library writes it from three-digit groups rather than with string.format (issue 27).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_time_is_the_whole_milliseconds_since_the_start_at_any_size() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        for ago in [0_u64, 7, 1_000, 1_001, 86_400_123, 999_999_999, 1_000_000_007] {
+            let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+            let job = b.claim(&caps("w")).await.unwrap().expect("claimed");
+            assert_eq!(job.id, id);
+            let claim_ms: u64 = job_hash(&mut conn, &id).await["claim_ms"].parse().unwrap();
+            let _: () = conn
+                .hset(format!("job:{id}"), "claim_ms", (claim_ms - ago).to_string())
+                .await
+                .unwrap();
+            b.complete(&job, &json!({})).await.unwrap();
+            let h = job_hash(&mut conn, &id).await;
+            let text = &h["processing_time"];
+            let took: u64 = text.parse().unwrap_or_else(|_| panic!("{text:?} for {ago}"));
+            assert_eq!(&took.to_string(), text, "no padding or fraction");
+            assert!((ago..ago + 5_000).contains(&took), "{took} for {ago}");
+        }
+    })
+    .await
+    .expect("within the limit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_claimed_before_the_upgrade_complete_requeue_and_are_reaped() {
     tokio::time::timeout(LIMIT, async {
