@@ -1617,13 +1617,13 @@ end
 -- rewritten: a job that never reported progress has none.
 local function progress_follows(p, id, status, message, now, pct, jkey)
   local pkey = (jkey or p .. 'job:' .. id) .. ':progress'
-  if redis.call('EXISTS', pkey) == 0 then return end
+  -- EXPIRE answers 0 for a missing key: the existence check and the renewal in one command.
+  if redis.call('EXPIRE', pkey, PROGRESS_TTL_S) == 0 then return end
   if pct then
     redis.call('HSET', pkey, 'progress', pct, 'status', status, 'message', message, 'updated_at', iso(now))
   else
     redis.call('HSET', pkey, 'status', status, 'message', message, 'updated_at', iso(now))
   end
-  redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
 end
 
 -- Puts a claimed job back in line at its old place (its old score and sequence); with

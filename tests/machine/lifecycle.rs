@@ -275,3 +275,56 @@ async fn max_retries_is_capped_and_the_job_says_so() {
     .await
     .expect("the test finishes within its limit");
 }
+
+/// A completion rewrites `job:<id>:progress` (100 %, `completed`) and renews its day only when
+/// the job reported progress: a job that reported none gets no hash.
+#[tokio::test]
+async fn a_completion_ends_the_progress_hash_only_when_there_is_one() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let server = RedisServer::start();
+        let url = RedisUrl::parse(&server.url()).unwrap();
+        let broker = Broker::connect(&url, BrokerOptions::default()).await.unwrap();
+        broker.ensure_functions().await.unwrap();
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let caps = Capabilities::new("w1", "m1", &["simulation"]);
+
+        let id = broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = broker.claim(&caps).await.unwrap().expect("claimed");
+        broker.start(&job).await.unwrap();
+        broker.progress(&job, 40.0, "executing node 3", None).await.unwrap();
+        let key = format!("job:{id}:progress");
+        // An older TTL, to see the completion renew it.
+        let _: () = redis::cmd("EXPIRE")
+            .arg(&key)
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        broker.complete(&job, &json!({"ok": true})).await.unwrap();
+        let p: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(
+            (p["progress"].as_str(), p["status"].as_str(), p["message"].as_str()),
+            ("100", "completed", "completed"),
+            "{p:?}"
+        );
+        let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut conn).await.unwrap();
+        assert!(ttl > 86_000, "the completion renews the hash's day: {ttl}");
+
+        let id = broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let job = broker.claim(&caps).await.unwrap().expect("claimed");
+        broker.start(&job).await.unwrap();
+        broker.complete(&job, &json!({"ok": true})).await.unwrap();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(format!("job:{id}:progress"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "no progress reported, no hash");
+    })
+    .await
+    .expect("the test finishes within its limit");
+}
