@@ -18,7 +18,8 @@ and more), so small steps can be told apart. Usage:
 --job-path counts instead the whole path of a ComfyUI-shaped job through the fleet's scheme
 (issue 29's all-in figure) with --parked workers parked: the API's submission (HSET, ZADD),
 announceJob (index, wake one parked worker), the woken worker's claimOrPark, startJob,
---progress updateJobProgress writes (one a second of a 10 s job), --renewals renewLease (none:
+--progress updateJobProgressText writes (one a second of a 10 s job; --progress-form job:
+updateJobProgress, what older machines call), --renewals renewLease (none:
 a lease is renewed every third of its 60 s), completeJobText (--complete job: completeJob)
 and the worker's empty claimOrPark that parks it again; Ir per job for each step and in all.
 
@@ -235,6 +236,19 @@ def breakdown(path, per):
     return rows
 
 
+def progress_call(id, worker, pct, message, current, total):
+    """A progress write as Broker::progress makes it (--progress-form text: updateJobProgressText,
+    update_job_progress encoded by the worker up to its timestamp), or as older machines do
+    (job: updateJobProgress)."""
+    if PROGRESS_FORM == "job":
+        return ("FCALL", "updateJobProgress", 0, "", id, worker, pct, message, current, total, "0")
+    head = '{"job_id":%s,"worker_id":%s,"progress":%d,"status":"in_progress","message":%s,' \
+           '"current_step":%s,"total_steps":%s,"timestamp":' % (
+               json.dumps(id), json.dumps(worker), pct, json.dumps(message), json.dumps(str(current)),
+               json.dumps(str(total)))
+    return ("FCALL", "updateJobProgressText", 0, "", id, worker, pct, message, head)
+
+
 def job_path(r, pid, tmp, parked, jobs, progress, renewals):
     """Ir per job of each step of a ComfyUI-shaped job's path (see --job-path)."""
     workers = ["fleet-w%d" % i for i in range(parked)]
@@ -274,9 +288,8 @@ def job_path(r, pid, tmp, parked, jobs, progress, renewals):
         measure("startJob", [("FCALL", "startJob", 0, "", id, w) for id, w in pairs])
         for step in range(progress):
             pct = (step + 1) * 100 // (progress + 1)
-            measure("updateJobProgress", [("FCALL", "updateJobProgress", 0, "", id, w, pct,
-                                           "sampling step %d of 30" % (3 * step + 1), 3 * step + 1, 30, "0")
-                                          for id, w in pairs])
+            measure("updateJobProgress", [progress_call(id, w, pct, "sampling step %d of 30" % (3 * step + 1),
+                                                        3 * step + 1, 30) for id, w in pairs])
         for _ in range(renewals):
             measure("renewLease", [("FCALL", "renewLease", 0, "", id, w, 60000) for id, w in pairs])
         measure("completeJobText", completions("ours", pairs))
@@ -304,6 +317,8 @@ def main():
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
     ap.add_argument("--complete", choices=["text", "job"], default="text",
                     help="ours' completion: completeJobText (what Broker::complete calls) or completeJob")
+    ap.add_argument("--progress-form", choices=["text", "job"], default="text",
+                    help="--job-path: updateJobProgressText (what Broker::progress calls) or updateJobProgress")
     ap.add_argument("--cache-sim", action="store_true",
                     help="also count simulated data-cache misses (first level, a 1 MiB last level like the "
                          "host's L2) and mispredicted branches per call")
@@ -313,8 +328,9 @@ def main():
     ap.add_argument("--progress", type=int, default=10, help="--job-path: progress writes per job")
     ap.add_argument("--renewals", type=int, default=0, help="--job-path: lease renewals per job")
     args = ap.parse_args()
-    global COMPLETE_FORM
+    global COMPLETE_FORM, PROGRESS_FORM
     COMPLETE_FORM = args.complete
+    PROGRESS_FORM = args.progress_form
     for tool in ("redis-server", "valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit("profile-broker: %s is not installed" % tool)

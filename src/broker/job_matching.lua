@@ -824,10 +824,15 @@ local function index_job(p, id, now, seq, delay_until)
     unindex(p, id)
     return 'not_pending'
   end
-  local f = redis.call('HMGET', p .. 'job:' .. id, 'service_required', 'job_type', 'requirements', 'customer_id',
-    'workflow_id', 'payload', 'status', 'priority', 'workflow_priority', 'created_at', 'workflow_datetime')
+  -- job_type (the service's older name) is read only when service_required is missing: every
+  -- field an HMGET returns costs about 2.5 k instructions.
+  local jkey = p .. 'job:' .. id
+  local f = redis.call('HMGET', jkey, 'service_required', 'requirements', 'customer_id', 'workflow_id', 'payload',
+    'status', 'priority', 'workflow_priority', 'created_at', 'workflow_datetime')
   local prev, prev_score = entry_of(redis.call('HGET', p .. 'jobs:idx:job', id))
-  if not f[1] and not f[2] and not f[7] then
+  local service = f[1]
+  if not service or service == '' then service = redis.call('HGET', jkey, 'job_type') end
+  if not f[1] and not service and not f[6] then
     -- The API writes the ZADD before the HSET; the job_submitted index call or a sweep
     -- indexes it once the hash exists.
     if not prev then
@@ -837,25 +842,23 @@ local function index_job(p, id, now, seq, delay_until)
     end
     return 'orphan'
   end
-  local status = f[7]
+  local status = f[6]
   if status and status ~= '' and not QUEUED[status] then
     redis.call('ZREM', p .. 'jobs:pending', id)
     unindex(p, id)
     return 'dropped'
   end
-  local service = f[1]
-  if not service or service == '' then service = f[2] end
-  local gid, canon = group_of(service, f[3], f[4], f[5])
+  local gid, canon = group_of(service or nil, f[2], f[3], f[4])
   if not gid then
     mark_unworkable(p, id, 'job has no service_required', now)
     return 'unworkable'
   end
-  local reqs = requirements_of(f[3] or '')
+  local reqs = requirements_of(f[2] or '')
   if reqs.pos == false then
     mark_unworkable(p, id, reqs.neg, now)
     return 'unworkable'
   end
-  local payload = f[6]
+  local payload = f[5]
   if payload and string.match(payload, '%S') then
     local ok, doc = pcall(cjson.decode, payload)
     if not ok then
@@ -871,8 +874,8 @@ local function index_job(p, id, now, seq, delay_until)
   -- The API scores with JS `||`: a workflow time or priority of 0 (stored as "0") or none
   -- falls back to the job's own.
   -- (The workflow fields are mostly missing: false, no call.)
-  local ms = f[11] and nonzero(f[11]) or time_ms(f[10])
-  local prio = f[9] and nonzero(f[9]) or tonumber(f[8])
+  local ms = f[10] and nonzero(f[10]) or time_ms(f[9])
+  local prio = f[8] and nonzero(f[8]) or tonumber(f[7])
   local pnum = tonumber(pscore)
   local score = pnum
   if prio and ms then score = prio * 1e15 - math.floor(ms / 1000) end
@@ -902,11 +905,13 @@ local function index_job(p, id, now, seq, delay_until)
     if next_due and delay_until < next_due then next_due = delay_until end
     return 'delayed'
   end
-  if redis.call('EXISTS', p .. 'jobs:idx:meta:' .. gid) == 0 then
-    redis.call('HSET', p .. 'jobs:idx:meta:' .. gid, 'service', service, 'requirements', canon,
-      'customer_id', f[4] or '', 'workflow_id', f[5] or '')
+  -- A group new to its service's set has no meta (drop_group removes both): written without
+  -- asking; a group already there mostly has it, and is asked.
+  local mkey = p .. 'jobs:idx:meta:' .. gid
+  if redis.call('SADD', p .. 'jobs:idx:svc:' .. service, gid) == 1 or redis.call('EXISTS', mkey) == 0 then
+    redis.call('HSET', mkey, 'service', service, 'requirements', canon, 'customer_id', f[3] or '', 'workflow_id',
+      f[4] or '')
   end
-  redis.call('SADD', p .. 'jobs:idx:svc:' .. service, gid)
   -- The score as jobs:pending's text when it is the same (what the API computed, mostly): a
   -- number passed to Redis is formatted with %.17g.
   redis.call('ZADD', p .. 'jobs:idx:g:' .. gid, score == pnum and pscore or score, prefix .. id)
@@ -1180,8 +1185,8 @@ local cand_gid, cand_svc, cand_how = {}, {}, {}
 -- Claims the best job for worker `w`. `lease_ms` nil is an original worker's two-argument call
 -- (a fleet migrating one machine at a time): its claim is the original's, with no lease and no
 -- claim record, so nothing of ours reaps, requeues or fails the job it runs.
-local function claim(p, w, worker, max_examine, lease_ms)
-  local now, now_text, now_secs, now_ms3 = now_ms()
+local function claim(p, w, worker, max_examine, lease_ms, now, now_text, now_secs, now_ms3)
+  if not now then now, now_text, now_secs, now_ms3 = now_ms() end
   reconcile(p, now)
   release_due(p, now)
   local services = w.services
@@ -1691,23 +1696,24 @@ local function final_fail(p, id, worker, claim_rec, err, retry_count, now)
 end
 
 local function start_job(p, id, worker)
-  local now, now_text = now_ms()
-  local r, claim_rec = fence(p, id, worker, now)
+  local now, now_text, secs, ms3 = now_ms()
+  local jkey = p .. 'job:' .. id
+  local r, claim_rec = fence(p, id, worker, now, nil, jkey)
   if r ~= 'ok' then return r end
   if claim_rec.legacy then
-    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now))
+    redis.call('HSET', jkey, 'status', 'in_progress', 'started_at', iso_at(secs, ms3))
     claim_rec.legacy, claim_rec.st = nil, now
     redis.call('HSET', p .. 'jobs:claims', id, cjson.encode(claim_rec))
   else
     -- processing_time counts from the start from now on.
-    redis.call('HSET', p .. 'job:' .. id, 'status', 'in_progress', 'started_at', iso(now), 'claim_ms', now_text)
+    redis.call('HSET', jkey, 'status', 'in_progress', 'started_at', iso_at(secs, ms3), 'claim_ms', now_text)
   end
   return 'ok'
 end
 
--- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
--- the monitor or the workers reads it, and it was a third of a progress write's cost.
-local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
+-- The fenced part of every progress write: job:<id>:progress says `pct`, `message` and now.
+-- Returns the fence's word, and the time (number, text) when it is 'ok'.
+local function progress_hash(p, id, worker, pct, message)
   local now, now_text, secs, ms3 = now_ms()
   local jkey = p .. 'job:' .. id
   local r = fence(p, id, worker, now, nil, jkey)
@@ -1719,11 +1725,19 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
     iso_at(secs, ms3)) > 0 then
     redis.call('EXPIRE', pkey, PROGRESS_TTL_S)
   end
+  return r, now, now_text
+end
+
+-- The progress:<id> stream is appended only when the caller asks (`stream`): nothing in the API,
+-- the monitor or the workers reads it, and it was a third of a progress write's cost.
+local function progress(p, id, worker, pct, message, current_step, total_steps, stream)
+  local r, now, now_text = progress_hash(p, id, worker, pct, message)
+  if r ~= 'ok' then return r end
   if stream then
     local skey = p .. 'progress:' .. id
     redis.call('XADD', skey, 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'job_id', id, 'worker_id', worker, 'progress', pct,
       'status', 'in_progress', 'message', message, 'current_step', current_step, 'total_steps', total_steps,
-      'timestamp', tostring(now))
+      'timestamp', now_text)
     redis.call('EXPIRE', skey, PROGRESS_TTL_S)
   end
   -- Written as text, like the claim's and the completion's messages (an encoded table cost a
@@ -1735,6 +1749,17 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
   redis.call('PUBLISH', p .. 'update_job_progress', '{"job_id":' .. jstr(id) .. ',"worker_id":' .. jname(worker) ..
     ',"progress":' .. pct .. ',"status":"in_progress","message":' .. jstr(message) .. ',"current_step":' ..
     jname(current_step) .. ',"total_steps":' .. jname(total_steps) .. ',"timestamp":' .. now_text .. '}')
+  return 'ok'
+end
+
+-- updateJobProgressText: the same write with update_job_progress encoded by the worker up to
+-- its `"timestamp":` (`head`, cjson's escaping): the server adds its own time (as
+-- completeJobText does for complete_job). Without the stream (the broker calls
+-- updateJobProgress when it is configured).
+local function progress_text(p, id, worker, pct, message, head)
+  local r, _, now_text = progress_hash(p, id, worker, pct, message)
+  if r ~= 'ok' then return r end
+  redis.call('PUBLISH', (names_memo[p] or names(p))['update_job_progress'], head .. now_text .. '}')
   return 'ok'
 end
 
@@ -2001,6 +2026,11 @@ redis.register_function('updateJobProgress', function(_, args)
   return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '', args[8] == '1')
 end)
 
+redis.register_function('updateJobProgressText', function(_, args)
+  if not args[6] then return redis.error_reply('ERR updateJobProgressText needs the message up to its timestamp') end
+  return progress_text(args[1], args[2], args[3], args[4], args[5] or '', args[6])
+end)
+
 redis.register_function('completeJob', function(_, args)
   local wf, cur, total = nil, nil, nil
   if args[8] then wf, cur, total = args[6], args[7], args[8] end
@@ -2080,12 +2110,14 @@ redis.register_function('claimOrPark', function(_, args)
   local lease_ms = num_arg(args[3], DEFAULT_LEASE_MS)
   if lease_ms == 0 then lease_ms = DEFAULT_LEASE_MS end
   local p = args[4] or ''
-  local r = claim(p, w, worker, math.max(num_arg(args[2], 100), 1), lease_ms)
+  -- One TIME for the claim and the park (a TIME with its Lua costs about 11 k instructions).
+  local now, now_text, now_secs, now_ms3 = now_ms()
+  local r = claim(p, w, worker, math.max(num_arg(args[2], 100), 1), lease_ms, now, now_text, now_secs, now_ms3)
   if r then
     unpark(p, worker, w.services)
   else
     -- As text: a number passed to Redis is formatted with %.17g on every call.
-    park(p, raw, w, worker, ms_text(now_ms() + math.max(num_arg(args[5], 15000), 1)))
+    park(p, raw, w, worker, ms_text(now + math.max(num_arg(args[5], 15000), 1)))
   end
   return r
 end)

@@ -356,3 +356,78 @@ async fn a_completion_encoded_by_the_worker_writes_the_bytes_the_library_wrote()
     .await
     .expect("within the limit");
 }
+
+/// The worker encodes update_job_progress up to its timestamp itself (`updateJobProgressText`);
+/// older machines still call `updateJobProgress`, which encodes it in the library. Both must
+/// write the same message and progress hash, names and messages that need escaping included.
+#[tokio::test]
+async fn a_progress_write_encoded_by_the_worker_writes_the_bytes_the_library_wrote() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("update_job_progress").await.unwrap();
+        let worker = "m1/gpu \"0\" é\u{7f}";
+        let message = "step 2/3: \"sampling\"\n\té";
+        let mut sent = Vec::new();
+        for new_form in [true, false] {
+            let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+            let claimed = b.claim(&caps(worker)).await.unwrap().expect("claimed");
+            assert_eq!(claimed.id, id);
+            // The claim's own update_job_progress (progress 0) comes first.
+            let mut messages = pubsub.on_message();
+            let first: String = futures_util::StreamExt::next(&mut messages)
+                .await
+                .unwrap()
+                .get_payload()
+                .unwrap();
+            assert!(first.contains("\"progress\":0"), "{first}");
+            if new_form {
+                b.progress(&claimed, 66.6, message, Some((2, 3))).await.unwrap();
+            } else {
+                let word: String = redis::cmd("FCALL")
+                    .arg("updateJobProgress")
+                    .arg(0)
+                    .arg("")
+                    .arg(&id)
+                    .arg(worker)
+                    .arg("67")
+                    .arg(message)
+                    .arg("2")
+                    .arg("3")
+                    .arg("0")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!(word, "ok");
+            }
+            let msg: String = futures_util::StreamExt::next(&mut messages)
+                .await
+                .unwrap()
+                .get_payload()
+                .unwrap();
+            drop(messages);
+            let mut hash: BTreeMap<String, String> = conn.hgetall(format!("job:{id}:progress")).await.unwrap();
+            hash.insert("updated_at".to_owned(), "T".to_owned());
+            sent.push((without_time(&msg.replace(&id, "ID"), "timestamp"), hash));
+        }
+        assert_eq!(sent[0], sent[1]);
+        let msg: Value = serde_json::from_str(&sent[0].0.replace(":T", ":0")).unwrap();
+        assert_eq!(msg["worker_id"], worker);
+        assert_eq!(msg["message"], message);
+        assert_eq!(msg["progress"], 67);
+        assert_eq!(msg["status"], "in_progress");
+        assert_eq!(msg["current_step"], "2");
+        assert_eq!(msg["total_steps"], "3");
+        assert_eq!(sent[0].1["progress"], "67");
+        assert_eq!(sent[0].1["message"], message);
+        assert_eq!(sent[0].1["status"], "in_progress");
+    })
+    .await
+    .expect("within the limit");
+}

@@ -121,7 +121,8 @@ impl Broker {
         step: Option<(u32, u32)>,
     ) -> Result<(), BrokerError> {
         // Whole percentages: the API and monitor show them as they are, and 33.333333333333336
-        // helps nobody.
+        // helps nobody (nor does NaN, which no JSON reader takes).
+        let pct = if pct.is_nan() { 0.0 } else { pct };
         let pct = format!("{}", pct.clamp(0.0, 100.0).round());
         let (current, total) = match step {
             Some((c, t)) => (c.to_string(), t.to_string()),
@@ -130,8 +131,31 @@ impl Broker {
                 job.field("total_steps").unwrap_or_default().to_owned(),
             ),
         };
-        let stream = if self.inner.opts.progress_stream { "1" } else { "0" };
-        self.lifecycle("updateJobProgress", job, &[&pct, message, &current, &total, stream])
+        if self.inner.opts.progress_stream {
+            // The stream's entry names each field: the library's own form writes it.
+            return self
+                .lifecycle("updateJobProgress", job, &[&pct, message, &current, &total, "1"])
+                .await
+                .map(drop);
+        }
+        // update_job_progress encoded here up to its timestamp, which the function adds
+        // (`updateJobProgressText`), as for complete_job: the same bytes, with the encoding off
+        // the one Redis thread.
+        let mut head = String::with_capacity(128 + job.id.len() + job.worker_id.len() + message.len());
+        head.push_str("{\"job_id\":");
+        cjson_str(&mut head, &job.id);
+        head.push_str(",\"worker_id\":");
+        cjson_str(&mut head, &job.worker_id);
+        head.push_str(",\"progress\":");
+        head.push_str(&pct);
+        head.push_str(",\"status\":\"in_progress\",\"message\":");
+        cjson_str(&mut head, message);
+        head.push_str(",\"current_step\":");
+        cjson_str(&mut head, &current);
+        head.push_str(",\"total_steps\":");
+        cjson_str(&mut head, &total);
+        head.push_str(",\"timestamp\":");
+        self.lifecycle("updateJobProgressText", job, &[&pct, message, &head])
             .await
             .map(drop)
     }
