@@ -549,9 +549,10 @@ async fn real_machines(n: usize, jobs: usize, pinning: Option<&Pinning>) -> PerJ
 /// The job path of a ComfyUI-shaped job alone, replayed call by call as a fleet makes it, on a
 /// redis-server of its own (pinned like the fleets') with REPLAY_PARKED workers parked: the
 /// API's submission, `announceJob` (index, wake one parked worker), the woken worker's
-/// `claimOrPark`, `startJob`, one `updateJobProgress` a second of the 10 s job (what the
-/// ComfyUI-shaped run measures: 10), its lease renewals (none), `completeJob` and the worker's empty
-/// `claimOrPark` that parks it again. One job at a time, REPLAY_ROUNDS rounds of REPLAY_JOBS
+/// `claimOrPark`, `startJob`, one `updateJobProgressText` a second of the 10 s job (what the
+/// ComfyUI-shaped run measures: 10), its lease renewals (none), `completeJobText` and the
+/// worker's empty `claimOrPark` that parks it again: the calls `Broker` makes, with the parts the
+/// worker encodes written as it writes them (the ids and names here need no escaping). One job at a time, REPLAY_ROUNDS rounds of REPLAY_JOBS
 /// jobs after a warm-up round, each round's server time per job measured as the fleets' are
 /// (FCALL wall time, main-thread CPU, the idle server's own CPU over as long subtracted).
 ///
@@ -652,15 +653,17 @@ async fn replay(pinning: Option<&Pinning>) -> Vec<PerJob> {
             assert_eq!(ok, "ok");
             for step in 0..REPLAY_PROGRESS {
                 let current = 3 * step + 1;
-                let ok: String = lifecycle("updateJobProgress")
-                    .arg(((step + 1) * 100 / (REPLAY_PROGRESS + 1)).to_string())
-                    .arg(format!("sampling step {current} of {COMFY_STEPS}"))
-                    .arg(current)
-                    .arg(COMFY_STEPS)
-                    .arg("0")
+                let pct = (step + 1) * 100 / (REPLAY_PROGRESS + 1);
+                let message = format!("sampling step {current} of {COMFY_STEPS}");
+                let ok: String = lifecycle("updateJobProgressText")
+                    .arg(pct)
+                    .arg(&message)
+                    .arg(format!(
+                        r#"{{"job_id":"{id}","worker_id":"{woken}","progress":{pct},"status":"in_progress","message":"{message}","current_step":"{current}","total_steps":"{COMFY_STEPS}","timestamp":"#
+                    ))
                     .query_async(&mut conn)
                     .await
-                    .expect("updateJobProgress");
+                    .expect("updateJobProgressText");
                 assert_eq!(ok, "ok");
             }
             for _ in 0..replay_renewals() {
@@ -671,15 +674,15 @@ async fn replay(pinning: Option<&Pinning>) -> Vec<PerJob> {
                     .expect("renewLease");
                 assert_eq!(held, "held");
             }
-            let ok: String = lifecycle("completeJob")
+            let ok: String = lifecycle("completeJobText")
                 .arg(r#"{"ok":true}"#)
-                .arg("completed")
-                .arg("")
-                .arg("")
-                .arg("")
+                .arg(format!(
+                    r#"{{"job_id":"{id}","worker_id":"{woken}","progress":100,"status":"completed","message":"completed","result":"#
+                ))
+                .arg(r#","workflow_id":"","current_step":"","total_steps":""}"#)
                 .query_async(&mut conn)
                 .await
-                .expect("completeJob");
+                .expect("completeJobText");
             assert_eq!(ok, "ok");
             let none: Option<String> = park(worker_caps).query_async(&mut conn).await.expect("claimOrPark");
             assert!(none.is_none(), "the worker parks again");

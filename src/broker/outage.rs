@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
@@ -143,7 +144,17 @@ impl RedisState {
 /// The shared record of the link to Redis; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RedisHealth {
-    state: Arc<watch::Sender<RedisState>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: watch::Sender<RedisState>,
+    /// Whether the state is that of a link that answers and has nothing to clear (`up`, no
+    /// failure, no outage), so that a success changes nothing: every command of every worker
+    /// records its outcome, and a success then reads this instead of taking the state's lock.
+    /// Written only with the state's lock held.
+    clean: AtomicBool,
 }
 
 impl Default for RedisHealth {
@@ -156,19 +167,26 @@ impl RedisHealth {
     /// A link with no command run yet.
     pub fn new() -> RedisHealth {
         RedisHealth {
-            state: Arc::new(watch::channel(RedisState::default()).0),
+            shared: Arc::new(Shared {
+                state: watch::channel(RedisState::default()).0,
+                clean: AtomicBool::new(false),
+            }),
         }
     }
 
     /// The current state.
     pub fn snapshot(&self) -> RedisState {
-        self.state.borrow().clone()
+        self.shared.state.borrow().clone()
     }
 
     /// A command succeeded.
     pub fn record_ok(&self) {
+        if self.shared.clean.load(Ordering::Acquire) {
+            return;
+        }
         let mut ended = None;
-        self.state.send_if_modified(|s| {
+        self.shared.state.send_if_modified(|s| {
+            self.shared.clean.store(true, Ordering::Release);
             let changed = !s.up || s.failing_since.is_some();
             if s.failing_since.is_some() {
                 s.recoveries = s.recoveries.wrapping_add(1);
@@ -194,7 +212,8 @@ impl RedisHealth {
     /// an outage is logged (WARN); the others are only counted.
     pub fn record_fault(&self, kind: FaultKind, cause: String) {
         let mut started = None;
-        self.state.send_modify(|s| {
+        self.shared.state.send_modify(|s| {
+            self.shared.clean.store(false, Ordering::Release);
             s.up = false;
             s.failing_since.get_or_insert_with(Instant::now);
             *s.errors.entry(kind).or_default() += 1;
@@ -227,18 +246,18 @@ impl RedisHealth {
     /// Resolves once Redis answers again after failures (at once if it answers now, having
     /// failed since `seen`, the [`RedisState::recoveries`] a waiter read before it slept).
     pub async fn answering_again(&self, seen: u64) {
-        let mut rx = self.state.subscribe();
+        let mut rx = self.shared.state.subscribe();
         let _ = rx.wait_for(|s| s.recoveries != seen && s.up).await;
     }
 
     /// How many recoveries there were so far (see [`RedisHealth::answering_again`]).
     pub fn recoveries(&self) -> u64 {
-        self.state.borrow().recoveries
+        self.shared.state.borrow().recoveries
     }
 
     /// Whether the last command failed.
     pub fn failing(&self) -> bool {
-        self.state.borrow().failing_since.is_some()
+        self.shared.state.borrow().failing_since.is_some()
     }
 }
 
@@ -268,6 +287,15 @@ mod tests {
         assert_eq!(h.recoveries(), before + 1);
         assert_eq!(h.snapshot().outage_since, None, "it ended");
         assert_eq!(h.snapshot().not_ready(Instant::now() + NOT_READY_AFTER), None);
+        // Further successes change nothing; a failure after them is recorded as the first was.
+        h.record_ok();
+        assert_eq!(h.recoveries(), before + 1);
+        assert!(h.snapshot().up);
+        h.record_fault(FaultKind::Unreachable, "refused".into());
+        assert!(!h.snapshot().up && h.failing());
+        h.record_ok();
+        assert_eq!(h.recoveries(), before + 2);
+        assert!(h.snapshot().up && !h.failing());
     }
 
     #[test]
