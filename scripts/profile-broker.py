@@ -13,7 +13,7 @@ Instruction counts do not move with the load of a shared host (time per call doe
 and more), so small steps can be told apart. Usage:
 
     scripts/profile-broker.py [--workers 1000] [--rounds 3] [--breakdown] [--top self|inclusive] [--cache-sim]
-    scripts/profile-broker.py --job-path [--parked 100] [--jobs 50] [--progress 10] [--renewals 0]
+    scripts/profile-broker.py --job-path [--parked 100] [--jobs 50] [--progress 10] [--renewals 0] [--payload-kb 0]
 
 --job-path counts instead the whole path of a ComfyUI-shaped job through the fleet's scheme
 (issue 29's all-in figure) with --parked workers parked: the API's submission (HSET, ZADD),
@@ -249,7 +249,22 @@ def progress_call(id, worker, pct, message, current, total):
     return ("FCALL", "updateJobProgressText", 0, "", id, worker, pct, message, head)
 
 
-def job_path(r, pid, tmp, parked, jobs, progress, renewals):
+def workflow_payload(kb):
+    """A ComfyUI-workflow-shaped payload of about `kb` KB (sampler nodes with their inputs);
+    '{"prompt":{}}' for 0."""
+    if kb <= 0:
+        return '{"prompt":{}}'
+    nodes, i = {}, 0
+    while len(json.dumps(nodes)) < kb * 1024:
+        nodes[str(i)] = {"class_type": "KSampler", "inputs": {
+            "seed": 1000 + i, "steps": 30, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}}
+        i += 1
+    return json.dumps({"prompt": nodes}, separators=(",", ":"))
+
+
+def job_path(r, pid, tmp, parked, jobs, progress, renewals, payload_kb=0):
     """Ir per job of each step of a ComfyUI-shaped job's path (see --job-path)."""
     workers = ["fleet-w%d" % i for i in range(parked)]
     r.call("FLUSHALL")
@@ -265,6 +280,7 @@ def job_path(r, pid, tmp, parked, jobs, progress, renewals):
         results[name] = results.get(name, 0) + totals(wait_for_dump(tmp, before))
         return replies
 
+    payload = workflow_payload(payload_kb)
     for rnd in range(2):  # the first round warms up (memoised group verdicts, encodings)
         results = {}
         ids = ["j%d-%d" % (rnd, i) for i in range(jobs)]
@@ -272,7 +288,7 @@ def job_path(r, pid, tmp, parked, jobs, progress, renewals):
         submit = []
         for i, id in enumerate(ids):
             submit.append(("HSET", "job:" + id, "id", id, "service_required", "comfyui", "priority", 50,
-                           "payload", '{"prompt":{}}', "requirements", "", "customer_id", "", "status",
+                           "payload", payload, "requirements", "", "customer_id", "", "status",
                            "pending", "retry_count", 0, "max_retries", 3,
                            "created_at", time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now / 1000)),
                            "workflow_id", ""))
@@ -296,8 +312,8 @@ def job_path(r, pid, tmp, parked, jobs, progress, renewals):
         measure("claimOrPark (empty, parks)", [("FCALL", "claimOrPark", 0, caps(w), 100, 60000, "", 15000)
                                               for _, w in pairs])
     total = 0
-    print("ComfyUI-shaped job path, %d parked workers, %d jobs, %d progress writes, Ir per job:"
-          % (parked, jobs, progress))
+    print("ComfyUI-shaped job path, %d parked workers, %d jobs, %d progress writes, payload %d bytes, Ir per job:"
+          % (parked, jobs, progress, len(payload)))
     for name, ir in results.items():
         calls = progress if name == "updateJobProgress" else renewals if name == "renewLease" else 1
         total += ir
@@ -326,6 +342,8 @@ def main():
     ap.add_argument("--parked", type=int, default=100, help="--job-path: workers parked")
     ap.add_argument("--jobs", type=int, default=50, help="--job-path: jobs per round (at most --parked)")
     ap.add_argument("--progress", type=int, default=10, help="--job-path: progress writes per job")
+    ap.add_argument("--payload-kb", type=int, default=0,
+                    help="--job-path: a ComfyUI-workflow-shaped payload of about this many KB (0: a few bytes)")
     ap.add_argument("--renewals", type=int, default=0, help="--job-path: lease renewals per job")
     args = ap.parse_args()
     global COMPLETE_FORM, PROGRESS_FORM
@@ -363,7 +381,7 @@ def main():
         # measured phase starts from zeroed counters.
         control(server.pid, "-i", "on")
         if args.job_path:
-            job_path(r, server.pid, tmp, args.parked, args.jobs, args.progress, args.renewals)
+            job_path(r, server.pid, tmp, args.parked, args.jobs, args.progress, args.renewals, args.payload_kb)
             return
         workers = ["bench-w%d" % i for i in range(args.workers)]
         impls = ["ours", "baseline"] if args.impl == "both" else [args.impl]

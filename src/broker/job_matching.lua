@@ -827,12 +827,14 @@ local function index_job(p, id, now, seq, delay_until)
   -- job_type (the service's older name) is read only when service_required is missing: every
   -- field an HMGET returns costs about 2.5 k instructions.
   local jkey = p .. 'job:' .. id
-  local f = redis.call('HMGET', jkey, 'service_required', 'requirements', 'customer_id', 'workflow_id', 'payload',
+  -- The payload is not read: checking it (JSON, timeout_seconds) is the claiming worker's, which
+  -- parses it anyway; decoding a real workflow here cost about 108 instructions a byte.
+  local f = redis.call('HMGET', jkey, 'service_required', 'requirements', 'customer_id', 'workflow_id',
     'status', 'priority', 'workflow_priority', 'created_at', 'workflow_datetime')
   local prev, prev_score = entry_of(redis.call('HGET', p .. 'jobs:idx:job', id))
   local service = f[1]
   if not service or service == '' then service = redis.call('HGET', jkey, 'job_type') end
-  if not f[1] and not service and not f[6] then
+  if not f[1] and not service and not f[5] then
     -- The API writes the ZADD before the HSET; the job_submitted index call or a sweep
     -- indexes it once the hash exists.
     if not prev then
@@ -842,7 +844,7 @@ local function index_job(p, id, now, seq, delay_until)
     end
     return 'orphan'
   end
-  local status = f[6]
+  local status = f[5]
   if status and status ~= '' and not QUEUED[status] then
     redis.call('ZREM', p .. 'jobs:pending', id)
     unindex(p, id)
@@ -858,24 +860,11 @@ local function index_job(p, id, now, seq, delay_until)
     mark_unworkable(p, id, reqs.neg, now)
     return 'unworkable'
   end
-  local payload = f[5]
-  if payload and string.match(payload, '%S') then
-    local ok, doc = pcall(cjson.decode, payload)
-    if not ok then
-      mark_unworkable(p, id, 'malformed payload JSON', now)
-      return 'unworkable'
-    end
-    local limit = type(doc) == 'table' and doc.timeout_seconds
-    if limit ~= nil and limit ~= false and not ((as_number(limit) or 0) > 0) then
-      mark_unworkable(p, id, 'payload.timeout_seconds must be a positive number of seconds', now)
-      return 'unworkable'
-    end
-  end
   -- The API scores with JS `||`: a workflow time or priority of 0 (stored as "0") or none
   -- falls back to the job's own.
   -- (The workflow fields are mostly missing: false, no call.)
-  local ms = f[10] and nonzero(f[10]) or time_ms(f[9])
-  local prio = f[8] and nonzero(f[8]) or tonumber(f[7])
+  local ms = f[9] and nonzero(f[9]) or time_ms(f[8])
+  local prio = f[7] and nonzero(f[7]) or tonumber(f[6])
   local pnum = tonumber(pscore)
   local score = pnum
   if prio and ms then score = prio * 1e15 - math.floor(ms / 1000) end
@@ -1684,20 +1673,23 @@ local function trim_records(p, hash, now)
   record_oldest[at] = oldest
 end
 
-local function final_fail(p, id, worker, claim_rec, err, retry_count, now)
+-- Ends a job as failed (`status` 'failed'), or as 'unworkable' when its claiming worker found it
+-- can run nowhere (a payload that is not JSON, a timeout_seconds that is no positive number).
+local function final_fail(p, id, worker, claim_rec, err, retry_count, now, status)
+  status = status or 'failed'
   local at = iso(now)
   local jkey = p .. 'job:' .. id
-  redis.call('HSET', jkey, 'status', 'failed', 'error', err, 'failed_at', at, 'retry_count', retry_count)
+  redis.call('HSET', jkey, 'status', status, 'error', err, 'failed_at', at, 'retry_count', retry_count)
   redis.call('HDEL', p .. 'jobs:active:' .. worker, id)
   drop_claim(p, id, claim_rec)
   redis.call('HSET', p .. 'jobs:failed', id, cjson.encode({ error = err, failed_at = at, retry_count = retry_count }))
   redis.call('ZADD', p .. 'jobs:failed:at', now, id)
   trim_records(p, 'jobs:failed', now)
-  publish(p, 'job_failed', { job_id = id, worker_id = worker, status = 'failed', error = err, failed_at = at,
+  publish(p, 'job_failed', { job_id = id, worker_id = worker, status = status, error = err, failed_at = at,
     retry_count = retry_count, can_retry = false, timestamp = now })
   worker_idle(p, worker, id, now)
   set_terminal_ttl(p, id)
-  progress_follows(p, id, 'failed', err, now)
+  progress_follows(p, id, status, err, now)
 end
 
 local function start_job(p, id, worker)
@@ -1856,10 +1848,17 @@ end
 
 local RETRY_FIELDS = { 'retry_count', 'max_retries' }
 
+-- `retryable`: '1' retries while retries are left, 'u' ends the job as unworkable (not an
+-- attempt: its retry_count stays), anything else fails it.
 local function fail(p, id, worker, err, retryable, holdoff_ms, delay_ms, cap)
   local now = now_ms()
   local r, claim_rec, st = fence(p, id, worker, now, RETRY_FIELDS)
   if r ~= 'ok' then return r end
+  if retryable == 'u' then
+    final_fail(p, id, worker, claim_rec, err, tonumber(st[1]) or 0, now, 'unworkable')
+    return 'failed'
+  end
+  retryable = retryable == '1'
   local retry_count = (tonumber(st[1]) or 0) + 1
   local max_retries = max_retries_of(p, id, st[2], cap)
   if retryable and retry_count < max_retries then
@@ -1905,7 +1904,7 @@ local function return_for_fault(p, id, worker, fault, detail, holdoff_ms, delay_
   if fault == 'service' then
     local faults = (tonumber(f[3]) or 0) + 1
     redis.call('HSET', jkey, 'service_faults', tostring(faults))
-    if faults > 1 then return fail(p, id, worker, detail, true, holdoff_ms, delay_ms, cap) end
+    if faults > 1 then return fail(p, id, worker, detail, '1', holdoff_ms, delay_ms, cap) end
   end
   local returns = (tonumber(f[1]) or 0) + 1
   local ok, reasons = pcall(cjson.decode, f[2] or '[]')
@@ -2048,7 +2047,7 @@ redis.register_function('completeJobText', function(_, args)
 end)
 
 redis.register_function('failJob', function(_, args)
-  return fail(args[1], args[2], args[3], args[4] or '', args[5] == '1', num_arg(args[6], DEFAULT_HOLDOFF_MS),
+  return fail(args[1], args[2], args[3], args[4] or '', args[5], num_arg(args[6], DEFAULT_HOLDOFF_MS),
     num_arg(args[7], 0), num_arg(args[8], 0))
 end)
 

@@ -44,12 +44,18 @@ pub struct PendingJob {
 }
 
 impl PendingJob {
-    /// Whether the job can run at all: well-formed requirements and payload, a service.
+    /// Whether the job can be claimed at all: well-formed requirements, a service. (Its payload
+    /// is the claiming worker's to check: a malformed one is claimed and ended as unworkable.)
     pub fn workable(&self) -> bool {
-        !self.service.is_empty()
-            && Requirements::parse(&self.requirements).is_ok()
-            && (self.payload.trim().is_empty()
-                || serde_json::from_str::<Value>(&self.payload).is_ok_and(|p| payload_problem(&p).is_none()))
+        !self.service.is_empty() && Requirements::parse(&self.requirements).is_ok()
+    }
+
+    /// Whether the worker that claims the job can run its payload (empty, or JSON without a
+    /// `timeout_seconds` that is no positive number); `Broker::claim` ends any other as
+    /// unworkable and claims on.
+    pub fn payload_runs(&self) -> bool {
+        self.payload.trim().is_empty()
+            || serde_json::from_str::<Value>(&self.payload).is_ok_and(|p| payload_problem(&p).is_none())
     }
 }
 

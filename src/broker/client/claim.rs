@@ -16,7 +16,7 @@ const LEAVE_PARK_WITHIN: Duration = Duration::from_secs(1);
 /// Workers whose capabilities' JSON is kept (`Broker::caps_json`); a machine has a few.
 const CAPS_JSON_MAX: usize = 4096;
 use crate::broker::BrokerError;
-use crate::broker::capabilities::Capabilities;
+use crate::broker::capabilities::{Capabilities, payload_problem};
 
 /// A job this machine claimed.
 #[derive(Debug, Clone, PartialEq)]
@@ -209,16 +209,24 @@ impl Broker {
                 Err(e) => {
                     let field = invalid_utf8_field(e.as_bytes());
                     let mut job = parse_claim(&String::from_utf8_lossy(e.as_bytes()))?;
-                    job.payload_error = Some(format!("invalid UTF-8 in job field `{field}`"));
+                    job.payload_error = Some(Unrunnable {
+                        reason: format!("invalid UTF-8 in job field `{field}`"),
+                        unworkable: false,
+                    });
                     job
                 }
             };
             match job.payload_error {
                 None => return Ok(Some(job.job)),
-                Some(reason) => {
-                    // The job cannot run anywhere; fail it at once with the reason.
+                Some(Unrunnable { reason, unworkable }) => {
+                    // The job cannot run anywhere; end it at once with the reason.
                     tracing::warn!(job_id = %job.job.id, %reason, "claimed a job that cannot run; failing it");
-                    match self.fail(&job.job, &reason, false).await {
+                    let ended = if unworkable {
+                        self.fail_unworkable(&job.job, &reason).await
+                    } else {
+                        self.fail(&job.job, &reason, false).await
+                    };
+                    match ended {
                         Ok(_) => {}
                         // An id that is not UTF-8 itself cannot be named back; its lease runs out.
                         Err(BrokerError::LeaseLost { .. } | BrokerError::Cancelled { .. }) => {}
@@ -406,7 +414,16 @@ fn json_string(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
 
 struct ParsedClaim {
     job: ClaimedJob,
-    payload_error: Option<String>,
+    payload_error: Option<Unrunnable>,
+}
+
+/// Why a claimed job cannot run anywhere: its worker ends it at once with the reason.
+struct Unrunnable {
+    reason: String,
+    /// `unworkable` (a payload that is not JSON or asks for a time limit that is no positive
+    /// number: the library no longer decodes payloads when it indexes them, so the claiming
+    /// worker is the first to see it) rather than `failed` (a field that is not UTF-8).
+    unworkable: bool,
 }
 
 fn parse_claim(reply: &str) -> Result<ParsedClaim, BrokerError> {
@@ -460,9 +477,18 @@ fn parse_claim(reply: &str) -> Result<ParsedClaim, BrokerError> {
     let (payload, payload_error) = if raw_payload.trim().is_empty() {
         (Value::Object(serde_json::Map::new()), None)
     } else {
+        let unworkable = |reason: String| {
+            Some(Unrunnable {
+                reason,
+                unworkable: true,
+            })
+        };
         match serde_json::from_str(raw_payload) {
-            Ok(v) => (v, None),
-            Err(e) => (Value::Null, Some(format!("malformed payload JSON: {e}"))),
+            Ok(v) => {
+                let problem = payload_problem(&v).and_then(|p| unworkable(p.to_owned()));
+                (v, problem)
+            }
+            Err(e) => (Value::Null, unworkable(format!("malformed payload JSON: {e}"))),
         }
     };
     Ok(ParsedClaim {
@@ -500,7 +526,19 @@ mod tests {
         assert_eq!(r.job.service, "comfyui");
         assert!(r.payload_error.is_none());
         let bad = parse_claim(r#"{"jobId":"j1","job":{"payload":"{oops"}}"#).expect("parses");
-        assert!(bad.payload_error.is_some());
+        assert!(
+            bad.payload_error
+                .is_some_and(|e| e.unworkable && e.reason.starts_with("malformed payload JSON"))
+        );
+        // The library no longer checks payloads when it indexes them: the claim does.
+        let limit = parse_claim(r#"{"jobId":"j1","job":{"payload":"{\"timeout_seconds\":0}"}}"#).expect("parses");
+        assert!(
+            limit
+                .payload_error
+                .is_some_and(|e| e.unworkable && e.reason.contains("payload.timeout_seconds"))
+        );
+        let fine = parse_claim(r#"{"jobId":"j1","job":{"payload":"{\"timeout_seconds\":\"30\"}"}}"#).expect("parses");
+        assert!(fine.payload_error.is_none());
         // A field that is not a string (no library reply has one) is kept as its JSON text.
         let odd = parse_claim(r#"{"jobId":"j1","job":{"priority":50,"payload":"{}"}}"#).expect("parses");
         assert_eq!(odd.job.field("priority"), Some("50"));

@@ -206,6 +206,13 @@ impl Broker {
         })
     }
 
+    /// Ends a job its worker found can run nowhere (see the claim) as `unworkable`, with the
+    /// reason; not an attempt, so its `retry_count` stays.
+    pub(super) async fn fail_unworkable(&self, job: &ClaimedJob, reason: &str) -> Result<Failure, BrokerError> {
+        self.lifecycle("failJob", job, &[reason, "u"]).await?;
+        Ok(Failure::Failed)
+    }
+
     /// Gives the job back because of `fault`, not the job's own (see [`Fault`]); `reason` is
     /// kept in the job hash (`machine_return_reasons`) and named when the returns fail it.
     pub async fn return_for_fault(
