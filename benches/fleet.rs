@@ -549,7 +549,7 @@ async fn real_machines(n: usize, jobs: usize, pinning: Option<&Pinning>) -> PerJ
 /// The job path of a ComfyUI-shaped job alone, replayed call by call as a fleet makes it, on a
 /// redis-server of its own (pinned like the fleets') with REPLAY_PARKED workers parked: the
 /// API's submission, `announceJob` (index, wake one parked worker), the woken worker's
-/// `claimOrPark`, `startJob`, one `updateJobProgressText` a second of the 10 s job (what the
+/// `claimOrPark`, `startJob`, one `updateJobProgressAt` a second of the 10 s job (what the
 /// ComfyUI-shaped run measures: 10), its lease renewals (none), `completeJobText` and the
 /// worker's empty `claimOrPark` that parks it again: the calls `Broker` makes, with the parts the
 /// worker encodes written as it writes them (the ids and names here need no escaping). One job at a time, REPLAY_ROUNDS rounds of REPLAY_JOBS
@@ -655,15 +655,17 @@ async fn replay(pinning: Option<&Pinning>) -> Vec<PerJob> {
                 let current = 3 * step + 1;
                 let pct = (step + 1) * 100 / (REPLAY_PROGRESS + 1);
                 let message = format!("sampling step {current} of {COMFY_STEPS}");
-                let ok: String = lifecycle("updateJobProgressText")
+                let (ms, at) = machine::clock::now_stamp();
+                let ok: String = lifecycle("updateJobProgressAt")
                     .arg(pct)
                     .arg(&message)
                     .arg(format!(
-                        r#"{{"job_id":"{id}","worker_id":"{woken}","progress":{pct},"status":"in_progress","message":"{message}","current_step":"{current}","total_steps":"{COMFY_STEPS}","timestamp":"#
+                        r#"{{"job_id":"{id}","worker_id":"{woken}","progress":{pct},"status":"in_progress","message":"{message}","current_step":"{current}","total_steps":"{COMFY_STEPS}","timestamp":{ms}}}"#
                     ))
+                    .arg(at)
                     .query_async(&mut conn)
                     .await
-                    .expect("updateJobProgressText");
+                    .expect("updateJobProgressAt");
                 assert_eq!(ok, "ok");
             }
             for _ in 0..replay_renewals() {

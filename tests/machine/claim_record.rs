@@ -357,6 +357,66 @@ async fn a_completion_encoded_by_the_worker_writes_the_bytes_the_library_wrote()
     .expect("within the limit");
 }
 
+/// A progress write is timed by its worker, as the original workers time theirs: Redis' clock
+/// (`TIME`, about a seventh of the write) is not read, and the hash's `updated_at` and the
+/// message's `timestamp` are one instant of the worker's clock.
+#[tokio::test]
+async fn a_progress_write_is_timed_by_its_worker_not_by_the_servers_clock() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server, Duration::from_secs(60)).await;
+        let mut conn = raw(&server).await;
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("update_job_progress").await.unwrap();
+        let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
+        let claimed = b.claim(&caps("w1")).await.unwrap().expect("claimed");
+        assert_eq!(claimed.id, id);
+        let mut messages = pubsub.on_message();
+        let _claims_own: String = futures_util::StreamExt::next(&mut messages)
+            .await
+            .unwrap()
+            .get_payload()
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let before = std::time::SystemTime::now();
+        b.progress(&claimed, 40.0, "sampling", Some((2, 5))).await.unwrap();
+        let after = std::time::SystemTime::now();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(stats.contains("cmdstat_fcall:"), "{stats}");
+        assert!(!stats.contains("cmdstat_time:"), "the write read Redis' clock: {stats}");
+        let msg: String = futures_util::StreamExt::next(&mut messages)
+            .await
+            .unwrap()
+            .get_payload()
+            .unwrap();
+        let msg: Value = serde_json::from_str(&msg).unwrap();
+        let hash: BTreeMap<String, String> = conn.hgetall(format!("job:{id}:progress")).await.unwrap();
+        let at = humantime::parse_rfc3339(&hash["updated_at"]).expect("updated_at is ISO-8601");
+        let ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        assert_eq!(msg["timestamp"].as_u64(), Some(ms(at)), "one instant: {msg} {hash:?}");
+        assert!(
+            ms(before) <= ms(at) && ms(at) <= ms(after),
+            "the worker's clock during the call"
+        );
+        assert_eq!(msg["progress"], 40);
+        assert_eq!(hash["progress"], "40");
+    })
+    .await
+    .expect("within the limit");
+}
+
 /// The worker encodes update_job_progress up to its timestamp itself (`updateJobProgressText`);
 /// older machines still call `updateJobProgress`, which encodes it in the library. Both must
 /// write the same message and progress hash, names and messages that need escaping included.

@@ -138,24 +138,27 @@ impl Broker {
                 .await
                 .map(drop);
         }
-        // update_job_progress encoded here up to its timestamp, which the function adds
-        // (`updateJobProgressText`), as for complete_job: the same bytes, with the encoding off
-        // the one Redis thread.
-        let mut head = String::with_capacity(128 + job.id.len() + job.worker_id.len() + message.len());
-        head.push_str("{\"job_id\":");
-        cjson_str(&mut head, &job.id);
-        head.push_str(",\"worker_id\":");
-        cjson_str(&mut head, &job.worker_id);
-        head.push_str(",\"progress\":");
-        head.push_str(&pct);
-        head.push_str(",\"status\":\"in_progress\",\"message\":");
-        cjson_str(&mut head, message);
-        head.push_str(",\"current_step\":");
-        cjson_str(&mut head, &current);
-        head.push_str(",\"total_steps\":");
-        cjson_str(&mut head, &total);
-        head.push_str(",\"timestamp\":");
-        self.lifecycle("updateJobProgressText", job, &[&pct, message, &head])
+        // update_job_progress encoded here, as for complete_job: the same bytes, with the
+        // encoding off the one Redis thread. Timed here too (`updateJobProgressAt`), as the
+        // original workers time their reports: the server's clock was a seventh of the write.
+        let mut doc = String::with_capacity(128 + job.id.len() + job.worker_id.len() + message.len());
+        doc.push_str("{\"job_id\":");
+        cjson_str(&mut doc, &job.id);
+        doc.push_str(",\"worker_id\":");
+        cjson_str(&mut doc, &job.worker_id);
+        doc.push_str(",\"progress\":");
+        doc.push_str(&pct);
+        doc.push_str(",\"status\":\"in_progress\",\"message\":");
+        cjson_str(&mut doc, message);
+        doc.push_str(",\"current_step\":");
+        cjson_str(&mut doc, &current);
+        doc.push_str(",\"total_steps\":");
+        cjson_str(&mut doc, &total);
+        doc.push_str(",\"timestamp\":");
+        let (ms, at) = crate::clock::now_stamp();
+        doc.push_str(&ms.to_string());
+        doc.push('}');
+        self.lifecycle("updateJobProgressAt", job, &[&pct, message, &doc, &at])
             .await
             .map(drop)
     }
