@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::support::subscribed;
 use machine::broker::{Broker, BrokerOptions, Capabilities, NewJob};
 use machine::config::RedisUrl;
 use redis::AsyncCommands;
@@ -296,12 +297,7 @@ async fn a_completion_encoded_by_the_worker_writes_the_bytes_the_library_wrote()
         let server = RedisServer::start();
         let b = broker(&server, Duration::from_secs(60)).await;
         let mut conn = raw(&server).await;
-        let mut pubsub = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        pubsub.subscribe("complete_job").await.unwrap();
+        let mut pubsub = subscribed(&server.url(), "complete_job").await;
         let worker = "m1/gpu \"0\" é\u{7f}";
         let result = json!({"url": "https://cdn/x/a.png", "n": 1.5, "s": "tab\there"});
         let mut sent = Vec::new();
@@ -366,12 +362,7 @@ async fn a_progress_write_is_timed_by_its_worker_not_by_the_servers_clock() {
         let server = RedisServer::start();
         let b = broker(&server, Duration::from_secs(60)).await;
         let mut conn = raw(&server).await;
-        let mut pubsub = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        pubsub.subscribe("update_job_progress").await.unwrap();
+        let mut pubsub = subscribed(&server.url(), "update_job_progress").await;
         let id = b.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         let claimed = b.claim(&caps("w1")).await.unwrap().expect("claimed");
         assert_eq!(claimed.id, id);
@@ -426,12 +417,7 @@ async fn a_progress_write_encoded_by_the_worker_writes_the_bytes_the_library_wro
         let server = RedisServer::start();
         let b = broker(&server, Duration::from_secs(60)).await;
         let mut conn = raw(&server).await;
-        let mut pubsub = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        pubsub.subscribe("update_job_progress").await.unwrap();
+        let mut pubsub = subscribed(&server.url(), "update_job_progress").await;
         let worker = "m1/gpu \"0\" é\u{7f}";
         let message = "step 2/3: \"sampling\"\n\té";
         let mut sent = Vec::new();

@@ -25,7 +25,7 @@ use testkit::{FakeOpenai, FakeReplicate, FakeRunpod, RedisServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::within;
+use crate::support::{subscribed, within};
 
 /// Each test's hard limit.
 const HARD_LIMIT: Duration = Duration::from_secs(120);
@@ -1513,12 +1513,7 @@ async fn external_a_worker_whose_services_all_wait_for_a_quota_is_not_woken() {
             assert!(Instant::now() < deadline, "the quota never stopped the job");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mut wakes = redis::Client::open(rig.server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        wakes.subscribe("jobs:wake:m0").await.unwrap();
+        let mut wakes = subscribed(&rig.server.url(), "jobs:wake:m0").await;
         // Longer than a few safety polls (300 ms): a worker still claiming would have parked.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let parked: bool = conn.hexists("jobs:idx:parked", "w1").await.unwrap();

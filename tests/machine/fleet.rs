@@ -17,7 +17,7 @@ use testkit::RedisServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::within;
+use crate::support::{subscribed, within};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -224,12 +224,7 @@ async fn when_the_woken_machine_is_gone_another_idle_worker_takes_the_job_within
         // A worker of a machine that was SIGKILLed right after it parked: its entry is the
         // freshest (it parked for long), and nobody hears its machine's wake channel.
         park_a_dead_machines_worker(&mut conn, 600_000).await;
-        let mut wakes = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        wakes.subscribe("jobs:wake:gone").await.unwrap();
+        let mut wakes = subscribed(&server.url(), "jobs:wake:gone").await;
         let submitted = Instant::now();
         let id = m.broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         let job = waiter.await.unwrap().expect("the live worker takes the job");
@@ -555,12 +550,7 @@ async fn a_worker_that_left_the_park_is_not_woken() {
         assert!(stopping.await.unwrap().is_none());
         a.broker.leave_park("a-gpu0").await;
         assert_eq!(parked(&mut conn).await, 1, "a's worker left the park");
-        let mut wakes = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        wakes.subscribe("jobs:wake:a").await.unwrap();
+        let mut wakes = subscribed(&server.url(), "jobs:wake:a").await;
         let submitted = Instant::now();
         let id = a.broker.submit(&NewJob::new("simulation", json!({}))).await.unwrap();
         let job = waiting.await.unwrap().expect("b's worker takes the job");

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::within;
+use crate::support::{subscribed, within};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -1419,12 +1419,7 @@ async fn job_claimed_leaves_out_step_fields_the_job_lacks() {
         let server = RedisServer::start();
         let b = broker(&server).await;
         let mut conn = raw(&server).await;
-        let mut pubsub = redis::Client::open(server.url())
-            .unwrap()
-            .get_async_pubsub()
-            .await
-            .unwrap();
-        pubsub.subscribe("job_claimed").await.unwrap();
+        let mut pubsub = subscribed(&server.url(), "job_claimed").await;
         let t = now_ms() - 60_000;
         api_submit(&mut conn, "no-steps", t, &[], false).await;
         api_submit(

@@ -126,3 +126,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A pub/sub connection to the Redis at `url`, subscribed to `channel` (listening once this
+/// returns: SUBSCRIBE is answered).
+pub async fn subscribed(url: &str, channel: &str) -> redis::aio::PubSub {
+    let mut pubsub = redis::Client::open(url)
+        .expect("a redis URL")
+        .get_async_pubsub()
+        .await
+        .expect("a pub/sub connection");
+    pubsub.subscribe(channel).await.expect("SUBSCRIBE");
+    pubsub
+}
