@@ -18,8 +18,8 @@ and more), so small steps can be told apart. Usage:
 --job-path counts instead the whole path of a ComfyUI-shaped job through the fleet's scheme
 (issue 29's all-in figure) with --parked workers parked: the API's submission (HSET, ZADD),
 announceJob (index, wake one parked worker), the woken worker's claimOrPark, startJob,
---progress updateJobProgressAt writes (one a second of a 10 s job; --progress-form text or job:
-updateJobProgressText or updateJobProgress, what older machines call), --renewals renewLease (none:
+--progress updateJobProgressAt writes (one a second of a 10 s job; --progress-form job:
+updateJobProgress, what older machines call), --renewals renewLease (none:
 a lease is renewed every third of its 60 s), completeJobText (--complete job: completeJob)
 and the worker's empty claimOrPark that parks it again; Ir per job for each step and in all.
 
@@ -238,16 +238,14 @@ def breakdown(path, per):
 
 def progress_call(id, worker, pct, message, current, total):
     """A progress write as Broker::progress makes it (--progress-form at: updateJobProgressAt,
-    update_job_progress encoded and timed by the worker), or as older machines do (text:
-    updateJobProgressText, encoded up to its timestamp; job: updateJobProgress)."""
+    update_job_progress encoded and timed by the worker), or as older machines do (job:
+    updateJobProgress)."""
     if PROGRESS_FORM == "job":
         return ("FCALL", "updateJobProgress", 0, "", id, worker, pct, message, current, total, "0")
     head = '{"job_id":%s,"worker_id":%s,"progress":%d,"status":"in_progress","message":%s,' \
            '"current_step":%s,"total_steps":%s,"timestamp":' % (
                json.dumps(id), json.dumps(worker), pct, json.dumps(message), json.dumps(str(current)),
                json.dumps(str(total)))
-    if PROGRESS_FORM == "text":
-        return ("FCALL", "updateJobProgressText", 0, "", id, worker, pct, message, head)
     now = time.time()
     at = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(now)) + "%03dZ" % (int(now * 1000) % 1000)
     return ("FCALL", "updateJobProgressAt", 0, "", id, worker, pct, message, head + "%d}" % int(now * 1000), at)
@@ -337,9 +335,9 @@ def main():
     ap.add_argument("--impl", choices=["ours", "baseline", "both"], default="both")
     ap.add_argument("--complete", choices=["text", "job"], default="text",
                     help="ours' completion: completeJobText (what Broker::complete calls) or completeJob")
-    ap.add_argument("--progress-form", choices=["at", "text", "job"], default="at",
-                    help="--job-path: updateJobProgressAt (what Broker::progress calls), or the older "
-                         "machines' updateJobProgressText or updateJobProgress")
+    ap.add_argument("--progress-form", choices=["at", "job"], default="at",
+                    help="--job-path: updateJobProgressAt (what Broker::progress calls) or the older "
+                         "machines' updateJobProgress")
     ap.add_argument("--cache-sim", action="store_true",
                     help="also count simulated data-cache misses (first level, a 1 MiB last level like the "
                          "host's L2) and mispredicted branches per call")

@@ -1756,20 +1756,10 @@ local function progress(p, id, worker, pct, message, current_step, total_steps, 
   return 'ok'
 end
 
--- updateJobProgressText: the same write with update_job_progress encoded by the worker up to
--- its `"timestamp":` (`head`, cjson's escaping): the server adds its own time (as
--- completeJobText does for complete_job). Without the stream (the broker calls
--- updateJobProgress when it is configured).
-local function progress_text(p, id, worker, pct, message, head)
-  local r, _, now_text = progress_hash(p, id, worker, pct, message)
-  if r ~= 'ok' then return r end
-  redis.call('PUBLISH', (names_memo[p] or names(p))['update_job_progress'], head .. now_text .. '}')
-  return 'ok'
-end
-
--- updateJobProgressAt: the same write timed by the worker, as the original workers time theirs:
--- `at` is the report's ISO time for updated_at and `doc` the whole update_job_progress with the
--- same time in milliseconds. No TIME: the clock was about 11 k of a 73 k write, ten a job.
+-- updateJobProgressAt: the same write encoded and timed by the worker (its processes have the
+-- CPU the one Redis thread lacks; the original workers time their progress too): `at` is the
+-- report's ISO time for updated_at and `doc` the whole update_job_progress, cjson's escaping,
+-- with the same time in milliseconds. No TIME: the clock was about 11 k of a 73 k write, ten a job.
 local function progress_at(p, id, worker, pct, message, doc, at)
   local r = progress_hash(p, id, worker, pct, message, at)
   if r ~= 'ok' then return r end
@@ -2046,11 +2036,6 @@ end)
 
 redis.register_function('updateJobProgress', function(_, args)
   return progress(args[1], args[2], args[3], args[4], args[5] or '', args[6] or '', args[7] or '', args[8] == '1')
-end)
-
-redis.register_function('updateJobProgressText', function(_, args)
-  if not args[6] then return redis.error_reply('ERR updateJobProgressText needs the message up to its timestamp') end
-  return progress_text(args[1], args[2], args[3], args[4], args[5] or '', args[6])
 end)
 
 redis.register_function('updateJobProgressAt', function(_, args)

@@ -408,7 +408,7 @@ async fn a_progress_write_is_timed_by_its_worker_not_by_the_servers_clock() {
     .expect("within the limit");
 }
 
-/// The worker encodes update_job_progress up to its timestamp itself (`updateJobProgressText`);
+/// The worker encodes update_job_progress itself (`updateJobProgressAt`);
 /// older machines still call `updateJobProgress`, which encodes it in the library. Both must
 /// write the same message and progress hash, names and messages that need escaping included.
 #[tokio::test]
