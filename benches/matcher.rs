@@ -1,7 +1,10 @@
 //! `cargo bench --bench matcher`: our `findMatchingJob` against the seed plan's baseline (scan
 //! the top 100 of `jobs:pending`, HGETALL and JSON-decode each, claim the first match), side by
 //! side on the same private redis-server with the same data, plus submit→claim latency with
-//! idle waiting workers.
+//! idle waiting workers. Each round starts with an empty functions VM holding only the library it
+//! measures (`FUNCTION FLUSH`), as each would run in production: Lua's collector walks what a
+//! library keeps between calls on every call of any library in the VM, so the baseline measured
+//! beside our memos paid for them.
 //!
 //! Server time per call comes from `INFO commandstats` (`cmdstat_fcall`), reset before each run.
 
@@ -19,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 const BASELINE: &str = include_str!("baseline.lua");
 
 /// Alternating rounds of the claim+complete scenario, each implementation keeping its best.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 /// Alternating rounds of the head-match scenario (2,000 claims, a fraction of a second each),
 /// each implementation keeping its lowest server time per claim.
 const HEAD_ROUNDS: usize = 5;
@@ -78,11 +81,30 @@ fn worker_caps(id: &str) -> Capabilities {
 }
 
 impl Bench {
-    async fn reset(&mut self) {
+    /// An empty Redis whose functions VM holds only `which`'s library.
+    async fn reset_for(&mut self, which: Impl) {
         let _: () = redis::cmd("FLUSHALL")
             .query_async(&mut self.conn)
             .await
             .expect("FLUSHALL");
+        let _: () = redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query_async(&mut self.conn)
+            .await
+            .expect("FUNCTION FLUSH");
+        match which {
+            Impl::Ours => {
+                self.broker.ensure_functions().await.expect("install ours");
+            }
+            Impl::Baseline => {
+                let _: String = redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg(BASELINE)
+                    .query_async(&mut self.conn)
+                    .await
+                    .expect("load the baseline");
+            }
+        }
     }
 
     /// `n` jobs as the API writes them, scored below `top` in submission order.
@@ -318,16 +340,18 @@ fn print_table(title: &str, ours: &Run, base: &Run) {
 /// job_submitted does); otherwise the backlog was queued while no machine listened and the
 /// claims themselves must find it, in order.
 async fn scenario(bench: &mut Bench, unrunnable: usize, runnable: usize, which: Impl, indexed: bool) -> Run {
-    bench.reset().await;
+    bench.reset_for(which).await;
     if unrunnable > 0 {
         bench
             .load("blocked-", unrunnable, r#"{"hardware":{"gpu_memory_gb":80}}"#, 90)
             .await;
     }
     bench.load("ok-", runnable, "", 50).await;
-    if indexed {
+    if which == Impl::Baseline {
+        // The baseline scans jobs:pending: there is no index to build.
+    } else if indexed {
         bench.broker.catch_up_index().await.expect("index");
-    } else if which == Impl::Ours {
+    } else {
         // What a machine does when it subscribes, before its workers claim (Broker::claim_next
         // waits for it).
         let t = Instant::now();
@@ -522,7 +546,7 @@ fn main() {
                 if only.is_some_and(|o| o != which) {
                     continue;
                 }
-                bench.reset().await;
+                bench.reset_for(which).await;
                 bench.load("c-", 20_000, "", 50).await;
                 if matches!(which, Impl::Ours) {
                     bench.broker.catch_up_index().await.expect("index");
@@ -573,7 +597,7 @@ fn main() {
         if throughput_only {
             return;
         }
-        bench.reset().await;
+        bench.reset_for(Impl::Ours).await;
         let (p50, p99, n) = submit_to_claim(&server, &url).await;
         println!("\n## submit → claim with 8 idle waiting workers (ours; {n} jobs one at a time)");
         println!("p50 {p50:.2} ms, p99 {p99:.2} ms");

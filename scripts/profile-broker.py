@@ -2,9 +2,10 @@
 """Where the broker's Redis time per job goes, counted in instructions.
 
 Runs a private redis-server under `valgrind --tool=callgrind` (instrumented only while the
-measured calls run), loads the `jobMatching` library and the matcher bench's baseline
-(benches/baseline.lua), and for each of them has WORKERS workers claim and complete ROUNDS
-jobs each, pipelined (all the workers' claims, then all their completions), after one warm-up
+measured calls run), loads the `jobMatching` library or the matcher bench's baseline
+(benches/baseline.lua), each alone in the functions VM, and for each of them has WORKERS
+workers claim and complete ROUNDS jobs each, pipelined (all the workers' claims, then all their
+completions), after one warm-up
 round (so the capabilities are memoised, as in `cargo bench --bench matcher`). It prints the
 instructions (Ir) per claim and per completion, and with --breakdown the inclusive Ir per call
 of the Redis commands the functions run (from callgrind_annotate).
@@ -375,10 +376,19 @@ def main():
                 time.sleep(0.1)
         else:
             sys.exit("profile-broker: redis-server did not start")
-        with open(args.lib, encoding="utf-8") as f:
-            r.call("FUNCTION", "LOAD", "REPLACE", f.read().replace("__MATCHER_VERSION__", "profile"))
-        with open(os.path.join(ROOT, "benches/baseline.lua"), encoding="utf-8") as f:
-            r.call("FUNCTION", "LOAD", "REPLACE", f.read())
+        def load_only(impl):
+            # Each implementation runs in a functions VM of its own, as in production and in the
+            # matcher bench: Lua's collector walks whatever any library in the VM keeps, and our
+            # library sets the VM's collector step.
+            r.call("FUNCTION", "FLUSH")
+            if impl == "ours":
+                with open(args.lib, encoding="utf-8") as f:
+                    r.call("FUNCTION", "LOAD", f.read().replace("__MATCHER_VERSION__", "profile"))
+            else:
+                with open(os.path.join(ROOT, "benches/baseline.lua"), encoding="utf-8") as f:
+                    r.call("FUNCTION", "LOAD", f.read())
+
+        load_only("ours")
 
         # Instrumented from here on (toggling it between dumps corrupts callgrind's totals); each
         # measured phase starts from zeroed counters.
@@ -391,6 +401,7 @@ def main():
         results = {}
         for impl in impls:
             r.call("FLUSHALL")
+            load_only(impl)
             r.call("EVAL", LOAD, 0, "c-", args.workers * (args.rounds + 1), "", 50)
             if impl == "ours":
                 while True:
