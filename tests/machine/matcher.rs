@@ -692,6 +692,130 @@ async fn memoised_capabilities_and_group_verdicts_stay_right() {
     .await;
 }
 
+/// Lua's collector in the functions' VM, read by a probe library loaded beside ours: its
+/// `stepmul` (set and put back), the heap now and the heap after a full collection, in KB.
+async fn lua_gc(conn: &mut MultiplexedConnection, what: &str) -> f64 {
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(
+            "#!lua name=gcProbe\n\
+             redis.register_function('gcProbe', function(_, a)\n\
+               if a[1] == 'stepmul' then\n\
+                 local was = collectgarbage('setstepmul', 200)\n\
+                 collectgarbage('setstepmul', was)\n\
+                 return tostring(was)\n\
+               end\n\
+               if a[1] == 'live' then collectgarbage('collect') end\n\
+               return tostring(collectgarbage('count'))\n\
+             end)",
+        )
+        .query_async(conn)
+        .await
+        .expect("load the collector probe");
+    let v: String = redis::cmd("FCALL")
+        .arg("gcProbe")
+        .arg(0)
+        .arg(what)
+        .query_async(conn)
+        .await
+        .expect("collector probe");
+    v.parse().expect("a number")
+}
+
+/// Redis steps Lua's collector every 50 calls by work in proportion to `stepmul`, whatever the
+/// calls allocated: at the default 200 our memos (1,000 workers' decoded capabilities, 3 MB) were
+/// walked over and over. The library sets 50 on its first call, and the collector must still
+/// finish its cycles: the heap stays within a small multiple of what is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_slows_lua_s_collector_and_the_heap_stays_bounded() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        assert_eq!(
+            lua_gc(&mut conn, "stepmul").await,
+            200.0,
+            "Lua's default before any call"
+        );
+        const JOBS: usize = 4000;
+        bulk_load(&mut conn, "j-", JOBS, "comfyui", "", 50).await;
+        b.catch_up_index().await.expect("index");
+        assert_eq!(
+            lua_gc(&mut conn, "stepmul").await,
+            50.0,
+            "set by the library's first call"
+        );
+        let mut peak: f64 = 0.0;
+        let workers: Vec<Capabilities> = (0..400).map(|i| caps(&format!("w-{i}"), &["comfyui"])).collect();
+        let mut done = 0;
+        while done < JOBS {
+            let claims = workers.iter().map(|w| {
+                let b = b.clone();
+                async move {
+                    if let Some(job) = b.claim(w).await.expect("claim") {
+                        b.complete(&job, &json!({"ok": true})).await.expect("complete");
+                        1
+                    } else {
+                        0
+                    }
+                }
+            });
+            done += futures_util::future::join_all(claims).await.into_iter().sum::<usize>();
+            peak = peak.max(lua_gc(&mut conn, "count").await);
+        }
+        let live = lua_gc(&mut conn, "live").await;
+        assert!(
+            peak < 3.0 * live,
+            "the heap peaked at {peak:.0} KB for {live:.0} KB live: the collector falls behind"
+        );
+    })
+    .await;
+}
+
+/// A requirement may name any capability, the worker's id too: workers whose capabilities differ
+/// only in it are each judged with their own, memoised verdicts included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requirement_on_worker_id_is_judged_with_each_workers_own_id() {
+    within(LIMIT, async {
+        let server = RedisServer::start();
+        let b = broker(&server).await;
+        let mut conn = raw(&server).await;
+        api_add(
+            &mut conn,
+            "pinned",
+            9e15,
+            &[
+                ("service_required", "comfyui"),
+                ("requirements", r#"{"worker_id":"w-2"}"#),
+            ],
+        )
+        .await;
+        let (w1, w2) = (caps("w-1", &["comfyui"]), caps("w-2", &["comfyui"]));
+        assert!(b.claim(&w1).await.unwrap().is_none(), "w-1 is not the pinned worker");
+        assert_eq!(b.claim(&w2).await.unwrap().map(|j| j.id).as_deref(), Some("pinned"));
+        api_add(
+            &mut conn,
+            "pinned-again",
+            9e15,
+            &[
+                ("service_required", "comfyui"),
+                ("requirements", r#"{"worker_id":"w-2"}"#),
+            ],
+        )
+        .await;
+        assert!(
+            b.claim(&w1).await.unwrap().is_none(),
+            "w-1's memoised verdict is its own"
+        );
+        assert_eq!(
+            b.claim(&w2).await.unwrap().map(|j| j.id).as_deref(),
+            Some("pinned-again")
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_writes_after_cancel_or_lease_expiry_are_rejected() {
     within(LIMIT, async {
