@@ -430,11 +430,19 @@ impl HealthState {
         f(&mut self.redis.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// The broker connection status now.
     fn redis(&self) -> RedisStatus {
-        let mut r = self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let now = self.redis_health.snapshot();
+        let not_ready = now.not_ready(Instant::now());
+        self.redis_status(now, not_ready)
+    }
+
+    /// The broker connection status as `now` (one reading of [`Self::redis_health`]) says it,
+    /// with `not_ready` read from the same reading.
+    fn redis_status(&self, now: crate::broker::RedisState, not_ready: Option<String>) -> RedisStatus {
+        let mut r = self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone();
         r.connected = now.up;
-        r.not_ready = now.not_ready(Instant::now());
+        r.not_ready = not_ready;
         r.error_kind = now.fault.as_ref().map(|(kind, _)| kind.name().to_owned());
         r.last_error = now.fault.map(|(_, cause)| cause);
         r.errors = now.errors.iter().map(|(k, n)| (k.name().to_owned(), *n)).collect();
@@ -478,14 +486,20 @@ impl HealthState {
     }
 
     /// The workers as `/status` and `/ready` show them: their status plus the reason a
-    /// waiting worker gives.
-    fn workers_document(&self) -> Vec<status::Worker> {
+    /// waiting worker gives. Every worker claims through the one broker: `redis`, why Redis
+    /// takes no claims, is each one's reason; the caller reads it once for its whole document,
+    /// which then names one cause (read twice, a fault whose detail changed in between, a
+    /// worker's error and then the probe's, was told two ways in one answer).
+    fn workers_document(&self, redis: Option<&str>) -> Vec<status::Worker> {
         let services = self.services.status();
-        // Every worker claims through the one broker: a Redis that fails is each one's reason.
-        let redis = self.redis_not_ready();
         self.worker_statuses()
             .iter()
-            .map(|w| status::Worker::new(w, self.blocked_reason(w, &services).or_else(|| redis.clone())))
+            .map(|w| {
+                status::Worker::new(
+                    w,
+                    self.blocked_reason(w, &services).or_else(|| redis.map(str::to_owned)),
+                )
+            })
             .collect()
     }
 
@@ -494,7 +508,8 @@ impl HealthState {
     /// the answer. The ready line of the log reads it too, so it says what `/ready` says.
     pub fn ready_document(&self) -> status::ReadyDocument {
         let phase = self.phase();
-        let workers = self.workers_document();
+        let redis = self.redis_not_ready();
+        let workers = self.workers_document(redis.as_deref());
         let ready = is_ready(phase, &workers);
         let not_claiming = workers
             .iter()
@@ -509,7 +524,7 @@ impl HealthState {
             phase,
             not_claiming,
             workers,
-            redis: self.redis_not_ready(),
+            redis,
         }
     }
 
@@ -518,7 +533,9 @@ impl HealthState {
         let live = self.probe.live();
         let health = self.probe.health_now();
         let phase = self.phase();
-        let workers = self.workers_document();
+        let redis_now = self.redis_health.snapshot();
+        let not_ready = redis_now.not_ready(Instant::now());
+        let workers = self.workers_document(not_ready.as_deref());
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
@@ -553,7 +570,7 @@ impl HealthState {
             services: self.services.status().iter().map(status::Service::from).collect(),
             workers,
             recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
-            redis: self.redis(),
+            redis: self.redis_status(redis_now, not_ready),
             external_apis: self.external_apis(),
             config: self.config_document(),
         }
