@@ -430,19 +430,12 @@ impl HealthState {
         f(&mut self.redis.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// The broker connection status now.
+    /// The broker connection status, from one reading of [`Self::redis_health`].
     fn redis(&self) -> RedisStatus {
-        let now = self.redis_health.snapshot();
-        let not_ready = now.not_ready(Instant::now());
-        self.redis_status(now, not_ready)
-    }
-
-    /// The broker connection status as `now` (one reading of [`Self::redis_health`]) says it,
-    /// with `not_ready` read from the same reading.
-    fn redis_status(&self, now: crate::broker::RedisState, not_ready: Option<String>) -> RedisStatus {
         let mut r = self.redis.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = self.redis_health.snapshot();
         r.connected = now.up;
-        r.not_ready = not_ready;
+        r.not_ready = now.not_ready(Instant::now());
         r.error_kind = now.fault.as_ref().map(|(kind, _)| kind.name().to_owned());
         r.last_error = now.fault.map(|(_, cause)| cause);
         r.errors = now.errors.iter().map(|(k, n)| (k.name().to_owned(), *n)).collect();
@@ -533,9 +526,8 @@ impl HealthState {
         let live = self.probe.live();
         let health = self.probe.health_now();
         let phase = self.phase();
-        let redis_now = self.redis_health.snapshot();
-        let not_ready = redis_now.not_ready(Instant::now());
-        let workers = self.workers_document(not_ready.as_deref());
+        let redis = self.redis();
+        let workers = self.workers_document(redis.not_ready.as_deref());
         StatusDocument {
             machine: status::Machine {
                 id: self.machine_id.clone(),
@@ -570,7 +562,7 @@ impl HealthState {
             services: self.services.status().iter().map(status::Service::from).collect(),
             workers,
             recent_jobs: self.recent_jobs.lock().unwrap_or_else(|p| p.into_inner()).list(),
-            redis: self.redis_status(redis_now, not_ready),
+            redis,
             external_apis: self.external_apis(),
             config: self.config_document(),
         }
