@@ -388,7 +388,8 @@ def main():
                 with open(os.path.join(ROOT, "benches/baseline.lua"), encoding="utf-8") as f:
                     r.call("FUNCTION", "LOAD", f.read())
 
-        load_only("ours")
+        if args.job_path:
+            load_only("ours")
 
         # Instrumented from here on (toggling it between dumps corrupts callgrind's totals); each
         # measured phase starts from zeroed counters.
