@@ -48,9 +48,23 @@ end
 -- same for s, n as Redis writes it without its zero padding ('' for 0: TIME's microseconds
 -- without their last three digits); PCT[s] is true for the percentages '0' to '100' as the
 -- broker writes them. Filled on first use (the string library is not reachable while the
--- library loads).
+-- library loads), which also sets Lua's collector step (GC_STEPMUL).
 local D3, MS3, PCT, I3 = nil, nil, nil, nil
-local function fill_d3()
+
+-- Lua's collector as Redis drives it: after every 50 calls of any script or function Redis runs
+-- 50 steps of it, each doing work in proportion to the VM's `stepmul` (200 by default) whatever
+-- the calls allocated, so a library that keeps memos between calls (ours: the decoded
+-- capabilities of 1,000 workers are a 3 MB heap) pays for walking them over and over. At 50
+-- the collector still finishes its cycles (in the matcher bench the heap peaked below twice its
+-- live size) and a claim with its completion costs 5 % fewer instructions
+-- (scripts/profile-broker.py, 1,000 workers: 380.8 k -> 360.6 k Ir). It is the functions VM's
+-- setting (every library in the VM shares it), made with the tables above on the library's
+-- first use after a load: collectgarbage, like the string library, cannot be reached while a
+-- library loads.
+local GC_STEPMUL = 50
+
+local function first_use()
+  collectgarbage('setstepmul', GC_STEPMUL)
   D3, MS3, PCT, I3 = {}, { [''] = '000' }, {}, {}
   for i = 0, 999 do
     D3[i] = string.format('%03d', i)
@@ -60,28 +74,12 @@ local function fill_d3()
   for i = 0, 100 do PCT[string.format('%d', i)] = true end
 end
 
--- Lua's collector as Redis drives it: after every 50 calls of any script or function Redis runs
--- 50 steps of it, each doing work in proportion to the VM's `stepmul` (200 by default) whatever
--- the calls allocated, so a library that keeps memos between calls (ours: the decoded
--- capabilities of 1,000 workers are a 3 MB heap) pays for walking them over and over. At 50
--- the collector still finishes its cycles (in the matcher bench the heap peaked below twice its
--- live size) and a claim with its completion costs 5 % fewer instructions
--- (scripts/profile-broker.py, 1,000 workers: 380.8 k -> 360.6 k Ir). It is the functions VM's
--- setting (every library in the VM shares it), made by the first call that reads the clock
--- after the library is loaded: collectgarbage cannot be reached while a library loads.
-local GC_STEPMUL = 50
-local gc_set = false
-
 -- The server's time in epoch milliseconds, the same as text (the form every hash and message
 -- gets), and TIME's seconds and the milliseconds as three digits (for iso_at): all built from
 -- TIME's own digits by lookups, since a tonumber or math.floor costs about 2 k instructions.
 local function now_ms()
   local t = redis.call('TIME')
-  if not MS3 then fill_d3() end
-  if not gc_set then
-    gc_set = true
-    collectgarbage('setstepmul', GC_STEPMUL)
-  end
+  if not MS3 then first_use() end
   local secs, ms3 = t[1], MS3[string.sub(t[2], 1, -4)]
   local text = secs .. ms3
   return tonumber(text), text, secs, ms3
@@ -95,7 +93,7 @@ local iso_secs, iso_prefix, iso_secs_text = nil, nil, nil
 local function iso(ms)
   local secs = math.floor(ms / 1000)
   local milli = ms - secs * 1000
-  if not D3 then fill_d3() end
+  if not D3 then first_use() end
   if secs == iso_secs then return iso_prefix .. D3[milli] .. 'Z' end
   local days = math.floor(secs / 86400)
   local rem = secs - days * 86400
@@ -201,7 +199,7 @@ local function jint(n) return string.format('%d', n) end
 -- padded), for what is written on every job (processing_time): string.format costs about
 -- 2.3 k instructions, the arithmetic and lookups a tenth of that. Anything else goes to jint.
 local function int_text(n)
-  if not I3 then fill_d3() end
+  if not I3 then first_use() end
   local t = I3[n]
   if t then return t end
   if n > 0 and n < 1e9 then
@@ -222,7 +220,7 @@ local msx_secs, msx_prefix = nil, nil
 local function ms_text(ms)
   local secs = math.floor(ms / 1000)
   if secs ~= msx_secs then msx_secs, msx_prefix = secs, jint(secs) end
-  if not D3 then fill_d3() end
+  if not D3 then first_use() end
   return msx_prefix .. D3[ms - secs * 1000]
 end
 
