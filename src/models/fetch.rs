@@ -104,7 +104,7 @@ async fn fetch_from(
         hasher = Sha256::new();
         have = 0;
     }
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .append(resumed)
@@ -112,20 +112,12 @@ async fn fetch_from(
         .open(part)
         .await
         .map_err(|e| io(entry, part, e))?;
-    futures_util::pin_mut!(stream);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| download(entry, source, e))?;
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(|e| io(entry, part, e))?;
-        have += chunk.len() as u64;
-        progress.send_replace(have);
-        if have > entry.size {
-            break;
-        }
+    let cut = save(file, stream, entry.size, &mut hasher, &mut have, progress)
+        .await
+        .map_err(|e| io(entry, part, e))?;
+    if let Some(reason) = cut {
+        return Err(download(entry, source, reason));
     }
-    file.flush().await.map_err(|e| io(entry, part, e))?;
-    file.sync_all().await.map_err(|e| io(entry, part, e))?;
-    drop(file);
     let actual = hex::encode(hasher.finalize());
     if have != entry.size || actual != entry.sha256 {
         let _ = tokio::fs::remove_file(part).await;
@@ -144,6 +136,43 @@ async fn fetch_from(
         });
     }
     Ok(())
+}
+
+/// Writes `stream` to `file`, hashing and counting into `hasher` and `have` and stopping past
+/// `size`; `Some(reason)` when the stream broke. Whatever happened, the file is flushed and
+/// synced before this returns: tokio hands each write to a blocking thread, and a file dropped
+/// with a write in flight grows after the attempt has failed, under the next attempt that
+/// already measured it and asks for a `Range` short of the bytes that land (which appends them
+/// twice).
+async fn save(
+    mut file: tokio::fs::File,
+    stream: ByteStream,
+    size: u64,
+    hasher: &mut Sha256,
+    have: &mut u64,
+    progress: &watch::Sender<u64>,
+) -> std::io::Result<Option<String>> {
+    let mut stream = stream;
+    let mut cut = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(reason) => {
+                cut = Some(reason);
+                break;
+            }
+        };
+        hasher.update(&chunk);
+        file.write_all(&chunk).await?;
+        *have += chunk.len() as u64;
+        progress.send_replace(*have);
+        if *have > size {
+            break;
+        }
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    Ok(cut)
 }
 
 type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes, String>> + Send>>;
@@ -190,4 +219,46 @@ async fn open(client: &Sources, entry: &Entry, source: &url::Url, from: u64) -> 
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     crate::logging::error_chain(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI saw a resume ask for `bytes=400000-` after the failed attempt had left 397,312 bytes on
+    /// disk: the last write was still on its way when the error returned. One blocking thread,
+    /// held for a while, makes that write wait in its queue every time.
+    #[test]
+    fn a_broken_stream_leaves_every_received_byte_on_disk_before_it_returns() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let part = dir.path().join("m.safetensors.part");
+            let file = tokio::fs::File::create(&part).await.unwrap();
+            let busy = tokio::task::spawn_blocking(|| std::thread::sleep(std::time::Duration::from_millis(300)));
+            let stream: ByteStream = Box::pin(futures_util::stream::iter([
+                Ok(bytes::Bytes::from(vec![7u8; 100_000])),
+                Err("connection reset by peer".to_owned()),
+            ]));
+            let (progress, _) = watch::channel(0);
+            let (mut hasher, mut have) = (Sha256::new(), 0);
+
+            let cut = save(file, stream, 1_000_000, &mut hasher, &mut have, &progress)
+                .await
+                .unwrap();
+
+            assert_eq!(cut.as_deref(), Some("connection reset by peer"));
+            assert_eq!(have, 100_000);
+            assert_eq!(
+                std::fs::metadata(&part).unwrap().len(),
+                have,
+                "every counted byte is on disk"
+            );
+            busy.await.unwrap();
+        });
+    }
 }
