@@ -146,13 +146,12 @@ async fn fetch_from(
 /// twice).
 async fn save(
     mut file: tokio::fs::File,
-    stream: ByteStream,
+    mut stream: ByteStream,
     size: u64,
     hasher: &mut Sha256,
     have: &mut u64,
     progress: &watch::Sender<u64>,
 ) -> std::io::Result<Option<String>> {
-    let mut stream = stream;
     let mut cut = None;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
